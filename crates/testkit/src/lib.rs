@@ -1,0 +1,125 @@
+//! Helpers shared by Tugboat's tests and benchmarks. Everything here runs on loopback and in
+//! temporary directories, and cleans up on drop.
+
+use std::io::{Read, Write};
+use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+
+/// A loopback TCP port that was free a moment ago.
+pub fn free_port() -> u16 {
+    TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
+        .and_then(|listener| listener.local_addr())
+        .map(|addr| addr.port())
+        .expect("binding an ephemeral loopback port")
+}
+
+/// The `etcd` binary: `$TUGBOAT_ETCD`, else `etcd` on PATH (Debian's `etcd-server`).
+pub fn etcd_binary() -> PathBuf {
+    std::env::var_os("TUGBOAT_ETCD").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("etcd"))
+}
+
+/// A real single-member etcd on loopback, in its own temporary data dir, stopped on drop.
+#[derive(Debug)]
+pub struct EtcdServer {
+    child: Child,
+    client_url: String,
+    dir: tempfile::TempDir,
+}
+
+impl EtcdServer {
+    /// Starts etcd and waits until it reports healthy.
+    pub fn start() -> anyhow::Result<EtcdServer> {
+        let mut last_error = None;
+        // Ports are picked free but could be taken before etcd binds them: retry a few times.
+        for _ in 0..3 {
+            match Self::try_start() {
+                Ok(server) => return Ok(server),
+                Err(error) => last_error = Some(error),
+            }
+        }
+        Err(last_error.expect("at least one attempt"))
+    }
+
+    fn try_start() -> anyhow::Result<EtcdServer> {
+        let dir = tempfile::Builder::new().prefix("tugboat-etcd-").tempdir()?;
+        let (client_port, peer_port) = (free_port(), free_port());
+        let client_url = format!("http://127.0.0.1:{client_port}");
+        let peer_url = format!("http://127.0.0.1:{peer_port}");
+        let log = std::fs::File::create(dir.path().join("etcd.log"))?;
+        let child = Command::new(etcd_binary())
+            .arg("--name=test")
+            .arg(format!("--data-dir={}", dir.path().join("data").display()))
+            .arg(format!("--listen-client-urls={client_url}"))
+            .arg(format!("--advertise-client-urls={client_url}"))
+            .arg(format!("--listen-peer-urls={peer_url}"))
+            .arg(format!("--initial-advertise-peer-urls={peer_url}"))
+            .arg(format!("--initial-cluster=test={peer_url}"))
+            .arg("--logger=zap")
+            .arg("--log-level=warn")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .with_context(|| {
+                format!("starting {} (install Debian's etcd-server)", etcd_binary().display())
+            })?;
+        let mut server = EtcdServer { child, client_url, dir };
+        server.wait_healthy(Duration::from_secs(20))?;
+        Ok(server)
+    }
+
+    fn wait_healthy(&mut self, timeout: Duration) -> anyhow::Result<()> {
+        let deadline = Instant::now() + timeout;
+        let addr: SocketAddr = self.client_url.trim_start_matches("http://").parse()?;
+        while Instant::now() < deadline {
+            if let Some(status) = self.child.try_wait()? {
+                bail!("etcd exited with {status}: {}", self.log());
+            }
+            if health(addr).unwrap_or(false) {
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        bail!("etcd did not become healthy within {timeout:?}: {}", self.log())
+    }
+
+    /// `http://127.0.0.1:PORT`
+    pub fn client_url(&self) -> &str {
+        &self.client_url
+    }
+
+    /// The data dir etcd writes to.
+    pub fn data_dir(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
+    /// What etcd logged so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("etcd.log")).unwrap_or_default()
+    }
+
+    /// The temporary directory everything of this server lives in.
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+}
+
+impl Drop for EtcdServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn health(addr: SocketAddr) -> std::io::Result<bool> {
+    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_millis(200))?;
+    stream.set_read_timeout(Some(Duration::from_secs(1)))?;
+    stream.write_all(b"GET /health HTTP/1.0\r\nHost: localhost\r\n\r\n")?;
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer)?;
+    Ok(answer.contains("\"health\":\"true\""))
+}
