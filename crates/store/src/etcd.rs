@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use etcd_client::{
     Certificate, Client, CompactionOptions, Compare, CompareOp, ConnectOptions, DeleteOptions, EventType, GetOptions,
-    Identity, TlsOptions, Txn, TxnOp, TxnOpResponse, WatchOptions,
+    Identity, KvClient, TlsOptions, Txn, TxnOp, TxnOpResponse, WatchClient, WatchOptions,
 };
 use tokio::io::AsyncWriteExt;
 use tokio::sync::mpsc;
@@ -61,7 +61,12 @@ impl EtcdConfig {
 /// A store on a real etcd cluster.
 #[derive(Clone)]
 pub struct EtcdStore {
+    /// For maintenance (snapshots).
     client: Client,
+    /// Reads and writes, with no limit on the size of an answer: a list of 10k objects is
+    /// larger than gRPC's default 4 MiB (kube-apiserver lifts the limit too).
+    kv: KvClient,
+    watcher: WatchClient,
     endpoints: String,
     timeout: Duration,
 }
@@ -110,7 +115,9 @@ impl EtcdStore {
                 message: format!("unreachable: no connection within {:?}", config.timeout),
             })?
             .map_err(|source| StoreError::Etcd { endpoints: endpoints.clone(), source })?;
-        let store = EtcdStore { client, endpoints, timeout: config.timeout };
+        let kv = client.kv_client().max_decoding_message_size(usize::MAX);
+        let watcher = client.watch_client().max_decoding_message_size(usize::MAX);
+        let store = EtcdStore { client, kv, watcher, endpoints, timeout: config.timeout };
         // The channel connects lazily: ask something now so a bad endpoint fails here.
         store.current_revision().await.map_err(|e| match e {
             StoreError::Etcd { endpoints, source } => {
@@ -153,7 +160,7 @@ impl EtcdStore {
     /// The revision history starts at: found with a watch from revision 1, which etcd cancels
     /// naming the compact revision (etcd has no direct query for it).
     async fn compact_revision(&self) -> Result<Revision> {
-        let mut client = self.client.clone();
+        let mut client = self.watcher.clone();
         let options = WatchOptions::new().with_start_revision(1);
         let mut stream = self.call(client.watch("\0tugboat-compaction-probe", Some(options))).await?;
         for _ in 0..2 {
@@ -197,7 +204,7 @@ impl Store for EtcdStore {
             .when([Compare::create_revision(key, CompareOp::Equal, 0)])
             .and_then([TxnOp::put(key, value, None)])
             .or_else([TxnOp::get(key, None)]);
-        let mut client = self.client.clone();
+        let mut client = self.kv.clone();
         let response = self.call(client.txn(txn)).await?;
         if response.succeeded() {
             let header = response.header().ok_or_else(|| self.protocol("transaction answered without a header"))?;
@@ -211,7 +218,7 @@ impl Store for EtcdStore {
             .when([Compare::mod_revision(key, CompareOp::Equal, expected)])
             .and_then([TxnOp::put(key, value, None)])
             .or_else([TxnOp::get(key, None)]);
-        let mut client = self.client.clone();
+        let mut client = self.kv.clone();
         let response = self.call(client.txn(txn)).await?;
         if response.succeeded() {
             let header = response.header().ok_or_else(|| self.protocol("transaction answered without a header"))?;
@@ -234,7 +241,7 @@ impl Store for EtcdStore {
             .when([compare])
             .and_then([TxnOp::delete(key, Some(DeleteOptions::new().with_prev_key()))])
             .or_else([TxnOp::get(key, None)]);
-        let mut client = self.client.clone();
+        let mut client = self.kv.clone();
         let response = self.call(client.txn(txn)).await?;
         if response.succeeded() {
             let revision = response.header().ok_or_else(|| self.protocol("transaction answered without a header"))?.revision();
@@ -258,7 +265,7 @@ impl Store for EtcdStore {
         if let Some(revision) = revision.filter(|r| *r > 0) {
             options = options.with_revision(revision);
         }
-        let mut client = self.client.clone();
+        let mut client = self.kv.clone();
         let response = match tokio::time::timeout(self.timeout, client.get(key, Some(options))).await {
             Ok(Ok(response)) => response,
             Ok(Err(source)) => return Err(self.read_error(revision.unwrap_or(0), source).await),
@@ -279,7 +286,7 @@ impl Store for EtcdStore {
         if let Some(limit) = plan.limit {
             get = get.with_limit(limit);
         }
-        let mut client = self.client.clone();
+        let mut client = self.kv.clone();
         let response =
             match tokio::time::timeout(self.timeout, client.get(plan.start_key.as_bytes(), Some(get))).await {
                 Ok(Ok(response)) => response,
@@ -304,7 +311,7 @@ impl Store for EtcdStore {
             Some(end) => GetOptions::new().with_range(end),
             None => GetOptions::new().with_from_key(),
         };
-        let mut client = self.client.clone();
+        let mut client = self.kv.clone();
         let response = self.call(client.get(prefix, Some(get.with_count_only()))).await?;
         Ok(response.count())
     }
@@ -314,7 +321,7 @@ impl Store for EtcdStore {
         // Compacted (410) before any stream exists.
         let current = self.current_revision().await?;
         if after < current {
-            let mut client = self.client.clone();
+            let mut client = self.kv.clone();
             let probe = GetOptions::new().with_revision(after + 1).with_count_only();
             if let Err(source) = client.get("\0", Some(probe)).await {
                 return Err(self.read_error(after + 1, source).await.with_requested(after));
@@ -327,7 +334,7 @@ impl Store for EtcdStore {
         .with_start_revision(after + 1)
         .with_prev_key()
         .with_progress_notify();
-        let mut client = self.client.clone();
+        let mut client = self.watcher.clone();
         let mut stream = self.call(client.watch(prefix, Some(options))).await?;
         let (tx, rx) = mpsc::channel(256);
         let store = self.clone();
@@ -383,13 +390,13 @@ impl Store for EtcdStore {
     }
 
     async fn current_revision(&self) -> Result<Revision> {
-        let mut client = self.client.clone();
+        let mut client = self.kv.clone();
         let response = self.call(client.get("\0", Some(GetOptions::new().with_count_only()))).await?;
         Ok(response.header().ok_or_else(|| self.protocol("range answered without a header"))?.revision())
     }
 
     async fn compact(&self, revision: Revision) -> Result<()> {
-        let mut client = self.client.clone();
+        let mut client = self.kv.clone();
         let options = CompactionOptions::new().with_physical();
         match tokio::time::timeout(self.timeout, client.compact(revision, Some(options))).await {
             Ok(Ok(_)) => Ok(()),
@@ -411,7 +418,7 @@ impl Store for EtcdStore {
         let name = dest.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
         let partial = dest.with_file_name(format!(".{name}.partial"));
         let mut file = tokio::fs::File::create(&partial).await.map_err(io(&partial))?;
-        let mut client = self.client.clone();
+        let mut client = self.client.maintenance_client();
         let mut stream = self.call(client.snapshot()).await?;
         let mut size = 0u64;
         while let Some(chunk) = stream.message().await.map_err(|e| self.error(e))? {

@@ -6,8 +6,9 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::sync::mpsc::{Receiver, TryRecvError};
+use std::time::{Duration, Instant};
 
-use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
+use rusqlite::{Connection, OptionalExtension, params};
 use tokio::sync::{broadcast, oneshot};
 
 use super::Shared;
@@ -16,6 +17,8 @@ use crate::{Event, EventKind, KeyValue, Revision, StoreError};
 
 /// Most requests committed in one transaction.
 const MAX_GROUP: usize = 4096;
+/// Longest a group waits for more writers to join it.
+const LINGER: Duration = Duration::from_micros(300);
 /// Revisions of history examined by one compaction chunk.
 const COMPACTION_CHUNK: Revision = 10_000;
 
@@ -67,6 +70,7 @@ pub(crate) struct Writer {
 impl Writer {
     pub fn run(mut self, requests: Receiver<Request>) {
         let mut compaction: Option<Compaction> = None;
+        let mut last_group_size = 1;
         loop {
             let first = if compaction.is_some() {
                 match requests.try_recv() {
@@ -83,6 +87,7 @@ impl Writer {
             if let Some(first) = first {
                 let mut group = Vec::with_capacity(16);
                 let mut next = Some(first);
+                let mut linger_until: Option<Instant> = None;
                 while let Some(request) = next.take() {
                     match request {
                         Request::Write(op, reply) => group.push((op, reply)),
@@ -90,8 +95,18 @@ impl Writer {
                     }
                     if group.len() < MAX_GROUP {
                         next = requests.try_recv().ok();
+                        // With many concurrent writers, the tasks just answered are still
+                        // preparing their next write: wait a moment for as many as came last
+                        // time, so they share this fsync instead of paying for the next one.
+                        // A lone writer (last group of 1) never waits.
+                        if next.is_none() && group.len() < last_group_size {
+                            let deadline = linger_until.get_or_insert_with(|| Instant::now() + LINGER);
+                            let left = deadline.saturating_duration_since(Instant::now());
+                            next = requests.recv_timeout(left).ok();
+                        }
                     }
                 }
+                last_group_size = group.len().min(MAX_GROUP);
                 if !group.is_empty() {
                     self.commit_group(group);
                 }
@@ -132,11 +147,12 @@ impl Writer {
         let base = self.shared.current.load(Ordering::SeqCst);
         let mut outcomes = Vec::with_capacity(group.len());
         let mut events = Vec::with_capacity(group.len());
+        let conn = &self.conn;
         let result = (|| -> rusqlite::Result<()> {
-            let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            conn.prepare_cached("BEGIN IMMEDIATE")?.execute([])?;
             let mut next = base + 1;
             for (op, _) in &group {
-                match apply(&tx, op, next)? {
+                match apply(conn, op, next)? {
                     Ok((outcome, event)) => {
                         next += 1;
                         outcomes.push(Ok(outcome));
@@ -145,8 +161,12 @@ impl Writer {
                     Err(refused) => outcomes.push(Err(refused)),
                 }
             }
-            tx.commit()
+            conn.prepare_cached("COMMIT")?.execute([])?;
+            Ok(())
         })();
+        if result.is_err() && !conn.is_autocommit() {
+            let _ = conn.execute_batch("ROLLBACK");
+        }
         match result {
             Ok(()) => {
                 if let Some(last) = events.last() {
