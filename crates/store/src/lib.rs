@@ -144,6 +144,41 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
     async fn snapshot(&self, dest: &Path) -> Result<SnapshotInfo>;
 }
 
+/// Where the cluster's state lives: `--datastore-endpoint` picks etcd, else SQLite in the data
+/// dir.
+#[derive(Debug, Clone)]
+pub enum DatastoreConfig {
+    Sqlite(SqliteConfig),
+    Etcd(EtcdConfig),
+}
+
+impl DatastoreConfig {
+    /// From the server's flags: an endpoint list means etcd, none the embedded store.
+    pub fn from_flags(
+        data_dir: &Path,
+        datastore_endpoint: Option<&str>,
+    ) -> Result<DatastoreConfig> {
+        match datastore_endpoint {
+            Some(endpoints) => Ok(DatastoreConfig::Etcd(EtcdConfig::from_endpoint_list(
+                endpoints,
+            )?)),
+            None => Ok(DatastoreConfig::Sqlite(SqliteConfig::in_data_dir(data_dir))),
+        }
+    }
+}
+
+/// Opens the configured store.
+pub async fn open_datastore(config: DatastoreConfig) -> Result<std::sync::Arc<dyn Store>> {
+    Ok(match config {
+        DatastoreConfig::Sqlite(config) => std::sync::Arc::new(
+            tokio::task::spawn_blocking(move || SqliteStore::open(config))
+                .await
+                .map_err(|_| StoreError::Closed)??,
+        ),
+        DatastoreConfig::Etcd(config) => std::sync::Arc::new(EtcdStore::connect(config).await?),
+    })
+}
+
 /// The end of the key range that holds every key starting with `prefix` (etcd's `prefix_end`):
 /// the prefix with its last byte incremented, or `None` for "to the end of the key space".
 pub(crate) fn prefix_end(prefix: &str) -> Option<Vec<u8>> {
@@ -163,7 +198,10 @@ mod tests {
 
     #[test]
     fn prefix_end_increments_the_last_byte() {
-        assert_eq!(prefix_end("/registry/pods/"), Some(b"/registry/pods0".to_vec()));
+        assert_eq!(
+            prefix_end("/registry/pods/"),
+            Some(b"/registry/pods0".to_vec())
+        );
         assert_eq!(prefix_end("a"), Some(b"b".to_vec()));
         assert_eq!(prefix_end(""), None);
     }

@@ -19,7 +19,9 @@ pub fn free_port() -> u16 {
 
 /// The `etcd` binary: `$TUGBOAT_ETCD`, else `etcd` on PATH (Debian's `etcd-server`).
 pub fn etcd_binary() -> PathBuf {
-    std::env::var_os("TUGBOAT_ETCD").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("etcd"))
+    std::env::var_os("TUGBOAT_ETCD")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("etcd"))
 }
 
 /// A real single-member etcd on loopback, in its own temporary data dir, stopped on drop.
@@ -65,9 +67,16 @@ impl EtcdServer {
             .stderr(log)
             .spawn()
             .with_context(|| {
-                format!("starting {} (install Debian's etcd-server)", etcd_binary().display())
+                format!(
+                    "starting {} (install Debian's etcd-server)",
+                    etcd_binary().display()
+                )
             })?;
-        let mut server = EtcdServer { child, client_url, dir };
+        let mut server = EtcdServer {
+            child,
+            client_url,
+            dir,
+        };
         server.wait_healthy(Duration::from_secs(20))?;
         Ok(server)
     }
@@ -84,7 +93,10 @@ impl EtcdServer {
             }
             std::thread::sleep(Duration::from_millis(50));
         }
-        bail!("etcd did not become healthy within {timeout:?}: {}", self.log())
+        bail!(
+            "etcd did not become healthy within {timeout:?}: {}",
+            self.log()
+        )
     }
 
     /// `http://127.0.0.1:PORT`

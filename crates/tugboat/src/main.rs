@@ -1,1 +1,149 @@
-fn main() {}
+//! `tugboat`: Kubernetes in one binary. This file only parses flags and calls the components.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use tugboat_store::{CompactionPolicy, DatastoreConfig, open_datastore, spawn_compactor};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "tugboat",
+    version,
+    about = "Kubernetes in one small, fast binary"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the control plane (for now: the store, with compaction).
+    Server(ServerArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct ServerArgs {
+    /// Where the server keeps its state (the embedded store lives in <data-dir>/db).
+    #[arg(long, default_value = "/var/lib/tugboat", env = "TUGBOAT_DATA_DIR")]
+    data_dir: PathBuf,
+    /// Keep the cluster's state in etcd instead: comma-separated http(s)://host:2379 URLs.
+    #[arg(long)]
+    datastore_endpoint: Option<String>,
+    /// Compact the store this often (to the revision seen one interval earlier): 300s, 5m, 1h.
+    #[arg(long, default_value = "5m", value_parser = parse_duration)]
+    compaction_interval: Duration,
+}
+
+/// Parses `300`, `300s`, `5m`, `1h`, `250ms`.
+fn parse_duration(text: &str) -> Result<Duration, String> {
+    let text = text.trim();
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let number: u64 = number
+        .parse()
+        .map_err(|_| format!("{text:?} is not a duration such as 30s, 5m or 1h"))?;
+    let duration = match unit {
+        "" | "s" => Duration::from_secs(number),
+        "ms" => Duration::from_millis(number),
+        "m" => Duration::from_secs(number * 60),
+        "h" => Duration::from_secs(number * 3600),
+        _ => {
+            return Err(format!(
+                "{text:?}: unknown unit {unit:?} (use ms, s, m or h)"
+            ));
+        }
+    };
+    if duration.is_zero() {
+        return Err("the duration must be positive".into());
+    }
+    Ok(duration)
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("error: cannot start the async runtime: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async {
+        match cli.command {
+            Command::Server(args) => server(args).await,
+        }
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("error: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn server(args: ServerArgs) -> anyhow::Result<()> {
+    std::fs::create_dir_all(&args.data_dir)
+        .with_context(|| format!("creating the data dir {}", args.data_dir.display()))?;
+    let config = DatastoreConfig::from_flags(&args.data_dir, args.datastore_endpoint.as_deref())?;
+    let store = open_datastore(config.clone()).await?;
+    let revision = store.current_revision().await?;
+    let policy = CompactionPolicy {
+        interval: args.compaction_interval,
+        ..CompactionPolicy::default()
+    };
+    let compactor = spawn_compactor(&store, policy);
+    let backend = match &config {
+        DatastoreConfig::Sqlite(sqlite) => format!("sqlite {}", sqlite.path.display()),
+        DatastoreConfig::Etcd(etcd) => format!("etcd {}", etcd.endpoints.join(",")),
+    };
+    tracing::info!(store = %backend, revision, "tugboat server ready");
+
+    wait_for_shutdown().await?;
+    tracing::info!("shutting down");
+    compactor.abort();
+    drop(store);
+    Ok(())
+}
+
+async fn wait_for_shutdown() -> anyhow::Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut terminate =
+        signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = terminate.recv() => {}
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_parse_like_the_flags_document() {
+        assert_eq!(parse_duration("300"), Ok(Duration::from_secs(300)));
+        assert_eq!(parse_duration("5m"), Ok(Duration::from_secs(300)));
+        assert_eq!(parse_duration("1h"), Ok(Duration::from_secs(3600)));
+        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
+        assert!(parse_duration("5 parsecs").is_err());
+        assert!(parse_duration("0s").is_err());
+        assert!(parse_duration("m").is_err());
+    }
+}

@@ -24,9 +24,19 @@ const COMPACTION_CHUNK: Revision = 10_000;
 
 #[derive(Debug)]
 pub(crate) enum Op {
-    Create { key: String, value: Vec<u8> },
-    Update { key: String, value: Vec<u8>, expected: Revision },
-    Delete { key: String, expected: Option<Revision> },
+    Create {
+        key: String,
+        value: Vec<u8>,
+    },
+    Update {
+        key: String,
+        value: Vec<u8>,
+        expected: Revision,
+    },
+    Delete {
+        key: String,
+        expected: Option<Revision>,
+    },
 }
 
 #[derive(Debug)]
@@ -91,7 +101,9 @@ impl Writer {
                 while let Some(request) = next.take() {
                     match request {
                         Request::Write(op, reply) => group.push((op, reply)),
-                        Request::Compact(target, reply) => self.start_compaction(target, reply, &mut compaction),
+                        Request::Compact(target, reply) => {
+                            self.start_compaction(target, reply, &mut compaction)
+                        }
                     }
                     if group.len() < MAX_GROUP {
                         next = requests.try_recv().ok();
@@ -100,7 +112,8 @@ impl Writer {
                         // time, so they share this fsync instead of paying for the next one.
                         // A lone writer (last group of 1) never waits.
                         if next.is_none() && group.len() < last_group_size {
-                            let deadline = linger_until.get_or_insert_with(|| Instant::now() + LINGER);
+                            let deadline =
+                                linger_until.get_or_insert_with(|| Instant::now() + LINGER);
                             let left = deadline.saturating_duration_since(Instant::now());
                             next = requests.recv_timeout(left).ok();
                         }
@@ -197,14 +210,17 @@ impl Writer {
     ) {
         let current = self.shared.current.load(Ordering::SeqCst);
         if target > current {
-            let _ = reply.send(Err(StoreError::FutureRevision { requested: target, current }));
+            let _ = reply.send(Err(StoreError::FutureRevision {
+                requested: target,
+                current,
+            }));
             return;
         }
-        if let Some(running) = compaction {
-            if target <= running.target {
-                running.waiters.push(reply);
-                return;
-            }
+        if let Some(running) = compaction
+            && target <= running.target
+        {
+            running.waiters.push(reply);
+            return;
         }
         if target <= self.shared.compacted.load(Ordering::SeqCst) && compaction.is_none() {
             let _ = reply.send(Ok(()));
@@ -212,9 +228,10 @@ impl Writer {
         }
         // Record the new compact revision first: from here on, reads and watches below it fail
         // with Compacted instead of seeing history that is being removed.
-        let recorded = self
-            .conn
-            .execute("UPDATE meta SET value = ?1 WHERE name = 'compact_revision' AND value < ?1", [target]);
+        let recorded = self.conn.execute(
+            "UPDATE meta SET value = ?1 WHERE name = 'compact_revision' AND value < ?1",
+            [target],
+        );
         if let Err(error) = recorded {
             let _ = reply.send(Err(self.error(error)));
             return;
@@ -222,11 +239,18 @@ impl Writer {
         self.shared.compacted.fetch_max(target, Ordering::SeqCst);
         let oldest: Revision = self
             .conn
-            .query_row("SELECT coalesce(min(revision), 0) FROM log", [], |row| row.get(0))
+            .query_row("SELECT coalesce(min(revision), 0) FROM log", [], |row| {
+                row.get(0)
+            })
             .unwrap_or(0);
         let mut waiters = compaction.take().map(|c| c.waiters).unwrap_or_default();
         waiters.push(reply);
-        *compaction = Some(Compaction { target, cursor: oldest, phase: 1, waiters });
+        *compaction = Some(Compaction {
+            target,
+            cursor: oldest,
+            phase: 1,
+            waiters,
+        });
     }
 
     /// Removes one window of compacted history. Returns whether compaction is complete.
@@ -244,8 +268,10 @@ impl Writer {
                     params![c.cursor, end, c.target],
                 )?;
             } else {
-                self.conn
-                    .execute("DELETE FROM log WHERE revision >= ?1 AND revision < ?2 AND deleted = 1", params![c.cursor, end])?;
+                self.conn.execute(
+                    "DELETE FROM log WHERE revision >= ?1 AND revision < ?2 AND deleted = 1",
+                    params![c.cursor, end],
+                )?;
             }
         }
         c.cursor = end;
@@ -254,7 +280,11 @@ impl Writer {
         }
         if c.phase == 1 {
             c.phase = 2;
-            c.cursor = self.conn.query_row("SELECT coalesce(min(revision), 0) FROM log", [], |row| row.get(0))?;
+            c.cursor =
+                self.conn
+                    .query_row("SELECT coalesce(min(revision), 0) FROM log", [], |row| {
+                        row.get(0)
+                    })?;
             return Ok(false);
         }
         Ok(true)
@@ -268,7 +298,8 @@ impl Writer {
             let mut rows = vacuum.query([])?;
             while rows.next()?.is_some() {}
             drop(rows);
-            self.conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))
+            self.conn
+                .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))
         })();
         if let Err(error) = reclaimed {
             tracing::warn!(%error, "reclaiming space after compaction failed");
@@ -304,25 +335,46 @@ fn apply(
         (Op::Create { .. }, Some(_)) => Err(StoreError::AlreadyExists { key: key.clone() }),
         (Op::Create { value, .. }, None) => {
             insert(revision, 0, false, value)?;
-            let event = Event { kind: EventKind::Put, kv: kv(value.clone(), revision, revision), prev: None };
+            let event = Event {
+                kind: EventKind::Put,
+                kv: kv(value.clone(), revision, revision),
+                prev: None,
+            };
             Ok((Outcome::Put(revision), event))
         }
-        (Op::Update { .. } | Op::Delete { .. }, None) => Err(StoreError::NotFound { key: key.clone() }),
-        (Op::Update { expected, .. } | Op::Delete { expected: Some(expected), .. }, Some(current))
-            if current.revision != *expected =>
-        {
-            Err(StoreError::Conflict { key: key.clone(), expected: *expected, current: current.revision })
+        (Op::Update { .. } | Op::Delete { .. }, None) => {
+            Err(StoreError::NotFound { key: key.clone() })
         }
+        (
+            Op::Update { expected, .. }
+            | Op::Delete {
+                expected: Some(expected),
+                ..
+            },
+            Some(current),
+        ) if current.revision != *expected => Err(StoreError::Conflict {
+            key: key.clone(),
+            expected: *expected,
+            current: current.revision,
+        }),
         (Op::Update { value, .. }, Some(current)) => {
             insert(current.created, current.revision, false, value)?;
             let prev = kv(current.value, current.created, current.revision);
-            let event = Event { kind: EventKind::Put, kv: kv(value.clone(), current.created, revision), prev: Some(prev) };
+            let event = Event {
+                kind: EventKind::Put,
+                kv: kv(value.clone(), current.created, revision),
+                prev: Some(prev),
+            };
             Ok((Outcome::Put(revision), event))
         }
         (Op::Delete { .. }, Some(current)) => {
             insert(current.created, current.revision, true, &[])?;
             let prev = kv(current.value, current.created, current.revision);
-            let event = Event { kind: EventKind::Delete, kv: kv(Vec::new(), 0, revision), prev: Some(prev.clone()) };
+            let event = Event {
+                kind: EventKind::Delete,
+                kv: kv(Vec::new(), 0, revision),
+                prev: Some(prev.clone()),
+            };
             Ok((Outcome::Deleted(revision, prev), event))
         }
     })
