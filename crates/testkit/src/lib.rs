@@ -135,3 +135,109 @@ fn health(addr: SocketAddr) -> std::io::Result<bool> {
     stream.read_to_string(&mut answer)?;
     Ok(answer.contains("\"health\":\"true\""))
 }
+
+/// A `tugboat server` process with its own data dir on a free loopback port, killed on drop.
+#[derive(Debug)]
+pub struct TugboatServer {
+    child: Child,
+    dir: tempfile::TempDir,
+    port: u16,
+    lines: std::sync::mpsc::Receiver<String>,
+}
+
+impl TugboatServer {
+    /// Starts `binary server --data-dir <temp> --bind-address 127.0.0.1 --https-port <free>
+    /// <extra>` and waits for its ready line.
+    pub fn start(binary: &Path, extra: &[&str]) -> anyhow::Result<TugboatServer> {
+        let dir = tempfile::Builder::new()
+            .prefix("tugboat-server-")
+            .tempdir()?;
+        let port = free_port();
+        let mut child = Command::new(binary)
+            .arg("server")
+            .arg("--data-dir")
+            .arg(dir.path().join("data"))
+            .args([
+                "--bind-address",
+                "127.0.0.1",
+                "--https-port",
+                &port.to_string(),
+            ])
+            .args(extra)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .with_context(|| format!("starting {}", binary.display()))?;
+        let stderr = child.stderr.take().expect("piped");
+        let (tx, lines) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            use std::io::BufRead;
+            for line in std::io::BufReader::new(stderr)
+                .lines()
+                .map_while(Result::ok)
+            {
+                let _ = tx.send(line);
+            }
+        });
+        let mut server = TugboatServer {
+            child,
+            dir,
+            port,
+            lines,
+        };
+        server.wait_for_line("tugboat server ready", Duration::from_secs(30))?;
+        Ok(server)
+    }
+
+    /// Waits for a log line containing `needle`; returns it.
+    pub fn wait_for_line(&mut self, needle: &str, timeout: Duration) -> anyhow::Result<String> {
+        let deadline = Instant::now() + timeout;
+        let mut seen = Vec::new();
+        while let Some(left) = deadline.checked_duration_since(Instant::now()) {
+            match self.lines.recv_timeout(left) {
+                Ok(line) if line.contains(needle) => return Ok(line),
+                Ok(line) => seen.push(line),
+                Err(_) => break,
+            }
+        }
+        bail!("no log line with {needle:?} within {timeout:?}; saw: {seen:#?}")
+    }
+
+    pub fn data_dir(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
+    pub fn kubeconfig(&self) -> PathBuf {
+        self.data_dir().join("admin.kubeconfig")
+    }
+
+    /// `https://127.0.0.1:PORT`
+    pub fn url(&self) -> String {
+        format!("https://127.0.0.1:{}", self.port)
+    }
+
+    /// A scratch directory that lives as long as the server (e.g. a fresh HOME for kubectl).
+    pub fn scratch(&self, name: &str) -> PathBuf {
+        let path = self.dir.path().join(name);
+        std::fs::create_dir_all(&path).expect("creating a scratch dir");
+        path
+    }
+
+    /// The process, to signal it.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Waits for the process to exit.
+    pub fn wait(&mut self) -> std::io::Result<std::process::ExitStatus> {
+        self.child.wait()
+    }
+}
+
+impl Drop for TugboatServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

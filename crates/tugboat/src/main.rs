@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
+use tugboat_apiserver::ApiServerConfig;
 use tugboat_store::{CompactionPolicy, DatastoreConfig, open_datastore, spawn_compactor};
 
 #[derive(Debug, Parser)]
@@ -21,8 +22,11 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Run the control plane (for now: the store, with compaction).
+    /// Run the control plane: for now the store (with compaction) and the API server.
     Server(ServerArgs),
+    /// Run the API server alone (today the same as `server`; `server` will add the scheduler,
+    /// controllers and the node agent).
+    Apiserver(ServerArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -36,6 +40,15 @@ struct ServerArgs {
     /// Compact the store this often (to the revision seen one interval earlier): 300s, 5m, 1h.
     #[arg(long, default_value = "5m", value_parser = parse_duration)]
     compaction_interval: Duration,
+    /// The address to serve the Kubernetes API on.
+    #[arg(long, default_value = "0.0.0.0")]
+    bind_address: std::net::IpAddr,
+    /// The HTTPS port of the Kubernetes API.
+    #[arg(long, default_value_t = 6443)]
+    https_port: u16,
+    /// Static bearer tokens, one `token,user,uid,"group1,group2"` per line.
+    #[arg(long)]
+    token_auth_file: Option<PathBuf>,
 }
 
 /// Parses `300`, `300s`, `5m`, `1h`, `250ms`.
@@ -67,6 +80,8 @@ fn parse_duration(text: &str) -> Result<Duration, String> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // One TLS crypto provider for every crate that uses rustls.
+    let _ = rustls::crypto::ring::default_provider().install_default();
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
@@ -85,7 +100,7 @@ fn main() -> ExitCode {
     };
     let result = runtime.block_on(async {
         match cli.command {
-            Command::Server(args) => server(args).await,
+            Command::Server(args) | Command::Apiserver(args) => server(args).await,
         }
     });
     match result {
@@ -112,10 +127,25 @@ async fn server(args: ServerArgs) -> anyhow::Result<()> {
         DatastoreConfig::Sqlite(sqlite) => format!("sqlite {}", sqlite.path.display()),
         DatastoreConfig::Etcd(etcd) => format!("etcd {}", etcd.endpoints.join(",")),
     };
-    tracing::info!(store = %backend, revision, "tugboat server ready");
+    let api_config = ApiServerConfig {
+        data_dir: args.data_dir.clone(),
+        bind_address: args.bind_address,
+        https_port: args.https_port,
+        token_auth_file: args.token_auth_file.clone(),
+    };
+    let api = tugboat_apiserver::start(api_config, store.clone()).await?;
+    tracing::info!(
+        store = %backend,
+        revision,
+        address = %api.local_addr(),
+        kubeconfig = %api.admin_kubeconfig().display(),
+        "tugboat server ready"
+    );
 
     wait_for_shutdown().await?;
     tracing::info!("shutting down");
+    api.stop();
+    drop(api);
     compactor.abort();
     drop(store);
     Ok(())

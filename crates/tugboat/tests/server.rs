@@ -1,78 +1,60 @@
 //! `tugboat server` as a user runs it: a real process, its data dir, signals, bad input.
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
-use std::time::{Duration, Instant};
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use tugboat_testkit::TugboatServer;
 
 fn tugboat() -> Command {
     Command::new(env!("CARGO_BIN_EXE_tugboat"))
 }
 
-/// A server process, killed if the test fails before stopping it.
-struct Server(Child);
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
+fn start(extra: &[&str]) -> TugboatServer {
+    TugboatServer::start(Path::new(env!("CARGO_BIN_EXE_tugboat")), extra)
+        .expect("the server starts")
 }
 
-/// Starts the server and waits for its ready line; returns the child and its stderr lines.
-fn start(args: &[&str]) -> (Server, mpsc::Receiver<String>) {
-    let mut child = tugboat()
-        .arg("server")
-        .args(args)
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stderr = child.stderr.take().unwrap();
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            let _ = tx.send(line);
-        }
-    });
-    (Server(child), rx)
-}
-
-fn wait_for(lines: &mpsc::Receiver<String>, needle: &str) -> String {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let mut seen = Vec::new();
-    while let Some(left) = deadline.checked_duration_since(Instant::now()) {
-        match lines.recv_timeout(left) {
-            Ok(line) if line.contains(needle) => return line,
-            Ok(line) => seen.push(line),
-            Err(_) => break,
-        }
-    }
-    panic!("no line with {needle:?}; saw: {seen:#?}");
-}
-
-fn terminate(server: &mut Server) -> std::process::ExitStatus {
+fn terminate(server: &mut TugboatServer) -> std::process::ExitStatus {
     let ok = Command::new("kill")
-        .args(["-TERM", &server.0.id().to_string()])
+        .args(["-TERM", &server.pid().to_string()])
         .status()
         .unwrap()
         .success();
     assert!(ok);
-    server.0.wait().unwrap()
+    server.wait().unwrap()
 }
 
 #[test]
-fn the_server_keeps_its_store_in_the_data_dir_and_stops_on_sigterm() {
-    let dir = tempfile::tempdir().unwrap();
-    let data_dir = dir.path().join("data");
-    let (mut child, lines) = start(&["--data-dir", data_dir.to_str().unwrap()]);
-    let ready = wait_for(&lines, "tugboat server ready");
-    assert!(ready.contains("state.db"), "{ready}");
+fn the_server_keeps_its_state_in_the_data_dir_and_stops_on_sigterm() {
+    let mut server = start(&[]);
+    let data_dir = server.data_dir();
     let db = data_dir.join("db/state.db");
     assert!(db.is_file());
+    for file in [
+        "admin.kubeconfig",
+        "pki/ca.crt",
+        "pki/ca.key",
+        "pki/apiserver.crt",
+        "pki/admin.crt",
+    ] {
+        assert!(data_dir.join(file).is_file(), "{file}");
+    }
+    let kubeconfig = std::fs::read_to_string(data_dir.join("admin.kubeconfig")).unwrap();
+    assert!(
+        kubeconfig.contains(&format!("server: {}", server.url())),
+        "{kubeconfig}"
+    );
 
     // A second server on the same data dir is refused, naming the file.
     let second = tugboat()
-        .args(["server", "--data-dir", data_dir.to_str().unwrap()])
+        .args([
+            "server",
+            "--https-port",
+            "0",
+            "--data-dir",
+            data_dir.to_str().unwrap(),
+        ])
         .output()
         .unwrap();
     assert!(!second.status.success());
@@ -82,17 +64,36 @@ fn the_server_keeps_its_store_in_the_data_dir_and_stops_on_sigterm() {
         "{message}"
     );
 
-    assert!(terminate(&mut child).success(), "a clean exit on SIGTERM");
+    assert!(terminate(&mut server).success(), "a clean exit on SIGTERM");
     // After a clean stop the file is a SQLite database that says it is ours (application_id
     // "TGBT"), with the WAL folded in.
     let header = std::fs::read(&db).unwrap();
     assert_eq!(&header[..16], b"SQLite format 3\0");
     assert_eq!(&header[68..72], b"TGBT");
 
-    // Restarting reuses the same store.
-    let (mut child, lines) = start(&["--data-dir", data_dir.to_str().unwrap()]);
-    wait_for(&lines, "tugboat server ready");
-    assert!(terminate(&mut child).success());
+    // Restarting reuses the same store and certificates.
+    let ca = std::fs::read(data_dir.join("pki/ca.crt")).unwrap();
+    let mut again = tugboat()
+        .args([
+            "server",
+            "--bind-address",
+            "127.0.0.1",
+            "--https-port",
+            "0",
+            "--data-dir",
+            data_dir.to_str().unwrap(),
+        ])
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(
+        std::fs::read(data_dir.join("pki/ca.crt")).unwrap(),
+        ca,
+        "the CA is kept"
+    );
+    let _ = again.kill();
+    let _ = again.wait();
 }
 
 #[test]
@@ -101,7 +102,13 @@ fn a_corrupt_store_stops_the_server_with_a_clear_error() {
     std::fs::create_dir_all(dir.path().join("db")).unwrap();
     std::fs::write(dir.path().join("db/state.db"), vec![0x5a; 8192]).unwrap();
     let output = tugboat()
-        .args(["server", "--data-dir", dir.path().to_str().unwrap()])
+        .args([
+            "server",
+            "--https-port",
+            "0",
+            "--data-dir",
+            dir.path().to_str().unwrap(),
+        ])
         .output()
         .unwrap();
     assert_eq!(output.status.code(), Some(1));
@@ -116,15 +123,12 @@ fn a_corrupt_store_stops_the_server_with_a_clear_error() {
 #[test]
 fn an_unreachable_etcd_stops_the_server_naming_the_endpoint() {
     let dir = tempfile::tempdir().unwrap();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let endpoint = format!("http://127.0.0.1:{port}");
+    let endpoint = format!("http://127.0.0.1:{}", tugboat_testkit::free_port());
     let output = tugboat()
         .args([
             "server",
+            "--https-port",
+            "0",
             "--data-dir",
             dir.path().to_str().unwrap(),
             "--datastore-endpoint",
@@ -141,20 +145,53 @@ fn an_unreachable_etcd_stops_the_server_naming_the_endpoint() {
 }
 
 #[test]
-fn the_server_runs_on_a_real_etcd() {
+fn the_server_runs_on_a_real_etcd_with_the_kube_apiserver_key_layout() {
     let etcd = tugboat_testkit::EtcdServer::start().unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let (mut child, lines) = start(&[
-        "--data-dir",
-        dir.path().to_str().unwrap(),
-        "--datastore-endpoint",
-        etcd.client_url(),
-    ]);
-    let ready = wait_for(&lines, "tugboat server ready");
-    assert!(ready.contains(etcd.client_url()), "{ready}");
+    let mut server = start(&["--datastore-endpoint", etcd.client_url()]);
     assert!(
-        !dir.path().join("db").exists(),
+        !server.data_dir().join("db").exists(),
         "no embedded store when etcd is used"
     );
-    assert!(terminate(&mut child).success());
+    let keys = Command::new("etcdctl")
+        .env("ETCDCTL_API", "3")
+        .arg(format!("--endpoints={}", etcd.client_url()))
+        .args(["get", "/registry", "--prefix", "--keys-only"])
+        .output()
+        .unwrap();
+    let keys = String::from_utf8(keys.stdout).unwrap();
+    assert!(
+        keys.lines().any(|k| k == "/registry/namespaces/default"),
+        "{keys}"
+    );
+    assert!(
+        keys.lines()
+            .any(|k| k == "/registry/namespaces/kube-system"),
+        "{keys}"
+    );
+    assert!(terminate(&mut server).success());
+}
+
+#[test]
+fn a_taken_port_is_a_clear_error() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port().to_string();
+    let dir = tempfile::tempdir().unwrap();
+    let output = tugboat()
+        .args([
+            "server",
+            "--bind-address",
+            "127.0.0.1",
+            "--https-port",
+            &port,
+            "--data-dir",
+            dir.path().to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(1));
+    let message = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        message.contains(&format!("127.0.0.1:{port}")) && message.contains("in use"),
+        "{message}"
+    );
 }

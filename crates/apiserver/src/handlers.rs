@@ -1,0 +1,934 @@
+//! Request handling: route a Kubernetes API path, then get, list, watch, create, update, patch
+//! or delete objects in the store. Every failure becomes a `Status` (see `status.rs`).
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::http::{HeaderMap, Method, Response, StatusCode, header};
+use bytes::Bytes;
+use futures::StreamExt;
+use http_body_util::BodyExt;
+use serde_json::{Value, json};
+use tugboat_store::{EventKind, ListOptions, Store, StoreError};
+
+use crate::auth::UserInfo;
+use crate::discovery;
+use crate::object::{self, decode_body};
+use crate::registry::{self, Resource};
+use crate::selector::{FieldSelector, LabelSelector, supported_fields};
+use crate::status::ApiError;
+use crate::table;
+
+/// Upstream's limit for a request body (3 MiB).
+pub const MAX_BODY: usize = 3 * 1024 * 1024;
+/// How often an optimistic update is retried when the object changes underneath.
+const UPDATE_RETRIES: usize = 5;
+
+/// What every request handler shares.
+#[derive(Debug)]
+pub struct ApiState {
+    pub store: Arc<dyn Store>,
+    /// `host:port` clients reach this server at (for `/api`).
+    pub server_address: String,
+}
+
+type Query = HashMap<String, String>;
+
+fn json_response(code: StatusCode, value: &Value) -> Response<Body> {
+    let mut response = Response::new(Body::from(value.to_string()));
+    *response.status_mut() = code;
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("application/json"),
+    );
+    response
+}
+
+fn text_response(text: &'static str) -> Response<Body> {
+    let mut response = Response::new(Body::from(text));
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    response
+}
+
+/// The server's version, as `/version` and `kubectl version` show it. kubectl's dispatcher picks
+/// its client by the minor version: 1.31 is the newest whose typed `create` commands send JSON
+/// (1.32+ send protobuf bodies, which this server does not decode yet).
+pub fn version() -> Value {
+    json!({
+        "major": "1",
+        "minor": "31",
+        "gitVersion": format!("v1.31.0+tugboat-{}", env!("CARGO_PKG_VERSION")),
+        "gitCommit": "",
+        "gitTreeState": "clean",
+        "buildDate": "1970-01-01T00:00:00Z",
+        "goVersion": "rust",
+        "compiler": "rustc",
+        "platform": format!("{}/{}", std::env::consts::OS, if std::env::consts::ARCH == "x86_64" { "amd64" } else { std::env::consts::ARCH }),
+    })
+}
+
+/// Paths served without credentials, as upstream's `system:public-info-viewer` allows.
+pub fn is_public(path: &str) -> bool {
+    matches!(path, "/version" | "/healthz" | "/livez" | "/readyz")
+        || path.starts_with("/healthz/")
+        || path.starts_with("/livez/")
+        || path.starts_with("/readyz/")
+}
+
+/// Serves one request from an authenticated `user` (or a public path).
+pub async fn handle(
+    state: Arc<ApiState>,
+    user: Option<UserInfo>,
+    request: hyper::Request<Body>,
+) -> Response<Body> {
+    let (parts, body) = request.into_parts();
+    let path = parts.uri.path().to_string();
+    let query: Query = parts
+        .uri
+        .query()
+        .map(|q| {
+            url::form_urlencoded::parse(q.as_bytes())
+                .into_owned()
+                .collect()
+        })
+        .unwrap_or_default();
+    if !is_public(&path) && user.is_none() {
+        return ApiError::unauthorized().into_response();
+    }
+    let result = route(&state, &parts.method, &path, &query, &parts.headers, body).await;
+    match result {
+        Ok(response) => response,
+        Err(error) => error.into_response(),
+    }
+}
+
+/// A parsed resource path.
+#[derive(Debug)]
+struct Target {
+    resource: &'static Resource,
+    namespace: Option<String>,
+    name: Option<String>,
+    subresource: Option<String>,
+}
+
+fn parse_target(path: &str) -> Result<Option<Target>, ApiError> {
+    let segments: Vec<String> = path
+        .trim_matches('/')
+        .split('/')
+        .map(|s| {
+            percent_encoding::percent_decode_str(s)
+                .decode_utf8_lossy()
+                .into_owned()
+        })
+        .collect();
+    let (group, version, rest) = match segments.first().map(String::as_str) {
+        Some("api") if segments.len() >= 3 => ("", segments[1].as_str(), &segments[2..]),
+        Some("apis") if segments.len() >= 4 => {
+            (segments[1].as_str(), segments[2].as_str(), &segments[3..])
+        }
+        _ => return Ok(None),
+    };
+    let find = |plural: &str| registry::find(group, version, plural);
+    let not_found = || ApiError::not_found_path(path);
+    // namespaces/<ns>/<plural>[/<name>[/<sub>]] for namespaced resources...
+    if rest.len() >= 3
+        && rest[0] == "namespaces"
+        && let Some(resource) = find(&rest[2]).filter(|r| r.namespaced)
+    {
+        if rest.len() > 5 {
+            return Err(not_found());
+        }
+        return Ok(Some(Target {
+            resource,
+            namespace: Some(rest[1].clone()),
+            name: rest.get(3).cloned(),
+            subresource: rest.get(4).cloned(),
+        }));
+    }
+    // ...else <plural>[/<name>[/<sub>]], which lists namespaced resources across namespaces.
+    let resource = find(&rest[0]).ok_or_else(not_found)?;
+    if rest.len() > 3 || (resource.namespaced && rest.len() > 1) {
+        return Err(not_found());
+    }
+    Ok(Some(Target {
+        resource,
+        namespace: None,
+        name: rest.get(1).cloned(),
+        subresource: rest.get(2).cloned(),
+    }))
+}
+
+async fn route(
+    state: &ApiState,
+    method: &Method,
+    path: &str,
+    query: &Query,
+    headers: &HeaderMap,
+    body: Body,
+) -> Result<Response<Body>, ApiError> {
+    match path {
+        "/version" | "/version/" => return Ok(json_response(StatusCode::OK, &version())),
+        "/healthz" | "/livez" | "/readyz" => return Ok(text_response("ok")),
+        "/api" | "/api/" => {
+            return Ok(json_response(
+                StatusCode::OK,
+                &discovery::api_versions(&state.server_address),
+            ));
+        }
+        "/apis" | "/apis/" => {
+            return Ok(json_response(StatusCode::OK, &discovery::api_group_list()));
+        }
+        _ => {}
+    }
+    let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
+    match segments.as_slice() {
+        ["api", version] => {
+            return discovery::api_resource_list("", version)
+                .map(|list| json_response(StatusCode::OK, &list))
+                .ok_or_else(|| ApiError::not_found_path(path));
+        }
+        ["apis", group] => {
+            return discovery::api_group(group)
+                .map(|g| json_response(StatusCode::OK, &g))
+                .ok_or_else(|| ApiError::not_found_path(path));
+        }
+        ["apis", group, version] => {
+            return discovery::api_resource_list(group, version)
+                .map(|list| json_response(StatusCode::OK, &list))
+                .ok_or_else(|| ApiError::not_found_path(path));
+        }
+        _ => {}
+    }
+    // Refuse an oversized body by its declared length, before reading any of it (a client
+    // that sent `Expect: 100-continue` then never sends it).
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok());
+    if declared.is_some_and(|length| length > MAX_BODY) {
+        drain_in_background(body);
+        return Err(ApiError::too_large(MAX_BODY));
+    }
+    let target = parse_target(path)?.ok_or_else(|| ApiError::not_found_path(path))?;
+    if target.subresource.is_some() {
+        return Err(ApiError::not_found_path(path));
+    }
+    let accept = headers
+        .get(header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    let content_type = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("application/json");
+    let dry_run = query.get("dryRun").is_some_and(|v| v == "All");
+    let namespace = target.namespace.as_deref();
+    match (method, target.name.as_deref()) {
+        (&Method::GET, Some(name)) => {
+            get(state, target.resource, namespace, name, accept, query).await
+        }
+        (&Method::GET, None) => {
+            if query.get("watch").is_some_and(|w| w == "true" || w == "1") {
+                watch(state, target.resource, namespace, query, accept).await
+            } else {
+                list(state, target.resource, namespace, query, accept).await
+            }
+        }
+        (&Method::POST, None) => {
+            let body = read_body(body).await?;
+            create(
+                state,
+                target.resource,
+                namespace,
+                content_type,
+                &body,
+                dry_run,
+            )
+            .await
+        }
+        (&Method::PUT, Some(name)) => {
+            let body = read_body(body).await?;
+            update(
+                state,
+                target.resource,
+                namespace,
+                name,
+                content_type,
+                &body,
+                dry_run,
+            )
+            .await
+        }
+        (&Method::PATCH, Some(name)) => {
+            let body = read_body(body).await?;
+            patch(
+                state,
+                target.resource,
+                namespace,
+                name,
+                content_type,
+                &body,
+                dry_run,
+            )
+            .await
+        }
+        (&Method::DELETE, Some(name)) => {
+            let body = read_body(body).await?;
+            delete(state, target.resource, namespace, name, &body, dry_run).await
+        }
+        (method, _) => Err(ApiError::method_not_allowed(method.as_str())),
+    }
+}
+
+async fn read_body(mut body: Body) -> Result<Bytes, ApiError> {
+    let mut buffer = bytes::BytesMut::new();
+    while let Some(frame) = body.frame().await {
+        let frame =
+            frame.map_err(|e| ApiError::bad_request(format!("reading the request body: {e}")))?;
+        if let Ok(data) = frame.into_data() {
+            if buffer.len() + data.len() > MAX_BODY {
+                drain_in_background(body);
+                return Err(ApiError::too_large(MAX_BODY));
+            }
+            buffer.extend_from_slice(&data);
+        }
+    }
+    Ok(buffer.freeze())
+}
+
+/// Reads and discards the rest of a refused body (at most 64 MiB, for at most 30 s). Over
+/// HTTP/2, dropping an unread body resets the stream and the client never sees the answer.
+fn drain_in_background(mut body: Body) {
+    tokio::spawn(async move {
+        let drain = async {
+            let mut total = 0usize;
+            while let Some(Ok(frame)) = body.frame().await {
+                total += frame.data_ref().map(|d| d.len()).unwrap_or(0);
+                if total > 64 * 1024 * 1024 {
+                    break;
+                }
+            }
+        };
+        let _ = tokio::time::timeout(Duration::from_secs(30), drain).await;
+    });
+}
+
+/// Checks the namespace a namespaced request names: it must exist and not be terminating.
+async fn check_namespace(
+    state: &ApiState,
+    resource: &Resource,
+    namespace: Option<&str>,
+    creating: bool,
+) -> Result<(), ApiError> {
+    if !resource.namespaced {
+        return Ok(());
+    }
+    let Some(namespace) = namespace else {
+        return Err(ApiError::bad_request("a namespace is required"));
+    };
+    let namespaces = registry::find("", "v1", "namespaces").expect("namespaces are served");
+    let key = namespaces.key(None, namespace);
+    let found = state
+        .store
+        .get(&key, None)
+        .await
+        .map_err(|e| ApiError::from_store(e, "", "namespaces", namespace))?;
+    let Some(found) = found else {
+        return Err(ApiError::not_found("", "namespaces", namespace));
+    };
+    if creating {
+        let object = object::from_store(&found.value, found.mod_revision)?;
+        if object["status"]["phase"] == "Terminating" {
+            let mut error = ApiError::bad_request(format!(
+                "{} \"{}\" is forbidden: unable to create new content in namespace {namespace} because it is being terminated",
+                resource.plural, ""
+            ));
+            error.code = 403;
+            error.reason = "Forbidden";
+            return Err(error);
+        }
+    }
+    Ok(())
+}
+
+async fn read_object(
+    state: &ApiState,
+    resource: &Resource,
+    namespace: Option<&str>,
+    name: &str,
+) -> Result<(Value, i64), ApiError> {
+    let key = resource.key(namespace, name);
+    match state.store.get(&key, None).await {
+        Ok(Some(kv)) => Ok((
+            object::from_store(&kv.value, kv.mod_revision)?,
+            kv.mod_revision,
+        )),
+        Ok(None) => Err(ApiError::not_found(resource.group, resource.plural, name)),
+        Err(error) => Err(ApiError::from_store(
+            error,
+            resource.group,
+            resource.plural,
+            name,
+        )),
+    }
+}
+
+fn include_object(query: &Query) -> String {
+    query
+        .get("includeObject")
+        .cloned()
+        .unwrap_or_else(|| "Metadata".into())
+}
+
+async fn get(
+    state: &ApiState,
+    resource: &Resource,
+    namespace: Option<&str>,
+    name: &str,
+    accept: &str,
+    query: &Query,
+) -> Result<Response<Body>, ApiError> {
+    let (object, revision) = read_object(state, resource, namespace, name).await?;
+    if table::wants_table(accept) {
+        let table = table::table(
+            resource,
+            &[object],
+            &revision.to_string(),
+            None,
+            &include_object(query),
+            true,
+        );
+        return Ok(json_response(StatusCode::OK, &table));
+    }
+    Ok(json_response(StatusCode::OK, &object))
+}
+
+struct Filters {
+    labels: LabelSelector,
+    fields: FieldSelector,
+}
+
+impl Filters {
+    fn from_query(resource: &Resource, query: &Query) -> Result<Filters, ApiError> {
+        let labels =
+            LabelSelector::parse(query.get("labelSelector").map(String::as_str).unwrap_or(""))
+                .map_err(ApiError::bad_request)?;
+        let fields =
+            FieldSelector::parse(query.get("fieldSelector").map(String::as_str).unwrap_or(""))
+                .map_err(ApiError::bad_request)?;
+        let supported = supported_fields(resource.plural);
+        if let Some(field) = fields.fields().find(|f| !supported.contains(f)) {
+            return Err(ApiError::bad_request(format!(
+                "field label not supported: {field} (for {}: {})",
+                resource.plural,
+                supported.join(", ")
+            )));
+        }
+        Ok(Filters { labels, fields })
+    }
+
+    fn matches(&self, object: &Value) -> bool {
+        self.labels.matches_object(object) && self.fields.matches_object(object)
+    }
+}
+
+fn parse_revision(text: Option<&String>) -> Result<Option<i64>, ApiError> {
+    match text.map(String::as_str) {
+        None | Some("") | Some("0") => Ok(None),
+        Some(text) => text
+            .parse::<i64>()
+            .map(Some)
+            .map_err(|_| ApiError::bad_request(format!("invalid resource version {text:?}"))),
+    }
+}
+
+async fn list(
+    state: &ApiState,
+    resource: &Resource,
+    namespace: Option<&str>,
+    query: &Query,
+    accept: &str,
+) -> Result<Response<Body>, ApiError> {
+    let filters = Filters::from_query(resource, query)?;
+    let limit = match query.get("limit") {
+        Some(limit) => Some(
+            limit
+                .parse::<i64>()
+                .map_err(|_| ApiError::bad_request(format!("invalid limit {limit:?}")))?,
+        ),
+        None => None,
+    };
+    let revision = match query.get("resourceVersionMatch").map(String::as_str) {
+        Some("Exact") => parse_revision(query.get("resourceVersion"))?,
+        _ => None,
+    };
+    let options = ListOptions {
+        revision,
+        limit,
+        continue_token: query.get("continue").cloned().filter(|c| !c.is_empty()),
+    };
+    let prefix = resource.prefix(namespace);
+    let page = state.store.list(&prefix, options).await.map_err(|e| match e {
+        StoreError::Compacted { .. } if query.contains_key("continue") => {
+            ApiError::expired("The provided continue parameter is too old to display a consistent list result. You can start a new list without the continue parameter.")
+        }
+        other => ApiError::from_store(other, resource.group, resource.plural, ""),
+    })?;
+    let mut items = Vec::with_capacity(page.kvs.len());
+    for kv in &page.kvs {
+        let object = object::from_store(&kv.value, kv.mod_revision)?;
+        if filters.matches(&object) {
+            items.push(object);
+        }
+    }
+    let revision = page.revision.to_string();
+    if table::wants_table(accept) {
+        let table = table::table(
+            resource,
+            &items,
+            &revision,
+            page.continue_token.as_deref(),
+            &include_object(query),
+            true,
+        );
+        return Ok(json_response(StatusCode::OK, &table));
+    }
+    let mut metadata = json!({"resourceVersion": revision});
+    if let Some(token) = &page.continue_token {
+        metadata["continue"] = json!(token);
+        if let Some(remaining) = page.remaining {
+            metadata["remainingItemCount"] = json!(remaining);
+        }
+    }
+    let list = json!({
+        "kind": format!("{}List", resource.kind),
+        "apiVersion": resource.api_version(),
+        "metadata": metadata,
+        "items": items,
+    });
+    Ok(json_response(StatusCode::OK, &list))
+}
+
+/// One watch event line.
+fn event_line(kind: &str, object: &Value) -> Bytes {
+    let mut line = json!({"type": kind, "object": object}).to_string();
+    line.push('\n');
+    Bytes::from(line)
+}
+
+async fn watch(
+    state: &ApiState,
+    resource: &'static Resource,
+    namespace: Option<&str>,
+    query: &Query,
+    accept: &str,
+) -> Result<Response<Body>, ApiError> {
+    let filters = Filters::from_query(resource, query)?;
+    let prefix = resource.prefix(namespace);
+    let as_table = table::wants_table(accept);
+    let include = include_object(query);
+    let timeout = query
+        .get("timeoutSeconds")
+        .and_then(|t| t.parse::<u64>().ok())
+        .map(Duration::from_secs);
+
+    // No resourceVersion (or "0"): start with the current state as ADDED events.
+    let (initial, start) = match parse_revision(query.get("resourceVersion"))? {
+        Some(revision) => (Vec::new(), revision),
+        None => {
+            let page = state
+                .store
+                .list(&prefix, ListOptions::default())
+                .await
+                .map_err(|e| ApiError::from_store(e, resource.group, resource.plural, ""))?;
+            let mut objects = Vec::new();
+            for kv in &page.kvs {
+                let object = object::from_store(&kv.value, kv.mod_revision)?;
+                if filters.matches(&object) {
+                    objects.push(object);
+                }
+            }
+            (objects, page.revision)
+        }
+    };
+    let render = {
+        let include = include.clone();
+        move |kind: &str, object: Value, first: bool| -> Bytes {
+            if as_table {
+                let revision = object["metadata"]["resourceVersion"]
+                    .as_str()
+                    .unwrap_or("")
+                    .to_string();
+                event_line(
+                    kind,
+                    &table::table(resource, &[object], &revision, None, &include, first),
+                )
+            } else {
+                event_line(kind, &object)
+            }
+        }
+    };
+    let stream = match state.store.watch(&prefix, start).await {
+        Ok(stream) => stream,
+        Err(StoreError::Compacted {
+            requested,
+            compacted,
+        }) => {
+            // As upstream: a 200 whose only event is an ERROR carrying 410 Expired.
+            let status = ApiError::expired(format!(
+                "too old resource version: {requested} ({compacted})"
+            ))
+            .to_status();
+            return Ok(streaming_response(
+                futures::stream::iter([event_line("ERROR", &status)]).boxed(),
+            ));
+        }
+        Err(error) => {
+            return Err(ApiError::from_store(
+                error,
+                resource.group,
+                resource.plural,
+                "",
+            ));
+        }
+    };
+
+    let mut first = true;
+    let mut initial_lines = Vec::with_capacity(initial.len());
+    for object in initial {
+        initial_lines.push(render("ADDED", object, first));
+        first = false;
+    }
+    let events = stream.filter_map(move |item| {
+        let line = match item {
+            Ok(event) => {
+                let decode = |kv: &tugboat_store::KeyValue| {
+                    object::from_store(&kv.value, kv.mod_revision).ok()
+                };
+                let previous = event
+                    .prev
+                    .as_ref()
+                    .and_then(decode)
+                    .filter(|o| filters.matches(o));
+                match event.kind {
+                    EventKind::Put => {
+                        let Some(current) = decode(&event.kv) else {
+                            return futures::future::ready(None);
+                        };
+                        match (previous.is_some(), filters.matches(&current)) {
+                            (false, true) => {
+                                Some(render("ADDED", current, std::mem::take(&mut first)))
+                            }
+                            (true, true) => {
+                                Some(render("MODIFIED", current, std::mem::take(&mut first)))
+                            }
+                            (true, false) => {
+                                Some(render("DELETED", current, std::mem::take(&mut first)))
+                            }
+                            (false, false) => None,
+                        }
+                    }
+                    EventKind::Delete => previous.map(|mut gone| {
+                        gone["metadata"]["resourceVersion"] =
+                            json!(event.kv.mod_revision.to_string());
+                        render("DELETED", gone, std::mem::take(&mut first))
+                    }),
+                }
+            }
+            Err(StoreError::Compacted {
+                requested,
+                compacted,
+            }) => {
+                let status = ApiError::expired(format!(
+                    "too old resource version: {requested} ({compacted})"
+                ))
+                .to_status();
+                Some(event_line("ERROR", &status))
+            }
+            Err(error) => {
+                tracing::warn!(%error, "watch ended by a store error");
+                Some(event_line(
+                    "ERROR",
+                    &ApiError::unavailable(error.to_string()).to_status(),
+                ))
+            }
+        };
+        futures::future::ready(line)
+    });
+    let all = futures::stream::iter(initial_lines).chain(events);
+    let body = match timeout {
+        Some(timeout) => all.take_until(tokio::time::sleep(timeout)).boxed(),
+        None => all.boxed(),
+    };
+    Ok(streaming_response(body))
+}
+
+fn streaming_response(lines: futures::stream::BoxStream<'static, Bytes>) -> Response<Body> {
+    let body = Body::from_stream(lines.map(Ok::<_, Infallible>));
+    let mut response = Response::new(body);
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("application/json"),
+    );
+    response
+}
+
+async fn create(
+    state: &ApiState,
+    resource: &Resource,
+    namespace: Option<&str>,
+    content_type: &str,
+    body: &[u8],
+    dry_run: bool,
+) -> Result<Response<Body>, ApiError> {
+    let mut object = decode_body(content_type, body)?;
+    object::prepare_create(resource, namespace, &mut object)?;
+    object::validate(resource, &object)?;
+    let namespace = if resource.namespaced {
+        object["metadata"]["namespace"].as_str().map(str::to_string)
+    } else {
+        None
+    };
+    let name = object["metadata"]["name"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    check_namespace(state, resource, namespace.as_deref(), true).await?;
+    if dry_run {
+        return Ok(json_response(StatusCode::CREATED, &object));
+    }
+    let key = resource.key(namespace.as_deref(), &name);
+    let revision = state
+        .store
+        .create(&key, object::to_store(&object))
+        .await
+        .map_err(|e| ApiError::from_store(e, resource.group, resource.plural, &name))?;
+    object["metadata"]["resourceVersion"] = json!(revision.to_string());
+    Ok(json_response(StatusCode::CREATED, &object))
+}
+
+async fn update(
+    state: &ApiState,
+    resource: &Resource,
+    namespace: Option<&str>,
+    name: &str,
+    content_type: &str,
+    body: &[u8],
+    dry_run: bool,
+) -> Result<Response<Body>, ApiError> {
+    let mut object = decode_body(content_type, body)?;
+    match object["metadata"]["name"].as_str() {
+        Some(given) if given != name => {
+            return Err(ApiError::bad_request(format!(
+                "the name of the object ({given}) does not match the name on the URL ({name})"
+            )));
+        }
+        _ => object["metadata"]["name"] = json!(name),
+    }
+    let expected = object["metadata"]["resourceVersion"]
+        .as_str()
+        .map(str::to_string);
+    let (old, revision) = read_object(state, resource, namespace, name).await?;
+    let expected = match expected.filter(|e| !e.is_empty()) {
+        Some(expected) => expected
+            .parse::<i64>()
+            .map_err(|_| ApiError::bad_request(format!("invalid resourceVersion {expected:?}")))?,
+        None => revision,
+    };
+    if expected != revision {
+        return Err(ApiError::conflict(resource.group, resource.plural, name));
+    }
+    object::prepare_update(resource, &old, &mut object)?;
+    object::validate(resource, &object)?;
+    write_update(state, resource, namespace, name, object, expected, dry_run).await
+}
+
+async fn write_update(
+    state: &ApiState,
+    resource: &Resource,
+    namespace: Option<&str>,
+    name: &str,
+    mut object: Value,
+    expected: i64,
+    dry_run: bool,
+) -> Result<Response<Body>, ApiError> {
+    if dry_run {
+        object["metadata"]["resourceVersion"] = json!(expected.to_string());
+        return Ok(json_response(StatusCode::OK, &object));
+    }
+    let key = resource.key(namespace, name);
+    let revision = state
+        .store
+        .update(&key, object::to_store(&object), expected)
+        .await
+        .map_err(|e| ApiError::from_store(e, resource.group, resource.plural, name))?;
+    object["metadata"]["resourceVersion"] = json!(revision.to_string());
+    Ok(json_response(StatusCode::OK, &object))
+}
+
+async fn patch(
+    state: &ApiState,
+    resource: &Resource,
+    namespace: Option<&str>,
+    name: &str,
+    content_type: &str,
+    body: &[u8],
+    dry_run: bool,
+) -> Result<Response<Body>, ApiError> {
+    let media = content_type
+        .split(';')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_string();
+    let patch: Value = serde_json::from_slice(body)
+        .map_err(|e| ApiError::bad_request(format!("the patch is not valid JSON: {e}")))?;
+    // Optimistic concurrency: read, patch, write if unchanged; retry when it changed.
+    for _ in 0..UPDATE_RETRIES {
+        let (old, revision) = read_object(state, resource, namespace, name).await?;
+        let mut patched = old.clone();
+        match media.as_str() {
+            "application/merge-patch+json" => json_patch::merge(&mut patched, &patch),
+            "application/json-patch+json" => {
+                let operations: json_patch::Patch =
+                    serde_json::from_value(patch.clone()).map_err(|e| {
+                        ApiError::bad_request(format!("the JSON patch is malformed: {e}"))
+                    })?;
+                json_patch::patch(&mut patched, &operations).map_err(|e| {
+                    let mut error =
+                        ApiError::bad_request(format!("the JSON patch cannot be applied: {e}"));
+                    error.code = 422;
+                    error.reason = "Invalid";
+                    error
+                })?;
+            }
+            other => return Err(ApiError::unsupported_media_type(other)),
+        }
+        if let Some(given) = patch["metadata"]["resourceVersion"]
+            .as_str()
+            .filter(|_| media == "application/merge-patch+json")
+            && given != revision.to_string()
+        {
+            return Err(ApiError::conflict(resource.group, resource.plural, name));
+        }
+        if !patched.is_object() {
+            return Err(ApiError::bad_request("the patch does not leave an object"));
+        }
+        patched["metadata"]["name"] = json!(name);
+        object::prepare_update(resource, &old, &mut patched)?;
+        object::validate(resource, &patched)?;
+        match write_update(state, resource, namespace, name, patched, revision, dry_run).await {
+            Err(error) if error.reason == "Conflict" => continue,
+            other => return other,
+        }
+    }
+    Err(ApiError::conflict(resource.group, resource.plural, name))
+}
+
+async fn delete(
+    state: &ApiState,
+    resource: &Resource,
+    namespace: Option<&str>,
+    name: &str,
+    body: &[u8],
+    dry_run: bool,
+) -> Result<Response<Body>, ApiError> {
+    let options: Value = if body.iter().all(u8::is_ascii_whitespace) {
+        json!({})
+    } else {
+        decode_body("application/json", body)?
+    };
+    let (object, revision) = read_object(state, resource, namespace, name).await?;
+    let preconditions = &options["preconditions"];
+    if let Some(uid) = preconditions["uid"].as_str()
+        && object["metadata"]["uid"].as_str() != Some(uid)
+    {
+        return Err(ApiError::conflict(resource.group, resource.plural, name));
+    }
+    if let Some(rv) = preconditions["resourceVersion"].as_str()
+        && rv != revision.to_string()
+    {
+        return Err(ApiError::conflict(resource.group, resource.plural, name));
+    }
+    if !dry_run {
+        let key = resource.key(namespace, name);
+        state
+            .store
+            .delete(&key, Some(revision))
+            .await
+            .map_err(|e| ApiError::from_store(e, resource.group, resource.plural, name))?;
+    }
+    Ok(json_response(StatusCode::OK, &object))
+}
+
+/// Creates the namespaces every cluster has, if missing.
+pub async fn ensure_system_namespaces(store: &dyn Store) -> Result<(), StoreError> {
+    let namespaces = registry::find("", "v1", "namespaces").expect("namespaces are served");
+    for name in ["default", "kube-system", "kube-public", "kube-node-lease"] {
+        let key = namespaces.key(None, name);
+        if store.get(&key, None).await?.is_some() {
+            continue;
+        }
+        let mut object =
+            json!({"metadata": {"name": name, "labels": {"kubernetes.io/metadata.name": name}}});
+        object::prepare_create(namespaces, None, &mut object).expect("a valid namespace");
+        match store.create(&key, object::to_store(&object)).await {
+            Ok(_) | Err(StoreError::AlreadyExists { .. }) => {}
+            Err(error) => return Err(error),
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn paths_route_to_resources() {
+        let t = parse_target("/api/v1/namespaces/default/pods/web")
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            (t.resource.plural, t.namespace.as_deref(), t.name.as_deref()),
+            ("pods", Some("default"), Some("web"))
+        );
+        let t = parse_target("/api/v1/namespaces/kube-system")
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            (t.resource.plural, t.namespace.as_deref(), t.name.as_deref()),
+            ("namespaces", None, Some("kube-system"))
+        );
+        let t = parse_target("/api/v1/pods").unwrap().unwrap();
+        assert_eq!(
+            (t.resource.plural, t.namespace, t.name),
+            ("pods", None, None)
+        );
+        let t = parse_target("/apis/apps/v1/namespaces/x/deployments/web/scale")
+            .unwrap()
+            .unwrap();
+        assert_eq!(t.subresource.as_deref(), Some("scale"));
+        let t = parse_target("/api/v1/nodes/n1/status").unwrap().unwrap();
+        assert_eq!(
+            (
+                t.resource.plural,
+                t.name.as_deref(),
+                t.subresource.as_deref()
+            ),
+            ("nodes", Some("n1"), Some("status"))
+        );
+        assert!(parse_target("/api/v1/widgets").is_err());
+        assert!(
+            parse_target("/api/v1/pods/web").is_err(),
+            "a namespaced object needs its namespace"
+        );
+        assert!(parse_target("/metrics").unwrap().is_none());
+    }
+}

@@ -1,0 +1,328 @@
+//! The API server: the Kubernetes REST API over HTTPS, on top of the store. The only component
+//! that touches the store.
+//!
+//! `start` creates (or reuses) the cluster CA, the serving certificate and the admin client
+//! certificate under `<data-dir>/pki`, writes `<data-dir>/admin.kubeconfig`, makes sure the
+//! system namespaces exist, and serves until the returned handle is dropped or stopped.
+
+// ApiError is returned by value on the cold path; boxing it would buy nothing measurable.
+#![allow(clippy::result_large_err)]
+
+mod auth;
+mod discovery;
+mod handlers;
+mod object;
+mod registry;
+mod selector;
+mod status;
+mod table;
+
+use std::convert::Infallible;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::panic::AssertUnwindSafe;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Body;
+use futures::FutureExt;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::server::WebPkiClientVerifier;
+use tokio::net::TcpListener;
+use tugboat_pki::{CertSpec, ClusterCa, Usage};
+use tugboat_store::Store;
+
+pub use auth::{TokenFile, UserInfo};
+pub use handlers::{MAX_BODY, version};
+pub use registry::{RESOURCES, Resource};
+pub use status::ApiError;
+
+/// How to serve.
+#[derive(Debug, Clone)]
+pub struct ApiServerConfig {
+    /// Certificates live in `<data_dir>/pki`; the admin kubeconfig is `<data_dir>/admin.kubeconfig`.
+    pub data_dir: PathBuf,
+    pub bind_address: IpAddr,
+    /// 0 picks a free port (tests).
+    pub https_port: u16,
+    /// Static bearer tokens (`token,user,uid,"groups"` per line).
+    pub token_auth_file: Option<PathBuf>,
+}
+
+impl Default for ApiServerConfig {
+    fn default() -> Self {
+        ApiServerConfig {
+            data_dir: PathBuf::from("/var/lib/tugboat"),
+            bind_address: IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+            https_port: 6443,
+            token_auth_file: None,
+        }
+    }
+}
+
+/// Why the server could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Pki(#[from] tugboat_pki::PkiError),
+    #[error("TLS setup: {0}")]
+    Tls(String),
+    #[error("listening on {addr}: {source}")]
+    Listen {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("token file {0}")]
+    Tokens(String),
+    #[error(transparent)]
+    Store(#[from] tugboat_store::StoreError),
+}
+
+/// A running API server.
+#[derive(Debug)]
+pub struct ApiServer {
+    local_addr: SocketAddr,
+    kubeconfig: PathBuf,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl ApiServer {
+    /// The address the server listens on.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// `<data-dir>/admin.kubeconfig`.
+    pub fn admin_kubeconfig(&self) -> &Path {
+        &self.kubeconfig
+    }
+
+    /// Stops accepting connections.
+    pub fn stop(&self) {
+        self.task.abort();
+    }
+}
+
+impl Drop for ApiServer {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+fn hostname() -> Option<String> {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|h| h.trim().to_string())
+        .filter(|h| !h.is_empty())
+}
+
+/// The address clients use: loopback when listening on all addresses.
+fn client_address(bind: IpAddr, port: u16) -> String {
+    match bind {
+        IpAddr::V4(ip) if ip.is_unspecified() => format!("127.0.0.1:{port}"),
+        IpAddr::V6(ip) if ip.is_unspecified() => format!("127.0.0.1:{port}"),
+        IpAddr::V6(ip) => format!("[{ip}]:{port}"),
+        IpAddr::V4(ip) => format!("{ip}:{port}"),
+    }
+}
+
+fn tls_config(
+    ca: &ClusterCa,
+    serving: &tugboat_pki::IssuedCert,
+) -> Result<rustls::ServerConfig, StartError> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let tls = |e: &dyn std::fmt::Display| StartError::Tls(e.to_string());
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in rustls_pemfile::certs(&mut ca.cert_pem().as_bytes()) {
+        roots.add(cert.map_err(|e| tls(&e))?).map_err(|e| tls(&e))?;
+    }
+    // Client certificates are optional at the TLS layer (bearer tokens and anonymous public
+    // paths need none), but when one is sent it must chain to the cluster CA.
+    let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
+        .allow_unauthenticated()
+        .build()
+        .map_err(|e| tls(&e))?;
+    let certs: Vec<CertificateDer<'static>> =
+        rustls_pemfile::certs(&mut serving.cert_pem.as_bytes())
+            .collect::<Result<_, _>>()
+            .map_err(|e| tls(&e))?;
+    let key: PrivateKeyDer<'static> = rustls_pemfile::private_key(&mut serving.key_pem.as_bytes())
+        .map_err(|e| tls(&e))?
+        .ok_or_else(|| {
+            StartError::Tls(format!("{}: no private key", serving.key_path.display()))
+        })?;
+    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| tls(&e))?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(certs, key)
+        .map_err(|e| tls(&e))?;
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(config)
+}
+
+/// Sets up certificates and the admin kubeconfig, then serves the API from `store`.
+pub async fn start(
+    config: ApiServerConfig,
+    store: Arc<dyn Store>,
+) -> Result<ApiServer, StartError> {
+    let pki_dir = config.data_dir.join("pki");
+    let ca = ClusterCa::load_or_create(&pki_dir)?;
+    let mut ips = vec![
+        IpAddr::V4(Ipv4Addr::LOCALHOST),
+        IpAddr::V6(Ipv6Addr::LOCALHOST),
+    ];
+    if !config.bind_address.is_unspecified() && !ips.contains(&config.bind_address) {
+        ips.push(config.bind_address);
+    }
+    let mut dns: Vec<String> = [
+        "localhost",
+        "kubernetes",
+        "kubernetes.default",
+        "kubernetes.default.svc",
+        "kubernetes.default.svc.cluster.local",
+    ]
+    .into_iter()
+    .map(str::to_string)
+    .collect();
+    dns.extend(hostname());
+    let year = Duration::from_secs(365 * 24 * 3600);
+    let serving = ca.load_or_issue(
+        "apiserver",
+        &CertSpec {
+            common_name: "kube-apiserver".into(),
+            organizations: vec![],
+            dns_names: dns,
+            ip_addresses: ips,
+            usage: Usage::Server,
+            validity: year,
+        },
+    )?;
+    let admin = ca.load_or_issue(
+        "admin",
+        &CertSpec {
+            common_name: "kubernetes-admin".into(),
+            organizations: vec!["system:masters".into()],
+            dns_names: vec![],
+            ip_addresses: vec![],
+            usage: Usage::Client,
+            validity: year,
+        },
+    )?;
+    let tokens = match &config.token_auth_file {
+        Some(path) => TokenFile::load(path).map_err(StartError::Tokens)?,
+        None => TokenFile::default(),
+    };
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls_config(&ca, &serving)?));
+
+    let addr = SocketAddr::new(config.bind_address, config.https_port);
+    let listener = TcpListener::bind(addr)
+        .await
+        .map_err(|source| StartError::Listen { addr, source })?;
+    let local_addr = listener
+        .local_addr()
+        .map_err(|source| StartError::Listen { addr, source })?;
+    let server_address = client_address(config.bind_address, local_addr.port());
+    let kubeconfig = config.data_dir.join("admin.kubeconfig");
+    let contents = tugboat_pki::client_cert_kubeconfig(
+        &format!("https://{server_address}"),
+        ca.cert_pem(),
+        &admin.cert_pem,
+        &admin.key_pem,
+        "kubernetes-admin",
+    );
+    tugboat_pki::write_file(&kubeconfig, contents.as_bytes(), 0o600)?;
+
+    handlers::ensure_system_namespaces(store.as_ref()).await?;
+    let state = Arc::new(handlers::ApiState {
+        store,
+        server_address,
+    });
+    let tokens = Arc::new(tokens);
+    let task = tokio::spawn(accept_loop(listener, acceptor, state, tokens));
+    tracing::info!(address = %local_addr, kubeconfig = %kubeconfig.display(), "API server listening");
+    Ok(ApiServer {
+        local_addr,
+        kubeconfig,
+        task,
+    })
+}
+
+async fn accept_loop(
+    listener: TcpListener,
+    acceptor: tokio_rustls::TlsAcceptor,
+    state: Arc<handlers::ApiState>,
+    tokens: Arc<TokenFile>,
+) {
+    loop {
+        let (tcp, peer) = match listener.accept().await {
+            Ok(accepted) => accepted,
+            Err(error) => {
+                // Out of file descriptors and the like: back off rather than spin.
+                tracing::warn!(%error, "accepting a connection failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let (acceptor, state, tokens) = (acceptor.clone(), state.clone(), tokens.clone());
+        tokio::spawn(async move {
+            let tls =
+                match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await {
+                    Ok(Ok(tls)) => tls,
+                    Ok(Err(error)) => {
+                        tracing::debug!(%peer, %error, "TLS handshake failed");
+                        return;
+                    }
+                    Err(_) => return,
+                };
+            let cert_user = tls
+                .get_ref()
+                .1
+                .peer_certificates()
+                .and_then(|chain| chain.first())
+                .and_then(|cert| auth::from_certificate(cert.as_ref()));
+            let service = hyper::service::service_fn(
+                move |request: hyper::Request<hyper::body::Incoming>| {
+                    let (state, tokens, cert_user) =
+                        (state.clone(), tokens.clone(), cert_user.clone());
+                    async move {
+                        let user = cert_user.or_else(|| bearer_user(&request, &tokens));
+                        let request = request.map(Body::new);
+                        let response = AssertUnwindSafe(handlers::handle(state, user, request))
+                            .catch_unwind()
+                            .await;
+                        Ok::<_, Infallible>(response.unwrap_or_else(|_| {
+                            tracing::error!("a request handler panicked");
+                            ApiError::internal("the server hit a bug serving this request")
+                                .into_response()
+                        }))
+                    }
+                },
+            );
+            let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+            if let Err(error) = builder
+                .serve_connection_with_upgrades(TokioIo::new(tls), service)
+                .await
+            {
+                tracing::debug!(%peer, %error, "connection ended with an error");
+            }
+        });
+    }
+}
+
+fn bearer_user(
+    request: &hyper::Request<hyper::body::Incoming>,
+    tokens: &TokenFile,
+) -> Option<UserInfo> {
+    let value = request
+        .headers()
+        .get(hyper::header::AUTHORIZATION)?
+        .to_str()
+        .ok()?;
+    let token = value
+        .strip_prefix("Bearer ")
+        .or_else(|| value.strip_prefix("bearer "))?
+        .trim();
+    tokens.user(token).cloned()
+}

@@ -1,0 +1,569 @@
+//! Objects as generic JSON: decoding request bodies, the metadata the server owns (uid,
+//! creationTimestamp, resourceVersion, generation), and validation with field paths.
+
+use serde_json::{Value, json};
+
+use crate::registry::Resource;
+use crate::status::{ApiError, Cause};
+
+/// Decodes a request body: JSON, or YAML when the content type says so.
+pub fn decode_body(content_type: &str, body: &[u8]) -> Result<Value, ApiError> {
+    let media = content_type.split(';').next().unwrap_or("").trim();
+    let value: Value = match media {
+        "" | "application/json" | "*/*" => serde_json::from_slice(body).map_err(|e| {
+            ApiError::bad_request(format!("the body of the request is not valid JSON: {e}"))
+        })?,
+        "application/yaml" | "application/x-yaml" | "text/yaml" => {
+            let text = std::str::from_utf8(body).map_err(|_| {
+                ApiError::bad_request("the body of the request is not valid UTF-8 YAML")
+            })?;
+            serde_saphyr::from_str(text).map_err(|e| {
+                ApiError::bad_request(format!("the body of the request is not valid YAML: {e}"))
+            })?
+        }
+        "application/vnd.kubernetes.protobuf" => {
+            return Err(ApiError::unsupported_media_type(media));
+        }
+        other => return Err(ApiError::unsupported_media_type(other)),
+    };
+    if !value.is_object() {
+        return Err(ApiError::bad_request(
+            "the body of the request must be a JSON or YAML object",
+        ));
+    }
+    Ok(value)
+}
+
+/// RFC 3339 in UTC with seconds, as Kubernetes writes timestamps.
+pub fn now_rfc3339() -> String {
+    let now = time::OffsetDateTime::now_utc();
+    let format =
+        time::macros::format_description!("[year]-[month]-[day]T[hour]:[minute]:[second]Z");
+    now.format(&format).unwrap_or_default()
+}
+
+/// `a-b.c`: a DNS-1123 subdomain (most object names).
+fn is_dns_subdomain(name: &str) -> bool {
+    name.len() <= 253
+        && !name.is_empty()
+        && name.split('.').all(|label| {
+            !label.is_empty()
+                && label
+                    .chars()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+                && !label.starts_with('-')
+                && !label.ends_with('-')
+        })
+}
+
+/// `a-b`: a DNS-1123 label (namespace, service names).
+fn is_dns_label(name: &str) -> bool {
+    name.len() <= 63 && !name.contains('.') && is_dns_subdomain(name)
+}
+
+fn name_rule(resource: &Resource) -> (fn(&str) -> bool, &'static str) {
+    match resource.plural {
+        "namespaces" | "services" => (
+            is_dns_label,
+            "a lowercase RFC 1123 label must consist of lower case alphanumeric characters or '-', and must start and end with an alphanumeric character",
+        ),
+        _ => (
+            is_dns_subdomain,
+            "a lowercase RFC 1123 subdomain must consist of lower case alphanumeric characters, '-' or '.', and must start and end with an alphanumeric character",
+        ),
+    }
+}
+
+fn check_string_map(object: &Value, path: &str, causes: &mut Vec<Cause>) {
+    let value = &object["metadata"][path];
+    match value {
+        Value::Null => {}
+        Value::Object(map) => {
+            for (key, v) in map {
+                if !v.is_string() {
+                    causes.push(Cause {
+                        reason: "FieldValueInvalid",
+                        message: "Invalid value: values must be strings".into(),
+                        field: format!("metadata.{path}.{key}"),
+                    });
+                }
+                let name = key.rsplit('/').next().unwrap_or(key);
+                let valid_name = !name.is_empty()
+                    && name.len() <= 63
+                    && name
+                        .chars()
+                        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+                    && name.starts_with(|c: char| c.is_ascii_alphanumeric())
+                    && name.ends_with(|c: char| c.is_ascii_alphanumeric());
+                if !valid_name || key.matches('/').count() > 1 {
+                    causes.push(Cause {
+                        reason: "FieldValueInvalid",
+                        message: format!("Invalid value: {key:?}: name part must consist of alphanumeric characters, '-', '_' or '.', and must start and end with an alphanumeric character"),
+                        field: format!("metadata.{path}"),
+                    });
+                }
+            }
+            if path == "labels" {
+                for (key, v) in map {
+                    let Some(v) = v.as_str() else { continue };
+                    let valid = v.len() <= 63
+                        && v.chars()
+                            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+                        && (v.is_empty()
+                            || (v.starts_with(|c: char| c.is_ascii_alphanumeric())
+                                && v.ends_with(|c: char| c.is_ascii_alphanumeric())));
+                    if !valid {
+                        causes.push(Cause {
+                            reason: "FieldValueInvalid",
+                            message: format!("Invalid value: {v:?}: a valid label must be an empty string or consist of alphanumeric characters, '-', '_' or '.', and must start and end with an alphanumeric character"),
+                            field: format!("metadata.labels.{key}"),
+                        });
+                    }
+                }
+            }
+        }
+        _ => causes.push(Cause {
+            reason: "FieldValueInvalid",
+            message: "Invalid value: must be a map of strings".into(),
+            field: format!("metadata.{path}"),
+        }),
+    }
+}
+
+/// Validation of what every object shares, plus the few per-kind rules of this increment.
+pub fn validate(resource: &Resource, object: &Value) -> Result<(), ApiError> {
+    let mut causes = Vec::new();
+    let name = object["metadata"]["name"].as_str().unwrap_or("");
+    let (rule, explanation) = name_rule(resource);
+    if name.is_empty() {
+        causes.push(Cause {
+            reason: "FieldValueRequired",
+            message: "Required value: name or generateName is required".into(),
+            field: "metadata.name".into(),
+        });
+    } else if !rule(name) {
+        causes.push(Cause {
+            reason: "FieldValueInvalid",
+            message: format!("Invalid value: {name:?}: {explanation}"),
+            field: "metadata.name".into(),
+        });
+    }
+    check_string_map(object, "labels", &mut causes);
+    check_string_map(object, "annotations", &mut causes);
+    if resource.plural == "pods" {
+        validate_pod_spec(&object["spec"], "spec", &mut causes);
+    }
+    if causes.is_empty() {
+        Ok(())
+    } else {
+        Err(ApiError::invalid(
+            resource.group,
+            resource.kind,
+            name,
+            causes,
+        ))
+    }
+}
+
+fn validate_pod_spec(spec: &Value, path: &str, causes: &mut Vec<Cause>) {
+    let containers = spec["containers"]
+        .as_array()
+        .map(Vec::as_slice)
+        .unwrap_or(&[]);
+    if containers.is_empty() {
+        causes.push(Cause {
+            reason: "FieldValueRequired",
+            message: "Required value".into(),
+            field: format!("{path}.containers"),
+        });
+    }
+    let mut seen = std::collections::BTreeSet::new();
+    for (list, items) in [
+        ("initContainers", spec["initContainers"].as_array()),
+        ("containers", Some(&containers.to_vec())),
+    ] {
+        for (i, container) in items.map(Vec::as_slice).unwrap_or(&[]).iter().enumerate() {
+            let field = format!("{path}.{list}[{i}]");
+            match container["name"].as_str() {
+                None | Some("") => causes.push(Cause {
+                    reason: "FieldValueRequired",
+                    message: "Required value".into(),
+                    field: format!("{field}.name"),
+                }),
+                Some(name) if !is_dns_label(name) => causes.push(Cause {
+                    reason: "FieldValueInvalid",
+                    message: format!("Invalid value: {name:?}: a lowercase RFC 1123 label must consist of lower case alphanumeric characters or '-', and must start and end with an alphanumeric character"),
+                    field: format!("{field}.name"),
+                }),
+                Some(name) => {
+                    if !seen.insert(name.to_string()) {
+                        causes.push(Cause {
+                            reason: "FieldValueDuplicate",
+                            message: format!("Duplicate value: {name:?}"),
+                            field: format!("{field}.name"),
+                        });
+                    }
+                }
+            }
+            if container["image"].as_str().is_none_or(str::is_empty) {
+                causes.push(Cause {
+                    reason: "FieldValueRequired",
+                    message: "Required value".into(),
+                    field: format!("{field}.image"),
+                });
+            }
+        }
+    }
+}
+
+/// A random suffix for `generateName`, from upstream's alphabet (no vowels, no look-alikes).
+fn random_suffix() -> String {
+    const ALPHABET: &[u8] = b"bcdfghjklmnpqrstvwxz2456789";
+    let bytes = uuid::Uuid::new_v4().into_bytes();
+    bytes[..5]
+        .iter()
+        .map(|b| ALPHABET[*b as usize % ALPHABET.len()] as char)
+        .collect()
+}
+
+/// Prepares a new object: kind/apiVersion, namespace, name from generateName, uid,
+/// creationTimestamp, generation; drops what clients may not set.
+pub fn prepare_create(
+    resource: &Resource,
+    namespace: Option<&str>,
+    object: &mut Value,
+) -> Result<(), ApiError> {
+    check_kind(resource, object)?;
+    let metadata = object
+        .as_object_mut()
+        .expect("decoded bodies are objects")
+        .entry("metadata")
+        .or_insert_with(|| json!({}));
+    if !metadata.is_object() {
+        return Err(ApiError::bad_request("metadata must be an object"));
+    }
+    if resource.namespaced {
+        let namespace = namespace.unwrap_or("default");
+        match metadata["namespace"].as_str() {
+            None | Some("") => metadata["namespace"] = json!(namespace),
+            Some(given) if given != namespace => {
+                return Err(ApiError::bad_request(format!(
+                    "the namespace of the provided object ({given}) does not match the namespace sent on the request ({namespace})"
+                )));
+            }
+            Some(_) => {}
+        }
+    } else if let Some(map) = metadata.as_object_mut() {
+        map.remove("namespace");
+    }
+    if metadata["name"].as_str().is_none_or(str::is_empty)
+        && let Some(prefix) = metadata["generateName"].as_str().filter(|p| !p.is_empty())
+    {
+        metadata["name"] = json!(format!("{prefix}{}", random_suffix()));
+    }
+    let map = metadata.as_object_mut().expect("checked above");
+    for owned in [
+        "uid",
+        "resourceVersion",
+        "creationTimestamp",
+        "deletionTimestamp",
+        "deletionGracePeriodSeconds",
+        "selfLink",
+    ] {
+        map.remove(owned);
+    }
+    map.insert("uid".into(), json!(uuid::Uuid::new_v4().to_string()));
+    map.insert("creationTimestamp".into(), json!(now_rfc3339()));
+    if resource.has_generation() {
+        map.insert("generation".into(), json!(1));
+    } else {
+        map.remove("generation");
+    }
+    if resource.plural == "namespaces" {
+        object["spec"] = json!({"finalizers": ["kubernetes"]});
+        object["status"] = json!({"phase": "Active"});
+    }
+    if resource.plural == "pods" && object["spec"].is_object() {
+        default_pod_spec(&mut object["spec"]);
+        let qos = qos_class(&object["spec"]);
+        object["status"] = json!({"phase": "Pending", "qosClass": qos});
+    }
+    Ok(())
+}
+
+fn set_default(map: &mut Value, key: &str, value: Value) {
+    if let Some(map) = map.as_object_mut() {
+        map.entry(key).or_insert(value);
+    }
+}
+
+/// Upstream's defaults for a pod spec (`pkg/apis/core/v1/defaults.go`).
+pub fn default_pod_spec(spec: &mut Value) {
+    set_default(spec, "restartPolicy", json!("Always"));
+    set_default(spec, "dnsPolicy", json!("ClusterFirst"));
+    set_default(spec, "terminationGracePeriodSeconds", json!(30));
+    set_default(spec, "schedulerName", json!("default-scheduler"));
+    set_default(spec, "securityContext", json!({}));
+    set_default(spec, "enableServiceLinks", json!(true));
+    for list in ["initContainers", "containers"] {
+        let Some(containers) = spec[list].as_array_mut() else {
+            continue;
+        };
+        for container in containers {
+            let image = container["image"].as_str().unwrap_or("").to_string();
+            // No tag (or :latest) and no digest: always pull; else only when missing.
+            let last = image.rsplit('/').next().unwrap_or("");
+            let policy =
+                if image.contains('@') || (last.contains(':') && !last.ends_with(":latest")) {
+                    "IfNotPresent"
+                } else {
+                    "Always"
+                };
+            set_default(container, "imagePullPolicy", json!(policy));
+            set_default(
+                container,
+                "terminationMessagePath",
+                json!("/dev/termination-log"),
+            );
+            set_default(container, "terminationMessagePolicy", json!("File"));
+            set_default(container, "resources", json!({}));
+        }
+    }
+}
+
+/// Guaranteed when every container limits cpu and memory with requests equal to limits;
+/// BestEffort when none requests or limits anything; Burstable otherwise.
+fn qos_class(spec: &Value) -> &'static str {
+    let containers: Vec<&Value> = ["initContainers", "containers"]
+        .iter()
+        .flat_map(|list| {
+            spec[*list]
+                .as_array()
+                .map(|a| a.iter().collect::<Vec<_>>())
+                .unwrap_or_default()
+        })
+        .collect();
+    let resources = |c: &Value, kind: &str| {
+        c["resources"][kind]
+            .as_object()
+            .cloned()
+            .unwrap_or_default()
+    };
+    if containers
+        .iter()
+        .all(|c| resources(c, "requests").is_empty() && resources(c, "limits").is_empty())
+    {
+        return "BestEffort";
+    }
+    let guaranteed = containers.iter().all(|c| {
+        let (requests, limits) = (resources(c, "requests"), resources(c, "limits"));
+        ["cpu", "memory"].iter().all(|r| {
+            limits.contains_key(*r) && requests.get(*r).is_none_or(|v| Some(v) == limits.get(*r))
+        })
+    });
+    if guaranteed {
+        "Guaranteed"
+    } else {
+        "Burstable"
+    }
+}
+
+/// Prepares a replacement of `old`: the server-owned metadata carries over; generation is
+/// bumped when the spec changed.
+pub fn prepare_update(
+    resource: &Resource,
+    old: &Value,
+    object: &mut Value,
+) -> Result<(), ApiError> {
+    check_kind(resource, object)?;
+    if !object["metadata"].is_object() {
+        return Err(ApiError::bad_request("metadata must be an object"));
+    }
+    for owned in [
+        "uid",
+        "creationTimestamp",
+        "deletionTimestamp",
+        "deletionGracePeriodSeconds",
+    ] {
+        match old["metadata"].get(owned) {
+            Some(value) => object["metadata"][owned] = value.clone(),
+            None => {
+                object["metadata"]
+                    .as_object_mut()
+                    .expect("checked")
+                    .remove(owned);
+            }
+        }
+    }
+    if let Some(namespace) = old["metadata"].get("namespace") {
+        object["metadata"]["namespace"] = namespace.clone();
+    }
+    object["metadata"]
+        .as_object_mut()
+        .expect("checked")
+        .remove("resourceVersion");
+    if resource.has_generation() {
+        let generation = old["metadata"]["generation"].as_i64().unwrap_or(1);
+        let changed = old.get("spec") != object.get("spec");
+        object["metadata"]["generation"] = json!(if changed { generation + 1 } else { generation });
+    }
+    Ok(())
+}
+
+fn check_kind(resource: &Resource, object: &mut Value) -> Result<(), ApiError> {
+    let api_version = resource.api_version();
+    match object["kind"].as_str() {
+        None | Some("") => object["kind"] = json!(resource.kind),
+        Some(kind) if kind == resource.kind => {}
+        Some(kind) => {
+            return Err(ApiError::bad_request(format!(
+                "the kind of the object ({kind}) does not match the resource ({}, kind {})",
+                resource.plural, resource.kind
+            )));
+        }
+    }
+    match object["apiVersion"].as_str() {
+        None | Some("") => object["apiVersion"] = json!(api_version),
+        Some(given) if given == api_version => {}
+        Some(given) => {
+            return Err(ApiError::bad_request(format!(
+                "the API version of the object ({given}) does not match the resource ({api_version})"
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// An object as read from the store: its resourceVersion is the store's mod revision.
+pub fn from_store(value: &[u8], mod_revision: i64) -> Result<Value, ApiError> {
+    let mut object: Value = serde_json::from_slice(value)
+        .map_err(|e| ApiError::internal(format!("a stored object does not decode: {e}")))?;
+    object["metadata"]["resourceVersion"] = json!(mod_revision.to_string());
+    Ok(object)
+}
+
+/// What goes into the store: the object without its resourceVersion.
+pub fn to_store(object: &Value) -> Vec<u8> {
+    let mut object = object.clone();
+    if let Some(metadata) = object["metadata"].as_object_mut() {
+        metadata.remove("resourceVersion");
+    }
+    serde_json::to_vec(&object).expect("a JSON value serializes")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::registry::find;
+
+    #[test]
+    fn names_follow_rfc_1123() {
+        assert!(is_dns_subdomain("web-1.example"));
+        assert!(!is_dns_subdomain("Web"));
+        assert!(!is_dns_subdomain("-web"));
+        assert!(!is_dns_subdomain("a..b"));
+        assert!(is_dns_label("kube-system"));
+        assert!(!is_dns_label("a.b"));
+    }
+
+    #[test]
+    fn a_pod_without_containers_or_with_duplicates_is_invalid_with_field_paths() {
+        let pods = find("", "v1", "pods").unwrap();
+        let error = validate(pods, &json!({"metadata": {"name": "p"}, "spec": {}})).unwrap_err();
+        assert_eq!(error.code, 422);
+        assert_eq!(error.causes[0].field, "spec.containers");
+        let duplicate = json!({"metadata": {"name": "p"}, "spec": {"containers": [
+            {"name": "a", "image": "x"}, {"name": "a", "image": "y"}]}});
+        let error = validate(pods, &duplicate).unwrap_err();
+        assert_eq!(error.causes[0].field, "spec.containers[1].name");
+        assert_eq!(error.causes[0].reason, "FieldValueDuplicate");
+    }
+
+    #[test]
+    fn create_fills_server_metadata_and_generate_name() {
+        let deployments = find("apps", "v1", "deployments").unwrap();
+        let mut object = json!({"metadata": {"generateName": "web-", "uid": "forged"}, "spec": {}});
+        prepare_create(deployments, Some("default"), &mut object).unwrap();
+        let name = object["metadata"]["name"].as_str().unwrap();
+        assert!(name.starts_with("web-") && name.len() == 9, "{name}");
+        assert_ne!(object["metadata"]["uid"], "forged");
+        assert_eq!(object["metadata"]["generation"], 1);
+        assert_eq!(object["kind"], "Deployment");
+        assert_eq!(object["apiVersion"], "apps/v1");
+        let mut wrong = json!({"metadata": {"name": "x", "namespace": "other"}});
+        assert_eq!(
+            prepare_create(deployments, Some("default"), &mut wrong)
+                .unwrap_err()
+                .code,
+            400
+        );
+    }
+
+    #[test]
+    fn pods_get_upstream_defaults_and_a_pending_status() {
+        let pods = find("", "v1", "pods").unwrap();
+        let mut pod = json!({"metadata": {"name": "p"}, "spec": {"containers": [
+            {"name": "a", "image": "nginx"}, {"name": "b", "image": "registry:5000/x/y:1.2"}]}});
+        prepare_create(pods, Some("default"), &mut pod).unwrap();
+        assert_eq!(pod["spec"]["restartPolicy"], "Always");
+        assert_eq!(pod["spec"]["terminationGracePeriodSeconds"], 30);
+        assert_eq!(pod["spec"]["containers"][0]["imagePullPolicy"], "Always");
+        assert_eq!(
+            pod["spec"]["containers"][1]["imagePullPolicy"],
+            "IfNotPresent"
+        );
+        assert_eq!(
+            pod["status"],
+            json!({"phase": "Pending", "qosClass": "BestEffort"})
+        );
+        let limited =
+            json!({"containers": [{"resources": {"limits": {"cpu": "1", "memory": "1Gi"}}}]});
+        assert_eq!(qos_class(&limited), "Guaranteed");
+        let requested = json!({"containers": [{"resources": {"requests": {"cpu": "1"}}}]});
+        assert_eq!(qos_class(&requested), "Burstable");
+    }
+
+    #[test]
+    fn updates_keep_server_metadata_and_bump_generation_on_spec_changes() {
+        let deployments = find("apps", "v1", "deployments").unwrap();
+        let old = json!({"metadata": {"name": "w", "namespace": "default", "uid": "u1", "generation": 3,
+                         "creationTimestamp": "2026-01-01T00:00:00Z"}, "spec": {"replicas": 1}});
+        let mut new = json!({"metadata": {"name": "w", "uid": "other"}, "spec": {"replicas": 2}});
+        prepare_update(deployments, &old, &mut new).unwrap();
+        assert_eq!(new["metadata"]["uid"], "u1");
+        assert_eq!(new["metadata"]["generation"], 4);
+        let mut same =
+            json!({"metadata": {"name": "w", "labels": {"a": "b"}}, "spec": {"replicas": 1}});
+        prepare_update(deployments, &old, &mut same).unwrap();
+        assert_eq!(same["metadata"]["generation"], 3);
+    }
+
+    #[test]
+    fn bodies_decode_from_json_and_yaml_and_garbage_is_a_bad_request() {
+        assert_eq!(
+            decode_body("application/json", br#"{"a":1}"#).unwrap(),
+            json!({"a": 1})
+        );
+        assert_eq!(
+            decode_body("application/yaml", b"a: 1\nb: [x]\n").unwrap(),
+            json!({"a": 1, "b": ["x"]})
+        );
+        assert_eq!(
+            decode_body("application/json", b"{not json")
+                .unwrap_err()
+                .code,
+            400
+        );
+        assert_eq!(
+            decode_body("application/yaml", b"a: [unclosed")
+                .unwrap_err()
+                .code,
+            400
+        );
+        assert_eq!(
+            decode_body("application/json", b"[1]").unwrap_err().code,
+            400
+        );
+        assert_eq!(decode_body("text/plain", b"x").unwrap_err().code, 415);
+    }
+}

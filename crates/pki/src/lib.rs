@@ -1,0 +1,305 @@
+//! Tugboat's certificates: a cluster CA kept in the data dir, serving and client certificates
+//! it signs, and kubeconfig files. Created on first start, reused on restarts.
+//!
+//! Files (keys are mode 0600): `<dir>/ca.crt`, `<dir>/ca.key`, and `<dir>/<name>.crt|.key` for
+//! each issued certificate.
+
+use std::io::Write;
+use std::net::IpAddr;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD;
+use rcgen::{
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
+    Issuer, KeyPair, KeyUsagePurpose, SanType,
+};
+
+/// What can go wrong with certificates and their files.
+#[derive(Debug, thiserror::Error)]
+pub enum PkiError {
+    #[error("{}: {source}", path.display())]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{}: {message}", path.display())]
+    Invalid { path: PathBuf, message: String },
+    #[error("generating a certificate: {0}")]
+    Generate(#[from] rcgen::Error),
+}
+
+pub type Result<T, E = PkiError> = std::result::Result<T, E>;
+
+/// The CA's lifetime; certificates it issues live [`CertSpec::validity`].
+const CA_VALIDITY: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
+
+/// The cluster's certificate authority.
+#[derive(Debug)]
+pub struct ClusterCa {
+    cert_pem: String,
+    key: KeyPair,
+    dir: PathBuf,
+}
+
+/// What a certificate is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Usage {
+    Server,
+    Client,
+}
+
+/// A certificate to issue.
+#[derive(Debug, Clone)]
+pub struct CertSpec {
+    /// Subject CN: the user name for client certificates.
+    pub common_name: String,
+    /// Subject O: the groups for client certificates.
+    pub organizations: Vec<String>,
+    pub dns_names: Vec<String>,
+    pub ip_addresses: Vec<IpAddr>,
+    pub usage: Usage,
+    pub validity: Duration,
+}
+
+/// A certificate and its private key, PEM.
+#[derive(Debug, Clone)]
+pub struct IssuedCert {
+    pub cert_pem: String,
+    pub key_pem: String,
+    pub cert_path: PathBuf,
+    pub key_path: PathBuf,
+}
+
+fn read(path: &Path) -> Result<String> {
+    std::fs::read_to_string(path).map_err(|source| PkiError::Io {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+/// Writes a file atomically (temp file, fsync, rename) with the given mode.
+pub fn write_file(path: &Path, contents: &[u8], mode: u32) -> Result<()> {
+    let io = |source| PkiError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(io)?;
+    }
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let temp = path.with_file_name(format!(".{name}.tmp"));
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(mode)
+        .open(&temp)
+        .map_err(io)?;
+    file.write_all(contents).map_err(io)?;
+    file.sync_all().map_err(io)?;
+    std::fs::rename(&temp, path).map_err(io)
+}
+
+fn not_before() -> time::OffsetDateTime {
+    // A little slack for clocks of other machines that run slightly behind.
+    time::OffsetDateTime::now_utc() - time::Duration::minutes(5)
+}
+
+fn ca_params() -> Result<CertificateParams> {
+    let mut params = CertificateParams::new(Vec::<String>::new())?;
+    let mut name = DistinguishedName::new();
+    name.push(DnType::CommonName, "tugboat-ca");
+    params.distinguished_name = name;
+    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    params.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    params.not_before = not_before();
+    params.not_after = params.not_before + CA_VALIDITY;
+    Ok(params)
+}
+
+impl ClusterCa {
+    /// Loads the CA from `dir`, creating it on first use.
+    pub fn load_or_create(dir: &Path) -> Result<ClusterCa> {
+        let (cert_path, key_path) = (dir.join("ca.crt"), dir.join("ca.key"));
+        if cert_path.exists() && key_path.exists() {
+            let cert_pem = read(&cert_path)?;
+            let key = KeyPair::from_pem(&read(&key_path)?).map_err(|e| PkiError::Invalid {
+                path: key_path.clone(),
+                message: e.to_string(),
+            })?;
+            Issuer::from_ca_cert_pem(&cert_pem, &key).map_err(|e| PkiError::Invalid {
+                path: cert_path.clone(),
+                message: e.to_string(),
+            })?;
+            return Ok(ClusterCa {
+                cert_pem,
+                key,
+                dir: dir.to_path_buf(),
+            });
+        }
+        let key = KeyPair::generate()?;
+        let cert = ca_params()?.self_signed(&key)?;
+        write_file(&key_path, key.serialize_pem().as_bytes(), 0o600)?;
+        write_file(&cert_path, cert.pem().as_bytes(), 0o644)?;
+        Ok(ClusterCa {
+            cert_pem: cert.pem(),
+            key,
+            dir: dir.to_path_buf(),
+        })
+    }
+
+    /// The CA certificate, PEM.
+    pub fn cert_pem(&self) -> &str {
+        &self.cert_pem
+    }
+
+    /// Where the CA certificate is.
+    pub fn cert_path(&self) -> PathBuf {
+        self.dir.join("ca.crt")
+    }
+
+    /// Signs a new certificate for `spec`.
+    pub fn sign(&self, spec: &CertSpec) -> Result<(String, String)> {
+        let issuer =
+            Issuer::from_ca_cert_pem(&self.cert_pem, &self.key).map_err(|e| PkiError::Invalid {
+                path: self.cert_path(),
+                message: e.to_string(),
+            })?;
+        let mut params = CertificateParams::new(spec.dns_names.clone())?;
+        params
+            .subject_alt_names
+            .extend(spec.ip_addresses.iter().map(|ip| SanType::IpAddress(*ip)));
+        let mut name = DistinguishedName::new();
+        for organization in &spec.organizations {
+            name.push(DnType::OrganizationName, organization.as_str());
+        }
+        name.push(DnType::CommonName, spec.common_name.as_str());
+        params.distinguished_name = name;
+        params.key_usages = vec![
+            KeyUsagePurpose::DigitalSignature,
+            KeyUsagePurpose::KeyEncipherment,
+        ];
+        params.extended_key_usages = vec![match spec.usage {
+            Usage::Server => ExtendedKeyUsagePurpose::ServerAuth,
+            Usage::Client => ExtendedKeyUsagePurpose::ClientAuth,
+        }];
+        params.not_before = not_before();
+        params.not_after = params.not_before + spec.validity;
+        let key = KeyPair::generate()?;
+        let cert = params.signed_by(&key, &issuer)?;
+        Ok((cert.pem(), key.serialize_pem()))
+    }
+
+    /// Loads `<dir>/<name>.crt|.key`, issuing them for `spec` when missing.
+    pub fn load_or_issue(&self, name: &str, spec: &CertSpec) -> Result<IssuedCert> {
+        let (cert_path, key_path) = (
+            self.dir.join(format!("{name}.crt")),
+            self.dir.join(format!("{name}.key")),
+        );
+        if cert_path.exists() && key_path.exists() {
+            return Ok(IssuedCert {
+                cert_pem: read(&cert_path)?,
+                key_pem: read(&key_path)?,
+                cert_path,
+                key_path,
+            });
+        }
+        let (cert_pem, key_pem) = self.sign(spec)?;
+        write_file(&key_path, key_pem.as_bytes(), 0o600)?;
+        write_file(&cert_path, cert_pem.as_bytes(), 0o644)?;
+        Ok(IssuedCert {
+            cert_pem,
+            key_pem,
+            cert_path,
+            key_path,
+        })
+    }
+}
+
+/// A kubeconfig with one cluster, one user authenticated by a client certificate, and one
+/// context, all named `tugboat`.
+pub fn client_cert_kubeconfig(
+    server: &str,
+    ca_pem: &str,
+    cert_pem: &str,
+    key_pem: &str,
+    user: &str,
+) -> String {
+    let b64 = |s: &str| STANDARD.encode(s.as_bytes());
+    format!(
+        "apiVersion: v1
+kind: Config
+clusters:
+- name: tugboat
+  cluster:
+    server: {server}
+    certificate-authority-data: {ca}
+users:
+- name: {user}
+  user:
+    client-certificate-data: {cert}
+    client-key-data: {key}
+contexts:
+- name: tugboat
+  context:
+    cluster: tugboat
+    user: {user}
+current-context: tugboat
+preferences: {{}}
+",
+        ca = b64(ca_pem),
+        cert = b64(cert_pem),
+        key = b64(key_pem),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(usage: Usage) -> CertSpec {
+        CertSpec {
+            common_name: "kubernetes-admin".into(),
+            organizations: vec!["system:masters".into()],
+            dns_names: vec!["localhost".into()],
+            ip_addresses: vec!["127.0.0.1".parse().unwrap()],
+            usage,
+            validity: Duration::from_secs(3600),
+        }
+    }
+
+    #[test]
+    fn the_ca_and_issued_certificates_are_created_once_and_reused() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = ClusterCa::load_or_create(dir.path()).unwrap();
+        let issued = ca.load_or_issue("admin", &spec(Usage::Client)).unwrap();
+        assert!(issued.cert_pem.starts_with("-----BEGIN CERTIFICATE-----"));
+        let mode = std::fs::metadata(&issued.key_path).unwrap().permissions();
+        use std::os::unix::fs::PermissionsExt;
+        assert_eq!(mode.mode() & 0o777, 0o600, "keys are private");
+
+        let again = ClusterCa::load_or_create(dir.path()).unwrap();
+        assert_eq!(again.cert_pem(), ca.cert_pem());
+        let reissued = again.load_or_issue("admin", &spec(Usage::Client)).unwrap();
+        assert_eq!(reissued.cert_pem, issued.cert_pem);
+    }
+
+    #[test]
+    fn a_damaged_ca_key_is_a_clear_error() {
+        let dir = tempfile::tempdir().unwrap();
+        ClusterCa::load_or_create(dir.path()).unwrap();
+        std::fs::write(dir.path().join("ca.key"), "not a key").unwrap();
+        let error = ClusterCa::load_or_create(dir.path()).unwrap_err();
+        assert!(error.to_string().contains("ca.key"), "{error}");
+    }
+}

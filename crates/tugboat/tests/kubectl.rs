@@ -1,0 +1,613 @@
+//! The real kubectl against a real `tugboat server`: the acceptance test of the API server.
+//! Each kubectl version runs with a fresh HOME (kubectl caches discovery there).
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::Duration;
+
+use tugboat_testkit::TugboatServer;
+
+fn server() -> TugboatServer {
+    TugboatServer::start(Path::new(env!("CARGO_BIN_EXE_tugboat")), &[]).expect("the server starts")
+}
+
+/// A kubectl binary: `/usr/bin/kubectl` (the dispatcher that picks by server version) or one
+/// version's binary.
+struct Kubectl {
+    binary: PathBuf,
+    kubeconfig: PathBuf,
+    home: PathBuf,
+}
+
+impl Kubectl {
+    fn new(server: &TugboatServer, version: Option<&str>) -> Kubectl {
+        let binary = match version {
+            Some(v) => PathBuf::from(format!("/usr/lib/google-cloud-sdk/bin/kubectl.{v}")),
+            None => PathBuf::from("/usr/bin/kubectl"),
+        };
+        assert!(binary.exists(), "{} is installed", binary.display());
+        let home = server.scratch(&format!("home-{}", version.unwrap_or("dispatcher")));
+        Kubectl {
+            binary,
+            kubeconfig: server.kubeconfig(),
+            home,
+        }
+    }
+
+    fn command(&self, args: &[&str]) -> Command {
+        let mut command = Command::new(&self.binary);
+        command
+            .args(args)
+            .env("KUBECONFIG", &self.kubeconfig)
+            .env("HOME", &self.home)
+            .stdin(Stdio::null());
+        command
+    }
+
+    fn run(&self, args: &[&str]) -> Output {
+        self.command(args).output().expect("kubectl runs")
+    }
+
+    /// Runs and expects success; returns stdout.
+    fn ok(&self, args: &[&str]) -> String {
+        let output = self.run(args);
+        assert!(
+            output.status.success(),
+            "kubectl {args:?} failed ({}):\n{}{}",
+            self.binary.display(),
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+        String::from_utf8(output.stdout).unwrap()
+    }
+
+    /// Runs and expects failure; returns stderr.
+    fn fails(&self, args: &[&str]) -> String {
+        let output = self.run(args);
+        assert!(
+            !output.status.success(),
+            "kubectl {args:?} should fail: {}",
+            String::from_utf8_lossy(&output.stdout)
+        );
+        String::from_utf8(output.stderr).unwrap()
+    }
+
+    fn apply_stdin(&self, args: &[&str], manifest: &str) -> Output {
+        use std::io::Write;
+        let mut child = self
+            .command(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(manifest.as_bytes())
+            .unwrap();
+        child.wait_with_output().unwrap()
+    }
+}
+
+/// Header words of a `kubectl get` table.
+fn header(output: &str) -> Vec<String> {
+    output
+        .lines()
+        .next()
+        .unwrap_or("")
+        .split_whitespace()
+        .map(str::to_string)
+        .collect()
+}
+
+/// The everyday verbs, for one kubectl, in a namespace of its own.
+fn everyday_verbs(kubectl: &Kubectl, ns: &str) {
+    let version = kubectl.ok(&["version"]);
+    assert!(
+        version.contains("Server Version:") && version.contains("v1.31.0+tugboat"),
+        "{version}"
+    );
+
+    let namespaces = kubectl.ok(&["get", "namespaces"]);
+    assert_eq!(header(&namespaces), ["NAME", "STATUS", "AGE"]);
+    for name in ["default", "kube-system", "kube-public", "kube-node-lease"] {
+        assert!(
+            namespaces
+                .lines()
+                .any(|l| l.starts_with(name) && l.contains("Active")),
+            "{name}: {namespaces}"
+        );
+    }
+    let resources = kubectl.ok(&["api-resources"]);
+    assert!(
+        resources
+            .lines()
+            .any(|l| l.starts_with("deployments") && l.contains("apps/v1") && l.contains("deploy")),
+        "{resources}"
+    );
+
+    assert!(
+        kubectl
+            .ok(&["create", "namespace", ns])
+            .contains(&format!("namespace/{ns} created"))
+    );
+    let n = ["-n", ns];
+    let with_ns = |args: &[&str]| -> Vec<String> {
+        args.iter().chain(n.iter()).map(|s| s.to_string()).collect()
+    };
+    let run =
+        |args: &[&str]| kubectl.ok(&with_ns(args).iter().map(String::as_str).collect::<Vec<_>>());
+
+    // ConfigMaps: create, read back, label, annotate, select.
+    assert!(
+        run(&[
+            "create",
+            "configmap",
+            "settings",
+            "--from-literal=color=blue",
+            "--from-literal=size=9"
+        ])
+        .contains("configmap/settings created")
+    );
+    let table = run(&["get", "configmaps"]);
+    assert_eq!(header(&table), ["NAME", "DATA", "AGE"]);
+    assert!(
+        table
+            .lines()
+            .any(|l| l.split_whitespace().take(2).eq(["settings", "2"])),
+        "{table}"
+    );
+    let json: serde_json::Value =
+        serde_json::from_str(&run(&["get", "configmap", "settings", "-o", "json"])).unwrap();
+    assert_eq!(json["data"]["color"], "blue");
+    assert_eq!(json["metadata"]["namespace"], ns);
+    assert!(
+        json["metadata"]["uid"]
+            .as_str()
+            .is_some_and(|u| u.len() == 36)
+    );
+    assert!(run(&["label", "configmap", "settings", "tier=web"]).contains("labeled"));
+    // kubectl 1.27 prints "annotate", later ones "annotated".
+    assert!(
+        run(&["annotate", "configmap", "settings", "owner=team-a"])
+            .contains("configmap/settings annotate")
+    );
+    assert!(
+        run(&["get", "configmaps", "-l", "tier=web", "-o", "name"]).contains("configmap/settings")
+    );
+    assert!(
+        run(&[
+            "get",
+            "configmaps",
+            "-l",
+            "tier in (db,cache)",
+            "-o",
+            "name"
+        ])
+        .trim()
+        .is_empty()
+    );
+    let yaml = run(&["get", "configmap", "settings", "-o", "yaml"]);
+    assert!(
+        yaml.contains("owner: team-a") && yaml.contains("tier: web"),
+        "{yaml}"
+    );
+
+    // A typed create and its table columns.
+    assert!(
+        run(&[
+            "create",
+            "deployment",
+            "web",
+            "--image=nginx:1.25",
+            "--replicas=2"
+        ])
+        .contains("deployment.apps/web created")
+    );
+    let deployments = run(&["get", "deployments", "-o", "wide"]);
+    assert_eq!(
+        header(&deployments),
+        [
+            "NAME",
+            "READY",
+            "UP-TO-DATE",
+            "AVAILABLE",
+            "AGE",
+            "CONTAINERS",
+            "IMAGES",
+            "SELECTOR"
+        ]
+    );
+    assert!(
+        deployments.contains("0/2")
+            && deployments.contains("nginx:1.25")
+            && deployments.contains("app=web"),
+        "{deployments}"
+    );
+
+    // A pod from a manifest (validation needs OpenAPI, which is not served yet).
+    let manifest = "apiVersion: v1\nkind: Pod\nmetadata:\n  name: box\n  labels: {app: box}\nspec:\n  containers:\n  - name: main\n    image: busybox:1.36\n";
+    let applied = kubectl.apply_stdin(
+        &with_ns(&["apply", "--validate=false", "-f", "-"])
+            .iter()
+            .map(String::as_str)
+            .collect::<Vec<_>>(),
+        manifest,
+    );
+    assert!(
+        applied.status.success(),
+        "{}",
+        String::from_utf8_lossy(&applied.stderr)
+    );
+    let pods = run(&["get", "pods", "-o", "wide"]);
+    assert_eq!(
+        header(&pods)[..5],
+        ["NAME", "READY", "STATUS", "RESTARTS", "AGE"]
+    );
+    assert!(
+        pods.lines()
+            .any(|l| l.split_whitespace().take(3).eq(["box", "0/1", "Pending"])),
+        "{pods}"
+    );
+    let described = run(&["describe", "pod", "box"]);
+    assert!(
+        described.contains("busybox:1.36") && described.contains("Pending"),
+        "{described}"
+    );
+    let pod: serde_json::Value =
+        serde_json::from_str(&run(&["get", "pod", "box", "-o", "json"])).unwrap();
+    assert_eq!(pod["spec"]["restartPolicy"], "Always", "defaulted");
+    assert_eq!(
+        pod["spec"]["containers"][0]["imagePullPolicy"],
+        "IfNotPresent"
+    );
+
+    // get -w sees a later change.
+    let mut watch = kubectl
+        .command(
+            &with_ns(&["get", "pods", "-w", "--request-timeout=20s"])
+                .iter()
+                .map(String::as_str)
+                .collect::<Vec<_>>(),
+        )
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(800));
+    run(&["label", "pod", "box", "seen=yes"]);
+    std::thread::sleep(Duration::from_millis(800));
+    let _ = watch.kill();
+    let watched = String::from_utf8(watch.wait_with_output().unwrap().stdout).unwrap();
+    assert!(
+        watched.lines().filter(|l| l.starts_with("box")).count() >= 2,
+        "the initial row and the change: {watched}"
+    );
+
+    // Errors read as upstream's.
+    let missing = kubectl.fails(
+        &with_ns(&["get", "configmap", "nope"])
+            .iter()
+            .map(String::as_str)
+            .collect::<Vec<_>>(),
+    );
+    assert!(
+        missing.contains("Error from server (NotFound): configmaps \"nope\" not found"),
+        "{missing}"
+    );
+    let invalid = kubectl.apply_stdin(
+        &with_ns(&["create", "--validate=false", "-f", "-"])
+            .iter()
+            .map(String::as_str)
+            .collect::<Vec<_>>(),
+        "apiVersion: v1\nkind: Pod\nmetadata: {name: empty}\nspec: {containers: []}\n",
+    );
+    let stderr = String::from_utf8_lossy(&invalid.stderr);
+    assert!(
+        !invalid.status.success()
+            && stderr.contains("is invalid")
+            && stderr.contains("spec.containers"),
+        "{stderr}"
+    );
+    let exists = kubectl.fails(
+        &with_ns(&["create", "configmap", "settings"])
+            .iter()
+            .map(String::as_str)
+            .collect::<Vec<_>>(),
+    );
+    assert!(
+        exists.contains("configmaps \"settings\" already exists"),
+        "{exists}"
+    );
+
+    // delete waits for the object to be gone.
+    assert!(run(&["delete", "pod", "box"]).contains("pod \"box\" deleted"));
+    assert!(run(&["get", "pods"]).trim().is_empty() || !run(&["get", "pods"]).contains("box"));
+    assert!(run(&["delete", "configmap", "settings"]).contains("deleted"));
+}
+
+#[test]
+fn kubectl_through_the_dispatcher() {
+    let server = server();
+    everyday_verbs(&Kubectl::new(&server, None), "dispatcher");
+}
+
+#[test]
+fn kubectl_1_27() {
+    let server = server();
+    everyday_verbs(&Kubectl::new(&server, Some("1.27")), "old");
+}
+
+#[test]
+fn kubectl_1_30() {
+    let server = server();
+    everyday_verbs(&Kubectl::new(&server, Some("1.30")), "middle");
+}
+
+/// Raw HTTP with curl: status codes and Status bodies for bad requests.
+struct Curl<'a> {
+    server: &'a TugboatServer,
+}
+
+impl Curl<'_> {
+    /// Returns (HTTP code, body).
+    fn request(
+        &self,
+        method: &str,
+        path: &str,
+        credentials: bool,
+        extra: &[&str],
+    ) -> (u16, String) {
+        let pki = self.server.data_dir().join("pki");
+        let mut command = Command::new("curl");
+        command
+            .args(["-s", "-o", "-", "-w", "\n%{http_code}", "-X", method])
+            .arg("--cacert")
+            .arg(pki.join("ca.crt"));
+        if credentials {
+            command
+                .arg("--cert")
+                .arg(pki.join("admin.crt"))
+                .arg("--key")
+                .arg(pki.join("admin.key"));
+        }
+        let output = command
+            .args(extra)
+            .arg(format!("{}{path}", self.server.url()))
+            .output()
+            .expect("curl runs");
+        let text = String::from_utf8(output.stdout).unwrap();
+        let (body, code) = text.rsplit_once('\n').unwrap();
+        (code.trim().parse().unwrap(), body.to_string())
+    }
+
+    fn status(&self, method: &str, path: &str, extra: &[&str]) -> (u16, serde_json::Value) {
+        let (code, body) = self.request(method, path, true, extra);
+        let status: serde_json::Value =
+            serde_json::from_str(&body).unwrap_or_else(|_| panic!("a JSON body: {body}"));
+        (code, status)
+    }
+}
+
+#[test]
+fn bad_requests_get_a_status_with_reason_and_code() {
+    let server = server();
+    let curl = Curl { server: &server };
+    let json = ["-H", "Content-Type: application/json"];
+
+    let (code, body) = curl.request("GET", "/api/v1/namespaces", false, &[]);
+    assert_eq!(code, 401, "{body}");
+    assert!(body.contains("\"reason\":\"Unauthorized\""), "{body}");
+    assert_eq!(
+        curl.request("GET", "/healthz", false, &[]),
+        (200, "ok".to_string())
+    );
+    assert_eq!(curl.request("GET", "/readyz", false, &[]).0, 200);
+
+    let (code, status) = curl.status(
+        "POST",
+        "/api/v1/namespaces/default/configmaps",
+        &[&json[..], &["-d", "{not json"]].concat(),
+    );
+    assert_eq!(
+        (code, status["reason"].as_str()),
+        (400, Some("BadRequest")),
+        "{status}"
+    );
+
+    let (code, status) = curl.status("GET", "/api/v1/widgets", &[]);
+    assert_eq!(
+        (code, status["reason"].as_str()),
+        (404, Some("NotFound")),
+        "{status}"
+    );
+
+    let big = format!(
+        "{{\"metadata\":{{\"name\":\"big\"}},\"data\":{{\"x\":\"{}\"}}}}",
+        "a".repeat(4 * 1024 * 1024)
+    );
+    let file = server.scratch("bodies").join("big.json");
+    std::fs::write(&file, big).unwrap();
+    let (code, status) = curl.status(
+        "POST",
+        "/api/v1/namespaces/default/configmaps",
+        &[
+            &json[..],
+            &["--data-binary", &format!("@{}", file.display())],
+        ]
+        .concat(),
+    );
+    assert_eq!(
+        (code, status["reason"].as_str()),
+        (413, Some("RequestEntityTooLarge")),
+        "{status}"
+    );
+
+    let cm = r#"{"apiVersion":"v1","kind":"ConfigMap","metadata":{"name":"c"},"data":{"a":"1"}}"#;
+    let (code, created) = curl.status(
+        "POST",
+        "/api/v1/namespaces/default/configmaps",
+        &[&json[..], &["-d", cm]].concat(),
+    );
+    assert_eq!(code, 201, "{created}");
+    let rv = created["metadata"]["resourceVersion"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let update = |rv: &str| {
+        format!(
+            r#"{{"apiVersion":"v1","kind":"ConfigMap","metadata":{{"name":"c","resourceVersion":"{rv}"}},"data":{{"a":"2"}}}}"#
+        )
+    };
+    let (code, updated) = curl.status(
+        "PUT",
+        "/api/v1/namespaces/default/configmaps/c",
+        &[&json[..], &["-d", &update(&rv)]].concat(),
+    );
+    assert_eq!(code, 200, "{updated}");
+    let (code, status) = curl.status(
+        "PUT",
+        "/api/v1/namespaces/default/configmaps/c",
+        &[&json[..], &["-d", &update(&rv)]].concat(),
+    );
+    assert_eq!(
+        (code, status["reason"].as_str()),
+        (409, Some("Conflict")),
+        "a stale resourceVersion: {status}"
+    );
+
+    let (code, status) = curl.status(
+        "POST",
+        "/api/v1/namespaces/nowhere/configmaps",
+        &[&json[..], &["-d", cm]].concat(),
+    );
+    assert_eq!(
+        (code, status["details"]["name"].as_str()),
+        (404, Some("nowhere")),
+        "a missing namespace: {status}"
+    );
+
+    let (code, status) = curl.status(
+        "POST",
+        "/api/v1/namespaces/default/configmaps",
+        &[
+            &json[..],
+            &[
+                "-d",
+                r#"{"metadata":{"name":"Not_Valid","labels":{"a":"b c"}}}"#,
+            ],
+        ]
+        .concat(),
+    );
+    assert_eq!(
+        (code, status["reason"].as_str()),
+        (422, Some("Invalid")),
+        "{status}"
+    );
+    let fields: Vec<&str> = status["details"]["causes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["field"].as_str().unwrap())
+        .collect();
+    assert_eq!(fields, ["metadata.name", "metadata.labels.a"]);
+
+    let (code, status) = curl.status(
+        "GET",
+        "/api/v1/namespaces/default/configmaps?labelSelector=a%20in%20b",
+        &[],
+    );
+    assert_eq!(code, 400, "{status}");
+    let (code, status) = curl.status(
+        "GET",
+        "/api/v1/namespaces/default/configmaps?fieldSelector=spec.nodeName%3Dx",
+        &[],
+    );
+    assert_eq!(code, 400, "an unsupported field: {status}");
+    let (code, status) = curl.status(
+        "PATCH",
+        "/api/v1/namespaces/default/configmaps/c",
+        &[
+            "-H",
+            "Content-Type: application/strategic-merge-patch+json",
+            "-d",
+            "{}",
+        ],
+    );
+    assert_eq!(
+        (code, status["reason"].as_str()),
+        (415, Some("UnsupportedMediaType")),
+        "{status}"
+    );
+}
+
+#[test]
+fn bearer_tokens_from_a_token_file_authenticate() {
+    let dir = tempfile::tempdir().unwrap();
+    let tokens = dir.path().join("tokens.csv");
+    std::fs::write(&tokens, "s3cret-token,alice,1001,\"dev\"\n").unwrap();
+    let server = TugboatServer::start(
+        Path::new(env!("CARGO_BIN_EXE_tugboat")),
+        &["--token-auth-file", tokens.to_str().unwrap()],
+    )
+    .unwrap();
+    let curl = Curl { server: &server };
+    let (code, _) = curl.request(
+        "GET",
+        "/api/v1/namespaces",
+        false,
+        &["-H", "Authorization: Bearer s3cret-token"],
+    );
+    assert_eq!(code, 200);
+    let (code, _) = curl.request(
+        "GET",
+        "/api/v1/namespaces",
+        false,
+        &["-H", "Authorization: Bearer wrong"],
+    );
+    assert_eq!(code, 401);
+}
+
+#[test]
+fn watches_from_a_compacted_revision_get_410_gone() {
+    let server = TugboatServer::start(
+        Path::new(env!("CARGO_BIN_EXE_tugboat")),
+        &["--compaction-interval", "1s"],
+    )
+    .unwrap();
+    let curl = Curl { server: &server };
+    let json = ["-H", "Content-Type: application/json"];
+    let mut first_rv = String::new();
+    for i in 0..1100 {
+        let cm = format!(r#"{{"metadata":{{"name":"c{i}"}}}}"#);
+        let (code, created) = curl.status(
+            "POST",
+            "/api/v1/namespaces/default/configmaps",
+            &[&json[..], &["-d", &cm]].concat(),
+        );
+        assert_eq!(code, 201);
+        if i == 0 {
+            first_rv = created["metadata"]["resourceVersion"]
+                .as_str()
+                .unwrap()
+                .to_string();
+        }
+        if i == 1050 {
+            // Two compaction ticks: the second compacts to the revision the first one saw.
+            std::thread::sleep(Duration::from_millis(2500));
+        }
+    }
+    let (code, body) = curl.request(
+        "GET",
+        &format!("/api/v1/namespaces/default/configmaps?watch=true&resourceVersion={first_rv}&timeoutSeconds=2"),
+        true,
+        &[],
+    );
+    assert_eq!(code, 200, "{body}");
+    let event: serde_json::Value = serde_json::from_str(body.lines().next().unwrap()).unwrap();
+    assert_eq!(event["type"], "ERROR", "{body}");
+    assert_eq!(event["object"]["code"], 410);
+    assert_eq!(event["object"]["reason"], "Expired");
+}
