@@ -4,7 +4,7 @@
 
 use serde_json::{Value, json};
 
-use crate::registry::{RESOURCES, VERBS, groups};
+use crate::registry::{RESOURCES, groups};
 
 pub fn api_versions(server_address: &str) -> Value {
     json!({
@@ -45,21 +45,18 @@ pub fn api_resource_list(group: &str, version: &str) -> Option<Value> {
     let resources: Vec<Value> = RESOURCES
         .iter()
         .filter(|r| r.group == group && r.version == version)
-        .map(|r| {
-            let mut entry = json!({
-                "name": r.plural,
-                "singularName": r.singular,
-                "namespaced": r.namespaced,
-                "kind": r.kind,
-                "verbs": VERBS,
-            });
-            if !r.short_names.is_empty() {
-                entry["shortNames"] = json!(r.short_names);
+        .flat_map(|r| {
+            let mut entries = vec![resource_entry(r)];
+            if r.has_status() {
+                entries.push(json!({"name": format!("{}/status", r.plural), "singularName": "",
+                    "namespaced": r.namespaced, "kind": r.kind, "verbs": ["get", "patch", "update"]}));
             }
-            if !r.categories.is_empty() {
-                entry["categories"] = json!(r.categories);
+            if r.has_scale() {
+                entries.push(json!({"name": format!("{}/scale", r.plural), "singularName": "",
+                    "namespaced": r.namespaced, "group": "autoscaling", "version": "v1", "kind": "Scale",
+                    "verbs": ["get", "patch", "update"]}));
             }
-            entry
+            entries
         })
         .collect();
     if resources.is_empty() {
@@ -73,4 +70,21 @@ pub fn api_resource_list(group: &str, version: &str) -> Option<Value> {
     Some(
         json!({"kind": "APIResourceList", "apiVersion": "v1", "groupVersion": group_version, "resources": resources}),
     )
+}
+
+fn resource_entry(r: &crate::registry::Resource) -> Value {
+    let mut entry = json!({
+        "name": r.plural,
+        "singularName": r.singular,
+        "namespaced": r.namespaced,
+        "kind": r.kind,
+                "verbs": r.verbs(),
+    });
+    if !r.short_names.is_empty() {
+        entry["shortNames"] = json!(r.short_names);
+    }
+    if !r.categories.is_empty() {
+        entry["categories"] = json!(r.categories);
+    }
+    entry
 }

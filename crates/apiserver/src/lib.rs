@@ -12,8 +12,11 @@ mod auth;
 mod discovery;
 mod handlers;
 mod object;
+mod openapi;
 mod registry;
 mod selector;
+mod services;
+mod smp;
 mod status;
 mod table;
 
@@ -36,6 +39,7 @@ use tugboat_store::Store;
 pub use auth::{TokenFile, UserInfo};
 pub use handlers::{MAX_BODY, version};
 pub use registry::{RESOURCES, Resource};
+pub use services::ServiceCidr;
 pub use status::ApiError;
 
 /// How to serve.
@@ -48,6 +52,8 @@ pub struct ApiServerConfig {
     pub https_port: u16,
     /// Static bearer tokens (`token,user,uid,"groups"` per line).
     pub token_auth_file: Option<PathBuf>,
+    /// Where ClusterIPs come from (`--service-cidr`).
+    pub service_cidr: ServiceCidr,
 }
 
 impl Default for ApiServerConfig {
@@ -57,6 +63,7 @@ impl Default for ApiServerConfig {
             bind_address: IpAddr::V4(Ipv4Addr::UNSPECIFIED),
             https_port: 6443,
             token_auth_file: None,
+            service_cidr: ServiceCidr::default(),
         }
     }
 }
@@ -77,6 +84,8 @@ pub enum StartError {
     Tokens(String),
     #[error(transparent)]
     Store(#[from] tugboat_store::StoreError),
+    #[error("creating the system objects: {0}")]
+    Setup(String),
 }
 
 /// A running API server.
@@ -234,11 +243,14 @@ pub async fn start(
     );
     tugboat_pki::write_file(&kubeconfig, contents.as_bytes(), 0o600)?;
 
-    handlers::ensure_system_namespaces(store.as_ref()).await?;
     let state = Arc::new(handlers::ApiState {
         store,
         server_address,
+        service_cidr: config.service_cidr,
     });
+    handlers::ensure_system_objects(&state)
+        .await
+        .map_err(|e| StartError::Setup(e.message))?;
     let tokens = Arc::new(tokens);
     let task = tokio::spawn(accept_loop(listener, acceptor, state, tokens));
     tracing::info!(address = %local_addr, kubeconfig = %kubeconfig.display(), "API server listening");

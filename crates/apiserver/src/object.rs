@@ -279,6 +279,11 @@ pub fn prepare_create(
     } else {
         map.remove("generation");
     }
+    if resource.clears_status_on_create()
+        && let Some(map) = object.as_object_mut()
+    {
+        map.remove("status");
+    }
     if resource.plural == "namespaces" {
         object["spec"] = json!({"finalizers": ["kubernetes"]});
         object["status"] = json!({"phase": "Active"});

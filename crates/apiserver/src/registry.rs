@@ -294,6 +294,40 @@ pub static RESOURCES: &[Resource] = &[
         &["csr"],
         NONE
     ),
+    // Reviews: answered, never stored.
+    resource!(
+        "authorization.k8s.io",
+        "v1",
+        "SelfSubjectAccessReview",
+        "selfsubjectaccessreviews",
+        "",
+        false,
+        NONE,
+        NONE,
+        "-selfsubjectaccessreviews"
+    ),
+    resource!(
+        "authorization.k8s.io",
+        "v1",
+        "SelfSubjectRulesReview",
+        "selfsubjectrulesreviews",
+        "",
+        false,
+        NONE,
+        NONE,
+        "-selfsubjectrulesreviews"
+    ),
+    resource!(
+        "authentication.k8s.io",
+        "v1",
+        "SelfSubjectReview",
+        "selfsubjectreviews",
+        "",
+        false,
+        NONE,
+        NONE,
+        "-selfsubjectreviews"
+    ),
 ];
 
 impl Resource {
@@ -319,6 +353,49 @@ impl Resource {
     /// The store key of one object.
     pub fn key(&self, namespace: Option<&str>, name: &str) -> String {
         format!("{}{name}", self.prefix(namespace))
+    }
+
+    /// Reviews are created and answered, never stored.
+    pub fn is_review(&self) -> bool {
+        self.storage.starts_with('-')
+    }
+
+    /// The verbs discovery lists.
+    pub fn verbs(&self) -> &'static [&'static str] {
+        if self.is_review() { &["create"] } else { VERBS }
+    }
+
+    /// Whether the resource has a `/status` subresource (and its main resource ignores status).
+    pub fn has_status(&self) -> bool {
+        matches!(
+            self.plural,
+            "pods"
+                | "nodes"
+                | "namespaces"
+                | "services"
+                | "persistentvolumes"
+                | "persistentvolumeclaims"
+                | "resourcequotas"
+                | "deployments"
+                | "replicasets"
+                | "daemonsets"
+                | "statefulsets"
+                | "jobs"
+                | "cronjobs"
+                | "poddisruptionbudgets"
+                | "certificatesigningrequests"
+        )
+    }
+
+    /// Whether the resource has a `/scale` subresource.
+    pub fn has_scale(&self) -> bool {
+        matches!(self.plural, "deployments" | "replicasets" | "statefulsets")
+    }
+
+    /// Whether a create starts with an empty status, whatever the client sent (upstream's
+    /// PrepareForCreate); nodes keep what the kubelet reports.
+    pub fn clears_status_on_create(&self) -> bool {
+        self.has_status() && !matches!(self.plural, "nodes" | "namespaces" | "pods")
     }
 
     /// Whether objects of this kind carry `metadata.generation` (bumped on spec changes).

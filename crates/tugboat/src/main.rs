@@ -49,6 +49,9 @@ struct ServerArgs {
     /// Static bearer tokens, one `token,user,uid,"group1,group2"` per line.
     #[arg(long)]
     token_auth_file: Option<PathBuf>,
+    /// The range Services' ClusterIPs are allocated from.
+    #[arg(long, default_value = "10.96.0.0/16")]
+    service_cidr: tugboat_apiserver::ServiceCidr,
 }
 
 /// Parses `300`, `300s`, `5m`, `1h`, `250ms`.
@@ -132,6 +135,7 @@ async fn server(args: ServerArgs) -> anyhow::Result<()> {
         bind_address: args.bind_address,
         https_port: args.https_port,
         token_auth_file: args.token_auth_file.clone(),
+        service_cidr: args.service_cidr,
     };
     let api = tugboat_apiserver::start(api_config, store.clone()).await?;
     tracing::info!(

@@ -531,7 +531,7 @@ fn bad_requests_get_a_status_with_reason_and_code() {
         "/api/v1/namespaces/default/configmaps/c",
         &[
             "-H",
-            "Content-Type: application/strategic-merge-patch+json",
+            "Content-Type: application/apply-patch+cbor",
             "-d",
             "{}",
         ],
@@ -610,4 +610,213 @@ fn watches_from_a_compacted_revision_get_410_gone() {
     assert_eq!(event["type"], "ERROR", "{body}");
     assert_eq!(event["object"]["code"], 410);
     assert_eq!(event["object"]["reason"], "Expired");
+}
+
+/// apply with validation and a changed re-apply (strategic merge), scale, status, expose,
+/// services, auth: through the dispatcher, which picks kubectl 1.31 for this server.
+#[test]
+fn kubectl_apply_scale_expose_and_auth() {
+    let server = server();
+    let kubectl = Kubectl::new(&server, None);
+    let dir = server.scratch("manifests");
+    let manifest = dir.join("web.yaml");
+    let write = |image: &str, extra_label: &str| {
+        std::fs::write(
+            &manifest,
+            format!(
+                "apiVersion: apps/v1\nkind: Deployment\nmetadata:\n  name: web\n  labels: {{app: web{extra_label}}}\nspec:\n  replicas: 2\n  selector:\n    matchLabels: {{app: web}}\n  template:\n    metadata:\n      labels: {{app: web}}\n    spec:\n      containers:\n      - name: nginx\n        image: {image}\n        ports: [{{containerPort: 80}}]\n        env: [{{name: MODE, value: fast}}]\n      - name: sidecar\n        image: busybox:1.36\n"
+            ),
+        )
+        .unwrap();
+    };
+    write("nginx:1.25", "");
+    let path = manifest.to_str().unwrap();
+    assert!(
+        kubectl
+            .ok(&["apply", "-f", path])
+            .contains("deployment.apps/web created")
+    );
+    write("nginx:1.27", ", tier: front");
+    assert!(
+        kubectl
+            .ok(&["apply", "-f", path])
+            .contains("deployment.apps/web configured")
+    );
+    let deployment: serde_json::Value =
+        serde_json::from_str(&kubectl.ok(&["get", "deployment", "web", "-o", "json"])).unwrap();
+    let containers = &deployment["spec"]["template"]["spec"]["containers"];
+    assert_eq!(containers[0]["image"], "nginx:1.27", "the changed image");
+    assert_eq!(
+        containers[0]["ports"][0]["containerPort"], 80,
+        "the rest of the container is kept"
+    );
+    assert_eq!(containers[0]["env"][0]["value"], "fast");
+    assert_eq!(containers[1]["name"], "sidecar");
+    assert_eq!(deployment["metadata"]["labels"]["tier"], "front");
+    assert_eq!(
+        deployment["metadata"]["generation"], 2,
+        "a spec change bumps the generation"
+    );
+    let last_applied =
+        deployment["metadata"]["annotations"]["kubectl.kubernetes.io/last-applied-configuration"]
+            .as_str()
+            .unwrap();
+    assert!(last_applied.contains("nginx:1.27"));
+
+    // Server-side field validation: kubectl asked for it, having found it in OpenAPI v3.
+    let unknown = kubectl.apply_stdin(
+        &["apply", "-f", "-"],
+        "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: c}\ndata: {a: b}\n",
+    );
+    assert!(
+        unknown.status.success(),
+        "{}",
+        String::from_utf8_lossy(&unknown.stderr)
+    );
+
+    // scale goes through the discovered autoscaling/v1 Scale subresource.
+    assert!(
+        kubectl
+            .ok(&["scale", "deployment", "web", "--replicas=5"])
+            .contains("deployment.apps/web scaled")
+    );
+    assert_eq!(
+        kubectl.ok(&[
+            "get",
+            "deployment",
+            "web",
+            "-o",
+            "jsonpath={.spec.replicas}"
+        ]),
+        "5"
+    );
+    // Status only changes through /status.
+    kubectl.ok(&[
+        "patch",
+        "deployment",
+        "web",
+        "--subresource=status",
+        "--type=merge",
+        "-p",
+        r#"{"status":{"replicas":5,"readyReplicas":5}}"#,
+    ]);
+    kubectl.ok(&[
+        "patch",
+        "deployment",
+        "web",
+        "--type=merge",
+        "-p",
+        r#"{"status":{"readyReplicas":0}}"#,
+    ]);
+    assert!(kubectl.ok(&["get", "deployment", "web"]).contains("5/5"));
+
+    // Services: expose allocates a ClusterIP from 10.96.0.0/16; NodePorts from 30000-32767.
+    assert!(
+        kubectl
+            .ok(&[
+                "expose",
+                "deployment",
+                "web",
+                "--port=80",
+                "--target-port=8080"
+            ])
+            .contains("service/web exposed")
+    );
+    assert!(
+        kubectl
+            .ok(&["create", "service", "nodeport", "np", "--tcp=80:8080"])
+            .contains("service/np created")
+    );
+    let services = kubectl.ok(&["get", "services"]);
+    assert_eq!(
+        header(&services),
+        [
+            "NAME",
+            "TYPE",
+            "CLUSTER-IP",
+            "EXTERNAL-IP",
+            "PORT(S)",
+            "AGE"
+        ]
+    );
+    assert!(
+        services
+            .lines()
+            .any(|l| l.starts_with("kubernetes") && l.contains("10.96.0.1 ")),
+        "{services}"
+    );
+    let web: serde_json::Value =
+        serde_json::from_str(&kubectl.ok(&["get", "service", "web", "-o", "json"])).unwrap();
+    let ip: std::net::Ipv4Addr = web["spec"]["clusterIP"].as_str().unwrap().parse().unwrap();
+    assert_eq!(&ip.octets()[..2], [10, 96]);
+    assert_eq!(web["spec"]["selector"]["app"], "web");
+    assert_eq!(web["spec"]["ports"][0]["targetPort"], 8080);
+    let node_port = kubectl
+        .ok(&[
+            "get",
+            "service",
+            "np",
+            "-o",
+            "jsonpath={.spec.ports[0].nodePort}",
+        ])
+        .parse::<u16>()
+        .unwrap();
+    assert!((30000..=32767).contains(&node_port));
+    let taken = kubectl.fails(&[
+        "create",
+        "service",
+        "clusterip",
+        "dup",
+        "--tcp=80",
+        &format!("--clusterip={ip}"),
+    ]);
+    assert!(
+        taken.contains("provided IP is already allocated"),
+        "{taken}"
+    );
+    let immutable = kubectl.fails(&[
+        "patch",
+        "service",
+        "web",
+        "-p",
+        r#"{"spec":{"clusterIP":"10.96.9.9"}}"#,
+    ]);
+    assert!(immutable.contains("field is immutable"), "{immutable}");
+    kubectl.ok(&["delete", "service", "web"]);
+    assert!(
+        kubectl
+            .ok(&[
+                "create",
+                "service",
+                "clusterip",
+                "reuse",
+                "--tcp=80",
+                &format!("--clusterip={ip}")
+            ])
+            .contains("created"),
+        "a deleted Service's IP is free again"
+    );
+
+    // auth
+    assert_eq!(
+        kubectl.ok(&["auth", "can-i", "create", "pods"]).trim(),
+        "yes"
+    );
+    let whoami = kubectl.ok(&["auth", "whoami"]);
+    assert!(
+        whoami.contains("kubernetes-admin") && whoami.contains("system:masters"),
+        "{whoami}"
+    );
+
+    // delete -f waits until the object is gone.
+    assert!(
+        kubectl
+            .ok(&["delete", "-f", path])
+            .contains("deployment.apps \"web\" deleted")
+    );
+    assert!(
+        kubectl
+            .fails(&["get", "deployment", "web"])
+            .contains("NotFound")
+    );
 }
