@@ -820,3 +820,31 @@ fn kubectl_apply_scale_expose_and_auth() {
             .contains("NotFound")
     );
 }
+
+/// The official Python client: CRUD, conflicts, selectors, watch and scale. `scripts/test`
+/// installs it in a venv (`target/python`); TUGBOAT_PYTHON names that interpreter.
+#[test]
+fn the_python_client_works() {
+    let python = std::env::var("TUGBOAT_PYTHON").unwrap_or_else(|_| "python3".into());
+    let has_client = Command::new(&python)
+        .args(["-c", "import kubernetes"])
+        .status()
+        .is_ok_and(|s| s.success());
+    assert!(
+        has_client,
+        "{python} has no `kubernetes` module: run scripts/test, which installs it"
+    );
+    let server = server();
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/python/client_crud.py");
+    let output = Command::new(&python)
+        .arg(&script)
+        .env("KUBECONFIG", server.kubeconfig())
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
