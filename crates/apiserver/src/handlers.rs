@@ -16,6 +16,7 @@ use tugboat_store::{EventKind, ListOptions, Store, StoreError};
 
 use crate::auth::UserInfo;
 use crate::discovery;
+use crate::fields;
 use crate::object::{self, decode_body};
 use crate::registry::{self, Resource};
 use crate::selector::{FieldSelector, LabelSelector, supported_fields};
@@ -248,6 +249,11 @@ async fn route(
         .and_then(|v| v.to_str().ok())
         .unwrap_or("application/json");
     let dry_run = query.get("dryRun").is_some_and(|v| v == "All");
+    let write = Write {
+        manager: field_manager(query, headers),
+        dry_run,
+        apply: false,
+    };
     if target.resource.is_review() {
         if method != Method::POST || target.name.is_some() {
             return Err(ApiError::method_not_allowed(method.as_str()));
@@ -283,7 +289,7 @@ async fn route(
                 namespace,
                 content_type,
                 &body,
-                dry_run,
+                &write,
             )
             .await
         }
@@ -297,7 +303,28 @@ async fn route(
                 view,
                 content_type,
                 &body,
-                dry_run,
+                &write,
+            )
+            .await
+        }
+        (&Method::PATCH, Some(name))
+            if content_type
+                .split(';')
+                .next()
+                .is_some_and(|m| m.trim() == "application/apply-patch+yaml") =>
+        {
+            if view != View::Main {
+                return Err(ApiError::method_not_allowed("apply on a subresource"));
+            }
+            let body = read_body(body).await?;
+            server_side_apply(
+                state,
+                target.resource,
+                namespace,
+                name,
+                query,
+                &body,
+                &write,
             )
             .await
         }
@@ -311,7 +338,7 @@ async fn route(
                 view,
                 content_type,
                 &body,
-                dry_run,
+                &write,
             )
             .await
         }
@@ -723,10 +750,41 @@ async fn create(
     namespace: Option<&str>,
     content_type: &str,
     body: &[u8],
-    dry_run: bool,
+    write: &Write,
 ) -> Result<Response<Body>, ApiError> {
-    let mut object = decode_body(content_type, body)?;
+    let object = decode_body(content_type, body)?;
+    create_object(state, resource, namespace, object, write, None).await
+}
+
+/// Creates `object`; `applied` is the field set of a server-side apply that creates it.
+async fn create_object(
+    state: &ApiState,
+    resource: &Resource,
+    namespace: Option<&str>,
+    mut object: Value,
+    write: &Write,
+    applied: Option<fields::FieldSet>,
+) -> Result<Response<Body>, ApiError> {
     object::prepare_create(resource, namespace, &mut object)?;
+    match applied {
+        Some(set) => fields::write_managed(
+            &mut object,
+            &[fields::Managed {
+                manager: write.manager.clone(),
+                operation: "Apply".into(),
+                api_version: resource.api_version(),
+                subresource: String::new(),
+                fields: set,
+            }],
+        ),
+        None => fields::record_update(
+            &write.manager,
+            &resource.api_version(),
+            "",
+            None,
+            &mut object,
+        ),
+    }
     object::validate(resource, &object)?;
     if resource.plural == "services" {
         crate::services::default_and_validate(&mut object)?;
@@ -741,7 +799,7 @@ async fn create(
         .unwrap_or_default()
         .to_string();
     check_namespace(state, resource, namespace.as_deref(), true).await?;
-    if dry_run {
+    if write.dry_run {
         return Ok(json_response(StatusCode::CREATED, &object));
     }
     let claims = if resource.plural == "services" {
@@ -758,6 +816,194 @@ async fn create(
         created.map_err(|e| ApiError::from_store(e, resource.group, resource.plural, &name))?;
     object["metadata"]["resourceVersion"] = json!(revision.to_string());
     Ok(json_response(StatusCode::CREATED, &object))
+}
+
+/// Who writes (the field manager, for managedFields) and whether for real.
+#[derive(Debug, Clone)]
+struct Write {
+    manager: String,
+    dry_run: bool,
+    /// A server-side apply, which records its own managedFields.
+    apply: bool,
+}
+
+/// The field manager: `?fieldManager=`, else the client's name from its User-Agent
+/// (`kubectl/v1.31.9 (linux/amd64) ...` gives `kubectl`), as upstream derives it.
+fn field_manager(query: &Query, headers: &HeaderMap) -> String {
+    if let Some(manager) = query.get("fieldManager").filter(|m| !m.is_empty()) {
+        return manager.chars().take(128).collect();
+    }
+    let agent = headers
+        .get(header::USER_AGENT)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("unknown");
+    agent
+        .split('/')
+        .next()
+        .unwrap_or("unknown")
+        .chars()
+        .take(128)
+        .collect()
+}
+
+/// Server-side apply (`PATCH application/apply-patch+yaml`): the applied configuration becomes
+/// the fields its manager owns. A field another manager owns with a different value is a
+/// conflict (409) unless `force=true`, which takes it over; fields the manager applied before
+/// and no longer applies are removed unless someone else owns them; a missing object is created.
+async fn server_side_apply(
+    state: &ApiState,
+    resource: &Resource,
+    namespace: Option<&str>,
+    name: &str,
+    query: &Query,
+    body: &[u8],
+    write: &Write,
+) -> Result<Response<Body>, ApiError> {
+    let Some(manager) = query.get("fieldManager").filter(|m| !m.is_empty()) else {
+        return Err(ApiError::bad_request(
+            "fieldManager is required for apply requests",
+        ));
+    };
+    let force = query.get("force").is_some_and(|f| f == "true");
+    let applied = decode_body("application/yaml", body)?;
+    if applied["apiVersion"].as_str().is_none_or(str::is_empty)
+        || applied["kind"].as_str().is_none_or(str::is_empty)
+    {
+        return Err(ApiError::bad_request(
+            "an applied configuration needs apiVersion and kind",
+        ));
+    }
+    if let Some(given) = applied["metadata"]["name"].as_str()
+        && given != name
+    {
+        return Err(ApiError::bad_request(format!(
+            "the name of the object ({given}) does not match the name on the URL ({name})"
+        )));
+    }
+    let applied_set = fields::field_set(&applied);
+    let write = Write {
+        manager: manager.clone(),
+        dry_run: write.dry_run,
+        apply: true,
+    };
+    let api_version = resource.api_version();
+    loop {
+        match read_object(state, resource, namespace, name).await {
+            Ok(_) => {}
+            Err(error) if error.code == 404 => {
+                let mut object = applied.clone();
+                object["metadata"]["name"] = json!(name);
+                match create_object(
+                    state,
+                    resource,
+                    namespace,
+                    object,
+                    &write,
+                    Some(applied_set.clone()),
+                )
+                .await
+                {
+                    Err(error) if error.reason == "AlreadyExists" => continue,
+                    other => return other,
+                }
+            }
+            Err(error) => return Err(error),
+        }
+        return modify(
+            state,
+            (resource, namespace, name),
+            View::Main,
+            &write,
+            |current, _| {
+                let mut managed = fields::read_managed(current);
+                let mine = |m: &fields::Managed| m.manager == *manager && m.operation == "Apply";
+                let mut conflicts = Vec::new();
+                for entry in managed.iter().filter(|m| !mine(m)) {
+                    for path in entry.fields.intersection(&applied_set) {
+                        if fields::get(current, path) != fields::get(&applied, path) {
+                            conflicts.push((
+                                entry.manager.clone(),
+                                entry.api_version.clone(),
+                                path.clone(),
+                            ));
+                        }
+                    }
+                }
+                if !conflicts.is_empty() && !force {
+                    return Err(apply_conflict(resource, name, &conflicts));
+                }
+                for (owner, _, path) in &conflicts {
+                    for entry in managed.iter_mut().filter(|m| m.manager == *owner) {
+                        entry.fields.remove(path);
+                    }
+                }
+                let previous = managed
+                    .iter()
+                    .find(|m| mine(m))
+                    .map(|m| m.fields.clone())
+                    .unwrap_or_default();
+                let mut merged = current.clone();
+                for path in previous.difference(&applied_set) {
+                    let owned_by_others =
+                        managed.iter().any(|m| !mine(m) && m.fields.contains(path));
+                    if !owned_by_others {
+                        fields::remove(&mut merged, path);
+                    }
+                }
+                let mut merged = crate::smp::apply(&merged, &applied)
+                    .map_err(|e| patch_error("applied configuration", e))?;
+                managed.retain(|m| !mine(m));
+                managed.push(fields::Managed {
+                    manager: manager.clone(),
+                    operation: "Apply".into(),
+                    api_version: api_version.clone(),
+                    subresource: String::new(),
+                    fields: applied_set.clone(),
+                });
+                fields::write_managed(&mut merged, &managed);
+                Ok(merged)
+            },
+        )
+        .await;
+    }
+}
+
+/// 409 as upstream words it: `Apply failed with 1 conflict: conflict with "kubectl-scale" using apps/v1: .spec.replicas`.
+fn apply_conflict(
+    resource: &Resource,
+    name: &str,
+    conflicts: &[(String, String, fields::Path)],
+) -> ApiError {
+    let lines: Vec<String> = conflicts
+        .iter()
+        .map(|(manager, version, path)| {
+            format!(
+                "conflict with \"{manager}\" using {version}: {}",
+                fields::display(path)
+            )
+        })
+        .collect();
+    let count = conflicts.len();
+    let plural = if count == 1 { "" } else { "s" };
+    let mut error = ApiError::conflict(resource.group, resource.plural, name);
+    error.message = if count == 1 {
+        format!("Apply failed with 1 conflict: {}", lines[0])
+    } else {
+        format!(
+            "Apply failed with {count} conflict{plural}: {}",
+            lines.join("\n")
+        )
+    };
+    error.causes = conflicts
+        .iter()
+        .zip(&lines)
+        .map(|((_, _, path), line)| crate::status::Cause {
+            reason: "FieldManagerConflict",
+            message: line.clone(),
+            field: fields::display(path),
+        })
+        .collect();
+    error
 }
 
 /// Which part of an object a write addresses.
@@ -880,7 +1126,7 @@ async fn modify(
     state: &ApiState,
     target: (&Resource, Option<&str>, &str),
     view: View,
-    dry_run: bool,
+    write: &Write,
     change: impl Fn(&Value, i64) -> Result<Value, ApiError>,
 ) -> Result<Response<Body>, ApiError> {
     let (resource, namespace, name) = target;
@@ -895,14 +1141,29 @@ async fn modify(
         let mut object = view.merge_back(resource, &old, written)?;
         object["metadata"]["name"] = json!(name);
         object::prepare_update(resource, &old, &mut object)?;
+        let subresource = match view {
+            View::Main => "",
+            View::Status => "status",
+            View::Scale => "scale",
+        };
+        // A server-side apply has written its own managedFields; every other write is an Update.
+        if !write.apply {
+            fields::record_update(
+                &write.manager,
+                &resource.api_version(),
+                subresource,
+                Some(&old),
+                &mut object,
+            );
+        }
         object::validate(resource, &object)?;
         if resource.plural == "services" && view == View::Main {
             crate::services::default_and_validate(&mut object)?;
-            if !dry_run {
+            if !write.dry_run {
                 crate::services::carry_over(state.store.as_ref(), &old, &mut object).await?;
             }
         }
-        if dry_run {
+        if write.dry_run {
             object["metadata"]["resourceVersion"] = json!(revision.to_string());
             return Ok(json_response(StatusCode::OK, &view.project(&object)));
         }
@@ -954,7 +1215,7 @@ async fn update(
     view: View,
     content_type: &str,
     body: &[u8],
-    dry_run: bool,
+    write: &Write,
 ) -> Result<Response<Body>, ApiError> {
     let object = decode_body(content_type, body)?;
     if let Some(given) = object["metadata"]["name"].as_str()
@@ -968,7 +1229,7 @@ async fn update(
         state,
         (resource, namespace, name),
         view,
-        dry_run,
+        write,
         |_, revision| {
             check_precondition(
                 object["metadata"]["resourceVersion"].as_str(),
@@ -1018,7 +1279,7 @@ async fn patch(
     view: View,
     content_type: &str,
     body: &[u8],
-    dry_run: bool,
+    write: &Write,
 ) -> Result<Response<Body>, ApiError> {
     let media = content_type
         .split(';')
@@ -1040,7 +1301,7 @@ async fn patch(
         state,
         (resource, namespace, name),
         view,
-        dry_run,
+        write,
         |current, revision| {
             if media != "application/json-patch+json" {
                 check_precondition(

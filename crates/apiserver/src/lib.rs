@@ -10,6 +10,7 @@
 
 mod auth;
 mod discovery;
+mod fields;
 mod handlers;
 mod object;
 mod openapi;

@@ -269,6 +269,7 @@ pub fn prepare_create(
         "deletionTimestamp",
         "deletionGracePeriodSeconds",
         "selfLink",
+        "managedFields",
     ] {
         map.remove(owned);
     }

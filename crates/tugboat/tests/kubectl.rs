@@ -848,3 +848,73 @@ fn the_python_client_works() {
         String::from_utf8_lossy(&output.stderr)
     );
 }
+
+/// Server-side apply: create, managedFields, a conflict with another manager, forcing it, and
+/// removal of what an applier stops applying.
+#[test]
+fn kubectl_apply_server_side() {
+    let server = server();
+    let kubectl = Kubectl::new(&server, None);
+    let manifest = server.scratch("ssa").join("web.yaml");
+    let write = |containers: &str| {
+        std::fs::write(
+            &manifest,
+            format!("apiVersion: apps/v1\nkind: Deployment\nmetadata:\n  name: web\nspec:\n  replicas: 2\n  selector: {{matchLabels: {{app: web}}}}\n  template:\n    metadata: {{labels: {{app: web}}}}\n    spec:\n      containers:\n{containers}"),
+        )
+        .unwrap();
+    };
+    write("      - {name: nginx, image: \"nginx:1.25\"}\n      - {name: side, image: busybox}\n");
+    let path = manifest.to_str().unwrap();
+    assert!(
+        kubectl
+            .ok(&["apply", "--server-side", "-f", path])
+            .contains("deployment.apps/web serverside-applied")
+    );
+    let object: serde_json::Value = serde_json::from_str(&kubectl.ok(&[
+        "get",
+        "deployment",
+        "web",
+        "-o",
+        "json",
+        "--show-managed-fields",
+    ]))
+    .unwrap();
+    let managed = &object["metadata"]["managedFields"][0];
+    assert_eq!(
+        (managed["manager"].as_str(), managed["operation"].as_str()),
+        (Some("kubectl"), Some("Apply"))
+    );
+    assert!(managed["fieldsV1"]["f:spec"]["f:template"]["f:spec"]["f:containers"]["k:{\"name\":\"side\"}"].is_object());
+
+    kubectl.ok(&["scale", "deployment", "web", "--replicas=4"]);
+    let conflict = kubectl.fails(&["apply", "--server-side", "-f", path]);
+    assert!(
+        conflict.contains("Apply failed with 1 conflict") && conflict.contains(".spec.replicas"),
+        "{conflict}"
+    );
+    kubectl.ok(&["apply", "--server-side", "--force-conflicts", "-f", path]);
+    assert_eq!(
+        kubectl.ok(&[
+            "get",
+            "deployment",
+            "web",
+            "-o",
+            "jsonpath={.spec.replicas}"
+        ]),
+        "2"
+    );
+
+    write("      - {name: nginx, image: \"nginx:1.27\"}\n");
+    kubectl.ok(&["apply", "--server-side", "-f", path]);
+    let containers = kubectl.ok(&[
+        "get",
+        "deployment",
+        "web",
+        "-o",
+        "jsonpath={.spec.template.spec.containers[*].image}",
+    ]);
+    assert_eq!(
+        containers, "nginx:1.27",
+        "the dropped container is gone, the image updated"
+    );
+}
