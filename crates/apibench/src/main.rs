@@ -1,0 +1,448 @@
+//! `apibench`: measures a Kubernetes API server and prints one JSON object:
+//! creates/s and gets/s with 16 concurrent clients, the latency of listing 5,000 objects, watch
+//! latency p50/p99 from a create to its event, and (for a server it started itself) RSS when
+//! idle and after the load.
+//!
+//! `apibench --kubeconfig K` measures any server; `apibench --start target/release/tugboat`
+//! starts a `tugboat server` in a temp dir and measures it.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD;
+use bytes::Bytes;
+use clap::Parser;
+use http_body_util::{BodyExt, Full};
+use hyper::{Method, Request, StatusCode};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use serde_json::{Value, json};
+
+#[derive(Debug, Parser)]
+#[command(about = "Benchmark a Kubernetes API server; prints JSON")]
+struct Args {
+    /// Measure the server of this kubeconfig (its current context).
+    #[arg(long, conflicts_with = "start")]
+    kubeconfig: Option<std::path::PathBuf>,
+    /// Start this `tugboat` binary as `tugboat server` in a temp dir and measure it.
+    #[arg(long)]
+    start: Option<std::path::PathBuf>,
+    /// Concurrent clients for the create and get phases.
+    #[arg(long, default_value_t = 16)]
+    clients: usize,
+    /// Seconds per throughput phase.
+    #[arg(long, default_value_t = 5)]
+    seconds: u64,
+    /// Objects in the list phase.
+    #[arg(long, default_value_t = 5000)]
+    list_objects: usize,
+    /// Create/event pairs in the watch phase.
+    #[arg(long, default_value_t = 500)]
+    watch_events: usize,
+}
+
+type HttpClient = Client<hyper_rustls::HttpsConnector<HttpConnector>, Full<Bytes>>;
+
+/// Just enough of a kubeconfig: the current context's server and credentials.
+struct Target {
+    server: String,
+    client: HttpClient,
+    token: Option<String>,
+}
+
+fn decode_field(entry: &Value, data: &str, file: &str) -> anyhow::Result<Option<Vec<u8>>> {
+    if let Some(data) = entry[data].as_str() {
+        return Ok(Some(
+            STANDARD
+                .decode(data)
+                .with_context(|| format!("{data}: not base64"))?,
+        ));
+    }
+    if let Some(path) = entry[file].as_str() {
+        return Ok(Some(
+            std::fs::read(path).with_context(|| format!("reading {path}"))?,
+        ));
+    }
+    Ok(None)
+}
+
+fn load_target(path: &std::path::Path) -> anyhow::Result<Target> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let config: Value =
+        serde_saphyr::from_str(&text).with_context(|| format!("{} is not YAML", path.display()))?;
+    let named = |list: &str, name: &str| -> anyhow::Result<Value> {
+        config[list]
+            .as_array()
+            .and_then(|items| items.iter().find(|i| i["name"] == name))
+            .cloned()
+            .with_context(|| format!("no {list} entry named {name:?}"))
+    };
+    let context_name = config["current-context"]
+        .as_str()
+        .context("no current-context")?;
+    let context = named("contexts", context_name)?;
+    let cluster = named(
+        "clusters",
+        context["context"]["cluster"]
+            .as_str()
+            .context("context without cluster")?,
+    )?;
+    let user = named(
+        "users",
+        context["context"]["user"]
+            .as_str()
+            .context("context without user")?,
+    )?;
+    let (cluster, user) = (&cluster["cluster"], &user["user"]);
+    let server = cluster["server"]
+        .as_str()
+        .context("cluster without server")?
+        .trim_end_matches('/')
+        .to_string();
+
+    let mut roots = rustls::RootCertStore::empty();
+    if let Some(ca) = decode_field(
+        cluster,
+        "certificate-authority-data",
+        "certificate-authority",
+    )? {
+        for cert in rustls_pemfile::certs(&mut ca.as_slice()) {
+            roots.add(cert?)?;
+        }
+    }
+    let builder = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()?
+    .with_root_certificates(roots);
+    let cert = decode_field(user, "client-certificate-data", "client-certificate")?;
+    let key = decode_field(user, "client-key-data", "client-key")?;
+    let tls = match (cert, key) {
+        (Some(cert), Some(key)) => {
+            let chain =
+                rustls_pemfile::certs(&mut cert.as_slice()).collect::<Result<Vec<_>, _>>()?;
+            let key = rustls_pemfile::private_key(&mut key.as_slice())?
+                .context("no private key in the kubeconfig")?;
+            builder.with_client_auth_cert(chain, key)?
+        }
+        _ => builder.with_no_client_auth(),
+    };
+    let connector = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(tls)
+        .https_or_http()
+        .enable_http1()
+        .enable_http2()
+        .build();
+    let client = Client::builder(TokioExecutor::new()).build(connector);
+    Ok(Target {
+        server,
+        client,
+        token: user["token"].as_str().map(str::to_string),
+    })
+}
+
+impl Target {
+    async fn request(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<&Value>,
+    ) -> anyhow::Result<(StatusCode, Bytes)> {
+        let mut request = Request::builder()
+            .method(method)
+            .uri(format!("{}{path}", self.server));
+        if let Some(token) = &self.token {
+            request = request.header("Authorization", format!("Bearer {token}"));
+        }
+        let body = body.map(|b| Bytes::from(b.to_string())).unwrap_or_default();
+        let request = request
+            .header("Content-Type", "application/json")
+            .body(Full::new(body))?;
+        let response = self.client.request(request).await?;
+        let status = response.status();
+        Ok((status, response.into_body().collect().await?.to_bytes()))
+    }
+
+    async fn expect(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<&Value>,
+        ok: &[u16],
+    ) -> anyhow::Result<Bytes> {
+        let (status, bytes) = self.request(method.clone(), path, body).await?;
+        if !ok.contains(&status.as_u16()) {
+            bail!(
+                "{method} {path}: {status}: {}",
+                String::from_utf8_lossy(&bytes)
+            );
+        }
+        Ok(bytes)
+    }
+}
+
+fn config_map(name: &str) -> Value {
+    // About the size of a small real object.
+    json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": name, "labels": {"app": "apibench"}},
+           "data": {"payload": "x".repeat(512)}})
+}
+
+/// Runs `clients` tasks doing `operation(client, i)` until `seconds` pass; returns ops/s.
+async fn throughput<F, Fut>(clients: usize, seconds: u64, operation: F) -> anyhow::Result<f64>
+where
+    F: Fn(usize, u64) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = anyhow::Result<()>> + Send,
+{
+    let operation = Arc::new(operation);
+    let done = Arc::new(AtomicU64::new(0));
+    let started = Instant::now();
+    let deadline = started + Duration::from_secs(seconds);
+    let mut tasks = Vec::new();
+    for client in 0..clients {
+        let (operation, done) = (operation.clone(), done.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut i = 0u64;
+            while Instant::now() < deadline {
+                operation(client, i).await?;
+                i += 1;
+                done.fetch_add(1, Ordering::Relaxed);
+            }
+            anyhow::Ok(())
+        }));
+    }
+    for task in tasks {
+        task.await??;
+    }
+    Ok(done.load(Ordering::Relaxed) as f64 / started.elapsed().as_secs_f64())
+}
+
+fn rss_kib(pid: Option<u32>) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{}/status", pid?)).ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+}
+
+async fn run(args: Args) -> anyhow::Result<Value> {
+    let mut started = None;
+    let kubeconfig = match (&args.kubeconfig, &args.start) {
+        (Some(path), _) => path.clone(),
+        (None, Some(binary)) => {
+            let server = tugboat_testkit::TugboatServer::start(binary, &[])?;
+            let path = server.kubeconfig();
+            started = Some(server);
+            path
+        }
+        (None, None) => bail!("give --kubeconfig or --start"),
+    };
+    let pid = started.as_ref().map(|s| s.pid());
+    let target = Arc::new(load_target(&kubeconfig)?);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let rss_idle = rss_kib(pid);
+
+    let run_id = format!(
+        "{:x}",
+        Instant::now().elapsed().as_nanos() ^ u128::from(std::process::id())
+    );
+    let namespace = format!("apibench-{run_id}");
+    target
+        .expect(
+            Method::POST,
+            "/api/v1/namespaces",
+            Some(&json!({"metadata": {"name": namespace}})),
+            &[201],
+        )
+        .await?;
+    let collection = format!("/api/v1/namespaces/{namespace}/configmaps");
+
+    let creates = {
+        let (target, collection) = (target.clone(), collection.clone());
+        throughput(args.clients, args.seconds, move |client, i| {
+            let (target, collection) = (target.clone(), collection.clone());
+            async move {
+                target
+                    .expect(
+                        Method::POST,
+                        &collection,
+                        Some(&config_map(&format!("c{client}-{i}"))),
+                        &[201],
+                    )
+                    .await?;
+                Ok(())
+            }
+        })
+        .await?
+    };
+    let gets = {
+        let (target, collection) = (target.clone(), collection.clone());
+        throughput(args.clients, args.seconds, move |client, i| {
+            let (target, collection) = (target.clone(), collection.clone());
+            async move {
+                // Objects that the create phase made for sure.
+                target
+                    .expect(
+                        Method::GET,
+                        &format!("{collection}/c{client}-{}", i % 10),
+                        None,
+                        &[200],
+                    )
+                    .await?;
+                Ok(())
+            }
+        })
+        .await?
+    };
+
+    // List: a namespace holding exactly `list_objects` objects.
+    let list_namespace = format!("apibench-list-{run_id}");
+    target
+        .expect(
+            Method::POST,
+            "/api/v1/namespaces",
+            Some(&json!({"metadata": {"name": list_namespace}})),
+            &[201],
+        )
+        .await?;
+    let list_collection = format!("/api/v1/namespaces/{list_namespace}/configmaps");
+    let per_client = args.list_objects.div_ceil(args.clients);
+    let mut fillers = Vec::new();
+    for client in 0..args.clients {
+        let (target, collection) = (target.clone(), list_collection.clone());
+        let count = per_client.min(args.list_objects.saturating_sub(client * per_client));
+        fillers.push(tokio::spawn(async move {
+            for i in 0..count {
+                target
+                    .expect(
+                        Method::POST,
+                        &collection,
+                        Some(&config_map(&format!("l{client}-{i}"))),
+                        &[201],
+                    )
+                    .await?;
+            }
+            anyhow::Ok(())
+        }));
+    }
+    for filler in fillers {
+        filler.await??;
+    }
+    let mut list_ms = Vec::new();
+    for _ in 0..5 {
+        let begin = Instant::now();
+        let bytes = target
+            .expect(Method::GET, &list_collection, None, &[200])
+            .await?;
+        list_ms.push(begin.elapsed().as_secs_f64() * 1e3);
+        let list: Value = serde_json::from_slice(&bytes)?;
+        let items = list["items"].as_array().map(Vec::len).unwrap_or(0);
+        if items != args.list_objects {
+            bail!("listed {items} objects, expected {}", args.list_objects);
+        }
+    }
+    list_ms.sort_by(f64::total_cmp);
+
+    // Watch: from the list's resourceVersion, time each create until its event arrives.
+    let watch_namespace = format!("apibench-watch-{run_id}");
+    target
+        .expect(
+            Method::POST,
+            "/api/v1/namespaces",
+            Some(&json!({"metadata": {"name": watch_namespace}})),
+            &[201],
+        )
+        .await?;
+    let watch_collection = format!("/api/v1/namespaces/{watch_namespace}/configmaps");
+    let list: Value = serde_json::from_slice(
+        &target
+            .expect(Method::GET, &watch_collection, None, &[200])
+            .await?,
+    )?;
+    let revision = list["metadata"]["resourceVersion"]
+        .as_str()
+        .unwrap_or("0")
+        .to_string();
+    let request = Request::builder()
+        .uri(format!(
+            "{}{watch_collection}?watch=true&resourceVersion={revision}",
+            target.server
+        ))
+        .body(Full::new(Bytes::new()))?;
+    let response = target.client.request(request).await?;
+    let mut body = response.into_body();
+    let base = Instant::now();
+    let receiver = tokio::spawn(async move {
+        let (mut buffer, mut latencies) = (Vec::<u8>::new(), Vec::new());
+        while latencies.len() < args.watch_events {
+            let Some(frame) = body.frame().await else {
+                bail!("the watch ended early")
+            };
+            let Ok(data) = frame?.into_data() else {
+                continue;
+            };
+            buffer.extend_from_slice(&data);
+            while let Some(end) = buffer.iter().position(|b| *b == b'\n') {
+                let line: Vec<u8> = buffer.drain(..=end).collect();
+                let event: Value = serde_json::from_slice(&line)?;
+                if let Some(sent) = event["object"]["metadata"]["annotations"]["sent"].as_str() {
+                    let sent: f64 = sent.parse()?;
+                    latencies.push(base.elapsed().as_secs_f64() * 1e3 - sent);
+                }
+            }
+        }
+        anyhow::Ok(latencies)
+    });
+    for i in 0..args.watch_events {
+        let mut object = config_map(&format!("w{i}"));
+        object["metadata"]["annotations"] =
+            json!({"sent": format!("{:.4}", base.elapsed().as_secs_f64() * 1e3)});
+        target
+            .expect(Method::POST, &watch_collection, Some(&object), &[201])
+            .await?;
+    }
+    let mut latencies = tokio::time::timeout(Duration::from_secs(60), receiver)
+        .await
+        .context("watch events")???;
+    latencies.sort_by(f64::total_cmp);
+    let quantile =
+        |q: f64| latencies[((latencies.len() as f64 * q) as usize).min(latencies.len() - 1)];
+    let rss_after = rss_kib(pid);
+    drop(started);
+    Ok(json!({
+        "server": target.server,
+        "clients": args.clients,
+        "creates_per_second": creates.round(),
+        "gets_per_second": gets.round(),
+        "list_objects": args.list_objects,
+        "list_ms_median": (list_ms[2] * 10.0).round() / 10.0,
+        "watch_events": args.watch_events,
+        "watch_latency_ms_p50": (quantile(0.5) * 100.0).round() / 100.0,
+        "watch_latency_ms_p99": (quantile(0.99) * 100.0).round() / 100.0,
+        "server_rss_kib_idle": rss_idle,
+        "server_rss_kib_after_load": rss_after,
+    }))
+}
+
+fn main() -> std::process::ExitCode {
+    let args = Args::parse();
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("a tokio runtime");
+    match runtime.block_on(run(args)) {
+        Ok(report) => {
+            println!("{}", serde_json::to_string_pretty(&report).expect("JSON"));
+            std::process::ExitCode::SUCCESS
+        }
+        Err(error) => {
+            eprintln!("error: {error:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
