@@ -347,6 +347,10 @@ async fn route(
             let body = read_body(body).await?;
             delete(state, target.resource, namespace, name, &body, dry_run).await
         }
+        (&Method::DELETE, None) => {
+            let body = read_body(body).await?;
+            delete_collection(state, target.resource, namespace, query, &body, dry_run).await
+        }
         (method, _) => Err(ApiError::method_not_allowed(method.as_str())),
     }
 }
@@ -1168,6 +1172,28 @@ async fn modify(
             return Ok(json_response(StatusCode::OK, &view.project(&object)));
         }
         let key = resource.key(namespace, name);
+        // An object being deleted goes once its last finalizer is removed (a pod only once its
+        // kubelet has finished it: it deletes with a zero grace period).
+        let finalized = object["metadata"]["deletionTimestamp"].is_string()
+            && object["metadata"]["finalizers"]
+                .as_array()
+                .is_none_or(Vec::is_empty)
+            && object["metadata"]["deletionGracePeriodSeconds"]
+                .as_i64()
+                .unwrap_or(0)
+                == 0;
+        if finalized {
+            return match state.store.delete(&key, Some(revision)).await {
+                Ok(_) => Ok(json_response(StatusCode::OK, &view.project(&object))),
+                Err(StoreError::Conflict { .. }) => continue,
+                Err(error) => Err(ApiError::from_store(
+                    error,
+                    resource.group,
+                    resource.plural,
+                    name,
+                )),
+            };
+        }
         match state
             .store
             .update(&key, object::to_store(&object), revision)
@@ -1317,6 +1343,20 @@ async fn patch(
     .await
 }
 
+/// Upstream's finalizers for the propagation policies the garbage collector acts on.
+const FOREGROUND: &str = "foregroundDeletion";
+const ORPHAN: &str = "orphan";
+/// Namespaces that may never be deleted.
+const PROTECTED_NAMESPACES: &[&str] = &["default", "kube-system", "kube-public"];
+
+fn delete_options(body: &[u8]) -> Result<Value, ApiError> {
+    if body.iter().all(u8::is_ascii_whitespace) {
+        Ok(json!({}))
+    } else {
+        decode_body("application/json", body)
+    }
+}
+
 async fn delete(
     state: &ApiState,
     resource: &Resource,
@@ -1325,35 +1365,228 @@ async fn delete(
     body: &[u8],
     dry_run: bool,
 ) -> Result<Response<Body>, ApiError> {
-    let options: Value = if body.iter().all(u8::is_ascii_whitespace) {
-        json!({})
-    } else {
-        decode_body("application/json", body)?
-    };
-    let (object, revision) = read_object(state, resource, namespace, name).await?;
-    let preconditions = &options["preconditions"];
-    if let Some(uid) = preconditions["uid"].as_str()
-        && object["metadata"]["uid"].as_str() != Some(uid)
-    {
-        return Err(ApiError::conflict(resource.group, resource.plural, name));
+    let options = delete_options(body)?;
+    let (code, object) = delete_one(state, resource, namespace, name, &options, dry_run).await?;
+    Ok(json_response(code, &object))
+}
+
+/// Deletes one object as upstream does: with finalizers (the object's own, or those the
+/// propagation policy asks for) it is only marked with a deletionTimestamp; a pod bound to a
+/// node is marked for graceful termination (its kubelet finishes the deletion); anything else is
+/// removed at once. Returns the status code and the object as it is after the request.
+async fn delete_one(
+    state: &ApiState,
+    resource: &Resource,
+    namespace: Option<&str>,
+    name: &str,
+    options: &Value,
+    dry_run: bool,
+) -> Result<(StatusCode, Value), ApiError> {
+    if resource.plural == "namespaces" && PROTECTED_NAMESPACES.contains(&name) {
+        let mut error = ApiError::bad_request(format!(
+            "namespaces \"{name}\" is forbidden: this namespace may not be deleted"
+        ));
+        error.code = 403;
+        error.reason = "Forbidden";
+        return Err(error);
     }
-    if let Some(rv) = preconditions["resourceVersion"].as_str()
-        && rv != revision.to_string()
-    {
-        return Err(ApiError::conflict(resource.group, resource.plural, name));
-    }
-    if !dry_run {
+    for _ in 0..UPDATE_RETRIES {
+        let (mut object, revision) = read_object(state, resource, namespace, name).await?;
+        let preconditions = &options["preconditions"];
+        if preconditions["uid"]
+            .as_str()
+            .is_some_and(|uid| object["metadata"]["uid"].as_str() != Some(uid))
+            || preconditions["resourceVersion"]
+                .as_str()
+                .is_some_and(|rv| rv != revision.to_string())
+        {
+            return Err(ApiError::conflict(resource.group, resource.plural, name));
+        }
+        let grace = options["gracePeriodSeconds"].as_i64();
+        let mut finalizers: Vec<Value> = object["metadata"]["finalizers"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
+        let mut add = |f: &str| {
+            if !finalizers.iter().any(|v| v == f) {
+                finalizers.push(json!(f));
+            }
+        };
+        match options["propagationPolicy"].as_str() {
+            Some("Foreground") => add(FOREGROUND),
+            Some("Orphan") => add(ORPHAN),
+            Some("Background") | None => {}
+            Some(other) => {
+                return Err(ApiError::bad_request(format!(
+                    "propagationPolicy {other:?} is not one of Orphan, Background, Foreground"
+                )));
+            }
+        }
+        let graceful_pod = resource.plural == "pods"
+            && object["spec"]["nodeName"]
+                .as_str()
+                .is_some_and(|n| !n.is_empty())
+            && grace.unwrap_or_else(|| {
+                object["spec"]["terminationGracePeriodSeconds"]
+                    .as_i64()
+                    .unwrap_or(30)
+            }) > 0;
         let key = resource.key(namespace, name);
-        state
-            .store
-            .delete(&key, Some(revision))
-            .await
-            .map_err(|e| ApiError::from_store(e, resource.group, resource.plural, name))?;
-        if resource.plural == "services" {
-            crate::services::release(state.store.as_ref(), &object).await;
+        if !finalizers.is_empty() || graceful_pod {
+            if object["metadata"]["deletionTimestamp"].is_string() && !graceful_pod {
+                return Ok((StatusCode::OK, object));
+            }
+            let now = object::now_rfc3339();
+            if object["metadata"]["deletionTimestamp"].is_null() {
+                object["metadata"]["deletionTimestamp"] = json!(now);
+            }
+            let grace_seconds = if graceful_pod {
+                grace.unwrap_or_else(|| {
+                    object["spec"]["terminationGracePeriodSeconds"]
+                        .as_i64()
+                        .unwrap_or(30)
+                })
+            } else {
+                0
+            };
+            object["metadata"]["deletionGracePeriodSeconds"] = json!(grace_seconds);
+            object["metadata"]["finalizers"] = Value::Array(finalizers);
+            if resource.plural == "namespaces" {
+                object["status"]["phase"] = json!("Terminating");
+            }
+            if dry_run {
+                return Ok((StatusCode::OK, object));
+            }
+            match state
+                .store
+                .update(&key, object::to_store(&object), revision)
+                .await
+            {
+                Ok(new_revision) => {
+                    object["metadata"]["resourceVersion"] = json!(new_revision.to_string());
+                    return Ok((StatusCode::OK, object));
+                }
+                Err(StoreError::Conflict { .. }) => continue,
+                Err(error) => {
+                    return Err(ApiError::from_store(
+                        error,
+                        resource.group,
+                        resource.plural,
+                        name,
+                    ));
+                }
+            }
+        }
+        if dry_run {
+            return Ok((StatusCode::OK, object));
+        }
+        if resource.plural == "namespaces" {
+            empty_namespace(state, name).await?;
+        }
+        match state.store.delete(&key, Some(revision)).await {
+            Ok(_) => {
+                if resource.plural == "services" {
+                    crate::services::release(state.store.as_ref(), &object).await;
+                }
+                return Ok((StatusCode::OK, object));
+            }
+            Err(StoreError::Conflict { .. }) => continue,
+            Err(error) => {
+                return Err(ApiError::from_store(
+                    error,
+                    resource.group,
+                    resource.plural,
+                    name,
+                ));
+            }
         }
     }
-    Ok(json_response(StatusCode::OK, &object))
+    Err(ApiError::conflict(resource.group, resource.plural, name))
+}
+
+/// Deletes every object in a namespace. Interim: the namespace controller (with the
+/// controllers issue) will do this through the API, with the namespace Terminating meanwhile.
+async fn empty_namespace(state: &ApiState, namespace: &str) -> Result<(), ApiError> {
+    for resource in registry::RESOURCES
+        .iter()
+        .filter(|r| r.namespaced && !r.is_review())
+    {
+        let page = state
+            .store
+            .list(&resource.prefix(Some(namespace)), ListOptions::default())
+            .await
+            .map_err(|e| ApiError::from_store(e, resource.group, resource.plural, ""))?;
+        for kv in page.kvs {
+            match state.store.delete(&kv.key, None).await {
+                Ok((_, deleted)) if resource.plural == "services" => {
+                    if let Ok(service) = object::from_store(&deleted.value, deleted.mod_revision) {
+                        crate::services::release(state.store.as_ref(), &service).await;
+                    }
+                }
+                Ok(_) | Err(StoreError::NotFound { .. }) => {}
+                Err(error) => {
+                    return Err(ApiError::from_store(
+                        error,
+                        resource.group,
+                        resource.plural,
+                        "",
+                    ));
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// `DELETE` on a collection: every object the selectors match, each as a single delete would.
+async fn delete_collection(
+    state: &ApiState,
+    resource: &Resource,
+    namespace: Option<&str>,
+    query: &Query,
+    body: &[u8],
+    dry_run: bool,
+) -> Result<Response<Body>, ApiError> {
+    let options = delete_options(body)?;
+    let filters = Filters::from_query(resource, query)?;
+    let page = state
+        .store
+        .list(&resource.prefix(namespace), ListOptions::default())
+        .await
+        .map_err(|e| ApiError::from_store(e, resource.group, resource.plural, ""))?;
+    let mut deleted = Vec::new();
+    for kv in &page.kvs {
+        let object = object::from_store(&kv.value, kv.mod_revision)?;
+        if !filters.matches(&object) {
+            continue;
+        }
+        let name = object["metadata"]["name"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
+        let object_namespace = object["metadata"]["namespace"].as_str().map(str::to_string);
+        match delete_one(
+            state,
+            resource,
+            object_namespace.as_deref(),
+            &name,
+            &options,
+            dry_run,
+        )
+        .await
+        {
+            Ok((_, object)) => deleted.push(object),
+            Err(error) if error.code == 404 => {}
+            Err(error) => return Err(error),
+        }
+    }
+    let list = json!({
+        "kind": format!("{}List", resource.kind),
+        "apiVersion": resource.api_version(),
+        "metadata": {"resourceVersion": page.revision.to_string()},
+        "items": deleted,
+    });
+    Ok(json_response(StatusCode::OK, &list))
 }
 
 /// Answers a review. Authorization is "every authenticated user may do everything" until RBAC

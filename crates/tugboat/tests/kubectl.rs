@@ -918,3 +918,118 @@ fn kubectl_apply_server_side() {
         "the dropped container is gone, the image updated"
     );
 }
+
+/// Deletion as upstream: finalizers hold an object until the last one is removed, pods bound to
+/// a node terminate gracefully, propagation policies become the garbage collector's finalizers,
+/// collections are deleted by selector, namespaces take their contents with them.
+#[test]
+fn deletion_follows_finalizers_grace_and_namespaces() {
+    let server = server();
+    let kubectl = Kubectl::new(&server, None);
+    kubectl.ok(&["create", "configmap", "held"]);
+    kubectl.ok(&[
+        "patch",
+        "configmap",
+        "held",
+        "-p",
+        r#"{"metadata":{"finalizers":["example.com/hold"]}}"#,
+    ]);
+    kubectl.ok(&["delete", "configmap", "held", "--wait=false"]);
+    let held = kubectl.ok(&[
+        "get",
+        "configmap",
+        "held",
+        "-o",
+        "jsonpath={.metadata.deletionTimestamp}",
+    ]);
+    assert!(!held.is_empty(), "marked, not deleted");
+    kubectl.ok(&[
+        "patch",
+        "configmap",
+        "held",
+        "--type=json",
+        "-p",
+        r#"[{"op":"remove","path":"/metadata/finalizers"}]"#,
+    ]);
+    assert!(
+        kubectl
+            .fails(&["get", "configmap", "held"])
+            .contains("NotFound"),
+        "gone with its last finalizer"
+    );
+
+    kubectl.ok(&["create", "deployment", "fg", "--image=nginx"]);
+    kubectl.ok(&[
+        "delete",
+        "deployment",
+        "fg",
+        "--cascade=foreground",
+        "--wait=false",
+    ]);
+    let finalizers = kubectl.ok(&[
+        "get",
+        "deployment",
+        "fg",
+        "-o",
+        "jsonpath={.metadata.finalizers}",
+    ]);
+    assert!(finalizers.contains("foregroundDeletion"), "{finalizers}");
+
+    let pod = "apiVersion: v1\nkind: Pod\nmetadata: {name: bound}\nspec: {nodeName: node-1, containers: [{name: a, image: busybox}]}\n";
+    assert!(
+        kubectl
+            .apply_stdin(&["create", "-f", "-"], pod)
+            .status
+            .success()
+    );
+    kubectl.ok(&["delete", "pod", "bound", "--wait=false"]);
+    assert!(kubectl.ok(&["get", "pod", "bound"]).contains("Terminating"));
+    assert_eq!(
+        kubectl.ok(&[
+            "get",
+            "pod",
+            "bound",
+            "-o",
+            "jsonpath={.metadata.deletionGracePeriodSeconds}"
+        ]),
+        "30"
+    );
+    kubectl.ok(&["delete", "pod", "bound", "--grace-period=0", "--force"]);
+    assert!(kubectl.fails(&["get", "pod", "bound"]).contains("NotFound"));
+
+    for name in ["a", "b", "c"] {
+        kubectl.ok(&["create", "configmap", name]);
+    }
+    kubectl.ok(&["label", "configmap", "a", "b", "doomed=yes"]);
+    let curl = Curl { server: &server };
+    let (code, body) = curl.request(
+        "DELETE",
+        "/api/v1/namespaces/default/configmaps?labelSelector=doomed%3Dyes",
+        true,
+        &[],
+    );
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(
+        kubectl.ok(&["get", "configmaps", "-o", "name"]).trim(),
+        "configmap/c"
+    );
+
+    kubectl.ok(&["create", "namespace", "scratch"]);
+    kubectl.ok(&["create", "configmap", "inside", "-n", "scratch"]);
+    kubectl.ok(&["delete", "namespace", "scratch"]);
+    assert!(
+        kubectl
+            .fails(&["get", "namespace", "scratch"])
+            .contains("NotFound")
+    );
+    let (code, body) = curl.request("GET", "/api/v1/configmaps", true, &[]);
+    assert!(
+        code == 200 && !body.contains("\"inside\""),
+        "the namespace's objects went with it: {body}"
+    );
+    let refused = kubectl.fails(&["delete", "namespace", "kube-system"]);
+    assert!(
+        refused.contains("Forbidden") && refused.contains("may not be deleted"),
+        "{refused}"
+    );
+}
