@@ -36,6 +36,7 @@ pub struct ApiState {
     pub server_address: String,
     /// Where ClusterIPs come from.
     pub service_cidr: crate::services::ServiceCidr,
+    pub metrics: crate::metrics::Metrics,
 }
 
 type Query = HashMap<String, String>;
@@ -104,6 +105,7 @@ pub async fn handle(
     if !is_public(&path) && user.is_none() {
         return ApiError::unauthorized().into_response();
     }
+    let started = std::time::Instant::now();
     let result = route(
         &state,
         user.as_ref(),
@@ -114,10 +116,54 @@ pub async fn handle(
         body,
     )
     .await;
-    match result {
+    let response = match result {
         Ok(response) => response,
         Err(error) => error.into_response(),
-    }
+    };
+    let (verb, group, resource) = request_labels(&parts.method, &path, &query);
+    state.metrics.record(
+        &verb,
+        group,
+        resource,
+        response.status().as_u16(),
+        started.elapsed(),
+    );
+    response
+}
+
+/// The verb (upstream's: get, list, watch, create, update, patch, delete, deletecollection) and
+/// the resource of a request, for metrics; non-resource paths count under their method.
+fn request_labels(
+    method: &Method,
+    path: &str,
+    query: &Query,
+) -> (String, &'static str, &'static str) {
+    let Ok(Some(target)) = parse_target(path) else {
+        return (method.as_str().to_ascii_lowercase(), "", "");
+    };
+    let watching = query.get("watch").is_some_and(|w| w == "true" || w == "1");
+    let verb = match (method, target.name.is_some()) {
+        (&Method::GET, true) => "get",
+        (&Method::GET, false) if watching => "watch",
+        (&Method::GET, false) => "list",
+        (&Method::POST, _) => "create",
+        (&Method::PUT, _) => "update",
+        (&Method::PATCH, _) => "patch",
+        (&Method::DELETE, true) => "delete",
+        (&Method::DELETE, false) => "deletecollection",
+        _ => {
+            return (
+                method.as_str().to_ascii_lowercase(),
+                target.resource.group,
+                target.resource.plural,
+            );
+        }
+    };
+    (
+        verb.to_string(),
+        target.resource.group,
+        target.resource.plural,
+    )
 }
 
 /// A parsed resource path.
@@ -189,6 +235,16 @@ async fn route(
     match path {
         "/version" | "/version/" => return Ok(json_response(StatusCode::OK, &version())),
         "/healthz" | "/livez" | "/readyz" => return Ok(text_response("ok")),
+        "/metrics" => {
+            let mut response = Response::new(Body::from(state.metrics.render()));
+            response.headers_mut().insert(
+                header::CONTENT_TYPE,
+                header::HeaderValue::from_static(
+                    "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                ),
+            );
+            return Ok(response);
+        }
         "/api" | "/api/" => {
             return Ok(json_response(
                 StatusCode::OK,

@@ -12,6 +12,7 @@ mod auth;
 mod discovery;
 mod fields;
 mod handlers;
+mod metrics;
 mod object;
 mod openapi;
 mod registry;
@@ -248,6 +249,7 @@ pub async fn start(
         store,
         server_address,
         service_cidr: config.service_cidr,
+        metrics: metrics::Metrics::default(),
     });
     handlers::ensure_system_objects(&state)
         .await

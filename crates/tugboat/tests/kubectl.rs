@@ -1033,3 +1033,31 @@ fn deletion_follows_finalizers_grace_and_namespaces() {
         "{refused}"
     );
 }
+
+#[test]
+fn metrics_count_requests_by_verb_and_resource() {
+    let server = server();
+    let kubectl = Kubectl::new(&server, None);
+    kubectl.ok(&["create", "configmap", "counted"]);
+    kubectl.ok(&["get", "configmap", "counted"]);
+    let curl = Curl { server: &server };
+    let (code, metrics) = curl.request("GET", "/metrics", true, &[]);
+    assert_eq!(code, 200);
+    assert!(
+        metrics.contains(
+            r#"apiserver_request_total{verb="create",group="",resource="configmaps",code="201"} 1"#
+        ),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains(
+            r#"apiserver_request_duration_seconds_count{verb="get",group="",resource="configmaps"}"#
+        ),
+        "{metrics}"
+    );
+    assert_eq!(
+        curl.request("GET", "/metrics", false, &[]).0,
+        401,
+        "metrics need credentials"
+    );
+}
