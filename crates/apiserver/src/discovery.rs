@@ -88,3 +88,129 @@ fn resource_entry(r: &crate::registry::Resource) -> Value {
     }
     entry
 }
+
+/// Which aggregated discovery version the client accepts first, if any
+/// (`application/json;g=apidiscovery.k8s.io;v=v2;as=APIGroupDiscoveryList`).
+pub fn aggregated_version(accept: &str) -> Option<&'static str> {
+    for media in accept.split(',') {
+        let params: Vec<&str> = media.split(';').map(str::trim).collect();
+        if params.first() != Some(&"application/json") {
+            continue;
+        }
+        if params.contains(&"g=apidiscovery.k8s.io") && params.contains(&"as=APIGroupDiscoveryList")
+        {
+            if params.contains(&"v=v2") {
+                return Some("v2");
+            }
+            if params.contains(&"v=v2beta1") {
+                return Some("v2beta1");
+            }
+        } else if params.len() == 1 {
+            // Plain JSON comes first: the client prefers the legacy documents.
+            return None;
+        }
+    }
+    None
+}
+
+fn response_kind(group: &str, version: &str, kind: &str) -> Value {
+    json!({"group": group, "version": version, "kind": kind})
+}
+
+/// The aggregated discovery document of `/api` (core) or `/apis` (every other group).
+pub fn aggregated(core: bool, version: &str) -> Value {
+    let mut groups: Vec<(&str, &str)> = if core { vec![("", "v1")] } else { groups() };
+    groups.dedup();
+    let items: Vec<Value> = groups
+        .into_iter()
+        .map(|(group, group_version)| {
+            let resources: Vec<Value> = RESOURCES
+                .iter()
+                .filter(|r| r.group == group && r.version == group_version)
+                .map(|r| {
+                    let mut subresources = Vec::new();
+                    if r.has_status() {
+                        subresources.push(json!({"subresource": "status", "responseKind": response_kind(r.group, r.version, r.kind), "verbs": ["get", "patch", "update"]}));
+                    }
+                    if r.has_scale() {
+                        subresources.push(json!({"subresource": "scale", "responseKind": response_kind("autoscaling", "v1", "Scale"), "verbs": ["get", "patch", "update"]}));
+                    }
+                    let mut entry = json!({
+                        "resource": r.plural,
+                        "responseKind": response_kind(r.group, r.version, r.kind),
+                        "scope": if r.namespaced { "Namespaced" } else { "Cluster" },
+                        "singularResource": r.singular,
+                        "verbs": r.verbs(),
+                    });
+                    if !r.short_names.is_empty() {
+                        entry["shortNames"] = json!(r.short_names);
+                    }
+                    if !r.categories.is_empty() {
+                        entry["categories"] = json!(r.categories);
+                    }
+                    if !subresources.is_empty() {
+                        entry["subresources"] = Value::Array(subresources);
+                    }
+                    entry
+                })
+                .collect();
+            json!({
+                "metadata": {"name": group, "creationTimestamp": null},
+                "versions": [{"version": group_version, "resources": resources, "freshness": "Current"}],
+            })
+        })
+        .collect();
+    json!({
+        "kind": "APIGroupDiscoveryList",
+        "apiVersion": format!("apidiscovery.k8s.io/{version}"),
+        "metadata": {},
+        "items": items,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_accept_header_picks_the_aggregated_version() {
+        let new = "application/json;g=apidiscovery.k8s.io;v=v2;as=APIGroupDiscoveryList,application/json;g=apidiscovery.k8s.io;v=v2beta1;as=APIGroupDiscoveryList,application/json";
+        assert_eq!(aggregated_version(new), Some("v2"));
+        let old = "application/json;g=apidiscovery.k8s.io;v=v2beta1;as=APIGroupDiscoveryList,application/json";
+        assert_eq!(aggregated_version(old), Some("v2beta1"));
+        assert_eq!(aggregated_version("application/json, */*"), None);
+        assert_eq!(aggregated_version(""), None);
+    }
+
+    #[test]
+    fn aggregated_documents_list_resources_with_subresources() {
+        let core = aggregated(true, "v2");
+        assert_eq!(core["items"][0]["metadata"]["name"], "");
+        let pods = core["items"][0]["versions"][0]["resources"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["resource"] == "pods")
+            .unwrap();
+        assert_eq!(pods["scope"], "Namespaced");
+        assert_eq!(pods["subresources"][0]["subresource"], "status");
+        let apps = aggregated(false, "v2beta1");
+        assert_eq!(apps["apiVersion"], "apidiscovery.k8s.io/v2beta1");
+        let deployments = apps["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|g| g["metadata"]["name"] == "apps")
+            .unwrap()["versions"][0]["resources"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["resource"] == "deployments")
+            .unwrap()
+            .clone();
+        assert_eq!(
+            deployments["subresources"][1]["responseKind"]["kind"],
+            "Scale"
+        );
+    }
+}

@@ -232,6 +232,23 @@ async fn route(
     headers: &HeaderMap,
     body: Body,
 ) -> Result<Response<Body>, ApiError> {
+    let accept = headers
+        .get(header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    if matches!(path, "/api" | "/api/" | "/apis" | "/apis/")
+        && let Some(version) = discovery::aggregated_version(accept)
+    {
+        let document = discovery::aggregated(path.trim_end_matches('/') == "/api", version);
+        let mut response = json_response(StatusCode::OK, &document);
+        let content_type =
+            format!("application/json;g=apidiscovery.k8s.io;v={version};as=APIGroupDiscoveryList");
+        response.headers_mut().insert(
+            header::CONTENT_TYPE,
+            header::HeaderValue::from_str(&content_type).expect("a valid header value"),
+        );
+        return Ok(response);
+    }
     match path {
         "/version" | "/version/" => return Ok(json_response(StatusCode::OK, &version())),
         "/healthz" | "/livez" | "/readyz" => return Ok(text_response("ok")),
