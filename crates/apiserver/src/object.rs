@@ -289,12 +289,85 @@ pub fn prepare_create(
         object["spec"] = json!({"finalizers": ["kubernetes"]});
         object["status"] = json!({"phase": "Active"});
     }
+    default_workload(resource, object);
     if resource.plural == "pods" && object["spec"].is_object() {
         default_pod_spec(&mut object["spec"]);
         let qos = qos_class(&object["spec"]);
         object["status"] = json!({"phase": "Pending", "qosClass": qos});
     }
     Ok(())
+}
+
+/// Upstream's defaults for the workload kinds (`pkg/apis/{apps,batch}/v1/defaults.go`),
+/// including their pod templates.
+fn default_workload(resource: &Resource, object: &mut Value) {
+    let spec = &mut object["spec"];
+    if !spec.is_object() {
+        return;
+    }
+    match resource.plural {
+        "deployments" => {
+            set_default(spec, "replicas", json!(1));
+            set_default(spec, "revisionHistoryLimit", json!(10));
+            set_default(spec, "progressDeadlineSeconds", json!(600));
+            set_default(spec, "strategy", json!({"type": "RollingUpdate"}));
+            if spec["strategy"]["type"] == "RollingUpdate" {
+                set_default(
+                    &mut spec["strategy"],
+                    "rollingUpdate",
+                    json!({"maxUnavailable": "25%", "maxSurge": "25%"}),
+                );
+            }
+        }
+        "replicasets" => set_default(spec, "replicas", json!(1)),
+        "statefulsets" => {
+            set_default(spec, "replicas", json!(1));
+            set_default(spec, "podManagementPolicy", json!("OrderedReady"));
+            set_default(spec, "revisionHistoryLimit", json!(10));
+            set_default(
+                spec,
+                "updateStrategy",
+                json!({"type": "RollingUpdate", "rollingUpdate": {"partition": 0}}),
+            );
+        }
+        "daemonsets" => {
+            set_default(spec, "revisionHistoryLimit", json!(10));
+            set_default(
+                spec,
+                "updateStrategy",
+                json!({"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 1, "maxSurge": 0}}),
+            );
+        }
+        "jobs" => default_job_spec(spec),
+        "cronjobs" => {
+            set_default(spec, "concurrencyPolicy", json!("Allow"));
+            set_default(spec, "suspend", json!(false));
+            set_default(spec, "successfulJobsHistoryLimit", json!(3));
+            set_default(spec, "failedJobsHistoryLimit", json!(1));
+            if spec["jobTemplate"]["spec"].is_object() {
+                default_job_spec(&mut spec["jobTemplate"]["spec"]);
+            }
+        }
+        _ => return,
+    }
+    let template = if resource.plural == "cronjobs" {
+        &mut object["spec"]["jobTemplate"]["spec"]["template"]["spec"]
+    } else {
+        &mut object["spec"]["template"]["spec"]
+    };
+    if template.is_object() {
+        default_pod_spec(template);
+    }
+}
+
+fn default_job_spec(spec: &mut Value) {
+    if spec["completions"].is_null() && spec["parallelism"].is_null() {
+        spec["completions"] = json!(1);
+    }
+    set_default(spec, "parallelism", json!(1));
+    set_default(spec, "backoffLimit", json!(6));
+    set_default(spec, "completionMode", json!("NonIndexed"));
+    set_default(spec, "suspend", json!(false));
 }
 
 fn set_default(map: &mut Value, key: &str, value: Value) {
@@ -527,6 +600,45 @@ mod tests {
         assert_eq!(qos_class(&limited), "Guaranteed");
         let requested = json!({"containers": [{"resources": {"requests": {"cpu": "1"}}}]});
         assert_eq!(qos_class(&requested), "Burstable");
+    }
+
+    #[test]
+    fn workloads_get_upstream_defaults() {
+        let jobs = find("batch", "v1", "jobs").unwrap();
+        let mut job = json!({"metadata": {"name": "j"}, "spec": {"template": {"spec": {"restartPolicy": "Never",
+            "containers": [{"name": "c", "image": "busybox"}]}}}});
+        prepare_create(jobs, Some("default"), &mut job).unwrap();
+        assert_eq!(
+            (
+                job["spec"]["completions"].as_i64(),
+                job["spec"]["parallelism"].as_i64()
+            ),
+            (Some(1), Some(1))
+        );
+        assert_eq!(job["spec"]["backoffLimit"], 6);
+        assert_eq!(
+            job["spec"]["template"]["spec"]["restartPolicy"], "Never",
+            "a given value stays"
+        );
+        assert_eq!(
+            job["spec"]["template"]["spec"]["containers"][0]["imagePullPolicy"],
+            "Always"
+        );
+        let deployments = find("apps", "v1", "deployments").unwrap();
+        let mut deployment =
+            json!({"metadata": {"name": "d"}, "spec": {"template": {"spec": {"containers": []}}}});
+        prepare_create(deployments, Some("default"), &mut deployment).unwrap();
+        assert_eq!(deployment["spec"]["replicas"], 1);
+        assert_eq!(
+            deployment["spec"]["strategy"]["rollingUpdate"]["maxSurge"],
+            "25%"
+        );
+        let mut parallel_only = json!({"metadata": {"name": "p"}, "spec": {"parallelism": 3}});
+        prepare_create(jobs, Some("default"), &mut parallel_only).unwrap();
+        assert!(
+            parallel_only["spec"]["completions"].is_null(),
+            "a work-queue job keeps no completions"
+        );
     }
 
     #[test]

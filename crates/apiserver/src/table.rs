@@ -58,6 +58,85 @@ fn columns(resource: &Resource) -> Vec<Column> {
             ("Images", "string", "", 1),
             ("Selector", "string", "", 1),
         ],
+        "events" => vec![
+            ("Last Seen", "string", "", 0),
+            ("Type", "string", "", 0),
+            ("Reason", "string", "", 0),
+            ("Object", "string", "", 0),
+            ("Subobject", "string", "", 1),
+            ("Source", "string", "", 1),
+            ("Message", "string", "", 0),
+            ("First Seen", "string", "", 1),
+            ("Count", "string", "", 1),
+            ("Name", "string", "", 1),
+        ],
+        "nodes" => vec![
+            name,
+            ("Status", "string", "", 0),
+            ("Roles", "string", "", 0),
+            age,
+            ("Version", "string", "", 0),
+            ("Internal-IP", "string", "", 1),
+            ("External-IP", "string", "", 1),
+            ("OS-Image", "string", "", 1),
+            ("Kernel-Version", "string", "", 1),
+            ("Container-Runtime", "string", "", 1),
+        ],
+        "replicasets" => vec![
+            name,
+            ("Desired", "integer", "", 0),
+            ("Current", "integer", "", 0),
+            ("Ready", "integer", "", 0),
+            age,
+            ("Containers", "string", "", 1),
+            ("Images", "string", "", 1),
+            ("Selector", "string", "", 1),
+        ],
+        "daemonsets" => vec![
+            name,
+            ("Desired", "integer", "", 0),
+            ("Current", "integer", "", 0),
+            ("Ready", "integer", "", 0),
+            ("Up-to-date", "integer", "", 0),
+            ("Available", "integer", "", 0),
+            ("Node Selector", "string", "", 0),
+            age,
+            ("Containers", "string", "", 1),
+            ("Images", "string", "", 1),
+            ("Selector", "string", "", 1),
+        ],
+        "statefulsets" => vec![
+            name,
+            ("Ready", "string", "", 0),
+            age,
+            ("Containers", "string", "", 1),
+            ("Images", "string", "", 1),
+        ],
+        "jobs" => vec![
+            name,
+            ("Status", "string", "", 0),
+            ("Completions", "string", "", 0),
+            ("Duration", "string", "", 0),
+            age,
+            ("Containers", "string", "", 1),
+            ("Images", "string", "", 1),
+            ("Selector", "string", "", 1),
+        ],
+        "cronjobs" => vec![
+            name,
+            ("Schedule", "string", "", 0),
+            ("Timezone", "string", "", 0),
+            ("Suspend", "boolean", "", 0),
+            ("Active", "integer", "", 0),
+            ("Last Schedule", "string", "", 0),
+            age,
+            ("Containers", "string", "", 1),
+            ("Images", "string", "", 1),
+            ("Selector", "string", "", 1),
+        ],
+        "endpoints" => vec![name, ("Endpoints", "string", "", 0), age],
+        "serviceaccounts" => vec![name, ("Secrets", "string", "", 0), age],
+        "leases" => vec![name, ("Holder", "string", "", 0), age],
         _ => vec![name, age],
     }
 }
@@ -84,6 +163,185 @@ fn age(object: &Value) -> String {
     match time::OffsetDateTime::parse(created, &time::format_description::well_known::Rfc3339) {
         Ok(created) => human_age((time::OffsetDateTime::now_utc() - created).whole_seconds()),
         Err(_) => "<unknown>".into(),
+    }
+}
+
+fn age_since(timestamp: Option<&str>) -> String {
+    match timestamp
+        .map(|t| time::OffsetDateTime::parse(t, &time::format_description::well_known::Rfc3339))
+    {
+        Some(Ok(then)) => human_age((time::OffsetDateTime::now_utc() - then).whole_seconds()),
+        _ => "<unknown>".into(),
+    }
+}
+
+/// The pod template's containers and images, and the selector, as `-o wide` shows them.
+fn template_columns(object: &Value) -> (Value, Value, Value) {
+    let template = if object["spec"]["jobTemplate"].is_object() {
+        &object["spec"]["jobTemplate"]["spec"]["template"]
+    } else {
+        &object["spec"]["template"]
+    };
+    let containers = template["spec"]["containers"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    let names: Vec<&str> = containers
+        .iter()
+        .filter_map(|c| c["name"].as_str())
+        .collect();
+    let images: Vec<&str> = containers
+        .iter()
+        .filter_map(|c| c["image"].as_str())
+        .collect();
+    let selector: Vec<String> = object["spec"]["selector"]["matchLabels"]
+        .as_object()
+        .map(|m| {
+            m.iter()
+                .map(|(k, v)| format!("{k}={}", v.as_str().unwrap_or("")))
+                .collect()
+        })
+        .unwrap_or_default();
+    let selector = if selector.is_empty() {
+        "<none>".to_string()
+    } else {
+        selector.join(",")
+    };
+    (
+        json!(names.join(",")),
+        json!(images.join(",")),
+        json!(selector),
+    )
+}
+
+fn workload_cells(plural: &str, object: &Value, name: Value) -> Vec<Value> {
+    let n = |v: &Value| v.as_i64().unwrap_or(0);
+    let status = &object["status"];
+    let (containers, images, selector) = template_columns(object);
+    match plural {
+        "replicasets" => vec![
+            name,
+            json!(object["spec"]["replicas"].as_i64().unwrap_or(1)),
+            json!(n(&status["replicas"])),
+            json!(n(&status["readyReplicas"])),
+            json!(age(object)),
+            containers,
+            images,
+            selector,
+        ],
+        "daemonsets" => {
+            let node_selector: Vec<String> = object["spec"]["template"]["spec"]["nodeSelector"]
+                .as_object()
+                .map(|m| {
+                    m.iter()
+                        .map(|(k, v)| format!("{k}={}", v.as_str().unwrap_or("")))
+                        .collect()
+                })
+                .unwrap_or_default();
+            vec![
+                name,
+                json!(n(&status["desiredNumberScheduled"])),
+                json!(n(&status["currentNumberScheduled"])),
+                json!(n(&status["numberReady"])),
+                json!(n(&status["updatedNumberScheduled"])),
+                json!(n(&status["numberAvailable"])),
+                json!(if node_selector.is_empty() {
+                    "<none>".to_string()
+                } else {
+                    node_selector.join(",")
+                }),
+                json!(age(object)),
+                containers,
+                images,
+                selector,
+            ]
+        }
+        "statefulsets" => vec![
+            name,
+            json!(format!(
+                "{}/{}",
+                n(&status["readyReplicas"]),
+                object["spec"]["replicas"].as_i64().unwrap_or(1)
+            )),
+            json!(age(object)),
+            containers,
+            images,
+        ],
+        "jobs" => {
+            let completions = object["spec"]["completions"].as_i64();
+            let succeeded = n(&status["succeeded"]);
+            let condition = |kind: &str| {
+                status["conditions"]
+                    .as_array()
+                    .is_some_and(|c| c.iter().any(|c| c["type"] == kind && c["status"] == "True"))
+            };
+            let state = if condition("Complete") {
+                "Complete"
+            } else if condition("Failed") {
+                "Failed"
+            } else if object["spec"]["suspend"] == json!(true) {
+                "Suspended"
+            } else {
+                "Running"
+            };
+            let duration = match (
+                status["startTime"].as_str(),
+                status["completionTime"].as_str(),
+            ) {
+                (Some(start), end) => {
+                    let parse = |t: &str| {
+                        time::OffsetDateTime::parse(
+                            t,
+                            &time::format_description::well_known::Rfc3339,
+                        )
+                        .ok()
+                    };
+                    let end = end
+                        .and_then(parse)
+                        .unwrap_or_else(time::OffsetDateTime::now_utc);
+                    parse(start)
+                        .map(|start| human_age((end - start).whole_seconds()))
+                        .unwrap_or_default()
+                }
+                _ => String::new(),
+            };
+            let completions = match completions {
+                Some(total) => format!("{succeeded}/{total}"),
+                None => format!(
+                    "{succeeded}/1 of {}",
+                    object["spec"]["parallelism"].as_i64().unwrap_or(1)
+                ),
+            };
+            vec![
+                name,
+                json!(state),
+                json!(completions),
+                json!(duration),
+                json!(age(object)),
+                containers,
+                images,
+                selector,
+            ]
+        }
+        _ => {
+            let active = status["active"].as_array().map(Vec::len).unwrap_or(0);
+            let last = status["lastScheduleTime"]
+                .as_str()
+                .map(|t| age_since(Some(t)))
+                .unwrap_or_else(|| "<none>".into());
+            vec![
+                name,
+                json!(object["spec"]["schedule"].as_str().unwrap_or("")),
+                json!(object["spec"]["timeZone"].as_str().unwrap_or("<none>")),
+                json!(object["spec"]["suspend"] == json!(true)),
+                json!(active),
+                json!(last),
+                json!(age(object)),
+                containers,
+                images,
+                selector,
+            ]
+        }
     }
 }
 
@@ -225,6 +483,123 @@ fn cells(resource: &Resource, object: &Value) -> Vec<Value> {
                 json!(none_if_empty(selector.join(","))),
             ]
         }
+        "events" => {
+            let last = ["lastTimestamp", "eventTime"]
+                .iter()
+                .find_map(|f| object[*f].as_str())
+                .or_else(|| object["metadata"]["creationTimestamp"].as_str());
+            let first = object["firstTimestamp"].as_str().or(last);
+            let involved = &object["involvedObject"];
+            let kind = involved["kind"].as_str().unwrap_or("").to_lowercase();
+            let source = [
+                object["source"]["component"].as_str(),
+                object["source"]["host"].as_str(),
+            ]
+            .iter()
+            .flatten()
+            .copied()
+            .collect::<Vec<_>>()
+            .join(", ");
+            vec![
+                json!(age_since(last)),
+                json!(s(&object["type"])),
+                json!(s(&object["reason"])),
+                json!(format!("{kind}/{}", s(&involved["name"]))),
+                json!(s(&involved["fieldPath"])),
+                json!(source),
+                json!(s(&object["message"])),
+                json!(age_since(first)),
+                json!(object["count"].as_i64().unwrap_or(1).to_string()),
+                name,
+            ]
+        }
+        "nodes" => {
+            let conditions = object["status"]["conditions"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default();
+            let ready = conditions.iter().find(|c| c["type"] == "Ready");
+            let mut status = match ready.and_then(|c| c["status"].as_str()) {
+                Some("True") => "Ready".to_string(),
+                _ => "NotReady".to_string(),
+            };
+            if object["spec"]["unschedulable"] == json!(true) {
+                status.push_str(",SchedulingDisabled");
+            }
+            let roles: Vec<String> = object["metadata"]["labels"]
+                .as_object()
+                .map(|labels| {
+                    labels
+                        .keys()
+                        .filter_map(|k| {
+                            k.strip_prefix("node-role.kubernetes.io/")
+                                .map(str::to_string)
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
+            let address = |kind: &str| {
+                object["status"]["addresses"]
+                    .as_array()
+                    .and_then(|a| a.iter().find(|x| x["type"] == kind))
+                    .and_then(|x| x["address"].as_str())
+                    .unwrap_or("<none>")
+                    .to_string()
+            };
+            let info = &object["status"]["nodeInfo"];
+            vec![
+                name,
+                json!(status),
+                json!(none_if_empty(roles.join(","))),
+                json!(age(object)),
+                json!(s(&info["kubeletVersion"])),
+                json!(address("InternalIP")),
+                json!(address("ExternalIP")),
+                json!(none_if_empty(s(&info["osImage"]))),
+                json!(none_if_empty(s(&info["kernelVersion"]))),
+                json!(none_if_empty(s(&info["containerRuntimeVersion"]))),
+            ]
+        }
+        "replicasets" | "daemonsets" | "statefulsets" | "jobs" | "cronjobs" => {
+            workload_cells(resource.plural, object, name)
+        }
+        "endpoints" => {
+            let mut addresses = Vec::new();
+            for subset in object["subsets"]
+                .as_array()
+                .map(Vec::as_slice)
+                .unwrap_or(&[])
+            {
+                for address in subset["addresses"]
+                    .as_array()
+                    .map(Vec::as_slice)
+                    .unwrap_or(&[])
+                {
+                    for port in subset["ports"].as_array().map(Vec::as_slice).unwrap_or(&[]) {
+                        addresses.push(format!("{}:{}", s(&address["ip"]), port["port"]));
+                    }
+                }
+            }
+            let shown = if addresses.len() > 3 {
+                format!(
+                    "{} + {} more...",
+                    addresses[..3].join(","),
+                    addresses.len() - 3
+                )
+            } else {
+                addresses.join(",")
+            };
+            vec![name, json!(none_if_empty(shown)), json!(age(object))]
+        }
+        "serviceaccounts" => {
+            let secrets = object["secrets"].as_array().map(Vec::len).unwrap_or(0);
+            vec![name, json!(secrets.to_string()), json!(age(object))]
+        }
+        "leases" => vec![
+            name,
+            json!(s(&object["spec"]["holderIdentity"])),
+            json!(age(object)),
+        ],
         _ => vec![name, json!(age(object))],
     }
 }
@@ -278,6 +653,22 @@ pub fn table(
 mod tests {
     use super::*;
     use crate::registry::find;
+
+    #[test]
+    fn every_resource_has_as_many_cells_as_columns() {
+        let sparse =
+            json!({"metadata": {"name": "x", "creationTimestamp": "2026-01-01T00:00:00Z"}});
+        let full = json!({"metadata": {"name": "x"}, "spec": {"replicas": 3, "template": {"spec": {"containers": [{"name": "c", "image": "i"}]}}},
+                          "status": {"replicas": 1}, "subsets": [{"addresses": [{"ip": "10.0.0.1"}], "ports": [{"port": 80}]}]});
+        for resource in crate::registry::RESOURCES {
+            for object in [&sparse, &full] {
+                let table = table(resource, &[object.clone()], "1", None, "None", true);
+                let columns = table["columnDefinitions"].as_array().unwrap().len();
+                let cells = table["rows"][0]["cells"].as_array().unwrap().len();
+                assert_eq!(cells, columns, "{}", resource.plural);
+            }
+        }
+    }
 
     #[test]
     fn ages_read_like_kubectl() {

@@ -1061,3 +1061,68 @@ fn metrics_count_requests_by_verb_and_resource() {
         "metrics need credentials"
     );
 }
+
+/// Events are objects: `get events` prints upstream's columns and `describe` shows the events
+/// of the object. Workloads are defaulted as upstream defaults them.
+#[test]
+fn events_show_in_describe_and_workloads_print_their_columns() {
+    let server = server();
+    let kubectl = Kubectl::new(&server, None);
+    let pod = "apiVersion: v1\nkind: Pod\nmetadata: {name: web}\nspec: {containers: [{name: a, image: nginx}]}\n";
+    assert!(
+        kubectl
+            .apply_stdin(&["create", "-f", "-"], pod)
+            .status
+            .success()
+    );
+    let uid = kubectl.ok(&["get", "pod", "web", "-o", "jsonpath={.metadata.uid}"]);
+    let event = format!(
+        "apiVersion: v1\nkind: Event\nmetadata: {{name: web.1}}\ninvolvedObject: {{kind: Pod, name: web, namespace: default, uid: \"{uid}\"}}\nreason: Scheduled\nmessage: Successfully assigned default/web to node-1\ntype: Normal\nsource: {{component: default-scheduler}}\ncount: 1\n"
+    );
+    let created = kubectl.apply_stdin(&["create", "-f", "-"], &event);
+    assert!(
+        created.status.success(),
+        "{}",
+        String::from_utf8_lossy(&created.stderr)
+    );
+    let events = kubectl.ok(&["get", "events"]);
+    assert_eq!(
+        header(&events),
+        ["LAST", "SEEN", "TYPE", "REASON", "OBJECT", "MESSAGE"]
+    );
+    assert!(
+        events.contains("pod/web") && events.contains("Scheduled"),
+        "{events}"
+    );
+    let described = kubectl.ok(&["describe", "pod", "web"]);
+    assert!(
+        described.contains("Successfully assigned default/web to node-1"),
+        "{described}"
+    );
+
+    kubectl.ok(&["create", "job", "once", "--image=busybox"]);
+    let jobs = kubectl.ok(&["get", "jobs"]);
+    assert_eq!(
+        header(&jobs),
+        ["NAME", "STATUS", "COMPLETIONS", "DURATION", "AGE"]
+    );
+    assert!(
+        jobs.lines()
+            .any(|l| l.starts_with("once") && l.contains("0/1")),
+        "{jobs}"
+    );
+    assert_eq!(
+        kubectl.ok(&["get", "job", "once", "-o", "jsonpath={.spec.backoffLimit}"]),
+        "6"
+    );
+    kubectl.ok(&[
+        "create",
+        "cronjob",
+        "tick",
+        "--image=busybox",
+        "--schedule=*/5 * * * *",
+    ]);
+    let cronjobs = kubectl.ok(&["get", "cronjobs"]);
+    assert_eq!(header(&cronjobs)[..2], ["NAME", "SCHEDULE"]);
+    assert!(cronjobs.contains("*/5 * * * *"), "{cronjobs}");
+}
