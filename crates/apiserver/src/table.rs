@@ -662,7 +662,14 @@ mod tests {
                           "status": {"replicas": 1}, "subsets": [{"addresses": [{"ip": "10.0.0.1"}], "ports": [{"port": 80}]}]});
         for resource in crate::registry::RESOURCES {
             for object in [&sparse, &full] {
-                let table = table(resource, &[object.clone()], "1", None, "None", true);
+                let table = table(
+                    resource,
+                    std::slice::from_ref(object),
+                    "1",
+                    None,
+                    "None",
+                    true,
+                );
                 let columns = table["columnDefinitions"].as_array().unwrap().len();
                 let cells = table["rows"][0]["cells"].as_array().unwrap().len();
                 assert_eq!(cells, columns, "{}", resource.plural);
