@@ -56,25 +56,17 @@ struct Target {
 
 fn decode_field(entry: &Value, data: &str, file: &str) -> anyhow::Result<Option<Vec<u8>>> {
     if let Some(data) = entry[data].as_str() {
-        return Ok(Some(
-            STANDARD
-                .decode(data)
-                .with_context(|| format!("{data}: not base64"))?,
-        ));
+        return Ok(Some(STANDARD.decode(data).with_context(|| format!("{data}: not base64"))?));
     }
     if let Some(path) = entry[file].as_str() {
-        return Ok(Some(
-            std::fs::read(path).with_context(|| format!("reading {path}"))?,
-        ));
+        return Ok(Some(std::fs::read(path).with_context(|| format!("reading {path}"))?));
     }
     Ok(None)
 }
 
 fn load_target(path: &std::path::Path) -> anyhow::Result<Target> {
-    let text =
-        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-    let config: Value =
-        serde_saphyr::from_str(&text).with_context(|| format!("{} is not YAML", path.display()))?;
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let config: Value = serde_saphyr::from_str(&text).with_context(|| format!("{} is not YAML", path.display()))?;
     let named = |list: &str, name: &str| -> anyhow::Result<Value> {
         config[list]
             .as_array()
@@ -82,52 +74,28 @@ fn load_target(path: &std::path::Path) -> anyhow::Result<Target> {
             .cloned()
             .with_context(|| format!("no {list} entry named {name:?}"))
     };
-    let context_name = config["current-context"]
-        .as_str()
-        .context("no current-context")?;
+    let context_name = config["current-context"].as_str().context("no current-context")?;
     let context = named("contexts", context_name)?;
-    let cluster = named(
-        "clusters",
-        context["context"]["cluster"]
-            .as_str()
-            .context("context without cluster")?,
-    )?;
-    let user = named(
-        "users",
-        context["context"]["user"]
-            .as_str()
-            .context("context without user")?,
-    )?;
+    let cluster = named("clusters", context["context"]["cluster"].as_str().context("context without cluster")?)?;
+    let user = named("users", context["context"]["user"].as_str().context("context without user")?)?;
     let (cluster, user) = (&cluster["cluster"], &user["user"]);
-    let server = cluster["server"]
-        .as_str()
-        .context("cluster without server")?
-        .trim_end_matches('/')
-        .to_string();
+    let server = cluster["server"].as_str().context("cluster without server")?.trim_end_matches('/').to_string();
 
     let mut roots = rustls::RootCertStore::empty();
-    if let Some(ca) = decode_field(
-        cluster,
-        "certificate-authority-data",
-        "certificate-authority",
-    )? {
+    if let Some(ca) = decode_field(cluster, "certificate-authority-data", "certificate-authority")? {
         for cert in rustls_pemfile::certs(&mut ca.as_slice()) {
             roots.add(cert?)?;
         }
     }
-    let builder = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()?
-    .with_root_certificates(roots);
+    let builder = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(roots);
     let cert = decode_field(user, "client-certificate-data", "client-certificate")?;
     let key = decode_field(user, "client-key-data", "client-key")?;
     let tls = match (cert, key) {
         (Some(cert), Some(key)) => {
-            let chain =
-                rustls_pemfile::certs(&mut cert.as_slice()).collect::<Result<Vec<_>, _>>()?;
-            let key = rustls_pemfile::private_key(&mut key.as_slice())?
-                .context("no private key in the kubeconfig")?;
+            let chain = rustls_pemfile::certs(&mut cert.as_slice()).collect::<Result<Vec<_>, _>>()?;
+            let key = rustls_pemfile::private_key(&mut key.as_slice())?.context("no private key in the kubeconfig")?;
             builder.with_client_auth_cert(chain, key)?
         }
         _ => builder.with_no_client_auth(),
@@ -139,48 +107,26 @@ fn load_target(path: &std::path::Path) -> anyhow::Result<Target> {
         .enable_http2()
         .build();
     let client = Client::builder(TokioExecutor::new()).build(connector);
-    Ok(Target {
-        server,
-        client,
-        token: user["token"].as_str().map(str::to_string),
-    })
+    Ok(Target { server, client, token: user["token"].as_str().map(str::to_string) })
 }
 
 impl Target {
-    async fn request(
-        &self,
-        method: Method,
-        path: &str,
-        body: Option<&Value>,
-    ) -> anyhow::Result<(StatusCode, Bytes)> {
-        let mut request = Request::builder()
-            .method(method)
-            .uri(format!("{}{path}", self.server));
+    async fn request(&self, method: Method, path: &str, body: Option<&Value>) -> anyhow::Result<(StatusCode, Bytes)> {
+        let mut request = Request::builder().method(method).uri(format!("{}{path}", self.server));
         if let Some(token) = &self.token {
             request = request.header("Authorization", format!("Bearer {token}"));
         }
         let body = body.map(|b| Bytes::from(b.to_string())).unwrap_or_default();
-        let request = request
-            .header("Content-Type", "application/json")
-            .body(Full::new(body))?;
+        let request = request.header("Content-Type", "application/json").body(Full::new(body))?;
         let response = self.client.request(request).await?;
         let status = response.status();
         Ok((status, response.into_body().collect().await?.to_bytes()))
     }
 
-    async fn expect(
-        &self,
-        method: Method,
-        path: &str,
-        body: Option<&Value>,
-        ok: &[u16],
-    ) -> anyhow::Result<Bytes> {
+    async fn expect(&self, method: Method, path: &str, body: Option<&Value>, ok: &[u16]) -> anyhow::Result<Bytes> {
         let (status, bytes) = self.request(method.clone(), path, body).await?;
         if !ok.contains(&status.as_u16()) {
-            bail!(
-                "{method} {path}: {status}: {}",
-                String::from_utf8_lossy(&bytes)
-            );
+            bail!("{method} {path}: {status}: {}", String::from_utf8_lossy(&bytes));
         }
         Ok(bytes)
     }
@@ -246,19 +192,9 @@ async fn run(args: Args) -> anyhow::Result<Value> {
     tokio::time::sleep(Duration::from_millis(500)).await;
     let rss_idle = rss_kib(pid);
 
-    let run_id = format!(
-        "{:x}",
-        Instant::now().elapsed().as_nanos() ^ u128::from(std::process::id())
-    );
+    let run_id = format!("{:x}", Instant::now().elapsed().as_nanos() ^ u128::from(std::process::id()));
     let namespace = format!("apibench-{run_id}");
-    target
-        .expect(
-            Method::POST,
-            "/api/v1/namespaces",
-            Some(&json!({"metadata": {"name": namespace}})),
-            &[201],
-        )
-        .await?;
+    target.expect(Method::POST, "/api/v1/namespaces", Some(&json!({"metadata": {"name": namespace}})), &[201]).await?;
     let collection = format!("/api/v1/namespaces/{namespace}/configmaps");
 
     let creates = {
@@ -266,14 +202,7 @@ async fn run(args: Args) -> anyhow::Result<Value> {
         throughput(args.clients, args.seconds, move |client, i| {
             let (target, collection) = (target.clone(), collection.clone());
             async move {
-                target
-                    .expect(
-                        Method::POST,
-                        &collection,
-                        Some(&config_map(&format!("c{client}-{i}"))),
-                        &[201],
-                    )
-                    .await?;
+                target.expect(Method::POST, &collection, Some(&config_map(&format!("c{client}-{i}"))), &[201]).await?;
                 Ok(())
             }
         })
@@ -285,14 +214,7 @@ async fn run(args: Args) -> anyhow::Result<Value> {
             let (target, collection) = (target.clone(), collection.clone());
             async move {
                 // Objects that the create phase made for sure.
-                target
-                    .expect(
-                        Method::GET,
-                        &format!("{collection}/c{client}-{}", i % 10),
-                        None,
-                        &[200],
-                    )
-                    .await?;
+                target.expect(Method::GET, &format!("{collection}/c{client}-{}", i % 10), None, &[200]).await?;
                 Ok(())
             }
         })
@@ -302,12 +224,7 @@ async fn run(args: Args) -> anyhow::Result<Value> {
     // List: a namespace holding exactly `list_objects` objects.
     let list_namespace = format!("apibench-list-{run_id}");
     target
-        .expect(
-            Method::POST,
-            "/api/v1/namespaces",
-            Some(&json!({"metadata": {"name": list_namespace}})),
-            &[201],
-        )
+        .expect(Method::POST, "/api/v1/namespaces", Some(&json!({"metadata": {"name": list_namespace}})), &[201])
         .await?;
     let list_collection = format!("/api/v1/namespaces/{list_namespace}/configmaps");
     let per_client = args.list_objects.div_ceil(args.clients);
@@ -317,14 +234,7 @@ async fn run(args: Args) -> anyhow::Result<Value> {
         let count = per_client.min(args.list_objects.saturating_sub(client * per_client));
         fillers.push(tokio::spawn(async move {
             for i in 0..count {
-                target
-                    .expect(
-                        Method::POST,
-                        &collection,
-                        Some(&config_map(&format!("l{client}-{i}"))),
-                        &[201],
-                    )
-                    .await?;
+                target.expect(Method::POST, &collection, Some(&config_map(&format!("l{client}-{i}"))), &[201]).await?;
             }
             anyhow::Ok(())
         }));
@@ -335,9 +245,7 @@ async fn run(args: Args) -> anyhow::Result<Value> {
     let mut list_ms = Vec::new();
     for _ in 0..5 {
         let begin = Instant::now();
-        let bytes = target
-            .expect(Method::GET, &list_collection, None, &[200])
-            .await?;
+        let bytes = target.expect(Method::GET, &list_collection, None, &[200]).await?;
         list_ms.push(begin.elapsed().as_secs_f64() * 1e3);
         let list: Value = serde_json::from_slice(&bytes)?;
         let items = list["items"].as_array().map(Vec::len).unwrap_or(0);
@@ -350,28 +258,13 @@ async fn run(args: Args) -> anyhow::Result<Value> {
     // Watch: from the list's resourceVersion, time each create until its event arrives.
     let watch_namespace = format!("apibench-watch-{run_id}");
     target
-        .expect(
-            Method::POST,
-            "/api/v1/namespaces",
-            Some(&json!({"metadata": {"name": watch_namespace}})),
-            &[201],
-        )
+        .expect(Method::POST, "/api/v1/namespaces", Some(&json!({"metadata": {"name": watch_namespace}})), &[201])
         .await?;
     let watch_collection = format!("/api/v1/namespaces/{watch_namespace}/configmaps");
-    let list: Value = serde_json::from_slice(
-        &target
-            .expect(Method::GET, &watch_collection, None, &[200])
-            .await?,
-    )?;
-    let revision = list["metadata"]["resourceVersion"]
-        .as_str()
-        .unwrap_or("0")
-        .to_string();
+    let list: Value = serde_json::from_slice(&target.expect(Method::GET, &watch_collection, None, &[200]).await?)?;
+    let revision = list["metadata"]["resourceVersion"].as_str().unwrap_or("0").to_string();
     let request = Request::builder()
-        .uri(format!(
-            "{}{watch_collection}?watch=true&resourceVersion={revision}",
-            target.server
-        ))
+        .uri(format!("{}{watch_collection}?watch=true&resourceVersion={revision}", target.server))
         .body(Full::new(Bytes::new()))?;
     let response = target.client.request(request).await?;
     let mut body = response.into_body();
@@ -379,9 +272,7 @@ async fn run(args: Args) -> anyhow::Result<Value> {
     let receiver = tokio::spawn(async move {
         let (mut buffer, mut latencies) = (Vec::<u8>::new(), Vec::new());
         while latencies.len() < args.watch_events {
-            let Some(frame) = body.frame().await else {
-                bail!("the watch ended early")
-            };
+            let Some(frame) = body.frame().await else { bail!("the watch ended early") };
             let Ok(data) = frame?.into_data() else {
                 continue;
             };
@@ -399,18 +290,12 @@ async fn run(args: Args) -> anyhow::Result<Value> {
     });
     for i in 0..args.watch_events {
         let mut object = config_map(&format!("w{i}"));
-        object["metadata"]["annotations"] =
-            json!({"sent": format!("{:.4}", base.elapsed().as_secs_f64() * 1e3)});
-        target
-            .expect(Method::POST, &watch_collection, Some(&object), &[201])
-            .await?;
+        object["metadata"]["annotations"] = json!({"sent": format!("{:.4}", base.elapsed().as_secs_f64() * 1e3)});
+        target.expect(Method::POST, &watch_collection, Some(&object), &[201]).await?;
     }
-    let mut latencies = tokio::time::timeout(Duration::from_secs(60), receiver)
-        .await
-        .context("watch events")???;
+    let mut latencies = tokio::time::timeout(Duration::from_secs(60), receiver).await.context("watch events")???;
     latencies.sort_by(f64::total_cmp);
-    let quantile =
-        |q: f64| latencies[((latencies.len() as f64 * q) as usize).min(latencies.len() - 1)];
+    let quantile = |q: f64| latencies[((latencies.len() as f64 * q) as usize).min(latencies.len() - 1)];
     let rss_after = rss_kib(pid);
     drop(started);
     Ok(json!({
@@ -431,10 +316,7 @@ async fn run(args: Args) -> anyhow::Result<Value> {
 fn main() -> std::process::ExitCode {
     let args = Args::parse();
     let _ = rustls::crypto::ring::default_provider().install_default();
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .expect("a tokio runtime");
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("a tokio runtime");
     match runtime.block_on(run(args)) {
         Ok(report) => {
             println!("{}", serde_json::to_string_pretty(&report).expect("JSON"));

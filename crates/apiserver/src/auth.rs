@@ -27,16 +27,8 @@ impl UserInfo {
 pub fn from_certificate(der: &[u8]) -> Option<UserInfo> {
     let (_, cert) = X509Certificate::from_der(der).ok()?;
     let subject = cert.subject();
-    let name = subject
-        .iter_common_name()
-        .next()?
-        .as_str()
-        .ok()?
-        .to_string();
-    let groups = subject
-        .iter_organization()
-        .filter_map(|o| o.as_str().ok().map(str::to_string))
-        .collect();
+    let name = subject.iter_common_name().next()?.as_str().ok()?.to_string();
+    let groups = subject.iter_organization().filter_map(|o| o.as_str().ok().map(str::to_string)).collect();
     Some(UserInfo::new(name, String::new(), groups))
 }
 
@@ -59,24 +51,13 @@ impl TokenFile {
             }
             let fields = split_csv(line);
             if fields.len() < 3 || fields[0].is_empty() || fields[1].is_empty() {
-                return Err(format!(
-                    "line {}: expected token,user,uid[,\"group1,group2\"]",
-                    number + 1
-                ));
+                return Err(format!("line {}: expected token,user,uid[,\"group1,group2\"]", number + 1));
             }
             let groups = fields
                 .get(3)
-                .map(|g| {
-                    g.split(',')
-                        .map(|s| s.trim().to_string())
-                        .filter(|s| !s.is_empty())
-                        .collect()
-                })
+                .map(|g| g.split(',').map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect())
                 .unwrap_or_default();
-            tokens.insert(
-                fields[0].clone(),
-                UserInfo::new(fields[1].clone(), fields[2].clone(), groups),
-            );
+            tokens.insert(fields[0].clone(), UserInfo::new(fields[1].clone(), fields[2].clone(), groups));
         }
         Ok(TokenFile(tokens))
     }
@@ -106,16 +87,11 @@ mod tests {
 
     #[test]
     fn token_files_read_like_upstream() {
-        let file =
-            TokenFile::parse("# comment\nsecret1,alice,1001,\"dev,ops\"\nsecret2,bob,1002\n")
-                .unwrap();
+        let file = TokenFile::parse("# comment\nsecret1,alice,1001,\"dev,ops\"\nsecret2,bob,1002\n").unwrap();
         let alice = file.user("secret1").unwrap();
         assert_eq!(alice.name, "alice");
         assert_eq!(alice.groups, ["dev", "ops", "system:authenticated"]);
-        assert_eq!(
-            file.user("secret2").unwrap().groups,
-            ["system:authenticated"]
-        );
+        assert_eq!(file.user("secret2").unwrap().groups, ["system:authenticated"]);
         assert!(file.user("nope").is_none());
         assert!(TokenFile::parse("only-a-token\n").is_err());
     }

@@ -20,24 +20,18 @@ fn group_entry(group: &str, version: &str) -> Value {
 }
 
 pub fn api_group_list() -> Value {
-    let groups: Vec<Value> = groups()
-        .into_iter()
-        .map(|(g, v)| group_entry(g, v))
-        .collect();
+    let groups: Vec<Value> = groups().into_iter().map(|(g, v)| group_entry(g, v)).collect();
     json!({"kind": "APIGroupList", "apiVersion": "v1", "groups": groups})
 }
 
 /// `/apis/<group>`, if the group is served.
 pub fn api_group(group: &str) -> Option<Value> {
-    groups()
-        .into_iter()
-        .find(|(g, _)| *g == group)
-        .map(|(g, v)| {
-            let mut entry = group_entry(g, v);
-            entry["kind"] = json!("APIGroup");
-            entry["apiVersion"] = json!("v1");
-            entry
-        })
+    groups().into_iter().find(|(g, _)| *g == group).map(|(g, v)| {
+        let mut entry = group_entry(g, v);
+        entry["kind"] = json!("APIGroup");
+        entry["apiVersion"] = json!("v1");
+        entry
+    })
 }
 
 /// The resources of one group version, if served.
@@ -62,14 +56,8 @@ pub fn api_resource_list(group: &str, version: &str) -> Option<Value> {
     if resources.is_empty() {
         return None;
     }
-    let group_version = if group.is_empty() {
-        version.to_string()
-    } else {
-        format!("{group}/{version}")
-    };
-    Some(
-        json!({"kind": "APIResourceList", "apiVersion": "v1", "groupVersion": group_version, "resources": resources}),
-    )
+    let group_version = if group.is_empty() { version.to_string() } else { format!("{group}/{version}") };
+    Some(json!({"kind": "APIResourceList", "apiVersion": "v1", "groupVersion": group_version, "resources": resources}))
 }
 
 fn resource_entry(r: &crate::registry::Resource) -> Value {
@@ -97,8 +85,7 @@ pub fn aggregated_version(accept: &str) -> Option<&'static str> {
         if params.first() != Some(&"application/json") {
             continue;
         }
-        if params.contains(&"g=apidiscovery.k8s.io") && params.contains(&"as=APIGroupDiscoveryList")
-        {
+        if params.contains(&"g=apidiscovery.k8s.io") && params.contains(&"as=APIGroupDiscoveryList") {
             if params.contains(&"v=v2") {
                 return Some("v2");
             }
@@ -196,21 +183,15 @@ mod tests {
         assert_eq!(pods["subresources"][0]["subresource"], "status");
         let apps = aggregated(false, "v2beta1");
         assert_eq!(apps["apiVersion"], "apidiscovery.k8s.io/v2beta1");
-        let deployments = apps["items"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|g| g["metadata"]["name"] == "apps")
-            .unwrap()["versions"][0]["resources"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|r| r["resource"] == "deployments")
-            .unwrap()
-            .clone();
-        assert_eq!(
-            deployments["subresources"][1]["responseKind"]["kind"],
-            "Scale"
-        );
+        let deployments =
+            apps["items"].as_array().unwrap().iter().find(|g| g["metadata"]["name"] == "apps").unwrap()["versions"][0]
+                ["resources"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|r| r["resource"] == "deployments")
+                .unwrap()
+                .clone();
+        assert_eq!(deployments["subresources"][1]["responseKind"]["kind"], "Scale");
     }
 }

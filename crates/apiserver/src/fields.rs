@@ -28,10 +28,9 @@ pub type FieldSet = BTreeSet<Path>;
 fn ignored(path: &[Step]) -> bool {
     match path {
         [Step::Field(f)] => matches!(f.as_str(), "apiVersion" | "kind" | "status"),
-        [Step::Field(m), Step::Field(f)] if m == "metadata" => !matches!(
-            f.as_str(),
-            "labels" | "annotations" | "finalizers" | "ownerReferences"
-        ),
+        [Step::Field(m), Step::Field(f)] if m == "metadata" => {
+            !matches!(f.as_str(), "labels" | "annotations" | "finalizers" | "ownerReferences")
+        }
         _ => false,
     }
 }
@@ -107,10 +106,7 @@ pub fn get<'a>(value: &'a Value, path: &[Step]) -> Option<&'a Value> {
             Step::Key(key) => {
                 let key: Map<String, Value> = serde_json::from_str(key).ok()?;
                 let (k, v) = key.iter().next()?;
-                current
-                    .as_array()?
-                    .iter()
-                    .find(|item| item.get(k) == Some(v))?
+                current.as_array()?.iter().find(|item| item.get(k) == Some(v))?
             }
             Step::Value(item) => {
                 let item: Value = serde_json::from_str(item).ok()?;
@@ -137,9 +133,7 @@ pub fn remove(value: &mut Value, path: &[Step]) {
                 let Some((k, v)) = key.into_iter().next() else {
                     return;
                 };
-                parent
-                    .as_array_mut()
-                    .and_then(|items| items.iter_mut().find(|item| item.get(&k) == Some(&v)))
+                parent.as_array_mut().and_then(|items| items.iter_mut().find(|item| item.get(&k) == Some(&v)))
             }
             Step::Value(_) => None,
         };
@@ -314,35 +308,24 @@ pub fn write_managed(object: &mut Value, managed: &[Managed]) {
 
 /// Records a non-apply write by `manager`: it takes the fields it set or changed; fields that
 /// disappeared are nobody's any more.
-pub fn record_update(
-    manager: &str,
-    api_version: &str,
-    subresource: &str,
-    old: Option<&Value>,
-    new: &mut Value,
-) {
+pub fn record_update(manager: &str, api_version: &str, subresource: &str, old: Option<&Value>, new: &mut Value) {
     let mut managed = old.map(read_managed).unwrap_or_default();
     let new_fields = field_set(new);
     let changed: FieldSet = match old {
         Some(old) => {
             let old_fields = field_set(old);
-            new_fields
-                .iter()
-                .filter(|p| !old_fields.contains(*p) || get(old, p) != get(new, p))
-                .cloned()
-                .collect()
+            new_fields.iter().filter(|p| !old_fields.contains(*p) || get(old, p) != get(new, p)).cloned().collect()
         }
         None => new_fields.clone(),
     };
     for entry in &mut managed {
-        entry
-            .fields
-            .retain(|p| new_fields.contains(p) && !changed.contains(p));
+        entry.fields.retain(|p| new_fields.contains(p) && !changed.contains(p));
     }
     if !changed.is_empty() {
-        match managed.iter_mut().find(|m| {
-            m.manager == manager && m.operation == "Update" && m.subresource == subresource
-        }) {
+        match managed
+            .iter_mut()
+            .find(|m| m.manager == manager && m.operation == "Update" && m.subresource == subresource)
+        {
             Some(entry) => entry.fields.extend(changed),
             None => managed.push(Managed {
                 manager: manager.to_string(),
@@ -371,50 +354,30 @@ mod tests {
         let set = field_set(&deployment);
         let shown: Vec<String> = set.iter().map(|p| display(p)).collect();
         assert!(shown.contains(&".spec.replicas".to_string()), "{shown:?}");
-        assert!(
-            shown.contains(&".spec.template.spec.containers[name=\"web\"].image".to_string()),
-            "{shown:?}"
-        );
+        assert!(shown.contains(&".spec.template.spec.containers[name=\"web\"].image".to_string()), "{shown:?}");
         assert!(
             shown.contains(&".spec.template.spec.containers[name=\"web\"].args".to_string()),
             "atomic list: {shown:?}"
         );
-        assert!(
-            shown.contains(&".metadata.finalizers[=\"a\"]".to_string()),
-            "{shown:?}"
-        );
-        assert!(
-            !shown
-                .iter()
-                .any(|s| s.starts_with(".status") || s == ".metadata.name" || s == ".kind"),
-            "{shown:?}"
-        );
+        assert!(shown.contains(&".metadata.finalizers[=\"a\"]".to_string()), "{shown:?}");
+        assert!(!shown.iter().any(|s| s.starts_with(".status") || s == ".metadata.name" || s == ".kind"), "{shown:?}");
         let fields = to_fields_v1(&set);
-        assert_eq!(
-            fields["f:spec"]["f:template"]["f:spec"]["f:containers"]["k:{\"name\":\"web\"}"]["."],
-            json!({})
-        );
+        assert_eq!(fields["f:spec"]["f:template"]["f:spec"]["f:containers"]["k:{\"name\":\"web\"}"]["."], json!({}));
         assert_eq!(from_fields_v1(&fields), set);
     }
 
     #[test]
     fn paths_read_and_remove_values_and_elements() {
         let mut object = json!({"spec": {"containers": [{"name": "a", "image": "x"}, {"name": "b", "image": "y"}]}});
-        let element = vec![
-            Step::Field("spec".into()),
-            Step::Field("containers".into()),
-            Step::Key(r#"{"name":"b"}"#.into()),
-        ];
+        let element =
+            vec![Step::Field("spec".into()), Step::Field("containers".into()), Step::Key(r#"{"name":"b"}"#.into())];
         let mut image = element.clone();
         image.push(Step::Field("image".into()));
         assert_eq!(get(&object, &image), Some(&json!("y")));
         remove(&mut object, &image);
         assert_eq!(object["spec"]["containers"][1], json!({"name": "b"}));
         remove(&mut object, &element);
-        assert_eq!(
-            object["spec"]["containers"],
-            json!([{"name": "a", "image": "x"}])
-        );
+        assert_eq!(object["spec"]["containers"], json!([{"name": "a", "image": "x"}]));
     }
 
     #[test]
@@ -427,10 +390,7 @@ mod tests {
         record_update("editor", "v1", "", Some(&created), &mut new);
         let managed = read_managed(&new);
         let owner = |field: &str| {
-            managed
-                .iter()
-                .find(|m| m.fields.iter().any(|p| display(p) == field))
-                .map(|m| m.manager.clone())
+            managed.iter().find(|m| m.fields.iter().any(|p| display(p) == field)).map(|m| m.manager.clone())
         };
         assert_eq!(owner(".data.a").as_deref(), Some("creator"));
         assert_eq!(owner(".data.b").as_deref(), Some("editor"));

@@ -44,19 +44,13 @@ type Query = HashMap<String, String>;
 fn json_response(code: StatusCode, value: &Value) -> Response<Body> {
     let mut response = Response::new(Body::from(value.to_string()));
     *response.status_mut() = code;
-    response.headers_mut().insert(
-        header::CONTENT_TYPE,
-        header::HeaderValue::from_static("application/json"),
-    );
+    response.headers_mut().insert(header::CONTENT_TYPE, header::HeaderValue::from_static("application/json"));
     response
 }
 
 fn text_response(text: &'static str) -> Response<Body> {
     let mut response = Response::new(Body::from(text));
-    response.headers_mut().insert(
-        header::CONTENT_TYPE,
-        header::HeaderValue::from_static("text/plain; charset=utf-8"),
-    );
+    response.headers_mut().insert(header::CONTENT_TYPE, header::HeaderValue::from_static("text/plain; charset=utf-8"));
     response
 }
 
@@ -86,58 +80,28 @@ pub fn is_public(path: &str) -> bool {
 }
 
 /// Serves one request from an authenticated `user` (or a public path).
-pub async fn handle(
-    state: Arc<ApiState>,
-    user: Option<UserInfo>,
-    request: hyper::Request<Body>,
-) -> Response<Body> {
+pub async fn handle(state: Arc<ApiState>, user: Option<UserInfo>, request: hyper::Request<Body>) -> Response<Body> {
     let (parts, body) = request.into_parts();
     let path = parts.uri.path().to_string();
-    let query: Query = parts
-        .uri
-        .query()
-        .map(|q| {
-            url::form_urlencoded::parse(q.as_bytes())
-                .into_owned()
-                .collect()
-        })
-        .unwrap_or_default();
+    let query: Query =
+        parts.uri.query().map(|q| url::form_urlencoded::parse(q.as_bytes()).into_owned().collect()).unwrap_or_default();
     if !is_public(&path) && user.is_none() {
         return ApiError::unauthorized().into_response();
     }
     let started = std::time::Instant::now();
-    let result = route(
-        &state,
-        user.as_ref(),
-        &parts.method,
-        &path,
-        &query,
-        &parts.headers,
-        body,
-    )
-    .await;
+    let result = route(&state, user.as_ref(), &parts.method, &path, &query, &parts.headers, body).await;
     let response = match result {
         Ok(response) => response,
         Err(error) => error.into_response(),
     };
     let (verb, group, resource) = request_labels(&parts.method, &path, &query);
-    state.metrics.record(
-        &verb,
-        group,
-        resource,
-        response.status().as_u16(),
-        started.elapsed(),
-    );
+    state.metrics.record(&verb, group, resource, response.status().as_u16(), started.elapsed());
     response
 }
 
 /// The verb (upstream's: get, list, watch, create, update, patch, delete, deletecollection) and
 /// the resource of a request, for metrics; non-resource paths count under their method.
-fn request_labels(
-    method: &Method,
-    path: &str,
-    query: &Query,
-) -> (String, &'static str, &'static str) {
+fn request_labels(method: &Method, path: &str, query: &Query) -> (String, &'static str, &'static str) {
     let Ok(Some(target)) = parse_target(path) else {
         return (method.as_str().to_ascii_lowercase(), "", "");
     };
@@ -152,18 +116,10 @@ fn request_labels(
         (&Method::DELETE, true) => "delete",
         (&Method::DELETE, false) => "deletecollection",
         _ => {
-            return (
-                method.as_str().to_ascii_lowercase(),
-                target.resource.group,
-                target.resource.plural,
-            );
+            return (method.as_str().to_ascii_lowercase(), target.resource.group, target.resource.plural);
         }
     };
-    (
-        verb.to_string(),
-        target.resource.group,
-        target.resource.plural,
-    )
+    (verb.to_string(), target.resource.group, target.resource.plural)
 }
 
 /// A parsed resource path.
@@ -179,17 +135,11 @@ fn parse_target(path: &str) -> Result<Option<Target>, ApiError> {
     let segments: Vec<String> = path
         .trim_matches('/')
         .split('/')
-        .map(|s| {
-            percent_encoding::percent_decode_str(s)
-                .decode_utf8_lossy()
-                .into_owned()
-        })
+        .map(|s| percent_encoding::percent_decode_str(s).decode_utf8_lossy().into_owned())
         .collect();
     let (group, version, rest) = match segments.first().map(String::as_str) {
         Some("api") if segments.len() >= 3 => ("", segments[1].as_str(), &segments[2..]),
-        Some("apis") if segments.len() >= 4 => {
-            (segments[1].as_str(), segments[2].as_str(), &segments[3..])
-        }
+        Some("apis") if segments.len() >= 4 => (segments[1].as_str(), segments[2].as_str(), &segments[3..]),
         _ => return Ok(None),
     };
     let find = |plural: &str| registry::find(group, version, plural);
@@ -214,12 +164,7 @@ fn parse_target(path: &str) -> Result<Option<Target>, ApiError> {
     if rest.len() > 3 || (resource.namespaced && rest.len() > 1) {
         return Err(not_found());
     }
-    Ok(Some(Target {
-        resource,
-        namespace: None,
-        name: rest.get(1).cloned(),
-        subresource: rest.get(2).cloned(),
-    }))
+    Ok(Some(Target { resource, namespace: None, name: rest.get(1).cloned(), subresource: rest.get(2).cloned() }))
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -232,21 +177,16 @@ async fn route(
     headers: &HeaderMap,
     body: Body,
 ) -> Result<Response<Body>, ApiError> {
-    let accept = headers
-        .get(header::ACCEPT)
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("");
+    let accept = headers.get(header::ACCEPT).and_then(|v| v.to_str().ok()).unwrap_or("");
     if matches!(path, "/api" | "/api/" | "/apis" | "/apis/")
         && let Some(version) = discovery::aggregated_version(accept)
     {
         let document = discovery::aggregated(path.trim_end_matches('/') == "/api", version);
         let mut response = json_response(StatusCode::OK, &document);
-        let content_type =
-            format!("application/json;g=apidiscovery.k8s.io;v={version};as=APIGroupDiscoveryList");
-        response.headers_mut().insert(
-            header::CONTENT_TYPE,
-            header::HeaderValue::from_str(&content_type).expect("a valid header value"),
-        );
+        let content_type = format!("application/json;g=apidiscovery.k8s.io;v={version};as=APIGroupDiscoveryList");
+        response
+            .headers_mut()
+            .insert(header::CONTENT_TYPE, header::HeaderValue::from_str(&content_type).expect("a valid header value"));
         return Ok(response);
     }
     match path {
@@ -256,17 +196,12 @@ async fn route(
             let mut response = Response::new(Body::from(state.metrics.render()));
             response.headers_mut().insert(
                 header::CONTENT_TYPE,
-                header::HeaderValue::from_static(
-                    "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                ),
+                header::HeaderValue::from_static("application/openmetrics-text; version=1.0.0; charset=utf-8"),
             );
             return Ok(response);
         }
         "/api" | "/api/" => {
-            return Ok(json_response(
-                StatusCode::OK,
-                &discovery::api_versions(&state.server_address),
-            ));
+            return Ok(json_response(StatusCode::OK, &discovery::api_versions(&state.server_address)));
         }
         "/apis" | "/apis/" => {
             return Ok(json_response(StatusCode::OK, &discovery::api_group_list()));
@@ -302,10 +237,8 @@ async fn route(
     }
     // Refuse an oversized body by its declared length, before reading any of it (a client
     // that sent `Expect: 100-continue` then never sends it).
-    let declared = headers
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<usize>().ok());
+    let declared =
+        headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<usize>().ok());
     if declared.is_some_and(|length| length > MAX_BODY) {
         drain_in_background(body);
         return Err(ApiError::too_large(MAX_BODY));
@@ -313,30 +246,17 @@ async fn route(
     let target = parse_target(path)?.ok_or_else(|| ApiError::not_found_path(path))?;
     let view = View::from_subresource(target.resource, target.subresource.as_deref())
         .map_err(|_| ApiError::not_found_path(path))?;
-    let accept = headers
-        .get(header::ACCEPT)
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("");
-    let content_type = headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("application/json");
+    let accept = headers.get(header::ACCEPT).and_then(|v| v.to_str().ok()).unwrap_or("");
+    let content_type = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("application/json");
     let dry_run = query.get("dryRun").is_some_and(|v| v == "All");
-    let write = Write {
-        manager: field_manager(query, headers),
-        dry_run,
-        apply: false,
-    };
+    let write = Write { manager: field_manager(query, headers), dry_run, apply: false };
     if target.resource.is_review() {
         if method != Method::POST || target.name.is_some() {
             return Err(ApiError::method_not_allowed(method.as_str()));
         }
         let body = read_body(body).await?;
         let review = decode_body(content_type, &body)?;
-        return Ok(json_response(
-            StatusCode::CREATED,
-            &answer_review(target.resource, user, review),
-        ));
+        return Ok(json_response(StatusCode::CREATED, &answer_review(target.resource, user, review)));
     }
     let namespace = target.namespace.as_deref();
     match (method, target.name.as_deref()) {
@@ -344,9 +264,7 @@ async fn route(
             let (object, _) = read_object(state, target.resource, namespace, name).await?;
             Ok(json_response(StatusCode::OK, &view.project(&object)))
         }
-        (&Method::GET, Some(name)) => {
-            get(state, target.resource, namespace, name, accept, query).await
-        }
+        (&Method::GET, Some(name)) => get(state, target.resource, namespace, name, accept, query).await,
         (&Method::GET, None) => {
             if query.get("watch").is_some_and(|w| w == "true" || w == "1") {
                 watch(state, target.resource, namespace, query, accept).await
@@ -356,64 +274,24 @@ async fn route(
         }
         (&Method::POST, None) => {
             let body = read_body(body).await?;
-            create(
-                state,
-                target.resource,
-                namespace,
-                content_type,
-                &body,
-                &write,
-            )
-            .await
+            create(state, target.resource, namespace, content_type, &body, &write).await
         }
         (&Method::PUT, Some(name)) => {
             let body = read_body(body).await?;
-            update(
-                state,
-                target.resource,
-                namespace,
-                name,
-                view,
-                content_type,
-                &body,
-                &write,
-            )
-            .await
+            update(state, target.resource, namespace, name, view, content_type, &body, &write).await
         }
         (&Method::PATCH, Some(name))
-            if content_type
-                .split(';')
-                .next()
-                .is_some_and(|m| m.trim() == "application/apply-patch+yaml") =>
+            if content_type.split(';').next().is_some_and(|m| m.trim() == "application/apply-patch+yaml") =>
         {
             if view != View::Main {
                 return Err(ApiError::method_not_allowed("apply on a subresource"));
             }
             let body = read_body(body).await?;
-            server_side_apply(
-                state,
-                target.resource,
-                namespace,
-                name,
-                query,
-                &body,
-                &write,
-            )
-            .await
+            server_side_apply(state, target.resource, namespace, name, query, &body, &write).await
         }
         (&Method::PATCH, Some(name)) => {
             let body = read_body(body).await?;
-            patch(
-                state,
-                target.resource,
-                namespace,
-                name,
-                view,
-                content_type,
-                &body,
-                &write,
-            )
-            .await
+            patch(state, target.resource, namespace, name, view, content_type, &body, &write).await
         }
         (_, _) if view != View::Main => Err(ApiError::method_not_allowed(method.as_str())),
         (&Method::DELETE, Some(name)) => {
@@ -431,8 +309,7 @@ async fn route(
 async fn read_body(mut body: Body) -> Result<Bytes, ApiError> {
     let mut buffer = bytes::BytesMut::new();
     while let Some(frame) = body.frame().await {
-        let frame =
-            frame.map_err(|e| ApiError::bad_request(format!("reading the request body: {e}")))?;
+        let frame = frame.map_err(|e| ApiError::bad_request(format!("reading the request body: {e}")))?;
         if let Ok(data) = frame.into_data() {
             if buffer.len() + data.len() > MAX_BODY {
                 drain_in_background(body);
@@ -476,11 +353,7 @@ async fn check_namespace(
     };
     let namespaces = registry::find("", "v1", "namespaces").expect("namespaces are served");
     let key = namespaces.key(None, namespace);
-    let found = state
-        .store
-        .get(&key, None)
-        .await
-        .map_err(|e| ApiError::from_store(e, "", "namespaces", namespace))?;
+    let found = state.store.get(&key, None).await.map_err(|e| ApiError::from_store(e, "", "namespaces", namespace))?;
     let Some(found) = found else {
         return Err(ApiError::not_found("", "namespaces", namespace));
     };
@@ -507,25 +380,14 @@ async fn read_object(
 ) -> Result<(Value, i64), ApiError> {
     let key = resource.key(namespace, name);
     match state.store.get(&key, None).await {
-        Ok(Some(kv)) => Ok((
-            object::from_store(&kv.value, kv.mod_revision)?,
-            kv.mod_revision,
-        )),
+        Ok(Some(kv)) => Ok((object::from_store(&kv.value, kv.mod_revision)?, kv.mod_revision)),
         Ok(None) => Err(ApiError::not_found(resource.group, resource.plural, name)),
-        Err(error) => Err(ApiError::from_store(
-            error,
-            resource.group,
-            resource.plural,
-            name,
-        )),
+        Err(error) => Err(ApiError::from_store(error, resource.group, resource.plural, name)),
     }
 }
 
 fn include_object(query: &Query) -> String {
-    query
-        .get("includeObject")
-        .cloned()
-        .unwrap_or_else(|| "Metadata".into())
+    query.get("includeObject").cloned().unwrap_or_else(|| "Metadata".into())
 }
 
 async fn get(
@@ -538,14 +400,7 @@ async fn get(
 ) -> Result<Response<Body>, ApiError> {
     let (object, revision) = read_object(state, resource, namespace, name).await?;
     if table::wants_table(accept) {
-        let table = table::table(
-            resource,
-            &[object],
-            &revision.to_string(),
-            None,
-            &include_object(query),
-            true,
-        );
+        let table = table::table(resource, &[object], &revision.to_string(), None, &include_object(query), true);
         return Ok(json_response(StatusCode::OK, &table));
     }
     Ok(json_response(StatusCode::OK, &object))
@@ -558,12 +413,10 @@ struct Filters {
 
 impl Filters {
     fn from_query(resource: &Resource, query: &Query) -> Result<Filters, ApiError> {
-        let labels =
-            LabelSelector::parse(query.get("labelSelector").map(String::as_str).unwrap_or(""))
-                .map_err(ApiError::bad_request)?;
-        let fields =
-            FieldSelector::parse(query.get("fieldSelector").map(String::as_str).unwrap_or(""))
-                .map_err(ApiError::bad_request)?;
+        let labels = LabelSelector::parse(query.get("labelSelector").map(String::as_str).unwrap_or(""))
+            .map_err(ApiError::bad_request)?;
+        let fields = FieldSelector::parse(query.get("fieldSelector").map(String::as_str).unwrap_or(""))
+            .map_err(ApiError::bad_request)?;
         let supported = supported_fields(resource.plural);
         if let Some(field) = fields.fields().find(|f| !supported.contains(f)) {
             return Err(ApiError::bad_request(format!(
@@ -599,22 +452,17 @@ async fn list(
 ) -> Result<Response<Body>, ApiError> {
     let filters = Filters::from_query(resource, query)?;
     let limit = match query.get("limit") {
-        Some(limit) => Some(
-            limit
-                .parse::<i64>()
-                .map_err(|_| ApiError::bad_request(format!("invalid limit {limit:?}")))?,
-        ),
+        Some(limit) => {
+            Some(limit.parse::<i64>().map_err(|_| ApiError::bad_request(format!("invalid limit {limit:?}")))?)
+        }
         None => None,
     };
     let revision = match query.get("resourceVersionMatch").map(String::as_str) {
         Some("Exact") => parse_revision(query.get("resourceVersion"))?,
         _ => None,
     };
-    let options = ListOptions {
-        revision,
-        limit,
-        continue_token: query.get("continue").cloned().filter(|c| !c.is_empty()),
-    };
+    let options =
+        ListOptions { revision, limit, continue_token: query.get("continue").cloned().filter(|c| !c.is_empty()) };
     let prefix = resource.prefix(namespace);
     let page = state.store.list(&prefix, options).await.map_err(|e| match e {
         StoreError::Compacted { .. } if query.contains_key("continue") => {
@@ -631,14 +479,8 @@ async fn list(
     }
     let revision = page.revision.to_string();
     if table::wants_table(accept) {
-        let table = table::table(
-            resource,
-            &items,
-            &revision,
-            page.continue_token.as_deref(),
-            &include_object(query),
-            true,
-        );
+        let table =
+            table::table(resource, &items, &revision, page.continue_token.as_deref(), &include_object(query), true);
         return Ok(json_response(StatusCode::OK, &table));
     }
     let mut metadata = json!({"resourceVersion": revision});
@@ -675,10 +517,7 @@ async fn watch(
     let prefix = resource.prefix(namespace);
     let as_table = table::wants_table(accept);
     let include = include_object(query);
-    let timeout = query
-        .get("timeoutSeconds")
-        .and_then(|t| t.parse::<u64>().ok())
-        .map(Duration::from_secs);
+    let timeout = query.get("timeoutSeconds").and_then(|t| t.parse::<u64>().ok()).map(Duration::from_secs);
 
     // No resourceVersion (or "0"): start with the current state as ADDED events.
     let (initial, start) = match parse_revision(query.get("resourceVersion"))? {
@@ -703,14 +542,8 @@ async fn watch(
         let include = include.clone();
         move |kind: &str, object: Value, first: bool| -> Bytes {
             if as_table {
-                let revision = object["metadata"]["resourceVersion"]
-                    .as_str()
-                    .unwrap_or("")
-                    .to_string();
-                event_line(
-                    kind,
-                    &table::table(resource, &[object], &revision, None, &include, first),
-                )
+                let revision = object["metadata"]["resourceVersion"].as_str().unwrap_or("").to_string();
+                event_line(kind, &table::table(resource, &[object], &revision, None, &include, first))
             } else {
                 event_line(kind, &object)
             }
@@ -718,26 +551,13 @@ async fn watch(
     };
     let stream = match state.store.watch(&prefix, start).await {
         Ok(stream) => stream,
-        Err(StoreError::Compacted {
-            requested,
-            compacted,
-        }) => {
+        Err(StoreError::Compacted { requested, compacted }) => {
             // As upstream: a 200 whose only event is an ERROR carrying 410 Expired.
-            let status = ApiError::expired(format!(
-                "too old resource version: {requested} ({compacted})"
-            ))
-            .to_status();
-            return Ok(streaming_response(
-                futures::stream::iter([event_line("ERROR", &status)]).boxed(),
-            ));
+            let status = ApiError::expired(format!("too old resource version: {requested} ({compacted})")).to_status();
+            return Ok(streaming_response(futures::stream::iter([event_line("ERROR", &status)]).boxed()));
         }
         Err(error) => {
-            return Err(ApiError::from_store(
-                error,
-                resource.group,
-                resource.plural,
-                "",
-            ));
+            return Err(ApiError::from_store(error, resource.group, resource.plural, ""));
         }
     };
 
@@ -750,55 +570,34 @@ async fn watch(
     let events = stream.filter_map(move |item| {
         let line = match item {
             Ok(event) => {
-                let decode = |kv: &tugboat_store::KeyValue| {
-                    object::from_store(&kv.value, kv.mod_revision).ok()
-                };
-                let previous = event
-                    .prev
-                    .as_ref()
-                    .and_then(decode)
-                    .filter(|o| filters.matches(o));
+                let decode = |kv: &tugboat_store::KeyValue| object::from_store(&kv.value, kv.mod_revision).ok();
+                let previous = event.prev.as_ref().and_then(decode).filter(|o| filters.matches(o));
                 match event.kind {
                     EventKind::Put => {
                         let Some(current) = decode(&event.kv) else {
                             return futures::future::ready(None);
                         };
                         match (previous.is_some(), filters.matches(&current)) {
-                            (false, true) => {
-                                Some(render("ADDED", current, std::mem::take(&mut first)))
-                            }
-                            (true, true) => {
-                                Some(render("MODIFIED", current, std::mem::take(&mut first)))
-                            }
-                            (true, false) => {
-                                Some(render("DELETED", current, std::mem::take(&mut first)))
-                            }
+                            (false, true) => Some(render("ADDED", current, std::mem::take(&mut first))),
+                            (true, true) => Some(render("MODIFIED", current, std::mem::take(&mut first))),
+                            (true, false) => Some(render("DELETED", current, std::mem::take(&mut first))),
                             (false, false) => None,
                         }
                     }
                     EventKind::Delete => previous.map(|mut gone| {
-                        gone["metadata"]["resourceVersion"] =
-                            json!(event.kv.mod_revision.to_string());
+                        gone["metadata"]["resourceVersion"] = json!(event.kv.mod_revision.to_string());
                         render("DELETED", gone, std::mem::take(&mut first))
                     }),
                 }
             }
-            Err(StoreError::Compacted {
-                requested,
-                compacted,
-            }) => {
-                let status = ApiError::expired(format!(
-                    "too old resource version: {requested} ({compacted})"
-                ))
-                .to_status();
+            Err(StoreError::Compacted { requested, compacted }) => {
+                let status =
+                    ApiError::expired(format!("too old resource version: {requested} ({compacted})")).to_status();
                 Some(event_line("ERROR", &status))
             }
             Err(error) => {
                 tracing::warn!(%error, "watch ended by a store error");
-                Some(event_line(
-                    "ERROR",
-                    &ApiError::unavailable(error.to_string()).to_status(),
-                ))
+                Some(event_line("ERROR", &ApiError::unavailable(error.to_string()).to_status()))
             }
         };
         futures::future::ready(line)
@@ -814,10 +613,7 @@ async fn watch(
 fn streaming_response(lines: futures::stream::BoxStream<'static, Bytes>) -> Response<Body> {
     let body = Body::from_stream(lines.map(Ok::<_, Infallible>));
     let mut response = Response::new(body);
-    response.headers_mut().insert(
-        header::CONTENT_TYPE,
-        header::HeaderValue::from_static("application/json"),
-    );
+    response.headers_mut().insert(header::CONTENT_TYPE, header::HeaderValue::from_static("application/json"));
     response
 }
 
@@ -854,27 +650,15 @@ async fn create_object(
                 fields: set,
             }],
         ),
-        None => fields::record_update(
-            &write.manager,
-            &resource.api_version(),
-            "",
-            None,
-            &mut object,
-        ),
+        None => fields::record_update(&write.manager, &resource.api_version(), "", None, &mut object),
     }
     object::validate(resource, &object)?;
     if resource.plural == "services" {
         crate::services::default_and_validate(&mut object)?;
     }
-    let namespace = if resource.namespaced {
-        object["metadata"]["namespace"].as_str().map(str::to_string)
-    } else {
-        None
-    };
-    let name = object["metadata"]["name"]
-        .as_str()
-        .unwrap_or_default()
-        .to_string();
+    let namespace =
+        if resource.namespaced { object["metadata"]["namespace"].as_str().map(str::to_string) } else { None };
+    let name = object["metadata"]["name"].as_str().unwrap_or_default().to_string();
     check_namespace(state, resource, namespace.as_deref(), true).await?;
     if write.dry_run {
         return Ok(json_response(StatusCode::CREATED, &object));
@@ -889,8 +673,7 @@ async fn create_object(
     if created.is_err() && !claims.is_empty() {
         crate::services::release(state.store.as_ref(), &object).await;
     }
-    let revision =
-        created.map_err(|e| ApiError::from_store(e, resource.group, resource.plural, &name))?;
+    let revision = created.map_err(|e| ApiError::from_store(e, resource.group, resource.plural, &name))?;
     object["metadata"]["resourceVersion"] = json!(revision.to_string());
     Ok(json_response(StatusCode::CREATED, &object))
 }
@@ -910,17 +693,8 @@ fn field_manager(query: &Query, headers: &HeaderMap) -> String {
     if let Some(manager) = query.get("fieldManager").filter(|m| !m.is_empty()) {
         return manager.chars().take(128).collect();
     }
-    let agent = headers
-        .get(header::USER_AGENT)
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("unknown");
-    agent
-        .split('/')
-        .next()
-        .unwrap_or("unknown")
-        .chars()
-        .take(128)
-        .collect()
+    let agent = headers.get(header::USER_AGENT).and_then(|v| v.to_str().ok()).unwrap_or("unknown");
+    agent.split('/').next().unwrap_or("unknown").chars().take(128).collect()
 }
 
 /// Server-side apply (`PATCH application/apply-patch+yaml`): the applied configuration becomes
@@ -937,18 +711,12 @@ async fn server_side_apply(
     write: &Write,
 ) -> Result<Response<Body>, ApiError> {
     let Some(manager) = query.get("fieldManager").filter(|m| !m.is_empty()) else {
-        return Err(ApiError::bad_request(
-            "fieldManager is required for apply requests",
-        ));
+        return Err(ApiError::bad_request("fieldManager is required for apply requests"));
     };
     let force = query.get("force").is_some_and(|f| f == "true");
     let applied = decode_body("application/yaml", body)?;
-    if applied["apiVersion"].as_str().is_none_or(str::is_empty)
-        || applied["kind"].as_str().is_none_or(str::is_empty)
-    {
-        return Err(ApiError::bad_request(
-            "an applied configuration needs apiVersion and kind",
-        ));
+    if applied["apiVersion"].as_str().is_none_or(str::is_empty) || applied["kind"].as_str().is_none_or(str::is_empty) {
+        return Err(ApiError::bad_request("an applied configuration needs apiVersion and kind"));
     }
     if let Some(given) = applied["metadata"]["name"].as_str()
         && given != name
@@ -958,11 +726,7 @@ async fn server_side_apply(
         )));
     }
     let applied_set = fields::field_set(&applied);
-    let write = Write {
-        manager: manager.clone(),
-        dry_run: write.dry_run,
-        apply: true,
-    };
+    let write = Write { manager: manager.clone(), dry_run: write.dry_run, apply: true };
     let api_version = resource.api_version();
     loop {
         match read_object(state, resource, namespace, name).await {
@@ -970,94 +734,63 @@ async fn server_side_apply(
             Err(error) if error.code == 404 => {
                 let mut object = applied.clone();
                 object["metadata"]["name"] = json!(name);
-                match create_object(
-                    state,
-                    resource,
-                    namespace,
-                    object,
-                    &write,
-                    Some(applied_set.clone()),
-                )
-                .await
-                {
+                match create_object(state, resource, namespace, object, &write, Some(applied_set.clone())).await {
                     Err(error) if error.reason == "AlreadyExists" => continue,
                     other => return other,
                 }
             }
             Err(error) => return Err(error),
         }
-        return modify(
-            state,
-            (resource, namespace, name),
-            View::Main,
-            &write,
-            |current, _| {
-                let mut managed = fields::read_managed(current);
-                let mine = |m: &fields::Managed| m.manager == *manager && m.operation == "Apply";
-                let mut conflicts = Vec::new();
-                for entry in managed.iter().filter(|m| !mine(m)) {
-                    for path in entry.fields.intersection(&applied_set) {
-                        if fields::get(current, path) != fields::get(&applied, path) {
-                            conflicts.push((
-                                entry.manager.clone(),
-                                entry.api_version.clone(),
-                                path.clone(),
-                            ));
-                        }
+        return modify(state, (resource, namespace, name), View::Main, &write, |current, _| {
+            let mut managed = fields::read_managed(current);
+            let mine = |m: &fields::Managed| m.manager == *manager && m.operation == "Apply";
+            let mut conflicts = Vec::new();
+            for entry in managed.iter().filter(|m| !mine(m)) {
+                for path in entry.fields.intersection(&applied_set) {
+                    if fields::get(current, path) != fields::get(&applied, path) {
+                        conflicts.push((entry.manager.clone(), entry.api_version.clone(), path.clone()));
                     }
                 }
-                if !conflicts.is_empty() && !force {
-                    return Err(apply_conflict(resource, name, &conflicts));
+            }
+            if !conflicts.is_empty() && !force {
+                return Err(apply_conflict(resource, name, &conflicts));
+            }
+            for (owner, _, path) in &conflicts {
+                for entry in managed.iter_mut().filter(|m| m.manager == *owner) {
+                    entry.fields.remove(path);
                 }
-                for (owner, _, path) in &conflicts {
-                    for entry in managed.iter_mut().filter(|m| m.manager == *owner) {
-                        entry.fields.remove(path);
-                    }
+            }
+            let previous = managed.iter().find(|m| mine(m)).map(|m| m.fields.clone()).unwrap_or_default();
+            let mut merged = current.clone();
+            for path in previous.difference(&applied_set) {
+                let owned_by_others = managed.iter().any(|m| !mine(m) && m.fields.contains(path));
+                if !owned_by_others {
+                    fields::remove(&mut merged, path);
                 }
-                let previous = managed
-                    .iter()
-                    .find(|m| mine(m))
-                    .map(|m| m.fields.clone())
-                    .unwrap_or_default();
-                let mut merged = current.clone();
-                for path in previous.difference(&applied_set) {
-                    let owned_by_others =
-                        managed.iter().any(|m| !mine(m) && m.fields.contains(path));
-                    if !owned_by_others {
-                        fields::remove(&mut merged, path);
-                    }
-                }
-                let mut merged = crate::smp::apply(&merged, &applied)
-                    .map_err(|e| patch_error("applied configuration", e))?;
-                managed.retain(|m| !mine(m));
-                managed.push(fields::Managed {
-                    manager: manager.clone(),
-                    operation: "Apply".into(),
-                    api_version: api_version.clone(),
-                    subresource: String::new(),
-                    fields: applied_set.clone(),
-                });
-                fields::write_managed(&mut merged, &managed);
-                Ok(merged)
-            },
-        )
+            }
+            let mut merged =
+                crate::smp::apply(&merged, &applied).map_err(|e| patch_error("applied configuration", e))?;
+            managed.retain(|m| !mine(m));
+            managed.push(fields::Managed {
+                manager: manager.clone(),
+                operation: "Apply".into(),
+                api_version: api_version.clone(),
+                subresource: String::new(),
+                fields: applied_set.clone(),
+            });
+            fields::write_managed(&mut merged, &managed);
+            Ok(merged)
+        })
         .await;
     }
 }
 
 /// 409 as upstream words it: `Apply failed with 1 conflict: conflict with "kubectl-scale" using apps/v1: .spec.replicas`.
-fn apply_conflict(
-    resource: &Resource,
-    name: &str,
-    conflicts: &[(String, String, fields::Path)],
-) -> ApiError {
+fn apply_conflict(resource: &Resource, name: &str, conflicts: &[(String, String, fields::Path)]) -> ApiError {
     let lines: Vec<String> = conflicts
         .iter()
         .map(|(manager, version, path)| {
-            format!(
-                "conflict with \"{manager}\" using {version}: {}",
-                fields::display(path)
-            )
+            format!("conflict with \"{manager}\" using {version}: {}", fields::display(path))
         })
         .collect();
     let count = conflicts.len();
@@ -1066,10 +799,7 @@ fn apply_conflict(
     error.message = if count == 1 {
         format!("Apply failed with 1 conflict: {}", lines[0])
     } else {
-        format!(
-            "Apply failed with {count} conflict{plural}: {}",
-            lines.join("\n")
-        )
+        format!("Apply failed with {count} conflict{plural}: {}", lines.join("\n"))
     };
     error.causes = conflicts
         .iter()
@@ -1100,10 +830,7 @@ impl View {
             None => Ok(View::Main),
             Some("status") if resource.has_status() => Ok(View::Status),
             Some("scale") if resource.has_scale() => Ok(View::Scale),
-            Some(other) => Err(ApiError::not_found_path(&format!(
-                "{}/{other}",
-                resource.plural
-            ))),
+            Some(other) => Err(ApiError::not_found_path(&format!("{}/{other}", resource.plural))),
         }
     }
 
@@ -1116,10 +843,7 @@ impl View {
                 let selector = object["spec"]["selector"]["matchLabels"]
                     .as_object()
                     .map(|m| {
-                        m.iter()
-                            .map(|(k, v)| format!("{k}={}", v.as_str().unwrap_or("")))
-                            .collect::<Vec<_>>()
-                            .join(",")
+                        m.iter().map(|(k, v)| format!("{k}={}", v.as_str().unwrap_or(""))).collect::<Vec<_>>().join(",")
                     })
                     .unwrap_or_default();
                 json!({
@@ -1140,19 +864,10 @@ impl View {
     }
 
     /// The object after a client wrote `written` through this view of `old`.
-    fn merge_back(
-        self,
-        resource: &Resource,
-        old: &Value,
-        written: Value,
-    ) -> Result<Value, ApiError> {
+    fn merge_back(self, resource: &Resource, old: &Value, written: Value) -> Result<Value, ApiError> {
         let invalid_replicas = |message: String| {
             let name = old["metadata"]["name"].as_str().unwrap_or("");
-            let cause = crate::status::Cause {
-                reason: "FieldValueInvalid",
-                message,
-                field: "spec.replicas".into(),
-            };
+            let cause = crate::status::Cause { reason: "FieldValueInvalid", message, field: "spec.replicas".into() };
             ApiError::invalid("autoscaling", "Scale", name, vec![cause])
         };
         match self {
@@ -1211,9 +926,7 @@ async fn modify(
         let (old, revision) = read_object(state, resource, namespace, name).await?;
         let written = change(&view.project(&old), revision)?;
         if !written.is_object() {
-            return Err(ApiError::bad_request(
-                "the request does not leave an object",
-            ));
+            return Err(ApiError::bad_request("the request does not leave an object"));
         }
         let mut object = view.merge_back(resource, &old, written)?;
         object["metadata"]["name"] = json!(name);
@@ -1225,13 +938,7 @@ async fn modify(
         };
         // A server-side apply has written its own managedFields; every other write is an Update.
         if !write.apply {
-            fields::record_update(
-                &write.manager,
-                &resource.api_version(),
-                subresource,
-                Some(&old),
-                &mut object,
-            );
+            fields::record_update(&write.manager, &resource.api_version(), subresource, Some(&old), &mut object);
         }
         object::validate(resource, &object)?;
         if resource.plural == "services" && view == View::Main {
@@ -1248,42 +955,23 @@ async fn modify(
         // An object being deleted goes once its last finalizer is removed (a pod only once its
         // kubelet has finished it: it deletes with a zero grace period).
         let finalized = object["metadata"]["deletionTimestamp"].is_string()
-            && object["metadata"]["finalizers"]
-                .as_array()
-                .is_none_or(Vec::is_empty)
-            && object["metadata"]["deletionGracePeriodSeconds"]
-                .as_i64()
-                .unwrap_or(0)
-                == 0;
+            && object["metadata"]["finalizers"].as_array().is_none_or(Vec::is_empty)
+            && object["metadata"]["deletionGracePeriodSeconds"].as_i64().unwrap_or(0) == 0;
         if finalized {
             return match state.store.delete(&key, Some(revision)).await {
                 Ok(_) => Ok(json_response(StatusCode::OK, &view.project(&object))),
                 Err(StoreError::Conflict { .. }) => continue,
-                Err(error) => Err(ApiError::from_store(
-                    error,
-                    resource.group,
-                    resource.plural,
-                    name,
-                )),
+                Err(error) => Err(ApiError::from_store(error, resource.group, resource.plural, name)),
             };
         }
-        match state
-            .store
-            .update(&key, object::to_store(&object), revision)
-            .await
-        {
+        match state.store.update(&key, object::to_store(&object), revision).await {
             Ok(new_revision) => {
                 object["metadata"]["resourceVersion"] = json!(new_revision.to_string());
                 return Ok(json_response(StatusCode::OK, &view.project(&object)));
             }
             Err(StoreError::Conflict { .. }) => continue,
             Err(error) => {
-                return Err(ApiError::from_store(
-                    error,
-                    resource.group,
-                    resource.plural,
-                    name,
-                ));
+                return Err(ApiError::from_store(error, resource.group, resource.plural, name));
             }
         }
     }
@@ -1291,16 +979,9 @@ async fn modify(
 }
 
 /// A client that names a resourceVersion must name the current one.
-fn check_precondition(
-    given: Option<&str>,
-    revision: i64,
-    resource: &Resource,
-    name: &str,
-) -> Result<(), ApiError> {
+fn check_precondition(given: Option<&str>, revision: i64, resource: &Resource, name: &str) -> Result<(), ApiError> {
     match given.filter(|g| !g.is_empty()) {
-        Some(given) if given != revision.to_string() => {
-            Err(ApiError::conflict(resource.group, resource.plural, name))
-        }
+        Some(given) if given != revision.to_string() => Err(ApiError::conflict(resource.group, resource.plural, name)),
         _ => Ok(()),
     }
 }
@@ -1324,21 +1005,10 @@ async fn update(
             "the name of the object ({given}) does not match the name on the URL ({name})"
         )));
     }
-    modify(
-        state,
-        (resource, namespace, name),
-        view,
-        write,
-        |_, revision| {
-            check_precondition(
-                object["metadata"]["resourceVersion"].as_str(),
-                revision,
-                resource,
-                name,
-            )?;
-            Ok(object.clone())
-        },
-    )
+    modify(state, (resource, namespace, name), view, write, |_, revision| {
+        check_precondition(object["metadata"]["resourceVersion"].as_str(), revision, resource, name)?;
+        Ok(object.clone())
+    })
     .await
 }
 
@@ -1357,12 +1027,10 @@ fn apply_patch(media: &str, current: &Value, patch: &Value) -> Result<Value, Api
         "application/json-patch+json" => {
             let operations: json_patch::Patch = serde_json::from_value(patch.clone())
                 .map_err(|e| ApiError::bad_request(format!("the JSON patch is malformed: {e}")))?;
-            json_patch::patch(&mut patched, &operations)
-                .map_err(|e| patch_error("JSON patch", e))?;
+            json_patch::patch(&mut patched, &operations).map_err(|e| patch_error("JSON patch", e))?;
         }
         "application/strategic-merge-patch+json" => {
-            patched = crate::smp::apply(current, patch)
-                .map_err(|e| patch_error("strategic merge patch", e))?;
+            patched = crate::smp::apply(current, patch).map_err(|e| patch_error("strategic merge patch", e))?;
         }
         other => return Err(ApiError::unsupported_media_type(other)),
     }
@@ -1380,39 +1048,21 @@ async fn patch(
     body: &[u8],
     write: &Write,
 ) -> Result<Response<Body>, ApiError> {
-    let media = content_type
-        .split(';')
-        .next()
-        .unwrap_or("")
-        .trim()
-        .to_string();
+    let media = content_type.split(';').next().unwrap_or("").trim().to_string();
     if !matches!(
         media.as_str(),
-        "application/merge-patch+json"
-            | "application/json-patch+json"
-            | "application/strategic-merge-patch+json"
+        "application/merge-patch+json" | "application/json-patch+json" | "application/strategic-merge-patch+json"
     ) {
         return Err(ApiError::unsupported_media_type(&media));
     }
-    let patch: Value = serde_json::from_slice(body)
-        .map_err(|e| ApiError::bad_request(format!("the patch is not valid JSON: {e}")))?;
-    modify(
-        state,
-        (resource, namespace, name),
-        view,
-        write,
-        |current, revision| {
-            if media != "application/json-patch+json" {
-                check_precondition(
-                    patch["metadata"]["resourceVersion"].as_str(),
-                    revision,
-                    resource,
-                    name,
-                )?;
-            }
-            apply_patch(&media, current, &patch)
-        },
-    )
+    let patch: Value =
+        serde_json::from_slice(body).map_err(|e| ApiError::bad_request(format!("the patch is not valid JSON: {e}")))?;
+    modify(state, (resource, namespace, name), view, write, |current, revision| {
+        if media != "application/json-patch+json" {
+            check_precondition(patch["metadata"]["resourceVersion"].as_str(), revision, resource, name)?;
+        }
+        apply_patch(&media, current, &patch)
+    })
     .await
 }
 
@@ -1423,11 +1073,7 @@ const ORPHAN: &str = "orphan";
 const PROTECTED_NAMESPACES: &[&str] = &["default", "kube-system", "kube-public"];
 
 fn delete_options(body: &[u8]) -> Result<Value, ApiError> {
-    if body.iter().all(u8::is_ascii_whitespace) {
-        Ok(json!({}))
-    } else {
-        decode_body("application/json", body)
-    }
+    if body.iter().all(u8::is_ascii_whitespace) { Ok(json!({})) } else { decode_body("application/json", body) }
 }
 
 async fn delete(
@@ -1456,9 +1102,8 @@ async fn delete_one(
     dry_run: bool,
 ) -> Result<(StatusCode, Value), ApiError> {
     if resource.plural == "namespaces" && PROTECTED_NAMESPACES.contains(&name) {
-        let mut error = ApiError::bad_request(format!(
-            "namespaces \"{name}\" is forbidden: this namespace may not be deleted"
-        ));
+        let mut error =
+            ApiError::bad_request(format!("namespaces \"{name}\" is forbidden: this namespace may not be deleted"));
         error.code = 403;
         error.reason = "Forbidden";
         return Err(error);
@@ -1466,20 +1111,13 @@ async fn delete_one(
     for _ in 0..UPDATE_RETRIES {
         let (mut object, revision) = read_object(state, resource, namespace, name).await?;
         let preconditions = &options["preconditions"];
-        if preconditions["uid"]
-            .as_str()
-            .is_some_and(|uid| object["metadata"]["uid"].as_str() != Some(uid))
-            || preconditions["resourceVersion"]
-                .as_str()
-                .is_some_and(|rv| rv != revision.to_string())
+        if preconditions["uid"].as_str().is_some_and(|uid| object["metadata"]["uid"].as_str() != Some(uid))
+            || preconditions["resourceVersion"].as_str().is_some_and(|rv| rv != revision.to_string())
         {
             return Err(ApiError::conflict(resource.group, resource.plural, name));
         }
         let grace = options["gracePeriodSeconds"].as_i64();
-        let mut finalizers: Vec<Value> = object["metadata"]["finalizers"]
-            .as_array()
-            .cloned()
-            .unwrap_or_default();
+        let mut finalizers: Vec<Value> = object["metadata"]["finalizers"].as_array().cloned().unwrap_or_default();
         let mut add = |f: &str| {
             if !finalizers.iter().any(|v| v == f) {
                 finalizers.push(json!(f));
@@ -1496,14 +1134,8 @@ async fn delete_one(
             }
         }
         let graceful_pod = resource.plural == "pods"
-            && object["spec"]["nodeName"]
-                .as_str()
-                .is_some_and(|n| !n.is_empty())
-            && grace.unwrap_or_else(|| {
-                object["spec"]["terminationGracePeriodSeconds"]
-                    .as_i64()
-                    .unwrap_or(30)
-            }) > 0;
+            && object["spec"]["nodeName"].as_str().is_some_and(|n| !n.is_empty())
+            && grace.unwrap_or_else(|| object["spec"]["terminationGracePeriodSeconds"].as_i64().unwrap_or(30)) > 0;
         let key = resource.key(namespace, name);
         if !finalizers.is_empty() || graceful_pod {
             if object["metadata"]["deletionTimestamp"].is_string() && !graceful_pod {
@@ -1514,11 +1146,7 @@ async fn delete_one(
                 object["metadata"]["deletionTimestamp"] = json!(now);
             }
             let grace_seconds = if graceful_pod {
-                grace.unwrap_or_else(|| {
-                    object["spec"]["terminationGracePeriodSeconds"]
-                        .as_i64()
-                        .unwrap_or(30)
-                })
+                grace.unwrap_or_else(|| object["spec"]["terminationGracePeriodSeconds"].as_i64().unwrap_or(30))
             } else {
                 0
             };
@@ -1530,23 +1158,14 @@ async fn delete_one(
             if dry_run {
                 return Ok((StatusCode::OK, object));
             }
-            match state
-                .store
-                .update(&key, object::to_store(&object), revision)
-                .await
-            {
+            match state.store.update(&key, object::to_store(&object), revision).await {
                 Ok(new_revision) => {
                     object["metadata"]["resourceVersion"] = json!(new_revision.to_string());
                     return Ok((StatusCode::OK, object));
                 }
                 Err(StoreError::Conflict { .. }) => continue,
                 Err(error) => {
-                    return Err(ApiError::from_store(
-                        error,
-                        resource.group,
-                        resource.plural,
-                        name,
-                    ));
+                    return Err(ApiError::from_store(error, resource.group, resource.plural, name));
                 }
             }
         }
@@ -1565,12 +1184,7 @@ async fn delete_one(
             }
             Err(StoreError::Conflict { .. }) => continue,
             Err(error) => {
-                return Err(ApiError::from_store(
-                    error,
-                    resource.group,
-                    resource.plural,
-                    name,
-                ));
+                return Err(ApiError::from_store(error, resource.group, resource.plural, name));
             }
         }
     }
@@ -1580,10 +1194,7 @@ async fn delete_one(
 /// Deletes every object in a namespace. Interim: the namespace controller (with the
 /// controllers issue) will do this through the API, with the namespace Terminating meanwhile.
 async fn empty_namespace(state: &ApiState, namespace: &str) -> Result<(), ApiError> {
-    for resource in registry::RESOURCES
-        .iter()
-        .filter(|r| r.namespaced && !r.is_review())
-    {
+    for resource in registry::RESOURCES.iter().filter(|r| r.namespaced && !r.is_review()) {
         let page = state
             .store
             .list(&resource.prefix(Some(namespace)), ListOptions::default())
@@ -1598,12 +1209,7 @@ async fn empty_namespace(state: &ApiState, namespace: &str) -> Result<(), ApiErr
                 }
                 Ok(_) | Err(StoreError::NotFound { .. }) => {}
                 Err(error) => {
-                    return Err(ApiError::from_store(
-                        error,
-                        resource.group,
-                        resource.plural,
-                        "",
-                    ));
+                    return Err(ApiError::from_store(error, resource.group, resource.plural, ""));
                 }
             }
         }
@@ -1633,21 +1239,9 @@ async fn delete_collection(
         if !filters.matches(&object) {
             continue;
         }
-        let name = object["metadata"]["name"]
-            .as_str()
-            .unwrap_or_default()
-            .to_string();
+        let name = object["metadata"]["name"].as_str().unwrap_or_default().to_string();
         let object_namespace = object["metadata"]["namespace"].as_str().map(str::to_string);
-        match delete_one(
-            state,
-            resource,
-            object_namespace.as_deref(),
-            &name,
-            &options,
-            dry_run,
-        )
-        .await
-        {
+        match delete_one(state, resource, object_namespace.as_deref(), &name, &options, dry_run).await {
             Ok((_, object)) => deleted.push(object),
             Err(error) if error.code == 404 => {}
             Err(error) => return Err(error),
@@ -1673,7 +1267,8 @@ fn answer_review(resource: &Resource, user: Option<&UserInfo>, mut review: Value
     review["metadata"]["creationTimestamp"] = Value::Null;
     match resource.plural {
         "selfsubjectaccessreviews" => {
-            review["status"] = json!({"allowed": true, "reason": "every authenticated user is allowed (RBAC is not enforced yet)"});
+            review["status"] =
+                json!({"allowed": true, "reason": "every authenticated user is allowed (RBAC is not enforced yet)"});
         }
         "selfsubjectrulesreviews" => {
             review["status"] = json!({
@@ -1683,11 +1278,8 @@ fn answer_review(resource: &Resource, user: Option<&UserInfo>, mut review: Value
             });
         }
         _ => {
-            let user = user.cloned().unwrap_or(UserInfo {
-                name: String::new(),
-                uid: String::new(),
-                groups: Vec::new(),
-            });
+            let user =
+                user.cloned().unwrap_or(UserInfo { name: String::new(), uid: String::new(), groups: Vec::new() });
             review["status"] = json!({"userInfo": {"username": user.name, "uid": user.uid, "groups": user.groups}});
         }
     }
@@ -1696,18 +1288,10 @@ fn answer_review(resource: &Resource, user: Option<&UserInfo>, mut review: Value
 
 /// Creates the namespaces every cluster has, and the `kubernetes` Service, if missing.
 pub async fn ensure_system_objects(state: &ApiState) -> Result<(), ApiError> {
-    ensure_system_namespaces(state.store.as_ref())
-        .await
-        .map_err(|e| ApiError::from_store(e, "", "namespaces", ""))?;
+    ensure_system_namespaces(state.store.as_ref()).await.map_err(|e| ApiError::from_store(e, "", "namespaces", ""))?;
     let services = registry::find("", "v1", "services").expect("services are served");
     let key = services.key(Some("default"), "kubernetes");
-    if state
-        .store
-        .get(&key, None)
-        .await
-        .map_err(|e| ApiError::from_store(e, "", "services", "kubernetes"))?
-        .is_some()
-    {
+    if state.store.get(&key, None).await.map_err(|e| ApiError::from_store(e, "", "services", "kubernetes"))?.is_some() {
         return Ok(());
     }
     let mut service = json!({
@@ -1733,8 +1317,7 @@ async fn ensure_system_namespaces(store: &dyn Store) -> Result<(), StoreError> {
         if store.get(&key, None).await?.is_some() {
             continue;
         }
-        let mut object =
-            json!({"metadata": {"name": name, "labels": {"kubernetes.io/metadata.name": name}}});
+        let mut object = json!({"metadata": {"name": name, "labels": {"kubernetes.io/metadata.name": name}}});
         object::prepare_create(namespaces, None, &mut object).expect("a valid namespace");
         match store.create(&key, object::to_store(&object)).await {
             Ok(_) | Err(StoreError::AlreadyExists { .. }) => {}
@@ -1750,43 +1333,27 @@ mod tests {
 
     #[test]
     fn paths_route_to_resources() {
-        let t = parse_target("/api/v1/namespaces/default/pods/web")
-            .unwrap()
-            .unwrap();
+        let t = parse_target("/api/v1/namespaces/default/pods/web").unwrap().unwrap();
         assert_eq!(
             (t.resource.plural, t.namespace.as_deref(), t.name.as_deref()),
             ("pods", Some("default"), Some("web"))
         );
-        let t = parse_target("/api/v1/namespaces/kube-system")
-            .unwrap()
-            .unwrap();
+        let t = parse_target("/api/v1/namespaces/kube-system").unwrap().unwrap();
         assert_eq!(
             (t.resource.plural, t.namespace.as_deref(), t.name.as_deref()),
             ("namespaces", None, Some("kube-system"))
         );
         let t = parse_target("/api/v1/pods").unwrap().unwrap();
-        assert_eq!(
-            (t.resource.plural, t.namespace, t.name),
-            ("pods", None, None)
-        );
-        let t = parse_target("/apis/apps/v1/namespaces/x/deployments/web/scale")
-            .unwrap()
-            .unwrap();
+        assert_eq!((t.resource.plural, t.namespace, t.name), ("pods", None, None));
+        let t = parse_target("/apis/apps/v1/namespaces/x/deployments/web/scale").unwrap().unwrap();
         assert_eq!(t.subresource.as_deref(), Some("scale"));
         let t = parse_target("/api/v1/nodes/n1/status").unwrap().unwrap();
         assert_eq!(
-            (
-                t.resource.plural,
-                t.name.as_deref(),
-                t.subresource.as_deref()
-            ),
+            (t.resource.plural, t.name.as_deref(), t.subresource.as_deref()),
             ("nodes", Some("n1"), Some("status"))
         );
         assert!(parse_target("/api/v1/widgets").is_err());
-        assert!(
-            parse_target("/api/v1/pods/web").is_err(),
-            "a namespaced object needs its namespace"
-        );
+        assert!(parse_target("/api/v1/pods/web").is_err(), "a namespaced object needs its namespace");
         assert!(parse_target("/metrics").unwrap().is_none());
     }
 }

@@ -78,10 +78,7 @@ pub enum StartError {
     #[error("TLS setup: {0}")]
     Tls(String),
     #[error("listening on {addr}: {source}")]
-    Listen {
-        addr: SocketAddr,
-        source: std::io::Error,
-    },
+    Listen { addr: SocketAddr, source: std::io::Error },
     #[error("token file {0}")]
     Tokens(String),
     #[error(transparent)]
@@ -122,10 +119,7 @@ impl Drop for ApiServer {
 }
 
 fn hostname() -> Option<String> {
-    std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .ok()
-        .map(|h| h.trim().to_string())
-        .filter(|h| !h.is_empty())
+    std::fs::read_to_string("/proc/sys/kernel/hostname").ok().map(|h| h.trim().to_string()).filter(|h| !h.is_empty())
 }
 
 /// The address clients use: loopback when listening on all addresses.
@@ -138,10 +132,7 @@ fn client_address(bind: IpAddr, port: u16) -> String {
     }
 }
 
-fn tls_config(
-    ca: &ClusterCa,
-    serving: &tugboat_pki::IssuedCert,
-) -> Result<rustls::ServerConfig, StartError> {
+fn tls_config(ca: &ClusterCa, serving: &tugboat_pki::IssuedCert) -> Result<rustls::ServerConfig, StartError> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let tls = |e: &dyn std::fmt::Display| StartError::Tls(e.to_string());
     let mut roots = rustls::RootCertStore::empty();
@@ -155,14 +146,10 @@ fn tls_config(
         .build()
         .map_err(|e| tls(&e))?;
     let certs: Vec<CertificateDer<'static>> =
-        rustls_pemfile::certs(&mut serving.cert_pem.as_bytes())
-            .collect::<Result<_, _>>()
-            .map_err(|e| tls(&e))?;
+        rustls_pemfile::certs(&mut serving.cert_pem.as_bytes()).collect::<Result<_, _>>().map_err(|e| tls(&e))?;
     let key: PrivateKeyDer<'static> = rustls_pemfile::private_key(&mut serving.key_pem.as_bytes())
         .map_err(|e| tls(&e))?
-        .ok_or_else(|| {
-            StartError::Tls(format!("{}: no private key", serving.key_path.display()))
-        })?;
+        .ok_or_else(|| StartError::Tls(format!("{}: no private key", serving.key_path.display())))?;
     let mut config = rustls::ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .map_err(|e| tls(&e))?
@@ -174,16 +161,10 @@ fn tls_config(
 }
 
 /// Sets up certificates and the admin kubeconfig, then serves the API from `store`.
-pub async fn start(
-    config: ApiServerConfig,
-    store: Arc<dyn Store>,
-) -> Result<ApiServer, StartError> {
+pub async fn start(config: ApiServerConfig, store: Arc<dyn Store>) -> Result<ApiServer, StartError> {
     let pki_dir = config.data_dir.join("pki");
     let ca = ClusterCa::load_or_create(&pki_dir)?;
-    let mut ips = vec![
-        IpAddr::V4(Ipv4Addr::LOCALHOST),
-        IpAddr::V6(Ipv6Addr::LOCALHOST),
-    ];
+    let mut ips = vec![IpAddr::V4(Ipv4Addr::LOCALHOST), IpAddr::V6(Ipv6Addr::LOCALHOST)];
     if !config.bind_address.is_unspecified() && !ips.contains(&config.bind_address) {
         ips.push(config.bind_address);
     }
@@ -228,12 +209,8 @@ pub async fn start(
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls_config(&ca, &serving)?));
 
     let addr = SocketAddr::new(config.bind_address, config.https_port);
-    let listener = TcpListener::bind(addr)
-        .await
-        .map_err(|source| StartError::Listen { addr, source })?;
-    let local_addr = listener
-        .local_addr()
-        .map_err(|source| StartError::Listen { addr, source })?;
+    let listener = TcpListener::bind(addr).await.map_err(|source| StartError::Listen { addr, source })?;
+    let local_addr = listener.local_addr().map_err(|source| StartError::Listen { addr, source })?;
     let server_address = client_address(config.bind_address, local_addr.port());
     let kubeconfig = config.data_dir.join("admin.kubeconfig");
     let contents = tugboat_pki::client_cert_kubeconfig(
@@ -251,17 +228,11 @@ pub async fn start(
         service_cidr: config.service_cidr,
         metrics: metrics::Metrics::default(),
     });
-    handlers::ensure_system_objects(&state)
-        .await
-        .map_err(|e| StartError::Setup(e.message))?;
+    handlers::ensure_system_objects(&state).await.map_err(|e| StartError::Setup(e.message))?;
     let tokens = Arc::new(tokens);
     let task = tokio::spawn(accept_loop(listener, acceptor, state, tokens));
     tracing::info!(address = %local_addr, kubeconfig = %kubeconfig.display(), "API server listening");
-    Ok(ApiServer {
-        local_addr,
-        kubeconfig,
-        task,
-    })
+    Ok(ApiServer { local_addr, kubeconfig, task })
 }
 
 async fn accept_loop(
@@ -282,62 +253,42 @@ async fn accept_loop(
         };
         let (acceptor, state, tokens) = (acceptor.clone(), state.clone(), tokens.clone());
         tokio::spawn(async move {
-            let tls =
-                match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await {
-                    Ok(Ok(tls)) => tls,
-                    Ok(Err(error)) => {
-                        tracing::debug!(%peer, %error, "TLS handshake failed");
-                        return;
-                    }
-                    Err(_) => return,
-                };
+            let tls = match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await {
+                Ok(Ok(tls)) => tls,
+                Ok(Err(error)) => {
+                    tracing::debug!(%peer, %error, "TLS handshake failed");
+                    return;
+                }
+                Err(_) => return,
+            };
             let cert_user = tls
                 .get_ref()
                 .1
                 .peer_certificates()
                 .and_then(|chain| chain.first())
                 .and_then(|cert| auth::from_certificate(cert.as_ref()));
-            let service = hyper::service::service_fn(
-                move |request: hyper::Request<hyper::body::Incoming>| {
-                    let (state, tokens, cert_user) =
-                        (state.clone(), tokens.clone(), cert_user.clone());
-                    async move {
-                        let user = cert_user.or_else(|| bearer_user(&request, &tokens));
-                        let request = request.map(Body::new);
-                        let response = AssertUnwindSafe(handlers::handle(state, user, request))
-                            .catch_unwind()
-                            .await;
-                        Ok::<_, Infallible>(response.unwrap_or_else(|_| {
-                            tracing::error!("a request handler panicked");
-                            ApiError::internal("the server hit a bug serving this request")
-                                .into_response()
-                        }))
-                    }
-                },
-            );
+            let service = hyper::service::service_fn(move |request: hyper::Request<hyper::body::Incoming>| {
+                let (state, tokens, cert_user) = (state.clone(), tokens.clone(), cert_user.clone());
+                async move {
+                    let user = cert_user.or_else(|| bearer_user(&request, &tokens));
+                    let request = request.map(Body::new);
+                    let response = AssertUnwindSafe(handlers::handle(state, user, request)).catch_unwind().await;
+                    Ok::<_, Infallible>(response.unwrap_or_else(|_| {
+                        tracing::error!("a request handler panicked");
+                        ApiError::internal("the server hit a bug serving this request").into_response()
+                    }))
+                }
+            });
             let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-            if let Err(error) = builder
-                .serve_connection_with_upgrades(TokioIo::new(tls), service)
-                .await
-            {
+            if let Err(error) = builder.serve_connection_with_upgrades(TokioIo::new(tls), service).await {
                 tracing::debug!(%peer, %error, "connection ended with an error");
             }
         });
     }
 }
 
-fn bearer_user(
-    request: &hyper::Request<hyper::body::Incoming>,
-    tokens: &TokenFile,
-) -> Option<UserInfo> {
-    let value = request
-        .headers()
-        .get(hyper::header::AUTHORIZATION)?
-        .to_str()
-        .ok()?;
-    let token = value
-        .strip_prefix("Bearer ")
-        .or_else(|| value.strip_prefix("bearer "))?
-        .trim();
+fn bearer_user(request: &hyper::Request<hyper::body::Incoming>, tokens: &TokenFile) -> Option<UserInfo> {
+    let value = request.headers().get(hyper::header::AUTHORIZATION)?.to_str().ok()?;
+    let token = value.strip_prefix("Bearer ").or_else(|| value.strip_prefix("bearer "))?.trim();
     tokens.user(token).cloned()
 }

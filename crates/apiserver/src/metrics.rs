@@ -41,21 +41,13 @@ impl Default for Metrics {
             // 0.1 ms to ~26 s.
             Histogram::new(exponential_buckets(0.0001, 2.0, 19))
         });
-        registry.register(
-            "apiserver_request",
-            "Requests by verb, group, resource and HTTP code",
-            requests.clone(),
-        );
+        registry.register("apiserver_request", "Requests by verb, group, resource and HTTP code", requests.clone());
         registry.register(
             "apiserver_request_duration_seconds",
             "Time to the response headers by verb, group and resource (watches: to the start of the stream)",
             latency.clone(),
         );
-        Metrics {
-            registry: Mutex::new(registry),
-            requests,
-            latency,
-        }
+        Metrics { registry: Mutex::new(registry), requests, latency }
     }
 }
 
@@ -68,14 +60,8 @@ impl Metrics {
             code: code.to_string(),
         };
         self.requests.get_or_create(&labels).inc();
-        let labels = LatencyLabels {
-            verb: verb.to_string(),
-            group: group.to_string(),
-            resource: resource.to_string(),
-        };
-        self.latency
-            .get_or_create(&labels)
-            .observe(elapsed.as_secs_f64());
+        let labels = LatencyLabels { verb: verb.to_string(), group: group.to_string(), resource: resource.to_string() };
+        self.latency.get_or_create(&labels).observe(elapsed.as_secs_f64());
     }
 
     /// The text exposition format.
@@ -98,7 +84,15 @@ mod tests {
         metrics.record("create", "", "configmaps", 201, Duration::from_millis(3));
         metrics.record("get", "apps", "deployments", 404, Duration::from_millis(1));
         let text = metrics.render();
-        assert!(text.contains(r#"apiserver_request_total{verb="create",group="",resource="configmaps",code="201"} 2"#), "{text}");
-        assert!(text.contains(r#"apiserver_request_duration_seconds_count{verb="get",group="apps",resource="deployments"} 1"#), "{text}");
+        assert!(
+            text.contains(r#"apiserver_request_total{verb="create",group="",resource="configmaps",code="201"} 2"#),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                r#"apiserver_request_duration_seconds_count{verb="get",group="apps",resource="deployments"} 1"#
+            ),
+            "{text}"
+        );
     }
 }

@@ -10,16 +10,13 @@ use crate::status::{ApiError, Cause};
 pub fn decode_body(content_type: &str, body: &[u8]) -> Result<Value, ApiError> {
     let media = content_type.split(';').next().unwrap_or("").trim();
     let value: Value = match media {
-        "" | "application/json" | "*/*" => serde_json::from_slice(body).map_err(|e| {
-            ApiError::bad_request(format!("the body of the request is not valid JSON: {e}"))
-        })?,
+        "" | "application/json" | "*/*" => serde_json::from_slice(body)
+            .map_err(|e| ApiError::bad_request(format!("the body of the request is not valid JSON: {e}")))?,
         "application/yaml" | "application/x-yaml" | "text/yaml" => {
-            let text = std::str::from_utf8(body).map_err(|_| {
-                ApiError::bad_request("the body of the request is not valid UTF-8 YAML")
-            })?;
-            serde_saphyr::from_str(text).map_err(|e| {
-                ApiError::bad_request(format!("the body of the request is not valid YAML: {e}"))
-            })?
+            let text = std::str::from_utf8(body)
+                .map_err(|_| ApiError::bad_request("the body of the request is not valid UTF-8 YAML"))?;
+            serde_saphyr::from_str(text)
+                .map_err(|e| ApiError::bad_request(format!("the body of the request is not valid YAML: {e}")))?
         }
         "application/vnd.kubernetes.protobuf" => {
             return Err(ApiError::unsupported_media_type(media));
@@ -27,9 +24,7 @@ pub fn decode_body(content_type: &str, body: &[u8]) -> Result<Value, ApiError> {
         other => return Err(ApiError::unsupported_media_type(other)),
     };
     if !value.is_object() {
-        return Err(ApiError::bad_request(
-            "the body of the request must be a JSON or YAML object",
-        ));
+        return Err(ApiError::bad_request("the body of the request must be a JSON or YAML object"));
     }
     Ok(value)
 }
@@ -37,8 +32,7 @@ pub fn decode_body(content_type: &str, body: &[u8]) -> Result<Value, ApiError> {
 /// RFC 3339 in UTC with seconds, as Kubernetes writes timestamps.
 pub fn now_rfc3339() -> String {
     let now = time::OffsetDateTime::now_utc();
-    let format =
-        time::macros::format_description!("[year]-[month]-[day]T[hour]:[minute]:[second]Z");
+    let format = time::macros::format_description!("[year]-[month]-[day]T[hour]:[minute]:[second]Z");
     now.format(&format).unwrap_or_default()
 }
 
@@ -48,9 +42,7 @@ fn is_dns_subdomain(name: &str) -> bool {
         && !name.is_empty()
         && name.split('.').all(|label| {
             !label.is_empty()
-                && label
-                    .chars()
-                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+                && label.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
                 && !label.starts_with('-')
                 && !label.ends_with('-')
         })
@@ -90,9 +82,7 @@ fn check_string_map(object: &Value, path: &str, causes: &mut Vec<Cause>) {
                 let name = key.rsplit('/').next().unwrap_or(key);
                 let valid_name = !name.is_empty()
                     && name.len() <= 63
-                    && name
-                        .chars()
-                        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+                    && name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
                     && name.starts_with(|c: char| c.is_ascii_alphanumeric())
                     && name.ends_with(|c: char| c.is_ascii_alphanumeric());
                 if !valid_name || key.matches('/').count() > 1 {
@@ -107,8 +97,7 @@ fn check_string_map(object: &Value, path: &str, causes: &mut Vec<Cause>) {
                 for (key, v) in map {
                     let Some(v) = v.as_str() else { continue };
                     let valid = v.len() <= 63
-                        && v.chars()
-                            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+                        && v.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
                         && (v.is_empty()
                             || (v.starts_with(|c: char| c.is_ascii_alphanumeric())
                                 && v.ends_with(|c: char| c.is_ascii_alphanumeric())));
@@ -153,23 +142,11 @@ pub fn validate(resource: &Resource, object: &Value) -> Result<(), ApiError> {
     if resource.plural == "pods" {
         validate_pod_spec(&object["spec"], "spec", &mut causes);
     }
-    if causes.is_empty() {
-        Ok(())
-    } else {
-        Err(ApiError::invalid(
-            resource.group,
-            resource.kind,
-            name,
-            causes,
-        ))
-    }
+    if causes.is_empty() { Ok(()) } else { Err(ApiError::invalid(resource.group, resource.kind, name, causes)) }
 }
 
 fn validate_pod_spec(spec: &Value, path: &str, causes: &mut Vec<Cause>) {
-    let containers = spec["containers"]
-        .as_array()
-        .map(Vec::as_slice)
-        .unwrap_or(&[]);
+    let containers = spec["containers"].as_array().map(Vec::as_slice).unwrap_or(&[]);
     if containers.is_empty() {
         causes.push(Cause {
             reason: "FieldValueRequired",
@@ -178,10 +155,9 @@ fn validate_pod_spec(spec: &Value, path: &str, causes: &mut Vec<Cause>) {
         });
     }
     let mut seen = std::collections::BTreeSet::new();
-    for (list, items) in [
-        ("initContainers", spec["initContainers"].as_array()),
-        ("containers", Some(&containers.to_vec())),
-    ] {
+    for (list, items) in
+        [("initContainers", spec["initContainers"].as_array()), ("containers", Some(&containers.to_vec()))]
+    {
         for (i, container) in items.map(Vec::as_slice).unwrap_or(&[]).iter().enumerate() {
             let field = format!("{path}.{list}[{i}]");
             match container["name"].as_str() {
@@ -220,25 +196,15 @@ fn validate_pod_spec(spec: &Value, path: &str, causes: &mut Vec<Cause>) {
 fn random_suffix() -> String {
     const ALPHABET: &[u8] = b"bcdfghjklmnpqrstvwxz2456789";
     let bytes = uuid::Uuid::new_v4().into_bytes();
-    bytes[..5]
-        .iter()
-        .map(|b| ALPHABET[*b as usize % ALPHABET.len()] as char)
-        .collect()
+    bytes[..5].iter().map(|b| ALPHABET[*b as usize % ALPHABET.len()] as char).collect()
 }
 
 /// Prepares a new object: kind/apiVersion, namespace, name from generateName, uid,
 /// creationTimestamp, generation; drops what clients may not set.
-pub fn prepare_create(
-    resource: &Resource,
-    namespace: Option<&str>,
-    object: &mut Value,
-) -> Result<(), ApiError> {
+pub fn prepare_create(resource: &Resource, namespace: Option<&str>, object: &mut Value) -> Result<(), ApiError> {
     check_kind(resource, object)?;
-    let metadata = object
-        .as_object_mut()
-        .expect("decoded bodies are objects")
-        .entry("metadata")
-        .or_insert_with(|| json!({}));
+    let metadata =
+        object.as_object_mut().expect("decoded bodies are objects").entry("metadata").or_insert_with(|| json!({}));
     if !metadata.is_object() {
         return Err(ApiError::bad_request("metadata must be an object"));
     }
@@ -324,11 +290,7 @@ fn default_workload(resource: &Resource, object: &mut Value) {
             set_default(spec, "replicas", json!(1));
             set_default(spec, "podManagementPolicy", json!("OrderedReady"));
             set_default(spec, "revisionHistoryLimit", json!(10));
-            set_default(
-                spec,
-                "updateStrategy",
-                json!({"type": "RollingUpdate", "rollingUpdate": {"partition": 0}}),
-            );
+            set_default(spec, "updateStrategy", json!({"type": "RollingUpdate", "rollingUpdate": {"partition": 0}}));
         }
         "daemonsets" => {
             set_default(spec, "revisionHistoryLimit", json!(10));
@@ -392,18 +354,13 @@ pub fn default_pod_spec(spec: &mut Value) {
             let image = container["image"].as_str().unwrap_or("").to_string();
             // No tag (or :latest) and no digest: always pull; else only when missing.
             let last = image.rsplit('/').next().unwrap_or("");
-            let policy =
-                if image.contains('@') || (last.contains(':') && !last.ends_with(":latest")) {
-                    "IfNotPresent"
-                } else {
-                    "Always"
-                };
+            let policy = if image.contains('@') || (last.contains(':') && !last.ends_with(":latest")) {
+                "IfNotPresent"
+            } else {
+                "Always"
+            };
             set_default(container, "imagePullPolicy", json!(policy));
-            set_default(
-                container,
-                "terminationMessagePath",
-                json!("/dev/termination-log"),
-            );
+            set_default(container, "terminationMessagePath", json!("/dev/termination-log"));
             set_default(container, "terminationMessagePolicy", json!("File"));
             set_default(container, "resources", json!({}));
         }
@@ -415,72 +372,40 @@ pub fn default_pod_spec(spec: &mut Value) {
 fn qos_class(spec: &Value) -> &'static str {
     let containers: Vec<&Value> = ["initContainers", "containers"]
         .iter()
-        .flat_map(|list| {
-            spec[*list]
-                .as_array()
-                .map(|a| a.iter().collect::<Vec<_>>())
-                .unwrap_or_default()
-        })
+        .flat_map(|list| spec[*list].as_array().map(|a| a.iter().collect::<Vec<_>>()).unwrap_or_default())
         .collect();
-    let resources = |c: &Value, kind: &str| {
-        c["resources"][kind]
-            .as_object()
-            .cloned()
-            .unwrap_or_default()
-    };
-    if containers
-        .iter()
-        .all(|c| resources(c, "requests").is_empty() && resources(c, "limits").is_empty())
-    {
+    let resources = |c: &Value, kind: &str| c["resources"][kind].as_object().cloned().unwrap_or_default();
+    if containers.iter().all(|c| resources(c, "requests").is_empty() && resources(c, "limits").is_empty()) {
         return "BestEffort";
     }
     let guaranteed = containers.iter().all(|c| {
         let (requests, limits) = (resources(c, "requests"), resources(c, "limits"));
-        ["cpu", "memory"].iter().all(|r| {
-            limits.contains_key(*r) && requests.get(*r).is_none_or(|v| Some(v) == limits.get(*r))
-        })
+        ["cpu", "memory"]
+            .iter()
+            .all(|r| limits.contains_key(*r) && requests.get(*r).is_none_or(|v| Some(v) == limits.get(*r)))
     });
-    if guaranteed {
-        "Guaranteed"
-    } else {
-        "Burstable"
-    }
+    if guaranteed { "Guaranteed" } else { "Burstable" }
 }
 
 /// Prepares a replacement of `old`: the server-owned metadata carries over; generation is
 /// bumped when the spec changed.
-pub fn prepare_update(
-    resource: &Resource,
-    old: &Value,
-    object: &mut Value,
-) -> Result<(), ApiError> {
+pub fn prepare_update(resource: &Resource, old: &Value, object: &mut Value) -> Result<(), ApiError> {
     check_kind(resource, object)?;
     if !object["metadata"].is_object() {
         return Err(ApiError::bad_request("metadata must be an object"));
     }
-    for owned in [
-        "uid",
-        "creationTimestamp",
-        "deletionTimestamp",
-        "deletionGracePeriodSeconds",
-    ] {
+    for owned in ["uid", "creationTimestamp", "deletionTimestamp", "deletionGracePeriodSeconds"] {
         match old["metadata"].get(owned) {
             Some(value) => object["metadata"][owned] = value.clone(),
             None => {
-                object["metadata"]
-                    .as_object_mut()
-                    .expect("checked")
-                    .remove(owned);
+                object["metadata"].as_object_mut().expect("checked").remove(owned);
             }
         }
     }
     if let Some(namespace) = old["metadata"].get("namespace") {
         object["metadata"]["namespace"] = namespace.clone();
     }
-    object["metadata"]
-        .as_object_mut()
-        .expect("checked")
-        .remove("resourceVersion");
+    object["metadata"].as_object_mut().expect("checked").remove("resourceVersion");
     if resource.has_generation() {
         let generation = old["metadata"]["generation"].as_i64().unwrap_or(1);
         let changed = old.get("spec") != object.get("spec");
@@ -570,12 +495,7 @@ mod tests {
         assert_eq!(object["kind"], "Deployment");
         assert_eq!(object["apiVersion"], "apps/v1");
         let mut wrong = json!({"metadata": {"name": "x", "namespace": "other"}});
-        assert_eq!(
-            prepare_create(deployments, Some("default"), &mut wrong)
-                .unwrap_err()
-                .code,
-            400
-        );
+        assert_eq!(prepare_create(deployments, Some("default"), &mut wrong).unwrap_err().code, 400);
     }
 
     #[test]
@@ -587,16 +507,9 @@ mod tests {
         assert_eq!(pod["spec"]["restartPolicy"], "Always");
         assert_eq!(pod["spec"]["terminationGracePeriodSeconds"], 30);
         assert_eq!(pod["spec"]["containers"][0]["imagePullPolicy"], "Always");
-        assert_eq!(
-            pod["spec"]["containers"][1]["imagePullPolicy"],
-            "IfNotPresent"
-        );
-        assert_eq!(
-            pod["status"],
-            json!({"phase": "Pending", "qosClass": "BestEffort"})
-        );
-        let limited =
-            json!({"containers": [{"resources": {"limits": {"cpu": "1", "memory": "1Gi"}}}]});
+        assert_eq!(pod["spec"]["containers"][1]["imagePullPolicy"], "IfNotPresent");
+        assert_eq!(pod["status"], json!({"phase": "Pending", "qosClass": "BestEffort"}));
+        let limited = json!({"containers": [{"resources": {"limits": {"cpu": "1", "memory": "1Gi"}}}]});
         assert_eq!(qos_class(&limited), "Guaranteed");
         let requested = json!({"containers": [{"resources": {"requests": {"cpu": "1"}}}]});
         assert_eq!(qos_class(&requested), "Burstable");
@@ -608,37 +521,18 @@ mod tests {
         let mut job = json!({"metadata": {"name": "j"}, "spec": {"template": {"spec": {"restartPolicy": "Never",
             "containers": [{"name": "c", "image": "busybox"}]}}}});
         prepare_create(jobs, Some("default"), &mut job).unwrap();
-        assert_eq!(
-            (
-                job["spec"]["completions"].as_i64(),
-                job["spec"]["parallelism"].as_i64()
-            ),
-            (Some(1), Some(1))
-        );
+        assert_eq!((job["spec"]["completions"].as_i64(), job["spec"]["parallelism"].as_i64()), (Some(1), Some(1)));
         assert_eq!(job["spec"]["backoffLimit"], 6);
-        assert_eq!(
-            job["spec"]["template"]["spec"]["restartPolicy"], "Never",
-            "a given value stays"
-        );
-        assert_eq!(
-            job["spec"]["template"]["spec"]["containers"][0]["imagePullPolicy"],
-            "Always"
-        );
+        assert_eq!(job["spec"]["template"]["spec"]["restartPolicy"], "Never", "a given value stays");
+        assert_eq!(job["spec"]["template"]["spec"]["containers"][0]["imagePullPolicy"], "Always");
         let deployments = find("apps", "v1", "deployments").unwrap();
-        let mut deployment =
-            json!({"metadata": {"name": "d"}, "spec": {"template": {"spec": {"containers": []}}}});
+        let mut deployment = json!({"metadata": {"name": "d"}, "spec": {"template": {"spec": {"containers": []}}}});
         prepare_create(deployments, Some("default"), &mut deployment).unwrap();
         assert_eq!(deployment["spec"]["replicas"], 1);
-        assert_eq!(
-            deployment["spec"]["strategy"]["rollingUpdate"]["maxSurge"],
-            "25%"
-        );
+        assert_eq!(deployment["spec"]["strategy"]["rollingUpdate"]["maxSurge"], "25%");
         let mut parallel_only = json!({"metadata": {"name": "p"}, "spec": {"parallelism": 3}});
         prepare_create(jobs, Some("default"), &mut parallel_only).unwrap();
-        assert!(
-            parallel_only["spec"]["completions"].is_null(),
-            "a work-queue job keeps no completions"
-        );
+        assert!(parallel_only["spec"]["completions"].is_null(), "a work-queue job keeps no completions");
     }
 
     #[test]
@@ -650,38 +544,18 @@ mod tests {
         prepare_update(deployments, &old, &mut new).unwrap();
         assert_eq!(new["metadata"]["uid"], "u1");
         assert_eq!(new["metadata"]["generation"], 4);
-        let mut same =
-            json!({"metadata": {"name": "w", "labels": {"a": "b"}}, "spec": {"replicas": 1}});
+        let mut same = json!({"metadata": {"name": "w", "labels": {"a": "b"}}, "spec": {"replicas": 1}});
         prepare_update(deployments, &old, &mut same).unwrap();
         assert_eq!(same["metadata"]["generation"], 3);
     }
 
     #[test]
     fn bodies_decode_from_json_and_yaml_and_garbage_is_a_bad_request() {
-        assert_eq!(
-            decode_body("application/json", br#"{"a":1}"#).unwrap(),
-            json!({"a": 1})
-        );
-        assert_eq!(
-            decode_body("application/yaml", b"a: 1\nb: [x]\n").unwrap(),
-            json!({"a": 1, "b": ["x"]})
-        );
-        assert_eq!(
-            decode_body("application/json", b"{not json")
-                .unwrap_err()
-                .code,
-            400
-        );
-        assert_eq!(
-            decode_body("application/yaml", b"a: [unclosed")
-                .unwrap_err()
-                .code,
-            400
-        );
-        assert_eq!(
-            decode_body("application/json", b"[1]").unwrap_err().code,
-            400
-        );
+        assert_eq!(decode_body("application/json", br#"{"a":1}"#).unwrap(), json!({"a": 1}));
+        assert_eq!(decode_body("application/yaml", b"a: 1\nb: [x]\n").unwrap(), json!({"a": 1, "b": ["x"]}));
+        assert_eq!(decode_body("application/json", b"{not json").unwrap_err().code, 400);
+        assert_eq!(decode_body("application/yaml", b"a: [unclosed").unwrap_err().code, 400);
+        assert_eq!(decode_body("application/json", b"[1]").unwrap_err().code, 400);
         assert_eq!(decode_body("text/plain", b"x").unwrap_err().code, 415);
     }
 }

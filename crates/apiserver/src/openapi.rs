@@ -23,19 +23,12 @@ fn query_parameter(name: &str) -> Value {
 }
 
 fn operation(resource: &Resource, action: &str, verb: &str, parameters: &[&str]) -> Value {
-    let scope = if resource.namespaced {
-        "Namespaced"
-    } else {
-        ""
-    };
+    let scope = if resource.namespaced { "Namespaced" } else { "" };
     let group = resource.group.split('.').next().unwrap_or("core");
     let group = if group.is_empty() { "core" } else { group };
     let capitalize = |s: &str| {
         let mut chars = s.chars();
-        chars
-            .next()
-            .map(|c| c.to_ascii_uppercase().to_string() + chars.as_str())
-            .unwrap_or_default()
+        chars.next().map(|c| c.to_ascii_uppercase().to_string() + chars.as_str()).unwrap_or_default()
     };
     json!({
         "operationId": format!("{verb}{}{}{scope}{}", capitalize(group), capitalize(resource.version), resource.kind),
@@ -53,16 +46,10 @@ fn document(path: &str) -> Value {
         let (collection, item) = if resource.namespaced {
             (
                 format!("{base}/namespaces/{{namespace}}/{}", resource.plural),
-                format!(
-                    "{base}/namespaces/{{namespace}}/{}/{{name}}",
-                    resource.plural
-                ),
+                format!("{base}/namespaces/{{namespace}}/{}/{{name}}", resource.plural),
             )
         } else {
-            (
-                format!("{base}/{}", resource.plural),
-                format!("{base}/{}/{{name}}", resource.plural),
-            )
+            (format!("{base}/{}", resource.plural), format!("{base}/{}/{{name}}", resource.plural))
         };
         let writes = ["dryRun", "fieldManager", "fieldValidation", "pretty"];
         paths.insert(
@@ -101,8 +88,7 @@ fn documents() -> &'static Documents {
     DOCUMENTS.get_or_init(|| {
         let mut paths: Vec<String> = RESOURCES.iter().map(group_version_path).collect();
         paths.dedup();
-        let documents: Vec<(String, Value)> =
-            paths.iter().map(|p| (p.clone(), document(p))).collect();
+        let documents: Vec<(String, Value)> = paths.iter().map(|p| (p.clone(), document(p))).collect();
         let mut index = serde_json::Map::new();
         for (path, document) in &documents {
             // The hash lets clients cache a document until it changes, as upstream's does.
@@ -112,15 +98,9 @@ fn documents() -> &'static Documents {
                 document.to_string().hash(&mut hasher);
                 format!("{:016X}", hasher.finish())
             };
-            index.insert(
-                path.clone(),
-                json!({"serverRelativeURL": format!("/openapi/v3/{path}?hash={hash}")}),
-            );
+            index.insert(path.clone(), json!({"serverRelativeURL": format!("/openapi/v3/{path}?hash={hash}")}));
         }
-        Documents {
-            index: json!({"paths": index}),
-            documents,
-        }
+        Documents { index: json!({"paths": index}), documents }
     })
 }
 
@@ -131,11 +111,7 @@ pub fn index() -> &'static Value {
 
 /// `/openapi/v3/<path>`
 pub fn group_version(path: &str) -> Option<&'static Value> {
-    documents()
-        .documents
-        .iter()
-        .find(|(p, _)| p == path)
-        .map(|(_, d)| d)
+    documents().documents.iter().find(|(p, _)| p == path).map(|(_, d)| d)
 }
 
 #[cfg(test)]
@@ -145,13 +121,10 @@ mod tests {
     #[test]
     fn every_group_version_has_a_document_with_patch_operations_kubectl_recognises() {
         let index = index();
-        let url = index["paths"]["apis/apps/v1"]["serverRelativeURL"]
-            .as_str()
-            .unwrap();
+        let url = index["paths"]["apis/apps/v1"]["serverRelativeURL"].as_str().unwrap();
         assert!(url.starts_with("/openapi/v3/apis/apps/v1?hash="));
         let apps = group_version("apis/apps/v1").unwrap();
-        let patch =
-            &apps["paths"]["/apis/apps/v1/namespaces/{namespace}/deployments/{name}"]["patch"];
+        let patch = &apps["paths"]["/apis/apps/v1/namespaces/{namespace}/deployments/{name}"]["patch"];
         assert_eq!(
             patch["x-kubernetes-group-version-kind"],
             json!({"group": "apps", "version": "v1", "kind": "Deployment"})

@@ -19,23 +19,11 @@ pub struct Resource {
 }
 
 /// The verbs every resource of this increment supports.
-pub const VERBS: &[&str] = &[
-    "create", "delete", "get", "list", "patch", "update", "watch",
-];
+pub const VERBS: &[&str] = &["create", "delete", "get", "list", "patch", "update", "watch"];
 
 macro_rules! resource {
     ($group:expr, $version:expr, $kind:expr, $plural:expr, $singular:expr, $namespaced:expr, $short:expr, $categories:expr) => {
-        resource!(
-            $group,
-            $version,
-            $kind,
-            $plural,
-            $singular,
-            $namespaced,
-            $short,
-            $categories,
-            $plural
-        )
+        resource!($group, $version, $kind, $plural, $singular, $namespaced, $short, $categories, $plural)
     };
     ($group:expr, $version:expr, $kind:expr, $plural:expr, $singular:expr, $namespaced:expr, $short:expr, $categories:expr, $storage:expr) => {
         Resource {
@@ -57,82 +45,16 @@ const NONE: &[&str] = &[];
 
 /// Every served resource.
 pub static RESOURCES: &[Resource] = &[
-    resource!(
-        "",
-        "v1",
-        "Namespace",
-        "namespaces",
-        "namespace",
-        false,
-        &["ns"],
-        NONE
-    ),
+    resource!("", "v1", "Namespace", "namespaces", "namespace", false, &["ns"], NONE),
     resource!("", "v1", "Pod", "pods", "pod", true, &["po"], ALL),
-    resource!(
-        "",
-        "v1",
-        "Service",
-        "services",
-        "service",
-        true,
-        &["svc"],
-        ALL,
-        "services/specs"
-    ),
-    resource!(
-        "",
-        "v1",
-        "ConfigMap",
-        "configmaps",
-        "configmap",
-        true,
-        &["cm"],
-        NONE
-    ),
+    resource!("", "v1", "Service", "services", "service", true, &["svc"], ALL, "services/specs"),
+    resource!("", "v1", "ConfigMap", "configmaps", "configmap", true, &["cm"], NONE),
     resource!("", "v1", "Secret", "secrets", "secret", true, NONE, NONE),
-    resource!(
-        "",
-        "v1",
-        "ServiceAccount",
-        "serviceaccounts",
-        "serviceaccount",
-        true,
-        &["sa"],
-        NONE
-    ),
-    resource!(
-        "",
-        "v1",
-        "Endpoints",
-        "endpoints",
-        "endpoints",
-        true,
-        &["ep"],
-        NONE,
-        "services/endpoints"
-    ),
+    resource!("", "v1", "ServiceAccount", "serviceaccounts", "serviceaccount", true, &["sa"], NONE),
+    resource!("", "v1", "Endpoints", "endpoints", "endpoints", true, &["ep"], NONE, "services/endpoints"),
     resource!("", "v1", "Event", "events", "event", true, &["ev"], NONE),
-    resource!(
-        "",
-        "v1",
-        "Node",
-        "nodes",
-        "node",
-        false,
-        &["no"],
-        NONE,
-        "minions"
-    ),
-    resource!(
-        "",
-        "v1",
-        "PersistentVolume",
-        "persistentvolumes",
-        "persistentvolume",
-        false,
-        &["pv"],
-        NONE
-    ),
+    resource!("", "v1", "Node", "nodes", "node", false, &["no"], NONE, "minions"),
+    resource!("", "v1", "PersistentVolume", "persistentvolumes", "persistentvolume", false, &["pv"], NONE),
     resource!(
         "",
         "v1",
@@ -143,97 +65,16 @@ pub static RESOURCES: &[Resource] = &[
         &["pvc"],
         NONE
     ),
-    resource!(
-        "",
-        "v1",
-        "LimitRange",
-        "limitranges",
-        "limitrange",
-        true,
-        &["limits"],
-        NONE
-    ),
-    resource!(
-        "",
-        "v1",
-        "ResourceQuota",
-        "resourcequotas",
-        "resourcequota",
-        true,
-        &["quota"],
-        NONE
-    ),
-    resource!(
-        "apps",
-        "v1",
-        "Deployment",
-        "deployments",
-        "deployment",
-        true,
-        &["deploy"],
-        ALL
-    ),
-    resource!(
-        "apps",
-        "v1",
-        "ReplicaSet",
-        "replicasets",
-        "replicaset",
-        true,
-        &["rs"],
-        ALL
-    ),
-    resource!(
-        "apps",
-        "v1",
-        "DaemonSet",
-        "daemonsets",
-        "daemonset",
-        true,
-        &["ds"],
-        ALL
-    ),
-    resource!(
-        "apps",
-        "v1",
-        "StatefulSet",
-        "statefulsets",
-        "statefulset",
-        true,
-        &["sts"],
-        ALL
-    ),
+    resource!("", "v1", "LimitRange", "limitranges", "limitrange", true, &["limits"], NONE),
+    resource!("", "v1", "ResourceQuota", "resourcequotas", "resourcequota", true, &["quota"], NONE),
+    resource!("apps", "v1", "Deployment", "deployments", "deployment", true, &["deploy"], ALL),
+    resource!("apps", "v1", "ReplicaSet", "replicasets", "replicaset", true, &["rs"], ALL),
+    resource!("apps", "v1", "DaemonSet", "daemonsets", "daemonset", true, &["ds"], ALL),
+    resource!("apps", "v1", "StatefulSet", "statefulsets", "statefulset", true, &["sts"], ALL),
     resource!("batch", "v1", "Job", "jobs", "job", true, NONE, ALL),
-    resource!(
-        "batch",
-        "v1",
-        "CronJob",
-        "cronjobs",
-        "cronjob",
-        true,
-        &["cj"],
-        ALL
-    ),
-    resource!(
-        "coordination.k8s.io",
-        "v1",
-        "Lease",
-        "leases",
-        "lease",
-        true,
-        NONE,
-        NONE
-    ),
-    resource!(
-        "discovery.k8s.io",
-        "v1",
-        "EndpointSlice",
-        "endpointslices",
-        "endpointslice",
-        true,
-        NONE,
-        NONE
-    ),
+    resource!("batch", "v1", "CronJob", "cronjobs", "cronjob", true, &["cj"], ALL),
+    resource!("coordination.k8s.io", "v1", "Lease", "leases", "lease", true, NONE, NONE),
+    resource!("discovery.k8s.io", "v1", "EndpointSlice", "endpointslices", "endpointslice", true, NONE, NONE),
     resource!(
         "policy",
         "v1",
@@ -244,36 +85,9 @@ pub static RESOURCES: &[Resource] = &[
         &["pdb"],
         NONE
     ),
-    resource!(
-        "rbac.authorization.k8s.io",
-        "v1",
-        "Role",
-        "roles",
-        "role",
-        true,
-        NONE,
-        NONE
-    ),
-    resource!(
-        "rbac.authorization.k8s.io",
-        "v1",
-        "RoleBinding",
-        "rolebindings",
-        "rolebinding",
-        true,
-        NONE,
-        NONE
-    ),
-    resource!(
-        "rbac.authorization.k8s.io",
-        "v1",
-        "ClusterRole",
-        "clusterroles",
-        "clusterrole",
-        false,
-        NONE,
-        NONE
-    ),
+    resource!("rbac.authorization.k8s.io", "v1", "Role", "roles", "role", true, NONE, NONE),
+    resource!("rbac.authorization.k8s.io", "v1", "RoleBinding", "rolebindings", "rolebinding", true, NONE, NONE),
+    resource!("rbac.authorization.k8s.io", "v1", "ClusterRole", "clusterroles", "clusterrole", false, NONE, NONE),
     resource!(
         "rbac.authorization.k8s.io",
         "v1",
@@ -333,11 +147,7 @@ pub static RESOURCES: &[Resource] = &[
 impl Resource {
     /// `v1` or `apps/v1`.
     pub fn api_version(&self) -> String {
-        if self.group.is_empty() {
-            self.version.to_string()
-        } else {
-            format!("{}/{}", self.group, self.version)
-        }
+        if self.group.is_empty() { self.version.to_string() } else { format!("{}/{}", self.group, self.version) }
     }
 
     /// The store prefix of every object of this resource (in `namespace`, if given).
@@ -400,20 +210,14 @@ impl Resource {
 
     /// Whether objects of this kind carry `metadata.generation` (bumped on spec changes).
     pub fn has_generation(&self) -> bool {
-        !self.group.is_empty()
-            && !matches!(
-                self.group,
-                "coordination.k8s.io" | "rbac.authorization.k8s.io"
-            )
+        !self.group.is_empty() && !matches!(self.group, "coordination.k8s.io" | "rbac.authorization.k8s.io")
             || matches!(self.plural, "pods")
     }
 }
 
 /// Finds a resource by group, version and plural.
 pub fn find(group: &str, version: &str, plural: &str) -> Option<&'static Resource> {
-    RESOURCES
-        .iter()
-        .find(|r| r.group == group && r.version == version && r.plural == plural)
+    RESOURCES.iter().find(|r| r.group == group && r.version == version && r.plural == plural)
 }
 
 /// The API groups (other than core) with their versions, in a stable order.
@@ -434,32 +238,19 @@ mod tests {
     #[test]
     fn keys_follow_the_kube_apiserver_layout() {
         let pods = find("", "v1", "pods").unwrap();
-        assert_eq!(
-            pods.key(Some("default"), "web"),
-            "/registry/pods/default/web"
-        );
+        assert_eq!(pods.key(Some("default"), "web"), "/registry/pods/default/web");
         let services = find("", "v1", "services").unwrap();
-        assert_eq!(
-            services.key(Some("default"), "db"),
-            "/registry/services/specs/default/db"
-        );
+        assert_eq!(services.key(Some("default"), "db"), "/registry/services/specs/default/db");
         let nodes = find("", "v1", "nodes").unwrap();
         assert_eq!(nodes.key(None, "n1"), "/registry/minions/n1");
-        assert_eq!(
-            find("apps", "v1", "deployments").unwrap().api_version(),
-            "apps/v1"
-        );
+        assert_eq!(find("apps", "v1", "deployments").unwrap().api_version(), "apps/v1");
     }
 
     #[test]
     fn plurals_are_unique_per_group() {
         for (i, a) in RESOURCES.iter().enumerate() {
             for b in &RESOURCES[i + 1..] {
-                assert!(
-                    !(a.group == b.group && a.plural == b.plural),
-                    "{} twice",
-                    a.plural
-                );
+                assert!(!(a.group == b.group && a.plural == b.plural), "{} twice", a.plural);
                 assert_ne!(a.storage, b.storage, "two resources share a store prefix");
             }
         }

@@ -34,26 +34,17 @@ fn split_top_level(text: &str) -> Vec<&str> {
         }
     }
     parts.push(&text[start..]);
-    parts
-        .into_iter()
-        .map(str::trim)
-        .filter(|p| !p.is_empty())
-        .collect()
+    parts.into_iter().map(str::trim).filter(|p| !p.is_empty()).collect()
 }
 
 fn valid_key(key: &str) -> bool {
     !key.is_empty()
         && key.len() <= 317
-        && key
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | '/'))
+        && key.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | '/'))
 }
 
 fn valid_value(value: &str) -> bool {
-    value.len() <= 63
-        && value
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+    value.len() <= 63 && value.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
 }
 
 fn parse_set(key: &str, rest: &str) -> Result<Vec<String>, String> {
@@ -61,14 +52,8 @@ fn parse_set(key: &str, rest: &str) -> Result<Vec<String>, String> {
     let inner = rest
         .strip_prefix('(')
         .and_then(|r| r.strip_suffix(')'))
-        .ok_or_else(|| {
-            format!("expected a parenthesised set of values for {key:?}, got {rest:?}")
-        })?;
-    Ok(inner
-        .split(',')
-        .map(|v| v.trim().to_string())
-        .filter(|v| !v.is_empty())
-        .collect())
+        .ok_or_else(|| format!("expected a parenthesised set of values for {key:?}, got {rest:?}"))?;
+    Ok(inner.split(',').map(|v| v.trim().to_string()).filter(|v| !v.is_empty()).collect())
 }
 
 impl LabelSelector {
@@ -136,11 +121,7 @@ impl LabelSelector {
         }
         let labels: BTreeMap<String, String> = object["metadata"]["labels"]
             .as_object()
-            .map(|m| {
-                m.iter()
-                    .filter_map(|(k, v)| Some((k.clone(), v.as_str()?.to_string())))
-                    .collect()
-            })
+            .map(|m| m.iter().filter_map(|(k, v)| Some((k.clone(), v.as_str()?.to_string()))).collect())
             .unwrap_or_default();
         self.matches(&labels)
     }
@@ -161,9 +142,7 @@ impl FieldSelector {
             } else if let Some((f, v)) = part.split_once('=') {
                 (f, true, v)
             } else {
-                return Err(format!(
-                    "invalid field selector {part:?}: expected field=value or field!=value"
-                ));
+                return Err(format!("invalid field selector {part:?}: expected field=value or field!=value"));
             };
             terms.push((field.trim().to_string(), equal, value.trim().to_string()));
         }
@@ -234,10 +213,7 @@ mod tests {
     use serde_json::json;
 
     fn labels(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
-        pairs
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect()
+        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
     }
 
     #[test]
@@ -274,16 +250,12 @@ mod tests {
     #[test]
     fn field_selectors_read_dotted_paths() {
         let pod = json!({"metadata": {"name": "web", "namespace": "default"}, "spec": {"nodeName": "n1"}, "status": {"phase": "Running"}});
-        let yes = FieldSelector::parse("metadata.name=web,spec.nodeName!=n2,status.phase==Running")
-            .unwrap();
+        let yes = FieldSelector::parse("metadata.name=web,spec.nodeName!=n2,status.phase==Running").unwrap();
         assert!(yes.matches_object(&pod));
         let no = FieldSelector::parse("spec.nodeName=").unwrap();
         assert!(!no.matches_object(&pod));
         let unscheduled = json!({"metadata": {"name": "x"}, "spec": {}});
-        assert!(
-            no.matches_object(&unscheduled),
-            "an absent field equals the empty string"
-        );
+        assert!(no.matches_object(&unscheduled), "an absent field equals the empty string");
         assert!(FieldSelector::parse("nonsense").is_err());
     }
 }

@@ -19,10 +19,7 @@ pub struct ServiceCidr {
 
 impl Default for ServiceCidr {
     fn default() -> Self {
-        ServiceCidr {
-            base: u32::from(Ipv4Addr::new(10, 96, 0, 0)),
-            prefix: 16,
-        }
+        ServiceCidr { base: u32::from(Ipv4Addr::new(10, 96, 0, 0)), prefix: 16 }
     }
 }
 
@@ -30,25 +27,15 @@ impl std::str::FromStr for ServiceCidr {
     type Err = String;
 
     fn from_str(text: &str) -> Result<Self, String> {
-        let (ip, prefix) = text
-            .split_once('/')
-            .ok_or_else(|| format!("{text:?} is not a CIDR such as 10.96.0.0/16"))?;
-        let ip: Ipv4Addr = ip
-            .parse()
-            .map_err(|_| format!("{text:?}: {ip:?} is not an IPv4 address"))?;
-        let prefix: u8 = prefix
-            .parse()
-            .map_err(|_| format!("{text:?}: bad prefix length"))?;
+        let (ip, prefix) =
+            text.split_once('/').ok_or_else(|| format!("{text:?} is not a CIDR such as 10.96.0.0/16"))?;
+        let ip: Ipv4Addr = ip.parse().map_err(|_| format!("{text:?}: {ip:?} is not an IPv4 address"))?;
+        let prefix: u8 = prefix.parse().map_err(|_| format!("{text:?}: bad prefix length"))?;
         if !(8..=30).contains(&prefix) {
-            return Err(format!(
-                "{text:?}: the prefix length must be between 8 and 30"
-            ));
+            return Err(format!("{text:?}: the prefix length must be between 8 and 30"));
         }
         let mask = u32::MAX << (32 - prefix);
-        Ok(ServiceCidr {
-            base: u32::from(ip) & mask,
-            prefix,
-        })
+        Ok(ServiceCidr { base: u32::from(ip) & mask, prefix })
     }
 }
 
@@ -85,16 +72,7 @@ fn port_claim(port: i64) -> String {
 }
 
 fn invalid(name: &str, field: &str, message: String) -> ApiError {
-    ApiError::invalid(
-        "",
-        "Service",
-        name,
-        vec![Cause {
-            reason: "FieldValueInvalid",
-            message,
-            field: field.into(),
-        }],
-    )
+    ApiError::invalid("", "Service", name, vec![Cause { reason: "FieldValueInvalid", message, field: field.into() }])
 }
 
 fn service_type(service: &Value) -> &str {
@@ -107,19 +85,13 @@ fn needs_node_ports(service: &Value) -> bool {
 
 /// Upstream's defaults and the checks that need no store.
 pub fn default_and_validate(service: &mut Value) -> Result<(), ApiError> {
-    let name = service["metadata"]["name"]
-        .as_str()
-        .unwrap_or("")
-        .to_string();
+    let name = service["metadata"]["name"].as_str().unwrap_or("").to_string();
     if !service["spec"].is_object() {
         service["spec"] = json!({});
     }
     let spec = &mut service["spec"];
     let kind = spec["type"].as_str().unwrap_or("ClusterIP").to_string();
-    if !matches!(
-        kind.as_str(),
-        "ClusterIP" | "NodePort" | "LoadBalancer" | "ExternalName"
-    ) {
+    if !matches!(kind.as_str(), "ClusterIP" | "NodePort" | "LoadBalancer" | "ExternalName") {
         return Err(invalid(
             &name,
             "spec.type",
@@ -129,21 +101,12 @@ pub fn default_and_validate(service: &mut Value) -> Result<(), ApiError> {
         ));
     }
     spec["type"] = json!(kind);
-    spec.as_object_mut()
-        .expect("an object")
-        .entry("sessionAffinity")
-        .or_insert(json!("None"));
+    spec.as_object_mut().expect("an object").entry("sessionAffinity").or_insert(json!("None"));
     if kind != "ExternalName" {
-        spec.as_object_mut()
-            .expect("an object")
-            .entry("internalTrafficPolicy")
-            .or_insert(json!("Cluster"));
+        spec.as_object_mut().expect("an object").entry("internalTrafficPolicy").or_insert(json!("Cluster"));
     }
     if matches!(kind.as_str(), "NodePort" | "LoadBalancer") {
-        spec.as_object_mut()
-            .expect("an object")
-            .entry("externalTrafficPolicy")
-            .or_insert(json!("Cluster"));
+        spec.as_object_mut().expect("an object").entry("externalTrafficPolicy").or_insert(json!("Cluster"));
     }
     let ports = spec["ports"].as_array().cloned().unwrap_or_default();
     let headless = spec["clusterIP"] == "None";
@@ -152,11 +115,7 @@ pub fn default_and_validate(service: &mut Value) -> Result<(), ApiError> {
             "",
             "Service",
             &name,
-            vec![Cause {
-                reason: "FieldValueRequired",
-                message: "Required value".into(),
-                field: "spec.ports".into(),
-            }],
+            vec![Cause { reason: "FieldValueRequired", message: "Required value".into(), field: "spec.ports".into() }],
         ));
     }
     let mut names = std::collections::BTreeSet::new();
@@ -173,9 +132,7 @@ pub fn default_and_validate(service: &mut Value) -> Result<(), ApiError> {
         }
         let port_name = port["name"].as_str().unwrap_or("").to_string();
         if port_name.is_empty() && i > 0
-            || (i == 0
-                && port_name.is_empty()
-                && spec["ports"].as_array().is_some_and(|p| p.len() > 1))
+            || (i == 0 && port_name.is_empty() && spec["ports"].as_array().is_some_and(|p| p.len() > 1))
         {
             return Err(ApiError::invalid(
                 "",
@@ -200,9 +157,7 @@ pub fn default_and_validate(service: &mut Value) -> Result<(), ApiError> {
                 }],
             ));
         }
-        let map = port
-            .as_object_mut()
-            .ok_or_else(|| invalid(&name, &field, "must be an object".into()))?;
+        let map = port.as_object_mut().ok_or_else(|| invalid(&name, &field, "must be an object".into()))?;
         map.entry("protocol").or_insert(json!("TCP"));
         map.entry("targetPort").or_insert(json!(number));
         if let Some(node_port) = map.get("nodePort").and_then(Value::as_i64) {
@@ -247,11 +202,7 @@ fn start_offset(size: u32) -> u32 {
 
 /// Allocates what a new Service needs (ClusterIP, NodePorts); returns the claim keys taken, to
 /// release if the create fails.
-pub async fn allocate(
-    store: &dyn Store,
-    cidr: ServiceCidr,
-    service: &mut Value,
-) -> Result<Vec<String>, ApiError> {
+pub async fn allocate(store: &dyn Store, cidr: ServiceCidr, service: &mut Value) -> Result<Vec<String>, ApiError> {
     let mut claims = Vec::new();
     let result = allocate_into(store, cidr, service, &mut claims).await;
     if result.is_err() {
@@ -260,34 +211,45 @@ pub async fn allocate(
     result.map(|()| claims)
 }
 
+/// The Service's name, and `namespace/name`: what its claims record as their owner.
+fn name_and_owner(service: &Value) -> (String, String) {
+    let name = service["metadata"]["name"].as_str().unwrap_or("").to_string();
+    let owner = format!("{}/{name}", service["metadata"]["namespace"].as_str().unwrap_or(""));
+    (name, owner)
+}
+
+/// Claims the first free candidate, scanning `size` candidates from a random start, so that
+/// allocations spread over the range; `None` when every one is taken.
+async fn claim_first_free(
+    store: &dyn Store,
+    owner: &str,
+    size: u32,
+    candidate: impl Fn(u32) -> String,
+    key: impl Fn(&str) -> String,
+) -> Result<Option<String>, ApiError> {
+    let start = start_offset(size);
+    for step in 0..size {
+        let value = candidate((start + step) % size);
+        if claim(store, &key(&value), owner).await? {
+            return Ok(Some(value));
+        }
+    }
+    Ok(None)
+}
+
 async fn allocate_into(
     store: &dyn Store,
     cidr: ServiceCidr,
     service: &mut Value,
     claims: &mut Vec<String>,
 ) -> Result<(), ApiError> {
-    let name = service["metadata"]["name"]
-        .as_str()
-        .unwrap_or("")
-        .to_string();
-    let owner = format!(
-        "{}/{}",
-        service["metadata"]["namespace"].as_str().unwrap_or(""),
-        name
-    );
+    let (name, owner) = name_and_owner(service);
     if service_type(service) != "ExternalName" && service["spec"]["clusterIP"] != "None" {
-        let requested = service["spec"]["clusterIP"]
-            .as_str()
-            .filter(|ip| !ip.is_empty())
-            .map(str::to_string);
+        let requested = service["spec"]["clusterIP"].as_str().filter(|ip| !ip.is_empty()).map(str::to_string);
         let ip = match requested {
             Some(text) => {
                 let ip: Ipv4Addr = text.parse().map_err(|_| {
-                    invalid(
-                        &name,
-                        "spec.clusterIPs[0]",
-                        format!("Invalid value: {text:?}: must be a valid IP address"),
-                    )
+                    invalid(&name, "spec.clusterIPs[0]", format!("Invalid value: {text:?}: must be a valid IP address"))
                 })?;
                 if !cidr.contains(ip) {
                     return Err(invalid(
@@ -312,22 +274,13 @@ async fn allocate_into(
             None => {
                 // Offsets 2.. (the first address belongs to the `kubernetes` Service).
                 let usable = cidr.size() - 3;
-                let start = start_offset(usable);
-                let mut found = None;
-                for step in 0..usable {
-                    let ip = Ipv4Addr::from(cidr.base + 2 + (start + step) % usable).to_string();
-                    if claim(store, &ip_claim(&ip), &owner).await? {
-                        found = Some(ip);
-                        break;
-                    }
-                }
+                let candidate = |offset: u32| Ipv4Addr::from(cidr.base + 2 + offset).to_string();
+                let found = claim_first_free(store, &owner, usable, candidate, ip_claim).await?;
                 found.ok_or_else(|| {
                     invalid(
                         &name,
                         "spec.clusterIPs",
-                        format!(
-                            "Invalid value: failed to allocate a serviceIP: range {cidr} is full"
-                        ),
+                        format!("Invalid value: failed to allocate a serviceIP: range {cidr} is full"),
                     )
                 })?
             }
@@ -354,21 +307,13 @@ async fn allocate_node_ports(
     if !needs_node_ports(service) {
         return Ok(());
     }
-    let name = service["metadata"]["name"]
-        .as_str()
-        .unwrap_or("")
-        .to_string();
-    let count = service["spec"]["ports"]
-        .as_array()
-        .map(Vec::len)
-        .unwrap_or(0);
+    let name = service["metadata"]["name"].as_str().unwrap_or("").to_string();
+    let count = service["spec"]["ports"].as_array().map(Vec::len).unwrap_or(0);
     for i in 0..count {
         let field = format!("spec.ports[{i}].nodePort");
         match service["spec"]["ports"][i]["nodePort"].as_i64() {
             Some(port) => {
-                if !claims.contains(&port_claim(port))
-                    && !claim(store, &port_claim(port), owner).await?
-                {
+                if !claims.contains(&port_claim(port)) && !claim(store, &port_claim(port), owner).await? {
                     // Already ours from before this write is fine; another Service's is not.
                     let holder = store.get(&port_claim(port), None).await.ok().flatten();
                     if holder.is_none_or(|kv| kv.value != owner.as_bytes()) {
@@ -383,18 +328,11 @@ async fn allocate_node_ports(
             }
             None => {
                 let size = u32::from(NODE_PORTS.end() - NODE_PORTS.start()) + 1;
-                let start = start_offset(size);
-                let mut found = None;
-                for step in 0..size {
-                    let port = i64::from(*NODE_PORTS.start()) + i64::from((start + step) % size);
-                    if claim(store, &port_claim(port), owner).await? {
-                        found = Some(port);
-                        break;
-                    }
-                }
-                let port = found.ok_or_else(|| {
-                    invalid(&name, &field, "Invalid value: no free node port".into())
-                })?;
+                let candidate = |offset: u32| (u32::from(*NODE_PORTS.start()) + offset).to_string();
+                let key = |port: &str| port_claim(port.parse().unwrap_or_default());
+                let found = claim_first_free(store, owner, size, candidate, key).await?;
+                let found = found.and_then(|port| port.parse::<i64>().ok());
+                let port = found.ok_or_else(|| invalid(&name, &field, "Invalid value: no free node port".into()))?;
                 claims.push(port_claim(port));
                 service["spec"]["ports"][i]["nodePort"] = json!(port);
             }
@@ -405,29 +343,14 @@ async fn allocate_node_ports(
 
 /// On update: the ClusterIP is immutable (and kept when the new object leaves it out), node
 /// ports are kept per port number; ports a type change now needs are allocated.
-pub async fn carry_over(
-    store: &dyn Store,
-    old: &Value,
-    service: &mut Value,
-) -> Result<(), ApiError> {
-    let name = service["metadata"]["name"]
-        .as_str()
-        .unwrap_or("")
-        .to_string();
-    let owner = format!(
-        "{}/{}",
-        old["metadata"]["namespace"].as_str().unwrap_or(""),
-        name
-    );
+pub async fn carry_over(store: &dyn Store, old: &Value, service: &mut Value) -> Result<(), ApiError> {
+    let (name, _) = name_and_owner(service);
+    let (_, owner) = name_and_owner(old);
     for field in ["clusterIP", "clusterIPs", "ipFamilies", "ipFamilyPolicy"] {
         match (&old["spec"][field], &service["spec"][field]) {
             (before, Value::Null) if !before.is_null() => service["spec"][field] = before.clone(),
             (before, now) if field == "clusterIP" && before != now && !before.is_null() => {
-                return Err(invalid(
-                    &name,
-                    "spec.clusterIPs[0]",
-                    "Invalid value: field is immutable".into(),
-                ));
+                return Err(invalid(&name, "spec.clusterIPs[0]", "Invalid value: field is immutable".into()));
             }
             _ => {}
         }
@@ -437,19 +360,14 @@ pub async fn carry_over(
         if let Some(ports) = service["spec"]["ports"].as_array_mut() {
             for port in ports.iter_mut() {
                 if port["nodePort"].is_null()
-                    && let Some(previous) = old_ports
-                        .iter()
-                        .find(|p| p["port"] == port["port"] && p["nodePort"].is_i64())
+                    && let Some(previous) =
+                        old_ports.iter().find(|p| p["port"] == port["port"] && p["nodePort"].is_i64())
                 {
                     port["nodePort"] = previous["nodePort"].clone();
                 }
             }
         }
-        let mut claims: Vec<String> = old_ports
-            .iter()
-            .filter_map(|p| p["nodePort"].as_i64())
-            .map(port_claim)
-            .collect();
+        let mut claims: Vec<String> = old_ports.iter().filter_map(|p| p["nodePort"].as_i64()).map(port_claim).collect();
         allocate_node_ports(store, service, &owner, &mut claims).await?;
     }
     Ok(())
@@ -458,17 +376,10 @@ pub async fn carry_over(
 /// Releases what a deleted Service held.
 pub async fn release(store: &dyn Store, service: &Value) {
     let mut claims = Vec::new();
-    if let Some(ip) = service["spec"]["clusterIP"]
-        .as_str()
-        .filter(|ip| *ip != "None" && !ip.is_empty())
-    {
+    if let Some(ip) = service["spec"]["clusterIP"].as_str().filter(|ip| *ip != "None" && !ip.is_empty()) {
         claims.push(ip_claim(ip));
     }
-    for port in service["spec"]["ports"]
-        .as_array()
-        .map(Vec::as_slice)
-        .unwrap_or(&[])
-    {
+    for port in service["spec"]["ports"].as_array().map(Vec::as_slice).unwrap_or(&[]) {
         if let Some(node_port) = port["nodePort"].as_i64() {
             claims.push(port_claim(node_port));
         }
@@ -497,35 +408,24 @@ mod tests {
         assert!(cidr.contains(Ipv4Addr::new(10, 96, 255, 254)));
         assert!(!cidr.contains(Ipv4Addr::new(10, 96, 255, 255)), "broadcast");
         assert!(!cidr.contains(Ipv4Addr::new(10, 97, 0, 1)));
-        assert_eq!(
-            "10.0.0.7/24".parse::<ServiceCidr>().unwrap().to_string(),
-            "10.0.0.0/24"
-        );
+        assert_eq!("10.0.0.7/24".parse::<ServiceCidr>().unwrap().to_string(), "10.0.0.0/24");
         assert!("10.0.0.0".parse::<ServiceCidr>().is_err());
         assert!("10.0.0.0/4".parse::<ServiceCidr>().is_err());
     }
 
     #[test]
     fn services_get_upstream_defaults_and_port_checks() {
-        let mut service = json!({"metadata": {"name": "web"}, "spec": {"ports": [{"port": 80}], "selector": {"app": "web"}}});
+        let mut service =
+            json!({"metadata": {"name": "web"}, "spec": {"ports": [{"port": 80}], "selector": {"app": "web"}}});
         default_and_validate(&mut service).unwrap();
         assert_eq!(service["spec"]["type"], "ClusterIP");
-        assert_eq!(
-            service["spec"]["ports"][0],
-            json!({"port": 80, "protocol": "TCP", "targetPort": 80})
-        );
-        let mut two_unnamed =
-            json!({"metadata": {"name": "x"}, "spec": {"ports": [{"port": 80}, {"port": 81}]}});
-        assert_eq!(
-            default_and_validate(&mut two_unnamed).unwrap_err().causes[0].field,
-            "spec.ports[0].name"
-        );
+        assert_eq!(service["spec"]["ports"][0], json!({"port": 80, "protocol": "TCP", "targetPort": 80}));
+        let mut two_unnamed = json!({"metadata": {"name": "x"}, "spec": {"ports": [{"port": 80}, {"port": 81}]}});
+        assert_eq!(default_and_validate(&mut two_unnamed).unwrap_err().causes[0].field, "spec.ports[0].name");
         let mut no_ports = json!({"metadata": {"name": "x"}, "spec": {}});
-        assert_eq!(
-            default_and_validate(&mut no_ports).unwrap_err().causes[0].field,
-            "spec.ports"
-        );
-        let mut node_port_on_cluster_ip = json!({"metadata": {"name": "x"}, "spec": {"ports": [{"port": 80, "nodePort": 30001}]}});
+        assert_eq!(default_and_validate(&mut no_ports).unwrap_err().causes[0].field, "spec.ports");
+        let mut node_port_on_cluster_ip =
+            json!({"metadata": {"name": "x"}, "spec": {"ports": [{"port": 80, "nodePort": 30001}]}});
         assert!(default_and_validate(&mut node_port_on_cluster_ip).is_err());
     }
 }

@@ -38,9 +38,7 @@ fn strategy(field: &str, elements: &[&Value]) -> ListStrategy {
         "topologySpreadConstraints" => MergeByKey("topologyKey"),
         "finalizers" => Union,
         // Container ports merge by containerPort, Service ports by port.
-        "ports" if elements.iter().any(|e| e.get("containerPort").is_some()) => {
-            MergeByKey("containerPort")
-        }
+        "ports" if elements.iter().any(|e| e.get("containerPort").is_some()) => MergeByKey("containerPort"),
         "ports" if elements.iter().any(|e| e.get("port").is_some()) => MergeByKey("port"),
         _ => Replace,
     }
@@ -63,10 +61,7 @@ pub fn apply(original: &Value, patch: &Value) -> Result<Value, String> {
     Ok(Value::Object(merge_map(original, patch)?))
 }
 
-fn merge_map(
-    original: &Map<String, Value>,
-    patch: &Map<String, Value>,
-) -> Result<Map<String, Value>, String> {
+fn merge_map(original: &Map<String, Value>, patch: &Map<String, Value>) -> Result<Map<String, Value>, String> {
     match patch.get("$patch").and_then(Value::as_str) {
         Some("replace") => return merge_map(&Map::new(), &without_directive(patch)),
         Some("delete") => return Ok(Map::new()),
@@ -88,9 +83,7 @@ fn merge_map(
         if let Some(field) = key.strip_prefix("$setElementOrder/") {
             orders.push((field, value));
         } else if let Some(field) = key.strip_prefix("$deleteFromPrimitiveList/") {
-            let doomed = value
-                .as_array()
-                .ok_or("$deleteFromPrimitiveList needs a list")?;
+            let doomed = value.as_array().ok_or("$deleteFromPrimitiveList needs a list")?;
             if let Some(Value::Array(list)) = result.get_mut(field) {
                 list.retain(|item| !doomed.contains(item));
             }
@@ -117,18 +110,11 @@ fn merge_map(
 }
 
 fn without_directive(map: &Map<String, Value>) -> Map<String, Value> {
-    map.iter()
-        .filter(|(k, _)| k.as_str() != "$patch")
-        .map(|(k, v)| (k.clone(), v.clone()))
-        .collect()
+    map.iter().filter(|(k, _)| k.as_str() != "$patch").map(|(k, v)| (k.clone(), v.clone())).collect()
 }
 
 /// The merged value of `field`, or `None` to delete it.
-fn merge_value(
-    field: &str,
-    original: Option<&Value>,
-    patch: &Value,
-) -> Result<Option<Value>, String> {
+fn merge_value(field: &str, original: Option<&Value>, patch: &Value) -> Result<Option<Value>, String> {
     Ok(match patch {
         Value::Null => None,
         Value::Object(patch_map) => {
@@ -139,38 +125,24 @@ fn merge_value(
             let original_map = original.and_then(Value::as_object).unwrap_or(&empty);
             Some(Value::Object(merge_map(original_map, patch_map)?))
         }
-        Value::Array(patch_list) => Some(Value::Array(merge_list(
-            field,
-            original.and_then(Value::as_array),
-            patch_list,
-        )?)),
+        Value::Array(patch_list) => {
+            Some(Value::Array(merge_list(field, original.and_then(Value::as_array), patch_list)?))
+        }
         scalar => Some(scalar.clone()),
     })
 }
 
-fn merge_list(
-    field: &str,
-    original: Option<&Vec<Value>>,
-    patch: &[Value],
-) -> Result<Vec<Value>, String> {
-    let replace = patch
-        .iter()
-        .any(|e| e.get("$patch").and_then(Value::as_str) == Some("replace"));
-    let patch: Vec<&Value> = patch
-        .iter()
-        .filter(|e| e.get("$patch").and_then(Value::as_str) != Some("replace"))
-        .collect();
+fn merge_list(field: &str, original: Option<&Vec<Value>>, patch: &[Value]) -> Result<Vec<Value>, String> {
+    let replace = patch.iter().any(|e| e.get("$patch").and_then(Value::as_str) == Some("replace"));
+    let patch: Vec<&Value> =
+        patch.iter().filter(|e| e.get("$patch").and_then(Value::as_str) != Some("replace")).collect();
     let fresh = |value: &Value| -> Result<Value, String> {
         Ok(match value {
             Value::Object(map) => Value::Object(merge_map(&Map::new(), map)?),
             other => other.clone(),
         })
     };
-    let original: Vec<Value> = if replace {
-        Vec::new()
-    } else {
-        original.cloned().unwrap_or_default()
-    };
+    let original: Vec<Value> = if replace { Vec::new() } else { original.cloned().unwrap_or_default() };
     let elements: Vec<&Value> = original.iter().chain(patch.iter().copied()).collect();
     match strategy(field, &elements) {
         _ if replace => patch.into_iter().map(fresh).collect(),
@@ -188,9 +160,7 @@ fn merge_list(
             let mut result = original;
             for item in patch {
                 let Some(item_map) = item.as_object() else {
-                    return Err(format!(
-                        "{field}: expected objects with a {key:?} in a merging list"
-                    ));
+                    return Err(format!("{field}: expected objects with a {key:?} in a merging list"));
                 };
                 let Some(id) = item_map.get(key) else {
                     return Err(format!("{field}: an element has no merge key {key:?}"));
@@ -228,12 +198,7 @@ fn reorder(field: &str, list: &mut Vec<Value>, order: &[Value]) {
     let ids: Vec<Value> = list.iter().map(identity).collect();
     let wanted: Vec<Value> = order.iter().map(identity).collect();
     let mut indexed: Vec<(usize, Value)> = std::mem::take(list).into_iter().enumerate().collect();
-    indexed.sort_by_key(|(i, _)| {
-        wanted
-            .iter()
-            .position(|w| *w == ids[*i])
-            .unwrap_or(usize::MAX)
-    });
+    indexed.sort_by_key(|(i, _)| wanted.iter().position(|w| *w == ids[*i]).unwrap_or(usize::MAX));
     *list = indexed.into_iter().map(|(_, v)| v).collect();
 }
 
@@ -355,11 +320,7 @@ mod tests {
     fn malformed_patches_are_errors_not_panics() {
         assert!(apply(&json!({}), &json!([1])).is_err());
         assert!(
-            apply(
-                &json!({"spec": {"containers": []}}),
-                &json!({"spec": {"containers": [{"image": "x"}]}})
-            )
-            .is_err()
+            apply(&json!({"spec": {"containers": []}}), &json!({"spec": {"containers": [{"image": "x"}]}})).is_err()
         );
         assert!(apply(&json!({}), &json!({"$patch": "explode"})).is_err());
         assert!(apply(&json!({}), &json!({"a": {"$retainKeys": "x"}})).is_err());

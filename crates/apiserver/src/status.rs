@@ -32,15 +32,7 @@ pub struct ApiError {
 
 impl ApiError {
     fn new(code: u16, reason: &'static str, message: impl Into<String>) -> Self {
-        ApiError {
-            code,
-            reason,
-            message: message.into(),
-            name: None,
-            group: None,
-            kind: None,
-            causes: Vec::new(),
-        }
+        ApiError { code, reason, message: message.into(), name: None, group: None, kind: None, causes: Vec::new() }
     }
 
     fn about(mut self, group: &str, resource: &str, name: &str) -> Self {
@@ -59,28 +51,19 @@ impl ApiError {
     }
 
     pub fn not_found_path(path: &str) -> Self {
-        ApiError::new(
-            404,
-            "NotFound",
-            format!("the server could not find the requested resource ({path})"),
-        )
+        ApiError::new(404, "NotFound", format!("the server could not find the requested resource ({path})"))
     }
 
     /// `pods "web" not found`
     pub fn not_found(group: &str, resource: &str, name: &str) -> Self {
         let qualified = qualified(group, resource);
-        ApiError::new(404, "NotFound", format!("{qualified} \"{name}\" not found"))
-            .about(group, resource, name)
+        ApiError::new(404, "NotFound", format!("{qualified} \"{name}\" not found")).about(group, resource, name)
     }
 
     pub fn already_exists(group: &str, resource: &str, name: &str) -> Self {
         let qualified = qualified(group, resource);
-        ApiError::new(
-            409,
-            "AlreadyExists",
-            format!("{qualified} \"{name}\" already exists"),
-        )
-        .about(group, resource, name)
+        ApiError::new(409, "AlreadyExists", format!("{qualified} \"{name}\" already exists"))
+            .about(group, resource, name)
     }
 
     pub fn conflict(group: &str, resource: &str, name: &str) -> Self {
@@ -98,20 +81,9 @@ impl ApiError {
 
     /// `Pod "x" is invalid: spec.containers: Required value`
     pub fn invalid(group: &str, kind: &str, name: &str, causes: Vec<Cause>) -> Self {
-        let summary: Vec<String> = causes
-            .iter()
-            .map(|c| format!("{}: {}", c.field, c.message))
-            .collect();
-        let summary = if summary.len() == 1 {
-            summary[0].clone()
-        } else {
-            format!("[{}]", summary.join(", "))
-        };
-        let mut error = ApiError::new(
-            422,
-            "Invalid",
-            format!("{kind} \"{name}\" is invalid: {summary}"),
-        );
+        let summary: Vec<String> = causes.iter().map(|c| format!("{}: {}", c.field, c.message)).collect();
+        let summary = if summary.len() == 1 { summary[0].clone() } else { format!("[{}]", summary.join(", ")) };
+        let mut error = ApiError::new(422, "Invalid", format!("{kind} \"{name}\" is invalid: {summary}"));
         error.group = Some(group.to_string()).filter(|g| !g.is_empty());
         error.kind = Some(kind.to_string());
         error.name = Some(name.to_string()).filter(|n| !n.is_empty());
@@ -168,15 +140,12 @@ impl ApiError {
             StoreError::NotFound { .. } => ApiError::not_found(group, resource, name),
             StoreError::AlreadyExists { .. } => ApiError::already_exists(group, resource, name),
             StoreError::Conflict { .. } => ApiError::conflict(group, resource, name),
-            StoreError::Compacted {
-                requested,
-                compacted,
-            } => ApiError::expired(format!(
-                "too old resource version: {requested} ({compacted})"
-            )),
-            StoreError::FutureRevision { requested, current } => ApiError::timeout(format!(
-                "Too large resource version: {requested}, current: {current}"
-            )),
+            StoreError::Compacted { requested, compacted } => {
+                ApiError::expired(format!("too old resource version: {requested} ({compacted})"))
+            }
+            StoreError::FutureRevision { requested, current } => {
+                ApiError::timeout(format!("Too large resource version: {requested}, current: {current}"))
+            }
             StoreError::InvalidContinue { reason } => {
                 ApiError::bad_request(format!("invalid continue token: {reason}"))
             }
@@ -227,21 +196,14 @@ impl ApiError {
         let code = StatusCode::from_u16(self.code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
         let mut response = Response::new(Body::from(self.to_status().to_string()));
         *response.status_mut() = code;
-        response.headers_mut().insert(
-            header::CONTENT_TYPE,
-            header::HeaderValue::from_static("application/json"),
-        );
+        response.headers_mut().insert(header::CONTENT_TYPE, header::HeaderValue::from_static("application/json"));
         response
     }
 }
 
 /// `pods`, `deployments.apps`: how upstream names a resource in messages.
 fn qualified(group: &str, resource: &str) -> String {
-    if group.is_empty() {
-        resource.to_string()
-    } else {
-        format!("{resource}.{group}")
-    }
+    if group.is_empty() { resource.to_string() } else { format!("{resource}.{group}") }
 }
 
 #[cfg(test)]
@@ -261,16 +223,10 @@ mod tests {
 
     #[test]
     fn invalid_lists_the_field_causes() {
-        let cause = Cause {
-            reason: "FieldValueRequired",
-            message: "Required value".into(),
-            field: "spec.containers".into(),
-        };
+        let cause =
+            Cause { reason: "FieldValueRequired", message: "Required value".into(), field: "spec.containers".into() };
         let status = ApiError::invalid("", "Pod", "p", vec![cause]).to_status();
-        assert_eq!(
-            status["message"],
-            "Pod \"p\" is invalid: spec.containers: Required value"
-        );
+        assert_eq!(status["message"], "Pod \"p\" is invalid: spec.containers: Required value");
         assert_eq!(status["details"]["causes"][0]["field"], "spec.containers");
         assert_eq!(status["code"], 422);
     }

@@ -22,12 +22,7 @@ fn columns(resource: &Resource) -> Vec<Column> {
     match resource.plural {
         "namespaces" => vec![name, ("Status", "string", "", 0), age],
         "configmaps" => vec![name, ("Data", "integer", "", 0), age],
-        "secrets" => vec![
-            name,
-            ("Type", "string", "", 0),
-            ("Data", "integer", "", 0),
-            age,
-        ],
+        "secrets" => vec![name, ("Type", "string", "", 0), ("Data", "integer", "", 0), age],
         "pods" => vec![
             name,
             ("Ready", "string", "", 0),
@@ -105,13 +100,9 @@ fn columns(resource: &Resource) -> Vec<Column> {
             ("Images", "string", "", 1),
             ("Selector", "string", "", 1),
         ],
-        "statefulsets" => vec![
-            name,
-            ("Ready", "string", "", 0),
-            age,
-            ("Containers", "string", "", 1),
-            ("Images", "string", "", 1),
-        ],
+        "statefulsets" => {
+            vec![name, ("Ready", "string", "", 0), age, ("Containers", "string", "", 1), ("Images", "string", "", 1)]
+        }
         "jobs" => vec![
             name,
             ("Status", "string", "", 0),
@@ -167,9 +158,7 @@ fn age(object: &Value) -> String {
 }
 
 fn age_since(timestamp: Option<&str>) -> String {
-    match timestamp
-        .map(|t| time::OffsetDateTime::parse(t, &time::format_description::well_known::Rfc3339))
-    {
+    match timestamp.map(|t| time::OffsetDateTime::parse(t, &time::format_description::well_known::Rfc3339)) {
         Some(Ok(then)) => human_age((time::OffsetDateTime::now_utc() - then).whole_seconds()),
         _ => "<unknown>".into(),
     }
@@ -182,36 +171,15 @@ fn template_columns(object: &Value) -> (Value, Value, Value) {
     } else {
         &object["spec"]["template"]
     };
-    let containers = template["spec"]["containers"]
-        .as_array()
-        .cloned()
-        .unwrap_or_default();
-    let names: Vec<&str> = containers
-        .iter()
-        .filter_map(|c| c["name"].as_str())
-        .collect();
-    let images: Vec<&str> = containers
-        .iter()
-        .filter_map(|c| c["image"].as_str())
-        .collect();
+    let containers = template["spec"]["containers"].as_array().cloned().unwrap_or_default();
+    let names: Vec<&str> = containers.iter().filter_map(|c| c["name"].as_str()).collect();
+    let images: Vec<&str> = containers.iter().filter_map(|c| c["image"].as_str()).collect();
     let selector: Vec<String> = object["spec"]["selector"]["matchLabels"]
         .as_object()
-        .map(|m| {
-            m.iter()
-                .map(|(k, v)| format!("{k}={}", v.as_str().unwrap_or("")))
-                .collect()
-        })
+        .map(|m| m.iter().map(|(k, v)| format!("{k}={}", v.as_str().unwrap_or(""))).collect())
         .unwrap_or_default();
-    let selector = if selector.is_empty() {
-        "<none>".to_string()
-    } else {
-        selector.join(",")
-    };
-    (
-        json!(names.join(",")),
-        json!(images.join(",")),
-        json!(selector),
-    )
+    let selector = if selector.is_empty() { "<none>".to_string() } else { selector.join(",") };
+    (json!(names.join(",")), json!(images.join(",")), json!(selector))
 }
 
 fn workload_cells(plural: &str, object: &Value, name: Value) -> Vec<Value> {
@@ -232,11 +200,7 @@ fn workload_cells(plural: &str, object: &Value, name: Value) -> Vec<Value> {
         "daemonsets" => {
             let node_selector: Vec<String> = object["spec"]["template"]["spec"]["nodeSelector"]
                 .as_object()
-                .map(|m| {
-                    m.iter()
-                        .map(|(k, v)| format!("{k}={}", v.as_str().unwrap_or("")))
-                        .collect()
-                })
+                .map(|m| m.iter().map(|(k, v)| format!("{k}={}", v.as_str().unwrap_or(""))).collect())
                 .unwrap_or_default();
             vec![
                 name,
@@ -245,11 +209,7 @@ fn workload_cells(plural: &str, object: &Value, name: Value) -> Vec<Value> {
                 json!(n(&status["numberReady"])),
                 json!(n(&status["updatedNumberScheduled"])),
                 json!(n(&status["numberAvailable"])),
-                json!(if node_selector.is_empty() {
-                    "<none>".to_string()
-                } else {
-                    node_selector.join(",")
-                }),
+                json!(if node_selector.is_empty() { "<none>".to_string() } else { node_selector.join(",") }),
                 json!(age(object)),
                 containers,
                 images,
@@ -258,11 +218,7 @@ fn workload_cells(plural: &str, object: &Value, name: Value) -> Vec<Value> {
         }
         "statefulsets" => vec![
             name,
-            json!(format!(
-                "{}/{}",
-                n(&status["readyReplicas"]),
-                object["spec"]["replicas"].as_i64().unwrap_or(1)
-            )),
+            json!(format!("{}/{}", n(&status["readyReplicas"]), object["spec"]["replicas"].as_i64().unwrap_or(1))),
             json!(age(object)),
             containers,
             images,
@@ -284,33 +240,18 @@ fn workload_cells(plural: &str, object: &Value, name: Value) -> Vec<Value> {
             } else {
                 "Running"
             };
-            let duration = match (
-                status["startTime"].as_str(),
-                status["completionTime"].as_str(),
-            ) {
+            let duration = match (status["startTime"].as_str(), status["completionTime"].as_str()) {
                 (Some(start), end) => {
-                    let parse = |t: &str| {
-                        time::OffsetDateTime::parse(
-                            t,
-                            &time::format_description::well_known::Rfc3339,
-                        )
-                        .ok()
-                    };
-                    let end = end
-                        .and_then(parse)
-                        .unwrap_or_else(time::OffsetDateTime::now_utc);
-                    parse(start)
-                        .map(|start| human_age((end - start).whole_seconds()))
-                        .unwrap_or_default()
+                    let parse =
+                        |t: &str| time::OffsetDateTime::parse(t, &time::format_description::well_known::Rfc3339).ok();
+                    let end = end.and_then(parse).unwrap_or_else(time::OffsetDateTime::now_utc);
+                    parse(start).map(|start| human_age((end - start).whole_seconds())).unwrap_or_default()
                 }
                 _ => String::new(),
             };
             let completions = match completions {
                 Some(total) => format!("{succeeded}/{total}"),
-                None => format!(
-                    "{succeeded}/1 of {}",
-                    object["spec"]["parallelism"].as_i64().unwrap_or(1)
-                ),
+                None => format!("{succeeded}/1 of {}", object["spec"]["parallelism"].as_i64().unwrap_or(1)),
             };
             vec![
                 name,
@@ -325,10 +266,8 @@ fn workload_cells(plural: &str, object: &Value, name: Value) -> Vec<Value> {
         }
         _ => {
             let active = status["active"].as_array().map(Vec::len).unwrap_or(0);
-            let last = status["lastScheduleTime"]
-                .as_str()
-                .map(|t| age_since(Some(t)))
-                .unwrap_or_else(|| "<none>".into());
+            let last =
+                status["lastScheduleTime"].as_str().map(|t| age_since(Some(t))).unwrap_or_else(|| "<none>".into());
             vec![
                 name,
                 json!(object["spec"]["schedule"].as_str().unwrap_or("")),
@@ -353,51 +292,22 @@ fn cells(resource: &Resource, object: &Value) -> Vec<Value> {
     let name = json!(object["metadata"]["name"]);
     let s = |v: &Value| v.as_str().unwrap_or("").to_string();
     let none_if_empty = |v: String| {
-        if v.is_empty() {
-            "<none>".to_string()
-        } else {
-            v
-        }
+        if v.is_empty() { "<none>".to_string() } else { v }
     };
     match resource.plural {
-        "namespaces" => vec![
-            name,
-            json!(s(&object["status"]["phase"])),
-            json!(age(object)),
-        ],
+        "namespaces" => vec![name, json!(s(&object["status"]["phase"])), json!(age(object))],
         "configmaps" => {
             let data = count(&object["data"]) + count(&object["binaryData"]);
             vec![name, json!(data), json!(age(object))]
         }
-        "secrets" => vec![
-            name,
-            json!(s(&object["type"])),
-            json!(count(&object["data"])),
-            json!(age(object)),
-        ],
+        "secrets" => vec![name, json!(s(&object["type"])), json!(count(&object["data"])), json!(age(object))],
         "pods" => {
-            let statuses = object["status"]["containerStatuses"]
-                .as_array()
-                .cloned()
-                .unwrap_or_default();
-            let total = object["spec"]["containers"]
-                .as_array()
-                .map(Vec::len)
-                .unwrap_or(0);
-            let ready = statuses
-                .iter()
-                .filter(|c| c["ready"] == json!(true))
-                .count();
-            let restarts: i64 = statuses
-                .iter()
-                .map(|c| c["restartCount"].as_i64().unwrap_or(0))
-                .sum();
+            let statuses = object["status"]["containerStatuses"].as_array().cloned().unwrap_or_default();
+            let total = object["spec"]["containers"].as_array().map(Vec::len).unwrap_or(0);
+            let ready = statuses.iter().filter(|c| c["ready"] == json!(true)).count();
+            let restarts: i64 = statuses.iter().map(|c| c["restartCount"].as_i64().unwrap_or(0)).sum();
             let phase = object["status"]["phase"].as_str().unwrap_or("Pending");
-            let status = if object["metadata"]["deletionTimestamp"].is_string() {
-                "Terminating"
-            } else {
-                phase
-            };
+            let status = if object["metadata"]["deletionTimestamp"].is_string() { "Terminating" } else { phase };
             vec![
                 name,
                 json!(format!("{ready}/{total}")),
@@ -428,19 +338,11 @@ fn cells(resource: &Resource, object: &Value) -> Vec<Value> {
                 .unwrap_or_default();
             let selector: Vec<String> = object["spec"]["selector"]
                 .as_object()
-                .map(|m| {
-                    m.iter()
-                        .map(|(k, v)| format!("{k}={}", v.as_str().unwrap_or("")))
-                        .collect()
-                })
+                .map(|m| m.iter().map(|(k, v)| format!("{k}={}", v.as_str().unwrap_or(""))).collect())
                 .unwrap_or_default();
             let external: Vec<String> = object["spec"]["externalIPs"]
                 .as_array()
-                .map(|a| {
-                    a.iter()
-                        .filter_map(|v| v.as_str().map(str::to_string))
-                        .collect()
-                })
+                .map(|a| a.iter().filter_map(|v| v.as_str().map(str::to_string)).collect())
                 .unwrap_or_default();
             vec![
                 name,
@@ -454,27 +356,17 @@ fn cells(resource: &Resource, object: &Value) -> Vec<Value> {
         }
         "deployments" => {
             let n = |v: &Value| v.as_i64().unwrap_or(0);
-            let containers = object["spec"]["template"]["spec"]["containers"]
-                .as_array()
-                .cloned()
-                .unwrap_or_default();
+            let containers = object["spec"]["template"]["spec"]["containers"].as_array().cloned().unwrap_or_default();
             let names: Vec<String> = containers.iter().map(|c| s(&c["name"])).collect();
             let images: Vec<String> = containers.iter().map(|c| s(&c["image"])).collect();
             let selector: Vec<String> = object["spec"]["selector"]["matchLabels"]
                 .as_object()
-                .map(|m| {
-                    m.iter()
-                        .map(|(k, v)| format!("{k}={}", v.as_str().unwrap_or("")))
-                        .collect()
-                })
+                .map(|m| m.iter().map(|(k, v)| format!("{k}={}", v.as_str().unwrap_or(""))).collect())
                 .unwrap_or_default();
             let replicas = object["spec"]["replicas"].as_i64().unwrap_or(1);
             vec![
                 name,
-                json!(format!(
-                    "{}/{replicas}",
-                    n(&object["status"]["readyReplicas"])
-                )),
+                json!(format!("{}/{replicas}", n(&object["status"]["readyReplicas"]))),
                 json!(n(&object["status"]["updatedReplicas"])),
                 json!(n(&object["status"]["availableReplicas"])),
                 json!(age(object)),
@@ -491,15 +383,12 @@ fn cells(resource: &Resource, object: &Value) -> Vec<Value> {
             let first = object["firstTimestamp"].as_str().or(last);
             let involved = &object["involvedObject"];
             let kind = involved["kind"].as_str().unwrap_or("").to_lowercase();
-            let source = [
-                object["source"]["component"].as_str(),
-                object["source"]["host"].as_str(),
-            ]
-            .iter()
-            .flatten()
-            .copied()
-            .collect::<Vec<_>>()
-            .join(", ");
+            let source = [object["source"]["component"].as_str(), object["source"]["host"].as_str()]
+                .iter()
+                .flatten()
+                .copied()
+                .collect::<Vec<_>>()
+                .join(", ");
             vec![
                 json!(age_since(last)),
                 json!(s(&object["type"])),
@@ -514,10 +403,7 @@ fn cells(resource: &Resource, object: &Value) -> Vec<Value> {
             ]
         }
         "nodes" => {
-            let conditions = object["status"]["conditions"]
-                .as_array()
-                .cloned()
-                .unwrap_or_default();
+            let conditions = object["status"]["conditions"].as_array().cloned().unwrap_or_default();
             let ready = conditions.iter().find(|c| c["type"] == "Ready");
             let mut status = match ready.and_then(|c| c["status"].as_str()) {
                 Some("True") => "Ready".to_string(),
@@ -531,10 +417,7 @@ fn cells(resource: &Resource, object: &Value) -> Vec<Value> {
                 .map(|labels| {
                     labels
                         .keys()
-                        .filter_map(|k| {
-                            k.strip_prefix("node-role.kubernetes.io/")
-                                .map(str::to_string)
-                        })
+                        .filter_map(|k| k.strip_prefix("node-role.kubernetes.io/").map(str::to_string))
                         .collect()
                 })
                 .unwrap_or_default();
@@ -565,27 +448,15 @@ fn cells(resource: &Resource, object: &Value) -> Vec<Value> {
         }
         "endpoints" => {
             let mut addresses = Vec::new();
-            for subset in object["subsets"]
-                .as_array()
-                .map(Vec::as_slice)
-                .unwrap_or(&[])
-            {
-                for address in subset["addresses"]
-                    .as_array()
-                    .map(Vec::as_slice)
-                    .unwrap_or(&[])
-                {
+            for subset in object["subsets"].as_array().map(Vec::as_slice).unwrap_or(&[]) {
+                for address in subset["addresses"].as_array().map(Vec::as_slice).unwrap_or(&[]) {
                     for port in subset["ports"].as_array().map(Vec::as_slice).unwrap_or(&[]) {
                         addresses.push(format!("{}:{}", s(&address["ip"]), port["port"]));
                     }
                 }
             }
             let shown = if addresses.len() > 3 {
-                format!(
-                    "{} + {} more...",
-                    addresses[..3].join(","),
-                    addresses.len() - 3
-                )
+                format!("{} + {} more...", addresses[..3].join(","), addresses.len() - 3)
             } else {
                 addresses.join(",")
             };
@@ -595,11 +466,7 @@ fn cells(resource: &Resource, object: &Value) -> Vec<Value> {
             let secrets = object["secrets"].as_array().map(Vec::len).unwrap_or(0);
             vec![name, json!(secrets.to_string()), json!(age(object))]
         }
-        "leases" => vec![
-            name,
-            json!(s(&object["spec"]["holderIdentity"])),
-            json!(age(object)),
-        ],
+        "leases" => vec![name, json!(s(&object["spec"]["holderIdentity"])), json!(age(object))],
         _ => vec![name, json!(age(object))],
     }
 }
@@ -656,20 +523,12 @@ mod tests {
 
     #[test]
     fn every_resource_has_as_many_cells_as_columns() {
-        let sparse =
-            json!({"metadata": {"name": "x", "creationTimestamp": "2026-01-01T00:00:00Z"}});
+        let sparse = json!({"metadata": {"name": "x", "creationTimestamp": "2026-01-01T00:00:00Z"}});
         let full = json!({"metadata": {"name": "x"}, "spec": {"replicas": 3, "template": {"spec": {"containers": [{"name": "c", "image": "i"}]}}},
                           "status": {"replicas": 1}, "subsets": [{"addresses": [{"ip": "10.0.0.1"}], "ports": [{"port": 80}]}]});
         for resource in crate::registry::RESOURCES {
             for object in [&sparse, &full] {
-                let table = table(
-                    resource,
-                    std::slice::from_ref(object),
-                    "1",
-                    None,
-                    "None",
-                    true,
-                );
+                let table = table(resource, std::slice::from_ref(object), "1", None, "None", true);
                 let columns = table["columnDefinitions"].as_array().unwrap().len();
                 let cells = table["rows"][0]["cells"].as_array().unwrap().len();
                 assert_eq!(cells, columns, "{}", resource.plural);
@@ -707,12 +566,8 @@ mod tests {
             "status": {"phase": "Running", "podIP": "10.244.0.5",
                        "containerStatuses": [{"ready": true, "restartCount": 2}, {"ready": false, "restartCount": 1}]}});
         let table = table(pods, &[pod], "7", None, "Metadata", true);
-        let names: Vec<&str> = table["columnDefinitions"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|c| c["name"].as_str().unwrap())
-            .collect();
+        let names: Vec<&str> =
+            table["columnDefinitions"].as_array().unwrap().iter().map(|c| c["name"].as_str().unwrap()).collect();
         assert_eq!(&names[..5], ["Name", "Ready", "Status", "Restarts", "Age"]);
         let cells = &table["rows"][0]["cells"];
         assert_eq!(cells[1], "1/2");

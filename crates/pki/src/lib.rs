@@ -13,18 +13,15 @@ use std::time::Duration;
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD;
 use rcgen::{
-    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
-    Issuer, KeyPair, KeyUsagePurpose, SanType,
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
+    KeyUsagePurpose, SanType,
 };
 
 /// What can go wrong with certificates and their files.
 #[derive(Debug, thiserror::Error)]
 pub enum PkiError {
     #[error("{}: {source}", path.display())]
-    Io {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Io { path: PathBuf, source: std::io::Error },
     #[error("{}: {message}", path.display())]
     Invalid { path: PathBuf, message: String },
     #[error("generating a certificate: {0}")]
@@ -74,33 +71,19 @@ pub struct IssuedCert {
 }
 
 fn read(path: &Path) -> Result<String> {
-    std::fs::read_to_string(path).map_err(|source| PkiError::Io {
-        path: path.to_path_buf(),
-        source,
-    })
+    std::fs::read_to_string(path).map_err(|source| PkiError::Io { path: path.to_path_buf(), source })
 }
 
 /// Writes a file atomically (temp file, fsync, rename) with the given mode.
 pub fn write_file(path: &Path, contents: &[u8], mode: u32) -> Result<()> {
-    let io = |source| PkiError::Io {
-        path: path.to_path_buf(),
-        source,
-    };
+    let io = |source| PkiError::Io { path: path.to_path_buf(), source };
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).map_err(io)?;
     }
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
     let temp = path.with_file_name(format!(".{name}.tmp"));
-    let mut file = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(mode)
-        .open(&temp)
-        .map_err(io)?;
+    let mut file =
+        std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(mode).open(&temp).map_err(io)?;
     file.write_all(contents).map_err(io)?;
     file.sync_all().map_err(io)?;
     std::fs::rename(&temp, path).map_err(io)
@@ -117,11 +100,7 @@ fn ca_params() -> Result<CertificateParams> {
     name.push(DnType::CommonName, "tugboat-ca");
     params.distinguished_name = name;
     params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    params.key_usages = vec![
-        KeyUsagePurpose::KeyCertSign,
-        KeyUsagePurpose::CrlSign,
-        KeyUsagePurpose::DigitalSignature,
-    ];
+    params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
     params.not_before = not_before();
     params.not_after = params.not_before + CA_VALIDITY;
     Ok(params)
@@ -133,29 +112,17 @@ impl ClusterCa {
         let (cert_path, key_path) = (dir.join("ca.crt"), dir.join("ca.key"));
         if cert_path.exists() && key_path.exists() {
             let cert_pem = read(&cert_path)?;
-            let key = KeyPair::from_pem(&read(&key_path)?).map_err(|e| PkiError::Invalid {
-                path: key_path.clone(),
-                message: e.to_string(),
-            })?;
-            Issuer::from_ca_cert_pem(&cert_pem, &key).map_err(|e| PkiError::Invalid {
-                path: cert_path.clone(),
-                message: e.to_string(),
-            })?;
-            return Ok(ClusterCa {
-                cert_pem,
-                key,
-                dir: dir.to_path_buf(),
-            });
+            let key = KeyPair::from_pem(&read(&key_path)?)
+                .map_err(|e| PkiError::Invalid { path: key_path.clone(), message: e.to_string() })?;
+            Issuer::from_ca_cert_pem(&cert_pem, &key)
+                .map_err(|e| PkiError::Invalid { path: cert_path.clone(), message: e.to_string() })?;
+            return Ok(ClusterCa { cert_pem, key, dir: dir.to_path_buf() });
         }
         let key = KeyPair::generate()?;
         let cert = ca_params()?.self_signed(&key)?;
         write_file(&key_path, key.serialize_pem().as_bytes(), 0o600)?;
         write_file(&cert_path, cert.pem().as_bytes(), 0o644)?;
-        Ok(ClusterCa {
-            cert_pem: cert.pem(),
-            key,
-            dir: dir.to_path_buf(),
-        })
+        Ok(ClusterCa { cert_pem: cert.pem(), key, dir: dir.to_path_buf() })
     }
 
     /// The CA certificate, PEM.
@@ -170,25 +137,17 @@ impl ClusterCa {
 
     /// Signs a new certificate for `spec`.
     pub fn sign(&self, spec: &CertSpec) -> Result<(String, String)> {
-        let issuer =
-            Issuer::from_ca_cert_pem(&self.cert_pem, &self.key).map_err(|e| PkiError::Invalid {
-                path: self.cert_path(),
-                message: e.to_string(),
-            })?;
+        let issuer = Issuer::from_ca_cert_pem(&self.cert_pem, &self.key)
+            .map_err(|e| PkiError::Invalid { path: self.cert_path(), message: e.to_string() })?;
         let mut params = CertificateParams::new(spec.dns_names.clone())?;
-        params
-            .subject_alt_names
-            .extend(spec.ip_addresses.iter().map(|ip| SanType::IpAddress(*ip)));
+        params.subject_alt_names.extend(spec.ip_addresses.iter().map(|ip| SanType::IpAddress(*ip)));
         let mut name = DistinguishedName::new();
         for organization in &spec.organizations {
             name.push(DnType::OrganizationName, organization.as_str());
         }
         name.push(DnType::CommonName, spec.common_name.as_str());
         params.distinguished_name = name;
-        params.key_usages = vec![
-            KeyUsagePurpose::DigitalSignature,
-            KeyUsagePurpose::KeyEncipherment,
-        ];
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::KeyEncipherment];
         params.extended_key_usages = vec![match spec.usage {
             Usage::Server => ExtendedKeyUsagePurpose::ServerAuth,
             Usage::Client => ExtendedKeyUsagePurpose::ClientAuth,
@@ -202,39 +161,20 @@ impl ClusterCa {
 
     /// Loads `<dir>/<name>.crt|.key`, issuing them for `spec` when missing.
     pub fn load_or_issue(&self, name: &str, spec: &CertSpec) -> Result<IssuedCert> {
-        let (cert_path, key_path) = (
-            self.dir.join(format!("{name}.crt")),
-            self.dir.join(format!("{name}.key")),
-        );
+        let (cert_path, key_path) = (self.dir.join(format!("{name}.crt")), self.dir.join(format!("{name}.key")));
         if cert_path.exists() && key_path.exists() {
-            return Ok(IssuedCert {
-                cert_pem: read(&cert_path)?,
-                key_pem: read(&key_path)?,
-                cert_path,
-                key_path,
-            });
+            return Ok(IssuedCert { cert_pem: read(&cert_path)?, key_pem: read(&key_path)?, cert_path, key_path });
         }
         let (cert_pem, key_pem) = self.sign(spec)?;
         write_file(&key_path, key_pem.as_bytes(), 0o600)?;
         write_file(&cert_path, cert_pem.as_bytes(), 0o644)?;
-        Ok(IssuedCert {
-            cert_pem,
-            key_pem,
-            cert_path,
-            key_path,
-        })
+        Ok(IssuedCert { cert_pem, key_pem, cert_path, key_path })
     }
 }
 
 /// A kubeconfig with one cluster, one user authenticated by a client certificate, and one
 /// context, all named `tugboat`.
-pub fn client_cert_kubeconfig(
-    server: &str,
-    ca_pem: &str,
-    cert_pem: &str,
-    key_pem: &str,
-    user: &str,
-) -> String {
+pub fn client_cert_kubeconfig(server: &str, ca_pem: &str, cert_pem: &str, key_pem: &str, user: &str) -> String {
     let b64 = |s: &str| STANDARD.encode(s.as_bytes());
     format!(
         "apiVersion: v1

@@ -17,10 +17,7 @@ pub struct CompactionPolicy {
 
 impl Default for CompactionPolicy {
     fn default() -> Self {
-        CompactionPolicy {
-            interval: Duration::from_secs(300),
-            min_retained_revisions: 1000,
-        }
+        CompactionPolicy { interval: Duration::from_secs(300), min_retained_revisions: 1000 }
     }
 }
 
@@ -33,10 +30,7 @@ impl CompactionPolicy {
 }
 
 /// Compacts `store` by `policy` until the store is dropped (the task holds only a weak handle).
-pub fn spawn_compactor(
-    store: &Arc<dyn Store>,
-    policy: CompactionPolicy,
-) -> tokio::task::JoinHandle<()> {
+pub fn spawn_compactor(store: &Arc<dyn Store>, policy: CompactionPolicy) -> tokio::task::JoinHandle<()> {
     let store: Weak<dyn Store> = Arc::downgrade(store);
     tokio::spawn(async move {
         let mut previous: Revision = 0;
@@ -69,15 +63,8 @@ mod tests {
 
     #[test]
     fn targets_the_previous_tick_but_keeps_the_newest_revisions() {
-        let policy = CompactionPolicy {
-            interval: Duration::from_secs(1),
-            min_retained_revisions: 100,
-        };
-        assert_eq!(
-            policy.target(0, 5000),
-            None,
-            "nothing seen before the first tick"
-        );
+        let policy = CompactionPolicy { interval: Duration::from_secs(1), min_retained_revisions: 100 };
+        assert_eq!(policy.target(0, 5000), None, "nothing seen before the first tick");
         assert_eq!(policy.target(4000, 5000), Some(4000));
         assert_eq!(policy.target(4990, 5000), Some(4900));
         assert_eq!(policy.target(50, 80), None);

@@ -25,11 +25,7 @@ impl ContinueToken {
     /// A token resuming at the key right after `last_key`, which lies under `prefix`.
     pub fn after(prefix: &str, last_key: &str, revision: Revision) -> Self {
         let relative = last_key.strip_prefix(prefix).unwrap_or(last_key);
-        ContinueToken {
-            version: VERSION.to_string(),
-            revision,
-            start: format!("{relative}\0"),
-        }
+        ContinueToken { version: VERSION.to_string(), revision, start: format!("{relative}\0") }
     }
 
     pub fn encode(&self) -> String {
@@ -38,21 +34,16 @@ impl ContinueToken {
 
     pub fn decode(token: &str) -> Result<Self, StoreError> {
         let invalid = |reason: String| StoreError::InvalidContinue { reason };
-        let bytes = STANDARD
-            .decode(token)
-            .map_err(|e| invalid(format!("not base64: {e}")))?;
-        let parsed: ContinueToken = serde_json::from_slice(&bytes)
-            .map_err(|e| invalid(format!("not a continue token: {e}")))?;
+        let bytes = STANDARD.decode(token).map_err(|e| invalid(format!("not base64: {e}")))?;
+        let parsed: ContinueToken =
+            serde_json::from_slice(&bytes).map_err(|e| invalid(format!("not a continue token: {e}")))?;
         if parsed.version != VERSION {
             return Err(invalid(format!("unknown version {:?}", parsed.version)));
         }
         if parsed.revision <= 0 {
             return Err(invalid(format!("bad revision {}", parsed.revision)));
         }
-        if parsed.start.starts_with('/')
-            || parsed.start.contains("/../")
-            || parsed.start.starts_with("../")
-        {
+        if parsed.start.starts_with('/') || parsed.start.contains("/../") || parsed.start.starts_with("../") {
             return Err(invalid("start key escapes the listed prefix".to_string()));
         }
         Ok(parsed)
@@ -78,17 +69,11 @@ impl ListPlan {
         match &options.continue_token {
             Some(token) => {
                 let token = ContinueToken::decode(token)?;
-                Ok(ListPlan {
-                    revision: Some(token.revision),
-                    start_key: token.start_key(prefix),
-                    limit,
-                })
+                Ok(ListPlan { revision: Some(token.revision), start_key: token.start_key(prefix), limit })
             }
-            None => Ok(ListPlan {
-                revision: options.revision.filter(|r| *r > 0),
-                start_key: prefix.to_string(),
-                limit,
-            }),
+            None => {
+                Ok(ListPlan { revision: options.revision.filter(|r| *r > 0), start_key: prefix.to_string(), limit })
+            }
         }
     }
 }
@@ -103,26 +88,13 @@ mod tests {
         assert_eq!(token.start, "default/web\0");
         let decoded = ContinueToken::decode(&token.encode()).unwrap();
         assert_eq!(decoded, token);
-        assert_eq!(
-            decoded.start_key("/registry/pods/"),
-            "/registry/pods/default/web\0"
-        );
+        assert_eq!(decoded.start_key("/registry/pods/"), "/registry/pods/default/web\0");
     }
 
     #[test]
     fn rejects_garbage() {
-        for bad in [
-            "!!!",
-            "bm90IGpzb24=",
-            &STANDARD.encode(r#"{"v":"x","rv":1,"start":""}"#),
-        ] {
-            assert!(
-                matches!(
-                    ContinueToken::decode(bad),
-                    Err(StoreError::InvalidContinue { .. })
-                ),
-                "{bad}"
-            );
+        for bad in ["!!!", "bm90IGpzb24=", &STANDARD.encode(r#"{"v":"x","rv":1,"start":""}"#)] {
+            assert!(matches!(ContinueToken::decode(bad), Err(StoreError::InvalidContinue { .. })), "{bad}");
         }
         let escaping = STANDARD.encode(r#"{"v":"meta.k8s.io/v1","rv":1,"start":"/secrets/"}"#);
         assert!(ContinueToken::decode(&escaping).is_err());

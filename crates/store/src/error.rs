@@ -16,23 +16,13 @@ pub enum StoreError {
     NotFound { key: String },
 
     #[error("conflict on key {key}: expected revision {expected}, current revision {current}")]
-    Conflict {
-        key: String,
-        expected: Revision,
-        current: Revision,
-    },
+    Conflict { key: String, expected: Revision, current: Revision },
 
     #[error("revision {requested} has been compacted (history kept from revision {compacted})")]
-    Compacted {
-        requested: Revision,
-        compacted: Revision,
-    },
+    Compacted { requested: Revision, compacted: Revision },
 
     #[error("revision {requested} is newer than the current revision {current}")]
-    FutureRevision {
-        requested: Revision,
-        current: Revision,
-    },
+    FutureRevision { requested: Revision, current: Revision },
 
     #[error("invalid continue token: {reason}")]
     InvalidContinue { reason: String },
@@ -41,16 +31,10 @@ pub enum StoreError {
     InvalidKey { key: String, reason: &'static str },
 
     #[error("sqlite store {}: {source}", path.display())]
-    Sqlite {
-        path: PathBuf,
-        source: rusqlite::Error,
-    },
+    Sqlite { path: PathBuf, source: rusqlite::Error },
 
     #[error("sqlite store {} is corrupt or not a database: {source}", path.display())]
-    Corrupt {
-        path: PathBuf,
-        source: rusqlite::Error,
-    },
+    Corrupt { path: PathBuf, source: rusqlite::Error },
 
     #[error("sqlite store {} is damaged: {reason}", path.display())]
     Damaged { path: PathBuf, reason: String },
@@ -62,16 +46,10 @@ pub enum StoreError {
     Locked { path: PathBuf },
 
     #[error("{}: {source}", path.display())]
-    Io {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Io { path: PathBuf, source: std::io::Error },
 
     #[error("etcd at {endpoints}: {source}")]
-    Etcd {
-        endpoints: String,
-        source: etcd_client::Error,
-    },
+    Etcd { endpoints: String, source: etcd_client::Error },
 
     #[error("etcd at {endpoints}: {message}")]
     EtcdProtocol { endpoints: String, message: String },

@@ -7,17 +7,16 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use etcd_client::{
-    Certificate, Client, CompactionOptions, Compare, CompareOp, ConnectOptions, DeleteOptions,
-    EventType, GetOptions, Identity, KvClient, TlsOptions, Txn, TxnOp, TxnOpResponse, WatchClient,
-    WatchOptions,
+    Certificate, Client, CompactionOptions, Compare, CompareOp, ConnectOptions, DeleteOptions, EventType, GetOptions,
+    Identity, KvClient, TlsOptions, Txn, TxnOp, TxnOpResponse, WatchClient, WatchOptions,
 };
 use tokio::io::AsyncWriteExt;
 use tokio::sync::mpsc;
 
 use crate::continue_token::{ContinueToken, ListPlan};
 use crate::{
-    Event, EventKind, KeyValue, ListOptions, ListResult, Result, Revision, SnapshotInfo, Store,
-    StoreError, WatchStream, prefix_end,
+    Event, EventKind, KeyValue, ListOptions, ListResult, Result, Revision, SnapshotInfo, Store, StoreError,
+    WatchStream, prefix_end,
 };
 
 /// How to reach etcd.
@@ -42,17 +41,10 @@ pub struct EtcdTls {
 impl EtcdConfig {
     /// Parses `--datastore-endpoint`: comma-separated `http(s)://host:port` URLs.
     pub fn from_endpoint_list(list: &str) -> Result<EtcdConfig> {
-        let endpoints: Vec<String> = list
-            .split(',')
-            .map(str::trim)
-            .filter(|e| !e.is_empty())
-            .map(str::to_string)
-            .collect();
+        let endpoints: Vec<String> =
+            list.split(',').map(str::trim).filter(|e| !e.is_empty()).map(str::to_string).collect();
         if endpoints.is_empty() {
-            return Err(StoreError::EtcdProtocol {
-                endpoints: list.to_string(),
-                message: "no endpoint given".into(),
-            });
+            return Err(StoreError::EtcdProtocol { endpoints: list.to_string(), message: "no endpoint given".into() });
         }
         for endpoint in &endpoints {
             if !(endpoint.starts_with("http://") || endpoint.starts_with("https://")) {
@@ -62,11 +54,7 @@ impl EtcdConfig {
                 });
             }
         }
-        Ok(EtcdConfig {
-            endpoints,
-            tls: None,
-            timeout: Duration::from_secs(5),
-        })
+        Ok(EtcdConfig { endpoints, tls: None, timeout: Duration::from_secs(5) })
     }
 }
 
@@ -85,9 +73,7 @@ pub struct EtcdStore {
 
 impl std::fmt::Debug for EtcdStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("EtcdStore")
-            .field("endpoints", &self.endpoints)
-            .finish_non_exhaustive()
+        f.debug_struct("EtcdStore").field("endpoints", &self.endpoints).finish_non_exhaustive()
     }
 }
 
@@ -114,14 +100,9 @@ impl EtcdStore {
             .with_connect_timeout(config.timeout)
             .with_keep_alive(Duration::from_secs(10), config.timeout);
         if let Some(tls) = &config.tls {
-            let read = |path: &Path| {
-                std::fs::read(path).map_err(|source| StoreError::Io {
-                    path: path.to_path_buf(),
-                    source,
-                })
-            };
-            let mut tls_options =
-                TlsOptions::new().ca_certificate(Certificate::from_pem(read(&tls.ca_file)?));
+            let read =
+                |path: &Path| std::fs::read(path).map_err(|source| StoreError::Io { path: path.to_path_buf(), source });
+            let mut tls_options = TlsOptions::new().ca_certificate(Certificate::from_pem(read(&tls.ca_file)?));
             if let (Some(cert), Some(key)) = (&tls.cert_file, &tls.key_file) {
                 tls_options = tls_options.identity(Identity::from_pem(read(cert)?, read(key)?));
             }
@@ -134,49 +115,30 @@ impl EtcdStore {
                 endpoints: endpoints.clone(),
                 message: format!("unreachable: no connection within {:?}", config.timeout),
             })?
-            .map_err(|source| StoreError::Etcd {
-                endpoints: endpoints.clone(),
-                source,
-            })?;
+            .map_err(|source| StoreError::Etcd { endpoints: endpoints.clone(), source })?;
         let kv = client.kv_client().max_decoding_message_size(usize::MAX);
         let watcher = client.watch_client().max_decoding_message_size(usize::MAX);
-        let store = EtcdStore {
-            client,
-            kv,
-            watcher,
-            endpoints,
-            timeout: config.timeout,
-        };
+        let store = EtcdStore { client, kv, watcher, endpoints, timeout: config.timeout };
         // The channel connects lazily: ask something now so a bad endpoint fails here.
         store.current_revision().await.map_err(|e| match e {
-            StoreError::Etcd { endpoints, source } => StoreError::EtcdProtocol {
-                endpoints,
-                message: format!("unreachable: {source}"),
-            },
+            StoreError::Etcd { endpoints, source } => {
+                StoreError::EtcdProtocol { endpoints, message: format!("unreachable: {source}") }
+            }
             other => other,
         })?;
         Ok(store)
     }
 
     fn error(&self, source: etcd_client::Error) -> StoreError {
-        StoreError::Etcd {
-            endpoints: self.endpoints.clone(),
-            source,
-        }
+        StoreError::Etcd { endpoints: self.endpoints.clone(), source }
     }
 
     fn protocol(&self, message: impl Into<String>) -> StoreError {
-        StoreError::EtcdProtocol {
-            endpoints: self.endpoints.clone(),
-            message: message.into(),
-        }
+        StoreError::EtcdProtocol { endpoints: self.endpoints.clone(), message: message.into() }
     }
 
     /// Runs one request with the configured timeout.
-    async fn call<T>(
-        &self,
-        request: impl Future<Output = std::result::Result<T, etcd_client::Error>>,
-    ) -> Result<T> {
+    async fn call<T>(&self, request: impl Future<Output = std::result::Result<T, etcd_client::Error>>) -> Result<T> {
         match tokio::time::timeout(self.timeout, request).await {
             Ok(result) => result.map_err(|e| self.error(e)),
             Err(_) => Err(self.protocol(format!("no answer within {:?}", self.timeout))),
@@ -184,9 +146,7 @@ impl EtcdStore {
     }
 
     fn key_value(&self, kv: &etcd_client::KeyValue) -> Result<KeyValue> {
-        let key = kv
-            .key_str()
-            .map_err(|_| self.protocol(format!("non-UTF-8 key {:?}", kv.key())))?;
+        let key = kv.key_str().map_err(|_| self.protocol(format!("non-UTF-8 key {:?}", kv.key())))?;
         Ok(KeyValue {
             key: key.to_string(),
             value: kv.value().to_vec(),
@@ -200,9 +160,7 @@ impl EtcdStore {
     async fn compact_revision(&self) -> Result<Revision> {
         let mut client = self.watcher.clone();
         let options = WatchOptions::new().with_start_revision(1);
-        let mut stream = self
-            .call(client.watch("\0tugboat-compaction-probe", Some(options)))
-            .await?;
+        let mut stream = self.call(client.watch("\0tugboat-compaction-probe", Some(options))).await?;
         for _ in 0..2 {
             match tokio::time::timeout(self.timeout, stream.message()).await {
                 Ok(Ok(Some(response))) if response.compact_revision() > 0 => {
@@ -219,10 +177,7 @@ impl EtcdStore {
     async fn read_error(&self, requested: Revision, source: etcd_client::Error) -> StoreError {
         match revision_error(&source) {
             Some("compacted") => match self.compact_revision().await {
-                Ok(compacted) => StoreError::Compacted {
-                    requested,
-                    compacted,
-                },
+                Ok(compacted) => StoreError::Compacted { requested, compacted },
                 Err(e) => e,
             },
             Some(_) => match self.current_revision().await {
@@ -236,9 +191,7 @@ impl EtcdStore {
     /// Reads the current value of `key` from the else-branch of a failed transaction.
     fn current_from(&self, responses: Vec<TxnOpResponse>) -> Result<Option<KeyValue>> {
         match responses.into_iter().next() {
-            Some(TxnOpResponse::Get(get)) => {
-                get.kvs().first().map(|kv| self.key_value(kv)).transpose()
-            }
+            Some(TxnOpResponse::Get(get)) => get.kvs().first().map(|kv| self.key_value(kv)).transpose(),
             _ => Err(self.protocol("transaction answered without the expected read")),
         }
     }
@@ -254,14 +207,10 @@ impl Store for EtcdStore {
         let mut client = self.kv.clone();
         let response = self.call(client.txn(txn)).await?;
         if response.succeeded() {
-            let header = response
-                .header()
-                .ok_or_else(|| self.protocol("transaction answered without a header"))?;
+            let header = response.header().ok_or_else(|| self.protocol("transaction answered without a header"))?;
             return Ok(header.revision());
         }
-        Err(StoreError::AlreadyExists {
-            key: key.to_string(),
-        })
+        Err(StoreError::AlreadyExists { key: key.to_string() })
     }
 
     async fn update(&self, key: &str, value: Vec<u8>, expected: Revision) -> Result<Revision> {
@@ -272,20 +221,14 @@ impl Store for EtcdStore {
         let mut client = self.kv.clone();
         let response = self.call(client.txn(txn)).await?;
         if response.succeeded() {
-            let header = response
-                .header()
-                .ok_or_else(|| self.protocol("transaction answered without a header"))?;
+            let header = response.header().ok_or_else(|| self.protocol("transaction answered without a header"))?;
             return Ok(header.revision());
         }
         match self.current_from(response.op_responses())? {
-            None => Err(StoreError::NotFound {
-                key: key.to_string(),
-            }),
-            Some(current) => Err(StoreError::Conflict {
-                key: key.to_string(),
-                expected,
-                current: current.mod_revision,
-            }),
+            None => Err(StoreError::NotFound { key: key.to_string() }),
+            Some(current) => {
+                Err(StoreError::Conflict { key: key.to_string(), expected, current: current.mod_revision })
+            }
         }
     }
 
@@ -296,39 +239,27 @@ impl Store for EtcdStore {
         };
         let txn = Txn::new()
             .when([compare])
-            .and_then([TxnOp::delete(
-                key,
-                Some(DeleteOptions::new().with_prev_key()),
-            )])
+            .and_then([TxnOp::delete(key, Some(DeleteOptions::new().with_prev_key()))])
             .or_else([TxnOp::get(key, None)]);
         let mut client = self.kv.clone();
         let response = self.call(client.txn(txn)).await?;
         if response.succeeded() {
-            let revision = response
-                .header()
-                .ok_or_else(|| self.protocol("transaction answered without a header"))?
-                .revision();
+            let revision =
+                response.header().ok_or_else(|| self.protocol("transaction answered without a header"))?.revision();
             let prev = match response.op_responses().into_iter().next() {
-                Some(TxnOpResponse::Delete(delete)) => delete
-                    .prev_kvs()
-                    .first()
-                    .map(|kv| self.key_value(kv))
-                    .transpose()?,
+                Some(TxnOpResponse::Delete(delete)) => {
+                    delete.prev_kvs().first().map(|kv| self.key_value(kv)).transpose()?
+                }
                 _ => None,
             };
-            let prev =
-                prev.ok_or_else(|| self.protocol("delete answered without the deleted value"))?;
+            let prev = prev.ok_or_else(|| self.protocol("delete answered without the deleted value"))?;
             return Ok((revision, prev));
         }
         match (self.current_from(response.op_responses())?, expected) {
-            (Some(current), Some(expected)) => Err(StoreError::Conflict {
-                key: key.to_string(),
-                expected,
-                current: current.mod_revision,
-            }),
-            _ => Err(StoreError::NotFound {
-                key: key.to_string(),
-            }),
+            (Some(current), Some(expected)) => {
+                Err(StoreError::Conflict { key: key.to_string(), expected, current: current.mod_revision })
+            }
+            _ => Err(StoreError::NotFound { key: key.to_string() }),
         }
     }
 
@@ -338,18 +269,12 @@ impl Store for EtcdStore {
             options = options.with_revision(revision);
         }
         let mut client = self.kv.clone();
-        let response = match tokio::time::timeout(self.timeout, client.get(key, Some(options)))
-            .await
-        {
+        let response = match tokio::time::timeout(self.timeout, client.get(key, Some(options))).await {
             Ok(Ok(response)) => response,
             Ok(Err(source)) => return Err(self.read_error(revision.unwrap_or(0), source).await),
             Err(_) => return Err(self.protocol(format!("no answer within {:?}", self.timeout))),
         };
-        response
-            .kvs()
-            .first()
-            .map(|kv| self.key_value(kv))
-            .transpose()
+        response.kvs().first().map(|kv| self.key_value(kv)).transpose()
     }
 
     async fn list(&self, prefix: &str, options: ListOptions) -> Result<ListResult> {
@@ -365,11 +290,7 @@ impl Store for EtcdStore {
             get = get.with_limit(limit);
         }
         let mut client = self.kv.clone();
-        let response = match tokio::time::timeout(
-            self.timeout,
-            client.get(plan.start_key.as_bytes(), Some(get)),
-        )
-        .await
+        let response = match tokio::time::timeout(self.timeout, client.get(plan.start_key.as_bytes(), Some(get))).await
         {
             Ok(Ok(response)) => response,
             Ok(Err(source)) => {
@@ -377,31 +298,17 @@ impl Store for EtcdStore {
             }
             Err(_) => return Err(self.protocol(format!("no answer within {:?}", self.timeout))),
         };
-        let header = response
-            .header()
-            .ok_or_else(|| self.protocol("range answered without a header"))?;
+        let header = response.header().ok_or_else(|| self.protocol("range answered without a header"))?;
         let at = plan.revision.unwrap_or(header.revision());
-        let kvs = response
-            .kvs()
-            .iter()
-            .map(|kv| self.key_value(kv))
-            .collect::<Result<Vec<_>>>()?;
+        let kvs = response.kvs().iter().map(|kv| self.key_value(kv)).collect::<Result<Vec<_>>>()?;
         let (continue_token, remaining) = match kvs.last() {
             Some(last) if response.more() => {
                 let remaining = response.count() - kvs.len() as i64;
-                (
-                    Some(ContinueToken::after(prefix, &last.key, at).encode()),
-                    Some(remaining),
-                )
+                (Some(ContinueToken::after(prefix, &last.key, at).encode()), Some(remaining))
             }
             _ => (None, None),
         };
-        Ok(ListResult {
-            kvs,
-            revision: at,
-            continue_token,
-            remaining,
-        })
+        Ok(ListResult { kvs, revision: at, continue_token, remaining })
     }
 
     async fn count(&self, prefix: &str) -> Result<i64> {
@@ -410,9 +317,7 @@ impl Store for EtcdStore {
             None => GetOptions::new().with_from_key(),
         };
         let mut client = self.kv.clone();
-        let response = self
-            .call(client.get(prefix, Some(get.with_count_only())))
-            .await?;
+        let response = self.call(client.get(prefix, Some(get.with_count_only()))).await?;
         Ok(response.count())
     }
 
@@ -424,10 +329,7 @@ impl Store for EtcdStore {
             let mut client = self.kv.clone();
             let probe = GetOptions::new().with_revision(after + 1).with_count_only();
             if let Err(source) = client.get("\0", Some(probe)).await {
-                return Err(self
-                    .read_error(after + 1, source)
-                    .await
-                    .with_requested(after));
+                return Err(self.read_error(after + 1, source).await.with_requested(after));
             }
         }
         let options = match prefix_end(prefix) {
@@ -461,12 +363,7 @@ impl Store for EtcdStore {
                 };
                 if response.compact_revision() > 0 {
                     let compacted = response.compact_revision();
-                    let _ = tx
-                        .send(Err(StoreError::Compacted {
-                            requested: last,
-                            compacted,
-                        }))
-                        .await;
+                    let _ = tx.send(Err(StoreError::Compacted { requested: last, compacted })).await;
                     return;
                 }
                 if response.canceled() {
@@ -476,19 +373,13 @@ impl Store for EtcdStore {
                 }
                 for event in response.events() {
                     let mapped = (|| {
-                        let kv = event
-                            .kv()
-                            .ok_or_else(|| store.protocol("watch event without a key"))?;
+                        let kv = event.kv().ok_or_else(|| store.protocol("watch event without a key"))?;
                         let kind = match event.event_type() {
                             EventType::Put => EventKind::Put,
                             EventType::Delete => EventKind::Delete,
                         };
                         let prev = event.prev_kv().map(|kv| store.key_value(kv)).transpose()?;
-                        Ok(Event {
-                            kind,
-                            kv: store.key_value(kv)?,
-                            prev,
-                        })
+                        Ok(Event { kind, kv: store.key_value(kv)?, prev })
                     })();
                     if let Ok(event) = &mapped {
                         last = event.revision();
@@ -505,13 +396,8 @@ impl Store for EtcdStore {
 
     async fn current_revision(&self) -> Result<Revision> {
         let mut client = self.kv.clone();
-        let response = self
-            .call(client.get("\0", Some(GetOptions::new().with_count_only())))
-            .await?;
-        Ok(response
-            .header()
-            .ok_or_else(|| self.protocol("range answered without a header"))?
-            .revision())
+        let response = self.call(client.get("\0", Some(GetOptions::new().with_count_only()))).await?;
+        Ok(response.header().ok_or_else(|| self.protocol("range answered without a header"))?.revision())
     }
 
     async fn compact(&self, revision: Revision) -> Result<()> {
@@ -521,10 +407,9 @@ impl Store for EtcdStore {
             Ok(Ok(_)) => Ok(()),
             Ok(Err(source)) => match revision_error(&source) {
                 Some("compacted") => Ok(()),
-                Some(_) => Err(StoreError::FutureRevision {
-                    requested: revision,
-                    current: self.current_revision().await?,
-                }),
+                Some(_) => {
+                    Err(StoreError::FutureRevision { requested: revision, current: self.current_revision().await? })
+                }
                 None => Err(self.error(source)),
             },
             Err(_) => Err(self.protocol(format!("no answer within {:?}", self.timeout))),
@@ -537,14 +422,9 @@ impl Store for EtcdStore {
             let path = path.to_path_buf();
             move |source| StoreError::Io { path, source }
         };
-        let name = dest
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default();
+        let name = dest.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
         let partial = dest.with_file_name(format!(".{name}.partial"));
-        let mut file = tokio::fs::File::create(&partial)
-            .await
-            .map_err(io(&partial))?;
+        let mut file = tokio::fs::File::create(&partial).await.map_err(io(&partial))?;
         let mut client = self.client.maintenance_client();
         let mut stream = self.call(client.snapshot()).await?;
         let mut size = 0u64;
@@ -556,9 +436,7 @@ impl Store for EtcdStore {
         drop(file);
         tokio::fs::rename(&partial, dest).await.map_err(io(dest))?;
         if let Some(dir) = dest.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::File::open(dir)
-                .and_then(|f| f.sync_all())
-                .map_err(io(dir))?;
+            std::fs::File::open(dir).and_then(|f| f.sync_all()).map_err(io(dir))?;
         }
         Ok(SnapshotInfo { revision, size })
     }
@@ -569,10 +447,7 @@ impl StoreError {
     /// starting point.
     fn with_requested(self, requested: Revision) -> StoreError {
         match self {
-            StoreError::Compacted { compacted, .. } => StoreError::Compacted {
-                requested,
-                compacted,
-            },
+            StoreError::Compacted { compacted, .. } => StoreError::Compacted { requested, compacted },
             other => other,
         }
     }

@@ -154,14 +154,9 @@ pub enum DatastoreConfig {
 
 impl DatastoreConfig {
     /// From the server's flags: an endpoint list means etcd, none the embedded store.
-    pub fn from_flags(
-        data_dir: &Path,
-        datastore_endpoint: Option<&str>,
-    ) -> Result<DatastoreConfig> {
+    pub fn from_flags(data_dir: &Path, datastore_endpoint: Option<&str>) -> Result<DatastoreConfig> {
         match datastore_endpoint {
-            Some(endpoints) => Ok(DatastoreConfig::Etcd(EtcdConfig::from_endpoint_list(
-                endpoints,
-            )?)),
+            Some(endpoints) => Ok(DatastoreConfig::Etcd(EtcdConfig::from_endpoint_list(endpoints)?)),
             None => Ok(DatastoreConfig::Sqlite(SqliteConfig::in_data_dir(data_dir))),
         }
     }
@@ -171,9 +166,7 @@ impl DatastoreConfig {
 pub async fn open_datastore(config: DatastoreConfig) -> Result<std::sync::Arc<dyn Store>> {
     Ok(match config {
         DatastoreConfig::Sqlite(config) => std::sync::Arc::new(
-            tokio::task::spawn_blocking(move || SqliteStore::open(config))
-                .await
-                .map_err(|_| StoreError::Closed)??,
+            tokio::task::spawn_blocking(move || SqliteStore::open(config)).await.map_err(|_| StoreError::Closed)??,
         ),
         DatastoreConfig::Etcd(config) => std::sync::Arc::new(EtcdStore::connect(config).await?),
     })
@@ -198,10 +191,7 @@ mod tests {
 
     #[test]
     fn prefix_end_increments_the_last_byte() {
-        assert_eq!(
-            prefix_end("/registry/pods/"),
-            Some(b"/registry/pods0".to_vec())
-        );
+        assert_eq!(prefix_end("/registry/pods/"), Some(b"/registry/pods0".to_vec()));
         assert_eq!(prefix_end("a"), Some(b"b".to_vec()));
         assert_eq!(prefix_end(""), None);
     }

@@ -19,22 +19,13 @@ fn a_file_of_garbage_is_reported_as_corrupt() {
     let dir = tempfile::tempdir().unwrap();
     let path = db_path(dir.path());
     std::fs::create_dir_all(path.parent().unwrap()).unwrap();
-    let garbage: Vec<u8> = (0..64 * 1024u32)
-        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
-        .collect();
+    let garbage: Vec<u8> = (0..64 * 1024u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
     std::fs::write(&path, &garbage).unwrap();
     let error = open_err(dir.path());
     assert!(matches!(error, StoreError::Corrupt { .. }), "{error:?}");
     let message = error.to_string();
-    assert!(
-        message.contains(path.to_str().unwrap()),
-        "names the file: {message}"
-    );
-    assert_eq!(
-        std::fs::read(&path).unwrap(),
-        garbage,
-        "the file is left as it was"
-    );
+    assert!(message.contains(path.to_str().unwrap()), "names the file: {message}");
+    assert_eq!(std::fs::read(&path).unwrap(), garbage, "the file is left as it was");
 }
 
 #[test]
@@ -44,18 +35,13 @@ fn another_programs_database_is_refused_untouched() {
     std::fs::create_dir_all(path.parent().unwrap()).unwrap();
     {
         let conn = rusqlite::Connection::open(&path).unwrap();
-        conn.execute_batch(
-            "CREATE TABLE accounts (id INTEGER, owner TEXT); INSERT INTO accounts VALUES (1, 'x');",
-        )
-        .unwrap();
+        conn.execute_batch("CREATE TABLE accounts (id INTEGER, owner TEXT); INSERT INTO accounts VALUES (1, 'x');")
+            .unwrap();
     }
     let before = std::fs::read(&path).unwrap();
     let error = open_err(dir.path());
     assert!(matches!(error, StoreError::Foreign { .. }), "{error:?}");
-    assert!(
-        error.to_string().contains(path.to_str().unwrap()),
-        "{error}"
-    );
+    assert!(error.to_string().contains(path.to_str().unwrap()), "{error}");
     assert!(error.to_string().contains("not a tugboat store"), "{error}");
     assert_eq!(std::fs::read(&path).unwrap(), before);
 }
@@ -67,10 +53,7 @@ async fn a_truncated_file_is_refused() {
     {
         let store = SqliteStore::open(SqliteConfig::in_data_dir(dir.path())).unwrap();
         for i in 0..2000 {
-            store
-                .create(&format!("/t/{i}"), vec![b'x'; 512])
-                .await
-                .unwrap();
+            store.create(&format!("/t/{i}"), vec![b'x'; 512]).await.unwrap();
         }
         // Move everything from the WAL into the main file, as a clean shutdown eventually does.
         let current = store.current_revision().await.unwrap();
@@ -83,17 +66,8 @@ async fn a_truncated_file_is_refused() {
     file.set_len(length / 2).unwrap();
     drop(file);
     let error = open_err(dir.path());
-    assert!(
-        matches!(
-            error,
-            StoreError::Damaged { .. } | StoreError::Corrupt { .. }
-        ),
-        "{error:?}"
-    );
-    assert!(
-        error.to_string().contains(path.to_str().unwrap()),
-        "{error}"
-    );
+    assert!(matches!(error, StoreError::Damaged { .. } | StoreError::Corrupt { .. }), "{error:?}");
+    assert!(error.to_string().contains(path.to_str().unwrap()), "{error}");
 }
 
 #[test]
@@ -113,14 +87,7 @@ impl Tmpfs {
     fn mount(size: &str) -> Option<Tmpfs> {
         let dir = tempfile::tempdir().unwrap();
         let status = Command::new("mount")
-            .args([
-                "-t",
-                "tmpfs",
-                "-o",
-                &format!("size={size}"),
-                "tugboat-test",
-                dir.path().to_str().unwrap(),
-            ])
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tugboat-test", dir.path().to_str().unwrap()])
             .status();
         match status {
             Ok(s) if s.success() => Some(Tmpfs { dir }),
@@ -130,11 +97,7 @@ impl Tmpfs {
 
     fn resize(&self, size: &str) {
         let ok = Command::new("mount")
-            .args([
-                "-o",
-                &format!("remount,size={size}"),
-                self.dir.path().to_str().unwrap(),
-            ])
+            .args(["-o", &format!("remount,size={size}"), self.dir.path().to_str().unwrap()])
             .status()
             .unwrap()
             .success();
@@ -172,10 +135,7 @@ async fn a_full_disk_fails_writes_clearly_and_loses_nothing_acknowledged() {
         let failure = failure.expect("a 3 MiB file system fills up");
         // The store still serves reads of everything it acknowledged.
         for (key, revision) in &acknowledged {
-            assert_eq!(
-                store.get(key, None).await.unwrap().unwrap().mod_revision,
-                *revision
-            );
+            assert_eq!(store.get(key, None).await.unwrap().unwrap().mod_revision, *revision);
         }
         // And keeps refusing writes cleanly rather than dying.
         assert!(store.create("/full/more", vec![b'x'; 4096]).await.is_err());
@@ -183,10 +143,7 @@ async fn a_full_disk_fails_writes_clearly_and_loses_nothing_acknowledged() {
     };
     let message = failure.to_string();
     assert!(matches!(failure, StoreError::Sqlite { .. }), "{failure:?}");
-    assert!(
-        message.contains(path.to_str().unwrap()),
-        "names the file: {message}"
-    );
+    assert!(message.contains(path.to_str().unwrap()), "names the file: {message}");
     assert!(message.contains("full"), "says the disk is full: {message}");
     assert!(acknowledged.len() > 100, "{}", acknowledged.len());
 
@@ -194,11 +151,7 @@ async fn a_full_disk_fails_writes_clearly_and_loses_nothing_acknowledged() {
     fs.resize("64m");
     let store = SqliteStore::open(SqliteConfig::in_data_dir(fs.dir.path())).unwrap();
     for (key, revision) in &acknowledged {
-        let kv = store
-            .get(key, None)
-            .await
-            .unwrap()
-            .unwrap_or_else(|| panic!("{key} lost"));
+        let kv = store.get(key, None).await.unwrap().unwrap_or_else(|| panic!("{key} lost"));
         assert_eq!(kv.mod_revision, *revision);
     }
     let next = store.create("/full/after", b"ok".to_vec()).await.unwrap();

@@ -22,15 +22,8 @@ fn crash_child_writer() {
     let Some(dir) = std::env::var_os(CHILD_ENV) else {
         return;
     };
-    let round: usize = std::env::var("TUGBOAT_CRASH_ROUND")
-        .unwrap()
-        .parse()
-        .unwrap();
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    let round: usize = std::env::var("TUGBOAT_CRASH_ROUND").unwrap().parse().unwrap();
+    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
     runtime.block_on(async move {
         let store = Arc::new(SqliteStore::open(SqliteConfig::in_data_dir(dir.as_ref())).unwrap());
         let stdout = Arc::new(Mutex::new(std::io::stdout()));
@@ -47,14 +40,9 @@ fn crash_child_writer() {
                 for i in 0.. {
                     let key = format!("/crash/{round}/{writer}/{i}");
                     let value = format!("{round}-{writer}-{i}");
-                    let revision = store
-                        .create(&key, value.clone().into_bytes())
-                        .await
-                        .unwrap();
-                    counter_revision = store
-                        .update(&counter, value.clone().into_bytes(), counter_revision)
-                        .await
-                        .unwrap();
+                    let revision = store.create(&key, value.clone().into_bytes()).await.unwrap();
+                    counter_revision =
+                        store.update(&counter, value.clone().into_bytes(), counter_revision).await.unwrap();
                     let mut out = stdout.lock().unwrap();
                     writeln!(out, "ack {key} {revision} {value}").unwrap();
                     writeln!(out, "ack {counter} {counter_revision} {value}").unwrap();
@@ -78,12 +66,7 @@ async fn acknowledged_writes_survive_sigkill() {
     let mut total = 0;
     for round in 0..ROUNDS {
         let mut child = Command::new(&exe)
-            .args([
-                "crash_child_writer",
-                "--exact",
-                "--nocapture",
-                "--test-threads=1",
-            ])
+            .args(["crash_child_writer", "--exact", "--nocapture", "--test-threads=1"])
             .env(CHILD_ENV, dir.path())
             .env("TUGBOAT_CRASH_ROUND", round.to_string())
             .stdout(Stdio::piped())
@@ -92,35 +75,22 @@ async fn acknowledged_writes_survive_sigkill() {
             .unwrap();
         let stdout = child.stdout.take().unwrap();
         let reader = std::thread::spawn(move || {
-            BufReader::new(stdout)
-                .lines()
-                .map_while(Result::ok)
-                .filter(|l| l.starts_with("ack "))
-                .collect::<Vec<_>>()
+            BufReader::new(stdout).lines().map_while(Result::ok).filter(|l| l.starts_with("ack ")).collect::<Vec<_>>()
         });
         let delay = rand::rng().random_range(100..400);
         tokio::time::sleep(Duration::from_millis(delay)).await;
         child.kill().unwrap(); // SIGKILL
         child.wait().unwrap();
         let acks = reader.join().unwrap();
-        assert!(
-            !acks.is_empty(),
-            "round {round}: the child acknowledged nothing in {delay} ms"
-        );
+        assert!(!acks.is_empty(), "round {round}: the child acknowledged nothing in {delay} ms");
 
         // Per key, the last acknowledged write (revision and value).
         let mut expected: BTreeMap<String, (i64, String)> = BTreeMap::new();
         for ack in &acks {
             let mut parts = ack.splitn(4, ' ').skip(1);
-            let (key, revision, value) = (
-                parts.next().unwrap(),
-                parts.next().unwrap(),
-                parts.next().unwrap(),
-            );
+            let (key, revision, value) = (parts.next().unwrap(), parts.next().unwrap(), parts.next().unwrap());
             let revision: i64 = revision.parse().unwrap();
-            let entry = expected
-                .entry(key.to_string())
-                .or_insert((0, String::new()));
+            let entry = expected.entry(key.to_string()).or_insert((0, String::new()));
             if revision > entry.0 {
                 *entry = (revision, value.to_string());
             }
@@ -128,19 +98,11 @@ async fn acknowledged_writes_survive_sigkill() {
         let store = SqliteStore::open(SqliteConfig::in_data_dir(dir.path())).unwrap();
         let current = store.current_revision().await.unwrap();
         for (key, (revision, value)) in &expected {
-            assert!(
-                current >= *revision,
-                "round {round}: revision {revision} acknowledged, store is at {current}"
-            );
+            assert!(current >= *revision, "round {round}: revision {revision} acknowledged, store is at {current}");
             let at = store.get(key, Some(*revision)).await.unwrap();
-            let at = at
-                .unwrap_or_else(|| panic!("round {round}: acknowledged {key}@{revision} is lost"));
+            let at = at.unwrap_or_else(|| panic!("round {round}: acknowledged {key}@{revision} is lost"));
             assert_eq!(at.mod_revision, *revision, "round {round}: {key}");
-            assert_eq!(
-                String::from_utf8(at.value).unwrap(),
-                *value,
-                "round {round}: {key}"
-            );
+            assert_eq!(String::from_utf8(at.value).unwrap(), *value, "round {round}: {key}");
         }
         total += acks.len();
         drop(store);

@@ -11,10 +11,7 @@ use tugboat_store::{ListOptions, SqliteConfig, SqliteStore, Store, StoreError};
 async fn open_sqlite() -> Fixture {
     let dir = tempfile::tempdir().unwrap();
     let store = SqliteStore::open(SqliteConfig::in_data_dir(dir.path())).unwrap();
-    Fixture {
-        store: Arc::new(store),
-        guard: Box::new(dir),
-    }
+    Fixture { store: Arc::new(store), guard: Box::new(dir) }
 }
 
 conformance_suite!(open_sqlite);
@@ -35,17 +32,8 @@ async fn data_and_revisions_survive_reopening() {
 
     let store = open(dir.path());
     assert_eq!(store.current_revision().await.unwrap(), r3);
-    assert_eq!(
-        store.get("/a", Some(r2)).await.unwrap().unwrap().value,
-        b"2"
-    );
-    assert!(
-        matches!(
-            store.get("/a", Some(r1)).await,
-            Err(StoreError::Compacted { .. })
-        ),
-        "compaction is durable"
-    );
+    assert_eq!(store.get("/a", Some(r2)).await.unwrap().unwrap().value, b"2");
+    assert!(matches!(store.get("/a", Some(r1)).await, Err(StoreError::Compacted { .. })), "compaction is durable");
     let r4 = store.create("/a", b"3".to_vec()).await.unwrap();
     assert_eq!(r4, r3 + 1, "revisions continue where they stopped");
 }
@@ -56,10 +44,7 @@ async fn a_second_process_cannot_open_a_store_in_use() {
     let _store = open(dir.path());
     match SqliteStore::open(SqliteConfig::in_data_dir(dir.path())) {
         Err(error @ StoreError::Locked { .. }) => {
-            assert!(
-                error.to_string().contains("state.db"),
-                "the error names the file: {error}"
-            );
+            assert!(error.to_string().contains("state.db"), "the error names the file: {error}");
         }
         other => panic!("expected Locked, got {other:?}"),
     }
@@ -73,19 +58,11 @@ async fn compaction_keeps_the_window_and_reclaims_disk() {
     let big = vec![b'v'; 16 * 1024];
     let mut revisions = Vec::new();
     for key in 0..10 {
-        revisions.push(
-            store
-                .create(&format!("/big/{key}"), big.clone())
-                .await
-                .unwrap(),
-        );
+        revisions.push(store.create(&format!("/big/{key}"), big.clone()).await.unwrap());
     }
     for round in 0..60 {
         for (key, revision) in revisions.iter_mut().enumerate() {
-            *revision = store
-                .update(&format!("/big/{key}"), big.clone(), *revision)
-                .await
-                .unwrap();
+            *revision = store.update(&format!("/big/{key}"), big.clone(), *revision).await.unwrap();
         }
         if round == 40 {
             store.snapshot(&dir.path().join("probe.db")).await.unwrap();
@@ -100,20 +77,13 @@ async fn compaction_keeps_the_window_and_reclaims_disk() {
     let keep_from = current - 20;
     store.compact(keep_from).await.unwrap();
     let after = size_of(&db) + size_of(&wal);
-    assert!(
-        after < before / 4,
-        "compaction gives the space back: {before} -> {after}"
-    );
+    assert!(after < before / 4, "compaction gives the space back: {before} -> {after}");
 
     // The window is intact: every event from keep_from on, with previous values.
     let mut watch = store.watch("/big/", keep_from - 1).await.unwrap();
     let events = conformance::take_events(&mut watch, 21).await;
     assert_eq!(events.first().unwrap().revision(), keep_from);
-    assert!(
-        events
-            .iter()
-            .all(|e| e.prev.as_ref().is_some_and(|p| p.value == big))
-    );
+    assert!(events.iter().all(|e| e.prev.as_ref().is_some_and(|p| p.value == big)));
     let list = store.list("/big/", ListOptions::default()).await.unwrap();
     assert_eq!(list.kvs.len(), 10);
 }
@@ -123,46 +93,28 @@ async fn a_snapshot_opens_as_a_store_with_the_same_data() {
     let dir = tempfile::tempdir().unwrap();
     let store = Arc::new(open(dir.path()));
     for i in 0..500 {
-        store
-            .create(&format!("/s/{i:04}"), format!("value {i}").into_bytes())
-            .await
-            .unwrap();
+        store.create(&format!("/s/{i:04}"), format!("value {i}").into_bytes()).await.unwrap();
     }
     // Writers keep going while the snapshot is taken.
     let writer = {
         let store = store.clone();
         tokio::spawn(async move {
             for i in 0..500 {
-                store
-                    .create(&format!("/during/{i}"), b"x".to_vec())
-                    .await
-                    .unwrap();
+                store.create(&format!("/during/{i}"), b"x".to_vec()).await.unwrap();
             }
         })
     };
     let snapshot_dir = tempfile::tempdir().unwrap();
-    let info = store
-        .snapshot(&snapshot_dir.path().join("db/state.db"))
-        .await;
+    let info = store.snapshot(&snapshot_dir.path().join("db/state.db")).await;
     // The destination directory must exist; the store does not create it.
-    assert!(
-        matches!(info, Err(StoreError::Sqlite { .. } | StoreError::Io { .. })),
-        "{info:?}"
-    );
+    assert!(matches!(info, Err(StoreError::Sqlite { .. } | StoreError::Io { .. })), "{info:?}");
     std::fs::create_dir_all(snapshot_dir.path().join("db")).unwrap();
-    let info = store
-        .snapshot(&snapshot_dir.path().join("db/state.db"))
-        .await
-        .unwrap();
+    let info = store.snapshot(&snapshot_dir.path().join("db/state.db")).await.unwrap();
     writer.await.unwrap();
 
     let copy = open(snapshot_dir.path());
     let copied_revision = copy.current_revision().await.unwrap();
-    assert!(
-        copied_revision >= info.revision,
-        "{copied_revision} >= {}",
-        info.revision
-    );
+    assert!(copied_revision >= info.revision, "{copied_revision} >= {}", info.revision);
     let list = copy.list("/s/", ListOptions::default()).await.unwrap();
     assert_eq!(list.kvs.len(), 500);
     assert_eq!(list.kvs[42].value, b"value 42");

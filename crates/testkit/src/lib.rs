@@ -19,9 +19,7 @@ pub fn free_port() -> u16 {
 
 /// The `etcd` binary: `$TUGBOAT_ETCD`, else `etcd` on PATH (Debian's `etcd-server`).
 pub fn etcd_binary() -> PathBuf {
-    std::env::var_os("TUGBOAT_ETCD")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from("etcd"))
+    std::env::var_os("TUGBOAT_ETCD").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("etcd"))
 }
 
 /// A real single-member etcd on loopback, in its own temporary data dir, stopped on drop.
@@ -66,17 +64,8 @@ impl EtcdServer {
             .stdout(log.try_clone()?)
             .stderr(log)
             .spawn()
-            .with_context(|| {
-                format!(
-                    "starting {} (install Debian's etcd-server)",
-                    etcd_binary().display()
-                )
-            })?;
-        let mut server = EtcdServer {
-            child,
-            client_url,
-            dir,
-        };
+            .with_context(|| format!("starting {} (install Debian's etcd-server)", etcd_binary().display()))?;
+        let mut server = EtcdServer { child, client_url, dir };
         server.wait_healthy(Duration::from_secs(20))?;
         Ok(server)
     }
@@ -93,10 +82,7 @@ impl EtcdServer {
             }
             std::thread::sleep(Duration::from_millis(50));
         }
-        bail!(
-            "etcd did not become healthy within {timeout:?}: {}",
-            self.log()
-        )
+        bail!("etcd did not become healthy within {timeout:?}: {}", self.log())
     }
 
     /// `http://127.0.0.1:PORT`
@@ -149,20 +135,13 @@ impl TugboatServer {
     /// Starts `binary server --data-dir <temp> --bind-address 127.0.0.1 --https-port <free>
     /// <extra>` and waits for its ready line.
     pub fn start(binary: &Path, extra: &[&str]) -> anyhow::Result<TugboatServer> {
-        let dir = tempfile::Builder::new()
-            .prefix("tugboat-server-")
-            .tempdir()?;
+        let dir = tempfile::Builder::new().prefix("tugboat-server-").tempdir()?;
         let port = free_port();
         let mut child = Command::new(binary)
             .arg("server")
             .arg("--data-dir")
             .arg(dir.path().join("data"))
-            .args([
-                "--bind-address",
-                "127.0.0.1",
-                "--https-port",
-                &port.to_string(),
-            ])
+            .args(["--bind-address", "127.0.0.1", "--https-port", &port.to_string()])
             .args(extra)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -173,19 +152,11 @@ impl TugboatServer {
         let (tx, lines) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
             use std::io::BufRead;
-            for line in std::io::BufReader::new(stderr)
-                .lines()
-                .map_while(Result::ok)
-            {
+            for line in std::io::BufReader::new(stderr).lines().map_while(Result::ok) {
                 let _ = tx.send(line);
             }
         });
-        let mut server = TugboatServer {
-            child,
-            dir,
-            port,
-            lines,
-        };
+        let mut server = TugboatServer { child, dir, port, lines };
         server.wait_for_line("tugboat server ready", Duration::from_secs(30))?;
         Ok(server)
     }

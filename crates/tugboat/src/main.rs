@@ -10,11 +10,7 @@ use tugboat_apiserver::ApiServerConfig;
 use tugboat_store::{CompactionPolicy, DatastoreConfig, open_datastore, spawn_compactor};
 
 #[derive(Debug, Parser)]
-#[command(
-    name = "tugboat",
-    version,
-    about = "Kubernetes in one small, fast binary"
-)]
+#[command(name = "tugboat", version, about = "Kubernetes in one small, fast binary")]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -57,22 +53,16 @@ struct ServerArgs {
 /// Parses `300`, `300s`, `5m`, `1h`, `250ms`.
 fn parse_duration(text: &str) -> Result<Duration, String> {
     let text = text.trim();
-    let split = text
-        .find(|c: char| !c.is_ascii_digit())
-        .unwrap_or(text.len());
+    let split = text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len());
     let (number, unit) = text.split_at(split);
-    let number: u64 = number
-        .parse()
-        .map_err(|_| format!("{text:?} is not a duration such as 30s, 5m or 1h"))?;
+    let number: u64 = number.parse().map_err(|_| format!("{text:?} is not a duration such as 30s, 5m or 1h"))?;
     let duration = match unit {
         "" | "s" => Duration::from_secs(number),
         "ms" => Duration::from_millis(number),
         "m" => Duration::from_secs(number * 60),
         "h" => Duration::from_secs(number * 3600),
         _ => {
-            return Err(format!(
-                "{text:?}: unknown unit {unit:?} (use ms, s, m or h)"
-            ));
+            return Err(format!("{text:?}: unknown unit {unit:?} (use ms, s, m or h)"));
         }
     };
     if duration.is_zero() {
@@ -86,15 +76,10 @@ fn main() -> ExitCode {
     // One TLS crypto provider for every crate that uses rustls.
     let _ = rustls::crypto::ring::default_provider().install_default();
     tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
         .with_writer(std::io::stderr)
         .init();
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(runtime) => runtime,
         Err(error) => {
             eprintln!("error: cannot start the async runtime: {error}");
@@ -121,10 +106,7 @@ async fn server(args: ServerArgs) -> anyhow::Result<()> {
     let config = DatastoreConfig::from_flags(&args.data_dir, args.datastore_endpoint.as_deref())?;
     let store = open_datastore(config.clone()).await?;
     let revision = store.current_revision().await?;
-    let policy = CompactionPolicy {
-        interval: args.compaction_interval,
-        ..CompactionPolicy::default()
-    };
+    let policy = CompactionPolicy { interval: args.compaction_interval, ..CompactionPolicy::default() };
     let compactor = spawn_compactor(&store, policy);
     let backend = match &config {
         DatastoreConfig::Sqlite(sqlite) => format!("sqlite {}", sqlite.path.display()),
@@ -157,8 +139,7 @@ async fn server(args: ServerArgs) -> anyhow::Result<()> {
 
 async fn wait_for_shutdown() -> anyhow::Result<()> {
     use tokio::signal::unix::{SignalKind, signal};
-    let mut terminate =
-        signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let mut terminate = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     tokio::select! {
         _ = tokio::signal::ctrl_c() => {}
         _ = terminate.recv() => {}

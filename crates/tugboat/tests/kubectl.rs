@@ -27,20 +27,12 @@ impl Kubectl {
         };
         assert!(binary.exists(), "{} is installed", binary.display());
         let home = server.scratch(&format!("home-{}", version.unwrap_or("dispatcher")));
-        Kubectl {
-            binary,
-            kubeconfig: server.kubeconfig(),
-            home,
-        }
+        Kubectl { binary, kubeconfig: server.kubeconfig(), home }
     }
 
     fn command(&self, args: &[&str]) -> Command {
         let mut command = Command::new(&self.binary);
-        command
-            .args(args)
-            .env("KUBECONFIG", &self.kubeconfig)
-            .env("HOME", &self.home)
-            .stdin(Stdio::null());
+        command.args(args).env("KUBECONFIG", &self.kubeconfig).env("HOME", &self.home).stdin(Stdio::null());
         command
     }
 
@@ -64,213 +56,100 @@ impl Kubectl {
     /// Runs and expects failure; returns stderr.
     fn fails(&self, args: &[&str]) -> String {
         let output = self.run(args);
-        assert!(
-            !output.status.success(),
-            "kubectl {args:?} should fail: {}",
-            String::from_utf8_lossy(&output.stdout)
-        );
+        assert!(!output.status.success(), "kubectl {args:?} should fail: {}", String::from_utf8_lossy(&output.stdout));
         String::from_utf8(output.stderr).unwrap()
     }
 
     fn apply_stdin(&self, args: &[&str], manifest: &str) -> Output {
         use std::io::Write;
-        let mut child = self
-            .command(args)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        child
-            .stdin
-            .take()
-            .unwrap()
-            .write_all(manifest.as_bytes())
-            .unwrap();
+        let mut child =
+            self.command(args).stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+        child.stdin.take().unwrap().write_all(manifest.as_bytes()).unwrap();
         child.wait_with_output().unwrap()
     }
 }
 
 /// Header words of a `kubectl get` table.
 fn header(output: &str) -> Vec<String> {
-    output
-        .lines()
-        .next()
-        .unwrap_or("")
-        .split_whitespace()
-        .map(str::to_string)
-        .collect()
+    output.lines().next().unwrap_or("").split_whitespace().map(str::to_string).collect()
 }
 
 /// The everyday verbs, for one kubectl, in a namespace of its own.
 fn everyday_verbs(kubectl: &Kubectl, ns: &str) {
     let version = kubectl.ok(&["version"]);
-    assert!(
-        version.contains("Server Version:") && version.contains("v1.31.0+tugboat"),
-        "{version}"
-    );
+    assert!(version.contains("Server Version:") && version.contains("v1.31.0+tugboat"), "{version}");
 
     let namespaces = kubectl.ok(&["get", "namespaces"]);
     assert_eq!(header(&namespaces), ["NAME", "STATUS", "AGE"]);
     for name in ["default", "kube-system", "kube-public", "kube-node-lease"] {
-        assert!(
-            namespaces
-                .lines()
-                .any(|l| l.starts_with(name) && l.contains("Active")),
-            "{name}: {namespaces}"
-        );
+        assert!(namespaces.lines().any(|l| l.starts_with(name) && l.contains("Active")), "{name}: {namespaces}");
     }
     let resources = kubectl.ok(&["api-resources"]);
     assert!(
-        resources
-            .lines()
-            .any(|l| l.starts_with("deployments") && l.contains("apps/v1") && l.contains("deploy")),
+        resources.lines().any(|l| l.starts_with("deployments") && l.contains("apps/v1") && l.contains("deploy")),
         "{resources}"
     );
 
-    assert!(
-        kubectl
-            .ok(&["create", "namespace", ns])
-            .contains(&format!("namespace/{ns} created"))
-    );
+    assert!(kubectl.ok(&["create", "namespace", ns]).contains(&format!("namespace/{ns} created")));
     let n = ["-n", ns];
-    let with_ns = |args: &[&str]| -> Vec<String> {
-        args.iter().chain(n.iter()).map(|s| s.to_string()).collect()
-    };
-    let run =
-        |args: &[&str]| kubectl.ok(&with_ns(args).iter().map(String::as_str).collect::<Vec<_>>());
+    let with_ns = |args: &[&str]| -> Vec<String> { args.iter().chain(n.iter()).map(|s| s.to_string()).collect() };
+    let run = |args: &[&str]| kubectl.ok(&with_ns(args).iter().map(String::as_str).collect::<Vec<_>>());
 
     // ConfigMaps: create, read back, label, annotate, select.
     assert!(
-        run(&[
-            "create",
-            "configmap",
-            "settings",
-            "--from-literal=color=blue",
-            "--from-literal=size=9"
-        ])
-        .contains("configmap/settings created")
+        run(&["create", "configmap", "settings", "--from-literal=color=blue", "--from-literal=size=9"])
+            .contains("configmap/settings created")
     );
     let table = run(&["get", "configmaps"]);
     assert_eq!(header(&table), ["NAME", "DATA", "AGE"]);
-    assert!(
-        table
-            .lines()
-            .any(|l| l.split_whitespace().take(2).eq(["settings", "2"])),
-        "{table}"
-    );
-    let json: serde_json::Value =
-        serde_json::from_str(&run(&["get", "configmap", "settings", "-o", "json"])).unwrap();
+    assert!(table.lines().any(|l| l.split_whitespace().take(2).eq(["settings", "2"])), "{table}");
+    let json: serde_json::Value = serde_json::from_str(&run(&["get", "configmap", "settings", "-o", "json"])).unwrap();
     assert_eq!(json["data"]["color"], "blue");
     assert_eq!(json["metadata"]["namespace"], ns);
-    assert!(
-        json["metadata"]["uid"]
-            .as_str()
-            .is_some_and(|u| u.len() == 36)
-    );
+    assert!(json["metadata"]["uid"].as_str().is_some_and(|u| u.len() == 36));
     assert!(run(&["label", "configmap", "settings", "tier=web"]).contains("labeled"));
     // kubectl 1.27 prints "annotate", later ones "annotated".
-    assert!(
-        run(&["annotate", "configmap", "settings", "owner=team-a"])
-            .contains("configmap/settings annotate")
-    );
-    assert!(
-        run(&["get", "configmaps", "-l", "tier=web", "-o", "name"]).contains("configmap/settings")
-    );
-    assert!(
-        run(&[
-            "get",
-            "configmaps",
-            "-l",
-            "tier in (db,cache)",
-            "-o",
-            "name"
-        ])
-        .trim()
-        .is_empty()
-    );
+    assert!(run(&["annotate", "configmap", "settings", "owner=team-a"]).contains("configmap/settings annotate"));
+    assert!(run(&["get", "configmaps", "-l", "tier=web", "-o", "name"]).contains("configmap/settings"));
+    assert!(run(&["get", "configmaps", "-l", "tier in (db,cache)", "-o", "name"]).trim().is_empty());
     let yaml = run(&["get", "configmap", "settings", "-o", "yaml"]);
-    assert!(
-        yaml.contains("owner: team-a") && yaml.contains("tier: web"),
-        "{yaml}"
-    );
+    assert!(yaml.contains("owner: team-a") && yaml.contains("tier: web"), "{yaml}");
 
     // A typed create and its table columns.
     assert!(
-        run(&[
-            "create",
-            "deployment",
-            "web",
-            "--image=nginx:1.25",
-            "--replicas=2"
-        ])
-        .contains("deployment.apps/web created")
+        run(&["create", "deployment", "web", "--image=nginx:1.25", "--replicas=2"])
+            .contains("deployment.apps/web created")
     );
     let deployments = run(&["get", "deployments", "-o", "wide"]);
     assert_eq!(
         header(&deployments),
-        [
-            "NAME",
-            "READY",
-            "UP-TO-DATE",
-            "AVAILABLE",
-            "AGE",
-            "CONTAINERS",
-            "IMAGES",
-            "SELECTOR"
-        ]
+        ["NAME", "READY", "UP-TO-DATE", "AVAILABLE", "AGE", "CONTAINERS", "IMAGES", "SELECTOR"]
     );
     assert!(
-        deployments.contains("0/2")
-            && deployments.contains("nginx:1.25")
-            && deployments.contains("app=web"),
+        deployments.contains("0/2") && deployments.contains("nginx:1.25") && deployments.contains("app=web"),
         "{deployments}"
     );
 
     // A pod from a manifest (validation needs OpenAPI, which is not served yet).
     let manifest = "apiVersion: v1\nkind: Pod\nmetadata:\n  name: box\n  labels: {app: box}\nspec:\n  containers:\n  - name: main\n    image: busybox:1.36\n";
     let applied = kubectl.apply_stdin(
-        &with_ns(&["apply", "--validate=false", "-f", "-"])
-            .iter()
-            .map(String::as_str)
-            .collect::<Vec<_>>(),
+        &with_ns(&["apply", "--validate=false", "-f", "-"]).iter().map(String::as_str).collect::<Vec<_>>(),
         manifest,
     );
-    assert!(
-        applied.status.success(),
-        "{}",
-        String::from_utf8_lossy(&applied.stderr)
-    );
+    assert!(applied.status.success(), "{}", String::from_utf8_lossy(&applied.stderr));
     let pods = run(&["get", "pods", "-o", "wide"]);
-    assert_eq!(
-        header(&pods)[..5],
-        ["NAME", "READY", "STATUS", "RESTARTS", "AGE"]
-    );
-    assert!(
-        pods.lines()
-            .any(|l| l.split_whitespace().take(3).eq(["box", "0/1", "Pending"])),
-        "{pods}"
-    );
+    assert_eq!(header(&pods)[..5], ["NAME", "READY", "STATUS", "RESTARTS", "AGE"]);
+    assert!(pods.lines().any(|l| l.split_whitespace().take(3).eq(["box", "0/1", "Pending"])), "{pods}");
     let described = run(&["describe", "pod", "box"]);
-    assert!(
-        described.contains("busybox:1.36") && described.contains("Pending"),
-        "{described}"
-    );
-    let pod: serde_json::Value =
-        serde_json::from_str(&run(&["get", "pod", "box", "-o", "json"])).unwrap();
+    assert!(described.contains("busybox:1.36") && described.contains("Pending"), "{described}");
+    let pod: serde_json::Value = serde_json::from_str(&run(&["get", "pod", "box", "-o", "json"])).unwrap();
     assert_eq!(pod["spec"]["restartPolicy"], "Always", "defaulted");
-    assert_eq!(
-        pod["spec"]["containers"][0]["imagePullPolicy"],
-        "IfNotPresent"
-    );
+    assert_eq!(pod["spec"]["containers"][0]["imagePullPolicy"], "IfNotPresent");
 
     // get -w sees a later change.
     let mut watch = kubectl
         .command(
-            &with_ns(&["get", "pods", "-w", "--request-timeout=20s"])
-                .iter()
-                .map(String::as_str)
-                .collect::<Vec<_>>(),
+            &with_ns(&["get", "pods", "-w", "--request-timeout=20s"]).iter().map(String::as_str).collect::<Vec<_>>(),
         )
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -281,46 +160,23 @@ fn everyday_verbs(kubectl: &Kubectl, ns: &str) {
     std::thread::sleep(Duration::from_millis(800));
     let _ = watch.kill();
     let watched = String::from_utf8(watch.wait_with_output().unwrap().stdout).unwrap();
-    assert!(
-        watched.lines().filter(|l| l.starts_with("box")).count() >= 2,
-        "the initial row and the change: {watched}"
-    );
+    assert!(watched.lines().filter(|l| l.starts_with("box")).count() >= 2, "the initial row and the change: {watched}");
 
     // Errors read as upstream's.
-    let missing = kubectl.fails(
-        &with_ns(&["get", "configmap", "nope"])
-            .iter()
-            .map(String::as_str)
-            .collect::<Vec<_>>(),
-    );
-    assert!(
-        missing.contains("Error from server (NotFound): configmaps \"nope\" not found"),
-        "{missing}"
-    );
+    let missing = kubectl.fails(&with_ns(&["get", "configmap", "nope"]).iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(missing.contains("Error from server (NotFound): configmaps \"nope\" not found"), "{missing}");
     let invalid = kubectl.apply_stdin(
-        &with_ns(&["create", "--validate=false", "-f", "-"])
-            .iter()
-            .map(String::as_str)
-            .collect::<Vec<_>>(),
+        &with_ns(&["create", "--validate=false", "-f", "-"]).iter().map(String::as_str).collect::<Vec<_>>(),
         "apiVersion: v1\nkind: Pod\nmetadata: {name: empty}\nspec: {containers: []}\n",
     );
     let stderr = String::from_utf8_lossy(&invalid.stderr);
     assert!(
-        !invalid.status.success()
-            && stderr.contains("is invalid")
-            && stderr.contains("spec.containers"),
+        !invalid.status.success() && stderr.contains("is invalid") && stderr.contains("spec.containers"),
         "{stderr}"
     );
-    let exists = kubectl.fails(
-        &with_ns(&["create", "configmap", "settings"])
-            .iter()
-            .map(String::as_str)
-            .collect::<Vec<_>>(),
-    );
-    assert!(
-        exists.contains("configmaps \"settings\" already exists"),
-        "{exists}"
-    );
+    let exists =
+        kubectl.fails(&with_ns(&["create", "configmap", "settings"]).iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(exists.contains("configmaps \"settings\" already exists"), "{exists}");
 
     // delete waits for the object to be gone.
     assert!(run(&["delete", "pod", "box"]).contains("pod \"box\" deleted"));
@@ -353,31 +209,14 @@ struct Curl<'a> {
 
 impl Curl<'_> {
     /// Returns (HTTP code, body).
-    fn request(
-        &self,
-        method: &str,
-        path: &str,
-        credentials: bool,
-        extra: &[&str],
-    ) -> (u16, String) {
+    fn request(&self, method: &str, path: &str, credentials: bool, extra: &[&str]) -> (u16, String) {
         let pki = self.server.data_dir().join("pki");
         let mut command = Command::new("curl");
-        command
-            .args(["-s", "-o", "-", "-w", "\n%{http_code}", "-X", method])
-            .arg("--cacert")
-            .arg(pki.join("ca.crt"));
+        command.args(["-s", "-o", "-", "-w", "\n%{http_code}", "-X", method]).arg("--cacert").arg(pki.join("ca.crt"));
         if credentials {
-            command
-                .arg("--cert")
-                .arg(pki.join("admin.crt"))
-                .arg("--key")
-                .arg(pki.join("admin.key"));
+            command.arg("--cert").arg(pki.join("admin.crt")).arg("--key").arg(pki.join("admin.key"));
         }
-        let output = command
-            .args(extra)
-            .arg(format!("{}{path}", self.server.url()))
-            .output()
-            .expect("curl runs");
+        let output = command.args(extra).arg(format!("{}{path}", self.server.url())).output().expect("curl runs");
         let text = String::from_utf8(output.stdout).unwrap();
         let (body, code) = text.rsplit_once('\n').unwrap();
         (code.trim().parse().unwrap(), body.to_string())
@@ -385,8 +224,7 @@ impl Curl<'_> {
 
     fn status(&self, method: &str, path: &str, extra: &[&str]) -> (u16, serde_json::Value) {
         let (code, body) = self.request(method, path, true, extra);
-        let status: serde_json::Value =
-            serde_json::from_str(&body).unwrap_or_else(|_| panic!("a JSON body: {body}"));
+        let status: serde_json::Value = serde_json::from_str(&body).unwrap_or_else(|_| panic!("a JSON body: {body}"));
         (code, status)
     }
 }
@@ -400,147 +238,68 @@ fn bad_requests_get_a_status_with_reason_and_code() {
     let (code, body) = curl.request("GET", "/api/v1/namespaces", false, &[]);
     assert_eq!(code, 401, "{body}");
     assert!(body.contains("\"reason\":\"Unauthorized\""), "{body}");
-    assert_eq!(
-        curl.request("GET", "/healthz", false, &[]),
-        (200, "ok".to_string())
-    );
+    assert_eq!(curl.request("GET", "/healthz", false, &[]), (200, "ok".to_string()));
     assert_eq!(curl.request("GET", "/readyz", false, &[]).0, 200);
 
-    let (code, status) = curl.status(
-        "POST",
-        "/api/v1/namespaces/default/configmaps",
-        &[&json[..], &["-d", "{not json"]].concat(),
-    );
-    assert_eq!(
-        (code, status["reason"].as_str()),
-        (400, Some("BadRequest")),
-        "{status}"
-    );
+    let (code, status) =
+        curl.status("POST", "/api/v1/namespaces/default/configmaps", &[&json[..], &["-d", "{not json"]].concat());
+    assert_eq!((code, status["reason"].as_str()), (400, Some("BadRequest")), "{status}");
 
     let (code, status) = curl.status("GET", "/api/v1/widgets", &[]);
-    assert_eq!(
-        (code, status["reason"].as_str()),
-        (404, Some("NotFound")),
-        "{status}"
-    );
+    assert_eq!((code, status["reason"].as_str()), (404, Some("NotFound")), "{status}");
 
-    let big = format!(
-        "{{\"metadata\":{{\"name\":\"big\"}},\"data\":{{\"x\":\"{}\"}}}}",
-        "a".repeat(4 * 1024 * 1024)
-    );
+    let big = format!("{{\"metadata\":{{\"name\":\"big\"}},\"data\":{{\"x\":\"{}\"}}}}", "a".repeat(4 * 1024 * 1024));
     let file = server.scratch("bodies").join("big.json");
     std::fs::write(&file, big).unwrap();
     let (code, status) = curl.status(
         "POST",
         "/api/v1/namespaces/default/configmaps",
-        &[
-            &json[..],
-            &["--data-binary", &format!("@{}", file.display())],
-        ]
-        .concat(),
+        &[&json[..], &["--data-binary", &format!("@{}", file.display())]].concat(),
     );
-    assert_eq!(
-        (code, status["reason"].as_str()),
-        (413, Some("RequestEntityTooLarge")),
-        "{status}"
-    );
+    assert_eq!((code, status["reason"].as_str()), (413, Some("RequestEntityTooLarge")), "{status}");
 
     let cm = r#"{"apiVersion":"v1","kind":"ConfigMap","metadata":{"name":"c"},"data":{"a":"1"}}"#;
-    let (code, created) = curl.status(
-        "POST",
-        "/api/v1/namespaces/default/configmaps",
-        &[&json[..], &["-d", cm]].concat(),
-    );
+    let (code, created) =
+        curl.status("POST", "/api/v1/namespaces/default/configmaps", &[&json[..], &["-d", cm]].concat());
     assert_eq!(code, 201, "{created}");
-    let rv = created["metadata"]["resourceVersion"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let rv = created["metadata"]["resourceVersion"].as_str().unwrap().to_string();
     let update = |rv: &str| {
         format!(
             r#"{{"apiVersion":"v1","kind":"ConfigMap","metadata":{{"name":"c","resourceVersion":"{rv}"}},"data":{{"a":"2"}}}}"#
         )
     };
-    let (code, updated) = curl.status(
-        "PUT",
-        "/api/v1/namespaces/default/configmaps/c",
-        &[&json[..], &["-d", &update(&rv)]].concat(),
-    );
+    let (code, updated) =
+        curl.status("PUT", "/api/v1/namespaces/default/configmaps/c", &[&json[..], &["-d", &update(&rv)]].concat());
     assert_eq!(code, 200, "{updated}");
-    let (code, status) = curl.status(
-        "PUT",
-        "/api/v1/namespaces/default/configmaps/c",
-        &[&json[..], &["-d", &update(&rv)]].concat(),
-    );
-    assert_eq!(
-        (code, status["reason"].as_str()),
-        (409, Some("Conflict")),
-        "a stale resourceVersion: {status}"
-    );
+    let (code, status) =
+        curl.status("PUT", "/api/v1/namespaces/default/configmaps/c", &[&json[..], &["-d", &update(&rv)]].concat());
+    assert_eq!((code, status["reason"].as_str()), (409, Some("Conflict")), "a stale resourceVersion: {status}");
 
-    let (code, status) = curl.status(
-        "POST",
-        "/api/v1/namespaces/nowhere/configmaps",
-        &[&json[..], &["-d", cm]].concat(),
-    );
-    assert_eq!(
-        (code, status["details"]["name"].as_str()),
-        (404, Some("nowhere")),
-        "a missing namespace: {status}"
-    );
+    let (code, status) =
+        curl.status("POST", "/api/v1/namespaces/nowhere/configmaps", &[&json[..], &["-d", cm]].concat());
+    assert_eq!((code, status["details"]["name"].as_str()), (404, Some("nowhere")), "a missing namespace: {status}");
 
     let (code, status) = curl.status(
         "POST",
         "/api/v1/namespaces/default/configmaps",
-        &[
-            &json[..],
-            &[
-                "-d",
-                r#"{"metadata":{"name":"Not_Valid","labels":{"a":"b c"}}}"#,
-            ],
-        ]
-        .concat(),
+        &[&json[..], &["-d", r#"{"metadata":{"name":"Not_Valid","labels":{"a":"b c"}}}"#]].concat(),
     );
-    assert_eq!(
-        (code, status["reason"].as_str()),
-        (422, Some("Invalid")),
-        "{status}"
-    );
-    let fields: Vec<&str> = status["details"]["causes"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|c| c["field"].as_str().unwrap())
-        .collect();
+    assert_eq!((code, status["reason"].as_str()), (422, Some("Invalid")), "{status}");
+    let fields: Vec<&str> =
+        status["details"]["causes"].as_array().unwrap().iter().map(|c| c["field"].as_str().unwrap()).collect();
     assert_eq!(fields, ["metadata.name", "metadata.labels.a"]);
 
-    let (code, status) = curl.status(
-        "GET",
-        "/api/v1/namespaces/default/configmaps?labelSelector=a%20in%20b",
-        &[],
-    );
+    let (code, status) = curl.status("GET", "/api/v1/namespaces/default/configmaps?labelSelector=a%20in%20b", &[]);
     assert_eq!(code, 400, "{status}");
-    let (code, status) = curl.status(
-        "GET",
-        "/api/v1/namespaces/default/configmaps?fieldSelector=spec.nodeName%3Dx",
-        &[],
-    );
+    let (code, status) =
+        curl.status("GET", "/api/v1/namespaces/default/configmaps?fieldSelector=spec.nodeName%3Dx", &[]);
     assert_eq!(code, 400, "an unsupported field: {status}");
     let (code, status) = curl.status(
         "PATCH",
         "/api/v1/namespaces/default/configmaps/c",
-        &[
-            "-H",
-            "Content-Type: application/apply-patch+cbor",
-            "-d",
-            "{}",
-        ],
+        &["-H", "Content-Type: application/apply-patch+cbor", "-d", "{}"],
     );
-    assert_eq!(
-        (code, status["reason"].as_str()),
-        (415, Some("UnsupportedMediaType")),
-        "{status}"
-    );
+    assert_eq!((code, status["reason"].as_str()), (415, Some("UnsupportedMediaType")), "{status}");
 }
 
 #[test]
@@ -554,45 +313,26 @@ fn bearer_tokens_from_a_token_file_authenticate() {
     )
     .unwrap();
     let curl = Curl { server: &server };
-    let (code, _) = curl.request(
-        "GET",
-        "/api/v1/namespaces",
-        false,
-        &["-H", "Authorization: Bearer s3cret-token"],
-    );
+    let (code, _) = curl.request("GET", "/api/v1/namespaces", false, &["-H", "Authorization: Bearer s3cret-token"]);
     assert_eq!(code, 200);
-    let (code, _) = curl.request(
-        "GET",
-        "/api/v1/namespaces",
-        false,
-        &["-H", "Authorization: Bearer wrong"],
-    );
+    let (code, _) = curl.request("GET", "/api/v1/namespaces", false, &["-H", "Authorization: Bearer wrong"]);
     assert_eq!(code, 401);
 }
 
 #[test]
 fn watches_from_a_compacted_revision_get_410_gone() {
-    let server = TugboatServer::start(
-        Path::new(env!("CARGO_BIN_EXE_tugboat")),
-        &["--compaction-interval", "1s"],
-    )
-    .unwrap();
+    let server =
+        TugboatServer::start(Path::new(env!("CARGO_BIN_EXE_tugboat")), &["--compaction-interval", "1s"]).unwrap();
     let curl = Curl { server: &server };
     let json = ["-H", "Content-Type: application/json"];
     let mut first_rv = String::new();
     for i in 0..1100 {
         let cm = format!(r#"{{"metadata":{{"name":"c{i}"}}}}"#);
-        let (code, created) = curl.status(
-            "POST",
-            "/api/v1/namespaces/default/configmaps",
-            &[&json[..], &["-d", &cm]].concat(),
-        );
+        let (code, created) =
+            curl.status("POST", "/api/v1/namespaces/default/configmaps", &[&json[..], &["-d", &cm]].concat());
         assert_eq!(code, 201);
         if i == 0 {
-            first_rv = created["metadata"]["resourceVersion"]
-                .as_str()
-                .unwrap()
-                .to_string();
+            first_rv = created["metadata"]["resourceVersion"].as_str().unwrap().to_string();
         }
         if i == 1050 {
             // Two compaction ticks: the second compacts to the revision the first one saw.
@@ -631,65 +371,30 @@ fn kubectl_apply_scale_expose_and_auth() {
     };
     write("nginx:1.25", "");
     let path = manifest.to_str().unwrap();
-    assert!(
-        kubectl
-            .ok(&["apply", "-f", path])
-            .contains("deployment.apps/web created")
-    );
+    assert!(kubectl.ok(&["apply", "-f", path]).contains("deployment.apps/web created"));
     write("nginx:1.27", ", tier: front");
-    assert!(
-        kubectl
-            .ok(&["apply", "-f", path])
-            .contains("deployment.apps/web configured")
-    );
+    assert!(kubectl.ok(&["apply", "-f", path]).contains("deployment.apps/web configured"));
     let deployment: serde_json::Value =
         serde_json::from_str(&kubectl.ok(&["get", "deployment", "web", "-o", "json"])).unwrap();
     let containers = &deployment["spec"]["template"]["spec"]["containers"];
     assert_eq!(containers[0]["image"], "nginx:1.27", "the changed image");
-    assert_eq!(
-        containers[0]["ports"][0]["containerPort"], 80,
-        "the rest of the container is kept"
-    );
+    assert_eq!(containers[0]["ports"][0]["containerPort"], 80, "the rest of the container is kept");
     assert_eq!(containers[0]["env"][0]["value"], "fast");
     assert_eq!(containers[1]["name"], "sidecar");
     assert_eq!(deployment["metadata"]["labels"]["tier"], "front");
-    assert_eq!(
-        deployment["metadata"]["generation"], 2,
-        "a spec change bumps the generation"
-    );
+    assert_eq!(deployment["metadata"]["generation"], 2, "a spec change bumps the generation");
     let last_applied =
-        deployment["metadata"]["annotations"]["kubectl.kubernetes.io/last-applied-configuration"]
-            .as_str()
-            .unwrap();
+        deployment["metadata"]["annotations"]["kubectl.kubernetes.io/last-applied-configuration"].as_str().unwrap();
     assert!(last_applied.contains("nginx:1.27"));
 
     // Server-side field validation: kubectl asked for it, having found it in OpenAPI v3.
-    let unknown = kubectl.apply_stdin(
-        &["apply", "-f", "-"],
-        "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: c}\ndata: {a: b}\n",
-    );
-    assert!(
-        unknown.status.success(),
-        "{}",
-        String::from_utf8_lossy(&unknown.stderr)
-    );
+    let unknown = kubectl
+        .apply_stdin(&["apply", "-f", "-"], "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: c}\ndata: {a: b}\n");
+    assert!(unknown.status.success(), "{}", String::from_utf8_lossy(&unknown.stderr));
 
     // scale goes through the discovered autoscaling/v1 Scale subresource.
-    assert!(
-        kubectl
-            .ok(&["scale", "deployment", "web", "--replicas=5"])
-            .contains("deployment.apps/web scaled")
-    );
-    assert_eq!(
-        kubectl.ok(&[
-            "get",
-            "deployment",
-            "web",
-            "-o",
-            "jsonpath={.spec.replicas}"
-        ]),
-        "5"
-    );
+    assert!(kubectl.ok(&["scale", "deployment", "web", "--replicas=5"]).contains("deployment.apps/web scaled"));
+    assert_eq!(kubectl.ok(&["get", "deployment", "web", "-o", "jsonpath={.spec.replicas}"]), "5");
     // Status only changes through /status.
     kubectl.ok(&[
         "patch",
@@ -700,125 +405,45 @@ fn kubectl_apply_scale_expose_and_auth() {
         "-p",
         r#"{"status":{"replicas":5,"readyReplicas":5}}"#,
     ]);
-    kubectl.ok(&[
-        "patch",
-        "deployment",
-        "web",
-        "--type=merge",
-        "-p",
-        r#"{"status":{"readyReplicas":0}}"#,
-    ]);
+    kubectl.ok(&["patch", "deployment", "web", "--type=merge", "-p", r#"{"status":{"readyReplicas":0}}"#]);
     assert!(kubectl.ok(&["get", "deployment", "web"]).contains("5/5"));
 
     // Services: expose allocates a ClusterIP from 10.96.0.0/16; NodePorts from 30000-32767.
     assert!(
-        kubectl
-            .ok(&[
-                "expose",
-                "deployment",
-                "web",
-                "--port=80",
-                "--target-port=8080"
-            ])
-            .contains("service/web exposed")
+        kubectl.ok(&["expose", "deployment", "web", "--port=80", "--target-port=8080"]).contains("service/web exposed")
     );
-    assert!(
-        kubectl
-            .ok(&["create", "service", "nodeport", "np", "--tcp=80:8080"])
-            .contains("service/np created")
-    );
+    assert!(kubectl.ok(&["create", "service", "nodeport", "np", "--tcp=80:8080"]).contains("service/np created"));
     let services = kubectl.ok(&["get", "services"]);
-    assert_eq!(
-        header(&services),
-        [
-            "NAME",
-            "TYPE",
-            "CLUSTER-IP",
-            "EXTERNAL-IP",
-            "PORT(S)",
-            "AGE"
-        ]
-    );
-    assert!(
-        services
-            .lines()
-            .any(|l| l.starts_with("kubernetes") && l.contains("10.96.0.1 ")),
-        "{services}"
-    );
-    let web: serde_json::Value =
-        serde_json::from_str(&kubectl.ok(&["get", "service", "web", "-o", "json"])).unwrap();
+    assert_eq!(header(&services), ["NAME", "TYPE", "CLUSTER-IP", "EXTERNAL-IP", "PORT(S)", "AGE"]);
+    assert!(services.lines().any(|l| l.starts_with("kubernetes") && l.contains("10.96.0.1 ")), "{services}");
+    let web: serde_json::Value = serde_json::from_str(&kubectl.ok(&["get", "service", "web", "-o", "json"])).unwrap();
     let ip: std::net::Ipv4Addr = web["spec"]["clusterIP"].as_str().unwrap().parse().unwrap();
     assert_eq!(&ip.octets()[..2], [10, 96]);
     assert_eq!(web["spec"]["selector"]["app"], "web");
     assert_eq!(web["spec"]["ports"][0]["targetPort"], 8080);
-    let node_port = kubectl
-        .ok(&[
-            "get",
-            "service",
-            "np",
-            "-o",
-            "jsonpath={.spec.ports[0].nodePort}",
-        ])
-        .parse::<u16>()
-        .unwrap();
+    let node_port =
+        kubectl.ok(&["get", "service", "np", "-o", "jsonpath={.spec.ports[0].nodePort}"]).parse::<u16>().unwrap();
     assert!((30000..=32767).contains(&node_port));
-    let taken = kubectl.fails(&[
-        "create",
-        "service",
-        "clusterip",
-        "dup",
-        "--tcp=80",
-        &format!("--clusterip={ip}"),
-    ]);
-    assert!(
-        taken.contains("provided IP is already allocated"),
-        "{taken}"
-    );
-    let immutable = kubectl.fails(&[
-        "patch",
-        "service",
-        "web",
-        "-p",
-        r#"{"spec":{"clusterIP":"10.96.9.9"}}"#,
-    ]);
+    let taken = kubectl.fails(&["create", "service", "clusterip", "dup", "--tcp=80", &format!("--clusterip={ip}")]);
+    assert!(taken.contains("provided IP is already allocated"), "{taken}");
+    let immutable = kubectl.fails(&["patch", "service", "web", "-p", r#"{"spec":{"clusterIP":"10.96.9.9"}}"#]);
     assert!(immutable.contains("field is immutable"), "{immutable}");
     kubectl.ok(&["delete", "service", "web"]);
     assert!(
         kubectl
-            .ok(&[
-                "create",
-                "service",
-                "clusterip",
-                "reuse",
-                "--tcp=80",
-                &format!("--clusterip={ip}")
-            ])
+            .ok(&["create", "service", "clusterip", "reuse", "--tcp=80", &format!("--clusterip={ip}")])
             .contains("created"),
         "a deleted Service's IP is free again"
     );
 
     // auth
-    assert_eq!(
-        kubectl.ok(&["auth", "can-i", "create", "pods"]).trim(),
-        "yes"
-    );
+    assert_eq!(kubectl.ok(&["auth", "can-i", "create", "pods"]).trim(), "yes");
     let whoami = kubectl.ok(&["auth", "whoami"]);
-    assert!(
-        whoami.contains("kubernetes-admin") && whoami.contains("system:masters"),
-        "{whoami}"
-    );
+    assert!(whoami.contains("kubernetes-admin") && whoami.contains("system:masters"), "{whoami}");
 
     // delete -f waits until the object is gone.
-    assert!(
-        kubectl
-            .ok(&["delete", "-f", path])
-            .contains("deployment.apps \"web\" deleted")
-    );
-    assert!(
-        kubectl
-            .fails(&["get", "deployment", "web"])
-            .contains("NotFound")
-    );
+    assert!(kubectl.ok(&["delete", "-f", path]).contains("deployment.apps \"web\" deleted"));
+    assert!(kubectl.fails(&["get", "deployment", "web"]).contains("NotFound"));
 }
 
 /// The official Python client: CRUD, conflicts, selectors, watch and scale. `scripts/test`
@@ -826,21 +451,11 @@ fn kubectl_apply_scale_expose_and_auth() {
 #[test]
 fn the_python_client_works() {
     let python = std::env::var("TUGBOAT_PYTHON").unwrap_or_else(|_| "python3".into());
-    let has_client = Command::new(&python)
-        .args(["-c", "import kubernetes"])
-        .status()
-        .is_ok_and(|s| s.success());
-    assert!(
-        has_client,
-        "{python} has no `kubernetes` module: run scripts/test, which installs it"
-    );
+    let has_client = Command::new(&python).args(["-c", "import kubernetes"]).status().is_ok_and(|s| s.success());
+    assert!(has_client, "{python} has no `kubernetes` module: run scripts/test, which installs it");
     let server = server();
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/python/client_crud.py");
-    let output = Command::new(&python)
-        .arg(&script)
-        .env("KUBECONFIG", server.kubeconfig())
-        .output()
-        .unwrap();
+    let output = Command::new(&python).arg(&script).env("KUBECONFIG", server.kubeconfig()).output().unwrap();
     assert!(
         output.status.success(),
         "{}\n{}",
@@ -865,58 +480,25 @@ fn kubectl_apply_server_side() {
     };
     write("      - {name: nginx, image: \"nginx:1.25\"}\n      - {name: side, image: busybox}\n");
     let path = manifest.to_str().unwrap();
-    assert!(
-        kubectl
-            .ok(&["apply", "--server-side", "-f", path])
-            .contains("deployment.apps/web serverside-applied")
-    );
-    let object: serde_json::Value = serde_json::from_str(&kubectl.ok(&[
-        "get",
-        "deployment",
-        "web",
-        "-o",
-        "json",
-        "--show-managed-fields",
-    ]))
-    .unwrap();
+    assert!(kubectl.ok(&["apply", "--server-side", "-f", path]).contains("deployment.apps/web serverside-applied"));
+    let object: serde_json::Value =
+        serde_json::from_str(&kubectl.ok(&["get", "deployment", "web", "-o", "json", "--show-managed-fields"]))
+            .unwrap();
     let managed = &object["metadata"]["managedFields"][0];
-    assert_eq!(
-        (managed["manager"].as_str(), managed["operation"].as_str()),
-        (Some("kubectl"), Some("Apply"))
-    );
+    assert_eq!((managed["manager"].as_str(), managed["operation"].as_str()), (Some("kubectl"), Some("Apply")));
     assert!(managed["fieldsV1"]["f:spec"]["f:template"]["f:spec"]["f:containers"]["k:{\"name\":\"side\"}"].is_object());
 
     kubectl.ok(&["scale", "deployment", "web", "--replicas=4"]);
     let conflict = kubectl.fails(&["apply", "--server-side", "-f", path]);
-    assert!(
-        conflict.contains("Apply failed with 1 conflict") && conflict.contains(".spec.replicas"),
-        "{conflict}"
-    );
+    assert!(conflict.contains("Apply failed with 1 conflict") && conflict.contains(".spec.replicas"), "{conflict}");
     kubectl.ok(&["apply", "--server-side", "--force-conflicts", "-f", path]);
-    assert_eq!(
-        kubectl.ok(&[
-            "get",
-            "deployment",
-            "web",
-            "-o",
-            "jsonpath={.spec.replicas}"
-        ]),
-        "2"
-    );
+    assert_eq!(kubectl.ok(&["get", "deployment", "web", "-o", "jsonpath={.spec.replicas}"]), "2");
 
     write("      - {name: nginx, image: \"nginx:1.27\"}\n");
     kubectl.ok(&["apply", "--server-side", "-f", path]);
-    let containers = kubectl.ok(&[
-        "get",
-        "deployment",
-        "web",
-        "-o",
-        "jsonpath={.spec.template.spec.containers[*].image}",
-    ]);
-    assert_eq!(
-        containers, "nginx:1.27",
-        "the dropped container is gone, the image updated"
-    );
+    let containers =
+        kubectl.ok(&["get", "deployment", "web", "-o", "jsonpath={.spec.template.spec.containers[*].image}"]);
+    assert_eq!(containers, "nginx:1.27", "the dropped container is gone, the image updated");
 }
 
 /// Deletion as upstream: finalizers hold an object until the last one is removed, pods bound to
@@ -927,21 +509,9 @@ fn deletion_follows_finalizers_grace_and_namespaces() {
     let server = server();
     let kubectl = Kubectl::new(&server, None);
     kubectl.ok(&["create", "configmap", "held"]);
-    kubectl.ok(&[
-        "patch",
-        "configmap",
-        "held",
-        "-p",
-        r#"{"metadata":{"finalizers":["example.com/hold"]}}"#,
-    ]);
+    kubectl.ok(&["patch", "configmap", "held", "-p", r#"{"metadata":{"finalizers":["example.com/hold"]}}"#]);
     kubectl.ok(&["delete", "configmap", "held", "--wait=false"]);
-    let held = kubectl.ok(&[
-        "get",
-        "configmap",
-        "held",
-        "-o",
-        "jsonpath={.metadata.deletionTimestamp}",
-    ]);
+    let held = kubectl.ok(&["get", "configmap", "held", "-o", "jsonpath={.metadata.deletionTimestamp}"]);
     assert!(!held.is_empty(), "marked, not deleted");
     kubectl.ok(&[
         "patch",
@@ -951,49 +521,18 @@ fn deletion_follows_finalizers_grace_and_namespaces() {
         "-p",
         r#"[{"op":"remove","path":"/metadata/finalizers"}]"#,
     ]);
-    assert!(
-        kubectl
-            .fails(&["get", "configmap", "held"])
-            .contains("NotFound"),
-        "gone with its last finalizer"
-    );
+    assert!(kubectl.fails(&["get", "configmap", "held"]).contains("NotFound"), "gone with its last finalizer");
 
     kubectl.ok(&["create", "deployment", "fg", "--image=nginx"]);
-    kubectl.ok(&[
-        "delete",
-        "deployment",
-        "fg",
-        "--cascade=foreground",
-        "--wait=false",
-    ]);
-    let finalizers = kubectl.ok(&[
-        "get",
-        "deployment",
-        "fg",
-        "-o",
-        "jsonpath={.metadata.finalizers}",
-    ]);
+    kubectl.ok(&["delete", "deployment", "fg", "--cascade=foreground", "--wait=false"]);
+    let finalizers = kubectl.ok(&["get", "deployment", "fg", "-o", "jsonpath={.metadata.finalizers}"]);
     assert!(finalizers.contains("foregroundDeletion"), "{finalizers}");
 
     let pod = "apiVersion: v1\nkind: Pod\nmetadata: {name: bound}\nspec: {nodeName: node-1, containers: [{name: a, image: busybox}]}\n";
-    assert!(
-        kubectl
-            .apply_stdin(&["create", "-f", "-"], pod)
-            .status
-            .success()
-    );
+    assert!(kubectl.apply_stdin(&["create", "-f", "-"], pod).status.success());
     kubectl.ok(&["delete", "pod", "bound", "--wait=false"]);
     assert!(kubectl.ok(&["get", "pod", "bound"]).contains("Terminating"));
-    assert_eq!(
-        kubectl.ok(&[
-            "get",
-            "pod",
-            "bound",
-            "-o",
-            "jsonpath={.metadata.deletionGracePeriodSeconds}"
-        ]),
-        "30"
-    );
+    assert_eq!(kubectl.ok(&["get", "pod", "bound", "-o", "jsonpath={.metadata.deletionGracePeriodSeconds}"]), "30");
     kubectl.ok(&["delete", "pod", "bound", "--grace-period=0", "--force"]);
     assert!(kubectl.fails(&["get", "pod", "bound"]).contains("NotFound"));
 
@@ -1002,36 +541,19 @@ fn deletion_follows_finalizers_grace_and_namespaces() {
     }
     kubectl.ok(&["label", "configmap", "a", "b", "doomed=yes"]);
     let curl = Curl { server: &server };
-    let (code, body) = curl.request(
-        "DELETE",
-        "/api/v1/namespaces/default/configmaps?labelSelector=doomed%3Dyes",
-        true,
-        &[],
-    );
+    let (code, body) =
+        curl.request("DELETE", "/api/v1/namespaces/default/configmaps?labelSelector=doomed%3Dyes", true, &[]);
     assert_eq!(code, 200, "{body}");
-    assert_eq!(
-        kubectl.ok(&["get", "configmaps", "-o", "name"]).trim(),
-        "configmap/c"
-    );
+    assert_eq!(kubectl.ok(&["get", "configmaps", "-o", "name"]).trim(), "configmap/c");
 
     kubectl.ok(&["create", "namespace", "scratch"]);
     kubectl.ok(&["create", "configmap", "inside", "-n", "scratch"]);
     kubectl.ok(&["delete", "namespace", "scratch"]);
-    assert!(
-        kubectl
-            .fails(&["get", "namespace", "scratch"])
-            .contains("NotFound")
-    );
+    assert!(kubectl.fails(&["get", "namespace", "scratch"]).contains("NotFound"));
     let (code, body) = curl.request("GET", "/api/v1/configmaps", true, &[]);
-    assert!(
-        code == 200 && !body.contains("\"inside\""),
-        "the namespace's objects went with it: {body}"
-    );
+    assert!(code == 200 && !body.contains("\"inside\""), "the namespace's objects went with it: {body}");
     let refused = kubectl.fails(&["delete", "namespace", "kube-system"]);
-    assert!(
-        refused.contains("Forbidden") && refused.contains("may not be deleted"),
-        "{refused}"
-    );
+    assert!(refused.contains("Forbidden") && refused.contains("may not be deleted"), "{refused}");
 }
 
 #[test]
@@ -1044,22 +566,14 @@ fn metrics_count_requests_by_verb_and_resource() {
     let (code, metrics) = curl.request("GET", "/metrics", true, &[]);
     assert_eq!(code, 200);
     assert!(
-        metrics.contains(
-            r#"apiserver_request_total{verb="create",group="",resource="configmaps",code="201"} 1"#
-        ),
+        metrics.contains(r#"apiserver_request_total{verb="create",group="",resource="configmaps",code="201"} 1"#),
         "{metrics}"
     );
     assert!(
-        metrics.contains(
-            r#"apiserver_request_duration_seconds_count{verb="get",group="",resource="configmaps"}"#
-        ),
+        metrics.contains(r#"apiserver_request_duration_seconds_count{verb="get",group="",resource="configmaps"}"#),
         "{metrics}"
     );
-    assert_eq!(
-        curl.request("GET", "/metrics", false, &[]).0,
-        401,
-        "metrics need credentials"
-    );
+    assert_eq!(curl.request("GET", "/metrics", false, &[]).0, 401, "metrics need credentials");
 }
 
 /// Events are objects: `get events` prints upstream's columns and `describe` shows the events
@@ -1069,59 +583,25 @@ fn events_show_in_describe_and_workloads_print_their_columns() {
     let server = server();
     let kubectl = Kubectl::new(&server, None);
     let pod = "apiVersion: v1\nkind: Pod\nmetadata: {name: web}\nspec: {containers: [{name: a, image: nginx}]}\n";
-    assert!(
-        kubectl
-            .apply_stdin(&["create", "-f", "-"], pod)
-            .status
-            .success()
-    );
+    assert!(kubectl.apply_stdin(&["create", "-f", "-"], pod).status.success());
     let uid = kubectl.ok(&["get", "pod", "web", "-o", "jsonpath={.metadata.uid}"]);
     let event = format!(
         "apiVersion: v1\nkind: Event\nmetadata: {{name: web.1}}\ninvolvedObject: {{kind: Pod, name: web, namespace: default, uid: \"{uid}\"}}\nreason: Scheduled\nmessage: Successfully assigned default/web to node-1\ntype: Normal\nsource: {{component: default-scheduler}}\ncount: 1\n"
     );
     let created = kubectl.apply_stdin(&["create", "-f", "-"], &event);
-    assert!(
-        created.status.success(),
-        "{}",
-        String::from_utf8_lossy(&created.stderr)
-    );
+    assert!(created.status.success(), "{}", String::from_utf8_lossy(&created.stderr));
     let events = kubectl.ok(&["get", "events"]);
-    assert_eq!(
-        header(&events),
-        ["LAST", "SEEN", "TYPE", "REASON", "OBJECT", "MESSAGE"]
-    );
-    assert!(
-        events.contains("pod/web") && events.contains("Scheduled"),
-        "{events}"
-    );
+    assert_eq!(header(&events), ["LAST", "SEEN", "TYPE", "REASON", "OBJECT", "MESSAGE"]);
+    assert!(events.contains("pod/web") && events.contains("Scheduled"), "{events}");
     let described = kubectl.ok(&["describe", "pod", "web"]);
-    assert!(
-        described.contains("Successfully assigned default/web to node-1"),
-        "{described}"
-    );
+    assert!(described.contains("Successfully assigned default/web to node-1"), "{described}");
 
     kubectl.ok(&["create", "job", "once", "--image=busybox"]);
     let jobs = kubectl.ok(&["get", "jobs"]);
-    assert_eq!(
-        header(&jobs),
-        ["NAME", "STATUS", "COMPLETIONS", "DURATION", "AGE"]
-    );
-    assert!(
-        jobs.lines()
-            .any(|l| l.starts_with("once") && l.contains("0/1")),
-        "{jobs}"
-    );
-    assert_eq!(
-        kubectl.ok(&["get", "job", "once", "-o", "jsonpath={.spec.backoffLimit}"]),
-        "6"
-    );
-    kubectl.ok(&[
-        "create",
-        "cronjob",
-        "tick",
-        "--image=busybox",
-        "--schedule=*/5 * * * *",
-    ]);
+    assert_eq!(header(&jobs), ["NAME", "STATUS", "COMPLETIONS", "DURATION", "AGE"]);
+    assert!(jobs.lines().any(|l| l.starts_with("once") && l.contains("0/1")), "{jobs}");
+    assert_eq!(kubectl.ok(&["get", "job", "once", "-o", "jsonpath={.spec.backoffLimit}"]), "6");
+    kubectl.ok(&["create", "cronjob", "tick", "--image=busybox", "--schedule=*/5 * * * *"]);
     let cronjobs = kubectl.ok(&["get", "cronjobs"]);
     assert_eq!(header(&cronjobs)[..2], ["NAME", "SCHEDULE"]);
     assert!(cronjobs.contains("*/5 * * * *"), "{cronjobs}");

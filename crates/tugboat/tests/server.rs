@@ -11,16 +11,11 @@ fn tugboat() -> Command {
 }
 
 fn start(extra: &[&str]) -> TugboatServer {
-    TugboatServer::start(Path::new(env!("CARGO_BIN_EXE_tugboat")), extra)
-        .expect("the server starts")
+    TugboatServer::start(Path::new(env!("CARGO_BIN_EXE_tugboat")), extra).expect("the server starts")
 }
 
 fn terminate(server: &mut TugboatServer) -> std::process::ExitStatus {
-    let ok = Command::new("kill")
-        .args(["-TERM", &server.pid().to_string()])
-        .status()
-        .unwrap()
-        .success();
+    let ok = Command::new("kill").args(["-TERM", &server.pid().to_string()]).status().unwrap().success();
     assert!(ok);
     server.wait().unwrap()
 }
@@ -31,38 +26,18 @@ fn the_server_keeps_its_state_in_the_data_dir_and_stops_on_sigterm() {
     let data_dir = server.data_dir();
     let db = data_dir.join("db/state.db");
     assert!(db.is_file());
-    for file in [
-        "admin.kubeconfig",
-        "pki/ca.crt",
-        "pki/ca.key",
-        "pki/apiserver.crt",
-        "pki/admin.crt",
-    ] {
+    for file in ["admin.kubeconfig", "pki/ca.crt", "pki/ca.key", "pki/apiserver.crt", "pki/admin.crt"] {
         assert!(data_dir.join(file).is_file(), "{file}");
     }
     let kubeconfig = std::fs::read_to_string(data_dir.join("admin.kubeconfig")).unwrap();
-    assert!(
-        kubeconfig.contains(&format!("server: {}", server.url())),
-        "{kubeconfig}"
-    );
+    assert!(kubeconfig.contains(&format!("server: {}", server.url())), "{kubeconfig}");
 
     // A second server on the same data dir is refused, naming the file.
-    let second = tugboat()
-        .args([
-            "server",
-            "--https-port",
-            "0",
-            "--data-dir",
-            data_dir.to_str().unwrap(),
-        ])
-        .output()
-        .unwrap();
+    let second =
+        tugboat().args(["server", "--https-port", "0", "--data-dir", data_dir.to_str().unwrap()]).output().unwrap();
     assert!(!second.status.success());
     let message = String::from_utf8_lossy(&second.stderr);
-    assert!(
-        message.contains("in use by another process") && message.contains("state.db"),
-        "{message}"
-    );
+    assert!(message.contains("in use by another process") && message.contains("state.db"), "{message}");
 
     assert!(terminate(&mut server).success(), "a clean exit on SIGTERM");
     // After a clean stop the file is a SQLite database that says it is ours (application_id
@@ -74,24 +49,12 @@ fn the_server_keeps_its_state_in_the_data_dir_and_stops_on_sigterm() {
     // Restarting reuses the same store and certificates.
     let ca = std::fs::read(data_dir.join("pki/ca.crt")).unwrap();
     let mut again = tugboat()
-        .args([
-            "server",
-            "--bind-address",
-            "127.0.0.1",
-            "--https-port",
-            "0",
-            "--data-dir",
-            data_dir.to_str().unwrap(),
-        ])
+        .args(["server", "--bind-address", "127.0.0.1", "--https-port", "0", "--data-dir", data_dir.to_str().unwrap()])
         .stderr(std::process::Stdio::null())
         .spawn()
         .unwrap();
     std::thread::sleep(Duration::from_millis(1500));
-    assert_eq!(
-        std::fs::read(data_dir.join("pki/ca.crt")).unwrap(),
-        ca,
-        "the CA is kept"
-    );
+    assert_eq!(std::fs::read(data_dir.join("pki/ca.crt")).unwrap(), ca, "the CA is kept");
     let _ = again.kill();
     let _ = again.wait();
 }
@@ -101,22 +64,11 @@ fn a_corrupt_store_stops_the_server_with_a_clear_error() {
     let dir = tempfile::tempdir().unwrap();
     std::fs::create_dir_all(dir.path().join("db")).unwrap();
     std::fs::write(dir.path().join("db/state.db"), vec![0x5a; 8192]).unwrap();
-    let output = tugboat()
-        .args([
-            "server",
-            "--https-port",
-            "0",
-            "--data-dir",
-            dir.path().to_str().unwrap(),
-        ])
-        .output()
-        .unwrap();
+    let output =
+        tugboat().args(["server", "--https-port", "0", "--data-dir", dir.path().to_str().unwrap()]).output().unwrap();
     assert_eq!(output.status.code(), Some(1));
     let message = String::from_utf8_lossy(&output.stderr);
-    assert!(
-        message.contains("corrupt") && message.contains("state.db"),
-        "{message}"
-    );
+    assert!(message.contains("corrupt") && message.contains("state.db"), "{message}");
     assert!(!message.contains("panicked"), "{message}");
 }
 
@@ -138,20 +90,14 @@ fn an_unreachable_etcd_stops_the_server_naming_the_endpoint() {
         .unwrap();
     assert_eq!(output.status.code(), Some(1));
     let message = String::from_utf8_lossy(&output.stderr);
-    assert!(
-        message.contains(&endpoint) && message.contains("unreachable"),
-        "{message}"
-    );
+    assert!(message.contains(&endpoint) && message.contains("unreachable"), "{message}");
 }
 
 #[test]
 fn the_server_runs_on_a_real_etcd_with_the_kube_apiserver_key_layout() {
     let etcd = tugboat_testkit::EtcdServer::start().unwrap();
     let mut server = start(&["--datastore-endpoint", etcd.client_url()]);
-    assert!(
-        !server.data_dir().join("db").exists(),
-        "no embedded store when etcd is used"
-    );
+    assert!(!server.data_dir().join("db").exists(), "no embedded store when etcd is used");
     let keys = Command::new("etcdctl")
         .env("ETCDCTL_API", "3")
         .arg(format!("--endpoints={}", etcd.client_url()))
@@ -159,15 +105,8 @@ fn the_server_runs_on_a_real_etcd_with_the_kube_apiserver_key_layout() {
         .output()
         .unwrap();
     let keys = String::from_utf8(keys.stdout).unwrap();
-    assert!(
-        keys.lines().any(|k| k == "/registry/namespaces/default"),
-        "{keys}"
-    );
-    assert!(
-        keys.lines()
-            .any(|k| k == "/registry/namespaces/kube-system"),
-        "{keys}"
-    );
+    assert!(keys.lines().any(|k| k == "/registry/namespaces/default"), "{keys}");
+    assert!(keys.lines().any(|k| k == "/registry/namespaces/kube-system"), "{keys}");
     assert!(terminate(&mut server).success());
 }
 
@@ -190,8 +129,5 @@ fn a_taken_port_is_a_clear_error() {
         .unwrap();
     assert_eq!(output.status.code(), Some(1));
     let message = String::from_utf8_lossy(&output.stderr);
-    assert!(
-        message.contains(&format!("127.0.0.1:{port}")) && message.contains("in use"),
-        "{message}"
-    );
+    assert!(message.contains(&format!("127.0.0.1:{port}")) && message.contains("in use"), "{message}");
 }

@@ -15,8 +15,8 @@ use self::schema::sqlite_error;
 use self::writer::{Op, Outcome, Request, Writer};
 use crate::continue_token::{ContinueToken, ListPlan};
 use crate::{
-    Event, EventKind, KeyValue, ListOptions, ListResult, Result, Revision, SnapshotInfo, Store,
-    StoreError, WatchStream, prefix_end,
+    Event, EventKind, KeyValue, ListOptions, ListResult, Result, Revision, SnapshotInfo, Store, StoreError,
+    WatchStream, prefix_end,
 };
 
 /// Where and how to keep the embedded store.
@@ -32,10 +32,7 @@ pub struct SqliteConfig {
 impl SqliteConfig {
     /// The store of a Tugboat data dir: `<data-dir>/db/state.db`.
     pub fn in_data_dir(data_dir: &Path) -> Self {
-        SqliteConfig {
-            path: data_dir.join("db").join("state.db"),
-            watch_buffer: 1024,
-        }
+        SqliteConfig { path: data_dir.join("db").join("state.db"), watch_buffer: 1024 }
     }
 }
 
@@ -62,10 +59,7 @@ impl Shared {
             None => schema::open_reader(&self.path)?,
         };
         let result = f(&conn).map_err(|e| sqlite_error(&self.path, e));
-        self.readers
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .push(conn);
+        self.readers.lock().unwrap_or_else(|e| e.into_inner()).push(conn);
         result
     }
 
@@ -73,10 +67,7 @@ impl Shared {
     /// `compacted` must come from the same read transaction as the read itself.
     fn check_revision(&self, requested: Revision, compacted: Revision) -> Result<()> {
         if requested < compacted {
-            return Err(StoreError::Compacted {
-                requested,
-                compacted,
-            });
+            return Err(StoreError::Compacted { requested, compacted });
         }
         let current = self.current.load(Ordering::SeqCst);
         if requested > current {
@@ -103,10 +94,7 @@ impl SqliteStore {
     pub fn open(config: SqliteConfig) -> Result<SqliteStore> {
         let path = config.path.clone();
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir).map_err(|source| StoreError::Io {
-                path: dir.to_path_buf(),
-                source,
-            })?;
+            std::fs::create_dir_all(dir).map_err(|source| StoreError::Io { path: dir.to_path_buf(), source })?;
         }
         let lock_path = path.with_extension("lock");
         let lock = File::options()
@@ -114,24 +102,17 @@ impl SqliteStore {
             .truncate(false)
             .write(true)
             .open(&lock_path)
-            .map_err(|source| StoreError::Io {
-                path: lock_path.clone(),
-                source,
-            })?;
+            .map_err(|source| StoreError::Io { path: lock_path.clone(), source })?;
         match lock.try_lock() {
             Ok(()) => {}
             Err(std::fs::TryLockError::WouldBlock) => return Err(StoreError::Locked { path }),
             Err(std::fs::TryLockError::Error(source)) => {
-                return Err(StoreError::Io {
-                    path: lock_path,
-                    source,
-                });
+                return Err(StoreError::Io { path: lock_path, source });
             }
         }
 
         let conn = schema::open_writer(&path)?;
-        let (current, compacted) =
-            schema::load_revisions(&conn).map_err(|e| sqlite_error(&path, e))?;
+        let (current, compacted) = schema::load_revisions(&conn).map_err(|e| sqlite_error(&path, e))?;
         let shared = Arc::new(Shared {
             path: path.clone(),
             current: AtomicI64::new(current),
@@ -143,27 +124,13 @@ impl SqliteStore {
 
         let (events, _) = broadcast::channel(config.watch_buffer.max(16));
         let (requests, receiver) = std::sync::mpsc::channel();
-        let writer = Writer {
-            conn,
-            path: path.clone(),
-            shared: shared.clone(),
-            events: events.clone(),
-        };
+        let writer = Writer { conn, path: path.clone(), shared: shared.clone(), events: events.clone() };
         let writer = std::thread::Builder::new()
             .name("store-writer".into())
             .spawn(move || writer.run(receiver))
-            .map_err(|source| StoreError::Io {
-                path: path.clone(),
-                source,
-            })?;
+            .map_err(|source| StoreError::Io { path: path.clone(), source })?;
         tracing::debug!(path = %path.display(), revision = current, compacted, "sqlite store open");
-        Ok(SqliteStore {
-            shared,
-            requests: Some(requests),
-            events,
-            writer: Some(writer),
-            _lock: lock,
-        })
+        Ok(SqliteStore { shared, requests: Some(requests), events, writer: Some(writer), _lock: lock })
     }
 
     /// The database file.
@@ -181,14 +148,9 @@ impl SqliteStore {
         answer.await.map_err(|_| StoreError::Closed)?
     }
 
-    async fn read<T: Send + 'static>(
-        &self,
-        f: impl FnOnce(&Shared) -> Result<T> + Send + 'static,
-    ) -> Result<T> {
+    async fn read<T: Send + 'static>(&self, f: impl FnOnce(&Shared) -> Result<T> + Send + 'static) -> Result<T> {
         let shared = self.shared.clone();
-        tokio::task::spawn_blocking(move || f(&shared))
-            .await
-            .map_err(|_| StoreError::Closed)?
+        tokio::task::spawn_blocking(move || f(&shared)).await.map_err(|_| StoreError::Closed)?
     }
 }
 
@@ -205,27 +167,18 @@ impl Drop for SqliteStore {
 
 fn validate_key(key: &str) -> Result<()> {
     if key.is_empty() {
-        return Err(StoreError::InvalidKey {
-            key: key.to_string(),
-            reason: "empty",
-        });
+        return Err(StoreError::InvalidKey { key: key.to_string(), reason: "empty" });
     }
     Ok(())
 }
 
 fn kv_from_row(key: String, created: Revision, revision: Revision, value: Vec<u8>) -> KeyValue {
-    KeyValue {
-        key,
-        value,
-        create_revision: created,
-        mod_revision: revision,
-    }
+    KeyValue { key, value, create_revision: created, mod_revision: revision }
 }
 
 fn key_from_blob(blob: Vec<u8>) -> rusqlite::Result<String> {
-    String::from_utf8(blob).map_err(|e| {
-        rusqlite::Error::FromSqlConversionFailure(1, rusqlite::types::Type::Blob, Box::new(e))
-    })
+    String::from_utf8(blob)
+        .map_err(|e| rusqlite::Error::FromSqlConversionFailure(1, rusqlite::types::Type::Blob, Box::new(e)))
 }
 
 /// The keys `[start, end)` at revision `at`, live only, in key order. Walking the key index and
@@ -251,26 +204,13 @@ const COUNT_TO_END_SQL: &str = "
     WHERE l.key >= ?1 AND ?2 IS NULL AND l.deleted = 0
       AND l.revision = (SELECT max(revision) FROM log AS n WHERE n.key = l.key AND n.revision <= ?3)";
 
-fn count_at(
-    conn: &Connection,
-    start: &[u8],
-    end: Option<&[u8]>,
-    at: Revision,
-) -> rusqlite::Result<i64> {
-    let sql = if end.is_some() {
-        COUNT_SQL
-    } else {
-        COUNT_TO_END_SQL
-    };
-    conn.prepare_cached(sql)?
-        .query_row(params![start, end, at], |row| row.get(0))
+fn count_at(conn: &Connection, start: &[u8], end: Option<&[u8]>, at: Revision) -> rusqlite::Result<i64> {
+    let sql = if end.is_some() { COUNT_SQL } else { COUNT_TO_END_SQL };
+    conn.prepare_cached(sql)?.query_row(params![start, end, at], |row| row.get(0))
 }
 
 /// Runs `f` in one read transaction, so that several queries see one snapshot.
-fn in_read_transaction<T>(
-    conn: &Connection,
-    f: impl FnOnce() -> rusqlite::Result<T>,
-) -> rusqlite::Result<T> {
+fn in_read_transaction<T>(conn: &Connection, f: impl FnOnce() -> rusqlite::Result<T>) -> rusqlite::Result<T> {
     conn.prepare_cached("BEGIN")?.execute([])?;
     let result = f();
     conn.prepare_cached("COMMIT")?.execute([])?;
@@ -290,10 +230,7 @@ fn read_events(
         let compacted = schema::compact_revision(conn)?;
         // A watch after N needs the events from N+1 on; compaction to C keeps those from C on.
         if after + 1 < compacted {
-            return Ok(Err(StoreError::Compacted {
-                requested: after,
-                compacted,
-            }));
+            return Ok(Err(StoreError::Compacted { requested: after, compacted }));
         }
         let mut statement = conn.prepare_cached(
             "SELECT l.revision, l.key, l.created, l.deleted, l.value, p.created, p.revision, p.value
@@ -309,26 +246,13 @@ fn read_events(
             let value: Vec<u8> = row.get(4)?;
             let prev_revision: Option<Revision> = row.get(6)?;
             let prev = match prev_revision {
-                Some(prev_revision) => Some(kv_from_row(
-                    key.clone(),
-                    row.get(5)?,
-                    prev_revision,
-                    row.get(7)?,
-                )),
+                Some(prev_revision) => Some(kv_from_row(key.clone(), row.get(5)?, prev_revision, row.get(7)?)),
                 None => None,
             };
             Ok(if deleted {
-                Event {
-                    kind: EventKind::Delete,
-                    kv: kv_from_row(key, 0, revision, Vec::new()),
-                    prev,
-                }
+                Event { kind: EventKind::Delete, kv: kv_from_row(key, 0, revision, Vec::new()), prev }
             } else {
-                Event {
-                    kind: EventKind::Put,
-                    kv: kv_from_row(key, created, revision, value),
-                    prev,
-                }
+                Event { kind: EventKind::Put, kv: kv_from_row(key, created, revision, value), prev }
             })
         })?;
         Ok(Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?))
@@ -339,13 +263,7 @@ fn read_events(
 impl Store for SqliteStore {
     async fn create(&self, key: &str, value: Vec<u8>) -> Result<Revision> {
         validate_key(key)?;
-        match self
-            .write(Op::Create {
-                key: key.to_string(),
-                value,
-            })
-            .await?
-        {
+        match self.write(Op::Create { key: key.to_string(), value }).await? {
             Outcome::Put(revision) => Ok(revision),
             Outcome::Deleted(..) => unreachable!("a create never deletes"),
         }
@@ -353,14 +271,7 @@ impl Store for SqliteStore {
 
     async fn update(&self, key: &str, value: Vec<u8>, expected: Revision) -> Result<Revision> {
         validate_key(key)?;
-        match self
-            .write(Op::Update {
-                key: key.to_string(),
-                value,
-                expected,
-            })
-            .await?
-        {
+        match self.write(Op::Update { key: key.to_string(), value, expected }).await? {
             Outcome::Put(revision) => Ok(revision),
             Outcome::Deleted(..) => unreachable!("an update never deletes"),
         }
@@ -368,13 +279,7 @@ impl Store for SqliteStore {
 
     async fn delete(&self, key: &str, expected: Option<Revision>) -> Result<(Revision, KeyValue)> {
         validate_key(key)?;
-        match self
-            .write(Op::Delete {
-                key: key.to_string(),
-                expected,
-            })
-            .await?
-        {
+        match self.write(Op::Delete { key: key.to_string(), expected }).await? {
             Outcome::Deleted(revision, prev) => Ok((revision, prev)),
             Outcome::Put(_) => unreachable!("a delete never puts"),
         }
@@ -427,31 +332,18 @@ impl Store for SqliteStore {
         let plan = ListPlan::new(prefix, &options)?;
         let prefix = prefix.to_string();
         self.read(move |shared| {
-            let at = plan
-                .revision
-                .unwrap_or_else(|| shared.current.load(Ordering::SeqCst));
+            let at = plan.revision.unwrap_or_else(|| shared.current.load(Ordering::SeqCst));
             let end = prefix_end(&prefix);
             let fetch = plan.limit.map(|l| l + 1).unwrap_or(-1);
             let (compacted, mut kvs, remaining) = shared.read(|conn| {
                 in_read_transaction(conn, || {
                     let compacted = schema::compact_revision(conn)?;
-                    let sql = if end.is_some() {
-                        LIST_SQL
-                    } else {
-                        LIST_TO_END_SQL
-                    };
+                    let sql = if end.is_some() { LIST_SQL } else { LIST_TO_END_SQL };
                     let mut statement = conn.prepare_cached(sql)?;
-                    let rows = statement.query_map(
-                        params![plan.start_key.as_bytes(), end.as_deref(), at, fetch],
-                        |row| {
-                            Ok(kv_from_row(
-                                key_from_blob(row.get(0)?)?,
-                                row.get(1)?,
-                                row.get(2)?,
-                                row.get(3)?,
-                            ))
-                        },
-                    )?;
+                    let rows = statement
+                        .query_map(params![plan.start_key.as_bytes(), end.as_deref(), at, fetch], |row| {
+                            Ok(kv_from_row(key_from_blob(row.get(0)?)?, row.get(1)?, row.get(2)?, row.get(3)?))
+                        })?;
                     let kvs = rows.collect::<rusqlite::Result<Vec<_>>>()?;
                     let remaining = match plan.limit {
                         Some(limit) if kvs.len() as i64 > limit => {
@@ -474,12 +366,7 @@ impl Store for SqliteStore {
                 }
                 _ => None,
             };
-            Ok(ListResult {
-                kvs,
-                revision: at,
-                continue_token,
-                remaining,
-            })
+            Ok(ListResult { kvs, revision: at, continue_token, remaining })
         })
         .await
     }
@@ -514,13 +401,7 @@ impl Store for SqliteStore {
 
         let (tx, rx) = mpsc::channel(256);
         tokio::spawn(async move {
-            let watcher = Watcher {
-                shared,
-                start,
-                end,
-                last: after,
-                tx,
-            };
+            let watcher = Watcher { shared, start, end, last: after, tx };
             watcher.run(first, live).await;
         });
         Ok(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx)))
@@ -557,22 +438,14 @@ impl Store for SqliteStore {
             // VACUUM INTO writes a compact, consistent copy from one read transaction while the
             // writer goes on. Pooled readers are query_only, so this takes a connection of its own.
             let conn = schema::open_reader(&shared.path)?;
-            conn.execute_batch("PRAGMA query_only = 0")
-                .map_err(|e| sqlite_error(&shared.path, e))?;
+            conn.execute_batch("PRAGMA query_only = 0").map_err(|e| sqlite_error(&shared.path, e))?;
             conn.execute("VACUUM INTO ?1", [partial.to_string_lossy()])
-                .map_err(|source| StoreError::Sqlite {
-                    path: partial.clone(),
-                    source,
-                })?;
+                .map_err(|source| StoreError::Sqlite { path: partial.clone(), source })?;
             drop(conn);
-            File::open(&partial)
-                .and_then(|f| f.sync_all())
-                .map_err(io(&partial))?;
+            File::open(&partial).and_then(|f| f.sync_all()).map_err(io(&partial))?;
             std::fs::rename(&partial, &dest).map_err(io(&dest))?;
             if let Some(dir) = dest.parent().filter(|d| !d.as_os_str().is_empty()) {
-                File::open(dir)
-                    .and_then(|f| f.sync_all())
-                    .map_err(io(dir))?;
+                File::open(dir).and_then(|f| f.sync_all()).map_err(io(dir))?;
             }
             let size = std::fs::metadata(&dest).map_err(io(&dest))?.len();
             Ok(SnapshotInfo { revision, size })
@@ -662,12 +535,7 @@ impl Watcher {
     }
 
     async fn read_log(&self) -> Result<Vec<Event>> {
-        let (shared, start, end, after) = (
-            self.shared.clone(),
-            self.start.clone(),
-            self.end.clone(),
-            self.last,
-        );
+        let (shared, start, end, after) = (self.shared.clone(), self.start.clone(), self.end.clone(), self.last);
         tokio::task::spawn_blocking(move || {
             shared.read(|conn| read_events(conn, &start, end.as_deref(), after, CATCH_UP_BATCH))
         })

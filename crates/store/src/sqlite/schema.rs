@@ -33,23 +33,17 @@ INSERT INTO meta (name, value) VALUES ('compact_revision', 0);
 /// Maps a SQLite error on `path` to a store error, telling corruption apart.
 pub(crate) fn sqlite_error(path: &Path, source: rusqlite::Error) -> StoreError {
     match source.sqlite_error_code() {
-        Some(ErrorCode::NotADatabase | ErrorCode::DatabaseCorrupt) => StoreError::Corrupt {
-            path: path.to_path_buf(),
-            source,
-        },
-        _ => StoreError::Sqlite {
-            path: path.to_path_buf(),
-            source,
-        },
+        Some(ErrorCode::NotADatabase | ErrorCode::DatabaseCorrupt) => {
+            StoreError::Corrupt { path: path.to_path_buf(), source }
+        }
+        _ => StoreError::Sqlite { path: path.to_path_buf(), source },
     }
 }
 
 /// A copy of a SQLite error, for answering every request of a failed group commit.
 pub(crate) fn copy_error(error: &rusqlite::Error) -> rusqlite::Error {
     match error {
-        rusqlite::Error::SqliteFailure(code, message) => {
-            rusqlite::Error::SqliteFailure(*code, message.clone())
-        }
+        rusqlite::Error::SqliteFailure(code, message) => rusqlite::Error::SqliteFailure(*code, message.clone()),
         other => rusqlite::Error::SqliteFailure(
             rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_ERROR),
             Some(other.to_string()),
@@ -67,9 +61,7 @@ fn configure(conn: &Connection) -> rusqlite::Result<()> {
     if !mode.eq_ignore_ascii_case("wal") {
         return Err(rusqlite::Error::SqliteFailure(
             rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_CANTOPEN),
-            Some(format!(
-                "cannot switch to WAL mode (journal mode is {mode})"
-            )),
+            Some(format!("cannot switch to WAL mode (journal mode is {mode})")),
         ));
     }
     conn.execute_batch(
@@ -90,27 +82,15 @@ fn check_length(path: &Path) -> Result<(), StoreError> {
         Ok(file) => file,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
         Err(source) => {
-            return Err(StoreError::Io {
-                path: path.to_path_buf(),
-                source,
-            });
+            return Err(StoreError::Io { path: path.to_path_buf(), source });
         }
     };
-    let length = file
-        .metadata()
-        .map_err(|source| StoreError::Io {
-            path: path.to_path_buf(),
-            source,
-        })?
-        .len();
+    let length = file.metadata().map_err(|source| StoreError::Io { path: path.to_path_buf(), source })?.len();
     let mut header = [0u8; 100];
     if length == 0 {
         return Ok(());
     }
-    if length < 100
-        || file.read_exact(&mut header).is_err()
-        || &header[..16] != b"SQLite format 3\0"
-    {
+    if length < 100 || file.read_exact(&mut header).is_err() || &header[..16] != b"SQLite format 3\0" {
         // Not a SQLite file at all: SQLite itself reports that (NOTADB) below.
         return Ok(());
     }
@@ -120,15 +100,10 @@ fn check_length(path: &Path) -> Result<(), StoreError> {
     };
     let change_counter = &header[24..28];
     let valid_for = &header[92..96];
-    let pages = u64::from(u32::from_be_bytes([
-        header[28], header[29], header[30], header[31],
-    ]));
+    let pages = u64::from(u32::from_be_bytes([header[28], header[29], header[30], header[31]]));
     // Pages may legitimately live only in the WAL (a checkpoint interrupted by a full disk
     // writes page 1 before the rest); SQLite reads them from there.
-    let wal = path.with_file_name(format!(
-        "{}-wal",
-        path.file_name().unwrap_or_default().to_string_lossy()
-    ));
+    let wal = path.with_file_name(format!("{}-wal", path.file_name().unwrap_or_default().to_string_lossy()));
     let wal_length = std::fs::metadata(&wal).map(|m| m.len()).unwrap_or(0);
     if wal_length == 0 && change_counter == valid_for && pages > 0 && length < pages * page_size {
         return Err(StoreError::Damaged {
@@ -144,24 +119,17 @@ fn check_length(path: &Path) -> Result<(), StoreError> {
 /// Opens (creating if needed) the writer connection and checks that the file is ours.
 pub(crate) fn open_writer(path: &Path) -> Result<Connection, StoreError> {
     check_length(path)?;
-    let flags = OpenFlags::SQLITE_OPEN_READ_WRITE
-        | OpenFlags::SQLITE_OPEN_CREATE
-        | OpenFlags::SQLITE_OPEN_NO_MUTEX;
+    let flags = OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_CREATE | OpenFlags::SQLITE_OPEN_NO_MUTEX;
     let conn = Connection::open_with_flags(path, flags).map_err(|e| sqlite_error(path, e))?;
     let err = |e| sqlite_error(path, e);
 
-    let application_id: i32 = conn
-        .query_row("PRAGMA application_id", [], |row| row.get(0))
-        .map_err(err)?;
-    let tables: i64 = conn
-        .query_row("SELECT count(*) FROM sqlite_master", [], |row| row.get(0))
-        .map_err(err)?;
+    let application_id: i32 = conn.query_row("PRAGMA application_id", [], |row| row.get(0)).map_err(err)?;
+    let tables: i64 = conn.query_row("SELECT count(*) FROM sqlite_master", [], |row| row.get(0)).map_err(err)?;
 
     if application_id == 0 && tables == 0 {
         // A new (or empty) file: lay out the schema. auto_vacuum must be set before the first
         // table exists; INCREMENTAL lets compaction hand freed pages back to the file system.
-        conn.execute_batch("PRAGMA auto_vacuum = INCREMENTAL")
-            .map_err(err)?;
+        conn.execute_batch("PRAGMA auto_vacuum = INCREMENTAL").map_err(err)?;
         configure(&conn).map_err(err)?;
         conn.execute_batch(&format!(
             "BEGIN IMMEDIATE;
@@ -182,15 +150,11 @@ pub(crate) fn open_writer(path: &Path) -> Result<Connection, StoreError> {
             ),
         });
     }
-    let version: i32 = conn
-        .query_row("PRAGMA user_version", [], |row| row.get(0))
-        .map_err(err)?;
+    let version: i32 = conn.query_row("PRAGMA user_version", [], |row| row.get(0)).map_err(err)?;
     if version != SCHEMA_VERSION {
         return Err(StoreError::Foreign {
             path: path.to_path_buf(),
-            reason: format!(
-                "schema version {version} is not supported by this build (it reads {SCHEMA_VERSION})"
-            ),
+            reason: format!("schema version {version} is not supported by this build (it reads {SCHEMA_VERSION})"),
         });
     }
     configure(&conn).map_err(err)?;
@@ -201,10 +165,8 @@ pub(crate) fn open_writer(path: &Path) -> Result<Connection, StoreError> {
 pub(crate) fn open_reader(path: &Path) -> Result<Connection, StoreError> {
     let flags = OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX;
     let conn = Connection::open_with_flags(path, flags).map_err(|e| sqlite_error(path, e))?;
-    conn.execute_batch("PRAGMA query_only = 1")
-        .map_err(|e| sqlite_error(path, e))?;
-    conn.busy_timeout(std::time::Duration::from_secs(5))
-        .map_err(|e| sqlite_error(path, e))?;
+    conn.execute_batch("PRAGMA query_only = 1").map_err(|e| sqlite_error(path, e))?;
+    conn.busy_timeout(std::time::Duration::from_secs(5)).map_err(|e| sqlite_error(path, e))?;
     Ok(conn)
 }
 
@@ -212,15 +174,12 @@ pub(crate) fn open_reader(path: &Path) -> Result<Connection, StoreError> {
 /// index here also makes a damaged file fail at open rather than at the first request.
 pub(crate) fn load_revisions(conn: &Connection) -> rusqlite::Result<(Revision, Revision)> {
     let compacted = compact_revision(conn)?;
-    let latest: Option<Revision> = conn
-        .query_row("SELECT max(revision) FROM log", [], |row| row.get(0))
-        .optional()?
-        .flatten();
+    let latest: Option<Revision> =
+        conn.query_row("SELECT max(revision) FROM log", [], |row| row.get(0)).optional()?.flatten();
     Ok((latest.unwrap_or(0).max(compacted), compacted))
 }
 
 /// The compact revision as the connection's current transaction sees it.
 pub(crate) fn compact_revision(conn: &Connection) -> rusqlite::Result<Revision> {
-    conn.prepare_cached("SELECT value FROM meta WHERE name = 'compact_revision'")?
-        .query_row([], |row| row.get(0))
+    conn.prepare_cached("SELECT value FROM meta WHERE name = 'compact_revision'")?.query_row([], |row| row.get(0))
 }

@@ -24,19 +24,9 @@ const COMPACTION_CHUNK: Revision = 10_000;
 
 #[derive(Debug)]
 pub(crate) enum Op {
-    Create {
-        key: String,
-        value: Vec<u8>,
-    },
-    Update {
-        key: String,
-        value: Vec<u8>,
-        expected: Revision,
-    },
-    Delete {
-        key: String,
-        expected: Option<Revision>,
-    },
+    Create { key: String, value: Vec<u8> },
+    Update { key: String, value: Vec<u8>, expected: Revision },
+    Delete { key: String, expected: Option<Revision> },
 }
 
 #[derive(Debug)]
@@ -101,9 +91,7 @@ impl Writer {
                 while let Some(request) = next.take() {
                     match request {
                         Request::Write(op, reply) => group.push((op, reply)),
-                        Request::Compact(target, reply) => {
-                            self.start_compaction(target, reply, &mut compaction)
-                        }
+                        Request::Compact(target, reply) => self.start_compaction(target, reply, &mut compaction),
                     }
                     if group.len() < MAX_GROUP {
                         next = requests.try_recv().ok();
@@ -112,8 +100,7 @@ impl Writer {
                         // time, so they share this fsync instead of paying for the next one.
                         // A lone writer (last group of 1) never waits.
                         if next.is_none() && group.len() < last_group_size {
-                            let deadline =
-                                linger_until.get_or_insert_with(|| Instant::now() + LINGER);
+                            let deadline = linger_until.get_or_insert_with(|| Instant::now() + LINGER);
                             let left = deadline.saturating_duration_since(Instant::now());
                             next = requests.recv_timeout(left).ok();
                         }
@@ -210,10 +197,7 @@ impl Writer {
     ) {
         let current = self.shared.current.load(Ordering::SeqCst);
         if target > current {
-            let _ = reply.send(Err(StoreError::FutureRevision {
-                requested: target,
-                current,
-            }));
+            let _ = reply.send(Err(StoreError::FutureRevision { requested: target, current }));
             return;
         }
         if let Some(running) = compaction
@@ -228,29 +212,18 @@ impl Writer {
         }
         // Record the new compact revision first: from here on, reads and watches below it fail
         // with Compacted instead of seeing history that is being removed.
-        let recorded = self.conn.execute(
-            "UPDATE meta SET value = ?1 WHERE name = 'compact_revision' AND value < ?1",
-            [target],
-        );
+        let recorded =
+            self.conn.execute("UPDATE meta SET value = ?1 WHERE name = 'compact_revision' AND value < ?1", [target]);
         if let Err(error) = recorded {
             let _ = reply.send(Err(self.error(error)));
             return;
         }
         self.shared.compacted.fetch_max(target, Ordering::SeqCst);
-        let oldest: Revision = self
-            .conn
-            .query_row("SELECT coalesce(min(revision), 0) FROM log", [], |row| {
-                row.get(0)
-            })
-            .unwrap_or(0);
+        let oldest: Revision =
+            self.conn.query_row("SELECT coalesce(min(revision), 0) FROM log", [], |row| row.get(0)).unwrap_or(0);
         let mut waiters = compaction.take().map(|c| c.waiters).unwrap_or_default();
         waiters.push(reply);
-        *compaction = Some(Compaction {
-            target,
-            cursor: oldest,
-            phase: 1,
-            waiters,
-        });
+        *compaction = Some(Compaction { target, cursor: oldest, phase: 1, waiters });
     }
 
     /// Removes one window of compacted history. Returns whether compaction is complete.
@@ -280,11 +253,7 @@ impl Writer {
         }
         if c.phase == 1 {
             c.phase = 2;
-            c.cursor =
-                self.conn
-                    .query_row("SELECT coalesce(min(revision), 0) FROM log", [], |row| {
-                        row.get(0)
-                    })?;
+            c.cursor = self.conn.query_row("SELECT coalesce(min(revision), 0) FROM log", [], |row| row.get(0))?;
             return Ok(false);
         }
         Ok(true)
@@ -298,8 +267,7 @@ impl Writer {
             let mut rows = vacuum.query([])?;
             while rows.next()?.is_some() {}
             drop(rows);
-            self.conn
-                .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))
+            self.conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))
         })();
         if let Err(error) = reclaimed {
             tracing::warn!(%error, "reclaiming space after compaction failed");
@@ -310,11 +278,7 @@ impl Writer {
 /// Applies one write at revision `revision` inside the group's transaction. The outer `Result`
 /// is a database failure (fails the group); the inner one a refusal (conflict, missing key...).
 #[allow(clippy::type_complexity)]
-fn apply(
-    tx: &Connection,
-    op: &Op,
-    revision: Revision,
-) -> rusqlite::Result<Result<(Outcome, Event), StoreError>> {
+fn apply(tx: &Connection, op: &Op, revision: Revision) -> rusqlite::Result<Result<(Outcome, Event), StoreError>> {
     let key = match op {
         Op::Create { key, .. } | Op::Update { key, .. } | Op::Delete { key, .. } => key,
     };
@@ -335,46 +299,26 @@ fn apply(
         (Op::Create { .. }, Some(_)) => Err(StoreError::AlreadyExists { key: key.clone() }),
         (Op::Create { value, .. }, None) => {
             insert(revision, 0, false, value)?;
-            let event = Event {
-                kind: EventKind::Put,
-                kv: kv(value.clone(), revision, revision),
-                prev: None,
-            };
+            let event = Event { kind: EventKind::Put, kv: kv(value.clone(), revision, revision), prev: None };
             Ok((Outcome::Put(revision), event))
         }
-        (Op::Update { .. } | Op::Delete { .. }, None) => {
-            Err(StoreError::NotFound { key: key.clone() })
+        (Op::Update { .. } | Op::Delete { .. }, None) => Err(StoreError::NotFound { key: key.clone() }),
+        (Op::Update { expected, .. } | Op::Delete { expected: Some(expected), .. }, Some(current))
+            if current.revision != *expected =>
+        {
+            Err(StoreError::Conflict { key: key.clone(), expected: *expected, current: current.revision })
         }
-        (
-            Op::Update { expected, .. }
-            | Op::Delete {
-                expected: Some(expected),
-                ..
-            },
-            Some(current),
-        ) if current.revision != *expected => Err(StoreError::Conflict {
-            key: key.clone(),
-            expected: *expected,
-            current: current.revision,
-        }),
         (Op::Update { value, .. }, Some(current)) => {
             insert(current.created, current.revision, false, value)?;
             let prev = kv(current.value, current.created, current.revision);
-            let event = Event {
-                kind: EventKind::Put,
-                kv: kv(value.clone(), current.created, revision),
-                prev: Some(prev),
-            };
+            let event =
+                Event { kind: EventKind::Put, kv: kv(value.clone(), current.created, revision), prev: Some(prev) };
             Ok((Outcome::Put(revision), event))
         }
         (Op::Delete { .. }, Some(current)) => {
             insert(current.created, current.revision, true, &[])?;
             let prev = kv(current.value, current.created, current.revision);
-            let event = Event {
-                kind: EventKind::Delete,
-                kv: kv(Vec::new(), 0, revision),
-                prev: Some(prev.clone()),
-            };
+            let event = Event { kind: EventKind::Delete, kv: kv(Vec::new(), 0, revision), prev: Some(prev.clone()) };
             Ok((Outcome::Deleted(revision, prev), event))
         }
     })

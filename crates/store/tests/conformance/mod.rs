@@ -77,30 +77,16 @@ fn v(s: &str) -> Vec<u8> {
 }
 
 pub async fn create_fails_if_the_key_exists(store: Arc<dyn Store>) {
-    let r1 = store
-        .create("/registry/pods/default/web", v("one"))
-        .await
-        .unwrap();
+    let r1 = store.create("/registry/pods/default/web", v("one")).await.unwrap();
     assert!(r1 > 0);
     let again = store.create("/registry/pods/default/web", v("two")).await;
     assert!(
         matches!(again, Err(StoreError::AlreadyExists { ref key }) if key == "/registry/pods/default/web"),
         "{again:?}"
     );
-    let kv = store
-        .get("/registry/pods/default/web", None)
-        .await
-        .unwrap()
-        .unwrap();
-    assert_eq!(
-        (kv.value, kv.create_revision, kv.mod_revision),
-        (v("one"), r1, r1)
-    );
-    assert_eq!(
-        store.current_revision().await.unwrap(),
-        r1,
-        "a refused create writes nothing"
-    );
+    let kv = store.get("/registry/pods/default/web", None).await.unwrap().unwrap();
+    assert_eq!((kv.value, kv.create_revision, kv.mod_revision), (v("one"), r1, r1));
+    assert_eq!(store.current_revision().await.unwrap(), r1, "a refused create writes nothing");
 }
 
 pub async fn update_requires_the_current_revision(store: Arc<dyn Store>) {
@@ -108,47 +94,26 @@ pub async fn update_requires_the_current_revision(store: Arc<dyn Store>) {
     let r2 = store.update("/k", v("two"), r1).await.unwrap();
     assert!(r2 > r1);
     match store.update("/k", v("stale"), r1).await {
-        Err(StoreError::Conflict {
-            key,
-            expected,
-            current,
-        }) => {
+        Err(StoreError::Conflict { key, expected, current }) => {
             assert_eq!((key.as_str(), expected, current), ("/k", r1, r2));
         }
         other => panic!("expected a conflict, got {other:?}"),
     }
-    assert!(matches!(
-        store.update("/missing", v("x"), r2).await,
-        Err(StoreError::NotFound { .. })
-    ));
+    assert!(matches!(store.update("/missing", v("x"), r2).await, Err(StoreError::NotFound { .. })));
     let kv = store.get("/k", None).await.unwrap().unwrap();
-    assert_eq!(
-        (kv.value, kv.create_revision, kv.mod_revision),
-        (v("two"), r1, r2)
-    );
+    assert_eq!((kv.value, kv.create_revision, kv.mod_revision), (v("two"), r1, r2));
 }
 
 pub async fn delete_requires_the_current_revision(store: Arc<dyn Store>) {
     let r1 = store.create("/k", v("one")).await.unwrap();
     let r2 = store.update("/k", v("two"), r1).await.unwrap();
-    assert!(
-        matches!(store.delete("/k", Some(r1)).await, Err(StoreError::Conflict { current, .. }) if current == r2)
-    );
+    assert!(matches!(store.delete("/k", Some(r1)).await, Err(StoreError::Conflict { current, .. }) if current == r2));
     let (r3, prev) = store.delete("/k", Some(r2)).await.unwrap();
     assert!(r3 > r2);
-    assert_eq!(
-        (prev.value, prev.create_revision, prev.mod_revision),
-        (v("two"), r1, r2)
-    );
+    assert_eq!((prev.value, prev.create_revision, prev.mod_revision), (v("two"), r1, r2));
     assert_eq!(store.get("/k", None).await.unwrap(), None);
-    assert!(matches!(
-        store.delete("/k", None).await,
-        Err(StoreError::NotFound { .. })
-    ));
-    assert!(matches!(
-        store.delete("/k", Some(r3)).await,
-        Err(StoreError::NotFound { .. })
-    ));
+    assert!(matches!(store.delete("/k", None).await, Err(StoreError::NotFound { .. })));
+    assert!(matches!(store.delete("/k", Some(r3)).await, Err(StoreError::NotFound { .. })));
 
     // A deleted key can be created again, as a new incarnation.
     let r4 = store.create("/k", v("again")).await.unwrap();
@@ -164,25 +129,12 @@ pub async fn get_reads_the_latest_or_a_given_revision(store: Arc<dyn Store>) {
     let r2 = store.update("/k", v("two"), r1).await.unwrap();
     let other = store.create("/other", v("x")).await.unwrap();
     let (r3, _) = store.delete("/k", None).await.unwrap();
-    assert_eq!(
-        store.get("/k", Some(r1)).await.unwrap().unwrap().value,
-        v("one")
-    );
-    assert_eq!(
-        store.get("/k", Some(r2)).await.unwrap().unwrap().value,
-        v("two")
-    );
-    assert_eq!(
-        store.get("/k", Some(other)).await.unwrap().unwrap().value,
-        v("two")
-    );
+    assert_eq!(store.get("/k", Some(r1)).await.unwrap().unwrap().value, v("one"));
+    assert_eq!(store.get("/k", Some(r2)).await.unwrap().unwrap().value, v("two"));
+    assert_eq!(store.get("/k", Some(other)).await.unwrap().unwrap().value, v("two"));
     assert_eq!(store.get("/k", Some(r3)).await.unwrap(), None);
     assert_eq!(store.get("/k", None).await.unwrap(), None);
-    assert_eq!(
-        store.get("/other", Some(r1)).await.unwrap(),
-        None,
-        "not yet created at r1"
-    );
+    assert_eq!(store.get("/other", Some(r1)).await.unwrap(), None, "not yet created at r1");
     match store.get("/k", Some(r3 + 1000)).await {
         Err(StoreError::FutureRevision { requested, current }) => {
             assert_eq!((requested, current), (r3 + 1000, r3))
@@ -202,27 +154,11 @@ pub async fn list_returns_exactly_the_prefix_in_key_order(store: Arc<dyn Store>)
     ] {
         store.create(key, v(key)).await.unwrap();
     }
-    let gone = store
-        .create("/registry/pods/default/gone", v("x"))
-        .await
-        .unwrap();
-    store
-        .delete("/registry/pods/default/gone", Some(gone))
-        .await
-        .unwrap();
-    let list = store
-        .list("/registry/pods/", ListOptions::default())
-        .await
-        .unwrap();
+    let gone = store.create("/registry/pods/default/gone", v("x")).await.unwrap();
+    store.delete("/registry/pods/default/gone", Some(gone)).await.unwrap();
+    let list = store.list("/registry/pods/", ListOptions::default()).await.unwrap();
     let keys: Vec<_> = list.kvs.iter().map(|kv| kv.key.as_str()).collect();
-    assert_eq!(
-        keys,
-        [
-            "/registry/pods/default/db",
-            "/registry/pods/default/web",
-            "/registry/pods/kube-system/dns"
-        ]
-    );
+    assert_eq!(keys, ["/registry/pods/default/db", "/registry/pods/default/web", "/registry/pods/kube-system/dns"]);
     assert!(list.kvs.iter().all(|kv| kv.value == v(&kv.key)));
     assert_eq!(list.revision, store.current_revision().await.unwrap());
     assert_eq!(list.continue_token, None);
@@ -238,49 +174,20 @@ pub async fn list_reads_at_a_given_revision(store: Arc<dyn Store>) {
     store.delete("/p/b", Some(b)).await.unwrap();
     store.create("/p/c", v("c1")).await.unwrap();
 
-    let old = store
-        .list(
-            "/p/",
-            ListOptions {
-                revision: Some(then),
-                ..Default::default()
-            },
-        )
-        .await
-        .unwrap();
-    let seen: Vec<_> = old
-        .kvs
-        .iter()
-        .map(|kv| (kv.key.as_str(), kv.value.clone()))
-        .collect();
+    let old = store.list("/p/", ListOptions { revision: Some(then), ..Default::default() }).await.unwrap();
+    let seen: Vec<_> = old.kvs.iter().map(|kv| (kv.key.as_str(), kv.value.clone())).collect();
     assert_eq!(seen, [("/p/a", v("a1")), ("/p/b", v("b1"))]);
     assert_eq!(old.revision, then);
     let now = store.list("/p/", ListOptions::default()).await.unwrap();
-    let seen: Vec<_> = now
-        .kvs
-        .iter()
-        .map(|kv| (kv.key.as_str(), kv.value.clone()))
-        .collect();
+    let seen: Vec<_> = now.kvs.iter().map(|kv| (kv.key.as_str(), kv.value.clone())).collect();
     assert_eq!(seen, [("/p/a", v("a2")), ("/p/c", v("c1"))]);
 }
 
 pub async fn list_pages_with_limit_and_continue_on_one_snapshot(store: Arc<dyn Store>) {
     for i in 0..25 {
-        store
-            .create(&format!("/items/{i:02}"), v(&i.to_string()))
-            .await
-            .unwrap();
+        store.create(&format!("/items/{i:02}"), v(&i.to_string())).await.unwrap();
     }
-    let first = store
-        .list(
-            "/items/",
-            ListOptions {
-                limit: Some(10),
-                ..Default::default()
-            },
-        )
-        .await
-        .unwrap();
+    let first = store.list("/items/", ListOptions { limit: Some(10), ..Default::default() }).await.unwrap();
     assert_eq!(first.kvs.len(), 10);
     assert_eq!(first.remaining, Some(15));
     let token = first.continue_token.clone().expect("more pages follow");
@@ -288,20 +195,10 @@ pub async fn list_pages_with_limit_and_continue_on_one_snapshot(store: Arc<dyn S
     // Writes between pages do not show: every page reads the first page's revision.
     store.create("/items/12a", v("late")).await.unwrap();
     let doomed = store.get("/items/20", None).await.unwrap().unwrap();
-    store
-        .delete("/items/20", Some(doomed.mod_revision))
-        .await
-        .unwrap();
+    store.delete("/items/20", Some(doomed.mod_revision)).await.unwrap();
 
     let second = store
-        .list(
-            "/items/",
-            ListOptions {
-                limit: Some(10),
-                continue_token: Some(token),
-                ..Default::default()
-            },
-        )
+        .list("/items/", ListOptions { limit: Some(10), continue_token: Some(token), ..Default::default() })
         .await
         .unwrap();
     assert_eq!(second.revision, first.revision);
@@ -309,38 +206,18 @@ pub async fn list_pages_with_limit_and_continue_on_one_snapshot(store: Arc<dyn S
     let third = store
         .list(
             "/items/",
-            ListOptions {
-                limit: Some(10),
-                continue_token: second.continue_token.clone(),
-                ..Default::default()
-            },
+            ListOptions { limit: Some(10), continue_token: second.continue_token.clone(), ..Default::default() },
         )
         .await
         .unwrap();
     assert_eq!(third.continue_token, None);
-    let keys: Vec<String> = first
-        .kvs
-        .iter()
-        .chain(&second.kvs)
-        .chain(&third.kvs)
-        .map(|kv| kv.key.clone())
-        .collect();
+    let keys: Vec<String> = first.kvs.iter().chain(&second.kvs).chain(&third.kvs).map(|kv| kv.key.clone()).collect();
     let expected: Vec<String> = (0..25).map(|i| format!("/items/{i:02}")).collect();
     assert_eq!(keys, expected);
 
-    let bad = store
-        .list(
-            "/items/",
-            ListOptions {
-                continue_token: Some("garbage!".into()),
-                ..Default::default()
-            },
-        )
-        .await;
-    assert!(
-        matches!(bad, Err(StoreError::InvalidContinue { .. })),
-        "{bad:?}"
-    );
+    let bad =
+        store.list("/items/", ListOptions { continue_token: Some("garbage!".into()), ..Default::default() }).await;
+    assert!(matches!(bad, Err(StoreError::InvalidContinue { .. })), "{bad:?}");
 }
 
 pub async fn revisions_are_global_and_strictly_increasing(store: Arc<dyn Store>) {
@@ -350,12 +227,7 @@ pub async fn revisions_are_global_and_strictly_increasing(store: Arc<dyn Store>)
         tasks.push(tokio::spawn(async move {
             let mut revisions = Vec::new();
             for i in 0..40 {
-                revisions.push(
-                    store
-                        .create(&format!("/c/{task}/{i}"), v("x"))
-                        .await
-                        .unwrap(),
-                );
+                revisions.push(store.create(&format!("/c/{task}/{i}"), v("x")).await.unwrap());
             }
             revisions
         }));
@@ -363,19 +235,13 @@ pub async fn revisions_are_global_and_strictly_increasing(store: Arc<dyn Store>)
     let mut all = BTreeSet::new();
     for task in tasks {
         let revisions = task.await.unwrap();
-        assert!(
-            revisions.windows(2).all(|w| w[0] < w[1]),
-            "one writer's revisions increase: {revisions:?}"
-        );
+        assert!(revisions.windows(2).all(|w| w[0] < w[1]), "one writer's revisions increase: {revisions:?}");
         for r in revisions {
             assert!(all.insert(r), "revision {r} given twice");
         }
     }
     assert_eq!(all.len(), 640);
-    assert_eq!(
-        *all.last().unwrap(),
-        store.current_revision().await.unwrap()
-    );
+    assert_eq!(*all.last().unwrap(), store.current_revision().await.unwrap());
     let list = store.list("/c/", ListOptions::default()).await.unwrap();
     let listed: BTreeSet<Revision> = list.kvs.iter().map(|kv| kv.mod_revision).collect();
     assert_eq!(listed, all);
@@ -393,10 +259,7 @@ pub async fn watch_delivers_every_change_once_in_order(store: Arc<dyn Store>) {
                 let key = format!("/w/{task}/{i}");
                 let r1 = store.create(&key, v("1")).await.unwrap();
                 let r2 = store.update(&key, v("2"), r1).await.unwrap();
-                store
-                    .create(&format!("/elsewhere/{task}/{i}"), v("x"))
-                    .await
-                    .unwrap();
+                store.create(&format!("/elsewhere/{task}/{i}"), v("x")).await.unwrap();
                 let (r3, _) = store.delete(&key, Some(r2)).await.unwrap();
                 written.extend([
                     (key.clone(), r1, EventKind::Put),
@@ -414,14 +277,8 @@ pub async fn watch_delivers_every_change_once_in_order(store: Arc<dyn Store>) {
     written.sort_by_key(|(_, revision, _)| *revision);
 
     let events = take_events(&mut watch, written.len()).await;
-    let seen: Vec<_> = events
-        .iter()
-        .map(|e| (e.kv.key.clone(), e.revision(), e.kind))
-        .collect();
-    assert_eq!(
-        seen, written,
-        "exactly the writes under the prefix, in revision order"
-    );
+    let seen: Vec<_> = events.iter().map(|e| (e.kv.key.clone(), e.revision(), e.kind)).collect();
+    assert_eq!(seen, written, "exactly the writes under the prefix, in revision order");
     for event in &events {
         match (event.kind, event.kv.value.as_slice()) {
             (EventKind::Put, b"1") => {
@@ -430,14 +287,8 @@ pub async fn watch_delivers_every_change_once_in_order(store: Arc<dyn Store>) {
             }
             (EventKind::Put, b"2") => assert_eq!(event.prev.as_ref().unwrap().value, v("1")),
             (EventKind::Delete, b"") => {
-                let prev = event
-                    .prev
-                    .as_ref()
-                    .expect("a delete carries the deleted value");
-                assert_eq!(
-                    (prev.key.as_str(), prev.value.as_slice()),
-                    (event.kv.key.as_str(), b"2".as_slice())
-                );
+                let prev = event.prev.as_ref().expect("a delete carries the deleted value");
+                assert_eq!((prev.key.as_str(), prev.value.as_slice()), (event.kv.key.as_str(), b"2".as_slice()));
             }
             other => panic!("unexpected event {other:?}"),
         }
@@ -456,22 +307,10 @@ pub async fn watch_from_the_past_replays_then_follows(store: Arc<dyn Store>) {
     let mut from_r1 = store.watch("/h/", r1).await.unwrap();
     let r4 = store.update("/h/b", v("2"), r3).await.unwrap();
 
-    let seen: Vec<Revision> = take_events(&mut from_base, 4)
-        .await
-        .iter()
-        .map(Event::revision)
-        .collect();
+    let seen: Vec<Revision> = take_events(&mut from_base, 4).await.iter().map(Event::revision).collect();
     assert_eq!(seen, [r1, r2, r3, r4]);
-    let seen: Vec<Revision> = take_events(&mut from_r1, 3)
-        .await
-        .iter()
-        .map(Event::revision)
-        .collect();
-    assert_eq!(
-        seen,
-        [r2, r3, r4],
-        "a watch after r1 starts with the change after r1"
-    );
+    let seen: Vec<Revision> = take_events(&mut from_r1, 3).await.iter().map(Event::revision).collect();
+    assert_eq!(seen, [r2, r3, r4], "a watch after r1 starts with the change after r1");
     let r5 = store.create("/h/c", v("1")).await.unwrap();
     assert_eq!(take_events(&mut from_base, 1).await[0].revision(), r5);
     assert_quiet(&mut from_base).await;
@@ -484,10 +323,7 @@ pub async fn compaction_fails_old_reads_and_watches(store: Arc<dyn Store>) {
     let gone = store.create("/gone", v("x")).await.unwrap();
     let (deleted_at, _) = store.delete("/gone", Some(gone)).await.unwrap();
     for i in 1..10 {
-        revision = store
-            .update("/k", v(&i.to_string()), revision)
-            .await
-            .unwrap();
+        revision = store.update("/k", v(&i.to_string()), revision).await.unwrap();
     }
     let target = revision; // "/k" = "9"
     let after_target = store.update("/k", v("10"), revision).await.unwrap();
@@ -500,53 +336,23 @@ pub async fn compaction_fails_old_reads_and_watches(store: Arc<dyn Store>) {
         watched.err()
     );
     let read = store.get("/k", Some(first)).await;
-    assert!(
-        matches!(read, Err(StoreError::Compacted { .. })),
-        "get below the compaction: {read:?}"
-    );
-    let listed = store
-        .list(
-            "/",
-            ListOptions {
-                revision: Some(first),
-                ..Default::default()
-            },
-        )
-        .await;
-    assert!(
-        matches!(listed, Err(StoreError::Compacted { .. })),
-        "list below the compaction: {listed:?}"
-    );
+    assert!(matches!(read, Err(StoreError::Compacted { .. })), "get below the compaction: {read:?}");
+    let listed = store.list("/", ListOptions { revision: Some(first), ..Default::default() }).await;
+    assert!(matches!(listed, Err(StoreError::Compacted { .. })), "list below the compaction: {listed:?}");
 
     // Everything from the compact revision on is intact.
-    assert_eq!(
-        store.get("/k", Some(target)).await.unwrap().unwrap().value,
-        v("9")
-    );
+    assert_eq!(store.get("/k", Some(target)).await.unwrap().unwrap().value, v("9"));
     assert_eq!(store.get("/gone", Some(target)).await.unwrap(), None);
     assert!(deleted_at < target);
     let mut watch = store.watch("/k", target).await.unwrap();
     let event = take_events(&mut watch, 1).await.remove(0);
     assert_eq!(event.revision(), after_target);
-    assert_eq!(
-        event.prev.unwrap().value,
-        v("9"),
-        "the previous value of a later event survives"
-    );
+    assert_eq!(event.prev.unwrap().value, v("9"), "the previous value of a later event survives");
 
-    store
-        .compact(target)
-        .await
-        .expect("compacting again is a no-op");
-    store
-        .compact(first)
-        .await
-        .expect("compacting to an older revision is a no-op");
+    store.compact(target).await.expect("compacting again is a no-op");
+    store.compact(first).await.expect("compacting to an older revision is a no-op");
     let future = store.compact(after_target + 100).await;
-    assert!(
-        matches!(future, Err(StoreError::FutureRevision { .. })),
-        "{future:?}"
-    );
+    assert!(matches!(future, Err(StoreError::FutureRevision { .. })), "{future:?}");
 }
 
 pub async fn slow_watchers_lose_nothing(store: Arc<dyn Store>) {
@@ -558,11 +364,7 @@ pub async fn slow_watchers_lose_nothing(store: Arc<dyn Store>) {
     for i in 0..3000 {
         revisions.push(store.create(&format!("/s/{i:05}"), v("x")).await.unwrap());
     }
-    let seen: Vec<Revision> = take_events(&mut watch, revisions.len())
-        .await
-        .iter()
-        .map(Event::revision)
-        .collect();
+    let seen: Vec<Revision> = take_events(&mut watch, revisions.len()).await.iter().map(Event::revision).collect();
     assert_eq!(seen, revisions);
 }
 
@@ -578,10 +380,7 @@ pub async fn count_counts_live_keys(store: Arc<dyn Store>) {
 
 pub async fn snapshot_writes_a_file(store: Arc<dyn Store>) {
     for i in 0..100 {
-        store
-            .create(&format!("/snap/{i}"), vec![b'x'; 1000])
-            .await
-            .unwrap();
+        store.create(&format!("/snap/{i}"), vec![b'x'; 1000]).await.unwrap();
     }
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("snapshot.db");
