@@ -66,7 +66,7 @@ fn resource_entry(r: &crate::registry::Resource) -> Value {
         "singularName": r.singular,
         "namespaced": r.namespaced,
         "kind": r.kind,
-                "verbs": r.verbs(),
+        "verbs": r.verbs(),
     });
     if !r.short_names.is_empty() {
         entry["shortNames"] = json!(r.short_names);
