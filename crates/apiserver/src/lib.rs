@@ -11,6 +11,8 @@
 mod auth;
 mod discovery;
 mod fields;
+#[cfg(test)]
+mod fuzz_tests;
 mod handlers;
 mod metrics;
 mod object;

@@ -606,3 +606,34 @@ fn events_show_in_describe_and_workloads_print_their_columns() {
     assert_eq!(header(&cronjobs)[..2], ["NAME", "SCHEDULE"]);
     assert!(cronjobs.contains("*/5 * * * *"), "{cronjobs}");
 }
+
+/// Hostile bodies: deep nesting (a stack overflow would kill the whole server) and a YAML alias
+/// bomb (memory) are refused with 400, and the server goes on.
+#[test]
+fn hostile_bodies_are_refused_and_the_server_survives() {
+    let server = server();
+    let curl = Curl { server: &server };
+    let dir = server.scratch("hostile");
+    let deep_yaml = format!("a: {}{}\n", "[".repeat(100_000), "]".repeat(100_000));
+    let deep_json = format!("{{\"a\":{}{}}}", "[".repeat(100_000), "]".repeat(100_000));
+    let mut bomb = String::from("a: &a [\"x\",\"x\",\"x\",\"x\",\"x\",\"x\",\"x\",\"x\",\"x\"]\n");
+    for level in 1..12u8 {
+        let (name, previous) = ((b'a' + level) as char, (b'a' + level - 1) as char);
+        bomb.push_str(&format!("{name}: &{name} [{}]\n", vec![format!("*{previous}"); 9].join(",")));
+    }
+    for (file, content_type, body) in [
+        ("deep.yaml", "application/yaml", deep_yaml),
+        ("bomb.yaml", "application/yaml", bomb),
+        ("deep.json", "application/json", deep_json),
+    ] {
+        let path = dir.join(file);
+        std::fs::write(&path, body).unwrap();
+        let (code, status) = curl.status(
+            "POST",
+            "/api/v1/namespaces/default/configmaps",
+            &["-H", &format!("Content-Type: {content_type}"), "--data-binary", &format!("@{}", path.display())],
+        );
+        assert_eq!((code, status["reason"].as_str()), (400, Some("BadRequest")), "{file}: {status}");
+    }
+    assert_eq!(curl.request("GET", "/healthz", false, &[]), (200, "ok".to_string()), "the server is still up");
+}
