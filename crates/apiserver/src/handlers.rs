@@ -89,20 +89,22 @@ pub async fn handle(state: Arc<ApiState>, user: Option<UserInfo>, request: hyper
         return ApiError::unauthorized().into_response();
     }
     let started = std::time::Instant::now();
-    let result = route(&state, user.as_ref(), &parts.method, &path, &query, &parts.headers, body).await;
+    // Parsed once: for routing and for the metrics labels.
+    let target = parse_target(&path);
+    let (verb, group, resource) = request_labels(&parts.method, target.as_ref().ok().and_then(Option::as_ref), &query);
+    let result = route(&state, user.as_ref(), &parts.method, &path, target, &query, &parts.headers, body).await;
     let response = match result {
         Ok(response) => response,
         Err(error) => error.into_response(),
     };
-    let (verb, group, resource) = request_labels(&parts.method, &path, &query);
     state.metrics.record(&verb, group, resource, response.status().as_u16(), started.elapsed());
     response
 }
 
 /// The verb (upstream's: get, list, watch, create, update, patch, delete, deletecollection) and
 /// the resource of a request, for metrics; non-resource paths count under their method.
-fn request_labels(method: &Method, path: &str, query: &Query) -> (String, &'static str, &'static str) {
-    let Ok(Some(target)) = parse_target(path) else {
+fn request_labels(method: &Method, target: Option<&Target>, query: &Query) -> (String, &'static str, &'static str) {
+    let Some(target) = target else {
         return (method.as_str().to_ascii_lowercase(), "", "");
     };
     let watching = query.get("watch").is_some_and(|w| w == "true" || w == "1");
@@ -173,6 +175,7 @@ async fn route(
     user: Option<&UserInfo>,
     method: &Method,
     path: &str,
+    target: Result<Option<Target>, ApiError>,
     query: &Query,
     headers: &HeaderMap,
     body: Body,
@@ -243,7 +246,7 @@ async fn route(
         drain_in_background(body);
         return Err(ApiError::too_large(MAX_BODY));
     }
-    let target = parse_target(path)?.ok_or_else(|| ApiError::not_found_path(path))?;
+    let target = target?.ok_or_else(|| ApiError::not_found_path(path))?;
     let view = View::from_subresource(target.resource, target.subresource.as_deref())
         .map_err(|_| ApiError::not_found_path(path))?;
     let accept = headers.get(header::ACCEPT).and_then(|v| v.to_str().ok()).unwrap_or("");
