@@ -68,13 +68,18 @@ fn resource_entry(r: &crate::registry::Resource) -> Value {
         "kind": r.kind,
         "verbs": r.verbs(),
     });
+    add_names(&mut entry, r);
+    entry
+}
+
+/// Short names and categories, where a resource has them: both discovery formats list them.
+fn add_names(entry: &mut Value, r: &crate::registry::Resource) {
     if !r.short_names.is_empty() {
         entry["shortNames"] = json!(r.short_names);
     }
     if !r.categories.is_empty() {
         entry["categories"] = json!(r.categories);
     }
-    entry
 }
 
 /// Which aggregated discovery version the client accepts first, if any
@@ -129,12 +134,7 @@ pub fn aggregated(core: bool, version: &str) -> Value {
                         "singularResource": r.singular,
                         "verbs": r.verbs(),
                     });
-                    if !r.short_names.is_empty() {
-                        entry["shortNames"] = json!(r.short_names);
-                    }
-                    if !r.categories.is_empty() {
-                        entry["categories"] = json!(r.categories);
-                    }
+                    add_names(&mut entry, r);
                     if !subresources.is_empty() {
                         entry["subresources"] = Value::Array(subresources);
                     }

@@ -281,7 +281,7 @@ async fn route(
         }
         (&Method::PUT, Some(name)) => {
             let body = read_body(body).await?;
-            update(state, target.resource, namespace, name, view, content_type, &body, &write).await
+            update(state, (target.resource, namespace, name), view, content_type, &body, &write).await
         }
         (&Method::PATCH, Some(name))
             if content_type.split(';').next().is_some_and(|m| m.trim() == "application/apply-patch+yaml") =>
@@ -294,7 +294,7 @@ async fn route(
         }
         (&Method::PATCH, Some(name)) => {
             let body = read_body(body).await?;
-            patch(state, target.resource, namespace, name, view, content_type, &body, &write).await
+            patch(state, (target.resource, namespace, name), view, content_type, &body, &write).await
         }
         (_, _) if view != View::Main => Err(ApiError::method_not_allowed(method.as_str())),
         (&Method::DELETE, Some(name)) => {
@@ -731,60 +731,59 @@ async fn server_side_apply(
     let applied_set = fields::field_set(&applied);
     let write = Write { manager: manager.clone(), dry_run: write.dry_run, apply: true };
     let api_version = resource.api_version();
+    // Apply to the object as it is; a missing object is created from the applied configuration.
+    let merge = |current: &Value, _: i64| {
+        let mut managed = fields::read_managed(current);
+        let mine = |m: &fields::Managed| m.manager == *manager && m.operation == "Apply";
+        let mut conflicts = Vec::new();
+        for entry in managed.iter().filter(|m| !mine(m)) {
+            for path in entry.fields.intersection(&applied_set) {
+                if fields::get(current, path) != fields::get(&applied, path) {
+                    conflicts.push((entry.manager.clone(), entry.api_version.clone(), path.clone()));
+                }
+            }
+        }
+        if !conflicts.is_empty() && !force {
+            return Err(apply_conflict(resource, name, &conflicts));
+        }
+        for (owner, _, path) in &conflicts {
+            for entry in managed.iter_mut().filter(|m| m.manager == *owner) {
+                entry.fields.remove(path);
+            }
+        }
+        let previous = managed.iter().find(|m| mine(m)).map(|m| m.fields.clone()).unwrap_or_default();
+        let mut merged = current.clone();
+        for path in previous.difference(&applied_set) {
+            let owned_by_others = managed.iter().any(|m| !mine(m) && m.fields.contains(path));
+            if !owned_by_others {
+                fields::remove(&mut merged, path);
+            }
+        }
+        let mut merged = crate::smp::apply(&merged, &applied).map_err(|e| patch_error("applied configuration", e))?;
+        managed.retain(|m| !mine(m));
+        managed.push(fields::Managed {
+            manager: manager.clone(),
+            operation: "Apply".into(),
+            api_version: api_version.clone(),
+            subresource: String::new(),
+            fields: applied_set.clone(),
+        });
+        fields::write_managed(&mut merged, &managed);
+        Ok(merged)
+    };
     loop {
-        match read_object(state, resource, namespace, name).await {
-            Ok(_) => {}
-            Err(error) if error.code == 404 => {
+        match modify(state, (resource, namespace, name), View::Main, &write, merge).await {
+            Err(error) if error.code == 404 && error.reason == "NotFound" => {
                 let mut object = applied.clone();
                 object["metadata"]["name"] = json!(name);
                 match create_object(state, resource, namespace, object, &write, Some(applied_set.clone())).await {
+                    // Created meanwhile by someone else: apply to that.
                     Err(error) if error.reason == "AlreadyExists" => continue,
                     other => return other,
                 }
             }
-            Err(error) => return Err(error),
+            other => return other,
         }
-        return modify(state, (resource, namespace, name), View::Main, &write, |current, _| {
-            let mut managed = fields::read_managed(current);
-            let mine = |m: &fields::Managed| m.manager == *manager && m.operation == "Apply";
-            let mut conflicts = Vec::new();
-            for entry in managed.iter().filter(|m| !mine(m)) {
-                for path in entry.fields.intersection(&applied_set) {
-                    if fields::get(current, path) != fields::get(&applied, path) {
-                        conflicts.push((entry.manager.clone(), entry.api_version.clone(), path.clone()));
-                    }
-                }
-            }
-            if !conflicts.is_empty() && !force {
-                return Err(apply_conflict(resource, name, &conflicts));
-            }
-            for (owner, _, path) in &conflicts {
-                for entry in managed.iter_mut().filter(|m| m.manager == *owner) {
-                    entry.fields.remove(path);
-                }
-            }
-            let previous = managed.iter().find(|m| mine(m)).map(|m| m.fields.clone()).unwrap_or_default();
-            let mut merged = current.clone();
-            for path in previous.difference(&applied_set) {
-                let owned_by_others = managed.iter().any(|m| !mine(m) && m.fields.contains(path));
-                if !owned_by_others {
-                    fields::remove(&mut merged, path);
-                }
-            }
-            let mut merged =
-                crate::smp::apply(&merged, &applied).map_err(|e| patch_error("applied configuration", e))?;
-            managed.retain(|m| !mine(m));
-            managed.push(fields::Managed {
-                manager: manager.clone(),
-                operation: "Apply".into(),
-                api_version: api_version.clone(),
-                subresource: String::new(),
-                fields: applied_set.clone(),
-            });
-            fields::write_managed(&mut merged, &managed);
-            Ok(merged)
-        })
-        .await;
     }
 }
 
@@ -989,12 +988,9 @@ fn check_precondition(given: Option<&str>, revision: i64, resource: &Resource, n
     }
 }
 
-#[allow(clippy::too_many_arguments)]
 async fn update(
     state: &ApiState,
-    resource: &Resource,
-    namespace: Option<&str>,
-    name: &str,
+    (resource, namespace, name): (&Resource, Option<&str>, &str),
     view: View,
     content_type: &str,
     body: &[u8],
@@ -1040,12 +1036,9 @@ fn apply_patch(media: &str, current: &Value, patch: &Value) -> Result<Value, Api
     Ok(patched)
 }
 
-#[allow(clippy::too_many_arguments)]
 async fn patch(
     state: &ApiState,
-    resource: &Resource,
-    namespace: Option<&str>,
-    name: &str,
+    (resource, namespace, name): (&Resource, Option<&str>, &str),
     view: View,
     content_type: &str,
     body: &[u8],
