@@ -55,13 +55,13 @@ fn text_response(text: &'static str) -> Response<Body> {
 }
 
 /// The server's version, as `/version` and `kubectl version` show it. kubectl's dispatcher picks
-/// its client by the minor version: 1.31 is the newest whose typed `create` commands send JSON
-/// (1.32+ send protobuf bodies, which this server does not decode yet).
+/// its client by the minor version. Tugboat serves the Kubernetes 1.33 API (its schemas are
+/// k8s-openapi's v1_33; kubectl 1.32+'s protobuf bodies are decoded).
 pub fn version() -> Value {
     json!({
         "major": "1",
-        "minor": "31",
-        "gitVersion": format!("v1.31.0+tugboat-{}", env!("CARGO_PKG_VERSION")),
+        "minor": "33",
+        "gitVersion": format!("v1.33.0+tugboat-{}", env!("CARGO_PKG_VERSION")),
         "gitCommit": "",
         "gitTreeState": "clean",
         "buildDate": "1970-01-01T00:00:00Z",
@@ -211,6 +211,16 @@ async fn route(
         }
         _ => {}
     }
+    if path == "/openapi/v2" || path == "/openapi/v2/" {
+        if accept.contains("protobuf") {
+            let mut response = Response::new(Body::from(crate::openapi_v2::protobuf()));
+            response
+                .headers_mut()
+                .insert(header::CONTENT_TYPE, header::HeaderValue::from_static(crate::openapi_v2::PROTOBUF_MEDIA_TYPE));
+            return Ok(response);
+        }
+        return Ok(json_response(StatusCode::OK, crate::openapi::swagger()));
+    }
     if path == "/openapi/v3" || path == "/openapi/v3/" {
         return Ok(json_response(StatusCode::OK, crate::openapi::index()));
     }
@@ -252,7 +262,43 @@ async fn route(
     let accept = headers.get(header::ACCEPT).and_then(|v| v.to_str().ok()).unwrap_or("");
     let content_type = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("application/json");
     let dry_run = query.get("dryRun").is_some_and(|v| v == "All");
-    let write = Write { manager: field_manager(query, headers), dry_run, apply: false };
+    let validation = FieldValidation::from_query(query)?;
+    let write = Write {
+        manager: field_manager(query, headers),
+        dry_run,
+        apply: false,
+        validation,
+        warnings: Default::default(),
+    };
+    let result = dispatch(state, user, method, target, view, query, accept, content_type, body, &write).await;
+    // Upstream's warning format: `299 - "unknown field \"spec.foo\""`; kubectl prints each.
+    let warnings = std::mem::take(&mut *write.warnings.lock().unwrap_or_else(|e| e.into_inner()));
+    result.map(|mut response| {
+        for warning in warnings {
+            let text = format!("299 - {}", Value::String(warning));
+            if let Ok(value) = header::HeaderValue::from_str(&text) {
+                response.headers_mut().append(header::WARNING, value);
+            }
+        }
+        response
+    })
+}
+
+/// Sends a request for a resource to its handler.
+#[allow(clippy::too_many_arguments)]
+async fn dispatch(
+    state: &ApiState,
+    user: Option<&UserInfo>,
+    method: &Method,
+    target: Target,
+    view: View,
+    query: &Query,
+    accept: &str,
+    content_type: &str,
+    body: Body,
+    write: &Write,
+) -> Result<Response<Body>, ApiError> {
+    let dry_run = write.dry_run;
     if target.resource.is_review() {
         if method != Method::POST || target.name.is_some() {
             return Err(ApiError::method_not_allowed(method.as_str()));
@@ -277,11 +323,11 @@ async fn route(
         }
         (&Method::POST, None) => {
             let body = read_body(body).await?;
-            create(state, target.resource, namespace, content_type, &body, &write).await
+            create(state, target.resource, namespace, content_type, &body, write).await
         }
         (&Method::PUT, Some(name)) => {
             let body = read_body(body).await?;
-            update(state, (target.resource, namespace, name), view, content_type, &body, &write).await
+            update(state, (target.resource, namespace, name), view, content_type, &body, write).await
         }
         (&Method::PATCH, Some(name))
             if content_type.split(';').next().is_some_and(|m| m.trim() == "application/apply-patch+yaml") =>
@@ -290,11 +336,11 @@ async fn route(
                 return Err(ApiError::method_not_allowed("apply on a subresource"));
             }
             let body = read_body(body).await?;
-            server_side_apply(state, target.resource, namespace, name, query, &body, &write).await
+            server_side_apply(state, target.resource, namespace, name, query, &body, write).await
         }
         (&Method::PATCH, Some(name)) => {
             let body = read_body(body).await?;
-            patch(state, (target.resource, namespace, name), view, content_type, &body, &write).await
+            patch(state, (target.resource, namespace, name), view, content_type, &body, write).await
         }
         (_, _) if view != View::Main => Err(ApiError::method_not_allowed(method.as_str())),
         (&Method::DELETE, Some(name)) => {
@@ -522,10 +568,14 @@ async fn watch(
     let include = include_object(query);
     let timeout = query.get("timeoutSeconds").and_then(|t| t.parse::<u64>().ok()).map(Duration::from_secs);
 
+    let bookmarks = query.get("allowWatchBookmarks").is_some_and(|b| b == "true") && !as_table;
+    // A watch list (`sendInitialEvents=true`, client-go's WatchList): the current state first,
+    // then a bookmark that says so.
+    let send_initial = query.get("sendInitialEvents").is_some_and(|s| s == "true");
     // No resourceVersion (or "0"): start with the current state as ADDED events.
     let (initial, start) = match parse_revision(query.get("resourceVersion"))? {
-        Some(revision) => (Vec::new(), revision),
-        None => {
+        Some(revision) if !send_initial => (Vec::new(), revision),
+        _ => {
             let page = state
                 .store
                 .list(&prefix, ListOptions::default())
@@ -565,12 +615,47 @@ async fn watch(
     };
 
     let mut first = true;
-    let mut initial_lines = Vec::with_capacity(initial.len());
+    let mut initial_lines = Vec::with_capacity(initial.len() + 1);
     for object in initial {
         initial_lines.push(render("ADDED", object, first));
         first = false;
     }
-    let events = stream.filter_map(move |item| {
+    let bookmark = move |revision: i64, annotations: Value| -> Bytes {
+        let mut metadata = json!({"resourceVersion": revision.to_string()});
+        if !annotations.is_null() {
+            metadata["annotations"] = annotations;
+        }
+        event_line("BOOKMARK", &json!({"kind": resource.kind, "apiVersion": resource.api_version(), "metadata": metadata}))
+    };
+    if send_initial && bookmarks {
+        initial_lines.push(bookmark(start, json!({"k8s.io/initial-events-end": "true"})));
+    }
+    // Bookmarks carry the revision of the last event the watch has passed on (or filtered
+    // out): everything up to it has been seen, so a client may resume there. Sent every
+    // BOOKMARK_PERIOD, and once just before a timeoutSeconds ends the watch.
+    let ticks: futures::stream::BoxStream<'static, ()> = if bookmarks {
+        let periodic = futures::stream::unfold((), |_| async {
+            tokio::time::sleep(BOOKMARK_PERIOD).await;
+            Some(((), ()))
+        });
+        match timeout.and_then(|t| t.checked_sub(Duration::from_secs(1))).filter(|t| !t.is_zero()) {
+            Some(before_end) => {
+                futures::stream::select(periodic, futures::stream::once(tokio::time::sleep(before_end))).boxed()
+            }
+            None => periodic.boxed(),
+        }
+    } else {
+        futures::stream::pending().boxed()
+    };
+    let mut last_revision = start;
+    let merged = futures::stream::select(stream.map(Some), ticks.map(|()| None));
+    let events = merged.filter_map(move |item| {
+        let Some(item) = item else {
+            return futures::future::ready(Some(bookmark(last_revision, Value::Null)));
+        };
+        if let Ok(event) = &item {
+            last_revision = last_revision.max(event.revision());
+        }
         let line = match item {
             Ok(event) => {
                 let decode = |kv: &tugboat_store::KeyValue| object::from_store(&kv.value, kv.mod_revision).ok();
@@ -613,6 +698,9 @@ async fn watch(
     Ok(streaming_response(body))
 }
 
+/// How often a watch that allows bookmarks gets one (upstream: about a minute).
+const BOOKMARK_PERIOD: Duration = Duration::from_secs(60);
+
 fn streaming_response(lines: futures::stream::BoxStream<'static, Bytes>) -> Response<Body> {
     let body = Body::from_stream(lines.map(Ok::<_, Infallible>));
     let mut response = Response::new(body);
@@ -641,6 +729,7 @@ async fn create_object(
     write: &Write,
     applied: Option<fields::FieldSet>,
 ) -> Result<Response<Body>, ApiError> {
+    write.check_fields(resource, &mut object)?;
     object::prepare_create(resource, namespace, &mut object)?;
     match applied {
         Some(set) => fields::write_managed(
@@ -688,6 +777,67 @@ struct Write {
     dry_run: bool,
     /// A server-side apply, which records its own managedFields.
     apply: bool,
+    validation: FieldValidation,
+    /// Warnings for the client (`Warning` headers of the response).
+    warnings: Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+impl Write {
+    /// Drops the fields of `object` its kind does not declare, as upstream's decoder does; under
+    /// `fieldValidation=Strict` they are an error, under Warn (the default) a warning each.
+    fn check_fields(&self, resource: &Resource, object: &mut Value) -> Result<(), ApiError> {
+        let unknown = crate::schema::schemas().prune_unknown(resource, object);
+        if unknown.is_empty() {
+            return Ok(());
+        }
+        match self.validation {
+            FieldValidation::Strict => {
+                let fields: Vec<String> = unknown.iter().map(|f| format!("unknown field {f:?}")).collect();
+                let mut error = ApiError::bad_request(format!(
+                    "{kind} in version {version:?} cannot be handled as a {kind}: strict decoding error: {}",
+                    fields.join(", "),
+                    kind = resource.kind,
+                    version = resource.version,
+                ));
+                error.causes = unknown
+                    .iter()
+                    .map(|f| crate::status::Cause {
+                        reason: "FieldValueInvalid",
+                        message: format!("unknown field {f:?}"),
+                        field: f.clone(),
+                    })
+                    .collect();
+                Err(error)
+            }
+            FieldValidation::Warn => {
+                let mut warnings = self.warnings.lock().unwrap_or_else(|e| e.into_inner());
+                warnings.extend(unknown.iter().map(|f| format!("unknown field {f:?}")));
+                Ok(())
+            }
+            FieldValidation::Ignore => Ok(()),
+        }
+    }
+}
+
+/// `?fieldValidation=`: what to do with fields the schema does not declare.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum FieldValidation {
+    Strict,
+    Warn,
+    Ignore,
+}
+
+impl FieldValidation {
+    fn from_query(query: &Query) -> Result<FieldValidation, ApiError> {
+        match query.get("fieldValidation").map(String::as_str) {
+            None | Some("") | Some("Warn") => Ok(FieldValidation::Warn),
+            Some("Strict") => Ok(FieldValidation::Strict),
+            Some("Ignore") => Ok(FieldValidation::Ignore),
+            Some(other) => Err(ApiError::bad_request(format!(
+                "fieldValidation must be one of Ignore, Warn or Strict, not {other:?}"
+            ))),
+        }
+    }
 }
 
 /// The field manager: `?fieldManager=`, else the client's name from its User-Agent
@@ -717,7 +867,8 @@ async fn server_side_apply(
         return Err(ApiError::bad_request("fieldManager is required for apply requests"));
     };
     let force = query.get("force").is_some_and(|f| f == "true");
-    let applied = decode_body("application/yaml", body)?;
+    let mut applied = decode_body("application/yaml", body)?;
+    write.check_fields(resource, &mut applied)?;
     if applied["apiVersion"].as_str().is_none_or(str::is_empty) || applied["kind"].as_str().is_none_or(str::is_empty) {
         return Err(ApiError::bad_request("an applied configuration needs apiVersion and kind"));
     }
@@ -729,7 +880,7 @@ async fn server_side_apply(
         )));
     }
     let applied_set = fields::field_set(&applied);
-    let write = Write { manager: manager.clone(), dry_run: write.dry_run, apply: true };
+    let write = Write { manager: manager.clone(), apply: true, ..write.clone() };
     let api_version = resource.api_version();
     // Apply to the object as it is; a missing object is created from the applied configuration.
     let merge = |current: &Value, _: i64| {
@@ -926,9 +1077,12 @@ async fn modify(
     let (resource, namespace, name) = target;
     for _ in 0..UPDATE_RETRIES {
         let (old, revision) = read_object(state, resource, namespace, name).await?;
-        let written = change(&view.project(&old), revision)?;
+        let mut written = change(&view.project(&old), revision)?;
         if !written.is_object() {
             return Err(ApiError::bad_request("the request does not leave an object"));
+        }
+        if view != View::Scale {
+            write.check_fields(resource, &mut written)?;
         }
         let mut object = view.merge_back(resource, &old, written)?;
         object["metadata"]["name"] = json!(name);

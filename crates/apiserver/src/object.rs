@@ -18,9 +18,7 @@ pub fn decode_body(content_type: &str, body: &[u8]) -> Result<Value, ApiError> {
             serde_saphyr::from_str(text)
                 .map_err(|e| ApiError::bad_request(format!("the body of the request is not valid YAML: {e}")))?
         }
-        "application/vnd.kubernetes.protobuf" => {
-            return Err(ApiError::unsupported_media_type(media));
-        }
+        "application/vnd.kubernetes.protobuf" => crate::protobuf::decode(body)?,
         other => return Err(ApiError::unsupported_media_type(other)),
     };
     if !value.is_object() {
@@ -276,7 +274,9 @@ fn default_workload(resource: &Resource, object: &mut Value) {
             set_default(spec, "replicas", json!(1));
             set_default(spec, "revisionHistoryLimit", json!(10));
             set_default(spec, "progressDeadlineSeconds", json!(600));
-            set_default(spec, "strategy", json!({"type": "RollingUpdate"}));
+            // `strategy: {}` (what kubectl create deployment sends) is defaulted inside.
+            set_default(spec, "strategy", json!({}));
+            set_default(&mut spec["strategy"], "type", json!("RollingUpdate"));
             if spec["strategy"]["type"] == "RollingUpdate" {
                 set_default(
                     &mut spec["strategy"],
@@ -290,15 +290,19 @@ fn default_workload(resource: &Resource, object: &mut Value) {
             set_default(spec, "replicas", json!(1));
             set_default(spec, "podManagementPolicy", json!("OrderedReady"));
             set_default(spec, "revisionHistoryLimit", json!(10));
-            set_default(spec, "updateStrategy", json!({"type": "RollingUpdate", "rollingUpdate": {"partition": 0}}));
+            set_default(spec, "updateStrategy", json!({}));
+            set_default(&mut spec["updateStrategy"], "type", json!("RollingUpdate"));
+            if spec["updateStrategy"]["type"] == "RollingUpdate" {
+                set_default(&mut spec["updateStrategy"], "rollingUpdate", json!({"partition": 0}));
+            }
         }
         "daemonsets" => {
             set_default(spec, "revisionHistoryLimit", json!(10));
-            set_default(
-                spec,
-                "updateStrategy",
-                json!({"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 1, "maxSurge": 0}}),
-            );
+            set_default(spec, "updateStrategy", json!({}));
+            set_default(&mut spec["updateStrategy"], "type", json!("RollingUpdate"));
+            if spec["updateStrategy"]["type"] == "RollingUpdate" {
+                set_default(&mut spec["updateStrategy"], "rollingUpdate", json!({"maxUnavailable": 1, "maxSurge": 0}));
+            }
         }
         "jobs" => default_job_spec(spec),
         "cronjobs" => {
@@ -347,7 +351,8 @@ pub fn default_pod_spec(spec: &mut Value) {
     set_default(spec, "securityContext", json!({}));
     set_default(spec, "enableServiceLinks", json!(true));
     for list in ["initContainers", "containers"] {
-        let Some(containers) = spec[list].as_array_mut() else {
+        // `get_mut`, not `spec[list]`: indexing a missing key would insert a null.
+        let Some(containers) = spec.get_mut(list).and_then(Value::as_array_mut) else {
             continue;
         };
         for container in containers {
@@ -363,6 +368,9 @@ pub fn default_pod_spec(spec: &mut Value) {
             set_default(container, "terminationMessagePath", json!("/dev/termination-log"));
             set_default(container, "terminationMessagePolicy", json!("File"));
             set_default(container, "resources", json!({}));
+            for port in container.get_mut("ports").and_then(Value::as_array_mut).into_iter().flatten() {
+                set_default(port, "protocol", json!("TCP"));
+            }
         }
     }
 }
@@ -508,6 +516,7 @@ mod tests {
         assert_eq!(pod["spec"]["terminationGracePeriodSeconds"], 30);
         assert_eq!(pod["spec"]["containers"][0]["imagePullPolicy"], "Always");
         assert_eq!(pod["spec"]["containers"][1]["imagePullPolicy"], "IfNotPresent");
+        assert!(pod["spec"].get("initContainers").is_none(), "no null left behind");
         assert_eq!(pod["status"], json!({"phase": "Pending", "qosClass": "BestEffort"}));
         let limited = json!({"containers": [{"resources": {"limits": {"cpu": "1", "memory": "1Gi"}}}]});
         assert_eq!(qos_class(&limited), "Guaranteed");

@@ -1,7 +1,11 @@
-//! OpenAPI v3, as much as clients need today: `/openapi/v3` lists a document per group version,
-//! each with the operations of its resources, each PATCH naming its group-version-kind and the
-//! `fieldValidation` parameter. That is what kubectl (1.29+) checks before it lets the server
-//! validate an `apply`. Schemas of the types are not served yet (so no `kubectl explain`).
+//! OpenAPI v3: `/openapi/v3` lists a document per group version, each with the operations of
+//! its resources (each PATCH naming its group-version-kind and the `fieldValidation` parameter:
+//! what kubectl 1.29+ checks before it lets the server validate an `apply`) and the schemas of
+//! its kinds with every definition they reach (what `kubectl explain` reads).
+//!
+//! PATCH operations declare no request body on purpose: kubectl then computes a strategic
+//! merge patch from its own compiled-in types, whose merge keys are the ones the server's
+//! `smp` module applies, rather than from schemas that do not carry merge keys.
 
 use std::sync::OnceLock;
 
@@ -41,7 +45,10 @@ fn operation(resource: &Resource, action: &str, verb: &str, parameters: &[&str])
 
 fn document(path: &str) -> Value {
     let mut paths = serde_json::Map::new();
+    let schemas = crate::schema::schemas();
+    let mut roots = Vec::new();
     for resource in RESOURCES.iter().filter(|r| group_version_path(r) == path) {
+        roots.push(schemas.root(resource).to_string());
         let base = format!("/{path}");
         let (collection, item) = if resource.namespaced {
             (
@@ -69,11 +76,16 @@ fn document(path: &str) -> Value {
             }),
         );
     }
+    let components: serde_json::Map<String, Value> = schemas
+        .reachable(roots)
+        .into_iter()
+        .filter_map(|name| schemas.definitions.get(&name).map(|schema| (name, schema.clone())))
+        .collect();
     json!({
         "openapi": "3.0.0",
         "info": {"title": "Kubernetes", "version": crate::handlers::version()["gitVersion"]},
         "paths": paths,
-        "components": {"schemas": {}},
+        "components": {"schemas": components},
     })
 }
 
@@ -101,6 +113,22 @@ fn documents() -> &'static Documents {
             index.insert(path.clone(), json!({"serverRelativeURL": format!("/openapi/v3/{path}?hash={hash}")}));
         }
         Documents { index: json!({"paths": index}), documents }
+    })
+}
+
+/// `/openapi/v2` in JSON: the definitions (clients that ask for protobuf get `openapi_v2`'s).
+pub fn swagger() -> &'static Value {
+    static SWAGGER: OnceLock<Value> = OnceLock::new();
+    SWAGGER.get_or_init(|| {
+        let definitions = serde_json::to_string(&crate::schema::schemas().definitions)
+            .unwrap_or_default()
+            .replace("\"#/components/schemas/", "\"#/definitions/");
+        json!({
+            "swagger": "2.0",
+            "info": {"title": "Kubernetes", "version": crate::handlers::version()["gitVersion"]},
+            "paths": {},
+            "definitions": serde_json::from_str::<Value>(&definitions).unwrap_or_default(),
+        })
     })
 }
 
@@ -139,5 +167,10 @@ mod tests {
         let core = group_version("api/v1").unwrap();
         assert!(core["paths"]["/api/v1/namespaces/{name}"]["patch"].is_object());
         assert!(group_version("apis/nope/v1").is_none());
+        // Schemas for `kubectl explain`: the kinds, marked with their GVK, and what they reach.
+        let deployment = &apps["components"]["schemas"]["io.k8s.api.apps.v1.Deployment"];
+        assert_eq!(deployment["x-kubernetes-group-version-kind"][0]["kind"], "Deployment");
+        assert!(apps["components"]["schemas"]["io.k8s.api.core.v1.Container"]["properties"]["image"].is_object());
+        assert!(apps["components"]["schemas"]["io.k8s.api.core.v1.Node"].is_null());
     }
 }

@@ -1,8 +1,10 @@
 //! The resources the server serves: group, version, kind, names, scope, verbs, and where their
 //! objects live in the store.
 
+use schemars::{JsonSchema, Schema, SchemaGenerator};
+
 /// One served resource.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Clone, Copy)]
 pub struct Resource {
     /// API group; "" for the core group (served under `/api/v1`).
     pub group: &'static str,
@@ -16,16 +18,39 @@ pub struct Resource {
     pub categories: &'static [&'static str],
     /// The store prefix segment, as kube-apiserver names it (`services/specs`, `minions`).
     pub storage: &'static str,
+    /// Adds the OpenAPI schema of the kind to a generator's definitions and returns a
+    /// reference to it.
+    pub schema: fn(&mut SchemaGenerator) -> Schema,
+    /// Decodes the kind's protobuf message (its k8s-rs-pb type) to that crate's serde form.
+    pub protobuf: fn(&[u8]) -> Result<serde_json::Value, String>,
+}
+
+impl std::fmt::Debug for Resource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.api_version(), self.plural)
+    }
+}
+
+impl PartialEq for Resource {
+    fn eq(&self, other: &Self) -> bool {
+        self.group == other.group && self.version == other.version && self.plural == other.plural
+    }
+}
+
+impl Eq for Resource {}
+
+fn schema_of<T: JsonSchema>(generator: &mut SchemaGenerator) -> Schema {
+    generator.subschema_for::<T>()
 }
 
 /// The verbs every resource of this increment supports.
 pub const VERBS: &[&str] = &["create", "delete", "get", "list", "patch", "update", "watch"];
 
 macro_rules! resource {
-    ($group:expr, $version:expr, $kind:expr, $plural:expr, $singular:expr, $namespaced:expr, $short:expr, $categories:expr) => {
-        resource!($group, $version, $kind, $plural, $singular, $namespaced, $short, $categories, $plural)
+    ($($type:ident)::+, $group:expr, $version:expr, $kind:expr, $plural:expr, $singular:expr, $namespaced:expr, $short:expr, $categories:expr) => {
+        resource!($($type)::+, $group, $version, $kind, $plural, $singular, $namespaced, $short, $categories, $plural)
     };
-    ($group:expr, $version:expr, $kind:expr, $plural:expr, $singular:expr, $namespaced:expr, $short:expr, $categories:expr, $storage:expr) => {
+    ($($type:ident)::+, $group:expr, $version:expr, $kind:expr, $plural:expr, $singular:expr, $namespaced:expr, $short:expr, $categories:expr, $storage:expr) => {
         Resource {
             group: $group,
             version: $version,
@@ -36,6 +61,8 @@ macro_rules! resource {
             short_names: $short,
             categories: $categories,
             storage: $storage,
+            schema: schema_of::<k8s_openapi::api::$($type)::+>,
+            protobuf: crate::protobuf::to_serde_json::<k8s_rs_pb::api::$($type)::+>,
         }
     };
 }
@@ -45,17 +72,49 @@ const NONE: &[&str] = &[];
 
 /// Every served resource.
 pub static RESOURCES: &[Resource] = &[
-    resource!("", "v1", "Namespace", "namespaces", "namespace", false, &["ns"], NONE),
-    resource!("", "v1", "Pod", "pods", "pod", true, &["po"], ALL),
-    resource!("", "v1", "Service", "services", "service", true, &["svc"], ALL, "services/specs"),
-    resource!("", "v1", "ConfigMap", "configmaps", "configmap", true, &["cm"], NONE),
-    resource!("", "v1", "Secret", "secrets", "secret", true, NONE, NONE),
-    resource!("", "v1", "ServiceAccount", "serviceaccounts", "serviceaccount", true, &["sa"], NONE),
-    resource!("", "v1", "Endpoints", "endpoints", "endpoints", true, &["ep"], NONE, "services/endpoints"),
-    resource!("", "v1", "Event", "events", "event", true, &["ev"], NONE),
-    resource!("", "v1", "Node", "nodes", "node", false, &["no"], NONE, "minions"),
-    resource!("", "v1", "PersistentVolume", "persistentvolumes", "persistentvolume", false, &["pv"], NONE),
+    resource!(core::v1::Namespace, "", "v1", "Namespace", "namespaces", "namespace", false, &["ns"], NONE),
+    resource!(core::v1::Pod, "", "v1", "Pod", "pods", "pod", true, &["po"], ALL),
+    resource!(core::v1::Service, "", "v1", "Service", "services", "service", true, &["svc"], ALL, "services/specs"),
+    resource!(core::v1::ConfigMap, "", "v1", "ConfigMap", "configmaps", "configmap", true, &["cm"], NONE),
+    resource!(core::v1::Secret, "", "v1", "Secret", "secrets", "secret", true, NONE, NONE),
     resource!(
+        core::v1::ServiceAccount,
+        "",
+        "v1",
+        "ServiceAccount",
+        "serviceaccounts",
+        "serviceaccount",
+        true,
+        &["sa"],
+        NONE
+    ),
+    resource!(
+        core::v1::Endpoints,
+        "",
+        "v1",
+        "Endpoints",
+        "endpoints",
+        "endpoints",
+        true,
+        &["ep"],
+        NONE,
+        "services/endpoints"
+    ),
+    resource!(core::v1::Event, "", "v1", "Event", "events", "event", true, &["ev"], NONE),
+    resource!(core::v1::Node, "", "v1", "Node", "nodes", "node", false, &["no"], NONE, "minions"),
+    resource!(
+        core::v1::PersistentVolume,
+        "",
+        "v1",
+        "PersistentVolume",
+        "persistentvolumes",
+        "persistentvolume",
+        false,
+        &["pv"],
+        NONE
+    ),
+    resource!(
+        core::v1::PersistentVolumeClaim,
         "",
         "v1",
         "PersistentVolumeClaim",
@@ -65,17 +124,38 @@ pub static RESOURCES: &[Resource] = &[
         &["pvc"],
         NONE
     ),
-    resource!("", "v1", "LimitRange", "limitranges", "limitrange", true, &["limits"], NONE),
-    resource!("", "v1", "ResourceQuota", "resourcequotas", "resourcequota", true, &["quota"], NONE),
-    resource!("apps", "v1", "Deployment", "deployments", "deployment", true, &["deploy"], ALL),
-    resource!("apps", "v1", "ReplicaSet", "replicasets", "replicaset", true, &["rs"], ALL),
-    resource!("apps", "v1", "DaemonSet", "daemonsets", "daemonset", true, &["ds"], ALL),
-    resource!("apps", "v1", "StatefulSet", "statefulsets", "statefulset", true, &["sts"], ALL),
-    resource!("batch", "v1", "Job", "jobs", "job", true, NONE, ALL),
-    resource!("batch", "v1", "CronJob", "cronjobs", "cronjob", true, &["cj"], ALL),
-    resource!("coordination.k8s.io", "v1", "Lease", "leases", "lease", true, NONE, NONE),
-    resource!("discovery.k8s.io", "v1", "EndpointSlice", "endpointslices", "endpointslice", true, NONE, NONE),
+    resource!(core::v1::LimitRange, "", "v1", "LimitRange", "limitranges", "limitrange", true, &["limits"], NONE),
     resource!(
+        core::v1::ResourceQuota,
+        "",
+        "v1",
+        "ResourceQuota",
+        "resourcequotas",
+        "resourcequota",
+        true,
+        &["quota"],
+        NONE
+    ),
+    resource!(apps::v1::Deployment, "apps", "v1", "Deployment", "deployments", "deployment", true, &["deploy"], ALL),
+    resource!(apps::v1::ReplicaSet, "apps", "v1", "ReplicaSet", "replicasets", "replicaset", true, &["rs"], ALL),
+    resource!(apps::v1::DaemonSet, "apps", "v1", "DaemonSet", "daemonsets", "daemonset", true, &["ds"], ALL),
+    resource!(apps::v1::StatefulSet, "apps", "v1", "StatefulSet", "statefulsets", "statefulset", true, &["sts"], ALL),
+    resource!(batch::v1::Job, "batch", "v1", "Job", "jobs", "job", true, NONE, ALL),
+    resource!(batch::v1::CronJob, "batch", "v1", "CronJob", "cronjobs", "cronjob", true, &["cj"], ALL),
+    resource!(coordination::v1::Lease, "coordination.k8s.io", "v1", "Lease", "leases", "lease", true, NONE, NONE),
+    resource!(
+        discovery::v1::EndpointSlice,
+        "discovery.k8s.io",
+        "v1",
+        "EndpointSlice",
+        "endpointslices",
+        "endpointslice",
+        true,
+        NONE,
+        NONE
+    ),
+    resource!(
+        policy::v1::PodDisruptionBudget,
         "policy",
         "v1",
         "PodDisruptionBudget",
@@ -85,10 +165,31 @@ pub static RESOURCES: &[Resource] = &[
         &["pdb"],
         NONE
     ),
-    resource!("rbac.authorization.k8s.io", "v1", "Role", "roles", "role", true, NONE, NONE),
-    resource!("rbac.authorization.k8s.io", "v1", "RoleBinding", "rolebindings", "rolebinding", true, NONE, NONE),
-    resource!("rbac.authorization.k8s.io", "v1", "ClusterRole", "clusterroles", "clusterrole", false, NONE, NONE),
+    resource!(rbac::v1::Role, "rbac.authorization.k8s.io", "v1", "Role", "roles", "role", true, NONE, NONE),
     resource!(
+        rbac::v1::RoleBinding,
+        "rbac.authorization.k8s.io",
+        "v1",
+        "RoleBinding",
+        "rolebindings",
+        "rolebinding",
+        true,
+        NONE,
+        NONE
+    ),
+    resource!(
+        rbac::v1::ClusterRole,
+        "rbac.authorization.k8s.io",
+        "v1",
+        "ClusterRole",
+        "clusterroles",
+        "clusterrole",
+        false,
+        NONE,
+        NONE
+    ),
+    resource!(
+        rbac::v1::ClusterRoleBinding,
         "rbac.authorization.k8s.io",
         "v1",
         "ClusterRoleBinding",
@@ -99,6 +200,7 @@ pub static RESOURCES: &[Resource] = &[
         NONE
     ),
     resource!(
+        certificates::v1::CertificateSigningRequest,
         "certificates.k8s.io",
         "v1",
         "CertificateSigningRequest",
@@ -110,6 +212,7 @@ pub static RESOURCES: &[Resource] = &[
     ),
     // Reviews: answered, never stored.
     resource!(
+        authorization::v1::SelfSubjectAccessReview,
         "authorization.k8s.io",
         "v1",
         "SelfSubjectAccessReview",
@@ -121,6 +224,7 @@ pub static RESOURCES: &[Resource] = &[
         "-selfsubjectaccessreviews"
     ),
     resource!(
+        authorization::v1::SelfSubjectRulesReview,
         "authorization.k8s.io",
         "v1",
         "SelfSubjectRulesReview",
@@ -132,6 +236,7 @@ pub static RESOURCES: &[Resource] = &[
         "-selfsubjectrulesreviews"
     ),
     resource!(
+        authentication::v1::SelfSubjectReview,
         "authentication.k8s.io",
         "v1",
         "SelfSubjectReview",

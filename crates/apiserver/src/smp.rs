@@ -5,13 +5,14 @@
 //! `$setElementOrder/<list>`, `$deleteFromPrimitiveList/<list>`.
 //!
 //! Upstream reads the merge keys from Go struct tags; here they are a table of the lists of the
-//! built-in types that have one.
+//! built-in types that have one. The OpenAPI schemas carry the same table
+//! (`x-kubernetes-patch-merge-key`), so a client that computes its patch from them agrees.
 
 use serde_json::{Map, Value};
 
 /// How a list field merges.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum ListStrategy {
+pub enum ListStrategy {
     Replace,
     MergeByKey(&'static str),
     /// A list of scalars merged as a set.
@@ -19,7 +20,7 @@ enum ListStrategy {
 }
 
 /// The strategy of list `field`, looking at its elements where one name has two keys.
-fn strategy(field: &str, elements: &[&Value]) -> ListStrategy {
+pub fn strategy(field: &str, elements: &[&Value]) -> ListStrategy {
     use ListStrategy::*;
     match field {
         "containers"
@@ -33,7 +34,8 @@ fn strategy(field: &str, elements: &[&Value]) -> ListStrategy {
         "volumeMounts" => MergeByKey("mountPath"),
         "volumeDevices" => MergeByKey("devicePath"),
         "hostAliases" => MergeByKey("ip"),
-        "conditions" | "addresses" => MergeByKey("type"),
+        // Node addresses and status conditions; an endpoint subset's addresses have no type.
+        "conditions" | "addresses" if elements.iter().any(|e| e.get("type").is_some()) => MergeByKey("type"),
         "ownerReferences" => MergeByKey("uid"),
         "topologySpreadConstraints" => MergeByKey("topologyKey"),
         "finalizers" => Union,

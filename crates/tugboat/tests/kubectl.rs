@@ -77,7 +77,7 @@ fn header(output: &str) -> Vec<String> {
 /// The everyday verbs, for one kubectl, in a namespace of its own.
 fn everyday_verbs(kubectl: &Kubectl, ns: &str) {
     let version = kubectl.ok(&["version"]);
-    assert!(version.contains("Server Version:") && version.contains("v1.31.0+tugboat"), "{version}");
+    assert!(version.contains("Server Version:") && version.contains("v1.33.0+tugboat"), "{version}");
 
     let namespaces = kubectl.ok(&["get", "namespaces"]);
     assert_eq!(header(&namespaces), ["NAME", "STATUS", "AGE"]);
@@ -130,13 +130,43 @@ fn everyday_verbs(kubectl: &Kubectl, ns: &str) {
         "{deployments}"
     );
 
-    // A pod from a manifest (validation needs OpenAPI, which is not served yet).
+    // A pod from a manifest, validated by the server (kubectl found `fieldValidation` in
+    // OpenAPI: v2 protobuf for 1.27/1.28, v3 after).
     let manifest = "apiVersion: v1\nkind: Pod\nmetadata:\n  name: box\n  labels: {app: box}\nspec:\n  containers:\n  - name: main\n    image: busybox:1.36\n";
-    let applied = kubectl.apply_stdin(
-        &with_ns(&["apply", "--validate=false", "-f", "-"]).iter().map(String::as_str).collect::<Vec<_>>(),
-        manifest,
-    );
+    let apply = with_ns(&["apply", "-f", "-"]);
+    let apply: Vec<&str> = apply.iter().map(String::as_str).collect();
+    let applied = kubectl.apply_stdin(&apply, manifest);
     assert!(applied.status.success(), "{}", String::from_utf8_lossy(&applied.stderr));
+    // An unknown field is refused under the Strict validation kubectl asks for...
+    let typo = manifest.replace("    image: busybox:1.36\n", "    image: busybox:1.36\n    imagePullPolice: Always\n");
+    let refused = kubectl.apply_stdin(&apply, &typo.replace("name: box", "name: typo"));
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        !refused.status.success()
+            && stderr.contains(r#"strict decoding error: unknown field "spec.containers[0].imagePullPolice""#),
+        "{stderr}"
+    );
+    // ...and dropped with a warning when the user asks for warnings only.
+    let warn = with_ns(&["apply", "--validate=warn", "-f", "-"]);
+    let warned = kubectl
+        .apply_stdin(&warn.iter().map(String::as_str).collect::<Vec<_>>(), &typo.replace("name: box", "name: typo"));
+    let stderr = String::from_utf8_lossy(&warned.stderr);
+    assert!(
+        warned.status.success() && stderr.contains(r#"unknown field "spec.containers[0].imagePullPolice""#),
+        "{stderr}"
+    );
+    let typo: serde_json::Value = serde_json::from_str(&run(&["get", "pod", "typo", "-o", "json"])).unwrap();
+    assert!(typo["spec"]["containers"][0].get("imagePullPolice").is_none(), "unknown fields are not stored");
+    run(&["delete", "pod", "typo"]);
+
+    // explain reads the schemas (v2 protobuf for 1.27/1.28, v3 after).
+    let explained = kubectl.ok(&["explain", "pods.spec.containers.image"]);
+    assert!(
+        explained.contains("KIND:") && explained.contains("Pod") && explained.contains("Container image name"),
+        "{explained}"
+    );
+    let explained = kubectl.ok(&["explain", "deployments.spec"]);
+    assert!(explained.contains("replicas") && explained.contains("strategy"), "{explained}");
     let pods = run(&["get", "pods", "-o", "wide"]);
     assert_eq!(header(&pods)[..5], ["NAME", "READY", "STATUS", "RESTARTS", "AGE"]);
     assert!(pods.lines().any(|l| l.split_whitespace().take(3).eq(["box", "0/1", "Pending"])), "{pods}");
@@ -166,7 +196,7 @@ fn everyday_verbs(kubectl: &Kubectl, ns: &str) {
     let missing = kubectl.fails(&with_ns(&["get", "configmap", "nope"]).iter().map(String::as_str).collect::<Vec<_>>());
     assert!(missing.contains("Error from server (NotFound): configmaps \"nope\" not found"), "{missing}");
     let invalid = kubectl.apply_stdin(
-        &with_ns(&["create", "--validate=false", "-f", "-"]).iter().map(String::as_str).collect::<Vec<_>>(),
+        &with_ns(&["create", "-f", "-"]).iter().map(String::as_str).collect::<Vec<_>>(),
         "apiVersion: v1\nkind: Pod\nmetadata: {name: empty}\nspec: {containers: []}\n",
     );
     let stderr = String::from_utf8_lossy(&invalid.stderr);
@@ -200,6 +230,57 @@ fn kubectl_1_27() {
 fn kubectl_1_30() {
     let server = server();
     everyday_verbs(&Kubectl::new(&server, Some("1.30")), "middle");
+}
+
+/// kubectl 1.33's typed creates send protobuf bodies; what lands must be what the JSON of the
+/// same command would have made (zero values Go omits stay out; set zeros stay in).
+#[test]
+fn kubectl_1_33_typed_creates_in_protobuf() {
+    let server = server();
+    let kubectl = Kubectl::new(&server, Some("1.33"));
+    let get = |args: &[&str]| -> serde_json::Value {
+        let mut all = vec!["get", "-o", "json"];
+        all.extend_from_slice(args);
+        serde_json::from_str(&kubectl.ok(&all)).unwrap()
+    };
+    kubectl.ok(&["create", "namespace", "pb"]);
+    // The namespace first: a job's command follows `--`.
+    let n = |args: &[&str]| -> Vec<String> { ["-n", "pb"].iter().chain(args.iter()).map(|s| s.to_string()).collect() };
+    let run = |args: &[&str]| kubectl.ok(&n(args).iter().map(String::as_str).collect::<Vec<_>>());
+    run(&["create", "deployment", "idle", "--image=nginx:1.27", "--replicas=0", "--port=80"]);
+    run(&["create", "secret", "generic", "s", "--from-literal=password=hunter2"]);
+    run(&["create", "configmap", "c", "--from-literal=a=b"]);
+    run(&["create", "job", "j", "--image=busybox", "--", "echo", "hi"]);
+    run(&["create", "cronjob", "cj", "--image=busybox", "--schedule=*/5 * * * *"]);
+    run(&["create", "service", "nodeport", "np", "--tcp=80:8080"]);
+    run(&["create", "role", "reader", "--verb=get", "--resource=pods"]);
+    run(&["create", "rolebinding", "reader", "--role=reader", "--user=bob"]);
+    run(&["create", "quota", "q", "--hard=pods=10"]);
+    run(&["create", "poddisruptionbudget", "pdb", "--selector=app=idle", "--min-available=1"]);
+    assert_eq!(kubectl.ok(&["auth", "can-i", "create", "pods"]).trim(), "yes");
+
+    let deployment = get(&["-n", "pb", "deployment", "idle"]);
+    assert_eq!(deployment["spec"]["replicas"], 0, "a set zero stays");
+    assert_eq!(deployment["spec"]["strategy"]["type"], "RollingUpdate", "an empty strategy is defaulted");
+    let container = &deployment["spec"]["template"]["spec"]["containers"][0];
+    assert_eq!(container["ports"], serde_json::json!([{"containerPort": 80, "protocol": "TCP"}]));
+    assert!(deployment["spec"]["template"]["metadata"].get("name").is_none(), "empty strings are omitted");
+    let secret = get(&["-n", "pb", "secret", "s"]);
+    assert_eq!(secret["data"]["password"], "aHVudGVyMg==", "bytes arrive as base64");
+    assert_eq!(get(&["-n", "pb", "configmap", "c"])["data"]["a"], "b");
+    let job = get(&["-n", "pb", "job", "j"]);
+    assert_eq!(job["spec"]["template"]["spec"]["containers"][0]["command"], serde_json::json!(["echo", "hi"]));
+    assert_eq!(get(&["-n", "pb", "cronjob", "cj"])["spec"]["schedule"], "*/5 * * * *");
+    let service = get(&["-n", "pb", "service", "np"]);
+    assert!(
+        service["spec"]["ports"][0]["nodePort"].as_u64().is_some_and(|p| p >= 30000),
+        "a zero nodePort is allocated"
+    );
+    assert_eq!(service["spec"]["ports"][0]["targetPort"], 8080, "an IntOrString int");
+    assert_eq!(get(&["-n", "pb", "role", "reader"])["rules"][0]["verbs"], serde_json::json!(["get"]));
+    assert_eq!(get(&["-n", "pb", "rolebinding", "reader"])["subjects"][0]["name"], "bob");
+    assert_eq!(get(&["-n", "pb", "resourcequota", "q"])["spec"]["hard"]["pods"], "10", "a Quantity");
+    assert_eq!(get(&["-n", "pb", "pdb", "pdb"])["spec"]["minAvailable"], 1);
 }
 
 /// Raw HTTP with curl: status codes and Status bodies for bad requests.
@@ -352,8 +433,45 @@ fn watches_from_a_compacted_revision_get_410_gone() {
     assert_eq!(event["object"]["reason"], "Expired");
 }
 
+/// Bookmarks: a watch list (`sendInitialEvents`) ends its initial events with one marked
+/// `k8s.io/initial-events-end`; a watch with a timeout gets one before it ends, carrying the
+/// revision of the last change it passed on.
+#[test]
+fn watches_send_bookmarks() {
+    let server = server();
+    let curl = Curl { server: &server };
+    let json = ["-H", "Content-Type: application/json"];
+    for name in ["a", "b"] {
+        let body = format!(r#"{{"metadata":{{"name":"{name}"}}}}"#);
+        let (code, _) = curl.status("POST", "/api/v1/namespaces/default/configmaps", &[&json[..], &["-d", &body]].concat());
+        assert_eq!(code, 201);
+    }
+    let (code, body) = curl.request(
+        "GET",
+        "/api/v1/namespaces/default/configmaps?watch=true&sendInitialEvents=true&resourceVersionMatch=NotOlderThan&allowWatchBookmarks=true&timeoutSeconds=3",
+        true,
+        &[],
+    );
+    assert_eq!(code, 200, "{body}");
+    let events: Vec<serde_json::Value> = body.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let kinds: Vec<&str> = events.iter().map(|e| e["type"].as_str().unwrap()).collect();
+    assert_eq!(kinds, ["ADDED", "ADDED", "BOOKMARK", "BOOKMARK"], "{body}");
+    let end = &events[2]["object"];
+    assert_eq!(end["kind"], "ConfigMap");
+    assert_eq!(end["metadata"]["annotations"]["k8s.io/initial-events-end"], "true");
+    let latest: i64 = events[1]["object"]["metadata"]["resourceVersion"].as_str().unwrap().parse().unwrap();
+    let marked: i64 = end["metadata"]["resourceVersion"].as_str().unwrap().parse().unwrap();
+    assert!(marked >= latest, "the bookmark covers the initial state");
+
+    // Without allowWatchBookmarks, none.
+    let (_, body) =
+        curl.request("GET", "/api/v1/namespaces/default/configmaps?watch=true&timeoutSeconds=2", true, &[]);
+    assert!(!body.contains("BOOKMARK"), "{body}");
+}
+
 /// apply with validation and a changed re-apply (strategic merge), scale, status, expose,
-/// services, auth: through the dispatcher, which picks kubectl 1.31 for this server.
+/// services, auth: through the dispatcher, which picks kubectl 1.33 for this server (its typed
+/// `create` commands and `auth can-i` send protobuf bodies).
 #[test]
 fn kubectl_apply_scale_expose_and_auth() {
     let server = server();

@@ -1,0 +1,337 @@
+//! Request bodies in `application/vnd.kubernetes.protobuf`, as kubectl 1.32+ sends its typed
+//! writes (`create deployment`, `create secret`, `auth can-i`...): the `k8s\0` magic, then a
+//! `runtime.Unknown` whose `typeMeta` names the kind and whose `raw` is the object. The object is
+//! decoded into the kind's message type generated from Kubernetes' own .proto files (the
+//! k8s-rs-pb crate; each registry entry names it), serialized with the serde form that crate
+//! gives it, and that is turned into Kubernetes' JSON guided by the kind's OpenAPI schema.
+//!
+//! Not reflection: k8s-rs-pb 0.5's file descriptors name themselves as their own dependencies,
+//! so asking for one deadlocks.
+
+use base64::Engine;
+use serde_json::{Map, Value};
+
+use crate::registry::{RESOURCES, Resource};
+use crate::status::ApiError;
+
+const MAGIC: &[u8] = b"k8s\0";
+
+/// Decodes `raw` as a `T` and serializes it (in k8s-rs-pb's serde form, fixed up by `decode`).
+pub fn to_serde_json<T: protobuf::Message + serde::Serialize>(raw: &[u8]) -> Result<Value, String> {
+    let message = T::parse_from_bytes(raw).map_err(|e| e.to_string())?;
+    serde_json::to_value(&message).map_err(|e| e.to_string())
+}
+
+fn unsupported(message: impl std::fmt::Display) -> ApiError {
+    let mut error = ApiError::bad_request(format!("the protobuf body cannot be decoded: {message}"));
+    error.code = 415;
+    error.reason = "UnsupportedMediaType";
+    error
+}
+
+/// Decodes a protobuf request body to the object's JSON (apiVersion and kind included).
+pub fn decode(body: &[u8]) -> Result<Value, ApiError> {
+    use k8s_rs_pb::apimachinery::pkg::runtime::Unknown;
+    let Some(envelope) = body.strip_prefix(MAGIC) else {
+        return Err(ApiError::bad_request("a protobuf body must start with the k8s\\0 magic"));
+    };
+    let unknown = <Unknown as protobuf::Message>::parse_from_bytes(envelope)
+        .map_err(|e| ApiError::bad_request(format!("the protobuf envelope is malformed: {e}")))?;
+    let type_meta = unknown.typeMeta.as_ref().cloned().unwrap_or_default();
+    let api_version = type_meta.apiVersion.clone().unwrap_or_default();
+    let kind = type_meta.kind.clone().unwrap_or_default();
+    if unknown.contentEncoding.as_deref().is_some_and(|e| !e.is_empty()) {
+        return Err(unsupported(format!("content encoding {:?}", unknown.contentEncoding)));
+    }
+    let resource = RESOURCES
+        .iter()
+        .find(|r| r.api_version() == api_version && r.kind == kind)
+        .ok_or_else(|| unsupported(format!("no protobuf schema for {kind} in {api_version:?}")))?;
+    let raw = unknown.raw.as_deref().unwrap_or_default();
+    let serialized = (resource.protobuf)(raw)
+        .map_err(|e| ApiError::bad_request(format!("the {kind} in the protobuf body is malformed: {e}")))?;
+    let mut object = fix_up(resource, serialized);
+    object["apiVersion"] = Value::String(api_version);
+    object["kind"] = Value::String(kind);
+    Ok(object)
+}
+
+/// k8s-rs-pb's serde form is not quite Kubernetes' JSON: unset fields are nulls, empty maps and
+/// lists are present, `type` is `type_`, and bytes are lists of numbers. The kind's schema tells
+/// messages from maps, so this walks both together: nulls and empty maps and lists go (upstream
+/// omits them), an empty message stays `{}` (`emptyDir: {}`), fields the schema does not know
+/// go, and bytes (`format: byte`) become base64.
+fn fix_up(resource: &Resource, value: Value) -> Value {
+    let schemas = crate::schema::schemas();
+    let root = schemas.definitions.get(schemas.root(resource)).cloned().unwrap_or(Value::Null);
+    walk(schemas, &root, value, 0).unwrap_or(Value::Object(Map::new()))
+}
+
+/// Go's zero time, which upstream writes as null (and omits).
+const ZERO_TIME: &str = "1970-01-01T00:00:00Z";
+
+/// Go's protobuf encoder writes every plain (non-pointer) field, zero or not, where its JSON
+/// encoder omits zero values (`omitempty`); a pointer field is written only when set, and then
+/// a zero means something (`replicas: 0`, `backoffLimit: 0`, `automountServiceAccountToken:
+/// false`). A message does not say which is which, so zero values are dropped unless the
+/// schema requires the field or it is one of these pointer fields of the built-in kinds.
+const POINTER_FIELDS: &[&str] = &[
+    "activeDeadlineSeconds",
+    "allowPrivilegeEscalation",
+    "automountServiceAccountToken",
+    "backoffLimit",
+    "backoffLimitPerIndex",
+    "completions",
+    "defaultMode",
+    "enableServiceLinks",
+    "expirationSeconds",
+    "failedJobsHistoryLimit",
+    "hostUsers",
+    "immutable",
+    "maxFailedIndexes",
+    "mode",
+    "optional",
+    "parallelism",
+    "privileged",
+    "progressDeadlineSeconds",
+    "readOnlyRootFilesystem",
+    "replicas",
+    "revisionHistoryLimit",
+    "runAsGroup",
+    "runAsNonRoot",
+    "runAsUser",
+    "setHostnameAsFQDN",
+    "shareProcessNamespace",
+    "startingDeadlineSeconds",
+    "successfulJobsHistoryLimit",
+    "suspend",
+    "terminationGracePeriodSeconds",
+    "ttlSecondsAfterFinished",
+];
+
+fn is_zero(value: &Value) -> bool {
+    match value {
+        Value::String(s) => s.is_empty(),
+        Value::Number(n) => n.as_f64() == Some(0.0),
+        Value::Bool(b) => !b,
+        _ => false,
+    }
+}
+
+fn walk(schemas: &crate::schema::Schemas, schema: &Value, value: Value, depth: usize) -> Option<Value> {
+    if depth > 100 {
+        return None;
+    }
+    let schema = schemas.resolve(schema);
+    match value {
+        Value::Null => None,
+        Value::Object(map) => {
+            if let Some(Value::Object(properties)) = schema.get("properties") {
+                // A message: its keys are struct fields.
+                let mut object = Map::new();
+                for (key, field) in map {
+                    // rust-protobuf names `type` `type_`.
+                    let name = key.strip_suffix('_').unwrap_or(&key).to_string();
+                    let Some(property) = properties.get(&name) else { continue };
+                    let Some(field) = walk(schemas, property, field, depth + 1) else { continue };
+                    let required = schema
+                        .get("required")
+                        .and_then(Value::as_array)
+                        .is_some_and(|r| r.iter().any(|n| n.as_str() == Some(&name)));
+                    if is_zero(&field) && !required && !POINTER_FIELDS.contains(&name.as_str()) {
+                        continue;
+                    }
+                    if field.as_str() == Some(ZERO_TIME) {
+                        continue;
+                    }
+                    object.insert(name, field);
+                }
+                Some(Value::Object(object))
+            } else if map.is_empty() {
+                // An empty map (a set message always has its keys, if only with nulls).
+                None
+            } else {
+                let values = schema.get("additionalProperties").cloned().unwrap_or(Value::Null);
+                let object: Map<String, Value> = map
+                    .into_iter()
+                    .filter_map(|(key, field)| walk(schemas, &values, field, depth + 1).map(|field| (key, field)))
+                    .collect();
+                Some(Value::Object(object))
+            }
+        }
+        Value::Array(items) if schema.get("format").and_then(Value::as_str) == Some("byte") => {
+            let bytes: Vec<u8> = items.iter().filter_map(Value::as_u64).map(|b| b as u8).collect();
+            Some(Value::String(base64::engine::general_purpose::STANDARD.encode(bytes)))
+        }
+        Value::Array(items) if items.is_empty() => None,
+        Value::Array(items) => {
+            let item_schema = schema.get("items").cloned().unwrap_or(Value::Null);
+            Some(Value::Array(
+                items.into_iter().filter_map(|item| walk(schemas, &item_schema, item, depth + 1)).collect(),
+            ))
+        }
+        other => Some(other),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use protobuf::Message;
+
+    /// An envelope like kubectl's for `message`.
+    fn envelope(api_version: &str, kind: &str, message: &impl Message) -> Vec<u8> {
+        use k8s_rs_pb::apimachinery::pkg::runtime::{TypeMeta, Unknown};
+        let mut unknown = Unknown::new();
+        let mut type_meta = TypeMeta::new();
+        type_meta.apiVersion = Some(api_version.into());
+        type_meta.kind = Some(kind.into());
+        unknown.typeMeta = protobuf::MessageField::some(type_meta);
+        unknown.raw = Some(message.write_to_bytes().unwrap());
+        let mut body = MAGIC.to_vec();
+        body.extend(unknown.write_to_bytes().unwrap());
+        body
+    }
+
+    #[test]
+    fn a_deployment_decodes_to_the_json_kubectl_would_have_sent() {
+        use k8s_rs_pb::api::apps::v1::{Deployment, DeploymentSpec, DeploymentStrategy, RollingUpdateDeployment};
+        use k8s_rs_pb::api::core::v1::{Container, ContainerPort, PodSpec, PodTemplateSpec, ResourceRequirements};
+        use k8s_rs_pb::apimachinery::pkg::api::resource::Quantity;
+        use k8s_rs_pb::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
+        use k8s_rs_pb::apimachinery::pkg::util::intstr::IntOrString;
+
+        let mut deployment = Deployment::new();
+        let mut metadata = ObjectMeta::new();
+        metadata.name = Some("web".into());
+        metadata.labels.insert("app".into(), "web".into());
+        deployment.metadata = Some(metadata).into();
+        let mut spec = DeploymentSpec::new();
+        spec.replicas = Some(3);
+        let mut selector = LabelSelector::new();
+        selector.matchLabels.insert("app".into(), "web".into());
+        spec.selector = Some(selector).into();
+        let mut strategy = DeploymentStrategy::new();
+        let mut rolling = RollingUpdateDeployment::new();
+        let mut surge = IntOrString::new();
+        surge.type_ = Some(1);
+        surge.strVal = Some("25%".into());
+        rolling.maxSurge = Some(surge).into();
+        let mut unavailable = IntOrString::new();
+        unavailable.type_ = Some(0);
+        unavailable.intVal = Some(1);
+        rolling.maxUnavailable = Some(unavailable).into();
+        strategy.rollingUpdate = Some(rolling).into();
+        spec.strategy = Some(strategy).into();
+        let mut template = PodTemplateSpec::new();
+        let mut pod_spec = PodSpec::new();
+        let mut container = Container::new();
+        container.name = Some("nginx".into());
+        container.image = Some("nginx:1.27".into());
+        let mut port = ContainerPort::new();
+        port.containerPort = Some(80);
+        container.ports.push(port);
+        let mut resources = ResourceRequirements::new();
+        let mut cpu = Quantity::new();
+        cpu.string = Some("100m".into());
+        resources.limits.insert("cpu".into(), cpu);
+        container.resources = Some(resources).into();
+        pod_spec.containers.push(container);
+        template.spec = Some(pod_spec).into();
+        template.metadata = Some(ObjectMeta::new()).into();
+        spec.template = Some(template).into();
+        deployment.spec = Some(spec).into();
+
+        let json = decode(&envelope("apps/v1", "Deployment", &deployment)).unwrap();
+        assert_eq!(
+            json,
+            serde_json::json!({
+                "apiVersion": "apps/v1", "kind": "Deployment",
+                "metadata": {"name": "web", "labels": {"app": "web"}},
+                "spec": {
+                    "replicas": 3,
+                    "selector": {"matchLabels": {"app": "web"}},
+                    "strategy": {"rollingUpdate": {"maxSurge": "25%", "maxUnavailable": 1}},
+                    "template": {"metadata": {}, "spec": {"containers": [{
+                        "name": "nginx", "image": "nginx:1.27", "ports": [{"containerPort": 80}],
+                        "resources": {"limits": {"cpu": "100m"}}}]}},
+                },
+            })
+        );
+    }
+
+    #[test]
+    fn zero_values_go_as_go_would_omit_them_but_zero_replicas_stay() {
+        use k8s_rs_pb::api::apps::v1::{Deployment, DeploymentSpec, DeploymentStrategy};
+        use k8s_rs_pb::api::core::v1::{Container, ContainerPort, PodSpec, PodTemplateSpec};
+        use k8s_rs_pb::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
+        let mut deployment = Deployment::new();
+        let mut metadata = ObjectMeta::new();
+        metadata.name = Some("web".into());
+        metadata.generateName = Some(String::new());
+        metadata.creationTimestamp = Some(Time::new()).into();
+        deployment.metadata = Some(metadata).into();
+        let mut spec = DeploymentSpec::new();
+        spec.replicas = Some(0);
+        spec.paused = Some(false);
+        let mut strategy = DeploymentStrategy::new();
+        strategy.type_ = Some(String::new());
+        spec.strategy = Some(strategy).into();
+        let mut template = PodTemplateSpec::new();
+        let mut pod_spec = PodSpec::new();
+        let mut container = Container::new();
+        container.name = Some("nginx".into());
+        container.tty = Some(false);
+        let mut port = ContainerPort::new();
+        port.containerPort = Some(80);
+        port.hostPort = Some(0);
+        port.protocol = Some(String::new());
+        container.ports.push(port);
+        pod_spec.containers.push(container);
+        template.spec = Some(pod_spec).into();
+        spec.template = Some(template).into();
+        deployment.spec = Some(spec).into();
+        let json = decode(&envelope("apps/v1", "Deployment", &deployment)).unwrap();
+        assert_eq!(json["metadata"], serde_json::json!({"name": "web"}));
+        assert_eq!(json["spec"]["replicas"], 0);
+        assert!(json["spec"].get("paused").is_none());
+        assert_eq!(json["spec"]["strategy"], serde_json::json!({}));
+        assert_eq!(
+            json["spec"]["template"]["spec"]["containers"][0],
+            serde_json::json!({"name": "nginx", "ports": [{"containerPort": 80}]})
+        );
+    }
+
+    #[test]
+    fn secrets_keep_their_bytes_as_base64_and_reviews_decode() {
+        use k8s_rs_pb::api::core::v1::Secret;
+        let mut secret = Secret::new();
+        secret.data.insert("password".into(), b"hunter2".to_vec());
+        secret.type_ = Some("Opaque".into());
+        let json = decode(&envelope("v1", "Secret", &secret)).unwrap();
+        assert_eq!(json["data"]["password"], "aHVudGVyMg==");
+        assert_eq!(json["type"], "Opaque");
+
+        use k8s_rs_pb::api::authorization::v1::{
+            ResourceAttributes, SelfSubjectAccessReview, SelfSubjectAccessReviewSpec,
+        };
+        let mut review = SelfSubjectAccessReview::new();
+        let mut spec = SelfSubjectAccessReviewSpec::new();
+        let mut attributes = ResourceAttributes::new();
+        attributes.verb = Some("create".into());
+        attributes.resource = Some("pods".into());
+        spec.resourceAttributes = Some(attributes).into();
+        review.spec = Some(spec).into();
+        let json = decode(&envelope("authorization.k8s.io/v1", "SelfSubjectAccessReview", &review)).unwrap();
+        assert_eq!(json["spec"]["resourceAttributes"]["verb"], "create");
+    }
+
+    #[test]
+    fn bad_envelopes_are_refused_with_a_status() {
+        assert_eq!(decode(b"{}").unwrap_err().code, 400);
+        assert_eq!(decode(b"k8s\0\xff\xff\xff").unwrap_err().code, 400);
+        let secret = k8s_rs_pb::api::core::v1::Secret::new();
+        assert_eq!(decode(&envelope("nope/v9", "Secret", &secret)).unwrap_err().code, 415);
+        assert_eq!(decode(&envelope("v1", "NoSuchKind", &secret)).unwrap_err().code, 415);
+    }
+}
