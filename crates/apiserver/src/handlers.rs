@@ -407,7 +407,7 @@ async fn check_namespace(
         return Err(ApiError::not_found("", "namespaces", namespace));
     };
     if creating {
-        let object = object::from_store(&found.value, found.mod_revision)?;
+        let object = object::from_store(namespaces, &found.value, found.mod_revision)?;
         if object["status"]["phase"] == "Terminating" {
             let mut error = ApiError::bad_request(format!(
                 "{} \"{}\" is forbidden: unable to create new content in namespace {namespace} because it is being terminated",
@@ -429,7 +429,7 @@ async fn read_object(
 ) -> Result<(Value, i64), ApiError> {
     let key = resource.key(namespace, name);
     match state.store.get(&key, None).await {
-        Ok(Some(kv)) => Ok((object::from_store(&kv.value, kv.mod_revision)?, kv.mod_revision)),
+        Ok(Some(kv)) => Ok((object::from_store(resource, &kv.value, kv.mod_revision)?, kv.mod_revision)),
         Ok(None) => Err(ApiError::not_found(resource.group, resource.plural, name)),
         Err(error) => Err(ApiError::from_store(error, resource.group, resource.plural, name)),
     }
@@ -521,7 +521,7 @@ async fn list(
     })?;
     let mut items = Vec::with_capacity(page.kvs.len());
     for kv in &page.kvs {
-        let object = object::from_store(&kv.value, kv.mod_revision)?;
+        let object = object::from_store(resource, &kv.value, kv.mod_revision)?;
         if filters.matches(&object) {
             items.push(object);
         }
@@ -583,7 +583,7 @@ async fn watch(
                 .map_err(|e| ApiError::from_store(e, resource.group, resource.plural, ""))?;
             let mut objects = Vec::new();
             for kv in &page.kvs {
-                let object = object::from_store(&kv.value, kv.mod_revision)?;
+                let object = object::from_store(resource, &kv.value, kv.mod_revision)?;
                 if filters.matches(&object) {
                     objects.push(object);
                 }
@@ -625,7 +625,10 @@ async fn watch(
         if !annotations.is_null() {
             metadata["annotations"] = annotations;
         }
-        event_line("BOOKMARK", &json!({"kind": resource.kind, "apiVersion": resource.api_version(), "metadata": metadata}))
+        event_line(
+            "BOOKMARK",
+            &json!({"kind": resource.kind, "apiVersion": resource.api_version(), "metadata": metadata}),
+        )
     };
     if send_initial && bookmarks {
         initial_lines.push(bookmark(start, json!({"k8s.io/initial-events-end": "true"})));
@@ -658,7 +661,8 @@ async fn watch(
         }
         let line = match item {
             Ok(event) => {
-                let decode = |kv: &tugboat_store::KeyValue| object::from_store(&kv.value, kv.mod_revision).ok();
+                let decode =
+                    |kv: &tugboat_store::KeyValue| object::from_store(resource, &kv.value, kv.mod_revision).ok();
                 let previous = event.prev.as_ref().and_then(decode).filter(|o| filters.matches(o));
                 match event.kind {
                     EventKind::Put => {
@@ -761,7 +765,7 @@ async fn create_object(
         Vec::new()
     };
     let key = resource.key(namespace.as_deref(), &name);
-    let created = state.store.create(&key, object::to_store(&object)).await;
+    let created = state.store.create(&key, object::to_store(resource, &object)).await;
     if created.is_err() && !claims.is_empty() {
         crate::services::release(state.store.as_ref(), &object).await;
     }
@@ -1120,7 +1124,7 @@ async fn modify(
                 Err(error) => Err(ApiError::from_store(error, resource.group, resource.plural, name)),
             };
         }
-        match state.store.update(&key, object::to_store(&object), revision).await {
+        match state.store.update(&key, object::to_store(resource, &object), revision).await {
             Ok(new_revision) => {
                 object["metadata"]["resourceVersion"] = json!(new_revision.to_string());
                 return Ok(json_response(StatusCode::OK, &view.project(&object)));
@@ -1308,7 +1312,7 @@ async fn delete_one(
             if dry_run {
                 return Ok((StatusCode::OK, object));
             }
-            match state.store.update(&key, object::to_store(&object), revision).await {
+            match state.store.update(&key, object::to_store(resource, &object), revision).await {
                 Ok(new_revision) => {
                     object["metadata"]["resourceVersion"] = json!(new_revision.to_string());
                     return Ok((StatusCode::OK, object));
@@ -1353,7 +1357,7 @@ async fn empty_namespace(state: &ApiState, namespace: &str) -> Result<(), ApiErr
         for kv in page.kvs {
             match state.store.delete(&kv.key, None).await {
                 Ok((_, deleted)) if resource.plural == "services" => {
-                    if let Ok(service) = object::from_store(&deleted.value, deleted.mod_revision) {
+                    if let Ok(service) = object::from_store(resource, &deleted.value, deleted.mod_revision) {
                         crate::services::release(state.store.as_ref(), &service).await;
                     }
                 }
@@ -1385,7 +1389,7 @@ async fn delete_collection(
         .map_err(|e| ApiError::from_store(e, resource.group, resource.plural, ""))?;
     let mut deleted = Vec::new();
     for kv in &page.kvs {
-        let object = object::from_store(&kv.value, kv.mod_revision)?;
+        let object = object::from_store(resource, &kv.value, kv.mod_revision)?;
         if !filters.matches(&object) {
             continue;
         }
@@ -1453,7 +1457,7 @@ pub async fn ensure_system_objects(state: &ApiState) -> Result<(), ApiError> {
     object::prepare_create(services, Some("default"), &mut service)?;
     crate::services::default_and_validate(&mut service)?;
     crate::services::allocate(state.store.as_ref(), state.service_cidr, &mut service).await?;
-    match state.store.create(&key, object::to_store(&service)).await {
+    match state.store.create(&key, object::to_store(services, &service)).await {
         Ok(_) | Err(StoreError::AlreadyExists { .. }) => Ok(()),
         Err(error) => Err(ApiError::from_store(error, "", "services", "kubernetes")),
     }
@@ -1469,7 +1473,7 @@ async fn ensure_system_namespaces(store: &dyn Store) -> Result<(), StoreError> {
         }
         let mut object = json!({"metadata": {"name": name, "labels": {"kubernetes.io/metadata.name": name}}});
         object::prepare_create(namespaces, None, &mut object).expect("a valid namespace");
-        match store.create(&key, object::to_store(&object)).await {
+        match store.create(&key, object::to_store(namespaces, &object)).await {
             Ok(_) | Err(StoreError::AlreadyExists { .. }) => {}
             Err(error) => return Err(error),
         }

@@ -10,6 +10,7 @@
 
 mod auth;
 mod discovery;
+mod events;
 mod fields;
 #[cfg(test)]
 mod fuzz_tests;

@@ -265,10 +265,10 @@ pub fn prepare_create(resource: &Resource, namespace: Option<&str>, object: &mut
 /// Upstream's defaults for the workload kinds (`pkg/apis/{apps,batch}/v1/defaults.go`),
 /// including their pod templates.
 fn default_workload(resource: &Resource, object: &mut Value) {
-    let spec = &mut object["spec"];
-    if !spec.is_object() {
+    // `get_mut`: indexing would add `spec: null` to kinds without a spec.
+    let Some(spec) = object.get_mut("spec").filter(|s| s.is_object()) else {
         return;
-    }
+    };
     match resource.plural {
         "deployments" => {
             set_default(spec, "replicas", json!(1));
@@ -447,16 +447,22 @@ fn check_kind(resource: &Resource, object: &mut Value) -> Result<(), ApiError> {
 }
 
 /// An object as read from the store: its resourceVersion is the store's mod revision.
-pub fn from_store(value: &[u8], mod_revision: i64) -> Result<Value, ApiError> {
+pub fn from_store(resource: &Resource, value: &[u8], mod_revision: i64) -> Result<Value, ApiError> {
     let mut object: Value = serde_json::from_slice(value)
         .map_err(|e| ApiError::internal(format!("a stored object does not decode: {e}")))?;
+    if let Some(conversion) = &resource.conversion {
+        object = (conversion.from_storage)(object);
+    }
     object["metadata"]["resourceVersion"] = json!(mod_revision.to_string());
     Ok(object)
 }
 
-/// What goes into the store: the object without its resourceVersion.
-pub fn to_store(object: &Value) -> Vec<u8> {
+/// What goes into the store: the object (in its storage version) without its resourceVersion.
+pub fn to_store(resource: &Resource, object: &Value) -> Vec<u8> {
     let mut object = object.clone();
+    if let Some(conversion) = &resource.conversion {
+        object = (conversion.to_storage)(object);
+    }
     if let Some(metadata) = object["metadata"].as_object_mut() {
         metadata.remove("resourceVersion");
     }

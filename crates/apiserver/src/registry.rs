@@ -21,8 +21,18 @@ pub struct Resource {
     /// Adds the OpenAPI schema of the kind to a generator's definitions and returns a
     /// reference to it.
     pub schema: fn(&mut SchemaGenerator) -> Schema,
+    /// For a kind stored as another group's kind (events.k8s.io Events are core Events, as
+    /// upstream stores them): the conversions to and from the stored form.
+    pub conversion: Option<Conversion>,
     /// Decodes the kind's protobuf message (its k8s-rs-pb type) to that crate's serde form.
     pub protobuf: fn(&[u8]) -> Result<serde_json::Value, String>,
+}
+
+/// Conversions between a kind and the kind it is stored as.
+#[derive(Debug, Clone, Copy)]
+pub struct Conversion {
+    pub to_storage: fn(serde_json::Value) -> serde_json::Value,
+    pub from_storage: fn(serde_json::Value) -> serde_json::Value,
 }
 
 impl std::fmt::Debug for Resource {
@@ -51,6 +61,9 @@ macro_rules! resource {
         resource!($($type)::+, $group, $version, $kind, $plural, $singular, $namespaced, $short, $categories, $plural)
     };
     ($($type:ident)::+, $group:expr, $version:expr, $kind:expr, $plural:expr, $singular:expr, $namespaced:expr, $short:expr, $categories:expr, $storage:expr) => {
+        resource!($($type)::+, $group, $version, $kind, $plural, $singular, $namespaced, $short, $categories, $storage, None)
+    };
+    ($($type:ident)::+, $group:expr, $version:expr, $kind:expr, $plural:expr, $singular:expr, $namespaced:expr, $short:expr, $categories:expr, $storage:expr, $conversion:expr) => {
         Resource {
             group: $group,
             version: $version,
@@ -61,6 +74,7 @@ macro_rules! resource {
             short_names: $short,
             categories: $categories,
             storage: $storage,
+            conversion: $conversion,
             schema: schema_of::<k8s_openapi::api::$($type)::+>,
             protobuf: crate::protobuf::to_serde_json::<k8s_rs_pb::api::$($type)::+>,
         }
@@ -101,6 +115,19 @@ pub static RESOURCES: &[Resource] = &[
         "services/endpoints"
     ),
     resource!(core::v1::Event, "", "v1", "Event", "events", "event", true, &["ev"], NONE),
+    resource!(
+        events::v1::Event,
+        "events.k8s.io",
+        "v1",
+        "Event",
+        "events",
+        "event",
+        true,
+        &["ev"],
+        NONE,
+        "events",
+        Some(Conversion { to_storage: crate::events::to_core, from_storage: crate::events::from_core })
+    ),
     resource!(core::v1::Node, "", "v1", "Node", "nodes", "node", false, &["no"], NONE, "minions"),
     resource!(
         core::v1::PersistentVolume,
@@ -315,7 +342,8 @@ impl Resource {
 
     /// Whether objects of this kind carry `metadata.generation` (bumped on spec changes).
     pub fn has_generation(&self) -> bool {
-        !self.group.is_empty() && !matches!(self.group, "coordination.k8s.io" | "rbac.authorization.k8s.io")
+        !self.group.is_empty()
+            && !matches!(self.group, "coordination.k8s.io" | "rbac.authorization.k8s.io" | "events.k8s.io")
             || matches!(self.plural, "pods")
     }
 }
@@ -356,7 +384,9 @@ mod tests {
         for (i, a) in RESOURCES.iter().enumerate() {
             for b in &RESOURCES[i + 1..] {
                 assert!(!(a.group == b.group && a.plural == b.plural), "{} twice", a.plural);
-                assert_ne!(a.storage, b.storage, "two resources share a store prefix");
+                if a.conversion.is_none() && b.conversion.is_none() {
+                    assert_ne!(a.storage, b.storage, "two resources share a store prefix");
+                }
             }
         }
     }

@@ -376,6 +376,15 @@ fn cells(resource: &Resource, object: &Value) -> Vec<Value> {
             ]
         }
         "events" => {
+            // Both groups' Events: events.k8s.io names the core fields differently.
+            let converted;
+            let object = match &resource.conversion {
+                Some(conversion) => {
+                    converted = (conversion.to_storage)(object.clone());
+                    &converted
+                }
+                None => object,
+            };
             let last = ["lastTimestamp", "eventTime"]
                 .iter()
                 .find_map(|f| object[*f].as_str())

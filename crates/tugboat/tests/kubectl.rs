@@ -443,7 +443,8 @@ fn watches_send_bookmarks() {
     let json = ["-H", "Content-Type: application/json"];
     for name in ["a", "b"] {
         let body = format!(r#"{{"metadata":{{"name":"{name}"}}}}"#);
-        let (code, _) = curl.status("POST", "/api/v1/namespaces/default/configmaps", &[&json[..], &["-d", &body]].concat());
+        let (code, _) =
+            curl.status("POST", "/api/v1/namespaces/default/configmaps", &[&json[..], &["-d", &body]].concat());
         assert_eq!(code, 201);
     }
     let (code, body) = curl.request(
@@ -464,8 +465,7 @@ fn watches_send_bookmarks() {
     assert!(marked >= latest, "the bookmark covers the initial state");
 
     // Without allowWatchBookmarks, none.
-    let (_, body) =
-        curl.request("GET", "/api/v1/namespaces/default/configmaps?watch=true&timeoutSeconds=2", true, &[]);
+    let (_, body) = curl.request("GET", "/api/v1/namespaces/default/configmaps?watch=true&timeoutSeconds=2", true, &[]);
     assert!(!body.contains("BOOKMARK"), "{body}");
 }
 
@@ -713,6 +713,23 @@ fn events_show_in_describe_and_workloads_print_their_columns() {
     assert!(events.contains("pod/web") && events.contains("Scheduled"), "{events}");
     let described = kubectl.ok(&["describe", "pod", "web"]);
     assert!(described.contains("Successfully assigned default/web to node-1"), "{described}");
+    // An events.k8s.io/v1 Event (what kube-rs controllers post) is a core Event too.
+    let event = format!(
+        "apiVersion: events.k8s.io/v1\nkind: Event\nmetadata: {{name: web.2}}\nregarding: {{kind: Pod, name: web, namespace: default, uid: \"{uid}\"}}\nreason: Pulling\nnote: Pulling image nginx\ntype: Normal\naction: Pull\nreportingController: tugboat/kubelet\nreportingInstance: node-1\neventTime: \"2026-11-22T07:00:00.000000Z\"\n"
+    );
+    let created = kubectl.apply_stdin(&["create", "-f", "-"], &event);
+    assert!(created.status.success(), "{}", String::from_utf8_lossy(&created.stderr));
+    let described = kubectl.ok(&["describe", "pod", "web"]);
+    assert!(described.contains("Pulling image nginx"), "{described}");
+    let core: serde_json::Value = serde_json::from_str(&kubectl.ok(&["get", "events", "web.2", "-o", "json"])).unwrap();
+    assert_eq!(core["message"], "Pulling image nginx");
+    assert_eq!(core["reportingComponent"], "tugboat/kubelet");
+    let new: serde_json::Value =
+        serde_json::from_str(&kubectl.ok(&["get", "events.v1.events.k8s.io", "web.1", "-o", "json"])).unwrap();
+    assert_eq!(new["note"], "Successfully assigned default/web to node-1", "a core Event read as events.k8s.io");
+    assert_eq!(new["regarding"]["name"], "web");
+    let table = kubectl.ok(&["get", "events.v1.events.k8s.io"]);
+    assert!(table.contains("pod/web") && table.contains("Pulling image nginx"), "{table}");
 
     kubectl.ok(&["create", "job", "once", "--image=busybox"]);
     let jobs = kubectl.ok(&["get", "jobs"]);
