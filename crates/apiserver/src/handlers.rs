@@ -37,6 +37,8 @@ pub struct ApiState {
     /// Where ClusterIPs come from.
     pub service_cidr: crate::services::ServiceCidr,
     pub metrics: crate::metrics::Metrics,
+    /// Watches and `resourceVersion=0` lists are served from here.
+    pub caches: crate::watch_cache::WatchCaches,
 }
 
 type Query = HashMap<String, String>;
@@ -513,6 +515,25 @@ async fn list(
     let options =
         ListOptions { revision, limit, continue_token: query.get("continue").cloned().filter(|c| !c.is_empty()) };
     let prefix = resource.prefix(namespace);
+    // `resourceVersion=0` (what informers list with): any recent state will do, so the watch
+    // cache answers, whole (upstream's cache ignores limit then too).
+    if query.get("resourceVersion").is_some_and(|rv| rv == "0") && options.continue_token.is_none() {
+        let cache = state
+            .caches
+            .get(&resource.prefix(None))
+            .await
+            .map_err(|e| ApiError::from_store(e, resource.group, resource.plural, ""))?;
+        let (objects, revision) = cache.list(&prefix);
+        let items: Vec<Value> = objects
+            .iter()
+            .filter(|o| filters.matches(o))
+            .map(|o| match &resource.conversion {
+                Some(conversion) => (conversion.from_storage)((**o).clone()),
+                None => (**o).clone(),
+            })
+            .collect();
+        return Ok(list_response(resource, items, revision, None, None, accept, query));
+    }
     let page = state.store.list(&prefix, options).await.map_err(|e| match e {
         StoreError::Compacted { .. } if query.contains_key("continue") => {
             ApiError::expired("The provided continue parameter is too old to display a consistent list result. You can start a new list without the continue parameter.")
@@ -526,16 +547,28 @@ async fn list(
             items.push(object);
         }
     }
-    let revision = page.revision.to_string();
+    Ok(list_response(resource, items, page.revision, page.continue_token, page.remaining, accept, query))
+}
+
+/// A list (or its Table) of `items` at `revision`.
+fn list_response(
+    resource: &Resource,
+    items: Vec<Value>,
+    revision: i64,
+    continue_token: Option<String>,
+    remaining: Option<i64>,
+    accept: &str,
+    query: &Query,
+) -> Response<Body> {
+    let revision = revision.to_string();
     if table::wants_table(accept) {
-        let table =
-            table::table(resource, &items, &revision, page.continue_token.as_deref(), &include_object(query), true);
-        return Ok(json_response(StatusCode::OK, &table));
+        let table = table::table(resource, &items, &revision, continue_token.as_deref(), &include_object(query), true);
+        return json_response(StatusCode::OK, &table);
     }
     let mut metadata = json!({"resourceVersion": revision});
-    if let Some(token) = &page.continue_token {
+    if let Some(token) = &continue_token {
         metadata["continue"] = json!(token);
-        if let Some(remaining) = page.remaining {
+        if let Some(remaining) = remaining {
             metadata["remainingItemCount"] = json!(remaining);
         }
     }
@@ -545,7 +578,7 @@ async fn list(
         "metadata": metadata,
         "items": items,
     });
-    Ok(json_response(StatusCode::OK, &list))
+    json_response(StatusCode::OK, &list)
 }
 
 /// One watch event line.
@@ -562,38 +595,88 @@ async fn watch(
     query: &Query,
     accept: &str,
 ) -> Result<Response<Body>, ApiError> {
+    use crate::watch_cache::Change;
     let filters = Filters::from_query(resource, query)?;
     let prefix = resource.prefix(namespace);
     let as_table = table::wants_table(accept);
     let include = include_object(query);
     let timeout = query.get("timeoutSeconds").and_then(|t| t.parse::<u64>().ok()).map(Duration::from_secs);
-
     let bookmarks = query.get("allowWatchBookmarks").is_some_and(|b| b == "true") && !as_table;
     // A watch list (`sendInitialEvents=true`, client-go's WatchList): the current state first,
     // then a bookmark that says so.
     let send_initial = query.get("sendInitialEvents").is_some_and(|s| s == "true");
     // No resourceVersion (or "0"): start with the current state as ADDED events.
-    let (initial, start) = match parse_revision(query.get("resourceVersion"))? {
-        Some(revision) if !send_initial => (Vec::new(), revision),
-        _ => {
-            let page = state
-                .store
-                .list(&prefix, ListOptions::default())
-                .await
-                .map_err(|e| ApiError::from_store(e, resource.group, resource.plural, ""))?;
-            let mut objects = Vec::new();
-            for kv in &page.kvs {
-                let object = object::from_store(resource, &kv.value, kv.mod_revision)?;
-                if filters.matches(&object) {
-                    objects.push(object);
-                }
+    let after = match parse_revision(query.get("resourceVersion"))? {
+        Some(revision) if !send_initial => Some(revision),
+        _ => None,
+    };
+    let store_error = |e| ApiError::from_store(e, resource.group, resource.plural, "");
+    let expired = |requested: i64, compacted: i64| {
+        ApiError::expired(format!("too old resource version: {requested} ({compacted})")).to_status()
+    };
+
+    // From the watch cache when it holds what the watch needs; else from the store.
+    let cache = state.caches.get(&resource.prefix(None)).await.map_err(store_error)?;
+    let (initial, replay, start, changes): (Vec<Arc<Value>>, Vec<Arc<Change>>, i64, ChangeStream) =
+        match cache.subscribe(&prefix, after) {
+            Some(subscription) => {
+                let skip_through = subscription.revision;
+                let live = futures::stream::unfold(Some(subscription.live), move |receiver| async move {
+                    let mut receiver = receiver?;
+                    loop {
+                        match receiver.recv().await {
+                            Ok(change) if change.revision <= skip_through => continue,
+                            Ok(change) => return Some((Ok(change), Some(receiver))),
+                            // Too slow to keep up: told to list again, as upstream does.
+                            Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
+                                let status = ApiError::expired("the watch fell too far behind; list again").to_status();
+                                return Some((Err(status), None));
+                            }
+                            Err(tokio::sync::broadcast::error::RecvError::Closed) => return None,
+                        }
+                    }
+                });
+                let prefix = prefix.clone();
+                let live = live
+                    .filter(move |c| futures::future::ready(c.as_ref().map_or(true, |c| c.key.starts_with(&prefix))));
+                (subscription.initial, subscription.replay, skip_through, live.boxed())
             }
-            (objects, page.revision)
+            None => {
+                let after = after.unwrap_or_default();
+                let stream = match state.store.watch(&prefix, after).await {
+                    Ok(stream) => stream,
+                    Err(StoreError::Compacted { requested, compacted }) => {
+                        // As upstream: a 200 whose only event is an ERROR carrying 410 Expired.
+                        let status = expired(requested, compacted);
+                        return Ok(streaming_response(futures::stream::iter([event_line("ERROR", &status)]).boxed()));
+                    }
+                    Err(error) => return Err(store_error(error)),
+                };
+                let changes = stream.filter_map(move |item| {
+                    futures::future::ready(match item {
+                        Ok(event) => Change::from_event(&event).map(|c| Ok(Arc::new(c))),
+                        Err(StoreError::Compacted { requested, compacted }) => Some(Err(expired(requested, compacted))),
+                        Err(error) => {
+                            tracing::warn!(%error, "watch ended by a store error");
+                            Some(Err(ApiError::unavailable(error.to_string()).to_status()))
+                        }
+                    })
+                });
+                (Vec::new(), Vec::new(), after, changes.boxed())
+            }
+        };
+
+    // Objects as this resource shows them (events.k8s.io Events are stored as core Events).
+    let view = move |object: &Value| -> Value {
+        match &resource.conversion {
+            Some(conversion) => (conversion.from_storage)(object.clone()),
+            None => object.clone(),
         }
     };
     let render = {
         let include = include.clone();
-        move |kind: &str, object: Value, first: bool| -> Bytes {
+        move |kind: &str, object: &Value, first: bool| -> Bytes {
+            let object = view(object);
             if as_table {
                 let revision = object["metadata"]["resourceVersion"].as_str().unwrap_or("").to_string();
                 event_line(kind, &table::table(resource, &[object], &revision, None, &include, first))
@@ -602,21 +685,9 @@ async fn watch(
             }
         }
     };
-    let stream = match state.store.watch(&prefix, start).await {
-        Ok(stream) => stream,
-        Err(StoreError::Compacted { requested, compacted }) => {
-            // As upstream: a 200 whose only event is an ERROR carrying 410 Expired.
-            let status = ApiError::expired(format!("too old resource version: {requested} ({compacted})")).to_status();
-            return Ok(streaming_response(futures::stream::iter([event_line("ERROR", &status)]).boxed()));
-        }
-        Err(error) => {
-            return Err(ApiError::from_store(error, resource.group, resource.plural, ""));
-        }
-    };
-
     let mut first = true;
     let mut initial_lines = Vec::with_capacity(initial.len() + 1);
-    for object in initial {
+    for object in initial.iter().filter(|o| filters.matches(o)) {
         initial_lines.push(render("ADDED", object, first));
         first = false;
     }
@@ -633,7 +704,7 @@ async fn watch(
     if send_initial && bookmarks {
         initial_lines.push(bookmark(start, json!({"k8s.io/initial-events-end": "true"})));
     }
-    // Bookmarks carry the revision of the last event the watch has passed on (or filtered
+    // Bookmarks carry the revision of the last change the watch has passed on (or filtered
     // out): everything up to it has been seen, so a client may resume there. Sent every
     // BOOKMARK_PERIOD, and once just before a timeoutSeconds ends the watch.
     let ticks: futures::stream::BoxStream<'static, ()> = if bookmarks {
@@ -651,49 +722,39 @@ async fn watch(
         futures::stream::pending().boxed()
     };
     let mut last_revision = start;
-    let merged = futures::stream::select(stream.map(Some), ticks.map(|()| None));
-    let events = merged.filter_map(move |item| {
-        let Some(item) = item else {
-            return futures::future::ready(Some(bookmark(last_revision, Value::Null)));
-        };
-        if let Ok(event) = &item {
-            last_revision = last_revision.max(event.revision());
-        }
-        let line = match item {
-            Ok(event) => {
-                let decode =
-                    |kv: &tugboat_store::KeyValue| object::from_store(resource, &kv.value, kv.mod_revision).ok();
-                let previous = event.prev.as_ref().and_then(decode).filter(|o| filters.matches(o));
-                match event.kind {
-                    EventKind::Put => {
-                        let Some(current) = decode(&event.kv) else {
-                            return futures::future::ready(None);
-                        };
-                        match (previous.is_some(), filters.matches(&current)) {
-                            (false, true) => Some(render("ADDED", current, std::mem::take(&mut first))),
-                            (true, true) => Some(render("MODIFIED", current, std::mem::take(&mut first))),
-                            (true, false) => Some(render("DELETED", current, std::mem::take(&mut first))),
+    let changes = futures::stream::iter(replay.into_iter().map(Ok)).chain(changes);
+    let merged = futures::stream::select(changes.map(Some), ticks.map(|()| None));
+    // An ERROR ends the watch.
+    let events = merged
+        .scan(false, move |ended, item| {
+            if *ended {
+                return futures::future::ready(None);
+            }
+            let line = match item {
+                None => Some(bookmark(last_revision, Value::Null)),
+                Some(Err(status)) => {
+                    *ended = true;
+                    Some(event_line("ERROR", &status))
+                }
+                Some(Ok(change)) => {
+                    last_revision = last_revision.max(change.revision);
+                    let previous = change.previous.as_deref().filter(|o| filters.matches(o));
+                    match change.kind {
+                        EventKind::Put => match (previous.is_some(), filters.matches(&change.object)) {
+                            (false, true) => Some(render("ADDED", &change.object, std::mem::take(&mut first))),
+                            (true, true) => Some(render("MODIFIED", &change.object, std::mem::take(&mut first))),
+                            (true, false) => Some(render("DELETED", &change.object, std::mem::take(&mut first))),
                             (false, false) => None,
+                        },
+                        EventKind::Delete => {
+                            previous.is_some().then(|| render("DELETED", &change.object, std::mem::take(&mut first)))
                         }
                     }
-                    EventKind::Delete => previous.map(|mut gone| {
-                        gone["metadata"]["resourceVersion"] = json!(event.kv.mod_revision.to_string());
-                        render("DELETED", gone, std::mem::take(&mut first))
-                    }),
                 }
-            }
-            Err(StoreError::Compacted { requested, compacted }) => {
-                let status =
-                    ApiError::expired(format!("too old resource version: {requested} ({compacted})")).to_status();
-                Some(event_line("ERROR", &status))
-            }
-            Err(error) => {
-                tracing::warn!(%error, "watch ended by a store error");
-                Some(event_line("ERROR", &ApiError::unavailable(error.to_string()).to_status()))
-            }
-        };
-        futures::future::ready(line)
-    });
+            };
+            futures::future::ready(Some(line))
+        })
+        .filter_map(futures::future::ready);
     let all = futures::stream::iter(initial_lines).chain(events);
     let body = match timeout {
         Some(timeout) => all.take_until(tokio::time::sleep(timeout)).boxed(),
@@ -701,6 +762,9 @@ async fn watch(
     };
     Ok(streaming_response(body))
 }
+
+/// The changes a watch passes on; an `Err` is the Status of an ERROR event that ends it.
+type ChangeStream = futures::stream::BoxStream<'static, Result<Arc<crate::watch_cache::Change>, Value>>;
 
 /// How often a watch that allows bookmarks gets one (upstream: about a minute).
 const BOOKMARK_PERIOD: Duration = Duration::from_secs(60);

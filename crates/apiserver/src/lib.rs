@@ -27,6 +27,7 @@ mod services;
 mod smp;
 mod status;
 mod table;
+mod watch_cache;
 
 use std::convert::Infallible;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
@@ -229,6 +230,7 @@ pub async fn start(config: ApiServerConfig, store: Arc<dyn Store>) -> Result<Api
     tugboat_pki::write_file(&kubeconfig, contents.as_bytes(), 0o600)?;
 
     let state = Arc::new(handlers::ApiState {
+        caches: watch_cache::WatchCaches::new(store.clone()),
         store,
         server_address,
         service_cidr: config.service_cidr,

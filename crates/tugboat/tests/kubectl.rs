@@ -469,6 +469,69 @@ fn watches_send_bookmarks() {
     assert!(!body.contains("BOOKMARK"), "{body}");
 }
 
+/// The watch cache: `resourceVersion=0` lists come from it, and many watchers, from the
+/// current state or from a list's revision, all see the same change once.
+#[test]
+fn many_watchers_are_served_from_the_watch_cache() {
+    let server = server();
+    let curl = Curl { server: &server };
+    let json = ["-H", "Content-Type: application/json"];
+    let create = |name: &str| {
+        let body = format!(r#"{{"metadata":{{"name":"{name}"}}}}"#);
+        let (code, created) =
+            curl.status("POST", "/api/v1/namespaces/default/configmaps", &[&json[..], &["-d", &body]].concat());
+        assert_eq!(code, 201, "{created}");
+        created
+    };
+    create("before");
+    let (code, list) = curl.status("GET", "/api/v1/namespaces/default/configmaps?resourceVersion=0", &[]);
+    assert_eq!(code, 200);
+    assert!(list["items"].as_array().unwrap().iter().any(|i| i["metadata"]["name"] == "before"), "{list}");
+    let revision = list["metadata"]["resourceVersion"].as_str().unwrap().to_string();
+
+    let watchers: Vec<_> = (0..20)
+        .map(|i| {
+            let path = if i % 2 == 0 {
+                format!("/api/v1/namespaces/default/configmaps?watch=true&resourceVersion={revision}&timeoutSeconds=4")
+            } else {
+                "/api/v1/namespaces/default/configmaps?watch=true&timeoutSeconds=4".to_string()
+            };
+            let server_url = server.url();
+            let pki = server.data_dir().join("pki");
+            std::thread::spawn(move || {
+                let output = Command::new("curl")
+                    .args(["-s", "-N", "--cacert"])
+                    .arg(pki.join("ca.crt"))
+                    .arg("--cert")
+                    .arg(pki.join("admin.crt"))
+                    .arg("--key")
+                    .arg(pki.join("admin.key"))
+                    .arg(format!("{server_url}{path}"))
+                    .output()
+                    .unwrap();
+                (i, String::from_utf8(output.stdout).unwrap())
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(1500));
+    let after = create("after");
+    let after_revision = after["metadata"]["resourceVersion"].as_str().unwrap().to_string();
+    for watcher in watchers {
+        let (i, body) = watcher.join().unwrap();
+        let events: Vec<serde_json::Value> = body.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+        let names: Vec<(&str, &str)> = events
+            .iter()
+            .map(|e| (e["type"].as_str().unwrap(), e["object"]["metadata"]["name"].as_str().unwrap()))
+            .collect();
+        if i % 2 == 0 {
+            assert_eq!(names, [("ADDED", "after")], "watcher {i} from the list's revision: {body}");
+        } else {
+            assert_eq!(names, [("ADDED", "before"), ("ADDED", "after")], "watcher {i} from the state: {body}");
+        }
+        assert_eq!(events.last().unwrap()["object"]["metadata"]["resourceVersion"], after_revision.as_str());
+    }
+}
+
 /// apply with validation and a changed re-apply (strategic merge), scale, status, expose,
 /// services, auth: through the dispatcher, which picks kubectl 1.33 for this server (its typed
 /// `create` commands and `auth can-i` send protobuf bodies).

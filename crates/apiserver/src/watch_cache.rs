@@ -1,0 +1,303 @@
+//! The watch cache: per resource, the current objects and the recent changes, kept by one store
+//! watch, so that watches and `resourceVersion=0` lists are served from memory, each change is
+//! decoded once however many clients watch, and the store sees one watch per resource rather
+//! than one per client (upstream's cacher does the same over etcd).
+//!
+//! A cache is made the first time its resource is watched or listed from the cache, from a list
+//! of the store and a watch from that list's revision. Everything after `history_start` is in
+//! `history` (the last `HISTORY` changes), so a watch from a revision at least that recent replays
+//! what it missed and goes on live; an older one is served by the store (which may answer 410).
+//! If the store watch fails, the cache is dropped (its watchers' streams end, as upstream closes
+//! them, and clients watch again) and the next request builds a new one.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, RwLock};
+
+use futures::StreamExt;
+use serde_json::{Value, json};
+use tokio::sync::broadcast;
+use tugboat_store::{Event, EventKind, ListOptions, Revision, Store, StoreError};
+
+/// Changes kept for watches that resume from an earlier revision.
+const HISTORY: usize = 10_000;
+/// Changes a watcher may fall behind by before it is cut off (with 410, to list again).
+const LAG: usize = 10_000;
+
+/// One change of an object, decoded once and shared by every watcher.
+#[derive(Debug)]
+pub struct Change {
+    pub kind: EventKind,
+    pub key: String,
+    pub revision: Revision,
+    /// The object after the change; for a delete, its last state (with the delete's revision).
+    pub object: Arc<Value>,
+    /// The object before the change (`None` for a create).
+    pub previous: Option<Arc<Value>>,
+}
+
+/// A stored object as the API serves it: decoded, with its resourceVersion.
+pub fn decode(value: &[u8], revision: Revision) -> Option<Value> {
+    let mut object: Value = serde_json::from_slice(value).ok()?;
+    object.get_mut("metadata")?.as_object_mut()?.insert("resourceVersion".into(), json!(revision.to_string()));
+    Some(object)
+}
+
+impl Change {
+    /// A store event as a change (the path of watches the cache cannot serve).
+    pub fn from_event(event: &Event) -> Option<Change> {
+        let previous = event.prev.as_ref().and_then(|kv| decode(&kv.value, kv.mod_revision)).map(Arc::new);
+        let object = match event.kind {
+            EventKind::Put => Arc::new(decode(&event.kv.value, event.kv.mod_revision)?),
+            EventKind::Delete => {
+                let mut gone = previous.as_deref()?.clone();
+                gone["metadata"]["resourceVersion"] = json!(event.kv.mod_revision.to_string());
+                Arc::new(gone)
+            }
+        };
+        Some(Change { kind: event.kind, key: event.kv.key.clone(), revision: event.revision(), object, previous })
+    }
+}
+
+#[derive(Debug)]
+struct Inner {
+    /// Every change up to this revision is reflected.
+    revision: Revision,
+    objects: BTreeMap<String, Arc<Value>>,
+    history: VecDeque<Arc<Change>>,
+    /// Every change after this revision is in `history`.
+    history_start: Revision,
+    /// Dropped when the cache dies, which ends its watchers' streams.
+    sender: Option<broadcast::Sender<Arc<Change>>>,
+}
+
+/// The cache of one resource (one store prefix).
+#[derive(Debug)]
+pub struct Cache {
+    inner: RwLock<Inner>,
+    alive: AtomicBool,
+}
+
+/// What a watch served by the cache starts with.
+#[derive(Debug)]
+pub struct Subscription {
+    /// The current objects (for a watch without a revision), or the changes it missed.
+    pub initial: Vec<Arc<Value>>,
+    pub replay: Vec<Arc<Change>>,
+    /// The revision the live changes follow; live changes at or before it are skipped.
+    pub revision: Revision,
+    pub live: broadcast::Receiver<Arc<Change>>,
+}
+
+impl Cache {
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, Inner> {
+        self.inner.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn apply(&self, event: &Event) {
+        let mut inner = self.inner.write().unwrap_or_else(|e| e.into_inner());
+        let revision = event.revision();
+        let change = match event.kind {
+            EventKind::Put => decode(&event.kv.value, event.kv.mod_revision).map(|object| {
+                let object = Arc::new(object);
+                let previous = inner.objects.insert(event.kv.key.clone(), object.clone());
+                Change { kind: EventKind::Put, key: event.kv.key.clone(), revision, object, previous }
+            }),
+            EventKind::Delete => inner.objects.remove(&event.kv.key).map(|previous| {
+                let mut gone = (*previous).clone();
+                gone["metadata"]["resourceVersion"] = json!(revision.to_string());
+                Change {
+                    kind: EventKind::Delete,
+                    key: event.kv.key.clone(),
+                    revision,
+                    object: Arc::new(gone),
+                    previous: Some(previous),
+                }
+            }),
+        };
+        inner.revision = inner.revision.max(revision);
+        let Some(change) = change else {
+            tracing::warn!(key = %event.kv.key, revision, "the watch cache skipped an object that does not decode");
+            return;
+        };
+        let change = Arc::new(change);
+        inner.history.push_back(change.clone());
+        if inner.history.len() > HISTORY
+            && let Some(dropped) = inner.history.pop_front()
+        {
+            inner.history_start = dropped.revision;
+        }
+        if let Some(sender) = &inner.sender {
+            // No receivers is fine.
+            let _ = sender.send(change);
+        }
+    }
+
+    fn die(&self) {
+        self.alive.store(false, Ordering::SeqCst);
+        self.inner.write().unwrap_or_else(|e| e.into_inner()).sender = None;
+    }
+
+    /// The objects under `prefix` and the revision they are current at (a `resourceVersion=0`
+    /// list).
+    pub fn list(&self, prefix: &str) -> (Vec<Arc<Value>>, Revision) {
+        let inner = self.read();
+        let objects =
+            inner.objects.range(prefix.to_string()..).take_while(|(key, _)| key.starts_with(prefix)).map(|(_, o)| o);
+        (objects.cloned().collect(), inner.revision)
+    }
+
+    /// A watch of `prefix`: from the current state (`after: None`) or from a revision. `None`
+    /// when the cache no longer holds every change after that revision.
+    pub fn subscribe(&self, prefix: &str, after: Option<Revision>) -> Option<Subscription> {
+        let inner = self.read();
+        let live = inner.sender.as_ref()?.subscribe();
+        match after {
+            None => {
+                let initial = inner
+                    .objects
+                    .range(prefix.to_string()..)
+                    .take_while(|(key, _)| key.starts_with(prefix))
+                    .map(|(_, o)| o.clone())
+                    .collect();
+                Some(Subscription { initial, replay: Vec::new(), revision: inner.revision, live })
+            }
+            Some(after) if after >= inner.history_start => {
+                let replay =
+                    inner.history.iter().filter(|c| c.revision > after && c.key.starts_with(prefix)).cloned().collect();
+                // Changes up to `after` that have not reached the cache yet are skipped live.
+                Some(Subscription { initial: Vec::new(), replay, revision: inner.revision.max(after), live })
+            }
+            Some(_) => None,
+        }
+    }
+}
+
+/// The caches of every resource used so far, by store prefix.
+#[derive(Debug)]
+pub struct WatchCaches {
+    store: Arc<dyn Store>,
+    caches: tokio::sync::Mutex<HashMap<String, Arc<Cache>>>,
+}
+
+impl WatchCaches {
+    pub fn new(store: Arc<dyn Store>) -> WatchCaches {
+        WatchCaches { store, caches: Default::default() }
+    }
+
+    /// The cache of the resource stored under `prefix`, made on first use.
+    pub async fn get(&self, prefix: &str) -> Result<Arc<Cache>, StoreError> {
+        let mut caches = self.caches.lock().await;
+        if let Some(cache) = caches.get(prefix).filter(|c| c.alive.load(Ordering::SeqCst)) {
+            return Ok(cache.clone());
+        }
+        let page = self.store.list(prefix, ListOptions::default()).await?;
+        let mut stream = self.store.watch(prefix, page.revision).await?;
+        let objects = page
+            .kvs
+            .iter()
+            .filter_map(|kv| decode(&kv.value, kv.mod_revision).map(|o| (kv.key.clone(), Arc::new(o))))
+            .collect();
+        let (sender, _) = broadcast::channel(LAG);
+        let cache = Arc::new(Cache {
+            inner: RwLock::new(Inner {
+                revision: page.revision,
+                objects,
+                history: VecDeque::new(),
+                history_start: page.revision,
+                sender: Some(sender),
+            }),
+            alive: AtomicBool::new(true),
+        });
+        let keeper = cache.clone();
+        let name = prefix.to_string();
+        tokio::spawn(async move {
+            while let Some(item) = stream.next().await {
+                match item {
+                    Ok(event) => keeper.apply(&event),
+                    Err(error) => {
+                        tracing::warn!(prefix = %name, %error, "the watch cache lost its store watch; it will be rebuilt");
+                        break;
+                    }
+                }
+            }
+            keeper.die();
+        });
+        caches.insert(prefix.to_string(), cache.clone());
+        Ok(cache)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tugboat_store::{SqliteConfig, SqliteStore};
+
+    fn store() -> (tempfile::TempDir, Arc<dyn Store>) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(SqliteConfig { path: dir.path().join("state.db"), watch_buffer: 64 }).unwrap();
+        (dir, Arc::new(store))
+    }
+
+    fn object(name: &str, n: u32) -> Vec<u8> {
+        serde_json::to_vec(&json!({"metadata": {"name": name}, "data": {"n": n.to_string()}})).unwrap()
+    }
+
+    async fn next(live: &mut broadcast::Receiver<Arc<Change>>) -> Arc<Change> {
+        tokio::time::timeout(std::time::Duration::from_secs(5), live.recv()).await.unwrap().unwrap()
+    }
+
+    #[tokio::test]
+    async fn watches_start_from_the_state_or_a_revision_and_go_on_live() {
+        let (_dir, store) = store();
+        let first = store.create("/registry/configmaps/a/one", object("one", 1)).await.unwrap();
+        store.create("/registry/configmaps/b/two", object("two", 1)).await.unwrap();
+        let caches = WatchCaches::new(store.clone());
+        let cache = caches.get("/registry/configmaps/").await.unwrap();
+
+        // The state, one namespace of it.
+        let (all, revision) = cache.list("/registry/configmaps/");
+        assert_eq!(all.len(), 2);
+        let mut a = cache.subscribe("/registry/configmaps/a/", None).unwrap();
+        assert_eq!(a.initial.len(), 1);
+        assert_eq!(a.revision, revision);
+
+        let updated = store.update("/registry/configmaps/a/one", object("one", 2), first).await.unwrap();
+        let change = next(&mut a.live).await;
+        assert_eq!(change.revision, updated);
+        assert_eq!(change.object["data"]["n"], "2");
+        assert_eq!(change.previous.as_ref().unwrap()["data"]["n"], "1");
+        assert_eq!(change.object["metadata"]["resourceVersion"], updated.to_string());
+
+        // A watch from the list's revision replays what came after it; one from before the
+        // cache began is left to the store.
+        let from_list = cache.subscribe("/registry/configmaps/", Some(revision)).unwrap();
+        let replayed: Vec<Revision> = from_list.replay.iter().map(|c| c.revision).collect();
+        assert_eq!(replayed, [updated]);
+        assert!(cache.subscribe("/registry/configmaps/", Some(first)).is_none());
+
+        // Deletes carry the last state with the delete's revision.
+        let (deleted, _) = store.delete("/registry/configmaps/a/one", None).await.unwrap();
+        let change = next(&mut a.live).await;
+        assert_eq!(change.kind, EventKind::Delete);
+        assert_eq!(change.object["data"]["n"], "2");
+        assert_eq!(change.object["metadata"]["resourceVersion"], deleted.to_string());
+        assert!(cache.list("/registry/configmaps/a/").0.is_empty());
+
+        // The same cache serves everyone.
+        assert!(Arc::ptr_eq(&cache, &caches.get("/registry/configmaps/").await.unwrap()));
+    }
+
+    #[tokio::test]
+    async fn a_revision_older_than_the_history_is_left_to_the_store() {
+        let (_dir, store) = store();
+        let old = store.create("/registry/pods/d/p", object("p", 0)).await.unwrap();
+        let caches = WatchCaches::new(store.clone());
+        let cache = caches.get("/registry/pods/").await.unwrap();
+        assert!(cache.subscribe("/registry/pods/", Some(old - 1)).is_none(), "before the cache began");
+        assert!(cache.subscribe("/registry/pods/", Some(old)).is_some());
+        // A revision from the future (another resource's list) skips nothing it should not.
+        let future = cache.subscribe("/registry/pods/", Some(old + 100)).unwrap();
+        assert_eq!(future.revision, old + 100);
+    }
+}
