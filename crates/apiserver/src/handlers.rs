@@ -525,11 +525,11 @@ async fn list(
             .map_err(|e| ApiError::from_store(e, resource.group, resource.plural, ""))?;
         let (objects, revision) = cache.list(&prefix);
         let items: Vec<Value> = objects
-            .iter()
+            .into_iter()
             .filter(|o| filters.matches(o))
             .map(|o| match &resource.conversion {
-                Some(conversion) => (conversion.from_storage)((**o).clone()),
-                None => (**o).clone(),
+                Some(conversion) => (conversion.from_storage)(o),
+                None => o,
             })
             .collect();
         return Ok(list_response(resource, items, revision, None, None, accept, query));
@@ -617,7 +617,7 @@ async fn watch(
 
     // From the watch cache when it holds what the watch needs; else from the store.
     let cache = state.caches.get(&resource.prefix(None)).await.map_err(store_error)?;
-    let (initial, replay, start, changes): (Vec<Arc<Value>>, Vec<Arc<Change>>, i64, ChangeStream) =
+    let (initial, replay, start, changes): (Vec<Value>, Vec<Arc<Change>>, i64, ChangeStream) =
         match cache.subscribe(&prefix, after) {
             Some(subscription) => {
                 let skip_through = subscription.revision;

@@ -48,8 +48,11 @@ pub fn decode(body: &[u8]) -> Result<Value, ApiError> {
         .find(|r| r.api_version() == api_version && r.kind == kind)
         .ok_or_else(|| unsupported(format!("no protobuf schema for {kind} in {api_version:?}")))?;
     let raw = unknown.raw.as_deref().unwrap_or_default();
-    let serialized = (resource.protobuf)(raw)
-        .map_err(|e| ApiError::bad_request(format!("the {kind} in the protobuf body is malformed: {e}")))?;
+    // k8s-rs-pb's serde code unwraps (a timestamp out of range panics): contain it.
+    let decoded = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| (resource.protobuf)(raw)))
+        .unwrap_or_else(|_| Err("a value is out of range".into()));
+    let serialized =
+        decoded.map_err(|e| ApiError::bad_request(format!("the {kind} in the protobuf body is malformed: {e}")))?;
     let mut object = fix_up(resource, serialized);
     object["apiVersion"] = Value::String(api_version);
     object["kind"] = Value::String(kind);
@@ -324,6 +327,48 @@ mod tests {
         review.spec = Some(spec).into();
         let json = decode(&envelope("authorization.k8s.io/v1", "SelfSubjectAccessReview", &review)).unwrap();
         assert_eq!(json["spec"]["resourceAttributes"]["verb"], "create");
+    }
+
+    #[test]
+    fn a_timestamp_out_of_range_is_refused_not_a_panic() {
+        use k8s_rs_pb::api::core::v1::ConfigMap;
+        use k8s_rs_pb::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
+        let mut config_map = ConfigMap::new();
+        let mut metadata = ObjectMeta::new();
+        let mut time = Time::new();
+        time.seconds = Some(i64::MAX);
+        metadata.creationTimestamp = Some(time).into();
+        config_map.metadata = Some(metadata).into();
+        assert_eq!(decode(&envelope("v1", "ConfigMap", &config_map)).unwrap_err().code, 400);
+    }
+
+    #[test]
+    fn mangled_envelopes_never_panic() {
+        use k8s_rs_pb::api::core::v1::{Container, Pod, PodSpec};
+        let mut pod = Pod::new();
+        let mut spec = PodSpec::new();
+        let mut container = Container::new();
+        container.name = Some("web".into());
+        container.image = Some("nginx".into());
+        spec.containers.push(container);
+        pod.spec = Some(spec).into();
+        let valid = envelope("v1", "Pod", &pod);
+        let mut state = 0x5eed_0004_u64;
+        let mut next = move || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        };
+        for _ in 0..5000 {
+            let mut body = valid.clone();
+            for _ in 0..1 + next() % 4 {
+                let at = 4 + (next() as usize) % (body.len() - 4);
+                body[at] = next() as u8;
+            }
+            body.truncate(4 + (next() as usize) % (body.len() - 3));
+            let _ = decode(&body);
+        }
     }
 
     #[test]

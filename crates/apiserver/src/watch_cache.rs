@@ -4,7 +4,9 @@
 //! than one per client (upstream's cacher does the same over etcd).
 //!
 //! A cache is made the first time its resource is watched or listed from the cache, from a list
-//! of the store and a watch from that list's revision. Everything after `history_start` is in
+//! of the store and a watch from that list's revision. Current objects are kept as the store's
+//! bytes (a decoded JSON tree is several times larger) and decoded when a list or a watch from
+//! the state reads them; changes are decoded once, when they arrive. Everything after `history_start` is in
 //! `history` (the last `HISTORY` changes), so a watch from a revision at least that recent replays
 //! what it missed and goes on live; an older one is served by the store (which may answer 410).
 //! If the store watch fails, the cache is dropped (its watchers' streams end, as upstream closes
@@ -20,7 +22,7 @@ use tokio::sync::broadcast;
 use tugboat_store::{Event, EventKind, ListOptions, Revision, Store, StoreError};
 
 /// Changes kept for watches that resume from an earlier revision.
-const HISTORY: usize = 10_000;
+const HISTORY: usize = 2_000;
 /// Changes a watcher may fall behind by before it is cut off (with 410, to list again).
 const LAG: usize = 10_000;
 
@@ -63,7 +65,8 @@ impl Change {
 struct Inner {
     /// Every change up to this revision is reflected.
     revision: Revision,
-    objects: BTreeMap<String, Arc<Value>>,
+    /// The stored bytes of each object and its revision.
+    objects: BTreeMap<String, (bytes::Bytes, Revision)>,
     history: VecDeque<Arc<Change>>,
     /// Every change after this revision is in `history`.
     history_start: Revision,
@@ -82,7 +85,7 @@ pub struct Cache {
 #[derive(Debug)]
 pub struct Subscription {
     /// The current objects (for a watch without a revision), or the changes it missed.
-    pub initial: Vec<Arc<Value>>,
+    pub initial: Vec<Value>,
     pub replay: Vec<Arc<Change>>,
     /// The revision the live changes follow; live changes at or before it are skipped.
     pub revision: Revision,
@@ -97,23 +100,28 @@ impl Cache {
     fn apply(&self, event: &Event) {
         let mut inner = self.inner.write().unwrap_or_else(|e| e.into_inner());
         let revision = event.revision();
+        let key = &event.kv.key;
         let change = match event.kind {
             EventKind::Put => decode(&event.kv.value, event.kv.mod_revision).map(|object| {
-                let object = Arc::new(object);
-                let previous = inner.objects.insert(event.kv.key.clone(), object.clone());
-                Change { kind: EventKind::Put, key: event.kv.key.clone(), revision, object, previous }
+                let stored = (bytes::Bytes::from(event.kv.value.clone()), event.kv.mod_revision);
+                let previous = inner.objects.insert(key.clone(), stored);
+                let previous = previous.and_then(|(bytes, revision)| decode(&bytes, revision)).map(Arc::new);
+                Change { kind: EventKind::Put, key: key.clone(), revision, object: Arc::new(object), previous }
             }),
-            EventKind::Delete => inner.objects.remove(&event.kv.key).map(|previous| {
-                let mut gone = (*previous).clone();
-                gone["metadata"]["resourceVersion"] = json!(revision.to_string());
-                Change {
-                    kind: EventKind::Delete,
-                    key: event.kv.key.clone(),
-                    revision,
-                    object: Arc::new(gone),
-                    previous: Some(previous),
-                }
-            }),
+            EventKind::Delete => {
+                let previous = inner.objects.remove(key).and_then(|(bytes, revision)| decode(&bytes, revision));
+                previous.map(|previous| {
+                    let mut gone = previous.clone();
+                    gone["metadata"]["resourceVersion"] = json!(revision.to_string());
+                    Change {
+                        kind: EventKind::Delete,
+                        key: key.clone(),
+                        revision,
+                        object: Arc::new(gone),
+                        previous: Some(Arc::new(previous)),
+                    }
+                })
+            }
         };
         inner.revision = inner.revision.max(revision);
         let Some(change) = change else {
@@ -140,11 +148,26 @@ impl Cache {
 
     /// The objects under `prefix` and the revision they are current at (a `resourceVersion=0`
     /// list).
-    pub fn list(&self, prefix: &str) -> (Vec<Arc<Value>>, Revision) {
-        let inner = self.read();
-        let objects =
-            inner.objects.range(prefix.to_string()..).take_while(|(key, _)| key.starts_with(prefix)).map(|(_, o)| o);
-        (objects.cloned().collect(), inner.revision)
+    pub fn list(&self, prefix: &str) -> (Vec<Value>, Revision) {
+        let (stored, revision) = {
+            let inner = self.read();
+            (Self::under(&inner, prefix), inner.revision)
+        };
+        (Self::decode_all(stored), revision)
+    }
+
+    /// The stored objects under `prefix` (cheap clones; decoded after the lock is released).
+    fn under(inner: &Inner, prefix: &str) -> Vec<(bytes::Bytes, Revision)> {
+        inner
+            .objects
+            .range(prefix.to_string()..)
+            .take_while(|(key, _)| key.starts_with(prefix))
+            .map(|(_, o)| o.clone())
+            .collect()
+    }
+
+    fn decode_all(stored: Vec<(bytes::Bytes, Revision)>) -> Vec<Value> {
+        stored.iter().filter_map(|(bytes, revision)| decode(bytes, *revision)).collect()
     }
 
     /// A watch of `prefix`: from the current state (`after: None`) or from a revision. `None`
@@ -154,13 +177,10 @@ impl Cache {
         let live = inner.sender.as_ref()?.subscribe();
         match after {
             None => {
-                let initial = inner
-                    .objects
-                    .range(prefix.to_string()..)
-                    .take_while(|(key, _)| key.starts_with(prefix))
-                    .map(|(_, o)| o.clone())
-                    .collect();
-                Some(Subscription { initial, replay: Vec::new(), revision: inner.revision, live })
+                let stored = Self::under(&inner, prefix);
+                let revision = inner.revision;
+                drop(inner);
+                Some(Subscription { initial: Self::decode_all(stored), replay: Vec::new(), revision, live })
             }
             Some(after) if after >= inner.history_start => {
                 let replay =
@@ -193,11 +213,8 @@ impl WatchCaches {
         }
         let page = self.store.list(prefix, ListOptions::default()).await?;
         let mut stream = self.store.watch(prefix, page.revision).await?;
-        let objects = page
-            .kvs
-            .iter()
-            .filter_map(|kv| decode(&kv.value, kv.mod_revision).map(|o| (kv.key.clone(), Arc::new(o))))
-            .collect();
+        let objects =
+            page.kvs.into_iter().map(|kv| (kv.key, (bytes::Bytes::from(kv.value), kv.mod_revision))).collect();
         let (sender, _) = broadcast::channel(LAG);
         let cache = Arc::new(Cache {
             inner: RwLock::new(Inner {
