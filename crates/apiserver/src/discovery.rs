@@ -50,6 +50,12 @@ pub fn api_resource_list(group: &str, version: &str) -> Option<Value> {
                     "namespaced": r.namespaced, "group": "autoscaling", "version": "v1", "kind": "Scale",
                     "verbs": ["get", "patch", "update"]}));
             }
+            if r.group.is_empty() && r.plural == "pods" {
+                entries.push(json!({"name": "pods/binding", "singularName": "", "namespaced": true,
+                    "kind": "Binding", "verbs": ["create"]}));
+                entries.push(json!({"name": "pods/eviction", "singularName": "", "namespaced": true,
+                    "group": "policy", "version": "v1", "kind": "Eviction", "verbs": ["create"]}));
+            }
             entries
         })
         .collect();
@@ -126,6 +132,10 @@ pub fn aggregated(core: bool, version: &str) -> Value {
                     }
                     if r.has_scale() {
                         subresources.push(json!({"subresource": "scale", "responseKind": response_kind("autoscaling", "v1", "Scale"), "verbs": ["get", "patch", "update"]}));
+                    }
+                    if r.group.is_empty() && r.plural == "pods" {
+                        subresources.push(json!({"subresource": "binding", "responseKind": response_kind("", "v1", "Binding"), "verbs": ["create"]}));
+                        subresources.push(json!({"subresource": "eviction", "responseKind": response_kind("policy", "v1", "Eviction"), "verbs": ["create"]}));
                     }
                     let mut entry = json!({
                         "resource": r.plural,

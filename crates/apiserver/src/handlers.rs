@@ -43,7 +43,7 @@ pub struct ApiState {
 
 type Query = HashMap<String, String>;
 
-fn json_response(code: StatusCode, value: &Value) -> Response<Body> {
+pub(crate) fn json_response(code: StatusCode, value: &Value) -> Response<Body> {
     let mut response = Response::new(Body::from(value.to_string()));
     *response.status_mut() = code;
     response.headers_mut().insert(header::CONTENT_TYPE, header::HeaderValue::from_static("application/json"));
@@ -259,6 +259,28 @@ async fn route(
         return Err(ApiError::too_large(MAX_BODY));
     }
     let target = target?.ok_or_else(|| ApiError::not_found_path(path))?;
+    if let (Some(subresource @ ("binding" | "eviction")), Some(name), "pods", "") =
+        (target.subresource.as_deref(), target.name.as_deref(), target.resource.plural, target.resource.group)
+    {
+        if method != Method::POST {
+            return Err(ApiError::method_not_allowed(method.as_str()));
+        }
+        let content_type =
+            headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("application/json");
+        let request = decode_body(content_type, &read_body(body).await?)?;
+        let write = Write {
+            manager: field_manager(query, headers),
+            dry_run: query.get("dryRun").is_some_and(|v| v == "All"),
+            apply: false,
+            validation: FieldValidation::Ignore,
+            warnings: Default::default(),
+        };
+        let namespace = target.namespace.as_deref();
+        return match subresource {
+            "binding" => crate::pod_subresources::bind(state, namespace, name, &request, &write).await,
+            _ => crate::pod_subresources::evict(state, namespace, name, &request, &write).await,
+        };
+    }
     let view = View::from_subresource(target.resource, target.subresource.as_deref())
         .map_err(|_| ApiError::not_found_path(path))?;
     let accept = headers.get(header::ACCEPT).and_then(|v| v.to_str().ok()).unwrap_or("");
@@ -423,7 +445,7 @@ async fn check_namespace(
     Ok(())
 }
 
-async fn read_object(
+pub(crate) async fn read_object(
     state: &ApiState,
     resource: &Resource,
     namespace: Option<&str>,
@@ -840,9 +862,9 @@ async fn create_object(
 
 /// Who writes (the field manager, for managedFields) and whether for real.
 #[derive(Debug, Clone)]
-struct Write {
+pub(crate) struct Write {
     manager: String,
-    dry_run: bool,
+    pub(crate) dry_run: bool,
     /// A server-side apply, which records its own managedFields.
     apply: bool,
     validation: FieldValidation,
@@ -889,7 +911,7 @@ impl Write {
 
 /// `?fieldValidation=`: what to do with fields the schema does not declare.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum FieldValidation {
+pub(crate) enum FieldValidation {
     Strict,
     Warn,
     Ignore,
@@ -1036,13 +1058,16 @@ fn apply_conflict(resource: &Resource, name: &str, conflicts: &[(String, String,
 
 /// Which part of an object a write addresses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum View {
+pub(crate) enum View {
     /// The object; its status is kept as it was when the resource has a status subresource.
     Main,
     /// `/status`: only the status (and labels) change.
     Status,
     /// `/scale`: an autoscaling/v1 Scale whose `spec.replicas` is the object's.
     Scale,
+    /// Spec and status at once: the server's own writes (a binding sets the node and the
+    /// PodScheduled condition).
+    Whole,
 }
 
 impl View {
@@ -1058,7 +1083,7 @@ impl View {
     /// What a client reads and writes through this view of `object`.
     fn project(self, object: &Value) -> Value {
         match self {
-            View::Main | View::Status => object.clone(),
+            View::Main | View::Status | View::Whole => object.clone(),
             View::Scale => {
                 let metadata = &object["metadata"];
                 let selector = object["spec"]["selector"]["matchLabels"]
@@ -1106,6 +1131,7 @@ impl View {
                 }
                 Ok(object)
             }
+            View::Whole => Ok(written),
             View::Status => {
                 let mut object = old.clone();
                 object["status"] = written.get("status").cloned().unwrap_or(Value::Null);
@@ -1135,7 +1161,7 @@ impl View {
 /// `change` produce the new view from the current one, merge it back, validate, and write if
 /// the object did not change meanwhile (else read again). A `change` that fails (a stale
 /// resourceVersion named by the client, a patch that does not apply) ends the loop.
-async fn modify(
+pub(crate) async fn modify(
     state: &ApiState,
     target: (&Resource, Option<&str>, &str),
     view: View,
@@ -1156,7 +1182,7 @@ async fn modify(
         object["metadata"]["name"] = json!(name);
         object::prepare_update(resource, &old, &mut object)?;
         let subresource = match view {
-            View::Main => "",
+            View::Main | View::Whole => "",
             View::Status => "status",
             View::Scale => "scale",
         };
@@ -1311,7 +1337,7 @@ async fn delete(
 /// propagation policy asks for) it is only marked with a deletionTimestamp; a pod bound to a
 /// node is marked for graceful termination (its kubelet finishes the deletion); anything else is
 /// removed at once. Returns the status code and the object as it is after the request.
-async fn delete_one(
+pub(crate) async fn delete_one(
     state: &ApiState,
     resource: &Resource,
     namespace: Option<&str>,

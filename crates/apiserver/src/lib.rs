@@ -19,6 +19,7 @@ mod metrics;
 mod object;
 mod openapi;
 mod openapi_v2;
+mod pod_subresources;
 mod protobuf;
 mod registry;
 mod schema;

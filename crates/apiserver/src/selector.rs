@@ -207,6 +207,30 @@ pub fn supported_fields(plural: &str) -> &'static [&'static str] {
     }
 }
 
+/// Whether a `metav1.LabelSelector` object (`matchLabels`, `matchExpressions`) selects an
+/// object with `labels`. An empty selector selects everything; a missing one nothing.
+pub fn label_selector_matches(selector: &Value, labels: &Value) -> bool {
+    let Some(selector) = selector.as_object() else { return false };
+    let label = |key: &str| labels.get(key).and_then(Value::as_str);
+    let match_labels = selector.get("matchLabels").and_then(Value::as_object);
+    if !match_labels.into_iter().flatten().all(|(k, v)| label(k) == v.as_str()) {
+        return false;
+    }
+    let expressions = selector.get("matchExpressions").and_then(Value::as_array);
+    expressions.into_iter().flatten().all(|expression| {
+        let key = expression["key"].as_str().unwrap_or_default();
+        let values: Vec<&str> =
+            expression["values"].as_array().map(|v| v.iter().filter_map(Value::as_str).collect()).unwrap_or_default();
+        match expression["operator"].as_str() {
+            Some("In") => label(key).is_some_and(|v| values.contains(&v)),
+            Some("NotIn") => label(key).is_none_or(|v| !values.contains(&v)),
+            Some("Exists") => label(key).is_some(),
+            Some("DoesNotExist") => label(key).is_none(),
+            _ => false,
+        }
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -469,6 +469,58 @@ fn watches_send_bookmarks() {
     assert!(!body.contains("BOOKMARK"), "{body}");
 }
 
+/// pods/binding (the scheduler's write) and pods/eviction (which honours disruption budgets).
+#[test]
+fn pods_are_bound_and_evicted_through_their_subresources() {
+    let server = server();
+    let curl = Curl { server: &server };
+    let json = ["-H", "Content-Type: application/json"];
+    let post = |path: &str, body: &str| curl.status("POST", path, &[&json[..], &["-d", body]].concat());
+    for name in ["web", "spare"] {
+        let pod = format!(
+            r#"{{"metadata":{{"name":"{name}","labels":{{"app":"web"}}}},"spec":{{"containers":[{{"name":"a","image":"nginx"}}]}}}}"#
+        );
+        assert_eq!(post("/api/v1/namespaces/default/pods", &pod).0, 201);
+    }
+    let binding =
+        r#"{"apiVersion":"v1","kind":"Binding","metadata":{"name":"web"},"target":{"kind":"Node","name":"node-1"}}"#;
+    let (code, status) = post("/api/v1/namespaces/default/pods/web/binding", binding);
+    assert_eq!((code, status["status"].as_str()), (201, Some("Success")), "{status}");
+    let (_, pod) = curl.status("GET", "/api/v1/namespaces/default/pods/web", &[]);
+    assert_eq!(pod["spec"]["nodeName"], "node-1");
+    let scheduled = pod["status"]["conditions"].as_array().unwrap().iter().find(|c| c["type"] == "PodScheduled");
+    assert_eq!(scheduled.unwrap()["status"], "True");
+    let (code, again) = post("/api/v1/namespaces/default/pods/web/binding", binding);
+    assert_eq!(code, 409, "{again}");
+    assert!(again["message"].as_str().unwrap().contains(r#"already assigned to node "node-1""#), "{again}");
+    let (code, invalid) =
+        post("/api/v1/namespaces/default/pods/spare/binding", r#"{"metadata":{"name":"spare"},"target":{}}"#);
+    assert_eq!((code, invalid["details"]["causes"][0]["field"].as_str()), (422, Some("target.name")), "{invalid}");
+
+    // A budget that allows no disruption refuses the eviction with 429...
+    let kubectl = Kubectl::new(&server, None);
+    kubectl.ok(&["create", "poddisruptionbudget", "keep", "--selector=app=web", "--min-available=2"]);
+    let eviction = r#"{"apiVersion":"policy/v1","kind":"Eviction","metadata":{"name":"spare"}}"#;
+    let (code, refused) = post("/api/v1/namespaces/default/pods/spare/eviction", eviction);
+    assert_eq!((code, refused["reason"].as_str()), (429, Some("TooManyRequests")), "{refused}");
+    // ...one that allows it (the disruption controller's status) lets it go, and counts it.
+    kubectl.ok(&[
+        "patch",
+        "pdb",
+        "keep",
+        "--subresource=status",
+        "--type=merge",
+        "-p",
+        r#"{"status":{"disruptionsAllowed":1}}"#,
+    ]);
+    let (code, done) = post("/api/v1/namespaces/default/pods/spare/eviction", eviction);
+    assert_eq!(code, 201, "{done}");
+    assert_eq!(curl.status("GET", "/api/v1/namespaces/default/pods/spare", &[]).0, 404);
+    assert_eq!(kubectl.ok(&["get", "pdb", "keep", "-o", "jsonpath={.status.disruptionsAllowed}"]), "0");
+    let resources = kubectl.ok(&["get", "--raw", "/api/v1"]);
+    assert!(resources.contains("pods/binding") && resources.contains("pods/eviction"), "{resources}");
+}
+
 /// The watch cache: `resourceVersion=0` lists come from it, and many watchers, from the
 /// current state or from a list's revision, all see the same change once.
 #[test]
