@@ -128,8 +128,114 @@ fn columns(resource: &Resource) -> Vec<Column> {
         "endpoints" => vec![name, ("Endpoints", "string", "", 0), age],
         "serviceaccounts" => vec![name, ("Secrets", "string", "", 0), age],
         "leases" => vec![name, ("Holder", "string", "", 0), age],
+        "persistentvolumes" => vec![
+            name,
+            ("Capacity", "string", "", 0),
+            ("Access Modes", "string", "", 0),
+            ("Reclaim Policy", "string", "", 0),
+            ("Status", "string", "", 0),
+            ("Claim", "string", "", 0),
+            ("StorageClass", "string", "", 0),
+            ("VolumeAttributesClass", "string", "", 0),
+            ("Reason", "string", "", 0),
+            age,
+            ("VolumeMode", "string", "", 1),
+        ],
+        "persistentvolumeclaims" => vec![
+            name,
+            ("Status", "string", "", 0),
+            ("Volume", "string", "", 0),
+            ("Capacity", "string", "", 0),
+            ("Access Modes", "string", "", 0),
+            ("StorageClass", "string", "", 0),
+            ("VolumeAttributesClass", "string", "", 0),
+            age,
+            ("VolumeMode", "string", "", 1),
+        ],
+        "limitranges" | "roles" | "clusterroles" => vec![name, ("Created At", "date", "", 0)],
+        "resourcequotas" => vec![name, age, ("Request", "string", "", 0), ("Limit", "string", "", 0)],
+        "endpointslices" => vec![
+            name,
+            ("AddressType", "string", "", 0),
+            ("Ports", "string", "", 0),
+            ("Endpoints", "string", "", 0),
+            age,
+        ],
+        "poddisruptionbudgets" => vec![
+            name,
+            ("Min Available", "string", "", 0),
+            ("Max Unavailable", "string", "", 0),
+            ("Allowed Disruptions", "integer", "", 0),
+            age,
+        ],
+        "rolebindings" | "clusterrolebindings" => vec![
+            name,
+            ("Role", "string", "", 0),
+            age,
+            ("Users", "string", "", 1),
+            ("Groups", "string", "", 1),
+            ("ServiceAccounts", "string", "", 1),
+        ],
+        "certificatesigningrequests" => vec![
+            name,
+            age,
+            ("SignerName", "string", "", 0),
+            ("Requestor", "string", "", 0),
+            ("RequestedDuration", "string", "", 0),
+            ("Condition", "string", "", 0),
+        ],
         _ => vec![name, age],
     }
+}
+
+/// Access modes as kubectl abbreviates them: `RWO,ROX`.
+fn access_modes(modes: &Value) -> String {
+    let modes: Vec<&str> = modes
+        .as_array()
+        .map(|m| {
+            m.iter()
+                .filter_map(Value::as_str)
+                .map(|mode| match mode {
+                    "ReadWriteOnce" => "RWO",
+                    "ReadOnlyMany" => "ROX",
+                    "ReadWriteMany" => "RWX",
+                    "ReadWriteOncePod" => "RWOP",
+                    other => other,
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    modes.join(",")
+}
+
+/// A ResourceQuota's `used/hard` pairs, requests (and plain counts) apart from limits.
+fn quota_usage(object: &Value, limits: bool) -> String {
+    let hard = object["status"]["hard"].as_object().or(object["spec"]["hard"].as_object());
+    let pairs: Vec<String> = hard
+        .into_iter()
+        .flatten()
+        .filter(|(resource, _)| resource.starts_with("limits.") == limits)
+        .map(|(resource, hard)| {
+            let used = object["status"]["used"][resource.as_str()].as_str().unwrap_or("0");
+            format!("{resource}: {used}/{}", hard.as_str().unwrap_or(""))
+        })
+        .collect();
+    pairs.join(", ")
+}
+
+/// Subjects of a binding of one kind, comma-separated (service accounts as `namespace/name`).
+fn subjects(object: &Value, kind: &str) -> String {
+    let names: Vec<String> = object["subjects"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|s| s["kind"] == kind)
+        .map(|s| match (kind, s["namespace"].as_str()) {
+            ("ServiceAccount", Some(ns)) => format!("{ns}/{}", s["name"].as_str().unwrap_or("")),
+            _ => s["name"].as_str().unwrap_or("").to_string(),
+        })
+        .collect();
+    names.join(", ")
 }
 
 /// Upstream's `HumanDuration` for ages: `45s`, `5m`, `3h`, `2d`, `1y`.
@@ -476,6 +582,116 @@ fn cells(resource: &Resource, object: &Value) -> Vec<Value> {
             vec![name, json!(secrets.to_string()), json!(age(object))]
         }
         "leases" => vec![name, json!(s(&object["spec"]["holderIdentity"])), json!(age(object))],
+        "persistentvolumes" => {
+            let claim = &object["spec"]["claimRef"];
+            let claim = match (claim["namespace"].as_str(), claim["name"].as_str()) {
+                (Some(ns), Some(n)) => format!("{ns}/{n}"),
+                _ => String::new(),
+            };
+            vec![
+                name,
+                json!(s(&object["spec"]["capacity"]["storage"])),
+                json!(access_modes(&object["spec"]["accessModes"])),
+                json!(s(&object["spec"]["persistentVolumeReclaimPolicy"])),
+                json!(s(&object["status"]["phase"])),
+                json!(claim),
+                json!(s(&object["spec"]["storageClassName"])),
+                json!(object["spec"]["volumeAttributesClassName"].as_str().unwrap_or("<unset>")),
+                json!(s(&object["status"]["reason"])),
+                json!(age(object)),
+                json!(object["spec"]["volumeMode"].as_str().unwrap_or("Filesystem")),
+            ]
+        }
+        "persistentvolumeclaims" => {
+            let phase = if object["metadata"]["deletionTimestamp"].is_string() {
+                "Terminating".to_string()
+            } else {
+                object["status"]["phase"].as_str().unwrap_or("Pending").to_string()
+            };
+            let bound = phase == "Bound";
+            vec![
+                name,
+                json!(phase),
+                json!(s(&object["spec"]["volumeName"])),
+                json!(if bound { s(&object["status"]["capacity"]["storage"]) } else { String::new() }),
+                json!(if bound { access_modes(&object["status"]["accessModes"]) } else { String::new() }),
+                json!(s(&object["spec"]["storageClassName"])),
+                json!(object["spec"]["volumeAttributesClassName"].as_str().unwrap_or("<unset>")),
+                json!(age(object)),
+                json!(object["spec"]["volumeMode"].as_str().unwrap_or("Filesystem")),
+            ]
+        }
+        "limitranges" | "roles" | "clusterroles" => vec![name, json!(s(&object["metadata"]["creationTimestamp"]))],
+        "resourcequotas" => {
+            vec![name, json!(age(object)), json!(quota_usage(object, false)), json!(quota_usage(object, true))]
+        }
+        "endpointslices" => {
+            let ports: Vec<String> = object["ports"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|p| p["port"].as_i64())
+                .map(|p| p.to_string())
+                .collect();
+            let addresses: Vec<&str> = object["endpoints"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .flat_map(|e| e["addresses"].as_array().into_iter().flatten().filter_map(Value::as_str))
+                .collect();
+            let shown = if addresses.len() > 3 {
+                format!("{} + {} more...", addresses[..3].join(","), addresses.len() - 3)
+            } else if addresses.is_empty() {
+                "<unset>".to_string()
+            } else {
+                addresses.join(",")
+            };
+            vec![
+                name,
+                json!(s(&object["addressType"])),
+                json!(if ports.is_empty() { "<unset>".to_string() } else { ports.join(",") }),
+                json!(shown),
+                json!(age(object)),
+            ]
+        }
+        "poddisruptionbudgets" => {
+            let bound = |v: &Value| match v {
+                Value::Number(n) => n.to_string(),
+                Value::String(s) => s.clone(),
+                _ => "N/A".to_string(),
+            };
+            vec![
+                name,
+                json!(bound(&object["spec"]["minAvailable"])),
+                json!(bound(&object["spec"]["maxUnavailable"])),
+                json!(object["status"]["disruptionsAllowed"].as_i64().unwrap_or(0)),
+                json!(age(object)),
+            ]
+        }
+        "rolebindings" | "clusterrolebindings" => vec![
+            name,
+            json!(format!("{}/{}", s(&object["roleRef"]["kind"]), s(&object["roleRef"]["name"]))),
+            json!(age(object)),
+            json!(subjects(object, "User")),
+            json!(subjects(object, "Group")),
+            json!(subjects(object, "ServiceAccount")),
+        ],
+        "certificatesigningrequests" => {
+            let conditions: Vec<&str> = object["status"]["conditions"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|c| c["type"].as_str())
+                .collect();
+            vec![
+                name,
+                json!(age(object)),
+                json!(s(&object["spec"]["signerName"])),
+                json!(s(&object["spec"]["username"])),
+                json!(object["spec"]["expirationSeconds"].as_i64().map(human_age).unwrap_or_else(|| "<none>".into())),
+                json!(if conditions.is_empty() { "Pending".to_string() } else { conditions.join(",") }),
+            ]
+        }
         _ => vec![name, json!(age(object))],
     }
 }

@@ -281,6 +281,20 @@ fn kubectl_1_33_typed_creates_in_protobuf() {
     assert_eq!(get(&["-n", "pb", "rolebinding", "reader"])["subjects"][0]["name"], "bob");
     assert_eq!(get(&["-n", "pb", "resourcequota", "q"])["spec"]["hard"]["pods"], "10", "a Quantity");
     assert_eq!(get(&["-n", "pb", "pdb", "pdb"])["spec"]["minAvailable"], 1);
+
+    // Their tables have upstream's columns.
+    let table = |args: &[&str]| run(args);
+    assert_eq!(
+        header(&table(&["get", "pdb"])),
+        ["NAME", "MIN", "AVAILABLE", "MAX", "UNAVAILABLE", "ALLOWED", "DISRUPTIONS", "AGE"]
+    );
+    let quota = table(&["get", "quota"]);
+    assert_eq!(header(&quota), ["NAME", "AGE", "REQUEST", "LIMIT"]);
+    assert!(quota.contains("pods: 0/10"), "{quota}");
+    let bindings = table(&["get", "rolebindings", "-o", "wide"]);
+    assert_eq!(header(&bindings), ["NAME", "ROLE", "AGE", "USERS", "GROUPS", "SERVICEACCOUNTS"]);
+    assert!(bindings.contains("Role/reader") && bindings.contains("bob"), "{bindings}");
+    assert_eq!(header(&table(&["get", "roles"])), ["NAME", "CREATED", "AT"]);
 }
 
 /// Raw HTTP with curl: status codes and Status bodies for bad requests.
