@@ -18,11 +18,21 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Run the control plane: for now the store (with compaction) and the API server.
+    /// Run the control plane: the store (with compaction), the API server and the scheduler
+    /// (the controllers and the node agent come next).
     Server(ServerArgs),
-    /// Run the API server alone (today the same as `server`; `server` will add the scheduler,
-    /// controllers and the node agent).
+    /// Run the API server alone.
     Apiserver(ServerArgs),
+    /// Run the scheduler alone, against the API server of a kubeconfig.
+    Scheduler(ComponentArgs),
+}
+
+/// A component that talks to an API server.
+#[derive(Debug, clap::Args)]
+struct ComponentArgs {
+    /// The kubeconfig with the API server's address and credentials.
+    #[arg(long, env = "KUBECONFIG")]
+    kubeconfig: PathBuf,
 }
 
 #[derive(Debug, clap::Args)]
@@ -48,6 +58,9 @@ struct ServerArgs {
     /// The range Services' ClusterIPs are allocated from.
     #[arg(long, default_value = "10.96.0.0/16")]
     service_cidr: tugboat_apiserver::ServiceCidr,
+    /// `server` only: do not run the scheduler in this process.
+    #[arg(long)]
+    disable_scheduler: bool,
 }
 
 /// Parses `300`, `300s`, `5m`, `1h`, `250ms`.
@@ -88,7 +101,15 @@ fn main() -> ExitCode {
     };
     let result = runtime.block_on(async {
         match cli.command {
-            Command::Server(args) | Command::Apiserver(args) => server(args).await,
+            Command::Server(args) => server(args, true).await,
+            Command::Apiserver(args) => server(args, false).await,
+            Command::Scheduler(args) => {
+                let client = client(&args.kubeconfig).await?;
+                tokio::select! {
+                    result = tugboat_scheduler::run(client) => result,
+                    result = wait_for_shutdown() => result,
+                }
+            }
         }
     });
     match result {
@@ -100,7 +121,34 @@ fn main() -> ExitCode {
     }
 }
 
-async fn server(args: ServerArgs) -> anyhow::Result<()> {
+/// A Kubernetes client from a kubeconfig file.
+async fn client(kubeconfig: &std::path::Path) -> anyhow::Result<kube::Client> {
+    let file = kube::config::Kubeconfig::read_from(kubeconfig)
+        .with_context(|| format!("reading the kubeconfig {}", kubeconfig.display()))?;
+    let config = kube::Config::from_custom_kubeconfig(file, &kube::config::KubeConfigOptions::default())
+        .await
+        .with_context(|| format!("using the kubeconfig {}", kubeconfig.display()))?;
+    Ok(kube::Client::try_from(config)?)
+}
+
+/// Runs a component in the background of `server`, restarting it if it fails.
+fn spawn_component<F, Fut>(name: &'static str, start: F) -> tokio::task::JoinHandle<()>
+where
+    F: Fn() -> Fut + Send + 'static,
+    Fut: Future<Output = anyhow::Result<()>> + Send,
+{
+    tokio::spawn(async move {
+        loop {
+            match start().await {
+                Ok(()) => tracing::warn!(component = name, "stopped; restarting"),
+                Err(error) => tracing::warn!(component = name, error = %format!("{error:#}"), "failed; restarting"),
+            }
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+    })
+}
+
+async fn server(args: ServerArgs, full: bool) -> anyhow::Result<()> {
     std::fs::create_dir_all(&args.data_dir)
         .with_context(|| format!("creating the data dir {}", args.data_dir.display()))?;
     let config = DatastoreConfig::from_flags(&args.data_dir, args.datastore_endpoint.as_deref())?;
@@ -128,8 +176,18 @@ async fn server(args: ServerArgs) -> anyhow::Result<()> {
         "tugboat server ready"
     );
 
+    let mut components = Vec::new();
+    if full && !args.disable_scheduler {
+        let kubeconfig = api.admin_kubeconfig().to_path_buf();
+        components.push(spawn_component("scheduler", move || {
+            let kubeconfig = kubeconfig.clone();
+            async move { tugboat_scheduler::run(client(&kubeconfig).await?).await }
+        }));
+    }
+
     wait_for_shutdown().await?;
     tracing::info!("shutting down");
+    components.iter().for_each(|c| c.abort());
     api.stop();
     drop(api);
     compactor.abort();

@@ -1,0 +1,8 @@
+//! Tugboat's scheduler: watches pods no node has yet and the nodes, picks a node for each pod
+//! (`plan`, pure), and binds it through the API (`pods/<name>/binding`).
+
+pub mod plan;
+pub mod quantity;
+mod run;
+
+pub use run::{SCHEDULER_NAME, run};

@@ -1,0 +1,538 @@
+//! The scheduling decision, without I/O: for one pod and the nodes as they are (each with the
+//! pods already on it), which nodes pass every filter, how each scores, and which wins; or why
+//! none fits, worded as upstream words it (`0/3 nodes are available: 3 Insufficient cpu.`).
+
+use std::collections::{BTreeMap, HashSet};
+
+use k8s_openapi::api::core::v1::{Node, NodeSelectorRequirement, NodeSelectorTerm, Pod, Taint, Toleration};
+
+use crate::quantity::{millicores, units};
+
+/// What pods ask of a node, added up.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Resources {
+    pub milli_cpu: i64,
+    pub memory: i64,
+    pub ephemeral_storage: i64,
+}
+
+impl Resources {
+    fn add(&mut self, other: Resources) {
+        self.milli_cpu += other.milli_cpu;
+        self.memory += other.memory;
+        self.ephemeral_storage += other.ephemeral_storage;
+    }
+
+    fn max(self, other: Resources) -> Resources {
+        Resources {
+            milli_cpu: self.milli_cpu.max(other.milli_cpu),
+            memory: self.memory.max(other.memory),
+            ephemeral_storage: self.ephemeral_storage.max(other.ephemeral_storage),
+        }
+    }
+}
+
+fn container_requests(resources: Option<&k8s_openapi::api::core::v1::ResourceRequirements>) -> Resources {
+    let get = |name: &str| {
+        let resources = resources?;
+        // A limit without a request requests the limit (upstream defaults it so).
+        resources.requests.as_ref().and_then(|r| r.get(name)).or_else(|| resources.limits.as_ref()?.get(name))
+    };
+    Resources {
+        milli_cpu: get("cpu").map(|q| millicores(&q.0)).unwrap_or(0),
+        memory: get("memory").map(|q| units(&q.0)).unwrap_or(0),
+        ephemeral_storage: get("ephemeral-storage").map(|q| units(&q.0)).unwrap_or(0),
+    }
+}
+
+/// A pod's effective requests: its containers' sum, or its largest init container if larger,
+/// plus its overhead.
+pub fn pod_requests(pod: &Pod) -> Resources {
+    let Some(spec) = &pod.spec else { return Resources::default() };
+    let mut sum = Resources::default();
+    for container in &spec.containers {
+        sum.add(container_requests(container.resources.as_ref()));
+    }
+    let mut init = Resources::default();
+    for container in spec.init_containers.iter().flatten() {
+        init = init.max(container_requests(container.resources.as_ref()));
+    }
+    let mut total = sum.max(init);
+    if let Some(overhead) = &spec.overhead {
+        total.milli_cpu += overhead.get("cpu").map(|q| millicores(&q.0)).unwrap_or(0);
+        total.memory += overhead.get("memory").map(|q| units(&q.0)).unwrap_or(0);
+    }
+    total
+}
+
+/// Requests for scoring: a container that requests nothing counts as 100m and 200Mi, so empty
+/// pods still spread (upstream's non-zero defaults).
+fn scoring_requests(pod: &Pod) -> Resources {
+    let mut total = Resources::default();
+    for container in pod.spec.iter().flat_map(|s| &s.containers) {
+        let mut requests = container_requests(container.resources.as_ref());
+        if requests.milli_cpu == 0 {
+            requests.milli_cpu = 100;
+        }
+        if requests.memory == 0 {
+            requests.memory = 200 * 1024 * 1024;
+        }
+        total.add(requests);
+    }
+    total
+}
+
+/// A node and what is already bound to it.
+#[derive(Debug, Clone)]
+pub struct NodeInfo {
+    pub node: Node,
+    pub requested: Resources,
+    /// The same with non-zero defaults, for scoring.
+    pub scoring_requested: Resources,
+    pub pod_count: i64,
+    /// (protocol, hostIP, hostPort) in use.
+    pub host_ports: HashSet<(String, String, i32)>,
+    /// Labels and namespace of each pod on the node (for spreading).
+    pub pods: Vec<(String, BTreeMap<String, String>)>,
+}
+
+impl NodeInfo {
+    pub fn new(node: Node) -> NodeInfo {
+        NodeInfo {
+            node,
+            requested: Resources::default(),
+            scoring_requested: Resources::default(),
+            pod_count: 0,
+            host_ports: HashSet::new(),
+            pods: Vec::new(),
+        }
+    }
+
+    pub fn name(&self) -> &str {
+        self.node.metadata.name.as_deref().unwrap_or_default()
+    }
+
+    /// Counts a pod bound (or about to be bound) to this node.
+    pub fn add_pod(&mut self, pod: &Pod) {
+        self.requested.add(pod_requests(pod));
+        self.scoring_requested.add(scoring_requests(pod));
+        self.pod_count += 1;
+        self.host_ports.extend(host_ports(pod));
+        self.pods.push((
+            pod.metadata.namespace.clone().unwrap_or_default(),
+            pod.metadata.labels.clone().unwrap_or_default(),
+        ));
+    }
+
+    fn allocatable(&self, name: &str) -> Option<&str> {
+        let status = self.node.status.as_ref()?;
+        let resources = status.allocatable.as_ref().or(status.capacity.as_ref())?;
+        resources.get(name).map(|q| q.0.as_str())
+    }
+
+    fn allocatable_resources(&self) -> (Resources, i64) {
+        let resources = Resources {
+            milli_cpu: self.allocatable("cpu").map(millicores).unwrap_or(0),
+            memory: self.allocatable("memory").map(units).unwrap_or(0),
+            ephemeral_storage: self.allocatable("ephemeral-storage").map(units).unwrap_or(0),
+        };
+        (resources, self.allocatable("pods").map(units).unwrap_or(110))
+    }
+}
+
+fn host_ports(pod: &Pod) -> Vec<(String, String, i32)> {
+    pod.spec
+        .iter()
+        .flat_map(|s| &s.containers)
+        .flat_map(|c| c.ports.iter().flatten())
+        .filter_map(|p| {
+            let port = p.host_port.filter(|p| *p > 0)?;
+            let ip = p.host_ip.clone().filter(|ip| !ip.is_empty()).unwrap_or_else(|| "0.0.0.0".into());
+            Some((p.protocol.clone().unwrap_or_else(|| "TCP".into()), ip, port))
+        })
+        .collect()
+}
+
+fn tolerates(tolerations: &[Toleration], taint: &Taint) -> bool {
+    tolerations.iter().any(|t| {
+        let effect_matches = t.effect.as_deref().is_none_or(|e| e.is_empty() || e == taint.effect);
+        let key_matches = match t.key.as_deref() {
+            None | Some("") => t.operator.as_deref() == Some("Exists"),
+            Some(key) => key == taint.key,
+        };
+        let value_matches = match t.operator.as_deref() {
+            Some("Exists") => true,
+            _ => t.value.as_deref().unwrap_or_default() == taint.value.as_deref().unwrap_or_default(),
+        };
+        effect_matches && key_matches && value_matches
+    })
+}
+
+fn requirement_matches(requirement: &NodeSelectorRequirement, value: Option<&str>) -> bool {
+    let values = requirement.values.as_deref().unwrap_or_default();
+    let number = |s: &str| s.parse::<i64>().ok();
+    match requirement.operator.as_str() {
+        "In" => value.is_some_and(|v| values.iter().any(|x| x == v)),
+        "NotIn" => value.is_none_or(|v| !values.iter().any(|x| x == v)),
+        "Exists" => value.is_some(),
+        "DoesNotExist" => value.is_none(),
+        "Gt" => matches!((value.and_then(number), values.first().and_then(|x| number(x))), (Some(v), Some(x)) if v > x),
+        "Lt" => matches!((value.and_then(number), values.first().and_then(|x| number(x))), (Some(v), Some(x)) if v < x),
+        _ => false,
+    }
+}
+
+/// A node selector term: every label expression and every field expression (`metadata.name`)
+/// holds. An empty term matches nothing, as upstream.
+fn term_matches(term: &NodeSelectorTerm, node: &Node) -> bool {
+    let labels = node.metadata.labels.as_ref();
+    let expressions = term.match_expressions.as_deref().unwrap_or_default();
+    let fields = term.match_fields.as_deref().unwrap_or_default();
+    if expressions.is_empty() && fields.is_empty() {
+        return false;
+    }
+    expressions.iter().all(|r| requirement_matches(r, labels.and_then(|l| l.get(&r.key)).map(String::as_str)))
+        && fields.iter().all(|r| {
+            let value = if r.key == "metadata.name" { node.metadata.name.as_deref() } else { None };
+            requirement_matches(r, value)
+        })
+}
+
+/// Why a node does not fit, as upstream's filter plugins word it, in their order (a node is
+/// reported for the first plugin it fails, resources all together).
+fn filter(pod: &Pod, info: &NodeInfo) -> Vec<String> {
+    let Some(spec) = &pod.spec else { return vec!["the pod has no spec".into()] };
+    let node = &info.node;
+    let tolerations = spec.tolerations.as_deref().unwrap_or_default();
+    let mut reasons = Vec::new();
+
+    // NodeUnschedulable
+    let unschedulable =
+        Taint { key: "node.kubernetes.io/unschedulable".into(), effect: "NoSchedule".into(), ..Default::default() };
+    if node.spec.as_ref().and_then(|s| s.unschedulable).unwrap_or(false) && !tolerates(tolerations, &unschedulable) {
+        return vec!["node(s) were unschedulable".into()];
+    }
+    // TaintToleration
+    let taints = node.spec.as_ref().and_then(|s| s.taints.as_deref()).unwrap_or_default();
+    if let Some(taint) =
+        taints.iter().find(|t| matches!(t.effect.as_str(), "NoSchedule" | "NoExecute") && !tolerates(tolerations, t))
+    {
+        return vec![format!(
+            "node(s) had untolerated taint {{{}: {}}}",
+            taint.key,
+            taint.value.as_deref().unwrap_or_default()
+        )];
+    }
+    // NodeAffinity: nodeSelector and required affinity.
+    let labels = node.metadata.labels.clone().unwrap_or_default();
+    let selector_ok = spec.node_selector.iter().flatten().all(|(k, v)| labels.get(k) == Some(v));
+    let required = spec
+        .affinity
+        .as_ref()
+        .and_then(|a| a.node_affinity.as_ref())
+        .and_then(|a| a.required_during_scheduling_ignored_during_execution.as_ref());
+    let affinity_ok = required.is_none_or(|r| r.node_selector_terms.iter().any(|t| term_matches(t, node)));
+    if !selector_ok || !affinity_ok {
+        return vec!["node(s) didn't match Pod's node affinity/selector".into()];
+    }
+    // NodePorts
+    let wanted = host_ports(pod);
+    let conflict = wanted.iter().any(|(protocol, ip, port)| {
+        info.host_ports
+            .iter()
+            .any(|(p, i, n)| p == protocol && n == port && (i == ip || i == "0.0.0.0" || ip == "0.0.0.0"))
+    });
+    if conflict {
+        reasons.push("node(s) didn't have free ports for the requested pod ports".into());
+    }
+    // NodeResourcesFit
+    let (allocatable, max_pods) = info.allocatable_resources();
+    let requests = pod_requests(pod);
+    if info.pod_count + 1 > max_pods {
+        reasons.push("Too many pods".into());
+    }
+    if requests.milli_cpu > 0 && info.requested.milli_cpu + requests.milli_cpu > allocatable.milli_cpu {
+        reasons.push("Insufficient cpu".into());
+    }
+    if requests.memory > 0 && info.requested.memory + requests.memory > allocatable.memory {
+        reasons.push("Insufficient memory".into());
+    }
+    if requests.ephemeral_storage > 0
+        && info.requested.ephemeral_storage + requests.ephemeral_storage > allocatable.ephemeral_storage
+    {
+        reasons.push("Insufficient ephemeral-storage".into());
+    }
+    reasons
+}
+
+/// Scores 0-100 per plugin, added up: least allocated, balanced allocation, preferred node
+/// affinity, untolerated PreferNoSchedule taints, and spreading of the pod's siblings (same
+/// namespace and labels) across hostnames.
+fn score(pod: &Pod, info: &NodeInfo, siblings_max: usize) -> i64 {
+    let (allocatable, _) = info.allocatable_resources();
+    let requests = scoring_requests(pod);
+    let fraction = |used: i64, total: i64| if total <= 0 { 1.0 } else { (used as f64 / total as f64).min(1.0) };
+    let cpu = fraction(info.scoring_requested.milli_cpu + requests.milli_cpu, allocatable.milli_cpu);
+    let memory = fraction(info.scoring_requested.memory + requests.memory, allocatable.memory);
+    let least_allocated = ((1.0 - cpu) * 50.0 + (1.0 - memory) * 50.0) as i64;
+    let balanced = ((1.0 - (cpu - memory).abs()) * 100.0) as i64;
+
+    let spec = pod.spec.as_ref();
+    let preferred = spec
+        .and_then(|s| s.affinity.as_ref())
+        .and_then(|a| a.node_affinity.as_ref())
+        .and_then(|a| a.preferred_during_scheduling_ignored_during_execution.as_deref())
+        .unwrap_or_default();
+    let total_weight: i64 = preferred.iter().map(|p| i64::from(p.weight)).sum();
+    let matched_weight: i64 =
+        preferred.iter().filter(|p| term_matches(&p.preference, &info.node)).map(|p| i64::from(p.weight)).sum();
+    let affinity = if total_weight > 0 { matched_weight * 100 / total_weight } else { 0 };
+
+    let tolerations = spec.and_then(|s| s.tolerations.as_deref()).unwrap_or_default();
+    let untolerated_soft = info
+        .node
+        .spec
+        .as_ref()
+        .and_then(|s| s.taints.as_deref())
+        .unwrap_or_default()
+        .iter()
+        .filter(|t| t.effect == "PreferNoSchedule" && !tolerates(tolerations, t))
+        .count() as i64;
+    let taints = 100 - (untolerated_soft * 50).min(100);
+
+    let siblings = siblings_on(pod, info);
+    let spread = (siblings * 100).checked_div(siblings_max).map_or(100, |share| (100 - share) as i64);
+
+    least_allocated + balanced + affinity + taints + 2 * spread
+}
+
+/// Pods on the node in the pod's namespace with the pod's labels (its replicas).
+fn siblings_on(pod: &Pod, info: &NodeInfo) -> usize {
+    let namespace = pod.metadata.namespace.as_deref().unwrap_or_default();
+    let Some(labels) = pod.metadata.labels.as_ref().filter(|l| !l.is_empty()) else { return 0 };
+    info.pods
+        .iter()
+        .filter(|(ns, pod_labels)| ns == namespace && labels.iter().all(|(k, v)| pod_labels.get(k) == Some(v)))
+        .count()
+}
+
+/// The outcome for one pod.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Decision {
+    /// Bind to this node (an index into the nodes given).
+    Bind(usize),
+    /// No node fits; the message for the PodScheduled condition and the event.
+    Unschedulable(String),
+}
+
+/// Picks a node for `pod`. Ties go to the node the pod's name hashes to among the best, so
+/// equal nodes share the pods rather than the first taking them all.
+pub fn schedule(pod: &Pod, nodes: &[NodeInfo]) -> Decision {
+    if nodes.is_empty() {
+        return Decision::Unschedulable("0/0 nodes are available: no nodes available to schedule pods.".into());
+    }
+    let mut reasons: BTreeMap<String, usize> = BTreeMap::new();
+    let mut feasible = Vec::new();
+    for (index, info) in nodes.iter().enumerate() {
+        let failed = filter(pod, info);
+        if failed.is_empty() {
+            feasible.push(index);
+        }
+        for reason in failed {
+            *reasons.entry(reason).or_default() += 1;
+        }
+    }
+    if feasible.is_empty() {
+        let mut parts: Vec<String> = reasons.iter().map(|(reason, count)| format!("{count} {reason}")).collect();
+        parts.sort();
+        return Decision::Unschedulable(format!("0/{} nodes are available: {}.", nodes.len(), parts.join(", ")));
+    }
+    let siblings_max = feasible.iter().map(|&i| siblings_on(pod, &nodes[i])).max().unwrap_or(0);
+    let scored: Vec<(usize, i64)> = feasible.iter().map(|&i| (i, score(pod, &nodes[i], siblings_max))).collect();
+    let best = scored.iter().map(|(_, s)| *s).max().unwrap_or(0);
+    let top: Vec<usize> = scored.iter().filter(|(_, s)| *s == best).map(|(i, _)| *i).collect();
+    let hash = pod
+        .metadata
+        .name
+        .as_deref()
+        .unwrap_or_default()
+        .bytes()
+        .fold(0xcbf2_9ce4_8422_2325_u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3));
+    Decision::Bind(top[(hash % top.len() as u64) as usize])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn node(name: &str, cpu: &str, memory: &str, extra: serde_json::Value) -> NodeInfo {
+        let mut value = json!({
+            "metadata": {"name": name, "labels": {"kubernetes.io/hostname": name}},
+            "spec": {},
+            "status": {"allocatable": {"cpu": cpu, "memory": memory, "pods": "110"}},
+        });
+        merge(&mut value, extra);
+        NodeInfo::new(serde_json::from_value(value).unwrap())
+    }
+
+    fn pod(name: &str, cpu: &str, extra: serde_json::Value) -> Pod {
+        let mut value = json!({
+            "metadata": {"name": name, "namespace": "default", "labels": {"app": "web"}},
+            "spec": {"containers": [{"name": "a", "image": "x", "resources": {"requests": {"cpu": cpu}}}]},
+        });
+        merge(&mut value, extra);
+        serde_json::from_value(value).unwrap()
+    }
+
+    fn merge(target: &mut serde_json::Value, patch: serde_json::Value) {
+        match (target, patch) {
+            (serde_json::Value::Object(t), serde_json::Value::Object(p)) => {
+                for (k, v) in p {
+                    merge(t.entry(k).or_insert(serde_json::Value::Null), v);
+                }
+            }
+            (t, p) => *t = p,
+        }
+    }
+
+    fn chosen(decision: Decision, nodes: &[NodeInfo]) -> String {
+        match decision {
+            Decision::Bind(i) => nodes[i].name().to_string(),
+            Decision::Unschedulable(message) => message,
+        }
+    }
+
+    #[test]
+    fn filters_say_why_no_node_fits() {
+        let nodes = vec![
+            node("small-1", "1", "1Gi", json!({})),
+            node("small-2", "1", "1Gi", json!({})),
+            node(
+                "tainted",
+                "8",
+                "8Gi",
+                json!({"spec": {"taints": [{"key": "dedicated", "value": "db", "effect": "NoSchedule"}]}}),
+            ),
+            node("cordoned", "8", "8Gi", json!({"spec": {"unschedulable": true}})),
+            node("elsewhere", "8", "8Gi", json!({"metadata": {"labels": {"zone": "b"}}})),
+        ];
+        let big = pod("big", "2", json!({"spec": {"nodeSelector": {"kubernetes.io/hostname": "small-1"}}}));
+        assert_eq!(
+            schedule(&big, &nodes),
+            Decision::Unschedulable("0/5 nodes are available: 1 Insufficient cpu, 1 node(s) had untolerated taint {dedicated: db}, 1 node(s) were unschedulable, 2 node(s) didn't match Pod's node affinity/selector.".into())
+        );
+        let anywhere = pod("anywhere", "2", json!({"spec": {"nodeSelector": {"zone": "a"}}}));
+        let table = [
+            (json!({}), "elsewhere"),
+            (json!({"spec": {"nodeSelector": {"zone": "b"}}}), "elsewhere"),
+            (
+                json!({"spec": {"tolerations": [{"key": "dedicated", "operator": "Equal", "value": "db", "effect": "NoSchedule"}],
+                                "nodeSelector": {"kubernetes.io/hostname": "tainted"}}}),
+                "tainted",
+            ),
+            (
+                json!({"spec": {"tolerations": [{"key": "node.kubernetes.io/unschedulable", "operator": "Exists"}],
+                                "nodeSelector": {"kubernetes.io/hostname": "cordoned"}}}),
+                "cordoned",
+            ),
+            (
+                json!({"spec": {"affinity": {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [
+                    {"matchExpressions": [{"key": "zone", "operator": "In", "values": ["b"]}]}]}}}}}),
+                "elsewhere",
+            ),
+            (
+                json!({"spec": {"affinity": {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [
+                    {"matchFields": [{"key": "metadata.name", "operator": "In", "values": ["small-2"]}]}]}}},
+                    "containers": [{"name": "a", "image": "x", "resources": {"requests": {"cpu": "500m"}}}]}}),
+                "small-2",
+            ),
+        ];
+        for (extra, expected) in table {
+            let candidate = pod("p", "2", extra.clone());
+            assert_eq!(chosen(schedule(&candidate, &nodes), &nodes), expected, "{extra}");
+        }
+        let message = chosen(schedule(&anywhere, &nodes), &nodes);
+        assert!(message.starts_with("0/5 nodes are available:"), "{message}");
+        let tainted = pod("t", "100m", json!({"spec": {"nodeSelector": {"kubernetes.io/hostname": "tainted"}}}));
+        let message = chosen(schedule(&tainted, &nodes), &nodes);
+        assert!(message.contains("1 node(s) had untolerated taint {dedicated: db}"), "{message}");
+        assert!(message.contains("1 node(s) were unschedulable, 3 node(s) didn't match"), "{message}");
+    }
+
+    #[test]
+    fn bound_pods_use_up_nodes_and_host_ports_conflict() {
+        let mut nodes = vec![node("a", "1", "1Gi", json!({"status": {"allocatable": {"pods": "2"}}}))];
+        nodes[0].add_pod(&pod("one", "600m", json!({})));
+        let second = pod("two", "600m", json!({}));
+        assert_eq!(
+            schedule(&second, &nodes),
+            Decision::Unschedulable("0/1 nodes are available: 1 Insufficient cpu.".into())
+        );
+        nodes[0].add_pod(&pod("small", "100m", json!({})));
+        let third = pod("three", "100m", json!({}));
+        assert_eq!(
+            schedule(&third, &nodes),
+            Decision::Unschedulable("0/1 nodes are available: 1 Too many pods.".into())
+        );
+
+        let mut nodes = vec![node("a", "4", "4Gi", json!({}))];
+        let web = |name: &str| {
+            pod(
+                name,
+                "100m",
+                json!({"spec": {"containers": [{"name": "a", "image": "x", "ports": [{"containerPort": 80, "hostPort": 8080}]}]}}),
+            )
+        };
+        nodes[0].add_pod(&web("first"));
+        let message = chosen(schedule(&web("second"), &nodes), &nodes);
+        assert_eq!(message, "0/1 nodes are available: 1 node(s) didn't have free ports for the requested pod ports.");
+        // Requests default from limits.
+        let limited = pod(
+            "l",
+            "0",
+            json!({"spec": {"containers": [{"name": "a", "image": "x", "resources": {"limits": {"cpu": "8"}}}]}}),
+        );
+        assert!(matches!(schedule(&limited, &nodes), Decision::Unschedulable(_)));
+    }
+
+    #[test]
+    fn scores_spread_replicas_and_prefer_emptier_nodes() {
+        let mut nodes =
+            vec![node("a", "4", "8Gi", json!({})), node("b", "4", "8Gi", json!({})), node("c", "4", "8Gi", json!({}))];
+        let mut placed = BTreeMap::new();
+        for i in 0..9 {
+            let replica = pod(&format!("web-{i}"), "100m", json!({}));
+            let Decision::Bind(index) = schedule(&replica, &nodes) else { panic!("fits") };
+            nodes[index].add_pod(&replica);
+            *placed.entry(nodes[index].name().to_string()).or_insert(0) += 1;
+        }
+        assert_eq!(placed.values().copied().collect::<Vec<_>>(), [3, 3, 3], "{placed:?}");
+
+        // A busy node loses to an idle one; a soft taint and a preference count.
+        let mut nodes = vec![
+            node("busy", "4", "8Gi", json!({})),
+            node("idle", "4", "8Gi", json!({})),
+            node("soft", "4", "8Gi", json!({"spec": {"taints": [{"key": "k", "effect": "PreferNoSchedule"}]}})),
+        ];
+        nodes[0].add_pod(&pod("hog", "3", json!({"metadata": {"labels": {"app": "other"}}})));
+        let other = pod("x", "100m", json!({"metadata": {"labels": {"app": "x"}}}));
+        assert_eq!(chosen(schedule(&other, &nodes), &nodes), "idle");
+        let preferring = pod(
+            "y",
+            "100m",
+            json!({"metadata": {"labels": {"app": "y"}}, "spec": {"affinity": {"nodeAffinity": {
+            "preferredDuringSchedulingIgnoredDuringExecution": [{"weight": 100, "preference": {"matchExpressions": [
+                {"key": "kubernetes.io/hostname", "operator": "In", "values": ["soft"]}]}}]}}}}),
+        );
+        assert_eq!(chosen(schedule(&preferring, &nodes), &nodes), "soft");
+    }
+
+    #[test]
+    fn no_nodes_at_all() {
+        assert_eq!(
+            schedule(&pod("p", "1", json!({})), &[]),
+            Decision::Unschedulable("0/0 nodes are available: no nodes available to schedule pods.".into())
+        );
+    }
+}

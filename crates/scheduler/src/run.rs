@@ -1,0 +1,233 @@
+//! The scheduler's loop: reflectors of pods and nodes (kube-rs), and a scheduling pass each
+//! time either changes. A pass takes every pending pod, decides with `plan::schedule` against
+//! the nodes as the reflectors see them plus the pods this scheduler has bound but not yet seen
+//! come back ("assumed", so one pass does not overfill a node), then binds in parallel. Pods
+//! that fit nowhere get PodScheduled=False/Unschedulable and a FailedScheduling event, once per
+//! message; they are tried again on the next change of any pod or node, never in a busy loop.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use futures::{StreamExt, TryStreamExt};
+use k8s_openapi::api::core::v1::{Binding, Event, Node, ObjectReference, Pod};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta, Time};
+use kube::api::{Api, Patch, PatchParams, PostParams};
+use kube::runtime::{WatchStreamExt, reflector, watcher};
+use serde_json::json;
+use tokio::sync::Notify;
+
+use crate::plan::{self, Decision, NodeInfo};
+
+/// The `spec.schedulerName` this scheduler serves.
+pub const SCHEDULER_NAME: &str = "default-scheduler";
+/// Bindings in flight at once.
+const PARALLEL_BINDINGS: usize = 32;
+
+/// Runs the scheduler until the client's server goes away for good.
+pub async fn run(client: kube::Client) -> anyhow::Result<()> {
+    let (pods, pod_writer) = reflector::store::<Pod>();
+    let (nodes, node_writer) = reflector::store::<Node>();
+    let changed = Arc::new(Notify::new());
+    let pod_events = reflector(pod_writer, watcher(Api::<Pod>::all(client.clone()), watcher::Config::default()))
+        .default_backoff()
+        .touched_objects();
+    let node_events = reflector(node_writer, watcher(Api::<Node>::all(client.clone()), watcher::Config::default()))
+        .default_backoff()
+        .touched_objects();
+    for events in [pod_events.map_ok(|_| ()).boxed(), node_events.map_ok(|_| ()).boxed()] {
+        let changed = changed.clone();
+        tokio::spawn(async move {
+            let mut events = events;
+            while let Some(event) = events.next().await {
+                if let Err(error) = event {
+                    tracing::debug!(%error, "scheduler watch");
+                }
+                changed.notify_one();
+            }
+        });
+    }
+    pods.wait_until_ready().await?;
+    nodes.wait_until_ready().await?;
+    tracing::info!("scheduler started");
+    let mut scheduler = Scheduler { client, assumed: HashMap::new(), reported: HashMap::new() };
+    loop {
+        scheduler.pass(&pods.state(), &nodes.state(), &changed).await;
+        changed.notified().await;
+    }
+}
+
+struct Scheduler {
+    client: kube::Client,
+    /// Pods bound by this scheduler that the reflector has not shown bound yet: uid → (node, pod).
+    assumed: HashMap<String, (String, Pod)>,
+    /// The last Unschedulable message reported per pod uid.
+    reported: HashMap<String, String>,
+}
+
+fn uid(pod: &Pod) -> String {
+    pod.metadata.uid.clone().unwrap_or_default()
+}
+
+fn is_pending(pod: &Pod) -> bool {
+    let spec = pod.spec.as_ref();
+    spec.is_some_and(|s| s.node_name.as_deref().is_none_or(str::is_empty))
+        && spec.and_then(|s| s.scheduler_name.as_deref()).is_none_or(|n| n == SCHEDULER_NAME)
+        && pod.metadata.deletion_timestamp.is_none()
+        && !matches!(pod.status.as_ref().and_then(|s| s.phase.as_deref()), Some("Succeeded" | "Failed"))
+}
+
+fn is_terminal(pod: &Pod) -> bool {
+    matches!(pod.status.as_ref().and_then(|s| s.phase.as_deref()), Some("Succeeded" | "Failed"))
+}
+
+impl Scheduler {
+    async fn pass(&mut self, pods: &[Arc<Pod>], nodes: &[Arc<Node>], changed: &Arc<Notify>) {
+        let mut infos: Vec<NodeInfo> = nodes.iter().map(|n| NodeInfo::new((**n).clone())).collect();
+        let index: HashMap<String, usize> = infos.iter().enumerate().map(|(i, n)| (n.name().to_string(), i)).collect();
+        let mut by_uid: HashMap<String, &Pod> = HashMap::with_capacity(pods.len());
+        for pod in pods {
+            by_uid.insert(uid(pod), pod);
+            let node = pod.spec.as_ref().and_then(|s| s.node_name.as_deref()).filter(|n| !n.is_empty());
+            if let Some(&i) = node.and_then(|n| index.get(n))
+                && !is_terminal(pod)
+            {
+                infos[i].add_pod(pod);
+            }
+        }
+        // Assumed pods count until the reflector shows them bound (or gone).
+        self.assumed.retain(|uid, _| by_uid.get(uid).is_some_and(|p| is_pending(p)));
+        for (node, pod) in self.assumed.values() {
+            if let Some(&i) = index.get(node) {
+                infos[i].add_pod(pod);
+            }
+        }
+        self.reported.retain(|uid, _| by_uid.get(uid).is_some_and(|p| is_pending(p)));
+
+        let mut pending: Vec<&Pod> =
+            pods.iter().map(|p| &**p).filter(|p| is_pending(p) && !self.assumed.contains_key(&uid(p))).collect();
+        // Higher priority first, then older first.
+        pending.sort_by_key(|p| {
+            let priority = p.spec.as_ref().and_then(|s| s.priority).unwrap_or(0);
+            (std::cmp::Reverse(priority), p.metadata.creation_timestamp.clone().map(|t| t.0))
+        });
+        let mut bindings = Vec::new();
+        let mut failures = Vec::new();
+        for pod in pending {
+            match plan::schedule(pod, &infos) {
+                Decision::Bind(i) => {
+                    infos[i].add_pod(pod);
+                    let node = infos[i].name().to_string();
+                    self.assumed.insert(uid(pod), (node.clone(), pod.clone()));
+                    bindings.push((pod.clone(), node));
+                }
+                Decision::Unschedulable(message) => {
+                    if self.reported.get(&uid(pod)) != Some(&message) {
+                        self.reported.insert(uid(pod), message.clone());
+                        failures.push((pod.clone(), message));
+                    }
+                }
+            }
+        }
+        let client = &self.client;
+        let results: Vec<(String, Result<(), kube::Error>)> = futures::stream::iter(bindings)
+            .map(|(pod, node)| async move {
+                let result = bind(client, &pod, &node).await;
+                if result.is_ok() {
+                    let message = format!(
+                        "Successfully assigned {}/{} to {node}",
+                        pod.metadata.namespace.as_deref().unwrap_or_default(),
+                        pod.metadata.name.as_deref().unwrap_or_default()
+                    );
+                    record(client, &pod, "Normal", "Scheduled", &message).await;
+                }
+                (uid(&pod), result)
+            })
+            .buffer_unordered(PARALLEL_BINDINGS)
+            .collect()
+            .await;
+        for (uid, result) in results {
+            if let Err(error) = result {
+                // Bound meanwhile, deleted, or the server is away: forget the assumption and
+                // look again.
+                tracing::debug!(%error, "binding failed");
+                self.assumed.remove(&uid);
+                changed.notify_one();
+            }
+        }
+        futures::stream::iter(failures)
+            .for_each_concurrent(PARALLEL_BINDINGS, |(pod, message)| async move {
+                report_unschedulable(client, &pod, &message).await;
+            })
+            .await;
+    }
+}
+
+async fn bind(client: &kube::Client, pod: &Pod, node: &str) -> Result<(), kube::Error> {
+    let namespace = pod.metadata.namespace.as_deref().unwrap_or("default");
+    let name = pod.metadata.name.as_deref().unwrap_or_default();
+    let binding = Binding {
+        metadata: ObjectMeta { name: Some(name.into()), uid: pod.metadata.uid.clone(), ..Default::default() },
+        target: ObjectReference { kind: Some("Node".into()), name: Some(node.into()), ..Default::default() },
+    };
+    let pods: Api<Pod> = Api::namespaced(client.clone(), namespace);
+    pods.create_subresource::<_, serde_json::Value>("binding", name, &PostParams::default(), &binding).await?;
+    Ok(())
+}
+
+async fn report_unschedulable(client: &kube::Client, pod: &Pod, message: &str) {
+    let namespace = pod.metadata.namespace.as_deref().unwrap_or("default");
+    let name = pod.metadata.name.as_deref().unwrap_or_default();
+    let pods: Api<Pod> = Api::namespaced(client.clone(), namespace);
+    let now = Time(jiff_now());
+    let status = json!({"status": {"conditions": [{
+        "type": "PodScheduled", "status": "False", "reason": "Unschedulable", "message": message,
+        "lastProbeTime": null, "lastTransitionTime": now,
+    }]}});
+    if let Err(error) = pods.patch_status(name, &PatchParams::default(), &Patch::Strategic(status)).await {
+        tracing::debug!(%error, pod = name, "could not mark the pod unschedulable");
+    }
+    record(client, pod, "Warning", "FailedScheduling", message).await;
+}
+
+fn jiff_now() -> k8s_openapi::jiff::Timestamp {
+    k8s_openapi::jiff::Timestamp::now()
+}
+
+/// Posts a core Event about `pod`, as the scheduler (what `kubectl describe pod` lists).
+async fn record(client: &kube::Client, pod: &Pod, kind: &str, reason: &str, message: &str) {
+    let namespace = pod.metadata.namespace.as_deref().unwrap_or("default");
+    let name = pod.metadata.name.as_deref().unwrap_or_default();
+    let now = jiff_now();
+    let event = Event {
+        metadata: ObjectMeta {
+            name: Some(format!("{name}.{:x}", now.as_nanosecond() as u64)),
+            namespace: Some(namespace.into()),
+            ..Default::default()
+        },
+        involved_object: ObjectReference {
+            api_version: Some("v1".into()),
+            kind: Some("Pod".into()),
+            name: Some(name.into()),
+            namespace: Some(namespace.into()),
+            uid: pod.metadata.uid.clone(),
+            resource_version: pod.metadata.resource_version.clone(),
+            ..Default::default()
+        },
+        reason: Some(reason.into()),
+        message: Some(message.into()),
+        type_: Some(kind.into()),
+        source: Some(k8s_openapi::api::core::v1::EventSource { component: Some(SCHEDULER_NAME.into()), host: None }),
+        first_timestamp: Some(Time(now)),
+        last_timestamp: Some(Time(now)),
+        event_time: Some(MicroTime(now)),
+        count: Some(1),
+        action: Some(if reason == "Scheduled" { "Binding" } else { "Scheduling" }.into()),
+        reporting_component: Some(SCHEDULER_NAME.into()),
+        reporting_instance: Some(SCHEDULER_NAME.into()),
+        ..Default::default()
+    };
+    let events: Api<Event> = Api::namespaced(client.clone(), namespace);
+    if let Err(error) = events.create(&PostParams::default(), &event).await {
+        tracing::debug!(%error, "could not record an event");
+    }
+}

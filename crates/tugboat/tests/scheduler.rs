@@ -1,0 +1,153 @@
+//! The scheduler against a real server, driven with the real kubectl: pods spread over nodes,
+//! filters keep pods off nodes that do not fit, an unschedulable pod says why (condition and
+//! event) and is placed as soon as a node that fits appears; `tugboat scheduler` runs alone.
+
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use tugboat_testkit::TugboatServer;
+
+fn kubectl(server: &TugboatServer, args: &[&str], stdin: Option<&str>) -> String {
+    use std::io::Write;
+    let mut child = Command::new("/usr/bin/kubectl")
+        .args(args)
+        .env("KUBECONFIG", server.kubeconfig())
+        .env("HOME", server.scratch("home"))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("kubectl runs");
+    child.stdin.take().unwrap().write_all(stdin.unwrap_or_default().as_bytes()).unwrap();
+    let output = child.wait_with_output().unwrap();
+    assert!(
+        output.status.success(),
+        "kubectl {args:?}: {}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8(output.stdout).unwrap()
+}
+
+fn add_node(server: &TugboatServer, name: &str, cpu: &str, extra_spec: &str) {
+    let manifest = format!(
+        "apiVersion: v1\nkind: Node\nmetadata: {{name: {name}, labels: {{kubernetes.io/hostname: {name}}}}}\nspec: {{{extra_spec}}}\nstatus:\n  allocatable: {{cpu: \"{cpu}\", memory: 8Gi, pods: \"110\"}}\n"
+    );
+    kubectl(server, &["apply", "-f", "-"], Some(&manifest));
+}
+
+fn add_pod(server: &TugboatServer, name: &str, cpu: &str, extra_spec: &str) {
+    let manifest = format!(
+        "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, labels: {{app: web}}}}\nspec:\n  {extra_spec}\n  containers:\n  - name: main\n    image: busybox\n    resources: {{requests: {{cpu: \"{cpu}\"}}}}\n"
+    );
+    kubectl(server, &["apply", "-f", "-"], Some(&manifest));
+}
+
+fn node_of(server: &TugboatServer, pod: &str) -> String {
+    kubectl(server, &["get", "pod", pod, "-o", "jsonpath={.spec.nodeName}"], None)
+}
+
+/// Waits until `pod` is bound; returns its node.
+fn wait_bound(server: &TugboatServer, pod: &str) -> String {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let node = node_of(server, pod);
+        if !node.is_empty() {
+            return node;
+        }
+        assert!(Instant::now() < deadline, "{pod} was never scheduled");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn pods_spread_fit_and_wait_for_a_node_that_fits() {
+    let server = TugboatServer::start(Path::new(env!("CARGO_BIN_EXE_tugboat")), &[]).unwrap();
+    add_node(&server, "node-1", "2", "");
+    add_node(&server, "node-2", "2", "");
+    add_node(&server, "tainted", "8", "taints: [{key: dedicated, value: db, effect: NoSchedule}]");
+
+    for i in 0..6 {
+        add_pod(&server, &format!("web-{i}"), "100m", "");
+    }
+    let mut per_node = std::collections::BTreeMap::new();
+    for i in 0..6 {
+        *per_node.entry(wait_bound(&server, &format!("web-{i}"))).or_insert(0) += 1;
+    }
+    assert_eq!(per_node.into_iter().collect::<Vec<_>>(), [("node-1".to_string(), 3), ("node-2".to_string(), 3)]);
+    let described = kubectl(&server, &["describe", "pod", "web-0"], None);
+    assert!(
+        described.contains("Scheduled") && described.contains("Successfully assigned default/web-0"),
+        "{described}"
+    );
+    let condition = kubectl(
+        &server,
+        &["get", "pod", "web-0", "-o", "jsonpath={.status.conditions[0].type}={.status.conditions[0].status}"],
+        None,
+    );
+    assert_eq!(condition, "PodScheduled=True");
+
+    // Tolerating the taint opens the tainted node.
+    add_pod(&server, "db", "4", "tolerations: [{key: dedicated, operator: Equal, value: db, effect: NoSchedule}]");
+    assert_eq!(wait_bound(&server, "db"), "tainted");
+
+    // Too big for anything: it says why, and waits.
+    add_pod(&server, "huge", "6", "");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let message = loop {
+        let message = kubectl(
+            &server,
+            &["get", "pod", "huge", "-o", "jsonpath={.status.conditions[?(@.type==\"PodScheduled\")].message}"],
+            None,
+        );
+        if !message.is_empty() {
+            break message;
+        }
+        assert!(Instant::now() < deadline, "huge was never marked unschedulable");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(
+        message,
+        "0/3 nodes are available: 1 node(s) had untolerated taint {dedicated: db}, 2 Insufficient cpu."
+    );
+    let events = kubectl(&server, &["get", "events", "--field-selector", "involvedObject.name=huge"], None);
+    assert!(events.contains("FailedScheduling"), "{events}");
+    assert_eq!(node_of(&server, "huge"), "");
+
+    // A cordoned node takes nothing new; a new node that fits takes the waiting pod.
+    kubectl(&server, &["cordon", "node-1"], None);
+    add_pod(&server, "after-cordon", "100m", "");
+    assert_eq!(wait_bound(&server, "after-cordon"), "node-2");
+    add_node(&server, "big", "16", "");
+    assert_eq!(wait_bound(&server, "huge"), "big");
+}
+
+/// Kills the child on drop.
+struct Process(Child);
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn the_scheduler_runs_alone_against_a_kubeconfig() {
+    let server = TugboatServer::start(Path::new(env!("CARGO_BIN_EXE_tugboat")), &["--disable-scheduler"]).unwrap();
+    add_node(&server, "solo", "2", "");
+    add_pod(&server, "waiting", "100m", "");
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(node_of(&server, "waiting"), "", "no scheduler in the server");
+    let _scheduler = Process(
+        Command::new(env!("CARGO_BIN_EXE_tugboat"))
+            .args(["scheduler", "--kubeconfig"])
+            .arg(server.kubeconfig())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    assert_eq!(wait_bound(&server, "waiting"), "solo");
+}
