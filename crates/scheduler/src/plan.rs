@@ -3,6 +3,7 @@
 //! none fits, worded as upstream words it (`0/3 nodes are available: 3 Insufficient cpu.`).
 
 use std::collections::{BTreeMap, HashSet};
+use std::sync::Arc;
 
 use k8s_openapi::api::core::v1::{Node, NodeSelectorRequirement, NodeSelectorTerm, Pod, Taint, Toleration};
 
@@ -85,21 +86,37 @@ fn scoring_requests(pod: &Pod) -> Resources {
 /// A node and what is already bound to it.
 #[derive(Debug, Clone)]
 pub struct NodeInfo {
-    pub node: Node,
+    pub node: Arc<Node>,
+    /// What the node offers (parsed once).
+    allocatable: Resources,
+    max_pods: i64,
     pub requested: Resources,
     /// The same with non-zero defaults, for scoring.
     pub scoring_requested: Resources,
     pub pod_count: i64,
     /// (protocol, hostIP, hostPort) in use.
     pub host_ports: HashSet<(String, String, i32)>,
-    /// Labels and namespace of each pod on the node (for spreading).
-    pub pods: Vec<(String, BTreeMap<String, String>)>,
+    /// The pods on the node (for spreading by namespace and labels).
+    pub pods: Vec<Arc<Pod>>,
 }
 
 impl NodeInfo {
-    pub fn new(node: Node) -> NodeInfo {
+    pub fn new(node: Arc<Node>) -> NodeInfo {
+        let offered = |name: &str| {
+            let status = node.status.as_ref()?;
+            let resources = status.allocatable.as_ref().or(status.capacity.as_ref())?;
+            resources.get(name).map(|q| q.0.clone())
+        };
+        let allocatable = Resources {
+            milli_cpu: offered("cpu").map(|q| millicores(&q)).unwrap_or(0),
+            memory: offered("memory").map(|q| units(&q)).unwrap_or(0),
+            ephemeral_storage: offered("ephemeral-storage").map(|q| units(&q)).unwrap_or(0),
+        };
+        let max_pods = offered("pods").map(|q| units(&q)).unwrap_or(110);
         NodeInfo {
             node,
+            allocatable,
+            max_pods,
             requested: Resources::default(),
             scoring_requested: Resources::default(),
             pod_count: 0,
@@ -113,30 +130,16 @@ impl NodeInfo {
     }
 
     /// Counts a pod bound (or about to be bound) to this node.
-    pub fn add_pod(&mut self, pod: &Pod) {
+    pub fn add_pod(&mut self, pod: &Arc<Pod>) {
         self.requested.add(pod_requests(pod));
         self.scoring_requested.add(scoring_requests(pod));
         self.pod_count += 1;
         self.host_ports.extend(host_ports(pod));
-        self.pods.push((
-            pod.metadata.namespace.clone().unwrap_or_default(),
-            pod.metadata.labels.clone().unwrap_or_default(),
-        ));
-    }
-
-    fn allocatable(&self, name: &str) -> Option<&str> {
-        let status = self.node.status.as_ref()?;
-        let resources = status.allocatable.as_ref().or(status.capacity.as_ref())?;
-        resources.get(name).map(|q| q.0.as_str())
+        self.pods.push(pod.clone());
     }
 
     fn allocatable_resources(&self) -> (Resources, i64) {
-        let resources = Resources {
-            milli_cpu: self.allocatable("cpu").map(millicores).unwrap_or(0),
-            memory: self.allocatable("memory").map(units).unwrap_or(0),
-            ephemeral_storage: self.allocatable("ephemeral-storage").map(units).unwrap_or(0),
-        };
-        (resources, self.allocatable("pods").map(units).unwrap_or(110))
+        (self.allocatable, self.max_pods)
     }
 }
 
@@ -198,19 +201,41 @@ fn term_matches(term: &NodeSelectorTerm, node: &Node) -> bool {
         })
 }
 
+/// What the filters and scores need of the pod, worked out once per pod rather than per node.
+struct PodFacts<'a> {
+    pod: &'a Pod,
+    requests: Resources,
+    scoring_requests: Resources,
+    host_ports: Vec<(String, String, i32)>,
+}
+
+impl<'a> PodFacts<'a> {
+    fn new(pod: &'a Pod) -> Self {
+        PodFacts {
+            pod,
+            requests: pod_requests(pod),
+            scoring_requests: scoring_requests(pod),
+            host_ports: host_ports(pod),
+        }
+    }
+}
+
 /// Why a node does not fit, as upstream's filter plugins word it, in their order (a node is
 /// reported for the first plugin it fails, resources all together).
-fn filter(pod: &Pod, info: &NodeInfo) -> Vec<String> {
+fn filter(facts: &PodFacts<'_>, info: &NodeInfo) -> Vec<String> {
+    let pod = facts.pod;
     let Some(spec) = &pod.spec else { return vec!["the pod has no spec".into()] };
     let node = &info.node;
     let tolerations = spec.tolerations.as_deref().unwrap_or_default();
     let mut reasons = Vec::new();
 
     // NodeUnschedulable
-    let unschedulable =
-        Taint { key: "node.kubernetes.io/unschedulable".into(), effect: "NoSchedule".into(), ..Default::default() };
-    if node.spec.as_ref().and_then(|s| s.unschedulable).unwrap_or(false) && !tolerates(tolerations, &unschedulable) {
-        return vec!["node(s) were unschedulable".into()];
+    if node.spec.as_ref().and_then(|s| s.unschedulable).unwrap_or(false) {
+        let unschedulable =
+            Taint { key: "node.kubernetes.io/unschedulable".into(), effect: "NoSchedule".into(), ..Default::default() };
+        if !tolerates(tolerations, &unschedulable) {
+            return vec!["node(s) were unschedulable".into()];
+        }
     }
     // TaintToleration
     let taints = node.spec.as_ref().and_then(|s| s.taints.as_deref()).unwrap_or_default();
@@ -224,8 +249,8 @@ fn filter(pod: &Pod, info: &NodeInfo) -> Vec<String> {
         )];
     }
     // NodeAffinity: nodeSelector and required affinity.
-    let labels = node.metadata.labels.clone().unwrap_or_default();
-    let selector_ok = spec.node_selector.iter().flatten().all(|(k, v)| labels.get(k) == Some(v));
+    let labels = node.metadata.labels.as_ref();
+    let selector_ok = spec.node_selector.iter().flatten().all(|(k, v)| labels.and_then(|l| l.get(k)) == Some(v));
     let required = spec
         .affinity
         .as_ref()
@@ -236,8 +261,7 @@ fn filter(pod: &Pod, info: &NodeInfo) -> Vec<String> {
         return vec!["node(s) didn't match Pod's node affinity/selector".into()];
     }
     // NodePorts
-    let wanted = host_ports(pod);
-    let conflict = wanted.iter().any(|(protocol, ip, port)| {
+    let conflict = facts.host_ports.iter().any(|(protocol, ip, port)| {
         info.host_ports
             .iter()
             .any(|(p, i, n)| p == protocol && n == port && (i == ip || i == "0.0.0.0" || ip == "0.0.0.0"))
@@ -247,7 +271,7 @@ fn filter(pod: &Pod, info: &NodeInfo) -> Vec<String> {
     }
     // NodeResourcesFit
     let (allocatable, max_pods) = info.allocatable_resources();
-    let requests = pod_requests(pod);
+    let requests = facts.requests;
     if info.pod_count + 1 > max_pods {
         reasons.push("Too many pods".into());
     }
@@ -268,9 +292,10 @@ fn filter(pod: &Pod, info: &NodeInfo) -> Vec<String> {
 /// Scores 0-100 per plugin, added up: least allocated, balanced allocation, preferred node
 /// affinity, untolerated PreferNoSchedule taints, and spreading of the pod's siblings (same
 /// namespace and labels) across hostnames.
-fn score(pod: &Pod, info: &NodeInfo, siblings_max: usize) -> i64 {
+fn score(facts: &PodFacts<'_>, info: &NodeInfo, siblings_max: usize) -> i64 {
+    let pod = facts.pod;
     let (allocatable, _) = info.allocatable_resources();
-    let requests = scoring_requests(pod);
+    let requests = facts.scoring_requests;
     let fraction = |used: i64, total: i64| if total <= 0 { 1.0 } else { (used as f64 / total as f64).min(1.0) };
     let cpu = fraction(info.scoring_requested.milli_cpu + requests.milli_cpu, allocatable.milli_cpu);
     let memory = fraction(info.scoring_requested.memory + requests.memory, allocatable.memory);
@@ -312,7 +337,10 @@ fn siblings_on(pod: &Pod, info: &NodeInfo) -> usize {
     let Some(labels) = pod.metadata.labels.as_ref().filter(|l| !l.is_empty()) else { return 0 };
     info.pods
         .iter()
-        .filter(|(ns, pod_labels)| ns == namespace && labels.iter().all(|(k, v)| pod_labels.get(k) == Some(v)))
+        .filter(|other| {
+            other.metadata.namespace.as_deref().unwrap_or_default() == namespace
+                && other.metadata.labels.as_ref().is_some_and(|l| labels.iter().all(|(k, v)| l.get(k) == Some(v)))
+        })
         .count()
 }
 
@@ -325,30 +353,57 @@ pub enum Decision {
     Unschedulable(String),
 }
 
-/// Picks a node for `pod`. Ties go to the node the pod's name hashes to among the best, so
-/// equal nodes share the pods rather than the first taking them all.
-pub fn schedule(pod: &Pod, nodes: &[NodeInfo]) -> Decision {
-    if nodes.is_empty() {
-        return Decision::Unschedulable("0/0 nodes are available: no nodes available to schedule pods.".into());
+/// How many feasible nodes to find before scoring: all of a small cluster; of a large one a
+/// share that shrinks with its size (upstream's percentageOfNodesToScore: 50% less 1% per 125
+/// nodes, at least 5%, and at least 100 nodes).
+fn nodes_to_find(total: usize) -> usize {
+    if total < 100 {
+        return total;
     }
+    let percent = (50 - (total / 125) as i64).max(5) as usize;
+    (total * percent / 100).max(100).min(total)
+}
+
+/// Picks a node for `pod`. See `schedule_from`.
+pub fn schedule(pod: &Pod, nodes: &[NodeInfo]) -> Decision {
+    schedule_from(pod, nodes, 0).0
+}
+
+/// Picks a node for `pod`, looking at nodes from `start` on (wrapping) until enough fit, and
+/// returns where the next pod should start looking, so every node gets its turn. Ties go to the
+/// node the pod's name hashes to among the best, so equal nodes share the pods.
+pub fn schedule_from(pod: &Pod, nodes: &[NodeInfo], start: usize) -> (Decision, usize) {
+    if nodes.is_empty() {
+        return (Decision::Unschedulable("0/0 nodes are available: no nodes available to schedule pods.".into()), 0);
+    }
+    let facts = PodFacts::new(pod);
+    let wanted = nodes_to_find(nodes.len());
     let mut reasons: BTreeMap<String, usize> = BTreeMap::new();
     let mut feasible = Vec::new();
-    for (index, info) in nodes.iter().enumerate() {
-        let failed = filter(pod, info);
+    let mut examined = 0;
+    for offset in 0..nodes.len() {
+        let index = (start + offset) % nodes.len();
+        examined += 1;
+        let failed = filter(&facts, &nodes[index]);
         if failed.is_empty() {
             feasible.push(index);
+            if feasible.len() >= wanted {
+                break;
+            }
         }
         for reason in failed {
             *reasons.entry(reason).or_default() += 1;
         }
     }
+    let next = (start + examined) % nodes.len();
     if feasible.is_empty() {
         let mut parts: Vec<String> = reasons.iter().map(|(reason, count)| format!("{count} {reason}")).collect();
         parts.sort();
-        return Decision::Unschedulable(format!("0/{} nodes are available: {}.", nodes.len(), parts.join(", ")));
+        let message = format!("0/{} nodes are available: {}.", nodes.len(), parts.join(", "));
+        return (Decision::Unschedulable(message), next);
     }
     let siblings_max = feasible.iter().map(|&i| siblings_on(pod, &nodes[i])).max().unwrap_or(0);
-    let scored: Vec<(usize, i64)> = feasible.iter().map(|&i| (i, score(pod, &nodes[i], siblings_max))).collect();
+    let scored: Vec<(usize, i64)> = feasible.iter().map(|&i| (i, score(&facts, &nodes[i], siblings_max))).collect();
     let best = scored.iter().map(|(_, s)| *s).max().unwrap_or(0);
     let top: Vec<usize> = scored.iter().filter(|(_, s)| *s == best).map(|(i, _)| *i).collect();
     let hash = pod
@@ -358,7 +413,7 @@ pub fn schedule(pod: &Pod, nodes: &[NodeInfo]) -> Decision {
         .unwrap_or_default()
         .bytes()
         .fold(0xcbf2_9ce4_8422_2325_u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3));
-    Decision::Bind(top[(hash % top.len() as u64) as usize])
+    (Decision::Bind(top[(hash % top.len() as u64) as usize]), next)
 }
 
 #[cfg(test)]
@@ -373,7 +428,7 @@ mod tests {
             "status": {"allocatable": {"cpu": cpu, "memory": memory, "pods": "110"}},
         });
         merge(&mut value, extra);
-        NodeInfo::new(serde_json::from_value(value).unwrap())
+        NodeInfo::new(Arc::new(serde_json::from_value(value).unwrap()))
     }
 
     fn pod(name: &str, cpu: &str, extra: serde_json::Value) -> Pod {
@@ -463,13 +518,13 @@ mod tests {
     #[test]
     fn bound_pods_use_up_nodes_and_host_ports_conflict() {
         let mut nodes = vec![node("a", "1", "1Gi", json!({"status": {"allocatable": {"pods": "2"}}}))];
-        nodes[0].add_pod(&pod("one", "600m", json!({})));
+        nodes[0].add_pod(&Arc::new(pod("one", "600m", json!({}))));
         let second = pod("two", "600m", json!({}));
         assert_eq!(
             schedule(&second, &nodes),
             Decision::Unschedulable("0/1 nodes are available: 1 Insufficient cpu.".into())
         );
-        nodes[0].add_pod(&pod("small", "100m", json!({})));
+        nodes[0].add_pod(&Arc::new(pod("small", "100m", json!({}))));
         let third = pod("three", "100m", json!({}));
         assert_eq!(
             schedule(&third, &nodes),
@@ -484,7 +539,7 @@ mod tests {
                 json!({"spec": {"containers": [{"name": "a", "image": "x", "ports": [{"containerPort": 80, "hostPort": 8080}]}]}}),
             )
         };
-        nodes[0].add_pod(&web("first"));
+        nodes[0].add_pod(&Arc::new(web("first")));
         let message = chosen(schedule(&web("second"), &nodes), &nodes);
         assert_eq!(message, "0/1 nodes are available: 1 node(s) didn't have free ports for the requested pod ports.");
         // Requests default from limits.
@@ -504,7 +559,7 @@ mod tests {
         for i in 0..9 {
             let replica = pod(&format!("web-{i}"), "100m", json!({}));
             let Decision::Bind(index) = schedule(&replica, &nodes) else { panic!("fits") };
-            nodes[index].add_pod(&replica);
+            nodes[index].add_pod(&Arc::new(replica.clone()));
             *placed.entry(nodes[index].name().to_string()).or_insert(0) += 1;
         }
         assert_eq!(placed.values().copied().collect::<Vec<_>>(), [3, 3, 3], "{placed:?}");
@@ -515,7 +570,7 @@ mod tests {
             node("idle", "4", "8Gi", json!({})),
             node("soft", "4", "8Gi", json!({"spec": {"taints": [{"key": "k", "effect": "PreferNoSchedule"}]}})),
         ];
-        nodes[0].add_pod(&pod("hog", "3", json!({"metadata": {"labels": {"app": "other"}}})));
+        nodes[0].add_pod(&Arc::new(pod("hog", "3", json!({"metadata": {"labels": {"app": "other"}}}))));
         let other = pod("x", "100m", json!({"metadata": {"labels": {"app": "x"}}}));
         assert_eq!(chosen(schedule(&other, &nodes), &nodes), "idle");
         let preferring = pod(
@@ -526,6 +581,18 @@ mod tests {
                 {"key": "kubernetes.io/hostname", "operator": "In", "values": ["soft"]}]}}]}}}}),
         );
         assert_eq!(chosen(schedule(&preferring, &nodes), &nodes), "soft");
+    }
+
+    #[test]
+    fn large_clusters_score_a_share_of_their_nodes_and_take_turns() {
+        assert_eq!(nodes_to_find(50), 50);
+        assert_eq!(nodes_to_find(500), 230);
+        assert_eq!(nodes_to_find(5000), 500);
+        assert_eq!(nodes_to_find(100_000), 5000);
+        let nodes: Vec<NodeInfo> = (0..1000).map(|i| node(&format!("n{i}"), "4", "8Gi", json!({}))).collect();
+        let (decision, next) = schedule_from(&pod("p", "100m", json!({})), &nodes, 990);
+        assert!(matches!(decision, Decision::Bind(_)));
+        assert_eq!(next, (990 + nodes_to_find(1000)) % 1000, "the next pod starts where this one stopped");
     }
 
     #[test]

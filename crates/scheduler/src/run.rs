@@ -20,6 +20,8 @@ use crate::plan::{self, Decision, NodeInfo};
 
 /// The `spec.schedulerName` this scheduler serves.
 pub const SCHEDULER_NAME: &str = "default-scheduler";
+/// How long a pass waits after a change for the changes that come with it.
+const COALESCE: std::time::Duration = std::time::Duration::from_millis(5);
 /// Bindings in flight at once.
 const PARALLEL_BINDINGS: usize = 32;
 
@@ -49,19 +51,24 @@ pub async fn run(client: kube::Client) -> anyhow::Result<()> {
     pods.wait_until_ready().await?;
     nodes.wait_until_ready().await?;
     tracing::info!("scheduler started");
-    let mut scheduler = Scheduler { client, assumed: HashMap::new(), reported: HashMap::new() };
+    let mut scheduler = Scheduler { client, assumed: HashMap::new(), reported: HashMap::new(), next_start: 0 };
     loop {
         scheduler.pass(&pods.state(), &nodes.state(), &changed).await;
         changed.notified().await;
+        // Changes come in bursts (a deployment's pods, a node's heartbeat with many pods'):
+        // one pass for the burst.
+        tokio::time::sleep(COALESCE).await;
     }
 }
 
 struct Scheduler {
     client: kube::Client,
     /// Pods bound by this scheduler that the reflector has not shown bound yet: uid → (node, pod).
-    assumed: HashMap<String, (String, Pod)>,
+    assumed: HashMap<String, (String, Arc<Pod>)>,
     /// The last Unschedulable message reported per pod uid.
     reported: HashMap<String, String>,
+    /// Where the next pod starts looking at nodes.
+    next_start: usize,
 }
 
 fn uid(pod: &Pod) -> String {
@@ -82,11 +89,11 @@ fn is_terminal(pod: &Pod) -> bool {
 
 impl Scheduler {
     async fn pass(&mut self, pods: &[Arc<Pod>], nodes: &[Arc<Node>], changed: &Arc<Notify>) {
-        let mut infos: Vec<NodeInfo> = nodes.iter().map(|n| NodeInfo::new((**n).clone())).collect();
+        let mut infos: Vec<NodeInfo> = nodes.iter().map(|n| NodeInfo::new(n.clone())).collect();
         let index: HashMap<String, usize> = infos.iter().enumerate().map(|(i, n)| (n.name().to_string(), i)).collect();
         let mut by_uid: HashMap<String, &Pod> = HashMap::with_capacity(pods.len());
         for pod in pods {
-            by_uid.insert(uid(pod), pod);
+            by_uid.insert(uid(pod), &**pod);
             let node = pod.spec.as_ref().and_then(|s| s.node_name.as_deref()).filter(|n| !n.is_empty());
             if let Some(&i) = node.and_then(|n| index.get(n))
                 && !is_terminal(pod)
@@ -103,8 +110,8 @@ impl Scheduler {
         }
         self.reported.retain(|uid, _| by_uid.get(uid).is_some_and(|p| is_pending(p)));
 
-        let mut pending: Vec<&Pod> =
-            pods.iter().map(|p| &**p).filter(|p| is_pending(p) && !self.assumed.contains_key(&uid(p))).collect();
+        let mut pending: Vec<&Arc<Pod>> =
+            pods.iter().filter(|p| is_pending(p) && !self.assumed.contains_key(&uid(p))).collect();
         // Higher priority first, then older first.
         pending.sort_by_key(|p| {
             let priority = p.spec.as_ref().and_then(|s| s.priority).unwrap_or(0);
@@ -113,7 +120,9 @@ impl Scheduler {
         let mut bindings = Vec::new();
         let mut failures = Vec::new();
         for pod in pending {
-            match plan::schedule(pod, &infos) {
+            let (decision, next) = plan::schedule_from(pod, &infos, self.next_start);
+            self.next_start = next;
+            match decision {
                 Decision::Bind(i) => {
                     infos[i].add_pod(pod);
                     let node = infos[i].name().to_string();

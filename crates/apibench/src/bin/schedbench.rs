@@ -1,0 +1,147 @@
+//! `schedbench`: scheduling throughput through the API. Creates N nodes and then M pods (with
+//! 16 clients), and measures pods/s from the first pod created until every pod is bound.
+//! Prints JSON. `--start target/release/tugboat` starts a server (with its scheduler);
+//! `--kubeconfig K` measures any cluster's scheduler the same way (it creates Node objects).
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::bail;
+use clap::Parser;
+use hyper::Method;
+use serde_json::{Value, json};
+use tugboat_apibench::load_target;
+
+#[derive(Debug, Parser)]
+#[command(about = "Benchmark a scheduler through the API; prints JSON")]
+struct Args {
+    #[arg(long, conflicts_with = "start")]
+    kubeconfig: Option<std::path::PathBuf>,
+    /// Start this `tugboat` binary as `tugboat server` in a temp dir and measure it.
+    #[arg(long)]
+    start: Option<std::path::PathBuf>,
+    #[arg(long, default_value_t = 500)]
+    nodes: usize,
+    #[arg(long, default_value_t = 1000)]
+    pods: usize,
+    #[arg(long, default_value_t = 16)]
+    clients: usize,
+}
+
+async fn in_parallel<F, Fut>(count: usize, clients: usize, operation: F) -> anyhow::Result<()>
+where
+    F: Fn(usize) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = anyhow::Result<()>> + Send,
+{
+    let operation = Arc::new(operation);
+    let mut tasks = Vec::new();
+    for client in 0..clients {
+        let operation = operation.clone();
+        tasks.push(tokio::spawn(async move {
+            for i in (client..count).step_by(clients) {
+                operation(i).await?;
+            }
+            anyhow::Ok(())
+        }));
+    }
+    for task in tasks {
+        task.await??;
+    }
+    Ok(())
+}
+
+async fn run(args: Args) -> anyhow::Result<Value> {
+    let mut started = None;
+    let kubeconfig = match (&args.kubeconfig, &args.start) {
+        (Some(path), _) => path.clone(),
+        (None, Some(binary)) => {
+            let server = tugboat_testkit::TugboatServer::start(binary, &[])?;
+            let path = server.kubeconfig();
+            started = Some(server);
+            path
+        }
+        (None, None) => bail!("give --kubeconfig or --start"),
+    };
+    let target = Arc::new(load_target(&kubeconfig)?);
+    let run_id = format!("{:x}", std::process::id());
+
+    let nodes_started = Instant::now();
+    {
+        let (target, run_id) = (target.clone(), run_id.clone());
+        in_parallel(args.nodes, args.clients, move |i| {
+            let (target, run_id) = (target.clone(), run_id.clone());
+            async move {
+                let name = format!("bench-{run_id}-{i}");
+                let node = json!({"metadata": {"name": name, "labels": {"kubernetes.io/hostname": name}},
+                                  "status": {"allocatable": {"cpu": "32", "memory": "64Gi", "pods": "110"},
+                                             "capacity": {"cpu": "32", "memory": "64Gi", "pods": "110"}}});
+                target.expect(Method::POST, "/api/v1/nodes", Some(&node), &[201]).await?;
+                Ok(())
+            }
+        })
+        .await?;
+    }
+    let nodes_seconds = nodes_started.elapsed().as_secs_f64();
+    // Let the scheduler's node watch catch up before the clock starts.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+
+    let namespace = format!("schedbench-{run_id}");
+    target.expect(Method::POST, "/api/v1/namespaces", Some(&json!({"metadata": {"name": namespace}})), &[201]).await?;
+    let collection = format!("/api/v1/namespaces/{namespace}/pods");
+    let pods_started = Instant::now();
+    {
+        let (target, collection) = (target.clone(), collection.clone());
+        in_parallel(args.pods, args.clients, move |i| {
+            let (target, collection) = (target.clone(), collection.clone());
+            async move {
+                let pod = json!({"metadata": {"name": format!("p{i}"), "labels": {"app": "bench"}},
+                                 "spec": {"containers": [{"name": "c", "image": "pause",
+                                          "resources": {"requests": {"cpu": "100m", "memory": "64Mi"}}}]}});
+                target.expect(Method::POST, &collection, Some(&pod), &[201]).await?;
+                Ok(())
+            }
+        })
+        .await?;
+    }
+    let created_seconds = pods_started.elapsed().as_secs_f64();
+    // Until no pod is left without a node.
+    let unbound = format!("{collection}?fieldSelector=spec.nodeName%3D");
+    let deadline = Instant::now() + Duration::from_secs(600);
+    loop {
+        let list: Value = serde_json::from_slice(&target.expect(Method::GET, &unbound, None, &[200]).await?)?;
+        if list["items"].as_array().is_some_and(Vec::is_empty) {
+            break;
+        }
+        if Instant::now() > deadline {
+            bail!("pods still unbound after 10 minutes");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let bound_seconds = pods_started.elapsed().as_secs_f64();
+    drop(started);
+    Ok(json!({
+        "server": target.server,
+        "nodes": args.nodes,
+        "pods": args.pods,
+        "nodes_created_seconds": (nodes_seconds * 100.0).round() / 100.0,
+        "pods_created_seconds": (created_seconds * 100.0).round() / 100.0,
+        "all_bound_seconds": (bound_seconds * 100.0).round() / 100.0,
+        "pods_per_second": (args.pods as f64 / bound_seconds).round(),
+    }))
+}
+
+fn main() -> std::process::ExitCode {
+    let args = Args::parse();
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("a tokio runtime");
+    match runtime.block_on(run(args)) {
+        Ok(report) => {
+            println!("{}", serde_json::to_string_pretty(&report).expect("JSON"));
+            std::process::ExitCode::SUCCESS
+        }
+        Err(error) => {
+            eprintln!("error: {error:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

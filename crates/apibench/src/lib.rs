@@ -1,0 +1,121 @@
+//! What the benchmark binaries share: a client for the API server of a kubeconfig.
+
+use std::sync::Arc;
+
+use anyhow::{Context, bail};
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD;
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::{Method, Request, StatusCode};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use serde_json::Value;
+
+pub type HttpClient = Client<hyper_rustls::HttpsConnector<HttpConnector>, Full<Bytes>>;
+
+/// Just enough of a kubeconfig: the current context's server and credentials.
+pub struct Target {
+    pub server: String,
+    pub client: HttpClient,
+    pub token: Option<String>,
+}
+
+impl std::fmt::Debug for Target {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Target").field("server", &self.server).finish_non_exhaustive()
+    }
+}
+
+fn decode_field(entry: &Value, data: &str, file: &str) -> anyhow::Result<Option<Vec<u8>>> {
+    if let Some(data) = entry[data].as_str() {
+        return Ok(Some(STANDARD.decode(data).with_context(|| format!("{data}: not base64"))?));
+    }
+    if let Some(path) = entry[file].as_str() {
+        return Ok(Some(std::fs::read(path).with_context(|| format!("reading {path}"))?));
+    }
+    Ok(None)
+}
+
+pub fn load_target(path: &std::path::Path) -> anyhow::Result<Target> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let config: Value = serde_saphyr::from_str(&text).with_context(|| format!("{} is not YAML", path.display()))?;
+    let named = |list: &str, name: &str| -> anyhow::Result<Value> {
+        config[list]
+            .as_array()
+            .and_then(|items| items.iter().find(|i| i["name"] == name))
+            .cloned()
+            .with_context(|| format!("no {list} entry named {name:?}"))
+    };
+    let context_name = config["current-context"].as_str().context("no current-context")?;
+    let context = named("contexts", context_name)?;
+    let cluster = named("clusters", context["context"]["cluster"].as_str().context("context without cluster")?)?;
+    let user = named("users", context["context"]["user"].as_str().context("context without user")?)?;
+    let (cluster, user) = (&cluster["cluster"], &user["user"]);
+    let server = cluster["server"].as_str().context("cluster without server")?.trim_end_matches('/').to_string();
+
+    let mut roots = rustls::RootCertStore::empty();
+    if let Some(ca) = decode_field(cluster, "certificate-authority-data", "certificate-authority")? {
+        for cert in rustls_pemfile::certs(&mut ca.as_slice()) {
+            roots.add(cert?)?;
+        }
+    }
+    let builder = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(roots);
+    let cert = decode_field(user, "client-certificate-data", "client-certificate")?;
+    let key = decode_field(user, "client-key-data", "client-key")?;
+    let tls = match (cert, key) {
+        (Some(cert), Some(key)) => {
+            let chain = rustls_pemfile::certs(&mut cert.as_slice()).collect::<Result<Vec<_>, _>>()?;
+            let key = rustls_pemfile::private_key(&mut key.as_slice())?.context("no private key in the kubeconfig")?;
+            builder.with_client_auth_cert(chain, key)?
+        }
+        _ => builder.with_no_client_auth(),
+    };
+    let connector = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(tls)
+        .https_or_http()
+        .enable_http1()
+        .enable_http2()
+        .build();
+    let client = Client::builder(TokioExecutor::new()).build(connector);
+    Ok(Target { server, client, token: user["token"].as_str().map(str::to_string) })
+}
+
+impl Target {
+    pub async fn request(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<&Value>,
+    ) -> anyhow::Result<(StatusCode, Bytes)> {
+        let mut request = Request::builder().method(method).uri(format!("{}{path}", self.server));
+        if let Some(token) = &self.token {
+            request = request.header("Authorization", format!("Bearer {token}"));
+        }
+        let body = body.map(|b| Bytes::from(b.to_string())).unwrap_or_default();
+        let request = request.header("Content-Type", "application/json").body(Full::new(body))?;
+        let response = self.client.request(request).await?;
+        let status = response.status();
+        Ok((status, response.into_body().collect().await?.to_bytes()))
+    }
+
+    pub async fn expect(&self, method: Method, path: &str, body: Option<&Value>, ok: &[u16]) -> anyhow::Result<Bytes> {
+        let (status, bytes) = self.request(method.clone(), path, body).await?;
+        if !ok.contains(&status.as_u16()) {
+            bail!("{method} {path}: {status}: {}", String::from_utf8_lossy(&bytes));
+        }
+        Ok(bytes)
+    }
+}
+
+/// The resident set of a process, in KiB.
+pub fn rss_kib(pid: Option<u32>) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{}/status", pid?)).ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+}
