@@ -25,6 +25,32 @@ enum Command {
     Apiserver(ServerArgs),
     /// Run the scheduler alone, against the API server of a kubeconfig.
     Scheduler(ComponentArgs),
+    /// Run simulated nodes: they register, heartbeat and "run" their pods without containers.
+    HollowNodes(HollowArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct HollowArgs {
+    #[command(flatten)]
+    component: ComponentArgs,
+    /// How many nodes.
+    #[arg(long, default_value_t = 1)]
+    count: usize,
+    /// Nodes are named `<prefix>-0`, `<prefix>-1`, ...
+    #[arg(long, default_value = "hollow")]
+    name_prefix: String,
+    /// Each node's CPU capacity.
+    #[arg(long, default_value = "4")]
+    cpu: String,
+    /// Each node's memory capacity.
+    #[arg(long, default_value = "16Gi")]
+    memory: String,
+    /// Pods per node.
+    #[arg(long, default_value_t = 110)]
+    max_pods: u32,
+    /// How often each node renews its Lease in kube-node-lease.
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    lease_renew_interval: Duration,
 }
 
 /// A component that talks to an API server.
@@ -103,6 +129,22 @@ fn main() -> ExitCode {
         match cli.command {
             Command::Server(args) => server(args, true).await,
             Command::Apiserver(args) => server(args, false).await,
+            Command::HollowNodes(args) => {
+                let client = client(&args.component.kubeconfig).await?;
+                let config = tugboat_hollow::HollowConfig {
+                    count: args.count,
+                    name_prefix: args.name_prefix,
+                    cpu: args.cpu,
+                    memory: args.memory,
+                    max_pods: args.max_pods,
+                    lease_renew: args.lease_renew_interval,
+                    ..tugboat_hollow::HollowConfig::default()
+                };
+                tokio::select! {
+                    result = tugboat_hollow::run(client, config) => result,
+                    result = wait_for_shutdown() => result,
+                }
+            }
             Command::Scheduler(args) => {
                 let client = client(&args.kubeconfig).await?;
                 tokio::select! {

@@ -1,6 +1,7 @@
 //! The scheduler against a real server, driven with the real kubectl: pods spread over nodes,
 //! filters keep pods off nodes that do not fit, an unschedulable pod says why (condition and
-//! event) and is placed as soon as a node that fits appears; `tugboat scheduler` runs alone.
+//! event) and is placed as soon as a node that fits appears; `tugboat scheduler` runs alone;
+//! hollow nodes register, heartbeat and "run" the pods the scheduler gives them.
 
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
@@ -150,4 +151,84 @@ fn the_scheduler_runs_alone_against_a_kubeconfig() {
             .unwrap(),
     );
     assert_eq!(wait_bound(&server, "waiting"), "solo");
+}
+
+#[test]
+fn hollow_nodes_register_heartbeat_and_run_their_pods() {
+    let server = TugboatServer::start(Path::new(env!("CARGO_BIN_EXE_tugboat")), &[]).unwrap();
+    let _hollow = Process(
+        Command::new(env!("CARGO_BIN_EXE_tugboat"))
+            .args([
+                "hollow-nodes",
+                "--count",
+                "3",
+                "--name-prefix",
+                "h",
+                "--lease-renew-interval",
+                "1s",
+                "--kubeconfig",
+            ])
+            .arg(server.kubeconfig())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let ready = kubectl(
+            &server,
+            &["get", "nodes", "-o", "jsonpath={.items[*].status.conditions[?(@.type==\"Ready\")].status}"],
+            None,
+        );
+        if ready == "True True True" {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the hollow nodes never became Ready: {ready:?}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let nodes = kubectl(&server, &["get", "nodes", "-o", "wide"], None);
+    assert!(
+        nodes.contains("h-0") && nodes.contains("v1.33.0-tugboat-hollow") && nodes.contains("10.250.0.1"),
+        "{nodes}"
+    );
+
+    // Heartbeats: each node's Lease is renewed.
+    let renewed = || {
+        kubectl(&server, &["-n", "kube-node-lease", "get", "lease", "h-1", "-o", "jsonpath={.spec.renewTime}"], None)
+    };
+    let first = renewed();
+    assert!(!first.is_empty());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while renewed() == first {
+        assert!(Instant::now() < deadline, "the lease of h-1 was never renewed");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+
+    // Pods the scheduler places run, with an IP of their node's range; deleted ones go.
+    for i in 0..6 {
+        add_pod(&server, &format!("run-{i}"), "100m", "");
+    }
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let phases = kubectl(&server, &["get", "pods", "-o", "jsonpath={.items[*].status.phase}"], None);
+        if phases.split_whitespace().filter(|p| *p == "Running").count() == 6 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the pods never ran: {phases}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let pods = kubectl(&server, &["get", "pods", "-o", "wide"], None);
+    assert!(
+        pods.lines().skip(1).all(|l| l.contains("1/1") && l.contains("Running") && l.contains(" 10.128.")),
+        "{pods}"
+    );
+    let ips = kubectl(&server, &["get", "pods", "-o", "jsonpath={.items[*].status.podIP}"], None);
+    let unique: std::collections::BTreeSet<&str> = ips.split_whitespace().collect();
+    assert_eq!(unique.len(), 6, "one address per pod: {ips}");
+    // A bound pod's deletion waits for its node to finish it: the hollow node does at once.
+    let deleted = kubectl(&server, &["delete", "pod", "run-0", "--timeout=20s"], None);
+    assert!(deleted.contains("deleted"), "{deleted}");
+    let left = kubectl(&server, &["get", "pods", "-o", "name"], None);
+    assert!(!left.contains("run-0"), "{left}");
 }
