@@ -211,7 +211,8 @@ pub async fn run(client: kube::Client, config: HollowConfig) -> anyhow::Result<(
                 interval.tick().await;
                 ticks += 1;
                 let report = config.status_report.as_secs() > 0
-                    && ticks.is_multiple_of((config.status_report.as_secs() / config.lease_renew.as_secs().max(1)).max(1));
+                    && ticks
+                        .is_multiple_of((config.status_report.as_secs() / config.lease_renew.as_secs().max(1)).max(1));
                 futures::stream::iter(0..config.count)
                     .for_each_concurrent(PARALLEL, |index| {
                         let (client, config) = (client.clone(), config.clone());

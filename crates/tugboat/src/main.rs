@@ -18,13 +18,15 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Run the control plane: the store (with compaction), the API server and the scheduler
-    /// (the controllers and the node agent come next).
+    /// Run the control plane: the store (with compaction), the API server, the scheduler and
+    /// the controller manager (the node agent comes next).
     Server(ServerArgs),
     /// Run the API server alone.
     Apiserver(ServerArgs),
     /// Run the scheduler alone, against the API server of a kubeconfig.
     Scheduler(ComponentArgs),
+    /// Run the controller manager alone (for now the ReplicaSet controller).
+    ControllerManager(ComponentArgs),
     /// Run simulated nodes: they register, heartbeat and "run" their pods without containers.
     HollowNodes(HollowArgs),
 }
@@ -87,6 +89,9 @@ struct ServerArgs {
     /// `server` only: do not run the scheduler in this process.
     #[arg(long)]
     disable_scheduler: bool,
+    /// `server` only: do not run the controller manager in this process.
+    #[arg(long)]
+    disable_controller_manager: bool,
 }
 
 /// Parses `300`, `300s`, `5m`, `1h`, `250ms`.
@@ -142,6 +147,13 @@ fn main() -> ExitCode {
                 };
                 tokio::select! {
                     result = tugboat_hollow::run(client, config) => result,
+                    result = wait_for_shutdown() => result,
+                }
+            }
+            Command::ControllerManager(args) => {
+                let client = client(&args.kubeconfig).await?;
+                tokio::select! {
+                    result = tugboat_controllers::run(client) => result,
                     result = wait_for_shutdown() => result,
                 }
             }
@@ -224,6 +236,14 @@ async fn server(args: ServerArgs, full: bool) -> anyhow::Result<()> {
         components.push(spawn_component("scheduler", move || {
             let kubeconfig = kubeconfig.clone();
             async move { tugboat_scheduler::run(client(&kubeconfig).await?).await }
+        }));
+    }
+
+    if full && !args.disable_controller_manager {
+        let kubeconfig = api.admin_kubeconfig().to_path_buf();
+        components.push(spawn_component("controller-manager", move || {
+            let kubeconfig = kubeconfig.clone();
+            async move { tugboat_controllers::run(client(&kubeconfig).await?).await }
         }));
     }
 

@@ -1,0 +1,189 @@
+//! The controller manager's loops. Each controller keeps reflectors of what it reads; a burst of
+//! changes triggers one pass over every object it controls (level-driven: a pass converges from
+//! whatever it observes, so restarts and missed events do not matter).
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::{StreamExt, TryStreamExt};
+use k8s_openapi::api::apps::v1::ReplicaSet;
+use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
+use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
+use kube::runtime::reflector::Store;
+use kube::runtime::{WatchStreamExt, reflector, watcher};
+use serde_json::json;
+use tokio::sync::Notify;
+
+use crate::replicaset;
+
+/// How long a pass waits after a change for the changes that come with it.
+const COALESCE: Duration = Duration::from_millis(5);
+/// Writes in flight at once per controller.
+const PARALLEL: usize = 32;
+/// A pass also runs this often without changes (time-based conditions such as minReadySeconds).
+const RESYNC: Duration = Duration::from_secs(30);
+
+/// A reflector whose changes wake `changed`.
+fn reflect<K>(api: Api<K>, changed: &Arc<Notify>) -> Store<K>
+where
+    K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug + Send + Sync + 'static,
+    K::DynamicType: Default + Eq + std::hash::Hash + Clone,
+{
+    let (reader, writer) = reflector::store::<K>();
+    let events = reflector(writer, watcher(api, watcher::Config::default())).default_backoff().touched_objects();
+    let changed = changed.clone();
+    tokio::spawn(async move {
+        let mut events = events.map_ok(|_| ()).boxed();
+        while let Some(event) = events.next().await {
+            if let Err(error) = event {
+                tracing::debug!(%error, "controller watch");
+            }
+            changed.notify_one();
+        }
+    });
+    reader
+}
+
+async fn wait(changed: &Notify) {
+    let _ = tokio::time::timeout(RESYNC, changed.notified()).await;
+    tokio::time::sleep(COALESCE).await;
+}
+
+/// Runs every controller until the server goes away for good.
+pub async fn run(client: kube::Client) -> anyhow::Result<()> {
+    let replicasets = tokio::spawn(run_replicasets(client.clone()));
+    replicasets.await?
+}
+
+/// The ReplicaSet controller.
+pub async fn run_replicasets(client: kube::Client) -> anyhow::Result<()> {
+    let changed = Arc::new(Notify::new());
+    let sets = reflect(Api::<ReplicaSet>::all(client.clone()), &changed);
+    let pods = reflect(Api::<Pod>::all(client.clone()), &changed);
+    sets.wait_until_ready().await?;
+    pods.wait_until_ready().await?;
+    tracing::info!("replicaset controller started");
+    // Pods created per ReplicaSet uid that the pod watch has not shown yet: (names, when).
+    let mut in_flight: HashMap<String, (Vec<String>, std::time::Instant)> = HashMap::new();
+    loop {
+        let all_pods = pods.state();
+        let mut by_namespace: HashMap<&str, Vec<Arc<Pod>>> = HashMap::new();
+        for pod in &all_pods {
+            by_namespace.entry(pod.metadata.namespace.as_deref().unwrap_or_default()).or_default().push(pod.clone());
+        }
+        let seen: std::collections::HashSet<&str> =
+            all_pods.iter().filter_map(|p| p.metadata.name.as_deref()).collect();
+        let sets_now = sets.state();
+        // Forget creations that have shown up, or that never will (a minute on).
+        in_flight.retain(|_, (names, since)| {
+            names.retain(|n| !seen.contains(n.as_str()));
+            !names.is_empty() && since.elapsed() < Duration::from_secs(60)
+        });
+        let now = k8s_openapi::jiff::Timestamp::now();
+        let mut work = Vec::new();
+        for set in &sets_now {
+            let namespace = set.metadata.namespace.as_deref().unwrap_or_default();
+            let uid = set.metadata.uid.clone().unwrap_or_default();
+            let pending = in_flight.get(&uid).map(|(n, _)| n.len()).unwrap_or(0);
+            let empty = Vec::new();
+            let plan = replicaset::plan(set, by_namespace.get(namespace).unwrap_or(&empty), pending, now);
+            work.push((set.clone(), plan));
+        }
+        let client = &client;
+        let created: Vec<(String, Vec<String>)> = futures::stream::iter(work)
+            .map(|(set, plan)| async move {
+                (set.metadata.uid.clone().unwrap_or_default(), apply(client, &set, plan).await)
+            })
+            .buffer_unordered(PARALLEL)
+            .collect()
+            .await;
+        for (uid, names) in created {
+            if !names.is_empty() {
+                let entry = in_flight.entry(uid).or_insert_with(|| (Vec::new(), std::time::Instant::now()));
+                entry.0.extend(names);
+            }
+        }
+        wait(&changed).await;
+    }
+}
+
+fn owner_reference(set: &ReplicaSet) -> OwnerReference {
+    OwnerReference {
+        api_version: "apps/v1".into(),
+        kind: "ReplicaSet".into(),
+        name: set.metadata.name.clone().unwrap_or_default(),
+        uid: set.metadata.uid.clone().unwrap_or_default(),
+        controller: Some(true),
+        block_owner_deletion: Some(true),
+    }
+}
+
+/// Carries out a plan; returns the names of the pods it created.
+async fn apply(client: &kube::Client, set: &ReplicaSet, plan: replicaset::Plan) -> Vec<String> {
+    let namespace = set.metadata.namespace.as_deref().unwrap_or("default");
+    let name = set.metadata.name.as_deref().unwrap_or_default();
+    let pods: Api<Pod> = Api::namespaced(client.clone(), namespace);
+    let owner = owner_reference(set);
+    for orphan in &plan.adopt {
+        let patch = json!({"metadata": {"ownerReferences": [owner]}});
+        if let Err(error) = pods.patch(orphan, &PatchParams::default(), &Patch::Merge(&patch)).await {
+            tracing::debug!(%error, pod = orphan, "could not adopt");
+        }
+    }
+    for released in &plan.release {
+        let patch = json!({"metadata": {"ownerReferences": null}});
+        if let Err(error) = pods.patch(released, &PatchParams::default(), &Patch::Merge(&patch)).await {
+            tracing::debug!(%error, pod = released, "could not release");
+        }
+    }
+    let mut created = Vec::new();
+    if plan.create > 0 {
+        let template = set.spec.as_ref().and_then(|s| s.template.clone()).unwrap_or_default();
+        let metadata = template.metadata.unwrap_or_default();
+        let results: Vec<Option<String>> = futures::stream::iter(0..plan.create)
+            .map(|_| {
+                let pod = Pod {
+                    metadata: ObjectMeta {
+                        generate_name: Some(format!("{name}-")),
+                        namespace: Some(namespace.into()),
+                        labels: metadata.labels.clone(),
+                        annotations: metadata.annotations.clone(),
+                        owner_references: Some(vec![owner.clone()]),
+                        ..Default::default()
+                    },
+                    spec: template.spec.clone(),
+                    status: None,
+                };
+                let pods = pods.clone();
+                async move {
+                    match pods.create(&PostParams::default(), &pod).await {
+                        Ok(pod) => pod.metadata.name,
+                        Err(error) => {
+                            tracing::debug!(%error, replicaset = name, "could not create a pod");
+                            None
+                        }
+                    }
+                }
+            })
+            .buffer_unordered(PARALLEL)
+            .collect()
+            .await;
+        created = results.into_iter().flatten().collect();
+    }
+    for victim in &plan.delete {
+        if let Err(error) = pods.delete(victim, &DeleteParams::default()).await {
+            tracing::debug!(%error, pod = victim, "could not delete");
+        }
+    }
+    let current = set.status.clone().unwrap_or_default();
+    if current != plan.status {
+        let sets: Api<ReplicaSet> = Api::namespaced(client.clone(), namespace);
+        let patch = json!({"status": plan.status});
+        if let Err(error) = sets.patch_status(name, &PatchParams::default(), &Patch::Merge(&patch)).await {
+            tracing::debug!(%error, replicaset = name, "could not update the status");
+        }
+    }
+    created
+}

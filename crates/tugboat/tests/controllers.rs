@@ -1,0 +1,142 @@
+//! The controller manager inside `tugboat server`, with hollow nodes running the pods, driven
+//! with the real kubectl.
+
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use tugboat_testkit::TugboatServer;
+
+fn kubectl(server: &TugboatServer, args: &[&str], stdin: Option<&str>) -> String {
+    use std::io::Write;
+    let mut child = Command::new("/usr/bin/kubectl")
+        .args(args)
+        .env("KUBECONFIG", server.kubeconfig())
+        .env("HOME", server.scratch("home"))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("kubectl runs");
+    child.stdin.take().unwrap().write_all(stdin.unwrap_or_default().as_bytes()).unwrap();
+    let output = child.wait_with_output().unwrap();
+    assert!(
+        output.status.success(),
+        "kubectl {args:?}: {}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8(output.stdout).unwrap()
+}
+
+/// Kills the child on drop.
+struct Process(Child);
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn hollow_nodes(server: &TugboatServer, count: usize) -> Process {
+    Process(
+        Command::new(env!("CARGO_BIN_EXE_tugboat"))
+            .args(["hollow-nodes", "--count", &count.to_string(), "--name-prefix", "h", "--kubeconfig"])
+            .arg(server.kubeconfig())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    )
+}
+
+/// Polls `kubectl args` until `done` holds of its output.
+fn eventually(server: &TugboatServer, args: &[&str], what: &str, done: impl Fn(&str) -> bool) -> String {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let output = kubectl(server, args, None);
+        if done(&output) {
+            return output;
+        }
+        assert!(Instant::now() < deadline, "{what}: last saw {output}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+fn running_pods(server: &TugboatServer, selector: &str) -> Vec<String> {
+    let output = kubectl(
+        server,
+        &[
+            "get",
+            "pods",
+            "-l",
+            selector,
+            "-o",
+            "jsonpath={range .items[*]}{.metadata.name} {.status.phase} {.metadata.deletionTimestamp}{\"\\n\"}{end}",
+        ],
+        None,
+    );
+    output
+        .lines()
+        .filter_map(|l| {
+            let fields: Vec<&str> = l.split_whitespace().collect();
+            (fields.len() == 2 && fields[1] == "Running").then(|| fields[0].to_string())
+        })
+        .collect()
+}
+
+#[test]
+fn replica_sets_keep_their_pods_running() {
+    let server = TugboatServer::start(Path::new(env!("CARGO_BIN_EXE_tugboat")), &[]).unwrap();
+    let _nodes = hollow_nodes(&server, 3);
+    let manifest = "apiVersion: apps/v1\nkind: ReplicaSet\nmetadata: {name: web}\nspec:\n  replicas: 5\n  selector: {matchLabels: {app: web}}\n  template:\n    metadata: {labels: {app: web}}\n    spec: {containers: [{name: c, image: busybox}]}\n";
+    kubectl(&server, &["apply", "-f", "-"], Some(manifest));
+    let wait_running = |count: usize| {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let running = running_pods(&server, "app=web");
+            if running.len() == count {
+                return running;
+            }
+            assert!(Instant::now() < deadline, "wanted {count} running pods, have {running:?}");
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    };
+    let first = wait_running(5);
+    eventually(&server, &["get", "rs", "web"], "the status counts them", |o| {
+        o.lines().nth(1).is_some_and(|l| l.split_whitespace().take(4).eq(["web", "5", "5", "5"]))
+    });
+    let pod: serde_json::Value =
+        serde_json::from_str(&kubectl(&server, &["get", "pod", &first[0], "-o", "json"], None)).unwrap();
+    assert_eq!(pod["metadata"]["ownerReferences"][0]["kind"], "ReplicaSet");
+    assert_eq!(pod["metadata"]["ownerReferences"][0]["controller"], true);
+    assert!(first[0].starts_with("web-"));
+
+    // Scale down and up; a deleted pod is replaced.
+    kubectl(&server, &["scale", "rs", "web", "--replicas=2"], None);
+    wait_running(2);
+    kubectl(&server, &["scale", "rs", "web", "--replicas=4"], None);
+    let four = wait_running(4);
+    kubectl(&server, &["delete", "pod", &four[0]], None);
+    let replaced = wait_running(4);
+    assert!(!replaced.contains(&four[0]));
+
+    // An orphan with matching labels is adopted, and counts: a ReplicaSet made after it for
+    // one replica makes no pod of its own.
+    let orphan = "apiVersion: v1\nkind: Pod\nmetadata: {name: stray, labels: {app: solo}}\nspec: {containers: [{name: c, image: busybox}]}\n";
+    kubectl(&server, &["apply", "-f", "-"], Some(orphan));
+    let solo = manifest
+        .replace("name: web", "name: solo")
+        .replace("app: web", "app: solo")
+        .replace("replicas: 5", "replicas: 1");
+    kubectl(&server, &["apply", "-f", "-"], Some(&solo));
+    eventually(
+        &server,
+        &["get", "pod", "stray", "-o", "jsonpath={.metadata.ownerReferences[0].name}"],
+        "adopted",
+        |o| o == "solo",
+    );
+    eventually(&server, &["get", "rs", "solo", "-o", "jsonpath={.status.readyReplicas}"], "counted", |o| o == "1");
+    assert_eq!(running_pods(&server, "app=solo"), ["stray"]);
+}
