@@ -1,8 +1,9 @@
 //! Tugboat's controller manager: each controller is a pure plan (tested without I/O) and a thin
 //! loop that observes through kube-rs reflectors and applies the plan through the API.
 
+pub mod deployment;
 pub mod pods;
 pub mod replicaset;
 mod run;
 
-pub use run::{run, run_replicasets};
+pub use run::{run, run_deployments, run_replicasets};

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::{StreamExt, TryStreamExt};
-use k8s_openapi::api::apps::v1::ReplicaSet;
+use k8s_openapi::api::apps::v1::{Deployment, ReplicaSet};
 use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
@@ -16,7 +16,7 @@ use kube::runtime::{WatchStreamExt, reflector, watcher};
 use serde_json::json;
 use tokio::sync::Notify;
 
-use crate::replicaset;
+use crate::{deployment, replicaset};
 
 /// How long a pass waits after a change for the changes that come with it.
 const COALESCE: Duration = Duration::from_millis(5);
@@ -54,7 +54,89 @@ async fn wait(changed: &Notify) {
 /// Runs every controller until the server goes away for good.
 pub async fn run(client: kube::Client) -> anyhow::Result<()> {
     let replicasets = tokio::spawn(run_replicasets(client.clone()));
-    replicasets.await?
+    let deployments = tokio::spawn(run_deployments(client.clone()));
+    tokio::select! {
+        result = replicasets => result?,
+        result = deployments => result?,
+    }
+}
+
+/// The Deployment controller.
+pub async fn run_deployments(client: kube::Client) -> anyhow::Result<()> {
+    let changed = Arc::new(Notify::new());
+    let deployments = reflect(Api::<Deployment>::all(client.clone()), &changed);
+    let sets = reflect(Api::<ReplicaSet>::all(client.clone()), &changed);
+    deployments.wait_until_ready().await?;
+    sets.wait_until_ready().await?;
+    tracing::info!("deployment controller started");
+    loop {
+        let all_sets = sets.state();
+        let mut by_owner: HashMap<String, Vec<&ReplicaSet>> = HashMap::new();
+        for rs in &all_sets {
+            if let Some(owner) = rs
+                .metadata
+                .owner_references
+                .iter()
+                .flatten()
+                .find(|r| r.controller == Some(true) && r.kind == "Deployment")
+            {
+                by_owner.entry(owner.uid.clone()).or_default().push(rs);
+            }
+        }
+        let now = k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(k8s_openapi::jiff::Timestamp::now());
+        let mut work = Vec::new();
+        for d in deployments.state() {
+            if d.metadata.deletion_timestamp.is_some() {
+                continue;
+            }
+            let owned = by_owner.get(d.metadata.uid.as_deref().unwrap_or_default()).cloned().unwrap_or_default();
+            let plan = deployment::plan(&d, &owned, now.clone());
+            work.push((d, plan));
+        }
+        let client = &client;
+        futures::stream::iter(work)
+            .for_each_concurrent(PARALLEL, |(d, plan)| async move { apply_deployment(client, &d, plan).await })
+            .await;
+        wait(&changed).await;
+    }
+}
+
+async fn apply_deployment(client: &kube::Client, d: &Deployment, plan: deployment::Plan) {
+    let namespace = d.metadata.namespace.as_deref().unwrap_or("default");
+    let name = d.metadata.name.as_deref().unwrap_or_default();
+    let sets: Api<ReplicaSet> = Api::namespaced(client.clone(), namespace);
+    let deployments: Api<Deployment> = Api::namespaced(client.clone(), namespace);
+    let params = PatchParams::default();
+    for action in plan.actions {
+        let result = match &action {
+            deployment::Action::Create(rs) => match sets.create(&PostParams::default(), rs).await {
+                Err(kube::Error::Api(status)) if status.code == 409 => Ok(()),
+                other => other.map(|_| ()),
+            },
+            deployment::Action::Scale { name, replicas } => {
+                let patch = json!({"spec": {"replicas": replicas}});
+                sets.patch(name, &params, &Patch::Merge(&patch)).await.map(|_| ())
+            }
+            deployment::Action::Revise { name, revision } => {
+                let patch = json!({"metadata": {"annotations": {deployment::REVISION: revision.to_string()}}});
+                sets.patch(name, &params, &Patch::Merge(&patch)).await.map(|_| ())
+            }
+            deployment::Action::Delete { name } => sets.delete(name, &DeleteParams::background()).await.map(|_| ()),
+            deployment::Action::AnnotateDeployment { revision } => {
+                let patch = json!({"metadata": {"annotations": {deployment::REVISION: revision.to_string()}}});
+                deployments.patch(name, &params, &Patch::Merge(&patch)).await.map(|_| ())
+            }
+        };
+        if let Err(error) = result {
+            tracing::debug!(%error, deployment = name, ?action, "deployment action failed");
+        }
+    }
+    if d.status.as_ref() != Some(&plan.status) {
+        let patch = json!({"status": plan.status});
+        if let Err(error) = deployments.patch_status(name, &params, &Patch::Merge(&patch)).await {
+            tracing::debug!(%error, deployment = name, "could not update the status");
+        }
+    }
 }
 
 /// The ReplicaSet controller.

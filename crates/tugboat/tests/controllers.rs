@@ -140,3 +140,74 @@ fn replica_sets_keep_their_pods_running() {
     eventually(&server, &["get", "rs", "solo", "-o", "jsonpath={.status.readyReplicas}"], "counted", |o| o == "1");
     assert_eq!(running_pods(&server, "app=solo"), ["stray"]);
 }
+
+#[test]
+fn deployments_roll_out_roll_back_and_scale() {
+    let server = TugboatServer::start(Path::new(env!("CARGO_BIN_EXE_tugboat")), &[]).unwrap();
+    let _nodes = hollow_nodes(&server, 3);
+    eventually(&server, &["get", "nodes", "-o", "name"], "three nodes", |o| o.lines().count() == 3);
+    kubectl(&server, &["create", "deployment", "web", "--image=busybox:1.36", "--replicas=6"], None);
+    let status = kubectl(&server, &["rollout", "status", "deployment/web", "--timeout=60s"], None);
+    assert!(status.contains("successfully rolled out"), "{status}");
+    let nodes = kubectl(&server, &["get", "pods", "-l", "app=web", "-o", "jsonpath={.items[*].spec.nodeName}"], None);
+    let spread: std::collections::BTreeSet<&str> = nodes.split_whitespace().collect();
+    assert_eq!(spread.len(), 3, "the replicas spread over the nodes: {nodes}");
+    let rs = kubectl(&server, &["get", "rs", "-l", "app=web", "-o", "name"], None);
+    assert_eq!(rs.lines().count(), 1, "{rs}");
+    let revision = kubectl(
+        &server,
+        &["get", "deployment", "web", "-o", "jsonpath={.metadata.annotations.deployment\\.kubernetes\\.io/revision}"],
+        None,
+    );
+    assert_eq!(revision, "1");
+
+    let images = |server: &TugboatServer| {
+        let output = kubectl(
+            server,
+            &[
+                "get",
+                "pods",
+                "-l",
+                "app=web",
+                "-o",
+                "jsonpath={range .items[*]}{.spec.containers[0].image} {.metadata.deletionTimestamp}{\"\\n\"}{end}",
+            ],
+            None,
+        );
+        output.lines().filter(|l| l.split_whitespace().count() == 1).map(|l| l.trim().to_string()).collect::<Vec<_>>()
+    };
+    // A new image rolls out; the old ReplicaSet is kept, empty, for undo.
+    kubectl(&server, &["set", "image", "deployment/web", "busybox=busybox:1.37"], None);
+    let status = kubectl(&server, &["rollout", "status", "deployment/web", "--timeout=60s"], None);
+    assert!(status.contains("successfully rolled out"), "{status}");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while images(&server) != vec!["busybox:1.37".to_string(); 6] {
+        assert!(Instant::now() < deadline, "pods: {:?}", images(&server));
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let history = kubectl(&server, &["rollout", "history", "deployment/web"], None);
+    assert!(history.contains("1 ") && history.contains("2 "), "{history}");
+    // Undo goes back to the first template, as revision 3.
+    kubectl(&server, &["rollout", "undo", "deployment/web"], None);
+    let status = kubectl(&server, &["rollout", "status", "deployment/web", "--timeout=60s"], None);
+    assert!(status.contains("successfully rolled out"), "{status}");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while images(&server) != vec!["busybox:1.36".to_string(); 6] {
+        assert!(Instant::now() < deadline, "pods: {:?}", images(&server));
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let rs = kubectl(&server, &["get", "rs", "-l", "app=web", "-o", "name"], None);
+    assert_eq!(rs.lines().count(), 2, "the first ReplicaSet is reused: {rs}");
+    eventually(
+        &server,
+        &["get", "deployment", "web", "-o", "jsonpath={.metadata.annotations.deployment\\.kubernetes\\.io/revision}"],
+        "revision 3",
+        |o| o == "3",
+    );
+
+    // Scale down: the deployment's ReplicaSet follows.
+    kubectl(&server, &["scale", "deployment", "web", "--replicas=2"], None);
+    eventually(&server, &["get", "deployment", "web"], "two ready", |o| {
+        o.lines().nth(1).is_some_and(|l| l.split_whitespace().take(4).eq(["web", "2/2", "2", "2"]))
+    });
+}
