@@ -637,6 +637,16 @@ async fn watch(
         ApiError::expired(format!("too old resource version: {requested} ({compacted})")).to_status()
     };
 
+    // A revision the store has compacted away is too old, whether or not the watch cache
+    // still holds its changes: 410 depends on compaction alone (a point read at that revision
+    // says). As upstream: a 200 whose only event is an ERROR carrying 410 Expired.
+    if let Some(after) = after
+        && let Err(StoreError::Compacted { requested, compacted }) =
+            state.store.get(&resource.prefix(None), Some(after)).await
+    {
+        let status = expired(requested, compacted);
+        return Ok(streaming_response(futures::stream::iter([event_line("ERROR", &status)]).boxed()));
+    }
     // From the watch cache when it holds what the watch needs; else from the store.
     let cache = state.caches.get(&resource.prefix(None)).await.map_err(store_error)?;
     let (initial, replay, start, changes): (Vec<Value>, Vec<Arc<Change>>, i64, ChangeStream) =

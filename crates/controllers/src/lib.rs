@@ -2,8 +2,9 @@
 //! loop that observes through kube-rs reflectors and applies the plan through the API.
 
 pub mod deployment;
+pub mod gc;
 pub mod pods;
 pub mod replicaset;
 mod run;
 
-pub use run::{run, run_deployments, run_replicasets};
+pub use run::{run, run_deployments, run_garbage_collector, run_replicasets};

@@ -211,3 +211,35 @@ fn deployments_roll_out_roll_back_and_scale() {
         o.lines().nth(1).is_some_and(|l| l.split_whitespace().take(4).eq(["web", "2/2", "2", "2"]))
     });
 }
+
+#[test]
+fn the_garbage_collector_follows_owner_references() {
+    let server = TugboatServer::start(Path::new(env!("CARGO_BIN_EXE_tugboat")), &[]).unwrap();
+    let _nodes = hollow_nodes(&server, 2);
+    eventually(&server, &["get", "nodes", "-o", "name"], "two nodes", |o| o.lines().count() == 2);
+    let count =
+        |selector: &str| kubectl(&server, &["get", "rs,pods", "-l", selector, "-o", "name"], None).lines().count();
+    for name in ["bg", "fg", "keep"] {
+        kubectl(&server, &["create", "deployment", name, "--image=busybox", "--replicas=2"], None);
+        kubectl(&server, &["rollout", "status", &format!("deployment/{name}"), "--timeout=60s"], None);
+        assert_eq!(count(&format!("app={name}")), 3, "a ReplicaSet and two pods");
+    }
+    // Background (kubectl's default): the Deployment goes at once, its ReplicaSet and pods after.
+    kubectl(&server, &["delete", "deployment", "bg"], None);
+    eventually(&server, &["get", "rs,pods", "-l", "app=bg", "-o", "name"], "bg's dependents gone", |o| {
+        o.trim().is_empty()
+    });
+    // Foreground: the Deployment waits for its dependents (kubectl waits for it).
+    kubectl(&server, &["delete", "deployment", "fg", "--cascade=foreground", "--timeout=30s"], None);
+    assert_eq!(count("app=fg"), 0);
+    // Orphan: the ReplicaSet and pods stay, released.
+    kubectl(&server, &["delete", "deployment", "keep", "--cascade=orphan"], None);
+    eventually(
+        &server,
+        &["get", "rs", "-l", "app=keep", "-o", "jsonpath={.items[*].metadata.ownerReferences}"],
+        "released",
+        |o| o.trim().is_empty(),
+    );
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(count("app=keep"), 3);
+}
