@@ -64,6 +64,9 @@ pub struct ApiServerConfig {
     pub token_auth_file: Option<PathBuf>,
     /// Where ClusterIPs come from (`--service-cidr`).
     pub service_cidr: ServiceCidr,
+    /// The NoExecute tolerations new pods get for not-ready and unreachable nodes, in seconds.
+    pub default_not_ready_toleration_seconds: i64,
+    pub default_unreachable_toleration_seconds: i64,
 }
 
 impl Default for ApiServerConfig {
@@ -74,6 +77,8 @@ impl Default for ApiServerConfig {
             https_port: 6443,
             token_auth_file: None,
             service_cidr: ServiceCidr::default(),
+            default_not_ready_toleration_seconds: 300,
+            default_unreachable_toleration_seconds: 300,
         }
     }
 }
@@ -230,6 +235,10 @@ pub async fn start(config: ApiServerConfig, store: Arc<dyn Store>) -> Result<Api
     );
     tugboat_pki::write_file(&kubeconfig, contents.as_bytes(), 0o600)?;
 
+    object::set_default_toleration_seconds(
+        config.default_not_ready_toleration_seconds,
+        config.default_unreachable_toleration_seconds,
+    );
     let state = Arc::new(handlers::ApiState {
         caches: watch_cache::WatchCaches::new(store.clone()),
         store,

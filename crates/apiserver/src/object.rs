@@ -1,6 +1,8 @@
 //! Objects as generic JSON: decoding request bodies, the metadata the server owns (uid,
 //! creationTimestamp, resourceVersion, generation), and validation with field paths.
 
+use std::sync::atomic::{AtomicI64, Ordering};
+
 use serde_json::{Value, json};
 
 use crate::registry::Resource;
@@ -256,6 +258,7 @@ pub fn prepare_create(resource: &Resource, namespace: Option<&str>, object: &mut
     default_workload(resource, object);
     if resource.plural == "pods" && object["spec"].is_object() {
         default_pod_spec(&mut object["spec"]);
+        add_default_tolerations(&mut object["spec"]);
         let qos = qos_class(&object["spec"]);
         object["status"] = json!({"phase": "Pending", "qosClass": qos});
     }
@@ -339,6 +342,39 @@ fn default_job_spec(spec: &mut Value) {
 fn set_default(map: &mut Value, key: &str, value: Value) {
     if let Some(map) = map.as_object_mut() {
         map.entry(key).or_insert(value);
+    }
+}
+
+/// Seconds a pod stays bound to a node that is not ready / unreachable before the node
+/// lifecycle controller evicts it (`--default-not-ready-toleration-seconds`,
+/// `--default-unreachable-toleration-seconds`; upstream's DefaultTolerationSeconds admission).
+static NOT_READY_TOLERATION: AtomicI64 = AtomicI64::new(300);
+static UNREACHABLE_TOLERATION: AtomicI64 = AtomicI64::new(300);
+
+/// Sets the default toleration seconds new pods get (process-wide: one API server per process).
+pub fn set_default_toleration_seconds(not_ready: i64, unreachable: i64) {
+    NOT_READY_TOLERATION.store(not_ready, Ordering::Relaxed);
+    UNREACHABLE_TOLERATION.store(unreachable, Ordering::Relaxed);
+}
+
+/// Adds the not-ready and unreachable NoExecute tolerations a pod does not already have.
+fn add_default_tolerations(spec: &mut Value) {
+    let Some(map) = spec.as_object_mut() else { return };
+    let tolerations = map.entry("tolerations").or_insert_with(|| json!([]));
+    let Some(list) = tolerations.as_array_mut() else { return };
+    for (key, seconds) in [
+        ("node.kubernetes.io/not-ready", NOT_READY_TOLERATION.load(Ordering::Relaxed)),
+        ("node.kubernetes.io/unreachable", UNREACHABLE_TOLERATION.load(Ordering::Relaxed)),
+    ] {
+        let tolerated = list.iter().any(|t| {
+            let effect_ok = t["effect"].as_str().is_none_or(|e| e.is_empty() || e == "NoExecute");
+            let key_ok = t["key"].as_str() == Some(key)
+                || (t["key"].as_str().is_none_or(str::is_empty) && t["operator"] == "Exists");
+            effect_ok && key_ok
+        });
+        if !tolerated {
+            list.push(json!({"key": key, "operator": "Exists", "effect": "NoExecute", "tolerationSeconds": seconds}));
+        }
     }
 }
 

@@ -3,8 +3,9 @@
 
 pub mod deployment;
 pub mod gc;
+pub mod nodelifecycle;
 pub mod pods;
 pub mod replicaset;
 mod run;
 
-pub use run::{run, run_deployments, run_garbage_collector, run_replicasets};
+pub use run::{ControllerConfig, run, run_deployments, run_garbage_collector, run_node_lifecycle, run_replicasets};

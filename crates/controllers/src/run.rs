@@ -16,7 +16,20 @@ use kube::runtime::{WatchStreamExt, reflector, watcher};
 use serde_json::json;
 use tokio::sync::Notify;
 
-use crate::{deployment, gc, replicaset};
+use crate::{deployment, gc, nodelifecycle, replicaset};
+
+/// What the controllers are told by flags.
+#[derive(Debug, Clone)]
+pub struct ControllerConfig {
+    /// A node silent this long is Ready=Unknown (`--node-monitor-grace-period`, 40 s).
+    pub node_monitor_grace_period: Duration,
+}
+
+impl Default for ControllerConfig {
+    fn default() -> Self {
+        ControllerConfig { node_monitor_grace_period: Duration::from_secs(40) }
+    }
+}
 
 /// How long a pass waits after a change for the changes that come with it.
 const COALESCE: Duration = Duration::from_millis(5);
@@ -52,7 +65,8 @@ async fn wait(changed: &Notify) {
 }
 
 /// Runs every controller until the server goes away for good.
-pub async fn run(client: kube::Client) -> anyhow::Result<()> {
+pub async fn run(client: kube::Client, config: ControllerConfig) -> anyhow::Result<()> {
+    let nodes = tokio::spawn(run_node_lifecycle(client.clone(), config.clone()));
     let replicasets = tokio::spawn(run_replicasets(client.clone()));
     let deployments = tokio::spawn(run_deployments(client.clone()));
     let collector = tokio::spawn(run_garbage_collector(client.clone()));
@@ -60,7 +74,108 @@ pub async fn run(client: kube::Client) -> anyhow::Result<()> {
         result = replicasets => result?,
         result = deployments => result?,
         result = collector => result?,
+        result = nodes => result?,
     }
+}
+
+/// The node lifecycle controller: heartbeats, NotReady/unreachable taints, NoExecute eviction.
+pub async fn run_node_lifecycle(client: kube::Client, config: ControllerConfig) -> anyhow::Result<()> {
+    use k8s_openapi::api::coordination::v1::Lease;
+    use k8s_openapi::api::core::v1::Node;
+    let changed = Arc::new(Notify::new());
+    let nodes = reflect(Api::<Node>::all(client.clone()), &changed);
+    let leases = reflect(Api::<Lease>::namespaced(client.clone(), "kube-node-lease"), &changed);
+    let pods = reflect(Api::<Pod>::all(client.clone()), &changed);
+    nodes.wait_until_ready().await?;
+    leases.wait_until_ready().await?;
+    pods.wait_until_ready().await?;
+    tracing::info!("node lifecycle controller started");
+    let grace = config.node_monitor_grace_period.as_secs() as i64;
+    loop {
+        let renewed: HashMap<String, k8s_openapi::jiff::Timestamp> = leases
+            .state()
+            .iter()
+            .filter_map(|l| Some((l.metadata.name.clone()?, l.spec.as_ref()?.renew_time.as_ref()?.0)))
+            .collect();
+        let all_pods = pods.state();
+        let mut by_node: HashMap<&str, Vec<&Pod>> = HashMap::new();
+        for pod in &all_pods {
+            if let Some(node) = pod.spec.as_ref().and_then(|s| s.node_name.as_deref()).filter(|n| !n.is_empty()) {
+                by_node.entry(node).or_default().push(pod);
+            }
+        }
+        let now = k8s_openapi::jiff::Timestamp::now();
+        let mut actions = Vec::new();
+        for node in nodes.state() {
+            let name = node.metadata.name.clone().unwrap_or_default();
+            let on_node = by_node.get(name.as_str()).cloned().unwrap_or_default();
+            actions.extend(
+                nodelifecycle::plan(&node, renewed.get(&name).copied(), &on_node, now, grace)
+                    .into_iter()
+                    .map(|a| (a, node.clone())),
+            );
+        }
+        let client = &client;
+        futures::stream::iter(actions)
+            .for_each_concurrent(PARALLEL, |(action, node)| async move {
+                if let Err(error) = apply_node_action(client, &action, &node).await {
+                    tracing::debug!(%error, ?action, "node lifecycle action failed");
+                }
+            })
+            .await;
+        // Time passing is a change here: look at least every second.
+        let _ = tokio::time::timeout(Duration::from_secs(1), changed.notified()).await;
+        tokio::time::sleep(COALESCE).await;
+    }
+}
+
+async fn apply_node_action(
+    client: &kube::Client,
+    action: &nodelifecycle::Action,
+    node: &k8s_openapi::api::core::v1::Node,
+) -> kube::Result<()> {
+    use k8s_openapi::api::core::v1::Node;
+    let nodes: Api<Node> = Api::all(client.clone());
+    let params = PatchParams::default();
+    match action {
+        nodelifecycle::Action::MarkUnknown { node: name } => {
+            let now = k8s_openapi::jiff::Timestamp::now().to_string();
+            let conditions: Vec<serde_json::Value> = node
+                .status
+                .as_ref()
+                .and_then(|s| s.conditions.clone())
+                .unwrap_or_default()
+                .into_iter()
+                .map(|c| {
+                    json!({"type": c.type_, "status": "Unknown", "reason": "NodeStatusUnknown",
+                           "message": "Kubelet stopped posting node status.",
+                           "lastHeartbeatTime": c.last_heartbeat_time, "lastTransitionTime": now})
+                })
+                .collect();
+            let conditions = if conditions.is_empty() {
+                vec![json!({"type": "Ready", "status": "Unknown", "reason": "NodeStatusNeverUpdated",
+                            "message": "Kubelet never posted node status.", "lastTransitionTime": now})]
+            } else {
+                conditions
+            };
+            nodes.patch_status(name, &params, &Patch::Merge(json!({"status": {"conditions": conditions}}))).await?;
+        }
+        nodelifecycle::Action::SetTaints { node: name, taints } => {
+            let taints = if taints.is_empty() { serde_json::Value::Null } else { json!(taints) };
+            nodes.patch(name, &params, &Patch::Merge(json!({"spec": {"taints": taints}}))).await?;
+        }
+        nodelifecycle::Action::Evict { namespace, name, node } => {
+            tracing::info!(pod = %name, %namespace, %node, "evicting a pod from a node that is not ready");
+            let pods: Api<Pod> = Api::namespaced(client.clone(), namespace);
+            match pods.delete(name, &DeleteParams::default()).await {
+                Err(kube::Error::Api(status)) if status.code == 404 => {}
+                other => {
+                    other?;
+                }
+            }
+        }
+    }
+    Ok(())
 }
 
 /// The kinds the garbage collector watches (owners and dependents it can judge).

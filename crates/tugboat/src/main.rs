@@ -25,10 +25,32 @@ enum Command {
     Apiserver(ServerArgs),
     /// Run the scheduler alone, against the API server of a kubeconfig.
     Scheduler(ComponentArgs),
-    /// Run the controller manager alone (for now the ReplicaSet controller).
-    ControllerManager(ComponentArgs),
+    /// Run the controller manager alone.
+    ControllerManager(ControllerManagerArgs),
     /// Run simulated nodes: they register, heartbeat and "run" their pods without containers.
     HollowNodes(HollowArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct ControllerManagerArgs {
+    #[command(flatten)]
+    component: ComponentArgs,
+    #[command(flatten)]
+    controllers: ControllerFlags,
+}
+
+/// The controller manager's flags (accepted by `server` too).
+#[derive(Debug, Clone, clap::Args)]
+struct ControllerFlags {
+    /// A node whose heartbeat is older than this becomes Ready=Unknown and unreachable.
+    #[arg(long, default_value = "40s", value_parser = parse_duration)]
+    node_monitor_grace_period: Duration,
+}
+
+impl ControllerFlags {
+    fn config(&self) -> tugboat_controllers::ControllerConfig {
+        tugboat_controllers::ControllerConfig { node_monitor_grace_period: self.node_monitor_grace_period }
+    }
 }
 
 #[derive(Debug, clap::Args)]
@@ -92,6 +114,14 @@ struct ServerArgs {
     /// `server` only: do not run the controller manager in this process.
     #[arg(long)]
     disable_controller_manager: bool,
+    #[command(flatten)]
+    controllers: ControllerFlags,
+    /// Seconds a new pod tolerates its node being unreachable before it is evicted.
+    #[arg(long, default_value_t = 300)]
+    default_unreachable_toleration_seconds: i64,
+    /// Seconds a new pod tolerates its node being not ready before it is evicted.
+    #[arg(long, default_value_t = 300)]
+    default_not_ready_toleration_seconds: i64,
 }
 
 /// Parses `300`, `300s`, `5m`, `1h`, `250ms`.
@@ -151,9 +181,9 @@ fn main() -> ExitCode {
                 }
             }
             Command::ControllerManager(args) => {
-                let client = client(&args.kubeconfig).await?;
+                let client = client(&args.component.kubeconfig).await?;
                 tokio::select! {
-                    result = tugboat_controllers::run(client) => result,
+                    result = tugboat_controllers::run(client, args.controllers.config()) => result,
                     result = wait_for_shutdown() => result,
                 }
             }
@@ -220,6 +250,8 @@ async fn server(args: ServerArgs, full: bool) -> anyhow::Result<()> {
         https_port: args.https_port,
         token_auth_file: args.token_auth_file.clone(),
         service_cidr: args.service_cidr,
+        default_not_ready_toleration_seconds: args.default_not_ready_toleration_seconds,
+        default_unreachable_toleration_seconds: args.default_unreachable_toleration_seconds,
     };
     let api = tugboat_apiserver::start(api_config, store.clone()).await?;
     tracing::info!(
@@ -241,9 +273,10 @@ async fn server(args: ServerArgs, full: bool) -> anyhow::Result<()> {
 
     if full && !args.disable_controller_manager {
         let kubeconfig = api.admin_kubeconfig().to_path_buf();
+        let config = args.controllers.config();
         components.push(spawn_component("controller-manager", move || {
-            let kubeconfig = kubeconfig.clone();
-            async move { tugboat_controllers::run(client(&kubeconfig).await?).await }
+            let (kubeconfig, config) = (kubeconfig.clone(), config.clone());
+            async move { tugboat_controllers::run(client(&kubeconfig).await?, config).await }
         }));
     }
 

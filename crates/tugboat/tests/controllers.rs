@@ -243,3 +243,68 @@ fn the_garbage_collector_follows_owner_references() {
     std::thread::sleep(Duration::from_secs(1));
     assert_eq!(count("app=keep"), 3);
 }
+
+#[test]
+fn pods_leave_a_node_that_stops_heartbeating() {
+    let server = TugboatServer::start(
+        Path::new(env!("CARGO_BIN_EXE_tugboat")),
+        &["--node-monitor-grace-period", "3s", "--default-unreachable-toleration-seconds", "2"],
+    )
+    .unwrap();
+    let start = |prefix: &str| {
+        Process(
+            Command::new(env!("CARGO_BIN_EXE_tugboat"))
+                .args([
+                    "hollow-nodes",
+                    "--count",
+                    "2",
+                    "--name-prefix",
+                    prefix,
+                    "--lease-renew-interval",
+                    "1s",
+                    "--kubeconfig",
+                ])
+                .arg(server.kubeconfig())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap(),
+        )
+    };
+    let doomed = start("doomed");
+    let _healthy = start("healthy");
+    eventually(&server, &["get", "nodes", "-o", "name"], "four nodes", |o| o.lines().count() == 4);
+    kubectl(&server, &["create", "deployment", "web", "--image=busybox", "--replicas=4"], None);
+    kubectl(&server, &["rollout", "status", "deployment/web", "--timeout=60s"], None);
+    let tolerations =
+        kubectl(&server, &["get", "pods", "-l", "app=web", "-o", "jsonpath={.items[0].spec.tolerations}"], None);
+    assert!(
+        tolerations.contains("node.kubernetes.io/unreachable") && tolerations.contains("\"tolerationSeconds\":2"),
+        "{tolerations}"
+    );
+    let placed = kubectl(&server, &["get", "pods", "-l", "app=web", "-o", "jsonpath={.items[*].spec.nodeName}"], None);
+    assert!(placed.contains("doomed-"), "some replicas on the nodes that will die: {placed}");
+
+    drop(doomed);
+    eventually(&server, &["get", "nodes", "doomed-0"], "NotReady", |o| o.contains("NotReady"));
+    let taints = kubectl(&server, &["get", "node", "doomed-0", "-o", "jsonpath={.spec.taints[*].key}"], None);
+    assert!(taints.contains("node.kubernetes.io/unreachable"), "{taints}");
+    // Evicted after their toleration; the Deployment's pods run on the healthy nodes again.
+    eventually(
+        &server,
+        &[
+            "get",
+            "pods",
+            "-l",
+            "app=web",
+            "-o",
+            "jsonpath={range .items[*]}{.spec.nodeName} {.status.phase} {.metadata.deletionTimestamp}{\"\\n\"}{end}",
+        ],
+        "replacements on healthy nodes",
+        |o| {
+            let live: Vec<&str> = o.lines().filter(|l| l.split_whitespace().count() == 2).collect();
+            live.len() == 4 && live.iter().all(|l| l.starts_with("healthy-") && l.trim_end().ends_with("Running"))
+        },
+    );
+    assert_eq!(kubectl(&server, &["get", "nodes", "healthy-0", "-o", "jsonpath={.spec.taints}"], None), "");
+}
