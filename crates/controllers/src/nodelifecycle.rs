@@ -51,7 +51,8 @@ pub fn plan(
 ) -> Vec<Action> {
     let name = node.metadata.name.clone().unwrap_or_default();
     let mut actions = Vec::new();
-    let mut ready = ready_status(node).unwrap_or("Unknown").to_string();
+    // No Ready condition yet (a node that has not reported): no taints until it is overdue.
+    let mut ready = ready_status(node).unwrap_or("True").to_string();
     // A node that registered and never reported is judged by its age.
     let heartbeat = last_heartbeat(node, lease_renewed).or(node.metadata.creation_timestamp.as_ref().map(|t| t.0));
     let silent = heartbeat.is_none_or(|h| now.as_second() - h.as_second() > grace_seconds);
@@ -76,7 +77,7 @@ pub fn plan(
                 key: key.into(),
                 effect: effect.into(),
                 value: None,
-                time_added: existing.and_then(|t| t.time_added.clone()).or_else(|| Some(Time(now))),
+                time_added: existing.and_then(|t| t.time_added.clone()).or(Some(Time(now))),
             });
         }
     }
@@ -161,6 +162,17 @@ mod tests {
             taints.iter().map(|t| (t.key.as_str(), t.effect.as_str())).collect::<Vec<_>>(),
             [(UNREACHABLE, "NoSchedule"), (UNREACHABLE, "NoExecute")]
         );
+    }
+
+    #[test]
+    fn a_node_that_never_reported_is_left_alone_until_overdue() {
+        let n: Node =
+            serde_json::from_value(json!({"metadata": {"name": "n1", "creationTimestamp": "2026-01-01T00:00:00Z"}}))
+                .unwrap();
+        assert!(plan(&n, None, &[], at("2026-01-01T00:00:10Z"), 40).is_empty());
+        let actions = plan(&n, None, &[], at("2026-01-01T00:01:00Z"), 40);
+        assert_eq!(actions[0], Action::MarkUnknown { node: "n1".into() });
+        assert!(matches!(&actions[1], Action::SetTaints { taints, .. } if taints.len() == 2));
     }
 
     #[test]
