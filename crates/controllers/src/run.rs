@@ -178,11 +178,14 @@ async fn apply_node_action(
     Ok(())
 }
 
-/// The kinds the garbage collector watches (owners and dependents it can judge).
+/// The kinds the garbage collector watches (owners and dependents it can judge): the workload
+/// kinds and what controllers make for them. ConfigMaps, Secrets and PVCs are left out for now:
+/// the collector reflects whole objects, and those are many and large; with metadata-only
+/// watches they can come in.
 fn collected_kinds() -> Vec<kube::api::ApiResource> {
     use k8s_openapi::api::apps::v1::{DaemonSet, StatefulSet};
     use k8s_openapi::api::batch::v1::{CronJob, Job};
-    use k8s_openapi::api::core::v1::{ConfigMap, Endpoints, PersistentVolumeClaim, Secret, Service};
+    use k8s_openapi::api::core::v1::{Endpoints, Service};
     use k8s_openapi::api::discovery::v1::EndpointSlice;
     use kube::api::ApiResource;
     vec![
@@ -196,9 +199,6 @@ fn collected_kinds() -> Vec<kube::api::ApiResource> {
         ApiResource::erase::<Service>(&()),
         ApiResource::erase::<Endpoints>(&()),
         ApiResource::erase::<EndpointSlice>(&()),
-        ApiResource::erase::<ConfigMap>(&()),
-        ApiResource::erase::<Secret>(&()),
-        ApiResource::erase::<PersistentVolumeClaim>(&()),
     ]
 }
 
