@@ -259,22 +259,21 @@ async fn route(
         return Err(ApiError::too_large(MAX_BODY));
     }
     let target = target?.ok_or_else(|| ApiError::not_found_path(path))?;
+    let content_type = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("application/json");
+    let write = Write {
+        manager: field_manager(query, headers),
+        dry_run: query.get("dryRun").is_some_and(|v| v == "All"),
+        apply: false,
+        validation: FieldValidation::from_query(query)?,
+        warnings: Default::default(),
+    };
     if let (Some(subresource @ ("binding" | "eviction")), Some(name), "pods", "") =
         (target.subresource.as_deref(), target.name.as_deref(), target.resource.plural, target.resource.group)
     {
         if method != Method::POST {
             return Err(ApiError::method_not_allowed(method.as_str()));
         }
-        let content_type =
-            headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("application/json");
         let request = decode_body(content_type, &read_body(body).await?)?;
-        let write = Write {
-            manager: field_manager(query, headers),
-            dry_run: query.get("dryRun").is_some_and(|v| v == "All"),
-            apply: false,
-            validation: FieldValidation::Ignore,
-            warnings: Default::default(),
-        };
         let namespace = target.namespace.as_deref();
         return match subresource {
             "binding" => crate::pod_subresources::bind(state, namespace, name, &request, &write).await,
@@ -283,17 +282,6 @@ async fn route(
     }
     let view = View::from_subresource(target.resource, target.subresource.as_deref())
         .map_err(|_| ApiError::not_found_path(path))?;
-    let accept = headers.get(header::ACCEPT).and_then(|v| v.to_str().ok()).unwrap_or("");
-    let content_type = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("application/json");
-    let dry_run = query.get("dryRun").is_some_and(|v| v == "All");
-    let validation = FieldValidation::from_query(query)?;
-    let write = Write {
-        manager: field_manager(query, headers),
-        dry_run,
-        apply: false,
-        validation,
-        warnings: Default::default(),
-    };
     let result = dispatch(state, user, method, target, view, query, accept, content_type, body, &write).await;
     // Upstream's warning format: `299 - "unknown field \"spec.foo\""`; kubectl prints each.
     let warnings = std::mem::take(&mut *write.warnings.lock().unwrap_or_else(|e| e.into_inner()));

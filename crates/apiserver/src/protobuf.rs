@@ -66,8 +66,8 @@ pub fn decode(body: &[u8]) -> Result<Value, ApiError> {
 /// go, and bytes (`format: byte`) become base64.
 fn fix_up(resource: &Resource, value: Value) -> Value {
     let schemas = crate::schema::schemas();
-    let root = schemas.definitions.get(schemas.root(resource)).cloned().unwrap_or(Value::Null);
-    walk(schemas, &root, value, 0).unwrap_or(Value::Object(Map::new()))
+    let root = schemas.definitions.get(schemas.root(resource)).unwrap_or(&Value::Null);
+    walk(schemas, root, value, 0).unwrap_or(Value::Object(Map::new()))
 }
 
 /// Go's zero time, which upstream writes as null (and omits).
@@ -154,10 +154,10 @@ fn walk(schemas: &crate::schema::Schemas, schema: &Value, value: Value, depth: u
                 // An empty map (a set message always has its keys, if only with nulls).
                 None
             } else {
-                let values = schema.get("additionalProperties").cloned().unwrap_or(Value::Null);
+                let values = schema.get("additionalProperties").unwrap_or(&Value::Null);
                 let object: Map<String, Value> = map
                     .into_iter()
-                    .filter_map(|(key, field)| walk(schemas, &values, field, depth + 1).map(|field| (key, field)))
+                    .filter_map(|(key, field)| walk(schemas, values, field, depth + 1).map(|field| (key, field)))
                     .collect();
                 Some(Value::Object(object))
             }
@@ -168,9 +168,9 @@ fn walk(schemas: &crate::schema::Schemas, schema: &Value, value: Value, depth: u
         }
         Value::Array(items) if items.is_empty() => None,
         Value::Array(items) => {
-            let item_schema = schema.get("items").cloned().unwrap_or(Value::Null);
+            let item_schema = schema.get("items").unwrap_or(&Value::Null);
             Some(Value::Array(
-                items.into_iter().filter_map(|item| walk(schemas, &item_schema, item, depth + 1)).collect(),
+                items.into_iter().filter_map(|item| walk(schemas, item_schema, item, depth + 1)).collect(),
             ))
         }
         other => Some(other),
