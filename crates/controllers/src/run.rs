@@ -44,7 +44,17 @@ where
     K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug + Send + Sync + 'static,
     K::DynamicType: Default + Eq + std::hash::Hash + Clone,
 {
-    let (reader, writer) = reflector::store::<K>();
+    reflect_with(api, K::DynamicType::default(), changed)
+}
+
+/// The same for a kind known at run time (`DynamicObject` with its `ApiResource`).
+fn reflect_with<K>(api: Api<K>, dyntype: K::DynamicType, changed: &Arc<Notify>) -> Store<K>
+where
+    K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug + Send + Sync + 'static,
+    K::DynamicType: Eq + std::hash::Hash + Clone,
+{
+    let writer = reflector::store::Writer::<K>::new(dyntype);
+    let reader = writer.as_reader();
     let events = reflector(writer, watcher(api, watcher::Config::default())).default_backoff().touched_objects();
     let changed = changed.clone();
     tokio::spawn(async move {
@@ -211,21 +221,7 @@ pub async fn run_garbage_collector(client: kube::Client) -> anyhow::Result<()> {
     let changed = Arc::new(Notify::new());
     let mut stores = Vec::new();
     for kind in &kinds {
-        let writer = reflector::store::Writer::<DynamicObject>::new(kind.clone());
-        let reader = writer.as_reader();
-        let api = Api::<DynamicObject>::all_with(client.clone(), kind);
-        let events = reflector(writer, watcher(api, watcher::Config::default())).default_backoff().touched_objects();
-        let notify = changed.clone();
-        tokio::spawn(async move {
-            let mut events = events.map_ok(|_| ()).boxed();
-            while let Some(event) = events.next().await {
-                if let Err(error) = event {
-                    tracing::debug!(%error, "garbage collector watch");
-                }
-                notify.notify_one();
-            }
-        });
-        stores.push(reader);
+        stores.push(reflect_with(Api::<DynamicObject>::all_with(client.clone(), kind), kind.clone(), &changed));
     }
     for store in &stores {
         store.wait_until_ready().await?;
