@@ -119,3 +119,35 @@ pub fn rss_kib(pid: Option<u32>) -> Option<u64> {
         .find_map(|l| l.strip_prefix("VmRSS:"))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
 }
+
+/// The kubeconfig to measure: the one given, or that of a `tugboat server` started from the
+/// binary `start` (returned too: the server lives as long as it does).
+pub fn kubeconfig_or_start(
+    kubeconfig: Option<&std::path::Path>,
+    start: Option<&std::path::Path>,
+) -> anyhow::Result<(std::path::PathBuf, Option<tugboat_testkit::TugboatServer>)> {
+    match (kubeconfig, start) {
+        (Some(path), _) => Ok((path.to_path_buf(), None)),
+        (None, Some(binary)) => {
+            let server = tugboat_testkit::TugboatServer::start(binary, &[])?;
+            Ok((server.kubeconfig(), Some(server)))
+        }
+        (None, None) => bail!("give --kubeconfig or --start"),
+    }
+}
+
+/// Runs a benchmark and prints its report as JSON; the exit code says whether it worked.
+pub fn report(benchmark: impl Future<Output = anyhow::Result<Value>>) -> std::process::ExitCode {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("a tokio runtime");
+    match runtime.block_on(benchmark) {
+        Ok(report) => {
+            println!("{}", serde_json::to_string_pretty(&report).expect("JSON"));
+            std::process::ExitCode::SUCCESS
+        }
+        Err(error) => {
+            eprintln!("error: {error:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

@@ -77,17 +77,8 @@ where
 }
 
 async fn run(args: Args) -> anyhow::Result<Value> {
-    let mut started = None;
-    let kubeconfig = match (&args.kubeconfig, &args.start) {
-        (Some(path), _) => path.clone(),
-        (None, Some(binary)) => {
-            let server = tugboat_testkit::TugboatServer::start(binary, &[])?;
-            let path = server.kubeconfig();
-            started = Some(server);
-            path
-        }
-        (None, None) => bail!("give --kubeconfig or --start"),
-    };
+    let (kubeconfig, started) =
+        tugboat_apibench::kubeconfig_or_start(args.kubeconfig.as_deref(), args.start.as_deref())?;
     let pid = started.as_ref().map(|s| s.pid());
     let target = Arc::new(load_target(&kubeconfig)?);
     tokio::time::sleep(Duration::from_millis(500)).await;
@@ -215,17 +206,5 @@ async fn run(args: Args) -> anyhow::Result<Value> {
 }
 
 fn main() -> std::process::ExitCode {
-    let args = Args::parse();
-    let _ = rustls::crypto::ring::default_provider().install_default();
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("a tokio runtime");
-    match runtime.block_on(run(args)) {
-        Ok(report) => {
-            println!("{}", serde_json::to_string_pretty(&report).expect("JSON"));
-            std::process::ExitCode::SUCCESS
-        }
-        Err(error) => {
-            eprintln!("error: {error:#}");
-            std::process::ExitCode::FAILURE
-        }
-    }
+    tugboat_apibench::report(run(Args::parse()))
 }
