@@ -206,6 +206,43 @@ impl TugboatServer {
     }
 }
 
+impl TugboatServer {
+    /// Runs the real kubectl (`/usr/bin/kubectl`, the dispatcher) against this server with a
+    /// HOME of its own, feeding `stdin`; panics with kubectl's output unless it succeeds, and
+    /// returns its stdout.
+    pub fn kubectl(&self, args: &[&str], stdin: Option<&str>) -> String {
+        let mut child = Command::new("/usr/bin/kubectl")
+            .args(args)
+            .env("KUBECONFIG", self.kubeconfig())
+            .env("HOME", self.scratch("home"))
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("kubectl runs");
+        child.stdin.take().expect("piped").write_all(stdin.unwrap_or_default().as_bytes()).expect("kubectl reads");
+        let output = child.wait_with_output().expect("kubectl ends");
+        assert!(
+            output.status.success(),
+            "kubectl {args:?}: {}{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+        String::from_utf8(output.stdout).expect("UTF-8 output")
+    }
+}
+
+/// A child process killed (and reaped) on drop: a component a test runs beside the server.
+#[derive(Debug)]
+pub struct KillOnDrop(pub Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 impl Drop for TugboatServer {
     fn drop(&mut self) {
         let _ = self.child.kill();

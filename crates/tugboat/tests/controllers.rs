@@ -2,45 +2,13 @@
 //! with the real kubectl.
 
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use tugboat_testkit::TugboatServer;
+use tugboat_testkit::{KillOnDrop, TugboatServer};
 
-fn kubectl(server: &TugboatServer, args: &[&str], stdin: Option<&str>) -> String {
-    use std::io::Write;
-    let mut child = Command::new("/usr/bin/kubectl")
-        .args(args)
-        .env("KUBECONFIG", server.kubeconfig())
-        .env("HOME", server.scratch("home"))
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("kubectl runs");
-    child.stdin.take().unwrap().write_all(stdin.unwrap_or_default().as_bytes()).unwrap();
-    let output = child.wait_with_output().unwrap();
-    assert!(
-        output.status.success(),
-        "kubectl {args:?}: {}{}",
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    );
-    String::from_utf8(output.stdout).unwrap()
-}
-
-/// Kills the child on drop.
-struct Process(Child);
-
-impl Drop for Process {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn hollow_nodes(server: &TugboatServer, count: usize) -> Process {
-    Process(
+fn hollow_nodes(server: &TugboatServer, count: usize) -> KillOnDrop {
+    KillOnDrop(
         Command::new(env!("CARGO_BIN_EXE_tugboat"))
             .args(["hollow-nodes", "--count", &count.to_string(), "--name-prefix", "h", "--kubeconfig"])
             .arg(server.kubeconfig())
@@ -55,7 +23,7 @@ fn hollow_nodes(server: &TugboatServer, count: usize) -> Process {
 fn eventually(server: &TugboatServer, args: &[&str], what: &str, done: impl Fn(&str) -> bool) -> String {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        let output = kubectl(server, args, None);
+        let output = server.kubectl(args, None);
         if done(&output) {
             return output;
         }
@@ -65,8 +33,7 @@ fn eventually(server: &TugboatServer, args: &[&str], what: &str, done: impl Fn(&
 }
 
 fn running_pods(server: &TugboatServer, selector: &str) -> Vec<String> {
-    let output = kubectl(
-        server,
+    let output = server.kubectl(
         &[
             "get",
             "pods",
@@ -91,7 +58,7 @@ fn replica_sets_keep_their_pods_running() {
     let server = TugboatServer::start(Path::new(env!("CARGO_BIN_EXE_tugboat")), &[]).unwrap();
     let _nodes = hollow_nodes(&server, 3);
     let manifest = "apiVersion: apps/v1\nkind: ReplicaSet\nmetadata: {name: web}\nspec:\n  replicas: 5\n  selector: {matchLabels: {app: web}}\n  template:\n    metadata: {labels: {app: web}}\n    spec: {containers: [{name: c, image: busybox}]}\n";
-    kubectl(&server, &["apply", "-f", "-"], Some(manifest));
+    server.kubectl(&["apply", "-f", "-"], Some(manifest));
     let wait_running = |count: usize| {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
@@ -108,29 +75,29 @@ fn replica_sets_keep_their_pods_running() {
         o.lines().nth(1).is_some_and(|l| l.split_whitespace().take(4).eq(["web", "5", "5", "5"]))
     });
     let pod: serde_json::Value =
-        serde_json::from_str(&kubectl(&server, &["get", "pod", &first[0], "-o", "json"], None)).unwrap();
+        serde_json::from_str(&server.kubectl(&["get", "pod", &first[0], "-o", "json"], None)).unwrap();
     assert_eq!(pod["metadata"]["ownerReferences"][0]["kind"], "ReplicaSet");
     assert_eq!(pod["metadata"]["ownerReferences"][0]["controller"], true);
     assert!(first[0].starts_with("web-"));
 
     // Scale down and up; a deleted pod is replaced.
-    kubectl(&server, &["scale", "rs", "web", "--replicas=2"], None);
+    server.kubectl(&["scale", "rs", "web", "--replicas=2"], None);
     wait_running(2);
-    kubectl(&server, &["scale", "rs", "web", "--replicas=4"], None);
+    server.kubectl(&["scale", "rs", "web", "--replicas=4"], None);
     let four = wait_running(4);
-    kubectl(&server, &["delete", "pod", &four[0]], None);
+    server.kubectl(&["delete", "pod", &four[0]], None);
     let replaced = wait_running(4);
     assert!(!replaced.contains(&four[0]));
 
     // An orphan with matching labels is adopted, and counts: a ReplicaSet made after it for
     // one replica makes no pod of its own.
     let orphan = "apiVersion: v1\nkind: Pod\nmetadata: {name: stray, labels: {app: solo}}\nspec: {containers: [{name: c, image: busybox}]}\n";
-    kubectl(&server, &["apply", "-f", "-"], Some(orphan));
+    server.kubectl(&["apply", "-f", "-"], Some(orphan));
     let solo = manifest
         .replace("name: web", "name: solo")
         .replace("app: web", "app: solo")
         .replace("replicas: 5", "replicas: 1");
-    kubectl(&server, &["apply", "-f", "-"], Some(&solo));
+    server.kubectl(&["apply", "-f", "-"], Some(&solo));
     eventually(
         &server,
         &["get", "pod", "stray", "-o", "jsonpath={.metadata.ownerReferences[0].name}"],
@@ -146,24 +113,22 @@ fn deployments_roll_out_roll_back_and_scale() {
     let server = TugboatServer::start(Path::new(env!("CARGO_BIN_EXE_tugboat")), &[]).unwrap();
     let _nodes = hollow_nodes(&server, 3);
     eventually(&server, &["get", "nodes", "-o", "name"], "three nodes", |o| o.lines().count() == 3);
-    kubectl(&server, &["create", "deployment", "web", "--image=busybox:1.36", "--replicas=6"], None);
-    let status = kubectl(&server, &["rollout", "status", "deployment/web", "--timeout=60s"], None);
+    server.kubectl(&["create", "deployment", "web", "--image=busybox:1.36", "--replicas=6"], None);
+    let status = server.kubectl(&["rollout", "status", "deployment/web", "--timeout=60s"], None);
     assert!(status.contains("successfully rolled out"), "{status}");
-    let nodes = kubectl(&server, &["get", "pods", "-l", "app=web", "-o", "jsonpath={.items[*].spec.nodeName}"], None);
+    let nodes = server.kubectl(&["get", "pods", "-l", "app=web", "-o", "jsonpath={.items[*].spec.nodeName}"], None);
     let spread: std::collections::BTreeSet<&str> = nodes.split_whitespace().collect();
     assert_eq!(spread.len(), 3, "the replicas spread over the nodes: {nodes}");
-    let rs = kubectl(&server, &["get", "rs", "-l", "app=web", "-o", "name"], None);
+    let rs = server.kubectl(&["get", "rs", "-l", "app=web", "-o", "name"], None);
     assert_eq!(rs.lines().count(), 1, "{rs}");
-    let revision = kubectl(
-        &server,
+    let revision = server.kubectl(
         &["get", "deployment", "web", "-o", "jsonpath={.metadata.annotations.deployment\\.kubernetes\\.io/revision}"],
         None,
     );
     assert_eq!(revision, "1");
 
     let images = |server: &TugboatServer| {
-        let output = kubectl(
-            server,
+        let output = server.kubectl(
             &[
                 "get",
                 "pods",
@@ -177,26 +142,26 @@ fn deployments_roll_out_roll_back_and_scale() {
         output.lines().filter(|l| l.split_whitespace().count() == 1).map(|l| l.trim().to_string()).collect::<Vec<_>>()
     };
     // A new image rolls out; the old ReplicaSet is kept, empty, for undo.
-    kubectl(&server, &["set", "image", "deployment/web", "busybox=busybox:1.37"], None);
-    let status = kubectl(&server, &["rollout", "status", "deployment/web", "--timeout=60s"], None);
+    server.kubectl(&["set", "image", "deployment/web", "busybox=busybox:1.37"], None);
+    let status = server.kubectl(&["rollout", "status", "deployment/web", "--timeout=60s"], None);
     assert!(status.contains("successfully rolled out"), "{status}");
     let deadline = Instant::now() + Duration::from_secs(30);
     while images(&server) != vec!["busybox:1.37".to_string(); 6] {
         assert!(Instant::now() < deadline, "pods: {:?}", images(&server));
         std::thread::sleep(Duration::from_millis(200));
     }
-    let history = kubectl(&server, &["rollout", "history", "deployment/web"], None);
+    let history = server.kubectl(&["rollout", "history", "deployment/web"], None);
     assert!(history.contains("1 ") && history.contains("2 "), "{history}");
     // Undo goes back to the first template, as revision 3.
-    kubectl(&server, &["rollout", "undo", "deployment/web"], None);
-    let status = kubectl(&server, &["rollout", "status", "deployment/web", "--timeout=60s"], None);
+    server.kubectl(&["rollout", "undo", "deployment/web"], None);
+    let status = server.kubectl(&["rollout", "status", "deployment/web", "--timeout=60s"], None);
     assert!(status.contains("successfully rolled out"), "{status}");
     let deadline = Instant::now() + Duration::from_secs(30);
     while images(&server) != vec!["busybox:1.36".to_string(); 6] {
         assert!(Instant::now() < deadline, "pods: {:?}", images(&server));
         std::thread::sleep(Duration::from_millis(200));
     }
-    let rs = kubectl(&server, &["get", "rs", "-l", "app=web", "-o", "name"], None);
+    let rs = server.kubectl(&["get", "rs", "-l", "app=web", "-o", "name"], None);
     assert_eq!(rs.lines().count(), 2, "the first ReplicaSet is reused: {rs}");
     eventually(
         &server,
@@ -206,7 +171,7 @@ fn deployments_roll_out_roll_back_and_scale() {
     );
 
     // Scale down: the deployment's ReplicaSet follows.
-    kubectl(&server, &["scale", "deployment", "web", "--replicas=2"], None);
+    server.kubectl(&["scale", "deployment", "web", "--replicas=2"], None);
     eventually(&server, &["get", "deployment", "web"], "two ready", |o| {
         o.lines().nth(1).is_some_and(|l| l.split_whitespace().take(4).eq(["web", "2/2", "2", "2"]))
     });
@@ -218,22 +183,22 @@ fn the_garbage_collector_follows_owner_references() {
     let _nodes = hollow_nodes(&server, 2);
     eventually(&server, &["get", "nodes", "-o", "name"], "two nodes", |o| o.lines().count() == 2);
     let count =
-        |selector: &str| kubectl(&server, &["get", "rs,pods", "-l", selector, "-o", "name"], None).lines().count();
+        |selector: &str| server.kubectl(&["get", "rs,pods", "-l", selector, "-o", "name"], None).lines().count();
     for name in ["bg", "fg", "keep"] {
-        kubectl(&server, &["create", "deployment", name, "--image=busybox", "--replicas=2"], None);
-        kubectl(&server, &["rollout", "status", &format!("deployment/{name}"), "--timeout=60s"], None);
+        server.kubectl(&["create", "deployment", name, "--image=busybox", "--replicas=2"], None);
+        server.kubectl(&["rollout", "status", &format!("deployment/{name}"), "--timeout=60s"], None);
         assert_eq!(count(&format!("app={name}")), 3, "a ReplicaSet and two pods");
     }
     // Background (kubectl's default): the Deployment goes at once, its ReplicaSet and pods after.
-    kubectl(&server, &["delete", "deployment", "bg"], None);
+    server.kubectl(&["delete", "deployment", "bg"], None);
     eventually(&server, &["get", "rs,pods", "-l", "app=bg", "-o", "name"], "bg's dependents gone", |o| {
         o.trim().is_empty()
     });
     // Foreground: the Deployment waits for its dependents (kubectl waits for it).
-    kubectl(&server, &["delete", "deployment", "fg", "--cascade=foreground", "--timeout=30s"], None);
+    server.kubectl(&["delete", "deployment", "fg", "--cascade=foreground", "--timeout=30s"], None);
     assert_eq!(count("app=fg"), 0);
     // Orphan: the ReplicaSet and pods stay, released.
-    kubectl(&server, &["delete", "deployment", "keep", "--cascade=orphan"], None);
+    server.kubectl(&["delete", "deployment", "keep", "--cascade=orphan"], None);
     eventually(
         &server,
         &["get", "rs", "-l", "app=keep", "-o", "jsonpath={.items[*].metadata.ownerReferences}"],
@@ -252,7 +217,7 @@ fn pods_leave_a_node_that_stops_heartbeating() {
     )
     .unwrap();
     let start = |prefix: &str| {
-        Process(
+        KillOnDrop(
             Command::new(env!("CARGO_BIN_EXE_tugboat"))
                 .args([
                     "hollow-nodes",
@@ -274,20 +239,20 @@ fn pods_leave_a_node_that_stops_heartbeating() {
     let doomed = start("doomed");
     let _healthy = start("healthy");
     eventually(&server, &["get", "nodes", "-o", "name"], "four nodes", |o| o.lines().count() == 4);
-    kubectl(&server, &["create", "deployment", "web", "--image=busybox", "--replicas=4"], None);
-    kubectl(&server, &["rollout", "status", "deployment/web", "--timeout=60s"], None);
+    server.kubectl(&["create", "deployment", "web", "--image=busybox", "--replicas=4"], None);
+    server.kubectl(&["rollout", "status", "deployment/web", "--timeout=60s"], None);
     let tolerations =
-        kubectl(&server, &["get", "pods", "-l", "app=web", "-o", "jsonpath={.items[0].spec.tolerations}"], None);
+        server.kubectl(&["get", "pods", "-l", "app=web", "-o", "jsonpath={.items[0].spec.tolerations}"], None);
     assert!(
         tolerations.contains("node.kubernetes.io/unreachable") && tolerations.contains("\"tolerationSeconds\":2"),
         "{tolerations}"
     );
-    let placed = kubectl(&server, &["get", "pods", "-l", "app=web", "-o", "jsonpath={.items[*].spec.nodeName}"], None);
+    let placed = server.kubectl(&["get", "pods", "-l", "app=web", "-o", "jsonpath={.items[*].spec.nodeName}"], None);
     assert!(placed.contains("doomed-"), "some replicas on the nodes that will die: {placed}");
 
     drop(doomed);
     eventually(&server, &["get", "nodes", "doomed-0"], "NotReady", |o| o.contains("NotReady"));
-    let taints = kubectl(&server, &["get", "node", "doomed-0", "-o", "jsonpath={.spec.taints[*].key}"], None);
+    let taints = server.kubectl(&["get", "node", "doomed-0", "-o", "jsonpath={.spec.taints[*].key}"], None);
     assert!(taints.contains("node.kubernetes.io/unreachable"), "{taints}");
     // Evicted after their toleration; the Deployment's pods run on the healthy nodes again.
     eventually(
@@ -306,5 +271,5 @@ fn pods_leave_a_node_that_stops_heartbeating() {
             live.len() == 4 && live.iter().all(|l| l.starts_with("healthy-") && l.trim_end().ends_with("Running"))
         },
     );
-    assert_eq!(kubectl(&server, &["get", "nodes", "healthy-0", "-o", "jsonpath={.spec.taints}"], None), "");
+    assert_eq!(server.kubectl(&["get", "nodes", "healthy-0", "-o", "jsonpath={.spec.taints}"], None), "");
 }

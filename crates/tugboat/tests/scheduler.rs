@@ -4,49 +4,27 @@
 //! hollow nodes register, heartbeat and "run" the pods the scheduler gives them.
 
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use tugboat_testkit::TugboatServer;
-
-fn kubectl(server: &TugboatServer, args: &[&str], stdin: Option<&str>) -> String {
-    use std::io::Write;
-    let mut child = Command::new("/usr/bin/kubectl")
-        .args(args)
-        .env("KUBECONFIG", server.kubeconfig())
-        .env("HOME", server.scratch("home"))
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("kubectl runs");
-    child.stdin.take().unwrap().write_all(stdin.unwrap_or_default().as_bytes()).unwrap();
-    let output = child.wait_with_output().unwrap();
-    assert!(
-        output.status.success(),
-        "kubectl {args:?}: {}{}",
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    );
-    String::from_utf8(output.stdout).unwrap()
-}
+use tugboat_testkit::{KillOnDrop, TugboatServer};
 
 fn add_node(server: &TugboatServer, name: &str, cpu: &str, extra_spec: &str) {
     let manifest = format!(
         "apiVersion: v1\nkind: Node\nmetadata: {{name: {name}, labels: {{kubernetes.io/hostname: {name}}}}}\nspec: {{{extra_spec}}}\nstatus:\n  allocatable: {{cpu: \"{cpu}\", memory: 8Gi, pods: \"110\"}}\n"
     );
-    kubectl(server, &["apply", "-f", "-"], Some(&manifest));
+    server.kubectl(&["apply", "-f", "-"], Some(&manifest));
 }
 
 fn add_pod(server: &TugboatServer, name: &str, cpu: &str, extra_spec: &str) {
     let manifest = format!(
         "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, labels: {{app: web}}}}\nspec:\n  {extra_spec}\n  containers:\n  - name: main\n    image: busybox\n    resources: {{requests: {{cpu: \"{cpu}\"}}}}\n"
     );
-    kubectl(server, &["apply", "-f", "-"], Some(&manifest));
+    server.kubectl(&["apply", "-f", "-"], Some(&manifest));
 }
 
 fn node_of(server: &TugboatServer, pod: &str) -> String {
-    kubectl(server, &["get", "pod", pod, "-o", "jsonpath={.spec.nodeName}"], None)
+    server.kubectl(&["get", "pod", pod, "-o", "jsonpath={.spec.nodeName}"], None)
 }
 
 /// Waits until `pod` is bound; returns its node.
@@ -77,13 +55,12 @@ fn pods_spread_fit_and_wait_for_a_node_that_fits() {
         *per_node.entry(wait_bound(&server, &format!("web-{i}"))).or_insert(0) += 1;
     }
     assert_eq!(per_node.into_iter().collect::<Vec<_>>(), [("node-1".to_string(), 3), ("node-2".to_string(), 3)]);
-    let described = kubectl(&server, &["describe", "pod", "web-0"], None);
+    let described = server.kubectl(&["describe", "pod", "web-0"], None);
     assert!(
         described.contains("Scheduled") && described.contains("Successfully assigned default/web-0"),
         "{described}"
     );
-    let condition = kubectl(
-        &server,
+    let condition = server.kubectl(
         &["get", "pod", "web-0", "-o", "jsonpath={.status.conditions[0].type}={.status.conditions[0].status}"],
         None,
     );
@@ -97,8 +74,7 @@ fn pods_spread_fit_and_wait_for_a_node_that_fits() {
     add_pod(&server, "huge", "6", "");
     let deadline = Instant::now() + Duration::from_secs(20);
     let message = loop {
-        let message = kubectl(
-            &server,
+        let message = server.kubectl(
             &["get", "pod", "huge", "-o", "jsonpath={.status.conditions[?(@.type==\"PodScheduled\")].message}"],
             None,
         );
@@ -112,26 +88,16 @@ fn pods_spread_fit_and_wait_for_a_node_that_fits() {
         message,
         "0/3 nodes are available: 1 node(s) had untolerated taint {dedicated: db}, 2 Insufficient cpu."
     );
-    let events = kubectl(&server, &["get", "events", "--field-selector", "involvedObject.name=huge"], None);
+    let events = server.kubectl(&["get", "events", "--field-selector", "involvedObject.name=huge"], None);
     assert!(events.contains("FailedScheduling"), "{events}");
     assert_eq!(node_of(&server, "huge"), "");
 
     // A cordoned node takes nothing new; a new node that fits takes the waiting pod.
-    kubectl(&server, &["cordon", "node-1"], None);
+    server.kubectl(&["cordon", "node-1"], None);
     add_pod(&server, "after-cordon", "100m", "");
     assert_eq!(wait_bound(&server, "after-cordon"), "node-2");
     add_node(&server, "big", "16", "");
     assert_eq!(wait_bound(&server, "huge"), "big");
-}
-
-/// Kills the child on drop.
-struct Process(Child);
-
-impl Drop for Process {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
 }
 
 #[test]
@@ -141,7 +107,7 @@ fn the_scheduler_runs_alone_against_a_kubeconfig() {
     add_pod(&server, "waiting", "100m", "");
     std::thread::sleep(Duration::from_millis(500));
     assert_eq!(node_of(&server, "waiting"), "", "no scheduler in the server");
-    let _scheduler = Process(
+    let _scheduler = KillOnDrop(
         Command::new(env!("CARGO_BIN_EXE_tugboat"))
             .args(["scheduler", "--kubeconfig"])
             .arg(server.kubeconfig())
@@ -156,7 +122,7 @@ fn the_scheduler_runs_alone_against_a_kubeconfig() {
 #[test]
 fn hollow_nodes_register_heartbeat_and_run_their_pods() {
     let server = TugboatServer::start(Path::new(env!("CARGO_BIN_EXE_tugboat")), &[]).unwrap();
-    let _hollow = Process(
+    let _hollow = KillOnDrop(
         Command::new(env!("CARGO_BIN_EXE_tugboat"))
             .args([
                 "hollow-nodes",
@@ -176,8 +142,7 @@ fn hollow_nodes_register_heartbeat_and_run_their_pods() {
     );
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
-        let ready = kubectl(
-            &server,
+        let ready = server.kubectl(
             &["get", "nodes", "-o", "jsonpath={.items[*].status.conditions[?(@.type==\"Ready\")].status}"],
             None,
         );
@@ -187,16 +152,15 @@ fn hollow_nodes_register_heartbeat_and_run_their_pods() {
         assert!(Instant::now() < deadline, "the hollow nodes never became Ready: {ready:?}");
         std::thread::sleep(Duration::from_millis(200));
     }
-    let nodes = kubectl(&server, &["get", "nodes", "-o", "wide"], None);
+    let nodes = server.kubectl(&["get", "nodes", "-o", "wide"], None);
     assert!(
         nodes.contains("h-0") && nodes.contains("v1.33.0-tugboat-hollow") && nodes.contains("10.250.0.1"),
         "{nodes}"
     );
 
     // Heartbeats: each node's Lease is renewed.
-    let renewed = || {
-        kubectl(&server, &["-n", "kube-node-lease", "get", "lease", "h-1", "-o", "jsonpath={.spec.renewTime}"], None)
-    };
+    let renewed =
+        || server.kubectl(&["-n", "kube-node-lease", "get", "lease", "h-1", "-o", "jsonpath={.spec.renewTime}"], None);
     let first = renewed();
     assert!(!first.is_empty());
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -211,24 +175,24 @@ fn hollow_nodes_register_heartbeat_and_run_their_pods() {
     }
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
-        let phases = kubectl(&server, &["get", "pods", "-o", "jsonpath={.items[*].status.phase}"], None);
+        let phases = server.kubectl(&["get", "pods", "-o", "jsonpath={.items[*].status.phase}"], None);
         if phases.split_whitespace().filter(|p| *p == "Running").count() == 6 {
             break;
         }
         assert!(Instant::now() < deadline, "the pods never ran: {phases}");
         std::thread::sleep(Duration::from_millis(200));
     }
-    let pods = kubectl(&server, &["get", "pods", "-o", "wide"], None);
+    let pods = server.kubectl(&["get", "pods", "-o", "wide"], None);
     assert!(
         pods.lines().skip(1).all(|l| l.contains("1/1") && l.contains("Running") && l.contains(" 10.128.")),
         "{pods}"
     );
-    let ips = kubectl(&server, &["get", "pods", "-o", "jsonpath={.items[*].status.podIP}"], None);
+    let ips = server.kubectl(&["get", "pods", "-o", "jsonpath={.items[*].status.podIP}"], None);
     let unique: std::collections::BTreeSet<&str> = ips.split_whitespace().collect();
     assert_eq!(unique.len(), 6, "one address per pod: {ips}");
     // A bound pod's deletion waits for its node to finish it: the hollow node does at once.
-    let deleted = kubectl(&server, &["delete", "pod", "run-0", "--timeout=20s"], None);
+    let deleted = server.kubectl(&["delete", "pod", "run-0", "--timeout=20s"], None);
     assert!(deleted.contains("deleted"), "{deleted}");
-    let left = kubectl(&server, &["get", "pods", "-o", "name"], None);
+    let left = server.kubectl(&["get", "pods", "-o", "name"], None);
     assert!(!left.contains("run-0"), "{left}");
 }
