@@ -1063,6 +1063,9 @@ pub(crate) enum View {
     Status,
     /// `/scale`: an autoscaling/v1 Scale whose `spec.replicas` is the object's.
     Scale,
+    /// A namespace's `spec.finalizers` (`namespaces/{name}/finalize`): how the namespace
+    /// controller lets a Terminating namespace go.
+    Finalize,
     /// Spec and status at once: the server's own writes (a binding sets the node and the
     /// PodScheduled condition).
     Whole,
@@ -1074,6 +1077,7 @@ impl View {
             None => Ok(View::Main),
             Some("status") if resource.has_status() => Ok(View::Status),
             Some("scale") if resource.has_scale() => Ok(View::Scale),
+            Some("finalize") if resource.plural == "namespaces" => Ok(View::Finalize),
             Some(other) => Err(ApiError::not_found_path(&format!("{}/{other}", resource.plural))),
         }
     }
@@ -1081,7 +1085,7 @@ impl View {
     /// What a client reads and writes through this view of `object`.
     fn project(self, object: &Value) -> Value {
         match self {
-            View::Main | View::Status | View::Whole => object.clone(),
+            View::Main | View::Status | View::Whole | View::Finalize => object.clone(),
             View::Scale => {
                 let metadata = &object["metadata"];
                 let selector = object["spec"]["selector"]["matchLabels"]
@@ -1127,6 +1131,25 @@ impl View {
                         }
                     }
                 }
+                if resource.plural == "namespaces" {
+                    // Only `finalize` changes a namespace's finalizers (upstream's strategy).
+                    object["spec"]["finalizers"] = old["spec"]["finalizers"].clone();
+                }
+                Ok(object)
+            }
+            View::Finalize => {
+                let mut object = old.clone();
+                let finalizers = &written["spec"]["finalizers"];
+                if !(finalizers.is_null() || finalizers.as_array().is_some_and(|f| f.iter().all(Value::is_string))) {
+                    let name = old["metadata"]["name"].as_str().unwrap_or("");
+                    let cause = crate::status::Cause {
+                        reason: "FieldValueInvalid",
+                        message: "Invalid value: a list of finalizer names".into(),
+                        field: "spec.finalizers".into(),
+                    };
+                    return Err(ApiError::invalid("", "Namespace", name, vec![cause]));
+                }
+                object["spec"]["finalizers"] = finalizers.clone();
                 Ok(object)
             }
             View::Whole => Ok(written),
@@ -1183,6 +1206,7 @@ pub(crate) async fn modify(
             View::Main | View::Whole => "",
             View::Status => "status",
             View::Scale => "scale",
+            View::Finalize => "finalize",
         };
         // A server-side apply has written its own managedFields; every other write is an Update.
         if !write.apply {
@@ -1204,6 +1228,7 @@ pub(crate) async fn modify(
         // kubelet has finished it: it deletes with a zero grace period).
         let finalized = object["metadata"]["deletionTimestamp"].is_string()
             && object["metadata"]["finalizers"].as_array().is_none_or(Vec::is_empty)
+            && object["spec"]["finalizers"].as_array().is_none_or(Vec::is_empty)
             && object["metadata"]["deletionGracePeriodSeconds"].as_i64().unwrap_or(0) == 0;
         if finalized {
             return match state.store.delete(&key, Some(revision)).await {
@@ -1379,7 +1404,10 @@ pub(crate) async fn delete_one(
             && object["spec"]["nodeName"].as_str().is_some_and(|n| !n.is_empty())
             && grace.unwrap_or_else(|| object["spec"]["terminationGracePeriodSeconds"].as_i64().unwrap_or(30)) > 0;
         let key = resource.key(namespace, name);
-        if !finalizers.is_empty() || graceful_pod {
+        // A namespace waits for the namespace controller to empty it (`spec.finalizers`).
+        let namespace_content =
+            resource.plural == "namespaces" && object["spec"]["finalizers"].as_array().is_some_and(|f| !f.is_empty());
+        if !finalizers.is_empty() || graceful_pod || namespace_content {
             if object["metadata"]["deletionTimestamp"].is_string() && !graceful_pod {
                 return Ok((StatusCode::OK, object));
             }
@@ -1414,9 +1442,6 @@ pub(crate) async fn delete_one(
         if dry_run {
             return Ok((StatusCode::OK, object));
         }
-        if resource.plural == "namespaces" {
-            empty_namespace(state, name).await?;
-        }
         match state.store.delete(&key, Some(revision)).await {
             Ok(_) => {
                 if resource.plural == "services" {
@@ -1431,32 +1456,6 @@ pub(crate) async fn delete_one(
         }
     }
     Err(ApiError::conflict(resource.group, resource.plural, name))
-}
-
-/// Deletes every object in a namespace. Interim: the namespace controller (with the
-/// controllers issue) will do this through the API, with the namespace Terminating meanwhile.
-async fn empty_namespace(state: &ApiState, namespace: &str) -> Result<(), ApiError> {
-    for resource in registry::RESOURCES.iter().filter(|r| r.namespaced && !r.is_review()) {
-        let page = state
-            .store
-            .list(&resource.prefix(Some(namespace)), ListOptions::default())
-            .await
-            .map_err(|e| ApiError::from_store(e, resource.group, resource.plural, ""))?;
-        for kv in page.kvs {
-            match state.store.delete(&kv.key, None).await {
-                Ok((_, deleted)) if resource.plural == "services" => {
-                    if let Ok(service) = object::from_store(resource, &deleted.value, deleted.mod_revision) {
-                        crate::services::release(state.store.as_ref(), &service).await;
-                    }
-                }
-                Ok(_) | Err(StoreError::NotFound { .. }) => {}
-                Err(error) => {
-                    return Err(ApiError::from_store(error, resource.group, resource.plural, ""));
-                }
-            }
-        }
-    }
-    Ok(())
 }
 
 /// `DELETE` on a collection: every object the selectors match, each as a single delete would.

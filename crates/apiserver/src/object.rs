@@ -319,6 +319,9 @@ fn default_workload(resource: &Resource, object: &mut Value) {
         }
         _ => return,
     }
+    if resource.plural == "jobs" {
+        label_job_pods(object);
+    }
     let template = if resource.plural == "cronjobs" {
         &mut object["spec"]["jobTemplate"]["spec"]["template"]["spec"]
     } else {
@@ -327,6 +330,29 @@ fn default_workload(resource: &Resource, object: &mut Value) {
     if template.is_object() {
         default_pod_spec(template);
     }
+}
+
+/// A Job's pods carry its uid and name, and its selector is that uid (upstream's defaulting,
+/// unless the user chose `manualSelector`).
+fn label_job_pods(job: &mut Value) {
+    if job["spec"]["manualSelector"] == json!(true) {
+        return;
+    }
+    let uid = job["metadata"]["uid"].clone();
+    let name = job["metadata"]["name"].clone();
+    let labels = &mut job["spec"]["template"]["metadata"]["labels"];
+    if !labels.is_object() {
+        *labels = json!({});
+    }
+    for (key, value) in [
+        ("batch.kubernetes.io/controller-uid", &uid),
+        ("batch.kubernetes.io/job-name", &name),
+        ("controller-uid", &uid),
+        ("job-name", &name),
+    ] {
+        labels[key] = value.clone();
+    }
+    job["spec"]["selector"] = json!({"matchLabels": {"batch.kubernetes.io/controller-uid": uid}});
 }
 
 fn default_job_spec(spec: &mut Value) {

@@ -394,6 +394,68 @@ fn count(value: &Value) -> i64 {
     value.as_object().map(|m| m.len() as i64).unwrap_or(0)
 }
 
+/// A pod's STATUS column, as kubectl's printer words it: the phase, or the status reason, or
+/// what an init container or the last troubled container says (`Init:0/1`, `CrashLoopBackOff`,
+/// `Completed`, `ExitCode:1`), or `Terminating`.
+fn pod_status(pod: &Value) -> String {
+    let status = &pod["status"];
+    let mut reason = status["phase"].as_str().unwrap_or("Pending").to_string();
+    if let Some(given) = status["reason"].as_str().filter(|r| !r.is_empty()) {
+        reason = given.to_string();
+    }
+    let exited = |terminated: &Value| match terminated["reason"].as_str().filter(|r| !r.is_empty()) {
+        Some(r) => r.to_string(),
+        None => match terminated["signal"].as_i64().filter(|s| *s != 0) {
+            Some(signal) => format!("Signal:{signal}"),
+            None => format!("ExitCode:{}", terminated["exitCode"].as_i64().unwrap_or(0)),
+        },
+    };
+    let inits = status["initContainerStatuses"].as_array().cloned().unwrap_or_default();
+    let init_total = pod["spec"]["initContainers"].as_array().map(Vec::len).unwrap_or(inits.len());
+    let mut initializing = false;
+    for (index, init) in inits.iter().enumerate() {
+        let state = &init["state"];
+        if state["terminated"].is_object() && state["terminated"]["exitCode"].as_i64() == Some(0) {
+            continue;
+        }
+        initializing = true;
+        reason = if state["terminated"].is_object() {
+            format!("Init:{}", exited(&state["terminated"]))
+        } else if let Some(waiting) =
+            state["waiting"]["reason"].as_str().filter(|r| !r.is_empty() && *r != "PodInitializing")
+        {
+            format!("Init:{waiting}")
+        } else {
+            format!("Init:{index}/{init_total}")
+        };
+        break;
+    }
+    if !initializing {
+        let mut running = false;
+        let containers = status["containerStatuses"].as_array().cloned().unwrap_or_default();
+        for container in containers.iter().rev() {
+            let state = &container["state"];
+            if let Some(waiting) = state["waiting"]["reason"].as_str().filter(|r| !r.is_empty()) {
+                reason = waiting.to_string();
+            } else if state["terminated"].is_object() {
+                reason = exited(&state["terminated"]);
+            } else if state["running"].is_object() && container["ready"] == json!(true) {
+                running = true;
+            }
+        }
+        if reason == "Completed" && running {
+            let ready = status["conditions"]
+                .as_array()
+                .is_some_and(|c| c.iter().any(|c| c["type"] == "Ready" && c["status"] == "True"));
+            reason = if ready { "Running" } else { "NotReady" }.to_string();
+        }
+    }
+    if pod["metadata"]["deletionTimestamp"].is_string() {
+        reason = if status["reason"] == "NodeLost" { "Unknown" } else { "Terminating" }.to_string();
+    }
+    reason
+}
+
 fn cells(resource: &Resource, object: &Value) -> Vec<Value> {
     let name = json!(object["metadata"]["name"]);
     let s = |v: &Value| v.as_str().unwrap_or("").to_string();
@@ -412,12 +474,10 @@ fn cells(resource: &Resource, object: &Value) -> Vec<Value> {
             let total = object["spec"]["containers"].as_array().map(Vec::len).unwrap_or(0);
             let ready = statuses.iter().filter(|c| c["ready"] == json!(true)).count();
             let restarts: i64 = statuses.iter().map(|c| c["restartCount"].as_i64().unwrap_or(0)).sum();
-            let phase = object["status"]["phase"].as_str().unwrap_or("Pending");
-            let status = if object["metadata"]["deletionTimestamp"].is_string() { "Terminating" } else { phase };
             vec![
                 name,
                 json!(format!("{ready}/{total}")),
-                json!(status),
+                json!(pod_status(object)),
                 json!(restarts.to_string()),
                 json!(age(object)),
                 json!(none_if_empty(s(&object["status"]["podIP"]))),
@@ -800,5 +860,39 @@ mod tests {
         assert_eq!(cells[3], "3");
         assert_eq!(cells[5], "10.244.0.5");
         assert_eq!(table["rows"][0]["object"]["kind"], "PartialObjectMetadata");
+    }
+
+    #[test]
+    fn pod_status_reads_like_kubectl() {
+        let pod = |status: Value| json!({"spec": {"containers": [{"name": "c"}]}, "status": status});
+        assert_eq!(
+            pod_status(&pod(json!({"phase": "Running",
+            "containerStatuses": [{"ready": true, "state": {"running": {}}}]}))),
+            "Running"
+        );
+        assert_eq!(
+            pod_status(&pod(json!({"phase": "Succeeded",
+            "containerStatuses": [{"state": {"terminated": {"exitCode": 0, "reason": "Completed"}}}]}))),
+            "Completed"
+        );
+        assert_eq!(
+            pod_status(&pod(json!({"phase": "Failed",
+            "containerStatuses": [{"state": {"terminated": {"exitCode": 2}}}]}))),
+            "ExitCode:2"
+        );
+        assert_eq!(
+            pod_status(&pod(json!({"phase": "Running",
+            "containerStatuses": [{"state": {"waiting": {"reason": "CrashLoopBackOff"}}}]}))),
+            "CrashLoopBackOff"
+        );
+        assert_eq!(
+            pod_status(&pod(json!({"phase": "Pending",
+            "initContainerStatuses": [{"state": {"running": {}}}]}))),
+            "Init:0/1"
+        );
+        assert_eq!(pod_status(&pod(json!({"phase": "Failed", "reason": "Evicted"}))), "Evicted");
+        let mut leaving = pod(json!({"phase": "Running"}));
+        leaving["metadata"] = json!({"deletionTimestamp": "2026-01-01T00:00:00Z"});
+        assert_eq!(pod_status(&leaving), "Terminating");
     }
 }

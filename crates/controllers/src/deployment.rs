@@ -63,7 +63,7 @@ fn available(rs: &ReplicaSet) -> i32 {
 }
 
 /// `25%` of `total`, rounded up (surge) or down (unavailable); plain numbers as they are.
-fn resolve(value: Option<&IntOrString>, total: i32, default: &str, round_up: bool) -> i32 {
+pub(crate) fn resolve(value: Option<&IntOrString>, total: i32, default: &str, round_up: bool) -> i32 {
     let text = match value {
         Some(IntOrString::Int(n)) => return (*n).max(0),
         Some(IntOrString::String(s)) => s.clone(),

@@ -1,11 +1,19 @@
 //! Tugboat's controller manager: each controller is a pure plan (tested without I/O) and a thin
 //! loop that observes through kube-rs reflectors and applies the plan through the API.
 
+pub mod cron;
+pub mod cronjob;
+pub mod daemonset;
 pub mod deployment;
+pub mod endpoints;
 pub mod gc;
+pub mod job;
+pub mod nodeipam;
 pub mod nodelifecycle;
+pub mod podgc;
 pub mod pods;
 pub mod replicaset;
 mod run;
+pub mod serviceaccounts;
 
-pub use run::{ControllerConfig, run, run_deployments, run_garbage_collector, run_node_lifecycle, run_replicasets};
+pub use run::{ControllerConfig, run};

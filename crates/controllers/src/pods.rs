@@ -11,7 +11,7 @@ pub fn is_active(pod: &Pod) -> bool {
         && !matches!(pod.status.as_ref().and_then(|s| s.phase.as_deref()), Some("Succeeded" | "Failed"))
 }
 
-fn ready_since(pod: &Pod) -> Option<Option<k8s_openapi::jiff::Timestamp>> {
+fn ready_since(pod: &Pod) -> Option<Option<jiff::Timestamp>> {
     let conditions = pod.status.as_ref()?.conditions.as_ref()?;
     let ready = conditions.iter().find(|c| c.type_ == "Ready" && c.status == "True")?;
     Some(ready.last_transition_time.as_ref().map(|t| t.0))
@@ -22,7 +22,7 @@ pub fn is_ready(pod: &Pod) -> bool {
 }
 
 /// Ready for at least `min_ready_seconds`.
-pub fn is_available(pod: &Pod, min_ready_seconds: i32, now: k8s_openapi::jiff::Timestamp) -> bool {
+pub fn is_available(pod: &Pod, min_ready_seconds: i32, now: jiff::Timestamp) -> bool {
     match ready_since(pod) {
         None => false,
         Some(_) if min_ready_seconds <= 0 => true,

@@ -36,7 +36,7 @@ fn has_controller(pod: &Pod) -> bool {
 
 /// Which pod to delete first: unscheduled before scheduled, pending before running, not ready
 /// before ready, then the youngest (upstream's ActivePods ordering, in short).
-fn deletion_rank(pod: &Pod) -> (bool, bool, bool, Reverse<Option<k8s_openapi::jiff::Timestamp>>) {
+fn deletion_rank(pod: &Pod) -> (bool, bool, bool, Reverse<Option<jiff::Timestamp>>) {
     let scheduled = pod.spec.as_ref().and_then(|s| s.node_name.as_deref()).is_some_and(|n| !n.is_empty());
     let running = pod.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running");
     (scheduled, running, is_ready(pod), Reverse(pod.metadata.creation_timestamp.as_ref().map(|t| t.0)))
@@ -44,7 +44,7 @@ fn deletion_rank(pod: &Pod) -> (bool, bool, bool, Reverse<Option<k8s_openapi::ji
 
 /// Plans for `rs`, given every pod of its namespace and how many pods it has created that the
 /// pod watch has not shown yet (`in_flight`, so a lagging watch does not double the pods).
-pub fn plan(rs: &ReplicaSet, pods: &[Arc<Pod>], in_flight: usize, now: k8s_openapi::jiff::Timestamp) -> Plan {
+pub fn plan(rs: &ReplicaSet, pods: &[Arc<Pod>], in_flight: usize, now: jiff::Timestamp) -> Plan {
     let uid = rs.metadata.uid.as_deref().unwrap_or_default();
     let spec = rs.spec.as_ref();
     let selector: LabelSelector = spec.map(|s| s.selector.clone()).unwrap_or_default();
@@ -142,7 +142,7 @@ mod tests {
                "status": {"phase": "Running", "conditions": [{"type": "Ready", "status": "True", "lastTransitionTime": since}]}})
     }
 
-    fn now() -> k8s_openapi::jiff::Timestamp {
+    fn now() -> jiff::Timestamp {
         "2026-01-01T00:10:00Z".parse().unwrap()
     }
 

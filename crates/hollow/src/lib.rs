@@ -3,7 +3,10 @@
 //! renews its Lease in `kube-node-lease` (the heartbeat the node lifecycle controller watches),
 //! reports its status now and then, and "runs" the pods bound to it: a pod becomes Running and
 //! Ready with an IP at once, and a pod being deleted is finished at once (deleted with grace 0,
-//! as a kubelet does when its containers have stopped). One pod watch serves every node.
+//! as a kubelet does when its containers have stopped). Pods that are not restarted
+//! (`restartPolicy` Never or OnFailure: Jobs' pods) finish after `pod_exit_after`, Succeeded, or
+//! Failed when their `hollow.tugboat.dev/exit-code` annotation says so. One pod watch serves
+//! every node.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -29,7 +32,12 @@ pub struct HollowConfig {
     pub lease_renew: Duration,
     /// How often each node reports its status (upstream: 5 minutes when Leases are used).
     pub status_report: Duration,
+    /// How long a pod that is not restarted "runs" before it exits (None: forever).
+    pub pod_exit_after: Option<Duration>,
 }
+
+/// The annotation that gives a hollow pod's exit code (default 0).
+pub const EXIT_CODE: &str = "hollow.tugboat.dev/exit-code";
 
 impl Default for HollowConfig {
     fn default() -> Self {
@@ -41,6 +49,7 @@ impl Default for HollowConfig {
             max_pods: 110,
             lease_renew: Duration::from_secs(10),
             status_report: Duration::from_secs(300),
+            pod_exit_after: Some(Duration::from_secs(1)),
         }
     }
 }
@@ -167,6 +176,38 @@ fn running_status(pod: &Pod, host_ip: &str, pod_ip: &str) -> Value {
     }})
 }
 
+/// Whether a pod's containers are restarted when they exit (so it never finishes).
+fn restarts(pod: &Pod) -> bool {
+    pod.spec.as_ref().and_then(|s| s.restart_policy.as_deref()).unwrap_or("Always") == "Always"
+}
+
+/// The status of a pod whose containers all exited with the code its annotation gives.
+fn finished_status(pod: &Pod, started: &str) -> Value {
+    let now = now();
+    let code: i32 =
+        pod.metadata.annotations.as_ref().and_then(|a| a.get(EXIT_CODE)).and_then(|c| c.parse().ok()).unwrap_or(0);
+    let reason = if code == 0 { "Completed" } else { "Error" };
+    let containers: Vec<Value> = pod
+        .spec
+        .iter()
+        .flat_map(|s| &s.containers)
+        .map(|c| {
+            json!({"name": c.name, "image": c.image, "imageID": format!("hollow://{}", c.image.as_deref().unwrap_or_default()),
+                   "containerID": format!("hollow://{}-{}", pod.metadata.uid.as_deref().unwrap_or_default(), c.name),
+                   "ready": false, "started": false, "restartCount": 0,
+                   "state": {"terminated": {"exitCode": code, "reason": reason, "startedAt": started, "finishedAt": now}}})
+        })
+        .collect();
+    let condition = |kind: &str, status: &str, reason: Option<&str>| json!({"type": kind, "status": status, "reason": reason, "lastProbeTime": null, "lastTransitionTime": now});
+    json!({"status": {
+        "phase": if code == 0 { "Succeeded" } else { "Failed" },
+        "conditions": [condition("PodReadyToStartContainers", "False", None), condition("Initialized", "True", Some("PodCompleted")),
+                       condition("Ready", "False", Some("PodCompleted")), condition("ContainersReady", "False", Some("PodCompleted")),
+                       condition("PodScheduled", "True", None)],
+        "containerStatuses": containers,
+    }})
+}
+
 /// What to do about a pod bound to one of our nodes.
 #[derive(Debug, PartialEq, Eq)]
 enum Action {
@@ -261,9 +302,21 @@ pub async fn run(client: kube::Client, config: HollowConfig) -> anyhow::Result<(
                 let n = addresses.entry(index).or_insert(1);
                 *n = n.wrapping_add(1);
                 let status = running_status(&pod, &host_ip(index), &pod_ip(index, *n));
+                let exit_after = config.pod_exit_after.filter(|_| !restarts(&pod));
                 tokio::spawn(async move {
-                    if let Err(error) = api.patch_status(&name, &PatchParams::default(), &Patch::Merge(status)).await {
+                    if let Err(error) = api.patch_status(&name, &PatchParams::default(), &Patch::Merge(&status)).await {
                         tracing::debug!(%error, pod = name, "could not report the pod running");
+                        return;
+                    }
+                    if let Some(after) = exit_after {
+                        tokio::time::sleep(after).await;
+                        let started = status["status"]["startTime"].as_str().unwrap_or_default();
+                        let finished = finished_status(&pod, started);
+                        if let Err(error) =
+                            api.patch_status(&name, &PatchParams::default(), &Patch::Merge(finished)).await
+                        {
+                            tracing::debug!(%error, pod = name, "could not report the pod finished");
+                        }
                     }
                 });
             }
@@ -304,6 +357,23 @@ mod tests {
             action(&pod(json!({"metadata": {"name": "p", "deletionTimestamp": "2026-01-01T00:00:00Z"}}))),
             Action::Finish
         );
+    }
+
+    #[test]
+    fn pods_that_are_not_restarted_finish_with_their_exit_code() {
+        let always = pod(json!({"metadata": {"name": "p"}, "spec": {"containers": []}}));
+        assert!(restarts(&always));
+        let job = pod(json!({"metadata": {"name": "p", "uid": "u"},
+                             "spec": {"restartPolicy": "Never", "containers": [{"name": "c", "image": "busybox"}]}}));
+        assert!(!restarts(&job));
+        let done = finished_status(&job, "2026-01-01T00:00:00Z");
+        assert_eq!(done["status"]["phase"], "Succeeded");
+        assert_eq!(done["status"]["containerStatuses"][0]["state"]["terminated"]["exitCode"], 0);
+        let failing = pod(json!({"metadata": {"name": "p", "annotations": {EXIT_CODE: "3"}},
+                                 "spec": {"restartPolicy": "OnFailure", "containers": [{"name": "c"}]}}));
+        let failed = finished_status(&failing, "2026-01-01T00:00:00Z");
+        assert_eq!(failed["status"]["phase"], "Failed");
+        assert_eq!(failed["status"]["containerStatuses"][0]["state"]["terminated"]["reason"], "Error");
     }
 
     #[test]

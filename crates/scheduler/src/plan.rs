@@ -220,21 +220,17 @@ impl<'a> PodFacts<'a> {
     }
 }
 
-/// Why a node does not fit, as upstream's filter plugins word it, in their order (a node is
-/// reported for the first plugin it fails, resources all together).
-fn filter(facts: &PodFacts<'_>, info: &NodeInfo) -> Vec<String> {
-    let pod = facts.pod;
-    let Some(spec) = &pod.spec else { return vec!["the pod has no spec".into()] };
-    let node = &info.node;
+/// The node-level constraints of a pod, as the first filters judge them: unschedulable nodes,
+/// untolerated NoSchedule/NoExecute taints, nodeSelector and required node affinity. Returns
+/// upstream's reason for the first that fails.
+fn constraint_failure(spec: &k8s_openapi::api::core::v1::PodSpec, node: &Node) -> Option<String> {
     let tolerations = spec.tolerations.as_deref().unwrap_or_default();
-    let mut reasons = Vec::new();
-
     // NodeUnschedulable
     if node.spec.as_ref().and_then(|s| s.unschedulable).unwrap_or(false) {
         let unschedulable =
             Taint { key: "node.kubernetes.io/unschedulable".into(), effect: "NoSchedule".into(), ..Default::default() };
         if !tolerates(tolerations, &unschedulable) {
-            return vec!["node(s) were unschedulable".into()];
+            return Some("node(s) were unschedulable".into());
         }
     }
     // TaintToleration
@@ -242,11 +238,11 @@ fn filter(facts: &PodFacts<'_>, info: &NodeInfo) -> Vec<String> {
     if let Some(taint) =
         taints.iter().find(|t| matches!(t.effect.as_str(), "NoSchedule" | "NoExecute") && !tolerates(tolerations, t))
     {
-        return vec![format!(
+        return Some(format!(
             "node(s) had untolerated taint {{{}: {}}}",
             taint.key,
             taint.value.as_deref().unwrap_or_default()
-        )];
+        ));
     }
     // NodeAffinity: nodeSelector and required affinity.
     let labels = node.metadata.labels.as_ref();
@@ -258,8 +254,26 @@ fn filter(facts: &PodFacts<'_>, info: &NodeInfo) -> Vec<String> {
         .and_then(|a| a.required_during_scheduling_ignored_during_execution.as_ref());
     let affinity_ok = required.is_none_or(|r| r.node_selector_terms.iter().any(|t| term_matches(t, node)));
     if !selector_ok || !affinity_ok {
-        return vec!["node(s) didn't match Pod's node affinity/selector".into()];
+        return Some("node(s) didn't match Pod's node affinity/selector".into());
     }
+    None
+}
+
+/// Whether `node` admits `pod` as far as taints, cordoning and node affinity/selector go
+/// (resources and ports aside): what the DaemonSet controller asks of each node.
+pub fn fits_constraints(pod: &Pod, node: &Node) -> bool {
+    pod.spec.as_ref().is_some_and(|spec| constraint_failure(spec, node).is_none())
+}
+
+/// Why a node does not fit, as upstream's filter plugins word it, in their order (a node is
+/// reported for the first plugin it fails, resources all together).
+fn filter(facts: &PodFacts<'_>, info: &NodeInfo) -> Vec<String> {
+    let pod = facts.pod;
+    let Some(spec) = &pod.spec else { return vec!["the pod has no spec".into()] };
+    if let Some(reason) = constraint_failure(spec, &info.node) {
+        return vec![reason];
+    }
+    let mut reasons = Vec::new();
     // NodePorts
     let conflict = facts.host_ports.iter().any(|(protocol, ip, port)| {
         info.host_ports

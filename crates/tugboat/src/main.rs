@@ -45,11 +45,21 @@ struct ControllerFlags {
     /// A node whose heartbeat is older than this becomes Ready=Unknown and unreachable.
     #[arg(long, default_value = "40s", value_parser = parse_duration)]
     node_monitor_grace_period: Duration,
+    /// Nodes' pod CIDRs are carved out of this range.
+    #[arg(long, default_value = "10.244.0.0/16")]
+    cluster_cidr: tugboat_controllers::nodeipam::Cidr,
+    /// The prefix length of each node's pod CIDR.
+    #[arg(long, default_value_t = 24, value_parser = clap::value_parser!(u8).range(8..=30))]
+    node_cidr_mask_size: u8,
 }
 
 impl ControllerFlags {
     fn config(&self) -> tugboat_controllers::ControllerConfig {
-        tugboat_controllers::ControllerConfig { node_monitor_grace_period: self.node_monitor_grace_period }
+        tugboat_controllers::ControllerConfig {
+            node_monitor_grace_period: self.node_monitor_grace_period,
+            cluster_cidr: self.cluster_cidr,
+            node_cidr_mask_size: self.node_cidr_mask_size,
+        }
     }
 }
 
@@ -75,6 +85,10 @@ struct HollowArgs {
     /// How often each node renews its Lease in kube-node-lease.
     #[arg(long, default_value = "10s", value_parser = parse_duration)]
     lease_renew_interval: Duration,
+    /// How long pods that are not restarted (Jobs' pods) run before they exit; 0 runs them
+    /// forever. The exit code comes from the pod's `hollow.tugboat.dev/exit-code` annotation.
+    #[arg(long, default_value = "1s", value_parser = parse_duration_or_zero)]
+    pod_exit_after: Duration,
 }
 
 /// A component that talks to an API server.
@@ -125,6 +139,16 @@ struct ServerArgs {
 }
 
 /// Parses `300`, `300s`, `5m`, `1h`, `250ms`.
+/// A duration where zero means "never".
+fn parse_duration_or_zero(text: &str) -> Result<Duration, String> {
+    if text.trim().trim_end_matches(|c: char| c.is_ascii_alphabetic()).chars().all(|c| c == '0')
+        && !text.trim().is_empty()
+    {
+        return Ok(Duration::ZERO);
+    }
+    parse_duration(text)
+}
+
 fn parse_duration(text: &str) -> Result<Duration, String> {
     let text = text.trim();
     let split = text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len());
@@ -173,6 +197,7 @@ fn main() -> ExitCode {
                     memory: args.memory,
                     max_pods: args.max_pods,
                     lease_renew: args.lease_renew_interval,
+                    pod_exit_after: Some(args.pod_exit_after).filter(|d| !d.is_zero()),
                     ..tugboat_hollow::HollowConfig::default()
                 };
                 tokio::select! {

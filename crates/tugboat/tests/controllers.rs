@@ -8,9 +8,13 @@ use std::time::{Duration, Instant};
 use tugboat_testkit::{KillOnDrop, TugboatServer};
 
 fn hollow_nodes(server: &TugboatServer, count: usize) -> KillOnDrop {
+    hollow_nodes_named(server, "h", count)
+}
+
+fn hollow_nodes_named(server: &TugboatServer, prefix: &str, count: usize) -> KillOnDrop {
     KillOnDrop(
         Command::new(env!("CARGO_BIN_EXE_tugboat"))
-            .args(["hollow-nodes", "--count", &count.to_string(), "--name-prefix", "h", "--kubeconfig"])
+            .args(["hollow-nodes", "--count", &count.to_string(), "--name-prefix", prefix, "--kubeconfig"])
             .arg(server.kubeconfig())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -21,7 +25,17 @@ fn hollow_nodes(server: &TugboatServer, count: usize) -> KillOnDrop {
 
 /// Polls `kubectl args` until `done` holds of its output.
 fn eventually(server: &TugboatServer, args: &[&str], what: &str, done: impl Fn(&str) -> bool) -> String {
-    let deadline = Instant::now() + Duration::from_secs(30);
+    eventually_within(Duration::from_secs(30), server, args, what, done)
+}
+
+fn eventually_within(
+    limit: Duration,
+    server: &TugboatServer,
+    args: &[&str],
+    what: &str,
+    done: impl Fn(&str) -> bool,
+) -> String {
+    let deadline = Instant::now() + limit;
     loop {
         let output = server.kubectl(args, None);
         if done(&output) {
@@ -272,4 +286,225 @@ fn pods_leave_a_node_that_stops_heartbeating() {
         },
     );
     assert_eq!(server.kubectl(&["get", "nodes", "healthy-0", "-o", "jsonpath={.spec.taints}"], None), "");
+
+    // The evicted pods wait, Terminating, for a kubelet that is gone; once the dead nodes are
+    // deleted, pod GC removes them (after the grace period, here 3 s).
+    let stuck = server.kubectl(&["get", "pods", "-l", "app=web", "-o", "jsonpath={.items[*].spec.nodeName}"], None);
+    assert!(stuck.contains("doomed-"), "{stuck}");
+    server.kubectl(&["delete", "node", "doomed-0", "doomed-1"], None);
+    eventually(&server, &["get", "pods", "-l", "app=web", "-o", "jsonpath={.items[*].spec.nodeName}"], "pod GC", |o| {
+        !o.contains("doomed-") && o.split_whitespace().count() == 4
+    });
+}
+
+#[test]
+fn daemon_sets_cover_every_node_and_roll() {
+    let server = TugboatServer::start(Path::new(env!("CARGO_BIN_EXE_tugboat")), &[]).unwrap();
+    let _nodes = hollow_nodes(&server, 2);
+    // Node IPAM: each node gets its own /24 of the cluster CIDR.
+    let cidrs = eventually(&server, &["get", "nodes", "-o", "jsonpath={.items[*].spec.podCIDR}"], "pod CIDRs", |o| {
+        o.split_whitespace().count() == 2
+    });
+    let cidrs: std::collections::BTreeSet<&str> = cidrs.split_whitespace().collect();
+    assert_eq!(cidrs.len(), 2, "{cidrs:?}");
+    assert!(cidrs.iter().all(|c| c.starts_with("10.244.") && c.ends_with(".0/24")), "{cidrs:?}");
+
+    let manifest = "apiVersion: apps/v1\nkind: DaemonSet\nmetadata: {name: agent}\nspec:\n  selector: {matchLabels: {app: agent}}\n  template:\n    metadata: {labels: {app: agent}}\n    spec: {containers: [{name: c, image: busybox:1.36}]}\n";
+    server.kubectl(&["apply", "-f", "-"], Some(manifest));
+    let status = server.kubectl(&["rollout", "status", "daemonset/agent", "--timeout=60s"], None);
+    assert!(status.contains("successfully rolled out"), "{status}");
+    let placed = |server: &TugboatServer| {
+        let nodes =
+            server.kubectl(&["get", "pods", "-l", "app=agent", "-o", "jsonpath={.items[*].spec.nodeName}"], None);
+        let mut nodes: Vec<String> = nodes.split_whitespace().map(str::to_string).collect();
+        nodes.sort();
+        nodes
+    };
+    assert_eq!(placed(&server), ["h-0", "h-1"]);
+    // A cordoned node keeps its daemon (daemons tolerate cordoning), and a node added later
+    // gets one.
+    server.kubectl(&["cordon", "h-1"], None);
+    let _late = hollow_nodes_named(&server, "late", 1);
+    eventually(&server, &["get", "ds", "agent", "-o", "jsonpath={.status.numberReady}"], "three ready", |o| o == "3");
+    assert_eq!(placed(&server), ["h-0", "h-1", "late-0"]);
+
+    // A new image rolls over every node.
+    server.kubectl(&["set", "image", "daemonset/agent", "c=busybox:1.37"], None);
+    let status = server.kubectl(&["rollout", "status", "daemonset/agent", "--timeout=60s"], None);
+    assert!(status.contains("successfully rolled out"), "{status}");
+    eventually(
+        &server,
+        &[
+            "get",
+            "pods",
+            "-l",
+            "app=agent",
+            "-o",
+            "jsonpath={range .items[*]}{.spec.containers[0].image} {.status.phase}{\"\\n\"}{end}",
+        ],
+        "every daemon on the new image",
+        |o| o.lines().count() == 3 && o.lines().all(|l| l == "busybox:1.37 Running"),
+    );
+    let shown = server.kubectl(&["get", "ds", "agent"], None);
+    let row: Vec<&str> = shown.lines().nth(1).unwrap_or_default().split_whitespace().collect();
+    assert_eq!(row[..6], ["agent", "3", "3", "3", "3", "3"], "{shown}");
+}
+
+#[test]
+fn jobs_complete_or_fail_and_cronjobs_start_them() {
+    let server = TugboatServer::start(Path::new(env!("CARGO_BIN_EXE_tugboat")), &[]).unwrap();
+    let _nodes = hollow_nodes(&server, 2);
+    eventually(&server, &["get", "nodes", "-o", "name"], "two nodes", |o| o.lines().count() == 2);
+    // The schedule fires on the next minute: started first, checked last.
+    server.kubectl(&["create", "cronjob", "tick", "--image=busybox", "--schedule=* * * * *", "--", "date"], None);
+
+    server.kubectl(&["create", "job", "pi", "--image=busybox", "--", "echo", "hi"], None);
+    let waited = server.kubectl(&["wait", "--for=condition=complete", "job/pi", "--timeout=30s"], None);
+    assert!(waited.contains("condition met"), "{waited}");
+    let pods = server.kubectl(&["get", "pods", "-l", "job-name=pi"], None);
+    assert!(pods.contains("Completed"), "{pods}");
+
+    let parallel = "apiVersion: batch/v1\nkind: Job\nmetadata: {name: batch}\nspec:\n  completions: 4\n  parallelism: 2\n  template:\n    spec: {restartPolicy: Never, containers: [{name: c, image: busybox}]}\n";
+    server.kubectl(&["apply", "-f", "-"], Some(parallel));
+    let waited = server.kubectl(&["wait", "--for=condition=complete", "job/batch", "--timeout=30s"], None);
+    assert!(waited.contains("condition met"), "{waited}");
+    let job = server.kubectl(&["get", "job", "batch"], None);
+    assert!(job.contains("Complete") && job.contains("4/4"), "{job}");
+    assert_eq!(server.kubectl(&["get", "pods", "-l", "job-name=batch", "-o", "name"], None).lines().count(), 4);
+
+    // Pods that fail are retried after a backoff (10 s) until backoffLimit.
+    let failing = "apiVersion: batch/v1\nkind: Job\nmetadata: {name: broken}\nspec:\n  backoffLimit: 1\n  template:\n    metadata: {annotations: {hollow.tugboat.dev/exit-code: \"2\"}}\n    spec: {restartPolicy: Never, containers: [{name: c, image: busybox}]}\n";
+    server.kubectl(&["apply", "-f", "-"], Some(failing));
+    let waited = server.kubectl(&["wait", "--for=condition=failed", "job/broken", "--timeout=45s"], None);
+    assert!(waited.contains("condition met"), "{waited}");
+    let reason = server.kubectl(
+        &["get", "job", "broken", "-o", "jsonpath={.status.conditions[?(@.type==\"Failed\")].reason} {.status.failed}"],
+        None,
+    );
+    assert_eq!(reason, "BackoffLimitExceeded 2");
+
+    // A finished Job with ttlSecondsAfterFinished goes, with its pods.
+    let ttl = parallel
+        .replace("name: batch", "name: brief")
+        .replace("completions: 4", "completions: 1\n  ttlSecondsAfterFinished: 0");
+    server.kubectl(&["apply", "-f", "-"], Some(&ttl));
+    eventually(&server, &["get", "jobs", "-o", "name"], "the TTL removes it", |o| !o.contains("brief"));
+    eventually(&server, &["get", "pods", "-l", "job-name=brief", "-o", "name"], "its pods too", |o| {
+        o.trim().is_empty()
+    });
+
+    // The CronJob started a Job on the minute; it completed.
+    let jobs = eventually_within(
+        Duration::from_secs(75),
+        &server,
+        &[
+            "get",
+            "jobs",
+            "-o",
+            "jsonpath={range .items[*]}{.metadata.name} {.metadata.ownerReferences[0].kind} {.status.succeeded}{\"\\n\"}{end}",
+        ],
+        "a scheduled job",
+        |o| o.lines().any(|l| l.starts_with("tick-") && l.ends_with("CronJob 1")),
+    );
+    assert!(jobs.contains("tick-"), "{jobs}");
+    let cronjob = server.kubectl(&["get", "cronjob", "tick", "-o", "jsonpath={.status.lastScheduleTime}"], None);
+    assert!(cronjob.ends_with(":00Z"), "scheduled on the minute: {cronjob}");
+    server.kubectl(&["create", "job", "manual", "--from=cronjob/tick"], None);
+    server.kubectl(&["wait", "--for=condition=complete", "job/manual", "--timeout=30s"], None);
+}
+
+#[test]
+fn services_get_the_endpoints_of_their_ready_pods() {
+    let server = TugboatServer::start(Path::new(env!("CARGO_BIN_EXE_tugboat")), &[]).unwrap();
+    let _nodes = hollow_nodes(&server, 2);
+    server.kubectl(&["create", "deployment", "web", "--image=busybox", "--replicas=3", "--port=8080"], None);
+    server.kubectl(&["expose", "deployment", "web", "--port=80", "--target-port=8080"], None);
+    server.kubectl(&["rollout", "status", "deployment/web", "--timeout=60s"], None);
+    let ips = |server: &TugboatServer| {
+        let pods = server.kubectl(&["get", "pods", "-l", "app=web", "-o", "jsonpath={.items[*].status.podIP}"], None);
+        let mut ips: Vec<String> = pods.split_whitespace().map(str::to_string).collect();
+        ips.sort();
+        ips
+    };
+    let sorted = |text: &str| {
+        let mut ips: Vec<String> = text.split_whitespace().map(str::to_string).collect();
+        ips.sort();
+        ips
+    };
+    let want = ips(&server);
+    assert_eq!(want.len(), 3);
+    let got = eventually(
+        &server,
+        &["get", "endpoints", "web", "-o", "jsonpath={.subsets[*].addresses[*].ip}"],
+        "endpoints",
+        |o| o.split_whitespace().count() == 3,
+    );
+    assert_eq!(sorted(&got), want);
+    assert_eq!(
+        server.kubectl(&["get", "endpoints", "web", "-o", "jsonpath={.subsets[0].ports[0].port}"], None),
+        "8080"
+    );
+    let slice = |path: &str| {
+        let query = format!("jsonpath={path}");
+        server.kubectl(&["get", "endpointslices", "-l", "kubernetes.io/service-name=web", "-o", &query], None)
+    };
+    assert_eq!(sorted(&slice("{.items[*].endpoints[*].addresses[0]}")), want);
+    assert_eq!(slice("{.items[0].metadata.ownerReferences[0].kind}"), "Service");
+    assert_eq!(slice("{.items[0].ports[0].port}"), "8080");
+    let described = server.kubectl(&["describe", "service", "web"], None);
+    assert!(described.contains(&format!("{}:8080", want[0])), "{described}");
+
+    server.kubectl(&["scale", "deployment", "web", "--replicas=1"], None);
+    eventually(
+        &server,
+        &["get", "endpoints", "web", "-o", "jsonpath={.subsets[*].addresses[*].ip}"],
+        "one endpoint",
+        |o| o.split_whitespace().count() == 1,
+    );
+    eventually(
+        &server,
+        &[
+            "get",
+            "endpointslices",
+            "-l",
+            "kubernetes.io/service-name=web",
+            "-o",
+            "jsonpath={.items[*].endpoints[*].addresses[0]}",
+        ],
+        "one in the slice",
+        |o| o.split_whitespace().count() == 1,
+    );
+
+    server.kubectl(&["delete", "service", "web"], None);
+    eventually(&server, &["get", "endpoints,endpointslices", "-o", "name"], "gone with the service", |o| {
+        !o.contains("web")
+    });
+}
+
+#[test]
+fn namespaces_get_a_service_account_and_are_emptied_before_they_go() {
+    let server = TugboatServer::start(Path::new(env!("CARGO_BIN_EXE_tugboat")), &[]).unwrap();
+    let _nodes = hollow_nodes(&server, 1);
+    server.kubectl(&["create", "namespace", "team"], None);
+    eventually(&server, &["get", "serviceaccounts", "-n", "team", "-o", "name"], "a default account", |o| {
+        o.trim() == "serviceaccount/default"
+    });
+    server.kubectl(&["create", "deployment", "api", "-n", "team", "--image=busybox", "--replicas=2"], None);
+    server.kubectl(&["create", "configmap", "settings", "-n", "team", "--from-literal=a=b"], None);
+    server.kubectl(&["rollout", "status", "deployment/api", "-n", "team", "--timeout=60s"], None);
+    // kubectl waits until the namespace is gone.
+    server.kubectl(&["delete", "namespace", "team", "--timeout=60s"], None);
+    let left = server.kubectl(&["get", "namespace", "team", "--ignore-not-found"], None);
+    assert!(left.trim().is_empty(), "{left}");
+    let everything = server.kubectl(
+        &[
+            "get",
+            "pods,rs,deployments,configmaps,serviceaccounts",
+            "-A",
+            "-o",
+            "jsonpath={.items[*].metadata.namespace}",
+        ],
+        None,
+    );
+    assert!(!everything.contains("team"), "{everything}");
 }

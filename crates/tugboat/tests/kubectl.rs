@@ -798,12 +798,27 @@ fn deletion_follows_finalizers_grace_and_namespaces() {
     assert_eq!(code, 200, "{body}");
     assert_eq!(kubectl.ok(&["get", "configmaps", "-o", "name"]).trim(), "configmap/c");
 
+    // Without the namespace controller a deleted namespace stays Terminating (its
+    // `kubernetes` finalizer is the controller's to remove) and refuses new content.
     kubectl.ok(&["create", "namespace", "scratch"]);
-    kubectl.ok(&["create", "configmap", "inside", "-n", "scratch"]);
-    kubectl.ok(&["delete", "namespace", "scratch"]);
+    kubectl.ok(&["delete", "namespace", "scratch", "--wait=false"]);
+    assert!(kubectl.ok(&["get", "namespace", "scratch"]).contains("Terminating"));
+    let refused = kubectl.fails(&["create", "configmap", "late", "-n", "scratch"]);
+    assert!(refused.contains("because it is being terminated"), "{refused}");
+    // A plain update cannot drop the finalizer; `finalize` can, and then the namespace goes.
+    let mut namespace: serde_json::Value =
+        serde_json::from_str(&kubectl.ok(&["get", "namespace", "scratch", "-o", "json"])).unwrap();
+    namespace["spec"]["finalizers"] = serde_json::json!([]);
+    namespace["metadata"].as_object_mut().unwrap().remove("resourceVersion");
+    let body = namespace.to_string();
+    let put =
+        |path: &str| curl.request("PUT", path, true, &["-H", "Content-Type: application/json", "--data-binary", &body]);
+    let (code, kept) = put("/api/v1/namespaces/scratch");
+    assert_eq!(code, 200, "{kept}");
+    assert!(kept.contains("\"kubernetes\""), "{kept}");
+    let (code, body) = put("/api/v1/namespaces/scratch/finalize");
+    assert_eq!(code, 200, "{body}");
     assert!(kubectl.fails(&["get", "namespace", "scratch"]).contains("NotFound"));
-    let (code, body) = curl.request("GET", "/api/v1/configmaps", true, &[]);
-    assert!(code == 200 && !body.contains("\"inside\""), "the namespace's objects went with it: {body}");
     let refused = kubectl.fails(&["delete", "namespace", "kube-system"]);
     assert!(refused.contains("Forbidden") && refused.contains("may not be deleted"), "{refused}");
 }

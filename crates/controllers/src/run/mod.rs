@@ -1,0 +1,192 @@
+//! The controller manager's loops. Controllers share one reflector per kind (the informers in
+//! [`Hub`]), and each has its own wake-up: a burst of changes triggers one pass over every
+//! object it controls (level-driven: a pass converges from whatever it observes, so restarts
+//! and missed events do not matter). Passes apply their plans through the API, a bounded number
+//! of writes at a time.
+
+use std::any::{Any, TypeId};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::{StreamExt, TryStreamExt};
+use kube::api::{Api, DeleteParams};
+use kube::runtime::reflector::Store;
+use kube::runtime::{WatchStreamExt, reflector, watcher};
+use tokio::sync::Notify;
+
+use crate::nodeipam::Cidr;
+
+mod gc;
+mod namespaces;
+mod nodes;
+mod services;
+mod workloads;
+
+/// What the controllers are told by flags.
+#[derive(Debug, Clone)]
+pub struct ControllerConfig {
+    /// A node silent this long is Ready=Unknown (`--node-monitor-grace-period`, 40 s).
+    pub node_monitor_grace_period: Duration,
+    /// Pod CIDRs for nodes come from here (`--cluster-cidr`, 10.244.0.0/16).
+    pub cluster_cidr: Cidr,
+    /// Each node's pod CIDR prefix (`--node-cidr-mask-size`, 24).
+    pub node_cidr_mask_size: u8,
+}
+
+impl Default for ControllerConfig {
+    fn default() -> Self {
+        ControllerConfig {
+            node_monitor_grace_period: Duration::from_secs(40),
+            cluster_cidr: "10.244.0.0/16".parse().expect("a valid CIDR"),
+            node_cidr_mask_size: 24,
+        }
+    }
+}
+
+/// How long a pass waits after a change for the changes that come with it.
+const COALESCE: Duration = Duration::from_millis(5);
+/// Writes in flight at once per controller.
+const PARALLEL: usize = 32;
+/// A pass also runs this often without changes (time-based conditions such as minReadySeconds).
+const RESYNC: Duration = Duration::from_secs(30);
+
+/// One reflector of a kind and the controllers it wakes.
+struct Informer<K: kube::Resource<DynamicType = ()> + 'static> {
+    store: Store<K>,
+    wakes: Arc<Mutex<Vec<Arc<Notify>>>>,
+}
+
+/// The shared informers: the first controller to ask for a kind starts its reflector (every
+/// namespace), later ones share its cache and are woken by its changes too.
+pub(crate) struct Hub {
+    client: kube::Client,
+    informers: Mutex<HashMap<TypeId, Box<dyn Any + Send + Sync>>>,
+}
+
+impl Hub {
+    fn new(client: kube::Client) -> Hub {
+        Hub { client, informers: Mutex::new(HashMap::new()) }
+    }
+
+    /// The cache of every `K`, whose changes wake `wake`.
+    fn watch<K>(&self, wake: &Arc<Notify>) -> Store<K>
+    where
+        K: kube::Resource<DynamicType = ()>
+            + Clone
+            + serde::de::DeserializeOwned
+            + std::fmt::Debug
+            + Send
+            + Sync
+            + 'static,
+    {
+        let mut informers = self.informers.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(informer) = informers.get(&TypeId::of::<K>()).and_then(|i| i.downcast_ref::<Informer<K>>()) {
+            informer.wakes.lock().unwrap_or_else(|e| e.into_inner()).push(wake.clone());
+            return informer.store.clone();
+        }
+        let wakes = Arc::new(Mutex::new(vec![wake.clone()]));
+        let store = reflect_with(Api::<K>::all(self.client.clone()), (), wakes.clone());
+        informers.insert(TypeId::of::<K>(), Box::new(Informer { store: store.clone(), wakes }));
+        store
+    }
+}
+
+/// A reflector whose changes wake every Notify in `wakes` (for a kind known at run time, a
+/// `DynamicObject` with its `ApiResource` as `dyntype`).
+fn reflect_with<K>(api: Api<K>, dyntype: K::DynamicType, wakes: Arc<Mutex<Vec<Arc<Notify>>>>) -> Store<K>
+where
+    K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug + Send + Sync + 'static,
+    K::DynamicType: Eq + std::hash::Hash + Clone,
+{
+    let writer = reflector::store::Writer::<K>::new(dyntype);
+    let reader = writer.as_reader();
+    let events = reflector(writer, watcher(api, watcher::Config::default())).default_backoff().touched_objects();
+    tokio::spawn(async move {
+        let mut events = events.map_ok(|_| ()).boxed();
+        while let Some(event) = events.next().await {
+            if let Err(error) = event {
+                tracing::debug!(%error, "controller watch");
+            }
+            for wake in wakes.lock().unwrap_or_else(|e| e.into_inner()).iter() {
+                wake.notify_one();
+            }
+        }
+    });
+    reader
+}
+
+/// Waits until `store` holds its first full list. (kube's `wait_until_ready` wakes only the
+/// last of several tasks waiting at once on a shared store, so each waits in short turns.)
+async fn ready<K>(store: &Store<K>) -> Result<(), reflector::store::WriterDropped>
+where
+    K: kube::Resource + Clone + 'static,
+    K::DynamicType: Eq + std::hash::Hash + Clone,
+{
+    loop {
+        if let Ok(result) = tokio::time::timeout(Duration::from_millis(50), store.wait_until_ready()).await {
+            return result;
+        }
+    }
+}
+
+/// Waits for a change (or the resync), then for the changes that come with it.
+async fn wait(changed: &Notify) {
+    wait_until(changed, None).await
+}
+
+/// The same, but also wakes at `at` (a backoff, deadline or schedule ending) if that is sooner.
+async fn wait_until(changed: &Notify, at: Option<jiff::Timestamp>) {
+    let mut timeout = RESYNC;
+    if let Some(at) = at {
+        let left = at.duration_since(jiff::Timestamp::now());
+        let left = Duration::try_from(left).unwrap_or(Duration::ZERO);
+        timeout = timeout.min(left + Duration::from_millis(10));
+    }
+    let _ = tokio::time::timeout(timeout, changed.notified()).await;
+    tokio::time::sleep(COALESCE).await;
+}
+
+/// A delete that is done when the object is already gone.
+async fn delete_if_there<K>(api: &Api<K>, name: &str, params: &DeleteParams) -> kube::Result<()>
+where
+    K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+{
+    match api.delete(name, params).await {
+        Err(kube::Error::Api(status)) if status.code == 404 => Ok(()),
+        other => other.map(|_| ()),
+    }
+}
+
+/// A create that is done when the object already exists.
+async fn create_if_missing<K>(api: &Api<K>, object: &K) -> kube::Result<()>
+where
+    K: kube::Resource + Clone + serde::de::DeserializeOwned + serde::Serialize + std::fmt::Debug,
+{
+    match api.create(&kube::api::PostParams::default(), object).await {
+        Err(kube::Error::Api(status)) if status.code == 409 => Ok(()),
+        other => other.map(|_| ()),
+    }
+}
+
+/// Runs every controller until one of them fails for good.
+pub async fn run(client: kube::Client, config: ControllerConfig) -> anyhow::Result<()> {
+    let hub = Arc::new(Hub::new(client.clone()));
+    let mut tasks = tokio::task::JoinSet::new();
+    tasks.spawn(nodes::run_node_lifecycle(client.clone(), hub.clone(), config.clone()));
+    tasks.spawn(nodes::run_node_ipam(client.clone(), hub.clone(), config.clone()));
+    tasks.spawn(nodes::run_pod_gc(client.clone(), hub.clone(), config.clone()));
+    tasks.spawn(workloads::run_replicasets(client.clone(), hub.clone()));
+    tasks.spawn(workloads::run_deployments(client.clone(), hub.clone()));
+    tasks.spawn(workloads::run_daemonsets(client.clone(), hub.clone()));
+    tasks.spawn(workloads::run_jobs(client.clone(), hub.clone()));
+    tasks.spawn(workloads::run_cronjobs(client.clone(), hub.clone()));
+    tasks.spawn(services::run_endpoints(client.clone(), hub.clone()));
+    tasks.spawn(namespaces::run_namespaces(client.clone(), hub.clone()));
+    tasks.spawn(namespaces::run_service_accounts(client.clone(), hub.clone()));
+    tasks.spawn(gc::run_garbage_collector(client.clone()));
+    match tasks.join_next().await {
+        Some(result) => result?,
+        None => Ok(()),
+    }
+}

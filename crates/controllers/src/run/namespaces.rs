@@ -1,0 +1,167 @@
+//! The namespace controller (a deleted namespace is emptied through the API, then finalized)
+//! and the service account controller (a `default` ServiceAccount in every namespace).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::{Namespace, ServiceAccount};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use kube::api::{Api, ApiResource, DeleteParams, DynamicObject, ListParams, PostParams};
+use kube::discovery::{Discovery, Scope, verbs};
+use tokio::sync::Notify;
+
+use super::{COALESCE, Hub, PARALLEL, create_if_missing, ready, wait};
+use crate::serviceaccounts;
+
+/// The finalizer in `spec.finalizers` that this controller removes once a namespace is empty.
+const FINALIZER: &str = "kubernetes";
+
+pub(super) async fn run_namespaces(client: kube::Client, hub: Arc<Hub>) -> anyhow::Result<()> {
+    let changed = Arc::new(Notify::new());
+    let namespaces = hub.watch::<Namespace>(&changed);
+    ready(&namespaces).await?;
+    tracing::info!("namespace controller started");
+    loop {
+        let terminating: Vec<Arc<Namespace>> = namespaces
+            .state()
+            .into_iter()
+            .filter(|n| n.metadata.deletion_timestamp.is_some())
+            .filter(|n| {
+                n.spec.as_ref().and_then(|s| s.finalizers.as_ref()).is_some_and(|f| f.iter().any(|f| f == FINALIZER))
+            })
+            .collect();
+        let mut waiting = false;
+        if !terminating.is_empty() {
+            match namespaced_resources(&client).await {
+                Ok(resources) => {
+                    for namespace in terminating {
+                        let name = namespace.metadata.name.clone().unwrap_or_default();
+                        match empty(&client, &name, &resources).await {
+                            Ok(0) => {
+                                if let Err(error) = finalize(&client, &name).await {
+                                    tracing::debug!(%error, namespace = name, "could not finalize");
+                                    waiting = true;
+                                } else {
+                                    tracing::info!(namespace = name, "namespace emptied and finalized");
+                                }
+                            }
+                            Ok(left) => {
+                                tracing::debug!(namespace = name, left, "namespace still has content");
+                                waiting = true;
+                            }
+                            Err(error) => {
+                                tracing::debug!(%error, namespace = name, "could not empty the namespace");
+                                waiting = true;
+                            }
+                        }
+                    }
+                }
+                Err(error) => {
+                    tracing::warn!(%error, "discovery failed; namespaces wait");
+                    waiting = true;
+                }
+            }
+        }
+        if waiting {
+            // Pods finishing their grace periods and finalizers being removed show up as
+            // changes elsewhere: look again soon.
+            let _ = tokio::time::timeout(Duration::from_secs(1), changed.notified()).await;
+            tokio::time::sleep(COALESCE).await;
+        } else {
+            wait(&changed).await;
+        }
+    }
+}
+
+/// Every namespaced resource that can be listed and deleted.
+async fn namespaced_resources(client: &kube::Client) -> kube::Result<Vec<ApiResource>> {
+    let discovery = Discovery::new(client.clone()).run().await?;
+    let mut resources = Vec::new();
+    for group in discovery.groups() {
+        for (resource, capabilities) in group.recommended_resources() {
+            if capabilities.scope == Scope::Namespaced
+                && capabilities.supports_operation(verbs::LIST)
+                && capabilities.supports_operation(verbs::DELETE)
+            {
+                resources.push(resource);
+            }
+        }
+    }
+    Ok(resources)
+}
+
+/// Deletes what is in the namespace; returns how many objects are still there.
+async fn empty(client: &kube::Client, namespace: &str, resources: &[ApiResource]) -> kube::Result<usize> {
+    let counts: Vec<kube::Result<usize>> = futures::stream::iter(resources.to_vec())
+        .map(|resource| {
+            let api: Api<DynamicObject> = Api::namespaced_with(client.clone(), namespace, &resource);
+            async move {
+                let list = api.list(&ListParams::default()).await?;
+                let mut left = 0;
+                for object in &list.items {
+                    left += 1;
+                    if object.metadata.deletion_timestamp.is_some() {
+                        continue;
+                    }
+                    let name = object.metadata.name.clone().unwrap_or_default();
+                    match api.delete(&name, &DeleteParams::background()).await {
+                        Ok(either) => {
+                            if either.is_right() {
+                                left -= 1;
+                            }
+                        }
+                        Err(kube::Error::Api(status)) if status.code == 404 => left -= 1,
+                        Err(error) => return Err(error),
+                    }
+                }
+                Ok(left)
+            }
+        })
+        .buffer_unordered(PARALLEL)
+        .collect()
+        .await;
+    let mut total = 0;
+    for count in counts {
+        total += count?;
+    }
+    Ok(total)
+}
+
+/// Removes this controller's finalizer through `namespaces/{name}/finalize`.
+async fn finalize(client: &kube::Client, name: &str) -> anyhow::Result<()> {
+    let api: Api<Namespace> = Api::all(client.clone());
+    let mut namespace = api.get(name).await?;
+    if let Some(finalizers) = namespace.spec.as_mut().and_then(|s| s.finalizers.as_mut()) {
+        finalizers.retain(|f| f != FINALIZER);
+    }
+    api.replace_subresource("finalize", name, &PostParams::default(), &namespace).await?;
+    Ok(())
+}
+
+pub(super) async fn run_service_accounts(client: kube::Client, hub: Arc<Hub>) -> anyhow::Result<()> {
+    let changed = Arc::new(Notify::new());
+    let namespaces = hub.watch::<Namespace>(&changed);
+    let accounts = hub.watch::<ServiceAccount>(&changed);
+    ready(&namespaces).await?;
+    ready(&accounts).await?;
+    tracing::info!("service account controller started");
+    loop {
+        let wanted = serviceaccounts::plan(&namespaces.state(), &accounts.state());
+        futures::stream::iter(wanted)
+            .for_each_concurrent(PARALLEL, |namespace| {
+                let api: Api<ServiceAccount> = Api::namespaced(client.clone(), &namespace);
+                async move {
+                    let account = ServiceAccount {
+                        metadata: ObjectMeta { name: Some("default".into()), ..Default::default() },
+                        ..Default::default()
+                    };
+                    if let Err(error) = create_if_missing(&api, &account).await {
+                        tracing::debug!(%error, namespace, "could not create the default service account");
+                    }
+                }
+            })
+            .await;
+        wait(&changed).await;
+    }
+}

@@ -1,0 +1,189 @@
+//! The endpoints and endpoint slice controllers' loop: Endpoints and EndpointSlices of every
+//! Service with a selector follow its ready pods.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::{Endpoints, Pod, Service};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use kube::api::{Api, DeleteParams, PostParams};
+use tokio::sync::Notify;
+
+use super::{Hub, PARALLEL, delete_if_there, ready, wait};
+use crate::endpoints::{self, CONTROLLER, Desired, MANAGED_BY, SERVICE_NAME};
+
+/// The label upstream's endpoints controller puts on the Endpoints it manages (so the mirroring
+/// controller leaves them alone); it also tells which Endpoints are ours to delete.
+const SKIP_MIRROR: &str = "endpointslice.kubernetes.io/skip-mirror";
+
+pub(super) async fn run_endpoints(client: kube::Client, hub: Arc<Hub>) -> anyhow::Result<()> {
+    let changed = Arc::new(Notify::new());
+    let services = hub.watch::<Service>(&changed);
+    let pods = hub.watch::<Pod>(&changed);
+    let endpoints = hub.watch::<Endpoints>(&changed);
+    let slices = hub.watch::<EndpointSlice>(&changed);
+    ready(&services).await?;
+    ready(&pods).await?;
+    ready(&endpoints).await?;
+    ready(&slices).await?;
+    tracing::info!("endpoints and endpointslice controllers started");
+    loop {
+        let all_pods = pods.state();
+        let mut by_namespace: HashMap<&str, Vec<Arc<Pod>>> = HashMap::new();
+        for pod in &all_pods {
+            by_namespace.entry(pod.metadata.namespace.as_deref().unwrap_or_default()).or_default().push(pod.clone());
+        }
+        let key =
+            |meta: &ObjectMeta| (meta.namespace.clone().unwrap_or_default(), meta.name.clone().unwrap_or_default());
+        let existing: HashMap<(String, String), Arc<Endpoints>> =
+            endpoints.state().into_iter().map(|e| (key(&e.metadata), e)).collect();
+        let mut slices_of: HashMap<(String, String), Vec<Arc<EndpointSlice>>> = HashMap::new();
+        for slice in slices.state() {
+            let labels = slice.metadata.labels.clone().unwrap_or_default();
+            if labels.get(MANAGED_BY).map(String::as_str) == Some(CONTROLLER)
+                && let Some(service) = labels.get(SERVICE_NAME)
+            {
+                let namespace = slice.metadata.namespace.clone().unwrap_or_default();
+                slices_of.entry((namespace, service.clone())).or_default().push(slice);
+            }
+        }
+        let all_services = services.state();
+        let mut work = Vec::new();
+        for service in &all_services {
+            let id = key(&service.metadata);
+            let empty = Vec::new();
+            let Some(desired) = endpoints::desired(service, by_namespace.get(id.0.as_str()).unwrap_or(&empty)) else {
+                continue;
+            };
+            let mut current = slices_of.remove(&id).unwrap_or_default();
+            current.sort_by(|a, b| a.metadata.name.cmp(&b.metadata.name));
+            work.push((service.clone(), desired, existing.get(&id).cloned(), current));
+        }
+        // Endpoints we made whose Service is gone.
+        let services_by_key: std::collections::HashSet<(String, String)> =
+            all_services.iter().map(|s| key(&s.metadata)).collect();
+        let orphans: Vec<Arc<Endpoints>> = existing
+            .values()
+            .filter(|e| e.metadata.labels.as_ref().and_then(|l| l.get(SKIP_MIRROR)).map(String::as_str) == Some("true"))
+            .filter(|e| !services_by_key.contains(&key(&e.metadata)))
+            .cloned()
+            .collect();
+        let client = &client;
+        futures::stream::iter(work)
+            .for_each_concurrent(PARALLEL, |(service, desired, current, slices)| async move {
+                if let Err(error) = apply(client, &service, desired, current, slices).await {
+                    tracing::debug!(%error, service = ?service.metadata.name, "could not update endpoints");
+                }
+            })
+            .await;
+        for orphan in orphans {
+            let api: Api<Endpoints> =
+                Api::namespaced(client.clone(), orphan.metadata.namespace.as_deref().unwrap_or_default());
+            let name = orphan.metadata.name.clone().unwrap_or_default();
+            if let Err(error) = delete_if_there(&api, &name, &DeleteParams::default()).await {
+                tracing::debug!(%error, endpoints = name, "could not delete endpoints");
+            }
+        }
+        wait(&changed).await;
+    }
+}
+
+fn labels_for(service: &Service, extra: &[(&str, &str)]) -> BTreeMap<String, String> {
+    let mut labels = service.metadata.labels.clone().unwrap_or_default();
+    for (k, v) in extra {
+        labels.insert(k.to_string(), v.to_string());
+    }
+    labels
+}
+
+async fn apply(
+    client: &kube::Client,
+    service: &Service,
+    desired: Desired,
+    current: Option<Arc<Endpoints>>,
+    slices: Vec<Arc<EndpointSlice>>,
+) -> kube::Result<()> {
+    let namespace = service.metadata.namespace.clone().unwrap_or_default();
+    let name = service.metadata.name.clone().unwrap_or_default();
+    // Endpoints
+    let api: Api<Endpoints> = Api::namespaced(client.clone(), &namespace);
+    let labels = labels_for(service, &[(SKIP_MIRROR, "true")]);
+    let subsets = Some(desired.subsets).filter(|s| !s.is_empty());
+    let wanted = Endpoints {
+        metadata: ObjectMeta {
+            name: Some(name.clone()),
+            namespace: Some(namespace.clone()),
+            labels: Some(labels.clone()),
+            resource_version: current.as_ref().and_then(|c| c.metadata.resource_version.clone()),
+            ..Default::default()
+        },
+        subsets,
+    };
+    match &current {
+        None => match api.create(&PostParams::default(), &wanted).await {
+            Err(kube::Error::Api(status)) if status.code == 409 => {}
+            other => {
+                other?;
+            }
+        },
+        Some(current) if current.subsets != wanted.subsets || current.metadata.labels.as_ref() != Some(&labels) => {
+            let mut updated = (**current).clone();
+            updated.subsets = wanted.subsets;
+            updated.metadata.labels = Some(labels);
+            api.replace(&name, &PostParams::default(), &updated).await?;
+        }
+        Some(_) => {}
+    }
+    // EndpointSlices: the i-th desired slice goes into the i-th existing one.
+    let api: Api<EndpointSlice> = Api::namespaced(client.clone(), &namespace);
+    let labels = labels_for(service, &[(SERVICE_NAME, &name), (MANAGED_BY, CONTROLLER)]);
+    let owner = k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference {
+        api_version: "v1".into(),
+        kind: "Service".into(),
+        name: name.clone(),
+        uid: service.metadata.uid.clone().unwrap_or_default(),
+        controller: Some(true),
+        block_owner_deletion: Some(true),
+    };
+    let wanted = desired.slices.len();
+    for (index, slice) in desired.slices.into_iter().enumerate() {
+        let ports = Some(slice.ports).filter(|p| !p.is_empty());
+        match slices.get(index) {
+            Some(existing)
+                if existing.address_type == slice.address_type
+                    && existing.endpoints == slice.endpoints
+                    && existing.ports == ports
+                    && existing.metadata.labels.as_ref() == Some(&labels) => {}
+            Some(existing) => {
+                let mut updated = (**existing).clone();
+                updated.address_type = slice.address_type;
+                updated.endpoints = slice.endpoints;
+                updated.ports = ports;
+                updated.metadata.labels = Some(labels.clone());
+                api.replace(existing.metadata.name.as_deref().unwrap_or_default(), &PostParams::default(), &updated)
+                    .await?;
+            }
+            None => {
+                let new = EndpointSlice {
+                    metadata: ObjectMeta {
+                        generate_name: Some(format!("{name}-")),
+                        namespace: Some(namespace.clone()),
+                        labels: Some(labels.clone()),
+                        owner_references: Some(vec![owner.clone()]),
+                        ..Default::default()
+                    },
+                    address_type: slice.address_type,
+                    endpoints: slice.endpoints,
+                    ports,
+                };
+                api.create(&PostParams::default(), &new).await?;
+            }
+        }
+    }
+    for extra in slices.iter().skip(wanted) {
+        delete_if_there(&api, extra.metadata.name.as_deref().unwrap_or_default(), &DeleteParams::default()).await?;
+    }
+    Ok(())
+}

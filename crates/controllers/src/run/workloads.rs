@@ -1,0 +1,530 @@
+//! The workload controllers' loops: ReplicaSets, Deployments, DaemonSets, Jobs and CronJobs.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+use k8s_openapi::api::apps::v1::{DaemonSet, Deployment, ReplicaSet};
+use k8s_openapi::api::batch::v1::{CronJob, Job};
+use k8s_openapi::api::core::v1::{Node, Pod};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
+use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams, Preconditions};
+use serde_json::json;
+use tokio::sync::Notify;
+
+use super::{Hub, PARALLEL, create_if_missing, delete_if_there, ready, wait, wait_until};
+use crate::{cronjob, daemonset, deployment, job, replicaset};
+
+/// The ReplicaSet controller.
+pub(super) async fn run_replicasets(client: kube::Client, hub: Arc<Hub>) -> anyhow::Result<()> {
+    let changed = Arc::new(Notify::new());
+    let sets = hub.watch::<ReplicaSet>(&changed);
+    let pods = hub.watch::<Pod>(&changed);
+    ready(&sets).await?;
+    ready(&pods).await?;
+    tracing::info!("replicaset controller started");
+    let mut in_flight = InFlight::default();
+    loop {
+        let all_pods = pods.state();
+        let mut by_namespace: HashMap<&str, Vec<Arc<Pod>>> = HashMap::new();
+        for pod in &all_pods {
+            by_namespace.entry(pod.metadata.namespace.as_deref().unwrap_or_default()).or_default().push(pod.clone());
+        }
+        let seen: std::collections::HashSet<&str> =
+            all_pods.iter().filter_map(|p| p.metadata.name.as_deref()).collect();
+        let sets_now = sets.state();
+        in_flight.settle(&seen);
+        let now = jiff::Timestamp::now();
+        let mut work = Vec::new();
+        for set in &sets_now {
+            let namespace = set.metadata.namespace.as_deref().unwrap_or_default();
+            let uid = set.metadata.uid.clone().unwrap_or_default();
+            let pending = in_flight.count(&uid);
+            let empty = Vec::new();
+            let plan = replicaset::plan(set, by_namespace.get(namespace).unwrap_or(&empty), pending, now);
+            work.push((set.clone(), plan));
+        }
+        let client = &client;
+        let created: Vec<(String, Vec<String>)> = futures::stream::iter(work)
+            .map(|(set, plan)| async move {
+                (set.metadata.uid.clone().unwrap_or_default(), apply(client, &set, plan).await)
+            })
+            .buffer_unordered(PARALLEL)
+            .collect()
+            .await;
+        for (uid, names) in created {
+            in_flight.add(uid, names);
+        }
+        wait(&changed).await;
+    }
+}
+
+/// The controller reference to `owner` that its dependents carry.
+fn owner_reference<K: kube::Resource<DynamicType = ()>>(owner: &K) -> OwnerReference {
+    OwnerReference {
+        api_version: K::api_version(&()).into_owned(),
+        kind: K::kind(&()).into_owned(),
+        name: owner.meta().name.clone().unwrap_or_default(),
+        uid: owner.meta().uid.clone().unwrap_or_default(),
+        controller: Some(true),
+        block_owner_deletion: Some(true),
+    }
+}
+
+/// The uid of the controller of `object`, if it has one of `kind`.
+fn controller_uid<'a>(meta: &'a ObjectMeta, kind: &str) -> Option<&'a str> {
+    meta.owner_references
+        .iter()
+        .flatten()
+        .find(|r| r.controller == Some(true) && r.kind == kind)
+        .map(|r| r.uid.as_str())
+}
+
+/// A pod from a template, owned by `owner`, with a generated name.
+fn pod_from_template(
+    owner: &OwnerReference,
+    namespace: &str,
+    template: &k8s_openapi::api::core::v1::PodTemplateSpec,
+    extra_labels: &[(&str, String)],
+    spec: Option<k8s_openapi::api::core::v1::PodSpec>,
+) -> Pod {
+    let metadata = template.metadata.clone().unwrap_or_default();
+    let mut labels = metadata.labels.unwrap_or_default();
+    for (key, value) in extra_labels {
+        labels.insert(key.to_string(), value.clone());
+    }
+    Pod {
+        metadata: ObjectMeta {
+            generate_name: Some(format!("{}-", owner.name)),
+            namespace: Some(namespace.into()),
+            labels: Some(labels).filter(|l| !l.is_empty()),
+            annotations: metadata.annotations,
+            owner_references: Some(vec![owner.clone()]),
+            ..Default::default()
+        },
+        spec: spec.or_else(|| template.spec.clone()),
+        status: None,
+    }
+}
+
+/// Creates `count` pods like `pod`, a bounded number at a time; returns the names made.
+async fn create_pods(pods: &Api<Pod>, pod: &Pod, count: usize) -> Vec<String> {
+    let results: Vec<Option<String>> = futures::stream::iter(0..count)
+        .map(|_| async move {
+            match pods.create(&PostParams::default(), pod).await {
+                Ok(pod) => pod.metadata.name,
+                Err(error) => {
+                    tracing::debug!(%error, owner = ?pod.metadata.generate_name, "could not create a pod");
+                    None
+                }
+            }
+        })
+        .buffer_unordered(PARALLEL)
+        .collect()
+        .await;
+    results.into_iter().flatten().collect()
+}
+
+/// Pods created per owner uid that the pod watch has not shown yet (upstream's expectations):
+/// a lagging watch must not double the pods.
+#[derive(Default)]
+struct InFlight(HashMap<String, (Vec<String>, std::time::Instant)>);
+
+impl InFlight {
+    /// Forgets creations that have shown up, or that never will (a minute on).
+    fn settle(&mut self, seen: &std::collections::HashSet<&str>) {
+        self.0.retain(|_, (names, since)| {
+            names.retain(|n| !seen.contains(n.as_str()));
+            !names.is_empty() && since.elapsed() < Duration::from_secs(60)
+        });
+    }
+
+    fn count(&self, uid: &str) -> usize {
+        self.0.get(uid).map(|(n, _)| n.len()).unwrap_or(0)
+    }
+
+    fn add(&mut self, uid: String, names: Vec<String>) {
+        if !names.is_empty() {
+            let entry = self.0.entry(uid).or_insert_with(|| (Vec::new(), std::time::Instant::now()));
+            entry.0.extend(names);
+        }
+    }
+}
+
+/// Carries out a plan; returns the names of the pods it created.
+async fn apply(client: &kube::Client, set: &ReplicaSet, plan: replicaset::Plan) -> Vec<String> {
+    let namespace = set.metadata.namespace.as_deref().unwrap_or("default");
+    let name = set.metadata.name.as_deref().unwrap_or_default();
+    let pods: Api<Pod> = Api::namespaced(client.clone(), namespace);
+    let owner = owner_reference(set);
+    for orphan in &plan.adopt {
+        let patch = json!({"metadata": {"ownerReferences": [owner]}});
+        if let Err(error) = pods.patch(orphan, &PatchParams::default(), &Patch::Merge(&patch)).await {
+            tracing::debug!(%error, pod = orphan, "could not adopt");
+        }
+    }
+    for released in &plan.release {
+        let patch = json!({"metadata": {"ownerReferences": null}});
+        if let Err(error) = pods.patch(released, &PatchParams::default(), &Patch::Merge(&patch)).await {
+            tracing::debug!(%error, pod = released, "could not release");
+        }
+    }
+    let mut created = Vec::new();
+    if plan.create > 0 {
+        let template = set.spec.as_ref().and_then(|s| s.template.clone()).unwrap_or_default();
+        let pod = pod_from_template(&owner, namespace, &template, &[], None);
+        created = create_pods(&pods, &pod, plan.create).await;
+    }
+    for victim in &plan.delete {
+        if let Err(error) = pods.delete(victim, &DeleteParams::default()).await {
+            tracing::debug!(%error, pod = victim, "could not delete");
+        }
+    }
+    let current = set.status.clone().unwrap_or_default();
+    if current != plan.status {
+        let sets: Api<ReplicaSet> = Api::namespaced(client.clone(), namespace);
+        let patch = json!({"status": plan.status});
+        if let Err(error) = sets.patch_status(name, &PatchParams::default(), &Patch::Merge(&patch)).await {
+            tracing::debug!(%error, replicaset = name, "could not update the status");
+        }
+    }
+    created
+}
+
+/// The Deployment controller.
+pub(super) async fn run_deployments(client: kube::Client, hub: Arc<Hub>) -> anyhow::Result<()> {
+    let changed = Arc::new(Notify::new());
+    let deployments = hub.watch::<Deployment>(&changed);
+    let sets = hub.watch::<ReplicaSet>(&changed);
+    ready(&deployments).await?;
+    ready(&sets).await?;
+    tracing::info!("deployment controller started");
+    loop {
+        let all_sets = sets.state();
+        let mut by_owner: HashMap<String, Vec<&ReplicaSet>> = HashMap::new();
+        for rs in &all_sets {
+            if let Some(owner) = rs
+                .metadata
+                .owner_references
+                .iter()
+                .flatten()
+                .find(|r| r.controller == Some(true) && r.kind == "Deployment")
+            {
+                by_owner.entry(owner.uid.clone()).or_default().push(rs);
+            }
+        }
+        let now = k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(jiff::Timestamp::now());
+        let mut work = Vec::new();
+        for d in deployments.state() {
+            if d.metadata.deletion_timestamp.is_some() {
+                continue;
+            }
+            let owned = by_owner.get(d.metadata.uid.as_deref().unwrap_or_default()).cloned().unwrap_or_default();
+            let plan = deployment::plan(&d, &owned, now.clone());
+            work.push((d, plan));
+        }
+        let client = &client;
+        futures::stream::iter(work)
+            .for_each_concurrent(PARALLEL, |(d, plan)| async move { apply_deployment(client, &d, plan).await })
+            .await;
+        wait(&changed).await;
+    }
+}
+
+async fn apply_deployment(client: &kube::Client, d: &Deployment, plan: deployment::Plan) {
+    let namespace = d.metadata.namespace.as_deref().unwrap_or("default");
+    let name = d.metadata.name.as_deref().unwrap_or_default();
+    let sets: Api<ReplicaSet> = Api::namespaced(client.clone(), namespace);
+    let deployments: Api<Deployment> = Api::namespaced(client.clone(), namespace);
+    let params = PatchParams::default();
+    for action in plan.actions {
+        let result = match &action {
+            deployment::Action::Create(rs) => create_if_missing(&sets, rs).await,
+            deployment::Action::Scale { name, replicas } => {
+                let patch = json!({"spec": {"replicas": replicas}});
+                sets.patch(name, &params, &Patch::Merge(&patch)).await.map(|_| ())
+            }
+            deployment::Action::Revise { name, revision } => {
+                let patch = json!({"metadata": {"annotations": {deployment::REVISION: revision.to_string()}}});
+                sets.patch(name, &params, &Patch::Merge(&patch)).await.map(|_| ())
+            }
+            deployment::Action::Delete { name } => sets.delete(name, &DeleteParams::background()).await.map(|_| ()),
+            deployment::Action::AnnotateDeployment { revision } => {
+                let patch = json!({"metadata": {"annotations": {deployment::REVISION: revision.to_string()}}});
+                deployments.patch(name, &params, &Patch::Merge(&patch)).await.map(|_| ())
+            }
+        };
+        if let Err(error) = result {
+            tracing::debug!(%error, deployment = name, ?action, "deployment action failed");
+        }
+    }
+    if d.status.as_ref() != Some(&plan.status) {
+        let patch = json!({"status": plan.status});
+        if let Err(error) = deployments.patch_status(name, &params, &Patch::Merge(&patch)).await {
+            tracing::debug!(%error, deployment = name, "could not update the status");
+        }
+    }
+}
+
+/// Active pods per controller uid (of `kind`), from every pod.
+fn pods_by_controller<'a>(pods: &'a [Arc<Pod>], kind: &str) -> HashMap<&'a str, Vec<&'a Pod>> {
+    let mut owned: HashMap<&str, Vec<&Pod>> = HashMap::new();
+    for pod in pods {
+        if let Some(uid) = controller_uid(&pod.metadata, kind) {
+            owned.entry(uid).or_default().push(pod);
+        }
+    }
+    owned
+}
+
+/// The DaemonSet controller.
+pub(super) async fn run_daemonsets(client: kube::Client, hub: Arc<Hub>) -> anyhow::Result<()> {
+    let changed = Arc::new(Notify::new());
+    let sets = hub.watch::<DaemonSet>(&changed);
+    let nodes = hub.watch::<Node>(&changed);
+    let pods = hub.watch::<Pod>(&changed);
+    ready(&sets).await?;
+    ready(&nodes).await?;
+    ready(&pods).await?;
+    tracing::info!("daemonset controller started");
+    // Pods created for (DaemonSet uid, node) that the watch has not shown yet.
+    let mut in_flight: HashMap<(String, String), std::time::Instant> = HashMap::new();
+    loop {
+        let all_pods = pods.state();
+        let all_nodes = nodes.state();
+        let owned = pods_by_controller(&all_pods, "DaemonSet");
+        in_flight.retain(|(uid, node), since| {
+            since.elapsed() < Duration::from_secs(60)
+                && !owned
+                    .get(uid.as_str())
+                    .is_some_and(|pods| pods.iter().any(|p| daemonset::pod_node(p) == Some(node.as_str())))
+        });
+        let now = jiff::Timestamp::now();
+        let mut work = Vec::new();
+        for ds in sets.state() {
+            let uid = ds.metadata.uid.clone().unwrap_or_default();
+            let template = ds.spec.as_ref().map(|s| s.template.clone()).unwrap_or_default();
+            let hash = deployment::template_hash(&template);
+            let mine = owned.get(uid.as_str()).cloned().unwrap_or_default();
+            let mut plan = daemonset::plan(&ds, &all_nodes, &mine, &hash, now);
+            plan.create.retain(|node| !in_flight.contains_key(&(uid.clone(), node.clone())));
+            for node in &plan.create {
+                in_flight.insert((uid.clone(), node.clone()), std::time::Instant::now());
+            }
+            work.push((ds, plan, hash));
+        }
+        let client = &client;
+        futures::stream::iter(work)
+            .for_each_concurrent(
+                PARALLEL,
+                |(ds, plan, hash)| async move { apply_daemonset(client, &ds, plan, &hash).await },
+            )
+            .await;
+        wait(&changed).await;
+    }
+}
+
+async fn apply_daemonset(client: &kube::Client, ds: &DaemonSet, plan: daemonset::Plan, hash: &str) {
+    let namespace = ds.metadata.namespace.as_deref().unwrap_or("default");
+    let name = ds.metadata.name.as_deref().unwrap_or_default();
+    let pods: Api<Pod> = Api::namespaced(client.clone(), namespace);
+    let owner = owner_reference(ds);
+    let template = ds.spec.as_ref().map(|s| s.template.clone()).unwrap_or_default();
+    let generation = ds.metadata.generation.unwrap_or(1).to_string();
+    let labels = [(daemonset::HASH_LABEL, hash.to_string()), ("pod-template-generation", generation)];
+    futures::stream::iter(&plan.create)
+        .for_each_concurrent(PARALLEL, |node| {
+            let spec = daemonset::pod_spec_for(&template.spec.clone().unwrap_or_default(), node);
+            let pod = pod_from_template(&owner, namespace, &template, &labels, Some(spec));
+            let pods = pods.clone();
+            async move {
+                if let Err(error) = pods.create(&PostParams::default(), &pod).await {
+                    tracing::debug!(%error, daemonset = name, node, "could not create a daemon pod");
+                }
+            }
+        })
+        .await;
+    for victim in &plan.delete {
+        if let Err(error) = delete_if_there(&pods, victim, &DeleteParams::default()).await {
+            tracing::debug!(%error, pod = victim, "could not delete a daemon pod");
+        }
+    }
+    if ds.status.as_ref() != Some(&plan.status) {
+        let sets: Api<DaemonSet> = Api::namespaced(client.clone(), namespace);
+        let patch = json!({"status": plan.status});
+        if let Err(error) = sets.patch_status(name, &PatchParams::default(), &Patch::Merge(&patch)).await {
+            tracing::debug!(%error, daemonset = name, "could not update the status");
+        }
+    }
+}
+
+/// The Job controller (and the TTL-after-finished controller).
+pub(super) async fn run_jobs(client: kube::Client, hub: Arc<Hub>) -> anyhow::Result<()> {
+    let changed = Arc::new(Notify::new());
+    let jobs = hub.watch::<Job>(&changed);
+    let pods = hub.watch::<Pod>(&changed);
+    ready(&jobs).await?;
+    ready(&pods).await?;
+    tracing::info!("job controller started");
+    let mut in_flight = InFlight::default();
+    loop {
+        let all_pods = pods.state();
+        let seen: std::collections::HashSet<&str> =
+            all_pods.iter().filter_map(|p| p.metadata.name.as_deref()).collect();
+        in_flight.settle(&seen);
+        let owned = pods_by_controller(&all_pods, "Job");
+        let now = jiff::Timestamp::now();
+        let mut work = Vec::new();
+        let mut wake: Option<jiff::Timestamp> = None;
+        for j in jobs.state() {
+            if j.metadata.deletion_timestamp.is_some() {
+                continue;
+            }
+            let uid = j.metadata.uid.clone().unwrap_or_default();
+            let mine = owned.get(uid.as_str()).cloned().unwrap_or_default();
+            let plan = job::plan(&j, &mine, in_flight.count(&uid), now);
+            if let Some(at) = plan.wake {
+                wake = Some(wake.map_or(at, |w| w.min(at)));
+            }
+            work.push((j, plan));
+        }
+        let client = &client;
+        let created: Vec<(String, Vec<String>)> =
+            futures::stream::iter(work)
+                .map(|(j, plan)| async move {
+                    (j.metadata.uid.clone().unwrap_or_default(), apply_job(client, &j, plan).await)
+                })
+                .buffer_unordered(PARALLEL)
+                .collect()
+                .await;
+        for (uid, names) in created {
+            in_flight.add(uid, names);
+        }
+        wait_until(&changed, wake).await;
+    }
+}
+
+async fn apply_job(client: &kube::Client, j: &Job, plan: job::Plan) -> Vec<String> {
+    let namespace = j.metadata.namespace.as_deref().unwrap_or("default");
+    let name = j.metadata.name.as_deref().unwrap_or_default();
+    let jobs: Api<Job> = Api::namespaced(client.clone(), namespace);
+    if plan.delete_job {
+        tracing::info!(job = name, namespace, "deleting a finished job whose TTL ran out");
+        let mut params = DeleteParams::foreground();
+        params.preconditions = Some(Preconditions { uid: j.metadata.uid.clone(), resource_version: None });
+        if let Err(error) = delete_if_there(&jobs, name, &params).await {
+            tracing::debug!(%error, job = name, "could not delete the job");
+        }
+        return Vec::new();
+    }
+    let pods: Api<Pod> = Api::namespaced(client.clone(), namespace);
+    let mut created = Vec::new();
+    if plan.create > 0 {
+        let template = j.spec.as_ref().map(|s| s.template.clone()).unwrap_or_default();
+        let pod = pod_from_template(&owner_reference(j), namespace, &template, &[], None);
+        created = create_pods(&pods, &pod, plan.create).await;
+    }
+    for victim in &plan.delete {
+        if let Err(error) = delete_if_there(&pods, victim, &DeleteParams::background()).await {
+            tracing::debug!(%error, pod = victim, "could not delete a job pod");
+        }
+    }
+    if j.status.as_ref() != Some(&plan.status) {
+        let patch = json!({"status": plan.status});
+        if let Err(error) = jobs.patch_status(name, &PatchParams::default(), &Patch::Merge(&patch)).await {
+            tracing::debug!(%error, job = name, "could not update the status");
+        }
+    }
+    created
+}
+
+/// The CronJob controller.
+pub(super) async fn run_cronjobs(client: kube::Client, hub: Arc<Hub>) -> anyhow::Result<()> {
+    let changed = Arc::new(Notify::new());
+    let cronjobs = hub.watch::<CronJob>(&changed);
+    let jobs = hub.watch::<Job>(&changed);
+    ready(&cronjobs).await?;
+    ready(&jobs).await?;
+    tracing::info!("cronjob controller started");
+    let mut reported: HashMap<String, String> = HashMap::new();
+    loop {
+        let all_jobs = jobs.state();
+        let mut owned: HashMap<&str, Vec<&Job>> = HashMap::new();
+        for j in &all_jobs {
+            if let Some(uid) = controller_uid(&j.metadata, "CronJob") {
+                owned.entry(uid).or_default().push(j);
+            }
+        }
+        let now = jiff::Timestamp::now();
+        let mut wake: Option<jiff::Timestamp> = None;
+        let mut work = Vec::new();
+        for cj in cronjobs.state() {
+            if cj.metadata.deletion_timestamp.is_some() {
+                continue;
+            }
+            let uid = cj.metadata.uid.clone().unwrap_or_default();
+            let mine = owned.get(uid.as_str()).cloned().unwrap_or_default();
+            let plan = cronjob::plan(&cj, &mine, now);
+            if let Some(error) = &plan.error
+                && reported.get(&uid) != Some(error)
+            {
+                tracing::warn!(cronjob = ?cj.metadata.name, %error, "cannot schedule");
+                reported.insert(uid.clone(), error.clone());
+            }
+            if let Some(at) = plan.wake {
+                wake = Some(wake.map_or(at, |w| w.min(at)));
+            }
+            work.push((cj, plan));
+        }
+        let client = &client;
+        futures::stream::iter(work)
+            .for_each_concurrent(PARALLEL, |(cj, plan)| async move { apply_cronjob(client, &cj, plan).await })
+            .await;
+        wait_until(&changed, wake).await;
+    }
+}
+
+async fn apply_cronjob(client: &kube::Client, cj: &CronJob, plan: cronjob::Plan) {
+    let namespace = cj.metadata.namespace.as_deref().unwrap_or("default");
+    let name = cj.metadata.name.as_deref().unwrap_or_default();
+    let jobs: Api<Job> = Api::namespaced(client.clone(), namespace);
+    for victim in &plan.delete {
+        if let Err(error) = delete_if_there(&jobs, victim, &DeleteParams::background()).await {
+            tracing::debug!(%error, job = victim, "could not delete a job");
+        }
+    }
+    if let Some((job_name, at)) = &plan.create {
+        let template = cj.spec.as_ref().map(|s| s.job_template.clone()).unwrap_or_default();
+        let metadata = template.metadata.unwrap_or_default();
+        let mut annotations = metadata.annotations.unwrap_or_default();
+        annotations.insert(cronjob::SCHEDULED.into(), at.to_string());
+        let job = Job {
+            metadata: ObjectMeta {
+                name: Some(job_name.clone()),
+                namespace: Some(namespace.into()),
+                labels: metadata.labels,
+                annotations: Some(annotations),
+                owner_references: Some(vec![owner_reference(cj)]),
+                ..Default::default()
+            },
+            spec: template.spec,
+            status: None,
+        };
+        tracing::info!(cronjob = name, job = %job_name, "starting a scheduled job");
+        if let Err(error) = create_if_missing(&jobs, &job).await {
+            tracing::debug!(%error, cronjob = name, "could not create the job");
+            return;
+        }
+    }
+    if cj.status.as_ref() != Some(&plan.status) {
+        let cronjobs: Api<CronJob> = Api::namespaced(client.clone(), namespace);
+        // `active: null` removes the list once the last job finished.
+        let mut status = serde_json::to_value(&plan.status).unwrap_or_default();
+        status["active"] = json!(plan.status.active);
+        let patch = json!({"status": status});
+        if let Err(error) = cronjobs.patch_status(name, &PatchParams::default(), &Patch::Merge(&patch)).await {
+            tracing::debug!(%error, cronjob = name, "could not update the status");
+        }
+    }
+}
