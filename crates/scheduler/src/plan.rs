@@ -2,7 +2,7 @@
 //! pods already on it), which nodes pass every filter, how each scores, and which wins; or why
 //! none fits, worded as upstream words it (`0/3 nodes are available: 3 Insufficient cpu.`).
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 
 use k8s_openapi::api::core::v1::{Node, NodeSelectorRequirement, NodeSelectorTerm, Pod, Taint, Toleration};
@@ -207,6 +207,65 @@ struct PodFacts<'a> {
     requests: Resources,
     scoring_requests: Resources,
     host_ports: Vec<(String, String, i32)>,
+    /// The pod's topology spread constraints, with the matching pods counted per domain.
+    spread: Vec<Spread>,
+}
+
+/// One topology spread constraint of a pod, measured over the nodes.
+#[derive(Debug)]
+struct Spread {
+    key: String,
+    max_skew: i64,
+    /// `DoNotSchedule` (a filter) rather than `ScheduleAnyway` (a score).
+    hard: bool,
+    /// Matching pods per value of `key`, over the nodes the pod could go to.
+    counts: HashMap<String, i64>,
+    /// The fewest in any domain.
+    min: i64,
+    /// The most in any domain.
+    max: i64,
+    /// 1 if the pod matches its own selector (it will count once placed).
+    self_match: i64,
+}
+
+/// Measures the pod's topology spread constraints over `nodes` (those that its node selector
+/// and required affinity allow and that carry the key, as upstream's default policies say).
+fn spread_constraints(pod: &Pod, nodes: &[NodeInfo]) -> Vec<Spread> {
+    let Some(spec) = &pod.spec else { return Vec::new() };
+    let namespace = pod.metadata.namespace.as_deref().unwrap_or_default();
+    let mut spreads = Vec::new();
+    for constraint in spec.topology_spread_constraints.iter().flatten() {
+        let selector = constraint.label_selector.clone().unwrap_or_default();
+        let mut counts: HashMap<String, i64> = HashMap::new();
+        for info in nodes {
+            let Some(domain) = info.node.metadata.labels.as_ref().and_then(|l| l.get(&constraint.topology_key)) else {
+                continue;
+            };
+            if !affinity_allows(spec, &info.node) {
+                continue;
+            }
+            let matching = info
+                .pods
+                .iter()
+                .filter(|p| p.metadata.namespace.as_deref().unwrap_or_default() == namespace)
+                .filter(|p| p.metadata.deletion_timestamp.is_none())
+                .filter(|p| crate::labels::selector_matches(&selector, p.metadata.labels.as_ref()))
+                .count() as i64;
+            *counts.entry(domain.clone()).or_default() += matching;
+        }
+        let min = counts.values().copied().min().unwrap_or(0);
+        let max = counts.values().copied().max().unwrap_or(0);
+        spreads.push(Spread {
+            key: constraint.topology_key.clone(),
+            max_skew: i64::from(constraint.max_skew.max(1)),
+            hard: constraint.when_unsatisfiable != "ScheduleAnyway",
+            counts,
+            min,
+            max,
+            self_match: i64::from(crate::labels::selector_matches(&selector, pod.metadata.labels.as_ref())),
+        });
+    }
+    spreads
 }
 
 impl<'a> PodFacts<'a> {
@@ -216,6 +275,7 @@ impl<'a> PodFacts<'a> {
             requests: pod_requests(pod),
             scoring_requests: scoring_requests(pod),
             host_ports: host_ports(pod),
+            spread: Vec::new(),
         }
     }
 }
@@ -245,6 +305,14 @@ fn constraint_failure(spec: &k8s_openapi::api::core::v1::PodSpec, node: &Node) -
         ));
     }
     // NodeAffinity: nodeSelector and required affinity.
+    if !affinity_allows(spec, node) {
+        return Some("node(s) didn't match Pod's node affinity/selector".into());
+    }
+    None
+}
+
+/// The pod's nodeSelector and required node affinity hold on `node`.
+fn affinity_allows(spec: &k8s_openapi::api::core::v1::PodSpec, node: &Node) -> bool {
     let labels = node.metadata.labels.as_ref();
     let selector_ok = spec.node_selector.iter().flatten().all(|(k, v)| labels.and_then(|l| l.get(k)) == Some(v));
     let required = spec
@@ -252,11 +320,7 @@ fn constraint_failure(spec: &k8s_openapi::api::core::v1::PodSpec, node: &Node) -
         .as_ref()
         .and_then(|a| a.node_affinity.as_ref())
         .and_then(|a| a.required_during_scheduling_ignored_during_execution.as_ref());
-    let affinity_ok = required.is_none_or(|r| r.node_selector_terms.iter().any(|t| term_matches(t, node)));
-    if !selector_ok || !affinity_ok {
-        return Some("node(s) didn't match Pod's node affinity/selector".into());
-    }
-    None
+    selector_ok && required.is_none_or(|r| r.node_selector_terms.iter().any(|t| term_matches(t, node)))
 }
 
 /// Whether `node` admits `pod` as far as taints, cordoning and node affinity/selector go
@@ -272,6 +336,16 @@ fn filter(facts: &PodFacts<'_>, info: &NodeInfo) -> Vec<String> {
     let Some(spec) = &pod.spec else { return vec!["the pod has no spec".into()] };
     if let Some(reason) = constraint_failure(spec, &info.node) {
         return vec![reason];
+    }
+    // PodTopologySpread (DoNotSchedule): placing the pod must keep the skew within maxSkew.
+    for spread in facts.spread.iter().filter(|s| s.hard) {
+        let Some(domain) = info.node.metadata.labels.as_ref().and_then(|l| l.get(&spread.key)) else {
+            return vec!["node(s) didn't match pod topology spread constraints (missing required label)".into()];
+        };
+        let count = spread.counts.get(domain).copied().unwrap_or(0);
+        if count + spread.self_match - spread.min > spread.max_skew {
+            return vec!["node(s) didn't match pod topology spread constraints".into()];
+        }
     }
     let mut reasons = Vec::new();
     // NodePorts
@@ -342,7 +416,24 @@ fn score(facts: &PodFacts<'_>, info: &NodeInfo, siblings_max: usize) -> i64 {
     let siblings = siblings_on(pod, info);
     let spread = (siblings * 100).checked_div(siblings_max).map_or(100, |share| (100 - share) as i64);
 
-    least_allocated + balanced + affinity + taints + 2 * spread
+    // PodTopologySpread (ScheduleAnyway): the emptier the node's domain, the better.
+    let soft: Vec<i64> = facts
+        .spread
+        .iter()
+        .filter(|s| !s.hard)
+        .map(|s| {
+            let domain = info.node.metadata.labels.as_ref().and_then(|l| l.get(&s.key));
+            let count = domain.and_then(|d| s.counts.get(d)).copied();
+            match count {
+                None => 0,
+                Some(_) if s.max == s.min => 100,
+                Some(count) => (s.max - count) * 100 / (s.max - s.min),
+            }
+        })
+        .collect();
+    let topology = if soft.is_empty() { 0 } else { soft.iter().sum::<i64>() / soft.len() as i64 };
+
+    least_allocated + balanced + affinity + taints + 2 * spread + 2 * topology
 }
 
 /// Pods on the node in the pod's namespace with the pod's labels (its replicas).
@@ -390,7 +481,8 @@ pub fn schedule_from(pod: &Pod, nodes: &[NodeInfo], start: usize) -> (Decision, 
     if nodes.is_empty() {
         return (Decision::Unschedulable("0/0 nodes are available: no nodes available to schedule pods.".into()), 0);
     }
-    let facts = PodFacts::new(pod);
+    let mut facts = PodFacts::new(pod);
+    facts.spread = spread_constraints(pod, nodes);
     let wanted = nodes_to_find(nodes.len());
     let mut reasons: BTreeMap<String, usize> = BTreeMap::new();
     let mut feasible = Vec::new();
@@ -615,5 +707,41 @@ mod tests {
             schedule(&pod("p", "1", json!({})), &[]),
             Decision::Unschedulable("0/0 nodes are available: no nodes available to schedule pods.".into())
         );
+    }
+
+    #[test]
+    fn topology_spread_keeps_the_skew() {
+        let zone = |name: &str, zone: &str| {
+            node(name, "8", "16Gi", json!({"metadata": {"labels": {"kubernetes.io/hostname": name, "zone": zone}}}))
+        };
+        let mut nodes = vec![zone("a1", "a"), zone("a2", "a"), zone("b1", "b"), node("bare", "8", "16Gi", json!({}))];
+        for (index, name) in [(0, "w1"), (1, "w2")] {
+            let placed = Arc::new(pod(name, "100m", json!({"metadata": {"labels": {"app": "web"}}})));
+            nodes[index].add_pod(&placed);
+        }
+        let constrained = |when: &str| {
+            pod(
+                "w3",
+                "100m",
+                json!({"metadata": {"labels": {"app": "web"}}, "spec": {"topologySpreadConstraints": [
+                {"maxSkew": 1, "topologyKey": "zone", "whenUnsatisfiable": when, "labelSelector": {"matchLabels": {"app": "web"}}}]}}),
+            )
+        };
+        // Zone a has two, b none: only b keeps the skew at most 1.
+        assert_eq!(chosen(schedule(&constrained("DoNotSchedule"), &nodes), &nodes), "b1");
+        assert_eq!(chosen(schedule(&constrained("ScheduleAnyway"), &nodes), &nodes), "b1");
+        // With b's only node tainted, b still counts as an empty domain: zone a is too full.
+        nodes[2] = node("b1", "8", "16Gi", json!({"metadata": {"labels": {"zone": "b"}},
+            "spec": {"taints": [{"key": "x", "effect": "NoSchedule"}]}}));
+        match schedule(&constrained("DoNotSchedule"), &nodes) {
+            Decision::Unschedulable(message) => {
+                assert!(message.contains("2 node(s) didn't match pod topology spread constraints."), "{message}");
+                assert!(
+                    message.contains("1 node(s) didn't match pod topology spread constraints (missing required label)"),
+                    "{message}"
+                );
+            }
+            other => panic!("{other:?}"),
+        }
     }
 }
