@@ -731,8 +731,13 @@ mod tests {
         assert_eq!(chosen(schedule(&constrained("DoNotSchedule"), &nodes), &nodes), "b1");
         assert_eq!(chosen(schedule(&constrained("ScheduleAnyway"), &nodes), &nodes), "b1");
         // With b's only node tainted, b still counts as an empty domain: zone a is too full.
-        nodes[2] = node("b1", "8", "16Gi", json!({"metadata": {"labels": {"zone": "b"}},
-            "spec": {"taints": [{"key": "x", "effect": "NoSchedule"}]}}));
+        nodes[2] = node(
+            "b1",
+            "8",
+            "16Gi",
+            json!({"metadata": {"labels": {"zone": "b"}},
+            "spec": {"taints": [{"key": "x", "effect": "NoSchedule"}]}}),
+        );
         match schedule(&constrained("DoNotSchedule"), &nodes) {
             Decision::Unschedulable(message) => {
                 assert!(message.contains("2 node(s) didn't match pod topology spread constraints."), "{message}");

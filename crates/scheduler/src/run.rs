@@ -9,8 +9,8 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use futures::{StreamExt, TryStreamExt};
-use k8s_openapi::api::core::v1::{Binding, Event, Node, ObjectReference, Pod};
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta, Time};
+use k8s_openapi::api::core::v1::{Binding, Node, ObjectReference, Pod};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
 use kube::api::{Api, Patch, PatchParams, PostParams};
 use kube::runtime::{WatchStreamExt, reflector, watcher};
 use serde_json::json;
@@ -187,7 +187,7 @@ async fn report_unschedulable(client: &kube::Client, pod: &Pod, message: &str) {
     let namespace = pod.metadata.namespace.as_deref().unwrap_or("default");
     let name = pod.metadata.name.as_deref().unwrap_or_default();
     let pods: Api<Pod> = Api::namespaced(client.clone(), namespace);
-    let now = Time(jiff_now());
+    let now = Time(jiff::Timestamp::now());
     let status = json!({"status": {"conditions": [{
         "type": "PodScheduled", "status": "False", "reason": "Unschedulable", "message": message,
         "lastProbeTime": null, "lastTransitionTime": now,
@@ -198,45 +198,8 @@ async fn report_unschedulable(client: &kube::Client, pod: &Pod, message: &str) {
     record(client, pod, "Warning", "FailedScheduling", message).await;
 }
 
-fn jiff_now() -> k8s_openapi::jiff::Timestamp {
-    k8s_openapi::jiff::Timestamp::now()
-}
-
 /// Posts a core Event about `pod`, as the scheduler (what `kubectl describe pod` lists).
 async fn record(client: &kube::Client, pod: &Pod, kind: &str, reason: &str, message: &str) {
-    let namespace = pod.metadata.namespace.as_deref().unwrap_or("default");
-    let name = pod.metadata.name.as_deref().unwrap_or_default();
-    let now = jiff_now();
-    let event = Event {
-        metadata: ObjectMeta {
-            name: Some(format!("{name}.{:x}", now.as_nanosecond() as u64)),
-            namespace: Some(namespace.into()),
-            ..Default::default()
-        },
-        involved_object: ObjectReference {
-            api_version: Some("v1".into()),
-            kind: Some("Pod".into()),
-            name: Some(name.into()),
-            namespace: Some(namespace.into()),
-            uid: pod.metadata.uid.clone(),
-            resource_version: pod.metadata.resource_version.clone(),
-            ..Default::default()
-        },
-        reason: Some(reason.into()),
-        message: Some(message.into()),
-        type_: Some(kind.into()),
-        source: Some(k8s_openapi::api::core::v1::EventSource { component: Some(SCHEDULER_NAME.into()), host: None }),
-        first_timestamp: Some(Time(now)),
-        last_timestamp: Some(Time(now)),
-        event_time: Some(MicroTime(now)),
-        count: Some(1),
-        action: Some(if reason == "Scheduled" { "Binding" } else { "Scheduling" }.into()),
-        reporting_component: Some(SCHEDULER_NAME.into()),
-        reporting_instance: Some(SCHEDULER_NAME.into()),
-        ..Default::default()
-    };
-    let events: Api<Event> = Api::namespaced(client.clone(), namespace);
-    if let Err(error) = events.create(&PostParams::default(), &event).await {
-        tracing::debug!(%error, "could not record an event");
-    }
+    let action = if reason == "Scheduled" { "Binding" } else { "Scheduling" };
+    crate::events::record(client, &crate::events::reference(pod), kind, reason, message, action, SCHEDULER_NAME).await;
 }

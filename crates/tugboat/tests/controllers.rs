@@ -189,6 +189,44 @@ fn deployments_roll_out_roll_back_and_scale() {
     eventually(&server, &["get", "deployment", "web"], "two ready", |o| {
         o.lines().nth(1).is_some_and(|l| l.split_whitespace().take(4).eq(["web", "2/2", "2", "2"]))
     });
+    let described = server.kubectl(&["describe", "deployment", "web"], None);
+    assert!(
+        described.contains("ScalingReplicaSet") && described.contains("Scaled down replica set web-"),
+        "{described}"
+    );
+    let rs_events =
+        server.kubectl(&["get", "events", "--field-selector", "reason=SuccessfulCreate", "-o", "name"], None);
+    assert!(rs_events.lines().count() >= 6, "the ReplicaSets report the pods they create: {rs_events}");
+
+    // Paused, a new template waits; resumed, it rolls out.
+    server.kubectl(&["rollout", "pause", "deployment/web"], None);
+    server.kubectl(&["set", "image", "deployment/web", "busybox=busybox:1.38"], None);
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(images(&server), vec!["busybox:1.36".to_string(); 2], "nothing rolls while paused");
+    server.kubectl(&["rollout", "resume", "deployment/web"], None);
+    server.kubectl(&["rollout", "status", "deployment/web", "--timeout=60s"], None);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while images(&server) != vec!["busybox:1.38".to_string(); 2] {
+        assert!(Instant::now() < deadline, "pods: {:?}", images(&server));
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // A restart replaces every pod.
+    let names = |server: &TugboatServer| {
+        let output = server.kubectl(&["get", "pods", "-l", "app=web", "-o", "name"], None);
+        output.lines().map(str::to_string).collect::<std::collections::BTreeSet<String>>()
+    };
+    let before = names(&server);
+    server.kubectl(&["rollout", "restart", "deployment/web"], None);
+    server.kubectl(&["rollout", "status", "deployment/web", "--timeout=60s"], None);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let now = names(&server);
+        if now.len() == 2 && now.is_disjoint(&before) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "before {before:?}, now {now:?}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
 }
 
 #[test]
@@ -363,6 +401,8 @@ fn jobs_complete_or_fail_and_cronjobs_start_them() {
     assert!(waited.contains("condition met"), "{waited}");
     let pods = server.kubectl(&["get", "pods", "-l", "job-name=pi"], None);
     assert!(pods.contains("Completed"), "{pods}");
+    let described = server.kubectl(&["describe", "job", "pi"], None);
+    assert!(described.contains("SuccessfulCreate") && described.contains("Job completed"), "{described}");
 
     let parallel = "apiVersion: batch/v1\nkind: Job\nmetadata: {name: batch}\nspec:\n  completions: 4\n  parallelism: 2\n  template:\n    spec: {restartPolicy: Never, containers: [{name: c, image: busybox}]}\n";
     server.kubectl(&["apply", "-f", "-"], Some(parallel));

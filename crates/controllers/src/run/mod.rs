@@ -147,6 +147,19 @@ async fn wait_until(changed: &Notify, at: Option<jiff::Timestamp>) {
     tokio::time::sleep(COALESCE).await;
 }
 
+/// Posts an event about `object` (see `kubectl describe`).
+async fn event<K: kube::Resource<DynamicType = ()>>(
+    client: &kube::Client,
+    object: &K,
+    kind: &str,
+    reason: &str,
+    message: &str,
+    component: &str,
+) {
+    let regarding = tugboat_scheduler::events::reference(object);
+    tugboat_scheduler::events::record(client, &regarding, kind, reason, message, reason, component).await;
+}
+
 /// A delete that is done when the object is already gone.
 async fn delete_if_there<K>(api: &Api<K>, name: &str, params: &DeleteParams) -> kube::Result<()>
 where

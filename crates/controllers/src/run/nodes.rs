@@ -103,6 +103,24 @@ async fn apply_node_action(client: &kube::Client, action: &nodelifecycle::Action
             tracing::info!(pod = %name, %namespace, %node, "evicting a pod from a node that is not ready");
             let pods: Api<Pod> = Api::namespaced(client.clone(), namespace);
             delete_if_there(&pods, name, &DeleteParams::default()).await?;
+            let regarding = k8s_openapi::api::core::v1::ObjectReference {
+                api_version: Some("v1".into()),
+                kind: Some("Pod".into()),
+                name: Some(name.clone()),
+                namespace: Some(namespace.clone()),
+                ..Default::default()
+            };
+            let message = format!("Marking for deletion Pod {namespace}/{name}");
+            tugboat_scheduler::events::record(
+                client,
+                &regarding,
+                "Normal",
+                "TaintManagerEviction",
+                &message,
+                "Evict",
+                "taint-eviction-controller",
+            )
+            .await;
         }
     }
     Ok(())

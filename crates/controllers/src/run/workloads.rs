@@ -13,7 +13,7 @@ use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams, Preconditions
 use serde_json::json;
 use tokio::sync::Notify;
 
-use super::{Hub, PARALLEL, create_if_missing, delete_if_there, ready, wait, wait_until};
+use super::{Hub, PARALLEL, create_if_missing, delete_if_there, event, ready, wait, wait_until};
 use crate::{cronjob, daemonset, deployment, job, replicaset};
 
 /// The ReplicaSet controller.
@@ -175,12 +175,16 @@ async fn apply(client: &kube::Client, set: &ReplicaSet, plan: replicaset::Plan) 
         let template = set.spec.as_ref().and_then(|s| s.template.clone()).unwrap_or_default();
         let pod = pod_from_template(&owner, namespace, &template, &[], None);
         created = create_pods(&pods, &pod, plan.create).await;
+        pod_events(client, set, "SuccessfulCreate", "Created", &created, "replicaset-controller").await;
     }
+    let mut deleted = Vec::new();
     for victim in &plan.delete {
-        if let Err(error) = pods.delete(victim, &DeleteParams::default()).await {
-            tracing::debug!(%error, pod = victim, "could not delete");
+        match delete_if_there(&pods, victim, &DeleteParams::default()).await {
+            Ok(()) => deleted.push(victim.clone()),
+            Err(error) => tracing::debug!(%error, pod = victim, "could not delete"),
         }
     }
+    pod_events(client, set, "SuccessfulDelete", "Deleted", &deleted, "replicaset-controller").await;
     let current = set.status.clone().unwrap_or_default();
     if current != plan.status {
         let sets: Api<ReplicaSet> = Api::namespaced(client.clone(), namespace);
@@ -222,17 +226,28 @@ pub(super) async fn run_deployments(client: kube::Client, hub: Arc<Hub>) -> anyh
             }
             let owned = by_owner.get(d.metadata.uid.as_deref().unwrap_or_default()).cloned().unwrap_or_default();
             let plan = deployment::plan(&d, &owned, now.clone());
-            work.push((d, plan));
+            let sizes: HashMap<String, i32> = owned
+                .iter()
+                .map(|rs| {
+                    (
+                        rs.metadata.name.clone().unwrap_or_default(),
+                        rs.spec.as_ref().and_then(|s| s.replicas).unwrap_or(0),
+                    )
+                })
+                .collect();
+            work.push((d, plan, sizes));
         }
         let client = &client;
         futures::stream::iter(work)
-            .for_each_concurrent(PARALLEL, |(d, plan)| async move { apply_deployment(client, &d, plan).await })
+            .for_each_concurrent(PARALLEL, |(d, plan, sizes)| async move {
+                apply_deployment(client, &d, plan, &sizes).await
+            })
             .await;
         wait(&changed).await;
     }
 }
 
-async fn apply_deployment(client: &kube::Client, d: &Deployment, plan: deployment::Plan) {
+async fn apply_deployment(client: &kube::Client, d: &Deployment, plan: deployment::Plan, sizes: &HashMap<String, i32>) {
     let namespace = d.metadata.namespace.as_deref().unwrap_or("default");
     let name = d.metadata.name.as_deref().unwrap_or_default();
     let sets: Api<ReplicaSet> = Api::namespaced(client.clone(), namespace);
@@ -255,8 +270,26 @@ async fn apply_deployment(client: &kube::Client, d: &Deployment, plan: deploymen
                 deployments.patch(name, &params, &Patch::Merge(&patch)).await.map(|_| ())
             }
         };
-        if let Err(error) = result {
-            tracing::debug!(%error, deployment = name, ?action, "deployment action failed");
+        match result {
+            Err(error) => tracing::debug!(%error, deployment = name, ?action, "deployment action failed"),
+            Ok(()) => {
+                let scaled = match &action {
+                    deployment::Action::Create(rs) => Some((
+                        rs.metadata.name.clone().unwrap_or_default(),
+                        0,
+                        rs.spec.as_ref().and_then(|s| s.replicas).unwrap_or(0),
+                    )),
+                    deployment::Action::Scale { name, replicas } => {
+                        Some((name.clone(), sizes.get(name).copied().unwrap_or(0), *replicas))
+                    }
+                    _ => None,
+                };
+                if let Some((set, from, to)) = scaled.filter(|(_, from, to)| from != to) {
+                    let direction = if to > from { "up" } else { "down" };
+                    let message = format!("Scaled {direction} replica set {set} from {from} to {to}");
+                    event(client, d, "Normal", "ScalingReplicaSet", &message, "deployment-controller").await;
+                }
+            }
         }
     }
     if d.status.as_ref() != Some(&plan.status) {
@@ -264,6 +297,20 @@ async fn apply_deployment(client: &kube::Client, d: &Deployment, plan: deploymen
         if let Err(error) = deployments.patch_status(name, &params, &Patch::Merge(&patch)).await {
             tracing::debug!(%error, deployment = name, "could not update the status");
         }
+    }
+}
+
+/// One event per pod created or deleted (`Created pod: web-x7k2p`), about the owner.
+async fn pod_events<K: kube::Resource<DynamicType = ()>>(
+    client: &kube::Client,
+    owner: &K,
+    reason: &str,
+    verb: &str,
+    pods: &[String],
+    component: &str,
+) {
+    for pod in pods {
+        event(client, owner, "Normal", reason, &format!("{verb} pod: {pod}"), component).await;
     }
 }
 
@@ -333,23 +380,34 @@ async fn apply_daemonset(client: &kube::Client, ds: &DaemonSet, plan: daemonset:
     let template = ds.spec.as_ref().map(|s| s.template.clone()).unwrap_or_default();
     let generation = ds.metadata.generation.unwrap_or(1).to_string();
     let labels = [(daemonset::HASH_LABEL, hash.to_string()), ("pod-template-generation", generation)];
-    futures::stream::iter(&plan.create)
-        .for_each_concurrent(PARALLEL, |node| {
-            let spec = daemonset::pod_spec_for(&template.spec.clone().unwrap_or_default(), node);
+    let created: Vec<Option<String>> = futures::stream::iter(plan.create.clone())
+        .map(|node| {
+            let spec = daemonset::pod_spec_for(&template.spec.clone().unwrap_or_default(), &node);
             let pod = pod_from_template(&owner, namespace, &template, &labels, Some(spec));
             let pods = pods.clone();
             async move {
-                if let Err(error) = pods.create(&PostParams::default(), &pod).await {
-                    tracing::debug!(%error, daemonset = name, node, "could not create a daemon pod");
+                match pods.create(&PostParams::default(), &pod).await {
+                    Ok(pod) => pod.metadata.name,
+                    Err(error) => {
+                        tracing::debug!(%error, daemonset = name, node, "could not create a daemon pod");
+                        None
+                    }
                 }
             }
         })
+        .buffer_unordered(PARALLEL)
+        .collect()
         .await;
+    let created: Vec<String> = created.into_iter().flatten().collect();
+    pod_events(client, ds, "SuccessfulCreate", "Created", &created, "daemonset-controller").await;
+    let mut deleted = Vec::new();
     for victim in &plan.delete {
-        if let Err(error) = delete_if_there(&pods, victim, &DeleteParams::default()).await {
-            tracing::debug!(%error, pod = victim, "could not delete a daemon pod");
+        match delete_if_there(&pods, victim, &DeleteParams::default()).await {
+            Ok(()) => deleted.push(victim.clone()),
+            Err(error) => tracing::debug!(%error, pod = victim, "could not delete a daemon pod"),
         }
     }
+    pod_events(client, ds, "SuccessfulDelete", "Deleted", &deleted, "daemonset-controller").await;
     if ds.status.as_ref() != Some(&plan.status) {
         let sets: Api<DaemonSet> = Api::namespaced(client.clone(), namespace);
         let patch = json!({"status": plan.status});
@@ -424,11 +482,30 @@ async fn apply_job(client: &kube::Client, j: &Job, plan: job::Plan) -> Vec<Strin
         let template = j.spec.as_ref().map(|s| s.template.clone()).unwrap_or_default();
         let pod = pod_from_template(&owner_reference(j), namespace, &template, &[], None);
         created = create_pods(&pods, &pod, plan.create).await;
+        pod_events(client, j, "SuccessfulCreate", "Created", &created, "job-controller").await;
     }
+    let mut deleted = Vec::new();
     for victim in &plan.delete {
-        if let Err(error) = delete_if_there(&pods, victim, &DeleteParams::background()).await {
-            tracing::debug!(%error, pod = victim, "could not delete a job pod");
+        match delete_if_there(&pods, victim, &DeleteParams::background()).await {
+            Ok(()) => deleted.push(victim.clone()),
+            Err(error) => tracing::debug!(%error, pod = victim, "could not delete a job pod"),
         }
+    }
+    pod_events(client, j, "SuccessfulDelete", "Deleted", &deleted, "job-controller").await;
+    let finished_now = |status: Option<&k8s_openapi::api::batch::v1::JobStatus>| {
+        status.and_then(|s| s.conditions.as_ref()).and_then(|c| {
+            c.iter().find(|c| (c.type_ == "Complete" || c.type_ == "Failed") && c.status == "True").cloned()
+        })
+    };
+    if finished_now(j.status.as_ref()).is_none()
+        && let Some(done) = finished_now(Some(&plan.status))
+    {
+        let (kind, reason, message) = if done.type_ == "Complete" {
+            ("Normal", "Completed".to_string(), "Job completed".to_string())
+        } else {
+            ("Warning", done.reason.clone().unwrap_or_default(), done.message.clone().unwrap_or_default())
+        };
+        event(client, j, kind, &reason, &message, "job-controller").await;
     }
     if j.status.as_ref() != Some(&plan.status) {
         let patch = json!({"status": plan.status});
@@ -490,8 +567,12 @@ async fn apply_cronjob(client: &kube::Client, cj: &CronJob, plan: cronjob::Plan)
     let name = cj.metadata.name.as_deref().unwrap_or_default();
     let jobs: Api<Job> = Api::namespaced(client.clone(), namespace);
     for victim in &plan.delete {
-        if let Err(error) = delete_if_there(&jobs, victim, &DeleteParams::background()).await {
-            tracing::debug!(%error, job = victim, "could not delete a job");
+        match delete_if_there(&jobs, victim, &DeleteParams::background()).await {
+            Ok(()) => {
+                event(client, cj, "Normal", "SuccessfulDelete", &format!("Deleted job {victim}"), "cronjob-controller")
+                    .await
+            }
+            Err(error) => tracing::debug!(%error, job = victim, "could not delete a job"),
         }
     }
     if let Some((job_name, at)) = &plan.create {
@@ -516,6 +597,7 @@ async fn apply_cronjob(client: &kube::Client, cj: &CronJob, plan: cronjob::Plan)
             tracing::debug!(%error, cronjob = name, "could not create the job");
             return;
         }
+        event(client, cj, "Normal", "SuccessfulCreate", &format!("Created job {job_name}"), "cronjob-controller").await;
     }
     if cj.status.as_ref() != Some(&plan.status) {
         let cronjobs: Api<CronJob> = Api::namespaced(client.clone(), namespace);
