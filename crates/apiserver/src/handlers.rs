@@ -464,6 +464,9 @@ async fn get(
         let table = table::table(resource, &[object], &revision.to_string(), None, &include_object(query), true);
         return Ok(json_response(StatusCode::OK, &table));
     }
+    if table::wants_metadata(accept) {
+        return Ok(json_response(StatusCode::OK, &table::partial(&object)));
+    }
     Ok(json_response(StatusCode::OK, &object))
 }
 
@@ -582,12 +585,21 @@ fn list_response(
             metadata["remainingItemCount"] = json!(remaining);
         }
     }
-    let list = json!({
-        "kind": format!("{}List", resource.kind),
-        "apiVersion": resource.api_version(),
-        "metadata": metadata,
-        "items": items,
-    });
+    let list = if table::wants_metadata(accept) {
+        json!({
+            "kind": "PartialObjectMetadataList",
+            "apiVersion": "meta.k8s.io/v1",
+            "metadata": metadata,
+            "items": items.iter().map(table::partial).collect::<Vec<_>>(),
+        })
+    } else {
+        json!({
+            "kind": format!("{}List", resource.kind),
+            "apiVersion": resource.api_version(),
+            "metadata": metadata,
+            "items": items,
+        })
+    };
     json_response(StatusCode::OK, &list)
 }
 
@@ -609,6 +621,7 @@ async fn watch(
     let filters = Filters::from_query(resource, query)?;
     let prefix = resource.prefix(namespace);
     let as_table = table::wants_table(accept);
+    let as_metadata = table::wants_metadata(accept);
     let include = include_object(query);
     let timeout = query.get("timeoutSeconds").and_then(|t| t.parse::<u64>().ok()).map(Duration::from_secs);
     let bookmarks = query.get("allowWatchBookmarks").is_some_and(|b| b == "true") && !as_table;
@@ -700,6 +713,8 @@ async fn watch(
             if as_table {
                 let revision = object["metadata"]["resourceVersion"].as_str().unwrap_or("").to_string();
                 event_line(kind, &table::table(resource, &[object], &revision, None, &include, first))
+            } else if as_metadata {
+                event_line(kind, &table::partial(&object))
             } else {
                 event_line(kind, &object)
             }

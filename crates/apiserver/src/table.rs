@@ -13,6 +13,21 @@ pub fn wants_table(accept: &str) -> bool {
     })
 }
 
+/// Whether the client asked for metadata only (`as=PartialObjectMetadata` or
+/// `as=PartialObjectMetadataList`, what metadata informers such as garbage collectors use).
+pub fn wants_metadata(accept: &str) -> bool {
+    accept.split(',').next().is_some_and(|first| {
+        let params: Vec<&str> = first.split(';').map(str::trim).collect();
+        params.contains(&"g=meta.k8s.io")
+            && (params.contains(&"as=PartialObjectMetadata") || params.contains(&"as=PartialObjectMetadataList"))
+    })
+}
+
+/// An object's metadata as a `PartialObjectMetadata`.
+pub fn partial(object: &Value) -> Value {
+    json!({"kind": "PartialObjectMetadata", "apiVersion": "meta.k8s.io/v1", "metadata": object["metadata"]})
+}
+
 /// A column: name, type, format, priority (1 = only with `-o wide`).
 type Column = (&'static str, &'static str, &'static str, u8);
 
@@ -760,11 +775,7 @@ fn row(resource: &Resource, object: &Value, include_object: &str) -> Value {
     let embedded = match include_object {
         "None" => Value::Null,
         "Object" => object.clone(),
-        _ => json!({
-            "kind": "PartialObjectMetadata",
-            "apiVersion": "meta.k8s.io/v1",
-            "metadata": object["metadata"],
-        }),
+        _ => partial(object),
     };
     json!({"cells": cells(resource, object), "object": embedded})
 }

@@ -241,9 +241,18 @@ fn the_garbage_collector_follows_owner_references() {
         server.kubectl(&["rollout", "status", &format!("deployment/{name}"), "--timeout=60s"], None);
         assert_eq!(count(&format!("app={name}")), 3, "a ReplicaSet and two pods");
     }
+    // A ConfigMap can hang on a Deployment too.
+    let uid = server.kubectl(&["get", "deployment", "bg", "-o", "jsonpath={.metadata.uid}"], None);
+    let settings = format!(
+        "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: bg-settings\n  ownerReferences: [{{apiVersion: apps/v1, kind: Deployment, name: bg, uid: {uid}}}]\ndata: {{a: b}}\n"
+    );
+    server.kubectl(&["apply", "-f", "-"], Some(&settings));
     // Background (kubectl's default): the Deployment goes at once, its ReplicaSet and pods after.
     server.kubectl(&["delete", "deployment", "bg"], None);
     eventually(&server, &["get", "rs,pods", "-l", "app=bg", "-o", "name"], "bg's dependents gone", |o| {
+        o.trim().is_empty()
+    });
+    eventually(&server, &["get", "configmap", "bg-settings", "--ignore-not-found"], "its ConfigMap gone", |o| {
         o.trim().is_empty()
     });
     // Foreground: the Deployment waits for its dependents (kubectl waits for it).

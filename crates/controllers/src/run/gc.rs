@@ -8,20 +8,21 @@ use k8s_openapi::api::apps::v1::{Deployment, ReplicaSet};
 use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
 use kube::api::{Api, DeleteParams, Patch, PatchParams};
+use kube::core::PartialObjectMeta;
 use serde_json::json;
 use tokio::sync::Notify;
 
 use super::{PARALLEL, ready, reflect_with, wait};
 use crate::gc;
 
-/// The kinds the garbage collector watches (owners and dependents it can judge): the workload
-/// kinds and what controllers make for them. ConfigMaps, Secrets and PVCs are left out for now:
-/// the collector reflects whole objects, and those are many and large; with metadata-only
-/// watches they can come in.
+/// The kinds the garbage collector watches, metadata only (owners and dependents it can judge):
+/// the namespaced workload kinds, what controllers make for them, and what users hang on them
+/// (ConfigMaps, Secrets, PersistentVolumeClaims, ServiceAccounts). Cluster-scoped owners (a
+/// mirror pod's Node) are not judged yet.
 fn collected_kinds() -> Vec<kube::api::ApiResource> {
     use k8s_openapi::api::apps::v1::{DaemonSet, StatefulSet};
     use k8s_openapi::api::batch::v1::{CronJob, Job};
-    use k8s_openapi::api::core::v1::{Endpoints, Service};
+    use k8s_openapi::api::core::v1::{ConfigMap, Endpoints, PersistentVolumeClaim, Secret, Service, ServiceAccount};
     use k8s_openapi::api::discovery::v1::EndpointSlice;
     use kube::api::ApiResource;
     vec![
@@ -35,6 +36,10 @@ fn collected_kinds() -> Vec<kube::api::ApiResource> {
         ApiResource::erase::<Service>(&()),
         ApiResource::erase::<Endpoints>(&()),
         ApiResource::erase::<EndpointSlice>(&()),
+        ApiResource::erase::<ConfigMap>(&()),
+        ApiResource::erase::<Secret>(&()),
+        ApiResource::erase::<PersistentVolumeClaim>(&()),
+        ApiResource::erase::<ServiceAccount>(&()),
     ]
 }
 
@@ -48,7 +53,9 @@ pub(super) async fn run_garbage_collector(client: kube::Client) -> anyhow::Resul
     let wakes = Arc::new(Mutex::new(vec![changed.clone()]));
     let mut stores = Vec::new();
     for kind in &kinds {
-        stores.push(reflect_with(Api::<DynamicObject>::all_with(client.clone(), kind), kind.clone(), wakes.clone()));
+        // Metadata only: the collector needs nothing else, and it watches many kinds.
+        let api = Api::<PartialObjectMeta<DynamicObject>>::all_with(client.clone(), kind);
+        stores.push(reflect_with(api, kind.clone(), wakes.clone()));
     }
     for store in &stores {
         ready(&store).await?;

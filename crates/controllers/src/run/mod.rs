@@ -93,7 +93,8 @@ impl Hub {
 }
 
 /// A reflector whose changes wake every Notify in `wakes` (for a kind known at run time, a
-/// `DynamicObject` with its `ApiResource` as `dyntype`).
+/// `DynamicObject` — or only its metadata, `PartialObjectMeta<DynamicObject>` — with its
+/// `ApiResource` as `dyntype`).
 fn reflect_with<K>(api: Api<K>, dyntype: K::DynamicType, wakes: Arc<Mutex<Vec<Arc<Notify>>>>) -> Store<K>
 where
     K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug + Send + Sync + 'static,
@@ -102,8 +103,16 @@ where
     let writer = reflector::store::Writer::<K>::new(dyntype);
     let reader = writer.as_reader();
     let events = reflector(writer, watcher(api, watcher::Config::default())).default_backoff().touched_objects();
+    wake_on(events.map_ok(|_| ()).boxed(), wakes);
+    reader
+}
+
+/// Wakes every Notify in `wakes` on each event of `events`.
+fn wake_on(
+    mut events: futures::stream::BoxStream<'static, Result<(), watcher::Error>>,
+    wakes: Arc<Mutex<Vec<Arc<Notify>>>>,
+) {
     tokio::spawn(async move {
-        let mut events = events.map_ok(|_| ()).boxed();
         while let Some(event) = events.next().await {
             if let Err(error) = event {
                 tracing::debug!(%error, "controller watch");
@@ -113,7 +122,6 @@ where
             }
         }
     });
-    reader
 }
 
 /// Waits until `store` holds its first full list. (kube's `wait_until_ready` wakes only the
