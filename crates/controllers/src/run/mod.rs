@@ -69,7 +69,8 @@ impl Hub {
         Hub { client, informers: Mutex::new(HashMap::new()) }
     }
 
-    /// The cache of every `K`, whose changes wake `wake`.
+    /// The cache of every `K`, whose changes wake `wake` (a controller that looks on its own
+    /// schedule passes a Notify nobody waits on).
     fn watch<K>(&self, wake: &Arc<Notify>) -> Store<K>
     where
         K: kube::Resource<DynamicType = ()>

@@ -30,6 +30,14 @@ pub(super) async fn run_endpoints(client: kube::Client, hub: Arc<Hub>) -> anyhow
     ready(&slices).await?;
     tracing::info!("endpoints and endpointslice controllers started");
     loop {
+        let selecting = |s: &Service| s.spec.as_ref().and_then(|s| s.selector.as_ref()).is_some_and(|s| !s.is_empty());
+        let managed = |e: &Endpoints| {
+            e.metadata.labels.as_ref().and_then(|l| l.get(SKIP_MIRROR)).map(String::as_str) == Some("true")
+        };
+        if !services.state().iter().any(|s| selecting(s)) && !endpoints.state().iter().any(|e| managed(e)) {
+            wait(&changed).await;
+            continue;
+        }
         let all_pods = pods.state();
         let mut by_namespace: HashMap<&str, Vec<Arc<Pod>>> = HashMap::new();
         for pod in &all_pods {

@@ -26,6 +26,10 @@ pub(super) async fn run_replicasets(client: kube::Client, hub: Arc<Hub>) -> anyh
     tracing::info!("replicaset controller started");
     let mut in_flight = InFlight::default();
     loop {
+        if sets.is_empty() {
+            wait(&changed).await;
+            continue;
+        }
         let all_pods = pods.state();
         let mut by_namespace: HashMap<&str, Vec<Arc<Pod>>> = HashMap::new();
         for pod in &all_pods {
@@ -338,6 +342,11 @@ pub(super) async fn run_daemonsets(client: kube::Client, hub: Arc<Hub>) -> anyho
     // Pods created for (DaemonSet uid, node) that the watch has not shown yet.
     let mut in_flight: HashMap<(String, String), std::time::Instant> = HashMap::new();
     loop {
+        if sets.is_empty() {
+            in_flight.clear();
+            wait(&changed).await;
+            continue;
+        }
         let all_pods = pods.state();
         let all_nodes = nodes.state();
         let owned = pods_by_controller(&all_pods, "DaemonSet");
@@ -427,6 +436,10 @@ pub(super) async fn run_jobs(client: kube::Client, hub: Arc<Hub>) -> anyhow::Res
     tracing::info!("job controller started");
     let mut in_flight = InFlight::default();
     loop {
+        if jobs.is_empty() {
+            wait(&changed).await;
+            continue;
+        }
         let all_pods = pods.state();
         let seen: std::collections::HashSet<&str> =
             all_pods.iter().filter_map(|p| p.metadata.name.as_deref()).collect();
