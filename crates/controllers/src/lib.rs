@@ -15,5 +15,6 @@ pub mod pods;
 pub mod replicaset;
 mod run;
 pub mod serviceaccounts;
+pub mod statefulset;
 
 pub use run::{ControllerConfig, run};

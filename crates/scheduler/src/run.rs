@@ -51,7 +51,14 @@ pub async fn run(client: kube::Client) -> anyhow::Result<()> {
     pods.wait_until_ready().await?;
     nodes.wait_until_ready().await?;
     tracing::info!("scheduler started");
-    let mut scheduler = Scheduler { client, assumed: HashMap::new(), reported: HashMap::new(), next_start: 0 };
+    let mut scheduler = Scheduler {
+        client,
+        assumed: HashMap::new(),
+        reported: HashMap::new(),
+        next_start: 0,
+        permits: Arc::new(tokio::sync::Semaphore::new(PARALLEL_BINDINGS)),
+        failed: tokio::sync::mpsc::unbounded_channel(),
+    };
     loop {
         scheduler.pass(&pods.state(), &nodes.state(), &changed).await;
         changed.notified().await;
@@ -69,6 +76,10 @@ struct Scheduler {
     reported: HashMap<String, String>,
     /// Where the next pod starts looking at nodes.
     next_start: usize,
+    /// Bindings in flight at once.
+    permits: Arc<tokio::sync::Semaphore>,
+    /// Pods whose binding failed (uids), to forget as assumed.
+    failed: (tokio::sync::mpsc::UnboundedSender<String>, tokio::sync::mpsc::UnboundedReceiver<String>),
 }
 
 fn uid(pod: &Pod) -> String {
@@ -100,6 +111,9 @@ impl Scheduler {
             {
                 infos[i].add_pod(pod);
             }
+        }
+        while let Ok(uid) = self.failed.1.try_recv() {
+            self.assumed.remove(&uid);
         }
         // Assumed pods count until the reflector shows them bound (or gone).
         self.assumed.retain(|uid, _| by_uid.get(uid).is_some_and(|p| is_pending(p)));
@@ -137,32 +151,33 @@ impl Scheduler {
                 }
             }
         }
-        let client = &self.client;
-        let results: Vec<(String, Result<(), kube::Error>)> = futures::stream::iter(bindings)
-            .map(|(pod, node)| async move {
-                let result = bind(client, &pod, &node).await;
-                if result.is_ok() {
-                    let message = format!(
-                        "Successfully assigned {}/{} to {node}",
-                        pod.metadata.namespace.as_deref().unwrap_or_default(),
-                        pod.metadata.name.as_deref().unwrap_or_default()
-                    );
-                    record(client, &pod, "Normal", "Scheduled", &message).await;
+        // Bindings go out in the background (at most PARALLEL_BINDINGS at once), so the next
+        // pass need not wait for them: its pods count them as assumed. A failed binding comes
+        // back through `failed` and the pod is looked at again.
+        for (pod, node) in bindings {
+            let (client, permits, failed, changed) =
+                (self.client.clone(), self.permits.clone(), self.failed.0.clone(), changed.clone());
+            tokio::spawn(async move {
+                let Ok(_permit) = permits.acquire_owned().await else { return };
+                match bind(&client, &pod, &node).await {
+                    Ok(()) => {
+                        let message = format!(
+                            "Successfully assigned {}/{} to {node}",
+                            pod.metadata.namespace.as_deref().unwrap_or_default(),
+                            pod.metadata.name.as_deref().unwrap_or_default()
+                        );
+                        record(&client, &pod, "Normal", "Scheduled", &message).await;
+                    }
+                    Err(error) => {
+                        // Bound meanwhile, deleted, or the server is away.
+                        tracing::debug!(%error, "binding failed");
+                        let _ = failed.send(uid(&pod));
+                        changed.notify_one();
+                    }
                 }
-                (uid(&pod), result)
-            })
-            .buffer_unordered(PARALLEL_BINDINGS)
-            .collect()
-            .await;
-        for (uid, result) in results {
-            if let Err(error) = result {
-                // Bound meanwhile, deleted, or the server is away: forget the assumption and
-                // look again.
-                tracing::debug!(%error, "binding failed");
-                self.assumed.remove(&uid);
-                changed.notify_one();
-            }
+            });
         }
+        let client = &self.client;
         futures::stream::iter(failures)
             .for_each_concurrent(PARALLEL_BINDINGS, |(pod, message)| async move {
                 report_unschedulable(client, &pod, &message).await;

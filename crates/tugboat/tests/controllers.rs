@@ -557,3 +557,61 @@ fn namespaces_get_a_service_account_and_are_emptied_before_they_go() {
     );
     assert!(!everything.contains("team"), "{everything}");
 }
+
+#[test]
+fn stateful_sets_keep_ordered_pods_with_stable_names_and_claims() {
+    let server = TugboatServer::start(Path::new(env!("CARGO_BIN_EXE_tugboat")), &[]).unwrap();
+    let _nodes = hollow_nodes(&server, 2);
+    let manifest = "apiVersion: v1\nkind: Service\nmetadata: {name: db}\nspec: {clusterIP: None, selector: {app: db}, ports: [{port: 5432}]}\n---\napiVersion: apps/v1\nkind: StatefulSet\nmetadata: {name: db}\nspec:\n  serviceName: db\n  replicas: 3\n  selector: {matchLabels: {app: db}}\n  template:\n    metadata: {labels: {app: db}}\n    spec: {containers: [{name: c, image: postgres:16}]}\n  volumeClaimTemplates:\n  - metadata: {name: data}\n    spec: {accessModes: [ReadWriteOnce], resources: {requests: {storage: 1Gi}}}\n";
+    server.kubectl(&["apply", "-f", "-"], Some(manifest));
+    let status = server.kubectl(&["rollout", "status", "statefulset/db", "--timeout=60s"], None);
+    assert!(status.contains("roll out complete") || status.contains("rolling update complete"), "{status}");
+    let pods = |server: &TugboatServer| {
+        let output = server.kubectl(&["get", "pods", "-l", "app=db", "-o", "jsonpath={.items[*].metadata.name}"], None);
+        let mut names: Vec<String> = output.split_whitespace().map(str::to_string).collect();
+        names.sort();
+        names
+    };
+    assert_eq!(pods(&server), ["db-0", "db-1", "db-2"]);
+    let claims = server.kubectl(&["get", "pvc", "-o", "jsonpath={.items[*].metadata.name}"], None);
+    assert_eq!(claims, "data-db-0 data-db-1 data-db-2");
+    let identity = server.kubectl(
+        &["get", "pod", "db-1", "-o", "jsonpath={.spec.hostname}.{.spec.subdomain} {.spec.volumes[?(@.name==\"data\")].persistentVolumeClaim.claimName}"],
+        None,
+    );
+    assert_eq!(identity, "db-1.db data-db-1");
+    // The endpoints of the headless service name the pods by hostname.
+    eventually(
+        &server,
+        &["get", "endpoints", "db", "-o", "jsonpath={.subsets[*].addresses[*].hostname}"],
+        "hostnames",
+        |o| o.split_whitespace().count() == 3,
+    );
+
+    // A deleted pod comes back under its name.
+    let uid = server.kubectl(&["get", "pod", "db-1", "-o", "jsonpath={.metadata.uid}"], None);
+    server.kubectl(&["delete", "pod", "db-1"], None);
+    eventually(
+        &server,
+        &["get", "pod", "db-1", "--ignore-not-found", "-o", "jsonpath={.metadata.uid} {.status.phase}"],
+        "db-1 again",
+        |o| !o.is_empty() && !o.starts_with(&uid) && o.ends_with("Running"),
+    );
+    // A new image rolls from the highest ordinal down; scaling down removes from the top.
+    server.kubectl(&["set", "image", "statefulset/db", "c=postgres:17"], None);
+    server.kubectl(&["rollout", "status", "statefulset/db", "--timeout=60s"], None);
+    eventually(
+        &server,
+        &["get", "pods", "-l", "app=db", "-o", "jsonpath={.items[*].spec.containers[0].image}"],
+        "new image",
+        |o| o.split_whitespace().count() == 3 && o.split_whitespace().all(|i| i == "postgres:17"),
+    );
+    server.kubectl(&["scale", "statefulset", "db", "--replicas=1"], None);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while pods(&server) != ["db-0"] {
+        assert!(Instant::now() < deadline, "{:?}", pods(&server));
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let claims = server.kubectl(&["get", "pvc", "-o", "name"], None);
+    assert_eq!(claims.lines().count(), 3, "claims outlive the pods: {claims}");
+}

@@ -5,16 +5,16 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::StreamExt;
-use k8s_openapi::api::apps::v1::{DaemonSet, Deployment, ReplicaSet};
+use k8s_openapi::api::apps::v1::{DaemonSet, Deployment, ReplicaSet, StatefulSet};
 use k8s_openapi::api::batch::v1::{CronJob, Job};
-use k8s_openapi::api::core::v1::{Node, Pod};
+use k8s_openapi::api::core::v1::{Node, PersistentVolumeClaim, Pod};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams, Preconditions};
 use serde_json::json;
 use tokio::sync::Notify;
 
 use super::{Hub, PARALLEL, create_if_missing, delete_if_there, event, ready, wait, wait_until};
-use crate::{cronjob, daemonset, deployment, job, replicaset};
+use crate::{cronjob, daemonset, deployment, job, replicaset, statefulset};
 
 /// The ReplicaSet controller.
 pub(super) async fn run_replicasets(client: kube::Client, hub: Arc<Hub>) -> anyhow::Result<()> {
@@ -620,6 +620,146 @@ async fn apply_cronjob(client: &kube::Client, cj: &CronJob, plan: cronjob::Plan)
         let patch = json!({"status": status});
         if let Err(error) = cronjobs.patch_status(name, &PatchParams::default(), &Patch::Merge(&patch)).await {
             tracing::debug!(%error, cronjob = name, "could not update the status");
+        }
+    }
+}
+
+/// The StatefulSet controller.
+pub(super) async fn run_statefulsets(client: kube::Client, hub: Arc<Hub>) -> anyhow::Result<()> {
+    let changed = Arc::new(Notify::new());
+    let sets = hub.watch::<StatefulSet>(&changed);
+    let pods = hub.watch::<Pod>(&changed);
+    let claims = hub.watch::<PersistentVolumeClaim>(&changed);
+    ready(&sets).await?;
+    ready(&pods).await?;
+    ready(&claims).await?;
+    tracing::info!("statefulset controller started");
+    loop {
+        if sets.is_empty() {
+            wait(&changed).await;
+            continue;
+        }
+        let all_pods = pods.state();
+        let owned = pods_by_controller(&all_pods, "StatefulSet");
+        let all_claims = claims.state();
+        let now = jiff::Timestamp::now();
+        let mut work = Vec::new();
+        for set in sets.state() {
+            let namespace = set.metadata.namespace.clone().unwrap_or_default();
+            let uid = set.metadata.uid.clone().unwrap_or_default();
+            let template = set.spec.as_ref().map(|s| s.template.clone()).unwrap_or_default();
+            let hash = deployment::template_hash(&template);
+            let mine = owned.get(uid.as_str()).cloned().unwrap_or_default();
+            let existing: Vec<String> = all_claims
+                .iter()
+                .filter(|c| c.metadata.namespace.as_deref() == Some(namespace.as_str()))
+                .filter_map(|c| c.metadata.name.clone())
+                .collect();
+            let plan = statefulset::plan(&set, &mine, &existing, &hash, now);
+            work.push((set, plan, hash));
+        }
+        let client = &client;
+        futures::stream::iter(work)
+            .for_each_concurrent(PARALLEL, |(set, plan, hash)| async move {
+                apply_statefulset(client, &set, plan, &hash).await
+            })
+            .await;
+        wait(&changed).await;
+    }
+}
+
+async fn apply_statefulset(client: &kube::Client, set: &StatefulSet, plan: statefulset::Plan, hash: &str) {
+    use k8s_openapi::api::core::v1::{PersistentVolumeClaimVolumeSource, Volume};
+    let namespace = set.metadata.namespace.as_deref().unwrap_or("default");
+    let name = set.metadata.name.as_deref().unwrap_or_default();
+    let spec = set.spec.clone().unwrap_or_default();
+    let claim_api: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), namespace);
+    for (claim, template) in &plan.claims {
+        let Some(template) =
+            spec.volume_claim_templates.iter().flatten().find(|t| t.metadata.name.as_deref() == Some(template))
+        else {
+            continue;
+        };
+        let mut labels = template.metadata.labels.clone().unwrap_or_default();
+        labels.extend(spec.selector.match_labels.clone().unwrap_or_default());
+        let object = PersistentVolumeClaim {
+            metadata: ObjectMeta {
+                name: Some(claim.clone()),
+                namespace: Some(namespace.into()),
+                labels: Some(labels),
+                annotations: template.metadata.annotations.clone(),
+                ..Default::default()
+            },
+            spec: template.spec.clone(),
+            status: None,
+        };
+        match create_if_missing(&claim_api, &object).await {
+            Ok(()) => {
+                event(
+                    client,
+                    set,
+                    "Normal",
+                    "SuccessfulCreate",
+                    &format!("create Claim {claim} Pod {name} in StatefulSet {name} success"),
+                    "statefulset-controller",
+                )
+                .await
+            }
+            Err(error) => tracing::debug!(%error, claim, "could not create a claim"),
+        }
+    }
+    let pods: Api<Pod> = Api::namespaced(client.clone(), namespace);
+    let owner = owner_reference(set);
+    for ordinal in &plan.create {
+        let pod_name = statefulset::pod_name(name, *ordinal);
+        let labels = [
+            (statefulset::HASH_LABEL, hash.to_string()),
+            (statefulset::POD_NAME_LABEL, pod_name.clone()),
+            (statefulset::POD_INDEX_LABEL, ordinal.to_string()),
+        ];
+        let mut pod_spec = spec.template.spec.clone().unwrap_or_default();
+        pod_spec.hostname = Some(pod_name.clone());
+        if !spec.service_name.as_deref().unwrap_or_default().is_empty() {
+            pod_spec.subdomain = spec.service_name.clone();
+        }
+        for template in spec.volume_claim_templates.iter().flatten() {
+            let Some(volume) = template.metadata.name.clone() else { continue };
+            let volumes = pod_spec.volumes.get_or_insert_with(Vec::new);
+            volumes.retain(|v| v.name != volume);
+            volumes.push(Volume {
+                name: volume.clone(),
+                persistent_volume_claim: Some(PersistentVolumeClaimVolumeSource {
+                    claim_name: statefulset::claim_name(&volume, name, *ordinal),
+                    read_only: None,
+                }),
+                ..Default::default()
+            });
+        }
+        let mut pod = pod_from_template(&owner, namespace, &spec.template, &labels, Some(pod_spec));
+        pod.metadata.generate_name = None;
+        pod.metadata.name = Some(pod_name.clone());
+        match create_if_missing(&pods, &pod).await {
+            Ok(()) => {
+                let message = format!("create Pod {pod_name} in StatefulSet {name} successful");
+                event(client, set, "Normal", "SuccessfulCreate", &message, "statefulset-controller").await;
+            }
+            Err(error) => tracing::debug!(%error, pod = pod_name, "could not create a stateful pod"),
+        }
+    }
+    for victim in &plan.delete {
+        match delete_if_there(&pods, victim, &DeleteParams::default()).await {
+            Ok(()) => {
+                let message = format!("delete Pod {victim} in StatefulSet {name} successful");
+                event(client, set, "Normal", "SuccessfulDelete", &message, "statefulset-controller").await;
+            }
+            Err(error) => tracing::debug!(%error, pod = victim, "could not delete a stateful pod"),
+        }
+    }
+    if set.status.as_ref() != Some(&plan.status) {
+        let sets: Api<StatefulSet> = Api::namespaced(client.clone(), namespace);
+        let patch = json!({"status": plan.status});
+        if let Err(error) = sets.patch_status(name, &PatchParams::default(), &Patch::Merge(&patch)).await {
+            tracing::debug!(%error, statefulset = name, "could not update the status");
         }
     }
 }
