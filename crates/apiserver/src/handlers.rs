@@ -855,6 +855,9 @@ async fn create_object(
         if resource.namespaced { object["metadata"]["namespace"].as_str().map(str::to_string) } else { None };
     let name = object["metadata"]["name"].as_str().unwrap_or_default().to_string();
     check_namespace(state, resource, namespace.as_deref(), true).await?;
+    if resource.plural == "pods" {
+        crate::priority::admit(state.store.as_ref(), &mut object).await?;
+    }
     if write.dry_run {
         return Ok(json_response(StatusCode::CREATED, &object));
     }
@@ -1545,6 +1548,18 @@ fn answer_review(resource: &Resource, user: Option<&UserInfo>, mut review: Value
 /// Creates the namespaces every cluster has, and the `kubernetes` Service, if missing.
 pub async fn ensure_system_objects(state: &ApiState) -> Result<(), ApiError> {
     ensure_system_namespaces(state.store.as_ref()).await.map_err(|e| ApiError::from_store(e, "", "namespaces", ""))?;
+    let classes = registry::find("scheduling.k8s.io", "v1", "priorityclasses").expect("priority classes are served");
+    for (name, value) in crate::priority::SYSTEM_CLASSES {
+        let key = classes.key(None, name);
+        let mut class = json!({"metadata": {"name": name}, "value": value, "globalDefault": false,
+                               "preemptionPolicy": "PreemptLowerPriority",
+                               "description": "Used for system critical pods that must not be moved from their current node."});
+        object::prepare_create(classes, None, &mut class)?;
+        match state.store.create(&key, object::to_store(classes, &class)).await {
+            Ok(_) | Err(StoreError::AlreadyExists { .. }) => {}
+            Err(error) => return Err(ApiError::from_store(error, "scheduling.k8s.io", "priorityclasses", name)),
+        }
+    }
     let services = registry::find("", "v1", "services").expect("services are served");
     let key = services.key(Some("default"), "kubernetes");
     if state.store.get(&key, None).await.map_err(|e| ApiError::from_store(e, "", "services", "kubernetes"))?.is_some() {

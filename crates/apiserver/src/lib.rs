@@ -20,6 +20,7 @@ mod object;
 mod openapi;
 mod openapi_v2;
 mod pod_subresources;
+mod priority;
 mod protobuf;
 mod registry;
 mod schema;

@@ -192,6 +192,17 @@ pub static RESOURCES: &[Resource] = &[
         &["pdb"],
         NONE
     ),
+    resource!(
+        scheduling::v1::PriorityClass,
+        "scheduling.k8s.io",
+        "v1",
+        "PriorityClass",
+        "priorityclasses",
+        "priorityclass",
+        false,
+        &["pc"],
+        NONE
+    ),
     resource!(rbac::v1::Role, "rbac.authorization.k8s.io", "v1", "Role", "roles", "role", true, NONE, NONE),
     resource!(
         rbac::v1::RoleBinding,

@@ -37,6 +37,13 @@ fn columns(resource: &Resource) -> Vec<Column> {
     match resource.plural {
         "namespaces" => vec![name, ("Status", "string", "", 0), age],
         "configmaps" => vec![name, ("Data", "integer", "", 0), age],
+        "priorityclasses" => vec![
+            name,
+            ("Value", "integer", "", 0),
+            ("Global-Default", "boolean", "", 0),
+            age,
+            ("PreemptionPolicy", "string", "", 0),
+        ],
         "secrets" => vec![name, ("Type", "string", "", 0), ("Data", "integer", "", 0), age],
         "pods" => vec![
             name,
@@ -484,6 +491,13 @@ fn cells(resource: &Resource, object: &Value) -> Vec<Value> {
             vec![name, json!(data), json!(age(object))]
         }
         "secrets" => vec![name, json!(s(&object["type"])), json!(count(&object["data"])), json!(age(object))],
+        "priorityclasses" => vec![
+            name,
+            json!(object["value"].as_i64().unwrap_or(0)),
+            json!(object["globalDefault"].as_bool().unwrap_or(false)),
+            json!(age(object)),
+            json!(object["preemptionPolicy"].as_str().unwrap_or("PreemptLowerPriority")),
+        ],
         "pods" => {
             let statuses = object["status"]["containerStatuses"].as_array().cloned().unwrap_or_default();
             let total = object["spec"]["containers"].as_array().map(Vec::len).unwrap_or(0);

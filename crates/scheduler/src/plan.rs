@@ -522,6 +522,67 @@ pub fn schedule_from(pod: &Pod, nodes: &[NodeInfo], start: usize) -> (Decision, 
     (Decision::Bind(top[(hash % top.len() as u64) as usize]), next)
 }
 
+fn priority(pod: &Pod) -> i32 {
+    pod.spec.as_ref().and_then(|s| s.priority).unwrap_or(0)
+}
+
+/// Preemption, for a pod that fits nowhere (upstream's DefaultPreemption, without
+/// PodDisruptionBudgets): on each node whose constraints admit the pod, remove every pod of
+/// lower priority, and if the pod then fits, give back as many of them as still leave it room,
+/// highest priority first; the rest are the victims. Picks the node whose victims have the
+/// lowest highest priority, then the fewest victims, then the lowest priority sum. None if the
+/// pod may not preempt (`preemptionPolicy: Never`) or no node would do.
+pub fn preempt(pod: &Pod, nodes: &[NodeInfo]) -> Option<(usize, Vec<Arc<Pod>>)> {
+    let spec = pod.spec.as_ref()?;
+    if spec.preemption_policy.as_deref() == Some("Never") {
+        return None;
+    }
+    let mine = priority(pod);
+    let mut facts = PodFacts::new(pod);
+    facts.spread = spread_constraints(pod, nodes);
+    let mut best: Option<((i32, usize, i64), usize, Vec<Arc<Pod>>)> = None;
+    for (index, info) in nodes.iter().enumerate() {
+        if constraint_failure(spec, &info.node).is_some() {
+            continue;
+        }
+        let (mut lower, higher): (Vec<&Arc<Pod>>, Vec<&Arc<Pod>>) =
+            info.pods.iter().partition(|p| priority(p) < mine && p.metadata.deletion_timestamp.is_none());
+        if lower.is_empty() {
+            continue;
+        }
+        let mut trial = NodeInfo::new(info.node.clone());
+        for kept in &higher {
+            trial.add_pod(kept);
+        }
+        if !filter(&facts, &trial).is_empty() {
+            continue;
+        }
+        lower.sort_by_key(|p| std::cmp::Reverse(priority(p)));
+        let mut victims = Vec::new();
+        for candidate in lower {
+            let mut with = trial.clone();
+            with.add_pod(candidate);
+            if filter(&facts, &with).is_empty() {
+                trial = with;
+            } else {
+                victims.push(candidate.clone());
+            }
+        }
+        if victims.is_empty() {
+            continue;
+        }
+        let rank = (
+            victims.iter().map(|v| priority(v)).max().unwrap_or(0),
+            victims.len(),
+            victims.iter().map(|v| i64::from(priority(v))).sum::<i64>(),
+        );
+        if best.as_ref().is_none_or(|(r, _, _)| rank < *r) {
+            best = Some((rank, index, victims));
+        }
+    }
+    best.map(|(_, index, victims)| (index, victims))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -748,5 +809,27 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
+    }
+
+    #[test]
+    fn preemption_takes_the_fewest_lowest_priority_victims() {
+        let with_priority =
+            |name: &str, cpu: &str, priority: i32| Arc::new(pod(name, cpu, json!({"spec": {"priority": priority}})));
+        let mut nodes = vec![node("a", "2", "8Gi", json!({})), node("b", "2", "8Gi", json!({}))];
+        nodes[0].add_pod(&with_priority("a-low", "1", 1));
+        nodes[0].add_pod(&with_priority("a-mid", "1", 5));
+        nodes[1].add_pod(&with_priority("b-low1", "1", 1));
+        nodes[1].add_pod(&with_priority("b-low2", "1", 1));
+        let urgent = with_priority("urgent", "1", 10);
+        assert!(matches!(schedule(&urgent, &nodes), Decision::Unschedulable(_)));
+        let (node, victims) = preempt(&urgent, &nodes).unwrap();
+        let names: Vec<&str> = victims.iter().map(|v| v.metadata.name.as_deref().unwrap()).collect();
+        assert_eq!(names.len(), 1);
+        assert_eq!(nodes[node].name(), if names[0] == "a-low" { "a" } else { "b" });
+        assert!(names[0].contains("low"), "never the higher one: {names:?}");
+        // Equal or higher priorities are never victims; Never does not preempt.
+        assert_eq!(preempt(&with_priority("peer", "1", 1), &nodes), None);
+        let polite = Arc::new(pod("polite", "1", json!({"spec": {"priority": 10, "preemptionPolicy": "Never"}})));
+        assert_eq!(preempt(&polite, &nodes), None);
     }
 }

@@ -24,6 +24,8 @@ pub const SCHEDULER_NAME: &str = "default-scheduler";
 const COALESCE: std::time::Duration = std::time::Duration::from_millis(5);
 /// Bindings in flight at once.
 const PARALLEL_BINDINGS: usize = 32;
+/// How long a pod that preempted waits for its victims before it may preempt again.
+const PREEMPTION_PAUSE: std::time::Duration = std::time::Duration::from_secs(15);
 
 /// Runs the scheduler until the client's server goes away for good.
 pub async fn run(client: kube::Client) -> anyhow::Result<()> {
@@ -56,6 +58,7 @@ pub async fn run(client: kube::Client) -> anyhow::Result<()> {
         assumed: HashMap::new(),
         reported: HashMap::new(),
         next_start: 0,
+        preempted: HashMap::new(),
         permits: Arc::new(tokio::sync::Semaphore::new(PARALLEL_BINDINGS)),
         failed: tokio::sync::mpsc::unbounded_channel(),
     };
@@ -76,6 +79,8 @@ struct Scheduler {
     reported: HashMap<String, String>,
     /// Where the next pod starts looking at nodes.
     next_start: usize,
+    /// Pods that preempted others, and when (they wait for their victims to go).
+    preempted: HashMap<String, std::time::Instant>,
     /// Bindings in flight at once.
     permits: Arc<tokio::sync::Semaphore>,
     /// Pods whose binding failed (uids), to forget as assumed.
@@ -123,6 +128,7 @@ impl Scheduler {
             }
         }
         self.reported.retain(|uid, _| by_uid.get(uid).is_some_and(|p| is_pending(p)));
+        self.preempted.retain(|uid, _| by_uid.get(uid).is_some_and(|p| is_pending(p)));
 
         let mut pending: Vec<&Arc<Pod>> =
             pods.iter().filter(|p| is_pending(p) && !self.assumed.contains_key(&uid(p))).collect();
@@ -133,6 +139,7 @@ impl Scheduler {
         });
         let mut bindings = Vec::new();
         let mut failures = Vec::new();
+        let mut preemptions = Vec::new();
         for pod in pending {
             let (decision, next) = plan::schedule_from(pod, &infos, self.next_start);
             self.next_start = next;
@@ -144,6 +151,12 @@ impl Scheduler {
                     bindings.push((pod.clone(), node));
                 }
                 Decision::Unschedulable(message) => {
+                    let may_preempt = pod.spec.as_ref().and_then(|s| s.priority).unwrap_or(0) > 0
+                        && self.preempted.get(&uid(pod)).is_none_or(|at| at.elapsed() > PREEMPTION_PAUSE);
+                    if may_preempt && let Some((i, victims)) = plan::preempt(pod, &infos) {
+                        self.preempted.insert(uid(pod), std::time::Instant::now());
+                        preemptions.push((pod.clone(), infos[i].name().to_string(), victims));
+                    }
                     if self.reported.get(&uid(pod)) != Some(&message) {
                         self.reported.insert(uid(pod), message.clone());
                         failures.push((pod.clone(), message));
@@ -183,6 +196,9 @@ impl Scheduler {
                 report_unschedulable(client, &pod, &message).await;
             })
             .await;
+        for (pod, node, victims) in preemptions {
+            preempt(client, &pod, &node, &victims).await;
+        }
     }
 }
 
@@ -196,6 +212,36 @@ async fn bind(client: &kube::Client, pod: &Pod, node: &str) -> Result<(), kube::
     let pods: Api<Pod> = Api::namespaced(client.clone(), namespace);
     pods.create_subresource::<_, serde_json::Value>("binding", name, &PostParams::default(), &binding).await?;
     Ok(())
+}
+
+/// Makes room for `pod` on `node`: nominates the node in the pod's status and deletes the
+/// victims (gracefully), each with a Preempted event.
+async fn preempt(client: &kube::Client, pod: &Pod, node: &str, victims: &[Arc<Pod>]) {
+    let namespace = pod.metadata.namespace.as_deref().unwrap_or("default");
+    let name = pod.metadata.name.as_deref().unwrap_or_default();
+    tracing::info!(pod = name, namespace, node, victims = victims.len(), "preempting lower-priority pods");
+    let pods: Api<Pod> = Api::namespaced(client.clone(), namespace);
+    let status = json!({"status": {"nominatedNodeName": node}});
+    if let Err(error) = pods.patch_status(name, &PatchParams::default(), &Patch::Merge(status)).await {
+        tracing::debug!(%error, pod = name, "could not nominate a node");
+    }
+    for victim in victims {
+        let victim_namespace = victim.metadata.namespace.as_deref().unwrap_or("default");
+        let victim_name = victim.metadata.name.as_deref().unwrap_or_default();
+        let api: Api<Pod> = Api::namespaced(client.clone(), victim_namespace);
+        let params = kube::api::DeleteParams {
+            preconditions: Some(kube::api::Preconditions { uid: victim.metadata.uid.clone(), resource_version: None }),
+            ..Default::default()
+        };
+        match api.delete(victim_name, &params).await {
+            Ok(_) => {
+                let message =
+                    format!("Preempted by pod {} on node {node}", pod.metadata.uid.as_deref().unwrap_or_default());
+                record(client, victim, "Normal", "Preempted", &message).await;
+            }
+            Err(error) => tracing::debug!(%error, pod = victim_name, "could not preempt"),
+        }
+    }
 }
 
 async fn report_unschedulable(client: &kube::Client, pod: &Pod, message: &str) {
@@ -215,6 +261,10 @@ async fn report_unschedulable(client: &kube::Client, pod: &Pod, message: &str) {
 
 /// Posts a core Event about `pod`, as the scheduler (what `kubectl describe pod` lists).
 async fn record(client: &kube::Client, pod: &Pod, kind: &str, reason: &str, message: &str) {
-    let action = if reason == "Scheduled" { "Binding" } else { "Scheduling" };
+    let action = match reason {
+        "Scheduled" => "Binding",
+        "Preempted" => "Preempting",
+        _ => "Scheduling",
+    };
     crate::events::record(client, &crate::events::reference(pod), kind, reason, message, action, SCHEDULER_NAME).await;
 }

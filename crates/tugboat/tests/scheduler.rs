@@ -196,3 +196,63 @@ fn hollow_nodes_register_heartbeat_and_run_their_pods() {
     let left = server.kubectl(&["get", "pods", "-o", "name"], None);
     assert!(!left.contains("run-0"), "{left}");
 }
+
+#[test]
+fn priority_classes_give_priority_and_urgent_pods_preempt() {
+    let server = TugboatServer::start(Path::new(env!("CARGO_BIN_EXE_tugboat")), &[]).unwrap();
+    let _node = KillOnDrop(
+        Command::new(env!("CARGO_BIN_EXE_tugboat"))
+            .args(["hollow-nodes", "--count", "1", "--name-prefix", "small", "--cpu", "2", "--kubeconfig"])
+            .arg(server.kubeconfig())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let classes = server.kubectl(&["get", "priorityclasses"], None);
+    assert!(classes.contains("system-node-critical") && classes.contains("2000001000"), "{classes}");
+    let high = "apiVersion: scheduling.k8s.io/v1\nkind: PriorityClass\nmetadata: {name: high}\nvalue: 1000\n";
+    server.kubectl(&["apply", "-f", "-"], Some(high));
+    // Two fillers take the node's two cores (the hollow node must be there first).
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while server.kubectl(&["get", "nodes", "-o", "name"], None).trim() != "node/small-0" {
+        assert!(Instant::now() < deadline, "the hollow node never registered");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    for name in ["filler-0", "filler-1"] {
+        add_pod(&server, name, "900m", "");
+        wait_bound(&server, name);
+    }
+    add_pod(&server, "urgent", "900m", "priorityClassName: high");
+    let spec =
+        server.kubectl(&["get", "pod", "urgent", "-o", "jsonpath={.spec.priority} {.spec.preemptionPolicy}"], None);
+    assert_eq!(spec, "1000 PreemptLowerPriority");
+    assert_eq!(wait_bound(&server, "urgent"), "small-0");
+    let left = server.kubectl(&["get", "pods", "-o", "name"], None);
+    assert_eq!(left.lines().filter(|l| l.contains("filler")).count(), 1, "one filler made room: {left}");
+    let events = server.kubectl(
+        &["get", "events", "--field-selector", "reason=Preempted", "-o", "jsonpath={.items[*].message}"],
+        None,
+    );
+    assert!(events.contains("Preempted by pod") && events.contains("on node small-0"), "{events}");
+
+    // A class that does not exist is refused at admission.
+    let output = Command::new("/usr/bin/kubectl")
+        .args(["apply", "-f", "-"])
+        .env("KUBECONFIG", server.kubeconfig())
+        .env("HOME", server.scratch("home"))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .and_then(|mut child| {
+            use std::io::Write;
+            child.stdin.take().unwrap().write_all(
+                b"apiVersion: v1\nkind: Pod\nmetadata: {name: lost}\nspec: {priorityClassName: nope, containers: [{name: c, image: busybox}]}\n",
+            )?;
+            child.wait_with_output()
+        })
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success() && stderr.contains("no PriorityClass with name nope was found"), "{stderr}");
+}
