@@ -856,7 +856,7 @@ async fn create_object(
     let name = object["metadata"]["name"].as_str().unwrap_or_default().to_string();
     check_namespace(state, resource, namespace.as_deref(), true).await?;
     if resource.plural == "pods" {
-        crate::priority::admit(state.store.as_ref(), &mut object).await?;
+        crate::priority::admit(state.store.as_ref(), &state.caches, &mut object).await?;
     }
     if write.dry_run {
         return Ok(json_response(StatusCode::CREATED, &object));

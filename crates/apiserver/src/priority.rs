@@ -6,19 +6,29 @@ use serde_json::{Value, json};
 
 use crate::registry;
 use crate::status::ApiError;
+use crate::watch_cache::WatchCaches;
 use tugboat_store::Store;
 
 /// Upstream's built-in classes: (name, value).
 pub const SYSTEM_CLASSES: [(&str, i64); 2] =
     [("system-node-critical", 2_000_001_000), ("system-cluster-critical", 2_000_000_000)];
 
-/// Sets `spec.priority` (and `preemptionPolicy`) of a new pod from its class.
-pub async fn admit(store: &dyn Store, pod: &mut Value) -> Result<(), ApiError> {
+/// Sets `spec.priority` (and `preemptionPolicy`) of a new pod from its class. Classes are read
+/// from the watch cache (as upstream's admission reads its informer); a named class the cache
+/// does not have yet is looked up in the store.
+pub async fn admit(store: &dyn Store, caches: &WatchCaches, pod: &mut Value) -> Result<(), ApiError> {
     let classes = registry::find("scheduling.k8s.io", "v1", "priorityclasses").expect("priority classes are served");
+    let prefix = classes.prefix(None);
+    let cached = caches
+        .get(&prefix)
+        .await
+        .map_err(|e| ApiError::from_store(e, "scheduling.k8s.io", "priorityclasses", ""))?
+        .list(&prefix)
+        .0;
     let wanted = pod["spec"]["priorityClassName"].as_str().filter(|n| !n.is_empty()).map(str::to_string);
     let class: Option<Value> = match &wanted {
-        Some(name) => match SYSTEM_CLASSES.iter().find(|(n, _)| n == name) {
-            Some((name, value)) => Some(json!({"metadata": {"name": name}, "value": value})),
+        Some(name) => match cached.iter().find(|c| c["metadata"]["name"].as_str() == Some(name)) {
+            Some(class) => Some(class.clone()),
             None => {
                 let found = store
                     .get(&classes.key(None, name), None)
@@ -38,16 +48,7 @@ pub async fn admit(store: &dyn Store, pod: &mut Value) -> Result<(), ApiError> {
                 }
             }
         },
-        None => {
-            let page = store
-                .list(&classes.prefix(None), tugboat_store::ListOptions::default())
-                .await
-                .map_err(|e| ApiError::from_store(e, "scheduling.k8s.io", "priorityclasses", ""))?;
-            page.kvs
-                .iter()
-                .filter_map(|kv| serde_json::from_slice::<Value>(&kv.value).ok())
-                .find(|c| c["globalDefault"] == json!(true))
-        }
+        None => cached.into_iter().find(|c| c["globalDefault"] == json!(true)),
     };
     let Some(class) = class else {
         if pod["spec"]["priority"].is_null() {

@@ -83,6 +83,21 @@ fn scoring_requests(pod: &Pod) -> Resources {
     total
 }
 
+/// What a pod takes of a node, parsed once: its requests (for fitting and for scoring) and
+/// host ports.
+#[derive(Debug, Clone, Default)]
+pub struct PodCost {
+    requests: Resources,
+    scoring: Resources,
+    host_ports: Vec<(String, String, i32)>,
+}
+
+impl PodCost {
+    pub fn of(pod: &Pod) -> PodCost {
+        PodCost { requests: pod_requests(pod), scoring: scoring_requests(pod), host_ports: host_ports(pod) }
+    }
+}
+
 /// A node and what is already bound to it.
 #[derive(Debug, Clone)]
 pub struct NodeInfo {
@@ -131,10 +146,15 @@ impl NodeInfo {
 
     /// Counts a pod bound (or about to be bound) to this node.
     pub fn add_pod(&mut self, pod: &Arc<Pod>) {
-        self.requested.add(pod_requests(pod));
-        self.scoring_requested.add(scoring_requests(pod));
+        self.add_pod_with(pod, &PodCost::of(pod));
+    }
+
+    /// The same, with the pod's cost worked out before (the scheduler keeps them per pod).
+    pub fn add_pod_with(&mut self, pod: &Arc<Pod>, cost: &PodCost) {
+        self.requested.add(cost.requests);
+        self.scoring_requested.add(cost.scoring);
         self.pod_count += 1;
-        self.host_ports.extend(host_ports(pod));
+        self.host_ports.extend(cost.host_ports.iter().cloned());
         self.pods.push(pod.clone());
     }
 

@@ -21,7 +21,7 @@ use crate::plan::{self, Decision, NodeInfo};
 /// The `spec.schedulerName` this scheduler serves.
 pub const SCHEDULER_NAME: &str = "default-scheduler";
 /// How long a pass waits after a change for the changes that come with it.
-const COALESCE: std::time::Duration = std::time::Duration::from_millis(5);
+const COALESCE: std::time::Duration = std::time::Duration::from_millis(20);
 /// Bindings in flight at once.
 const PARALLEL_BINDINGS: usize = 32;
 /// How long a pod that preempted waits for its victims before it may preempt again.
@@ -59,15 +59,20 @@ pub async fn run(client: kube::Client) -> anyhow::Result<()> {
         reported: HashMap::new(),
         next_start: 0,
         preempted: HashMap::new(),
+        node_cache: HashMap::new(),
+        pod_cache: HashMap::new(),
         permits: Arc::new(tokio::sync::Semaphore::new(PARALLEL_BINDINGS)),
         failed: tokio::sync::mpsc::unbounded_channel(),
     };
     loop {
+        let started = std::time::Instant::now();
         scheduler.pass(&pods.state(), &nodes.state(), &changed).await;
+        let took = started.elapsed();
         changed.notified().await;
         // Changes come in bursts (a deployment's pods, a node's heartbeat with many pods'):
-        // one pass for the burst.
-        tokio::time::sleep(COALESCE).await;
+        // one pass for the burst — at least as long as the last pass took, so that under load
+        // passes grow larger rather than more frequent.
+        tokio::time::sleep(COALESCE.max(took)).await;
     }
 }
 
@@ -79,12 +84,20 @@ struct Scheduler {
     reported: HashMap<String, String>,
     /// Where the next pod starts looking at nodes.
     next_start: usize,
+    /// Nodes as parsed, by name: (resourceVersion, info without pods).
+    node_cache: HashMap<String, (String, NodeInfo)>,
+    /// Pods' costs as parsed, by uid: (resourceVersion, cost).
+    pod_cache: HashMap<String, (String, Arc<plan::PodCost>)>,
     /// Pods that preempted others, and when (they wait for their victims to go).
     preempted: HashMap<String, std::time::Instant>,
     /// Bindings in flight at once.
     permits: Arc<tokio::sync::Semaphore>,
     /// Pods whose binding failed (uids), to forget as assumed.
     failed: (tokio::sync::mpsc::UnboundedSender<String>, tokio::sync::mpsc::UnboundedReceiver<String>),
+}
+
+fn uid_of(pod: &Pod) -> &str {
+    pod.metadata.uid.as_deref().unwrap_or_default()
 }
 
 fn uid(pod: &Pod) -> String {
@@ -105,33 +118,66 @@ fn is_terminal(pod: &Pod) -> bool {
 
 impl Scheduler {
     async fn pass(&mut self, pods: &[Arc<Pod>], nodes: &[Arc<Node>], changed: &Arc<Notify>) {
-        let mut infos: Vec<NodeInfo> = nodes.iter().map(|n| NodeInfo::new(n.clone())).collect();
-        let index: HashMap<String, usize> = infos.iter().enumerate().map(|(i, n)| (n.name().to_string(), i)).collect();
-        let mut by_uid: HashMap<String, &Pod> = HashMap::with_capacity(pods.len());
+        // Node infos from the nodes as parsed before (unless they changed), plus the pods'
+        // costs as parsed before: a pass costs hash lookups, not quantity parsing.
+        let version = |meta: &ObjectMeta| meta.resource_version.clone().unwrap_or_default();
+        let mut infos: Vec<NodeInfo> = nodes
+            .iter()
+            .map(|n| {
+                let name = n.metadata.name.clone().unwrap_or_default();
+                match self.node_cache.get(&name) {
+                    Some((v, info)) if *v == version(&n.metadata) => info.clone(),
+                    _ => {
+                        let info = NodeInfo::new(n.clone());
+                        self.node_cache.insert(name, (version(&n.metadata), info.clone()));
+                        info
+                    }
+                }
+            })
+            .collect();
+        if self.node_cache.len() > nodes.len() {
+            let names: std::collections::HashSet<&str> =
+                nodes.iter().filter_map(|n| n.metadata.name.as_deref()).collect();
+            self.node_cache.retain(|name, _| names.contains(name.as_str()));
+        }
+        let names: Vec<String> = infos.iter().map(|n| n.name().to_string()).collect();
+        let index: HashMap<&str, usize> = names.iter().enumerate().map(|(i, n)| (n.as_str(), i)).collect();
+        let mut by_uid: HashMap<&str, &Pod> = HashMap::with_capacity(pods.len());
         for pod in pods {
-            by_uid.insert(uid(pod), &**pod);
+            by_uid.insert(uid_of(pod), &**pod);
             let node = pod.spec.as_ref().and_then(|s| s.node_name.as_deref()).filter(|n| !n.is_empty());
             if let Some(&i) = node.and_then(|n| index.get(n))
                 && !is_terminal(pod)
             {
-                infos[i].add_pod(pod);
+                let cost = match self.pod_cache.get(uid_of(pod)) {
+                    Some((v, cost)) if *v == version(&pod.metadata) => cost.clone(),
+                    _ => {
+                        let cost = Arc::new(plan::PodCost::of(pod));
+                        self.pod_cache.insert(uid(pod), (version(&pod.metadata), cost.clone()));
+                        cost
+                    }
+                };
+                infos[i].add_pod_with(pod, &cost);
             }
+        }
+        if self.pod_cache.len() > pods.len() {
+            self.pod_cache.retain(|uid, _| by_uid.contains_key(uid.as_str()));
         }
         while let Ok(uid) = self.failed.1.try_recv() {
             self.assumed.remove(&uid);
         }
         // Assumed pods count until the reflector shows them bound (or gone).
-        self.assumed.retain(|uid, _| by_uid.get(uid).is_some_and(|p| is_pending(p)));
+        self.assumed.retain(|uid, _| by_uid.get(uid.as_str()).is_some_and(|p| is_pending(p)));
         for (node, pod) in self.assumed.values() {
-            if let Some(&i) = index.get(node) {
+            if let Some(&i) = index.get(node.as_str()) {
                 infos[i].add_pod(pod);
             }
         }
-        self.reported.retain(|uid, _| by_uid.get(uid).is_some_and(|p| is_pending(p)));
-        self.preempted.retain(|uid, _| by_uid.get(uid).is_some_and(|p| is_pending(p)));
+        self.reported.retain(|uid, _| by_uid.get(uid.as_str()).is_some_and(|p| is_pending(p)));
+        self.preempted.retain(|uid, _| by_uid.get(uid.as_str()).is_some_and(|p| is_pending(p)));
 
         let mut pending: Vec<&Arc<Pod>> =
-            pods.iter().filter(|p| is_pending(p) && !self.assumed.contains_key(&uid(p))).collect();
+            pods.iter().filter(|p| is_pending(p) && !self.assumed.contains_key(uid_of(p))).collect();
         // Higher priority first, then older first.
         pending.sort_by_key(|p| {
             let priority = p.spec.as_ref().and_then(|s| s.priority).unwrap_or(0);
@@ -152,12 +198,12 @@ impl Scheduler {
                 }
                 Decision::Unschedulable(message) => {
                     let may_preempt = pod.spec.as_ref().and_then(|s| s.priority).unwrap_or(0) > 0
-                        && self.preempted.get(&uid(pod)).is_none_or(|at| at.elapsed() > PREEMPTION_PAUSE);
+                        && self.preempted.get(uid_of(pod)).is_none_or(|at| at.elapsed() > PREEMPTION_PAUSE);
                     if may_preempt && let Some((i, victims)) = plan::preempt(pod, &infos) {
                         self.preempted.insert(uid(pod), std::time::Instant::now());
                         preemptions.push((pod.clone(), infos[i].name().to_string(), victims));
                     }
-                    if self.reported.get(&uid(pod)) != Some(&message) {
+                    if self.reported.get(uid_of(pod)) != Some(&message) {
                         self.reported.insert(uid(pod), message.clone());
                         failures.push((pod.clone(), message));
                     }

@@ -73,8 +73,20 @@ async fn run(args: Args) -> anyhow::Result<Value> {
         .await?;
     }
     let nodes_seconds = nodes_started.elapsed().as_secs_f64();
-    // Let the scheduler's node watch catch up before the clock starts.
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    // Let the cluster settle before the clock starts: the scheduler's node watch catches up and
+    // the controller manager gives each new node its pod CIDR. Settled = no write for a second.
+    let mut last = String::new();
+    let settle_deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let list: Value =
+            serde_json::from_slice(&target.expect(Method::GET, "/api/v1/nodes?limit=1", None, &[200]).await?)?;
+        let revision = list["metadata"]["resourceVersion"].as_str().unwrap_or_default().to_string();
+        if revision == last || Instant::now() > settle_deadline {
+            break;
+        }
+        last = revision;
+    }
 
     let namespace = format!("schedbench-{run_id}");
     target.expect(Method::POST, "/api/v1/namespaces", Some(&json!({"metadata": {"name": namespace}})), &[201]).await?;
@@ -95,6 +107,7 @@ async fn run(args: Args) -> anyhow::Result<Value> {
         .await?;
     }
     let created_seconds = pods_started.elapsed().as_secs_f64();
+    eprintln!("{} pods created in {created_seconds:.2} s; waiting until all are bound", args.pods);
     // Until no pod is left without a node.
     let unbound = format!("{collection}?fieldSelector=spec.nodeName%3D");
     let deadline = Instant::now() + Duration::from_secs(600);

@@ -1,102 +1,146 @@
 //! The garbage collector's loop: dependents of owners that are gone, foreground deletion and
 //! orphaning, over the kinds it reflects.
 
-use std::sync::{Arc, Mutex};
+use std::collections::HashSet;
+use std::sync::Arc;
 
 use futures::StreamExt;
 use k8s_openapi::api::apps::v1::{Deployment, ReplicaSet};
 use k8s_openapi::api::core::v1::Pod;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
-use kube::api::{Api, DeleteParams, Patch, PatchParams};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
+use kube::api::{Api, ApiResource, DeleteParams, Patch, PatchParams};
 use kube::core::PartialObjectMeta;
+use kube::runtime::reflector::Store;
 use serde_json::json;
 use tokio::sync::Notify;
 
-use super::{PARALLEL, ready, reflect_with, wait};
+use super::{Hub, PARALLEL, ready, wait};
 use crate::gc;
 
-/// The kinds the garbage collector watches, metadata only (owners and dependents it can judge):
-/// the namespaced workload kinds, what controllers make for them, and what users hang on them
-/// (ConfigMaps, Secrets, PersistentVolumeClaims, ServiceAccounts). Cluster-scoped owners (a
-/// mirror pod's Node) are not judged yet.
-fn collected_kinds() -> Vec<kube::api::ApiResource> {
+/// How long the collector lets changes gather before a pass.
+const GC_COALESCE: std::time::Duration = std::time::Duration::from_millis(100);
+
+/// One kind the collector judges: how to reach it through the API, and how to visit the
+/// metadata of every object of it in the shared informers.
+struct Kind {
+    resource: ApiResource,
+    visit: Box<dyn Fn(&mut dyn FnMut(&ObjectMeta)) + Send + Sync>,
+}
+
+impl Kind {
+    /// A kind the controllers reflect anyway (its informer is shared), or, for a kind only the
+    /// collector needs, its metadata alone (`PartialObjectMeta`).
+    fn of<K>(hub: &Hub, changed: &Arc<Notify>) -> (Kind, Store<K>)
+    where
+        K: kube::Resource<DynamicType = ()>
+            + Clone
+            + serde::de::DeserializeOwned
+            + std::fmt::Debug
+            + Send
+            + Sync
+            + 'static,
+    {
+        let store = hub.watch::<K>(changed);
+        let visited = store.clone();
+        let visit = Box::new(move |f: &mut dyn FnMut(&ObjectMeta)| {
+            for object in visited.state() {
+                f(object.meta());
+            }
+        });
+        (Kind { resource: ApiResource::erase::<K>(&()), visit }, store)
+    }
+}
+
+/// The kinds the garbage collector judges (owners and dependents): the namespaced workload
+/// kinds, what controllers make for them, and what users hang on them (ConfigMaps, Secrets,
+/// PersistentVolumeClaims, ServiceAccounts). Cluster-scoped owners (a mirror pod's Node) are
+/// not judged yet. Returns once every informer has listed.
+async fn collected_kinds(hub: &Hub, changed: &Arc<Notify>) -> anyhow::Result<Vec<Kind>> {
     use k8s_openapi::api::apps::v1::{DaemonSet, StatefulSet};
     use k8s_openapi::api::batch::v1::{CronJob, Job};
     use k8s_openapi::api::core::v1::{ConfigMap, Endpoints, PersistentVolumeClaim, Secret, Service, ServiceAccount};
     use k8s_openapi::api::discovery::v1::EndpointSlice;
-    use kube::api::ApiResource;
-    vec![
-        ApiResource::erase::<Pod>(&()),
-        ApiResource::erase::<ReplicaSet>(&()),
-        ApiResource::erase::<Deployment>(&()),
-        ApiResource::erase::<DaemonSet>(&()),
-        ApiResource::erase::<StatefulSet>(&()),
-        ApiResource::erase::<Job>(&()),
-        ApiResource::erase::<CronJob>(&()),
-        ApiResource::erase::<Service>(&()),
-        ApiResource::erase::<Endpoints>(&()),
-        ApiResource::erase::<EndpointSlice>(&()),
-        ApiResource::erase::<ConfigMap>(&()),
-        ApiResource::erase::<Secret>(&()),
-        ApiResource::erase::<PersistentVolumeClaim>(&()),
-        ApiResource::erase::<ServiceAccount>(&()),
-    ]
+    let mut kinds = Vec::new();
+    macro_rules! kinds {
+        ($($kind:ty),*) => {$(
+            let (kind, store) = Kind::of::<$kind>(hub, changed);
+            ready(&store).await?;
+            kinds.push(kind);
+        )*};
+    }
+    kinds!(Pod, ReplicaSet, Deployment, DaemonSet, StatefulSet, Job, CronJob, Service, Endpoints, EndpointSlice);
+    kinds!(PersistentVolumeClaim, ServiceAccount);
+    // Many and large, and no controller reads them: metadata only.
+    kinds!(PartialObjectMeta<ConfigMap>, PartialObjectMeta<Secret>);
+    Ok(kinds)
+}
+
+fn object(kind: usize, meta: &ObjectMeta) -> gc::Object {
+    gc::Object {
+        kind,
+        namespace: meta.namespace.clone().unwrap_or_default(),
+        name: meta.name.clone().unwrap_or_default(),
+        uid: meta.uid.clone().unwrap_or_default(),
+        owners: meta.owner_references.clone().unwrap_or_default(),
+        deleting: meta.deletion_timestamp.is_some(),
+        finalizers: meta.finalizers.clone().unwrap_or_default(),
+    }
 }
 
 /// The garbage collector: deletes dependents whose owners are gone (after looking the owner
 /// up, so a dependent seen before its new owner is safe), and carries out foreground deletion
 /// and orphaning.
-pub(super) async fn run_garbage_collector(client: kube::Client) -> anyhow::Result<()> {
-    use kube::api::DynamicObject;
-    let kinds = collected_kinds();
+pub(super) async fn run_garbage_collector(client: kube::Client, hub: Arc<Hub>) -> anyhow::Result<()> {
     let changed = Arc::new(Notify::new());
-    let wakes = Arc::new(Mutex::new(vec![changed.clone()]));
-    let mut stores = Vec::new();
-    for kind in &kinds {
-        // Metadata only: the collector needs nothing else, and it watches many kinds.
-        let api = Api::<PartialObjectMeta<DynamicObject>>::all_with(client.clone(), kind);
-        stores.push(reflect_with(api, kind.clone(), wakes.clone()));
-    }
-    for store in &stores {
-        ready(&store).await?;
-    }
+    let kinds = collected_kinds(&hub, &changed).await?;
+    let resources: Vec<ApiResource> = kinds.iter().map(|k| k.resource.clone()).collect();
     tracing::info!("garbage collector started");
     let kind_of = |reference: &OwnerReference| {
         let group = reference.api_version.rsplit_once('/').map(|(g, _)| g).unwrap_or("");
-        kinds.iter().position(|k| k.kind == reference.kind && k.group == group)
+        resources.iter().position(|k| k.kind == reference.kind && k.group == group)
     };
     loop {
+        // Only objects with owners or being deleted can need anything, and of the rest only
+        // those they name as owners matter: two scans, copying just those.
         let mut objects = Vec::new();
-        for (index, store) in stores.iter().enumerate() {
-            for object in store.state() {
-                let meta = &object.metadata;
-                objects.push(gc::Object {
-                    kind: index,
-                    namespace: meta.namespace.clone().unwrap_or_default(),
-                    name: meta.name.clone().unwrap_or_default(),
-                    uid: meta.uid.clone().unwrap_or_default(),
-                    owners: meta.owner_references.clone().unwrap_or_default(),
-                    deleting: meta.deletion_timestamp.is_some(),
-                    finalizers: meta.finalizers.clone().unwrap_or_default(),
-                });
-            }
+        let mut named: HashSet<String> = HashSet::new();
+        for (index, kind) in kinds.iter().enumerate() {
+            (kind.visit)(&mut |meta| {
+                let owners = meta.owner_references.as_deref().unwrap_or_default();
+                if !owners.is_empty() || meta.deletion_timestamp.is_some() {
+                    named.extend(owners.iter().map(|o| o.uid.clone()));
+                    objects.push(object(index, meta));
+                }
+            });
+        }
+        let copied: HashSet<String> = objects.iter().map(|o| o.uid.clone()).collect();
+        for (index, kind) in kinds.iter().enumerate() {
+            (kind.visit)(&mut |meta| {
+                let uid = meta.uid.as_deref().unwrap_or_default();
+                if named.contains(uid) && !copied.contains(uid) {
+                    objects.push(object(index, meta));
+                }
+            });
         }
         let actions = gc::plan(&objects, |o| kind_of(o).is_some());
-        let (client, kinds, kind_of) = (&client, &kinds, &kind_of);
+        let (client, resources, kind_of) = (&client, &resources, &kind_of);
         futures::stream::iter(actions)
             .for_each_concurrent(PARALLEL, |action| async move {
-                if let Err(error) = collect(client, kinds, kind_of, &action).await {
+                if let Err(error) = collect(client, resources, kind_of, &action).await {
                     tracing::debug!(%error, ?action, "garbage collection failed");
                 }
             })
             .await;
+        // A pass looks at every object of every kind: in a busy cluster, once per burst of
+        // 100 ms rather than per change (deletions cascade a little later, nothing is missed).
         wait(&changed).await;
+        tokio::time::sleep(GC_COALESCE).await;
     }
 }
 
 async fn collect(
     client: &kube::Client,
-    kinds: &[kube::api::ApiResource],
+    kinds: &[ApiResource],
     kind_of: &impl Fn(&OwnerReference) -> Option<usize>,
     action: &gc::Action,
 ) -> kube::Result<()> {
