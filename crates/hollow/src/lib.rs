@@ -150,6 +150,19 @@ async fn renew_lease(client: &kube::Client, config: &HollowConfig, index: usize)
     }
 }
 
+/// A container's status in a hollow pod, in `state` (upstream's `running` or `terminated`).
+fn container_status(
+    pod: &Pod,
+    container: &k8s_openapi::api::core::v1::Container,
+    running: bool,
+    state: Value,
+) -> Value {
+    let image = container.image.as_deref().unwrap_or_default();
+    json!({"name": container.name, "image": image, "imageID": format!("hollow://{image}"),
+           "containerID": format!("hollow://{}-{}", pod.metadata.uid.as_deref().unwrap_or_default(), container.name),
+           "ready": running, "started": running, "restartCount": 0, "state": state})
+}
+
 /// The status of a pod that "runs": every container started and ready.
 fn running_status(pod: &Pod, host_ip: &str, pod_ip: &str) -> Value {
     let now = now();
@@ -157,11 +170,7 @@ fn running_status(pod: &Pod, host_ip: &str, pod_ip: &str) -> Value {
         .spec
         .iter()
         .flat_map(|s| &s.containers)
-        .map(|c| {
-            json!({"name": c.name, "image": c.image, "imageID": format!("hollow://{}", c.image.as_deref().unwrap_or_default()),
-                   "containerID": format!("hollow://{}-{}", pod.metadata.uid.as_deref().unwrap_or_default(), c.name),
-                   "ready": true, "started": true, "restartCount": 0, "state": {"running": {"startedAt": now}}})
-        })
+        .map(|c| container_status(pod, c, true, json!({"running": {"startedAt": now}})))
         .collect();
     let condition =
         |kind: &str| json!({"type": kind, "status": "True", "lastProbeTime": null, "lastTransitionTime": now});
@@ -192,10 +201,9 @@ fn finished_status(pod: &Pod, started: &str) -> Value {
         .iter()
         .flat_map(|s| &s.containers)
         .map(|c| {
-            json!({"name": c.name, "image": c.image, "imageID": format!("hollow://{}", c.image.as_deref().unwrap_or_default()),
-                   "containerID": format!("hollow://{}-{}", pod.metadata.uid.as_deref().unwrap_or_default(), c.name),
-                   "ready": false, "started": false, "restartCount": 0,
-                   "state": {"terminated": {"exitCode": code, "reason": reason, "startedAt": started, "finishedAt": now}}})
+            let state =
+                json!({"terminated": {"exitCode": code, "reason": reason, "startedAt": started, "finishedAt": now}});
+            container_status(pod, c, false, state)
         })
         .collect();
     let condition = |kind: &str, status: &str, reason: Option<&str>| json!({"type": kind, "status": status, "reason": reason, "lastProbeTime": null, "lastTransitionTime": now});

@@ -14,7 +14,7 @@ use kube::runtime::reflector::Store;
 use serde_json::json;
 use tokio::sync::Notify;
 
-use super::{Hub, PARALLEL, ready, wait};
+use super::{Hub, PARALLEL, Watched, ready, wait};
 use crate::gc;
 
 /// How long the collector lets changes gather before a pass.
@@ -32,13 +32,7 @@ impl Kind {
     /// collector needs, its metadata alone (`PartialObjectMeta`).
     fn of<K>(hub: &Hub, changed: &Arc<Notify>) -> (Kind, Store<K>)
     where
-        K: kube::Resource<DynamicType = ()>
-            + Clone
-            + serde::de::DeserializeOwned
-            + std::fmt::Debug
-            + Send
-            + Sync
-            + 'static,
+        K: Watched,
     {
         let store = hub.watch::<K>(changed);
         let visited = store.clone();

@@ -10,6 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::{StreamExt, TryStreamExt};
+use k8s_openapi::api::core::v1::Pod;
 use kube::api::{Api, DeleteParams};
 use kube::runtime::reflector::Store;
 use kube::runtime::{WatchStreamExt, reflector, watcher};
@@ -51,6 +52,26 @@ const PARALLEL: usize = 32;
 /// A pass also runs this often without changes (time-based conditions such as minReadySeconds).
 const RESYNC: Duration = Duration::from_secs(30);
 
+/// A kind the shared informers can hold: a typed Kubernetes object (or its metadata alone).
+pub(crate) trait Watched:
+    kube::Resource<DynamicType = ()> + Clone + serde::de::DeserializeOwned + std::fmt::Debug + Send + Sync + 'static
+{
+}
+
+impl<K> Watched for K where
+    K: kube::Resource<DynamicType = ()> + Clone + serde::de::DeserializeOwned + std::fmt::Debug + Send + Sync + 'static
+{
+}
+
+/// Every pod by namespace (what selector-driven controllers match against).
+fn pods_by_namespace(pods: &[Arc<Pod>]) -> HashMap<&str, Vec<Arc<Pod>>> {
+    let mut by_namespace: HashMap<&str, Vec<Arc<Pod>>> = HashMap::new();
+    for pod in pods {
+        by_namespace.entry(pod.metadata.namespace.as_deref().unwrap_or_default()).or_default().push(pod.clone());
+    }
+    by_namespace
+}
+
 /// One reflector of a kind and the controllers it wakes.
 struct Informer<K: kube::Resource<DynamicType = ()> + 'static> {
     store: Store<K>,
@@ -73,13 +94,7 @@ impl Hub {
     /// schedule passes a Notify nobody waits on).
     fn watch<K>(&self, wake: &Arc<Notify>) -> Store<K>
     where
-        K: kube::Resource<DynamicType = ()>
-            + Clone
-            + serde::de::DeserializeOwned
-            + std::fmt::Debug
-            + Send
-            + Sync
-            + 'static,
+        K: Watched,
     {
         let mut informers = self.informers.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(informer) = informers.get(&TypeId::of::<K>()).and_then(|i| i.downcast_ref::<Informer<K>>()) {

@@ -11,7 +11,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::api::{Api, DeleteParams, PostParams};
 use tokio::sync::Notify;
 
-use super::{Hub, PARALLEL, delete_if_there, ready, wait};
+use super::{Hub, PARALLEL, delete_if_there, pods_by_namespace, ready, wait};
 use crate::endpoints::{self, CONTROLLER, Desired, MANAGED_BY, SERVICE_NAME};
 
 /// The label upstream's endpoints controller puts on the Endpoints it manages (so the mirroring
@@ -39,10 +39,7 @@ pub(super) async fn run_endpoints(client: kube::Client, hub: Arc<Hub>) -> anyhow
             continue;
         }
         let all_pods = pods.state();
-        let mut by_namespace: HashMap<&str, Vec<Arc<Pod>>> = HashMap::new();
-        for pod in &all_pods {
-            by_namespace.entry(pod.metadata.namespace.as_deref().unwrap_or_default()).or_default().push(pod.clone());
-        }
+        let by_namespace = pods_by_namespace(&all_pods);
         let key =
             |meta: &ObjectMeta| (meta.namespace.clone().unwrap_or_default(), meta.name.clone().unwrap_or_default());
         let existing: HashMap<(String, String), Arc<Endpoints>> =

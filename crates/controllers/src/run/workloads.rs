@@ -13,7 +13,7 @@ use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams, Preconditions
 use serde_json::json;
 use tokio::sync::Notify;
 
-use super::{Hub, PARALLEL, create_if_missing, delete_if_there, event, ready, wait, wait_until};
+use super::{Hub, PARALLEL, create_if_missing, delete_if_there, event, pods_by_namespace, ready, wait, wait_until};
 use crate::{cronjob, daemonset, deployment, job, replicaset, statefulset};
 
 /// The ReplicaSet controller.
@@ -31,10 +31,7 @@ pub(super) async fn run_replicasets(client: kube::Client, hub: Arc<Hub>) -> anyh
             continue;
         }
         let all_pods = pods.state();
-        let mut by_namespace: HashMap<&str, Vec<Arc<Pod>>> = HashMap::new();
-        for pod in &all_pods {
-            by_namespace.entry(pod.metadata.namespace.as_deref().unwrap_or_default()).or_default().push(pod.clone());
-        }
+        let by_namespace = pods_by_namespace(&all_pods);
         let seen: std::collections::HashSet<&str> =
             all_pods.iter().filter_map(|p| p.metadata.name.as_deref()).collect();
         let sets_now = sets.state();
