@@ -400,7 +400,7 @@ fn filter(facts: &PodFacts<'_>, info: &NodeInfo) -> Vec<String> {
 /// Scores 0-100 per plugin, added up: least allocated, balanced allocation, preferred node
 /// affinity, untolerated PreferNoSchedule taints, and spreading of the pod's siblings (same
 /// namespace and labels) across hostnames.
-fn score(facts: &PodFacts<'_>, info: &NodeInfo, siblings_max: usize) -> i64 {
+fn score(facts: &PodFacts<'_>, info: &NodeInfo, siblings: usize, siblings_max: usize) -> i64 {
     let pod = facts.pod;
     let (allocatable, _) = info.allocatable_resources();
     let requests = facts.scoring_requests;
@@ -433,7 +433,6 @@ fn score(facts: &PodFacts<'_>, info: &NodeInfo, siblings_max: usize) -> i64 {
         .count() as i64;
     let taints = 100 - (untolerated_soft * 50).min(100);
 
-    let siblings = siblings_on(pod, info);
     let spread = (siblings * 100).checked_div(siblings_max).map_or(100, |share| (100 - share) as i64);
 
     // PodTopologySpread (ScheduleAnyway): the emptier the node's domain, the better.
@@ -528,8 +527,10 @@ pub fn schedule_from(pod: &Pod, nodes: &[NodeInfo], start: usize) -> (Decision, 
         let message = format!("0/{} nodes are available: {}.", nodes.len(), parts.join(", "));
         return (Decision::Unschedulable(message), next);
     }
-    let siblings_max = feasible.iter().map(|&i| siblings_on(pod, &nodes[i])).max().unwrap_or(0);
-    let scored: Vec<(usize, i64)> = feasible.iter().map(|&i| (i, score(&facts, &nodes[i], siblings_max))).collect();
+    let siblings: Vec<usize> = feasible.iter().map(|&i| siblings_on(pod, &nodes[i])).collect();
+    let siblings_max = siblings.iter().copied().max().unwrap_or(0);
+    let scored: Vec<(usize, i64)> =
+        feasible.iter().zip(&siblings).map(|(&i, &s)| (i, score(&facts, &nodes[i], s, siblings_max))).collect();
     let best = scored.iter().map(|(_, s)| *s).max().unwrap_or(0);
     let top: Vec<usize> = scored.iter().filter(|(_, s)| *s == best).map(|(i, _)| *i).collect();
     let hash = pod

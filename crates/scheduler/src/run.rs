@@ -121,15 +121,16 @@ impl Scheduler {
         // Node infos from the nodes as parsed before (unless they changed), plus the pods'
         // costs as parsed before: a pass costs hash lookups, not quantity parsing.
         let version = |meta: &ObjectMeta| meta.resource_version.clone().unwrap_or_default();
+        let same = |cached: &str, meta: &ObjectMeta| meta.resource_version.as_deref().unwrap_or_default() == cached;
         let mut infos: Vec<NodeInfo> = nodes
             .iter()
             .map(|n| {
-                let name = n.metadata.name.clone().unwrap_or_default();
-                match self.node_cache.get(&name) {
-                    Some((v, info)) if *v == version(&n.metadata) => info.clone(),
+                let name = n.metadata.name.as_deref().unwrap_or_default();
+                match self.node_cache.get(name) {
+                    Some((v, info)) if same(v, &n.metadata) => info.clone(),
                     _ => {
                         let info = NodeInfo::new(n.clone());
-                        self.node_cache.insert(name, (version(&n.metadata), info.clone()));
+                        self.node_cache.insert(name.to_string(), (version(&n.metadata), info.clone()));
                         info
                     }
                 }
@@ -140,8 +141,8 @@ impl Scheduler {
                 nodes.iter().filter_map(|n| n.metadata.name.as_deref()).collect();
             self.node_cache.retain(|name, _| names.contains(name.as_str()));
         }
-        let names: Vec<String> = infos.iter().map(|n| n.name().to_string()).collect();
-        let index: HashMap<&str, usize> = names.iter().enumerate().map(|(i, n)| (n.as_str(), i)).collect();
+        let index: HashMap<&str, usize> =
+            nodes.iter().enumerate().map(|(i, n)| (n.metadata.name.as_deref().unwrap_or_default(), i)).collect();
         let mut by_uid: HashMap<&str, &Pod> = HashMap::with_capacity(pods.len());
         for pod in pods {
             by_uid.insert(uid_of(pod), &**pod);
@@ -150,7 +151,7 @@ impl Scheduler {
                 && !is_terminal(pod)
             {
                 let cost = match self.pod_cache.get(uid_of(pod)) {
-                    Some((v, cost)) if *v == version(&pod.metadata) => cost.clone(),
+                    Some((v, cost)) if same(v, &pod.metadata) => cost.clone(),
                     _ => {
                         let cost = Arc::new(plan::PodCost::of(pod));
                         self.pod_cache.insert(uid(pod), (version(&pod.metadata), cost.clone()));
