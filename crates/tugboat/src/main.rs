@@ -59,7 +59,6 @@ impl ControllerFlags {
             node_monitor_grace_period: self.node_monitor_grace_period,
             cluster_cidr: self.cluster_cidr,
             node_cidr_mask_size: self.node_cidr_mask_size,
-            root_ca: None,
         }
     }
 }
@@ -208,10 +207,8 @@ fn main() -> ExitCode {
             }
             Command::ControllerManager(args) => {
                 let client = client(&args.component.kubeconfig).await?;
-                let mut config = args.controllers.config();
-                config.root_ca = root_ca(&args.component.kubeconfig);
                 tokio::select! {
-                    result = tugboat_controllers::run(client, config) => result,
+                    result = tugboat_controllers::run(client, args.controllers.config()) => result,
                     result = wait_for_shutdown() => result,
                 }
             }
@@ -241,18 +238,6 @@ async fn client(kubeconfig: &std::path::Path) -> anyhow::Result<kube::Client> {
         .await
         .with_context(|| format!("using the kubeconfig {}", kubeconfig.display()))?;
     Ok(kube::Client::try_from(config)?)
-}
-
-/// The cluster CA (PEM) a kubeconfig trusts, for the `kube-root-ca.crt` ConfigMaps.
-fn root_ca(kubeconfig: &std::path::Path) -> Option<String> {
-    use base64::Engine;
-    let file = kube::config::Kubeconfig::read_from(kubeconfig).ok()?;
-    let cluster = file.clusters.first()?.cluster.as_ref()?;
-    match (&cluster.certificate_authority_data, &cluster.certificate_authority) {
-        (Some(data), _) => String::from_utf8(base64::engine::general_purpose::STANDARD.decode(data.trim()).ok()?).ok(),
-        (None, Some(path)) => std::fs::read_to_string(path).ok(),
-        _ => None,
-    }
 }
 
 /// Runs a component in the background of `server`, restarting it if it fails.
@@ -313,8 +298,7 @@ async fn server(args: ServerArgs, full: bool) -> anyhow::Result<()> {
 
     if full && !args.disable_controller_manager {
         let kubeconfig = api.admin_kubeconfig().to_path_buf();
-        let mut config = args.controllers.config();
-        config.root_ca = root_ca(&kubeconfig);
+        let config = args.controllers.config();
         components.push(spawn_component("controller-manager", move || {
             let (kubeconfig, config) = (kubeconfig.clone(), config.clone());
             async move { tugboat_controllers::run(client(&kubeconfig).await?, config).await }
