@@ -34,7 +34,9 @@ pub(super) async fn run_endpoints(client: kube::Client, hub: Arc<Hub>) -> anyhow
         let managed = |e: &Endpoints| {
             e.metadata.labels.as_ref().and_then(|l| l.get(SKIP_MIRROR)).map(String::as_str) == Some("true")
         };
-        if !services.state().iter().any(|s| selecting(s)) && !endpoints.state().iter().any(|e| managed(e)) {
+        let all_services = services.state();
+        let all_endpoints = endpoints.state();
+        if !all_services.iter().any(|s| selecting(s)) && !all_endpoints.iter().any(|e| managed(e)) {
             wait(&changed).await;
             continue;
         }
@@ -43,7 +45,7 @@ pub(super) async fn run_endpoints(client: kube::Client, hub: Arc<Hub>) -> anyhow
         let key =
             |meta: &ObjectMeta| (meta.namespace.clone().unwrap_or_default(), meta.name.clone().unwrap_or_default());
         let existing: HashMap<(String, String), Arc<Endpoints>> =
-            endpoints.state().into_iter().map(|e| (key(&e.metadata), e)).collect();
+            all_endpoints.into_iter().map(|e| (key(&e.metadata), e)).collect();
         let mut slices_of: HashMap<(String, String), Vec<Arc<EndpointSlice>>> = HashMap::new();
         for slice in slices.state() {
             let labels = slice.metadata.labels.clone().unwrap_or_default();
@@ -54,7 +56,6 @@ pub(super) async fn run_endpoints(client: kube::Client, hub: Arc<Hub>) -> anyhow
                 slices_of.entry((namespace, service.clone())).or_default().push(slice);
             }
         }
-        let all_services = services.state();
         let mut work = Vec::new();
         for service in &all_services {
             let id = key(&service.metadata);

@@ -156,7 +156,6 @@ impl InFlight {
 /// Carries out a plan; returns the names of the pods it created.
 async fn apply(client: &kube::Client, set: &ReplicaSet, plan: replicaset::Plan) -> Vec<String> {
     let namespace = set.metadata.namespace.as_deref().unwrap_or("default");
-    let name = set.metadata.name.as_deref().unwrap_or_default();
     let pods: Api<Pod> = Api::namespaced(client.clone(), namespace);
     let owner = owner_reference(set);
     for orphan in &plan.adopt {
@@ -178,22 +177,8 @@ async fn apply(client: &kube::Client, set: &ReplicaSet, plan: replicaset::Plan) 
         created = create_pods(&pods, &pod, plan.create).await;
         pod_events(client, set, "SuccessfulCreate", "Created", &created, "replicaset-controller").await;
     }
-    let mut deleted = Vec::new();
-    for victim in &plan.delete {
-        match delete_if_there(&pods, victim, &DeleteParams::default()).await {
-            Ok(()) => deleted.push(victim.clone()),
-            Err(error) => tracing::debug!(%error, pod = victim, "could not delete"),
-        }
-    }
-    pod_events(client, set, "SuccessfulDelete", "Deleted", &deleted, "replicaset-controller").await;
-    let current = set.status.clone().unwrap_or_default();
-    if current != plan.status {
-        let sets: Api<ReplicaSet> = Api::namespaced(client.clone(), namespace);
-        let patch = json!({"status": plan.status});
-        if let Err(error) = sets.patch_status(name, &PatchParams::default(), &Patch::Merge(&patch)).await {
-            tracing::debug!(%error, replicaset = name, "could not update the status");
-        }
-    }
+    delete_pods(client, set, &pods, &plan.delete, &DeleteParams::default(), "replicaset-controller").await;
+    update_status(client, set, Some(&set.status.clone().unwrap_or_default()), &plan.status).await;
     created
 }
 
@@ -298,6 +283,46 @@ async fn apply_deployment(client: &kube::Client, d: &Deployment, plan: deploymen
         if let Err(error) = deployments.patch_status(name, &params, &Patch::Merge(&patch)).await {
             tracing::debug!(%error, deployment = name, "could not update the status");
         }
+    }
+}
+
+/// Deletes `victims` (pods of `owner`), with a SuccessfulDelete event for each one deleted.
+async fn delete_pods<K: kube::Resource<DynamicType = ()>>(
+    client: &kube::Client,
+    owner: &K,
+    pods: &Api<Pod>,
+    victims: &[String],
+    params: &DeleteParams,
+    component: &str,
+) {
+    let mut deleted = Vec::new();
+    for victim in victims {
+        match delete_if_there(pods, victim, params).await {
+            Ok(()) => deleted.push(victim.clone()),
+            Err(error) => tracing::debug!(%error, pod = victim, component, "could not delete a pod"),
+        }
+    }
+    pod_events(client, owner, "SuccessfulDelete", "Deleted", &deleted, component).await;
+}
+
+/// Writes `status` to `object`'s status subresource when it differs from `current`.
+async fn update_status<K, S>(client: &kube::Client, object: &K, current: Option<&S>, status: &S)
+where
+    K: kube::Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
+        + Clone
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug,
+    S: serde::Serialize + PartialEq,
+{
+    if current == Some(status) {
+        return;
+    }
+    let meta = object.meta();
+    let api: Api<K> = Api::namespaced(client.clone(), meta.namespace.as_deref().unwrap_or("default"));
+    let name = meta.name.as_deref().unwrap_or_default();
+    let patch = json!({"status": status});
+    if let Err(error) = api.patch_status(name, &PatchParams::default(), &Patch::Merge(&patch)).await {
+        tracing::debug!(%error, object = name, kind = %K::kind(&()), "could not update the status");
     }
 }
 
@@ -406,21 +431,8 @@ async fn apply_daemonset(client: &kube::Client, ds: &DaemonSet, plan: daemonset:
         .await;
     let created: Vec<String> = created.into_iter().flatten().collect();
     pod_events(client, ds, "SuccessfulCreate", "Created", &created, "daemonset-controller").await;
-    let mut deleted = Vec::new();
-    for victim in &plan.delete {
-        match delete_if_there(&pods, victim, &DeleteParams::default()).await {
-            Ok(()) => deleted.push(victim.clone()),
-            Err(error) => tracing::debug!(%error, pod = victim, "could not delete a daemon pod"),
-        }
-    }
-    pod_events(client, ds, "SuccessfulDelete", "Deleted", &deleted, "daemonset-controller").await;
-    if ds.status.as_ref() != Some(&plan.status) {
-        let sets: Api<DaemonSet> = Api::namespaced(client.clone(), namespace);
-        let patch = json!({"status": plan.status});
-        if let Err(error) = sets.patch_status(name, &PatchParams::default(), &Patch::Merge(&patch)).await {
-            tracing::debug!(%error, daemonset = name, "could not update the status");
-        }
-    }
+    delete_pods(client, ds, &pods, &plan.delete, &DeleteParams::default(), "daemonset-controller").await;
+    update_status(client, ds, ds.status.as_ref(), &plan.status).await;
 }
 
 /// The Job controller (and the TTL-after-finished controller).
@@ -494,14 +506,7 @@ async fn apply_job(client: &kube::Client, j: &Job, plan: job::Plan) -> Vec<Strin
         created = create_pods(&pods, &pod, plan.create).await;
         pod_events(client, j, "SuccessfulCreate", "Created", &created, "job-controller").await;
     }
-    let mut deleted = Vec::new();
-    for victim in &plan.delete {
-        match delete_if_there(&pods, victim, &DeleteParams::background()).await {
-            Ok(()) => deleted.push(victim.clone()),
-            Err(error) => tracing::debug!(%error, pod = victim, "could not delete a job pod"),
-        }
-    }
-    pod_events(client, j, "SuccessfulDelete", "Deleted", &deleted, "job-controller").await;
+    delete_pods(client, j, &pods, &plan.delete, &DeleteParams::background(), "job-controller").await;
     let finished_now = |status: Option<&k8s_openapi::api::batch::v1::JobStatus>| {
         status.and_then(|s| s.conditions.as_ref()).and_then(|c| {
             c.iter().find(|c| (c.type_ == "Complete" || c.type_ == "Failed") && c.status == "True").cloned()
@@ -517,12 +522,7 @@ async fn apply_job(client: &kube::Client, j: &Job, plan: job::Plan) -> Vec<Strin
         };
         event(client, j, kind, &reason, &message, "job-controller").await;
     }
-    if j.status.as_ref() != Some(&plan.status) {
-        let patch = json!({"status": plan.status});
-        if let Err(error) = jobs.patch_status(name, &PatchParams::default(), &Patch::Merge(&patch)).await {
-            tracing::debug!(%error, job = name, "could not update the status");
-        }
-    }
+    update_status(client, j, j.status.as_ref(), &plan.status).await;
     created
 }
 
@@ -752,11 +752,5 @@ async fn apply_statefulset(client: &kube::Client, set: &StatefulSet, plan: state
             Err(error) => tracing::debug!(%error, pod = victim, "could not delete a stateful pod"),
         }
     }
-    if set.status.as_ref() != Some(&plan.status) {
-        let sets: Api<StatefulSet> = Api::namespaced(client.clone(), namespace);
-        let patch = json!({"status": plan.status});
-        if let Err(error) = sets.patch_status(name, &PatchParams::default(), &Patch::Merge(&patch)).await {
-            tracing::debug!(%error, statefulset = name, "could not update the status");
-        }
-    }
+    update_status(client, set, set.status.as_ref(), &plan.status).await;
 }
