@@ -74,12 +74,17 @@ pub fn load_target(path: &std::path::Path) -> anyhow::Result<Target> {
         }
         _ => builder.with_no_client_auth(),
     };
+    // TCP_NODELAY, as Go's clients: a body in a second TLS record must not wait 40 ms for
+    // the server's delayed ACK.
+    let mut http = HttpConnector::new();
+    http.enforce_http(false);
+    http.set_nodelay(true);
     let connector = hyper_rustls::HttpsConnectorBuilder::new()
         .with_tls_config(tls)
         .https_or_http()
         .enable_http1()
         .enable_http2()
-        .build();
+        .wrap_connector(http);
     let client = Client::builder(TokioExecutor::new()).build(connector);
     Ok(Target { server, client, token: user["token"].as_str().map(str::to_string) })
 }
@@ -121,15 +126,16 @@ pub fn rss_kib(pid: Option<u32>) -> Option<u64> {
 }
 
 /// The kubeconfig to measure: the one given, or that of a `tugboat server` started from the
-/// binary `start` (returned too: the server lives as long as it does).
+/// binary `start` with `server_flags` (returned too: the server lives as long as it does).
 pub fn kubeconfig_or_start(
     kubeconfig: Option<&std::path::Path>,
     start: Option<&std::path::Path>,
+    server_flags: &[&str],
 ) -> anyhow::Result<(std::path::PathBuf, Option<tugboat_testkit::TugboatServer>)> {
     match (kubeconfig, start) {
         (Some(path), _) => Ok((path.to_path_buf(), None)),
         (None, Some(binary)) => {
-            let server = tugboat_testkit::TugboatServer::start(binary, &[])?;
+            let server = tugboat_testkit::TugboatServer::start(binary, server_flags)?;
             Ok((server.kubeconfig(), Some(server)))
         }
         (None, None) => bail!("give --kubeconfig or --start"),

@@ -78,7 +78,7 @@ where
 
 async fn run(args: Args) -> anyhow::Result<Value> {
     let (kubeconfig, started) =
-        tugboat_apibench::kubeconfig_or_start(args.kubeconfig.as_deref(), args.start.as_deref())?;
+        tugboat_apibench::kubeconfig_or_start(args.kubeconfig.as_deref(), args.start.as_deref(), &[])?;
     let pid = started.as_ref().map(|s| s.pid());
     let target = Arc::new(load_target(&kubeconfig)?);
     tokio::time::sleep(Duration::from_millis(500)).await;

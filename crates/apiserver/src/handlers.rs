@@ -1214,7 +1214,8 @@ pub(crate) async fn modify(
         if !written.is_object() {
             return Err(ApiError::bad_request("the request does not leave an object"));
         }
-        if view != View::Scale {
+        // The server's own writes (View::Whole) change an object it stored: nothing to prune.
+        if !matches!(view, View::Scale | View::Whole) {
             write.check_fields(resource, &mut written)?;
         }
         let mut object = view.merge_back(resource, &old, written)?;
@@ -1226,8 +1227,9 @@ pub(crate) async fn modify(
             View::Scale => "scale",
             View::Finalize => "finalize",
         };
-        // A server-side apply has written its own managedFields; every other write is an Update.
-        if !write.apply {
+        // A server-side apply has written its own managedFields; every other write is an
+        // Update, except the server's own (a binding, as upstream, records no manager).
+        if !write.apply && view != View::Whole {
             fields::record_update(&write.manager, &resource.api_version(), subresource, Some(&old), &mut object);
         }
         object::validate(resource, &object)?;

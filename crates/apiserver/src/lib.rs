@@ -270,6 +270,11 @@ async fn accept_loop(
                 continue;
             }
         };
+        // As Go's servers do: a response written in pieces (TLS records, headers then body)
+        // must not wait for the client's delayed ACK (Nagle), which costs 40 ms a request.
+        if let Err(error) = tcp.set_nodelay(true) {
+            tracing::debug!(%peer, %error, "could not set TCP_NODELAY");
+        }
         let (acceptor, state, tokens) = (acceptor.clone(), state.clone(), tokens.clone());
         tokio::spawn(async move {
             let tls = match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await {

@@ -34,6 +34,11 @@ pub struct HollowConfig {
     pub status_report: Duration,
     /// How long a pod that is not restarted "runs" before it exits (None: forever).
     pub pod_exit_after: Option<Duration>,
+    /// How long a deleted pod takes to stop (at most its grace period), as a real kubelet's
+    /// containers take to exit on SIGTERM. Not zero by default: clients such as `kubectl
+    /// delete` look for the pod just after deleting it and, were it gone and replaced by a
+    /// controller's new pod of the same name within those milliseconds, would wait for ever.
+    pub pod_stop_time: Duration,
 }
 
 /// The annotation that gives a hollow pod's exit code (default 0).
@@ -50,6 +55,7 @@ impl Default for HollowConfig {
             lease_renew: Duration::from_secs(10),
             status_report: Duration::from_secs(300),
             pod_exit_after: Some(Duration::from_secs(1)),
+            pod_stop_time: Duration::from_millis(200),
         }
     }
 }
@@ -284,13 +290,19 @@ pub async fn run(client: kube::Client, config: HollowConfig) -> anyhow::Result<(
     let ours = Arc::new(ours);
     let mut addresses: HashMap<usize, u32> = HashMap::new();
     let mut running: HashSet<String> = HashSet::new();
-    let mut pods = watcher(Api::<Pod>::all(client.clone()), watcher::Config::default())
-        .default_backoff()
-        .touched_objects()
-        .boxed();
+    // Pods being stopped (uids), so each is deleted once.
+    let mut stopping: HashSet<String> = HashSet::new();
+    let mut pods = watcher(Api::<Pod>::all(client.clone()), watcher::Config::default()).default_backoff().boxed();
     let result = loop {
         let pod = match pods.next().await {
-            Some(Ok(pod)) => pod,
+            Some(Ok(watcher::Event::Apply(pod) | watcher::Event::InitApply(pod))) => pod,
+            Some(Ok(watcher::Event::Delete(pod))) => {
+                let uid = pod.metadata.uid.unwrap_or_default();
+                running.remove(&uid);
+                stopping.remove(&uid);
+                continue;
+            }
+            Some(Ok(_)) => continue,
             Some(Err(error)) => {
                 tracing::debug!(%error, "hollow pod watch");
                 continue;
@@ -328,9 +340,13 @@ pub async fn run(client: kube::Client, config: HollowConfig) -> anyhow::Result<(
                     }
                 });
             }
-            Action::Finish => {
+            Action::Finish if !stopping.contains(&uid) => {
                 running.remove(&uid);
+                stopping.insert(uid.clone());
+                let grace = pod.metadata.deletion_grace_period_seconds.unwrap_or(0).max(0);
+                let stop_time = config.pod_stop_time.min(Duration::from_secs(grace.unsigned_abs()));
                 tokio::spawn(async move {
+                    tokio::time::sleep(stop_time).await;
                     let options = DeleteParams {
                         grace_period_seconds: Some(0),
                         preconditions: Some(Preconditions { uid: Some(uid), resource_version: None }),

@@ -1,6 +1,7 @@
 //! Tugboat's scheduler: watches pods no node has yet and the nodes, picks a node for each pod
 //! (`plan`, pure), and binds it through the API (`pods/<name>/binding`).
 
+mod cache;
 pub mod events;
 pub mod labels;
 pub mod plan;

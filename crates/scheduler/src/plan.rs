@@ -2,7 +2,7 @@
 //! pods already on it), which nodes pass every filter, how each scores, and which wins; or why
 //! none fits, worded as upstream words it (`0/3 nodes are available: 3 Insufficient cpu.`).
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
 use k8s_openapi::api::core::v1::{Node, NodeSelectorRequirement, NodeSelectorTerm, Pod, Taint, Toleration};
@@ -22,6 +22,12 @@ impl Resources {
         self.milli_cpu += other.milli_cpu;
         self.memory += other.memory;
         self.ephemeral_storage += other.ephemeral_storage;
+    }
+
+    fn subtract(&mut self, other: Resources) {
+        self.milli_cpu -= other.milli_cpu;
+        self.memory -= other.memory;
+        self.ephemeral_storage -= other.ephemeral_storage;
     }
 
     fn max(self, other: Resources) -> Resources {
@@ -109,25 +115,15 @@ pub struct NodeInfo {
     /// The same with non-zero defaults, for scoring.
     pub scoring_requested: Resources,
     pub pod_count: i64,
-    /// (protocol, hostIP, hostPort) in use.
-    pub host_ports: HashSet<(String, String, i32)>,
+    /// (protocol, hostIP, hostPort) in use (once per pod using it).
+    pub host_ports: Vec<(String, String, i32)>,
     /// The pods on the node (for spreading by namespace and labels).
     pub pods: Vec<Arc<Pod>>,
 }
 
 impl NodeInfo {
     pub fn new(node: Arc<Node>) -> NodeInfo {
-        let offered = |name: &str| {
-            let status = node.status.as_ref()?;
-            let resources = status.allocatable.as_ref().or(status.capacity.as_ref())?;
-            resources.get(name).map(|q| q.0.clone())
-        };
-        let allocatable = Resources {
-            milli_cpu: offered("cpu").map(|q| millicores(&q)).unwrap_or(0),
-            memory: offered("memory").map(|q| units(&q)).unwrap_or(0),
-            ephemeral_storage: offered("ephemeral-storage").map(|q| units(&q)).unwrap_or(0),
-        };
-        let max_pods = offered("pods").map(|q| units(&q)).unwrap_or(110);
+        let (allocatable, max_pods) = offered(&node);
         NodeInfo {
             node,
             allocatable,
@@ -135,9 +131,15 @@ impl NodeInfo {
             requested: Resources::default(),
             scoring_requested: Resources::default(),
             pod_count: 0,
-            host_ports: HashSet::new(),
+            host_ports: Vec::new(),
             pods: Vec::new(),
         }
+    }
+
+    /// The node changed (labels, taints, allocatable…); the pods on it stay counted.
+    pub fn set_node(&mut self, node: Arc<Node>) {
+        (self.allocatable, self.max_pods) = offered(&node);
+        self.node = node;
     }
 
     pub fn name(&self) -> &str {
@@ -158,9 +160,40 @@ impl NodeInfo {
         self.pods.push(pod.clone());
     }
 
+    /// Stops counting the pod with this uid, added before with `cost`; false if it was not here.
+    pub fn remove_pod(&mut self, uid: &str, cost: &PodCost) -> bool {
+        let Some(at) = self.pods.iter().position(|p| p.metadata.uid.as_deref() == Some(uid)) else { return false };
+        self.pods.swap_remove(at);
+        self.requested.subtract(cost.requests);
+        self.scoring_requested.subtract(cost.scoring);
+        self.pod_count -= 1;
+        for port in &cost.host_ports {
+            if let Some(at) = self.host_ports.iter().position(|p| p == port) {
+                self.host_ports.swap_remove(at);
+            }
+        }
+        true
+    }
+
     fn allocatable_resources(&self) -> (Resources, i64) {
         (self.allocatable, self.max_pods)
     }
+}
+
+/// What a node offers pods: its allocatable (else capacity) cpu, memory and ephemeral storage,
+/// and how many pods (110 if it does not say).
+fn offered(node: &Node) -> (Resources, i64) {
+    let offered = |name: &str| {
+        let status = node.status.as_ref()?;
+        let resources = status.allocatable.as_ref().or(status.capacity.as_ref())?;
+        resources.get(name).map(|q| q.0.clone())
+    };
+    let allocatable = Resources {
+        milli_cpu: offered("cpu").map(|q| millicores(&q)).unwrap_or(0),
+        memory: offered("memory").map(|q| units(&q)).unwrap_or(0),
+        ephemeral_storage: offered("ephemeral-storage").map(|q| units(&q)).unwrap_or(0),
+    };
+    (allocatable, offered("pods").map(|q| units(&q)).unwrap_or(110))
 }
 
 fn host_ports(pod: &Pod) -> Vec<(String, String, i32)> {

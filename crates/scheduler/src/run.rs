@@ -1,25 +1,25 @@
-//! The scheduler's loop: reflectors of pods and nodes (kube-rs), and a scheduling pass each
-//! time either changes. A pass takes every pending pod, decides with `plan::schedule` against
-//! the nodes as the reflectors see them plus the pods this scheduler has bound but not yet seen
-//! come back ("assumed", so one pass does not overfill a node), then binds in parallel. Pods
-//! that fit nowhere get PodScheduled=False/Unschedulable and a FailedScheduling event, once per
+//! The scheduler's loop: watches of pods and nodes (kube-rs) feed the cache (`cache.rs`), and
+//! a scheduling pass runs shortly after each burst of changes. A pass tries the queued pods in
+//! order with `plan::schedule_from` against the cache's nodes; each pod placed is assumed on its
+//! node at once (so one pass does not overfill a node) and bound in the background. Pods that
+//! fit nowhere get PodScheduled=False/Unschedulable and a FailedScheduling event, once per
 //! message; they are tried again on the next change of any pod or node, never in a busy loop.
 
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use futures::{StreamExt, TryStreamExt};
+use futures::StreamExt;
 use k8s_openapi::api::core::v1::{Binding, Node, ObjectReference, Pod};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
 use kube::api::{Api, Patch, PatchParams, PostParams};
-use kube::runtime::{WatchStreamExt, reflector, watcher};
+use kube::runtime::{WatchStreamExt, watcher};
 use serde_json::json;
-use tokio::sync::Notify;
+use tokio::time::Instant;
 
-use crate::plan::{self, Decision, NodeInfo};
+use crate::cache::Cache;
+pub use crate::cache::SCHEDULER_NAME;
+use crate::plan::{self, Decision};
 
-/// The `spec.schedulerName` this scheduler serves.
-pub const SCHEDULER_NAME: &str = "default-scheduler";
 /// How long a pass waits after a change for the changes that come with it.
 const COALESCE: std::time::Duration = std::time::Duration::from_millis(20);
 /// Bindings in flight at once.
@@ -27,73 +27,81 @@ const PARALLEL_BINDINGS: usize = 32;
 /// How long a pod that preempted waits for its victims before it may preempt again.
 const PREEMPTION_PAUSE: std::time::Duration = std::time::Duration::from_secs(15);
 
+/// One event of either watch.
+enum Change {
+    Pod(watcher::Event<Pod>),
+    Node(watcher::Event<Node>),
+}
+
 /// Runs the scheduler until the client's server goes away for good.
 pub async fn run(client: kube::Client) -> anyhow::Result<()> {
-    let (pods, pod_writer) = reflector::store::<Pod>();
-    let (nodes, node_writer) = reflector::store::<Node>();
-    let changed = Arc::new(Notify::new());
-    let pod_events = reflector(pod_writer, watcher(Api::<Pod>::all(client.clone()), watcher::Config::default()))
+    let pods = watcher(Api::<Pod>::all(client.clone()), watcher::Config::default())
         .default_backoff()
-        .touched_objects();
-    let node_events = reflector(node_writer, watcher(Api::<Node>::all(client.clone()), watcher::Config::default()))
+        .map(|e| e.map(Change::Pod));
+    let nodes = watcher(Api::<Node>::all(client.clone()), watcher::Config::default())
         .default_backoff()
-        .touched_objects();
-    for events in [pod_events.map_ok(|_| ()).boxed(), node_events.map_ok(|_| ()).boxed()] {
-        let changed = changed.clone();
-        tokio::spawn(async move {
-            let mut events = events;
-            while let Some(event) = events.next().await {
-                if let Err(error) = event {
-                    tracing::debug!(%error, "scheduler watch");
-                }
-                changed.notify_one();
-            }
-        });
-    }
-    pods.wait_until_ready().await?;
-    nodes.wait_until_ready().await?;
-    tracing::info!("scheduler started");
+        .map(|e| e.map(Change::Node));
+    let mut changes = futures::stream::select(pods.boxed(), nodes.boxed());
+    let (failed_sender, mut failed) = tokio::sync::mpsc::unbounded_channel();
     let mut scheduler = Scheduler {
         client,
-        assumed: HashMap::new(),
+        cache: Cache::default(),
+        relisted_pods: None,
+        relisted_nodes: None,
+        listed: (false, false),
         reported: HashMap::new(),
         next_start: 0,
         preempted: HashMap::new(),
-        node_cache: HashMap::new(),
-        pod_cache: HashMap::new(),
         permits: Arc::new(tokio::sync::Semaphore::new(PARALLEL_BINDINGS)),
-        failed: tokio::sync::mpsc::unbounded_channel(),
+        failed: failed_sender,
     };
+    // When the next pass is due: a while after the first change since the last one — at least
+    // as long as the last pass took, so that under load passes grow larger rather than more
+    // frequent.
+    let mut due: Option<Instant> = None;
+    let mut took = std::time::Duration::ZERO;
     loop {
-        let started = std::time::Instant::now();
-        scheduler.pass(&pods.state(), &nodes.state(), &changed).await;
-        let took = started.elapsed();
-        changed.notified().await;
-        // Changes come in bursts (a deployment's pods, a node's heartbeat with many pods'):
-        // one pass for the burst — at least as long as the last pass took, so that under load
-        // passes grow larger rather than more frequent.
-        tokio::time::sleep(COALESCE.max(took)).await;
+        tokio::select! {
+            change = changes.next() => {
+                match change {
+                    Some(Ok(change)) => scheduler.apply(change),
+                    Some(Err(error)) => tracing::debug!(%error, "scheduler watch"),
+                    None => anyhow::bail!("the scheduler's watches ended"),
+                }
+                due.get_or_insert_with(|| Instant::now() + COALESCE.max(took));
+            }
+            Some(uid) = failed.recv() => {
+                scheduler.cache.forget(&uid);
+                due.get_or_insert_with(|| Instant::now() + COALESCE);
+            }
+            () = tokio::time::sleep_until(due.unwrap_or_else(Instant::now)), if due.is_some() && scheduler.ready() => {
+                due = None;
+                let started = Instant::now();
+                scheduler.pass();
+                took = started.elapsed();
+            }
+        }
     }
 }
 
 struct Scheduler {
     client: kube::Client,
-    /// Pods bound by this scheduler that the reflector has not shown bound yet: uid → (node, pod).
-    assumed: HashMap<String, (String, Arc<Pod>)>,
+    cache: Cache,
+    /// Objects of a relist in progress (kept until it is complete).
+    relisted_pods: Option<Vec<Arc<Pod>>>,
+    relisted_nodes: Option<Vec<Arc<Node>>>,
+    /// Whether pods and nodes have been listed once.
+    listed: (bool, bool),
     /// The last Unschedulable message reported per pod uid.
     reported: HashMap<String, String>,
     /// Where the next pod starts looking at nodes.
     next_start: usize,
-    /// Nodes as parsed, by name: (resourceVersion, info without pods).
-    node_cache: HashMap<String, (String, NodeInfo)>,
-    /// Pods' costs as parsed, by uid: (resourceVersion, cost).
-    pod_cache: HashMap<String, (String, Arc<plan::PodCost>)>,
     /// Pods that preempted others, and when (they wait for their victims to go).
     preempted: HashMap<String, std::time::Instant>,
     /// Bindings in flight at once.
     permits: Arc<tokio::sync::Semaphore>,
     /// Pods whose binding failed (uids), to forget as assumed.
-    failed: (tokio::sync::mpsc::UnboundedSender<String>, tokio::sync::mpsc::UnboundedReceiver<String>),
+    failed: tokio::sync::mpsc::UnboundedSender<String>,
 }
 
 fn uid_of(pod: &Pod) -> &str {
@@ -104,119 +112,70 @@ fn uid(pod: &Pod) -> String {
     pod.metadata.uid.clone().unwrap_or_default()
 }
 
-fn is_pending(pod: &Pod) -> bool {
-    let spec = pod.spec.as_ref();
-    spec.is_some_and(|s| s.node_name.as_deref().is_none_or(str::is_empty))
-        && spec.and_then(|s| s.scheduler_name.as_deref()).is_none_or(|n| n == SCHEDULER_NAME)
-        && pod.metadata.deletion_timestamp.is_none()
-        && !matches!(pod.status.as_ref().and_then(|s| s.phase.as_deref()), Some("Succeeded" | "Failed"))
-}
-
-fn is_terminal(pod: &Pod) -> bool {
-    matches!(pod.status.as_ref().and_then(|s| s.phase.as_deref()), Some("Succeeded" | "Failed"))
-}
-
 impl Scheduler {
-    async fn pass(&mut self, pods: &[Arc<Pod>], nodes: &[Arc<Node>], changed: &Arc<Notify>) {
-        // Node infos from the nodes as parsed before (unless they changed), plus the pods'
-        // costs as parsed before: a pass costs hash lookups, not quantity parsing.
-        let version = |meta: &ObjectMeta| meta.resource_version.clone().unwrap_or_default();
-        let same = |cached: &str, meta: &ObjectMeta| meta.resource_version.as_deref().unwrap_or_default() == cached;
-        let mut infos: Vec<NodeInfo> = nodes
-            .iter()
-            .map(|n| {
-                let name = n.metadata.name.as_deref().unwrap_or_default();
-                match self.node_cache.get(name) {
-                    Some((v, info)) if same(v, &n.metadata) => info.clone(),
-                    _ => {
-                        let info = NodeInfo::new(n.clone());
-                        self.node_cache.insert(name.to_string(), (version(&n.metadata), info.clone()));
-                        info
-                    }
-                }
-            })
-            .collect();
-        if self.node_cache.len() > nodes.len() {
-            let names: std::collections::HashSet<&str> =
-                nodes.iter().filter_map(|n| n.metadata.name.as_deref()).collect();
-            self.node_cache.retain(|name, _| names.contains(name.as_str()));
-        }
-        let index: HashMap<&str, usize> =
-            nodes.iter().enumerate().map(|(i, n)| (n.metadata.name.as_deref().unwrap_or_default(), i)).collect();
-        let mut by_uid: HashMap<&str, &Pod> = HashMap::with_capacity(pods.len());
-        for pod in pods {
-            by_uid.insert(uid_of(pod), &**pod);
-            let node = pod.spec.as_ref().and_then(|s| s.node_name.as_deref()).filter(|n| !n.is_empty());
-            if let Some(&i) = node.and_then(|n| index.get(n))
-                && !is_terminal(pod)
-            {
-                let cost = match self.pod_cache.get(uid_of(pod)) {
-                    Some((v, cost)) if same(v, &pod.metadata) => cost.clone(),
-                    _ => {
-                        let cost = Arc::new(plan::PodCost::of(pod));
-                        self.pod_cache.insert(uid(pod), (version(&pod.metadata), cost.clone()));
-                        cost
-                    }
-                };
-                infos[i].add_pod_with(pod, &cost);
-            }
-        }
-        if self.pod_cache.len() > pods.len() {
-            self.pod_cache.retain(|uid, _| by_uid.contains_key(uid.as_str()));
-        }
-        while let Ok(uid) = self.failed.1.try_recv() {
-            self.assumed.remove(&uid);
-        }
-        // Assumed pods count until the reflector shows them bound (or gone).
-        self.assumed.retain(|uid, _| by_uid.get(uid.as_str()).is_some_and(|p| is_pending(p)));
-        for (node, pod) in self.assumed.values() {
-            if let Some(&i) = index.get(node.as_str()) {
-                infos[i].add_pod(pod);
-            }
-        }
-        self.reported.retain(|uid, _| by_uid.get(uid.as_str()).is_some_and(|p| is_pending(p)));
-        self.preempted.retain(|uid, _| by_uid.get(uid.as_str()).is_some_and(|p| is_pending(p)));
+    fn ready(&self) -> bool {
+        self.listed == (true, true)
+    }
 
-        let mut pending: Vec<&Arc<Pod>> =
-            pods.iter().filter(|p| is_pending(p) && !self.assumed.contains_key(uid_of(p))).collect();
-        // Higher priority first, then older first.
-        pending.sort_by_key(|p| {
-            let priority = p.spec.as_ref().and_then(|s| s.priority).unwrap_or(0);
-            (std::cmp::Reverse(priority), p.metadata.creation_timestamp.clone().map(|t| t.0))
-        });
+    fn apply(&mut self, change: Change) {
+        use watcher::Event;
+        match change {
+            Change::Pod(Event::Apply(pod)) => self.cache.apply_pod(Arc::new(pod)),
+            Change::Pod(Event::Delete(pod)) => self.cache.delete_pod(uid_of(&pod)),
+            Change::Pod(Event::Init) => self.relisted_pods = Some(Vec::new()),
+            Change::Pod(Event::InitApply(pod)) => self.relisted_pods.get_or_insert_default().push(Arc::new(pod)),
+            Change::Pod(Event::InitDone) => {
+                self.cache.replace_pods(self.relisted_pods.take().unwrap_or_default());
+                self.listed.0 = true;
+            }
+            Change::Node(Event::Apply(node)) => self.cache.apply_node(Arc::new(node)),
+            Change::Node(Event::Delete(node)) => {
+                self.cache.delete_node(node.metadata.name.as_deref().unwrap_or_default())
+            }
+            Change::Node(Event::Init) => self.relisted_nodes = Some(Vec::new()),
+            Change::Node(Event::InitApply(node)) => self.relisted_nodes.get_or_insert_default().push(Arc::new(node)),
+            Change::Node(Event::InitDone) => {
+                self.cache.replace_nodes(self.relisted_nodes.take().unwrap_or_default());
+                self.listed.1 = true;
+            }
+        }
+    }
+
+    /// Tries every queued pod; binds, reports and preempts in the background.
+    fn pass(&mut self) {
+        let cache = &self.cache;
+        self.reported.retain(|uid, _| cache.is_queued(uid));
+        self.preempted.retain(|uid, _| cache.is_queued(uid));
         let mut bindings = Vec::new();
         let mut failures = Vec::new();
         let mut preemptions = Vec::new();
-        for pod in pending {
-            let (decision, next) = plan::schedule_from(pod, &infos, self.next_start);
+        for pod in self.cache.queue() {
+            let (decision, next) = plan::schedule_from(&pod, self.cache.nodes(), self.next_start);
             self.next_start = next;
             match decision {
                 Decision::Bind(i) => {
-                    infos[i].add_pod(pod);
-                    let node = infos[i].name().to_string();
-                    self.assumed.insert(uid(pod), (node.clone(), pod.clone()));
-                    bindings.push((pod.clone(), node));
+                    let node = self.cache.assume(uid_of(&pod), i);
+                    bindings.push((pod, node));
                 }
                 Decision::Unschedulable(message) => {
                     let may_preempt = pod.spec.as_ref().and_then(|s| s.priority).unwrap_or(0) > 0
-                        && self.preempted.get(uid_of(pod)).is_none_or(|at| at.elapsed() > PREEMPTION_PAUSE);
-                    if may_preempt && let Some((i, victims)) = plan::preempt(pod, &infos) {
-                        self.preempted.insert(uid(pod), std::time::Instant::now());
-                        preemptions.push((pod.clone(), infos[i].name().to_string(), victims));
+                        && self.preempted.get(uid_of(&pod)).is_none_or(|at| at.elapsed() > PREEMPTION_PAUSE);
+                    if may_preempt && let Some((i, victims)) = plan::preempt(&pod, self.cache.nodes()) {
+                        self.preempted.insert(uid(&pod), std::time::Instant::now());
+                        preemptions.push((pod.clone(), self.cache.nodes()[i].name().to_string(), victims));
                     }
-                    if self.reported.get(uid_of(pod)) != Some(&message) {
-                        self.reported.insert(uid(pod), message.clone());
-                        failures.push((pod.clone(), message));
+                    if self.reported.get(uid_of(&pod)) != Some(&message) {
+                        self.reported.insert(uid(&pod), message.clone());
+                        failures.push((pod, message));
                     }
                 }
             }
         }
         // Bindings go out in the background (at most PARALLEL_BINDINGS at once), so the next
-        // pass need not wait for them: its pods count them as assumed. A failed binding comes
+        // pass need not wait for them: their pods count as assumed. A failed binding comes
         // back through `failed` and the pod is looked at again.
         for (pod, node) in bindings {
-            let (client, permits, failed, changed) =
-                (self.client.clone(), self.permits.clone(), self.failed.0.clone(), changed.clone());
+            let (client, permits, failed) = (self.client.clone(), self.permits.clone(), self.failed.clone());
             tokio::spawn(async move {
                 let Ok(_permit) = permits.acquire_owned().await else { return };
                 match bind(&client, &pod, &node).await {
@@ -232,20 +191,25 @@ impl Scheduler {
                         // Bound meanwhile, deleted, or the server is away.
                         tracing::debug!(%error, "binding failed");
                         let _ = failed.send(uid(&pod));
-                        changed.notify_one();
                     }
                 }
             });
         }
-        let client = &self.client;
-        futures::stream::iter(failures)
-            .for_each_concurrent(PARALLEL_BINDINGS, |(pod, message)| async move {
-                report_unschedulable(client, &pod, &message).await;
-            })
-            .await;
-        for (pod, node, victims) in preemptions {
-            preempt(client, &pod, &node, &victims).await;
+        if failures.is_empty() && preemptions.is_empty() {
+            return;
         }
+        let client = self.client.clone();
+        tokio::spawn(async move {
+            let client = &client;
+            futures::stream::iter(failures)
+                .for_each_concurrent(PARALLEL_BINDINGS, |(pod, message)| async move {
+                    report_unschedulable(client, &pod, &message).await;
+                })
+                .await;
+            for (pod, node, victims) in preemptions {
+                preempt(client, &pod, &node, &victims).await;
+            }
+        });
     }
 }
 

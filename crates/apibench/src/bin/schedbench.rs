@@ -2,6 +2,9 @@
 //! 16 clients), and measures pods/s from the first pod created until every pod is bound.
 //! Prints JSON. `--start target/release/tugboat` starts a server (with its scheduler);
 //! `--kubeconfig K` measures any cluster's scheduler the same way (it creates Node objects).
+//! `--backlog` (with `--start`) measures the scheduler alone: the server runs without one, the
+//! pods are created first, then `tugboat scheduler` starts and the clock runs from its start
+//! (its first lists included) until every pod is bound.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -26,6 +29,9 @@ struct Args {
     pods: usize,
     #[arg(long, default_value_t = 16)]
     clients: usize,
+    /// Start the scheduler only once every pod exists (needs --start).
+    #[arg(long, requires = "start")]
+    backlog: bool,
 }
 
 async fn in_parallel<F, Fut>(count: usize, clients: usize, operation: F) -> anyhow::Result<()>
@@ -51,8 +57,11 @@ where
 }
 
 async fn run(args: Args) -> anyhow::Result<Value> {
-    let (kubeconfig, started) =
-        tugboat_apibench::kubeconfig_or_start(args.kubeconfig.as_deref(), args.start.as_deref())?;
+    let (kubeconfig, started) = tugboat_apibench::kubeconfig_or_start(
+        args.kubeconfig.as_deref(),
+        args.start.as_deref(),
+        if args.backlog { &["--disable-scheduler"] } else { &[] },
+    )?;
     let target = Arc::new(load_target(&kubeconfig)?);
     let run_id = format!("{:x}", std::process::id());
 
@@ -135,20 +144,45 @@ async fn run(args: Args) -> anyhow::Result<Value> {
     }
     let created_seconds = pods_started.elapsed().as_secs_f64();
     eprintln!("{} pods created in {created_seconds:.2} s; waiting until all are bound", args.pods);
+    let (clock_started, scheduler) = match (&args.start, args.backlog) {
+        (Some(binary), true) => {
+            let scheduler = std::process::Command::new(binary)
+                .args(["scheduler", "--kubeconfig"])
+                .arg(&kubeconfig)
+                .stdin(std::process::Stdio::null())
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .spawn()?;
+            (Instant::now(), Some(KillOnDrop(scheduler)))
+        }
+        _ => (pods_started, None),
+    };
     let all_bound = tokio::time::timeout(Duration::from_secs(600), bound)
         .await
         .map_err(|_| anyhow::anyhow!("pods still unbound after 10 minutes"))???;
-    let bound_seconds = all_bound.duration_since(pods_started).as_secs_f64();
+    let bound_seconds = all_bound.duration_since(clock_started).as_secs_f64();
+    drop(scheduler);
     drop(started);
     Ok(json!({
         "server": target.server,
         "nodes": args.nodes,
         "pods": args.pods,
+        "mode": if args.backlog { "backlog: scheduler started after the pods were created" } else { "pods created while the scheduler runs" },
         "nodes_created_seconds": (nodes_seconds * 100.0).round() / 100.0,
         "pods_created_seconds": (created_seconds * 100.0).round() / 100.0,
         "all_bound_seconds": (bound_seconds * 100.0).round() / 100.0,
         "pods_per_second": (args.pods as f64 / bound_seconds).round(),
     }))
+}
+
+/// A child process killed when the benchmark is done with it.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }
 
 fn main() -> std::process::ExitCode {
