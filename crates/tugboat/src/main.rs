@@ -64,6 +64,7 @@ impl ControllerFlags {
             node_monitor_grace_period: self.node_monitor_grace_period,
             cluster_cidr: self.cluster_cidr,
             node_cidr_mask_size: self.node_cidr_mask_size,
+            root_ca: None,
         }
     }
 }
@@ -217,8 +218,10 @@ fn main() -> ExitCode {
             }
             Command::ControllerManager(args) => {
                 let client = client(&args.component.kubeconfig).await?;
+                let mut config = args.controllers.config();
+                config.root_ca = root_ca(&args.component.kubeconfig);
                 tokio::select! {
-                    result = tugboat_controllers::run(client, args.controllers.config()) => result,
+                    result = tugboat_controllers::run(client, config) => result,
                     result = wait_for_shutdown() => result,
                 }
             }
@@ -264,6 +267,18 @@ async fn client(kubeconfig: &std::path::Path) -> anyhow::Result<kube::Client> {
         .map_err(tower::BoxError::from)
         .service(hyper_client);
     Ok(kube::Client::new(service, config.default_namespace))
+}
+
+/// The cluster CA (PEM) a kubeconfig trusts, for the `kube-root-ca.crt` ConfigMaps.
+fn root_ca(kubeconfig: &std::path::Path) -> Option<String> {
+    use base64::Engine;
+    let file = kube::config::Kubeconfig::read_from(kubeconfig).ok()?;
+    let cluster = file.clusters.first()?.cluster.as_ref()?;
+    match (&cluster.certificate_authority_data, &cluster.certificate_authority) {
+        (Some(data), _) => String::from_utf8(base64::engine::general_purpose::STANDARD.decode(data.trim()).ok()?).ok(),
+        (None, Some(path)) => std::fs::read_to_string(path).ok(),
+        _ => None,
+    }
 }
 
 /// Runs a component in the background of `server`, restarting it if it fails.
@@ -324,7 +339,8 @@ async fn server(args: ServerArgs, full: bool) -> anyhow::Result<()> {
 
     if full && !args.disable_controller_manager {
         let kubeconfig = api.admin_kubeconfig().to_path_buf();
-        let config = args.controllers.config();
+        let mut config = args.controllers.config();
+        config.root_ca = root_ca(&kubeconfig);
         components.push(spawn_component("controller-manager", move || {
             let (kubeconfig, config) = (kubeconfig.clone(), config.clone());
             async move { tugboat_controllers::run(client(&kubeconfig).await?, config).await }

@@ -538,6 +538,31 @@ fn namespaces_get_a_service_account_and_are_emptied_before_they_go() {
     eventually(&server, &["get", "serviceaccounts", "-n", "team", "-o", "name"], "a default account", |o| {
         o.trim() == "serviceaccount/default"
     });
+    // The cluster CA is published in every namespace, and put back when deleted.
+    let ca = |server: &TugboatServer| {
+        let query = [
+            "get",
+            "configmap",
+            "kube-root-ca.crt",
+            "-n",
+            "team",
+            "--ignore-not-found",
+            "-o",
+            "jsonpath={.data.ca\\.crt}",
+        ];
+        server.kubectl(&query, None)
+    };
+    let pem = std::fs::read_to_string(server.data_dir().join("pki/ca.crt")).unwrap();
+    eventually(&server, &["get", "configmaps", "-n", "team", "-o", "name"], "the root CA map", |o| {
+        o.contains("kube-root-ca.crt")
+    });
+    assert_eq!(ca(&server).trim(), pem.trim());
+    server.kubectl(&["delete", "configmap", "kube-root-ca.crt", "-n", "team"], None);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while ca(&server).trim() != pem.trim() {
+        assert!(Instant::now() < deadline, "the root CA map was not put back");
+        std::thread::sleep(Duration::from_millis(200));
+    }
     server.kubectl(&["create", "deployment", "api", "-n", "team", "--image=busybox", "--replicas=2"], None);
     server.kubectl(&["create", "configmap", "settings", "-n", "team", "--from-literal=a=b"], None);
     server.kubectl(&["rollout", "status", "deployment/api", "-n", "team", "--timeout=60s"], None);

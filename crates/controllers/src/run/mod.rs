@@ -33,6 +33,8 @@ pub struct ControllerConfig {
     pub cluster_cidr: Cidr,
     /// Each node's pod CIDR prefix (`--node-cidr-mask-size`, 24).
     pub node_cidr_mask_size: u8,
+    /// The cluster CA (PEM), published in every namespace as ConfigMap `kube-root-ca.crt`.
+    pub root_ca: Option<String>,
 }
 
 impl Default for ControllerConfig {
@@ -41,6 +43,7 @@ impl Default for ControllerConfig {
             node_monitor_grace_period: Duration::from_secs(40),
             cluster_cidr: "10.244.0.0/16".parse().expect("a valid CIDR"),
             node_cidr_mask_size: 24,
+            root_ca: None,
         }
     }
 }
@@ -228,6 +231,9 @@ pub async fn run(client: kube::Client, config: ControllerConfig) -> anyhow::Resu
     tasks.spawn(services::run_endpoints(client.clone(), hub.clone()));
     tasks.spawn(namespaces::run_namespaces(client.clone(), hub.clone()));
     tasks.spawn(namespaces::run_service_accounts(client.clone(), hub.clone()));
+    if let Some(ca) = config.root_ca.clone() {
+        tasks.spawn(namespaces::run_root_ca_publisher(client.clone(), hub.clone(), ca));
+    }
     tasks.spawn(gc::run_garbage_collector(client.clone(), hub.clone()));
     match tasks.join_next().await {
         Some(result) => result?,

@@ -165,3 +165,78 @@ pub(super) async fn run_service_accounts(client: kube::Client, hub: Arc<Hub>) ->
         wait(&changed).await;
     }
 }
+
+/// The name of the ConfigMap with the cluster CA in every namespace (what pods' projected
+/// service-account volumes mount as `ca.crt`).
+const ROOT_CA: &str = "kube-root-ca.crt";
+
+/// The root CA publisher: ConfigMap `kube-root-ca.crt` with `ca.crt` in every active namespace,
+/// put back when deleted or changed.
+pub(super) async fn run_root_ca_publisher(client: kube::Client, hub: Arc<Hub>, ca: String) -> anyhow::Result<()> {
+    use k8s_openapi::api::core::v1::ConfigMap;
+    use kube::core::PartialObjectMeta;
+    let changed = Arc::new(Notify::new());
+    let namespaces = hub.watch::<Namespace>(&changed);
+    // Metadata only (shared with the garbage collector); a map's content is checked on GET
+    // only when it is created or its resourceVersion changes.
+    let maps = hub.watch::<PartialObjectMeta<ConfigMap>>(&changed);
+    ready(&namespaces).await?;
+    ready(&maps).await?;
+    tracing::info!("root CA publisher started");
+    let mut checked: std::collections::HashMap<String, String> = std::collections::HashMap::new();
+    loop {
+        let have: std::collections::HashMap<String, String> = maps
+            .state()
+            .iter()
+            .filter(|m| m.metadata.name.as_deref() == Some(ROOT_CA))
+            .map(|m| {
+                (
+                    m.metadata.namespace.clone().unwrap_or_default(),
+                    m.metadata.resource_version.clone().unwrap_or_default(),
+                )
+            })
+            .collect();
+        for namespace in namespaces.state() {
+            if namespace.metadata.deletion_timestamp.is_some() {
+                continue;
+            }
+            let name = namespace.metadata.name.clone().unwrap_or_default();
+            let version = have.get(&name);
+            if version.is_some() && checked.get(&name) == version {
+                continue;
+            }
+            let api: Api<ConfigMap> = Api::namespaced(client.clone(), &name);
+            let wanted = std::collections::BTreeMap::from([("ca.crt".to_string(), ca.clone())]);
+            let result = match api.get_opt(ROOT_CA).await {
+                Ok(Some(map)) if map.data.as_ref() == Some(&wanted) => Ok(map),
+                Ok(Some(mut map)) => {
+                    map.data = Some(wanted);
+                    api.replace(ROOT_CA, &PostParams::default(), &map).await
+                }
+                Ok(None) => {
+                    let map = ConfigMap {
+                        metadata: ObjectMeta {
+                            name: Some(ROOT_CA.into()),
+                            annotations: Some(std::collections::BTreeMap::from([(
+                                "kubernetes.io/description".to_string(),
+                                "Contains a CA bundle that can be used to verify the kube-apiserver when using internal endpoints such as the internal service IP or kubernetes.default.svc. No other usage is guaranteed across distributions of Kubernetes clusters.".to_string(),
+                            )])),
+                            ..Default::default()
+                        },
+                        data: Some(wanted),
+                        ..Default::default()
+                    };
+                    api.create(&PostParams::default(), &map).await
+                }
+                Err(error) => Err(error),
+            };
+            match result {
+                Ok(map) => {
+                    checked.insert(name, map.metadata.resource_version.unwrap_or_default());
+                }
+                Err(error) => tracing::debug!(%error, namespace = name, "could not publish the root CA"),
+            }
+        }
+        wait(&changed).await;
+    }
+}
