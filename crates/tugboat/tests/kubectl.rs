@@ -456,14 +456,14 @@ fn watches_send_bookmarks() {
     let curl = Curl { server: &server };
     let json = ["-H", "Content-Type: application/json"];
     for name in ["a", "b"] {
-        let body = format!(r#"{{"metadata":{{"name":"{name}"}}}}"#);
+        let body = format!(r#"{{"metadata":{{"name":"{name}","labels":{{"test":"watch"}}}}}}"#);
         let (code, _) =
             curl.status("POST", "/api/v1/namespaces/default/configmaps", &[&json[..], &["-d", &body]].concat());
         assert_eq!(code, 201);
     }
     let (code, body) = curl.request(
         "GET",
-        "/api/v1/namespaces/default/configmaps?watch=true&sendInitialEvents=true&resourceVersionMatch=NotOlderThan&allowWatchBookmarks=true&timeoutSeconds=3",
+        "/api/v1/namespaces/default/configmaps?labelSelector=test%3Dwatch&watch=true&sendInitialEvents=true&resourceVersionMatch=NotOlderThan&allowWatchBookmarks=true&timeoutSeconds=3",
         true,
         &[],
     );
@@ -479,7 +479,12 @@ fn watches_send_bookmarks() {
     assert!(marked >= latest, "the bookmark covers the initial state");
 
     // Without allowWatchBookmarks, none.
-    let (_, body) = curl.request("GET", "/api/v1/namespaces/default/configmaps?watch=true&timeoutSeconds=2", true, &[]);
+    let (_, body) = curl.request(
+        "GET",
+        "/api/v1/namespaces/default/configmaps?labelSelector=test%3Dwatch&watch=true&timeoutSeconds=2",
+        true,
+        &[],
+    );
     assert!(!body.contains("BOOKMARK"), "{body}");
 }
 
@@ -543,14 +548,15 @@ fn many_watchers_are_served_from_the_watch_cache() {
     let curl = Curl { server: &server };
     let json = ["-H", "Content-Type: application/json"];
     let create = |name: &str| {
-        let body = format!(r#"{{"metadata":{{"name":"{name}"}}}}"#);
+        let body = format!(r#"{{"metadata":{{"name":"{name}","labels":{{"test":"watch"}}}}}}"#);
         let (code, created) =
             curl.status("POST", "/api/v1/namespaces/default/configmaps", &[&json[..], &["-d", &body]].concat());
         assert_eq!(code, 201, "{created}");
         created
     };
     create("before");
-    let (code, list) = curl.status("GET", "/api/v1/namespaces/default/configmaps?resourceVersion=0", &[]);
+    let (code, list) =
+        curl.status("GET", "/api/v1/namespaces/default/configmaps?labelSelector=test%3Dwatch&resourceVersion=0", &[]);
     assert_eq!(code, 200);
     assert!(list["items"].as_array().unwrap().iter().any(|i| i["metadata"]["name"] == "before"), "{list}");
     let revision = list["metadata"]["resourceVersion"].as_str().unwrap().to_string();
@@ -558,9 +564,9 @@ fn many_watchers_are_served_from_the_watch_cache() {
     let watchers: Vec<_> = (0..20)
         .map(|i| {
             let path = if i % 2 == 0 {
-                format!("/api/v1/namespaces/default/configmaps?watch=true&resourceVersion={revision}&timeoutSeconds=4")
+                format!("/api/v1/namespaces/default/configmaps?labelSelector=test%3Dwatch&watch=true&resourceVersion={revision}&timeoutSeconds=4")
             } else {
-                "/api/v1/namespaces/default/configmaps?watch=true&timeoutSeconds=4".to_string()
+                "/api/v1/namespaces/default/configmaps?labelSelector=test%3Dwatch&watch=true&timeoutSeconds=4".to_string()
             };
             let server_url = server.url();
             let pki = server.data_dir().join("pki");
@@ -827,17 +833,18 @@ fn deletion_follows_finalizers_grace_and_namespaces() {
 fn metrics_count_requests_by_verb_and_resource() {
     let server = server();
     let kubectl = Kubectl::new(&server, None);
-    kubectl.ok(&["create", "configmap", "counted"]);
-    kubectl.ok(&["get", "configmap", "counted"]);
+    // Secrets: no controller writes any (ConfigMaps get a kube-root-ca.crt in each namespace).
+    kubectl.ok(&["create", "secret", "generic", "counted", "--from-literal=a=b"]);
+    kubectl.ok(&["get", "secret", "counted"]);
     let curl = Curl { server: &server };
     let (code, metrics) = curl.request("GET", "/metrics", true, &[]);
     assert_eq!(code, 200);
     assert!(
-        metrics.contains(r#"apiserver_request_total{verb="create",group="",resource="configmaps",code="201"} 1"#),
+        metrics.contains(r#"apiserver_request_total{verb="create",group="",resource="secrets",code="201"} 1"#),
         "{metrics}"
     );
     assert!(
-        metrics.contains(r#"apiserver_request_duration_seconds_count{verb="get",group="",resource="configmaps"}"#),
+        metrics.contains(r#"apiserver_request_duration_seconds_count{verb="get",group="",resource="secrets"}"#),
         "{metrics}"
     );
     assert_eq!(curl.request("GET", "/metrics", false, &[]).0, 401, "metrics need credentials");
