@@ -594,7 +594,9 @@ pub fn preempt(pod: &Pod, nodes: &[NodeInfo]) -> Option<(usize, Vec<Arc<Pod>>)> 
     let mine = priority(pod);
     let mut facts = PodFacts::new(pod);
     facts.spread = spread_constraints(pod, nodes);
-    let mut best: Option<((i32, usize, i64), usize, Vec<Arc<Pod>>)> = None;
+    // (rank: highest victim priority, victims, priority sum), node index, victims.
+    type Candidate = ((i32, usize, i64), usize, Vec<Arc<Pod>>);
+    let mut best: Option<Candidate> = None;
     for (index, info) in nodes.iter().enumerate() {
         if constraint_failure(spec, &info.node).is_some() {
             continue;

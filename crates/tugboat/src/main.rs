@@ -34,6 +34,31 @@ enum Command {
     ControllerManager(ControllerManagerArgs),
     /// Run simulated nodes: they register, heartbeat and "run" their pods without containers.
     HollowNodes(HollowArgs),
+    /// Run the node agent alone: registers this host as a Node and heartbeats (it does not
+    /// run containers yet, and says so in the node's Ready condition).
+    Kubelet(KubeletArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct KubeletArgs {
+    #[command(flatten)]
+    component: ComponentArgs,
+    #[command(flatten)]
+    node: NodeFlags,
+    /// Where the node agent keeps its state.
+    #[arg(long, default_value = "/var/lib/tugboat/agent", env = "TUGBOAT_DATA_DIR")]
+    data_dir: PathBuf,
+}
+
+/// The node's identity (accepted by `kubelet`; `server` and `agent` to come).
+#[derive(Debug, Clone, clap::Args)]
+struct NodeFlags {
+    /// The node's name (default: the host name).
+    #[arg(long)]
+    node_name: Option<String>,
+    /// The node's address (default: the address of the default route's interface).
+    #[arg(long)]
+    node_ip: Option<std::net::IpAddr>,
 }
 
 #[derive(Debug, clap::Args)]
@@ -198,6 +223,18 @@ fn main() -> ExitCode {
         match cli.command {
             Command::Server(args) => server(args, true).await,
             Command::Apiserver(args) => server(args, false).await,
+            Command::Kubelet(args) => {
+                let client = client(&args.component.kubeconfig).await?;
+                let config = tugboat_kubelet::KubeletConfig {
+                    node_name: args.node.node_name,
+                    node_ip: args.node.node_ip,
+                    data_dir: args.data_dir,
+                };
+                tokio::select! {
+                    result = tugboat_kubelet::run(client, config) => result,
+                    result = wait_for_shutdown() => result,
+                }
+            }
             Command::HollowNodes(args) => {
                 let client = client(&args.component.kubeconfig).await?;
                 let config = tugboat_hollow::HollowConfig {

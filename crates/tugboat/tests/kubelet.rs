@@ -1,0 +1,117 @@
+//! The node agent against a real server, checked with the real kubectl: `tugboat kubelet`
+//! registers this host as a Node with its own facts and heartbeats through a Lease.
+
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use tugboat_testkit::{KillOnDrop, TugboatServer};
+
+fn kubelet(server: &TugboatServer, extra: &[&str]) -> KillOnDrop {
+    KillOnDrop(
+        Command::new(env!("CARGO_BIN_EXE_tugboat"))
+            .arg("kubelet")
+            .arg("--kubeconfig")
+            .arg(server.kubeconfig())
+            .arg("--data-dir")
+            .arg(server.scratch("agent"))
+            .args(extra)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    )
+}
+
+fn node_json(server: &TugboatServer, name: &str) -> serde_json::Value {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let output = Command::new("/usr/bin/kubectl")
+            .args(["get", "node", name, "-o", "json"])
+            .env("KUBECONFIG", server.kubeconfig())
+            .env("HOME", server.scratch("home"))
+            .output()
+            .unwrap();
+        if output.status.success() {
+            let node: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+            if node["status"]["nodeInfo"]["kernelVersion"].is_string() {
+                return node;
+            }
+        }
+        assert!(Instant::now() < deadline, "node {name} never registered");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+#[test]
+fn the_kubelet_registers_the_host_as_a_node_and_heartbeats() {
+    let server = TugboatServer::start(Path::new(env!("CARGO_BIN_EXE_tugboat")), &[]).unwrap();
+    let _kubelet = kubelet(&server, &["--node-name", "worker-1", "--node-ip", "10.20.30.40"]);
+    let node = node_json(&server, "worker-1");
+
+    // Capacity is the host's.
+    let cpus = std::thread::available_parallelism().unwrap().get().to_string();
+    assert_eq!(node["status"]["capacity"]["cpu"], cpus.as_str(), "{node}");
+    let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap();
+    let total_kib = meminfo.lines().find(|l| l.starts_with("MemTotal:")).unwrap().split_whitespace().nth(1).unwrap();
+    assert_eq!(node["status"]["capacity"]["memory"], format!("{total_kib}Ki").as_str());
+    assert_eq!(node["status"]["capacity"]["pods"], "110");
+    assert!(node["status"]["capacity"]["ephemeral-storage"].as_str().unwrap().ends_with("Ki"));
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap();
+    assert_eq!(node["status"]["nodeInfo"]["kernelVersion"], kernel.trim());
+    assert_eq!(node["status"]["nodeInfo"]["operatingSystem"], "linux");
+    assert_eq!(node["metadata"]["labels"]["kubernetes.io/hostname"], "worker-1");
+    assert_eq!(
+        node["status"]["addresses"],
+        serde_json::json!([{"type": "InternalIP", "address": "10.20.30.40"}, {"type": "Hostname", "address": "worker-1"}])
+    );
+    // It runs no containers yet and says so: NotReady, so the node lifecycle controller
+    // taints it and the scheduler keeps pods away.
+    let ready = node["status"]["conditions"].as_array().unwrap().iter().find(|c| c["type"] == "Ready").unwrap().clone();
+    assert_eq!((ready["status"].as_str(), ready["reason"].as_str()), (Some("False"), Some("KubeletNotReady")));
+    let nodes = server.kubectl(&["get", "nodes", "-o", "wide"], None);
+    assert!(nodes.contains("worker-1") && nodes.contains("NotReady") && nodes.contains("10.20.30.40"), "{nodes}");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let taints = server.kubectl(&["get", "node", "worker-1", "-o", "jsonpath={.spec.taints[*].key}"], None);
+        if taints.contains("node.kubernetes.io/not-ready") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no not-ready taint: {taints}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let described = server.kubectl(&["describe", "node", "worker-1"], None);
+    assert!(described.contains("Kernel Version:") && described.contains("KubeletNotReady"), "{described}");
+
+    // The Lease in kube-node-lease is renewed.
+    let renewed = |server: &TugboatServer| {
+        server.kubectl(
+            &[
+                "get",
+                "lease",
+                "worker-1",
+                "-n",
+                "kube-node-lease",
+                "-o",
+                "jsonpath={.spec.holderIdentity} {.spec.renewTime}",
+            ],
+            None,
+        )
+    };
+    let first = renewed(&server);
+    assert!(first.starts_with("worker-1 "), "{first}");
+    let deadline = Instant::now() + Duration::from_secs(25);
+    while renewed(&server) == first {
+        assert!(Instant::now() < deadline, "the lease was not renewed: {first}");
+        std::thread::sleep(Duration::from_millis(500));
+    }
+
+    // Without --node-name and --node-ip: the host's name, and an address of the host.
+    let _second = kubelet(&server, &[]);
+    let hostname = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap().trim().to_lowercase();
+    let node = node_json(&server, &hostname);
+    let addresses = node["status"]["addresses"].as_array().unwrap();
+    let internal = addresses.iter().find(|a| a["type"] == "InternalIP").expect("an InternalIP");
+    let ip: std::net::IpAddr = internal["address"].as_str().unwrap().parse().unwrap();
+    assert!(!ip.is_loopback(), "{node}");
+}
