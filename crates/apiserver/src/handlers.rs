@@ -1582,6 +1582,72 @@ pub async fn ensure_system_objects(state: &ApiState) -> Result<(), ApiError> {
     }
 }
 
+/// Points the `kubernetes` Service at this API server, as upstream's endpoint reconciler does:
+/// Endpoints `default/kubernetes` (marked not to be mirrored) and the EndpointSlice
+/// `kubernetes`, with `address` and the port the server listens on. Written only if they
+/// differ, so restarts do not churn.
+pub async fn reconcile_kubernetes_endpoints(state: &ApiState, address: std::net::IpAddr, port: u16) -> Result<(), ApiError> {
+    let endpoints = registry::find("", "v1", "endpoints").expect("endpoints are served");
+    let desired = json!({
+        "metadata": {"name": "kubernetes", "namespace": "default",
+                     "labels": {"endpointslice.kubernetes.io/skip-mirror": "true"}},
+        "subsets": [{"addresses": [{"ip": address.to_string()}],
+                     "ports": [{"name": "https", "port": port, "protocol": "TCP"}]}],
+    });
+    put_system_object(state, endpoints, desired, &["subsets"]).await?;
+    let slices = registry::find("discovery.k8s.io", "v1", "endpointslices").expect("endpoint slices are served");
+    let desired = json!({
+        "metadata": {"name": "kubernetes", "namespace": "default",
+                     "labels": {"kubernetes.io/service-name": "kubernetes"}},
+        "addressType": if address.is_ipv4() { "IPv4" } else { "IPv6" },
+        "endpoints": [{"addresses": [address.to_string()], "conditions": {"ready": true}}],
+        "ports": [{"name": "https", "port": port, "protocol": "TCP"}],
+    });
+    put_system_object(state, slices, desired, &["addressType", "endpoints", "ports"]).await
+}
+
+/// Creates `desired`, or replaces the stored object's `fields` with its own if they differ.
+async fn put_system_object(
+    state: &ApiState,
+    resource: &Resource,
+    mut desired: Value,
+    fields: &[&str],
+) -> Result<(), ApiError> {
+    let namespace = desired["metadata"]["namespace"].as_str().map(str::to_string);
+    let name = desired["metadata"]["name"].as_str().unwrap_or_default().to_string();
+    let key = resource.key(namespace.as_deref(), &name);
+    let failed = |error| ApiError::from_store(error, resource.group, resource.plural, &name);
+    for _ in 0..UPDATE_RETRIES {
+        match state.store.get(&key, None).await.map_err(failed)? {
+            None => {
+                object::prepare_create(resource, namespace.as_deref(), &mut desired)?;
+                match state.store.create(&key, object::to_store(resource, &desired)).await {
+                    Ok(_) => return Ok(()),
+                    Err(StoreError::AlreadyExists { .. }) => continue,
+                    Err(error) => return Err(failed(error)),
+                }
+            }
+            Some(stored) => {
+                let old = object::from_store(resource, &stored.value, stored.mod_revision)?;
+                if fields.iter().all(|f| old[*f] == desired[*f]) {
+                    return Ok(());
+                }
+                let mut object = old.clone();
+                for field in fields {
+                    object[*field] = desired[*field].clone();
+                }
+                object::prepare_update(resource, &old, &mut object)?;
+                match state.store.update(&key, object::to_store(resource, &object), stored.mod_revision).await {
+                    Ok(_) => return Ok(()),
+                    Err(StoreError::Conflict { .. }) => continue,
+                    Err(error) => return Err(failed(error)),
+                }
+            }
+        }
+    }
+    Err(ApiError::conflict(resource.group, resource.plural, &name))
+}
+
 /// Creates the namespaces every cluster has, if missing.
 async fn ensure_system_namespaces(store: &dyn Store) -> Result<(), StoreError> {
     let namespaces = registry::find("", "v1", "namespaces").expect("namespaces are served");

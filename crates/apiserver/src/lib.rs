@@ -68,6 +68,10 @@ pub struct ApiServerConfig {
     /// The NoExecute tolerations new pods get for not-ready and unreachable nodes, in seconds.
     pub default_not_ready_toleration_seconds: i64,
     pub default_unreachable_toleration_seconds: i64,
+    /// The address other members of the cluster reach this server at (`--advertise-address`),
+    /// the endpoint of the `kubernetes` Service. None: the bind address unless unspecified
+    /// (`tugboat server` then passes the default route's interface address).
+    pub advertise_address: Option<IpAddr>,
 }
 
 impl Default for ApiServerConfig {
@@ -80,6 +84,7 @@ impl Default for ApiServerConfig {
             service_cidr: ServiceCidr::default(),
             default_not_ready_toleration_seconds: 300,
             default_unreachable_toleration_seconds: 300,
+            advertise_address: None,
         }
     }
 }
@@ -178,9 +183,16 @@ fn tls_config(ca: &ClusterCa, serving: &tugboat_pki::IssuedCert) -> Result<rustl
 pub async fn start(config: ApiServerConfig, store: Arc<dyn Store>) -> Result<ApiServer, StartError> {
     let pki_dir = config.data_dir.join("pki");
     let ca = ClusterCa::load_or_create(&pki_dir)?;
+    let advertise = config.advertise_address.or((!config.bind_address.is_unspecified()).then_some(config.bind_address));
+    // The serving certificate names every address clients use: loopback, the bind and advertise
+    // addresses, and the `kubernetes` Service's ClusterIP (pods reach the API through it).
     let mut ips = vec![IpAddr::V4(Ipv4Addr::LOCALHOST), IpAddr::V6(Ipv6Addr::LOCALHOST)];
-    if !config.bind_address.is_unspecified() && !ips.contains(&config.bind_address) {
-        ips.push(config.bind_address);
+    for ip in
+        [Some(config.bind_address), advertise, Some(IpAddr::V4(config.service_cidr.first()))].into_iter().flatten()
+    {
+        if !ip.is_unspecified() && !ips.contains(&ip) {
+            ips.push(ip);
+        }
     }
     let mut dns: Vec<String> = [
         "localhost",
@@ -248,6 +260,12 @@ pub async fn start(config: ApiServerConfig, store: Arc<dyn Store>) -> Result<Api
         metrics: metrics::Metrics::default(),
     });
     handlers::ensure_system_objects(&state).await.map_err(|e| StartError::Setup(e.message))?;
+    match advertise {
+        Some(address) => handlers::reconcile_kubernetes_endpoints(&state, address, local_addr.port())
+            .await
+            .map_err(|e| StartError::Setup(e.message))?,
+        None => tracing::warn!("no address to advertise: give --advertise-address"),
+    }
     let tokens = Arc::new(tokens);
     let task = tokio::spawn(accept_loop(listener, acceptor, state, tokens));
     tracing::info!(address = %local_addr, kubeconfig = %kubeconfig.display(), "API server listening");

@@ -148,6 +148,11 @@ struct ServerArgs {
     /// The address to serve the Kubernetes API on.
     #[arg(long, default_value = "0.0.0.0")]
     bind_address: std::net::IpAddr,
+    /// The address the rest of the cluster reaches this server at: the endpoint of the
+    /// `kubernetes` Service (default: the bind address, or the default route's interface
+    /// address when bound to all).
+    #[arg(long)]
+    advertise_address: Option<std::net::IpAddr>,
     /// The HTTPS port of the Kubernetes API.
     #[arg(long, default_value_t = 6443)]
     https_port: u16,
@@ -355,6 +360,10 @@ async fn server(args: ServerArgs, full: bool) -> anyhow::Result<()> {
         service_cidr: args.service_cidr,
         default_not_ready_toleration_seconds: args.default_not_ready_toleration_seconds,
         default_unreachable_toleration_seconds: args.default_unreachable_toleration_seconds,
+        // Bound to every address: advertise the default route's interface address, as upstream.
+        advertise_address: args
+            .advertise_address
+            .or_else(|| args.bind_address.is_unspecified().then(tugboat_kubelet::host::node_ip).flatten()),
     };
     let api = tugboat_apiserver::start(api_config, store.clone()).await?;
     tracing::info!(

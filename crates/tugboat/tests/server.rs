@@ -131,3 +131,45 @@ fn a_taken_port_is_a_clear_error() {
     let message = String::from_utf8_lossy(&output.stderr);
     assert!(message.contains(&format!("127.0.0.1:{port}")) && message.contains("in use"), "{message}");
 }
+
+/// The `kubernetes` Service leads to the API server: Endpoints and an EndpointSlice with the
+/// advertised address (the bind address by default) and the port it listens on; the serving
+/// certificate names the Service's ClusterIP and the advertised address.
+#[test]
+fn the_kubernetes_service_points_at_the_advertised_address() {
+    let server = start(&[]);
+    let port = server.url().rsplit(':').next().unwrap().to_string();
+    let endpoints = server.kubectl(
+        &["get", "endpoints", "kubernetes", "-o", "jsonpath={.subsets[0].addresses[0].ip}:{.subsets[0].ports[0].port}"],
+        None,
+    );
+    assert_eq!(endpoints, format!("127.0.0.1:{port}"));
+    let slice = server.kubectl(
+        &[
+            "get",
+            "endpointslice",
+            "kubernetes",
+            "-o",
+            "jsonpath={.endpoints[0].addresses[0]} {.ports[0].port} {.metadata.labels.kubernetes\\.io/service-name}",
+        ],
+        None,
+    );
+    assert_eq!(slice, format!("127.0.0.1 {port} kubernetes"));
+    let described = server.kubectl(&["describe", "service", "kubernetes"], None);
+    assert!(described.contains(&format!("127.0.0.1:{port}")), "{described}");
+
+    let advertised = start(&["--advertise-address", "10.9.8.7"]);
+    let port = advertised.url().rsplit(':').next().unwrap().to_string();
+    let endpoints = advertised.kubectl(
+        &["get", "endpoints", "kubernetes", "-o", "jsonpath={.subsets[0].addresses[0].ip}:{.subsets[0].ports[0].port}"],
+        None,
+    );
+    assert_eq!(endpoints, format!("10.9.8.7:{port}"));
+    let certificate = Command::new("openssl")
+        .args(["x509", "-noout", "-ext", "subjectAltName", "-in"])
+        .arg(advertised.data_dir().join("pki/apiserver.crt"))
+        .output()
+        .unwrap();
+    let names = String::from_utf8_lossy(&certificate.stdout);
+    assert!(names.contains("IP Address:10.96.0.1") && names.contains("IP Address:10.9.8.7"), "{names}");
+}
