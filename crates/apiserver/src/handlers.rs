@@ -1586,7 +1586,11 @@ pub async fn ensure_system_objects(state: &ApiState) -> Result<(), ApiError> {
 /// Endpoints `default/kubernetes` (marked not to be mirrored) and the EndpointSlice
 /// `kubernetes`, with `address` and the port the server listens on. Written only if they
 /// differ, so restarts do not churn.
-pub async fn reconcile_kubernetes_endpoints(state: &ApiState, address: std::net::IpAddr, port: u16) -> Result<(), ApiError> {
+pub async fn reconcile_kubernetes_endpoints(
+    state: &ApiState,
+    address: std::net::IpAddr,
+    port: u16,
+) -> Result<(), ApiError> {
     let endpoints = registry::find("", "v1", "endpoints").expect("endpoints are served");
     let desired = json!({
         "metadata": {"name": "kubernetes", "namespace": "default",

@@ -114,18 +114,53 @@ pub fn architecture() -> &'static str {
 }
 
 /// Keeps each condition's lastTransitionTime from the last report unless its status changed
-/// (`seen`: type → (status, since), updated).
-pub fn keep_transitions(status: &mut Value, seen: &mut std::collections::HashMap<String, (String, String)>) {
+/// (`seen`: type → (status, since), updated). Returns the event reasons of the conditions that
+/// changed (all of them the first time), as upstream's kubelet records them.
+pub fn keep_transitions(
+    status: &mut Value,
+    seen: &mut std::collections::HashMap<String, (String, String)>,
+) -> Vec<&'static str> {
+    let mut changed = Vec::new();
     for condition in status["conditions"].as_array_mut().into_iter().flatten() {
         let kind = condition["type"].as_str().unwrap_or_default().to_string();
         let state = condition["status"].as_str().unwrap_or_default().to_string();
         match seen.get(&kind) {
             Some((before, since)) if *before == state => condition["lastTransitionTime"] = json!(since),
             _ => {
+                changed.extend(event_reason(&kind, state == "True"));
                 seen.insert(kind, (state, condition["lastTransitionTime"].as_str().unwrap_or_default().to_string()));
             }
         }
     }
+    changed
+}
+
+/// The reason of the event upstream's kubelet records when a condition becomes `status`.
+fn event_reason(kind: &str, status: bool) -> Option<&'static str> {
+    Some(match (kind, status) {
+        ("MemoryPressure", false) => "NodeHasSufficientMemory",
+        ("MemoryPressure", true) => "NodeHasInsufficientMemory",
+        ("DiskPressure", false) => "NodeHasNoDiskPressure",
+        ("DiskPressure", true) => "NodeHasDiskPressure",
+        ("PIDPressure", false) => "NodeHasSufficientPID",
+        ("PIDPressure", true) => "NodeHasInsufficientPID",
+        ("Ready", false) => "NodeNotReady",
+        ("Ready", true) => "NodeReady",
+        _ => return None,
+    })
+}
+
+/// Posts an event about the node, as upstream's kubelet does (namespace `default`, the node's
+/// name as its uid).
+async fn node_event(client: &kube::Client, name: &str, reason: &str, message: &str) {
+    let regarding = k8s_openapi::api::core::v1::ObjectReference {
+        kind: Some("Node".into()),
+        name: Some(name.into()),
+        uid: Some(name.into()),
+        ..Default::default()
+    };
+    // Upstream records every node status event as Normal.
+    tugboat_scheduler::events::record(client, &regarding, "Normal", reason, message, "", "kubelet").await;
 }
 
 fn now() -> String {
@@ -141,6 +176,7 @@ pub async fn run(client: kube::Client, config: KubeletConfig) -> anyhow::Result<
     let ip = config.node_ip.or_else(host::node_ip);
     register(&client, &name).await?;
     tracing::info!(node = %name, ip = ?ip, "node registered");
+    node_event(&client, &name, "Starting", "Starting kubelet.").await;
     let mut ticks = tokio::time::interval(HEARTBEAT);
     let mut transitions = std::collections::HashMap::new();
     loop {
@@ -157,7 +193,10 @@ pub async fn run(client: kube::Client, config: KubeletConfig) -> anyhow::Result<
         }
         let nodes: Api<Node> = Api::all(client.clone());
         let mut status = node_status(&host, &name, ip, &now());
-        keep_transitions(&mut status, &mut transitions);
+        let changed = keep_transitions(&mut status, &mut transitions);
+        for reason in changed {
+            node_event(&client, &name, reason, &format!("Node {name} status is now: {reason}")).await;
+        }
         let status = json!({"status": status});
         match nodes.patch_status(&name, &PatchParams::default(), &Patch::Strategic(status)).await {
             Ok(_) => {}

@@ -80,8 +80,20 @@ fn the_kubelet_registers_the_host_as_a_node_and_heartbeats() {
         assert!(Instant::now() < deadline, "no not-ready taint: {taints}");
         std::thread::sleep(Duration::from_millis(200));
     }
-    let described = server.kubectl(&["describe", "node", "worker-1"], None);
-    assert!(described.contains("Kernel Version:") && described.contains("KubeletNotReady"), "{described}");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        // Events as upstream's kubelet records them: its start, then each condition's state.
+        let described = server.kubectl(&["describe", "node", "worker-1"], None);
+        assert!(described.contains("Kernel Version:") && described.contains("KubeletNotReady"), "{described}");
+        if ["Starting kubelet.", "NodeHasSufficientMemory", "NodeHasSufficientPID", "NodeNotReady"]
+            .iter()
+            .all(|e| described.contains(e))
+        {
+            break;
+        }
+        assert!(Instant::now() < deadline, "events missing: {described}");
+        std::thread::sleep(Duration::from_millis(300));
+    }
 
     // The Lease in kube-node-lease is renewed.
     let renewed = |server: &TugboatServer| {
