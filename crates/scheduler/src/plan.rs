@@ -580,13 +580,39 @@ fn priority(pod: &Pod) -> i32 {
     pod.spec.as_ref().and_then(|s| s.priority).unwrap_or(0)
 }
 
-/// Preemption, for a pod that fits nowhere (upstream's DefaultPreemption, without
-/// PodDisruptionBudgets): on each node whose constraints admit the pod, remove every pod of
-/// lower priority, and if the pod then fits, give back as many of them as still leave it room,
-/// highest priority first; the rest are the victims. Picks the node whose victims have the
-/// lowest highest priority, then the fewest victims, then the lowest priority sum. None if the
-/// pod may not preempt (`preemptionPolicy: Never`) or no node would do.
-pub fn preempt(pod: &Pod, nodes: &[NodeInfo]) -> Option<(usize, Vec<Arc<Pod>>)> {
+/// A PodDisruptionBudget as preemption weighs it: the pods it covers and how many of them may
+/// go now (`status.disruptionsAllowed`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Budget {
+    pub namespace: String,
+    /// None covers no pod (policy/v1: a null selector selects nothing, an empty one everything).
+    pub selector: Option<k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector>,
+    pub disruptions_allowed: i32,
+}
+
+impl Budget {
+    pub fn of(budget: &k8s_openapi::api::policy::v1::PodDisruptionBudget) -> Budget {
+        Budget {
+            namespace: budget.metadata.namespace.clone().unwrap_or_default(),
+            selector: budget.spec.as_ref().and_then(|s| s.selector.clone()),
+            disruptions_allowed: budget.status.as_ref().map(|s| s.disruptions_allowed).unwrap_or(0),
+        }
+    }
+
+    fn covers(&self, pod: &Pod) -> bool {
+        pod.metadata.namespace.as_deref().unwrap_or_default() == self.namespace
+            && self.selector.as_ref().is_some_and(|s| crate::labels::selector_matches(s, pod.metadata.labels.as_ref()))
+    }
+}
+
+/// Preemption, for a pod that fits nowhere (upstream's DefaultPreemption): on each node whose
+/// constraints admit the pod, remove every pod of lower priority, and if the pod then fits,
+/// give back as many of them as still leave it room — first those whose eviction would break
+/// a disruption budget, then the others, highest priority first; the rest are the victims.
+/// Picks the node with the fewest budget violations, then whose victims have the lowest
+/// highest priority, then the fewest victims, then the lowest priority sum. None if the pod
+/// may not preempt (`preemptionPolicy: Never`) or no node would do.
+pub fn preempt(pod: &Pod, nodes: &[NodeInfo], budgets: &[Budget]) -> Option<(usize, Vec<Arc<Pod>>)> {
     let spec = pod.spec.as_ref()?;
     if spec.preemption_policy.as_deref() == Some("Never") {
         return None;
@@ -594,8 +620,8 @@ pub fn preempt(pod: &Pod, nodes: &[NodeInfo]) -> Option<(usize, Vec<Arc<Pod>>)> 
     let mine = priority(pod);
     let mut facts = PodFacts::new(pod);
     facts.spread = spread_constraints(pod, nodes);
-    // (rank: highest victim priority, victims, priority sum), node index, victims.
-    type Candidate = ((i32, usize, i64), usize, Vec<Arc<Pod>>);
+    // (rank: budget violations, highest victim priority, victims, priority sum), node index, victims.
+    type Candidate = ((usize, i32, usize, i64), usize, Vec<Arc<Pod>>);
     let mut best: Option<Candidate> = None;
     for (index, info) in nodes.iter().enumerate() {
         if constraint_failure(spec, &info.node).is_some() {
@@ -613,21 +639,39 @@ pub fn preempt(pod: &Pod, nodes: &[NodeInfo]) -> Option<(usize, Vec<Arc<Pod>>)> 
         if !filter(&facts, &trial).is_empty() {
             continue;
         }
+        // Which of them a budget protects (each budget allowing its disruptions to the
+        // highest-priority pods first, as upstream counts them).
         lower.sort_by_key(|p| std::cmp::Reverse(priority(p)));
+        let mut allowed: Vec<i32> = budgets.iter().map(|b| b.disruptions_allowed).collect();
+        let (violating, fine): (Vec<&Arc<Pod>>, Vec<&Arc<Pod>>) = lower.into_iter().partition(|p| {
+            let mut violates = false;
+            for (budget, left) in budgets.iter().zip(allowed.iter_mut()) {
+                if budget.covers(p) {
+                    if *left <= 0 {
+                        violates = true;
+                    }
+                    *left -= 1;
+                }
+            }
+            violates
+        });
         let mut victims = Vec::new();
-        for candidate in lower {
+        let mut violations = 0;
+        for (candidate, violates) in violating.iter().map(|p| (p, true)).chain(fine.iter().map(|p| (p, false))) {
             let mut with = trial.clone();
             with.add_pod(candidate);
             if filter(&facts, &with).is_empty() {
                 trial = with;
             } else {
-                victims.push(candidate.clone());
+                victims.push((*candidate).clone());
+                violations += usize::from(violates);
             }
         }
         if victims.is_empty() {
             continue;
         }
         let rank = (
+            violations,
             victims.iter().map(|v| priority(v)).max().unwrap_or(0),
             victims.len(),
             victims.iter().map(|v| i64::from(priority(v))).sum::<i64>(),
@@ -878,14 +922,48 @@ mod tests {
         nodes[1].add_pod(&with_priority("b-low2", "1", 1));
         let urgent = with_priority("urgent", "1", 10);
         assert!(matches!(schedule(&urgent, &nodes), Decision::Unschedulable(_)));
-        let (node, victims) = preempt(&urgent, &nodes).unwrap();
+        let (node, victims) = preempt(&urgent, &nodes, &[]).unwrap();
         let names: Vec<&str> = victims.iter().map(|v| v.metadata.name.as_deref().unwrap()).collect();
         assert_eq!(names.len(), 1);
         assert_eq!(nodes[node].name(), if names[0] == "a-low" { "a" } else { "b" });
         assert!(names[0].contains("low"), "never the higher one: {names:?}");
         // Equal or higher priorities are never victims; Never does not preempt.
-        assert_eq!(preempt(&with_priority("peer", "1", 1), &nodes), None);
+        assert_eq!(preempt(&with_priority("peer", "1", 1), &nodes, &[]), None);
         let polite = Arc::new(pod("polite", "1", json!({"spec": {"priority": 10, "preemptionPolicy": "Never"}})));
-        assert_eq!(preempt(&polite, &nodes), None);
+        assert_eq!(preempt(&polite, &nodes, &[]), None);
+    }
+
+    #[test]
+    fn preemption_spares_pods_a_disruption_budget_protects() {
+        let labelled = |name: &str, app: &str, priority: i32| {
+            Arc::new(pod(name, "1", json!({"metadata": {"labels": {"app": app}}, "spec": {"priority": priority}})))
+        };
+        let mut nodes = vec![node("a", "2", "8Gi", json!({})), node("b", "2", "8Gi", json!({}))];
+        nodes[0].add_pod(&labelled("db-0", "db", 1));
+        nodes[0].add_pod(&labelled("db-1", "db", 1));
+        nodes[1].add_pod(&labelled("web-0", "web", 3));
+        nodes[1].add_pod(&labelled("web-1", "web", 3));
+        let urgent = labelled("urgent", "x", 10);
+        let budget = |app: &str, allowed: i32| Budget {
+            namespace: "default".into(),
+            selector: Some(serde_json::from_value(json!({"matchLabels": {"app": app}})).unwrap()),
+            disruptions_allowed: allowed,
+        };
+        let chosen = |budgets: &[Budget]| {
+            let (node, victims) = preempt(&urgent, &nodes, budgets).unwrap();
+            let names: Vec<String> = victims.iter().map(|v| v.metadata.name.clone().unwrap()).collect();
+            (nodes[node].name().to_string(), names)
+        };
+        // Without budgets the lowest priorities go; a budget allowing no disruption of the db
+        // pods sends the preemption to the web pods instead.
+        assert_eq!(chosen(&[]).0, "a");
+        assert_eq!(chosen(&[budget("db", 0)]).0, "b");
+        assert_eq!(chosen(&[budget("db", 1)]).0, "a", "one disruption allowed: one db pod may go");
+        // Both protected: the fewest violations, then the lowest priorities.
+        assert_eq!(chosen(&[budget("db", 0), budget("web", 0)]).0, "a");
+        // Another namespace's budget, or one without a selector, protects nothing here.
+        let elsewhere = Budget { namespace: "other".into(), ..budget("db", 0) };
+        let no_selector = Budget { selector: None, ..budget("db", 0) };
+        assert_eq!(chosen(&[elsewhere, no_selector]).0, "a");
     }
 }

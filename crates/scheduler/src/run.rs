@@ -10,6 +10,7 @@ use std::sync::Arc;
 
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::{Binding, Node, ObjectReference, Pod};
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
 use kube::api::{Api, Patch, PatchParams, PostParams};
 use kube::runtime::{WatchStreamExt, watcher};
@@ -27,10 +28,11 @@ const PARALLEL_BINDINGS: usize = 32;
 /// How long a pod that preempted waits for its victims before it may preempt again.
 const PREEMPTION_PAUSE: std::time::Duration = std::time::Duration::from_secs(15);
 
-/// One event of either watch.
+/// One event of the watches.
 enum Change {
     Pod(watcher::Event<Pod>),
     Node(watcher::Event<Node>),
+    Budget(watcher::Event<PodDisruptionBudget>),
 }
 
 /// Runs the scheduler until the client's server goes away for good.
@@ -41,7 +43,10 @@ pub async fn run(client: kube::Client) -> anyhow::Result<()> {
     let nodes = watcher(Api::<Node>::all(client.clone()), watcher::Config::default())
         .default_backoff()
         .map(|e| e.map(Change::Node));
-    let mut changes = futures::stream::select(pods.boxed(), nodes.boxed());
+    let budgets = watcher(Api::<PodDisruptionBudget>::all(client.clone()), watcher::Config::default())
+        .default_backoff()
+        .map(|e| e.map(Change::Budget));
+    let mut changes = futures::stream::select_all([pods.boxed(), nodes.boxed(), budgets.boxed()]);
     let (failed_sender, mut failed) = tokio::sync::mpsc::unbounded_channel();
     let mut scheduler = Scheduler {
         client,
@@ -49,6 +54,8 @@ pub async fn run(client: kube::Client) -> anyhow::Result<()> {
         relisted_pods: None,
         relisted_nodes: None,
         listed: (false, false),
+        budgets: HashMap::new(),
+        relisted_budgets: None,
         reported: HashMap::new(),
         next_start: 0,
         preempted: HashMap::new(),
@@ -92,6 +99,9 @@ struct Scheduler {
     relisted_nodes: Option<Vec<Arc<Node>>>,
     /// Whether pods and nodes have been listed once.
     listed: (bool, bool),
+    /// PodDisruptionBudgets by namespace/name (preemption spares what they protect).
+    budgets: HashMap<String, plan::Budget>,
+    relisted_budgets: Option<HashMap<String, plan::Budget>>,
     /// The last Unschedulable message reported per pod uid.
     reported: HashMap<String, String>,
     /// Where the next pod starts looking at nodes.
@@ -102,6 +112,14 @@ struct Scheduler {
     permits: Arc<tokio::sync::Semaphore>,
     /// Pods whose binding failed (uids), to forget as assumed.
     failed: tokio::sync::mpsc::UnboundedSender<String>,
+}
+
+fn budget_key(budget: &PodDisruptionBudget) -> String {
+    format!(
+        "{}/{}",
+        budget.metadata.namespace.as_deref().unwrap_or_default(),
+        budget.metadata.name.as_deref().unwrap_or_default()
+    )
 }
 
 fn uid_of(pod: &Pod) -> &str {
@@ -138,6 +156,17 @@ impl Scheduler {
                 self.cache.replace_nodes(self.relisted_nodes.take().unwrap_or_default());
                 self.listed.1 = true;
             }
+            Change::Budget(Event::Apply(budget)) => {
+                self.budgets.insert(budget_key(&budget), plan::Budget::of(&budget));
+            }
+            Change::Budget(Event::Delete(budget)) => {
+                self.budgets.remove(&budget_key(&budget));
+            }
+            Change::Budget(Event::Init) => self.relisted_budgets = Some(HashMap::new()),
+            Change::Budget(Event::InitApply(budget)) => {
+                self.relisted_budgets.get_or_insert_default().insert(budget_key(&budget), plan::Budget::of(&budget));
+            }
+            Change::Budget(Event::InitDone) => self.budgets = self.relisted_budgets.take().unwrap_or_default(),
         }
     }
 
@@ -160,7 +189,9 @@ impl Scheduler {
                 Decision::Unschedulable(message) => {
                     let may_preempt = pod.spec.as_ref().and_then(|s| s.priority).unwrap_or(0) > 0
                         && self.preempted.get(uid_of(&pod)).is_none_or(|at| at.elapsed() > PREEMPTION_PAUSE);
-                    if may_preempt && let Some((i, victims)) = plan::preempt(&pod, self.cache.nodes()) {
+                    let budgets: Vec<plan::Budget> =
+                        if may_preempt { self.budgets.values().cloned().collect() } else { Vec::new() };
+                    if may_preempt && let Some((i, victims)) = plan::preempt(&pod, self.cache.nodes(), &budgets) {
                         self.preempted.insert(uid(&pod), std::time::Instant::now());
                         preemptions.push((pod.clone(), self.cache.nodes()[i].name().to_string(), victims));
                     }

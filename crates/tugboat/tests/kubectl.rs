@@ -516,26 +516,42 @@ fn pods_are_bound_and_evicted_through_their_subresources() {
         post("/api/v1/namespaces/default/pods/spare/binding", r#"{"metadata":{"name":"spare"},"target":{}}"#);
     assert_eq!((code, invalid["details"]["causes"][0]["field"].as_str()), (422, Some("target.name")), "{invalid}");
 
-    // A budget that allows no disruption refuses the eviction with 429...
+    // The pods are ready (as a kubelet would report); the disruption controller counts them.
     let kubectl = Kubectl::new(&server, None);
+    for name in ["web", "spare"] {
+        let ready = r#"{"status":{"phase":"Running","conditions":[{"type":"Ready","status":"True"}]}}"#;
+        kubectl.ok(&["patch", "pod", name, "--subresource=status", "--type=merge", "-p", ready]);
+    }
+    let budget_says = |expected: &str| {
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            let status = kubectl.ok(&[
+                "get",
+                "pdb",
+                "keep",
+                "-o",
+                "jsonpath={.status.currentHealthy}/{.status.desiredHealthy} {.status.disruptionsAllowed}",
+            ]);
+            if status == expected {
+                break;
+            }
+            assert!(std::time::Instant::now() < deadline, "the budget's status is {status:?}, not {expected:?}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+    // A budget that allows no disruption refuses the eviction with 429...
     kubectl.ok(&["create", "poddisruptionbudget", "keep", "--selector=app=web", "--min-available=2"]);
+    budget_says("2/2 0");
     let eviction = r#"{"apiVersion":"policy/v1","kind":"Eviction","metadata":{"name":"spare"}}"#;
     let (code, refused) = post("/api/v1/namespaces/default/pods/spare/eviction", eviction);
     assert_eq!((code, refused["reason"].as_str()), (429, Some("TooManyRequests")), "{refused}");
-    // ...one that allows it (the disruption controller's status) lets it go, and counts it.
-    kubectl.ok(&[
-        "patch",
-        "pdb",
-        "keep",
-        "--subresource=status",
-        "--type=merge",
-        "-p",
-        r#"{"status":{"disruptionsAllowed":1}}"#,
-    ]);
+    // ...one that allows it lets it go, and counts it.
+    kubectl.ok(&["patch", "pdb", "keep", "--type=merge", "-p", r#"{"spec":{"minAvailable":1}}"#]);
+    budget_says("2/1 1");
     let (code, done) = post("/api/v1/namespaces/default/pods/spare/eviction", eviction);
     assert_eq!(code, 201, "{done}");
     assert_eq!(curl.status("GET", "/api/v1/namespaces/default/pods/spare", &[]).0, 404);
-    assert_eq!(kubectl.ok(&["get", "pdb", "keep", "-o", "jsonpath={.status.disruptionsAllowed}"]), "0");
+    budget_says("1/1 0");
     let resources = kubectl.ok(&["get", "--raw", "/api/v1"]);
     assert!(resources.contains("pods/binding") && resources.contains("pods/eviction"), "{resources}");
 }

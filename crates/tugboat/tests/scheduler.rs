@@ -223,6 +223,21 @@ fn priority_classes_give_priority_and_urgent_pods_preempt() {
         add_pod(&server, name, "900m", "");
         wait_bound(&server, name);
     }
+    // A disruption budget protects filler-0: preemption takes the other.
+    server.kubectl(&["label", "pod", "filler-0", "keep=yes"], None);
+    server.kubectl(&["create", "pdb", "keep", "--selector=keep=yes", "--min-available=1"], None);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let status = server.kubectl(
+            &["get", "pdb", "keep", "-o", "jsonpath={.status.currentHealthy} {.status.disruptionsAllowed}"],
+            None,
+        );
+        if status == "1 0" {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the budget's status: {status:?}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
     add_pod(&server, "urgent", "900m", "priorityClassName: high");
     let spec =
         server.kubectl(&["get", "pod", "urgent", "-o", "jsonpath={.spec.priority} {.spec.preemptionPolicy}"], None);
@@ -230,6 +245,7 @@ fn priority_classes_give_priority_and_urgent_pods_preempt() {
     assert_eq!(wait_bound(&server, "urgent"), "small-0");
     let left = server.kubectl(&["get", "pods", "-o", "name"], None);
     assert_eq!(left.lines().filter(|l| l.contains("filler")).count(), 1, "one filler made room: {left}");
+    assert!(left.contains("pod/filler-0"), "the protected filler stays: {left}");
     let events = server.kubectl(
         &["get", "events", "--field-selector", "reason=Preempted", "-o", "jsonpath={.items[*].message}"],
         None,
