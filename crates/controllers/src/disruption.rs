@@ -87,20 +87,20 @@ mod tests {
             pod("other-namespace", true, json!({"metadata": {"namespace": "elsewhere"}})),
         ];
         let selector = json!({"matchLabels": {"app": "db"}});
-        let health = |spec: serde_json::Value| super::health(&budget(spec), &pods);
+        let measure = |spec: serde_json::Value| health(&budget(spec), &pods);
         let counts = |h: Option<Health>| h.map(|h| (h.expected, h.desired, h.current, h.allowed));
         // 5 covered pods that have not finished, 3 of them healthy.
-        assert_eq!(counts(health(json!({"selector": selector, "minAvailable": 2}))), Some((5, 2, 3, 1)));
-        assert_eq!(counts(health(json!({"selector": selector, "minAvailable": 3}))), Some((5, 3, 3, 0)));
-        assert_eq!(counts(health(json!({"selector": selector, "minAvailable": 5}))), Some((5, 5, 3, 0)));
-        assert_eq!(counts(health(json!({"selector": selector, "minAvailable": "50%"}))), Some((5, 3, 3, 0)));
-        assert_eq!(counts(health(json!({"selector": selector, "maxUnavailable": 1}))), Some((5, 4, 3, 0)));
-        assert_eq!(counts(health(json!({"selector": selector, "maxUnavailable": "40%"}))), Some((5, 3, 3, 0)));
-        assert_eq!(counts(health(json!({"selector": selector, "maxUnavailable": "60%"}))), Some((5, 2, 3, 1)));
+        assert_eq!(counts(measure(json!({"selector": selector, "minAvailable": 2}))), Some((5, 2, 3, 1)));
+        assert_eq!(counts(measure(json!({"selector": selector, "minAvailable": 3}))), Some((5, 3, 3, 0)));
+        assert_eq!(counts(measure(json!({"selector": selector, "minAvailable": 5}))), Some((5, 5, 3, 0)));
+        assert_eq!(counts(measure(json!({"selector": selector, "minAvailable": "50%"}))), Some((5, 3, 3, 0)));
+        assert_eq!(counts(measure(json!({"selector": selector, "maxUnavailable": 1}))), Some((5, 4, 3, 0)));
+        assert_eq!(counts(measure(json!({"selector": selector, "maxUnavailable": "40%"}))), Some((5, 3, 3, 0)));
+        assert_eq!(counts(measure(json!({"selector": selector, "maxUnavailable": "60%"}))), Some((5, 2, 3, 1)));
         // An empty selector covers the namespace; none covers nothing.
-        assert_eq!(counts(health(json!({"selector": {}, "minAvailable": 1}))), Some((6, 1, 4, 3)));
-        assert_eq!(counts(health(json!({"minAvailable": 0}))), Some((0, 0, 0, 0)));
-        assert_eq!(health(json!({"selector": selector})), None);
-        assert_eq!(health(json!({"selector": selector, "minAvailable": "lots"})), None);
+        assert_eq!(counts(measure(json!({"selector": {}, "minAvailable": 1}))), Some((6, 1, 4, 3)));
+        assert_eq!(counts(measure(json!({"minAvailable": 0}))), Some((0, 0, 0, 0)));
+        assert_eq!(measure(json!({"selector": selector})), None);
+        assert_eq!(measure(json!({"selector": selector, "minAvailable": "lots"})), None);
     }
 }

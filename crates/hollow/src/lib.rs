@@ -13,7 +13,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::{StreamExt, TryStreamExt};
-use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{Node, Pod};
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams, Preconditions};
 use kube::runtime::{WatchStreamExt, watcher};
@@ -60,8 +59,6 @@ impl Default for HollowConfig {
     }
 }
 
-/// How long a Lease holds without renewal (upstream's kubelet default).
-const LEASE_SECONDS: i32 = 40;
 /// Status writes in flight at once.
 const PARALLEL: usize = 32;
 
@@ -139,21 +136,9 @@ async fn report_status(client: &kube::Client, config: &HollowConfig, index: usiz
     Ok(())
 }
 
-/// Renews (or creates) node `index`'s Lease.
+/// Renews (or creates) node `index`'s Lease, as the kubelet does.
 async fn renew_lease(client: &kube::Client, config: &HollowConfig, index: usize) -> kube::Result<()> {
-    let name = node_name(config, index);
-    let leases: Api<Lease> = Api::namespaced(client.clone(), "kube-node-lease");
-    let renewed = json!({"spec": {"holderIdentity": name, "leaseDurationSeconds": LEASE_SECONDS, "renewTime": now()}});
-    match leases.patch(&name, &PatchParams::default(), &Patch::Merge(&renewed)).await {
-        Ok(_) => Ok(()),
-        Err(kube::Error::Api(status)) if status.code == 404 => {
-            let mut lease = renewed.clone();
-            lease["metadata"] = json!({"name": name, "namespace": "kube-node-lease"});
-            let lease: Lease = serde_json::from_value(lease).expect("a valid lease");
-            leases.create(&PostParams::default(), &lease).await.map(|_| ())
-        }
-        Err(error) => Err(error),
-    }
+    tugboat_kubelet::renew_lease(client, &node_name(config, index)).await
 }
 
 /// A container's status in a hollow pod, in `state` (upstream's `running` or `terminated`).

@@ -225,8 +225,8 @@ async fn register(client: &kube::Client, name: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Renews (or creates) the node's Lease.
-async fn renew_lease(client: &kube::Client, name: &str) -> kube::Result<()> {
+/// Renews (or creates) the node's Lease in `kube-node-lease` (hollow nodes renew theirs so too).
+pub async fn renew_lease(client: &kube::Client, name: &str) -> kube::Result<()> {
     let leases: Api<Lease> = Api::namespaced(client.clone(), "kube-node-lease");
     let renewed = json!({"spec": {"holderIdentity": name, "leaseDurationSeconds": LEASE_SECONDS, "renewTime": now()}});
     match leases.patch(name, &PatchParams::default(), &Patch::Merge(&renewed)).await {
