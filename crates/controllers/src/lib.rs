@@ -9,6 +9,7 @@ pub mod disruption;
 pub mod endpoints;
 pub mod gc;
 pub mod job;
+pub mod namespaces;
 pub mod nodeipam;
 pub mod nodelifecycle;
 pub mod podgc;

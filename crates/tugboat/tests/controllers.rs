@@ -581,6 +581,27 @@ fn namespaces_get_a_service_account_and_are_emptied_before_they_go() {
         None,
     );
     assert!(!everything.contains("team"), "{everything}");
+
+    // Content held by a finalizer keeps the namespace Terminating, and its conditions say why
+    // (as `kubectl describe namespace` shows them); once released, the namespace goes.
+    server.kubectl(&["create", "namespace", "held"], None);
+    let held = "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: precious, namespace: held, finalizers: [example.com/hold]}\n";
+    server.kubectl(&["apply", "-f", "-"], Some(held));
+    server.kubectl(&["delete", "namespace", "held", "--wait=false"], None);
+    let described = eventually(&server, &["describe", "namespace", "held"], "the deletion conditions", |o| {
+        o.contains("NamespaceFinalizersRemaining") && o.contains("example.com/hold in 1 resource instances")
+    });
+    assert!(
+        described.contains("Terminating") && described.contains("configmaps. has 1 resource instances"),
+        "{described}"
+    );
+    server.kubectl(
+        &["patch", "configmap", "precious", "-n", "held", "--type=merge", "-p", r#"{"metadata":{"finalizers":[]}}"#],
+        None,
+    );
+    eventually(&server, &["get", "namespace", "held", "--ignore-not-found", "-o", "name"], "the namespace gone", |o| {
+        o.trim().is_empty()
+    });
 }
 
 #[test]

@@ -12,6 +12,7 @@ use kube::discovery::{Discovery, Scope, verbs};
 use tokio::sync::Notify;
 
 use super::{COALESCE, Hub, PARALLEL, create_if_missing, ready, wait};
+use crate::namespaces::{self, Remaining};
 use crate::serviceaccounts;
 
 /// The finalizer in `spec.finalizers` that this controller removes once a namespace is empty.
@@ -37,28 +38,28 @@ pub(super) async fn run_namespaces(client: kube::Client, hub: Arc<Hub>) -> anyho
                 Ok(resources) => {
                     for namespace in terminating {
                         let name = namespace.metadata.name.clone().unwrap_or_default();
-                        match empty(&client, &name, &resources).await {
-                            Ok(0) => {
-                                if let Err(error) = finalize(&client, &name).await {
-                                    tracing::debug!(%error, namespace = name, "could not finalize");
-                                    waiting = true;
-                                } else {
-                                    tracing::info!(namespace = name, "namespace emptied and finalized");
-                                }
-                            }
-                            Ok(left) => {
-                                tracing::debug!(namespace = name, left, "namespace still has content");
+                        let remaining = empty(&client, &name, &resources).await;
+                        if remaining.resources.is_empty() && remaining.failures.is_empty() {
+                            if let Err(error) = finalize(&client, &name).await {
+                                tracing::debug!(%error, namespace = name, "could not finalize");
                                 waiting = true;
+                            } else {
+                                tracing::info!(namespace = name, "namespace emptied and finalized");
                             }
-                            Err(error) => {
-                                tracing::debug!(%error, namespace = name, "could not empty the namespace");
-                                waiting = true;
-                            }
+                        } else {
+                            tracing::debug!(namespace = name, ?remaining, "namespace still has content");
+                            report(&client, &namespace, &namespaces::conditions(None, &remaining)).await;
+                            waiting = true;
                         }
                     }
                 }
                 Err(error) => {
                     tracing::warn!(%error, "discovery failed; namespaces wait");
+                    let failed = error.to_string();
+                    for namespace in terminating {
+                        report(&client, &namespace, &namespaces::conditions(Some(&failed), &Remaining::default()))
+                            .await;
+                    }
                     waiting = true;
                 }
             }
@@ -91,41 +92,82 @@ async fn namespaced_resources(client: &kube::Client) -> kube::Result<Vec<ApiReso
     Ok(resources)
 }
 
-/// Deletes what is in the namespace; returns how many objects are still there.
-async fn empty(client: &kube::Client, namespace: &str, resources: &[ApiResource]) -> kube::Result<usize> {
-    let counts: Vec<kube::Result<usize>> = futures::stream::iter(resources.to_vec())
+/// Deletes what is in the namespace; returns what is still there (by resource, and held by
+/// which finalizers) and what could not be listed or deleted.
+async fn empty(client: &kube::Client, namespace: &str, resources: &[ApiResource]) -> Remaining {
+    let results: Vec<(String, kube::Result<(usize, Vec<String>)>)> = futures::stream::iter(resources.to_vec())
         .map(|resource| {
             let api: Api<DynamicObject> = Api::namespaced_with(client.clone(), namespace, &resource);
+            let label = format!("{}.{}", resource.plural, resource.group);
             async move {
-                let list = api.list(&ListParams::default()).await?;
-                let mut left = 0;
-                for object in &list.items {
-                    left += 1;
-                    if object.metadata.deletion_timestamp.is_some() {
-                        continue;
-                    }
-                    let name = object.metadata.name.clone().unwrap_or_default();
-                    match api.delete(&name, &DeleteParams::background()).await {
-                        Ok(either) => {
-                            if either.is_right() {
-                                left -= 1;
-                            }
+                let result = async {
+                    let list = api.list(&ListParams::default()).await?;
+                    let (mut left, mut finalizers) = (0, Vec::new());
+                    for object in &list.items {
+                        if object.metadata.deletion_timestamp.is_some() {
+                            left += 1;
+                            finalizers.extend(object.metadata.finalizers.iter().flatten().cloned());
+                            continue;
                         }
-                        Err(kube::Error::Api(status)) if status.code == 404 => left -= 1,
-                        Err(error) => return Err(error),
+                        let name = object.metadata.name.clone().unwrap_or_default();
+                        match api.delete(&name, &DeleteParams::background()).await {
+                            Ok(either) => left += usize::from(either.is_left()),
+                            Err(kube::Error::Api(status)) if status.code == 404 => {}
+                            Err(error) => return Err(error),
+                        }
                     }
+                    Ok((left, finalizers))
                 }
-                Ok(left)
+                .await;
+                (label, result)
             }
         })
         .buffer_unordered(PARALLEL)
         .collect()
         .await;
-    let mut total = 0;
-    for count in counts {
-        total += count?;
+    let mut remaining = Remaining::default();
+    for (label, result) in results {
+        match result {
+            Ok((left, finalizers)) => {
+                if left > 0 {
+                    remaining.resources.insert(label, left);
+                }
+                for finalizer in finalizers {
+                    *remaining.finalizers.entry(finalizer).or_default() += 1;
+                }
+            }
+            Err(error) => remaining.failures.push(format!("{label}: {error}")),
+        }
     }
-    Ok(total)
+    remaining.failures.sort();
+    remaining
+}
+
+/// Puts the deletion conditions on the namespace's status, unless they say that already.
+async fn report(client: &kube::Client, namespace: &Namespace, wanted: &[(&'static str, bool, &'static str, String)]) {
+    let current: Vec<serde_json::Value> = namespace
+        .status
+        .as_ref()
+        .and_then(|s| s.conditions.as_ref())
+        .map(|c| c.iter().filter_map(|c| serde_json::to_value(c).ok()).collect())
+        .unwrap_or_default();
+    let conditions = namespaces::status_conditions(wanted, &current, &jiff::Timestamp::now().to_string());
+    let same = conditions.len() == current.len()
+        && conditions
+            .iter()
+            .zip(&current)
+            .all(|(a, b)| ["type", "status", "reason", "message"].iter().all(|field| a[*field] == b[*field]));
+    if same {
+        return;
+    }
+    let name = namespace.metadata.name.as_deref().unwrap_or_default();
+    let api: Api<Namespace> = Api::all(client.clone());
+    let patch = serde_json::json!({"status": {"conditions": conditions}});
+    if let Err(error) =
+        api.patch_status(name, &kube::api::PatchParams::default(), &kube::api::Patch::Merge(&patch)).await
+    {
+        tracing::debug!(%error, namespace = name, "could not report the namespace's conditions");
+    }
 }
 
 /// Removes this controller's finalizer through `namespaces/{name}/finalize`.
