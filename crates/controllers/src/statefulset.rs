@@ -99,7 +99,8 @@ pub fn plan(set: &StatefulSet, owned: &[&Pod], claims: &[String], hash: &str, no
                     }
                 }
                 Some(pod) => {
-                    if !parallel && !(running_and_ready(pod) && pod.metadata.deletion_timestamp.is_none()) {
+                    let settled = running_and_ready(pod) && pod.metadata.deletion_timestamp.is_none();
+                    if !parallel && !settled {
                         blocked = true;
                     }
                 }

@@ -24,8 +24,11 @@ const GC_COALESCE: std::time::Duration = std::time::Duration::from_millis(100);
 /// metadata of every object of it in the shared informers.
 struct Kind {
     resource: ApiResource,
-    visit: Box<dyn Fn(&mut dyn FnMut(&ObjectMeta)) + Send + Sync>,
+    visit: Visit,
 }
+
+/// Calls its argument with the metadata of every object of a kind.
+type Visit = Box<dyn Fn(&mut dyn FnMut(&ObjectMeta)) + Send + Sync>;
 
 impl Kind {
     /// A kind the controllers reflect anyway (its informer is shared), or, for a kind only the

@@ -95,7 +95,9 @@ async fn namespaced_resources(client: &kube::Client) -> kube::Result<Vec<ApiReso
 /// Deletes what is in the namespace; returns what is still there (by resource, and held by
 /// which finalizers) and what could not be listed or deleted.
 async fn empty(client: &kube::Client, namespace: &str, resources: &[ApiResource]) -> Remaining {
-    let results: Vec<(String, kube::Result<(usize, Vec<String>)>)> = futures::stream::iter(resources.to_vec())
+    // Per resource: its label, and how many objects are left with the finalizers holding them.
+    type Left = (String, kube::Result<(usize, Vec<String>)>);
+    let results: Vec<Left> = futures::stream::iter(resources.to_vec())
         .map(|resource| {
             let api: Api<DynamicObject> = Api::namespaced_with(client.clone(), namespace, &resource);
             let label = format!("{}.{}", resource.plural, resource.group);
