@@ -299,6 +299,10 @@ async fn client(kubeconfig: &std::path::Path) -> anyhow::Result<kube::Client> {
     let mut http = hyper_util::client::legacy::connect::HttpConnector::new();
     http.enforce_http(false);
     http.set_nodelay(true);
+    // kube's stack gives up connecting after its connect timeout; keepalive probes find a peer
+    // that vanished (a cut link) under a long watch.
+    http.set_connect_timeout(config.connect_timeout);
+    http.set_keepalive(Some(Duration::from_secs(30)));
     let https = config.rustls_https_connector_with_connector(http)?;
     let hyper_client: hyper_util::client::legacy::Client<_, kube::client::Body> =
         hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new()).build(https);
