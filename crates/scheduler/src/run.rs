@@ -178,6 +178,8 @@ impl Scheduler {
         let mut bindings = Vec::new();
         let mut failures = Vec::new();
         let mut preemptions = Vec::new();
+        // The disruption budgets, gathered once per pass and only if some pod may preempt.
+        let mut budgets: Option<Vec<plan::Budget>> = None;
         for pod in self.cache.queue() {
             let (decision, next) = plan::schedule_from(&pod, self.cache.nodes(), self.next_start);
             self.next_start = next;
@@ -189,9 +191,12 @@ impl Scheduler {
                 Decision::Unschedulable(message) => {
                     let may_preempt = pod.spec.as_ref().and_then(|s| s.priority).unwrap_or(0) > 0
                         && self.preempted.get(uid_of(&pod)).is_none_or(|at| at.elapsed() > PREEMPTION_PAUSE);
-                    let budgets: Vec<plan::Budget> =
-                        if may_preempt { self.budgets.values().cloned().collect() } else { Vec::new() };
-                    if may_preempt && let Some((i, victims)) = plan::preempt(&pod, self.cache.nodes(), &budgets) {
+                    let budgets: &[plan::Budget] = if may_preempt {
+                        budgets.get_or_insert_with(|| self.budgets.values().cloned().collect())
+                    } else {
+                        &[]
+                    };
+                    if may_preempt && let Some((i, victims)) = plan::preempt(&pod, self.cache.nodes(), budgets) {
                         self.preempted.insert(uid(&pod), std::time::Instant::now());
                         preemptions.push((pod.clone(), self.cache.nodes()[i].name().to_string(), victims));
                     }
