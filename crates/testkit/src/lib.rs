@@ -1,6 +1,8 @@
 //! Helpers shared by Tugboat's tests and benchmarks. Everything here runs on loopback and in
 //! temporary directories, and cleans up on drop.
 
+pub mod image;
+
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};

@@ -37,6 +37,35 @@ enum Command {
     /// Run the node agent alone: registers this host as a Node and heartbeats (it does not
     /// run containers yet, and says so in the node's Ready condition).
     Kubelet(KubeletArgs),
+    /// Manage the node's images.
+    #[command(subcommand)]
+    Images(ImagesCommand),
+    /// The per-container monitor (started by the kubelet, not by hand).
+    #[command(hide = true)]
+    Shim {
+        /// The container's directory.
+        dir: PathBuf,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum ImagesCommand {
+    /// Import OCI image layouts or `docker save` archives (tar, or tar.gz) into the node's
+    /// image store, pinned against image garbage collection.
+    Import {
+        /// The archives.
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+        /// The node agent's data directory.
+        #[arg(long, default_value = "/var/lib/tugboat/agent", env = "TUGBOAT_DATA_DIR")]
+        data_dir: PathBuf,
+    },
+    /// List the images in the node's image store.
+    List {
+        /// The node agent's data directory.
+        #[arg(long, default_value = "/var/lib/tugboat/agent", env = "TUGBOAT_DATA_DIR")]
+        data_dir: PathBuf,
+    },
 }
 
 #[derive(Debug, clap::Args)]
@@ -180,6 +209,38 @@ struct ServerArgs {
 
 /// Parses `300`, `300s`, `5m`, `1h`, `250ms`.
 /// A duration where zero means "never".
+fn images(command: &ImagesCommand) -> ExitCode {
+    let result = (|| -> anyhow::Result<()> {
+        match command {
+            ImagesCommand::Import { files, data_dir } => {
+                let store = tugboat_runtime::images::ImageStore::open(data_dir.join("images"))?;
+                for file in files {
+                    let names = store.import(file).with_context(|| format!("importing {}", file.display()))?;
+                    for name in names {
+                        println!("imported {name}");
+                    }
+                }
+            }
+            ImagesCommand::List { data_dir } => {
+                let store = tugboat_runtime::images::ImageStore::open(data_dir.join("images"))?;
+                println!("{:<50} {:<20} PINNED", "IMAGE", "ID");
+                for (name, image) in store.list() {
+                    let id = image.manifest.trim_start_matches("sha256:");
+                    println!("{name:<50} {:<20} {}", &id[..id.len().min(12)], image.pinned);
+                }
+            }
+        }
+        Ok(())
+    })();
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("error: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
 fn parse_duration_or_zero(text: &str) -> Result<Duration, String> {
     if text.trim().trim_end_matches(|c: char| c.is_ascii_alphabetic()).chars().all(|c| c == '0')
         && !text.trim().is_empty()
@@ -211,6 +272,12 @@ fn parse_duration(text: &str) -> Result<Duration, String> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // The shim forks the container: it runs before any thread exists.
+    match &cli.command {
+        Command::Shim { dir } => return ExitCode::from(tugboat_runtime::shim::main(dir) as u8),
+        Command::Images(command) => return images(command),
+        _ => {}
+    }
     // One TLS crypto provider for every crate that uses rustls.
     let _ = rustls::crypto::ring::default_provider().install_default();
     tracing_subscriber::fmt()
@@ -226,6 +293,8 @@ fn main() -> ExitCode {
     };
     let result = runtime.block_on(async {
         match cli.command {
+            // Handled before the async runtime starts.
+            Command::Shim { .. } | Command::Images(_) => Ok(()),
             Command::Server(args) => server(args, true).await,
             Command::Apiserver(args) => server(args, false).await,
             Command::Kubelet(args) => {

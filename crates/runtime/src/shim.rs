@@ -1,0 +1,262 @@
+//! `tugboat shim DIR`: one small process per container, as conmon or containerd-shim. It
+//! mounts the rootfs, creates and starts the container with libcontainer, says on its stdout
+//! `ok PID` or `error MESSAGE` (then lets go of stdout so the kubelet may die), writes the
+//! container's stdout/stderr to the CRI log file, reaps it and records its exit in
+//! `DIR/exit.json`. Nothing of a running container depends on the kubelet.
+
+use std::fs::{File, OpenOptions};
+use std::io::{Read, Write};
+use std::os::fd::OwnedFd;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use libcontainer::container::builder::ContainerBuilder;
+use libcontainer::syscall::syscall::SyscallType;
+use nix::sys::wait::{WaitStatus, waitpid};
+use serde::{Deserialize, Serialize};
+
+use crate::images::write_durably;
+use crate::spec::ContainerConfig;
+
+/// `DIR/started.json`: written once the container runs.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct Started {
+    pub pid: i32,
+    pub started_at: String,
+}
+
+/// `DIR/exit.json`: written once the container's process was reaped.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct Exited {
+    pub exit_code: i32,
+    #[serde(default)]
+    pub signal: Option<i32>,
+    pub finished_at: String,
+    /// `Completed`, `Error` or `OOMKilled`.
+    pub reason: String,
+}
+
+pub fn now_rfc3339() -> String {
+    time::OffsetDateTime::now_utc().format(&time::format_description::well_known::Rfc3339).unwrap_or_default()
+}
+
+/// The container's paths inside its directory.
+pub(crate) struct Paths {
+    pub dir: PathBuf,
+}
+
+impl Paths {
+    pub fn config(&self) -> PathBuf {
+        self.dir.join("container.json")
+    }
+    pub fn bundle(&self) -> PathBuf {
+        self.dir.join("bundle")
+    }
+    pub fn rootfs(&self) -> PathBuf {
+        self.dir.join("bundle/rootfs")
+    }
+    pub fn started(&self) -> PathBuf {
+        self.dir.join("started.json")
+    }
+    pub fn exited(&self) -> PathBuf {
+        self.dir.join("exit.json")
+    }
+    pub fn libcontainer_root(&self) -> PathBuf {
+        self.dir.join("state")
+    }
+}
+
+/// Mounts the image layers (read-only lower dirs) with a writable upper dir at the rootfs.
+pub(crate) fn mount_rootfs(paths: &Paths, config: &ContainerConfig) -> anyhow::Result<()> {
+    let rootfs = paths.rootfs();
+    std::fs::create_dir_all(&rootfs)?;
+    let upper = paths.dir.join("upper");
+    let work = paths.dir.join("work");
+    std::fs::create_dir_all(&upper)?;
+    std::fs::create_dir_all(&work)?;
+    if config.layers.is_empty() {
+        anyhow::bail!("the image has no layers");
+    }
+    let lower: Vec<String> = config.layers.iter().rev().map(|p| p.display().to_string()).collect();
+    let options = format!("lowerdir={},upperdir={},workdir={}", lower.join(":"), upper.display(), work.display());
+    nix::mount::mount(Some("overlay"), &rootfs, Some("overlay"), nix::mount::MsFlags::empty(), Some(options.as_str()))
+        .map_err(|e| anyhow::anyhow!("mounting the rootfs (overlay): {e}"))?;
+    Ok(())
+}
+
+/// A CRI log file: `<RFC 3339 nano> <stream> <F|P> <line>` per line.
+struct CriLog {
+    file: File,
+}
+
+impl CriLog {
+    fn write(&mut self, stream: &str, line: &[u8], partial: bool) {
+        let stamp = time::OffsetDateTime::now_utc();
+        let stamp = format!(
+            "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}.{:09}Z",
+            stamp.year(),
+            u8::from(stamp.month()),
+            stamp.day(),
+            stamp.hour(),
+            stamp.minute(),
+            stamp.second(),
+            stamp.nanosecond()
+        );
+        let mut record = Vec::with_capacity(line.len() + 48);
+        record.extend_from_slice(stamp.as_bytes());
+        record.push(b' ');
+        record.extend_from_slice(stream.as_bytes());
+        record.extend_from_slice(if partial { b" P " } else { b" F " });
+        record.extend_from_slice(line);
+        record.push(b'\n');
+        let _ = self.file.write_all(&record);
+    }
+}
+
+/// Longest line kept whole; longer ones are split into partial (`P`) records, as containerd does.
+const MAX_LINE: usize = 16 * 1024;
+
+fn copy_stream(from: OwnedFd, stream: &'static str, log: Arc<Mutex<CriLog>>) {
+    let mut from = File::from(from);
+    let mut pending: Vec<u8> = Vec::new();
+    let mut buf = [0u8; 8192];
+    loop {
+        let n = match from.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        pending.extend_from_slice(&buf[..n]);
+        let mut log = log.lock().unwrap();
+        while let Some(end) = pending.iter().position(|&b| b == b'\n') {
+            log.write(stream, &pending[..end], false);
+            pending.drain(..=end);
+        }
+        while pending.len() >= MAX_LINE {
+            log.write(stream, &pending[..MAX_LINE], true);
+            pending.drain(..MAX_LINE);
+        }
+    }
+    if !pending.is_empty() {
+        log.lock().unwrap().write(stream, &pending, false);
+    }
+}
+
+/// The shim's whole life. Returns the process's exit code.
+pub fn main(dir: &Path) -> i32 {
+    let paths = Paths { dir: dir.to_path_buf() };
+    let mut stdout = std::io::stdout();
+    match start(&paths) {
+        Ok((pid, readers, log)) => {
+            let _ = writeln!(stdout, "ok {pid}");
+            let _ = stdout.flush();
+            if let Ok(null) = File::options().read(true).write(true).open("/dev/null") {
+                let _ = nix::unistd::dup2_stdout(&null);
+                let _ = nix::unistd::dup2_stdin(&null);
+            }
+            supervise(&paths, pid, readers, log);
+            0
+        }
+        Err(e) => {
+            let _ = writeln!(stdout, "error {}", format!("{e:#}").replace('\n', " "));
+            let _ = stdout.flush();
+            1
+        }
+    }
+}
+
+type Readers = Vec<std::thread::JoinHandle<()>>;
+
+fn start(paths: &Paths) -> anyhow::Result<(i32, Readers, Arc<Mutex<CriLog>>)> {
+    let _ = nix::unistd::setsid();
+    nix::sys::prctl::set_child_subreaper(true)?;
+    let config: ContainerConfig = serde_json::from_slice(&std::fs::read(paths.config())?)?;
+    mount_rootfs(paths, &config)?;
+    let spec = config.oci_spec(&paths.rootfs());
+    std::fs::write(paths.bundle().join("config.json"), serde_json::to_vec(&spec)?)?;
+    if let Some(parent) = config.log_path.parent() {
+        std::fs::create_dir_all(parent)?;
+    }
+    let file = OpenOptions::new().create(true).append(true).open(&config.log_path)?;
+    let log = Arc::new(Mutex::new(CriLog { file }));
+    let (out_r, out_w) = nix::unistd::pipe()?;
+    let (err_r, err_w) = nix::unistd::pipe()?;
+    let null = File::open("/dev/null")?;
+    let mut container = ContainerBuilder::new(config.id.clone(), SyscallType::default())
+        .with_root_path(paths.libcontainer_root())?
+        .with_stdin(OwnedFd::from(null))
+        .with_stdout(out_w)
+        .with_stderr(err_w)
+        .as_init(paths.bundle())
+        .with_systemd(false)
+        .with_detach(true)
+        .build()
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let readers = vec![
+        {
+            let log = log.clone();
+            std::thread::spawn(move || copy_stream(out_r, "stdout", log))
+        },
+        {
+            let log = log.clone();
+            std::thread::spawn(move || copy_stream(err_r, "stderr", log))
+        },
+    ];
+    container.start().map_err(|e| anyhow::anyhow!("{e}"))?;
+    let pid = container.pid().map(|p| p.as_raw()).ok_or_else(|| anyhow::anyhow!("the container has no pid"))?;
+    let started = Started { pid, started_at: now_rfc3339() };
+    write_durably(&paths.started(), &serde_json::to_vec(&started)?)?;
+    Ok((pid, readers, log))
+}
+
+fn supervise(paths: &Paths, pid: i32, readers: Readers, log: Arc<Mutex<CriLog>>) {
+    let mut status = None;
+    loop {
+        match waitpid(None, None) {
+            Ok(WaitStatus::Exited(p, code)) if p.as_raw() == pid => status = Some((code, None)),
+            Ok(WaitStatus::Signaled(p, signal, _)) if p.as_raw() == pid => {
+                status = Some((128 + signal as i32, Some(signal as i32)))
+            }
+            Ok(_) => {}
+            Err(nix::errno::Errno::EINTR) => {}
+            Err(_) => break,
+        }
+    }
+    let (exit_code, signal) = status.unwrap_or((255, None));
+    // The pipes close when the last process holding them is gone; do not wait for ever.
+    let deadline = std::time::Instant::now() + Duration::from_secs(2);
+    for reader in readers {
+        while !reader.is_finished() && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+    let _ = log.lock().unwrap().file.sync_all();
+    let config: Option<ContainerConfig> =
+        std::fs::read(paths.config()).ok().and_then(|b| serde_json::from_slice(&b).ok());
+    let oom = config.is_some_and(|c| oom_killed(&c.cgroups_path));
+    let reason = if oom && signal == Some(9) {
+        "OOMKilled"
+    } else if exit_code == 0 {
+        "Completed"
+    } else {
+        "Error"
+    };
+    let exited = Exited { exit_code, signal, finished_at: now_rfc3339(), reason: reason.to_string() };
+    let _ = write_durably(&paths.exited(), &serde_json::to_vec(&exited).unwrap_or_default());
+}
+
+/// Whether the kernel's OOM killer killed something in the container's cgroup.
+fn oom_killed(cgroups_path: &str) -> bool {
+    let rel = cgroups_path.trim_start_matches('/');
+    let candidates = [
+        format!("/sys/fs/cgroup/memory/{rel}/memory.oom_control"),
+        format!("/sys/fs/cgroup/{rel}/memory.events"),
+    ];
+    candidates.iter().any(|path| {
+        std::fs::read_to_string(path).is_ok_and(|text| {
+            text.lines().any(|l| l.strip_prefix("oom_kill ").is_some_and(|n| n.trim().parse::<u64>().unwrap_or(0) > 0))
+        })
+    })
+}

@@ -1,0 +1,137 @@
+//! Test images made from the host's static busybox (Debian `busybox-static`): one layer with
+//! `/bin/busybox`, a link per applet, `/etc/passwd`, `/etc/group`, `/tmp`; packed as an OCI
+//! image layout archive (what `tugboat images import` and a registry push take).
+
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use serde_json::json;
+use sha2::{Digest, Sha256};
+
+pub const BUSYBOX: &str = "/bin/busybox";
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn sha256(bytes: &[u8]) -> String {
+    format!("sha256:{}", hex(&Sha256::digest(bytes)))
+}
+
+/// The host's static busybox: `/bin/busybox` from Debian's busybox-static (the dynamic
+/// `busybox` package conflicts with it and would not run in an image without its libraries).
+pub fn busybox_binary() -> anyhow::Result<PathBuf> {
+    let path = Path::new(BUSYBOX);
+    anyhow::ensure!(path.exists(), "no {BUSYBOX}: install Debian's busybox-static");
+    Ok(path.to_path_buf())
+}
+
+/// The image's layer (an uncompressed tar) with the given extra files.
+pub fn busybox_layer(extra: &[(&str, &[u8], u32)]) -> anyhow::Result<Vec<u8>> {
+    let busybox = busybox_binary()?;
+    let list = std::process::Command::new(&busybox).arg("--list").output().context("busybox --list")?;
+    let applets: Vec<String> = String::from_utf8_lossy(&list.stdout).lines().map(str::to_string).collect();
+    let mut tar = tar::Builder::new(Vec::new());
+    let dir = |tar: &mut tar::Builder<Vec<u8>>, path: &str, mode: u32| -> anyhow::Result<()> {
+        let mut header = tar::Header::new_gnu();
+        header.set_entry_type(tar::EntryType::Directory);
+        header.set_mode(mode);
+        header.set_size(0);
+        header.set_mtime(0);
+        header.set_uid(0);
+        header.set_gid(0);
+        tar.append_data(&mut header, path, std::io::empty())?;
+        Ok(())
+    };
+    let file = |tar: &mut tar::Builder<Vec<u8>>, path: &str, data: &[u8], mode: u32| -> anyhow::Result<()> {
+        let mut header = tar::Header::new_gnu();
+        header.set_entry_type(tar::EntryType::Regular);
+        header.set_mode(mode);
+        header.set_size(data.len() as u64);
+        header.set_mtime(0);
+        header.set_uid(0);
+        header.set_gid(0);
+        tar.append_data(&mut header, path, data)?;
+        Ok(())
+    };
+    for (path, mode) in [("bin", 0o755), ("etc", 0o755), ("tmp", 0o1777), ("root", 0o700), ("var", 0o755), ("home", 0o755)] {
+        dir(&mut tar, path, mode)?;
+    }
+    file(&mut tar, "bin/busybox", &std::fs::read(&busybox)?, 0o755)?;
+    for applet in &applets {
+        if applet == "busybox" {
+            continue;
+        }
+        let mut header = tar::Header::new_gnu();
+        header.set_entry_type(tar::EntryType::Symlink);
+        header.set_mode(0o777);
+        header.set_size(0);
+        header.set_mtime(0);
+        header.set_uid(0);
+        header.set_gid(0);
+        tar.append_link(&mut header, format!("bin/{applet}"), "busybox")?;
+    }
+    file(&mut tar, "etc/passwd", b"root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/home:/bin/false\n", 0o644)?;
+    file(&mut tar, "etc/group", b"root:x:0:\nnogroup:x:65534:\n", 0o644)?;
+    for (path, data, mode) in extra {
+        file(&mut tar, path, data, *mode)?;
+    }
+    Ok(tar.into_inner()?)
+}
+
+/// Writes an OCI image layout archive holding one image `name` (e.g. `busybox:latest`) made of
+/// `layer`, with `cmd` as its default command.
+pub fn oci_archive(path: &Path, name: &str, layer: &[u8], cmd: &[&str]) -> anyhow::Result<()> {
+    let layer_digest = sha256(layer);
+    let arch = match std::env::consts::ARCH {
+        "x86_64" => "amd64",
+        "aarch64" => "arm64",
+        other => other,
+    };
+    let config = serde_json::to_vec(&json!({
+        "architecture": arch,
+        "os": "linux",
+        "config": {"Env": ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"], "Cmd": cmd},
+        "rootfs": {"type": "layers", "diff_ids": [layer_digest]},
+    }))?;
+    let config_digest = sha256(&config);
+    let manifest = serde_json::to_vec(&json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": config_digest, "size": config.len()},
+        "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar", "digest": layer_digest, "size": layer.len()}],
+    }))?;
+    let manifest_digest = sha256(&manifest);
+    let index = serde_json::to_vec(&json!({
+        "schemaVersion": 2,
+        "manifests": [{
+            "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "digest": manifest_digest,
+            "size": manifest.len(),
+            "annotations": {"io.containerd.image.name": name, "org.opencontainers.image.ref.name": name},
+        }],
+    }))?;
+    let mut tar = tar::Builder::new(std::fs::File::create(path)?);
+    let mut add = |name: String, data: &[u8]| -> anyhow::Result<()> {
+        let mut header = tar::Header::new_gnu();
+        header.set_mode(0o644);
+        header.set_size(data.len() as u64);
+        header.set_mtime(0);
+        header.set_uid(0);
+        header.set_gid(0);
+        tar.append_data(&mut header, name, data)?;
+        Ok(())
+    };
+    add("oci-layout".into(), br#"{"imageLayoutVersion":"1.0.0"}"#)?;
+    add("index.json".into(), &index)?;
+    for (digest, data) in [(&layer_digest, layer), (&config_digest, &config[..]), (&manifest_digest, &manifest[..])] {
+        add(format!("blobs/sha256/{}", digest.trim_start_matches("sha256:")), data)?;
+    }
+    tar.into_inner()?.sync_all()?;
+    Ok(())
+}
+
+/// `busybox:latest` as an OCI archive at `path`, its default command `sh`.
+pub fn busybox_archive(path: &Path) -> anyhow::Result<()> {
+    oci_archive(path, "busybox:latest", &busybox_layer(&[])?, &["sh"])
+}
