@@ -1,19 +1,28 @@
-//! Tugboat's kubelet (node agent). So far: it registers its Node from the host's facts
-//! (`host.rs`: capacity, addresses, nodeInfo), renews the node's Lease in `kube-node-lease`
-//! every 10 s and reports the node's conditions. It runs no pods yet: until the built-in
-//! runtime exists the node says so in Ready=False (so the node lifecycle controller taints it
-//! `not-ready` and the scheduler keeps pods away).
+//! Tugboat's kubelet (node agent): it registers its Node from the host's facts (`host.rs`:
+//! capacity, addresses, nodeInfo), renews the node's Lease in `kube-node-lease` every 10 s,
+//! reports the node's conditions, and runs the pods bound to it (`pods.rs`) in sandboxes
+//! (`sandbox.rs`) with the built-in runtime (`tugboat-runtime`).
+//!
+//! State under the data dir: `content/` (image store), `images/*.tar` (imported at start),
+//! `containers/` (one dir per container, adopted after a restart), `pods/<uid>/` (sandbox
+//! namespaces, volumes, /etc files), `ipam/`; container logs under `log_dir`.
 
 pub mod host;
+pub mod pods;
+pub mod sandbox;
 
 use std::net::IpAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use std::sync::Arc;
+
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::Node;
 use kube::api::{Api, Patch, PatchParams, PostParams};
 use serde_json::{Value, json};
+use tugboat_runtime::Builtin;
+use tugboat_runtime::images::ImageStore;
 
 use crate::host::Host;
 
@@ -32,6 +41,8 @@ pub struct KubeletConfig {
     pub node_ip: Option<IpAddr>,
     /// Where the kubelet keeps its state; its filesystem is the node's ephemeral storage.
     pub data_dir: PathBuf,
+    /// Where container logs go (`<ns>_<pod>_<uid>/<container>/<attempt>.log`).
+    pub log_dir: PathBuf,
 }
 
 /// Upstream's allocatable is capacity less reservations and the hard eviction thresholds;
@@ -81,8 +92,8 @@ pub fn node_status(host: &Host, name: &str, ip: Option<IpAddr>, now: &str) -> Va
                 ("KubeletHasSufficientPID", "kubelet has sufficient PID available"),
                 ("KubeletHasInsufficientPID", "kubelet has insufficient PID available")),
             {
-                "type": "Ready", "status": "False", "reason": "KubeletNotReady",
-                "message": "container runtime is down: this tugboat kubelet does not run containers yet",
+                "type": "Ready", "status": "True", "reason": "KubeletReady",
+                "message": "kubelet is posting ready status",
                 "lastHeartbeatTime": now, "lastTransitionTime": now,
             },
         ],
@@ -91,7 +102,7 @@ pub fn node_status(host: &Host, name: &str, ip: Option<IpAddr>, now: &str) -> Va
         "nodeInfo": {
             "kubeletVersion": KUBELET_VERSION,
             "kubeProxyVersion": "",
-            "containerRuntimeVersion": "tugboat://0.1.0",
+            "containerRuntimeVersion": concat!("tugboat://", env!("CARGO_PKG_VERSION")),
             "osImage": host.os_image,
             "operatingSystem": "linux",
             "architecture": architecture(),
@@ -174,9 +185,54 @@ pub async fn run(client: kube::Client, config: KubeletConfig) -> anyhow::Result<
     let name = config.node_name.clone().unwrap_or_else(|| host.hostname.clone());
     anyhow::ensure!(!name.is_empty(), "no node name: give --node-name");
     let ip = config.node_ip.or_else(host::node_ip);
+    let images = Arc::new(ImageStore::open(config.data_dir.join("content"))?);
+    import_images(&images, &config.data_dir.join("images"));
+    let shim = std::env::current_exe()?;
+    let runtime = Arc::new(Builtin::new(config.data_dir.join("containers"), shim)?);
     register(&client, &name).await?;
     tracing::info!(node = %name, ip = ?ip, "node registered");
     node_event(&client, &name, "Starting", "Starting kubelet.").await;
+    let agent = Arc::new(pods::NodeAgent {
+        client: client.clone(),
+        name: name.clone(),
+        ip,
+        runtime,
+        images,
+        pods_dir: config.data_dir.join("pods"),
+        log_dir: config.log_dir.clone(),
+        ipam: sandbox::Ipam::new(config.data_dir.join("ipam"))?,
+        network: std::sync::Mutex::new(None),
+    });
+    let pods = tokio::spawn(pods::run(agent));
+    let heartbeat = heartbeat(&client, &config, &name, ip);
+    tokio::select! {
+        result = heartbeat => result,
+        result = pods => result?,
+    }
+}
+
+/// Imports every archive in `dir` (`<data-dir>/images/*.tar`): a bad one is logged and skipped.
+fn import_images(images: &ImageStore, dir: &std::path::Path) {
+    let Ok(entries) = std::fs::read_dir(dir) else { return };
+    for entry in entries.flatten() {
+        let path = entry.path();
+        if !path.extension().is_some_and(|e| e == "tar" || e == "gz") {
+            continue;
+        }
+        match images.import(&path) {
+            Ok(names) => tracing::info!(archive = %path.display(), ?names, "imported images"),
+            Err(error) => tracing::warn!(archive = %path.display(), %error, "could not import an image archive"),
+        }
+    }
+}
+
+async fn heartbeat(
+    client: &kube::Client,
+    config: &KubeletConfig,
+    name: &str,
+    ip: Option<IpAddr>,
+) -> anyhow::Result<()> {
+    let (client, name) = (client.clone(), name.to_string());
     let mut ticks = tokio::time::interval(HEARTBEAT);
     let mut transitions = std::collections::HashMap::new();
     loop {
@@ -286,7 +342,7 @@ mod tests {
             .collect();
         assert_eq!(
             kinds,
-            [("MemoryPressure", "False"), ("DiskPressure", "False"), ("PIDPressure", "False"), ("Ready", "False")]
+            [("MemoryPressure", "False"), ("DiskPressure", "False"), ("PIDPressure", "False"), ("Ready", "True")]
         );
 
         let mut seen = std::collections::HashMap::new();

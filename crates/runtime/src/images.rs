@@ -77,7 +77,13 @@ fn familiar(reference: &str) -> Option<String> {
 #[derive(Debug)]
 pub struct ImageStore {
     root: PathBuf,
-    names: Mutex<BTreeMap<String, Image>>,
+    /// The names, and the modification time of `images.json` they were read at: another
+    /// process (`tugboat images import`) may add images while a kubelet runs.
+    names: Mutex<(BTreeMap<String, Image>, Option<std::time::SystemTime>)>,
+}
+
+fn modified(path: &Path) -> Option<std::time::SystemTime> {
+    std::fs::metadata(path).and_then(|m| m.modified()).ok()
 }
 
 impl ImageStore {
@@ -86,12 +92,21 @@ impl ImageStore {
         std::fs::create_dir_all(root.join("blobs/sha256"))?;
         std::fs::create_dir_all(root.join("layers"))?;
         std::fs::create_dir_all(root.join("tmp"))?;
-        let names = match std::fs::read(root.join("images.json")) {
-            Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| bad(format!("images.json: {e}")))?,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => BTreeMap::new(),
-            Err(e) => return Err(e.into()),
-        };
-        Ok(ImageStore { root, names: Mutex::new(names) })
+        let names = read_names(&root)?;
+        let stamp = modified(&root.join("images.json"));
+        Ok(ImageStore { root, names: Mutex::new((names, stamp)) })
+    }
+
+    /// The names, read again if `images.json` changed since.
+    fn names(&self) -> std::sync::MutexGuard<'_, (BTreeMap<String, Image>, Option<std::time::SystemTime>)> {
+        let mut names = self.names.lock().unwrap();
+        let stamp = modified(&self.root.join("images.json"));
+        if stamp != names.1
+            && let Ok(fresh) = read_names(&self.root)
+        {
+            *names = (fresh, stamp);
+        }
+        names
     }
 
     pub fn root(&self) -> &Path {
@@ -101,15 +116,19 @@ impl ImageStore {
     /// The image a pod's `image:` names, if present.
     pub fn get(&self, reference: &str) -> Option<(String, Image)> {
         let wanted = normalize(reference);
-        let names = self.names.lock().unwrap();
+        let guard = self.names();
+        let names = &guard.0;
         if let Some(image) = names.get(&wanted) {
             return Some((wanted, image.clone()));
         }
-        names.iter().find(|(name, _)| familiar(name).as_deref() == Some(wanted.as_str())).map(|(n, i)| (n.clone(), i.clone()))
+        names
+            .iter()
+            .find(|(name, _)| familiar(name).as_deref() == Some(wanted.as_str()))
+            .map(|(n, i)| (n.clone(), i.clone()))
     }
 
     pub fn list(&self) -> BTreeMap<String, Image> {
-        self.names.lock().unwrap().clone()
+        self.names().0.clone()
     }
 
     pub fn blob_path(&self, digest: &str) -> PathBuf {
@@ -150,8 +169,11 @@ impl ImageStore {
         let mut magic = [0u8; 2];
         let gzip = file.read(&mut magic)? == 2 && magic == [0x1f, 0x8b];
         file.seek(SeekFrom::Start(0))?;
-        let reader: Box<dyn Read> =
-            if gzip { Box::new(flate2::read::GzDecoder::new(BufReader::new(file))) } else { Box::new(BufReader::new(file)) };
+        let reader: Box<dyn Read> = if gzip {
+            Box::new(flate2::read::GzDecoder::new(BufReader::new(file)))
+        } else {
+            Box::new(BufReader::new(file))
+        };
         let mut tar = tar::Archive::new(reader);
         for entry in tar.entries().map_err(|e| bad(e.to_string()))? {
             let mut entry = entry.map_err(|e| bad(e.to_string()))?;
@@ -221,7 +243,9 @@ impl ImageStore {
                 .as_array()
                 .ok_or_else(|| bad("manifest.json: no Layers"))?
                 .iter()
-                .map(|l| Ok(dir.join(safe_rel(l.as_str().ok_or_else(|| bad("manifest.json: a layer is not a path"))?)?)))
+                .map(
+                    |l| Ok(dir.join(safe_rel(l.as_str().ok_or_else(|| bad("manifest.json: a layer is not a path"))?)?)),
+                )
                 .collect::<Result<_, ImageError>>()?;
             // docker archives carry no registry manifest: make one, so the image has an ID.
             let mut layer_descriptors = Vec::new();
@@ -298,11 +322,20 @@ impl ImageStore {
         }
         let image =
             Image { manifest: manifest.to_string(), config: config.to_string(), layers: diff_ids, pinned: true };
-        let mut names = self.names.lock().unwrap();
-        names.insert(name.to_string(), image);
-        let bytes = serde_json::to_vec_pretty(&*names).unwrap();
+        let mut names = self.names();
+        names.0.insert(name.to_string(), image);
+        let bytes = serde_json::to_vec_pretty(&names.0).unwrap();
         write_durably(&self.root.join("images.json"), &bytes)?;
+        names.1 = modified(&self.root.join("images.json"));
         Ok(())
+    }
+}
+
+fn read_names(root: &Path) -> Result<BTreeMap<String, Image>, ImageError> {
+    match std::fs::read(root.join("images.json")) {
+        Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| bad(format!("images.json: {e}"))),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(BTreeMap::new()),
+        Err(e) => Err(e.into()),
     }
 }
 
@@ -393,8 +426,11 @@ fn unpack_layer(layer: &Path, dir: &Path) -> Result<String, ImageError> {
     let mut magic = [0u8; 2];
     let gzip = file.read(&mut magic)? == 2 && magic == [0x1f, 0x8b];
     file.seek(SeekFrom::Start(0))?;
-    let raw: Box<dyn Read> =
-        if gzip { Box::new(flate2::read::GzDecoder::new(BufReader::new(file))) } else { Box::new(BufReader::new(file)) };
+    let raw: Box<dyn Read> = if gzip {
+        Box::new(flate2::read::GzDecoder::new(BufReader::new(file)))
+    } else {
+        Box::new(BufReader::new(file))
+    };
     let mut hashing = Hashing { inner: raw, hasher: Sha256::new() };
     {
         let mut tar = tar::Archive::new(&mut hashing);
@@ -425,7 +461,9 @@ fn unpack_layer(layer: &Path, dir: &Path) -> Result<String, ImageError> {
                 )
                 .map_err(std::io::Error::from)?;
             } else {
-                entry.unpack_in(dir).map_err(|e| bad(format!("{}: {e} ({:?})", path.display(), std::error::Error::source(&e))))?;
+                entry
+                    .unpack_in(dir)
+                    .map_err(|e| bad(format!("{}: {e} ({:?})", path.display(), std::error::Error::source(&e))))?;
             }
         }
     }

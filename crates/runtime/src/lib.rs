@@ -220,10 +220,10 @@ impl Runtime for Builtin {
         let id = id.to_string();
         tokio::task::spawn_blocking(move || -> Result<(), RuntimeError> {
             let paths = shim::Paths { dir: dir.clone() };
-            if let Ok(mut state) = libcontainer::container::Container::load(paths.libcontainer_root().join(&id)) {
-                if let Err(e) = state.delete(true) {
-                    tracing::debug!(container = %id, error = %e, "libcontainer delete");
-                }
+            if let Ok(mut state) = libcontainer::container::Container::load(paths.libcontainer_root().join(&id))
+                && let Err(e) = state.delete(true)
+            {
+                tracing::debug!(container = %id, error = %e, "libcontainer delete");
             }
             remove_cgroup(&container.config.cgroups_path);
             let _ = nix::mount::umount2(&paths.rootfs(), nix::mount::MntFlags::MNT_DETACH);

@@ -250,10 +250,8 @@ fn supervise(paths: &Paths, pid: i32, readers: Readers, log: Arc<Mutex<CriLog>>)
 /// Whether the kernel's OOM killer killed something in the container's cgroup.
 fn oom_killed(cgroups_path: &str) -> bool {
     let rel = cgroups_path.trim_start_matches('/');
-    let candidates = [
-        format!("/sys/fs/cgroup/memory/{rel}/memory.oom_control"),
-        format!("/sys/fs/cgroup/{rel}/memory.events"),
-    ];
+    let candidates =
+        [format!("/sys/fs/cgroup/memory/{rel}/memory.oom_control"), format!("/sys/fs/cgroup/{rel}/memory.events")];
     candidates.iter().any(|path| {
         std::fs::read_to_string(path).is_ok_and(|text| {
             text.lines().any(|l| l.strip_prefix("oom_kill ").is_some_and(|n| n.trim().parse::<u64>().unwrap_or(0) > 0))

@@ -54,7 +54,9 @@ pub fn busybox_layer(extra: &[(&str, &[u8], u32)]) -> anyhow::Result<Vec<u8>> {
         tar.append_data(&mut header, path, data)?;
         Ok(())
     };
-    for (path, mode) in [("bin", 0o755), ("etc", 0o755), ("tmp", 0o1777), ("root", 0o700), ("var", 0o755), ("home", 0o755)] {
+    for (path, mode) in
+        [("bin", 0o755), ("etc", 0o755), ("tmp", 0o1777), ("root", 0o700), ("var", 0o755), ("home", 0o755)]
+    {
         dir(&mut tar, path, mode)?;
     }
     file(&mut tar, "bin/busybox", &std::fs::read(&busybox)?, 0o755)?;
@@ -71,7 +73,12 @@ pub fn busybox_layer(extra: &[(&str, &[u8], u32)]) -> anyhow::Result<Vec<u8>> {
         header.set_gid(0);
         tar.append_link(&mut header, format!("bin/{applet}"), "busybox")?;
     }
-    file(&mut tar, "etc/passwd", b"root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/home:/bin/false\n", 0o644)?;
+    file(
+        &mut tar,
+        "etc/passwd",
+        b"root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/home:/bin/false\n",
+        0o644,
+    )?;
     file(&mut tar, "etc/group", b"root:x:0:\nnogroup:x:65534:\n", 0o644)?;
     for (path, data, mode) in extra {
         file(&mut tar, path, data, *mode)?;

@@ -136,7 +136,18 @@ pub struct TugboatServer {
 impl TugboatServer {
     /// Starts `binary server --data-dir <temp> --bind-address 127.0.0.1 --https-port <free>
     /// <extra>` and waits for its ready line.
+    /// `tugboat server` without its node agent (control plane tests use hollow nodes).
     pub fn start(binary: &Path, extra: &[&str]) -> anyhow::Result<TugboatServer> {
+        Self::start_inner(binary, extra, false)
+    }
+
+    /// `tugboat server` with its node agent: run it inside a network namespace of the test's
+    /// own ([`crate::isolate`]), since the agent makes a bridge and veths.
+    pub fn start_with_agent(binary: &Path, extra: &[&str]) -> anyhow::Result<TugboatServer> {
+        Self::start_inner(binary, extra, true)
+    }
+
+    fn start_inner(binary: &Path, extra: &[&str], agent: bool) -> anyhow::Result<TugboatServer> {
         let dir = tempfile::Builder::new().prefix("tugboat-server-").tempdir()?;
         let port = free_port();
         let mut child = Command::new(binary)
@@ -144,6 +155,7 @@ impl TugboatServer {
             .arg("--data-dir")
             .arg(dir.path().join("data"))
             .args(["--bind-address", "127.0.0.1", "--https-port", &port.to_string()])
+            .args(if agent { &[][..] } else { &["--disable-agent"][..] })
             .args(extra)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -250,4 +262,26 @@ impl Drop for TugboatServer {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// Runs the calling test again inside new network, mount and pid namespaces (`unshare --net
+/// --mount --pid --fork --mount-proc`, loopback up), so the bridges, veths, routes and mounts it
+/// makes never touch the host and vanish with it, and every process it started dies with it.
+/// Returns true in the isolated run (go on with the test), false in the outer one, after
+/// asserting that the isolated run passed.
+pub fn isolated(test: &str) -> bool {
+    if std::env::var_os("TUGBOAT_ISOLATED").is_some() {
+        return true;
+    }
+    let exe = std::env::current_exe().expect("the test binary");
+    let status = Command::new("unshare")
+        .args(["--net", "--mount", "--pid", "--fork", "--mount-proc", "--propagation", "private", "sh", "-c"])
+        .arg("ip link set lo up && exec \"$0\" \"$@\"")
+        .arg(exe)
+        .args([test, "--exact", "--nocapture", "--test-threads=1"])
+        .env("TUGBOAT_ISOLATED", "1")
+        .status()
+        .expect("running unshare (util-linux)");
+    assert!(status.success(), "the isolated run of {test} failed: {status}");
+    false
 }

@@ -23,8 +23,8 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Run the control plane: the store (with compaction), the API server, the scheduler and
-    /// the controller manager (the node agent comes next).
+    /// Run the control plane: the store (with compaction), the API server, the scheduler, the
+    /// controller manager, and the node agent (kubelet) that runs this host's pods.
     Server(ServerArgs),
     /// Run the API server alone.
     Apiserver(ServerArgs),
@@ -34,8 +34,8 @@ enum Command {
     ControllerManager(ControllerManagerArgs),
     /// Run simulated nodes: they register, heartbeat and "run" their pods without containers.
     HollowNodes(HollowArgs),
-    /// Run the node agent alone: registers this host as a Node and heartbeats (it does not
-    /// run containers yet, and says so in the node's Ready condition).
+    /// Run the node agent alone: registers this host as a Node, heartbeats and runs the pods
+    /// bound to it.
     Kubelet(KubeletArgs),
     /// Manage the node's images.
     #[command(subcommand)]
@@ -79,7 +79,7 @@ struct KubeletArgs {
     data_dir: PathBuf,
 }
 
-/// The node's identity (accepted by `kubelet`; `server` and `agent` to come).
+/// The node agent's flags (accepted by `kubelet` and `server`; `agent` to come).
 #[derive(Debug, Clone, clap::Args)]
 struct NodeFlags {
     /// The node's name (default: the host name).
@@ -88,6 +88,20 @@ struct NodeFlags {
     /// The node's address (default: the address of the default route's interface).
     #[arg(long)]
     node_ip: Option<std::net::IpAddr>,
+    /// Where containers' logs go, as `<namespace>_<pod>_<uid>/<container>/<restart>.log`.
+    #[arg(long, default_value = "/var/log/pods")]
+    pod_log_dir: PathBuf,
+}
+
+impl NodeFlags {
+    fn kubelet_config(&self, data_dir: &std::path::Path) -> tugboat_kubelet::KubeletConfig {
+        tugboat_kubelet::KubeletConfig {
+            node_name: self.node_name.clone(),
+            node_ip: self.node_ip,
+            data_dir: data_dir.to_path_buf(),
+            log_dir: self.pod_log_dir.clone(),
+        }
+    }
 }
 
 #[derive(Debug, clap::Args)]
@@ -197,6 +211,11 @@ struct ServerArgs {
     /// `server` only: do not run the controller manager in this process.
     #[arg(long)]
     disable_controller_manager: bool,
+    /// `server` only: do not run the node agent (kubelet) in this process.
+    #[arg(long)]
+    disable_agent: bool,
+    #[command(flatten)]
+    node: NodeFlags,
     #[command(flatten)]
     controllers: ControllerFlags,
     /// Seconds a new pod tolerates its node being unreachable before it is evicted.
@@ -213,7 +232,7 @@ fn images(command: &ImagesCommand) -> ExitCode {
     let result = (|| -> anyhow::Result<()> {
         match command {
             ImagesCommand::Import { files, data_dir } => {
-                let store = tugboat_runtime::images::ImageStore::open(data_dir.join("images"))?;
+                let store = tugboat_runtime::images::ImageStore::open(data_dir.join("content"))?;
                 for file in files {
                     let names = store.import(file).with_context(|| format!("importing {}", file.display()))?;
                     for name in names {
@@ -222,7 +241,7 @@ fn images(command: &ImagesCommand) -> ExitCode {
                 }
             }
             ImagesCommand::List { data_dir } => {
-                let store = tugboat_runtime::images::ImageStore::open(data_dir.join("images"))?;
+                let store = tugboat_runtime::images::ImageStore::open(data_dir.join("content"))?;
                 println!("{:<50} {:<20} PINNED", "IMAGE", "ID");
                 for (name, image) in store.list() {
                     let id = image.manifest.trim_start_matches("sha256:");
@@ -299,11 +318,7 @@ fn main() -> ExitCode {
             Command::Apiserver(args) => server(args, false).await,
             Command::Kubelet(args) => {
                 let client = client(&args.component.kubeconfig).await?;
-                let config = tugboat_kubelet::KubeletConfig {
-                    node_name: args.node.node_name,
-                    node_ip: args.node.node_ip,
-                    data_dir: args.data_dir,
-                };
+                let config = args.node.kubelet_config(&args.data_dir);
                 tokio::select! {
                     result = tugboat_kubelet::run(client, config) => result,
                     result = wait_for_shutdown() => result,
@@ -463,6 +478,15 @@ async fn server(args: ServerArgs, full: bool) -> anyhow::Result<()> {
         components.push(spawn_component("controller-manager", move || {
             let (kubeconfig, config) = (kubeconfig.clone(), config.clone());
             async move { tugboat_controllers::run(client(&kubeconfig).await?, config).await }
+        }));
+    }
+
+    if full && !args.disable_agent {
+        let kubeconfig = api.admin_kubeconfig().to_path_buf();
+        let config = args.node.kubelet_config(&args.data_dir);
+        components.push(spawn_component("kubelet", move || {
+            let (kubeconfig, config) = (kubeconfig.clone(), config.clone());
+            async move { tugboat_kubelet::run(client(&kubeconfig).await?, config).await }
         }));
     }
 

@@ -24,7 +24,7 @@ fn store(dir: &Path) -> ImageStore {
         .unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "imported busybox:latest");
-    ImageStore::open(dir.join("images")).unwrap()
+    ImageStore::open(dir.join("content")).unwrap()
 }
 
 fn config(dir: &Path, store: &ImageStore, id: &str, script: &str) -> ContainerConfig {
@@ -107,7 +107,10 @@ async fn containers_run_log_exit_and_are_removed() {
     let mut c = config(dir.path(), &store, "nosuch", "");
     c.args = vec!["/no/such/binary".into()];
     let error = runtime.create_and_start(c).await.unwrap_err().to_string();
-    assert!(error.contains("no/such/binary") || error.contains("not found") || error.contains("No such file"), "{error}");
+    assert!(
+        error.contains("no/such/binary") || error.contains("not found") || error.contains("No such file"),
+        "{error}"
+    );
 
     for id in ["hello", "sleeper", "hog", "nosuch"] {
         runtime.remove(id).await.unwrap();
@@ -137,6 +140,9 @@ async fn a_running_container_outlives_a_killed_starter() {
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert!(std::fs::metadata(&log).unwrap().len() > before);
     again.remove("long").await.unwrap();
-    assert!(!Path::new(&format!("/proc/{pid}")).exists() || std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default().contains(") Z"));
+    assert!(
+        !Path::new(&format!("/proc/{pid}")).exists()
+            || std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default().contains(") Z")
+    );
     tugboat_runtime::remove_cgroup(&format!("/tugboat-test/{}", std::process::id()));
 }

@@ -1,0 +1,1113 @@
+//! Running the pods bound to this node: one worker per pod, level-driven. Each sync compares
+//! the pod's spec with what the runtime has (containers carry their pod's uid and their
+//! attempt in labels), makes the sandbox, starts what should run (init containers first, in
+//! order), restarts per restartPolicy with upstream's back-off (10 s doubling to 5 min), stops
+//! with SIGTERM → grace period → SIGKILL, and reports the pod's status as upstream does.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::{IpAddr, Ipv4Addr};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::{Container as ContainerSpec, Node, Pod};
+use kube::api::{Api, DeleteParams, Patch, PatchParams, Preconditions};
+use kube::runtime::{WatchStreamExt, watcher};
+use serde_json::{Value, json};
+use tokio::sync::Notify;
+use tugboat_runtime::images::ImageStore;
+use tugboat_runtime::spec::{BindMount, ContainerConfig, Resources, SharedNamespaces};
+use tugboat_runtime::{Container, Runtime, State};
+
+use crate::sandbox::{self, Ipam, PodNetwork};
+
+pub const LABEL_POD_UID: &str = "io.kubernetes.pod.uid";
+pub const LABEL_POD_NAME: &str = "io.kubernetes.pod.name";
+pub const LABEL_POD_NAMESPACE: &str = "io.kubernetes.pod.namespace";
+pub const LABEL_CONTAINER: &str = "io.kubernetes.container.name";
+pub const LABEL_ATTEMPT: &str = "io.kubernetes.container.attempt";
+pub const LABEL_INIT: &str = "io.kubernetes.container.init";
+
+/// Upstream's crash back-off: 10 s, doubling, at most 5 min.
+pub fn backoff(restarts: u32) -> Duration {
+    Duration::from_secs(10u64.saturating_mul(1u64 << restarts.min(5)).min(300))
+}
+
+/// How often a worker looks at its pod's containers without being told to.
+const RESYNC: Duration = Duration::from_secs(1);
+
+/// What every pod worker shares.
+pub struct NodeAgent {
+    pub client: kube::Client,
+    pub name: String,
+    pub ip: Option<IpAddr>,
+    pub runtime: Arc<dyn Runtime>,
+    pub images: Arc<ImageStore>,
+    pub pods_dir: PathBuf,
+    pub log_dir: PathBuf,
+    pub ipam: Ipam,
+    pub network: Mutex<Option<PodNetwork>>,
+}
+
+impl std::fmt::Debug for NodeAgent {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NodeAgent").field("name", &self.name).field("ip", &self.ip).finish_non_exhaustive()
+    }
+}
+
+pub type Shared = Arc<NodeAgent>;
+
+fn now() -> String {
+    k8s_openapi::jiff::Timestamp::now().to_string()
+}
+
+fn uid(pod: &Pod) -> String {
+    pod.metadata.uid.clone().unwrap_or_default()
+}
+
+fn restart_policy(pod: &Pod) -> &str {
+    pod.spec.as_ref().and_then(|s| s.restart_policy.as_deref()).unwrap_or("Always")
+}
+
+/// The latest attempt of each container of a pod (and the one before, for `--previous`).
+#[derive(Debug, Default, Clone)]
+pub struct Attempts {
+    pub latest: Option<Container>,
+    pub previous: Option<Container>,
+    /// Attempts older than `previous`: to remove.
+    pub older: Vec<String>,
+}
+
+pub fn attempt(c: &Container) -> u32 {
+    c.label(LABEL_ATTEMPT).and_then(|a| a.parse().ok()).unwrap_or(0)
+}
+
+/// Groups a pod's containers by name, newest attempt first.
+pub fn by_name(containers: &[Container]) -> HashMap<String, Attempts> {
+    let mut sorted: Vec<&Container> = containers.iter().collect();
+    sorted.sort_by_key(|c| std::cmp::Reverse(attempt(c)));
+    let mut map: HashMap<String, Attempts> = HashMap::new();
+    for c in sorted {
+        let entry = map.entry(c.label(LABEL_CONTAINER).unwrap_or_default().to_string()).or_default();
+        if entry.latest.is_none() {
+            entry.latest = Some(c.clone());
+        } else if entry.previous.is_none() {
+            entry.previous = Some(c.clone());
+        } else {
+            entry.older.push(c.id().to_string());
+        }
+    }
+    map
+}
+
+/// What a worker remembers between syncs about one container.
+#[derive(Debug, Clone, Default)]
+struct Waiting {
+    reason: String,
+    message: String,
+}
+
+#[derive(Debug, Default)]
+struct Worker {
+    /// Why a container is not running now (CrashLoopBackOff, ErrImagePull, …).
+    waiting: HashMap<String, Waiting>,
+    last_status: Option<Value>,
+    /// Events already recorded (reason, container, attempt) so each is posted once.
+    recorded: std::collections::HashSet<(String, String, u32)>,
+    started_at: Option<String>,
+}
+
+/// The latest version of a worker's pod (`None`: deleted).
+type Slot = Arc<Mutex<Option<Pod>>>;
+
+/// Runs the pods of this node until the process ends.
+pub async fn run(node: Shared) -> anyhow::Result<()> {
+    let pods: Api<Pod> = Api::all(node.client.clone());
+    let config = watcher::Config::default().fields(&format!("spec.nodeName={}", node.name));
+    let mut events = watcher(pods, config).default_backoff().boxed();
+    let mut workers: HashMap<String, (Arc<Notify>, Slot)> = HashMap::new();
+    let mut initial: Option<Vec<String>> = None;
+    // The node's podCIDR, from the node object (assigned by the controller manager).
+    tokio::spawn(watch_pod_cidr(node.clone()));
+    while let Some(event) = events.next().await {
+        let event = match event {
+            Ok(event) => event,
+            Err(error) => {
+                tracing::warn!(%error, "pod watch");
+                continue;
+            }
+        };
+        let mut seen = Vec::new();
+        match event {
+            watcher::Event::Init => initial = Some(Vec::new()),
+            watcher::Event::InitApply(pod) => {
+                if let Some(list) = initial.as_mut() {
+                    list.push(uid(&pod));
+                }
+                seen.push((pod, false));
+            }
+            watcher::Event::InitDone => {
+                // After a (re)list: pods that are gone while we were not looking, and
+                // containers of pods nobody knows.
+                let known: Vec<String> = initial.take().unwrap_or_default();
+                for (uid, (notify, slot)) in &workers {
+                    if !known.contains(uid) {
+                        *slot.lock().unwrap() = None;
+                        notify.notify_one();
+                    }
+                }
+                let orphans = node.runtime.list().await.unwrap_or_default();
+                for c in orphans {
+                    let owner = c.label(LABEL_POD_UID).unwrap_or_default().to_string();
+                    if !known.contains(&owner) && !workers.contains_key(&owner) {
+                        let slot = Arc::new(Mutex::new(None));
+                        let notify = Arc::new(Notify::new());
+                        workers.insert(owner.clone(), (notify.clone(), slot.clone()));
+                        tokio::spawn(worker(node.clone(), owner, slot, notify));
+                    }
+                }
+            }
+            watcher::Event::Apply(pod) => seen.push((pod, false)),
+            watcher::Event::Delete(pod) => seen.push((pod, true)),
+        }
+        for (pod, deleted) in seen {
+            let uid = uid(&pod);
+            if let Some((notify, slot)) = workers.get(&uid) {
+                *slot.lock().unwrap() = (!deleted).then_some(pod);
+                notify.notify_one();
+                continue;
+            }
+            if deleted {
+                continue;
+            }
+            let slot = Arc::new(Mutex::new(Some(pod)));
+            let notify = Arc::new(Notify::new());
+            workers.insert(uid.clone(), (notify.clone(), slot.clone()));
+            tokio::spawn(worker(node.clone(), uid, slot, notify));
+        }
+        workers.retain(|_, (notify, _)| Arc::strong_count(notify) > 1);
+    }
+    Ok(())
+}
+
+async fn watch_pod_cidr(node: Shared) {
+    let nodes: Api<Node> = Api::all(node.client.clone());
+    loop {
+        if let Ok(n) = nodes.get(&node.name).await {
+            let cidr = n.spec.and_then(|s| s.pod_cidr).and_then(|c| PodNetwork::parse(&c));
+            if cidr.is_some() {
+                *node.network.lock().unwrap() = cidr;
+                return;
+            }
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}
+
+/// One pod's life on this node; ends when the pod is gone and everything of it removed.
+async fn worker(node: Shared, uid: String, slot: Slot, notify: Arc<Notify>) {
+    let mut state = Worker::default();
+    loop {
+        let pod = slot.lock().unwrap().clone();
+        match sync(&node, &uid, pod.as_ref(), &mut state).await {
+            Ok(true) => break,
+            Ok(false) => {}
+            Err(error) => tracing::warn!(pod = %uid, error = %format!("{error:#}"), "pod sync"),
+        }
+        let _ = tokio::time::timeout(RESYNC, notify.notified()).await;
+    }
+}
+
+fn pod_dir(node: &NodeAgent, uid: &str) -> PathBuf {
+    node.pods_dir.join(uid)
+}
+
+async fn containers_of(node: &NodeAgent, uid: &str) -> anyhow::Result<Vec<Container>> {
+    Ok(node.runtime.list().await?.into_iter().filter(|c| c.label(LABEL_POD_UID) == Some(uid)).collect())
+}
+
+/// Stops every running container of the pod: SIGTERM, then SIGKILL after `grace`.
+async fn stop_all(node: &NodeAgent, containers: &[Container], grace: Duration) {
+    let running: Vec<&Container> = containers.iter().filter(|c| c.state == State::Running).collect();
+    if running.is_empty() {
+        return;
+    }
+    for c in &running {
+        let _ = node.runtime.signal(c.id(), 15).await;
+    }
+    let deadline = Instant::now() + grace;
+    let ids: Vec<String> = running.iter().map(|c| c.id().to_string()).collect();
+    loop {
+        let list = node.runtime.list().await.unwrap_or_default();
+        let alive: Vec<&Container> =
+            list.iter().filter(|c| ids.iter().any(|id| id == c.id()) && c.state == State::Running).collect();
+        if alive.is_empty() {
+            return;
+        }
+        if Instant::now() >= deadline {
+            for c in alive {
+                let _ = node.runtime.signal(c.id(), 9).await;
+            }
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Removes everything of a pod from this node.
+async fn tear_down(node: &NodeAgent, uid: &str, containers: &[Container]) {
+    for c in containers {
+        if let Err(error) = node.runtime.remove(c.id()).await {
+            tracing::warn!(container = c.id(), %error, "removing a container");
+        }
+    }
+    let dir = pod_dir(node, uid);
+    unmount_volumes(&dir);
+    sandbox::destroy(&dir);
+    let _ = std::fs::remove_dir_all(&dir);
+    node.ipam.release(uid);
+    tugboat_runtime::remove_cgroup(&pod_cgroup(&node.name, uid));
+    tugboat_runtime::remove_cgroup(&format!("/tugboat/{}", node.name));
+}
+
+fn pod_cgroup(node: &str, uid: &str) -> String {
+    format!("/tugboat/{node}/pod{uid}")
+}
+
+fn unmount_volumes(dir: &std::path::Path) {
+    if let Ok(entries) = std::fs::read_dir(dir.join("volumes")) {
+        for entry in entries.flatten() {
+            let _ = nix::mount::umount2(&entry.path(), nix::mount::MntFlags::MNT_DETACH);
+        }
+    }
+}
+
+/// One look at a pod. Returns true when the worker is done (pod gone, everything removed).
+async fn sync(node: &NodeAgent, uid: &str, pod: Option<&Pod>, state: &mut Worker) -> anyhow::Result<bool> {
+    let containers = containers_of(node, uid).await?;
+    let Some(pod) = pod else {
+        stop_all(node, &containers, Duration::from_secs(2)).await;
+        tear_down(node, uid, &containers).await;
+        return Ok(true);
+    };
+    let pods: Api<Pod> = Api::namespaced(node.client.clone(), pod.metadata.namespace.as_deref().unwrap_or("default"));
+    let name = pod.metadata.name.clone().unwrap_or_default();
+    if pod.metadata.deletion_timestamp.is_some() {
+        let grace = pod.metadata.deletion_grace_period_seconds.unwrap_or(30).max(0) as u64;
+        if containers.iter().any(|c| c.state == State::Running) {
+            for c in containers.iter().filter(|c| c.state == State::Running) {
+                let container = c.label(LABEL_CONTAINER).unwrap_or_default();
+                event(node, pod, "Normal", "Killing", &format!("Stopping container {container}")).await;
+            }
+        }
+        stop_all(node, &containers, Duration::from_secs(grace)).await;
+        let containers = containers_of(node, uid).await?;
+        tear_down(node, uid, &containers).await;
+        let options = DeleteParams {
+            grace_period_seconds: Some(0),
+            preconditions: Some(Preconditions { uid: Some(uid.to_string()), resource_version: None }),
+            ..DeleteParams::default()
+        };
+        match pods.delete(&name, &options).await {
+            Ok(_) => {}
+            Err(kube::Error::Api(s)) if s.code == 404 || s.code == 409 => {}
+            Err(error) => return Err(error.into()),
+        }
+        return Ok(true);
+    }
+    let phase = pod.status.as_ref().and_then(|s| s.phase.as_deref()).unwrap_or("Pending");
+    if phase == "Succeeded" || phase == "Failed" {
+        // Finished: nothing runs; the containers stay (logs) until the pod goes.
+        stop_all(node, &containers, Duration::from_secs(2)).await;
+        return Ok(false);
+    }
+    let spec = pod.spec.clone().unwrap_or_default();
+    let host_network = spec.host_network.unwrap_or(false);
+    // The sandbox.
+    let dir = pod_dir(node, uid);
+    let network = *node.network.lock().unwrap();
+    let net = if host_network {
+        None
+    } else {
+        match network {
+            Some(n) => {
+                sandbox::ensure_bridge(&n)?;
+                Some((n, node.ipam.allocate(&n, uid)?))
+            }
+            None => {
+                state.waiting.insert(
+                    String::new(),
+                    Waiting { reason: "NetworkNotReady".into(), message: "the node has no podCIDR yet".into() },
+                );
+                report(node, pod, &containers, state).await?;
+                return Ok(false);
+            }
+        }
+    };
+    let hostname = spec.hostname.clone().unwrap_or_else(|| name.clone());
+    let dir_copy = dir.clone();
+    let (uid_copy, hostname_copy) = (uid.to_string(), hostname.clone());
+    let sandbox = tokio::task::spawn_blocking(move || {
+        sandbox::create(&dir_copy, &uid_copy, &hostname_copy, host_network, net.as_ref().map(|(n, ip)| (n, *ip)))
+    })
+    .await??;
+    state.waiting.remove("");
+    if state.started_at.is_none() {
+        state.started_at =
+            Some(pod.status.as_ref().and_then(|s| s.start_time.as_ref()).map(|t| t.0.to_string()).unwrap_or_else(now));
+    }
+    let pod_ip = sandbox.ip.map(IpAddr::V4).or(if host_network { node.ip } else { None });
+    write_etc_files(&dir, &hostname, pod_ip)?;
+
+    let attempts = by_name(&containers);
+    for a in attempts.values() {
+        for id in &a.older {
+            let _ = node.runtime.remove(id).await;
+        }
+    }
+    let policy = restart_policy(pod).to_string();
+    // Init containers, in order: each must succeed before the next starts.
+    let mut initialized = true;
+    for c in spec.init_containers.iter().flatten() {
+        let a = attempts.get(&c.name).cloned().unwrap_or_default();
+        match a.latest.as_ref().map(|l| &l.state) {
+            Some(State::Exited(e)) if e.exit_code == 0 => continue,
+            Some(State::Running) | Some(State::Created) => {
+                initialized = false;
+                break;
+            }
+            Some(State::Exited(_)) if policy == "Never" => {
+                initialized = false;
+                break;
+            }
+            _ => {
+                initialized = false;
+                maybe_start(node, pod, c, &a, &sandbox, pod_ip, true, state).await;
+                break;
+            }
+        }
+    }
+    if initialized {
+        for c in &spec.containers {
+            let a = attempts.get(&c.name).cloned().unwrap_or_default();
+            let start = match a.latest.as_ref().map(|l| &l.state) {
+                None => true,
+                Some(State::Running) | Some(State::Created) => false,
+                Some(State::Exited(e)) => policy == "Always" || (policy == "OnFailure" && e.exit_code != 0),
+            };
+            if start {
+                maybe_start(node, pod, c, &a, &sandbox, pod_ip, false, state).await;
+            }
+        }
+    }
+    let containers = containers_of(node, uid).await?;
+    report(node, pod, &containers, state).await?;
+    Ok(false)
+}
+
+fn write_etc_files(dir: &std::path::Path, hostname: &str, ip: Option<IpAddr>) -> std::io::Result<()> {
+    let etc = dir.join("etc");
+    std::fs::create_dir_all(&etc)?;
+    let mut hosts = String::from(
+        "# Kubernetes-managed hosts file.\n127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n",
+    );
+    if let Some(ip) = ip {
+        hosts.push_str(&format!("{ip}\t{hostname}\n"));
+    }
+    write_if_changed(&etc.join("hosts"), hosts.as_bytes())?;
+    write_if_changed(&etc.join("hostname"), format!("{hostname}\n").as_bytes())?;
+    if !etc.join("resolv.conf").exists() {
+        let resolv = std::fs::read("/etc/resolv.conf").unwrap_or_default();
+        std::fs::write(etc.join("resolv.conf"), resolv)?;
+    }
+    Ok(())
+}
+
+fn write_if_changed(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<()> {
+    if std::fs::read(path).ok().as_deref() != Some(bytes) {
+        std::fs::write(path, bytes)?;
+    }
+    Ok(())
+}
+
+/// Starts the next attempt of a container unless it is backing off; remembers why not.
+#[allow(clippy::too_many_arguments)]
+async fn maybe_start(
+    node: &NodeAgent,
+    pod: &Pod,
+    c: &ContainerSpec,
+    a: &Attempts,
+    sandbox: &sandbox::Sandbox,
+    pod_ip: Option<IpAddr>,
+    init: bool,
+    state: &mut Worker,
+) {
+    let next = a.latest.as_ref().map(|l| attempt(l) + 1).unwrap_or(0);
+    if let Some(State::Exited(exited)) = a.latest.as_ref().map(|l| &l.state) {
+        let delay = backoff(next.saturating_sub(1));
+        let finished = exited.finished_at.parse::<k8s_openapi::jiff::Timestamp>().ok();
+        let elapsed =
+            finished.map(|f| k8s_openapi::jiff::Timestamp::now().duration_since(f).as_secs()).unwrap_or(i64::MAX);
+        if elapsed >= 0 && (elapsed as u64) < delay.as_secs() {
+            let message = format!(
+                "back-off {}s restarting failed container={} pod={}_{}({})",
+                delay.as_secs(),
+                c.name,
+                pod.metadata.name.as_deref().unwrap_or_default(),
+                pod.metadata.namespace.as_deref().unwrap_or_default(),
+                uid(pod)
+            );
+            if state.recorded.insert(("BackOff".into(), c.name.clone(), next)) {
+                event(
+                    node,
+                    pod,
+                    "Warning",
+                    "BackOff",
+                    &format!(
+                        "Back-off restarting failed container {} in pod {}",
+                        c.name,
+                        pod.metadata.name.as_deref().unwrap_or_default()
+                    ),
+                )
+                .await;
+            }
+            state.waiting.insert(c.name.clone(), Waiting { reason: "CrashLoopBackOff".into(), message });
+            return;
+        }
+    }
+    let image_ref = c.image.clone().unwrap_or_default();
+    let Some((image_name, image)) = node.images.get(&image_ref) else {
+        let message =
+            format!("image {image_ref:?} is not present on the node (pulls from registries are not implemented yet)");
+        if state.recorded.insert(("ErrImageNeverPull".into(), c.name.clone(), next)) {
+            event(node, pod, "Warning", "ErrImageNeverPull", &message).await;
+        }
+        state.waiting.insert(c.name.clone(), Waiting { reason: "ErrImageNeverPull".into(), message });
+        return;
+    };
+    if state.recorded.insert(("Pulled".into(), c.name.clone(), next)) && next == 0 {
+        event(node, pod, "Normal", "Pulled", &format!("Container image \"{image_ref}\" already present on machine"))
+            .await;
+    }
+    let config = match container_config(node, pod, c, &image_name, &image, sandbox, pod_ip, init, next).await {
+        Ok(config) => config,
+        Err(error) => {
+            let message = format!("{error:#}");
+            if state.recorded.insert(("Failed".into(), c.name.clone(), next)) {
+                event(node, pod, "Warning", "Failed", &format!("Error: {message}")).await;
+            }
+            state.waiting.insert(c.name.clone(), Waiting { reason: "CreateContainerConfigError".into(), message });
+            return;
+        }
+    };
+    match node.runtime.create_and_start(config).await {
+        Ok(_) => {
+            state.waiting.remove(&c.name);
+            event(node, pod, "Normal", "Created", &format!("Created container {}", c.name)).await;
+            event(node, pod, "Normal", "Started", &format!("Started container {}", c.name)).await;
+        }
+        Err(error) => {
+            let message = error.to_string();
+            if state.recorded.insert(("Failed".into(), c.name.clone(), next)) {
+                event(node, pod, "Warning", "Failed", &format!("Error: {message}")).await;
+            }
+            // Keep the failed attempt's directory out of the way of the next.
+            let id = container_id(&uid(pod), &c.name, next);
+            let _ = node.runtime.remove(&id).await;
+            state.waiting.insert(c.name.clone(), Waiting { reason: "RunContainerError".into(), message });
+        }
+    }
+}
+
+fn container_id(uid: &str, name: &str, attempt: u32) -> String {
+    format!("{uid}-{name}-{attempt}")
+}
+
+/// `$(VAR)` in command and args, as upstream expands them (`$$` escapes).
+pub fn expand(text: &str, env: &[(String, String)]) -> String {
+    let mut out = String::new();
+    let mut rest = text;
+    while let Some(i) = rest.find('$') {
+        out.push_str(&rest[..i]);
+        let after = &rest[i + 1..];
+        if let Some(stripped) = after.strip_prefix('$') {
+            out.push('$');
+            rest = stripped;
+        } else if let Some(inner) = after.strip_prefix('(') {
+            match inner.find(')') {
+                Some(end) => {
+                    let name = &inner[..end];
+                    match env.iter().rev().find(|(k, _)| k == name) {
+                        Some((_, v)) => out.push_str(v),
+                        None => out.push_str(&format!("$({name})")),
+                    }
+                    rest = &inner[end + 1..];
+                }
+                None => {
+                    out.push_str("$(");
+                    rest = inner;
+                }
+            }
+        } else {
+            out.push('$');
+            rest = after;
+        }
+    }
+    out.push_str(rest);
+    out
+}
+
+fn field_ref(pod: &Pod, path: &str, node: &NodeAgent, pod_ip: Option<IpAddr>) -> anyhow::Result<String> {
+    let meta = &pod.metadata;
+    let spec = pod.spec.clone().unwrap_or_default();
+    Ok(match path {
+        "metadata.name" => meta.name.clone().unwrap_or_default(),
+        "metadata.namespace" => meta.namespace.clone().unwrap_or_default(),
+        "metadata.uid" => uid(pod),
+        "spec.nodeName" => node.name.clone(),
+        "spec.serviceAccountName" => spec.service_account_name.unwrap_or_default(),
+        "status.podIP" => pod_ip.map(|i| i.to_string()).unwrap_or_default(),
+        "status.podIPs" => pod_ip.map(|i| i.to_string()).unwrap_or_default(),
+        "status.hostIP" | "status.hostIPs" => node.ip.map(|i| i.to_string()).unwrap_or_default(),
+        other => {
+            if let Some(key) = other.strip_prefix("metadata.labels['").and_then(|k| k.strip_suffix("']")) {
+                meta.labels.as_ref().and_then(|l| l.get(key)).cloned().unwrap_or_default()
+            } else if let Some(key) = other.strip_prefix("metadata.annotations['").and_then(|k| k.strip_suffix("']")) {
+                meta.annotations.as_ref().and_then(|l| l.get(key)).cloned().unwrap_or_default()
+            } else {
+                anyhow::bail!("unsupported fieldRef {other:?}")
+            }
+        }
+    })
+}
+
+/// The environment of a container: image's, then envFrom, then env (later wins), as upstream.
+async fn environment(
+    node: &NodeAgent,
+    pod: &Pod,
+    c: &ContainerSpec,
+    pod_ip: Option<IpAddr>,
+) -> anyhow::Result<Vec<(String, String)>> {
+    let namespace = pod.metadata.namespace.as_deref().unwrap_or("default");
+    let configmaps: Api<k8s_openapi::api::core::v1::ConfigMap> = Api::namespaced(node.client.clone(), namespace);
+    let secrets: Api<k8s_openapi::api::core::v1::Secret> = Api::namespaced(node.client.clone(), namespace);
+    let mut env: Vec<(String, String)> = Vec::new();
+    for from in c.env_from.iter().flatten() {
+        let prefix = from.prefix.clone().unwrap_or_default();
+        if let Some(r) = &from.config_map_ref {
+            match configmaps.get_opt(&r.name).await? {
+                Some(cm) => {
+                    env.extend(cm.data.unwrap_or_default().into_iter().map(|(k, v)| (format!("{prefix}{k}"), v)))
+                }
+                None if r.optional == Some(true) => {}
+                None => anyhow::bail!("configmap {:?} not found", r.name),
+            }
+        }
+        if let Some(r) = &from.secret_ref {
+            match secrets.get_opt(&r.name).await? {
+                Some(s) => env.extend(
+                    s.data
+                        .unwrap_or_default()
+                        .into_iter()
+                        .map(|(k, v)| (format!("{prefix}{k}"), String::from_utf8_lossy(&v.0).into_owned())),
+                ),
+                None if r.optional == Some(true) => {}
+                None => anyhow::bail!("secret {:?} not found", r.name),
+            }
+        }
+    }
+    for var in c.env.iter().flatten() {
+        let value = if let Some(value) = &var.value {
+            expand(value, &env)
+        } else if let Some(from) = &var.value_from {
+            if let Some(f) = &from.field_ref {
+                field_ref(pod, &f.field_path, node, pod_ip)?
+            } else if let Some(r) = &from.config_map_key_ref {
+                let cm = configmaps.get_opt(&r.name).await?;
+                match cm.and_then(|cm| cm.data.and_then(|d| d.get(&r.key).cloned())) {
+                    Some(v) => v,
+                    None if r.optional == Some(true) => continue,
+                    None => anyhow::bail!("couldn't find key {} in ConfigMap {}/{}", r.key, namespace, r.name),
+                }
+            } else if let Some(r) = &from.secret_key_ref {
+                let s = secrets.get_opt(&r.name).await?;
+                match s.and_then(|s| s.data.and_then(|d| d.get(&r.key).cloned())) {
+                    Some(v) => String::from_utf8_lossy(&v.0).into_owned(),
+                    None if r.optional == Some(true) => continue,
+                    None => anyhow::bail!("couldn't find key {} in Secret {}/{}", r.key, namespace, r.name),
+                }
+            } else {
+                String::new()
+            }
+        } else {
+            String::new()
+        };
+        env.push((var.name.clone(), value));
+    }
+    Ok(env)
+}
+
+/// Parses a CPU or memory quantity (`100m`, `1.5`, `64Mi`, `1G`).
+pub fn quantity(q: &str) -> Option<f64> {
+    let q = q.trim();
+    let suffixes: [(&str, f64); 13] = [
+        ("Ki", 1024f64),
+        ("Mi", 1024f64.powi(2)),
+        ("Gi", 1024f64.powi(3)),
+        ("Ti", 1024f64.powi(4)),
+        ("m", 1e-3),
+        ("k", 1e3),
+        ("K", 1e3),
+        ("M", 1e6),
+        ("G", 1e9),
+        ("T", 1e12),
+        ("Pi", 1024f64.powi(5)),
+        ("P", 1e15),
+        ("E", 1e18),
+    ];
+    for (suffix, factor) in suffixes {
+        if let Some(n) = q.strip_suffix(suffix) {
+            return n.parse::<f64>().ok().map(|n| n * factor);
+        }
+    }
+    q.parse().ok()
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn container_config(
+    node: &NodeAgent,
+    pod: &Pod,
+    c: &ContainerSpec,
+    image_name: &str,
+    image: &tugboat_runtime::images::Image,
+    sandbox: &sandbox::Sandbox,
+    pod_ip: Option<IpAddr>,
+    init: bool,
+    attempt: u32,
+) -> anyhow::Result<ContainerConfig> {
+    let uid = uid(pod);
+    let spec = pod.spec.clone().unwrap_or_default();
+    let image_config = node.images.config(image)?;
+    let env = environment(node, pod, c, pod_ip).await?;
+    let mut all_env: Vec<(String, String)> = image_config
+        .env
+        .iter()
+        .filter_map(|e| e.split_once('=').map(|(k, v)| (k.to_string(), v.to_string())))
+        .collect();
+    all_env.push((
+        "HOSTNAME".into(),
+        spec.hostname.clone().unwrap_or_else(|| pod.metadata.name.clone().unwrap_or_default()),
+    ));
+    all_env.extend(env);
+    let expand_all = |v: &[String]| v.iter().map(|s| expand(s, &all_env)).collect::<Vec<_>>();
+    let args = match (&c.command, &c.args) {
+        (Some(command), Some(args)) => [expand_all(command), expand_all(args)].concat(),
+        (Some(command), None) => expand_all(command),
+        (None, Some(args)) => [image_config.entrypoint.clone(), expand_all(args)].concat(),
+        (None, None) => [image_config.entrypoint.clone(), image_config.cmd.clone()].concat(),
+    };
+    anyhow::ensure!(!args.is_empty(), "no command specified");
+    // Later values win: keep the last of each name.
+    let mut env_list: Vec<String> = Vec::new();
+    let mut seen = std::collections::HashSet::new();
+    for (k, v) in all_env.iter().rev() {
+        if seen.insert(k.clone()) {
+            env_list.push(format!("{k}={v}"));
+        }
+    }
+    env_list.reverse();
+    let security = c.security_context.clone().unwrap_or_default();
+    let pod_security = spec.security_context.clone().unwrap_or_default();
+    let uid_ = security.run_as_user.or(pod_security.run_as_user).unwrap_or(0);
+    let gid = security.run_as_group.or(pod_security.run_as_group).unwrap_or(0);
+    let caps = security.capabilities.clone().unwrap_or_default();
+    let dir = pod_dir(node, &uid);
+    let mut mounts = vec![
+        BindMount { source: dir.join("etc/hosts"), destination: "/etc/hosts".into(), readonly: false },
+        BindMount { source: dir.join("etc/hostname"), destination: "/etc/hostname".into(), readonly: false },
+        BindMount { source: dir.join("etc/resolv.conf"), destination: "/etc/resolv.conf".into(), readonly: false },
+    ];
+    for m in c.volume_mounts.iter().flatten() {
+        let volume = spec
+            .volumes
+            .iter()
+            .flatten()
+            .find(|v| v.name == m.name)
+            .ok_or_else(|| anyhow::anyhow!("volume {:?} is not in the pod", m.name))?;
+        let mut source = volume_path(&dir, volume)?;
+        if let Some(sub) = m.sub_path.as_deref().filter(|s| !s.is_empty()) {
+            anyhow::ensure!(!sub.starts_with('/') && !sub.split('/').any(|p| p == ".."), "bad subPath {sub:?}");
+            source = source.join(sub);
+            std::fs::create_dir_all(&source)?;
+        }
+        mounts.push(BindMount { source, destination: m.mount_path.clone(), readonly: m.read_only.unwrap_or(false) });
+    }
+    let limits = c.resources.as_ref().and_then(|r| r.limits.clone()).unwrap_or_default();
+    let requests = c.resources.as_ref().and_then(|r| r.requests.clone()).unwrap_or_default();
+    let resources = Resources {
+        memory_limit: limits.get("memory").and_then(|q| quantity(&q.0)).map(|b| b as i64),
+        cpu_quota: limits.get("cpu").and_then(|q| quantity(&q.0)).map(|cores| ((cores * 100_000.0) as i64).max(1000)),
+        cpu_shares: requests.get("cpu").and_then(|q| quantity(&q.0)).map(|cores| ((cores * 1024.0) as u64).max(2)),
+    };
+    let mut labels = BTreeMap::new();
+    labels.insert(LABEL_POD_UID.to_string(), uid.clone());
+    labels.insert(LABEL_POD_NAME.to_string(), pod.metadata.name.clone().unwrap_or_default());
+    labels.insert(LABEL_POD_NAMESPACE.to_string(), pod.metadata.namespace.clone().unwrap_or_default());
+    labels.insert(LABEL_CONTAINER.to_string(), c.name.clone());
+    labels.insert(LABEL_ATTEMPT.to_string(), attempt.to_string());
+    if init {
+        labels.insert(LABEL_INIT.to_string(), "true".into());
+    }
+    let id = container_id(&uid, &c.name, attempt);
+    let log_path = node
+        .log_dir
+        .join(format!(
+            "{}_{}_{}",
+            pod.metadata.namespace.as_deref().unwrap_or_default(),
+            pod.metadata.name.as_deref().unwrap_or_default(),
+            uid
+        ))
+        .join(&c.name)
+        .join(format!("{attempt}.log"));
+    Ok(ContainerConfig {
+        id: id.clone(),
+        labels,
+        image: image_name.to_string(),
+        image_id: image.manifest.clone(),
+        layers: node.images.layer_dirs(image),
+        args,
+        env: env_list,
+        cwd: c.working_dir.clone().filter(|w| !w.is_empty()).unwrap_or(image_config.working_dir),
+        uid: uid_ as u32,
+        gid: gid as u32,
+        additional_gids: pod_security.supplemental_groups.unwrap_or_default().into_iter().map(|g| g as u32).collect(),
+        hostname: spec.hostname.clone().unwrap_or_else(|| pod.metadata.name.clone().unwrap_or_default()),
+        namespaces: SharedNamespaces {
+            network: sandbox.net.clone(),
+            ipc: Some(sandbox.ipc.clone()),
+            uts: Some(sandbox.uts.clone()),
+            host_network: sandbox.net.is_none(),
+        },
+        mounts,
+        cgroups_path: format!("{}/{id}", pod_cgroup(&node.name, &uid)),
+        resources,
+        readonly_rootfs: security.read_only_root_filesystem.unwrap_or(false),
+        privileged: security.privileged.unwrap_or(false),
+        capabilities_add: caps.add.unwrap_or_default(),
+        capabilities_drop: caps.drop.unwrap_or_default(),
+        log_path,
+    })
+}
+
+/// The host directory behind a volume (made on first use).
+fn volume_path(pod_dir: &std::path::Path, volume: &k8s_openapi::api::core::v1::Volume) -> anyhow::Result<PathBuf> {
+    if let Some(host) = &volume.host_path {
+        let path = PathBuf::from(&host.path);
+        match host.type_.as_deref().unwrap_or("") {
+            "DirectoryOrCreate" => std::fs::create_dir_all(&path)?,
+            "FileOrCreate" if !path.exists() => {
+                std::fs::File::create(&path)?;
+            }
+            "Directory" => anyhow::ensure!(path.is_dir(), "hostPath {} is not a directory", path.display()),
+            "File" => anyhow::ensure!(path.is_file(), "hostPath {} is not a file", path.display()),
+            _ => {}
+        }
+        return Ok(path);
+    }
+    if let Some(empty) = &volume.empty_dir {
+        let path = pod_dir.join("volumes").join(&volume.name);
+        if !path.exists() {
+            std::fs::create_dir_all(&path)?;
+            if empty.medium.as_deref() == Some("Memory") {
+                let size =
+                    empty.size_limit.as_ref().and_then(|q| quantity(&q.0)).map(|b| format!(",size={}", b as u64));
+                let options = format!("mode=1777{}", size.unwrap_or_default());
+                nix::mount::mount(
+                    Some("tmpfs"),
+                    &path,
+                    Some("tmpfs"),
+                    nix::mount::MsFlags::empty(),
+                    Some(options.as_str()),
+                )?;
+            } else {
+                std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o777))?;
+            }
+        }
+        return Ok(path);
+    }
+    anyhow::bail!("volume {:?}: only emptyDir and hostPath volumes are supported so far", volume.name)
+}
+
+async fn event(node: &NodeAgent, pod: &Pod, kind: &str, reason: &str, message: &str) {
+    let regarding = tugboat_scheduler::events::reference(pod);
+    tugboat_scheduler::events::record(&node.client, &regarding, kind, reason, message, "", "kubelet").await;
+}
+
+/// A container's status as upstream reports it.
+fn container_status(c: &ContainerSpec, a: &Attempts, waiting: Option<&Waiting>) -> Value {
+    let terminated = |e: &tugboat_runtime::Exited, started: &Option<tugboat_runtime::Started>, id: &str| {
+        json!({"terminated": {"exitCode": e.exit_code, "signal": e.signal, "reason": e.reason,
+                               "startedAt": started.as_ref().map(|s| s.started_at.clone()),
+                               "finishedAt": e.finished_at, "containerID": format!("tugboat://{id}")}})
+    };
+    let (state, last_state) = match &a.latest {
+        Some(latest) => {
+            let current = match &latest.state {
+                State::Running => {
+                    json!({"running": {"startedAt": latest.started.as_ref().map(|s| s.started_at.clone())}})
+                }
+                State::Created => json!({"waiting": {"reason": "ContainerCreating"}}),
+                State::Exited(e) => terminated(e, &latest.started, latest.id()),
+            };
+            let previous = a.previous.as_ref().and_then(|p| match &p.state {
+                State::Exited(e) => Some(terminated(e, &p.started, p.id())),
+                _ => None,
+            });
+            match (waiting, &latest.state) {
+                // Backing off (or failing to start): waiting now, the exit is the last state.
+                (Some(w), State::Exited(_)) => {
+                    (json!({"waiting": {"reason": w.reason, "message": w.message}}), Some(current))
+                }
+                _ => (current, previous),
+            }
+        }
+        None => {
+            let (reason, message) = waiting
+                .map(|w| (w.reason.clone(), w.message.clone()))
+                .unwrap_or(("ContainerCreating".into(), String::new()));
+            let mut waiting = json!({"reason": reason});
+            if !message.is_empty() {
+                waiting["message"] = json!(message);
+            }
+            (json!({"waiting": waiting}), None)
+        }
+    };
+    let running = a.latest.as_ref().is_some_and(|l| l.state == State::Running);
+    let restarts = a.latest.as_ref().map(attempt).unwrap_or(0);
+    let mut status = json!({
+        "name": c.name,
+        "image": c.image.clone().unwrap_or_default(),
+        "imageID": a.latest.as_ref().map(|l| l.config.image_id.clone()).unwrap_or_default(),
+        "ready": running,
+        "started": running,
+        "restartCount": restarts,
+        "state": state,
+        "lastState": last_state.unwrap_or(json!({})),
+    });
+    if let Some(latest) = &a.latest {
+        status["containerID"] = json!(format!("tugboat://{}", latest.id()));
+    }
+    status
+}
+
+/// The pod's phase from its containers (upstream's getPhase).
+pub fn phase(policy: &str, init_done: bool, statuses: &[&Value]) -> &'static str {
+    if !init_done {
+        return "Pending";
+    }
+    let (mut running, mut waiting, mut succeeded, mut failed, mut unknown) = (0, 0, 0, 0, 0);
+    for s in statuses {
+        let state = &s["state"];
+        if state.get("running").is_some() {
+            running += 1;
+        } else if let Some(t) = state.get("terminated") {
+            if t["exitCode"] == 0 { succeeded += 1 } else { failed += 1 }
+        } else if state.get("waiting").is_some() {
+            if s["lastState"].get("terminated").is_some() {
+                // Restarting: counts as having run.
+                running += 1;
+            } else {
+                waiting += 1;
+            }
+        } else {
+            unknown += 1;
+        }
+    }
+    if waiting > 0 || unknown > 0 {
+        return "Pending";
+    }
+    if running > 0 {
+        return "Running";
+    }
+    if failed == 0 && succeeded > 0 {
+        return if policy == "Always" { "Running" } else { "Succeeded" };
+    }
+    if failed > 0 {
+        return if policy == "Never" { "Failed" } else { "Running" };
+    }
+    "Pending"
+}
+
+/// Reports the pod's status when it changed.
+async fn report(node: &NodeAgent, pod: &Pod, containers: &[Container], state: &mut Worker) -> anyhow::Result<()> {
+    let spec = pod.spec.clone().unwrap_or_default();
+    let attempts = by_name(containers);
+    let policy = restart_policy(pod);
+    let status_of = |c: &ContainerSpec| {
+        container_status(c, &attempts.get(&c.name).cloned().unwrap_or_default(), state.waiting.get(&c.name))
+    };
+    let init_statuses: Vec<Value> = spec.init_containers.iter().flatten().map(status_of).collect();
+    let statuses: Vec<Value> = spec.containers.iter().map(status_of).collect();
+    let init_done = init_statuses.iter().all(|s| s["state"]["terminated"]["exitCode"] == 0);
+    let init_failed = policy == "Never"
+        && init_statuses.iter().any(|s| s["state"]["terminated"]["exitCode"].as_i64().is_some_and(|c| c != 0));
+    let phase = if init_failed { "Failed" } else { phase(policy, init_done, &statuses.iter().collect::<Vec<_>>()) };
+    let ready = phase == "Running" && statuses.iter().all(|s| s["ready"] == true);
+    let sandbox_ready = !state.waiting.contains_key("");
+    let previous: Vec<Value> = pod
+        .status
+        .as_ref()
+        .and_then(|s| s.conditions.clone())
+        .unwrap_or_default()
+        .into_iter()
+        .map(|c| serde_json::to_value(c).unwrap_or_default())
+        .collect();
+    let now = now();
+    let condition = |kind: &str, ok: bool, reason: Option<&str>| {
+        let status = if ok { "True" } else { "False" };
+        let since = previous
+            .iter()
+            .find(|p| p["type"] == kind && p["status"] == status)
+            .and_then(|p| p["lastTransitionTime"].as_str().map(str::to_string))
+            .unwrap_or_else(|| now.clone());
+        let mut c = json!({"type": kind, "status": status, "lastProbeTime": null, "lastTransitionTime": since});
+        if let Some(reason) = reason.filter(|_| !ok) {
+            c["reason"] = json!(reason);
+        }
+        c
+    };
+    let not_ready_reason =
+        if phase == "Succeeded" || phase == "Failed" { "PodCompleted" } else { "ContainersNotReady" };
+    let conditions = vec![
+        condition("PodReadyToStartContainers", sandbox_ready, None),
+        condition("Initialized", init_done, Some("ContainersNotInitialized")),
+        condition("Ready", ready, Some(not_ready_reason)),
+        condition("ContainersReady", ready, Some(not_ready_reason)),
+        condition("PodScheduled", true, None),
+    ];
+    let pod_ip = pod_ip(node, pod, &uid(pod));
+    let mut status = json!({
+        "phase": phase,
+        "conditions": conditions,
+        "hostIP": node.ip.map(|i| i.to_string()),
+        "hostIPs": node.ip.map(|i| vec![json!({"ip": i.to_string()})]).unwrap_or_default(),
+        "startTime": state.started_at,
+        "containerStatuses": statuses,
+        "qosClass": qos_class(&spec),
+    });
+    if !init_statuses.is_empty() {
+        status["initContainerStatuses"] = json!(init_statuses);
+    }
+    if let Some(ip) = pod_ip {
+        status["podIP"] = json!(ip.to_string());
+        status["podIPs"] = json!([{"ip": ip.to_string()}]);
+    }
+    if state.last_status.as_ref() == Some(&status) {
+        return Ok(());
+    }
+    let pods: Api<Pod> = Api::namespaced(node.client.clone(), pod.metadata.namespace.as_deref().unwrap_or("default"));
+    let patch = json!({"status": status});
+    match pods
+        .patch_status(pod.metadata.name.as_deref().unwrap_or_default(), &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+    {
+        Ok(_) => state.last_status = Some(status),
+        Err(kube::Error::Api(s)) if s.code == 404 => {}
+        Err(error) => return Err(error.into()),
+    }
+    Ok(())
+}
+
+/// The pod's address: the node's for hostNetwork pods, else its sandbox's.
+fn pod_ip(node: &NodeAgent, pod: &Pod, uid: &str) -> Option<IpAddr> {
+    if pod.spec.as_ref().and_then(|s| s.host_network).unwrap_or(false) {
+        return node.ip;
+    }
+    sandbox::Sandbox::load(&pod_dir(node, uid)).and_then(|s| s.ip).map(|ip: Ipv4Addr| IpAddr::V4(ip))
+}
+
+/// Upstream's QoS classes: Guaranteed (limits = requests for cpu and memory everywhere),
+/// BestEffort (nothing set), Burstable otherwise.
+pub fn qos_class(spec: &k8s_openapi::api::core::v1::PodSpec) -> &'static str {
+    let all: Vec<&ContainerSpec> = spec.containers.iter().chain(spec.init_containers.iter().flatten()).collect();
+    let mut any = false;
+    let mut guaranteed = true;
+    for c in all {
+        let r = c.resources.clone().unwrap_or_default();
+        let limits = r.limits.unwrap_or_default();
+        let requests = r.requests.unwrap_or_default();
+        if !limits.is_empty() || !requests.is_empty() {
+            any = true;
+        }
+        for resource in ["cpu", "memory"] {
+            let limit = limits.get(resource).and_then(|q| quantity(&q.0));
+            let request = requests.get(resource).and_then(|q| quantity(&q.0)).or(limit);
+            if limit.is_none() || limit != request {
+                guaranteed = false;
+            }
+        }
+    }
+    if !any {
+        "BestEffort"
+    } else if guaranteed {
+        "Guaranteed"
+    } else {
+        "Burstable"
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_from_ten_seconds_to_five_minutes() {
+        let delays: Vec<u64> = (0..8).map(|r| backoff(r).as_secs()).collect();
+        assert_eq!(delays, vec![10, 20, 40, 80, 160, 300, 300, 300]);
+    }
+
+    #[test]
+    fn dollar_references_expand_as_upstream() {
+        let env = vec![("A".to_string(), "1".to_string()), ("B".to_string(), "two".to_string())];
+        assert_eq!(expand("x$(A)y$(B)", &env), "x1ytwo");
+        assert_eq!(expand("$(C) $$(A) $", &env), "$(C) $(A) $");
+        assert_eq!(expand("$(A", &env), "$(A");
+    }
+
+    #[test]
+    fn quantities_and_qos() {
+        assert_eq!(quantity("100m"), Some(0.1));
+        assert_eq!(quantity("64Mi"), Some(67108864.0));
+        assert_eq!(quantity("1G"), Some(1e9));
+        assert_eq!(quantity("2"), Some(2.0));
+        let spec: k8s_openapi::api::core::v1::PodSpec = serde_json::from_value(json!({"containers": [
+            {"name": "a", "resources": {"limits": {"cpu": "1", "memory": "1Gi"}}}]}))
+        .unwrap();
+        assert_eq!(qos_class(&spec), "Guaranteed");
+        let spec: k8s_openapi::api::core::v1::PodSpec = serde_json::from_value(json!({"containers": [
+            {"name": "a", "resources": {"requests": {"cpu": "1"}}}]}))
+        .unwrap();
+        assert_eq!(qos_class(&spec), "Burstable");
+        let spec: k8s_openapi::api::core::v1::PodSpec =
+            serde_json::from_value(json!({"containers": [{"name": "a"}]})).unwrap();
+        assert_eq!(qos_class(&spec), "BestEffort");
+    }
+
+    #[test]
+    fn phases_follow_the_restart_policy() {
+        let running = json!({"state": {"running": {}}, "lastState": {}});
+        let ok = json!({"state": {"terminated": {"exitCode": 0}}, "lastState": {}});
+        let failed = json!({"state": {"terminated": {"exitCode": 1}}, "lastState": {}});
+        let new = json!({"state": {"waiting": {"reason": "ContainerCreating"}}, "lastState": {}});
+        let backing_off =
+            json!({"state": {"waiting": {"reason": "CrashLoopBackOff"}}, "lastState": {"terminated": {"exitCode": 1}}});
+        assert_eq!(phase("Always", false, &[&running]), "Pending");
+        assert_eq!(phase("Always", true, &[&running, &new]), "Pending");
+        assert_eq!(phase("Always", true, &[&running, &ok]), "Running");
+        assert_eq!(phase("Always", true, &[&backing_off]), "Running");
+        assert_eq!(phase("Never", true, &[&ok, &ok]), "Succeeded");
+        assert_eq!(phase("Never", true, &[&ok, &failed]), "Failed");
+        assert_eq!(phase("OnFailure", true, &[&ok]), "Succeeded");
+    }
+}
