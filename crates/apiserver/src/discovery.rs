@@ -55,6 +55,16 @@ pub fn api_resource_list(group: &str, version: &str) -> Option<Value> {
                     "kind": "Binding", "verbs": ["create"]}));
                 entries.push(json!({"name": "pods/eviction", "singularName": "", "namespaced": true,
                     "group": "policy", "version": "v1", "kind": "Eviction", "verbs": ["create"]}));
+                entries.push(json!({"name": "pods/log", "singularName": "", "namespaced": true,
+                    "kind": "Pod", "verbs": ["get"]}));
+                for (sub, kind) in [
+                    ("attach", "PodAttachOptions"),
+                    ("exec", "PodExecOptions"),
+                    ("portforward", "PodPortForwardOptions"),
+                ] {
+                    entries.push(json!({"name": format!("pods/{sub}"), "singularName": "", "namespaced": true,
+                        "kind": kind, "verbs": ["create", "get"]}));
+                }
             }
             entries
         })
@@ -136,6 +146,10 @@ pub fn aggregated(core: bool, version: &str) -> Value {
                     if r.group.is_empty() && r.plural == "pods" {
                         subresources.push(json!({"subresource": "binding", "responseKind": response_kind("", "v1", "Binding"), "verbs": ["create"]}));
                         subresources.push(json!({"subresource": "eviction", "responseKind": response_kind("policy", "v1", "Eviction"), "verbs": ["create"]}));
+                        subresources.push(json!({"subresource": "log", "responseKind": response_kind("", "v1", "Pod"), "verbs": ["get"]}));
+                        for (sub, kind) in [("attach", "PodAttachOptions"), ("exec", "PodExecOptions"), ("portforward", "PodPortForwardOptions")] {
+                            subresources.push(json!({"subresource": sub, "responseKind": response_kind("", "v1", kind), "verbs": ["create", "get"]}));
+                        }
                     }
                     let mut entry = json!({
                         "resource": r.plural,

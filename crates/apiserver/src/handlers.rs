@@ -39,6 +39,8 @@ pub struct ApiState {
     pub metrics: crate::metrics::Metrics,
     /// Watches and `resourceVersion=0` lists are served from here.
     pub caches: crate::watch_cache::WatchCaches,
+    /// How `pods/log` (and exec, attach, port-forward) reach kubelets.
+    pub kubelets: crate::kubelet::KubeletClient,
 }
 
 type Query = HashMap<String, String>;
@@ -94,7 +96,25 @@ pub async fn handle(state: Arc<ApiState>, user: Option<UserInfo>, request: hyper
     // Parsed once: for routing and for the metrics labels.
     let target = parse_target(&path);
     let (verb, group, resource) = request_labels(&parts.method, target.as_ref().ok().and_then(Option::as_ref), &query);
-    let result = route(&state, user.as_ref(), &parts.method, &path, target, &query, &parts.headers, body).await;
+    // exec, attach and port-forward: the connection is upgraded and spliced to the kubelet's.
+    let streaming = match &target {
+        Ok(Some(t)) if t.resource.group.is_empty() && t.resource.plural == "pods" => {
+            match (t.subresource.as_deref(), &t.name) {
+                (Some(sub @ ("exec" | "attach" | "portforward")), Some(name)) => {
+                    Some((sub.to_string(), name.clone(), t.namespace.clone().unwrap_or_else(|| "default".into())))
+                }
+                _ => None,
+            }
+        }
+        _ => None,
+    };
+    let result = match streaming {
+        Some((subresource, name, namespace)) => {
+            let request = hyper::Request::from_parts(parts, body);
+            crate::kubelet::proxy_stream(&state, &namespace, &name, &subresource, request, &query).await
+        }
+        None => route(&state, user.as_ref(), &parts.method, &path, target, &query, &parts.headers, body).await,
+    };
     let response = match result {
         Ok(response) => response,
         Err(error) => error.into_response(),
@@ -279,6 +299,14 @@ async fn route(
             "binding" => crate::pod_subresources::bind(state, namespace, name, &request, &write).await,
             _ => crate::pod_subresources::evict(state, namespace, name, &request, &write).await,
         };
+    }
+    if let (Some("log"), Some(name), "pods", "") =
+        (target.subresource.as_deref(), target.name.as_deref(), target.resource.plural, target.resource.group)
+    {
+        if method != Method::GET {
+            return Err(ApiError::method_not_allowed(method.as_str()));
+        }
+        return crate::kubelet::pod_log(state, target.namespace.as_deref().unwrap_or("default"), name, query).await;
     }
     let view = View::from_subresource(target.resource, target.subresource.as_deref())
         .map_err(|_| ApiError::not_found_path(path))?;

@@ -15,6 +15,7 @@ mod fields;
 #[cfg(test)]
 mod fuzz_tests;
 mod handlers;
+mod kubelet;
 mod metrics;
 mod object;
 mod openapi;
@@ -228,6 +229,20 @@ pub async fn start(config: ApiServerConfig, store: Arc<dyn Store>) -> Result<Api
             validity: year,
         },
     )?;
+    // Upstream's apiserver-kubelet-client: how the API server proves itself to kubelets.
+    let kubelet_client = ca.load_or_issue(
+        "apiserver-kubelet-client",
+        &CertSpec {
+            common_name: "kube-apiserver-kubelet-client".into(),
+            organizations: vec!["system:masters".into()],
+            dns_names: vec![],
+            ip_addresses: vec![],
+            usage: Usage::Client,
+            validity: year,
+        },
+    )?;
+    let kubelets =
+        kubelet::KubeletClient::new(&kubelet_client.cert_pem, &kubelet_client.key_pem).map_err(StartError::Tls)?;
     let tokens = match &config.token_auth_file {
         Some(path) => TokenFile::load(path).map_err(StartError::Tokens)?,
         None => TokenFile::default(),
@@ -258,6 +273,7 @@ pub async fn start(config: ApiServerConfig, store: Arc<dyn Store>) -> Result<Api
         server_address,
         service_cidr: config.service_cidr,
         metrics: metrics::Metrics::default(),
+        kubelets,
     });
     handlers::ensure_system_objects(&state).await.map_err(|e| StartError::Setup(e.message))?;
     match advertise {

@@ -7,9 +7,14 @@
 //! `containers/` (one dir per container, adopted after a restart), `pods/<uid>/` (sandbox
 //! namespaces, volumes, /etc files), `ipam/`; container logs under `log_dir`.
 
+pub mod exec;
 pub mod host;
+pub mod logs;
 pub mod pods;
+pub mod probes;
 pub mod sandbox;
+pub mod server;
+pub mod volumes;
 
 use std::net::IpAddr;
 use std::path::PathBuf;
@@ -43,6 +48,11 @@ pub struct KubeletConfig {
     pub data_dir: PathBuf,
     /// Where container logs go (`<ns>_<pod>_<uid>/<container>/<attempt>.log`).
     pub log_dir: PathBuf,
+    /// The port of the kubelet's HTTPS API (logs, exec, …), 10250 upstream.
+    pub port: u16,
+    /// The cluster CA (PEM) that the API server's client certificate must chain to; without
+    /// it the kubelet API is not served.
+    pub client_ca: Option<String>,
 }
 
 /// Upstream's allocatable is capacity less reservations and the hard eviction thresholds;
@@ -203,11 +213,22 @@ pub async fn run(client: kube::Client, config: KubeletConfig) -> anyhow::Result<
         ipam: sandbox::Ipam::new(config.data_dir.join("ipam"))?,
         network: std::sync::Mutex::new(None),
     });
-    let pods = tokio::spawn(pods::run(agent));
+    let pods = tokio::spawn(pods::run(agent.clone()));
+    let api = match config.client_ca.clone() {
+        Some(ca) => {
+            let pki = config.data_dir.join("pki");
+            tokio::spawn(async move { server::serve(agent, config.port, ca, &pki).await })
+        }
+        None => {
+            tracing::warn!("no cluster CA in the kubeconfig: the kubelet API (logs, exec) is not served");
+            tokio::spawn(std::future::pending())
+        }
+    };
     let heartbeat = heartbeat(&client, &config, &name, ip);
     tokio::select! {
         result = heartbeat => result,
         result = pods => result?,
+        result = api => result?,
     }
 }
 
@@ -249,6 +270,7 @@ async fn heartbeat(
         }
         let nodes: Api<Node> = Api::all(client.clone());
         let mut status = node_status(&host, &name, ip, &now());
+        status["daemonEndpoints"]["kubeletEndpoint"]["Port"] = json!(config.port);
         let changed = keep_transitions(&mut status, &mut transitions);
         for reason in changed {
             node_event(&client, &name, reason, &format!("Node {name} status is now: {reason}")).await;

@@ -20,6 +20,7 @@ use tugboat_runtime::images::ImageStore;
 use tugboat_runtime::spec::{BindMount, ContainerConfig, Resources, SharedNamespaces};
 use tugboat_runtime::{Container, Runtime, State};
 
+use crate::probes::{self, Kind, ProbeState};
 use crate::sandbox::{self, Ipam, PodNetwork};
 
 pub const LABEL_POD_UID: &str = "io.kubernetes.pod.uid";
@@ -29,9 +30,13 @@ pub const LABEL_CONTAINER: &str = "io.kubernetes.container.name";
 pub const LABEL_ATTEMPT: &str = "io.kubernetes.container.attempt";
 pub const LABEL_INIT: &str = "io.kubernetes.container.init";
 
-/// Upstream's crash back-off: 10 s, doubling, at most 5 min.
+/// Upstream's crash back-off before the next start of a container that already restarted
+/// `restarts` times: the first restart is at once, then 10 s, doubling, at most 5 min.
 pub fn backoff(restarts: u32) -> Duration {
-    Duration::from_secs(10u64.saturating_mul(1u64 << restarts.min(5)).min(300))
+    match restarts {
+        0 => Duration::ZERO,
+        n => Duration::from_secs(10u64.saturating_mul(1u64 << (n - 1).min(5)).min(300)),
+    }
 }
 
 /// How often a worker looks at its pod's containers without being told to.
@@ -116,6 +121,18 @@ struct Worker {
     /// Events already recorded (reason, container, attempt) so each is posted once.
     recorded: std::collections::HashSet<(String, String, u32)>,
     started_at: Option<String>,
+    /// Probe states per container instance (id) and kind.
+    probes: HashMap<(String, Kind), ProbeState>,
+}
+
+impl Worker {
+    /// (started, ready) of a running container instance, by its probes.
+    fn probed(&self, c: &ContainerSpec, id: &str) -> (bool, bool) {
+        let passed =
+            |kind: Kind| kind.probe(c).is_none() || self.probes.get(&(id.to_string(), kind)).is_some_and(|s| s.ok);
+        let started = passed(Kind::Startup);
+        (started, started && passed(Kind::Readiness))
+    }
 }
 
 /// The latest version of a worker's pod (`None`: deleted).
@@ -284,7 +301,7 @@ fn unmount_volumes(dir: &std::path::Path) {
 }
 
 /// One look at a pod. Returns true when the worker is done (pod gone, everything removed).
-async fn sync(node: &NodeAgent, uid: &str, pod: Option<&Pod>, state: &mut Worker) -> anyhow::Result<bool> {
+async fn sync(node: &Shared, uid: &str, pod: Option<&Pod>, state: &mut Worker) -> anyhow::Result<bool> {
     let containers = containers_of(node, uid).await?;
     let Some(pod) = pod else {
         stop_all(node, &containers, Duration::from_secs(2)).await;
@@ -402,8 +419,95 @@ async fn sync(node: &NodeAgent, uid: &str, pod: Option<&Pod>, state: &mut Worker
         }
     }
     let containers = containers_of(node, uid).await?;
+    run_probes(node, pod, &spec.containers, &containers, pod_ip, state).await;
     report(node, pod, &containers, state).await?;
     Ok(false)
+}
+
+/// When the container instance started, as an `Instant` (from its recorded start time).
+fn started_instant(c: &Container) -> Instant {
+    let now = Instant::now();
+    let Some(started) = c.started.as_ref().and_then(|s| s.started_at.parse::<k8s_openapi::jiff::Timestamp>().ok())
+    else {
+        return now;
+    };
+    let ago = k8s_openapi::jiff::Timestamp::now().duration_since(started).as_secs().max(0) as u64;
+    now.checked_sub(Duration::from_secs(ago)).unwrap_or(now)
+}
+
+/// Runs the probes that are due for the pod's running containers; a container that fails its
+/// liveness or startup probe is stopped (then restarted by its restartPolicy).
+async fn run_probes(
+    node: &Shared,
+    pod: &Pod,
+    specs: &[ContainerSpec],
+    containers: &[Container],
+    pod_ip: Option<IpAddr>,
+    state: &mut Worker,
+) {
+    let live: Vec<String> =
+        containers.iter().filter(|c| c.state == State::Running).map(|c| c.id().to_string()).collect();
+    state.probes.retain(|(id, _), _| live.contains(id));
+    let attempts = by_name(containers);
+    let now = Instant::now();
+    let mut due = Vec::new();
+    for spec in specs {
+        let Some(latest) = attempts.get(&spec.name).and_then(|a| a.latest.clone()) else { continue };
+        if latest.state != State::Running {
+            continue;
+        }
+        let id = latest.id().to_string();
+        let startup_passed =
+            Kind::Startup.probe(spec).is_none() || state.probes.get(&(id.clone(), Kind::Startup)).is_some_and(|s| s.ok);
+        for kind in [Kind::Startup, Kind::Liveness, Kind::Readiness] {
+            let Some(probe) = kind.probe(spec) else { continue };
+            if (kind == Kind::Startup) == startup_passed {
+                continue;
+            }
+            let entry = state.probes.entry((id.clone(), kind)).or_insert_with(|| ProbeState::new(kind));
+            if entry.due(probe, started_instant(&latest), now) {
+                due.push((spec.clone(), id.clone(), kind, probe.clone()));
+            }
+        }
+    }
+    let results = futures::future::join_all(due.into_iter().map(|(spec, id, kind, probe)| {
+        let exec = probe
+            .exec
+            .as_ref()
+            .and_then(|e| node.runtime.exec_command(&id, e.command.as_deref().unwrap_or_default()).ok())
+            .map(|mut c| {
+                c.stdin(std::process::Stdio::null());
+                c
+            });
+        async move {
+            let result = probes::run(&probe, &spec, probes::Target { ip: pod_ip, exec }).await;
+            (spec, id, kind, probe, result)
+        }
+    }))
+    .await;
+    for (spec, id, kind, probe, result) in results {
+        let Some(entry) = state.probes.get_mut(&(id.clone(), kind)) else { continue };
+        let flipped = entry.record(&probe, result.is_ok(), Instant::now());
+        if let Err(why) = &result {
+            event(node, pod, "Warning", "Unhealthy", &format!("{} probe failed: {why}", kind.name())).await;
+        }
+        let failed_hard = flipped && !entry.ok && matches!(kind, Kind::Liveness | Kind::Startup);
+        let startup_gave_up =
+            kind == Kind::Startup && !entry.ok && entry.failures() >= probe.failure_threshold.unwrap_or(3).max(1);
+        if failed_hard || startup_gave_up {
+            let message =
+                format!("Container {} failed {} probe, will be restarted", spec.name, kind.name().to_lowercase());
+            event(node, pod, "Normal", "Killing", &message).await;
+            state.probes.retain(|(probe_id, _), _| probe_id != &id);
+            let grace = pod.spec.as_ref().and_then(|s| s.termination_grace_period_seconds).unwrap_or(30).max(0) as u64;
+            let (node, victim) = (node.clone(), containers.iter().find(|c| c.id() == id).cloned());
+            tokio::spawn(async move {
+                if let Some(victim) = victim {
+                    stop_all(&node, &[victim], Duration::from_secs(grace)).await;
+                }
+            });
+        }
+    }
 }
 
 fn write_etc_files(dir: &std::path::Path, hostname: &str, ip: Option<IpAddr>) -> std::io::Result<()> {
@@ -735,13 +839,23 @@ async fn container_config(
             .flatten()
             .find(|v| v.name == m.name)
             .ok_or_else(|| anyhow::anyhow!("volume {:?} is not in the pod", m.name))?;
-        let mut source = volume_path(&dir, volume)?;
+        let (mut source, api_backed) = match crate::volumes::files(&node.client, pod, volume).await? {
+            Some(files) => {
+                let path = dir.join("volumes").join(&volume.name);
+                crate::volumes::write(&path, &files)?;
+                (path, true)
+            }
+            None => (volume_path(&dir, volume)?, false),
+        };
         if let Some(sub) = m.sub_path.as_deref().filter(|s| !s.is_empty()) {
             anyhow::ensure!(!sub.starts_with('/') && !sub.split('/').any(|p| p == ".."), "bad subPath {sub:?}");
             source = source.join(sub);
-            std::fs::create_dir_all(&source)?;
+            if std::fs::symlink_metadata(&source).is_err() {
+                std::fs::create_dir_all(&source)?;
+            }
         }
-        mounts.push(BindMount { source, destination: m.mount_path.clone(), readonly: m.read_only.unwrap_or(false) });
+        let readonly = m.read_only.unwrap_or(false) || api_backed;
+        mounts.push(BindMount { source, destination: m.mount_path.clone(), readonly });
     }
     let limits = c.resources.as_ref().and_then(|r| r.limits.clone()).unwrap_or_default();
     let requests = c.resources.as_ref().and_then(|r| r.requests.clone()).unwrap_or_default();
@@ -836,7 +950,10 @@ fn volume_path(pod_dir: &std::path::Path, volume: &k8s_openapi::api::core::v1::V
         }
         return Ok(path);
     }
-    anyhow::bail!("volume {:?}: only emptyDir and hostPath volumes are supported so far", volume.name)
+    anyhow::bail!(
+        "volume {:?}: only emptyDir, hostPath, configMap, secret, downwardAPI and projected volumes are supported so far",
+        volume.name
+    )
 }
 
 async fn event(node: &NodeAgent, pod: &Pod, kind: &str, reason: &str, message: &str) {
@@ -845,7 +962,7 @@ async fn event(node: &NodeAgent, pod: &Pod, kind: &str, reason: &str, message: &
 }
 
 /// A container's status as upstream reports it.
-fn container_status(c: &ContainerSpec, a: &Attempts, waiting: Option<&Waiting>) -> Value {
+fn container_status(c: &ContainerSpec, a: &Attempts, waiting: Option<&Waiting>, probes: &Worker) -> Value {
     let terminated = |e: &tugboat_runtime::Exited, started: &Option<tugboat_runtime::Started>, id: &str| {
         json!({"terminated": {"exitCode": e.exit_code, "signal": e.signal, "reason": e.reason,
                                "startedAt": started.as_ref().map(|s| s.started_at.clone()),
@@ -883,14 +1000,15 @@ fn container_status(c: &ContainerSpec, a: &Attempts, waiting: Option<&Waiting>) 
             (json!({"waiting": waiting}), None)
         }
     };
-    let running = a.latest.as_ref().is_some_and(|l| l.state == State::Running);
+    let running = a.latest.as_ref().filter(|l| l.state == State::Running);
+    let (started, ready) = running.map(|l| probes.probed(c, l.id())).unwrap_or((false, false));
     let restarts = a.latest.as_ref().map(attempt).unwrap_or(0);
     let mut status = json!({
         "name": c.name,
         "image": c.image.clone().unwrap_or_default(),
         "imageID": a.latest.as_ref().map(|l| l.config.image_id.clone()).unwrap_or_default(),
-        "ready": running,
-        "started": running,
+        "ready": ready,
+        "started": started,
         "restartCount": restarts,
         "state": state,
         "lastState": last_state.unwrap_or(json!({})),
@@ -945,7 +1063,7 @@ async fn report(node: &NodeAgent, pod: &Pod, containers: &[Container], state: &m
     let attempts = by_name(containers);
     let policy = restart_policy(pod);
     let status_of = |c: &ContainerSpec| {
-        container_status(c, &attempts.get(&c.name).cloned().unwrap_or_default(), state.waiting.get(&c.name))
+        container_status(c, &attempts.get(&c.name).cloned().unwrap_or_default(), state.waiting.get(&c.name), state)
     };
     let init_statuses: Vec<Value> = spec.init_containers.iter().flatten().map(status_of).collect();
     let statuses: Vec<Value> = spec.containers.iter().map(status_of).collect();
@@ -1062,9 +1180,9 @@ mod tests {
     use super::*;
 
     #[test]
-    fn backoff_doubles_from_ten_seconds_to_five_minutes() {
-        let delays: Vec<u64> = (0..8).map(|r| backoff(r).as_secs()).collect();
-        assert_eq!(delays, vec![10, 20, 40, 80, 160, 300, 300, 300]);
+    fn backoff_is_none_then_doubles_from_ten_seconds_to_five_minutes() {
+        let delays: Vec<u64> = (0..9).map(|r| backoff(r).as_secs()).collect();
+        assert_eq!(delays, vec![0, 10, 20, 40, 80, 160, 300, 300, 300]);
     }
 
     #[test]

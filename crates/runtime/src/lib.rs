@@ -8,6 +8,7 @@
 //!   `container.json` (what it is, whose it is), `started.json`, `exit.json`, the bundle and
 //!   the overlay dirs. A restarted kubelet lists these and adopts what it finds.
 
+pub mod exec;
 pub mod images;
 pub mod shim;
 pub mod spec;
@@ -77,6 +78,11 @@ pub trait Runtime: Send + Sync + std::fmt::Debug {
     async fn signal(&self, id: &str, signal: i32) -> Result<(), RuntimeError>;
     /// Kills (if needed) and removes a container and everything it left.
     async fn remove(&self, id: &str) -> Result<(), RuntimeError>;
+    /// Whether the container has ended (or is unknown): cheap, for log followers.
+    fn has_exited(&self, id: &str) -> bool;
+    /// A command that runs `args` inside the running container on its own stdio and exits
+    /// with the process's code (the caller sets stdio, timeouts, and runs it).
+    fn exec_command(&self, id: &str, args: &[String]) -> Result<tokio::process::Command, RuntimeError>;
 }
 
 /// The built-in runtime: libcontainer, one `tugboat shim` per container.
@@ -197,6 +203,18 @@ impl Runtime for Builtin {
             }
         }
         Ok(())
+    }
+
+    fn exec_command(&self, id: &str, args: &[String]) -> Result<tokio::process::Command, RuntimeError> {
+        let dir = self.dir(id)?;
+        let mut command = tokio::process::Command::new(&self.shim);
+        command.arg("exec-in").arg(dir).arg("--").args(args);
+        Ok(command)
+    }
+
+    fn has_exited(&self, id: &str) -> bool {
+        let Ok(dir) = self.dir(id) else { return true };
+        !matches!(load(&dir).map(|c| c.state), Some(State::Running | State::Created))
     }
 
     async fn remove(&self, id: &str) -> Result<(), RuntimeError> {

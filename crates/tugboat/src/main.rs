@@ -46,6 +46,15 @@ enum Command {
         /// The container's directory.
         dir: PathBuf,
     },
+    /// Runs a command in a running container (started by the kubelet for exec and probes).
+    #[command(hide = true)]
+    ExecIn {
+        /// The container's directory.
+        dir: PathBuf,
+        /// The command and its arguments.
+        #[arg(last = true, required = true)]
+        command: Vec<String>,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -91,15 +100,24 @@ struct NodeFlags {
     /// Where containers' logs go, as `<namespace>_<pod>_<uid>/<container>/<restart>.log`.
     #[arg(long, default_value = "/var/log/pods")]
     pod_log_dir: PathBuf,
+    /// The port of the kubelet's HTTPS API (logs, exec, attach, port-forward, stats).
+    #[arg(long, default_value_t = 10250)]
+    kubelet_port: u16,
 }
 
 impl NodeFlags {
-    fn kubelet_config(&self, data_dir: &std::path::Path) -> tugboat_kubelet::KubeletConfig {
+    fn kubelet_config(
+        &self,
+        data_dir: &std::path::Path,
+        kubeconfig: &std::path::Path,
+    ) -> tugboat_kubelet::KubeletConfig {
         tugboat_kubelet::KubeletConfig {
             node_name: self.node_name.clone(),
             node_ip: self.node_ip,
             data_dir: data_dir.to_path_buf(),
             log_dir: self.pod_log_dir.clone(),
+            port: self.kubelet_port,
+            client_ca: root_ca(kubeconfig),
         }
     }
 }
@@ -294,6 +312,9 @@ fn main() -> ExitCode {
     // The shim forks the container: it runs before any thread exists.
     match &cli.command {
         Command::Shim { dir } => return ExitCode::from(tugboat_runtime::shim::main(dir) as u8),
+        Command::ExecIn { dir, command } => {
+            return ExitCode::from(tugboat_runtime::exec::main(dir, command.clone()) as u8);
+        }
         Command::Images(command) => return images(command),
         _ => {}
     }
@@ -313,12 +334,12 @@ fn main() -> ExitCode {
     let result = runtime.block_on(async {
         match cli.command {
             // Handled before the async runtime starts.
-            Command::Shim { .. } | Command::Images(_) => Ok(()),
+            Command::Shim { .. } | Command::ExecIn { .. } | Command::Images(_) => Ok(()),
             Command::Server(args) => server(args, true).await,
             Command::Apiserver(args) => server(args, false).await,
             Command::Kubelet(args) => {
                 let client = client(&args.component.kubeconfig).await?;
-                let config = args.node.kubelet_config(&args.data_dir);
+                let config = args.node.kubelet_config(&args.data_dir, &args.component.kubeconfig);
                 tokio::select! {
                     result = tugboat_kubelet::run(client, config) => result,
                     result = wait_for_shutdown() => result,
@@ -483,7 +504,7 @@ async fn server(args: ServerArgs, full: bool) -> anyhow::Result<()> {
 
     if full && !args.disable_agent {
         let kubeconfig = api.admin_kubeconfig().to_path_buf();
-        let config = args.node.kubelet_config(&args.data_dir);
+        let config = args.node.kubelet_config(&args.data_dir, &kubeconfig);
         components.push(spawn_component("kubelet", move || {
             let (kubeconfig, config) = (kubeconfig.clone(), config.clone());
             async move { tugboat_kubelet::run(client(&kubeconfig).await?, config).await }

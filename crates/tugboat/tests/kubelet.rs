@@ -15,6 +15,7 @@ fn kubelet(server: &TugboatServer, extra: &[&str]) -> KillOnDrop {
             .arg(server.kubeconfig())
             .arg("--data-dir")
             .arg(server.scratch("agent"))
+            .args(["--kubelet-port", &tugboat_testkit::free_port().to_string()])
             .args(extra)
             .stdout(Stdio::null())
             .stderr(Stdio::null())

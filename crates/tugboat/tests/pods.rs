@@ -22,7 +22,8 @@ fn node() -> Node {
     let logs = tempfile::Builder::new().prefix("tugboat-pod-logs-").tempdir().unwrap().keep();
     let server = TugboatServer::start_with_agent(
         Path::new(TUGBOAT),
-        &["--node-name", "box", "--pod-log-dir", logs.to_str().unwrap()],
+        // The isolated network has no default route: the node is reached on loopback.
+        &["--node-name", "box", "--node-ip", "127.0.0.1", "--pod-log-dir", logs.to_str().unwrap()],
     )
     .expect("the server starts");
     let archive = server.scratch("images").join("busybox.tar");
@@ -65,6 +66,21 @@ fn wait(server: &TugboatServer, args: &[&str], what: &str, done: impl Fn(&str) -
 
 fn pod_json(server: &TugboatServer, name: &str) -> Value {
     serde_json::from_str(&server.kubectl(&["get", "pod", name, "-o", "json"], None)).unwrap()
+}
+
+/// kubectl that may fail: (success, stdout, stderr).
+fn try_kubectl(server: &TugboatServer, args: &[&str]) -> (bool, String, String) {
+    let out = Command::new("/usr/bin/kubectl")
+        .args(args)
+        .env("KUBECONFIG", server.kubeconfig())
+        .env("HOME", server.scratch("home"))
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
 }
 
 fn curl(url: &str) -> Option<String> {
@@ -134,6 +150,45 @@ spec:
         assert!(Instant::now() < deadline, "writer log: {:?}", std::fs::read_to_string(&log));
         std::thread::sleep(Duration::from_millis(100));
     }
+    // kubectl logs, through the API server and the kubelet's API.
+    let logged = server.kubectl(&["logs", "web", "-c", "writer"], None);
+    assert_eq!(logged, "writer saw: hello from web on web\n");
+    let stamped = server.kubectl(&["logs", "web", "-c", "writer", "--timestamps", "--tail", "1"], None);
+    assert!(stamped.ends_with("Z writer saw: hello from web on web\n") && stamped.starts_with("20"), "{stamped}");
+    let (ok, _, err) = try_kubectl(&server, &["logs", "web", "-c", "nope"]);
+    assert!(!ok && err.contains("container nope is not valid for pod web"), "{err}");
+    let (ok, _, err) = try_kubectl(&server, &["logs", "web", "-c", "writer", "--previous"]);
+    assert!(!ok && err.contains("previous terminated container \"writer\" in pod \"web\" not found"), "{err}");
+    // kubectl exec (websocket v5 through the API server to the kubelet): output, stdin, exit
+    // codes, and a terminal.
+    assert_eq!(
+        server.kubectl(&["exec", "web", "-c", "writer", "--", "cat", "/www/index.html"], None),
+        "hello from web on web\n"
+    );
+    assert_eq!(server.kubectl(&["exec", "-i", "web", "-c", "writer", "--", "cat"], Some("piped\n")), "piped\n");
+    let out = Command::new("/usr/bin/kubectl")
+        .args(["exec", "web", "-c", "writer", "--", "sh", "-c", "echo out; echo err >&2; exit 3"])
+        .env("KUBECONFIG", server.kubeconfig())
+        .env("HOME", server.scratch("home"))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(3));
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "out\n");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.starts_with("err\n") && stderr.contains("command terminated with exit code 3"), "{stderr}");
+    let script = format!(
+        "KUBECONFIG={} HOME={} /usr/bin/kubectl exec -it web -c writer -- sh -c 'test -t 0 && test -t 1 && echo on a terminal'",
+        server.kubeconfig().display(),
+        server.scratch("home").display()
+    );
+    let out = Command::new("script")
+        .args(["-qec", &script, "/dev/null"])
+        .env("COLUMNS", "100")
+        .env("LINES", "30")
+        .output()
+        .unwrap();
+    let shown = String::from_utf8_lossy(&out.stdout).replace('\r', "");
+    assert!(out.status.success() && shown.contains("on a terminal"), "{shown}");
     // Events as upstream's kubelet records them.
     wait(
         &server,
@@ -173,7 +228,7 @@ kind: Pod
 metadata: {name: done}
 spec:
   restartPolicy: Never
-  initContainers: [{name: init, image: busybox, command: [sh, -c, "echo init > /work/init"], volumeMounts: [{name: w, mountPath: /work}]}]
+  initContainers: [{name: init, image: busybox, command: [sh, -c, "echo init > /work/init; echo init done"], volumeMounts: [{name: w, mountPath: /work}]}]
   containers: [{name: c, image: busybox, command: [sh, -c, "test -f /work/init"], volumeMounts: [{name: w, mountPath: /work}]}]
   volumes: [{name: w, emptyDir: {}}]
 ---
@@ -218,10 +273,14 @@ spec:
         |o| o.starts_with('1'),
     );
     assert!(status.starts_with('1'), "{status}");
+    assert_eq!(server.kubectl(&["logs", "done", "-c", "init"], None), "init done\n");
+    assert_eq!(server.kubectl(&["logs", "crasher", "--previous"], None), "crashing\n");
     let crasher = pod_json(&server, "crasher");
     assert_eq!(crasher["status"]["containerStatuses"][0]["lastState"]["terminated"]["exitCode"], 2);
     wait(&server, &["get", "pod", "crasher"], "CrashLoopBackOff shown", |o| o.contains("CrashLoopBackOff"));
     // Bad pods say why, and the node keeps serving the others.
+    let (ok, _, err) = try_kubectl(&server, &["logs", "noimage"]);
+    assert!(!ok && err.contains("is waiting to start"), "{err}");
     wait(
         &server,
         &["get", "pod", "noimage", "-o", "jsonpath={.status.containerStatuses[0].state.waiting.reason}"],
@@ -257,5 +316,179 @@ spec:
     // Once the ConfigMap exists, the pod starts.
     server.kubectl(&["create", "configmap", "missing", "--from-literal=k=v"], None);
     server.kubectl(&["wait", "--for=condition=Ready", "pod/nocm", "--timeout=60s"], None);
+    // configMap, secret and downwardAPI volumes, and env from them.
+    let configured = r#"
+apiVersion: v1
+kind: ConfigMap
+metadata: {name: settings}
+data: {greeting: hi, app.conf: "x=1"}
+---
+apiVersion: v1
+kind: Secret
+metadata: {name: creds}
+data: {password: czNjcmV0}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: configured, labels: {app: demo}}
+spec:
+  restartPolicy: Never
+  containers:
+  - name: c
+    image: busybox
+    command: [sh, -c, 'cat /etc/settings/greeting; echo; cat /etc/creds/password; echo; echo $GREETING $PASSWORD; cat /etc/info/name; echo; cat /etc/info/labels; echo; cat /etc/app.conf; echo; touch /etc/settings/x 2>/dev/null || echo read-only']
+    env:
+    - {name: GREETING, valueFrom: {configMapKeyRef: {name: settings, key: greeting}}}
+    - {name: PASSWORD, valueFrom: {secretKeyRef: {name: creds, key: password}}}
+    volumeMounts:
+    - {name: settings, mountPath: /etc/settings}
+    - {name: creds, mountPath: /etc/creds}
+    - {name: info, mountPath: /etc/info}
+    - {name: settings, mountPath: /etc/app.conf, subPath: app.conf}
+  volumes:
+  - {name: settings, configMap: {name: settings}}
+  - {name: creds, secret: {secretName: creds}}
+  - name: info
+    downwardAPI: {items: [{path: name, fieldRef: {fieldPath: metadata.name}}, {path: labels, fieldRef: {fieldPath: metadata.labels}}]}
+"#;
+    server.kubectl(&["apply", "-f", "-"], Some(configured));
+    wait(&server, &["get", "pod", "configured", "-o", "jsonpath={.status.phase}"], "configured succeeds", |o| {
+        o == "Succeeded"
+    });
+    assert_eq!(
+        server.kubectl(&["logs", "configured"], None),
+        "hi\ns3cret\nhi s3cret\nconfigured\napp=\"demo\"\nx=1\nread-only\n"
+    );
+    // `logs -f` follows a running container until it ends.
+    let counter = "apiVersion: v1\nkind: Pod\nmetadata: {name: counter}\nspec:\n  restartPolicy: Never\n  containers: [{name: c, image: busybox, command: [sh, -c, 'sleep 1; for i in 1 2 3; do echo $i; sleep 0.3; done']}]\n";
+    server.kubectl(&["apply", "-f", "-"], Some(counter));
+    wait(&server, &["get", "pod", "counter", "-o", "jsonpath={.status.phase}"], "counter runs", |o| o == "Running");
+    assert_eq!(server.kubectl(&["logs", "-f", "counter"], None), "1\n2\n3\n");
     server.kubectl(&["delete", "pod", "--all", "--grace-period=1", "--wait=true"], None);
+}
+
+#[test]
+fn probes_gate_readiness_and_restart_unhealthy_containers() {
+    if !tugboat_testkit::isolated("probes_gate_readiness_and_restart_unhealthy_containers") {
+        return;
+    }
+    let Node { server, .. } = node();
+    let manifest = r#"
+apiVersion: v1
+kind: Pod
+metadata: {name: slow}
+spec:
+  terminationGracePeriodSeconds: 1
+  containers:
+  - name: c
+    image: busybox
+    command: [sh, -c, "sleep 6; touch /tmp/ready; exec sleep 3600"]
+    readinessProbe: {exec: {command: [cat, /tmp/ready]}, periodSeconds: 1}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: sick}
+spec:
+  terminationGracePeriodSeconds: 1
+  containers:
+  - name: c
+    image: busybox
+    ports: [{name: http, containerPort: 8080}]
+    command: [sh, -c, "echo ok > /tmp/index.html; httpd -p 8080 -h /tmp; sleep 4; killall httpd; exec sleep 3600"]
+    livenessProbe: {httpGet: {path: /index.html, port: http}, periodSeconds: 1, failureThreshold: 2}
+    readinessProbe: {tcpSocket: {port: 8080}, periodSeconds: 1}
+"#;
+    server.kubectl(&["apply", "-f", "-"], Some(manifest));
+    // Running but not ready until the readiness probe passes.
+    wait(&server, &["get", "pod", "slow", "-o", "jsonpath={.status.phase}"], "slow runs", |o| o == "Running");
+    let ready = server
+        .kubectl(&["get", "pod", "slow", "-o", "jsonpath={.status.conditions[?(@.type==\"Ready\")].status}"], None);
+    assert_eq!(ready, "False");
+    server.kubectl(&["wait", "--for=condition=Ready", "pod/slow", "--timeout=60s"], None);
+    // The liveness probe fails once httpd is gone: the container is restarted.
+    server.kubectl(&["wait", "--for=condition=Ready", "pod/sick", "--timeout=60s"], None);
+    wait(
+        &server,
+        &["get", "pod", "sick", "-o", "jsonpath={.status.containerStatuses[0].restartCount}"],
+        "sick restarts",
+        |o| o == "1",
+    );
+    let events = server.kubectl(
+        &["get", "events", "--field-selector", "involvedObject.name=sick", "-o", "jsonpath={.items[*].message}"],
+        None,
+    );
+    assert!(
+        events.contains("Liveness probe failed") && events.contains("failed liveness probe, will be restarted"),
+        "{events}"
+    );
+    server.kubectl(&["delete", "pod", "--all", "--wait=true"], None);
+}
+
+#[test]
+fn a_restarted_kubelet_adopts_running_containers() {
+    if !tugboat_testkit::isolated("a_restarted_kubelet_adopts_running_containers") {
+        return;
+    }
+    // The control plane alone, and `tugboat kubelet` as a process of its own.
+    let server = TugboatServer::start(Path::new(TUGBOAT), &[]).expect("the server starts");
+    let data = server.scratch("agent");
+    let logs = server.scratch("pod-logs");
+    let archive = server.scratch("images").join("busybox.tar");
+    tugboat_testkit::image::busybox_archive(&archive).unwrap();
+    std::fs::create_dir_all(data.join("images")).unwrap();
+    std::fs::copy(&archive, data.join("images/busybox.tar")).unwrap();
+    let start_kubelet = || {
+        tugboat_testkit::KillOnDrop(
+            Command::new(TUGBOAT)
+                .arg("kubelet")
+                .arg("--kubeconfig")
+                .arg(server.kubeconfig())
+                .arg("--data-dir")
+                .arg(&data)
+                .arg("--pod-log-dir")
+                .arg(&logs)
+                .args(["--node-name", "solo", "--node-ip", "127.0.0.1"])
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .spawn()
+                .unwrap(),
+        )
+    };
+    let mut kubelet = start_kubelet();
+    wait(&server, &["get", "node", "solo", "-o", "jsonpath={.spec.podCIDR}"], "pod CIDR", |o| o.contains('/'));
+    let manifest = r#"
+apiVersion: v1
+kind: Pod
+metadata: {name: survivor}
+spec:
+  terminationGracePeriodSeconds: 1
+  containers: [{name: c, image: busybox, command: [sh, -c, "echo ok > /tmp/index.html; exec httpd -f -p 8080 -h /tmp"]}]
+"#;
+    server.kubectl(&["apply", "-f", "-"], Some(manifest));
+    server.kubectl(&["wait", "--for=condition=Ready", "pod/survivor", "--timeout=60s"], None);
+    let before = pod_json(&server, "survivor");
+    let ip = before["status"]["podIP"].as_str().unwrap().to_string();
+    let id = before["status"]["containerStatuses"][0]["containerID"].clone();
+    assert!(curl(&format!("http://{ip}:8080/index.html")).is_some());
+
+    // kill -9 the kubelet: the container goes on serving.
+    kubelet.0.kill().unwrap();
+    kubelet.0.wait().unwrap();
+    assert_eq!(curl(&format!("http://{ip}:8080/index.html")).as_deref(), Some("ok\n"));
+    // A new kubelet adopts it: same container, no restart, still Ready.
+    let _kubelet = start_kubelet();
+    std::thread::sleep(Duration::from_secs(3));
+    let after = pod_json(&server, "survivor");
+    assert_eq!(after["status"]["containerStatuses"][0]["containerID"], id);
+    assert_eq!(after["status"]["containerStatuses"][0]["restartCount"], 0);
+    assert_eq!(after["status"]["podIP"], ip.as_str());
+    assert_eq!(
+        server.kubectl(&["get", "pod", "survivor", "-o", "jsonpath={.status.containerStatuses[0].ready}"], None),
+        "true"
+    );
+    assert_eq!(curl(&format!("http://{ip}:8080/index.html")).as_deref(), Some("ok\n"));
+    let listed: Vec<_> = std::fs::read_dir(data.join("containers")).unwrap().collect();
+    assert_eq!(listed.len(), 1, "no second container: {listed:?}");
+    server.kubectl(&["delete", "pod", "survivor"], None);
+    assert!(curl(&format!("http://{ip}:8080/index.html")).is_none());
 }

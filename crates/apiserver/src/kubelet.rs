@@ -1,0 +1,333 @@
+//! The API server's side of the kubelet API: `pods/log` (and, next, exec, attach and
+//! port-forward) are answered by the kubelet of the pod's node, reached at the node's
+//! InternalIP (else Hostname) and `daemonEndpoints.kubeletEndpoint.Port`, with the API
+//! server's `apiserver-kubelet-client` certificate. As upstream without
+//! `--kubelet-certificate-authority`, the kubelet's serving certificate is not verified.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::http::{Response, StatusCode, header};
+use http_body_util::BodyExt;
+use hyper_util::rt::TokioIo;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use serde_json::Value;
+
+use crate::handlers::{ApiState, read_object};
+use crate::registry;
+use crate::status::ApiError;
+
+/// Connects to kubelets.
+#[derive(Clone)]
+pub struct KubeletClient {
+    tls: tokio_rustls::TlsConnector,
+}
+
+impl std::fmt::Debug for KubeletClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KubeletClient").finish_non_exhaustive()
+    }
+}
+
+/// Accepts any server certificate (see the module's comment), still checking its signature.
+#[derive(Debug)]
+struct AnyKubelet(Arc<rustls::crypto::CryptoProvider>);
+
+impl rustls::client::danger::ServerCertVerifier for AnyKubelet {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        Ok(rustls::client::danger::ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.0.signature_verification_algorithms)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.0.signature_verification_algorithms)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+impl KubeletClient {
+    pub fn new(cert_pem: &str, key_pem: &str) -> Result<KubeletClient, String> {
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let certs: Vec<CertificateDer<'static>> =
+            rustls_pemfile::certs(&mut cert_pem.as_bytes()).collect::<Result<_, _>>().map_err(|e| e.to_string())?;
+        let key: PrivateKeyDer<'static> =
+            rustls_pemfile::private_key(&mut key_pem.as_bytes()).map_err(|e| e.to_string())?.ok_or("no private key")?;
+        let mut config = rustls::ClientConfig::builder_with_provider(provider.clone())
+            .with_safe_default_protocol_versions()
+            .map_err(|e| e.to_string())?
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(AnyKubelet(provider)))
+            .with_client_auth_cert(certs, key)
+            .map_err(|e| e.to_string())?;
+        config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        Ok(KubeletClient { tls: tokio_rustls::TlsConnector::from(Arc::new(config)) })
+    }
+
+    /// Sends `request` to the kubelet at `address` (host:port) over a connection of its own.
+    pub async fn send(
+        &self,
+        address: &str,
+        request: hyper::Request<Body>,
+    ) -> Result<Response<hyper::body::Incoming>, String> {
+        let tcp = tokio::time::timeout(Duration::from_secs(10), tokio::net::TcpStream::connect(address))
+            .await
+            .map_err(|_| format!("dial tcp {address}: i/o timeout"))?
+            .map_err(|e| format!("dial tcp {address}: {e}"))?;
+        let _ = tcp.set_nodelay(true);
+        let host = address.rsplit_once(':').map(|(h, _)| h.trim_matches(['[', ']'])).unwrap_or(address);
+        let name = ServerName::try_from(host.to_string()).map_err(|e| e.to_string())?;
+        let tls = self.tls.connect(name, tcp).await.map_err(|e| format!("TLS with the kubelet at {address}: {e}"))?;
+        let (mut sender, connection) =
+            hyper::client::conn::http1::handshake(TokioIo::new(tls)).await.map_err(|e| e.to_string())?;
+        tokio::spawn(async move {
+            let _ = connection.with_upgrades().await;
+        });
+        sender.send_request(request).await.map_err(|e| e.to_string())
+    }
+}
+
+/// The kubelet address (`host:port`) of a node object.
+pub fn node_address(node: &Value) -> Option<String> {
+    let addresses = node["status"]["addresses"].as_array()?;
+    let pick = |kind: &str| addresses.iter().find(|a| a["type"] == kind).and_then(|a| a["address"].as_str());
+    let host = pick("InternalIP").or_else(|| pick("ExternalIP")).or_else(|| pick("Hostname"))?;
+    let port = node["status"]["daemonEndpoints"]["kubeletEndpoint"]["Port"].as_u64().unwrap_or(10250);
+    Some(if host.contains(':') { format!("[{host}]:{port}") } else { format!("{host}:{port}") })
+}
+
+/// The container a `pods/log` (or exec) request means, as upstream's `LogLocation` picks it.
+pub fn pick_container(pod: &Value, asked: Option<&str>) -> Result<String, ApiError> {
+    let name = pod["metadata"]["name"].as_str().unwrap_or_default();
+    let names = |field: &str| -> Vec<String> {
+        pod["spec"][field]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|c| c["name"].as_str().map(str::to_string))
+            .collect()
+    };
+    let (containers, init, ephemeral) = (names("containers"), names("initContainers"), names("ephemeralContainers"));
+    match asked.filter(|c| !c.is_empty()) {
+        Some(c) => {
+            if containers.iter().chain(&init).chain(&ephemeral).any(|n| n == c) {
+                Ok(c.to_string())
+            } else {
+                Err(ApiError::bad_request(format!("container {c} is not valid for pod {name}")))
+            }
+        }
+        None => {
+            if let Some(default) = pod["metadata"]["annotations"]["kubectl.kubernetes.io/default-container"]
+                .as_str()
+                .filter(|d| containers.iter().any(|c| c == d))
+            {
+                return Ok(default.to_string());
+            }
+            if containers.len() == 1 {
+                return Ok(containers[0].clone());
+            }
+            let mut message =
+                format!("a container name must be specified for pod {name}, choose one of: [{}]", containers.join(" "));
+            if !init.is_empty() {
+                message.push_str(&format!(" or one of the init containers: [{}]", init.join(" ")));
+            }
+            Err(ApiError::bad_request(message))
+        }
+    }
+}
+
+/// The pod and the kubelet address of its node.
+pub async fn locate(state: &ApiState, namespace: &str, name: &str) -> Result<(Value, String), ApiError> {
+    let pods = registry::find("", "v1", "pods").expect("pods are served");
+    let (pod, _) = read_object(state, pods, Some(namespace), name).await?;
+    let node_name = pod["spec"]["nodeName"]
+        .as_str()
+        .filter(|n| !n.is_empty())
+        .ok_or_else(|| ApiError::bad_request(format!("pod {name} does not have a host assigned")))?;
+    let nodes = registry::find("", "v1", "nodes").expect("nodes are served");
+    let (node, _) = read_object(state, nodes, None, node_name).await?;
+    let address = node_address(&node)
+        .ok_or_else(|| ApiError::bad_request(format!("node {node_name} has no address to reach its kubelet at")))?;
+    Ok((pod, address))
+}
+
+/// `GET pods/<name>/log`: the kubelet's `containerLogs`, streamed through.
+pub async fn pod_log(
+    state: &ApiState,
+    namespace: &str,
+    name: &str,
+    query: &std::collections::HashMap<String, String>,
+) -> Result<Response<Body>, ApiError> {
+    let (pod, address) = locate(state, namespace, name).await?;
+    let container = pick_container(&pod, query.get("container").map(String::as_str))?;
+    let forwarded = {
+        let mut forwarded = url::form_urlencoded::Serializer::new(String::new());
+        for key in ["follow", "previous", "tailLines", "timestamps", "sinceSeconds", "sinceTime", "limitBytes"] {
+            if let Some(value) = query.get(key) {
+                forwarded.append_pair(key, value);
+            }
+        }
+        forwarded.finish()
+    };
+    let path = format!("/containerLogs/{}/{}/{}?{forwarded}", encode(namespace), encode(name), encode(&container));
+    let request =
+        hyper::Request::get(path).header(header::HOST, &address).body(Body::empty()).expect("a valid request");
+    let response = state.kubelets.send(&address, request).await.map_err(|e| {
+        ApiError::new(503, "ServiceUnavailable", format!("the kubelet of pod {name} is unreachable: {e}"))
+    })?;
+    if response.status() != StatusCode::OK {
+        let status = response.status();
+        let body = response.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+        let message = String::from_utf8_lossy(&body[..body.len().min(64 * 1024)]).trim().to_string();
+        return Err(match status {
+            StatusCode::NOT_FOUND => ApiError::new(404, "NotFound", message),
+            _ => ApiError::bad_request(message),
+        });
+    }
+    Ok(Response::builder()
+        .status(StatusCode::OK)
+        .header(header::CONTENT_TYPE, "text/plain")
+        .body(Body::new(response.into_body()))
+        .expect("a valid response"))
+}
+
+/// Headers of an upgrade that pass through between the client and the kubelet.
+const UPGRADE_HEADERS: &[&str] = &[
+    "connection",
+    "upgrade",
+    "sec-websocket-key",
+    "sec-websocket-version",
+    "sec-websocket-protocol",
+    "sec-websocket-accept",
+    "x-stream-protocol-version",
+];
+
+/// `pods/<name>/exec|attach|portforward`: the request goes to the kubelet as it came (its
+/// upgrade headers and query), and once both sides have switched protocols the two
+/// connections are spliced, so whatever the client and the kubelet speak (websocket
+/// channels, SPDY) passes through untouched.
+pub async fn proxy_stream(
+    state: &ApiState,
+    namespace: &str,
+    name: &str,
+    subresource: &str,
+    mut request: hyper::Request<Body>,
+    query: &std::collections::HashMap<String, String>,
+) -> Result<Response<Body>, ApiError> {
+    let upgrading = request.headers().get(header::UPGRADE).is_some();
+    if !upgrading {
+        return Err(ApiError::bad_request("Upgrade request required"));
+    }
+    let (pod, address) = locate(state, namespace, name).await?;
+    let raw_query = request.uri().query().unwrap_or_default().to_string();
+    let path = match subresource {
+        "portforward" => format!("/portForward/{}/{}?{raw_query}", encode(namespace), encode(name)),
+        _ => {
+            let container = pick_container(&pod, query.get("container").map(String::as_str))?;
+            let verb = if subresource == "exec" { "exec" } else { "attach" };
+            format!("/{verb}/{}/{}/{}?{raw_query}", encode(namespace), encode(name), encode(&container))
+        }
+    };
+    let mut forward =
+        hyper::Request::builder().method(request.method().clone()).uri(path).header(header::HOST, &address);
+    for name in UPGRADE_HEADERS {
+        for value in request.headers().get_all(*name) {
+            forward = forward.header(*name, value);
+        }
+    }
+    let forward = forward.body(Body::empty()).map_err(|e| ApiError::bad_request(e.to_string()))?;
+    let mut response = state.kubelets.send(&address, forward).await.map_err(|e| {
+        ApiError::new(503, "ServiceUnavailable", format!("the kubelet of pod {name} is unreachable: {e}"))
+    })?;
+    if response.status() != StatusCode::SWITCHING_PROTOCOLS {
+        let status = response.status();
+        let body = response.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+        let message = String::from_utf8_lossy(&body[..body.len().min(64 * 1024)]).trim().to_string();
+        return Err(match status {
+            StatusCode::NOT_FOUND => ApiError::new(404, "NotFound", message),
+            _ => ApiError::bad_request(message),
+        });
+    }
+    let mut answer = Response::builder().status(StatusCode::SWITCHING_PROTOCOLS);
+    for name in UPGRADE_HEADERS {
+        for value in response.headers().get_all(*name) {
+            answer = answer.header(*name, value);
+        }
+    }
+    let kubelet_side = hyper::upgrade::on(&mut response);
+    let client_side = hyper::upgrade::on(&mut request);
+    tokio::spawn(async move {
+        let (client, kubelet) = match tokio::try_join!(client_side, kubelet_side) {
+            Ok(both) => both,
+            Err(error) => {
+                tracing::debug!(%error, "a streaming upgrade failed");
+                return;
+            }
+        };
+        let (mut client, mut kubelet) = (TokioIo::new(client), TokioIo::new(kubelet));
+        let _ = tokio::io::copy_bidirectional(&mut client, &mut kubelet).await;
+    });
+    Ok(answer.body(Body::empty()).expect("a valid response"))
+}
+
+fn encode(segment: &str) -> String {
+    percent_encoding::utf8_percent_encode(segment, percent_encoding::NON_ALPHANUMERIC).to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn containers_are_picked_as_upstream() {
+        let pod = json!({"metadata": {"name": "p"}, "spec": {"containers": [{"name": "a"}, {"name": "b"}],
+                         "initContainers": [{"name": "i"}]}});
+        assert_eq!(pick_container(&pod, Some("b")).unwrap(), "b");
+        assert_eq!(pick_container(&pod, Some("i")).unwrap(), "i");
+        let e = pick_container(&pod, None).unwrap_err();
+        assert_eq!(
+            e.message,
+            "a container name must be specified for pod p, choose one of: [a b] or one of the init containers: [i]"
+        );
+        assert_eq!(pick_container(&pod, Some("z")).unwrap_err().message, "container z is not valid for pod p");
+        let one = json!({"metadata": {"name": "p"}, "spec": {"containers": [{"name": "only"}]}});
+        assert_eq!(pick_container(&one, None).unwrap(), "only");
+        let defaulted = json!({"metadata": {"name": "p", "annotations": {"kubectl.kubernetes.io/default-container": "b"}},
+                               "spec": {"containers": [{"name": "a"}, {"name": "b"}]}});
+        assert_eq!(pick_container(&defaulted, None).unwrap(), "b");
+    }
+
+    #[test]
+    fn kubelets_are_reached_at_the_internal_ip_and_their_port() {
+        let node = json!({"status": {"addresses": [{"type": "Hostname", "address": "n"}, {"type": "InternalIP", "address": "10.0.0.2"}],
+                          "daemonEndpoints": {"kubeletEndpoint": {"Port": 10255}}}});
+        assert_eq!(node_address(&node).unwrap(), "10.0.0.2:10255");
+        let v6 = json!({"status": {"addresses": [{"type": "InternalIP", "address": "fd00::2"}]}});
+        assert_eq!(node_address(&v6).unwrap(), "[fd00::2]:10250");
+        assert_eq!(node_address(&json!({})), None);
+    }
+}

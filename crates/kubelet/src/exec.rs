@@ -1,0 +1,284 @@
+//! `kubectl exec` on the kubelet's side, over websocket with the `v5.channel.k8s.io` and
+//! `v4.channel.k8s.io` subprotocols: every binary message starts with its channel (0 stdin,
+//! 1 stdout, 2 stderr, 3 error/status, 4 resize; v5 adds `255 <channel>` = that channel is
+//! closed). The command runs through `tugboat exec-in` (libcontainer's tenant builder), on
+//! pipes, or on a pseudo-terminal for `-t` (made the command's controlling terminal by
+//! util-linux `setsid --ctty`; resized with `stty`).
+
+use std::process::Stdio;
+
+use axum::body::Body;
+use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
+use axum::extract::{Path as UrlPath, RawQuery, State};
+use axum::http::{Response, StatusCode};
+use bytes::Bytes;
+use serde_json::json;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use crate::pods::Shared;
+
+const STDIN: u8 = 0;
+const STDOUT: u8 = 1;
+const STDERR: u8 = 2;
+const ERROR: u8 = 3;
+const RESIZE: u8 = 4;
+const CLOSE: u8 = 255;
+
+/// What `?command=…&stdin=…&tty=…` asks for.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ExecOptions {
+    pub command: Vec<String>,
+    pub stdin: bool,
+    pub stdout: bool,
+    pub stderr: bool,
+    pub tty: bool,
+}
+
+impl ExecOptions {
+    pub fn parse(query: &str) -> ExecOptions {
+        let mut options = ExecOptions::default();
+        let truthy = |v: &str| matches!(v, "true" | "1" | "True");
+        for (key, value) in url::form_urlencoded::parse(query.as_bytes()) {
+            match key.as_ref() {
+                "command" => options.command.push(value.into_owned()),
+                "stdin" | "input" => options.stdin = truthy(&value),
+                "stdout" | "output" => options.stdout = truthy(&value),
+                "stderr" | "error" => options.stderr = truthy(&value),
+                "tty" => options.tty = truthy(&value),
+                _ => {}
+            }
+        }
+        options
+    }
+}
+
+/// The status message that ends a session (channel 3), as upstream's kubelet writes it.
+pub fn exit_status(command: &[String], code: i32) -> serde_json::Value {
+    if code == 0 {
+        return json!({"metadata": {}, "status": "Success"});
+    }
+    json!({
+        "metadata": {},
+        "status": "Failure",
+        "message": format!("command terminated with non-zero exit code: error executing command [{}], exit code {code}", command.join(" ")),
+        "reason": "NonZeroExitCode",
+        "details": {"causes": [{"reason": "ExitCode", "message": code.to_string()}]},
+    })
+}
+
+fn text(status: StatusCode, message: impl Into<String>) -> Response<Body> {
+    Response::builder().status(status).body(Body::from(message.into())).expect("a valid response")
+}
+
+pub async fn exec(
+    State(node): State<Shared>,
+    UrlPath((namespace, pod_name, container)): UrlPath<(String, String, String)>,
+    RawQuery(query): RawQuery,
+    upgrade: WebSocketUpgrade,
+) -> Response<Body> {
+    let options = ExecOptions::parse(query.as_deref().unwrap_or_default());
+    if options.command.is_empty() {
+        return text(StatusCode::BAD_REQUEST, "you must specify at least one command for the container");
+    }
+    if !(options.stdin || options.stdout || options.stderr) {
+        return text(StatusCode::BAD_REQUEST, "you must specify at least one of stdin, stdout, stderr");
+    }
+    let pods: kube::Api<k8s_openapi::api::core::v1::Pod> = kube::Api::namespaced(node.client.clone(), &namespace);
+    let pod = match pods.get_opt(&pod_name).await {
+        Ok(Some(pod)) => serde_json::to_value(pod).unwrap_or_default(),
+        Ok(None) => return text(StatusCode::NOT_FOUND, format!("pod {namespace}/{pod_name} not found")),
+        Err(error) => return text(StatusCode::SERVICE_UNAVAILABLE, error.to_string()),
+    };
+    let running = pod["status"]["containerStatuses"]
+        .as_array()
+        .into_iter()
+        .chain(pod["status"]["initContainerStatuses"].as_array())
+        .flatten()
+        .find(|s| s["name"] == container.as_str() && s["state"].get("running").is_some())
+        .and_then(|s| s["containerID"].as_str())
+        .map(|id| id.trim_start_matches("tugboat://").to_string());
+    let Some(id) = running else {
+        return text(StatusCode::BAD_REQUEST, format!("container {container} is not running in pod {pod_name}"));
+    };
+    let command = match node.runtime.exec_command(&id, &options.command) {
+        Ok(command) => command,
+        Err(error) => return text(StatusCode::NOT_FOUND, error.to_string()),
+    };
+    let upgrade = upgrade.protocols(["v5.channel.k8s.io", "v4.channel.k8s.io"]);
+    let v5 = upgrade.selected_protocol().is_some_and(|p| p == "v5.channel.k8s.io");
+    upgrade.on_upgrade(move |socket| async move {
+        if let Err(error) = session(socket, command, options, v5).await {
+            tracing::debug!(%error, "exec session");
+        }
+    })
+}
+
+/// The command's side: pipes, or a terminal.
+enum Io {
+    Pipes { stdin: Option<tokio::process::ChildStdin> },
+    Tty { master: tokio::fs::File, tty_path: String },
+}
+
+async fn session(
+    mut socket: WebSocket,
+    command: tokio::process::Command,
+    options: ExecOptions,
+    v5: bool,
+) -> anyhow::Result<()> {
+    let (mut child, mut io, mut out, mut err) = spawn(command, &options)?;
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<(u8, Bytes)>(16);
+    let pump = |mut reader: Box<dyn tokio::io::AsyncRead + Unpin + Send>,
+                channel: u8,
+                tx: tokio::sync::mpsc::Sender<(u8, Bytes)>| {
+        tokio::spawn(async move {
+            let mut buf = vec![0u8; 32 * 1024];
+            loop {
+                match reader.read(&mut buf).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => {
+                        if tx.send((channel, Bytes::copy_from_slice(&buf[..n]))).await.is_err() {
+                            break;
+                        }
+                    }
+                }
+            }
+        })
+    };
+    let mut pumps = Vec::new();
+    if let Some(reader) = out.take() {
+        pumps.push(pump(reader, STDOUT, tx.clone()));
+    }
+    if let Some(reader) = err.take() {
+        pumps.push(pump(reader, STDERR, tx.clone()));
+    }
+    drop(tx);
+    let mut stdin_open = options.stdin;
+    let code = loop {
+        tokio::select! {
+            message = socket.recv() => {
+                match message {
+                    Some(Ok(Message::Binary(data))) if !data.is_empty() => match data[0] {
+                        STDIN if stdin_open => write_stdin(&mut io, &data[1..]).await,
+                        RESIZE => resize(&io, &data[1..]).await,
+                        CLOSE if v5 && data.get(1) == Some(&STDIN) => {
+                            close_stdin(&mut io);
+                            stdin_open = false;
+                        }
+                        _ => {}
+                    },
+                    Some(Ok(Message::Close(_))) | None | Some(Err(_)) => {
+                        // The client went away: end the command.
+                        let _ = child.start_kill();
+                        break child.wait().await.ok().and_then(|s| s.code()).unwrap_or(137);
+                    }
+                    _ => {}
+                }
+            }
+            chunk = rx.recv() => match chunk {
+                Some((channel, data)) => {
+                    let mut frame = Vec::with_capacity(data.len() + 1);
+                    frame.push(channel);
+                    frame.extend_from_slice(&data);
+                    socket.send(Message::Binary(frame.into())).await?;
+                }
+                // Output is done once the command (and whatever held its output) has gone.
+                None => break child.wait().await?.code().unwrap_or(137),
+            },
+        }
+    };
+    // Whatever output is left.
+    while let Ok(Some((channel, data))) = tokio::time::timeout(std::time::Duration::from_millis(200), rx.recv()).await {
+        let mut frame = vec![channel];
+        frame.extend_from_slice(&data);
+        socket.send(Message::Binary(frame.into())).await?;
+    }
+    let mut status = vec![ERROR];
+    status.extend_from_slice(exit_status(&options.command, code).to_string().as_bytes());
+    socket.send(Message::Binary(status.into())).await?;
+    // A normal closure (1000): client-go reads it as the end of every stream; a close without
+    // a code is an error to it.
+    let close = axum::extract::ws::CloseFrame { code: axum::extract::ws::close_code::NORMAL, reason: "".into() };
+    let _ = socket.send(Message::Close(Some(close))).await;
+    Ok(())
+}
+
+type Reader = Option<Box<dyn tokio::io::AsyncRead + Unpin + Send>>;
+
+fn spawn(
+    mut command: tokio::process::Command,
+    options: &ExecOptions,
+) -> anyhow::Result<(tokio::process::Child, Io, Reader, Reader)> {
+    if options.tty {
+        let pty = nix::pty::openpty(None, None)?;
+        let tty_path = std::fs::read_link(format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(&pty.slave)))?
+            .display()
+            .to_string();
+        let slave = std::fs::File::from(pty.slave);
+        // `setsid --ctty`: a session of its own whose controlling terminal is its stdin.
+        let program = command.as_std().get_program().to_owned();
+        let args: Vec<_> = command.as_std().get_args().map(|a| a.to_owned()).collect();
+        let mut wrapped = tokio::process::Command::new("setsid");
+        wrapped.arg("--ctty").arg(program).args(args);
+        wrapped.stdin(slave.try_clone()?).stdout(slave.try_clone()?).stderr(slave);
+        let child = wrapped.spawn()?;
+        let master = std::fs::File::from(pty.master);
+        let reader = tokio::fs::File::from_std(master.try_clone()?);
+        let master = tokio::fs::File::from_std(master);
+        let out: Reader = Some(Box::new(reader));
+        return Ok((child, Io::Tty { master, tty_path }, out, None));
+    }
+    command
+        .stdin(if options.stdin { Stdio::piped() } else { Stdio::null() })
+        .stdout(if options.stdout { Stdio::piped() } else { Stdio::null() })
+        .stderr(if options.stderr { Stdio::piped() } else { Stdio::null() });
+    let mut child = command.spawn()?;
+    let stdin = child.stdin.take();
+    let out: Reader = child.stdout.take().map(|s| Box::new(s) as Box<dyn tokio::io::AsyncRead + Unpin + Send>);
+    let err: Reader = child.stderr.take().map(|s| Box::new(s) as Box<dyn tokio::io::AsyncRead + Unpin + Send>);
+    Ok((child, Io::Pipes { stdin }, out, err))
+}
+
+async fn write_stdin(io: &mut Io, data: &[u8]) {
+    match io {
+        Io::Pipes { stdin: Some(stdin) } => {
+            let _ = stdin.write_all(data).await;
+        }
+        Io::Tty { master, .. } => {
+            let _ = master.write_all(data).await;
+            let _ = master.flush().await;
+        }
+        Io::Pipes { stdin: None } => {}
+    }
+}
+
+fn close_stdin(io: &mut Io) {
+    if let Io::Pipes { stdin } = io {
+        *stdin = None;
+    }
+}
+
+async fn resize(io: &Io, data: &[u8]) {
+    let Io::Tty { tty_path, .. } = io else { return };
+    let Ok(size) = serde_json::from_slice::<serde_json::Value>(data) else { return };
+    let (Some(width), Some(height)) = (size["Width"].as_u64(), size["Height"].as_u64()) else { return };
+    let _ = tokio::process::Command::new("stty")
+        .args(["-F", tty_path, "rows", &height.to_string(), "cols", &width.to_string()])
+        .status()
+        .await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn options_and_statuses_are_upstream_s() {
+        let o = ExecOptions::parse("command=sh&command=-c&command=exit+3&stdin=true&stdout=true&tty=false");
+        assert_eq!(o.command, vec!["sh", "-c", "exit 3"]);
+        assert!(o.stdin && o.stdout && !o.stderr && !o.tty);
+        assert_eq!(exit_status(&o.command, 0)["status"], "Success");
+        let failed = exit_status(&o.command, 3);
+        assert_eq!(failed["reason"], "NonZeroExitCode");
+        assert_eq!(failed["details"]["causes"][0], json!({"reason": "ExitCode", "message": "3"}));
+    }
+}

@@ -1,0 +1,246 @@
+//! Liveness, readiness and startup probes (exec, httpGet, tcpSocket), as upstream's prober:
+//! a probe runs every `periodSeconds` once `initialDelaySeconds` have passed since the
+//! container started, times out after `timeoutSeconds`, and its result flips only after
+//! `successThreshold` successes or `failureThreshold` failures in a row.
+
+use std::net::IpAddr;
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::core::v1::{Container as ContainerSpec, Probe};
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Kind {
+    Startup,
+    Liveness,
+    Readiness,
+}
+
+impl Kind {
+    pub fn name(self) -> &'static str {
+        match self {
+            Kind::Startup => "Startup",
+            Kind::Liveness => "Liveness",
+            Kind::Readiness => "Readiness",
+        }
+    }
+    pub fn probe(self, c: &ContainerSpec) -> Option<&Probe> {
+        match self {
+            Kind::Startup => c.startup_probe.as_ref(),
+            Kind::Liveness => c.liveness_probe.as_ref(),
+            Kind::Readiness => c.readiness_probe.as_ref(),
+        }
+    }
+}
+
+/// One probe's running state for one container instance.
+#[derive(Debug, Clone)]
+pub struct ProbeState {
+    /// The current result: readiness starts false, liveness and startup "true until failed"
+    /// (startup: not passed until it succeeds).
+    pub ok: bool,
+    successes: i32,
+    failures: i32,
+    last: Option<Instant>,
+}
+
+impl ProbeState {
+    pub fn new(kind: Kind) -> ProbeState {
+        ProbeState { ok: kind == Kind::Liveness, successes: 0, failures: 0, last: None }
+    }
+
+    /// Whether the probe should run now, for a container started at `started`.
+    pub fn due(&self, probe: &Probe, started: Instant, now: Instant) -> bool {
+        let delay = Duration::from_secs(probe.initial_delay_seconds.unwrap_or(0).max(0) as u64);
+        if now < started + delay {
+            return false;
+        }
+        let period = Duration::from_secs(probe.period_seconds.unwrap_or(10).max(1) as u64);
+        self.last.is_none_or(|last| now >= last + period)
+    }
+
+    /// Records a result; returns true when the state flipped.
+    pub fn record(&mut self, probe: &Probe, success: bool, now: Instant) -> bool {
+        self.last = Some(now);
+        let before = self.ok;
+        if success {
+            self.failures = 0;
+            self.successes += 1;
+            if self.successes >= probe.success_threshold.unwrap_or(1).max(1) {
+                self.ok = true;
+            }
+        } else {
+            self.successes = 0;
+            self.failures += 1;
+            if self.failures >= probe.failure_threshold.unwrap_or(3).max(1) {
+                self.ok = false;
+            }
+        }
+        before != self.ok
+    }
+
+    pub fn failures(&self) -> i32 {
+        self.failures
+    }
+}
+
+/// How a probe reaches the container.
+#[derive(Debug)]
+pub struct Target {
+    pub ip: Option<IpAddr>,
+    /// Runs the exec probe's command in the container; returns its exit code and output.
+    pub exec: Option<tokio::process::Command>,
+}
+
+fn port(port: &IntOrString, c: &ContainerSpec) -> Result<u16, String> {
+    match port {
+        IntOrString::Int(p) => u16::try_from(*p).map_err(|_| format!("invalid port {p}")),
+        IntOrString::String(name) => c
+            .ports
+            .iter()
+            .flatten()
+            .find(|p| p.name.as_deref() == Some(name.as_str()))
+            .and_then(|p| u16::try_from(p.container_port).ok())
+            .ok_or_else(|| format!("port {name:?} is not a named port of container {}", c.name)),
+    }
+}
+
+/// Runs one probe: Ok(()) on success, Err(why) on failure.
+pub async fn run(probe: &Probe, c: &ContainerSpec, target: Target) -> Result<(), String> {
+    let timeout = Duration::from_secs(probe.timeout_seconds.unwrap_or(1).max(1) as u64);
+    let work = async {
+        if probe.exec.is_some() {
+            let mut command = target.exec.ok_or("exec probes need a running container")?;
+            command.kill_on_drop(true);
+            let output = command.output().await.map_err(|e| e.to_string())?;
+            if output.status.success() {
+                return Ok(());
+            }
+            let mut text = String::from_utf8_lossy(&output.stdout).into_owned();
+            text.push_str(&String::from_utf8_lossy(&output.stderr));
+            return Err(if text.trim().is_empty() {
+                format!("command exited with {}", output.status.code().unwrap_or(-1))
+            } else {
+                text.trim().to_string()
+            });
+        }
+        if let Some(tcp) = &probe.tcp_socket {
+            let port = port(&tcp.port, c)?;
+            let host = tcp.host.clone().or_else(|| target.ip.map(|i| i.to_string())).ok_or("no pod IP")?;
+            tokio::net::TcpStream::connect((host.as_str(), port))
+                .await
+                .map_err(|e| format!("dial tcp {host}:{port}: {e}"))?;
+            return Ok(());
+        }
+        if let Some(http) = &probe.http_get {
+            let port = port(&http.port, c)?;
+            let host = http.host.clone().or_else(|| target.ip.map(|i| i.to_string())).ok_or("no pod IP")?;
+            if http.scheme.as_deref().is_some_and(|s| s.eq_ignore_ascii_case("HTTPS")) {
+                return Err("HTTPS probes are not supported yet".into());
+            }
+            let path = http.path.clone().filter(|p| !p.is_empty()).unwrap_or_else(|| "/".into());
+            let mut request = format!(
+                "GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\nUser-Agent: kube-probe/1.33\r\nAccept: */*\r\nConnection: close\r\n"
+            );
+            for h in http.http_headers.iter().flatten() {
+                request.push_str(&format!("{}: {}\r\n", h.name, h.value));
+            }
+            request.push_str("\r\n");
+            let mut stream = tokio::net::TcpStream::connect((host.as_str(), port))
+                .await
+                .map_err(|e| format!("Get \"http://{host}:{port}{path}\": dial tcp {host}:{port}: {e}"))?;
+            stream.write_all(request.as_bytes()).await.map_err(|e| e.to_string())?;
+            let mut head = vec![0u8; 1024];
+            let n = stream.read(&mut head).await.map_err(|e| e.to_string())?;
+            let line = String::from_utf8_lossy(&head[..n]);
+            let code: u16 =
+                line.split_whitespace().nth(1).and_then(|c| c.parse().ok()).ok_or("malformed HTTP response")?;
+            return if (200..400).contains(&code) {
+                Ok(())
+            } else {
+                Err(format!("HTTP probe failed with statuscode: {code}"))
+            };
+        }
+        if probe.grpc.is_some() {
+            return Err("gRPC probes are not supported yet".into());
+        }
+        Err("the probe has no handler".into())
+    };
+    match tokio::time::timeout(timeout, work).await {
+        Ok(result) => result,
+        Err(_) => Err(format!("probe timed out after {}s", timeout.as_secs())),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn probe(json: serde_json::Value) -> Probe {
+        serde_json::from_value(json).unwrap()
+    }
+
+    #[test]
+    fn thresholds_flip_the_result() {
+        let p = probe(serde_json::json!({"failureThreshold": 2, "successThreshold": 2}));
+        let now = Instant::now();
+        let mut s = ProbeState::new(Kind::Readiness);
+        assert!(!s.ok);
+        assert!(!s.record(&p, true, now));
+        assert!(s.record(&p, true, now) && s.ok);
+        assert!(!s.record(&p, false, now) && s.ok);
+        assert!(s.record(&p, false, now) && !s.ok);
+        let mut l = ProbeState::new(Kind::Liveness);
+        assert!(l.ok);
+        let p = probe(serde_json::json!({}));
+        l.record(&p, false, now);
+        l.record(&p, false, now);
+        assert!(l.ok, "three failures by default");
+        assert!(l.record(&p, false, now) && !l.ok);
+    }
+
+    #[test]
+    fn probes_wait_for_the_initial_delay_and_the_period() {
+        let p = probe(serde_json::json!({"initialDelaySeconds": 5, "periodSeconds": 2}));
+        let start = Instant::now();
+        let mut s = ProbeState::new(Kind::Liveness);
+        assert!(!s.due(&p, start, start + Duration::from_secs(4)));
+        assert!(s.due(&p, start, start + Duration::from_secs(5)));
+        s.record(&p, true, start + Duration::from_secs(5));
+        assert!(!s.due(&p, start, start + Duration::from_secs(6)));
+        assert!(s.due(&p, start, start + Duration::from_secs(7)));
+    }
+
+    #[tokio::test]
+    async fn tcp_and_http_probes_reach_a_server() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        tokio::spawn(async move {
+            let mut served = 0;
+            while let Ok((mut s, _)) = listener.accept().await {
+                let mut buf = [0u8; 1024];
+                let n = s.read(&mut buf).await.unwrap_or(0);
+                let request = String::from_utf8_lossy(&buf[..n]).to_string();
+                let code = if request.starts_with("GET /bad ") { 500 } else { 200 };
+                let _ = s.write_all(format!("HTTP/1.1 {code} X\r\nContent-Length: 0\r\n\r\n").as_bytes()).await;
+                served += 1;
+                if served == 3 {
+                    break;
+                }
+            }
+        });
+        let c: ContainerSpec =
+            serde_json::from_value(serde_json::json!({"name": "c", "ports": [{"name": "web", "containerPort": port}]}))
+                .unwrap();
+        let target = || Target { ip: Some("127.0.0.1".parse().unwrap()), exec: None };
+        let tcp = probe(serde_json::json!({"tcpSocket": {"port": "web"}}));
+        assert_eq!(run(&tcp, &c, target()).await, Ok(()));
+        let good = probe(serde_json::json!({"httpGet": {"port": port, "path": "/ok"}}));
+        assert_eq!(run(&good, &c, target()).await, Ok(()));
+        let bad = probe(serde_json::json!({"httpGet": {"port": port, "path": "/bad"}}));
+        assert_eq!(run(&bad, &c, target()).await, Err("HTTP probe failed with statuscode: 500".into()));
+        let unnamed = probe(serde_json::json!({"tcpSocket": {"port": "nope"}}));
+        assert!(run(&unnamed, &c, target()).await.unwrap_err().contains("not a named port"));
+    }
+}

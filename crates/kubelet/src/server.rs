@@ -1,0 +1,214 @@
+//! The kubelet's HTTPS API (`:10250` by default), which the API server proxies `pods/log` (and,
+//! next, exec, attach and port-forward) to. Clients must present a certificate of the cluster
+//! CA (the API server's `apiserver-kubelet-client`). The serving certificate is self-signed
+//! (`<data-dir>/pki/kubelet.crt`), as upstream's kubelet does without server TLS bootstrap; the
+//! API server does not verify it (upstream's default without `--kubelet-certificate-authority`).
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::Path;
+use std::sync::Arc;
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::{Path as UrlPath, Query, State};
+use axum::http::{Response, StatusCode, header};
+use axum::routing::get;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use k8s_openapi::api::core::v1::Pod;
+use kube::Api;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use serde_json::Value;
+
+use crate::logs::{self, LogOptions};
+use crate::pods::Shared;
+
+/// The serving certificate and key: made once, self-signed, for the node's name and address.
+fn serving_cert(dir: &Path, name: &str, ip: Option<IpAddr>) -> anyhow::Result<(String, String)> {
+    let (cert_path, key_path) = (dir.join("kubelet.crt"), dir.join("kubelet.key"));
+    if let (Ok(cert), Ok(key)) = (std::fs::read_to_string(&cert_path), std::fs::read_to_string(&key_path)) {
+        return Ok((cert, key));
+    }
+    std::fs::create_dir_all(dir)?;
+    let mut names = vec![name.to_string()];
+    if let Some(ip) = ip {
+        names.push(ip.to_string());
+    }
+    let rcgen::CertifiedKey { cert, signing_key } = rcgen::generate_simple_self_signed(names)?;
+    let (cert, key) = (cert.pem(), signing_key.serialize_pem());
+    tugboat_runtime::images::write_durably(&key_path, key.as_bytes())?;
+    std::fs::set_permissions(&key_path, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
+    tugboat_runtime::images::write_durably(&cert_path, cert.as_bytes())?;
+    Ok((cert, key))
+}
+
+fn tls_config(ca_pem: &str, cert_pem: &str, key_pem: &str) -> anyhow::Result<rustls::ServerConfig> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in rustls_pemfile::certs(&mut ca_pem.as_bytes()) {
+        roots.add(cert?)?;
+    }
+    let verifier =
+        rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone()).build()?;
+    let certs: Vec<CertificateDer<'static>> =
+        rustls_pemfile::certs(&mut cert_pem.as_bytes()).collect::<Result<_, _>>()?;
+    let key: PrivateKeyDer<'static> =
+        rustls_pemfile::private_key(&mut key_pem.as_bytes())?.ok_or_else(|| anyhow::anyhow!("no private key"))?;
+    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(certs, key)?;
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(config)
+}
+
+/// Serves the kubelet API on `port` (all addresses) until the process ends.
+pub async fn serve(node: Shared, port: u16, ca_pem: String, pki_dir: &Path) -> anyhow::Result<()> {
+    let (cert, key) = serving_cert(pki_dir, &node.name, node.ip)?;
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls_config(&ca_pem, &cert, &key)?));
+    let listener = tokio::net::TcpListener::bind(SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), port)).await?;
+    tracing::info!(port, "kubelet API listening");
+    let app = router(node);
+    loop {
+        let (tcp, peer) = match listener.accept().await {
+            Ok(accepted) => accepted,
+            Err(error) => {
+                tracing::warn!(%error, "kubelet API: accept");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let _ = tcp.set_nodelay(true);
+        let (acceptor, app) = (acceptor.clone(), app.clone());
+        tokio::spawn(async move {
+            let tls = match tokio::time::timeout(std::time::Duration::from_secs(10), acceptor.accept(tcp)).await {
+                Ok(Ok(tls)) => tls,
+                _ => return,
+            };
+            let service = hyper::service::service_fn(move |request: hyper::Request<hyper::body::Incoming>| {
+                let app = app.clone();
+                async move {
+                    use tower::ServiceExt;
+                    let response = app.oneshot(request.map(Body::new)).await;
+                    Ok::<_, Infallible>(response.unwrap_or_else(|e| match e {}))
+                }
+            });
+            let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+            if let Err(error) = builder.serve_connection_with_upgrades(TokioIo::new(tls), service).await {
+                tracing::debug!(%peer, %error, "kubelet API connection");
+            }
+        });
+    }
+}
+
+pub fn router(node: Shared) -> Router {
+    Router::new()
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/containerLogs/{namespace}/{pod}/{container}", get(container_logs))
+        .route("/exec/{namespace}/{pod}/{container}", get(crate::exec::exec))
+        .with_state(node)
+}
+
+fn text(status: StatusCode, message: impl Into<String>) -> Response<Body> {
+    Response::builder()
+        .status(status)
+        .header(header::CONTENT_TYPE, "text/plain; charset=utf-8")
+        .body(Body::from(message.into()))
+        .expect("a valid response")
+}
+
+/// Which container instance (`tugboat://<id>`) `kubectl logs [--previous]` means, from the
+/// pod's status, as upstream's kubelet decides (validateContainerLogStatus).
+pub fn log_target(pod: &Value, container: &str, previous: bool) -> Result<String, String> {
+    let pod_name = pod["metadata"]["name"].as_str().unwrap_or_default();
+    let statuses = pod["status"]["containerStatuses"]
+        .as_array()
+        .into_iter()
+        .chain(pod["status"]["initContainerStatuses"].as_array())
+        .flatten();
+    let Some(status) = statuses.into_iter().find(|s| s["name"] == container) else {
+        return Err(format!("container {container:?} in pod {pod_name:?} is not available"));
+    };
+    let last = status["lastState"]["terminated"]["containerID"].as_str();
+    let id = if previous {
+        last.ok_or_else(|| format!("previous terminated container {container:?} in pod {pod_name:?} not found"))?
+    } else if let Some(waiting) = status["state"].get("waiting") {
+        match last {
+            Some(id) => id,
+            None => {
+                let reason = waiting["reason"].as_str().unwrap_or("ContainerCreating");
+                return Err(format!("container {container:?} in pod {pod_name:?} is waiting to start: {reason}"));
+            }
+        }
+    } else {
+        status["containerID"]
+            .as_str()
+            .or_else(|| status["state"]["terminated"]["containerID"].as_str())
+            .ok_or_else(|| format!("container {container:?} in pod {pod_name:?} is not available"))?
+    };
+    Ok(id.trim_start_matches("tugboat://").to_string())
+}
+
+async fn container_logs(
+    State(node): State<Shared>,
+    UrlPath((namespace, pod_name, container)): UrlPath<(String, String, String)>,
+    Query(query): Query<HashMap<String, String>>,
+) -> Response<Body> {
+    let options = match LogOptions::from_query(&query) {
+        Ok(options) => options,
+        Err(message) => return text(StatusCode::BAD_REQUEST, message),
+    };
+    let previous = query.get("previous").is_some_and(|v| v == "true" || v == "1" || v == "True");
+    let pods: Api<Pod> = Api::namespaced(node.client.clone(), &namespace);
+    let pod = match pods.get_opt(&pod_name).await {
+        Ok(Some(pod)) => serde_json::to_value(pod).unwrap_or_default(),
+        Ok(None) => return text(StatusCode::NOT_FOUND, format!("pod {namespace}/{pod_name} not found")),
+        Err(error) => return text(StatusCode::SERVICE_UNAVAILABLE, error.to_string()),
+    };
+    let id = match log_target(&pod, &container, previous) {
+        Ok(id) => id,
+        Err(message) => return text(StatusCode::BAD_REQUEST, message),
+    };
+    let containers = node.runtime.list().await.unwrap_or_default();
+    let Some(found) = containers.into_iter().find(|c| c.id() == id) else {
+        return text(StatusCode::NOT_FOUND, format!("container {container:?} in pod {pod_name:?}: its logs are gone"));
+    };
+    let (tx, rx) = tokio::sync::mpsc::channel(16);
+    let runtime = node.runtime.clone();
+    let finished = move || runtime.has_exited(&id);
+    tokio::spawn(logs::stream(found.config.log_path.clone(), options, finished, tx));
+    Response::builder()
+        .status(StatusCode::OK)
+        .header(header::CONTENT_TYPE, "text/plain")
+        .body(Body::from_stream(tokio_stream::wrappers::ReceiverStream::new(rx)))
+        .expect("a valid response")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn logs_follow_the_container_status_as_upstream() {
+        let pod = json!({"metadata": {"name": "p"}, "status": {"containerStatuses": [
+            {"name": "run", "containerID": "tugboat://r1", "state": {"running": {}}, "lastState": {"terminated": {"containerID": "tugboat://r0"}}},
+            {"name": "crash", "containerID": "tugboat://c3", "state": {"waiting": {"reason": "CrashLoopBackOff"}}, "lastState": {"terminated": {"containerID": "tugboat://c3"}}},
+            {"name": "new", "state": {"waiting": {"reason": "ContainerCreating"}}, "lastState": {}},
+        ]}});
+        assert_eq!(log_target(&pod, "run", false), Ok("r1".into()));
+        assert_eq!(log_target(&pod, "run", true), Ok("r0".into()));
+        assert_eq!(log_target(&pod, "crash", false), Ok("c3".into()));
+        assert_eq!(log_target(&pod, "crash", true), Ok("c3".into()));
+        assert_eq!(
+            log_target(&pod, "new", false),
+            Err("container \"new\" in pod \"p\" is waiting to start: ContainerCreating".into())
+        );
+        assert_eq!(
+            log_target(&pod, "new", true),
+            Err("previous terminated container \"new\" in pod \"p\" not found".into())
+        );
+        assert!(log_target(&pod, "nope", false).unwrap_err().contains("not available"));
+    }
+}
