@@ -189,6 +189,13 @@ spec:
         .unwrap();
     let shown = String::from_utf8_lossy(&out.stdout).replace('\r', "");
     assert!(out.status.success() && shown.contains("on a terminal"), "{shown}");
+    // kubectl cp, both ways (tar through exec).
+    let local = server.scratch("cp");
+    std::fs::write(local.join("up.txt"), "uploaded\n").unwrap();
+    server.kubectl(&["cp", local.join("up.txt").to_str().unwrap(), "web:/www/up.txt", "-c", "writer"], None);
+    assert_eq!(curl(&format!("http://{ip}:8080/up.txt")).as_deref(), Some("uploaded\n"));
+    server.kubectl(&["cp", "web:/www/index.html", local.join("down.html").to_str().unwrap(), "-c", "writer"], None);
+    assert_eq!(std::fs::read_to_string(local.join("down.html")).unwrap(), "hello from web on web\n");
     // Events as upstream's kubelet records them.
     wait(
         &server,
@@ -316,6 +323,17 @@ spec:
     // Once the ConfigMap exists, the pod starts.
     server.kubectl(&["create", "configmap", "missing", "--from-literal=k=v"], None);
     server.kubectl(&["wait", "--for=condition=Ready", "pod/nocm", "--timeout=60s"], None);
+    // A memory limit is a cgroup limit: going over it is OOMKilled.
+    let hog = "apiVersion: v1\nkind: Pod\nmetadata: {name: hog}\nspec:\n  restartPolicy: Never\n  containers: [{name: c, image: busybox, resources: {limits: {memory: 16Mi}}, command: [sh, -c, 'x=$(head -c 64000000 /dev/zero | tr \"\\\\0\" a); echo survived']}]\n";
+    server.kubectl(&["apply", "-f", "-"], Some(hog));
+    let reason = wait(
+        &server,
+        &["get", "pod", "hog", "-o", "jsonpath={.status.phase} {.status.containerStatuses[0].state.terminated.reason}"],
+        "hog is killed",
+        |o| o.starts_with("Failed"),
+    );
+    assert_eq!(reason, "Failed OOMKilled");
+    assert_eq!(pod_json(&server, "hog")["status"]["qosClass"], "Burstable");
     // configMap, secret and downwardAPI volumes, and env from them.
     let configured = r#"
 apiVersion: v1
