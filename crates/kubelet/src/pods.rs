@@ -241,7 +241,8 @@ fn pod_dir(node: &NodeAgent, uid: &str) -> PathBuf {
 }
 
 async fn containers_of(node: &NodeAgent, uid: &str) -> anyhow::Result<Vec<Container>> {
-    Ok(node.runtime.list().await?.into_iter().filter(|c| c.label(LABEL_POD_UID) == Some(uid)).collect())
+    let prefix = format!("{uid}-");
+    Ok(node.runtime.list_prefixed(&prefix).await?.into_iter().filter(|c| c.label(LABEL_POD_UID) == Some(uid)).collect())
 }
 
 /// Stops every running container of the pod: SIGTERM, then SIGKILL after `grace`.
@@ -256,15 +257,13 @@ async fn stop_all(node: &NodeAgent, containers: &[Container], grace: Duration) {
     let deadline = Instant::now() + grace;
     let ids: Vec<String> = running.iter().map(|c| c.id().to_string()).collect();
     loop {
-        let list = node.runtime.list().await.unwrap_or_default();
-        let alive: Vec<&Container> =
-            list.iter().filter(|c| ids.iter().any(|id| id == c.id()) && c.state == State::Running).collect();
+        let alive: Vec<&String> = ids.iter().filter(|id| !node.runtime.has_exited(id)).collect();
         if alive.is_empty() {
             return;
         }
         if Instant::now() >= deadline {
-            for c in alive {
-                let _ = node.runtime.signal(c.id(), 9).await;
+            for id in alive {
+                let _ = node.runtime.signal(id, 9).await;
             }
             return;
         }
@@ -343,32 +342,34 @@ async fn sync(node: &Shared, uid: &str, pod: Option<&Pod>, state: &mut Worker) -
     let host_network = spec.host_network.unwrap_or(false);
     // The sandbox.
     let dir = pod_dir(node, uid);
-    let network = *node.network.lock().unwrap();
-    let net = if host_network {
-        None
-    } else {
-        match network {
-            Some(n) => {
-                sandbox::ensure_bridge(&n)?;
-                Some((n, node.ipam.allocate(&n, uid)?))
-            }
-            None => {
-                state.waiting.insert(
-                    String::new(),
-                    Waiting { reason: "NetworkNotReady".into(), message: "the node has no podCIDR yet".into() },
-                );
-                report(node, pod, &containers, state).await?;
-                return Ok(false);
-            }
+    let hostname = spec.hostname.clone().unwrap_or_else(|| name.clone());
+    // Made once; later syncs find it (no bridge check, no address lookup).
+    let sandbox = match sandbox::Sandbox::load(&dir) {
+        Some(sandbox) => sandbox,
+        None => {
+            let network = *node.network.lock().unwrap();
+            let net = match (host_network, network) {
+                (true, _) => None,
+                (false, Some(n)) => {
+                    sandbox::ensure_bridge(&n)?;
+                    Some((n, node.ipam.allocate(&n, uid)?))
+                }
+                (false, None) => {
+                    state.waiting.insert(
+                        String::new(),
+                        Waiting { reason: "NetworkNotReady".into(), message: "the node has no podCIDR yet".into() },
+                    );
+                    report(node, pod, &containers, state).await?;
+                    return Ok(false);
+                }
+            };
+            let (dir, uid, hostname) = (dir.clone(), uid.to_string(), hostname.clone());
+            tokio::task::spawn_blocking(move || {
+                sandbox::create(&dir, &uid, &hostname, host_network, net.as_ref().map(|(n, ip)| (n, *ip)))
+            })
+            .await??
         }
     };
-    let hostname = spec.hostname.clone().unwrap_or_else(|| name.clone());
-    let dir_copy = dir.clone();
-    let (uid_copy, hostname_copy) = (uid.to_string(), hostname.clone());
-    let sandbox = tokio::task::spawn_blocking(move || {
-        sandbox::create(&dir_copy, &uid_copy, &hostname_copy, host_network, net.as_ref().map(|(n, ip)| (n, *ip)))
-    })
-    .await??;
     state.waiting.remove("");
     if state.started_at.is_none() {
         state.started_at =

@@ -170,7 +170,7 @@ async fn container_logs(
         Ok(id) => id,
         Err(message) => return text(StatusCode::BAD_REQUEST, message),
     };
-    let containers = node.runtime.list().await.unwrap_or_default();
+    let containers = node.runtime.list_prefixed(&id).await.unwrap_or_default();
     let Some(found) = containers.into_iter().find(|c| c.id() == id) else {
         return text(StatusCode::NOT_FOUND, format!("container {container:?} in pod {pod_name:?}: its logs are gone"));
     };

@@ -74,6 +74,10 @@ pub trait Runtime: Send + Sync + std::fmt::Debug {
     fn version(&self) -> String;
     async fn create_and_start(&self, config: ContainerConfig) -> Result<Container, RuntimeError>;
     async fn list(&self) -> Result<Vec<Container>, RuntimeError>;
+    /// The containers whose id starts with `prefix` (the kubelet names them `<pod uid>-…`).
+    async fn list_prefixed(&self, prefix: &str) -> Result<Vec<Container>, RuntimeError> {
+        Ok(self.list().await?.into_iter().filter(|c| c.id().starts_with(prefix)).collect())
+    }
     /// Sends a signal to the container's main process (nothing if it has exited).
     async fn signal(&self, id: &str, signal: i32) -> Result<(), RuntimeError>;
     /// Kills (if needed) and removes a container and everything it left.
@@ -184,6 +188,24 @@ impl Runtime for Builtin {
                 let entry = entry?;
                 if let Some(container) = load(&entry.path()) {
                     containers.push(container);
+                }
+            }
+            Ok(containers)
+        })
+        .await
+        .map_err(|e| RuntimeError::Io(std::io::Error::other(e)))?
+    }
+
+    async fn list_prefixed(&self, prefix: &str) -> Result<Vec<Container>, RuntimeError> {
+        let (root, prefix) = (self.root.clone(), prefix.to_string());
+        tokio::task::spawn_blocking(move || {
+            let mut containers = Vec::new();
+            for entry in std::fs::read_dir(&root)? {
+                let entry = entry?;
+                if entry.file_name().to_string_lossy().starts_with(&prefix) {
+                    if let Some(container) = load(&entry.path()) {
+                        containers.push(container);
+                    }
                 }
             }
             Ok(containers)
