@@ -53,6 +53,8 @@ pub struct KubeletConfig {
     /// The cluster CA (PEM) that the API server's client certificate must chain to; without
     /// it the kubelet API is not served.
     pub client_ca: Option<String>,
+    /// Registries (`host:port`) pulled from over plain HTTP.
+    pub insecure_registries: Vec<String>,
 }
 
 /// Upstream's allocatable is capacity less reservations and the hard eviction thresholds;
@@ -208,6 +210,7 @@ pub async fn run(client: kube::Client, config: KubeletConfig) -> anyhow::Result<
         ip,
         runtime,
         images,
+        puller: tugboat_runtime::pull::Puller::new(&config.insecure_registries),
         pods_dir: config.data_dir.join("pods"),
         log_dir: config.log_dir.clone(),
         ipam: sandbox::Ipam::new(config.data_dir.join("ipam"))?,

@@ -49,6 +49,7 @@ pub struct NodeAgent {
     pub ip: Option<IpAddr>,
     pub runtime: Arc<dyn Runtime>,
     pub images: Arc<ImageStore>,
+    pub puller: tugboat_runtime::pull::Puller,
     pub pods_dir: PathBuf,
     pub log_dir: PathBuf,
     pub ipam: Ipam,
@@ -123,6 +124,8 @@ struct Worker {
     started_at: Option<String>,
     /// Probe states per container instance (id) and kind.
     probes: HashMap<(String, Kind), ProbeState>,
+    /// Failed pulls per image: how many in a row, and when the last one failed.
+    pull_failures: HashMap<String, (u32, Instant)>,
 }
 
 impl Worker {
@@ -582,19 +585,9 @@ async fn maybe_start(
         }
     }
     let image_ref = c.image.clone().unwrap_or_default();
-    let Some((image_name, image)) = node.images.get(&image_ref) else {
-        let message =
-            format!("image {image_ref:?} is not present on the node (pulls from registries are not implemented yet)");
-        if state.recorded.insert(("ErrImageNeverPull".into(), c.name.clone(), next)) {
-            event(node, pod, "Warning", "ErrImageNeverPull", &message).await;
-        }
-        state.waiting.insert(c.name.clone(), Waiting { reason: "ErrImageNeverPull".into(), message });
+    let Some((image_name, image)) = ensure_image(node, pod, c, &image_ref, next, state).await else {
         return;
     };
-    if state.recorded.insert(("Pulled".into(), c.name.clone(), next)) && next == 0 {
-        event(node, pod, "Normal", "Pulled", &format!("Container image \"{image_ref}\" already present on machine"))
-            .await;
-    }
     let config = match container_config(node, pod, c, &image_name, &image, sandbox, pod_ip, init, next).await {
         Ok(config) => config,
         Err(error) => {
@@ -623,6 +616,134 @@ async fn maybe_start(
             state.waiting.insert(c.name.clone(), Waiting { reason: "RunContainerError".into(), message });
         }
     }
+}
+
+/// upstream's default pull policy: Always for `:latest` (or no tag), else IfNotPresent.
+pub fn pull_policy(c: &ContainerSpec) -> &str {
+    if let Some(policy) = c.image_pull_policy.as_deref().filter(|p| !p.is_empty()) {
+        return policy;
+    }
+    let image = c.image.as_deref().unwrap_or_default();
+    let last = image.rsplit('/').next().unwrap_or(image);
+    if image.contains('@') {
+        "IfNotPresent"
+    } else if !last.contains(':') || last.ends_with(":latest") {
+        "Always"
+    } else {
+        "IfNotPresent"
+    }
+}
+
+/// The image a container runs, pulled when its policy says so; None (with the reason in
+/// `state.waiting`) when it cannot be had now.
+async fn ensure_image(
+    node: &NodeAgent,
+    pod: &Pod,
+    c: &ContainerSpec,
+    image_ref: &str,
+    attempt: u32,
+    state: &mut Worker,
+) -> Option<(String, tugboat_runtime::images::Image)> {
+    let present = node.images.get(image_ref);
+    let policy = pull_policy(c);
+    let pull = match (policy, &present) {
+        ("Never", None) => {
+            let message = format!("Container image {image_ref:?} is not present with pull policy of Never");
+            if state.recorded.insert(("ErrImageNeverPull".into(), c.name.clone(), attempt)) {
+                event(node, pod, "Warning", "ErrImageNeverPull", &message).await;
+            }
+            state.waiting.insert(c.name.clone(), Waiting { reason: "ErrImageNeverPull".into(), message });
+            return None;
+        }
+        ("Always", _) | (_, None) => true,
+        _ => false,
+    };
+    if !pull {
+        if state.recorded.insert(("Pulled".into(), c.name.clone(), attempt)) && attempt == 0 {
+            event(
+                node,
+                pod,
+                "Normal",
+                "Pulled",
+                &format!("Container image \"{image_ref}\" already present on machine"),
+            )
+            .await;
+        }
+        return present;
+    }
+    // Pulls that failed back off as crashes do (10 s doubling to 5 min).
+    if let Some((failures, last)) = state.pull_failures.get(image_ref).copied() {
+        let delay = backoff(failures);
+        if last.elapsed() < delay {
+            let message = format!("Back-off pulling image \"{image_ref}\"");
+            if state.recorded.insert(("PullBackOff".into(), image_ref.to_string(), failures)) {
+                event(node, pod, "Normal", "BackOff", &message).await;
+            }
+            state.waiting.insert(c.name.clone(), Waiting { reason: "ImagePullBackOff".into(), message });
+            return None;
+        }
+    }
+    event(node, pod, "Normal", "Pulling", &format!("Pulling image \"{image_ref}\"")).await;
+    let started = Instant::now();
+    let credentials = pull_credentials(node, pod, image_ref).await;
+    match node.puller.pull(&node.images, image_ref, credentials.as_ref()).await {
+        Ok((image, size)) => {
+            state.pull_failures.remove(image_ref);
+            let took = started.elapsed().as_secs_f64();
+            let message = format!(
+                "Successfully pulled image \"{image_ref}\" in {took:.3}s ({took:.3}s including waiting). Image size: {size} bytes."
+            );
+            event(node, pod, "Normal", "Pulled", &message).await;
+            Some((tugboat_runtime::images::normalize(image_ref), image))
+        }
+        Err(error) => {
+            let failures = state.pull_failures.get(image_ref).map(|(f, _)| f + 1).unwrap_or(1);
+            state.pull_failures.insert(image_ref.to_string(), (failures, Instant::now()));
+            let message = format!("Failed to pull image \"{image_ref}\": {error}");
+            event(node, pod, "Warning", "Failed", &message).await;
+            event(node, pod, "Warning", "Failed", "Error: ErrImagePull").await;
+            state.waiting.insert(c.name.clone(), Waiting { reason: "ErrImagePull".into(), message });
+            None
+        }
+    }
+}
+
+/// Registry credentials for an image from the pod's imagePullSecrets
+/// (`kubernetes.io/dockerconfigjson` or `kubernetes.io/dockercfg`).
+async fn pull_credentials(node: &NodeAgent, pod: &Pod, image_ref: &str) -> Option<tugboat_runtime::pull::Credentials> {
+    use base64::Engine;
+    let registry = tugboat_runtime::pull::Puller::registry_of(image_ref).ok()?;
+    let namespace = pod.metadata.namespace.as_deref().unwrap_or("default");
+    let secrets: Api<k8s_openapi::api::core::v1::Secret> = Api::namespaced(node.client.clone(), namespace);
+    for reference in pod.spec.as_ref()?.image_pull_secrets.iter().flatten() {
+        let Ok(Some(secret)) = secrets.get_opt(&reference.name).await else { continue };
+        let data = secret.data.unwrap_or_default();
+        let config: Value = match (data.get(".dockerconfigjson"), data.get(".dockercfg")) {
+            (Some(json), _) => serde_json::from_slice::<Value>(&json.0).ok()?["auths"].clone(),
+            (None, Some(cfg)) => serde_json::from_slice(&cfg.0).ok()?,
+            _ => continue,
+        };
+        let Some(entries) = config.as_object() else { continue };
+        for (host, entry) in entries {
+            let host = host.trim_start_matches("https://").trim_start_matches("http://").trim_end_matches('/');
+            let host = host.split('/').next().unwrap_or(host);
+            if host != registry {
+                continue;
+            }
+            let (mut username, mut password) = (
+                entry["username"].as_str().unwrap_or_default().to_string(),
+                entry["password"].as_str().unwrap_or_default().to_string(),
+            );
+            if let Some(auth) = entry["auth"].as_str()
+                && let Ok(decoded) = base64::engine::general_purpose::STANDARD.decode(auth)
+                && let Some((u, p)) = String::from_utf8_lossy(&decoded).split_once(':')
+            {
+                (username, password) = (u.to_string(), p.to_string());
+            }
+            return Some(tugboat_runtime::pull::Credentials { username, password });
+        }
+    }
+    None
 }
 
 fn container_id(uid: &str, name: &str, attempt: u32) -> String {

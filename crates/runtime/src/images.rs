@@ -226,7 +226,7 @@ impl ImageStore {
                 .iter()
                 .map(|l| blob_in(dir, str_field(l, "digest")?))
                 .collect::<Result<_, _>>()?;
-            self.add(&name, dir, &digest, &config, &layers)?;
+            self.add(&name, dir, &digest, &config, &layers, true)?;
             names.push(name);
         }
         Ok(names)
@@ -277,7 +277,7 @@ impl ImageStore {
                 return Err(bad("manifest.json: an image without RepoTags cannot be named by a pod"));
             }
             for tag in tags {
-                self.add(&tag, dir, &digest, &config, &layers)?;
+                self.add(&tag, dir, &digest, &config, &layers, true)?;
                 names.push(tag);
             }
         }
@@ -285,7 +285,15 @@ impl ImageStore {
     }
 
     /// Stores the blobs, unpacks the layers not unpacked yet and records the name.
-    fn add(&self, name: &str, dir: &Path, manifest: &str, config: &str, layers: &[PathBuf]) -> Result<(), ImageError> {
+    pub(crate) fn add(
+        &self,
+        name: &str,
+        dir: &Path,
+        manifest: &str,
+        config: &str,
+        layers: &[PathBuf],
+        pinned: bool,
+    ) -> Result<Image, ImageError> {
         for digest in [manifest, config] {
             let target = self.blob_path(digest);
             if !target.exists() {
@@ -320,14 +328,13 @@ impl ImageStore {
             }
             std::fs::rename(&partial, &target)?;
         }
-        let image =
-            Image { manifest: manifest.to_string(), config: config.to_string(), layers: diff_ids, pinned: true };
+        let image = Image { manifest: manifest.to_string(), config: config.to_string(), layers: diff_ids, pinned };
         let mut names = self.names();
-        names.0.insert(name.to_string(), image);
+        names.0.insert(name.to_string(), image.clone());
         let bytes = serde_json::to_vec_pretty(&names.0).unwrap();
         write_durably(&self.root.join("images.json"), &bytes)?;
         names.1 = modified(&self.root.join("images.json"));
-        Ok(())
+        Ok(image)
     }
 }
 

@@ -10,6 +10,7 @@
 
 pub mod exec;
 pub mod images;
+pub mod pull;
 pub mod shim;
 pub mod spec;
 
@@ -202,10 +203,10 @@ impl Runtime for Builtin {
             let mut containers = Vec::new();
             for entry in std::fs::read_dir(&root)? {
                 let entry = entry?;
-                if entry.file_name().to_string_lossy().starts_with(&prefix) {
-                    if let Some(container) = load(&entry.path()) {
-                        containers.push(container);
-                    }
+                if entry.file_name().to_string_lossy().starts_with(&prefix)
+                    && let Some(container) = load(&entry.path())
+                {
+                    containers.push(container);
                 }
             }
             Ok(containers)

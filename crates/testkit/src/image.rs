@@ -86,9 +86,8 @@ pub fn busybox_layer(extra: &[(&str, &[u8], u32)]) -> anyhow::Result<Vec<u8>> {
     Ok(tar.into_inner()?)
 }
 
-/// Writes an OCI image layout archive holding one image `name` (e.g. `busybox:latest`) made of
-/// `layer`, with `cmd` as its default command.
-pub fn oci_archive(path: &Path, name: &str, layer: &[u8], cmd: &[&str]) -> anyhow::Result<()> {
+/// The config and manifest of a one-layer image.
+pub fn image_blobs(layer: &[u8], cmd: &[&str]) -> anyhow::Result<(Vec<u8>, Vec<u8>)> {
     let layer_digest = sha256(layer);
     let arch = match std::env::consts::ARCH {
         "x86_64" => "amd64",
@@ -101,14 +100,20 @@ pub fn oci_archive(path: &Path, name: &str, layer: &[u8], cmd: &[&str]) -> anyho
         "config": {"Env": ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"], "Cmd": cmd},
         "rootfs": {"type": "layers", "diff_ids": [layer_digest]},
     }))?;
-    let config_digest = sha256(&config);
     let manifest = serde_json::to_vec(&json!({
         "schemaVersion": 2,
         "mediaType": "application/vnd.oci.image.manifest.v1+json",
-        "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": config_digest, "size": config.len()},
+        "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": sha256(&config), "size": config.len()},
         "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar", "digest": layer_digest, "size": layer.len()}],
     }))?;
-    let manifest_digest = sha256(&manifest);
+    Ok((config, manifest))
+}
+
+/// Writes an OCI image layout archive holding one image `name` (e.g. `busybox:1.35`) made of
+/// `layer`, with `cmd` as its default command.
+pub fn oci_archive(path: &Path, name: &str, layer: &[u8], cmd: &[&str]) -> anyhow::Result<()> {
+    let (config, manifest) = image_blobs(layer, cmd)?;
+    let (layer_digest, config_digest, manifest_digest) = (sha256(layer), sha256(&config), sha256(&manifest));
     let index = serde_json::to_vec(&json!({
         "schemaVersion": 2,
         "manifests": [{
@@ -138,7 +143,112 @@ pub fn oci_archive(path: &Path, name: &str, layer: &[u8], cmd: &[&str]) -> anyho
     Ok(())
 }
 
-/// `busybox:latest` as an OCI archive at `path`, its default command `sh`.
+/// Debian's `docker-registry` on a free loopback port, with a config of its own (Debian's
+/// default listens on every address with auth), storage in a temp dir; killed on drop.
+#[derive(Debug)]
+pub struct Registry {
+    child: std::process::Child,
+    _dir: tempfile::TempDir,
+    pub address: String,
+}
+
+impl Registry {
+    pub fn start() -> anyhow::Result<Registry> {
+        let dir = tempfile::Builder::new().prefix("tugboat-registry-").tempdir()?;
+        let port = crate::free_port();
+        let address = format!("127.0.0.1:{port}");
+        let config = format!(
+            "version: 0.1\nlog: {{level: warn}}\nstorage:\n  filesystem: {{rootdirectory: {}}}\nhttp:\n  addr: {address}\n",
+            dir.path().join("data").display()
+        );
+        std::fs::write(dir.path().join("config.yml"), config)?;
+        let child = std::process::Command::new("docker-registry")
+            .arg("serve")
+            .arg(dir.path().join("config.yml"))
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(dir.path().join("registry.log"))?)
+            .spawn()
+            .context("starting docker-registry (Debian package docker-registry)")?;
+        let registry = Registry { child, _dir: dir, address };
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        while curl(&["-sf", &format!("http://{}/v2/", registry.address)]).is_err() {
+            anyhow::ensure!(std::time::Instant::now() < deadline, "the registry never answered");
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        Ok(registry)
+    }
+
+    /// Pushes a one-layer image as `repository:tag` (the registry's v2 API, through curl).
+    pub fn push(&self, repository: &str, tag: &str, layer: &[u8], cmd: &[&str]) -> anyhow::Result<()> {
+        let (config, manifest) = image_blobs(layer, cmd)?;
+        let scratch = tempfile::tempdir()?;
+        for (digest, data) in [(sha256(layer), layer), (sha256(&config), &config[..])] {
+            let file = scratch.path().join(digest.trim_start_matches("sha256:"));
+            std::fs::write(&file, data)?;
+            let headers = curl(&[
+                "-sf",
+                "-X",
+                "POST",
+                "-D",
+                "-",
+                "-o",
+                "/dev/null",
+                &format!("http://{}/v2/{repository}/blobs/uploads/", self.address),
+            ])?;
+            let location = headers
+                .lines()
+                .find_map(|l| l.strip_prefix("Location: ").or_else(|| l.strip_prefix("location: ")))
+                .context("no upload location")?
+                .trim()
+                .to_string();
+            let location =
+                if location.starts_with('/') { format!("http://{}{location}", self.address) } else { location };
+            let separator = if location.contains('?') { '&' } else { '?' };
+            curl(&[
+                "-sf",
+                "-X",
+                "PUT",
+                "-H",
+                "Content-Type: application/octet-stream",
+                "--data-binary",
+                &format!("@{}", file.display()),
+                &format!("{location}{separator}digest={digest}"),
+            ])?;
+        }
+        let file = scratch.path().join("manifest.json");
+        std::fs::write(&file, &manifest)?;
+        curl(&[
+            "-sf",
+            "-X",
+            "PUT",
+            "-H",
+            "Content-Type: application/vnd.oci.image.manifest.v1+json",
+            "--data-binary",
+            &format!("@{}", file.display()),
+            &format!("http://{}/v2/{repository}/manifests/{tag}", self.address),
+        ])?;
+        Ok(())
+    }
+}
+
+impl Drop for Registry {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn curl(args: &[&str]) -> anyhow::Result<String> {
+    let out = std::process::Command::new("curl").args(args).output().context("running curl")?;
+    anyhow::ensure!(out.status.success(), "curl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// The name test images go by: a tag, not `latest`, so upstream's default pull policy is
+/// IfNotPresent and an imported image is used as it is.
+pub const BUSYBOX_IMAGE: &str = "busybox:1.35";
+
+/// [`BUSYBOX_IMAGE`] as an OCI archive at `path`, its default command `sh`.
 pub fn busybox_archive(path: &Path) -> anyhow::Result<()> {
-    oci_archive(path, "busybox:latest", &busybox_layer(&[])?, &["sh"])
+    oci_archive(path, BUSYBOX_IMAGE, &busybox_layer(&[])?, &["sh"])
 }

@@ -103,6 +103,9 @@ struct NodeFlags {
     /// The port of the kubelet's HTTPS API (logs, exec, attach, port-forward, stats).
     #[arg(long, default_value_t = 10250)]
     kubelet_port: u16,
+    /// A registry (HOST:PORT) to pull images from over plain HTTP (repeatable).
+    #[arg(long = "insecure-registry", value_name = "HOST:PORT")]
+    insecure_registries: Vec<String>,
 }
 
 impl NodeFlags {
@@ -118,6 +121,7 @@ impl NodeFlags {
             log_dir: self.pod_log_dir.clone(),
             port: self.kubelet_port,
             client_ca: root_ca(kubeconfig),
+            insecure_registries: self.insecure_registries.clone(),
         }
     }
 }

@@ -17,7 +17,7 @@ struct Node {
     logs: PathBuf,
 }
 
-/// A server with its agent (node `box`) and `busybox:latest` imported with `tugboat images import`.
+/// A server with its agent (node `box`) and `busybox:1.35` imported with `tugboat images import`.
 fn node() -> Node {
     let logs = tempfile::Builder::new().prefix("tugboat-pod-logs-").tempdir().unwrap().keep();
     let server = TugboatServer::start_with_agent(
@@ -103,11 +103,11 @@ spec:
   volumes: [{name: www, emptyDir: {}}]
   containers:
   - name: server
-    image: busybox
+    image: busybox:1.35
     command: [httpd, -f, -p, "8080", -h, /www]
     volumeMounts: [{name: www, mountPath: /www}]
   - name: writer
-    image: busybox
+    image: busybox:1.35
     env:
     - {name: POD, valueFrom: {fieldRef: {fieldPath: metadata.name}}}
     - {name: GREETING, value: "hello from $(POD)"}
@@ -228,28 +228,28 @@ apiVersion: v1
 kind: Pod
 metadata: {name: crasher}
 spec:
-  containers: [{name: c, image: busybox, command: [sh, -c, "echo crashing; exit 2"]}]
+  containers: [{name: c, image: busybox:1.35, command: [sh, -c, "echo crashing; exit 2"]}]
 ---
 apiVersion: v1
 kind: Pod
 metadata: {name: done}
 spec:
   restartPolicy: Never
-  initContainers: [{name: init, image: busybox, command: [sh, -c, "echo init > /work/init; echo init done"], volumeMounts: [{name: w, mountPath: /work}]}]
-  containers: [{name: c, image: busybox, command: [sh, -c, "test -f /work/init"], volumeMounts: [{name: w, mountPath: /work}]}]
+  initContainers: [{name: init, image: busybox:1.35, command: [sh, -c, "echo init > /work/init; echo init done"], volumeMounts: [{name: w, mountPath: /work}]}]
+  containers: [{name: c, image: busybox:1.35, command: [sh, -c, "test -f /work/init"], volumeMounts: [{name: w, mountPath: /work}]}]
   volumes: [{name: w, emptyDir: {}}]
 ---
 apiVersion: v1
 kind: Pod
 metadata: {name: noimage}
 spec:
-  containers: [{name: c, image: nosuchimage:1.0}]
+  containers: [{name: c, image: nosuchimage:1.0, imagePullPolicy: Never}]
 ---
 apiVersion: v1
 kind: Pod
 metadata: {name: nocommand}
 spec:
-  containers: [{name: c, image: busybox, command: [/no/such/command]}]
+  containers: [{name: c, image: busybox:1.35, command: [/no/such/command]}]
 ---
 apiVersion: v1
 kind: Pod
@@ -257,7 +257,7 @@ metadata: {name: nocm}
 spec:
   containers:
   - name: c
-    image: busybox
+    image: busybox:1.35
     command: [sleep, "3600"]
     env: [{name: X, valueFrom: {configMapKeyRef: {name: missing, key: k}}}]
 "#;
@@ -324,7 +324,7 @@ spec:
     server.kubectl(&["create", "configmap", "missing", "--from-literal=k=v"], None);
     server.kubectl(&["wait", "--for=condition=Ready", "pod/nocm", "--timeout=60s"], None);
     // A memory limit is a cgroup limit: going over it is OOMKilled.
-    let hog = "apiVersion: v1\nkind: Pod\nmetadata: {name: hog}\nspec:\n  restartPolicy: Never\n  containers: [{name: c, image: busybox, resources: {limits: {memory: 16Mi}}, command: [sh, -c, 'x=$(head -c 64000000 /dev/zero | tr \"\\\\0\" a); echo survived']}]\n";
+    let hog = "apiVersion: v1\nkind: Pod\nmetadata: {name: hog}\nspec:\n  restartPolicy: Never\n  containers: [{name: c, image: busybox:1.35, resources: {limits: {memory: 16Mi}}, command: [sh, -c, 'x=$(head -c 64000000 /dev/zero | tr \"\\\\0\" a); echo survived']}]\n";
     server.kubectl(&["apply", "-f", "-"], Some(hog));
     let reason = wait(
         &server,
@@ -353,7 +353,7 @@ spec:
   restartPolicy: Never
   containers:
   - name: c
-    image: busybox
+    image: busybox:1.35
     command: [sh, -c, 'cat /etc/settings/greeting; echo; cat /etc/creds/password; echo; echo $GREETING $PASSWORD; cat /etc/info/name; echo; cat /etc/info/labels; echo; cat /etc/app.conf; echo; touch /etc/settings/x 2>/dev/null || echo read-only']
     env:
     - {name: GREETING, valueFrom: {configMapKeyRef: {name: settings, key: greeting}}}
@@ -378,7 +378,7 @@ spec:
         "hi\ns3cret\nhi s3cret\nconfigured\napp=\"demo\"\nx=1\nread-only\n"
     );
     // `logs -f` follows a running container until it ends.
-    let counter = "apiVersion: v1\nkind: Pod\nmetadata: {name: counter}\nspec:\n  restartPolicy: Never\n  containers: [{name: c, image: busybox, command: [sh, -c, 'sleep 1; for i in 1 2 3; do echo $i; sleep 0.3; done']}]\n";
+    let counter = "apiVersion: v1\nkind: Pod\nmetadata: {name: counter}\nspec:\n  restartPolicy: Never\n  containers: [{name: c, image: busybox:1.35, command: [sh, -c, 'sleep 1; for i in 1 2 3; do echo $i; sleep 0.3; done']}]\n";
     server.kubectl(&["apply", "-f", "-"], Some(counter));
     wait(&server, &["get", "pod", "counter", "-o", "jsonpath={.status.phase}"], "counter runs", |o| o == "Running");
     assert_eq!(server.kubectl(&["logs", "-f", "counter"], None), "1\n2\n3\n");
@@ -399,7 +399,7 @@ spec:
   terminationGracePeriodSeconds: 1
   containers:
   - name: c
-    image: busybox
+    image: busybox:1.35
     command: [sh, -c, "sleep 6; touch /tmp/ready; exec sleep 3600"]
     readinessProbe: {exec: {command: [cat, /tmp/ready]}, periodSeconds: 1}
 ---
@@ -410,7 +410,7 @@ spec:
   terminationGracePeriodSeconds: 1
   containers:
   - name: c
-    image: busybox
+    image: busybox:1.35
     ports: [{name: http, containerPort: 8080}]
     command: [sh, -c, "echo ok > /tmp/index.html; httpd -p 8080 -h /tmp; sleep 4; killall httpd; exec sleep 3600"]
     livenessProbe: {httpGet: {path: /index.html, port: http}, periodSeconds: 1, failureThreshold: 2}
@@ -455,6 +455,8 @@ fn a_restarted_kubelet_adopts_running_containers() {
     tugboat_testkit::image::busybox_archive(&archive).unwrap();
     std::fs::create_dir_all(data.join("images")).unwrap();
     std::fs::copy(&archive, data.join("images/busybox.tar")).unwrap();
+    // A corrupt archive beside it is skipped (and logged); the node serves on.
+    std::fs::write(data.join("images/corrupt.tar"), b"this is not a tar archive at all").unwrap();
     let start_kubelet = || {
         tugboat_testkit::KillOnDrop(
             Command::new(TUGBOAT)
@@ -480,7 +482,7 @@ kind: Pod
 metadata: {name: survivor}
 spec:
   terminationGracePeriodSeconds: 1
-  containers: [{name: c, image: busybox, command: [sh, -c, "echo ok > /tmp/index.html; exec httpd -f -p 8080 -h /tmp"]}]
+  containers: [{name: c, image: busybox:1.35, command: [sh, -c, "echo ok > /tmp/index.html; exec httpd -f -p 8080 -h /tmp"]}]
 "#;
     server.kubectl(&["apply", "-f", "-"], Some(manifest));
     server.kubectl(&["wait", "--for=condition=Ready", "pod/survivor", "--timeout=60s"], None);
@@ -509,4 +511,71 @@ spec:
     assert_eq!(listed.len(), 1, "no second container: {listed:?}");
     server.kubectl(&["delete", "pod", "survivor"], None);
     assert!(curl(&format!("http://{ip}:8080/index.html")).is_none());
+}
+
+#[test]
+fn images_are_pulled_from_a_registry_with_back_off_on_failure() {
+    if !tugboat_testkit::isolated("images_are_pulled_from_a_registry_with_back_off_on_failure") {
+        return;
+    }
+    let registry = tugboat_testkit::image::Registry::start().expect("docker-registry starts");
+    let layer = tugboat_testkit::image::busybox_layer(&[("etc/motd", b"pulled\n", 0o644)]).unwrap();
+    registry.push("tools/busybox", "1.35", &layer, &["sh"]).unwrap();
+    let logs = server_logs_dir();
+    let server = TugboatServer::start_with_agent(
+        Path::new(TUGBOAT),
+        &[
+            "--node-name",
+            "box",
+            "--node-ip",
+            "127.0.0.1",
+            "--pod-log-dir",
+            &logs,
+            "--insecure-registry",
+            &registry.address,
+        ],
+    )
+    .expect("the server starts");
+    wait(&server, &["get", "node", "box", "-o", "jsonpath={.spec.podCIDR}"], "pod CIDR", |o| o.contains('/'));
+    let image = format!("{}/tools/busybox:1.35", registry.address);
+    let missing = format!("{}/tools/nothing:1", registry.address);
+    let manifest = format!(
+        "apiVersion: v1\nkind: Pod\nmetadata: {{name: pulled}}\nspec:\n  restartPolicy: Never\n  containers: [{{name: c, image: \"{image}\", command: [cat, /etc/motd]}}]\n---\n\
+         apiVersion: v1\nkind: Pod\nmetadata: {{name: missing}}\nspec:\n  containers: [{{name: c, image: \"{missing}\"}}]\n"
+    );
+    server.kubectl(&["apply", "-f", "-"], Some(&manifest));
+    wait(&server, &["get", "pod", "pulled", "-o", "jsonpath={.status.phase}"], "pulled runs", |o| o == "Succeeded");
+    assert_eq!(server.kubectl(&["logs", "pulled"], None), "pulled\n");
+    let pulled = pod_json(&server, "pulled");
+    assert!(pulled["status"]["containerStatuses"][0]["imageID"].as_str().unwrap().starts_with("sha256:"));
+    let events = server.kubectl(
+        &["get", "events", "--field-selector", "involvedObject.name=pulled", "-o", "jsonpath={.items[*].message}"],
+        None,
+    );
+    assert!(
+        events.contains(&format!("Pulling image \"{image}\"")) && events.contains("Successfully pulled image"),
+        "{events}"
+    );
+    // A missing image: ErrImagePull with the registry's answer, then ImagePullBackOff.
+    let first = wait(
+        &server,
+        &["get", "pod", "missing", "-o", "jsonpath={.status.containerStatuses[0].state.waiting.reason}"],
+        "pull fails",
+        |o| o == "ErrImagePull" || o == "ImagePullBackOff",
+    );
+    assert!(first == "ErrImagePull" || first == "ImagePullBackOff");
+    wait(&server, &["get", "pod", "missing"], "back-off shown", |o| o.contains("ImagePullBackOff"));
+    let events = server.kubectl(
+        &["get", "events", "--field-selector", "involvedObject.name=missing", "-o", "jsonpath={.items[*].reason}"],
+        None,
+    );
+    assert!(events.contains("Failed") && events.contains("BackOff"), "{events}");
+    // The image is in the node's store now: `tugboat images list` shows it.
+    let out = Command::new(TUGBOAT).args(["images", "list", "--data-dir"]).arg(server.data_dir()).output().unwrap();
+    assert!(String::from_utf8_lossy(&out.stdout).contains(&image), "{}", String::from_utf8_lossy(&out.stdout));
+    server.kubectl(&["delete", "pod", "--all", "--grace-period=1", "--wait=true"], None);
+}
+
+fn server_logs_dir() -> String {
+    tempfile::Builder::new().prefix("tugboat-pod-logs-").tempdir().unwrap().keep().display().to_string()
 }

@@ -23,12 +23,19 @@ fn store(dir: &Path) -> ImageStore {
         .output()
         .unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "imported busybox:latest");
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "imported busybox:1.35");
+    // A corrupt archive is refused with the reason, and changes nothing.
+    let corrupt = dir.join("corrupt.tar");
+    std::fs::write(&corrupt, b"not an image").unwrap();
+    let out = std::process::Command::new(TUGBOAT).args(["images", "import"]).arg(&corrupt).arg("--data-dir").arg(dir).output().unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("bad image archive"), "{stderr}");
     ImageStore::open(dir.join("content")).unwrap()
 }
 
 fn config(dir: &Path, store: &ImageStore, id: &str, script: &str) -> ContainerConfig {
-    let (name, image) = store.get("busybox").expect("imported");
+    let (name, image) = store.get("busybox:1.35").expect("imported");
     let mut labels = BTreeMap::new();
     labels.insert("test".to_string(), "runtime".to_string());
     ContainerConfig {

@@ -57,9 +57,14 @@ async fn run(args: Args) -> anyhow::Result<Value> {
     // The node is ready with a pod CIDR before the clock starts.
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
-        let node: Value = serde_json::from_slice(&target.expect(Method::GET, "/api/v1/nodes/bench", None, &[200, 404]).await?)
-            .unwrap_or_default();
-        let ready = node["status"]["conditions"].as_array().into_iter().flatten().any(|c| c["type"] == "Ready" && c["status"] == "True");
+        let node: Value =
+            serde_json::from_slice(&target.expect(Method::GET, "/api/v1/nodes/bench", None, &[200, 404]).await?)
+                .unwrap_or_default();
+        let ready = node["status"]["conditions"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .any(|c| c["type"] == "Ready" && c["status"] == "True");
         if ready && node["spec"]["podCIDR"].is_string() {
             break;
         }
@@ -109,7 +114,7 @@ async fn run(args: Args) -> anyhow::Result<Value> {
                 let name = format!("p{i}");
                 let pod = json!({"metadata": {"name": name},
                                  "spec": {"terminationGracePeriodSeconds": 0,
-                                          "containers": [{"name": "c", "image": "busybox", "command": ["sleep", "3600"]}]}});
+                                          "containers": [{"name": "c", "image": "busybox:1.35", "command": ["sleep", "3600"]}]}});
                 created.lock().unwrap().insert(name.clone(), Instant::now());
                 target.expect(Method::POST, collection, Some(&pod), &[201]).await?;
                 // One at a time per client: wait until this one runs before the next.
