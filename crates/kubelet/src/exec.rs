@@ -9,8 +9,10 @@ use std::process::Stdio;
 
 use axum::body::Body;
 use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
+use std::collections::HashMap;
+
 use axum::extract::{Path as UrlPath, RawQuery, State};
-use axum::http::{Response, StatusCode};
+use axum::http::{Response, StatusCode, header};
 use bytes::Bytes;
 use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -70,39 +72,54 @@ fn text(status: StatusCode, message: impl Into<String>) -> Response<Body> {
     Response::builder().status(status).body(Body::from(message.into())).expect("a valid response")
 }
 
-pub async fn exec(
-    State(node): State<Shared>,
-    UrlPath((namespace, pod_name, container)): UrlPath<(String, String, String)>,
-    RawQuery(query): RawQuery,
-    upgrade: WebSocketUpgrade,
-) -> Response<Body> {
-    let options = ExecOptions::parse(query.as_deref().unwrap_or_default());
+/// Checks the request and finds the running container: the command to run and what was asked.
+async fn prepare(
+    node: &Shared,
+    namespace: &str,
+    pod_name: &str,
+    container: &str,
+    query: Option<&str>,
+) -> Result<(tokio::process::Command, ExecOptions), Response<Body>> {
+    let options = ExecOptions::parse(query.unwrap_or_default());
     if options.command.is_empty() {
-        return text(StatusCode::BAD_REQUEST, "you must specify at least one command for the container");
+        return Err(text(StatusCode::BAD_REQUEST, "you must specify at least one command for the container"));
     }
     if !(options.stdin || options.stdout || options.stderr) {
-        return text(StatusCode::BAD_REQUEST, "you must specify at least one of stdin, stdout, stderr");
+        return Err(text(StatusCode::BAD_REQUEST, "you must specify at least one of stdin, stdout, stderr"));
     }
-    let pods: kube::Api<k8s_openapi::api::core::v1::Pod> = kube::Api::namespaced(node.client.clone(), &namespace);
-    let pod = match pods.get_opt(&pod_name).await {
+    let pods: kube::Api<k8s_openapi::api::core::v1::Pod> = kube::Api::namespaced(node.client.clone(), namespace);
+    let pod = match pods.get_opt(pod_name).await {
         Ok(Some(pod)) => serde_json::to_value(pod).unwrap_or_default(),
-        Ok(None) => return text(StatusCode::NOT_FOUND, format!("pod {namespace}/{pod_name} not found")),
-        Err(error) => return text(StatusCode::SERVICE_UNAVAILABLE, error.to_string()),
+        Ok(None) => return Err(text(StatusCode::NOT_FOUND, format!("pod {namespace}/{pod_name} not found"))),
+        Err(error) => return Err(text(StatusCode::SERVICE_UNAVAILABLE, error.to_string())),
     };
     let running = pod["status"]["containerStatuses"]
         .as_array()
         .into_iter()
         .chain(pod["status"]["initContainerStatuses"].as_array())
         .flatten()
-        .find(|s| s["name"] == container.as_str() && s["state"].get("running").is_some())
+        .find(|s| s["name"] == container && s["state"].get("running").is_some())
         .and_then(|s| s["containerID"].as_str())
         .map(|id| id.trim_start_matches("tugboat://").to_string());
     let Some(id) = running else {
-        return text(StatusCode::BAD_REQUEST, format!("container {container} is not running in pod {pod_name}"));
+        return Err(text(StatusCode::BAD_REQUEST, format!("container {container} is not running in pod {pod_name}")));
     };
-    let command = match node.runtime.exec_command(&id, &options.command) {
-        Ok(command) => command,
-        Err(error) => return text(StatusCode::NOT_FOUND, error.to_string()),
+    match node.runtime.exec_command(&id, &options.command) {
+        Ok(command) => Ok((command, options)),
+        Err(error) => Err(text(StatusCode::NOT_FOUND, error.to_string())),
+    }
+}
+
+/// `GET /exec/...` with a websocket upgrade.
+pub async fn exec(
+    State(node): State<Shared>,
+    UrlPath((namespace, pod_name, container)): UrlPath<(String, String, String)>,
+    RawQuery(query): RawQuery,
+    upgrade: WebSocketUpgrade,
+) -> Response<Body> {
+    let (command, options) = match prepare(&node, &namespace, &pod_name, &container, query.as_deref()).await {
+        Ok(prepared) => prepared,
+        Err(response) => return response,
     };
     let upgrade = upgrade.protocols(["v5.channel.k8s.io", "v4.channel.k8s.io"]);
     let v5 = upgrade.selected_protocol().is_some_and(|p| p == "v5.channel.k8s.io");
@@ -111,6 +128,189 @@ pub async fn exec(
             tracing::debug!(%error, "exec session");
         }
     })
+}
+
+/// `POST /exec/...` with `Upgrade: SPDY/3.1` (kubectl ≤ 1.29, and any SPDY client).
+pub async fn exec_spdy(
+    State(node): State<Shared>,
+    UrlPath((namespace, pod_name, container)): UrlPath<(String, String, String)>,
+    RawQuery(query): RawQuery,
+    mut request: axum::extract::Request,
+) -> Response<Body> {
+    let spdy = request
+        .headers()
+        .get(header::UPGRADE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.eq_ignore_ascii_case("SPDY/3.1"));
+    if !spdy {
+        return text(StatusCode::BAD_REQUEST, "Upgrade request required");
+    }
+    let offered: Vec<String> = request
+        .headers()
+        .get_all("x-stream-protocol-version")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(',').map(|p| p.trim().to_string()))
+        .collect();
+    // v5 adds nothing over SPDY (stream close is FIN already): it is served as v4.
+    let Some(protocol) =
+        ["v5.channel.k8s.io", "v4.channel.k8s.io", "v3.channel.k8s.io", "v2.channel.k8s.io", "channel.k8s.io"]
+            .into_iter()
+            .find(|p| offered.iter().any(|o| o == p))
+    else {
+        return text(StatusCode::FORBIDDEN, format!("no supported stream protocol in {offered:?}"));
+    };
+    let (command, options) = match prepare(&node, &namespace, &pod_name, &container, query.as_deref()).await {
+        Ok(prepared) => prepared,
+        Err(response) => return response,
+    };
+    let on_upgrade = hyper::upgrade::on(&mut request);
+    let structured = matches!(protocol, "v5.channel.k8s.io" | "v4.channel.k8s.io");
+    tokio::spawn(async move {
+        match on_upgrade.await {
+            Ok(io) => {
+                if let Err(error) = spdy_session(hyper_util::rt::TokioIo::new(io), command, options, structured).await {
+                    tracing::debug!(%error, "SPDY exec session");
+                }
+            }
+            Err(error) => tracing::debug!(%error, "SPDY upgrade"),
+        }
+    });
+    Response::builder()
+        .status(StatusCode::SWITCHING_PROTOCOLS)
+        .header(header::CONNECTION, "Upgrade")
+        .header(header::UPGRADE, "SPDY/3.1")
+        .header("X-Stream-Protocol-Version", protocol)
+        .body(Body::empty())
+        .expect("a valid response")
+}
+
+/// One SPDY exec session: wait for the client's streams, run the command, copy, report.
+async fn spdy_session<IO>(
+    io: IO,
+    command: tokio::process::Command,
+    options: ExecOptions,
+    structured: bool,
+) -> anyhow::Result<()>
+where
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    use crate::spdy::{Frame, Reader, Writer};
+    let (read, write) = tokio::io::split(io);
+    let mut writer = Writer::new(write);
+    // Frames are read by a task of their own (a read cut short by select! would lose data).
+    let (frames_tx, mut frames) = tokio::sync::mpsc::channel::<Frame>(64);
+    tokio::spawn(async move {
+        let mut reader = Reader::new(read);
+        while let Ok(Some(frame)) = reader.next().await {
+            if frames_tx.send(frame).await.is_err() {
+                break;
+            }
+        }
+    });
+    let expected = 1
+        + usize::from(options.stdin)
+        + usize::from(options.stdout)
+        + usize::from(options.stderr && !options.tty)
+        + usize::from(options.tty);
+    let mut streams: HashMap<String, u32> = HashMap::new();
+    let mut early: Vec<(u32, Bytes, bool)> = Vec::new();
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
+    while streams.len() < expected {
+        let frame = tokio::time::timeout_at(deadline, frames.recv()).await;
+        match frame {
+            Ok(Some(Frame::SynStream { id, headers, .. })) => {
+                writer.reply(id).await?;
+                streams.insert(headers.get("streamtype").cloned().unwrap_or_default(), id);
+            }
+            Ok(Some(Frame::Ping(id))) => writer.ping(id).await?,
+            Ok(Some(Frame::Data { id, data, fin })) => early.push((id, data, fin)),
+            Ok(Some(_)) => {}
+            Ok(None) | Err(_) => anyhow::bail!("the client did not open its streams"),
+        }
+    }
+    let id_of = |kind: &str| streams.get(kind).copied();
+    let (stdin_id, stdout_id, stderr_id, error_id, resize_id) =
+        (id_of("stdin"), id_of("stdout"), id_of("stderr"), id_of("error"), id_of("resize"));
+    let (mut child, mut io, mut out, mut err) = spawn(command, &options)?;
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<(u8, Bytes)>(16);
+    for (reader, channel) in [(out.take(), STDOUT), (err.take(), STDERR)] {
+        let Some(mut reader) = reader else { continue };
+        let tx = tx.clone();
+        tokio::spawn(async move {
+            let mut buf = vec![0u8; 32 * 1024];
+            while let Ok(n) = reader.read(&mut buf).await {
+                if n == 0 || tx.send((channel, Bytes::copy_from_slice(&buf[..n]))).await.is_err() {
+                    break;
+                }
+            }
+        });
+    }
+    drop(tx);
+    let mut resize_buffer = Vec::new();
+    let handle = async |io: &mut Io, id: u32, data: Bytes, fin: bool, resize_buffer: &mut Vec<u8>| {
+        if Some(id) == stdin_id {
+            write_stdin(io, &data).await;
+            if fin {
+                close_stdin(io);
+            }
+        } else if Some(id) == resize_id {
+            resize_buffer.extend_from_slice(&data);
+            // Sizes come as consecutive JSON objects.
+            let mut stream = serde_json::Deserializer::from_slice(resize_buffer).into_iter::<serde_json::Value>();
+            let mut last = None;
+            for size in stream.by_ref().flatten() {
+                last = Some(size);
+            }
+            let used = stream.byte_offset();
+            resize_buffer.drain(..used);
+            if let Some(size) = last {
+                resize(io, size.to_string().as_bytes()).await;
+            }
+        }
+    };
+    for (id, data, fin) in early {
+        handle(&mut io, id, data, fin, &mut resize_buffer).await;
+    }
+    let mut reading = true;
+    let code = loop {
+        tokio::select! {
+            frame = frames.recv(), if reading => match frame {
+                Some(Frame::Data { id, data, fin }) => handle(&mut io, id, data, fin, &mut resize_buffer).await,
+                Some(Frame::Ping(id)) => writer.ping(id).await?,
+                Some(Frame::GoAway) | None => {
+                    reading = false;
+                    close_stdin(&mut io);
+                }
+                Some(_) => {}
+            },
+            chunk = rx.recv() => match chunk {
+                Some((channel, data)) => {
+                    let id = if channel == STDOUT { stdout_id } else { stderr_id.or(stdout_id) };
+                    if let Some(id) = id {
+                        writer.data(id, &data, false).await?;
+                    }
+                }
+                None => break child.wait().await?.code().unwrap_or(137),
+            },
+        }
+    };
+    for id in [stdout_id, stderr_id, stdin_id, resize_id].into_iter().flatten() {
+        let _ = writer.data(id, &[], true).await;
+    }
+    if let Some(id) = error_id {
+        let message = if structured {
+            exit_status(&options.command, code).to_string().into_bytes()
+        } else if code != 0 {
+            format!("command terminated with non-zero exit code: exit code {code}").into_bytes()
+        } else {
+            Vec::new()
+        };
+        writer.data(id, &message, true).await?;
+    }
+    let last = streams.values().copied().max().unwrap_or(0);
+    let _ = writer.go_away(last).await;
+    Ok(())
 }
 
 /// The command's side: pipes, or a terminal.

@@ -11,9 +11,11 @@ pub mod exec;
 pub mod host;
 pub mod logs;
 pub mod pods;
+pub mod portforward;
 pub mod probes;
 pub mod sandbox;
 pub mod server;
+pub mod spdy;
 pub mod volumes;
 
 use std::net::IpAddr;

@@ -106,7 +106,8 @@ pub fn router(node: Shared) -> Router {
     Router::new()
         .route("/healthz", get(|| async { "ok" }))
         .route("/containerLogs/{namespace}/{pod}/{container}", get(container_logs))
-        .route("/exec/{namespace}/{pod}/{container}", get(crate::exec::exec))
+        .route("/exec/{namespace}/{pod}/{container}", get(crate::exec::exec).post(crate::exec::exec_spdy))
+        .route("/portForward/{namespace}/{pod}", axum::routing::post(crate::portforward::port_forward))
         .with_state(node)
 }
 

@@ -125,7 +125,8 @@ fn load(dir: &Path) -> Option<Container> {
     let state = match (&started, exited) {
         (_, Some(exited)) => State::Exited(exited),
         (Some(started), None) => {
-            if Path::new(&format!("/proc/{}", started.pid)).exists() {
+            if alive(started.pid) || started.shim_pid.is_some_and(alive) {
+                // Running, or ended and its shim is writing down how.
                 State::Running
             } else {
                 match read_json::<Exited>(&paths.exited()) {
@@ -143,6 +144,14 @@ fn load(dir: &Path) -> Option<Container> {
         (None, None) => State::Created,
     };
     Some(Container { config, started, state })
+}
+
+/// Whether a process exists and is not a zombie.
+fn alive(pid: i32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => stat.rsplit_once(')').is_some_and(|(_, rest)| !rest.trim_start().starts_with('Z')),
+        Err(_) => false,
+    }
 }
 
 #[async_trait::async_trait]

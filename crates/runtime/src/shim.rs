@@ -25,6 +25,9 @@ use crate::spec::ContainerConfig;
 pub struct Started {
     pub pid: i32,
     pub started_at: String,
+    /// The shim's own pid: while it lives, an ended container is still being recorded.
+    #[serde(default)]
+    pub shim_pid: Option<i32>,
 }
 
 /// `DIR/exit.json`: written once the container's process was reaped.
@@ -206,7 +209,7 @@ fn start(paths: &Paths) -> anyhow::Result<(i32, Readers, Arc<Mutex<CriLog>>)> {
     ];
     container.start().map_err(|e| anyhow::anyhow!("{e}"))?;
     let pid = container.pid().map(|p| p.as_raw()).ok_or_else(|| anyhow::anyhow!("the container has no pid"))?;
-    let started = Started { pid, started_at: now_rfc3339() };
+    let started = Started { pid, started_at: now_rfc3339(), shim_pid: Some(std::process::id() as i32) };
     write_durably(&paths.started(), &serde_json::to_vec(&started)?)?;
     Ok((pid, readers, log))
 }

@@ -15,11 +15,13 @@ const TUGBOAT: &str = env!("CARGO_BIN_EXE_tugboat");
 struct Node {
     server: TugboatServer,
     logs: PathBuf,
+    _logs_dir: tempfile::TempDir,
 }
 
 /// A server with its agent (node `box`) and `busybox:1.35` imported with `tugboat images import`.
 fn node() -> Node {
-    let logs = tempfile::Builder::new().prefix("tugboat-pod-logs-").tempdir().unwrap().keep();
+    let logs_dir = tempfile::Builder::new().prefix("tugboat-pod-logs-").tempdir().unwrap();
+    let logs = logs_dir.path().to_path_buf();
     let server = TugboatServer::start_with_agent(
         Path::new(TUGBOAT),
         // The isolated network has no default route: the node is reached on loopback.
@@ -43,7 +45,7 @@ fn node() -> Node {
         "node ready",
         |o| o.contains('/') && o.ends_with("True"),
     );
-    Node { server, logs }
+    Node { server, logs, _logs_dir: logs_dir }
 }
 
 fn wait(server: &TugboatServer, args: &[&str], what: &str, done: impl Fn(&str) -> bool) -> String {
@@ -93,7 +95,7 @@ fn pods_run_in_sandboxes_with_an_ip_shared_localhost_and_volumes() {
     if !tugboat_testkit::isolated("pods_run_in_sandboxes_with_an_ip_shared_localhost_and_volumes") {
         return;
     }
-    let Node { server, logs } = node();
+    let Node { server, logs, _logs_dir } = node();
     let manifest = r#"
 apiVersion: v1
 kind: Pod
@@ -189,6 +191,62 @@ spec:
         .unwrap();
     let shown = String::from_utf8_lossy(&out.stdout).replace('\r', "");
     assert!(out.status.success() && shown.contains("on a terminal"), "{shown}");
+    // kubectl 1.27 speaks SPDY/3.1 for exec: the same through the other transport.
+    let kubectl_127 = "/usr/lib/google-cloud-sdk/bin/kubectl.1.27";
+    let old = |args: &[&str], stdin: Option<&str>| {
+        let mut child = Command::new(kubectl_127)
+            .args(args)
+            .env("KUBECONFIG", server.kubeconfig())
+            .env("HOME", server.scratch("home-1.27"))
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        use std::io::Write;
+        child.stdin.take().unwrap().write_all(stdin.unwrap_or_default().as_bytes()).unwrap();
+        child.wait_with_output().unwrap()
+    };
+    let out =
+        old(&["exec", "web", "-c", "writer", "--", "sh", "-c", "cat /www/index.html; echo err >&2; exit 4"], None);
+    assert_eq!(out.status.code(), Some(4), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "hello from web on web\n");
+    assert!(String::from_utf8_lossy(&out.stderr).starts_with("err\n"));
+    let out = old(&["exec", "-i", "web", "-c", "writer", "--", "cat"], Some("over spdy\n"));
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "over spdy\n");
+    let script = format!(
+        "KUBECONFIG={} HOME={} {kubectl_127} exec -it web -c writer -- sh -c 'test -t 0 && echo on a terminal'",
+        server.kubeconfig().display(),
+        server.scratch("home-1.27").display()
+    );
+    let out = Command::new("script").args(["-qec", &script, "/dev/null"]).output().unwrap();
+    let shown = String::from_utf8_lossy(&out.stdout).replace('\r', "");
+    assert!(out.status.success() && shown.contains("on a terminal"), "{shown}");
+    // kubectl port-forward (SPDY; kubectl 1.33 first tries a websocket tunnel, then falls back).
+    for (kubectl, port) in ["/usr/bin/kubectl", kubectl_127].into_iter().zip([18080u16, 18081]) {
+        let mut forward = tugboat_testkit::KillOnDrop(
+            Command::new(kubectl)
+                .args(["port-forward", "pod/web", &format!("{port}:8080")])
+                .env("KUBECONFIG", server.kubeconfig())
+                .env("HOME", server.scratch("home-pf"))
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::null())
+                .spawn()
+                .unwrap(),
+        );
+        // Kept open: kubectl writes a line per connection, and a closed pipe would end it.
+        let mut printed = std::io::BufReader::new(forward.0.stdout.take().unwrap());
+        let mut line = String::new();
+        std::io::BufRead::read_line(&mut printed, &mut line).unwrap();
+        assert!(line.contains(&format!("127.0.0.1:{port}")), "{line}");
+        for _ in 0..2 {
+            assert_eq!(
+                curl(&format!("http://127.0.0.1:{port}/index.html")).as_deref(),
+                Some("hello from web on web\n")
+            );
+        }
+    }
     // kubectl cp, both ways (tar through exec).
     let local = server.scratch("cp");
     std::fs::write(local.join("up.txt"), "uploaded\n").unwrap();
@@ -521,7 +579,8 @@ fn images_are_pulled_from_a_registry_with_back_off_on_failure() {
     let registry = tugboat_testkit::image::Registry::start().expect("docker-registry starts");
     let layer = tugboat_testkit::image::busybox_layer(&[("etc/motd", b"pulled\n", 0o644)]).unwrap();
     registry.push("tools/busybox", "1.35", &layer, &["sh"]).unwrap();
-    let logs = server_logs_dir();
+    let logs = tempfile::Builder::new().prefix("tugboat-pod-logs-").tempdir().unwrap();
+    let logs_path = logs.path().display().to_string();
     let server = TugboatServer::start_with_agent(
         Path::new(TUGBOAT),
         &[
@@ -530,7 +589,7 @@ fn images_are_pulled_from_a_registry_with_back_off_on_failure() {
             "--node-ip",
             "127.0.0.1",
             "--pod-log-dir",
-            &logs,
+            &logs_path,
             "--insecure-registry",
             &registry.address,
         ],
@@ -574,8 +633,4 @@ fn images_are_pulled_from_a_registry_with_back_off_on_failure() {
     let out = Command::new(TUGBOAT).args(["images", "list", "--data-dir"]).arg(server.data_dir()).output().unwrap();
     assert!(String::from_utf8_lossy(&out.stdout).contains(&image), "{}", String::from_utf8_lossy(&out.stdout));
     server.kubectl(&["delete", "pod", "--all", "--grace-period=1", "--wait=true"], None);
-}
-
-fn server_logs_dir() -> String {
-    tempfile::Builder::new().prefix("tugboat-pod-logs-").tempdir().unwrap().keep().display().to_string()
 }

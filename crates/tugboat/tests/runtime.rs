@@ -27,7 +27,13 @@ fn store(dir: &Path) -> ImageStore {
     // A corrupt archive is refused with the reason, and changes nothing.
     let corrupt = dir.join("corrupt.tar");
     std::fs::write(&corrupt, b"not an image").unwrap();
-    let out = std::process::Command::new(TUGBOAT).args(["images", "import"]).arg(&corrupt).arg("--data-dir").arg(dir).output().unwrap();
+    let out = std::process::Command::new(TUGBOAT)
+        .args(["images", "import"])
+        .arg(&corrupt)
+        .arg("--data-dir")
+        .arg(dir)
+        .output()
+        .unwrap();
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("bad image archive"), "{stderr}");
