@@ -16,6 +16,7 @@ pub mod probes;
 pub mod sandbox;
 pub mod server;
 pub mod spdy;
+pub mod static_pods;
 pub mod volumes;
 
 use std::net::IpAddr;
@@ -57,6 +58,8 @@ pub struct KubeletConfig {
     pub client_ca: Option<String>,
     /// Registries (`host:port`) pulled from over plain HTTP.
     pub insecure_registries: Vec<String>,
+    /// Static pod manifests (default `<data-dir>/manifests`).
+    pub manifest_dir: Option<PathBuf>,
 }
 
 /// Upstream's allocatable is capacity less reservations and the hard eviction thresholds;
@@ -218,6 +221,8 @@ pub async fn run(client: kube::Client, config: KubeletConfig) -> anyhow::Result<
         ipam: sandbox::Ipam::new(config.data_dir.join("ipam"))?,
         network: std::sync::Mutex::new(None),
     });
+    let manifests = config.manifest_dir.clone().unwrap_or_else(|| config.data_dir.join("manifests"));
+    tokio::spawn(static_pods::run(agent.clone(), manifests));
     let pods = tokio::spawn(pods::run(agent.clone()));
     let api = match config.client_ca.clone() {
         Some(ca) => {

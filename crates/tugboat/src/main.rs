@@ -106,6 +106,9 @@ struct NodeFlags {
     /// A registry (HOST:PORT) to pull images from over plain HTTP (repeatable).
     #[arg(long = "insecure-registry", value_name = "HOST:PORT")]
     insecure_registries: Vec<String>,
+    /// Static pod manifests: each file is a Pod run on this node (default: <data-dir>/manifests).
+    #[arg(long)]
+    pod_manifest_path: Option<PathBuf>,
 }
 
 impl NodeFlags {
@@ -122,6 +125,7 @@ impl NodeFlags {
             port: self.kubelet_port,
             client_ca: root_ca(kubeconfig),
             insecure_registries: self.insecure_registries.clone(),
+            manifest_dir: self.pod_manifest_path.clone(),
         }
     }
 }

@@ -152,6 +152,20 @@ spec:
         assert!(Instant::now() < deadline, "writer log: {:?}", std::fs::read_to_string(&log));
         std::thread::sleep(Duration::from_millis(100));
     }
+    // A static pod: a manifest in <data-dir>/manifests runs as mirror pod `<name>-<node>`.
+    let manifests = server.data_dir().join("manifests");
+    std::fs::write(
+        manifests.join("static.yaml"),
+        "apiVersion: v1\nkind: Pod\nmetadata: {name: static}\nspec:\n  terminationGracePeriodSeconds: 1\n  containers: [{name: c, image: \"busybox:1.35\", command: [sleep, \"3600\"]}]\n",
+    )
+    .unwrap();
+    wait(&server, &["get", "pods", "-o", "name"], "the mirror pod appears", |o| o.contains("pod/static-box"));
+    server.kubectl(&["wait", "--for=condition=Ready", "pod/static-box", "--timeout=60s"], None);
+    let mirror = pod_json(&server, "static-box");
+    assert_eq!(mirror["metadata"]["annotations"]["kubernetes.io/config.source"], "file");
+    assert_eq!(mirror["metadata"]["ownerReferences"][0]["kind"], "Node");
+    std::fs::remove_file(manifests.join("static.yaml")).unwrap();
+    wait(&server, &["get", "pods", "-o", "name"], "the static pod goes", |o| !o.contains("static-box"));
     // kubectl logs, through the API server and the kubelet's API.
     let logged = server.kubectl(&["logs", "web", "-c", "writer"], None);
     assert_eq!(logged, "writer saw: hello from web on web\n");
@@ -247,6 +261,21 @@ spec:
             );
         }
     }
+    // The official Python client's exec (websocket v4).
+    let python = std::env::var("TUGBOAT_PYTHON").unwrap_or_else(|_| "python3".into());
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/python/exec.py");
+    let out = Command::new(&python)
+        .arg(&script)
+        .args(["web", "writer", "sh", "-c", "cat /www/index.html; exit 5"])
+        .env("KUBECONFIG", server.kubeconfig())
+        .output()
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "hello from web on web\nexit=5\n",
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     // kubectl cp, both ways (tar through exec).
     let local = server.scratch("cp");
     std::fs::write(local.join("up.txt"), "uploaded\n").unwrap();
