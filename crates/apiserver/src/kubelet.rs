@@ -174,6 +174,22 @@ pub async fn locate(state: &ApiState, namespace: &str, name: &str) -> Result<(Va
     Ok((pod, address))
 }
 
+fn unreachable(pod: &str, error: &str) -> ApiError {
+    ApiError::new(503, "ServiceUnavailable", format!("the kubelet of pod {pod} is unreachable: {error}"))
+}
+
+/// A kubelet's refusal (its plain-text message) as the API's error: NotFound stays NotFound,
+/// anything else is the client's BadRequest, as upstream's proxy reports kubelet errors.
+async fn refusal(response: Response<hyper::body::Incoming>) -> ApiError {
+    let status = response.status();
+    let body = response.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+    let message = String::from_utf8_lossy(&body[..body.len().min(64 * 1024)]).trim().to_string();
+    match status {
+        StatusCode::NOT_FOUND => ApiError::new(404, "NotFound", message),
+        _ => ApiError::bad_request(message),
+    }
+}
+
 /// `GET pods/<name>/log`: the kubelet's `containerLogs`, streamed through.
 pub async fn pod_log(
     state: &ApiState,
@@ -195,17 +211,9 @@ pub async fn pod_log(
     let path = format!("/containerLogs/{}/{}/{}?{forwarded}", encode(namespace), encode(name), encode(&container));
     let request =
         hyper::Request::get(path).header(header::HOST, &address).body(Body::empty()).expect("a valid request");
-    let response = state.kubelets.send(&address, request).await.map_err(|e| {
-        ApiError::new(503, "ServiceUnavailable", format!("the kubelet of pod {name} is unreachable: {e}"))
-    })?;
+    let response = state.kubelets.send(&address, request).await.map_err(|e| unreachable(name, &e))?;
     if response.status() != StatusCode::OK {
-        let status = response.status();
-        let body = response.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
-        let message = String::from_utf8_lossy(&body[..body.len().min(64 * 1024)]).trim().to_string();
-        return Err(match status {
-            StatusCode::NOT_FOUND => ApiError::new(404, "NotFound", message),
-            _ => ApiError::bad_request(message),
-        });
+        return Err(refusal(response).await);
     }
     Ok(Response::builder()
         .status(StatusCode::OK)
@@ -259,17 +267,9 @@ pub async fn proxy_stream(
         }
     }
     let forward = forward.body(Body::empty()).map_err(|e| ApiError::bad_request(e.to_string()))?;
-    let mut response = state.kubelets.send(&address, forward).await.map_err(|e| {
-        ApiError::new(503, "ServiceUnavailable", format!("the kubelet of pod {name} is unreachable: {e}"))
-    })?;
+    let mut response = state.kubelets.send(&address, forward).await.map_err(|e| unreachable(name, &e))?;
     if response.status() != StatusCode::SWITCHING_PROTOCOLS {
-        let status = response.status();
-        let body = response.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
-        let message = String::from_utf8_lossy(&body[..body.len().min(64 * 1024)]).trim().to_string();
-        return Err(match status {
-            StatusCode::NOT_FOUND => ApiError::new(404, "NotFound", message),
-            _ => ApiError::bad_request(message),
-        });
+        return Err(refusal(response).await);
     }
     let mut answer = Response::builder().status(StatusCode::SWITCHING_PROTOCOLS);
     for name in UPGRADE_HEADERS {

@@ -12,7 +12,7 @@ use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
 use std::collections::HashMap;
 
 use axum::extract::{Path as UrlPath, RawQuery, State};
-use axum::http::{Response, StatusCode, header};
+use axum::http::{Response, StatusCode};
 use bytes::Bytes;
 use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -137,12 +137,7 @@ pub async fn exec_spdy(
     RawQuery(query): RawQuery,
     mut request: axum::extract::Request,
 ) -> Response<Body> {
-    let spdy = request
-        .headers()
-        .get(header::UPGRADE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.eq_ignore_ascii_case("SPDY/3.1"));
-    if !spdy {
+    if !crate::spdy::wants_upgrade(request.headers()) {
         return text(StatusCode::BAD_REQUEST, "Upgrade request required");
     }
     let offered: Vec<String> = request
@@ -176,13 +171,7 @@ pub async fn exec_spdy(
             Err(error) => tracing::debug!(%error, "SPDY upgrade"),
         }
     });
-    Response::builder()
-        .status(StatusCode::SWITCHING_PROTOCOLS)
-        .header(header::CONNECTION, "Upgrade")
-        .header(header::UPGRADE, "SPDY/3.1")
-        .header("X-Stream-Protocol-Version", protocol)
-        .body(Body::empty())
-        .expect("a valid response")
+    crate::spdy::switching(protocol)
 }
 
 /// One SPDY exec session: wait for the client's streams, run the command, copy, report.

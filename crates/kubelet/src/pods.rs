@@ -785,26 +785,19 @@ pub fn expand(text: &str, env: &[(String, String)]) -> String {
 }
 
 fn field_ref(pod: &Pod, path: &str, node: &NodeAgent, pod_ip: Option<IpAddr>) -> anyhow::Result<String> {
-    let meta = &pod.metadata;
+    // Whole label and annotation maps are for volumes only, as upstream.
+    if !matches!(path, "metadata.labels" | "metadata.annotations")
+        && let Some(value) = crate::volumes::metadata_field(pod, path)
+    {
+        return Ok(value);
+    }
     let spec = pod.spec.clone().unwrap_or_default();
     Ok(match path {
-        "metadata.name" => meta.name.clone().unwrap_or_default(),
-        "metadata.namespace" => meta.namespace.clone().unwrap_or_default(),
-        "metadata.uid" => uid(pod),
         "spec.nodeName" => node.name.clone(),
         "spec.serviceAccountName" => spec.service_account_name.unwrap_or_default(),
-        "status.podIP" => pod_ip.map(|i| i.to_string()).unwrap_or_default(),
-        "status.podIPs" => pod_ip.map(|i| i.to_string()).unwrap_or_default(),
+        "status.podIP" | "status.podIPs" => pod_ip.map(|i| i.to_string()).unwrap_or_default(),
         "status.hostIP" | "status.hostIPs" => node.ip.map(|i| i.to_string()).unwrap_or_default(),
-        other => {
-            if let Some(key) = other.strip_prefix("metadata.labels['").and_then(|k| k.strip_suffix("']")) {
-                meta.labels.as_ref().and_then(|l| l.get(key)).cloned().unwrap_or_default()
-            } else if let Some(key) = other.strip_prefix("metadata.annotations['").and_then(|k| k.strip_suffix("']")) {
-                meta.annotations.as_ref().and_then(|l| l.get(key)).cloned().unwrap_or_default()
-            } else {
-                anyhow::bail!("unsupported fieldRef {other:?}")
-            }
-        }
+        other => anyhow::bail!("unsupported fieldRef {other:?}"),
     })
 }
 

@@ -10,7 +10,7 @@ use std::net::IpAddr;
 
 use axum::body::Body;
 use axum::extract::{Path as UrlPath, State};
-use axum::http::{Response, StatusCode, header};
+use axum::http::{Response, StatusCode};
 use bytes::Bytes;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -27,12 +27,7 @@ pub async fn port_forward(
     UrlPath((namespace, pod_name)): UrlPath<(String, String)>,
     mut request: axum::extract::Request,
 ) -> Response<Body> {
-    let spdy = request
-        .headers()
-        .get(header::UPGRADE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.eq_ignore_ascii_case("SPDY/3.1"));
-    if !spdy {
+    if !crate::spdy::wants_upgrade(request.headers()) {
         return text(StatusCode::BAD_REQUEST, "port-forward needs an SPDY/3.1 upgrade");
     }
     let pods: kube::Api<k8s_openapi::api::core::v1::Pod> = kube::Api::namespaced(node.client.clone(), &namespace);
@@ -56,13 +51,7 @@ pub async fn port_forward(
             Err(error) => tracing::debug!(%error, "port-forward upgrade"),
         }
     });
-    Response::builder()
-        .status(StatusCode::SWITCHING_PROTOCOLS)
-        .header(header::CONNECTION, "Upgrade")
-        .header(header::UPGRADE, "SPDY/3.1")
-        .header("X-Stream-Protocol-Version", "portforward.k8s.io")
-        .body(Body::empty())
-        .expect("a valid response")
+    crate::spdy::switching("portforward.k8s.io")
 }
 
 /// What connection tasks ask of the one writer.

@@ -9,6 +9,8 @@
 use std::collections::HashMap;
 use std::sync::LazyLock;
 
+use axum::body::Body;
+use axum::http::{HeaderMap, Response, StatusCode, header};
 use bytes::Bytes;
 use flate2::{Compress, Compression, Decompress, FlushCompress, FlushDecompress, Status};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -104,6 +106,22 @@ text/javascript,publicprivatemax-age=gzip,deflate,sdchcharset=utf-8charset=iso-8
     dictionary.extend_from_slice(TEXT.as_bytes());
     dictionary
 });
+
+/// Whether a request asks to switch to SPDY/3.1.
+pub fn wants_upgrade(headers: &HeaderMap) -> bool {
+    headers.get(header::UPGRADE).and_then(|v| v.to_str().ok()).is_some_and(|v| v.eq_ignore_ascii_case("SPDY/3.1"))
+}
+
+/// The 101 answer that switches to SPDY/3.1 with `protocol` as the stream protocol.
+pub fn switching(protocol: &str) -> Response<Body> {
+    Response::builder()
+        .status(StatusCode::SWITCHING_PROTOCOLS)
+        .header(header::CONNECTION, "Upgrade")
+        .header(header::UPGRADE, "SPDY/3.1")
+        .header("X-Stream-Protocol-Version", protocol)
+        .body(Body::empty())
+        .expect("a valid response")
+}
 
 /// A frame as read.
 #[derive(Debug, PartialEq)]

@@ -55,30 +55,39 @@ pub fn from_data(
     Ok(files)
 }
 
-fn field(pod: &Pod, path: &str) -> anyhow::Result<String> {
+/// A `metadata.*` field of the pod as the downward API renders it (env and volumes alike);
+/// `metadata.labels` / `metadata.annotations` whole (`key="value"` lines) only in volumes.
+pub fn metadata_field(pod: &Pod, path: &str) -> Option<String> {
     let meta = &pod.metadata;
     let map = |m: &Option<BTreeMap<String, String>>| {
-        m.iter()
+        let lines: Vec<String> = m
+            .iter()
             .flatten()
-            .map(|(k, v)| format!("{k}=\"{}\"\n", v.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")))
-            .collect::<String>()
+            .map(|(k, v)| format!("{k}=\"{}\"", v.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")))
+            .collect();
+        lines.join("\n")
     };
-    Ok(match path {
+    let keyed = |prefix: &str| path.strip_prefix(prefix).and_then(|k| k.strip_suffix("']")).map(str::to_string);
+    Some(match path {
         "metadata.name" => meta.name.clone().unwrap_or_default(),
         "metadata.namespace" => meta.namespace.clone().unwrap_or_default(),
         "metadata.uid" => meta.uid.clone().unwrap_or_default(),
-        "metadata.labels" => map(&meta.labels).trim_end().to_string(),
-        "metadata.annotations" => map(&meta.annotations).trim_end().to_string(),
-        other => {
-            if let Some(key) = other.strip_prefix("metadata.labels['").and_then(|k| k.strip_suffix("']")) {
-                meta.labels.as_ref().and_then(|l| l.get(key)).cloned().unwrap_or_default()
-            } else if let Some(key) = other.strip_prefix("metadata.annotations['").and_then(|k| k.strip_suffix("']")) {
-                meta.annotations.as_ref().and_then(|l| l.get(key)).cloned().unwrap_or_default()
+        "metadata.labels" => map(&meta.labels),
+        "metadata.annotations" => map(&meta.annotations),
+        _ => {
+            if let Some(key) = keyed("metadata.labels['") {
+                meta.labels.as_ref().and_then(|l| l.get(&key)).cloned().unwrap_or_default()
+            } else if let Some(key) = keyed("metadata.annotations['") {
+                meta.annotations.as_ref().and_then(|l| l.get(&key)).cloned().unwrap_or_default()
             } else {
-                anyhow::bail!("unsupported downward API field {other:?}")
+                return None;
             }
         }
     })
+}
+
+fn field(pod: &Pod, path: &str) -> anyhow::Result<String> {
+    metadata_field(pod, path).ok_or_else(|| anyhow::anyhow!("unsupported downward API field {path:?}"))
 }
 
 /// The files of downward API items.
