@@ -116,6 +116,42 @@ impl Target {
     }
 }
 
+/// A watch of a collection, opened at its current revision.
+#[derive(Debug)]
+pub struct Watch {
+    body: hyper::body::Incoming,
+}
+
+/// Lists `collection` for its revision and watches it from there, so the watch sees every
+/// change made after this returns (benchmarks count through watches, as upstream's
+/// scheduler_perf counts through informers, not by listing).
+pub async fn watch(target: &Target, collection: &str) -> anyhow::Result<Watch> {
+    let list: Value = serde_json::from_slice(&target.expect(Method::GET, collection, None, &[200]).await?)?;
+    let revision = list["metadata"]["resourceVersion"].as_str().unwrap_or("0").to_string();
+    let request = Request::builder()
+        .uri(format!("{}{collection}?watch=true&resourceVersion={revision}", target.server))
+        .body(Full::new(Bytes::new()))?;
+    Ok(Watch { body: target.client.request(request).await?.into_body() })
+}
+
+impl Watch {
+    /// Hands each event to `done` until it says so.
+    pub async fn until(mut self, mut done: impl FnMut(&Value) -> bool) -> anyhow::Result<()> {
+        let mut buffer = Vec::<u8>::new();
+        loop {
+            let Some(frame) = self.body.frame().await else { bail!("the watch ended early") };
+            let Ok(data) = frame?.into_data() else { continue };
+            buffer.extend_from_slice(&data);
+            while let Some(end) = buffer.iter().position(|b| *b == b'\n') {
+                let line: Vec<u8> = buffer.drain(..=end).collect();
+                if done(&serde_json::from_slice(&line)?) {
+                    return Ok(());
+                }
+            }
+        }
+    }
+}
+
 /// The resident set of a process, in KiB.
 pub fn rss_kib(pid: Option<u32>) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{}/status", pid?)).ok()?;

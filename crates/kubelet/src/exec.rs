@@ -221,21 +221,7 @@ where
     let id_of = |kind: &str| streams.get(kind).copied();
     let (stdin_id, stdout_id, stderr_id, error_id, resize_id) =
         (id_of("stdin"), id_of("stdout"), id_of("stderr"), id_of("error"), id_of("resize"));
-    let (mut child, mut io, mut out, mut err) = spawn(command, &options)?;
-    let (tx, mut rx) = tokio::sync::mpsc::channel::<(u8, Bytes)>(16);
-    for (reader, channel) in [(out.take(), STDOUT), (err.take(), STDERR)] {
-        let Some(mut reader) = reader else { continue };
-        let tx = tx.clone();
-        tokio::spawn(async move {
-            let mut buf = vec![0u8; 32 * 1024];
-            while let Ok(n) = reader.read(&mut buf).await {
-                if n == 0 || tx.send((channel, Bytes::copy_from_slice(&buf[..n]))).await.is_err() {
-                    break;
-                }
-            }
-        });
-    }
-    drop(tx);
+    let (mut child, mut io, mut rx) = spawn(command, &options)?;
     let mut resize_buffer = Vec::new();
     let handle = async |io: &mut Io, id: u32, data: Bytes, fin: bool, resize_buffer: &mut Vec<u8>| {
         if Some(id) == stdin_id {
@@ -314,33 +300,7 @@ async fn session(
     options: ExecOptions,
     v5: bool,
 ) -> anyhow::Result<()> {
-    let (mut child, mut io, mut out, mut err) = spawn(command, &options)?;
-    let (tx, mut rx) = tokio::sync::mpsc::channel::<(u8, Bytes)>(16);
-    let pump = |mut reader: Box<dyn tokio::io::AsyncRead + Unpin + Send>,
-                channel: u8,
-                tx: tokio::sync::mpsc::Sender<(u8, Bytes)>| {
-        tokio::spawn(async move {
-            let mut buf = vec![0u8; 32 * 1024];
-            loop {
-                match reader.read(&mut buf).await {
-                    Ok(0) | Err(_) => break,
-                    Ok(n) => {
-                        if tx.send((channel, Bytes::copy_from_slice(&buf[..n]))).await.is_err() {
-                            break;
-                        }
-                    }
-                }
-            }
-        })
-    };
-    let mut pumps = Vec::new();
-    if let Some(reader) = out.take() {
-        pumps.push(pump(reader, STDOUT, tx.clone()));
-    }
-    if let Some(reader) = err.take() {
-        pumps.push(pump(reader, STDERR, tx.clone()));
-    }
-    drop(tx);
+    let (mut child, mut io, mut rx) = spawn(command, &options)?;
     let mut stdin_open = options.stdin;
     let code = loop {
         tokio::select! {
@@ -393,7 +353,33 @@ async fn session(
 
 type Reader = Option<Box<dyn tokio::io::AsyncRead + Unpin + Send>>;
 
+/// The command's output: (channel, bytes) from stdout and stderr.
+type Output = tokio::sync::mpsc::Receiver<(u8, Bytes)>;
+
+/// Starts the command; its stdout and stderr arrive on the returned channel as
+/// (channel, bytes), which closes once both have ended.
 fn spawn(
+    command: tokio::process::Command,
+    options: &ExecOptions,
+) -> anyhow::Result<(tokio::process::Child, Io, Output)> {
+    let (child, io, out, err) = start(command, options)?;
+    let (tx, rx) = tokio::sync::mpsc::channel::<(u8, Bytes)>(16);
+    for (reader, channel) in [(out, STDOUT), (err, STDERR)] {
+        let Some(mut reader) = reader else { continue };
+        let tx = tx.clone();
+        tokio::spawn(async move {
+            let mut buf = vec![0u8; 32 * 1024];
+            while let Ok(n) = reader.read(&mut buf).await {
+                if n == 0 || tx.send((channel, Bytes::copy_from_slice(&buf[..n]))).await.is_err() {
+                    break;
+                }
+            }
+        });
+    }
+    Ok((child, io, rx))
+}
+
+fn start(
     mut command: tokio::process::Command,
     options: &ExecOptions,
 ) -> anyhow::Result<(tokio::process::Child, Io, Reader, Reader)> {

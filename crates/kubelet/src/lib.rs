@@ -220,6 +220,7 @@ pub async fn run(client: kube::Client, config: KubeletConfig) -> anyhow::Result<
         log_dir: config.log_dir.clone(),
         ipam: sandbox::Ipam::new(config.data_dir.join("ipam"))?,
         network: std::sync::Mutex::new(None),
+        bridge: std::sync::Mutex::new(None),
     });
     let manifests = config.manifest_dir.clone().unwrap_or_else(|| config.data_dir.join("manifests"));
     tokio::spawn(static_pods::run(agent.clone(), manifests));

@@ -5,7 +5,7 @@
 //! with SIGTERM → grace period → SIGKILL, and reports the pod's status as upstream does.
 
 use std::collections::{BTreeMap, HashMap};
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::IpAddr;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -54,6 +54,8 @@ pub struct NodeAgent {
     pub log_dir: PathBuf,
     pub ipam: Ipam,
     pub network: Mutex<Option<PodNetwork>>,
+    /// The network the node bridge was last made for.
+    pub bridge: Mutex<Option<PodNetwork>>,
 }
 
 impl std::fmt::Debug for NodeAgent {
@@ -353,24 +355,30 @@ async fn sync(node: &Shared, uid: &str, pod: Option<&Pod>, state: &mut Worker) -
             let network = *node.network.lock().unwrap();
             let net = match (host_network, network) {
                 (true, _) => None,
-                (false, Some(n)) => {
-                    sandbox::ensure_bridge(&n)?;
-                    Some((n, node.ipam.allocate(&n, uid)?))
-                }
+                (false, Some(n)) => Some((n, node.ipam.allocate(&n, uid)?)),
                 (false, None) => {
                     state.waiting.insert(
                         String::new(),
                         Waiting { reason: "NetworkNotReady".into(), message: "the node has no podCIDR yet".into() },
                     );
-                    report(node, pod, &containers, state).await?;
+                    report(node, pod, &containers, None, state).await?;
                     return Ok(false);
                 }
             };
+            // The bridge is checked once per network, not per pod (it costs `ip` processes).
+            let bridge = net.map(|(n, _)| n).filter(|n| *node.bridge.lock().unwrap() != Some(*n));
             let (dir, uid, hostname) = (dir.clone(), uid.to_string(), hostname.clone());
-            tokio::task::spawn_blocking(move || {
+            let made = tokio::task::spawn_blocking(move || {
+                if let Some(n) = bridge {
+                    sandbox::ensure_bridge(&n)?;
+                }
                 sandbox::create(&dir, &uid, &hostname, host_network, net.as_ref().map(|(n, ip)| (n, *ip)))
             })
-            .await??
+            .await??;
+            if bridge.is_some() {
+                *node.bridge.lock().unwrap() = bridge;
+            }
+            made
         }
     };
     state.waiting.remove("");
@@ -424,7 +432,7 @@ async fn sync(node: &Shared, uid: &str, pod: Option<&Pod>, state: &mut Worker) -
     }
     let containers = containers_of(node, uid).await?;
     run_probes(node, pod, &spec.containers, &containers, pod_ip, state).await;
-    report(node, pod, &containers, state).await?;
+    report(node, pod, &containers, pod_ip, state).await?;
     Ok(false)
 }
 
@@ -1173,7 +1181,13 @@ pub fn phase(policy: &str, init_done: bool, statuses: &[&Value]) -> &'static str
 }
 
 /// Reports the pod's status when it changed.
-async fn report(node: &NodeAgent, pod: &Pod, containers: &[Container], state: &mut Worker) -> anyhow::Result<()> {
+async fn report(
+    node: &NodeAgent,
+    pod: &Pod,
+    containers: &[Container],
+    pod_ip: Option<IpAddr>,
+    state: &mut Worker,
+) -> anyhow::Result<()> {
     let spec = pod.spec.clone().unwrap_or_default();
     let attempts = by_name(containers);
     let policy = restart_policy(pod);
@@ -1219,7 +1233,6 @@ async fn report(node: &NodeAgent, pod: &Pod, containers: &[Container], state: &m
         condition("ContainersReady", ready, Some(not_ready_reason)),
         condition("PodScheduled", true, None),
     ];
-    let pod_ip = pod_ip(node, pod, &uid(pod));
     let mut status = json!({
         "phase": phase,
         "conditions": conditions,
@@ -1250,14 +1263,6 @@ async fn report(node: &NodeAgent, pod: &Pod, containers: &[Container], state: &m
         Err(error) => return Err(error.into()),
     }
     Ok(())
-}
-
-/// The pod's address: the node's for hostNetwork pods, else its sandbox's.
-fn pod_ip(node: &NodeAgent, pod: &Pod, uid: &str) -> Option<IpAddr> {
-    if pod.spec.as_ref().and_then(|s| s.host_network).unwrap_or(false) {
-        return node.ip;
-    }
-    sandbox::Sandbox::load(&pod_dir(node, uid)).and_then(|s| s.ip).map(|ip: Ipv4Addr| IpAddr::V4(ip))
 }
 
 /// Upstream's QoS classes: Guaranteed (limits = requests for cpu and memory everywhere),

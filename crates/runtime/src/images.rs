@@ -165,16 +165,7 @@ impl ImageStore {
     }
 
     fn import_in(&self, archive: &Path, scratch: &Path) -> Result<Vec<String>, ImageError> {
-        let mut file = File::open(archive)?;
-        let mut magic = [0u8; 2];
-        let gzip = file.read(&mut magic)? == 2 && magic == [0x1f, 0x8b];
-        file.seek(SeekFrom::Start(0))?;
-        let reader: Box<dyn Read> = if gzip {
-            Box::new(flate2::read::GzDecoder::new(BufReader::new(file)))
-        } else {
-            Box::new(BufReader::new(file))
-        };
-        let mut tar = tar::Archive::new(reader);
+        let mut tar = tar::Archive::new(open_tar(archive)?);
         for entry in tar.entries().map_err(|e| bad(e.to_string()))? {
             let mut entry = entry.map_err(|e| bad(e.to_string()))?;
             let kind = entry.header().entry_type();
@@ -426,19 +417,19 @@ impl<R: Read> Read for Hashing<R> {
     }
 }
 
-/// Unpacks one layer (tar, maybe gzip'd) into `dir`, turning OCI whiteouts into overlayfs ones;
-/// returns the sha256 of the uncompressed tar (its diff id).
-fn unpack_layer(layer: &Path, dir: &Path) -> Result<String, ImageError> {
-    let mut file = File::open(layer)?;
+/// A tar stream from a file that holds one, gzip'd or not.
+fn open_tar(path: &Path) -> std::io::Result<Box<dyn Read>> {
+    let mut file = File::open(path)?;
     let mut magic = [0u8; 2];
     let gzip = file.read(&mut magic)? == 2 && magic == [0x1f, 0x8b];
     file.seek(SeekFrom::Start(0))?;
-    let raw: Box<dyn Read> = if gzip {
-        Box::new(flate2::read::GzDecoder::new(BufReader::new(file)))
-    } else {
-        Box::new(BufReader::new(file))
-    };
-    let mut hashing = Hashing { inner: raw, hasher: Sha256::new() };
+    Ok(if gzip { Box::new(flate2::read::GzDecoder::new(BufReader::new(file))) } else { Box::new(BufReader::new(file)) })
+}
+
+/// Unpacks one layer (tar, maybe gzip'd) into `dir`, turning OCI whiteouts into overlayfs ones;
+/// returns the sha256 of the uncompressed tar (its diff id).
+fn unpack_layer(layer: &Path, dir: &Path) -> Result<String, ImageError> {
+    let mut hashing = Hashing { inner: open_tar(layer)?, hasher: Sha256::new() };
     {
         let mut tar = tar::Archive::new(&mut hashing);
         tar.set_preserve_permissions(true);

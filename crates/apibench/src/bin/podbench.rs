@@ -74,34 +74,23 @@ async fn run(args: Args) -> anyhow::Result<Value> {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let collection = "/api/v1/namespaces/default/pods";
-    let list: Value = serde_json::from_slice(&target.expect(Method::GET, collection, None, &[200]).await?)?;
-    let revision = list["metadata"]["resourceVersion"].as_str().unwrap_or("0").to_string();
-    let request = hyper::Request::builder()
-        .uri(format!("{}{collection}?watch=true&resourceVersion={revision}", target.server))
-        .body(http_body_util::Full::new(hyper::body::Bytes::new()))?;
-    let mut body = target.client.request(request).await?.into_body();
+    let watch = tugboat_apibench::watch(&target, collection).await?;
     let created: Arc<Mutex<HashMap<String, Instant>>> = Arc::default();
     let wanted = args.pods;
     let watched = created.clone();
     let running = tokio::spawn(async move {
-        use http_body_util::BodyExt;
         let mut latencies = HashMap::new();
-        let mut buffer = Vec::<u8>::new();
-        while latencies.len() < wanted {
-            let Some(frame) = body.frame().await else { bail!("the watch ended early") };
-            let Ok(data) = frame?.into_data() else { continue };
-            buffer.extend_from_slice(&data);
-            while let Some(end) = buffer.iter().position(|b| *b == b'\n') {
-                let line: Vec<u8> = buffer.drain(..=end).collect();
-                let event: Value = serde_json::from_slice(&line)?;
+        watch
+            .until(|event| {
                 if event["object"]["status"]["phase"] == "Running" {
                     let name = event["object"]["metadata"]["name"].as_str().unwrap_or_default().to_string();
                     if let Some(at) = watched.lock().unwrap().get(&name) {
                         latencies.entry(name).or_insert_with(|| at.elapsed());
                     }
                 }
-            }
-        }
+                latencies.len() >= wanted
+            })
+            .await?;
         anyhow::Ok((latencies, Instant::now()))
     });
     let started = Instant::now();

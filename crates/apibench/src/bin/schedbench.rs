@@ -9,7 +9,6 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::bail;
 use clap::Parser;
 use hyper::Method;
 use serde_json::{Value, json};
@@ -102,29 +101,18 @@ async fn run(args: Args) -> anyhow::Result<Value> {
     let collection = format!("/api/v1/namespaces/{namespace}/pods");
     // Bindings are counted from a watch of the namespace's pods (as upstream's scheduler_perf
     // counts through informers), not by listing: the benchmark must not load the server.
-    let list: Value = serde_json::from_slice(&target.expect(Method::GET, &collection, None, &[200]).await?)?;
-    let revision = list["metadata"]["resourceVersion"].as_str().unwrap_or("0").to_string();
-    let request = hyper::Request::builder()
-        .uri(format!("{}{collection}?watch=true&resourceVersion={revision}", target.server))
-        .body(http_body_util::Full::new(hyper::body::Bytes::new()))?;
-    let mut body = target.client.request(request).await?.into_body();
+    let watch = tugboat_apibench::watch(&target, &collection).await?;
     let wanted = args.pods;
     let bound = tokio::spawn(async move {
-        use http_body_util::BodyExt;
         let mut names = std::collections::HashSet::new();
-        let mut buffer = Vec::<u8>::new();
-        while names.len() < wanted {
-            let Some(frame) = body.frame().await else { bail!("the watch ended early") };
-            let Ok(data) = frame?.into_data() else { continue };
-            buffer.extend_from_slice(&data);
-            while let Some(end) = buffer.iter().position(|b| *b == b'\n') {
-                let line: Vec<u8> = buffer.drain(..=end).collect();
-                let event: Value = serde_json::from_slice(&line)?;
+        watch
+            .until(|event| {
                 if event["object"]["spec"]["nodeName"].as_str().is_some_and(|n| !n.is_empty()) {
                     names.insert(event["object"]["metadata"]["name"].as_str().unwrap_or_default().to_string());
                 }
-            }
-        }
+                names.len() >= wanted
+            })
+            .await?;
         anyhow::Ok(Instant::now())
     });
     let pods_started = Instant::now();
