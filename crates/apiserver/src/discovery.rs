@@ -4,7 +4,20 @@
 
 use serde_json::{Value, json};
 
-use crate::registry::{RESOURCES, groups};
+use crate::registry::RESOURCES;
+use crate::resource_metrics;
+
+/// The served group versions: the stored resources' groups, then `metrics.k8s.io`.
+fn groups() -> Vec<(&'static str, &'static str)> {
+    let mut groups = crate::registry::groups();
+    groups.push((resource_metrics::GROUP, resource_metrics::VERSION));
+    groups
+}
+
+/// The metrics resources, as discovery lists them (read-only, never stored).
+fn metrics_resources() -> impl Iterator<Item = (&'static str, &'static str, bool)> {
+    resource_metrics::RESOURCES.iter().copied()
+}
 
 pub fn api_versions(server_address: &str) -> Value {
     json!({
@@ -69,6 +82,12 @@ pub fn api_resource_list(group: &str, version: &str) -> Option<Value> {
             entries
         })
         .collect();
+    let mut resources = resources;
+    if group == resource_metrics::GROUP && version == resource_metrics::VERSION {
+        resources.extend(metrics_resources().map(|(plural, kind, namespaced)| {
+            json!({"name": plural, "singularName": "", "namespaced": namespaced, "kind": kind, "verbs": ["get", "list"]})
+        }));
+    }
     if resources.is_empty() {
         return None;
     }
@@ -132,7 +151,7 @@ pub fn aggregated(core: bool, version: &str) -> Value {
     let items: Vec<Value> = groups
         .into_iter()
         .map(|(group, group_version)| {
-            let resources: Vec<Value> = RESOURCES
+            let mut resources: Vec<Value> = RESOURCES
                 .iter()
                 .filter(|r| r.group == group && r.version == group_version)
                 .map(|r| {
@@ -165,6 +184,15 @@ pub fn aggregated(core: bool, version: &str) -> Value {
                     entry
                 })
                 .collect();
+            if group == resource_metrics::GROUP {
+                resources.extend(metrics_resources().map(|(plural, kind, namespaced)| json!({
+                    "resource": plural,
+                    "responseKind": response_kind(group, group_version, kind),
+                    "scope": if namespaced { "Namespaced" } else { "Cluster" },
+                    "singularResource": "",
+                    "verbs": ["get", "list"],
+                })));
+            }
             json!({
                 "metadata": {"name": group, "creationTimestamp": null},
                 "versions": [{"version": group_version, "resources": resources, "freshness": "Current"}],
@@ -217,5 +245,21 @@ mod tests {
                 .unwrap()
                 .clone();
         assert_eq!(deployments["subresources"][1]["responseKind"]["kind"], "Scale");
+    }
+
+    #[test]
+    fn the_metrics_group_is_discovered_in_both_formats() {
+        let groups = api_group_list();
+        assert!(groups["groups"].as_array().unwrap().iter().any(
+            |g| g["name"] == "metrics.k8s.io" && g["preferredVersion"]["groupVersion"] == "metrics.k8s.io/v1beta1"
+        ));
+        let list = api_resource_list("metrics.k8s.io", "v1beta1").unwrap();
+        let names: Vec<&str> =
+            list["resources"].as_array().unwrap().iter().map(|r| r["name"].as_str().unwrap()).collect();
+        assert_eq!(names, ["nodes", "pods"]);
+        let aggregated = aggregated(false, "v2");
+        let metrics =
+            aggregated["items"].as_array().unwrap().iter().find(|g| g["metadata"]["name"] == "metrics.k8s.io").unwrap();
+        assert_eq!(metrics["versions"][0]["resources"][1]["responseKind"]["kind"], "PodMetrics");
     }
 }

@@ -43,7 +43,7 @@ pub struct ApiState {
     pub kubelets: crate::kubelet::KubeletClient,
 }
 
-type Query = HashMap<String, String>;
+pub(crate) type Query = HashMap<String, String>;
 
 pub(crate) fn json_response(code: StatusCode, value: &Value) -> Response<Body> {
     let mut response = Response::new(Body::from(value.to_string()));
@@ -262,6 +262,9 @@ async fn route(
             return discovery::api_group(group)
                 .map(|g| json_response(StatusCode::OK, &g))
                 .ok_or_else(|| ApiError::not_found_path(path));
+        }
+        ["apis", crate::resource_metrics::GROUP, crate::resource_metrics::VERSION, rest @ ..] if !rest.is_empty() => {
+            return crate::resource_metrics::serve(state, method, rest, query).await;
         }
         ["apis", group, version] => {
             return discovery::api_resource_list(group, version)

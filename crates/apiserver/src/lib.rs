@@ -24,6 +24,7 @@ mod pod_subresources;
 mod priority;
 mod protobuf;
 mod registry;
+mod resource_metrics;
 mod schema;
 mod selector;
 mod services;

@@ -17,6 +17,7 @@ pub mod sandbox;
 pub mod server;
 pub mod spdy;
 pub mod static_pods;
+pub mod stats;
 pub mod volumes;
 
 use std::net::IpAddr;
@@ -221,7 +222,9 @@ pub async fn run(client: kube::Client, config: KubeletConfig) -> anyhow::Result<
         ipam: sandbox::Ipam::new(config.data_dir.join("ipam"))?,
         network: std::sync::Mutex::new(None),
         bridge: std::sync::Mutex::new(None),
+        stats: Default::default(),
     });
+    tokio::spawn(stats::sample(agent.clone()));
     let manifests = config.manifest_dir.clone().unwrap_or_else(|| config.data_dir.join("manifests"));
     tokio::spawn(static_pods::run(agent.clone(), manifests));
     let pods = tokio::spawn(pods::run(agent.clone()));

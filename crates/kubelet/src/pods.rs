@@ -56,6 +56,8 @@ pub struct NodeAgent {
     pub network: Mutex<Option<PodNetwork>>,
     /// The network the node bridge was last made for.
     pub bridge: Mutex<Option<PodNetwork>>,
+    /// Recent CPU readings, for usage rates.
+    pub stats: crate::stats::Sampler,
 }
 
 impl std::fmt::Debug for NodeAgent {
@@ -276,6 +278,36 @@ async fn stop_all(node: &NodeAgent, containers: &[Container], grace: Duration) {
     }
 }
 
+/// The hook command of a handler, ready to run in the container (no stdin).
+fn hook_exec(
+    node: &NodeAgent,
+    id: &str,
+    handler: &k8s_openapi::api::core::v1::LifecycleHandler,
+) -> Option<tokio::process::Command> {
+    let command = handler.exec.as_ref()?.command.as_deref().unwrap_or_default();
+    let mut command = node.runtime.exec_command(id, command).ok()?;
+    command.stdin(std::process::Stdio::null());
+    Some(command)
+}
+
+/// Runs the preStop hooks of the pod's running containers, all at once, within `grace`.
+async fn pre_stop(node: &NodeAgent, pod: &Pod, containers: &[Container], grace: Duration) {
+    let specs = pod.spec.as_ref().map(|s| s.containers.as_slice()).unwrap_or_default();
+    let pod_ip = pod.status.as_ref().and_then(|s| s.pod_ip.as_deref()).and_then(|ip| ip.parse().ok());
+    let hooks = containers.iter().filter(|c| c.state == State::Running).filter_map(|c| {
+        let spec = specs.iter().find(|s| Some(s.name.as_str()) == c.label(LABEL_CONTAINER))?;
+        let handler = spec.lifecycle.as_ref()?.pre_stop.as_ref()?;
+        let exec = hook_exec(node, c.id(), handler);
+        Some(async move { (spec, probes::hook(handler, spec, probes::Target { ip: pod_ip, exec }, grace).await) })
+    });
+    for (spec, result) in futures::future::join_all(hooks).await {
+        if let Err(why) = result {
+            let message = format!("PreStopHook failed for container {}: {why}", spec.name);
+            event(node, pod, "Warning", "FailedPreStopHook", &message).await;
+        }
+    }
+}
+
 /// Removes everything of a pod from this node.
 async fn tear_down(node: &NodeAgent, uid: &str, containers: &[Container]) {
     for c in containers {
@@ -322,7 +354,11 @@ async fn sync(node: &Shared, uid: &str, pod: Option<&Pod>, state: &mut Worker) -
                 event(node, pod, "Normal", "Killing", &format!("Stopping container {container}")).await;
             }
         }
-        stop_all(node, &containers, Duration::from_secs(grace)).await;
+        let deadline = Instant::now() + Duration::from_secs(grace);
+        pre_stop(node, pod, &containers, Duration::from_secs(grace)).await;
+        // Upstream grants at least 2 s between SIGTERM and SIGKILL after a preStop hook.
+        let left = deadline.saturating_duration_since(Instant::now()).max(Duration::from_secs(grace.min(2)));
+        stop_all(node, &containers, left).await;
         let containers = containers_of(node, uid).await?;
         tear_down(node, uid, &containers).await;
         let options = DeleteParams {
@@ -547,6 +583,9 @@ fn write_if_changed(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<()>
     Ok(())
 }
 
+/// How long a postStart hook may hold up its container's start.
+const POST_START_LIMIT: Duration = Duration::from_secs(120);
+
 /// Starts the next attempt of a container unless it is backing off; remembers why not.
 #[allow(clippy::too_many_arguments)]
 async fn maybe_start(
@@ -608,10 +647,21 @@ async fn maybe_start(
         }
     };
     match node.runtime.create_and_start(config).await {
-        Ok(_) => {
+        Ok(started) => {
             state.waiting.remove(&c.name);
             event(node, pod, "Normal", "Created", &format!("Created container {}", c.name)).await;
             event(node, pod, "Normal", "Started", &format!("Started container {}", c.name)).await;
+            // postStart runs before the container counts as started; if it fails the
+            // container is killed, and restarted as its policy says.
+            if let Some(handler) = c.lifecycle.as_ref().and_then(|l| l.post_start.as_ref()) {
+                let exec = hook_exec(node, started.id(), handler);
+                let target = probes::Target { ip: pod_ip, exec };
+                if let Err(why) = probes::hook(handler, c, target, POST_START_LIMIT).await {
+                    let message = format!("PostStartHook failed for container {}: {why}", c.name);
+                    event(node, pod, "Warning", "FailedPostStartHook", &message).await;
+                    let _ = node.runtime.signal(started.id(), 9).await;
+                }
+            }
         }
         Err(error) => {
             let message = error.to_string();

@@ -6,7 +6,7 @@
 use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
-use k8s_openapi::api::core::v1::{Container as ContainerSpec, Probe};
+use k8s_openapi::api::core::v1::{Container as ContainerSpec, LifecycleHandler, Probe};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -104,6 +104,28 @@ fn port(port: &IntOrString, c: &ContainerSpec) -> Result<u16, String> {
             .and_then(|p| u16::try_from(p.container_port).ok())
             .ok_or_else(|| format!("port {name:?} is not a named port of container {}", c.name)),
     }
+}
+
+/// Runs a lifecycle hook (postStart, preStop: exec, httpGet, tcpSocket or sleep) for at most
+/// `limit`: Ok(()) on success, Err(why) on failure.
+pub async fn hook(
+    handler: &LifecycleHandler,
+    c: &ContainerSpec,
+    target: Target,
+    limit: Duration,
+) -> Result<(), String> {
+    if let Some(sleep) = &handler.sleep {
+        tokio::time::sleep(Duration::from_secs(sleep.seconds.max(0) as u64).min(limit)).await;
+        return Ok(());
+    }
+    let probe = Probe {
+        exec: handler.exec.clone(),
+        http_get: handler.http_get.clone(),
+        tcp_socket: handler.tcp_socket.clone(),
+        timeout_seconds: Some(limit.as_secs().clamp(1, i32::MAX as u64) as i32),
+        ..Probe::default()
+    };
+    run(&probe, c, target).await
 }
 
 /// Runs one probe: Ok(()) on success, Err(why) on failure.

@@ -107,6 +107,7 @@ pub fn router(node: Shared) -> Router {
         .route("/healthz", get(|| async { "ok" }))
         .route("/containerLogs/{namespace}/{pod}/{container}", get(container_logs))
         .route("/exec/{namespace}/{pod}/{container}", get(crate::exec::exec).post(crate::exec::exec_spdy))
+        .route("/stats/summary", get(stats_summary))
         .route("/portForward/{namespace}/{pod}", axum::routing::post(crate::portforward::port_forward))
         .with_state(node)
 }
@@ -116,6 +117,16 @@ fn text(status: StatusCode, message: impl Into<String>) -> Response<Body> {
         .status(status)
         .header(header::CONTENT_TYPE, "text/plain; charset=utf-8")
         .body(Body::from(message.into()))
+        .expect("a valid response")
+}
+
+/// `/stats/summary`: the node's and its pods' resource usage.
+async fn stats_summary(State(node): State<Shared>) -> Response<Body> {
+    let summary = crate::stats::summary(&node).await;
+    Response::builder()
+        .status(StatusCode::OK)
+        .header(header::CONTENT_TYPE, "application/json")
+        .body(Body::from(summary.to_string()))
         .expect("a valid response")
 }
 

@@ -530,6 +530,82 @@ spec:
 }
 
 #[test]
+fn lifecycle_hooks_run_and_kubectl_top_shows_usage() {
+    if !tugboat_testkit::isolated("lifecycle_hooks_run_and_kubectl_top_shows_usage") {
+        return;
+    }
+    let Node { server, .. } = node();
+    let shared = server.scratch("hooks");
+    let manifest = format!(
+        r#"
+apiVersion: v1
+kind: Pod
+metadata: {{name: busy, labels: {{app: busy}}}}
+spec:
+  terminationGracePeriodSeconds: 10
+  volumes: [{{name: shared, hostPath: {{path: {shared}}}}}]
+  containers:
+  - name: burn
+    image: busybox:1.35
+    command: [sh, -c, "while true; do :; done"]
+    volumeMounts: [{{name: shared, mountPath: /shared}}]
+    lifecycle:
+      postStart: {{exec: {{command: [sh, -c, "echo started > /shared/post-start"]}}}}
+      preStop: {{exec: {{command: [sh, -c, "echo stopping > /shared/pre-stop"]}}}}
+---
+apiVersion: v1
+kind: Pod
+metadata: {{name: hookfail}}
+spec:
+  terminationGracePeriodSeconds: 1
+  containers:
+  - name: c
+    image: busybox:1.35
+    command: [sleep, "3600"]
+    lifecycle:
+      postStart: {{exec: {{command: [sh, -c, "echo no >&2; exit 3"]}}}}
+"#,
+        shared = shared.display()
+    );
+    server.kubectl(&["apply", "-f", "-"], Some(&manifest));
+    wait(&server, &["get", "pod", "busy", "-o", "jsonpath={.status.phase}"], "busy runs", |o| o == "Running");
+    assert_eq!(std::fs::read_to_string(shared.join("post-start")).unwrap(), "started\n");
+    // A failing postStart hook kills the container, with an event saying why.
+    wait(
+        &server,
+        &["get", "events", "--field-selector", "involvedObject.name=hookfail,reason=FailedPostStartHook", "-o", "name"],
+        "FailedPostStartHook",
+        |o| !o.is_empty(),
+    );
+    wait(
+        &server,
+        &["get", "pod", "hookfail", "-o", "jsonpath={.status.containerStatuses[0].restartCount}"],
+        "hookfail restarts",
+        |o| o.parse::<u32>().is_ok_and(|n| n >= 1),
+    );
+
+    // kubectl top: the busy loop uses a good part of a core; the node shows up too.
+    let top = wait(&server, &["top", "pod", "busy", "--no-headers"], "top pod", |o| o.starts_with("busy"));
+    let millicores: u64 = top.split_whitespace().nth(1).unwrap().trim_end_matches('m').parse().unwrap();
+    assert!(millicores >= 100, "a busy loop uses CPU: {top}");
+    let containers = server.kubectl(&["top", "pod", "-l", "app=busy", "--containers", "--no-headers"], None);
+    assert!(containers.starts_with("busy") && containers.contains("burn"), "{containers}");
+    let nodes = wait(&server, &["top", "node", "--no-headers"], "top node", |o| o.starts_with("box"));
+    assert!(nodes.contains('%'), "{nodes}");
+    let raw = server.kubectl(&["get", "--raw", "/apis/metrics.k8s.io/v1beta1/namespaces/default/pods/busy"], None);
+    let metrics: Value = serde_json::from_str(&raw).unwrap();
+    assert_eq!(metrics["kind"], "PodMetrics");
+    assert!(metrics["containers"][0]["usage"]["memory"].as_str().unwrap().ends_with("Ki"), "{metrics}");
+    let (ok, _, err) = try_kubectl(&server, &["top", "pod", "nope"]);
+    assert!(!ok && err.contains("not found"), "{err}");
+
+    // preStop runs before the container is told to stop.
+    server.kubectl(&["delete", "pod", "busy", "--wait=true"], None);
+    assert_eq!(std::fs::read_to_string(shared.join("pre-stop")).unwrap(), "stopping\n");
+    server.kubectl(&["delete", "pod", "--all", "--wait=true"], None);
+}
+
+#[test]
 fn a_restarted_kubelet_adopts_running_containers() {
     if !tugboat_testkit::isolated("a_restarted_kubelet_adopts_running_containers") {
         return;
