@@ -32,15 +32,14 @@ impl Host {
     pub fn read(data_dir: &Path) -> anyhow::Result<Host> {
         let text = |path: &str| std::fs::read_to_string(path).unwrap_or_default().trim().to_string();
         let meminfo = std::fs::read_to_string("/proc/meminfo")?;
-        let stat = nix::sys::statvfs::statvfs(data_dir)?;
-        let fragment = stat.fragment_size() as u64;
+        let fs = filesystem(data_dir)?;
         Ok(Host {
             hostname: text("/proc/sys/kernel/hostname").to_lowercase(),
             cpus: std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
             memory: meminfo_bytes(&meminfo, "MemTotal").unwrap_or(0),
             memory_available: meminfo_bytes(&meminfo, "MemAvailable").unwrap_or(0),
-            disk: stat.blocks() as u64 * fragment,
-            disk_available: stat.blocks_available() as u64 * fragment,
+            disk: fs.capacity,
+            disk_available: fs.available,
             kernel: text("/proc/sys/kernel/osrelease"),
             os_image: os_image(&std::fs::read_to_string("/etc/os-release").unwrap_or_default()),
             machine_id: text("/etc/machine-id"),
@@ -65,6 +64,27 @@ impl Host {
     pub fn pid_pressure(&self) -> bool {
         self.pid_max > 0 && self.processes * 10 > self.pid_max * 9
     }
+}
+
+/// Size and space of a filesystem, bytes.
+#[derive(Debug, Clone, Copy)]
+pub struct Filesystem {
+    pub capacity: u64,
+    /// Free for unprivileged users.
+    pub available: u64,
+    pub free: u64,
+}
+
+/// The filesystem holding `path`.
+#[allow(clippy::unnecessary_cast)] // statvfs's field types differ between targets.
+pub fn filesystem(path: &Path) -> std::io::Result<Filesystem> {
+    let stat = nix::sys::statvfs::statvfs(path)?;
+    let fragment = stat.fragment_size() as u64;
+    Ok(Filesystem {
+        capacity: stat.blocks() as u64 * fragment,
+        available: stat.blocks_available() as u64 * fragment,
+        free: stat.blocks_free() as u64 * fragment,
+    })
 }
 
 /// A `/proc/meminfo` field (given in kB) in bytes.

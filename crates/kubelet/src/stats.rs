@@ -155,12 +155,9 @@ pub async fn summary(node: &Shared) -> Value {
         "cpu": cpu_json(&time, node_cpu_ns, sampler.observe("", node_cpu_ns, now)),
         "memory": memory_json(&time, node_memory(&std::fs::read_to_string("/proc/meminfo").unwrap_or_default())),
     });
-    if let Ok(stat) = nix::sys::statvfs::statvfs(&data_dir) {
-        let fragment = stat.fragment_size() as u64;
-        let (capacity, available) = (stat.blocks() as u64 * fragment, stat.blocks_available() as u64 * fragment);
-        let free = stat.blocks_free() as u64 * fragment;
-        let fs = json!({"time": time, "availableBytes": available, "capacityBytes": capacity,
-            "usedBytes": capacity.saturating_sub(free)});
+    if let Ok(f) = crate::host::filesystem(&data_dir) {
+        let fs = json!({"time": time, "availableBytes": f.available, "capacityBytes": f.capacity,
+            "usedBytes": f.capacity.saturating_sub(f.free)});
         node_json["fs"] = fs.clone();
         node_json["runtime"] = json!({"imageFs": fs});
     }
