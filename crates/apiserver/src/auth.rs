@@ -15,7 +15,7 @@ pub struct UserInfo {
 }
 
 impl UserInfo {
-    fn new(name: String, uid: String, mut groups: Vec<String>) -> Self {
+    pub(crate) fn new(name: String, uid: String, mut groups: Vec<String>) -> Self {
         if !groups.iter().any(|g| g == "system:authenticated") {
             groups.push("system:authenticated".into());
         }

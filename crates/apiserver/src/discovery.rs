@@ -63,6 +63,10 @@ pub fn api_resource_list(group: &str, version: &str) -> Option<Value> {
                     "namespaced": r.namespaced, "group": "autoscaling", "version": "v1", "kind": "Scale",
                     "verbs": ["get", "patch", "update"]}));
             }
+            if r.group.is_empty() && r.plural == "serviceaccounts" {
+                entries.push(json!({"name": "serviceaccounts/token", "singularName": "", "namespaced": true,
+                    "group": "authentication.k8s.io", "version": "v1", "kind": "TokenRequest", "verbs": ["create"]}));
+            }
             if r.group.is_empty() && r.plural == "pods" {
                 entries.push(json!({"name": "pods/binding", "singularName": "", "namespaced": true,
                     "kind": "Binding", "verbs": ["create"]}));
@@ -161,6 +165,9 @@ pub fn aggregated(core: bool, version: &str) -> Value {
                     }
                     if r.has_scale() {
                         subresources.push(json!({"subresource": "scale", "responseKind": response_kind("autoscaling", "v1", "Scale"), "verbs": ["get", "patch", "update"]}));
+                    }
+                    if r.group.is_empty() && r.plural == "serviceaccounts" {
+                        subresources.push(json!({"subresource": "token", "responseKind": response_kind("authentication.k8s.io", "v1", "TokenRequest"), "verbs": ["create"]}));
                     }
                     if r.group.is_empty() && r.plural == "pods" {
                         subresources.push(json!({"subresource": "binding", "responseKind": response_kind("", "v1", "Binding"), "verbs": ["create"]}));

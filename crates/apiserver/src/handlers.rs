@@ -41,6 +41,8 @@ pub struct ApiState {
     pub caches: crate::watch_cache::WatchCaches,
     /// How `pods/log` (and exec, attach, port-forward) reach kubelets.
     pub kubelets: crate::kubelet::KubeletClient,
+    /// Signs and verifies service account tokens.
+    pub signer: crate::service_accounts::TokenSigner,
 }
 
 pub(crate) type Query = HashMap<String, String>;
@@ -302,6 +304,17 @@ async fn route(
             "binding" => crate::pod_subresources::bind(state, namespace, name, &request, &write).await,
             _ => crate::pod_subresources::evict(state, namespace, name, &request, &write).await,
         };
+    }
+    if let (Some("token"), Some(name), "serviceaccounts", "") =
+        (target.subresource.as_deref(), target.name.as_deref(), target.resource.plural, target.resource.group)
+    {
+        if method != Method::POST {
+            return Err(ApiError::method_not_allowed(method.as_str()));
+        }
+        let request = decode_body(content_type, &read_body(body).await?)?;
+        let namespace = target.namespace.as_deref().unwrap_or("default");
+        let answer = crate::service_accounts::token_request(state, namespace, name, request).await?;
+        return Ok(json_response(StatusCode::CREATED, &answer));
     }
     if let (Some("log"), Some(name), "pods", "") =
         (target.subresource.as_deref(), target.name.as_deref(), target.resource.plural, target.resource.group)
@@ -888,6 +901,7 @@ async fn create_object(
     check_namespace(state, resource, namespace.as_deref(), true).await?;
     if resource.plural == "pods" {
         crate::priority::admit(state.store.as_ref(), &state.caches, &mut object).await?;
+        crate::service_accounts::admit(state, &mut object).await?;
     }
     if write.dry_run {
         return Ok(json_response(StatusCode::CREATED, &object));

@@ -27,6 +27,7 @@ mod registry;
 mod resource_metrics;
 mod schema;
 mod selector;
+mod service_accounts;
 mod services;
 mod smp;
 mod status;
@@ -275,6 +276,8 @@ pub async fn start(config: ApiServerConfig, store: Arc<dyn Store>) -> Result<Api
         service_cidr: config.service_cidr,
         metrics: metrics::Metrics::default(),
         kubelets,
+        signer: service_accounts::TokenSigner::load_or_create(&config.data_dir.join("pki").join("sa.key"))
+            .map_err(StartError::Tls)?,
     });
     handlers::ensure_system_objects(&state).await.map_err(|e| StartError::Setup(e.message))?;
     match advertise {
@@ -329,7 +332,10 @@ async fn accept_loop(
             let service = hyper::service::service_fn(move |request: hyper::Request<hyper::body::Incoming>| {
                 let (state, tokens, cert_user) = (state.clone(), tokens.clone(), cert_user.clone());
                 async move {
-                    let user = cert_user.or_else(|| bearer_user(&request, &tokens));
+                    let user = match cert_user {
+                        Some(user) => Some(user),
+                        None => bearer_user(&state, &request, &tokens).await,
+                    };
                     let request = request.map(Body::new);
                     let response = AssertUnwindSafe(handlers::handle(state, user, request)).catch_unwind().await;
                     Ok::<_, Infallible>(response.unwrap_or_else(|_| {
@@ -346,8 +352,18 @@ async fn accept_loop(
     }
 }
 
-fn bearer_user(request: &hyper::Request<hyper::body::Incoming>, tokens: &TokenFile) -> Option<UserInfo> {
+async fn bearer_user(
+    state: &handlers::ApiState,
+    request: &hyper::Request<hyper::body::Incoming>,
+    tokens: &TokenFile,
+) -> Option<UserInfo> {
     let value = request.headers().get(hyper::header::AUTHORIZATION)?.to_str().ok()?;
     let token = value.strip_prefix("Bearer ").or_else(|| value.strip_prefix("bearer "))?.trim();
-    tokens.user(token).cloned()
+    if let Some(user) = tokens.user(token) {
+        return Some(user.clone());
+    }
+    if service_accounts::looks_like_jwt(token) {
+        return service_accounts::authenticate(state, token).await;
+    }
+    None
 }

@@ -43,11 +43,20 @@ pub fn decode(body: &[u8]) -> Result<Value, ApiError> {
     if unknown.contentEncoding.as_deref().is_some_and(|e| !e.is_empty()) {
         return Err(unsupported(format!("content encoding {:?}", unknown.contentEncoding)));
     }
+    let raw = unknown.raw.as_deref().unwrap_or_default();
+    if (api_version.as_str(), kind.as_str()) == ("authentication.k8s.io/v1", "TokenRequest") {
+        // A subresource's kind, with no schema of its own here: its fields are plain.
+        let decoded = to_serde_json::<k8s_rs_pb::api::authentication::v1::TokenRequest>(raw)
+            .map_err(|e| ApiError::bad_request(format!("the {kind} in the protobuf body is malformed: {e}")))?;
+        let mut object = prune(decoded).unwrap_or_else(|| Value::Object(Map::new()));
+        object["apiVersion"] = Value::String(api_version);
+        object["kind"] = Value::String(kind);
+        return Ok(object);
+    }
     let resource = RESOURCES
         .iter()
         .find(|r| r.api_version() == api_version && r.kind == kind)
         .ok_or_else(|| unsupported(format!("no protobuf schema for {kind} in {api_version:?}")))?;
-    let raw = unknown.raw.as_deref().unwrap_or_default();
     // k8s-rs-pb's serde code unwraps (a timestamp out of range panics): contain it.
     let decoded = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| (resource.protobuf)(raw)))
         .unwrap_or_else(|_| Err("a value is out of range".into()));
@@ -57,6 +66,20 @@ pub fn decode(body: &[u8]) -> Result<Value, ApiError> {
     object["apiVersion"] = Value::String(api_version);
     object["kind"] = Value::String(kind);
     Ok(object)
+}
+
+/// Drops nulls and empty lists and maps, as upstream's JSON omits them.
+fn prune(value: Value) -> Option<Value> {
+    match value {
+        Value::Null => None,
+        Value::Array(items) if items.is_empty() => None,
+        Value::Array(items) => Some(Value::Array(items.into_iter().filter_map(prune).collect())),
+        Value::Object(map) => {
+            let map: Map<String, Value> = map.into_iter().filter_map(|(k, v)| Some((k, prune(v)?))).collect();
+            (!map.is_empty()).then_some(Value::Object(map))
+        }
+        other => Some(other),
+    }
 }
 
 /// k8s-rs-pb's serde form is not quite Kubernetes' JSON: unset fields are nulls, empty maps and

@@ -130,6 +130,8 @@ struct Worker {
     probes: HashMap<(String, Kind), ProbeState>,
     /// Failed pulls per image: how many in a row, and when the last one failed.
     pull_failures: HashMap<String, (u32, Instant)>,
+    /// When the API-backed volumes were last brought up to date.
+    volumes_refreshed: Option<Instant>,
 }
 
 impl Worker {
@@ -466,10 +468,38 @@ async fn sync(node: &Shared, uid: &str, pod: Option<&Pod>, state: &mut Worker) -
             }
         }
     }
+    if state.volumes_refreshed.is_none_or(|at| at.elapsed() >= VOLUME_REFRESH) {
+        state.volumes_refreshed = Some(Instant::now());
+        refresh_volumes(node, pod, &dir).await;
+    }
     let containers = containers_of(node, uid).await?;
     run_probes(node, pod, &spec.containers, &containers, pod_ip, state).await;
     report(node, pod, &containers, pod_ip, state).await?;
     Ok(false)
+}
+
+/// How often mounted configMap, secret, downwardAPI and projected volumes follow their sources.
+const VOLUME_REFRESH: Duration = Duration::from_secs(10);
+
+/// Rewrites the API-backed volumes already written for the pod's containers, so running
+/// containers see configMap and secret updates (atomically, as upstream). A source that is
+/// gone leaves the files as they were.
+async fn refresh_volumes(node: &NodeAgent, pod: &Pod, dir: &std::path::Path) {
+    for volume in pod.spec.as_ref().and_then(|s| s.volumes.as_ref()).into_iter().flatten() {
+        let path = dir.join("volumes").join(&volume.name);
+        if !path.join("..data").exists() {
+            continue;
+        }
+        match crate::volumes::files(&node.client, pod, volume, Some(&path)).await {
+            Ok(Some(files)) => {
+                if let Err(error) = crate::volumes::write(&path, &files) {
+                    tracing::warn!(volume = %volume.name, %error, "refreshing a volume");
+                }
+            }
+            Ok(None) => {}
+            Err(error) => tracing::debug!(volume = %volume.name, error = format!("{error:#}"), "not refreshed"),
+        }
+    }
 }
 
 /// When the container instance started, as an `Instant` (from its recorded start time).
@@ -1012,7 +1042,7 @@ async fn container_config(
             .flatten()
             .find(|v| v.name == m.name)
             .ok_or_else(|| anyhow::anyhow!("volume {:?} is not in the pod", m.name))?;
-        let (mut source, api_backed) = match crate::volumes::files(&node.client, pod, volume).await? {
+        let (mut source, api_backed) = match crate::volumes::files(&node.client, pod, volume, None).await? {
             Some(files) => {
                 let path = dir.join("volumes").join(&volume.name);
                 crate::volumes::write(&path, &files)?;

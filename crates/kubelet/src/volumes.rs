@@ -147,8 +147,15 @@ async fn secret(api: &Api<Secret>, name: &str, optional: bool) -> anyhow::Result
     }
 }
 
-/// The files an API-backed volume holds now, or None for other kinds of volume.
-pub async fn files(client: &kube::Client, pod: &Pod, volume: &Volume) -> anyhow::Result<Option<Files>> {
+/// The files an API-backed volume holds now, or None for other kinds of volume. With
+/// `written` (the volume's directory, on a refresh), a service account token already there is
+/// kept rather than asked for again.
+pub async fn files(
+    client: &kube::Client,
+    pod: &Pod,
+    volume: &Volume,
+    written: Option<&Path>,
+) -> anyhow::Result<Option<Files>> {
     let namespace = pod.metadata.namespace.as_deref().unwrap_or("default");
     let configmaps: Api<ConfigMap> = Api::namespaced(client.clone(), namespace);
     let secrets: Api<Secret> = Api::namespaced(client.clone(), namespace);
@@ -173,7 +180,7 @@ pub async fn files(client: &kube::Client, pod: &Pod, volume: &Volume) -> anyhow:
         let mode = p.default_mode.unwrap_or(0o644) as u32;
         let mut all = Files::new();
         for source in p.sources.iter().flatten() {
-            all.extend(projection(client, pod, source, mode, &configmaps, &secrets).await?);
+            all.extend(projection(client, pod, source, mode, &configmaps, &secrets, written).await?);
         }
         return Ok(Some(all));
     }
@@ -187,6 +194,7 @@ async fn projection(
     mode: u32,
     configmaps: &Api<ConfigMap>,
     secrets: &Api<Secret>,
+    written: Option<&Path>,
 ) -> anyhow::Result<Files> {
     if let Some(cm) = &source.config_map {
         let optional = cm.optional.unwrap_or(false);
@@ -203,9 +211,12 @@ async fn projection(
     }
     if let Some(t) = &source.service_account_token {
         check_path(&t.path)?;
-        let token = service_account_token(client, pod, t.audience.as_deref(), t.expiration_seconds).await?;
+        let token = match written.and_then(|dir| std::fs::read(dir.join(&t.path)).ok()) {
+            Some(token) => token,
+            None => service_account_token(client, pod, t.audience.as_deref(), t.expiration_seconds).await?.into_bytes(),
+        };
         let mut files = Files::new();
-        files.insert(t.path.clone(), (token.into_bytes(), mode));
+        files.insert(t.path.clone(), (token, mode));
         return Ok(files);
     }
     Ok(Files::new())

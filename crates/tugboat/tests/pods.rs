@@ -605,6 +605,112 @@ spec:
     server.kubectl(&["delete", "pod", "--all", "--wait=true"], None);
 }
 
+/// A kubeconfig for `server` that authenticates with `token` alone.
+fn token_kubeconfig(server: &TugboatServer, token: &str) -> PathBuf {
+    let path = server.scratch("token-auth").join("kubeconfig");
+    let ca = server.data_dir().join("pki/ca.crt");
+    let config = format!(
+        "apiVersion: v1\nkind: Config\nclusters:\n- name: c\n  cluster: {{server: '{}', certificate-authority: '{}'}}\n\
+         users:\n- name: u\n  user: {{token: '{token}'}}\ncontexts:\n- name: x\n  context: {{cluster: c, user: u}}\n\
+         current-context: x\n",
+        server.url(),
+        ca.display()
+    );
+    std::fs::write(&path, config).unwrap();
+    path
+}
+
+/// `kubectl auth whoami` as the bearer of `token`: (success, stdout + stderr).
+fn whoami(server: &TugboatServer, token: &str) -> (bool, String) {
+    let out = Command::new("/usr/bin/kubectl")
+        .args(["auth", "whoami", "-o", "jsonpath={.status.userInfo.username}"])
+        .env("KUBECONFIG", token_kubeconfig(server, token))
+        .env("HOME", server.scratch("home"))
+        .output()
+        .unwrap();
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    (out.status.success(), text)
+}
+
+#[test]
+fn service_account_tokens_are_mounted_and_volumes_follow_their_sources() {
+    if !tugboat_testkit::isolated("service_account_tokens_are_mounted_and_volumes_follow_their_sources") {
+        return;
+    }
+    let Node { server, .. } = node();
+    // The default service account comes from the controller; pods wait for it.
+    wait(&server, &["get", "serviceaccount", "default", "-o", "name"], "default SA", |o| !o.is_empty());
+    let manifest = r#"
+apiVersion: v1
+kind: ConfigMap
+metadata: {name: settings}
+data: {mode: one}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: api-user}
+spec:
+  terminationGracePeriodSeconds: 1
+  volumes: [{name: settings, configMap: {name: settings}}]
+  containers:
+  - name: c
+    image: busybox:1.35
+    command: [sleep, "3600"]
+    volumeMounts: [{name: settings, mountPath: /settings}]
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: no-token}
+spec:
+  automountServiceAccountToken: false
+  terminationGracePeriodSeconds: 1
+  containers: [{name: c, image: busybox:1.35, command: [sleep, "3600"]}]
+"#;
+    server.kubectl(&["apply", "-f", "-"], Some(manifest));
+    server.kubectl(&["wait", "--for=condition=Ready", "pod/api-user", "pod/no-token", "--timeout=60s"], None);
+    // ServiceAccount admission: the account and the kube-api-access volume.
+    let pod = pod_json(&server, "api-user");
+    assert_eq!(pod["spec"]["serviceAccountName"], "default");
+    let volume = pod["spec"]["volumes"].as_array().unwrap().iter().find(|v| v["projected"].is_object()).unwrap();
+    assert!(volume["name"].as_str().unwrap().starts_with("kube-api-access-"), "{volume}");
+    let no_token = pod_json(&server, "no-token");
+    assert!(no_token["spec"]["volumes"].is_null(), "{no_token}");
+    let dir = "/var/run/secrets/kubernetes.io/serviceaccount";
+    let namespace = server.kubectl(&["exec", "api-user", "--", "cat", &format!("{dir}/namespace")], None);
+    assert_eq!(namespace, "default");
+    let ca = server.kubectl(&["exec", "api-user", "--", "cat", &format!("{dir}/ca.crt")], None);
+    assert_eq!(ca.trim(), std::fs::read_to_string(server.data_dir().join("pki/ca.crt")).unwrap().trim());
+    let token = server.kubectl(&["exec", "api-user", "--", "cat", &format!("{dir}/token")], None);
+    // The pod's token is the pod's service account to the API.
+    let (ok, user) = whoami(&server, &token);
+    assert!(ok && user == "system:serviceaccount:default:default", "{user}");
+    // kubectl create token: a token for an account; a bad expiry is refused with the field.
+    server.kubectl(&["create", "serviceaccount", "robot"], None);
+    let robot = server.kubectl(&["create", "token", "robot", "--duration=20m"], None);
+    assert_eq!(whoami(&server, &robot), (true, "system:serviceaccount:default:robot".to_string()));
+    let (ok, _, err) = try_kubectl(&server, &["create", "token", "robot", "--duration=1m"]);
+    assert!(!ok && err.contains("spec.expirationSeconds") && err.contains("10 minutes"), "{err}");
+    let (ok, _, err) = try_kubectl(&server, &["create", "token", "nobody"]);
+    assert!(!ok && err.contains("not found"), "{err}");
+    // A forged token and a deleted account's token are refused.
+    let (ok, said) = whoami(&server, &format!("{}x", &robot[..robot.len() - 1]));
+    assert!(!ok && said.contains("Unauthorized"), "{said}");
+    server.kubectl(&["delete", "serviceaccount", "robot"], None);
+    let (ok, said) = whoami(&server, &robot);
+    assert!(!ok && said.contains("Unauthorized"), "{said}");
+
+    // A configMap change reaches the running container's volume.
+    assert_eq!(server.kubectl(&["exec", "api-user", "--", "cat", "/settings/mode"], None), "one");
+    server.kubectl(&["patch", "configmap", "settings", "-p", r#"{"data":{"mode":"two"}}"#], None);
+    wait(&server, &["exec", "api-user", "--", "cat", "/settings/mode"], "configMap update", |o| o == "two");
+
+    // The token is bound to its pod: once the pod is gone, so is the token's validity.
+    server.kubectl(&["delete", "pod", "api-user", "--wait=true"], None);
+    let (ok, said) = whoami(&server, &token);
+    assert!(!ok && said.contains("Unauthorized"), "{said}");
+    server.kubectl(&["delete", "pod", "--all", "--wait=true"], None);
+}
+
 #[test]
 fn a_restarted_kubelet_adopts_running_containers() {
     if !tugboat_testkit::isolated("a_restarted_kubelet_adopts_running_containers") {
