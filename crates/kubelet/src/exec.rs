@@ -34,6 +34,8 @@ pub struct ExecOptions {
     pub stdout: bool,
     pub stderr: bool,
     pub tty: bool,
+    /// The container's root (`/proc/<pid>/root`): a terminal comes from its own devpts.
+    pub root: Option<std::path::PathBuf>,
 }
 
 impl ExecOptions {
@@ -104,6 +106,14 @@ async fn prepare(
     let Some(id) = running else {
         return Err(text(StatusCode::BAD_REQUEST, format!("container {container} is not running in pod {pod_name}")));
     };
+    let mut options = options;
+    let pid = node
+        .runtime
+        .list_prefixed(&id)
+        .await
+        .ok()
+        .and_then(|found| found.into_iter().find(|c| c.id() == id).and_then(|c| c.started).map(|s| s.pid));
+    options.root = pid.map(|pid| std::path::PathBuf::from(format!("/proc/{pid}/root")));
     match node.runtime.exec_command(&id, &options.command) {
         Ok(command) => Ok((command, options)),
         Err(error) => Err(text(StatusCode::NOT_FOUND, error.to_string())),
@@ -291,7 +301,7 @@ where
 /// The command's side: pipes, or a terminal.
 enum Io {
     Pipes { stdin: Option<tokio::process::ChildStdin> },
-    Tty { master: tokio::fs::File, tty_path: String },
+    Tty { master: tokio::fs::File },
 }
 
 async fn session(
@@ -379,16 +389,36 @@ fn spawn(
     Ok((child, io, rx))
 }
 
+/// A terminal (master, slave) for a command in the container at `root`: from the container's
+/// own devpts instance, so the command can name it (`tty` prints `/dev/pts/0`), as runc's
+/// console socket gives; else (no root, an odd /dev) from the host's.
+fn terminal(root: Option<&std::path::Path>) -> std::io::Result<(std::os::fd::OwnedFd, std::os::fd::OwnedFd)> {
+    use rustix::fs::{Mode, OFlags};
+    use rustix::pty::OpenptFlags;
+    if let Some(root) = root {
+        // `dev/pts/ptmx` itself: no symlink to follow out of the container.
+        let flags = OFlags::RDWR | OFlags::NOCTTY | OFlags::CLOEXEC;
+        let opened = rustix::fs::open(root.join("dev/pts/ptmx"), flags, Mode::empty()).and_then(|master| {
+            rustix::pty::unlockpt(&master)?;
+            let slave = rustix::pty::ioctl_tiocgptpeer(&master, OpenptFlags::RDWR | OpenptFlags::NOCTTY)?;
+            Ok((master, slave))
+        });
+        match opened {
+            Ok(pair) => return Ok(pair),
+            Err(error) => tracing::debug!(root = %root.display(), %error, "no terminal in the container's devpts"),
+        }
+    }
+    let pty = nix::pty::openpty(None, None)?;
+    Ok((pty.master, pty.slave))
+}
+
 fn start(
     mut command: tokio::process::Command,
     options: &ExecOptions,
 ) -> anyhow::Result<(tokio::process::Child, Io, Reader, Reader)> {
     if options.tty {
-        let pty = nix::pty::openpty(None, None)?;
-        let tty_path = std::fs::read_link(format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(&pty.slave)))?
-            .display()
-            .to_string();
-        let slave = std::fs::File::from(pty.slave);
+        let (master, slave) = terminal(options.root.as_deref())?;
+        let slave = std::fs::File::from(slave);
         // `setsid --ctty`: a session of its own whose controlling terminal is its stdin.
         let program = command.as_std().get_program().to_owned();
         let args: Vec<_> = command.as_std().get_args().map(|a| a.to_owned()).collect();
@@ -396,11 +426,11 @@ fn start(
         wrapped.arg("--ctty").arg(program).args(args);
         wrapped.stdin(slave.try_clone()?).stdout(slave.try_clone()?).stderr(slave);
         let child = wrapped.spawn()?;
-        let master = std::fs::File::from(pty.master);
+        let master = std::fs::File::from(master);
         let reader = tokio::fs::File::from_std(master.try_clone()?);
         let master = tokio::fs::File::from_std(master);
         let out: Reader = Some(Box::new(reader));
-        return Ok((child, Io::Tty { master, tty_path }, out, None));
+        return Ok((child, Io::Tty { master }, out, None));
     }
     command
         .stdin(if options.stdin { Stdio::piped() } else { Stdio::null() })
@@ -433,13 +463,18 @@ fn close_stdin(io: &mut Io) {
 }
 
 async fn resize(io: &Io, data: &[u8]) {
-    let Io::Tty { tty_path, .. } = io else { return };
+    let Io::Tty { master } = io else { return };
     let Ok(size) = serde_json::from_slice::<serde_json::Value>(data) else { return };
     let (Some(width), Some(height)) = (size["Width"].as_u64(), size["Height"].as_u64()) else { return };
-    let _ = tokio::process::Command::new("stty")
-        .args(["-F", tty_path, "rows", &height.to_string(), "cols", &width.to_string()])
-        .status()
-        .await;
+    let size = rustix::termios::Winsize {
+        ws_row: height.min(u16::MAX.into()) as u16,
+        ws_col: width.min(u16::MAX.into()) as u16,
+        ws_xpixel: 0,
+        ws_ypixel: 0,
+    };
+    if let Err(error) = rustix::termios::tcsetwinsize(master, size) {
+        tracing::debug!(%error, "resizing a terminal");
+    }
 }
 
 #[cfg(test)]

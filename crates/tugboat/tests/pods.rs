@@ -193,7 +193,7 @@ spec:
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.starts_with("err\n") && stderr.contains("command terminated with exit code 3"), "{stderr}");
     let script = format!(
-        "KUBECONFIG={} HOME={} /usr/bin/kubectl exec -it web -c writer -- sh -c 'test -t 0 && test -t 1 && echo on a terminal'",
+        "stty rows 30 cols 100; KUBECONFIG={} HOME={} /usr/bin/kubectl exec -it web -c writer -- sh -c 'test -t 0 && test -t 1 && echo on a terminal; tty; sleep 0.5; stty size'",
         server.kubeconfig().display(),
         server.scratch("home").display()
     );
@@ -205,6 +205,8 @@ spec:
         .unwrap();
     let shown = String::from_utf8_lossy(&out.stdout).replace('\r', "");
     assert!(out.status.success() && shown.contains("on a terminal"), "{shown}");
+    // The terminal is the container's own (its devpts), sized as the client's.
+    assert!(shown.contains("\n/dev/pts/") && shown.contains("\n30 100\n"), "{shown}");
     // kubectl 1.27 speaks SPDY/3.1 for exec: the same through the other transport.
     let kubectl_127 = "/usr/lib/google-cloud-sdk/bin/kubectl.1.27";
     let old = |args: &[&str], stdin: Option<&str>| {
