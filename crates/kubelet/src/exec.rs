@@ -1,9 +1,11 @@
-//! `kubectl exec` on the kubelet's side, over websocket with the `v5.channel.k8s.io` and
-//! `v4.channel.k8s.io` subprotocols: every binary message starts with its channel (0 stdin,
-//! 1 stdout, 2 stderr, 3 error/status, 4 resize; v5 adds `255 <channel>` = that channel is
-//! closed). The command runs through `tugboat exec-in` (libcontainer's tenant builder), on
-//! pipes, or on a pseudo-terminal for `-t` (made the command's controlling terminal by
-//! util-linux `setsid --ctty`; resized with `stty`).
+//! `kubectl exec` and `kubectl attach` on the kubelet's side, over websocket with the
+//! `v5.channel.k8s.io` and `v4.channel.k8s.io` subprotocols: every binary message starts with
+//! its channel (0 stdin, 1 stdout, 2 stderr, 3 error/status, 4 resize; v5 adds
+//! `255 <channel>` = that channel is closed), or over SPDY/3.1 (a stream per channel). An exec
+//! command runs through `tugboat exec-in` (libcontainer's tenant builder), on pipes, or on a
+//! pseudo-terminal for `-t` from the container's devpts (made the command's controlling
+//! terminal by util-linux `setsid --ctty`). An attach speaks to the container's shim over its
+//! attach socket (`tugboat_runtime::attach`).
 
 use std::process::Stdio;
 
@@ -74,16 +76,23 @@ fn text(status: StatusCode, message: impl Into<String>) -> Response<Body> {
     Response::builder().status(status).body(Body::from(message.into())).expect("a valid response")
 }
 
-/// Checks the request and finds the running container: the command to run and what was asked.
+/// What a session runs: a command in the container, or an attachment to its main process.
+enum Launch {
+    Command(tokio::process::Command),
+    Attach(tokio::net::UnixStream),
+}
+
+/// Checks the request and finds the running container: what to run and what was asked.
 async fn prepare(
     node: &Shared,
     namespace: &str,
     pod_name: &str,
     container: &str,
     query: Option<&str>,
-) -> Result<(tokio::process::Command, ExecOptions), Response<Body>> {
+    attach: bool,
+) -> Result<(Launch, ExecOptions), Response<Body>> {
     let options = ExecOptions::parse(query.unwrap_or_default());
-    if options.command.is_empty() {
+    if options.command.is_empty() && !attach {
         return Err(text(StatusCode::BAD_REQUEST, "you must specify at least one command for the container"));
     }
     if !(options.stdin || options.stdout || options.stderr) {
@@ -114,8 +123,14 @@ async fn prepare(
         .ok()
         .and_then(|found| found.into_iter().find(|c| c.id() == id).and_then(|c| c.started).map(|s| s.pid));
     options.root = pid.map(|pid| std::path::PathBuf::from(format!("/proc/{pid}/root")));
+    if attach {
+        return match node.runtime.attach(&id).await {
+            Ok(stream) => Ok((Launch::Attach(stream), options)),
+            Err(error) => Err(text(StatusCode::NOT_FOUND, format!("attaching to container {container}: {error}"))),
+        };
+    }
     match node.runtime.exec_command(&id, &options.command) {
-        Ok(command) => Ok((command, options)),
+        Ok(command) => Ok((Launch::Command(command), options)),
         Err(error) => Err(text(StatusCode::NOT_FOUND, error.to_string())),
     }
 }
@@ -127,7 +142,27 @@ pub async fn exec(
     RawQuery(query): RawQuery,
     upgrade: WebSocketUpgrade,
 ) -> Response<Body> {
-    let (command, options) = match prepare(&node, &namespace, &pod_name, &container, query.as_deref()).await {
+    websocket(node, (namespace, pod_name, container), query, upgrade, false).await
+}
+
+/// `GET /attach/...` with a websocket upgrade.
+pub async fn attach(
+    State(node): State<Shared>,
+    UrlPath((namespace, pod_name, container)): UrlPath<(String, String, String)>,
+    RawQuery(query): RawQuery,
+    upgrade: WebSocketUpgrade,
+) -> Response<Body> {
+    websocket(node, (namespace, pod_name, container), query, upgrade, true).await
+}
+
+async fn websocket(
+    node: Shared,
+    (namespace, pod_name, container): (String, String, String),
+    query: Option<String>,
+    upgrade: WebSocketUpgrade,
+    attach: bool,
+) -> Response<Body> {
+    let (command, options) = match prepare(&node, &namespace, &pod_name, &container, query.as_deref(), attach).await {
         Ok(prepared) => prepared,
         Err(response) => return response,
     };
@@ -143,9 +178,29 @@ pub async fn exec(
 /// `POST /exec/...` with `Upgrade: SPDY/3.1` (kubectl ≤ 1.29, and any SPDY client).
 pub async fn exec_spdy(
     State(node): State<Shared>,
-    UrlPath((namespace, pod_name, container)): UrlPath<(String, String, String)>,
+    UrlPath(target): UrlPath<(String, String, String)>,
     RawQuery(query): RawQuery,
+    request: axum::extract::Request,
+) -> Response<Body> {
+    spdy(node, target, query, request, false).await
+}
+
+/// `POST /attach/...` with `Upgrade: SPDY/3.1`.
+pub async fn attach_spdy(
+    State(node): State<Shared>,
+    UrlPath(target): UrlPath<(String, String, String)>,
+    RawQuery(query): RawQuery,
+    request: axum::extract::Request,
+) -> Response<Body> {
+    spdy(node, target, query, request, true).await
+}
+
+async fn spdy(
+    node: Shared,
+    (namespace, pod_name, container): (String, String, String),
+    query: Option<String>,
     mut request: axum::extract::Request,
+    attach: bool,
 ) -> Response<Body> {
     if !crate::spdy::wants_upgrade(request.headers()) {
         return text(StatusCode::BAD_REQUEST, "Upgrade request required");
@@ -165,7 +220,7 @@ pub async fn exec_spdy(
     else {
         return text(StatusCode::FORBIDDEN, format!("no supported stream protocol in {offered:?}"));
     };
-    let (command, options) = match prepare(&node, &namespace, &pod_name, &container, query.as_deref()).await {
+    let (command, options) = match prepare(&node, &namespace, &pod_name, &container, query.as_deref(), attach).await {
         Ok(prepared) => prepared,
         Err(response) => return response,
     };
@@ -185,12 +240,7 @@ pub async fn exec_spdy(
 }
 
 /// One SPDY exec session: wait for the client's streams, run the command, copy, report.
-async fn spdy_session<IO>(
-    io: IO,
-    command: tokio::process::Command,
-    options: ExecOptions,
-    structured: bool,
-) -> anyhow::Result<()>
+async fn spdy_session<IO>(io: IO, command: Launch, options: ExecOptions, structured: bool) -> anyhow::Result<()>
 where
     IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
@@ -237,7 +287,7 @@ where
         if Some(id) == stdin_id {
             write_stdin(io, &data).await;
             if fin {
-                close_stdin(io);
+                close_stdin(io).await;
             }
         } else if Some(id) == resize_id {
             resize_buffer.extend_from_slice(&data);
@@ -265,7 +315,7 @@ where
                 Some(Frame::Ping(id)) => writer.ping(id).await?,
                 Some(Frame::GoAway) | None => {
                     reading = false;
-                    close_stdin(&mut io);
+                    close_stdin(&mut io).await;
                 }
                 Some(_) => {}
             },
@@ -276,7 +326,7 @@ where
                         writer.data(id, &data, false).await?;
                     }
                 }
-                None => break child.wait().await?.code().unwrap_or(137),
+                None => break child.code().await,
             },
         }
     };
@@ -298,18 +348,76 @@ where
     Ok(())
 }
 
-/// The command's side: pipes, or a terminal.
+/// The command's side: pipes, or a terminal; or the shim's attach socket.
 enum Io {
     Pipes { stdin: Option<tokio::process::ChildStdin> },
     Tty { master: tokio::fs::File },
+    Attached { socket: Option<tokio::net::unix::OwnedWriteHalf> },
 }
 
-async fn session(
-    mut socket: WebSocket,
-    command: tokio::process::Command,
-    options: ExecOptions,
-    v5: bool,
-) -> anyhow::Result<()> {
+/// What the session waits for: the command, or (attached) the container's output to end.
+enum Proc {
+    Child(tokio::process::Child),
+    Attached,
+}
+
+impl Proc {
+    fn kill(&mut self) {
+        if let Proc::Child(child) = self {
+            let _ = child.start_kill();
+        }
+    }
+
+    /// The exit code (attached: the container's end is no command's failure).
+    async fn code(&mut self) -> i32 {
+        match self {
+            Proc::Child(child) => child.wait().await.ok().and_then(|s| s.code()).unwrap_or(137),
+            Proc::Attached => 0,
+        }
+    }
+}
+
+/// An attachment: the shim's frames become output channels; stdin and sizes go back as frames.
+fn attached(stream: tokio::net::UnixStream, options: &ExecOptions) -> (Proc, Io, Output) {
+    use tugboat_runtime::attach;
+    let (mut read, write) = stream.into_split();
+    let (tx, rx) = tokio::sync::mpsc::channel::<(u8, Bytes)>(16);
+    let (stdout, stderr) = (options.stdout, options.stderr || options.tty);
+    tokio::spawn(async move {
+        loop {
+            let Ok(kind) = read.read_u8().await else { break };
+            let Ok(length) = read.read_u32().await else { break };
+            if length as usize > attach::MAX_FRAME {
+                break;
+            }
+            let mut payload = vec![0u8; length as usize];
+            if read.read_exact(&mut payload).await.is_err() {
+                break;
+            }
+            let channel = match kind {
+                attach::STDOUT if stdout => STDOUT,
+                attach::STDERR if stderr => STDERR,
+                _ => continue,
+            };
+            if tx.send((channel, Bytes::from(payload))).await.is_err() {
+                break;
+            }
+        }
+    });
+    let socket = Some(write);
+    (Proc::Attached, Io::Attached { socket }, rx)
+}
+
+/// Sends one frame to the shim; a shim that has gone ends the input.
+async fn to_shim(socket: &mut Option<tokio::net::unix::OwnedWriteHalf>, kind: u8, payload: &[u8]) {
+    if let Some(writer) = socket
+        && writer.write_all(&tugboat_runtime::attach::frame(kind, payload)).await.is_err()
+    {
+        *socket = None;
+    }
+}
+
+async fn session(mut socket: WebSocket, command: Launch, options: ExecOptions, v5: bool) -> anyhow::Result<()> {
     let (mut child, mut io, mut rx) = spawn(command, &options)?;
     let mut stdin_open = options.stdin;
     let code = loop {
@@ -318,17 +426,17 @@ async fn session(
                 match message {
                     Some(Ok(Message::Binary(data))) if !data.is_empty() => match data[0] {
                         STDIN if stdin_open => write_stdin(&mut io, &data[1..]).await,
-                        RESIZE => resize(&io, &data[1..]).await,
+                        RESIZE => resize(&mut io, &data[1..]).await,
                         CLOSE if v5 && data.get(1) == Some(&STDIN) => {
-                            close_stdin(&mut io);
+                            close_stdin(&mut io).await;
                             stdin_open = false;
                         }
                         _ => {}
                     },
                     Some(Ok(Message::Close(_))) | None | Some(Err(_)) => {
                         // The client went away: end the command.
-                        let _ = child.start_kill();
-                        break child.wait().await.ok().and_then(|s| s.code()).unwrap_or(137);
+                        child.kill();
+                        break child.code().await;
                     }
                     _ => {}
                 }
@@ -341,7 +449,7 @@ async fn session(
                     socket.send(Message::Binary(frame.into())).await?;
                 }
                 // Output is done once the command (and whatever held its output) has gone.
-                None => break child.wait().await?.code().unwrap_or(137),
+                None => break child.code().await,
             },
         }
     };
@@ -368,11 +476,13 @@ type Output = tokio::sync::mpsc::Receiver<(u8, Bytes)>;
 
 /// Starts the command; its stdout and stderr arrive on the returned channel as
 /// (channel, bytes), which closes once both have ended.
-fn spawn(
-    command: tokio::process::Command,
-    options: &ExecOptions,
-) -> anyhow::Result<(tokio::process::Child, Io, Output)> {
+fn spawn(command: Launch, options: &ExecOptions) -> anyhow::Result<(Proc, Io, Output)> {
+    let command = match command {
+        Launch::Command(command) => command,
+        Launch::Attach(stream) => return Ok(attached(stream, options)),
+    };
     let (child, io, out, err) = start(command, options)?;
+    let child = Proc::Child(child);
     let (tx, rx) = tokio::sync::mpsc::channel::<(u8, Bytes)>(16);
     for (reader, channel) in [(out, STDOUT), (err, STDERR)] {
         let Some(mut reader) = reader else { continue };
@@ -453,27 +563,35 @@ async fn write_stdin(io: &mut Io, data: &[u8]) {
             let _ = master.flush().await;
         }
         Io::Pipes { stdin: None } => {}
+        Io::Attached { socket } => to_shim(socket, tugboat_runtime::attach::STDIN, data).await,
     }
 }
 
-fn close_stdin(io: &mut Io) {
-    if let Io::Pipes { stdin } = io {
-        *stdin = None;
+async fn close_stdin(io: &mut Io) {
+    match io {
+        Io::Pipes { stdin } => *stdin = None,
+        Io::Attached { socket } => to_shim(socket, tugboat_runtime::attach::CLOSE_STDIN, &[]).await,
+        Io::Tty { .. } => {}
     }
 }
 
-async fn resize(io: &Io, data: &[u8]) {
-    let Io::Tty { master } = io else { return };
+async fn resize(io: &mut Io, data: &[u8]) {
     let Ok(size) = serde_json::from_slice::<serde_json::Value>(data) else { return };
     let (Some(width), Some(height)) = (size["Width"].as_u64(), size["Height"].as_u64()) else { return };
-    let size = rustix::termios::Winsize {
-        ws_row: height.min(u16::MAX.into()) as u16,
-        ws_col: width.min(u16::MAX.into()) as u16,
-        ws_xpixel: 0,
-        ws_ypixel: 0,
-    };
-    if let Err(error) = rustix::termios::tcsetwinsize(master, size) {
-        tracing::debug!(%error, "resizing a terminal");
+    let (width, height) = (width.min(u16::MAX.into()) as u16, height.min(u16::MAX.into()) as u16);
+    match io {
+        Io::Tty { master } => {
+            let size = rustix::termios::Winsize { ws_row: height, ws_col: width, ws_xpixel: 0, ws_ypixel: 0 };
+            if let Err(error) = rustix::termios::tcsetwinsize(&*master, size) {
+                tracing::debug!(%error, "resizing a terminal");
+            }
+        }
+        Io::Attached { socket } => {
+            let mut payload = width.to_be_bytes().to_vec();
+            payload.extend_from_slice(&height.to_be_bytes());
+            to_shim(socket, tugboat_runtime::attach::RESIZE, &payload).await;
+        }
+        Io::Pipes { .. } => {}
     }
 }
 

@@ -1114,6 +1114,9 @@ async fn container_config(
         capabilities_add: caps.add.unwrap_or_default(),
         capabilities_drop: caps.drop.unwrap_or_default(),
         log_path,
+        stdin: c.stdin.unwrap_or(false),
+        stdin_once: c.stdin_once.unwrap_or(false),
+        tty: c.tty.unwrap_or(false),
     })
 }
 

@@ -107,6 +107,7 @@ pub fn router(node: Shared) -> Router {
         .route("/healthz", get(|| async { "ok" }))
         .route("/containerLogs/{namespace}/{pod}/{container}", get(container_logs))
         .route("/exec/{namespace}/{pod}/{container}", get(crate::exec::exec).post(crate::exec::exec_spdy))
+        .route("/attach/{namespace}/{pod}/{container}", get(crate::exec::attach).post(crate::exec::attach_spdy))
         .route("/stats/summary", get(stats_summary))
         .route("/portForward/{namespace}/{pod}", axum::routing::post(crate::portforward::port_forward))
         .with_state(node)

@@ -8,6 +8,7 @@
 //!   `container.json` (what it is, whose it is), `started.json`, `exit.json`, the bundle and
 //!   the overlay dirs. A restarted kubelet lists these and adopts what it finds.
 
+pub mod attach;
 pub mod exec;
 pub mod images;
 pub mod pull;
@@ -88,6 +89,8 @@ pub trait Runtime: Send + Sync + std::fmt::Debug {
     /// A command that runs `args` inside the running container on its own stdio and exits
     /// with the process's code (the caller sets stdio, timeouts, and runs it).
     fn exec_command(&self, id: &str, args: &[String]) -> Result<tokio::process::Command, RuntimeError>;
+    /// Connects to the running container's attach socket (see [`attach`]).
+    async fn attach(&self, id: &str) -> Result<tokio::net::UnixStream, RuntimeError>;
 }
 
 /// The built-in runtime: libcontainer, one `tugboat shim` per container.
@@ -242,6 +245,13 @@ impl Runtime for Builtin {
         let mut command = tokio::process::Command::new(&self.shim);
         command.arg("exec-in").arg(dir).arg("--").args(args);
         Ok(command)
+    }
+
+    async fn attach(&self, id: &str) -> Result<tokio::net::UnixStream, RuntimeError> {
+        let dir = self.dir(id)?;
+        let dir_file = std::fs::File::open(&dir).map_err(|_| RuntimeError::NotFound(id.to_string()))?;
+        let stream = tokio::net::UnixStream::connect(attach::short_path(&dir_file, attach::SOCKET)).await?;
+        Ok(stream)
     }
 
     fn has_exited(&self, id: &str) -> bool {

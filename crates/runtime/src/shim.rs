@@ -16,6 +16,7 @@ use libcontainer::syscall::syscall::SyscallType;
 use nix::sys::wait::{WaitStatus, waitpid};
 use serde::{Deserialize, Serialize};
 
+use crate::attach::{self, Attachments};
 use crate::images::write_durably;
 use crate::spec::ContainerConfig;
 
@@ -122,8 +123,9 @@ impl CriLog {
 /// Longest line kept whole; longer ones are split into partial (`P`) records, as containerd does.
 const MAX_LINE: usize = 16 * 1024;
 
-fn copy_stream(from: OwnedFd, stream: &'static str, log: Arc<Mutex<CriLog>>) {
-    let mut from = File::from(from);
+fn copy_stream(from: impl Into<File>, stream: &'static str, log: Arc<Mutex<CriLog>>, attached: Arc<Attachments>) {
+    let mut from: File = from.into();
+    let kind = if stream == "stderr" { attach::STDERR } else { attach::STDOUT };
     let mut pending: Vec<u8> = Vec::new();
     let mut buf = [0u8; 8192];
     loop {
@@ -131,6 +133,7 @@ fn copy_stream(from: OwnedFd, stream: &'static str, log: Arc<Mutex<CriLog>>) {
             Ok(0) | Err(_) => break,
             Ok(n) => n,
         };
+        attached.broadcast(kind, &buf[..n]);
         pending.extend_from_slice(&buf[..n]);
         let mut log = log.lock().unwrap();
         while let Some(end) = pending.iter().position(|&b| b == b'\n') {
@@ -152,7 +155,7 @@ pub fn main(dir: &Path) -> i32 {
     let paths = Paths { dir: dir.to_path_buf() };
     let mut stdout = std::io::stdout();
     match start(&paths) {
-        Ok((pid, readers, log)) => {
+        Ok((pid, readers, log, attached)) => {
             let _ = writeln!(stdout, "ok {pid}");
             let _ = stdout.flush();
             if let Ok(null) = File::options().read(true).write(true).open("/dev/null") {
@@ -160,6 +163,7 @@ pub fn main(dir: &Path) -> i32 {
                 let _ = nix::unistd::dup2_stdin(&null);
             }
             supervise(&paths, pid, readers, log);
+            attached.close();
             0
         }
         Err(e) => {
@@ -172,7 +176,7 @@ pub fn main(dir: &Path) -> i32 {
 
 type Readers = Vec<std::thread::JoinHandle<()>>;
 
-fn start(paths: &Paths) -> anyhow::Result<(i32, Readers, Arc<Mutex<CriLog>>)> {
+fn start(paths: &Paths) -> anyhow::Result<(i32, Readers, Arc<Mutex<CriLog>>, Arc<Attachments>)> {
     let _ = nix::unistd::setsid();
     nix::sys::prctl::set_child_subreaper(true)?;
     let config: ContainerConfig = serde_json::from_slice(&std::fs::read(paths.config())?)?;
@@ -184,34 +188,68 @@ fn start(paths: &Paths) -> anyhow::Result<(i32, Readers, Arc<Mutex<CriLog>>)> {
     }
     let file = OpenOptions::new().create(true).append(true).open(&config.log_path)?;
     let log = Arc::new(Mutex::new(CriLog { file }));
-    let (out_r, out_w) = nix::unistd::pipe()?;
-    let (err_r, err_w) = nix::unistd::pipe()?;
-    let null = File::open("/dev/null")?;
-    let mut container = ContainerBuilder::new(config.id.clone(), SyscallType::default())
-        .with_root_path(paths.libcontainer_root())?
-        .with_stdin(OwnedFd::from(null))
-        .with_stdout(out_w)
-        .with_stderr(err_w)
-        .as_init(paths.bundle())
-        .with_systemd(false)
-        .with_detach(true)
-        .build()
-        .map_err(|e| anyhow::anyhow!("{e}"))?;
-    let readers = vec![
-        {
-            let log = log.clone();
-            std::thread::spawn(move || copy_stream(out_r, "stdout", log))
-        },
-        {
-            let log = log.clone();
-            std::thread::spawn(move || copy_stream(err_r, "stderr", log))
-        },
-    ];
+    let attach_listener = attach::listen(&paths.dir, attach::SOCKET)?;
+    let null = || File::options().read(true).write(true).open("/dev/null");
+    let builder =
+        ContainerBuilder::new(config.id.clone(), SyscallType::default()).with_root_path(paths.libcontainer_root())?;
+    let mut readers = Vec::new();
+    let (mut container, attached) = if config.tty {
+        // libcontainer makes the terminal inside the container and sends its master over the
+        // console socket; stdin, stdout and stderr are all the terminal.
+        const CONSOLE: &str = "console.sock";
+        let console = attach::listen(&paths.dir, CONSOLE)?;
+        let container = builder
+            .with_console_socket(Some(paths.dir.join(CONSOLE)))
+            .with_stdin(OwnedFd::from(null()?))
+            .with_stdout(OwnedFd::from(null()?))
+            .with_stderr(OwnedFd::from(null()?))
+            .as_init(paths.bundle())
+            .with_systemd(false)
+            .with_detach(true)
+            .build()
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        let master = attach::receive_terminal(&console, Duration::from_secs(10))?;
+        let _ = std::fs::remove_file(paths.dir.join(CONSOLE));
+        let attached =
+            Arc::new(Attachments::new(Some(master.try_clone()?), Some(master.try_clone()?), config.stdin_once));
+        let (log, attached_out) = (log.clone(), attached.clone());
+        readers.push(std::thread::spawn(move || copy_stream(master, "stdout", log, attached_out)));
+        (container, attached)
+    } else {
+        let (out_r, out_w) = nix::unistd::pipe()?;
+        let (err_r, err_w) = nix::unistd::pipe()?;
+        // With `stdin: true` the container reads a pipe the shim holds open for clients.
+        let (stdin, input) = if config.stdin {
+            let (r, w) = nix::unistd::pipe()?;
+            (r, Some(File::from(w)))
+        } else {
+            (OwnedFd::from(null()?), None)
+        };
+        let container = builder
+            .with_stdin(stdin)
+            .with_stdout(out_w)
+            .with_stderr(err_w)
+            .as_init(paths.bundle())
+            .with_systemd(false)
+            .with_detach(true)
+            .build()
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        let attached = Arc::new(Attachments::new(input, None, config.stdin_once));
+        for (from, stream) in [(out_r, "stdout"), (err_r, "stderr")] {
+            let (log, attached) = (log.clone(), attached.clone());
+            readers.push(std::thread::spawn(move || copy_stream(from, stream, log, attached)));
+        }
+        (container, attached)
+    };
+    {
+        let attached = attached.clone();
+        std::thread::spawn(move || attached.accept(attach_listener));
+    }
     container.start().map_err(|e| anyhow::anyhow!("{e}"))?;
     let pid = container.pid().map(|p| p.as_raw()).ok_or_else(|| anyhow::anyhow!("the container has no pid"))?;
     let started = Started { pid, started_at: now_rfc3339(), shim_pid: Some(std::process::id() as i32) };
     write_durably(&paths.started(), &serde_json::to_vec(&started)?)?;
-    Ok((pid, readers, log))
+    Ok((pid, readers, log, attached))
 }
 
 fn supervise(paths: &Paths, pid: i32, readers: Readers, log: Arc<Mutex<CriLog>>) {

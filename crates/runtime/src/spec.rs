@@ -63,6 +63,14 @@ pub struct ContainerConfig {
     pub capabilities_drop: Vec<String>,
     /// The CRI log file the shim writes.
     pub log_path: PathBuf,
+    /// Keep stdin open for attaching clients (`stdin: true`), close it after the first one
+    /// (`stdinOnce`), run on a terminal (`tty`).
+    #[serde(default)]
+    pub stdin: bool,
+    #[serde(default)]
+    pub stdin_once: bool,
+    #[serde(default)]
+    pub tty: bool,
 }
 
 /// Docker's and containerd's default capability set.
@@ -229,7 +237,7 @@ impl ContainerConfig {
         json!({
             "ociVersion": "1.0.2",
             "process": {
-                "terminal": false,
+                "terminal": self.tty,
                 "user": {"uid": self.uid, "gid": self.gid, "additionalGids": self.additional_gids},
                 "args": self.args,
                 "env": self.env,

@@ -607,6 +607,111 @@ spec:
     server.kubectl(&["delete", "pod", "--all", "--wait=true"], None);
 }
 
+#[test]
+fn kubectl_run_and_attach_reach_the_containers_stdio() {
+    if !tugboat_testkit::isolated("kubectl_run_and_attach_reach_the_containers_stdio") {
+        return;
+    }
+    let Node { server, .. } = node();
+    let kubectl = |args: &[&str], stdin: &str| {
+        let mut child = Command::new("/usr/bin/kubectl")
+            .args(args)
+            .env("KUBECONFIG", server.kubeconfig())
+            .env("HOME", server.scratch("home"))
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        use std::io::Write;
+        child.stdin.take().unwrap().write_all(stdin.as_bytes()).unwrap();
+        child.wait_with_output().unwrap()
+    };
+    // kubectl run -i: stdin reaches the container (stdinOnce), its output comes back, --rm
+    // deletes the pod after.
+    let out = kubectl(
+        &[
+            "run",
+            "-i",
+            "--rm",
+            "--restart=Never",
+            "echo",
+            "--image=busybox:1.35",
+            "--",
+            "sh",
+            "-c",
+            "read line; echo got $line; cat",
+        ],
+        "hello\nmore\n",
+    );
+    let shown = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{shown} {}", String::from_utf8_lossy(&out.stderr));
+    assert!(shown.contains("got hello\nmore\n"), "{shown}");
+    wait(&server, &["get", "pods", "-o", "name"], "echo deleted", |o| !o.contains("pod/echo"));
+
+    // kubectl run -it: a terminal in the container, sized as the client's.
+    let script = format!(
+        "stty rows 20 cols 90; KUBECONFIG={} HOME={} /usr/bin/kubectl run -it --rm --restart=Never term --image=busybox:1.35 -- sh -c 'sleep 1; tty; stty size; read x; echo got $x'",
+        server.kubeconfig().display(),
+        server.scratch("home").display()
+    );
+    let mut child = Command::new("script")
+        .args(["-qec", &script, "/dev/null"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    std::thread::spawn(move || {
+        use std::io::Write;
+        // Typed once the shell waits for it.
+        std::thread::sleep(Duration::from_secs(4));
+        let _ = stdin.write_all(b"typed\n");
+        std::thread::sleep(Duration::from_secs(30));
+    });
+    let out = child.wait_with_output().unwrap();
+    let shown = String::from_utf8_lossy(&out.stdout).replace('\r', "");
+    assert!(shown.contains("/dev/pts/0\n20 90\n") && shown.contains("got typed"), "{shown}");
+
+    // kubectl attach (no stdin): the output of a running container as it comes.
+    server.kubectl(
+        &[
+            "run",
+            "ticker",
+            "--image=busybox:1.35",
+            "--",
+            "sh",
+            "-c",
+            "i=0; while true; do i=$((i+1)); echo tick $i; sleep 0.3; done",
+        ],
+        None,
+    );
+    server.kubectl(&["wait", "--for=condition=Ready", "pod/ticker", "--timeout=60s"], None);
+    // Over websocket (kubectl 1.33) and SPDY (1.27).
+    for kubectl in ["/usr/bin/kubectl", "/usr/lib/google-cloud-sdk/bin/kubectl.1.27"] {
+        let mut attach = tugboat_testkit::KillOnDrop(
+            Command::new(kubectl)
+                .args(["attach", "ticker"])
+                .env("KUBECONFIG", server.kubeconfig())
+                .env("HOME", server.scratch("home"))
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::null())
+                .spawn()
+                .unwrap(),
+        );
+        let mut lines = std::io::BufRead::lines(std::io::BufReader::new(attach.0.stdout.take().unwrap()));
+        let first = lines.next().unwrap().unwrap();
+        let second = lines.next().unwrap().unwrap();
+        let n = |line: &str| line.trim_start_matches("tick ").parse::<u32>().unwrap();
+        assert!(first.starts_with("tick ") && n(&second) == n(&first) + 1, "{kubectl}: {first} {second}");
+    }
+    // A container that does not run cannot be attached to.
+    let (ok, _, err) = try_kubectl(&server, &["attach", "nope"]);
+    assert!(!ok && err.contains("not found"), "{err}");
+    server.kubectl(&["delete", "pod", "--all", "--wait=true", "--grace-period=1"], None);
+}
+
 /// A kubeconfig for `server` that authenticates with `token` alone.
 fn token_kubeconfig(server: &TugboatServer, token: &str) -> PathBuf {
     let path = server.scratch("token-auth").join("kubeconfig");
