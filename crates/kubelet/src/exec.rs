@@ -384,8 +384,7 @@ fn attached(stream: tokio::net::UnixStream, options: &ExecOptions) -> (Proc, Io,
     let (tx, rx) = tokio::sync::mpsc::channel::<(u8, Bytes)>(16);
     let (stdout, stderr) = (options.stdout, options.stderr || options.tty);
     tokio::spawn(async move {
-        loop {
-            let Ok(kind) = read.read_u8().await else { break };
+        while let Ok(kind) = read.read_u8().await {
             let Ok(length) = read.read_u32().await else { break };
             if length as usize > attach::MAX_FRAME {
                 break;

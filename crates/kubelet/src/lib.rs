@@ -9,6 +9,7 @@
 
 pub mod exec;
 pub mod host;
+pub mod image_gc;
 pub mod logs;
 pub mod pods;
 pub mod portforward;
@@ -61,6 +62,10 @@ pub struct KubeletConfig {
     pub insecure_registries: Vec<String>,
     /// Static pod manifests (default `<data-dir>/manifests`).
     pub manifest_dir: Option<PathBuf>,
+    /// Container logs are rotated at this size (bytes; 0: never), keeping this many files.
+    pub log_max_size: u64,
+    pub log_max_files: u32,
+    pub image_gc: image_gc::Policy,
 }
 
 /// Upstream's allocatable is capacity less reservations and the hard eviction thresholds;
@@ -223,7 +228,10 @@ pub async fn run(client: kube::Client, config: KubeletConfig) -> anyhow::Result<
         network: std::sync::Mutex::new(None),
         bridge: std::sync::Mutex::new(None),
         stats: Default::default(),
+        image_gc: image_gc::ImageGc::new(config.image_gc),
+        log_rotation: (config.log_max_size, config.log_max_files),
     });
+    tokio::spawn(image_gc::run(agent.clone()));
     tokio::spawn(stats::sample(agent.clone()));
     let manifests = config.manifest_dir.clone().unwrap_or_else(|| config.data_dir.join("manifests"));
     tokio::spawn(static_pods::run(agent.clone(), manifests));

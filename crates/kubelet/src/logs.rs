@@ -138,7 +138,7 @@ pub async fn stream(
         *budget -= chunk.len();
         tx.send(Ok(Bytes::from(chunk))).await.is_ok() && *budget > 0
     };
-    let (first, mut offset) = match read_existing(&path, &options) {
+    let (first, offset) = match read_existing(&path, &options) {
         Ok(read) => read,
         Err(e) => {
             let _ = tx.send(Err(e)).await;
@@ -149,28 +149,43 @@ pub async fn stream(
         return;
     }
     let follow = LogOptions { tail_lines: None, ..options };
+    // The file stays open: once the log is rotated (the path names a new file) and the old
+    // one is read to its end, the new one is followed from its start.
+    let open_at = |offset: u64| {
+        let mut file = std::fs::File::open(&path).ok()?;
+        file.seek(SeekFrom::Start(offset)).ok()?;
+        let inode = std::os::unix::fs::MetadataExt::ino(&file.metadata().ok()?);
+        Some((file, inode))
+    };
+    let mut current = open_at(offset);
+    let mut fresh = Vec::new();
     loop {
         let done = finished();
-        let mut fresh = Vec::new();
-        if let Ok(mut file) = std::fs::File::open(&path)
-            && file.seek(SeekFrom::Start(offset)).is_ok()
-        {
-            let _ = file.read_to_end(&mut fresh);
+        let got = match current.as_mut() {
+            Some((file, _)) => file.read_to_end(&mut fresh).unwrap_or(0),
+            None => 0,
+        };
+        if got == 0 {
+            let now = std::fs::metadata(&path).ok().map(|m| std::os::unix::fs::MetadataExt::ino(&m));
+            if now.is_some() && now != current.as_ref().map(|(_, inode)| *inode) {
+                current = open_at(0);
+                continue;
+            }
         }
         let whole = fresh.iter().rposition(|&b| b == b'\n').map(|i| i + 1).unwrap_or(0);
         if whole > 0 {
-            offset += whole as u64;
             let mut out = Vec::new();
             for line in lines(&fresh[..whole], None) {
                 if let Some(record) = parse(line) {
                     render(&record, &follow, &mut out);
                 }
             }
+            fresh.drain(..whole);
             if !send(out, &mut budget).await {
                 return;
             }
         }
-        if done && whole == 0 {
+        if done && got == 0 {
             return;
         }
         if tx.is_closed() {
@@ -246,5 +261,35 @@ mod tests {
         let (tx, mut rx) = tokio::sync::mpsc::channel(8);
         stream(path, LogOptions { limit_bytes: Some(3), ..Default::default() }, || true, tx).await;
         assert_eq!(rx.recv().await.unwrap().unwrap(), "a\nb");
+    }
+
+    #[tokio::test]
+    async fn followers_move_on_to_the_new_file_after_a_rotation() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("0.log");
+        std::fs::write(&path, "2026-01-01T00:00:00Z stdout F before\n").unwrap();
+        let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let finished = {
+            let done = done.clone();
+            move || done.load(std::sync::atomic::Ordering::SeqCst)
+        };
+        let (tx, mut rx) = tokio::sync::mpsc::channel(16);
+        let options = LogOptions { follow: true, ..Default::default() };
+        let task = tokio::spawn(stream(path.clone(), options, finished, tx));
+        assert_eq!(rx.recv().await.unwrap().unwrap(), "before\n");
+        // The old file gets one more line, then is rotated; the new one has the next.
+        use std::io::Write;
+        let mut old = std::fs::OpenOptions::new().append(true).open(&path).unwrap();
+        old.write_all(b"2026-01-01T00:00:01Z stdout F last of the old\n").unwrap();
+        std::fs::rename(&path, dir.path().join("0.log.20260101-000001")).unwrap();
+        std::fs::write(&path, "2026-01-01T00:00:02Z stdout F first of the new\n").unwrap();
+        let mut seen = String::new();
+        while !seen.contains("first of the new") {
+            let chunk = tokio::time::timeout(Duration::from_secs(5), rx.recv()).await.unwrap().unwrap().unwrap();
+            seen.push_str(std::str::from_utf8(&chunk).unwrap());
+        }
+        assert_eq!(seen, "last of the old\nfirst of the new\n");
+        done.store(true, std::sync::atomic::Ordering::SeqCst);
+        task.await.unwrap();
     }
 }

@@ -58,6 +58,9 @@ pub struct NodeAgent {
     pub bridge: Mutex<Option<PodNetwork>>,
     /// Recent CPU readings, for usage rates.
     pub stats: crate::stats::Sampler,
+    pub image_gc: crate::image_gc::ImageGc,
+    /// Containers' logs rotate at this size, keeping this many files.
+    pub log_rotation: (u64, u32),
 }
 
 impl std::fmt::Debug for NodeAgent {
@@ -665,6 +668,7 @@ async fn maybe_start(
     let Some((image_name, image)) = ensure_image(node, pod, c, &image_ref, next, state).await else {
         return;
     };
+    node.image_gc.touch(&image_name);
     let config = match container_config(node, pod, c, &image_name, &image, sandbox, pod_ip, init, next).await {
         Ok(config) => config,
         Err(error) => {
@@ -1117,6 +1121,8 @@ async fn container_config(
         stdin: c.stdin.unwrap_or(false),
         stdin_once: c.stdin_once.unwrap_or(false),
         tty: c.tty.unwrap_or(false),
+        log_max_size: node.log_rotation.0,
+        log_max_files: node.log_rotation.1,
     })
 }
 

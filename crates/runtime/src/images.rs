@@ -329,6 +329,51 @@ impl ImageStore {
     }
 }
 
+impl ImageStore {
+    /// Forgets the image `name` and removes every blob and unpacked layer no other image uses
+    /// (image garbage collection: the caller knows no container uses it).
+    pub fn remove(&self, name: &str) -> Result<(), ImageError> {
+        let mut names = self.names();
+        let Some(removed) = names.0.remove(name) else {
+            return Err(ImageError::NotFound(name.to_string()));
+        };
+        let bytes = serde_json::to_vec_pretty(&names.0).unwrap();
+        write_durably(&self.root.join("images.json"), &bytes)?;
+        names.1 = modified(&self.root.join("images.json"));
+        // What an image holds: its manifest, config and layer blobs, and its unpacked layers.
+        let held = |image: &Image| -> (Vec<String>, Vec<String>) {
+            let mut blobs = vec![image.manifest.clone(), image.config.clone()];
+            if let Ok(manifest) = read_json(&self.blob_path(&image.manifest)) {
+                for layer in manifest["layers"].as_array().into_iter().flatten() {
+                    if let Some(digest) = layer["digest"].as_str() {
+                        blobs.push(digest.to_string());
+                    }
+                }
+            }
+            (blobs, image.layers.clone())
+        };
+        let (mut kept_blobs, mut kept_layers) = (std::collections::HashSet::new(), std::collections::HashSet::new());
+        for image in names.0.values() {
+            let (blobs, layers) = held(image);
+            kept_blobs.extend(blobs);
+            kept_layers.extend(layers);
+        }
+        let (blobs, layers) = held(&removed);
+        for blob in blobs.iter().filter(|b| !kept_blobs.contains(*b)) {
+            let _ = std::fs::remove_file(self.blob_path(blob));
+        }
+        for layer in layers.iter().filter(|l| !kept_layers.contains(*l)) {
+            let dir = self.root.join("layers").join(layer.trim_start_matches("sha256:"));
+            // Renamed first: a half-removed layer is never mistaken for an unpacked one.
+            let doomed = dir.with_extension("removing");
+            if std::fs::rename(&dir, &doomed).is_ok() {
+                std::fs::remove_dir_all(&doomed)?;
+            }
+        }
+        Ok(())
+    }
+}
+
 fn read_names(root: &Path) -> Result<BTreeMap<String, Image>, ImageError> {
     match std::fs::read(root.join("images.json")) {
         Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| bad(format!("images.json: {e}"))),

@@ -91,12 +91,44 @@ pub(crate) fn mount_rootfs(paths: &Paths, config: &ContainerConfig) -> anyhow::R
     Ok(())
 }
 
-/// A CRI log file: `<RFC 3339 nano> <stream> <F|P> <line>` per line.
+/// A CRI log file: `<RFC 3339 nano> <stream> <F|P> <line>` per line. Once it reaches
+/// `max_size` it is renamed `<name>.<UTC time>` and a new one started, keeping `max_files` in
+/// all, as the kubelet rotates containers' logs upstream (readers following the log move on
+/// to the new file).
 struct CriLog {
     file: File,
+    path: PathBuf,
+    size: u64,
+    max_size: u64,
+    max_files: u32,
 }
 
 impl CriLog {
+    fn open(path: &Path, max_size: u64, max_files: u32) -> std::io::Result<CriLog> {
+        let file = OpenOptions::new().create(true).append(true).open(path)?;
+        let size = file.metadata()?.len();
+        Ok(CriLog { file, path: path.to_path_buf(), size, max_size, max_files })
+    }
+
+    fn rotate(&mut self) -> std::io::Result<()> {
+        let stamp = time::OffsetDateTime::now_utc();
+        let rotated = format!(
+            "{}.{:04}{:02}{:02}-{:02}{:02}{:02}.{:09}",
+            self.path.display(),
+            stamp.year(),
+            u8::from(stamp.month()),
+            stamp.day(),
+            stamp.hour(),
+            stamp.minute(),
+            stamp.second(),
+            stamp.nanosecond()
+        );
+        std::fs::rename(&self.path, &rotated)?;
+        *self = CriLog::open(&self.path.clone(), self.max_size, self.max_files)?;
+        remove_old_logs(&self.path, self.max_files.max(1) as usize - 1);
+        Ok(())
+    }
+
     fn write(&mut self, stream: &str, line: &[u8], partial: bool) {
         let stamp = time::OffsetDateTime::now_utc();
         let stamp = format!(
@@ -116,7 +148,31 @@ impl CriLog {
         record.extend_from_slice(if partial { b" P " } else { b" F " });
         record.extend_from_slice(line);
         record.push(b'\n');
-        let _ = self.file.write_all(&record);
+        if self.file.write_all(&record).is_ok() {
+            self.size += record.len() as u64;
+        }
+        if self.max_size > 0 && self.size >= self.max_size {
+            let _ = self.rotate();
+        }
+    }
+}
+
+/// Keeps the newest `keep` rotated files of the log at `path` (`<name>.<time>`), removes the rest.
+fn remove_old_logs(path: &Path, keep: usize) {
+    let (Some(dir), Some(name)) = (path.parent(), path.file_name().and_then(|n| n.to_str())) else { return };
+    let prefix = format!("{name}.");
+    let mut rotated: Vec<PathBuf> = std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|e| e.file_name().to_str().is_some_and(|n| n.starts_with(&prefix)))
+        .map(|e| e.path())
+        .collect();
+    // The time stamps sort as the rotations happened.
+    rotated.sort();
+    let excess = rotated.len().saturating_sub(keep);
+    for old in &rotated[..excess] {
+        let _ = std::fs::remove_file(old);
     }
 }
 
@@ -176,7 +232,10 @@ pub fn main(dir: &Path) -> i32 {
 
 type Readers = Vec<std::thread::JoinHandle<()>>;
 
-fn start(paths: &Paths) -> anyhow::Result<(i32, Readers, Arc<Mutex<CriLog>>, Arc<Attachments>)> {
+/// A started container: its pid, the threads copying its output, its log, its attachments.
+type Running = (i32, Readers, Arc<Mutex<CriLog>>, Arc<Attachments>);
+
+fn start(paths: &Paths) -> anyhow::Result<Running> {
     let _ = nix::unistd::setsid();
     nix::sys::prctl::set_child_subreaper(true)?;
     let config: ContainerConfig = serde_json::from_slice(&std::fs::read(paths.config())?)?;
@@ -186,8 +245,7 @@ fn start(paths: &Paths) -> anyhow::Result<(i32, Readers, Arc<Mutex<CriLog>>, Arc
     if let Some(parent) = config.log_path.parent() {
         std::fs::create_dir_all(parent)?;
     }
-    let file = OpenOptions::new().create(true).append(true).open(&config.log_path)?;
-    let log = Arc::new(Mutex::new(CriLog { file }));
+    let log = Arc::new(Mutex::new(CriLog::open(&config.log_path, config.log_max_size, config.log_max_files)?));
     let attach_listener = attach::listen(&paths.dir, attach::SOCKET)?;
     let null = || File::options().read(true).write(true).open("/dev/null");
     let builder =
@@ -298,4 +356,38 @@ fn oom_killed(cgroups_path: &str) -> bool {
             text.lines().any(|l| l.strip_prefix("oom_kill ").is_some_and(|n| n.trim().parse::<u64>().unwrap_or(0) > 0))
         })
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn logs_rotate_at_their_size_and_keep_so_many_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("0.log");
+        let mut log = CriLog::open(&path, 200, 3).unwrap();
+        for i in 0..42 {
+            log.write("stdout", format!("line {i}").as_bytes(), false);
+        }
+        let mut names: Vec<String> =
+            std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
+        names.sort();
+        assert_eq!(names.len(), 3, "{names:?}");
+        assert_eq!(names[0], "0.log");
+        assert!(names[1].starts_with("0.log.") && names[2].starts_with("0.log."), "{names:?}");
+        let current = std::fs::read_to_string(&path).unwrap();
+        assert!(current.len() < 200 && current.ends_with("line 41\n"), "{current}");
+        // The newest rotated file holds the lines just before.
+        let previous = std::fs::read_to_string(dir.path().join(&names[2])).unwrap();
+        assert!(previous.len() >= 200 && previous.contains(" stdout F "), "{previous}");
+        // Unlimited: never rotated.
+        let mut log = CriLog::open(&dir.path().join("1.log"), 0, 0).unwrap();
+        for _ in 0..100 {
+            log.write("stderr", b"x", false);
+        }
+        assert!(
+            !dir.path().read_dir().unwrap().any(|e| e.unwrap().file_name().to_string_lossy().starts_with("1.log."))
+        );
+    }
 }

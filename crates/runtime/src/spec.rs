@@ -71,6 +71,12 @@ pub struct ContainerConfig {
     pub stdin_once: bool,
     #[serde(default)]
     pub tty: bool,
+    /// Rotate the log once it reaches this many bytes (0: never), keeping this many files in
+    /// all (`--container-log-max-size`, `--container-log-max-files`).
+    #[serde(default)]
+    pub log_max_size: u64,
+    #[serde(default)]
+    pub log_max_files: u32,
 }
 
 /// Docker's and containerd's default capability set.

@@ -109,6 +109,31 @@ struct NodeFlags {
     /// Static pod manifests: each file is a Pod run on this node (default: <data-dir>/manifests).
     #[arg(long)]
     pod_manifest_path: Option<PathBuf>,
+    /// A container's log is rotated once it reaches this size (a quantity: 10Mi; 0: never).
+    #[arg(long, default_value = "10Mi", value_parser = parse_bytes)]
+    container_log_max_size: u64,
+    /// How many log files (the current one and rotated ones) a container keeps.
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u32).range(2..))]
+    container_log_max_files: u32,
+    /// Image garbage collection starts when the image filesystem is this full (percent;
+    /// 100 turns it off)...
+    #[arg(long, default_value_t = 85, value_parser = clap::value_parser!(u8).range(0..=100))]
+    image_gc_high_threshold: u8,
+    /// ...and removes unused images until it is down to this (percent).
+    #[arg(long, default_value_t = 80, value_parser = clap::value_parser!(u8).range(0..=100))]
+    image_gc_low_threshold: u8,
+    /// Images used (or first seen) more recently than this are never collected (a duration:
+    /// 2m, 30s).
+    #[arg(long, default_value = "2m", value_parser = parse_duration_or_zero)]
+    image_minimum_gc_age: Duration,
+}
+
+/// A byte quantity as Kubernetes writes them: `10Mi`, `1G`, `512`.
+fn parse_bytes(text: &str) -> Result<u64, String> {
+    tugboat_kubelet::pods::quantity(text)
+        .filter(|q| *q >= 0.0)
+        .map(|q| q as u64)
+        .ok_or_else(|| format!("{text:?} is not a size (e.g. 10Mi)"))
 }
 
 impl NodeFlags {
@@ -126,6 +151,13 @@ impl NodeFlags {
             client_ca: root_ca(kubeconfig),
             insecure_registries: self.insecure_registries.clone(),
             manifest_dir: self.pod_manifest_path.clone(),
+            log_max_size: self.container_log_max_size,
+            log_max_files: self.container_log_max_files,
+            image_gc: tugboat_kubelet::image_gc::Policy {
+                high: self.image_gc_high_threshold,
+                low: self.image_gc_low_threshold.min(self.image_gc_high_threshold),
+                min_age: self.image_minimum_gc_age,
+            },
         }
     }
 }

@@ -910,10 +910,33 @@ fn images_are_pulled_from_a_registry_with_back_off_on_failure() {
             &logs_path,
             "--insecure-registry",
             &registry.address,
+            // Image GC whenever an image is unused (any disk is fuller than 1%), and logs
+            // rotated at 2 KiB.
+            "--image-gc-high-threshold",
+            "1",
+            "--image-gc-low-threshold",
+            "0",
+            "--image-minimum-gc-age",
+            "0s",
+            "--container-log-max-size",
+            "2Ki",
+            "--container-log-max-files",
+            "2",
         ],
     )
     .expect("the server starts");
     wait(&server, &["get", "node", "box", "-o", "jsonpath={.spec.podCIDR}"], "pod CIDR", |o| o.contains('/'));
+    // An imported image is pinned: never collected.
+    let archive = server.scratch("images").join("busybox.tar");
+    tugboat_testkit::image::busybox_archive(&archive).unwrap();
+    let out = Command::new(TUGBOAT)
+        .args(["images", "import"])
+        .arg(&archive)
+        .arg("--data-dir")
+        .arg(server.data_dir())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let image = format!("{}/tools/busybox:1.35", registry.address);
     let missing = format!("{}/tools/nothing:1", registry.address);
     let manifest = format!(
@@ -948,7 +971,32 @@ fn images_are_pulled_from_a_registry_with_back_off_on_failure() {
     );
     assert!(events.contains("Failed") && events.contains("BackOff"), "{events}");
     // The image is in the node's store now: `tugboat images list` shows it.
-    let out = Command::new(TUGBOAT).args(["images", "list", "--data-dir"]).arg(server.data_dir()).output().unwrap();
-    assert!(String::from_utf8_lossy(&out.stdout).contains(&image), "{}", String::from_utf8_lossy(&out.stdout));
+    let images = || {
+        let out = Command::new(TUGBOAT).args(["images", "list", "--data-dir"]).arg(server.data_dir()).output().unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    assert!(images().contains(&image), "{}", images());
+
+    // Logs rotate at their size: two files at most, the newest lines kept and shown.
+    let chatty = format!(
+        "apiVersion: v1\nkind: Pod\nmetadata: {{name: chatty}}\nspec:\n  terminationGracePeriodSeconds: 1\n  containers: [{{name: c, image: \"{image}\", command: [sh, -c, \"i=0; while [ $i -lt 300 ]; do echo line $i; i=$((i+1)); done; exec sleep 3600\"]}}]\n"
+    );
+    server.kubectl(&["apply", "-f", "-"], Some(&chatty));
+    wait(&server, &["logs", "chatty", "--tail=1"], "chatty logs", |o| o == "line 299");
+    let uid = pod_json(&server, "chatty")["metadata"]["uid"].as_str().unwrap().to_string();
+    let dir = logs.path().join(format!("default_chatty_{uid}/c"));
+    let files: Vec<String> =
+        std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
+    assert!(files.len() == 2 && files.contains(&"0.log".to_string()), "{files:?}");
+    let shown = server.kubectl(&["logs", "chatty"], None);
+    assert!(!shown.starts_with("line 0\n") && shown.ends_with("line 299\n"), "{shown}");
+
+    // Unused pulled images are collected once no container uses them; the pinned one stays.
     server.kubectl(&["delete", "pod", "--all", "--grace-period=1", "--wait=true"], None);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while images().contains(&image) {
+        assert!(Instant::now() < deadline, "the unused image stays: {}", images());
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    assert!(images().contains("busybox:1.35"), "{}", images());
 }

@@ -159,3 +159,28 @@ async fn a_running_container_outlives_a_killed_starter() {
     );
     tugboat_runtime::remove_cgroup(&format!("/tugboat-test/{}", std::process::id()));
 }
+
+#[test]
+fn removing_an_image_frees_only_what_no_other_image_uses() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = store(dir.path());
+    // A second image: the same busybox layer plus a file, so a layer of its own.
+    let archive = dir.path().join("other.tar");
+    let layer = tugboat_testkit::image::busybox_layer(&[("etc/other", b"1", 0o644)]).unwrap();
+    tugboat_testkit::image::oci_archive(&archive, "other:1", &layer, &["sh"]).unwrap();
+    store.import(&archive).unwrap();
+    let (_, busybox) = store.get("busybox:1.35").unwrap();
+    let (_, other) = store.get("other:1").unwrap();
+    let layer_dir = |diff_id: &str| store.root().join("layers").join(diff_id.trim_start_matches("sha256:"));
+    assert!(layer_dir(&other.layers[0]).is_dir());
+    store.remove("other:1").unwrap();
+    assert!(store.get("other:1").is_none());
+    assert!(!layer_dir(&other.layers[0]).exists() && !store.blob_path(&other.manifest).exists());
+    // The other image is whole.
+    assert!(layer_dir(&busybox.layers[0]).join("bin/busybox").exists());
+    assert!(store.blob_path(&busybox.config).exists() && store.get("busybox:1.35").is_some());
+    // Read again from disk: the name is gone there too.
+    let again = ImageStore::open(store.root()).unwrap();
+    assert!(again.get("other:1").is_none() && again.get("busybox:1.35").is_some());
+    assert!(matches!(store.remove("other:1"), Err(tugboat_runtime::images::ImageError::NotFound(_))));
+}
