@@ -132,7 +132,8 @@ async fn cached(state: &ApiState, plural: &str, namespace: &str, name: &str) -> 
         .get(&resource.prefix(None))
         .await
         .map_err(|e| ApiError::from_store(e, resource.group, resource.plural, name))?;
-    let found = cache.list(&resource.prefix(Some(namespace))).0;
+    // The key as the prefix: only this name (and names it begins) is decoded.
+    let found = cache.list(&resource.key(Some(namespace), name)).0;
     Ok(found.into_iter().find(|o| o["metadata"]["name"] == name))
 }
 
@@ -292,6 +293,21 @@ pub async fn admit(state: &ApiState, pod: &mut Value) -> Result<(), ApiError> {
     spec["serviceAccount"] = json!(account_name);
     let namespace = pod["metadata"]["namespace"].as_str().unwrap_or("default").to_string();
     let account = cached(state, "serviceaccounts", &namespace, &account_name).await?;
+    // Upstream refuses a pod whose account does not exist; `default` is let through, as the
+    // service account controller makes it moments after its namespace.
+    if account.is_none() && account_name != "default" {
+        let name = pod["metadata"]["name"].as_str().unwrap_or_default();
+        let mut error = ApiError::new(
+            403,
+            "Forbidden",
+            format!(
+                "pods \"{name}\" is forbidden: error looking up service account {namespace}/{account_name}: serviceaccount \"{account_name}\" not found"
+            ),
+        );
+        error.kind = Some("pods".into());
+        error.name = Some(name.to_string()).filter(|n| !n.is_empty());
+        return Err(error);
+    }
     let automount = match pod["spec"]["automountServiceAccountToken"].as_bool() {
         Some(pod_says) => pod_says,
         None => account.as_ref().and_then(|a| a["automountServiceAccountToken"].as_bool()).unwrap_or(true),

@@ -502,16 +502,19 @@ fn spawn(command: Launch, options: &ExecOptions) -> anyhow::Result<(Proc, Io, Ou
 /// own devpts instance, so the command can name it (`tty` prints `/dev/pts/0`), as runc's
 /// console socket gives; else (no root, an odd /dev) from the host's.
 fn terminal(root: Option<&std::path::Path>) -> std::io::Result<(std::os::fd::OwnedFd, std::os::fd::OwnedFd)> {
-    use rustix::fs::{Mode, OFlags};
+    use rustix::fs::{Mode, OFlags, ResolveFlags};
     use rustix::pty::OpenptFlags;
     if let Some(root) = root {
-        // `dev/pts/ptmx` itself: no symlink to follow out of the container.
+        // Resolved inside the container's root: a symlink the container made cannot lead out.
         let flags = OFlags::RDWR | OFlags::NOCTTY | OFlags::CLOEXEC;
-        let opened = rustix::fs::open(root.join("dev/pts/ptmx"), flags, Mode::empty()).and_then(|master| {
-            rustix::pty::unlockpt(&master)?;
-            let slave = rustix::pty::ioctl_tiocgptpeer(&master, OpenptFlags::RDWR | OpenptFlags::NOCTTY)?;
-            Ok((master, slave))
-        });
+        let resolve = ResolveFlags::IN_ROOT | ResolveFlags::NO_MAGICLINKS;
+        let opened = rustix::fs::open(root, OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC, Mode::empty())
+            .and_then(|root| rustix::fs::openat2(&root, "dev/pts/ptmx", flags, Mode::empty(), resolve))
+            .and_then(|master| {
+                rustix::pty::unlockpt(&master)?;
+                let slave = rustix::pty::ioctl_tiocgptpeer(&master, OpenptFlags::RDWR | OpenptFlags::NOCTTY)?;
+                Ok((master, slave))
+            });
         match opened {
             Ok(pair) => return Ok(pair),
             Err(error) => tracing::debug!(root = %root.display(), %error, "no terminal in the container's devpts"),

@@ -222,6 +222,9 @@ pub async fn run(node: Shared) -> anyhow::Result<()> {
 
 async fn watch_pod_cidr(node: Shared) {
     let nodes: Api<Node> = Api::all(node.client.clone());
+    // Asked often: pods wait (NetworkNotReady) until it is known, and the node IPAM
+    // controller assigns it moments after the node registers.
+    let mut pause = Duration::from_millis(50);
     loop {
         if let Ok(n) = nodes.get(&node.name).await {
             let cidr = n.spec.and_then(|s| s.pod_cidr).and_then(|c| PodNetwork::parse(&c));
@@ -230,7 +233,8 @@ async fn watch_pod_cidr(node: Shared) {
                 return;
             }
         }
-        tokio::time::sleep(Duration::from_secs(1)).await;
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(Duration::from_secs(1));
     }
 }
 

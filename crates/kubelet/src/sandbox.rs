@@ -134,6 +134,10 @@ fn ip_batch(commands: &str) -> anyhow::Result<()> {
 
 /// Makes the node bridge (idempotent): `tugboat0` with the gateway address, up.
 pub fn ensure_bridge(network: &PodNetwork) -> anyhow::Result<()> {
+    // One at a time: the first pods of a node all find no bridge, and a second `addr add` of
+    // the gateway fails.
+    static MAKING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _making = MAKING.lock().unwrap_or_else(|e| e.into_inner());
     let exists =
         Command::new("ip").args(["link", "show", BRIDGE]).stdout(Stdio::null()).stderr(Stdio::null()).status()?;
     if !exists.success() {

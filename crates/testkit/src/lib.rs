@@ -193,6 +193,11 @@ impl TugboatServer {
         self.dir.path().join("data")
     }
 
+    /// The log lines the server wrote since the last look.
+    pub fn log_lines(&self) -> Vec<String> {
+        self.lines.try_iter().collect()
+    }
+
     pub fn kubeconfig(&self) -> PathBuf {
         self.data_dir().join("admin.kubeconfig")
     }

@@ -799,6 +799,12 @@ spec:
     assert!(!ok && err.contains("spec.expirationSeconds") && err.contains("10 minutes"), "{err}");
     let (ok, _, err) = try_kubectl(&server, &["create", "token", "nobody"]);
     assert!(!ok && err.contains("not found"), "{err}");
+    // A pod of an account that does not exist is refused, as upstream's admission does.
+    let (ok, _, err) = try_kubectl(
+        &server,
+        &["run", "ghost", "--image=busybox:1.35", "--overrides", r#"{"spec":{"serviceAccountName":"ghost"}}"#],
+    );
+    assert!(!ok && err.contains("forbidden") && err.contains("serviceaccount \"ghost\" not found"), "{err}");
     // A forged token and a deleted account's token are refused.
     let (ok, said) = whoami(&server, &format!("{}x", &robot[..robot.len() - 1]));
     assert!(!ok && said.contains("Unauthorized"), "{said}");

@@ -73,6 +73,18 @@ async fn run(args: Args) -> anyhow::Result<Value> {
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    // So is what every pod mounts: the default service account and the root CA's configMap
+    // (their controllers make them moments after the namespace).
+    for path in
+        ["/api/v1/namespaces/default/serviceaccounts/default", "/api/v1/namespaces/default/configmaps/kube-root-ca.crt"]
+    {
+        while target.expect(Method::GET, path, None, &[200]).await.is_err() {
+            if Instant::now() > deadline {
+                bail!("{path} never appeared");
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
     let collection = "/api/v1/namespaces/default/pods";
     let watch = tugboat_apibench::watch(&target, collection).await?;
     let created: Arc<Mutex<HashMap<String, Instant>>> = Arc::default();
@@ -124,8 +136,17 @@ async fn run(args: Args) -> anyhow::Result<Value> {
     }
     let (latencies, finished) = tokio::time::timeout(Duration::from_secs(300), running).await???;
     let total = finished.duration_since(started).as_secs_f64();
+    // Whatever went wrong on the way (failed syncs retried a second later show as outliers).
+    for line in server.log_lines().iter().filter(|l| l.contains("WARN") || l.contains("ERROR")) {
+        eprintln!("server: {line}");
+    }
     drop(server);
     let _ = std::fs::remove_dir_all(&logs);
+    let mut slowest: Vec<(&String, &Duration)> = latencies.iter().collect();
+    slowest.sort_by(|a, b| b.1.cmp(a.1));
+    for (name, took) in slowest.iter().take(5) {
+        eprintln!("slow: {name} {:.1} ms", took.as_secs_f64() * 1000.0);
+    }
     let mut ms: Vec<f64> = latencies.values().map(|d| d.as_secs_f64() * 1000.0).collect();
     ms.sort_by(f64::total_cmp);
     Ok(json!({
