@@ -98,6 +98,16 @@ pub async fn handle(state: Arc<ApiState>, user: Option<UserInfo>, request: hyper
     // Parsed once: for routing and for the metrics labels.
     let target = parse_target(&path);
     let (verb, group, resource) = request_labels(&parts.method, target.as_ref().ok().and_then(Option::as_ref), &query);
+    // Who acts (the caller, or whom it impersonates) and whether RBAC lets them.
+    let user = match authorize(&state, user, &parts, &path, target.as_ref().ok().and_then(Option::as_ref), &verb).await
+    {
+        Ok(user) => user,
+        Err(error) => {
+            let response = error.into_response();
+            state.metrics.record(&verb, group, resource, response.status().as_u16(), started.elapsed());
+            return response;
+        }
+    };
     // exec, attach and port-forward: the connection is upgraded and spliced to the kubelet's.
     let streaming = match &target {
         Ok(Some(t)) if t.resource.group.is_empty() && t.resource.plural == "pods" => {
@@ -123,6 +133,106 @@ pub async fn handle(state: Arc<ApiState>, user: Option<UserInfo>, request: hyper
     };
     state.metrics.record(&verb, group, resource, response.status().as_u16(), started.elapsed());
     response
+}
+
+/// What a request asks, as RBAC sees it.
+fn attributes(method: &Method, path: &str, target: Option<&Target>, verb: &str) -> crate::rbac::Attributes {
+    use crate::rbac::{Attributes, ResourceAttributes};
+    if let Some(t) = target {
+        // exec, attach and port-forward: `create` for POST (SPDY), `get` for GET (websocket).
+        let verb = match t.subresource.as_deref() {
+            Some("exec" | "attach" | "portforward") if method == Method::GET => "get",
+            Some("exec" | "attach" | "portforward") => "create",
+            _ => verb,
+        };
+        return Attributes {
+            verb: verb.to_string(),
+            resource: Some(ResourceAttributes {
+                group: t.resource.group.to_string(),
+                resource: t.resource.plural.to_string(),
+                subresource: t.subresource.clone().unwrap_or_default(),
+                namespace: t.namespace.clone().unwrap_or_default(),
+                name: t.name.clone().unwrap_or_default(),
+            }),
+            path: path.to_string(),
+        };
+    }
+    let metrics = format!("/apis/{}/{}/", crate::resource_metrics::GROUP, crate::resource_metrics::VERSION);
+    if let Some(rest) = path.strip_prefix(&metrics) {
+        let segments: Vec<&str> = rest.trim_matches('/').split('/').collect();
+        let (namespace, resource, name) = match segments.as_slice() {
+            ["namespaces", ns, plural, name @ ..] => (*ns, *plural, name.first().copied().unwrap_or_default()),
+            [plural, name @ ..] => ("", *plural, name.first().copied().unwrap_or_default()),
+            [] => ("", "", ""),
+        };
+        let verb = if name.is_empty() { "list" } else { "get" };
+        return Attributes {
+            verb: verb.into(),
+            resource: Some(ResourceAttributes {
+                group: crate::resource_metrics::GROUP.into(),
+                resource: resource.into(),
+                subresource: String::new(),
+                namespace: namespace.into(),
+                name: name.into(),
+            }),
+            path: path.to_string(),
+        };
+    }
+    Attributes { verb: method.as_str().to_ascii_lowercase(), resource: None, path: path.to_string() }
+}
+
+/// Authorizes the request: public paths need no one; impersonation (`Impersonate-User`,
+/// `Impersonate-Group`) must itself be allowed; then RBAC decides. Returns who acts.
+async fn authorize(
+    state: &ApiState,
+    user: Option<UserInfo>,
+    parts: &hyper::http::request::Parts,
+    path: &str,
+    target: Option<&Target>,
+    verb: &str,
+) -> Result<Option<UserInfo>, ApiError> {
+    let Some(mut user) = user else { return Ok(None) };
+    let header = |name: &str| -> Vec<String> {
+        parts.headers.get_all(name).iter().filter_map(|v| v.to_str().ok().map(str::to_string)).collect()
+    };
+    if let Some(impersonated) = header("impersonate-user").into_iter().next() {
+        use crate::rbac::{Attributes, ResourceAttributes};
+        let groups = header("impersonate-group");
+        let sa = impersonated.strip_prefix("system:serviceaccount:").and_then(|rest| rest.split_once(':'));
+        let mut asks = vec![match sa {
+            Some((namespace, name)) => ("serviceaccounts", namespace.to_string(), name.to_string()),
+            None => ("users", String::new(), impersonated.clone()),
+        }];
+        asks.extend(groups.iter().map(|g| ("groups", String::new(), g.clone())));
+        for (resource, namespace, name) in asks {
+            let attributes = Attributes {
+                verb: "impersonate".into(),
+                resource: Some(ResourceAttributes {
+                    group: String::new(),
+                    resource: resource.into(),
+                    subresource: String::new(),
+                    namespace,
+                    name,
+                }),
+                path: path.to_string(),
+            };
+            if !crate::rbac::allowed(state, &user, &attributes).await? {
+                return Err(crate::rbac::forbidden(&user, &attributes));
+            }
+        }
+        let mut groups = groups;
+        if let Some((namespace, _)) = sa {
+            groups.push("system:serviceaccounts".into());
+            groups.push(format!("system:serviceaccounts:{namespace}"));
+        }
+        user = UserInfo::new(impersonated, String::new(), groups);
+    }
+    let attributes = attributes(&parts.method, path, target, verb);
+    if crate::rbac::allowed(state, &user, &attributes).await? {
+        Ok(Some(user))
+    } else {
+        Err(crate::rbac::forbidden(&user, &attributes))
+    }
 }
 
 /// The verb (upstream's: get, list, watch, create, update, patch, delete, deletecollection) and
@@ -361,7 +471,7 @@ async fn dispatch(
         }
         let body = read_body(body).await?;
         let review = decode_body(content_type, &body)?;
-        return Ok(json_response(StatusCode::CREATED, &answer_review(target.resource, user, review)));
+        return Ok(json_response(StatusCode::CREATED, &answer_review(state, target.resource, user, review).await?));
     }
     let namespace = target.namespace.as_deref();
     match (method, target.name.as_deref()) {
@@ -1564,32 +1674,32 @@ async fn delete_collection(
 
 /// Answers a review. Authorization is "every authenticated user may do everything" until RBAC
 /// is enforced, and the answers say so.
-fn answer_review(resource: &Resource, user: Option<&UserInfo>, mut review: Value) -> Value {
+async fn answer_review(
+    state: &ApiState,
+    resource: &Resource,
+    user: Option<&UserInfo>,
+    mut review: Value,
+) -> Result<Value, ApiError> {
     review["kind"] = json!(resource.kind);
     review["apiVersion"] = json!(resource.api_version());
     if !review["metadata"].is_object() {
         review["metadata"] = json!({});
     }
     review["metadata"]["creationTimestamp"] = Value::Null;
+    let user = user.cloned().unwrap_or(UserInfo { name: String::new(), uid: String::new(), groups: Vec::new() });
     match resource.plural {
         "selfsubjectaccessreviews" => {
-            review["status"] =
-                json!({"allowed": true, "reason": "every authenticated user is allowed (RBAC is not enforced yet)"});
+            review["status"] = crate::rbac::review(state, &user, &review["spec"]).await?;
         }
         "selfsubjectrulesreviews" => {
-            review["status"] = json!({
-                "resourceRules": [{"verbs": ["*"], "apiGroups": ["*"], "resources": ["*"]}],
-                "nonResourceRules": [{"verbs": ["*"], "nonResourceURLs": ["*"]}],
-                "incomplete": false,
-            });
+            let namespace = review["spec"]["namespace"].as_str().unwrap_or("default").to_string();
+            review["status"] = crate::rbac::rules_review(state, &user, &namespace).await?;
         }
         _ => {
-            let user =
-                user.cloned().unwrap_or(UserInfo { name: String::new(), uid: String::new(), groups: Vec::new() });
             review["status"] = json!({"userInfo": {"username": user.name, "uid": user.uid, "groups": user.groups}});
         }
     }
-    review
+    Ok(review)
 }
 
 /// Creates the namespaces every cluster has, and the `kubernetes` Service, if missing.
@@ -1605,6 +1715,17 @@ pub async fn ensure_system_objects(state: &ApiState) -> Result<(), ApiError> {
         match state.store.create(&key, object::to_store(classes, &class)).await {
             Ok(_) | Err(StoreError::AlreadyExists { .. }) => {}
             Err(error) => return Err(ApiError::from_store(error, "scheduling.k8s.io", "priorityclasses", name)),
+        }
+    }
+    // Upstream's default RBAC roles and bindings, made if missing (edits are kept).
+    for (kind, mut object) in crate::rbac::defaults() {
+        let plural = if kind == "ClusterRole" { "clusterroles" } else { "clusterrolebindings" };
+        let resource = registry::find("rbac.authorization.k8s.io", "v1", plural).expect("RBAC is served");
+        let name = object["metadata"]["name"].as_str().unwrap_or_default().to_string();
+        object::prepare_create(resource, None, &mut object)?;
+        match state.store.create(&resource.key(None, &name), object::to_store(resource, &object)).await {
+            Ok(_) | Err(StoreError::AlreadyExists { .. }) => {}
+            Err(error) => return Err(ApiError::from_store(error, "rbac.authorization.k8s.io", plural, &name)),
         }
     }
     let services = registry::find("", "v1", "services").expect("services are served");

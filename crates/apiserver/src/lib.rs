@@ -23,6 +23,7 @@ mod openapi_v2;
 mod pod_subresources;
 mod priority;
 mod protobuf;
+mod rbac;
 mod registry;
 mod resource_metrics;
 mod schema;

@@ -398,7 +398,7 @@ fn bad_requests_get_a_status_with_reason_and_code() {
 }
 
 #[test]
-fn bearer_tokens_from_a_token_file_authenticate() {
+fn bearer_tokens_authenticate_and_rbac_authorizes() {
     let dir = tempfile::tempdir().unwrap();
     let tokens = dir.path().join("tokens.csv");
     std::fs::write(&tokens, "s3cret-token,alice,1001,\"dev\"\n").unwrap();
@@ -408,10 +408,67 @@ fn bearer_tokens_from_a_token_file_authenticate() {
     )
     .unwrap();
     let curl = Curl { server: &server };
-    let (code, _) = curl.request("GET", "/api/v1/namespaces", false, &["-H", "Authorization: Bearer s3cret-token"]);
-    assert_eq!(code, 200);
+    let alice = ["-H", "Authorization: Bearer s3cret-token"];
     let (code, _) = curl.request("GET", "/api/v1/namespaces", false, &["-H", "Authorization: Bearer wrong"]);
     assert_eq!(code, 401);
+    // Authenticated, but RBAC grants alice nothing yet beyond discovery and self reviews.
+    let (code, body) = curl.request("GET", "/api/v1/namespaces", false, &alice);
+    let status: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!((code, status["reason"].as_str()), (403, Some("Forbidden")), "{status}");
+    assert_eq!(
+        status["message"],
+        "namespaces is forbidden: User \"alice\" cannot list resource \"namespaces\" in API group \"\" at the cluster scope"
+    );
+    assert_eq!(curl.request("GET", "/apis", false, &alice).0, 200, "discovery is for everyone");
+    assert_eq!(curl.request("GET", "/version", false, &alice).0, 200);
+
+    // The real kubectl grants and checks: a ClusterRoleBinding to `view` for the user, a
+    // Role and RoleBinding for her group, `auth can-i --as`.
+    let kubectl = Kubectl::new(&server, None);
+    kubectl.ok(&["create", "clusterrolebinding", "alice-view", "--clusterrole=view", "--user=alice"]);
+    assert_eq!(curl.request("GET", "/api/v1/namespaces", false, &alice).0, 200);
+    let json = ["-H", "Content-Type: application/json", "-d", r#"{"metadata":{"name":"made-by-alice"}}"#];
+    let (code, _) =
+        curl.request("POST", "/api/v1/namespaces/default/configmaps", false, &[&alice[..], &json[..]].concat());
+    assert_eq!(code, 403, "view does not write");
+    assert_eq!(kubectl.ok(&["auth", "can-i", "list", "pods", "--as", "alice"]).trim(), "yes");
+    let output = kubectl.run(&["auth", "can-i", "create", "configmaps", "--as", "alice"]);
+    assert_eq!((output.status.code(), String::from_utf8_lossy(&output.stdout).trim()), (Some(1), "no"));
+    kubectl.ok(&["create", "role", "cm-writer", "--verb=create", "--resource=configmaps"]);
+    kubectl.ok(&["create", "rolebinding", "devs-write-cms", "--role=cm-writer", "--group=dev"]);
+    let (code, _) =
+        curl.request("POST", "/api/v1/namespaces/default/configmaps", false, &[&alice[..], &json[..]].concat());
+    assert_eq!(code, 201, "the group's Role lets her");
+    assert_eq!(
+        kubectl.ok(&["auth", "can-i", "create", "configmaps", "--as", "alice", "--as-group", "dev"]).trim(),
+        "yes"
+    );
+    let output = kubectl.run(&[
+        "auth",
+        "can-i",
+        "create",
+        "configmaps",
+        "-n",
+        "kube-system",
+        "--as",
+        "alice",
+        "--as-group",
+        "dev",
+    ]);
+    assert_eq!(String::from_utf8_lossy(&output.stdout).trim(), "no", "another namespace");
+    let rules = kubectl.ok(&["auth", "can-i", "--list", "--as", "alice", "--as-group", "dev"]);
+    assert!(rules.contains("configmaps") && rules.contains("[create]"), "{rules}");
+    // Service accounts are subjects too.
+    kubectl.ok(&["create", "serviceaccount", "robot"]);
+    let robot = ["--as", "system:serviceaccount:default:robot"];
+    let output = kubectl.run(&[&["auth", "can-i", "get", "secrets"][..], &robot[..]].concat());
+    assert_eq!(String::from_utf8_lossy(&output.stdout).trim(), "no");
+    kubectl.ok(&["create", "rolebinding", "robot-edit", "--clusterrole=edit", "--serviceaccount=default:robot"]);
+    assert_eq!(kubectl.ok(&[&["auth", "can-i", "get", "secrets"][..], &robot[..]].concat()).trim(), "yes");
+    // Impersonation is itself authorized: alice may not act as someone else.
+    let (code, _) =
+        curl.request("GET", "/api/v1/namespaces", false, &[&alice[..], &["-H", "Impersonate-User: bob"][..]].concat());
+    assert_eq!(code, 403);
 }
 
 #[test]

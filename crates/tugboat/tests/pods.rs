@@ -791,6 +791,18 @@ spec:
     // The pod's token is the pod's service account to the API.
     let (ok, user) = whoami(&server, &token);
     assert!(ok && user == "system:serviceaccount:default:default", "{user}");
+    // ...with no rights beyond what RBAC grants it: none to read secrets.
+    let out = Command::new("/usr/bin/kubectl")
+        .args(["get", "secrets"])
+        .env("KUBECONFIG", token_kubeconfig(&server, &token))
+        .env("HOME", server.scratch("home"))
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && said.contains("forbidden") && said.contains("system:serviceaccount:default:default"),
+        "{said}"
+    );
     // kubectl create token: a token for an account; a bad expiry is refused with the field.
     server.kubectl(&["create", "serviceaccount", "robot"], None);
     let robot = server.kubectl(&["create", "token", "robot", "--duration=20m"], None);
