@@ -79,7 +79,7 @@ pub fn version() -> Value {
 
 /// Paths served without credentials, as upstream's `system:public-info-viewer` allows.
 pub fn is_public(path: &str) -> bool {
-    matches!(path, "/version" | "/healthz" | "/livez" | "/readyz")
+    matches!(path, "/version" | "/healthz" | "/livez" | "/readyz" | crate::bootstrap::CLUSTER_INFO_PATH)
         || path.starts_with("/healthz/")
         || path.starts_with("/livez/")
         || path.starts_with("/readyz/")
@@ -91,7 +91,9 @@ pub async fn handle(state: Arc<ApiState>, user: Option<UserInfo>, request: hyper
     let path = parts.uri.path().to_string();
     let query: Query =
         parts.uri.query().map(|q| url::form_urlencoded::parse(q.as_bytes()).into_owned().collect()).unwrap_or_default();
-    if !is_public(&path) && user.is_none() {
+    // Without credentials: the public paths, and cluster-info only to read.
+    let public = is_public(&path) && (path != crate::bootstrap::CLUSTER_INFO_PATH || parts.method == Method::GET);
+    if !public && user.is_none() {
         return ApiError::unauthorized().into_response();
     }
     let started = std::time::Instant::now();

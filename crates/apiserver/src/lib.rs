@@ -9,6 +9,7 @@
 #![allow(clippy::result_large_err)]
 
 mod auth;
+pub mod bootstrap;
 mod discovery;
 mod events;
 mod fields;
@@ -76,6 +77,8 @@ pub struct ApiServerConfig {
     /// the endpoint of the `kubernetes` Service. None: the bind address unless unspecified
     /// (`tugboat server` then passes the default route's interface address).
     pub advertise_address: Option<IpAddr>,
+    /// How long the join token made at first start is valid, seconds (0: for ever).
+    pub join_token_ttl: u64,
 }
 
 impl Default for ApiServerConfig {
@@ -89,6 +92,7 @@ impl Default for ApiServerConfig {
             default_not_ready_toleration_seconds: 300,
             default_unreachable_toleration_seconds: 300,
             advertise_address: None,
+            join_token_ttl: 24 * 3600,
         }
     }
 }
@@ -116,9 +120,15 @@ pub struct ApiServer {
     local_addr: SocketAddr,
     kubeconfig: PathBuf,
     task: tokio::task::JoinHandle<()>,
+    join: (String, String),
 }
 
 impl ApiServer {
+    /// `(server URL, token)` for `tugboat agent --server URL --token TOKEN`.
+    pub fn join(&self) -> (&str, &str) {
+        (&self.join.0, &self.join.1)
+    }
+
     /// The address the server listens on.
     pub fn local_addr(&self) -> SocketAddr {
         self.local_addr
@@ -287,10 +297,21 @@ pub async fn start(config: ApiServerConfig, store: Arc<dyn Store>) -> Result<Api
             .map_err(|e| StartError::Setup(e.message))?,
         None => tracing::warn!("no address to advertise: give --advertise-address"),
     }
+    // What joining nodes need: cluster-info (the CA and where this server is) and a token.
+    let join_server = match advertise {
+        Some(address) => format!("https://{}", SocketAddr::new(address, local_addr.port())),
+        None => format!("https://{}", state.server_address),
+    };
+    bootstrap::publish_cluster_info(&state, &join_server, ca.cert_pem())
+        .await
+        .map_err(|e| StartError::Setup(e.message))?;
+    let token = bootstrap::ensure_join_token(&state, &config.data_dir, config.join_token_ttl)
+        .await
+        .map_err(|e| StartError::Setup(e.message))?;
     let tokens = Arc::new(tokens);
     let task = tokio::spawn(accept_loop(listener, acceptor, state, tokens));
     tracing::info!(address = %local_addr, kubeconfig = %kubeconfig.display(), "API server listening");
-    Ok(ApiServer { local_addr, kubeconfig, task })
+    Ok(ApiServer { local_addr, kubeconfig, task, join: (join_server, token) })
 }
 
 async fn accept_loop(
@@ -366,5 +387,5 @@ async fn bearer_user(
     if service_accounts::looks_like_jwt(token) {
         return service_accounts::authenticate(state, token).await;
     }
-    None
+    bootstrap::authenticate(state, token).await
 }

@@ -353,7 +353,23 @@ pub fn defaults() -> Vec<(&'static str, Value)> {
             "/healthz", "/livez", "/readyz", "/version", "/version/"], "verbs": ["get"]}]),
             ),
         ),
+        (
+            "ClusterRole",
+            role(
+                "system:node-bootstrapper",
+                json!([{"apiGroups": ["certificates.k8s.io"],
+            "resources": ["certificatesigningrequests"], "verbs": ["create", "get", "list", "watch"]}]),
+            ),
+        ),
         ("ClusterRoleBinding", binding("cluster-admin", "cluster-admin", &["system:masters"])),
+        (
+            "ClusterRoleBinding",
+            binding(
+                "kubeadm:kubelet-bootstrap",
+                "system:node-bootstrapper",
+                &[tugboat_pki::bootstrap::NODE_TOKEN_GROUP],
+            ),
+        ),
         ("ClusterRoleBinding", binding("system:discovery", "system:discovery", &["system:authenticated"])),
         ("ClusterRoleBinding", binding("system:basic-user", "system:basic-user", &["system:authenticated"])),
         (

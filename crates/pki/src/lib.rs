@@ -4,6 +4,8 @@
 //! Files (keys are mode 0600): `<dir>/ca.crt`, `<dir>/ca.key`, and `<dir>/<name>.crt|.key` for
 //! each issued certificate.
 
+pub mod bootstrap;
+
 use std::io::Write;
 use std::net::IpAddr;
 use std::os::unix::fs::OpenOptionsExt;

@@ -40,6 +40,9 @@ enum Command {
     /// Manage the node's images.
     #[command(subcommand)]
     Images(ImagesCommand),
+    /// Manage bootstrap tokens, which join nodes (`tugboat agent --token`).
+    #[command(subcommand)]
+    Token(TokenCommand),
     /// The per-container monitor (started by the kubelet, not by hand).
     #[command(hide = true)]
     Shim {
@@ -55,6 +58,131 @@ enum Command {
         #[arg(last = true, required = true)]
         command: Vec<String>,
     },
+}
+
+#[derive(Debug, Subcommand)]
+enum TokenCommand {
+    /// Make a token and print it.
+    Create {
+        #[command(flatten)]
+        api: AdminArgs,
+        /// How long it is valid (24h, 90m; 0: for ever).
+        #[arg(long, default_value = "24h", value_parser = parse_duration_or_zero)]
+        ttl: Duration,
+        /// What it is for.
+        #[arg(long, default_value = "")]
+        description: String,
+        /// Print the whole join command, not the token alone.
+        #[arg(long)]
+        print_join_command: bool,
+    },
+    /// List the tokens.
+    List {
+        #[command(flatten)]
+        api: AdminArgs,
+    },
+    /// Delete tokens, by token or by ID.
+    Delete {
+        #[command(flatten)]
+        api: AdminArgs,
+        #[arg(required = true)]
+        tokens: Vec<String>,
+    },
+}
+
+/// How `token` commands reach the API: a kubeconfig, else the server's admin one.
+#[derive(Debug, clap::Args)]
+struct AdminArgs {
+    #[arg(long, env = "KUBECONFIG")]
+    kubeconfig: Option<PathBuf>,
+    /// The server's data dir, whose admin.kubeconfig is used without --kubeconfig.
+    #[arg(long, default_value = "/var/lib/tugboat", env = "TUGBOAT_DATA_DIR")]
+    data_dir: PathBuf,
+}
+
+impl AdminArgs {
+    fn kubeconfig(&self) -> PathBuf {
+        self.kubeconfig.clone().unwrap_or_else(|| self.data_dir.join("admin.kubeconfig"))
+    }
+}
+
+async fn token(command: TokenCommand) -> anyhow::Result<()> {
+    use k8s_openapi::api::core::v1::{ConfigMap, Secret};
+    use kube::api::{Api, DeleteParams, ListParams, PostParams};
+    use tugboat_pki::bootstrap as tokens;
+    let api = match &command {
+        TokenCommand::Create { api, .. } | TokenCommand::List { api } | TokenCommand::Delete { api, .. } => api,
+    };
+    let kubeconfig = api.kubeconfig();
+    let client = client(&kubeconfig).await.with_context(|| format!("reading {}", kubeconfig.display()))?;
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), tokens::NAMESPACE);
+    match command {
+        TokenCommand::Create { ttl, description, print_join_command, .. } => {
+            let token = tokens::generate();
+            let secret =
+                tokens::secret(&token, ttl.as_secs(), tokens::unix_now(), &description, &[tokens::NODE_TOKEN_GROUP])
+                    .expect("a generated token is well formed");
+            secrets.create(&PostParams::default(), &serde_json::from_value(secret)?).await?;
+            if print_join_command {
+                let maps: Api<ConfigMap> = Api::namespaced(client, tokens::PUBLIC_NAMESPACE);
+                let info = maps.get(tokens::CLUSTER_INFO).await?;
+                let kubeconfig = info.data.unwrap_or_default().remove("kubeconfig").unwrap_or_default();
+                let server = kubeconfig
+                    .lines()
+                    .find_map(|l| l.trim().strip_prefix("server: "))
+                    .ok_or_else(|| anyhow::anyhow!("cluster-info names no server"))?;
+                println!("tugboat agent --server {server} --token {token}");
+            } else {
+                println!("{token}");
+            }
+        }
+        TokenCommand::List { .. } => {
+            let now = tokens::unix_now();
+            println!("{:<24} {:<10} {:<22} {:<40} {}", "TOKEN", "TTL", "EXPIRES", "USAGES", "DESCRIPTION");
+            for secret in secrets.list(&ListParams::default()).await? {
+                let value = serde_json::to_value(&secret)?;
+                if value["type"] != tokens::SECRET_TYPE {
+                    continue;
+                }
+                let field = |k: &str| tokens::field(&value, k).unwrap_or_default();
+                let expires = field("expiration");
+                let left = time::OffsetDateTime::parse(&expires, &time::format_description::well_known::Rfc3339)
+                    .map(|e| e.unix_timestamp() - now);
+                let ttl = match left {
+                    Ok(s) if s <= 0 => "expired".to_string(),
+                    Ok(s) if s >= 3600 => format!("{}h", s / 3600),
+                    Ok(s) => format!("{}m", s / 60),
+                    Err(_) => "<forever>".to_string(),
+                };
+                let usages: Vec<&str> = ["authentication", "signing"]
+                    .into_iter()
+                    .filter(|u| field(&format!("usage-bootstrap-{u}")) == "true")
+                    .collect();
+                println!(
+                    "{:<24} {:<10} {:<22} {:<40} {}",
+                    format!("{}.{}", field("token-id"), field("token-secret")),
+                    ttl,
+                    if expires.is_empty() { "<never>".to_string() } else { expires },
+                    usages.join(","),
+                    field("description")
+                );
+            }
+        }
+        TokenCommand::Delete { tokens: given, .. } => {
+            for token in given {
+                let id = token.split('.').next().unwrap_or_default();
+                let name = format!("{}{id}", tokens::SECRET_PREFIX);
+                match secrets.delete(&name, &DeleteParams::default()).await {
+                    Ok(_) => println!("bootstrap token {id:?} deleted"),
+                    Err(kube::Error::Api(status)) if status.code == 404 => {
+                        anyhow::bail!("bootstrap token {id:?} not found")
+                    }
+                    Err(error) => return Err(error.into()),
+                }
+            }
+        }
+    }
+    Ok(())
 }
 
 #[derive(Debug, Subcommand)]
@@ -276,6 +404,10 @@ struct ServerArgs {
     node: NodeFlags,
     #[command(flatten)]
     controllers: ControllerFlags,
+    /// How long the join token made at first start (`<data-dir>/token`) is valid: 24h, 90m;
+    /// 0 for ever. A restart makes a new one once it has expired.
+    #[arg(long, default_value = "24h", value_parser = parse_duration_or_zero)]
+    token_ttl: Duration,
     /// Seconds a new pod tolerates its node being unreachable before it is evicted.
     #[arg(long, default_value_t = 300)]
     default_unreachable_toleration_seconds: i64,
@@ -375,6 +507,7 @@ fn main() -> ExitCode {
         match cli.command {
             // Handled before the async runtime starts.
             Command::Shim { .. } | Command::ExecIn { .. } | Command::Images(_) => Ok(()),
+            Command::Token(command) => token(command).await,
             Command::Server(args) => server(args, true).await,
             Command::Apiserver(args) => server(args, false).await,
             Command::Kubelet(args) => {
@@ -513,8 +646,13 @@ async fn server(args: ServerArgs, full: bool) -> anyhow::Result<()> {
         advertise_address: args
             .advertise_address
             .or_else(|| args.bind_address.is_unspecified().then(tugboat_kubelet::host::node_ip).flatten()),
+        join_token_ttl: args.token_ttl.as_secs(),
     };
     let api = tugboat_apiserver::start(api_config, store.clone()).await?;
+    let (join_server, join_token) = api.join();
+    println!(
+        "To join a node to this cluster, run on it:\n\n  tugboat agent --server {join_server} --token {join_token}\n"
+    );
     tracing::info!(
         store = %backend,
         revision,

@@ -18,6 +18,7 @@ use tokio::sync::Notify;
 
 use crate::nodeipam::Cidr;
 
+mod bootstrap;
 mod disruption;
 mod gc;
 mod namespaces;
@@ -236,6 +237,7 @@ pub async fn run(client: kube::Client, config: ControllerConfig) -> anyhow::Resu
         tasks.spawn(namespaces::run_root_ca_publisher(client.clone(), hub.clone(), ca));
     }
     tasks.spawn(disruption::run_disruption(client.clone(), hub.clone()));
+    tasks.spawn(bootstrap::run_bootstrap_signer(client.clone()));
     tasks.spawn(gc::run_garbage_collector(client.clone(), hub.clone()));
     match tasks.join_next().await {
         Some(result) => result?,

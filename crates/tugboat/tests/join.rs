@@ -1,0 +1,119 @@
+//! Joining nodes, the server's side: the join token made at first start, bootstrap-token
+//! authentication, the signed cluster-info anyone may read, and `tugboat token`.
+
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use tugboat_pki::bootstrap;
+use tugboat_testkit::TugboatServer;
+
+const TUGBOAT: &str = env!("CARGO_BIN_EXE_tugboat");
+
+/// curl as the bearer of `token` (or no one): (HTTP code, body).
+fn curl(server: &TugboatServer, method: &str, path: &str, token: Option<&str>, body: Option<&str>) -> (u16, String) {
+    let mut command = Command::new("curl");
+    command.args(["-s", "-o", "-", "-w", "\n%{http_code}", "-X", method]);
+    command.arg("--cacert").arg(server.data_dir().join("pki/ca.crt"));
+    if let Some(token) = token {
+        command.args(["-H", &format!("Authorization: Bearer {token}")]);
+    }
+    if let Some(body) = body {
+        command.args(["-H", "Content-Type: application/json", "-d", body]);
+    }
+    let out = command.arg(format!("{}{path}", server.url())).output().unwrap();
+    let text = String::from_utf8(out.stdout).unwrap();
+    let (body, code) = text.rsplit_once('\n').unwrap();
+    (code.trim().parse().unwrap(), body.to_string())
+}
+
+fn tugboat_token(server: &TugboatServer, args: &[&str]) -> std::process::Output {
+    Command::new(TUGBOAT).arg("token").args(args).arg("--data-dir").arg(server.data_dir()).output().unwrap()
+}
+
+fn whoami(server: &TugboatServer, token: &str) -> (u16, Value) {
+    let review = r#"{"apiVersion":"authentication.k8s.io/v1","kind":"SelfSubjectReview"}"#;
+    let (code, body) =
+        curl(server, "POST", "/apis/authentication.k8s.io/v1/selfsubjectreviews", Some(token), Some(review));
+    (code, serde_json::from_str(&body).unwrap_or(Value::Null))
+}
+
+#[test]
+fn join_tokens_authenticate_bootstrappers_and_sign_cluster_info() {
+    let server = TugboatServer::start(Path::new(TUGBOAT), &[]).unwrap();
+    // The join token, kept for the admin in <data-dir>/token (0600) and as a Secret.
+    let path = server.data_dir().join("token");
+    let token = std::fs::read_to_string(&path).unwrap().trim().to_string();
+    let (id, _) = bootstrap::parse(&token).expect("a well-formed token");
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
+    let secret =
+        server.kubectl(&["get", "secret", "-n", "kube-system", &format!("bootstrap-token-{id}"), "-o", "json"], None);
+    let secret: Value = serde_json::from_str(&secret).unwrap();
+    assert_eq!(secret["type"], "bootstrap.kubernetes.io/token");
+    assert!(bootstrap::field(&secret, "expiration").is_some(), "24 h by default");
+
+    // The token authenticates as a bootstrapper, who may ask for certificates and no more.
+    let (code, review) = whoami(&server, &token);
+    assert_eq!(code, 201, "{review}");
+    assert_eq!(review["status"]["userInfo"]["username"], format!("system:bootstrap:{id}"));
+    let groups = review["status"]["userInfo"]["groups"].to_string();
+    assert!(groups.contains("system:bootstrappers") && groups.contains(bootstrap::NODE_TOKEN_GROUP), "{groups}");
+    assert_eq!(
+        curl(&server, "GET", "/apis/certificates.k8s.io/v1/certificatesigningrequests", Some(&token), None).0,
+        200
+    );
+    assert_eq!(curl(&server, "GET", "/api/v1/secrets", Some(&token), None).0, 403);
+    assert_eq!(whoami(&server, &format!("{id}.0000000000000000")).0, 401, "a wrong secret");
+
+    // cluster-info: anyone may read it (nobody may write it without credentials), and once
+    // the signer has run it carries a signature of its kubeconfig for the token.
+    assert_eq!(curl(&server, "PUT", bootstrap::CLUSTER_INFO_PATH, None, Some("{}")).0, 401);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let info = loop {
+        let (code, body) = curl(&server, "GET", bootstrap::CLUSTER_INFO_PATH, None, None);
+        assert_eq!(code, 200, "{body}");
+        let info: Value = serde_json::from_str(&body).unwrap();
+        if info["data"][format!("jws-kubeconfig-{id}")].is_string() {
+            break info;
+        }
+        assert!(Instant::now() < deadline, "no signature: {info}");
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let kubeconfig = info["data"]["kubeconfig"].as_str().unwrap();
+    assert!(kubeconfig.contains(&format!("server: {}", server.url())), "{kubeconfig}");
+    let jws = info["data"][format!("jws-kubeconfig-{id}")].as_str().unwrap();
+    assert!(bootstrap::verify_jws(kubeconfig, jws, &token));
+    assert!(!bootstrap::verify_jws(kubeconfig, jws, &format!("{id}.0000000000000000")));
+
+    // tugboat token create | list | delete.
+    let out = tugboat_token(&server, &["create", "--ttl", "1h", "--description", "for node 2"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let second = String::from_utf8(out.stdout).unwrap().trim().to_string();
+    assert!(bootstrap::parse(&second).is_some(), "{second}");
+    assert_eq!(whoami(&server, &second).0, 201);
+    let out = tugboat_token(&server, &["create", "--print-join-command"]);
+    let command = String::from_utf8(out.stdout).unwrap();
+    assert!(command.starts_with(&format!("tugboat agent --server {} --token ", server.url())), "{command}");
+    let listed = String::from_utf8(tugboat_token(&server, &["list"]).stdout).unwrap();
+    assert!(listed.contains(&token) && listed.contains(&second) && listed.contains("for node 2"), "{listed}");
+    assert!(listed.contains("authentication,signing"), "{listed}");
+    let out = tugboat_token(&server, &["delete", &second]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(whoami(&server, &second).0, 401, "deleted");
+    let out = tugboat_token(&server, &["delete", &second]);
+    assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("not found"));
+
+    // An expired token no longer authenticates, and the token cleaner removes it.
+    let out = tugboat_token(&server, &["create", "--ttl", "1s"]);
+    let short = String::from_utf8(out.stdout).unwrap().trim().to_string();
+    let (short_id, _) = bootstrap::parse(&short).unwrap();
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(whoami(&server, &short).0, 401, "expired");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while server.kubectl(&["get", "secrets", "-n", "kube-system", "-o", "name"], None).contains(short_id) {
+        assert!(Instant::now() < deadline, "the expired token's Secret stays");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
