@@ -138,7 +138,7 @@ async fn token(command: TokenCommand) -> anyhow::Result<()> {
         }
         TokenCommand::List { .. } => {
             let now = tokens::unix_now();
-            println!("{:<24} {:<10} {:<22} {:<40} {}", "TOKEN", "TTL", "EXPIRES", "USAGES", "DESCRIPTION");
+            println!("{:<24} {:<10} {:<22} {:<40} DESCRIPTION", "TOKEN", "TTL", "EXPIRES", "USAGES");
             for secret in secrets.list(&ListParams::default()).await? {
                 let value = serde_json::to_value(&secret)?;
                 if value["type"] != tokens::SECRET_TYPE {
