@@ -94,6 +94,9 @@ pub async fn handle(state: Arc<ApiState>, user: Option<UserInfo>, request: hyper
     // Without credentials: the public paths, and cluster-info only to read.
     let public = is_public(&path) && (path != crate::bootstrap::CLUSTER_INFO_PATH || parts.method == Method::GET);
     if !public && user.is_none() {
+        // Read what the client sends anyway: a body left unread resets an HTTP/2 stream, and
+        // the client then sees a protocol error instead of the 401.
+        drain_in_background(body);
         return ApiError::unauthorized().into_response();
     }
     let started = std::time::Instant::now();
@@ -105,6 +108,7 @@ pub async fn handle(state: Arc<ApiState>, user: Option<UserInfo>, request: hyper
     {
         Ok(user) => user,
         Err(error) => {
+            drain_in_background(body);
             let response = error.into_response();
             state.metrics.record(&verb, group, resource, response.status().as_u16(), started.elapsed());
             return response;
@@ -488,6 +492,19 @@ async fn dispatch(
             } else {
                 list(state, target.resource, namespace, query, accept).await
             }
+        }
+        (&Method::POST, None) if target.resource.plural == "certificatesigningrequests" => {
+            // Who asks is recorded by the server, not claimed by the client.
+            let mut object = decode_body(content_type, &read_body(body).await?)?;
+            if !object["spec"].is_object() {
+                return Err(ApiError::bad_request("spec: Required value"));
+            }
+            let user =
+                user.cloned().unwrap_or(UserInfo { name: String::new(), uid: String::new(), groups: Vec::new() });
+            object["spec"]["username"] = json!(user.name);
+            object["spec"]["uid"] = json!(user.uid);
+            object["spec"]["groups"] = json!(user.groups);
+            create_object(state, target.resource, namespace, object, write, None).await
         }
         (&Method::POST, None) => {
             let body = read_body(body).await?;
@@ -1253,6 +1270,8 @@ impl View {
             Some("status") if resource.has_status() => Ok(View::Status),
             Some("scale") if resource.has_scale() => Ok(View::Scale),
             Some("finalize") if resource.plural == "namespaces" => Ok(View::Finalize),
+            // A CSR's conditions (approval) live in its status, as its certificate does.
+            Some("approval") if resource.plural == "certificatesigningrequests" => Ok(View::Status),
             Some(other) => Err(ApiError::not_found_path(&format!("{}/{other}", resource.plural))),
         }
     }

@@ -361,6 +361,27 @@ pub fn defaults() -> Vec<(&'static str, Value)> {
             "resources": ["certificatesigningrequests"], "verbs": ["create", "get", "list", "watch"]}]),
             ),
         ),
+        // What kubelets need (upstream grants it per node with the Node authorizer).
+        (
+            "ClusterRole",
+            role(
+                "system:node",
+                json!([
+                    {"apiGroups": [""], "resources": ["nodes"], "verbs": ["get", "list", "watch", "create", "update", "patch", "delete"]},
+                    {"apiGroups": [""], "resources": ["nodes/status"], "verbs": ["get", "patch", "update"]},
+                    {"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch", "create", "delete"]},
+                    {"apiGroups": [""], "resources": ["pods/status"], "verbs": ["get", "patch", "update"]},
+                    {"apiGroups": [""], "resources": ["pods/eviction"], "verbs": ["create"]},
+                    {"apiGroups": ["", "events.k8s.io"], "resources": ["events"], "verbs": ["create", "patch", "update"]},
+                    {"apiGroups": [""], "resources": ["configmaps", "secrets", "services", "endpoints", "persistentvolumeclaims", "persistentvolumes", "serviceaccounts"], "verbs": ["get", "list", "watch"]},
+                    {"apiGroups": [""], "resources": ["serviceaccounts/token"], "verbs": ["create"]},
+                    {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"], "verbs": ["get", "list", "watch", "create", "update", "patch", "delete"]},
+                    {"apiGroups": ["certificates.k8s.io"], "resources": ["certificatesigningrequests"], "verbs": ["create", "get", "list", "watch"]},
+                    {"apiGroups": ["discovery.k8s.io"], "resources": ["endpointslices"], "verbs": ["get", "list", "watch"]},
+                ]),
+            ),
+        ),
+        ("ClusterRoleBinding", binding("system:node", "system:node", &["system:nodes"])),
         ("ClusterRoleBinding", binding("cluster-admin", "cluster-admin", &["system:masters"])),
         (
             "ClusterRoleBinding",

@@ -772,13 +772,27 @@ fn cells(resource: &Resource, object: &Value) -> Vec<Value> {
                 .flatten()
                 .filter_map(|c| c["type"].as_str())
                 .collect();
+            // Upstream's order: Denied, else Approved, else Pending; then Failed; then Issued.
+            let mut condition = if conditions.contains(&"Denied") {
+                "Denied".to_string()
+            } else if conditions.contains(&"Approved") {
+                "Approved".to_string()
+            } else {
+                "Pending".to_string()
+            };
+            if conditions.contains(&"Failed") {
+                condition.push_str(",Failed");
+            }
+            if object["status"]["certificate"].as_str().is_some_and(|c| !c.is_empty()) {
+                condition.push_str(",Issued");
+            }
             vec![
                 name,
                 json!(age(object)),
                 json!(s(&object["spec"]["signerName"])),
                 json!(s(&object["spec"]["username"])),
                 json!(object["spec"]["expirationSeconds"].as_i64().map(human_age).unwrap_or_else(|| "<none>".into())),
-                json!(if conditions.is_empty() { "Pending".to_string() } else { conditions.join(",") }),
+                json!(condition),
             ]
         }
         _ => vec![name, json!(age(object))],

@@ -87,6 +87,11 @@ pub fn filesystem(path: &Path) -> std::io::Result<Filesystem> {
     })
 }
 
+/// The host's name, as the node is named by default.
+pub fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default().trim().to_string()
+}
+
 /// A `/proc/meminfo` field (given in kB) in bytes.
 pub fn meminfo_bytes(meminfo: &str, field: &str) -> Option<u64> {
     meminfo.lines().find_map(|line| {

@@ -161,6 +161,35 @@ impl ClusterCa {
         Ok((cert.pem(), key.serialize_pem()))
     }
 
+    /// The CA from its certificate and key files (`--cluster-signing-cert-file`, `-key-file`).
+    pub fn from_files(cert: &Path, key: &Path) -> Result<ClusterCa> {
+        let cert_pem = read(cert)?;
+        let key = KeyPair::from_pem(&read(key)?)
+            .map_err(|e| PkiError::Invalid { path: key.to_path_buf(), message: e.to_string() })?;
+        Issuer::from_ca_cert_pem(&cert_pem, &key)
+            .map_err(|e| PkiError::Invalid { path: cert.to_path_buf(), message: e.to_string() })?;
+        Ok(ClusterCa { cert_pem, key, dir: cert.parent().unwrap_or(Path::new(".")).to_path_buf() })
+    }
+
+    /// Signs a PEM certificate signing request for `usage`, valid for `validity`; its subject
+    /// and names are kept, its other wishes (a CA, other usages) are not.
+    pub fn sign_request(&self, request_pem: &str, usage: Usage, validity: Duration) -> Result<String> {
+        let invalid = |message: String| PkiError::Invalid { path: PathBuf::from("<request>"), message };
+        let issuer = Issuer::from_ca_cert_pem(&self.cert_pem, &self.key).map_err(|e| invalid(e.to_string()))?;
+        let mut request =
+            rcgen::CertificateSigningRequestParams::from_pem(request_pem).map_err(|e| invalid(e.to_string()))?;
+        let params = &mut request.params;
+        params.is_ca = IsCa::NoCa;
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::KeyEncipherment];
+        params.extended_key_usages = vec![match usage {
+            Usage::Server => ExtendedKeyUsagePurpose::ServerAuth,
+            Usage::Client => ExtendedKeyUsagePurpose::ClientAuth,
+        }];
+        params.not_before = not_before();
+        params.not_after = params.not_before + validity;
+        Ok(request.signed_by(&issuer).map_err(|e| invalid(e.to_string()))?.pem())
+    }
+
     /// Loads `<dir>/<name>.crt|.key`, issuing them for `spec` when missing.
     pub fn load_or_issue(&self, name: &str, spec: &CertSpec) -> Result<IssuedCert> {
         let (cert_path, key_path) = (self.dir.join(format!("{name}.crt")), self.dir.join(format!("{name}.key")));
@@ -172,6 +201,63 @@ impl ClusterCa {
         write_file(&cert_path, cert_pem.as_bytes(), 0o644)?;
         Ok(IssuedCert { cert_pem, key_pem, cert_path, key_path })
     }
+}
+
+/// A new key and a certificate signing request (PEM) for subject `common_name`/`organizations`.
+pub fn certificate_request(common_name: &str, organizations: &[&str]) -> Result<(String, String)> {
+    let mut params = CertificateParams::new(Vec::<String>::new())?;
+    let mut name = DistinguishedName::new();
+    for organization in organizations {
+        name.push(DnType::OrganizationName, *organization);
+    }
+    name.push(DnType::CommonName, common_name);
+    params.distinguished_name = name;
+    let key = KeyPair::generate()?;
+    let request = params.serialize_request(&key)?;
+    Ok((request.pem()?, key.serialize_pem()))
+}
+
+/// The subject of a PEM certificate signing request: (common name, organizations).
+pub fn request_subject(request_pem: &str) -> Option<(String, Vec<String>)> {
+    let request = rcgen::CertificateSigningRequestParams::from_pem(request_pem).ok()?;
+    let text = |value: &rcgen::DnValue| match value {
+        rcgen::DnValue::PrintableString(s) => Some(s.to_string()),
+        rcgen::DnValue::Utf8String(s) => Some(s.clone()),
+        _ => None,
+    };
+    let mut common_name = None;
+    let mut organizations = Vec::new();
+    for (kind, value) in request.params.distinguished_name.iter() {
+        match kind {
+            DnType::CommonName => common_name = text(value),
+            DnType::OrganizationName => organizations.extend(text(value)),
+            _ => {}
+        }
+    }
+    Some((common_name?, organizations))
+}
+
+/// A kubeconfig whose user authenticates with a bearer `token`.
+pub fn token_kubeconfig(server: &str, ca_pem: &str, token: &str) -> String {
+    format!(
+        "apiVersion: v1\nkind: Config\nclusters:\n- name: tugboat\n  cluster:\n    server: {server}\n    certificate-authority-data: {}\n\
+         users:\n- name: bootstrap\n  user:\n    token: {token}\ncontexts:\n- name: tugboat\n  context:\n    cluster: tugboat\n    user: bootstrap\n\
+         current-context: tugboat\n",
+        STANDARD.encode(ca_pem.as_bytes())
+    )
+}
+
+/// kubeadm's CA hash: `sha256:` and the hex SHA-256 of the certificate's SubjectPublicKeyInfo.
+pub fn ca_cert_hash(ca_pem: &str) -> Option<String> {
+    let der = pem_der(ca_pem)?;
+    let (_, cert) = x509_parser::parse_x509_certificate(&der).ok()?;
+    let digest = ring::digest::digest(&ring::digest::SHA256, cert.tbs_certificate.subject_pki.raw);
+    Some(format!("sha256:{}", digest.as_ref().iter().map(|b| format!("{b:02x}")).collect::<String>()))
+}
+
+fn pem_der(pem: &str) -> Option<Vec<u8>> {
+    let body: String = pem.lines().filter(|l| !l.starts_with("-----")).collect();
+    STANDARD.decode(body.trim()).ok()
 }
 
 /// A kubeconfig with one cluster, one user authenticated by a client certificate, and one
@@ -243,5 +329,23 @@ mod tests {
         std::fs::write(dir.path().join("ca.key"), "not a key").unwrap();
         let error = ClusterCa::load_or_create(dir.path()).unwrap_err();
         assert!(error.to_string().contains("ca.key"), "{error}");
+    }
+
+    #[test]
+    fn requests_are_made_read_and_signed() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = ClusterCa::load_or_create(dir.path()).unwrap();
+        let (request, key) = certificate_request("system:node:n1", &["system:nodes"]).unwrap();
+        assert!(request.starts_with("-----BEGIN CERTIFICATE REQUEST-----") && key.contains("PRIVATE KEY"));
+        assert_eq!(
+            request_subject(&request).unwrap(),
+            ("system:node:n1".to_string(), vec!["system:nodes".to_string()])
+        );
+        let cert = ca.sign_request(&request, Usage::Client, Duration::from_secs(3600)).unwrap();
+        assert!(cert.starts_with("-----BEGIN CERTIFICATE-----"));
+        assert!(ca.sign_request("not a request", Usage::Client, Duration::from_secs(1)).is_err());
+        assert!(request_subject("garbage").is_none());
+        let again = ClusterCa::from_files(&dir.path().join("ca.crt"), &dir.path().join("ca.key")).unwrap();
+        assert_eq!(again.cert_pem(), ca.cert_pem());
     }
 }

@@ -37,6 +37,9 @@ enum Command {
     /// Run the node agent alone: registers this host as a Node, heartbeats and runs the pods
     /// bound to it.
     Kubelet(KubeletArgs),
+    /// Join this host to a cluster as a node (`tugboat server` prints the command), then run
+    /// its node agent.
+    Agent(AgentArgs),
     /// Manage the node's images.
     #[command(subcommand)]
     Images(ImagesCommand),
@@ -216,7 +219,153 @@ struct KubeletArgs {
     data_dir: PathBuf,
 }
 
-/// The node agent's flags (accepted by `kubelet` and `server`; `agent` to come).
+#[derive(Debug, clap::Args)]
+struct AgentArgs {
+    /// The API server to join: https://HOST:6443.
+    #[arg(long, env = "TUGBOAT_SERVER")]
+    server: String,
+    /// A bootstrap token (`tugboat token create`; the server's <data-dir>/token).
+    #[arg(long, env = "TUGBOAT_TOKEN")]
+    token: String,
+    /// Trust only a cluster CA whose public key hashes to this (sha256:<hex>, as kubeadm's
+    /// --discovery-token-ca-cert-hash); the token's signature of cluster-info is checked anyway.
+    #[arg(long)]
+    ca_cert_hash: Option<String>,
+    /// How long to keep asking for a cluster-info signed by the token (a server just started
+    /// signs within seconds): 30s, 5m.
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    discovery_timeout: Duration,
+    #[command(flatten)]
+    node: NodeFlags,
+    /// Where the agent keeps its state (its credentials: <data-dir>/kubelet.kubeconfig).
+    #[arg(long, default_value = "/var/lib/tugboat/agent", env = "TUGBOAT_DATA_DIR")]
+    data_dir: PathBuf,
+}
+
+/// Joins the cluster (once: the credentials are kept) and returns the node's kubeconfig.
+async fn join(args: &AgentArgs) -> anyhow::Result<PathBuf> {
+    use k8s_openapi::api::certificates::v1::CertificateSigningRequest;
+    use k8s_openapi::api::core::v1::ConfigMap;
+    use kube::api::{Api, PostParams};
+    use tugboat_pki::bootstrap;
+    let kubeconfig = args.data_dir.join("kubelet.kubeconfig");
+    if kubeconfig.exists() {
+        return Ok(kubeconfig);
+    }
+    std::fs::create_dir_all(&args.data_dir)?;
+    let token = args.token.trim();
+    let (id, _) = bootstrap::parse(token)
+        .ok_or_else(|| anyhow::anyhow!("the token is not a bootstrap token ([a-z0-9]{{6}}.[a-z0-9]{{16}})"))?;
+    let server = args.server.trim_end_matches('/');
+    // cluster-info, over TLS that trusts nothing yet: its signature by the token is the proof.
+    let mut insecure = kube::Config::new(server.parse().with_context(|| format!("--server {server:?} is not a URL"))?);
+    insecure.accept_invalid_certs = true;
+    let maps: Api<ConfigMap> = Api::namespaced(kube::Client::try_from(insecure)?, bootstrap::PUBLIC_NAMESPACE);
+    let deadline = std::time::Instant::now() + args.discovery_timeout;
+    // Asked again until the token's signature is there (or the time is up).
+    let (published, jws) = loop {
+        let answer = maps.get(bootstrap::CLUSTER_INFO).await.map_err(|e| match e {
+            kube::Error::Api(status) => {
+                anyhow::anyhow!("the server at {server} answered {}: {}", status.code, status.message)
+            }
+            other => anyhow::anyhow!("cannot reach the server at {server}: {other}"),
+        });
+        let error = match answer {
+            Ok(info) => {
+                let mut data = info.data.unwrap_or_default();
+                let published = data.remove("kubeconfig");
+                match (published, data.remove(&format!("{}{id}", bootstrap::JWS_PREFIX))) {
+                    (Some(published), Some(jws)) => break (published, jws),
+                    (None, _) => anyhow::anyhow!("the cluster-info ConfigMap has no kubeconfig"),
+                    (Some(_), None) => anyhow::anyhow!(
+                        "the token is unknown or has expired: cluster-info carries no signature for token ID {id:?}"
+                    ),
+                }
+            }
+            Err(error) => error,
+        };
+        if std::time::Instant::now() > deadline {
+            return Err(error);
+        }
+        tracing::info!(error = %error, "cluster-info: asking again");
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    };
+    let (published, jws) = (&published, &jws);
+    if !bootstrap::verify_jws(published, jws, token) {
+        anyhow::bail!(
+            "the token's secret does not match: cluster-info's signature for {id:?} fails, so its CA cannot be trusted"
+        );
+    }
+    let published = kube::config::Kubeconfig::from_yaml(published)?;
+    let ca_b64 = published
+        .clusters
+        .first()
+        .and_then(|c| c.cluster.as_ref())
+        .and_then(|c| c.certificate_authority_data.clone())
+        .ok_or_else(|| anyhow::anyhow!("cluster-info names no CA"))?;
+    use base64::Engine;
+    let ca_pem = String::from_utf8(base64::engine::general_purpose::STANDARD.decode(ca_b64.trim())?)?;
+    if let Some(wanted) = &args.ca_cert_hash {
+        let have =
+            tugboat_pki::ca_cert_hash(&ca_pem).ok_or_else(|| anyhow::anyhow!("the cluster CA does not parse"))?;
+        if have != *wanted {
+            anyhow::bail!("the cluster CA's hash is {have}, not the --ca-cert-hash given ({wanted})");
+        }
+    }
+    // A client certificate for the node, asked for with the token and signed by the cluster.
+    let node_name = args.node.node_name.clone().unwrap_or_else(|| tugboat_kubelet::host::hostname().to_lowercase());
+    let bootstrap_config = tugboat_pki::token_kubeconfig(server, &ca_pem, token);
+    let config = kube::Config::from_custom_kubeconfig(
+        kube::config::Kubeconfig::from_yaml(&bootstrap_config)?,
+        &kube::config::KubeConfigOptions::default(),
+    )
+    .await?;
+    let csrs: Api<CertificateSigningRequest> = Api::all(kube::Client::try_from(config)?);
+    let (request, key) = tugboat_pki::certificate_request(&format!("system:node:{node_name}"), &["system:nodes"])?;
+    let name = format!("node-csr-{}", &bootstrap::generate()[7..]);
+    let csr: CertificateSigningRequest = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": name},
+        "spec": {"request": base64::engine::general_purpose::STANDARD.encode(&request),
+                 "signerName": "kubernetes.io/kube-apiserver-client-kubelet",
+                 "usages": ["digital signature", "client auth"]},
+    }))?;
+    csrs.create(&PostParams::default(), &csr).await.map_err(|e| match e {
+        kube::Error::Api(status) if status.code == 401 => {
+            anyhow::anyhow!("the token is unknown or has expired: the server refused it")
+        }
+        kube::Error::Api(status) => anyhow::anyhow!("asking for a node certificate: {}", status.message),
+        other => anyhow::anyhow!("asking for a node certificate: {other}"),
+    })?;
+    tracing::info!(csr = %name, node = %node_name, "asked for a node certificate");
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    let certificate = loop {
+        let csr = csrs.get(&name).await?;
+        let status = csr.status.unwrap_or_default();
+        if let Some(refused) = status.conditions.iter().flatten().find(|c| c.type_ == "Denied" || c.type_ == "Failed") {
+            anyhow::bail!(
+                "the node certificate was {}: {}",
+                refused.type_.to_lowercase(),
+                refused.message.clone().unwrap_or_default()
+            );
+        }
+        if let Some(certificate) = status.certificate.filter(|c| !c.0.is_empty()) {
+            break String::from_utf8(certificate.0)?;
+        }
+        if std::time::Instant::now() > deadline {
+            anyhow::bail!(
+                "certificate request {name} was not signed within 2 minutes (is the controller manager running?)"
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    };
+    let contents =
+        tugboat_pki::client_cert_kubeconfig(server, &ca_pem, &certificate, &key, &format!("system:node:{node_name}"));
+    tugboat_pki::write_file(&kubeconfig, contents.as_bytes(), 0o600)?;
+    tracing::info!(node = %node_name, kubeconfig = %kubeconfig.display(), "joined the cluster");
+    Ok(kubeconfig)
+}
+
+/// The node agent's flags (accepted by `kubelet`, `agent` and `server`).
 #[derive(Debug, Clone, clap::Args)]
 struct NodeFlags {
     /// The node's name (default: the host name).
@@ -319,6 +468,7 @@ impl ControllerFlags {
             cluster_cidr: self.cluster_cidr,
             node_cidr_mask_size: self.node_cidr_mask_size,
             root_ca: None,
+            signing_ca: None,
         }
     }
 }
@@ -510,6 +660,20 @@ fn main() -> ExitCode {
             Command::Token(command) => token(command).await,
             Command::Server(args) => server(args, true).await,
             Command::Apiserver(args) => server(args, false).await,
+            Command::Agent(args) => {
+                let kubeconfig = join(&args).await?;
+                let mut node = args.node.clone();
+                // The node is the one the certificate names.
+                if node.node_name.is_none() {
+                    node.node_name = Some(tugboat_kubelet::host::hostname().to_lowercase());
+                }
+                let client = client(&kubeconfig).await?;
+                let config = node.kubelet_config(&args.data_dir, &kubeconfig);
+                tokio::select! {
+                    result = tugboat_kubelet::run(client, config) => result,
+                    result = wait_for_shutdown() => result,
+                }
+            }
             Command::Kubelet(args) => {
                 let client = client(&args.component.kubeconfig).await?;
                 let config = args.node.kubelet_config(&args.data_dir, &args.component.kubeconfig);
@@ -674,6 +838,9 @@ async fn server(args: ServerArgs, full: bool) -> anyhow::Result<()> {
         let kubeconfig = api.admin_kubeconfig().to_path_buf();
         let mut config = args.controllers.config();
         config.root_ca = root_ca(&kubeconfig);
+        // In-process, the controller manager signs with the cluster CA itself.
+        config.signing_ca =
+            Some(std::sync::Arc::new(tugboat_pki::ClusterCa::load_or_create(&args.data_dir.join("pki"))?));
         components.push(spawn_component("controller-manager", move || {
             let (kubeconfig, config) = (kubeconfig.clone(), config.clone());
             async move { tugboat_controllers::run(client(&kubeconfig).await?, config).await }

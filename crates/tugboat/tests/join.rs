@@ -14,7 +14,7 @@ const TUGBOAT: &str = env!("CARGO_BIN_EXE_tugboat");
 /// curl as the bearer of `token` (or no one): (HTTP code, body).
 fn curl(server: &TugboatServer, method: &str, path: &str, token: Option<&str>, body: Option<&str>) -> (u16, String) {
     let mut command = Command::new("curl");
-    command.args(["-s", "-o", "-", "-w", "\n%{http_code}", "-X", method]);
+    command.args(["-sS", "-o", "-", "-w", "\n%{http_code}", "-X", method]);
     command.arg("--cacert").arg(server.data_dir().join("pki/ca.crt"));
     if let Some(token) = token {
         command.args(["-H", &format!("Authorization: Bearer {token}")]);
@@ -23,6 +23,7 @@ fn curl(server: &TugboatServer, method: &str, path: &str, token: Option<&str>, b
         command.args(["-H", "Content-Type: application/json", "-d", body]);
     }
     let out = command.arg(format!("{}{path}", server.url())).output().unwrap();
+    assert!(out.status.success(), "curl: {}", String::from_utf8_lossy(&out.stderr));
     let text = String::from_utf8(out.stdout).unwrap();
     let (body, code) = text.rsplit_once('\n').unwrap();
     (code.trim().parse().unwrap(), body.to_string())
@@ -116,4 +117,108 @@ fn join_tokens_authenticate_bootstrappers_and_sign_cluster_info() {
         assert!(Instant::now() < deadline, "the expired token's Secret stays");
         std::thread::sleep(Duration::from_millis(200));
     }
+}
+
+/// `tugboat agent` with the node flags of a test host; `extra` first.
+fn agent(server: &TugboatServer, token: &str, data: &Path, extra: &[&str]) -> Command {
+    let mut command = Command::new(TUGBOAT);
+    command
+        .arg("agent")
+        .args(extra)
+        .args(["--server", &server.url(), "--token", token, "--node-name", "joined", "--node-ip", "127.0.0.1"])
+        .args(["--kubelet-port", &tugboat_testkit::free_port().to_string()])
+        .arg("--pod-log-dir")
+        .arg(data.join("logs"))
+        .arg("--data-dir")
+        .arg(data);
+    command
+}
+
+#[test]
+fn an_agent_joins_with_the_token_and_runs_pods() {
+    if !tugboat_testkit::isolated("an_agent_joins_with_the_token_and_runs_pods") {
+        return;
+    }
+    let server = TugboatServer::start(Path::new(TUGBOAT), &[]).unwrap();
+    let token = std::fs::read_to_string(server.data_dir().join("token")).unwrap().trim().to_string();
+    let (id, _) = bootstrap::parse(&token).unwrap();
+    let data = server.scratch("agent");
+    // Once the signer has signed cluster-info for the token, join errors say what is wrong.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !server
+        .kubectl(&["get", "configmap", "-n", "kube-public", "cluster-info", "-o", "yaml"], None)
+        .contains(&format!("jws-kubeconfig-{id}"))
+    {
+        assert!(Instant::now() < deadline, "cluster-info is not signed");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    for (bad, says) in [
+        ("nonsense".to_string(), "not a bootstrap token"),
+        ("zzzzzz.0123456789abcdef".to_string(), "unknown or has expired"),
+        (format!("{id}.0123456789abcdef"), "does not match"),
+    ] {
+        let out = agent(&server, &bad, &data, &["--discovery-timeout", "1s"]).output().unwrap();
+        let said = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success() && said.contains(says), "{bad}: {said}");
+    }
+    let out = agent(&server, &token, &data, &["--ca-cert-hash", "sha256:00"]).output().unwrap();
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not the --ca-cert-hash given"));
+    assert!(!data.join("kubelet.kubeconfig").exists(), "nothing kept from failed joins");
+
+    // The right CA hash and token: the node joins, with a certificate the cluster signed.
+    let hash =
+        tugboat_pki::ca_cert_hash(&std::fs::read_to_string(server.data_dir().join("pki/ca.crt")).unwrap()).unwrap();
+    let archive = server.scratch("images").join("busybox.tar");
+    tugboat_testkit::image::busybox_archive(&archive).unwrap();
+    let out =
+        Command::new(TUGBOAT).args(["images", "import"]).arg(&archive).arg("--data-dir").arg(&data).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let _agent = tugboat_testkit::KillOnDrop(
+        agent(&server, &token, &data, &["--ca-cert-hash", &hash])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let ready = server.kubectl(
+            &[
+                "get",
+                "nodes",
+                "-o",
+                "jsonpath={.items[?(@.metadata.name==\"joined\")].status.conditions[?(@.type==\"Ready\")].status}",
+            ],
+            None,
+        );
+        if ready == "True" {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the joined node is not Ready: {ready:?}");
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    let csrs = server.kubectl(&["get", "csr"], None);
+    assert!(csrs.contains("Approved,Issued") && csrs.contains(&format!("system:bootstrap:{id}")), "{csrs}");
+    use std::os::unix::fs::PermissionsExt;
+    let credentials = data.join("kubelet.kubeconfig");
+    assert_eq!(std::fs::metadata(&credentials).unwrap().permissions().mode() & 0o777, 0o600);
+
+    // Pods land on it and run; logs and exec go through its kubelet.
+    server.kubectl(
+        &["run", "hello", "--image=busybox:1.35", "--", "sh", "-c", "echo hello from $(hostname); sleep 3600"],
+        None,
+    );
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while server.kubectl(&["get", "pod", "hello", "-o", "jsonpath={.status.phase}"], None) != "Running" {
+        assert!(Instant::now() < deadline, "hello does not run");
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    assert_eq!(server.kubectl(&["get", "pod", "hello", "-o", "jsonpath={.spec.nodeName}"], None), "joined");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while server.kubectl(&["logs", "hello"], None) != "hello from hello\n" {
+        assert!(Instant::now() < deadline, "no logs");
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    assert_eq!(server.kubectl(&["exec", "hello", "--", "cat", "/etc/hostname"], None).trim(), "hello");
+    server.kubectl(&["delete", "pod", "hello", "--grace-period=1", "--wait=true"], None);
 }

@@ -19,6 +19,7 @@ use tokio::sync::Notify;
 use crate::nodeipam::Cidr;
 
 mod bootstrap;
+mod certificates;
 mod disruption;
 mod gc;
 mod namespaces;
@@ -37,6 +38,9 @@ pub struct ControllerConfig {
     pub node_cidr_mask_size: u8,
     /// The cluster CA (PEM), published in every namespace as ConfigMap `kube-root-ca.crt`.
     pub root_ca: Option<String>,
+    /// The CA that signs approved certificate requests (`--cluster-signing-cert-file` and
+    /// `-key-file`); without it nothing is signed.
+    pub signing_ca: Option<Arc<tugboat_pki::ClusterCa>>,
 }
 
 impl Default for ControllerConfig {
@@ -46,6 +50,7 @@ impl Default for ControllerConfig {
             cluster_cidr: "10.244.0.0/16".parse().expect("a valid CIDR"),
             node_cidr_mask_size: 24,
             root_ca: None,
+            signing_ca: None,
         }
     }
 }
@@ -238,6 +243,9 @@ pub async fn run(client: kube::Client, config: ControllerConfig) -> anyhow::Resu
     }
     tasks.spawn(disruption::run_disruption(client.clone(), hub.clone()));
     tasks.spawn(bootstrap::run_bootstrap_signer(client.clone()));
+    if let Some(ca) = config.signing_ca.clone() {
+        tasks.spawn(certificates::run_certificates(client.clone(), ca));
+    }
     tasks.spawn(gc::run_garbage_collector(client.clone(), hub.clone()));
     match tasks.join_next().await {
         Some(result) => result?,
