@@ -445,6 +445,12 @@ struct ControllerManagerArgs {
     component: ComponentArgs,
     #[command(flatten)]
     controllers: ControllerFlags,
+    /// The CA certificate that signs approved certificate requests (with the key below;
+    /// `tugboat server` uses <data-dir>/pki/ca.crt).
+    #[arg(long, requires = "cluster_signing_key_file")]
+    cluster_signing_cert_file: Option<PathBuf>,
+    #[arg(long, requires = "cluster_signing_cert_file")]
+    cluster_signing_key_file: Option<PathBuf>,
 }
 
 /// The controller manager's flags (accepted by `server` too).
@@ -704,6 +710,9 @@ fn main() -> ExitCode {
                 let client = client(&args.component.kubeconfig).await?;
                 let mut config = args.controllers.config();
                 config.root_ca = root_ca(&args.component.kubeconfig);
+                if let (Some(cert), Some(key)) = (&args.cluster_signing_cert_file, &args.cluster_signing_key_file) {
+                    config.signing_ca = Some(std::sync::Arc::new(tugboat_pki::ClusterCa::from_files(cert, key)?));
+                }
                 tokio::select! {
                     result = tugboat_controllers::run(client, config) => result,
                     result = wait_for_shutdown() => result,
