@@ -111,18 +111,9 @@ impl CriLog {
     }
 
     fn rotate(&mut self) -> std::io::Result<()> {
-        let stamp = time::OffsetDateTime::now_utc();
-        let rotated = format!(
-            "{}.{:04}{:02}{:02}-{:02}{:02}{:02}.{:09}",
-            self.path.display(),
-            stamp.year(),
-            u8::from(stamp.month()),
-            stamp.day(),
-            stamp.hour(),
-            stamp.minute(),
-            stamp.second(),
-            stamp.nanosecond()
-        );
+        // `0.log.20261130-165500.123456789`: the time, as the kubelet names rotated logs.
+        let stamp: String = cri_stamp().chars().filter(|c| !matches!(c, '-' | ':' | 'Z')).collect();
+        let rotated = format!("{}.{}", self.path.display(), stamp.replace('T', "-"));
         std::fs::rename(&self.path, &rotated)?;
         *self = CriLog::open(&self.path.clone(), self.max_size, self.max_files)?;
         remove_old_logs(&self.path, self.max_files.max(1) as usize - 1);
@@ -130,17 +121,7 @@ impl CriLog {
     }
 
     fn write(&mut self, stream: &str, line: &[u8], partial: bool) {
-        let stamp = time::OffsetDateTime::now_utc();
-        let stamp = format!(
-            "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}.{:09}Z",
-            stamp.year(),
-            u8::from(stamp.month()),
-            stamp.day(),
-            stamp.hour(),
-            stamp.minute(),
-            stamp.second(),
-            stamp.nanosecond()
-        );
+        let stamp = cri_stamp();
         let mut record = Vec::with_capacity(line.len() + 48);
         record.extend_from_slice(stamp.as_bytes());
         record.push(b' ');
@@ -155,6 +136,21 @@ impl CriLog {
             let _ = self.rotate();
         }
     }
+}
+
+/// Now, as CRI log lines start: RFC 3339 in UTC with nanoseconds.
+fn cri_stamp() -> String {
+    let t = time::OffsetDateTime::now_utc();
+    format!(
+        "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}.{:09}Z",
+        t.year(),
+        u8::from(t.month()),
+        t.day(),
+        t.hour(),
+        t.minute(),
+        t.second(),
+        t.nanosecond()
+    )
 }
 
 /// Keeps the newest `keep` rotated files of the log at `path` (`<name>.<time>`), removes the rest.

@@ -252,3 +252,20 @@ pub const BUSYBOX_IMAGE: &str = "busybox:1.35";
 pub fn busybox_archive(path: &Path) -> anyhow::Result<()> {
     oci_archive(path, BUSYBOX_IMAGE, &busybox_layer(&[])?, &["sh"])
 }
+
+/// Imports [`BUSYBOX_IMAGE`] into the node whose data dir is `data_dir`, with
+/// `tugboat images import` (the `tugboat` binary given).
+pub fn import_busybox(tugboat: &Path, data_dir: &Path) -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let archive = dir.path().join("busybox.tar");
+    busybox_archive(&archive)?;
+    let out = std::process::Command::new(tugboat)
+        .args(["images", "import"])
+        .arg(&archive)
+        .arg("--data-dir")
+        .arg(data_dir)
+        .output()
+        .context("running tugboat images import")?;
+    anyhow::ensure!(out.status.success(), "tugboat images import: {}", String::from_utf8_lossy(&out.stderr));
+    Ok(())
+}

@@ -168,11 +168,7 @@ fn an_agent_joins_with_the_token_and_runs_pods() {
     // The right CA hash and token: the node joins, with a certificate the cluster signed.
     let hash =
         tugboat_pki::ca_cert_hash(&std::fs::read_to_string(server.data_dir().join("pki/ca.crt")).unwrap()).unwrap();
-    let archive = server.scratch("images").join("busybox.tar");
-    tugboat_testkit::image::busybox_archive(&archive).unwrap();
-    let out =
-        Command::new(TUGBOAT).args(["images", "import"]).arg(&archive).arg("--data-dir").arg(&data).output().unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    tugboat_testkit::image::import_busybox(Path::new(TUGBOAT), &data).unwrap();
     let _agent = tugboat_testkit::KillOnDrop(
         agent(&server, &token, &data, &["--ca-cert-hash", &hash])
             .stdout(std::process::Stdio::null())

@@ -28,16 +28,7 @@ fn node() -> Node {
         &["--node-name", "box", "--node-ip", "127.0.0.1", "--pod-log-dir", logs.to_str().unwrap()],
     )
     .expect("the server starts");
-    let archive = server.scratch("images").join("busybox.tar");
-    tugboat_testkit::image::busybox_archive(&archive).unwrap();
-    let out = Command::new(TUGBOAT)
-        .args(["images", "import"])
-        .arg(&archive)
-        .arg("--data-dir")
-        .arg(server.data_dir())
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    tugboat_testkit::image::import_busybox(Path::new(TUGBOAT), &server.data_dir()).unwrap();
     // The node is Ready with a pod CIDR.
     wait(
         &server,
@@ -945,16 +936,7 @@ fn images_are_pulled_from_a_registry_with_back_off_on_failure() {
     .expect("the server starts");
     wait(&server, &["get", "node", "box", "-o", "jsonpath={.spec.podCIDR}"], "pod CIDR", |o| o.contains('/'));
     // An imported image is pinned: never collected.
-    let archive = server.scratch("images").join("busybox.tar");
-    tugboat_testkit::image::busybox_archive(&archive).unwrap();
-    let out = Command::new(TUGBOAT)
-        .args(["images", "import"])
-        .arg(&archive)
-        .arg("--data-dir")
-        .arg(server.data_dir())
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    tugboat_testkit::image::import_busybox(Path::new(TUGBOAT), &server.data_dir()).unwrap();
     let image = format!("{}/tools/busybox:1.35", registry.address);
     let missing = format!("{}/tools/nothing:1", registry.address);
     let manifest = format!(

@@ -42,17 +42,7 @@ async fn run(args: Args) -> anyhow::Result<Value> {
         &args.start,
         &["--node-name", "bench", "--node-ip", "127.0.0.1", "--pod-log-dir", &logs],
     )?;
-    let archive = server.scratch("images").join("busybox.tar");
-    tugboat_testkit::image::busybox_archive(&archive)?;
-    let out = std::process::Command::new(&args.start)
-        .args(["images", "import"])
-        .arg(&archive)
-        .arg("--data-dir")
-        .arg(server.data_dir())
-        .output()?;
-    if !out.status.success() {
-        bail!("import: {}", String::from_utf8_lossy(&out.stderr));
-    }
+    tugboat_testkit::image::import_busybox(&args.start, &server.data_dir())?;
     let target = Arc::new(load_target(&server.kubeconfig())?);
     // The node is ready with a pod CIDR before the clock starts.
     let deadline = Instant::now() + Duration::from_secs(60);
