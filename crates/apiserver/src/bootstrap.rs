@@ -19,9 +19,7 @@ pub async fn authenticate(state: &ApiState, token: &str) -> Option<UserInfo> {
     let (id, given) = parse(token)?;
     let secrets = registry::find("", "v1", "secrets").expect("secrets are served");
     let name = format!("{SECRET_PREFIX}{id}");
-    let cache = state.caches.get(&secrets.prefix(None)).await.ok()?;
-    let secret =
-        cache.list(&secrets.key(Some(NAMESPACE), &name)).0.into_iter().find(|s| s["metadata"]["name"] == name)?;
+    let secret = crate::handlers::cached_get(state, secrets, Some(NAMESPACE), &name).await.ok()??;
     let stored = field(&secret, "token-secret")?;
     if secret["type"] != SECRET_TYPE
         || !same(stored.as_bytes(), given.as_bytes())

@@ -606,6 +606,36 @@ async fn check_namespace(
     Ok(())
 }
 
+/// The objects of `resource` in `namespace` (every one with `None`), from its watch cache.
+pub(crate) async fn cached_list(
+    state: &ApiState,
+    resource: &Resource,
+    namespace: Option<&str>,
+) -> Result<Vec<Value>, ApiError> {
+    let cache = state
+        .caches
+        .get(&resource.prefix(None))
+        .await
+        .map_err(|e| ApiError::from_store(e, resource.group, resource.plural, ""))?;
+    Ok(cache.list(&resource.prefix(namespace)).0)
+}
+
+/// One object from the watch cache (its key as the prefix: only it, and names it begins, are
+/// decoded).
+pub(crate) async fn cached_get(
+    state: &ApiState,
+    resource: &Resource,
+    namespace: Option<&str>,
+    name: &str,
+) -> Result<Option<Value>, ApiError> {
+    let cache = state
+        .caches
+        .get(&resource.prefix(None))
+        .await
+        .map_err(|e| ApiError::from_store(e, resource.group, resource.plural, name))?;
+    Ok(cache.list(&resource.key(namespace, name)).0.into_iter().find(|o| o["metadata"]["name"] == name))
+}
+
 pub(crate) async fn read_object(
     state: &ApiState,
     resource: &Resource,

@@ -82,12 +82,7 @@ fn subject_matches(subject: &Value, user: &UserInfo) -> bool {
 
 async fn cached(state: &ApiState, group: &str, plural: &str, namespace: Option<&str>) -> Result<Vec<Value>, ApiError> {
     let resource = registry::find(group, "v1", plural).expect("RBAC resources are served");
-    let cache = state
-        .caches
-        .get(&resource.prefix(None))
-        .await
-        .map_err(|e| ApiError::from_store(e, resource.group, resource.plural, ""))?;
-    Ok(cache.list(&resource.prefix(namespace)).0)
+    crate::handlers::cached_list(state, resource, namespace).await
 }
 
 const RBAC: &str = "rbac.authorization.k8s.io";
@@ -147,12 +142,8 @@ pub fn forbidden(user: &UserInfo, attributes: &Attributes) -> ApiError {
         Some(r) => {
             let combined =
                 if r.subresource.is_empty() { r.resource.clone() } else { format!("{}/{}", r.resource, r.subresource) };
-            let subject = if r.name.is_empty() { r.resource.clone() } else { format!("{} {:?}", r.resource, r.name) };
-            let subject = if r.group.is_empty() {
-                subject
-            } else {
-                subject.replacen(&r.resource, &format!("{}.{}", r.resource, r.group), 1)
-            };
+            let qualified = if r.group.is_empty() { r.resource.clone() } else { format!("{}.{}", r.resource, r.group) };
+            let subject = if r.name.is_empty() { qualified } else { format!("{qualified} {:?}", r.name) };
             let scope = if r.namespace.is_empty() {
                 "at the cluster scope".to_string()
             } else {

@@ -93,12 +93,7 @@ pub async fn serve(
 
 async fn cached(state: &ApiState, plural: &str) -> Result<Vec<Value>, ApiError> {
     let resource = registry::find("", "v1", plural).expect("core resources are served");
-    let cache = state
-        .caches
-        .get(&resource.prefix(None))
-        .await
-        .map_err(|e| ApiError::from_store(e, resource.group, resource.plural, ""))?;
-    Ok(cache.list(&resource.prefix(None)).0)
+    crate::handlers::cached_list(state, resource, None).await
 }
 
 /// Each node's summary (None where its kubelet did not answer), asked of all at once.

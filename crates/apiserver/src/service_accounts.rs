@@ -127,14 +127,7 @@ fn invalid(name: &str, field: &str, message: String) -> ApiError {
 
 async fn cached(state: &ApiState, plural: &str, namespace: &str, name: &str) -> Result<Option<Value>, ApiError> {
     let resource = registry::find("", "v1", plural).expect("core resources are served");
-    let cache = state
-        .caches
-        .get(&resource.prefix(None))
-        .await
-        .map_err(|e| ApiError::from_store(e, resource.group, resource.plural, name))?;
-    // The key as the prefix: only this name (and names it begins) is decoded.
-    let found = cache.list(&resource.key(Some(namespace), name)).0;
-    Ok(found.into_iter().find(|o| o["metadata"]["name"] == name))
+    crate::handlers::cached_get(state, resource, Some(namespace), name).await
 }
 
 /// `POST serviceaccounts/<name>/token`: a TokenRequest answered with a signed token.

@@ -34,7 +34,7 @@ impl Host {
         let meminfo = std::fs::read_to_string("/proc/meminfo")?;
         let fs = filesystem(data_dir)?;
         Ok(Host {
-            hostname: text("/proc/sys/kernel/hostname").to_lowercase(),
+            hostname: hostname(),
             cpus: std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
             memory: meminfo_bytes(&meminfo, "MemTotal").unwrap_or(0),
             memory_available: meminfo_bytes(&meminfo, "MemAvailable").unwrap_or(0),
@@ -87,9 +87,9 @@ pub fn filesystem(path: &Path) -> std::io::Result<Filesystem> {
     })
 }
 
-/// The host's name, as the node is named by default.
+/// The host's name, lower case, as the node is named by default.
 pub fn hostname() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default().trim().to_string()
+    std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default().trim().to_lowercase()
 }
 
 /// A `/proc/meminfo` field (given in kB) in bytes.

@@ -293,8 +293,16 @@ fn hook_exec(
     id: &str,
     handler: &k8s_openapi::api::core::v1::LifecycleHandler,
 ) -> Option<tokio::process::Command> {
-    let command = handler.exec.as_ref()?.command.as_deref().unwrap_or_default();
-    let mut command = node.runtime.exec_command(id, command).ok()?;
+    exec_action(node, id, handler.exec.as_ref()?)
+}
+
+/// An exec action (probe or hook) ready to run in the container, without stdin.
+fn exec_action(
+    node: &NodeAgent,
+    id: &str,
+    action: &k8s_openapi::api::core::v1::ExecAction,
+) -> Option<tokio::process::Command> {
+    let mut command = node.runtime.exec_command(id, action.command.as_deref().unwrap_or_default()).ok()?;
     command.stdin(std::process::Stdio::null());
     Some(command)
 }
@@ -556,14 +564,7 @@ async fn run_probes(
         }
     }
     let results = futures::future::join_all(due.into_iter().map(|(spec, id, kind, probe)| {
-        let exec = probe
-            .exec
-            .as_ref()
-            .and_then(|e| node.runtime.exec_command(&id, e.command.as_deref().unwrap_or_default()).ok())
-            .map(|mut c| {
-                c.stdin(std::process::Stdio::null());
-                c
-            });
+        let exec = probe.exec.as_ref().and_then(|e| exec_action(node, &id, e));
         async move {
             let result = probes::run(&probe, &spec, probes::Target { ip: pod_ip, exec }).await;
             (spec, id, kind, probe, result)

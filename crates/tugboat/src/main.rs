@@ -313,7 +313,7 @@ async fn join(args: &AgentArgs) -> anyhow::Result<PathBuf> {
         }
     }
     // A client certificate for the node, asked for with the token and signed by the cluster.
-    let node_name = args.node.node_name.clone().unwrap_or_else(|| tugboat_kubelet::host::hostname().to_lowercase());
+    let node_name = args.node.node_name.clone().expect("the agent names its node before joining");
     let bootstrap_config = tugboat_pki::token_kubeconfig(server, &ca_pem, token);
     let config = kube::Config::from_custom_kubeconfig(
         kube::config::Kubeconfig::from_yaml(&bootstrap_config)?,
@@ -666,15 +666,12 @@ fn main() -> ExitCode {
             Command::Token(command) => token(command).await,
             Command::Server(args) => server(args, true).await,
             Command::Apiserver(args) => server(args, false).await,
-            Command::Agent(args) => {
+            Command::Agent(mut args) => {
+                // Named once: the certificate and the kubelet name the same node.
+                args.node.node_name.get_or_insert_with(tugboat_kubelet::host::hostname);
                 let kubeconfig = join(&args).await?;
-                let mut node = args.node.clone();
-                // The node is the one the certificate names.
-                if node.node_name.is_none() {
-                    node.node_name = Some(tugboat_kubelet::host::hostname().to_lowercase());
-                }
                 let client = client(&kubeconfig).await?;
-                let config = node.kubelet_config(&args.data_dir, &kubeconfig);
+                let config = args.node.kubelet_config(&args.data_dir, &kubeconfig);
                 tokio::select! {
                     result = tugboat_kubelet::run(client, config) => result,
                     result = wait_for_shutdown() => result,
