@@ -296,12 +296,31 @@ async fn report_unschedulable(client: &kube::Client, pod: &Pod, message: &str) {
     let name = pod.metadata.name.as_deref().unwrap_or_default();
     let pods: Api<Pod> = Api::namespaced(client.clone(), namespace);
     let now = Time(jiff::Timestamp::now());
-    let status = json!({"status": {"conditions": [{
-        "type": "PodScheduled", "status": "False", "reason": "Unschedulable", "message": message,
-        "lastProbeTime": null, "lastTransitionTime": now,
-    }]}});
-    if let Err(error) = pods.patch_status(name, &PatchParams::default(), &Patch::Strategic(status)).await {
-        tracing::debug!(%error, pod = name, "could not mark the pod unschedulable");
+    // Conditional on the version looked at: a pod bound meanwhile (by another scheduler, or a
+    // client's pods/binding) must not be marked unschedulable afterwards. On a conflict the pod
+    // is read again and, while still unbound, marked at its new version.
+    let mut version = pod.metadata.resource_version.clone();
+    for _ in 0..3 {
+        let status = json!({
+            "metadata": {"resourceVersion": version},
+            "status": {"conditions": [{
+                "type": "PodScheduled", "status": "False", "reason": "Unschedulable", "message": message,
+                "lastProbeTime": null, "lastTransitionTime": now,
+            }]},
+        });
+        match pods.patch_status(name, &PatchParams::default(), &Patch::Strategic(status)).await {
+            Err(kube::Error::Api(status)) if status.code == 409 => match pods.get_opt(name).await {
+                Ok(Some(current)) if current.spec.as_ref().is_some_and(|s| s.node_name.is_none()) => {
+                    version = current.metadata.resource_version;
+                }
+                _ => return,
+            },
+            Err(error) => {
+                tracing::debug!(%error, pod = name, "could not mark the pod unschedulable");
+                break;
+            }
+            Ok(_) => break,
+        }
     }
     record(client, pod, "Warning", "FailedScheduling", message).await;
 }
