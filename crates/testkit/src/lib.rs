@@ -1,6 +1,7 @@
 //! Helpers shared by Tugboat's tests and benchmarks. Everything here runs on loopback and in
 //! temporary directories, and cleans up on drop.
 
+pub mod hosts;
 pub mod image;
 
 use std::io::{Read, Write};

@@ -1,0 +1,250 @@
+//! Several hosts on one machine (`tugboat_testkit::hosts`): a server and agents joined with
+//! the token it prints, each host a network namespace of its own on a switch.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use tugboat_testkit::hosts::{Host, Hosts};
+
+const TUGBOAT: &str = env!("CARGO_BIN_EXE_tugboat");
+
+/// The real kubectl, from outside every host (through the switch), as the server's admin.
+/// (The admin kubeconfig names loopback; from outside, `--server` names the server's host.)
+struct Kubectl {
+    kubeconfig: PathBuf,
+    server: String,
+    home: PathBuf,
+}
+
+impl Kubectl {
+    fn run(&self, args: &[&str], stdin: Option<&str>) -> Result<String, String> {
+        use std::io::Write;
+        let mut child = Command::new("/usr/bin/kubectl")
+            .arg("--server")
+            .arg(&self.server)
+            .args(args)
+            .env("KUBECONFIG", &self.kubeconfig)
+            .env("HOME", &self.home)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("kubectl runs");
+        child.stdin.take().unwrap().write_all(stdin.unwrap_or_default().as_bytes()).unwrap();
+        let out = child.wait_with_output().unwrap();
+        if out.status.success() {
+            Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+        } else {
+            Err(format!("kubectl {args:?}: {}", String::from_utf8_lossy(&out.stderr)))
+        }
+    }
+
+    fn ok(&self, args: &[&str]) -> String {
+        self.run(args, None).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// Waits until `check` holds of `kubectl args` (tolerating failures meanwhile).
+    fn until(&self, args: &[&str], timeout: Duration, what: &str, check: impl Fn(&str) -> bool) -> String {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let out = self.run(args, None).unwrap_or_else(|e| e);
+            if check(&out) {
+                return out;
+            }
+            assert!(Instant::now() < deadline, "{what}: after {timeout:?}, kubectl {args:?} says {out}");
+            std::thread::sleep(Duration::from_millis(500));
+        }
+    }
+
+    fn node_ready(&self, node: &str) -> String {
+        let path = "jsonpath={.status.conditions[?(@.type==\"Ready\")].status}";
+        self.run(&["get", "node", node, "-o", path], None).unwrap_or_else(|e| e)
+    }
+}
+
+/// `tugboat <args>` on `host`, with the host's data dir, pod logs and node name.
+fn tugboat(host: &Host, args: &[&str]) -> Command {
+    let data = host.dir().join("data");
+    let mut command = host.command(TUGBOAT);
+    command.args(args).arg("--data-dir").arg(&data).arg("--pod-log-dir").arg(data.join("pods"));
+    command.args(["--node-name", host.name()]);
+    command
+}
+
+/// The `tugboat agent --server … --token …` line `tugboat server` printed.
+fn printed_join_command(server: &Host) -> Vec<String> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let log = server.log("server");
+        if let Some(line) = log.lines().find(|l| l.trim_start().starts_with("tugboat agent --server")) {
+            return line.split_whitespace().map(str::to_string).collect();
+        }
+        assert!(Instant::now() < deadline, "the server printed no join command: {log}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+const SPREAD: &str = r#"
+apiVersion: apps/v1
+kind: Deployment
+metadata: {name: spread}
+spec:
+  replicas: 6
+  selector: {matchLabels: {app: spread}}
+  template:
+    metadata: {labels: {app: spread}}
+    spec:
+      terminationGracePeriodSeconds: 1
+      topologySpreadConstraints:
+      - {maxSkew: 1, topologyKey: kubernetes.io/hostname, whenUnsatisfiable: ScheduleAnyway,
+         labelSelector: {matchLabels: {app: spread}}}
+      containers:
+      - {name: main, image: "busybox:1.35", command: [sh, -c, "sleep 3600"]}
+"#;
+
+/// (pod, node, phase, terminating) of the Deployment's pods.
+fn spread_pods(kubectl: &Kubectl) -> Vec<(String, String, String, bool)> {
+    let out = kubectl
+        .run(&["get", "pods", "-l", "app=spread", "-o", "json"], None)
+        .map(|o| serde_json::from_str::<serde_json::Value>(&o).unwrap())
+        .unwrap_or_default();
+    out["items"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|p| {
+            (
+                p["metadata"]["name"].as_str().unwrap_or_default().to_string(),
+                p["spec"]["nodeName"].as_str().unwrap_or_default().to_string(),
+                p["status"]["phase"].as_str().unwrap_or_default().to_string(),
+                p["metadata"]["deletionTimestamp"].is_string(),
+            )
+        })
+        .collect()
+}
+
+/// A server and two agents joined with the token it printed; pods land on every node; a wrong
+/// token says so; a host whose link is cut goes NotReady and its pods are replaced on the
+/// others; restored, it is Ready again and its old pods are gone.
+#[test]
+fn a_server_and_two_agents_run_pods_and_survive_a_cut_link() {
+    if !tugboat_testkit::isolated("a_server_and_two_agents_run_pods_and_survive_a_cut_link") {
+        return;
+    }
+    let mut hosts = Hosts::new(3).unwrap();
+    for i in 0..3 {
+        tugboat_testkit::image::import_busybox(Path::new(TUGBOAT), &hosts.get(i).dir().join("data")).unwrap();
+    }
+    let server = hosts.get_mut(0);
+    let command = tugboat(
+        server,
+        &[
+            "server",
+            "--node-monitor-grace-period",
+            "20s",
+            "--default-unreachable-toleration-seconds",
+            "5",
+            "--default-not-ready-toleration-seconds",
+            "5",
+        ],
+    );
+    server.spawn("server", command).unwrap();
+    let join = printed_join_command(hosts.get(0));
+    assert_eq!(join[3], format!("https://{}:6443", hosts.get(0).address()), "{join:?}");
+    let kubectl = Kubectl {
+        kubeconfig: hosts.get(0).dir().join("data/admin.kubeconfig"),
+        server: join[3].clone(),
+        home: hosts.get(0).dir().join("home"),
+    };
+
+    // A wrong token: the agent says what is wrong and leaves nothing behind.
+    let out = tugboat(hosts.get(2), &["agent", "--server", &join[3], "--token", "abcdef.0123456789abcdef"])
+        .args(["--discovery-timeout", "2s"])
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && said.contains("unknown or has expired"), "{said}");
+    assert!(!hosts.get(2).dir().join("data/kubelet.kubeconfig").exists());
+
+    // The printed command, as a user would paste it on each host.
+    for i in [1, 2] {
+        let host = hosts.get_mut(i);
+        let command = tugboat(host, &join[1..].iter().map(String::as_str).collect::<Vec<_>>());
+        host.spawn("agent", command).unwrap();
+    }
+    for i in 0..3 {
+        let name = hosts.get(i).name().to_string();
+        let deadline = Instant::now() + Duration::from_secs(90);
+        while kubectl.node_ready(&name) != "True" {
+            assert!(
+                Instant::now() < deadline,
+                "{name} is not Ready ({}): {}",
+                kubectl.node_ready(&name),
+                hosts.get(i).log(if i == 0 { "server" } else { "agent" })
+            );
+            std::thread::sleep(Duration::from_millis(500));
+        }
+    }
+    let internal =
+        kubectl.ok(&["get", "node", "host-1", "-o", "jsonpath={.status.addresses[?(@.type==\"InternalIP\")].address}"]);
+    assert_eq!(internal, hosts.get(1).address().to_string(), "the node IP is the host's");
+
+    // Pods land on every node and run there; logs come through each node's kubelet.
+    kubectl.run(&["apply", "-f", "-"], Some(SPREAD)).unwrap();
+    let running = |pods: &[(String, String, String, bool)]| {
+        pods.iter().filter(|(_, _, phase, terminating)| phase == "Running" && !terminating).count()
+    };
+    let deadline = Instant::now() + Duration::from_secs(90);
+    while running(&spread_pods(&kubectl)) < 6 {
+        assert!(Instant::now() < deadline, "not all running: {:?}", spread_pods(&kubectl));
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    let pods = spread_pods(&kubectl);
+    for i in 0..3 {
+        let name = hosts.get(i).name();
+        assert!(pods.iter().any(|(_, node, _, _)| node == name), "no pod on {name}: {pods:?}");
+    }
+    let on_2: Vec<String> = pods.iter().filter(|p| p.1 == "host-2").map(|p| p.0.clone()).collect();
+    kubectl.ok(&["exec", &on_2[0], "--", "true"]);
+
+    // Cut host-2 off: NotReady (Unknown) after the grace period, its pods replaced elsewhere.
+    hosts.get(2).cut().unwrap();
+    kubectl.until(
+        &["get", "node", "host-2", "-o", "jsonpath={.spec.taints}"],
+        Duration::from_secs(60),
+        "unreachable",
+        |t| t.contains("node.kubernetes.io/unreachable"),
+    );
+    assert_eq!(kubectl.node_ready("host-2"), "Unknown");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let pods = spread_pods(&kubectl);
+        let elsewhere = pods
+            .iter()
+            .filter(|(_, node, phase, terminating)| node != "host-2" && phase == "Running" && !terminating)
+            .count();
+        if elsewhere == 6 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "host-2's pods are not replaced: {pods:?}");
+        std::thread::sleep(Duration::from_millis(500));
+    }
+
+    // Restored: Ready again, and its kubelet finishes the evicted pods.
+    hosts.get(2).restore().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while kubectl.node_ready("host-2") != "True" {
+        assert!(Instant::now() < deadline, "host-2 is not Ready again: {}", hosts.get(2).log("agent"));
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let pods = spread_pods(&kubectl);
+        if pods.len() == 6 && running(&pods) == 6 && !pods.iter().any(|p| on_2.contains(&p.0)) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the evicted pods stay: {pods:?}");
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}
