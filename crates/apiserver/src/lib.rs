@@ -31,6 +31,7 @@ mod schema;
 mod selector;
 mod service_accounts;
 mod services;
+mod shared_keys;
 mod smp;
 mod status;
 mod table;
@@ -196,7 +197,18 @@ fn tls_config(ca: &ClusterCa, serving: &tugboat_pki::IssuedCert) -> Result<rustl
 /// Sets up certificates and the admin kubeconfig, then serves the API from `store`.
 pub async fn start(config: ApiServerConfig, store: Arc<dyn Store>) -> Result<ApiServer, StartError> {
     let pki_dir = config.data_dir.join("pki");
-    let ca = ClusterCa::load_or_create(&pki_dir)?;
+    let sa_key = pki_dir.join("sa.key");
+    // The cluster's CA and service-account key: the datastore's if it has them (another
+    // server's, or a restored snapshot's), else this data dir's (made on first start).
+    shared_keys::adopt(store.as_ref(), &pki_dir).await?;
+    let mut ca = ClusterCa::load_or_create(&pki_dir)?;
+    let mut signer = service_accounts::TokenSigner::load_or_create(&sa_key).map_err(StartError::Tls)?;
+    if !shared_keys::publish(store.as_ref(), &pki_dir).await? {
+        // Another server started the cluster at the same moment: its keys win.
+        shared_keys::adopt(store.as_ref(), &pki_dir).await?;
+        ca = ClusterCa::load_or_create(&pki_dir)?;
+        signer = service_accounts::TokenSigner::load_or_create(&sa_key).map_err(StartError::Tls)?;
+    }
     let advertise = config.advertise_address.or((!config.bind_address.is_unspecified()).then_some(config.bind_address));
     // The serving certificate names every address clients use: loopback, the bind and advertise
     // addresses, and the `kubernetes` Service's ClusterIP (pods reach the API through it).
@@ -287,8 +299,7 @@ pub async fn start(config: ApiServerConfig, store: Arc<dyn Store>) -> Result<Api
         service_cidr: config.service_cidr,
         metrics: metrics::Metrics::default(),
         kubelets,
-        signer: service_accounts::TokenSigner::load_or_create(&config.data_dir.join("pki").join("sa.key"))
-            .map_err(StartError::Tls)?,
+        signer,
     });
     handlers::ensure_system_objects(&state).await.map_err(|e| StartError::Setup(e.message))?;
     match advertise {

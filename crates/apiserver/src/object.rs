@@ -484,7 +484,34 @@ pub fn prepare_update(resource: &Resource, old: &Value, object: &mut Value) -> R
     Ok(())
 }
 
+/// A Secret's `stringData` is write-only: its entries go into `data` (base64), replacing
+/// the same keys there, as upstream's conversion does on every write.
+fn merge_string_data(resource: &Resource, object: &mut Value) -> Result<(), ApiError> {
+    use base64::Engine;
+    if !resource.group.is_empty() || resource.plural != "secrets" {
+        return Ok(());
+    }
+    let Some(map) = object.as_object_mut() else { return Ok(()) };
+    let strings = match map.remove("stringData") {
+        None | Some(Value::Null) => return Ok(()),
+        Some(Value::Object(strings)) => strings,
+        Some(_) => return Err(ApiError::bad_request("stringData must be a map of strings")),
+    };
+    let data = map.entry("data").or_insert_with(|| json!({}));
+    if !data.is_object() {
+        *data = json!({});
+    }
+    for (key, value) in strings {
+        let Value::String(text) = value else {
+            return Err(ApiError::bad_request(format!("stringData[{key}] must be a string")));
+        };
+        data[key.as_str()] = json!(base64::engine::general_purpose::STANDARD.encode(text));
+    }
+    Ok(())
+}
+
 fn check_kind(resource: &Resource, object: &mut Value) -> Result<(), ApiError> {
+    merge_string_data(resource, object)?;
     let api_version = resource.api_version();
     match object["kind"].as_str() {
         None | Some("") => object["kind"] = json!(resource.kind),

@@ -31,7 +31,7 @@ pub use compactor::{CompactionPolicy, spawn_compactor};
 pub use continue_token::ContinueToken;
 pub use error::{Result, StoreError};
 pub use etcd::{EtcdConfig, EtcdStore, EtcdTls};
-pub use sqlite::{SqliteConfig, SqliteStore};
+pub use sqlite::{SqliteConfig, SqliteStore, restore_snapshot, snapshot_file};
 
 /// A store revision: etcd's `mod_revision`, Kubernetes' `resourceVersion`.
 pub type Revision = i64;

@@ -139,17 +139,33 @@ impl TugboatServer {
     /// <extra>` and waits for its ready line.
     /// `tugboat server` without its node agent (control plane tests use hollow nodes).
     pub fn start(binary: &Path, extra: &[&str]) -> anyhow::Result<TugboatServer> {
-        Self::start_inner(binary, extra, false)
+        Self::start_inner(binary, extra, false, |_| Ok(()))
     }
 
     /// `tugboat server` with its node agent: run it inside a network namespace of the test's
     /// own ([`crate::isolate`]), since the agent makes a bridge and veths.
     pub fn start_with_agent(binary: &Path, extra: &[&str]) -> anyhow::Result<TugboatServer> {
-        Self::start_inner(binary, extra, true)
+        Self::start_inner(binary, extra, true, |_| Ok(()))
     }
 
-    fn start_inner(binary: &Path, extra: &[&str], agent: bool) -> anyhow::Result<TugboatServer> {
+    /// `tugboat server` (no agent) on a data dir that `prepare` fills first (e.g. restores a
+    /// snapshot into).
+    pub fn start_prepared(
+        binary: &Path,
+        extra: &[&str],
+        prepare: impl FnOnce(&Path) -> anyhow::Result<()>,
+    ) -> anyhow::Result<TugboatServer> {
+        Self::start_inner(binary, extra, false, prepare)
+    }
+
+    fn start_inner(
+        binary: &Path,
+        extra: &[&str],
+        agent: bool,
+        prepare: impl FnOnce(&Path) -> anyhow::Result<()>,
+    ) -> anyhow::Result<TugboatServer> {
         let dir = tempfile::Builder::new().prefix("tugboat-server-").tempdir()?;
+        prepare(&dir.path().join("data"))?;
         let port = free_port();
         let mut child = Command::new(binary)
             .arg("server")

@@ -9,6 +9,8 @@ use clap::{Parser, Subcommand};
 use tugboat_apiserver::ApiServerConfig;
 use tugboat_store::{CompactionPolicy, DatastoreConfig, open_datastore, spawn_compactor};
 
+mod snapshot;
+
 /// mimalloc rather than glibc's malloc: the API server lives on JSON values, whose many small
 /// allocations cost glibc about a quarter of the server's CPU under load.
 #[global_allocator]
@@ -46,6 +48,9 @@ enum Command {
     /// Manage bootstrap tokens, which join nodes (`tugboat agent --token`).
     #[command(subcommand)]
     Token(TokenCommand),
+    /// Save the cluster's store to a file, or restore a data dir from one.
+    #[command(subcommand)]
+    Snapshot(snapshot::SnapshotCommand),
     /// The per-container monitor (started by the kubelet, not by hand).
     #[command(hide = true)]
     Shim {
@@ -564,6 +569,15 @@ struct ServerArgs {
     /// 0 for ever. A restart makes a new one once it has expired.
     #[arg(long, default_value = "24h", value_parser = parse_duration_or_zero)]
     token_ttl: Duration,
+    /// Save a snapshot of the store this often (0: never), into --snapshot-dir.
+    #[arg(long, default_value = "12h", value_parser = parse_duration_or_zero)]
+    snapshot_interval: Duration,
+    /// How many scheduled snapshots to keep (the oldest go first).
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..))]
+    snapshot_retention: u32,
+    /// Where scheduled snapshots go (default: <data-dir>/snapshots).
+    #[arg(long)]
+    snapshot_dir: Option<PathBuf>,
     /// Seconds a new pod tolerates its node being unreachable before it is evicted.
     #[arg(long, default_value_t = 300)]
     default_unreachable_toleration_seconds: i64,
@@ -664,6 +678,7 @@ fn main() -> ExitCode {
             // Handled before the async runtime starts.
             Command::Shim { .. } | Command::ExecIn { .. } | Command::Images(_) => Ok(()),
             Command::Token(command) => token(command).await,
+            Command::Snapshot(command) => snapshot::run(command).await,
             Command::Server(args) => server(args, true).await,
             Command::Apiserver(args) => server(args, false).await,
             Command::Agent(mut args) => {
@@ -830,6 +845,16 @@ async fn server(args: ServerArgs, full: bool) -> anyhow::Result<()> {
         kubeconfig = %api.admin_kubeconfig().display(),
         "tugboat server ready"
     );
+
+    if full && !args.snapshot_interval.is_zero() {
+        snapshot::schedule(
+            store.clone(),
+            args.snapshot_dir.clone().unwrap_or_else(|| args.data_dir.join("snapshots")),
+            args.snapshot_interval,
+            args.snapshot_retention as usize,
+            matches!(config, DatastoreConfig::Etcd(_)),
+        );
+    }
 
     let mut components = Vec::new();
     if full && !args.disable_scheduler {

@@ -423,35 +423,93 @@ impl Store for SqliteStore {
 
     async fn snapshot(&self, dest: &Path) -> Result<SnapshotInfo> {
         let dest = dest.to_path_buf();
-        self.read(move |shared| {
-            let revision = shared.current.load(Ordering::SeqCst);
-            let io = |path: &Path| {
-                let path = path.to_path_buf();
-                move |source| StoreError::Io { path, source }
-            };
-            let file_name = dest.file_name().ok_or_else(|| StoreError::Io {
-                path: dest.clone(),
-                source: std::io::Error::new(std::io::ErrorKind::InvalidInput, "not a file path"),
-            })?;
-            let partial = dest.with_file_name(format!(".{}.partial", file_name.to_string_lossy()));
-            let _ = std::fs::remove_file(&partial);
-            // VACUUM INTO writes a compact, consistent copy from one read transaction while the
-            // writer goes on. Pooled readers are query_only, so this takes a connection of its own.
-            let conn = schema::open_reader(&shared.path)?;
-            conn.execute_batch("PRAGMA query_only = 0").map_err(|e| sqlite_error(&shared.path, e))?;
-            conn.execute("VACUUM INTO ?1", [partial.to_string_lossy()])
-                .map_err(|source| StoreError::Sqlite { path: partial.clone(), source })?;
-            drop(conn);
-            File::open(&partial).and_then(|f| f.sync_all()).map_err(io(&partial))?;
-            std::fs::rename(&partial, &dest).map_err(io(&dest))?;
-            if let Some(dir) = dest.parent().filter(|d| !d.as_os_str().is_empty()) {
-                File::open(dir).and_then(|f| f.sync_all()).map_err(io(dir))?;
-            }
-            let size = std::fs::metadata(&dest).map_err(io(&dest))?.len();
-            Ok(SnapshotInfo { revision, size })
-        })
-        .await
+        self.read(move |shared| snapshot_file(&shared.path, &dest)).await
     }
+}
+
+/// Writes a compact, consistent copy of the store file `source` to `dest` (fsync'd, renamed
+/// into place) from one read transaction, whether or not a server has the store open: SQLite's
+/// readers and its writer do not block each other (`tugboat snapshot save` beside a running
+/// server, as well as the server's own scheduled snapshots).
+pub fn snapshot_file(source: &Path, dest: &Path) -> Result<SnapshotInfo> {
+    let io = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| StoreError::Io { path, source }
+    };
+    let file_name = dest.file_name().ok_or_else(|| StoreError::Io {
+        path: dest.to_path_buf(),
+        source: std::io::Error::new(std::io::ErrorKind::InvalidInput, "not a file path"),
+    })?;
+    if !source.exists() {
+        return Err(StoreError::Io {
+            path: source.to_path_buf(),
+            source: std::io::Error::new(std::io::ErrorKind::NotFound, "no store here"),
+        });
+    }
+    let partial = dest.with_file_name(format!(".{}.partial", file_name.to_string_lossy()));
+    let _ = std::fs::remove_file(&partial);
+    // VACUUM INTO writes the copy from one read transaction while the writer goes on.
+    // Pooled readers are query_only, so this takes a connection of its own.
+    let conn = schema::open_reader(source)?;
+    conn.execute_batch("PRAGMA query_only = 0").map_err(|e| sqlite_error(source, e))?;
+    conn.execute("VACUUM INTO ?1", [partial.to_string_lossy()])
+        .map_err(|source| StoreError::Sqlite { path: partial.clone(), source })?;
+    drop(conn);
+    File::open(&partial).and_then(|f| f.sync_all()).map_err(io(&partial))?;
+    let (revision, _) = schema::verify(&partial)?;
+    std::fs::rename(&partial, dest).map_err(io(dest))?;
+    sync_parent(dest)?;
+    let size = std::fs::metadata(dest).map_err(io(dest))?.len();
+    Ok(SnapshotInfo { revision, size })
+}
+
+/// Replaces the store of `config` with the snapshot `source` (made by [`snapshot_file`] or a
+/// store's `snapshot`). The snapshot is checked whole before anything changes; no process may
+/// have the store open; the files it replaces are kept beside it as `<file>.before-restore`
+/// (with their `-wal`). Works on an empty or missing data dir (a fresh machine).
+pub fn restore_snapshot(source: &Path, config: &SqliteConfig) -> Result<SnapshotInfo> {
+    let path = &config.path;
+    let io = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| StoreError::Io { path, source }
+    };
+    schema::verify(source)?;
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).map_err(io(dir))?;
+    }
+    let lock_path = path.with_extension("lock");
+    let lock = File::options().create(true).truncate(false).write(true).open(&lock_path).map_err(io(&lock_path))?;
+    match lock.try_lock() {
+        Ok(()) => {}
+        Err(std::fs::TryLockError::WouldBlock) => return Err(StoreError::Locked { path: path.clone() }),
+        Err(std::fs::TryLockError::Error(source)) => return Err(StoreError::Io { path: lock_path, source }),
+    }
+    let partial = path.with_extension("restoring");
+    std::fs::copy(source, &partial).map_err(io(&partial))?;
+    File::open(&partial).and_then(|f| f.sync_all()).map_err(io(&partial))?;
+    let (revision, _) = schema::verify(&partial)?;
+    let name = path.file_name().unwrap_or_default().to_string_lossy().into_owned();
+    for suffix in ["", "-wal", "-shm"] {
+        let old = path.with_file_name(format!("{name}{suffix}"));
+        if old.exists() {
+            let kept = path.with_file_name(format!("{name}.before-restore{suffix}"));
+            std::fs::rename(&old, &kept).map_err(io(&kept))?;
+        }
+    }
+    std::fs::rename(&partial, path).map_err(io(path))?;
+    sync_parent(path)?;
+    let size = std::fs::metadata(path).map_err(io(path))?.len();
+    Ok(SnapshotInfo { revision, size })
+}
+
+/// fsyncs the directory holding `path`, so a rename into it is durable.
+fn sync_parent(path: &Path) -> Result<()> {
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        File::open(dir)
+            .and_then(|f| f.sync_all())
+            .map_err(|source| StoreError::Io { path: dir.to_path_buf(), source })?;
+    }
+    Ok(())
 }
 
 /// One watch: catches up from the log, then follows the live events; falls back to the log

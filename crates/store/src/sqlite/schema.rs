@@ -161,6 +161,32 @@ pub(crate) fn open_writer(path: &Path) -> Result<Connection, StoreError> {
     Ok(conn)
 }
 
+/// Checks, without changing it, that the file at `path` is a whole store of this schema (a
+/// snapshot about to be restored): its header, identity, integrity and revisions. Returns its
+/// (latest, compacted) revisions.
+pub(crate) fn verify(path: &Path) -> Result<(Revision, Revision), StoreError> {
+    check_length(path)?;
+    let flags = OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX;
+    let conn = Connection::open_with_flags(path, flags).map_err(|e| sqlite_error(path, e))?;
+    let err = |e| sqlite_error(path, e);
+    let application_id: i32 = conn.query_row("PRAGMA application_id", [], |row| row.get(0)).map_err(err)?;
+    let version: i32 = conn.query_row("PRAGMA user_version", [], |row| row.get(0)).map_err(err)?;
+    if application_id != APPLICATION_ID || version != SCHEMA_VERSION {
+        return Err(StoreError::Foreign {
+            path: path.to_path_buf(),
+            reason: format!(
+                "application_id {application_id:#x} and schema version {version}: not a Tugboat store \
+                 snapshot this build reads ({APPLICATION_ID:#x}, {SCHEMA_VERSION})"
+            ),
+        });
+    }
+    let check: String = conn.query_row("PRAGMA quick_check", [], |row| row.get(0)).map_err(err)?;
+    if check != "ok" {
+        return Err(StoreError::Damaged { path: path.to_path_buf(), reason: check });
+    }
+    load_revisions(&conn).map_err(err)
+}
+
 /// Opens a connection for the read pool.
 pub(crate) fn open_reader(path: &Path) -> Result<Connection, StoreError> {
     let flags = OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX;
