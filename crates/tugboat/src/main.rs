@@ -9,6 +9,7 @@ use clap::{Parser, Subcommand};
 use tugboat_apiserver::ApiServerConfig;
 use tugboat_store::{CompactionPolicy, DatastoreConfig, open_datastore, spawn_compactor};
 
+mod install;
 mod snapshot;
 
 /// mimalloc rather than glibc's malloc: the API server lives on JSON values, whose many small
@@ -48,6 +49,11 @@ enum Command {
     /// Manage bootstrap tokens, which join nodes (`tugboat agent --token`).
     #[command(subcommand)]
     Token(TokenCommand),
+    /// Install Tugboat as a systemd service: `tugboat install server -- --flags…` or
+    /// `tugboat install agent -- --server URL --token TOKEN`.
+    Install(install::InstallArgs),
+    /// Remove what `tugboat install` installed (`--purge`: the data too).
+    Uninstall(install::UninstallArgs),
     /// Save the cluster's store to a file, or restore a data dir from one.
     #[command(subcommand)]
     Snapshot(snapshot::SnapshotCommand),
@@ -658,6 +664,20 @@ fn main() -> ExitCode {
             return ExitCode::from(tugboat_runtime::exec::main(dir, command.clone()) as u8);
         }
         Command::Images(command) => return images(command),
+        Command::Install(_) | Command::Uninstall(_) => {
+            let result = match cli.command {
+                Command::Install(args) => install::install(args),
+                Command::Uninstall(args) => install::uninstall(args),
+                _ => unreachable!("matched above"),
+            };
+            return match result {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(error) => {
+                    eprintln!("error: {error:#}");
+                    ExitCode::FAILURE
+                }
+            };
+        }
         _ => {}
     }
     // One TLS crypto provider for every crate that uses rustls.
@@ -676,7 +696,11 @@ fn main() -> ExitCode {
     let result = runtime.block_on(async {
         match cli.command {
             // Handled before the async runtime starts.
-            Command::Shim { .. } | Command::ExecIn { .. } | Command::Images(_) => Ok(()),
+            Command::Shim { .. }
+            | Command::ExecIn { .. }
+            | Command::Images(_)
+            | Command::Install(_)
+            | Command::Uninstall(_) => Ok(()),
             Command::Token(command) => token(command).await,
             Command::Snapshot(command) => snapshot::run(command).await,
             Command::Server(args) => server(args, true).await,

@@ -1,0 +1,343 @@
+//! `tugboat install server|agent [flags]` and `tugboat uninstall [--purge]`: Tugboat as a
+//! systemd service.
+//!
+//! Install copies this binary to `/usr/local/bin/tugboat`, writes `tugboat.service` (server)
+//! or `tugboat-agent.service` (agent) running it with the given flags — a join token goes
+//! into an environment file only root can read, not onto the command line — records what it
+//! wrote in `/etc/tugboat/install.json`, and enables and starts the unit where systemd runs.
+//! Running it again rewrites the same files. Uninstall removes what the record names; with
+//! `--purge` also the data dirs, the node's bridge and the nftables tables the node made.
+//! `--root DIR` puts every path under DIR (and leaves systemd alone): packaging and tests.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{Context, bail};
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    Server,
+    Agent,
+}
+
+impl Role {
+    fn unit(self) -> &'static str {
+        match self {
+            Role::Server => "tugboat.service",
+            Role::Agent => "tugboat-agent.service",
+        }
+    }
+
+    fn subcommand(self) -> &'static str {
+        match self {
+            Role::Server => "server",
+            Role::Agent => "agent",
+        }
+    }
+
+    fn default_data_dir(self) -> &'static str {
+        match self {
+            Role::Server => "/var/lib/tugboat",
+            Role::Agent => "/var/lib/tugboat/agent",
+        }
+    }
+}
+
+#[derive(Debug, clap::Args)]
+pub struct InstallArgs {
+    /// What this host runs.
+    role: Role,
+    /// Install under this directory instead of / (systemd is then left alone).
+    #[arg(long, default_value = "/")]
+    root: PathBuf,
+    /// Write the files but do not enable or start the unit.
+    #[arg(long)]
+    no_start: bool,
+    /// The flags of `tugboat server` / `tugboat agent`, as you would give them.
+    #[arg(last = true, allow_hyphen_values = true)]
+    flags: Vec<String>,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct UninstallArgs {
+    /// The --root given to install.
+    #[arg(long, default_value = "/")]
+    root: PathBuf,
+    /// Also delete the data dirs, the node bridge and the node's nftables tables.
+    #[arg(long)]
+    purge: bool,
+}
+
+/// What install wrote, so uninstall removes exactly that.
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct Record {
+    /// Absolute paths (without the root) of the files written.
+    files: Vec<String>,
+    /// Installed units and their data dirs.
+    units: Vec<(Role, String)>,
+}
+
+const BINARY: &str = "/usr/local/bin/tugboat";
+const UNIT_DIR: &str = "/etc/systemd/system";
+const CONFIG_DIR: &str = "/etc/tugboat";
+const RECORD: &str = "/etc/tugboat/install.json";
+
+/// `root` + an absolute path.
+fn under(root: &Path, path: &str) -> PathBuf {
+    root.join(path.trim_start_matches('/'))
+}
+
+fn systemd_runs(root: &Path) -> bool {
+    root == Path::new("/") && Path::new("/run/systemd/system").is_dir()
+}
+
+fn systemctl(args: &[&str]) -> anyhow::Result<()> {
+    let status = Command::new("systemctl").args(args).status().context("running systemctl")?;
+    if !status.success() {
+        bail!("systemctl {} failed: {status}", args.join(" "));
+    }
+    Ok(())
+}
+
+/// Writes `contents` to `path` (mode `mode`) through a temporary file and a rename, unless the
+/// file already holds exactly that.
+fn write_if_changed(path: &Path, contents: &[u8], mode: u32) -> anyhow::Result<bool> {
+    use std::os::unix::fs::PermissionsExt;
+    if std::fs::read(path).is_ok_and(|old| old == contents) {
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))?;
+        return Ok(false);
+    }
+    let dir = path.parent().context("a file path")?;
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let partial = dir.join(format!(".{}.partial", path.file_name().unwrap_or_default().to_string_lossy()));
+    std::fs::write(&partial, contents).with_context(|| format!("writing {}", partial.display()))?;
+    std::fs::set_permissions(&partial, std::fs::Permissions::from_mode(mode))?;
+    std::fs::File::open(&partial)?.sync_all()?;
+    std::fs::rename(&partial, path).with_context(|| format!("writing {}", path.display()))?;
+    Ok(true)
+}
+
+/// An argument as systemd's ExecStart reads it: quoted when it holds spaces, quotes,
+/// backslashes or specifiers.
+fn quote(arg: &str) -> String {
+    if !arg.is_empty() && !arg.contains(|c: char| c.is_whitespace() || matches!(c, '"' | '\'' | '\\' | '%' | '$' | ';'))
+    {
+        return arg.to_string();
+    }
+    let escaped = arg.replace('\\', "\\\\").replace('"', "\\\"").replace('%', "%%").replace('$', "$$");
+    format!("\"{escaped}\"")
+}
+
+/// Splits the secret flags (`--token`) out of `flags`: (the rest, environment lines).
+fn split_secrets(flags: &[String]) -> (Vec<String>, Vec<String>) {
+    let (mut rest, mut env) = (Vec::new(), Vec::new());
+    let mut iter = flags.iter();
+    while let Some(flag) = iter.next() {
+        if let Some(value) = flag.strip_prefix("--token=") {
+            env.push(format!("TUGBOAT_TOKEN={value}"));
+        } else if flag == "--token" {
+            if let Some(value) = iter.next() {
+                env.push(format!("TUGBOAT_TOKEN={value}"));
+            }
+        } else {
+            rest.push(flag.clone());
+        }
+    }
+    (rest, env)
+}
+
+/// The value of `--data-dir` in `flags`, else the role's default.
+fn data_dir(role: Role, flags: &[String]) -> String {
+    let mut iter = flags.iter();
+    while let Some(flag) = iter.next() {
+        if let Some(value) = flag.strip_prefix("--data-dir=") {
+            return value.to_string();
+        }
+        if flag == "--data-dir"
+            && let Some(value) = iter.next()
+        {
+            return value.clone();
+        }
+    }
+    role.default_data_dir().to_string()
+}
+
+/// The unit file for `role` running `flags`, with `env_file` if secrets were split out.
+fn unit_file(role: Role, flags: &[String], env_file: Option<&str>) -> String {
+    let description = match role {
+        Role::Server => "Tugboat server: Kubernetes control plane and node",
+        Role::Agent => "Tugboat agent: Kubernetes node",
+    };
+    let mut exec = format!("{BINARY} {}", role.subcommand());
+    for flag in flags {
+        exec.push(' ');
+        exec.push_str(&quote(flag));
+    }
+    let environment = env_file.map(|f| format!("EnvironmentFile=-{f}\n")).unwrap_or_default();
+    // KillMode=process: a restart stops tugboat only; the containers' shims carry on and the
+    // new kubelet adopts them. Delegate: the kubelet manages the cgroups below its own.
+    format!(
+        "[Unit]\n\
+         Description={description}\n\
+         Wants=network-online.target\n\
+         After=network-online.target\n\
+         \n\
+         [Service]\n\
+         Type=exec\n\
+         {environment}\
+         ExecStart={exec}\n\
+         KillMode=process\n\
+         Delegate=yes\n\
+         LimitNOFILE=1048576\n\
+         LimitNPROC=infinity\n\
+         LimitCORE=infinity\n\
+         TasksMax=infinity\n\
+         TimeoutStartSec=0\n\
+         Restart=always\n\
+         RestartSec=5s\n\
+         \n\
+         [Install]\n\
+         WantedBy=multi-user.target\n"
+    )
+}
+
+fn load_record(root: &Path) -> anyhow::Result<Record> {
+    let path = under(root, RECORD);
+    match std::fs::read(&path) {
+        Ok(bytes) => serde_json::from_slice(&bytes).with_context(|| format!("reading {}", path.display())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Record::default()),
+        Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
+    }
+}
+
+pub fn install(args: InstallArgs) -> anyhow::Result<()> {
+    let root = &args.root;
+    let mut record = load_record(root)?;
+    let remember = |record: &mut Record, path: &str| {
+        if !record.files.iter().any(|f| f == path) {
+            record.files.push(path.to_string());
+        }
+    };
+    // The binary: this one.
+    let me = std::env::current_exe().context("finding this binary")?;
+    let target = under(root, BINARY);
+    if std::fs::canonicalize(&me).ok() != std::fs::canonicalize(&target).ok() {
+        let bytes = std::fs::read(&me).with_context(|| format!("reading {}", me.display()))?;
+        if write_if_changed(&target, &bytes, 0o755)? {
+            println!("installed {}", target.display());
+        }
+    }
+    remember(&mut record, BINARY);
+
+    let (flags, env) = split_secrets(&args.flags);
+    let env_file = format!("{CONFIG_DIR}/{}.env", args.role.unit().trim_end_matches(".service"));
+    let env_path = under(root, &env_file);
+    if env.is_empty() {
+        let _ = std::fs::remove_file(&env_path);
+    } else {
+        write_if_changed(&env_path, format!("{}\n", env.join("\n")).as_bytes(), 0o600)?;
+        remember(&mut record, &env_file);
+    }
+    let unit = format!("{UNIT_DIR}/{}", args.role.unit());
+    let contents = unit_file(args.role, &flags, (!env.is_empty()).then_some(env_file.as_str()));
+    let changed = write_if_changed(&under(root, &unit), contents.as_bytes(), 0o644)?;
+    println!("{} {}", if changed { "wrote" } else { "unchanged" }, under(root, &unit).display());
+    remember(&mut record, &unit);
+    let data = data_dir(args.role, &flags);
+    record.units.retain(|(role, _)| *role != args.role);
+    record.units.push((args.role, data));
+    write_if_changed(&under(root, RECORD), serde_json::to_string_pretty(&record)?.as_bytes(), 0o644)?;
+
+    if systemd_runs(root) {
+        systemctl(&["daemon-reload"])?;
+        if !args.no_start {
+            systemctl(&["enable", args.role.unit()])?;
+            // A changed unit takes effect by a restart; an unchanged running one is left alone.
+            systemctl(&[if changed { "restart" } else { "start" }, args.role.unit()])?;
+            println!("{} enabled and started", args.role.unit());
+        }
+    } else {
+        println!(
+            "systemd is not running here: start it with `{BINARY} {} …` or your init system",
+            args.role.subcommand()
+        );
+    }
+    Ok(())
+}
+
+pub fn uninstall(args: UninstallArgs) -> anyhow::Result<()> {
+    let root = &args.root;
+    let record = load_record(root)?;
+    if record.files.is_empty() {
+        bail!("nothing to uninstall: {} records no installation", under(root, RECORD).display());
+    }
+    if systemd_runs(root) {
+        for (role, _) in &record.units {
+            let _ = systemctl(&["disable", "--now", role.unit()]);
+        }
+    }
+    for file in &record.files {
+        let path = under(root, file);
+        match std::fs::remove_file(&path) {
+            Ok(()) => println!("removed {}", path.display()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e).with_context(|| format!("removing {}", path.display())),
+        }
+    }
+    if systemd_runs(root) {
+        let _ = systemctl(&["daemon-reload"]);
+    }
+    if args.purge {
+        for (_, data) in &record.units {
+            let path = under(root, data);
+            if path.exists() {
+                std::fs::remove_dir_all(&path).with_context(|| format!("removing {}", path.display()))?;
+                println!("removed {}", path.display());
+            }
+        }
+        // What the node made in the host's network: its bridge and nftables tables.
+        let bridge = tugboat_kubelet::sandbox::BRIDGE;
+        if Command::new("ip").args(["link", "del", bridge]).output().is_ok_and(|o| o.status.success()) {
+            println!("removed the bridge {bridge}");
+        }
+        for table in ["inet tugboat", "ip tugboat", "ip6 tugboat"] {
+            let spec: Vec<&str> = table.split(' ').collect();
+            if Command::new("nft").arg("delete").arg("table").args(&spec).output().is_ok_and(|o| o.status.success()) {
+                println!("removed the nftables table {table}");
+            }
+        }
+    }
+    let record_path = under(root, RECORD);
+    let _ = std::fs::remove_file(&record_path);
+    let _ = std::fs::remove_dir(under(root, CONFIG_DIR));
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exec_arguments_are_quoted_for_systemd() {
+        assert_eq!(quote("--node-name"), "--node-name");
+        assert_eq!(quote("a b"), "\"a b\"");
+        assert_eq!(quote("50%"), "\"50%%\"");
+        assert_eq!(quote(""), "\"\"");
+        assert_eq!(quote(r#"say "hi""#), r#""say \"hi\"""#);
+    }
+
+    #[test]
+    fn tokens_leave_the_command_line() {
+        let flags: Vec<String> =
+            ["--server", "https://a:6443", "--token", "abcdef.0123456789abcdef", "--node-name", "n1"]
+                .map(String::from)
+                .to_vec();
+        let (rest, env) = split_secrets(&flags);
+        assert_eq!(rest, ["--server", "https://a:6443", "--node-name", "n1"]);
+        assert_eq!(env, ["TUGBOAT_TOKEN=abcdef.0123456789abcdef"]);
+        assert_eq!(data_dir(Role::Agent, &rest), "/var/lib/tugboat/agent");
+        assert_eq!(data_dir(Role::Server, &["--data-dir=/srv/t".to_string()]), "/srv/t");
+    }
+}
