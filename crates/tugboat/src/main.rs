@@ -9,7 +9,10 @@ use clap::{Parser, Subcommand};
 use tugboat_apiserver::ApiServerConfig;
 use tugboat_store::{CompactionPolicy, DatastoreConfig, open_datastore, spawn_compactor};
 
+mod agent;
+mod balancer;
 mod install;
+mod leader;
 mod snapshot;
 
 /// mimalloc rather than glibc's malloc: the API server lives on JSON values, whose many small
@@ -32,7 +35,7 @@ enum Command {
     /// Run the API server alone.
     Apiserver(ServerArgs),
     /// Run the scheduler alone, against the API server of a kubeconfig.
-    Scheduler(ComponentArgs),
+    Scheduler(SchedulerArgs),
     /// Run the controller manager alone.
     ControllerManager(ControllerManagerArgs),
     /// Run simulated nodes: they register, heartbeat and "run" their pods without containers.
@@ -42,7 +45,7 @@ enum Command {
     Kubelet(KubeletArgs),
     /// Join this host to a cluster as a node (`tugboat server` prints the command), then run
     /// its node agent.
-    Agent(AgentArgs),
+    Agent(agent::AgentArgs),
     /// Manage the node's images.
     #[command(subcommand)]
     Images(ImagesCommand),
@@ -230,152 +233,6 @@ struct KubeletArgs {
     data_dir: PathBuf,
 }
 
-#[derive(Debug, clap::Args)]
-struct AgentArgs {
-    /// The API server to join: https://HOST:6443.
-    #[arg(long, env = "TUGBOAT_SERVER")]
-    server: String,
-    /// A bootstrap token (`tugboat token create`; the server's <data-dir>/token).
-    #[arg(long, env = "TUGBOAT_TOKEN")]
-    token: String,
-    /// Trust only a cluster CA whose public key hashes to this (sha256:<hex>, as kubeadm's
-    /// --discovery-token-ca-cert-hash); the token's signature of cluster-info is checked anyway.
-    #[arg(long)]
-    ca_cert_hash: Option<String>,
-    /// How long to keep asking for a cluster-info signed by the token (a server just started
-    /// signs within seconds): 30s, 5m.
-    #[arg(long, default_value = "30s", value_parser = parse_duration)]
-    discovery_timeout: Duration,
-    #[command(flatten)]
-    node: NodeFlags,
-    /// Where the agent keeps its state (its credentials: <data-dir>/kubelet.kubeconfig).
-    #[arg(long, default_value = "/var/lib/tugboat/agent", env = "TUGBOAT_DATA_DIR")]
-    data_dir: PathBuf,
-}
-
-/// Joins the cluster (once: the credentials are kept) and returns the node's kubeconfig.
-async fn join(args: &AgentArgs) -> anyhow::Result<PathBuf> {
-    use k8s_openapi::api::certificates::v1::CertificateSigningRequest;
-    use k8s_openapi::api::core::v1::ConfigMap;
-    use kube::api::{Api, PostParams};
-    use tugboat_pki::bootstrap;
-    let kubeconfig = args.data_dir.join("kubelet.kubeconfig");
-    if kubeconfig.exists() {
-        return Ok(kubeconfig);
-    }
-    std::fs::create_dir_all(&args.data_dir)?;
-    let token = args.token.trim();
-    let (id, _) = bootstrap::parse(token)
-        .ok_or_else(|| anyhow::anyhow!("the token is not a bootstrap token ([a-z0-9]{{6}}.[a-z0-9]{{16}})"))?;
-    let server = args.server.trim_end_matches('/');
-    // cluster-info, over TLS that trusts nothing yet: its signature by the token is the proof.
-    let mut insecure = kube::Config::new(server.parse().with_context(|| format!("--server {server:?} is not a URL"))?);
-    insecure.accept_invalid_certs = true;
-    let maps: Api<ConfigMap> = Api::namespaced(kube::Client::try_from(insecure)?, bootstrap::PUBLIC_NAMESPACE);
-    let deadline = std::time::Instant::now() + args.discovery_timeout;
-    // Asked again until the token's signature is there (or the time is up).
-    let (published, jws) = loop {
-        let answer = maps.get(bootstrap::CLUSTER_INFO).await.map_err(|e| match e {
-            kube::Error::Api(status) => {
-                anyhow::anyhow!("the server at {server} answered {}: {}", status.code, status.message)
-            }
-            other => anyhow::anyhow!("cannot reach the server at {server}: {other}"),
-        });
-        let error = match answer {
-            Ok(info) => {
-                let mut data = info.data.unwrap_or_default();
-                let published = data.remove("kubeconfig");
-                match (published, data.remove(&format!("{}{id}", bootstrap::JWS_PREFIX))) {
-                    (Some(published), Some(jws)) => break (published, jws),
-                    (None, _) => anyhow::anyhow!("the cluster-info ConfigMap has no kubeconfig"),
-                    (Some(_), None) => anyhow::anyhow!(
-                        "the token is unknown or has expired: cluster-info carries no signature for token ID {id:?}"
-                    ),
-                }
-            }
-            Err(error) => error,
-        };
-        if std::time::Instant::now() > deadline {
-            return Err(error);
-        }
-        tracing::info!(error = %error, "cluster-info: asking again");
-        tokio::time::sleep(Duration::from_secs(1)).await;
-    };
-    let (published, jws) = (&published, &jws);
-    if !bootstrap::verify_jws(published, jws, token) {
-        anyhow::bail!(
-            "the token's secret does not match: cluster-info's signature for {id:?} fails, so its CA cannot be trusted"
-        );
-    }
-    let published = kube::config::Kubeconfig::from_yaml(published)?;
-    let ca_b64 = published
-        .clusters
-        .first()
-        .and_then(|c| c.cluster.as_ref())
-        .and_then(|c| c.certificate_authority_data.clone())
-        .ok_or_else(|| anyhow::anyhow!("cluster-info names no CA"))?;
-    use base64::Engine;
-    let ca_pem = String::from_utf8(base64::engine::general_purpose::STANDARD.decode(ca_b64.trim())?)?;
-    if let Some(wanted) = &args.ca_cert_hash {
-        let have =
-            tugboat_pki::ca_cert_hash(&ca_pem).ok_or_else(|| anyhow::anyhow!("the cluster CA does not parse"))?;
-        if have != *wanted {
-            anyhow::bail!("the cluster CA's hash is {have}, not the --ca-cert-hash given ({wanted})");
-        }
-    }
-    // A client certificate for the node, asked for with the token and signed by the cluster.
-    let node_name = args.node.node_name.clone().expect("the agent names its node before joining");
-    let bootstrap_config = tugboat_pki::token_kubeconfig(server, &ca_pem, token);
-    let config = kube::Config::from_custom_kubeconfig(
-        kube::config::Kubeconfig::from_yaml(&bootstrap_config)?,
-        &kube::config::KubeConfigOptions::default(),
-    )
-    .await?;
-    let csrs: Api<CertificateSigningRequest> = Api::all(kube::Client::try_from(config)?);
-    let (request, key) = tugboat_pki::certificate_request(&format!("system:node:{node_name}"), &["system:nodes"])?;
-    let name = format!("node-csr-{}", &bootstrap::generate()[7..]);
-    let csr: CertificateSigningRequest = serde_json::from_value(serde_json::json!({
-        "metadata": {"name": name},
-        "spec": {"request": base64::engine::general_purpose::STANDARD.encode(&request),
-                 "signerName": "kubernetes.io/kube-apiserver-client-kubelet",
-                 "usages": ["digital signature", "client auth"]},
-    }))?;
-    csrs.create(&PostParams::default(), &csr).await.map_err(|e| match e {
-        kube::Error::Api(status) if status.code == 401 => {
-            anyhow::anyhow!("the token is unknown or has expired: the server refused it")
-        }
-        kube::Error::Api(status) => anyhow::anyhow!("asking for a node certificate: {}", status.message),
-        other => anyhow::anyhow!("asking for a node certificate: {other}"),
-    })?;
-    tracing::info!(csr = %name, node = %node_name, "asked for a node certificate");
-    let deadline = std::time::Instant::now() + Duration::from_secs(120);
-    let certificate = loop {
-        let csr = csrs.get(&name).await?;
-        let status = csr.status.unwrap_or_default();
-        if let Some(refused) = status.conditions.iter().flatten().find(|c| c.type_ == "Denied" || c.type_ == "Failed") {
-            anyhow::bail!(
-                "the node certificate was {}: {}",
-                refused.type_.to_lowercase(),
-                refused.message.clone().unwrap_or_default()
-            );
-        }
-        if let Some(certificate) = status.certificate.filter(|c| !c.0.is_empty()) {
-            break String::from_utf8(certificate.0)?;
-        }
-        if std::time::Instant::now() > deadline {
-            anyhow::bail!(
-                "certificate request {name} was not signed within 2 minutes (is the controller manager running?)"
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    };
-    let contents =
-        tugboat_pki::client_cert_kubeconfig(server, &ca_pem, &certificate, &key, &format!("system:node:{node_name}"));
-    tugboat_pki::write_file(&kubeconfig, contents.as_bytes(), 0o600)?;
-    tracing::info!(node = %node_name, kubeconfig = %kubeconfig.display(), "joined the cluster");
-    Ok(kubeconfig)
-}
-
 /// The node agent's flags (accepted by `kubelet`, `agent` and `server`).
 #[derive(Debug, Clone, clap::Args)]
 struct NodeFlags {
@@ -451,9 +308,28 @@ impl NodeFlags {
 }
 
 #[derive(Debug, clap::Args)]
+struct SchedulerArgs {
+    #[command(flatten)]
+    component: ComponentArgs,
+    #[command(flatten)]
+    election: ElectionFlags,
+}
+
+/// Leader election of the components of which one instance acts at a time.
+#[derive(Debug, Clone, clap::Args)]
+struct ElectionFlags {
+    /// Act only while holding the component's Lease in kube-system, so that several servers
+    /// (or several instances) can run it: one acts, the others wait to take over.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    leader_elect: bool,
+}
+
+#[derive(Debug, clap::Args)]
 struct ControllerManagerArgs {
     #[command(flatten)]
     component: ComponentArgs,
+    #[command(flatten)]
+    election: ElectionFlags,
     #[command(flatten)]
     controllers: ControllerFlags,
     /// The CA certificate that signs approved certificate requests (with the key below;
@@ -567,6 +443,8 @@ struct ServerArgs {
     /// `server` only: do not run the node agent (kubelet) in this process.
     #[arg(long)]
     disable_agent: bool,
+    #[command(flatten)]
+    election: ElectionFlags,
     #[command(flatten)]
     node: NodeFlags,
     #[command(flatten)]
@@ -705,14 +583,9 @@ fn main() -> ExitCode {
             Command::Snapshot(command) => snapshot::run(command).await,
             Command::Server(args) => server(args, true).await,
             Command::Apiserver(args) => server(args, false).await,
-            Command::Agent(mut args) => {
-                // Named once: the certificate and the kubelet name the same node.
-                args.node.node_name.get_or_insert_with(tugboat_kubelet::host::hostname);
-                let kubeconfig = join(&args).await?;
-                let client = client(&kubeconfig).await?;
-                let config = args.node.kubelet_config(&args.data_dir, &kubeconfig);
+            Command::Agent(args) => {
                 tokio::select! {
-                    result = tugboat_kubelet::run(client, config) => result,
+                    result = agent::run(args) => result,
                     result = wait_for_shutdown() => result,
                 }
             }
@@ -749,15 +622,28 @@ fn main() -> ExitCode {
                 if let (Some(cert), Some(key)) = (&args.cluster_signing_cert_file, &args.cluster_signing_key_file) {
                     config.signing_ca = Some(std::sync::Arc::new(tugboat_pki::ClusterCa::from_files(cert, key)?));
                 }
+                let run = elected(
+                    args.election.leader_elect.then(|| client.clone()),
+                    None,
+                    "kube-controller-manager",
+                    move || {
+                        let (client, config) = (client.clone(), config.clone());
+                        async move { tugboat_controllers::run(client, config).await }
+                    },
+                );
                 tokio::select! {
-                    result = tugboat_controllers::run(client, config) => result,
+                    result = run => result,
                     result = wait_for_shutdown() => result,
                 }
             }
             Command::Scheduler(args) => {
-                let client = client(&args.kubeconfig).await?;
+                let client = client(&args.component.kubeconfig).await?;
+                let run =
+                    elected(args.election.leader_elect.then(|| client.clone()), None, "kube-scheduler", move || {
+                        tugboat_scheduler::run(client.clone())
+                    });
                 tokio::select! {
-                    result = tugboat_scheduler::run(client) => result,
+                    result = run => result,
                     result = wait_for_shutdown() => result,
                 }
             }
@@ -774,11 +660,19 @@ fn main() -> ExitCode {
 
 /// A Kubernetes client from a kubeconfig file.
 async fn client(kubeconfig: &std::path::Path) -> anyhow::Result<kube::Client> {
+    client_via(kubeconfig, None).await
+}
+
+/// A client from a kubeconfig file, talking to `server` instead of the file's when given.
+async fn client_via(kubeconfig: &std::path::Path, server: Option<&str>) -> anyhow::Result<kube::Client> {
     let file = kube::config::Kubeconfig::read_from(kubeconfig)
         .with_context(|| format!("reading the kubeconfig {}", kubeconfig.display()))?;
-    let config = kube::Config::from_custom_kubeconfig(file, &kube::config::KubeConfigOptions::default())
+    let mut config = kube::Config::from_custom_kubeconfig(file, &kube::config::KubeConfigOptions::default())
         .await
         .with_context(|| format!("using the kubeconfig {}", kubeconfig.display()))?;
+    if let Some(server) = server {
+        config.cluster_url = server.parse().with_context(|| format!("{server:?} is not a URL"))?;
+    }
     // kube's own stack, less tracing and retries, over connections with TCP_NODELAY: without
     // it a request whose body leaves in a second TLS record waits for the server's delayed
     // ACK, 40 ms a write (kube does not set it; Go's clients do).
@@ -831,6 +725,35 @@ where
     })
 }
 
+/// Runs a single-instance component: under leader election for `lease` when given an
+/// election client, else (`--leader-elect=false`) at once; restarted whenever it fails.
+fn elected<F, Fut>(
+    election: Option<kube::Client>,
+    data_dir: Option<&std::path::Path>,
+    lease: &'static str,
+    start: F,
+) -> impl Future<Output = anyhow::Result<()>> + use<F, Fut>
+where
+    F: Fn() -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = anyhow::Result<()>> + Send + 'static,
+{
+    let identity = leader::identity(data_dir);
+    async move {
+        match election {
+            Some(client) => leader::Election::new(client, lease, &identity).run(lease, start).await,
+            None => loop {
+                match start().await {
+                    Ok(()) => tracing::warn!(component = lease, "stopped; restarting"),
+                    Err(error) => {
+                        tracing::warn!(component = lease, error = %format!("{error:#}"), "failed; restarting")
+                    }
+                }
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            },
+        }
+    }
+}
+
 async fn server(args: ServerArgs, full: bool) -> anyhow::Result<()> {
     std::fs::create_dir_all(&args.data_dir)
         .with_context(|| format!("creating the data dir {}", args.data_dir.display()))?;
@@ -881,11 +804,19 @@ async fn server(args: ServerArgs, full: bool) -> anyhow::Result<()> {
     }
 
     let mut components = Vec::new();
+    // One client for the elections of this server's components (in-process, as admin).
+    let election = match args.election.leader_elect {
+        true => Some(client(api.admin_kubeconfig()).await?),
+        false => None,
+    };
     if full && !args.disable_scheduler {
         let kubeconfig = api.admin_kubeconfig().to_path_buf();
-        components.push(spawn_component("scheduler", move || {
+        let run = elected(election.clone(), Some(&args.data_dir), "kube-scheduler", move || {
             let kubeconfig = kubeconfig.clone();
             async move { tugboat_scheduler::run(client(&kubeconfig).await?).await }
+        });
+        components.push(tokio::spawn(async move {
+            let _ = run.await;
         }));
     }
 
@@ -896,9 +827,12 @@ async fn server(args: ServerArgs, full: bool) -> anyhow::Result<()> {
         // In-process, the controller manager signs with the cluster CA itself.
         config.signing_ca =
             Some(std::sync::Arc::new(tugboat_pki::ClusterCa::load_or_create(&args.data_dir.join("pki"))?));
-        components.push(spawn_component("controller-manager", move || {
+        let run = elected(election.clone(), Some(&args.data_dir), "kube-controller-manager", move || {
             let (kubeconfig, config) = (kubeconfig.clone(), config.clone());
             async move { tugboat_controllers::run(client(&kubeconfig).await?, config).await }
+        });
+        components.push(tokio::spawn(async move {
+            let _ = run.await;
         }));
     }
 

@@ -1,0 +1,175 @@
+//! `tugboat agent`: joins this host to a cluster as a node — verifying the cluster's CA by the
+//! token's signature of cluster-info (or a CA hash), getting a node client certificate through
+//! the CSR API — then runs its kubelet. Every API connection of the node goes through a
+//! loopback forwarder over the `--server`s given ([`crate::balancer`]), so the node fails
+//! over between servers.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+
+use crate::{NodeFlags, parse_duration};
+
+#[derive(Debug, clap::Args)]
+pub struct AgentArgs {
+    /// The API server to join: https://HOST:6443; several (repeated, or comma-separated) to
+    /// fail over between.
+    #[arg(long, env = "TUGBOAT_SERVER", required = true, value_delimiter = ',')]
+    server: Vec<String>,
+    /// A bootstrap token (`tugboat token create`; the server's <data-dir>/token).
+    #[arg(long, env = "TUGBOAT_TOKEN")]
+    token: String,
+    /// Trust only a cluster CA whose public key hashes to this (sha256:<hex>, as kubeadm's
+    /// --discovery-token-ca-cert-hash); the token's signature of cluster-info is checked anyway.
+    #[arg(long)]
+    ca_cert_hash: Option<String>,
+    /// How long to keep asking for a cluster-info signed by the token (a server just started
+    /// signs within seconds): 30s, 5m.
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    discovery_timeout: Duration,
+    #[command(flatten)]
+    node: NodeFlags,
+    /// Where the agent keeps its state (its credentials: <data-dir>/kubelet.kubeconfig).
+    #[arg(long, default_value = "/var/lib/tugboat/agent", env = "TUGBOAT_DATA_DIR")]
+    data_dir: PathBuf,
+}
+
+/// Joins (once) and runs the node agent.
+pub async fn run(mut args: AgentArgs) -> anyhow::Result<()> {
+    // Named once: the certificate and the kubelet name the same node.
+    args.node.node_name.get_or_insert_with(tugboat_kubelet::host::hostname);
+    let local = crate::balancer::start(&args.server).await?;
+    let kubeconfig = join(&args, &local).await?;
+    let client = crate::client_via(&kubeconfig, Some(&local)).await?;
+    let config = args.node.kubelet_config(&args.data_dir, &kubeconfig);
+    tugboat_kubelet::run(client, config).await
+}
+
+/// Joins the cluster (once: the credentials are kept) and returns the node's kubeconfig.
+async fn join(args: &AgentArgs, local: &str) -> anyhow::Result<PathBuf> {
+    use k8s_openapi::api::certificates::v1::CertificateSigningRequest;
+    use k8s_openapi::api::core::v1::ConfigMap;
+    use kube::api::{Api, PostParams};
+    use tugboat_pki::bootstrap;
+    let kubeconfig = args.data_dir.join("kubelet.kubeconfig");
+    if kubeconfig.exists() {
+        return Ok(kubeconfig);
+    }
+    std::fs::create_dir_all(&args.data_dir)?;
+    let token = args.token.trim();
+    let (id, _) = bootstrap::parse(token)
+        .ok_or_else(|| anyhow::anyhow!("the token is not a bootstrap token ([a-z0-9]{{6}}.[a-z0-9]{{16}})"))?;
+    // Errors name the servers given; connections go through the local forwarder.
+    let named = args.server.join(",");
+    let server = named.as_str();
+    // cluster-info, over TLS that trusts nothing yet: its signature by the token is the proof.
+    let mut insecure = kube::Config::new(local.parse().with_context(|| format!("{local:?} is not a URL"))?);
+    insecure.accept_invalid_certs = true;
+    let maps: Api<ConfigMap> = Api::namespaced(kube::Client::try_from(insecure)?, bootstrap::PUBLIC_NAMESPACE);
+    let deadline = std::time::Instant::now() + args.discovery_timeout;
+    // Asked again until the token's signature is there (or the time is up).
+    let (published, jws) = loop {
+        let answer = maps.get(bootstrap::CLUSTER_INFO).await.map_err(|e| match e {
+            kube::Error::Api(status) => {
+                anyhow::anyhow!("the server at {server} answered {}: {}", status.code, status.message)
+            }
+            other => anyhow::anyhow!("cannot reach the server at {server}: {other}"),
+        });
+        let error = match answer {
+            Ok(info) => {
+                let mut data = info.data.unwrap_or_default();
+                let published = data.remove("kubeconfig");
+                match (published, data.remove(&format!("{}{id}", bootstrap::JWS_PREFIX))) {
+                    (Some(published), Some(jws)) => break (published, jws),
+                    (None, _) => anyhow::anyhow!("the cluster-info ConfigMap has no kubeconfig"),
+                    (Some(_), None) => anyhow::anyhow!(
+                        "the token is unknown or has expired: cluster-info carries no signature for token ID {id:?}"
+                    ),
+                }
+            }
+            Err(error) => error,
+        };
+        if std::time::Instant::now() > deadline {
+            return Err(error);
+        }
+        tracing::info!(error = %error, "cluster-info: asking again");
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    };
+    let (published, jws) = (&published, &jws);
+    if !bootstrap::verify_jws(published, jws, token) {
+        anyhow::bail!(
+            "the token's secret does not match: cluster-info's signature for {id:?} fails, so its CA cannot be trusted"
+        );
+    }
+    let published = kube::config::Kubeconfig::from_yaml(published)?;
+    let ca_b64 = published
+        .clusters
+        .first()
+        .and_then(|c| c.cluster.as_ref())
+        .and_then(|c| c.certificate_authority_data.clone())
+        .ok_or_else(|| anyhow::anyhow!("cluster-info names no CA"))?;
+    use base64::Engine;
+    let ca_pem = String::from_utf8(base64::engine::general_purpose::STANDARD.decode(ca_b64.trim())?)?;
+    if let Some(wanted) = &args.ca_cert_hash {
+        let have =
+            tugboat_pki::ca_cert_hash(&ca_pem).ok_or_else(|| anyhow::anyhow!("the cluster CA does not parse"))?;
+        if have != *wanted {
+            anyhow::bail!("the cluster CA's hash is {have}, not the --ca-cert-hash given ({wanted})");
+        }
+    }
+    // A client certificate for the node, asked for with the token and signed by the cluster.
+    let node_name = args.node.node_name.clone().expect("the agent names its node before joining");
+    let bootstrap_config = tugboat_pki::token_kubeconfig(local, &ca_pem, token);
+    let config = kube::Config::from_custom_kubeconfig(
+        kube::config::Kubeconfig::from_yaml(&bootstrap_config)?,
+        &kube::config::KubeConfigOptions::default(),
+    )
+    .await?;
+    let csrs: Api<CertificateSigningRequest> = Api::all(kube::Client::try_from(config)?);
+    let (request, key) = tugboat_pki::certificate_request(&format!("system:node:{node_name}"), &["system:nodes"])?;
+    let name = format!("node-csr-{}", &bootstrap::generate()[7..]);
+    let csr: CertificateSigningRequest = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": name},
+        "spec": {"request": base64::engine::general_purpose::STANDARD.encode(&request),
+                 "signerName": "kubernetes.io/kube-apiserver-client-kubelet",
+                 "usages": ["digital signature", "client auth"]},
+    }))?;
+    csrs.create(&PostParams::default(), &csr).await.map_err(|e| match e {
+        kube::Error::Api(status) if status.code == 401 => {
+            anyhow::anyhow!("the token is unknown or has expired: the server refused it")
+        }
+        kube::Error::Api(status) => anyhow::anyhow!("asking for a node certificate: {}", status.message),
+        other => anyhow::anyhow!("asking for a node certificate: {other}"),
+    })?;
+    tracing::info!(csr = %name, node = %node_name, "asked for a node certificate");
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    let certificate = loop {
+        let csr = csrs.get(&name).await?;
+        let status = csr.status.unwrap_or_default();
+        if let Some(refused) = status.conditions.iter().flatten().find(|c| c.type_ == "Denied" || c.type_ == "Failed") {
+            anyhow::bail!(
+                "the node certificate was {}: {}",
+                refused.type_.to_lowercase(),
+                refused.message.clone().unwrap_or_default()
+            );
+        }
+        if let Some(certificate) = status.certificate.filter(|c| !c.0.is_empty()) {
+            break String::from_utf8(certificate.0)?;
+        }
+        if std::time::Instant::now() > deadline {
+            anyhow::bail!(
+                "certificate request {name} was not signed within 2 minutes (is the controller manager running?)"
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    };
+    // The kubeconfig names the first server (for people and other tools); the agent itself
+    // always goes through its forwarder.
+    let first = args.server[0].trim_end_matches('/');
+    let contents =
+        tugboat_pki::client_cert_kubeconfig(first, &ca_pem, &certificate, &key, &format!("system:node:{node_name}"));
+    tugboat_pki::write_file(&kubeconfig, contents.as_bytes(), 0o600)?;
+    tracing::info!(node = %node_name, kubeconfig = %kubeconfig.display(), "joined the cluster");
+    Ok(kubeconfig)
+}
