@@ -55,6 +55,9 @@ pub async fn publish_cluster_info(state: &ApiState, server: &str, ca_pem: &str) 
     let kubeconfig = cluster_info_kubeconfig(server, ca_pem);
     match crate::handlers::read_object(state, maps, Some(PUBLIC_NAMESPACE), CLUSTER_INFO).await {
         Ok((map, _)) if map["data"]["kubeconfig"] == kubeconfig.as_str() => Ok(()),
+        // Another server of the same cluster (same CA) published it: several servers must
+        // not take turns rewriting it, which would void the signatures joins check.
+        Ok((map, _)) if same_ca(map["data"]["kubeconfig"].as_str().unwrap_or_default(), &kubeconfig) => Ok(()),
         Ok((old, revision)) => {
             let mut map = old.clone();
             map["data"]["kubeconfig"] = json!(kubeconfig);
@@ -75,6 +78,14 @@ pub async fn publish_cluster_info(state: &ApiState, server: &str, ca_pem: &str) 
         }
         Err(error) => Err(error),
     }
+}
+
+/// Whether two cluster-info kubeconfigs carry the same CA.
+fn same_ca(a: &str, b: &str) -> bool {
+    let ca = |k: &str| {
+        k.lines().find(|l| l.trim_start().starts_with("certificate-authority-data:")).map(str::trim).map(str::to_string)
+    };
+    ca(a).is_some() && ca(a) == ca(b)
 }
 
 /// The join token in `<data-dir>/token`, made (valid `ttl` seconds) if there is none or the

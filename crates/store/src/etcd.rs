@@ -59,16 +59,45 @@ impl EtcdConfig {
 }
 
 /// A store on a real etcd cluster.
+///
+/// One connection per member: requests go to the member that last answered, and on to the
+/// next while a member cannot be connected to (such a request never left, so it is safe to
+/// send again). A single balanced channel over all members would keep sending a share of the
+/// requests to a dead member.
 #[derive(Clone)]
 pub struct EtcdStore {
+    members: std::sync::Arc<Vec<Member>>,
+    /// The member that last answered.
+    active: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    endpoints: String,
+    timeout: Duration,
+}
+
+/// The clients of one member's connection.
+#[derive(Clone)]
+struct Member {
     /// For maintenance (snapshots).
     client: Client,
     /// Reads and writes, with no limit on the size of an answer: a list of 10k objects is
     /// larger than gRPC's default 4 MiB (kube-apiserver lifts the limit too).
     kv: KvClient,
     watcher: WatchClient,
-    endpoints: String,
-    timeout: Duration,
+}
+
+/// One transaction on `member`.
+async fn txn_on(mut member: Member, txn: Txn) -> std::result::Result<etcd_client::TxnResponse, etcd_client::Error> {
+    member.kv.txn(txn).await
+}
+
+/// Whether `error` says the member could not be connected to at all.
+fn unreachable(error: &etcd_client::Error) -> bool {
+    match error {
+        etcd_client::Error::TransportError(_) => true,
+        etcd_client::Error::GRpcStatus(status) => {
+            status.code() == tonic::Code::Unavailable && status.message().contains("connect")
+        }
+        _ => false,
+    }
 }
 
 impl std::fmt::Debug for EtcdStore {
@@ -108,17 +137,26 @@ impl EtcdStore {
             }
             options = options.with_tls(tls_options);
         }
-        let connect = Client::connect(&config.endpoints, Some(options));
-        let client = tokio::time::timeout(config.timeout, connect)
-            .await
-            .map_err(|_| StoreError::EtcdProtocol {
-                endpoints: endpoints.clone(),
-                message: format!("unreachable: no connection within {:?}", config.timeout),
-            })?
-            .map_err(|source| StoreError::Etcd { endpoints: endpoints.clone(), source })?;
-        let kv = client.kv_client().max_decoding_message_size(usize::MAX);
-        let watcher = client.watch_client().max_decoding_message_size(usize::MAX);
-        let store = EtcdStore { client, kv, watcher, endpoints, timeout: config.timeout };
+        let mut members = Vec::new();
+        for endpoint in &config.endpoints {
+            let connect = Client::connect([endpoint], Some(options.clone()));
+            let client = tokio::time::timeout(config.timeout, connect)
+                .await
+                .map_err(|_| StoreError::EtcdProtocol {
+                    endpoints: endpoints.clone(),
+                    message: format!("unreachable: no connection within {:?}", config.timeout),
+                })?
+                .map_err(|source| StoreError::Etcd { endpoints: endpoints.clone(), source })?;
+            let kv = client.kv_client().max_decoding_message_size(usize::MAX);
+            let watcher = client.watch_client().max_decoding_message_size(usize::MAX);
+            members.push(Member { client, kv, watcher });
+        }
+        let store = EtcdStore {
+            members: std::sync::Arc::new(members),
+            active: Default::default(),
+            endpoints,
+            timeout: config.timeout,
+        };
         // The channel connects lazily: ask something now so a bad endpoint fails here.
         store.current_revision().await.map_err(|e| match e {
             StoreError::Etcd { endpoints, source } => {
@@ -135,6 +173,34 @@ impl EtcdStore {
 
     fn protocol(&self, message: impl Into<String>) -> StoreError {
         StoreError::EtcdProtocol { endpoints: self.endpoints.clone(), message: message.into() }
+    }
+
+    /// Runs `op` on the active member, then on the next ones while they cannot be reached.
+    async fn on_member<T, F, Fut>(&self, op: F) -> std::result::Result<T, etcd_client::Error>
+    where
+        F: Fn(Member) -> Fut,
+        Fut: Future<Output = std::result::Result<T, etcd_client::Error>>,
+    {
+        use std::sync::atomic::Ordering;
+        let count = self.members.len();
+        let start = self.active.load(Ordering::Relaxed);
+        let mut last = None;
+        for attempt in 0..count {
+            let i = (start + attempt) % count;
+            match op(self.members[i].clone()).await {
+                Err(error) if unreachable(&error) => {
+                    tracing::debug!(member = i, %error, "etcd member unreachable; trying the next");
+                    last = Some(error);
+                }
+                result => {
+                    if attempt > 0 {
+                        self.active.store(i, Ordering::Relaxed);
+                    }
+                    return result;
+                }
+            }
+        }
+        Err(last.expect("at least one member"))
     }
 
     /// Runs one request with the configured timeout.
@@ -158,9 +224,13 @@ impl EtcdStore {
     /// The revision history starts at: found with a watch from revision 1, which etcd cancels
     /// naming the compact revision (etcd has no direct query for it).
     async fn compact_revision(&self) -> Result<Revision> {
-        let mut client = self.watcher.clone();
         let options = WatchOptions::new().with_start_revision(1);
-        let mut stream = self.call(client.watch("\0tugboat-compaction-probe", Some(options))).await?;
+        let mut stream = self
+            .call(self.on_member(|mut m| {
+                let options = options.clone();
+                async move { m.watcher.watch("\0tugboat-compaction-probe", Some(options)).await }
+            }))
+            .await?;
         for _ in 0..2 {
             match tokio::time::timeout(self.timeout, stream.message()).await {
                 Ok(Ok(Some(response))) if response.compact_revision() > 0 => {
@@ -204,8 +274,7 @@ impl Store for EtcdStore {
             .when([Compare::create_revision(key, CompareOp::Equal, 0)])
             .and_then([TxnOp::put(key, value, None)])
             .or_else([TxnOp::get(key, None)]);
-        let mut client = self.kv.clone();
-        let response = self.call(client.txn(txn)).await?;
+        let response = self.call(self.on_member(|m| txn_on(m, txn.clone()))).await?;
         if response.succeeded() {
             let header = response.header().ok_or_else(|| self.protocol("transaction answered without a header"))?;
             return Ok(header.revision());
@@ -218,8 +287,7 @@ impl Store for EtcdStore {
             .when([Compare::mod_revision(key, CompareOp::Equal, expected)])
             .and_then([TxnOp::put(key, value, None)])
             .or_else([TxnOp::get(key, None)]);
-        let mut client = self.kv.clone();
-        let response = self.call(client.txn(txn)).await?;
+        let response = self.call(self.on_member(|m| txn_on(m, txn.clone()))).await?;
         if response.succeeded() {
             let header = response.header().ok_or_else(|| self.protocol("transaction answered without a header"))?;
             return Ok(header.revision());
@@ -241,8 +309,7 @@ impl Store for EtcdStore {
             .when([compare])
             .and_then([TxnOp::delete(key, Some(DeleteOptions::new().with_prev_key()))])
             .or_else([TxnOp::get(key, None)]);
-        let mut client = self.kv.clone();
-        let response = self.call(client.txn(txn)).await?;
+        let response = self.call(self.on_member(|m| txn_on(m, txn.clone()))).await?;
         if response.succeeded() {
             let revision =
                 response.header().ok_or_else(|| self.protocol("transaction answered without a header"))?.revision();
@@ -268,8 +335,15 @@ impl Store for EtcdStore {
         if let Some(revision) = revision.filter(|r| *r > 0) {
             options = options.with_revision(revision);
         }
-        let mut client = self.kv.clone();
-        let response = match tokio::time::timeout(self.timeout, client.get(key, Some(options))).await {
+        let response = match tokio::time::timeout(
+            self.timeout,
+            self.on_member(|mut m| {
+                let options = options.clone();
+                async move { m.kv.get(key, Some(options)).await }
+            }),
+        )
+        .await
+        {
             Ok(Ok(response)) => response,
             Ok(Err(source)) => return Err(self.read_error(revision.unwrap_or(0), source).await),
             Err(_) => return Err(self.protocol(format!("no answer within {:?}", self.timeout))),
@@ -289,8 +363,15 @@ impl Store for EtcdStore {
         if let Some(limit) = plan.limit {
             get = get.with_limit(limit);
         }
-        let mut client = self.kv.clone();
-        let response = match tokio::time::timeout(self.timeout, client.get(plan.start_key.as_bytes(), Some(get))).await
+        let start = plan.start_key.as_bytes();
+        let response = match tokio::time::timeout(
+            self.timeout,
+            self.on_member(|mut m| {
+                let get = get.clone();
+                async move { m.kv.get(start, Some(get)).await }
+            }),
+        )
+        .await
         {
             Ok(Ok(response)) => response,
             Ok(Err(source)) => {
@@ -316,8 +397,13 @@ impl Store for EtcdStore {
             Some(end) => GetOptions::new().with_range(end),
             None => GetOptions::new().with_from_key(),
         };
-        let mut client = self.kv.clone();
-        let response = self.call(client.get(prefix, Some(get.with_count_only()))).await?;
+        let get = get.with_count_only();
+        let response = self
+            .call(self.on_member(|mut m| {
+                let get = get.clone();
+                async move { m.kv.get(prefix, Some(get)).await }
+            }))
+            .await?;
         Ok(response.count())
     }
 
@@ -326,9 +412,12 @@ impl Store for EtcdStore {
         // Compacted (410) before any stream exists.
         let current = self.current_revision().await?;
         if after < current {
-            let mut client = self.kv.clone();
             let probe = GetOptions::new().with_revision(after + 1).with_count_only();
-            if let Err(source) = client.get("\0", Some(probe)).await {
+            let probed = self.on_member(|mut m| {
+                let probe = probe.clone();
+                async move { m.kv.get("\0", Some(probe)).await }
+            });
+            if let Err(source) = probed.await {
                 return Err(self.read_error(after + 1, source).await.with_requested(after));
             }
         }
@@ -339,8 +428,12 @@ impl Store for EtcdStore {
         .with_start_revision(after + 1)
         .with_prev_key()
         .with_progress_notify();
-        let mut client = self.watcher.clone();
-        let mut stream = self.call(client.watch(prefix, Some(options))).await?;
+        let mut stream = self
+            .call(self.on_member(|mut m| {
+                let options = options.clone();
+                async move { m.watcher.watch(prefix, Some(options)).await }
+            }))
+            .await?;
         let (tx, rx) = mpsc::channel(256);
         let store = self.clone();
         tokio::spawn(async move {
@@ -395,15 +488,19 @@ impl Store for EtcdStore {
     }
 
     async fn current_revision(&self) -> Result<Revision> {
-        let mut client = self.kv.clone();
-        let response = self.call(client.get("\0", Some(GetOptions::new().with_count_only()))).await?;
+        let response = self
+            .call(
+                self.on_member(|mut m| async move { m.kv.get("\0", Some(GetOptions::new().with_count_only())).await }),
+            )
+            .await?;
         Ok(response.header().ok_or_else(|| self.protocol("range answered without a header"))?.revision())
     }
 
     async fn compact(&self, revision: Revision) -> Result<()> {
-        let mut client = self.kv.clone();
-        let options = CompactionOptions::new().with_physical();
-        match tokio::time::timeout(self.timeout, client.compact(revision, Some(options))).await {
+        let compacted = self.on_member(|mut m| async move {
+            m.kv.compact(revision, Some(CompactionOptions::new().with_physical())).await
+        });
+        match tokio::time::timeout(self.timeout, compacted).await {
             Ok(Ok(_)) => Ok(()),
             Ok(Err(source)) => match revision_error(&source) {
                 Some("compacted") => Ok(()),
@@ -425,8 +522,8 @@ impl Store for EtcdStore {
         let name = dest.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
         let partial = dest.with_file_name(format!(".{name}.partial"));
         let mut file = tokio::fs::File::create(&partial).await.map_err(io(&partial))?;
-        let mut client = self.client.maintenance_client();
-        let mut stream = self.call(client.snapshot()).await?;
+        let mut stream =
+            self.call(self.on_member(|m| async move { m.client.maintenance_client().snapshot().await })).await?;
         let mut size = 0u64;
         while let Some(chunk) = stream.message().await.map_err(|e| self.error(e))? {
             file.write_all(chunk.blob()).await.map_err(io(&partial))?;

@@ -69,7 +69,7 @@ async fn join(args: &AgentArgs, local: &str) -> anyhow::Result<PathBuf> {
     let maps: Api<ConfigMap> = Api::namespaced(kube::Client::try_from(insecure)?, bootstrap::PUBLIC_NAMESPACE);
     let deadline = std::time::Instant::now() + args.discovery_timeout;
     // Asked again until the token's signature is there (or the time is up).
-    let (published, jws) = loop {
+    let published = loop {
         let answer = maps.get(bootstrap::CLUSTER_INFO).await.map_err(|e| match e {
             kube::Error::Api(status) => {
                 anyhow::anyhow!("the server at {server} answered {}: {}", status.code, status.message)
@@ -81,7 +81,14 @@ async fn join(args: &AgentArgs, local: &str) -> anyhow::Result<PathBuf> {
                 let mut data = info.data.unwrap_or_default();
                 let published = data.remove("kubeconfig");
                 match (published, data.remove(&format!("{}{id}", bootstrap::JWS_PREFIX))) {
-                    (Some(published), Some(jws)) => break (published, jws),
+                    (Some(published), Some(jws)) if bootstrap::verify_jws(&published, &jws, token) => {
+                        break published;
+                    }
+                    // Asked again: cluster-info may have just changed, before the signer signed it anew.
+                    (Some(_), Some(_)) => anyhow::anyhow!(
+                        "the token's secret does not match: cluster-info's signature for {id:?} fails, so its CA \
+                         cannot be trusted"
+                    ),
                     (None, _) => anyhow::anyhow!("the cluster-info ConfigMap has no kubeconfig"),
                     (Some(_), None) => anyhow::anyhow!(
                         "the token is unknown or has expired: cluster-info carries no signature for token ID {id:?}"
@@ -96,13 +103,7 @@ async fn join(args: &AgentArgs, local: &str) -> anyhow::Result<PathBuf> {
         tracing::info!(error = %error, "cluster-info: asking again");
         tokio::time::sleep(Duration::from_secs(1)).await;
     };
-    let (published, jws) = (&published, &jws);
-    if !bootstrap::verify_jws(published, jws, token) {
-        anyhow::bail!(
-            "the token's secret does not match: cluster-info's signature for {id:?} fails, so its CA cannot be trusted"
-        );
-    }
-    let published = kube::config::Kubeconfig::from_yaml(published)?;
+    let published = kube::config::Kubeconfig::from_yaml(&published)?;
     let ca_b64 = published
         .clusters
         .first()

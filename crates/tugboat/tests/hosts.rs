@@ -248,3 +248,154 @@ fn a_server_and_two_agents_run_pods_and_survive_a_cut_link() {
         std::thread::sleep(Duration::from_millis(500));
     }
 }
+
+/// A 3-member etcd (one member per host) under two servers; an agent given both servers.
+/// Killing the first server's host — its server and its etcd member — under a stream of
+/// writes: the API keeps answering through the second server, no acknowledged write is lost,
+/// the scheduler's and controller manager's Leases move to the survivor, and the node fails
+/// over and keeps running new pods.
+#[test]
+fn two_servers_on_a_three_member_etcd_survive_losing_one() {
+    if !tugboat_testkit::isolated("two_servers_on_a_three_member_etcd_survive_losing_one") {
+        return;
+    }
+    let mut hosts = Hosts::new(3).unwrap();
+    let peers: Vec<String> = (0..3).map(|i| format!("host-{i}=http://{}:2380", hosts.get(i).address())).collect();
+    let clients: Vec<String> = (0..3).map(|i| format!("http://{}:2379", hosts.get(i).address())).collect();
+    for i in 0..3 {
+        let host = hosts.get_mut(i);
+        let address = host.address();
+        let mut etcd = host.command(tugboat_testkit::etcd_binary());
+        etcd.arg(format!("--name=host-{i}"))
+            .arg(format!("--data-dir={}", host.dir().join("etcd").display()))
+            .arg(format!("--listen-client-urls=http://{address}:2379"))
+            .arg(format!("--advertise-client-urls=http://{address}:2379"))
+            .arg(format!("--listen-peer-urls=http://{address}:2380"))
+            .arg(format!("--initial-advertise-peer-urls=http://{address}:2380"))
+            .arg(format!("--initial-cluster={}", peers.join(",")))
+            .args(["--initial-cluster-state=new", "--logger=zap", "--log-level=warn"]);
+        host.spawn("etcd", etcd).unwrap();
+    }
+    let endpoints = clients.join(",");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let health = Command::new("etcdctl")
+            .env("ETCDCTL_API", "3")
+            .args(["--endpoints", &endpoints, "endpoint", "health"])
+            .output()
+            .unwrap();
+        if health.status.success() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "etcd: {}{}",
+            String::from_utf8_lossy(&health.stderr),
+            hosts.get(0).log("etcd")
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+
+    // Two servers on it; the second takes the cluster's keys from the datastore.
+    for i in [0, 1] {
+        let host = hosts.get_mut(i);
+        let command = tugboat(host, &["server", "--datastore-endpoint", &endpoints, "--disable-agent"]);
+        host.spawn("server", command).unwrap();
+        printed_join_command(hosts.get(i));
+    }
+    let pki = |i: usize, file: &str| std::fs::read(hosts.get(i).dir().join("data/pki").join(file)).unwrap();
+    assert_eq!(pki(0, "ca.crt"), pki(1, "ca.crt"), "one cluster CA");
+    assert_eq!(pki(0, "sa.key"), pki(1, "sa.key"), "one service-account key");
+    let servers: Vec<String> = (0..2).map(|i| format!("https://{}:6443", hosts.get(i).address())).collect();
+    let dirs: Vec<PathBuf> = (0..3).map(|i| hosts.get(i).dir().to_path_buf()).collect();
+    let kubectl = |i: usize| Kubectl {
+        kubeconfig: dirs[i].join("data/admin.kubeconfig"),
+        server: servers[i].clone(),
+        home: dirs[i].join("home"),
+    };
+    let (first, second) = (kubectl(0), kubectl(1));
+    let identity = |i: usize| std::fs::read_to_string(dirs[i].join("data/identity")).unwrap();
+    let holder = |lease: &str| {
+        second
+            .run(&["get", "lease", lease, "-n", "kube-system", "-o", "jsonpath={.spec.holderIdentity}"], None)
+            .unwrap_or_default()
+    };
+    assert_eq!(holder("kube-scheduler"), identity(0), "the first server leads");
+    assert_eq!(holder("kube-controller-manager"), identity(0));
+
+    // An agent given both servers.
+    let token = std::fs::read_to_string(hosts.get(0).dir().join("data/token")).unwrap();
+    let agent = hosts.get_mut(2);
+    tugboat_testkit::image::import_busybox(Path::new(TUGBOAT), &agent.dir().join("data")).unwrap();
+    let command = tugboat(agent, &["agent", "--server", &servers.join(","), "--token", token.trim()]);
+    agent.spawn("agent", command).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(90);
+    while first.node_ready("host-2") != "True" {
+        assert!(Instant::now() < deadline, "host-2 is not Ready: {}", hosts.get(2).log("agent"));
+        std::thread::sleep(Duration::from_millis(500));
+    }
+
+    // A stream of writes, each through the first server that answers.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writer = {
+        let stop = stop.clone();
+        let clients = [kubectl(0), kubectl(1)];
+        std::thread::spawn(move || {
+            let mut acknowledged = Vec::new();
+            let mut n = 0;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let name = format!("write-{n}");
+                for client in &clients {
+                    match client.run(&["create", "configmap", &name, "--request-timeout=5s"], None) {
+                        Ok(_) => {
+                            acknowledged.push((name.clone(), Instant::now()));
+                            break;
+                        }
+                        // A retry of a write the other server had made.
+                        Err(e) if e.contains("already exists") => {
+                            acknowledged.push((name.clone(), Instant::now()));
+                            break;
+                        }
+                        Err(_) => {}
+                    }
+                }
+                n += 1;
+            }
+            (n, acknowledged)
+        })
+    };
+    std::thread::sleep(Duration::from_secs(3));
+    // host-0 dies: its server and its etcd member.
+    hosts.get_mut(0).kill();
+    let killed = Instant::now();
+    std::thread::sleep(Duration::from_secs(8));
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (tried, acknowledged) = writer.join().unwrap();
+    assert!(acknowledged.len() > 10, "only {} of {tried} writes went through", acknowledged.len());
+    let names = second.ok(&["get", "configmaps", "-o", "name"]);
+    let lost: Vec<&String> =
+        acknowledged.iter().map(|(n, _)| n).filter(|n| !names.contains(&format!("configmap/{n}\n"))).collect();
+    assert!(lost.is_empty(), "acknowledged but lost: {lost:?}");
+    let after_kill = acknowledged.iter().filter(|(_, at)| *at > killed).count();
+    assert!(after_kill > 5, "the API stopped answering: {after_kill} writes after the kill");
+
+    // The survivor takes the Leases over and the cluster keeps working: a Deployment gets
+    // pods (controller manager), they are scheduled (scheduler) and run on the agent, which
+    // failed over to the second server.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while holder("kube-scheduler") != identity(1) || holder("kube-controller-manager") != identity(1) {
+        assert!(Instant::now() < deadline, "the Leases stay with the dead server: {}", hosts.get(1).log("server"));
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    second.ok(&["create", "deployment", "after", "--image=busybox:1.35", "--replicas=2", "--", "sleep", "3600"]);
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        let phases = second.ok(&["get", "pods", "-l", "app=after", "-o", "jsonpath={.items[*].status.phase}"]);
+        if phases == "Running Running" {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the new pods do not run: {phases:?}; agent: {}", hosts.get(2).log("agent"));
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    assert_eq!(second.node_ready("host-2"), "True");
+}
