@@ -352,6 +352,11 @@ pub fn defaults() -> Vec<(&'static str, Value)> {
             "resources": ["certificatesigningrequests"], "verbs": ["create", "get", "list", "watch"]}]),
             ),
         ),
+        // Joining nodes look up their name first (taken by a live node?), as kubeadm's do.
+        (
+            "ClusterRole",
+            role("kubeadm:get-nodes", json!([{"apiGroups": [""], "resources": ["nodes"], "verbs": ["get"]}])),
+        ),
         // What kubelets need (upstream grants it per node with the Node authorizer).
         (
             "ClusterRole",
@@ -381,6 +386,10 @@ pub fn defaults() -> Vec<(&'static str, Value)> {
                 "system:node-bootstrapper",
                 &[tugboat_pki::bootstrap::NODE_TOKEN_GROUP],
             ),
+        ),
+        (
+            "ClusterRoleBinding",
+            binding("kubeadm:get-nodes", "kubeadm:get-nodes", &[tugboat_pki::bootstrap::NODE_TOKEN_GROUP]),
         ),
         ("ClusterRoleBinding", binding("system:discovery", "system:discovery", &["system:authenticated"])),
         ("ClusterRoleBinding", binding("system:basic-user", "system:basic-user", &["system:authenticated"])),

@@ -127,7 +127,9 @@ async fn join(args: &AgentArgs, local: &str) -> anyhow::Result<PathBuf> {
         &kube::config::KubeConfigOptions::default(),
     )
     .await?;
-    let csrs: Api<CertificateSigningRequest> = Api::all(kube::Client::try_from(config)?);
+    let bootstrap_client = kube::Client::try_from(config)?;
+    refuse_a_live_namesake(&bootstrap_client, &node_name).await?;
+    let csrs: Api<CertificateSigningRequest> = Api::all(bootstrap_client);
     let (request, key) = tugboat_pki::certificate_request(&format!("system:node:{node_name}"), &["system:nodes"])?;
     let name = format!("node-csr-{}", &bootstrap::generate()[7..]);
     let csr: CertificateSigningRequest = serde_json::from_value(serde_json::json!({
@@ -173,4 +175,31 @@ async fn join(args: &AgentArgs, local: &str) -> anyhow::Result<PathBuf> {
     tugboat_pki::write_file(&kubeconfig, contents.as_bytes(), 0o600)?;
     tracing::info!(node = %node_name, kubeconfig = %kubeconfig.display(), "joined the cluster");
     Ok(kubeconfig)
+}
+
+/// Refuses to join as `name` while a Ready node of that name is in the cluster (another host
+/// holds it); a NotReady one is taken over (this host, joining again after losing its data).
+async fn refuse_a_live_namesake(client: &kube::Client, name: &str) -> anyhow::Result<()> {
+    use k8s_openapi::api::core::v1::Node;
+    let nodes: kube::Api<Node> = kube::Api::all(client.clone());
+    let node = match nodes.get_opt(name).await {
+        Ok(node) => node,
+        // A server that does not let bootstrappers read nodes: nothing to check against.
+        Err(kube::Error::Api(status)) if status.code == 403 => return Ok(()),
+        Err(kube::Error::Api(status)) if status.code == 401 => {
+            anyhow::bail!("the token is unknown or has expired: the server refused it")
+        }
+        Err(error) => return Err(anyhow::anyhow!("looking up node {name:?}: {error}")),
+    };
+    let ready = node
+        .and_then(|n| n.status)
+        .and_then(|s| s.conditions)
+        .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"));
+    if ready {
+        anyhow::bail!(
+            "a node named {name:?} is already in the cluster and Ready: give this host another --node-name, \
+             or delete that node first (kubectl delete node {name})"
+        );
+    }
+    Ok(())
 }

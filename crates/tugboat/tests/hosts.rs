@@ -186,6 +186,22 @@ fn a_server_and_two_agents_run_pods_and_survive_a_cut_link() {
             std::thread::sleep(Duration::from_millis(500));
         }
     }
+    // host-1's name is held by a live node: a second host cannot join under it.
+    let other = hosts.get(2).dir().join("other");
+    let out = hosts
+        .get(2)
+        .command(TUGBOAT)
+        .args(["agent", "--server", &join[3], "--token", &join[5], "--node-name", "host-1"])
+        .arg("--data-dir")
+        .arg(&other)
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && said.contains(r#"a node named "host-1" is already in the cluster and Ready"#),
+        "{said}"
+    );
+    assert!(!other.join("kubelet.kubeconfig").exists());
     let internal =
         kubectl.ok(&["get", "node", "host-1", "-o", "jsonpath={.status.addresses[?(@.type==\"InternalIP\")].address}"]);
     assert_eq!(internal, hosts.get(1).address().to_string(), "the node IP is the host's");
