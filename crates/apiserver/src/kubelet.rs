@@ -1,8 +1,8 @@
-//! The API server's side of the kubelet API: `pods/log` (and, next, exec, attach and
-//! port-forward) are answered by the kubelet of the pod's node, reached at the node's
-//! InternalIP (else Hostname) and `daemonEndpoints.kubeletEndpoint.Port`, with the API
-//! server's `apiserver-kubelet-client` certificate. As upstream without
-//! `--kubelet-certificate-authority`, the kubelet's serving certificate is not verified.
+//! The API server's side of the kubelet API: `pods/log`, exec, attach and port-forward are
+//! answered by the kubelet of the pod's node, reached at the node's InternalIP (else
+//! Hostname) and `daemonEndpoints.kubeletEndpoint.Port`, with the API server's
+//! `apiserver-kubelet-client` certificate. The kubelet's serving certificate must be one the
+//! cluster CA signed for that address (as upstream with `--kubelet-certificate-authority`).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -30,57 +30,23 @@ impl std::fmt::Debug for KubeletClient {
     }
 }
 
-/// Accepts any server certificate (see the module's comment), still checking its signature.
-#[derive(Debug)]
-struct AnyKubelet(Arc<rustls::crypto::CryptoProvider>);
-
-impl rustls::client::danger::ServerCertVerifier for AnyKubelet {
-    fn verify_server_cert(
-        &self,
-        _end_entity: &CertificateDer<'_>,
-        _intermediates: &[CertificateDer<'_>],
-        _server_name: &ServerName<'_>,
-        _ocsp_response: &[u8],
-        _now: rustls::pki_types::UnixTime,
-    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
-        Ok(rustls::client::danger::ServerCertVerified::assertion())
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &rustls::DigitallySignedStruct,
-    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.0.signature_verification_algorithms)
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &rustls::DigitallySignedStruct,
-    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.0.signature_verification_algorithms)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
-        self.0.signature_verification_algorithms.supported_schemes()
-    }
-}
-
 impl KubeletClient {
-    pub fn new(cert_pem: &str, key_pem: &str) -> Result<KubeletClient, String> {
+    /// Presents `cert_pem`/`key_pem`; trusts kubelets whose serving certificate the cluster
+    /// CA (`ca_pem`) signed for the address dialled.
+    pub fn new(ca_pem: &str, cert_pem: &str, key_pem: &str) -> Result<KubeletClient, String> {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut roots = rustls::RootCertStore::empty();
+        for cert in rustls_pemfile::certs(&mut ca_pem.as_bytes()) {
+            roots.add(cert.map_err(|e| e.to_string())?).map_err(|e| e.to_string())?;
+        }
         let certs: Vec<CertificateDer<'static>> =
             rustls_pemfile::certs(&mut cert_pem.as_bytes()).collect::<Result<_, _>>().map_err(|e| e.to_string())?;
         let key: PrivateKeyDer<'static> =
             rustls_pemfile::private_key(&mut key_pem.as_bytes()).map_err(|e| e.to_string())?.ok_or("no private key")?;
-        let mut config = rustls::ClientConfig::builder_with_provider(provider.clone())
+        let mut config = rustls::ClientConfig::builder_with_provider(provider)
             .with_safe_default_protocol_versions()
             .map_err(|e| e.to_string())?
-            .dangerous()
-            .with_custom_certificate_verifier(Arc::new(AnyKubelet(provider)))
+            .with_root_certificates(roots)
             .with_client_auth_cert(certs, key)
             .map_err(|e| e.to_string())?;
         config.alpn_protocols = vec![b"http/1.1".to_vec()];

@@ -14,6 +14,7 @@ pub mod logs;
 pub mod pods;
 pub mod portforward;
 pub mod probes;
+pub mod certificates;
 pub mod sandbox;
 pub mod server;
 pub mod spdy;
@@ -66,6 +67,9 @@ pub struct KubeletConfig {
     pub log_max_size: u64,
     pub log_max_files: u32,
     pub image_gc: image_gc::Policy,
+    /// The kubeconfig the kubelet's client came from: a node client certificate in it is
+    /// renewed in place.
+    pub kubeconfig: Option<PathBuf>,
 }
 
 /// Upstream's allocatable is capacity less reservations and the hard eviction thresholds;
@@ -236,10 +240,21 @@ pub async fn run(client: kube::Client, config: KubeletConfig) -> anyhow::Result<
     let manifests = config.manifest_dir.clone().unwrap_or_else(|| config.data_dir.join("manifests"));
     tokio::spawn(static_pods::run(agent.clone(), manifests));
     let pods = tokio::spawn(pods::run(agent.clone()));
+    if let Some(kubeconfig) = config.kubeconfig.clone() {
+        tokio::spawn(certificates::keep_client(client.clone(), kubeconfig));
+    }
     let api = match config.client_ca.clone() {
         Some(ca) => {
             let pki = config.data_dir.join("pki");
-            tokio::spawn(async move { server::serve(agent, config.port, ca, &pki).await })
+            let serving = certificates::ServingCert::load(&pki, &ca, &name, ip)?;
+            let keep = certificates::keep_serving(client.clone(), serving.clone(), pki, ca.clone(), name.clone(), ip);
+            tokio::spawn(keep);
+            // Serve with a certificate of the cluster from the start when it comes soon.
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+            while !tugboat_pki::issued_by(&serving.pem(), &ca) && tokio::time::Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            tokio::spawn(async move { server::serve(agent, config.port, ca, serving).await })
         }
         None => {
             tracing::warn!("no cluster CA in the kubeconfig: the kubelet API (logs, exec) is not served");

@@ -1,13 +1,11 @@
-//! The kubelet's HTTPS API (`:10250` by default), which the API server proxies `pods/log` (and,
-//! next, exec, attach and port-forward) to. Clients must present a certificate of the cluster
-//! CA (the API server's `apiserver-kubelet-client`). The serving certificate is self-signed
-//! (`<data-dir>/pki/kubelet.crt`), as upstream's kubelet does without server TLS bootstrap; the
-//! API server does not verify it (upstream's default without `--kubelet-certificate-authority`).
+//! The kubelet's HTTPS API (`:10250` by default), which the API server proxies `pods/log`,
+//! exec, attach and port-forward to. Clients must present a certificate of the cluster CA (the
+//! API server's `apiserver-kubelet-client`). The serving certificate is one the cluster signed
+//! for the node ([`crate::certificates`]), which the API server verifies.
 
 use std::collections::HashMap;
 use std::convert::Infallible;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::path::Path;
 use std::sync::Arc;
 
 use axum::Router;
@@ -18,32 +16,13 @@ use axum::routing::get;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use k8s_openapi::api::core::v1::Pod;
 use kube::Api;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use serde_json::Value;
 
+use crate::certificates::ServingCert;
 use crate::logs::{self, LogOptions};
 use crate::pods::Shared;
 
-/// The serving certificate and key: made once, self-signed, for the node's name and address.
-fn serving_cert(dir: &Path, name: &str, ip: Option<IpAddr>) -> anyhow::Result<(String, String)> {
-    let (cert_path, key_path) = (dir.join("kubelet.crt"), dir.join("kubelet.key"));
-    if let (Ok(cert), Ok(key)) = (std::fs::read_to_string(&cert_path), std::fs::read_to_string(&key_path)) {
-        return Ok((cert, key));
-    }
-    std::fs::create_dir_all(dir)?;
-    let mut names = vec![name.to_string()];
-    if let Some(ip) = ip {
-        names.push(ip.to_string());
-    }
-    let rcgen::CertifiedKey { cert, signing_key } = rcgen::generate_simple_self_signed(names)?;
-    let (cert, key) = (cert.pem(), signing_key.serialize_pem());
-    tugboat_runtime::images::write_durably(&key_path, key.as_bytes())?;
-    std::fs::set_permissions(&key_path, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
-    tugboat_runtime::images::write_durably(&cert_path, cert.as_bytes())?;
-    Ok((cert, key))
-}
-
-fn tls_config(ca_pem: &str, cert_pem: &str, key_pem: &str) -> anyhow::Result<rustls::ServerConfig> {
+fn tls_config(ca_pem: &str, serving: Arc<ServingCert>) -> anyhow::Result<rustls::ServerConfig> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut roots = rustls::RootCertStore::empty();
     for cert in rustls_pemfile::certs(&mut ca_pem.as_bytes()) {
@@ -51,22 +30,18 @@ fn tls_config(ca_pem: &str, cert_pem: &str, key_pem: &str) -> anyhow::Result<rus
     }
     let verifier =
         rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone()).build()?;
-    let certs: Vec<CertificateDer<'static>> =
-        rustls_pemfile::certs(&mut cert_pem.as_bytes()).collect::<Result<_, _>>()?;
-    let key: PrivateKeyDer<'static> =
-        rustls_pemfile::private_key(&mut key_pem.as_bytes())?.ok_or_else(|| anyhow::anyhow!("no private key"))?;
     let mut config = rustls::ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()?
         .with_client_cert_verifier(verifier)
-        .with_single_cert(certs, key)?;
+        .with_cert_resolver(serving);
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
     Ok(config)
 }
 
-/// Serves the kubelet API on `port` (all addresses) until the process ends.
-pub async fn serve(node: Shared, port: u16, ca_pem: String, pki_dir: &Path) -> anyhow::Result<()> {
-    let (cert, key) = serving_cert(pki_dir, &node.name, node.ip)?;
-    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls_config(&ca_pem, &cert, &key)?));
+/// Serves the kubelet API on `port` (all addresses) until the process ends, with `serving`'s
+/// certificate of the moment.
+pub async fn serve(node: Shared, port: u16, ca_pem: String, serving: Arc<ServingCert>) -> anyhow::Result<()> {
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls_config(&ca_pem, serving)?));
     let listener = tokio::net::TcpListener::bind(SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), port)).await?;
     tracing::info!(port, "kubelet API listening");
     let app = router(node);

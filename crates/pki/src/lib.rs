@@ -205,7 +205,18 @@ impl ClusterCa {
 
 /// A new key and a certificate signing request (PEM) for subject `common_name`/`organizations`.
 pub fn certificate_request(common_name: &str, organizations: &[&str]) -> Result<(String, String)> {
-    let mut params = CertificateParams::new(Vec::<String>::new())?;
+    certificate_request_for(common_name, organizations, &[], &[])
+}
+
+/// [`certificate_request`] naming `dns_names` and `ip_addresses` too (a serving certificate).
+pub fn certificate_request_for(
+    common_name: &str,
+    organizations: &[&str],
+    dns_names: &[String],
+    ip_addresses: &[IpAddr],
+) -> Result<(String, String)> {
+    let mut params = CertificateParams::new(dns_names.to_vec())?;
+    params.subject_alt_names.extend(ip_addresses.iter().map(|ip| SanType::IpAddress(*ip)));
     let mut name = DistinguishedName::new();
     for organization in organizations {
         name.push(DnType::OrganizationName, *organization);
@@ -245,6 +256,34 @@ pub fn token_kubeconfig(server: &str, ca_pem: &str, token: &str) -> String {
          current-context: tugboat\n",
         STANDARD.encode(ca_pem.as_bytes())
     )
+}
+
+/// When a PEM certificate became valid and when it expires (Unix seconds).
+pub fn validity(cert_pem: &str) -> Option<(i64, i64)> {
+    let der = pem_der(cert_pem)?;
+    let (_, cert) = x509_parser::parse_x509_certificate(&der).ok()?;
+    let validity = cert.validity();
+    Some((validity.not_before.timestamp(), validity.not_after.timestamp()))
+}
+
+/// The subject of a PEM certificate: (common name, organizations).
+pub fn certificate_subject(cert_pem: &str) -> Option<(String, Vec<String>)> {
+    let der = pem_der(cert_pem)?;
+    let (_, cert) = x509_parser::parse_x509_certificate(&der).ok()?;
+    let subject = cert.subject();
+    let common_name = subject.iter_common_name().next()?.as_str().ok()?.to_string();
+    let organizations = subject.iter_organization().filter_map(|o| o.as_str().ok().map(str::to_string)).collect();
+    Some((common_name, organizations))
+}
+
+/// Whether a PEM certificate was issued by the CA of `ca_pem` (by subject and signature).
+pub fn issued_by(cert_pem: &str, ca_pem: &str) -> bool {
+    let (Some(cert), Some(ca)) = (pem_der(cert_pem), pem_der(ca_pem)) else { return false };
+    let (Ok((_, cert)), Ok((_, ca))) = (x509_parser::parse_x509_certificate(&cert), x509_parser::parse_x509_certificate(&ca))
+    else {
+        return false;
+    };
+    cert.issuer() == ca.subject() && cert.verify_signature(Some(ca.public_key())).is_ok()
 }
 
 /// kubeadm's CA hash: `sha256:` and the hex SHA-256 of the certificate's SubjectPublicKeyInfo.

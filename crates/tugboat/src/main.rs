@@ -303,6 +303,7 @@ impl NodeFlags {
                 low: self.image_gc_low_threshold.min(self.image_gc_high_threshold),
                 min_age: self.image_minimum_gc_age,
             },
+            kubeconfig: Some(kubeconfig.to_path_buf()),
         }
     }
 }
@@ -352,6 +353,10 @@ struct ControllerFlags {
     /// The prefix length of each node's pod CIDR.
     #[arg(long, default_value_t = 24, value_parser = clap::value_parser!(u8).range(8..=30))]
     node_cidr_mask_size: u8,
+    /// The longest validity of certificates signed for requests (nodes' client and serving
+    /// certificates renew themselves well before).
+    #[arg(long, default_value = "8760h", value_parser = parse_duration)]
+    cluster_signing_duration: Duration,
 }
 
 impl ControllerFlags {
@@ -362,6 +367,7 @@ impl ControllerFlags {
             node_cidr_mask_size: self.node_cidr_mask_size,
             root_ca: None,
             signing_ca: None,
+            signing_duration: self.cluster_signing_duration,
         }
     }
 }
@@ -684,7 +690,27 @@ async fn client_via(kubeconfig: &std::path::Path, server: Option<&str>) -> anyho
     // that vanished (a cut link) under a long watch.
     http.set_connect_timeout(config.connect_timeout);
     http.set_keepalive(Some(Duration::from_secs(30)));
-    let https = config.rustls_https_connector_with_connector(http)?;
+    // A client certificate is read from the kubeconfig again when the file changes (a node's
+    // renewed certificate, written by its kubelet), for every new connection.
+    let https = match (tugboat_kubelet::certificates::KubeconfigIdentity::new(kubeconfig), &config.root_cert) {
+        (Some(identity), Some(roots)) => {
+            let mut store = rustls::RootCertStore::empty();
+            for der in roots {
+                store.add(rustls::pki_types::CertificateDer::from(der.clone()))?;
+            }
+            let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+            let tls = rustls::ClientConfig::builder_with_provider(provider)
+                .with_safe_default_protocol_versions()?
+                .with_root_certificates(store)
+                .with_client_cert_resolver(identity);
+            hyper_rustls::HttpsConnectorBuilder::new()
+                .with_tls_config(tls)
+                .https_or_http()
+                .enable_http1()
+                .wrap_connector(http)
+        }
+        _ => config.rustls_https_connector_with_connector(http)?,
+    };
     let hyper_client: hyper_util::client::legacy::Client<_, kube::client::Body> =
         hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new()).build(https);
     let service = tower::ServiceBuilder::new()

@@ -41,6 +41,8 @@ pub struct ControllerConfig {
     /// The CA that signs approved certificate requests (`--cluster-signing-cert-file` and
     /// `-key-file`); without it nothing is signed.
     pub signing_ca: Option<Arc<tugboat_pki::ClusterCa>>,
+    /// The longest validity of a signed certificate (`--cluster-signing-duration`, 1 year).
+    pub signing_duration: Duration,
 }
 
 impl Default for ControllerConfig {
@@ -51,6 +53,7 @@ impl Default for ControllerConfig {
             node_cidr_mask_size: 24,
             root_ca: None,
             signing_ca: None,
+            signing_duration: Duration::from_secs(365 * 24 * 3600),
         }
     }
 }
@@ -244,7 +247,7 @@ pub async fn run(client: kube::Client, config: ControllerConfig) -> anyhow::Resu
     tasks.spawn(disruption::run_disruption(client.clone(), hub.clone()));
     tasks.spawn(bootstrap::run_bootstrap_signer(client.clone()));
     if let Some(ca) = config.signing_ca.clone() {
-        tasks.spawn(certificates::run_certificates(client.clone(), ca));
+        tasks.spawn(certificates::run_certificates(client.clone(), ca, config.signing_duration));
     }
     tasks.spawn(gc::run_garbage_collector(client.clone(), hub.clone()));
     match tasks.join_next().await {
