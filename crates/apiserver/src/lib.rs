@@ -266,8 +266,8 @@ pub async fn start(config: ApiServerConfig, store: Arc<dyn Store>) -> Result<Api
             validity: year,
         },
     )?;
-    let kubelets =
-        kubelet::KubeletClient::new(ca.cert_pem(), &kubelet_client.cert_pem, &kubelet_client.key_pem).map_err(StartError::Tls)?;
+    let kubelets = kubelet::KubeletClient::new(ca.cert_pem(), &kubelet_client.cert_pem, &kubelet_client.key_pem)
+        .map_err(StartError::Tls)?;
     let tokens = match &config.token_auth_file {
         Some(path) => TokenFile::load(path).map_err(StartError::Tokens)?,
         None => TokenFile::default(),

@@ -63,12 +63,19 @@ pub async fn request(
     loop {
         let status = api.get(&name).await?.status.unwrap_or_default();
         if let Some(refused) = status.conditions.iter().flatten().find(|c| c.type_ == "Denied" || c.type_ == "Failed") {
-            anyhow::bail!("certificate request {name} was {}: {}", refused.type_.to_lowercase(), refused.message.clone().unwrap_or_default());
+            anyhow::bail!(
+                "certificate request {name} was {}: {}",
+                refused.type_.to_lowercase(),
+                refused.message.clone().unwrap_or_default()
+            );
         }
         if let Some(certificate) = status.certificate.filter(|c| !c.0.is_empty()) {
             return Ok((String::from_utf8(certificate.0)?, key));
         }
-        anyhow::ensure!(tokio::time::Instant::now() < deadline, "certificate request {name} was not signed within {timeout:?}");
+        anyhow::ensure!(
+            tokio::time::Instant::now() < deadline,
+            "certificate request {name} was not signed within {timeout:?}"
+        );
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
 }
@@ -107,9 +114,10 @@ impl ServingCert {
     /// valid, else a self-signed one for `names` (made once).
     pub fn load(dir: &Path, ca_pem: &str, node: &str, ip: Option<IpAddr>) -> anyhow::Result<Arc<ServingCert>> {
         std::fs::create_dir_all(dir)?;
-        if let (Ok(cert), Ok(key)) =
-            (std::fs::read_to_string(dir.join("kubelet-server.crt")), std::fs::read_to_string(dir.join("kubelet-server.key")))
-            && tugboat_pki::issued_by(&cert, ca_pem)
+        if let (Ok(cert), Ok(key)) = (
+            std::fs::read_to_string(dir.join("kubelet-server.crt")),
+            std::fs::read_to_string(dir.join("kubelet-server.key")),
+        ) && tugboat_pki::issued_by(&cert, ca_pem)
             && tugboat_pki::validity(&cert).is_some_and(|(_, until)| until > unix_now())
         {
             return Ok(Arc::new(ServingCert { current: RwLock::new((certified_key(&cert, &key)?, cert)) }));
@@ -295,7 +303,8 @@ pub async fn keep_client(client: kube::Client, path: PathBuf) {
 fn rewrite_identity(path: &Path, cert: &str, key: &str) -> anyhow::Result<()> {
     use base64::Engine;
     let config = kube::config::Kubeconfig::read_from(path)?;
-    let cluster = config.clusters.first().and_then(|c| c.cluster.as_ref()).ok_or_else(|| anyhow::anyhow!("no cluster"))?;
+    let cluster =
+        config.clusters.first().and_then(|c| c.cluster.as_ref()).ok_or_else(|| anyhow::anyhow!("no cluster"))?;
     let server = cluster.server.clone().unwrap_or_default();
     let ca = cluster.certificate_authority_data.clone().unwrap_or_default();
     let ca = String::from_utf8(base64::engine::general_purpose::STANDARD.decode(ca.trim())?)?;

@@ -7,6 +7,7 @@
 //! `containers/` (one dir per container, adopted after a restart), `pods/<uid>/` (sandbox
 //! namespaces, volumes, /etc files), `ipam/`; container logs under `log_dir`.
 
+pub mod certificates;
 pub mod exec;
 pub mod host;
 pub mod image_gc;
@@ -14,7 +15,6 @@ pub mod logs;
 pub mod pods;
 pub mod portforward;
 pub mod probes;
-pub mod certificates;
 pub mod sandbox;
 pub mod server;
 pub mod spdy;

@@ -185,8 +185,11 @@ impl ClusterCa {
             Usage::Server => ExtendedKeyUsagePurpose::ServerAuth,
             Usage::Client => ExtendedKeyUsagePurpose::ClientAuth,
         }];
-        params.not_before = not_before();
-        params.not_after = params.not_before + validity;
+        // Backdated for clocks running behind, but by no more than a tenth of a short life;
+        // the validity counts from now.
+        let now = time::OffsetDateTime::now_utc();
+        params.not_before = now - validity.min(Duration::from_secs(3000)) / 10;
+        params.not_after = now + validity;
         Ok(request.signed_by(&issuer).map_err(|e| invalid(e.to_string()))?.pem())
     }
 
@@ -279,7 +282,8 @@ pub fn certificate_subject(cert_pem: &str) -> Option<(String, Vec<String>)> {
 /// Whether a PEM certificate was issued by the CA of `ca_pem` (by subject and signature).
 pub fn issued_by(cert_pem: &str, ca_pem: &str) -> bool {
     let (Some(cert), Some(ca)) = (pem_der(cert_pem), pem_der(ca_pem)) else { return false };
-    let (Ok((_, cert)), Ok((_, ca))) = (x509_parser::parse_x509_certificate(&cert), x509_parser::parse_x509_certificate(&ca))
+    let (Ok((_, cert)), Ok((_, ca))) =
+        (x509_parser::parse_x509_certificate(&cert), x509_parser::parse_x509_certificate(&ca))
     else {
         return false;
     };

@@ -218,3 +218,74 @@ fn an_agent_joins_with_the_token_and_runs_pods() {
     assert_eq!(server.kubectl(&["exec", "hello", "--", "cat", "/etc/hostname"], None).trim(), "hello");
     server.kubectl(&["delete", "pod", "hello", "--grace-period=1", "--wait=true"], None);
 }
+
+/// The node's certificates come from the cluster and renew themselves before they expire,
+/// without a restart: with a signing duration of a minute, after two minutes the agent holds
+/// new client and serving certificates, the node is Ready, and logs still come through its
+/// kubelet (whose serving certificate the API server checks on every connection).
+#[test]
+fn node_certificates_renew_before_they_expire() {
+    if !tugboat_testkit::isolated("node_certificates_renew_before_they_expire") {
+        return;
+    }
+    let server = TugboatServer::start(Path::new(TUGBOAT), &["--cluster-signing-duration", "60s"]).unwrap();
+    let token = std::fs::read_to_string(server.data_dir().join("token")).unwrap().trim().to_string();
+    let data = server.scratch("agent");
+    tugboat_testkit::image::import_busybox(Path::new(TUGBOAT), &data).unwrap();
+    let _agent = tugboat_testkit::KillOnDrop(
+        agent(&server, &token, &data, &[])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let ready = || {
+        server.kubectl(
+            &["get", "node", "joined", "-o", "jsonpath={.status.conditions[?(@.type==\"Ready\")].status}"],
+            None,
+        )
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while server.kubectl(&["get", "nodes", "-o", "name"], None).lines().all(|l| l != "node/joined") || ready() != "True"
+    {
+        assert!(Instant::now() < deadline, "the node does not join");
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    let client_cert = || {
+        let kubeconfig = std::fs::read_to_string(data.join("kubelet.kubeconfig")).unwrap();
+        let b64 =
+            kubeconfig.lines().find_map(|l| l.trim().strip_prefix("client-certificate-data: ")).unwrap().to_string();
+        use base64::Engine;
+        String::from_utf8(base64::engine::general_purpose::STANDARD.decode(b64).unwrap()).unwrap()
+    };
+    let serving_cert = || std::fs::read_to_string(data.join("pki/kubelet-server.crt")).unwrap_or_default();
+    let (first_client, first_serving) = (client_cert(), serving_cert());
+    let ca = std::fs::read_to_string(server.data_dir().join("pki/ca.crt")).unwrap();
+    assert!(tugboat_pki::issued_by(&first_serving, &ca), "the serving certificate is the cluster's");
+    let (_, first_expiry) = tugboat_pki::validity(&first_client).unwrap();
+    server.kubectl(&["run", "talker", "--image=busybox:1.35", "--", "sh", "-c", "echo hi; sleep 3600"], None);
+
+    // Past the first certificates' expiry.
+    let until = std::time::UNIX_EPOCH + Duration::from_secs(first_expiry as u64 + 15);
+    while std::time::SystemTime::now() < until {
+        std::thread::sleep(Duration::from_secs(1));
+    }
+    let (client, serving) = (client_cert(), serving_cert());
+    assert_ne!(client, first_client, "the client certificate was renewed");
+    assert_ne!(serving, first_serving, "the serving certificate was renewed");
+    let now = tugboat_pki::bootstrap::unix_now();
+    for cert in [&client, &serving] {
+        assert!(tugboat_pki::issued_by(cert, &ca));
+        assert!(tugboat_pki::validity(cert).unwrap().1 > now, "valid now");
+    }
+    assert_eq!(tugboat_pki::certificate_subject(&client).unwrap().0, "system:node:joined");
+    let csrs = server.kubectl(&["get", "csr"], None);
+    assert!(csrs.contains("kubernetes.io/kubelet-serving") && csrs.contains("system:node:joined"), "{csrs}");
+    assert_eq!(ready(), "True");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while server.kubectl(&["get", "pod", "talker", "-o", "jsonpath={.status.phase}"], None) != "Running" {
+        assert!(Instant::now() < deadline, "talker does not run");
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    assert_eq!(server.kubectl(&["logs", "talker"], None), "hi\n");
+}
