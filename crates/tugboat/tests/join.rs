@@ -273,7 +273,7 @@ fn node_certificates_renew_before_they_expire() {
     let (client, serving) = (client_cert(), serving_cert());
     assert_ne!(client, first_client, "the client certificate was renewed");
     assert_ne!(serving, first_serving, "the serving certificate was renewed");
-    let now = tugboat_pki::bootstrap::unix_now();
+    let now = bootstrap::unix_now();
     for cert in [&client, &serving] {
         assert!(tugboat_pki::issued_by(cert, &ca));
         assert!(tugboat_pki::validity(cert).unwrap().1 > now, "valid now");
