@@ -16,6 +16,7 @@
 //!   revision order, with the previous value; when that history was compacted away it fails with
 //!   [`StoreError::Compacted`] (the API server answers 410 Gone).
 
+mod bbolt;
 mod compactor;
 mod continue_token;
 mod error;
@@ -27,11 +28,12 @@ use std::pin::Pin;
 
 use futures::Stream;
 
+pub use bbolt::looks_like_bbolt;
 pub use compactor::{CompactionPolicy, spawn_compactor};
 pub use continue_token::ContinueToken;
 pub use error::{Result, StoreError};
 pub use etcd::{EtcdConfig, EtcdStore, EtcdTls};
-pub use sqlite::{SqliteConfig, SqliteStore, restore_snapshot, snapshot_file};
+pub use sqlite::{SqliteConfig, SqliteStore, restore_etcd_snapshot, restore_snapshot, snapshot_file};
 
 /// A store revision: etcd's `mod_revision`, Kubernetes' `resourceVersion`.
 pub type Revision = i64;

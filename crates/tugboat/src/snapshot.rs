@@ -1,7 +1,8 @@
 //! `tugboat snapshot save|restore` and the server's scheduled snapshots.
 //!
 //! A snapshot of the embedded store is a compact copy of its SQLite file (taken from one read
-//! transaction while the server runs); of etcd, etcd's own snapshot (its maintenance API). The
+//! transaction while the server runs); of etcd, etcd's own snapshot (its maintenance API),
+//! which etcdctl restores into etcd and `snapshot restore` into an embedded store. The
 //! store also holds the cluster's CA and service-account key (`/tugboat/pki/`), so a server
 //! started on a restored data dir — even on a fresh machine — is the same cluster: nodes'
 //! certificates and pods' tokens stay valid.
@@ -25,9 +26,10 @@ pub enum SnapshotCommand {
         #[arg(long)]
         datastore_endpoint: Option<String>,
     },
-    /// Replace the embedded store of a data dir with FILE (stop the server first). The data
-    /// dir may be empty: a new machine becomes the cluster's server. The replaced store is kept
-    /// as <data-dir>/db/state.db.before-restore.
+    /// Replace the embedded store of a data dir with FILE (stop the server first): a snapshot
+    /// of the embedded store, or of etcd (its objects at the snapshot's last revision). The
+    /// data dir may be empty: a new machine becomes the cluster's server. The replaced store is
+    /// kept as <data-dir>/db/state.db.before-restore.
     Restore {
         file: PathBuf,
         #[arg(long, default_value = "/var/lib/tugboat", env = "TUGBOAT_DATA_DIR")]
@@ -57,15 +59,13 @@ pub async fn run(command: SnapshotCommand) -> anyhow::Result<()> {
             println!("snapshot saved: revision {}, {} bytes", info.revision, info.size);
         }
         SnapshotCommand::Restore { file, data_dir } => {
-            if is_etcd_snapshot(&file) {
-                anyhow::bail!(
-                    "{} is an etcd snapshot: restore it into etcd (etcdctl snapshot restore {0} --data-dir …) \
-                     and start the servers with --datastore-endpoint",
-                    file.display()
-                );
-            }
             let config = SqliteConfig::in_data_dir(&data_dir);
-            let info = tugboat_store::restore_snapshot(&file, &config).map_err(|error| match error {
+            let restored = if is_etcd_snapshot(&file) {
+                tugboat_store::restore_etcd_snapshot(&file, &config).await
+            } else {
+                tugboat_store::restore_snapshot(&file, &config)
+            };
+            let info = restored.map_err(|error| match error {
                 tugboat_store::StoreError::Locked { .. } => {
                     anyhow::anyhow!("the store in {} is in use: stop the server before restoring", data_dir.display())
                 }
@@ -82,12 +82,12 @@ pub async fn run(command: SnapshotCommand) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// bbolt's meta page: its magic number after the 16-byte page header.
+/// Whether `file` is etcd's (a bbolt database) rather than a copy of the embedded store.
 fn is_etcd_snapshot(file: &Path) -> bool {
     use std::io::Read;
     let mut head = [0u8; 20];
     std::fs::File::open(file).and_then(|mut f| f.read_exact(&mut head)).is_ok()
-        && head[16..20] == 0xED0C_DAEDu32.to_le_bytes()
+        && tugboat_store::looks_like_bbolt(&head)
 }
 
 /// Snapshots hold every Secret and the cluster's keys: owner only.

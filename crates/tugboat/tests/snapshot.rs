@@ -150,13 +150,16 @@ fn a_snapshot_restored_onto_an_empty_data_dir_brings_the_cluster_back() {
     }
 }
 
-/// On etcd, `snapshot save --datastore-endpoint` takes etcd's own snapshot (what etcdctl
-/// restores); `snapshot restore` says so rather than writing it into an embedded store.
+/// On etcd, `snapshot save --datastore-endpoint` takes etcd's own snapshot (etcdctl reads
+/// it); `snapshot restore` takes it into the embedded store of an empty data dir, and a server
+/// started there is the same cluster with the same objects.
 #[test]
-fn etcd_snapshots_come_from_etcds_snapshot_api() {
+fn etcd_snapshots_restore_into_the_embedded_store() {
     let etcd = tugboat_testkit::EtcdServer::start().unwrap();
     let server = TugboatServer::start(Path::new(TUGBOAT), &["--datastore-endpoint", etcd.client_url()]).unwrap();
-    server.kubectl(&["create", "configmap", "kept", "--from-literal=a=b"], None);
+    server.kubectl(&["apply", "-f", "-"], Some(OBJECTS));
+    server.kubectl(&["create", "configmap", "gone", "--from-literal=a=b"], None);
+    server.kubectl(&["delete", "configmap", "gone"], None);
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("etcd.db");
     let (ok, said) = snapshot(&["save", file.to_str().unwrap(), "--datastore-endpoint", etcd.client_url()]);
@@ -167,8 +170,29 @@ fn etcd_snapshots_come_from_etcds_snapshot_api() {
         .output()
         .unwrap();
     assert!(status.status.success(), "etcdctl reads it: {}", String::from_utf8_lossy(&status.stderr));
-    let (ok, said) =
-        snapshot(&["restore", file.to_str().unwrap(), "--data-dir", dir.path().join("data").to_str().unwrap()]);
-    assert!(!ok && said.contains("is an etcd snapshot") && said.contains("etcdctl snapshot restore"), "{said}");
-    assert!(!dir.path().join("data/db/state.db").exists());
+    let ca = std::fs::read(server.data_dir().join("pki/ca.crt")).unwrap();
+    drop(server);
+    drop(etcd);
+
+    let restored = TugboatServer::start_prepared(Path::new(TUGBOAT), &[], |data| {
+        let (ok, said) = snapshot(&["restore", file.to_str().unwrap(), "--data-dir", data.to_str().unwrap()]);
+        anyhow::ensure!(ok && said.contains("restored revision"), "{said}");
+        Ok(())
+    })
+    .unwrap();
+    assert_eq!(std::fs::read(restored.data_dir().join("pki/ca.crt")).unwrap(), ca, "the same cluster CA");
+    let color = restored.kubectl(&["get", "configmap", "settings", "-n", "shop", "-o", "jsonpath={.data.color}"], None);
+    assert_eq!(color, "blue");
+    assert!(restored.kubectl(&["get", "deployment", "web", "-n", "shop"], None).contains("web"));
+    let names = restored.kubectl(&["get", "configmaps", "-o", "name"], None);
+    assert!(!names.contains("configmap/gone"), "deleted before the snapshot: {names}");
+
+    // A truncated etcd snapshot is refused with the reason; nothing is written.
+    let bytes = std::fs::read(&file).unwrap();
+    let cut = dir.path().join("cut.db");
+    std::fs::write(&cut, &bytes[..8192.min(bytes.len())]).unwrap();
+    let empty = dir.path().join("empty");
+    let (ok, said) = snapshot(&["restore", cut.to_str().unwrap(), "--data-dir", empty.to_str().unwrap()]);
+    assert!(!ok && said.contains("cannot restore"), "{said}");
+    assert!(!empty.join("db/state.db").exists());
 }

@@ -502,6 +502,51 @@ pub fn restore_snapshot(source: &Path, config: &SqliteConfig) -> Result<Snapshot
     Ok(SnapshotInfo { revision, size })
 }
 
+/// Replaces the store of `config` with the state at the last revision of an etcd snapshot
+/// (etcd's own file, as `tugboat snapshot save --datastore-endpoint` or `etcdctl snapshot
+/// save` write it): every live key, written into a new store file that is then restored as
+/// [`restore_snapshot`] does. Revisions start afresh (clients list again).
+pub async fn restore_etcd_snapshot(source: &Path, config: &SqliteConfig) -> Result<SnapshotInfo> {
+    let io = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| StoreError::Io { path, source }
+    };
+    let bytes = std::fs::read(source).map_err(io(source))?;
+    let state = crate::bbolt::etcd_state(&bytes)
+        .map_err(|reason| StoreError::Damaged { path: source.to_path_buf(), reason })?;
+    // (Its lock file is the store's own: a running server makes this fail as "in use".)
+    let staging = config.path.with_extension("from-etcd");
+    let copy = config.path.with_extension("from-etcd.snapshot");
+    let clean = || {
+        for path in [staging.clone(), copy.clone()] {
+            let name = path.file_name().unwrap_or_default().to_string_lossy().into_owned();
+            for suffix in ["", "-wal", "-shm"] {
+                let _ = std::fs::remove_file(path.with_file_name(format!("{name}{suffix}")));
+            }
+        }
+    };
+    clean();
+    let result = async {
+        let store = SqliteStore::open(SqliteConfig { path: staging.clone(), watch_buffer: 16 })?;
+        let entries: Vec<(String, Vec<u8>)> =
+            state.into_iter().filter_map(|(key, value)| String::from_utf8(key).ok().map(|key| (key, value))).collect();
+        // Many writes in flight, so the writer commits them in groups.
+        for chunk in entries.chunks(256) {
+            let writes = chunk.iter().map(|(key, value)| store.create(key, value.clone()));
+            for written in futures::future::join_all(writes).await {
+                written?;
+            }
+        }
+        drop(store);
+        let (from, to) = (staging.clone(), copy.clone());
+        tokio::task::spawn_blocking(move || snapshot_file(&from, &to)).await.map_err(|_| StoreError::Closed)??;
+        restore_snapshot(&copy, config)
+    }
+    .await;
+    clean();
+    result
+}
+
 /// fsyncs the directory holding `path`, so a rename into it is durable.
 fn sync_parent(path: &Path) -> Result<()> {
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
