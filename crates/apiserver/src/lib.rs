@@ -47,7 +47,6 @@ use std::time::Duration;
 use axum::body::Body;
 use futures::FutureExt;
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::WebPkiClientVerifier;
 use tokio::net::TcpListener;
 use tugboat_pki::{CertSpec, ClusterCa, Usage};
@@ -166,7 +165,29 @@ fn client_address(bind: IpAddr, port: u16) -> String {
     }
 }
 
-fn tls_config(ca: &ClusterCa, serving: &tugboat_pki::IssuedCert) -> Result<rustls::ServerConfig, StartError> {
+/// Issues the serving certificate anew when it comes due ([`ClusterCa::load_or_issue`]
+/// renews within 90 days of expiry), checked twice a day; served from the next handshake.
+async fn renew_serving_certificate(pki_dir: PathBuf, spec: CertSpec, serving: Arc<tugboat_pki::tls::RotatingCert>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(12 * 3600));
+    tick.tick().await;
+    loop {
+        tick.tick().await;
+        let renewed = ClusterCa::load_or_create(&pki_dir).and_then(|ca| ca.load_or_issue("apiserver", &spec));
+        match renewed {
+            Ok(issued) if issued.cert_pem != serving.pem() => match serving.set(&issued.cert_pem, &issued.key_pem) {
+                Ok(()) => tracing::info!("the API server's serving certificate was renewed"),
+                Err(error) => tracing::warn!(%error, "cannot serve the renewed certificate"),
+            },
+            Ok(_) => {}
+            Err(error) => tracing::warn!(%error, "cannot renew the serving certificate"),
+        }
+    }
+}
+
+fn tls_config(
+    ca: &ClusterCa,
+    serving: Arc<tugboat_pki::tls::RotatingCert>,
+) -> Result<rustls::ServerConfig, StartError> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let tls = |e: &dyn std::fmt::Display| StartError::Tls(e.to_string());
     let mut roots = rustls::RootCertStore::empty();
@@ -179,17 +200,11 @@ fn tls_config(ca: &ClusterCa, serving: &tugboat_pki::IssuedCert) -> Result<rustl
         .allow_unauthenticated()
         .build()
         .map_err(|e| tls(&e))?;
-    let certs: Vec<CertificateDer<'static>> =
-        rustls_pemfile::certs(&mut serving.cert_pem.as_bytes()).collect::<Result<_, _>>().map_err(|e| tls(&e))?;
-    let key: PrivateKeyDer<'static> = rustls_pemfile::private_key(&mut serving.key_pem.as_bytes())
-        .map_err(|e| tls(&e))?
-        .ok_or_else(|| StartError::Tls(format!("{}: no private key", serving.key_path.display())))?;
     let mut config = rustls::ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .map_err(|e| tls(&e))?
         .with_client_cert_verifier(verifier)
-        .with_single_cert(certs, key)
-        .map_err(|e| tls(&e))?;
+        .with_cert_resolver(serving);
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     Ok(config)
 }
@@ -232,17 +247,15 @@ pub async fn start(config: ApiServerConfig, store: Arc<dyn Store>) -> Result<Api
     .collect();
     dns.extend(hostname());
     let year = Duration::from_secs(365 * 24 * 3600);
-    let serving = ca.load_or_issue(
-        "apiserver",
-        &CertSpec {
-            common_name: "kube-apiserver".into(),
-            organizations: vec![],
-            dns_names: dns,
-            ip_addresses: ips,
-            usage: Usage::Server,
-            validity: year,
-        },
-    )?;
+    let serving_spec = CertSpec {
+        common_name: "kube-apiserver".into(),
+        organizations: vec![],
+        dns_names: dns,
+        ip_addresses: ips,
+        usage: Usage::Server,
+        validity: year,
+    };
+    let serving = ca.load_or_issue("apiserver", &serving_spec)?;
     let admin = ca.load_or_issue(
         "admin",
         &CertSpec {
@@ -272,7 +285,9 @@ pub async fn start(config: ApiServerConfig, store: Arc<dyn Store>) -> Result<Api
         Some(path) => TokenFile::load(path).map_err(StartError::Tokens)?,
         None => TokenFile::default(),
     };
-    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls_config(&ca, &serving)?));
+    let serving = tugboat_pki::tls::RotatingCert::new(&serving.cert_pem, &serving.key_pem).map_err(StartError::Tls)?;
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls_config(&ca, serving.clone())?));
+    tokio::spawn(renew_serving_certificate(pki_dir.clone(), serving_spec, serving));
 
     let addr = SocketAddr::new(config.bind_address, config.https_port);
     let listener = TcpListener::bind(addr).await.map_err(|source| StartError::Listen { addr, source })?;

@@ -14,28 +14,17 @@
 
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use k8s_openapi::api::certificates::v1::CertificateSigningRequest;
 use kube::api::{Api, PostParams};
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::sign::CertifiedKey;
+use tugboat_pki::tls::RotatingCert;
 
 pub const KUBELET_CLIENT: &str = "kubernetes.io/kube-apiserver-client-kubelet";
 pub const KUBELET_SERVING: &str = "kubernetes.io/kubelet-serving";
 const RETRY: Duration = Duration::from_secs(10);
-
-/// A PEM certificate (chain) and key as rustls signs with them.
-pub fn certified_key(cert_pem: &str, key_pem: &str) -> anyhow::Result<Arc<CertifiedKey>> {
-    let certs: Vec<CertificateDer<'static>> =
-        rustls_pemfile::certs(&mut cert_pem.as_bytes()).collect::<Result<_, _>>()?;
-    anyhow::ensure!(!certs.is_empty(), "no certificate");
-    let key: PrivateKeyDer<'static> =
-        rustls_pemfile::private_key(&mut key_pem.as_bytes())?.ok_or_else(|| anyhow::anyhow!("no private key"))?;
-    let key = rustls::crypto::ring::sign::any_supported_type(&key)?;
-    Ok(Arc::new(CertifiedKey::new(certs, key)))
-}
 
 /// Asks the cluster for a certificate for `common_name` (organizations, names, usages) from
 /// `signer`, and waits for it: (certificate PEM, key PEM).
@@ -98,43 +87,26 @@ fn unix_now() -> i64 {
 }
 
 /// The kubelet API's serving certificate, swapped in place when renewed.
-#[derive(Debug)]
-pub struct ServingCert {
-    current: RwLock<(Arc<CertifiedKey>, String)>,
-}
+pub type ServingCert = RotatingCert;
 
-impl rustls::server::ResolvesServerCert for ServingCert {
-    fn resolve(&self, _hello: rustls::server::ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
-        Some(self.current.read().unwrap_or_else(|e| e.into_inner()).0.clone())
-    }
-}
-
-impl ServingCert {
-    /// What to serve at start: the cluster-issued certificate kept in `dir` while it is
-    /// valid, else a self-signed one for `names` (made once).
-    pub fn load(dir: &Path, ca_pem: &str, node: &str, ip: Option<IpAddr>) -> anyhow::Result<Arc<ServingCert>> {
-        std::fs::create_dir_all(dir)?;
-        if let (Ok(cert), Ok(key)) = (
-            std::fs::read_to_string(dir.join("kubelet-server.crt")),
-            std::fs::read_to_string(dir.join("kubelet-server.key")),
-        ) && tugboat_pki::issued_by(&cert, ca_pem)
-            && tugboat_pki::validity(&cert).is_some_and(|(_, until)| until > unix_now())
+/// What to serve at start: the cluster-issued certificate kept in `dir` while it is valid,
+/// else a self-signed one for the node's name and address (made once).
+pub fn load_serving(dir: &Path, ca_pem: &str, node: &str, ip: Option<IpAddr>) -> anyhow::Result<Arc<ServingCert>> {
+    std::fs::create_dir_all(dir)?;
+    let issued = (
+        std::fs::read_to_string(dir.join("kubelet-server.crt")),
+        std::fs::read_to_string(dir.join("kubelet-server.key")),
+    );
+    let (cert, key) = match issued {
+        (Ok(cert), Ok(key))
+            if tugboat_pki::issued_by(&cert, ca_pem)
+                && tugboat_pki::validity(&cert).is_some_and(|(_, until)| until > unix_now()) =>
         {
-            return Ok(Arc::new(ServingCert { current: RwLock::new((certified_key(&cert, &key)?, cert)) }));
+            (cert, key)
         }
-        let (cert, key) = self_signed(dir, node, ip)?;
-        Ok(Arc::new(ServingCert { current: RwLock::new((certified_key(&cert, &key)?, cert)) }))
-    }
-
-    /// The certificate served now (PEM).
-    pub fn pem(&self) -> String {
-        self.current.read().unwrap_or_else(|e| e.into_inner()).1.clone()
-    }
-
-    fn set(&self, cert: &str, key: &str) -> anyhow::Result<()> {
-        *self.current.write().unwrap_or_else(|e| e.into_inner()) = (certified_key(cert, key)?, cert.to_string());
-        Ok(())
-    }
+        _ => self_signed(dir, node, ip)?,
+    };
+    RotatingCert::new(&cert, &key).map_err(anyhow::Error::msg)
 }
 
 /// A self-signed serving certificate for the node's name and address, kept in `dir`.
@@ -180,7 +152,7 @@ pub async fn keep_serving(
         .and_then(|(cert, key)| {
             tugboat_pki::write_file(&dir.join("kubelet-server.key"), key.as_bytes(), 0o600)?;
             tugboat_pki::write_file(&dir.join("kubelet-server.crt"), cert.as_bytes(), 0o644)?;
-            serving.set(&cert, &key)
+            serving.set(&cert, &key).map_err(anyhow::Error::msg)
         });
         match asked {
             Ok(()) => tracing::info!(node = %node, "serving certificate issued by the cluster"),
@@ -217,7 +189,7 @@ impl KubeconfigIdentity {
             return Some(key.clone());
         }
         let (cert, key) = client_pem(&self.path)?;
-        let key = certified_key(&cert, &key).ok()?;
+        let key = tugboat_pki::tls::certified_key(&cert, &key).ok()?;
         *cached = Some((modified, key.clone()));
         Some(key)
     }

@@ -246,7 +246,7 @@ pub async fn run(client: kube::Client, config: KubeletConfig) -> anyhow::Result<
     let api = match config.client_ca.clone() {
         Some(ca) => {
             let pki = config.data_dir.join("pki");
-            let serving = certificates::ServingCert::load(&pki, &ca, &name, ip)?;
+            let serving = certificates::load_serving(&pki, &ca, &name, ip)?;
             let keep = certificates::keep_serving(client.clone(), serving.clone(), pki, ca.clone(), name.clone(), ip);
             tokio::spawn(keep);
             // Serve with a certificate of the cluster from the start when it comes soon.

@@ -5,6 +5,7 @@
 //! each issued certificate.
 
 pub mod bootstrap;
+pub mod tls;
 
 use std::io::Write;
 use std::net::IpAddr;
@@ -161,6 +162,19 @@ impl ClusterCa {
         Ok((cert.pem(), key.serialize_pem()))
     }
 
+    /// Whether `cert_pem` still does for `spec`: issued by this CA, naming at least the
+    /// spec's names, and further from expiry than [`RENEW_BEFORE`] (a third of the spec's
+    /// validity for short-lived ones).
+    pub fn current(&self, cert_pem: &str, spec: &CertSpec) -> bool {
+        let margin = RENEW_BEFORE.min(spec.validity / 3).as_secs() as i64;
+        let now = time::OffsetDateTime::now_utc().unix_timestamp();
+        issued_by(cert_pem, &self.cert_pem)
+            && validity(cert_pem).is_some_and(|(_, until)| until - now > margin)
+            && names(cert_pem).is_some_and(|(dns, ips)| {
+                spec.dns_names.iter().all(|d| dns.contains(d)) && spec.ip_addresses.iter().all(|i| ips.contains(i))
+            })
+    }
+
     /// The CA from its certificate and key files (`--cluster-signing-cert-file`, `-key-file`).
     pub fn from_files(cert: &Path, key: &Path) -> Result<ClusterCa> {
         let cert_pem = read(cert)?;
@@ -193,11 +207,16 @@ impl ClusterCa {
         Ok(request.signed_by(&issuer).map_err(|e| invalid(e.to_string()))?.pem())
     }
 
-    /// Loads `<dir>/<name>.crt|.key`, issuing them for `spec` when missing.
+    /// Loads `<dir>/<name>.crt|.key`, issuing them for `spec` when missing — or when what is
+    /// there is due for renewal ([`ClusterCa::current`] says no): an expired or expiring
+    /// certificate never stops a server.
     pub fn load_or_issue(&self, name: &str, spec: &CertSpec) -> Result<IssuedCert> {
         let (cert_path, key_path) = (self.dir.join(format!("{name}.crt")), self.dir.join(format!("{name}.key")));
         if cert_path.exists() && key_path.exists() {
-            return Ok(IssuedCert { cert_pem: read(&cert_path)?, key_pem: read(&key_path)?, cert_path, key_path });
+            let cert_pem = read(&cert_path)?;
+            if self.current(&cert_pem, spec) {
+                return Ok(IssuedCert { key_pem: read(&key_path)?, cert_pem, cert_path, key_path });
+            }
         }
         let (cert_pem, key_pem) = self.sign(spec)?;
         write_file(&key_path, key_pem.as_bytes(), 0o600)?;
@@ -267,6 +286,31 @@ pub fn validity(cert_pem: &str) -> Option<(i64, i64)> {
     let (_, cert) = x509_parser::parse_x509_certificate(&der).ok()?;
     let validity = cert.validity();
     Some((validity.not_before.timestamp(), validity.not_after.timestamp()))
+}
+
+/// Certificates closer to expiry than this are issued anew.
+pub const RENEW_BEFORE: Duration = Duration::from_secs(90 * 24 * 3600);
+
+/// The DNS names and IP addresses a PEM certificate names.
+pub fn names(cert_pem: &str) -> Option<(Vec<String>, Vec<IpAddr>)> {
+    use x509_parser::extensions::GeneralName;
+    let der = pem_der(cert_pem)?;
+    let (_, cert) = x509_parser::parse_x509_certificate(&der).ok()?;
+    let (mut dns, mut ips) = (Vec::new(), Vec::new());
+    if let Ok(Some(san)) = cert.subject_alternative_name() {
+        for name in &san.value.general_names {
+            match name {
+                GeneralName::DNSName(name) => dns.push((*name).to_string()),
+                GeneralName::IPAddress(bytes) => match bytes.len() {
+                    4 => ips.push(IpAddr::from(<[u8; 4]>::try_from(*bytes).ok()?)),
+                    16 => ips.push(IpAddr::from(<[u8; 16]>::try_from(*bytes).ok()?)),
+                    _ => {}
+                },
+                _ => {}
+            }
+        }
+    }
+    Some((dns, ips))
 }
 
 /// The subject of a PEM certificate: (common name, organizations).
@@ -363,6 +407,31 @@ mod tests {
         assert_eq!(again.cert_pem(), ca.cert_pem());
         let reissued = again.load_or_issue("admin", &spec(Usage::Client)).unwrap();
         assert_eq!(reissued.cert_pem, issued.cert_pem);
+    }
+
+    #[test]
+    fn certificates_due_for_renewal_or_missing_names_are_issued_anew() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = ClusterCa::load_or_create(dir.path()).unwrap();
+        let year = CertSpec { validity: Duration::from_secs(365 * 24 * 3600), ..spec(Usage::Server) };
+        // Ten days left of what is on disk: a year's certificate is issued instead.
+        let short = CertSpec { validity: Duration::from_secs(10 * 24 * 3600), ..spec(Usage::Server) };
+        let first = ca.load_or_issue("apiserver", &short).unwrap();
+        assert!(!ca.current(&first.cert_pem, &year));
+        let renewed = ca.load_or_issue("apiserver", &year).unwrap();
+        assert_ne!(renewed.cert_pem, first.cert_pem);
+        let (_, until) = validity(&renewed.cert_pem).unwrap();
+        assert!(until - time::OffsetDateTime::now_utc().unix_timestamp() > 300 * 24 * 3600);
+        assert_eq!(ca.load_or_issue("apiserver", &year).unwrap().cert_pem, renewed.cert_pem, "current: kept");
+        // A new address to serve on: issued again, naming it.
+        let mut moved = year.clone();
+        moved.ip_addresses.push("10.0.0.7".parse().unwrap());
+        let named = ca.load_or_issue("apiserver", &moved).unwrap();
+        assert_ne!(named.cert_pem, renewed.cert_pem);
+        assert!(names(&named.cert_pem).unwrap().1.contains(&"10.0.0.7".parse().unwrap()));
+        // Another CA's certificate is not kept either.
+        let other = ClusterCa::load_or_create(tempfile::tempdir().unwrap().path()).unwrap();
+        assert!(!other.current(&named.cert_pem, &moved));
     }
 
     #[test]

@@ -173,3 +173,35 @@ fn the_kubernetes_service_points_at_the_advertised_address() {
     let names = String::from_utf8_lossy(&certificate.stdout);
     assert!(names.contains("IP Address:10.96.0.1") && names.contains("IP Address:10.9.8.7"), "{names}");
 }
+
+/// Certificates that expired (or soon will) while the server was down are issued anew at
+/// start: the server comes up serving a fresh one, and the admin kubeconfig works.
+#[test]
+fn expiring_certificates_are_renewed_at_start() {
+    let now = || time::OffsetDateTime::now_utc().unix_timestamp();
+    let server = TugboatServer::start_prepared(Path::new(env!("CARGO_BIN_EXE_tugboat")), &[], |data| {
+        let pki = data.join("pki");
+        let ca = tugboat_pki::ClusterCa::load_or_create(&pki)?;
+        for (name, usage) in [("apiserver", tugboat_pki::Usage::Server), ("admin", tugboat_pki::Usage::Client)] {
+            let spec = tugboat_pki::CertSpec {
+                common_name: "old".into(),
+                organizations: vec!["system:masters".into()],
+                dns_names: vec!["localhost".into()],
+                ip_addresses: vec!["127.0.0.1".parse()?],
+                usage,
+                validity: Duration::from_secs(2 * 24 * 3600),
+            };
+            let (cert, key) = ca.sign(&spec)?;
+            std::fs::write(pki.join(format!("{name}.crt")), cert)?;
+            std::fs::write(pki.join(format!("{name}.key")), key)?;
+        }
+        Ok(())
+    })
+    .unwrap();
+    for name in ["apiserver", "admin"] {
+        let cert = std::fs::read_to_string(server.data_dir().join(format!("pki/{name}.crt"))).unwrap();
+        let (_, until) = tugboat_pki::validity(&cert).unwrap();
+        assert!(until - now() > 300 * 24 * 3600, "{name} was not renewed");
+    }
+    assert!(server.kubectl(&["get", "namespaces", "-o", "name"], None).contains("namespace/default"));
+}
