@@ -1805,26 +1805,67 @@ pub async fn ensure_system_objects(state: &ApiState) -> Result<(), ApiError> {
 /// differ, so restarts do not churn.
 pub async fn reconcile_kubernetes_endpoints(
     state: &ApiState,
-    address: std::net::IpAddr,
+    addresses: &[std::net::IpAddr],
     port: u16,
 ) -> Result<(), ApiError> {
     let endpoints = registry::find("", "v1", "endpoints").expect("endpoints are served");
+    let listed: Vec<Value> = addresses.iter().map(|a| json!({"ip": a.to_string()})).collect();
     let desired = json!({
         "metadata": {"name": "kubernetes", "namespace": "default",
                      "labels": {"endpointslice.kubernetes.io/skip-mirror": "true"}},
-        "subsets": [{"addresses": [{"ip": address.to_string()}],
+        "subsets": [{"addresses": listed,
                      "ports": [{"name": "https", "port": port, "protocol": "TCP"}]}],
     });
     put_system_object(state, endpoints, desired, &["subsets"]).await?;
     let slices = registry::find("discovery.k8s.io", "v1", "endpointslices").expect("endpoint slices are served");
+    let ready: Vec<Value> =
+        addresses.iter().map(|a| json!({"addresses": [a.to_string()], "conditions": {"ready": true}})).collect();
     let desired = json!({
         "metadata": {"name": "kubernetes", "namespace": "default",
                      "labels": {"kubernetes.io/service-name": "kubernetes"}},
-        "addressType": if address.is_ipv4() { "IPv4" } else { "IPv6" },
-        "endpoints": [{"addresses": [address.to_string()], "conditions": {"ready": true}}],
+        "addressType": if addresses.first().is_none_or(|a| a.is_ipv4()) { "IPv4" } else { "IPv6" },
+        "endpoints": ready,
         "ports": [{"name": "https", "port": port, "protocol": "TCP"}],
     });
     put_system_object(state, slices, desired, &["addressType", "endpoints", "ports"]).await
+}
+
+/// The label of the Leases by which API servers say they are alive (upstream's identity
+/// leases), and how long one counts without renewal.
+const APISERVER_LEASE_LABEL: &str = "apiserver.kubernetes.io/identity";
+const APISERVER_LEASE_SECONDS: i64 = 30;
+
+/// Renews this server's Lease in kube-system and points the `kubernetes` Service at every
+/// server whose Lease is fresh (upstream's lease endpoint reconciler): several servers share
+/// it, and one that stops drops out within half a minute.
+pub async fn reconcile_apiserver_lease(state: &ApiState, address: std::net::IpAddr, port: u16) -> Result<(), ApiError> {
+    let leases = registry::find("coordination.k8s.io", "v1", "leases").expect("leases are served");
+    let now = object::now_rfc3339();
+    let name = format!("kube-apiserver-{}", address.to_string().replace(['.', ':'], "-"));
+    let lease = json!({
+        "metadata": {"name": name, "namespace": "kube-system", "labels": {APISERVER_LEASE_LABEL: "kube-apiserver"}},
+        "spec": {"holderIdentity": address.to_string(), "leaseDurationSeconds": APISERVER_LEASE_SECONDS,
+                 "renewTime": now},
+    });
+    put_system_object(state, leases, lease, &["spec"]).await?;
+    let cutoff = time::OffsetDateTime::now_utc().unix_timestamp() - APISERVER_LEASE_SECONDS;
+    let mut live: Vec<std::net::IpAddr> = cached_list(state, leases, Some("kube-system"))
+        .await?
+        .iter()
+        .filter(|l| l["metadata"]["labels"][APISERVER_LEASE_LABEL] == "kube-apiserver")
+        .filter(|l| {
+            l["spec"]["renewTime"]
+                .as_str()
+                .and_then(|t| time::OffsetDateTime::parse(t, &time::format_description::well_known::Rfc3339).ok())
+                .is_some_and(|t| t.unix_timestamp() >= cutoff)
+        })
+        .filter_map(|l| l["spec"]["holderIdentity"].as_str()?.parse().ok())
+        .collect();
+    if !live.contains(&address) {
+        live.push(address);
+    }
+    live.sort();
+    reconcile_kubernetes_endpoints(state, &live, port).await
 }
 
 /// Creates `desired`, or replaces the stored object's `fields` with its own if they differ.

@@ -120,6 +120,8 @@ pub struct ApiServer {
     local_addr: SocketAddr,
     kubeconfig: PathBuf,
     task: tokio::task::JoinHandle<()>,
+    /// Background work of this server (lease renewal, certificate renewal), stopped with it.
+    background: Vec<tokio::task::JoinHandle<()>>,
     join: (String, String),
 }
 
@@ -142,12 +144,13 @@ impl ApiServer {
     /// Stops accepting connections.
     pub fn stop(&self) {
         self.task.abort();
+        self.background.iter().for_each(|t| t.abort());
     }
 }
 
 impl Drop for ApiServer {
     fn drop(&mut self) {
-        self.task.abort();
+        self.stop();
     }
 }
 
@@ -287,7 +290,7 @@ pub async fn start(config: ApiServerConfig, store: Arc<dyn Store>) -> Result<Api
     };
     let serving = tugboat_pki::tls::RotatingCert::new(&serving.cert_pem, &serving.key_pem).map_err(StartError::Tls)?;
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls_config(&ca, serving.clone())?));
-    tokio::spawn(renew_serving_certificate(pki_dir.clone(), serving_spec, serving));
+    let mut background = vec![tokio::spawn(renew_serving_certificate(pki_dir.clone(), serving_spec, serving))];
 
     let addr = SocketAddr::new(config.bind_address, config.https_port);
     let listener = TcpListener::bind(addr).await.map_err(|source| StartError::Listen { addr, source })?;
@@ -318,9 +321,23 @@ pub async fn start(config: ApiServerConfig, store: Arc<dyn Store>) -> Result<Api
     });
     handlers::ensure_system_objects(&state).await.map_err(|e| StartError::Setup(e.message))?;
     match advertise {
-        Some(address) => handlers::reconcile_kubernetes_endpoints(&state, address, local_addr.port())
-            .await
-            .map_err(|e| StartError::Setup(e.message))?,
+        Some(address) => {
+            let port = local_addr.port();
+            handlers::reconcile_apiserver_lease(&state, address, port)
+                .await
+                .map_err(|e| StartError::Setup(e.message))?;
+            let state = state.clone();
+            background.push(tokio::spawn(async move {
+                let mut tick = tokio::time::interval(Duration::from_secs(10));
+                tick.tick().await;
+                loop {
+                    tick.tick().await;
+                    if let Err(error) = handlers::reconcile_apiserver_lease(&state, address, port).await {
+                        tracing::warn!(error = %error.message, "cannot renew this server's lease");
+                    }
+                }
+            }));
+        }
         None => tracing::warn!("no address to advertise: give --advertise-address"),
     }
     // What joining nodes need: cluster-info (the CA and where this server is) and a token.
@@ -337,7 +354,7 @@ pub async fn start(config: ApiServerConfig, store: Arc<dyn Store>) -> Result<Api
     let tokens = Arc::new(tokens);
     let task = tokio::spawn(accept_loop(listener, acceptor, state, tokens));
     tracing::info!(address = %local_addr, kubeconfig = %kubeconfig.display(), "API server listening");
-    Ok(ApiServer { local_addr, kubeconfig, task, join: (join_server, token) })
+    Ok(ApiServer { local_addr, kubeconfig, task, background, join: (join_server, token) })
 }
 
 async fn accept_loop(

@@ -336,6 +336,17 @@ fn two_servers_on_a_three_member_etcd_survive_losing_one() {
             .run(&["get", "lease", lease, "-n", "kube-system", "-o", "jsonpath={.spec.holderIdentity}"], None)
             .unwrap_or_default()
     };
+    let endpoints = || {
+        second
+            .run(&["get", "endpoints", "kubernetes", "-o", "jsonpath={.subsets[*].addresses[*].ip}"], None)
+            .unwrap_or_default()
+    };
+    let both = format!("{} {}", hosts.get(0).address(), hosts.get(1).address());
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while endpoints() != both {
+        assert!(Instant::now() < deadline, "the kubernetes Service lists {:?}, not both servers", endpoints());
+        std::thread::sleep(Duration::from_millis(500));
+    }
     assert_eq!(holder("kube-scheduler"), identity(0), "the first server leads");
     assert_eq!(holder("kube-controller-manager"), identity(0));
 
@@ -401,6 +412,12 @@ fn two_servers_on_a_three_member_etcd_survive_losing_one() {
     let deadline = Instant::now() + Duration::from_secs(60);
     while holder("kube-scheduler") != identity(1) || holder("kube-controller-manager") != identity(1) {
         assert!(Instant::now() < deadline, "the Leases stay with the dead server: {}", hosts.get(1).log("server"));
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    // The dead server drops out of the kubernetes Service.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while endpoints() != hosts.get(1).address().to_string() {
+        assert!(Instant::now() < deadline, "the kubernetes Service still lists {:?}", endpoints());
         std::thread::sleep(Duration::from_millis(500));
     }
     second.ok(&["create", "deployment", "after", "--image=busybox:1.35", "--replicas=2", "--", "sleep", "3600"]);
