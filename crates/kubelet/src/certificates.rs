@@ -27,10 +27,13 @@ pub const KUBELET_SERVING: &str = "kubernetes.io/kubelet-serving";
 const RETRY: Duration = Duration::from_secs(10);
 
 /// Asks the cluster for a certificate for `common_name` (organizations, names, usages) from
-/// `signer`, and waits for it: (certificate PEM, key PEM).
+/// `signer` by a CertificateSigningRequest named `<prefix><random>`, and waits for it to be
+/// signed: (certificate PEM, key PEM).
+#[allow(clippy::too_many_arguments)]
 pub async fn request(
     client: &kube::Client,
     signer: &str,
+    prefix: &str,
     common_name: &str,
     organizations: &[&str],
     names: (&[String], &[IpAddr]),
@@ -40,7 +43,7 @@ pub async fn request(
     use base64::Engine;
     let (request, key) = tugboat_pki::certificate_request_for(common_name, organizations, names.0, names.1)?;
     let csr: CertificateSigningRequest = serde_json::from_value(serde_json::json!({
-        "metadata": {"generateName": "csr-"},
+        "metadata": {"generateName": prefix},
         "spec": {"request": base64::engine::general_purpose::STANDARD.encode(&request),
                  "signerName": signer, "usages": usages},
     }))?;
@@ -142,6 +145,7 @@ pub async fn keep_serving(
         let asked = request(
             &client,
             KUBELET_SERVING,
+            "csr-",
             &format!("system:node:{node}"),
             &["system:nodes"],
             (&names.0, &names.1),
@@ -252,6 +256,7 @@ pub async fn keep_client(client: kube::Client, path: PathBuf) {
             let (cert, key) = request(
                 &client,
                 KUBELET_CLIENT,
+                "csr-",
                 &format!("system:node:{node}"),
                 &["system:nodes"],
                 (&[], &[]),

@@ -48,9 +48,8 @@ pub async fn run(mut args: AgentArgs) -> anyhow::Result<()> {
 
 /// Joins the cluster (once: the credentials are kept) and returns the node's kubeconfig.
 async fn join(args: &AgentArgs, local: &str) -> anyhow::Result<PathBuf> {
-    use k8s_openapi::api::certificates::v1::CertificateSigningRequest;
     use k8s_openapi::api::core::v1::ConfigMap;
-    use kube::api::{Api, PostParams};
+    use kube::api::Api;
     use tugboat_pki::bootstrap;
     let kubeconfig = args.data_dir.join("kubelet.kubeconfig");
     if kubeconfig.exists() {
@@ -129,49 +128,30 @@ async fn join(args: &AgentArgs, local: &str) -> anyhow::Result<PathBuf> {
     .await?;
     let bootstrap_client = kube::Client::try_from(config)?;
     refuse_a_live_namesake(&bootstrap_client, &node_name).await?;
-    let csrs: Api<CertificateSigningRequest> = Api::all(bootstrap_client);
-    let (request, key) = tugboat_pki::certificate_request(&format!("system:node:{node_name}"), &["system:nodes"])?;
-    let name = format!("node-csr-{}", &bootstrap::generate()[7..]);
-    let csr: CertificateSigningRequest = serde_json::from_value(serde_json::json!({
-        "metadata": {"name": name},
-        "spec": {"request": base64::engine::general_purpose::STANDARD.encode(&request),
-                 "signerName": "kubernetes.io/kube-apiserver-client-kubelet",
-                 "usages": ["digital signature", "client auth"]},
-    }))?;
-    csrs.create(&PostParams::default(), &csr).await.map_err(|e| match e {
-        kube::Error::Api(status) if status.code == 401 => {
+    use tugboat_kubelet::certificates;
+    let user = format!("system:node:{node_name}");
+    let usages = ["digital signature", "client auth"];
+    let timeout = Duration::from_secs(120);
+    let asked = certificates::request(
+        &bootstrap_client,
+        certificates::KUBELET_CLIENT,
+        "node-csr-",
+        &user,
+        &["system:nodes"],
+        (&[], &[]),
+        &usages,
+        timeout,
+    );
+    let (certificate, key) = asked.await.map_err(|error| match error.downcast_ref::<kube::Error>() {
+        Some(kube::Error::Api(status)) if status.code == 401 => {
             anyhow::anyhow!("the token is unknown or has expired: the server refused it")
         }
-        kube::Error::Api(status) => anyhow::anyhow!("asking for a node certificate: {}", status.message),
-        other => anyhow::anyhow!("asking for a node certificate: {other}"),
+        _ => error.context("asking for a node certificate"),
     })?;
-    tracing::info!(csr = %name, node = %node_name, "asked for a node certificate");
-    let deadline = std::time::Instant::now() + Duration::from_secs(120);
-    let certificate = loop {
-        let csr = csrs.get(&name).await?;
-        let status = csr.status.unwrap_or_default();
-        if let Some(refused) = status.conditions.iter().flatten().find(|c| c.type_ == "Denied" || c.type_ == "Failed") {
-            anyhow::bail!(
-                "the node certificate was {}: {}",
-                refused.type_.to_lowercase(),
-                refused.message.clone().unwrap_or_default()
-            );
-        }
-        if let Some(certificate) = status.certificate.filter(|c| !c.0.is_empty()) {
-            break String::from_utf8(certificate.0)?;
-        }
-        if std::time::Instant::now() > deadline {
-            anyhow::bail!(
-                "certificate request {name} was not signed within 2 minutes (is the controller manager running?)"
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    };
     // The kubeconfig names the first server (for people and other tools); the agent itself
     // always goes through its forwarder.
     let first = args.server[0].trim_end_matches('/');
-    let contents =
-        tugboat_pki::client_cert_kubeconfig(first, &ca_pem, &certificate, &key, &format!("system:node:{node_name}"));
+    let contents = tugboat_pki::client_cert_kubeconfig(first, &ca_pem, &certificate, &key, &user);
     tugboat_pki::write_file(&kubeconfig, contents.as_bytes(), 0o600)?;
     tracing::info!(node = %node_name, kubeconfig = %kubeconfig.display(), "joined the cluster");
     Ok(kubeconfig)
