@@ -12,6 +12,7 @@ pub mod exec;
 pub mod host;
 pub mod image_gc;
 pub mod logs;
+pub mod network;
 pub mod pods;
 pub mod portforward;
 pub mod probes;
@@ -237,6 +238,7 @@ pub async fn run(client: kube::Client, config: KubeletConfig) -> anyhow::Result<
     });
     tokio::spawn(image_gc::run(agent.clone()));
     tokio::spawn(stats::sample(agent.clone()));
+    tokio::spawn(network::run(agent.clone()));
     let manifests = config.manifest_dir.clone().unwrap_or_else(|| config.data_dir.join("manifests"));
     tokio::spawn(static_pods::run(agent.clone(), manifests));
     let pods = tokio::spawn(pods::run(agent.clone()));

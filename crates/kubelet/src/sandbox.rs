@@ -116,7 +116,7 @@ impl Ipam {
     }
 }
 
-fn ip_batch(commands: &str) -> anyhow::Result<()> {
+pub(crate) fn ip_batch(commands: &str) -> anyhow::Result<()> {
     let mut child = Command::new("ip")
         .args(["-batch", "-"])
         .stdin(Stdio::piped())

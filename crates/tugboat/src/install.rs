@@ -297,15 +297,24 @@ pub fn uninstall(args: UninstallArgs) -> anyhow::Result<()> {
                 println!("removed {}", path.display());
             }
         }
-        // What the node made in the host's network: its bridge and nftables tables.
+        // What the node made in the host's network: its bridge, its routes to other nodes'
+        // pods, and its nftables tables (all named tugboat…).
         let bridge = tugboat_kubelet::sandbox::BRIDGE;
         if Command::new("ip").args(["link", "del", bridge]).output().is_ok_and(|o| o.status.success()) {
             println!("removed the bridge {bridge}");
         }
-        for table in ["inet tugboat", "ip tugboat", "ip6 tugboat"] {
-            let spec: Vec<&str> = table.split(' ').collect();
-            if Command::new("nft").arg("delete").arg("table").args(&spec).output().is_ok_and(|o| o.status.success()) {
-                println!("removed the nftables table {table}");
+        let proto = tugboat_kubelet::network::PROTO;
+        if Command::new("ip").args(["route", "flush", "proto", proto]).output().is_ok_and(|o| o.status.success()) {
+            println!("removed the pod network's routes");
+        }
+        let tables = Command::new("nft").args(["list", "tables"]).output().map(|o| o.stdout).unwrap_or_default();
+        for line in String::from_utf8_lossy(&tables).lines() {
+            let words: Vec<&str> = line.split_whitespace().collect();
+            if let ["table", family, name] = words[..]
+                && name.starts_with("tugboat")
+                && Command::new("nft").args(["delete", "table", family, name]).status().is_ok_and(|s| s.success())
+            {
+                println!("removed the nftables table {family} {name}");
             }
         }
     }

@@ -103,6 +103,28 @@ spec:
       - {name: main, image: "busybox:1.35", command: [sh, -c, "sleep 3600"]}
 "#;
 
+/// Two pods on two nodes: `far` serves HTTP on host-2, `near` on host-1 asks it.
+const PAIR: &str = r#"
+apiVersion: v1
+kind: Pod
+metadata: {name: far}
+spec:
+  nodeName: host-2
+  terminationGracePeriodSeconds: 1
+  containers:
+  - {name: main, image: "busybox:1.35",
+     command: [sh, -c, "mkdir -p /www && echo far > /www/index.html && exec httpd -f -p 8080 -h /www"]}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: near}
+spec:
+  nodeName: host-1
+  terminationGracePeriodSeconds: 1
+  containers:
+  - {name: main, image: "busybox:1.35", command: [sleep, "3600"]}
+"#;
+
 /// (pod, node, phase, terminating) of the Deployment's pods.
 fn spread_pods(kubectl: &Kubectl) -> Vec<(String, String, String, bool)> {
     let out = kubectl
@@ -223,6 +245,41 @@ fn a_server_and_two_agents_run_pods_and_survive_a_cut_link() {
     }
     let on_2: Vec<String> = pods.iter().filter(|p| p.1 == "host-2").map(|p| p.0.clone()).collect();
     kubectl.ok(&["exec", &on_2[0], "--", "true"]);
+
+    // Pods reach pods on other nodes by their IPs (routes to each node's podCIDR), and what
+    // they send out of the pod networks leaves with their node's address.
+    kubectl.run(&["apply", "-f", "-"], Some(PAIR)).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while kubectl.ok(&["get", "pods", "far", "near", "-o", "jsonpath={.items[*].status.phase}"]) != "Running Running" {
+        assert!(Instant::now() < deadline, "far and near do not run");
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    let far_ip = kubectl.ok(&["get", "pod", "far", "-o", "jsonpath={.status.podIP}"]);
+    let url = format!("http://{far_ip}:8080/");
+    kubectl.until(
+        &["exec", "near", "--", "wget", "-q", "-O", "-", &url],
+        Duration::from_secs(30),
+        "far from near",
+        |o| o == "far\n",
+    );
+    let outside = std::net::TcpListener::bind("10.77.0.1:0").unwrap();
+    let port = outside.local_addr().unwrap().port();
+    // Accepted (and closed, so nc ends) while kubectl waits for nc; given up after 30 s.
+    outside.set_nonblocking(true).unwrap();
+    let seen = std::thread::spawn(move || {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline {
+            if let Ok((_, peer)) = outside.accept() {
+                return Some(peer.ip());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        None
+    });
+    let dial = format!("echo hi | nc -w 5 10.77.0.1 {port}");
+    let _ = kubectl.run(&["exec", "near", "--", "sh", "-c", &dial], None);
+    let peer = seen.join().unwrap().expect("the pod's connection reaches a host outside the pod networks");
+    assert_eq!(peer.to_string(), hosts.get(1).address().to_string(), "masqueraded behind the node");
 
     // Cut host-2 off: NotReady (Unknown) after the grace period, its pods replaced elsewhere.
     hosts.get(2).cut().unwrap();

@@ -83,9 +83,14 @@ fn install_writes_units_once_and_uninstall_removes_them() {
     assert!(ok, "{said}");
     let link = |args: &[&str]| Command::new("ip").args(args).status().unwrap().success();
     assert!(link(&["link", "add", "tugboat0", "type", "bridge"]));
+    let nft = |args: &[&str]| Command::new("nft").args(args).status().unwrap().success();
+    assert!(nft(&["add", "table", "ip", "tugboat-nat"]));
+    assert!(nft(&["add", "table", "ip", "someone-else"]));
     let (ok, said) = tugboat(&["uninstall", "--root", r, "--purge"]);
     assert!(ok, "{said}");
     assert!(!data.exists(), "{said}");
     assert!(!link(&["link", "show", "tugboat0"]), "the bridge stays: {said}");
+    assert!(!nft(&["list", "table", "ip", "tugboat-nat"]), "the node's table stays: {said}");
+    assert!(nft(&["list", "table", "ip", "someone-else"]), "another table went too: {said}");
     assert!(!root.path().join("etc/tugboat").exists());
 }
