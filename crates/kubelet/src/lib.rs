@@ -16,6 +16,7 @@ pub mod network;
 pub mod pods;
 pub mod portforward;
 pub mod probes;
+pub mod proxy;
 pub mod sandbox;
 pub mod server;
 pub mod spdy;
@@ -239,6 +240,7 @@ pub async fn run(client: kube::Client, config: KubeletConfig) -> anyhow::Result<
     tokio::spawn(image_gc::run(agent.clone()));
     tokio::spawn(stats::sample(agent.clone()));
     tokio::spawn(network::run(agent.clone()));
+    tokio::spawn(proxy::run(client.clone()));
     let manifests = config.manifest_dir.clone().unwrap_or_else(|| config.data_dir.join("manifests"));
     tokio::spawn(static_pods::run(agent.clone(), manifests));
     let pods = tokio::spawn(pods::run(agent.clone()));

@@ -156,7 +156,7 @@ pub async fn run(node: Arc<NodeAgent>) {
 }
 
 /// Applies an nftables ruleset atomically.
-fn nft(ruleset: &str) -> anyhow::Result<()> {
+pub(crate) fn nft(ruleset: &str) -> anyhow::Result<()> {
     use std::io::Write;
     let mut child = Command::new("nft")
         .args(["-f", "-"])

@@ -107,7 +107,7 @@ spec:
 const PAIR: &str = r#"
 apiVersion: v1
 kind: Pod
-metadata: {name: far}
+metadata: {name: far, labels: {app: far}}
 spec:
   nodeName: host-2
   terminationGracePeriodSeconds: 1
@@ -260,6 +260,27 @@ fn a_server_and_two_agents_run_pods_and_survive_a_cut_link() {
         &["exec", "near", "--", "wget", "-q", "-O", "-", &url],
         Duration::from_secs(30),
         "far from near",
+        |o| o == "far\n",
+    );
+    // A ClusterIP Service in front of `far` (kubectl expose) reaches it from `near`'s node.
+    kubectl.ok(&["expose", "pod", "far", "--port=80", "--target-port=8080"]);
+    let cluster_ip = kubectl.ok(&["get", "service", "far", "-o", "jsonpath={.spec.clusterIP}"]);
+    let url = format!("http://{cluster_ip}/");
+    // Once near's node has the Service's rules (a connection begun before would keep its
+    // un-NATed conntrack entry through its retries).
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let rules = hosts.get(1).command("nft").args(["list", "table", "ip", "tugboat-proxy"]).output().unwrap();
+        if String::from_utf8_lossy(&rules.stdout).contains(&format!("{cluster_ip} . tcp . 80")) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "host-1 has no rules for {cluster_ip}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    kubectl.until(
+        &["exec", "near", "--", "wget", "-q", "-O", "-", &url],
+        Duration::from_secs(30),
+        "far's Service",
         |o| o == "far\n",
     );
     let outside = std::net::TcpListener::bind("10.77.0.1:0").unwrap();
