@@ -101,21 +101,15 @@ fn systemctl(args: &[&str]) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Writes `contents` to `path` (mode `mode`) through a temporary file and a rename, unless the
-/// file already holds exactly that.
+/// Writes `contents` to `path` (mode `mode`, atomically) unless the file already holds
+/// exactly that; says whether it wrote.
 fn write_if_changed(path: &Path, contents: &[u8], mode: u32) -> anyhow::Result<bool> {
     use std::os::unix::fs::PermissionsExt;
     if std::fs::read(path).is_ok_and(|old| old == contents) {
         std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))?;
         return Ok(false);
     }
-    let dir = path.parent().context("a file path")?;
-    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    let partial = dir.join(format!(".{}.partial", path.file_name().unwrap_or_default().to_string_lossy()));
-    std::fs::write(&partial, contents).with_context(|| format!("writing {}", partial.display()))?;
-    std::fs::set_permissions(&partial, std::fs::Permissions::from_mode(mode))?;
-    std::fs::File::open(&partial)?.sync_all()?;
-    std::fs::rename(&partial, path).with_context(|| format!("writing {}", path.display()))?;
+    tugboat_pki::write_file(path, contents, mode)?;
     Ok(true)
 }
 

@@ -180,11 +180,7 @@ impl Election {
             return Ok(false);
         }
         spec.renew_time = Some(MicroTime(jiff::Timestamp::now()));
-        match api.replace(&self.lease, &PostParams::default(), &lease).await {
-            Ok(_) => Ok(true),
-            // Changed meanwhile: read again next period (and find who holds it).
-            Err(kube::Error::Api(status)) if status.code == 409 => Err(kube::Error::Api(status)),
-            Err(error) => Err(error),
-        }
+        // A conflict (changed meanwhile) is an error like any: read again next period.
+        api.replace(&self.lease, &PostParams::default(), &lease).await.map(|_| true)
     }
 }

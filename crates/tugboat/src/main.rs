@@ -738,17 +738,24 @@ fn root_ca(kubeconfig: &std::path::Path) -> Option<String> {
 fn spawn_component<F, Fut>(name: &'static str, start: F) -> tokio::task::JoinHandle<()>
 where
     F: Fn() -> Fut + Send + 'static,
-    Fut: Future<Output = anyhow::Result<()>> + Send,
+    Fut: Future<Output = anyhow::Result<()>> + Send + 'static,
 {
-    tokio::spawn(async move {
-        loop {
-            match start().await {
-                Ok(()) => tracing::warn!(component = name, "stopped; restarting"),
-                Err(error) => tracing::warn!(component = name, error = %format!("{error:#}"), "failed; restarting"),
-            }
-            tokio::time::sleep(Duration::from_secs(1)).await;
+    tokio::spawn(keep_running(name, start))
+}
+
+/// Runs `start()` again a second after each time it ends, logging why.
+async fn keep_running<F, Fut>(name: &'static str, start: F)
+where
+    F: Fn() -> Fut,
+    Fut: Future<Output = anyhow::Result<()>>,
+{
+    loop {
+        match start().await {
+            Ok(()) => tracing::warn!(component = name, "stopped; restarting"),
+            Err(error) => tracing::warn!(component = name, error = %format!("{error:#}"), "failed; restarting"),
         }
-    })
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
 }
 
 /// Runs a single-instance component: under leader election for `lease` when given an
@@ -767,15 +774,10 @@ where
     async move {
         match election {
             Some(client) => leader::Election::new(client, lease, &identity).run(lease, start).await,
-            None => loop {
-                match start().await {
-                    Ok(()) => tracing::warn!(component = lease, "stopped; restarting"),
-                    Err(error) => {
-                        tracing::warn!(component = lease, error = %format!("{error:#}"), "failed; restarting")
-                    }
-                }
-                tokio::time::sleep(Duration::from_secs(1)).await;
-            },
+            None => {
+                keep_running(lease, start).await;
+                Ok(())
+            }
         }
     }
 }

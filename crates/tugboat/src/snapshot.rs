@@ -47,15 +47,13 @@ pub async fn run(command: SnapshotCommand) -> anyhow::Result<()> {
                 }
                 None => {
                     let source = SqliteConfig::in_data_dir(&data_dir).path;
-                    tokio::task::spawn_blocking(move || tugboat_store::snapshot_file(&source, &file).map(|i| (i, file)))
+                    let dest = file.clone();
+                    tokio::task::spawn_blocking(move || tugboat_store::snapshot_file(&source, &dest))
                         .await?
-                        .map(|(info, file)| {
-                            restrict(&file);
-                            info
-                        })
                         .with_context(|| format!("no store to save in {}", data_dir.display()))?
                 }
             };
+            restrict(&file);
             println!("snapshot saved: revision {}, {} bytes", info.revision, info.size);
         }
         SnapshotCommand::Restore { file, data_dir } => {

@@ -96,20 +96,7 @@ impl SqliteStore {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir).map_err(|source| StoreError::Io { path: dir.to_path_buf(), source })?;
         }
-        let lock_path = path.with_extension("lock");
-        let lock = File::options()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&lock_path)
-            .map_err(|source| StoreError::Io { path: lock_path.clone(), source })?;
-        match lock.try_lock() {
-            Ok(()) => {}
-            Err(std::fs::TryLockError::WouldBlock) => return Err(StoreError::Locked { path }),
-            Err(std::fs::TryLockError::Error(source)) => {
-                return Err(StoreError::Io { path: lock_path, source });
-            }
-        }
+        let lock = lock(&path)?;
 
         let conn = schema::open_writer(&path)?;
         let (current, compacted) = schema::load_revisions(&conn).map_err(|e| sqlite_error(&path, e))?;
@@ -477,13 +464,7 @@ pub fn restore_snapshot(source: &Path, config: &SqliteConfig) -> Result<Snapshot
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir).map_err(io(dir))?;
     }
-    let lock_path = path.with_extension("lock");
-    let lock = File::options().create(true).truncate(false).write(true).open(&lock_path).map_err(io(&lock_path))?;
-    match lock.try_lock() {
-        Ok(()) => {}
-        Err(std::fs::TryLockError::WouldBlock) => return Err(StoreError::Locked { path: path.clone() }),
-        Err(std::fs::TryLockError::Error(source)) => return Err(StoreError::Io { path: lock_path, source }),
-    }
+    let _lock = lock(path)?;
     let partial = path.with_extension("restoring");
     std::fs::copy(source, &partial).map_err(io(&partial))?;
     File::open(&partial).and_then(|f| f.sync_all()).map_err(io(&partial))?;
@@ -545,6 +526,23 @@ pub async fn restore_etcd_snapshot(source: &Path, config: &SqliteConfig) -> Resu
     .await;
     clean();
     result
+}
+
+/// Takes `<file>.lock` beside the store file `path` (held while the returned file is open);
+/// fails with [`StoreError::Locked`] when another process holds it.
+fn lock(path: &Path) -> Result<File> {
+    let lock_path = path.with_extension("lock");
+    let lock = File::options()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&lock_path)
+        .map_err(|source| StoreError::Io { path: lock_path.clone(), source })?;
+    match lock.try_lock() {
+        Ok(()) => Ok(lock),
+        Err(std::fs::TryLockError::WouldBlock) => Err(StoreError::Locked { path: path.to_path_buf() }),
+        Err(std::fs::TryLockError::Error(source)) => Err(StoreError::Io { path: lock_path, source }),
+    }
 }
 
 /// fsyncs the directory holding `path`, so a rename into it is durable.
