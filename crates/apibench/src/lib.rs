@@ -178,6 +178,31 @@ pub fn kubeconfig_or_start(
     }
 }
 
+/// Re-runs this benchmark in network, mount and pid namespaces of its own (for benchmarks that
+/// make interfaces or rules: nothing leaves them, everything dies with the benchmark). Returns
+/// the exit code to end with in the outer process, `None` inside.
+pub fn isolate() -> Option<std::process::ExitCode> {
+    if std::env::var_os("TUGBOAT_ISOLATED").is_some() {
+        return None;
+    }
+    let exe = std::env::current_exe().expect("the benchmark binary");
+    let status = std::process::Command::new("unshare")
+        .args(["--net", "--mount", "--pid", "--fork", "--mount-proc", "--propagation", "private", "sh", "-c"])
+        .arg("ip link set lo up && exec \"$0\" \"$@\"")
+        .arg(exe)
+        .args(std::env::args_os().skip(1))
+        .env("TUGBOAT_ISOLATED", "1")
+        .status();
+    Some(match status {
+        Ok(s) if s.success() => std::process::ExitCode::SUCCESS,
+        Ok(_) => std::process::ExitCode::FAILURE,
+        Err(error) => {
+            eprintln!("error: running unshare (util-linux): {error}");
+            std::process::ExitCode::FAILURE
+        }
+    })
+}
+
 /// Runs a benchmark and prints its report as JSON; the exit code says whether it worked.
 pub fn report(benchmark: impl Future<Output = anyhow::Result<Value>>) -> std::process::ExitCode {
     let _ = rustls::crypto::ring::default_provider().install_default();

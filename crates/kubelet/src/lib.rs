@@ -72,6 +72,10 @@ pub struct KubeletConfig {
     /// The kubeconfig the kubelet's client came from: a node client certificate in it is
     /// renewed in place.
     pub kubeconfig: Option<PathBuf>,
+    /// Run the service proxy with the kubelet (its node name is the kubelet's).
+    pub proxy: Option<proxy::ProxyConfig>,
+    /// The cluster DNS that pods' resolv.conf names.
+    pub dns: pods::ClusterDns,
 }
 
 /// Upstream's allocatable is capacity less reservations and the hard eviction thresholds;
@@ -236,11 +240,14 @@ pub async fn run(client: kube::Client, config: KubeletConfig) -> anyhow::Result<
         stats: Default::default(),
         image_gc: image_gc::ImageGc::new(config.image_gc),
         log_rotation: (config.log_max_size, config.log_max_files),
+        dns: config.dns.clone(),
     });
     tokio::spawn(image_gc::run(agent.clone()));
     tokio::spawn(stats::sample(agent.clone()));
     tokio::spawn(network::run(agent.clone()));
-    tokio::spawn(proxy::run(client.clone()));
+    if let Some(proxy) = config.proxy.clone() {
+        tokio::spawn(proxy::run(client.clone(), proxy::ProxyConfig { node_name: name.clone(), ..proxy }));
+    }
     let manifests = config.manifest_dir.clone().unwrap_or_else(|| config.data_dir.join("manifests"));
     tokio::spawn(static_pods::run(agent.clone(), manifests));
     let pods = tokio::spawn(pods::run(agent.clone()));

@@ -61,6 +61,86 @@ pub struct NodeAgent {
     pub image_gc: crate::image_gc::ImageGc,
     /// Containers' logs rotate at this size, keeping this many files.
     pub log_rotation: (u64, u32),
+    /// The cluster DNS pods' resolv.conf names.
+    pub dns: ClusterDns,
+}
+
+/// The cluster DNS server and domain (`--cluster-dns`, `--cluster-domain`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClusterDns {
+    pub server: IpAddr,
+    pub domain: String,
+}
+
+/// A pod's `/etc/resolv.conf` as upstream's kubelet writes it: `dnsPolicy` ClusterFirst (the
+/// default; the host's file for host-network pods) names the cluster DNS with the search path
+/// `<ns>.svc.<domain> svc.<domain> <domain>` (then the host's) and `ndots:5`;
+/// ClusterFirstWithHostNet the same for host-network pods too; Default the host's file; None
+/// only `dnsConfig`, which is otherwise merged in (nameservers and searches appended, options
+/// replaced by name).
+pub fn resolv_conf(pod: &Pod, dns: &ClusterDns, host: &str) -> String {
+    let spec = pod.spec.as_ref();
+    let namespace = pod.metadata.namespace.as_deref().unwrap_or("default");
+    let host_network = spec.and_then(|s| s.host_network).unwrap_or(false);
+    let policy = spec.and_then(|s| s.dns_policy.as_deref()).unwrap_or("ClusterFirst");
+    let mut nameservers: Vec<String> = Vec::new();
+    let mut searches: Vec<String> = Vec::new();
+    let mut options: Vec<(String, Option<String>)> = Vec::new();
+    let host_lines = |key: &str| -> Vec<String> {
+        host.lines()
+            .filter_map(|l| l.trim().strip_prefix(key))
+            .filter(|rest| rest.starts_with([' ', '\t']))
+            .flat_map(|rest| rest.split_whitespace().map(str::to_string).collect::<Vec<_>>())
+            .collect()
+    };
+    let cluster = match policy {
+        "ClusterFirstWithHostNet" => true,
+        "ClusterFirst" => !host_network,
+        _ => false,
+    };
+    if cluster {
+        nameservers.push(dns.server.to_string());
+        let domain = &dns.domain;
+        searches.extend([format!("{namespace}.svc.{domain}"), format!("svc.{domain}"), domain.clone()]);
+        searches.extend(host_lines("search"));
+        options.push(("ndots".into(), Some("5".into())));
+    } else if policy != "None" {
+        nameservers = host_lines("nameserver");
+        searches = host_lines("search");
+        for option in host_lines("options") {
+            let (name, value) =
+                option.split_once(':').map_or((option.clone(), None), |(n, v)| (n.into(), Some(v.into())));
+            options.push((name, value));
+        }
+    }
+    if let Some(config) = spec.and_then(|s| s.dns_config.as_ref()) {
+        nameservers.extend(config.nameservers.iter().flatten().cloned());
+        searches.extend(config.searches.iter().flatten().cloned());
+        for option in config.options.iter().flatten() {
+            let Some(name) = option.name.clone() else { continue };
+            options.retain(|(n, _)| *n != name);
+            options.push((name, option.value.clone()));
+        }
+    }
+    let mut seen = std::collections::HashSet::new();
+    nameservers.retain(|n| seen.insert(n.clone()));
+    nameservers.truncate(3);
+    let mut seen = std::collections::HashSet::new();
+    searches.retain(|s| seen.insert(s.trim_end_matches('.').to_string()));
+    searches.truncate(32);
+    let mut text = String::new();
+    for server in &nameservers {
+        text.push_str(&format!("nameserver {server}\n"));
+    }
+    if !searches.is_empty() {
+        text.push_str(&format!("search {}\n", searches.join(" ")));
+    }
+    if !options.is_empty() {
+        let options: Vec<String> =
+            options.iter().map(|(n, v)| v.as_ref().map_or(n.clone(), |v| format!("{n}:{v}"))).collect();
+        text.push_str(&format!("options {}\n", options.join(" ")));
+    }
+    text
 }
 
 impl std::fmt::Debug for NodeAgent {
@@ -440,7 +520,8 @@ async fn sync(node: &Shared, uid: &str, pod: Option<&Pod>, state: &mut Worker) -
             Some(pod.status.as_ref().and_then(|s| s.start_time.as_ref()).map(|t| t.0.to_string()).unwrap_or_else(now));
     }
     let pod_ip = sandbox.ip.map(IpAddr::V4).or(if host_network { node.ip } else { None });
-    write_etc_files(&dir, &hostname, pod_ip)?;
+    let host_resolv = std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
+    write_etc_files(&dir, &hostname, pod_ip, &resolv_conf(pod, &node.dns, &host_resolv))?;
 
     let attempts = by_name(&containers);
     for a in attempts.values() {
@@ -596,7 +677,7 @@ async fn run_probes(
     }
 }
 
-fn write_etc_files(dir: &std::path::Path, hostname: &str, ip: Option<IpAddr>) -> std::io::Result<()> {
+fn write_etc_files(dir: &std::path::Path, hostname: &str, ip: Option<IpAddr>, resolv: &str) -> std::io::Result<()> {
     let etc = dir.join("etc");
     std::fs::create_dir_all(&etc)?;
     let mut hosts = String::from(
@@ -607,10 +688,7 @@ fn write_etc_files(dir: &std::path::Path, hostname: &str, ip: Option<IpAddr>) ->
     }
     write_if_changed(&etc.join("hosts"), hosts.as_bytes())?;
     write_if_changed(&etc.join("hostname"), format!("{hostname}\n").as_bytes())?;
-    if !etc.join("resolv.conf").exists() {
-        let resolv = std::fs::read("/etc/resolv.conf").unwrap_or_default();
-        std::fs::write(etc.join("resolv.conf"), resolv)?;
-    }
+    write_if_changed(&etc.join("resolv.conf"), resolv.as_bytes())?;
     Ok(())
 }
 

@@ -1,169 +1,728 @@
-//! The service proxy, begun: ClusterIP Services reach their ready endpoints through nftables
-//! on every node (run with the kubelet, so in `tugboat server` and `tugboat agent`).
+//! The service proxy: Services reach their ready endpoints through nftables on every node (run
+//! with the kubelet, so in `tugboat server` and `tugboat agent`, and alone as `tugboat proxy`).
 //!
-//! One table, `ip tugboat-proxy`, replaced whole in one `nft -f` transaction when the Services
-//! or Endpoints change: a verdict map from (ClusterIP, protocol, port) to a chain per service
-//! port, which picks one ready endpoint at random (`numgen random mod N`) and DNATs to it;
-//! hooked at prerouting (pods' traffic) and output (the node's own). Ports without ready
-//! endpoints are rejected. Incremental updates, NodePorts, session affinity, hairpin traffic and
-//! the iptables mode come next.
+//! Everything lives in one table, `ip tugboat-proxy`, which the proxy makes at start and
+//! `tugboat uninstall --purge` (or [`remove`]) deletes. Its layout follows upstream's nftables
+//! proxy, so the cost per packet does not grow with the number of Services:
+//!
+//! - verdict map `service-ips`: (ClusterIP or external IP, protocol, port) → the service port's
+//!   chain; `service-nodeports`: (protocol, nodePort) → its external chain, matched for traffic
+//!   to any of the node's own addresses (`fib daddr type local`, not loopback);
+//! - `svc-<ns>/<name>/<proto>/<port>`: picks a ready endpoint at random (`numgen random mod N`
+//!   into a vmap), after the session-affinity sets (`sessionAffinity: ClientIP`) have had their
+//!   say; `ext-…`: NodePort and external traffic, masqueraded and sent on to `svc-…`, or with
+//!   `externalTrafficPolicy: Local` kept on this node's endpoints and not masqueraded;
+//! - `ep-…/<ip>/<port>`: marks a pod reaching its own Service for masquerading (hairpin),
+//!   records the client for affinity, and DNATs;
+//! - sets `no-endpoint-services`/`no-endpoint-nodeports`: ports without endpoints are rejected
+//!   (ICMP host unreachable) in filter chains, as `reject` cannot live in NAT chains.
+//!
+//! The proxy watches Services and Endpoints and turns each change into the smallest `nft -f`
+//! transaction that makes the table what it should be ([`Ruleset::changes`]): new chains added,
+//! changed ones flushed and refilled, map elements added and deleted, stale chains removed. The
+//! whole table is written only at start and after a failure. The time from a change seen to
+//! rules live is recorded in `/metrics` (`--proxy-metrics-address`, 127.0.0.1:10249 as upstream).
 
-use std::collections::BTreeMap;
-use std::time::Duration;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::net::{Ipv4Addr, SocketAddr};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
+use futures::{StreamExt, TryStreamExt};
 use k8s_openapi::api::core::v1::{Endpoints, Service};
-use kube::api::{Api, ListParams};
+use kube::api::Api;
+use kube::runtime::reflector::{self, Store, reflector};
+use kube::runtime::{WatchStreamExt, watcher};
+use tokio::sync::Notify;
+
+pub mod iptables;
 
 /// The nftables table the proxy owns.
 pub const TABLE: &str = "tugboat-proxy";
-const PERIOD: Duration = Duration::from_secs(1);
+/// The packet mark asking for masquerading on the way out (upstream's 0x4000).
+pub(crate) const MASQUERADE_MARK: &str = "0x4000";
 
-/// One service port as the proxy programs it.
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
-pub struct Rule {
-    pub cluster_ip: String,
-    pub protocol: String,
-    pub port: i32,
-    /// Ready endpoints, `ip:port`.
-    pub endpoints: Vec<String>,
+/// How the proxy runs.
+#[derive(Debug, Clone)]
+pub struct ProxyConfig {
+    /// This node's name: endpoints on it are the local ones (`externalTrafficPolicy: Local`).
+    pub node_name: String,
+    /// Where `/metrics` is served (none: not served).
+    pub metrics_address: Option<SocketAddr>,
+    pub mode: ProxyMode,
 }
 
-/// The rules for `services` and their `endpoints` (headless and non-IPv4 services left alone).
-pub fn rules(services: &[Service], endpoints: &[Endpoints]) -> Vec<Rule> {
-    let by_name: BTreeMap<(String, String), &Endpoints> = endpoints
-        .iter()
-        .map(|e| ((e.metadata.namespace.clone().unwrap_or_default(), e.metadata.name.clone().unwrap_or_default()), e))
-        .collect();
-    let mut rules = Vec::new();
-    for service in services {
-        let Some(spec) = &service.spec else { continue };
-        let Some(ip) = spec.cluster_ip.as_deref().filter(|ip| ip.parse::<std::net::Ipv4Addr>().is_ok()) else {
-            continue;
-        };
-        let key =
-            (service.metadata.namespace.clone().unwrap_or_default(), service.metadata.name.clone().unwrap_or_default());
-        let subsets = by_name.get(&key).and_then(|e| e.subsets.as_deref()).unwrap_or_default();
-        for port in spec.ports.iter().flatten() {
-            let protocol = port.protocol.clone().unwrap_or_else(|| "TCP".into()).to_lowercase();
-            if protocol != "tcp" && protocol != "udp" {
-                continue;
-            }
-            let mut targets = Vec::new();
-            for subset in subsets {
-                let Some(target) = subset.ports.iter().flatten().find(|p| p.name == port.name) else { continue };
-                for address in subset.addresses.iter().flatten() {
-                    targets.push(format!("{}:{}", address.ip, target.port));
-                }
-            }
-            targets.sort();
-            rules.push(Rule { cluster_ip: ip.to_string(), protocol, port: port.port, endpoints: targets });
+/// How the rules are written.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum ProxyMode {
+    /// One nftables table with verdict maps (the default).
+    #[default]
+    Nftables,
+    /// iptables chains, for hosts without nftables.
+    Iptables,
+}
+
+impl std::str::FromStr for ProxyMode {
+    type Err = String;
+    fn from_str(text: &str) -> Result<Self, String> {
+        match text {
+            "nftables" => Ok(ProxyMode::Nftables),
+            "iptables" => Ok(ProxyMode::Iptables),
+            _ => Err(format!("{text:?}: the proxy mode is nftables or iptables")),
         }
     }
-    rules.sort();
-    rules
 }
 
-/// The whole table for `rules`, for `nft -f -`.
-pub fn ruleset(rules: &[Rule]) -> String {
-    let mut map = Vec::new();
-    let mut chains = String::new();
-    for (i, rule) in rules.iter().enumerate() {
-        let chain = format!("svc-{i}");
-        map.push(format!("{} . {} . {} : goto {chain}", rule.cluster_ip, rule.protocol, rule.port));
-        let protocol = &rule.protocol;
-        let body = match rule.endpoints.len() {
-            0 => "\t\treject with icmp type host-unreachable\n".to_string(),
-            1 => format!("\t\tmeta l4proto {protocol} dnat ip to {}\n", rule.endpoints[0]),
-            n => {
-                let picks: Vec<String> = rule
-                    .endpoints
-                    .iter()
-                    .enumerate()
-                    .map(|(k, e)| format!("{k} : {}", e.replace(':', " . ")))
-                    .collect();
-                format!("\t\tmeta l4proto {protocol} dnat ip to numgen random mod {n} map {{ {} }}\n", picks.join(", "))
-            }
-        };
-        chains.push_str(&format!("\tchain {chain} {{\n{body}\t}}\n"));
+/// What was last written, in either mode.
+#[derive(Debug, Clone)]
+enum Applied {
+    Nftables(Ruleset),
+    Iptables(iptables::Tables),
+}
+
+/// The text that turns `applied` (none: nothing known) into the rules for `ports`, and what
+/// will then be applied.
+fn plan(mode: ProxyMode, applied: Option<&Applied>, ports: &[ServicePort]) -> (String, Applied) {
+    match mode {
+        ProxyMode::Nftables => {
+            let next = Ruleset::new(ports);
+            let text = match applied {
+                Some(Applied::Nftables(current)) => current.changes(&next),
+                _ => next.full(),
+            };
+            (text, Applied::Nftables(next))
+        }
+        ProxyMode::Iptables => {
+            let next = iptables::Tables::new(ports);
+            let current = match applied {
+                Some(Applied::Iptables(current)) => Some(current),
+                _ => None,
+            };
+            (iptables::Tables::changes(current, &next), Applied::Iptables(next))
+        }
     }
-    let elements = if map.is_empty() { String::new() } else { format!(" elements = {{ {} }};", map.join(", ")) };
+}
+
+/// Writes `text` (blocking); `first`: the hooks are put in place too.
+fn apply(mode: ProxyMode, text: &str, first: bool) -> anyhow::Result<()> {
+    match mode {
+        ProxyMode::Nftables => crate::network::nft(text),
+        ProxyMode::Iptables => {
+            if !text.is_empty() {
+                iptables::restore(text)?;
+            }
+            if first { iptables::hook() } else { Ok(()) }
+        }
+    }
+}
+
+/// Whether the rules are still in the kernel (someone may have flushed them).
+fn present(mode: ProxyMode) -> bool {
+    match mode {
+        ProxyMode::Nftables => table_exists(),
+        ProxyMode::Iptables => iptables::present(),
+    }
+}
+
+/// Removes what either mode wrote (`tugboat proxy --cleanup`, and a mode switch).
+pub fn cleanup() -> anyhow::Result<()> {
+    let nft = remove();
+    iptables::remove()?;
+    nft
+}
+
+/// One endpoint of a service port.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Endpoint {
+    pub ip: Ipv4Addr,
+    pub port: u16,
+    /// On this node.
+    pub local: bool,
+}
+
+/// One port of a Service, as the proxy programs it.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct ServicePort {
+    /// `<namespace>/<name>/<protocol>/<port>`: names its chains.
+    pub id: String,
+    pub cluster_ip: Ipv4Addr,
+    pub external_ips: Vec<Ipv4Addr>,
+    /// `tcp`, `udp` or `sctp`.
+    pub protocol: String,
+    pub port: u16,
+    pub node_port: Option<u16>,
+    /// Ready endpoints.
+    pub endpoints: Vec<Endpoint>,
+    /// `sessionAffinity: ClientIP`: how long a client sticks to its endpoint (seconds).
+    pub affinity: Option<i32>,
+    /// `externalTrafficPolicy: Local`: NodePort and external traffic only to this node's
+    /// endpoints, keeping the client's address.
+    pub external_local: bool,
+}
+
+fn key_of(meta: &kube::api::ObjectMeta) -> (String, String) {
+    (meta.namespace.clone().unwrap_or_default(), meta.name.clone().unwrap_or_default())
+}
+
+/// The service ports of `services` with their ready `endpoints` (headless, IPv6 and
+/// ExternalName services are left alone).
+pub fn service_ports<'a>(
+    services: impl IntoIterator<Item = &'a Service>,
+    endpoints: &HashMap<(String, String), Arc<Endpoints>>,
+    node_name: &str,
+) -> Vec<ServicePort> {
+    let mut ports = Vec::new();
+    for service in services {
+        let Some(spec) = &service.spec else { continue };
+        let Some(cluster_ip) = spec.cluster_ip.as_deref().and_then(|ip| ip.parse::<Ipv4Addr>().ok()) else {
+            continue;
+        };
+        let key = key_of(&service.metadata);
+        let subsets = endpoints.get(&key).and_then(|e| e.subsets.as_deref()).unwrap_or_default();
+        let external_ips: Vec<Ipv4Addr> = spec.external_ips.iter().flatten().filter_map(|ip| ip.parse().ok()).collect();
+        let affinity = (spec.session_affinity.as_deref() == Some("ClientIP")).then(|| {
+            spec.session_affinity_config
+                .as_ref()
+                .and_then(|c| c.client_ip.as_ref())
+                .and_then(|c| c.timeout_seconds)
+                .unwrap_or(10800)
+        });
+        let external_local = spec.external_traffic_policy.as_deref() == Some("Local");
+        for port in spec.ports.iter().flatten() {
+            let protocol = port.protocol.as_deref().unwrap_or("TCP").to_lowercase();
+            if !matches!(protocol.as_str(), "tcp" | "udp" | "sctp") {
+                continue;
+            }
+            let Ok(number) = u16::try_from(port.port) else { continue };
+            let mut targets = BTreeSet::new();
+            for subset in subsets {
+                let Some(target) = subset.ports.iter().flatten().find(|p| p.name == port.name) else { continue };
+                let Ok(target_port) = u16::try_from(target.port) else { continue };
+                for address in subset.addresses.iter().flatten() {
+                    let Ok(ip) = address.ip.parse::<Ipv4Addr>() else { continue };
+                    let local = address.node_name.as_deref() == Some(node_name);
+                    targets.insert(Endpoint { ip, port: target_port, local });
+                }
+            }
+            ports.push(ServicePort {
+                id: format!("{}/{}/{protocol}/{number}", key.0, key.1),
+                cluster_ip,
+                external_ips: external_ips.clone(),
+                protocol,
+                port: number,
+                node_port: port.node_port.and_then(|p| u16::try_from(p).ok()).filter(|p| *p > 0),
+                endpoints: targets.into_iter().collect(),
+                affinity,
+                external_local,
+            });
+        }
+    }
+    ports.sort();
+    ports
+}
+
+/// The per-service part of the proxy's table: chains with their rules, map and set elements,
+/// affinity sets. The fixed part (hooks, maps' declarations) is [`base`].
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Ruleset {
+    pub chains: BTreeMap<String, Vec<String>>,
+    /// (map or set, key) → value (empty for sets).
+    pub elements: BTreeMap<(&'static str, String), String>,
+    /// Affinity sets and their timeouts (seconds).
+    pub affinity_sets: BTreeMap<String, i32>,
+}
+
+const SERVICE_IPS: &str = "service-ips";
+const NODEPORTS: &str = "service-nodeports";
+const NO_ENDPOINT_SERVICES: &str = "no-endpoint-services";
+const NO_ENDPOINT_NODEPORTS: &str = "no-endpoint-nodeports";
+
+/// The table's fixed part, made with the table.
+pub fn base() -> String {
+    let mark = MASQUERADE_MARK;
     format!(
-        "table ip {TABLE}\ndelete table ip {TABLE}\n\
-         table ip {TABLE} {{\n\
-         \tmap services {{ type ipv4_addr . inet_proto . inet_service : verdict;{elements} }}\n\
-         \tchain prerouting {{\n\t\ttype nat hook prerouting priority dstnat; policy accept;\n\
-         \t\tip daddr . meta l4proto . th dport vmap @services\n\t}}\n\
-         \tchain output {{\n\t\ttype nat hook output priority -100; policy accept;\n\
-         \t\tip daddr . meta l4proto . th dport vmap @services\n\t}}\n\
-         {chains}}}\n"
+        "table ip {TABLE} {{\n\
+         \tmap {SERVICE_IPS} {{ type ipv4_addr . inet_proto . inet_service : verdict; }}\n\
+         \tmap {NODEPORTS} {{ type inet_proto . inet_service : verdict; }}\n\
+         \tset {NO_ENDPOINT_SERVICES} {{ type ipv4_addr . inet_proto . inet_service; }}\n\
+         \tset {NO_ENDPOINT_NODEPORTS} {{ type inet_proto . inet_service; }}\n\
+         \tchain services {{\n\
+         \t\tip daddr . meta l4proto . th dport vmap @{SERVICE_IPS}\n\
+         \t\tfib daddr type local ip daddr != 127.0.0.0/8 meta l4proto . th dport vmap @{NODEPORTS}\n\
+         \t}}\n\
+         \tchain nat-prerouting {{\n\t\ttype nat hook prerouting priority dstnat; policy accept;\n\t\tjump services\n\t}}\n\
+         \tchain nat-output {{\n\t\ttype nat hook output priority -100; policy accept;\n\t\tjump services\n\t}}\n\
+         \tchain nat-postrouting {{\n\t\ttype nat hook postrouting priority srcnat; policy accept;\n\
+         \t\tmeta mark & {mark} == 0 return\n\
+         \t\tmeta mark set meta mark ^ {mark}\n\
+         \t\tmasquerade fully-random\n\t}}\n\
+         \tchain mark-for-masquerade {{\n\t\tmeta mark set meta mark | {mark}\n\t}}\n\
+         \tchain reject-services {{\n\
+         \t\tip daddr . meta l4proto . th dport @{NO_ENDPOINT_SERVICES} reject with icmp type host-unreachable\n\t}}\n\
+         \tchain reject-nodeports {{\n\
+         \t\tfib daddr type local ip daddr != 127.0.0.0/8 meta l4proto . th dport @{NO_ENDPOINT_NODEPORTS} reject with icmp type host-unreachable\n\t}}\n\
+         \tchain filter-forward {{\n\t\ttype filter hook forward priority -5; policy accept;\n\t\tjump reject-services\n\t}}\n\
+         \tchain filter-output {{\n\t\ttype filter hook output priority -5; policy accept;\n\t\tjump reject-services\n\t\tjump reject-nodeports\n\t}}\n\
+         \tchain filter-input {{\n\t\ttype filter hook input priority -5; policy accept;\n\t\tjump reject-nodeports\n\t}}\n\
+         }}\n"
     )
 }
 
-/// Keeps the node's service rules in step with the Services and Endpoints.
-pub async fn run(client: kube::Client) {
-    let services: Api<Service> = Api::all(client.clone());
-    let endpoints: Api<Endpoints> = Api::all(client);
-    let mut applied: Option<String> = None;
-    let mut warned = false;
-    let all = ListParams::default();
-    loop {
-        tokio::time::sleep(PERIOD).await;
-        let (listed, ready) = match tokio::try_join!(services.list(&all), endpoints.list(&all)) {
-            Ok((s, e)) => (s.items, e.items),
-            Err(error) => {
-                tracing::debug!(%error, "service proxy: cannot list");
+impl Ruleset {
+    /// The chains, elements and sets for `ports`.
+    pub fn new(ports: &[ServicePort]) -> Ruleset {
+        let mut set = Ruleset::default();
+        for sp in ports {
+            let proto = &sp.protocol;
+            let svc = format!("svc-{}", sp.id);
+            let ext = format!("ext-{}", sp.id);
+            let addresses = std::iter::once(sp.cluster_ip).chain(sp.external_ips.iter().copied());
+            let ep_chain = |e: &Endpoint| format!("ep-{}/{}/{}", sp.id, e.ip, e.port);
+            let affinity_set = |e: &Endpoint| format!("aff-{}/{}/{}", sp.id, e.ip, e.port);
+            // With session affinity, a chain per endpoint (it records its clients); without,
+            // the chooser DNATs itself (fewer chains: the kernel validates every jump).
+            if let Some(timeout) = sp.affinity {
+                for e in &sp.endpoints {
+                    let name = affinity_set(e);
+                    let rules = vec![
+                        format!("ip saddr {} jump mark-for-masquerade", e.ip),
+                        format!("update @{name} {{ ip saddr }}"),
+                        format!("meta l4proto {proto} dnat to {}:{}", e.ip, e.port),
+                    ];
+                    set.affinity_sets.insert(name, timeout);
+                    set.chains.insert(ep_chain(e), rules);
+                }
+            }
+            // Endpoint i of n is taken with probability 1/(n-i) once the ones before it were
+            // not: 1/n each. (No anonymous vmap: the kernel names each anonymous set by
+            // scanning the table's sets, which makes big tables quadratic.)
+            let pick = |left: usize| if left > 1 { format!("numgen random mod {left} == 0 ") } else { String::new() };
+            let choose = |among: &[&Endpoint]| -> Vec<String> {
+                let mut rules = Vec::new();
+                if sp.affinity.is_some() {
+                    for e in among {
+                        rules.push(format!("ip saddr @{} goto {}", affinity_set(e), ep_chain(e)));
+                    }
+                    for (i, e) in among.iter().enumerate() {
+                        rules.push(format!("{}goto {}", pick(among.len() - i), ep_chain(e)));
+                    }
+                    return rules;
+                }
+                // A pod reaching its own Service (hairpin) is masqueraded, or its reply
+                // would skip the DNAT's undoing.
+                for e in among {
+                    rules.push(format!("ip saddr {} meta mark set meta mark | {MASQUERADE_MARK}", e.ip));
+                }
+                for (i, e) in among.iter().enumerate() {
+                    rules.push(format!("{}meta l4proto {proto} dnat to {}:{}", pick(among.len() - i), e.ip, e.port));
+                }
+                rules
+            };
+            let all: Vec<&Endpoint> = sp.endpoints.iter().collect();
+            let external = !sp.external_ips.is_empty() || sp.node_port.is_some();
+            if all.is_empty() {
+                for address in addresses.clone() {
+                    set.elements
+                        .insert((NO_ENDPOINT_SERVICES, format!("{address} . {proto} . {}", sp.port)), String::new());
+                }
+            } else {
+                set.chains.insert(svc.clone(), choose(&all));
+                set.elements
+                    .insert((SERVICE_IPS, format!("{} . {proto} . {}", sp.cluster_ip, sp.port)), format!("goto {svc}"));
+            }
+            if !external {
                 continue;
             }
-        };
-        let ruleset = ruleset(&rules(&listed, &ready));
-        if applied.as_ref() == Some(&ruleset) {
-            continue;
+            let local: Vec<&Endpoint> = sp.endpoints.iter().filter(|e| e.local).collect();
+            let reachable = if sp.external_local { !local.is_empty() } else { !all.is_empty() };
+            if reachable {
+                let rules = if sp.external_local {
+                    choose(&local)
+                } else {
+                    vec!["jump mark-for-masquerade".into(), format!("goto {svc}")]
+                };
+                set.chains.insert(ext.clone(), rules);
+            }
+            for ip in &sp.external_ips {
+                let key = format!("{ip} . {proto} . {}", sp.port);
+                if reachable {
+                    set.elements.insert((SERVICE_IPS, key), format!("goto {ext}"));
+                } else if !all.is_empty() {
+                    set.elements.insert((NO_ENDPOINT_SERVICES, key), String::new());
+                }
+            }
+            if let Some(node_port) = sp.node_port {
+                let key = format!("{proto} . {node_port}");
+                if reachable {
+                    set.elements.insert((NODEPORTS, key), format!("goto {ext}"));
+                } else {
+                    set.elements.insert((NO_ENDPOINT_NODEPORTS, key), String::new());
+                }
+            }
         }
-        match crate::network::nft(&ruleset) {
-            Ok(()) => {
-                applied = Some(ruleset);
-                warned = false;
+        set
+    }
+
+    /// The `nft -f` text making the whole table anew with this ruleset.
+    pub fn full(&self) -> String {
+        let mut text = format!("table ip {TABLE}\ndelete table ip {TABLE}\n{}", base());
+        Ruleset::default().changes_into(self, &mut text);
+        text
+    }
+
+    /// The `nft -f` text turning the table from `self` into `next` (empty: nothing to do).
+    pub fn changes(&self, next: &Ruleset) -> String {
+        let mut text = String::new();
+        self.changes_into(next, &mut text);
+        text
+    }
+
+    fn changes_into(&self, next: &Ruleset, out: &mut String) {
+        use std::fmt::Write;
+        for (name, timeout) in &next.affinity_sets {
+            if self.affinity_sets.get(name) != Some(timeout) {
+                if self.affinity_sets.contains_key(name) {
+                    let _ = writeln!(out, "delete set ip {TABLE} {name}");
+                }
+                let _ = writeln!(
+                    out,
+                    "add set ip {TABLE} {name} {{ type ipv4_addr; flags dynamic,timeout; timeout {timeout}s; }}"
+                );
             }
-            Err(error) if !warned => {
-                warned = true;
-                tracing::warn!(error = %format!("{error:#}"), "service proxy: cannot program nftables");
+        }
+        for name in next.chains.keys().filter(|c| !self.chains.contains_key(*c)) {
+            let _ = writeln!(out, "add chain ip {TABLE} {name}");
+        }
+        for (name, rules) in &next.chains {
+            match self.chains.get(name) {
+                Some(old) if old == rules => continue,
+                Some(_) => {
+                    let _ = writeln!(out, "flush chain ip {TABLE} {name}");
+                }
+                None => {}
             }
-            Err(_) => {}
+            for rule in rules {
+                let _ = writeln!(out, "add rule ip {TABLE} {name} {rule}");
+            }
+        }
+        let element = |(map, key): &(&str, String), value: &str| {
+            if value.is_empty() { format!("{map} {{ {key} }}") } else { format!("{map} {{ {key} : {value} }}") }
+        };
+        for (entry, value) in &self.elements {
+            if next.elements.get(entry) != Some(value) {
+                let _ = writeln!(out, "delete element ip {TABLE} {}", element(entry, ""));
+            }
+        }
+        for (entry, value) in &next.elements {
+            if self.elements.get(entry) != Some(value) {
+                let _ = writeln!(out, "add element ip {TABLE} {}", element(entry, value));
+            }
+        }
+        let stale: Vec<&String> = self.chains.keys().filter(|c| !next.chains.contains_key(*c)).collect();
+        for name in &stale {
+            let _ = writeln!(out, "flush chain ip {TABLE} {name}");
+        }
+        for name in &stale {
+            let _ = writeln!(out, "delete chain ip {TABLE} {name}");
+        }
+        for name in self.affinity_sets.keys().filter(|s| !next.affinity_sets.contains_key(*s)) {
+            let _ = writeln!(out, "delete set ip {TABLE} {name}");
         }
     }
+}
+
+/// Deletes the proxy's table (nothing when it is not there).
+pub fn remove() -> anyhow::Result<()> {
+    crate::network::nft(&format!("table ip {TABLE}\ndelete table ip {TABLE}\n"))
+}
+
+/// The proxy's figures, served as Prometheus text.
+#[derive(Debug)]
+pub struct Metrics {
+    registry: prometheus_client::registry::Registry,
+    /// One sync: rules computed and written.
+    sync_duration: prometheus_client::metrics::histogram::Histogram,
+    /// From a Service or Endpoints change seen to the rules for it live.
+    programming_duration: prometheus_client::metrics::histogram::Histogram,
+    /// Syncs `nft` refused.
+    failures: prometheus_client::metrics::counter::Counter,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+        let mut registry = prometheus_client::registry::Registry::default();
+        let sync_duration = Histogram::new(exponential_buckets(0.001, 2.0, 15));
+        let programming_duration = Histogram::new(exponential_buckets(0.001, 2.0, 15));
+        let failures = prometheus_client::metrics::counter::Counter::default();
+        registry.register(
+            "tugboat_proxy_sync_proxy_rules_duration_seconds",
+            "How long one sync of the service rules took",
+            sync_duration.clone(),
+        );
+        registry.register(
+            "tugboat_proxy_network_programming_duration_seconds",
+            "From a Service or Endpoints change seen to its rules live",
+            programming_duration.clone(),
+        );
+        registry.register("tugboat_proxy_sync_proxy_rules_failures", "Syncs nftables refused", failures.clone());
+        Metrics { registry, sync_duration, programming_duration, failures }
+    }
+}
+
+impl Metrics {
+    pub fn encode(&self) -> String {
+        let mut text = String::new();
+        let _ = prometheus_client::encoding::text::encode(&mut text, &self.registry);
+        text
+    }
+}
+
+/// A reflector of `api` whose every event records its time in `changed` and wakes `wake`.
+fn reflect<K>(api: Api<K>, wake: Arc<Notify>, changed: Arc<Mutex<Option<Instant>>>) -> Store<K>
+where
+    K: kube::Resource<DynamicType = ()>
+        + Clone
+        + for<'de> k8s_openapi::serde::Deserialize<'de>
+        + std::fmt::Debug
+        + Send
+        + Sync
+        + 'static,
+{
+    let writer = reflector::store::Writer::<K>::new(());
+    let reader = writer.as_reader();
+    let events = reflector(
+        writer,
+        watcher(api, watcher::Config::default()).modify(|object: &mut K| object.meta_mut().managed_fields = None),
+    )
+    .default_backoff()
+    .touched_objects();
+    tokio::spawn(async move {
+        let mut events = events.map_ok(|_| ()).boxed();
+        while let Some(event) = events.next().await {
+            if let Err(error) = event {
+                tracing::debug!(%error, "service proxy: watch");
+            }
+            changed.lock().unwrap_or_else(|e| e.into_inner()).get_or_insert_with(Instant::now);
+            wake.notify_one();
+        }
+    });
+    reader
+}
+
+/// Serves `/metrics` on `address` (a failure to bind is logged: the proxy runs without).
+async fn serve_metrics(address: SocketAddr, metrics: Arc<Metrics>) {
+    let app = axum::Router::new().route(
+        "/metrics",
+        axum::routing::get(move || {
+            let metrics = metrics.clone();
+            async move { metrics.encode() }
+        }),
+    );
+    match tokio::net::TcpListener::bind(address).await {
+        Ok(listener) => {
+            if let Err(error) = axum::serve(listener, app).await {
+                tracing::warn!(%error, "service proxy: metrics server stopped");
+            }
+        }
+        Err(error) => tracing::warn!(%address, %error, "service proxy: cannot serve metrics"),
+    }
+}
+
+/// Keeps the node's service rules in step with the Services and Endpoints until the process
+/// ends.
+pub async fn run(client: kube::Client, config: ProxyConfig) {
+    let metrics = Arc::new(Metrics::default());
+    if let Some(address) = config.metrics_address {
+        tokio::spawn(serve_metrics(address, metrics.clone()));
+    }
+    let wake = Arc::new(Notify::new());
+    let changed = Arc::new(Mutex::new(None));
+    let services = reflect(Api::<Service>::all(client.clone()), wake.clone(), changed.clone());
+    let endpoints = reflect(Api::<Endpoints>::all(client), wake.clone(), changed.clone());
+    // The first rules wait for both full lists: a table made from half the picture would
+    // cut connections that work.
+    for ready in [services.wait_until_ready().await.is_ok(), endpoints.wait_until_ready().await.is_ok()] {
+        if !ready {
+            return;
+        }
+    }
+    // The other mode's rules would shadow or double this one's.
+    let _ = match config.mode {
+        ProxyMode::Nftables => iptables::remove(),
+        ProxyMode::Iptables => remove(),
+    };
+    let mut applied: Option<Applied> = None;
+    let mut warned = false;
+    loop {
+        let since = changed.lock().unwrap_or_else(|e| e.into_inner()).take();
+        let started = Instant::now();
+        let by_name: HashMap<(String, String), Arc<Endpoints>> =
+            endpoints.state().into_iter().map(|e| (key_of(&e.metadata), e)).collect();
+        let listed = services.state();
+        let ports = service_ports(listed.iter().map(|s| &**s), &by_name, &config.node_name);
+        let (text, next) = plan(config.mode, applied.as_ref(), &ports);
+        if !text.is_empty() || applied.is_none() {
+            let (mode, first) = (config.mode, applied.is_none());
+            let result = tokio::task::spawn_blocking(move || apply(mode, &text, first)).await;
+            match result.map_err(anyhow::Error::from).and_then(|r| r) {
+                Ok(()) => {
+                    applied = Some(next);
+                    warned = false;
+                    let now = Instant::now();
+                    metrics.sync_duration.observe((now - started).as_secs_f64());
+                    if let Some(since) = since {
+                        metrics.programming_duration.observe((now - since).as_secs_f64());
+                    }
+                }
+                Err(error) => {
+                    metrics.failures.inc();
+                    // Write everything next time, after a pause.
+                    applied = None;
+                    if !warned {
+                        warned = true;
+                        tracing::warn!(error = %format!("{error:#}"), mode = ?config.mode, "service proxy: cannot program the rules");
+                    }
+                    changed.lock().unwrap_or_else(|e| e.into_inner()).get_or_insert(since.unwrap_or(started));
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    continue;
+                }
+            }
+        }
+        // A resync now and then puts back what someone else removed.
+        if tokio::time::timeout(Duration::from_secs(30), wake.notified()).await.is_err() {
+            let mode = config.mode;
+            let there = tokio::task::spawn_blocking(move || present(mode)).await.unwrap_or(false);
+            applied = applied.filter(|_| there);
+        }
+    }
+}
+
+/// Whether the proxy's table is in the kernel.
+fn table_exists() -> bool {
+    std::process::Command::new("nft")
+        .args(["list", "table", "ip", TABLE])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    #[test]
-    fn services_map_to_their_ready_endpoints() {
-        let services: Vec<Service> = serde_json::from_value(serde_json::json!([
+    fn services() -> Vec<Service> {
+        serde_json::from_value(serde_json::json!([
             {"metadata": {"name": "db", "namespace": "shop"},
              "spec": {"clusterIP": "10.96.0.20", "ports": [{"name": "sql", "port": 5432, "protocol": "TCP"}]}},
             {"metadata": {"name": "none", "namespace": "shop"},
              "spec": {"clusterIP": "None", "ports": [{"port": 80}]}},
             {"metadata": {"name": "empty", "namespace": "shop"},
-             "spec": {"clusterIP": "10.96.0.21", "ports": [{"port": 80}]}},
+             "spec": {"clusterIP": "10.96.0.21", "type": "NodePort", "ports": [{"port": 80, "nodePort": 30080}]}},
+            {"metadata": {"name": "web", "namespace": "shop"},
+             "spec": {"clusterIP": "10.96.0.22", "type": "NodePort", "externalTrafficPolicy": "Local",
+                      "sessionAffinity": "ClientIP",
+                      "ports": [{"port": 80, "nodePort": 30081, "protocol": "TCP"}]}},
         ]))
-        .unwrap();
-        let endpoints: Vec<Endpoints> = serde_json::from_value(serde_json::json!([
+        .unwrap()
+    }
+
+    fn endpoints(db: &[&str]) -> HashMap<(String, String), Arc<Endpoints>> {
+        let db: Vec<_> = db.iter().map(|ip| serde_json::json!({"ip": ip, "nodeName": "n2"})).collect();
+        let list: Vec<Endpoints> = serde_json::from_value(serde_json::json!([
             {"metadata": {"name": "db", "namespace": "shop"},
-             "subsets": [{"addresses": [{"ip": "10.244.1.5"}, {"ip": "10.244.2.7"}],
-                          "notReadyAddresses": [{"ip": "10.244.2.9"}],
+             "subsets": [{"addresses": db, "notReadyAddresses": [{"ip": "10.244.2.9"}],
                           "ports": [{"name": "sql", "port": 15432}]}]},
+            {"metadata": {"name": "web", "namespace": "shop"},
+             "subsets": [{"addresses": [{"ip": "10.244.1.3", "nodeName": "n1"}, {"ip": "10.244.2.3", "nodeName": "n2"}],
+                          "ports": [{"port": 8080}]}]},
         ]))
         .unwrap();
-        let rules = rules(&services, &endpoints);
-        assert_eq!(rules.len(), 2, "headless left alone: {rules:?}");
-        assert_eq!(rules[0].endpoints, ["10.244.1.5:15432", "10.244.2.7:15432"], "ready ones only");
-        assert!(rules[1].endpoints.is_empty());
-        let text = ruleset(&rules);
-        assert!(text.contains("10.96.0.20 . tcp . 5432 : goto svc-0"), "{text}");
-        let pick =
-            "meta l4proto tcp dnat ip to numgen random mod 2 map { 0 : 10.244.1.5 . 15432, 1 : 10.244.2.7 . 15432 }";
-        assert!(text.contains(pick), "{text}");
-        assert!(text.contains("reject"), "{text}");
+        list.into_iter().map(|e| (key_of(&e.metadata), Arc::new(e))).collect()
+    }
+
+    #[test]
+    fn services_map_to_their_ready_endpoints() {
+        let ports = service_ports(&services(), &endpoints(&["10.244.1.5", "10.244.2.7"]), "n1");
+        assert_eq!(ports.len(), 3, "headless left alone: {ports:?}");
+        let db = &ports[0];
+        assert_eq!(db.id, "shop/db/tcp/5432");
+        let ready: Vec<String> = db.endpoints.iter().map(|e| format!("{}:{}", e.ip, e.port)).collect();
+        assert_eq!(ready, ["10.244.1.5:15432", "10.244.2.7:15432"], "ready ones only");
+        let rules = Ruleset::new(&ports);
+        let chooser = &rules.chains["svc-shop/db/tcp/5432"];
+        assert_eq!(
+            chooser,
+            &[
+                "ip saddr 10.244.1.5 meta mark set meta mark | 0x4000",
+                "ip saddr 10.244.2.7 meta mark set meta mark | 0x4000",
+                "numgen random mod 2 == 0 meta l4proto tcp dnat to 10.244.1.5:15432",
+                "meta l4proto tcp dnat to 10.244.2.7:15432",
+            ],
+            "hairpin marks, then one endpoint at random"
+        );
+        assert_eq!(rules.elements[&(SERVICE_IPS, "10.96.0.20 . tcp . 5432".into())], "goto svc-shop/db/tcp/5432");
+        // No endpoints: rejected, on its ClusterIP and its NodePort.
+        assert!(rules.elements.contains_key(&(NO_ENDPOINT_SERVICES, "10.96.0.21 . tcp . 80".into())));
+        assert!(rules.elements.contains_key(&(NO_ENDPOINT_NODEPORTS, "tcp . 30080".into())));
+        // externalTrafficPolicy Local: NodePort traffic to the local endpoint only, not
+        // masqueraded; session affinity checked before the random pick.
+        let ext = &rules.chains["ext-shop/web/tcp/80"];
+        assert_eq!(ext[0], "ip saddr @aff-shop/web/tcp/80/10.244.1.3/8080 goto ep-shop/web/tcp/80/10.244.1.3/8080");
+        assert_eq!(ext[1], "goto ep-shop/web/tcp/80/10.244.1.3/8080");
+        let endpoint = &rules.chains["ep-shop/web/tcp/80/10.244.1.3/8080"];
+        assert_eq!(endpoint[0], "ip saddr 10.244.1.3 jump mark-for-masquerade", "hairpin");
+        assert_eq!(endpoint[2], "meta l4proto tcp dnat to 10.244.1.3:8080");
+        assert_eq!(rules.elements[&(NODEPORTS, "tcp . 30081".into())], "goto ext-shop/web/tcp/80");
+        assert_eq!(rules.affinity_sets.len(), 2);
+        assert!(
+            rules.chains["ep-shop/web/tcp/80/10.244.2.3/8080"]
+                .contains(&"update @aff-shop/web/tcp/80/10.244.2.3/8080 { ip saddr }".to_string())
+        );
+        // On another node the same NodePort has no local endpoint there... (n3 has none).
+        let elsewhere = Ruleset::new(&service_ports(&services(), &endpoints(&[]), "n3"));
+        assert!(elsewhere.elements.contains_key(&(NO_ENDPOINT_NODEPORTS, "tcp . 30081".into())));
+        assert!(elsewhere.elements.contains_key(&(SERVICE_IPS, "10.96.0.22 . tcp . 80".into())), "ClusterIP still");
+    }
+
+    #[test]
+    fn a_change_touches_only_what_changed() {
+        let before = Ruleset::new(&service_ports(&services(), &endpoints(&["10.244.1.5", "10.244.2.7"]), "n1"));
+        let after = Ruleset::new(&service_ports(&services(), &endpoints(&["10.244.2.7"]), "n1"));
+        let text = before.changes(&after);
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(
+            lines,
+            [
+                "flush chain ip tugboat-proxy svc-shop/db/tcp/5432",
+                "add rule ip tugboat-proxy svc-shop/db/tcp/5432 ip saddr 10.244.2.7 meta mark set meta mark | 0x4000",
+                "add rule ip tugboat-proxy svc-shop/db/tcp/5432 meta l4proto tcp dnat to 10.244.2.7:15432",
+            ],
+            "{text}"
+        );
+        assert_eq!(after.changes(&after), "", "nothing to do");
+        let gone = Ruleset::new(&service_ports(&services(), &endpoints(&[]), "n1"));
+        let text = after.changes(&gone);
+        assert!(text.contains("delete element ip tugboat-proxy service-ips { 10.96.0.20 . tcp . 5432 }"), "{text}");
+        assert!(
+            text.contains("add element ip tugboat-proxy no-endpoint-services { 10.96.0.20 . tcp . 5432 }"),
+            "{text}"
+        );
+        // The kernel takes every form (checked only: `nft --check` changes nothing).
+        for text in [before.full(), format!("{}{}", before.full(), before.changes(&gone))] {
+            use std::io::Write;
+            let mut check = std::process::Command::new("nft")
+                .args(["--check", "-f", "-"])
+                .stdin(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .expect("nft (nftables) is installed");
+            check.stdin.take().unwrap().write_all(text.as_bytes()).unwrap();
+            let out = check.wait_with_output().unwrap();
+            assert!(out.status.success(), "{}\n{text}", String::from_utf8_lossy(&out.stderr));
+        }
+        let full = after.full();
+        assert!(full.starts_with("table ip tugboat-proxy\ndelete table ip tugboat-proxy\ntable ip tugboat-proxy {"));
     }
 }

@@ -216,7 +216,10 @@ pub fn create(
     .join()
     .map_err(|_| anyhow::anyhow!("the sandbox thread panicked"))??;
     if network.is_some() {
-        ip_batch(&format!("link set {} master {BRIDGE} up\n", host_veth(uid)))?;
+        // Hairpin on the bridge port: a pod reaching its own Service is DNATed back to
+        // itself, and with bridge netfilter on the frame leaves by the port it came in on.
+        let veth = host_veth(uid);
+        ip_batch(&format!("link set {veth} master {BRIDGE} up\nlink set {veth} type bridge_slave hairpin on\n"))?;
     }
     let record = serde_json::json!({"hostNetwork": host_network, "ip": sandbox.ip.map(|ip| ip.to_string())});
     tugboat_runtime::images::write_durably(&dir.join("sandbox.json"), record.to_string().as_bytes())?;

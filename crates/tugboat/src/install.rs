@@ -292,7 +292,7 @@ pub fn uninstall(args: UninstallArgs) -> anyhow::Result<()> {
             }
         }
         // What the node made in the host's network: its bridge, its routes to other nodes'
-        // pods, and its nftables tables (all named tugboat…).
+        // pods, its nftables tables (all named tugboat…) and the proxy's iptables chains.
         let bridge = tugboat_kubelet::sandbox::BRIDGE;
         if Command::new("ip").args(["link", "del", bridge]).output().is_ok_and(|o| o.status.success()) {
             println!("removed the bridge {bridge}");
@@ -310,6 +310,10 @@ pub fn uninstall(args: UninstallArgs) -> anyhow::Result<()> {
             {
                 println!("removed the nftables table {family} {name}");
             }
+        }
+        // The proxy's chains of iptables mode, if it ran so.
+        if let Err(error) = tugboat_kubelet::proxy::iptables::remove() {
+            eprintln!("warning: the service proxy's iptables chains: {error:#}");
         }
     }
     let record_path = under(root, RECORD);

@@ -43,6 +43,9 @@ enum Command {
     /// Run the node agent alone: registers this host as a Node, heartbeats and runs the pods
     /// bound to it.
     Kubelet(KubeletArgs),
+    /// Run the service proxy alone: programs this host's nftables so that Services' ClusterIPs,
+    /// NodePorts and external IPs reach their ready endpoints.
+    Proxy(ProxyArgs),
     /// Join this host to a cluster as a node (`tugboat server` prints the command), then run
     /// its node agent.
     Agent(agent::AgentArgs),
@@ -233,6 +236,37 @@ struct KubeletArgs {
     data_dir: PathBuf,
 }
 
+#[derive(Debug, clap::Args)]
+struct ProxyArgs {
+    #[command(flatten)]
+    component: ComponentArgs,
+    /// The node's name (default: the host name): its endpoints are the local ones.
+    #[arg(long)]
+    node_name: Option<String>,
+    /// Where the proxy serves /metrics (rule programming latency); empty: not served.
+    #[arg(long, default_value = "127.0.0.1:10249", value_parser = parse_optional_address)]
+    proxy_metrics_address: OptionalAddress,
+    /// How Services are programmed: nftables (one table of verdict maps) or iptables.
+    #[arg(long, default_value = "nftables")]
+    proxy_mode: tugboat_kubelet::proxy::ProxyMode,
+    /// Remove the proxy's rules (both modes) and exit.
+    #[arg(long)]
+    cleanup: bool,
+}
+
+/// An address to serve on, or none (given empty).
+#[derive(Debug, Clone, Copy)]
+struct OptionalAddress(Option<std::net::SocketAddr>);
+
+fn parse_optional_address(text: &str) -> Result<OptionalAddress, String> {
+    if text.is_empty() {
+        return Ok(OptionalAddress(None));
+    }
+    text.parse()
+        .map(|a| OptionalAddress(Some(a)))
+        .map_err(|_| format!("{text:?} is not an address such as 127.0.0.1:10249"))
+}
+
 /// The node agent's flags (accepted by `kubelet`, `agent` and `server`).
 #[derive(Debug, Clone, clap::Args)]
 struct NodeFlags {
@@ -271,6 +305,22 @@ struct NodeFlags {
     /// 2m, 30s).
     #[arg(long, default_value = "2m", value_parser = parse_duration_or_zero)]
     image_minimum_gc_age: Duration,
+    /// `server` and `agent`: do not run the service proxy with the kubelet (`tugboat kubelet`
+    /// never does; `tugboat proxy` runs it alone).
+    #[arg(long)]
+    disable_kube_proxy: bool,
+    /// `server` and `agent`: where the service proxy serves /metrics; empty: not served.
+    #[arg(long, default_value = "127.0.0.1:10249", value_parser = parse_optional_address)]
+    proxy_metrics_address: OptionalAddress,
+    /// `server` and `agent`: how Services are programmed: nftables or iptables.
+    #[arg(long, default_value = "nftables")]
+    proxy_mode: tugboat_kubelet::proxy::ProxyMode,
+    /// The cluster DNS server's address, written into pods' resolv.conf.
+    #[arg(long, default_value = "10.96.0.10")]
+    cluster_dns: std::net::IpAddr,
+    /// The cluster's DNS domain.
+    #[arg(long, default_value = "cluster.local")]
+    cluster_domain: String,
 }
 
 /// A byte quantity as Kubernetes writes them: `10Mi`, `1G`, `512`.
@@ -304,6 +354,15 @@ impl NodeFlags {
                 min_age: self.image_minimum_gc_age,
             },
             kubeconfig: Some(kubeconfig.to_path_buf()),
+            proxy: (!self.disable_kube_proxy).then(|| tugboat_kubelet::proxy::ProxyConfig {
+                node_name: String::new(),
+                metrics_address: self.proxy_metrics_address.0,
+                mode: self.proxy_mode,
+            }),
+            dns: tugboat_kubelet::pods::ClusterDns {
+                server: self.cluster_dns,
+                domain: self.cluster_domain.trim_matches('.').to_string(),
+            },
         }
     }
 }
@@ -597,9 +656,24 @@ fn main() -> ExitCode {
             }
             Command::Kubelet(args) => {
                 let client = client(&args.component.kubeconfig).await?;
-                let config = args.node.kubelet_config(&args.data_dir, &args.component.kubeconfig);
+                let mut config = args.node.kubelet_config(&args.data_dir, &args.component.kubeconfig);
+                // Upstream's kubelet has no proxy in it: `tugboat proxy` is that.
+                config.proxy = None;
                 tokio::select! {
                     result = tugboat_kubelet::run(client, config) => result,
+                    result = wait_for_shutdown() => result,
+                }
+            }
+            Command::Proxy(args) if args.cleanup => tugboat_kubelet::proxy::cleanup(),
+            Command::Proxy(args) => {
+                let client = client(&args.component.kubeconfig).await?;
+                let config = tugboat_kubelet::proxy::ProxyConfig {
+                    node_name: args.node_name.unwrap_or_else(tugboat_kubelet::host::hostname),
+                    metrics_address: args.proxy_metrics_address.0,
+                    mode: args.proxy_mode,
+                };
+                tokio::select! {
+                    () = tugboat_kubelet::proxy::run(client, config) => Ok(()),
                     result = wait_for_shutdown() => result,
                 }
             }
@@ -794,6 +868,11 @@ async fn server(args: ServerArgs, full: bool) -> anyhow::Result<()> {
         DatastoreConfig::Sqlite(sqlite) => format!("sqlite {}", sqlite.path.display()),
         DatastoreConfig::Etcd(etcd) => format!("etcd {}", etcd.endpoints.join(",")),
     };
+    // Bound to every address: advertise the default route's interface address, as upstream.
+    let advertise = args
+        .advertise_address
+        .or_else(|| args.bind_address.is_unspecified().then(tugboat_kubelet::host::node_ip).flatten())
+        .or_else(|| (!args.bind_address.is_unspecified()).then_some(args.bind_address));
     let api_config = ApiServerConfig {
         data_dir: args.data_dir.clone(),
         bind_address: args.bind_address,
@@ -802,10 +881,7 @@ async fn server(args: ServerArgs, full: bool) -> anyhow::Result<()> {
         service_cidr: args.service_cidr,
         default_not_ready_toleration_seconds: args.default_not_ready_toleration_seconds,
         default_unreachable_toleration_seconds: args.default_unreachable_toleration_seconds,
-        // Bound to every address: advertise the default route's interface address, as upstream.
-        advertise_address: args
-            .advertise_address
-            .or_else(|| args.bind_address.is_unspecified().then(tugboat_kubelet::host::node_ip).flatten()),
+        advertise_address: advertise,
         join_token_ttl: args.token_ttl.as_secs(),
     };
     let api = tugboat_apiserver::start(api_config, store.clone()).await?;
@@ -861,6 +937,27 @@ async fn server(args: ServerArgs, full: bool) -> anyhow::Result<()> {
         });
         components.push(tokio::spawn(async move {
             let _ = run.await;
+        }));
+    }
+
+    if full {
+        // Cluster DNS, at this server's address; `kube-dns` names every live one.
+        let address = advertise.unwrap_or(std::net::IpAddr::from([127, 0, 0, 1]));
+        let resolv = std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
+        let config = tugboat_dns::DnsConfig {
+            address,
+            port: 53,
+            cluster_ip: args.node.cluster_dns,
+            domain: args.node.cluster_domain.clone(),
+            upstreams: tugboat_dns::serve::host_resolvers(&resolv, &[args.node.cluster_dns, address]),
+        };
+        let kubeconfig = api.admin_kubeconfig().to_path_buf();
+        components.push(spawn_component("cluster DNS", move || {
+            let (kubeconfig, config) = (kubeconfig.clone(), config.clone());
+            async move {
+                tugboat_dns::run(client(&kubeconfig).await?, config).await;
+                Ok(())
+            }
         }));
     }
 

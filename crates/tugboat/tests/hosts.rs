@@ -510,3 +510,289 @@ fn two_servers_on_a_three_member_etcd_survive_losing_one() {
     }
     assert_eq!(second.node_ready("host-2"), "True");
 }
+
+/// The users' example: `db` on one node, `web` on another, reached by name.
+const DB: &str = r#"
+apiVersion: apps/v1
+kind: Deployment
+metadata: {name: db}
+spec:
+  replicas: 1
+  selector: {matchLabels: {app: db}}
+  template:
+    metadata: {labels: {app: db}}
+    spec:
+      nodeSelector: {kubernetes.io/hostname: host-2}
+      terminationGracePeriodSeconds: 8
+      containers:
+      - name: main
+        image: "busybox:1.35"
+        command: [sh, -c, "mkdir -p /www && hostname > /www/index.html && exec httpd -f -p 8080 -h /www"]
+        readinessProbe: {httpGet: {path: /, port: 8080}, periodSeconds: 1}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: db}
+spec:
+  type: NodePort
+  selector: {app: db}
+  ports: [{name: http, port: 80, targetPort: 8080, nodePort: 30080}]
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: web}
+spec:
+  nodeName: host-1
+  terminationGracePeriodSeconds: 1
+  containers:
+  - {name: main, image: "busybox:1.35", command: [sleep, "3600"]}
+"#;
+
+/// (name, IP) of the ready `db` endpoints.
+fn db_endpoints(kubectl: &Kubectl) -> Vec<(String, String)> {
+    let out = kubectl.run(&["get", "endpoints", "db", "-o", "json"], None).unwrap_or_default();
+    let value: serde_json::Value = serde_json::from_str(&out).unwrap_or_default();
+    let mut ready = Vec::new();
+    for subset in value["subsets"].as_array().into_iter().flatten() {
+        for address in subset["addresses"].as_array().into_iter().flatten() {
+            let name = address["targetRef"]["name"].as_str().unwrap_or_default().to_string();
+            ready.push((name, address["ip"].as_str().unwrap_or_default().to_string()));
+        }
+    }
+    ready.sort();
+    ready
+}
+
+/// Whether every host's proxy has programmed exactly `ips` for db (port 8080): hosts 0 and 1
+/// in nftables mode, host 2 in iptables mode.
+fn proxies_agree(hosts: &Hosts, ips: &[String]) -> bool {
+    (0..3).all(|i| {
+        let (program, args, dnat): (&str, &[&str], &str) = if i == 2 {
+            ("iptables-save", &["-t", "nat"], "-j DNAT --to-destination ")
+        } else {
+            ("nft", &["list", "chain", "ip", "tugboat-proxy", "svc-default/db/tcp/80"], "dnat to ")
+        };
+        let out = hosts.get(i).command(program).args(args).output();
+        let text = out.map(|o| String::from_utf8_lossy(&o.stdout).into_owned()).unwrap_or_default();
+        let programmed = text.lines().filter(|l| l.contains(dnat) && l.contains(":8080")).count();
+        programmed == ips.len() && ips.iter().all(|ip| text.contains(&format!("{dnat}{ip}:8080")))
+    })
+}
+
+/// `busybox wget` of `url` from `host` (outside the cluster): the body, or why not.
+fn fetch_from(host: &Host, url: &str) -> Result<String, String> {
+    let out = host.command("busybox").args(["wget", "-q", "-O", "-", url]).output().unwrap();
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+    } else {
+        Err(String::from_utf8_lossy(&out.stderr).into_owned())
+    }
+}
+
+/// A web pod on one node reaches a db Deployment on another by the Service's name, by its
+/// ClusterIP and, from a host outside the cluster, by its NodePort on any node; requests spread
+/// over every replica; a pod being deleted gets none once it is not ready; a pod reaches its
+/// own Service; cluster DNS answers with the search path pods are given.
+#[test]
+fn services_reach_pods_by_name_across_nodes() {
+    if !tugboat_testkit::isolated("services_reach_pods_by_name_across_nodes") {
+        return;
+    }
+    let mut hosts = Hosts::new(4).unwrap();
+    for i in 0..3 {
+        tugboat_testkit::image::import_busybox(Path::new(TUGBOAT), &hosts.get(i).dir().join("data")).unwrap();
+    }
+    let command = tugboat(hosts.get(0), &["server"]);
+    hosts.get_mut(0).spawn("server", command).unwrap();
+    let join = printed_join_command(hosts.get(0));
+    let kubectl = Kubectl {
+        kubeconfig: hosts.get(0).dir().join("data/admin.kubeconfig"),
+        server: join[3].clone(),
+        home: hosts.get(0).dir().join("home"),
+    };
+    for i in [1, 2] {
+        let host = hosts.get_mut(i);
+        let mut command = tugboat(host, &join[1..].iter().map(String::as_str).collect::<Vec<_>>());
+        if i == 2 {
+            // One node in the proxy's other mode: both route the same cluster.
+            command.args(["--proxy-mode", "iptables"]);
+        }
+        host.spawn("agent", command).unwrap();
+    }
+    for i in 0..3 {
+        let name = hosts.get(i).name().to_string();
+        kubectl.until(&["get", "node", &name, "-o", "name"], Duration::from_secs(90), "node", |o| o.contains(&name));
+        let deadline = Instant::now() + Duration::from_secs(90);
+        while kubectl.node_ready(&name) != "True" {
+            assert!(Instant::now() < deadline, "{name} is not Ready");
+            std::thread::sleep(Duration::from_millis(500));
+        }
+    }
+    // The cluster DNS is published as kube-dns at 10.96.0.10, served from the server's host.
+    kubectl.until(
+        &["get", "endpoints", "kube-dns", "-n", "kube-system", "-o", "jsonpath={.subsets[0].addresses[*].ip}"],
+        Duration::from_secs(30),
+        "kube-dns endpoints",
+        |o| o == hosts.get(0).address().to_string(),
+    );
+    assert_eq!(
+        kubectl.ok(&["get", "service", "kube-dns", "-n", "kube-system", "-o", "jsonpath={.spec.clusterIP}"]),
+        "10.96.0.10"
+    );
+
+    kubectl.run(&["apply", "-f", "-"], Some(DB)).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(90);
+    while db_endpoints(&kubectl).len() != 1
+        || kubectl.ok(&["get", "pod", "web", "-o", "jsonpath={.status.phase}"]) != "Running"
+    {
+        assert!(Instant::now() < deadline, "db and web do not run: {}", kubectl.ok(&["get", "pods", "-o", "wide"]));
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    let first = db_endpoints(&kubectl);
+    let (db_pod, db_ip) = first[0].clone();
+    assert_eq!(kubectl.ok(&["get", "pod", &db_pod, "-o", "jsonpath={.spec.nodeName}"]), "host-2");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !proxies_agree(&hosts, std::slice::from_ref(&db_ip)) {
+        assert!(Instant::now() < deadline, "the proxies do not route db to {db_ip}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+
+    // The pod's resolver: the cluster DNS, upstream's search path, ndots:5.
+    let resolv = kubectl.ok(&["exec", "web", "--", "cat", "/etc/resolv.conf"]);
+    assert!(resolv.contains("nameserver 10.96.0.10\n"), "{resolv}");
+    assert!(resolv.contains("search default.svc.cluster.local svc.cluster.local cluster.local"), "{resolv}");
+    assert!(resolv.contains("options ndots:5"), "{resolv}");
+    // By name (through the search path), by full name, by ClusterIP.
+    let cluster_ip = kubectl.ok(&["get", "service", "db", "-o", "jsonpath={.spec.clusterIP}"]);
+    for url in ["http://db/", "http://db.default.svc.cluster.local/", &format!("http://{cluster_ip}/")] {
+        kubectl.until(&["exec", "web", "--", "wget", "-q", "-O", "-", url], Duration::from_secs(30), url, |o| {
+            o.trim() == db_pod
+        });
+    }
+    let lookup = kubectl.ok(&["exec", "web", "--", "nslookup", "db.default.svc.cluster.local"]);
+    assert!(lookup.contains(&cluster_ip), "{lookup}");
+    let srv = kubectl.ok(&["exec", "web", "--", "nslookup", "-type=srv", "_http._tcp.db.default.svc.cluster.local"]);
+    assert!(srv.contains("0 100 80 db.default.svc.cluster.local"), "{srv}");
+    let pod_name = format!("{}.default.pod.cluster.local", db_ip.replace('.', "-"));
+    assert!(kubectl.ok(&["exec", "web", "--", "nslookup", &pod_name]).contains(&db_ip));
+    let missing = kubectl.run(&["exec", "web", "--", "nslookup", "nope.default.svc.cluster.local"], None);
+    assert!(missing.as_ref().is_err_and(|e| e.contains("exit code 1")), "not found: {missing:?}");
+
+    // A pod reaching its own Service (hairpin).
+    kubectl.until(
+        &["exec", &db_pod, "--", "wget", "-q", "-O", "-", "http://db/"],
+        Duration::from_secs(10),
+        "hairpin",
+        |o| o.trim() == db_pod,
+    );
+
+    // NodePort from a host outside the cluster, on every node's address (host-0 and host-1
+    // have no db pod: the traffic is forwarded and masqueraded).
+    for i in 0..3 {
+        let url = format!("http://{}:30080/", hosts.get(i).address());
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let got = fetch_from(hosts.get(3), &url);
+            if got.as_deref() == Ok(db_pod.as_str()) {
+                break;
+            }
+            assert!(Instant::now() < deadline, "NodePort {url}: {got:?}");
+            std::thread::sleep(Duration::from_millis(300));
+        }
+    }
+
+    // Three replicas: requests spread over all of them.
+    kubectl.ok(&["scale", "deployment", "db", "--replicas=3"]);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while db_endpoints(&kubectl).len() != 3 {
+        assert!(Instant::now() < deadline, "db has not 3 ready endpoints: {:?}", db_endpoints(&kubectl));
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    let three = db_endpoints(&kubectl);
+    let ips: Vec<String> = three.iter().map(|(_, ip)| ip.clone()).collect();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !proxies_agree(&hosts, &ips) {
+        assert!(Instant::now() < deadline, "the proxies do not route db to {ips:?}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let many = "for i in $(seq 40); do wget -q -O - http://db/; done";
+    let answers = kubectl.ok(&["exec", "web", "--", "sh", "-c", many]);
+    let seen: std::collections::BTreeSet<&str> = answers.lines().collect();
+    let names: std::collections::BTreeSet<&str> = three.iter().map(|(n, _)| n.as_str()).collect();
+    assert_eq!(seen, names, "40 requests over 3 replicas: {answers}");
+
+    // A pod being deleted (it keeps serving through its grace period) gets no request once it
+    // is not ready; every node's rules follow the change.
+    let (victim, victim_ip) = three[0].clone();
+    let deleted = Instant::now();
+    kubectl.ok(&["delete", "pod", &victim, "--wait=false"]);
+    let remaining: Vec<String> = ips.iter().filter(|ip| **ip != victim_ip).cloned().collect();
+    while !proxies_agree(&hosts, &remaining) {
+        assert!(deleted.elapsed() < Duration::from_secs(20), "the proxies still route to {victim_ip}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    eprintln!("delete → every node's rules without the pod: {:?}", deleted.elapsed());
+    let answers = kubectl.ok(&["exec", "web", "--", "sh", "-c", many]);
+    assert!(!answers.contains(&victim), "a request reached {victim} while it was terminating: {answers}");
+    assert!(answers.lines().count() == 40, "{answers}");
+    assert!(
+        kubectl.run(&["get", "pod", &victim], None).is_ok_and(|o| o.contains("Terminating")),
+        "the check ran while the pod was still terminating"
+    );
+    // The proxy reports how long changes took to program.
+    let metrics = hosts
+        .get(1)
+        .command("busybox")
+        .args(["wget", "-q", "-O", "-", "http://127.0.0.1:10249/metrics"])
+        .output()
+        .unwrap();
+    let metrics = String::from_utf8_lossy(&metrics.stdout);
+    let count = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("tugboat_proxy_network_programming_duration_seconds_count "))
+        .and_then(|c| c.trim().parse::<u64>().ok());
+    assert!(count.is_some_and(|c| c >= 3), "{metrics}");
+
+    // sessionAffinity ClientIP: every request of a client goes to one pod.
+    kubectl.ok(&["patch", "service", "db", "-p", r#"{"spec":{"sessionAffinity":"ClientIP"}}"#]);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let table = hosts.get(1).command("nft").args(["list", "table", "ip", "tugboat-proxy"]).output().unwrap();
+        if String::from_utf8_lossy(&table.stdout).contains("@aff-default/db/tcp/80/") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no affinity rules on host-1");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let answers =
+        kubectl.ok(&["exec", "web", "--", "sh", "-c", "for i in $(seq 20); do wget -q -O - http://db/; done"]);
+    let seen: std::collections::BTreeSet<&str> = answers.lines().collect();
+    assert_eq!((seen.len(), answers.lines().count()), (1, 20), "one pod for one client: {answers}");
+
+    // externalTrafficPolicy Local: a NodePort answers only on nodes with a db pod (host-2, in
+    // iptables mode), and is refused on the others.
+    kubectl.ok(&[
+        "patch",
+        "service",
+        "db",
+        "-p",
+        r#"{"spec":{"externalTrafficPolicy":"Local","sessionAffinity":"None"}}"#,
+    ]);
+    let url_1 = format!("http://{}:30080/", hosts.get(1).address());
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while fetch_from(hosts.get(3), &url_1).is_ok() {
+        assert!(Instant::now() < deadline, "host-1 still forwards NodePort traffic elsewhere");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let url_2 = format!("http://{}:30080/", hosts.get(2).address());
+    let got = fetch_from(hosts.get(3), &url_2);
+    assert!(got.as_ref().is_ok_and(|name| db_endpoints(&kubectl).iter().any(|(n, _)| n == name)), "{got:?}");
+
+    // The proxy's rules go cleanly: `tugboat proxy --cleanup` on host-2 (iptables) after its
+    // agent has stopped.
+    hosts.get_mut(2).kill();
+    let out = hosts.get(2).command(TUGBOAT).args(["proxy", "--cleanup", "--kubeconfig", "/dev/null"]).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let saved = hosts.get(2).command("iptables-save").output().unwrap();
+    assert!(!String::from_utf8_lossy(&saved.stdout).contains("TUGBOAT"), "{}", String::from_utf8_lossy(&saved.stdout));
+}

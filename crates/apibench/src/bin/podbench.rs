@@ -160,23 +160,8 @@ fn tempfile_dir() -> anyhow::Result<String> {
 
 fn main() -> std::process::ExitCode {
     // The kubelet makes interfaces: run in namespaces of our own.
-    if std::env::var_os("TUGBOAT_ISOLATED").is_none() {
-        let exe = std::env::current_exe().expect("the benchmark binary");
-        let status = std::process::Command::new("unshare")
-            .args(["--net", "--mount", "--pid", "--fork", "--mount-proc", "--propagation", "private", "sh", "-c"])
-            .arg("ip link set lo up && exec \"$0\" \"$@\"")
-            .arg(exe)
-            .args(std::env::args_os().skip(1))
-            .env("TUGBOAT_ISOLATED", "1")
-            .status();
-        return match status {
-            Ok(s) if s.success() => std::process::ExitCode::SUCCESS,
-            Ok(_) => std::process::ExitCode::FAILURE,
-            Err(error) => {
-                eprintln!("error: running unshare (util-linux): {error}");
-                std::process::ExitCode::FAILURE
-            }
-        };
+    if let Some(code) = tugboat_apibench::isolate() {
+        return code;
     }
     tugboat_apibench::report(run(Args::parse()))
 }
