@@ -1,6 +1,6 @@
 //! The pod network across nodes, host-gw style: a route to every other node's podCIDR through
-//! that node's address, kept from the Node objects, with IPv4 forwarding on. Pod traffic to
-//! anything but a pod network is masqueraded behind the node's address (nftables table
+//! that node's address, kept from the Node objects (watched), with IPv4 forwarding on. Pod
+//! traffic to anything but a pod network is masqueraded behind the node's address (nftables table
 //! `ip tugboat-nat`, made and replaced whole by this module; skipped with a warning when `nft`
 //! is missing).
 //!
@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::Node;
-use kube::api::{Api, ListParams};
+use kube::api::Api;
 
 use crate::pods::NodeAgent;
 use crate::sandbox::{BRIDGE, PodNetwork};
@@ -98,19 +98,19 @@ pub fn nat_ruleset(own: &PodNetwork, all: &[String]) -> String {
 
 /// Keeps the routes (and masquerading) of the node's pod network until the process ends.
 pub async fn run(node: Arc<NodeAgent>) {
-    let nodes: Api<Node> = Api::all(node.client.clone());
+    // The Node objects, from a watch: a node's change wakes the loop at once; the period
+    // only catches this node's own pod network appearing.
+    let wake = Arc::new(tokio::sync::Notify::new());
+    let nodes = crate::proxy::reflect(Api::<Node>::all(node.client.clone()), wake.clone(), Default::default());
+    if nodes.wait_until_ready().await.is_err() {
+        return;
+    }
     let mut applied: Option<(BTreeMap<String, IpAddr>, String)> = None;
     let mut forwarding = false;
     let mut warned_nft = false;
     loop {
-        tokio::time::sleep(PERIOD).await;
-        let listed = match nodes.list(&ListParams::default()).await {
-            Ok(list) => list.items,
-            Err(error) => {
-                tracing::debug!(%error, "pod network: cannot list nodes");
-                continue;
-            }
-        };
+        let _ = tokio::time::timeout(PERIOD, wake.notified()).await;
+        let listed: Vec<Node> = nodes.state().iter().map(|n| (**n).clone()).collect();
         let desired = desired_routes(&listed, &node.name);
         let own = *node.network.lock().unwrap_or_else(|e| e.into_inner());
         let Some(own) = own else { continue };

@@ -1472,6 +1472,30 @@ mod tests {
     use super::*;
 
     #[test]
+    fn resolv_conf_follows_the_dns_policy() {
+        let dns = ClusterDns { server: "10.96.0.10".parse().unwrap(), domain: "cluster.local".into() };
+        let host = "nameserver 192.168.1.1\nsearch lan\noptions edns0\n";
+        let pod = |spec: Value| -> Pod {
+            serde_json::from_value(json!({"metadata": {"name": "p", "namespace": "shop"}, "spec": spec})).unwrap()
+        };
+        assert_eq!(
+            resolv_conf(&pod(json!({"containers": []})), &dns, host),
+            "nameserver 10.96.0.10\nsearch shop.svc.cluster.local svc.cluster.local cluster.local lan\noptions ndots:5\n"
+        );
+        assert_eq!(resolv_conf(&pod(json!({"containers": [], "hostNetwork": true})), &dns, host), host.to_string());
+        assert_eq!(resolv_conf(&pod(json!({"containers": [], "dnsPolicy": "Default"})), &dns, host), host.to_string());
+        let with_host_net = pod(json!({"containers": [], "hostNetwork": true, "dnsPolicy": "ClusterFirstWithHostNet"}));
+        assert!(resolv_conf(&with_host_net, &dns, host).starts_with("nameserver 10.96.0.10\n"));
+        let none = pod(json!({"containers": [], "dnsPolicy": "None",
+            "dnsConfig": {"nameservers": ["1.1.1.1"], "searches": ["a.b"], "options": [{"name": "ndots", "value": "2"}]}}));
+        assert_eq!(resolv_conf(&none, &dns, host), "nameserver 1.1.1.1\nsearch a.b\noptions ndots:2\n");
+        let merged = pod(
+            json!({"containers": [], "dnsConfig": {"options": [{"name": "ndots", "value": "1"}, {"name": "edns0"}]}}),
+        );
+        assert!(resolv_conf(&merged, &dns, host).ends_with("options ndots:1 edns0\n"));
+    }
+
+    #[test]
     fn backoff_is_none_then_doubles_from_ten_seconds_to_five_minutes() {
         let delays: Vec<u64> = (0..9).map(|r| backoff(r).as_secs()).collect();
         assert_eq!(delays, vec![0, 10, 20, 40, 80, 160, 300, 300, 300]);

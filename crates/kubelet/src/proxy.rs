@@ -23,15 +23,15 @@
 //! whole table is written only at start and after a failure. The time from a change seen to
 //! rules live is recorded in `/metrics` (`--proxy-metrics-address`, 127.0.0.1:10249 as upstream).
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use futures::{StreamExt, TryStreamExt};
+use futures::StreamExt;
 use k8s_openapi::api::core::v1::{Endpoints, Service};
 use kube::api::Api;
-use kube::runtime::reflector::{self, Store, reflector};
+use kube::runtime::reflector::{self, ObjectRef, Store, reflector};
 use kube::runtime::{WatchStreamExt, watcher};
 use tokio::sync::Notify;
 
@@ -74,31 +74,27 @@ impl std::str::FromStr for ProxyMode {
 }
 
 /// What was last written, in either mode.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 enum Applied {
-    Nftables(Ruleset),
+    Nftables(Parts),
     Iptables(iptables::Tables),
 }
 
-/// The text that turns `applied` (none: nothing known) into the rules for `ports`, and what
-/// will then be applied.
-fn plan(mode: ProxyMode, applied: Option<&Applied>, ports: &[ServicePort]) -> (String, Applied) {
-    match mode {
-        ProxyMode::Nftables => {
-            let next = Ruleset::new(ports);
-            let text = match applied {
-                Some(Applied::Nftables(current)) => current.changes(&next),
-                _ => next.full(),
-            };
-            (text, Applied::Nftables(next))
-        }
-        ProxyMode::Iptables => {
-            let next = iptables::Tables::new(ports);
-            let current = match applied {
-                Some(Applied::Iptables(current)) => Some(current),
-                _ => None,
-            };
-            (iptables::Tables::changes(current, &next), Applied::Iptables(next))
+/// What will have been written once a transaction is applied.
+#[derive(Debug)]
+enum Next {
+    Whole(Applied),
+    Parts(Parts, Vec<(ServiceKey, Vec<ServicePort>, Ruleset)>),
+}
+
+impl Next {
+    fn done(self) -> Applied {
+        match self {
+            Next::Whole(applied) => applied,
+            Next::Parts(mut parts, updates) => {
+                parts.commit(updates);
+                Applied::Nftables(parts)
+            }
         }
     }
 }
@@ -171,54 +167,133 @@ pub fn service_ports<'a>(
     endpoints: &HashMap<(String, String), Arc<Endpoints>>,
     node_name: &str,
 ) -> Vec<ServicePort> {
+    let mut ports: Vec<ServicePort> = services
+        .into_iter()
+        .flat_map(|s| ports_of(s, endpoints.get(&key_of(&s.metadata)).map(|e| &**e), node_name))
+        .collect();
+    ports.sort();
+    ports
+}
+
+/// The ports of one Service with its ready `endpoints`.
+pub fn ports_of(service: &Service, endpoints: Option<&Endpoints>, node_name: &str) -> Vec<ServicePort> {
     let mut ports = Vec::new();
-    for service in services {
-        let Some(spec) = &service.spec else { continue };
-        let Some(cluster_ip) = spec.cluster_ip.as_deref().and_then(|ip| ip.parse::<Ipv4Addr>().ok()) else {
+    let Some(spec) = &service.spec else { return ports };
+    let Some(cluster_ip) = spec.cluster_ip.as_deref().and_then(|ip| ip.parse::<Ipv4Addr>().ok()) else {
+        return ports;
+    };
+    let key = key_of(&service.metadata);
+    let subsets = endpoints.and_then(|e| e.subsets.as_deref()).unwrap_or_default();
+    let external_ips: Vec<Ipv4Addr> = spec.external_ips.iter().flatten().filter_map(|ip| ip.parse().ok()).collect();
+    let affinity = (spec.session_affinity.as_deref() == Some("ClientIP")).then(|| {
+        spec.session_affinity_config
+            .as_ref()
+            .and_then(|c| c.client_ip.as_ref())
+            .and_then(|c| c.timeout_seconds)
+            .unwrap_or(10800)
+    });
+    let external_local = spec.external_traffic_policy.as_deref() == Some("Local");
+    for port in spec.ports.iter().flatten() {
+        let protocol = port.protocol.as_deref().unwrap_or("TCP").to_lowercase();
+        if !matches!(protocol.as_str(), "tcp" | "udp" | "sctp") {
             continue;
-        };
-        let key = key_of(&service.metadata);
-        let subsets = endpoints.get(&key).and_then(|e| e.subsets.as_deref()).unwrap_or_default();
-        let external_ips: Vec<Ipv4Addr> = spec.external_ips.iter().flatten().filter_map(|ip| ip.parse().ok()).collect();
-        let affinity = (spec.session_affinity.as_deref() == Some("ClientIP")).then(|| {
-            spec.session_affinity_config
-                .as_ref()
-                .and_then(|c| c.client_ip.as_ref())
-                .and_then(|c| c.timeout_seconds)
-                .unwrap_or(10800)
-        });
-        let external_local = spec.external_traffic_policy.as_deref() == Some("Local");
-        for port in spec.ports.iter().flatten() {
-            let protocol = port.protocol.as_deref().unwrap_or("TCP").to_lowercase();
-            if !matches!(protocol.as_str(), "tcp" | "udp" | "sctp") {
-                continue;
-            }
-            let Ok(number) = u16::try_from(port.port) else { continue };
-            let mut targets = BTreeSet::new();
-            for subset in subsets {
-                let Some(target) = subset.ports.iter().flatten().find(|p| p.name == port.name) else { continue };
-                let Ok(target_port) = u16::try_from(target.port) else { continue };
-                for address in subset.addresses.iter().flatten() {
-                    let Ok(ip) = address.ip.parse::<Ipv4Addr>() else { continue };
-                    let local = address.node_name.as_deref() == Some(node_name);
-                    targets.insert(Endpoint { ip, port: target_port, local });
-                }
-            }
-            ports.push(ServicePort {
-                id: format!("{}/{}/{protocol}/{number}", key.0, key.1),
-                cluster_ip,
-                external_ips: external_ips.clone(),
-                protocol,
-                port: number,
-                node_port: port.node_port.and_then(|p| u16::try_from(p).ok()).filter(|p| *p > 0),
-                endpoints: targets.into_iter().collect(),
-                affinity,
-                external_local,
-            });
         }
+        let Ok(number) = u16::try_from(port.port) else { continue };
+        let mut targets = BTreeSet::new();
+        for subset in subsets {
+            let Some(target) = subset.ports.iter().flatten().find(|p| p.name == port.name) else { continue };
+            let Ok(target_port) = u16::try_from(target.port) else { continue };
+            for address in subset.addresses.iter().flatten() {
+                let Ok(ip) = address.ip.parse::<Ipv4Addr>() else { continue };
+                let local = address.node_name.as_deref() == Some(node_name);
+                targets.insert(Endpoint { ip, port: target_port, local });
+            }
+        }
+        ports.push(ServicePort {
+            id: format!("{}/{}/{protocol}/{number}", key.0, key.1),
+            cluster_ip,
+            external_ips: external_ips.clone(),
+            protocol,
+            port: number,
+            node_port: port.node_port.and_then(|p| u16::try_from(p).ok()).filter(|p| *p > 0),
+            endpoints: targets.into_iter().collect(),
+            affinity,
+            external_local,
+        });
     }
     ports.sort();
     ports
+}
+
+/// A Service's namespace and name.
+pub type ServiceKey = (String, String);
+
+/// The nftables rules kept per Service, so that a change costs only the Services it touches
+/// (the rules of one never name another's chains or map keys).
+#[derive(Debug, Default, Clone)]
+pub struct Parts {
+    parts: HashMap<ServiceKey, (Vec<ServicePort>, Ruleset)>,
+}
+
+impl Parts {
+    /// Every Service's ports, programmed from nothing: the whole table's text and the parts.
+    pub fn full(services: impl IntoIterator<Item = (ServiceKey, Vec<ServicePort>)>) -> (String, Parts) {
+        let mut parts = Parts::default();
+        let mut whole = Ruleset::default();
+        for (key, ports) in services {
+            let rules = Ruleset::new(&ports);
+            whole.chains.extend(rules.chains.iter().map(|(k, v)| (k.clone(), v.clone())));
+            whole.elements.extend(rules.elements.iter().map(|(k, v)| (k.clone(), v.clone())));
+            whole.affinity_sets.extend(rules.affinity_sets.iter().map(|(k, v)| (k.clone(), *v)));
+            parts.parts.insert(key, (ports, rules));
+        }
+        (whole.full(), parts)
+    }
+
+    /// The transaction replacing the Services in `changed` (their ports now; none: gone), and
+    /// what [`Parts::commit`] records once it is applied. Services whose ports are unchanged
+    /// cost nothing.
+    pub fn changes(
+        &self,
+        changed: Vec<(ServiceKey, Vec<ServicePort>)>,
+    ) -> (String, Vec<(ServiceKey, Vec<ServicePort>, Ruleset)>) {
+        let empty = (Vec::new(), Ruleset::default());
+        let mut updates = Vec::new();
+        for (key, ports) in changed {
+            let (old_ports, _) = self.parts.get(&key).unwrap_or(&empty);
+            if *old_ports != ports {
+                let rules = Ruleset::new(&ports);
+                updates.push((key, ports, rules));
+            }
+        }
+        // Services going away first: a new one may take over an address a gone one held.
+        updates.sort_by_key(|(_, ports, _)| !ports.is_empty());
+        let mut text = String::new();
+        for (key, _, rules) in &updates {
+            let (_, old) = self.parts.get(key).unwrap_or(&empty);
+            old.changes_into(rules, &mut text);
+        }
+        (text, updates)
+    }
+
+    pub fn commit(&mut self, updates: Vec<(ServiceKey, Vec<ServicePort>, Ruleset)>) {
+        for (key, ports, rules) in updates {
+            if ports.is_empty() {
+                self.parts.remove(&key);
+            } else {
+                self.parts.insert(key, (ports, rules));
+            }
+        }
+    }
+
+    pub fn keys(&self) -> impl Iterator<Item = &ServiceKey> {
+        self.parts.keys()
+    }
+
+    /// The chains programmed (for the benchmark's report).
+    pub fn chains(&self) -> usize {
+        self.parts.values().map(|(_, r)| r.chains.len()).sum()
+    }
 }
 
 /// The per-service part of the proxy's table: chains with their rules, map and set elements,
@@ -478,8 +553,16 @@ impl Metrics {
     }
 }
 
-/// A reflector of `api` whose every event records its time in `changed` and wakes `wake`.
-fn reflect<K>(api: Api<K>, wake: Arc<Notify>, changed: Arc<Mutex<Option<Instant>>>) -> Store<K>
+/// What the watches saw since the last sync: when the first change came, and which objects
+/// (namespace, name) changed.
+#[derive(Debug, Default)]
+pub(crate) struct Changes {
+    since: Option<Instant>,
+    keys: HashSet<ServiceKey>,
+}
+
+/// A reflector of `api` whose every event is recorded in `changes` and wakes `wake`.
+pub(crate) fn reflect<K>(api: Api<K>, wake: Arc<Notify>, changes: Arc<Mutex<Changes>>) -> Store<K>
 where
     K: kube::Resource<DynamicType = ()>
         + Clone
@@ -498,12 +581,17 @@ where
     .default_backoff()
     .touched_objects();
     tokio::spawn(async move {
-        let mut events = events.map_ok(|_| ()).boxed();
+        let mut events = events.boxed();
         while let Some(event) = events.next().await {
-            if let Err(error) = event {
-                tracing::debug!(%error, "service proxy: watch");
+            let mut changes = changes.lock().unwrap_or_else(|e| e.into_inner());
+            match event {
+                Ok(object) => {
+                    changes.keys.insert(key_of(object.meta()));
+                }
+                Err(error) => tracing::debug!(%error, "service proxy: watch"),
             }
-            changed.lock().unwrap_or_else(|e| e.into_inner()).get_or_insert_with(Instant::now);
+            changes.since.get_or_insert_with(Instant::now);
+            drop(changes);
             wake.notify_one();
         }
     });
@@ -537,9 +625,9 @@ pub async fn run(client: kube::Client, config: ProxyConfig) {
         tokio::spawn(serve_metrics(address, metrics.clone()));
     }
     let wake = Arc::new(Notify::new());
-    let changed = Arc::new(Mutex::new(None));
-    let services = reflect(Api::<Service>::all(client.clone()), wake.clone(), changed.clone());
-    let endpoints = reflect(Api::<Endpoints>::all(client), wake.clone(), changed.clone());
+    let changes = Arc::new(Mutex::new(Changes::default()));
+    let services = reflect(Api::<Service>::all(client.clone()), wake.clone(), changes.clone());
+    let endpoints = reflect(Api::<Endpoints>::all(client), wake.clone(), changes.clone());
     // The first rules wait for both full lists: a table made from half the picture would
     // cut connections that work.
     for ready in [services.wait_until_ready().await.is_ok(), endpoints.wait_until_ready().await.is_ok()] {
@@ -552,22 +640,68 @@ pub async fn run(client: kube::Client, config: ProxyConfig) {
         ProxyMode::Nftables => iptables::remove(),
         ProxyMode::Iptables => remove(),
     };
+    let node = config.node_name.clone();
+    let ports_for = |key: &ServiceKey| -> Vec<ServicePort> {
+        match services.get(&ObjectRef::new(&key.1).within(&key.0)) {
+            Some(service) => {
+                let endpoints = endpoints.get(&ObjectRef::new(&key.1).within(&key.0));
+                ports_of(&service, endpoints.as_deref(), &node)
+            }
+            None => Vec::new(),
+        }
+    };
     let mut applied: Option<Applied> = None;
     let mut warned = false;
+    let mut resync = false;
     loop {
-        let since = changed.lock().unwrap_or_else(|e| e.into_inner()).take();
+        let (since, keys) = {
+            let mut changes = changes.lock().unwrap_or_else(|e| e.into_inner());
+            (changes.since.take(), std::mem::take(&mut changes.keys))
+        };
         let started = Instant::now();
-        let by_name: HashMap<(String, String), Arc<Endpoints>> =
-            endpoints.state().into_iter().map(|e| (key_of(&e.metadata), e)).collect();
-        let listed = services.state();
-        let ports = service_ports(listed.iter().map(|s| &**s), &by_name, &config.node_name);
-        let (text, next) = plan(config.mode, applied.as_ref(), &ports);
-        if !text.is_empty() || applied.is_none() {
-            let (mode, first) = (config.mode, applied.is_none());
+        let all_keys = || services.state().iter().map(|s| key_of(&s.metadata)).collect::<HashSet<_>>();
+        let first = applied.is_none();
+        let (text, next) = match (config.mode, applied.take()) {
+            (ProxyMode::Nftables, Some(Applied::Nftables(parts))) => {
+                // Only the Services that changed (all of them on a resync).
+                let mut keys = keys;
+                if resync {
+                    keys.extend(all_keys());
+                    keys.extend(parts.keys().cloned());
+                }
+                let changed = keys.into_iter().map(|k| {
+                    let ports = ports_for(&k);
+                    (k, ports)
+                });
+                let (text, updates) = parts.changes(changed.collect());
+                (text, Next::Parts(parts, updates))
+            }
+            (ProxyMode::Nftables, _) => {
+                let (text, parts) = Parts::full(all_keys().into_iter().map(|k| {
+                    let ports = ports_for(&k);
+                    (k, ports)
+                }));
+                (text, Next::Whole(Applied::Nftables(parts)))
+            }
+            (ProxyMode::Iptables, current) => {
+                let by_name: HashMap<ServiceKey, Arc<Endpoints>> =
+                    endpoints.state().into_iter().map(|e| (key_of(&e.metadata), e)).collect();
+                let listed = services.state();
+                let next = iptables::Tables::new(&service_ports(listed.iter().map(|s| &**s), &by_name, &node));
+                let current = match &current {
+                    Some(Applied::Iptables(tables)) => Some(tables),
+                    _ => None,
+                };
+                (iptables::Tables::changes(current, &next), Next::Whole(Applied::Iptables(next)))
+            }
+        };
+        resync = false;
+        if !text.is_empty() || first {
+            let mode = config.mode;
             let result = tokio::task::spawn_blocking(move || apply(mode, &text, first)).await;
             match result.map_err(anyhow::Error::from).and_then(|r| r) {
                 Ok(()) => {
-                    applied = Some(next);
+                    applied = Some(next.done());
                     warned = false;
                     let now = Instant::now();
                     metrics.sync_duration.observe((now - started).as_secs_f64());
@@ -577,23 +711,26 @@ pub async fn run(client: kube::Client, config: ProxyConfig) {
                 }
                 Err(error) => {
                     metrics.failures.inc();
-                    // Write everything next time, after a pause.
-                    applied = None;
+                    // Write everything next time (`applied` is none), after a pause.
                     if !warned {
                         warned = true;
                         tracing::warn!(error = %format!("{error:#}"), mode = ?config.mode, "service proxy: cannot program the rules");
                     }
-                    changed.lock().unwrap_or_else(|e| e.into_inner()).get_or_insert(since.unwrap_or(started));
+                    changes.lock().unwrap_or_else(|e| e.into_inner()).since.get_or_insert(since.unwrap_or(started));
                     tokio::time::sleep(Duration::from_secs(1)).await;
                     continue;
                 }
             }
+        } else {
+            applied = Some(next.done());
         }
-        // A resync now and then puts back what someone else removed.
+        // A resync now and then puts back what someone else removed, and catches what a
+        // watch that started over did not report.
         if tokio::time::timeout(Duration::from_secs(30), wake.notified()).await.is_err() {
             let mode = config.mode;
             let there = tokio::task::spawn_blocking(move || present(mode)).await.unwrap_or(false);
             applied = applied.filter(|_| there);
+            resync = true;
         }
     }
 }
@@ -709,6 +846,27 @@ mod tests {
             text.contains("add element ip tugboat-proxy no-endpoint-services { 10.96.0.20 . tcp . 5432 }"),
             "{text}"
         );
+        // Kept per Service: a change of one writes only its own rules.
+        let key = |name: &str| ("shop".to_string(), name.to_string());
+        let by_service = |ep: &[&str]| -> Vec<(ServiceKey, Vec<ServicePort>)> {
+            let endpoints = endpoints(ep);
+            services()
+                .iter()
+                .map(|s| (key_of(&s.metadata), ports_of(s, endpoints.get(&key_of(&s.metadata)).map(|e| &**e), "n1")))
+                .collect()
+        };
+        let (whole, mut parts) = Parts::full(by_service(&["10.244.1.5", "10.244.2.7"]));
+        assert_eq!(whole, before.full(), "the parts make the same table");
+        let db = by_service(&["10.244.2.7"]).into_iter().find(|(k, _)| *k == key("db")).unwrap();
+        let web = by_service(&["10.244.2.7"]).into_iter().find(|(k, _)| *k == key("web")).unwrap();
+        let (text, updates) = parts.changes(vec![db, web]);
+        assert_eq!(text, before.changes(&after), "web did not change: only db's rules");
+        parts.commit(updates);
+        let (text, updates) = parts.changes(vec![(key("db"), Vec::new())]);
+        assert!(text.contains("delete element ip tugboat-proxy service-ips { 10.96.0.20 . tcp . 5432 }"), "{text}");
+        assert!(text.contains("delete chain ip tugboat-proxy svc-shop/db/tcp/5432"), "{text}");
+        parts.commit(updates);
+        assert!(!parts.keys().any(|k| *k == key("db")));
         // The kernel takes every form (checked only: `nft --check` changes nothing).
         for text in [before.full(), format!("{}{}", before.full(), before.changes(&gone))] {
             use std::io::Write;

@@ -1,18 +1,19 @@
 //! `netbench`: the service proxy's programming speed, and the cluster DNS's queries/s. In network namespaces of its own, it
 //! makes the proxy's nftables table for N Services (two endpoints each, every tenth with a
 //! NodePort) from nothing, then changes one Service's endpoints at a time and times each
-//! change until its rules are live. Prints JSON. Goal: 10,000 Services in under 1 s, a change
+//! change until its rules are live; in nftables mode, then in iptables mode. Prints JSON. Goal: 10,000 Services in under 1 s, a change
 //! in under 50 ms. Then the DNS server, holding the same Services, answers A queries for
 //! them on loopback from `--dns-clients` clients asking one at a time for `--dns-seconds`.
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use clap::Parser;
 use k8s_openapi::api::core::v1::{Endpoints, Service};
 use serde_json::{Value, json};
-use tugboat_kubelet::proxy::{Ruleset, service_ports};
+use tugboat_kubelet::proxy::iptables::Tables;
+use tugboat_kubelet::proxy::{Parts, ports_of, service_ports};
 
 #[derive(Debug, Parser)]
 #[command(about = "Benchmark the service proxy's nftables programming; prints JSON")]
@@ -23,6 +24,9 @@ struct Args {
     /// Single-Service changes timed after each full programming.
     #[arg(long, default_value_t = 50)]
     changes: usize,
+    /// Also time the iptables mode (`--iptables=false` to skip it).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    iptables: bool,
     /// How long the DNS server is asked (seconds).
     #[arg(long, default_value_t = 5)]
     dns_seconds: u64,
@@ -60,7 +64,7 @@ async fn dns(services: Vec<Service>, endpoints: EndpointsByName, args: &Args) ->
     let tcp = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let address = udp.local_addr()?;
     tokio::spawn(tugboat_dns::serve::serve(resolver, Vec::new(), udp, tcp));
-    let until = Instant::now() + std::time::Duration::from_secs(args.dns_seconds);
+    let until = Instant::now() + Duration::from_secs(args.dns_seconds);
     let mut clients = Vec::new();
     for c in 0..args.dns_clients {
         clients.push(tokio::spawn(async move {
@@ -73,7 +77,7 @@ async fn dns(services: Vec<Service>, endpoints: EndpointsByName, args: &Args) ->
                 let q = query(i as u16, &format!("svc-{}.bench.svc.cluster.local", i % n));
                 let started = Instant::now();
                 socket.send(&q).await?;
-                let got = tokio::time::timeout(std::time::Duration::from_secs(1), socket.recv(&mut buf)).await??;
+                let got = tokio::time::timeout(Duration::from_secs(1), socket.recv(&mut buf)).await??;
                 anyhow::ensure!(got > q.len() && buf[..2] == q[..2] && buf[3] & 0x0f == 0, "a bad answer");
                 latencies.push(started.elapsed().as_secs_f64() * 1000.0);
                 i += 7;
@@ -145,40 +149,106 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
     sorted[index]
 }
 
-async fn run(args: Args) -> anyhow::Result<Value> {
-    let mut results = Vec::new();
-    for &n in &args.services {
-        let _ = tugboat_kubelet::proxy::remove();
-        let (services, endpoints) = cluster(n, 0, None);
-        let started = Instant::now();
-        let mut applied = Ruleset::new(&service_ports(&services, &endpoints, "n1"));
-        let text = applied.full();
-        let computed = started.elapsed();
-        nft(&text)?;
-        let full = started.elapsed();
-        let mut changes = Vec::new();
-        for k in 1..=args.changes {
-            let victim = (k * 7919) % n;
-            let (services, endpoints) = cluster(n, k * 2, Some(victim));
-            let started = Instant::now();
-            let next = Ruleset::new(&service_ports(&services, &endpoints, "n1"));
-            let text = applied.changes(&next);
-            anyhow::ensure!(!text.is_empty(), "change {k} changed nothing");
-            nft(&text)?;
-            changes.push(started.elapsed().as_secs_f64() * 1000.0);
-            applied = next;
-        }
-        changes.sort_by(f64::total_cmp);
-        results.push(json!({
-            "services": n,
-            "rules_computed_ms": computed.as_secs_f64() * 1000.0,
-            "programmed_from_nothing_ms": full.as_secs_f64() * 1000.0,
-            "change_p50_ms": percentile(&changes, 0.5),
-            "change_p99_ms": percentile(&changes, 0.99),
-            "chains": applied.chains.len(),
-        }));
+/// One mode's rules: from nothing, and for one changed Service.
+trait Mode {
+    type State;
+    /// The text programming every Service from nothing.
+    fn full(services: &[Service], endpoints: &EndpointsByName) -> (String, Self::State);
+    /// The text for Service `victim`'s change (the whole cluster given, as the proxy holds it).
+    fn change(state: &mut Self::State, services: &[Service], endpoints: &EndpointsByName, victim: usize) -> String;
+    fn apply(text: &str) -> anyhow::Result<()>;
+}
+
+struct Nft;
+impl Mode for Nft {
+    type State = Parts;
+    fn full(services: &[Service], endpoints: &EndpointsByName) -> (String, Parts) {
+        Parts::full(services.iter().map(|s| {
+            let key = (s.metadata.namespace.clone().unwrap(), s.metadata.name.clone().unwrap());
+            let ports = ports_of(s, endpoints.get(&key).map(|e| &**e), "n1");
+            (key, ports)
+        }))
     }
-    let _ = tugboat_kubelet::proxy::remove();
+    fn change(parts: &mut Parts, services: &[Service], endpoints: &EndpointsByName, victim: usize) -> String {
+        // The proxy re-models only the Services its watches reported.
+        let s = &services[victim];
+        let key = (s.metadata.namespace.clone().unwrap(), s.metadata.name.clone().unwrap());
+        let ports = ports_of(s, endpoints.get(&key).map(|e| &**e), "n1");
+        let (text, updates) = parts.changes(vec![(key, ports)]);
+        parts.commit(updates);
+        text
+    }
+    fn apply(text: &str) -> anyhow::Result<()> {
+        nft(text)
+    }
+}
+
+struct Ipt;
+impl Mode for Ipt {
+    type State = Tables;
+    fn full(services: &[Service], endpoints: &EndpointsByName) -> (String, Tables) {
+        let tables = Tables::new(&service_ports(services, endpoints, "n1"));
+        (Tables::changes(None, &tables), tables)
+    }
+    fn change(tables: &mut Tables, services: &[Service], endpoints: &EndpointsByName, _: usize) -> String {
+        // iptables mode models the whole cluster on every change.
+        let next = Tables::new(&service_ports(services, endpoints, "n1"));
+        let text = Tables::changes(Some(tables), &next);
+        *tables = next;
+        text
+    }
+    fn apply(text: &str) -> anyhow::Result<()> {
+        tugboat_kubelet::proxy::iptables::restore(text)
+    }
+}
+
+/// Programs `n` Services from nothing, then `changes` single-Service endpoint changes.
+fn program<M: Mode>(n: usize, changes: usize) -> anyhow::Result<Value> {
+    let (services, endpoints) = cluster(n, 0, None);
+    let started = Instant::now();
+    let (text, mut state) = M::full(&services, &endpoints);
+    let computed = started.elapsed();
+    M::apply(&text)?;
+    let full = started.elapsed();
+    let mut times = Vec::new();
+    let mut kernel = Vec::new();
+    for k in 1..=changes {
+        let victim = (k * 7919) % n;
+        let (services, endpoints) = cluster(n, k * 2, Some(victim));
+        let started = Instant::now();
+        let text = M::change(&mut state, &services, &endpoints, victim);
+        let planned = started.elapsed();
+        anyhow::ensure!(!text.is_empty(), "change {k} changed nothing");
+        M::apply(&text)?;
+        let done = started.elapsed();
+        times.push(done.as_secs_f64() * 1000.0);
+        kernel.push((done - planned).as_secs_f64() * 1000.0);
+    }
+    times.sort_by(f64::total_cmp);
+    kernel.sort_by(f64::total_cmp);
+    Ok(json!({
+        "services": n,
+        "rules_computed_ms": computed.as_secs_f64() * 1000.0,
+        "programmed_from_nothing_ms": full.as_secs_f64() * 1000.0,
+        "change_p50_ms": percentile(&times, 0.5),
+        "change_p99_ms": percentile(&times, 0.99),
+        "change_p50_writing_ms": percentile(&kernel, 0.5),
+    }))
+}
+
+async fn run(args: Args) -> anyhow::Result<Value> {
+    let mut nftables = Vec::new();
+    let mut iptables = Vec::new();
+    for &n in &args.services {
+        let _ = tugboat_kubelet::proxy::cleanup();
+        nftables.push(program::<Nft>(n, args.changes)?);
+        let _ = tugboat_kubelet::proxy::cleanup();
+        if args.iptables {
+            iptables.push(program::<Ipt>(n, args.changes)?);
+        }
+    }
+    let results = json!({"nftables": nftables, "iptables": iptables});
+    let _ = tugboat_kubelet::proxy::cleanup();
     let largest = args.services.iter().copied().max().unwrap_or(1000);
     let (services, endpoints) = cluster(largest, 0, None);
     let dns = dns(services, endpoints, &args).await?;
