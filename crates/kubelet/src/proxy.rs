@@ -12,8 +12,9 @@
 //!   into a vmap), after the session-affinity sets (`sessionAffinity: ClientIP`) have had their
 //!   say; `ext-…`: NodePort and external traffic, masqueraded and sent on to `svc-…`, or with
 //!   `externalTrafficPolicy: Local` kept on this node's endpoints and not masqueraded;
-//! - `ep-…/<ip>/<port>`: marks a pod reaching its own Service for masquerading (hairpin),
-//!   records the client for affinity, and DNATs;
+//! - `ep-…/<ip>/<port>` (with session affinity): records the client, and DNATs;
+//! - set `hairpin` of (address . address) for this node's endpoints: a pod DNATed to itself
+//!   (reaching its own Service) is masqueraded, or its reply would skip the DNAT's undoing;
 //! - sets `no-endpoint-services`/`no-endpoint-nodeports`: ports without endpoints are rejected
 //!   (ICMP host unreachable) in filter chains, as `reject` cannot live in NAT chains.
 //!
@@ -84,7 +85,7 @@ enum Applied {
 #[derive(Debug)]
 enum Next {
     Whole(Applied),
-    Parts(Parts, Vec<(ServiceKey, Vec<ServicePort>, Ruleset)>),
+    Parts(Parts, Update),
 }
 
 impl Next {
@@ -229,70 +230,89 @@ pub fn ports_of(service: &Service, endpoints: Option<&Endpoints>, node_name: &st
 pub type ServiceKey = (String, String);
 
 /// The nftables rules kept per Service, so that a change costs only the Services it touches
-/// (the rules of one never name another's chains or map keys).
+/// (the rules of one never name another's chains or map keys; the hairpin addresses, which
+/// several Services may share, are counted).
 #[derive(Debug, Default, Clone)]
 pub struct Parts {
     parts: HashMap<ServiceKey, (Vec<ServicePort>, Ruleset)>,
+    hairpin: BTreeMap<Ipv4Addr, usize>,
+}
+
+/// What [`Parts::changes`] would change, for [`Parts::commit`] once it is written.
+#[derive(Debug)]
+pub struct Update {
+    services: Vec<(ServiceKey, Vec<ServicePort>, Ruleset)>,
+    hairpin: BTreeMap<Ipv4Addr, usize>,
 }
 
 impl Parts {
     /// Every Service's ports, programmed from nothing: the whole table's text and the parts.
     pub fn full(services: impl IntoIterator<Item = (ServiceKey, Vec<ServicePort>)>) -> (String, Parts) {
         let mut parts = Parts::default();
-        let mut whole = Ruleset::default();
+        let mut text = format!("table ip {TABLE}\ndelete table ip {TABLE}\n{}", base());
+        let empty = Ruleset::default();
         for (key, ports) in services {
             let rules = Ruleset::new(&ports);
-            whole.chains.extend(rules.chains.iter().map(|(k, v)| (k.clone(), v.clone())));
-            whole.elements.extend(rules.elements.iter().map(|(k, v)| (k.clone(), v.clone())));
-            whole.affinity_sets.extend(rules.affinity_sets.iter().map(|(k, v)| (k.clone(), *v)));
+            // A Service's rules name only its own chains: each is written after the other.
+            empty.changes_into(&rules, &mut text);
+            for ip in &rules.hairpin {
+                *parts.hairpin.entry(*ip).or_default() += 1;
+            }
             parts.parts.insert(key, (ports, rules));
         }
-        (whole.full(), parts)
+        let hairpin: BTreeSet<Ipv4Addr> = parts.hairpin.keys().copied().collect();
+        hairpin_changes(&BTreeSet::new(), &hairpin, &mut text);
+        (text, parts)
     }
 
-    /// The transaction replacing the Services in `changed` (their ports now; none: gone), and
-    /// what [`Parts::commit`] records once it is applied. Services whose ports are unchanged
-    /// cost nothing.
-    pub fn changes(
-        &self,
-        changed: Vec<(ServiceKey, Vec<ServicePort>)>,
-    ) -> (String, Vec<(ServiceKey, Vec<ServicePort>, Ruleset)>) {
+    /// The transaction replacing the Services in `changed` (their ports now; none: gone).
+    /// Services whose ports are unchanged cost nothing.
+    pub fn changes(&self, changed: Vec<(ServiceKey, Vec<ServicePort>)>) -> (String, Update) {
         let empty = (Vec::new(), Ruleset::default());
-        let mut updates = Vec::new();
+        let mut services = Vec::new();
         for (key, ports) in changed {
             let (old_ports, _) = self.parts.get(&key).unwrap_or(&empty);
             if *old_ports != ports {
                 let rules = Ruleset::new(&ports);
-                updates.push((key, ports, rules));
+                services.push((key, ports, rules));
             }
         }
         // Services going away first: a new one may take over an address a gone one held.
-        updates.sort_by_key(|(_, ports, _)| !ports.is_empty());
+        services.sort_by_key(|(_, ports, _)| !ports.is_empty());
         let mut text = String::new();
-        for (key, _, rules) in &updates {
+        let mut hairpin = self.hairpin.clone();
+        for (key, _, rules) in &services {
             let (_, old) = self.parts.get(key).unwrap_or(&empty);
             old.changes_into(rules, &mut text);
+            for ip in &old.hairpin {
+                if let Some(count) = hairpin.get_mut(ip) {
+                    *count -= 1;
+                }
+            }
+            for ip in &rules.hairpin {
+                *hairpin.entry(*ip).or_default() += 1;
+            }
         }
-        (text, updates)
+        hairpin.retain(|_, count| *count > 0);
+        let before: BTreeSet<Ipv4Addr> = self.hairpin.keys().copied().collect();
+        let after: BTreeSet<Ipv4Addr> = hairpin.keys().copied().collect();
+        hairpin_changes(&before, &after, &mut text);
+        (text, Update { services, hairpin })
     }
 
-    pub fn commit(&mut self, updates: Vec<(ServiceKey, Vec<ServicePort>, Ruleset)>) {
-        for (key, ports, rules) in updates {
+    pub fn commit(&mut self, update: Update) {
+        for (key, ports, rules) in update.services {
             if ports.is_empty() {
                 self.parts.remove(&key);
             } else {
                 self.parts.insert(key, (ports, rules));
             }
         }
+        self.hairpin = update.hairpin;
     }
 
     pub fn keys(&self) -> impl Iterator<Item = &ServiceKey> {
         self.parts.keys()
-    }
-
-    /// The chains programmed (for the benchmark's report).
-    pub fn chains(&self) -> usize {
-        self.parts.values().map(|(_, r)| r.chains.len()).sum()
     }
 }
 
@@ -305,12 +325,17 @@ pub struct Ruleset {
     pub elements: BTreeMap<(&'static str, String), String>,
     /// Affinity sets and their timeouts (seconds).
     pub affinity_sets: BTreeMap<String, i32>,
+    /// This node's endpoints: a pod DNATed to itself (reaching its own Service) is
+    /// masqueraded, or its reply would skip the DNAT's undoing. One set for the table
+    /// (`hairpin`, of (address . address) pairs) rather than a rule per endpoint.
+    pub hairpin: BTreeSet<Ipv4Addr>,
 }
 
 const SERVICE_IPS: &str = "service-ips";
 const NODEPORTS: &str = "service-nodeports";
 const NO_ENDPOINT_SERVICES: &str = "no-endpoint-services";
 const NO_ENDPOINT_NODEPORTS: &str = "no-endpoint-nodeports";
+const HAIRPIN: &str = "hairpin";
 
 /// The table's fixed part, made with the table.
 pub fn base() -> String {
@@ -321,6 +346,7 @@ pub fn base() -> String {
          \tmap {NODEPORTS} {{ type inet_proto . inet_service : verdict; }}\n\
          \tset {NO_ENDPOINT_SERVICES} {{ type ipv4_addr . inet_proto . inet_service; }}\n\
          \tset {NO_ENDPOINT_NODEPORTS} {{ type inet_proto . inet_service; }}\n\
+         \tset {HAIRPIN} {{ type ipv4_addr . ipv4_addr; }}\n\
          \tchain services {{\n\
          \t\tip daddr . meta l4proto . th dport vmap @{SERVICE_IPS}\n\
          \t\tfib daddr type local ip daddr != 127.0.0.0/8 meta l4proto . th dport vmap @{NODEPORTS}\n\
@@ -328,6 +354,7 @@ pub fn base() -> String {
          \tchain nat-prerouting {{\n\t\ttype nat hook prerouting priority dstnat; policy accept;\n\t\tjump services\n\t}}\n\
          \tchain nat-output {{\n\t\ttype nat hook output priority -100; policy accept;\n\t\tjump services\n\t}}\n\
          \tchain nat-postrouting {{\n\t\ttype nat hook postrouting priority srcnat; policy accept;\n\
+         \t\tip saddr . ip daddr @{HAIRPIN} masquerade fully-random\n\
          \t\tmeta mark & {mark} == 0 return\n\
          \t\tmeta mark set meta mark ^ {mark}\n\
          \t\tmasquerade fully-random\n\t}}\n\
@@ -360,7 +387,6 @@ impl Ruleset {
                 for e in &sp.endpoints {
                     let name = affinity_set(e);
                     let rules = vec![
-                        format!("ip saddr {} jump mark-for-masquerade", e.ip),
                         format!("update @{name} {{ ip saddr }}"),
                         format!("meta l4proto {proto} dnat to {}:{}", e.ip, e.port),
                     ];
@@ -383,16 +409,12 @@ impl Ruleset {
                     }
                     return rules;
                 }
-                // A pod reaching its own Service (hairpin) is masqueraded, or its reply
-                // would skip the DNAT's undoing.
-                for e in among {
-                    rules.push(format!("ip saddr {} meta mark set meta mark | {MASQUERADE_MARK}", e.ip));
-                }
                 for (i, e) in among.iter().enumerate() {
                     rules.push(format!("{}meta l4proto {proto} dnat to {}:{}", pick(among.len() - i), e.ip, e.port));
                 }
                 rules
             };
+            set.hairpin.extend(sp.endpoints.iter().filter(|e| e.local).map(|e| e.ip));
             let all: Vec<&Endpoint> = sp.endpoints.iter().collect();
             let external = !sp.external_ips.is_empty() || sp.node_port.is_some();
             if all.is_empty() {
@@ -442,6 +464,7 @@ impl Ruleset {
     pub fn full(&self) -> String {
         let mut text = format!("table ip {TABLE}\ndelete table ip {TABLE}\n{}", base());
         Ruleset::default().changes_into(self, &mut text);
+        hairpin_changes(&BTreeSet::new(), &self.hairpin, &mut text);
         text
     }
 
@@ -449,6 +472,7 @@ impl Ruleset {
     pub fn changes(&self, next: &Ruleset) -> String {
         let mut text = String::new();
         self.changes_into(next, &mut text);
+        hairpin_changes(&self.hairpin, &next.hairpin, &mut text);
         text
     }
 
@@ -503,6 +527,19 @@ impl Ruleset {
         for name in self.affinity_sets.keys().filter(|s| !next.affinity_sets.contains_key(*s)) {
             let _ = writeln!(out, "delete set ip {TABLE} {name}");
         }
+    }
+}
+
+/// The elements of the `hairpin` set going from `old` to `new` addresses.
+fn hairpin_changes(old: &BTreeSet<Ipv4Addr>, new: &BTreeSet<Ipv4Addr>, out: &mut String) {
+    let pairs = |ips: Vec<&Ipv4Addr>| ips.iter().map(|ip| format!("{ip} . {ip}")).collect::<Vec<_>>().join(", ");
+    let gone: Vec<&Ipv4Addr> = old.difference(new).collect();
+    let came: Vec<&Ipv4Addr> = new.difference(old).collect();
+    if !gone.is_empty() {
+        out.push_str(&format!("delete element ip {TABLE} {HAIRPIN} {{ {} }}\n", pairs(gone)));
+    }
+    if !came.is_empty() {
+        out.push_str(&format!("add element ip {TABLE} {HAIRPIN} {{ {} }}\n", pairs(came)));
     }
 }
 
@@ -792,12 +829,10 @@ mod tests {
         assert_eq!(
             chooser,
             &[
-                "ip saddr 10.244.1.5 meta mark set meta mark | 0x4000",
-                "ip saddr 10.244.2.7 meta mark set meta mark | 0x4000",
                 "numgen random mod 2 == 0 meta l4proto tcp dnat to 10.244.1.5:15432",
-                "meta l4proto tcp dnat to 10.244.2.7:15432",
+                "meta l4proto tcp dnat to 10.244.2.7:15432"
             ],
-            "hairpin marks, then one endpoint at random"
+            "one endpoint at random"
         );
         assert_eq!(rules.elements[&(SERVICE_IPS, "10.96.0.20 . tcp . 5432".into())], "goto svc-shop/db/tcp/5432");
         // No endpoints: rejected, on its ClusterIP and its NodePort.
@@ -809,8 +844,9 @@ mod tests {
         assert_eq!(ext[0], "ip saddr @aff-shop/web/tcp/80/10.244.1.3/8080 goto ep-shop/web/tcp/80/10.244.1.3/8080");
         assert_eq!(ext[1], "goto ep-shop/web/tcp/80/10.244.1.3/8080");
         let endpoint = &rules.chains["ep-shop/web/tcp/80/10.244.1.3/8080"];
-        assert_eq!(endpoint[0], "ip saddr 10.244.1.3 jump mark-for-masquerade", "hairpin");
-        assert_eq!(endpoint[2], "meta l4proto tcp dnat to 10.244.1.3:8080");
+        assert_eq!(endpoint[1], "meta l4proto tcp dnat to 10.244.1.3:8080");
+        assert_eq!(rules.hairpin.iter().map(|ip| ip.to_string()).collect::<Vec<_>>(), ["10.244.1.3"], "n1's endpoints");
+        assert!(rules.full().contains("add element ip tugboat-proxy hairpin { 10.244.1.3 . 10.244.1.3 }"));
         assert_eq!(rules.elements[&(NODEPORTS, "tcp . 30081".into())], "goto ext-shop/web/tcp/80");
         assert_eq!(rules.affinity_sets.len(), 2);
         assert!(
@@ -833,7 +869,6 @@ mod tests {
             lines,
             [
                 "flush chain ip tugboat-proxy svc-shop/db/tcp/5432",
-                "add rule ip tugboat-proxy svc-shop/db/tcp/5432 ip saddr 10.244.2.7 meta mark set meta mark | 0x4000",
                 "add rule ip tugboat-proxy svc-shop/db/tcp/5432 meta l4proto tcp dnat to 10.244.2.7:15432",
             ],
             "{text}"
@@ -856,7 +891,12 @@ mod tests {
                 .collect()
         };
         let (whole, mut parts) = Parts::full(by_service(&["10.244.1.5", "10.244.2.7"]));
-        assert_eq!(whole, before.full(), "the parts make the same table");
+        let sorted = |text: &str| {
+            let mut lines: Vec<String> = text.lines().map(str::to_string).collect();
+            lines.sort();
+            lines
+        };
+        assert_eq!(sorted(&whole), sorted(&before.full()), "the parts make the same table, Service by Service");
         let db = by_service(&["10.244.2.7"]).into_iter().find(|(k, _)| *k == key("db")).unwrap();
         let web = by_service(&["10.244.2.7"]).into_iter().find(|(k, _)| *k == key("web")).unwrap();
         let (text, updates) = parts.changes(vec![db, web]);

@@ -563,11 +563,11 @@ fn db_endpoints(kubectl: &Kubectl) -> Vec<(String, String)> {
     ready
 }
 
-/// Whether every host's proxy has programmed exactly `ips` for db (port 8080): hosts 0 and 1
-/// in nftables mode, host 2 in iptables mode.
+/// Whether every host's proxy has programmed exactly `ips` for db (port 8080): hosts 0 and 2
+/// in nftables mode, host 1 in iptables mode.
 fn proxies_agree(hosts: &Hosts, ips: &[String]) -> bool {
     (0..3).all(|i| {
-        let (program, args, dnat): (&str, &[&str], &str) = if i == 2 {
+        let (program, args, dnat): (&str, &[&str], &str) = if i == 1 {
             ("iptables-save", &["-t", "nat"], "-j DNAT --to-destination ")
         } else {
             ("nft", &["list", "chain", "ip", "tugboat-proxy", "svc-default/db/tcp/80"], "dnat to ")
@@ -613,7 +613,7 @@ fn services_reach_pods_by_name_across_nodes() {
     for i in [1, 2] {
         let host = hosts.get_mut(i);
         let mut command = tugboat(host, &join[1..].iter().map(String::as_str).collect::<Vec<_>>());
-        if i == 2 {
+        if i == 1 {
             // One node in the proxy's other mode: both route the same cluster.
             command.args(["--proxy-mode", "iptables"]);
         }
@@ -757,8 +757,8 @@ fn services_reach_pods_by_name_across_nodes() {
     kubectl.ok(&["patch", "service", "db", "-p", r#"{"spec":{"sessionAffinity":"ClientIP"}}"#]);
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
-        let table = hosts.get(1).command("nft").args(["list", "table", "ip", "tugboat-proxy"]).output().unwrap();
-        if String::from_utf8_lossy(&table.stdout).contains("@aff-default/db/tcp/80/") {
+        let table = hosts.get(1).command("iptables-save").args(["-t", "nat"]).output().unwrap();
+        if String::from_utf8_lossy(&table.stdout).contains("--rcheck --seconds 10800") {
             break;
         }
         assert!(Instant::now() < deadline, "no affinity rules on host-1");
@@ -769,8 +769,8 @@ fn services_reach_pods_by_name_across_nodes() {
     let seen: std::collections::BTreeSet<&str> = answers.lines().collect();
     assert_eq!((seen.len(), answers.lines().count()), (1, 20), "one pod for one client: {answers}");
 
-    // externalTrafficPolicy Local: a NodePort answers only on nodes with a db pod (host-2, in
-    // iptables mode), and is refused on the others.
+    // externalTrafficPolicy Local: a NodePort answers only on nodes with a db pod (host-2),
+    // and is refused on the others (host-1, in iptables mode).
     kubectl.ok(&[
         "patch",
         "service",
@@ -788,11 +788,11 @@ fn services_reach_pods_by_name_across_nodes() {
     let got = fetch_from(hosts.get(3), &url_2);
     assert!(got.as_ref().is_ok_and(|name| db_endpoints(&kubectl).iter().any(|(n, _)| n == name)), "{got:?}");
 
-    // The proxy's rules go cleanly: `tugboat proxy --cleanup` on host-2 (iptables) after its
+    // The proxy's rules go cleanly: `tugboat proxy --cleanup` on host-1 (iptables) after its
     // agent has stopped.
-    hosts.get_mut(2).kill();
-    let out = hosts.get(2).command(TUGBOAT).args(["proxy", "--cleanup", "--kubeconfig", "/dev/null"]).output().unwrap();
+    hosts.get_mut(1).kill();
+    let out = hosts.get(1).command(TUGBOAT).args(["proxy", "--cleanup", "--kubeconfig", "/dev/null"]).output().unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let saved = hosts.get(2).command("iptables-save").output().unwrap();
+    let saved = hosts.get(1).command("iptables-save").output().unwrap();
     assert!(!String::from_utf8_lossy(&saved.stdout).contains("TUGBOAT"), "{}", String::from_utf8_lossy(&saved.stdout));
 }

@@ -119,7 +119,7 @@ fn cluster(n: usize, generation: usize, changed: Option<usize>) -> (Vec<Service>
         );
         let shift = if changed == Some(i) { generation } else { 0 };
         let addresses: Vec<Value> = (0..2)
-            .map(|k| json!({"ip": format!("10.{}.{}.{}", 100 + (i * 2 + k + shift) / 62500 % 100, (i * 2 + k + shift) / 250 % 250, 1 + (i * 2 + k + shift) % 250), "nodeName": "n1"}))
+            .map(|k| json!({"ip": format!("10.{}.{}.{}", 100 + (i * 2 + k + shift) / 62500 % 100, (i * 2 + k + shift) / 250 % 250, 1 + (i * 2 + k + shift) % 250), "nodeName": format!("n{}", (i * 2 + k) % 10)}))
             .collect();
         let e: Endpoints = serde_json::from_value(json!({
             "metadata": {"name": name, "namespace": "bench"},
