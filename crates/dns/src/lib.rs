@@ -165,13 +165,7 @@ impl Resolver {
         if request.message_type() != MessageType::Query {
             return Reply::Drop;
         }
-        let mut reply = Message::new();
-        reply
-            .set_id(request.id())
-            .set_message_type(MessageType::Response)
-            .set_op_code(request.op_code())
-            .set_recursion_desired(request.recursion_desired())
-            .set_recursion_available(true);
+        let mut reply = response_to(&request);
         let [question] = request.queries() else {
             reply.set_response_code(ResponseCode::FormErr);
             return reply.to_vec().map_or(Reply::Drop, Reply::Answer);
@@ -428,6 +422,18 @@ impl Resolver {
                 .collect(),
         )
     }
+}
+
+/// A response to `request`: its ID, opcode and recursion flag; recursion available.
+pub(crate) fn response_to(request: &Message) -> Message {
+    let mut reply = Message::new();
+    reply
+        .set_id(request.id())
+        .set_message_type(MessageType::Response)
+        .set_op_code(request.op_code())
+        .set_recursion_desired(request.recursion_desired())
+        .set_recursion_available(true);
+    reply
 }
 
 fn headless(service: &Service) -> bool {

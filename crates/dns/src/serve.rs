@@ -6,7 +6,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
-use hickory_proto::op::{Message, MessageType, ResponseCode};
+use hickory_proto::op::{Message, ResponseCode};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
 
@@ -29,14 +29,8 @@ pub fn host_resolvers(resolv_conf: &str, exclude: &[IpAddr]) -> Vec<SocketAddr> 
 /// SERVFAIL for a query (when its header can be read).
 fn server_failure(query: &[u8]) -> Option<Vec<u8>> {
     let request = Message::from_vec(query).ok()?;
-    let mut reply = Message::new();
-    reply
-        .set_id(request.id())
-        .set_message_type(MessageType::Response)
-        .set_op_code(request.op_code())
-        .set_recursion_desired(request.recursion_desired())
-        .set_recursion_available(true)
-        .set_response_code(ResponseCode::ServFail);
+    let mut reply = crate::response_to(&request);
+    reply.set_response_code(ResponseCode::ServFail);
     for q in request.queries() {
         reply.add_query(q.clone());
     }
@@ -147,7 +141,7 @@ async fn tcp_connection(mut stream: TcpStream, resolver: &Resolver, upstreams: &
 #[cfg(test)]
 mod tests {
     use super::*;
-    use hickory_proto::op::Query;
+    use hickory_proto::op::{MessageType, Query};
     use hickory_proto::rr::{Name, RecordType};
     use std::str::FromStr;
 

@@ -157,16 +157,17 @@ pub async fn run(node: Arc<NodeAgent>) {
 
 /// Applies an nftables ruleset atomically.
 pub(crate) fn nft(ruleset: &str) -> anyhow::Result<()> {
+    feed("nft", &["-f", "-"], ruleset)
+}
+
+/// Runs `program` with `text` as its input; its error output is the error.
+pub(crate) fn feed(program: &str, args: &[&str], text: &str) -> anyhow::Result<()> {
     use std::io::Write;
-    let mut child = Command::new("nft")
-        .args(["-f", "-"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()?;
-    child.stdin.take().expect("piped").write_all(ruleset.as_bytes())?;
+    let mut child =
+        Command::new(program).args(args).stdin(Stdio::piped()).stdout(Stdio::null()).stderr(Stdio::piped()).spawn()?;
+    child.stdin.take().expect("piped").write_all(text.as_bytes())?;
     let out = child.wait_with_output()?;
-    anyhow::ensure!(out.status.success(), "nft: {}", String::from_utf8_lossy(&out.stderr).trim());
+    anyhow::ensure!(out.status.success(), "{program}: {}", String::from_utf8_lossy(&out.stderr).trim());
     Ok(())
 }
 

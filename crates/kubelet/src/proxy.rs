@@ -774,12 +774,11 @@ pub async fn run(client: kube::Client, config: ProxyConfig) {
 
 /// Whether the proxy's table is in the kernel.
 fn table_exists() -> bool {
+    // The list of tables, not the table: that would print every rule.
     std::process::Command::new("nft")
-        .args(["list", "table", "ip", TABLE])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success())
+        .args(["list", "tables", "ip"])
+        .output()
+        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).lines().any(|l| l.trim() == format!("table ip {TABLE}")))
 }
 
 #[cfg(test)]

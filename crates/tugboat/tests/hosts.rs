@@ -72,6 +72,19 @@ fn tugboat(host: &Host, args: &[&str]) -> Command {
     command
 }
 
+/// Inside `test`'s own namespaces: `count` hosts, the first `nodes` of them with the busybox
+/// image in their data dirs. None in the outer run (which only waits for the inner one).
+fn nodes(test: &str, count: usize, nodes: usize) -> Option<Hosts> {
+    if !tugboat_testkit::isolated(test) {
+        return None;
+    }
+    let hosts = Hosts::new(count).unwrap();
+    for i in 0..nodes {
+        tugboat_testkit::image::import_busybox(Path::new(TUGBOAT), &hosts.get(i).dir().join("data")).unwrap();
+    }
+    Some(hosts)
+}
+
 /// The `tugboat agent --server … --token …` line `tugboat server` printed.
 fn printed_join_command(server: &Host) -> Vec<String> {
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -151,13 +164,7 @@ fn spread_pods(kubectl: &Kubectl) -> Vec<(String, String, String, bool)> {
 /// others; restored, it is Ready again and its old pods are gone.
 #[test]
 fn a_server_and_two_agents_run_pods_and_survive_a_cut_link() {
-    if !tugboat_testkit::isolated("a_server_and_two_agents_run_pods_and_survive_a_cut_link") {
-        return;
-    }
-    let mut hosts = Hosts::new(3).unwrap();
-    for i in 0..3 {
-        tugboat_testkit::image::import_busybox(Path::new(TUGBOAT), &hosts.get(i).dir().join("data")).unwrap();
-    }
+    let Some(mut hosts) = nodes("a_server_and_two_agents_run_pods_and_survive_a_cut_link", 3, 3) else { return };
     let server = hosts.get_mut(0);
     let command = tugboat(
         server,
@@ -595,13 +602,7 @@ fn fetch_from(host: &Host, url: &str) -> Result<String, String> {
 /// own Service; cluster DNS answers with the search path pods are given.
 #[test]
 fn services_reach_pods_by_name_across_nodes() {
-    if !tugboat_testkit::isolated("services_reach_pods_by_name_across_nodes") {
-        return;
-    }
-    let mut hosts = Hosts::new(4).unwrap();
-    for i in 0..3 {
-        tugboat_testkit::image::import_busybox(Path::new(TUGBOAT), &hosts.get(i).dir().join("data")).unwrap();
-    }
+    let Some(mut hosts) = nodes("services_reach_pods_by_name_across_nodes", 4, 3) else { return };
     let command = tugboat(hosts.get(0), &["server"]);
     hosts.get_mut(0).spawn("server", command).unwrap();
     let join = printed_join_command(hosts.get(0));

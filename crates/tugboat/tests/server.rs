@@ -33,8 +33,10 @@ fn the_server_keeps_its_state_in_the_data_dir_and_stops_on_sigterm() {
     assert!(kubeconfig.contains(&format!("server: {}", server.url())), "{kubeconfig}");
 
     // A second server on the same data dir is refused, naming the file.
-    let second =
-        tugboat().args(["server", "--https-port", "0", "--data-dir", data_dir.to_str().unwrap()]).output().unwrap();
+    let second = tugboat()
+        .args(["server", "--disable-agent", "--https-port", "0", "--data-dir", data_dir.to_str().unwrap()])
+        .output()
+        .unwrap();
     assert!(!second.status.success());
     let message = String::from_utf8_lossy(&second.stderr);
     assert!(message.contains("in use by another process") && message.contains("state.db"), "{message}");
@@ -49,7 +51,8 @@ fn the_server_keeps_its_state_in_the_data_dir_and_stops_on_sigterm() {
     // Restarting reuses the same store and certificates.
     let ca = std::fs::read(data_dir.join("pki/ca.crt")).unwrap();
     let mut again = tugboat()
-        .args(["server", "--bind-address", "127.0.0.1", "--https-port", "0", "--data-dir", data_dir.to_str().unwrap()])
+        .args(["server", "--disable-agent", "--bind-address", "127.0.0.1", "--https-port", "0"])
+        .args(["--data-dir", data_dir.to_str().unwrap()])
         .stderr(std::process::Stdio::null())
         .spawn()
         .unwrap();
@@ -64,8 +67,10 @@ fn a_corrupt_store_stops_the_server_with_a_clear_error() {
     let dir = tempfile::tempdir().unwrap();
     std::fs::create_dir_all(dir.path().join("db")).unwrap();
     std::fs::write(dir.path().join("db/state.db"), vec![0x5a; 8192]).unwrap();
-    let output =
-        tugboat().args(["server", "--https-port", "0", "--data-dir", dir.path().to_str().unwrap()]).output().unwrap();
+    let output = tugboat()
+        .args(["server", "--disable-agent", "--https-port", "0", "--data-dir", dir.path().to_str().unwrap()])
+        .output()
+        .unwrap();
     assert_eq!(output.status.code(), Some(1));
     let message = String::from_utf8_lossy(&output.stderr);
     assert!(message.contains("corrupt") && message.contains("state.db"), "{message}");
@@ -79,6 +84,7 @@ fn an_unreachable_etcd_stops_the_server_naming_the_endpoint() {
     let output = tugboat()
         .args([
             "server",
+            "--disable-agent",
             "--https-port",
             "0",
             "--data-dir",
@@ -118,6 +124,7 @@ fn a_taken_port_is_a_clear_error() {
     let output = tugboat()
         .args([
             "server",
+            "--disable-agent",
             "--bind-address",
             "127.0.0.1",
             "--https-port",

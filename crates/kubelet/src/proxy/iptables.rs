@@ -192,17 +192,7 @@ fn iptables(args: &[&str]) -> std::io::Result<std::process::Output> {
 
 /// Applies `text` with `iptables-restore --noflush`.
 pub fn restore(text: &str) -> anyhow::Result<()> {
-    use std::io::Write;
-    let mut child = Command::new("iptables-restore")
-        .args(["-w", "--noflush"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()?;
-    child.stdin.take().expect("piped").write_all(text.as_bytes())?;
-    let out = child.wait_with_output()?;
-    anyhow::ensure!(out.status.success(), "iptables-restore: {}", String::from_utf8_lossy(&out.stderr).trim());
-    Ok(())
+    crate::network::feed("iptables-restore", &["-w", "--noflush"], text)
 }
 
 /// Puts the jumps from the built-in chains in place (first in each), once.
