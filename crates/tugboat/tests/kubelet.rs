@@ -132,3 +132,77 @@ fn the_kubelet_registers_the_host_as_a_node_and_heartbeats() {
     let internal = addresses.iter().find(|a| a["type"] == "InternalIP").expect("an InternalIP");
     assert_eq!(internal["address"], "10.99.0.2", "{node}");
 }
+
+/// `tugboat proxy` alone (as upstream's kube-proxy beside a kubelet): it programs this host's
+/// nftables from the cluster's Services and Endpoints, reports its programming latency, and
+/// `--cleanup` removes its rules.
+#[test]
+fn the_service_proxy_runs_alone() {
+    if !tugboat_testkit::isolated("the_service_proxy_runs_alone") {
+        return;
+    }
+    let server = TugboatServer::start(Path::new(env!("CARGO_BIN_EXE_tugboat")), &[]).unwrap();
+    let metrics = format!("127.0.0.1:{}", tugboat_testkit::free_port());
+    let tugboat = env!("CARGO_BIN_EXE_tugboat");
+    let proxy = KillOnDrop(
+        Command::new(tugboat)
+            .args(["proxy", "--node-name", "worker-1", "--proxy-metrics-address", &metrics])
+            .arg("--kubeconfig")
+            .arg(server.kubeconfig())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let table = || {
+        let out = Command::new("nft").args(["list", "table", "ip", "tugboat-proxy"]).output().unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let until = |what: &str, check: &dyn Fn(&str) -> bool| {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let text = table();
+            if check(&text) {
+                return text;
+            }
+            assert!(Instant::now() < deadline, "{what}: {text}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+    // The kubernetes Service, from the start.
+    let kubernetes = server.kubectl(&["get", "service", "kubernetes", "-o", "jsonpath={.spec.clusterIP}"], None);
+    until("the kubernetes Service", &|t| t.contains(&format!("{kubernetes} . tcp . 443")));
+    // A Service with endpoints of its own (no selector): a ClusterIP and a NodePort.
+    let manifest = r#"
+apiVersion: v1
+kind: Service
+metadata: {name: outside}
+spec:
+  type: NodePort
+  ports: [{name: web, port: 80, nodePort: 30099}]
+---
+apiVersion: v1
+kind: Endpoints
+metadata: {name: outside}
+subsets: [{addresses: [{ip: 192.0.2.10, nodeName: worker-1}], ports: [{name: web, port: 8080}]}]
+"#;
+    server.kubectl(&["apply", "-f", "-"], Some(manifest));
+    let ip = server.kubectl(&["get", "service", "outside", "-o", "jsonpath={.spec.clusterIP}"], None);
+    let text = until("the outside Service", &|t| t.contains("dnat to 192.0.2.10:8080"));
+    assert!(text.contains(&format!("{ip} . tcp . 80 : goto svc-default/outside/tcp/80")), "{text}");
+    assert!(text.contains("tcp . 30099 : goto ext-default/outside/tcp/80"), "{text}");
+    assert!(text.contains("192.0.2.10 . 192.0.2.10"), "a local endpoint is in the hairpin set: {text}");
+    // Deleted: its rules go, nothing else's.
+    server.kubectl(&["delete", "service", "outside"], None);
+    let text = until("the outside Service gone", &|t| !t.contains("outside"));
+    assert!(text.contains(&format!("{kubernetes} . tcp . 443")), "{text}");
+    let out = Command::new("curl").args(["-s", &format!("http://{metrics}/metrics")]).output().unwrap();
+    let scraped = String::from_utf8_lossy(&out.stdout);
+    assert!(scraped.contains("tugboat_proxy_network_programming_duration_seconds_count"), "{scraped}");
+    // `--cleanup` removes the proxy's rules.
+    drop(proxy);
+    let out = Command::new(tugboat).args(["proxy", "--cleanup", "--kubeconfig", "/dev/null"]).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let tables = Command::new("nft").args(["list", "tables"]).output().unwrap();
+    assert!(!String::from_utf8_lossy(&tables.stdout).contains("tugboat-proxy"));
+}
