@@ -521,7 +521,8 @@ async fn sync(node: &Shared, uid: &str, pod: Option<&Pod>, state: &mut Worker) -
     }
     let pod_ip = sandbox.ip.map(IpAddr::V4).or(if host_network { node.ip } else { None });
     let host_resolv = std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
-    write_etc_files(&dir, &hostname, pod_ip, &resolv_conf(pod, &node.dns, &host_resolv))?;
+    let hosts = hosts_file(pod, &hostname, pod_ip, &node.dns.domain);
+    write_etc_files(&dir, &hostname, &hosts, &resolv_conf(pod, &node.dns, &host_resolv))?;
 
     let attempts = by_name(&containers);
     for a in attempts.values() {
@@ -677,15 +678,38 @@ async fn run_probes(
     }
 }
 
-fn write_etc_files(dir: &std::path::Path, hostname: &str, ip: Option<IpAddr>, resolv: &str) -> std::io::Result<()> {
+/// A pod's `/etc/hosts` as upstream's kubelet writes it: loopback names, the pod's address with
+/// its fully qualified name when it has a `subdomain` (`<hostname>.<subdomain>.<ns>.svc.<domain>`,
+/// the name a headless Service of that name gives it), then its `hostAliases`.
+pub fn hosts_file(pod: &Pod, hostname: &str, ip: Option<IpAddr>, domain: &str) -> String {
+    let mut hosts = String::from(
+        "# Kubernetes-managed hosts file.\n127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n\
+         fe00::0\tip6-localnet\nfe00::0\tip6-mcastprefix\nfe00::1\tip6-allnodes\nfe00::2\tip6-allrouters\n",
+    );
+    let spec = pod.spec.as_ref();
+    if let Some(ip) = ip {
+        let namespace = pod.metadata.namespace.as_deref().unwrap_or("default");
+        match spec.and_then(|s| s.subdomain.as_deref()).filter(|s| !s.is_empty()) {
+            Some(subdomain) => {
+                hosts.push_str(&format!("{ip}\t{hostname}.{subdomain}.{namespace}.svc.{domain}\t{hostname}\n"))
+            }
+            None => hosts.push_str(&format!("{ip}\t{hostname}\n")),
+        }
+    }
+    let aliases = spec.and_then(|s| s.host_aliases.as_deref()).unwrap_or_default();
+    if !aliases.is_empty() {
+        hosts.push_str("\n# Entries added by HostAliases.\n");
+        for alias in aliases {
+            let names = alias.hostnames.clone().unwrap_or_default().join("\t");
+            hosts.push_str(&format!("{}\t{names}\n", alias.ip));
+        }
+    }
+    hosts
+}
+
+fn write_etc_files(dir: &std::path::Path, hostname: &str, hosts: &str, resolv: &str) -> std::io::Result<()> {
     let etc = dir.join("etc");
     std::fs::create_dir_all(&etc)?;
-    let mut hosts = String::from(
-        "# Kubernetes-managed hosts file.\n127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n",
-    );
-    if let Some(ip) = ip {
-        hosts.push_str(&format!("{ip}\t{hostname}\n"));
-    }
     write_if_changed(&etc.join("hosts"), hosts.as_bytes())?;
     write_if_changed(&etc.join("hostname"), format!("{hostname}\n").as_bytes())?;
     write_if_changed(&etc.join("resolv.conf"), resolv.as_bytes())?;
@@ -1470,6 +1494,26 @@ pub fn qos_class(spec: &k8s_openapi::api::core::v1::PodSpec) -> &'static str {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn hosts_files_name_the_pod_and_its_aliases() {
+        let pod: Pod = serde_json::from_value(json!({
+            "metadata": {"name": "web-0", "namespace": "shop"},
+            "spec": {"containers": [], "hostname": "web-0", "subdomain": "web",
+                     "hostAliases": [{"ip": "10.1.2.3", "hostnames": ["foo.local", "bar.local"]}]},
+        }))
+        .unwrap();
+        let hosts = hosts_file(&pod, "web-0", Some("10.244.1.5".parse().unwrap()), "cluster.local");
+        assert!(hosts.starts_with("# Kubernetes-managed hosts file.\n127.0.0.1\tlocalhost\n"), "{hosts}");
+        assert!(hosts.contains("\n10.244.1.5\tweb-0.web.shop.svc.cluster.local\tweb-0\n"), "{hosts}");
+        assert!(hosts.ends_with("\n# Entries added by HostAliases.\n10.1.2.3\tfoo.local\tbar.local\n"), "{hosts}");
+        let plain: Pod =
+            serde_json::from_value(json!({"metadata": {"name": "p"}, "spec": {"containers": []}})).unwrap();
+        assert!(
+            hosts_file(&plain, "p", Some("10.244.1.6".parse().unwrap()), "cluster.local")
+                .ends_with("\n10.244.1.6\tp\n")
+        );
+    }
 
     #[test]
     fn resolv_conf_follows_the_dns_policy() {

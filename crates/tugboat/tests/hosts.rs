@@ -679,6 +679,39 @@ fn services_reach_pods_by_name_across_nodes() {
     let missing = kubectl.run(&["exec", "web", "--", "nslookup", "nope.default.svc.cluster.local"], None);
     assert!(missing.as_ref().is_err_and(|e| e.contains("exit code 1")), "not found: {missing:?}");
 
+    // A headless Service: its name is its ready pods, each pod by its hostname, whose
+    // /etc/hosts names it so too.
+    let headless = r#"
+apiVersion: v1
+kind: Service
+metadata: {name: peers}
+spec: {clusterIP: None, selector: {app: peer}, ports: [{name: gossip, port: 7000}]}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: peer-0, labels: {app: peer}}
+spec:
+  hostname: peer-0
+  subdomain: peers
+  nodeName: host-2
+  terminationGracePeriodSeconds: 1
+  containers:
+  - {name: main, image: "busybox:1.35", command: [sleep, "3600"]}
+"#;
+    kubectl.run(&["apply", "-f", "-"], Some(headless)).unwrap();
+    let peer_ip = kubectl.until(
+        &["get", "pod", "peer-0", "-o", "jsonpath={.status.podIP}"],
+        Duration::from_secs(60),
+        "peer-0's IP",
+        |o| !o.is_empty() && !o.contains("kubectl"),
+    );
+    for name in ["peers.default.svc.cluster.local", "peer-0.peers.default.svc.cluster.local"] {
+        kubectl
+            .until(&["exec", "web", "--", "nslookup", name], Duration::from_secs(30), name, |o| o.contains(&peer_ip));
+    }
+    let etc_hosts = kubectl.ok(&["exec", "peer-0", "--", "cat", "/etc/hosts"]);
+    assert!(etc_hosts.contains(&format!("{peer_ip}\tpeer-0.peers.default.svc.cluster.local\tpeer-0")), "{etc_hosts}");
+
     // A pod reaching its own Service (hairpin).
     kubectl.until(
         &["exec", &db_pod, "--", "wget", "-q", "-O", "-", "http://db/"],
