@@ -123,12 +123,19 @@ pub struct ApiServer {
     /// Background work of this server (lease renewal, certificate renewal), stopped with it.
     background: Vec<tokio::task::JoinHandle<()>>,
     join: (String, String),
+    advertise: Option<IpAddr>,
 }
 
 impl ApiServer {
     /// `(server URL, token)` for `tugboat agent --server URL --token TOKEN`.
     pub fn join(&self) -> (&str, &str) {
         (&self.join.0, &self.join.1)
+    }
+
+    /// The address the rest of the cluster reaches this server at (`--advertise-address`, else
+    /// the bind address unless it is unspecified).
+    pub fn advertise_address(&self) -> Option<IpAddr> {
+        self.advertise
     }
 
     /// The address the server listens on.
@@ -354,7 +361,7 @@ pub async fn start(config: ApiServerConfig, store: Arc<dyn Store>) -> Result<Api
     let tokens = Arc::new(tokens);
     let task = tokio::spawn(accept_loop(listener, acceptor, state, tokens));
     tracing::info!(address = %local_addr, kubeconfig = %kubeconfig.display(), "API server listening");
-    Ok(ApiServer { local_addr, kubeconfig, task, background, join: (join_server, token) })
+    Ok(ApiServer { local_addr, kubeconfig, task, background, join: (join_server, token), advertise })
 }
 
 async fn accept_loop(

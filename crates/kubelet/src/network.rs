@@ -101,7 +101,7 @@ pub async fn run(node: Arc<NodeAgent>) {
     // The Node objects, from a watch: a node's change wakes the loop at once; the period
     // only catches this node's own pod network appearing.
     let wake = Arc::new(tokio::sync::Notify::new());
-    let nodes = crate::proxy::reflect(Api::<Node>::all(node.client.clone()), wake.clone(), Default::default());
+    let nodes = crate::proxy::reflect(Api::<Node>::all(node.client.clone()), wake.clone(), None);
     if nodes.wait_until_ready().await.is_err() {
         return;
     }

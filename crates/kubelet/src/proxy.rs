@@ -249,7 +249,7 @@ impl Parts {
     /// Every Service's ports, programmed from nothing: the whole table's text and the parts.
     pub fn full(services: impl IntoIterator<Item = (ServiceKey, Vec<ServicePort>)>) -> (String, Parts) {
         let mut parts = Parts::default();
-        let mut text = format!("table ip {TABLE}\ndelete table ip {TABLE}\n{}", base());
+        let mut text = fresh_table();
         let empty = Ruleset::default();
         for (key, ports) in services {
             let rules = Ruleset::new(&ports);
@@ -336,6 +336,11 @@ const NODEPORTS: &str = "service-nodeports";
 const NO_ENDPOINT_SERVICES: &str = "no-endpoint-services";
 const NO_ENDPOINT_NODEPORTS: &str = "no-endpoint-nodeports";
 const HAIRPIN: &str = "hairpin";
+
+/// The `nft -f` text deleting the table (if there) and making it anew with its fixed part.
+fn fresh_table() -> String {
+    format!("table ip {TABLE}\ndelete table ip {TABLE}\n{}", base())
+}
 
 /// The table's fixed part, made with the table.
 pub fn base() -> String {
@@ -462,7 +467,7 @@ impl Ruleset {
 
     /// The `nft -f` text making the whole table anew with this ruleset.
     pub fn full(&self) -> String {
-        let mut text = format!("table ip {TABLE}\ndelete table ip {TABLE}\n{}", base());
+        let mut text = fresh_table();
         Ruleset::default().changes_into(self, &mut text);
         hairpin_changes(&BTreeSet::new(), &self.hairpin, &mut text);
         text
@@ -598,8 +603,8 @@ pub(crate) struct Changes {
     keys: HashSet<ServiceKey>,
 }
 
-/// A reflector of `api` whose every event is recorded in `changes` and wakes `wake`.
-pub(crate) fn reflect<K>(api: Api<K>, wake: Arc<Notify>, changes: Arc<Mutex<Changes>>) -> Store<K>
+/// A reflector of `api` whose every event wakes `wake`, and is recorded in `changes` if given.
+pub(crate) fn reflect<K>(api: Api<K>, wake: Arc<Notify>, changes: Option<Arc<Mutex<Changes>>>) -> Store<K>
 where
     K: kube::Resource<DynamicType = ()>
         + Clone
@@ -620,15 +625,16 @@ where
     tokio::spawn(async move {
         let mut events = events.boxed();
         while let Some(event) = events.next().await {
-            let mut changes = changes.lock().unwrap_or_else(|e| e.into_inner());
-            match event {
-                Ok(object) => {
+            if let Err(error) = &event {
+                tracing::debug!(%error, "watch");
+            }
+            if let Some(changes) = &changes {
+                let mut changes = changes.lock().unwrap_or_else(|e| e.into_inner());
+                if let Ok(object) = &event {
                     changes.keys.insert(key_of(object.meta()));
                 }
-                Err(error) => tracing::debug!(%error, "service proxy: watch"),
+                changes.since.get_or_insert_with(Instant::now);
             }
-            changes.since.get_or_insert_with(Instant::now);
-            drop(changes);
             wake.notify_one();
         }
     });
@@ -663,8 +669,8 @@ pub async fn run(client: kube::Client, config: ProxyConfig) {
     }
     let wake = Arc::new(Notify::new());
     let changes = Arc::new(Mutex::new(Changes::default()));
-    let services = reflect(Api::<Service>::all(client.clone()), wake.clone(), changes.clone());
-    let endpoints = reflect(Api::<Endpoints>::all(client), wake.clone(), changes.clone());
+    let services = reflect(Api::<Service>::all(client.clone()), wake.clone(), Some(changes.clone()));
+    let endpoints = reflect(Api::<Endpoints>::all(client), wake.clone(), Some(changes.clone()));
     // The first rules wait for both full lists: a table made from half the picture would
     // cut connections that work.
     for ready in [services.wait_until_ready().await.is_ok(), endpoints.wait_until_ready().await.is_ok()] {

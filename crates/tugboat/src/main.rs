@@ -243,15 +243,32 @@ struct ProxyArgs {
     /// The node's name (default: the host name): its endpoints are the local ones.
     #[arg(long)]
     node_name: Option<String>,
-    /// Where the proxy serves /metrics (rule programming latency); empty: not served.
+    #[command(flatten)]
+    proxy: ProxyFlags,
+    /// Remove the proxy's rules (both modes) and exit.
+    #[arg(long)]
+    cleanup: bool,
+}
+
+/// The service proxy's flags (`proxy`, and `server` and `agent`, which run it).
+#[derive(Debug, Clone, clap::Args)]
+struct ProxyFlags {
+    /// Where the service proxy serves /metrics (rule programming latency); empty: not served.
     #[arg(long, default_value = "127.0.0.1:10249", value_parser = parse_optional_address)]
     proxy_metrics_address: OptionalAddress,
     /// How Services are programmed: nftables (one table of verdict maps) or iptables.
     #[arg(long, default_value = "nftables")]
     proxy_mode: tugboat_kubelet::proxy::ProxyMode,
-    /// Remove the proxy's rules (both modes) and exit.
-    #[arg(long)]
-    cleanup: bool,
+}
+
+impl ProxyFlags {
+    fn config(&self, node_name: String) -> tugboat_kubelet::proxy::ProxyConfig {
+        tugboat_kubelet::proxy::ProxyConfig {
+            node_name,
+            metrics_address: self.proxy_metrics_address.0,
+            mode: self.proxy_mode,
+        }
+    }
 }
 
 /// An address to serve on, or none (given empty).
@@ -309,12 +326,8 @@ struct NodeFlags {
     /// never does; `tugboat proxy` runs it alone).
     #[arg(long)]
     disable_kube_proxy: bool,
-    /// `server` and `agent`: where the service proxy serves /metrics; empty: not served.
-    #[arg(long, default_value = "127.0.0.1:10249", value_parser = parse_optional_address)]
-    proxy_metrics_address: OptionalAddress,
-    /// `server` and `agent`: how Services are programmed: nftables or iptables.
-    #[arg(long, default_value = "nftables")]
-    proxy_mode: tugboat_kubelet::proxy::ProxyMode,
+    #[command(flatten)]
+    proxy: ProxyFlags,
     /// The cluster DNS server's address, written into pods' resolv.conf.
     #[arg(long, default_value = "10.96.0.10")]
     cluster_dns: std::net::IpAddr,
@@ -354,11 +367,8 @@ impl NodeFlags {
                 min_age: self.image_minimum_gc_age,
             },
             kubeconfig: Some(kubeconfig.to_path_buf()),
-            proxy: (!self.disable_kube_proxy).then(|| tugboat_kubelet::proxy::ProxyConfig {
-                node_name: String::new(),
-                metrics_address: self.proxy_metrics_address.0,
-                mode: self.proxy_mode,
-            }),
+            // The kubelet names the node.
+            proxy: (!self.disable_kube_proxy).then(|| self.proxy.config(String::new())),
             dns: tugboat_kubelet::pods::ClusterDns {
                 server: self.cluster_dns,
                 domain: self.cluster_domain.trim_matches('.').to_string(),
@@ -667,11 +677,7 @@ fn main() -> ExitCode {
             Command::Proxy(args) if args.cleanup => tugboat_kubelet::proxy::cleanup(),
             Command::Proxy(args) => {
                 let client = client(&args.component.kubeconfig).await?;
-                let config = tugboat_kubelet::proxy::ProxyConfig {
-                    node_name: args.node_name.unwrap_or_else(tugboat_kubelet::host::hostname),
-                    metrics_address: args.proxy_metrics_address.0,
-                    mode: args.proxy_mode,
-                };
+                let config = args.proxy.config(args.node_name.unwrap_or_else(tugboat_kubelet::host::hostname));
                 tokio::select! {
                     () = tugboat_kubelet::proxy::run(client, config) => Ok(()),
                     result = wait_for_shutdown() => result,
@@ -868,11 +874,6 @@ async fn server(args: ServerArgs, full: bool) -> anyhow::Result<()> {
         DatastoreConfig::Sqlite(sqlite) => format!("sqlite {}", sqlite.path.display()),
         DatastoreConfig::Etcd(etcd) => format!("etcd {}", etcd.endpoints.join(",")),
     };
-    // Bound to every address: advertise the default route's interface address, as upstream.
-    let advertise = args
-        .advertise_address
-        .or_else(|| args.bind_address.is_unspecified().then(tugboat_kubelet::host::node_ip).flatten())
-        .or_else(|| (!args.bind_address.is_unspecified()).then_some(args.bind_address));
     let api_config = ApiServerConfig {
         data_dir: args.data_dir.clone(),
         bind_address: args.bind_address,
@@ -881,7 +882,10 @@ async fn server(args: ServerArgs, full: bool) -> anyhow::Result<()> {
         service_cidr: args.service_cidr,
         default_not_ready_toleration_seconds: args.default_not_ready_toleration_seconds,
         default_unreachable_toleration_seconds: args.default_unreachable_toleration_seconds,
-        advertise_address: advertise,
+        // Bound to every address: advertise the default route's interface address, as upstream.
+        advertise_address: args
+            .advertise_address
+            .or_else(|| args.bind_address.is_unspecified().then(tugboat_kubelet::host::node_ip).flatten()),
         join_token_ttl: args.token_ttl.as_secs(),
     };
     let api = tugboat_apiserver::start(api_config, store.clone()).await?;
@@ -942,7 +946,7 @@ async fn server(args: ServerArgs, full: bool) -> anyhow::Result<()> {
 
     if full {
         // Cluster DNS, at this server's address; `kube-dns` names every live one.
-        let address = advertise.unwrap_or(std::net::IpAddr::from([127, 0, 0, 1]));
+        let address = api.advertise_address().unwrap_or(std::net::IpAddr::from([127, 0, 0, 1]));
         let resolv = std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
         let config = tugboat_dns::DnsConfig {
             address,
