@@ -863,6 +863,9 @@ where
 }
 
 async fn server(args: ServerArgs, full: bool) -> anyhow::Result<()> {
+    // Before the ready line: a SIGTERM sent as soon as a user (or a test) sees it must find the
+    // handler installed, not the default action that kills the process.
+    let shutdown = shutdown_signal()?;
     std::fs::create_dir_all(&args.data_dir)
         .with_context(|| format!("creating the data dir {}", args.data_dir.display()))?;
     let config = DatastoreConfig::from_flags(&args.data_dir, args.datastore_endpoint.as_deref())?;
@@ -974,7 +977,7 @@ async fn server(args: ServerArgs, full: bool) -> anyhow::Result<()> {
         }));
     }
 
-    wait_for_shutdown().await?;
+    shutdown.await;
     tracing::info!("shutting down");
     components.iter().for_each(|c| c.abort());
     api.stop();
@@ -985,13 +988,21 @@ async fn server(args: ServerArgs, full: bool) -> anyhow::Result<()> {
 }
 
 async fn wait_for_shutdown() -> anyhow::Result<()> {
+    shutdown_signal()?.await;
+    Ok(())
+}
+
+/// Installs the SIGTERM and SIGINT handlers now; the future ends at the first of them.
+fn shutdown_signal() -> anyhow::Result<impl Future<Output = ()>> {
     use tokio::signal::unix::{SignalKind, signal};
     let mut terminate = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = terminate.recv() => {}
-    }
-    Ok(())
+    let mut interrupt = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    Ok(async move {
+        tokio::select! {
+            _ = terminate.recv() => {}
+            _ = interrupt.recv() => {}
+        }
+    })
 }
 
 #[cfg(test)]

@@ -17,7 +17,13 @@ fn start(extra: &[&str]) -> TugboatServer {
 fn terminate(server: &mut TugboatServer) -> std::process::ExitStatus {
     let ok = Command::new("kill").args(["-TERM", &server.pid().to_string()]).status().unwrap().success();
     assert!(ok);
-    server.wait().unwrap()
+    let status = server.wait().unwrap();
+    if !status.success() {
+        // The reader thread has seen the whole stderr once the process is gone.
+        std::thread::sleep(Duration::from_millis(100));
+        eprintln!("the server exited with {status}; its log:\n{}", server.log_lines().join("\n"));
+    }
+    status
 }
 
 #[test]
