@@ -8,9 +8,9 @@
 //! - verdict map `service-ips`: (ClusterIP or external IP, protocol, port) → the service port's
 //!   chain; `service-nodeports`: (protocol, nodePort) → its external chain, matched for traffic
 //!   to any of the node's own addresses (`fib daddr type local`, not loopback);
-//! - `svc-<ns>/<name>/<proto>/<port>`: picks a ready endpoint at random (`numgen random mod N`
-//!   into a vmap), after the session-affinity sets (`sessionAffinity: ClientIP`) have had their
-//!   say; `ext-…`: NodePort and external traffic, masqueraded and sent on to `svc-…`, or with
+//! - `svc-<ns>/<name>/<proto>/<port>`: picks a ready endpoint at random (`numgen random mod k
+//!   == 0` rules, no anonymous sets), after the session-affinity sets (`sessionAffinity:
+//!   ClientIP`) have had their say; `ext-…`: NodePort and external traffic, masqueraded and sent on to `svc-…`, or with
 //!   `externalTrafficPolicy: Local` kept on this node's endpoints and not masqueraded;
 //! - `ep-…/<ip>/<port>` (with session affinity): records the client, and DNATs;
 //! - set `hairpin` of (address . address) for this node's endpoints: a pod DNATed to itself
@@ -18,10 +18,11 @@
 //! - sets `no-endpoint-services`/`no-endpoint-nodeports`: ports without endpoints are rejected
 //!   (ICMP host unreachable) in filter chains, as `reject` cannot live in NAT chains.
 //!
-//! The proxy watches Services and Endpoints and turns each change into the smallest `nft -f`
+//! The proxy watches Services and Endpoints and turns each change into the smallest
 //! transaction that makes the table what it should be ([`Ruleset::changes`]): new chains added,
-//! changed ones flushed and refilled, map elements added and deleted, stale chains removed. The
-//! whole table is written only at start and after a failure. The time from a change seen to
+//! changed ones flushed and refilled, map elements added and deleted, stale chains removed,
+//! written over netlink ([`netlink`]; `nft -f` if that is refused). The whole table is written
+//! with `nft -f`, only at start and after a failure. The time from a change seen to
 //! rules live is recorded in `/metrics` (`--proxy-metrics-address`, 127.0.0.1:10249 as upstream).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
@@ -37,6 +38,10 @@ use kube::runtime::{WatchStreamExt, watcher};
 use tokio::sync::Notify;
 
 pub mod iptables;
+pub mod netlink;
+pub mod nft;
+
+use nft::{Command, Key, Rule};
 
 /// The nftables table the proxy owns.
 pub const TABLE: &str = "tugboat-proxy";
@@ -100,15 +105,52 @@ impl Next {
     }
 }
 
-/// Writes `text` (blocking); `first`: the hooks are put in place too.
-fn apply(mode: ProxyMode, text: &str, first: bool) -> anyhow::Result<()> {
-    match mode {
-        ProxyMode::Nftables => crate::network::nft(text),
-        ProxyMode::Iptables => {
-            if !text.is_empty() {
-                iptables::restore(text)?;
+/// One sync's writing.
+enum Write {
+    /// `nft -f` text (the whole table).
+    Nft(String),
+    /// A change of the nftables table, written over netlink.
+    Commands(Vec<Command>),
+    /// `iptables-restore --noflush` text.
+    Iptables(String),
+}
+
+impl Write {
+    fn is_empty(&self) -> bool {
+        match self {
+            Write::Nft(text) | Write::Iptables(text) => text.is_empty(),
+            Write::Commands(commands) => commands.is_empty(),
+        }
+    }
+
+    /// Writes (blocking); `first`: the iptables hooks are put in place too. `socket`: the
+    /// netlink socket changes go through (opened when there is none, dropped after a failure).
+    fn apply(self, first: bool, socket: &Mutex<Option<netlink::Socket>>) -> anyhow::Result<()> {
+        match self {
+            Write::Nft(text) => crate::network::nft(&text),
+            Write::Commands(commands) => {
+                let mut socket = socket.lock().unwrap_or_else(|e| e.into_inner());
+                let written = match socket.as_mut() {
+                    Some(open) => open.write(&commands),
+                    None => netlink::Socket::open().and_then(|open| socket.insert(open).write(&commands)),
+                };
+                written.or_else(|error| {
+                    *socket = None;
+                    // `nft` takes the same commands (slower): a kernel or sandbox without our
+                    // netlink path still gets its rules.
+                    static WARNED: std::sync::Once = std::sync::Once::new();
+                    WARNED.call_once(|| {
+                    tracing::warn!(error = %format!("{error:#}"), "service proxy: netlink refused a change; using nft");
+                });
+                    crate::network::nft(&nft::text(&commands))
+                })
             }
-            if first { iptables::hook() } else { Ok(()) }
+            Write::Iptables(text) => {
+                if !text.is_empty() {
+                    iptables::restore(&text)?;
+                }
+                if first { iptables::hook() } else { Ok(()) }
+            }
         }
     }
 }
@@ -249,25 +291,25 @@ impl Parts {
     /// Every Service's ports, programmed from nothing: the whole table's text and the parts.
     pub fn full(services: impl IntoIterator<Item = (ServiceKey, Vec<ServicePort>)>) -> (String, Parts) {
         let mut parts = Parts::default();
-        let mut text = fresh_table();
+        let mut commands = Vec::new();
         let empty = Ruleset::default();
         for (key, ports) in services {
             let rules = Ruleset::new(&ports);
             // A Service's rules name only its own chains: each is written after the other.
-            empty.changes_into(&rules, &mut text);
+            empty.changes_into(&rules, &mut commands);
             for ip in &rules.hairpin {
                 *parts.hairpin.entry(*ip).or_default() += 1;
             }
             parts.parts.insert(key, (ports, rules));
         }
         let hairpin: BTreeSet<Ipv4Addr> = parts.hairpin.keys().copied().collect();
-        hairpin_changes(&BTreeSet::new(), &hairpin, &mut text);
-        (text, parts)
+        hairpin_changes(&BTreeSet::new(), &hairpin, &mut commands);
+        (fresh_table() + &nft::text(&commands), parts)
     }
 
     /// The transaction replacing the Services in `changed` (their ports now; none: gone).
     /// Services whose ports are unchanged cost nothing.
-    pub fn changes(&self, changed: Vec<(ServiceKey, Vec<ServicePort>)>) -> (String, Update) {
+    pub fn changes(&self, changed: Vec<(ServiceKey, Vec<ServicePort>)>) -> (Vec<Command>, Update) {
         let empty = (Vec::new(), Ruleset::default());
         let mut services = Vec::new();
         for (key, ports) in changed {
@@ -279,11 +321,11 @@ impl Parts {
         }
         // Services going away first: a new one may take over an address a gone one held.
         services.sort_by_key(|(_, ports, _)| !ports.is_empty());
-        let mut text = String::new();
+        let mut commands = Vec::new();
         let mut hairpin = self.hairpin.clone();
         for (key, _, rules) in &services {
             let (_, old) = self.parts.get(key).unwrap_or(&empty);
-            old.changes_into(rules, &mut text);
+            old.changes_into(rules, &mut commands);
             for ip in &old.hairpin {
                 if let Some(count) = hairpin.get_mut(ip) {
                     *count -= 1;
@@ -296,8 +338,8 @@ impl Parts {
         hairpin.retain(|_, count| *count > 0);
         let before: BTreeSet<Ipv4Addr> = self.hairpin.keys().copied().collect();
         let after: BTreeSet<Ipv4Addr> = hairpin.keys().copied().collect();
-        hairpin_changes(&before, &after, &mut text);
-        (text, Update { services, hairpin })
+        hairpin_changes(&before, &after, &mut commands);
+        (commands, Update { services, hairpin })
     }
 
     pub fn commit(&mut self, update: Update) {
@@ -320,9 +362,9 @@ impl Parts {
 /// affinity sets. The fixed part (hooks, maps' declarations) is [`base`].
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct Ruleset {
-    pub chains: BTreeMap<String, Vec<String>>,
-    /// (map or set, key) → value (empty for sets).
-    pub elements: BTreeMap<(&'static str, String), String>,
+    pub chains: BTreeMap<String, Vec<Rule>>,
+    /// (map or set, key) → the chain a map's verdict goes to (none for sets).
+    pub elements: BTreeMap<(&'static str, Key), Option<String>>,
     /// Affinity sets and their timeouts (seconds).
     pub affinity_sets: BTreeMap<String, i32>,
     /// This node's endpoints: a pod DNATed to itself (reaching its own Service) is
@@ -380,20 +422,22 @@ impl Ruleset {
     pub fn new(ports: &[ServicePort]) -> Ruleset {
         let mut set = Ruleset::default();
         for sp in ports {
-            let proto = &sp.protocol;
+            let protocol = nft::protocol_number(&sp.protocol);
             let svc = format!("svc-{}", sp.id);
             let ext = format!("ext-{}", sp.id);
             let addresses = std::iter::once(sp.cluster_ip).chain(sp.external_ips.iter().copied());
             let ep_chain = |e: &Endpoint| format!("ep-{}/{}/{}", sp.id, e.ip, e.port);
-            let affinity_set = |e: &Endpoint| format!("aff-{}/{}/{}", sp.id, e.ip, e.port);
+            // The timeout is in the name: a set in use by rules cannot be deleted, so a new
+            // timeout is a new set (the rules move to it, the old one goes last).
+            let affinity_set = |e: &Endpoint| format!("aff-{}/{}/{}/{}", sp.id, e.ip, e.port, sp.affinity.unwrap_or(0));
             // With session affinity, a chain per endpoint (it records its clients); without,
             // the chooser DNATs itself (fewer chains: the kernel validates every jump).
             if let Some(timeout) = sp.affinity {
                 for e in &sp.endpoints {
                     let name = affinity_set(e);
                     let rules = vec![
-                        format!("update @{name} {{ ip saddr }}"),
-                        format!("meta l4proto {proto} dnat to {}:{}", e.ip, e.port),
+                        Rule::Remember { set: name.clone() },
+                        Rule::Dnat { pick: 1, protocol, ip: e.ip, port: e.port },
                     ];
                     set.affinity_sets.insert(name, timeout);
                     set.chains.insert(ep_chain(e), rules);
@@ -402,20 +446,20 @@ impl Ruleset {
             // Endpoint i of n is taken with probability 1/(n-i) once the ones before it were
             // not: 1/n each. (No anonymous vmap: the kernel names each anonymous set by
             // scanning the table's sets, which makes big tables quadratic.)
-            let pick = |left: usize| if left > 1 { format!("numgen random mod {left} == 0 ") } else { String::new() };
-            let choose = |among: &[&Endpoint]| -> Vec<String> {
+            let left = |among: &[&Endpoint], i: usize| u32::try_from(among.len() - i).unwrap_or(u32::MAX);
+            let choose = |among: &[&Endpoint]| -> Vec<Rule> {
                 let mut rules = Vec::new();
                 if sp.affinity.is_some() {
                     for e in among {
-                        rules.push(format!("ip saddr @{} goto {}", affinity_set(e), ep_chain(e)));
+                        rules.push(Rule::Sticky { set: affinity_set(e), chain: ep_chain(e) });
                     }
                     for (i, e) in among.iter().enumerate() {
-                        rules.push(format!("{}goto {}", pick(among.len() - i), ep_chain(e)));
+                        rules.push(Rule::Goto { pick: left(among, i), chain: ep_chain(e) });
                     }
                     return rules;
                 }
                 for (i, e) in among.iter().enumerate() {
-                    rules.push(format!("{}meta l4proto {proto} dnat to {}:{}", pick(among.len() - i), e.ip, e.port));
+                    rules.push(Rule::Dnat { pick: left(among, i), protocol, ip: e.ip, port: e.port });
                 }
                 rules
             };
@@ -424,13 +468,11 @@ impl Ruleset {
             let external = !sp.external_ips.is_empty() || sp.node_port.is_some();
             if all.is_empty() {
                 for address in addresses.clone() {
-                    set.elements
-                        .insert((NO_ENDPOINT_SERVICES, format!("{address} . {proto} . {}", sp.port)), String::new());
+                    set.elements.insert((NO_ENDPOINT_SERVICES, Key::Service(address, protocol, sp.port)), None);
                 }
             } else {
                 set.chains.insert(svc.clone(), choose(&all));
-                set.elements
-                    .insert((SERVICE_IPS, format!("{} . {proto} . {}", sp.cluster_ip, sp.port)), format!("goto {svc}"));
+                set.elements.insert((SERVICE_IPS, Key::Service(sp.cluster_ip, protocol, sp.port)), Some(svc.clone()));
             }
             if !external {
                 continue;
@@ -441,24 +483,24 @@ impl Ruleset {
                 let rules = if sp.external_local {
                     choose(&local)
                 } else {
-                    vec!["jump mark-for-masquerade".into(), format!("goto {svc}")]
+                    vec![Rule::Jump { chain: "mark-for-masquerade".into() }, Rule::Goto { pick: 1, chain: svc.clone() }]
                 };
                 set.chains.insert(ext.clone(), rules);
             }
             for ip in &sp.external_ips {
-                let key = format!("{ip} . {proto} . {}", sp.port);
+                let key = Key::Service(*ip, protocol, sp.port);
                 if reachable {
-                    set.elements.insert((SERVICE_IPS, key), format!("goto {ext}"));
+                    set.elements.insert((SERVICE_IPS, key), Some(ext.clone()));
                 } else if !all.is_empty() {
-                    set.elements.insert((NO_ENDPOINT_SERVICES, key), String::new());
+                    set.elements.insert((NO_ENDPOINT_SERVICES, key), None);
                 }
             }
             if let Some(node_port) = sp.node_port {
-                let key = format!("{proto} . {node_port}");
+                let key = Key::NodePort(protocol, node_port);
                 if reachable {
-                    set.elements.insert((NODEPORTS, key), format!("goto {ext}"));
+                    set.elements.insert((NODEPORTS, key), Some(ext.clone()));
                 } else {
-                    set.elements.insert((NO_ENDPOINT_NODEPORTS, key), String::new());
+                    set.elements.insert((NO_ENDPOINT_NODEPORTS, key), None);
                 }
             }
         }
@@ -467,84 +509,72 @@ impl Ruleset {
 
     /// The `nft -f` text making the whole table anew with this ruleset.
     pub fn full(&self) -> String {
-        let mut text = fresh_table();
-        Ruleset::default().changes_into(self, &mut text);
-        hairpin_changes(&BTreeSet::new(), &self.hairpin, &mut text);
-        text
+        let mut commands = Vec::new();
+        Ruleset::default().changes_into(self, &mut commands);
+        hairpin_changes(&BTreeSet::new(), &self.hairpin, &mut commands);
+        fresh_table() + &nft::text(&commands)
     }
 
-    /// The `nft -f` text turning the table from `self` into `next` (empty: nothing to do).
-    pub fn changes(&self, next: &Ruleset) -> String {
-        let mut text = String::new();
-        self.changes_into(next, &mut text);
-        hairpin_changes(&self.hairpin, &next.hairpin, &mut text);
-        text
+    /// The commands turning the table from `self` into `next` (none: nothing to do).
+    pub fn changes(&self, next: &Ruleset) -> Vec<Command> {
+        let mut commands = Vec::new();
+        self.changes_into(next, &mut commands);
+        hairpin_changes(&self.hairpin, &next.hairpin, &mut commands);
+        commands
     }
 
-    fn changes_into(&self, next: &Ruleset, out: &mut String) {
-        use std::fmt::Write;
+    fn changes_into(&self, next: &Ruleset, out: &mut Vec<Command>) {
+        // (Set names carry their timeout: a set is never changed, only made or deleted.)
         for (name, timeout) in &next.affinity_sets {
-            if self.affinity_sets.get(name) != Some(timeout) {
-                if self.affinity_sets.contains_key(name) {
-                    let _ = writeln!(out, "delete set ip {TABLE} {name}");
-                }
-                let _ = writeln!(
-                    out,
-                    "add set ip {TABLE} {name} {{ type ipv4_addr; flags dynamic,timeout; timeout {timeout}s; }}"
-                );
+            if !self.affinity_sets.contains_key(name) {
+                out.push(Command::AddSet { name: name.clone(), timeout: *timeout });
             }
         }
         for name in next.chains.keys().filter(|c| !self.chains.contains_key(*c)) {
-            let _ = writeln!(out, "add chain ip {TABLE} {name}");
+            out.push(Command::AddChain { name: name.clone() });
         }
         for (name, rules) in &next.chains {
             match self.chains.get(name) {
                 Some(old) if old == rules => continue,
-                Some(_) => {
-                    let _ = writeln!(out, "flush chain ip {TABLE} {name}");
-                }
+                Some(_) => out.push(Command::FlushChain { name: name.clone() }),
                 None => {}
             }
             for rule in rules {
-                let _ = writeln!(out, "add rule ip {TABLE} {name} {rule}");
+                out.push(Command::AddRule { chain: name.clone(), rule: rule.clone() });
             }
         }
-        let element = |(map, key): &(&str, String), value: &str| {
-            if value.is_empty() { format!("{map} {{ {key} }}") } else { format!("{map} {{ {key} : {value} }}") }
-        };
-        for (entry, value) in &self.elements {
-            if next.elements.get(entry) != Some(value) {
-                let _ = writeln!(out, "delete element ip {TABLE} {}", element(entry, ""));
+        for ((set, key), value) in &self.elements {
+            if next.elements.get(&(*set, *key)) != Some(value) {
+                out.push(Command::DeleteElements { set, keys: vec![*key] });
             }
         }
-        for (entry, value) in &next.elements {
-            if self.elements.get(entry) != Some(value) {
-                let _ = writeln!(out, "add element ip {TABLE} {}", element(entry, value));
+        for ((set, key), value) in &next.elements {
+            if self.elements.get(&(*set, *key)) != Some(value) {
+                out.push(Command::AddElements { set, elements: vec![(*key, value.clone())] });
             }
         }
         let stale: Vec<&String> = self.chains.keys().filter(|c| !next.chains.contains_key(*c)).collect();
         for name in &stale {
-            let _ = writeln!(out, "flush chain ip {TABLE} {name}");
+            out.push(Command::FlushChain { name: (*name).clone() });
         }
         for name in &stale {
-            let _ = writeln!(out, "delete chain ip {TABLE} {name}");
+            out.push(Command::DeleteChain { name: (*name).clone() });
         }
         for name in self.affinity_sets.keys().filter(|s| !next.affinity_sets.contains_key(*s)) {
-            let _ = writeln!(out, "delete set ip {TABLE} {name}");
+            out.push(Command::DeleteSet { name: name.clone() });
         }
     }
 }
 
 /// The elements of the `hairpin` set going from `old` to `new` addresses.
-fn hairpin_changes(old: &BTreeSet<Ipv4Addr>, new: &BTreeSet<Ipv4Addr>, out: &mut String) {
-    let pairs = |ips: Vec<&Ipv4Addr>| ips.iter().map(|ip| format!("{ip} . {ip}")).collect::<Vec<_>>().join(", ");
-    let gone: Vec<&Ipv4Addr> = old.difference(new).collect();
-    let came: Vec<&Ipv4Addr> = new.difference(old).collect();
+fn hairpin_changes(old: &BTreeSet<Ipv4Addr>, new: &BTreeSet<Ipv4Addr>, out: &mut Vec<Command>) {
+    let gone: Vec<Key> = old.difference(new).map(|ip| Key::Hairpin(*ip)).collect();
+    let came: Vec<(Key, Option<String>)> = new.difference(old).map(|ip| (Key::Hairpin(*ip), None)).collect();
     if !gone.is_empty() {
-        out.push_str(&format!("delete element ip {TABLE} {HAIRPIN} {{ {} }}\n", pairs(gone)));
+        out.push(Command::DeleteElements { set: HAIRPIN, keys: gone });
     }
     if !came.is_empty() {
-        out.push_str(&format!("add element ip {TABLE} {HAIRPIN} {{ {} }}\n", pairs(came)));
+        out.push(Command::AddElements { set: HAIRPIN, elements: came });
     }
 }
 
@@ -694,6 +724,7 @@ pub async fn run(client: kube::Client, config: ProxyConfig) {
         }
     };
     let mut applied: Option<Applied> = None;
+    let socket = Arc::new(Mutex::new(None));
     let mut warned = false;
     let mut resync = false;
     loop {
@@ -704,7 +735,7 @@ pub async fn run(client: kube::Client, config: ProxyConfig) {
         let started = Instant::now();
         let all_keys = || services.state().iter().map(|s| key_of(&s.metadata)).collect::<HashSet<_>>();
         let first = applied.is_none();
-        let (text, next) = match (config.mode, applied.take()) {
+        let (write, next) = match (config.mode, applied.take()) {
             (ProxyMode::Nftables, Some(Applied::Nftables(parts))) => {
                 // Only the Services that changed (all of them on a resync).
                 let mut keys = keys;
@@ -716,15 +747,15 @@ pub async fn run(client: kube::Client, config: ProxyConfig) {
                     let ports = ports_for(&k);
                     (k, ports)
                 });
-                let (text, updates) = parts.changes(changed.collect());
-                (text, Next::Parts(parts, updates))
+                let (commands, updates) = parts.changes(changed.collect());
+                (Write::Commands(commands), Next::Parts(parts, updates))
             }
             (ProxyMode::Nftables, _) => {
                 let (text, parts) = Parts::full(all_keys().into_iter().map(|k| {
                     let ports = ports_for(&k);
                     (k, ports)
                 }));
-                (text, Next::Whole(Applied::Nftables(parts)))
+                (Write::Nft(text), Next::Whole(Applied::Nftables(parts)))
             }
             (ProxyMode::Iptables, current) => {
                 let by_name: HashMap<ServiceKey, Arc<Endpoints>> =
@@ -735,13 +766,13 @@ pub async fn run(client: kube::Client, config: ProxyConfig) {
                     Some(Applied::Iptables(tables)) => Some(tables),
                     _ => None,
                 };
-                (iptables::Tables::changes(current, &next), Next::Whole(Applied::Iptables(next)))
+                (Write::Iptables(iptables::Tables::changes(current, &next)), Next::Whole(Applied::Iptables(next)))
             }
         };
         resync = false;
-        if !text.is_empty() || first {
-            let mode = config.mode;
-            let result = tokio::task::spawn_blocking(move || apply(mode, &text, first)).await;
+        if !write.is_empty() || first {
+            let socket = socket.clone();
+            let result = tokio::task::spawn_blocking(move || write.apply(first, &socket)).await;
             match result.map_err(anyhow::Error::from).and_then(|r| r) {
                 Ok(()) => {
                     applied = Some(next.done());
@@ -830,45 +861,56 @@ mod tests {
         let ready: Vec<String> = db.endpoints.iter().map(|e| format!("{}:{}", e.ip, e.port)).collect();
         assert_eq!(ready, ["10.244.1.5:15432", "10.244.2.7:15432"], "ready ones only");
         let rules = Ruleset::new(&ports);
-        let chooser = &rules.chains["svc-shop/db/tcp/5432"];
+        let text = |rules: &[Rule]| rules.iter().map(Rule::to_string).collect::<Vec<_>>();
+        let chooser = text(&rules.chains["svc-shop/db/tcp/5432"]);
         assert_eq!(
             chooser,
-            &[
+            [
                 "numgen random mod 2 == 0 meta l4proto tcp dnat to 10.244.1.5:15432",
                 "meta l4proto tcp dnat to 10.244.2.7:15432"
             ],
             "one endpoint at random"
         );
-        assert_eq!(rules.elements[&(SERVICE_IPS, "10.96.0.20 . tcp . 5432".into())], "goto svc-shop/db/tcp/5432");
+        let ip = |text: &str| text.parse::<Ipv4Addr>().unwrap();
+        assert_eq!(
+            rules.elements[&(SERVICE_IPS, Key::Service(ip("10.96.0.20"), 6, 5432))].as_deref(),
+            Some("svc-shop/db/tcp/5432")
+        );
         // No endpoints: rejected, on its ClusterIP and its NodePort.
-        assert!(rules.elements.contains_key(&(NO_ENDPOINT_SERVICES, "10.96.0.21 . tcp . 80".into())));
-        assert!(rules.elements.contains_key(&(NO_ENDPOINT_NODEPORTS, "tcp . 30080".into())));
+        assert!(rules.elements.contains_key(&(NO_ENDPOINT_SERVICES, Key::Service(ip("10.96.0.21"), 6, 80))));
+        assert!(rules.elements.contains_key(&(NO_ENDPOINT_NODEPORTS, Key::NodePort(6, 30080))));
         // externalTrafficPolicy Local: NodePort traffic to the local endpoint only, not
         // masqueraded; session affinity checked before the random pick.
-        let ext = &rules.chains["ext-shop/web/tcp/80"];
-        assert_eq!(ext[0], "ip saddr @aff-shop/web/tcp/80/10.244.1.3/8080 goto ep-shop/web/tcp/80/10.244.1.3/8080");
+        let ext = text(&rules.chains["ext-shop/web/tcp/80"]);
+        assert_eq!(
+            ext[0],
+            "ip saddr @aff-shop/web/tcp/80/10.244.1.3/8080/10800 goto ep-shop/web/tcp/80/10.244.1.3/8080"
+        );
         assert_eq!(ext[1], "goto ep-shop/web/tcp/80/10.244.1.3/8080");
-        let endpoint = &rules.chains["ep-shop/web/tcp/80/10.244.1.3/8080"];
+        let endpoint = text(&rules.chains["ep-shop/web/tcp/80/10.244.1.3/8080"]);
         assert_eq!(endpoint[1], "meta l4proto tcp dnat to 10.244.1.3:8080");
         assert_eq!(rules.hairpin.iter().map(|ip| ip.to_string()).collect::<Vec<_>>(), ["10.244.1.3"], "n1's endpoints");
         assert!(rules.full().contains("add element ip tugboat-proxy hairpin { 10.244.1.3 . 10.244.1.3 }"));
-        assert_eq!(rules.elements[&(NODEPORTS, "tcp . 30081".into())], "goto ext-shop/web/tcp/80");
+        assert_eq!(rules.elements[&(NODEPORTS, Key::NodePort(6, 30081))].as_deref(), Some("ext-shop/web/tcp/80"));
         assert_eq!(rules.affinity_sets.len(), 2);
         assert!(
-            rules.chains["ep-shop/web/tcp/80/10.244.2.3/8080"]
-                .contains(&"update @aff-shop/web/tcp/80/10.244.2.3/8080 { ip saddr }".to_string())
+            text(&rules.chains["ep-shop/web/tcp/80/10.244.2.3/8080"])
+                .contains(&"update @aff-shop/web/tcp/80/10.244.2.3/8080/10800 { ip saddr }".to_string())
         );
         // On another node the same NodePort has no local endpoint there... (n3 has none).
         let elsewhere = Ruleset::new(&service_ports(&services(), &endpoints(&[]), "n3"));
-        assert!(elsewhere.elements.contains_key(&(NO_ENDPOINT_NODEPORTS, "tcp . 30081".into())));
-        assert!(elsewhere.elements.contains_key(&(SERVICE_IPS, "10.96.0.22 . tcp . 80".into())), "ClusterIP still");
+        assert!(elsewhere.elements.contains_key(&(NO_ENDPOINT_NODEPORTS, Key::NodePort(6, 30081))));
+        assert!(
+            elsewhere.elements.contains_key(&(SERVICE_IPS, Key::Service(ip("10.96.0.22"), 6, 80))),
+            "ClusterIP still"
+        );
     }
 
     #[test]
     fn a_change_touches_only_what_changed() {
         let before = Ruleset::new(&service_ports(&services(), &endpoints(&["10.244.1.5", "10.244.2.7"]), "n1"));
         let after = Ruleset::new(&service_ports(&services(), &endpoints(&["10.244.2.7"]), "n1"));
-        let text = before.changes(&after);
+        let text = nft::text(&before.changes(&after));
         let lines: Vec<&str> = text.lines().collect();
         assert_eq!(
             lines,
@@ -878,9 +920,9 @@ mod tests {
             ],
             "{text}"
         );
-        assert_eq!(after.changes(&after), "", "nothing to do");
+        assert_eq!(after.changes(&after), [], "nothing to do");
         let gone = Ruleset::new(&service_ports(&services(), &endpoints(&[]), "n1"));
-        let text = after.changes(&gone);
+        let text = nft::text(&after.changes(&gone));
         assert!(text.contains("delete element ip tugboat-proxy service-ips { 10.96.0.20 . tcp . 5432 }"), "{text}");
         assert!(
             text.contains("add element ip tugboat-proxy no-endpoint-services { 10.96.0.20 . tcp . 5432 }"),
@@ -904,16 +946,17 @@ mod tests {
         assert_eq!(sorted(&whole), sorted(&before.full()), "the parts make the same table, Service by Service");
         let db = by_service(&["10.244.2.7"]).into_iter().find(|(k, _)| *k == key("db")).unwrap();
         let web = by_service(&["10.244.2.7"]).into_iter().find(|(k, _)| *k == key("web")).unwrap();
-        let (text, updates) = parts.changes(vec![db, web]);
-        assert_eq!(text, before.changes(&after), "web did not change: only db's rules");
+        let (commands, updates) = parts.changes(vec![db, web]);
+        assert_eq!(commands, before.changes(&after), "web did not change: only db's rules");
         parts.commit(updates);
-        let (text, updates) = parts.changes(vec![(key("db"), Vec::new())]);
+        let (commands, updates) = parts.changes(vec![(key("db"), Vec::new())]);
+        let text = nft::text(&commands);
         assert!(text.contains("delete element ip tugboat-proxy service-ips { 10.96.0.20 . tcp . 5432 }"), "{text}");
         assert!(text.contains("delete chain ip tugboat-proxy svc-shop/db/tcp/5432"), "{text}");
         parts.commit(updates);
         assert!(!parts.keys().any(|k| *k == key("db")));
         // The kernel takes every form (checked only: `nft --check` changes nothing).
-        for text in [before.full(), format!("{}{}", before.full(), before.changes(&gone))] {
+        for text in [before.full(), format!("{}{}", before.full(), nft::text(&before.changes(&gone)))] {
             use std::io::Write;
             let mut check = std::process::Command::new("nft")
                 .args(["--check", "-f", "-"])
@@ -927,5 +970,74 @@ mod tests {
         }
         let full = after.full();
         assert!(full.starts_with("table ip tugboat-proxy\ndelete table ip tugboat-proxy\ntable ip tugboat-proxy {"));
+    }
+
+    /// Runs `check` on a thread of its own in a network namespace of its own (made with
+    /// `unshare(CLONE_NEWNET)`, which moves that thread alone; the `nft` it runs inherits it), so
+    /// no table it writes reaches the host; the namespace goes with the thread.
+    fn in_own_netns(check: impl FnOnce() + Send + 'static) {
+        std::thread::spawn(move || {
+            nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET).expect("unshare(CLONE_NEWNET): run as root");
+            check();
+        })
+        .join()
+        .expect("the check passes");
+    }
+
+    fn list_table() -> String {
+        let out = std::process::Command::new("nft").args(["list", "table", "ip", TABLE]).output().unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    #[test]
+    fn netlink_writes_what_nft_writes() {
+        in_own_netns(|| {
+            let on_n1 = |db: &[&str]| service_ports(&services(), &endpoints(db), "n1");
+            let a = on_n1(&["10.244.1.5", "10.244.2.7"]);
+            // Every rule shape: web masqueraded and sent on (`jump`), its affinity timeout changed.
+            let mut d = on_n1(&[]);
+            for port in &mut d {
+                port.external_local = false;
+                port.affinity = port.affinity.map(|_| 600);
+            }
+            let states = [
+                Ruleset::default(),
+                Ruleset::new(&a),
+                Ruleset::new(&on_n1(&["10.244.2.7"])),
+                Ruleset::new(&on_n1(&[])),
+                Ruleset::new(&d),
+                Ruleset::new(&a),
+                Ruleset::default(),
+            ];
+            let mut socket = netlink::Socket::open().unwrap();
+            for pair in states.windows(2) {
+                let (from, to) = (&pair[0], &pair[1]);
+                let commands = from.changes(to);
+                crate::network::nft(&from.full()).unwrap();
+                socket.write(&commands).unwrap_or_else(|e| panic!("{e:#}\n{}", nft::text(&commands)));
+                let by_netlink = list_table();
+                crate::network::nft(&from.full()).unwrap();
+                crate::network::nft(&nft::text(&commands)).unwrap();
+                let by_nft = list_table();
+                assert_eq!(by_netlink, by_nft, "{}", nft::text(&commands));
+                // And the change makes the table that `to` makes from nothing.
+                crate::network::nft(&to.full()).unwrap();
+                let sorted = |text: &str| {
+                    let mut lines: Vec<String> = text.lines().map(|l| l.trim().to_string()).collect();
+                    lines.sort();
+                    lines
+                };
+                assert_eq!(sorted(&by_netlink), sorted(&list_table()));
+            }
+            // A refused command names itself, and the batch leaves nothing behind.
+            let bad = [
+                Command::AddChain { name: "fresh".into() },
+                Command::AddRule { chain: "missing".into(), rule: Rule::Jump { chain: "fresh".into() } },
+            ];
+            let error = socket.write(&bad).unwrap_err().to_string();
+            assert!(error.contains("add rule ip tugboat-proxy missing jump fresh"), "{error}");
+            assert!(!list_table().contains("fresh"), "all or nothing");
+        });
     }
 }
