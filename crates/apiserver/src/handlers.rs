@@ -408,6 +408,15 @@ async fn route(
         validation: FieldValidation::from_query(query)?,
         warnings: Default::default(),
     };
+    // NodeRestriction: a kubelet's credentials write only its own Node, Lease and pods.
+    let body = match user.and_then(crate::node::node_of) {
+        Some(node) if method != Method::GET => {
+            let parts =
+                (target.resource, target.namespace.as_deref(), target.name.as_deref(), target.subresource.as_deref());
+            crate::node::admit(state, node, method, parts, content_type, body).await?
+        }
+        _ => body,
+    };
     if let (Some(subresource @ ("binding" | "eviction")), Some(name), "pods", "") =
         (target.subresource.as_deref(), target.name.as_deref(), target.resource.plural, target.resource.group)
     {
@@ -540,7 +549,7 @@ async fn dispatch(
     }
 }
 
-async fn read_body(mut body: Body) -> Result<Bytes, ApiError> {
+pub(crate) async fn read_body(mut body: Body) -> Result<Bytes, ApiError> {
     let mut buffer = bytes::BytesMut::new();
     while let Some(frame) = body.frame().await {
         let frame = frame.map_err(|e| ApiError::bad_request(format!("reading the request body: {e}")))?;

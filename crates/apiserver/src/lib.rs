@@ -18,6 +18,7 @@ mod fuzz_tests;
 mod handlers;
 mod kubelet;
 mod metrics;
+mod node;
 mod object;
 mod openapi;
 mod openapi_v2;

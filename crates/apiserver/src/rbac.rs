@@ -130,6 +130,9 @@ pub async fn allowed(state: &ApiState, user: &UserInfo, attributes: &Attributes)
     if is_master(user) {
         return Ok(true);
     }
+    if let Some(decision) = crate::node::authorize(state, user, attributes).await? {
+        return Ok(decision);
+    }
     let namespace = attributes.resource.as_ref().map(|r| r.namespace.as_str());
     Ok(rules_for(state, user, namespace).await?.iter().any(|rule| rule_allows(rule, attributes)))
 }
@@ -155,6 +158,10 @@ pub fn forbidden(user: &UserInfo, attributes: &Attributes) -> ApiError {
             )
         }
         None => format!("forbidden: {who} cannot {} path {:?}", attributes.verb, attributes.path),
+    };
+    let message = match crate::node::refusal(user, attributes) {
+        Some(why) => format!("{message}: {why}"),
+        None => message,
     };
     let mut error = ApiError::new(403, "Forbidden", message);
     if let Some(r) = &attributes.resource {
@@ -357,7 +364,8 @@ pub fn defaults() -> Vec<(&'static str, Value)> {
             "ClusterRole",
             role("kubeadm:get-nodes", json!([{"apiGroups": [""], "resources": ["nodes"], "verbs": ["get"]}])),
         ),
-        // What kubelets need (upstream grants it per node with the Node authorizer).
+        // What kubelets need beyond the Node authorizer (node.rs), which also keeps each node
+        // to its own Node, Lease and pods.
         (
             "ClusterRole",
             role(
@@ -369,8 +377,9 @@ pub fn defaults() -> Vec<(&'static str, Value)> {
                     {"apiGroups": [""], "resources": ["pods/status"], "verbs": ["get", "patch", "update"]},
                     {"apiGroups": [""], "resources": ["pods/eviction"], "verbs": ["create"]},
                     {"apiGroups": ["", "events.k8s.io"], "resources": ["events"], "verbs": ["create", "patch", "update"]},
-                    {"apiGroups": [""], "resources": ["configmaps", "secrets", "services", "endpoints", "persistentvolumeclaims", "persistentvolumes", "serviceaccounts"], "verbs": ["get", "list", "watch"]},
-                    {"apiGroups": [""], "resources": ["serviceaccounts/token"], "verbs": ["create"]},
+                    // Secrets, ConfigMaps, claims, volumes, service accounts and their tokens:
+                    // the Node authorizer's (node.rs), only what the node's pods use.
+                    {"apiGroups": [""], "resources": ["services", "endpoints"], "verbs": ["get", "list", "watch"]},
                     {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"], "verbs": ["get", "list", "watch", "create", "update", "patch", "delete"]},
                     {"apiGroups": ["certificates.k8s.io"], "resources": ["certificatesigningrequests"], "verbs": ["create", "get", "list", "watch"]},
                     {"apiGroups": ["discovery.k8s.io"], "resources": ["endpointslices"], "verbs": ["get", "list", "watch"]},

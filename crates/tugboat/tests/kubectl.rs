@@ -1001,3 +1001,109 @@ fn hostile_bodies_are_refused_and_the_server_survives() {
     }
     assert_eq!(curl.request("GET", "/healthz", false, &[]), (200, "ok".to_string()), "the server is still up");
 }
+
+#[test]
+fn a_nodes_credentials_reach_only_its_own_pods_objects() {
+    let server = server();
+    let kubectl = Kubectl::new(&server, None);
+    for (kind, name) in [("secret", "used"), ("secret", "unused"), ("secret", "elsewhere"), ("configmap", "settings")] {
+        let mut args = vec!["create", kind];
+        if kind == "secret" {
+            args.push("generic");
+        }
+        args.extend([name, "--from-literal=a=1"]);
+        kubectl.ok(&args);
+    }
+    kubectl.ok(&["create", "serviceaccount", "builder"]);
+    let pods = r#"
+apiVersion: v1
+kind: Pod
+metadata: {name: on-n1}
+spec:
+  nodeName: n1
+  containers:
+  - name: app
+    image: busybox
+    env: [{name: A, valueFrom: {secretKeyRef: {name: used, key: a}}}]
+    volumeMounts: [{name: settings, mountPath: /etc/settings}]
+  volumes: [{name: settings, configMap: {name: settings}}]
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: on-n2}
+spec:
+  nodeName: n2
+  serviceAccountName: builder
+  containers: [{name: app, image: busybox}]
+  volumes: [{name: s, secret: {secretName: elsewhere}}]
+---
+apiVersion: v1
+kind: Node
+metadata: {name: n2}
+"#;
+    let applied = kubectl.apply_stdin(&["apply", "-f", "-"], pods);
+    assert!(applied.status.success(), "{}", String::from_utf8_lossy(&applied.stderr));
+    // As node n1's kubelet would be: user system:node:n1 in group system:nodes.
+    let as_n1 = |args: &[&str]| -> Vec<String> {
+        let mut all: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+        all.extend(["--as", "system:node:n1", "--as-group", "system:nodes"].map(String::from));
+        all
+    };
+    let ok = |args: &[&str]| kubectl.ok(&as_n1(args).iter().map(String::as_str).collect::<Vec<_>>());
+    let fails = |args: &[&str]| kubectl.fails(&as_n1(args).iter().map(String::as_str).collect::<Vec<_>>());
+
+    // The Node authorizer: what n1's pods use, by name, and nothing else.
+    ok(&["get", "secret", "used"]);
+    ok(&["get", "configmap", "settings"]);
+    ok(&["get", "serviceaccount", "default"]);
+    ok(&["create", "token", "default"]);
+    let refused = fails(&["get", "secret", "unused"]);
+    assert!(
+        refused.contains(
+            "secrets \"unused\" is forbidden: User \"system:node:n1\" cannot get resource \"secrets\" in API group \"\" \
+             in the namespace \"default\": no relationship found between node 'n1' and this object"
+        ),
+        "{refused}"
+    );
+    assert!(fails(&["get", "secret", "elsewhere"]).contains("no relationship"), "n2's pod's secret");
+    assert!(fails(&["get", "secrets"]).contains("Forbidden"), "no listing");
+    assert!(fails(&["create", "token", "builder"]).contains("no relationship"), "n2's pod's service account");
+    assert_eq!(ok(&["auth", "can-i", "get", "secret/used"]).trim(), "yes");
+    let output =
+        kubectl.run(&as_n1(&["auth", "can-i", "get", "secret/unused"]).iter().map(String::as_str).collect::<Vec<_>>());
+    assert_eq!(String::from_utf8_lossy(&output.stdout).trim(), "no");
+    // RBAC's system:node still lets it read pods and services.
+    ok(&["get", "pods"]);
+    ok(&["get", "services"]);
+
+    // NodeRestriction: its own Node, Lease and pods only.
+    let node = kubectl.apply_stdin(
+        &as_n1(&["apply", "-f", "-"]).iter().map(String::as_str).collect::<Vec<_>>(),
+        "apiVersion: v1\nkind: Node\nmetadata: {name: n1}\n",
+    );
+    assert!(node.status.success(), "a node registers itself: {}", String::from_utf8_lossy(&node.stderr));
+    ok(&["label", "node", "n1", "disk=ssd"]);
+    let refused = fails(&["label", "node", "n2", "disk=ssd"]);
+    assert!(refused.contains("node \"n1\" is not allowed to modify node \"n2\""), "{refused}");
+    let refused = fails(&["delete", "pod", "on-n2"]);
+    assert!(refused.contains("node \"n1\" can only delete pods with spec.nodeName set to itself"), "{refused}");
+    let refused = fails(&["run", "plain", "--image=busybox", "--overrides={\"spec\":{\"nodeName\":\"n1\"}}"]);
+    assert!(refused.contains("can only create mirror pods"), "{refused}");
+    let lease = |name: &str| {
+        format!(
+            "apiVersion: coordination.k8s.io/v1\nkind: Lease\nmetadata: {{name: {name}, namespace: kube-node-lease}}\nspec: {{holderIdentity: {name}}}\n"
+        )
+    };
+    let apply_as_n1 = |manifest: &str| {
+        kubectl.apply_stdin(&as_n1(&["apply", "-f", "-"]).iter().map(String::as_str).collect::<Vec<_>>(), manifest)
+    };
+    assert!(apply_as_n1(&lease("n1")).status.success(), "its own lease");
+    let refused = apply_as_n1(&lease("n2"));
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("can only access node lease with the same name"),
+        "{}",
+        String::from_utf8_lossy(&refused.stderr)
+    );
+    ok(&["delete", "pod", "on-n1", "--wait=false"]);
+    kubectl.ok(&["get", "pod", "on-n2"]);
+}
