@@ -4,8 +4,6 @@
 use std::collections::HashMap;
 use std::path::Path;
 
-use x509_parser::prelude::{FromDer, X509Certificate};
-
 /// An authenticated user.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct UserInfo {
@@ -25,10 +23,7 @@ impl UserInfo {
 
 /// The identity in a verified client certificate.
 pub fn from_certificate(der: &[u8]) -> Option<UserInfo> {
-    let (_, cert) = X509Certificate::from_der(der).ok()?;
-    let subject = cert.subject();
-    let name = subject.iter_common_name().next()?.as_str().ok()?.to_string();
-    let groups = subject.iter_organization().filter_map(|o| o.as_str().ok().map(str::to_string)).collect();
+    let (name, groups) = tugboat_pki::der_subject(der)?;
     Some(UserInfo::new(name, String::new(), groups))
 }
 

@@ -1751,6 +1751,27 @@ async fn answer_review(
         "selfsubjectaccessreviews" => {
             review["status"] = crate::rbac::review(state, &user, &review["spec"]).await?;
         }
+        // Whether someone else may: kubelets ask it of their callers (delegated authorization).
+        "subjectaccessreviews" => {
+            let spec = &review["spec"];
+            let strings = |v: &Value| -> Vec<String> {
+                v.as_array().into_iter().flatten().filter_map(|s| s.as_str().map(str::to_string)).collect()
+            };
+            let subject = UserInfo {
+                name: spec["user"].as_str().unwrap_or_default().to_string(),
+                uid: spec["uid"].as_str().unwrap_or_default().to_string(),
+                groups: strings(&spec["groups"]),
+            };
+            if subject.name.is_empty() && subject.groups.is_empty() {
+                let cause = crate::status::Cause {
+                    reason: "FieldValueRequired",
+                    message: "at least one of user or group must be specified".into(),
+                    field: "spec.user".into(),
+                };
+                return Err(ApiError::invalid("authorization.k8s.io", "SubjectAccessReview", "", vec![cause]));
+            }
+            review["status"] = crate::rbac::review(state, &subject, spec).await?;
+        }
         "selfsubjectrulesreviews" => {
             let namespace = review["spec"]["namespace"].as_str().unwrap_or("default").to_string();
             review["status"] = crate::rbac::rules_review(state, &user, &namespace).await?;
@@ -1777,15 +1798,38 @@ pub async fn ensure_system_objects(state: &ApiState) -> Result<(), ApiError> {
             Err(error) => return Err(ApiError::from_store(error, "scheduling.k8s.io", "priorityclasses", name)),
         }
     }
-    // Upstream's default RBAC roles and bindings, made if missing (edits are kept).
+    // Upstream's default RBAC roles and bindings, made if missing; a default ClusterRole gets
+    // the rules a newer server adds, unless annotated `autoupdate: "false"` (other edits kept).
     for (kind, mut object) in crate::rbac::defaults() {
         let plural = if kind == "ClusterRole" { "clusterroles" } else { "clusterrolebindings" };
         let resource = registry::find("rbac.authorization.k8s.io", "v1", plural).expect("RBAC is served");
         let name = object["metadata"]["name"].as_str().unwrap_or_default().to_string();
+        let store_error = |error| ApiError::from_store(error, "rbac.authorization.k8s.io", plural, &name);
         object::prepare_create(resource, None, &mut object)?;
-        match state.store.create(&resource.key(None, &name), object::to_store(resource, &object)).await {
-            Ok(_) | Err(StoreError::AlreadyExists { .. }) => {}
-            Err(error) => return Err(ApiError::from_store(error, "rbac.authorization.k8s.io", plural, &name)),
+        let key = resource.key(None, &name);
+        match state.store.create(&key, object::to_store(resource, &object)).await {
+            Ok(_) => {}
+            Err(StoreError::AlreadyExists { .. }) if kind == "ClusterRole" => {
+                let Some(kv) = state.store.get(&key, None).await.map_err(store_error)? else { continue };
+                let mut stored = object::from_store(resource, &kv.value, kv.mod_revision)?;
+                if stored["metadata"]["annotations"]["rbac.authorization.kubernetes.io/autoupdate"] == "false" {
+                    continue;
+                }
+                let have = stored["rules"].as_array().cloned().unwrap_or_default();
+                let missing: Vec<Value> =
+                    object["rules"].as_array().into_iter().flatten().filter(|r| !have.contains(r)).cloned().collect();
+                if missing.is_empty() {
+                    continue;
+                }
+                stored["rules"] = Value::Array(have.into_iter().chain(missing).collect());
+                match state.store.update(&key, object::to_store(resource, &stored), kv.mod_revision).await {
+                    // Another server reconciled it first.
+                    Ok(_) | Err(StoreError::Conflict { .. }) => {}
+                    Err(error) => return Err(store_error(error)),
+                }
+            }
+            Err(StoreError::AlreadyExists { .. }) => {}
+            Err(error) => return Err(store_error(error)),
         }
     }
     let services = registry::find("", "v1", "services").expect("services are served");

@@ -53,8 +53,16 @@ fn is_dns_label(name: &str) -> bool {
     name.len() <= 63 && !name.contains('.') && is_dns_subdomain(name)
 }
 
+/// Any name that can be one segment of a path (RBAC objects, as upstream: `system:node`).
+fn is_path_segment(name: &str) -> bool {
+    !name.is_empty() && name != "." && name != ".." && !name.contains('/') && !name.contains('%')
+}
+
 fn name_rule(resource: &Resource) -> (fn(&str) -> bool, &'static str) {
     match resource.plural {
+        "roles" | "rolebindings" | "clusterroles" | "clusterrolebindings" | "certificatesigningrequests" => {
+            (is_path_segment, "may not be '.' or '..' and may not contain '/' or '%'")
+        }
         "namespaces" | "services" => (
             is_dns_label,
             "a lowercase RFC 1123 label must consist of lower case alphanumeric characters or '-', and must start and end with an alphanumeric character",

@@ -262,6 +262,18 @@ pub static RESOURCES: &[Resource] = &[
         "-selfsubjectaccessreviews"
     ),
     resource!(
+        authorization::v1::SubjectAccessReview,
+        "authorization.k8s.io",
+        "v1",
+        "SubjectAccessReview",
+        "subjectaccessreviews",
+        "",
+        false,
+        NONE,
+        NONE,
+        "-subjectaccessreviews"
+    ),
+    resource!(
         authorization::v1::SelfSubjectRulesReview,
         "authorization.k8s.io",
         "v1",

@@ -1,7 +1,11 @@
 //! The kubelet's HTTPS API (`:10250` by default), which the API server proxies `pods/log`,
 //! exec, attach and port-forward to. Clients must present a certificate of the cluster CA (the
-//! API server's `apiserver-kubelet-client`). The serving certificate is one the cluster signed
-//! for the node ([`crate::certificates`]), which the API server verifies.
+//! API server's `apiserver-kubelet-client`), and are authorized as upstream's kubelet does with
+//! `--authorization-mode Webhook`: a SubjectAccessReview asks the API server whether the
+//! certificate's user may `<verb>` `nodes/<proxy|log|stats|metrics>` of this node (answers
+//! cached, 5 min allowed, 30 s refused) — another node's credentials may not. The serving
+//! certificate is one the cluster signed for the node ([`crate::certificates`]), which the API
+//! server verifies.
 
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -61,11 +65,23 @@ pub async fn serve(node: Shared, port: u16, ca_pem: String, serving: Arc<Serving
                 Ok(Ok(tls)) => tls,
                 _ => return,
             };
+            // The verifier took only certificates of the cluster CA: its subject is the caller.
+            let caller = tls
+                .get_ref()
+                .1
+                .peer_certificates()
+                .and_then(|certs| certs.first())
+                .and_then(|cert| tugboat_pki::der_subject(cert))
+                .map(|(user, groups)| Caller { user, groups });
             let service = hyper::service::service_fn(move |request: hyper::Request<hyper::body::Incoming>| {
-                let app = app.clone();
+                let (app, caller) = (app.clone(), caller.clone());
                 async move {
                     use tower::ServiceExt;
-                    let response = app.oneshot(request.map(Body::new)).await;
+                    let mut request = request.map(Body::new);
+                    if let Some(caller) = caller {
+                        request.extensions_mut().insert(caller);
+                    }
+                    let response = app.oneshot(request).await;
                     Ok::<_, Infallible>(response.unwrap_or_else(|e| match e {}))
                 }
             });
@@ -78,14 +94,110 @@ pub async fn serve(node: Shared, port: u16, ca_pem: String, serving: Arc<Serving
 }
 
 pub fn router(node: Shared) -> Router {
+    let decisions = Arc::new(Decisions::default());
     Router::new()
-        .route("/healthz", get(|| async { "ok" }))
         .route("/containerLogs/{namespace}/{pod}/{container}", get(container_logs))
         .route("/exec/{namespace}/{pod}/{container}", get(crate::exec::exec).post(crate::exec::exec_spdy))
         .route("/attach/{namespace}/{pod}/{container}", get(crate::exec::attach).post(crate::exec::attach_spdy))
         .route("/stats/summary", get(stats_summary))
         .route("/portForward/{namespace}/{pod}", axum::routing::post(crate::portforward::port_forward))
+        .layer(axum::middleware::from_fn_with_state((node.clone(), decisions), authorize))
+        // Health is for anyone the CA vouches for, as the readiness of the node's API.
+        .route("/healthz", get(|| async { "ok" }))
         .with_state(node)
+}
+
+/// Who called, from the client certificate.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Caller {
+    pub user: String,
+    pub groups: Vec<String>,
+}
+
+/// The API server's recent answers: (caller, verb, subresource) → (allowed, until).
+type Decisions = std::sync::Mutex<HashMap<(Caller, &'static str, &'static str), (bool, std::time::Instant)>>;
+
+/// Upstream's mapping of kubelet paths to the `nodes` subresource a caller needs.
+pub fn subresource(path: &str) -> &'static str {
+    let first = path.trim_start_matches('/').split('/').next().unwrap_or_default();
+    match first {
+        "stats" => "stats",
+        "metrics" => "metrics",
+        "logs" => "log",
+        "spec" => "spec",
+        _ => "proxy",
+    }
+}
+
+/// Upstream's verbs for kubelet requests, by method.
+pub fn verb(method: &http::Method) -> &'static str {
+    match *method {
+        http::Method::POST => "create",
+        http::Method::PUT => "update",
+        http::Method::PATCH => "patch",
+        http::Method::DELETE => "delete",
+        _ => "get",
+    }
+}
+
+async fn authorize(
+    State((node, decisions)): State<(Shared, Arc<Decisions>)>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response<Body> {
+    let Some(caller) = request.extensions().get::<Caller>().cloned() else {
+        return text(StatusCode::UNAUTHORIZED, "Unauthorized");
+    };
+    let (verb, subresource) = (verb(request.method()), subresource(request.uri().path()));
+    let key = (caller, verb, subresource);
+    let now = std::time::Instant::now();
+    let cached =
+        decisions.lock().unwrap_or_else(|e| e.into_inner()).get(&key).filter(|(_, until)| *until > now).map(|d| d.0);
+    let allowed = match cached {
+        Some(allowed) => allowed,
+        None => match review(&node, &key.0, verb, subresource).await {
+            Ok(allowed) => {
+                let ttl = std::time::Duration::from_secs(if allowed { 300 } else { 30 });
+                decisions.lock().unwrap_or_else(|e| e.into_inner()).insert(key.clone(), (allowed, now + ttl));
+                allowed
+            }
+            Err(error) => {
+                tracing::warn!(error = %format!("{error:#}"), "kubelet API: cannot authorize a request");
+                return text(StatusCode::INTERNAL_SERVER_ERROR, "Authorization error (the API server did not answer)");
+            }
+        },
+    };
+    if !allowed {
+        let (caller, verb, subresource) = key;
+        return text(
+            StatusCode::FORBIDDEN,
+            format!("Forbidden (user={}, verb={verb}, resource=nodes, subresource(s)=[{subresource}])", caller.user),
+        );
+    }
+    next.run(request).await
+}
+
+/// Asks the API server whether `caller` may `verb` this node's `subresource`.
+async fn review(node: &Shared, caller: &Caller, verb: &str, subresource: &str) -> anyhow::Result<bool> {
+    use k8s_openapi::api::authorization::v1::{ResourceAttributes, SubjectAccessReview, SubjectAccessReviewSpec};
+    let review = SubjectAccessReview {
+        spec: SubjectAccessReviewSpec {
+            user: Some(caller.user.clone()),
+            groups: Some(caller.groups.clone()),
+            resource_attributes: Some(ResourceAttributes {
+                verb: Some(verb.into()),
+                resource: Some("nodes".into()),
+                subresource: Some(subresource.into()),
+                name: Some(node.name.clone()),
+                ..ResourceAttributes::default()
+            }),
+            ..SubjectAccessReviewSpec::default()
+        },
+        ..SubjectAccessReview::default()
+    };
+    let api: Api<SubjectAccessReview> = Api::all(node.client.clone());
+    let answer = api.create(&kube::api::PostParams::default(), &review).await?;
+    Ok(answer.status.is_some_and(|s| s.allowed))
 }
 
 fn text(status: StatusCode, message: impl Into<String>) -> Response<Body> {

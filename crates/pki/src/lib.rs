@@ -315,8 +315,13 @@ pub fn names(cert_pem: &str) -> Option<(Vec<String>, Vec<IpAddr>)> {
 
 /// The subject of a PEM certificate: (common name, organizations).
 pub fn certificate_subject(cert_pem: &str) -> Option<(String, Vec<String>)> {
-    let der = pem_der(cert_pem)?;
-    let (_, cert) = x509_parser::parse_x509_certificate(&der).ok()?;
+    der_subject(&pem_der(cert_pem)?)
+}
+
+/// The subject of a DER certificate (as a TLS peer presents it): (common name, organizations),
+/// the user and groups Kubernetes reads from a client certificate.
+pub fn der_subject(der: &[u8]) -> Option<(String, Vec<String>)> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
     let subject = cert.subject();
     let common_name = subject.iter_common_name().next()?.as_str().ok()?.to_string();
     let organizations = subject.iter_organization().filter_map(|o| o.as_str().ok().map(str::to_string)).collect();

@@ -216,6 +216,41 @@ fn an_agent_joins_with_the_token_and_runs_pods() {
         std::thread::sleep(Duration::from_millis(300));
     }
     assert_eq!(server.kubectl(&["exec", "hello", "--", "cat", "/etc/hostname"], None).trim(), "hello");
+
+    // The kubelet API asks the API server who may use it (SubjectAccessReview): the node's own
+    // credentials may not (RBAC gives nodes no nodes/proxy or nodes/stats), the admin may.
+    let port = server
+        .kubectl(&["get", "node", "joined", "-o", "jsonpath={.status.daemonEndpoints.kubeletEndpoint.Port}"], None);
+    let kubeconfig = std::fs::read_to_string(&credentials).unwrap();
+    for (field, file) in [("client-certificate-data", "node.crt"), ("client-key-data", "node.key")] {
+        use base64::Engine;
+        let prefix = format!("{field}: ");
+        let b64 = kubeconfig.lines().find_map(|l| l.trim().strip_prefix(prefix.as_str())).unwrap();
+        std::fs::write(data.join(file), base64::engine::general_purpose::STANDARD.decode(b64).unwrap()).unwrap();
+    }
+    let kubelet = |cert: &Path, key: &Path, path: &str| -> (String, String) {
+        let out = Command::new("curl")
+            .args(["-sk", "-w", "\n%{http_code}", "--cert"])
+            .arg(cert)
+            .arg("--key")
+            .arg(key)
+            .arg(format!("https://127.0.0.1:{port}{path}"))
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let (body, code) = text.rsplit_once('\n').unwrap_or_default();
+        (code.to_string(), body.to_string())
+    };
+    let (node_cert, node_key) = (data.join("node.crt"), data.join("node.key"));
+    let (code, body) = kubelet(&node_cert, &node_key, "/stats/summary");
+    assert_eq!(code, "403", "{body}");
+    assert_eq!(body, "Forbidden (user=system:node:joined, verb=get, resource=nodes, subresource(s)=[stats])");
+    let (code, body) = kubelet(&node_cert, &node_key, "/containerLogs/default/hello/hello");
+    assert!(code == "403" && body.contains("subresource(s)=[proxy]"), "{code} {body}");
+    let pki = server.data_dir().join("pki");
+    let (code, body) = kubelet(&pki.join("admin.crt"), &pki.join("admin.key"), "/containerLogs/default/hello/hello");
+    assert_eq!((code.as_str(), body.as_str()), ("200", "hello from hello\n"), "the admin may");
+    assert_eq!(kubelet(&node_cert, &node_key, "/healthz").0, "200", "health needs only the CA");
     server.kubectl(&["delete", "pod", "hello", "--grace-period=1", "--wait=true"], None);
 }
 

@@ -1072,6 +1072,18 @@ metadata: {name: n2}
     let output =
         kubectl.run(&as_n1(&["auth", "can-i", "get", "secret/unused"]).iter().map(String::as_str).collect::<Vec<_>>());
     assert_eq!(String::from_utf8_lossy(&output.stdout).trim(), "no");
+    // The same answers to anyone asking for it (SubjectAccessReview, as kubelets do).
+    let review = |name: &str| {
+        let spec = format!(
+            r#"{{"user":"system:node:n1","groups":["system:nodes"],"resourceAttributes":{{"verb":"get","resource":"secrets","namespace":"default","name":"{name}"}}}}"#
+        );
+        let manifest =
+            format!(r#"{{"apiVersion":"authorization.k8s.io/v1","kind":"SubjectAccessReview","spec":{spec}}}"#);
+        let out = kubectl.apply_stdin(&["create", "-f", "-", "-o", "jsonpath={.status.allowed}"], &manifest);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8(out.stdout).unwrap()
+    };
+    assert_eq!((review("used").as_str(), review("unused").as_str()), ("true", "false"));
     // RBAC's system:node still lets it read pods and services.
     ok(&["get", "pods"]);
     ok(&["get", "services"]);

@@ -218,3 +218,38 @@ fn expiring_certificates_are_renewed_at_start() {
     }
     assert!(server.kubectl(&["get", "namespaces", "-o", "name"], None).contains("namespace/default"));
 }
+
+/// Default ClusterRoles get the rules a newer server adds at its start (upstream's RBAC
+/// reconciliation), unless their `rbac.authorization.kubernetes.io/autoupdate` is "false".
+#[test]
+fn default_cluster_roles_get_missing_rules_back_at_start() {
+    let mut server = start(&[]);
+    let rules = |server: &TugboatServer, role: &str| -> Vec<serde_json::Value> {
+        let json = server.kubectl(&["get", "clusterrole", role, "-o", "json"], None);
+        serde_json::from_str::<serde_json::Value>(&json).unwrap()["rules"].as_array().unwrap().clone()
+    };
+    let node_rules = rules(&server, "system:node");
+    let last = node_rules.len() - 1;
+    let remove_last = format!("[{{\"op\":\"remove\",\"path\":\"/rules/{last}\"}}]");
+    server.kubectl(&["patch", "clusterrole", "system:node", "--type=json", "-p", &remove_last], None);
+    let view_rules = rules(&server, "view");
+    let remove_first = r#"[{"op":"remove","path":"/rules/0"}]"#;
+    server.kubectl(&["patch", "clusterrole", "view", "--type=json", "-p", remove_first], None);
+    server.kubectl(
+        &["annotate", "clusterrole", "view", "rbac.authorization.kubernetes.io/autoupdate=false", "--overwrite"],
+        None,
+    );
+    assert_eq!(rules(&server, "system:node").len(), last);
+    assert!(terminate(&mut server).success());
+
+    // The same store under a newer server.
+    let old = server.data_dir();
+    let again = TugboatServer::start_prepared(Path::new(env!("CARGO_BIN_EXE_tugboat")), &[], |dir| {
+        let status = Command::new("cp").arg("-a").arg(&old).arg(dir).status()?;
+        anyhow::ensure!(status.success(), "cp -a");
+        Ok(())
+    })
+    .unwrap();
+    assert_eq!(rules(&again, "system:node"), node_rules, "the missing rule is back, in its place");
+    assert_eq!(rules(&again, "view"), view_rules[1..], "autoupdate false: left as edited");
+}
