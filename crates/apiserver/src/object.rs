@@ -150,7 +150,68 @@ pub fn validate(resource: &Resource, object: &Value) -> Result<(), ApiError> {
     if resource.plural == "pods" {
         validate_pod_spec(&object["spec"], "spec", &mut causes);
     }
+    if resource.plural == "networkpolicies" {
+        validate_network_policy(&object["spec"], &mut causes);
+    }
     if causes.is_empty() { Ok(()) } else { Err(ApiError::invalid(resource.group, resource.kind, name, causes)) }
+}
+
+fn validate_network_policy(spec: &Value, causes: &mut Vec<Cause>) {
+    let mut invalid = |field: String, message: String| {
+        causes.push(Cause { reason: "FieldValueInvalid", message, field });
+    };
+    for (i, kind) in spec["policyTypes"].as_array().into_iter().flatten().enumerate() {
+        if !matches!(kind.as_str(), Some("Ingress" | "Egress")) {
+            invalid(
+                format!("spec.policyTypes[{i}]"),
+                format!("Unsupported value: {kind}: supported values: \"Ingress\", \"Egress\""),
+            );
+        }
+    }
+    for (direction, peers) in [("ingress", "from"), ("egress", "to")] {
+        for (i, rule) in spec[direction].as_array().into_iter().flatten().enumerate() {
+            for (j, port) in rule["ports"].as_array().into_iter().flatten().enumerate() {
+                let field = format!("spec.{direction}[{i}].ports[{j}]");
+                if !matches!(port["protocol"].as_str(), None | Some("TCP" | "UDP" | "SCTP")) {
+                    invalid(
+                        format!("{field}.protocol"),
+                        format!(
+                            "Unsupported value: {}: supported values: \"TCP\", \"UDP\", \"SCTP\"",
+                            port["protocol"]
+                        ),
+                    );
+                }
+                if let (Some(start), Some(end)) = (port["port"].as_i64(), port["endPort"].as_i64())
+                    && end < start
+                {
+                    invalid(
+                        format!("{field}.endPort"),
+                        format!("Invalid value: {end}: must be greater than or equal to `port`"),
+                    );
+                }
+            }
+            for (j, peer) in rule[peers].as_array().into_iter().flatten().enumerate() {
+                let Some(cidr) = peer["ipBlock"]["cidr"].as_str() else { continue };
+                if !is_cidr(cidr) {
+                    invalid(
+                        format!("spec.{direction}[{i}].{peers}[{j}].ipBlock.cidr"),
+                        format!(
+                            "Invalid value: {cidr:?}: must be a valid CIDR value, (e.g. 10.9.8.0/24 or 2001:db8::/64)"
+                        ),
+                    );
+                }
+            }
+        }
+    }
+}
+
+/// `address/prefix`, IPv4 or IPv6.
+fn is_cidr(text: &str) -> bool {
+    let Some((address, prefix)) = text.split_once('/') else { return false };
+    match (address.parse::<std::net::IpAddr>(), prefix.parse::<u8>()) {
+        (Ok(address), Ok(prefix)) => prefix <= if address.is_ipv4() { 32 } else { 128 },
+        _ => false,
+    }
 }
 
 fn validate_pod_spec(spec: &Value, path: &str, causes: &mut Vec<Cause>) {
@@ -316,6 +377,24 @@ fn default_workload(resource: &Resource, object: &mut Value) {
             }
         }
         "jobs" => default_job_spec(spec),
+        // `pkg/apis/networking/v1/defaults.go`: Ingress always, Egress when there are egress
+        // rules; ports are TCP unless said.
+        "networkpolicies" => {
+            if spec["policyTypes"].as_array().is_none_or(Vec::is_empty) {
+                let mut types = vec![json!("Ingress")];
+                if spec["egress"].as_array().is_some_and(|e| !e.is_empty()) {
+                    types.push(json!("Egress"));
+                }
+                spec["policyTypes"] = Value::Array(types);
+            }
+            for direction in ["ingress", "egress"] {
+                for rule in spec[direction].as_array_mut().into_iter().flatten() {
+                    for port in rule["ports"].as_array_mut().into_iter().flatten() {
+                        set_default(port, "protocol", json!("TCP"));
+                    }
+                }
+            }
+        }
         "cronjobs" => {
             set_default(spec, "concurrencyPolicy", json!("Allow"));
             set_default(spec, "suspend", json!(false));

@@ -171,6 +171,17 @@ pub static RESOURCES: &[Resource] = &[
     resource!(batch::v1::CronJob, "batch", "v1", "CronJob", "cronjobs", "cronjob", true, &["cj"], ALL),
     resource!(coordination::v1::Lease, "coordination.k8s.io", "v1", "Lease", "leases", "lease", true, NONE, NONE),
     resource!(
+        networking::v1::NetworkPolicy,
+        "networking.k8s.io",
+        "v1",
+        "NetworkPolicy",
+        "networkpolicies",
+        "networkpolicy",
+        true,
+        &["netpol"],
+        NONE
+    ),
+    resource!(
         discovery::v1::EndpointSlice,
         "discovery.k8s.io",
         "v1",

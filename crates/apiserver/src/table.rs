@@ -150,6 +150,7 @@ fn columns(resource: &Resource) -> Vec<Column> {
         "endpoints" => vec![name, ("Endpoints", "string", "", 0), age],
         "serviceaccounts" => vec![name, ("Secrets", "string", "", 0), age],
         "leases" => vec![name, ("Holder", "string", "", 0), age],
+        "networkpolicies" => vec![name, ("Pod-Selector", "string", "", 0), age],
         "persistentvolumes" => vec![
             name,
             ("Capacity", "string", "", 0),
@@ -671,6 +672,25 @@ fn cells(resource: &Resource, object: &Value) -> Vec<Value> {
             vec![name, json!(secrets.to_string()), json!(age(object))]
         }
         "leases" => vec![name, json!(s(&object["spec"]["holderIdentity"])), json!(age(object))],
+        "networkpolicies" => {
+            let selector = &object["spec"]["podSelector"];
+            let mut terms: Vec<String> = selector["matchLabels"]
+                .as_object()
+                .map(|m| m.iter().map(|(k, v)| format!("{k}={}", v.as_str().unwrap_or(""))).collect())
+                .unwrap_or_default();
+            for e in selector["matchExpressions"].as_array().into_iter().flatten() {
+                let values: Vec<String> = e["values"].as_array().into_iter().flatten().map(s).collect();
+                let key = s(&e["key"]);
+                terms.push(match e["operator"].as_str().unwrap_or_default() {
+                    "In" => format!("{key} in ({})", values.join(",")),
+                    "NotIn" => format!("{key} notin ({})", values.join(",")),
+                    "DoesNotExist" => format!("!{key}"),
+                    _ => key,
+                });
+            }
+            let shown = if terms.is_empty() { "<none>".to_string() } else { terms.join(",") };
+            vec![name, json!(shown), json!(age(object))]
+        }
         "persistentvolumes" => {
             let claim = &object["spec"]["claimRef"];
             let claim = match (claim["namespace"].as_str(), claim["name"].as_str()) {

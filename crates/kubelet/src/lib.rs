@@ -12,6 +12,7 @@ pub mod exec;
 pub mod host;
 pub mod image_gc;
 pub mod logs;
+pub mod netpol;
 pub mod network;
 pub mod pods;
 pub mod portforward;
@@ -245,6 +246,7 @@ pub async fn run(client: kube::Client, config: KubeletConfig) -> anyhow::Result<
     tokio::spawn(image_gc::run(agent.clone()));
     tokio::spawn(stats::sample(agent.clone()));
     tokio::spawn(network::run(agent.clone()));
+    tokio::spawn(netpol::run(agent.clone()));
     if let Some(proxy) = config.proxy.clone() {
         tokio::spawn(proxy::run(client.clone(), proxy::ProxyConfig { node_name: name.clone(), ..proxy }));
     }

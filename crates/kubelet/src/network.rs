@@ -9,6 +9,7 @@
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
@@ -96,6 +97,19 @@ pub fn nat_ruleset(own: &PodNetwork, all: &[String]) -> String {
     )
 }
 
+/// Bridged traffic through the IPv4 hooks (kubeadm's `net.bridge.bridge-nf-call-iptables=1`):
+/// Services and NetworkPolicies between pods of one node need it. Loads `br_netfilter` if its
+/// switch is missing; a warning if neither works.
+fn bridge_netfilter() {
+    const SWITCH: &str = "/proc/sys/net/bridge/bridge-nf-call-iptables";
+    if !Path::new(SWITCH).exists() {
+        let _ = Command::new("modprobe").arg("br_netfilter").status();
+    }
+    if let Err(error) = std::fs::write(SWITCH, "1") {
+        tracing::warn!(%error, "cannot turn on bridge netfilter: Services and NetworkPolicies between pods of this node may not apply");
+    }
+}
+
 /// Keeps the routes (and masquerading) of the node's pod network until the process ends.
 pub async fn run(node: Arc<NodeAgent>) {
     // The Node objects, from a watch: a node's change wakes the loop at once; the period
@@ -119,6 +133,7 @@ pub async fn run(node: Arc<NodeAgent>) {
                 Ok(()) => forwarding = true,
                 Err(error) => tracing::warn!(%error, "cannot turn on IPv4 forwarding"),
             }
+            bridge_netfilter();
         }
         let mut all: Vec<String> = desired.keys().cloned().collect();
         all.push(format!("{}/{}", own.base, own.prefix));

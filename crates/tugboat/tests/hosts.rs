@@ -830,3 +830,157 @@ spec:
     let saved = hosts.get(1).command("iptables-save").output().unwrap();
     assert!(!String::from_utf8_lossy(&saved.stdout).contains("TUGBOAT"), "{}", String::from_utf8_lossy(&saved.stdout));
 }
+
+/// Pods of the NetworkPolicy test: `db` (host-1) and `probe` (namespace ops, host-0) serve
+/// their name on 8080; `web` and `other` (host-0) and `local` (host-1) ask.
+const POLICY_PODS: &str = r#"
+apiVersion: v1
+kind: Namespace
+metadata: {name: ops, labels: {team: ops}}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: db, labels: {app: db}}
+spec:
+  nodeName: host-1
+  terminationGracePeriodSeconds: 1
+  containers:
+  - {name: main, image: "busybox:1.35", ports: [{name: http, containerPort: 8080}],
+     command: [sh, -c, "mkdir -p /www && hostname > /www/index.html && exec httpd -f -p 8080 -h /www"]}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: probe, namespace: ops, labels: {app: probe}}
+spec:
+  nodeName: host-0
+  terminationGracePeriodSeconds: 1
+  containers:
+  - {name: main, image: "busybox:1.35",
+     command: [sh, -c, "mkdir -p /www && hostname > /www/index.html && exec httpd -f -p 8080 -h /www"]}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: web, labels: {app: web}}
+spec:
+  nodeName: host-0
+  terminationGracePeriodSeconds: 1
+  containers:
+  - {name: main, image: "busybox:1.35", command: [sleep, "3600"]}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: other, labels: {app: other}}
+spec:
+  nodeName: host-0
+  terminationGracePeriodSeconds: 1
+  containers:
+  - {name: main, image: "busybox:1.35", command: [sleep, "3600"]}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: local, labels: {app: other}}
+spec:
+  nodeName: host-1
+  terminationGracePeriodSeconds: 1
+  containers:
+  - {name: main, image: "busybox:1.35", command: [sleep, "3600"]}
+"#;
+
+/// db takes HTTP only from app=web pods and from namespaces labelled team=ops, on its named
+/// port; web may only reach db.
+const POLICIES: &str = r#"
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: db-from-web}
+spec:
+  podSelector: {matchLabels: {app: db}}
+  ingress:
+  - from: [{podSelector: {matchLabels: {app: web}}}, {namespaceSelector: {matchLabels: {team: ops}}}]
+    ports: [{port: http}]
+---
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: web-to-db-only}
+spec:
+  podSelector: {matchLabels: {app: web}}
+  policyTypes: [Egress]
+  egress:
+  - to: [{podSelector: {matchLabels: {app: db}}}]
+    ports: [{protocol: TCP, port: 8080}]
+"#;
+
+/// NetworkPolicies, with the real kubectl on two nodes: once a policy selects db, only what it
+/// allows reaches db — across nodes and on db's own node; an egress policy keeps web to db; a
+/// namespace selector lets another namespace's pod in; deleting the policies opens all again.
+#[test]
+fn network_policies_decide_who_reaches_a_pod() {
+    let Some(mut hosts) = nodes("network_policies_decide_who_reaches_a_pod", 2, 2) else { return };
+    let command = tugboat(hosts.get(0), &["server"]);
+    hosts.get_mut(0).spawn("server", command).unwrap();
+    let join = printed_join_command(hosts.get(0));
+    let kubectl = Kubectl {
+        kubeconfig: hosts.get(0).dir().join("data/admin.kubeconfig"),
+        server: join[3].clone(),
+        home: hosts.get(0).dir().join("home"),
+    };
+    let host = hosts.get_mut(1);
+    let command = tugboat(host, &join[1..].iter().map(String::as_str).collect::<Vec<_>>());
+    host.spawn("agent", command).unwrap();
+    for name in ["host-0", "host-1"] {
+        let deadline = Instant::now() + Duration::from_secs(90);
+        while kubectl.node_ready(name) != "True" {
+            assert!(Instant::now() < deadline, "{name} is not Ready");
+            std::thread::sleep(Duration::from_millis(500));
+        }
+    }
+    kubectl.run(&["apply", "-f", "-"], Some(POLICY_PODS)).unwrap();
+    let running = |ns: &str, pod: &str| {
+        kubectl.until(
+            &["get", "pod", "-n", ns, pod, "-o", "jsonpath={.status.phase}"],
+            Duration::from_secs(90),
+            pod,
+            |o| o == "Running",
+        );
+        kubectl.ok(&["get", "pod", "-n", ns, pod, "-o", "jsonpath={.status.podIP}"])
+    };
+    let db = running("default", "db");
+    let probe = running("ops", "probe");
+    for pod in ["web", "other", "local"] {
+        running("default", pod);
+    }
+    // From `pod` (in `ns`) to `ip`:8080: the name served, or an error (timed out or refused).
+    let ask = |ns: &str, pod: &str, ip: &str| -> Result<String, String> {
+        let url = format!("http://{ip}:8080/");
+        kubectl
+            .run(&["exec", "-n", ns, pod, "--", "timeout", "3", "wget", "-q", "-O", "-", &url], None)
+            .map(|o| o.trim().to_string())
+    };
+    // No policy: everyone reaches everyone.
+    for (ns, pod) in [("default", "web"), ("default", "other"), ("default", "local"), ("ops", "probe")] {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while ask(ns, pod, &db).as_deref() != Ok("db") {
+            assert!(Instant::now() < deadline, "{pod} does not reach db: {:?}", ask(ns, pod, &db));
+        }
+    }
+    assert_eq!(ask("default", "web", &probe).as_deref(), Ok("probe"));
+
+    kubectl.run(&["apply", "-f", "-"], Some(POLICIES)).unwrap();
+    let listed = kubectl.ok(&["get", "networkpolicies"]);
+    assert!(listed.contains("db-from-web") && listed.contains("app=db"), "{listed}");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while ask("default", "other", &db).is_ok() {
+        assert!(Instant::now() < deadline, "other still reaches db");
+    }
+    assert!(ask("default", "local", &db).is_err(), "db's own node: local is not app=web");
+    assert_eq!(ask("default", "web", &db).as_deref(), Ok("db"), "web is let in (its egress allows db)");
+    assert_eq!(ask("ops", "probe", &db).as_deref(), Ok("db"), "ops is let in by its namespace");
+    assert!(ask("default", "web", &probe).is_err(), "web's egress: db only");
+    assert_eq!(ask("default", "other", &probe).as_deref(), Ok("probe"), "probe is not isolated");
+
+    kubectl.ok(&["delete", "networkpolicy", "db-from-web", "web-to-db-only"]);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while ask("default", "other", &db).as_deref() != Ok("db") {
+        assert!(Instant::now() < deadline, "other still cannot reach db");
+    }
+    assert_eq!(ask("default", "web", &probe).as_deref(), Ok("probe"));
+}

@@ -1119,3 +1119,31 @@ metadata: {name: n2}
     ok(&["delete", "pod", "on-n1", "--wait=false"]);
     kubectl.ok(&["get", "pod", "on-n2"]);
 }
+
+#[test]
+fn network_policies_are_served_defaulted_and_validated() {
+    let server = server();
+    let kubectl = Kubectl::new(&server, None);
+    let policy = r#"
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: db}
+spec:
+  podSelector: {matchLabels: {app: db}}
+  ingress: [{from: [{podSelector: {matchLabels: {app: web}}}], ports: [{port: 5432}]}]
+  egress: [{to: [{ipBlock: {cidr: 10.0.0.0/8}}]}]
+"#;
+    let out = kubectl.apply_stdin(&["apply", "-f", "-"], policy);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    // Upstream's defaults: both directions (there are egress rules), TCP.
+    assert_eq!(kubectl.ok(&["get", "netpol", "db", "-o", "jsonpath={.spec.policyTypes}"]), r#"["Ingress","Egress"]"#);
+    assert_eq!(kubectl.ok(&["get", "netpol", "db", "-o", "jsonpath={.spec.ingress[0].ports[0].protocol}"]), "TCP");
+    let table = kubectl.ok(&["get", "networkpolicies"]);
+    assert!(table.starts_with("NAME") && table.contains("POD-SELECTOR") && table.contains("app=db"), "{table}");
+    let bad = policy.replace("10.0.0.0/8", "10.0.0.0/33").replace("{port: 5432}", "{port: 5432, protocol: ICMP}");
+    let out = kubectl.apply_stdin(&["apply", "-f", "-"], &bad.replace("name: db", "name: bad"));
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{said}");
+    assert!(said.contains("spec.ingress[0].ports[0].protocol: Unsupported value: \"ICMP\""), "{said}");
+    assert!(said.contains("spec.egress[0].to[0].ipBlock.cidr: Invalid value: \"10.0.0.0/33\""), "{said}");
+}
