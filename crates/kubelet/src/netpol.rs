@@ -384,15 +384,7 @@ mod tests {
         // n2's only pod is selected by nothing: no table there.
         assert_eq!(ruleset("n2", &policies, &pods(), &namespaces()), None);
         // The kernel takes it (checked only).
-        let mut check = std::process::Command::new("nft")
-            .args(["--check", "-f", "-"])
-            .stdin(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .expect("nft (nftables) is installed");
-        use std::io::Write as _;
-        check.stdin.take().unwrap().write_all(transaction(Some(&on_n1)).as_bytes()).unwrap();
-        let out = check.wait_with_output().unwrap();
-        assert!(out.status.success(), "{}\n{on_n1}", String::from_utf8_lossy(&out.stderr));
+        let text = transaction(Some(&on_n1));
+        crate::network::feed("nft", &["--check", "-f", "-"], &text).unwrap_or_else(|e| panic!("{e:#}\n{text}"));
     }
 }

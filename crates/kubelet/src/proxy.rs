@@ -957,16 +957,7 @@ mod tests {
         assert!(!parts.keys().any(|k| *k == key("db")));
         // The kernel takes every form (checked only: `nft --check` changes nothing).
         for text in [before.full(), format!("{}{}", before.full(), nft::text(&before.changes(&gone)))] {
-            use std::io::Write;
-            let mut check = std::process::Command::new("nft")
-                .args(["--check", "-f", "-"])
-                .stdin(std::process::Stdio::piped())
-                .stderr(std::process::Stdio::piped())
-                .spawn()
-                .expect("nft (nftables) is installed");
-            check.stdin.take().unwrap().write_all(text.as_bytes()).unwrap();
-            let out = check.wait_with_output().unwrap();
-            assert!(out.status.success(), "{}\n{text}", String::from_utf8_lossy(&out.stderr));
+            crate::network::feed("nft", &["--check", "-f", "-"], &text).unwrap_or_else(|e| panic!("{e:#}\n{text}"));
         }
         let full = after.full();
         assert!(full.starts_with("table ip tugboat-proxy\ndelete table ip tugboat-proxy\ntable ip tugboat-proxy {"));
