@@ -222,7 +222,9 @@ pub fn ruleset(node: &str, policies: &[NetworkPolicy], pods: &[Pod], namespaces:
         namespaces.iter().map(|n| (n.metadata.name.clone().unwrap_or_default(), n.metadata.labels.clone())).collect();
     let infos = addressed(pods);
     let mut chains = String::new();
-    let mut dispatch = (Vec::new(), Vec::new());
+    // Address → chain, per direction (egress, ingress); one chain per address, the first pod's
+    // (an address is one pod's, but a pod on its way out may still show its old one).
+    let mut dispatch: (BTreeMap<Ipv4Addr, String>, BTreeMap<Ipv4Addr, String>) = Default::default();
     for target in infos.iter().filter(|i| i.pod.spec.as_ref().and_then(|s| s.node_name.as_deref()) == Some(node)) {
         let selecting = |kind: &str| -> Vec<&NetworkPolicy> {
             policies
@@ -241,7 +243,7 @@ pub fn ruleset(node: &str, policies: &[NetworkPolicy], pods: &[Pod], namespaces:
         let name = format!("{}/{}", target.namespace, target.pod.metadata.name.as_deref().unwrap_or_default());
         for (kind, ingress, list) in [("Ingress", true, &mut dispatch.1), ("Egress", false, &mut dispatch.0)] {
             let selected = selecting(kind);
-            if selected.is_empty() {
+            if selected.is_empty() || list.contains_key(&target.ip) {
                 continue;
             }
             // Allowed egress goes on to the destination's ingress check; allowed ingress is in.
@@ -252,7 +254,7 @@ pub fn ruleset(node: &str, policies: &[NetworkPolicy], pods: &[Pod], namespaces:
                 let _ = writeln!(chains, "\t\t{rule}");
             }
             let _ = writeln!(chains, "\t}}");
-            list.push(format!("{} : jump {chain}", target.ip));
+            list.insert(target.ip, chain);
         }
     }
     if dispatch.0.is_empty() && dispatch.1.is_empty() {
@@ -261,11 +263,11 @@ pub fn ruleset(node: &str, policies: &[NetworkPolicy], pods: &[Pod], namespaces:
     let mut text = format!("table ip {TABLE} {{\n{chains}");
     text.push_str("\tchain forward {\n\t\ttype filter hook forward priority -10; policy accept;\n");
     text.push_str("\t\tct state established,related accept\n");
-    if !dispatch.0.is_empty() {
-        let _ = writeln!(text, "\t\tip saddr vmap {{ {} }}", dispatch.0.join(", "));
-    }
-    if !dispatch.1.is_empty() {
-        let _ = writeln!(text, "\t\tip daddr vmap {{ {} }}", dispatch.1.join(", "));
+    for (address, list) in [("ip saddr", &dispatch.0), ("ip daddr", &dispatch.1)] {
+        if !list.is_empty() {
+            let entries: Vec<String> = list.iter().map(|(ip, chain)| format!("{ip} : jump {chain}")).collect();
+            let _ = writeln!(text, "\t\t{address} vmap {{ {} }}", entries.join(", "));
+        }
     }
     text.push_str("\t}\n}\n");
     Some(text)
