@@ -153,12 +153,20 @@ fn walk(schemas: &crate::schema::Schemas, schema: &Value, value: Value, depth: u
         Value::Null => None,
         Value::Object(map) => {
             if let Some(Value::Object(properties)) = schema.get("properties") {
-                // A message: its keys are struct fields.
+                // A message: its keys are struct fields. A field the schema does not know but
+                // that holds a message is an embedded one, whose fields JSON inlines
+                // (`IngressRule.ingressRuleValue`, `Volume.volumeSource`, ...).
                 let mut object = Map::new();
-                for (key, field) in map {
+                let mut fields: Vec<(String, Value)> = map.into_iter().collect();
+                while let Some((key, field)) = fields.pop() {
                     // rust-protobuf names `type` `type_`.
                     let name = key.strip_suffix('_').unwrap_or(&key).to_string();
-                    let Some(property) = properties.get(&name) else { continue };
+                    let Some(property) = properties.get(&name) else {
+                        if let Value::Object(inner) = field {
+                            fields.extend(inner);
+                        }
+                        continue;
+                    };
                     let Some(field) = walk(schemas, property, field, depth + 1) else { continue };
                     let required = schema
                         .get("required")
@@ -350,6 +358,43 @@ mod tests {
         review.spec = Some(spec).into();
         let json = decode(&envelope("authorization.k8s.io/v1", "SelfSubjectAccessReview", &review)).unwrap();
         assert_eq!(json["spec"]["resourceAttributes"]["verb"], "create");
+    }
+
+    #[test]
+    fn embedded_messages_are_inlined_as_json_has_them() {
+        use k8s_rs_pb::api::core::v1::{EmptyDirVolumeSource, Pod, PodSpec, Volume, VolumeSource};
+        let mut pod = Pod::new();
+        let mut spec = PodSpec::new();
+        let mut volume = Volume::new();
+        volume.name = Some("scratch".into());
+        let mut source = VolumeSource::new();
+        source.emptyDir = Some(EmptyDirVolumeSource::new()).into();
+        volume.volumeSource = Some(source).into();
+        spec.volumes.push(volume);
+        pod.spec = Some(spec).into();
+        let json = decode(&envelope("v1", "Pod", &pod)).unwrap();
+        assert_eq!(json["spec"]["volumes"][0], serde_json::json!({"name": "scratch", "emptyDir": {}}));
+
+        use k8s_rs_pb::api::networking::v1::{
+            HTTPIngressPath, HTTPIngressRuleValue, Ingress, IngressRule, IngressRuleValue, IngressSpec,
+        };
+        let mut ingress = Ingress::new();
+        let mut spec = IngressSpec::new();
+        let mut rule = IngressRule::new();
+        rule.host = Some("shop.example.com".into());
+        let mut http = HTTPIngressRuleValue::new();
+        let mut path = HTTPIngressPath::new();
+        path.path = Some("/".into());
+        path.pathType = Some("Prefix".into());
+        http.paths.push(path);
+        let mut value = IngressRuleValue::new();
+        value.http = Some(http).into();
+        rule.ingressRuleValue = Some(value).into();
+        spec.rules.push(rule);
+        ingress.spec = Some(spec).into();
+        let json = decode(&envelope("networking.k8s.io/v1", "Ingress", &ingress)).unwrap();
+        assert_eq!(json["spec"]["rules"][0]["http"]["paths"][0]["pathType"], "Prefix");
+        assert_eq!(json["spec"]["rules"][0]["host"], "shop.example.com");
     }
 
     #[test]

@@ -171,6 +171,28 @@ pub static RESOURCES: &[Resource] = &[
     resource!(batch::v1::CronJob, "batch", "v1", "CronJob", "cronjobs", "cronjob", true, &["cj"], ALL),
     resource!(coordination::v1::Lease, "coordination.k8s.io", "v1", "Lease", "leases", "lease", true, NONE, NONE),
     resource!(
+        networking::v1::Ingress,
+        "networking.k8s.io",
+        "v1",
+        "Ingress",
+        "ingresses",
+        "ingress",
+        true,
+        &["ing"],
+        NONE
+    ),
+    resource!(
+        networking::v1::IngressClass,
+        "networking.k8s.io",
+        "v1",
+        "IngressClass",
+        "ingressclasses",
+        "ingressclass",
+        false,
+        NONE,
+        NONE
+    ),
+    resource!(
         networking::v1::NetworkPolicy,
         "networking.k8s.io",
         "v1",

@@ -151,6 +151,15 @@ fn columns(resource: &Resource) -> Vec<Column> {
         "serviceaccounts" => vec![name, ("Secrets", "string", "", 0), age],
         "leases" => vec![name, ("Holder", "string", "", 0), age],
         "networkpolicies" => vec![name, ("Pod-Selector", "string", "", 0), age],
+        "ingresses" => vec![
+            name,
+            ("Class", "string", "", 0),
+            ("Hosts", "string", "", 0),
+            ("Address", "string", "", 0),
+            ("Ports", "string", "", 0),
+            age,
+        ],
+        "ingressclasses" => vec![name, ("Controller", "string", "", 0), ("Parameters", "string", "", 0), age],
         "persistentvolumes" => vec![
             name,
             ("Capacity", "string", "", 0),
@@ -672,6 +681,37 @@ fn cells(resource: &Resource, object: &Value) -> Vec<Value> {
             vec![name, json!(secrets.to_string()), json!(age(object))]
         }
         "leases" => vec![name, json!(s(&object["spec"]["holderIdentity"])), json!(age(object))],
+        "ingresses" => {
+            let spec = &object["spec"];
+            let mut hosts: Vec<String> = spec["rules"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|r| r["host"].as_str().map(str::to_string))
+                .collect();
+            hosts.dedup();
+            let hosts = if hosts.is_empty() { "*".to_string() } else { hosts.join(",") };
+            let addresses: Vec<String> = object["status"]["loadBalancer"]["ingress"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|i| i["ip"].as_str().or(i["hostname"].as_str()).map(str::to_string))
+                .collect();
+            let ports = if spec["tls"].as_array().is_some_and(|t| !t.is_empty()) { "80, 443" } else { "80" };
+            let class = spec["ingressClassName"].as_str().unwrap_or("<none>");
+            vec![name, json!(class), json!(hosts), json!(addresses.join(",")), json!(ports), json!(age(object))]
+        }
+        "ingressclasses" => {
+            let parameters = &object["spec"]["parameters"];
+            let shown = match parameters["kind"].as_str() {
+                Some(kind) => {
+                    let group = parameters["apiGroup"].as_str().map(|g| format!(".{g}")).unwrap_or_default();
+                    format!("{kind}{group}/{}", parameters["name"].as_str().unwrap_or_default())
+                }
+                None => "<none>".to_string(),
+            };
+            vec![name, json!(s(&object["spec"]["controller"])), json!(shown), json!(age(object))]
+        }
         "networkpolicies" => {
             let selector = &object["spec"]["podSelector"];
             let mut terms: Vec<String> = selector["matchLabels"]

@@ -1147,3 +1147,29 @@ spec:
     assert!(said.contains("spec.ingress[0].ports[0].protocol: Unsupported value: \"ICMP\""), "{said}");
     assert!(said.contains("spec.egress[0].to[0].ipBlock.cidr: Invalid value: \"10.0.0.0/33\""), "{said}");
 }
+
+#[test]
+fn ingresses_and_ingress_classes_are_served() {
+    let server = server();
+    let kubectl = Kubectl::new(&server, None);
+    let class = "apiVersion: networking.k8s.io/v1\nkind: IngressClass\nmetadata: {name: edge}\nspec: {controller: example.com/edge}\n";
+    let out = kubectl.apply_stdin(&["apply", "-f", "-"], class);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    kubectl.ok(&[
+        "create",
+        "ingress",
+        "web",
+        "--class=edge",
+        "--rule=shop.example.com/=web:80",
+        "--rule=shop.example.com/api*=api:8080",
+    ]);
+    let table = kubectl.ok(&["get", "ingress"]);
+    let header = header(&table);
+    assert_eq!(header, ["NAME", "CLASS", "HOSTS", "ADDRESS", "PORTS", "AGE"], "{table}");
+    assert!(table.contains("web") && table.contains("edge") && table.contains("shop.example.com"), "{table}");
+    let path_types = kubectl.ok(&["get", "ing", "web", "-o", "jsonpath={.spec.rules[*].http.paths[*].pathType}"]);
+    assert_eq!(path_types, "Exact Prefix");
+    assert!(kubectl.ok(&["get", "ingressclasses"]).contains("example.com/edge"));
+    let described = kubectl.ok(&["describe", "ingress", "web"]);
+    assert!(described.contains("shop.example.com") && described.contains("api:8080"), "{described}");
+}
