@@ -153,6 +153,32 @@ pub fn validate(resource: &Resource, object: &Value) -> Result<(), ApiError> {
     if resource.plural == "networkpolicies" {
         validate_network_policy(&object["spec"], &mut causes);
     }
+    if resource.plural == "horizontalpodautoscalers" {
+        let spec = &object["spec"];
+        let mut cause = |reason: &'static str, field: &str, message: String| {
+            causes.push(Cause { reason, message, field: field.into() });
+        };
+        for key in ["kind", "name"] {
+            if spec["scaleTargetRef"][key].as_str().is_none_or(str::is_empty) {
+                cause("FieldValueRequired", &format!("spec.scaleTargetRef.{key}"), "Required value".into());
+            }
+        }
+        let (min, max) = (spec["minReplicas"].as_i64().unwrap_or(1), spec["maxReplicas"].as_i64().unwrap_or(0));
+        if min < 1 {
+            cause(
+                "FieldValueInvalid",
+                "spec.minReplicas",
+                format!("Invalid value: {min}: must be greater than or equal to 1"),
+            );
+        }
+        if max < min.max(1) {
+            cause(
+                "FieldValueInvalid",
+                "spec.maxReplicas",
+                format!("Invalid value: {max}: must be greater than or equal to `minReplicas`"),
+            );
+        }
+    }
     if causes.is_empty() { Ok(()) } else { Err(ApiError::invalid(resource.group, resource.kind, name, causes)) }
 }
 
@@ -377,6 +403,14 @@ fn default_workload(resource: &Resource, object: &mut Value) {
             }
         }
         "jobs" => default_job_spec(spec),
+        // `pkg/apis/autoscaling/v2/defaults.go`: one replica at least, 80% CPU when no metric.
+        "horizontalpodautoscalers" => {
+            set_default(spec, "minReplicas", json!(1));
+            if spec["metrics"].as_array().is_none_or(Vec::is_empty) {
+                spec["metrics"] = json!([{"type": "Resource", "resource": {"name": "cpu",
+                    "target": {"type": "Utilization", "averageUtilization": 80}}}]);
+            }
+        }
         // `pkg/apis/networking/v1/defaults.go`: Ingress always, Egress when there are egress
         // rules; ports are TCP unless said.
         "networkpolicies" => {

@@ -169,6 +169,17 @@ pub static RESOURCES: &[Resource] = &[
     resource!(apps::v1::StatefulSet, "apps", "v1", "StatefulSet", "statefulsets", "statefulset", true, &["sts"], ALL),
     resource!(batch::v1::Job, "batch", "v1", "Job", "jobs", "job", true, NONE, ALL),
     resource!(batch::v1::CronJob, "batch", "v1", "CronJob", "cronjobs", "cronjob", true, &["cj"], ALL),
+    resource!(
+        autoscaling::v2::HorizontalPodAutoscaler,
+        "autoscaling",
+        "v2",
+        "HorizontalPodAutoscaler",
+        "horizontalpodautoscalers",
+        "horizontalpodautoscaler",
+        true,
+        &["hpa"],
+        ALL
+    ),
     resource!(coordination::v1::Lease, "coordination.k8s.io", "v1", "Lease", "leases", "lease", true, NONE, NONE),
     resource!(
         networking::v1::Ingress,
@@ -382,6 +393,7 @@ impl Resource {
                 | "cronjobs"
                 | "poddisruptionbudgets"
                 | "certificatesigningrequests"
+                | "horizontalpodautoscalers"
         )
     }
 

@@ -151,6 +151,15 @@ fn columns(resource: &Resource) -> Vec<Column> {
         "serviceaccounts" => vec![name, ("Secrets", "string", "", 0), age],
         "leases" => vec![name, ("Holder", "string", "", 0), age],
         "networkpolicies" => vec![name, ("Pod-Selector", "string", "", 0), age],
+        "horizontalpodautoscalers" => vec![
+            name,
+            ("Reference", "string", "", 0),
+            ("Targets", "string", "", 0),
+            ("MinPods", "string", "", 0),
+            ("MaxPods", "integer", "", 0),
+            ("Replicas", "integer", "", 0),
+            age,
+        ],
         "ingresses" => vec![
             name,
             ("Class", "string", "", 0),
@@ -711,6 +720,49 @@ fn cells(resource: &Resource, object: &Value) -> Vec<Value> {
                 None => "<none>".to_string(),
             };
             vec![name, json!(s(&object["spec"]["controller"])), json!(shown), json!(age(object))]
+        }
+        "horizontalpodautoscalers" => {
+            let spec = &object["spec"];
+            let target = &spec["scaleTargetRef"];
+            let reference = format!("{}/{}", s(&target["kind"]), s(&target["name"]));
+            // `cpu: 40%/50%` per metric, as upstream prints them (`<unknown>` before a reading).
+            let current = object["status"]["currentMetrics"].as_array().cloned().unwrap_or_default();
+            let targets: Vec<String> = spec["metrics"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter(|m| m["type"] == "Resource")
+                .map(|m| {
+                    let resource = s(&m["resource"]["name"]);
+                    let now = current.iter().find(|c| c["resource"]["name"] == resource.as_str());
+                    let wanted = &m["resource"]["target"];
+                    match wanted["averageUtilization"].as_i64() {
+                        Some(percent) => {
+                            let seen = now
+                                .and_then(|c| c["resource"]["current"]["averageUtilization"].as_i64())
+                                .map_or("<unknown>".to_string(), |p| format!("{p}%"));
+                            format!("{resource}: {seen}/{percent}%")
+                        }
+                        None => {
+                            let seen = now
+                                .and_then(|c| c["resource"]["current"]["averageValue"].as_str())
+                                .unwrap_or("<unknown>")
+                                .to_string();
+                            format!("{resource}: {seen}/{}", s(&wanted["averageValue"]))
+                        }
+                    }
+                })
+                .collect();
+            let min = spec["minReplicas"].as_i64().unwrap_or(1);
+            vec![
+                name,
+                json!(reference),
+                json!(if targets.is_empty() { "<none>".to_string() } else { targets.join(", ") }),
+                json!(min.to_string()),
+                json!(spec["maxReplicas"].as_i64().unwrap_or(0)),
+                json!(object["status"]["currentReplicas"].as_i64().unwrap_or(0)),
+                json!(age(object)),
+            ]
         }
         "networkpolicies" => {
             let selector = &object["spec"]["podSelector"];

@@ -1,6 +1,7 @@
 //! Tugboat's controller manager: each controller is a pure plan (tested without I/O) and a thin
 //! loop that observes through kube-rs reflectors and applies the plan through the API.
 
+pub mod autoscaler;
 pub mod cron;
 pub mod cronjob;
 pub mod daemonset;

@@ -1000,3 +1000,60 @@ fn images_are_pulled_from_a_registry_with_back_off_on_failure() {
     }
     assert!(images().contains("busybox:1.35"), "{}", images());
 }
+
+/// `kubectl autoscale`: a Deployment whose pod burns twice its CPU request is scaled up to the
+/// autoscaler's maximum; with a target far above the usage (and no stabilization window) it
+/// comes back down to one; `kubectl get hpa` shows the utilization against the target.
+#[test]
+fn the_autoscaler_scales_a_deployment_by_its_cpu() {
+    if !tugboat_testkit::isolated("the_autoscaler_scales_a_deployment_by_its_cpu") {
+        return;
+    }
+    let Node { server, .. } = node();
+    let deployment = r#"
+apiVersion: apps/v1
+kind: Deployment
+metadata: {name: burn}
+spec:
+  replicas: 1
+  selector: {matchLabels: {app: burn}}
+  template:
+    metadata: {labels: {app: burn}}
+    spec:
+      terminationGracePeriodSeconds: 1
+      containers:
+      - name: burn
+        image: busybox:1.35
+        command: [sh, -c, "while true; do :; done"]
+        resources: {requests: {cpu: 100m}, limits: {cpu: 200m}}
+"#;
+    server.kubectl(&["apply", "-f", "-"], Some(deployment));
+    server.kubectl(&["autoscale", "deployment", "burn", "--min=1", "--max=3", "--cpu-percent=50"], None);
+    let until = |args: &[&str], what: &str, done: &dyn Fn(&str) -> bool| {
+        let deadline = Instant::now() + Duration::from_secs(150);
+        loop {
+            let (ok, out, _) = try_kubectl(&server, args);
+            if ok && done(out.trim()) {
+                return out;
+            }
+            assert!(Instant::now() < deadline, "{what}: {out}\n{}", server.kubectl(&["describe", "hpa", "burn"], None));
+            std::thread::sleep(Duration::from_millis(500));
+        }
+    };
+    until(&["get", "deployment", "burn", "-o", "jsonpath={.spec.replicas}"], "scaled up to the maximum", &|o| o == "3");
+    let hpa = until(&["get", "hpa", "burn", "--no-headers"], "the HPA's status", &|o| o.contains("Deployment/burn"));
+    let fields: Vec<&str> = hpa.split_whitespace().collect();
+    assert!(hpa.contains("cpu: ") && hpa.contains("%/50%"), "{hpa}");
+    assert_eq!(&fields[fields.len() - 4..fields.len() - 1], ["1", "3", "3"], "MINPODS MAXPODS REPLICAS: {hpa}");
+    let reason = server.kubectl(
+        &["get", "hpa", "burn", "-o", "jsonpath={.status.conditions[?(@.type==\"ScalingActive\")].reason}"],
+        None,
+    );
+    assert_eq!(reason, "ValidMetricFound");
+
+    // The usage is far below a 1000% target: down to the minimum, at once without a window.
+    let patch = r#"[{"op": "replace", "path": "/spec/metrics/0/resource/target/averageUtilization", "value": 1000},
+                   {"op": "add", "path": "/spec/behavior", "value": {"scaleDown": {"stabilizationWindowSeconds": 0}}}]"#;
+    server.kubectl(&["patch", "hpa", "burn", "--type=json", "-p", patch], None);
+    until(&["get", "deployment", "burn", "-o", "jsonpath={.spec.replicas}"], "scaled down", &|o| o == "1");
+}

@@ -18,6 +18,7 @@ use tokio::sync::Notify;
 
 use crate::nodeipam::Cidr;
 
+mod autoscaling;
 mod bootstrap;
 mod certificates;
 mod disruption;
@@ -245,6 +246,7 @@ pub async fn run(client: kube::Client, config: ControllerConfig) -> anyhow::Resu
         tasks.spawn(namespaces::run_root_ca_publisher(client.clone(), hub.clone(), ca));
     }
     tasks.spawn(disruption::run_disruption(client.clone(), hub.clone()));
+    tasks.spawn(autoscaling::run_autoscalers(client.clone(), hub.clone()));
     tasks.spawn(bootstrap::run_bootstrap_signer(client.clone()));
     if let Some(ca) = config.signing_ca.clone() {
         tasks.spawn(certificates::run_certificates(client.clone(), ca, config.signing_duration));

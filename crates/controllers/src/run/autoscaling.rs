@@ -1,0 +1,296 @@
+//! The horizontal pod autoscaler: every 15 s (and when an autoscaler changes), each
+//! HorizontalPodAutoscaler's target (Deployment, ReplicaSet or StatefulSet) is scaled to what
+//! its pods' usage asks for (`metrics.k8s.io`, as upstream reads it from metrics-server), and
+//! its status says what was seen.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::apps::v1::{Deployment, ReplicaSet, StatefulSet};
+use k8s_openapi::api::autoscaling::v2::{HorizontalPodAutoscaler, MetricSpec};
+use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
+use kube::api::{Api, DynamicObject, Patch, PatchParams};
+use kube::core::{ApiResource, GroupVersionKind};
+use serde_json::{Value, json};
+use tokio::sync::Notify;
+
+use super::{Hub, ready};
+use crate::autoscaler;
+use crate::pods::{is_ready, selector_matches};
+
+/// `--horizontal-pod-autoscaler-sync-period`.
+const SYNC: Duration = Duration::from_secs(15);
+/// `--horizontal-pod-autoscaler-downscale-stabilization` (a spec's behavior may say otherwise).
+const DOWNSCALE_WINDOW: Duration = Duration::from_secs(300);
+
+type Recommendations = HashMap<(String, String), Vec<(Instant, i32)>>;
+
+pub(super) async fn run_autoscalers(client: kube::Client, hub: Arc<Hub>) -> anyhow::Result<()> {
+    let changed = Arc::new(Notify::new());
+    let autoscalers = hub.watch::<HorizontalPodAutoscaler>(&changed);
+    // Pods change all the time: read on the autoscalers' schedule, not woken by them.
+    let pods = hub.watch::<Pod>(&Arc::new(Notify::new()));
+    ready(&autoscalers).await?;
+    ready(&pods).await?;
+    tracing::info!("horizontal pod autoscaler started");
+    let mut history = Recommendations::new();
+    loop {
+        let all_pods = pods.state();
+        for hpa in autoscalers.state() {
+            if let Err(error) = reconcile(&client, &hpa, &all_pods, &mut history).await {
+                tracing::debug!(error = %format!("{error:#}"), "horizontal pod autoscaler");
+            }
+        }
+        let _ = tokio::time::timeout(SYNC, changed.notified()).await;
+    }
+}
+
+/// What one metric came to: its status entry and the replicas it asks for.
+struct Reading {
+    status: Value,
+    replicas: i32,
+}
+
+/// The summed container requests of `resource` (millicores for cpu, bytes otherwise).
+fn requests(pod: &Pod, resource: &str) -> i64 {
+    let quantity = |q: &k8s_openapi::apimachinery::pkg::api::resource::Quantity| {
+        if resource == "cpu" {
+            tugboat_scheduler::quantity::millicores(&q.0)
+        } else {
+            tugboat_scheduler::quantity::units(&q.0)
+        }
+    };
+    pod.spec
+        .iter()
+        .flat_map(|s| s.containers.iter())
+        .filter_map(|c| c.resources.as_ref()?.requests.as_ref()?.get(resource))
+        .map(quantity)
+        .sum()
+}
+
+/// A pod's usage of `resource` from its PodMetrics (millicores, or bytes).
+fn usage(metrics: &DynamicObject, resource: &str) -> i64 {
+    metrics.data["containers"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|c| c["usage"][resource].as_str())
+        .map(|q| {
+            if resource == "cpu" {
+                tugboat_scheduler::quantity::millicores(q)
+            } else {
+                tugboat_scheduler::quantity::units(q)
+            }
+        })
+        .sum()
+}
+
+fn read(metric: &MetricSpec, current: i32, pods: &[&Pod], metrics: &HashMap<String, DynamicObject>) -> Option<Reading> {
+    let spec = metric.resource.as_ref().filter(|_| metric.type_ == "Resource")?;
+    let resource = spec.name.as_str();
+    // Ready pods with a reading count (upstream also leaves out the not-yet-ready ones).
+    let counted: Vec<(&Pod, &DynamicObject)> = pods
+        .iter()
+        .filter(|p| is_ready(p))
+        .filter_map(|p| Some((*p, metrics.get(p.metadata.name.as_deref()?)?)))
+        .collect();
+    let ready = i32::try_from(counted.len()).ok()?;
+    let used: i64 = counted.iter().map(|(_, m)| usage(m, resource)).sum();
+    let format = |value: i64| if resource == "cpu" { format!("{value}m") } else { value.to_string() };
+    if let Some(percent) = spec.target.average_utilization {
+        let requested: i64 = counted.iter().map(|(p, _)| requests(p, resource)).sum();
+        let (replicas, utilization) =
+            autoscaler::replicas_for(current, ready, used, Some(requested), i64::from(percent))?;
+        let average = used / i64::from(ready.max(1));
+        let status = json!({"type": "Resource", "resource": {"name": resource,
+            "current": {"averageUtilization": utilization, "averageValue": format(average)}}});
+        return Some(Reading { status, replicas });
+    }
+    let target = spec.target.average_value.as_ref()?;
+    let target = if resource == "cpu" {
+        tugboat_scheduler::quantity::millicores(&target.0)
+    } else {
+        tugboat_scheduler::quantity::units(&target.0)
+    };
+    let (replicas, average) = autoscaler::replicas_for(current, ready, used, None, target)?;
+    let status =
+        json!({"type": "Resource", "resource": {"name": resource, "current": {"averageValue": format(average)}}});
+    Some(Reading { status, replicas })
+}
+
+/// The target's replicas and selector, and an API for its scale.
+async fn target(
+    client: &kube::Client,
+    namespace: &str,
+    kind: &str,
+    name: &str,
+) -> anyhow::Result<(
+    i32,
+    LabelSelector,
+    Box<dyn Fn(i32) -> futures::future::BoxFuture<'static, kube::Result<()>> + Send>,
+)> {
+    fn scaler<K>(
+        api: Api<K>,
+        name: String,
+    ) -> Box<dyn Fn(i32) -> futures::future::BoxFuture<'static, kube::Result<()>> + Send>
+    where
+        K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug + Send + Sync + 'static,
+    {
+        Box::new(move |replicas| {
+            let (api, name) = (api.clone(), name.clone());
+            Box::pin(async move {
+                let patch = json!({"spec": {"replicas": replicas}});
+                api.patch_scale(&name, &PatchParams::default(), &Patch::Merge(&patch)).await.map(|_| ())
+            })
+        })
+    }
+    let name = name.to_string();
+    match kind {
+        "Deployment" => {
+            let api: Api<Deployment> = Api::namespaced(client.clone(), namespace);
+            let d = api.get(&name).await?;
+            let spec = d.spec.unwrap_or_default();
+            Ok((spec.replicas.unwrap_or(1), spec.selector, scaler(api, name)))
+        }
+        "ReplicaSet" => {
+            let api: Api<ReplicaSet> = Api::namespaced(client.clone(), namespace);
+            let r = api.get(&name).await?;
+            let spec = r.spec.unwrap_or_default();
+            Ok((spec.replicas.unwrap_or(1), spec.selector, scaler(api, name)))
+        }
+        "StatefulSet" => {
+            let api: Api<StatefulSet> = Api::namespaced(client.clone(), namespace);
+            let s = api.get(&name).await?;
+            let spec = s.spec.unwrap_or_default();
+            Ok((spec.replicas.unwrap_or(1), spec.selector, scaler(api, name)))
+        }
+        other => anyhow::bail!("the autoscaler cannot scale a {other}"),
+    }
+}
+
+fn condition(kind: &str, status: bool, reason: &str, message: &str) -> Value {
+    json!({"type": kind, "status": if status { "True" } else { "False" }, "reason": reason, "message": message,
+           "lastTransitionTime": jiff::Timestamp::now().to_string()})
+}
+
+async fn reconcile(
+    client: &kube::Client,
+    hpa: &HorizontalPodAutoscaler,
+    all_pods: &[Arc<Pod>],
+    history: &mut Recommendations,
+) -> anyhow::Result<()> {
+    let namespace = hpa.metadata.namespace.clone().unwrap_or_else(|| "default".into());
+    let name = hpa.metadata.name.clone().unwrap_or_default();
+    let Some(spec) = &hpa.spec else { return Ok(()) };
+    let api: Api<HorizontalPodAutoscaler> = Api::namespaced(client.clone(), &namespace);
+    let status_patch = |status: Value| {
+        let api = api.clone();
+        let name = name.clone();
+        async move {
+            let patch = json!({"status": status});
+            api.patch_status(&name, &PatchParams::default(), &Patch::Merge(&patch)).await.map(|_| ())
+        }
+    };
+    let reference = &spec.scale_target_ref;
+    let (current, selector, scale) = match target(client, &namespace, &reference.kind, &reference.name).await {
+        Ok(found) => found,
+        Err(error) => {
+            let message = format!("the HPA controller was unable to get the target's current scale: {error:#}");
+            status_patch(json!({"conditions": [condition("AbleToScale", false, "FailedGetScale", &message)]})).await?;
+            return Ok(());
+        }
+    };
+    let pods: Vec<&Pod> = all_pods
+        .iter()
+        .map(|p| &**p)
+        .filter(|p| p.metadata.namespace.as_deref() == Some(namespace.as_str()))
+        .filter(|p| p.metadata.deletion_timestamp.is_none())
+        .filter(|p| selector_matches(&selector, p.metadata.labels.as_ref()))
+        .collect();
+    let resource =
+        ApiResource::from_gvk_with_plural(&GroupVersionKind::gvk("metrics.k8s.io", "v1beta1", "PodMetrics"), "pods");
+    let metrics: HashMap<String, DynamicObject> =
+        match Api::<DynamicObject>::namespaced_with(client.clone(), &namespace, &resource)
+            .list(&Default::default())
+            .await
+        {
+            Ok(list) => list.items.into_iter().filter_map(|m| Some((m.metadata.name.clone()?, m))).collect(),
+            Err(_) => HashMap::new(),
+        };
+    let (min, max) = (spec.min_replicas.unwrap_or(1), spec.max_replicas);
+    let readings: Vec<Reading> =
+        spec.metrics.iter().flatten().filter_map(|m| read(m, current, &pods, &metrics)).collect();
+    let key = (namespace.clone(), name.clone());
+    if current == 0 {
+        // Scaled to zero by hand: autoscaling is off until it is scaled up again.
+        let off = condition(
+            "ScalingActive",
+            false,
+            "ScalingDisabled",
+            "scaling is disabled since the replica count of the target is zero",
+        );
+        status_patch(json!({"currentReplicas": 0, "desiredReplicas": 0, "conditions": [off]})).await?;
+        return Ok(());
+    }
+    let Some(recommended) = readings.iter().map(|r| r.replicas).max() else {
+        let message = "the HPA was unable to compute the replica count: no ready pod has metrics or requests yet";
+        let conditions = [
+            condition(
+                "AbleToScale",
+                true,
+                "SucceededGetScale",
+                "the HPA controller was able to get the target's current scale",
+            ),
+            condition("ScalingActive", false, "FailedGetResourceMetric", message),
+        ];
+        let status = json!({"observedGeneration": hpa.metadata.generation, "currentReplicas": current,
+                            "desiredReplicas": current, "conditions": conditions});
+        status_patch(status).await?;
+        return Ok(());
+    };
+    // Recommendations of the stabilization window, this one included.
+    let window = spec
+        .behavior
+        .as_ref()
+        .and_then(|b| b.scale_down.as_ref())
+        .and_then(|d| d.stabilization_window_seconds)
+        .map(|s| Duration::from_secs(u64::try_from(s).unwrap_or(0)))
+        .unwrap_or(DOWNSCALE_WINDOW);
+    let now = Instant::now();
+    let kept = history.entry(key).or_default();
+    kept.retain(|(at, _)| now.duration_since(*at) <= window);
+    kept.push((now, recommended.clamp(min, max.max(min))));
+    let highest = kept.iter().map(|(_, r)| *r).max().unwrap_or(recommended);
+    let desired = autoscaler::bounded(current, recommended, highest, min, max);
+    let mut status = json!({
+        "observedGeneration": hpa.metadata.generation,
+        "currentReplicas": current,
+        "desiredReplicas": desired,
+        "currentMetrics": readings.iter().map(|r| r.status.clone()).collect::<Vec<_>>(),
+    });
+    if desired != current {
+        scale(desired).await?;
+        status["lastScaleTime"] = json!(jiff::Timestamp::now().to_string());
+        tracing::info!(hpa = %name, namespace = %namespace, from = current, to = desired, "autoscaled");
+    }
+    let limited = recommended != desired && (desired == min || desired == max);
+    status["conditions"] = json!([
+        condition("AbleToScale", true, "SucceededRescale", "the HPA controller was able to update the target scale"),
+        condition(
+            "ScalingActive",
+            true,
+            "ValidMetricFound",
+            "the HPA was able to successfully calculate a replica count"
+        ),
+        condition(
+            "ScalingLimited",
+            limited,
+            if limited { "TooManyReplicas" } else { "DesiredWithinRange" },
+            "the desired count is within the acceptable range",
+        ),
+    ]);
+    status_patch(status).await?;
+    Ok(())
+}
