@@ -1071,6 +1071,9 @@ async fn create_object(
         crate::priority::admit(state.store.as_ref(), &state.caches, &mut object).await?;
         crate::service_accounts::admit(state, &mut object).await?;
     }
+    if resource.plural == "persistentvolumeclaims" {
+        crate::storage::admit(state, &mut object).await?;
+    }
     if write.dry_run {
         return Ok(json_response(StatusCode::CREATED, &object));
     }
@@ -1796,6 +1799,25 @@ pub async fn ensure_system_objects(state: &ApiState) -> Result<(), ApiError> {
         match state.store.create(&key, object::to_store(classes, &class)).await {
             Ok(_) | Err(StoreError::AlreadyExists { .. }) => {}
             Err(error) => return Err(ApiError::from_store(error, "scheduling.k8s.io", "priorityclasses", name)),
+        }
+    }
+    // The default storage class, made once (a user may delete or change it).
+    let storage_classes = registry::find("storage.k8s.io", "v1", "storageclasses").expect("storage classes are served");
+    let marker = "/tugboat/made/default-storage-class";
+    if state.store.get(marker, None).await.map_err(|e| ApiError::from_store(e, "", "", ""))?.is_none() {
+        let mut class = crate::storage::default_class();
+        object::prepare_create(storage_classes, None, &mut class)?;
+        match state
+            .store
+            .create(&storage_classes.key(None, "local-path"), object::to_store(storage_classes, &class))
+            .await
+        {
+            Ok(_) | Err(StoreError::AlreadyExists { .. }) => {}
+            Err(error) => return Err(ApiError::from_store(error, "storage.k8s.io", "storageclasses", "local-path")),
+        }
+        match state.store.create(marker, b"1".to_vec()).await {
+            Ok(_) | Err(StoreError::AlreadyExists { .. }) => {}
+            Err(error) => return Err(ApiError::from_store(error, "", "", "")),
         }
     }
     // Upstream's default RBAC roles and bindings, made if missing; a default ClusterRole gets

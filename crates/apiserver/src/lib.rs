@@ -35,6 +35,7 @@ mod services;
 mod shared_keys;
 mod smp;
 mod status;
+mod storage;
 mod table;
 mod watch_cache;
 

@@ -350,6 +350,20 @@ pub fn prepare_create(resource: &Resource, namespace: Option<&str>, object: &mut
         object["spec"] = json!({"finalizers": ["kubernetes"]});
         object["status"] = json!({"phase": "Active"});
     }
+    if matches!(resource.plural, "persistentvolumes" | "persistentvolumeclaims") {
+        object["status"] = json!({"phase": "Pending"});
+    }
+    if resource.plural == "persistentvolumes" && object["spec"].is_object() {
+        set_default(&mut object["spec"], "persistentVolumeReclaimPolicy", json!("Retain"));
+        set_default(&mut object["spec"], "volumeMode", json!("Filesystem"));
+    }
+    if resource.plural == "persistentvolumeclaims" && object["spec"].is_object() {
+        set_default(&mut object["spec"], "volumeMode", json!("Filesystem"));
+    }
+    if resource.plural == "storageclasses" {
+        set_default(object, "reclaimPolicy", json!("Delete"));
+        set_default(object, "volumeBindingMode", json!("Immediate"));
+    }
     default_workload(resource, object);
     if resource.plural == "pods" && object["spec"].is_object() {
         default_pod_spec(&mut object["spec"]);

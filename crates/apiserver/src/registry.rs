@@ -204,6 +204,17 @@ pub static RESOURCES: &[Resource] = &[
         NONE
     ),
     resource!(
+        storage::v1::StorageClass,
+        "storage.k8s.io",
+        "v1",
+        "StorageClass",
+        "storageclasses",
+        "storageclass",
+        false,
+        &["sc"],
+        NONE
+    ),
+    resource!(
         networking::v1::NetworkPolicy,
         "networking.k8s.io",
         "v1",

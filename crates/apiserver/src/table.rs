@@ -151,6 +151,14 @@ fn columns(resource: &Resource) -> Vec<Column> {
         "serviceaccounts" => vec![name, ("Secrets", "string", "", 0), age],
         "leases" => vec![name, ("Holder", "string", "", 0), age],
         "networkpolicies" => vec![name, ("Pod-Selector", "string", "", 0), age],
+        "storageclasses" => vec![
+            name,
+            ("Provisioner", "string", "", 0),
+            ("ReclaimPolicy", "string", "", 0),
+            ("VolumeBindingMode", "string", "", 0),
+            ("AllowVolumeExpansion", "string", "", 0),
+            age,
+        ],
         "horizontalpodautoscalers" => vec![
             name,
             ("Reference", "string", "", 0),
@@ -761,6 +769,20 @@ fn cells(resource: &Resource, object: &Value) -> Vec<Value> {
                 json!(min.to_string()),
                 json!(spec["maxReplicas"].as_i64().unwrap_or(0)),
                 json!(object["status"]["currentReplicas"].as_i64().unwrap_or(0)),
+                json!(age(object)),
+            ]
+        }
+        "storageclasses" => {
+            let mut shown = s(&object["metadata"]["name"]);
+            if object["metadata"]["annotations"]["storageclass.kubernetes.io/is-default-class"] == "true" {
+                shown.push_str(" (default)");
+            }
+            vec![
+                json!(shown),
+                json!(s(&object["provisioner"])),
+                json!(object["reclaimPolicy"].as_str().unwrap_or("Delete")),
+                json!(object["volumeBindingMode"].as_str().unwrap_or("Immediate")),
+                json!(object["allowVolumeExpansion"].as_bool().unwrap_or(false).to_string()),
                 json!(age(object)),
             ]
         }

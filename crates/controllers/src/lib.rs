@@ -19,5 +19,6 @@ pub mod replicaset;
 mod run;
 pub mod serviceaccounts;
 pub mod statefulset;
+pub mod volumes;
 
 pub use run::{ControllerConfig, run};

@@ -1159,7 +1159,16 @@ async fn container_config(
                 crate::volumes::write(&path, &files)?;
                 (path, true)
             }
-            None => (volume_path(&dir, volume)?, false),
+            None => match &volume.persistent_volume_claim {
+                Some(claim) => {
+                    let namespace = pod.metadata.namespace.as_deref().unwrap_or("default");
+                    (
+                        crate::volumes::claim_path(node, namespace, &claim.claim_name).await?,
+                        claim.read_only == Some(true),
+                    )
+                }
+                None => (volume_path(&dir, volume)?, false),
+            },
         };
         if let Some(sub) = m.sub_path.as_deref().filter(|s| !s.is_empty()) {
             anyhow::ensure!(!sub.starts_with('/') && !sub.split('/').any(|p| p == ".."), "bad subPath {sub:?}");

@@ -319,6 +319,63 @@ fn read_back(dir: &Path) -> std::io::Result<Files> {
     Ok(files)
 }
 
+/// The provisioner (and CSI driver) of the built-in `local-path` storage class.
+pub const LOCAL_PATH: &str = "tugboat.dev/local-path";
+
+/// Where the volume bound to claim `name` lives on this node: a `hostPath` or `local`
+/// volume's path, or for a `local-path` volume a directory under the kubelet's data dir (made
+/// on first use). An unbound claim is an error the pod waits on.
+pub async fn claim_path(node: &crate::pods::NodeAgent, namespace: &str, name: &str) -> anyhow::Result<PathBuf> {
+    use k8s_openapi::api::core::v1::{PersistentVolume, PersistentVolumeClaim};
+    let claims: Api<PersistentVolumeClaim> = Api::namespaced(node.client.clone(), namespace);
+    let claim =
+        claims.get_opt(name).await?.ok_or_else(|| anyhow::anyhow!("persistentvolumeclaim {name:?} not found"))?;
+    let bound = claim.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Bound");
+    let volume = claim.spec.as_ref().and_then(|s| s.volume_name.clone()).filter(|_| bound);
+    let Some(volume) = volume else {
+        anyhow::bail!("persistentvolumeclaim {name:?} is not bound yet");
+    };
+    let pv = Api::<PersistentVolume>::all(node.client.clone()).get(&volume).await?;
+    let spec = pv.spec.unwrap_or_default();
+    // A volume kept on another node (the scheduler does not place pods by volume yet): refuse
+    // rather than hand the pod an empty directory.
+    if let Some(terms) = spec.node_affinity.as_ref().and_then(|a| a.required.as_ref()).map(|r| &r.node_selector_terms) {
+        let here = terms.iter().any(|term| {
+            term.match_expressions
+                .iter()
+                .flatten()
+                .filter(|e| e.key == "kubernetes.io/hostname")
+                .all(|e| e.operator == "In" && e.values.iter().flatten().any(|v| *v == node.name))
+        });
+        anyhow::ensure!(here, "volume {volume} is on another node (volume node affinity conflict)");
+    }
+    let path = if let Some(host) = spec.host_path {
+        let path = PathBuf::from(host.path);
+        if !path.exists() && matches!(host.type_.as_deref(), None | Some("" | "DirectoryOrCreate")) {
+            std::fs::create_dir_all(&path)?;
+        }
+        path
+    } else if let Some(local) = spec.local {
+        PathBuf::from(local.path)
+    } else if let Some(csi) = spec.csi.filter(|c| c.driver == LOCAL_PATH) {
+        anyhow::ensure!(
+            !csi.volume_handle.contains('/') && !csi.volume_handle.starts_with('.'),
+            "volume {volume}: bad handle {:?}",
+            csi.volume_handle
+        );
+        let path = node.pods_dir.with_file_name("storage").join(&csi.volume_handle);
+        if !path.exists() {
+            std::fs::create_dir_all(&path)?;
+            std::fs::set_permissions(&path, PermissionsExt::from_mode(0o777))?;
+        }
+        path
+    } else {
+        anyhow::bail!("volume {volume}: only hostPath, local and local-path volumes can be mounted so far");
+    };
+    anyhow::ensure!(path.exists(), "volume {volume}: {} does not exist on this node", path.display());
+    Ok(path)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1057,3 +1057,113 @@ spec:
     server.kubectl(&["patch", "hpa", "burn", "--type=json", "-p", patch], None);
     until(&["get", "deployment", "burn", "-o", "jsonpath={.spec.replicas}"], "scaled down", &|o| o == "1");
 }
+
+/// PersistentVolumes as kubectl users meet them: a hostPath volume and a claim of its class are
+/// bound and the pod writes into the host directory; a claim without a class gets the default
+/// `local-path` class, waits for its first pod, then gets a volume on that pod's node whose
+/// data outlives the pod; deleting the claim deletes its volume.
+#[test]
+fn claims_bind_to_volumes_and_local_path_provisions_them() {
+    if !tugboat_testkit::isolated("claims_bind_to_volumes_and_local_path_provisions_them") {
+        return;
+    }
+    let Node { server, .. } = node();
+    let classes = server.kubectl(&["get", "storageclass"], None);
+    assert!(classes.contains("local-path (default)") && classes.contains("tugboat.dev/local-path"), "{classes}");
+    assert!(classes.contains("WaitForFirstConsumer"), "{classes}");
+    let host_dir = server.scratch("hostpath-volume");
+    let manual = format!(
+        r#"
+apiVersion: v1
+kind: PersistentVolume
+metadata: {{name: manual-pv}}
+spec:
+  capacity: {{storage: 1Gi}}
+  accessModes: [ReadWriteOnce]
+  storageClassName: manual
+  hostPath: {{path: {dir}}}
+---
+apiVersion: v1
+kind: PersistentVolumeClaim
+metadata: {{name: manual}}
+spec:
+  storageClassName: manual
+  accessModes: [ReadWriteOnce]
+  resources: {{requests: {{storage: 500Mi}}}}
+---
+apiVersion: v1
+kind: Pod
+metadata: {{name: writer}}
+spec:
+  terminationGracePeriodSeconds: 1
+  volumes: [{{name: data, persistentVolumeClaim: {{claimName: manual}}}}]
+  containers:
+  - {{name: c, image: "busybox:1.35", command: [sh, -c, "echo hello > /data/greeting; sleep 3600"],
+     volumeMounts: [{{name: data, mountPath: /data}}]}}
+"#,
+        dir = host_dir.display()
+    );
+    server.kubectl(&["apply", "-f", "-"], Some(&manual));
+    wait(&server, &["get", "pvc", "manual", "-o", "jsonpath={.status.phase} {.spec.volumeName}"], "bound", |o| {
+        o == "Bound manual-pv"
+    });
+    wait(&server, &["get", "pv", "manual-pv", "-o", "jsonpath={.status.phase}"], "pv bound", |o| o == "Bound");
+    wait(&server, &["get", "pod", "writer", "-o", "jsonpath={.status.phase}"], "writer runs", |o| o == "Running");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while std::fs::read_to_string(host_dir.join("greeting")).ok().as_deref() != Some("hello\n") {
+        assert!(Instant::now() < deadline, "the pod's write is not in the host directory");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+
+    // The default class: provisioned for the first pod, on its node.
+    let claim = r#"
+apiVersion: v1
+kind: PersistentVolumeClaim
+metadata: {name: auto}
+spec:
+  accessModes: [ReadWriteOnce]
+  resources: {requests: {storage: 1Gi}}
+"#;
+    server.kubectl(&["apply", "-f", "-"], Some(claim));
+    assert_eq!(server.kubectl(&["get", "pvc", "auto", "-o", "jsonpath={.spec.storageClassName}"], None), "local-path");
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(
+        server.kubectl(&["get", "pvc", "auto", "-o", "jsonpath={.status.phase}"], None),
+        "Pending",
+        "no pod yet"
+    );
+    let pod = |name: &str, script: &str| {
+        format!(
+            r#"
+apiVersion: v1
+kind: Pod
+metadata: {{name: {name}}}
+spec:
+  terminationGracePeriodSeconds: 1
+  volumes: [{{name: data, persistentVolumeClaim: {{claimName: auto}}}}]
+  containers:
+  - {{name: c, image: "busybox:1.35", command: [sh, -c, "{script}"], volumeMounts: [{{name: data, mountPath: /data}}]}}
+"#
+        )
+    };
+    server.kubectl(&["apply", "-f", "-"], Some(&pod("keeper", "echo kept > /data/note; sleep 3600")));
+    let volume = wait(
+        &server,
+        &["get", "pvc", "auto", "-o", "jsonpath={.status.phase} {.spec.volumeName}"],
+        "auto bound",
+        |o| o.starts_with("Bound pvc-"),
+    );
+    let volume = volume.split_whitespace().nth(1).unwrap().to_string();
+    let affinity = server.kubectl(
+        &["get", "pv", &volume, "-o", "jsonpath={.spec.nodeAffinity.required.nodeSelectorTerms[0].matchExpressions[0].values[0]} {.spec.persistentVolumeReclaimPolicy}"],
+        None,
+    );
+    assert_eq!(affinity, "box Delete");
+    wait(&server, &["exec", "keeper", "--", "cat", "/data/note"], "keeper wrote", |o| o == "kept");
+    server.kubectl(&["delete", "pod", "keeper", "--wait=true"], None);
+    server.kubectl(&["apply", "-f", "-"], Some(&pod("reader", "sleep 3600")));
+    wait(&server, &["exec", "reader", "--", "cat", "/data/note"], "the data outlives its pod", |o| o == "kept");
+    server.kubectl(&["delete", "pod", "reader", "--wait=true"], None);
+    server.kubectl(&["delete", "pvc", "auto"], None);
+    wait(&server, &["get", "pv", "-o", "name"], "the volume goes with its claim", |o| !o.contains(&volume));
+}

@@ -26,6 +26,7 @@ mod gc;
 mod namespaces;
 mod nodes;
 mod services;
+mod volumes;
 mod workloads;
 
 /// What the controllers are told by flags.
@@ -247,6 +248,7 @@ pub async fn run(client: kube::Client, config: ControllerConfig) -> anyhow::Resu
     }
     tasks.spawn(disruption::run_disruption(client.clone(), hub.clone()));
     tasks.spawn(autoscaling::run_autoscalers(client.clone(), hub.clone()));
+    tasks.spawn(volumes::run_volumes(client.clone(), hub.clone()));
     tasks.spawn(bootstrap::run_bootstrap_signer(client.clone()));
     if let Some(ca) = config.signing_ca.clone() {
         tasks.spawn(certificates::run_certificates(client.clone(), ca, config.signing_duration));

@@ -1,0 +1,72 @@
+//! The persistent volume controller's loop: binds claims, provisions `local-path` volumes and
+//! reclaims volumes whose claim is gone ([`crate::volumes::plan`]).
+
+use std::sync::Arc;
+
+use k8s_openapi::api::core::v1::{PersistentVolume, PersistentVolumeClaim, Pod};
+use k8s_openapi::api::storage::v1::StorageClass;
+use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
+use serde_json::json;
+use tokio::sync::Notify;
+
+use super::{Hub, ready, wait};
+use crate::volumes::{Action, plan};
+
+pub(super) async fn run_volumes(client: kube::Client, hub: Arc<Hub>) -> anyhow::Result<()> {
+    let changed = Arc::new(Notify::new());
+    let claims = hub.watch::<PersistentVolumeClaim>(&changed);
+    let volumes = hub.watch::<PersistentVolume>(&changed);
+    let classes = hub.watch::<StorageClass>(&changed);
+    let pods = hub.watch::<Pod>(&changed);
+    ready(&claims).await?;
+    ready(&volumes).await?;
+    ready(&classes).await?;
+    ready(&pods).await?;
+    tracing::info!("persistent volume controller started");
+    loop {
+        let (c, v, s, p) = (claims.state(), volumes.state(), classes.state(), pods.state());
+        let actions = plan(&refs(&c), &refs(&v), &refs(&s), &refs(&p));
+        for action in actions {
+            if let Err(error) = apply(&client, &action).await {
+                tracing::debug!(?action, %error, "persistent volume controller");
+            }
+        }
+        wait(&changed).await;
+    }
+}
+
+fn refs<K>(all: &[Arc<K>]) -> Vec<&K> {
+    all.iter().map(|o| &**o).collect()
+}
+
+async fn apply(client: &kube::Client, action: &Action) -> kube::Result<()> {
+    let volumes: Api<PersistentVolume> = Api::all(client.clone());
+    let status = |phase: &str| json!({"status": {"phase": phase}});
+    match action {
+        Action::Provision(volume) => {
+            let volume: PersistentVolume = serde_json::from_value(volume.clone()).map_err(kube::Error::SerdeError)?;
+            volumes.create(&PostParams::default(), &volume).await.map(|_| ())
+        }
+        Action::Available(name) => {
+            volumes.patch_status(name, &PatchParams::default(), &Patch::Merge(&status("Available"))).await.map(|_| ())
+        }
+        Action::Release(name) => {
+            volumes.patch_status(name, &PatchParams::default(), &Patch::Merge(&status("Released"))).await.map(|_| ())
+        }
+        Action::Delete(name) => volumes.delete(name, &DeleteParams::default()).await.map(|_| ()),
+        Action::Bind { namespace, claim, uid, volume } => {
+            let claim_ref = json!({"spec": {"claimRef": {"apiVersion": "v1", "kind": "PersistentVolumeClaim",
+                                                          "namespace": namespace, "name": claim, "uid": uid}}});
+            let bound = volumes.patch(volume, &PatchParams::default(), &Patch::Merge(&claim_ref)).await?;
+            volumes.patch_status(volume, &PatchParams::default(), &Patch::Merge(&status("Bound"))).await?;
+            let spec = bound.spec.unwrap_or_default();
+            let claims: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), namespace);
+            let named = json!({"metadata": {"annotations": {"pv.kubernetes.io/bind-completed": "yes"}},
+                               "spec": {"volumeName": volume}});
+            claims.patch(claim, &PatchParams::default(), &Patch::Merge(&named)).await?;
+            let phase =
+                json!({"status": {"phase": "Bound", "accessModes": spec.access_modes, "capacity": spec.capacity}});
+            claims.patch_status(claim, &PatchParams::default(), &Patch::Merge(&phase)).await.map(|_| ())
+        }
+    }
+}
