@@ -185,10 +185,25 @@ async fn reconcile(
     let name = hpa.metadata.name.clone().unwrap_or_default();
     let Some(spec) = &hpa.spec else { return Ok(()) };
     let api: Api<HorizontalPodAutoscaler> = Api::namespaced(client.clone(), &namespace);
-    let status_patch = |status: Value| {
+    let existing = serde_json::to_value(&hpa.status).unwrap_or(Value::Null);
+    let status_patch = |mut status: Value| {
+        // A condition keeps its transition time while its status holds; a status that says
+        // what it said is not written again.
+        for condition in status["conditions"].as_array_mut().into_iter().flatten() {
+            let before = existing["conditions"].as_array().into_iter().flatten();
+            if let Some(old) =
+                before.into_iter().find(|o| o["type"] == condition["type"] && o["status"] == condition["status"])
+            {
+                condition["lastTransitionTime"] = old["lastTransitionTime"].clone();
+            }
+        }
+        let unchanged = status.as_object().is_some_and(|m| m.iter().all(|(k, v)| existing[k] == *v));
         let api = api.clone();
         let name = name.clone();
         async move {
+            if unchanged {
+                return Ok(());
+            }
             let patch = json!({"status": status});
             api.patch_status(&name, &PatchParams::default(), &Patch::Merge(&patch)).await.map(|_| ())
         }
