@@ -337,8 +337,8 @@ pub async fn claim_path(node: &crate::pods::NodeAgent, namespace: &str, name: &s
     };
     let pv = Api::<PersistentVolume>::all(node.client.clone()).get(&volume).await?;
     let spec = pv.spec.unwrap_or_default();
-    // A volume kept on another node (the scheduler does not place pods by volume yet): refuse
-    // rather than hand the pod an empty directory.
+    // A volume kept on another node (a pod bound there by hand, or before the volume was):
+    // refuse rather than hand the pod an empty directory.
     if let Some(terms) = spec.node_affinity.as_ref().and_then(|a| a.required.as_ref()).map(|r| &r.node_selector_terms) {
         let here = terms.iter().any(|term| {
             term.match_expressions

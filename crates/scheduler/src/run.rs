@@ -9,7 +9,9 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use futures::StreamExt;
-use k8s_openapi::api::core::v1::{Binding, Node, ObjectReference, Pod};
+use k8s_openapi::api::core::v1::{
+    Binding, Node, NodeSelectorTerm, ObjectReference, PersistentVolume, PersistentVolumeClaim, Pod,
+};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
 use kube::api::{Api, Patch, PatchParams, PostParams};
@@ -33,6 +35,8 @@ enum Change {
     Pod(watcher::Event<Pod>),
     Node(watcher::Event<Node>),
     Budget(watcher::Event<PodDisruptionBudget>),
+    Claim(watcher::Event<PersistentVolumeClaim>),
+    Volume(watcher::Event<PersistentVolume>),
 }
 
 /// Runs the scheduler until the client's server goes away for good.
@@ -46,7 +50,14 @@ pub async fn run(client: kube::Client) -> anyhow::Result<()> {
     let budgets = watcher(Api::<PodDisruptionBudget>::all(client.clone()), watcher::Config::default())
         .default_backoff()
         .map(|e| e.map(Change::Budget));
-    let mut changes = futures::stream::select_all([pods.boxed(), nodes.boxed(), budgets.boxed()]);
+    let claims = watcher(Api::<PersistentVolumeClaim>::all(client.clone()), watcher::Config::default())
+        .default_backoff()
+        .map(|e| e.map(Change::Claim));
+    let volumes = watcher(Api::<PersistentVolume>::all(client.clone()), watcher::Config::default())
+        .default_backoff()
+        .map(|e| e.map(Change::Volume));
+    let mut changes =
+        futures::stream::select_all([pods.boxed(), nodes.boxed(), budgets.boxed(), claims.boxed(), volumes.boxed()]);
     let (failed_sender, mut failed) = tokio::sync::mpsc::unbounded_channel();
     let mut scheduler = Scheduler {
         client,
@@ -56,6 +67,8 @@ pub async fn run(client: kube::Client) -> anyhow::Result<()> {
         listed: (false, false),
         budgets: HashMap::new(),
         relisted_budgets: None,
+        claims: HashMap::new(),
+        volume_terms: HashMap::new(),
         reported: HashMap::new(),
         next_start: 0,
         preempted: HashMap::new(),
@@ -102,6 +115,10 @@ struct Scheduler {
     /// PodDisruptionBudgets by namespace/name (preemption spares what they protect).
     budgets: HashMap<String, plan::Budget>,
     relisted_budgets: Option<HashMap<String, plan::Budget>>,
+    /// Claims (namespace/name) → the volume they are bound to.
+    claims: HashMap<String, String>,
+    /// Volumes → their required node affinity (where a pod using them must run).
+    volume_terms: HashMap<String, Vec<NodeSelectorTerm>>,
     /// The last Unschedulable message reported per pod uid.
     reported: HashMap<String, String>,
     /// Where the next pod starts looking at nodes.
@@ -122,6 +139,24 @@ fn budget_key(budget: &PodDisruptionBudget) -> String {
     )
 }
 
+fn claim_key(namespace: Option<&str>, name: Option<&str>) -> String {
+    format!("{}/{}", namespace.unwrap_or("default"), name.unwrap_or_default())
+}
+
+/// Node selector terms that hold where both hold (terms are ORed, their expressions ANDed).
+fn and_terms(a: &[NodeSelectorTerm], b: &[NodeSelectorTerm]) -> Vec<NodeSelectorTerm> {
+    let mut out = Vec::new();
+    for x in a {
+        for y in b {
+            let mut term = x.clone();
+            term.match_expressions.get_or_insert_default().extend(y.match_expressions.iter().flatten().cloned());
+            term.match_fields.get_or_insert_default().extend(y.match_fields.iter().flatten().cloned());
+            out.push(term);
+        }
+    }
+    out
+}
+
 fn uid_of(pod: &Pod) -> &str {
     pod.metadata.uid.as_deref().unwrap_or_default()
 }
@@ -131,6 +166,34 @@ fn uid(pod: &Pod) -> String {
 }
 
 impl Scheduler {
+    /// The pod as the filters should see it: its required node affinity ANDed with that of
+    /// the volumes its claims are bound to (None when it has none).
+    fn with_volume_affinity(&self, pod: &Arc<Pod>) -> Option<Arc<Pod>> {
+        let spec = pod.spec.as_ref()?;
+        let namespace = pod.metadata.namespace.as_deref();
+        let mut terms: Option<Vec<NodeSelectorTerm>> = None;
+        for volume in spec.volumes.iter().flatten() {
+            let Some(claim) = &volume.persistent_volume_claim else { continue };
+            let Some(bound) = self.claims.get(&claim_key(namespace, Some(&claim.claim_name))) else { continue };
+            let Some(required) = self.volume_terms.get(bound) else { continue };
+            terms = Some(match terms {
+                Some(so_far) => and_terms(&so_far, required),
+                None => required.clone(),
+            });
+        }
+        let terms = terms?;
+        let mut placed = (**pod).clone();
+        let affinity = placed.spec.get_or_insert_default().affinity.get_or_insert_default();
+        let node_affinity = affinity.node_affinity.get_or_insert_default();
+        let required = node_affinity.required_during_scheduling_ignored_during_execution.get_or_insert_default();
+        required.node_selector_terms = if required.node_selector_terms.is_empty() {
+            terms
+        } else {
+            and_terms(&required.node_selector_terms, &terms)
+        };
+        Some(Arc::new(placed))
+    }
+
     fn ready(&self) -> bool {
         self.listed == (true, true)
     }
@@ -163,6 +226,33 @@ impl Scheduler {
                 self.budgets.remove(&budget_key(&budget));
             }
             Change::Budget(Event::Init) => self.relisted_budgets = Some(HashMap::new()),
+            Change::Claim(Event::Apply(claim) | Event::InitApply(claim)) => {
+                let key = claim_key(claim.metadata.namespace.as_deref(), claim.metadata.name.as_deref());
+                match claim.spec.and_then(|s| s.volume_name) {
+                    Some(volume) => self.claims.insert(key, volume),
+                    None => self.claims.remove(&key),
+                };
+            }
+            Change::Claim(Event::Delete(claim)) => {
+                self.claims.remove(&claim_key(claim.metadata.namespace.as_deref(), claim.metadata.name.as_deref()));
+            }
+            Change::Volume(Event::Apply(volume) | Event::InitApply(volume)) => {
+                let name = volume.metadata.name.clone().unwrap_or_default();
+                let terms = volume
+                    .spec
+                    .and_then(|s| s.node_affinity)
+                    .and_then(|a| a.required)
+                    .map(|r| r.node_selector_terms)
+                    .filter(|t| !t.is_empty());
+                match terms {
+                    Some(terms) => self.volume_terms.insert(name, terms),
+                    None => self.volume_terms.remove(&name),
+                };
+            }
+            Change::Volume(Event::Delete(volume)) => {
+                self.volume_terms.remove(volume.metadata.name.as_deref().unwrap_or_default());
+            }
+            Change::Claim(Event::Init | Event::InitDone) | Change::Volume(Event::Init | Event::InitDone) => {}
             Change::Budget(Event::InitApply(budget)) => {
                 self.relisted_budgets.get_or_insert_default().insert(budget_key(&budget), plan::Budget::of(&budget));
             }
@@ -181,7 +271,10 @@ impl Scheduler {
         // The disruption budgets, gathered once per pass and only if some pod may preempt.
         let mut budgets: Option<Vec<plan::Budget>> = None;
         for pod in self.cache.queue() {
-            let (decision, next) = plan::schedule_from(&pod, self.cache.nodes(), self.next_start);
+            // VolumeBinding: a pod goes where its bound volumes are.
+            let placed = self.with_volume_affinity(&pod);
+            let (decision, next) =
+                plan::schedule_from(placed.as_ref().unwrap_or(&pod), self.cache.nodes(), self.next_start);
             self.next_start = next;
             match decision {
                 Decision::Bind(i) => {

@@ -272,3 +272,49 @@ fn priority_classes_give_priority_and_urgent_pods_preempt() {
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(!output.status.success() && stderr.contains("no PriorityClass with name nope was found"), "{stderr}");
 }
+
+/// A pod goes where its bound volume is: a volume with node affinity to node-2 (as local-path
+/// makes them) draws the pods of its claim there, every time, though node-1 has more room.
+#[test]
+fn pods_follow_their_volumes_node_affinity() {
+    let server = TugboatServer::start(Path::new(env!("CARGO_BIN_EXE_tugboat")), &[]).unwrap();
+    add_node(&server, "node-1", "8", "");
+    add_node(&server, "node-2", "1", "");
+    let volume = r#"
+apiVersion: v1
+kind: PersistentVolume
+metadata: {name: on-node-2}
+spec:
+  capacity: {storage: 1Gi}
+  accessModes: [ReadWriteOnce]
+  storageClassName: manual
+  local: {path: /srv/data}
+  nodeAffinity:
+    required:
+      nodeSelectorTerms:
+      - matchExpressions: [{key: kubernetes.io/hostname, operator: In, values: [node-2]}]
+---
+apiVersion: v1
+kind: PersistentVolumeClaim
+metadata: {name: data}
+spec:
+  storageClassName: manual
+  accessModes: [ReadWriteOnce]
+  resources: {requests: {storage: 1Gi}}
+"#;
+    server.kubectl(&["apply", "-f", "-"], Some(volume));
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while server.kubectl(&["get", "pvc", "data", "-o", "jsonpath={.status.phase}"], None) != "Bound" {
+        assert!(Instant::now() < deadline, "the claim is not bound");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    for i in 0..3 {
+        add_pod(
+            &server,
+            &format!("user-{i}"),
+            "100m",
+            "volumes: [{name: d, persistentVolumeClaim: {claimName: data}}]",
+        );
+        assert_eq!(wait_bound(&server, &format!("user-{i}")), "node-2");
+    }
+}
