@@ -170,6 +170,17 @@ pub static RESOURCES: &[Resource] = &[
     resource!(batch::v1::Job, "batch", "v1", "Job", "jobs", "job", true, NONE, ALL),
     resource!(batch::v1::CronJob, "batch", "v1", "CronJob", "cronjobs", "cronjob", true, &["cj"], ALL),
     resource!(
+        apps::v1::ControllerRevision,
+        "apps",
+        "v1",
+        "ControllerRevision",
+        "controllerrevisions",
+        "controllerrevision",
+        true,
+        NONE,
+        NONE
+    ),
+    resource!(
         autoscaling::v2::HorizontalPodAutoscaler,
         "autoscaling",
         "v2",

@@ -151,6 +151,7 @@ fn columns(resource: &Resource) -> Vec<Column> {
         "serviceaccounts" => vec![name, ("Secrets", "string", "", 0), age],
         "leases" => vec![name, ("Holder", "string", "", 0), age],
         "networkpolicies" => vec![name, ("Pod-Selector", "string", "", 0), age],
+        "controllerrevisions" => vec![name, ("Controller", "string", "", 0), ("Revision", "integer", "", 0), age],
         "storageclasses" => vec![
             name,
             ("Provisioner", "string", "", 0),
@@ -785,6 +786,24 @@ fn cells(resource: &Resource, object: &Value) -> Vec<Value> {
                 json!(object["allowVolumeExpansion"].as_bool().unwrap_or(false).to_string()),
                 json!(age(object)),
             ]
+        }
+        "controllerrevisions" => {
+            let owner = object["metadata"]["ownerReferences"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .find(|o| o["controller"] == true)
+                .map(|o| {
+                    let group = s(&o["apiVersion"])
+                        .split('/')
+                        .next()
+                        .filter(|_| s(&o["apiVersion"]).contains('/'))
+                        .map(|g| format!(".{g}"))
+                        .unwrap_or_default();
+                    format!("{}{group}/{}", s(&o["kind"]).to_lowercase(), s(&o["name"]))
+                })
+                .unwrap_or_else(|| "<none>".into());
+            vec![name, json!(owner), json!(object["revision"].as_i64().unwrap_or(0)), json!(age(object))]
         }
         "networkpolicies" => {
             let selector = &object["spec"]["podSelector"];

@@ -395,6 +395,36 @@ fn daemon_sets_cover_every_node_and_roll() {
     let shown = server.kubectl(&["get", "ds", "agent"], None);
     let row: Vec<&str> = shown.lines().nth(1).unwrap_or_default().split_whitespace().collect();
     assert_eq!(row[..6], ["agent", "3", "3", "3", "3", "3"], "{shown}");
+
+    // Its history: one ControllerRevision per template; undo brings the old image back, as
+    // revision 3.
+    let history = eventually(&server, &["rollout", "history", "daemonset/agent"], "two revisions", |o| {
+        o.lines().filter(|l| l.starts_with(|c: char| c.is_ascii_digit())).count() == 2
+    });
+    assert!(history.contains("REVISION"), "{history}");
+    let first = server.kubectl(&["rollout", "history", "daemonset/agent", "--revision=1"], None);
+    assert!(first.contains("busybox:1.36"), "{first}");
+    let revisions = server.kubectl(&["get", "controllerrevisions"], None);
+    assert!(revisions.contains("daemonset.apps/agent"), "{revisions}");
+    server.kubectl(&["rollout", "undo", "daemonset/agent"], None);
+    eventually(
+        &server,
+        &[
+            "get",
+            "pods",
+            "-l",
+            "app=agent",
+            "-o",
+            "jsonpath={range .items[*]}{.spec.containers[0].image} {.status.phase}{\"\\n\"}{end}",
+        ],
+        "every daemon back on the old image",
+        |o| o.lines().count() == 3 && o.lines().all(|l| l == "busybox:1.36 Running"),
+    );
+    let history = eventually(&server, &["rollout", "history", "daemonset/agent"], "renumbered", |o| {
+        let numbers: Vec<&str> = o.lines().filter_map(|l| l.split_whitespace().next()).collect();
+        numbers.contains(&"2") && numbers.contains(&"3") && !numbers.contains(&"1")
+    });
+    assert!(history.contains('3'), "{history}");
 }
 
 #[test]

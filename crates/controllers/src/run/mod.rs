@@ -23,6 +23,7 @@ mod bootstrap;
 mod certificates;
 mod disruption;
 mod gc;
+mod history;
 mod namespaces;
 mod nodes;
 mod services;
@@ -238,6 +239,7 @@ pub async fn run(client: kube::Client, config: ControllerConfig) -> anyhow::Resu
     tasks.spawn(workloads::run_deployments(client.clone(), hub.clone()));
     tasks.spawn(workloads::run_daemonsets(client.clone(), hub.clone()));
     tasks.spawn(workloads::run_statefulsets(client.clone(), hub.clone()));
+    tasks.spawn(history::run_history(client.clone(), hub.clone()));
     tasks.spawn(workloads::run_jobs(client.clone(), hub.clone()));
     tasks.spawn(workloads::run_cronjobs(client.clone(), hub.clone()));
     tasks.spawn(services::run_endpoints(client.clone(), hub.clone()));

@@ -62,7 +62,7 @@ pub(super) async fn run_replicasets(client: kube::Client, hub: Arc<Hub>) -> anyh
 }
 
 /// The controller reference to `owner` that its dependents carry.
-fn owner_reference<K: kube::Resource<DynamicType = ()>>(owner: &K) -> OwnerReference {
+pub(super) fn owner_reference<K: kube::Resource<DynamicType = ()>>(owner: &K) -> OwnerReference {
     OwnerReference {
         api_version: K::api_version(&()).into_owned(),
         kind: K::kind(&()).into_owned(),
@@ -74,7 +74,7 @@ fn owner_reference<K: kube::Resource<DynamicType = ()>>(owner: &K) -> OwnerRefer
 }
 
 /// The uid of the controller of `object`, if it has one of `kind`.
-fn controller_uid<'a>(meta: &'a ObjectMeta, kind: &str) -> Option<&'a str> {
+pub(super) fn controller_uid<'a>(meta: &'a ObjectMeta, kind: &str) -> Option<&'a str> {
     meta.owner_references
         .iter()
         .flatten()

@@ -1,0 +1,112 @@
+//! Controller history: every pod template a DaemonSet or StatefulSet has had is kept as a
+//! ControllerRevision (`<set>-<hash>`, numbered in the order the templates were current; a
+//! template that comes back is renumbered last), so `kubectl rollout history` lists them and
+//! `kubectl rollout undo` patches one back. `revisionHistoryLimit` (10) old ones are kept.
+
+use std::sync::Arc;
+
+use k8s_openapi::api::apps::v1::{ControllerRevision, DaemonSet, StatefulSet};
+use k8s_openapi::api::core::v1::PodTemplateSpec;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use k8s_openapi::apimachinery::pkg::runtime::RawExtension;
+use kube::api::{Api, DeleteParams, Patch, PatchParams};
+use serde_json::json;
+use tokio::sync::Notify;
+
+use super::workloads::{controller_uid, owner_reference};
+use super::{Hub, create_if_missing, delete_if_there, ready, wait};
+use crate::deployment::template_hash;
+
+pub(super) async fn run_history(client: kube::Client, hub: Arc<Hub>) -> anyhow::Result<()> {
+    let changed = Arc::new(Notify::new());
+    let daemonsets = hub.watch::<DaemonSet>(&changed);
+    let statefulsets = hub.watch::<StatefulSet>(&changed);
+    let revisions = hub.watch::<ControllerRevision>(&changed);
+    ready(&daemonsets).await?;
+    ready(&statefulsets).await?;
+    ready(&revisions).await?;
+    tracing::info!("controller history started");
+    loop {
+        let all = revisions.state();
+        for set in daemonsets.state() {
+            let spec = set.spec.as_ref();
+            let template = spec.map(|s| s.template.clone()).unwrap_or_default();
+            let limit = spec.and_then(|s| s.revision_history_limit).unwrap_or(10);
+            let owner = owner_reference(&*set);
+            sync(&client, &set.metadata, "DaemonSet", owner, &template, limit, &all).await;
+        }
+        for set in statefulsets.state() {
+            let spec = set.spec.as_ref();
+            let template = spec.map(|s| s.template.clone()).unwrap_or_default();
+            let limit = spec.and_then(|s| s.revision_history_limit).unwrap_or(10);
+            let owner = owner_reference(&*set);
+            sync(&client, &set.metadata, "StatefulSet", owner, &template, limit, &all).await;
+        }
+        wait(&changed).await;
+    }
+}
+
+async fn sync(
+    client: &kube::Client,
+    set: &ObjectMeta,
+    kind: &str,
+    owner: k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference,
+    template: &PodTemplateSpec,
+    limit: i32,
+    all: &[Arc<ControllerRevision>],
+) {
+    if set.deletion_timestamp.is_some() {
+        return;
+    }
+    let (Some(namespace), Some(name), Some(uid)) = (&set.namespace, &set.name, &set.uid) else { return };
+    let api: Api<ControllerRevision> = Api::namespaced(client.clone(), namespace);
+    let mut mine: Vec<&ControllerRevision> = all
+        .iter()
+        .map(|r| &**r)
+        .filter(|r| {
+            r.metadata.namespace.as_deref() == Some(namespace) && controller_uid(&r.metadata, kind) == Some(uid)
+        })
+        .collect();
+    mine.sort_by_key(|r| r.revision);
+    let hash = template_hash(template);
+    let current_name = format!("{name}-{hash}");
+    let highest = mine.last().map(|r| r.revision).unwrap_or(0);
+    match mine.iter().find(|r| r.metadata.name.as_deref() == Some(current_name.as_str())) {
+        None => {
+            // What `kubectl rollout undo` patches back: the template, replacing the set's.
+            let mut template_json = serde_json::to_value(template).unwrap_or_default();
+            template_json["$patch"] = json!("replace");
+            let mut labels = template.metadata.as_ref().and_then(|m| m.labels.clone()).unwrap_or_default();
+            labels.insert(crate::daemonset::HASH_LABEL.into(), hash.clone());
+            let revision = ControllerRevision {
+                metadata: ObjectMeta {
+                    name: Some(current_name.clone()),
+                    namespace: Some(namespace.clone()),
+                    labels: Some(labels),
+                    owner_references: Some(vec![owner]),
+                    ..ObjectMeta::default()
+                },
+                data: Some(RawExtension(json!({"spec": {"template": template_json}}))),
+                revision: highest + 1,
+            };
+            if let Err(error) = create_if_missing(&api, &revision).await {
+                tracing::debug!(%error, set = %name, "could not record a revision");
+            }
+        }
+        Some(current) if current.revision < highest => {
+            let patch = json!({"revision": highest + 1});
+            if let Err(error) = api.patch(&current_name, &PatchParams::default(), &Patch::Merge(&patch)).await {
+                tracing::debug!(%error, set = %name, "could not renumber a revision");
+            }
+        }
+        Some(_) => {}
+    }
+    // The oldest beyond the limit go (never the current one).
+    let old: Vec<&&ControllerRevision> =
+        mine.iter().filter(|r| r.metadata.name.as_deref() != Some(current_name.as_str())).collect();
+    let excess = old.len().saturating_sub(usize::try_from(limit).unwrap_or(0));
+    for revision in old.into_iter().take(excess) {
+        let Some(name) = revision.metadata.name.as_deref() else { continue };
+        let _ = delete_if_there(&api, name, &DeleteParams::default()).await;
+    }
+}
