@@ -1050,6 +1050,8 @@ spec:
         None,
     );
     assert_eq!(reason, "ValidMetricFound");
+    let described = server.kubectl(&["describe", "hpa", "burn"], None);
+    assert!(described.contains("SuccessfulRescale") && described.contains("New size: 3"), "{described}");
 
     // The usage is far below a 1000% target: down to the minimum, at once without a window.
     let patch = r#"[{"op": "replace", "path": "/spec/metrics/0/resource/target/averageUtilization", "value": 1000},

@@ -289,6 +289,16 @@ async fn reconcile(
         scale(desired).await?;
         status["lastScaleTime"] = json!(jiff::Timestamp::now().to_string());
         tracing::info!(hpa = %name, namespace = %namespace, from = current, to = desired, "autoscaled");
+        // Upstream's words, which `kubectl describe hpa` shows.
+        let why = if desired > current { "above target" } else { "All metrics below target" };
+        let resource =
+            spec.metrics.iter().flatten().find_map(|m| m.resource.as_ref()).map_or("cpu", |r| r.name.as_str());
+        let message = if desired > current {
+            format!("New size: {desired}; reason: {resource} resource utilization (percentage of request) {why}")
+        } else {
+            format!("New size: {desired}; reason: {why}")
+        };
+        super::event(client, hpa, "Normal", "SuccessfulRescale", &message, "horizontal-pod-autoscaler").await;
     }
     let limited = recommended != desired && (desired == min || desired == max);
     status["conditions"] = json!([
