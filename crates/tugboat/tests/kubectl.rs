@@ -1052,8 +1052,17 @@ metadata: {name: n2}
     let ok = |args: &[&str]| kubectl.ok(&as_n1(args).iter().map(String::as_str).collect::<Vec<_>>());
     let fails = |args: &[&str]| kubectl.fails(&as_n1(args).iter().map(String::as_str).collect::<Vec<_>>());
 
-    // The Node authorizer: what n1's pods use, by name, and nothing else.
-    ok(&["get", "secret", "used"]);
+    // The Node authorizer: what n1's pods use, by name, and nothing else. (It reads the pods
+    // from the watch cache, a moment behind the store.)
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !kubectl
+        .run(&as_n1(&["get", "secret", "used"]).iter().map(String::as_str).collect::<Vec<_>>())
+        .status
+        .success()
+    {
+        assert!(std::time::Instant::now() < deadline, "n1 cannot read its pod's secret");
+        std::thread::sleep(Duration::from_millis(100));
+    }
     ok(&["get", "configmap", "settings"]);
     ok(&["get", "serviceaccount", "default"]);
     ok(&["create", "token", "default"]);
