@@ -563,15 +563,29 @@ fn cells(resource: &Resource, object: &Value) -> Vec<Value> {
                 .as_object()
                 .map(|m| m.iter().map(|(k, v)| format!("{k}={}", v.as_str().unwrap_or(""))).collect())
                 .unwrap_or_default();
-            let external: Vec<String> = object["spec"]["externalIPs"]
-                .as_array()
-                .map(|a| a.iter().filter_map(|v| v.as_str().map(str::to_string)).collect())
-                .unwrap_or_default();
+            // Upstream's printer: a LoadBalancer's ingress addresses (then its external IPs),
+            // `<pending>` until it has some; else the external IPs.
+            let mut external: Vec<String> = Vec::new();
+            let kind = object["spec"]["type"].as_str().unwrap_or("ClusterIP");
+            if kind == "LoadBalancer" {
+                for ingress in object["status"]["loadBalancer"]["ingress"].as_array().into_iter().flatten() {
+                    if let Some(address) = ingress["ip"].as_str().or(ingress["hostname"].as_str()) {
+                        external.push(address.to_string());
+                    }
+                }
+            }
+            external.extend(
+                object["spec"]["externalIPs"].as_array().into_iter().flatten().filter_map(|v| v.as_str().map(str::to_string)),
+            );
+            let external = match external.is_empty() {
+                true if kind == "LoadBalancer" => "<pending>".to_string(),
+                _ => none_if_empty(external.join(",")),
+            };
             vec![
                 name,
-                json!(object["spec"]["type"].as_str().unwrap_or("ClusterIP")),
+                json!(kind),
                 json!(none_if_empty(s(&object["spec"]["clusterIP"]))),
-                json!(none_if_empty(external.join(","))),
+                json!(external),
                 json!(none_if_empty(ports.join(","))),
                 json!(age(object)),
                 json!(none_if_empty(selector.join(","))),

@@ -27,6 +27,11 @@ fn ready_status(node: &Node) -> Option<&str> {
     conditions.iter().find(|c| c.type_ == "Ready").map(|c| c.status.as_str())
 }
 
+/// Whether the node reports Ready=True.
+pub fn is_node_ready(node: &Node) -> bool {
+    ready_status(node) == Some("True")
+}
+
 fn last_heartbeat(node: &Node, lease_renewed: Option<Timestamp>) -> Option<Timestamp> {
     let condition = node
         .status

@@ -227,7 +227,23 @@ pub fn ports_of(service: &Service, endpoints: Option<&Endpoints>, node_name: &st
     };
     let key = key_of(&service.metadata);
     let subsets = endpoints.and_then(|e| e.subsets.as_deref()).unwrap_or_default();
-    let external_ips: Vec<Ipv4Addr> = spec.external_ips.iter().flatten().filter_map(|ip| ip.parse().ok()).collect();
+    // External IPs, and a LoadBalancer's ingress addresses (the built-in service load
+    // balancer gives it the nodes' own), reached alike.
+    let load_balancer = service
+        .status
+        .as_ref()
+        .and_then(|s| s.load_balancer.as_ref())
+        .and_then(|l| l.ingress.as_ref())
+        .filter(|_| spec.type_.as_deref() == Some("LoadBalancer"));
+    let mut external_ips: Vec<Ipv4Addr> = spec
+        .external_ips
+        .iter()
+        .flatten()
+        .chain(load_balancer.into_iter().flatten().filter_map(|i| i.ip.as_ref()))
+        .filter_map(|ip| ip.parse().ok())
+        .collect();
+    external_ips.sort();
+    external_ips.dedup();
     let affinity = (spec.session_affinity.as_deref() == Some("ClientIP")).then(|| {
         spec.session_affinity_config
             .as_ref()

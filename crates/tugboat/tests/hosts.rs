@@ -735,6 +735,39 @@ spec:
         }
     }
 
+    // `type: LoadBalancer` without a cloud: the built-in service load balancer gives it the
+    // nodes' addresses (EXTERNAL-IP), and each serves the Service's own port from outside.
+    kubectl.ok(&[
+        "expose",
+        "deployment",
+        "db",
+        "--name=db-lb",
+        "--type=LoadBalancer",
+        "--port=8081",
+        "--target-port=8080",
+    ]);
+    let external = kubectl.until(
+        &["get", "service", "db-lb", "-o", "jsonpath={.status.loadBalancer.ingress[*].ip}"],
+        Duration::from_secs(30),
+        "db-lb's external IPs",
+        |o| o.split_whitespace().count() == 3,
+    );
+    let table = kubectl.ok(&["get", "service", "db-lb"]);
+    assert!(table.contains(&hosts.get(1).address().to_string()), "EXTERNAL-IP: {table}");
+    for ip in external.split_whitespace() {
+        let url = format!("http://{ip}:8081/");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let got = fetch_from(hosts.get(3), &url);
+            if got.as_deref() == Ok(db_pod.as_str()) {
+                break;
+            }
+            assert!(Instant::now() < deadline, "LoadBalancer {url}: {got:?}");
+            std::thread::sleep(Duration::from_millis(300));
+        }
+    }
+    kubectl.ok(&["delete", "service", "db-lb"]);
+
     // Three replicas: requests spread over all of them.
     kubectl.ok(&["scale", "deployment", "db", "--replicas=3"]);
     let deadline = Instant::now() + Duration::from_secs(60);

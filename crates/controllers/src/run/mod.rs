@@ -26,6 +26,7 @@ mod gc;
 mod history;
 mod namespaces;
 mod nodes;
+mod servicelb;
 mod services;
 mod volumes;
 mod workloads;
@@ -251,6 +252,7 @@ pub async fn run(client: kube::Client, config: ControllerConfig) -> anyhow::Resu
     tasks.spawn(disruption::run_disruption(client.clone(), hub.clone()));
     tasks.spawn(autoscaling::run_autoscalers(client.clone(), hub.clone()));
     tasks.spawn(volumes::run_volumes(client.clone(), hub.clone()));
+    tasks.spawn(servicelb::run_service_lb(client.clone(), hub.clone()));
     tasks.spawn(bootstrap::run_bootstrap_signer(client.clone()));
     if let Some(ca) = config.signing_ca.clone() {
         tasks.spawn(certificates::run_certificates(client.clone(), ca, config.signing_duration));
