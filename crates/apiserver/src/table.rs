@@ -575,7 +575,11 @@ fn cells(resource: &Resource, object: &Value) -> Vec<Value> {
                 }
             }
             external.extend(
-                object["spec"]["externalIPs"].as_array().into_iter().flatten().filter_map(|v| v.as_str().map(str::to_string)),
+                object["spec"]["externalIPs"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|v| v.as_str().map(str::to_string)),
             );
             let external = match external.is_empty() {
                 true if kind == "LoadBalancer" => "<pending>".to_string(),

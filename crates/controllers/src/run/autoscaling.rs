@@ -53,20 +53,22 @@ struct Reading {
     replicas: i32,
 }
 
-/// The summed container requests of `resource` (millicores for cpu, bytes otherwise).
+/// A quantity of `resource` as the autoscaler adds them up: millicores for cpu, else units.
+fn amount(resource: &str, quantity: &str) -> i64 {
+    if resource == "cpu" {
+        tugboat_scheduler::quantity::millicores(quantity)
+    } else {
+        tugboat_scheduler::quantity::units(quantity)
+    }
+}
+
+/// The summed container requests of `resource`.
 fn requests(pod: &Pod, resource: &str) -> i64 {
-    let quantity = |q: &k8s_openapi::apimachinery::pkg::api::resource::Quantity| {
-        if resource == "cpu" {
-            tugboat_scheduler::quantity::millicores(&q.0)
-        } else {
-            tugboat_scheduler::quantity::units(&q.0)
-        }
-    };
     pod.spec
         .iter()
         .flat_map(|s| s.containers.iter())
         .filter_map(|c| c.resources.as_ref()?.requests.as_ref()?.get(resource))
-        .map(quantity)
+        .map(|q| amount(resource, &q.0))
         .sum()
 }
 
@@ -77,13 +79,7 @@ fn usage(metrics: &DynamicObject, resource: &str) -> i64 {
         .into_iter()
         .flatten()
         .filter_map(|c| c["usage"][resource].as_str())
-        .map(|q| {
-            if resource == "cpu" {
-                tugboat_scheduler::quantity::millicores(q)
-            } else {
-                tugboat_scheduler::quantity::units(q)
-            }
-        })
+        .map(|q| amount(resource, q))
         .sum()
 }
 
@@ -109,11 +105,7 @@ fn read(metric: &MetricSpec, current: i32, pods: &[&Pod], metrics: &HashMap<Stri
         return Some(Reading { status, replicas });
     }
     let target = spec.target.average_value.as_ref()?;
-    let target = if resource == "cpu" {
-        tugboat_scheduler::quantity::millicores(&target.0)
-    } else {
-        tugboat_scheduler::quantity::units(&target.0)
-    };
+    let target = amount(resource, &target.0);
     let (replicas, average) = autoscaler::replicas_for(current, ready, used, None, target)?;
     let status =
         json!({"type": "Resource", "resource": {"name": resource, "current": {"averageValue": format(average)}}});

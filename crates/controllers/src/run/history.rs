@@ -28,19 +28,21 @@ pub(super) async fn run_history(client: kube::Client, hub: Arc<Hub>) -> anyhow::
     tracing::info!("controller history started");
     loop {
         let all = revisions.state();
-        for set in daemonsets.state() {
+        // (set, its kind, its owner reference, its template, its history limit)
+        let daemon = daemonsets.state().into_iter().map(|set| {
             let spec = set.spec.as_ref();
             let template = spec.map(|s| s.template.clone()).unwrap_or_default();
-            let limit = spec.and_then(|s| s.revision_history_limit).unwrap_or(10);
-            let owner = owner_reference(&*set);
-            sync(&client, &set.metadata, "DaemonSet", owner, &template, limit, &all).await;
-        }
-        for set in statefulsets.state() {
+            let limit = spec.and_then(|s| s.revision_history_limit);
+            (set.metadata.clone(), "DaemonSet", owner_reference(&*set), template, limit)
+        });
+        let stateful = statefulsets.state().into_iter().map(|set| {
             let spec = set.spec.as_ref();
             let template = spec.map(|s| s.template.clone()).unwrap_or_default();
-            let limit = spec.and_then(|s| s.revision_history_limit).unwrap_or(10);
-            let owner = owner_reference(&*set);
-            sync(&client, &set.metadata, "StatefulSet", owner, &template, limit, &all).await;
+            let limit = spec.and_then(|s| s.revision_history_limit);
+            (set.metadata.clone(), "StatefulSet", owner_reference(&*set), template, limit)
+        });
+        for (meta, kind, owner, template, limit) in daemon.chain(stateful) {
+            sync(&client, &meta, kind, owner, &template, limit.unwrap_or(10), &all).await;
         }
         wait(&changed).await;
     }
