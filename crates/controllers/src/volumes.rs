@@ -28,6 +28,8 @@ pub enum Action {
     Release(String),
     /// Its claim is gone and its policy deletes it.
     Delete(String),
+    /// Claim (namespace, name) waits for a pod to be scheduled before it is bound.
+    Waiting { namespace: String, claim: String },
 }
 
 fn bytes(quantity: Option<&k8s_openapi::apimachinery::pkg::api::resource::Quantity>) -> i64 {
@@ -187,6 +189,7 @@ pub fn plan(
         let waits = class.is_some_and(|c| c.volume_binding_mode.as_deref() == Some("WaitForFirstConsumer"));
         let node = consumer_node(claim, pods);
         if waits && node.is_none() {
+            actions.push(Action::Waiting { namespace: namespace.into(), claim: name.into() });
             continue;
         }
         let free = volumes
@@ -259,6 +262,7 @@ mod tests {
         assert!(actions.contains(&Action::Release("kept".into())));
         assert!(actions.contains(&Action::Available("fresh".into())));
         assert!(!actions.iter().any(|a| matches!(a, Action::Provision(_))), "db waits for a pod: {actions:?}");
+        assert!(actions.contains(&Action::Waiting { namespace: "default".into(), claim: "db".into() }));
         // Once its pod is on n1, db gets a volume there.
         let pods = refs(&pods);
         let actions = plan(&refs(&claims), &refs(&volumes), &refs(&classes), &pods);

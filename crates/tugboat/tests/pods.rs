@@ -1134,6 +1134,9 @@ spec:
         "Pending",
         "no pod yet"
     );
+    wait(&server, &["describe", "pvc", "auto"], "the claim says it waits", |o| {
+        o.contains("WaitForFirstConsumer") && o.contains("waiting for first consumer to be created before binding")
+    });
     let pod = |name: &str, script: &str| {
         format!(
             r#"
@@ -1162,6 +1165,8 @@ spec:
     );
     assert_eq!(affinity, "box Delete");
     wait(&server, &["exec", "keeper", "--", "cat", "/data/note"], "keeper wrote", |o| o == "kept");
+    let described = server.kubectl(&["describe", "pvc", "auto"], None);
+    assert!(described.contains("ProvisioningSucceeded") && described.contains(&volume), "{described}");
     server.kubectl(&["delete", "pod", "keeper", "--wait=true"], None);
     server.kubectl(&["apply", "-f", "-"], Some(&pod("reader", "sleep 3600")));
     wait(&server, &["exec", "reader", "--", "cat", "/data/note"], "the data outlives its pod", |o| o == "kept");

@@ -9,7 +9,7 @@ use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
 use serde_json::json;
 use tokio::sync::Notify;
 
-use super::{Hub, ready, wait};
+use super::{Hub, event, ready, wait};
 use crate::volumes::{Action, plan};
 
 pub(super) async fn run_volumes(client: kube::Client, hub: Arc<Hub>) -> anyhow::Result<()> {
@@ -23,10 +23,64 @@ pub(super) async fn run_volumes(client: kube::Client, hub: Arc<Hub>) -> anyhow::
     ready(&classes).await?;
     ready(&pods).await?;
     tracing::info!("persistent volume controller started");
+    // Claims already told they wait (an event once, not every pass).
+    let mut told: std::collections::HashSet<(String, String)> = Default::default();
     loop {
         let (c, v, s, p) = (claims.state(), volumes.state(), classes.state(), pods.state());
         let actions = plan(&refs(&c), &refs(&v), &refs(&s), &refs(&p));
+        let claim = |namespace: &str, name: &str| {
+            c.iter()
+                .find(|c| {
+                    c.metadata.namespace.as_deref() == Some(namespace) && c.metadata.name.as_deref() == Some(name)
+                })
+                .cloned()
+        };
         for action in actions {
+            // Upstream's events, which `kubectl describe pvc` shows.
+            match &action {
+                Action::Waiting { namespace, claim: name } => {
+                    if told.insert((namespace.clone(), name.clone()))
+                        && let Some(claim) = claim(namespace, name)
+                    {
+                        let message = "waiting for first consumer to be created before binding";
+                        event(
+                            &client,
+                            &*claim,
+                            "Normal",
+                            "WaitForFirstConsumer",
+                            message,
+                            "persistentvolume-controller",
+                        )
+                        .await;
+                    }
+                    continue;
+                }
+                Action::Provision(volume) => {
+                    let (namespace, name) =
+                        (volume["spec"]["claimRef"]["namespace"].as_str(), volume["spec"]["claimRef"]["name"].as_str());
+                    if let (Some(namespace), Some(name)) = (namespace, name)
+                        && let Some(claim) = claim(namespace, name)
+                        && apply(&client, &action).await.is_ok()
+                    {
+                        let message = format!(
+                            "Successfully provisioned volume {} using {}",
+                            volume["metadata"]["name"].as_str().unwrap_or_default(),
+                            crate::volumes::LOCAL_PATH
+                        );
+                        event(
+                            &client,
+                            &*claim,
+                            "Normal",
+                            "ProvisioningSucceeded",
+                            &message,
+                            crate::volumes::LOCAL_PATH,
+                        )
+                        .await;
+                    }
+                    continue;
+                }
+                _ => {}
+            }
             if let Err(error) = apply(&client, &action).await {
                 tracing::debug!(?action, %error, "persistent volume controller");
             }
@@ -54,6 +108,7 @@ async fn apply(client: &kube::Client, action: &Action) -> kube::Result<()> {
             volumes.patch_status(name, &PatchParams::default(), &Patch::Merge(&status("Released"))).await.map(|_| ())
         }
         Action::Delete(name) => volumes.delete(name, &DeleteParams::default()).await.map(|_| ()),
+        Action::Waiting { .. } => Ok(()),
         Action::Bind { namespace, claim, uid, volume } => {
             let claim_ref = json!({"spec": {"claimRef": {"apiVersion": "v1", "kind": "PersistentVolumeClaim",
                                                           "namespace": namespace, "name": claim, "uid": uid}}});
