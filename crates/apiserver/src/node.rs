@@ -75,12 +75,17 @@ async fn related(state: &ApiState, node: &str, resource: &str, namespace: &str, 
     }
     // A volume through the claims of the node's pods.
     for pod in on_node {
+        let used = uses(pod, "persistentvolumeclaims");
+        if used.is_empty() {
+            continue;
+        }
         let namespace = pod["metadata"]["namespace"].as_str().unwrap_or_default();
-        for claim in uses(pod, "persistentvolumeclaims") {
-            let claims = list(state, "persistentvolumeclaims", Some(namespace)).await?;
-            if claims.iter().any(|c| c["metadata"]["name"] == claim.as_str() && c["spec"]["volumeName"] == name) {
-                return Ok(true);
-            }
+        let claims = list(state, "persistentvolumeclaims", Some(namespace)).await?;
+        if claims
+            .iter()
+            .any(|c| c["spec"]["volumeName"] == name && used.iter().any(|u| c["metadata"]["name"] == u.as_str()))
+        {
+            return Ok(true);
         }
     }
     Ok(false)

@@ -344,6 +344,16 @@ fn pods_leave_a_node_that_stops_heartbeating() {
     });
 }
 
+/// Each daemon pod's image and phase, a line each.
+const IMAGES: &[&str] = &[
+    "get",
+    "pods",
+    "-l",
+    "app=agent",
+    "-o",
+    "jsonpath={range .items[*]}{.spec.containers[0].image} {.status.phase}{\"\\n\"}{end}",
+];
+
 #[test]
 fn daemon_sets_cover_every_node_and_roll() {
     let server = TugboatServer::start(Path::new(env!("CARGO_BIN_EXE_tugboat")), &[]).unwrap();
@@ -379,19 +389,9 @@ fn daemon_sets_cover_every_node_and_roll() {
     server.kubectl(&["set", "image", "daemonset/agent", "c=busybox:1.37"], None);
     let status = server.kubectl(&["rollout", "status", "daemonset/agent", "--timeout=60s"], None);
     assert!(status.contains("successfully rolled out"), "{status}");
-    eventually(
-        &server,
-        &[
-            "get",
-            "pods",
-            "-l",
-            "app=agent",
-            "-o",
-            "jsonpath={range .items[*]}{.spec.containers[0].image} {.status.phase}{\"\\n\"}{end}",
-        ],
-        "every daemon on the new image",
-        |o| o.lines().count() == 3 && o.lines().all(|l| l == "busybox:1.37 Running"),
-    );
+    eventually(&server, IMAGES, "every daemon on the new image", |o| {
+        o.lines().count() == 3 && o.lines().all(|l| l == "busybox:1.37 Running")
+    });
     let shown = server.kubectl(&["get", "ds", "agent"], None);
     let row: Vec<&str> = shown.lines().nth(1).unwrap_or_default().split_whitespace().collect();
     assert_eq!(row[..6], ["agent", "3", "3", "3", "3", "3"], "{shown}");
@@ -407,19 +407,9 @@ fn daemon_sets_cover_every_node_and_roll() {
     let revisions = server.kubectl(&["get", "controllerrevisions"], None);
     assert!(revisions.contains("daemonset.apps/agent"), "{revisions}");
     server.kubectl(&["rollout", "undo", "daemonset/agent"], None);
-    eventually(
-        &server,
-        &[
-            "get",
-            "pods",
-            "-l",
-            "app=agent",
-            "-o",
-            "jsonpath={range .items[*]}{.spec.containers[0].image} {.status.phase}{\"\\n\"}{end}",
-        ],
-        "every daemon back on the old image",
-        |o| o.lines().count() == 3 && o.lines().all(|l| l == "busybox:1.36 Running"),
-    );
+    eventually(&server, IMAGES, "every daemon back on the old image", |o| {
+        o.lines().count() == 3 && o.lines().all(|l| l == "busybox:1.36 Running")
+    });
     let history = eventually(&server, &["rollout", "history", "daemonset/agent"], "renumbered", |o| {
         let numbers: Vec<&str> = o.lines().filter_map(|l| l.split_whitespace().next()).collect();
         numbers.contains(&"2") && numbers.contains(&"3") && !numbers.contains(&"1")

@@ -38,8 +38,10 @@ pub(super) async fn run_autoscalers(client: kube::Client, hub: Arc<Hub>) -> anyh
     let mut history = Recommendations::new();
     loop {
         let all_pods = pods.state();
+        // PodMetrics per namespace, read once per pass however many autoscalers it has.
+        let mut metrics = HashMap::new();
         for hpa in autoscalers.state() {
-            if let Err(error) = reconcile(&client, &hpa, &all_pods, &mut history).await {
+            if let Err(error) = reconcile(&client, &hpa, &all_pods, &mut metrics, &mut history).await {
                 tracing::debug!(error = %format!("{error:#}"), "horizontal pod autoscaler");
             }
         }
@@ -171,6 +173,7 @@ async fn reconcile(
     client: &kube::Client,
     hpa: &HorizontalPodAutoscaler,
     all_pods: &[Arc<Pod>],
+    metrics_by_namespace: &mut HashMap<String, HashMap<String, DynamicObject>>,
     history: &mut Recommendations,
 ) -> anyhow::Result<()> {
     let namespace = hpa.metadata.namespace.clone().unwrap_or_else(|| "default".into());
@@ -218,17 +221,20 @@ async fn reconcile(
         .collect();
     let resource =
         ApiResource::from_gvk_with_plural(&GroupVersionKind::gvk("metrics.k8s.io", "v1beta1", "PodMetrics"), "pods");
-    let metrics: HashMap<String, DynamicObject> =
-        match Api::<DynamicObject>::namespaced_with(client.clone(), &namespace, &resource)
+    if !metrics_by_namespace.contains_key(&namespace) {
+        let listed = match Api::<DynamicObject>::namespaced_with(client.clone(), &namespace, &resource)
             .list(&Default::default())
             .await
         {
             Ok(list) => list.items.into_iter().filter_map(|m| Some((m.metadata.name.clone()?, m))).collect(),
             Err(_) => HashMap::new(),
         };
+        metrics_by_namespace.insert(namespace.clone(), listed);
+    }
+    let metrics = &metrics_by_namespace[&namespace];
     let (min, max) = (spec.min_replicas.unwrap_or(1), spec.max_replicas);
     let readings: Vec<Reading> =
-        spec.metrics.iter().flatten().filter_map(|m| read(m, current, &pods, &metrics)).collect();
+        spec.metrics.iter().flatten().filter_map(|m| read(m, current, &pods, metrics)).collect();
     let key = (namespace.clone(), name.clone());
     if current == 0 {
         // Scaled to zero by hand: autoscaling is off until it is scaled up again.
