@@ -1,6 +1,9 @@
 # Shared by scripts/server and scripts/test: make sure what a command needs is installed.
 # Debian 12 (or newer) as root, or with sudo.
 
+# What building and running `tugboat server` (or agent) needs; scripts/server says why each.
+SERVER_PACKAGES="gcc binutils libc6-dev libseccomp-dev iproute2 nftables iptables kmod ca-certificates util-linux"
+
 die() { echo "error: $*" >&2; exit 1; }
 
 as_root() {

@@ -539,11 +539,11 @@ async fn dispatch(
         (_, _) if view != View::Main => Err(ApiError::method_not_allowed(method.as_str())),
         (&Method::DELETE, Some(name)) => {
             let body = read_body(body).await?;
-            delete(state, target.resource, namespace, name, &body, dry_run).await
+            delete(state, target.resource, namespace, name, (content_type, &body), dry_run).await
         }
         (&Method::DELETE, None) => {
             let body = read_body(body).await?;
-            delete_collection(state, target.resource, namespace, query, &body, dry_run).await
+            delete_collection(state, target.resource, namespace, query, (content_type, &body), dry_run).await
         }
         (method, _) => Err(ApiError::method_not_allowed(method.as_str())),
     }
@@ -683,6 +683,7 @@ async fn get(
 }
 
 struct Filters {
+    plural: &'static str,
     labels: LabelSelector,
     fields: FieldSelector,
 }
@@ -701,11 +702,11 @@ impl Filters {
                 supported.join(", ")
             )));
         }
-        Ok(Filters { labels, fields })
+        Ok(Filters { plural: resource.plural, labels, fields })
     }
 
     fn matches(&self, object: &Value) -> bool {
-        self.labels.matches_object(object) && self.fields.matches_object(object)
+        self.labels.matches_object(object) && self.fields.matches(self.plural, object)
     }
 }
 
@@ -1211,7 +1212,10 @@ async fn server_side_apply(
         let mut conflicts = Vec::new();
         for entry in managed.iter().filter(|m| !mine(m)) {
             for path in entry.fields.intersection(&applied_set) {
-                if fields::get(current, path) != fields::get(&applied, path) {
+                // A list element's own entry (`k:{"name":"web"}`) is its existence, not a
+                // value: owners of the same element share it; their leaves may conflict.
+                let element = matches!(path.last(), Some(fields::Step::Key(_)));
+                if !element && fields::get(current, path) != fields::get(&applied, path) {
                     conflicts.push((entry.manager.clone(), entry.api_version.clone(), path.clone()));
                 }
             }
@@ -1324,7 +1328,7 @@ impl View {
             View::Main | View::Status | View::Whole | View::Finalize => object.clone(),
             View::Scale => {
                 let metadata = &object["metadata"];
-                let selector = object["spec"]["selector"]["matchLabels"]
+                let selector = crate::selector::selector_labels(&object["spec"]["selector"])
                     .as_object()
                     .map(|m| {
                         m.iter().map(|(k, v)| format!("{k}={}", v.as_str().unwrap_or(""))).collect::<Vec<_>>().join(",")
@@ -1577,8 +1581,14 @@ const ORPHAN: &str = "orphan";
 /// Namespaces that may never be deleted.
 const PROTECTED_NAMESPACES: &[&str] = &["default", "kube-system", "kube-public"];
 
-fn delete_options(body: &[u8]) -> Result<Value, ApiError> {
-    if body.iter().all(u8::is_ascii_whitespace) { Ok(json!({})) } else { decode_body("application/json", body) }
+/// The DeleteOptions of a DELETE: none, JSON, or protobuf (client-go's typed clients send
+/// their options in the content type they were made for).
+fn delete_options(content_type: &str, body: &[u8]) -> Result<Value, ApiError> {
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Ok(json!({}));
+    }
+    let protobuf = body.starts_with(b"k8s\0") || content_type.starts_with("application/vnd.kubernetes.protobuf");
+    decode_body(if protobuf { "application/vnd.kubernetes.protobuf" } else { "application/json" }, body)
 }
 
 async fn delete(
@@ -1586,10 +1596,10 @@ async fn delete(
     resource: &Resource,
     namespace: Option<&str>,
     name: &str,
-    body: &[u8],
+    (content_type, body): (&str, &[u8]),
     dry_run: bool,
 ) -> Result<Response<Body>, ApiError> {
-    let options = delete_options(body)?;
+    let options = delete_options(content_type, body)?;
     let (code, object) = delete_one(state, resource, namespace, name, &options, dry_run).await?;
     Ok(json_response(code, &object))
 }
@@ -1702,10 +1712,10 @@ async fn delete_collection(
     resource: &Resource,
     namespace: Option<&str>,
     query: &Query,
-    body: &[u8],
+    (content_type, body): (&str, &[u8]),
     dry_run: bool,
 ) -> Result<Response<Body>, ApiError> {
-    let options = delete_options(body)?;
+    let options = delete_options(content_type, body)?;
     let filters = Filters::from_query(resource, query)?;
     let page = state
         .store

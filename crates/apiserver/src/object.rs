@@ -377,6 +377,25 @@ pub fn prepare_create(resource: &Resource, namespace: Option<&str>, object: &mut
 /// Upstream's defaults for the workload kinds (`pkg/apis/{apps,batch}/v1/defaults.go`),
 /// including their pod templates.
 fn default_workload(resource: &Resource, object: &mut Value) {
+    if resource.plural == "podtemplates" {
+        if object["template"]["spec"].is_object() {
+            default_pod_spec(&mut object["template"]["spec"]);
+        }
+        return;
+    }
+    if resource.plural == "replicationcontrollers" {
+        // `SetDefaults_ReplicationController`: the selector and the labels are the template's
+        // labels when not given.
+        let labels = object["spec"]["template"]["metadata"]["labels"].clone();
+        if labels.as_object().is_some_and(|l| !l.is_empty()) {
+            if object["spec"]["selector"].as_object().is_none_or(|s| s.is_empty()) {
+                object["spec"]["selector"] = labels.clone();
+            }
+            if object["metadata"]["labels"].as_object().is_none_or(|l| l.is_empty()) {
+                object["metadata"]["labels"] = labels;
+            }
+        }
+    }
     // `get_mut`: indexing would add `spec: null` to kinds without a spec.
     let Some(spec) = object.get_mut("spec").filter(|s| s.is_object()) else {
         return;
@@ -397,7 +416,7 @@ fn default_workload(resource: &Resource, object: &mut Value) {
                 );
             }
         }
-        "replicasets" => set_default(spec, "replicas", json!(1)),
+        "replicasets" | "replicationcontrollers" => set_default(spec, "replicas", json!(1)),
         "statefulsets" => {
             set_default(spec, "replicas", json!(1));
             set_default(spec, "podManagementPolicy", json!("OrderedReady"));

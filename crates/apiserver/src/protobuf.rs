@@ -44,9 +44,10 @@ pub fn decode(body: &[u8]) -> Result<Value, ApiError> {
         return Err(unsupported(format!("content encoding {:?}", unknown.contentEncoding)));
     }
     let raw = unknown.raw.as_deref().unwrap_or_default();
-    if (api_version.as_str(), kind.as_str()) == ("authentication.k8s.io/v1", "TokenRequest") {
-        // A subresource's kind, with no schema of its own here: its fields are plain.
-        let decoded = to_serde_json::<k8s_rs_pb::api::authentication::v1::TokenRequest>(raw)
+    if let Some(plain) = plain_kind(&api_version, &kind) {
+        // Options and subresources' kinds, with no schema of their own here: their fields are
+        // plain.
+        let decoded = plain(raw)
             .map_err(|e| ApiError::bad_request(format!("the {kind} in the protobuf body is malformed: {e}")))?;
         let mut object = prune(decoded).unwrap_or_else(|| Value::Object(Map::new()));
         object["apiVersion"] = Value::String(api_version);
@@ -66,6 +67,22 @@ pub fn decode(body: &[u8]) -> Result<Value, ApiError> {
     object["apiVersion"] = Value::String(api_version);
     object["kind"] = Value::String(kind);
     Ok(object)
+}
+
+/// The decoder of a kind that has no resource (and so no schema) of its own: the options and
+/// subresource bodies client-go sends as protobuf — `DeleteOptions` (in whatever group the
+/// client is for: a typed client sends its own group version), `Scale`, `Eviction`, `Binding`,
+/// `TokenRequest`.
+fn plain_kind(api_version: &str, kind: &str) -> Option<fn(&[u8]) -> Result<Value, String>> {
+    use k8s_rs_pb::{api, apimachinery::pkg::apis::meta};
+    Some(match (api_version, kind) {
+        (_, "DeleteOptions") => to_serde_json::<meta::v1::DeleteOptions>,
+        ("autoscaling/v1", "Scale") => to_serde_json::<api::autoscaling::v1::Scale>,
+        ("policy/v1", "Eviction") => to_serde_json::<api::policy::v1::Eviction>,
+        ("v1", "Binding") => to_serde_json::<api::core::v1::Binding>,
+        ("authentication.k8s.io/v1", "TokenRequest") => to_serde_json::<api::authentication::v1::TokenRequest>,
+        _ => return None,
+    })
 }
 
 /// Drops nulls and empty lists and maps, as upstream's JSON omits them.
@@ -225,6 +242,32 @@ mod tests {
         let mut body = MAGIC.to_vec();
         body.extend(unknown.write_to_bytes().unwrap());
         body
+    }
+
+    #[test]
+    fn options_and_subresource_bodies_decode_in_any_group() {
+        use k8s_rs_pb::apimachinery::pkg::apis::meta::v1::{DeleteOptions, Preconditions};
+        let mut options = DeleteOptions::new();
+        options.gracePeriodSeconds = Some(0);
+        options.propagationPolicy = Some("Foreground".into());
+        let mut preconditions = Preconditions::new();
+        preconditions.uid = Some("u-1".into());
+        options.preconditions = protobuf::MessageField::some(preconditions);
+        // A typed client sends its options in its own group version.
+        for api_version in ["v1", "apps/v1", "batch/v1"] {
+            let decoded = decode(&envelope(api_version, "DeleteOptions", &options)).unwrap();
+            assert_eq!(decoded["gracePeriodSeconds"], 0, "a zero grace period is a force delete: kept");
+            assert_eq!(decoded["propagationPolicy"], "Foreground");
+            assert_eq!(decoded["preconditions"]["uid"], "u-1");
+            assert!(decoded.get("dryRun").is_none() && decoded.get("orphanDependents").is_none(), "{decoded}");
+        }
+        let mut eviction = k8s_rs_pb::api::policy::v1::Eviction::new();
+        eviction.deleteOptions = protobuf::MessageField::some(options);
+        let decoded = decode(&envelope("policy/v1", "Eviction", &eviction)).unwrap();
+        assert_eq!(
+            (decoded["kind"].as_str(), decoded["deleteOptions"]["gracePeriodSeconds"].as_i64()),
+            (Some("Eviction"), Some(0))
+        );
     }
 
     #[test]

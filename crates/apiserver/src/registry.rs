@@ -151,6 +151,19 @@ pub static RESOURCES: &[Resource] = &[
         &["pvc"],
         NONE
     ),
+    resource!(core::v1::PodTemplate, "", "v1", "PodTemplate", "podtemplates", "podtemplate", true, NONE, NONE),
+    resource!(
+        core::v1::ReplicationController,
+        "",
+        "v1",
+        "ReplicationController",
+        "replicationcontrollers",
+        "replicationcontroller",
+        true,
+        &["rc"],
+        ALL,
+        "controllers"
+    ),
     resource!(core::v1::LimitRange, "", "v1", "LimitRange", "limitranges", "limitrange", true, &["limits"], NONE),
     resource!(
         core::v1::ResourceQuota,
@@ -409,6 +422,7 @@ impl Resource {
                 | "resourcequotas"
                 | "deployments"
                 | "replicasets"
+                | "replicationcontrollers"
                 | "daemonsets"
                 | "statefulsets"
                 | "jobs"
@@ -421,7 +435,7 @@ impl Resource {
 
     /// Whether the resource has a `/scale` subresource.
     pub fn has_scale(&self) -> bool {
-        matches!(self.plural, "deployments" | "replicasets" | "statefulsets")
+        matches!(self.plural, "deployments" | "replicasets" | "replicationcontrollers" | "statefulsets")
     }
 
     /// Whether a create starts with an empty status, whatever the client sent (upstream's
@@ -434,7 +448,7 @@ impl Resource {
     pub fn has_generation(&self) -> bool {
         !self.group.is_empty()
             && !matches!(self.group, "coordination.k8s.io" | "rbac.authorization.k8s.io" | "events.k8s.io")
-            || matches!(self.plural, "pods")
+            || matches!(self.plural, "pods" | "replicationcontrollers")
     }
 }
 

@@ -154,23 +154,47 @@ impl FieldSelector {
         self.0.iter().map(|(field, _, _)| field.as_str())
     }
 
-    pub fn matches_object(&self, object: &Value) -> bool {
-        self.0.iter().all(|(field, equal, value)| {
-            let mut current = object;
-            for segment in field.split('.') {
-                current = &current[segment];
-            }
-            let actual = match current {
-                Value::String(s) => s.clone(),
-                Value::Null => String::new(),
-                other => other.to_string(),
-            };
-            (actual == *value) == *equal
-        })
+    /// Whether an object of `plural` is selected, its fields read as upstream's
+    /// `ToSelectableFields` of that kind sets them (see [`field_value`]).
+    pub fn matches(&self, plural: &str, object: &Value) -> bool {
+        self.0.iter().all(|(field, equal, value)| (field_value(plural, field, object) == *value) == *equal)
     }
 }
 
-/// The fields every resource can be selected by, plus what upstream adds per resource.
+/// The value a field selector compares for `field` of an object of `plural`: what upstream's
+/// registry puts in the object's selectable field set — defaults included (an absent
+/// `spec.unschedulable` is `false`, an absent count `0`), the fields kept for backward
+/// compatibility (`name`), and the computed ones (an Event's `source`); else the field at that
+/// path, absent being the empty string.
+pub fn field_value(plural: &str, field: &str, object: &Value) -> String {
+    let at = |path: &str| path.split('.').fold(object, |current, segment| &current[segment]);
+    let text = |value: &Value| match value {
+        Value::String(s) => s.clone(),
+        Value::Null => String::new(),
+        other => other.to_string(),
+    };
+    let flag = |path: &str| at(path).as_bool().unwrap_or(false).to_string();
+    let count = |path: &str| at(path).as_i64().unwrap_or(0).to_string();
+    match (plural, field) {
+        ("nodes", "spec.unschedulable") => flag("spec.unschedulable"),
+        ("pods", "spec.hostNetwork") => flag("spec.hostNetwork"),
+        ("pods", "status.podIP") => {
+            let first = &at("status.podIPs")[0]["ip"];
+            text(if first.is_string() { first } else { at("status.podIP") })
+        }
+        ("replicasets" | "replicationcontrollers", "status.replicas") => count("status.replicas"),
+        ("jobs", "status.successful") => count("status.succeeded"),
+        ("events", "source") => match text(at("source.component")) {
+            component if component.is_empty() => text(at("reportingComponent")),
+            component => component,
+        },
+        ("namespaces" | "persistentvolumes" | "persistentvolumeclaims", "name") => text(at("metadata.name")),
+        _ => text(at(field)),
+    }
+}
+
+/// The fields each resource can be selected by: `metadata.name` (and `metadata.namespace` when
+/// namespaced), plus what upstream adds per resource.
 pub fn supported_fields(plural: &str) -> &'static [&'static str] {
     match plural {
         "pods" => &[
@@ -180,6 +204,7 @@ pub fn supported_fields(plural: &str) -> &'static [&'static str] {
             "spec.restartPolicy",
             "spec.schedulerName",
             "spec.serviceAccountName",
+            "spec.hostNetwork",
             "status.phase",
             "status.podIP",
             "status.nominatedNodeName",
@@ -200,10 +225,25 @@ pub fn supported_fields(plural: &str) -> &'static [&'static str] {
             "type",
         ],
         "secrets" => &["metadata.name", "metadata.namespace", "type"],
-        "namespaces" => &["metadata.name", "status.phase"],
+        "services" => &["metadata.name", "metadata.namespace", "spec.clusterIP", "spec.type"],
+        "namespaces" => &["metadata.name", "name", "status.phase"],
         "nodes" => &["metadata.name", "spec.unschedulable"],
+        "persistentvolumes" => &["metadata.name", "name"],
+        "persistentvolumeclaims" => &["metadata.name", "metadata.namespace", "name"],
+        "replicasets" | "replicationcontrollers" => &["metadata.name", "metadata.namespace", "status.replicas"],
         "jobs" => &["metadata.name", "metadata.namespace", "status.successful"],
+        "certificatesigningrequests" => &["metadata.name", "spec.signerName"],
         _ => &["metadata.name", "metadata.namespace"],
+    }
+}
+
+/// The equality part of a workload's `spec.selector` as a map of labels: a LabelSelector's
+/// `matchLabels`, or a ReplicationController's selector, which is that map itself.
+pub fn selector_labels(selector: &Value) -> &Value {
+    if selector.get("matchLabels").is_some() || selector.get("matchExpressions").is_some() {
+        &selector["matchLabels"]
+    } else {
+        selector
     }
 }
 
@@ -275,11 +315,32 @@ mod tests {
     fn field_selectors_read_dotted_paths() {
         let pod = json!({"metadata": {"name": "web", "namespace": "default"}, "spec": {"nodeName": "n1"}, "status": {"phase": "Running"}});
         let yes = FieldSelector::parse("metadata.name=web,spec.nodeName!=n2,status.phase==Running").unwrap();
-        assert!(yes.matches_object(&pod));
+        assert!(yes.matches("pods", &pod));
         let no = FieldSelector::parse("spec.nodeName=").unwrap();
-        assert!(!no.matches_object(&pod));
+        assert!(!no.matches("pods", &pod));
         let unscheduled = json!({"metadata": {"name": "x"}, "spec": {}});
-        assert!(no.matches_object(&unscheduled), "an absent field equals the empty string");
+        assert!(no.matches("pods", &unscheduled), "an absent field equals the empty string");
         assert!(FieldSelector::parse("nonsense").is_err());
+    }
+
+    #[test]
+    fn selectable_fields_have_upstreams_defaults() {
+        // The conformance suite's first request: schedulable nodes, most of which never set it.
+        let schedulable = FieldSelector::parse("spec.unschedulable=false").unwrap();
+        assert!(schedulable.matches("nodes", &json!({"metadata": {"name": "n1"}, "spec": {}})));
+        assert!(schedulable.matches("nodes", &json!({"metadata": {"name": "n1"}})));
+        assert!(!schedulable.matches("nodes", &json!({"spec": {"unschedulable": true}})));
+        let host = FieldSelector::parse("spec.hostNetwork=false").unwrap();
+        assert!(host.matches("pods", &json!({"spec": {}})));
+        let ip = FieldSelector::parse("status.podIP=10.0.0.2").unwrap();
+        assert!(ip.matches("pods", &json!({"status": {"podIP": "10.0.0.2"}})));
+        assert!(ip.matches("pods", &json!({"status": {"podIPs": [{"ip": "10.0.0.2"}]}})));
+        let none = FieldSelector::parse("status.replicas=0").unwrap();
+        assert!(none.matches("replicasets", &json!({"status": {}})));
+        assert!(FieldSelector::parse("status.successful=0").unwrap().matches("jobs", &json!({})));
+        let source = FieldSelector::parse("source=kubelet").unwrap();
+        assert!(source.matches("events", &json!({"source": {"component": "kubelet"}})));
+        assert!(source.matches("events", &json!({"source": {}, "reportingComponent": "kubelet"})));
+        assert!(FieldSelector::parse("name=ns1").unwrap().matches("namespaces", &json!({"metadata": {"name": "ns1"}})));
     }
 }

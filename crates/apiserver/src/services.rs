@@ -86,6 +86,14 @@ fn needs_node_ports(service: &Value) -> bool {
 /// Upstream's defaults and the checks that need no store.
 pub fn default_and_validate(service: &mut Value) -> Result<(), ApiError> {
     let name = service["metadata"]["name"].as_str().unwrap_or("").to_string();
+    // Upstream's status.loadBalancer is a struct, not a pointer: always there, `{}` at least
+    // (clients assert it on the Service a create returns).
+    if !service["status"].is_object() {
+        service["status"] = json!({});
+    }
+    if !service["status"]["loadBalancer"].is_object() {
+        service["status"]["loadBalancer"] = json!({});
+    }
     if !service["spec"].is_object() {
         service["spec"] = json!({});
     }

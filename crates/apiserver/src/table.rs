@@ -99,7 +99,7 @@ fn columns(resource: &Resource) -> Vec<Column> {
             ("Kernel-Version", "string", "", 1),
             ("Container-Runtime", "string", "", 1),
         ],
-        "replicasets" => vec![
+        "replicasets" | "replicationcontrollers" => vec![
             name,
             ("Desired", "integer", "", 0),
             ("Current", "integer", "", 0),
@@ -330,7 +330,7 @@ fn template_columns(object: &Value) -> (Value, Value, Value) {
     let containers = template["spec"]["containers"].as_array().cloned().unwrap_or_default();
     let names: Vec<&str> = containers.iter().filter_map(|c| c["name"].as_str()).collect();
     let images: Vec<&str> = containers.iter().filter_map(|c| c["image"].as_str()).collect();
-    let selector: Vec<String> = object["spec"]["selector"]["matchLabels"]
+    let selector: Vec<String> = crate::selector::selector_labels(&object["spec"]["selector"])
         .as_object()
         .map(|m| m.iter().map(|(k, v)| format!("{k}={}", v.as_str().unwrap_or(""))).collect())
         .unwrap_or_default();
@@ -343,7 +343,7 @@ fn workload_cells(plural: &str, object: &Value, name: Value) -> Vec<Value> {
     let status = &object["status"];
     let (containers, images, selector) = template_columns(object);
     match plural {
-        "replicasets" => vec![
+        "replicasets" | "replicationcontrollers" => vec![
             name,
             json!(object["spec"]["replicas"].as_i64().unwrap_or(1)),
             json!(n(&status["replicas"])),
@@ -693,7 +693,7 @@ fn cells(resource: &Resource, object: &Value) -> Vec<Value> {
                 json!(none_if_empty(s(&info["containerRuntimeVersion"]))),
             ]
         }
-        "replicasets" | "daemonsets" | "statefulsets" | "jobs" | "cronjobs" => {
+        "replicasets" | "replicationcontrollers" | "daemonsets" | "statefulsets" | "jobs" | "cronjobs" => {
             workload_cells(resource.plural, object, name)
         }
         "endpoints" => {

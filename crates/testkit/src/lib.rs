@@ -132,6 +132,8 @@ pub struct TugboatServer {
     dir: tempfile::TempDir,
     port: u16,
     lines: std::sync::mpsc::Receiver<String>,
+    /// The lines [`TugboatServer::wait_for_line`] went past.
+    passed: Vec<String>,
 }
 
 impl TugboatServer {
@@ -187,7 +189,7 @@ impl TugboatServer {
                 let _ = tx.send(line);
             }
         });
-        let mut server = TugboatServer { child, dir, port, lines };
+        let mut server = TugboatServer { child, dir, port, lines, passed: Vec::new() };
         server.wait_for_line("tugboat server ready", Duration::from_secs(30))?;
         Ok(server)
     }
@@ -198,12 +200,23 @@ impl TugboatServer {
         let mut seen = Vec::new();
         while let Some(left) = deadline.checked_duration_since(Instant::now()) {
             match self.lines.recv_timeout(left) {
-                Ok(line) if line.contains(needle) => return Ok(line),
+                Ok(line) if line.contains(needle) => {
+                    self.passed.extend(seen);
+                    self.passed.push(line.clone());
+                    return Ok(line);
+                }
                 Ok(line) => seen.push(line),
                 Err(_) => break,
             }
         }
         bail!("no log line with {needle:?} within {timeout:?}; saw: {seen:#?}")
+    }
+
+    /// Every log line the server wrote so far, those `wait_for_line` went past included.
+    pub fn all_log_lines(&mut self) -> Vec<String> {
+        let new: Vec<String> = self.lines.try_iter().collect();
+        self.passed.extend(new);
+        self.passed.clone()
     }
 
     pub fn data_dir(&self) -> PathBuf {
@@ -265,6 +278,21 @@ impl TugboatServer {
             String::from_utf8_lossy(&output.stderr)
         );
         String::from_utf8(output.stdout).expect("UTF-8 output")
+    }
+
+    /// Sends one request with curl (as the admin when `credentials`, else anonymously), `extra`
+    /// being curl's own arguments (headers, `--data-binary @file`…); returns (HTTP code, body).
+    pub fn curl(&self, method: &str, path: &str, credentials: bool, extra: &[&str]) -> (u16, String) {
+        let pki = self.data_dir().join("pki");
+        let mut command = Command::new("curl");
+        command.args(["-s", "-o", "-", "-w", "\n%{http_code}", "-X", method]).arg("--cacert").arg(pki.join("ca.crt"));
+        if credentials {
+            command.arg("--cert").arg(pki.join("admin.crt")).arg("--key").arg(pki.join("admin.key"));
+        }
+        let output = command.args(extra).arg(format!("{}{path}", self.url())).output().expect("curl runs");
+        let text = String::from_utf8_lossy(&output.stdout);
+        let (body, code) = text.rsplit_once('\n').expect("curl's status line");
+        (code.trim().parse().expect("an HTTP code"), body.to_string())
     }
 }
 

@@ -39,6 +39,7 @@ pub struct AgentArgs {
 pub async fn run(mut args: AgentArgs) -> anyhow::Result<()> {
     // Named once: the certificate and the kubelet name the same node.
     args.node.node_name.get_or_insert_with(tugboat_kubelet::host::hostname);
+    crate::network_preflight(None, args.node.node_ip.or_else(tugboat_kubelet::host::node_ip), "--node-ip");
     let local = crate::balancer::start(&args.server).await?;
     let kubeconfig = join(&args, &local).await?;
     let client = crate::client_via(&kubeconfig, Some(&local)).await?;
@@ -67,8 +68,15 @@ async fn join(args: &AgentArgs, local: &str) -> anyhow::Result<PathBuf> {
     insecure.accept_invalid_certs = true;
     let maps: Api<ConfigMap> = Api::namespaced(kube::Client::try_from(insecure)?, bootstrap::PUBLIC_NAMESPACE);
     let deadline = std::time::Instant::now() + args.discovery_timeout;
+    tracing::info!(
+        server,
+        "reading cluster-info without verifying the server's certificate: the expected discovery before the \
+         cluster CA is known (the token's signature of cluster-info is what proves it)"
+    );
     // Asked again until the token's signature is there (or the time is up).
+    let mut first_refusal = true;
     let published = loop {
+        let mut token_problem = false;
         let answer = maps.get(bootstrap::CLUSTER_INFO).await.map_err(|e| match e {
             kube::Error::Api(status) => {
                 anyhow::anyhow!("the server at {server} answered {}: {}", status.code, status.message)
@@ -84,14 +92,20 @@ async fn join(args: &AgentArgs, local: &str) -> anyhow::Result<PathBuf> {
                         break published;
                     }
                     // Asked again: cluster-info may have just changed, before the signer signed it anew.
-                    (Some(_), Some(_)) => anyhow::anyhow!(
-                        "the token's secret does not match: cluster-info's signature for {id:?} fails, so its CA \
+                    (Some(_), Some(_)) => {
+                        token_problem = true;
+                        anyhow::anyhow!(
+                            "the token's secret does not match: cluster-info's signature for {id:?} fails, so its CA \
                          cannot be trusted"
-                    ),
+                        )
+                    }
                     (None, _) => anyhow::anyhow!("the cluster-info ConfigMap has no kubeconfig"),
-                    (Some(_), None) => anyhow::anyhow!(
-                        "the token is unknown or has expired: cluster-info carries no signature for token ID {id:?}"
-                    ),
+                    (Some(_), None) => {
+                        token_problem = true;
+                        anyhow::anyhow!(
+                            "the token is unknown or has expired: cluster-info carries no signature for token ID {id:?}"
+                        )
+                    }
                 }
             }
             Err(error) => error,
@@ -99,7 +113,19 @@ async fn join(args: &AgentArgs, local: &str) -> anyhow::Result<PathBuf> {
         if std::time::Instant::now() > deadline {
             return Err(error);
         }
-        tracing::info!(error = %error, "cluster-info: asking again");
+        // Said once, with what to do; then asked again quietly until --discovery-timeout (a
+        // server just started, or a token just made, is signed within seconds).
+        if std::mem::take(&mut first_refusal) {
+            let hint = if token_problem {
+                "check the token: `tugboat token list` on the server shows the valid ones, \
+                 `tugboat token create --print-join-command` makes a new one"
+            } else {
+                "check --server and that `tugboat server` runs there and is reachable from this host"
+            };
+            tracing::warn!(error = %error, timeout = ?args.discovery_timeout, "cannot join yet: {hint}; asking again");
+        } else {
+            tracing::debug!(error = %error, "cluster-info: asking again");
+        }
         tokio::time::sleep(Duration::from_secs(1)).await;
     };
     let published = kube::config::Kubeconfig::from_yaml(&published)?;

@@ -1,7 +1,8 @@
 //! `tugboat install server|agent [flags]` and `tugboat uninstall [--purge]`: Tugboat as a
 //! systemd service.
 //!
-//! Install copies this binary to `/usr/local/bin/tugboat`, writes `tugboat.service` (server)
+//! Install copies this binary to `/usr/local/bin/tugboat` stripped of its debug info (which
+//! `--debug-info` installs apart, under `/usr/lib/debug`), writes `tugboat.service` (server)
 //! or `tugboat-agent.service` (agent) running it with the given flags — a join token goes
 //! into an environment file only root can read, not onto the command line — records what it
 //! wrote in `/etc/tugboat/install.json`, and enables and starts the unit where systemd runs.
@@ -55,6 +56,10 @@ pub struct InstallArgs {
     /// Write the files but do not enable or start the unit.
     #[arg(long)]
     no_start: bool,
+    /// Also install the debug info (for debuggers and symbolized backtraces) as
+    /// /usr/lib/debug/usr/local/bin/tugboat.debug; the binary itself is always stripped.
+    #[arg(long)]
+    debug_info: bool,
     /// The flags of `tugboat server` / `tugboat agent`, as you would give them.
     #[arg(last = true, allow_hyphen_values = true)]
     flags: Vec<String>,
@@ -80,6 +85,9 @@ struct Record {
 }
 
 const BINARY: &str = "/usr/local/bin/tugboat";
+/// Where gdb and Rust's backtraces look for the debug info that the stripped binary's
+/// `.gnu_debuglink` names (the global debug directory, then the binary's path).
+const DEBUG_FILE: &str = "/usr/lib/debug/usr/local/bin/tugboat.debug";
 const UNIT_DIR: &str = "/etc/systemd/system";
 const CONFIG_DIR: &str = "/etc/tugboat";
 const RECORD: &str = "/etc/tugboat/install.json";
@@ -197,6 +205,63 @@ fn unit_file(role: Role, flags: &[String], env_file: Option<&str>) -> String {
     )
 }
 
+/// Runs `objcopy` (binutils) with `args`.
+fn objcopy(args: &[&std::ffi::OsStr]) -> anyhow::Result<()> {
+    let out = Command::new("objcopy").args(args).output().context("running objcopy (binutils)")?;
+    if !out.status.success() {
+        bail!("objcopy failed: {}", String::from_utf8_lossy(&out.stderr).trim());
+    }
+    Ok(())
+}
+
+/// `binary` without its debug info and symbol table, with a `.gnu_debuglink` to
+/// `tugboat.debug` — the build keeps line tables for backtraces, 400 MiB of them; the stripped
+/// binary is about a tenth of that — and that debug info (`objcopy --only-keep-debug`), made in
+/// `scratch`. Without objcopy: the binary whole, with a warning, and no debug file.
+fn split_debug_info(binary: &Path, scratch: &Path) -> anyhow::Result<(Vec<u8>, Option<PathBuf>)> {
+    let debug = scratch.join("tugboat.debug");
+    let stripped = scratch.join("tugboat");
+    let debuglink = std::ffi::OsString::from(format!("--add-gnu-debuglink={}", debug.display()));
+    let split = objcopy(&["--only-keep-debug".as_ref(), binary.as_os_str(), debug.as_os_str()]).and_then(|()| {
+        // The link names the file by its name only, with its CRC: a debugger finds it under
+        // /usr/lib/debug.
+        objcopy(&["--strip-all".as_ref(), &debuglink, binary.as_os_str(), stripped.as_os_str()])
+    });
+    match split {
+        Ok(()) => {
+            Ok((std::fs::read(&stripped).with_context(|| format!("reading {}", stripped.display()))?, Some(debug)))
+        }
+        Err(error) => {
+            eprintln!("warning: installing the binary unstripped (with its debug info): {error:#}");
+            Ok((std::fs::read(binary).with_context(|| format!("reading {}", binary.display()))?, None))
+        }
+    }
+}
+
+/// Installs `binary` stripped at `target`, and its debug info at `debug_file` if given;
+/// rewrites each only when it differs.
+fn install_binary(binary: &Path, target: &Path, debug_file: Option<&Path>) -> anyhow::Result<()> {
+    let scratch = std::env::temp_dir().join(format!("tugboat-install-{}", std::process::id()));
+    std::fs::create_dir_all(&scratch).with_context(|| format!("creating {}", scratch.display()))?;
+    let result = (|| {
+        let (bytes, debug) = split_debug_info(binary, &scratch)?;
+        let mib = |n: usize| n as f64 / (1 << 20) as f64;
+        if write_if_changed(target, &bytes, 0o755)? {
+            println!("installed {} ({:.1} MiB)", target.display(), mib(bytes.len()));
+        }
+        if let Some(debug_file) = debug_file {
+            let debug = debug.context("no debug info to install without objcopy (binutils)")?;
+            let bytes = std::fs::read(&debug)?;
+            if write_if_changed(debug_file, &bytes, 0o644)? {
+                println!("installed {} ({:.1} MiB)", debug_file.display(), mib(bytes.len()));
+            }
+        }
+        anyhow::Ok(())
+    })();
+    let _ = std::fs::remove_dir_all(&scratch);
+    result
+}
+
 fn load_record(root: &Path) -> anyhow::Result<Record> {
     let path = under(root, RECORD);
     match std::fs::read(&path) {
@@ -214,16 +279,19 @@ pub fn install(args: InstallArgs) -> anyhow::Result<()> {
             record.files.push(path.to_string());
         }
     };
-    // The binary: this one.
+    // The binary: this one, without its debug info (kept apart with --debug-info).
     let me = std::env::current_exe().context("finding this binary")?;
     let target = under(root, BINARY);
+    let debug_file = under(root, DEBUG_FILE);
     if std::fs::canonicalize(&me).ok() != std::fs::canonicalize(&target).ok() {
-        let bytes = std::fs::read(&me).with_context(|| format!("reading {}", me.display()))?;
-        if write_if_changed(&target, &bytes, 0o755)? {
-            println!("installed {}", target.display());
-        }
+        install_binary(&me, &target, args.debug_info.then_some(debug_file.as_path()))?;
     }
     remember(&mut record, BINARY);
+    if args.debug_info {
+        remember(&mut record, DEBUG_FILE);
+    } else if std::fs::remove_file(&debug_file).is_ok() {
+        println!("removed {}", debug_file.display());
+    }
 
     let (flags, env) = split_secrets(&args.flags);
     let env_file = format!("{CONFIG_DIR}/{}.env", args.role.unit().trim_end_matches(".service"));

@@ -1,5 +1,6 @@
 //! `tugboat`: Kubernetes in one binary. This file only parses flags and calls the components.
 
+use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
@@ -636,8 +637,11 @@ fn main() -> ExitCode {
     // One TLS crypto provider for every crate that uses rustls.
     let _ = rustls::crypto::ring::default_provider().install_default();
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| DEFAULT_LOG_FILTER.into()),
+        )
         .with_writer(std::io::stderr)
+        .with_ansi(colour(std::io::stderr().is_terminal(), std::env::var_os("NO_COLOR")))
         .init();
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(runtime) => runtime,
@@ -823,18 +827,82 @@ where
     tokio::spawn(keep_running(name, start))
 }
 
-/// Runs `start()` again a second after each time it ends, logging why.
+/// Runs `start()` again a second after each time it ends, logging why: a new reason at WARN,
+/// the same reason again only at DEBUG (with a reminder at WARN every 5 minutes), so a
+/// component that cannot start says so once rather than every second.
 async fn keep_running<F, Fut>(name: &'static str, start: F)
 where
     F: Fn() -> Fut,
     Fut: Future<Output = anyhow::Result<()>>,
 {
+    let mut repeats = Repeats::default();
     loop {
-        match start().await {
-            Ok(()) => tracing::warn!(component = name, "stopped; restarting"),
-            Err(error) => tracing::warn!(component = name, error = %format!("{error:#}"), "failed; restarting"),
+        let reason = match start().await {
+            Ok(()) => "stopped".to_string(),
+            Err(error) => format!("{error:#}"),
+        };
+        match repeats.seen(&reason, std::time::Instant::now()) {
+            None => tracing::debug!(component = name, error = %reason, "failed again; restarting"),
+            Some(0) => tracing::warn!(component = name, error = %reason, "failed; restarting"),
+            Some(times) => {
+                tracing::warn!(component = name, error = %reason, times, "still failing; restarting every second")
+            }
         }
         tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}
+
+/// Which failures of a restarted component to log at WARN: the first of each reason, and a
+/// reminder (with how often it failed since) every [`Repeats::REMIND`].
+#[derive(Debug, Default)]
+struct Repeats {
+    last: Option<(String, std::time::Instant)>,
+    since: u64,
+}
+
+impl Repeats {
+    const REMIND: Duration = Duration::from_secs(300);
+
+    /// `None`: say it quietly; `Some(n)`: say it aloud, having been quiet about it `n` times.
+    fn seen(&mut self, reason: &str, now: std::time::Instant) -> Option<u64> {
+        match &self.last {
+            Some((said, at)) if said == reason && now.duration_since(*at) < Self::REMIND => {
+                self.since += 1;
+                None
+            }
+            Some((said, _)) if said == reason => {
+                self.last = Some((reason.to_string(), now));
+                Some(std::mem::take(&mut self.since))
+            }
+            _ => {
+                self.last = Some((reason.to_string(), now));
+                self.since = 0;
+                Some(0)
+            }
+        }
+    }
+}
+
+/// Says once, plainly, what keeps this host's components from working: a loopback that is
+/// down (they reach the API server at 127.0.0.1) or no address but loopback (nothing to
+/// advertise, no node address). `api` is the API server's port on loopback when it listens
+/// there; `address` the address found or given.
+fn network_preflight(api: Option<u16>, address: Option<std::net::IpAddr>, flags: &str) {
+    if let Some(port) = api
+        && let Err(error) =
+            std::net::TcpStream::connect_timeout(&(std::net::Ipv4Addr::LOCALHOST, port).into(), Duration::from_secs(1))
+    {
+        tracing::error!(
+            error = %error,
+            "no usable loopback: the components reach the API server at 127.0.0.1:{port}, which fails; \
+             bring loopback up (`ip link set lo up`); retrying quietly meanwhile"
+        );
+    }
+    if address.is_none() {
+        tracing::error!(
+            "no usable address: no interface but loopback has an IPv4 address and no default route leads \
+             anywhere; give {flags}, or configure the network; retrying quietly meanwhile"
+        );
     }
 }
 
@@ -860,6 +928,17 @@ where
             }
         }
     }
+}
+
+/// What is logged unless RUST_LOG says otherwise: INFO, but not kube's WARN at every handshake
+/// of the one client that skips certificate checks — `tugboat agent`'s discovery of
+/// cluster-info before it knows the CA, which it says once itself.
+const DEFAULT_LOG_FILTER: &str = "info,kube_client::client::tls=error";
+
+/// Whether log lines get ANSI colours: only on a terminal, and not when `NO_COLOR` is set to
+/// anything but the empty string (<https://no-color.org>).
+fn colour(terminal: bool, no_color: Option<std::ffi::OsString>) -> bool {
+    terminal && no_color.is_none_or(|v| v.is_empty())
 }
 
 async fn server(args: ServerArgs, full: bool) -> anyhow::Result<()> {
@@ -892,6 +971,12 @@ async fn server(args: ServerArgs, full: bool) -> anyhow::Result<()> {
         join_token_ttl: args.token_ttl.as_secs(),
     };
     let api = tugboat_apiserver::start(api_config, store.clone()).await?;
+    if full {
+        let loopback =
+            (args.bind_address.is_unspecified() || args.bind_address.is_loopback()).then(|| api.local_addr().port());
+        let address = api.advertise_address().or(args.node.node_ip);
+        network_preflight(loopback, address, "--advertise-address (and --node-ip)");
+    }
     let (join_server, join_token) = api.join();
     println!(
         "To join a node to this cluster, run on it:\n\n  tugboat agent --server {join_server} --token {join_token}\n"
@@ -1008,6 +1093,29 @@ fn shutdown_signal() -> anyhow::Result<impl Future<Output = ()>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn log_colours_only_on_terminals_without_no_color() {
+        assert!(colour(true, None));
+        assert!(!colour(false, None));
+        assert!(!colour(true, Some("1".into())));
+        // NO_COLOR set but empty does not count (no-color.org).
+        assert!(colour(true, Some("".into())));
+    }
+
+    #[test]
+    fn a_failing_component_says_each_reason_once_then_reminds() {
+        let start = std::time::Instant::now();
+        let mut repeats = Repeats::default();
+        assert_eq!(repeats.seen("unreachable", start), Some(0));
+        for second in 1..10 {
+            assert_eq!(repeats.seen("unreachable", start + Duration::from_secs(second)), None);
+        }
+        assert_eq!(repeats.seen("refused", start + Duration::from_secs(10)), Some(0));
+        assert_eq!(repeats.seen("refused", start + Duration::from_secs(11)), None);
+        assert_eq!(repeats.seen("refused", start + Duration::from_secs(10) + Repeats::REMIND), Some(1));
+        assert_eq!(repeats.seen("refused", start + Duration::from_secs(11) + Repeats::REMIND), None);
+    }
 
     #[test]
     fn durations_parse_like_the_flags_document() {

@@ -11,6 +11,16 @@ fn tugboat(args: &[&str]) -> (bool, String) {
     (out.status.success(), format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))
 }
 
+/// The section names of an ELF file (binutils' readelf).
+fn elf_sections(path: &Path) -> Vec<String> {
+    let out = Command::new("readelf").args(["-S", "-W"]).arg(path).output().unwrap();
+    assert!(out.status.success(), "{out:?}");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|line| Some(line.split_once(']')?.1.split_whitespace().next()?.to_string()))
+        .collect()
+}
+
 fn mode(path: &Path) -> u32 {
     use std::os::unix::fs::PermissionsExt;
     std::fs::metadata(path).unwrap().permissions().mode() & 0o777
@@ -30,8 +40,18 @@ fn install_writes_units_once_and_uninstall_removes_them() {
     assert!(ok, "{said}");
     assert!(said.contains("systemd is not running here"), "{said}");
     let binary = root.path().join("usr/local/bin/tugboat");
-    assert_eq!(std::fs::read(&binary).unwrap(), std::fs::read(TUGBOAT).unwrap());
     assert_eq!(mode(&binary), 0o755);
+    // Installed stripped: no debug info, no symbol table, a link to where the debug info goes;
+    // and it still runs.
+    let (installed, built) = (std::fs::metadata(&binary).unwrap().len(), std::fs::metadata(TUGBOAT).unwrap().len());
+    assert!(installed * 3 < built, "{installed} bytes installed of {built}: not stripped");
+    let sections = elf_sections(&binary);
+    assert!(!sections.iter().any(|s| s == ".debug_info" || s == ".debug_line" || s == ".symtab"), "{sections:?}");
+    assert!(sections.iter().any(|s| s == ".gnu_debuglink"), "{sections:?}");
+    let version = Command::new(&binary).arg("--version").output().unwrap();
+    assert!(version.status.success(), "{version:?}");
+    let debug_file = root.path().join("usr/lib/debug/usr/local/bin/tugboat.debug");
+    assert!(!debug_file.exists(), "debug info only with --debug-info");
     let unit_path = root.path().join("etc/systemd/system/tugboat.service");
     let unit = std::fs::read_to_string(&unit_path).unwrap();
     assert!(
@@ -46,7 +66,13 @@ fn install_writes_units_once_and_uninstall_removes_them() {
 
     // Again: nothing changes.
     let (ok, said) = install_server(&server_flags);
-    assert!(ok && said.contains("unchanged"), "{said}");
+    assert!(ok && said.contains("unchanged") && !said.contains("installed"), "{said}");
+    // With --debug-info, the debug info goes apart, where debuggers look for it.
+    let (ok, said) = tugboat(&[&["install", "server", "--root", r, "--debug-info", "--"][..], &server_flags].concat());
+    assert!(ok && said.contains("tugboat.debug"), "{said}");
+    assert!(elf_sections(&debug_file).iter().any(|s| s == ".debug_info"));
+    let (ok, said) = install_server(&server_flags);
+    assert!(ok && !debug_file.exists(), "{said}");
     assert_eq!(std::fs::read_to_string(&unit_path).unwrap(), unit);
     // Other flags: the unit is rewritten.
     let (ok, said) = install_server(&["--data-dir", "/srv/tugboat"]);

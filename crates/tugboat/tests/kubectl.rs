@@ -305,16 +305,7 @@ struct Curl<'a> {
 impl Curl<'_> {
     /// Returns (HTTP code, body).
     fn request(&self, method: &str, path: &str, credentials: bool, extra: &[&str]) -> (u16, String) {
-        let pki = self.server.data_dir().join("pki");
-        let mut command = Command::new("curl");
-        command.args(["-s", "-o", "-", "-w", "\n%{http_code}", "-X", method]).arg("--cacert").arg(pki.join("ca.crt"));
-        if credentials {
-            command.arg("--cert").arg(pki.join("admin.crt")).arg("--key").arg(pki.join("admin.key"));
-        }
-        let output = command.args(extra).arg(format!("{}{path}", self.server.url())).output().expect("curl runs");
-        let text = String::from_utf8(output.stdout).unwrap();
-        let (body, code) = text.rsplit_once('\n').unwrap();
-        (code.trim().parse().unwrap(), body.to_string())
+        self.server.curl(method, path, credentials, extra)
     }
 
     fn status(&self, method: &str, path: &str, extra: &[&str]) -> (u16, serde_json::Value) {

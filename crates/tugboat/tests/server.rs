@@ -27,6 +27,35 @@ fn terminate(server: &mut TugboatServer) -> std::process::ExitStatus {
 }
 
 #[test]
+fn a_host_without_a_usable_network_says_so_once() {
+    // As a user starts it: bound to every address, with its node agent.
+    let data = tempfile::tempdir().unwrap();
+    let port = tugboat_testkit::free_port().to_string();
+    // In a network namespace of the test's own, as one starts: loopback down, nothing else.
+    let child = Command::new("unshare")
+        .args(["--net", "--", env!("CARGO_BIN_EXE_tugboat"), "server", "--https-port", &port, "--data-dir"])
+        .arg(data.path())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_secs(5));
+    assert!(Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap().success());
+    let out = child.wait_with_output().unwrap();
+    let said = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(out.status.success(), "{said}");
+    let log: Vec<&str> = said.lines().collect();
+    let count = |needle: &str| log.iter().filter(|l| l.contains(needle)).count();
+    // What is missing, said once and plainly; then the kubelet retries quietly.
+    assert_eq!(count("no usable loopback"), 1, "{said}");
+    assert!(count("ip link set lo up") == 1 && count("no usable address") == 1, "{said}");
+    assert!(count("--advertise-address (and --node-ip)") == 1, "{said}");
+    assert_eq!(count("failed; restarting"), 1, "{said}");
+    // Logs into a pipe carry no colour codes.
+    assert!(!said.contains('\x1b'), "{said}");
+}
+
+#[test]
 fn the_server_keeps_its_state_in_the_data_dir_and_stops_on_sigterm() {
     let mut server = start(&[]);
     let data_dir = server.data_dir();

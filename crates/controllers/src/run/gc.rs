@@ -55,7 +55,9 @@ impl Kind {
 async fn collected_kinds(hub: &Hub, changed: &Arc<Notify>) -> anyhow::Result<Vec<Kind>> {
     use k8s_openapi::api::apps::v1::{DaemonSet, StatefulSet};
     use k8s_openapi::api::batch::v1::{CronJob, Job};
-    use k8s_openapi::api::core::v1::{ConfigMap, Endpoints, PersistentVolumeClaim, Secret, Service, ServiceAccount};
+    use k8s_openapi::api::core::v1::{
+        ConfigMap, Endpoints, PersistentVolumeClaim, ReplicationController, Secret, Service, ServiceAccount,
+    };
     use k8s_openapi::api::discovery::v1::EndpointSlice;
     let mut kinds = Vec::new();
     macro_rules! kinds {
@@ -66,7 +68,7 @@ async fn collected_kinds(hub: &Hub, changed: &Arc<Notify>) -> anyhow::Result<Vec
         )*};
     }
     kinds!(Pod, ReplicaSet, Deployment, DaemonSet, StatefulSet, Job, CronJob, Service, Endpoints, EndpointSlice);
-    kinds!(PersistentVolumeClaim, ServiceAccount);
+    kinds!(PersistentVolumeClaim, ServiceAccount, ReplicationController);
     // Many and large, and no controller reads them: metadata only.
     kinds!(PartialObjectMeta<ConfigMap>, PartialObjectMeta<Secret>);
     Ok(kinds)

@@ -236,7 +236,11 @@ pub async fn run(client: kube::Client, config: ControllerConfig) -> anyhow::Resu
     tasks.spawn(nodes::run_node_lifecycle(client.clone(), hub.clone(), config.clone()));
     tasks.spawn(nodes::run_node_ipam(client.clone(), hub.clone(), config.clone()));
     tasks.spawn(nodes::run_pod_gc(client.clone(), hub.clone(), config.clone()));
-    tasks.spawn(workloads::run_replicasets(client.clone(), hub.clone()));
+    tasks.spawn(workloads::run_replicasets::<k8s_openapi::api::apps::v1::ReplicaSet>(client.clone(), hub.clone()));
+    tasks.spawn(workloads::run_replicasets::<k8s_openapi::api::core::v1::ReplicationController>(
+        client.clone(),
+        hub.clone(),
+    ));
     tasks.spawn(workloads::run_deployments(client.clone(), hub.clone()));
     tasks.spawn(workloads::run_daemonsets(client.clone(), hub.clone()));
     tasks.spawn(workloads::run_statefulsets(client.clone(), hub.clone()));

@@ -1,4 +1,4 @@
-//! The workload controllers' loops: ReplicaSets, Deployments, DaemonSets, Jobs and CronJobs.
+//! The workload controllers' loops: ReplicaSets (and ReplicationControllers), Deployments, DaemonSets, Jobs and CronJobs.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -7,7 +7,7 @@ use std::time::Duration;
 use futures::StreamExt;
 use k8s_openapi::api::apps::v1::{DaemonSet, Deployment, ReplicaSet, StatefulSet};
 use k8s_openapi::api::batch::v1::{CronJob, Job};
-use k8s_openapi::api::core::v1::{Node, PersistentVolumeClaim, Pod};
+use k8s_openapi::api::core::v1::{Node, PersistentVolumeClaim, Pod, ReplicationController};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams, Preconditions};
 use serde_json::json;
@@ -16,14 +16,69 @@ use tokio::sync::Notify;
 use super::{Hub, PARALLEL, create_if_missing, delete_if_there, event, pods_by_namespace, ready, wait, wait_until};
 use crate::{cronjob, daemonset, deployment, job, replicaset, statefulset};
 
-/// The ReplicaSet controller.
-pub(super) async fn run_replicasets(client: kube::Client, hub: Arc<Hub>) -> anyhow::Result<()> {
+/// What the ReplicaSet controller keeps: ReplicaSets, and ReplicationControllers (their
+/// older form, with a plain map for a selector), each seen as a ReplicaSet for planning.
+pub(super) trait Replicated:
+    kube::Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
+    + Clone
+    + serde::de::DeserializeOwned
+    + std::fmt::Debug
+    + Send
+    + Sync
+    + 'static
+{
+    /// The component its events are from.
+    const COMPONENT: &'static str;
+    /// Its status (the same fields as a ReplicaSet's).
+    type Status: serde::Serialize + serde::de::DeserializeOwned + PartialEq + Default + Clone + Send + Sync;
+    /// This object as a ReplicaSet; `None` when it selects nothing (no selector).
+    fn as_replica_set(&self) -> Option<ReplicaSet>;
+    fn status(&self) -> Option<&Self::Status>;
+}
+
+impl Replicated for ReplicaSet {
+    const COMPONENT: &'static str = "replicaset-controller";
+    type Status = k8s_openapi::api::apps::v1::ReplicaSetStatus;
+    fn as_replica_set(&self) -> Option<ReplicaSet> {
+        Some(self.clone())
+    }
+    fn status(&self) -> Option<&Self::Status> {
+        self.status.as_ref()
+    }
+}
+
+impl Replicated for ReplicationController {
+    const COMPONENT: &'static str = "replication-controller";
+    type Status = k8s_openapi::api::core::v1::ReplicationControllerStatus;
+    fn as_replica_set(&self) -> Option<ReplicaSet> {
+        use k8s_openapi::api::apps::v1::ReplicaSetSpec;
+        use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
+        let spec = self.spec.as_ref()?;
+        let selector = spec.selector.clone().filter(|s| !s.is_empty())?;
+        Some(ReplicaSet {
+            metadata: self.metadata.clone(),
+            spec: Some(ReplicaSetSpec {
+                replicas: spec.replicas,
+                min_ready_seconds: spec.min_ready_seconds,
+                selector: LabelSelector { match_labels: Some(selector), match_expressions: None },
+                template: spec.template.clone(),
+            }),
+            status: None,
+        })
+    }
+    fn status(&self) -> Option<&Self::Status> {
+        self.status.as_ref()
+    }
+}
+
+/// The ReplicaSet controller, for ReplicaSets or ReplicationControllers.
+pub(super) async fn run_replicasets<K: Replicated>(client: kube::Client, hub: Arc<Hub>) -> anyhow::Result<()> {
     let changed = Arc::new(Notify::new());
-    let sets = hub.watch::<ReplicaSet>(&changed);
+    let sets = hub.watch::<K>(&changed);
     let pods = hub.watch::<Pod>(&changed);
     ready(&sets).await?;
     ready(&pods).await?;
-    tracing::info!("replicaset controller started");
+    tracing::info!(kind = %K::kind(&()), "replicaset controller started");
     let mut in_flight = InFlight::default();
     loop {
         if sets.is_empty() {
@@ -39,17 +94,18 @@ pub(super) async fn run_replicasets(client: kube::Client, hub: Arc<Hub>) -> anyh
         let now = jiff::Timestamp::now();
         let mut work = Vec::new();
         for set in &sets_now {
-            let namespace = set.metadata.namespace.as_deref().unwrap_or_default();
-            let uid = set.metadata.uid.clone().unwrap_or_default();
+            let Some(view) = set.as_replica_set() else { continue };
+            let namespace = view.metadata.namespace.as_deref().unwrap_or_default();
+            let uid = view.metadata.uid.clone().unwrap_or_default();
             let pending = in_flight.count(&uid);
             let empty = Vec::new();
-            let plan = replicaset::plan(set, by_namespace.get(namespace).unwrap_or(&empty), pending, now);
-            work.push((set.clone(), plan));
+            let plan = replicaset::plan(&view, by_namespace.get(namespace).unwrap_or(&empty), pending, now);
+            work.push((set.clone(), view, plan));
         }
         let client = &client;
         let created: Vec<(String, Vec<String>)> = futures::stream::iter(work)
-            .map(|(set, plan)| async move {
-                (set.metadata.uid.clone().unwrap_or_default(), apply(client, &set, plan).await)
+            .map(|(set, view, plan)| async move {
+                (view.metadata.uid.clone().unwrap_or_default(), apply(client, &*set, &view, plan).await)
             })
             .buffer_unordered(PARALLEL)
             .collect()
@@ -154,8 +210,13 @@ impl InFlight {
 }
 
 /// Carries out a plan; returns the names of the pods it created.
-async fn apply(client: &kube::Client, set: &ReplicaSet, plan: replicaset::Plan) -> Vec<String> {
-    let namespace = set.metadata.namespace.as_deref().unwrap_or("default");
+async fn apply<K: Replicated>(
+    client: &kube::Client,
+    set: &K,
+    view: &ReplicaSet,
+    plan: replicaset::Plan,
+) -> Vec<String> {
+    let namespace = view.metadata.namespace.as_deref().unwrap_or("default");
     let pods: Api<Pod> = Api::namespaced(client.clone(), namespace);
     let owner = owner_reference(set);
     for orphan in &plan.adopt {
@@ -172,13 +233,17 @@ async fn apply(client: &kube::Client, set: &ReplicaSet, plan: replicaset::Plan) 
     }
     let mut created = Vec::new();
     if plan.create > 0 {
-        let template = set.spec.as_ref().and_then(|s| s.template.clone()).unwrap_or_default();
+        let template = view.spec.as_ref().and_then(|s| s.template.clone()).unwrap_or_default();
         let pod = pod_from_template(&owner, namespace, &template, &[], None);
         created = create_pods(&pods, &pod, plan.create).await;
-        pod_events(client, set, "SuccessfulCreate", "Created", &created, "replicaset-controller").await;
+        pod_events(client, set, "SuccessfulCreate", "Created", &created, K::COMPONENT).await;
     }
-    delete_pods(client, set, &pods, &plan.delete, &DeleteParams::default(), "replicaset-controller").await;
-    update_status(client, set, Some(&set.status.clone().unwrap_or_default()), &plan.status).await;
+    delete_pods(client, set, &pods, &plan.delete, &DeleteParams::default(), K::COMPONENT).await;
+    // The same fields under another type name for ReplicationControllers.
+    match serde_json::to_value(&plan.status).and_then(serde_json::from_value::<K::Status>) {
+        Ok(status) => update_status(client, set, Some(&set.status().cloned().unwrap_or_default()), &status).await,
+        Err(error) => tracing::warn!(%error, "a ReplicaSet status that does not convert"),
+    }
     created
 }
 

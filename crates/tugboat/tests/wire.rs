@@ -1,0 +1,245 @@
+//! Wire details that upstream's conformance suite and other clients' own suites check, each
+//! against a real `tugboat server` with the real kubectl or raw HTTP as those clients send it.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use tugboat_testkit::TugboatServer;
+
+fn server() -> TugboatServer {
+    TugboatServer::start(Path::new(env!("CARGO_BIN_EXE_tugboat")), &[]).expect("the server starts")
+}
+
+/// Waits until `check` holds (polling), panicking with `what` after 30 s.
+fn eventually(what: &str, mut check: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !check() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// A protobuf field: its key, then the varint or the length-delimited bytes.
+fn varint(mut n: u64, out: &mut Vec<u8>) {
+    while n >= 0x80 {
+        out.push((n as u8) | 0x80);
+        n >>= 7;
+    }
+    out.push(n as u8);
+}
+fn bytes_field(number: u64, bytes: &[u8], out: &mut Vec<u8>) {
+    varint(number << 3 | 2, out);
+    varint(bytes.len() as u64, out);
+    out.extend_from_slice(bytes);
+}
+fn int_field(number: u64, value: u64, out: &mut Vec<u8>) {
+    varint(number << 3, out);
+    varint(value, out);
+}
+
+/// A body as client-go sends it for `application/vnd.kubernetes.protobuf`: the `k8s\0` magic,
+/// then a runtime.Unknown with the type (apiVersion, kind) and the message.
+fn envelope(api_version: &str, kind: &str, message: &[u8]) -> Vec<u8> {
+    let mut type_meta = Vec::new();
+    bytes_field(1, api_version.as_bytes(), &mut type_meta);
+    bytes_field(2, kind.as_bytes(), &mut type_meta);
+    let mut unknown = Vec::new();
+    bytes_field(1, &type_meta, &mut unknown);
+    bytes_field(2, message, &mut unknown);
+    [&b"k8s\0"[..], &unknown].concat()
+}
+
+/// meta.v1.DeleteOptions{gracePeriodSeconds (1), propagationPolicy (4)}.
+fn delete_options(grace: Option<u64>, propagation: &str) -> Vec<u8> {
+    let mut message = Vec::new();
+    if let Some(grace) = grace {
+        int_field(1, grace, &mut message);
+    }
+    bytes_field(4, propagation.as_bytes(), &mut message);
+    message
+}
+
+/// Sends `body` (protobuf) with `method` to `path`; returns (code, response).
+fn protobuf(server: &TugboatServer, method: &str, path: &str, body: &[u8]) -> (u16, String) {
+    let file = server.scratch("bodies").join(format!("{}.pb", body.len()));
+    std::fs::write(&file, body).unwrap();
+    let data = format!("@{}", file.display());
+    let headers = ["-H", "Content-Type: application/vnd.kubernetes.protobuf", "-H", "Accept: application/json"];
+    server.curl(method, path, true, &[&headers[..], &["--data-binary", &data]].concat())
+}
+
+#[test]
+fn protobuf_bodies_on_deletes_and_subresources() {
+    let server = server();
+    let kubectl = |args: &[&str]| server.kubectl(args, None);
+    kubectl(&["create", "namespace", "e2e-1"]);
+    for name in ["a", "b", "c"] {
+        kubectl(&["create", "configmap", name, "-n", "e2e-1", "--from-literal=k=v"]);
+    }
+    kubectl(&["label", "configmap", "b", "c", "-n", "e2e-1", "sweep=yes"]);
+
+    // DELETE with DeleteOptions in protobuf, as client-go's typed clients send it (here in
+    // the core group's version, "v1").
+    let (code, body) = protobuf(
+        &server,
+        "DELETE",
+        "/api/v1/namespaces/e2e-1/configmaps/a",
+        &envelope("v1", "DeleteOptions", &delete_options(Some(0), "Background")),
+    );
+    assert_eq!(code, 200, "{body}");
+    // deletecollection, with a selector.
+    let (code, body) = protobuf(
+        &server,
+        "DELETE",
+        "/api/v1/namespaces/e2e-1/configmaps?labelSelector=sweep%3Dyes",
+        &envelope("v1", "DeleteOptions", &delete_options(None, "Background")),
+    );
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(kubectl(&["get", "configmaps", "-n", "e2e-1", "-o", "name"]).trim(), "configmap/kube-root-ca.crt");
+
+    // A Scale update in protobuf (autoscaling/v1): spec.replicas (field 2 → 1).
+    kubectl(&["create", "deployment", "web", "-n", "e2e-1", "--image=nginx", "--replicas=1"]);
+    let mut meta = Vec::new();
+    bytes_field(1, b"web", &mut meta);
+    bytes_field(3, b"e2e-1", &mut meta);
+    let mut spec = Vec::new();
+    int_field(1, 3, &mut spec);
+    let mut scale = Vec::new();
+    bytes_field(1, &meta, &mut scale);
+    bytes_field(2, &spec, &mut scale);
+    let (code, body) = protobuf(
+        &server,
+        "PUT",
+        "/apis/apps/v1/namespaces/e2e-1/deployments/web/scale",
+        &envelope("autoscaling/v1", "Scale", &scale),
+    );
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(kubectl(&["get", "deployment", "web", "-n", "e2e-1", "-o", "jsonpath={.spec.replicas}"]), "3");
+
+    // The e2e framework's cleanup: the test namespace, deleted by a protobuf client.
+    let (code, body) = protobuf(
+        &server,
+        "DELETE",
+        "/api/v1/namespaces/e2e-1",
+        &envelope("v1", "DeleteOptions", &delete_options(None, "Background")),
+    );
+    assert_eq!(code, 200, "{body}");
+    let namespace: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(namespace["status"]["phase"], "Terminating", "{body}");
+
+    // A malformed protobuf DeleteOptions is a 400 with a Status, and the server carries on.
+    let (code, body) = protobuf(&server, "DELETE", "/api/v1/namespaces/default/configmaps/x", b"k8s\0\x0a\xff");
+    assert_eq!(code, 400, "{body}");
+    assert!(body.contains("\"kind\":\"Status\""), "{body}");
+}
+
+#[test]
+fn selectable_fields_services_and_shared_apply_ownership() {
+    let server = server();
+    let kubectl = |args: &[&str], stdin: Option<&str>| server.kubectl(args, stdin);
+
+    // Nodes that never set spec.unschedulable are schedulable (the suite's first request).
+    for name in ["n1", "n2"] {
+        let node = format!(r#"{{"apiVersion":"v1","kind":"Node","metadata":{{"name":"{name}"}}}}"#);
+        kubectl(&["create", "-f", "-"], Some(&node));
+    }
+    kubectl(&["cordon", "n2"], None);
+    let schedulable = kubectl(&["get", "nodes", "--field-selector", "spec.unschedulable=false", "-o", "name"], None);
+    assert_eq!(schedulable.trim(), "node/n1");
+    let cordoned = kubectl(&["get", "nodes", "--field-selector", "spec.unschedulable=true", "-o", "name"], None);
+    assert_eq!(cordoned.trim(), "node/n2");
+    // Pods' selectable fields with their defaults, and a field no kind has.
+    let pod = r#"{"apiVersion":"v1","kind":"Pod","metadata":{"name":"p"},"spec":{"containers":[{"name":"c","image":"busybox"}]}}"#;
+    kubectl(&["create", "-f", "-"], Some(pod));
+    let host = kubectl(&["get", "pods", "--field-selector", "spec.hostNetwork=false", "-o", "name"], None);
+    assert_eq!(host.trim(), "pod/p");
+    let (code, body) = server.curl("GET", "/api/v1/pods?fieldSelector=spec.nonsense%3Dx", true, &[]);
+    assert!(code == 400 && body.contains("field label not supported: spec.nonsense"), "{code} {body}");
+
+    // A Service created with a JSON body comes back with status.loadBalancer, as upstream's.
+    let service = r#"{"apiVersion":"v1","kind":"Service","metadata":{"name":"s"},"spec":{"ports":[{"port":80}]}}"#;
+    let (code, body) = server.curl(
+        "POST",
+        "/api/v1/namespaces/default/services",
+        true,
+        &["-H", "Content-Type: application/json", "-d", service],
+    );
+    assert_eq!(code, 201, "{body}");
+    let created: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(created["status"], serde_json::json!({"loadBalancer": {}}), "{body}");
+    let listed = kubectl(&["get", "service", "s", "-o", "jsonpath={.status}"], None);
+    assert_eq!(listed, r#"{"loadBalancer":{}}"#);
+
+    // `kubectl create -f` then `kubectl apply --server-side -f` of the same file: the two
+    // managers share the fields, no conflict, nothing doubled.
+    let deployment = "apiVersion: apps/v1\nkind: Deployment\nmetadata:\n  name: nginx\n  labels: {app: nginx}\nspec:\n  \
+                      replicas: 3\n  selector:\n    matchLabels: {app: nginx}\n  template:\n    metadata:\n      labels: \
+                      {app: nginx}\n    spec:\n      containers:\n      - name: nginx\n        image: nginx:1.14.2\n        \
+                      ports:\n        - containerPort: 80\n";
+    kubectl(&["create", "-f", "-"], Some(deployment));
+    kubectl(&["apply", "--server-side", "-f", "-"], Some(deployment));
+    let containers = kubectl(&["get", "deployment", "nginx", "-o", "jsonpath={.spec.template.spec.containers}"], None);
+    let containers: Value = serde_json::from_str(&containers).unwrap();
+    assert_eq!(containers.as_array().unwrap().len(), 1, "{containers}");
+    assert_eq!(containers[0]["ports"], serde_json::json!([{"containerPort": 80, "protocol": "TCP"}]));
+    let managers = kubectl(
+        &["get", "deployment", "nginx", "--show-managed-fields", "-o", "jsonpath={.metadata.managedFields[*].manager}"],
+        None,
+    );
+    assert!(managers.contains("kubectl-create") && managers.contains("kubectl"), "{managers}");
+    // A changed value owned by another manager still conflicts.
+    let changed = deployment.replace("nginx:1.14.2", "nginx:1.16.0");
+    let out = std::process::Command::new("/usr/bin/kubectl")
+        .args(["apply", "--server-side", "--field-manager=other", "-f"])
+        .arg({
+            let file = server.scratch("manifests").join("changed.yaml");
+            std::fs::write(&file, changed).unwrap();
+            file
+        })
+        .env("KUBECONFIG", server.kubeconfig())
+        .env("HOME", server.scratch("home"))
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && said.contains("conflict"), "{said}");
+}
+
+#[test]
+fn pod_templates_and_replication_controllers_are_served() {
+    let server = server();
+    let kubectl = |args: &[&str], stdin: Option<&str>| server.kubectl(args, stdin);
+    let template = "apiVersion: v1\nkind: PodTemplate\nmetadata:\n  name: t\ntemplate:\n  metadata:\n    labels: \
+                    {app: t}\n  spec:\n    containers:\n    - name: c\n      image: busybox\n";
+    kubectl(&["create", "-f", "-"], Some(template));
+    // Defaulted as a pod spec is.
+    let policy = kubectl(&["get", "podtemplate", "t", "-o", "jsonpath={.template.spec.restartPolicy}"], None);
+    assert_eq!(policy, "Always");
+    assert!(kubectl(&["get", "podtemplates"], None).contains("t"));
+
+    // A ReplicationController: the selector and labels default to the template's, its pods
+    // are made and owned, `kubectl scale` and the columns work, and its pods go with it.
+    let rc = "apiVersion: v1\nkind: ReplicationController\nmetadata:\n  name: web\nspec:\n  replicas: 2\n  template:\n    \
+              metadata:\n      labels: {app: web}\n    spec:\n      containers:\n      - name: c\n        image: busybox\n";
+    kubectl(&["create", "-f", "-"], Some(rc));
+    let selector = kubectl(&["get", "rc", "web", "-o", "jsonpath={.spec.selector.app}/{.metadata.labels.app}"], None);
+    assert_eq!(selector, "web/web");
+    let owned = || {
+        let pods = kubectl(
+            &["get", "pods", "-l", "app=web", "-o", "jsonpath={.items[*].metadata.ownerReferences[0].kind}"],
+            None,
+        );
+        pods.split_whitespace().filter(|k| *k == "ReplicationController").count()
+    };
+    eventually("2 pods of the ReplicationController", || owned() == 2);
+    kubectl(&["scale", "rc", "web", "--replicas=3"], None);
+    eventually("3 pods of the ReplicationController", || owned() == 3);
+    eventually("the status to count them", || {
+        kubectl(&["get", "rc", "web", "-o", "jsonpath={.status.replicas}"], None) == "3"
+    });
+    let table = kubectl(&["get", "rc", "web"], None);
+    assert!(table.starts_with("NAME") && table.contains("DESIRED") && table.contains("CURRENT"), "{table}");
+    assert!(kubectl(&["describe", "rc", "web"], None).contains("Created pod: web-"));
+    kubectl(&["delete", "rc", "web"], None);
+    eventually("the pods to go with their controller", || owned() == 0);
+}
