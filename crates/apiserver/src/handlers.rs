@@ -43,6 +43,8 @@ pub struct ApiState {
     pub kubelets: crate::kubelet::KubeletClient,
     /// Signs and verifies service account tokens.
     pub signer: crate::service_accounts::TokenSigner,
+    /// The static bearer tokens of `--token-auth-file`.
+    pub tokens: Arc<crate::auth::TokenFile>,
 }
 
 pub(crate) type Query = HashMap<String, String>;
@@ -1784,6 +1786,19 @@ async fn answer_review(
                 return Err(ApiError::invalid("authorization.k8s.io", "SubjectAccessReview", "", vec![cause]));
             }
             review["status"] = crate::rbac::review(state, &subject, spec).await?;
+        }
+        // Who a token is (webhook token authentication): any authenticated caller may ask,
+        // as upstream's `system:auth-delegator` role lets components.
+        "tokenreviews" => {
+            let token = review["spec"]["token"].as_str().unwrap_or_default().to_string();
+            review["status"] = match crate::authenticate_token(state, &token).await {
+                Some(found) if !token.is_empty() => json!({
+                    "authenticated": true,
+                    "user": {"username": found.name, "uid": found.uid, "groups": found.groups},
+                    "audiences": review["spec"]["audiences"].as_array().cloned().unwrap_or_default(),
+                }),
+                _ => json!({"user": {}, "error": "invalid bearer token"}),
+            };
         }
         "selfsubjectrulesreviews" => {
             let namespace = review["spec"]["namespace"].as_str().unwrap_or("default").to_string();

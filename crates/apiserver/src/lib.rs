@@ -297,6 +297,7 @@ pub async fn start(config: ApiServerConfig, store: Arc<dyn Store>) -> Result<Api
         Some(path) => TokenFile::load(path).map_err(StartError::Tokens)?,
         None => TokenFile::default(),
     };
+    let tokens = Arc::new(tokens);
     let serving = tugboat_pki::tls::RotatingCert::new(&serving.cert_pem, &serving.key_pem).map_err(StartError::Tls)?;
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls_config(&ca, serving.clone())?));
     let mut background = vec![tokio::spawn(renew_serving_certificate(pki_dir.clone(), serving_spec, serving))];
@@ -327,6 +328,7 @@ pub async fn start(config: ApiServerConfig, store: Arc<dyn Store>) -> Result<Api
         metrics: metrics::Metrics::default(),
         kubelets,
         signer,
+        tokens,
     });
     handlers::ensure_system_objects(&state).await.map_err(|e| StartError::Setup(e.message))?;
     match advertise {
@@ -360,18 +362,12 @@ pub async fn start(config: ApiServerConfig, store: Arc<dyn Store>) -> Result<Api
     let token = bootstrap::ensure_join_token(&state, &config.data_dir, config.join_token_ttl)
         .await
         .map_err(|e| StartError::Setup(e.message))?;
-    let tokens = Arc::new(tokens);
-    let task = tokio::spawn(accept_loop(listener, acceptor, state, tokens));
+    let task = tokio::spawn(accept_loop(listener, acceptor, state));
     tracing::info!(address = %local_addr, kubeconfig = %kubeconfig.display(), "API server listening");
     Ok(ApiServer { local_addr, kubeconfig, task, background, join: (join_server, token), advertise })
 }
 
-async fn accept_loop(
-    listener: TcpListener,
-    acceptor: tokio_rustls::TlsAcceptor,
-    state: Arc<handlers::ApiState>,
-    tokens: Arc<TokenFile>,
-) {
+async fn accept_loop(listener: TcpListener, acceptor: tokio_rustls::TlsAcceptor, state: Arc<handlers::ApiState>) {
     loop {
         let (tcp, peer) = match listener.accept().await {
             Ok(accepted) => accepted,
@@ -387,7 +383,7 @@ async fn accept_loop(
         if let Err(error) = tcp.set_nodelay(true) {
             tracing::debug!(%peer, %error, "could not set TCP_NODELAY");
         }
-        let (acceptor, state, tokens) = (acceptor.clone(), state.clone(), tokens.clone());
+        let (acceptor, state) = (acceptor.clone(), state.clone());
         tokio::spawn(async move {
             let tls = match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await {
                 Ok(Ok(tls)) => tls,
@@ -404,11 +400,11 @@ async fn accept_loop(
                 .and_then(|chain| chain.first())
                 .and_then(|cert| auth::from_certificate(cert.as_ref()));
             let service = hyper::service::service_fn(move |request: hyper::Request<hyper::body::Incoming>| {
-                let (state, tokens, cert_user) = (state.clone(), tokens.clone(), cert_user.clone());
+                let (state, cert_user) = (state.clone(), cert_user.clone());
                 async move {
                     let user = match cert_user {
                         Some(user) => Some(user),
-                        None => bearer_user(&state, &request, &tokens).await,
+                        None => bearer_user(&state, &request).await,
                     };
                     let request = request.map(Body::new);
                     let response = AssertUnwindSafe(handlers::handle(state, user, request)).catch_unwind().await;
@@ -426,14 +422,16 @@ async fn accept_loop(
     }
 }
 
-async fn bearer_user(
-    state: &handlers::ApiState,
-    request: &hyper::Request<hyper::body::Incoming>,
-    tokens: &TokenFile,
-) -> Option<UserInfo> {
+async fn bearer_user(state: &handlers::ApiState, request: &hyper::Request<hyper::body::Incoming>) -> Option<UserInfo> {
     let value = request.headers().get(hyper::header::AUTHORIZATION)?.to_str().ok()?;
     let token = value.strip_prefix("Bearer ").or_else(|| value.strip_prefix("bearer "))?.trim();
-    if let Some(user) = tokens.user(token) {
+    authenticate_token(state, token).await
+}
+
+/// Who a bearer token is: a static token (`--token-auth-file`), a service account's JWT or a
+/// bootstrap token; what requests and TokenReviews both ask.
+pub(crate) async fn authenticate_token(state: &handlers::ApiState, token: &str) -> Option<UserInfo> {
+    if let Some(user) = state.tokens.user(token) {
         return Some(user.clone());
     }
     if service_accounts::looks_like_jwt(token) {

@@ -365,6 +365,63 @@ pub static RESOURCES: &[Resource] = &[
         "-selfsubjectrulesreviews"
     ),
     resource!(
+        authentication::v1::TokenReview,
+        "authentication.k8s.io",
+        "v1",
+        "TokenReview",
+        "tokenreviews",
+        "",
+        false,
+        NONE,
+        NONE,
+        "-tokenreviews"
+    ),
+    resource!(
+        node::v1::RuntimeClass,
+        "node.k8s.io",
+        "v1",
+        "RuntimeClass",
+        "runtimeclasses",
+        "runtimeclass",
+        false,
+        NONE,
+        NONE
+    ),
+    resource!(
+        storage::v1::CSIDriver,
+        "storage.k8s.io",
+        "v1",
+        "CSIDriver",
+        "csidrivers",
+        "csidriver",
+        false,
+        NONE,
+        NONE
+    ),
+    resource!(storage::v1::CSINode, "storage.k8s.io", "v1", "CSINode", "csinodes", "csinode", false, NONE, NONE),
+    resource!(
+        storage::v1::VolumeAttachment,
+        "storage.k8s.io",
+        "v1",
+        "VolumeAttachment",
+        "volumeattachments",
+        "volumeattachment",
+        false,
+        NONE,
+        NONE
+    ),
+    resource!(
+        storage::v1::CSIStorageCapacity,
+        "storage.k8s.io",
+        "v1",
+        "CSIStorageCapacity",
+        "csistoragecapacities",
+        "csistoragecapacity",
+        true,
+        NONE,
+        NONE
+    ),
+    resource!(
         authentication::v1::SelfSubjectReview,
         "authentication.k8s.io",
         "v1",
@@ -430,6 +487,7 @@ impl Resource {
                 | "poddisruptionbudgets"
                 | "certificatesigningrequests"
                 | "horizontalpodautoscalers"
+                | "volumeattachments"
         )
     }
 

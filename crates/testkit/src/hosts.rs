@@ -77,6 +77,15 @@ impl Hosts {
         Ok(hosts)
     }
 
+    /// How many hosts there are.
+    pub fn len(&self) -> usize {
+        self.hosts.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.hosts.is_empty()
+    }
+
     pub fn get(&self, i: usize) -> &Host {
         &self.hosts[i]
     }

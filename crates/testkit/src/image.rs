@@ -88,6 +88,11 @@ pub fn busybox_layer(extra: &[(&str, &[u8], u32)]) -> anyhow::Result<Vec<u8>> {
 
 /// The config and manifest of a one-layer image.
 pub fn image_blobs(layer: &[u8], cmd: &[&str]) -> anyhow::Result<(Vec<u8>, Vec<u8>)> {
+    image_blobs_with(layer, &[], cmd)
+}
+
+/// [`image_blobs`] with an entrypoint too (none when empty).
+pub fn image_blobs_with(layer: &[u8], entrypoint: &[&str], cmd: &[&str]) -> anyhow::Result<(Vec<u8>, Vec<u8>)> {
     let layer_digest = sha256(layer);
     let arch = match std::env::consts::ARCH {
         "x86_64" => "amd64",
@@ -97,7 +102,11 @@ pub fn image_blobs(layer: &[u8], cmd: &[&str]) -> anyhow::Result<(Vec<u8>, Vec<u
     let config = serde_json::to_vec(&json!({
         "architecture": arch,
         "os": "linux",
-        "config": {"Env": ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"], "Cmd": cmd},
+        "config": {
+            "Env": ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"],
+            "Entrypoint": (!entrypoint.is_empty()).then_some(entrypoint),
+            "Cmd": cmd,
+        },
         "rootfs": {"type": "layers", "diff_ids": [layer_digest]},
     }))?;
     let manifest = serde_json::to_vec(&json!({
@@ -112,17 +121,32 @@ pub fn image_blobs(layer: &[u8], cmd: &[&str]) -> anyhow::Result<(Vec<u8>, Vec<u
 /// Writes an OCI image layout archive holding one image `name` (e.g. `busybox:1.35`) made of
 /// `layer`, with `cmd` as its default command.
 pub fn oci_archive(path: &Path, name: &str, layer: &[u8], cmd: &[&str]) -> anyhow::Result<()> {
-    let (config, manifest) = image_blobs(layer, cmd)?;
+    oci_archive_with(path, &[name], layer, &[], cmd)
+}
+
+/// [`oci_archive`] with an entrypoint too (none when empty), and the image under every name of
+/// `names` (one set of blobs).
+pub fn oci_archive_with(
+    path: &Path,
+    names: &[&str],
+    layer: &[u8],
+    entrypoint: &[&str],
+    cmd: &[&str],
+) -> anyhow::Result<()> {
+    let (config, manifest) = image_blobs_with(layer, entrypoint, cmd)?;
     let (layer_digest, config_digest, manifest_digest) = (sha256(layer), sha256(&config), sha256(&manifest));
-    let index = serde_json::to_vec(&json!({
-        "schemaVersion": 2,
-        "manifests": [{
-            "mediaType": "application/vnd.oci.image.manifest.v1+json",
-            "digest": manifest_digest,
-            "size": manifest.len(),
-            "annotations": {"io.containerd.image.name": name, "org.opencontainers.image.ref.name": name},
-        }],
-    }))?;
+    let manifests: Vec<serde_json::Value> = names
+        .iter()
+        .map(|name| {
+            json!({
+                "mediaType": "application/vnd.oci.image.manifest.v1+json",
+                "digest": manifest_digest,
+                "size": manifest.len(),
+                "annotations": {"io.containerd.image.name": name, "org.opencontainers.image.ref.name": name},
+            })
+        })
+        .collect();
+    let index = serde_json::to_vec(&json!({"schemaVersion": 2, "manifests": manifests}))?;
     let mut tar = tar::Builder::new(std::fs::File::create(path)?);
     let mut add = |name: String, data: &[u8]| -> anyhow::Result<()> {
         let mut header = tar::Header::new_gnu();

@@ -243,3 +243,45 @@ fn pod_templates_and_replication_controllers_are_served() {
     kubectl(&["delete", "rc", "web"], None);
     eventually("the pods to go with their controller", || owned() == 0);
 }
+
+#[test]
+fn token_reviews_runtime_classes_and_csi_objects_are_served() {
+    let server = server();
+    let kubectl = |args: &[&str], stdin: Option<&str>| server.kubectl(args, stdin);
+    // TokenReview: a service account's token is who it says; a made-up one is not.
+    kubectl(&["create", "serviceaccount", "reviewer"], None);
+    let token = kubectl(&["create", "token", "reviewer"], None);
+    let review = |token: &str| {
+        let body = serde_json::json!({"apiVersion": "authentication.k8s.io/v1", "kind": "TokenReview",
+                                      "spec": {"token": token}})
+        .to_string();
+        let (code, answer) = server.curl(
+            "POST",
+            "/apis/authentication.k8s.io/v1/tokenreviews",
+            true,
+            &["-H", "Content-Type: application/json", "-d", &body],
+        );
+        assert_eq!(code, 201, "{answer}");
+        serde_json::from_str::<Value>(&answer).unwrap()["status"].clone()
+    };
+    let status = review(token.trim());
+    assert_eq!(status["authenticated"], true, "{status}");
+    assert_eq!(status["user"]["username"], "system:serviceaccount:default:reviewer", "{status}");
+    let status = review("not-a-token");
+    assert!(status["authenticated"].is_null() && status["error"].is_string(), "{status}");
+
+    // Kinds that are only stored, for the components that act on them.
+    let objects = "apiVersion: node.k8s.io/v1\nkind: RuntimeClass\nmetadata: {name: gvisor}\nhandler: runsc\n---\n\
+                   apiVersion: storage.k8s.io/v1\nkind: CSIDriver\nmetadata: {name: hostpath.csi.k8s.io}\nspec: {}\n---\n\
+                   apiVersion: storage.k8s.io/v1\nkind: VolumeAttachment\nmetadata: {name: va}\nspec:\n  attacher: \
+                   hostpath.csi.k8s.io\n  nodeName: n1\n  source: {persistentVolumeName: pv1}\n";
+    kubectl(&["apply", "-f", "-"], Some(objects));
+    assert_eq!(kubectl(&["get", "runtimeclass", "gvisor", "-o", "jsonpath={.handler}"], None), "runsc");
+    assert!(kubectl(&["get", "csidrivers"], None).contains("hostpath.csi.k8s.io"));
+    assert_eq!(kubectl(&["get", "volumeattachment", "va", "-o", "jsonpath={.spec.nodeName}"], None), "n1");
+    let resources = kubectl(&["api-resources", "-o", "name"], None);
+    for name in ["csinodes.storage.k8s.io", "csistoragecapacities.storage.k8s.io", "tokenreviews.authentication.k8s.io"]
+    {
+        assert!(resources.contains(name), "{name}: {resources}");
+    }
+}

@@ -1,0 +1,207 @@
+//! `conformance`: runs upstream's e2e suite (an `e2e.test` built from a Kubernetes tree, see
+//! `scripts/conformance`) against a Tugboat cluster of real nodes on this machine. In network,
+//! mount and pid namespaces of its own it makes `--nodes` hosts on a switch (network
+//! namespaces), starts `tugboat server` on the first and joins the others with `tugboat agent`
+//! and the printed token, puts the suite's images (made here, below) into every node's image
+//! dir before its kubelet starts, waits for every node to be Ready, then runs `e2e.test` in the
+//! first host with the arguments after `--` and the admin kubeconfig. Its JUnit report goes to
+//! `--report-dir`; the exit code is the suite's.
+//!
+//! Images: the names `e2e.test --list-images` prints, each an OCI archive made from what this
+//! machine has: agnhost (built from the same tree) on a busybox layer, as upstream's is on a
+//! small distribution; pause (upstream's pause.c, built statically); busybox; the web servers
+//! (nginx, httpd) as agnhost serving HTTP on port 80; every other image as agnhost, a stand-in
+//! for a test that needs a running process only.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use clap::Parser;
+use tugboat_testkit::hosts::{Host, Hosts};
+use tugboat_testkit::image;
+
+#[derive(Debug, Parser)]
+#[command(about = "Run upstream's e2e suite against a Tugboat cluster of real nodes on this machine")]
+struct Args {
+    /// The tugboat binary the nodes run.
+    #[arg(long)]
+    tugboat: PathBuf,
+    /// The e2e.test binary.
+    #[arg(long)]
+    e2e: PathBuf,
+    /// The agnhost binary (static), built from the same tree.
+    #[arg(long)]
+    agnhost: PathBuf,
+    /// The pause binary (static).
+    #[arg(long)]
+    pause: PathBuf,
+    /// Nodes in the cluster: the server and `nodes - 1` agents.
+    #[arg(long, default_value_t = 2)]
+    nodes: usize,
+    /// Where e2e.test writes its JUnit report.
+    #[arg(long)]
+    report_dir: PathBuf,
+    /// Where to copy the nodes' logs after the run (none if not given).
+    #[arg(long)]
+    logs_dir: Option<PathBuf>,
+    /// e2e.test's own arguments (`--ginkgo.focus=…`).
+    #[arg(last = true)]
+    e2e_args: Vec<String>,
+}
+
+/// How an image of the suite is made here: its entrypoint and command, and whether its layer
+/// holds agnhost (else pause). `None` for the images the suite expects a pull of to fail.
+type Recipe = (&'static [&'static str], &'static [&'static str], bool);
+
+fn recipe(name: &str) -> Option<Recipe> {
+    if name.starts_with("invalid.") || name.contains("authenticated-image-pulling") || name.contains("windows") {
+        return None;
+    }
+    let repository = name.rsplit_once(':').map(|(r, _)| r).unwrap_or(name);
+    let base = repository.rsplit('/').next().unwrap_or(repository);
+    Some(match base {
+        "agnhost" => (&["/agnhost"], &["pause"], true),
+        "pause" => (&["/pause"], &[], false),
+        "busybox" => (&[], &["sh"], false),
+        "nginx" | "httpd" => (&["/agnhost", "netexec", "--http-port=80"], &[], true),
+        _ => (&["/agnhost"], &["pause"], true),
+    })
+}
+
+/// Writes one archive per recipe into `dir`, holding every image name made so.
+fn make_images(args: &Args, names: &[String], dir: &Path) -> anyhow::Result<usize> {
+    std::fs::create_dir_all(dir)?;
+    let agnhost = std::fs::read(&args.agnhost).with_context(|| format!("reading {}", args.agnhost.display()))?;
+    let pause = std::fs::read(&args.pause).with_context(|| format!("reading {}", args.pause.display()))?;
+    let with_agnhost = image::busybox_layer(&[("agnhost", &agnhost, 0o755)])?;
+    let plain = image::busybox_layer(&[("pause", &pause, 0o755)])?;
+    let mut groups: Vec<(Recipe, Vec<&str>)> = Vec::new();
+    for name in names {
+        let Some(recipe) = recipe(name) else { continue };
+        match groups.iter_mut().find(|(r, _)| *r == recipe) {
+            Some((_, members)) => members.push(name),
+            None => groups.push((recipe, vec![name])),
+        }
+    }
+    let mut made = 0;
+    for (i, ((entrypoint, cmd, agn), members)) in groups.iter().enumerate() {
+        let layer = if *agn { &with_agnhost } else { &plain };
+        image::oci_archive_with(&dir.join(format!("e2e-{i}.tar")), members, layer, entrypoint, cmd)?;
+        made += members.len();
+    }
+    Ok(made)
+}
+
+/// `tugboat <args>` on `host`, with the host's data dir, pod logs and node name.
+fn tugboat(args: &Args, host: &Host, rest: &[&str]) -> Command {
+    let data = host.dir().join("data");
+    let mut command = host.command(&args.tugboat);
+    command.args(rest).arg("--data-dir").arg(&data).arg("--pod-log-dir").arg(data.join("pods"));
+    command.args(["--node-name", host.name()]);
+    command
+}
+
+fn kubectl(host: &Host, kubeconfig: &Path, args: &[&str]) -> String {
+    let out = host.command("/usr/bin/kubectl").args(args).env("KUBECONFIG", kubeconfig).output();
+    out.map(|o| String::from_utf8_lossy(&o.stdout).to_string()).unwrap_or_default()
+}
+
+fn run(args: Args) -> anyhow::Result<u8> {
+    let listed = Command::new(&args.e2e).arg("--list-images").output().context("e2e.test --list-images")?;
+    let names: Vec<String> = String::from_utf8_lossy(&listed.stdout)
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .map(String::from)
+        .collect();
+    if names.is_empty() {
+        bail!("e2e.test --list-images listed nothing");
+    }
+    let mut hosts = Hosts::new(args.nodes.max(1))?;
+    let mut made = 0;
+    for i in 0..hosts.len() {
+        made = make_images(&args, &names, &hosts.get(i).dir().join("data/images"))?;
+    }
+    eprintln!("{made} of the suite's {} images made for each of {} nodes", names.len(), hosts.len());
+    let server = hosts.get_mut(0);
+    let command = tugboat(&args, server, &["server"]);
+    server.spawn("server", command)?;
+    let kubeconfig = hosts.get(0).dir().join("data/admin.kubeconfig");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let join = loop {
+        let log = hosts.get(0).log("server");
+        if let Some(line) = log.lines().find(|l| l.trim_start().starts_with("tugboat agent --server")) {
+            break line.split_whitespace().map(str::to_string).collect::<Vec<_>>();
+        }
+        if Instant::now() > deadline {
+            bail!("the server printed no join command:\n{log}");
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    for i in 1..hosts.len() {
+        let host = hosts.get_mut(i);
+        let rest: Vec<&str> = join[1..].iter().map(String::as_str).collect();
+        let command = tugboat(&args, host, &rest);
+        host.spawn("agent", command)?;
+    }
+    let deadline = Instant::now() + Duration::from_secs(180);
+    loop {
+        let ready = kubectl(
+            hosts.get(0),
+            &kubeconfig,
+            &["get", "nodes", "-o", "jsonpath={.items[*].status.conditions[?(@.type==\"Ready\")].status}"],
+        );
+        if ready.split_whitespace().filter(|s| *s == "True").count() == hosts.len() {
+            break;
+        }
+        if Instant::now() > deadline {
+            bail!("not every node is Ready: {ready:?}\n{}", hosts.get(0).log("server"));
+        }
+        std::thread::sleep(Duration::from_secs(1));
+    }
+    eprintln!("{}", kubectl(hosts.get(0), &kubeconfig, &["get", "nodes", "-o", "wide"]));
+    std::fs::create_dir_all(&args.report_dir)?;
+    let started = Instant::now();
+    let status = hosts
+        .get(0)
+        .command(&args.e2e)
+        .arg("--kubeconfig")
+        .arg(&kubeconfig)
+        .args(["--provider", "skeleton", "--report-dir"])
+        .arg(&args.report_dir)
+        .args(&args.e2e_args)
+        .env("KUBECONFIG", &kubeconfig)
+        .stdin(Stdio::null())
+        .status()
+        .context("running e2e.test")?;
+    eprintln!("e2e.test ended after {:.0} s: {status}", started.elapsed().as_secs_f64());
+    if let Some(dir) = &args.logs_dir {
+        std::fs::create_dir_all(dir)?;
+        for i in 0..hosts.len() {
+            let host = hosts.get(i);
+            for label in ["server", "agent"] {
+                let log = host.log(label);
+                if !log.is_empty() {
+                    std::fs::write(dir.join(format!("{}-{label}.log", host.name())), log)?;
+                }
+            }
+        }
+    }
+    Ok(status.code().unwrap_or(1).clamp(0, 255) as u8)
+}
+
+fn main() -> ExitCode {
+    if let Some(code) = tugboat_apibench::isolate() {
+        return code;
+    }
+    let args = Args::parse();
+    match run(args) {
+        Ok(code) => ExitCode::from(code),
+        Err(error) => {
+            eprintln!("error: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
