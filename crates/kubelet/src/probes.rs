@@ -158,9 +158,8 @@ pub async fn run(probe: &Probe, c: &ContainerSpec, target: Target) -> Result<(),
         if let Some(http) = &probe.http_get {
             let port = port(&http.port, c)?;
             let host = http.host.clone().or_else(|| target.ip.map(|i| i.to_string())).ok_or("no pod IP")?;
-            if http.scheme.as_deref().is_some_and(|s| s.eq_ignore_ascii_case("HTTPS")) {
-                return Err("HTTPS probes are not supported yet".into());
-            }
+            let https = http.scheme.as_deref().is_some_and(|s| s.eq_ignore_ascii_case("HTTPS"));
+            let scheme = if https { "https" } else { "http" };
             let path = http.path.clone().filter(|p| !p.is_empty()).unwrap_or_else(|| "/".into());
             let mut request = format!(
                 "GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\nUser-Agent: kube-probe/1.33\r\nAccept: */*\r\nConnection: close\r\n"
@@ -169,13 +168,19 @@ pub async fn run(probe: &Probe, c: &ContainerSpec, target: Target) -> Result<(),
                 request.push_str(&format!("{}: {}\r\n", h.name, h.value));
             }
             request.push_str("\r\n");
-            let mut stream = tokio::net::TcpStream::connect((host.as_str(), port))
+            let stream = tokio::net::TcpStream::connect((host.as_str(), port))
                 .await
-                .map_err(|e| format!("Get \"http://{host}:{port}{path}\": dial tcp {host}:{port}: {e}"))?;
-            stream.write_all(request.as_bytes()).await.map_err(|e| e.to_string())?;
-            let mut head = vec![0u8; 1024];
-            let n = stream.read(&mut head).await.map_err(|e| e.to_string())?;
-            let line = String::from_utf8_lossy(&head[..n]);
+                .map_err(|e| format!("Get \"{scheme}://{host}:{port}{path}\": dial tcp {host}:{port}: {e}"))?;
+            let head = if https {
+                // As upstream's prober: TLS without verifying the certificate.
+                let name = rustls::pki_types::ServerName::try_from(host.clone()).map_err(|e| e.to_string())?;
+                let tls = tokio_rustls::TlsConnector::from(insecure_tls()).connect(name, stream).await;
+                let tls = tls.map_err(|e| format!("Get \"https://{host}:{port}{path}\": {e}"))?;
+                exchange(tls, &request).await?
+            } else {
+                exchange(stream, &request).await?
+            };
+            let line = String::from_utf8_lossy(&head);
             let code: u16 =
                 line.split_whitespace().nth(1).and_then(|c| c.parse().ok()).ok_or("malformed HTTP response")?;
             return if (200..400).contains(&code) {
@@ -192,6 +197,76 @@ pub async fn run(probe: &Probe, c: &ContainerSpec, target: Target) -> Result<(),
     match tokio::time::timeout(timeout, work).await {
         Ok(result) => result,
         Err(_) => Err(format!("probe timed out after {}s", timeout.as_secs())),
+    }
+}
+
+/// Sends `request` and reads the start of the answer (its status line).
+async fn exchange<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
+    mut stream: S,
+    request: &str,
+) -> Result<Vec<u8>, String> {
+    stream.write_all(request.as_bytes()).await.map_err(|e| e.to_string())?;
+    let mut head = vec![0u8; 1024];
+    let n = stream.read(&mut head).await.map_err(|e| e.to_string())?;
+    head.truncate(n);
+    Ok(head)
+}
+
+/// A TLS client that accepts any server certificate: what upstream's HTTPS probes and
+/// lifecycle hooks use (`InsecureSkipVerify`), since a pod's certificate names nothing the
+/// kubelet could check.
+fn insecure_tls() -> std::sync::Arc<rustls::ClientConfig> {
+    static CONFIG: std::sync::OnceLock<std::sync::Arc<rustls::ClientConfig>> = std::sync::OnceLock::new();
+    CONFIG
+        .get_or_init(|| {
+            let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+            let config = rustls::ClientConfig::builder_with_provider(provider.clone())
+                .with_safe_default_protocol_versions()
+                .expect("ring supports the default protocol versions")
+                .dangerous()
+                .with_custom_certificate_verifier(std::sync::Arc::new(AnyCertificate(provider)))
+                .with_no_client_auth();
+            std::sync::Arc::new(config)
+        })
+        .clone()
+}
+
+/// Accepts every certificate, checking only that the handshake's signatures are sound.
+#[derive(Debug)]
+struct AnyCertificate(std::sync::Arc<rustls::crypto::CryptoProvider>);
+
+impl rustls::client::danger::ServerCertVerifier for AnyCertificate {
+    fn verify_server_cert(
+        &self,
+        _: &rustls::pki_types::CertificateDer<'_>,
+        _: &[rustls::pki_types::CertificateDer<'_>],
+        _: &rustls::pki_types::ServerName<'_>,
+        _: &[u8],
+        _: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        Ok(rustls::client::danger::ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.0.signature_verification_algorithms)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.0.signature_verification_algorithms)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
     }
 }
 
@@ -232,6 +307,47 @@ mod tests {
         s.record(&p, true, start + Duration::from_secs(5));
         assert!(!s.due(&p, start, start + Duration::from_secs(6)));
         assert!(s.due(&p, start, start + Duration::from_secs(7)));
+    }
+
+    #[tokio::test]
+    async fn https_probes_skip_certificate_checks_as_upstream() {
+        // A server with a self-signed certificate naming nothing the prober dials.
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert =
+            rcgen::CertificateParams::new(vec!["webhook.example".to_string()]).unwrap().self_signed(&key).unwrap();
+        let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+        let config = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(
+                vec![cert.der().clone()],
+                rustls::pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into()),
+            )
+            .unwrap();
+        let acceptor = tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(config));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        tokio::spawn(async move {
+            while let Ok((tcp, _)) = listener.accept().await {
+                let Ok(mut tls) = acceptor.accept(tcp).await else { continue };
+                let mut buf = [0u8; 1024];
+                let n = tls.read(&mut buf).await.unwrap_or(0);
+                let request = String::from_utf8_lossy(&buf[..n]).to_string();
+                let code = if request.starts_with("GET /readyz ") { 200 } else { 503 };
+                let _ = tls.write_all(format!("HTTP/1.1 {code} X\r\nContent-Length: 0\r\n\r\n").as_bytes()).await;
+                let _ = tls.shutdown().await;
+            }
+        });
+        let c: ContainerSpec = serde_json::from_value(serde_json::json!({"name": "c"})).unwrap();
+        let target = || Target { ip: Some("127.0.0.1".parse().unwrap()), exec: None };
+        let ready = probe(serde_json::json!({"httpGet": {"port": port, "path": "/readyz", "scheme": "HTTPS"}}));
+        assert_eq!(run(&ready, &c, target()).await, Ok(()));
+        let not = probe(serde_json::json!({"httpGet": {"port": port, "path": "/other", "scheme": "HTTPS"}}));
+        assert_eq!(run(&not, &c, target()).await, Err("HTTP probe failed with statuscode: 503".into()));
+        // Plain HTTP to a TLS port fails (the answer is not HTTP), as upstream's would.
+        let plain = probe(serde_json::json!({"httpGet": {"port": port, "path": "/readyz"}}));
+        assert!(run(&plain, &c, target()).await.is_err());
     }
 
     #[tokio::test]

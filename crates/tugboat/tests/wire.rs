@@ -285,3 +285,64 @@ fn token_reviews_runtime_classes_and_csi_objects_are_served() {
         assert!(resources.contains(name), "{name}: {resources}");
     }
 }
+
+#[test]
+fn resource_quotas_count_what_their_namespace_uses() {
+    let server = server();
+    let kubectl = |args: &[&str], stdin: Option<&str>| server.kubectl(args, stdin);
+    kubectl(&["create", "namespace", "q"], None);
+    kubectl(
+        &[
+            "create",
+            "quota",
+            "compute",
+            "-n",
+            "q",
+            "--hard=pods=5,cpu=1,memory=1Gi,configmaps=10,services=3,count/deployments.apps=2",
+        ],
+        None,
+    );
+    let used = |key: &str| {
+        let path = format!("jsonpath={{.status.used.{}}}", key.replace('.', "\\."));
+        kubectl(&["get", "quota", "compute", "-n", "q", "-o", &path], None)
+    };
+    // The namespace's kube-root-ca.crt is counted like any ConfigMap.
+    eventually("the quota's first status", || used("pods") == "0" && used("configmaps") == "1");
+    let pod = "apiVersion: v1\nkind: Pod\nmetadata: {name: p, namespace: q}\nspec:\n  containers:\n  - name: c\n    \
+               image: busybox\n    resources: {requests: {cpu: 500m, memory: 252Mi}}\n";
+    kubectl(&["apply", "-f", "-"], Some(pod));
+    kubectl(&["create", "service", "clusterip", "s", "-n", "q", "--tcp=80"], None);
+    kubectl(&["create", "deployment", "d", "-n", "q", "--image=busybox", "--replicas=0"], None);
+    eventually("the pod, service and deployment counted", || {
+        used("pods") == "1"
+            && used("cpu") == "500m"
+            && used("memory") == "252Mi"
+            && used("services") == "1"
+            && used("count/deployments.apps") == "1"
+    });
+    assert_eq!(
+        kubectl(&["get", "quota", "compute", "-n", "q", "-o", "jsonpath={.status.hard.cpu}"], None),
+        "1",
+        "status.hard is the spec's"
+    );
+    let described = kubectl(&["describe", "quota", "compute", "-n", "q"], None);
+    assert!(described.contains("Used") && described.contains("500m"), "{described}");
+    // Gone, and no longer counted; a key dropped from the spec leaves the status.
+    kubectl(&["delete", "pod", "p", "-n", "q", "--grace-period=0", "--force"], None);
+    kubectl(
+        &[
+            "patch",
+            "quota",
+            "compute",
+            "-n",
+            "q",
+            "--type=json",
+            "-p",
+            r#"[{"op":"remove","path":"/spec/hard/services"}]"#,
+        ],
+        None,
+    );
+    eventually("the pod released and services dropped", || {
+        used("pods") == "0" && used("cpu") == "0" && used("services").is_empty()
+    });
+}

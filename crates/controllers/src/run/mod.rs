@@ -26,6 +26,7 @@ mod gc;
 mod history;
 mod namespaces;
 mod nodes;
+mod quota;
 mod servicelb;
 mod services;
 mod volumes;
@@ -254,6 +255,7 @@ pub async fn run(client: kube::Client, config: ControllerConfig) -> anyhow::Resu
         tasks.spawn(namespaces::run_root_ca_publisher(client.clone(), hub.clone(), ca));
     }
     tasks.spawn(disruption::run_disruption(client.clone(), hub.clone()));
+    tasks.spawn(quota::run_quotas(client.clone(), hub.clone()));
     tasks.spawn(autoscaling::run_autoscalers(client.clone(), hub.clone()));
     tasks.spawn(volumes::run_volumes(client.clone(), hub.clone()));
     tasks.spawn(servicelb::run_service_lb(client.clone(), hub.clone()));
