@@ -1457,6 +1457,9 @@ pub(crate) async fn modify(
             fields::record_update(&write.manager, &resource.api_version(), subresource, Some(&old), &mut object);
         }
         object::validate(resource, &object)?;
+        if resource.plural == "pods" && view == View::Main {
+            object::check_pod_update(&old, &object)?;
+        }
         if resource.plural == "services" && view == View::Main {
             crate::services::default_and_validate(&mut object)?;
             if !write.dry_run {

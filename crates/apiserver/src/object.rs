@@ -638,6 +638,62 @@ pub fn prepare_update(resource: &Resource, old: &Value, object: &mut Value) -> R
     Ok(())
 }
 
+/// Upstream's `ValidatePodUpdate`: of a pod's spec, an update may change only the images of its
+/// (init) containers, `activeDeadlineSeconds` (set, or lowered), `tolerations` (additions
+/// only), `terminationGracePeriodSeconds` and `schedulingGates` (removals); anything else is
+/// 422 Forbidden on `spec` (a pod is bound through `pods/binding`, resized by recreation).
+pub fn check_pod_update(old: &Value, new: &Value) -> Result<(), ApiError> {
+    let name = new["metadata"]["name"].as_str().unwrap_or_default();
+    let forbidden = |field: &str, message: &str| {
+        let cause =
+            Cause { reason: "FieldValueForbidden", message: format!("Forbidden: {message}"), field: field.into() };
+        ApiError::invalid("", "Pod", name, vec![cause])
+    };
+    let (old_spec, new_spec) = (&old["spec"], &new["spec"]);
+    let kept = |t: &Value| new_spec["tolerations"].as_array().is_some_and(|n| n.contains(t));
+    if !old_spec["tolerations"].as_array().into_iter().flatten().all(kept) {
+        return Err(forbidden(
+            "spec.tolerations",
+            "existing toleration can not be modified except its tolerationSeconds",
+        ));
+    }
+    match (old_spec["activeDeadlineSeconds"].as_i64(), new_spec["activeDeadlineSeconds"].as_i64()) {
+        (Some(_), None) => {
+            return Err(forbidden(
+                "spec.activeDeadlineSeconds",
+                "must not update from a positive integer to nil value",
+            ));
+        }
+        (Some(before), Some(after)) if after > before => {
+            return Err(forbidden("spec.activeDeadlineSeconds", "must be less than or equal to previous value"));
+        }
+        _ => {}
+    }
+    let comparable = |spec: &Value| {
+        let mut spec = spec.clone();
+        if let Some(map) = spec.as_object_mut() {
+            for free in ["activeDeadlineSeconds", "tolerations", "terminationGracePeriodSeconds", "schedulingGates"] {
+                map.remove(free);
+            }
+        }
+        for list in ["containers", "initContainers"] {
+            for container in spec[list].as_array_mut().into_iter().flatten() {
+                container["image"] = Value::Null;
+            }
+        }
+        spec
+    };
+    if comparable(old_spec) != comparable(new_spec) {
+        return Err(forbidden(
+            "spec",
+            "pod updates may not change fields other than `spec.containers[*].image`,`spec.initContainers[*].image`,\
+             `spec.activeDeadlineSeconds`,`spec.tolerations` (only additions to existing tolerations),\
+             `spec.terminationGracePeriodSeconds` (allow it to be set to 1 if it was previously negative)",
+        ));
+    }
+    Ok(())
+}
+
 /// A Secret's `stringData` is write-only: its entries go into `data` (base64), replacing
 /// the same keys there, as upstream's conversion does on every write.
 fn merge_string_data(resource: &Resource, object: &mut Value) -> Result<(), ApiError> {

@@ -346,3 +346,41 @@ fn resource_quotas_count_what_their_namespace_uses() {
         used("pods") == "0" && used("cpu") == "0" && used("services").is_empty()
     });
 }
+
+#[test]
+fn a_pods_spec_changes_only_where_upstream_lets_it() {
+    let server = server();
+    let kubectl = |args: &[&str], stdin: Option<&str>| server.kubectl(args, stdin);
+    let pod = "apiVersion: v1\nkind: Pod\nmetadata: {name: p}\nspec:\n  activeDeadlineSeconds: 600\n  containers:\n  \
+               - name: c\n    image: busybox:1.35\n    resources: {requests: {cpu: 100m}}\n";
+    kubectl(&["apply", "-f", "-"], Some(pod));
+    // What may change: the image, a lower deadline, added tolerations, labels.
+    kubectl(&["set", "image", "pod/p", "c=busybox:1.36"], None);
+    let allowed = r#"{"spec":{"activeDeadlineSeconds":300},"metadata":{"labels":{"a":"b"}}}"#;
+    kubectl(&["patch", "pod", "p", "--type=merge", "-p", allowed], None);
+    let toleration = r#"[{"op":"add","path":"/spec/tolerations/-","value":{"key":"k","operator":"Exists"}}]"#;
+    kubectl(&["patch", "pod", "p", "--type=json", "-p", toleration], None);
+    // Replacing the list drops the tolerations admission added: refused, as upstream.
+    let replaced = r#"{"spec":{"tolerations":[{"key":"k","operator":"Exists"}]}}"#;
+    // What may not: its resources, a longer deadline.
+    let refused = |patch: &str, says: &str| {
+        let out = std::process::Command::new("/usr/bin/kubectl")
+            .args(["patch", "pod", "p", "--type=strategic", "-p", patch])
+            .env("KUBECONFIG", server.kubeconfig())
+            .env("HOME", server.scratch("home"))
+            .output()
+            .unwrap();
+        let said = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success() && said.contains("is invalid") && said.contains(says), "{patch}: {said}");
+    };
+    refused(
+        r#"{"spec":{"containers":[{"name":"c","resources":{"requests":{"cpu":"200m"}}}]}}"#,
+        "pod updates may not change fields other than",
+    );
+    refused(r#"{"spec":{"activeDeadlineSeconds":900}}"#, "must be less than or equal to previous value");
+    refused(replaced, "existing toleration can not be modified");
+    assert_eq!(
+        kubectl(&["get", "pod", "p", "-o", "jsonpath={.spec.containers[0].image} {.spec.activeDeadlineSeconds}"], None),
+        "busybox:1.36 300"
+    );
+}
