@@ -377,6 +377,28 @@ pub static RESOURCES: &[Resource] = &[
         "-tokenreviews"
     ),
     resource!(
+        flowcontrol::v1::FlowSchema,
+        "flowcontrol.apiserver.k8s.io",
+        "v1",
+        "FlowSchema",
+        "flowschemas",
+        "flowschema",
+        false,
+        NONE,
+        NONE
+    ),
+    resource!(
+        flowcontrol::v1::PriorityLevelConfiguration,
+        "flowcontrol.apiserver.k8s.io",
+        "v1",
+        "PriorityLevelConfiguration",
+        "prioritylevelconfigurations",
+        "prioritylevelconfiguration",
+        false,
+        NONE,
+        NONE
+    ),
+    resource!(
         node::v1::RuntimeClass,
         "node.k8s.io",
         "v1",
@@ -488,6 +510,8 @@ impl Resource {
                 | "certificatesigningrequests"
                 | "horizontalpodautoscalers"
                 | "volumeattachments"
+                | "flowschemas"
+                | "prioritylevelconfigurations"
         )
     }
 

@@ -284,6 +284,14 @@ fn token_reviews_runtime_classes_and_csi_objects_are_served() {
     {
         assert!(resources.contains(name), "{name}: {resources}");
     }
+    // API Priority and Fairness objects, with their status subresources (the conformance
+    // suite's CRUD; nothing acts on them yet).
+    let schema = "apiVersion: flowcontrol.apiserver.k8s.io/v1\nkind: FlowSchema\nmetadata: {name: fs}\nspec:\n  \
+                  matchingPrecedence: 1000\n  priorityLevelConfiguration: {name: global-default}\n";
+    kubectl(&["apply", "-f", "-"], Some(schema));
+    assert_eq!(kubectl(&["get", "flowschema", "fs", "-o", "jsonpath={.spec.matchingPrecedence}"], None), "1000");
+    let group = kubectl(&["get", "--raw", "/apis/flowcontrol.apiserver.k8s.io/v1"], None);
+    assert!(group.contains("flowschemas/status") && group.contains("prioritylevelconfigurations/status"), "{group}");
 }
 
 #[test]
