@@ -486,6 +486,11 @@ async fn dispatch(
         if method != Method::POST || target.name.is_some() {
             return Err(ApiError::method_not_allowed(method.as_str()));
         }
+        // A review has no metadata to make a Table of: a client that accepts only Tables gets 406.
+        let tables_only = accept.split(',').all(|media| media.contains("as=Table"));
+        if !accept.trim().is_empty() && tables_only {
+            return Err(ApiError::not_acceptable(accept));
+        }
         let body = read_body(body).await?;
         let review = decode_body(content_type, &body)?;
         return Ok(json_response(StatusCode::CREATED, &answer_review(state, target.resource, user, review).await?));

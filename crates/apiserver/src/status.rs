@@ -99,6 +99,18 @@ impl ApiError {
         )
     }
 
+    /// 406: nothing the client accepts can be produced (a Table of an object without
+    /// metadata, such as a review).
+    pub fn not_acceptable(accept: &str) -> Self {
+        ApiError::new(
+            406,
+            "NotAcceptable",
+            format!(
+                "only the following media types are accepted: application/json, application/yaml, application/vnd.kubernetes.protobuf (asked for {accept:?})"
+            ),
+        )
+    }
+
     pub fn unsupported_media_type(content_type: &str) -> Self {
         ApiError::new(
             415,

@@ -269,6 +269,22 @@ fn token_reviews_runtime_classes_and_csi_objects_are_served() {
     assert_eq!(status["user"]["username"], "system:serviceaccount:default:reviewer", "{status}");
     let status = review("not-a-token");
     assert!(status["authenticated"].is_null() && status["error"].is_string(), "{status}");
+    // A review has no metadata for a Table: a client that accepts only Tables gets 406.
+    let sar = r#"{"kind":"SelfSubjectAccessReview","apiVersion":"authorization.k8s.io/v1","spec":{"nonResourceAttributes":{"path":"/","verb":"get"}}}"#;
+    let (code, body) = server.curl(
+        "POST",
+        "/apis/authorization.k8s.io/v1/selfsubjectaccessreviews",
+        true,
+        &[
+            "-H",
+            "Content-Type: application/json",
+            "-H",
+            "Accept: application/json;as=Table;v=v1;g=meta.k8s.io",
+            "-d",
+            sar,
+        ],
+    );
+    assert!(code == 406 && body.contains("NotAcceptable"), "{code} {body}");
 
     // Kinds that are only stored, for the components that act on them.
     let objects = "apiVersion: node.k8s.io/v1\nkind: RuntimeClass\nmetadata: {name: gvisor}\nhandler: runsc\n---\n\
