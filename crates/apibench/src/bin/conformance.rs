@@ -120,9 +120,16 @@ fn run(args: Args) -> anyhow::Result<u8> {
         bail!("e2e.test --list-images listed nothing");
     }
     let mut hosts = Hosts::new(args.nodes.max(1))?;
-    let mut made = 0;
-    for i in 0..hosts.len() {
-        made = make_images(&args, &names, &hosts.get(i).dir().join("data/images"))?;
+    // Made once, copied to the other nodes.
+    let first = hosts.get(0).dir().join("data/images");
+    let made = make_images(&args, &names, &first)?;
+    for i in 1..hosts.len() {
+        let dir = hosts.get(i).dir().join("data/images");
+        std::fs::create_dir_all(&dir)?;
+        for entry in std::fs::read_dir(&first)? {
+            let entry = entry?;
+            std::fs::copy(entry.path(), dir.join(entry.file_name()))?;
+        }
     }
     eprintln!("{made} of the suite's {} images made for each of {} nodes", names.len(), hosts.len());
     let server = hosts.get_mut(0);

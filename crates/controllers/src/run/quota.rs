@@ -19,9 +19,30 @@ use tokio::sync::Notify;
 use super::{Hub, ready, wait};
 use crate::quota;
 
-/// How many objects of a store are in `namespace`.
-fn count<K: kube::Resource<DynamicType = ()> + Clone + 'static>(store: &Store<K>, namespace: &str) -> i64 {
-    store.state().iter().filter(|o| o.meta().namespace.as_deref() == Some(namespace)).count() as i64
+/// The resources counted from the stores below (besides pods, services and claims).
+const COUNTED: &[&str] = &[
+    "configmaps",
+    "secrets",
+    "replicationcontrollers",
+    "resourcequotas",
+    "replicasets.apps",
+    "deployments.apps",
+    "statefulsets.apps",
+    "daemonsets.apps",
+    "jobs.batch",
+    "cronjobs.batch",
+];
+
+/// Adds how many objects of `store` each namespace holds under `resource`, to `counts`.
+fn count<K: kube::Resource<DynamicType = ()> + Clone + 'static>(
+    store: &Store<K>,
+    resource: &str,
+    counts: &mut BTreeMap<String, BTreeMap<String, i64>>,
+) {
+    for object in store.state() {
+        let namespace = object.meta().namespace.clone().unwrap_or_default();
+        *counts.entry(namespace).or_default().entry(resource.to_string()).or_default() += 1;
+    }
 }
 
 pub(super) async fn run_quotas(client: kube::Client, hub: Arc<Hub>) -> anyhow::Result<()> {
@@ -60,31 +81,31 @@ pub(super) async fn run_quotas(client: kube::Client, hub: Arc<Hub>) -> anyhow::R
             continue;
         }
         let (all_pods, all_services, all_claims) = (pods.state(), services.state(), claims.state());
+        // Each store read once a pass, whatever the number of quotas.
+        let mut counts = BTreeMap::new();
+        count(&configmaps, "configmaps", &mut counts);
+        count(&secrets, "secrets", &mut counts);
+        count(&controllers, "replicationcontrollers", &mut counts);
+        count(&quotas, "resourcequotas", &mut counts);
+        count(&replicasets, "replicasets.apps", &mut counts);
+        count(&deployments, "deployments.apps", &mut counts);
+        count(&statefulsets, "statefulsets.apps", &mut counts);
+        count(&daemonsets, "daemonsets.apps", &mut counts);
+        count(&jobs, "jobs.batch", &mut counts);
+        count(&cronjobs, "cronjobs.batch", &mut counts);
         for rq in &all_quotas {
             let Some(namespace) = rq.metadata.namespace.as_deref() else { continue };
             let here = |meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta| {
                 meta.namespace.as_deref() == Some(namespace)
             };
-            let counts: BTreeMap<String, i64> = [
-                ("configmaps", count(&configmaps, namespace)),
-                ("secrets", count(&secrets, namespace)),
-                ("replicationcontrollers", count(&controllers, namespace)),
-                ("resourcequotas", count(&quotas, namespace)),
-                ("replicasets.apps", count(&replicasets, namespace)),
-                ("deployments.apps", count(&deployments, namespace)),
-                ("statefulsets.apps", count(&statefulsets, namespace)),
-                ("daemonsets.apps", count(&daemonsets, namespace)),
-                ("jobs.batch", count(&jobs, namespace)),
-                ("cronjobs.batch", count(&cronjobs, namespace)),
-            ]
-            .into_iter()
-            .map(|(k, v)| (k.to_string(), v))
-            .collect();
+            // Every kind counted is known here: none of a kind is a count of 0, not an unknown.
+            let mut counted: BTreeMap<String, i64> = COUNTED.iter().map(|r| (r.to_string(), 0)).collect();
+            counted.extend(counts.get(namespace).cloned().unwrap_or_default());
             let view = quota::Namespace {
                 pods: all_pods.iter().filter(|p| here(&p.metadata)).map(|p| &**p).collect(),
                 services: all_services.iter().filter(|s| here(&s.metadata)).map(|s| &**s).collect(),
                 claims: all_claims.iter().filter(|c| here(&c.metadata)).map(|c| &**c).collect(),
-                counts,
+                counts: counted,
             };
             let used = quota::used(rq, &view);
             let hard = rq.spec.as_ref().and_then(|s| s.hard.clone()).unwrap_or_default();
