@@ -15,7 +15,6 @@ pub mod nodeipam;
 pub mod nodelifecycle;
 pub mod podgc;
 pub mod pods;
-pub mod quota;
 pub mod replicaset;
 mod run;
 pub mod serviceaccounts;

@@ -33,7 +33,7 @@ pub enum Action {
 }
 
 fn bytes(quantity: Option<&k8s_openapi::apimachinery::pkg::api::resource::Quantity>) -> i64 {
-    quantity.map(|q| tugboat_scheduler::quantity::units(&q.0)).unwrap_or(0)
+    quantity.map(|q| tugboat_objects::quantity::units(&q.0)).unwrap_or(0)
 }
 
 fn requested(claim: &PersistentVolumeClaim) -> i64 {

@@ -5,7 +5,6 @@ mod cache;
 pub mod events;
 pub mod labels;
 pub mod plan;
-pub mod quantity;
 mod run;
 
 pub use run::{SCHEDULER_NAME, run};

@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use k8s_openapi::api::core::v1::{Node, NodeSelectorRequirement, NodeSelectorTerm, Pod, Taint, Toleration};
 
-use crate::quantity::{millicores, units};
+use tugboat_objects::quantity::{millicores, units};
 
 /// What pods ask of a node, added up.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]

@@ -58,9 +58,9 @@ struct Reading {
 /// A quantity of `resource` as the autoscaler adds them up: millicores for cpu, else units.
 fn amount(resource: &str, quantity: &str) -> i64 {
     if resource == "cpu" {
-        tugboat_scheduler::quantity::millicores(quantity)
+        tugboat_objects::quantity::millicores(quantity)
     } else {
-        tugboat_scheduler::quantity::units(quantity)
+        tugboat_objects::quantity::units(quantity)
     }
 }
 

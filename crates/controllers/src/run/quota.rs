@@ -1,6 +1,6 @@
 //! The resource quota controller's loop: on every change of a quota or of what quotas count,
 //! each ResourceQuota's `status` becomes its `spec.hard` and what its namespace uses
-//! (`crate::quota`), written only when it changed.
+//! (`tugboat_objects::quota`), written only when it changed.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -17,7 +17,7 @@ use serde_json::{Value, json};
 use tokio::sync::Notify;
 
 use super::{Hub, ready, wait};
-use crate::quota;
+use tugboat_objects::quota;
 
 /// The resources counted from the stores below (besides pods, services and claims).
 const COUNTED: &[&str] = &[

@@ -9,9 +9,11 @@
 
 use std::collections::BTreeMap;
 
-use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Pod, ResourceQuota, ResourceRequirements, Service};
+use crate::quantity::parse_milli;
+use k8s_openapi::api::core::v1::{
+    PersistentVolumeClaim, Pod, ResourceQuota, ResourceQuotaSpec, ResourceRequirements, Service,
+};
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
-use tugboat_scheduler::quantity::parse_milli;
 
 /// What a namespace holds, as the quota counts it.
 #[derive(Debug, Default)]
@@ -28,7 +30,19 @@ const STORAGE_CLASS_SUFFIX: &str = ".storageclass.storage.k8s.io/";
 /// `status.used` for `quota` over `namespace` (values in thousandths of their unit, formatted).
 pub fn used(quota: &ResourceQuota, namespace: &Namespace) -> BTreeMap<String, Quantity> {
     let spec = quota.spec.clone().unwrap_or_default();
-    let pods: Vec<&Pod> = namespace.pods.iter().copied().filter(|p| counted(p) && in_scope(&spec, p)).collect();
+    used_milli(&spec, namespace)
+        .into_iter()
+        .map(|(name, milli)| {
+            let quantity = Quantity(format(&name, milli));
+            (name, quantity)
+        })
+        .collect()
+}
+
+/// What `namespace` uses of each resource `spec.hard` names that an evaluator knows, in
+/// thousandths of the resource's unit.
+pub fn used_milli(spec: &ResourceQuotaSpec, namespace: &Namespace) -> BTreeMap<String, i128> {
+    let pods: Vec<&Pod> = namespace.pods.iter().copied().filter(|p| counted(p) && in_scope(spec, p)).collect();
     let mut used = BTreeMap::new();
     for name in spec.hard.iter().flat_map(|h| h.keys()) {
         let milli = match name.as_str() {
@@ -48,7 +62,7 @@ pub fn used(quota: &ResourceQuota, namespace: &Namespace) -> BTreeMap<String, Qu
             other if other.starts_with("limits.") && other.contains('/') => {
                 Some(sum(&pods, |r| limits(r, &other["limits.".len()..])))
             }
-            _ if scoped(&spec) => None,
+            _ if scoped(spec) => None,
             "services" | "count/services" => Some(namespace.services.len() as i128 * 1000),
             "services.loadbalancers" => {
                 Some(namespace.services.iter().filter(|s| service_type(s) == "LoadBalancer").count() as i128 * 1000)
@@ -71,10 +85,75 @@ pub fn used(quota: &ResourceQuota, namespace: &Namespace) -> BTreeMap<String, Qu
             }
         };
         if let Some(milli) = milli {
-            used.insert(name.clone(), Quantity(format(name, milli)));
+            used.insert(name.clone(), milli);
         }
     }
     used
+}
+
+/// Whether an object of `resource` (its plural, with `.<group>` outside the core group:
+/// `pods`, `replicasets.apps`) counts toward the quota resource `name`: upstream's
+/// evaluators' matching resources.
+pub fn counts_toward(resource: &str, name: &str) -> bool {
+    if name == format!("count/{resource}") {
+        return true;
+    }
+    match resource {
+        "pods" => {
+            name == "pods"
+                || ["cpu", "memory", "ephemeral-storage"].contains(&name)
+                || name.starts_with("requests.") && !name.ends_with("storage") && !name.contains(STORAGE_CLASS_SUFFIX)
+                || name.starts_with("requests.ephemeral-storage")
+                || name.starts_with("limits.")
+                || name.starts_with("hugepages-")
+        }
+        "services" => ["services", "services.loadbalancers", "services.nodeports"].contains(&name),
+        "persistentvolumeclaims" => {
+            ["persistentvolumeclaims", "requests.storage"].contains(&name) || name.contains(STORAGE_CLASS_SUFFIX)
+        }
+        // The legacy names of object counts.
+        "configmaps" | "secrets" | "replicationcontrollers" | "resourcequotas" => name == resource,
+        _ => false,
+    }
+}
+
+/// Whether a quota with these scopes counts `pod` at all (an unscoped quota counts every pod).
+pub fn covers(spec: &ResourceQuotaSpec, pod: &Pod) -> bool {
+    in_scope(spec, pod)
+}
+
+/// Upstream's pod constraint (kept, as it says, for backward compatibility): when a quota
+/// limits CPU or memory, every container must ask for it. One message per resource
+/// (`must specify cpu for: a,b`), empty when nothing is missing.
+pub fn missing_requests(restricted: &[String], pod: &Pod) -> Vec<String> {
+    const VALIDATED: [&str; 6] = ["cpu", "memory", "requests.cpu", "requests.memory", "limits.cpu", "limits.memory"];
+    let mut missing: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
+    let spec = pod.spec.as_ref();
+    let containers = spec.into_iter().flat_map(|s| s.containers.iter().chain(s.init_containers.iter().flatten()));
+    for container in containers {
+        let r = container.resources.as_ref();
+        let has = |list: Option<&BTreeMap<String, Quantity>>, key: &str| list.is_some_and(|l| l.contains_key(key));
+        let limits = r.and_then(|r| r.limits.as_ref());
+        // A request the API's defaulting takes from the limit counts as made.
+        let requests = |key: &str| has(r.and_then(|r| r.requests.as_ref()), key) || has(limits, key);
+        for name in restricted.iter().map(String::as_str).filter(|n| VALIDATED.contains(n)) {
+            let made = match name {
+                "cpu" | "requests.cpu" => requests("cpu"),
+                "memory" | "requests.memory" => requests("memory"),
+                "limits.cpu" => has(limits, "cpu"),
+                _ => has(limits, "memory"),
+            };
+            if !made {
+                missing.entry(name).or_default().push(&container.name);
+            }
+        }
+    }
+    missing.into_iter().map(|(name, containers)| format!("must specify {name} for: {}", containers.join(","))).collect()
+}
+
+/// A quantity in thousandths of `name`'s unit as upstream prints it.
+pub fn format_quantity(name: &str, milli: i128) -> String {
+    format(name, milli)
 }
 
 /// Pods in a terminal phase use nothing.
@@ -83,12 +162,12 @@ fn counted(pod: &Pod) -> bool {
 }
 
 /// Whether the quota has scopes (then it tracks pods and their compute resources only).
-fn scoped(spec: &k8s_openapi::api::core::v1::ResourceQuotaSpec) -> bool {
+fn scoped(spec: &ResourceQuotaSpec) -> bool {
     spec.scopes.as_ref().is_some_and(|s| !s.is_empty())
         || spec.scope_selector.as_ref().and_then(|s| s.match_expressions.as_ref()).is_some_and(|e| !e.is_empty())
 }
 
-fn in_scope(spec: &k8s_openapi::api::core::v1::ResourceQuotaSpec, pod: &Pod) -> bool {
+fn in_scope(spec: &ResourceQuotaSpec, pod: &Pod) -> bool {
     let terminating = pod.spec.as_ref().and_then(|s| s.active_deadline_seconds).is_some();
     let best_effort = best_effort(pod);
     let by_scope = |scope: &str, operator: &str, values: &[String]| match scope {
