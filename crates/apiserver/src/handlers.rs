@@ -128,12 +128,22 @@ pub async fn handle(state: Arc<ApiState>, user: Option<UserInfo>, request: hyper
         }
         _ => None,
     };
-    let result = match streaming {
-        Some((subresource, name, namespace)) => {
+    let proxied = match &target {
+        Ok(Some(t)) if t.subresource.as_deref() == Some("proxy") => crate::proxy::parse(parts.uri.path()),
+        _ => None,
+    };
+    let result = match (streaming, proxied) {
+        (_, Some((plural, namespace, id, rest))) => {
+            let (plural, namespace, id, rest) =
+                (plural.to_string(), namespace.map(str::to_string), id.to_string(), rest.to_string());
+            let target = crate::proxy::Target { plural: &plural, namespace: namespace.as_deref(), id: &id };
+            crate::proxy::forward(&state, target, &rest, hyper::Request::from_parts(parts, body)).await
+        }
+        (Some((subresource, name, namespace)), None) => {
             let request = hyper::Request::from_parts(parts, body);
             crate::kubelet::proxy_stream(&state, &namespace, &name, &subresource, request, &query).await
         }
-        None => route(&state, user.as_ref(), &parts.method, &path, target, &query, &parts.headers, body).await,
+        (None, None) => route(&state, user.as_ref(), &parts.method, &path, target, &query, &parts.headers, body).await,
     };
     let response = match result {
         Ok(response) => response,
@@ -293,7 +303,7 @@ fn parse_target(path: &str) -> Result<Option<Target>, ApiError> {
         && rest[0] == "namespaces"
         && let Some(resource) = find(&rest[2]).filter(|r| r.namespaced)
     {
-        if rest.len() > 5 {
+        if rest.len() > 5 && rest[4] != "proxy" {
             return Err(not_found());
         }
         return Ok(Some(Target {
@@ -305,7 +315,7 @@ fn parse_target(path: &str) -> Result<Option<Target>, ApiError> {
     }
     // ...else <plural>[/<name>[/<sub>]], which lists namespaced resources across namespaces.
     let resource = find(&rest[0]).ok_or_else(not_found)?;
-    if rest.len() > 3 || (resource.namespaced && rest.len() > 1) {
+    if (rest.len() > 3 && rest[2] != "proxy") || (resource.namespaced && rest.len() > 1) {
         return Err(not_found());
     }
     Ok(Some(Target { resource, namespace: None, name: rest.get(1).cloned(), subresource: rest.get(2).cloned() }))
@@ -1082,6 +1092,7 @@ async fn create_object(
     if resource.plural == "persistentvolumeclaims" {
         crate::storage::admit(state, &mut object).await?;
     }
+    crate::quota::admit(state, resource, &object, None, write.dry_run).await?;
     if write.dry_run {
         return Ok(json_response(StatusCode::CREATED, &object));
     }
@@ -1403,8 +1414,18 @@ impl View {
             View::Status => {
                 let mut object = old.clone();
                 object["status"] = written.get("status").cloned().unwrap_or(Value::Null);
-                if let Some(labels) = written["metadata"].get("labels") {
-                    object["metadata"]["labels"] = labels.clone();
+                // Upstream's status strategies reset the spec, not the labels and annotations
+                // (but a Deployment's keeps its labels, and API priority and fairness objects
+                // their whole metadata).
+                let kept: &[&str] = match resource.plural {
+                    "deployments" => &["annotations"],
+                    "flowschemas" | "prioritylevelconfigurations" => &[],
+                    _ => &["labels", "annotations"],
+                };
+                for field in kept {
+                    if let Some(value) = written["metadata"].get(*field) {
+                        object["metadata"][*field] = value.clone();
+                    }
                 }
                 Ok(object)
             }
@@ -1470,6 +1491,9 @@ pub(crate) async fn modify(
             if !write.dry_run {
                 crate::services::carry_over(state.store.as_ref(), &old, &mut object).await?;
             }
+        }
+        if view == View::Main && matches!(resource.plural, "pods" | "services" | "persistentvolumeclaims") {
+            crate::quota::admit(state, resource, &object, Some(&old), write.dry_run).await?;
         }
         if write.dry_run {
             object["metadata"]["resourceVersion"] = json!(revision.to_string());

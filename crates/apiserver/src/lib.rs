@@ -25,6 +25,8 @@ mod openapi_v2;
 mod pod_subresources;
 mod priority;
 mod protobuf;
+mod proxy;
+mod quota;
 mod rbac;
 mod registry;
 mod resource_metrics;

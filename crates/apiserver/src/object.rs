@@ -353,6 +353,32 @@ pub fn prepare_create(resource: &Resource, namespace: Option<&str>, object: &mut
     if matches!(resource.plural, "persistentvolumes" | "persistentvolumeclaims") {
         object["status"] = json!({"phase": "Pending"});
     }
+    apply_defaults(resource, object);
+    if resource.plural == "pods" && object["spec"].is_object() {
+        add_default_tolerations(&mut object["spec"]);
+        let qos = qos_class(&object["spec"]);
+        object["status"] = json!({"phase": "Pending", "qosClass": qos});
+    }
+    Ok(())
+}
+
+/// Upstream's defaulting (`SetDefaults_*`), which it applies to every object it decodes: on
+/// creates, updates and patches alike. Also what its decoding drops: the metadata lists and
+/// maps left empty (`ownerReferences: []` after the last owner went), which Go omits.
+fn apply_defaults(resource: &Resource, object: &mut Value) {
+    if let Some(metadata) = object.get_mut("metadata").and_then(Value::as_object_mut) {
+        for field in ["ownerReferences", "finalizers", "labels", "annotations", "managedFields"] {
+            let empty = match metadata.get(field) {
+                Some(Value::Array(list)) => list.is_empty(),
+                Some(Value::Object(map)) => map.is_empty(),
+                Some(Value::Null) => true,
+                _ => false,
+            };
+            if empty {
+                metadata.remove(field);
+            }
+        }
+    }
     if resource.plural == "persistentvolumes" && object["spec"].is_object() {
         set_default(&mut object["spec"], "persistentVolumeReclaimPolicy", json!("Retain"));
         set_default(&mut object["spec"], "volumeMode", json!("Filesystem"));
@@ -367,11 +393,7 @@ pub fn prepare_create(resource: &Resource, namespace: Option<&str>, object: &mut
     default_workload(resource, object);
     if resource.plural == "pods" && object["spec"].is_object() {
         default_pod_spec(&mut object["spec"]);
-        add_default_tolerations(&mut object["spec"]);
-        let qos = qos_class(&object["spec"]);
-        object["status"] = json!({"phase": "Pending", "qosClass": qos});
     }
-    Ok(())
 }
 
 /// Upstream's defaults for the workload kinds (`pkg/apis/{apps,batch}/v1/defaults.go`),
@@ -630,6 +652,7 @@ pub fn prepare_update(resource: &Resource, old: &Value, object: &mut Value) -> R
         object["metadata"]["namespace"] = namespace.clone();
     }
     object["metadata"].as_object_mut().expect("checked").remove("resourceVersion");
+    apply_defaults(resource, object);
     if resource.has_generation() {
         let generation = old["metadata"]["generation"].as_i64().unwrap_or(1);
         let changed = old.get("spec") != object.get("spec");
@@ -670,7 +693,7 @@ pub fn check_pod_update(old: &Value, new: &Value) -> Result<(), ApiError> {
         _ => {}
     }
     let comparable = |spec: &Value| {
-        let mut spec = spec.clone();
+        let mut spec = without_empties(spec);
         if let Some(map) = spec.as_object_mut() {
             for free in ["activeDeadlineSeconds", "tolerations", "terminationGracePeriodSeconds", "schedulingGates"] {
                 map.remove(free);
@@ -692,6 +715,25 @@ pub fn check_pod_update(old: &Value, new: &Value) -> Result<(), ApiError> {
         ));
     }
     Ok(())
+}
+
+/// `value` without null, empty objects and empty lists at any depth: upstream compares specs
+/// semantically, where a nil list equals an empty one (and a protobuf body cannot tell them
+/// apart).
+fn without_empties(value: &Value) -> Value {
+    let empty = |v: &Value| match v {
+        Value::Null => true,
+        Value::Object(map) => map.is_empty(),
+        Value::Array(list) => list.is_empty(),
+        _ => false,
+    };
+    match value {
+        Value::Object(map) => {
+            Value::Object(map.iter().map(|(k, v)| (k.clone(), without_empties(v))).filter(|(_, v)| !empty(v)).collect())
+        }
+        Value::Array(list) => Value::Array(list.iter().map(without_empties).collect()),
+        other => other.clone(),
+    }
 }
 
 /// A Secret's `stringData` is write-only: its entries go into `data` (base64), replacing
@@ -852,8 +894,10 @@ mod tests {
     #[test]
     fn updates_keep_server_metadata_and_bump_generation_on_spec_changes() {
         let deployments = find("apps", "v1", "deployments").unwrap();
-        let old = json!({"metadata": {"name": "w", "namespace": "default", "uid": "u1", "generation": 3,
-                         "creationTimestamp": "2026-01-01T00:00:00Z"}, "spec": {"replicas": 1}});
+        let mut old = json!({"metadata": {"name": "w", "namespace": "default", "uid": "u1", "generation": 3,
+                             "creationTimestamp": "2026-01-01T00:00:00Z"}, "spec": {"replicas": 1}});
+        // What is stored has its defaults; so does every update once decoded.
+        apply_defaults(deployments, &mut old);
         let mut new = json!({"metadata": {"name": "w", "uid": "other"}, "spec": {"replicas": 2}});
         prepare_update(deployments, &old, &mut new).unwrap();
         assert_eq!(new["metadata"]["uid"], "u1");

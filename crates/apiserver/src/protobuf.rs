@@ -271,6 +271,25 @@ mod tests {
     }
 
     #[test]
+    fn a_budget_keeps_its_int_or_string_percentages() {
+        use k8s_rs_pb::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec};
+        use k8s_rs_pb::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+        use k8s_rs_pb::apimachinery::pkg::util::intstr::IntOrString;
+        let mut budget = PodDisruptionBudget::new();
+        let mut metadata = ObjectMeta::new();
+        metadata.name = Some("foo2".into());
+        budget.metadata = Some(metadata).into();
+        let mut spec = PodDisruptionBudgetSpec::new();
+        let mut min = IntOrString::new();
+        min.type_ = Some(1);
+        min.strVal = Some("1%".into());
+        spec.minAvailable = Some(min).into();
+        budget.spec = Some(spec).into();
+        let json = decode(&envelope("policy/v1", "PodDisruptionBudget", &budget)).unwrap();
+        assert_eq!(json["spec"]["minAvailable"], "1%", "{json}");
+    }
+
+    #[test]
     fn a_deployment_decodes_to_the_json_kubectl_would_have_sent() {
         use k8s_rs_pb::api::apps::v1::{Deployment, DeploymentSpec, DeploymentStrategy, RollingUpdateDeployment};
         use k8s_rs_pb::api::core::v1::{Container, ContainerPort, PodSpec, PodTemplateSpec, ResourceRequirements};

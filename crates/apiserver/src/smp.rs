@@ -150,15 +150,19 @@ fn merge_list(field: &str, original: Option<&Vec<Value>>, patch: &[Value]) -> Re
         _ if replace => patch.into_iter().map(fresh).collect(),
         ListStrategy::Replace => patch.into_iter().map(fresh).collect(),
         ListStrategy::Union => {
-            let mut result = original;
-            for item in patch {
+            let mut result = original.clone();
+            for item in patch.iter().copied() {
                 if !result.contains(item) {
                     result.push(item.clone());
                 }
             }
-            Ok(result)
+            let patch_ids: Vec<Value> = patch.iter().map(|v| (*v).clone()).collect();
+            Ok(interleave(result, &patch_ids, &original, |v| v.clone()))
         }
         ListStrategy::MergeByKey(key) => {
+            let id = |v: &Value| v.get(key).cloned().unwrap_or(Value::Null);
+            let patch_ids: Vec<Value> = patch.iter().map(|v| id(v)).collect();
+            let original_ids: Vec<Value> = original.iter().map(id).collect();
             let mut result = original;
             for item in patch {
                 let Some(item_map) = item.as_object() else {
@@ -182,9 +186,31 @@ fn merge_list(field: &str, original: Option<&Vec<Value>>, patch: &[Value]) -> Re
                     (None, false) => result.push(fresh(item)?),
                 }
             }
-            Ok(result)
+            Ok(interleave(result, &patch_ids, &original_ids, id))
         }
     }
+}
+
+/// The order upstream gives a merged list (its `normalizeElementOrder`): the elements the
+/// patch names in the patch's order, the others in the original's order, and the two
+/// interleaved where the original orders an element of each; an element new to the list goes
+/// before the original's elements that follow it in the patch.
+fn interleave(merged: Vec<Value>, patch: &[Value], original: &[Value], id: impl Fn(&Value) -> Value) -> Vec<Value> {
+    let (mut named, server_only): (Vec<Value>, Vec<Value>) = merged.into_iter().partition(|v| patch.contains(&id(v)));
+    named.sort_by_key(|v| patch.iter().position(|p| *p == id(v)));
+    let place = |v: &Value| original.iter().position(|o| *o == id(v));
+    let mut result = Vec::with_capacity(named.len() + server_only.len());
+    let (mut left, mut right) = (server_only.into_iter().peekable(), named.into_iter().peekable());
+    loop {
+        let take_left = match (left.peek(), right.peek()) {
+            (Some(l), Some(r)) => matches!((place(l), place(r)), (Some(a), Some(b)) if a < b),
+            (Some(_), None) => true,
+            (None, Some(_)) => false,
+            (None, None) => break,
+        };
+        result.extend(if take_left { left.next() } else { right.next() });
+    }
+    result
 }
 
 /// Orders `list` as `order` says (by merge key, or by value for scalars); elements the order
@@ -306,6 +332,26 @@ mod tests {
             json!({"data": {"a": "1", "b": "2"}}),
             json!({"data": {"$patch": "replace", "c": "3"}}),
             json!({"data": {"c": "3"}}),
+        );
+    }
+
+    #[test]
+    fn merged_lists_are_ordered_as_upstream_orders_them() {
+        // A container new to the list goes first (the e2e ReplicaSet patch spec reads [0]).
+        check(
+            json!({"containers": [{"name": "httpd", "image": "httpd"}]}),
+            json!({"containers": [{"name": "test-rs", "image": "pause"}]}),
+            json!({"containers": [{"name": "test-rs", "image": "pause"}, {"name": "httpd", "image": "httpd"}]}),
+        );
+        check(
+            json!({"containers": [{"name": "a"}, {"name": "b"}, {"name": "c"}]}),
+            json!({"containers": [{"name": "c", "image": "x"}, {"name": "new"}]}),
+            json!({"containers": [{"name": "a"}, {"name": "b"}, {"name": "c", "image": "x"}, {"name": "new"}]}),
+        );
+        check(
+            json!({"finalizers": ["a", "b"]}),
+            json!({"finalizers": ["c", "a"]}),
+            json!({"finalizers": ["c", "a", "b"]}),
         );
     }
 

@@ -42,6 +42,13 @@ impl ApiError {
         self
     }
 
+    /// `pods "web" is forbidden: <why>`, as upstream's admission refusals.
+    pub fn forbidden(group: &str, resource: &str, name: &str, why: &str) -> Self {
+        let qualified = qualified(group, resource);
+        ApiError::new(403, "Forbidden", format!("{qualified} \"{name}\" is forbidden: {why}"))
+            .about(group, resource, name)
+    }
+
     pub fn bad_request(message: impl Into<String>) -> Self {
         ApiError::new(400, "BadRequest", message)
     }

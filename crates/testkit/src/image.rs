@@ -80,7 +80,17 @@ pub fn busybox_layer(extra: &[(&str, &[u8], u32)]) -> anyhow::Result<Vec<u8>> {
         0o644,
     )?;
     file(&mut tar, "etc/group", b"root:x:0:\nnogroup:x:65534:\n", 0o644)?;
+    // Files in directories get their directories first (`usr/share/nginx/html/index.html`).
+    let mut made: Vec<String> = Vec::new();
     for (path, data, mode) in extra {
+        let parts: Vec<&str> = path.split('/').collect();
+        for depth in 1..parts.len() {
+            let parent = parts[..depth].join("/");
+            if !made.contains(&parent) && !["bin", "etc", "tmp", "root", "var", "home"].contains(&parent.as_str()) {
+                dir(&mut tar, &parent, 0o755)?;
+                made.push(parent);
+            }
+        }
         file(&mut tar, path, data, *mode)?;
     }
     Ok(tar.into_inner()?)

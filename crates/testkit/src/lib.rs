@@ -260,6 +260,25 @@ impl TugboatServer {
     /// HOME of its own, feeding `stdin`; panics with kubectl's output unless it succeeds, and
     /// returns its stdout.
     pub fn kubectl(&self, args: &[&str], stdin: Option<&str>) -> String {
+        let output = self.kubectl_output(args, stdin);
+        assert!(
+            output.status.success(),
+            "kubectl {args:?}: {}{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+        String::from_utf8(output.stdout).expect("UTF-8 output")
+    }
+
+    /// Runs kubectl as [`TugboatServer::kubectl`] does, expecting it to fail; panics if it
+    /// succeeds, and returns what it printed on stderr.
+    pub fn kubectl_fails(&self, args: &[&str], stdin: Option<&str>) -> String {
+        let output = self.kubectl_output(args, stdin);
+        assert!(!output.status.success(), "kubectl {args:?} succeeded: {}", String::from_utf8_lossy(&output.stdout));
+        String::from_utf8_lossy(&output.stderr).into_owned()
+    }
+
+    fn kubectl_output(&self, args: &[&str], stdin: Option<&str>) -> std::process::Output {
         let mut child = Command::new("/usr/bin/kubectl")
             .args(args)
             .env("KUBECONFIG", self.kubeconfig())
@@ -270,14 +289,7 @@ impl TugboatServer {
             .spawn()
             .expect("kubectl runs");
         child.stdin.take().expect("piped").write_all(stdin.unwrap_or_default().as_bytes()).expect("kubectl reads");
-        let output = child.wait_with_output().expect("kubectl ends");
-        assert!(
-            output.status.success(),
-            "kubectl {args:?}: {}{}",
-            String::from_utf8_lossy(&output.stdout),
-            String::from_utf8_lossy(&output.stderr)
-        );
-        String::from_utf8(output.stdout).expect("UTF-8 output")
+        child.wait_with_output().expect("kubectl ends")
     }
 
     /// Sends one request with curl (as the admin when `credentials`, else anonymously), `extra`

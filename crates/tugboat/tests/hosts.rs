@@ -290,6 +290,13 @@ fn a_server_and_two_agents_run_pods_and_survive_a_cut_link() {
         "far's Service",
         |o| o == "far\n",
     );
+    // The API server's proxy reaches the pod on the other node, directly and through the
+    // Service (port by number and by scheme:name:port), and says why when it cannot.
+    assert_eq!(kubectl.ok(&["get", "--raw", "/api/v1/namespaces/default/pods/far:8080/proxy/index.html"]), "far\n");
+    assert_eq!(kubectl.ok(&["get", "--raw", "/api/v1/namespaces/default/services/far:80/proxy/"]), "far\n");
+    assert_eq!(kubectl.ok(&["get", "--raw", "/api/v1/namespaces/default/services/http:far:80/proxy/"]), "far\n");
+    let refused = kubectl.run(&["get", "--raw", "/api/v1/namespaces/default/services/far:81/proxy/"], None);
+    assert!(refused.is_err_and(|e| e.contains("no service port 81 found for service")), "a port the Service has not");
     let outside = std::net::TcpListener::bind("10.77.0.1:0").unwrap();
     let port = outside.local_addr().unwrap().port();
     // Accepted (and closed, so nc ends) while kubectl waits for nc; given up after 30 s.

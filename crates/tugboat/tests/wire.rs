@@ -311,6 +311,53 @@ fn token_reviews_runtime_classes_and_csi_objects_are_served() {
 }
 
 #[test]
+fn quota_admission_refuses_what_would_exceed_and_charges_at_once() {
+    let server = server();
+    let kubectl = |args: &[&str], stdin: Option<&str>| server.kubectl(args, stdin);
+    kubectl(&["create", "namespace", "a"], None);
+    kubectl(&["create", "quota", "small", "-n", "a", "--hard=services=2,services.nodeports=1,cpu=1,pods=3"], None);
+    let used = |key: &str| {
+        let path = format!("jsonpath={{.status.used.{}}}", key.replace('.', "\\."));
+        kubectl(&["get", "quota", "small", "-n", "a", "-o", &path], None)
+    };
+    eventually("the quota's first status", || used("services") == "0");
+    // Back to back, before the controller could recount: the first is charged at once.
+    kubectl(&["create", "service", "nodeport", "n", "-n", "a", "--tcp=80"], None);
+    let refused = server.kubectl_fails(&["create", "service", "nodeport", "m", "-n", "a", "--tcp=81"], None);
+    assert!(
+        refused.contains(
+            "services \"m\" is forbidden: exceeded quota: small, requested: services.nodeports=1, used: services.nodeports=1, limited: services.nodeports=1"
+        ),
+        "{refused}"
+    );
+    assert_eq!(used("services.nodeports"), "1");
+    kubectl(&["create", "service", "clusterip", "c", "-n", "a", "--tcp=80"], None);
+    let third = server.kubectl_fails(&["create", "service", "clusterip", "d", "-n", "a", "--tcp=80"], None);
+    assert!(
+        third.contains("exceeded quota: small, requested: services=1, used: services=2, limited: services=2"),
+        "{third}"
+    );
+    // A pod that names no CPU when the quota limits it; one that asks for too much.
+    let pod = |name: &str, resources: &str| {
+        format!(
+            "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: a}}\nspec:\n  containers:\n  - name: c\n    \
+             image: busybox\n    resources: {resources}\n"
+        )
+    };
+    let bare = server.kubectl_fails(&["apply", "-f", "-"], Some(&pod("bare", "{}")));
+    assert!(bare.contains("is forbidden: failed quota: small: must specify cpu for: c"), "{bare}");
+    kubectl(&["apply", "-f", "-"], Some(&pod("fits", "{requests: {cpu: 600m}}")));
+    let greedy = server.kubectl_fails(&["apply", "-f", "-"], Some(&pod("greedy", "{limits: {cpu: 500m}}")));
+    assert!(greedy.contains("requested: cpu=500m, used: cpu=600m, limited: cpu=1"), "{greedy}");
+    // A dry run checks without charging; deleting frees the quota once the controller recounts.
+    kubectl(&["apply", "--dry-run=server", "-f", "-"], Some(&pod("dry", "{requests: {cpu: 400m}}")));
+    assert_eq!(used("cpu"), "600m");
+    kubectl(&["delete", "pod", "fits", "-n", "a", "--grace-period=0", "--force"], None);
+    eventually("the pod's CPU released", || used("cpu") == "0");
+    kubectl(&["apply", "-f", "-"], Some(&pod("greedy", "{limits: {cpu: 500m}}")));
+}
+
+#[test]
 fn resource_quotas_count_what_their_namespace_uses() {
     let server = server();
     let kubectl = |args: &[&str], stdin: Option<&str>| server.kubectl(args, stdin);
@@ -407,4 +454,124 @@ fn a_pods_spec_changes_only_where_upstream_lets_it() {
         kubectl(&["get", "pod", "p", "-o", "jsonpath={.spec.containers[0].image} {.spec.activeDeadlineSeconds}"], None),
         "busybox:1.36 300"
     );
+}
+
+#[test]
+fn a_pod_replaced_without_its_empty_fields_is_the_same_pod() {
+    // A protobuf body (client-go's) cannot carry `resources: {}`; nor need a client send
+    // what defaulting fills in. Neither is a change of the spec.
+    let server = server();
+    let kubectl = |args: &[&str], stdin: Option<&str>| server.kubectl(args, stdin);
+    kubectl(&["run", "p", "--image=busybox", "--labels=job=x", "--", "sleep", "1000"], None);
+    let mut pod: Value = serde_json::from_str(&kubectl(&["get", "pod", "p", "-o", "json"], None)).unwrap();
+    let container = pod["spec"]["containers"][0].as_object_mut().unwrap();
+    assert_eq!(container.remove("resources"), Some(serde_json::json!({})));
+    container.remove("terminationMessagePath");
+    pod["spec"].as_object_mut().unwrap().remove("securityContext");
+    pod["metadata"]["labels"] = serde_json::json!({"job": "released"});
+    kubectl(&["replace", "-f", "-"], Some(&pod.to_string()));
+    let stored = kubectl(
+        &["get", "pod", "p", "-o", "jsonpath={.metadata.labels.job} {.spec.containers[0].terminationMessagePath}"],
+        None,
+    );
+    assert_eq!(stored, "released /dev/termination-log", "defaults filled in again");
+}
+
+#[test]
+fn status_writes_keep_metadata_as_upstreams_strategies_do() {
+    let server = server();
+    let kubectl = |args: &[&str], stdin: Option<&str>| server.kubectl(args, stdin);
+    kubectl(&["create", "job", "j", "--image=busybox", "--", "true"], None);
+    let patch = r#"{"metadata":{"annotations":{"patchedstatus":"true"}},"status":{"conditions":[{"type":"Custom","status":"True","lastTransitionTime":"2026-01-01T00:00:00Z"}]}}"#;
+    kubectl(&["patch", "job", "j", "--subresource=status", "--type=merge", "-p", patch], None);
+    assert_eq!(kubectl(&["get", "job", "j", "-o", "jsonpath={.metadata.annotations.patchedstatus}"], None), "true");
+    // A Deployment's status strategy keeps its labels.
+    kubectl(&["create", "deployment", "d", "--image=busybox", "--replicas=0"], None);
+    let patch =
+        r#"{"metadata":{"labels":{"app":"patched-status"},"annotations":{"a":"b"}},"status":{"readyReplicas":0}}"#;
+    kubectl(&["patch", "deployment", "d", "--subresource=status", "--type=merge", "-p", patch], None);
+    assert_eq!(
+        kubectl(&["get", "deployment", "d", "-o", "jsonpath={.metadata.labels.app} {.metadata.annotations.a}"], None),
+        "d b"
+    );
+}
+
+#[test]
+fn a_strategic_patch_puts_a_new_container_first() {
+    let server = server();
+    let kubectl = |args: &[&str], stdin: Option<&str>| server.kubectl(args, stdin);
+    kubectl(&["create", "deployment", "d", "--image=httpd", "--replicas=0"], None);
+    let patch = r#"{"spec":{"template":{"spec":{"containers":[{"name":"sidecar","image":"pause"}]}}}}"#;
+    kubectl(&["patch", "deployment", "d", "--type=strategic", "-p", patch], None);
+    assert_eq!(
+        kubectl(&["get", "deployment", "d", "-o", "jsonpath={.spec.template.spec.containers[*].name}"], None),
+        "sidecar httpd",
+        "upstream's order: the patch's elements, then the others"
+    );
+    // And the new container is defaulted like one created with the object.
+    assert_eq!(
+        kubectl(
+            &["get", "deployment", "d", "-o", "jsonpath={.spec.template.spec.containers[0].imagePullPolicy}"],
+            None
+        ),
+        "Always"
+    );
+}
+
+#[test]
+fn a_deployment_adopts_the_replica_sets_its_selector_matches() {
+    let server = server();
+    let kubectl = |args: &[&str], stdin: Option<&str>| server.kubectl(args, stdin);
+    let orphan = "apiVersion: apps/v1\nkind: ReplicaSet\nmetadata:\n  name: before\n  labels: {app: web}\n  annotations: \
+                  {deployment.kubernetes.io/revision: \"3546343826724305832\"}\nspec:\n  replicas: 0\n  \
+                  selector: {matchLabels: {app: web}}\n  template:\n    metadata: {labels: {app: web}}\n    \
+                  spec: {containers: [{name: c, image: httpd}]}\n";
+    kubectl(&["apply", "-f", "-"], Some(orphan));
+    kubectl(&["create", "deployment", "web", "--image=busybox", "--replicas=0"], None);
+    let owner = || kubectl(&["get", "rs", "before", "-o", "jsonpath={.metadata.ownerReferences[*].kind}"], None);
+    eventually("the ReplicaSet adopted", || owner() == "Deployment");
+    eventually("the next revision after the adopted one", || {
+        kubectl(
+            &[
+                "get",
+                "deployment",
+                "web",
+                "-o",
+                "jsonpath={.metadata.annotations.deployment\\.kubernetes\\.io/revision}",
+            ],
+            None,
+        ) == "3546343826724305833"
+    });
+    // Relabelled out of the selector, it is let go.
+    kubectl(&["label", "rs", "before", "app=other", "--overwrite"], None);
+    eventually("the ReplicaSet released", || owner().is_empty());
+}
+
+#[test]
+fn a_replication_controller_says_when_quota_refuses_its_pods() {
+    let server = server();
+    let kubectl = |args: &[&str], stdin: Option<&str>| server.kubectl(args, stdin);
+    kubectl(&["create", "quota", "condition-test", "--hard=pods=2"], None);
+    eventually("the quota's status", || {
+        kubectl(&["get", "quota", "condition-test", "-o", "jsonpath={.status.used.pods}"], None) == "0"
+    });
+    let rc = "apiVersion: v1\nkind: ReplicationController\nmetadata: {name: condition-test}\nspec:\n  replicas: 3\n  \
+              template:\n    metadata: {labels: {name: condition-test}}\n    spec: {containers: [{name: c, image: busybox}]}\n";
+    kubectl(&["apply", "-f", "-"], Some(rc));
+    let condition = || {
+        kubectl(
+            &[
+                "get",
+                "rc",
+                "condition-test",
+                "-o",
+                r#"jsonpath={.status.conditions[?(@.type=="ReplicaFailure")].message}"#,
+            ],
+            None,
+        )
+    };
+    eventually("the failure surfaced", || condition().contains("exceeded quota: condition-test"));
+    assert!(condition().contains("forbidden"), "{}", condition());
+    kubectl(&["scale", "rc", "condition-test", "--replicas=2"], None);
+    eventually("the failure gone", || condition().is_empty());
 }

@@ -10,8 +10,9 @@
 //! Images: the names `e2e.test --list-images` prints, each an OCI archive made from what this
 //! machine has: agnhost (built from the same tree) on a busybox layer, as upstream's is on a
 //! small distribution; pause (upstream's pause.c, built statically); busybox; the web servers
-//! (nginx, httpd) as agnhost serving HTTP on port 80; every other image as agnhost, a stand-in
-//! for a test that needs a running process only.
+//! (nginx, httpd) as busybox's httpd on port 80 serving their document root with its index
+//! page where theirs is; every other image as agnhost, a stand-in for a test that needs a
+//! running process only.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode, Stdio};
@@ -46,14 +47,33 @@ struct Args {
     /// Where to copy the nodes' logs after the run (none if not given).
     #[arg(long)]
     logs_dir: Option<PathBuf>,
+    /// Run the specs in this many parallel processes through the ginkgo CLI (`--ginkgo`), as
+    /// upstream's CI does; 1 runs e2e.test directly.
+    #[arg(long, default_value_t = 1)]
+    procs: usize,
+    /// The ginkgo CLI, built from the same tree (needed when `--procs` is above 1).
+    #[arg(long)]
+    ginkgo: Option<PathBuf>,
     /// e2e.test's own arguments (`--ginkgo.focus=…`).
     #[arg(last = true)]
     e2e_args: Vec<String>,
 }
 
-/// How an image of the suite is made here: its entrypoint and command, and whether its layer
-/// holds agnhost (else pause). `None` for the images the suite expects a pull of to fail.
-type Recipe = (&'static [&'static str], &'static [&'static str], bool);
+/// What an image's layer holds besides busybox.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Layer {
+    /// agnhost at `/agnhost`.
+    Agnhost,
+    /// pause at `/pause`.
+    Pause,
+    /// A web server's document root with its index page (served by busybox's httpd), as the
+    /// tests that break a server by moving its index page (readiness) need a real one.
+    Web { root: &'static str, page: &'static str },
+}
+
+/// How an image of the suite is made here: its entrypoint, command and layer. `None` for the
+/// images the suite expects a pull of to fail.
+type Recipe = (&'static [&'static str], &'static [&'static str], Layer);
 
 fn recipe(name: &str) -> Option<Recipe> {
     if name.starts_with("invalid.") || name.contains("authenticated-image-pulling") || name.contains("windows") {
@@ -62,11 +82,23 @@ fn recipe(name: &str) -> Option<Recipe> {
     let repository = name.rsplit_once(':').map(|(r, _)| r).unwrap_or(name);
     let base = repository.rsplit('/').next().unwrap_or(repository);
     Some(match base {
-        "agnhost" => (&["/agnhost"], &["pause"], true),
-        "pause" => (&["/pause"], &[], false),
-        "busybox" => (&[], &["sh"], false),
-        "nginx" | "httpd" => (&["/agnhost", "netexec", "--http-port=80"], &[], true),
-        _ => (&["/agnhost"], &["pause"], true),
+        "agnhost" => (&["/agnhost"], &["pause"], Layer::Agnhost),
+        "pause" => (&["/pause"], &[], Layer::Pause),
+        "busybox" => (&[], &["sh"], Layer::Pause),
+        "httpd" => (
+            &["/bin/httpd", "-f", "-p", "80", "-h", "/usr/local/apache2/htdocs"],
+            &[],
+            Layer::Web { root: "usr/local/apache2/htdocs", page: "<html><body><h1>It works!</h1></body></html>\n" },
+        ),
+        "nginx" => (
+            &["/bin/httpd", "-f", "-p", "80", "-h", "/usr/share/nginx/html"],
+            &[],
+            Layer::Web {
+                root: "usr/share/nginx/html",
+                page: "<!DOCTYPE html>\n<html>\n<head>\n<title>Welcome to nginx!</title>\n</head>\n<body>\n<h1>Welcome to nginx!</h1>\n</body>\n</html>\n",
+            },
+        ),
+        _ => (&["/agnhost"], &["pause"], Layer::Agnhost),
     })
 }
 
@@ -75,8 +107,6 @@ fn make_images(args: &Args, names: &[String], dir: &Path) -> anyhow::Result<usiz
     std::fs::create_dir_all(dir)?;
     let agnhost = std::fs::read(&args.agnhost).with_context(|| format!("reading {}", args.agnhost.display()))?;
     let pause = std::fs::read(&args.pause).with_context(|| format!("reading {}", args.pause.display()))?;
-    let with_agnhost = image::busybox_layer(&[("agnhost", &agnhost, 0o755)])?;
-    let plain = image::busybox_layer(&[("pause", &pause, 0o755)])?;
     let mut groups: Vec<(Recipe, Vec<&str>)> = Vec::new();
     for name in names {
         let Some(recipe) = recipe(name) else { continue };
@@ -86,9 +116,15 @@ fn make_images(args: &Args, names: &[String], dir: &Path) -> anyhow::Result<usiz
         }
     }
     let mut made = 0;
-    for (i, ((entrypoint, cmd, agn), members)) in groups.iter().enumerate() {
-        let layer = if *agn { &with_agnhost } else { &plain };
-        image::oci_archive_with(&dir.join(format!("e2e-{i}.tar")), members, layer, entrypoint, cmd)?;
+    for (i, ((entrypoint, cmd, layer), members)) in groups.iter().enumerate() {
+        let layer = match layer {
+            Layer::Agnhost => image::busybox_layer(&[("agnhost", &agnhost, 0o755)])?,
+            Layer::Pause => image::busybox_layer(&[("pause", &pause, 0o755)])?,
+            Layer::Web { root, page } => {
+                image::busybox_layer(&[(&format!("{root}/index.html"), page.as_bytes(), 0o644)])?
+            }
+        };
+        image::oci_archive_with(&dir.join(format!("e2e-{i}.tar")), members, &layer, entrypoint, cmd)?;
         made += members.len();
     }
     Ok(made)
@@ -171,14 +207,32 @@ fn run(args: Args) -> anyhow::Result<u8> {
     eprintln!("{}", kubectl(hosts.get(0), &kubeconfig, &["get", "nodes", "-o", "wide"]));
     std::fs::create_dir_all(&args.report_dir)?;
     let started = Instant::now();
-    let status = hosts
-        .get(0)
-        .command(&args.e2e)
+    let mut suite = match (&args.ginkgo, args.procs) {
+        (Some(ginkgo), procs) if procs > 1 => {
+            // The CLI takes the `--ginkgo.` flags as its own and passes the rest after `--`.
+            let (own, rest): (Vec<&String>, Vec<&String>) =
+                args.e2e_args.iter().partition(|a| a.starts_with("--ginkgo."));
+            let mut command = hosts.get(0).command(ginkgo);
+            command
+                .arg(format!("--procs={procs}"))
+                .args(own.iter().map(|a| a.replacen("--ginkgo.", "--", 1)))
+                .arg(&args.e2e)
+                .arg("--")
+                .args(rest);
+            command
+        }
+        (None, procs) if procs > 1 => bail!("--procs {procs} needs --ginkgo"),
+        _ => {
+            let mut command = hosts.get(0).command(&args.e2e);
+            command.args(&args.e2e_args);
+            command
+        }
+    };
+    let status = suite
         .arg("--kubeconfig")
         .arg(&kubeconfig)
         .args(["--provider", "skeleton", "--report-dir"])
         .arg(&args.report_dir)
-        .args(&args.e2e_args)
         .env("KUBECONFIG", &kubeconfig)
         .stdin(Stdio::null())
         .status()

@@ -143,7 +143,7 @@ where
     )
     .default_backoff()
     .touched_objects();
-    wake_on(events.map_ok(|_| ()).boxed(), wakes);
+    wake_on(events.map_ok(|_| ()).boxed(), wakes, std::any::type_name::<K>());
     reader
 }
 
@@ -151,11 +151,24 @@ where
 fn wake_on(
     mut events: futures::stream::BoxStream<'static, Result<(), watcher::Error>>,
     wakes: Arc<Mutex<Vec<Arc<Notify>>>>,
+    kind: &'static str,
 ) {
     tokio::spawn(async move {
+        // A watch that keeps failing (an object the kind's type cannot hold, a refused list)
+        // leaves its controllers blind: said once when it starts and once when it ends.
+        let mut failing = false;
         while let Some(event) = events.next().await {
-            if let Err(error) = event {
-                tracing::debug!(%error, "controller watch");
+            match event {
+                Err(error) if !failing => {
+                    tracing::warn!(%error, kind, "a controller's watch fails; its cache is stale until it recovers");
+                    failing = true;
+                }
+                Err(error) => tracing::debug!(%error, kind, "controller watch"),
+                Ok(()) if failing => {
+                    tracing::info!(kind, "a controller's watch recovered");
+                    failing = false;
+                }
+                Ok(()) => {}
             }
             for wake in wakes.lock().unwrap_or_else(|e| e.into_inner()).iter() {
                 wake.notify_one();

@@ -166,21 +166,65 @@ fn pod_from_template(
 }
 
 /// Creates `count` pods like `pod`, a bounded number at a time; returns the names made.
-async fn create_pods(pods: &Api<Pod>, pod: &Pod, count: usize) -> Vec<String> {
-    let results: Vec<Option<String>> = futures::stream::iter(0..count)
+async fn create_pods(pods: &Api<Pod>, pod: &Pod, count: usize) -> (Vec<String>, Option<String>) {
+    let results: Vec<Result<String, String>> = futures::stream::iter(0..count)
         .map(|_| async move {
             match pods.create(&PostParams::default(), pod).await {
-                Ok(pod) => pod.metadata.name,
+                Ok(pod) => Ok(pod.metadata.name.unwrap_or_default()),
                 Err(error) => {
                     tracing::debug!(%error, owner = ?pod.metadata.generate_name, "could not create a pod");
-                    None
+                    Err(match error {
+                        kube::Error::Api(response) => response.message,
+                        other => other.to_string(),
+                    })
                 }
             }
         })
         .buffer_unordered(PARALLEL)
         .collect()
         .await;
-    results.into_iter().flatten().collect()
+    let mut created = Vec::new();
+    let mut failure = None;
+    for result in results {
+        match result {
+            Ok(name) => created.push(name),
+            Err(message) => failure = failure.or(Some(message)),
+        }
+    }
+    (created, failure)
+}
+
+/// A ReplicaSet's (or ReplicationController's) conditions after a pass: `ReplicaFailure`
+/// (reason `FailedCreate`, the API's refusal as message — an exceeded quota) while creating
+/// its pods fails, gone once a pass goes through; kept from before while it stays the same.
+fn replica_failure(
+    before: Option<&Vec<k8s_openapi::api::apps::v1::ReplicaSetCondition>>,
+    failure: Option<String>,
+) -> Option<Vec<k8s_openapi::api::apps::v1::ReplicaSetCondition>> {
+    let mut conditions: Vec<_> = before.cloned().unwrap_or_default();
+    let old = conditions.iter().position(|c| c.type_ == "ReplicaFailure");
+    match (failure, old) {
+        (Some(message), Some(i)) if conditions[i].message.as_deref() == Some(&message) => {}
+        (Some(message), old) => {
+            if let Some(i) = old {
+                conditions.remove(i);
+            }
+            conditions.push(k8s_openapi::api::apps::v1::ReplicaSetCondition {
+                type_: "ReplicaFailure".into(),
+                status: "True".into(),
+                reason: Some("FailedCreate".into()),
+                message: Some(message),
+                last_transition_time: Some(
+                    k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(jiff::Timestamp::now()),
+                ),
+            });
+        }
+        (None, Some(i)) => {
+            conditions.remove(i);
+        }
+        (None, None) => {}
+    }
+    (!conditions.is_empty()).then_some(conditions)
 }
 
 /// Pods created per owner uid that the pod watch has not shown yet (upstream's expectations):
@@ -232,19 +276,70 @@ async fn apply<K: Replicated>(
         }
     }
     let mut created = Vec::new();
+    let mut failed = None;
     if plan.create > 0 {
         let template = view.spec.as_ref().and_then(|s| s.template.clone()).unwrap_or_default();
         let pod = pod_from_template(&owner, namespace, &template, &[], None);
-        created = create_pods(&pods, &pod, plan.create).await;
+        let failure;
+        (created, failure) = create_pods(&pods, &pod, plan.create).await;
         pod_events(client, set, "SuccessfulCreate", "Created", &created, K::COMPONENT).await;
+        if let Some(message) = &failure {
+            event(client, set, "Warning", "FailedCreate", &format!("Error creating: {message}"), K::COMPONENT).await;
+        }
+        failed = failure;
     }
     delete_pods(client, set, &pods, &plan.delete, &DeleteParams::default(), K::COMPONENT).await;
+    let mut status = plan.status.clone();
+    status.conditions = replica_failure(view.status.as_ref().and_then(|s| s.conditions.as_ref()), failed);
     // The same fields under another type name for ReplicationControllers.
-    match serde_json::to_value(&plan.status).and_then(serde_json::from_value::<K::Status>) {
+    match serde_json::to_value(&status).and_then(serde_json::from_value::<K::Status>) {
         Ok(status) => update_status(client, set, Some(&set.status().cloned().unwrap_or_default()), &status).await,
         Err(error) => tracing::warn!(%error, "a ReplicaSet status that does not convert"),
     }
     created
+}
+
+/// Upstream's ownership rule for a Deployment's ReplicaSets: one its selector matches that
+/// has no controller (made before the Deployment, or orphaned) becomes its own; one it
+/// controls that its selector no longer matches is let go. The next pass plans with them.
+async fn adopt_and_release(client: &kube::Client, deployments: &[Arc<Deployment>], sets: &[Arc<ReplicaSet>]) {
+    for d in deployments.iter().filter(|d| d.metadata.deletion_timestamp.is_none()) {
+        let namespace = d.metadata.namespace.as_deref().unwrap_or("default");
+        let uid = d.metadata.uid.as_deref().unwrap_or_default();
+        let Some(selector) = d.spec.as_ref().map(|s| &s.selector) else { continue };
+        // An empty selector selects nothing here (upstream refuses it).
+        if selector.match_labels.as_ref().is_none_or(|l| l.is_empty())
+            && selector.match_expressions.as_ref().is_none_or(|e| e.is_empty())
+        {
+            continue;
+        }
+        let api: Api<ReplicaSet> = Api::namespaced(client.clone(), namespace);
+        for rs in sets.iter().filter(|rs| rs.metadata.namespace.as_deref() == Some(namespace)) {
+            let owners = rs.metadata.owner_references.clone().unwrap_or_default();
+            let controller = owners.iter().find(|o| o.controller == Some(true));
+            let selected = tugboat_scheduler::labels::selector_matches(selector, rs.metadata.labels.as_ref());
+            let owners = match controller {
+                None if selected && rs.metadata.deletion_timestamp.is_none() => {
+                    let mut owners = owners.clone();
+                    owners.push(owner_reference(d.as_ref()));
+                    owners
+                }
+                Some(c) if c.uid == uid && !selected => owners.iter().filter(|o| o.uid != uid).cloned().collect(),
+                _ => continue,
+            };
+            let name = rs.metadata.name.as_deref().unwrap_or_default();
+            let patch = json!({"metadata": {"ownerReferences": owners}});
+            match api.patch(name, &PatchParams::default(), &Patch::Merge(&patch)).await {
+                Ok(_) => tracing::info!(
+                    deployment = d.metadata.name.as_deref().unwrap_or_default(),
+                    replicaset = name,
+                    adopted = controller.is_none(),
+                    "replica set ownership changed"
+                ),
+                Err(error) => tracing::debug!(%error, replicaset = name, "could not adopt or release"),
+            }
+        }
+    }
 }
 
 /// The Deployment controller.
@@ -269,9 +364,11 @@ pub(super) async fn run_deployments(client: kube::Client, hub: Arc<Hub>) -> anyh
                 by_owner.entry(owner.uid.clone()).or_default().push(rs);
             }
         }
+        let all_deployments = deployments.state();
+        adopt_and_release(&client, &all_deployments, &all_sets).await;
         let now = k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(jiff::Timestamp::now());
         let mut work = Vec::new();
-        for d in deployments.state() {
+        for d in all_deployments {
             if d.metadata.deletion_timestamp.is_some() {
                 continue;
             }
@@ -385,7 +482,15 @@ where
     let meta = object.meta();
     let api: Api<K> = Api::namespaced(client.clone(), meta.namespace.as_deref().unwrap_or("default"));
     let name = meta.name.as_deref().unwrap_or_default();
-    let patch = json!({"status": status});
+    // A merge patch leaves what it does not name: a field the status no longer has (the
+    // conditions, once none is left) is named as null.
+    let mut new = serde_json::to_value(status).unwrap_or_default();
+    if let (Some(old), Some(map)) = (current.and_then(|c| serde_json::to_value(c).ok()), new.as_object_mut()) {
+        for key in old.as_object().into_iter().flat_map(|o| o.keys()) {
+            map.entry(key.clone()).or_insert(serde_json::Value::Null);
+        }
+    }
+    let patch = json!({"status": new});
     if let Err(error) = api.patch_status(name, &PatchParams::default(), &Patch::Merge(&patch)).await {
         tracing::debug!(%error, object = name, kind = %K::kind(&()), "could not update the status");
     }
@@ -568,7 +673,7 @@ async fn apply_job(client: &kube::Client, j: &Job, plan: job::Plan) -> Vec<Strin
     if plan.create > 0 {
         let template = j.spec.as_ref().map(|s| s.template.clone()).unwrap_or_default();
         let pod = pod_from_template(&owner_reference(j), namespace, &template, &[], None);
-        created = create_pods(&pods, &pod, plan.create).await;
+        created = create_pods(&pods, &pod, plan.create).await.0;
         pod_events(client, j, "SuccessfulCreate", "Created", &created, "job-controller").await;
     }
     delete_pods(client, j, &pods, &plan.delete, &DeleteParams::background(), "job-controller").await;

@@ -1,0 +1,326 @@
+//! The `proxy` subresources of pods, services and nodes, as upstream's: a request to
+//! `…/pods/[scheme:]name[:port]/proxy/<path>` goes to the pod's IP (the port named, else its
+//! first container port), one to a service to a ready endpoint of the service port named (by
+//! name or number, as upstream's `ResourceLocation` picks it), one to a node to its kubelet (with
+//! the API server's kubelet client certificate) or, for another port, to that port of the node.
+//! Method, query, body and the end-to-end headers pass through; the answer comes back as the
+//! backend gave it, streamed.
+
+use std::time::Duration;
+
+use axum::body::Body;
+#[cfg(test)]
+use axum::http::HeaderMap;
+use axum::http::{Response, header};
+use hyper_util::rt::TokioIo;
+
+use crate::handlers::{ApiState, read_object};
+use crate::registry;
+use crate::status::ApiError;
+
+/// Headers that belong to one connection, not to the request (RFC 9110 §7.6.1), and the
+/// caller's credentials, which are the API server's business only.
+const HOP_BY_HOP: &[&str] = &[
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+    "host",
+    "authorization",
+];
+
+/// What a proxied request is for: the resource (`pods`, `services`, `nodes`), its namespace
+/// and the name segment as given (`https:web:8443`).
+#[derive(Debug)]
+pub struct Target<'a> {
+    pub plural: &'a str,
+    pub namespace: Option<&'a str>,
+    pub id: &'a str,
+}
+
+/// Upstream's `SplitSchemeNamePort`: `name`, `name:port` or `scheme:name:port`.
+fn split_id(id: &str) -> Result<(&str, &str, &str), ApiError> {
+    let parts: Vec<&str> = id.split(':').collect();
+    let (scheme, name, port) = match parts.as_slice() {
+        [name] => ("", *name, ""),
+        [name, port] => ("", *name, *port),
+        [scheme, name, port] => (*scheme, *name, *port),
+        _ => return Err(ApiError::bad_request(format!("invalid request {id:?}"))),
+    };
+    if name.is_empty() || !matches!(scheme, "" | "http" | "https") {
+        return Err(ApiError::bad_request(format!("invalid request {id:?}")));
+    }
+    Ok((scheme, name, port))
+}
+
+fn unavailable(message: String) -> ApiError {
+    ApiError::new(503, "ServiceUnavailable", message)
+}
+
+/// Where the request goes: scheme, `host:port`, and whether through the kubelet client.
+async fn locate(state: &ApiState, target: &Target<'_>) -> Result<(String, String, bool), ApiError> {
+    let (scheme, name, port) = split_id(target.id)?;
+    let join = |ip: &str, port: &str| {
+        let host = if ip.contains(':') { format!("[{ip}]") } else { ip.to_string() };
+        if port.is_empty() { host } else { format!("{host}:{port}") }
+    };
+    match target.plural {
+        "pods" => {
+            let pods = registry::find("", "v1", "pods").expect("pods are served");
+            let (pod, _) = read_object(state, pods, target.namespace, name).await?;
+            let port = if port.is_empty() {
+                let first = pod["spec"]["containers"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .find_map(|c| c["ports"][0]["containerPort"].as_i64());
+                first.map(|p| p.to_string()).unwrap_or_default()
+            } else {
+                port.to_string()
+            };
+            let ip = pod["status"]["podIP"]
+                .as_str()
+                .filter(|ip| !ip.is_empty())
+                .ok_or_else(|| unavailable(format!("pod {name} has no IP address yet")))?;
+            let scheme = if scheme.is_empty() { "http" } else { scheme };
+            let port = if port.is_empty() { if scheme == "https" { "443" } else { "80" }.to_string() } else { port };
+            Ok((scheme.to_string(), join(ip, &port), false))
+        }
+        "services" => {
+            let services = registry::find("", "v1", "services").expect("services are served");
+            let (service, _) = read_object(state, services, target.namespace, name).await?;
+            // A port number means the service port of that number, named as its endpoints name it.
+            let mut port_name = port.to_string();
+            if let Ok(number) = port.parse::<i64>() {
+                let declared = service["spec"]["ports"].as_array().into_iter().flatten().find(|p| p["port"] == number);
+                let Some(declared) = declared else {
+                    return Err(unavailable(format!("no service port {number} found for service {name:?}")));
+                };
+                port_name = declared["name"].as_str().unwrap_or_default().to_string();
+            }
+            let endpoints = registry::find("", "v1", "endpoints").expect("endpoints are served");
+            let (endpoints, _) = read_object(state, endpoints, target.namespace, name)
+                .await
+                .map_err(|_| unavailable(format!("no endpoints available for service {name:?}")))?;
+            let subsets = endpoints["subsets"].as_array().cloned().unwrap_or_default();
+            let start = pick(subsets.len());
+            for i in 0..subsets.len() {
+                let subset = &subsets[(start + i) % subsets.len()];
+                let addresses = subset["addresses"].as_array().cloned().unwrap_or_default();
+                if addresses.is_empty() {
+                    continue;
+                }
+                let ports = subset["ports"].as_array().into_iter().flatten();
+                if let Some(found) = ports.into_iter().find(|p| p["name"].as_str().unwrap_or_default() == port_name) {
+                    let address = &addresses[pick(addresses.len())];
+                    let ip = address["ip"].as_str().unwrap_or_default();
+                    let port = found["port"].as_i64().unwrap_or(80).to_string();
+                    let scheme = if scheme.is_empty() { "http" } else { scheme };
+                    return Ok((scheme.to_string(), join(ip, &port), false));
+                }
+            }
+            Err(unavailable(format!("no endpoints available for service {:?}", target.id)))
+        }
+        _ => {
+            let nodes = registry::find("", "v1", "nodes").expect("nodes are served");
+            let (node, _) = read_object(state, nodes, None, name).await?;
+            let kubelet = crate::kubelet::node_address(&node)
+                .ok_or_else(|| unavailable(format!("node {name} has no address to reach it at")))?;
+            let kubelet_port = kubelet.rsplit_once(':').map(|(_, p)| p).unwrap_or("10250");
+            if port.is_empty() || port == kubelet_port {
+                return Ok(("https".into(), kubelet, true));
+            }
+            let host = kubelet.rsplit_once(':').map(|(h, _)| h).unwrap_or(&kubelet).to_string();
+            let scheme = if scheme.is_empty() { "http" } else { scheme };
+            Ok((scheme.to_string(), format!("{host}:{port}"), false))
+        }
+    }
+}
+
+/// Forwards `request` (its path already cut to what follows `/proxy`) to the target.
+pub async fn forward(
+    state: &ApiState,
+    target: Target<'_>,
+    rest: &str,
+    request: hyper::Request<Body>,
+) -> Result<Response<Body>, ApiError> {
+    let (scheme, address, kubelet) = locate(state, &target).await?;
+    let (parts, body) = request.into_parts();
+    let path = if rest.is_empty() { "/" } else { rest };
+    let uri = match parts.uri.query() {
+        Some(query) => format!("{path}?{query}"),
+        None => path.to_string(),
+    };
+    let mut forward = hyper::Request::builder().method(parts.method.clone()).uri(&uri).header(header::HOST, &address);
+    for (name, value) in &parts.headers {
+        if !HOP_BY_HOP.contains(&name.as_str()) {
+            forward = forward.header(name, value);
+        }
+    }
+    let forward = forward.body(body).map_err(|e| ApiError::bad_request(e.to_string()))?;
+    let failed = |error: String| {
+        unavailable(format!("error trying to reach {} {:?}: {error}", target.plural.trim_end_matches('s'), target.id))
+    };
+    let response = if kubelet {
+        state.kubelets.send(&address, forward).await.map_err(failed)?
+    } else {
+        send(&scheme, &address, forward).await.map_err(failed)?
+    };
+    let (parts, body) = response.into_parts();
+    let mut answer = Response::builder().status(parts.status);
+    for (name, value) in &parts.headers {
+        if !HOP_BY_HOP.contains(&name.as_str()) {
+            answer = answer.header(name, value);
+        }
+    }
+    Ok(answer.body(Body::new(body)).unwrap_or_else(|_| Response::new(Body::empty())))
+}
+
+/// An index below `n` (n > 0) that varies from request to request: which endpoint to try
+/// first, spreading requests as upstream's random pick does.
+fn pick(n: usize) -> usize {
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().subsec_nanos();
+    nanos as usize % n.max(1)
+}
+
+/// TLS that takes whatever certificate the pod or service shows (upstream's proxy transport
+/// does not verify them either: they are the cluster's own workloads).
+fn insecure_connector() -> tokio_rustls::TlsConnector {
+    use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+    use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+    #[derive(Debug)]
+    struct AnyCertificate(std::sync::Arc<rustls::crypto::CryptoProvider>);
+    impl ServerCertVerifier for AnyCertificate {
+        fn verify_server_cert(
+            &self,
+            _: &CertificateDer<'_>,
+            _: &[CertificateDer<'_>],
+            _: &ServerName<'_>,
+            _: &[u8],
+            _: UnixTime,
+        ) -> Result<ServerCertVerified, rustls::Error> {
+            Ok(ServerCertVerified::assertion())
+        }
+        fn verify_tls12_signature(
+            &self,
+            message: &[u8],
+            cert: &CertificateDer<'_>,
+            dss: &rustls::DigitallySignedStruct,
+        ) -> Result<HandshakeSignatureValid, rustls::Error> {
+            rustls::crypto::verify_tls12_signature(message, cert, dss, &self.0.signature_verification_algorithms)
+        }
+        fn verify_tls13_signature(
+            &self,
+            message: &[u8],
+            cert: &CertificateDer<'_>,
+            dss: &rustls::DigitallySignedStruct,
+        ) -> Result<HandshakeSignatureValid, rustls::Error> {
+            rustls::crypto::verify_tls13_signature(message, cert, dss, &self.0.signature_verification_algorithms)
+        }
+        fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+            self.0.signature_verification_algorithms.supported_schemes()
+        }
+    }
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .expect("the ring provider supports the default versions")
+        .dangerous()
+        .with_custom_certificate_verifier(std::sync::Arc::new(AnyCertificate(provider)))
+        .with_no_client_auth();
+    tokio_rustls::TlsConnector::from(std::sync::Arc::new(config))
+}
+
+/// Sends one request over a connection of its own (TLS without verification for `https`,
+/// as upstream's proxy transport does for pods and services).
+async fn send(
+    scheme: &str,
+    address: &str,
+    request: hyper::Request<Body>,
+) -> Result<Response<hyper::body::Incoming>, String> {
+    let tcp = tokio::time::timeout(Duration::from_secs(10), tokio::net::TcpStream::connect(address))
+        .await
+        .map_err(|_| format!("dial tcp {address}: i/o timeout"))?
+        .map_err(|e| format!("dial tcp {address}: {e}"))?;
+    let _ = tcp.set_nodelay(true);
+    if scheme == "https" {
+        let host = address.rsplit_once(':').map(|(h, _)| h.trim_matches(['[', ']'])).unwrap_or(address);
+        let name = rustls::pki_types::ServerName::try_from(host.to_string()).map_err(|e| e.to_string())?;
+        let tls = insecure_connector().connect(name, tcp).await.map_err(|e| e.to_string())?;
+        exchange(TokioIo::new(tls), request).await
+    } else {
+        exchange(TokioIo::new(tcp), request).await
+    }
+}
+
+async fn exchange<T>(io: T, request: hyper::Request<Body>) -> Result<Response<hyper::body::Incoming>, String>
+where
+    T: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+{
+    let (mut sender, connection) = hyper::client::conn::http1::handshake(io).await.map_err(|e| e.to_string())?;
+    tokio::spawn(async move {
+        let _ = connection.await;
+    });
+    sender.send_request(request).await.map_err(|e| e.to_string())
+}
+
+/// The proxy target of a path, if it is one: (resource plural, namespace, name segment, the
+/// raw rest after `/proxy`). Paths: `/api/v1/namespaces/<ns>/{pods,services}/<id>/proxy…`
+/// and `/api/v1/nodes/<id>/proxy…`.
+pub fn parse(path: &str) -> Option<(&str, Option<&str>, &str, &str)> {
+    let rest = path.strip_prefix("/api/v1/")?;
+    let (plural, namespace, after) = if let Some(namespaced) = rest.strip_prefix("namespaces/") {
+        let (namespace, after) = namespaced.split_once('/')?;
+        let (plural, after) = after.split_once('/')?;
+        if !matches!(plural, "pods" | "services") {
+            return None;
+        }
+        (plural, Some(namespace), after)
+    } else {
+        let after = rest.strip_prefix("nodes/")?;
+        ("nodes", None, after)
+    };
+    let (id, after) = after.split_once('/')?;
+    let tail = after.strip_prefix("proxy")?;
+    if !(tail.is_empty() || tail.starts_with('/')) {
+        return None;
+    }
+    Some((plural, namespace, id, tail))
+}
+
+/// Whether the response headers a backend sent would be dropped (for tests).
+#[cfg(test)]
+fn passes(headers: &HeaderMap) -> Vec<String> {
+    headers.keys().map(|k| k.as_str().to_string()).filter(|k| !HOP_BY_HOP.contains(&k.as_str())).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn proxy_paths_and_ids_parse_as_upstreams() {
+        assert_eq!(
+            parse("/api/v1/namespaces/ns/pods/https:web:8443/proxy/a/b/"),
+            Some(("pods", Some("ns"), "https:web:8443", "/a/b/"))
+        );
+        assert_eq!(parse("/api/v1/namespaces/ns/services/web/proxy"), Some(("services", Some("ns"), "web", "")));
+        assert_eq!(parse("/api/v1/nodes/n1:10250/proxy/logs/"), Some(("nodes", None, "n1:10250", "/logs/")));
+        assert_eq!(parse("/api/v1/namespaces/ns/pods/web/log"), None);
+        assert_eq!(parse("/api/v1/namespaces/ns/configmaps/web/proxy"), None);
+        assert_eq!(parse("/api/v1/namespaces/ns/pods/web/proxyx"), None);
+        assert_eq!(split_id("web").unwrap(), ("", "web", ""));
+        assert_eq!(split_id("web:http").unwrap(), ("", "web", "http"));
+        assert_eq!(split_id("https:web:443").unwrap(), ("https", "web", "443"));
+        assert!(split_id("ftp:web:21").is_err() && split_id("a:b:c:d").is_err());
+        let mut headers = HeaderMap::new();
+        headers.insert("authorization", "Bearer x".parse().unwrap());
+        headers.insert("content-type", "text/plain".parse().unwrap());
+        assert_eq!(passes(&headers), ["content-type"]);
+    }
+}
