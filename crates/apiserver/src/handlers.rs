@@ -419,6 +419,7 @@ async fn route(
         apply: false,
         validation: FieldValidation::from_query(query)?,
         warnings: Default::default(),
+        duplicates: Default::default(),
     };
     // NodeRestriction: a kubelet's credentials write only its own Node, Lease and pods.
     let body = match user.and_then(crate::node::node_of) {
@@ -779,7 +780,18 @@ async fn list(
     }
     let page = state.store.list(&prefix, options).await.map_err(|e| match e {
         StoreError::Compacted { .. } if query.contains_key("continue") => {
-            ApiError::expired("The provided continue parameter is too old to display a consistent list result. You can start a new list without the continue parameter.")
+            let mut error = ApiError::expired(
+                "The provided continue parameter is too old to display a consistent list result. You can start a \
+                 new list without the continue parameter, or use the continue token in this response to retrieve \
+                 the remainder of the results. Continuing with the provided token results in an inconsistent list \
+                 - objects that were created, modified, or deleted between the time the first chunk was returned \
+                 and now may show up in the list.",
+            );
+            error.continue_token = query
+                .get("continue")
+                .and_then(|token| tugboat_store::ContinueToken::decode(token).ok())
+                .map(|token| token.inconsistent().encode());
+            error
         }
         other => ApiError::from_store(other, resource.group, resource.plural, ""),
     })?;
@@ -1050,6 +1062,7 @@ async fn create(
     write: &Write,
 ) -> Result<Response<Body>, ApiError> {
     let object = decode_body(content_type, body)?;
+    write.note_duplicates(content_type, body);
     create_object(state, resource, namespace, object, write, None).await
 }
 
@@ -1121,19 +1134,33 @@ pub(crate) struct Write {
     validation: FieldValidation,
     /// Warnings for the client (`Warning` headers of the response).
     warnings: Arc<std::sync::Mutex<Vec<String>>>,
+    /// Fields the body named twice (found as it is decoded), reported with the unknown ones.
+    duplicates: Arc<std::sync::Mutex<Vec<String>>>,
 }
 
 impl Write {
+    /// Looks for fields a JSON body names twice, unless they are to be ignored.
+    fn note_duplicates(&self, content_type: &str, body: &[u8]) {
+        if self.validation != FieldValidation::Ignore {
+            *self.duplicates.lock().unwrap_or_else(|e| e.into_inner()) = object::duplicate_fields(content_type, body);
+        }
+    }
+
     /// Drops the fields of `object` its kind does not declare, as upstream's decoder does; under
     /// `fieldValidation=Strict` they are an error, under Warn (the default) a warning each.
     fn check_fields(&self, resource: &Resource, object: &mut Value) -> Result<(), ApiError> {
         let unknown = crate::schema::schemas().prune_unknown(resource, object);
-        if unknown.is_empty() {
+        let duplicates = std::mem::take(&mut *self.duplicates.lock().unwrap_or_else(|e| e.into_inner()));
+        if unknown.is_empty() && duplicates.is_empty() {
             return Ok(());
         }
+        let fields: Vec<String> = unknown
+            .iter()
+            .map(|f| format!("unknown field {f:?}"))
+            .chain(duplicates.iter().map(|f| format!("duplicate field {f:?}")))
+            .collect();
         match self.validation {
             FieldValidation::Strict => {
-                let fields: Vec<String> = unknown.iter().map(|f| format!("unknown field {f:?}")).collect();
                 let mut error = ApiError::bad_request(format!(
                     "{kind} in version {version:?} cannot be handled as a {kind}: strict decoding error: {}",
                     fields.join(", "),
@@ -1142,9 +1169,15 @@ impl Write {
                 ));
                 error.causes = unknown
                     .iter()
-                    .map(|f| crate::status::Cause {
-                        reason: "FieldValueInvalid",
-                        message: format!("unknown field {f:?}"),
+                    .chain(&duplicates)
+                    .zip(&fields)
+                    .map(|(f, message)| crate::status::Cause {
+                        reason: if message.starts_with("duplicate") {
+                            "FieldValueDuplicate"
+                        } else {
+                            "FieldValueInvalid"
+                        },
+                        message: message.clone(),
                         field: f.clone(),
                     })
                     .collect();
@@ -1152,7 +1185,7 @@ impl Write {
             }
             FieldValidation::Warn => {
                 let mut warnings = self.warnings.lock().unwrap_or_else(|e| e.into_inner());
-                warnings.extend(unknown.iter().map(|f| format!("unknown field {f:?}")));
+                warnings.extend(fields);
                 Ok(())
             }
             FieldValidation::Ignore => Ok(()),
@@ -1544,6 +1577,7 @@ async fn update(
     write: &Write,
 ) -> Result<Response<Body>, ApiError> {
     let object = decode_body(content_type, body)?;
+    write.note_duplicates(content_type, body);
     if let Some(given) = object["metadata"]["name"].as_str()
         && given != name
     {

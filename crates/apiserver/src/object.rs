@@ -29,6 +29,75 @@ pub fn decode_body(content_type: &str, body: &[u8]) -> Result<Value, ApiError> {
     Ok(value)
 }
 
+/// The fields a JSON body names twice in one object (`spec.replicas`, `a.b[0].c`), which
+/// upstream's strict decoding reports (the last one wins when decoding). Empty for anything
+/// that is not JSON.
+pub fn duplicate_fields(content_type: &str, body: &[u8]) -> Vec<String> {
+    use serde::de::{DeserializeSeed, MapAccess, SeqAccess, Visitor};
+    use std::cell::RefCell;
+    struct Walk<'a> {
+        path: String,
+        found: &'a RefCell<Vec<String>>,
+    }
+    impl<'de> DeserializeSeed<'de> for Walk<'_> {
+        type Value = ();
+        fn deserialize<D: serde::Deserializer<'de>>(self, deserializer: D) -> Result<(), D::Error> {
+            deserializer.deserialize_any(self)
+        }
+    }
+    impl<'de> Visitor<'de> for Walk<'_> {
+        type Value = ();
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("any JSON value")
+        }
+        fn visit_bool<E>(self, _: bool) -> Result<(), E> {
+            Ok(())
+        }
+        fn visit_i64<E>(self, _: i64) -> Result<(), E> {
+            Ok(())
+        }
+        fn visit_u64<E>(self, _: u64) -> Result<(), E> {
+            Ok(())
+        }
+        fn visit_f64<E>(self, _: f64) -> Result<(), E> {
+            Ok(())
+        }
+        fn visit_str<E>(self, _: &str) -> Result<(), E> {
+            Ok(())
+        }
+        fn visit_unit<E>(self) -> Result<(), E> {
+            Ok(())
+        }
+        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+            let mut seen = std::collections::HashSet::new();
+            while let Some(key) = map.next_key::<std::borrow::Cow<str>>()? {
+                let path = if self.path.is_empty() { key.to_string() } else { format!("{}.{key}", self.path) };
+                if !seen.insert(key.into_owned()) {
+                    self.found.borrow_mut().push(path.clone());
+                }
+                map.next_value_seed(Walk { path, found: self.found })?;
+            }
+            Ok(())
+        }
+        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
+            let mut index = 0;
+            while seq.next_element_seed(Walk { path: format!("{}[{index}]", self.path), found: self.found })?.is_some()
+            {
+                index += 1;
+            }
+            Ok(())
+        }
+    }
+    let media = content_type.split(';').next().unwrap_or("").trim();
+    if !matches!(media, "" | "application/json" | "*/*") {
+        return Vec::new();
+    }
+    let found = RefCell::new(Vec::new());
+    let mut deserializer = serde_json::Deserializer::from_slice(body);
+    let _ = Walk { path: String::new(), found: &found }.deserialize(&mut deserializer);
+    found.into_inner()
+}
+
 /// RFC 3339 in UTC with seconds, as Kubernetes writes timestamps.
 pub fn now_rfc3339() -> String {
     let now = time::OffsetDateTime::now_utc();
@@ -905,6 +974,14 @@ mod tests {
         let mut same = json!({"metadata": {"name": "w", "labels": {"a": "b"}}, "spec": {"replicas": 1}});
         prepare_update(deployments, &old, &mut same).unwrap();
         assert_eq!(same["metadata"]["generation"], 3);
+    }
+
+    #[test]
+    fn duplicate_fields_are_found_with_their_paths() {
+        let body = br#"{"spec": {"replicas": 2, "replicas": 3, "list": [{"a": 1, "a": 2}], "s": "x\"y"}, "k": null}"#;
+        assert_eq!(duplicate_fields("application/json", body), ["spec.replicas", "spec.list[0].a"]);
+        assert!(duplicate_fields("application/yaml", body).is_empty());
+        assert!(duplicate_fields("application/json", br#"{"a": {"b": 1}, "b": 2}"#).is_empty());
     }
 
     #[test]

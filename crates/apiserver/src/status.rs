@@ -28,11 +28,23 @@ pub struct ApiError {
     /// The resource (plural) or kind the error is about.
     pub kind: Option<String>,
     pub causes: Vec<Cause>,
+    /// A list's continuation the error carries (`metadata.continue`): the inconsistent
+    /// continuation of a continue token compacted away.
+    pub continue_token: Option<String>,
 }
 
 impl ApiError {
     pub(crate) fn new(code: u16, reason: &'static str, message: impl Into<String>) -> Self {
-        ApiError { code, reason, message: message.into(), name: None, group: None, kind: None, causes: Vec::new() }
+        ApiError {
+            code,
+            reason,
+            message: message.into(),
+            name: None,
+            group: None,
+            kind: None,
+            causes: Vec::new(),
+            continue_token: None,
+        }
     }
 
     fn about(mut self, group: &str, resource: &str, name: &str) -> Self {
@@ -207,6 +219,9 @@ impl ApiError {
         });
         if !details.is_empty() {
             status["details"] = Value::Object(details);
+        }
+        if let Some(token) = &self.continue_token {
+            status["metadata"]["continue"] = json!(token);
         }
         status
     }

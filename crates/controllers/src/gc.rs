@@ -40,6 +40,7 @@ pub enum Action {
 /// the collector watches that kind (only then can it tell an owner is missing).
 pub fn plan(objects: &[Object], known_kind: impl Fn(&OwnerReference) -> bool) -> Vec<Action> {
     let present: HashSet<&str> = objects.iter().map(|o| o.uid.as_str()).collect();
+    let by_uid: HashMap<&str, &Object> = objects.iter().map(|o| (o.uid.as_str(), o)).collect();
     let mut dependents: HashMap<&str, Vec<&Object>> = HashMap::new();
     for object in objects {
         for owner in &object.owners {
@@ -64,9 +65,38 @@ pub fn plan(objects: &[Object], known_kind: impl Fn(&OwnerReference) -> bool) ->
             }
             if object.finalizers.iter().any(|f| f == FOREGROUND) {
                 for dependent in mine.iter().filter(|d| !d.deleting) {
+                    // A dependent that also has a solid owner (there, and not itself waiting
+                    // for its dependents) stays, only without the references to owners on
+                    // their way out (upstream's attemptToDeleteItem).
+                    let solid = |o: &OwnerReference| {
+                        by_uid
+                            .get(o.uid.as_str())
+                            .is_some_and(|owner| !(owner.deleting && owner.finalizers.iter().any(|f| f == FOREGROUND)))
+                    };
+                    if dependent.owners.iter().any(solid) {
+                        let keep = dependent.owners.iter().filter(|o| solid(o)).cloned().collect();
+                        actions.push(Action::SetOwners { dependent: (*dependent).clone(), keep });
+                        continue;
+                    }
+                    // A dependent of its own waits for its dependents too: in a circle, it
+                    // first stops blocking its owners, so that they need not wait for it.
+                    let waiting = |d: &&Object| d.deleting && d.finalizers.iter().any(|f| f == FOREGROUND);
+                    let in_circle = dependents.get(dependent.uid.as_str()).is_some_and(|own| own.iter().any(waiting));
+                    if in_circle && dependent.owners.iter().any(|o| o.block_owner_deletion == Some(true)) {
+                        let keep = dependent
+                            .owners
+                            .iter()
+                            .map(|o| OwnerReference { block_owner_deletion: Some(false), ..o.clone() })
+                            .collect();
+                        actions.push(Action::SetOwners { dependent: (*dependent).clone(), keep });
+                    }
                     actions.push(Action::DeleteDependent { dependent: (*dependent).clone() });
                 }
-                if mine.is_empty() {
+                // The owner waits only for the dependents that block its deletion.
+                let blocking = mine
+                    .iter()
+                    .any(|d| d.owners.iter().any(|o| o.uid == object.uid && o.block_owner_deletion == Some(true)));
+                if !blocking {
                     actions.push(Action::RemoveFinalizer { owner: object.clone(), finalizer: FOREGROUND });
                 }
                 continue;
@@ -141,6 +171,31 @@ mod tests {
     }
 
     #[test]
+    fn a_dependency_circle_does_not_block_foreground_deletion() {
+        // pod1 <- pod2 <- pod3 <- pod1 (each owned by the one before), pod1 and pod2 being
+        // deleted in the foreground.
+        let waiting = |mut o: Object| {
+            o.deleting = true;
+            o.finalizers = vec![FOREGROUND.into()];
+            o
+        };
+        let pod1 = waiting(object("pod1", "p1", vec![owner("Pod", "p3")]));
+        let pod2 = waiting(object("pod2", "p2", vec![owner("Pod", "p1")]));
+        let pod3 = object("pod3", "p3", vec![owner("Pod", "p2")]);
+        let actions = plan(&[pod1.clone(), pod2.clone(), pod3.clone()], known);
+        let unblocked = vec![OwnerReference { block_owner_deletion: Some(false), ..owner("Pod", "p2") }];
+        assert!(
+            actions.contains(&Action::SetOwners { dependent: pod3.clone(), keep: unblocked.clone() }),
+            "{actions:?}"
+        );
+        assert!(actions.contains(&Action::DeleteDependent { dependent: pod3.clone() }));
+        // Once pod3 no longer blocks it, pod2 stops waiting.
+        let pod3 = waiting(object("pod3", "p3", unblocked));
+        let actions = plan(&[pod1, pod2.clone(), pod3], known);
+        assert!(actions.contains(&Action::RemoveFinalizer { owner: pod2, finalizer: FOREGROUND }), "{actions:?}");
+    }
+
+    #[test]
     fn foreground_deletion_waits_for_dependents_and_orphaning_releases_them() {
         let mut deployment = object("web", "d-1", vec![]);
         deployment.deleting = true;
@@ -148,6 +203,11 @@ mod tests {
         let rs = object("rs", "rs-1", vec![owner("Deployment", "d-1")]);
         let actions = plan(&[deployment.clone(), rs.clone()], known);
         assert_eq!(actions, [Action::DeleteDependent { dependent: rs }]);
+        // A dependent with another owner that stays is kept, released from the one going.
+        let other = object("other", "rc-2", vec![]);
+        let shared = object("pod", "p-1", vec![owner("Deployment", "d-1"), owner("Deployment", "rc-2")]);
+        let actions = plan(&[deployment.clone(), other, shared.clone()], known);
+        assert_eq!(actions, [Action::SetOwners { dependent: shared, keep: vec![owner("Deployment", "rc-2")] }]);
         let actions = plan(std::slice::from_ref(&deployment), known);
         assert_eq!(actions, [Action::RemoveFinalizer { owner: deployment.clone(), finalizer: FOREGROUND }]);
 

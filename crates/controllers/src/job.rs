@@ -66,6 +66,61 @@ fn condition(kind: &str, reason: &str, message: &str, now: Timestamp) -> JobCond
     }
 }
 
+/// What `policy` says of a failed pod: the action of the first rule it matches (`FailJob`,
+/// `Ignore`, `Count`, `FailIndex`) and, for FailJob, upstream's message; `None` when no rule
+/// matches (the failure counts).
+fn judge<'a>(policy: &'a k8s_openapi::api::batch::v1::PodFailurePolicy, pod: &Pod) -> Option<(&'a str, String)> {
+    let pod_name = format!(
+        "{}/{}",
+        pod.metadata.namespace.as_deref().unwrap_or_default(),
+        pod.metadata.name.as_deref().unwrap_or_default()
+    );
+    let status = pod.status.as_ref();
+    for (index, rule) in policy.rules.iter().enumerate() {
+        if let Some(codes) = &rule.on_exit_codes {
+            let statuses = status
+                .into_iter()
+                .flat_map(|s| s.container_statuses.iter().flatten().chain(s.init_container_statuses.iter().flatten()));
+            for container in statuses {
+                if codes.container_name.as_ref().is_some_and(|n| *n != container.name) {
+                    continue;
+                }
+                let Some(code) = container.state.as_ref().and_then(|s| s.terminated.as_ref()).map(|t| t.exit_code)
+                else {
+                    continue;
+                };
+                let listed = codes.values.contains(&code);
+                let matched = match codes.operator.as_str() {
+                    "In" => listed,
+                    // A successful container never matches NotIn.
+                    "NotIn" => !listed && code != 0,
+                    _ => false,
+                };
+                if matched {
+                    let message = format!(
+                        "Container {} for pod {pod_name} failed with exit code {code} matching {} rule at index {index}",
+                        container.name, rule.action
+                    );
+                    return Some((rule.action.as_str(), message));
+                }
+            }
+        }
+        for wanted in rule.on_pod_conditions.iter().flatten() {
+            let holds = status.and_then(|s| s.conditions.as_ref()).is_some_and(|conditions| {
+                conditions.iter().any(|c| c.type_ == wanted.type_ && c.status == wanted.status)
+            });
+            if holds {
+                let message = format!(
+                    "Pod {pod_name} has condition {} matching {} rule at index {index}",
+                    wanted.type_, rule.action
+                );
+                return Some((rule.action.as_str(), message));
+            }
+        }
+    }
+    None
+}
+
 /// The delay before the next pod after `failures` failed ones (upstream: 10 s doubling, at
 /// most 6 minutes).
 pub fn backoff(failures: i32) -> SignedDuration {
@@ -99,7 +154,19 @@ pub fn plan(job: &Job, pods: &[&Pod], in_flight: usize, now: Timestamp) -> Plan 
     }
 
     let succeeded = pods.iter().filter(|p| phase(p) == Some("Succeeded")).count() as i32;
-    let failed = pods.iter().filter(|p| phase(p) == Some("Failed")).count() as i32;
+    // The pod failure policy: the first rule a failed pod matches says whether its failure
+    // counts, is ignored, or fails the Job at once.
+    let judged: Vec<(&Pod, Option<(&str, String)>)> = pods
+        .iter()
+        .copied()
+        .filter(|p| phase(p) == Some("Failed"))
+        .map(|p| (p, spec.pod_failure_policy.as_ref().and_then(|policy| judge(policy, p))))
+        .collect();
+    let fail_job = judged.iter().find_map(|(_, verdict)| match verdict {
+        Some(("FailJob", message)) => Some(message.clone()),
+        _ => None,
+    });
+    let failed = judged.iter().filter(|(_, verdict)| !matches!(verdict, Some(("Ignore", _)))).count() as i32;
     let succeeded = succeeded.max(status.succeeded.unwrap_or(0));
     let failed = failed.max(status.failed.unwrap_or(0));
     let suspended = spec.suspend == Some(true);
@@ -119,7 +186,11 @@ pub fn plan(job: &Job, pods: &[&Pod], in_flight: usize, now: Timestamp) -> Plan 
     };
 
     let mut stop_all = false;
-    if failed > backoff_limit {
+    if let Some(message) = fail_job {
+        conditions.push(condition("FailureTarget", "PodFailurePolicy", &message, now));
+        conditions.push(condition("Failed", "PodFailurePolicy", &message, now));
+        stop_all = true;
+    } else if failed > backoff_limit {
         let message = "Job has reached the specified backoff limit";
         conditions.push(condition("FailureTarget", "BackoffLimitExceeded", message, now));
         conditions.push(condition("Failed", "BackoffLimitExceeded", message, now));
@@ -261,6 +332,26 @@ mod tests {
         assert_eq!(backoff(1), SignedDuration::from_secs(10));
         assert_eq!(backoff(3), SignedDuration::from_secs(40));
         assert_eq!(backoff(20), SignedDuration::from_secs(360));
+    }
+
+    #[test]
+    fn the_pod_failure_policy_fails_the_job_ignores_or_counts() {
+        let spec = |action: &str| {
+            json!({"completions": 4, "parallelism": 2, "backoffLimit": 6, "template": {"spec": {"containers": []}},
+                   "podFailurePolicy": {"rules": [
+                       {"action": action, "onExitCodes": {"operator": "In", "values": [1]}},
+                       {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]}]}})
+        };
+        let failed = pod("a", "Failed", "2026-01-01T00:05:00Z");
+        let plan_of = |action: &str| plan(&job(spec(action)), &[&failed], 0, now());
+        let failing = plan_of("FailJob");
+        let reason = failing.status.conditions.as_ref().unwrap()[1].clone();
+        assert_eq!((reason.type_.as_str(), reason.reason.as_deref()), ("Failed", Some("PodFailurePolicy")));
+        assert!(reason.message.unwrap().ends_with("failed with exit code 1 matching FailJob rule at index 0"));
+        let ignored = plan_of("Ignore");
+        assert_eq!(ignored.status.failed, None, "an ignored failure is not counted");
+        assert!(!has(&ignored, "Failed"));
+        assert_eq!(plan_of("Count").status.failed, Some(1));
     }
 
     #[test]

@@ -17,7 +17,9 @@ pub struct CompactionPolicy {
 
 impl Default for CompactionPolicy {
     fn default() -> Self {
-        CompactionPolicy { interval: Duration::from_secs(300), min_retained_revisions: 1000 }
+        // As kube-apiserver: history is time, not a count (clients resume from a compacted
+        // revision with a new list; a continue token gets its inconsistent continuation).
+        CompactionPolicy { interval: Duration::from_secs(300), min_retained_revisions: 0 }
     }
 }
 

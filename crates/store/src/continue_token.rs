@@ -21,11 +21,20 @@ pub struct ContinueToken {
 
 const VERSION: &str = "meta.k8s.io/v1";
 
+/// The revision of a token that continues at whatever is latest.
+const LATEST: Revision = -1;
+
 impl ContinueToken {
     /// A token resuming at the key right after `last_key`, which lies under `prefix`.
     pub fn after(prefix: &str, last_key: &str, revision: Revision) -> Self {
         let relative = last_key.strip_prefix(prefix).unwrap_or(last_key);
         ContinueToken { version: VERSION.to_string(), revision, start: format!("{relative}\0") }
+    }
+
+    /// Upstream's "inconsistent" continuation of an expired token: the same place, at the
+    /// latest revision (encoded as revision -1), which a 410 for a compacted token carries.
+    pub fn inconsistent(&self) -> Self {
+        ContinueToken { revision: LATEST, ..self.clone() }
     }
 
     pub fn encode(&self) -> String {
@@ -40,7 +49,7 @@ impl ContinueToken {
         if parsed.version != VERSION {
             return Err(invalid(format!("unknown version {:?}", parsed.version)));
         }
-        if parsed.revision <= 0 {
+        if parsed.revision <= 0 && parsed.revision != LATEST {
             return Err(invalid(format!("bad revision {}", parsed.revision)));
         }
         if parsed.start.starts_with('/') || parsed.start.contains("/../") || parsed.start.starts_with("../") {
@@ -69,7 +78,8 @@ impl ListPlan {
         match &options.continue_token {
             Some(token) => {
                 let token = ContinueToken::decode(token)?;
-                Ok(ListPlan { revision: Some(token.revision), start_key: token.start_key(prefix), limit })
+                let revision = Some(token.revision).filter(|r| *r != LATEST);
+                Ok(ListPlan { revision, start_key: token.start_key(prefix), limit })
             }
             None => {
                 Ok(ListPlan { revision: options.revision.filter(|r| *r > 0), start_key: prefix.to_string(), limit })
@@ -89,6 +99,8 @@ mod tests {
         let decoded = ContinueToken::decode(&token.encode()).unwrap();
         assert_eq!(decoded, token);
         assert_eq!(decoded.start_key("/registry/pods/"), "/registry/pods/default/web\0");
+        let latest = ContinueToken::decode(&token.inconsistent().encode()).unwrap();
+        assert_eq!((latest.revision, latest.start), (-1, token.start));
     }
 
     #[test]

@@ -575,3 +575,34 @@ fn a_replication_controller_says_when_quota_refuses_its_pods() {
     kubectl(&["scale", "rc", "condition-test", "--replicas=2"], None);
     eventually("the failure gone", || condition().is_empty());
 }
+
+#[test]
+fn strict_field_validation_reports_unknown_and_duplicate_fields() {
+    let server = server();
+    let body = r#"{"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "my-dep"},
+        "spec": {"unknownField": "foo", "replicas": 2, "replicas": 3,
+                 "selector": {"matchLabels": {"app": "nginx"}},
+                 "template": {"metadata": {"labels": {"app": "nginx"}},
+                              "spec": {"containers": [{"name": "nginx", "image": "nginx"}]}}}}"#;
+    let post = |validation: &str| {
+        server.curl(
+            "POST",
+            &format!("/apis/apps/v1/namespaces/default/deployments?fieldValidation={validation}"),
+            true,
+            &["-H", "Content-Type: application/json", "--data-binary", body],
+        )
+    };
+    let (code, refused) = post("Strict");
+    assert_eq!(code, 400, "{refused}");
+    assert!(
+        refused.contains(
+            r#"strict decoding error: unknown field \"spec.unknownField\", duplicate field \"spec.replicas\""#
+        ),
+        "{refused}"
+    );
+    // Warn (the default): created, the last value winning, as upstream's decoder does.
+    let (code, created) = post("Warn");
+    assert_eq!(code, 201, "{created}");
+    let created: Value = serde_json::from_str(&created).unwrap();
+    assert_eq!(created["spec"]["replicas"], 3);
+}
