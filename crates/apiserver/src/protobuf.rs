@@ -271,6 +271,30 @@ mod tests {
     }
 
     #[test]
+    fn a_pods_env_from_keeps_its_references() {
+        use k8s_rs_pb::api::core::v1::{Container, EnvFromSource, LocalObjectReference, Pod, PodSpec, SecretEnvSource};
+        let mut secret = SecretEnvSource::new();
+        let mut reference = LocalObjectReference::new();
+        reference.name = Some("s".into());
+        secret.localObjectReference = Some(reference).into();
+        let mut from = EnvFromSource::new();
+        from.secretRef = Some(secret).into();
+        from.prefix = Some("p-".into());
+        let mut container = Container::new();
+        container.name = Some("c".into());
+        container.envFrom.push(from);
+        let mut spec = PodSpec::new();
+        spec.containers.push(container);
+        let mut pod = Pod::new();
+        pod.spec = Some(spec).into();
+        let json = decode(&envelope("v1", "Pod", &pod)).unwrap();
+        assert_eq!(
+            json["spec"]["containers"][0]["envFrom"],
+            serde_json::json!([{"prefix": "p-", "secretRef": {"name": "s"}}])
+        );
+    }
+
+    #[test]
     fn a_budget_keeps_its_int_or_string_percentages() {
         use k8s_rs_pb::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec};
         use k8s_rs_pb::apimachinery::pkg::apis::meta::v1::ObjectMeta;

@@ -1000,6 +1000,58 @@ fn field_ref(pod: &Pod, path: &str, node: &NodeAgent, pod_ip: Option<IpAddr>) ->
     })
 }
 
+/// The variables upstream's kubelet gives every container for the Services it may reach by
+/// them: those of the pod's namespace (unless `enableServiceLinks: false`) and always the API
+/// server's `kubernetes` Service — `<NAME>_SERVICE_HOST`, `<NAME>_SERVICE_PORT[_<PORT NAME>]`
+/// and the Docker-link style `<NAME>_PORT…` ones. Services without a cluster IP have none.
+async fn service_environment(node: &NodeAgent, pod: &Pod) -> anyhow::Result<Vec<(String, String)>> {
+    use k8s_openapi::api::core::v1::Service;
+    let namespace = pod.metadata.namespace.as_deref().unwrap_or("default");
+    let links = pod.spec.as_ref().and_then(|s| s.enable_service_links).unwrap_or(true);
+    let mut services: Vec<Service> = Vec::new();
+    if links {
+        let api: Api<Service> = Api::namespaced(node.client.clone(), namespace);
+        services.extend(api.list(&Default::default()).await?.items);
+    }
+    if !(links && namespace == "default") {
+        let api: Api<Service> = Api::namespaced(node.client.clone(), "default");
+        services.extend(api.get_opt("kubernetes").await?);
+    }
+    Ok(service_variables(&services))
+}
+
+/// Upstream's `envvars.FromServices`.
+pub(crate) fn service_variables(services: &[k8s_openapi::api::core::v1::Service]) -> Vec<(String, String)> {
+    let mut env = Vec::new();
+    let upper = |name: &str| name.to_uppercase().replace('-', "_");
+    for service in services {
+        let Some(spec) = &service.spec else { continue };
+        let Some(ip) = spec.cluster_ip.as_deref().filter(|ip| !ip.is_empty() && *ip != "None") else { continue };
+        let ports = spec.ports.as_deref().unwrap_or_default();
+        let Some(first) = ports.first() else { continue };
+        let name = upper(service.metadata.name.as_deref().unwrap_or_default());
+        let host = if ip.contains(':') { format!("[{ip}]") } else { ip.to_string() };
+        env.push((format!("{name}_SERVICE_HOST"), ip.to_string()));
+        env.push((format!("{name}_SERVICE_PORT"), first.port.to_string()));
+        for port in ports {
+            if let Some(port_name) = port.name.as_deref().filter(|n| !n.is_empty()) {
+                env.push((format!("{name}_SERVICE_PORT_{}", upper(port_name)), port.port.to_string()));
+            }
+        }
+        let protocol = |p: &k8s_openapi::api::core::v1::ServicePort| p.protocol.clone().unwrap_or_else(|| "TCP".into());
+        env.push((format!("{name}_PORT"), format!("{}://{host}:{}", protocol(first).to_lowercase(), first.port)));
+        for port in ports {
+            let proto = protocol(port);
+            let prefix = format!("{name}_PORT_{}_{}", port.port, proto.to_uppercase());
+            env.push((prefix.clone(), format!("{}://{host}:{}", proto.to_lowercase(), port.port)));
+            env.push((format!("{prefix}_PROTO"), proto.to_lowercase()));
+            env.push((format!("{prefix}_PORT"), port.port.to_string()));
+            env.push((format!("{prefix}_ADDR"), ip.to_string()));
+        }
+    }
+    env
+}
+
 /// The environment of a container: image's, then envFrom, then env (later wins), as upstream.
 async fn environment(
     node: &NodeAgent,
@@ -1010,7 +1062,8 @@ async fn environment(
     let namespace = pod.metadata.namespace.as_deref().unwrap_or("default");
     let configmaps: Api<k8s_openapi::api::core::v1::ConfigMap> = Api::namespaced(node.client.clone(), namespace);
     let secrets: Api<k8s_openapi::api::core::v1::Secret> = Api::namespaced(node.client.clone(), namespace);
-    let mut env: Vec<(String, String)> = Vec::new();
+    // Services' variables first, so that envFrom and env override them and `$(VAR)` sees them.
+    let mut env: Vec<(String, String)> = service_environment(node, pod).await?;
     for from in c.env_from.iter().flatten() {
         let prefix = from.prefix.clone().unwrap_or_default();
         if let Some(r) = &from.config_map_ref {
@@ -1063,7 +1116,11 @@ async fn environment(
         };
         env.push((var.name.clone(), value));
     }
-    Ok(env)
+    // One value per name, the last given (a process would see the first).
+    let mut seen = std::collections::HashSet::new();
+    let mut unique: Vec<(String, String)> = env.into_iter().rev().filter(|(k, _)| seen.insert(k.clone())).collect();
+    unique.reverse();
+    Ok(unique)
 }
 
 /// Parses a CPU or memory quantity (`100m`, `1.5`, `64Mi`, `1G`).

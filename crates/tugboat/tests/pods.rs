@@ -1174,3 +1174,54 @@ spec:
     server.kubectl(&["delete", "pvc", "auto"], None);
     wait(&server, &["get", "pv", "-o", "name"], "the volume goes with its claim", |o| !o.contains(&volume));
 }
+
+/// A container's environment: the Services' variables (the namespace's and the API server's),
+/// then what envFrom and env give, `$(VAR)` expanded over all of them.
+#[test]
+fn containers_get_the_variables_of_services_secrets_and_config_maps() {
+    if !tugboat_testkit::isolated("containers_get_the_variables_of_services_secrets_and_config_maps") {
+        return;
+    }
+    let Node { server, logs: _logs, _logs_dir } = node();
+    server.kubectl(&["create", "secret", "generic", "s", "--from-literal=data-1=value-1"], None);
+    server.kubectl(&["create", "configmap", "c", "--from-literal=k=v"], None);
+    server.kubectl(&["create", "service", "clusterip", "web-svc", "--tcp=80:8080"], None);
+    let manifest = r#"
+apiVersion: v1
+kind: Pod
+metadata: {name: env}
+spec:
+  restartPolicy: Never
+  containers:
+  - name: c
+    image: busybox:1.35
+    # Not through sh: busybox 1.35's ash drops variables whose names are not identifiers.
+    command: [env]
+    envFrom:
+    - secretRef: {name: s}
+    - {prefix: p-, secretRef: {name: s}}
+    - configMapRef: {name: c}
+    env:
+    - {name: WHERE, value: "$(WEB_SVC_SERVICE_HOST):$(WEB_SVC_SERVICE_PORT)"}
+"#;
+    server.kubectl(&["apply", "-f", "-"], Some(manifest));
+    wait(&server, &["get", "pod", "env", "-o", "jsonpath={.status.phase}"], "the pod done", |p| p == "Succeeded");
+    let env = server.kubectl(&["logs", "env"], None);
+    let ip = server.kubectl(&["get", "service", "web-svc", "-o", "jsonpath={.spec.clusterIP}"], None);
+    let api = server.kubectl(&["get", "service", "kubernetes", "-o", "jsonpath={.spec.clusterIP}"], None);
+    for expected in [
+        "data-1=value-1".to_string(),
+        "p-data-1=value-1".into(),
+        "k=v".into(),
+        format!("WEB_SVC_SERVICE_HOST={ip}"),
+        "WEB_SVC_SERVICE_PORT=80".into(),
+        "WEB_SVC_SERVICE_PORT_80_8080=80".into(),
+        format!("WEB_SVC_PORT=tcp://{ip}:80"),
+        format!("WEB_SVC_PORT_80_TCP_ADDR={ip}"),
+        format!("WHERE={ip}:80"),
+        format!("KUBERNETES_SERVICE_HOST={api}"),
+        "KUBERNETES_SERVICE_PORT=443".into(),
+    ] {
+        assert!(env.lines().any(|l| l == expected), "{expected} in:\n{env}");
+    }
+}
