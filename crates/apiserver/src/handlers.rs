@@ -1101,6 +1101,7 @@ async fn create_object(
     if resource.plural == "pods" {
         crate::priority::admit(state.store.as_ref(), &state.caches, &mut object).await?;
         crate::service_accounts::admit(state, &mut object).await?;
+        crate::runtime_class::admit(state, &mut object).await?;
     }
     if resource.plural == "persistentvolumeclaims" {
         crate::storage::admit(state, &mut object).await?;

@@ -30,6 +30,7 @@ mod quota;
 mod rbac;
 mod registry;
 mod resource_metrics;
+mod runtime_class;
 mod schema;
 mod selector;
 mod service_accounts;

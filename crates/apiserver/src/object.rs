@@ -310,6 +310,7 @@ fn is_cidr(text: &str) -> bool {
 }
 
 fn validate_pod_spec(spec: &Value, path: &str, causes: &mut Vec<Cause>) {
+    validate_sysctls(spec, path, causes);
     let containers = spec["containers"].as_array().map(Vec::as_slice).unwrap_or(&[]);
     if containers.is_empty() {
         causes.push(Cause {
@@ -352,6 +353,41 @@ fn validate_pod_spec(spec: &Value, path: &str, causes: &mut Vec<Cause>) {
                     field: format!("{field}.image"),
                 });
             }
+        }
+    }
+}
+
+/// Upstream's sysctl name rule (`IsValidSysctlName`): dot- or slash-separated segments of
+/// lower case alphanumerics, `-` and `_`, each starting and ending alphanumeric; at most 253.
+fn is_sysctl_name(name: &str) -> bool {
+    name.len() <= 253
+        && name.split(['.', '/']).all(|segment| {
+            !segment.is_empty()
+                && segment.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '_')
+                && segment.starts_with(|c: char| c.is_ascii_alphanumeric())
+                && segment.ends_with(|c: char| c.is_ascii_alphanumeric())
+        })
+}
+
+/// `spec.securityContext.sysctls`: valid names, each once.
+fn validate_sysctls(spec: &Value, path: &str, causes: &mut Vec<Cause>) {
+    let mut seen = std::collections::BTreeSet::new();
+    for (i, sysctl) in spec["securityContext"]["sysctls"].as_array().into_iter().flatten().enumerate() {
+        let field = format!("{path}.securityContext.sysctls[{i}].name");
+        let name = sysctl["name"].as_str().unwrap_or_default();
+        if name.is_empty() {
+            causes.push(Cause { reason: "FieldValueRequired", message: "Required value".into(), field });
+        } else if !is_sysctl_name(name) {
+            causes.push(Cause {
+                reason: "FieldValueInvalid",
+                message: format!(
+                    "Invalid value: {name:?}: must have at most 253 characters and match regex \
+                     ^([a-z0-9]([-_a-z0-9]*[a-z0-9])?[\\./])*[a-z0-9]([-_a-z0-9]*[a-z0-9])?$"
+                ),
+                field,
+            });
+        } else if !seen.insert(name.replace('/', ".")) {
+            causes.push(Cause { reason: "FieldValueDuplicate", message: format!("Duplicate value: {name:?}"), field });
         }
     }
 }
@@ -974,6 +1010,17 @@ mod tests {
         let mut same = json!({"metadata": {"name": "w", "labels": {"a": "b"}}, "spec": {"replicas": 1}});
         prepare_update(deployments, &old, &mut same).unwrap();
         assert_eq!(same["metadata"]["generation"], 3);
+    }
+
+    #[test]
+    fn sysctl_names_follow_upstreams_rule() {
+        for good in ["kernel.shmmax", "net.ipv4.ip_local_port_range", "safe-and-unsafe", "net/ipv4/conf/eth0/rp_filter"]
+        {
+            assert!(is_sysctl_name(good), "{good}");
+        }
+        for bad in ["foo-", "bar..", "", "Kernel.x", "a._b"] {
+            assert!(!is_sysctl_name(bad), "{bad}");
+        }
     }
 
     #[test]

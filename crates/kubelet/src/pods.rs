@@ -1094,6 +1094,11 @@ async fn environment(
         } else if let Some(from) = &var.value_from {
             if let Some(f) = &from.field_ref {
                 field_ref(pod, &f.field_path, node, pod_ip)?
+            } else if let Some(r) = &from.resource_field_ref {
+                // A limit the container does not set is the node's allocatable (upstream).
+                let nodes: Api<Node> = Api::all(node.client.clone());
+                let allocatable = nodes.get(&node.name).await?.status.and_then(|s| s.allocatable).unwrap_or_default();
+                resource_value(pod, r.container_name.as_deref(), Some(&c.name), r, Some(&allocatable))?
             } else if let Some(r) = &from.config_map_key_ref {
                 let cm = configmaps.get_opt(&r.name).await?;
                 match cm.and_then(|cm| cm.data.and_then(|d| d.get(&r.key).cloned())) {
@@ -1121,6 +1126,39 @@ async fn environment(
     let mut unique: Vec<(String, String)> = env.into_iter().rev().filter(|(k, _)| seen.insert(k.clone())).collect();
     unique.reverse();
     Ok(unique)
+}
+
+/// The downward API's value of `r` (`limits.cpu`, `requests.memory`, …) for the container
+/// it names (else `default`, else the first), divided by its divisor and rounded up, as
+/// upstream; a limit the container does not set is `allocatable`'s when given.
+pub(crate) fn resource_value(
+    pod: &Pod,
+    container: Option<&str>,
+    default: Option<&str>,
+    r: &k8s_openapi::api::core::v1::ResourceFieldSelector,
+    allocatable: Option<&BTreeMap<String, k8s_openapi::apimachinery::pkg::api::resource::Quantity>>,
+) -> anyhow::Result<String> {
+    let wanted = container.filter(|n| !n.is_empty()).or(default);
+    let spec = pod.spec.as_ref();
+    let containers = spec.into_iter().flat_map(|s| s.containers.iter().chain(s.init_containers.iter().flatten()));
+    let mut containers = containers.peekable();
+    let first = containers.peek().cloned();
+    let found = match wanted {
+        Some(name) => containers.find(|c| c.name == name),
+        None => first,
+    }
+    .ok_or_else(|| anyhow::anyhow!("resourceFieldRef: no container {wanted:?}"))?;
+    let resources = found.resources.clone().unwrap_or_default();
+    let (kind, name) = r.resource.split_once('.').unwrap_or(("limits", r.resource.as_str()));
+    let own = match kind {
+        "limits" => resources.limits.as_ref().and_then(|l| l.get(name)),
+        "requests" => resources.requests.as_ref().and_then(|l| l.get(name)),
+        _ => anyhow::bail!("unsupported resource {:?}", r.resource),
+    };
+    let from_node = || if kind == "limits" { allocatable.and_then(|a| a.get(name)) } else { None };
+    let value = own.or_else(from_node).and_then(|q| quantity(&q.0)).unwrap_or(0.0);
+    let divisor = r.divisor.as_ref().and_then(|q| quantity(&q.0)).filter(|d| *d > 0.0).unwrap_or(1.0);
+    Ok(format!("{}", (value / divisor).ceil() as i64))
 }
 
 /// Parses a CPU or memory quantity (`100m`, `1.5`, `64Mi`, `1G`).

@@ -98,21 +98,7 @@ pub fn downward(pod: &Pod, items: &[DownwardAPIVolumeFile], default_mode: u32) -
         let value = if let Some(f) = &item.field_ref {
             field(pod, &f.field_path)?
         } else if let Some(r) = &item.resource_field_ref {
-            let container = pod
-                .spec
-                .iter()
-                .flat_map(|s| &s.containers)
-                .find(|c| r.container_name.as_deref().is_none_or(|n| n.is_empty() || n == c.name))
-                .ok_or_else(|| anyhow::anyhow!("resourceFieldRef: no container"))?;
-            let resources = container.resources.clone().unwrap_or_default();
-            let (map, name) = match r.resource.split_once('.') {
-                Some(("limits", name)) => (resources.limits.unwrap_or_default(), name.to_string()),
-                Some(("requests", name)) => (resources.requests.unwrap_or_default(), name.to_string()),
-                _ => anyhow::bail!("unsupported resource {:?}", r.resource),
-            };
-            let value = map.get(&name).and_then(|q| crate::pods::quantity(&q.0)).unwrap_or(0.0);
-            let divisor = r.divisor.as_ref().and_then(|q| crate::pods::quantity(&q.0)).unwrap_or(1.0);
-            format!("{}", (value / divisor).ceil() as i64)
+            crate::pods::resource_value(pod, r.container_name.as_deref(), None, r, None)?
         } else {
             anyhow::bail!("downward API item {:?} has no source", item.path)
         };

@@ -1201,8 +1201,11 @@ spec:
     - secretRef: {name: s}
     - {prefix: p-, secretRef: {name: s}}
     - configMapRef: {name: c}
+    resources: {requests: {memory: 32Mi}}
     env:
     - {name: WHERE, value: "$(WEB_SVC_SERVICE_HOST):$(WEB_SVC_SERVICE_PORT)"}
+    - {name: CPU_LIMIT, valueFrom: {resourceFieldRef: {resource: limits.cpu}}}
+    - {name: MEMORY_REQUEST, valueFrom: {resourceFieldRef: {resource: requests.memory, divisor: 1Mi}}}
 "#;
     server.kubectl(&["apply", "-f", "-"], Some(manifest));
     wait(&server, &["get", "pod", "env", "-o", "jsonpath={.status.phase}"], "the pod done", |p| p == "Succeeded");
@@ -1221,7 +1224,11 @@ spec:
         format!("WHERE={ip}:80"),
         format!("KUBERNETES_SERVICE_HOST={api}"),
         "KUBERNETES_SERVICE_PORT=443".into(),
+        "MEMORY_REQUEST=32".into(),
     ] {
         assert!(env.lines().any(|l| l == expected), "{expected} in:\n{env}");
     }
+    // No CPU limit: the node's allocatable CPUs.
+    let cpus = server.kubectl(&["get", "node", "box", "-o", "jsonpath={.status.allocatable.cpu}"], None);
+    assert!(env.lines().any(|l| l == format!("CPU_LIMIT={cpus}")), "CPU_LIMIT={cpus} in:\n{env}");
 }

@@ -606,3 +606,43 @@ fn strict_field_validation_reports_unknown_and_duplicate_fields() {
     let created: Value = serde_json::from_str(&created).unwrap();
     assert_eq!(created["spec"]["replicas"], 3);
 }
+
+#[test]
+fn runtime_classes_admit_pods_and_sysctl_names_are_checked() {
+    let server = server();
+    let kubectl = |args: &[&str], stdin: Option<&str>| server.kubectl(args, stdin);
+    let class = "apiVersion: node.k8s.io/v1\nkind: RuntimeClass\nmetadata: {name: gvisor}\nhandler: runsc\n\
+                 overhead: {podFixed: {cpu: 250m, memory: 120Mi}}\n\
+                 scheduling: {nodeSelector: {sandbox: \"true\"}, tolerations: [{key: sandbox, operator: Exists}]}\n";
+    kubectl(&["apply", "-f", "-"], Some(class));
+    let pod = |name: &str, class: &str| {
+        format!(
+            "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}}}\nspec:\n  runtimeClassName: {class}\n  \
+             containers: [{{name: c, image: busybox}}]\n"
+        )
+    };
+    kubectl(&["apply", "-f", "-"], Some(&pod("sandboxed", "gvisor")));
+    let admitted = kubectl(
+        &[
+            "get",
+            "pod",
+            "sandboxed",
+            "-o",
+            "jsonpath={.spec.overhead.cpu} {.spec.nodeSelector.sandbox} {.spec.tolerations[*].key}",
+        ],
+        None,
+    );
+    assert!(admitted.starts_with("250m true ") && admitted.ends_with(" sandbox"), "{admitted}");
+    let refused = server.kubectl_fails(&["apply", "-f", "-"], Some(&pod("lost", "missing")));
+    assert!(
+        refused.contains(r#"pods "lost" is forbidden: pod rejected: RuntimeClass "missing" not found"#),
+        "{refused}"
+    );
+    let sysctls = "apiVersion: v1\nkind: Pod\nmetadata: {name: s}\nspec:\n  securityContext:\n    sysctls:\n    \
+                   - {name: foo-, value: bar}\n    - {name: kernel.shmmax, value: \"1\"}\n    \
+                   - {name: safe-and-unsafe, value: \"1\"}\n    - {name: bar.., value: \"42\"}\n  \
+                   containers: [{name: c, image: busybox}]\n";
+    let refused = server.kubectl_fails(&["apply", "-f", "-"], Some(sysctls));
+    assert!(refused.contains(r#"Invalid value: "foo-""#) && refused.contains(r#"Invalid value: "bar..""#), "{refused}");
+    assert!(!refused.contains("safe-and-unsafe") && !refused.contains("kernel.shmmax"), "{refused}");
+}
