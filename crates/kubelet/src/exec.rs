@@ -166,10 +166,20 @@ async fn websocket(
         Ok(prepared) => prepared,
         Err(response) => return response,
     };
-    let upgrade = upgrade.protocols(["v5.channel.k8s.io", "v4.channel.k8s.io"]);
-    let v5 = upgrade.selected_protocol().is_some_and(|p| p == "v5.channel.k8s.io");
+    let upgrade = upgrade.protocols([
+        "v5.channel.k8s.io",
+        "v4.channel.k8s.io",
+        "v3.channel.k8s.io",
+        "v2.channel.k8s.io",
+        "channel.k8s.io",
+    ]);
+    let protocol = upgrade.selected_protocol().and_then(|p| p.to_str().ok()).unwrap_or("channel.k8s.io").to_string();
+    let v5 = protocol == "v5.channel.k8s.io";
+    // v4 and v5 end with a Status on the error channel; the older ones say only a failure,
+    // as text.
+    let structured = v5 || protocol == "v4.channel.k8s.io";
     upgrade.on_upgrade(move |socket| async move {
-        if let Err(error) = session(socket, command, options, v5).await {
+        if let Err(error) = session(socket, command, options, v5, structured).await {
             tracing::debug!(%error, "exec session");
         }
     })
@@ -416,7 +426,13 @@ async fn to_shim(socket: &mut Option<tokio::net::unix::OwnedWriteHalf>, kind: u8
     }
 }
 
-async fn session(mut socket: WebSocket, command: Launch, options: ExecOptions, v5: bool) -> anyhow::Result<()> {
+async fn session(
+    mut socket: WebSocket,
+    command: Launch,
+    options: ExecOptions,
+    v5: bool,
+    structured: bool,
+) -> anyhow::Result<()> {
     let (mut child, mut io, mut rx) = spawn(command, &options)?;
     let mut stdin_open = options.stdin;
     let code = loop {
@@ -459,8 +475,14 @@ async fn session(mut socket: WebSocket, command: Launch, options: ExecOptions, v
         socket.send(Message::Binary(frame.into())).await?;
     }
     let mut status = vec![ERROR];
-    status.extend_from_slice(exit_status(&options.command, code).to_string().as_bytes());
-    socket.send(Message::Binary(status.into())).await?;
+    if structured {
+        status.extend_from_slice(exit_status(&options.command, code).to_string().as_bytes());
+    } else if code != 0 {
+        status.extend_from_slice(format!("command terminated with non-zero exit code: exit code {code}").as_bytes());
+    }
+    if status.len() > 1 {
+        socket.send(Message::Binary(status.into())).await?;
+    }
     // A normal closure (1000): client-go reads it as the end of every stream; a close without
     // a code is an error to it.
     let close = axum::extract::ws::CloseFrame { code: axum::extract::ws::close_code::NORMAL, reason: "".into() };

@@ -269,6 +269,27 @@ spec:
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    // The oldest websocket subprotocol (upstream's e2e suite): output, and no status on
+    // the error channel when the command succeeds; a failure said there as text.
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/python/exec_v1.py");
+    let v1 = |command: &[&str]| {
+        let out = Command::new(&python)
+            .arg(&script)
+            .args(["web", "writer"])
+            .args(command)
+            .env("KUBECONFIG", server.kubeconfig())
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr)
+    };
+    let said = v1(&["echo", "remote execution test"]);
+    assert_eq!(
+        said.lines().filter(|l| !l.trim().is_empty() && l.trim() != "1" && l.trim() != "2").collect::<Vec<_>>(),
+        ["1 remote execution test"],
+        "{said}"
+    );
+    let said = v1(&["sh", "-c", "exit 3"]);
+    assert!(said.contains("3 command terminated with non-zero exit code: exit code 3"), "{said}");
     // kubectl cp, both ways (tar through exec).
     let local = server.scratch("cp");
     std::fs::write(local.join("up.txt"), "uploaded\n").unwrap();
