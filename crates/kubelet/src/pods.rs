@@ -681,13 +681,20 @@ async fn run_probes(
 /// A pod's `/etc/hosts` as upstream's kubelet writes it: loopback names, the pod's address with
 /// its fully qualified name when it has a `subdomain` (`<hostname>.<subdomain>.<ns>.svc.<domain>`,
 /// the name a headless Service of that name gives it), then its `hostAliases`.
+/// A pod on the host's network gets the host's own file under a header of its own.
 pub fn hosts_file(pod: &Pod, hostname: &str, ip: Option<IpAddr>, domain: &str) -> String {
-    let mut hosts = String::from(
-        "# Kubernetes-managed hosts file.\n127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n\
-         fe00::0\tip6-localnet\nfe00::0\tip6-mcastprefix\nfe00::1\tip6-allnodes\nfe00::2\tip6-allrouters\n",
-    );
     let spec = pod.spec.as_ref();
-    if let Some(ip) = ip {
+    let host_network = spec.and_then(|s| s.host_network).unwrap_or(false);
+    let mut hosts = if host_network {
+        let node = std::fs::read_to_string("/etc/hosts").unwrap_or_default();
+        format!("# Kubernetes-managed hosts file (host network).\n{node}")
+    } else {
+        String::from(
+            "# Kubernetes-managed hosts file.\n127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n\
+             fe00::0\tip6-localnet\nfe00::0\tip6-mcastprefix\nfe00::1\tip6-allnodes\nfe00::2\tip6-allrouters\n",
+        )
+    };
+    if let Some(ip) = ip.filter(|_| !host_network) {
         let namespace = pod.metadata.namespace.as_deref().unwrap_or("default");
         match spec.and_then(|s| s.subdomain.as_deref()).filter(|s| !s.is_empty()) {
             Some(subdomain) => {
@@ -1241,6 +1248,8 @@ async fn container_config(
         BindMount { source: dir.join("etc/hostname"), destination: "/etc/hostname".into(), readonly: false },
         BindMount { source: dir.join("etc/resolv.conf"), destination: "/etc/resolv.conf".into(), readonly: false },
     ];
+    // A container that mounts a volume of its own at one of these gets that instead.
+    mounts.retain(|m| !c.volume_mounts.iter().flatten().any(|v| v.mount_path.trim_end_matches('/') == m.destination));
     for m in c.volume_mounts.iter().flatten() {
         let volume = spec
             .volumes
@@ -1494,9 +1503,23 @@ async fn report(
     let status_of = |c: &ContainerSpec| {
         container_status(c, &attempts.get(&c.name).cloned().unwrap_or_default(), state.waiting.get(&c.name), state)
     };
-    let init_statuses: Vec<Value> = spec.init_containers.iter().flatten().map(status_of).collect();
-    let statuses: Vec<Value> = spec.containers.iter().map(status_of).collect();
+    let mut init_statuses: Vec<Value> = spec.init_containers.iter().flatten().map(status_of).collect();
+    let mut statuses: Vec<Value> = spec.containers.iter().map(status_of).collect();
+    // An init container that completed is ready (upstream).
+    for s in &mut init_statuses {
+        if s["state"]["terminated"]["exitCode"] == 0 {
+            s["ready"] = json!(true);
+        }
+    }
     let init_done = init_statuses.iter().all(|s| s["state"]["terminated"]["exitCode"] == 0);
+    // Until then, the app containers wait for the init containers, and say so.
+    if !init_done {
+        for s in &mut statuses {
+            if s["state"]["waiting"]["reason"] == "ContainerCreating" && s.get("containerID").is_none() {
+                s["state"]["waiting"]["reason"] = json!("PodInitializing");
+            }
+        }
+    }
     let init_failed = policy == "Never"
         && init_statuses.iter().any(|s| s["state"]["terminated"]["exitCode"].as_i64().is_some_and(|c| c != 0));
     let phase = if init_failed { "Failed" } else { phase(policy, init_done, &statuses.iter().collect::<Vec<_>>()) };
@@ -1617,6 +1640,13 @@ mod tests {
             hosts_file(&plain, "p", Some("10.244.1.6".parse().unwrap()), "cluster.local")
                 .ends_with("\n10.244.1.6\tp\n")
         );
+        // On the host's network: the host's own file, under a header of its own.
+        let host: Pod =
+            serde_json::from_value(json!({"metadata": {"name": "h"}, "spec": {"containers": [], "hostNetwork": true}}))
+                .unwrap();
+        let hosts = hosts_file(&host, "h", Some("10.77.0.2".parse().unwrap()), "cluster.local");
+        let node = std::fs::read_to_string("/etc/hosts").unwrap_or_default();
+        assert_eq!(hosts, format!("# Kubernetes-managed hosts file (host network).\n{node}"));
     }
 
     #[test]
