@@ -74,6 +74,12 @@ pub fn api_resource_list(group: &str, version: &str) -> Option<Value> {
                     "group": "policy", "version": "v1", "kind": "Eviction", "verbs": ["create"]}));
                 entries.push(json!({"name": "pods/log", "singularName": "", "namespaced": true,
                     "kind": "Pod", "verbs": ["get"]}));
+                entries.push(json!({"name": "pods/ephemeralcontainers", "singularName": "", "namespaced": true,
+                    "kind": "Pod", "verbs": ["get", "patch", "update"]}));
+                for sub in ["proxy"] {
+                    entries.push(json!({"name": format!("pods/{sub}"), "singularName": "", "namespaced": true,
+                        "kind": "PodProxyOptions", "verbs": ["create", "delete", "get", "patch", "update"]}));
+                }
                 for (sub, kind) in [
                     ("attach", "PodAttachOptions"),
                     ("exec", "PodExecOptions"),
@@ -173,6 +179,8 @@ pub fn aggregated(core: bool, version: &str) -> Value {
                         subresources.push(json!({"subresource": "binding", "responseKind": response_kind("", "v1", "Binding"), "verbs": ["create"]}));
                         subresources.push(json!({"subresource": "eviction", "responseKind": response_kind("policy", "v1", "Eviction"), "verbs": ["create"]}));
                         subresources.push(json!({"subresource": "log", "responseKind": response_kind("", "v1", "Pod"), "verbs": ["get"]}));
+                        subresources.push(json!({"subresource": "ephemeralcontainers", "responseKind": response_kind("", "v1", "Pod"), "verbs": ["get", "patch", "update"]}));
+                        subresources.push(json!({"subresource": "proxy", "responseKind": response_kind("", "v1", "PodProxyOptions"), "verbs": ["create", "delete", "get", "patch", "update"]}));
                         for (sub, kind) in [("attach", "PodAttachOptions"), ("exec", "PodExecOptions"), ("portforward", "PodPortForwardOptions")] {
                             subresources.push(json!({"subresource": sub, "responseKind": response_kind("", "v1", kind), "verbs": ["create", "get"]}));
                         }

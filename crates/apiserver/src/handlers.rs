@@ -1359,6 +1359,9 @@ pub(crate) enum View {
     /// Spec and status at once: the server's own writes (a binding sets the node and the
     /// PodScheduled condition).
     Whole,
+    /// A pod's `spec.ephemeralContainers` (`pods/{name}/ephemeralcontainers`, what `kubectl
+    /// debug` writes): containers may be added, never changed or removed.
+    Ephemeral,
 }
 
 impl View {
@@ -1368,6 +1371,9 @@ impl View {
             Some("status") if resource.has_status() => Ok(View::Status),
             Some("scale") if resource.has_scale() => Ok(View::Scale),
             Some("finalize") if resource.plural == "namespaces" => Ok(View::Finalize),
+            Some("ephemeralcontainers") if resource.plural == "pods" && resource.group.is_empty() => {
+                Ok(View::Ephemeral)
+            }
             // A CSR's conditions (approval) live in its status, as its certificate does.
             Some("approval") if resource.plural == "certificatesigningrequests" => Ok(View::Status),
             Some(other) => Err(ApiError::not_found_path(&format!("{}/{other}", resource.plural))),
@@ -1377,7 +1383,7 @@ impl View {
     /// What a client reads and writes through this view of `object`.
     fn project(self, object: &Value) -> Value {
         match self {
-            View::Main | View::Status | View::Whole | View::Finalize => object.clone(),
+            View::Main | View::Status | View::Whole | View::Finalize | View::Ephemeral => object.clone(),
             View::Scale => {
                 let metadata = &object["metadata"];
                 let selector = crate::selector::selector_labels(&object["spec"]["selector"])
@@ -1427,6 +1433,72 @@ impl View {
                     // Only `finalize` changes a namespace's finalizers (upstream's strategy).
                     object["spec"]["finalizers"] = old["spec"]["finalizers"].clone();
                 }
+                if resource.plural == "pods" && resource.group.is_empty() {
+                    // Only `ephemeralcontainers` changes them.
+                    match old["spec"].get("ephemeralContainers") {
+                        Some(kept) => object["spec"]["ephemeralContainers"] = kept.clone(),
+                        None => {
+                            if let Some(spec) = object["spec"].as_object_mut() {
+                                spec.remove("ephemeralContainers");
+                            }
+                        }
+                    }
+                }
+                Ok(object)
+            }
+            View::Ephemeral => {
+                let name = old["metadata"]["name"].as_str().unwrap_or("");
+                let before = old["spec"]["ephemeralContainers"].as_array().cloned().unwrap_or_default();
+                let after = written["spec"]["ephemeralContainers"].as_array().cloned().unwrap_or_default();
+                let forbidden = |message: &str| {
+                    let cause = crate::status::Cause {
+                        reason: "FieldValueForbidden",
+                        message: format!("Forbidden: {message}"),
+                        field: "spec.ephemeralContainers".into(),
+                    };
+                    ApiError::invalid("", "Pod", name, vec![cause])
+                };
+                // Each container there before is still there, unchanged.
+                for container in &before {
+                    let same = after.iter().find(|c| c["name"] == container["name"]);
+                    match same {
+                        None => return Err(forbidden("existing ephemeral containers may not be removed")),
+                        Some(c) if c != container => {
+                            return Err(forbidden("existing ephemeral containers may not be changed"));
+                        }
+                        Some(_) => {}
+                    }
+                }
+                let taken: Vec<&Value> = old["spec"]["containers"]
+                    .as_array()
+                    .into_iter()
+                    .chain(old["spec"]["initContainers"].as_array())
+                    .flatten()
+                    .map(|c| &c["name"])
+                    .collect();
+                for (i, container) in after.iter().enumerate() {
+                    let field = format!("spec.ephemeralContainers[{i}]");
+                    let invalid = |reason: &'static str, message: String, field: String| {
+                        ApiError::invalid("", "Pod", name, vec![crate::status::Cause { reason, message, field }])
+                    };
+                    if container["name"].as_str().is_none_or(str::is_empty) {
+                        return Err(invalid("FieldValueRequired", "Required value".into(), format!("{field}.name")));
+                    }
+                    if taken.contains(&&container["name"])
+                        || after.iter().filter(|c| c["name"] == container["name"]).count() > 1
+                    {
+                        let message = format!("Duplicate value: {}", container["name"]);
+                        return Err(invalid("FieldValueDuplicate", message, format!("{field}.name")));
+                    }
+                    if container["image"].as_str().is_none_or(str::is_empty) {
+                        return Err(invalid("FieldValueRequired", "Required value".into(), format!("{field}.image")));
+                    }
+                }
+                let mut object = old.clone();
+                // Defaults, as a container of the pod gets them.
+                let mut defaulted = json!({"containers": after});
+                object::default_pod_spec(&mut defaulted);
+                object["spec"]["ephemeralContainers"] = defaulted["containers"].take();
                 Ok(object)
             }
             View::Finalize => {
@@ -1508,6 +1580,7 @@ pub(crate) async fn modify(
         let subresource = match view {
             View::Main | View::Whole => "",
             View::Status => "status",
+            View::Ephemeral => "ephemeralcontainers",
             View::Scale => "scale",
             View::Finalize => "finalize",
         };

@@ -108,6 +108,7 @@ async fn prepare(
         .as_array()
         .into_iter()
         .chain(pod["status"]["initContainerStatuses"].as_array())
+        .chain(pod["status"]["ephemeralContainerStatuses"].as_array())
         .flatten()
         .find(|s| s["name"] == container && s["state"].get("running").is_some())
         .and_then(|s| s["containerID"].as_str())

@@ -564,6 +564,13 @@ async fn sync(node: &Shared, uid: &str, pod: Option<&Pod>, state: &mut Worker) -
                 maybe_start(node, pod, c, &a, &sandbox, pod_ip, false, state).await;
             }
         }
+        // Ephemeral containers (`kubectl debug`) run once each, never restarted.
+        for c in ephemeral_containers(&spec) {
+            let a = attempts.get(&c.name).cloned().unwrap_or_default();
+            if a.latest.is_none() {
+                maybe_start(node, pod, &c, &a, &sandbox, pod_ip, false, state).await;
+            }
+        }
     }
     if state.volumes_refreshed.is_none_or(|at| at.elapsed() >= VOLUME_REFRESH) {
         state.volumes_refreshed = Some(Instant::now());
@@ -728,6 +735,16 @@ fn write_if_changed(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<()>
         std::fs::write(path, bytes)?;
     }
     Ok(())
+}
+
+/// A pod's ephemeral containers as containers (the fields they share; no ports, probes or
+/// resources are allowed them).
+fn ephemeral_containers(spec: &k8s_openapi::api::core::v1::PodSpec) -> Vec<ContainerSpec> {
+    spec.ephemeral_containers
+        .iter()
+        .flatten()
+        .filter_map(|e| serde_json::to_value(e).ok().and_then(|v| serde_json::from_value(v).ok()))
+        .collect()
 }
 
 /// How long a postStart hook may hold up its container's start.
@@ -1504,6 +1521,7 @@ async fn report(
         container_status(c, &attempts.get(&c.name).cloned().unwrap_or_default(), state.waiting.get(&c.name), state)
     };
     let mut init_statuses: Vec<Value> = spec.init_containers.iter().flatten().map(status_of).collect();
+    let ephemeral_statuses: Vec<Value> = ephemeral_containers(&spec).iter().map(status_of).collect();
     let mut statuses: Vec<Value> = spec.containers.iter().map(status_of).collect();
     // An init container that completed is ready (upstream).
     for s in &mut init_statuses {
@@ -1565,6 +1583,9 @@ async fn report(
         "containerStatuses": statuses,
         "qosClass": qos_class(&spec),
     });
+    if !ephemeral_statuses.is_empty() {
+        status["ephemeralContainerStatuses"] = json!(ephemeral_statuses);
+    }
     if !init_statuses.is_empty() {
         status["initContainerStatuses"] = json!(init_statuses);
     }

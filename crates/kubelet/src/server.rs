@@ -226,6 +226,7 @@ pub fn log_target(pod: &Value, container: &str, previous: bool) -> Result<String
         .as_array()
         .into_iter()
         .chain(pod["status"]["initContainerStatuses"].as_array())
+        .chain(pod["status"]["ephemeralContainerStatuses"].as_array())
         .flatten();
     let Some(status) = statuses.into_iter().find(|s| s["name"] == container) else {
         return Err(format!("container {container:?} in pod {pod_name:?} is not available"));

@@ -1253,3 +1253,45 @@ spec:
     let cpus = server.kubectl(&["get", "node", "box", "-o", "jsonpath={.status.allocatable.cpu}"], None);
     assert!(env.lines().any(|l| l == format!("CPU_LIMIT={cpus}")), "CPU_LIMIT={cpus} in:\n{env}");
 }
+
+/// `kubectl debug` adds an ephemeral container to a running pod: it runs in the pod (its
+/// logs, exec), is reported in `ephemeralContainerStatuses`, and may not be changed after.
+#[test]
+fn kubectl_debug_runs_an_ephemeral_container_in_the_pod() {
+    if !tugboat_testkit::isolated("kubectl_debug_runs_an_ephemeral_container_in_the_pod") {
+        return;
+    }
+    let Node { server, logs: _logs, _logs_dir } = node();
+    server.kubectl(&["run", "target", "--image=busybox:1.35", "--", "sleep", "3600"], None);
+    wait(&server, &["get", "pod", "target", "-o", "jsonpath={.status.phase}"], "the pod running", |p| p == "Running");
+    server.kubectl(
+        &["debug", "target", "--image=busybox:1.35", "--container=dbg", "--", "sh", "-c", "echo polo; sleep 3600"],
+        None,
+    );
+    wait(
+        &server,
+        &["get", "pod", "target", "-o", "jsonpath={.status.ephemeralContainerStatuses[0].state.running.startedAt}"],
+        "the ephemeral container running",
+        |s| !s.is_empty(),
+    );
+    wait(&server, &["logs", "target", "-c", "dbg"], "its log", |l| l == "polo");
+    assert_eq!(server.kubectl(&["exec", "target", "-c", "dbg", "--", "echo", "marco"], None), "marco\n");
+    // The same network as the pod's own container: one hostname, one address.
+    assert_eq!(
+        server.kubectl(&["exec", "target", "-c", "dbg", "--", "hostname"], None),
+        server.kubectl(&["exec", "target", "--", "hostname"], None)
+    );
+    let (ok, _, said) = try_kubectl(
+        &server,
+        &[
+            "patch",
+            "pod",
+            "target",
+            "--subresource=ephemeralcontainers",
+            "--type=json",
+            "-p",
+            r#"[{"op":"remove","path":"/spec/ephemeralContainers/0"}]"#,
+        ],
+    );
+    assert!(!ok && said.contains("existing ephemeral containers may not be removed"), "{said}");
+}
