@@ -26,7 +26,8 @@ pub fn busybox_binary() -> anyhow::Result<PathBuf> {
     Ok(path.to_path_buf())
 }
 
-/// The image's layer (an uncompressed tar) with the given extra files.
+/// The image's layer (an uncompressed tar) with the given extra files (path, bytes, mode); a
+/// mode of `0o120777` makes a symbolic link to the path the bytes name.
 pub fn busybox_layer(extra: &[(&str, &[u8], u32)]) -> anyhow::Result<Vec<u8>> {
     let busybox = busybox_binary()?;
     let list = std::process::Command::new(&busybox).arg("--list").output().context("busybox --list")?;
@@ -91,7 +92,19 @@ pub fn busybox_layer(extra: &[(&str, &[u8], u32)]) -> anyhow::Result<Vec<u8>> {
                 made.push(parent);
             }
         }
-        file(&mut tar, path, data, *mode)?;
+        if mode & 0o170000 == 0o120000 {
+            // A symbolic link to what `data` names.
+            let mut header = tar::Header::new_gnu();
+            header.set_entry_type(tar::EntryType::Symlink);
+            header.set_mode(0o777);
+            header.set_size(0);
+            header.set_mtime(0);
+            header.set_uid(0);
+            header.set_gid(0);
+            tar.append_link(&mut header, path, std::str::from_utf8(data)?)?;
+        } else {
+            file(&mut tar, path, data, *mode)?;
+        }
     }
     Ok(tar.into_inner()?)
 }

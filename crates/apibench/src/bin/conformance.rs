@@ -118,7 +118,10 @@ fn make_images(args: &Args, names: &[String], dir: &Path) -> anyhow::Result<usiz
     let mut made = 0;
     for (i, ((entrypoint, cmd, layer), members)) in groups.iter().enumerate() {
         let layer = match layer {
-            Layer::Agnhost => image::busybox_layer(&[("agnhost", &agnhost, 0o755)])?,
+            // agnhost-2 as upstream's image has it (a spec overrides the command with it).
+            Layer::Agnhost => {
+                image::busybox_layer(&[("agnhost", &agnhost, 0o755), ("agnhost-2", b"agnhost", 0o120777)])?
+            }
             Layer::Pause => image::busybox_layer(&[("pause", &pause, 0o755)])?,
             Layer::Web { root, page } => {
                 image::busybox_layer(&[(&format!("{root}/index.html"), page.as_bytes(), 0o644)])?
