@@ -1265,6 +1265,15 @@ async fn container_config(
         BindMount { source: dir.join("etc/hostname"), destination: "/etc/hostname".into(), readonly: false },
         BindMount { source: dir.join("etc/resolv.conf"), destination: "/etc/resolv.conf".into(), readonly: false },
     ];
+    // The termination message file: made here, writable by whatever user the container runs
+    // as, read back when it ends (`terminated.message`).
+    let termination = dir.join("termination").join(format!("{}-{attempt}", c.name));
+    std::fs::create_dir_all(termination.parent().expect("a file in a directory"))?;
+    std::fs::write(&termination, b"")?;
+    std::fs::set_permissions(&termination, std::os::unix::fs::PermissionsExt::from_mode(0o666))?;
+    let message_path =
+        c.termination_message_path.clone().filter(|p| !p.is_empty()).unwrap_or_else(|| "/dev/termination-log".into());
+    mounts.push(BindMount { source: termination, destination: message_path, readonly: false });
     // A container that mounts a volume of its own at one of these gets that instead.
     mounts.retain(|m| !c.volume_mounts.iter().flatten().any(|v| v.mount_path.trim_end_matches('/') == m.destination));
     for m in c.volume_mounts.iter().flatten() {
@@ -1410,12 +1419,34 @@ async fn event(node: &NodeAgent, pod: &Pod, kind: &str, reason: &str, message: &
     tugboat_scheduler::events::record(&node.client, &regarding, kind, reason, message, "", "kubelet").await;
 }
 
+/// What an ended container left in its termination message file (at most 4096 bytes), or
+/// with `FallbackToLogsOnError` and a failure, the end of its log (80 lines, 2048 bytes).
+fn termination_message(c: &ContainerSpec, run: &Container, exit_code: i32) -> Option<String> {
+    let path =
+        c.termination_message_path.clone().filter(|p| !p.is_empty()).unwrap_or_else(|| "/dev/termination-log".into());
+    let file = run.config.mounts.iter().find(|m| m.destination == path).map(|m| m.source.clone());
+    let mut message = file.and_then(|f| std::fs::read(f).ok()).unwrap_or_default();
+    message.truncate(4096);
+    if message.is_empty() && exit_code != 0 && c.termination_message_policy.as_deref() == Some("FallbackToLogsOnError")
+    {
+        let options = crate::logs::LogOptions { tail_lines: Some(80), ..Default::default() };
+        if let Ok((log, _)) = crate::logs::read_existing(&run.config.log_path, &options) {
+            message = log[log.len().saturating_sub(2048)..].to_vec();
+        }
+    }
+    (!message.is_empty()).then(|| String::from_utf8_lossy(&message).into_owned())
+}
+
 /// A container's status as upstream reports it.
 fn container_status(c: &ContainerSpec, a: &Attempts, waiting: Option<&Waiting>, probes: &Worker) -> Value {
-    let terminated = |e: &tugboat_runtime::Exited, started: &Option<tugboat_runtime::Started>, id: &str| {
-        json!({"terminated": {"exitCode": e.exit_code, "signal": e.signal, "reason": e.reason,
-                               "startedAt": started.as_ref().map(|s| s.started_at.clone()),
-                               "finishedAt": e.finished_at, "containerID": format!("tugboat://{id}")}})
+    let terminated = |e: &tugboat_runtime::Exited, run: &Container| {
+        let mut state = json!({"exitCode": e.exit_code, "signal": e.signal, "reason": e.reason,
+                               "startedAt": run.started.as_ref().map(|s| s.started_at.clone()),
+                               "finishedAt": e.finished_at, "containerID": format!("tugboat://{}", run.id())});
+        if let Some(message) = termination_message(c, run, e.exit_code) {
+            state["message"] = json!(message);
+        }
+        json!({"terminated": state})
     };
     let (state, last_state) = match &a.latest {
         Some(latest) => {
@@ -1424,10 +1455,10 @@ fn container_status(c: &ContainerSpec, a: &Attempts, waiting: Option<&Waiting>, 
                     json!({"running": {"startedAt": latest.started.as_ref().map(|s| s.started_at.clone())}})
                 }
                 State::Created => json!({"waiting": {"reason": "ContainerCreating"}}),
-                State::Exited(e) => terminated(e, &latest.started, latest.id()),
+                State::Exited(e) => terminated(e, latest),
             };
             let previous = a.previous.as_ref().and_then(|p| match &p.state {
-                State::Exited(e) => Some(terminated(e, &p.started, p.id())),
+                State::Exited(e) => Some(terminated(e, p)),
                 _ => None,
             });
             match (waiting, &latest.state) {

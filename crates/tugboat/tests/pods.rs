@@ -1295,3 +1295,45 @@ fn kubectl_debug_runs_an_ephemeral_container_in_the_pod() {
     );
     assert!(!ok && said.contains("existing ephemeral containers may not be removed"), "{said}");
 }
+
+/// Termination messages: what a container writes to its terminationMessagePath (as any user,
+/// at any path), else with FallbackToLogsOnError the end of its log when it failed.
+#[test]
+fn ended_containers_report_their_termination_messages() {
+    if !tugboat_testkit::isolated("ended_containers_report_their_termination_messages") {
+        return;
+    }
+    let Node { server, logs: _logs, _logs_dir } = node();
+    let manifest = r#"
+apiVersion: v1
+kind: Pod
+metadata: {name: ends}
+spec:
+  restartPolicy: Never
+  containers:
+  - {name: writes, image: busybox:1.35, command: [sh, -c, "printf DONE > /dev/termination-log"]}
+  - name: elsewhere
+    image: busybox:1.35
+    command: [sh, -c, "printf 'as 1000' > /dev/custom-log"]
+    terminationMessagePath: /dev/custom-log
+    securityContext: {runAsUser: 1000}
+  - name: fails
+    image: busybox:1.35
+    command: [sh, -c, "echo last words; exit 2"]
+    terminationMessagePolicy: FallbackToLogsOnError
+  - name: quiet
+    image: busybox:1.35
+    command: [sh, -c, "echo not a message"]
+    terminationMessagePolicy: FallbackToLogsOnError
+"#;
+    server.kubectl(&["apply", "-f", "-"], Some(manifest));
+    wait(&server, &["get", "pod", "ends", "-o", "jsonpath={.status.phase}"], "the pod ended", |p| p == "Failed");
+    let message = |name: &str| {
+        let path = format!("jsonpath={{.status.containerStatuses[?(@.name==\"{name}\")].state.terminated.message}}");
+        server.kubectl(&["get", "pod", "ends", "-o", &path], None)
+    };
+    assert_eq!(message("writes"), "DONE");
+    assert_eq!(message("elsewhere"), "as 1000");
+    assert_eq!(message("fails"), "last words\n");
+    assert_eq!(message("quiet"), "", "a success falls back to nothing");
+}
