@@ -1300,8 +1300,15 @@ async fn container_config(
                 None => (volume_path(&dir, volume)?, false),
             },
         };
-        if let Some(sub) = m.sub_path.as_deref().filter(|s| !s.is_empty()) {
-            anyhow::ensure!(!sub.starts_with('/') && !sub.split('/').any(|p| p == ".."), "bad subPath {sub:?}");
+        // subPathExpr: the subPath with the container's `$(VAR)`s expanded.
+        let expanded = m.sub_path_expr.as_deref().filter(|s| !s.is_empty()).map(|e| expand(e, &all_env));
+        if let Some(sub) = expanded.as_deref().or(m.sub_path.as_deref()).filter(|s| !s.is_empty()) {
+            anyhow::ensure!(
+                !sub.starts_with('/') && !sub.split('/').any(|p| p == ".."),
+                "failed to prepare subPath for volumeMount {:?} of container {:?}: {sub:?} must be a relative path without '..'",
+                m.name,
+                c.name
+            );
             source = source.join(sub);
             if std::fs::symlink_metadata(&source).is_err() {
                 std::fs::create_dir_all(&source)?;

@@ -1249,6 +1249,25 @@ spec:
     ] {
         assert!(env.lines().any(|l| l == expected), "{expected} in:\n{env}");
     }
+    // subPathExpr: expanded with the container's variables; one leading out is refused.
+    let subpath = |name: &str, dir: &str| {
+        format!(
+            "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}}}\nspec:\n  restartPolicy: Never\n  \
+             volumes: [{{name: work, emptyDir: {{}}}}]\n  containers:\n  - name: c\n    image: busybox:1.35\n    \
+             command: [sh, -c, \"test -d /all/$DIR && echo made\"]\n    env: [{{name: DIR, value: \"{dir}\"}}]\n    \
+             volumeMounts: [{{name: work, mountPath: /sub, subPathExpr: $(DIR)}}, {{name: work, mountPath: /all}}]\n"
+        )
+    };
+    server.kubectl(&["apply", "-f", "-"], Some(&subpath("expands", "logs-1")));
+    wait(&server, &["get", "pod", "expands", "-o", "jsonpath={.status.phase}"], "the pod done", |p| p == "Succeeded");
+    assert_eq!(server.kubectl(&["logs", "expands"], None), "made\n");
+    server.kubectl(&["apply", "-f", "-"], Some(&subpath("escapes", "..")));
+    wait(
+        &server,
+        &["get", "pod", "escapes", "-o", "jsonpath={.status.containerStatuses[0].state.waiting.reason}"],
+        "the container refused",
+        |r| r == "CreateContainerConfigError",
+    );
     // No CPU limit: the node's allocatable CPUs.
     let cpus = server.kubectl(&["get", "node", "box", "-o", "jsonpath={.status.allocatable.cpu}"], None);
     assert!(env.lines().any(|l| l == format!("CPU_LIMIT={cpus}")), "CPU_LIMIT={cpus} in:\n{env}");
