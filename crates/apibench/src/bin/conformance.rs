@@ -38,6 +38,10 @@ struct Args {
     /// The pause binary (static).
     #[arg(long)]
     pause: PathBuf,
+    /// agnhost's source directory in the tree (`test/images/agnhost`), whose porter certificate
+    /// the image carries as `/localhost.crt` and `/localhost.key`, as upstream's does.
+    #[arg(long)]
+    agnhost_src: Option<PathBuf>,
     /// Nodes in the cluster: the server and `nodes - 1` agents.
     #[arg(long, default_value_t = 2)]
     nodes: usize,
@@ -58,6 +62,20 @@ struct Args {
     #[arg(last = true)]
     e2e_args: Vec<String>,
 }
+
+/// `curl [options] URL` as the suite's images run it, over busybox's wget: the options that
+/// take a value are skipped with it, the rest ignored; the body goes to stdout.
+const CURL: &str = r#"#!/bin/sh
+url=
+while [ $# -gt 0 ]; do
+  case "$1" in
+    -o|-w|-m|-H|-X|-d|-u|-A|-e|--max-time|--connect-timeout|--retry|--output|--write-out|--header|--request|--data|--user) shift 2 ;;
+    -*) shift ;;
+    *) url=$1; shift ;;
+  esac
+done
+exec wget -q -O - "$url"
+"#;
 
 /// What an image's layer holds besides busybox.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -107,6 +125,13 @@ fn make_images(args: &Args, names: &[String], dir: &Path) -> anyhow::Result<usiz
     std::fs::create_dir_all(dir)?;
     let agnhost = std::fs::read(&args.agnhost).with_context(|| format!("reading {}", args.agnhost.display()))?;
     let pause = std::fs::read(&args.pause).with_context(|| format!("reading {}", args.pause.display()))?;
+    let porter = |file: &str| -> anyhow::Result<Vec<u8>> {
+        match &args.agnhost_src {
+            Some(dir) => std::fs::read(dir.join("porter").join(file)).with_context(|| format!("reading porter/{file}")),
+            None => Ok(Vec::new()),
+        }
+    };
+    let (certificate, key) = (porter("localhost.crt")?, porter("localhost.key")?);
     let mut groups: Vec<(Recipe, Vec<&str>)> = Vec::new();
     for name in names {
         let Some(recipe) = recipe(name) else { continue };
@@ -118,10 +143,16 @@ fn make_images(args: &Args, names: &[String], dir: &Path) -> anyhow::Result<usiz
     let mut made = 0;
     for (i, ((entrypoint, cmd, layer), members)) in groups.iter().enumerate() {
         let layer = match layer {
-            // agnhost-2 as upstream's image has it (a spec overrides the command with it).
-            Layer::Agnhost => {
-                image::busybox_layer(&[("agnhost", &agnhost, 0o755), ("agnhost-2", b"agnhost", 0o120777)])?
-            }
+            // As upstream's image: agnhost-2 (a spec overrides the command with it), the
+            // porter's certificate, and curl (here a stand-in over busybox's wget: hooks and
+            // probes of the suite run `curl <url>`).
+            Layer::Agnhost => image::busybox_layer(&[
+                ("agnhost", &agnhost, 0o755),
+                ("agnhost-2", b"agnhost", 0o120777),
+                ("usr/bin/curl", CURL.as_bytes(), 0o755),
+                ("localhost.crt", &certificate, 0o644),
+                ("localhost.key", &key, 0o600),
+            ])?,
             Layer::Pause => image::busybox_layer(&[("pause", &pause, 0o755)])?,
             Layer::Web { root, page } => {
                 image::busybox_layer(&[(&format!("{root}/index.html"), page.as_bytes(), 0o644)])?
