@@ -747,6 +747,20 @@ fn ephemeral_containers(spec: &k8s_openapi::api::core::v1::PodSpec) -> Vec<Conta
         .collect()
 }
 
+/// Upstream's safe sysctls (namespaced, isolated from the node and other pods).
+const SAFE_SYSCTLS: &[&str] = &[
+    "kernel.shm_rmid_forced",
+    "net.ipv4.ip_local_port_range",
+    "net.ipv4.tcp_syncookies",
+    "net.ipv4.ping_group_range",
+    "net.ipv4.ip_unprivileged_port_start",
+    "net.ipv4.ip_local_reserved_ports",
+    "net.ipv4.tcp_keepalive_time",
+    "net.ipv4.tcp_fin_timeout",
+    "net.ipv4.tcp_keepalive_intvl",
+    "net.ipv4.tcp_keepalive_probes",
+];
+
 /// How long a postStart hook may hold up its container's start.
 const POST_START_LIMIT: Duration = Duration::from_secs(120);
 
@@ -1324,6 +1338,14 @@ async fn container_config(
         cpu_quota: limits.get("cpu").and_then(|q| quantity(&q.0)).map(|cores| ((cores * 100_000.0) as i64).max(1000)),
         cpu_shares: requests.get("cpu").and_then(|q| quantity(&q.0)).map(|cores| ((cores * 1024.0) as u64).max(2)),
     };
+    // The pod's sysctls: the namespaced ones upstream deems safe (others would need
+    // `--allowed-unsafe-sysctls`, not built: refused).
+    let mut sysctls = BTreeMap::new();
+    for sysctl in pod_security.sysctls.iter().flatten() {
+        let name = sysctl.name.replace('/', ".");
+        anyhow::ensure!(SAFE_SYSCTLS.contains(&name.as_str()), "forbidden sysctl: {name:?} not allowlisted");
+        sysctls.insert(name, sysctl.value.clone());
+    }
     let mut labels = BTreeMap::new();
     labels.insert(LABEL_POD_UID.to_string(), uid.clone());
     labels.insert(LABEL_POD_NAME.to_string(), pod.metadata.name.clone().unwrap_or_default());
@@ -1376,6 +1398,7 @@ async fn container_config(
         tty: c.tty.unwrap_or(false),
         log_max_size: node.log_rotation.0,
         log_max_files: node.log_rotation.1,
+        sysctls,
     })
 }
 

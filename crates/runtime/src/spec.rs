@@ -77,6 +77,9 @@ pub struct ContainerConfig {
     pub log_max_size: u64,
     #[serde(default)]
     pub log_max_files: u32,
+    /// Kernel parameters set in the container's (the pod's) namespaces (`linux.sysctl`).
+    #[serde(default)]
+    pub sysctls: BTreeMap<String, String>,
 }
 
 /// Docker's and containerd's default capability set.
@@ -223,6 +226,9 @@ impl ContainerConfig {
             "cgroupsPath": self.cgroups_path,
             "resources": resources,
         });
+        if !self.sysctls.is_empty() {
+            linux["sysctl"] = json!(self.sysctls);
+        }
         if self.privileged {
             resources_allow_all(&mut linux);
         } else {

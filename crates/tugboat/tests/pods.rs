@@ -1356,3 +1356,31 @@ spec:
     assert_eq!(message("fails"), "last words\n");
     assert_eq!(message("quiet"), "", "a success falls back to nothing");
 }
+
+/// A pod's safe sysctls are set in its namespaces; an unsafe one keeps its containers from
+/// starting.
+#[test]
+fn pods_set_their_safe_sysctls() {
+    if !tugboat_testkit::isolated("pods_set_their_safe_sysctls") {
+        return;
+    }
+    let Node { server, logs: _logs, _logs_dir } = node();
+    let pod = |name: &str, sysctl: &str, value: &str, read: &str| {
+        format!(
+            "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}}}\nspec:\n  restartPolicy: Never\n  \
+             securityContext: {{sysctls: [{{name: {sysctl}, value: \"{value}\"}}]}}\n  containers:\n  \
+             - {{name: c, image: busybox:1.35, command: [sysctl, {read}]}}\n"
+        )
+    };
+    server.kubectl(&["apply", "-f", "-"], Some(&pod("safe", "kernel.shm_rmid_forced", "1", "kernel.shm_rmid_forced")));
+    wait(&server, &["get", "pod", "safe", "-o", "jsonpath={.status.phase}"], "the pod done", |p| p == "Succeeded");
+    assert_eq!(server.kubectl(&["logs", "safe"], None), "kernel.shm_rmid_forced = 1\n");
+    server.kubectl(&["apply", "-f", "-"], Some(&pod("unsafe", "kernel.msgmax", "10000000000", "kernel.msgmax")));
+    let waiting = wait(
+        &server,
+        &["get", "pod", "unsafe", "-o", "jsonpath={.status.containerStatuses[0].state.waiting.message}"],
+        "the pod refused",
+        |m| m.contains("forbidden sysctl"),
+    );
+    assert!(waiting.contains("kernel.msgmax"), "{waiting}");
+}
