@@ -24,6 +24,10 @@ pub struct Plan {
     pub delete: Vec<String>,
     /// Claims (names, with their template's name) to create before the pods that use them.
     pub claims: Vec<(String, String)>,
+    /// During a rolling update with a partition, the ordinals below it (the first number) are
+    /// made at the current revision (the second), not the template's: upstream's
+    /// `newVersionedStatefulSetPod`.
+    pub below_partition: Option<(i32, String)>,
     pub status: StatefulSetStatus,
 }
 
@@ -141,15 +145,34 @@ pub fn plan(set: &StatefulSet, owned: &[&Pod], claims: &[String], hash: &str, no
     }
 
     let live: Vec<&Pod> = by_ordinal.values().copied().filter(|p| p.metadata.deletion_timestamp.is_none()).collect();
-    let old_revision = live.iter().find(|p| !current(p)).and_then(|p| revision(p));
     let updated = live.iter().filter(|p| current(p)).count() as i32;
+    // The current revision stays what it was until every replica runs the update (upstream);
+    // pods deleted meanwhile do not lose it.
+    let before = set
+        .status
+        .as_ref()
+        .and_then(|s| s.current_revision.clone())
+        .filter(|r| !r.is_empty())
+        .or_else(|| live.iter().find(|p| !current(p)).and_then(|p| revision(p)));
+    let done = updated == replicas && live.len() as i32 == replicas;
+    let current_revision = match before {
+        Some(old) if !done && old != hash => old,
+        _ => hash.to_string(),
+    };
+    let rolling_update = spec.update_strategy.as_ref().and_then(|s| s.rolling_update.as_ref());
+    let partition = rolling_update.and_then(|r| r.partition).unwrap_or(0);
+    let rolling =
+        spec.update_strategy.as_ref().and_then(|s| s.type_.as_deref()).unwrap_or("RollingUpdate") == "RollingUpdate";
+    if rolling && partition > 0 && current_revision != hash {
+        plan.below_partition = Some((start + partition, current_revision.clone()));
+    }
     plan.status = StatefulSetStatus {
         replicas: live.len() as i32,
         ready_replicas: Some(live.iter().filter(|p| is_ready(p)).count() as i32),
         available_replicas: Some(live.iter().filter(|p| is_available(p, min_ready, now)).count() as i32),
-        current_replicas: Some(if old_revision.is_some() { live.len() as i32 - updated } else { updated }),
+        current_replicas: Some(if current_revision != hash { live.len() as i32 - updated } else { updated }),
         updated_replicas: Some(updated),
-        current_revision: Some(old_revision.unwrap_or_else(|| hash.to_string())),
+        current_revision: Some(current_revision),
         update_revision: Some(hash.to_string()),
         observed_generation: set.metadata.generation,
         collision_count: set.status.as_ref().and_then(|s| s.collision_count),

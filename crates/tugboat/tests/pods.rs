@@ -1384,3 +1384,70 @@ fn pods_set_their_safe_sysctls() {
     );
     assert!(waiting.contains("kernel.msgmax"), "{waiting}");
 }
+
+/// A partitioned rolling update of a StatefulSet: the pods at or above the partition take the
+/// new template, the ones below keep the current revision even when recreated (from its
+/// ControllerRevision); with the partition gone every pod is updated and the revisions agree.
+#[test]
+fn stateful_sets_keep_the_current_revision_below_the_partition() {
+    if !tugboat_testkit::isolated("stateful_sets_keep_the_current_revision_below_the_partition") {
+        return;
+    }
+    let Node { server, logs: _logs, _logs_dir } = node();
+    let set = |version: &str, partition: i32| {
+        format!(
+            "apiVersion: apps/v1\nkind: StatefulSet\nmetadata: {{name: web}}\nspec:\n  replicas: 3\n  serviceName: web\n  \
+             selector: {{matchLabels: {{app: web}}}}\n  updateStrategy: {{rollingUpdate: {{partition: {partition}}}}}\n  \
+             template:\n    metadata: {{labels: {{app: web}}}}\n    spec:\n      terminationGracePeriodSeconds: 1\n      \
+             containers: [{{name: c, image: busybox:1.35, command: [sleep, \"3600\"], env: [{{name: V, value: \"{version}\"}}]}}]\n"
+        )
+    };
+    let versions = || {
+        server.kubectl(
+            &[
+                "get",
+                "pods",
+                "-l",
+                "app=web",
+                "-o",
+                "jsonpath={range .items[*]}{.metadata.name}={.spec.containers[0].env[0].value} {end}",
+            ],
+            None,
+        )
+    };
+    server.kubectl(&["apply", "-f", "-"], Some(&set("one", 2)));
+    wait(&server, &["get", "statefulset", "web", "-o", "jsonpath={.status.readyReplicas}"], "3 ready", |r| r == "3");
+    server.kubectl(&["apply", "-f", "-"], Some(&set("two", 2)));
+    wait(&server, &["get", "pods", "-l", "app=web"], "web-2 updated", |_| {
+        versions().trim() == "web-0=one web-1=one web-2=two"
+    });
+    let revisions = server.kubectl(
+        &["get", "statefulset", "web", "-o", "jsonpath={.status.currentRevision} {.status.updateRevision}"],
+        None,
+    );
+    let (current, update) = revisions.split_once(' ').unwrap();
+    assert_ne!(current, update, "{revisions}");
+    let listed = server.kubectl(&["get", "controllerrevisions", "-o", "name"], None);
+    assert!(listed.contains(&format!("web-{current}")) && listed.contains(&format!("web-{update}")), "{listed}");
+    // Recreated below the partition: the current revision, not the template.
+    server.kubectl(&["delete", "pod", "web-0"], None);
+    wait(&server, &["get", "pods", "-l", "app=web"], "web-0 back", |_| {
+        versions().trim() == "web-0=one web-1=one web-2=two"
+    });
+    let label =
+        server.kubectl(&["get", "pod", "web-0", "-o", "jsonpath={.metadata.labels.controller-revision-hash}"], None);
+    assert_eq!(label, current);
+    server.kubectl(
+        &["patch", "statefulset", "web", "-p", r#"{"spec":{"updateStrategy":{"rollingUpdate":{"partition":0}}}}"#],
+        None,
+    );
+    wait(&server, &["get", "pods", "-l", "app=web"], "all updated", |_| {
+        versions().trim() == "web-0=two web-1=two web-2=two"
+    });
+    wait(
+        &server,
+        &["get", "statefulset", "web", "-o", "jsonpath={.status.currentRevision}"],
+        "the revisions agree",
+        |r| r == update,
+    );
+}

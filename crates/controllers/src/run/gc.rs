@@ -53,7 +53,7 @@ impl Kind {
 /// PersistentVolumeClaims, ServiceAccounts). Cluster-scoped owners (a mirror pod's Node) are
 /// not judged yet. Returns once every informer has listed.
 async fn collected_kinds(hub: &Hub, changed: &Arc<Notify>) -> anyhow::Result<Vec<Kind>> {
-    use k8s_openapi::api::apps::v1::{DaemonSet, StatefulSet};
+    use k8s_openapi::api::apps::v1::{ControllerRevision, DaemonSet, StatefulSet};
     use k8s_openapi::api::batch::v1::{CronJob, Job};
     use k8s_openapi::api::core::v1::{
         ConfigMap, Endpoints, PersistentVolumeClaim, ReplicationController, Secret, Service, ServiceAccount,
@@ -69,6 +69,7 @@ async fn collected_kinds(hub: &Hub, changed: &Arc<Notify>) -> anyhow::Result<Vec
     }
     kinds!(Pod, ReplicaSet, Deployment, DaemonSet, StatefulSet, Job, CronJob, Service, Endpoints, EndpointSlice);
     kinds!(PersistentVolumeClaim, ServiceAccount, ReplicationController);
+    kinds!(PartialObjectMeta<ControllerRevision>);
     // Many and large, and no controller reads them: metadata only.
     kinds!(PartialObjectMeta<ConfigMap>, PartialObjectMeta<Secret>);
     Ok(kinds)

@@ -877,14 +877,48 @@ async fn apply_statefulset(client: &kube::Client, set: &StatefulSet, plan: state
     }
     let pods: Api<Pod> = Api::namespaced(client.clone(), namespace);
     let owner = owner_reference(set);
+    // The template's ControllerRevision (`<set>-<hash>`), as upstream keeps one per revision:
+    // a partitioned rollout makes the pods below the partition from the current one.
+    let revisions: Api<k8s_openapi::api::apps::v1::ControllerRevision> = Api::namespaced(client.clone(), namespace);
+    let mut revision_labels = spec.template.metadata.as_ref().and_then(|m| m.labels.clone()).unwrap_or_default();
+    revision_labels.insert(statefulset::HASH_LABEL.into(), hash.to_string());
+    let revision = k8s_openapi::api::apps::v1::ControllerRevision {
+        metadata: ObjectMeta {
+            name: Some(format!("{name}-{hash}")),
+            namespace: Some(namespace.to_string()),
+            labels: Some(revision_labels),
+            owner_references: Some(vec![owner.clone()]),
+            ..Default::default()
+        },
+        data: Some(k8s_openapi::apimachinery::pkg::runtime::RawExtension(
+            json!({"spec": {"template": spec.template, "$patch": "replace"}}),
+        )),
+        revision: set.metadata.generation.unwrap_or(1),
+    };
+    if let Err(error) = create_if_missing(&revisions, &revision).await {
+        tracing::debug!(%error, set = name, "could not record the controller revision");
+    }
+    let mut older: Option<(String, k8s_openapi::api::core::v1::PodTemplateSpec)> = None;
+    if let Some((_, revision)) = &plan.below_partition
+        && plan.create.iter().any(|o| plan.below_partition.as_ref().is_some_and(|(below, _)| o < below))
+        && let Ok(Some(found)) = revisions.get_opt(&format!("{name}-{revision}")).await
+        && let Some(template) = found.data.and_then(|d| serde_json::from_value(d.0["spec"]["template"].clone()).ok())
+    {
+        older = Some((revision.clone(), template));
+    }
     for ordinal in &plan.create {
         let pod_name = statefulset::pod_name(name, *ordinal);
+        let below = plan.below_partition.as_ref().is_some_and(|(below, _)| ordinal < below);
+        let (revision, template) = match &older {
+            Some((revision, template)) if below => (revision.clone(), template),
+            _ => (hash.to_string(), &spec.template),
+        };
         let labels = [
-            (statefulset::HASH_LABEL, hash.to_string()),
+            (statefulset::HASH_LABEL, revision),
             (statefulset::POD_NAME_LABEL, pod_name.clone()),
             (statefulset::POD_INDEX_LABEL, ordinal.to_string()),
         ];
-        let mut pod_spec = spec.template.spec.clone().unwrap_or_default();
+        let mut pod_spec = template.spec.clone().unwrap_or_default();
         pod_spec.hostname = Some(pod_name.clone());
         if !spec.service_name.as_deref().unwrap_or_default().is_empty() {
             pod_spec.subdomain = spec.service_name.clone();
@@ -902,7 +936,7 @@ async fn apply_statefulset(client: &kube::Client, set: &StatefulSet, plan: state
                 ..Default::default()
             });
         }
-        let mut pod = pod_from_template(&owner, namespace, &spec.template, &labels, Some(pod_spec));
+        let mut pod = pod_from_template(&owner, namespace, template, &labels, Some(pod_spec));
         pod.metadata.generate_name = None;
         pod.metadata.name = Some(pod_name.clone());
         match create_if_missing(&pods, &pod).await {
