@@ -811,26 +811,54 @@ pub fn check_pod_update(old: &Value, new: &Value) -> Result<(), ApiError> {
         }
         spec
     };
-    if comparable(old_spec) != comparable(new_spec) {
+    let (before, after) = (comparable(old_spec), comparable(new_spec));
+    if before != after {
+        // Upstream appends a diff of the specs; this names the first field that differs.
+        let changed = first_difference(&before, &after, "spec");
         return Err(forbidden(
             "spec",
-            "pod updates may not change fields other than `spec.containers[*].image`,`spec.initContainers[*].image`,\
-             `spec.activeDeadlineSeconds`,`spec.tolerations` (only additions to existing tolerations),\
-             `spec.terminationGracePeriodSeconds` (allow it to be set to 1 if it was previously negative)",
+            &format!(
+                "pod updates may not change fields other than `spec.containers[*].image`,`spec.initContainers[*].image`,\
+                 `spec.activeDeadlineSeconds`,`spec.tolerations` (only additions to existing tolerations),\
+                 `spec.terminationGracePeriodSeconds` (allow it to be set to 1 if it was previously negative) \
+                 (changed: {changed})"
+            ),
         ));
     }
     Ok(())
 }
 
-/// `value` without null, empty objects and empty lists at any depth: upstream compares specs
-/// semantically, where a nil list equals an empty one (and a protobuf body cannot tell them
-/// apart).
+/// The path of the first place `a` and `b` differ (`spec.containers[0].ports`).
+fn first_difference(a: &Value, b: &Value, path: &str) -> String {
+    match (a, b) {
+        (Value::Object(x), Value::Object(y)) => {
+            for key in x.keys().chain(y.keys()) {
+                if x.get(key) != y.get(key) {
+                    let (p, q) = (x.get(key).unwrap_or(&Value::Null), y.get(key).unwrap_or(&Value::Null));
+                    return first_difference(p, q, &format!("{path}.{key}"));
+                }
+            }
+            path.to_string()
+        }
+        (Value::Array(x), Value::Array(y)) if x.len() == y.len() => match x.iter().zip(y).position(|(p, q)| p != q) {
+            Some(i) => first_difference(&x[i], &y[i], &format!("{path}[{i}]")),
+            None => path.to_string(),
+        },
+        _ => path.to_string(),
+    }
+}
+
+/// `value` without null, zero values, empty objects and empty lists at any depth: upstream
+/// compares specs as Go values, where a nil list equals an empty one and an absent number is
+/// 0 (and a protobuf body, client-go's, cannot tell them apart).
 fn without_empties(value: &Value) -> Value {
     let empty = |v: &Value| match v {
         Value::Null => true,
         Value::Object(map) => map.is_empty(),
         Value::Array(list) => list.is_empty(),
-        _ => false,
+        Value::Bool(b) => !b,
+        Value::Number(n) => n.as_f64() == Some(0.0),
+        Value::String(s) => s.is_empty(),
     };
     match value {
         Value::Object(map) => {

@@ -58,6 +58,15 @@ pub fn decode(body: &[u8]) -> Result<Value, ApiError> {
         .iter()
         .find(|r| r.api_version() == api_version && r.kind == kind)
         .ok_or_else(|| unsupported(format!("no protobuf schema for {kind} in {api_version:?}")))?;
+    // Go writes an IntOrString's three fields; k8s-rs-pb's serde form then picks the (zero)
+    // number over the string. Kinds whose data is arbitrary bytes are left alone.
+    let fixed;
+    let raw = if matches!(resource.plural, "secrets" | "configmaps") {
+        raw
+    } else {
+        fixed = string_int_or_strings(raw, 0).unwrap_or_else(|| raw.to_vec());
+        &fixed[..]
+    };
     // k8s-rs-pb's serde code unwraps (a timestamp out of range panics): contain it.
     let decoded = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| (resource.protobuf)(raw)))
         .unwrap_or_else(|_| Err("a value is out of range".into()));
@@ -67,6 +76,78 @@ pub fn decode(body: &[u8]) -> Result<Value, ApiError> {
     object["apiVersion"] = Value::String(api_version);
     object["kind"] = Value::String(kind);
     Ok(object)
+}
+
+fn read_varint(bytes: &[u8], at: &mut usize) -> Option<u64> {
+    let mut value = 0u64;
+    for shift in (0..64).step_by(7) {
+        let byte = *bytes.get(*at)?;
+        *at += 1;
+        value |= u64::from(byte & 0x7f) << shift;
+        if byte & 0x80 == 0 {
+            return Some(value);
+        }
+    }
+    None
+}
+
+fn write_varint(mut value: u64, out: &mut Vec<u8>) {
+    while value >= 0x80 {
+        out.push((value as u8) | 0x80);
+        value >>= 7;
+    }
+    out.push(value as u8);
+}
+
+/// `message` (wire bytes) with each IntOrString that holds a string (type 1, a zero intVal
+/// as Go writes it, a non-empty UTF-8 strVal — field for field in that order) written without
+/// its intVal, so that the string is what decodes. Nested messages are found by parsing every
+/// length-delimited field that parses as one; `None` when `message` is not a message.
+fn string_int_or_strings(message: &[u8], depth: usize) -> Option<Vec<u8>> {
+    if depth > 64 {
+        return None;
+    }
+    // The string form of an IntOrString: 08 01 10 00 1a <len> <utf-8>.
+    if let [0x08, 0x01, 0x10, 0x00, 0x1a, rest @ ..] = message {
+        let mut at = 0;
+        let len = read_varint(rest, &mut at)? as usize;
+        let text = rest.get(at..)?;
+        if len > 0 && text.len() == len && std::str::from_utf8(text).is_ok() {
+            let mut out = vec![0x08, 0x01, 0x1a];
+            out.extend_from_slice(rest);
+            return Some(out);
+        }
+    }
+    let mut out = Vec::with_capacity(message.len());
+    let mut at = 0;
+    while at < message.len() {
+        let key = read_varint(message, &mut at)?;
+        if key >> 3 == 0 {
+            return None;
+        }
+        write_varint(key, &mut out);
+        match key & 7 {
+            0 => write_varint(read_varint(message, &mut at)?, &mut out),
+            1 => {
+                out.extend_from_slice(message.get(at..at + 8)?);
+                at += 8;
+            }
+            5 => {
+                out.extend_from_slice(message.get(at..at + 4)?);
+                at += 4;
+            }
+            2 => {
+                let len = read_varint(message, &mut at)? as usize;
+                let field = message.get(at..at.checked_add(len)?)?;
+                at += len;
+                let inner = string_int_or_strings(field, depth + 1).unwrap_or_else(|| field.to_vec());
+                write_varint(inner.len() as u64, &mut out);
+                out.extend_from_slice(&inner);
+            }
+            _ => return None,
+        }
+    }
+    Some(out)
 }
 
 /// The decoder of a kind that has no resource (and so no schema) of its own: the options and
@@ -129,12 +210,14 @@ const POINTER_FIELDS: &[&str] = &[
     "enableServiceLinks",
     "expirationSeconds",
     "failedJobsHistoryLimit",
+    "fsGroup",
     "hostUsers",
     "immutable",
     "maxFailedIndexes",
     "mode",
     "optional",
     "parallelism",
+    "priority",
     "privileged",
     "progressDeadlineSeconds",
     "readOnlyRootFilesystem",
@@ -149,6 +232,7 @@ const POINTER_FIELDS: &[&str] = &[
     "successfulJobsHistoryLimit",
     "suspend",
     "terminationGracePeriodSeconds",
+    "tolerationSeconds",
     "ttlSecondsAfterFinished",
 ];
 
@@ -307,6 +391,8 @@ mod tests {
         let mut min = IntOrString::new();
         min.type_ = Some(1);
         min.strVal = Some("1%".into());
+        // Go writes every plain field, a zero intVal too.
+        min.intVal = Some(0);
         spec.minAvailable = Some(min).into();
         budget.spec = Some(spec).into();
         let json = decode(&envelope("policy/v1", "PodDisruptionBudget", &budget)).unwrap();
