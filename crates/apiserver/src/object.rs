@@ -757,6 +757,32 @@ pub fn prepare_update(resource: &Resource, old: &Value, object: &mut Value) -> R
         object["metadata"]["namespace"] = namespace.clone();
     }
     object["metadata"].as_object_mut().expect("checked").remove("resourceVersion");
+    // An immutable ConfigMap or Secret keeps its data and stays immutable.
+    if resource.group.is_empty()
+        && matches!(resource.plural, "configmaps" | "secrets")
+        && old["immutable"] == json!(true)
+    {
+        let name = old["metadata"]["name"].as_str().unwrap_or_default();
+        let forbidden = |field: &str| Cause {
+            reason: "FieldValueForbidden",
+            message: "Forbidden: field is immutable when `immutable` is set".into(),
+            field: field.into(),
+        };
+        let mut causes = Vec::new();
+        if object["immutable"] != json!(true) {
+            causes.push(forbidden("immutable"));
+        }
+        for field in ["data", "binaryData"] {
+            let empty = |v: &Value| v.is_null() || v.as_object().is_some_and(|m| m.is_empty());
+            let (before, after) = (&old[field], &object[field]);
+            if before != after && !(empty(before) && empty(after)) {
+                causes.push(forbidden(field));
+            }
+        }
+        if !causes.is_empty() {
+            return Err(ApiError::invalid("", resource.kind, name, causes));
+        }
+    }
     apply_defaults(resource, object);
     if resource.has_generation() {
         let generation = old["metadata"]["generation"].as_i64().unwrap_or(1);

@@ -91,14 +91,20 @@ fn field(pod: &Pod, path: &str) -> anyhow::Result<String> {
 }
 
 /// The files of downward API items.
-pub fn downward(pod: &Pod, items: &[DownwardAPIVolumeFile], default_mode: u32) -> anyhow::Result<Files> {
+/// A limit a container does not set is the node's `allocatable` (given when an item asks).
+pub fn downward(
+    pod: &Pod,
+    items: &[DownwardAPIVolumeFile],
+    default_mode: u32,
+    allocatable: Option<&BTreeMap<String, k8s_openapi::apimachinery::pkg::api::resource::Quantity>>,
+) -> anyhow::Result<Files> {
     let mut files = Files::new();
     for item in items {
         check_path(&item.path)?;
         let value = if let Some(f) = &item.field_ref {
             field(pod, &f.field_path)?
         } else if let Some(r) = &item.resource_field_ref {
-            crate::pods::resource_value(pod, r.container_name.as_deref(), None, r, None)?
+            crate::pods::resource_value(pod, r.container_name.as_deref(), None, r, allocatable)?
         } else {
             anyhow::bail!("downward API item {:?} has no source", item.path)
         };
@@ -160,7 +166,9 @@ pub async fn files(
     }
     if let Some(d) = &volume.downward_api {
         let mode = d.default_mode.unwrap_or(0o644) as u32;
-        return downward(pod, d.items.as_deref().unwrap_or_default(), mode).map(Some);
+        let items = d.items.as_deref().unwrap_or_default();
+        let allocatable = node_allocatable(client, pod, items).await;
+        return downward(pod, items, mode, allocatable.as_ref()).map(Some);
     }
     if let Some(p) = &volume.projected {
         let mode = p.default_mode.unwrap_or(0o644) as u32;
@@ -171,6 +179,20 @@ pub async fn files(
         return Ok(Some(all));
     }
     Ok(None)
+}
+
+/// The allocatable resources of the pod's node, when one of `items` asks for a resource.
+async fn node_allocatable(
+    client: &kube::Client,
+    pod: &Pod,
+    items: &[DownwardAPIVolumeFile],
+) -> Option<BTreeMap<String, k8s_openapi::apimachinery::pkg::api::resource::Quantity>> {
+    if !items.iter().any(|i| i.resource_field_ref.is_some()) {
+        return None;
+    }
+    let node = pod.spec.as_ref()?.node_name.clone()?;
+    let nodes: Api<k8s_openapi::api::core::v1::Node> = Api::all(client.clone());
+    nodes.get(&node).await.ok()?.status?.allocatable
 }
 
 async fn projection(
@@ -193,7 +215,9 @@ async fn projection(
         return from_data(&data, s.items.as_ref(), mode, &s.name, optional);
     }
     if let Some(d) = &source.downward_api {
-        return downward(pod, d.items.as_deref().unwrap_or_default(), mode);
+        let items = d.items.as_deref().unwrap_or_default();
+        let allocatable = node_allocatable(client, pod, items).await;
+        return downward(pod, items, mode, allocatable.as_ref());
     }
     if let Some(t) = &source.service_account_token {
         check_path(&t.path)?;
@@ -415,7 +439,7 @@ mod tests {
             {"path": "labels", "fieldRef": {"fieldPath": "metadata.labels"}},
             {"path": "mem", "resourceFieldRef": {"resource": "limits.memory", "divisor": "1Mi"}}]))
         .unwrap();
-        let files = downward(&pod, &items, 0o644).unwrap();
+        let files = downward(&pod, &items, 0o644, None).unwrap();
         assert_eq!(files["name"].0, b"p");
         assert_eq!(String::from_utf8_lossy(&files["labels"].0), "app=\"web\"\ntier=\"x\"");
         assert_eq!(files["mem"].0, b"64");

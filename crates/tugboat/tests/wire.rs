@@ -646,3 +646,28 @@ fn runtime_classes_admit_pods_and_sysctl_names_are_checked() {
     assert!(refused.contains(r#"Invalid value: "foo-""#) && refused.contains(r#"Invalid value: "bar..""#), "{refused}");
     assert!(!refused.contains("safe-and-unsafe") && !refused.contains("kernel.shmmax"), "{refused}");
 }
+
+#[test]
+fn immutable_config_maps_and_secrets_keep_their_data() {
+    let server = server();
+    let kubectl = |args: &[&str], stdin: Option<&str>| server.kubectl(args, stdin);
+    kubectl(&["create", "configmap", "c", "--from-literal=a=b"], None);
+    kubectl(&["create", "secret", "generic", "s", "--from-literal=a=b"], None);
+    for kind in ["configmap/c", "secret/s"] {
+        // Data may change until it is made immutable, together with the data.
+        kubectl(&["patch", kind, "--type=merge", "-p", r#"{"immutable":true,"data":{"a":"Yw=="}}"#], None);
+        let refused = server.kubectl_fails(&["patch", kind, "--type=merge", "-p", r#"{"data":{"a":"ZA=="}}"#], None);
+        assert!(
+            refused.contains("is invalid")
+                && refused.contains("data: Forbidden: field is immutable when `immutable` is set"),
+            "{refused}"
+        );
+        let refused = server.kubectl_fails(&["patch", kind, "--type=merge", "-p", r#"{"immutable":false}"#], None);
+        assert!(refused.contains("immutable: Forbidden"), "{refused}");
+        // Metadata still changes.
+        kubectl(&["label", kind, "x=y"], None);
+    }
+    let refused =
+        server.kubectl_fails(&["patch", "secret/s", "--type=merge", "-p", r#"{"stringData":{"a":"e"}}"#], None);
+    assert!(refused.contains("field is immutable"), "{refused}");
+}
