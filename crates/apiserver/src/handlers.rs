@@ -1596,7 +1596,7 @@ pub(crate) async fn modify(
         if resource.plural == "services" && view == View::Main {
             crate::services::default_and_validate(&mut object)?;
             if !write.dry_run {
-                crate::services::carry_over(state.store.as_ref(), &old, &mut object).await?;
+                crate::services::carry_over(state.store.as_ref(), state.service_cidr, &old, &mut object).await?;
             }
         }
         if view == View::Main && matches!(resource.plural, "pods" | "services" | "persistentvolumeclaims") {

@@ -351,9 +351,40 @@ async fn allocate_node_ports(
 
 /// On update: the ClusterIP is immutable (and kept when the new object leaves it out), node
 /// ports are kept per port number; ports a type change now needs are allocated.
-pub async fn carry_over(store: &dyn Store, old: &Value, service: &mut Value) -> Result<(), ApiError> {
+pub async fn carry_over(
+    store: &dyn Store,
+    cidr: ServiceCidr,
+    old: &Value,
+    service: &mut Value,
+) -> Result<(), ApiError> {
     let (name, _) = name_and_owner(service);
     let (_, owner) = name_and_owner(old);
+    // A change of type to or from ExternalName: what it held goes, or it gets what a new
+    // Service of its type gets (upstream's allocations on update).
+    match (service_type(old) == "ExternalName", service_type(service) == "ExternalName") {
+        (false, true) => {
+            release(store, old).await;
+            if let Some(spec) = service["spec"].as_object_mut() {
+                for field in ["clusterIP", "clusterIPs", "ipFamilies", "ipFamilyPolicy"] {
+                    spec.remove(field);
+                }
+            }
+            if let Some(ports) = service["spec"]["ports"].as_array_mut() {
+                for port in ports {
+                    if let Some(port) = port.as_object_mut() {
+                        port.remove("nodePort");
+                    }
+                }
+            }
+            return Ok(());
+        }
+        (true, false) => {
+            allocate(store, cidr, service).await?;
+            return Ok(());
+        }
+        (true, true) => return Ok(()),
+        (false, false) => {}
+    }
     for field in ["clusterIP", "clusterIPs", "ipFamilies", "ipFamilyPolicy"] {
         match (&old["spec"][field], &service["spec"][field]) {
             (before, Value::Null) if !before.is_null() => service["spec"][field] = before.clone(),

@@ -671,3 +671,37 @@ fn immutable_config_maps_and_secrets_keep_their_data() {
         server.kubectl_fails(&["patch", "secret/s", "--type=merge", "-p", r#"{"stringData":{"a":"e"}}"#], None);
     assert!(refused.contains("field is immutable"), "{refused}");
 }
+
+#[test]
+fn services_change_type_to_and_from_external_name() {
+    let server = server();
+    let kubectl = |args: &[&str], stdin: Option<&str>| server.kubectl(args, stdin);
+    kubectl(&["create", "service", "clusterip", "s", "--tcp=80"], None);
+    let ip = kubectl(&["get", "service", "s", "-o", "jsonpath={.spec.clusterIP}"], None);
+    assert!(!ip.is_empty());
+    kubectl(
+        &[
+            "patch",
+            "service",
+            "s",
+            "--type=merge",
+            "-p",
+            r#"{"spec":{"type":"ExternalName","externalName":"db.example.com"}}"#,
+        ],
+        None,
+    );
+    assert_eq!(
+        kubectl(&["get", "service", "s", "-o", "jsonpath={.spec.clusterIP}|{.spec.externalName}"], None),
+        "|db.example.com"
+    );
+    // Its address is free again: a new Service may ask for it.
+    kubectl(&["create", "service", "clusterip", "t", "--tcp=80", &format!("--clusterip={ip}")], None);
+    // And back: a NodePort Service gets an address and a node port.
+    kubectl(
+        &["patch", "service", "s", "--type=merge", "-p", r#"{"spec":{"type":"NodePort","externalName":null}}"#],
+        None,
+    );
+    let got = kubectl(&["get", "service", "s", "-o", "jsonpath={.spec.clusterIP} {.spec.ports[0].nodePort}"], None);
+    let (address, port) = got.split_once(' ').unwrap();
+    assert!(!address.is_empty() && address != ip && port.parse::<u16>().is_ok(), "{got}");
+}
