@@ -149,6 +149,19 @@ pub async fn forward(
     rest: &str,
     request: hyper::Request<Body>,
 ) -> Result<Response<Body>, ApiError> {
+    // `…/proxy` without a path: GET and HEAD are sent on to `…/proxy/` (upstream's 301).
+    if rest.is_empty() && matches!(*request.method(), axum::http::Method::GET | axum::http::Method::HEAD) {
+        let uri = request.uri();
+        let location = match uri.query() {
+            Some(query) => format!("{}/?{query}", uri.path()),
+            None => format!("{}/", uri.path()),
+        };
+        return Ok(Response::builder()
+            .status(axum::http::StatusCode::MOVED_PERMANENTLY)
+            .header(header::LOCATION, location)
+            .body(Body::empty())
+            .expect("a valid response"));
+    }
     let (scheme, address, kubelet) = locate(state, &target).await?;
     let (parts, body) = request.into_parts();
     let path = if rest.is_empty() { "/" } else { rest };

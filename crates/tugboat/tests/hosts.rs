@@ -295,6 +295,8 @@ fn a_server_and_two_agents_run_pods_and_survive_a_cut_link() {
     assert_eq!(kubectl.ok(&["get", "--raw", "/api/v1/namespaces/default/pods/far:8080/proxy/index.html"]), "far\n");
     assert_eq!(kubectl.ok(&["get", "--raw", "/api/v1/namespaces/default/services/far:80/proxy/"]), "far\n");
     assert_eq!(kubectl.ok(&["get", "--raw", "/api/v1/namespaces/default/services/http:far:80/proxy/"]), "far\n");
+    // Without a path, GET is sent on to `…/proxy/` (kubectl follows the 301).
+    assert_eq!(kubectl.ok(&["get", "--raw", "/api/v1/namespaces/default/pods/far:8080/proxy"]), "far\n");
     let refused = kubectl.run(&["get", "--raw", "/api/v1/namespaces/default/services/far:81/proxy/"], None);
     assert!(refused.is_err_and(|e| e.contains("no service port 81 found for service")), "a port the Service has not");
     let outside = std::net::TcpListener::bind("10.77.0.1:0").unwrap();
