@@ -17,6 +17,8 @@ use crate::pods::{is_active, is_ready};
 pub struct Plan {
     /// Pods to create.
     pub create: usize,
+    /// For an Indexed Job, the completion index of each pod to create (`create` of them).
+    pub indexes: Vec<i32>,
     /// Active pods (names) to delete.
     pub delete: Vec<String>,
     pub status: JobStatus,
@@ -24,6 +26,26 @@ pub struct Plan {
     pub delete_job: bool,
     /// When to look again without any change (a backoff, a deadline or a TTL ends).
     pub wake: Option<Timestamp>,
+}
+
+/// The annotation (and label) with an Indexed Job's pod's completion index.
+pub const INDEX: &str = "batch.kubernetes.io/job-completion-index";
+
+/// A pod's completion index, if it has one.
+pub fn index_of(pod: &Pod) -> Option<i32> {
+    pod.metadata.annotations.as_ref()?.get(INDEX)?.parse().ok().filter(|i: &i32| *i >= 0)
+}
+
+/// `completedIndexes` as upstream writes it: sorted, runs joined (`0-3,5`).
+fn compact(indexes: &std::collections::BTreeSet<i32>) -> String {
+    let mut runs: Vec<(i32, i32)> = Vec::new();
+    for &i in indexes {
+        match runs.last_mut() {
+            Some((_, end)) if *end + 1 == i => *end = i,
+            _ => runs.push((i, i)),
+        }
+    }
+    runs.iter().map(|(a, b)| if a == b { a.to_string() } else { format!("{a}-{b}") }).collect::<Vec<_>>().join(",")
 }
 
 fn phase(pod: &Pod) -> Option<&str> {
@@ -153,7 +175,19 @@ pub fn plan(job: &Job, pods: &[&Pod], in_flight: usize, now: Timestamp) -> Plan 
         return plan;
     }
 
-    let succeeded = pods.iter().filter(|p| phase(p) == Some("Succeeded")).count() as i32;
+    let indexed = spec.completion_mode.as_deref() == Some("Indexed");
+    // An Indexed Job counts each index once: done when every index has succeeded.
+    let completed: std::collections::BTreeSet<i32> = pods
+        .iter()
+        .filter(|p| phase(p) == Some("Succeeded"))
+        .filter_map(|p| index_of(p))
+        .filter(|i| spec.completions.is_none_or(|c| *i < c))
+        .collect();
+    let succeeded = if indexed {
+        completed.len() as i32
+    } else {
+        pods.iter().filter(|p| phase(p) == Some("Succeeded")).count() as i32
+    };
     // The pod failure policy: the first rule a failed pod matches says whether its failure
     // counts, is ignored, or fails the Job at once.
     let judged: Vec<(&Pod, Option<(&str, String)>)> = pods
@@ -227,6 +261,15 @@ pub fn plan(job: &Job, pods: &[&Pod], in_flight: usize, now: Timestamp) -> Plan 
             let ready_at = last_failure.map(|at| at + backoff(failed));
             match ready_at {
                 Some(at) if at > now => plan.wake = Some(plan.wake.map_or(at, |w| w.min(at))),
+                _ if indexed => {
+                    // The lowest indexes neither done nor running (nor just made).
+                    let running: std::collections::BTreeSet<i32> = active.iter().filter_map(|p| index_of(p)).collect();
+                    plan.indexes = (0..spec.completions.unwrap_or(0))
+                        .filter(|i| !completed.contains(i) && !running.contains(i))
+                        .take(wanted.saturating_sub(active.len()).saturating_sub(in_flight))
+                        .collect();
+                    plan.create = plan.indexes.len();
+                }
                 _ => plan.create = wanted - have,
             }
         } else if active.len() > wanted {
@@ -244,6 +287,9 @@ pub fn plan(job: &Job, pods: &[&Pod], in_flight: usize, now: Timestamp) -> Plan 
     status.active = Some(running).filter(|n| *n > 0 || status.active.is_some());
     status.ready = Some(if stop_all { 0 } else { active.iter().filter(|p| is_ready(p)).count() as i32 });
     status.succeeded = Some(succeeded).filter(|n| *n > 0 || status.succeeded.is_some());
+    if indexed {
+        status.completed_indexes = Some(compact(&completed)).filter(|c| !c.is_empty());
+    }
     status.failed = Some(failed).filter(|n| *n > 0 || status.failed.is_some());
     status.conditions = Some(conditions).filter(|c| !c.is_empty());
     plan.status = status;
@@ -352,6 +398,30 @@ mod tests {
         assert_eq!(ignored.status.failed, None, "an ignored failure is not counted");
         assert!(!has(&ignored, "Failed"));
         assert_eq!(plan_of("Count").status.failed, Some(1));
+    }
+
+    #[test]
+    fn indexed_jobs_run_each_index_until_it_succeeds() {
+        let spec = json!({"completions": 4, "parallelism": 2, "completionMode": "Indexed",
+                          "template": {"spec": {"containers": []}}});
+        let with_index = |mut p: Pod, i: i32| {
+            p.metadata.annotations = Some([(INDEX.to_string(), i.to_string())].into());
+            p
+        };
+        let first = plan(&job(spec.clone()), &[], 0, now());
+        assert_eq!(first.indexes, [0, 1]);
+        let done0 = with_index(pod("a", "Succeeded", "2026-01-01T00:05:00Z"), 0);
+        let running1 = with_index(pod("b", "Running", ""), 1);
+        let next = plan(&job(spec.clone()), &[&done0, &running1], 0, now());
+        assert_eq!(next.indexes, [2], "index 1 runs, index 0 is done");
+        assert_eq!(next.status.completed_indexes.as_deref(), Some("0"));
+        let all: Vec<Pod> =
+            (0..4).map(|i| with_index(pod(&format!("p{i}"), "Succeeded", "2026-01-01T00:05:00Z"), i)).collect();
+        let refs: Vec<&Pod> = all.iter().collect();
+        let finished = plan(&job(spec), &refs, 0, now());
+        assert!(has(&finished, "Complete"));
+        assert_eq!(finished.status.completed_indexes.as_deref(), Some("0-3"));
+        assert_eq!(compact(&[0, 1, 3, 5, 6].into()), "0-1,3,5-6");
     }
 
     #[test]

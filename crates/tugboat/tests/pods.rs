@@ -1451,3 +1451,41 @@ fn stateful_sets_keep_the_current_revision_below_the_partition() {
         |r| r == update,
     );
 }
+
+/// An Indexed Job runs one pod per completion index, each told its index (annotation, label,
+/// JOB_COMPLETION_INDEX) and named `<job>-<index>`; it completes when every index has.
+#[test]
+fn indexed_jobs_complete_every_index() {
+    if !tugboat_testkit::isolated("indexed_jobs_complete_every_index") {
+        return;
+    }
+    let Node { server, logs: _logs, _logs_dir } = node();
+    let job = r#"
+apiVersion: batch/v1
+kind: Job
+metadata: {name: idx}
+spec:
+  completions: 3
+  parallelism: 2
+  completionMode: Indexed
+  template:
+    spec:
+      restartPolicy: Never
+      containers: [{name: c, image: busybox:1.35, command: [sh, -c, 'echo "$JOB_COMPLETION_INDEX $(hostname)"']}]
+"#;
+    server.kubectl(&["apply", "-f", "-"], Some(job));
+    wait(&server, &["get", "job", "idx", "-o", "jsonpath={.status.completedIndexes}"], "every index done", |c| {
+        c == "0-2"
+    });
+    wait(
+        &server,
+        &["get", "job", "idx", "-o", "jsonpath={.status.conditions[?(@.type==\"Complete\")].status}"],
+        "the job complete",
+        |c| c == "True",
+    );
+    for index in 0..3 {
+        let selector = format!("batch.kubernetes.io/job-completion-index={index}");
+        let name = server.kubectl(&["get", "pods", "-l", &selector, "-o", "jsonpath={.items[0].metadata.name}"], None);
+        assert_eq!(server.kubectl(&["logs", &name], None), format!("{index} idx-{index}\n"));
+    }
+}

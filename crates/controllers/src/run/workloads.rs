@@ -673,7 +673,30 @@ async fn apply_job(client: &kube::Client, j: &Job, plan: job::Plan) -> Vec<Strin
     if plan.create > 0 {
         let template = j.spec.as_ref().map(|s| s.template.clone()).unwrap_or_default();
         let pod = pod_from_template(&owner_reference(j), namespace, &template, &[], None);
-        created = create_pods(&pods, &pod, plan.create).await.0;
+        if plan.indexes.is_empty() {
+            created = create_pods(&pods, &pod, plan.create).await.0;
+        } else {
+            // An Indexed Job's pod: its index as annotation, label and JOB_COMPLETION_INDEX,
+            // and `<job>-<index>` as its hostname (upstream).
+            for index in &plan.indexes {
+                let mut pod = pod.clone();
+                let value = index.to_string();
+                pod.metadata.generate_name = Some(format!("{name}-{index}-"));
+                pod.metadata.annotations.get_or_insert_with(Default::default).insert(job::INDEX.into(), value.clone());
+                pod.metadata.labels.get_or_insert_with(Default::default).insert(job::INDEX.into(), value.clone());
+                if let Some(spec) = pod.spec.as_mut() {
+                    spec.hostname = Some(format!("{name}-{index}"));
+                    for container in spec.containers.iter_mut().chain(spec.init_containers.iter_mut().flatten()) {
+                        container.env.get_or_insert_with(Vec::new).push(k8s_openapi::api::core::v1::EnvVar {
+                            name: "JOB_COMPLETION_INDEX".into(),
+                            value: Some(value.clone()),
+                            value_from: None,
+                        });
+                    }
+                }
+                created.extend(create_pods(&pods, &pod, 1).await.0);
+            }
+        }
         pod_events(client, j, "SuccessfulCreate", "Created", &created, "job-controller").await;
     }
     delete_pods(client, j, &pods, &plan.delete, &DeleteParams::background(), "job-controller").await;
