@@ -705,3 +705,35 @@ fn services_change_type_to_and_from_external_name() {
     let (address, port) = got.split_once(' ').unwrap();
     assert!(!address.is_empty() && address != ip && port.parse::<u16>().is_ok(), "{got}");
 }
+
+#[test]
+fn endpoints_of_a_service_without_selector_are_mirrored_as_slices() {
+    let server = server();
+    let kubectl = |args: &[&str], stdin: Option<&str>| server.kubectl(args, stdin);
+    let manifests = |ip: &str| {
+        format!(
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: ext}}\nspec: {{ports: [{{name: web, port: 80}}]}}\n---\n\
+             apiVersion: v1\nkind: Endpoints\nmetadata: {{name: ext}}\nsubsets:\n\
+             - addresses: [{{ip: {ip}}}]\n  ports: [{{name: web, port: 8080}}]\n"
+        )
+    };
+    kubectl(&["apply", "-f", "-"], Some(&manifests("10.1.2.3")));
+    let slice = || {
+        kubectl(
+            &[
+                "get",
+                "endpointslices",
+                "-l",
+                "kubernetes.io/service-name=ext,endpointslice.kubernetes.io/managed-by=endpointslicemirroring-controller.k8s.io",
+                "-o",
+                "jsonpath={.items[*].endpoints[*].addresses[0]}:{.items[*].ports[*].port}",
+            ],
+            None,
+        )
+    };
+    eventually("the mirrored slice", || slice() == "10.1.2.3:8080");
+    kubectl(&["apply", "-f", "-"], Some(&manifests("10.1.2.4")));
+    eventually("the slice follows", || slice() == "10.1.2.4:8080");
+    kubectl(&["delete", "endpoints", "ext"], None);
+    eventually("the slice gone", || slice() == ":");
+}

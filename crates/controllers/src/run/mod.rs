@@ -262,6 +262,7 @@ pub async fn run(client: kube::Client, config: ControllerConfig) -> anyhow::Resu
     tasks.spawn(workloads::run_jobs(client.clone(), hub.clone()));
     tasks.spawn(workloads::run_cronjobs(client.clone(), hub.clone()));
     tasks.spawn(services::run_endpoints(client.clone(), hub.clone()));
+    tasks.spawn(services::run_mirroring(client.clone(), hub.clone()));
     tasks.spawn(namespaces::run_namespaces(client.clone(), hub.clone()));
     tasks.spawn(namespaces::run_service_accounts(client.clone(), hub.clone()));
     if let Some(ca) = config.root_ca.clone() {

@@ -193,3 +193,148 @@ async fn apply(
     }
     Ok(())
 }
+
+/// The label upstream's mirroring controller puts on the EndpointSlices it makes.
+const MIRRORING: &str = "endpointslicemirroring-controller.k8s.io";
+
+/// The EndpointSlice mirroring controller: the Endpoints a user writes for a Service without
+/// a selector (and without `endpointslice.kubernetes.io/skip-mirror`) appear as EndpointSlices
+/// too — one per subset, owned by the Endpoints — so that whatever reads slices (the service
+/// proxy, DNS) sees them; updated with them, gone with them.
+pub(super) async fn run_mirroring(client: kube::Client, hub: Arc<Hub>) -> anyhow::Result<()> {
+    use k8s_openapi::api::discovery::v1::{Endpoint, EndpointConditions, EndpointPort};
+    let changed = Arc::new(Notify::new());
+    let services = hub.watch::<Service>(&changed);
+    let endpoints = hub.watch::<Endpoints>(&changed);
+    let slices = hub.watch::<EndpointSlice>(&changed);
+    ready(&services).await?;
+    ready(&endpoints).await?;
+    ready(&slices).await?;
+    tracing::info!("endpointslice mirroring controller started");
+    loop {
+        let key =
+            |meta: &ObjectMeta| (meta.namespace.clone().unwrap_or_default(), meta.name.clone().unwrap_or_default());
+        let selectorless: std::collections::HashSet<(String, String)> = services
+            .state()
+            .iter()
+            .filter(|s| s.spec.as_ref().and_then(|s| s.selector.as_ref()).is_none_or(|s| s.is_empty()))
+            .map(|s| key(&s.metadata))
+            .collect();
+        let mut mirrored: HashMap<(String, String), Vec<Arc<EndpointSlice>>> = HashMap::new();
+        for slice in slices.state() {
+            let labels = slice.metadata.labels.clone().unwrap_or_default();
+            if labels.get(MANAGED_BY).map(String::as_str) == Some(MIRRORING)
+                && let Some(service) = labels.get(SERVICE_NAME)
+            {
+                let namespace = slice.metadata.namespace.clone().unwrap_or_default();
+                mirrored.entry((namespace, service.clone())).or_default().push(slice);
+            }
+        }
+        for e in endpoints.state() {
+            let id = key(&e.metadata);
+            let skip = e.metadata.labels.as_ref().and_then(|l| l.get(SKIP_MIRROR)).map(String::as_str) == Some("true");
+            if skip || !selectorless.contains(&id) || e.metadata.deletion_timestamp.is_some() {
+                continue;
+            }
+            let (namespace, name) = id.clone();
+            let mut labels = e.metadata.labels.clone().unwrap_or_default();
+            labels.insert(SERVICE_NAME.into(), name.clone());
+            labels.insert(MANAGED_BY.into(), MIRRORING.into());
+            let owner = k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference {
+                api_version: "v1".into(),
+                kind: "Endpoints".into(),
+                name: name.clone(),
+                uid: e.metadata.uid.clone().unwrap_or_default(),
+                controller: Some(true),
+                block_owner_deletion: Some(true),
+            };
+            let api: Api<EndpointSlice> = Api::namespaced(client.clone(), &namespace);
+            let mut existing = mirrored.remove(&id).unwrap_or_default();
+            existing.sort_by_key(|s| s.metadata.name.clone());
+            let subsets = e.subsets.clone().unwrap_or_default();
+            for (index, subset) in subsets.iter().enumerate() {
+                let endpoint = |address: &k8s_openapi::api::core::v1::EndpointAddress, ready: bool| Endpoint {
+                    addresses: vec![address.ip.clone()],
+                    conditions: Some(EndpointConditions {
+                        ready: Some(ready),
+                        serving: Some(ready),
+                        terminating: None,
+                    }),
+                    hostname: address.hostname.clone(),
+                    node_name: address.node_name.clone(),
+                    target_ref: address.target_ref.clone(),
+                    ..Default::default()
+                };
+                let endpoints: Vec<Endpoint> = subset
+                    .addresses
+                    .iter()
+                    .flatten()
+                    .map(|a| endpoint(a, true))
+                    .chain(subset.not_ready_addresses.iter().flatten().map(|a| endpoint(a, false)))
+                    .collect();
+                let ports: Vec<EndpointPort> = subset
+                    .ports
+                    .iter()
+                    .flatten()
+                    .map(|p| EndpointPort {
+                        name: Some(p.name.clone().unwrap_or_default()),
+                        port: Some(p.port),
+                        protocol: Some(p.protocol.clone().unwrap_or_else(|| "TCP".into())),
+                        app_protocol: p.app_protocol.clone(),
+                    })
+                    .collect();
+                let address_type = if endpoints.iter().any(|e| e.addresses[0].contains(':')) { "IPv6" } else { "IPv4" };
+                let wanted = EndpointSlice {
+                    metadata: ObjectMeta {
+                        generate_name: Some(format!("{name}-")),
+                        namespace: Some(namespace.clone()),
+                        labels: Some(labels.clone()),
+                        owner_references: Some(vec![owner.clone()]),
+                        ..Default::default()
+                    },
+                    address_type: address_type.into(),
+                    endpoints,
+                    ports: Some(ports).filter(|p| !p.is_empty()),
+                };
+                let result = match existing.get(index) {
+                    Some(old)
+                        if old.endpoints == wanted.endpoints
+                            && old.ports == wanted.ports
+                            && old.address_type == wanted.address_type
+                            && old.metadata.labels == wanted.metadata.labels =>
+                    {
+                        Ok(())
+                    }
+                    Some(old) => {
+                        let mut updated = (**old).clone();
+                        updated.endpoints = wanted.endpoints;
+                        updated.ports = wanted.ports;
+                        updated.address_type = wanted.address_type;
+                        updated.metadata.labels = wanted.metadata.labels;
+                        let name = old.metadata.name.clone().unwrap_or_default();
+                        api.replace(&name, &PostParams::default(), &updated).await.map(|_| ())
+                    }
+                    None => api.create(&PostParams::default(), &wanted).await.map(|_| ()),
+                };
+                if let Err(error) = result {
+                    tracing::debug!(%error, endpoints = name, "could not mirror endpoints");
+                }
+            }
+            for extra in existing.iter().skip(subsets.len()) {
+                let _ =
+                    delete_if_there(&api, extra.metadata.name.as_deref().unwrap_or_default(), &DeleteParams::default())
+                        .await;
+            }
+        }
+        // Slices whose Endpoints are gone or no longer mirrored.
+        for ((namespace, _), stale) in mirrored {
+            let api: Api<EndpointSlice> = Api::namespaced(client.clone(), &namespace);
+            for slice in stale {
+                let _ =
+                    delete_if_there(&api, slice.metadata.name.as_deref().unwrap_or_default(), &DeleteParams::default())
+                        .await;
+            }
+        }
+        wait(&changed).await;
+    }
+}
