@@ -1594,6 +1594,7 @@ pub(crate) async fn modify(
             object::check_pod_update(&old, &object)?;
         }
         if resource.plural == "services" && view == View::Main {
+            crate::services::drop_type_dependent_fields(&old, &mut object);
             crate::services::default_and_validate(&mut object)?;
             if !write.dry_run {
                 crate::services::carry_over(state.store.as_ref(), state.service_cidr, &old, &mut object).await?;

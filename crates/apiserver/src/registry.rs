@@ -511,6 +511,7 @@ impl Resource {
                 | "horizontalpodautoscalers"
                 | "volumeattachments"
                 | "flowschemas"
+                | "ingresses"
                 | "prioritylevelconfigurations"
         )
     }

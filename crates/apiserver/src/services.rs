@@ -351,6 +351,28 @@ async fn allocate_node_ports(
 
 /// On update: the ClusterIP is immutable (and kept when the new object leaves it out), node
 /// ports are kept per port number; ports a type change now needs are allocated.
+/// Upstream's `dropTypeDependentFields`: a Service changing to ExternalName loses the cluster
+/// IPs and node ports the update left as they were (a client changes only the type).
+pub fn drop_type_dependent_fields(old: &Value, service: &mut Value) {
+    if service_type(old) == "ExternalName" || service_type(service) != "ExternalName" {
+        return;
+    }
+    if let Some(spec) = service["spec"].as_object_mut() {
+        for field in ["clusterIP", "clusterIPs", "ipFamilies", "ipFamilyPolicy", "externalTrafficPolicy"] {
+            if spec.get(field) == old["spec"].get(field) {
+                spec.remove(field);
+            }
+        }
+    }
+    let old_ports = old["spec"]["ports"].as_array().cloned().unwrap_or_default();
+    for port in service["spec"]["ports"].as_array_mut().into_iter().flatten() {
+        let kept = old_ports.iter().any(|p| p["nodePort"] == port["nodePort"]);
+        if let Some(port) = port.as_object_mut().filter(|_| kept) {
+            port.remove("nodePort");
+        }
+    }
+}
+
 pub async fn carry_over(
     store: &dyn Store,
     cidr: ServiceCidr,

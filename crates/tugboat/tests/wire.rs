@@ -704,6 +704,22 @@ fn services_change_type_to_and_from_external_name() {
     let got = kubectl(&["get", "service", "s", "-o", "jsonpath={.spec.clusterIP} {.spec.ports[0].nodePort}"], None);
     let (address, port) = got.split_once(' ').unwrap();
     assert!(!address.is_empty() && address != ip && port.parse::<u16>().is_ok(), "{got}");
+    // NodePort to ExternalName changing only the type: the node port goes too.
+    kubectl(
+        &[
+            "patch",
+            "service",
+            "s",
+            "--type=merge",
+            "-p",
+            r#"{"spec":{"type":"ExternalName","externalName":"x.example.com"}}"#,
+        ],
+        None,
+    );
+    assert_eq!(
+        kubectl(&["get", "service", "s", "-o", "jsonpath={.spec.clusterIP}|{.spec.ports[0].nodePort}"], None),
+        "|"
+    );
 }
 
 #[test]
@@ -736,4 +752,23 @@ fn endpoints_of_a_service_without_selector_are_mirrored_as_slices() {
     eventually("the slice follows", || slice() == "10.1.2.4:8080");
     kubectl(&["delete", "endpoints", "ext"], None);
     eventually("the slice gone", || slice() == ":");
+}
+
+#[test]
+fn ingresses_have_a_status_subresource() {
+    let server = server();
+    let kubectl = |args: &[&str], stdin: Option<&str>| server.kubectl(args, stdin);
+    kubectl(&["create", "ingress", "web", "--rule=example.com/=web:80"], None);
+    let status = r#"{"status":{"loadBalancer":{"ingress":[{"ip":"203.0.113.7"}]}}}"#;
+    kubectl(&["patch", "ingress", "web", "--subresource=status", "--type=merge", "-p", status], None);
+    assert_eq!(
+        kubectl(&["get", "ingress", "web", "-o", "jsonpath={.status.loadBalancer.ingress[0].ip}"], None),
+        "203.0.113.7"
+    );
+    // A plain update keeps the status.
+    kubectl(&["patch", "ingress", "web", "--type=merge", "-p", r#"{"status":{"loadBalancer":{}}}"#], None);
+    assert_eq!(
+        kubectl(&["get", "ingress", "web", "-o", "jsonpath={.status.loadBalancer.ingress[0].ip}"], None),
+        "203.0.113.7"
+    );
 }
