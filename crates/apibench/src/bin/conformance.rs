@@ -77,6 +77,13 @@ done
 exec wget -q -O - "$url"
 "#;
 
+/// `nc` as the suite runs it (OpenBSD netcat's `-v -t -z -n` flags) over busybox's nc, which
+/// knows only `-w`, `-l`, `-p`…: the extra flags are dropped. UDP (`-u`) busybox cannot do.
+const NC: &str = r#"#!/bin/sh
+set --  $(for a in "$@"; do case "$a" in -v|-t|-z|-n|-vz|-zv|-nv|-vn) ;; *) printf '%s\n' "$a" ;; esac; done)
+exec busybox nc "$@"
+"#;
+
 /// What an image's layer holds besides busybox.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Layer {
@@ -150,6 +157,7 @@ fn make_images(args: &Args, names: &[String], dir: &Path) -> anyhow::Result<usiz
                 ("agnhost", &agnhost, 0o755),
                 ("agnhost-2", b"agnhost", 0o120777),
                 ("usr/bin/curl", CURL.as_bytes(), 0o755),
+                ("usr/bin/nc", NC.as_bytes(), 0o755),
                 ("localhost.crt", &certificate, 0o644),
                 ("localhost.key", &key, 0o600),
             ])?,
