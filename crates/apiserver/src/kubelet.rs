@@ -59,13 +59,8 @@ impl KubeletClient {
         address: &str,
         request: hyper::Request<Body>,
     ) -> Result<Response<hyper::body::Incoming>, String> {
-        let tcp = tokio::time::timeout(Duration::from_secs(10), tokio::net::TcpStream::connect(address))
-            .await
-            .map_err(|_| format!("dial tcp {address}: i/o timeout"))?
-            .map_err(|e| format!("dial tcp {address}: {e}"))?;
-        let _ = tcp.set_nodelay(true);
-        let host = address.rsplit_once(':').map(|(h, _)| h.trim_matches(['[', ']'])).unwrap_or(address);
-        let name = ServerName::try_from(host.to_string()).map_err(|e| e.to_string())?;
+        let tcp = dial(address).await?;
+        let name = server_name(address)?;
         let tls = self.tls.connect(name, tcp).await.map_err(|e| format!("TLS with the kubelet at {address}: {e}"))?;
         let (mut sender, connection) =
             hyper::client::conn::http1::handshake(TokioIo::new(tls)).await.map_err(|e| e.to_string())?;
@@ -74,6 +69,22 @@ impl KubeletClient {
         });
         sender.send_request(request).await.map_err(|e| e.to_string())
     }
+}
+
+/// A TCP connection to `address` (`host:port`), given up after 10 s, in Go's words.
+pub(crate) async fn dial(address: &str) -> Result<tokio::net::TcpStream, String> {
+    let tcp = tokio::time::timeout(Duration::from_secs(10), tokio::net::TcpStream::connect(address))
+        .await
+        .map_err(|_| format!("dial tcp {address}: i/o timeout"))?
+        .map_err(|e| format!("dial tcp {address}: {e}"))?;
+    let _ = tcp.set_nodelay(true);
+    Ok(tcp)
+}
+
+/// The TLS server name of `address`: its host, without an IPv6 address's brackets.
+pub(crate) fn server_name(address: &str) -> Result<ServerName<'static>, String> {
+    let host = address.rsplit_once(':').map(|(h, _)| h.trim_matches(['[', ']'])).unwrap_or(address);
+    ServerName::try_from(host.to_string()).map_err(|e| e.to_string())
 }
 
 /// The kubelet address (`host:port`) of a node object.

@@ -6,8 +6,6 @@
 //! Method, query, body and the end-to-end headers pass through; the answer comes back as the
 //! backend gave it, streamed.
 
-use std::time::Duration;
-
 use axum::body::Body;
 #[cfg(test)]
 use axum::http::HeaderMap;
@@ -256,14 +254,9 @@ async fn send(
     address: &str,
     request: hyper::Request<Body>,
 ) -> Result<Response<hyper::body::Incoming>, String> {
-    let tcp = tokio::time::timeout(Duration::from_secs(10), tokio::net::TcpStream::connect(address))
-        .await
-        .map_err(|_| format!("dial tcp {address}: i/o timeout"))?
-        .map_err(|e| format!("dial tcp {address}: {e}"))?;
-    let _ = tcp.set_nodelay(true);
+    let tcp = crate::kubelet::dial(address).await?;
     if scheme == "https" {
-        let host = address.rsplit_once(':').map(|(h, _)| h.trim_matches(['[', ']'])).unwrap_or(address);
-        let name = rustls::pki_types::ServerName::try_from(host.to_string()).map_err(|e| e.to_string())?;
+        let name = crate::kubelet::server_name(address)?;
         let tls = insecure_connector().connect(name, tcp).await.map_err(|e| e.to_string())?;
         exchange(TokioIo::new(tls), request).await
     } else {

@@ -55,6 +55,17 @@ pub fn busybox_layer(extra: &[(&str, &[u8], u32)]) -> anyhow::Result<Vec<u8>> {
         tar.append_data(&mut header, path, data)?;
         Ok(())
     };
+    let link = |tar: &mut tar::Builder<Vec<u8>>, path: &str, target: &str| -> anyhow::Result<()> {
+        let mut header = tar::Header::new_gnu();
+        header.set_entry_type(tar::EntryType::Symlink);
+        header.set_mode(0o777);
+        header.set_size(0);
+        header.set_mtime(0);
+        header.set_uid(0);
+        header.set_gid(0);
+        tar.append_link(&mut header, path, target)?;
+        Ok(())
+    };
     for (path, mode) in
         [("bin", 0o755), ("etc", 0o755), ("tmp", 0o1777), ("root", 0o700), ("var", 0o755), ("home", 0o755)]
     {
@@ -65,14 +76,7 @@ pub fn busybox_layer(extra: &[(&str, &[u8], u32)]) -> anyhow::Result<Vec<u8>> {
         if applet == "busybox" {
             continue;
         }
-        let mut header = tar::Header::new_gnu();
-        header.set_entry_type(tar::EntryType::Symlink);
-        header.set_mode(0o777);
-        header.set_size(0);
-        header.set_mtime(0);
-        header.set_uid(0);
-        header.set_gid(0);
-        tar.append_link(&mut header, format!("bin/{applet}"), "busybox")?;
+        link(&mut tar, &format!("bin/{applet}"), "busybox")?;
     }
     file(
         &mut tar,
@@ -93,15 +97,7 @@ pub fn busybox_layer(extra: &[(&str, &[u8], u32)]) -> anyhow::Result<Vec<u8>> {
             }
         }
         if mode & 0o170000 == 0o120000 {
-            // A symbolic link to what `data` names.
-            let mut header = tar::Header::new_gnu();
-            header.set_entry_type(tar::EntryType::Symlink);
-            header.set_mode(0o777);
-            header.set_size(0);
-            header.set_mtime(0);
-            header.set_uid(0);
-            header.set_gid(0);
-            tar.append_link(&mut header, path, std::str::from_utf8(data)?)?;
+            link(&mut tar, path, std::str::from_utf8(data)?)?;
         } else {
             file(&mut tar, path, data, *mode)?;
         }
