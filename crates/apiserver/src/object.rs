@@ -551,7 +551,8 @@ fn default_workload(resource: &Resource, object: &mut Value) {
             set_default(spec, "updateStrategy", json!({}));
             set_default(&mut spec["updateStrategy"], "type", json!("RollingUpdate"));
             if spec["updateStrategy"]["type"] == "RollingUpdate" {
-                set_default(&mut spec["updateStrategy"], "rollingUpdate", json!({"partition": 0}));
+                set_default(&mut spec["updateStrategy"], "rollingUpdate", json!({}));
+                set_default(&mut spec["updateStrategy"]["rollingUpdate"], "partition", json!(0));
             }
         }
         "daemonsets" => {
@@ -1045,6 +1046,13 @@ mod tests {
         prepare_create(deployments, Some("default"), &mut deployment).unwrap();
         assert_eq!(deployment["spec"]["replicas"], 1);
         assert_eq!(deployment["spec"]["strategy"]["rollingUpdate"]["maxSurge"], "25%");
+        // A StatefulSet's rolling update says its partition, even when the client sent an empty
+        // rollingUpdate (a zero partition that protobuf could not carry).
+        let sets = find("apps", "v1", "statefulsets").unwrap();
+        let mut set = json!({"metadata": {"name": "s"}, "spec": {"updateStrategy": {"type": "RollingUpdate", "rollingUpdate": {}},
+                              "template": {"spec": {"containers": []}}}});
+        prepare_create(sets, Some("default"), &mut set).unwrap();
+        assert_eq!(set["spec"]["updateStrategy"]["rollingUpdate"]["partition"], 0);
         let mut parallel_only = json!({"metadata": {"name": "p"}, "spec": {"parallelism": 3}});
         prepare_create(jobs, Some("default"), &mut parallel_only).unwrap();
         assert!(parallel_only["spec"]["completions"].is_null(), "a work-queue job keeps no completions");

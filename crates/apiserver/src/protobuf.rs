@@ -217,6 +217,7 @@ const POINTER_FIELDS: &[&str] = &[
     "mode",
     "optional",
     "parallelism",
+    "partition",
     "priority",
     "privileged",
     "progressDeadlineSeconds",
