@@ -4,13 +4,35 @@
 
 use serde_json::{Value, json};
 
-use crate::registry::RESOURCES;
+use crate::registry::Resource;
 use crate::resource_metrics;
 
-/// The served group versions: the stored resources' groups, then `metrics.k8s.io`.
-fn groups() -> Vec<(&'static str, &'static str)> {
-    let mut groups = crate::registry::groups();
-    groups.push((resource_metrics::GROUP, resource_metrics::VERSION));
+/// What discovery lists: the built-in resources, then the custom ones served now.
+pub type Served<'a> = &'a [&'static Resource];
+
+/// The served groups (other than core) with their versions, preferred first: the stored
+/// resources' groups in the order they are registered, `metrics.k8s.io`, then the groups custom
+/// resources add.
+fn groups(resources: Served) -> Vec<(&'static str, Vec<&'static str>)> {
+    let mut groups: Vec<(&'static str, Vec<&'static str>)> = Vec::new();
+    let mut metrics_added = false;
+    for resource in resources.iter().filter(|r| !r.group.is_empty()) {
+        if resource.custom.is_some() && !metrics_added {
+            groups.push((resource_metrics::GROUP, vec![resource_metrics::VERSION]));
+            metrics_added = true;
+        }
+        match groups.iter_mut().find(|(g, _)| *g == resource.group) {
+            Some((_, versions)) if !versions.contains(&resource.version) => versions.push(resource.version),
+            Some(_) => {}
+            None => groups.push((resource.group, vec![resource.version])),
+        }
+    }
+    if !metrics_added {
+        groups.push((resource_metrics::GROUP, vec![resource_metrics::VERSION]));
+    }
+    for (_, versions) in &mut groups {
+        versions.sort_by(|a, b| crate::crd::version_priority(a, b));
+    }
     groups
 }
 
@@ -27,20 +49,21 @@ pub fn api_versions(server_address: &str) -> Value {
     })
 }
 
-fn group_entry(group: &str, version: &str) -> Value {
-    let group_version = json!({"groupVersion": format!("{group}/{version}"), "version": version});
-    json!({"name": group, "versions": [group_version], "preferredVersion": group_version})
+fn group_entry(group: &str, versions: &[&str]) -> Value {
+    let entry = |version: &str| json!({"groupVersion": format!("{group}/{version}"), "version": version});
+    let all: Vec<Value> = versions.iter().map(|v| entry(v)).collect();
+    json!({"name": group, "versions": all, "preferredVersion": entry(versions.first().copied().unwrap_or_default())})
 }
 
-pub fn api_group_list() -> Value {
-    let groups: Vec<Value> = groups().into_iter().map(|(g, v)| group_entry(g, v)).collect();
+pub fn api_group_list(resources: Served) -> Value {
+    let groups: Vec<Value> = groups(resources).into_iter().map(|(g, v)| group_entry(g, &v)).collect();
     json!({"kind": "APIGroupList", "apiVersion": "v1", "groups": groups})
 }
 
 /// `/apis/<group>`, if the group is served.
-pub fn api_group(group: &str) -> Option<Value> {
-    groups().into_iter().find(|(g, _)| *g == group).map(|(g, v)| {
-        let mut entry = group_entry(g, v);
+pub fn api_group(resources: Served, group: &str) -> Option<Value> {
+    groups(resources).into_iter().find(|(g, _)| *g == group).map(|(g, v)| {
+        let mut entry = group_entry(g, &v);
         entry["kind"] = json!("APIGroup");
         entry["apiVersion"] = json!("v1");
         entry
@@ -48,8 +71,8 @@ pub fn api_group(group: &str) -> Option<Value> {
 }
 
 /// The resources of one group version, if served.
-pub fn api_resource_list(group: &str, version: &str) -> Option<Value> {
-    let resources: Vec<Value> = RESOURCES
+pub fn api_resource_list(served: Served, group: &str, version: &str) -> Option<Value> {
+    let resources: Vec<Value> = served
         .iter()
         .filter(|r| r.group == group && r.version == version)
         .flat_map(|r| {
@@ -105,7 +128,7 @@ pub fn api_resource_list(group: &str, version: &str) -> Option<Value> {
     Some(json!({"kind": "APIResourceList", "apiVersion": "v1", "groupVersion": group_version, "resources": resources}))
 }
 
-fn resource_entry(r: &crate::registry::Resource) -> Value {
+fn resource_entry(r: &Resource) -> Value {
     let mut entry = json!({
         "name": r.plural,
         "singularName": r.singular,
@@ -118,7 +141,7 @@ fn resource_entry(r: &crate::registry::Resource) -> Value {
 }
 
 /// Short names and categories, where a resource has them: both discovery formats list them.
-fn add_names(entry: &mut Value, r: &crate::registry::Resource) {
+fn add_names(entry: &mut Value, r: &Resource) {
     if !r.short_names.is_empty() {
         entry["shortNames"] = json!(r.short_names);
     }
@@ -155,13 +178,29 @@ fn response_kind(group: &str, version: &str, kind: &str) -> Value {
 }
 
 /// The aggregated discovery document of `/api` (core) or `/apis` (every other group).
-pub fn aggregated(core: bool, version: &str) -> Value {
-    let mut groups: Vec<(&str, &str)> = if core { vec![("", "v1")] } else { groups() };
-    groups.dedup();
+pub fn aggregated(served: Served, core: bool, version: &str) -> Value {
+    let groups: Vec<(&str, Vec<&str>)> = if core { vec![("", vec!["v1"])] } else { groups(served) };
     let items: Vec<Value> = groups
         .into_iter()
-        .map(|(group, group_version)| {
-            let mut resources: Vec<Value> = RESOURCES
+        .map(|(group, versions)| {
+            let versions: Vec<Value> = versions
+                .into_iter()
+                .map(|group_version| aggregated_version_entry(served, group, group_version))
+                .collect();
+            json!({"metadata": {"name": group, "creationTimestamp": null}, "versions": versions})
+        })
+        .collect();
+    json!({
+        "kind": "APIGroupDiscoveryList",
+        "apiVersion": format!("apidiscovery.k8s.io/{version}"),
+        "metadata": {},
+        "items": items,
+    })
+}
+
+/// One group version of an aggregated discovery document.
+fn aggregated_version_entry(served: Served, group: &str, group_version: &str) -> Value {
+    let mut resources: Vec<Value> = served
                 .iter()
                 .filter(|r| r.group == group && r.version == group_version)
                 .map(|r| {
@@ -199,32 +238,27 @@ pub fn aggregated(core: bool, version: &str) -> Value {
                     entry
                 })
                 .collect();
-            if group == resource_metrics::GROUP {
-                resources.extend(metrics_resources().map(|(plural, kind, namespaced)| json!({
-                    "resource": plural,
-                    "responseKind": response_kind(group, group_version, kind),
-                    "scope": if namespaced { "Namespaced" } else { "Cluster" },
-                    "singularResource": "",
-                    "verbs": ["get", "list"],
-                })));
-            }
+    if group == resource_metrics::GROUP {
+        resources.extend(metrics_resources().map(|(plural, kind, namespaced)| {
             json!({
-                "metadata": {"name": group, "creationTimestamp": null},
-                "versions": [{"version": group_version, "resources": resources, "freshness": "Current"}],
+                "resource": plural,
+                "responseKind": response_kind(group, group_version, kind),
+                "scope": if namespaced { "Namespaced" } else { "Cluster" },
+                "singularResource": "",
+                "verbs": ["get", "list"],
             })
-        })
-        .collect();
-    json!({
-        "kind": "APIGroupDiscoveryList",
-        "apiVersion": format!("apidiscovery.k8s.io/{version}"),
-        "metadata": {},
-        "items": items,
-    })
+        }));
+    }
+    json!({"version": group_version, "resources": resources, "freshness": "Current"})
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn built_in() -> Vec<&'static Resource> {
+        crate::registry::RESOURCES.iter().collect()
+    }
 
     #[test]
     fn the_accept_header_picks_the_aggregated_version() {
@@ -238,7 +272,7 @@ mod tests {
 
     #[test]
     fn aggregated_documents_list_resources_with_subresources() {
-        let core = aggregated(true, "v2");
+        let core = aggregated(&built_in(), true, "v2");
         assert_eq!(core["items"][0]["metadata"]["name"], "");
         let pods = core["items"][0]["versions"][0]["resources"]
             .as_array()
@@ -248,7 +282,7 @@ mod tests {
             .unwrap();
         assert_eq!(pods["scope"], "Namespaced");
         assert_eq!(pods["subresources"][0]["subresource"], "status");
-        let apps = aggregated(false, "v2beta1");
+        let apps = aggregated(&built_in(), false, "v2beta1");
         assert_eq!(apps["apiVersion"], "apidiscovery.k8s.io/v2beta1");
         let deployments =
             apps["items"].as_array().unwrap().iter().find(|g| g["metadata"]["name"] == "apps").unwrap()["versions"][0]
@@ -264,15 +298,15 @@ mod tests {
 
     #[test]
     fn the_metrics_group_is_discovered_in_both_formats() {
-        let groups = api_group_list();
+        let groups = api_group_list(&built_in());
         assert!(groups["groups"].as_array().unwrap().iter().any(
             |g| g["name"] == "metrics.k8s.io" && g["preferredVersion"]["groupVersion"] == "metrics.k8s.io/v1beta1"
         ));
-        let list = api_resource_list("metrics.k8s.io", "v1beta1").unwrap();
+        let list = api_resource_list(&built_in(), "metrics.k8s.io", "v1beta1").unwrap();
         let names: Vec<&str> =
             list["resources"].as_array().unwrap().iter().map(|r| r["name"].as_str().unwrap()).collect();
         assert_eq!(names, ["nodes", "pods"]);
-        let aggregated = aggregated(false, "v2");
+        let aggregated = aggregated(&built_in(), false, "v2");
         let metrics =
             aggregated["items"].as_array().unwrap().iter().find(|g| g["metadata"]["name"] == "metrics.k8s.io").unwrap();
         assert_eq!(metrics["versions"][0]["resources"][1]["responseKind"]["kind"], "PodMetrics");

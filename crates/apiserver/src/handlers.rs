@@ -45,6 +45,20 @@ pub struct ApiState {
     pub signer: crate::service_accounts::TokenSigner,
     /// The static bearer tokens of `--token-auth-file`.
     pub tokens: Arc<crate::auth::TokenFile>,
+    /// The resources CustomResourceDefinitions add.
+    pub custom: crate::crd::CustomResources,
+}
+
+impl ApiState {
+    /// Every served resource: the built-in ones, then the custom ones.
+    pub fn resources(&self) -> Vec<&'static Resource> {
+        registry::RESOURCES.iter().chain(self.custom.all().iter().copied()).collect()
+    }
+
+    /// A served resource by group, version and plural.
+    pub fn find_resource(&self, group: &str, version: &str, plural: &str) -> Option<&'static Resource> {
+        registry::find(group, version, plural).or_else(|| self.custom.find(group, version, plural))
+    }
 }
 
 pub(crate) type Query = HashMap<String, String>;
@@ -103,7 +117,7 @@ pub async fn handle(state: Arc<ApiState>, user: Option<UserInfo>, request: hyper
     }
     let started = std::time::Instant::now();
     // Parsed once: for routing and for the metrics labels.
-    let target = parse_target(&path);
+    let target = parse_target(&path, |g, v, p| state.find_resource(g, v, p));
     let (verb, group, resource) = request_labels(&parts.method, target.as_ref().ok().and_then(Option::as_ref), &query);
     // Who acts (the caller, or whom it impersonates) and whether RBAC lets them.
     let user = match authorize(&state, user, &parts, &path, target.as_ref().ok().and_then(Option::as_ref), &verb).await
@@ -285,7 +299,10 @@ struct Target {
     subresource: Option<String>,
 }
 
-fn parse_target(path: &str) -> Result<Option<Target>, ApiError> {
+fn parse_target(
+    path: &str,
+    lookup: impl Fn(&str, &str, &str) -> Option<&'static Resource>,
+) -> Result<Option<Target>, ApiError> {
     let segments: Vec<String> = path
         .trim_matches('/')
         .split('/')
@@ -296,7 +313,7 @@ fn parse_target(path: &str) -> Result<Option<Target>, ApiError> {
         Some("apis") if segments.len() >= 4 => (segments[1].as_str(), segments[2].as_str(), &segments[3..]),
         _ => return Ok(None),
     };
-    let find = |plural: &str| registry::find(group, version, plural);
+    let find = |plural: &str| lookup(group, version, plural);
     let not_found = || ApiError::not_found_path(path);
     // namespaces/<ns>/<plural>[/<name>[/<sub>]] for namespaced resources...
     if rest.len() >= 3
@@ -336,7 +353,7 @@ async fn route(
     if matches!(path, "/api" | "/api/" | "/apis" | "/apis/")
         && let Some(version) = discovery::aggregated_version(accept)
     {
-        let document = discovery::aggregated(path.trim_end_matches('/') == "/api", version);
+        let document = discovery::aggregated(&state.resources(), path.trim_end_matches('/') == "/api", version);
         let mut response = json_response(StatusCode::OK, &document);
         let content_type = format!("application/json;g=apidiscovery.k8s.io;v={version};as=APIGroupDiscoveryList");
         response
@@ -359,7 +376,7 @@ async fn route(
             return Ok(json_response(StatusCode::OK, &discovery::api_versions(&state.server_address)));
         }
         "/apis" | "/apis/" => {
-            return Ok(json_response(StatusCode::OK, &discovery::api_group_list()));
+            return Ok(json_response(StatusCode::OK, &discovery::api_group_list(&state.resources())));
         }
         _ => {}
     }
@@ -384,12 +401,12 @@ async fn route(
     let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
     match segments.as_slice() {
         ["api", version] => {
-            return discovery::api_resource_list("", version)
+            return discovery::api_resource_list(&state.resources(), "", version)
                 .map(|list| json_response(StatusCode::OK, &list))
                 .ok_or_else(|| ApiError::not_found_path(path));
         }
         ["apis", group] => {
-            return discovery::api_group(group)
+            return discovery::api_group(&state.resources(), group)
                 .map(|g| json_response(StatusCode::OK, &g))
                 .ok_or_else(|| ApiError::not_found_path(path));
         }
@@ -397,7 +414,7 @@ async fn route(
             return crate::resource_metrics::serve(state, method, rest, query).await;
         }
         ["apis", group, version] => {
-            return discovery::api_resource_list(group, version)
+            return discovery::api_resource_list(&state.resources(), group, version)
                 .map(|list| json_response(StatusCode::OK, &list))
                 .ok_or_else(|| ApiError::not_found_path(path));
         }
@@ -768,14 +785,8 @@ async fn list(
             .await
             .map_err(|e| ApiError::from_store(e, resource.group, resource.plural, ""))?;
         let (objects, revision) = cache.list(&prefix);
-        let items: Vec<Value> = objects
-            .into_iter()
-            .filter(|o| filters.matches(o))
-            .map(|o| match &resource.conversion {
-                Some(conversion) => (conversion.from_storage)(o),
-                None => o,
-            })
-            .collect();
+        let items: Vec<Value> =
+            objects.into_iter().filter(|o| filters.matches(o)).map(|o| resource.from_storage(o)).collect();
         return Ok(list_response(resource, items, revision, None, None, accept, query));
     }
     let page = state.store.list(&prefix, options).await.map_err(|e| match e {
@@ -942,12 +953,7 @@ async fn watch(
         };
 
     // Objects as this resource shows them (events.k8s.io Events are stored as core Events).
-    let view = move |object: &Value| -> Value {
-        match &resource.conversion {
-            Some(conversion) => (conversion.from_storage)(object.clone()),
-            None => object.clone(),
-        }
-    };
+    let view = move |object: &Value| -> Value { resource.from_storage(object.clone()) };
     let render = {
         let include = include.clone();
         move |kind: &str, object: &Value, first: bool| -> Bytes {
@@ -1094,6 +1100,19 @@ async fn create_object(
     if resource.plural == "services" {
         crate::services::default_and_validate(&mut object)?;
     }
+    if let Some(custom) = resource.custom {
+        if custom.terminating {
+            let mut error = ApiError::method_not_allowed("create");
+            error.message =
+                format!("create not allowed while custom resource definition is terminating: {}", custom.crd);
+            return Err(error);
+        }
+        validate_custom(resource, custom, &mut object)?;
+    }
+    if is_crds(resource) {
+        let others = cached_list(state, resource, None).await?;
+        crate::crd::prepare(&mut object, &others, None)?;
+    }
     let namespace =
         if resource.namespaced { object["metadata"]["namespace"].as_str().map(str::to_string) } else { None };
     let name = object["metadata"]["name"].as_str().unwrap_or_default().to_string();
@@ -1122,7 +1141,44 @@ async fn create_object(
     }
     let revision = created.map_err(|e| ApiError::from_store(e, resource.group, resource.plural, &name))?;
     object["metadata"]["resourceVersion"] = json!(revision.to_string());
+    if is_crds(resource) {
+        served_after_write(state, revision).await;
+    }
     Ok(json_response(StatusCode::CREATED, &object))
+}
+
+fn is_crds(resource: &Resource) -> bool {
+    resource.plural == "customresourcedefinitions" && resource.group == "apiextensions.k8s.io"
+}
+
+/// Defaults and validates a custom object by its definition's schema.
+fn validate_custom(resource: &Resource, custom: &crate::crd::Custom, object: &mut Value) -> Result<(), ApiError> {
+    crate::crd::default(custom, object);
+    let causes = crate::crd::validate(custom, object);
+    if causes.is_empty() {
+        return Ok(());
+    }
+    let name = object["metadata"]["name"].as_str().unwrap_or_default();
+    Err(ApiError::invalid(resource.group, resource.kind, name, causes))
+}
+
+/// After a write of a definition: serve what it defines now, from a watch cache that has seen
+/// the write (so the writer's next request finds the resource).
+async fn served_after_write(state: &ApiState, revision: i64) {
+    let crds = registry::find("apiextensions.k8s.io", "v1", "customresourcedefinitions").expect("CRDs are served");
+    if let Ok(cache) = state.caches.get(&crds.prefix(None)).await {
+        for _ in 0..200 {
+            let (all, seen) = cache.list(&crds.prefix(None));
+            if seen >= revision {
+                state.custom.set_from(&all);
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+    if let Err(error) = crate::crd::refresh(state).await {
+        tracing::warn!(error = %error.message, "cannot read the CustomResourceDefinitions");
+    }
 }
 
 /// Who writes (the field manager, for managedFields) and whether for real.
@@ -1147,10 +1203,42 @@ impl Write {
         }
     }
 
+    /// As [`Write::check_fields`], for a server-side apply: an unknown field under Strict is
+    /// upstream's typed-patch error (`.spec.foo: field not declared in schema`).
+    fn check_applied_fields(
+        &self,
+        resource: &Resource,
+        object: &mut Value,
+        namespace: Option<&str>,
+        name: &str,
+    ) -> Result<(), ApiError> {
+        if self.validation != FieldValidation::Strict {
+            return self.check_fields(resource, object);
+        }
+        let unknown = match resource.custom {
+            Some(custom) => crate::crd::prune(custom, object),
+            None => crate::schema::schemas().prune_unknown(resource, object),
+        };
+        if unknown.is_empty() {
+            return Ok(());
+        }
+        let fields: Vec<String> = unknown.iter().map(|f| format!(".{f}: field not declared in schema")).collect();
+        let group_version = resource.api_version();
+        Err(ApiError::bad_request(format!(
+            "failed to create typed patch object ({}/{name}; {group_version}, Kind={}): {}",
+            namespace.unwrap_or_default(),
+            resource.kind,
+            fields.join(", ")
+        )))
+    }
+
     /// Drops the fields of `object` its kind does not declare, as upstream's decoder does; under
     /// `fieldValidation=Strict` they are an error, under Warn (the default) a warning each.
     fn check_fields(&self, resource: &Resource, object: &mut Value) -> Result<(), ApiError> {
-        let unknown = crate::schema::schemas().prune_unknown(resource, object);
+        let unknown = match resource.custom {
+            Some(custom) => crate::crd::prune(custom, object),
+            None => crate::schema::schemas().prune_unknown(resource, object),
+        };
         let duplicates = std::mem::take(&mut *self.duplicates.lock().unwrap_or_else(|e| e.into_inner()));
         if unknown.is_empty() && duplicates.is_empty() {
             return Ok(());
@@ -1243,7 +1331,7 @@ async fn server_side_apply(
     };
     let force = query.get("force").is_some_and(|f| f == "true");
     let mut applied = decode_body("application/yaml", body)?;
-    write.check_fields(resource, &mut applied)?;
+    write.check_applied_fields(resource, &mut applied, namespace, name)?;
     if applied["apiVersion"].as_str().is_none_or(str::is_empty) || applied["kind"].as_str().is_none_or(str::is_empty) {
         return Err(ApiError::bad_request("an applied configuration needs apiVersion and kind"));
     }
@@ -1590,6 +1678,15 @@ pub(crate) async fn modify(
             fields::record_update(&write.manager, &resource.api_version(), subresource, Some(&old), &mut object);
         }
         object::validate(resource, &object)?;
+        if let Some(custom) = resource.custom
+            && view != View::Whole
+        {
+            validate_custom(resource, custom, &mut object)?;
+        }
+        if is_crds(resource) && matches!(view, View::Main | View::Whole) {
+            let others = cached_list(state, resource, None).await?;
+            crate::crd::prepare(&mut object, &others, Some(&old))?;
+        }
         if resource.plural == "pods" && view == View::Main {
             object::check_pod_update(&old, &object)?;
         }
@@ -1616,7 +1713,12 @@ pub(crate) async fn modify(
             && object["metadata"]["deletionGracePeriodSeconds"].as_i64().unwrap_or(0) == 0;
         if finalized {
             return match state.store.delete(&key, Some(revision)).await {
-                Ok(_) => Ok(json_response(StatusCode::OK, &view.project(&object))),
+                Ok((deleted, _)) => {
+                    if is_crds(resource) {
+                        served_after_write(state, deleted).await;
+                    }
+                    Ok(json_response(StatusCode::OK, &view.project(&object)))
+                }
                 Err(StoreError::Conflict { .. }) => continue,
                 Err(error) => Err(ApiError::from_store(error, resource.group, resource.plural, name)),
             };
@@ -1624,6 +1726,9 @@ pub(crate) async fn modify(
         match state.store.update(&key, object::to_store(resource, &object), revision).await {
             Ok(new_revision) => {
                 object["metadata"]["resourceVersion"] = json!(new_revision.to_string());
+                if is_crds(resource) {
+                    served_after_write(state, new_revision).await;
+                }
                 return Ok(json_response(StatusCode::OK, &view.project(&object)));
             }
             Err(StoreError::Conflict { .. }) => continue,
@@ -1706,6 +1811,14 @@ async fn patch(
         "application/merge-patch+json" | "application/json-patch+json" | "application/strategic-merge-patch+json"
     ) {
         return Err(ApiError::unsupported_media_type(&media));
+    }
+    if resource.custom.is_some() && media == "application/strategic-merge-patch+json" {
+        // Custom objects have no patch strategies: upstream refuses such patches.
+        let mut error = ApiError::unsupported_media_type(&media);
+        error.message = "the body of the request was in an unknown format - accepted media types include: \
+                         application/json-patch+json, application/merge-patch+json, application/apply-patch+yaml"
+            .into();
+        return Err(error);
     }
     let patch: Value =
         serde_json::from_slice(body).map_err(|e| ApiError::bad_request(format!("the patch is not valid JSON: {e}")))?;
@@ -2175,27 +2288,27 @@ mod tests {
 
     #[test]
     fn paths_route_to_resources() {
-        let t = parse_target("/api/v1/namespaces/default/pods/web").unwrap().unwrap();
+        let t = parse_target("/api/v1/namespaces/default/pods/web", registry::find).unwrap().unwrap();
         assert_eq!(
             (t.resource.plural, t.namespace.as_deref(), t.name.as_deref()),
             ("pods", Some("default"), Some("web"))
         );
-        let t = parse_target("/api/v1/namespaces/kube-system").unwrap().unwrap();
+        let t = parse_target("/api/v1/namespaces/kube-system", registry::find).unwrap().unwrap();
         assert_eq!(
             (t.resource.plural, t.namespace.as_deref(), t.name.as_deref()),
             ("namespaces", None, Some("kube-system"))
         );
-        let t = parse_target("/api/v1/pods").unwrap().unwrap();
+        let t = parse_target("/api/v1/pods", registry::find).unwrap().unwrap();
         assert_eq!((t.resource.plural, t.namespace, t.name), ("pods", None, None));
-        let t = parse_target("/apis/apps/v1/namespaces/x/deployments/web/scale").unwrap().unwrap();
+        let t = parse_target("/apis/apps/v1/namespaces/x/deployments/web/scale", registry::find).unwrap().unwrap();
         assert_eq!(t.subresource.as_deref(), Some("scale"));
-        let t = parse_target("/api/v1/nodes/n1/status").unwrap().unwrap();
+        let t = parse_target("/api/v1/nodes/n1/status", registry::find).unwrap().unwrap();
         assert_eq!(
             (t.resource.plural, t.name.as_deref(), t.subresource.as_deref()),
             ("nodes", Some("n1"), Some("status"))
         );
-        assert!(parse_target("/api/v1/widgets").is_err());
-        assert!(parse_target("/api/v1/pods/web").is_err(), "a namespaced object needs its namespace");
-        assert!(parse_target("/metrics").unwrap().is_none());
+        assert!(parse_target("/api/v1/widgets", registry::find).is_err());
+        assert!(parse_target("/api/v1/pods/web", registry::find).is_err(), "a namespaced object needs its namespace");
+        assert!(parse_target("/metrics", registry::find).unwrap().is_none());
     }
 }

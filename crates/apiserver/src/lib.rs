@@ -10,6 +10,7 @@
 
 mod auth;
 pub mod bootstrap;
+mod crd;
 mod discovery;
 mod events;
 mod fields;
@@ -332,8 +333,12 @@ pub async fn start(config: ApiServerConfig, store: Arc<dyn Store>) -> Result<Api
         kubelets,
         signer,
         tokens,
+        custom: Default::default(),
     });
     handlers::ensure_system_objects(&state).await.map_err(|e| StartError::Setup(e.message))?;
+    // The custom resources defined so far are served from the first request on.
+    crd::refresh(&state).await.map_err(|e| StartError::Setup(e.message))?;
+    background.push(tokio::spawn(crd::run(state.clone())));
     match advertise {
         Some(address) => {
             let port = local_addr.port();

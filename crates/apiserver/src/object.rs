@@ -118,7 +118,7 @@ fn is_dns_subdomain(name: &str) -> bool {
 }
 
 /// `a-b`: a DNS-1123 label (namespace, service names).
-fn is_dns_label(name: &str) -> bool {
+pub fn is_dns_label(name: &str) -> bool {
     name.len() <= 63 && !name.contains('.') && is_dns_subdomain(name)
 }
 
@@ -787,7 +787,21 @@ pub fn prepare_update(resource: &Resource, old: &Value, object: &mut Value) -> R
     apply_defaults(resource, object);
     if resource.has_generation() {
         let generation = old["metadata"]["generation"].as_i64().unwrap_or(1);
-        let changed = old.get("spec") != object.get("spec");
+        // A custom object's generation follows everything but its metadata and status.
+        let changed = match resource.custom {
+            Some(_) => {
+                let content = |o: &Value| -> Vec<(String, Value)> {
+                    o.as_object()
+                        .into_iter()
+                        .flatten()
+                        .filter(|(k, _)| !matches!(k.as_str(), "metadata" | "status"))
+                        .map(|(k, v)| (k.clone(), v.clone()))
+                        .collect()
+                };
+                content(old) != content(object)
+            }
+            None => old.get("spec") != object.get("spec"),
+        };
         object["metadata"]["generation"] = json!(if changed { generation + 1 } else { generation });
     }
     Ok(())
@@ -951,9 +965,7 @@ fn check_kind(resource: &Resource, object: &mut Value) -> Result<(), ApiError> {
 pub fn from_store(resource: &Resource, value: &[u8], mod_revision: i64) -> Result<Value, ApiError> {
     let mut object: Value = serde_json::from_slice(value)
         .map_err(|e| ApiError::internal(format!("a stored object does not decode: {e}")))?;
-    if let Some(conversion) = &resource.conversion {
-        object = (conversion.from_storage)(object);
-    }
+    object = resource.from_storage(object);
     object["metadata"]["resourceVersion"] = json!(mod_revision.to_string());
     Ok(object)
 }
@@ -963,6 +975,10 @@ pub fn to_store(resource: &Resource, object: &Value) -> Vec<u8> {
     let mut object = object.clone();
     if let Some(conversion) = &resource.conversion {
         object = (conversion.to_storage)(object);
+    }
+    // Custom resources are stored in their storage version (no conversion but the apiVersion).
+    if let Some(custom) = resource.custom {
+        object["apiVersion"] = json!(format!("{}/{}", resource.group, custom.storage_version));
     }
     if let Some(metadata) = object["metadata"].as_object_mut() {
         metadata.remove("resourceVersion");

@@ -26,6 +26,8 @@ pub struct Resource {
     pub conversion: Option<Conversion>,
     /// Decodes the kind's protobuf message (its k8s-rs-pb type) to that crate's serde form.
     pub protobuf: fn(&[u8]) -> Result<serde_json::Value, String>,
+    /// For a resource a CustomResourceDefinition adds: what the definition says of it.
+    pub custom: Option<&'static crate::crd::Custom>,
 }
 
 /// Conversions between a kind and the kind it is stored as.
@@ -49,7 +51,7 @@ impl PartialEq for Resource {
 
 impl Eq for Resource {}
 
-fn schema_of<T: JsonSchema>(generator: &mut SchemaGenerator) -> Schema {
+pub(crate) fn schema_of<T: JsonSchema>(generator: &mut SchemaGenerator) -> Schema {
     generator.subschema_for::<T>()
 }
 
@@ -77,6 +79,7 @@ macro_rules! resource {
             conversion: $conversion,
             schema: schema_of::<k8s_openapi::api::$($type)::+>,
             protobuf: crate::protobuf::to_serde_json::<k8s_rs_pb::api::$($type)::+>,
+            custom: None,
         }
     };
 }
@@ -455,6 +458,23 @@ pub static RESOURCES: &[Resource] = &[
         NONE,
         "-selfsubjectreviews"
     ),
+    Resource {
+        group: "apiextensions.k8s.io",
+        version: "v1",
+        kind: "CustomResourceDefinition",
+        plural: "customresourcedefinitions",
+        singular: "customresourcedefinition",
+        namespaced: false,
+        short_names: &["crd", "crds"],
+        categories: &["api-extensions"],
+        storage: "apiextensions.k8s.io/customresourcedefinitions",
+        schema: schema_of::<k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition>,
+        conversion: None,
+        protobuf: crate::protobuf::to_serde_json::<
+            k8s_rs_pb::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition,
+        >,
+        custom: None,
+    },
 ];
 
 impl Resource {
@@ -478,6 +498,22 @@ impl Resource {
         format!("{}{name}", self.prefix(namespace))
     }
 
+    /// A stored object as this resource serves it: converted from the kind it is stored as,
+    /// or, for a custom resource, in this version.
+    pub fn from_storage(&self, object: serde_json::Value) -> serde_json::Value {
+        match (&self.conversion, self.custom) {
+            (Some(conversion), _) => (conversion.from_storage)(object),
+            (None, Some(_)) => {
+                let mut object = object;
+                if object.get("apiVersion").is_some_and(|v| *v != *self.api_version()) {
+                    object["apiVersion"] = serde_json::Value::String(self.api_version());
+                }
+                object
+            }
+            (None, None) => object,
+        }
+    }
+
     /// Reviews are created and answered, never stored.
     pub fn is_review(&self) -> bool {
         self.storage.starts_with('-')
@@ -490,6 +526,9 @@ impl Resource {
 
     /// Whether the resource has a `/status` subresource (and its main resource ignores status).
     pub fn has_status(&self) -> bool {
+        if let Some(custom) = self.custom {
+            return custom.status;
+        }
         matches!(
             self.plural,
             "pods"
@@ -513,11 +552,15 @@ impl Resource {
                 | "flowschemas"
                 | "ingresses"
                 | "prioritylevelconfigurations"
+                | "customresourcedefinitions"
         )
     }
 
     /// Whether the resource has a `/scale` subresource.
     pub fn has_scale(&self) -> bool {
+        if let Some(custom) = self.custom {
+            return custom.scale.is_some();
+        }
         matches!(self.plural, "deployments" | "replicasets" | "replicationcontrollers" | "statefulsets")
     }
 
@@ -529,8 +572,9 @@ impl Resource {
 
     /// Whether objects of this kind carry `metadata.generation` (bumped on spec changes).
     pub fn has_generation(&self) -> bool {
-        !self.group.is_empty()
-            && !matches!(self.group, "coordination.k8s.io" | "rbac.authorization.k8s.io" | "events.k8s.io")
+        self.custom.is_some()
+            || !self.group.is_empty()
+                && !matches!(self.group, "coordination.k8s.io" | "rbac.authorization.k8s.io" | "events.k8s.io")
             || matches!(self.plural, "pods" | "replicationcontrollers")
     }
 }
@@ -538,17 +582,6 @@ impl Resource {
 /// Finds a resource by group, version and plural.
 pub fn find(group: &str, version: &str, plural: &str) -> Option<&'static Resource> {
     RESOURCES.iter().find(|r| r.group == group && r.version == version && r.plural == plural)
-}
-
-/// The API groups (other than core) with their versions, in a stable order.
-pub fn groups() -> Vec<(&'static str, &'static str)> {
-    let mut groups: Vec<(&str, &str)> = Vec::new();
-    for resource in RESOURCES.iter().filter(|r| !r.group.is_empty()) {
-        if !groups.contains(&(resource.group, resource.version)) {
-            groups.push((resource.group, resource.version));
-        }
-    }
-    groups
 }
 
 #[cfg(test)]

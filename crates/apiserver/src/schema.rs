@@ -124,6 +124,16 @@ impl Schemas {
         unknown
     }
 
+    /// Drops the fields of an object's `metadata` that ObjectMeta does not declare (for custom
+    /// objects, whose schemas leave metadata to the server); `path` names the metadata.
+    pub fn prune_metadata(&self, metadata: &mut Value, path: &str) -> Vec<String> {
+        let mut unknown = Vec::new();
+        if let Some(schema) = self.definitions.get("io.k8s.apimachinery.pkg.apis.meta.v1.ObjectMeta") {
+            self.prune(schema, metadata, path.to_string(), &mut unknown, 0);
+        }
+        unknown
+    }
+
     fn prune(&self, schema: &Value, value: &mut Value, path: String, unknown: &mut Vec<String>, depth: usize) {
         if depth > 64 {
             return;

@@ -313,6 +313,11 @@ fn age(object: &Value) -> String {
     }
 }
 
+/// The age of a timestamp, as a `date` printer column shows it.
+pub fn age_of(timestamp: &str) -> String {
+    age_since(Some(timestamp))
+}
+
 fn age_since(timestamp: Option<&str>) -> String {
     match timestamp.map(|t| time::OffsetDateTime::parse(t, &time::format_description::well_known::Rfc3339)) {
         Some(Ok(then)) => human_age((time::OffsetDateTime::now_utc() - then).whole_seconds()),
@@ -976,7 +981,35 @@ fn row(resource: &Resource, object: &Value, include_object: &str) -> Value {
         "Object" => object.clone(),
         _ => partial(object),
     };
-    json!({"cells": cells(resource, object), "object": embedded})
+    let cells = match resource.custom {
+        Some(custom) => custom_cells(custom, object),
+        None => cells(resource, object),
+    };
+    json!({"cells": cells, "object": embedded})
+}
+
+/// A custom resource's columns: the name, then its definition's printer columns (the age
+/// when it declares none), as upstream's table convertor makes them.
+fn custom_definitions(custom: &crate::crd::Custom) -> Vec<Value> {
+    let mut definitions = vec![json!({"name": "Name", "type": "string", "format": "name",
+        "description": "Name must be unique within a namespace. Is required when creating resources, although some resources may allow a client to request the generation of an appropriate name automatically. Name is primarily intended for creation idempotence and configuration definition. Cannot be updated. More info: https://kubernetes.io/docs/concepts/overview/working-with-objects/names#names", "priority": 0})];
+    if custom.columns.is_empty() {
+        definitions.push(json!({"name": "Age", "type": "date", "format": "", "description": "CreationTimestamp is a timestamp representing the server time when this object was created.", "priority": 0}));
+    }
+    for column in &custom.columns {
+        definitions.push(json!({"name": column.name, "type": column.kind, "format": column.format,
+            "description": column.description, "priority": column.priority}));
+    }
+    definitions
+}
+
+fn custom_cells(custom: &crate::crd::Custom, object: &Value) -> Vec<Value> {
+    let mut cells = vec![json!(object["metadata"]["name"])];
+    if custom.columns.is_empty() {
+        cells.push(json!(age(object)));
+    }
+    cells.extend(custom.columns.iter().map(|column| crate::crd::column_value(column, object)));
+    cells
 }
 
 /// A Table of `objects`; `with_columns` false for watch events after the first.
@@ -988,7 +1021,9 @@ pub fn table(
     include_object: &str,
     with_columns: bool,
 ) -> Value {
-    let definitions: Vec<Value> = if with_columns {
+    let definitions: Vec<Value> = if with_columns && let Some(custom) = resource.custom {
+        custom_definitions(custom)
+    } else if with_columns {
         columns(resource)
             .into_iter()
             .map(|(name, kind, format, priority)| {

@@ -1,0 +1,188 @@
+//! CustomResourceDefinitions with the real kubectl against a real `tugboat server`: a definition
+//! becomes a served resource (discovery, short names, categories, printer columns), its schema
+//! prunes, defaults and validates objects, the status subresource splits writes, a second
+//! version serves the same objects, and deleting the definition deletes its objects first.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use tugboat_testkit::TugboatServer;
+
+fn server() -> TugboatServer {
+    TugboatServer::start(Path::new(env!("CARGO_BIN_EXE_tugboat")), &[]).expect("the server starts")
+}
+
+const WIDGETS: &str = r#"
+apiVersion: apiextensions.k8s.io/v1
+kind: CustomResourceDefinition
+metadata:
+  name: widgets.example.com
+spec:
+  group: example.com
+  scope: Namespaced
+  names:
+    plural: widgets
+    kind: Widget
+    shortNames: [wg]
+    categories: [all]
+  versions:
+  - name: v1
+    served: true
+    storage: true
+    subresources:
+      status: {}
+    additionalPrinterColumns:
+    - name: Size
+      type: integer
+      jsonPath: .spec.size
+    - name: Color
+      type: string
+      jsonPath: .spec.color
+    schema:
+      openAPIV3Schema:
+        type: object
+        properties:
+          spec:
+            type: object
+            required: [size]
+            properties:
+              size: {type: integer, minimum: 1, maximum: 10}
+              color: {type: string, enum: [red, blue], default: red}
+          status:
+            type: object
+            properties:
+              ready: {type: boolean}
+  - name: v1beta1
+    served: true
+    storage: false
+    schema:
+      openAPIV3Schema:
+        type: object
+        x-kubernetes-preserve-unknown-fields: true
+"#;
+
+const WIDGET: &str = r#"
+apiVersion: example.com/v1
+kind: Widget
+metadata:
+  name: small
+spec:
+  size: 3
+"#;
+
+fn wait_for(what: &str, mut check: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !check() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+#[test]
+fn a_definition_serves_a_resource_that_kubectl_uses_like_a_built_in_one() {
+    let server = server();
+    server.kubectl(&["apply", "-f", "-"], Some(WIDGETS));
+    server.kubectl(&["wait", "--for=condition=Established", "crd/widgets.example.com", "--timeout=30s"], None);
+    let crd = server.kubectl(&["get", "crd", "widgets.example.com", "-o", "json"], None);
+    let crd: serde_json::Value = serde_json::from_str(&crd).unwrap();
+    assert_eq!(crd["status"]["acceptedNames"]["singular"], "widget");
+    assert_eq!(crd["status"]["storedVersions"], serde_json::json!(["v1"]));
+    assert_eq!(crd["metadata"]["finalizers"][0], "customresourcecleanup.apiextensions.k8s.io");
+    let resources = server.kubectl(&["api-resources", "--api-group=example.com"], None);
+    assert!(resources.contains("widgets") && resources.contains("wg"), "{resources}");
+
+    // Created, defaulted, shown with its printer columns under its short name and in `all`.
+    server.kubectl(&["apply", "-f", "-"], Some(WIDGET));
+    let table = server.kubectl(&["get", "wg"], None);
+    let header: Vec<&str> = table.lines().next().unwrap().split_whitespace().collect();
+    assert_eq!(header, ["NAME", "SIZE", "COLOR"]);
+    let row: Vec<&str> = table.lines().nth(1).unwrap().split_whitespace().collect();
+    assert_eq!(row, ["small", "3", "red"]);
+    assert!(server.kubectl(&["get", "all"], None).contains("widget.example.com/small"));
+
+    // The schema refuses what it does not allow, naming the field.
+    let error = server.kubectl_fails(&["apply", "-f", "-"], Some(&WIDGET.replace("size: 3", "size: 30")));
+    assert!(
+        error.contains("spec.size: Invalid value: 30: spec.size in body should be less than or equal to 10"),
+        "{error}"
+    );
+    let error =
+        server.kubectl_fails(&["apply", "-f", "-"], Some(&WIDGET.replace("size: 3", "size: 3\n  shape: round")));
+    assert!(error.contains(r#"unknown field "spec.shape""#), "{error}");
+    let error = server.kubectl_fails(&["patch", "wg", "small", "-p", r#"{"spec":{"color":"green"}}"#], None);
+    assert!(error.contains("application/merge-patch+json"), "a strategic merge patch is refused: {error}");
+
+    // Spec and status are written apart; generation follows the spec.
+    server.kubectl(
+        &["patch", "wg", "small", "--type=merge", "-p", r#"{"spec":{"size":4},"status":{"ready":true}}"#],
+        None,
+    );
+    let object = server.kubectl(&["get", "wg", "small", "-o", "json"], None);
+    let object: serde_json::Value = serde_json::from_str(&object).unwrap();
+    assert_eq!(object["spec"]["size"], 4);
+    assert!(object["status"].is_null(), "the main resource does not write status: {object}");
+    assert_eq!(object["metadata"]["generation"], 2);
+    server.kubectl(
+        &["patch", "wg", "small", "--subresource=status", "--type=merge", "-p", r#"{"status":{"ready":true}}"#],
+        None,
+    );
+    assert_eq!(
+        server.kubectl(&["get", "wg", "small", "-o", "jsonpath={.status.ready} {.metadata.generation}"], None),
+        "true 2"
+    );
+
+    // Another served version reads the same object, in its own apiVersion.
+    let beta = server
+        .kubectl(&["get", "widgets.v1beta1.example.com", "small", "-o", "jsonpath={.apiVersion} {.spec.size}"], None);
+    assert_eq!(beta, "example.com/v1beta1 4");
+
+    // Server-side apply and watch work as for built-in kinds.
+    server.kubectl(&["apply", "--server-side", "-f", "-"], Some(&WIDGET.replace("small", "applied")));
+    let (code, events) =
+        server.curl("GET", "/apis/example.com/v1/namespaces/default/widgets?watch=1&timeoutSeconds=1", true, &[]);
+    assert_eq!(code, 200);
+    assert_eq!(events.lines().filter(|l| l.contains(r#""type":"ADDED""#)).count(), 2, "{events}");
+}
+
+#[test]
+fn deleting_a_definition_deletes_its_objects_first() {
+    let server = server();
+    server.kubectl(&["apply", "-f", "-"], Some(WIDGETS));
+    server.kubectl(&["wait", "--for=condition=Established", "crd/widgets.example.com", "--timeout=30s"], None);
+    server.kubectl(&["apply", "-f", "-"], Some(WIDGET));
+    let held = WIDGET.replace("small", "held").replace("metadata:\n", "metadata:\n  finalizers: [example.com/hold]\n");
+    server.kubectl(&["apply", "-f", "-"], Some(&held));
+
+    server.kubectl(&["delete", "crd", "widgets.example.com", "--wait=false"], None);
+    // The object without a finalizer goes; the definition waits for the held one.
+    wait_for("the free widget to go", || {
+        !server.kubectl(&["get", "wg", "-o", "name"], None).contains("widget.example.com/small")
+    });
+    let crd =
+        server.kubectl(&["get", "crd", "widgets.example.com", "-o", "jsonpath={.metadata.deletionTimestamp}"], None);
+    assert!(!crd.is_empty(), "the definition is terminating");
+    let error = server.kubectl_fails(&["apply", "-f", "-"], Some(&WIDGET.replace("small", "late")));
+    assert!(error.contains("terminating"), "no new objects while terminating: {error}");
+
+    server.kubectl(&["patch", "wg", "held", "--type=merge", "-p", r#"{"metadata":{"finalizers":null}}"#], None);
+    wait_for("the definition to go", || server.kubectl(&["get", "crd", "-o", "name"], None).trim().is_empty());
+    wait_for("the resource to leave discovery", || !server.kubectl(&["api-resources"], None).contains("widgets"));
+    let error = server.kubectl_fails(&["get", "widgets"], None);
+    assert!(error.contains("the server doesn't have a resource type"), "{error}");
+}
+
+#[test]
+fn definitions_with_bad_names_or_versions_are_refused_with_the_field() {
+    let server = server();
+    let bad = WIDGETS.replace("name: widgets.example.com", "name: gadgets.example.com");
+    let error = server.kubectl_fails(&["apply", "-f", "-"], Some(&bad));
+    assert!(
+        error.contains(
+            r#"metadata.name: Invalid value: "gadgets.example.com": must be spec.names.plural+"."+spec.group"#
+        ),
+        "{error}"
+    );
+    let two_storage = WIDGETS.replace("storage: false", "storage: true");
+    let error = server.kubectl_fails(&["apply", "-f", "-"], Some(&two_storage));
+    assert!(error.contains("must have exactly one version marked as storage version"), "{error}");
+}
