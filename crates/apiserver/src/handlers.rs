@@ -388,14 +388,14 @@ async fn route(
                 .insert(header::CONTENT_TYPE, header::HeaderValue::from_static(crate::openapi_v2::PROTOBUF_MEDIA_TYPE));
             return Ok(response);
         }
-        return Ok(json_response(StatusCode::OK, crate::openapi::swagger()));
+        return Ok(json_response(StatusCode::OK, &crate::openapi::swagger_with(&state.custom.all())));
     }
     if path == "/openapi/v3" || path == "/openapi/v3/" {
-        return Ok(json_response(StatusCode::OK, crate::openapi::index()));
+        return Ok(json_response(StatusCode::OK, &crate::openapi::index(&state.custom.all())));
     }
     if let Some(group_version) = path.strip_prefix("/openapi/v3/") {
-        return crate::openapi::group_version(group_version)
-            .map(|document| json_response(StatusCode::OK, document))
+        return crate::openapi::group_version(group_version, &state.custom.all())
+            .map(|document| json_response(StatusCode::OK, &document))
             .ok_or_else(|| ApiError::not_found_path(path));
     }
     let segments: Vec<&str> = path.trim_matches('/').split('/').collect();

@@ -43,30 +43,25 @@ fn operation(resource: &Resource, action: &str, verb: &str, parameters: &[&str])
     })
 }
 
-fn document(path: &str) -> Value {
-    let mut paths = serde_json::Map::new();
-    let schemas = crate::schema::schemas();
-    let mut roots = Vec::new();
-    for resource in RESOURCES.iter().filter(|r| group_version_path(r) == path) {
-        roots.push(schemas.root(resource).to_string());
-        let base = format!("/{path}");
-        let (collection, item) = if resource.namespaced {
-            (
-                format!("{base}/namespaces/{{namespace}}/{}", resource.plural),
-                format!("{base}/namespaces/{{namespace}}/{}/{{name}}", resource.plural),
-            )
-        } else {
-            (format!("{base}/{}", resource.plural), format!("{base}/{}/{{name}}", resource.plural))
-        };
-        let writes = ["dryRun", "fieldManager", "fieldValidation", "pretty"];
-        paths.insert(
+fn add_paths(paths: &mut serde_json::Map<String, Value>, path: &str, resource: &Resource) {
+    let base = format!("/{path}");
+    let (collection, item) = if resource.namespaced {
+        (
+            format!("{base}/namespaces/{{namespace}}/{}", resource.plural),
+            format!("{base}/namespaces/{{namespace}}/{}/{{name}}", resource.plural),
+        )
+    } else {
+        (format!("{base}/{}", resource.plural), format!("{base}/{}/{{name}}", resource.plural))
+    };
+    let writes = ["dryRun", "fieldManager", "fieldValidation", "pretty"];
+    paths.insert(
             collection,
             json!({
                 "get": operation(resource, "list", "list", &["labelSelector", "fieldSelector", "limit", "continue", "resourceVersion", "watch"]),
                 "post": operation(resource, "post", "create", &writes),
             }),
         );
-        paths.insert(
+    paths.insert(
             item,
             json!({
                 "get": operation(resource, "get", "read", &["pretty"]),
@@ -75,6 +70,15 @@ fn document(path: &str) -> Value {
                 "delete": operation(resource, "delete", "delete", &["dryRun", "gracePeriodSeconds", "propagationPolicy"]),
             }),
         );
+}
+
+fn document(path: &str) -> Value {
+    let mut paths = serde_json::Map::new();
+    let schemas = crate::schema::schemas();
+    let mut roots = Vec::new();
+    for resource in RESOURCES.iter().filter(|r| group_version_path(r) == path) {
+        roots.push(schemas.root(resource).to_string());
+        add_paths(&mut paths, path, resource);
     }
     let components: serde_json::Map<String, Value> = schemas
         .reachable(roots)
@@ -104,20 +108,86 @@ fn documents() -> &'static Documents {
         let mut index = serde_json::Map::new();
         for (path, document) in &documents {
             // The hash lets clients cache a document until it changes, as upstream's does.
-            let hash = {
-                use std::hash::{Hash, Hasher};
-                let mut hasher = std::collections::hash_map::DefaultHasher::new();
-                document.to_string().hash(&mut hasher);
-                format!("{:016X}", hasher.finish())
-            };
+            let hash = hash_of(document);
             index.insert(path.clone(), json!({"serverRelativeURL": format!("/openapi/v3/{path}?hash={hash}")}));
         }
         Documents { index: json!({"paths": index}), documents }
     })
 }
 
+const OBJECT_META: &str = "io.k8s.apimachinery.pkg.apis.meta.v1.ObjectMeta";
+
+/// The definition name upstream publishes a custom kind under (`com.example.v1.Widget`).
+pub fn custom_definition_name(resource: &Resource) -> String {
+    let group: Vec<&str> = resource.group.split('.').rev().collect();
+    format!("{}.{}.{}", group.join("."), resource.version, resource.kind)
+}
+
+/// A custom kind's schema as published: the definition's, with apiVersion, kind and metadata
+/// declared and the group-version-kind marked (what `kubectl explain` looks for).
+fn custom_schema(resource: &Resource, reference_prefix: &str) -> Value {
+    let mut schema = resource
+        .custom
+        .and_then(|c| c.schema.clone())
+        .unwrap_or_else(|| json!({"type": "object", "x-kubernetes-preserve-unknown-fields": true}));
+    if !schema["properties"].is_object() {
+        schema["properties"] = json!({});
+    }
+    schema["properties"]["apiVersion"] = json!({"type": "string", "description": "APIVersion defines the versioned schema of this representation of an object. Servers should convert recognized schemas to the latest internal value, and may reject unrecognized values. More info: https://git.k8s.io/community/contributors/devel/sig-architecture/api-conventions.md#resources"});
+    schema["properties"]["kind"] = json!({"type": "string", "description": "Kind is a string value representing the REST resource this object represents. Servers may infer this from the endpoint the client submits requests to. Cannot be updated. In CamelCase. More info: https://git.k8s.io/community/contributors/devel/sig-architecture/api-conventions.md#types-kinds"});
+    schema["properties"]["metadata"] = json!({"allOf": [{"$ref": format!("{reference_prefix}{OBJECT_META}")}], "description": "Standard object's metadata. More info: https://git.k8s.io/community/contributors/devel/sig-architecture/api-conventions.md#metadata"});
+    schema["x-kubernetes-group-version-kind"] =
+        json!([{"group": resource.group, "version": resource.version, "kind": resource.kind}]);
+    schema
+}
+
+/// The document of a group version custom resources serve.
+fn custom_document(path: &str, custom: &[&'static Resource]) -> Option<Value> {
+    let resources: Vec<&Resource> = custom.iter().copied().filter(|r| group_version_path(r) == path).collect();
+    if resources.is_empty() {
+        return None;
+    }
+    let mut paths = serde_json::Map::new();
+    let schemas = crate::schema::schemas();
+    let mut components: serde_json::Map<String, Value> = schemas
+        .reachable([OBJECT_META.to_string()])
+        .into_iter()
+        .filter_map(|name| schemas.definitions.get(&name).map(|schema| (name, schema.clone())))
+        .collect();
+    for resource in resources {
+        add_paths(&mut paths, path, resource);
+        components.insert(custom_definition_name(resource), custom_schema(resource, "#/components/schemas/"));
+    }
+    Some(json!({
+        "openapi": "3.0.0",
+        "info": {"title": "Kubernetes CRD Swagger", "version": "v0.1.0"},
+        "paths": paths,
+        "components": {"schemas": components},
+    }))
+}
+
+fn hash_of(document: &Value) -> String {
+    use std::hash::{Hash, Hasher};
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    document.to_string().hash(&mut hasher);
+    format!("{:016X}", hasher.finish())
+}
+
+/// `/openapi/v2` in JSON: the definitions (clients that ask for protobuf get `openapi_v2`'s),
+/// with those of the custom resources served now.
+pub fn swagger_with(custom: &[&'static Resource]) -> std::borrow::Cow<'static, Value> {
+    if custom.is_empty() {
+        return std::borrow::Cow::Borrowed(swagger());
+    }
+    let mut document = swagger().clone();
+    for resource in custom {
+        document["definitions"][custom_definition_name(resource)] = custom_schema(resource, "#/definitions/");
+    }
+    std::borrow::Cow::Owned(document)
+}
+
 /// `/openapi/v2` in JSON: the definitions (clients that ask for protobuf get `openapi_v2`'s).
-pub fn swagger() -> &'static Value {
+fn swagger() -> &'static Value {
     static SWAGGER: OnceLock<Value> = OnceLock::new();
     SWAGGER.get_or_init(|| {
         let definitions = serde_json::to_string(&crate::schema::schemas().definitions)
@@ -132,14 +202,29 @@ pub fn swagger() -> &'static Value {
     })
 }
 
-/// `/openapi/v3`
-pub fn index() -> &'static Value {
-    &documents().index
+/// `/openapi/v3`, with the group versions of the custom resources served now.
+pub fn index(custom: &[&'static Resource]) -> std::borrow::Cow<'static, Value> {
+    if custom.is_empty() {
+        return std::borrow::Cow::Borrowed(&documents().index);
+    }
+    let mut index = documents().index.clone();
+    let mut paths: Vec<String> = custom.iter().map(|r| group_version_path(r)).collect();
+    paths.dedup();
+    for path in paths {
+        if let Some(document) = custom_document(&path, custom) {
+            let hash = hash_of(&document);
+            index["paths"][&path] = json!({"serverRelativeURL": format!("/openapi/v3/{path}?hash={hash}")});
+        }
+    }
+    std::borrow::Cow::Owned(index)
 }
 
 /// `/openapi/v3/<path>`
-pub fn group_version(path: &str) -> Option<&'static Value> {
-    documents().documents.iter().find(|(p, _)| p == path).map(|(_, d)| d)
+pub fn group_version(path: &str, custom: &[&'static Resource]) -> Option<std::borrow::Cow<'static, Value>> {
+    match documents().documents.iter().find(|(p, _)| p == path) {
+        Some((_, document)) => Some(std::borrow::Cow::Borrowed(document)),
+        None => custom_document(path, custom).map(std::borrow::Cow::Owned),
+    }
 }
 
 #[cfg(test)]
@@ -148,10 +233,10 @@ mod tests {
 
     #[test]
     fn every_group_version_has_a_document_with_patch_operations_kubectl_recognises() {
-        let index = index();
+        let index = index(&[]);
         let url = index["paths"]["apis/apps/v1"]["serverRelativeURL"].as_str().unwrap();
         assert!(url.starts_with("/openapi/v3/apis/apps/v1?hash="));
-        let apps = group_version("apis/apps/v1").unwrap();
+        let apps = group_version("apis/apps/v1", &[]).unwrap();
         let patch = &apps["paths"]["/apis/apps/v1/namespaces/{namespace}/deployments/{name}"]["patch"];
         assert_eq!(
             patch["x-kubernetes-group-version-kind"],
@@ -164,9 +249,9 @@ mod tests {
                 .iter()
                 .any(|p| p["name"] == "fieldValidation" && p["in"] == "query")
         );
-        let core = group_version("api/v1").unwrap();
+        let core = group_version("api/v1", &[]).unwrap();
         assert!(core["paths"]["/api/v1/namespaces/{name}"]["patch"].is_object());
-        assert!(group_version("apis/nope/v1").is_none());
+        assert!(group_version("apis/nope/v1", &[]).is_none());
         // Schemas for `kubectl explain`: the kinds, marked with their GVK, and what they reach.
         let deployment = &apps["components"]["schemas"]["io.k8s.api.apps.v1.Deployment"];
         assert_eq!(deployment["x-kubernetes-group-version-kind"][0]["kind"], "Deployment");

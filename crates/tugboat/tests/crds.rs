@@ -136,6 +136,16 @@ fn a_definition_serves_a_resource_that_kubectl_uses_like_a_built_in_one() {
         .kubectl(&["get", "widgets.v1beta1.example.com", "small", "-o", "jsonpath={.apiVersion} {.spec.size}"], None);
     assert_eq!(beta, "example.com/v1beta1 4");
 
+    // The schema is published: `kubectl explain` reads it (OpenAPI v3), and OpenAPI v2 names it
+    // as upstream does.
+    let explained = server.kubectl(&["explain", "wg.spec"], None);
+    assert!(explained.contains("KIND:       Widget") && explained.contains("size\t<integer>"), "{explained}");
+    let (code, swagger) = server.curl("GET", "/openapi/v2", true, &[]);
+    assert_eq!(code, 200);
+    let swagger: serde_json::Value = serde_json::from_str(&swagger).unwrap();
+    let published = &swagger["definitions"]["com.example.v1.Widget"];
+    assert_eq!(published["properties"]["spec"]["properties"]["size"]["maximum"], 10, "{published}");
+
     // Server-side apply and watch work as for built-in kinds.
     server.kubectl(&["apply", "--server-side", "-f", "-"], Some(&WIDGET.replace("small", "applied")));
     let (code, events) =
