@@ -942,6 +942,22 @@ pub fn column_value(column: &PrinterColumn, object: &Value) -> Value {
     }
 }
 
+/// Sets the field a simple dotted path (`.spec.replicas`) names, making the objects on the way.
+pub fn set_path(object: &mut Value, path: &str, value: Value) {
+    let mut current = object;
+    let parts: Vec<&str> = path.trim_start_matches('.').split('.').filter(|p| !p.is_empty()).collect();
+    for (i, part) in parts.iter().enumerate() {
+        if !current.is_object() {
+            *current = json!({});
+        }
+        if i == parts.len() - 1 {
+            current[*part] = value;
+            return;
+        }
+        current = &mut current[*part];
+    }
+}
+
 /// Follows a simple JSONPath (`.a.b[0].c`, with or without the braces kubectl allows).
 pub fn json_path<'a>(object: &'a Value, path: &str) -> Option<&'a Value> {
     let path = path.trim().trim_start_matches('{').trim_end_matches('}').trim_start_matches('$');

@@ -527,7 +527,7 @@ async fn dispatch(
     match (method, target.name.as_deref()) {
         (&Method::GET, Some(name)) if view != View::Main => {
             let (object, _) = read_object(state, target.resource, namespace, name).await?;
-            Ok(json_response(StatusCode::OK, &view.project(&object)))
+            Ok(json_response(StatusCode::OK, &view.project(target.resource, &object)))
         }
         (&Method::GET, Some(name)) => get(state, target.resource, namespace, name, accept, query).await,
         (&Method::GET, None) => {
@@ -1469,9 +1469,33 @@ impl View {
     }
 
     /// What a client reads and writes through this view of `object`.
-    fn project(self, object: &Value) -> Value {
+    fn project(self, resource: &Resource, object: &Value) -> Value {
         match self {
             View::Main | View::Status | View::Whole | View::Finalize | View::Ephemeral => object.clone(),
+            View::Scale if let Some(paths) = resource.custom.and_then(|c| c.scale.as_ref()) => {
+                // A custom resource's scale reads the paths its definition names.
+                let metadata = &object["metadata"];
+                let at = |path: &str| crate::crd::json_path(object, path).cloned().unwrap_or(Value::Null);
+                let mut status = json!({"replicas": at(&paths.status_replicas).as_i64().unwrap_or(0)});
+                if let Some(selector) = &paths.label_selector
+                    && let Some(selector) = at(selector).as_str()
+                {
+                    status["selector"] = json!(selector);
+                }
+                json!({
+                    "kind": "Scale",
+                    "apiVersion": "autoscaling/v1",
+                    "metadata": {
+                        "name": metadata["name"],
+                        "namespace": metadata["namespace"],
+                        "uid": metadata["uid"],
+                        "resourceVersion": metadata["resourceVersion"],
+                        "creationTimestamp": metadata["creationTimestamp"],
+                    },
+                    "spec": {"replicas": at(&paths.spec_replicas).as_i64().unwrap_or(0)},
+                    "status": status,
+                })
+            }
             View::Scale => {
                 let metadata = &object["metadata"];
                 let selector = crate::selector::selector_labels(&object["spec"]["selector"])
@@ -1633,7 +1657,10 @@ impl View {
                     )));
                 }
                 let mut object = old.clone();
-                object["spec"]["replicas"] = json!(replicas);
+                match resource.custom.and_then(|c| c.scale.as_ref()) {
+                    Some(paths) => crate::crd::set_path(&mut object, &paths.spec_replicas, json!(replicas)),
+                    None => object["spec"]["replicas"] = json!(replicas),
+                }
                 Ok(object)
             }
         }
@@ -1654,7 +1681,7 @@ pub(crate) async fn modify(
     let (resource, namespace, name) = target;
     for _ in 0..UPDATE_RETRIES {
         let (old, revision) = read_object(state, resource, namespace, name).await?;
-        let mut written = change(&view.project(&old), revision)?;
+        let mut written = change(&view.project(resource, &old), revision)?;
         if !written.is_object() {
             return Err(ApiError::bad_request("the request does not leave an object"));
         }
@@ -1702,7 +1729,7 @@ pub(crate) async fn modify(
         }
         if write.dry_run {
             object["metadata"]["resourceVersion"] = json!(revision.to_string());
-            return Ok(json_response(StatusCode::OK, &view.project(&object)));
+            return Ok(json_response(StatusCode::OK, &view.project(resource, &object)));
         }
         let key = resource.key(namespace, name);
         // An object being deleted goes once its last finalizer is removed (a pod only once its
@@ -1717,7 +1744,7 @@ pub(crate) async fn modify(
                     if is_crds(resource) {
                         served_after_write(state, deleted).await;
                     }
-                    Ok(json_response(StatusCode::OK, &view.project(&object)))
+                    Ok(json_response(StatusCode::OK, &view.project(resource, &object)))
                 }
                 Err(StoreError::Conflict { .. }) => continue,
                 Err(error) => Err(ApiError::from_store(error, resource.group, resource.plural, name)),
@@ -1729,7 +1756,7 @@ pub(crate) async fn modify(
                 if is_crds(resource) {
                     served_after_write(state, new_revision).await;
                 }
-                return Ok(json_response(StatusCode::OK, &view.project(&object)));
+                return Ok(json_response(StatusCode::OK, &view.project(resource, &object)));
             }
             Err(StoreError::Conflict { .. }) => continue,
             Err(error) => {

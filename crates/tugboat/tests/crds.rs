@@ -1,6 +1,7 @@
 //! CustomResourceDefinitions with the real kubectl against a real `tugboat server`: a definition
 //! becomes a served resource (discovery, short names, categories, printer columns), its schema
-//! prunes, defaults and validates objects, the status subresource splits writes, a second
+//! prunes, defaults and validates objects, the status subresource splits writes, `/scale` maps
+//! to the paths the definition names, a second
 //! version serves the same objects, and deleting the definition deletes its objects first.
 
 use std::path::Path;
@@ -31,6 +32,7 @@ spec:
     storage: true
     subresources:
       status: {}
+      scale: {specReplicasPath: .spec.replicas, statusReplicasPath: .status.replicas}
     additionalPrinterColumns:
     - name: Size
       type: integer
@@ -48,10 +50,12 @@ spec:
             properties:
               size: {type: integer, minimum: 1, maximum: 10}
               color: {type: string, enum: [red, blue], default: red}
+              replicas: {type: integer}
           status:
             type: object
             properties:
               ready: {type: boolean}
+              replicas: {type: integer}
   - name: v1beta1
     served: true
     storage: false
@@ -130,6 +134,14 @@ fn a_definition_serves_a_resource_that_kubectl_uses_like_a_built_in_one() {
         server.kubectl(&["get", "wg", "small", "-o", "jsonpath={.status.ready} {.metadata.generation}"], None),
         "true 2"
     );
+
+    // The scale subresource maps to the paths the definition names: `kubectl scale` works.
+    server.kubectl(&["scale", "wg", "small", "--replicas=5"], None);
+    assert_eq!(server.kubectl(&["get", "wg", "small", "-o", "jsonpath={.spec.replicas}"], None), "5");
+    let (code, scale) = server.curl("GET", "/apis/example.com/v1/namespaces/default/widgets/small/scale", true, &[]);
+    assert_eq!(code, 200);
+    let scale: serde_json::Value = serde_json::from_str(&scale).unwrap();
+    assert_eq!((scale["kind"].as_str(), scale["spec"]["replicas"].as_i64()), (Some("Scale"), Some(5)));
 
     // Another served version reads the same object, in its own apiVersion.
     let beta = server
