@@ -499,15 +499,17 @@ impl Resource {
     }
 
     /// A stored object as this resource serves it: converted from the kind it is stored as,
-    /// or, for a custom resource, in this version.
+    /// or, for a custom resource, in this version and with its schema's defaults.
     pub fn from_storage(&self, object: serde_json::Value) -> serde_json::Value {
         match (&self.conversion, self.custom) {
             (Some(conversion), _) => (conversion.from_storage)(object),
-            (None, Some(_)) => {
+            (None, Some(custom)) => {
                 let mut object = object;
                 if object.get("apiVersion").is_some_and(|v| *v != *self.api_version()) {
                     object["apiVersion"] = serde_json::Value::String(self.api_version());
                 }
+                // Defaults added to the schema since the object was written apply on read too.
+                crate::crd::default(custom, &mut object);
                 object
             }
             (None, None) => object,

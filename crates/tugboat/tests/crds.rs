@@ -143,6 +143,11 @@ fn a_definition_serves_a_resource_that_kubectl_uses_like_a_built_in_one() {
     let scale: serde_json::Value = serde_json::from_str(&scale).unwrap();
     assert_eq!((scale["kind"].as_str(), scale["spec"]["replicas"].as_i64()), (Some("Scale"), Some(5)));
 
+    // A default added to the schema later applies to stored objects as they are read.
+    let shape = r#"[{"op":"add","path":"/spec/versions/0/schema/openAPIV3Schema/properties/spec/properties/shape","value":{"type":"string","default":"square"}}]"#;
+    server.kubectl(&["patch", "crd", "widgets.example.com", "--type=json", "-p", shape], None);
+    assert_eq!(server.kubectl(&["get", "wg", "small", "-o", "jsonpath={.spec.shape}"], None), "square");
+
     // Another served version reads the same object, in its own apiVersion.
     let beta = server
         .kubectl(&["get", "widgets.v1beta1.example.com", "small", "-o", "jsonpath={.apiVersion} {.spec.size}"], None);
