@@ -613,6 +613,188 @@ fn set_status(object: &mut Value, others: &[Value], old: Option<&Value>) {
     object["status"] = status;
 }
 
+/// A `JSONSchemaProps` in k8s-rs-pb's serde form (from a protobuf body) as its JSON: field
+/// names as JSON Schema spells them (`$ref`, `x-kubernetes-…`), `JSON` values (`default`,
+/// `example`, `enum`) parsed from their raw bytes, the either-or messages (`items`,
+/// `additionalProperties`, `dependencies`) as the one they hold, and the zero values Go's
+/// protobuf writes for its non-pointer fields dropped as its JSON omits them.
+pub fn schema_from_protobuf(value: Value) -> Value {
+    let Value::Object(map) = value else { return Value::Null };
+    let mut out = serde_json::Map::new();
+    let raw_json = |field: &Value| -> Option<Value> {
+        let bytes: Vec<u8> = field["raw"].as_array()?.iter().filter_map(Value::as_u64).map(|b| b as u8).collect();
+        serde_json::from_slice(&bytes).ok()
+    };
+    let schemas = |field: Value| -> Vec<Value> {
+        match field {
+            Value::Array(items) => items.into_iter().map(schema_from_protobuf).collect(),
+            _ => Vec::new(),
+        }
+    };
+    let schema_map = |field: Value| -> serde_json::Map<String, Value> {
+        match field {
+            Value::Object(map) => map.into_iter().map(|(k, v)| (k, schema_from_protobuf(v))).collect(),
+            _ => serde_json::Map::new(),
+        }
+    };
+    let or_bool = |field: Value| -> Value {
+        if field["schema"].is_object() {
+            schema_from_protobuf(field["schema"].clone())
+        } else {
+            json!(field["allows"].as_bool().unwrap_or(false))
+        }
+    };
+    for (key, field) in map {
+        if field.is_null() {
+            continue;
+        }
+        let non_empty_string = |f: &Value| f.as_str().is_some_and(|s| !s.is_empty());
+        match key.as_str() {
+            "ref_" | "schema" | "type_" | "id" | "description" | "format" | "title" | "pattern" => {
+                if non_empty_string(&field) {
+                    let name = match key.as_str() {
+                        "ref_" => "$ref",
+                        "schema" => "$schema",
+                        "type_" => "type",
+                        other => other,
+                    };
+                    out.insert(name.into(), field);
+                }
+            }
+            "default" | "example" => {
+                if let Some(value) = raw_json(&field) {
+                    out.insert(key, value);
+                }
+            }
+            "enum_" => {
+                let values: Vec<Value> = field.as_array().into_iter().flatten().filter_map(raw_json).collect();
+                if !values.is_empty() {
+                    out.insert("enum".into(), Value::Array(values));
+                }
+            }
+            "items" => {
+                if field["schema"].is_object() {
+                    out.insert(key, schema_from_protobuf(field["schema"].clone()));
+                } else {
+                    let all = schemas(field["jSONSchemas"].clone());
+                    if !all.is_empty() {
+                        out.insert(key, Value::Array(all));
+                    }
+                }
+            }
+            "allOf" | "oneOf" | "anyOf" => {
+                let all = schemas(field);
+                if !all.is_empty() {
+                    out.insert(key, Value::Array(all));
+                }
+            }
+            "not" => {
+                out.insert(key, schema_from_protobuf(field));
+            }
+            "properties" | "patternProperties" | "definitions" => {
+                let all = schema_map(field);
+                if !all.is_empty() {
+                    out.insert(key, Value::Object(all));
+                }
+            }
+            "additionalProperties" | "additionalItems" => {
+                out.insert(key, or_bool(field));
+            }
+            "dependencies" => {
+                let all: serde_json::Map<String, Value> = field
+                    .as_object()
+                    .into_iter()
+                    .flatten()
+                    .map(|(name, dependency)| {
+                        let value = if dependency["schema"].is_object() {
+                            schema_from_protobuf(dependency["schema"].clone())
+                        } else {
+                            dependency["property"].clone()
+                        };
+                        (name.clone(), value)
+                    })
+                    .collect();
+                if !all.is_empty() {
+                    out.insert(key, Value::Object(all));
+                }
+            }
+            "externalDocs" => {
+                let docs: serde_json::Map<String, Value> = field
+                    .as_object()
+                    .into_iter()
+                    .flatten()
+                    .filter(|(_, v)| non_empty_string(v))
+                    .map(|(k, v)| (k.clone(), v.clone()))
+                    .collect();
+                if !docs.is_empty() {
+                    out.insert(key, Value::Object(docs));
+                }
+            }
+            "required" | "xKubernetesListMapKeys" => {
+                if field.as_array().is_some_and(|a| !a.is_empty()) {
+                    let name = if key == "required" { "required" } else { "x-kubernetes-list-map-keys" };
+                    out.insert(name.into(), field);
+                }
+            }
+            "xKubernetesValidations" => {
+                let rules: Vec<Value> = field
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .map(|rule| {
+                        let kept: serde_json::Map<String, Value> = rule
+                            .as_object()
+                            .into_iter()
+                            .flatten()
+                            .filter(|(k, v)| {
+                                !v.is_null()
+                                    && !(v.as_str() == Some(""))
+                                    && !(k.as_str() == "optionalOldSelf" && **v == json!(false))
+                            })
+                            .map(|(k, v)| (k.clone(), v.clone()))
+                            .collect();
+                        Value::Object(kept)
+                    })
+                    .collect();
+                if !rules.is_empty() {
+                    out.insert("x-kubernetes-validations".into(), Value::Array(rules));
+                }
+            }
+            // Go's pointer fields: set means set, whatever the value.
+            "maximum" | "minimum" | "maxLength" | "minLength" | "maxItems" | "minItems" | "maxProperties"
+            | "minProperties" | "multipleOf" => {
+                out.insert(key, field);
+            }
+            "xKubernetesPreserveUnknownFields" => {
+                out.insert("x-kubernetes-preserve-unknown-fields".into(), field);
+            }
+            "xKubernetesListType" | "xKubernetesMapType" => {
+                let name =
+                    if key == "xKubernetesListType" { "x-kubernetes-list-type" } else { "x-kubernetes-map-type" };
+                out.insert(name.into(), field);
+            }
+            // Plain bools: only `true` is written in JSON.
+            "nullable"
+            | "uniqueItems"
+            | "exclusiveMaximum"
+            | "exclusiveMinimum"
+            | "xKubernetesEmbeddedResource"
+            | "xKubernetesIntOrString" => {
+                if field == json!(true) {
+                    let name = match key.as_str() {
+                        "xKubernetesEmbeddedResource" => "x-kubernetes-embedded-resource",
+                        "xKubernetesIntOrString" => "x-kubernetes-int-or-string",
+                        other => other,
+                    };
+                    out.insert(name.into(), field);
+                }
+            }
+            _ => {}
+        }
+    }
+    Value::Object(out)
+}
+
 // ---- custom resources: pruning, defaulting and validation by the structural schema ----
 
 /// Drops the fields `object` has that its schema does not declare (upstream's pruning) and

@@ -61,7 +61,7 @@ pub fn decode(body: &[u8]) -> Result<Value, ApiError> {
     // Go writes an IntOrString's three fields; k8s-rs-pb's serde form then picks the (zero)
     // number over the string. Kinds whose data is arbitrary bytes are left alone.
     let fixed;
-    let raw = if matches!(resource.plural, "secrets" | "configmaps") {
+    let raw = if matches!(resource.plural, "secrets" | "configmaps" | "customresourcedefinitions") {
         raw
     } else {
         fixed = string_int_or_strings(raw, 0).unwrap_or_else(|| raw.to_vec());
@@ -70,9 +70,25 @@ pub fn decode(body: &[u8]) -> Result<Value, ApiError> {
     // k8s-rs-pb's serde code unwraps (a timestamp out of range panics): contain it.
     let decoded = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| (resource.protobuf)(raw)))
         .unwrap_or_else(|_| Err("a value is out of range".into()));
-    let serialized =
+    let mut serialized =
         decoded.map_err(|e| ApiError::bad_request(format!("the {kind} in the protobuf body is malformed: {e}")))?;
+    // A definition's schemas are JSON Schema, not messages the kind's schema describes: they
+    // are converted on their own and put back after the walk.
+    let mut schemas = Vec::new();
+    if resource.plural == "customresourcedefinitions" {
+        for (i, version) in serialized["spec"]["versions"].as_array_mut().into_iter().flatten().enumerate() {
+            let schema = version["schema"]["openAPIV3Schema"].take();
+            if !schema.is_null() {
+                schemas.push((i, crate::crd::schema_from_protobuf(schema)));
+            }
+        }
+    }
     let mut object = fix_up(resource, serialized);
+    for (i, schema) in schemas {
+        if let Some(version) = object["spec"]["versions"].get_mut(i) {
+            version["schema"]["openAPIV3Schema"] = schema;
+        }
+    }
     object["apiVersion"] = Value::String(api_version);
     object["kind"] = Value::String(kind);
     Ok(object)
@@ -327,6 +343,65 @@ mod tests {
         let mut body = MAGIC.to_vec();
         body.extend(unknown.write_to_bytes().unwrap());
         body
+    }
+
+    #[test]
+    fn a_definitions_schema_decodes_to_json_schema() {
+        use k8s_rs_pb::apiextensions_apiserver::pkg::apis::apiextensions::v1 as ext;
+        let json = |text: &str| {
+            let mut value = ext::JSON::new();
+            value.raw = Some(text.as_bytes().to_vec());
+            value
+        };
+        let mut name = ext::JSONSchemaProps::new();
+        name.type_ = Some("string".into());
+        name.enum_ = vec![json("\"a\""), json("\"b\"")];
+        name.default = protobuf::MessageField::some(json("\"a\""));
+        name.nullable = Some(false);
+        let mut item = ext::JSONSchemaProps::new();
+        item.type_ = Some("object".into());
+        item.properties.insert("name".into(), name);
+        item.required = vec!["name".into()];
+        item.xKubernetesEmbeddedResource = Some(false);
+        let mut items = ext::JSONSchemaPropsOrArray::new();
+        items.schema = protobuf::MessageField::some(item);
+        let mut list = ext::JSONSchemaProps::new();
+        list.type_ = Some("array".into());
+        list.items = protobuf::MessageField::some(items);
+        list.maxItems = Some(0);
+        list.xKubernetesListType = Some("map".into());
+        list.xKubernetesListMapKeys = vec!["name".into()];
+        let mut free = ext::JSONSchemaProps::new();
+        free.type_ = Some("object".into());
+        free.xKubernetesPreserveUnknownFields = Some(true);
+        let mut root = ext::JSONSchemaProps::new();
+        root.type_ = Some("object".into());
+        root.properties.insert("list".into(), list);
+        root.properties.insert("free".into(), free);
+        let mut validation = ext::CustomResourceValidation::new();
+        validation.openAPIV3Schema = protobuf::MessageField::some(root);
+        let mut version = ext::CustomResourceDefinitionVersion::new();
+        version.name = Some("v1".into());
+        version.served = Some(true);
+        version.storage = Some(true);
+        version.schema = protobuf::MessageField::some(validation);
+        let mut spec = ext::CustomResourceDefinitionSpec::new();
+        spec.group = Some("example.com".into());
+        spec.versions.push(version);
+        let mut crd = ext::CustomResourceDefinition::new();
+        crd.spec = protobuf::MessageField::some(spec);
+        let decoded = decode(&envelope("apiextensions.k8s.io/v1", "CustomResourceDefinition", &crd)).unwrap();
+        let schema = &decoded["spec"]["versions"][0]["schema"]["openAPIV3Schema"];
+        assert_eq!(
+            *schema,
+            serde_json::json!({"type": "object", "properties": {
+                "free": {"type": "object", "x-kubernetes-preserve-unknown-fields": true},
+                "list": {"type": "array", "maxItems": 0, "x-kubernetes-list-type": "map",
+                    "x-kubernetes-list-map-keys": ["name"], "items": {"type": "object", "required": ["name"],
+                    "properties": {"name": {"type": "string", "enum": ["a", "b"], "default": "a"}}}},
+            }})
+        );
+        assert_eq!(decoded["spec"]["versions"][0]["served"], true);
     }
 
     #[test]
