@@ -17,8 +17,7 @@ pub fn decode_body(content_type: &str, body: &[u8]) -> Result<Value, ApiError> {
         "application/yaml" | "application/x-yaml" | "text/yaml" => {
             let text = std::str::from_utf8(body)
                 .map_err(|_| ApiError::bad_request("the body of the request is not valid UTF-8 YAML"))?;
-            serde_saphyr::from_str(text)
-                .map_err(|e| ApiError::bad_request(format!("the body of the request is not valid YAML: {e}")))?
+            serde_saphyr::from_str(text).map_err(|e| yaml_error(&e.to_string()))?
         }
         "application/vnd.kubernetes.protobuf" => crate::protobuf::decode(body)?,
         other => return Err(ApiError::unsupported_media_type(other)),
@@ -27,6 +26,22 @@ pub fn decode_body(content_type: &str, body: &[u8]) -> Result<Value, ApiError> {
         return Err(ApiError::bad_request("the body of the request must be a JSON or YAML object"));
     }
     Ok(value)
+}
+
+/// A YAML body that does not decode; a key given twice in a mapping is worded as upstream's
+/// decoder words it (`yaml: unmarshal errors: line 9: key "foo" already set in map`).
+fn yaml_error(message: &str) -> ApiError {
+    let duplicate = message.split_once(": duplicate mapping key: ").and_then(|(at, rest)| {
+        let line = at.rsplit("line ").next()?.split_whitespace().next()?.parse::<u64>().ok()?;
+        let key = rest.split([',', '\n']).next()?.trim();
+        Some((line, key.to_string()))
+    });
+    match duplicate {
+        Some((line, key)) => ApiError::bad_request(format!(
+            "error decoding YAML: yaml: unmarshal errors:\n  line {line}: key {key:?} already set in map"
+        )),
+        None => ApiError::bad_request(format!("the body of the request is not valid YAML: {message}")),
+    }
 }
 
 /// The fields a JSON body names twice in one object (`spec.replicas`, `a.b[0].c`), which
@@ -990,6 +1005,15 @@ pub fn to_store(resource: &Resource, object: &Value) -> Vec<u8> {
 mod tests {
     use super::*;
     use crate::registry::find;
+
+    #[test]
+    fn a_yaml_key_given_twice_is_worded_as_upstream() {
+        let error = decode_body("application/yaml", b"a: 1\nspec:\n  foo: 1\n  foo: 2\n").unwrap_err();
+        assert_eq!(
+            error.message,
+            "error decoding YAML: yaml: unmarshal errors:\n  line 4: key \"foo\" already set in map"
+        );
+    }
 
     #[test]
     fn names_follow_rfc_1123() {

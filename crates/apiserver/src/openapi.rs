@@ -141,6 +141,49 @@ fn custom_schema(resource: &Resource, reference_prefix: &str) -> Value {
     schema
 }
 
+/// A custom kind's schema as OpenAPI v2 clients can take it (upstream's
+/// `ToStructuralOpenAPIV2`): no allOf/oneOf/anyOf/not; a nullable or unknown-field-preserving
+/// node loses its type constraints (properties, items; a nullable one its type too), an array
+/// left without items its type, and nullable properties are not required.
+fn to_v2(schema: &mut Value) {
+    let Some(map) = schema.as_object_mut() else { return };
+    for key in ["allOf", "oneOf", "anyOf", "not"] {
+        map.remove(key);
+    }
+    if map.remove("nullable") == Some(json!(true)) {
+        map.remove("type");
+        map.remove("items");
+        map.remove("properties");
+    }
+    if map.remove("x-kubernetes-preserve-unknown-fields") == Some(json!(true)) {
+        map.remove("items");
+        map.remove("properties");
+    }
+    if !map.contains_key("items") && map.get("type") == Some(&json!("array")) {
+        map.remove("type");
+    }
+    let nullable: Vec<String> = map
+        .get("properties")
+        .and_then(Value::as_object)
+        .map(|p| p.iter().filter(|(_, v)| v["nullable"] == json!(true)).map(|(k, _)| k.clone()).collect())
+        .unwrap_or_default();
+    if let Some(required) = map.get_mut("required").and_then(Value::as_array_mut) {
+        required.retain(|r| !r.as_str().is_some_and(|r| nullable.iter().any(|n| n == r)));
+        if required.is_empty() {
+            map.remove("required");
+        }
+    }
+    if let Some(properties) = map.get_mut("properties").and_then(Value::as_object_mut) {
+        properties.values_mut().for_each(to_v2);
+    }
+    if let Some(items) = map.get_mut("items") {
+        to_v2(items);
+    }
+    if let Some(additional) = map.get_mut("additionalProperties").filter(|a| a.is_object()) {
+        to_v2(additional);
+    }
+}
+
 /// The document of a group version custom resources serve.
 fn custom_document(path: &str, custom: &[&'static Resource]) -> Option<Value> {
     let resources: Vec<&Resource> = custom.iter().copied().filter(|r| group_version_path(r) == path).collect();
@@ -181,7 +224,20 @@ pub fn swagger_with(custom: &[&'static Resource]) -> std::borrow::Cow<'static, V
     }
     let mut document = swagger().clone();
     for resource in custom {
-        document["definitions"][custom_definition_name(resource)] = custom_schema(resource, "#/definitions/");
+        let mut schema = custom_schema(resource, "#/definitions/");
+        // apiVersion, kind and metadata are the server's own, kept whatever the conversion drops.
+        let own: Vec<(&str, Value)> = ["apiVersion", "kind", "metadata"]
+            .into_iter()
+            .map(|field| (field, schema["properties"][field].take()))
+            .collect();
+        to_v2(&mut schema);
+        for (field, property) in own {
+            if !schema["properties"].is_object() {
+                schema["properties"] = json!({});
+            }
+            schema["properties"][field] = property;
+        }
+        document["definitions"][custom_definition_name(resource)] = schema;
     }
     std::borrow::Cow::Owned(document)
 }
@@ -230,6 +286,24 @@ pub fn group_version(path: &str, custom: &[&'static Resource]) -> Option<std::bo
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn custom_schemas_are_published_in_v2_as_upstream_converts_them() {
+        let mut schema = json!({"type": "object", "x-kubernetes-preserve-unknown-fields": true,
+            "properties": {"spec": {"type": "object"}}});
+        to_v2(&mut schema);
+        assert_eq!(schema, json!({"type": "object"}));
+        let mut schema = json!({"type": "object", "required": ["a", "b"], "properties": {
+            "a": {"type": "string", "nullable": true},
+            "b": {"type": "array", "items": {"type": "object", "x-kubernetes-preserve-unknown-fields": true,
+                "properties": {"c": {"type": "string"}}}, "allOf": [{"required": ["x"]}]},
+        }});
+        to_v2(&mut schema);
+        assert_eq!(
+            schema,
+            json!({"type": "object", "required": ["b"], "properties": {"a": {}, "b": {"type": "array", "items": {"type": "object"}}}})
+        );
+    }
 
     #[test]
     fn every_group_version_has_a_document_with_patch_operations_kubectl_recognises() {
