@@ -173,36 +173,20 @@ async fn clean_up(state: &ApiState, crd: &Value) -> Result<(), ApiError> {
         }
     }
     // No object left: remove the finalizer (the definition goes with its last one).
-    let key = crds().key(None, name);
-    let Some(stored) = state
-        .store
-        .get(&key, None)
-        .await
-        .map_err(|e| ApiError::from_store(e, "apiextensions.k8s.io", "customresourcedefinitions", name))?
-    else {
-        return Ok(());
-    };
-    let mut current: Value = serde_json::from_slice(&stored.value)
-        .map_err(|e| ApiError::internal(format!("a stored CustomResourceDefinition does not decode: {e}")))?;
-    let remaining: Vec<Value> = current["metadata"]["finalizers"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter(|f| *f != CLEANUP_FINALIZER)
-        .cloned()
-        .collect();
-    let result = if remaining.is_empty() {
-        state.store.delete(&key, Some(stored.mod_revision)).await.map(|_| ())
-    } else {
-        current["metadata"]["finalizers"] = Value::Array(remaining);
-        let bytes = serde_json::to_vec(&current).expect("a JSON value serializes");
-        state.store.update(&key, bytes, stored.mod_revision).await.map(|_| ())
-    };
-    match result {
-        Ok(()) | Err(tugboat_store::StoreError::Conflict { .. }) | Err(tugboat_store::StoreError::NotFound { .. }) => {
-            Ok(())
-        }
-        Err(error) => Err(ApiError::from_store(error, "apiextensions.k8s.io", "customresourcedefinitions", name)),
+    let write = crate::handlers::Write::internal("apiextensions-apiserver");
+    let removed =
+        crate::handlers::modify(state, (crds(), None, name), crate::handlers::View::Whole, &write, |current, _| {
+            let mut object = current.clone();
+            if let Some(finalizers) = object["metadata"]["finalizers"].as_array_mut() {
+                finalizers.retain(|f| f != CLEANUP_FINALIZER);
+            }
+            Ok(object)
+        })
+        .await;
+    match removed {
+        Ok(_) => Ok(()),
+        Err(error) if error.code == 404 => Ok(()),
+        Err(error) => Err(error),
     }
 }
 
@@ -650,16 +634,16 @@ pub fn schema_from_protobuf(value: Value) -> Value {
         }
         let non_empty_string = |f: &Value| f.as_str().is_some_and(|s| !s.is_empty());
         match key.as_str() {
-            "ref_" | "schema" | "type_" | "id" | "description" | "format" | "title" | "pattern" => {
-                if non_empty_string(&field) {
-                    let name = match key.as_str() {
-                        "ref_" => "$ref",
-                        "schema" => "$schema",
-                        "type_" => "type",
-                        other => other,
-                    };
-                    out.insert(name.into(), field);
-                }
+            "ref_" | "schema" | "type_" | "id" | "description" | "format" | "title" | "pattern"
+                if non_empty_string(&field) =>
+            {
+                let name = match key.as_str() {
+                    "ref_" => "$ref",
+                    "schema" => "$schema",
+                    "type_" => "type",
+                    other => other,
+                };
+                out.insert(name.into(), field);
             }
             "default" | "example" => {
                 if let Some(value) = raw_json(&field) {
@@ -730,11 +714,9 @@ pub fn schema_from_protobuf(value: Value) -> Value {
                     out.insert(key, Value::Object(docs));
                 }
             }
-            "required" | "xKubernetesListMapKeys" => {
-                if field.as_array().is_some_and(|a| !a.is_empty()) {
-                    let name = if key == "required" { "required" } else { "x-kubernetes-list-map-keys" };
-                    out.insert(name.into(), field);
-                }
+            "required" | "xKubernetesListMapKeys" if field.as_array().is_some_and(|a| !a.is_empty()) => {
+                let name = if key == "required" { "required" } else { "x-kubernetes-list-map-keys" };
+                out.insert(name.into(), field);
             }
             "xKubernetesValidations" => {
                 let rules: Vec<Value> = field
@@ -748,7 +730,7 @@ pub fn schema_from_protobuf(value: Value) -> Value {
                             .flatten()
                             .filter(|(k, v)| {
                                 !v.is_null()
-                                    && !(v.as_str() == Some(""))
+                                    && (v.as_str() != Some(""))
                                     && !(k.as_str() == "optionalOldSelf" && **v == json!(false))
                             })
                             .map(|(k, v)| (k.clone(), v.clone()))
@@ -779,15 +761,15 @@ pub fn schema_from_protobuf(value: Value) -> Value {
             | "exclusiveMaximum"
             | "exclusiveMinimum"
             | "xKubernetesEmbeddedResource"
-            | "xKubernetesIntOrString" => {
-                if field == json!(true) {
-                    let name = match key.as_str() {
-                        "xKubernetesEmbeddedResource" => "x-kubernetes-embedded-resource",
-                        "xKubernetesIntOrString" => "x-kubernetes-int-or-string",
-                        other => other,
-                    };
-                    out.insert(name.into(), field);
-                }
+            | "xKubernetesIntOrString"
+                if field == json!(true) =>
+            {
+                let name = match key.as_str() {
+                    "xKubernetesEmbeddedResource" => "x-kubernetes-embedded-resource",
+                    "xKubernetesIntOrString" => "x-kubernetes-int-or-string",
+                    other => other,
+                };
+                out.insert(name.into(), field);
             }
             _ => {}
         }
@@ -949,6 +931,23 @@ fn short(value: &Value) -> String {
     }
 }
 
+/// `maxItems` / `maxProperties`: more than the schema allows.
+fn too_many(schema: &Value, limit: &str, count: usize, field: &str, causes: &mut Vec<Cause>) {
+    if let Some(max) = schema[limit].as_u64()
+        && count as u64 > max
+    {
+        causes.push(cause("FieldValueTooMany", field, format!("Too many: {count}: must have at most {max} items")));
+    }
+}
+
+/// A schema's `pattern`, compiled once per process (None if it is not a valid expression).
+fn compiled(pattern: &str) -> Option<regex::Regex> {
+    static CACHE: Mutex<Option<HashMap<String, Option<regex::Regex>>>> = Mutex::new(None);
+    let mut cache = CACHE.lock().unwrap_or_else(|e| e.into_inner());
+    let cache = cache.get_or_insert_with(Default::default);
+    cache.entry(pattern.to_string()).or_insert_with(|| regex::Regex::new(pattern).ok()).clone()
+}
+
 fn validate_value(schema: &Value, value: &Value, path: &str, causes: &mut Vec<Cause>) {
     let field = if path.is_empty() { "<root>".to_string() } else { path.to_string() };
     let actual = type_name(value);
@@ -1037,8 +1036,7 @@ fn validate_value(schema: &Value, value: &Value, path: &str, causes: &mut Vec<Ca
                 ));
             }
             if let Some(pattern) = schema["pattern"].as_str()
-                && let Ok(regex) = regex::Regex::new(pattern)
-                && !regex.is_match(s)
+                && compiled(pattern).is_some_and(|regex| !regex.is_match(s))
             {
                 causes.push(cause(
                     "FieldValueInvalid",
@@ -1048,15 +1046,7 @@ fn validate_value(schema: &Value, value: &Value, path: &str, causes: &mut Vec<Ca
             }
         }
         Value::Array(items) => {
-            if let Some(max) = schema["maxItems"].as_u64()
-                && items.len() as u64 > max
-            {
-                causes.push(cause(
-                    "FieldValueTooMany",
-                    &field,
-                    format!("Too many: {}: must have at most {max} items", items.len()),
-                ));
-            }
+            too_many(schema, "maxItems", items.len(), &field, causes);
             if let Some(min) = schema["minItems"].as_u64()
                 && (items.len() as u64) < min
             {
@@ -1079,15 +1069,7 @@ fn validate_value(schema: &Value, value: &Value, path: &str, causes: &mut Vec<Ca
                     causes.push(cause("FieldValueRequired", &join(required), "Required value"));
                 }
             }
-            if let Some(max) = schema["maxProperties"].as_u64()
-                && map.len() as u64 > max
-            {
-                causes.push(cause(
-                    "FieldValueTooMany",
-                    &field,
-                    format!("Too many: {}: must have at most {max} items", map.len()),
-                ));
-            }
+            too_many(schema, "maxProperties", map.len(), &field, causes);
             let properties = schema["properties"].as_object();
             let additional = schema.get("additionalProperties").filter(|a| a.is_object());
             for (key, child) in map {

@@ -99,7 +99,8 @@ pub fn api_resource_list(served: Served, group: &str, version: &str) -> Option<V
                     "kind": "Pod", "verbs": ["get"]}));
                 entries.push(json!({"name": "pods/ephemeralcontainers", "singularName": "", "namespaced": true,
                     "kind": "Pod", "verbs": ["get", "patch", "update"]}));
-                for sub in ["proxy"] {
+                {
+                    let sub = "proxy";
                     entries.push(json!({"name": format!("pods/{sub}"), "singularName": "", "namespaced": true,
                         "kind": "PodProxyOptions", "verbs": ["create", "delete", "get", "patch", "update"]}));
                 }

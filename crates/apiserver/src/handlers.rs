@@ -1196,6 +1196,18 @@ pub(crate) struct Write {
 }
 
 impl Write {
+    /// A write the server makes on its own behalf (a controller of its own), as `manager`.
+    pub(crate) fn internal(manager: &str) -> Write {
+        Write {
+            manager: manager.to_string(),
+            dry_run: false,
+            apply: false,
+            validation: FieldValidation::Ignore,
+            warnings: Default::default(),
+            duplicates: Default::default(),
+        }
+    }
+
     /// Looks for fields a JSON body names twice, unless they are to be ignored.
     fn note_duplicates(&self, content_type: &str, body: &[u8]) {
         if self.validation != FieldValidation::Ignore {
@@ -1474,7 +1486,6 @@ impl View {
             View::Main | View::Status | View::Whole | View::Finalize | View::Ephemeral => object.clone(),
             View::Scale if let Some(paths) = resource.custom.and_then(|c| c.scale.as_ref()) => {
                 // A custom resource's scale reads the paths its definition names.
-                let metadata = &object["metadata"];
                 let at = |path: &str| crate::crd::json_path(object, path).cloned().unwrap_or(Value::Null);
                 let mut status = json!({"replicas": at(&paths.status_replicas).as_i64().unwrap_or(0)});
                 if let Some(selector) = &paths.label_selector
@@ -1482,41 +1493,18 @@ impl View {
                 {
                     status["selector"] = json!(selector);
                 }
-                json!({
-                    "kind": "Scale",
-                    "apiVersion": "autoscaling/v1",
-                    "metadata": {
-                        "name": metadata["name"],
-                        "namespace": metadata["namespace"],
-                        "uid": metadata["uid"],
-                        "resourceVersion": metadata["resourceVersion"],
-                        "creationTimestamp": metadata["creationTimestamp"],
-                    },
-                    "spec": {"replicas": at(&paths.spec_replicas).as_i64().unwrap_or(0)},
-                    "status": status,
-                })
+                scale(object, at(&paths.spec_replicas).as_i64().unwrap_or(0), status)
             }
             View::Scale => {
-                let metadata = &object["metadata"];
                 let selector = crate::selector::selector_labels(&object["spec"]["selector"])
                     .as_object()
                     .map(|m| {
                         m.iter().map(|(k, v)| format!("{k}={}", v.as_str().unwrap_or(""))).collect::<Vec<_>>().join(",")
                     })
                     .unwrap_or_default();
-                json!({
-                    "kind": "Scale",
-                    "apiVersion": "autoscaling/v1",
-                    "metadata": {
-                        "name": metadata["name"],
-                        "namespace": metadata["namespace"],
-                        "uid": metadata["uid"],
-                        "resourceVersion": metadata["resourceVersion"],
-                        "creationTimestamp": metadata["creationTimestamp"],
-                    },
-                    "spec": {"replicas": object["spec"]["replicas"].as_i64().unwrap_or(1)},
-                    "status": {"replicas": object["status"]["replicas"].as_i64().unwrap_or(0), "selector": selector},
-                })
+                let status =
+                    json!({"replicas": object["status"]["replicas"].as_i64().unwrap_or(0), "selector": selector});
+                scale(object, object["spec"]["replicas"].as_i64().unwrap_or(1), status)
             }
         }
     }
@@ -1665,6 +1653,24 @@ impl View {
             }
         }
     }
+}
+
+/// The autoscaling/v1 Scale of `object`.
+fn scale(object: &Value, replicas: i64, status: Value) -> Value {
+    let metadata = &object["metadata"];
+    json!({
+        "kind": "Scale",
+        "apiVersion": "autoscaling/v1",
+        "metadata": {
+            "name": metadata["name"],
+            "namespace": metadata["namespace"],
+            "uid": metadata["uid"],
+            "resourceVersion": metadata["resourceVersion"],
+            "creationTimestamp": metadata["creationTimestamp"],
+        },
+        "spec": {"replicas": replicas},
+        "status": status,
+    })
 }
 
 /// The read-modify-write loop every update and patch goes through: read the object, let
