@@ -527,15 +527,12 @@ fn set_status(object: &mut Value, others: &[Value], old: Option<&Value>) {
             .filter_map(|f| taken[*f].as_str())
             .chain(taken["shortNames"].as_array().into_iter().flatten().filter_map(Value::as_str))
             .collect();
-        for (field, value) in [("plural", &names["plural"]), ("singular", &names["singular"])] {
-            if let Some(value) = value.as_str().filter(|v| taken_names.contains(v)) {
-                conflict = Some(format!("{field:?} is already in use"));
-                let _ = value;
-            }
-        }
-        for short in names["shortNames"].as_array().into_iter().flatten().filter_map(Value::as_str) {
-            if taken_names.contains(&short) {
-                conflict = Some(format!("{short:?} is already in use"));
+        // Upstream names the taken name: `"widget" is already in use`.
+        let ours = [&names["plural"], &names["singular"]].into_iter().filter_map(Value::as_str);
+        let ours = ours.chain(names["shortNames"].as_array().into_iter().flatten().filter_map(Value::as_str));
+        for name in ours {
+            if taken_names.contains(&name) {
+                conflict = Some(format!("{name:?} is already in use"));
             }
         }
         if taken["kind"] == names["kind"] {
