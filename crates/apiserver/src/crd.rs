@@ -163,7 +163,16 @@ async fn clean_up(state: &ApiState, crd: &Value) -> Result<(), ApiError> {
                 if object["metadata"]["deletionTimestamp"].is_string() {
                     continue;
                 }
-                match crate::handlers::delete_one(state, resource, namespace, object_name, &json!({}), false).await {
+                match crate::handlers::delete_one(
+                    state,
+                    resource,
+                    namespace,
+                    object_name,
+                    &json!({}),
+                    &crate::handlers::Write::internal("customresourcecleanup"),
+                )
+                .await
+                {
                     Ok(_) => {}
                     Err(error) if error.code == 404 => {}
                     Err(error) => return Err(error),

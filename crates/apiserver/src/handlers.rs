@@ -14,6 +14,7 @@ use http_body_util::BodyExt;
 use serde_json::{Value, json};
 use tugboat_store::{EventKind, ListOptions, Store, StoreError};
 
+use crate::admission;
 use crate::auth::UserInfo;
 use crate::discovery;
 use crate::fields;
@@ -154,8 +155,17 @@ pub async fn handle(state: Arc<ApiState>, user: Option<UserInfo>, request: hyper
             crate::proxy::forward(&state, target, &rest, hyper::Request::from_parts(parts, body)).await
         }
         (Some((subresource, name, namespace)), None) => {
-            let request = hyper::Request::from_parts(parts, body);
-            crate::kubelet::proxy_stream(&state, &namespace, &name, &subresource, request, &query).await
+            let raw_query = parts.uri.query().unwrap_or_default().to_string();
+            match admission::connect(&state, user.as_ref(), &subresource, &namespace, &name, &raw_query).await {
+                Ok(()) => {
+                    let request = hyper::Request::from_parts(parts, body);
+                    crate::kubelet::proxy_stream(&state, &namespace, &name, &subresource, request, &query).await
+                }
+                Err(error) => {
+                    drain_in_background(body);
+                    Err(error)
+                }
+            }
         }
         (None, None) => route(&state, user.as_ref(), &parts.method, &path, target, &query, &parts.headers, body).await,
     };
@@ -437,6 +447,8 @@ async fn route(
         validation: FieldValidation::from_query(query)?,
         warnings: Default::default(),
         duplicates: Default::default(),
+        user: user.cloned(),
+        admit: true,
     };
     // NodeRestriction: a kubelet's credentials write only its own Node, Lease and pods.
     let body = match user.and_then(crate::node::node_of) {
@@ -509,7 +521,6 @@ async fn dispatch(
     body: Body,
     write: &Write,
 ) -> Result<Response<Body>, ApiError> {
-    let dry_run = write.dry_run;
     if target.resource.is_review() {
         if method != Method::POST || target.name.is_some() {
             return Err(ApiError::method_not_allowed(method.as_str()));
@@ -574,11 +585,11 @@ async fn dispatch(
         (_, _) if view != View::Main => Err(ApiError::method_not_allowed(method.as_str())),
         (&Method::DELETE, Some(name)) => {
             let body = read_body(body).await?;
-            delete(state, target.resource, namespace, name, (content_type, &body), dry_run).await
+            delete(state, target.resource, namespace, name, (content_type, &body), write).await
         }
         (&Method::DELETE, None) => {
             let body = read_body(body).await?;
-            delete_collection(state, target.resource, namespace, query, (content_type, &body), dry_run).await
+            delete_collection(state, target.resource, namespace, query, (content_type, &body), write).await
         }
         (method, _) => Err(ApiError::method_not_allowed(method.as_str())),
     }
@@ -1097,6 +1108,9 @@ async fn create_object(
         None => fields::record_update(&write.manager, &resource.api_version(), "", None, &mut object),
     }
     object::validate(resource, &object)?;
+    if resource.group == admission::GROUP {
+        check_configuration(resource, &mut object)?;
+    }
     if resource.plural == "services" {
         crate::services::default_and_validate(&mut object)?;
     }
@@ -1125,6 +1139,23 @@ async fn create_object(
     if resource.plural == "persistentvolumeclaims" {
         crate::storage::admit(state, &mut object).await?;
     }
+    if write.admit {
+        let attributes = admission::Attributes {
+            resource,
+            subresource: "",
+            operation: admission::Operation::Create,
+            namespace: namespace.as_deref(),
+            name: &name,
+            old: None,
+            options: write.options("CreateOptions"),
+            dry_run: write.dry_run,
+            user: write.user.as_ref(),
+        };
+        if admission::mutate(state, &attributes, &mut object, write).await? {
+            after_mutation(resource, &mut object)?;
+        }
+        admission::validate(state, &attributes, Some(&object), write).await?;
+    }
     crate::quota::admit(state, resource, &object, None, write.dry_run).await?;
     if write.dry_run {
         return Ok(json_response(StatusCode::CREATED, &object));
@@ -1145,6 +1176,41 @@ async fn create_object(
         served_after_write(state, revision).await;
     }
     Ok(json_response(StatusCode::CREATED, &object))
+}
+
+/// After a mutating webhook changed an object: what its kind does not declare is dropped, its
+/// defaults are applied again (to what the webhook added) and it is validated again.
+fn after_mutation(resource: &Resource, object: &mut Value) -> Result<(), ApiError> {
+    match resource.custom {
+        Some(custom) => {
+            crate::crd::prune(custom, object);
+        }
+        None => {
+            crate::schema::schemas().prune_unknown(resource, object);
+        }
+    }
+    object::apply_defaults(resource, object);
+    object::validate(resource, object)?;
+    if let Some(custom) = resource.custom {
+        validate_custom(resource, custom, object)?;
+    }
+    if resource.group == admission::GROUP {
+        check_configuration(resource, object)?;
+    }
+    if resource.plural == "services" && resource.group.is_empty() {
+        crate::services::default_and_validate(object)?;
+    }
+    Ok(())
+}
+
+/// Defaults and validates an admission webhook configuration.
+fn check_configuration(resource: &Resource, object: &mut Value) -> Result<(), ApiError> {
+    let causes = admission::prepare_configuration(resource, object);
+    if causes.is_empty() {
+        return Ok(());
+    }
+    let name = object["metadata"]["name"].as_str().unwrap_or_default();
+    Err(ApiError::invalid(resource.group, resource.kind, name, causes))
 }
 
 fn is_crds(resource: &Resource) -> bool {
@@ -1193,6 +1259,10 @@ pub(crate) struct Write {
     warnings: Arc<std::sync::Mutex<Vec<String>>>,
     /// Fields the body named twice (found as it is decoded), reported with the unknown ones.
     duplicates: Arc<std::sync::Mutex<Vec<String>>>,
+    /// Who asks (for admission webhooks).
+    pub(crate) user: Option<UserInfo>,
+    /// Whether admission webhooks see the write: a client's, not the server's own.
+    pub(crate) admit: bool,
 }
 
 impl Write {
@@ -1205,7 +1275,23 @@ impl Write {
             validation: FieldValidation::Ignore,
             warnings: Default::default(),
             duplicates: Default::default(),
+            user: None,
+            admit: false,
         }
+    }
+
+    /// The options object of the write, as an AdmissionReview carries it.
+    pub(crate) fn options(&self, kind: &str) -> Value {
+        let mut options = json!({"kind": kind, "apiVersion": "meta.k8s.io/v1", "fieldManager": self.manager});
+        if self.dry_run {
+            options["dryRun"] = json!(["All"]);
+        }
+        options
+    }
+
+    /// Adds warnings for the client.
+    pub(crate) fn warn(&self, warnings: impl IntoIterator<Item = String>) {
+        self.warnings.lock().unwrap_or_else(|e| e.into_inner()).extend(warnings);
     }
 
     /// Looks for fields a JSON body names twice, unless they are to be ignored.
@@ -1730,6 +1816,33 @@ pub(crate) async fn modify(
                 crate::services::carry_over(state.store.as_ref(), state.service_cidr, &old, &mut object).await?;
             }
         }
+        if resource.group == admission::GROUP && view == View::Main {
+            check_configuration(resource, &mut object)?;
+        }
+        if write.admit && view != View::Whole {
+            let attributes = admission::Attributes {
+                resource,
+                subresource,
+                operation: admission::Operation::Update,
+                namespace,
+                name,
+                old: Some(&old),
+                options: write.options("UpdateOptions"),
+                dry_run: write.dry_run,
+                user: write.user.as_ref(),
+            };
+            if matches!(view, View::Main | View::Status) {
+                if admission::mutate(state, &attributes, &mut object, write).await? {
+                    after_mutation(resource, &mut object)?;
+                }
+                admission::validate(state, &attributes, Some(&object), write).await?;
+            } else {
+                // A subresource's own object (a Scale) is what is reviewed.
+                let (old, new) = (view.project(resource, &old), view.project(resource, &object));
+                let attributes = admission::Attributes { old: Some(&old), ..attributes };
+                admission::validate(state, &attributes, Some(&new), write).await?;
+            }
+        }
         if view == View::Main && matches!(resource.plural, "pods" | "services" | "persistentvolumeclaims") {
             crate::quota::admit(state, resource, &object, Some(&old), write.dry_run).await?;
         }
@@ -1886,10 +1999,10 @@ async fn delete(
     namespace: Option<&str>,
     name: &str,
     (content_type, body): (&str, &[u8]),
-    dry_run: bool,
+    write: &Write,
 ) -> Result<Response<Body>, ApiError> {
     let options = delete_options(content_type, body)?;
-    let (code, object) = delete_one(state, resource, namespace, name, &options, dry_run).await?;
+    let (code, object) = delete_one(state, resource, namespace, name, &options, write).await?;
     Ok(json_response(code, &object))
 }
 
@@ -1903,8 +2016,9 @@ pub(crate) async fn delete_one(
     namespace: Option<&str>,
     name: &str,
     options: &Value,
-    dry_run: bool,
+    write: &Write,
 ) -> Result<(StatusCode, Value), ApiError> {
+    let dry_run = write.dry_run;
     if resource.plural == "namespaces" && PROTECTED_NAMESPACES.contains(&name) {
         let mut error =
             ApiError::bad_request(format!("namespaces \"{name}\" is forbidden: this namespace may not be deleted"));
@@ -1919,6 +2033,26 @@ pub(crate) async fn delete_one(
             || preconditions["resourceVersion"].as_str().is_some_and(|rv| rv != revision.to_string())
         {
             return Err(ApiError::conflict(resource.group, resource.plural, name));
+        }
+        if write.admit {
+            let mut delete_options = options.clone();
+            if let Some(map) = delete_options.as_object_mut() {
+                map.insert("kind".into(), json!("DeleteOptions"));
+                map.insert("apiVersion".into(), json!("meta.k8s.io/v1"));
+            }
+            let attributes = admission::Attributes {
+                resource,
+                subresource: "",
+                operation: admission::Operation::Delete,
+                namespace,
+                name,
+                old: Some(&object),
+                options: delete_options,
+                dry_run,
+                user: write.user.as_ref(),
+            };
+            admission::mutate(state, &attributes, &mut Value::Null, write).await?;
+            admission::validate(state, &attributes, None, write).await?;
         }
         let grace = options["gracePeriodSeconds"].as_i64();
         let mut finalizers: Vec<Value> = object["metadata"]["finalizers"].as_array().cloned().unwrap_or_default();
@@ -2002,7 +2136,7 @@ async fn delete_collection(
     namespace: Option<&str>,
     query: &Query,
     (content_type, body): (&str, &[u8]),
-    dry_run: bool,
+    write: &Write,
 ) -> Result<Response<Body>, ApiError> {
     let options = delete_options(content_type, body)?;
     let filters = Filters::from_query(resource, query)?;
@@ -2019,7 +2153,7 @@ async fn delete_collection(
         }
         let name = object["metadata"]["name"].as_str().unwrap_or_default().to_string();
         let object_namespace = object["metadata"]["namespace"].as_str().map(str::to_string);
-        match delete_one(state, resource, object_namespace.as_deref(), &name, &options, dry_run).await {
+        match delete_one(state, resource, object_namespace.as_deref(), &name, &options, write).await {
             Ok((_, object)) => deleted.push(object),
             Err(error) if error.code == 404 => {}
             Err(error) => return Err(error),

@@ -8,6 +8,7 @@
 // ApiError is returned by value on the cold path; boxing it would buy nothing measurable.
 #![allow(clippy::result_large_err)]
 
+mod admission;
 mod auth;
 pub mod bootstrap;
 mod crd;

@@ -485,7 +485,7 @@ pub fn prepare_create(resource: &Resource, namespace: Option<&str>, object: &mut
 /// Upstream's defaulting (`SetDefaults_*`), which it applies to every object it decodes: on
 /// creates, updates and patches alike. Also what its decoding drops: the metadata lists and
 /// maps left empty (`ownerReferences: []` after the last owner went), which Go omits.
-fn apply_defaults(resource: &Resource, object: &mut Value) {
+pub(crate) fn apply_defaults(resource: &Resource, object: &mut Value) {
     if let Some(metadata) = object.get_mut("metadata").and_then(Value::as_object_mut) {
         for field in ["ownerReferences", "finalizers", "labels", "annotations", "managedFields"] {
             let empty = match metadata.get(field) {

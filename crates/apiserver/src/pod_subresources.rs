@@ -135,6 +135,6 @@ pub async fn evict(
             .await?;
         }
     }
-    delete_one(state, pods(), namespace, name, &options, write.dry_run).await?;
+    delete_one(state, pods(), namespace, name, &options, write).await?;
     Ok(success(201))
 }

@@ -166,11 +166,14 @@ fn string_int_or_strings(message: &[u8], depth: usize) -> Option<Vec<u8>> {
     Some(out)
 }
 
+/// Decodes one kind's protobuf message to its JSON form.
+type Decoder = fn(&[u8]) -> Result<Value, String>;
+
 /// The decoder of a kind that has no resource (and so no schema) of its own: the options and
 /// subresource bodies client-go sends as protobuf — `DeleteOptions` (in whatever group the
 /// client is for: a typed client sends its own group version), `Scale`, `Eviction`, `Binding`,
 /// `TokenRequest`.
-fn plain_kind(api_version: &str, kind: &str) -> Option<fn(&[u8]) -> Result<Value, String>> {
+fn plain_kind(api_version: &str, kind: &str) -> Option<Decoder> {
     use k8s_rs_pb::{api, apimachinery::pkg::apis::meta};
     Some(match (api_version, kind) {
         (_, "DeleteOptions") => to_serde_json::<meta::v1::DeleteOptions>,
@@ -278,7 +281,13 @@ fn walk(schemas: &crate::schema::Schemas, schema: &Value, value: Value, depth: u
                 let mut fields: Vec<(String, Value)> = map.into_iter().collect();
                 while let Some((key, field)) = fields.pop() {
                     // rust-protobuf names `type` `type_`.
-                    let name = key.strip_suffix('_').unwrap_or(&key).to_string();
+                    let mut name = key.strip_suffix('_').unwrap_or(&key).to_string();
+                    // A few generated fields keep Go's capital (`ValidatingWebhookConfiguration.Webhooks`).
+                    if !properties.contains_key(&name)
+                        && let Some(first) = name.chars().next().filter(char::is_ascii_uppercase)
+                    {
+                        name.replace_range(..1, &first.to_ascii_lowercase().to_string());
+                    }
                     let Some(property) = properties.get(&name) else {
                         if let Value::Object(inner) = field {
                             fields.extend(inner);
@@ -606,6 +615,55 @@ mod tests {
         review.spec = Some(spec).into();
         let json = decode(&envelope("authorization.k8s.io/v1", "SelfSubjectAccessReview", &review)).unwrap();
         assert_eq!(json["spec"]["resourceAttributes"]["verb"], "create");
+    }
+
+    #[test]
+    fn webhook_configurations_decode_as_their_json() {
+        use k8s_rs_pb::api::admissionregistration::v1::{
+            Rule, RuleWithOperations, ServiceReference, ValidatingWebhook, ValidatingWebhookConfiguration,
+            WebhookClientConfig,
+        };
+        use k8s_rs_pb::apimachinery::pkg::apis::meta::v1::LabelSelector;
+        let mut configuration = ValidatingWebhookConfiguration::new();
+        let mut webhook = ValidatingWebhook::new();
+        webhook.name = Some("deny.example.com".into());
+        let mut rule = RuleWithOperations::new();
+        rule.operations = vec!["CREATE".into()];
+        let mut inner = Rule::new();
+        inner.apiGroups = vec!["".into()];
+        inner.apiVersions = vec!["v1".into()];
+        inner.resources = vec!["configmaps".into()];
+        rule.rule = Some(inner).into();
+        webhook.rules.push(rule);
+        let mut config = WebhookClientConfig::new();
+        let mut service = ServiceReference::new();
+        service.namespace = Some("ns".into());
+        service.name = Some("svc".into());
+        service.port = Some(8443);
+        config.service = Some(service).into();
+        config.caBundle = Some(b"PEM".to_vec());
+        webhook.clientConfig = Some(config).into();
+        let mut selector = LabelSelector::new();
+        selector.matchLabels.insert("a".into(), "true".into());
+        webhook.namespaceSelector = Some(selector).into();
+        webhook.objectSelector = Some(LabelSelector::new()).into();
+        webhook.timeoutSeconds = Some(5);
+        webhook.failurePolicy = Some("Ignore".into());
+        webhook.sideEffects = Some("None".into());
+        webhook.admissionReviewVersions = vec!["v1".into()];
+        configuration.Webhooks.push(webhook);
+        let json =
+            decode(&envelope("admissionregistration.k8s.io/v1", "ValidatingWebhookConfiguration", &configuration))
+                .unwrap();
+        let webhook = &json["webhooks"][0];
+        assert_eq!(
+            webhook["rules"][0],
+            serde_json::json!({"operations": ["CREATE"], "apiGroups": [""], "apiVersions": ["v1"], "resources": ["configmaps"]})
+        );
+        assert_eq!(webhook["clientConfig"]["service"]["port"], 8443);
+        assert_eq!(webhook["clientConfig"]["caBundle"], "UEVN");
+        assert_eq!(webhook["namespaceSelector"], serde_json::json!({"matchLabels": {"a": "true"}}));
+        assert_eq!(webhook["objectSelector"], serde_json::json!({}));
     }
 
     #[test]

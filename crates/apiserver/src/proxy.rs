@@ -61,7 +61,7 @@ fn unavailable(message: String) -> ApiError {
 }
 
 /// Where the request goes: scheme, `host:port`, and whether through the kubelet client.
-async fn locate(state: &ApiState, target: &Target<'_>) -> Result<(String, String, bool), ApiError> {
+pub(crate) async fn locate(state: &ApiState, target: &Target<'_>) -> Result<(String, String, bool), ApiError> {
     let (scheme, name, port) = split_id(target.id)?;
     let join = |ip: &str, port: &str| {
         let host = if ip.contains(':') { format!("[{ip}]") } else { ip.to_string() };

@@ -86,6 +86,7 @@ macro_rules! resource {
 
 const ALL: &[&str] = &["all"];
 const NONE: &[&str] = &[];
+const API_EXTENSIONS: &[&str] = &["api-extensions"];
 
 /// Every served resource.
 pub static RESOURCES: &[Resource] = &[
@@ -329,6 +330,28 @@ pub static RESOURCES: &[Resource] = &[
         false,
         &["csr"],
         NONE
+    ),
+    resource!(
+        admissionregistration::v1::MutatingWebhookConfiguration,
+        "admissionregistration.k8s.io",
+        "v1",
+        "MutatingWebhookConfiguration",
+        "mutatingwebhookconfigurations",
+        "mutatingwebhookconfiguration",
+        false,
+        NONE,
+        API_EXTENSIONS
+    ),
+    resource!(
+        admissionregistration::v1::ValidatingWebhookConfiguration,
+        "admissionregistration.k8s.io",
+        "v1",
+        "ValidatingWebhookConfiguration",
+        "validatingwebhookconfigurations",
+        "validatingwebhookconfiguration",
+        false,
+        NONE,
+        API_EXTENSIONS
     ),
     // Reviews: answered, never stored.
     resource!(

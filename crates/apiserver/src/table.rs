@@ -150,6 +150,9 @@ fn columns(resource: &Resource) -> Vec<Column> {
         "endpoints" => vec![name, ("Endpoints", "string", "", 0), age],
         "serviceaccounts" => vec![name, ("Secrets", "string", "", 0), age],
         "leases" => vec![name, ("Holder", "string", "", 0), age],
+        "mutatingwebhookconfigurations" | "validatingwebhookconfigurations" => {
+            vec![name, ("Webhooks", "integer", "", 0), age]
+        }
         "networkpolicies" => vec![name, ("Pod-Selector", "string", "", 0), age],
         "controllerrevisions" => vec![name, ("Controller", "string", "", 0), ("Revision", "integer", "", 0), age],
         "storageclasses" => vec![
@@ -722,6 +725,9 @@ fn cells(resource: &Resource, object: &Value) -> Vec<Value> {
             vec![name, json!(secrets.to_string()), json!(age(object))]
         }
         "leases" => vec![name, json!(s(&object["spec"]["holderIdentity"])), json!(age(object))],
+        "mutatingwebhookconfigurations" | "validatingwebhookconfigurations" => {
+            vec![name, json!(object["webhooks"].as_array().map_or(0, Vec::len)), json!(age(object))]
+        }
         "ingresses" => {
             let spec = &object["spec"];
             let mut hosts: Vec<String> = spec["rules"]

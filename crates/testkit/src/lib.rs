@@ -278,6 +278,15 @@ impl TugboatServer {
         String::from_utf8_lossy(&output.stderr).into_owned()
     }
 
+    /// Runs kubectl as [`TugboatServer::kubectl`] does; returns its stdout and stderr (where
+    /// it prints the server's warnings).
+    pub fn kubectl_with_stderr(&self, args: &[&str], stdin: Option<&str>) -> (String, String) {
+        let output = self.kubectl_output(args, stdin);
+        let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
+        assert!(output.status.success(), "kubectl {args:?}: {}{stderr}", String::from_utf8_lossy(&output.stdout));
+        (String::from_utf8(output.stdout).expect("UTF-8 output"), stderr)
+    }
+
     fn kubectl_output(&self, args: &[&str], stdin: Option<&str>) -> std::process::Output {
         let mut child = Command::new("/usr/bin/kubectl")
             .args(args)

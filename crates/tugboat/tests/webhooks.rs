@@ -1,0 +1,371 @@
+//! Admission webhooks with the real kubectl against a real `tugboat server`: a webhook server
+//! of the test's own (HTTPS on loopback, its certificate signed by a CA the test makes and
+//! hands over as `caBundle`) mutates and refuses objects, reached through a Service (as
+//! `<service>.<namespace>.svc`) or a URL; rules, namespace and object selectors and CEL match
+//! conditions choose what it sees; failure policies, timeouts, dry runs, warnings and the
+//! configurations' own validation behave as upstream's.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use base64::Engine;
+use http_body_util::{BodyExt, Full};
+use hyper::body::Bytes;
+use serde_json::{Value, json};
+use tugboat_testkit::TugboatServer;
+
+/// The webhook server: answers AdmissionReviews by path; counts the reviews it got.
+struct Webhook {
+    address: SocketAddr,
+    ca_pem: String,
+    reviews: Arc<AtomicUsize>,
+    _runtime: tokio::runtime::Runtime,
+    _dir: tempfile::TempDir,
+}
+
+/// What the test webhook answers for `path`.
+fn answer(path: &str, request: &Value) -> Value {
+    let uid = request["uid"].clone();
+    let object = &request["object"];
+    let labels = &object["metadata"]["labels"];
+    match path {
+        // Adds a label (and the labels map if there is none).
+        "/add-label" => {
+            let patch = if labels.is_object() {
+                json!([{"op": "add", "path": "/metadata/labels/webhook-added", "value": "yes"}])
+            } else {
+                json!([{"op": "add", "path": "/metadata/labels", "value": {"webhook-added": "yes"}}])
+            };
+            let patch = base64::engine::general_purpose::STANDARD.encode(patch.to_string());
+            json!({"uid": uid, "allowed": true, "patchType": "JSONPatch", "patch": patch})
+        }
+        // Refuses what is labelled `deny: "yes"`; warns about everything else.
+        "/deny-labelled" => {
+            if labels["deny"] == "yes" {
+                json!({"uid": uid, "allowed": false, "status": {"message": "the object is labelled deny", "code": 403}})
+            } else {
+                json!({"uid": uid, "allowed": true, "warnings": ["seen by the test webhook"]})
+            }
+        }
+        _ => json!({"uid": uid, "allowed": false, "status": {"message": format!("no handler for {path}")}}),
+    }
+}
+
+impl Webhook {
+    fn start() -> Webhook {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = tugboat_pki::ClusterCa::load_or_create(dir.path()).unwrap();
+        let (cert_pem, key_pem) = ca
+            .sign(&tugboat_pki::CertSpec {
+                common_name: "hook.hooks.svc".into(),
+                organizations: Vec::new(),
+                dns_names: vec!["hook.hooks.svc".into()],
+                ip_addresses: vec!["127.0.0.1".parse().unwrap()],
+                usage: tugboat_pki::Usage::Server,
+                validity: Duration::from_secs(3600),
+            })
+            .unwrap();
+        let certs = rustls_pemfile::certs(&mut cert_pem.as_bytes()).collect::<Result<Vec<_>, _>>().unwrap();
+        let key = rustls_pemfile::private_key(&mut key_pem.as_bytes()).unwrap().unwrap();
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let config = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(certs, key)
+            .unwrap();
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+        let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+        let listener = runtime.block_on(tokio::net::TcpListener::bind("127.0.0.1:0")).unwrap();
+        let address = listener.local_addr().unwrap();
+        let reviews = Arc::new(AtomicUsize::new(0));
+        let counted = reviews.clone();
+        runtime.spawn(async move {
+            loop {
+                let Ok((tcp, _)) = listener.accept().await else { continue };
+                let (acceptor, counted) = (acceptor.clone(), counted.clone());
+                tokio::spawn(async move {
+                    let Ok(tls) = acceptor.accept(tcp).await else { return };
+                    let service = hyper::service::service_fn(move |request: hyper::Request<hyper::body::Incoming>| {
+                        let counted = counted.clone();
+                        async move {
+                            let path = request.uri().path().to_string();
+                            let json_body = request.headers().get("content-type").is_some_and(|v| v == "application/json");
+                            let body = request.into_body().collect().await.unwrap().to_bytes();
+                            let review: Value = serde_json::from_slice(&body).unwrap_or_default();
+                            counted.fetch_add(1, Ordering::SeqCst);
+                            if path == "/slow" {
+                                tokio::time::sleep(Duration::from_secs(5)).await;
+                            }
+                            let mut response = answer(&path, &review["request"]);
+                            if !json_body || review["apiVersion"] != "admission.k8s.io/v1" {
+                                response = json!({"uid": review["request"]["uid"], "allowed": false,
+                                    "status": {"message": "not an admission.k8s.io/v1 review in JSON"}});
+                            }
+                            let reply = json!({"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview", "response": response});
+                            Ok::<_, std::convert::Infallible>(hyper::Response::new(Full::new(Bytes::from(reply.to_string()))))
+                        }
+                    });
+                    let io = hyper_util::rt::TokioIo::new(tls);
+                    let _ = hyper::server::conn::http1::Builder::new().serve_connection(io, service).await;
+                });
+            }
+        });
+        Webhook { address, ca_pem: ca.cert_pem().to_string(), reviews, _runtime: runtime, _dir: dir }
+    }
+
+    fn ca_bundle(&self) -> String {
+        base64::engine::general_purpose::STANDARD.encode(&self.ca_pem)
+    }
+
+    fn reviews(&self) -> usize {
+        self.reviews.load(Ordering::SeqCst)
+    }
+}
+
+/// A number not used before in this process (for names of probe objects).
+fn unique() -> usize {
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
+    NEXT.fetch_add(1, Ordering::SeqCst)
+}
+
+fn wait_for(what: &str, mut check: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !check() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// The namespace the webhooks watch, and the Service (no selector; its Endpoints name the
+/// webhook server) they reach it through.
+fn setup(server: &TugboatServer, webhook: &Webhook) {
+    let port = webhook.address.port();
+    let objects = format!(
+        r#"
+apiVersion: v1
+kind: Namespace
+metadata: {{name: hooks, labels: {{webhooks: "on"}}}}
+---
+apiVersion: v1
+kind: Namespace
+metadata: {{name: quiet}}
+---
+apiVersion: v1
+kind: Service
+metadata: {{name: hook, namespace: hooks}}
+spec:
+  ports: [{{port: 8443, targetPort: {port}}}]
+---
+apiVersion: v1
+kind: Endpoints
+metadata: {{name: hook, namespace: hooks}}
+subsets:
+- addresses: [{{ip: 127.0.0.1}}]
+  ports: [{{port: {port}}}]
+"#
+    );
+    server.kubectl(&["apply", "-f", "-"], Some(&objects));
+}
+
+fn mutating(webhook: &Webhook) -> String {
+    format!(
+        r#"
+apiVersion: admissionregistration.k8s.io/v1
+kind: MutatingWebhookConfiguration
+metadata: {{name: add-label}}
+webhooks:
+- name: add-label.hooks.example.com
+  clientConfig:
+    service: {{namespace: hooks, name: hook, port: 8443, path: /add-label}}
+    caBundle: {ca}
+  rules:
+  - {{operations: [CREATE], apiGroups: [""], apiVersions: [v1], resources: [configmaps]}}
+  namespaceSelector: {{matchLabels: {{webhooks: "on"}}}}
+  matchConditions:
+  - {{name: not-skipped, expression: "object.metadata.name != 'skip-me'"}}
+  sideEffects: None
+  admissionReviewVersions: [v1]
+"#,
+        ca = webhook.ca_bundle()
+    )
+}
+
+fn validating(webhook: &Webhook) -> String {
+    format!(
+        r#"
+apiVersion: admissionregistration.k8s.io/v1
+kind: ValidatingWebhookConfiguration
+metadata: {{name: deny-labelled}}
+webhooks:
+- name: deny-labelled.hooks.example.com
+  clientConfig:
+    url: https://127.0.0.1:{port}/deny-labelled
+    caBundle: {ca}
+  rules:
+  - {{operations: [CREATE, UPDATE], apiGroups: [""], apiVersions: [v1], resources: [pods, configmaps]}}
+  objectSelector: {{matchExpressions: [{{key: checked, operator: DoesNotExist}}]}}
+  namespaceSelector: {{matchLabels: {{webhooks: "on"}}}}
+  sideEffects: None
+  admissionReviewVersions: [v1, v1beta1]
+"#,
+        port = webhook.address.port(),
+        ca = webhook.ca_bundle()
+    )
+}
+
+fn label(server: &TugboatServer, namespace: &str, name: &str) -> String {
+    server.kubectl(
+        &["get", "configmap", name, "-n", namespace, "-o", r#"jsonpath={.metadata.labels.webhook-added}"#],
+        None,
+    )
+}
+
+#[test]
+fn webhooks_mutate_and_refuse_what_their_rules_and_selectors_take() {
+    let server = TugboatServer::start(Path::new(env!("CARGO_BIN_EXE_tugboat")), &[]).expect("the server starts");
+    let webhook = Webhook::start();
+    setup(&server, &webhook);
+    server.kubectl(&["apply", "-f", "-"], Some(&mutating(&webhook)));
+    server.kubectl(&["apply", "-f", "-"], Some(&validating(&webhook)));
+    let table = server.kubectl(&["get", "mutatingwebhookconfigurations"], None);
+    let header: Vec<&str> = table.lines().next().unwrap().split_whitespace().collect();
+    assert_eq!(header, ["NAME", "WEBHOOKS", "AGE"]);
+    assert!(table.lines().nth(1).unwrap().starts_with("add-label "), "{table}");
+    let stored = server.kubectl(&["get", "validatingwebhookconfiguration", "deny-labelled", "-o", "json"], None);
+    let stored: Value = serde_json::from_str(&stored).unwrap();
+    let defaulted = &stored["webhooks"][0];
+    assert_eq!((defaulted["failurePolicy"].as_str(), defaulted["timeoutSeconds"].as_i64()), (Some("Fail"), Some(10)));
+    assert_eq!(defaulted["rules"][0]["scope"], "*");
+
+    // The mutating webhook (through the Service) labels configmaps in the namespace it selects,
+    // except the one its CEL condition skips; the validating one (by URL) warns.
+    wait_for("the mutating webhook to take effect", || {
+        let name = format!("probe-{}", unique());
+        server.kubectl(&["create", "configmap", &name, "-n", "hooks"], None);
+        label(&server, "hooks", &name) == "yes"
+    });
+    let (_, warnings) = server.kubectl_with_stderr(&["create", "configmap", "plain", "-n", "hooks"], None);
+    assert!(warnings.contains("Warning: seen by the test webhook"), "{warnings}");
+    assert_eq!(label(&server, "hooks", "plain"), "yes");
+    server.kubectl(&["create", "configmap", "skip-me", "-n", "hooks"], None);
+    assert_eq!(label(&server, "hooks", "skip-me"), "", "the match condition skips it");
+    server.kubectl(&["create", "configmap", "elsewhere", "-n", "quiet"], None);
+    assert_eq!(label(&server, "quiet", "elsewhere"), "", "the namespace selector leaves it");
+
+    // A server-side dry run goes through the webhooks (they declare no side effects).
+    let dry = server.kubectl(
+        &["create", "configmap", "dry", "-n", "hooks", "--dry-run=server", "-o", "jsonpath={.metadata.labels}"],
+        None,
+    );
+    assert!(dry.contains("webhook-added"), "{dry}");
+
+    // The validating webhook refuses labelled pods and configmaps, on create and on update,
+    // with its own message; its object selector lets `checked` objects by.
+    let error = server.kubectl_fails(&["run", "bad", "-n", "hooks", "--image=busybox", "--labels=deny=yes"], None);
+    assert!(
+        error.contains(
+            r#"admission webhook "deny-labelled.hooks.example.com" denied the request: the object is labelled deny"#
+        ),
+        "{error}"
+    );
+    server.kubectl(&["run", "good", "-n", "hooks", "--image=busybox"], None);
+    let error = server.kubectl_fails(&["label", "pod", "good", "-n", "hooks", "deny=yes"], None);
+    assert!(error.contains("the object is labelled deny"), "{error}");
+    server.kubectl(&["run", "exempt", "-n", "hooks", "--image=busybox", "--labels=deny=yes,checked=true"], None);
+    server.kubectl(&["run", "bad", "-n", "quiet", "--image=busybox", "--labels=deny=yes"], None);
+
+    // Webhooks never see their own configurations: a refusing webhook cannot lock them.
+    server.kubectl(&["label", "validatingwebhookconfiguration", "deny-labelled", "deny=yes"], None);
+    server.kubectl(&["delete", "mutatingwebhookconfiguration", "add-label"], None);
+    wait_for("the mutating webhook to go", || {
+        let name = format!("after-{}", unique());
+        server.kubectl(&["create", "configmap", &name, "-n", "hooks"], None);
+        label(&server, "hooks", &name).is_empty()
+    });
+}
+
+#[test]
+fn failure_policies_timeouts_and_invalid_configurations() {
+    let server = TugboatServer::start(Path::new(env!("CARGO_BIN_EXE_tugboat")), &[]).expect("the server starts");
+    let webhook = Webhook::start();
+    setup(&server, &webhook);
+    let closed_port = tugboat_testkit::free_port();
+    let configuration = |name: &str, policy: &str, url: &str, resource: &str, timeout: u32| {
+        format!(
+            r#"
+apiVersion: admissionregistration.k8s.io/v1
+kind: ValidatingWebhookConfiguration
+metadata: {{name: {name}}}
+webhooks:
+- name: {name}.hooks.example.com
+  clientConfig: {{url: "{url}", caBundle: {ca}}}
+  rules: [{{operations: ["*"], apiGroups: [""], apiVersions: [v1], resources: [{resource}]}}]
+  namespaceSelector: {{matchLabels: {{webhooks: "on"}}}}
+  failurePolicy: {policy}
+  timeoutSeconds: {timeout}
+  sideEffects: None
+  admissionReviewVersions: [v1]
+"#,
+            ca = webhook.ca_bundle()
+        )
+    };
+    let unreachable = format!("https://127.0.0.1:{closed_port}/nothing");
+    server.kubectl(&["apply", "-f", "-"], Some(&configuration("fail-open", "Ignore", &unreachable, "secrets", 2)));
+    server.kubectl(&["apply", "-f", "-"], Some(&configuration("fail-closed", "Fail", &unreachable, "services", 2)));
+    let slow = format!("https://127.0.0.1:{}/slow", webhook.address.port());
+    server.kubectl(&["apply", "-f", "-"], Some(&configuration("slow", "Fail", &slow, "serviceaccounts", 1)));
+
+    // Fail closed: the call's failure is the answer.
+    wait_for("the fail-closed webhook to take effect", || {
+        let name = format!("svc-{}", unique());
+        let output = server.kubectl_fails_or_not(&["create", "service", "clusterip", &name, "-n", "hooks", "--tcp=80"]);
+        output.is_some_and(|error| error.contains(r#"failed calling webhook "fail-closed.hooks.example.com""#))
+    });
+    // Fail open: the same failure is ignored.
+    server.kubectl(&["create", "secret", "generic", "open", "-n", "hooks", "--from-literal=a=b"], None);
+    // A webhook slower than its timeout: refused, and the error says it timed out.
+    let started = Instant::now();
+    let error = server.kubectl_fails(&["create", "serviceaccount", "late", "-n", "hooks"], None);
+    assert!(error.contains("context deadline exceeded"), "{error}");
+    assert!(started.elapsed() < Duration::from_secs(5), "the timeout of one second holds");
+    // Deleting goes through validating webhooks too (operations "*").
+    let error = server.kubectl_fails(&["delete", "serviceaccount", "default", "-n", "hooks"], None);
+    assert!(error.contains("slow.hooks.example.com"), "{error}");
+
+    // Configurations are validated as upstream's, CEL conditions compiled.
+    let invalid = configuration("bad", "Sometimes", "http://127.0.0.1/", "pods", 31).replace(
+        "  sideEffects: None\n",
+        "  sideEffects: None\n  matchConditions: [{name: c, expression: \"... [] bad expression\"}]\n",
+    );
+    let error = server.kubectl_fails(&["apply", "-f", "-"], Some(&invalid));
+    for expected in [
+        r#"webhooks[0].failurePolicy: Unsupported value: "Sometimes""#,
+        "webhooks[0].timeoutSeconds: Invalid value: 31: the timeout value must be between 1 and 30 seconds",
+        r#"webhooks[0].clientConfig.url: Invalid value: "http": 'https' is the only allowed URL scheme"#,
+        "webhooks[0].matchConditions[0].expression: Invalid value: \"... [] bad expression\": compilation failed",
+    ] {
+        assert!(error.contains(expected), "{expected}\nnot in\n{error}");
+    }
+    assert!(webhook.reviews() > 0);
+}
+
+trait KubectlMaybe {
+    fn kubectl_fails_or_not(&self, args: &[&str]) -> Option<String>;
+}
+
+impl KubectlMaybe for TugboatServer {
+    /// kubectl's stderr if it failed, None if it succeeded.
+    fn kubectl_fails_or_not(&self, args: &[&str]) -> Option<String> {
+        let output = std::process::Command::new("/usr/bin/kubectl")
+            .args(args)
+            .env("KUBECONFIG", self.kubeconfig())
+            .env("HOME", self.scratch("home"))
+            .output()
+            .expect("kubectl runs");
+        (!output.status.success()).then(|| String::from_utf8_lossy(&output.stderr).into_owned())
+    }
+}
