@@ -148,7 +148,7 @@ fn reviewed_kind(resource: &Resource, subresource: &str) -> (String, String, Str
 }
 
 /// Whether one of the rules of `webhook` takes the request.
-fn rules_match(webhook: &Value, attributes: &Attributes<'_>) -> bool {
+pub(crate) fn rules_match(webhook: &Value, attributes: &Attributes<'_>) -> bool {
     let resource = attributes.resource;
     let listed = |list: &Value, value: &str| {
         list.as_array().is_some_and(|items| items.iter().any(|item| item == "*" || item == value))
@@ -184,7 +184,7 @@ fn resource_matches(pattern: &str, plural: &str, subresource: &str) -> bool {
 }
 
 /// Whether the webhook's namespace and object selectors take the request.
-async fn selectors_match(
+pub(crate) async fn selectors_match(
     state: &ApiState,
     webhook: &Value,
     attributes: &Attributes<'_>,
@@ -614,6 +614,11 @@ pub async fn validate(
     object: Option<&Value>,
     write: &Write,
 ) -> Result<(), ApiError> {
+    if exempt(attributes.resource) {
+        return Ok(());
+    }
+    let request = review_request(attributes, object, &uuid::Uuid::new_v4().to_string());
+    crate::policy::validate(state, attributes, object, &request, write).await?;
     let hooks = matching(state, Kind::Validating, attributes, object).await?;
     if hooks.is_empty() {
         return Ok(());
@@ -703,9 +708,14 @@ fn default_webhook(kind: Kind, webhook: &mut Value) {
     }
 }
 
-/// Defaults and validates a webhook configuration (`resource` is one of the two kinds);
+/// Defaults and validates a webhook configuration, a policy or a binding;
 /// the causes of what is wrong, with upstream's field paths and wording.
 pub fn prepare_configuration(resource: &Resource, object: &mut Value) -> Vec<Cause> {
+    match resource.plural {
+        "validatingadmissionpolicies" => return crate::policy::prepare_policy(object),
+        "validatingadmissionpolicybindings" => return crate::policy::prepare_binding(object),
+        _ => {}
+    }
     let kind = if resource.plural == Kind::Mutating.plural() { Kind::Mutating } else { Kind::Validating };
     let mut causes = Vec::new();
     let mut cause =

@@ -25,6 +25,7 @@ mod object;
 mod openapi;
 mod openapi_v2;
 mod pod_subresources;
+mod policy;
 mod priority;
 mod protobuf;
 mod proxy;

@@ -353,6 +353,28 @@ pub static RESOURCES: &[Resource] = &[
         NONE,
         API_EXTENSIONS
     ),
+    resource!(
+        admissionregistration::v1::ValidatingAdmissionPolicy,
+        "admissionregistration.k8s.io",
+        "v1",
+        "ValidatingAdmissionPolicy",
+        "validatingadmissionpolicies",
+        "validatingadmissionpolicy",
+        false,
+        NONE,
+        API_EXTENSIONS
+    ),
+    resource!(
+        admissionregistration::v1::ValidatingAdmissionPolicyBinding,
+        "admissionregistration.k8s.io",
+        "v1",
+        "ValidatingAdmissionPolicyBinding",
+        "validatingadmissionpolicybindings",
+        "validatingadmissionpolicybinding",
+        false,
+        NONE,
+        API_EXTENSIONS
+    ),
     // Reviews: answered, never stored.
     resource!(
         authorization::v1::SelfSubjectAccessReview,
@@ -578,6 +600,7 @@ impl Resource {
                 | "ingresses"
                 | "prioritylevelconfigurations"
                 | "customresourcedefinitions"
+                | "validatingadmissionpolicies"
         )
     }
 

@@ -153,6 +153,12 @@ fn columns(resource: &Resource) -> Vec<Column> {
         "mutatingwebhookconfigurations" | "validatingwebhookconfigurations" => {
             vec![name, ("Webhooks", "integer", "", 0), age]
         }
+        "validatingadmissionpolicies" => {
+            vec![name, ("Validations", "integer", "", 0), ("ParamKind", "string", "", 0), age]
+        }
+        "validatingadmissionpolicybindings" => {
+            vec![name, ("PolicyName", "string", "", 0), ("ParamRef", "string", "", 0), age]
+        }
         "networkpolicies" => vec![name, ("Pod-Selector", "string", "", 0), age],
         "controllerrevisions" => vec![name, ("Controller", "string", "", 0), ("Revision", "integer", "", 0), age],
         "storageclasses" => vec![
@@ -727,6 +733,25 @@ fn cells(resource: &Resource, object: &Value) -> Vec<Value> {
         "leases" => vec![name, json!(s(&object["spec"]["holderIdentity"])), json!(age(object))],
         "mutatingwebhookconfigurations" | "validatingwebhookconfigurations" => {
             vec![name, json!(object["webhooks"].as_array().map_or(0, Vec::len)), json!(age(object))]
+        }
+        "validatingadmissionpolicies" => {
+            let kind = &object["spec"]["paramKind"];
+            let param_kind = match (kind["apiVersion"].as_str(), kind["kind"].as_str()) {
+                (Some(version), Some(kind)) => format!("{version}/{kind}"),
+                _ => "<unset>".into(),
+            };
+            let validations = object["spec"]["validations"].as_array().map_or(0, Vec::len);
+            vec![name, json!(validations), json!(param_kind), json!(age(object))]
+        }
+        "validatingadmissionpolicybindings" => {
+            let reference = &object["spec"]["paramRef"];
+            let param_ref = match (reference["namespace"].as_str(), reference["name"].as_str()) {
+                (Some(namespace), Some(name)) => format!("{namespace}/{name}"),
+                (None, Some(name)) => format!("*/{name}"),
+                _ if reference["selector"].is_object() => "*/*".into(),
+                _ => "<unset>".into(),
+            };
+            vec![name, json!(s(&object["spec"]["policyName"])), json!(param_ref), json!(age(object))]
         }
         "ingresses" => {
             let spec = &object["spec"];

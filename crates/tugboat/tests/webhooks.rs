@@ -369,3 +369,139 @@ impl KubectlMaybe for TugboatServer {
         (!output.status.success()).then(|| String::from_utf8_lossy(&output.stderr).into_owned())
     }
 }
+
+const POLICY: &str = r#"
+apiVersion: v1
+kind: Namespace
+metadata: {name: strict, labels: {env: strict}}
+---
+apiVersion: v1
+kind: Namespace
+metadata: {name: lax, labels: {env: lax}}
+---
+apiVersion: v1
+kind: Namespace
+metadata: {name: policies}
+---
+apiVersion: v1
+kind: ConfigMap
+metadata: {name: limits, namespace: policies}
+data: {forbidden: forbidden-name}
+---
+apiVersion: admissionregistration.k8s.io/v1
+kind: ValidatingAdmissionPolicy
+metadata: {name: replica-limit}
+spec:
+  paramKind: {apiVersion: v1, kind: ConfigMap}
+  matchConstraints:
+    resourceRules:
+    - {operations: [CREATE, UPDATE], apiGroups: [apps], apiVersions: [v1], resources: [deployments]}
+  variables:
+  - {name: replicas, expression: "object.spec.replicas"}
+  validations:
+  - expression: "variables.replicas <= 5"
+    messageExpression: "'at most 5 replicas, got ' + string(variables.replicas)"
+  - expression: "object.metadata.name != params.data.forbidden"
+    message: "this name is forbidden"
+    reason: Forbidden
+---
+apiVersion: admissionregistration.k8s.io/v1
+kind: ValidatingAdmissionPolicyBinding
+metadata: {name: replica-limit-strict}
+spec:
+  policyName: replica-limit
+  validationActions: [Deny]
+  paramRef: {name: limits, namespace: policies, parameterNotFoundAction: Deny}
+  matchResources:
+    namespaceSelector: {matchLabels: {env: strict}}
+---
+apiVersion: admissionregistration.k8s.io/v1
+kind: ValidatingAdmissionPolicyBinding
+metadata: {name: replica-limit-lax}
+spec:
+  policyName: replica-limit
+  validationActions: [Warn]
+  paramRef: {name: limits, namespace: policies, parameterNotFoundAction: Deny}
+  matchResources:
+    namespaceSelector: {matchLabels: {env: lax}}
+"#;
+
+#[test]
+fn a_cel_policy_refuses_a_deployment_with_too_many_replicas() {
+    let server = TugboatServer::start(Path::new(env!("CARGO_BIN_EXE_tugboat")), &[]).expect("the server starts");
+    server.kubectl(&["apply", "-f", "-"], Some(POLICY));
+    let table = server.kubectl(&["get", "validatingadmissionpolicies"], None);
+    let header: Vec<&str> = table.lines().next().unwrap().split_whitespace().collect();
+    assert_eq!(header, ["NAME", "VALIDATIONS", "PARAMKIND", "AGE"]);
+    assert!(table.contains("replica-limit   2             v1/ConfigMap"), "{table}");
+    let bindings = server.kubectl(&["get", "validatingadmissionpolicybindings"], None);
+    assert!(bindings.contains("replica-limit-strict   replica-limit   policies/limits"), "{bindings}");
+
+    // Deny: the message expression says why, with the policy's and the binding's names (422).
+    wait_for("the policy to take effect", || {
+        let name = format!("big-{}", unique());
+        server
+            .kubectl_fails_or_not(&["create", "deployment", &name, "-n", "strict", "--image=busybox", "--replicas=10"])
+            .is_some()
+    });
+    let error = server
+        .kubectl_fails(&["create", "deployment", "big", "-n", "strict", "--image=busybox", "--replicas=10"], None);
+    assert!(
+        error.contains(
+            "ValidatingAdmissionPolicy 'replica-limit' with binding 'replica-limit-strict' denied request: at most 5 replicas, got 10"
+        ),
+        "{error}"
+    );
+    server.kubectl(&["create", "deployment", "small", "-n", "strict", "--image=busybox", "--replicas=2"], None);
+    let error = server
+        .kubectl_fails(&["patch", "deployment", "small", "-n", "strict", "-p", r#"{"spec":{"replicas":8}}"#], None);
+    assert!(error.contains("at most 5 replicas, got 8"), "updates are checked too: {error}");
+    // The params object (a ConfigMap) is read per request; a validation's own reason (403).
+    let error =
+        server.kubectl_fails(&["create", "deployment", "forbidden-name", "-n", "strict", "--image=busybox"], None);
+    assert!(error.contains("this name is forbidden"), "{error}");
+    let deployment = r#"{"apiVersion":"apps/v1","kind":"Deployment","metadata":{"name":"forbidden-name"},
+        "spec":{"selector":{"matchLabels":{"a":"b"}},"template":{"metadata":{"labels":{"a":"b"}},
+        "spec":{"containers":[{"name":"c","image":"busybox"}]}}}}"#;
+    let (code, status) = server.curl(
+        "POST",
+        "/apis/apps/v1/namespaces/strict/deployments",
+        true,
+        &["-H", "Content-Type: application/json", "--data", deployment],
+    );
+    assert_eq!(code, 403, "{status}");
+    let status: Value = serde_json::from_str(&status).unwrap();
+    assert_eq!(status["reason"], "Forbidden");
+    // Warn: the same failure is a warning where the binding says so.
+    let (_, warnings) = server
+        .kubectl_with_stderr(&["create", "deployment", "big", "-n", "lax", "--image=busybox", "--replicas=10"], None);
+    assert!(
+        warnings.contains(
+            "Validation failed for ValidatingAdmissionPolicy 'replica-limit' with binding 'replica-limit-lax': at most 5 replicas, got 10"
+        ),
+        "{warnings}"
+    );
+    // Params missing with parameterNotFoundAction Deny: refused.
+    server.kubectl(&["delete", "configmap", "limits", "-n", "policies"], None);
+    wait_for("the missing params to refuse", || {
+        let name = format!("any-{}", unique());
+        server
+            .kubectl_fails_or_not(&["create", "deployment", &name, "-n", "strict", "--image=busybox"])
+            .is_some_and(|error| error.contains("no params found"))
+    });
+
+    // Policies and bindings are validated: CEL compiled, actions checked.
+    let error = server.kubectl_fails(
+        &["apply", "-f", "-"],
+        Some(&POLICY.split("---").nth(4).unwrap().replace("variables.replicas <= 5", "variables.replicas <=")),
+    );
+    assert!(
+        error.contains("spec.validations[0].expression: Invalid value") && error.contains("compilation failed"),
+        "{error}"
+    );
+    let error = server.kubectl_fails(
+        &["apply", "-f", "-"],
+        Some(&POLICY.split("---").nth(5).unwrap().replace("[Deny]", "[Deny, Warn]")),
+    );
+    assert!(error.contains("must not contain both Deny and Warn"), "{error}");
+}

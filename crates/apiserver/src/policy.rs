@@ -1,0 +1,571 @@
+//! ValidatingAdmissionPolicies (`admissionregistration.k8s.io/v1`): a policy's CEL validations
+//! run inside the API server on the requests its match constraints take, for every binding
+//! that puts it in force (the binding's own match resources, its params, its validation
+//! actions: Deny refuses, Warn warns, Audit is accepted and, with no audit log here, dropped).
+//!
+//! Expressions see `object`, `oldObject`, `request` (the AdmissionRequest), `params` (the
+//! binding's parameter object, when the policy has a `paramKind`), `namespaceObject` and
+//! `variables` (the policy's variables, in order, each seeing those before it). A validation
+//! that evaluates to false refuses with its `messageExpression`, its `message` or
+//! `failed expression: <expression>`, and its reason (Invalid, 422, unless it names another);
+//! one that cannot be evaluated fails the policy, which refuses under `failurePolicy: Fail`.
+//! Expressions are parsed with the `cel` crate, which has no type checker: policies get no
+//! `status.typeChecking`.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use serde_json::{Value, json};
+
+use crate::admission::{Attributes, GROUP};
+use crate::handlers::{ApiState, Write, cached_get, cached_list};
+use crate::registry;
+use crate::status::{ApiError, Cause};
+
+/// JSON as CEL sees it: integers as `int` (CEL does not compare `uint` with `int` literals),
+/// objects as maps with string keys.
+pub fn to_cel(value: &Value) -> cel::Value {
+    match value {
+        Value::Null => cel::Value::Null,
+        Value::Bool(b) => cel::Value::Bool(*b),
+        Value::Number(n) => match (n.as_i64(), n.as_u64()) {
+            (Some(i), _) => cel::Value::Int(i),
+            (None, Some(u)) => cel::Value::UInt(u),
+            _ => cel::Value::Float(n.as_f64().unwrap_or_default()),
+        },
+        Value::String(s) => cel::Value::String(Arc::new(s.clone())),
+        Value::Array(items) => cel::Value::List(Arc::new(items.iter().map(to_cel).collect())),
+        Value::Object(map) => {
+            let map: HashMap<cel::objects::Key, cel::Value> =
+                map.iter().map(|(k, v)| (cel::objects::Key::String(Arc::new(k.clone())), to_cel(v))).collect();
+            cel::Value::Map(cel::objects::Map { map: Arc::new(map) })
+        }
+    }
+}
+
+/// Evaluates one expression.
+fn evaluate(expression: &str, context: &cel::Context<'_>) -> Result<cel::Value, String> {
+    let program = cel::Program::compile(expression).map_err(|e| format!("compilation failed: {e}"))?;
+    program.execute(context).map_err(|e| e.to_string())
+}
+
+/// Why a policy refuses, or could not decide.
+enum Outcome {
+    Pass,
+    /// A validation that did not hold: its message and reason.
+    Fail {
+        message: String,
+        reason: String,
+    },
+    /// The policy could not be evaluated.
+    Error(String),
+}
+
+/// Runs a policy's variables, conditions and validations on one request (with one params
+/// object, or none).
+fn run(policy: &Value, inputs: &HashMap<&str, Value>) -> Outcome {
+    let spec = &policy["spec"];
+    let mut context = cel::Context::default();
+    for (name, value) in inputs {
+        context.add_variable_from_value(*name, to_cel(value));
+    }
+    let mut variables: HashMap<cel::objects::Key, cel::Value> = HashMap::new();
+    context.add_variable_from_value("variables", cel::Value::Map(cel::objects::Map { map: Arc::new(HashMap::new()) }));
+    for variable in spec["variables"].as_array().into_iter().flatten() {
+        let name = variable["name"].as_str().unwrap_or_default();
+        let expression = variable["expression"].as_str().unwrap_or_default();
+        match evaluate(expression, &context) {
+            Ok(value) => {
+                variables.insert(cel::objects::Key::String(Arc::new(name.to_string())), value);
+                context.add_variable_from_value(
+                    "variables",
+                    cel::Value::Map(cel::objects::Map { map: Arc::new(variables.clone()) }),
+                );
+            }
+            Err(error) => return Outcome::Error(format!("variable {name:?} resulted in error: {error}")),
+        }
+    }
+    for condition in spec["matchConditions"].as_array().into_iter().flatten() {
+        let expression = condition["expression"].as_str().unwrap_or_default();
+        match evaluate(expression, &context) {
+            Ok(cel::Value::Bool(true)) => {}
+            Ok(cel::Value::Bool(false)) => return Outcome::Pass,
+            Ok(other) => {
+                return Outcome::Error(format!(
+                    "match condition {:?} evaluated to {other:?}, not a bool",
+                    condition["name"]
+                ));
+            }
+            Err(error) => return Outcome::Error(format!("match condition {:?} failed: {error}", condition["name"])),
+        }
+    }
+    for validation in spec["validations"].as_array().into_iter().flatten() {
+        let expression = validation["expression"].as_str().unwrap_or_default();
+        match evaluate(expression, &context) {
+            Ok(cel::Value::Bool(true)) => {}
+            Ok(cel::Value::Bool(false)) => {
+                let from_expression =
+                    validation["messageExpression"].as_str().and_then(|e| match evaluate(e, &context) {
+                        Ok(cel::Value::String(text)) if !text.trim().is_empty() && !text.contains('\n') => {
+                            Some(text.to_string())
+                        }
+                        _ => None,
+                    });
+                let message = from_expression
+                    .or_else(|| validation["message"].as_str().filter(|m| !m.is_empty()).map(String::from))
+                    .unwrap_or_else(|| format!("failed expression: {expression}"));
+                let reason = validation["reason"].as_str().unwrap_or("Invalid").to_string();
+                return Outcome::Fail { message, reason };
+            }
+            Ok(other) => {
+                return Outcome::Error(format!("expression '{expression}' resulted in a {other:?}, not a bool"));
+            }
+            Err(error) => return Outcome::Error(format!("expression '{expression}' resulted in error: {error}")),
+        }
+    }
+    Outcome::Pass
+}
+
+/// Whether `match_resources` (a policy's `matchConstraints` or a binding's `matchResources`)
+/// takes the request; `rules_required`: a policy's resource rules must match, a binding's
+/// constrain only when given.
+async fn resources_match(
+    state: &ApiState,
+    match_resources: &Value,
+    attributes: &Attributes<'_>,
+    object: Option<&Value>,
+    rules_required: bool,
+) -> Result<bool, ApiError> {
+    let rules = &match_resources["resourceRules"];
+    let named = |rules: &Value| {
+        rules.as_array().into_iter().flatten().any(|rule| {
+            let names = rule["resourceNames"].as_array().filter(|n| !n.is_empty());
+            crate::admission::rules_match(&json!({"rules": [rule]}), attributes)
+                && names.is_none_or(|names| names.iter().any(|n| n == attributes.name))
+        })
+    };
+    let given = rules.as_array().is_some_and(|r| !r.is_empty());
+    if (given || rules_required) && !named(rules) {
+        return Ok(false);
+    }
+    if named(&match_resources["excludeResourceRules"]) {
+        return Ok(false);
+    }
+    crate::admission::selectors_match(state, match_resources, attributes, object).await
+}
+
+/// The binding's parameter objects: `None` when the policy takes none; an empty list when none
+/// is found.
+async fn params(
+    state: &ApiState,
+    policy: &Value,
+    binding: &Value,
+    attributes: &Attributes<'_>,
+) -> Result<Option<Vec<Value>>, String> {
+    let Some(kind) = policy["spec"]["paramKind"].as_object() else { return Ok(None) };
+    let api_version = kind.get("apiVersion").and_then(Value::as_str).unwrap_or_default();
+    let kind_name = kind.get("kind").and_then(Value::as_str).unwrap_or_default();
+    let (group, version) = api_version.rsplit_once('/').unwrap_or(("", api_version));
+    let resource = state
+        .resources()
+        .into_iter()
+        .find(|r| r.group == group && r.version == version && r.kind == kind_name)
+        .ok_or_else(|| format!("paramKind {api_version}, Kind={kind_name} is not served"))?;
+    let reference = &binding["spec"]["paramRef"];
+    if !reference.is_object() {
+        return Err("the binding names no paramRef for a policy with a paramKind".into());
+    }
+    let namespace = match reference["namespace"].as_str().filter(|n| !n.is_empty()) {
+        Some(namespace) => Some(namespace),
+        None if resource.namespaced => attributes.namespace,
+        None => None,
+    };
+    if resource.namespaced && namespace.is_none() {
+        return Err("cannot use a namespaced paramKind for a cluster-scoped request without paramRef.namespace".into());
+    }
+    let error = |e: ApiError| e.message;
+    if let Some(name) = reference["name"].as_str().filter(|n| !n.is_empty()) {
+        let found = cached_get(state, resource, namespace, name).await.map_err(error)?;
+        return Ok(Some(found.into_iter().collect()));
+    }
+    let selector = &reference["selector"];
+    let all = cached_list(state, resource, namespace).await.map_err(error)?;
+    Ok(Some(
+        all.into_iter()
+            .filter(|o| {
+                crate::selector::label_selector_matches(selector, o["metadata"].get("labels").unwrap_or(&json!({})))
+            })
+            .collect(),
+    ))
+}
+
+/// Runs every bound policy that takes the request.
+pub async fn validate(
+    state: &ApiState,
+    attributes: &Attributes<'_>,
+    object: Option<&Value>,
+    request: &Value,
+    write: &Write,
+) -> Result<(), ApiError> {
+    let bindings_resource = registry::find(GROUP, "v1", "validatingadmissionpolicybindings").expect("served");
+    let bindings = cached_list(state, bindings_resource, None).await?;
+    if bindings.is_empty() {
+        return Ok(());
+    }
+    let policies_resource = registry::find(GROUP, "v1", "validatingadmissionpolicies").expect("served");
+    let policies = cached_list(state, policies_resource, None).await?;
+    let mut namespace_object = None;
+    for binding in &bindings {
+        let policy_name = binding["spec"]["policyName"].as_str().unwrap_or_default();
+        let binding_name = binding["metadata"]["name"].as_str().unwrap_or_default();
+        let Some(mut policy) = policies.iter().find(|p| p["metadata"]["name"] == policy_name).cloned() else {
+            continue;
+        };
+        default_policy(&mut policy);
+        let constraints = &policy["spec"]["matchConstraints"];
+        if !resources_match(state, constraints, attributes, object, true).await? {
+            continue;
+        }
+        let bound = &binding["spec"]["matchResources"];
+        if bound.is_object() && !resources_match(state, bound, attributes, object, false).await? {
+            continue;
+        }
+        if namespace_object.is_none() {
+            namespace_object = Some(match attributes.namespace.filter(|_| attributes.resource.namespaced) {
+                Some(namespace) => {
+                    let namespaces = registry::find("", "v1", "namespaces").expect("namespaces are served");
+                    cached_get(state, namespaces, None, namespace).await?.unwrap_or(Value::Null)
+                }
+                None => Value::Null,
+            });
+        }
+        let denied = |message: String| {
+            format!("ValidatingAdmissionPolicy '{policy_name}' with binding '{binding_name}' denied request: {message}")
+        };
+        let fail_open = policy["spec"]["failurePolicy"] == "Ignore";
+        let params = match params(state, &policy, binding, attributes).await {
+            Ok(params) => params,
+            Err(_) if fail_open => continue,
+            Err(error) => {
+                return Err(ApiError::new(403, "Forbidden", denied(format!("failed to configure binding: {error}"))));
+            }
+        };
+        let runs: Vec<Value> = match params {
+            None => vec![Value::Null],
+            Some(found) if found.is_empty() => {
+                if binding["spec"]["paramRef"]["parameterNotFoundAction"] == "Allow" {
+                    continue;
+                }
+                let message = denied("failed to configure binding: no params found for policy binding with `Deny` parameterNotFoundAction".into());
+                return Err(ApiError::new(403, "Forbidden", message));
+            }
+            Some(found) => found,
+        };
+        let actions: Vec<&str> =
+            binding["spec"]["validationActions"].as_array().into_iter().flatten().filter_map(Value::as_str).collect();
+        for params in runs {
+            let inputs: HashMap<&str, Value> = HashMap::from([
+                ("object", object.cloned().unwrap_or(Value::Null)),
+                ("oldObject", attributes.old.cloned().unwrap_or(Value::Null)),
+                ("request", request.clone()),
+                ("params", params),
+                ("namespaceObject", namespace_object.clone().unwrap_or(Value::Null)),
+            ]);
+            let (message, reason) = match run(&policy, &inputs) {
+                Outcome::Pass => continue,
+                Outcome::Fail { message, reason } => (message, reason),
+                Outcome::Error(_) if fail_open => continue,
+                Outcome::Error(error) => (error, "Invalid".into()),
+            };
+            if actions.contains(&"Warn") {
+                write.warn([format!(
+                    "Validation failed for ValidatingAdmissionPolicy '{policy_name}' with binding '{binding_name}': {message}"
+                )]);
+            }
+            if actions.contains(&"Deny") {
+                let (code, reason) = match reason.as_str() {
+                    "Unauthorized" => (401, "Unauthorized"),
+                    "Forbidden" => (403, "Forbidden"),
+                    "RequestEntityTooLarge" => (413, "RequestEntityTooLarge"),
+                    _ => (422, "Invalid"),
+                };
+                return Err(ApiError::new(code, reason, denied(message)));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Upstream's defaults for a policy.
+fn default_policy(policy: &mut Value) {
+    let Some(spec) = policy.get_mut("spec").and_then(Value::as_object_mut) else { return };
+    spec.entry("failurePolicy").or_insert(json!("Fail"));
+    if let Some(constraints) = spec.get_mut("matchConstraints") {
+        default_match_resources(constraints);
+    }
+}
+
+fn default_match_resources(match_resources: &mut Value) {
+    let Some(map) = match_resources.as_object_mut() else { return };
+    map.entry("matchPolicy").or_insert(json!("Equivalent"));
+    for selector in ["namespaceSelector", "objectSelector"] {
+        if map.get(selector).is_none_or(Value::is_null) {
+            map.insert(selector.into(), json!({}));
+        }
+    }
+    for rules in ["resourceRules", "excludeResourceRules"] {
+        if let Some(rules) = map.get_mut(rules).and_then(Value::as_array_mut) {
+            for rule in rules.iter_mut().filter_map(Value::as_object_mut) {
+                rule.entry("scope").or_insert(json!("*"));
+            }
+        }
+    }
+}
+
+fn compile_cause(field: String, expression: &str) -> Option<Cause> {
+    let error = cel::Program::compile(expression).err()?;
+    let first = error.to_string();
+    Some(Cause {
+        reason: "FieldValueInvalid",
+        message: format!(
+            "Invalid value: {expression:?}: compilation failed: {}",
+            first.lines().next().unwrap_or_default()
+        ),
+        field,
+    })
+}
+
+/// Defaults and validates a policy; what is wrong, as upstream words it.
+pub fn prepare_policy(policy: &mut Value) -> Vec<Cause> {
+    default_policy(policy);
+    let spec = &policy["spec"];
+    let mut causes = Vec::new();
+    let cause = |causes: &mut Vec<Cause>, reason: &'static str, field: &str, message: String| {
+        causes.push(Cause { reason, message, field: field.into() })
+    };
+    if !spec["matchConstraints"].is_object() {
+        cause(&mut causes, "FieldValueRequired", "spec.matchConstraints", "Required value".into());
+    } else if spec["matchConstraints"]["resourceRules"].as_array().is_none_or(Vec::is_empty) {
+        cause(&mut causes, "FieldValueRequired", "spec.matchConstraints.resourceRules", "Required value".into());
+    }
+    let validations = spec["validations"].as_array().cloned().unwrap_or_default();
+    if validations.is_empty() && spec["auditAnnotations"].as_array().is_none_or(Vec::is_empty) {
+        cause(
+            &mut causes,
+            "FieldValueRequired",
+            "spec.validations",
+            "Required value: validations or auditAnnotations must contain at least one item".into(),
+        );
+    }
+    if let Some(policy) = spec["failurePolicy"].as_str().filter(|p| !["Fail", "Ignore"].contains(p)) {
+        cause(
+            &mut causes,
+            "FieldValueNotSupported",
+            "spec.failurePolicy",
+            format!("Unsupported value: {policy:?}: supported values: \"Fail\", \"Ignore\""),
+        );
+    }
+    for (i, validation) in validations.iter().enumerate() {
+        let expression = validation["expression"].as_str().unwrap_or_default();
+        let at = format!("spec.validations[{i}].expression");
+        if expression.trim().is_empty() {
+            causes.push(Cause {
+                reason: "FieldValueRequired",
+                field: at,
+                message: "Required value: expression is not specified".into(),
+            });
+        } else if let Some(found) = compile_cause(at, expression) {
+            causes.push(found);
+        }
+        if let Some(message) = validation["messageExpression"].as_str().filter(|m| !m.trim().is_empty())
+            && let Some(found) = compile_cause(format!("spec.validations[{i}].messageExpression"), message)
+        {
+            causes.push(found);
+        }
+        if let Some(reason) = validation["reason"]
+            .as_str()
+            .filter(|r| !["Unauthorized", "Forbidden", "Invalid", "RequestEntityTooLarge"].contains(r))
+        {
+            causes.push(Cause {
+                reason: "FieldValueNotSupported",
+                field: format!("spec.validations[{i}].reason"),
+                message: format!(
+                    "Unsupported value: {reason:?}: supported values: \"Forbidden\", \"Invalid\", \"RequestEntityTooLarge\", \"Unauthorized\""
+                ),
+            });
+        }
+    }
+    for (list, what) in [("variables", "variables"), ("matchConditions", "matchConditions")] {
+        for (i, item) in spec[list].as_array().into_iter().flatten().enumerate() {
+            if item["name"].as_str().is_none_or(str::is_empty) {
+                causes.push(Cause {
+                    reason: "FieldValueRequired",
+                    field: format!("spec.{what}[{i}].name"),
+                    message: "Required value".into(),
+                });
+            }
+            let expression = item["expression"].as_str().unwrap_or_default();
+            if let Some(found) = compile_cause(format!("spec.{what}[{i}].expression"), expression) {
+                causes.push(found);
+            }
+        }
+    }
+    causes
+}
+
+/// Defaults and validates a binding.
+pub fn prepare_binding(binding: &mut Value) -> Vec<Cause> {
+    if let Some(match_resources) = binding.get_mut("spec").and_then(|s| s.get_mut("matchResources")) {
+        default_match_resources(match_resources);
+    }
+    let spec = &binding["spec"];
+    let mut causes = Vec::new();
+    if spec["policyName"].as_str().is_none_or(str::is_empty) {
+        causes.push(Cause {
+            reason: "FieldValueRequired",
+            field: "spec.policyName".into(),
+            message: "Required value".into(),
+        });
+    }
+    let actions: Vec<&str> =
+        spec["validationActions"].as_array().into_iter().flatten().filter_map(Value::as_str).collect();
+    if actions.is_empty() {
+        causes.push(Cause {
+            reason: "FieldValueRequired",
+            field: "spec.validationActions".into(),
+            message: "Required value: at least one validation action is required".into(),
+        });
+    }
+    for (i, action) in actions.iter().enumerate() {
+        if !["Deny", "Warn", "Audit"].contains(action) {
+            causes.push(Cause {
+                reason: "FieldValueNotSupported",
+                field: format!("spec.validationActions[{i}]"),
+                message: format!("Unsupported value: {action:?}: supported values: \"Audit\", \"Deny\", \"Warn\""),
+            });
+        } else if actions[..i].contains(action) {
+            causes.push(Cause {
+                reason: "FieldValueDuplicate",
+                field: format!("spec.validationActions[{i}]"),
+                message: format!("Duplicate value: {action:?}"),
+            });
+        }
+    }
+    if actions.contains(&"Deny") && actions.contains(&"Warn") {
+        causes.push(Cause {
+            reason: "FieldValueInvalid",
+            field: "spec.validationActions".into(),
+            message: format!(
+                "Invalid value: {}: must not contain both Deny and Warn (repeating the same validation failure information in the API response and headers serves no purpose)",
+                json!(actions)
+            ),
+        });
+    }
+    let reference = &spec["paramRef"];
+    if reference.is_object() {
+        let named = reference["name"].as_str().is_some_and(|n| !n.is_empty());
+        if named == reference["selector"].is_object() {
+            causes.push(Cause {
+                reason: "FieldValueRequired",
+                field: "spec.paramRef".into(),
+                message: "Required value: one of name or selector must be specified".into(),
+            });
+        }
+        if let Some(action) = reference["parameterNotFoundAction"].as_str().filter(|a| !["Allow", "Deny"].contains(a)) {
+            causes.push(Cause {
+                reason: "FieldValueNotSupported",
+                field: "spec.paramRef.parameterNotFoundAction".into(),
+                message: format!("Unsupported value: {action:?}: supported values: \"Allow\", \"Deny\""),
+            });
+        }
+    }
+    causes
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn policy(validations: Value, variables: Value) -> Value {
+        json!({"spec": {"validations": validations, "variables": variables,
+            "matchConstraints": {"resourceRules": [{"operations": ["CREATE"], "apiGroups": ["apps"], "apiVersions": ["v1"], "resources": ["deployments"]}]}}})
+    }
+
+    fn inputs(replicas: i64) -> HashMap<&'static str, Value> {
+        HashMap::from([
+            ("object", json!({"metadata": {"name": "web"}, "spec": {"replicas": replicas}})),
+            ("oldObject", Value::Null),
+            ("request", json!({"operation": "CREATE"})),
+            ("params", Value::Null),
+            ("namespaceObject", json!({"metadata": {"name": "ns"}})),
+        ])
+    }
+
+    #[test]
+    fn validations_variables_and_messages() {
+        let checked = policy(
+            json!([
+                {"expression": "variables.replicas > 1", "messageExpression": "'wants replicas > 1, got ' + string(object.spec.replicas)"},
+                {"expression": "variables.odd", "message": "must be odd", "reason": "Forbidden"},
+                {"expression": "namespaceObject.metadata.name == 'ns'"},
+            ]),
+            json!([{"name": "replicas", "expression": "object.spec.replicas"}, {"name": "odd", "expression": "variables.replicas % 2 == 1"}]),
+        );
+        assert!(matches!(run(&checked, &inputs(3)), Outcome::Pass));
+        match run(&checked, &inputs(1)) {
+            Outcome::Fail { message, reason } => {
+                assert_eq!((message.as_str(), reason.as_str()), ("wants replicas > 1, got 1", "Invalid"))
+            }
+            _ => panic!("one replica fails the first validation"),
+        }
+        match run(&checked, &inputs(4)) {
+            Outcome::Fail { message, reason } => {
+                assert_eq!((message.as_str(), reason.as_str()), ("must be odd", "Forbidden"))
+            }
+            _ => panic!("four replicas fail the second validation"),
+        }
+        // A message expression that cannot be evaluated (string + int) falls back.
+        let confused = policy(
+            json!([{"expression": "object.spec.replicas > 1", "messageExpression": "'got ' + object.spec.replicas"}]),
+            json!([]),
+        );
+        match run(&confused, &inputs(1)) {
+            Outcome::Fail { message, .. } => assert_eq!(message, "failed expression: object.spec.replicas > 1"),
+            _ => panic!("fails"),
+        }
+        let broken = policy(json!([{"expression": "object.spec.missing.deeper > 1"}]), json!([]));
+        assert!(matches!(run(&broken, &inputs(1)), Outcome::Error(_)));
+    }
+
+    #[test]
+    fn policies_and_bindings_are_validated_as_upstream() {
+        let mut bad = json!({"spec": {"validations": [{"expression": "... [] bad", "reason": "Teapot"}], "failurePolicy": "Maybe"}});
+        let fields: Vec<String> = prepare_policy(&mut bad).into_iter().map(|c| c.field).collect();
+        assert_eq!(
+            fields,
+            [
+                "spec.matchConstraints",
+                "spec.failurePolicy",
+                "spec.validations[0].expression",
+                "spec.validations[0].reason"
+            ]
+        );
+        let mut good = policy(json!([{"expression": "object.spec.replicas > 1"}]), json!([]));
+        assert!(prepare_policy(&mut good).is_empty());
+        assert_eq!(good["spec"]["failurePolicy"], "Fail");
+        assert_eq!(good["spec"]["matchConstraints"]["resourceRules"][0]["scope"], "*");
+
+        let mut binding = json!({"spec": {"policyName": "p", "validationActions": ["Deny", "Warn", "Deny"]}});
+        let messages: Vec<String> = prepare_binding(&mut binding).into_iter().map(|c| c.message).collect();
+        assert!(messages[0].starts_with("Duplicate value: \"Deny\""), "{messages:?}");
+        assert!(messages[1].contains("must not contain both Deny and Warn"), "{messages:?}");
+        let mut empty = json!({"spec": {}});
+        assert_eq!(prepare_binding(&mut empty).len(), 2);
+    }
+
+    #[test]
+    fn json_numbers_are_cel_ints() {
+        assert_eq!(to_cel(&json!(3)), cel::Value::Int(3));
+        assert_eq!(to_cel(&json!(1.5)), cel::Value::Float(1.5));
+    }
+}
