@@ -315,53 +315,14 @@ struct CallError(String);
 /// Calls one webhook with the review `request`.
 async fn call(state: &ApiState, hook: &Hook, request: &Value) -> Result<Answer, CallError> {
     let webhook = &hook.webhook;
-    let config = &webhook["clientConfig"];
-    let timeout = hook.timeout();
-    let (url, address, server_name) = locate(state, config).await.map_err(CallError)?;
-    let url = format!("{url}?timeout={}s", timeout.as_secs());
     let versions: Vec<&str> =
         webhook["admissionReviewVersions"].as_array().into_iter().flatten().filter_map(Value::as_str).collect();
     let version = if versions.contains(&"v1") || !versions.contains(&"v1beta1") { "v1" } else { "v1beta1" };
     let review =
         json!({"apiVersion": format!("admission.k8s.io/{version}"), "kind": "AdmissionReview", "request": request});
-    let exchange = async {
-        let connector = connector(config)?;
-        let tcp = crate::kubelet::dial(&address).await?;
-        let name = rustls::pki_types::ServerName::try_from(server_name.clone()).map_err(|e| e.to_string())?;
-        let tls = connector.connect(name, tcp).await.map_err(|e| format!("tls: {e}"))?;
-        let path = url.split_once("://").and_then(|(_, rest)| rest.find('/').map(|i| &rest[i..])).unwrap_or("/");
-        let body = serde_json::to_vec(&review).map_err(|e| e.to_string())?;
-        let http = hyper::Request::post(path)
-            .header("host", url.split("://").nth(1).and_then(|r| r.split('/').next()).unwrap_or_default())
-            .header("content-type", "application/json")
-            .header("accept", "application/json, */*")
-            .body(Body::from(body))
-            .map_err(|e| e.to_string())?;
-        let (mut sender, connection) =
-            hyper::client::conn::http1::handshake(TokioIo::new(tls)).await.map_err(|e| e.to_string())?;
-        tokio::spawn(async move {
-            let _ = connection.await;
-        });
-        let response = sender.send_request(http).await.map_err(|e| e.to_string())?;
-        let status = response.status();
-        let body = response.into_body().collect().await.map_err(|e| e.to_string())?.to_bytes();
-        Ok::<_, String>((status, body))
-    };
-    let (status, body) = match tokio::time::timeout(timeout, exchange).await {
-        Ok(Ok(answer)) => answer,
-        Ok(Err(error)) => return Err(CallError(format!("failed to call webhook: Post {url:?}: {error}"))),
-        Err(_) => return Err(CallError(format!("failed to call webhook: Post {url:?}: context deadline exceeded"))),
-    };
-    if !status.is_success() {
-        let text = String::from_utf8_lossy(&body);
-        return Err(CallError(format!(
-            "failed to call webhook: the server responded with the status code {} ({})",
-            status.as_u16(),
-            text.trim()
-        )));
-    }
-    let review: Value = serde_json::from_slice(&body)
-        .map_err(|e| CallError(format!("received invalid webhook response: cannot decode it: {e}")))?;
+    let review = post(state.store.as_ref(), &webhook["clientConfig"], hook.timeout(), &review)
+        .await
+        .map_err(|e| CallError(format!("failed to call webhook: {e}")))?;
     let response = &review["response"];
     let uid = &request["uid"];
     if response["uid"] != *uid {
@@ -398,8 +359,54 @@ async fn call(state: &ApiState, hook: &Hook, request: &Value) -> Result<Answer, 
     })
 }
 
+/// Posts `body` as JSON to a webhook (`clientConfig`: a URL, or a Service reached through its
+/// endpoints) over TLS verified with the `caBundle`, within `timeout`; its JSON answer. Errors
+/// read as upstream's client words them (`Post "https://…": context deadline exceeded`).
+pub(crate) async fn post(
+    store: &dyn tugboat_store::Store,
+    config: &Value,
+    timeout: Duration,
+    body: &Value,
+) -> Result<Value, String> {
+    let (url, address, server_name) = locate(store, config).await?;
+    let url = format!("{url}?timeout={}s", timeout.as_secs());
+    let exchange = async {
+        let connector = connector(config)?;
+        let tcp = crate::kubelet::dial(&address).await?;
+        let name = rustls::pki_types::ServerName::try_from(server_name.clone()).map_err(|e| e.to_string())?;
+        let tls = connector.connect(name, tcp).await.map_err(|e| format!("tls: {e}"))?;
+        let path = url.split_once("://").and_then(|(_, rest)| rest.find('/').map(|i| &rest[i..])).unwrap_or("/");
+        let body = serde_json::to_vec(body).map_err(|e| e.to_string())?;
+        let http = hyper::Request::post(path)
+            .header("host", url.split("://").nth(1).and_then(|r| r.split('/').next()).unwrap_or_default())
+            .header("content-type", "application/json")
+            .header("accept", "application/json, */*")
+            .body(Body::from(body))
+            .map_err(|e| e.to_string())?;
+        let (mut sender, connection) =
+            hyper::client::conn::http1::handshake(TokioIo::new(tls)).await.map_err(|e| e.to_string())?;
+        tokio::spawn(async move {
+            let _ = connection.await;
+        });
+        let response = sender.send_request(http).await.map_err(|e| e.to_string())?;
+        let status = response.status();
+        let body = response.into_body().collect().await.map_err(|e| e.to_string())?.to_bytes();
+        Ok::<_, String>((status, body))
+    };
+    let (status, body) = match tokio::time::timeout(timeout, exchange).await {
+        Ok(Ok(answer)) => answer,
+        Ok(Err(error)) => return Err(format!("Post {url:?}: {error}")),
+        Err(_) => return Err(format!("Post {url:?}: context deadline exceeded")),
+    };
+    if !status.is_success() {
+        let text = String::from_utf8_lossy(&body);
+        return Err(format!("the server responded with the status code {} ({})", status.as_u16(), text.trim()));
+    }
+    serde_json::from_slice(&body).map_err(|e| format!("the answer does not decode: {e}"))
+}
+
 /// Where a webhook is: the URL it is shown by, the address to dial and the TLS server name.
-async fn locate(state: &ApiState, config: &Value) -> Result<(String, String, String), String> {
+async fn locate(store: &dyn tugboat_store::Store, config: &Value) -> Result<(String, String, String), String> {
     if let Some(url) = config["url"].as_str() {
         let parsed = url::Url::parse(url).map_err(|e| format!("invalid url {url:?}: {e}"))?;
         let host = parsed.host_str().ok_or_else(|| format!("url {url:?} has no host"))?.to_string();
@@ -419,7 +426,7 @@ async fn locate(state: &ApiState, config: &Value) -> Result<(String, String, Str
     let shown = format!("https://{host}:{port}{path}");
     let id = format!("https:{name}:{port}");
     let target = crate::proxy::Target { plural: "services", namespace: Some(namespace), id: &id };
-    let (_, address, _) = crate::proxy::locate(state, &target)
+    let (_, address, _) = crate::proxy::locate(store, &target)
         .await
         .map_err(|e| format!("Post {shown:?}: service \"{namespace}/{name}\" cannot be reached: {}", e.message))?;
     Ok((shown, address, host))

@@ -44,6 +44,11 @@ pub struct Custom {
     pub list_kind: String,
     /// The definition is being deleted: its objects may be read and deleted, not created.
     pub terminating: bool,
+    /// `spec.conversion.webhook` (`clientConfig`, `conversionReviewVersions`) when a webhook
+    /// converts between versions.
+    pub webhook: Option<Value>,
+    /// The version's `selectableFields`, as field selectors name them (`spec.color`).
+    pub selectable: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -263,7 +268,8 @@ fn resources_of(crd: &Value) -> Vec<&'static Resource> {
             spec["scope"],
             version,
             storage_version,
-            is_terminating(crd)
+            is_terminating(crd),
+            spec["conversion"]
         ])
         .to_string();
         let mut interned = INTERNED.lock().unwrap_or_else(|e| e.into_inner());
@@ -304,6 +310,14 @@ fn resources_of(crd: &Value) -> Vec<&'static Resource> {
             scale,
             list_kind: names["listKind"].as_str().map(str::to_string).unwrap_or_else(|| format!("{kind}List")),
             terminating: is_terminating(crd),
+            webhook: (spec["conversion"]["strategy"] == "Webhook").then(|| spec["conversion"]["webhook"].clone()),
+            selectable: version["selectableFields"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|f| f["jsonPath"].as_str())
+                .map(|path| path.trim_start_matches('.').to_string())
+                .collect(),
         }));
         let singular = names["singular"].as_str().map(str::to_string).unwrap_or_else(|| kind.to_lowercase());
         let resource: &'static Resource = Box::leak(Box::new(Resource {
@@ -325,6 +339,63 @@ fn resources_of(crd: &Value) -> Vec<&'static Resource> {
         served.push(resource);
     }
     served
+}
+
+/// A conversion webhook's settings: a client config (URL or Service, as admission webhooks
+/// have) and the review versions it speaks.
+fn validate_conversion_webhook(webhook: &mut Value, causes: &mut Vec<Cause>) {
+    if !webhook.is_object() {
+        causes.push(cause(
+            "FieldValueRequired",
+            "spec.conversion.webhook",
+            "Required value: required when strategy is set to Webhook",
+        ));
+        return;
+    }
+    let config = &mut webhook["clientConfig"];
+    if !config.is_object() {
+        causes.push(cause(
+            "FieldValueRequired",
+            "spec.conversion.webhook.clientConfig",
+            "Required value: required when strategy is set to Webhook",
+        ));
+    } else {
+        if let Some(service) = config.get_mut("service").and_then(Value::as_object_mut) {
+            service.entry("port").or_insert(json!(443));
+        }
+        let (url, service) = (config["url"].is_string(), config["service"].is_object());
+        if url == service {
+            causes.push(cause(
+                "FieldValueRequired",
+                "spec.conversion.webhook.clientConfig",
+                "Required value: exactly one of url or service is required",
+            ));
+        }
+        if url && !config["url"].as_str().unwrap_or_default().starts_with("https://") {
+            causes.push(cause(
+                "FieldValueInvalid",
+                "spec.conversion.webhook.clientConfig.url",
+                format!("Invalid value: {}: 'https' is the only allowed URL scheme", config["url"]),
+            ));
+        }
+        for field in ["name", "namespace"] {
+            if service && config["service"][field].as_str().is_none_or(str::is_empty) {
+                causes.push(cause(
+                    "FieldValueRequired",
+                    &format!("spec.conversion.webhook.clientConfig.service.{field}"),
+                    format!("Required value: service {field} is required"),
+                ));
+            }
+        }
+    }
+    let versions = webhook["conversionReviewVersions"].as_array().cloned().unwrap_or_default();
+    if !versions.iter().any(|v| v == "v1" || v == "v1beta1") {
+        causes.push(cause(
+            "FieldValueRequired",
+            "spec.conversion.webhook.conversionReviewVersions",
+            "Required value: must include at least one of v1, v1beta1",
+        ));
+    }
 }
 
 fn invalid_crd(name: &str, causes: Vec<Cause>) -> ApiError {
@@ -473,12 +544,16 @@ pub fn prepare(object: &mut Value, others: &[Value], old: Option<&Value>) -> Res
         spec["conversion"] = json!({"strategy": "None"});
     }
     match spec["conversion"]["strategy"].as_str() {
-        Some("None") => {}
-        Some("Webhook") => causes.push(cause(
-            "FieldValueNotSupported",
-            "spec.conversion.strategy",
-            "Unsupported value: \"Webhook\": conversion webhooks are not served yet; supported values: \"None\"",
-        )),
+        Some("None") => {
+            if spec["conversion"]["webhook"].is_object() {
+                causes.push(cause(
+                    "FieldValueForbidden",
+                    "spec.conversion.webhook",
+                    "Forbidden: should not be set when strategy is not set to Webhook",
+                ));
+            }
+        }
+        Some("Webhook") => validate_conversion_webhook(&mut spec["conversion"]["webhook"], &mut causes),
         other => causes.push(cause(
             "FieldValueNotSupported",
             "spec.conversion.strategy",

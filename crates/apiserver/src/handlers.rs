@@ -697,8 +697,19 @@ pub(crate) async fn read_object(
     namespace: Option<&str>,
     name: &str,
 ) -> Result<(Value, i64), ApiError> {
+    let (object, revision) = read_stored(state.store.as_ref(), resource, namespace, name).await?;
+    Ok((crate::conversion::convert_one(state.store.as_ref(), resource, object).await?, revision))
+}
+
+/// One object as stored (a custom one in its stored version when a webhook converts it).
+pub(crate) async fn read_stored(
+    store: &dyn Store,
+    resource: &Resource,
+    namespace: Option<&str>,
+    name: &str,
+) -> Result<(Value, i64), ApiError> {
     let key = resource.key(namespace, name);
-    match state.store.get(&key, None).await {
+    match store.get(&key, None).await {
         Ok(Some(kv)) => Ok((object::from_store(resource, &kv.value, kv.mod_revision)?, kv.mod_revision)),
         Ok(None) => Err(ApiError::not_found(resource.group, resource.plural, name)),
         Err(error) => Err(ApiError::from_store(error, resource.group, resource.plural, name)),
@@ -740,7 +751,11 @@ impl Filters {
             .map_err(ApiError::bad_request)?;
         let fields = FieldSelector::parse(query.get("fieldSelector").map(String::as_str).unwrap_or(""))
             .map_err(ApiError::bad_request)?;
-        let supported = supported_fields(resource.plural);
+        let mut supported: Vec<&str> = supported_fields(resource.plural).to_vec();
+        if let Some(custom) = resource.custom {
+            supported = vec!["metadata.name", "metadata.namespace"];
+            supported.extend(custom.selectable.iter().map(String::as_str));
+        }
         if let Some(field) = fields.fields().find(|f| !supported.contains(f)) {
             return Err(ApiError::bad_request(format!(
                 "field label not supported: {field} (for {}: {})",
@@ -796,8 +811,13 @@ async fn list(
             .await
             .map_err(|e| ApiError::from_store(e, resource.group, resource.plural, ""))?;
         let (objects, revision) = cache.list(&prefix);
-        let items: Vec<Value> =
-            objects.into_iter().filter(|o| filters.matches(o)).map(|o| resource.from_storage(o)).collect();
+        let items: Vec<Value> = if crate::conversion::by_webhook(resource) {
+            // Selected by the fields of this version: converted first.
+            let items = crate::conversion::convert(state.store.as_ref(), resource, objects).await?;
+            items.into_iter().filter(|o| filters.matches(o)).collect()
+        } else {
+            objects.into_iter().filter(|o| filters.matches(o)).map(|o| resource.from_storage(o)).collect()
+        };
         return Ok(list_response(resource, items, revision, None, None, accept, query));
     }
     let page = state.store.list(&prefix, options).await.map_err(|e| match e {
@@ -819,11 +839,10 @@ async fn list(
     })?;
     let mut items = Vec::with_capacity(page.kvs.len());
     for kv in &page.kvs {
-        let object = object::from_store(resource, &kv.value, kv.mod_revision)?;
-        if filters.matches(&object) {
-            items.push(object);
-        }
+        items.push(object::from_store(resource, &kv.value, kv.mod_revision)?);
     }
+    let mut items = crate::conversion::convert(state.store.as_ref(), resource, items).await?;
+    items.retain(|object| filters.matches(object));
     Ok(list_response(resource, items, page.revision, page.continue_token, page.remaining, accept, query))
 }
 
@@ -979,6 +998,14 @@ async fn watch(
             }
         }
     };
+    // Objects a webhook converts: converted before they are shown (the initial ones in one
+    // review, each change as it comes).
+    let initial = if crate::conversion::by_webhook(resource) {
+        let shown: Vec<Value> = initial.into_iter().map(|o| resource.from_storage(o)).collect();
+        crate::conversion::convert(state.store.as_ref(), resource, shown).await?
+    } else {
+        initial
+    };
     let mut first = true;
     let mut initial_lines = Vec::with_capacity(initial.len() + 1);
     for object in initial.iter().filter(|o| filters.matches(o)) {
@@ -1016,7 +1043,30 @@ async fn watch(
         futures::stream::pending().boxed()
     };
     let mut last_revision = start;
-    let changes = futures::stream::iter(replay.into_iter().map(Ok)).chain(changes);
+    let changes: ChangeStream = futures::stream::iter(replay.into_iter().map(Ok)).chain(changes).boxed();
+    let changes = if crate::conversion::by_webhook(resource) {
+        let store = state.store.clone();
+        changes
+            .then(move |item| {
+                let store = store.clone();
+                async move {
+                    let change = item?;
+                    // The object and the one before it, in one review (selectors read both).
+                    let mut objects = vec![(*change.object).clone()];
+                    objects.extend(change.previous.as_deref().cloned());
+                    let mut converted = crate::conversion::convert(store.as_ref(), resource, objects)
+                        .await
+                        .map_err(|e| e.to_status())?
+                        .into_iter();
+                    let object = Arc::new(converted.next().unwrap_or_default());
+                    let previous = converted.next().map(Arc::new);
+                    Ok(Arc::new(Change { object, previous, ..(*change).clone() }))
+                }
+            })
+            .boxed()
+    } else {
+        changes
+    };
     let merged = futures::stream::select(changes.map(Some), ticks.map(|()| None));
     // An ERROR ends the watch.
     let events = merged
@@ -1166,7 +1216,8 @@ async fn create_object(
         Vec::new()
     };
     let key = resource.key(namespace.as_deref(), &name);
-    let created = state.store.create(&key, object::to_store(resource, &object)).await;
+    let stored = crate::conversion::to_storage(state.store.as_ref(), resource, object.clone()).await?;
+    let created = state.store.create(&key, object::to_store(resource, &stored)).await;
     if created.is_err() && !claims.is_empty() {
         crate::services::release(state.store.as_ref(), &object).await;
     }
@@ -1869,7 +1920,8 @@ pub(crate) async fn modify(
                 Err(error) => Err(ApiError::from_store(error, resource.group, resource.plural, name)),
             };
         }
-        match state.store.update(&key, object::to_store(resource, &object), revision).await {
+        let stored = crate::conversion::to_storage(state.store.as_ref(), resource, object.clone()).await?;
+        match state.store.update(&key, object::to_store(resource, &stored), revision).await {
             Ok(new_revision) => {
                 object["metadata"]["resourceVersion"] = json!(new_revision.to_string());
                 if is_crds(resource) {
@@ -2145,9 +2197,14 @@ async fn delete_collection(
         .list(&resource.prefix(namespace), ListOptions::default())
         .await
         .map_err(|e| ApiError::from_store(e, resource.group, resource.plural, ""))?;
-    let mut deleted = Vec::new();
+    let mut stored = Vec::with_capacity(page.kvs.len());
     for kv in &page.kvs {
-        let object = object::from_store(resource, &kv.value, kv.mod_revision)?;
+        stored.push(object::from_store(resource, &kv.value, kv.mod_revision)?);
+    }
+    // Selected by the fields of the version asked for.
+    let objects = crate::conversion::convert(state.store.as_ref(), resource, stored).await?;
+    let mut deleted = Vec::new();
+    for object in objects {
         if !filters.matches(&object) {
             continue;
         }

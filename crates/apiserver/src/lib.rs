@@ -11,6 +11,7 @@
 mod admission;
 mod auth;
 pub mod bootstrap;
+mod conversion;
 mod crd;
 mod discovery;
 mod events;

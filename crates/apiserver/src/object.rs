@@ -991,8 +991,9 @@ pub fn to_store(resource: &Resource, object: &Value) -> Vec<u8> {
     if let Some(conversion) = &resource.conversion {
         object = (conversion.to_storage)(object);
     }
-    // Custom resources are stored in their storage version (no conversion but the apiVersion).
-    if let Some(custom) = resource.custom {
+    // Custom resources are stored in their storage version (no conversion but the apiVersion;
+    // a conversion webhook has converted the object before).
+    if let Some(custom) = resource.custom.filter(|c| c.webhook.is_none()) {
         object["apiVersion"] = json!(format!("{}/{}", resource.group, custom.storage_version));
     }
     if let Some(metadata) = object["metadata"].as_object_mut() {

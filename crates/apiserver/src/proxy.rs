@@ -12,7 +12,7 @@ use axum::http::HeaderMap;
 use axum::http::{Response, header};
 use hyper_util::rt::TokioIo;
 
-use crate::handlers::{ApiState, read_object};
+use crate::handlers::{ApiState, read_stored};
 use crate::registry;
 use crate::status::ApiError;
 
@@ -61,7 +61,10 @@ fn unavailable(message: String) -> ApiError {
 }
 
 /// Where the request goes: scheme, `host:port`, and whether through the kubelet client.
-pub(crate) async fn locate(state: &ApiState, target: &Target<'_>) -> Result<(String, String, bool), ApiError> {
+pub(crate) async fn locate(
+    store: &dyn tugboat_store::Store,
+    target: &Target<'_>,
+) -> Result<(String, String, bool), ApiError> {
     let (scheme, name, port) = split_id(target.id)?;
     let join = |ip: &str, port: &str| {
         let host = if ip.contains(':') { format!("[{ip}]") } else { ip.to_string() };
@@ -70,7 +73,7 @@ pub(crate) async fn locate(state: &ApiState, target: &Target<'_>) -> Result<(Str
     match target.plural {
         "pods" => {
             let pods = registry::find("", "v1", "pods").expect("pods are served");
-            let (pod, _) = read_object(state, pods, target.namespace, name).await?;
+            let (pod, _) = read_stored(store, pods, target.namespace, name).await?;
             let port = if port.is_empty() {
                 let first = pod["spec"]["containers"]
                     .as_array()
@@ -91,7 +94,7 @@ pub(crate) async fn locate(state: &ApiState, target: &Target<'_>) -> Result<(Str
         }
         "services" => {
             let services = registry::find("", "v1", "services").expect("services are served");
-            let (service, _) = read_object(state, services, target.namespace, name).await?;
+            let (service, _) = read_stored(store, services, target.namespace, name).await?;
             // A port number means the service port of that number, named as its endpoints name it.
             let mut port_name = port.to_string();
             if let Ok(number) = port.parse::<i64>() {
@@ -102,7 +105,7 @@ pub(crate) async fn locate(state: &ApiState, target: &Target<'_>) -> Result<(Str
                 port_name = declared["name"].as_str().unwrap_or_default().to_string();
             }
             let endpoints = registry::find("", "v1", "endpoints").expect("endpoints are served");
-            let (endpoints, _) = read_object(state, endpoints, target.namespace, name)
+            let (endpoints, _) = read_stored(store, endpoints, target.namespace, name)
                 .await
                 .map_err(|_| unavailable(format!("no endpoints available for service {name:?}")))?;
             let subsets = endpoints["subsets"].as_array().cloned().unwrap_or_default();
@@ -126,7 +129,7 @@ pub(crate) async fn locate(state: &ApiState, target: &Target<'_>) -> Result<(Str
         }
         _ => {
             let nodes = registry::find("", "v1", "nodes").expect("nodes are served");
-            let (node, _) = read_object(state, nodes, None, name).await?;
+            let (node, _) = read_stored(store, nodes, None, name).await?;
             let kubelet = crate::kubelet::node_address(&node)
                 .ok_or_else(|| unavailable(format!("node {name} has no address to reach it at")))?;
             let kubelet_port = kubelet.rsplit_once(':').map(|(_, p)| p).unwrap_or("10250");
@@ -160,7 +163,7 @@ pub async fn forward(
             .body(Body::empty())
             .expect("a valid response"));
     }
-    let (scheme, address, kubelet) = locate(state, &target).await?;
+    let (scheme, address, kubelet) = locate(state.store.as_ref(), &target).await?;
     let (parts, body) = request.into_parts();
     let path = if rest.is_empty() { "/" } else { rest };
     let uri = match parts.uri.query() {

@@ -548,6 +548,8 @@ impl Resource {
     pub fn from_storage(&self, object: serde_json::Value) -> serde_json::Value {
         match (&self.conversion, self.custom) {
             (Some(conversion), _) => (conversion.from_storage)(object),
+            // A webhook converts: the object stays as stored until `conversion::convert`.
+            (None, Some(custom)) if custom.webhook.is_some() => object,
             (None, Some(custom)) => {
                 let mut object = object;
                 if object.get("apiVersion").is_some_and(|v| *v != *self.api_version()) {

@@ -27,7 +27,7 @@ const HISTORY: usize = 2_000;
 const LAG: usize = 10_000;
 
 /// One change of an object, decoded once and shared by every watcher.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct Change {
     pub kind: EventKind,
     pub key: String,

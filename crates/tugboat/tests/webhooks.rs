@@ -54,6 +54,31 @@ fn answer(path: &str, request: &Value) -> Value {
     }
 }
 
+/// The test's conversion webhook: v1 gadgets have `spec.hostPort: "host:port"`, v2 ones
+/// `spec.host` and `spec.port`.
+fn convert(review: &Value) -> Value {
+    let request = &review["request"];
+    let desired = request["desiredAPIVersion"].as_str().unwrap_or_default();
+    let objects = request["objects"].as_array().cloned().unwrap_or_default();
+    let converted: Vec<Value> = objects
+        .into_iter()
+        .map(|mut object| {
+            let spec = object["spec"].take();
+            object["spec"] = match desired {
+                "example.com/v2" => {
+                    let (host, port) = spec["hostPort"].as_str().unwrap_or_default().split_once(':').unwrap_or_default();
+                    json!({"host": host, "port": port})
+                }
+                _ => json!({"hostPort": format!("{}:{}", spec["host"].as_str().unwrap_or_default(), spec["port"].as_str().unwrap_or_default())}),
+            };
+            object["apiVersion"] = json!(desired);
+            object
+        })
+        .collect();
+    json!({"apiVersion": "apiextensions.k8s.io/v1", "kind": "ConversionReview",
+        "response": {"uid": request["uid"], "result": {"status": "Success"}, "convertedObjects": converted}})
+}
+
 impl Webhook {
     fn start() -> Webhook {
         let dir = tempfile::tempdir().unwrap();
@@ -99,6 +124,10 @@ impl Webhook {
                             counted.fetch_add(1, Ordering::SeqCst);
                             if path == "/slow" {
                                 tokio::time::sleep(Duration::from_secs(5)).await;
+                            }
+                            if path == "/convert" {
+                                let reply = convert(&review);
+                                return Ok::<_, std::convert::Infallible>(hyper::Response::new(Full::new(Bytes::from(reply.to_string()))));
                             }
                             let mut response = answer(&path, &review["request"]);
                             if !json_body || review["apiVersion"] != "admission.k8s.io/v1" {
@@ -504,4 +533,99 @@ fn a_cel_policy_refuses_a_deployment_with_too_many_replicas() {
         Some(&POLICY.split("---").nth(5).unwrap().replace("[Deny]", "[Deny, Warn]")),
     );
     assert!(error.contains("must not contain both Deny and Warn"), "{error}");
+}
+
+fn gadgets(webhook: &Webhook) -> String {
+    format!(
+        r#"
+apiVersion: apiextensions.k8s.io/v1
+kind: CustomResourceDefinition
+metadata: {{name: gadgets.example.com}}
+spec:
+  group: example.com
+  scope: Namespaced
+  names: {{plural: gadgets, kind: Gadget}}
+  conversion:
+    strategy: Webhook
+    webhook:
+      conversionReviewVersions: [v1]
+      clientConfig:
+        service: {{namespace: hooks, name: hook, port: 8443, path: /convert}}
+        caBundle: {ca}
+  versions:
+  - name: v1
+    served: true
+    storage: true
+    schema: {{openAPIV3Schema: {{type: object, x-kubernetes-preserve-unknown-fields: true}}}}
+  - name: v2
+    served: true
+    storage: false
+    selectableFields: [{{jsonPath: .spec.host}}]
+    schema: {{openAPIV3Schema: {{type: object, x-kubernetes-preserve-unknown-fields: true}}}}
+"#,
+        ca = webhook.ca_bundle()
+    )
+}
+
+#[test]
+fn a_conversion_webhook_converts_custom_objects_between_versions() {
+    let server = TugboatServer::start(Path::new(env!("CARGO_BIN_EXE_tugboat")), &[]).expect("the server starts");
+    let webhook = Webhook::start();
+    setup(&server, &webhook);
+    server.kubectl(&["apply", "-f", "-"], Some(&gadgets(&webhook)));
+    server.kubectl(&["wait", "--for=condition=Established", "crd/gadgets.example.com", "--timeout=30s"], None);
+    let v1 = "apiVersion: example.com/v1\nkind: Gadget\nmetadata: {name: old, namespace: hooks}\nspec: {hostPort: \"localhost:8080\"}\n";
+    let v2 = "apiVersion: example.com/v2\nkind: Gadget\nmetadata: {name: new, namespace: hooks}\nspec: {host: example.com, port: \"443\"}\n";
+    server.kubectl(&["apply", "-f", "-"], Some(v1));
+    server.kubectl(&["apply", "-f", "-"], Some(v2));
+
+    // Each version reads both objects, converted by the webhook (a list in one review).
+    let read = |version: &str, name: &str| -> Value {
+        let text = server
+            .kubectl(&["get", &format!("gadgets.{version}.example.com"), name, "-n", "hooks", "-o", "json"], None);
+        serde_json::from_str(&text).unwrap()
+    };
+    let old_v2 = read("v2", "old");
+    assert_eq!(old_v2["apiVersion"], "example.com/v2");
+    assert_eq!(old_v2["spec"], json!({"host": "localhost", "port": "8080"}));
+    let new_v1 = read("v1", "new");
+    assert_eq!(new_v1["spec"], json!({"hostPort": "example.com:443"}), "written in v2, stored in v1");
+    assert_eq!(new_v1["metadata"]["uid"], read("v2", "new")["metadata"]["uid"]);
+    let list =
+        server.kubectl(&["get", "gadgets.v2.example.com", "-n", "hooks", "-o", "jsonpath={.items[*].spec.host}"], None);
+    assert_eq!(list, "example.com localhost");
+    let (code, events) =
+        server.curl("GET", "/apis/example.com/v2/namespaces/hooks/gadgets?watch=1&timeoutSeconds=1", true, &[]);
+    assert_eq!(code, 200);
+    assert_eq!(events.matches(r#""host":"localhost""#).count(), 1, "{events}");
+
+    // A version's selectable fields select by its own (converted) fields; others are refused.
+    let selected = server.kubectl(
+        &["get", "gadgets.v2.example.com", "-n", "hooks", "--field-selector=spec.host=localhost", "-o", "name"],
+        None,
+    );
+    assert_eq!(selected.trim(), "gadget.example.com/old");
+    let error = server
+        .kubectl_fails(&["get", "gadgets.v1.example.com", "-n", "hooks", "--field-selector=spec.host=localhost"], None);
+    assert!(error.contains("field label not supported: spec.host"), "{error}");
+
+    // An update through v2 is stored in v1.
+    server.kubectl(
+        &["patch", "gadgets.v2.example.com", "old", "-n", "hooks", "--type=merge", "-p", r#"{"spec":{"port":"9090"}}"#],
+        None,
+    );
+    assert_eq!(read("v1", "old")["spec"]["hostPort"], "localhost:9090");
+
+    // The webhook's settings are validated as upstream's.
+    let broken = gadgets(&webhook)
+        .replace("      conversionReviewVersions: [v1]\n", "")
+        .replace("gadgets.example.com", "gizmos.example.com")
+        .replace("plural: gadgets, kind: Gadget", "plural: gizmos, kind: Gizmo");
+    let error = server.kubectl_fails(&["apply", "-f", "-"], Some(&broken));
+    assert!(
+        error.contains(
+            "spec.conversion.webhook.conversionReviewVersions: Required value: must include at least one of v1, v1beta1"
+        ),
+        "{error}"
+    );
 }
