@@ -243,9 +243,9 @@ fn conditions_match(webhook: &Value, request: &Value) -> Result<bool, String> {
     };
     let mut context = cel::Context::default();
     for variable in ["object", "oldObject"] {
-        context.add_variable(variable, request[variable].clone()).map_err(|e| e.to_string())?;
+        context.add_variable_from_value(variable, crate::policy::to_cel(&request[variable]));
     }
-    context.add_variable("request", request.clone()).map_err(|e| e.to_string())?;
+    context.add_variable_from_value("request", crate::policy::to_cel(request));
     for condition in conditions {
         let name = condition["name"].as_str().unwrap_or_default();
         let expression = condition["expression"].as_str().unwrap_or_default();

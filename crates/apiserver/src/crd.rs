@@ -524,6 +524,8 @@ pub fn prepare(object: &mut Value, others: &[Value], old: Option<&Value>) -> Res
                 &format!("{field}.schema.openAPIV3Schema.type"),
                 format!("Invalid value: {:?}: must be object at the root", schema["type"].as_str().unwrap_or("")),
             ));
+        } else {
+            causes.extend(crate::rules::compile_errors(schema, &format!("{field}.schema.openAPIV3Schema")));
         }
         if let Some(columns) = version["additionalPrinterColumns"].as_array() {
             for (j, column) in columns.iter().enumerate() {
@@ -978,7 +980,9 @@ fn default_value(schema: &Value, value: &mut Value, root: bool) {
 }
 
 /// Validates a custom object against its schema: the causes of a 422, with upstream's wording.
-pub fn validate(custom: &Custom, object: &Value) -> Vec<Cause> {
+/// Once it fits, its CEL rules (`x-kubernetes-validations`) run, `old` being the object before
+/// an update.
+pub fn validate(custom: &Custom, object: &Value, old: Option<&Value>) -> Vec<Cause> {
     let mut causes = Vec::new();
     if let Some(schema) = &custom.schema {
         let mut top = schema.clone();
@@ -989,6 +993,9 @@ pub fn validate(custom: &Custom, object: &Value) -> Vec<Cause> {
             properties.remove("kind");
         }
         validate_value(&top, object, "", &mut causes);
+        if causes.is_empty() {
+            causes = crate::rules::check(schema, object, old);
+        }
     }
     causes
 }
@@ -1329,11 +1336,11 @@ mod tests {
         assert_eq!(unknown, ["other", "spec.extra"]);
         default(custom, &mut widget);
         assert_eq!(widget["spec"]["color"], "red");
-        let causes = validate(custom, &widget);
+        let causes = validate(custom, &widget, None);
         assert_eq!(causes.len(), 1);
         assert_eq!(causes[0].field, "spec.size");
         assert_eq!(causes[0].message, "Invalid value: 11: spec.size in body should be less than or equal to 10");
-        let causes = validate(custom, &json!({"spec": {"size": "big", "color": "green"}}));
+        let causes = validate(custom, &json!({"spec": {"size": "big", "color": "green"}}), None);
         let messages: Vec<&str> = causes.iter().map(|c| c.message.as_str()).collect();
         assert_eq!(
             messages,
@@ -1342,7 +1349,7 @@ mod tests {
                 "Invalid value: \"string\": spec.size in body must be of type integer: \"string\"",
             ]
         );
-        assert_eq!(validate(custom, &json!({"spec": {}}))[0].field, "spec.size");
+        assert_eq!(validate(custom, &json!({"spec": {}}), None)[0].field, "spec.size");
     }
 
     #[test]

@@ -1171,7 +1171,7 @@ async fn create_object(
                 format!("create not allowed while custom resource definition is terminating: {}", custom.crd);
             return Err(error);
         }
-        validate_custom(resource, custom, &mut object)?;
+        validate_custom(resource, custom, &mut object, None)?;
     }
     if is_crds(resource) {
         let others = cached_list(state, resource, None).await?;
@@ -1202,7 +1202,7 @@ async fn create_object(
             user: write.user.as_ref(),
         };
         if admission::mutate(state, &attributes, &mut object, write).await? {
-            after_mutation(resource, &mut object)?;
+            after_mutation(resource, &mut object, None)?;
         }
         admission::validate(state, &attributes, Some(&object), write).await?;
     }
@@ -1231,7 +1231,7 @@ async fn create_object(
 
 /// After a mutating webhook changed an object: what its kind does not declare is dropped, its
 /// defaults are applied again (to what the webhook added) and it is validated again.
-fn after_mutation(resource: &Resource, object: &mut Value) -> Result<(), ApiError> {
+fn after_mutation(resource: &Resource, object: &mut Value, old: Option<&Value>) -> Result<(), ApiError> {
     match resource.custom {
         Some(custom) => {
             crate::crd::prune(custom, object);
@@ -1243,7 +1243,7 @@ fn after_mutation(resource: &Resource, object: &mut Value) -> Result<(), ApiErro
     object::apply_defaults(resource, object);
     object::validate(resource, object)?;
     if let Some(custom) = resource.custom {
-        validate_custom(resource, custom, object)?;
+        validate_custom(resource, custom, object, old)?;
     }
     if resource.group == admission::GROUP {
         check_configuration(resource, object)?;
@@ -1269,9 +1269,14 @@ fn is_crds(resource: &Resource) -> bool {
 }
 
 /// Defaults and validates a custom object by its definition's schema.
-fn validate_custom(resource: &Resource, custom: &crate::crd::Custom, object: &mut Value) -> Result<(), ApiError> {
+fn validate_custom(
+    resource: &Resource,
+    custom: &crate::crd::Custom,
+    object: &mut Value,
+    old: Option<&Value>,
+) -> Result<(), ApiError> {
     crate::crd::default(custom, object);
-    let causes = crate::crd::validate(custom, object);
+    let causes = crate::crd::validate(custom, object, old);
     if causes.is_empty() {
         return Ok(());
     }
@@ -1851,7 +1856,7 @@ pub(crate) async fn modify(
         if let Some(custom) = resource.custom
             && view != View::Whole
         {
-            validate_custom(resource, custom, &mut object)?;
+            validate_custom(resource, custom, &mut object, Some(&old))?;
         }
         if is_crds(resource) && matches!(view, View::Main | View::Whole) {
             let others = cached_list(state, resource, None).await?;
@@ -1884,7 +1889,7 @@ pub(crate) async fn modify(
             };
             if matches!(view, View::Main | View::Status) {
                 if admission::mutate(state, &attributes, &mut object, write).await? {
-                    after_mutation(resource, &mut object)?;
+                    after_mutation(resource, &mut object, Some(&old))?;
                 }
                 admission::validate(state, &attributes, Some(&object), write).await?;
             } else {

@@ -34,6 +34,7 @@ mod quota;
 mod rbac;
 mod registry;
 mod resource_metrics;
+mod rules;
 mod runtime_class;
 mod schema;
 mod selector;

@@ -213,3 +213,63 @@ fn definitions_with_bad_names_or_versions_are_refused_with_the_field() {
     let error = server.kubectl_fails(&["apply", "-f", "-"], Some(&two_storage));
     assert!(error.contains("must have exactly one version marked as storage version"), "{error}");
 }
+
+const RULED: &str = r#"
+apiVersion: apiextensions.k8s.io/v1
+kind: CustomResourceDefinition
+metadata:
+  name: pools.example.com
+spec:
+  group: example.com
+  scope: Namespaced
+  names: {plural: pools, kind: Pool}
+  versions:
+  - name: v1
+    served: true
+    storage: true
+    schema:
+      openAPIV3Schema:
+        type: object
+        properties:
+          spec:
+            type: object
+            x-kubernetes-validations:
+            - rule: "self.replicas <= self.maxReplicas"
+              messageExpression: "'replicas (' + string(self.replicas) + ') must not exceed maxReplicas'"
+            properties:
+              replicas: {type: integer}
+              maxReplicas: {type: integer}
+              mode:
+                type: string
+                x-kubernetes-validations:
+                - {rule: "self == oldSelf", message: "mode is immutable"}
+"#;
+
+#[test]
+fn cel_rules_in_a_schema_refuse_what_they_do_not_allow() {
+    let server = server();
+    server.kubectl(&["apply", "-f", "-"], Some(RULED));
+    server.kubectl(&["wait", "--for=condition=Established", "crd/pools.example.com", "--timeout=30s"], None);
+    let pool = |replicas: u32, mode: &str| {
+        format!(
+            "apiVersion: example.com/v1\nkind: Pool\nmetadata: {{name: p}}\nspec: {{replicas: {replicas}, maxReplicas: 3, mode: {mode}}}\n"
+        )
+    };
+    let error = server.kubectl_fails(&["apply", "-f", "-"], Some(&pool(5, "fast")));
+    assert!(error.contains(r#"spec: Invalid value: "object": replicas (5) must not exceed maxReplicas"#), "{error}");
+    server.kubectl(&["apply", "-f", "-"], Some(&pool(2, "fast")));
+    // A transition rule compares with the object before the update.
+    server.kubectl(&["apply", "-f", "-"], Some(&pool(3, "fast")));
+    let error = server.kubectl_fails(&["apply", "-f", "-"], Some(&pool(3, "slow")));
+    assert!(error.contains(r#"spec.mode: Invalid value: "string": mode is immutable"#), "{error}");
+
+    // A rule that does not compile keeps the definition out.
+    let broken = RULED.replace("pools", "tanks").replace("Pool", "Tank").replace("self == oldSelf", "self ==");
+    let error = server.kubectl_fails(&["apply", "-f", "-"], Some(&broken));
+    assert!(
+        error.contains(
+            "spec.versions[0].schema.openAPIV3Schema.properties[spec].properties[mode].x-kubernetes-validations[0].rule"
+        ) && error.contains("compilation failed"),
+        "{error}"
+    );
+}
