@@ -48,6 +48,10 @@ pub struct ApiState {
     pub tokens: Arc<crate::auth::TokenFile>,
     /// The resources CustomResourceDefinitions add.
     pub custom: crate::crd::CustomResources,
+    /// The group versions APIServices put behind Services.
+    pub aggregated: crate::aggregator::Aggregated,
+    /// How this server proves itself to aggregated API servers.
+    pub front_proxy: crate::aggregator::FrontProxy,
 }
 
 impl ApiState {
@@ -147,6 +151,16 @@ pub async fn handle(state: Arc<ApiState>, user: Option<UserInfo>, request: hyper
         Ok(Some(t)) if t.subresource.as_deref() == Some("proxy") => crate::proxy::parse(parts.uri.path()),
         _ => None,
     };
+    // A group version an APIService puts behind a Service: the request goes there.
+    if let Some(remote) = state.aggregated.target(&path) {
+        let request = hyper::Request::from_parts(parts, body);
+        let response = match crate::aggregator::forward(&state, &remote, user.as_ref(), request).await {
+            Ok(response) => response,
+            Err(error) => error.into_response(),
+        };
+        state.metrics.record(&verb, group, resource, response.status().as_u16(), started.elapsed());
+        return response;
+    }
     let result = match (streaming, proxied) {
         (_, Some((plural, namespace, id, rest))) => {
             let (plural, namespace, id, rest) =
@@ -363,7 +377,11 @@ async fn route(
     if matches!(path, "/api" | "/api/" | "/apis" | "/apis/")
         && let Some(version) = discovery::aggregated_version(accept)
     {
-        let document = discovery::aggregated(&state.resources(), path.trim_end_matches('/') == "/api", version);
+        let core = path.trim_end_matches('/') == "/api";
+        let mut document = discovery::aggregated(&state.resources(), core, version);
+        if !core {
+            crate::aggregator::merge_aggregated(state, &mut document);
+        }
         let mut response = json_response(StatusCode::OK, &document);
         let content_type = format!("application/json;g=apidiscovery.k8s.io;v={version};as=APIGroupDiscoveryList");
         response
@@ -386,7 +404,9 @@ async fn route(
             return Ok(json_response(StatusCode::OK, &discovery::api_versions(&state.server_address)));
         }
         "/apis" | "/apis/" => {
-            return Ok(json_response(StatusCode::OK, &discovery::api_group_list(&state.resources())));
+            let mut list = discovery::api_group_list(&state.resources());
+            crate::aggregator::merge_group_list(state, &mut list);
+            return Ok(json_response(StatusCode::OK, &list));
         }
         _ => {}
     }
@@ -417,6 +437,7 @@ async fn route(
         }
         ["apis", group] => {
             return discovery::api_group(&state.resources(), group)
+                .or_else(|| crate::aggregator::group(state, group))
                 .map(|g| json_response(StatusCode::OK, &g))
                 .ok_or_else(|| ApiError::not_found_path(path));
         }
@@ -1161,6 +1182,9 @@ async fn create_object(
     if resource.group == admission::GROUP {
         check_configuration(resource, &mut object)?;
     }
+    if resource.group == crate::aggregator::GROUP {
+        check_api_service(resource, &mut object)?;
+    }
     if resource.plural == "services" {
         crate::services::default_and_validate(&mut object)?;
     }
@@ -1252,6 +1276,17 @@ fn after_mutation(resource: &Resource, object: &mut Value, old: Option<&Value>) 
         crate::services::default_and_validate(object)?;
     }
     Ok(())
+}
+
+/// Defaults and validates an APIService.
+fn check_api_service(resource: &Resource, object: &mut Value) -> Result<(), ApiError> {
+    crate::aggregator::default(object);
+    let causes = crate::aggregator::validate(object);
+    if causes.is_empty() {
+        return Ok(());
+    }
+    let name = object["metadata"]["name"].as_str().unwrap_or_default();
+    Err(ApiError::invalid(resource.group, resource.kind, name, causes))
 }
 
 /// Defaults and validates an admission webhook configuration.
@@ -1875,6 +1910,9 @@ pub(crate) async fn modify(
         if resource.group == admission::GROUP && view == View::Main {
             check_configuration(resource, &mut object)?;
         }
+        if resource.group == crate::aggregator::GROUP && view == View::Main {
+            check_api_service(resource, &mut object)?;
+        }
         if write.admit && view != View::Whole {
             let attributes = admission::Attributes {
                 resource,
@@ -2452,7 +2490,7 @@ pub async fn reconcile_apiserver_lease(state: &ApiState, address: std::net::IpAd
 }
 
 /// Creates `desired`, or replaces the stored object's `fields` with its own if they differ.
-async fn put_system_object(
+pub(crate) async fn put_system_object(
     state: &ApiState,
     resource: &Resource,
     mut desired: Value,

@@ -9,6 +9,7 @@
 #![allow(clippy::result_large_err)]
 
 mod admission;
+mod aggregator;
 mod auth;
 pub mod bootstrap;
 mod conversion;
@@ -301,6 +302,25 @@ pub async fn start(config: ApiServerConfig, store: Arc<dyn Store>) -> Result<Api
     )?;
     let kubelets = kubelet::KubeletClient::new(ca.cert_pem(), &kubelet_client.cert_pem, &kubelet_client.key_pem)
         .map_err(StartError::Tls)?;
+    // Upstream's front-proxy CA and client: how the server proves itself to aggregated API
+    // servers (a CA of its own, so no client certificate the cluster CA signs can pass for it).
+    let front_proxy_ca = ClusterCa::load_or_create(&pki_dir.join("front-proxy"))?;
+    let front_proxy_client = front_proxy_ca.load_or_issue(
+        "front-proxy-client",
+        &CertSpec {
+            common_name: "front-proxy-client".into(),
+            organizations: vec![],
+            dns_names: vec![],
+            ip_addresses: vec![],
+            usage: Usage::Client,
+            validity: year,
+        },
+    )?;
+    let front_proxy = aggregator::FrontProxy {
+        ca_pem: front_proxy_ca.cert_pem().to_string(),
+        cert_pem: front_proxy_client.cert_pem,
+        key_pem: front_proxy_client.key_pem,
+    };
     let tokens = match &config.token_auth_file {
         Some(path) => TokenFile::load(path).map_err(StartError::Tokens)?,
         None => TokenFile::default(),
@@ -338,11 +358,15 @@ pub async fn start(config: ApiServerConfig, store: Arc<dyn Store>) -> Result<Api
         signer,
         tokens,
         custom: Default::default(),
+        aggregated: Default::default(),
+        front_proxy,
     });
     handlers::ensure_system_objects(&state).await.map_err(|e| StartError::Setup(e.message))?;
+    aggregator::ensure_objects(&state, ca.cert_pem()).await.map_err(|e| StartError::Setup(e.message))?;
     // The custom resources defined so far are served from the first request on.
     crd::refresh(&state).await.map_err(|e| StartError::Setup(e.message))?;
     background.push(tokio::spawn(crd::run(state.clone())));
+    background.push(tokio::spawn(aggregator::run(state.clone())));
     match advertise {
         Some(address) => {
             let port = local_addr.port();

@@ -202,9 +202,11 @@ fn pick(n: usize) -> usize {
     nanos as usize % n.max(1)
 }
 
-/// TLS that takes whatever certificate the pod or service shows (upstream's proxy transport
-/// does not verify them either: they are the cluster's own workloads).
-fn insecure_connector() -> tokio_rustls::TlsConnector {
+/// A verifier that takes whatever certificate a server shows (upstream's proxy transport does
+/// not verify the cluster's own workloads either; an APIService may say to skip verification).
+pub(crate) fn any_certificate(
+    provider: std::sync::Arc<rustls::crypto::CryptoProvider>,
+) -> std::sync::Arc<dyn rustls::client::danger::ServerCertVerifier> {
     use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
     use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
     #[derive(Debug)]
@@ -240,12 +242,17 @@ fn insecure_connector() -> tokio_rustls::TlsConnector {
             self.0.signature_verification_algorithms.supported_schemes()
         }
     }
+    std::sync::Arc::new(AnyCertificate(provider))
+}
+
+/// TLS that takes whatever certificate the pod or service shows.
+fn insecure_connector() -> tokio_rustls::TlsConnector {
     let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
     let config = rustls::ClientConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()
         .expect("the ring provider supports the default versions")
         .dangerous()
-        .with_custom_certificate_verifier(std::sync::Arc::new(AnyCertificate(provider)))
+        .with_custom_certificate_verifier(any_certificate(provider))
         .with_no_client_auth();
     tokio_rustls::TlsConnector::from(std::sync::Arc::new(config))
 }

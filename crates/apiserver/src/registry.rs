@@ -520,6 +520,23 @@ pub static RESOURCES: &[Resource] = &[
         >,
         custom: None,
     },
+    Resource {
+        group: "apiregistration.k8s.io",
+        version: "v1",
+        kind: "APIService",
+        plural: "apiservices",
+        singular: "apiservice",
+        namespaced: false,
+        short_names: &[],
+        categories: &["api-extensions"],
+        storage: "apiregistration.k8s.io/apiservices",
+        schema: schema_of::<k8s_openapi::kube_aggregator::pkg::apis::apiregistration::v1::APIService>,
+        conversion: None,
+        protobuf: crate::protobuf::to_serde_json::<
+            k8s_rs_pb::kube_aggregator::pkg::apis::apiregistration::v1::APIService,
+        >,
+        custom: None,
+    },
 ];
 
 impl Resource {
@@ -603,6 +620,7 @@ impl Resource {
                 | "prioritylevelconfigurations"
                 | "customresourcedefinitions"
                 | "validatingadmissionpolicies"
+                | "apiservices"
         )
     }
 

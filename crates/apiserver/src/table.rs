@@ -156,6 +156,7 @@ fn columns(resource: &Resource) -> Vec<Column> {
         "validatingadmissionpolicies" => {
             vec![name, ("Validations", "integer", "", 0), ("ParamKind", "string", "", 0), age]
         }
+        "apiservices" => vec![name, ("Service", "string", "", 0), ("Available", "string", "", 0), age],
         "validatingadmissionpolicybindings" => {
             vec![name, ("PolicyName", "string", "", 0), ("ParamRef", "string", "", 0), age]
         }
@@ -742,6 +743,26 @@ fn cells(resource: &Resource, object: &Value) -> Vec<Value> {
             };
             let validations = object["spec"]["validations"].as_array().map_or(0, Vec::len);
             vec![name, json!(validations), json!(param_kind), json!(age(object))]
+        }
+        "apiservices" => {
+            let service = &object["spec"]["service"];
+            let shown = match (service["namespace"].as_str(), service["name"].as_str()) {
+                (Some(namespace), Some(name)) => format!("{namespace}/{name}"),
+                _ => "Local".into(),
+            };
+            let available = object["status"]["conditions"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .find(|c| c["type"] == "Available")
+                .map(|c| match (c["status"].as_str(), c["reason"].as_str()) {
+                    (Some("True"), _) => "True".to_string(),
+                    (Some(status), Some(reason)) => format!("{status} ({reason})"),
+                    (Some(status), None) => status.to_string(),
+                    _ => "Unknown".into(),
+                })
+                .unwrap_or_else(|| "Unknown".into());
+            vec![name, json!(shown), json!(available), json!(age(object))]
         }
         "validatingadmissionpolicybindings" => {
             let reference = &object["spec"]["paramRef"];
