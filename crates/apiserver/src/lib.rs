@@ -11,6 +11,7 @@
 mod admission;
 mod aggregator;
 mod auth;
+mod autoscaling;
 pub mod bootstrap;
 mod conversion;
 mod crd;

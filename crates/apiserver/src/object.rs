@@ -582,7 +582,8 @@ fn default_workload(resource: &Resource, object: &mut Value) {
         // `pkg/apis/autoscaling/v2/defaults.go`: one replica at least, 80% CPU when no metric.
         "horizontalpodautoscalers" => {
             set_default(spec, "minReplicas", json!(1));
-            if spec["metrics"].as_array().is_none_or(Vec::is_empty) {
+            // A v1 object has no metrics: its conversion to v2 adds the default.
+            if resource.version == "v2" && spec["metrics"].as_array().is_none_or(Vec::is_empty) {
                 spec["metrics"] = json!([{"type": "Resource", "resource": {"name": "cpu",
                     "target": {"type": "Utilization", "averageUtilization": 80}}}]);
             }

@@ -208,6 +208,19 @@ pub static RESOURCES: &[Resource] = &[
         &["hpa"],
         ALL
     ),
+    resource!(
+        autoscaling::v1::HorizontalPodAutoscaler,
+        "autoscaling",
+        "v1",
+        "HorizontalPodAutoscaler",
+        "horizontalpodautoscalers",
+        "horizontalpodautoscaler",
+        true,
+        &["hpa"],
+        ALL,
+        "horizontalpodautoscalers",
+        Some(Conversion { to_storage: crate::autoscaling::to_v2, from_storage: crate::autoscaling::from_v2 })
+    ),
     resource!(coordination::v1::Lease, "coordination.k8s.io", "v1", "Lease", "leases", "lease", true, NONE, NONE),
     resource!(
         networking::v1::Ingress,
@@ -671,7 +684,7 @@ mod tests {
     fn plurals_are_unique_per_group() {
         for (i, a) in RESOURCES.iter().enumerate() {
             for b in &RESOURCES[i + 1..] {
-                assert!(!(a.group == b.group && a.plural == b.plural), "{} twice", a.plural);
+                assert!(!(a.group == b.group && a.version == b.version && a.plural == b.plural), "{} twice", a.plural);
                 if a.conversion.is_none() && b.conversion.is_none() {
                     assert_ne!(a.storage, b.storage, "two resources share a store prefix");
                 }

@@ -806,6 +806,14 @@ fn cells(resource: &Resource, object: &Value) -> Vec<Value> {
             vec![name, json!(s(&object["spec"]["controller"])), json!(shown), json!(age(object))]
         }
         "horizontalpodautoscalers" => {
+            // A v1 object shows as the v2 one it is.
+            let converted;
+            let object = if object["apiVersion"] == "autoscaling/v1" {
+                converted = crate::autoscaling::to_v2(object.clone());
+                &converted
+            } else {
+                object
+            };
             let spec = &object["spec"];
             let target = &spec["scaleTargetRef"];
             let reference = format!("{}/{}", s(&target["kind"]), s(&target["name"]));

@@ -185,3 +185,70 @@ spec:
     let (code, _) = server.curl("GET", "/apis/wardle.example.com/v1alpha1/namespaces/default/flunders", true, &[]);
     assert_eq!(code, 503);
 }
+
+#[test]
+fn horizontal_pod_autoscalers_are_served_in_autoscaling_v1_and_v2() {
+    let server = TugboatServer::start(Path::new(env!("CARGO_BIN_EXE_tugboat")), &[]).expect("the server starts");
+    let groups = server.kubectl(&["api-versions"], None);
+    assert!(groups.contains("autoscaling/v1") && groups.contains("autoscaling/v2"), "{groups}");
+    let v2 = r#"
+apiVersion: autoscaling/v2
+kind: HorizontalPodAutoscaler
+metadata: {name: web}
+spec:
+  scaleTargetRef: {apiVersion: apps/v1, kind: Deployment, name: web}
+  maxReplicas: 5
+  metrics:
+  - {type: Resource, resource: {name: cpu, target: {type: Utilization, averageUtilization: 50}}}
+  - {type: Resource, resource: {name: memory, target: {type: AverageValue, averageValue: 100Mi}}}
+"#;
+    server.kubectl(&["apply", "-f", "-"], Some(v2));
+    let v1: Value = serde_json::from_str(
+        &server.kubectl(&["get", "horizontalpodautoscalers.v1.autoscaling", "web", "-o", "json"], None),
+    )
+    .unwrap();
+    assert_eq!(v1["apiVersion"], "autoscaling/v1");
+    assert_eq!(v1["spec"]["targetCPUUtilizationPercentage"], 50);
+    assert!(
+        v1["metadata"]["annotations"]["autoscaling.alpha.kubernetes.io/metrics"].as_str().unwrap().contains("memory"),
+        "{v1}"
+    );
+    // A v1 client's update keeps what only v2 says.
+    server.kubectl(
+        &[
+            "patch",
+            "horizontalpodautoscalers.v1.autoscaling",
+            "web",
+            "-p",
+            r#"{"spec":{"targetCPUUtilizationPercentage":70}}"#,
+        ],
+        None,
+    );
+    let metrics = server.kubectl(
+        &[
+            "get",
+            "horizontalpodautoscalers.v2.autoscaling",
+            "web",
+            "-o",
+            "jsonpath={.spec.metrics[*].resource.name} {.spec.metrics[0].resource.target.averageUtilization}",
+        ],
+        None,
+    );
+    assert_eq!(metrics, "cpu memory 70");
+    // Created through v1: stored as v2.
+    let v1 = "apiVersion: autoscaling/v1\nkind: HorizontalPodAutoscaler\nmetadata: {name: old}\nspec: {scaleTargetRef: {kind: Deployment, name: old}, maxReplicas: 3, targetCPUUtilizationPercentage: 60}\n";
+    server.kubectl(&["apply", "-f", "-"], Some(v1));
+    let target = server.kubectl(
+        &[
+            "get",
+            "horizontalpodautoscalers.v2.autoscaling",
+            "old",
+            "-o",
+            "jsonpath={.spec.metrics[0].resource.target.averageUtilization}",
+        ],
+        None,
+    );
+    assert_eq!(target, "60");
+    let table = server.kubectl(&["get", "hpa"], None);
+    assert!(table.contains("cpu: <unknown>/60%"), "{table}");
+}
