@@ -264,7 +264,7 @@ fn conditions_match(webhook: &Value, request: &Value) -> Result<bool, String> {
 }
 
 /// The AdmissionReview request for `attributes` and `object`.
-fn review_request(attributes: &Attributes<'_>, object: Option<&Value>, uid: &str) -> Value {
+pub(crate) fn review_request(attributes: &Attributes<'_>, object: Option<&Value>, uid: &str) -> Value {
     let resource = attributes.resource;
     let (group, version, kind) = reviewed_kind(resource, attributes.subresource);
     let kind = json!({"group": group, "version": version, "kind": kind});
@@ -624,8 +624,7 @@ pub async fn validate(
     if exempt(attributes.resource) {
         return Ok(());
     }
-    let request = review_request(attributes, object, &uuid::Uuid::new_v4().to_string());
-    crate::policy::validate(state, attributes, object, &request, write).await?;
+    crate::policy::validate(state, attributes, object, write).await?;
     let hooks = matching(state, Kind::Validating, attributes, object).await?;
     if hooks.is_empty() {
         return Ok(());

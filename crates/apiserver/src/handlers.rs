@@ -1240,8 +1240,14 @@ async fn create_object(
         Vec::new()
     };
     let key = resource.key(namespace.as_deref(), &name);
-    let stored = crate::conversion::to_storage(state.store.as_ref(), resource, object.clone()).await?;
-    let created = state.store.create(&key, object::to_store(resource, &stored)).await;
+    let converted;
+    let stored = if crate::conversion::by_webhook(resource) {
+        converted = crate::conversion::to_storage(state.store.as_ref(), resource, object.clone()).await?;
+        &converted
+    } else {
+        &object
+    };
+    let created = state.store.create(&key, object::to_store(resource, stored)).await;
     if created.is_err() && !claims.is_empty() {
         crate::services::release(state.store.as_ref(), &object).await;
     }
@@ -1963,8 +1969,14 @@ pub(crate) async fn modify(
                 Err(error) => Err(ApiError::from_store(error, resource.group, resource.plural, name)),
             };
         }
-        let stored = crate::conversion::to_storage(state.store.as_ref(), resource, object.clone()).await?;
-        match state.store.update(&key, object::to_store(resource, &stored), revision).await {
+        let converted;
+        let stored = if crate::conversion::by_webhook(resource) {
+            converted = crate::conversion::to_storage(state.store.as_ref(), resource, object.clone()).await?;
+            &converted
+        } else {
+            &object
+        };
+        match state.store.update(&key, object::to_store(resource, stored), revision).await {
             Ok(new_revision) => {
                 object["metadata"]["resourceVersion"] = json!(new_revision.to_string());
                 if is_crds(resource) {

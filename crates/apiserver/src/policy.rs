@@ -204,7 +204,6 @@ pub async fn validate(
     state: &ApiState,
     attributes: &Attributes<'_>,
     object: Option<&Value>,
-    request: &Value,
     write: &Write,
 ) -> Result<(), ApiError> {
     let bindings_resource = registry::find(GROUP, "v1", "validatingadmissionpolicybindings").expect("served");
@@ -212,6 +211,7 @@ pub async fn validate(
     if bindings.is_empty() {
         return Ok(());
     }
+    let request = &crate::admission::review_request(attributes, object, &uuid::Uuid::new_v4().to_string());
     let policies_resource = registry::find(GROUP, "v1", "validatingadmissionpolicies").expect("served");
     let policies = cached_list(state, policies_resource, None).await?;
     let mut namespace_object = None;
