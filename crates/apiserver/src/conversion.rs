@@ -35,8 +35,18 @@ pub async fn convert_one(store: &dyn Store, resource: &Resource, object: Value) 
     Ok(convert(store, resource, vec![object]).await?.pop().unwrap_or_default())
 }
 
+/// What the store keeps of an object written in `resource`'s version (`object::to_store`, after
+/// the definition's webhook converted it to the storage version when one converts).
+pub async fn stored(store: &dyn Store, resource: &Resource, object: &Value) -> Result<Vec<u8>, ApiError> {
+    if !by_webhook(resource) {
+        return Ok(crate::object::to_store(resource, object));
+    }
+    let converted = to_storage(store, resource, object.clone()).await?;
+    Ok(crate::object::to_store(resource, &converted))
+}
+
 /// An object written in `resource`'s version, in the version it is stored in.
-pub async fn to_storage(store: &dyn Store, resource: &Resource, object: Value) -> Result<Value, ApiError> {
+async fn to_storage(store: &dyn Store, resource: &Resource, object: Value) -> Result<Value, ApiError> {
     let Some(custom) = resource.custom.filter(|_| by_webhook(resource)) else { return Ok(object) };
     let desired = format!("{}/{}", resource.group, custom.storage_version);
     Ok(convert_to(store, resource, vec![object], &desired).await?.pop().unwrap_or_default())

@@ -1240,14 +1240,8 @@ async fn create_object(
         Vec::new()
     };
     let key = resource.key(namespace.as_deref(), &name);
-    let converted;
-    let stored = if crate::conversion::by_webhook(resource) {
-        converted = crate::conversion::to_storage(state.store.as_ref(), resource, object.clone()).await?;
-        &converted
-    } else {
-        &object
-    };
-    let created = state.store.create(&key, object::to_store(resource, stored)).await;
+    let stored = crate::conversion::stored(state.store.as_ref(), resource, &object).await?;
+    let created = state.store.create(&key, stored).await;
     if created.is_err() && !claims.is_empty() {
         crate::services::release(state.store.as_ref(), &object).await;
     }
@@ -1969,14 +1963,8 @@ pub(crate) async fn modify(
                 Err(error) => Err(ApiError::from_store(error, resource.group, resource.plural, name)),
             };
         }
-        let converted;
-        let stored = if crate::conversion::by_webhook(resource) {
-            converted = crate::conversion::to_storage(state.store.as_ref(), resource, object.clone()).await?;
-            &converted
-        } else {
-            &object
-        };
-        match state.store.update(&key, object::to_store(resource, stored), revision).await {
+        let stored = crate::conversion::stored(state.store.as_ref(), resource, &object).await?;
+        match state.store.update(&key, stored, revision).await {
             Ok(new_revision) => {
                 object["metadata"]["resourceVersion"] = json!(new_revision.to_string());
                 if is_crds(resource) {
