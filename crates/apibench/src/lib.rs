@@ -96,12 +96,28 @@ impl Target {
         path: &str,
         body: Option<&Value>,
     ) -> anyhow::Result<(StatusCode, Bytes)> {
+        self.send(method, path, body, "application/json").await
+    }
+
+    /// A GET asking for the representations `accept` names.
+    pub async fn request_with(&self, method: Method, path: &str, accept: &str) -> anyhow::Result<(StatusCode, Bytes)> {
+        self.send(method, path, None, accept).await
+    }
+
+    async fn send(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<&Value>,
+        accept: &str,
+    ) -> anyhow::Result<(StatusCode, Bytes)> {
         let mut request = Request::builder().method(method).uri(format!("{}{path}", self.server));
         if let Some(token) = &self.token {
             request = request.header("Authorization", format!("Bearer {token}"));
         }
         let body = body.map(|b| Bytes::from(b.to_string())).unwrap_or_default();
-        let request = request.header("Content-Type", "application/json").body(Full::new(body))?;
+        let request =
+            request.header("Content-Type", "application/json").header("Accept", accept).body(Full::new(body))?;
         let response = self.client.request(request).await?;
         let status = response.status();
         Ok((status, response.into_body().collect().await?.to_bytes()))

@@ -429,8 +429,8 @@ pub async fn run(state: Arc<ApiState>) {
             refresh(&state).await;
             match tokio::time::timeout(Duration::from_secs(10), live.recv()).await {
                 Ok(Ok(_)) | Err(_) => {}
-                Ok(Err(tokio::sync::broadcast::error::RecvError::Lagged(_))) => {}
-                Ok(Err(tokio::sync::broadcast::error::RecvError::Closed)) => break,
+                Ok(Err(crate::watch_cache::RecvError::Lagged(_))) => {}
+                Ok(Err(crate::watch_cache::RecvError::Closed)) => break,
             }
         }
     }

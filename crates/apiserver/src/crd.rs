@@ -3,9 +3,9 @@
 //! resources they add while the server runs.
 //!
 //! Every server keeps the set of served custom resources from a watch of the definitions (so a
-//! definition written through another server of an HA pair is served here too), and also
-//! refreshes it at once after a write of its own (a client that creates a definition and waits
-//! for `Established` can use it right away). A served resource is a [`Resource`] like the
+//! definition written through another server of an HA pair is served here too), one change at
+//! a time, and answers a write of its own once the set has seen it (a client that creates a
+//! definition and waits for `Established` can use it right away). A served resource is a [`Resource`] like the
 //! built-in ones, with [`Custom`] for what the definition says of it (schema, printer columns,
 //! subresources). Resources are interned: one definition version's resource is made once and
 //! kept for the life of the process, so a definition created again costs nothing more.
@@ -17,11 +17,14 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
+use tugboat_store::{EventKind, Revision};
+
 use serde_json::{Value, json};
 
 use crate::handlers::ApiState;
 use crate::registry::{self, Resource};
 use crate::status::{ApiError, Cause};
+use crate::watch_cache::Change;
 
 /// The finalizer upstream gives every definition: its objects go before it does.
 pub const CLEANUP_FINALIZER: &str = "customresourcecleanup.apiextensions.k8s.io";
@@ -49,6 +52,9 @@ pub struct Custom {
     pub webhook: Option<Value>,
     /// The version's `selectableFields`, as field selectors name them (`spec.color`).
     pub selectable: Vec<String>,
+    /// A digest of what the definition says of the version (names, scope, schema…): it changes
+    /// when the published OpenAPI document of the resource does.
+    pub digest: u64,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -68,28 +74,135 @@ pub struct ScalePaths {
     pub label_selector: Option<String>,
 }
 
-/// The custom resources this server serves now.
-#[derive(Debug, Default)]
+/// The custom resources this server serves now, kept from the definitions' changes one at a
+/// time (a change costs what its own definition does, not what all of them do: ~1,000
+/// definitions are a normal install).
+#[derive(Debug)]
 pub struct CustomResources {
-    served: RwLock<Arc<Vec<&'static Resource>>>,
+    served: RwLock<Served>,
+    /// The store revision the served set reflects (what a write of a definition waits for).
+    revision: tokio::sync::watch::Sender<Revision>,
+}
+
+#[derive(Debug, Default)]
+struct Served {
+    /// Every definition's [`outline`] by store key, and the resources it serves.
+    definitions: HashMap<String, (Arc<Value>, Vec<&'static Resource>)>,
+    /// All the resources, sorted by group and version priority.
+    all: Arc<Vec<&'static Resource>>,
+    /// By `(group, version, plural)`.
+    index: HashMap<(&'static str, &'static str, &'static str), &'static Resource>,
+}
+
+impl Default for CustomResources {
+    fn default() -> CustomResources {
+        CustomResources { served: Default::default(), revision: tokio::sync::watch::Sender::new(0) }
+    }
+}
+
+impl Served {
+    fn reindex(&mut self) {
+        let mut all: Vec<&'static Resource> =
+            self.definitions.values().flat_map(|(_, resources)| resources.iter().copied()).collect();
+        all.sort_by(|a, b| {
+            a.group.cmp(b.group).then_with(|| version_priority(a.version, b.version)).then(a.plural.cmp(b.plural))
+        });
+        self.index = all.iter().map(|r| ((r.group, r.version, r.plural), *r)).collect();
+        self.all = Arc::new(all);
+    }
 }
 
 impl CustomResources {
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, Served> {
+        self.served.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, Served> {
+        self.served.write().unwrap_or_else(|e| e.into_inner())
+    }
+
     pub fn find(&self, group: &str, version: &str, plural: &str) -> Option<&'static Resource> {
-        let served = self.served.read().unwrap_or_else(|e| e.into_inner());
-        served.iter().copied().find(|r| r.group == group && r.version == version && r.plural == plural)
+        self.read().index.get(&(group, version, plural)).copied()
     }
 
     pub fn all(&self) -> Arc<Vec<&'static Resource>> {
-        self.served.read().unwrap_or_else(|e| e.into_inner()).clone()
+        self.read().all.clone()
     }
 
-    /// Serves what `crds` (every definition there is) define.
-    pub fn set_from(&self, crds: &[Value]) {
-        let mut resources: Vec<&'static Resource> = crds.iter().flat_map(resources_of).collect();
-        resources.sort_by(|a, b| a.group.cmp(b.group).then_with(|| version_priority(a.version, b.version)));
-        *self.served.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(resources);
+    /// Every definition there is (as of the last change seen), in [`outline`].
+    pub fn definitions(&self) -> Vec<Arc<Value>> {
+        self.read().definitions.values().map(|(definition, _)| definition.clone()).collect()
     }
+
+    /// Serves what `definitions` (every one there is, by store key) define, as of `revision`.
+    pub fn replace(&self, definitions: impl IntoIterator<Item = (String, Value)>, revision: Revision) {
+        {
+            let mut served = self.write();
+            served.definitions = definitions
+                .into_iter()
+                .map(|(key, definition)| {
+                    let resources = resources_of(&definition);
+                    (key, (Arc::new(outline(&definition)), resources))
+                })
+                .collect();
+            served.reindex();
+        }
+        self.revision.send_if_modified(|seen| std::mem::replace(seen, revision) != revision);
+    }
+
+    /// Takes one change of a definition.
+    pub fn apply(&self, change: &Change) {
+        {
+            let mut served = self.write();
+            match change.kind {
+                EventKind::Put => {
+                    let resources = resources_of(&change.object);
+                    let unchanged = served.definitions.get(&change.key).is_some_and(|(_, old)| {
+                        old.len() == resources.len() && old.iter().zip(&resources).all(|(a, b)| std::ptr::eq(*a, *b))
+                    });
+                    served.definitions.insert(change.key.clone(), (Arc::new(outline(&change.object)), resources));
+                    if !unchanged {
+                        served.reindex();
+                    }
+                }
+                EventKind::Delete => {
+                    if served.definitions.remove(&change.key).is_some() {
+                        served.reindex();
+                    }
+                }
+            }
+        }
+        self.revision.send_if_modified(|seen| {
+            let newer = change.revision > *seen;
+            *seen = (*seen).max(change.revision);
+            newer
+        });
+    }
+
+    /// Waits (up to `timeout`) until the served set reflects `revision`; whether it does.
+    pub async fn reflect(&self, revision: Revision, timeout: Duration) -> bool {
+        let mut seen = self.revision.subscribe();
+        tokio::time::timeout(timeout, seen.wait_for(|seen| *seen >= revision)).await.is_ok_and(|r| r.is_ok())
+    }
+}
+
+/// What is kept of a definition besides the resources it serves: its names (what others are
+/// checked against), versions and deletion (what finishing it needs). Not its schemas: a
+/// decoded schema is many times its stored size, and a cluster may have a thousand.
+fn outline(crd: &Value) -> Value {
+    let (metadata, spec) = (&crd["metadata"], &crd["spec"]);
+    let versions: Vec<Value> = spec["versions"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|v| json!({"name": v["name"], "served": v["served"], "storage": v["storage"]}))
+        .collect();
+    json!({
+        "metadata": {"name": metadata["name"], "finalizers": metadata["finalizers"],
+                     "deletionTimestamp": metadata["deletionTimestamp"], "resourceVersion": metadata["resourceVersion"]},
+        "spec": {"group": spec["group"], "names": spec["names"], "scope": spec["scope"], "versions": versions},
+        "status": {"acceptedNames": crd["status"]["acceptedNames"]},
+    })
 }
 
 fn crds() -> &'static Resource {
@@ -98,8 +211,15 @@ fn crds() -> &'static Resource {
 
 /// Reads every definition from the store and serves what they define.
 pub async fn refresh(state: &ApiState) -> Result<(), ApiError> {
-    let all = crate::handlers::cached_list(state, crds(), None).await?;
-    state.custom.set_from(&all);
+    let prefix = crds().prefix(None);
+    let page = state
+        .store
+        .list(&prefix, tugboat_store::ListOptions::default())
+        .await
+        .map_err(|e| ApiError::from_store(e, crds().group, crds().plural, ""))?;
+    let definitions =
+        page.kvs.into_iter().filter_map(|kv| Some((kv.key, crate::watch_cache::decode(&kv.value, kv.mod_revision)?)));
+    state.custom.replace(definitions, page.revision);
     Ok(())
 }
 
@@ -116,15 +236,15 @@ pub async fn run(state: Arc<ApiState>) {
                 continue;
             }
         };
-        let Some(subscription) = cache.subscribe(&prefix, None) else {
+        let Some(subscription) = cache.subscribe_keyed(&prefix) else {
             tokio::time::sleep(Duration::from_secs(1)).await;
             continue;
         };
+        state.custom.replace(subscription.initial, subscription.revision);
         let mut live = subscription.live;
         loop {
-            let (all, _) = cache.list(&prefix);
-            state.custom.set_from(&all);
-            let terminating: Vec<&Value> = all.iter().filter(|crd| is_terminating(crd)).collect();
+            let terminating: Vec<Arc<Value>> =
+                state.custom.definitions().into_iter().filter(|crd| is_terminating(crd)).collect();
             for crd in &terminating {
                 if let Err(error) = clean_up(&state, crd).await {
                     tracing::warn!(error = %error.message, crd = %crd["metadata"]["name"], "cannot finish deleting a CustomResourceDefinition");
@@ -134,9 +254,15 @@ pub async fn run(state: Arc<ApiState>) {
             // now and then as well as on every change.
             let wait = if terminating.is_empty() { Duration::from_secs(3600) } else { Duration::from_secs(1) };
             match tokio::time::timeout(wait, live.recv()).await {
-                Ok(Ok(_)) | Err(_) => {}
-                Ok(Err(tokio::sync::broadcast::error::RecvError::Lagged(_))) => {}
-                Ok(Err(tokio::sync::broadcast::error::RecvError::Closed)) => break,
+                Ok(Ok(change)) => {
+                    if change.revision > subscription.revision {
+                        state.custom.apply(&change);
+                    }
+                }
+                Err(_) => {}
+                // Changes were missed: start again from the state.
+                Ok(Err(crate::watch_cache::RecvError::Lagged(_))) => break,
+                Ok(Err(crate::watch_cache::RecvError::Closed)) => break,
             }
         }
     }
@@ -318,6 +444,12 @@ fn resources_of(crd: &Value) -> Vec<&'static Resource> {
                 .filter_map(|f| f["jsonPath"].as_str())
                 .map(|path| path.trim_start_matches('.').to_string())
                 .collect(),
+            digest: {
+                use std::hash::{Hash, Hasher};
+                let mut hasher = std::collections::hash_map::DefaultHasher::new();
+                key.hash(&mut hasher);
+                hasher.finish()
+            },
         }));
         let singular = names["singular"].as_str().map(str::to_string).unwrap_or_else(|| kind.to_lowercase());
         let resource: &'static Resource = Box::leak(Box::new(Resource {
@@ -418,7 +550,7 @@ fn is_dns1035_label(name: &str) -> bool {
 /// Validates a definition and fills in what upstream defaults and what its controllers would
 /// report (`acceptedNames`, `NamesAccepted`, `Established`, `storedVersions`); `others` are
 /// the other definitions there are, `old` the definition before an update.
-pub fn prepare(object: &mut Value, others: &[Value], old: Option<&Value>) -> Result<(), ApiError> {
+pub fn prepare(object: &mut Value, others: &[Arc<Value>], old: Option<&Value>) -> Result<(), ApiError> {
     let name = object["metadata"]["name"].as_str().unwrap_or_default().to_string();
     let mut causes = Vec::new();
     let spec = object["spec"].as_object_mut().map(std::mem::take).unwrap_or_default();
@@ -593,7 +725,7 @@ fn now() -> String {
 }
 
 /// The status upstream's naming and establishing controllers give a definition.
-fn set_status(object: &mut Value, others: &[Value], old: Option<&Value>) {
+fn set_status(object: &mut Value, others: &[Arc<Value>], old: Option<&Value>) {
     let spec = object["spec"].clone();
     let group = spec["group"].as_str().unwrap_or_default();
     let names = &spec["names"];
@@ -1320,7 +1452,7 @@ mod tests {
         let mut second = crd();
         second["metadata"]["name"] = json!("gizmos.example.com");
         second["spec"]["names"] = json!({"plural": "gizmos", "kind": "Widget"});
-        prepare(&mut second, &[first], None).unwrap();
+        prepare(&mut second, &[Arc::new(first)], None).unwrap();
         assert!(!condition_true(&second, "Established"));
         assert!(resources_of(&second).is_empty());
     }

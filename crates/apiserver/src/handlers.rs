@@ -965,11 +965,11 @@ async fn watch(
                             Ok(change) if change.revision <= skip_through => continue,
                             Ok(change) => return Some((Ok(change), Some(receiver))),
                             // Too slow to keep up: told to list again, as upstream does.
-                            Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
+                            Err(crate::watch_cache::RecvError::Lagged(_)) => {
                                 let status = ApiError::expired("the watch fell too far behind; list again").to_status();
                                 return Some((Err(status), None));
                             }
-                            Err(tokio::sync::broadcast::error::RecvError::Closed) => return None,
+                            Err(crate::watch_cache::RecvError::Closed) => return None,
                         }
                     }
                 });
@@ -1198,8 +1198,7 @@ async fn create_object(
         validate_custom(resource, custom, &mut object, None)?;
     }
     if is_crds(resource) {
-        let others = cached_list(state, resource, None).await?;
-        crate::crd::prepare(&mut object, &others, None)?;
+        crate::crd::prepare(&mut object, &state.custom.definitions(), None)?;
     }
     let namespace =
         if resource.namespaced { object["metadata"]["namespace"].as_str().map(str::to_string) } else { None };
@@ -1322,16 +1321,8 @@ fn validate_custom(
 /// After a write of a definition: serve what it defines now, from a watch cache that has seen
 /// the write (so the writer's next request finds the resource).
 async fn served_after_write(state: &ApiState, revision: i64) {
-    let crds = registry::find("apiextensions.k8s.io", "v1", "customresourcedefinitions").expect("CRDs are served");
-    if let Ok(cache) = state.caches.get(&crds.prefix(None)).await {
-        for _ in 0..200 {
-            let (all, seen) = cache.list(&crds.prefix(None));
-            if seen >= revision {
-                state.custom.set_from(&all);
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
+    if state.custom.reflect(revision, Duration::from_secs(1)).await {
+        return;
     }
     if let Err(error) = crate::crd::refresh(state).await {
         tracing::warn!(error = %error.message, "cannot read the CustomResourceDefinitions");
@@ -1894,8 +1885,7 @@ pub(crate) async fn modify(
             validate_custom(resource, custom, &mut object, Some(&old))?;
         }
         if is_crds(resource) && matches!(view, View::Main | View::Whole) {
-            let others = cached_list(state, resource, None).await?;
-            crate::crd::prepare(&mut object, &others, Some(&old))?;
+            crate::crd::prepare(&mut object, &state.custom.definitions(), Some(&old))?;
         }
         if resource.plural == "pods" && view == View::Main {
             object::check_pod_update(&old, &object)?;

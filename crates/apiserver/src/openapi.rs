@@ -264,16 +264,16 @@ pub fn index(custom: &[&'static Resource]) -> std::borrow::Cow<'static, Value> {
         return std::borrow::Cow::Borrowed(&documents().index);
     }
     let mut index = documents().index.clone();
-    let mut paths: Vec<String> = custom.iter().map(|r| group_version_path(r)).collect();
-    paths.dedup();
-    for path in paths {
-        // What the document is made from, not the document: the index is asked for often.
-        let sources: Vec<Value> = custom
-            .iter()
-            .filter(|r| group_version_path(r) == path)
-            .map(|r| json!([r.plural, r.kind, r.namespaced, r.custom.and_then(|c| c.schema.as_ref())]))
-            .collect();
-        let hash = hash_of(&Value::Array(sources));
+    // What each document is made from, not the document: the index is asked for often.
+    let mut digests: std::collections::BTreeMap<String, Vec<u64>> = Default::default();
+    for resource in custom {
+        digests.entry(group_version_path(resource)).or_default().push(resource.custom.map_or(0, |c| c.digest));
+    }
+    for (path, digests) in digests {
+        use std::hash::{Hash, Hasher};
+        let mut hasher = std::collections::hash_map::DefaultHasher::new();
+        digests.hash(&mut hasher);
+        let hash = format!("{:016X}", hasher.finish());
         index["paths"][&path] = json!({"serverRelativeURL": format!("/openapi/v3/{path}?hash={hash}")});
     }
     std::borrow::Cow::Owned(index)

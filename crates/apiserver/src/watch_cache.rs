@@ -11,6 +11,11 @@
 //! what it missed and goes on live; an older one is served by the store (which may answer 410).
 //! If the store watch fails, the cache is dropped (its watchers' streams end, as upstream closes
 //! them, and clients watch again) and the next request builds a new one.
+//!
+//! Live changes reach each watcher through a queue of its own ([`Live`]), so a cache holds only
+//! what its watchers have yet to read (a ring allocated up front, as tokio's broadcast channel
+//! has, cost ~0.5 MiB a cache: half a GiB once an operator watched its thousand custom
+//! resources).
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -18,7 +23,7 @@ use std::sync::{Arc, RwLock};
 
 use futures::StreamExt;
 use serde_json::{Value, json};
-use tokio::sync::broadcast;
+pub use tokio::sync::broadcast::error::RecvError;
 use tugboat_store::{Event, EventKind, ListOptions, Revision, Store, StoreError};
 
 /// Changes kept for watches that resume from an earlier revision.
@@ -61,17 +66,132 @@ impl Change {
     }
 }
 
+/// The live watchers of a cache, each with its queue.
+#[derive(Debug, Default)]
+struct Fanout {
+    queues: Vec<Arc<Queue>>,
+}
+
+#[derive(Debug, Default)]
+struct Queue {
+    state: std::sync::Mutex<Pending>,
+    ready: tokio::sync::Notify,
+}
+
+#[derive(Debug, Default)]
+struct Pending {
+    changes: VecDeque<Arc<Change>>,
+    /// Changes dropped because the watcher fell `LAG` behind (reported once, then it goes on).
+    missed: u64,
+    closed: bool,
+}
+
+impl Queue {
+    fn pending(&self) -> std::sync::MutexGuard<'_, Pending> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+impl Fanout {
+    fn subscribe(&mut self) -> Live {
+        let queue = Arc::new(Queue::default());
+        self.queues.push(queue.clone());
+        Live { queue }
+    }
+
+    fn send(&mut self, change: Arc<Change>) {
+        // A queue only the fan-out holds is one whose watcher has gone.
+        self.queues.retain(|queue| Arc::strong_count(queue) > 1);
+        for queue in &self.queues {
+            {
+                let mut pending = queue.pending();
+                if pending.changes.len() >= LAG {
+                    pending.missed += pending.changes.len() as u64 + 1;
+                    pending.changes = VecDeque::new();
+                } else {
+                    pending.changes.push_back(change.clone());
+                }
+            }
+            queue.ready.notify_one();
+        }
+    }
+
+    fn close(self) {
+        for queue in self.queues {
+            queue.pending().closed = true;
+            queue.ready.notify_one();
+        }
+    }
+}
+
+/// A watcher's end of a cache's live changes.
+#[derive(Debug)]
+pub struct Live {
+    queue: Arc<Queue>,
+}
+
+impl Live {
+    /// The next change; `Lagged` once when the watcher fell too far behind (changes were
+    /// dropped), `Closed` when the cache has died and every change was read.
+    pub async fn recv(&mut self) -> Result<Arc<Change>, RecvError> {
+        loop {
+            {
+                let mut pending = self.queue.pending();
+                if pending.missed > 0 {
+                    return Err(RecvError::Lagged(std::mem::take(&mut pending.missed)));
+                }
+                if let Some(change) = pending.changes.pop_front() {
+                    return Ok(change);
+                }
+                if pending.closed {
+                    return Err(RecvError::Closed);
+                }
+            }
+            // A change sent since the lock was released left a permit: this returns at once.
+            self.queue.ready.notified().await;
+        }
+    }
+}
+
+/// One change as the history keeps it.
+#[derive(Debug, Clone)]
+struct Recorded {
+    kind: EventKind,
+    key: String,
+    revision: Revision,
+    /// The object after a put (and its revision); `None` for a delete.
+    object: Option<(bytes::Bytes, Revision)>,
+    previous: Option<(bytes::Bytes, Revision)>,
+}
+
+impl Recorded {
+    fn change(&self) -> Option<Change> {
+        let previous = self.previous.as_ref().and_then(|(bytes, revision)| decode(bytes, *revision)).map(Arc::new);
+        let object = match &self.object {
+            Some((bytes, revision)) => Arc::new(decode(bytes, *revision)?),
+            None => {
+                let mut gone = previous.as_deref()?.clone();
+                gone["metadata"]["resourceVersion"] = json!(self.revision.to_string());
+                Arc::new(gone)
+            }
+        };
+        Some(Change { kind: self.kind, key: self.key.clone(), revision: self.revision, object, previous })
+    }
+}
+
 #[derive(Debug)]
 struct Inner {
     /// Every change up to this revision is reflected.
     revision: Revision,
     /// The stored bytes of each object and its revision.
     objects: BTreeMap<String, (bytes::Bytes, Revision)>,
-    history: VecDeque<Arc<Change>>,
+    /// The last changes, as stored bytes (shared with `objects`): decoded only when a watch
+    /// replays them, so the history costs little more than the objects do.
+    history: VecDeque<Recorded>,
     /// Every change after this revision is in `history`.
     history_start: Revision,
     /// Dropped when the cache dies, which ends its watchers' streams.
-    sender: Option<broadcast::Sender<Arc<Change>>>,
+    fanout: Option<Fanout>,
 }
 
 /// The cache of one resource (one store prefix).
@@ -89,7 +209,16 @@ pub struct Subscription {
     pub replay: Vec<Arc<Change>>,
     /// The revision the live changes follow; live changes at or before it are skipped.
     pub revision: Revision,
-    pub live: broadcast::Receiver<Arc<Change>>,
+    pub live: Live,
+}
+
+/// What [`Cache::subscribe_keyed`] starts with: the current objects by store key.
+#[derive(Debug)]
+pub struct KeyedSubscription {
+    pub initial: Vec<(String, Value)>,
+    /// The revision the live changes follow; live changes at or before it are skipped.
+    pub revision: Revision,
+    pub live: Live,
 }
 
 impl Cache {
@@ -101,49 +230,41 @@ impl Cache {
         let mut inner = self.inner.write().unwrap_or_else(|e| e.into_inner());
         let revision = event.revision();
         let key = &event.kv.key;
-        let change = match event.kind {
-            EventKind::Put => decode(&event.kv.value, event.kv.mod_revision).map(|object| {
+        let recorded = match event.kind {
+            EventKind::Put => {
                 let stored = (bytes::Bytes::from(event.kv.value.clone()), event.kv.mod_revision);
-                let previous = inner.objects.insert(key.clone(), stored);
-                let previous = previous.and_then(|(bytes, revision)| decode(&bytes, revision)).map(Arc::new);
-                Change { kind: EventKind::Put, key: key.clone(), revision, object: Arc::new(object), previous }
-            }),
+                let previous = inner.objects.insert(key.clone(), stored.clone());
+                Recorded { kind: EventKind::Put, key: key.clone(), revision, object: Some(stored), previous }
+            }
             EventKind::Delete => {
-                let previous = inner.objects.remove(key).and_then(|(bytes, revision)| decode(&bytes, revision));
-                previous.map(|previous| {
-                    let mut gone = previous.clone();
-                    gone["metadata"]["resourceVersion"] = json!(revision.to_string());
-                    Change {
-                        kind: EventKind::Delete,
-                        key: key.clone(),
-                        revision,
-                        object: Arc::new(gone),
-                        previous: Some(Arc::new(previous)),
-                    }
-                })
+                let previous = inner.objects.remove(key);
+                Recorded { kind: EventKind::Delete, key: key.clone(), revision, object: None, previous }
             }
         };
         inner.revision = inner.revision.max(revision);
-        let Some(change) = change else {
-            tracing::warn!(key = %event.kv.key, revision, "the watch cache skipped an object that does not decode");
+        // Decoded once, for every live watcher.
+        let Some(change) = recorded.change() else {
+            if event.kind == EventKind::Put {
+                tracing::warn!(key = %event.kv.key, revision, "the watch cache skipped an object that does not decode");
+            }
             return;
         };
-        let change = Arc::new(change);
-        inner.history.push_back(change.clone());
+        inner.history.push_back(recorded);
         if inner.history.len() > HISTORY
             && let Some(dropped) = inner.history.pop_front()
         {
             inner.history_start = dropped.revision;
         }
-        if let Some(sender) = &inner.sender {
-            // No receivers is fine.
-            let _ = sender.send(change);
+        if let Some(fanout) = &mut inner.fanout {
+            fanout.send(Arc::new(change));
         }
     }
 
     fn die(&self) {
         self.alive.store(false, Ordering::SeqCst);
-        self.inner.write().unwrap_or_else(|e| e.into_inner()).sender = None;
+        if let Some(fanout) = self.inner.write().unwrap_or_else(|e| e.into_inner()).fanout.take() {
+            fanout.close();
+        }
     }
 
     /// The objects under `prefix` and the revision they are current at (a `resourceVersion=0`
@@ -170,11 +291,28 @@ impl Cache {
         stored.iter().filter_map(|(bytes, revision)| decode(bytes, *revision)).collect()
     }
 
+    /// A watch of `prefix` from the current state, each object of it with its store key.
+    pub fn subscribe_keyed(&self, prefix: &str) -> Option<KeyedSubscription> {
+        let mut inner = self.inner.write().unwrap_or_else(|e| e.into_inner());
+        let live = inner.fanout.as_mut()?.subscribe();
+        let stored: Vec<(String, bytes::Bytes, Revision)> = inner
+            .objects
+            .range(prefix.to_string()..)
+            .take_while(|(key, _)| key.starts_with(prefix))
+            .map(|(key, (bytes, revision))| (key.clone(), bytes.clone(), *revision))
+            .collect();
+        let revision = inner.revision;
+        drop(inner);
+        let initial =
+            stored.into_iter().filter_map(|(key, bytes, revision)| Some((key, decode(&bytes, revision)?))).collect();
+        Some(KeyedSubscription { initial, revision, live })
+    }
+
     /// A watch of `prefix`: from the current state (`after: None`) or from a revision. `None`
     /// when the cache no longer holds every change after that revision.
     pub fn subscribe(&self, prefix: &str, after: Option<Revision>) -> Option<Subscription> {
-        let inner = self.read();
-        let live = inner.sender.as_ref()?.subscribe();
+        let mut inner = self.inner.write().unwrap_or_else(|e| e.into_inner());
+        let live = inner.fanout.as_mut()?.subscribe();
         match after {
             None => {
                 let stored = Self::under(&inner, prefix);
@@ -183,10 +321,13 @@ impl Cache {
                 Some(Subscription { initial: Self::decode_all(stored), replay: Vec::new(), revision, live })
             }
             Some(after) if after >= inner.history_start => {
-                let replay =
+                let recorded: Vec<Recorded> =
                     inner.history.iter().filter(|c| c.revision > after && c.key.starts_with(prefix)).cloned().collect();
                 // Changes up to `after` that have not reached the cache yet are skipped live.
-                Some(Subscription { initial: Vec::new(), replay, revision: inner.revision.max(after), live })
+                let revision = inner.revision.max(after);
+                drop(inner);
+                let replay = recorded.iter().filter_map(Recorded::change).map(Arc::new).collect();
+                Some(Subscription { initial: Vec::new(), replay, revision, live })
             }
             Some(_) => None,
         }
@@ -215,14 +356,13 @@ impl WatchCaches {
         let mut stream = self.store.watch(prefix, page.revision).await?;
         let objects =
             page.kvs.into_iter().map(|kv| (kv.key, (bytes::Bytes::from(kv.value), kv.mod_revision))).collect();
-        let (sender, _) = broadcast::channel(LAG);
         let cache = Arc::new(Cache {
             inner: RwLock::new(Inner {
                 revision: page.revision,
                 objects,
                 history: VecDeque::new(),
                 history_start: page.revision,
-                sender: Some(sender),
+                fanout: Some(Fanout::default()),
             }),
             alive: AtomicBool::new(true),
         });
@@ -260,7 +400,7 @@ mod tests {
         serde_json::to_vec(&json!({"metadata": {"name": name}, "data": {"n": n.to_string()}})).unwrap()
     }
 
-    async fn next(live: &mut broadcast::Receiver<Arc<Change>>) -> Arc<Change> {
+    async fn next(live: &mut Live) -> Arc<Change> {
         tokio::time::timeout(std::time::Duration::from_secs(5), live.recv()).await.unwrap().unwrap()
     }
 
@@ -303,6 +443,38 @@ mod tests {
 
         // The same cache serves everyone.
         assert!(Arc::ptr_eq(&cache, &caches.get("/registry/configmaps/").await.unwrap()));
+    }
+
+    fn change(revision: Revision) -> Arc<Change> {
+        Arc::new(Change {
+            kind: EventKind::Put,
+            key: "/registry/configmaps/a/x".into(),
+            revision,
+            object: Arc::new(json!({})),
+            previous: None,
+        })
+    }
+
+    #[tokio::test]
+    async fn a_watcher_that_falls_too_far_behind_is_told_once_and_goes_on() {
+        let mut fanout = Fanout::default();
+        let mut keeping_up = fanout.subscribe();
+        let mut slow = fanout.subscribe();
+        let gone = fanout.subscribe();
+        drop(gone);
+        for revision in 1..=(LAG as i64 + 1) {
+            fanout.send(change(revision));
+            assert_eq!(next(&mut keeping_up).await.revision, revision);
+        }
+        assert_eq!(fanout.queues.len(), 2, "the dropped watcher's queue went at the first send");
+        assert!(matches!(slow.recv().await, Err(RecvError::Lagged(n)) if n == LAG as u64 + 1));
+        fanout.send(change(LAG as i64 + 2));
+        assert_eq!(next(&mut slow).await.revision, LAG as i64 + 2);
+        // What was sent before the close is still read, then the end.
+        fanout.send(change(LAG as i64 + 3));
+        fanout.close();
+        assert_eq!(next(&mut slow).await.revision, LAG as i64 + 3);
+        assert!(matches!(slow.recv().await, Err(RecvError::Closed)));
     }
 
     #[tokio::test]
