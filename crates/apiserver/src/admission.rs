@@ -435,19 +435,18 @@ async fn locate(store: &dyn tugboat_store::Store, config: &Value) -> Result<(Str
 /// TLS verified with the configuration's `caBundle` (no bundle: nothing is trusted, as the
 /// server has no system roots of its own).
 fn connector(config: &Value) -> Result<tokio_rustls::TlsConnector, String> {
-    let mut roots = rustls::RootCertStore::empty();
-    if let Some(bundle) = config["caBundle"].as_str().filter(|b| !b.is_empty()) {
-        let pem = base64::engine::general_purpose::STANDARD.decode(bundle).map_err(|e| format!("caBundle: {e}"))?;
-        for cert in rustls_pemfile::certs(&mut pem.as_slice()) {
-            let cert = cert.map_err(|e| format!("caBundle: {e}"))?;
-            roots.add(cert).map_err(|e| format!("caBundle: {e}"))?;
+    let pem = match config["caBundle"].as_str().filter(|b| !b.is_empty()) {
+        Some(bundle) => {
+            base64::engine::general_purpose::STANDARD.decode(bundle).map_err(|e| format!("caBundle: {e}"))?
         }
-    }
+        None => Vec::new(),
+    };
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let config = rustls::ClientConfig::builder_with_provider(provider)
+    let config = rustls::ClientConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()
         .map_err(|e| e.to_string())?
-        .with_root_certificates(roots)
+        .dangerous()
+        .with_custom_certificate_verifier(crate::tls::trusting(provider, &pem)?)
         .with_no_client_auth();
     Ok(tokio_rustls::TlsConnector::from(Arc::new(config)))
 }
@@ -601,7 +600,7 @@ async fn apply(
         Err(error) => return failed(format!("the patch is not a JSON patch: {error}")).map_or(Ok(false), Err),
     };
     let mut patched = object.clone();
-    if let Err(error) = json_patch::patch(&mut patched, &patch) {
+    if let Err(error) = crate::object::json_patch(&mut patched, &patch) {
         return failed(format!("the patch does not apply: {error}")).map_or(Ok(false), Err);
     }
     if !patched.is_object() {

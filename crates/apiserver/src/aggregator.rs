@@ -227,23 +227,20 @@ fn connector(remote: &Remote, front_proxy: &FrontProxy) -> Result<tokio_rustls::
     let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()
         .map_err(|e| e.to_string())?;
-    let config = if remote.insecure {
-        builder
-            .dangerous()
-            .with_custom_certificate_verifier(crate::proxy::any_certificate(provider))
-            .with_client_auth_cert(certs, key)
-    } else {
-        let mut roots = rustls::RootCertStore::empty();
-        if let Some(bundle) = &remote.ca_bundle {
+    let verifier = match &remote.ca_bundle {
+        _ if remote.insecure => crate::tls::any_certificate(provider),
+        Some(bundle) => {
             use base64::Engine;
             let pem = base64::engine::general_purpose::STANDARD.decode(bundle).map_err(|e| format!("caBundle: {e}"))?;
-            for cert in rustls_pemfile::certs(&mut pem.as_slice()) {
-                roots.add(cert.map_err(|e| format!("caBundle: {e}"))?).map_err(|e| format!("caBundle: {e}"))?;
-            }
+            crate::tls::trusting(provider, &pem)?
         }
-        builder.with_root_certificates(roots).with_client_auth_cert(certs, key)
-    }
-    .map_err(|e| e.to_string())?;
+        None => crate::tls::trusting(provider, &[])?,
+    };
+    let config = builder
+        .dangerous()
+        .with_custom_certificate_verifier(verifier)
+        .with_client_auth_cert(certs, key)
+        .map_err(|e| e.to_string())?;
     Ok(tokio_rustls::TlsConnector::from(Arc::new(config)))
 }
 

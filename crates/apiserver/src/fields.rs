@@ -27,7 +27,7 @@ pub type FieldSet = BTreeSet<Path>;
 /// Fields that belong to the server, never to a manager.
 fn ignored(path: &[Step]) -> bool {
     match path {
-        [Step::Field(f)] => matches!(f.as_str(), "apiVersion" | "kind" | "status"),
+        [Step::Field(f)] => matches!(f.as_str(), "apiVersion" | "kind"),
         [Step::Field(m), Step::Field(f)] if m == "metadata" => {
             !matches!(f.as_str(), "labels" | "annotations" | "finalizers" | "ownerReferences")
         }
@@ -360,7 +360,8 @@ mod tests {
             "atomic list: {shown:?}"
         );
         assert!(shown.contains(&".metadata.finalizers[=\"a\"]".to_string()), "{shown:?}");
-        assert!(!shown.iter().any(|s| s.starts_with(".status") || s == ".metadata.name" || s == ".kind"), "{shown:?}");
+        assert!(shown.contains(&".status.replicas".to_string()), "a status writer owns it: {shown:?}");
+        assert!(!shown.iter().any(|s| s == ".metadata.name" || s == ".kind"), "{shown:?}");
         let fields = to_fields_v1(&set);
         assert_eq!(fields["f:spec"]["f:template"]["f:spec"]["f:containers"]["k:{\"name\":\"web\"}"]["."], json!({}));
         assert_eq!(from_fields_v1(&fields), set);

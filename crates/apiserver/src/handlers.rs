@@ -593,11 +593,11 @@ async fn dispatch(
         (&Method::PATCH, Some(name))
             if content_type.split(';').next().is_some_and(|m| m.trim() == "application/apply-patch+yaml") =>
         {
-            if view != View::Main {
+            if !matches!(view, View::Main | View::Status) {
                 return Err(ApiError::method_not_allowed("apply on a subresource"));
             }
             let body = read_body(body).await?;
-            server_side_apply(state, target.resource, namespace, name, query, &body, write).await
+            server_side_apply(state, (target.resource, namespace, name), view, query, &body, write).await
         }
         (&Method::PATCH, Some(name)) => {
             let body = read_body(body).await?;
@@ -1497,15 +1497,17 @@ fn field_manager(query: &Query, headers: &HeaderMap) -> String {
 /// the fields its manager owns. A field another manager owns with a different value is a
 /// conflict (409) unless `force=true`, which takes it over; fields the manager applied before
 /// and no longer applies are removed unless someone else owns them; a missing object is created.
+/// A server-side apply to an object (`View::Main`) or its status (`View::Status`: what is
+/// applied outside the status, labels and annotations is not the status writer's to own).
 async fn server_side_apply(
     state: &ApiState,
-    resource: &Resource,
-    namespace: Option<&str>,
-    name: &str,
+    target: (&Resource, Option<&str>, &str),
+    view: View,
     query: &Query,
     body: &[u8],
     write: &Write,
 ) -> Result<Response<Body>, ApiError> {
+    let (resource, namespace, name) = target;
     let Some(manager) = query.get("fieldManager").filter(|m| !m.is_empty()) else {
         return Err(ApiError::bad_request("fieldManager is required for apply requests"));
     };
@@ -1522,13 +1524,28 @@ async fn server_side_apply(
             "the name of the object ({given}) does not match the name on the URL ({name})"
         )));
     }
-    let applied_set = fields::field_set(&applied);
+    let mut applied_set = fields::field_set(&applied);
+    let subresource = if view == View::Status { "status" } else { "" };
+    // What the write cannot change is not the applier's to own (upstream's reset fields): the
+    // status of a resource with a status subresource, or on /status all but it, labels and
+    // annotations.
+    let field =
+        |path: &fields::Path, i: usize, name: &str| matches!(path.get(i), Some(fields::Step::Field(f)) if f == name);
+    match view {
+        View::Status => applied_set.retain(|path| {
+            field(path, 0, "status")
+                || (field(path, 0, "metadata") && (field(path, 1, "labels") || field(path, 1, "annotations")))
+        }),
+        _ if resource.has_status() => applied_set.retain(|path| !field(path, 0, "status")),
+        _ => {}
+    }
     let write = Write { manager: manager.clone(), apply: true, ..write.clone() };
     let api_version = resource.api_version();
     // Apply to the object as it is; a missing object is created from the applied configuration.
     let merge = |current: &Value, _: i64| {
         let mut managed = fields::read_managed(current);
-        let mine = |m: &fields::Managed| m.manager == *manager && m.operation == "Apply";
+        let mine =
+            |m: &fields::Managed| m.manager == *manager && m.operation == "Apply" && m.subresource == subresource;
         let mut conflicts = Vec::new();
         for entry in managed.iter().filter(|m| !mine(m)) {
             for path in entry.fields.intersection(&applied_set) {
@@ -1562,15 +1579,15 @@ async fn server_side_apply(
             manager: manager.clone(),
             operation: "Apply".into(),
             api_version: api_version.clone(),
-            subresource: String::new(),
+            subresource: subresource.into(),
             fields: applied_set.clone(),
         });
         fields::write_managed(&mut merged, &managed);
         Ok(merged)
     };
     loop {
-        match modify(state, (resource, namespace, name), View::Main, &write, merge).await {
-            Err(error) if error.code == 404 && error.reason == "NotFound" => {
+        match modify(state, (resource, namespace, name), view, &write, merge).await {
+            Err(error) if error.code == 404 && error.reason == "NotFound" && view == View::Main => {
                 let mut object = applied.clone();
                 object["metadata"]["name"] = json!(name);
                 match create_object(state, resource, namespace, object, &write, Some(applied_set.clone())).await {
@@ -1863,7 +1880,17 @@ pub(crate) async fn modify(
         if !matches!(view, View::Scale | View::Whole) {
             write.check_fields(resource, &mut written)?;
         }
+        // A server-side apply's managedFields are its own, whatever part of the object it wrote.
+        let applied_managed = write.apply.then(|| written["metadata"]["managedFields"].clone());
         let mut object = view.merge_back(resource, &old, written)?;
+        if let Some(managed) = applied_managed
+            && let Some(metadata) = object["metadata"].as_object_mut()
+        {
+            match managed {
+                Value::Null => metadata.remove("managedFields"),
+                managed => metadata.insert("managedFields".into(), managed),
+            };
+        }
         object["metadata"]["name"] = json!(name);
         object::prepare_update(resource, &old, &mut object)?;
         let subresource = match view {
@@ -2018,7 +2045,7 @@ fn apply_patch(media: &str, current: &Value, patch: &Value) -> Result<Value, Api
         "application/json-patch+json" => {
             let operations: json_patch::Patch = serde_json::from_value(patch.clone())
                 .map_err(|e| ApiError::bad_request(format!("the JSON patch is malformed: {e}")))?;
-            json_patch::patch(&mut patched, &operations).map_err(|e| patch_error("JSON patch", e))?;
+            object::json_patch(&mut patched, &operations).map_err(|e| patch_error("JSON patch", e))?;
         }
         "application/strategic-merge-patch+json" => {
             patched = crate::smp::apply(current, patch).map_err(|e| patch_error("strategic merge patch", e))?;

@@ -47,6 +47,7 @@ mod smp;
 mod status;
 mod storage;
 mod table;
+mod tls;
 mod watch_cache;
 
 use std::convert::Infallible;

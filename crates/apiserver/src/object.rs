@@ -1003,10 +1003,52 @@ pub fn to_store(resource: &Resource, object: &Value) -> Vec<u8> {
     serde_json::to_vec(&object).expect("a JSON value serializes")
 }
 
+/// Applies a JSON patch (RFC 6902) as upstream does (evanphx/json-patch): a `test` that a
+/// value is `null` passes where the value is absent (clients test
+/// `/metadata/finalizers == null` before they add the first finalizer: kube-rs does). Applied
+/// to `document` in place; on error, `document` is left partly patched (callers patch a copy).
+pub(crate) fn json_patch(document: &mut Value, patch: &json_patch::Patch) -> Result<(), json_patch::PatchError> {
+    for (index, operation) in patch.0.iter().enumerate() {
+        if let json_patch::PatchOperation::Test(test) = operation
+            && test.value.is_null()
+            && document.pointer(test.path.as_str()).is_none_or(Value::is_null)
+        {
+            continue;
+        }
+        json_patch::patch(document, std::slice::from_ref(operation)).map_err(|mut error| {
+            error.operation = index;
+            error
+        })?;
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::registry::find;
+
+    #[test]
+    fn a_json_patch_test_of_null_passes_where_the_value_is_absent() {
+        let patch = |ops: Value| -> json_patch::Patch { serde_json::from_value(ops).unwrap() };
+        let mut object = json!({"metadata": {"name": "a"}});
+        let add_first = patch(json!([
+            {"op": "test", "path": "/metadata/finalizers", "value": null},
+            {"op": "add", "path": "/metadata/finalizers", "value": ["f"]}]));
+        json_patch(&mut object, &add_first).unwrap();
+        assert_eq!(object["metadata"]["finalizers"], json!(["f"]));
+        // Present now: the same test fails, and names the operation that did.
+        let error = json_patch(&mut object, &add_first).unwrap_err();
+        assert_eq!(error.operation, 0);
+        let error = json_patch(
+            &mut object,
+            &patch(json!([
+            {"op": "add", "path": "/metadata/labels", "value": {}},
+            {"op": "test", "path": "/metadata/name", "value": "b"}])),
+        )
+        .unwrap_err();
+        assert_eq!(error.operation, 1);
+    }
 
     #[test]
     fn a_yaml_key_given_twice_is_worded_as_upstream() {

@@ -202,49 +202,6 @@ fn pick(n: usize) -> usize {
     nanos as usize % n.max(1)
 }
 
-/// A verifier that takes whatever certificate a server shows (upstream's proxy transport does
-/// not verify the cluster's own workloads either; an APIService may say to skip verification).
-pub(crate) fn any_certificate(
-    provider: std::sync::Arc<rustls::crypto::CryptoProvider>,
-) -> std::sync::Arc<dyn rustls::client::danger::ServerCertVerifier> {
-    use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
-    use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
-    #[derive(Debug)]
-    struct AnyCertificate(std::sync::Arc<rustls::crypto::CryptoProvider>);
-    impl ServerCertVerifier for AnyCertificate {
-        fn verify_server_cert(
-            &self,
-            _: &CertificateDer<'_>,
-            _: &[CertificateDer<'_>],
-            _: &ServerName<'_>,
-            _: &[u8],
-            _: UnixTime,
-        ) -> Result<ServerCertVerified, rustls::Error> {
-            Ok(ServerCertVerified::assertion())
-        }
-        fn verify_tls12_signature(
-            &self,
-            message: &[u8],
-            cert: &CertificateDer<'_>,
-            dss: &rustls::DigitallySignedStruct,
-        ) -> Result<HandshakeSignatureValid, rustls::Error> {
-            rustls::crypto::verify_tls12_signature(message, cert, dss, &self.0.signature_verification_algorithms)
-        }
-        fn verify_tls13_signature(
-            &self,
-            message: &[u8],
-            cert: &CertificateDer<'_>,
-            dss: &rustls::DigitallySignedStruct,
-        ) -> Result<HandshakeSignatureValid, rustls::Error> {
-            rustls::crypto::verify_tls13_signature(message, cert, dss, &self.0.signature_verification_algorithms)
-        }
-        fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
-            self.0.signature_verification_algorithms.supported_schemes()
-        }
-    }
-    std::sync::Arc::new(AnyCertificate(provider))
-}
-
 /// TLS that takes whatever certificate the pod or service shows.
 fn insecure_connector() -> tokio_rustls::TlsConnector {
     let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
@@ -252,7 +209,7 @@ fn insecure_connector() -> tokio_rustls::TlsConnector {
         .with_safe_default_protocol_versions()
         .expect("the ring provider supports the default versions")
         .dangerous()
-        .with_custom_certificate_verifier(any_certificate(provider))
+        .with_custom_certificate_verifier(crate::tls::any_certificate(provider))
         .with_no_client_auth();
     tokio_rustls::TlsConnector::from(std::sync::Arc::new(config))
 }

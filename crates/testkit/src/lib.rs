@@ -12,6 +12,15 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 
+/// Waits until `check` holds (polling every 100 ms), panicking with `what` after 30 s.
+pub fn eventually(what: &str, mut check: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !check() {
+        assert!(Instant::now() < deadline, "timed out waiting until {what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 /// A loopback TCP port that was free a moment ago.
 pub fn free_port() -> u16 {
     TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
@@ -268,6 +277,13 @@ impl TugboatServer {
             String::from_utf8_lossy(&output.stderr)
         );
         String::from_utf8(output.stdout).expect("UTF-8 output")
+    }
+
+    /// Runs kubectl as [`TugboatServer::kubectl`] does; its stdout if it succeeds (for checks
+    /// that wait until something is so).
+    pub fn kubectl_ok(&self, args: &[&str]) -> Option<String> {
+        let output = self.kubectl_output(args, None);
+        output.status.success().then(|| String::from_utf8_lossy(&output.stdout).into_owned())
     }
 
     /// Runs kubectl as [`TugboatServer::kubectl`] does, expecting it to fail; panics if it

@@ -5,9 +5,8 @@
 //! version serves the same objects, and deleting the definition deletes its objects first.
 
 use std::path::Path;
-use std::time::{Duration, Instant};
 
-use tugboat_testkit::TugboatServer;
+use tugboat_testkit::{TugboatServer, eventually};
 
 fn server() -> TugboatServer {
     TugboatServer::start(Path::new(env!("CARGO_BIN_EXE_tugboat")), &[]).expect("the server starts")
@@ -73,14 +72,6 @@ metadata:
 spec:
   size: 3
 "#;
-
-fn wait_for(what: &str, mut check: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !check() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(200));
-    }
-}
 
 #[test]
 fn a_definition_serves_a_resource_that_kubectl_uses_like_a_built_in_one() {
@@ -182,7 +173,7 @@ fn deleting_a_definition_deletes_its_objects_first() {
 
     server.kubectl(&["delete", "crd", "widgets.example.com", "--wait=false"], None);
     // The object without a finalizer goes; the definition waits for the held one.
-    wait_for("the free widget to go", || {
+    eventually("the free widget to go", || {
         !server.kubectl(&["get", "wg", "-o", "name"], None).contains("widget.example.com/small")
     });
     let crd =
@@ -192,8 +183,8 @@ fn deleting_a_definition_deletes_its_objects_first() {
     assert!(error.contains("terminating"), "no new objects while terminating: {error}");
 
     server.kubectl(&["patch", "wg", "held", "--type=merge", "-p", r#"{"metadata":{"finalizers":null}}"#], None);
-    wait_for("the definition to go", || server.kubectl(&["get", "crd", "-o", "name"], None).trim().is_empty());
-    wait_for("the resource to leave discovery", || !server.kubectl(&["api-resources"], None).contains("widgets"));
+    eventually("the definition to go", || server.kubectl(&["get", "crd", "-o", "name"], None).trim().is_empty());
+    eventually("the resource to leave discovery", || !server.kubectl(&["api-resources"], None).contains("widgets"));
     let error = server.kubectl_fails(&["get", "widgets"], None);
     assert!(error.contains("the server doesn't have a resource type"), "{error}");
 }

@@ -2,22 +2,12 @@
 //! against a real `tugboat server` with the real kubectl or raw HTTP as those clients send it.
 
 use std::path::Path;
-use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use tugboat_testkit::TugboatServer;
+use tugboat_testkit::{TugboatServer, eventually};
 
 fn server() -> TugboatServer {
     TugboatServer::start(Path::new(env!("CARGO_BIN_EXE_tugboat")), &[]).expect("the server starts")
-}
-
-/// Waits until `check` holds (polling), panicking with `what` after 30 s.
-fn eventually(what: &str, mut check: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !check() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(200));
-    }
 }
 
 /// A protobuf field: its key, then the varint or the length-delimited bytes.

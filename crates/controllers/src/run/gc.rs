@@ -7,8 +7,9 @@ use std::sync::Arc;
 use futures::StreamExt;
 use k8s_openapi::api::apps::v1::{Deployment, ReplicaSet};
 use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
-use kube::api::{Api, ApiResource, DeleteParams, Patch, PatchParams};
+use kube::api::{Api, ApiResource, DeleteParams, DynamicObject, Patch, PatchParams};
 use kube::core::PartialObjectMeta;
 use kube::runtime::reflector::Store;
 use serde_json::json;
@@ -24,6 +25,8 @@ const GC_COALESCE: std::time::Duration = std::time::Duration::from_millis(100);
 /// metadata of every object of it in the shared informers.
 struct Kind {
     resource: ApiResource,
+    /// Cluster-scoped kinds (only custom ones are judged) are looked up without a namespace.
+    namespaced: bool,
     visit: Visit,
 }
 
@@ -44,13 +47,57 @@ impl Kind {
                 f(object.meta());
             }
         });
-        (Kind { resource: ApiResource::erase::<K>(&()), visit }, store)
+        (Kind { resource: ApiResource::erase::<K>(&()), namespaced: true, visit }, store)
+    }
+
+    /// A custom kind, known from its definition: its objects' metadata, reflected from now on.
+    fn custom(client: &kube::Client, resource: ApiResource, namespaced: bool, changed: &Arc<Notify>) -> Kind {
+        let api = Api::<PartialObjectMeta<DynamicObject>>::all_with(client.clone(), &resource);
+        let store = super::reflect_with(api, resource.clone(), Arc::new(std::sync::Mutex::new(vec![changed.clone()])));
+        let visit = Box::new(move |f: &mut dyn FnMut(&ObjectMeta)| {
+            for object in store.state() {
+                f(&object.metadata);
+            }
+        });
+        Kind { resource, namespaced, visit }
+    }
+}
+
+/// Adds a kind for each established custom resource the collector does not judge yet (by its
+/// storage version: owner references match on group and kind).
+fn add_custom_kinds(
+    client: &kube::Client,
+    definitions: &Store<CustomResourceDefinition>,
+    kinds: &mut Vec<Kind>,
+    changed: &Arc<Notify>,
+) {
+    for definition in definitions.state() {
+        let established = definition
+            .status
+            .as_ref()
+            .and_then(|s| s.conditions.as_ref())
+            .is_some_and(|conditions| conditions.iter().any(|c| c.type_ == "Established" && c.status == "True"));
+        let spec = &definition.spec;
+        let Some(version) = spec.versions.iter().find(|v| v.storage && v.served) else { continue };
+        if !established || kinds.iter().any(|k| k.resource.group == spec.group && k.resource.kind == spec.names.kind) {
+            continue;
+        }
+        let resource = ApiResource {
+            group: spec.group.clone(),
+            version: version.name.clone(),
+            api_version: format!("{}/{}", spec.group, version.name),
+            kind: spec.names.kind.clone(),
+            plural: spec.names.plural.clone(),
+        };
+        tracing::debug!(kind = %resource.kind, group = %resource.group, "the garbage collector judges a custom kind");
+        kinds.push(Kind::custom(client, resource, spec.scope == "Namespaced", changed));
     }
 }
 
 /// The kinds the garbage collector judges (owners and dependents): the namespaced workload
 /// kinds, what controllers make for them, and what users hang on them (ConfigMaps, Secrets,
-/// PersistentVolumeClaims, ServiceAccounts). Cluster-scoped owners (a mirror pod's Node) are
+/// PersistentVolumeClaims, ServiceAccounts); custom kinds join them as their definitions are
+/// established (`add_custom_kinds`). Cluster-scoped built-in owners (a mirror pod's Node) are
 /// not judged yet. Returns once every informer has listed.
 async fn collected_kinds(hub: &Hub, changed: &Arc<Notify>) -> anyhow::Result<Vec<Kind>> {
     use k8s_openapi::api::apps::v1::{ControllerRevision, DaemonSet, StatefulSet};
@@ -92,14 +139,19 @@ fn object(kind: usize, meta: &ObjectMeta) -> gc::Object {
 /// and orphaning.
 pub(super) async fn run_garbage_collector(client: kube::Client, hub: Arc<Hub>) -> anyhow::Result<()> {
     let changed = Arc::new(Notify::new());
-    let kinds = collected_kinds(&hub, &changed).await?;
-    let resources: Vec<ApiResource> = kinds.iter().map(|k| k.resource.clone()).collect();
+    let mut kinds = collected_kinds(&hub, &changed).await?;
+    // Custom kinds join as their definitions are established (and stay: a kind whose
+    // definition went has no objects left to judge).
+    let definitions = hub.watch::<CustomResourceDefinition>(&changed);
+    ready(&definitions).await?;
     tracing::info!("garbage collector started");
-    let kind_of = |reference: &OwnerReference| {
-        let group = reference.api_version.rsplit_once('/').map(|(g, _)| g).unwrap_or("");
-        resources.iter().position(|k| k.kind == reference.kind && k.group == group)
-    };
     loop {
+        add_custom_kinds(&client, &definitions, &mut kinds, &changed);
+        let resources: Vec<(ApiResource, bool)> = kinds.iter().map(|k| (k.resource.clone(), k.namespaced)).collect();
+        let kind_of = |reference: &OwnerReference| {
+            let group = reference.api_version.rsplit_once('/').map(|(g, _)| g).unwrap_or("");
+            resources.iter().position(|(k, _)| k.kind == reference.kind && k.group == group)
+        };
         // Only objects with owners or being deleted can need anything, and of the rest only
         // those they name as owners matter: two scans, copying just those.
         let mut objects = Vec::new();
@@ -140,13 +192,12 @@ pub(super) async fn run_garbage_collector(client: kube::Client, hub: Arc<Hub>) -
 
 async fn collect(
     client: &kube::Client,
-    kinds: &[ApiResource],
+    kinds: &[(ApiResource, bool)],
     kind_of: &impl Fn(&OwnerReference) -> Option<usize>,
     action: &gc::Action,
 ) -> kube::Result<()> {
-    use kube::api::DynamicObject;
     let api = |object: &gc::Object| {
-        let kind = &kinds[object.kind];
+        let (kind, _) = &kinds[object.kind];
         if object.namespace.is_empty() {
             Api::<DynamicObject>::all_with(client.clone(), kind)
         } else {
@@ -170,10 +221,11 @@ async fn collect(
             // Only if every owner is really gone (or replaced by another object of its name).
             for owner in owners {
                 let Some(index) = kind_of(owner) else { return Ok(()) };
-                let owner_api = if dependent.namespace.is_empty() {
-                    Api::<DynamicObject>::all_with(client.clone(), &kinds[index])
+                let (kind, namespaced) = &kinds[index];
+                let owner_api = if dependent.namespace.is_empty() || !namespaced {
+                    Api::<DynamicObject>::all_with(client.clone(), kind)
                 } else {
-                    Api::<DynamicObject>::namespaced_with(client.clone(), &dependent.namespace, &kinds[index])
+                    Api::<DynamicObject>::namespaced_with(client.clone(), &dependent.namespace, kind)
                 };
                 if let Some(found) = owner_api.get_opt(&owner.name).await?
                     && found.metadata.uid.as_deref() == Some(owner.uid.as_str())

@@ -129,7 +129,7 @@ impl Hub {
 /// A reflector whose changes wake every Notify in `wakes` (for a kind known at run time, a
 /// `DynamicObject` — or only its metadata, `PartialObjectMeta<DynamicObject>` — with its
 /// `ApiResource` as `dyntype`).
-fn reflect_with<K>(api: Api<K>, dyntype: K::DynamicType, wakes: Arc<Mutex<Vec<Arc<Notify>>>>) -> Store<K>
+pub(super) fn reflect_with<K>(api: Api<K>, dyntype: K::DynamicType, wakes: Arc<Mutex<Vec<Arc<Notify>>>>) -> Store<K>
 where
     K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug + Send + Sync + 'static,
     K::DynamicType: Eq + std::hash::Hash + Clone,
