@@ -192,7 +192,13 @@ pub async fn handle(state: Arc<ApiState>, user: Option<UserInfo>, request: hyper
 }
 
 /// What a request asks, as RBAC sees it.
-fn attributes(method: &Method, path: &str, target: Option<&Target>, verb: &str) -> crate::rbac::Attributes {
+fn attributes(
+    method: &Method,
+    path: &str,
+    target: Option<&Target>,
+    verb: &str,
+    watching: bool,
+) -> crate::rbac::Attributes {
     use crate::rbac::{Attributes, ResourceAttributes};
     if let Some(t) = target {
         // exec, attach and port-forward: `create` for POST (SPDY), `get` for GET (websocket).
@@ -213,26 +219,42 @@ fn attributes(method: &Method, path: &str, target: Option<&Target>, verb: &str) 
             path: path.to_string(),
         };
     }
-    let metrics = format!("/apis/{}/{}/", crate::resource_metrics::GROUP, crate::resource_metrics::VERSION);
-    if let Some(rest) = path.strip_prefix(&metrics) {
-        let segments: Vec<&str> = rest.trim_matches('/').split('/').collect();
-        let (namespace, resource, name) = match segments.as_slice() {
-            ["namespaces", ns, plural, name @ ..] => (*ns, *plural, name.first().copied().unwrap_or_default()),
-            [plural, name @ ..] => ("", *plural, name.first().copied().unwrap_or_default()),
-            [] => ("", "", ""),
-        };
-        let verb = if name.is_empty() { "list" } else { "get" };
-        return Attributes {
-            verb: verb.into(),
-            resource: Some(ResourceAttributes {
-                group: crate::resource_metrics::GROUP.into(),
-                resource: resource.into(),
-                subresource: String::new(),
-                namespace: namespace.into(),
-                name: name.into(),
-            }),
-            path: path.to_string(),
-        };
+    // A group version served elsewhere (an APIService's, or metrics.k8s.io): its resource
+    // requests are authorized as such, read from the path as upstream's RequestInfo does.
+    if let Some(rest) = path.strip_prefix("/apis/") {
+        let mut segments: Vec<&str> = rest.trim_matches('/').split('/').filter(|s| !s.is_empty()).collect();
+        if segments.len() > 2 {
+            let group = segments[0];
+            segments.drain(..2);
+            let mut namespace = "";
+            if segments[0] == "namespaces" && segments.len() > 2 {
+                namespace = segments[1];
+                segments.drain(..2);
+            }
+            let (resource, name, subresource) = (segments[0], segments.get(1).copied(), segments.get(2).copied());
+            let verb = match (method, name.is_some()) {
+                (&Method::GET | &Method::HEAD, true) => "get",
+                (&Method::GET | &Method::HEAD, false) if watching => "watch",
+                (&Method::GET | &Method::HEAD, false) => "list",
+                (&Method::POST, _) => "create",
+                (&Method::PUT, _) => "update",
+                (&Method::PATCH, _) => "patch",
+                (&Method::DELETE, true) => "delete",
+                (&Method::DELETE, false) => "deletecollection",
+                _ => verb,
+            };
+            return Attributes {
+                verb: verb.into(),
+                resource: Some(ResourceAttributes {
+                    group: group.into(),
+                    resource: resource.into(),
+                    subresource: subresource.unwrap_or_default().into(),
+                    namespace: namespace.into(),
+                    name: name.unwrap_or_default().into(),
+                }),
+                path: path.to_string(),
+            };
+        }
     }
     Attributes { verb: method.as_str().to_ascii_lowercase(), resource: None, path: path.to_string() }
 }
@@ -283,7 +305,10 @@ async fn authorize(
         }
         user = UserInfo::new(impersonated, String::new(), groups);
     }
-    let attributes = attributes(&parts.method, path, target, verb);
+    let watching = parts.uri.query().is_some_and(|q| {
+        url::form_urlencoded::parse(q.as_bytes()).any(|(k, v)| k == "watch" && (v == "true" || v == "1"))
+    });
+    let attributes = attributes(&parts.method, path, target, verb, watching);
     if crate::rbac::allowed(state, &user, &attributes).await? {
         Ok(Some(user))
     } else {

@@ -173,6 +173,22 @@ spec:
     assert!(resources.contains("flunders") && resources.contains("fl"), "{resources}");
     let listed = server.kubectl(&["get", "flunders", "-n", "default", "-o", "name"], None);
     assert_eq!(listed.trim(), "flunder.wardle.example.com/seen-by-kubernetes-admin-in-2-groups");
+    // RBAC judges an aggregated request by its resource, as any other.
+    let refused = server.kubectl_fails(&["get", "flunders", "-n", "default", "--as=jane"], None);
+    assert!(
+        refused.contains(r#"User "jane" cannot list resource "flunders" in API group "wardle.example.com" in the namespace "default""#),
+        "{refused}"
+    );
+    server.kubectl(
+        &["create", "role", "flunder-reader", "-n", "default", "--verb=list", "--resource=flunders.wardle.example.com"],
+        None,
+    );
+    server.kubectl(
+        &["create", "rolebinding", "jane-reads", "-n", "default", "--role=flunder-reader", "--user=jane"],
+        None,
+    );
+    let listed = server.kubectl(&["get", "flunders", "-n", "default", "-o", "name", "--as=jane"], None);
+    assert!(listed.contains("seen-by-jane"), "{listed}");
     let (code, _) = server.curl("GET", "/apis/wardle.example.com/v1alpha1/namespaces/default/nothing", true, &[]);
     assert_eq!(code, 404, "the remote's own answers come back");
     let (code, groups) = server.curl("GET", "/apis", true, &[]);
