@@ -241,11 +241,15 @@ pub async fn start(config: ApiServerConfig, store: Arc<dyn Store>) -> Result<Api
     shared_keys::adopt(store.as_ref(), &pki_dir).await?;
     let mut ca = ClusterCa::load_or_create(&pki_dir)?;
     let mut signer = service_accounts::TokenSigner::load_or_create(&sa_key).map_err(StartError::Tls)?;
+    // Upstream's front-proxy CA: how servers prove themselves to aggregated API servers (a CA
+    // of its own, so no client certificate the cluster CA signs can pass for a server).
+    let mut front_proxy_ca = ClusterCa::load_or_create(&pki_dir.join("front-proxy"))?;
     if !shared_keys::publish(store.as_ref(), &pki_dir).await? {
         // Another server started the cluster at the same moment: its keys win.
         shared_keys::adopt(store.as_ref(), &pki_dir).await?;
         ca = ClusterCa::load_or_create(&pki_dir)?;
         signer = service_accounts::TokenSigner::load_or_create(&sa_key).map_err(StartError::Tls)?;
+        front_proxy_ca = ClusterCa::load_or_create(&pki_dir.join("front-proxy"))?;
     }
     let advertise = config.advertise_address.or((!config.bind_address.is_unspecified()).then_some(config.bind_address));
     // The serving certificate names every address clients use: loopback, the bind and advertise
@@ -304,9 +308,6 @@ pub async fn start(config: ApiServerConfig, store: Arc<dyn Store>) -> Result<Api
     )?;
     let kubelets = kubelet::KubeletClient::new(ca.cert_pem(), &kubelet_client.cert_pem, &kubelet_client.key_pem)
         .map_err(StartError::Tls)?;
-    // Upstream's front-proxy CA and client: how the server proves itself to aggregated API
-    // servers (a CA of its own, so no client certificate the cluster CA signs can pass for it).
-    let front_proxy_ca = ClusterCa::load_or_create(&pki_dir.join("front-proxy"))?;
     let front_proxy_client = front_proxy_ca.load_or_issue(
         "front-proxy-client",
         &CertSpec {

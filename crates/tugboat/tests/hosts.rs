@@ -416,6 +416,7 @@ fn two_servers_on_a_three_member_etcd_survive_losing_one() {
     let pki = |i: usize, file: &str| std::fs::read(hosts.get(i).dir().join("data/pki").join(file)).unwrap();
     assert_eq!(pki(0, "ca.crt"), pki(1, "ca.crt"), "one cluster CA");
     assert_eq!(pki(0, "sa.key"), pki(1, "sa.key"), "one service-account key");
+    assert_eq!(pki(0, "front-proxy/ca.crt"), pki(1, "front-proxy/ca.crt"), "one front-proxy CA");
     let servers: Vec<String> = (0..2).map(|i| format!("https://{}:6443", hosts.get(i).address())).collect();
     let dirs: Vec<PathBuf> = (0..3).map(|i| hosts.get(i).dir().to_path_buf()).collect();
     let kubectl = |i: usize| Kubectl {
