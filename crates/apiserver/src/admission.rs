@@ -92,6 +92,9 @@ impl Kind {
 struct Hook {
     name: String,
     webhook: Value,
+    /// Under `matchPolicy: Equivalent`, the other version of the requested resource its rules
+    /// take (the webhook then reviews the object in that version).
+    equivalent: Option<&'static Resource>,
 }
 
 impl Hook {
@@ -124,7 +127,7 @@ async fn hooks(state: &ApiState, kind: Kind) -> Result<Vec<Hook>, ApiError> {
             // Defaults written since: the configuration as served.
             default_webhook(kind, &mut webhook);
             let name = webhook["name"].as_str().unwrap_or_default().to_string();
-            hooks.push(Hook { name, webhook });
+            hooks.push(Hook { name, webhook, equivalent: None });
         }
     }
     Ok(hooks)
@@ -149,12 +152,16 @@ fn reviewed_kind(resource: &Resource, subresource: &str) -> (String, String, Str
 
 /// Whether one of the rules of `webhook` takes the request.
 pub(crate) fn rules_match(webhook: &Value, attributes: &Attributes<'_>) -> bool {
-    let resource = attributes.resource;
+    rules_take(webhook, attributes.resource, attributes.subresource, attributes.operation)
+}
+
+/// Whether one of the rules of `webhook` takes `operation` on `resource` (and `subresource`).
+fn rules_take(webhook: &Value, resource: &Resource, subresource: &str, operation: Operation) -> bool {
     let listed = |list: &Value, value: &str| {
         list.as_array().is_some_and(|items| items.iter().any(|item| item == "*" || item == value))
     };
     webhook["rules"].as_array().into_iter().flatten().any(|rule| {
-        listed(&rule["operations"], attributes.operation.as_str())
+        listed(&rule["operations"], operation.as_str())
             && listed(&rule["apiGroups"], resource.group)
             && listed(&rule["apiVersions"], resource.version)
             && rule["resources"]
@@ -162,13 +169,63 @@ pub(crate) fn rules_match(webhook: &Value, attributes: &Attributes<'_>) -> bool 
                 .into_iter()
                 .flatten()
                 .filter_map(Value::as_str)
-                .any(|pattern| resource_matches(pattern, resource.plural, attributes.subresource))
+                .any(|pattern| resource_matches(pattern, resource.plural, subresource))
             && match rule["scope"].as_str().unwrap_or("*") {
                 "Cluster" => !resource.namespaced,
                 "Namespaced" => resource.namespaced,
                 _ => true,
             }
     })
+}
+
+/// How the rules of `webhook` (a webhook, or a policy's `{"rules": …, "matchPolicy": …}`) take
+/// the request: as it is, or — under `matchPolicy: Equivalent`, upstream's default — as another
+/// version of the same objects (the resources stored alike: autoscaling/v1 and v2
+/// HorizontalPodAutoscalers, core and events.k8s.io Events, the versions of a custom resource).
+pub(crate) enum Matched {
+    Exactly,
+    As(&'static Resource),
+}
+
+pub(crate) fn rules_take_request(state: &ApiState, webhook: &Value, attributes: &Attributes<'_>) -> Option<Matched> {
+    if rules_match(webhook, attributes) {
+        return Some(Matched::Exactly);
+    }
+    if webhook["matchPolicy"] == "Exact" {
+        return None;
+    }
+    let requested = attributes.resource;
+    state
+        .resources()
+        .into_iter()
+        .filter(|r| r.storage == requested.storage && *r != requested && !r.is_review())
+        .find(|r| rules_take(webhook, r, attributes.subresource, attributes.operation))
+        .map(Matched::As)
+}
+
+/// `object`, an object of `from`, as an object of `to` (another version of the same stored
+/// objects): through the stored form for built-in kinds, by the definition's conversion for
+/// custom ones.
+pub(crate) async fn convert_between(
+    state: &ApiState,
+    from: &Resource,
+    to: &Resource,
+    object: Value,
+) -> Result<Value, ApiError> {
+    if from == to || !object.is_object() {
+        return Ok(object);
+    }
+    let stored = match from.conversion {
+        Some(conversion) => (conversion.to_storage)(object),
+        None => object,
+    };
+    crate::conversion::convert_one(state.store.as_ref(), to, to.from_storage(stored)).await
+}
+
+/// Whether a request for `subresource` carries the resource's own kind (so an equivalent
+/// version reviews it converted); a scale carries `autoscaling/v1` Scale in every version.
+fn carries_own_kind(subresource: &str) -> bool {
+    matches!(subresource, "" | "status")
 }
 
 /// Upstream's resource patterns: `pods` (the resource, no subresource), `pods/status`,
@@ -501,25 +558,64 @@ async fn matching(
         return Ok(Vec::new());
     }
     let mut taken = Vec::new();
-    for hook in hooks(state, kind).await? {
-        if rules_match(&hook.webhook, attributes) && selectors_match(state, &hook.webhook, attributes, object).await? {
+    for mut hook in hooks(state, kind).await? {
+        let Some(matched) = rules_take_request(state, &hook.webhook, attributes) else { continue };
+        if selectors_match(state, &hook.webhook, attributes, object).await? {
+            if let Matched::As(resource) = matched {
+                hook.equivalent = Some(resource);
+            }
             taken.push(hook);
         }
     }
     Ok(taken)
 }
 
+/// The review request of `attributes` for `hook`, and the object it reviews when that is the
+/// object converted to the equivalent version the hook's rules take.
+pub(crate) async fn versioned_request(
+    state: &ApiState,
+    equivalent: Option<&'static Resource>,
+    attributes: &Attributes<'_>,
+    object: Option<&Value>,
+    uid: &str,
+) -> Result<(Value, Option<Value>), ApiError> {
+    let Some(resource) = equivalent else { return Ok((review_request(attributes, object, uid), None)) };
+    let converts = carries_own_kind(attributes.subresource);
+    let convert = |object: Option<&Value>| {
+        let object = object.cloned();
+        async move {
+            match object {
+                Some(object) if converts => {
+                    convert_between(state, attributes.resource, resource, object).await.map(Some)
+                }
+                other => Ok(other),
+            }
+        }
+    };
+    let converted = convert(object).await?;
+    let old = convert(attributes.old).await?;
+    let as_equivalent = Attributes { resource, old: old.as_ref(), options: attributes.options.clone(), ..*attributes };
+    let mut request = review_request(&as_equivalent, converted.as_ref(), uid);
+    // What was asked for stays in `requestKind`, `requestResource` (and the subresource).
+    let asked = review_request(attributes, None, uid);
+    for field in ["requestKind", "requestResource"] {
+        request[field] = asked[field].clone();
+    }
+    Ok((request, converted.filter(|_| converts)))
+}
+
 /// Calls one hook; `Ok(None)` when it is skipped (its conditions do not hold, or it failed
-/// under `failurePolicy: Ignore`).
+/// under `failurePolicy: Ignore`). With the answer, the object as the hook reviewed it when
+/// that was another version of it.
 async fn invoke(
     state: &ApiState,
     hook: &Hook,
     attributes: &Attributes<'_>,
     object: Option<&Value>,
     write: &Write,
-) -> Result<Option<Answer>, ApiError> {
+) -> Result<Option<(Answer, Option<Value>)>, ApiError> {
     let uid = uuid::Uuid::new_v4().to_string();
-    let request = review_request(attributes, object, &uid);
+    let (request, reviewed) = versioned_request(state, hook.equivalent, attributes, object, &uid).await?;
     let outcome = match conditions_match(&hook.webhook, &request) {
         Ok(false) => return Ok(None),
         Ok(true) => {
@@ -534,7 +630,7 @@ async fn invoke(
             if !answer.allowed {
                 return Err(refusal(&hook.name, &answer.status));
             }
-            Ok(Some(answer))
+            Ok(Some((answer, reviewed)))
         }
         Err(error) if hook.ignores_failures() => {
             tracing::warn!(webhook = %hook.name, error = %error.0, "failed calling webhook, failing open");
@@ -584,7 +680,7 @@ async fn apply(
     object: &mut Value,
     write: &Write,
 ) -> Result<bool, ApiError> {
-    let Some(answer) = invoke(state, hook, attributes, Some(object), write).await? else {
+    let Some((answer, reviewed)) = invoke(state, hook, attributes, Some(object), write).await? else {
         return Ok(false);
     };
     let Some(patch) = answer.patch else { return Ok(false) };
@@ -599,12 +695,16 @@ async fn apply(
         Ok(patch) => patch,
         Err(error) => return failed(format!("the patch is not a JSON patch: {error}")).map_or(Ok(false), Err),
     };
-    let mut patched = object.clone();
+    // The patch is of the object as the hook saw it (in the version its rules take).
+    let mut patched = reviewed.clone().unwrap_or_else(|| object.clone());
     if let Err(error) = crate::object::json_patch(&mut patched, &patch) {
         return failed(format!("the patch does not apply: {error}")).map_or(Ok(false), Err);
     }
     if !patched.is_object() {
         return failed("the patch does not leave an object".into()).map_or(Ok(false), Err);
+    }
+    if let (Some(equivalent), Some(_)) = (hook.equivalent, &reviewed) {
+        patched = convert_between(state, equivalent, attributes.resource, patched).await?;
     }
     if patched == *object {
         return Ok(false);

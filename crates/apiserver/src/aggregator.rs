@@ -7,12 +7,15 @@
 //! `X-Remote-Group` and `X-Remote-Extra-*` (upstream's request-header authentication, whose CA
 //! and header names are published in `kube-system/extension-apiserver-authentication`).
 //!
+//! `register_custom` keeps a local APIService for every group version custom resources are
+//! served in, as upstream's crdregistration controller does.
+//!
 //! `run` keeps the served remotes: on every APIService change and every 10 s it asks each
 //! remote for its discovery document (`/apis/<group>/<version>`), keeps it for discovery
 //! (legacy and aggregated, merged with this server's own) and writes the `Available`
 //! condition (local ones are always available).
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
@@ -116,11 +119,72 @@ pub fn local_api_services() -> Vec<Value> {
             json!({
                 "apiVersion": "apiregistration.k8s.io/v1",
                 "kind": "APIService",
-                "metadata": {"name": name_of(group, version), "labels": {"kube-aggregator.kubernetes.io/automanaged": "onstart"}},
+                "metadata": {"name": name_of(group, version), "labels": {AUTOMANAGED: "onstart"}},
                 "spec": {"group": group, "version": version, "groupPriorityMinimum": priority, "versionPriority": 15},
             })
         })
         .collect()
+}
+
+/// The label of the APIServices the server keeps itself; `true` on those of custom resources.
+const AUTOMANAGED: &str = "kube-aggregator.kubernetes.io/automanaged";
+
+/// Keeps an APIService for every group version that custom resources are served in (upstream's
+/// crdregistration controller: local, `groupPriorityMinimum` 1000, `versionPriority` 100,
+/// automanaged `true`), and deletes those no definition serves any more; runs for the life of
+/// the server, a pass after every change of the served set.
+pub async fn register_custom(state: Arc<ApiState>) {
+    let mut changes = state.custom.changes();
+    loop {
+        if let Err(error) = register_custom_once(&state).await {
+            tracing::warn!(error = %error.message, "cannot keep the APIServices of custom resources");
+        }
+        // A burst of definitions (an operator's install) is one pass.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        changes.borrow_and_update();
+        if changes.changed().await.is_err() {
+            return;
+        }
+    }
+}
+
+/// One pass of [`register_custom`].
+pub async fn register_custom_once(state: &ApiState) -> Result<(), ApiError> {
+    let built_in: HashSet<(&str, &str)> = registry::RESOURCES.iter().map(|r| (r.group, r.version)).collect();
+    let custom = state.custom.all();
+    let desired: BTreeSet<(&str, &str)> =
+        custom.iter().map(|r| (r.group, r.version)).filter(|gv| !built_in.contains(gv)).collect();
+    let mut present = HashSet::new();
+    for service in cached_list(state, api_services(), None).await? {
+        let spec = &service["spec"];
+        let group_version = (spec["group"].as_str().unwrap_or_default(), spec["version"].as_str().unwrap_or_default());
+        if desired.contains(&group_version) {
+            present.insert(name_of(group_version.0, group_version.1));
+        } else if service["metadata"]["labels"][AUTOMANAGED] == "true" {
+            let name = service["metadata"]["name"].as_str().unwrap_or_default();
+            let revision = service["metadata"]["resourceVersion"].as_str().and_then(|v| v.parse().ok());
+            match state.store.delete(&api_services().key(None, name), revision).await {
+                Ok(_)
+                | Err(tugboat_store::StoreError::NotFound { .. } | tugboat_store::StoreError::Conflict { .. }) => {}
+                Err(error) => return Err(ApiError::from_store(error, GROUP, "apiservices", name)),
+            }
+        }
+    }
+    for (group, version) in desired {
+        let name = name_of(group, version);
+        if present.contains(&name) {
+            continue;
+        }
+        let service = json!({
+            "apiVersion": "apiregistration.k8s.io/v1",
+            "kind": "APIService",
+            "metadata": {"name": name, "labels": {AUTOMANAGED: "true"}},
+            "spec": {"group": group, "version": version, "groupPriorityMinimum": 1000, "versionPriority": 100},
+        });
+        // Made if absent; one of another owner under the name is left as it is.
+        crate::handlers::put_system_object(state, api_services(), service, &[]).await?;
+    }
+    Ok(())
 }
 
 /// The ConfigMap aggregated servers read to trust the front proxy (and the cluster's clients).

@@ -179,6 +179,11 @@ impl CustomResources {
         });
     }
 
+    /// Tells of every change of the served set (the revision it reflects).
+    pub fn changes(&self) -> tokio::sync::watch::Receiver<Revision> {
+        self.revision.subscribe()
+    }
+
     /// Waits (up to `timeout`) until the served set reflects `revision`; whether it does.
     pub async fn reflect(&self, revision: Revision, timeout: Duration) -> bool {
         let mut seen = self.revision.subscribe();

@@ -370,6 +370,7 @@ pub async fn start(config: ApiServerConfig, store: Arc<dyn Store>) -> Result<Api
     crd::refresh(&state).await.map_err(|e| StartError::Setup(e.message))?;
     background.push(tokio::spawn(crd::run(state.clone())));
     background.push(tokio::spawn(aggregator::run(state.clone())));
+    background.push(tokio::spawn(aggregator::register_custom(state.clone())));
     match advertise {
         Some(address) => {
             let port = local_addr.port();

@@ -17,7 +17,7 @@ use std::sync::Arc;
 
 use serde_json::{Value, json};
 
-use crate::admission::{Attributes, GROUP};
+use crate::admission::{Attributes, GROUP, Matched};
 use crate::handlers::{ApiState, Write, cached_get, cached_list};
 use crate::registry;
 use crate::status::{ApiError, Cause};
@@ -126,32 +126,51 @@ fn run(policy: &Value, inputs: &HashMap<&str, Value>) -> Outcome {
     Outcome::Pass
 }
 
-/// Whether `match_resources` (a policy's `matchConstraints` or a binding's `matchResources`)
-/// takes the request; `rules_required`: a policy's resource rules must match, a binding's
-/// constrain only when given.
+/// How `match_resources` (a policy's `matchConstraints` or a binding's `matchResources`)
+/// takes the request, if it does: as it is, or as an equivalent version (`matchPolicy`);
+/// `rules_required`: a policy's resource rules must match, a binding's constrain only when
+/// given.
 async fn resources_match(
     state: &ApiState,
     match_resources: &Value,
     attributes: &Attributes<'_>,
     object: Option<&Value>,
     rules_required: bool,
-) -> Result<bool, ApiError> {
-    let rules = &match_resources["resourceRules"];
+) -> Result<Option<Matched>, ApiError> {
+    let policy = match_resources["matchPolicy"].as_str().unwrap_or("Equivalent");
     let named = |rules: &Value| {
-        rules.as_array().into_iter().flatten().any(|rule| {
+        let mut equivalent = None;
+        for rule in rules.as_array().into_iter().flatten() {
             let names = rule["resourceNames"].as_array().filter(|n| !n.is_empty());
-            crate::admission::rules_match(&json!({"rules": [rule]}), attributes)
-                && names.is_none_or(|names| names.iter().any(|n| n == attributes.name))
-        })
+            if !names.is_none_or(|names| names.iter().any(|n| n == attributes.name)) {
+                continue;
+            }
+            match crate::admission::rules_take_request(
+                state,
+                &json!({"rules": [rule], "matchPolicy": policy}),
+                attributes,
+            ) {
+                Some(Matched::Exactly) => return Some(Matched::Exactly),
+                Some(matched) => equivalent = equivalent.or(Some(matched)),
+                None => {}
+            }
+        }
+        equivalent
     };
+    let rules = &match_resources["resourceRules"];
     let given = rules.as_array().is_some_and(|r| !r.is_empty());
-    if (given || rules_required) && !named(rules) {
-        return Ok(false);
+    let matched = if given || rules_required {
+        match named(rules) {
+            Some(matched) => matched,
+            None => return Ok(None),
+        }
+    } else {
+        Matched::Exactly
+    };
+    if named(&match_resources["excludeResourceRules"]).is_some() {
+        return Ok(None);
     }
-    if named(&match_resources["excludeResourceRules"]) {
-        return Ok(false);
-    }
-    crate::admission::selectors_match(state, match_resources, attributes, object).await
+    Ok(crate::admission::selectors_match(state, match_resources, attributes, object).await?.then_some(matched))
 }
 
 /// The binding's parameter objects: `None` when the policy takes none; an empty list when none
@@ -211,7 +230,6 @@ pub async fn validate(
     if bindings.is_empty() {
         return Ok(());
     }
-    let request = &crate::admission::review_request(attributes, object, &uuid::Uuid::new_v4().to_string());
     let policies_resource = registry::find(GROUP, "v1", "validatingadmissionpolicies").expect("served");
     let policies = cached_list(state, policies_resource, None).await?;
     let mut namespace_object = None;
@@ -223,13 +241,25 @@ pub async fn validate(
         };
         default_policy(&mut policy);
         let constraints = &policy["spec"]["matchConstraints"];
-        if !resources_match(state, constraints, attributes, object, true).await? {
+        // The policy's constraints say in which version it sees the object.
+        let Some(matched) = resources_match(state, constraints, attributes, object, true).await? else {
             continue;
-        }
+        };
         let bound = &binding["spec"]["matchResources"];
-        if bound.is_object() && !resources_match(state, bound, attributes, object, false).await? {
+        if bound.is_object() && resources_match(state, bound, attributes, object, false).await?.is_none() {
             continue;
         }
+        let equivalent = match matched {
+            Matched::As(resource) => Some(resource),
+            Matched::Exactly => None,
+        };
+        let uid = uuid::Uuid::new_v4().to_string();
+        let (request, reviewed) =
+            crate::admission::versioned_request(state, equivalent, attributes, object, &uid).await?;
+        let (object, old) = match reviewed {
+            Some(reviewed) => (Some(reviewed), request["oldObject"].clone()),
+            None => (object.cloned(), attributes.old.cloned().unwrap_or(Value::Null)),
+        };
         if namespace_object.is_none() {
             namespace_object = Some(match attributes.namespace.filter(|_| attributes.resource.namespaced) {
                 Some(namespace) => {
@@ -265,8 +295,8 @@ pub async fn validate(
             binding["spec"]["validationActions"].as_array().into_iter().flatten().filter_map(Value::as_str).collect();
         for params in runs {
             let inputs: HashMap<&str, Value> = HashMap::from([
-                ("object", object.cloned().unwrap_or(Value::Null)),
-                ("oldObject", attributes.old.cloned().unwrap_or(Value::Null)),
+                ("object", object.clone().unwrap_or(Value::Null)),
+                ("oldObject", old.clone()),
                 ("request", request.clone()),
                 ("params", params),
                 ("namespaceObject", namespace_object.clone().unwrap_or(Value::Null)),

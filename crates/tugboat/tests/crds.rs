@@ -171,6 +171,21 @@ fn deleting_a_definition_deletes_its_objects_first() {
     let held = WIDGET.replace("small", "held").replace("metadata:\n", "metadata:\n  finalizers: [example.com/hold]\n");
     server.kubectl(&["apply", "-f", "-"], Some(&held));
 
+    // Each served version has a local APIService, as upstream's crdregistration makes them.
+    eventually("the definition's APIServices", || {
+        let table = server.kubectl(&["get", "apiservices", "-o", "wide"], None);
+        ["v1.example.com ", "v1beta1.example.com "]
+            .iter()
+            .all(|name| table.lines().any(|l| l.starts_with(name) && l.contains("Local") && l.contains("True")))
+    });
+    let labels =
+        server.kubectl(&["get", "apiservice", "v1.example.com", "-o", "jsonpath={.metadata.labels}{.spec}"], None);
+    assert!(
+        labels.contains(r#""kube-aggregator.kubernetes.io/automanaged":"true""#)
+            && labels.contains(r#""groupPriorityMinimum":1000"#),
+        "{labels}"
+    );
+
     server.kubectl(&["delete", "crd", "widgets.example.com", "--wait=false"], None);
     // The object without a finalizer goes; the definition waits for the held one.
     eventually("the free widget to go", || {
@@ -185,6 +200,7 @@ fn deleting_a_definition_deletes_its_objects_first() {
     server.kubectl(&["patch", "wg", "held", "--type=merge", "-p", r#"{"metadata":{"finalizers":null}}"#], None);
     eventually("the definition to go", || server.kubectl(&["get", "crd", "-o", "name"], None).trim().is_empty());
     eventually("the resource to leave discovery", || !server.kubectl(&["api-resources"], None).contains("widgets"));
+    eventually("the APIServices to go", || !server.kubectl(&["get", "apiservices"], None).contains("example.com"));
     let error = server.kubectl_fails(&["get", "widgets"], None);
     assert!(error.contains("the server doesn't have a resource type"), "{error}");
 }

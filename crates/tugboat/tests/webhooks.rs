@@ -50,6 +50,31 @@ fn answer(path: &str, request: &Value) -> Value {
                 json!({"uid": uid, "allowed": true, "warnings": ["seen by the test webhook"]})
             }
         }
+        // Reviews HorizontalPodAutoscalers as autoscaling/v1 whatever version was asked for;
+        // sets a v1 field when the request came as v2, refuses what it does not expect.
+        "/hpa-as-v1" => {
+            let seen = (
+                request["kind"]["version"].as_str(),
+                request["resource"]["version"].as_str(),
+                request["requestKind"]["version"].as_str(),
+                request["requestResource"]["version"].as_str(),
+                object["apiVersion"].as_str(),
+                object["spec"]["targetCPUUtilizationPercentage"].as_i64(),
+            );
+            match seen {
+                (Some("v1"), Some("v1"), Some("v1"), Some("v1"), Some("autoscaling/v1"), _) => {
+                    json!({"uid": uid, "allowed": true})
+                }
+                (Some("v1"), Some("v1"), Some("v2"), Some("v2"), Some("autoscaling/v1"), Some(80)) => {
+                    let patch = json!([{"op": "replace", "path": "/spec/targetCPUUtilizationPercentage", "value": 42}]);
+                    let patch = base64::engine::general_purpose::STANDARD.encode(patch.to_string());
+                    json!({"uid": uid, "allowed": true, "patchType": "JSONPatch", "patch": patch})
+                }
+                other => {
+                    json!({"uid": uid, "allowed": false, "status": {"message": format!("unexpected review {other:?}")}})
+                }
+            }
+        }
         _ => json!({"uid": uid, "allowed": false, "status": {"message": format!("no handler for {path}")}}),
     }
 }
@@ -383,18 +408,30 @@ webhooks:
 }
 
 trait KubectlMaybe {
-    fn kubectl_fails_or_not(&self, args: &[&str]) -> Option<String>;
+    fn kubectl_fails_or_not(&self, args: &[&str]) -> Option<String> {
+        self.kubectl_input_fails_or_not(args, None)
+    }
+
+    fn kubectl_input_fails_or_not(&self, args: &[&str], input: Option<&str>) -> Option<String>;
 }
 
 impl KubectlMaybe for TugboatServer {
     /// kubectl's stderr if it failed, None if it succeeded.
-    fn kubectl_fails_or_not(&self, args: &[&str]) -> Option<String> {
-        let output = std::process::Command::new("/usr/bin/kubectl")
+    fn kubectl_input_fails_or_not(&self, args: &[&str], input: Option<&str>) -> Option<String> {
+        use std::io::Write;
+        let mut child = std::process::Command::new("/usr/bin/kubectl")
             .args(args)
             .env("KUBECONFIG", self.kubeconfig())
             .env("HOME", self.scratch("home"))
-            .output()
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
             .expect("kubectl runs");
+        let mut stdin = child.stdin.take().expect("piped");
+        stdin.write_all(input.unwrap_or_default().as_bytes()).expect("kubectl reads its input");
+        drop(stdin);
+        let output = child.wait_with_output().expect("kubectl runs");
         (!output.status.success()).then(|| String::from_utf8_lossy(&output.stderr).into_owned())
     }
 }
@@ -626,6 +663,131 @@ fn a_conversion_webhook_converts_custom_objects_between_versions() {
         error.contains(
             "spec.conversion.webhook.conversionReviewVersions: Required value: must include at least one of v1, v1beta1"
         ),
+        "{error}"
+    );
+}
+
+/// Webhooks and a policy whose rules name autoscaling/v1 HorizontalPodAutoscalers; the
+/// `Exact` one refuses every review it gets.
+fn hpa_v1_rules(webhook: &Webhook) -> String {
+    format!(
+        r#"
+apiVersion: admissionregistration.k8s.io/v1
+kind: MutatingWebhookConfiguration
+metadata: {{name: hpa-as-v1}}
+webhooks:
+- name: hpa-as-v1.hooks.example.com
+  clientConfig: {{url: "https://127.0.0.1:{port}/hpa-as-v1", caBundle: {ca}}}
+  rules: [{{operations: [CREATE], apiGroups: [autoscaling], apiVersions: [v1], resources: [horizontalpodautoscalers]}}]
+  namespaceSelector: {{matchLabels: {{webhooks: "on"}}}}
+  sideEffects: None
+  admissionReviewVersions: [v1]
+---
+apiVersion: admissionregistration.k8s.io/v1
+kind: ValidatingWebhookConfiguration
+metadata: {{name: exact-v1}}
+webhooks:
+- name: exact-v1.hooks.example.com
+  clientConfig: {{url: "https://127.0.0.1:{port}/refuse", caBundle: {ca}}}
+  rules: [{{operations: [CREATE], apiGroups: [autoscaling], apiVersions: [v1], resources: [horizontalpodautoscalers]}}]
+  matchPolicy: Exact
+  objectSelector: {{matchLabels: {{exact: "checked"}}}}
+  sideEffects: None
+  admissionReviewVersions: [v1]
+---
+apiVersion: admissionregistration.k8s.io/v1
+kind: ValidatingAdmissionPolicy
+metadata: {{name: hpa-v1-limit}}
+spec:
+  failurePolicy: Fail
+  matchConstraints:
+    resourceRules: [{{operations: [CREATE], apiGroups: [autoscaling], apiVersions: [v1], resources: [horizontalpodautoscalers]}}]
+  validations:
+  - expression: "object.apiVersion == 'autoscaling/v1' && has(object.spec.targetCPUUtilizationPercentage)"
+    message: "not seen as v1"
+  - expression: "object.spec.maxReplicas <= 10"
+    messageExpression: "'at most 10 replicas as v1, got ' + string(object.spec.maxReplicas)"
+---
+apiVersion: admissionregistration.k8s.io/v1
+kind: ValidatingAdmissionPolicyBinding
+metadata: {{name: hpa-v1-limit}}
+spec:
+  policyName: hpa-v1-limit
+  validationActions: [Deny]
+  matchResources: {{namespaceSelector: {{matchLabels: {{webhooks: "on"}}}}}}
+"#,
+        port = webhook.address.port(),
+        ca = webhook.ca_bundle()
+    )
+}
+
+fn hpa_v2(name: &str, max: u32, labels: &str) -> String {
+    format!(
+        r#"
+apiVersion: autoscaling/v2
+kind: HorizontalPodAutoscaler
+metadata: {{name: {name}, namespace: hooks, labels: {{{labels}}}}}
+spec:
+  scaleTargetRef: {{apiVersion: apps/v1, kind: Deployment, name: web}}
+  minReplicas: 1
+  maxReplicas: {max}
+  metrics:
+  - type: Resource
+    resource: {{name: cpu, target: {{type: Utilization, averageUtilization: 80}}}}
+"#
+    )
+}
+
+#[test]
+fn equivalent_versions_are_reviewed_in_the_version_the_rules_name() {
+    let server = TugboatServer::start(Path::new(env!("CARGO_BIN_EXE_tugboat")), &[]).expect("the server starts");
+    let webhook = Webhook::start();
+    setup(&server, &webhook);
+    server.kubectl(&["apply", "-f", "-"], Some(&hpa_v1_rules(&webhook)));
+    let stored = server.kubectl(
+        &["get", "mutatingwebhookconfiguration", "hpa-as-v1", "-o", "jsonpath={.webhooks[0].matchPolicy}"],
+        None,
+    );
+    assert_eq!(stored, "Equivalent", "upstream's default");
+    let target = |name: &str| {
+        server.kubectl(
+            &[
+                "get",
+                "hpa.v2.autoscaling",
+                name,
+                "-n",
+                "hooks",
+                "-o",
+                "jsonpath={.spec.metrics[0].resource.target.averageUtilization}",
+            ],
+            None,
+        )
+    };
+
+    // An autoscaling/v2 create goes to the webhook (and the policy) as autoscaling/v1, with
+    // requestKind v2; the webhook's patch of the v1 object lands in the stored v2 one.
+    wait_for("the mutating webhook to take effect", || {
+        let name = format!("probe-{}", unique());
+        server.kubectl(&["apply", "-f", "-"], Some(&hpa_v2(&name, 5, "")));
+        target(&name) == "42"
+    });
+    server.kubectl(&["apply", "-f", "-"], Some(&hpa_v2("web", 5, "")));
+    assert_eq!(target("web"), "42");
+    // The policy sees the v1 object too: its limit is a v1 field's.
+    wait_for("the policy to take effect", || {
+        let name = format!("big-{}", unique());
+        server
+            .kubectl_input_fails_or_not(&["apply", "-f", "-"], Some(&hpa_v2(&name, 20, "")))
+            .is_some_and(|error| error.contains("at most 10 replicas as v1, got 20"))
+    });
+    // matchPolicy Exact: the v1 rule does not take a v2 request…
+    server.kubectl(&["apply", "-f", "-"], Some(&hpa_v2("exact", 5, "exact: checked")));
+    // …and takes a v1 one.
+    let v1 = r#"{"apiVersion":"autoscaling/v1","kind":"HorizontalPodAutoscaler","metadata":{"name":"exact-v1","namespace":"hooks","labels":{"exact":"checked"}},
+        "spec":{"scaleTargetRef":{"apiVersion":"apps/v1","kind":"Deployment","name":"web"},"maxReplicas":3,"targetCPUUtilizationPercentage":50}}"#;
+    let error = server.kubectl_fails(&["create", "-f", "-"], Some(v1));
+    assert!(
+        error.contains(r#"admission webhook "exact-v1.hooks.example.com" denied the request: no handler for /refuse"#),
         "{error}"
     );
 }
