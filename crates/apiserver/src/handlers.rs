@@ -813,7 +813,7 @@ impl Filters {
     }
 
     fn matches(&self, object: &Value) -> bool {
-        self.labels.matches_object(object) && self.fields.matches(self.plural, object)
+        crate::selector::matches_object(&self.labels, object) && self.fields.matches(self.plural, object)
     }
 }
 

@@ -50,7 +50,7 @@ pub async fn serve(
         let wanted: Vec<&Value> = nodes
             .iter()
             .filter(|n| name.is_none_or(|name| n["metadata"]["name"] == name))
-            .filter(|n| selector.matches_object(n))
+            .filter(|n| crate::selector::matches_object(&selector, n))
             .collect();
         let summaries = summaries(state, &wanted).await;
         wanted.iter().zip(summaries).filter_map(|(node, summary)| node_metrics(node, &summary?)).collect::<Vec<_>>()
@@ -60,7 +60,7 @@ pub async fn serve(
             .into_iter()
             .filter(|p| namespace.is_none_or(|ns| p["metadata"]["namespace"] == ns))
             .filter(|p| name.is_none_or(|name| p["metadata"]["name"] == name))
-            .filter(|p| selector.matches_object(p))
+            .filter(|p| crate::selector::matches_object(&selector, p))
             .collect();
         let hosts: Vec<&Value> =
             nodes.iter().filter(|n| pods.iter().any(|p| p["spec"]["nodeName"] == n["metadata"]["name"])).collect();

@@ -1,130 +1,16 @@
-//! Label selectors (`a=b,c!=d,e in (f,g),h notin (i),j,!k`) and field selectors
-//! (`metadata.name=x,spec.nodeName!=y`), as `?labelSelector=` and `?fieldSelector=` carry them.
-
-use std::collections::BTreeMap;
+//! Label selectors (`a=b,c!=d,e in (f,g),h notin (i),j,!k`: `tugboat_objects::labels`, as every
+//! component parses and matches them) and field selectors (`metadata.name=x,spec.nodeName!=y`),
+//! as `?labelSelector=` and `?fieldSelector=` carry them, matched against stored objects.
 
 use serde_json::Value;
 
-#[derive(Debug, Clone, PartialEq, Eq)]
-enum Requirement {
-    Equals(String, String),
-    NotEquals(String, String),
-    In(String, Vec<String>),
-    NotIn(String, Vec<String>),
-    Exists(String),
-    NotExists(String),
-}
+/// A parsed label selector (`?labelSelector=`); the empty selector matches everything.
+pub use tugboat_objects::labels::Selector as LabelSelector;
 
-/// A parsed label selector; the empty selector matches everything.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct LabelSelector(Vec<Requirement>);
-
-/// Splits on commas that are not inside parentheses.
-fn split_top_level(text: &str) -> Vec<&str> {
-    let (mut parts, mut depth, mut start) = (Vec::new(), 0i32, 0);
-    for (i, c) in text.char_indices() {
-        match c {
-            '(' => depth += 1,
-            ')' => depth -= 1,
-            ',' if depth == 0 => {
-                parts.push(&text[start..i]);
-                start = i + 1;
-            }
-            _ => {}
-        }
-    }
-    parts.push(&text[start..]);
-    parts.into_iter().map(str::trim).filter(|p| !p.is_empty()).collect()
-}
-
-fn valid_key(key: &str) -> bool {
-    !key.is_empty()
-        && key.len() <= 317
-        && key.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | '/'))
-}
-
-fn valid_value(value: &str) -> bool {
-    value.len() <= 63 && value.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
-}
-
-fn parse_set(key: &str, rest: &str) -> Result<Vec<String>, String> {
-    let rest = rest.trim();
-    let inner = rest
-        .strip_prefix('(')
-        .and_then(|r| r.strip_suffix(')'))
-        .ok_or_else(|| format!("expected a parenthesised set of values for {key:?}, got {rest:?}"))?;
-    Ok(inner.split(',').map(|v| v.trim().to_string()).filter(|v| !v.is_empty()).collect())
-}
-
-impl LabelSelector {
-    pub fn parse(text: &str) -> Result<Self, String> {
-        let mut requirements = Vec::new();
-        for part in split_top_level(text) {
-            let requirement = if let Some(key) = part.strip_prefix('!') {
-                Requirement::NotExists(key.trim().to_string())
-            } else if let Some((key, value)) = part.split_once("!=") {
-                Requirement::NotEquals(key.trim().to_string(), value.trim().to_string())
-            } else if let Some((key, value)) = part.split_once("==") {
-                Requirement::Equals(key.trim().to_string(), value.trim().to_string())
-            } else if let Some((key, value)) = part.split_once('=') {
-                Requirement::Equals(key.trim().to_string(), value.trim().to_string())
-            } else if let Some((key, rest)) = part.split_once(" notin ") {
-                Requirement::NotIn(key.trim().to_string(), parse_set(key, rest)?)
-            } else if let Some((key, rest)) = part.split_once(" in ") {
-                Requirement::In(key.trim().to_string(), parse_set(key, rest)?)
-            } else {
-                Requirement::Exists(part.to_string())
-            };
-            let key = match &requirement {
-                Requirement::Equals(k, _)
-                | Requirement::NotEquals(k, _)
-                | Requirement::In(k, _)
-                | Requirement::NotIn(k, _)
-                | Requirement::Exists(k)
-                | Requirement::NotExists(k) => k,
-            };
-            if !valid_key(key) {
-                return Err(format!("invalid label key {key:?} in selector {text:?}"));
-            }
-            let values: Vec<&String> = match &requirement {
-                Requirement::Equals(_, v) | Requirement::NotEquals(_, v) => vec![v],
-                Requirement::In(_, vs) | Requirement::NotIn(_, vs) => vs.iter().collect(),
-                Requirement::Exists(_) | Requirement::NotExists(_) => vec![],
-            };
-            if let Some(bad) = values.into_iter().find(|v| !valid_value(v)) {
-                return Err(format!("invalid label value {bad:?} in selector {text:?}"));
-            }
-            requirements.push(requirement);
-        }
-        Ok(LabelSelector(requirements))
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
-    }
-
-    pub fn matches(&self, labels: &BTreeMap<String, String>) -> bool {
-        self.0.iter().all(|requirement| match requirement {
-            Requirement::Equals(k, v) => labels.get(k) == Some(v),
-            Requirement::NotEquals(k, v) => labels.get(k) != Some(v),
-            Requirement::In(k, values) => labels.get(k).is_some_and(|v| values.contains(v)),
-            Requirement::NotIn(k, values) => labels.get(k).is_none_or(|v| !values.contains(v)),
-            Requirement::Exists(k) => labels.contains_key(k),
-            Requirement::NotExists(k) => !labels.contains_key(k),
-        })
-    }
-
-    /// Matches an object's `metadata.labels`.
-    pub fn matches_object(&self, object: &Value) -> bool {
-        if self.is_empty() {
-            return true;
-        }
-        let labels: BTreeMap<String, String> = object["metadata"]["labels"]
-            .as_object()
-            .map(|m| m.iter().filter_map(|(k, v)| Some((k.clone(), v.as_str()?.to_string()))).collect())
-            .unwrap_or_default();
-        self.matches(&labels)
-    }
+/// Whether `selector` selects an object by its `metadata.labels`.
+pub fn matches_object(selector: &LabelSelector, object: &Value) -> bool {
+    let labels = &object["metadata"]["labels"];
+    selector.matches_with(|key| labels.get(key).and_then(Value::as_str))
 }
 
 /// A parsed field selector: equality and inequality on dotted paths.
@@ -261,13 +147,7 @@ pub fn label_selector_matches(selector: &Value, labels: &Value) -> bool {
         let key = expression["key"].as_str().unwrap_or_default();
         let values: Vec<&str> =
             expression["values"].as_array().map(|v| v.iter().filter_map(Value::as_str).collect()).unwrap_or_default();
-        match expression["operator"].as_str() {
-            Some("In") => label(key).is_some_and(|v| values.contains(&v)),
-            Some("NotIn") => label(key).is_none_or(|v| !values.contains(&v)),
-            Some("Exists") => label(key).is_some(),
-            Some("DoesNotExist") => label(key).is_none(),
-            _ => false,
-        }
+        tugboat_objects::labels::expression_holds(expression["operator"].as_str().unwrap_or_default(), &values, label(key))
     })
 }
 
@@ -275,41 +155,6 @@ pub fn label_selector_matches(selector: &Value, labels: &Value) -> bool {
 mod tests {
     use super::*;
     use serde_json::json;
-
-    fn labels(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
-        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
-    }
-
-    #[test]
-    fn label_selectors_cover_every_operator() {
-        let l = labels(&[("app", "web"), ("tier", "front"), ("env", "prod")]);
-        for (selector, expected) in [
-            ("", true),
-            ("app=web", true),
-            ("app==web", true),
-            ("app!=web", false),
-            ("app!=db", true),
-            ("tier in (front, back)", true),
-            ("tier in (back)", false),
-            ("tier notin (back)", true),
-            ("missing notin (x)", true),
-            ("env", true),
-            ("!env", false),
-            ("!missing", true),
-            ("app=web,tier in (front),!missing", true),
-            ("app=web,tier=back", false),
-        ] {
-            let parsed = LabelSelector::parse(selector).unwrap();
-            assert_eq!(parsed.matches(&l), expected, "{selector}");
-        }
-    }
-
-    #[test]
-    fn bad_label_selectors_are_refused() {
-        for bad in ["app in web", "a b", "x=(", "tier in (a"] {
-            assert!(LabelSelector::parse(bad).is_err(), "{bad}");
-        }
-    }
 
     #[test]
     fn field_selectors_read_dotted_paths() {

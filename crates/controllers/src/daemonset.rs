@@ -80,7 +80,7 @@ pub fn pod_spec_for(template: &PodSpec, node: &str) -> PodSpec {
 /// Whether a daemon pod should run on `node`, and whether one already there may stay (a
 /// NoSchedule taint or cordon added later does not evict it).
 fn should_run(probe: &Pod, node: &Node) -> (bool, bool) {
-    let run = tugboat_scheduler::plan::fits_constraints(probe, node);
+    let run = tugboat_objects::scheduling::fits_constraints(probe, node);
     if run {
         return (true, true);
     }
@@ -91,7 +91,7 @@ fn should_run(probe: &Pod, node: &Node) -> (bool, bool) {
             taints.retain(|t| t.effect == "NoExecute");
         }
     }
-    (false, tugboat_scheduler::plan::fits_constraints(probe, &lenient))
+    (false, tugboat_objects::scheduling::fits_constraints(probe, &lenient))
 }
 
 /// The node a daemon pod is for: the name its node affinity pins, else where it is bound.

@@ -28,4 +28,4 @@ pub fn is_available(pod: &Pod, min_ready_seconds: i32, now: jiff::Timestamp) -> 
     }
 }
 
-pub use tugboat_scheduler::labels::selector_matches;
+pub use tugboat_objects::labels::selector_matches;

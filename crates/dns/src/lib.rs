@@ -53,24 +53,7 @@ where
         + Sync
         + 'static,
 {
-    use futures::StreamExt;
-    use kube::runtime::{WatchStreamExt, reflector, watcher};
-    let writer = reflector::store::Writer::<K>::default();
-    let reader = writer.as_reader();
-    let stream = reflector(
-        writer,
-        watcher(api, watcher::Config::default()).modify(|o: &mut K| o.meta_mut().managed_fields = None),
-    )
-    .default_backoff();
-    tokio::spawn(async move {
-        let mut stream = std::pin::pin!(stream);
-        while let Some(event) = stream.next().await {
-            if let Err(error) = event {
-                tracing::debug!(%error, "cluster DNS: watch");
-            }
-        }
-    });
-    reader
+    tugboat_objects::informer::reflect(api, (), "cluster DNS", |_| {})
 }
 
 /// Runs the cluster DNS server (and keeps `kube-dns` published) until the process ends.

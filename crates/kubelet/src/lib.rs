@@ -205,7 +205,7 @@ async fn node_event(client: &kube::Client, name: &str, reason: &str, message: &s
         ..Default::default()
     };
     // Upstream records every node status event as Normal.
-    tugboat_scheduler::events::record(client, &regarding, "Normal", reason, message, "", "kubelet").await;
+    tugboat_objects::events::record(client, &regarding, "Normal", reason, message, "", "kubelet").await;
 }
 
 fn now() -> String {

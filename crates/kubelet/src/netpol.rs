@@ -23,7 +23,7 @@ use k8s_openapi::api::core::v1::{Namespace, Pod};
 use k8s_openapi::api::networking::v1::{NetworkPolicy, NetworkPolicyPeer, NetworkPolicyPort};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::Api;
-use tugboat_scheduler::labels::selector_matches;
+use tugboat_objects::labels::selector_matches;
 
 use crate::pods::NodeAgent;
 

@@ -1445,8 +1445,8 @@ fn volume_path(pod_dir: &std::path::Path, volume: &k8s_openapi::api::core::v1::V
 }
 
 async fn event(node: &NodeAgent, pod: &Pod, kind: &str, reason: &str, message: &str) {
-    let regarding = tugboat_scheduler::events::reference(pod);
-    tugboat_scheduler::events::record(&node.client, &regarding, kind, reason, message, "", "kubelet").await;
+    let regarding = tugboat_objects::events::reference(pod);
+    tugboat_objects::events::record(&node.client, &regarding, kind, reason, message, "", "kubelet").await;
 }
 
 /// What an ended container left in its termination message file (at most 4096 bytes), or

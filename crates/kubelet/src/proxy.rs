@@ -30,11 +30,9 @@ use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use futures::StreamExt;
 use k8s_openapi::api::core::v1::{Endpoints, Service};
 use kube::api::Api;
-use kube::runtime::reflector::{self, ObjectRef, Store, reflector};
-use kube::runtime::{WatchStreamExt, watcher};
+use kube::runtime::reflector::{ObjectRef, Store};
 use tokio::sync::Notify;
 
 pub mod iptables;
@@ -660,31 +658,16 @@ where
         + Sync
         + 'static,
 {
-    let writer = reflector::store::Writer::<K>::new(());
-    let reader = writer.as_reader();
-    let events = reflector(
-        writer,
-        watcher(api, watcher::Config::default()).modify(|object: &mut K| object.meta_mut().managed_fields = None),
-    )
-    .default_backoff()
-    .touched_objects();
-    tokio::spawn(async move {
-        let mut events = events.boxed();
-        while let Some(event) = events.next().await {
-            if let Err(error) = &event {
-                tracing::debug!(%error, "watch");
+    tugboat_objects::informer::reflect(api, (), "service proxy", move |object: Option<&K>| {
+        if let Some(changes) = &changes {
+            let mut changes = changes.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(object) = object {
+                changes.keys.insert(key_of(object.meta()));
             }
-            if let Some(changes) = &changes {
-                let mut changes = changes.lock().unwrap_or_else(|e| e.into_inner());
-                if let Ok(object) = &event {
-                    changes.keys.insert(key_of(object.meta()));
-                }
-                changes.since.get_or_insert_with(Instant::now);
-            }
-            wake.notify_one();
+            changes.since.get_or_insert_with(Instant::now);
         }
-    });
-    reader
+        wake.notify_one();
+    })
 }
 
 /// Serves `/metrics` on `address` (a failure to bind is logged: the proxy runs without).

@@ -2,8 +2,6 @@
 //! (`plan`, pure), and binds it through the API (`pods/<name>/binding`).
 
 mod cache;
-pub mod events;
-pub mod labels;
 pub mod plan;
 mod run;
 

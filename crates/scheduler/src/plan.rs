@@ -5,9 +5,11 @@
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
-use k8s_openapi::api::core::v1::{Node, NodeSelectorRequirement, NodeSelectorTerm, Pod, Taint, Toleration};
+use k8s_openapi::api::core::v1::{Node, Pod};
 
+use tugboat_objects::labels::selector_matches;
 use tugboat_objects::quantity::{millicores, units};
+use tugboat_objects::scheduling::{affinity_allows, constraint_failure, term_matches, tolerates};
 
 /// What pods ask of a node, added up.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -209,51 +211,6 @@ fn host_ports(pod: &Pod) -> Vec<(String, String, i32)> {
         .collect()
 }
 
-fn tolerates(tolerations: &[Toleration], taint: &Taint) -> bool {
-    tolerations.iter().any(|t| {
-        let effect_matches = t.effect.as_deref().is_none_or(|e| e.is_empty() || e == taint.effect);
-        let key_matches = match t.key.as_deref() {
-            None | Some("") => t.operator.as_deref() == Some("Exists"),
-            Some(key) => key == taint.key,
-        };
-        let value_matches = match t.operator.as_deref() {
-            Some("Exists") => true,
-            _ => t.value.as_deref().unwrap_or_default() == taint.value.as_deref().unwrap_or_default(),
-        };
-        effect_matches && key_matches && value_matches
-    })
-}
-
-fn requirement_matches(requirement: &NodeSelectorRequirement, value: Option<&str>) -> bool {
-    let values = requirement.values.as_deref().unwrap_or_default();
-    let number = |s: &str| s.parse::<i64>().ok();
-    match requirement.operator.as_str() {
-        "In" => value.is_some_and(|v| values.iter().any(|x| x == v)),
-        "NotIn" => value.is_none_or(|v| !values.iter().any(|x| x == v)),
-        "Exists" => value.is_some(),
-        "DoesNotExist" => value.is_none(),
-        "Gt" => matches!((value.and_then(number), values.first().and_then(|x| number(x))), (Some(v), Some(x)) if v > x),
-        "Lt" => matches!((value.and_then(number), values.first().and_then(|x| number(x))), (Some(v), Some(x)) if v < x),
-        _ => false,
-    }
-}
-
-/// A node selector term: every label expression and every field expression (`metadata.name`)
-/// holds. An empty term matches nothing, as upstream.
-fn term_matches(term: &NodeSelectorTerm, node: &Node) -> bool {
-    let labels = node.metadata.labels.as_ref();
-    let expressions = term.match_expressions.as_deref().unwrap_or_default();
-    let fields = term.match_fields.as_deref().unwrap_or_default();
-    if expressions.is_empty() && fields.is_empty() {
-        return false;
-    }
-    expressions.iter().all(|r| requirement_matches(r, labels.and_then(|l| l.get(&r.key)).map(String::as_str)))
-        && fields.iter().all(|r| {
-            let value = if r.key == "metadata.name" { node.metadata.name.as_deref() } else { None };
-            requirement_matches(r, value)
-        })
-}
-
 /// What the filters and scores need of the pod, worked out once per pod rather than per node.
 struct PodFacts<'a> {
     pod: &'a Pod,
@@ -302,7 +259,7 @@ fn spread_constraints(pod: &Pod, nodes: &[NodeInfo]) -> Vec<Spread> {
                 .iter()
                 .filter(|p| p.metadata.namespace.as_deref().unwrap_or_default() == namespace)
                 .filter(|p| p.metadata.deletion_timestamp.is_none())
-                .filter(|p| crate::labels::selector_matches(&selector, p.metadata.labels.as_ref()))
+                .filter(|p| selector_matches(&selector, p.metadata.labels.as_ref()))
                 .count() as i64;
             *counts.entry(domain.clone()).or_default() += matching;
         }
@@ -315,7 +272,7 @@ fn spread_constraints(pod: &Pod, nodes: &[NodeInfo]) -> Vec<Spread> {
             counts,
             min,
             max,
-            self_match: i64::from(crate::labels::selector_matches(&selector, pod.metadata.labels.as_ref())),
+            self_match: i64::from(selector_matches(&selector, pod.metadata.labels.as_ref())),
         });
     }
     spreads
@@ -331,55 +288,6 @@ impl<'a> PodFacts<'a> {
             spread: Vec::new(),
         }
     }
-}
-
-/// The node-level constraints of a pod, as the first filters judge them: unschedulable nodes,
-/// untolerated NoSchedule/NoExecute taints, nodeSelector and required node affinity. Returns
-/// upstream's reason for the first that fails.
-fn constraint_failure(spec: &k8s_openapi::api::core::v1::PodSpec, node: &Node) -> Option<String> {
-    let tolerations = spec.tolerations.as_deref().unwrap_or_default();
-    // NodeUnschedulable
-    if node.spec.as_ref().and_then(|s| s.unschedulable).unwrap_or(false) {
-        let unschedulable =
-            Taint { key: "node.kubernetes.io/unschedulable".into(), effect: "NoSchedule".into(), ..Default::default() };
-        if !tolerates(tolerations, &unschedulable) {
-            return Some("node(s) were unschedulable".into());
-        }
-    }
-    // TaintToleration
-    let taints = node.spec.as_ref().and_then(|s| s.taints.as_deref()).unwrap_or_default();
-    if let Some(taint) =
-        taints.iter().find(|t| matches!(t.effect.as_str(), "NoSchedule" | "NoExecute") && !tolerates(tolerations, t))
-    {
-        return Some(format!(
-            "node(s) had untolerated taint {{{}: {}}}",
-            taint.key,
-            taint.value.as_deref().unwrap_or_default()
-        ));
-    }
-    // NodeAffinity: nodeSelector and required affinity.
-    if !affinity_allows(spec, node) {
-        return Some("node(s) didn't match Pod's node affinity/selector".into());
-    }
-    None
-}
-
-/// The pod's nodeSelector and required node affinity hold on `node`.
-fn affinity_allows(spec: &k8s_openapi::api::core::v1::PodSpec, node: &Node) -> bool {
-    let labels = node.metadata.labels.as_ref();
-    let selector_ok = spec.node_selector.iter().flatten().all(|(k, v)| labels.and_then(|l| l.get(k)) == Some(v));
-    let required = spec
-        .affinity
-        .as_ref()
-        .and_then(|a| a.node_affinity.as_ref())
-        .and_then(|a| a.required_during_scheduling_ignored_during_execution.as_ref());
-    selector_ok && required.is_none_or(|r| r.node_selector_terms.iter().any(|t| term_matches(t, node)))
-}
-
-/// Whether `node` admits `pod` as far as taints, cordoning and node affinity/selector go
-/// (resources and ports aside): what the DaemonSet controller asks of each node.
-pub fn fits_constraints(pod: &Pod, node: &Node) -> bool {
-    pod.spec.as_ref().is_some_and(|spec| constraint_failure(spec, node).is_none())
 }
 
 /// Why a node does not fit, as upstream's filter plugins word it, in their order (a node is
@@ -601,7 +509,7 @@ impl Budget {
 
     fn covers(&self, pod: &Pod) -> bool {
         pod.metadata.namespace.as_deref().unwrap_or_default() == self.namespace
-            && self.selector.as_ref().is_some_and(|s| crate::labels::selector_matches(s, pod.metadata.labels.as_ref()))
+            && self.selector.as_ref().is_some_and(|s| selector_matches(s, pod.metadata.labels.as_ref()))
     }
 }
 

@@ -425,5 +425,14 @@ async fn record(client: &kube::Client, pod: &Pod, kind: &str, reason: &str, mess
         "Preempted" => "Preempting",
         _ => "Scheduling",
     };
-    crate::events::record(client, &crate::events::reference(pod), kind, reason, message, action, SCHEDULER_NAME).await;
+    tugboat_objects::events::record(
+        client,
+        &tugboat_objects::events::reference(pod),
+        kind,
+        reason,
+        message,
+        action,
+        SCHEDULER_NAME,
+    )
+    .await;
 }

@@ -9,11 +9,10 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use futures::{StreamExt, TryStreamExt};
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::{Api, DeleteParams};
+use kube::runtime::reflector;
 use kube::runtime::reflector::Store;
-use kube::runtime::{WatchStreamExt, reflector, watcher};
 use tokio::sync::Notify;
 
 use crate::nodeipam::Cidr;
@@ -132,49 +131,13 @@ impl Hub {
 pub(super) fn reflect_with<K>(api: Api<K>, dyntype: K::DynamicType, wakes: Arc<Mutex<Vec<Arc<Notify>>>>) -> Store<K>
 where
     K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug + Send + Sync + 'static,
-    K::DynamicType: Eq + std::hash::Hash + Clone,
+    K::DynamicType: Eq + std::hash::Hash + Clone + Send + Sync,
 {
-    let writer = reflector::store::Writer::<K>::new(dyntype);
-    let reader = writer.as_reader();
-    // No controller reads managedFields; dropping them halves what the caches hold.
-    let events = reflector(
-        writer,
-        watcher(api, watcher::Config::default()).modify(|object: &mut K| object.meta_mut().managed_fields = None),
-    )
-    .default_backoff()
-    .touched_objects();
-    wake_on(events.map_ok(|_| ()).boxed(), wakes, std::any::type_name::<K>());
-    reader
-}
-
-/// Wakes every Notify in `wakes` on each event of `events`.
-fn wake_on(
-    mut events: futures::stream::BoxStream<'static, Result<(), watcher::Error>>,
-    wakes: Arc<Mutex<Vec<Arc<Notify>>>>,
-    kind: &'static str,
-) {
-    tokio::spawn(async move {
-        // A watch that keeps failing (an object the kind's type cannot hold, a refused list)
-        // leaves its controllers blind: said once when it starts and once when it ends.
-        let mut failing = false;
-        while let Some(event) = events.next().await {
-            match event {
-                Err(error) if !failing => {
-                    tracing::warn!(%error, kind, "a controller's watch fails; its cache is stale until it recovers");
-                    failing = true;
-                }
-                Err(error) => tracing::debug!(%error, kind, "controller watch"),
-                Ok(()) if failing => {
-                    tracing::info!(kind, "a controller's watch recovered");
-                    failing = false;
-                }
-                Ok(()) => {}
-            }
-            for wake in wakes.lock().unwrap_or_else(|e| e.into_inner()).iter() {
-                wake.notify_one();
-            }
+    tugboat_objects::informer::reflect(api, dyntype, std::any::type_name::<K>(), move |_| {
+        for wake in wakes.lock().unwrap_or_else(|e| e.into_inner()).iter() {
+            wake.notify_one();
         }
-    });
+    })
 }
 
 /// Waits until `store` holds its first full list. (kube's `wait_until_ready` wakes only the
@@ -217,8 +180,8 @@ async fn event<K: kube::Resource<DynamicType = ()>>(
     message: &str,
     component: &str,
 ) {
-    let regarding = tugboat_scheduler::events::reference(object);
-    tugboat_scheduler::events::record(client, &regarding, kind, reason, message, reason, component).await;
+    let regarding = tugboat_objects::events::reference(object);
+    tugboat_objects::events::record(client, &regarding, kind, reason, message, reason, component).await;
 }
 
 /// A delete that is done when the object is already gone.

@@ -111,7 +111,7 @@ async fn apply_node_action(client: &kube::Client, action: &nodelifecycle::Action
                 ..Default::default()
             };
             let message = format!("Marking for deletion Pod {namespace}/{name}");
-            tugboat_scheduler::events::record(
+            tugboat_objects::events::record(
                 client,
                 &regarding,
                 "Normal",

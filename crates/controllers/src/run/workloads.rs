@@ -317,7 +317,7 @@ async fn adopt_and_release(client: &kube::Client, deployments: &[Arc<Deployment>
         for rs in sets.iter().filter(|rs| rs.metadata.namespace.as_deref() == Some(namespace)) {
             let owners = rs.metadata.owner_references.clone().unwrap_or_default();
             let controller = owners.iter().find(|o| o.controller == Some(true));
-            let selected = tugboat_scheduler::labels::selector_matches(selector, rs.metadata.labels.as_ref());
+            let selected = tugboat_objects::labels::selector_matches(selector, rs.metadata.labels.as_ref());
             let owners = match controller {
                 None if selected && rs.metadata.deletion_timestamp.is_none() => {
                     let mut owners = owners.clone();
