@@ -4,6 +4,9 @@
 //! `start` creates (or reuses) the cluster CA, the serving certificate and the admin client
 //! certificate under `<data-dir>/pki`, writes `<data-dir>/admin.kubeconfig`, makes sure the
 //! system namespaces exist, and serves until the returned handle is dropped or stopped.
+//!
+//! Of Tugboat's crates it imports the store, `tugboat-pki` and `tugboat-objects`, never a node or
+//! controller crate: the API server is the only component that touches the store.
 
 // ApiError is returned by value on the cold path; boxing it would buy nothing measurable.
 #![allow(clippy::result_large_err)]

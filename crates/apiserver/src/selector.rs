@@ -147,7 +147,11 @@ pub fn label_selector_matches(selector: &Value, labels: &Value) -> bool {
         let key = expression["key"].as_str().unwrap_or_default();
         let values: Vec<&str> =
             expression["values"].as_array().map(|v| v.iter().filter_map(Value::as_str).collect()).unwrap_or_default();
-        tugboat_objects::labels::expression_holds(expression["operator"].as_str().unwrap_or_default(), &values, label(key))
+        tugboat_objects::labels::expression_holds(
+            expression["operator"].as_str().unwrap_or_default(),
+            &values,
+            label(key),
+        )
     })
 }
 

@@ -1,5 +1,8 @@
 //! Tugboat's controller manager: each controller is a pure plan (tested without I/O) and a thin
 //! loop that observes through kube-rs reflectors and applies the plan through the API.
+//!
+//! Of Tugboat's crates it imports `tugboat-objects` and `tugboat-pki` (the CSR signer), never
+//! the API server, the scheduler or a node crate: it meets them through the API.
 
 pub mod autoscaler;
 pub mod cron;

@@ -16,6 +16,9 @@
 //!
 //! [`serve`] answers on UDP and TCP port 53; [`publish`] keeps the `kube-dns` Service and its
 //! endpoints (every live DNS server) in kube-system.
+//!
+//! Of Tugboat's crates it imports `tugboat-objects` alone: Services and Endpoints come through
+//! the API.
 
 pub mod publish;
 pub mod serve;

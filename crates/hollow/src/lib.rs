@@ -7,6 +7,8 @@
 //! (`restartPolicy` Never or OnFailure: Jobs' pods) finish after `pod_exit_after`, Succeeded, or
 //! Failed when their `hollow.tugboat.dev/exit-code` annotation says so. One pod watch serves
 //! every node.
+//!
+//! It imports the kubelet (registration, status) and nothing of the control plane.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;

@@ -6,18 +6,19 @@
 //! State under the data dir: `content/` (image store), `images/*.tar` (imported at start),
 //! `containers/` (one dir per container, adopted after a restart), `pods/<uid>/` (sandbox
 //! namespaces, volumes, /etc files), `ipam/`; container logs under `log_dir`.
+//!
+//! It imports the node's crates (`tugboat-runtime`, `tugboat-network`) and the shared ones
+//! (`tugboat-objects`, `tugboat-pki`), never a control-plane crate (apiserver, scheduler,
+//! controllers): it meets them through the API.
 
 pub mod certificates;
 pub mod exec;
 pub mod host;
 pub mod image_gc;
 pub mod logs;
-pub mod netpol;
-pub mod network;
 pub mod pods;
 pub mod portforward;
 pub mod probes;
-pub mod proxy;
 pub mod sandbox;
 pub mod server;
 pub mod spdy;
@@ -74,7 +75,7 @@ pub struct KubeletConfig {
     /// renewed in place.
     pub kubeconfig: Option<PathBuf>,
     /// Run the service proxy with the kubelet (its node name is the kubelet's).
-    pub proxy: Option<proxy::ProxyConfig>,
+    pub proxy: Option<tugboat_network::proxy::ProxyConfig>,
     /// The cluster DNS that pods' resolv.conf names.
     pub dns: pods::ClusterDns,
 }
@@ -245,10 +246,14 @@ pub async fn run(client: kube::Client, config: KubeletConfig) -> anyhow::Result<
     });
     tokio::spawn(image_gc::run(agent.clone()));
     tokio::spawn(stats::sample(agent.clone()));
-    tokio::spawn(network::run(agent.clone()));
-    tokio::spawn(netpol::run(agent.clone()));
+    let own_network = agent.clone();
+    tokio::spawn(tugboat_network::pod_network::run(client.clone(), name.clone(), move || {
+        *own_network.network.lock().unwrap_or_else(|e| e.into_inner())
+    }));
+    tokio::spawn(tugboat_network::policy::run(client.clone(), name.clone()));
     if let Some(proxy) = config.proxy.clone() {
-        tokio::spawn(proxy::run(client.clone(), proxy::ProxyConfig { node_name: name.clone(), ..proxy }));
+        let config = tugboat_network::proxy::ProxyConfig { node_name: name.clone(), ..proxy };
+        tokio::spawn(tugboat_network::proxy::run(client.clone(), config));
     }
     let manifests = config.manifest_dir.clone().unwrap_or_else(|| config.data_dir.join("manifests"));
     tokio::spawn(static_pods::run(agent.clone(), manifests));

@@ -21,7 +21,8 @@ use tugboat_runtime::spec::{BindMount, ContainerConfig, Resources, SharedNamespa
 use tugboat_runtime::{Container, Runtime, State};
 
 use crate::probes::{self, Kind, ProbeState};
-use crate::sandbox::{self, Ipam, PodNetwork};
+use crate::sandbox::{self, Ipam};
+use tugboat_network::pod_network::PodNetwork;
 
 pub const LABEL_POD_UID: &str = "io.kubernetes.pod.uid";
 pub const LABEL_POD_NAME: &str = "io.kubernetes.pod.name";

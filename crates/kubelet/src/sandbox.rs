@@ -13,35 +13,7 @@ use std::process::{Command, Stdio};
 use anyhow::{Context, bail};
 use nix::mount::{MntFlags, MsFlags};
 use nix::sched::CloneFlags;
-
-/// The node bridge pods are attached to.
-pub const BRIDGE: &str = "tugboat0";
-
-/// A node's pod network: its podCIDR (IPv4), the bridge's address is the first host in it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct PodNetwork {
-    pub base: Ipv4Addr,
-    pub prefix: u8,
-}
-
-impl PodNetwork {
-    pub fn parse(cidr: &str) -> Option<PodNetwork> {
-        let (ip, prefix) = cidr.split_once('/')?;
-        let ip: Ipv4Addr = ip.parse().ok()?;
-        let prefix: u8 = prefix.parse().ok().filter(|p| (8..=30).contains(p))?;
-        let mask = u32::MAX << (32 - prefix);
-        Some(PodNetwork { base: Ipv4Addr::from(u32::from(ip) & mask), prefix })
-    }
-    pub fn gateway(&self) -> Ipv4Addr {
-        Ipv4Addr::from(u32::from(self.base) + 1)
-    }
-    /// Host addresses a pod may get (the gateway and broadcast excluded).
-    pub fn hosts(&self) -> impl Iterator<Item = Ipv4Addr> + use<> {
-        let base = u32::from(self.base);
-        let size = 1u32 << (32 - self.prefix);
-        (2..size - 1).map(move |i| Ipv4Addr::from(base + i))
-    }
-}
+use tugboat_network::pod_network::{BRIDGE, PodNetwork, ip_batch};
 
 /// What a pod's sandbox is, once made.
 #[derive(Debug, Clone, PartialEq)]
@@ -114,22 +86,6 @@ impl Ipam {
             }
         }
     }
-}
-
-pub(crate) fn ip_batch(commands: &str) -> anyhow::Result<()> {
-    let mut child = Command::new("ip")
-        .args(["-batch", "-"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .context("running ip (iproute2)")?;
-    child.stdin.take().expect("piped").write_all(commands.as_bytes())?;
-    let out = child.wait_with_output()?;
-    if !out.status.success() {
-        bail!("ip: {}", String::from_utf8_lossy(&out.stderr).trim());
-    }
-    Ok(())
 }
 
 /// Makes the node bridge (idempotent): `tugboat0` with the gateway address, up.

@@ -3,6 +3,8 @@
 //!
 //! Files (keys are mode 0600): `<dir>/ca.crt`, `<dir>/ca.key`, and `<dir>/<name>.crt|.key` for
 //! each issued certificate.
+//!
+//! It imports no other Tugboat crate.
 
 pub mod bootstrap;
 pub mod tls;

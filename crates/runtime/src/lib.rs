@@ -7,6 +7,8 @@
 //!   libcontainer through the shim. Every container lives in `<root>/<id>/`: its
 //!   `container.json` (what it is, whose it is), `started.json`, `exit.json`, the bundle and
 //!   the overlay dirs. A restarted kubelet lists these and adopts what it finds.
+//!
+//! It imports no other Tugboat crate and knows nothing of the Kubernetes API.
 
 pub mod attach;
 pub mod exec;

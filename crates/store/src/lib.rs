@@ -15,6 +15,8 @@
 //! - `watch(prefix, after)` delivers every change with revision `> after`, exactly once, in
 //!   revision order, with the previous value; when that history was compacted away it fails with
 //!   [`StoreError::Compacted`] (the API server answers 410 Gone).
+//!
+//! It imports no other Tugboat crate (the test kit only for its tests).
 
 mod bbolt;
 mod compactor;

@@ -361,11 +361,11 @@ pub fn uninstall(args: UninstallArgs) -> anyhow::Result<()> {
         }
         // What the node made in the host's network: its bridge, its routes to other nodes'
         // pods, its nftables tables (all named tugboat…) and the proxy's iptables chains.
-        let bridge = tugboat_kubelet::sandbox::BRIDGE;
+        let bridge = tugboat_network::pod_network::BRIDGE;
         if Command::new("ip").args(["link", "del", bridge]).output().is_ok_and(|o| o.status.success()) {
             println!("removed the bridge {bridge}");
         }
-        let proto = tugboat_kubelet::network::PROTO;
+        let proto = tugboat_network::pod_network::PROTO;
         if Command::new("ip").args(["route", "flush", "proto", proto]).output().is_ok_and(|o| o.status.success()) {
             println!("removed the pod network's routes");
         }
@@ -380,7 +380,7 @@ pub fn uninstall(args: UninstallArgs) -> anyhow::Result<()> {
             }
         }
         // The proxy's chains of iptables mode, if it ran so.
-        if let Err(error) = tugboat_kubelet::proxy::iptables::remove() {
+        if let Err(error) = tugboat_network::proxy::iptables::remove() {
             eprintln!("warning: the service proxy's iptables chains: {error:#}");
         }
     }

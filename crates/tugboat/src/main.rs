@@ -259,12 +259,12 @@ struct ProxyFlags {
     proxy_metrics_address: OptionalAddress,
     /// How Services are programmed: nftables (one table of verdict maps) or iptables.
     #[arg(long, default_value = "nftables")]
-    proxy_mode: tugboat_kubelet::proxy::ProxyMode,
+    proxy_mode: tugboat_network::proxy::ProxyMode,
 }
 
 impl ProxyFlags {
-    fn config(&self, node_name: String) -> tugboat_kubelet::proxy::ProxyConfig {
-        tugboat_kubelet::proxy::ProxyConfig {
+    fn config(&self, node_name: String) -> tugboat_network::proxy::ProxyConfig {
+        tugboat_network::proxy::ProxyConfig {
             node_name,
             metrics_address: self.proxy_metrics_address.0,
             mode: self.proxy_mode,
@@ -678,12 +678,12 @@ fn main() -> ExitCode {
                     result = wait_for_shutdown() => result,
                 }
             }
-            Command::Proxy(args) if args.cleanup => tugboat_kubelet::proxy::cleanup(),
+            Command::Proxy(args) if args.cleanup => tugboat_network::proxy::cleanup(),
             Command::Proxy(args) => {
                 let client = client(&args.component.kubeconfig).await?;
                 let config = args.proxy.config(args.node_name.unwrap_or_else(tugboat_kubelet::host::hostname));
                 tokio::select! {
-                    () = tugboat_kubelet::proxy::run(client, config) => Ok(()),
+                    () = tugboat_network::proxy::run(client, config) => Ok(()),
                     result = wait_for_shutdown() => result,
                 }
             }

@@ -13,9 +13,9 @@ use std::time::{Duration, Instant};
 use clap::Parser;
 use k8s_openapi::api::core::v1::{Endpoints, Service};
 use serde_json::{Value, json};
-use tugboat_kubelet::proxy::iptables::Tables;
-use tugboat_kubelet::proxy::nft::{Command, text};
-use tugboat_kubelet::proxy::{Parts, netlink, ports_of, service_ports};
+use tugboat_network::proxy::iptables::Tables;
+use tugboat_network::proxy::nft::{Command, text};
+use tugboat_network::proxy::{Parts, netlink, ports_of, service_ports};
 
 #[derive(Debug, Parser)]
 #[command(about = "Benchmark the service proxy's nftables programming; prints JSON")]
@@ -231,7 +231,7 @@ impl Mode for Ipt {
         change.is_empty()
     }
     fn apply(text: &str) -> anyhow::Result<()> {
-        tugboat_kubelet::proxy::iptables::restore(text)
+        tugboat_network::proxy::iptables::restore(text)
     }
     fn apply_change(change: &String, _: usize) -> anyhow::Result<&'static str> {
         Self::apply(change)?;
@@ -283,15 +283,15 @@ async fn run(args: Args) -> anyhow::Result<Value> {
     let mut nftables = Vec::new();
     let mut iptables = Vec::new();
     for &n in &args.services {
-        let _ = tugboat_kubelet::proxy::cleanup();
+        let _ = tugboat_network::proxy::cleanup();
         nftables.push(program::<Nft>(n, args.changes)?);
-        let _ = tugboat_kubelet::proxy::cleanup();
+        let _ = tugboat_network::proxy::cleanup();
         if args.iptables {
             iptables.push(program::<Ipt>(n, args.changes)?);
         }
     }
     let results = json!({"nftables": nftables, "iptables": iptables});
-    let _ = tugboat_kubelet::proxy::cleanup();
+    let _ = tugboat_network::proxy::cleanup();
     let largest = args.services.iter().copied().max().unwrap_or(1000);
     let (services, endpoints) = cluster(largest, 0, None);
     let dns = dns(services, endpoints, &args).await?;

@@ -125,7 +125,7 @@ impl Write {
     /// netlink socket changes go through (opened when there is none, dropped after a failure).
     fn apply(self, first: bool, socket: &Mutex<Option<netlink::Socket>>) -> anyhow::Result<()> {
         match self {
-            Write::Nft(text) => crate::network::nft(&text),
+            Write::Nft(text) => crate::pod_network::nft(&text),
             Write::Commands(commands) => {
                 let mut socket = socket.lock().unwrap_or_else(|e| e.into_inner());
                 let written = match socket.as_mut() {
@@ -140,7 +140,7 @@ impl Write {
                     WARNED.call_once(|| {
                     tracing::warn!(error = %format!("{error:#}"), "service proxy: netlink refused a change; using nft");
                 });
-                    crate::network::nft(&nft::text(&commands))
+                    crate::pod_network::nft(&nft::text(&commands))
                 })
             }
             Write::Iptables(text) => {
@@ -594,7 +594,7 @@ fn hairpin_changes(old: &BTreeSet<Ipv4Addr>, new: &BTreeSet<Ipv4Addr>, out: &mut
 
 /// Deletes the proxy's table (nothing when it is not there).
 pub fn remove() -> anyhow::Result<()> {
-    crate::network::nft(&format!("table ip {TABLE}\ndelete table ip {TABLE}\n"))
+    crate::pod_network::nft(&format!("table ip {TABLE}\ndelete table ip {TABLE}\n"))
 }
 
 /// The proxy's figures, served as Prometheus text.
@@ -956,7 +956,7 @@ mod tests {
         assert!(!parts.keys().any(|k| *k == key("db")));
         // The kernel takes every form (checked only: `nft --check` changes nothing).
         for text in [before.full(), format!("{}{}", before.full(), nft::text(&before.changes(&gone)))] {
-            crate::network::feed("nft", &["--check", "-f", "-"], &text).unwrap_or_else(|e| panic!("{e:#}\n{text}"));
+            crate::pod_network::feed("nft", &["--check", "-f", "-"], &text).unwrap_or_else(|e| panic!("{e:#}\n{text}"));
         }
         let full = after.full();
         assert!(full.starts_with("table ip tugboat-proxy\ndelete table ip tugboat-proxy\ntable ip tugboat-proxy {"));
@@ -1004,15 +1004,15 @@ mod tests {
             for pair in states.windows(2) {
                 let (from, to) = (&pair[0], &pair[1]);
                 let commands = from.changes(to);
-                crate::network::nft(&from.full()).unwrap();
+                crate::pod_network::nft(&from.full()).unwrap();
                 socket.write(&commands).unwrap_or_else(|e| panic!("{e:#}\n{}", nft::text(&commands)));
                 let by_netlink = list_table();
-                crate::network::nft(&from.full()).unwrap();
-                crate::network::nft(&nft::text(&commands)).unwrap();
+                crate::pod_network::nft(&from.full()).unwrap();
+                crate::pod_network::nft(&nft::text(&commands)).unwrap();
                 let by_nft = list_table();
                 assert_eq!(by_netlink, by_nft, "{}", nft::text(&commands));
                 // And the change makes the table that `to` makes from nothing.
-                crate::network::nft(&to.full()).unwrap();
+                crate::pod_network::nft(&to.full()).unwrap();
                 let sorted = |text: &str| {
                     let mut lines: Vec<String> = text.lines().map(|l| l.trim().to_string()).collect();
                     lines.sort();

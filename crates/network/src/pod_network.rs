@@ -8,23 +8,68 @@
 //! own (a node that left) and never touches anyone else's.
 
 use std::collections::BTreeMap;
-use std::net::IpAddr;
+use std::io::Write as _;
+use std::net::{IpAddr, Ipv4Addr};
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
 
+use anyhow::{Context, bail};
 use k8s_openapi::api::core::v1::Node;
 use kube::api::Api;
-
-use crate::pods::NodeAgent;
-use crate::sandbox::{BRIDGE, PodNetwork};
 
 /// The routing protocol number marking Tugboat's routes (`ip route … proto 252`).
 pub const PROTO: &str = "252";
 /// The nftables table of the pod network's masquerading.
 pub const NAT_TABLE: &str = "tugboat-nat";
 const PERIOD: Duration = Duration::from_secs(2);
+
+/// The node bridge pods are attached to.
+pub const BRIDGE: &str = "tugboat0";
+
+/// A node's pod network: its podCIDR (IPv4), the bridge's address is the first host in it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PodNetwork {
+    pub base: Ipv4Addr,
+    pub prefix: u8,
+}
+
+impl PodNetwork {
+    pub fn parse(cidr: &str) -> Option<PodNetwork> {
+        let (ip, prefix) = cidr.split_once('/')?;
+        let ip: Ipv4Addr = ip.parse().ok()?;
+        let prefix: u8 = prefix.parse().ok().filter(|p| (8..=30).contains(p))?;
+        let mask = u32::MAX << (32 - prefix);
+        Some(PodNetwork { base: Ipv4Addr::from(u32::from(ip) & mask), prefix })
+    }
+    pub fn gateway(&self) -> Ipv4Addr {
+        Ipv4Addr::from(u32::from(self.base) + 1)
+    }
+    /// Host addresses a pod may get (the gateway and broadcast excluded).
+    pub fn hosts(&self) -> impl Iterator<Item = Ipv4Addr> + use<> {
+        let base = u32::from(self.base);
+        let size = 1u32 << (32 - self.prefix);
+        (2..size - 1).map(move |i| Ipv4Addr::from(base + i))
+    }
+}
+
+/// Runs `ip -batch` with `commands`.
+pub fn ip_batch(commands: &str) -> anyhow::Result<()> {
+    let mut child = Command::new("ip")
+        .args(["-batch", "-"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .context("running ip (iproute2)")?;
+    child.stdin.take().expect("piped").write_all(commands.as_bytes())?;
+    let out = child.wait_with_output()?;
+    if !out.status.success() {
+        bail!("ip: {}", String::from_utf8_lossy(&out.stderr).trim());
+    }
+    Ok(())
+}
 
 /// Other nodes' pod networks and addresses: podCIDR → the node's InternalIP.
 pub fn desired_routes(nodes: &[Node], me: &str) -> BTreeMap<String, IpAddr> {
@@ -110,12 +155,13 @@ fn bridge_netfilter() {
     }
 }
 
-/// Keeps the routes (and masquerading) of the node's pod network until the process ends.
-pub async fn run(node: Arc<NodeAgent>) {
+/// Keeps the routes (and masquerading) of the node's pod network until the process ends;
+/// `own` tells the node's own pod network once it has one.
+pub async fn run(client: kube::Client, node_name: String, own: impl Fn() -> Option<PodNetwork> + Send + 'static) {
     // The Node objects, from a watch: a node's change wakes the loop at once; the period
     // only catches this node's own pod network appearing.
     let wake = Arc::new(tokio::sync::Notify::new());
-    let nodes = crate::proxy::reflect(Api::<Node>::all(node.client.clone()), wake.clone(), None);
+    let nodes = crate::proxy::reflect(Api::<Node>::all(client), wake.clone(), None);
     if nodes.wait_until_ready().await.is_err() {
         return;
     }
@@ -125,9 +171,8 @@ pub async fn run(node: Arc<NodeAgent>) {
     loop {
         let _ = tokio::time::timeout(PERIOD, wake.notified()).await;
         let listed: Vec<Node> = nodes.state().iter().map(|n| (**n).clone()).collect();
-        let desired = desired_routes(&listed, &node.name);
-        let own = *node.network.lock().unwrap_or_else(|e| e.into_inner());
-        let Some(own) = own else { continue };
+        let desired = desired_routes(&listed, &node_name);
+        let Some(own) = own() else { continue };
         if !forwarding {
             match std::fs::write("/proc/sys/net/ipv4/ip_forward", "1") {
                 Ok(()) => forwarding = true,
@@ -147,7 +192,7 @@ pub async fn run(node: Arc<NodeAgent>) {
             move || -> anyhow::Result<()> {
                 let commands = route_commands(&current_routes()?, &desired);
                 if !commands.is_empty() {
-                    crate::sandbox::ip_batch(&commands)?;
+                    ip_batch(&commands)?;
                 }
                 Ok(())
             }
@@ -171,12 +216,12 @@ pub async fn run(node: Arc<NodeAgent>) {
 }
 
 /// Applies an nftables ruleset atomically.
-pub(crate) fn nft(ruleset: &str) -> anyhow::Result<()> {
+pub fn nft(ruleset: &str) -> anyhow::Result<()> {
     feed("nft", &["-f", "-"], ruleset)
 }
 
 /// Runs `program` with `text` as its input; its error output is the error.
-pub(crate) fn feed(program: &str, args: &[&str], text: &str) -> anyhow::Result<()> {
+pub fn feed(program: &str, args: &[&str], text: &str) -> anyhow::Result<()> {
     use std::io::Write;
     let mut child =
         Command::new(program).args(args).stdin(Stdio::piped()).stdout(Stdio::null()).stderr(Stdio::piped()).spawn()?;

@@ -192,7 +192,7 @@ fn iptables(args: &[&str]) -> std::io::Result<std::process::Output> {
 
 /// Applies `text` with `iptables-restore --noflush`.
 pub fn restore(text: &str) -> anyhow::Result<()> {
-    crate::network::feed("iptables-restore", &["-w", "--noflush"], text)
+    crate::pod_network::feed("iptables-restore", &["-w", "--noflush"], text)
 }
 
 /// Puts the jumps from the built-in chains in place (first in each), once.

@@ -25,8 +25,6 @@ use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::Api;
 use tugboat_objects::labels::selector_matches;
 
-use crate::pods::NodeAgent;
-
 /// The nftables table the policies are enforced in.
 pub const TABLE: &str = "tugboat-netpol";
 
@@ -284,14 +282,13 @@ fn listed<K: kube::Resource<DynamicType = ()> + Clone>(store: &kube::runtime::re
 
 /// Deletes the table (nothing when it is not there).
 pub fn remove() -> anyhow::Result<()> {
-    crate::network::nft(&transaction(None))
+    crate::pod_network::nft(&transaction(None))
 }
 
 /// Keeps the node's policy rules in step with the cluster's NetworkPolicies, pods and
 /// namespaces until the process ends.
-pub async fn run(node: Arc<NodeAgent>) {
+pub async fn run(client: kube::Client, node_name: String) {
     let wake = Arc::new(tokio::sync::Notify::new());
-    let client = node.client.clone();
     let policies = crate::proxy::reflect(Api::<NetworkPolicy>::all(client.clone()), wake.clone(), None);
     let pods = crate::proxy::reflect(Api::<Pod>::all(client.clone()), wake.clone(), None);
     let namespaces = crate::proxy::reflect(Api::<Namespace>::all(client), wake.clone(), None);
@@ -306,10 +303,10 @@ pub async fn run(node: Arc<NodeAgent>) {
     let mut applied: Option<Option<String>> = None;
     let mut warned = false;
     loop {
-        let next = ruleset(&node.name, &listed(&policies), &listed(&pods), &listed(&namespaces));
+        let next = ruleset(&node_name, &listed(&policies), &listed(&pods), &listed(&namespaces));
         if applied.as_ref() != Some(&next) {
             let text = transaction(next.as_deref());
-            match tokio::task::spawn_blocking(move || crate::network::nft(&text)).await {
+            match tokio::task::spawn_blocking(move || crate::pod_network::nft(&text)).await {
                 Ok(Ok(())) => {
                     applied = Some(next);
                     warned = false;
@@ -387,6 +384,6 @@ mod tests {
         assert_eq!(ruleset("n2", &policies, &pods(), &namespaces()), None);
         // The kernel takes it (checked only).
         let text = transaction(Some(&on_n1));
-        crate::network::feed("nft", &["--check", "-f", "-"], &text).unwrap_or_else(|e| panic!("{e:#}\n{text}"));
+        crate::pod_network::feed("nft", &["--check", "-f", "-"], &text).unwrap_or_else(|e| panic!("{e:#}\n{text}"));
     }
 }
