@@ -11,8 +11,9 @@
 //! machine has: agnhost (built from the same tree) on a busybox layer, as upstream's is on a
 //! small distribution; pause (upstream's pause.c, built statically); busybox; the web servers
 //! (nginx, httpd) as busybox's httpd on port 80 serving their document root with its index
-//! page where theirs is; every other image as agnhost, a stand-in for a test that needs a
-//! running process only.
+//! page where theirs is; the sample API server (built from the same tree) and etcd (this
+//! machine's, with its shared libraries) for the Aggregator spec; every other image as agnhost,
+//! a stand-in for a test that needs a running process only.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode, Stdio};
@@ -42,6 +43,14 @@ struct Args {
     /// the image carries as `/localhost.crt` and `/localhost.key`, as upstream's does.
     #[arg(long)]
     agnhost_src: Option<PathBuf>,
+    /// The sample API server (static), built from the same tree (`k8s.io/sample-apiserver`):
+    /// the Aggregator spec's image. Without it, that image is an agnhost stand-in.
+    #[arg(long)]
+    sample_apiserver: Option<PathBuf>,
+    /// An etcd binary (the sample API server's sidecar), with the shared libraries it needs
+    /// (`ldd`). Without it, that image is an agnhost stand-in.
+    #[arg(long)]
+    etcd: Option<PathBuf>,
     /// Nodes in the cluster: the server and `nodes - 1` agents.
     #[arg(long, default_value_t = 2)]
     nodes: usize,
@@ -94,13 +103,17 @@ enum Layer {
     /// A web server's document root with its index page (served by busybox's httpd), as the
     /// tests that break a server by moving its index page (readiness) need a real one.
     Web { root: &'static str, page: &'static str },
+    /// The sample API server at `/kube-sample-apiserver`, as upstream's image has it.
+    SampleApiServer,
+    /// etcd at `/usr/local/bin/etcd`, with its shared libraries.
+    Etcd,
 }
 
 /// How an image of the suite is made here: its entrypoint, command and layer. `None` for the
 /// images the suite expects a pull of to fail.
 type Recipe = (&'static [&'static str], &'static [&'static str], Layer);
 
-fn recipe(name: &str) -> Option<Recipe> {
+fn recipe(args: &Args, name: &str) -> Option<Recipe> {
     if name.starts_with("invalid.") || name.contains("authenticated-image-pulling") || name.contains("windows") {
         return None;
     }
@@ -123,8 +136,29 @@ fn recipe(name: &str) -> Option<Recipe> {
                 page: "<!DOCTYPE html>\n<html>\n<head>\n<title>Welcome to nginx!</title>\n</head>\n<body>\n<h1>Welcome to nginx!</h1>\n</body>\n</html>\n",
             },
         ),
+        "sample-apiserver" if args.sample_apiserver.is_some() => {
+            (&["/kube-sample-apiserver"], &[], Layer::SampleApiServer)
+        }
+        "etcd" if args.etcd.is_some() => (&["/usr/local/bin/etcd"], &[], Layer::Etcd),
         _ => (&["/agnhost"], &["pause"], Layer::Agnhost),
     })
+}
+
+/// A dynamically linked program with the shared libraries `ldd` names, as layer entries
+/// (`(path in the image, contents)`), the program at `at`.
+fn with_libraries(program: &Path, at: &str) -> anyhow::Result<Vec<(String, Vec<u8>)>> {
+    let mut files =
+        vec![(at.to_string(), std::fs::read(program).with_context(|| format!("reading {}", program.display()))?)];
+    let ldd = Command::new("ldd").arg(program).output().context("ldd")?;
+    for line in String::from_utf8_lossy(&ldd.stdout).lines() {
+        // `libc.so.6 => /lib/x86_64-linux-gnu/libc.so.6 (0x…)` or `/lib64/ld-linux-x86-64.so.2 (0x…)`.
+        let path = line.split("=>").last().unwrap_or_default().split_whitespace().next().unwrap_or_default();
+        if path.starts_with('/') {
+            let data = std::fs::read(path).with_context(|| format!("reading {path}"))?;
+            files.push((path.trim_start_matches('/').to_string(), data));
+        }
+    }
+    Ok(files)
 }
 
 /// Writes one archive per recipe into `dir`, holding every image name made so.
@@ -141,7 +175,7 @@ fn make_images(args: &Args, names: &[String], dir: &Path) -> anyhow::Result<usiz
     let (certificate, key) = (porter("localhost.crt")?, porter("localhost.key")?);
     let mut groups: Vec<(Recipe, Vec<&str>)> = Vec::new();
     for name in names {
-        let Some(recipe) = recipe(name) else { continue };
+        let Some(recipe) = recipe(args, name) else { continue };
         match groups.iter_mut().find(|(r, _)| *r == recipe) {
             Some((_, members)) => members.push(name),
             None => groups.push((recipe, vec![name])),
@@ -164,6 +198,17 @@ fn make_images(args: &Args, names: &[String], dir: &Path) -> anyhow::Result<usiz
             Layer::Pause => image::busybox_layer(&[("pause", &pause, 0o755)])?,
             Layer::Web { root, page } => {
                 image::busybox_layer(&[(&format!("{root}/index.html"), page.as_bytes(), 0o644)])?
+            }
+            Layer::SampleApiServer => {
+                let path = args.sample_apiserver.as_deref().expect("the recipe needs it");
+                let binary = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+                image::busybox_layer(&[("kube-sample-apiserver", &binary, 0o755)])?
+            }
+            Layer::Etcd => {
+                let files = with_libraries(args.etcd.as_deref().expect("the recipe needs it"), "usr/local/bin/etcd")?;
+                let entries: Vec<(&str, &[u8], u32)> =
+                    files.iter().map(|(path, data)| (path.as_str(), data.as_slice(), 0o755)).collect();
+                image::busybox_layer(&entries)?
             }
         };
         image::oci_archive_with(&dir.join(format!("e2e-{i}.tar")), members, &layer, entrypoint, cmd)?;
