@@ -334,7 +334,7 @@ pub(crate) fn review_request(attributes: &Attributes<'_>, object: Option<&Value>
         "requestResource": gvr,
         "operation": attributes.operation.as_str(),
         "userInfo": match attributes.user {
-            Some(user) => json!({"username": user.name, "uid": user.uid, "groups": user.groups}),
+            Some(user) => user.to_json(),
             None => json!({}),
         },
         "object": object.cloned().unwrap_or(Value::Null),

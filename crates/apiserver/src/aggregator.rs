@@ -381,6 +381,13 @@ pub async fn forward(
         for group in &user.groups {
             forward = forward.header("X-Remote-Group", group);
         }
+        for (key, values) in &user.extra {
+            // Header names are case-insensitive: the key goes URL-escaped, as upstream sends it.
+            let key: String = url::form_urlencoded::byte_serialize(key.as_bytes()).collect();
+            for value in values {
+                forward = forward.header(format!("X-Remote-Extra-{key}"), value);
+            }
+        }
     }
     let request = forward.body(body).map_err(|e| ApiError::bad_request(e.to_string()))?;
     let response = send(state, remote, request).await?;

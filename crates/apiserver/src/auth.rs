@@ -1,15 +1,18 @@
 //! Who is asking: x509 client certificates signed by the cluster CA (CN = user, O = groups) and
 //! bearer tokens from a static token file (`token,user,uid,"group1,group2"`, as upstream).
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 
 /// An authenticated user.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct UserInfo {
     pub name: String,
     pub uid: String,
     pub groups: Vec<String>,
+    /// What the authenticator adds (a service account token's pod, node and credential id,
+    /// as `authentication.kubernetes.io/pod-name` and the like).
+    pub extra: BTreeMap<String, Vec<String>>,
 }
 
 impl UserInfo {
@@ -17,7 +20,16 @@ impl UserInfo {
         if !groups.iter().any(|g| g == "system:authenticated") {
             groups.push("system:authenticated".into());
         }
-        UserInfo { name, uid, groups }
+        UserInfo { name, uid, groups, extra: BTreeMap::new() }
+    }
+
+    /// The user as `TokenReview`, `SelfSubjectReview` and `AdmissionReview` show it.
+    pub fn to_json(&self) -> serde_json::Value {
+        let mut user = serde_json::json!({"username": self.name, "uid": self.uid, "groups": self.groups});
+        if !self.extra.is_empty() {
+            user["extra"] = serde_json::json!(self.extra);
+        }
+        user
     }
 }
 

@@ -298,12 +298,38 @@ async fn authorize(
                 return Err(crate::rbac::forbidden(&user, &attributes));
             }
         }
+        let asker = user.clone();
         let mut groups = groups;
         if let Some((namespace, _)) = sa {
             groups.push("system:serviceaccounts".into());
             groups.push(format!("system:serviceaccounts:{namespace}"));
         }
         user = UserInfo::new(impersonated, String::new(), groups);
+        // `Impersonate-Extra-<key>` (the key URL-escaped): each must be allowed too, as
+        // upstream asks `impersonate` on `userextras/<key>`.
+        for (name, value) in &parts.headers {
+            let Some(key) = name.as_str().strip_prefix("impersonate-extra-") else { continue };
+            let key = url::form_urlencoded::parse(format!("k={key}").as_bytes())
+                .next()
+                .map(|(_, v)| v.into_owned())
+                .unwrap_or_default();
+            let value = value.to_str().unwrap_or_default().to_string();
+            let attributes = Attributes {
+                verb: "impersonate".into(),
+                resource: Some(ResourceAttributes {
+                    group: "authentication.k8s.io".into(),
+                    resource: "userextras".into(),
+                    subresource: key.clone(),
+                    namespace: String::new(),
+                    name: value.clone(),
+                }),
+                path: path.to_string(),
+            };
+            if !crate::rbac::allowed(state, &asker, &attributes).await? {
+                return Err(crate::rbac::forbidden(&asker, &attributes));
+            }
+            user.extra.entry(key).or_default().push(value);
+        }
     }
     let watching = parts.uri.query().is_some_and(|q| {
         url::form_urlencoded::parse(q.as_bytes()).any(|(k, v)| k == "watch" && (v == "true" || v == "1"))
@@ -600,11 +626,13 @@ async fn dispatch(
             if !object["spec"].is_object() {
                 return Err(ApiError::bad_request("spec: Required value"));
             }
-            let user =
-                user.cloned().unwrap_or(UserInfo { name: String::new(), uid: String::new(), groups: Vec::new() });
+            let user = user.cloned().unwrap_or_default();
             object["spec"]["username"] = json!(user.name);
             object["spec"]["uid"] = json!(user.uid);
             object["spec"]["groups"] = json!(user.groups);
+            if !user.extra.is_empty() {
+                object["spec"]["extra"] = json!(user.extra);
+            }
             create_object(state, target.resource, namespace, object, write, None).await
         }
         (&Method::POST, None) => {
@@ -2324,7 +2352,7 @@ async fn answer_review(
         review["metadata"] = json!({});
     }
     review["metadata"]["creationTimestamp"] = Value::Null;
-    let user = user.cloned().unwrap_or(UserInfo { name: String::new(), uid: String::new(), groups: Vec::new() });
+    let user = user.cloned().unwrap_or_default();
     match resource.plural {
         "selfsubjectaccessreviews" => {
             review["status"] = crate::rbac::review(state, &user, &review["spec"]).await?;
@@ -2339,6 +2367,10 @@ async fn answer_review(
                 name: spec["user"].as_str().unwrap_or_default().to_string(),
                 uid: spec["uid"].as_str().unwrap_or_default().to_string(),
                 groups: strings(&spec["groups"]),
+                extra: spec["extra"]
+                    .as_object()
+                    .map(|extra| extra.iter().map(|(k, v)| (k.clone(), strings(v))).collect())
+                    .unwrap_or_default(),
             };
             if subject.name.is_empty() && subject.groups.is_empty() {
                 let cause = crate::status::Cause {
@@ -2357,7 +2389,7 @@ async fn answer_review(
             review["status"] = match crate::authenticate_token(state, &token).await {
                 Some(found) if !token.is_empty() => json!({
                     "authenticated": true,
-                    "user": {"username": found.name, "uid": found.uid, "groups": found.groups},
+                    "user": found.to_json(),
                     "audiences": review["spec"]["audiences"].as_array().cloned().unwrap_or_default(),
                 }),
                 _ => json!({"user": {}, "error": "invalid bearer token"}),
@@ -2368,7 +2400,7 @@ async fn answer_review(
             review["status"] = crate::rbac::rules_review(state, &user, &namespace).await?;
         }
         _ => {
-            review["status"] = json!({"userInfo": {"username": user.name, "uid": user.uid, "groups": user.groups}});
+            review["status"] = json!({"userInfo": user.to_json()});
         }
     }
     Ok(review)

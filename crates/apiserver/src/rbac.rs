@@ -459,10 +459,10 @@ mod tests {
 
     #[test]
     fn subjects_and_refusals_read_as_upstream() {
-        let alice = UserInfo { name: "alice".into(), uid: String::new(), groups: vec!["dev".into()] };
+        let alice = UserInfo { name: "alice".into(), groups: vec!["dev".into()], ..Default::default() };
         assert!(subject_matches(&json!({"kind": "User", "name": "alice"}), &alice));
         assert!(subject_matches(&json!({"kind": "Group", "name": "dev"}), &alice));
-        let sa = UserInfo { name: "system:serviceaccount:ns:robot".into(), uid: String::new(), groups: vec![] };
+        let sa = UserInfo { name: "system:serviceaccount:ns:robot".into(), ..Default::default() };
         assert!(subject_matches(&json!({"kind": "ServiceAccount", "name": "robot", "namespace": "ns"}), &sa));
         assert!(!subject_matches(&json!({"kind": "ServiceAccount", "name": "robot", "namespace": "other"}), &sa));
         let error = forbidden(&alice, &attrs("list", "", "pods", "", "default", ""));

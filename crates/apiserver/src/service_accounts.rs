@@ -188,6 +188,13 @@ pub async fn token_request(state: &ApiState, namespace: &str, name: &str, reques
             ));
         }
         bound[kind.to_ascii_lowercase()] = json!({"name": object_name, "uid": uid});
+        // A pod's token names its node too (upstream's ServiceAccountTokenPodNodeInfo).
+        if let Some(node_name) = object["spec"]["nodeName"].as_str().filter(|n| !n.is_empty() && kind == "Pod") {
+            let nodes = registry::find("", "v1", "nodes").expect("nodes are served");
+            if let Some(node) = crate::handlers::cached_get(state, nodes, None, node_name).await? {
+                bound["node"] = json!({"name": node_name, "uid": node["metadata"]["uid"]});
+            }
+        }
     }
     let now = unix_now();
     // Upstream's --service-account-extend-token-expiration: the kubelet's pod-bound tokens
@@ -259,11 +266,22 @@ pub async fn authenticate(state: &ApiState, token: &str) -> Option<UserInfo> {
             }
         }
     }
-    Some(UserInfo::new(
+    let mut user = UserInfo::new(
         format!("system:serviceaccount:{namespace}:{name}"),
         account["uid"].as_str().unwrap_or_default().to_string(),
         vec!["system:serviceaccounts".into(), format!("system:serviceaccounts:{namespace}")],
-    ))
+    );
+    // What upstream's authenticator says of a bound token: its pod, node and credential id.
+    for (key, field) in [("pod", "pod"), ("node", "node")] {
+        if let (Some(object_name), Some(uid)) = (bound[key]["name"].as_str(), bound[key]["uid"].as_str()) {
+            user.extra.insert(format!("authentication.kubernetes.io/{field}-name"), vec![object_name.to_string()]);
+            user.extra.insert(format!("authentication.kubernetes.io/{field}-uid"), vec![uid.to_string()]);
+        }
+    }
+    if let Some(jti) = claims["jti"].as_str() {
+        user.extra.insert("authentication.kubernetes.io/credential-id".into(), vec![format!("JTI={jti}")]);
+    }
+    Some(user)
 }
 
 /// Whether a bearer token looks like a JWT (three base64url parts), so not a static token.

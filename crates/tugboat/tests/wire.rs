@@ -257,6 +257,20 @@ fn token_reviews_runtime_classes_and_csi_objects_are_served() {
     let status = review(token.trim());
     assert_eq!(status["authenticated"], true, "{status}");
     assert_eq!(status["user"]["username"], "system:serviceaccount:default:reviewer", "{status}");
+    let jti = status["user"]["extra"]["authentication.kubernetes.io/credential-id"].clone();
+    assert!(jti.as_array().is_some_and(|v| v.len() == 1 && v[0].as_str().unwrap().starts_with("JTI=")), "{status}");
+    // A pod-bound token says its pod and the pod's node (as upstream's authenticator does).
+    let objects = "apiVersion: v1\nkind: Node\nmetadata: {name: n1}\n---\napiVersion: v1\nkind: Pod\n\
+                   metadata: {name: bound}\nspec:\n  nodeName: n1\n  containers: [{name: c, image: busybox}]\n";
+    kubectl(&["apply", "-f", "-"], Some(objects));
+    let token = kubectl(&["create", "token", "reviewer", "--bound-object-kind=Pod", "--bound-object-name=bound"], None);
+    let extra = review(token.trim())["user"]["extra"].clone();
+    let one = |key: &str| extra[format!("authentication.kubernetes.io/{key}")][0].as_str().unwrap_or_default().to_string();
+    assert_eq!(one("pod-name"), "bound", "{extra}");
+    assert_eq!(one("pod-uid"), kubectl(&["get", "pod", "bound", "-o", "jsonpath={.metadata.uid}"], None), "{extra}");
+    assert_eq!(one("node-name"), "n1", "{extra}");
+    assert_eq!(one("node-uid"), kubectl(&["get", "node", "n1", "-o", "jsonpath={.metadata.uid}"], None), "{extra}");
+    assert!(one("credential-id").starts_with("JTI="), "{extra}");
     let status = review("not-a-token");
     assert!(status["authenticated"].is_null() && status["error"].is_string(), "{status}");
     // A review has no metadata for a Table: a client that accepts only Tables gets 406.
