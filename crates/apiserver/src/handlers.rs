@@ -305,6 +305,24 @@ async fn authorize(
             groups.push(format!("system:serviceaccounts:{namespace}"));
         }
         user = UserInfo::new(impersonated, String::new(), groups);
+        // `Impersonate-Uid`: allowed by `impersonate` on `uids` of authentication.k8s.io.
+        if let Some(uid) = header("impersonate-uid").into_iter().next() {
+            let attributes = Attributes {
+                verb: "impersonate".into(),
+                resource: Some(ResourceAttributes {
+                    group: "authentication.k8s.io".into(),
+                    resource: "uids".into(),
+                    subresource: String::new(),
+                    namespace: String::new(),
+                    name: uid.clone(),
+                }),
+                path: path.to_string(),
+            };
+            if !crate::rbac::allowed(state, &asker, &attributes).await? {
+                return Err(crate::rbac::forbidden(&asker, &attributes));
+            }
+            user.uid = uid;
+        }
         // `Impersonate-Extra-<key>` (the key URL-escaped): each must be allowed too, as
         // upstream asks `impersonate` on `userextras/<key>`.
         for (name, value) in &parts.headers {
@@ -603,7 +621,18 @@ async fn dispatch(
             return Err(ApiError::not_acceptable(accept));
         }
         let body = read_body(body).await?;
-        let review = decode_body(content_type, &body)?;
+        let mut review = decode_body(content_type, &body)?;
+        if let Some(namespace) = target.namespace.as_deref().filter(|_| target.resource.namespaced) {
+            match review["metadata"]["namespace"].as_str() {
+                None | Some("") => review["metadata"]["namespace"] = json!(namespace),
+                Some(given) if given != namespace => {
+                    return Err(ApiError::bad_request(
+                        "the namespace of the provided object does not match the namespace sent on the request",
+                    ));
+                }
+                Some(_) => {}
+            }
+        }
         return Ok(json_response(StatusCode::CREATED, &answer_review(state, target.resource, user, review).await?));
     }
     let namespace = target.namespace.as_deref();
@@ -2357,9 +2386,36 @@ async fn answer_review(
         "selfsubjectaccessreviews" => {
             review["status"] = crate::rbac::review(state, &user, &review["spec"]).await?;
         }
-        // Whether someone else may: kubelets ask it of their callers (delegated authorization).
-        "subjectaccessreviews" => {
+        // Whether someone else may: kubelets ask it of their callers (delegated authorization);
+        // a LocalSubjectAccessReview asks it within its own namespace.
+        "subjectaccessreviews" | "localsubjectaccessreviews" => {
             let spec = &review["spec"];
+            if resource.plural == "localsubjectaccessreviews" {
+                let namespace = review["metadata"]["namespace"].as_str().unwrap_or_default();
+                let mut causes = Vec::new();
+                if spec["resourceAttributes"].is_object()
+                    && spec["resourceAttributes"]["namespace"].as_str().unwrap_or_default() != namespace
+                {
+                    causes.push(crate::status::Cause {
+                        reason: "FieldValueInvalid",
+                        message: format!(
+                            "Invalid value: {:?}: must match metadata.namespace",
+                            spec["resourceAttributes"]["namespace"].as_str().unwrap_or_default()
+                        ),
+                        field: "spec.resourceAttributes.namespace".into(),
+                    });
+                }
+                if spec["nonResourceAttributes"].is_object() {
+                    causes.push(crate::status::Cause {
+                        reason: "FieldValueInvalid",
+                        message: "Invalid value: \"null\": disallowed on this kind of request".into(),
+                        field: "spec.nonResourceAttributes".into(),
+                    });
+                }
+                if !causes.is_empty() {
+                    return Err(ApiError::invalid("authorization.k8s.io", "LocalSubjectAccessReview", "", causes));
+                }
+            }
             let strings = |v: &Value| -> Vec<String> {
                 v.as_array().into_iter().flatten().filter_map(|s| s.as_str().map(str::to_string)).collect()
             };

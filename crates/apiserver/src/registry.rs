@@ -414,6 +414,18 @@ pub static RESOURCES: &[Resource] = &[
         "-subjectaccessreviews"
     ),
     resource!(
+        authorization::v1::LocalSubjectAccessReview,
+        "authorization.k8s.io",
+        "v1",
+        "LocalSubjectAccessReview",
+        "localsubjectaccessreviews",
+        "",
+        true,
+        NONE,
+        NONE,
+        "-localsubjectaccessreviews"
+    ),
+    resource!(
         authorization::v1::SelfSubjectRulesReview,
         "authorization.k8s.io",
         "v1",

@@ -265,7 +265,8 @@ fn token_reviews_runtime_classes_and_csi_objects_are_served() {
     kubectl(&["apply", "-f", "-"], Some(objects));
     let token = kubectl(&["create", "token", "reviewer", "--bound-object-kind=Pod", "--bound-object-name=bound"], None);
     let extra = review(token.trim())["user"]["extra"].clone();
-    let one = |key: &str| extra[format!("authentication.kubernetes.io/{key}")][0].as_str().unwrap_or_default().to_string();
+    let one =
+        |key: &str| extra[format!("authentication.kubernetes.io/{key}")][0].as_str().unwrap_or_default().to_string();
     assert_eq!(one("pod-name"), "bound", "{extra}");
     assert_eq!(one("pod-uid"), kubectl(&["get", "pod", "bound", "-o", "jsonpath={.metadata.uid}"], None), "{extra}");
     assert_eq!(one("node-name"), "n1", "{extra}");
@@ -273,6 +274,59 @@ fn token_reviews_runtime_classes_and_csi_objects_are_served() {
     assert!(one("credential-id").starts_with("JTI="), "{extra}");
     let status = review("not-a-token");
     assert!(status["authenticated"].is_null() && status["error"].is_string(), "{status}");
+    // Impersonating a uid and extras (the admin may): SelfSubjectReview shows them.
+    let whoami = kubectl(
+        &["auth", "whoami", "--as=system:serviceaccount:default:reviewer", "--as-uid=1234", "-o", "json"],
+        None,
+    );
+    let whoami: Value = serde_json::from_str(&whoami).unwrap();
+    assert_eq!(whoami["status"]["userInfo"]["uid"], "1234", "{whoami}");
+    let (code, whoami) = server.curl(
+        "POST",
+        "/apis/authentication.k8s.io/v1/selfsubjectreviews",
+        true,
+        &[
+            "-H",
+            "Content-Type: application/json",
+            "-H",
+            "Impersonate-User: jane",
+            "-H",
+            "Impersonate-Extra-Team%2Fname: blue",
+            "-d",
+            r#"{"apiVersion":"authentication.k8s.io/v1","kind":"SelfSubjectReview"}"#,
+        ],
+    );
+    assert_eq!(code, 201, "{whoami}");
+    let whoami: Value = serde_json::from_str(&whoami).unwrap();
+    assert_eq!(whoami["status"]["userInfo"]["extra"]["team/name"][0], "blue", "{whoami}");
+    // LocalSubjectAccessReview: a SubjectAccessReview within its own namespace.
+    let local = |namespace: &str| {
+        format!(
+            "apiVersion: authorization.k8s.io/v1\nkind: LocalSubjectAccessReview\nmetadata: {{namespace: default}}\n\
+             spec:\n  user: system:serviceaccount:default:reviewer\n  \
+             resourceAttributes: {{verb: list, resource: configmaps, namespace: {namespace}}}\n"
+        )
+    };
+    let answer = kubectl(&["create", "-f", "-", "-o", "json"], Some(&local("default")));
+    let answer: Value = serde_json::from_str(&answer).unwrap();
+    assert_eq!(
+        (answer["kind"].as_str(), answer["status"]["allowed"].as_bool()),
+        (Some("LocalSubjectAccessReview"), Some(false)),
+        "{answer}"
+    );
+    kubectl(
+        &["create", "rolebinding", "reviewer-view", "--clusterrole=view", "--serviceaccount=default:reviewer"],
+        None,
+    );
+    let answer = kubectl(&["create", "-f", "-", "-o", "jsonpath={.status.allowed}"], Some(&local("default")));
+    assert_eq!(answer, "true");
+    let error = server.kubectl_fails(&["create", "-f", "-"], Some(&local("kube-system")));
+    assert!(
+        error.contains(
+            "spec.resourceAttributes.namespace: Invalid value: \"kube-system\": must match metadata.namespace"
+        ),
+        "{error}"
+    );
     // A review has no metadata for a Table: a client that accepts only Tables gets 406.
     let sar = r#"{"kind":"SelfSubjectAccessReview","apiVersion":"authorization.k8s.io/v1","spec":{"nonResourceAttributes":{"path":"/","verb":"get"}}}"#;
     let (code, body) = server.curl(
