@@ -77,41 +77,16 @@ pub fn api_resource_list(served: Served, group: &str, version: &str) -> Option<V
         .filter(|r| r.group == group && r.version == version)
         .flat_map(|r| {
             let mut entries = vec![resource_entry(r)];
-            if r.has_status() {
-                entries.push(json!({"name": format!("{}/status", r.plural), "singularName": "",
-                    "namespaced": r.namespaced, "kind": r.kind, "verbs": ["get", "patch", "update"]}));
-            }
-            if r.has_scale() {
-                entries.push(json!({"name": format!("{}/scale", r.plural), "singularName": "",
-                    "namespaced": r.namespaced, "group": "autoscaling", "version": "v1", "kind": "Scale",
-                    "verbs": ["get", "patch", "update"]}));
-            }
-            if r.group.is_empty() && r.plural == "serviceaccounts" {
-                entries.push(json!({"name": "serviceaccounts/token", "singularName": "", "namespaced": true,
-                    "group": "authentication.k8s.io", "version": "v1", "kind": "TokenRequest", "verbs": ["create"]}));
-            }
-            if r.group.is_empty() && r.plural == "pods" {
-                entries.push(json!({"name": "pods/binding", "singularName": "", "namespaced": true,
-                    "kind": "Binding", "verbs": ["create"]}));
-                entries.push(json!({"name": "pods/eviction", "singularName": "", "namespaced": true,
-                    "group": "policy", "version": "v1", "kind": "Eviction", "verbs": ["create"]}));
-                entries.push(json!({"name": "pods/log", "singularName": "", "namespaced": true,
-                    "kind": "Pod", "verbs": ["get"]}));
-                entries.push(json!({"name": "pods/ephemeralcontainers", "singularName": "", "namespaced": true,
-                    "kind": "Pod", "verbs": ["get", "patch", "update"]}));
-                {
-                    let sub = "proxy";
-                    entries.push(json!({"name": format!("pods/{sub}"), "singularName": "", "namespaced": true,
-                        "kind": "PodProxyOptions", "verbs": ["create", "delete", "get", "patch", "update"]}));
+            for sub in r.subresources() {
+                let (group, version, kind) = sub.kind;
+                let mut entry = json!({"name": format!("{}/{}", r.plural, sub.name), "singularName": "",
+                    "namespaced": r.namespaced, "kind": kind, "verbs": sub.verbs});
+                // Only a kind of another group version says which.
+                if (group, version) != (r.group, r.version) {
+                    entry["group"] = json!(group);
+                    entry["version"] = json!(version);
                 }
-                for (sub, kind) in [
-                    ("attach", "PodAttachOptions"),
-                    ("exec", "PodExecOptions"),
-                    ("portforward", "PodPortForwardOptions"),
-                ] {
-                    entries.push(json!({"name": format!("pods/{sub}"), "singularName": "", "namespaced": true,
-                        "kind": kind, "verbs": ["create", "get"]}));
-                }
+                entries.push(entry);
             }
             entries
         })
@@ -205,26 +180,14 @@ fn aggregated_version_entry(served: Served, group: &str, group_version: &str) ->
                 .iter()
                 .filter(|r| r.group == group && r.version == group_version)
                 .map(|r| {
-                    let mut subresources = Vec::new();
-                    if r.has_status() {
-                        subresources.push(json!({"subresource": "status", "responseKind": response_kind(r.group, r.version, r.kind), "verbs": ["get", "patch", "update"]}));
-                    }
-                    if r.has_scale() {
-                        subresources.push(json!({"subresource": "scale", "responseKind": response_kind("autoscaling", "v1", "Scale"), "verbs": ["get", "patch", "update"]}));
-                    }
-                    if r.group.is_empty() && r.plural == "serviceaccounts" {
-                        subresources.push(json!({"subresource": "token", "responseKind": response_kind("authentication.k8s.io", "v1", "TokenRequest"), "verbs": ["create"]}));
-                    }
-                    if r.group.is_empty() && r.plural == "pods" {
-                        subresources.push(json!({"subresource": "binding", "responseKind": response_kind("", "v1", "Binding"), "verbs": ["create"]}));
-                        subresources.push(json!({"subresource": "eviction", "responseKind": response_kind("policy", "v1", "Eviction"), "verbs": ["create"]}));
-                        subresources.push(json!({"subresource": "log", "responseKind": response_kind("", "v1", "Pod"), "verbs": ["get"]}));
-                        subresources.push(json!({"subresource": "ephemeralcontainers", "responseKind": response_kind("", "v1", "Pod"), "verbs": ["get", "patch", "update"]}));
-                        subresources.push(json!({"subresource": "proxy", "responseKind": response_kind("", "v1", "PodProxyOptions"), "verbs": ["create", "delete", "get", "patch", "update"]}));
-                        for (sub, kind) in [("attach", "PodAttachOptions"), ("exec", "PodExecOptions"), ("portforward", "PodPortForwardOptions")] {
-                            subresources.push(json!({"subresource": sub, "responseKind": response_kind("", "v1", kind), "verbs": ["create", "get"]}));
-                        }
-                    }
+                    let subresources: Vec<Value> = r
+                        .subresources()
+                        .into_iter()
+                        .map(|sub| {
+                            let (group, version, kind) = sub.kind;
+                            json!({"subresource": sub.name, "responseKind": response_kind(group, version, kind), "verbs": sub.verbs})
+                        })
+                        .collect();
                     let mut entry = json!({
                         "resource": r.plural,
                         "responseKind": response_kind(r.group, r.version, r.kind),

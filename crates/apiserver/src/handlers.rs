@@ -461,6 +461,16 @@ async fn route(
     match path {
         "/version" | "/version/" => return Ok(json_response(StatusCode::OK, &version())),
         "/healthz" | "/livez" | "/readyz" => return Ok(text_response("ok")),
+        "/.well-known/openid-configuration" | "/.well-known/openid-configuration/" => {
+            return Ok(json_response(StatusCode::OK, &crate::service_accounts::openid_configuration()));
+        }
+        "/openid/v1/jwks" | "/openid/v1/jwks/" => {
+            let mut response = json_response(StatusCode::OK, &state.signer.jwks());
+            response
+                .headers_mut()
+                .insert(header::CONTENT_TYPE, header::HeaderValue::from_static("application/jwk-set+json"));
+            return Ok(response);
+        }
         "/metrics" => {
             let mut response = Response::new(Body::from(state.metrics.render()));
             response.headers_mut().insert(

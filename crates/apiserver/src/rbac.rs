@@ -354,6 +354,15 @@ pub fn defaults() -> Vec<(&'static str, Value)> {
         (
             "ClusterRole",
             role(
+                "system:service-account-issuer-discovery",
+                json!([{"nonResourceURLs": [
+            "/.well-known/openid-configuration", "/.well-known/openid-configuration/", "/openid/v1/jwks",
+            "/openid/v1/jwks/"], "verbs": ["get"]}]),
+            ),
+        ),
+        (
+            "ClusterRole",
+            role(
                 "system:node-bootstrapper",
                 json!([{"apiGroups": ["certificates.k8s.io"],
             "resources": ["certificatesigningrequests"], "verbs": ["create", "get", "list", "watch"]}]),
@@ -408,6 +417,14 @@ pub fn defaults() -> Vec<(&'static str, Value)> {
         ),
         ("ClusterRoleBinding", binding("system:discovery", "system:discovery", &["system:authenticated"])),
         ("ClusterRoleBinding", binding("system:basic-user", "system:basic-user", &["system:authenticated"])),
+        (
+            "ClusterRoleBinding",
+            binding(
+                "system:service-account-issuer-discovery",
+                "system:service-account-issuer-discovery",
+                &["system:serviceaccounts"],
+            ),
+        ),
         (
             "ClusterRoleBinding",
             binding(

@@ -30,6 +30,15 @@ pub struct Resource {
     pub custom: Option<&'static crate::crd::Custom>,
 }
 
+/// A subresource as discovery lists it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Subresource {
+    pub name: &'static str,
+    /// The kind it answers with: (group, version, kind).
+    pub kind: (&'static str, &'static str, &'static str),
+    pub verbs: &'static [&'static str],
+}
+
 /// Conversions between a kind and the kind it is stored as.
 #[derive(Debug, Clone, Copy)]
 pub struct Conversion {
@@ -661,6 +670,58 @@ impl Resource {
     /// PrepareForCreate); nodes keep what the kubelet reports.
     pub fn clears_status_on_create(&self) -> bool {
         self.has_status() && !matches!(self.plural, "nodes" | "namespaces" | "pods")
+    }
+
+    /// The subresources discovery lists for this resource, as upstream's: (name, the kind it
+    /// answers with as (group, version, kind), verbs).
+    pub fn subresources(&self) -> Vec<Subresource> {
+        let own = (self.group, self.version, self.kind);
+        let mut list = Vec::new();
+        if self.has_status() {
+            list.push(Subresource { name: "status", kind: own, verbs: &["get", "patch", "update"] });
+        }
+        if self.has_scale() {
+            list.push(Subresource {
+                name: "scale",
+                kind: ("autoscaling", "v1", "Scale"),
+                verbs: &["get", "patch", "update"],
+            });
+        }
+        if !self.group.is_empty() || self.custom.is_some() {
+            if self.group == "certificates.k8s.io" && self.plural == "certificatesigningrequests" {
+                list.push(Subresource { name: "approval", kind: own, verbs: &["get", "patch", "update"] });
+            }
+            return list;
+        }
+        const PROXY: &[&str] = &["create", "delete", "get", "patch", "update"];
+        match self.plural {
+            "serviceaccounts" => list.push(Subresource {
+                name: "token",
+                kind: ("authentication.k8s.io", "v1", "TokenRequest"),
+                verbs: &["create"],
+            }),
+            "pods" => list.extend([
+                Subresource { name: "attach", kind: ("", "v1", "PodAttachOptions"), verbs: &["create", "get"] },
+                Subresource { name: "binding", kind: ("", "v1", "Binding"), verbs: &["create"] },
+                Subresource { name: "ephemeralcontainers", kind: own, verbs: &["get", "patch", "update"] },
+                Subresource { name: "eviction", kind: ("policy", "v1", "Eviction"), verbs: &["create"] },
+                Subresource { name: "exec", kind: ("", "v1", "PodExecOptions"), verbs: &["create", "get"] },
+                Subresource { name: "log", kind: own, verbs: &["get"] },
+                Subresource {
+                    name: "portforward",
+                    kind: ("", "v1", "PodPortForwardOptions"),
+                    verbs: &["create", "get"],
+                },
+                Subresource { name: "proxy", kind: ("", "v1", "PodProxyOptions"), verbs: PROXY },
+            ]),
+            "services" => {
+                list.push(Subresource { name: "proxy", kind: ("", "v1", "ServiceProxyOptions"), verbs: PROXY })
+            }
+            "nodes" => list.push(Subresource { name: "proxy", kind: ("", "v1", "NodeProxyOptions"), verbs: PROXY }),
+            "namespaces" => list.push(Subresource { name: "finalize", kind: own, verbs: &["update"] }),
+            _ => {}
+        }
+        list
     }
 
     /// Whether objects of this kind carry `metadata.generation` (bumped on spec changes).

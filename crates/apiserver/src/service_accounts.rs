@@ -85,6 +85,15 @@ impl TokenSigner {
         Ok(format!("{input}.{}", URL_SAFE_NO_PAD.encode(signature.as_ref())))
     }
 
+    /// The public key as a JSON Web Key Set (`/openid/v1/jwks`).
+    pub fn jwks(&self) -> Value {
+        // An uncompressed P-256 point: 0x04, then x and y (32 bytes each).
+        let point = self.key.public_key().as_ref();
+        let (x, y) = point[1..].split_at(32);
+        json!({"keys": [{"use": "sig", "kty": "EC", "kid": self.kid, "crv": "P-256", "alg": "ES256",
+                         "x": URL_SAFE_NO_PAD.encode(x), "y": URL_SAFE_NO_PAD.encode(y)}]})
+    }
+
     /// The claims of a token this signer signed, if its signature holds.
     pub fn verify(&self, token: &str) -> Option<Value> {
         let mut parts = token.split('.');
@@ -228,6 +237,19 @@ pub async fn token_request(state: &ApiState, namespace: &str, name: &str, reques
         "spec": spec,
         "status": {"token": token, "expirationTimestamp": timestamp(now + expiration)},
     }))
+}
+
+/// `/.well-known/openid-configuration`: the issuer's OpenID discovery document, as upstream's
+/// (service account issuer discovery): relying parties verify tokens with the keys at
+/// `jwks_uri`, reached at the issuer's address (the `kubernetes` Service, inside the cluster).
+pub fn openid_configuration() -> Value {
+    json!({
+        "issuer": ISSUER,
+        "jwks_uri": format!("{ISSUER}/openid/v1/jwks"),
+        "response_types_supported": ["id_token"],
+        "subject_types_supported": ["public"],
+        "id_token_signing_alg_values_supported": ["ES256"],
+    })
 }
 
 /// The user a service account token stands for, if it is valid now.
@@ -375,6 +397,32 @@ pub fn mount_api_access(spec: &mut Value) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_published_key_set_verifies_tokens() {
+        let dir = tempfile::tempdir().unwrap();
+        let signer = TokenSigner::load_or_create(&dir.path().join("sa.key")).unwrap();
+        let token = signer.sign(&json!({"sub": "x", "iss": ISSUER})).unwrap();
+        // As a relying party would: the key from the JWKS by the token's kid, then the signature.
+        let jwks = signer.jwks();
+        let key = &jwks["keys"][0];
+        let header: Value =
+            serde_json::from_slice(&URL_SAFE_NO_PAD.decode(token.split('.').next().unwrap()).unwrap()).unwrap();
+        assert_eq!(
+            (key["kid"].clone(), key["alg"].as_str(), key["crv"].as_str()),
+            (header["kid"].clone(), Some("ES256"), Some("P-256"))
+        );
+        let mut point = vec![4u8];
+        point.extend(URL_SAFE_NO_PAD.decode(key["x"].as_str().unwrap()).unwrap());
+        point.extend(URL_SAFE_NO_PAD.decode(key["y"].as_str().unwrap()).unwrap());
+        let (input, signature) = token.rsplit_once('.').unwrap();
+        signature::UnparsedPublicKey::new(&signature::ECDSA_P256_SHA256_FIXED, &point)
+            .verify(input.as_bytes(), &URL_SAFE_NO_PAD.decode(signature).unwrap())
+            .expect("the published key verifies the token");
+        let configuration = openid_configuration();
+        assert_eq!(configuration["issuer"], ISSUER);
+        assert_eq!(configuration["jwks_uri"], format!("{ISSUER}/openid/v1/jwks"));
+    }
 
     #[test]
     fn tokens_verify_only_with_their_signature() {

@@ -299,6 +299,23 @@ fn token_reviews_runtime_classes_and_csi_objects_are_served() {
     assert_eq!(code, 201, "{whoami}");
     let whoami: Value = serde_json::from_str(&whoami).unwrap();
     assert_eq!(whoami["status"]["userInfo"]["extra"]["team/name"][0], "blue", "{whoami}");
+    // Service account issuer discovery: every service account may read the issuer's OpenID
+    // configuration and keys.
+    let as_account = ["--as=system:serviceaccount:default:reviewer", "--as-group=system:serviceaccounts"];
+    let configuration =
+        kubectl(&["get", "--raw", "/.well-known/openid-configuration", as_account[0], as_account[1]], None);
+    let configuration: Value = serde_json::from_str(&configuration).unwrap();
+    assert_eq!(configuration["issuer"], "https://kubernetes.default.svc.cluster.local", "{configuration}");
+    let keys = kubectl(&["get", "--raw", "/openid/v1/jwks", as_account[0], as_account[1]], None);
+    let keys: Value = serde_json::from_str(&keys).unwrap();
+    assert_eq!(keys["keys"][0]["kty"], "EC", "{keys}");
+    // Subresources are discovered as upstream lists them.
+    let certificates = kubectl(&["get", "--raw", "/apis/certificates.k8s.io/v1"], None);
+    assert!(certificates.contains(r#""name":"certificatesigningrequests/approval""#), "{certificates}");
+    let core = kubectl(&["get", "--raw", "/api/v1"], None);
+    for name in ["services/proxy", "nodes/proxy", "namespaces/finalize", "pods/exec"] {
+        assert!(core.contains(&format!(r#""name":"{name}""#)), "{name}");
+    }
     // LocalSubjectAccessReview: a SubjectAccessReview within its own namespace.
     let local = |namespace: &str| {
         format!(
