@@ -514,6 +514,25 @@ pub(crate) fn apply_defaults(resource: &Resource, object: &mut Value) {
     if resource.plural == "pods" && object["spec"].is_object() {
         default_pod_spec(&mut object["spec"]);
     }
+    micro_times(resource, object);
+}
+
+/// Go writes a `MicroTime` with exactly six fractional digits (RFC3339Micro), and Go clients
+/// read only that: one decoded from protobuf, or sent with another precision, is written so.
+fn micro_times(resource: &Resource, object: &mut Value) {
+    let paths: &[&[&str]] = match (resource.group, resource.plural) {
+        ("coordination.k8s.io", "leases") => &[&["spec", "acquireTime"], &["spec", "renewTime"]],
+        ("" | "events.k8s.io", "events") => &[&["eventTime"], &["series", "lastObservedTime"]],
+        _ => return,
+    };
+    for path in paths {
+        let Some(value) = path.iter().try_fold(&mut *object, |at, key| at.get_mut(*key)) else { continue };
+        if let Some(time) = value.as_str().and_then(|t| t.parse::<k8s_openapi::jiff::Timestamp>().ok())
+            && let Ok(text) = k8s_openapi::jiff::fmt::strtime::format("%Y-%m-%dT%H:%M:%S%.6fZ", time)
+        {
+            *value = Value::String(text);
+        }
+    }
 }
 
 /// Upstream's defaults for the workload kinds (`pkg/apis/{apps,batch}/v1/defaults.go`),
@@ -1025,6 +1044,20 @@ pub(crate) fn json_patch(document: &mut Value, patch: &json_patch::Patch) -> Res
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn micro_times_have_six_digits() {
+        let leases = crate::registry::find("coordination.k8s.io", "v1", "leases").unwrap();
+        let mut lease = json!({"metadata": {"name": "l"}, "spec": {"acquireTime": "0001-01-01T00:00:02Z", "renewTime": "2026-12-06T01:02:03.5Z"}});
+        apply_defaults(leases, &mut lease);
+        assert_eq!(lease["spec"]["acquireTime"], "0001-01-01T00:00:02.000000Z");
+        assert_eq!(lease["spec"]["renewTime"], "2026-12-06T01:02:03.500000Z");
+        let events = crate::registry::find("events.k8s.io", "v1", "events").unwrap();
+        let mut event = json!({"metadata": {"name": "e"}, "eventTime": "2017-09-19T13:49:16Z", "series": {"count": 2, "lastObservedTime": "2017-09-19T13:49:16.000000Z"}});
+        apply_defaults(events, &mut event);
+        assert_eq!(event["eventTime"], "2017-09-19T13:49:16.000000Z");
+        assert_eq!(event["series"]["lastObservedTime"], "2017-09-19T13:49:16.000000Z");
+    }
+
     use super::*;
     use crate::registry::find;
 
