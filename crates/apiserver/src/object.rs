@@ -237,6 +237,9 @@ pub fn validate(resource: &Resource, object: &Value) -> Result<(), ApiError> {
     if resource.plural == "networkpolicies" {
         validate_network_policy(&object["spec"], &mut causes);
     }
+    if resource.group.is_empty() && matches!(resource.plural, "configmaps" | "secrets") {
+        validate_config_keys(object, &mut causes);
+    }
     if resource.plural == "horizontalpodautoscalers" {
         let spec = &object["spec"];
         let mut cause = |reason: &'static str, field: &str, message: String| {
@@ -264,6 +267,32 @@ pub fn validate(resource: &Resource, object: &Value) -> Result<(), ApiError> {
         }
     }
     if causes.is_empty() { Ok(()) } else { Err(ApiError::invalid(resource.group, resource.kind, name, causes)) }
+}
+
+/// A ConfigMap's or Secret's keys (`data`, `binaryData`, `stringData`), as upstream's
+/// `IsConfigMapKey`: `[-._a-zA-Z0-9]+`, at most 253 characters, not `.` or `..`; a ConfigMap key
+/// in both `data` and `binaryData` is a duplicate.
+fn validate_config_keys(object: &Value, causes: &mut Vec<Cause>) {
+    for field in ["data", "binaryData", "stringData"] {
+        for key in object[field].as_object().into_iter().flatten().map(|(k, _)| k) {
+            let mut invalid = |message: String| {
+                causes.push(Cause {
+                    reason: "FieldValueInvalid",
+                    message: format!("Invalid value: {key:?}: {message}"),
+                    field: format!("{field}[{key}]"),
+                });
+            };
+            if key.is_empty() || !key.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.')) {
+                invalid("a valid config key must consist of alphanumeric characters, '-', '_' or '.' (e.g. 'key.name',  or 'KEY_NAME',  or 'key-name', regex used for validation is '[-._a-zA-Z0-9]+')".into());
+            } else if key.len() > 253 {
+                invalid("must be no more than 253 characters".into());
+            } else if key == "." || key == ".." {
+                invalid(format!("must not be '{key}'"));
+            } else if field == "binaryData" && object["data"].get(key).is_some() {
+                invalid(format!("duplicate of key {key:?}"));
+            }
+        }
+    }
 }
 
 fn validate_network_policy(spec: &Value, causes: &mut Vec<Cause>) {
@@ -1044,6 +1073,22 @@ pub(crate) fn json_patch(document: &mut Value, patch: &json_patch::Patch) -> Res
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn config_keys_are_upstreams() {
+        let secrets = crate::registry::find("", "v1", "secrets").unwrap();
+        let error = validate(secrets, &json!({"metadata": {"name": "s"}, "data": {"": "dmFsdWU="}})).unwrap_err();
+        assert!(
+            error.message.contains("a valid config key must consist of alphanumeric characters"),
+            "{}",
+            error.message
+        );
+        let configmaps = crate::registry::find("", "v1", "configmaps").unwrap();
+        assert!(validate(configmaps, &json!({"metadata": {"name": "c"}, "data": {"a.b_C-1": "x"}})).is_ok());
+        let twice = json!({"metadata": {"name": "c"}, "data": {"k": "x"}, "binaryData": {"k": "eA=="}});
+        assert!(validate(configmaps, &twice).unwrap_err().message.contains("duplicate of key"));
+        assert!(validate(configmaps, &json!({"metadata": {"name": "c"}, "data": {"..": "x"}})).is_err());
+    }
+
     #[test]
     fn micro_times_have_six_digits() {
         let leases = crate::registry::find("coordination.k8s.io", "v1", "leases").unwrap();

@@ -847,3 +847,18 @@ fn ingresses_have_a_status_subresource() {
         "203.0.113.7"
     );
 }
+
+#[test]
+fn config_keys_and_micro_times_are_checked_and_written_as_upstream() {
+    let server = server();
+    let empty_key = "apiVersion: v1\nkind: Secret\nmetadata: {name: s}\ndata: {\"\": dmFsdWU=}\n";
+    let error = server.kubectl_fails(&["apply", "-f", "-"], Some(empty_key));
+    assert!(
+        error.contains(r#"data[]: Invalid value: "": a valid config key must consist of alphanumeric characters"#),
+        "{error}"
+    );
+    let lease = "apiVersion: coordination.k8s.io/v1\nkind: Lease\nmetadata: {name: l}\nspec: {acquireTime: \"2026-12-06T01:02:03Z\"}\n";
+    server.kubectl(&["apply", "-f", "-"], Some(lease));
+    let time = server.kubectl(&["get", "lease", "l", "-o", "jsonpath={.spec.acquireTime}"], None);
+    assert_eq!(time, "2026-12-06T01:02:03.000000Z");
+}
