@@ -1300,9 +1300,11 @@ async fn create_object(
         crate::priority::admit(state.store.as_ref(), &state.caches, &mut object).await?;
         crate::service_accounts::admit(state, &mut object).await?;
         crate::runtime_class::admit(state, &mut object).await?;
+        crate::limit_range::admit_pod(state, &mut object).await?;
     }
     if resource.plural == "persistentvolumeclaims" {
         crate::storage::admit(state, &mut object).await?;
+        crate::limit_range::admit_claim(state, &object).await?;
     }
     if write.admit {
         let attributes = admission::Attributes {

@@ -25,6 +25,7 @@ mod fields;
 mod fuzz_tests;
 mod handlers;
 mod kubelet;
+mod limit_range;
 mod metrics;
 mod node;
 mod object;

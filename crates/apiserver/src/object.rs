@@ -543,7 +543,32 @@ pub(crate) fn apply_defaults(resource: &Resource, object: &mut Value) {
     if resource.plural == "pods" && object["spec"].is_object() {
         default_pod_spec(&mut object["spec"]);
     }
+    if resource.group.is_empty() && resource.plural == "pods" {
+        default_requests_from_limits(&mut object["spec"]);
+    }
+    if resource.group.is_empty() && resource.plural == "limitranges" {
+        crate::limit_range::default(object);
+    }
     micro_times(resource, object);
+}
+
+/// `SetDefaults_Pod`: a container's limits are its requests where it gives none (pods only,
+/// not templates).
+fn default_requests_from_limits(spec: &mut Value) {
+    for list in ["initContainers", "containers"] {
+        for container in spec.get_mut(list).and_then(Value::as_array_mut).into_iter().flatten() {
+            let Some(limits) = container["resources"]["limits"].as_object().filter(|l| !l.is_empty()).cloned() else {
+                continue;
+            };
+            if !container["resources"]["requests"].is_object() {
+                container["resources"]["requests"] = json!({});
+            }
+            let requests = container["resources"]["requests"].as_object_mut().expect("made an object above");
+            for (key, value) in limits {
+                requests.entry(key).or_insert(value);
+            }
+        }
+    }
 }
 
 /// Go writes a `MicroTime` with exactly six fractional digits (RFC3339Micro), and Go clients

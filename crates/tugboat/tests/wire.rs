@@ -862,3 +862,63 @@ fn config_keys_and_micro_times_are_checked_and_written_as_upstream() {
     let time = server.kubectl(&["get", "lease", "l", "-o", "jsonpath={.spec.acquireTime}"], None);
     assert_eq!(time, "2026-12-06T01:02:03.000000Z");
 }
+
+#[test]
+fn limit_ranges_default_and_bound_what_pods_ask() {
+    let server = server();
+    let kubectl = |args: &[&str], stdin: Option<&str>| server.kubectl(args, stdin);
+    kubectl(&["create", "namespace", "limited"], None);
+    let range = "apiVersion: v1\nkind: LimitRange\nmetadata: {name: lr, namespace: limited}\nspec:\n  limits:\n  \
+                 - type: Container\n    min: {cpu: 50m, memory: 100Mi}\n    max: {cpu: 500m, memory: 500Mi}\n    \
+                 defaultRequest: {cpu: 100m, memory: 200Mi}\n";
+    kubectl(&["apply", "-f", "-"], Some(range));
+    // The default limit is the max, as upstream defaults the item.
+    let item = kubectl(&["get", "limitrange", "lr", "-n", "limited", "-o", "jsonpath={.spec.limits[0].default}"], None);
+    assert_eq!(item, r#"{"cpu":"500m","memory":"500Mi"}"#);
+    let resources = |pod: &str| {
+        kubectl(&["get", "pod", pod, "-n", "limited", "-o", "jsonpath={.spec.containers[0].resources}"], None)
+    };
+    let probes = std::cell::Cell::new(0);
+    eventually("the limit range to apply", || {
+        probes.set(probes.get() + 1);
+        let name = format!("probe-{}", probes.get());
+        server.kubectl_ok(&["run", &name, "-n", "limited", "--image=busybox"]);
+        resources(&name).contains("500Mi")
+    });
+    kubectl(&["run", "bare", "-n", "limited", "--image=busybox"], None);
+    assert_eq!(
+        resources("bare"),
+        r#"{"limits":{"cpu":"500m","memory":"500Mi"},"requests":{"cpu":"100m","memory":"200Mi"}}"#
+    );
+    let annotation = kubectl(
+        &[
+            "get",
+            "pod",
+            "bare",
+            "-n",
+            "limited",
+            "-o",
+            r#"jsonpath={.metadata.annotations.kubernetes\.io/limit-ranger}"#,
+        ],
+        None,
+    );
+    assert_eq!(
+        annotation,
+        "LimitRanger plugin set: cpu, memory request for container bare; cpu, memory limit for container bare"
+    );
+    // A limit without a request: the request is the limit (pod defaulting), then the range's
+    // default limit fills the rest.
+    let partial = "apiVersion: v1\nkind: Pod\nmetadata: {name: partial, namespace: limited}\nspec:\n  containers:\n  \
+                   - {name: c, image: busybox, resources: {limits: {cpu: 300m}}}\n";
+    kubectl(&["apply", "-f", "-"], Some(partial));
+    assert_eq!(
+        resources("partial"),
+        r#"{"limits":{"cpu":"300m","memory":"500Mi"},"requests":{"cpu":"300m","memory":"200Mi"}}"#
+    );
+    let greedy = partial.replace("partial", "greedy").replace("cpu: 300m", "cpu: 600m");
+    let error = server.kubectl_fails(&["apply", "-f", "-"], Some(&greedy));
+    assert!(
+        error.contains(r#"pods "greedy" is forbidden: maximum cpu usage per Container is 500m, but limit is 600m"#),
+        "{error}"
+    );
+}
