@@ -100,6 +100,7 @@ pub fn router(node: Shared) -> Router {
         .route("/exec/{namespace}/{pod}/{container}", get(crate::exec::exec).post(crate::exec::exec_spdy))
         .route("/attach/{namespace}/{pod}/{container}", get(crate::exec::attach).post(crate::exec::attach_spdy))
         .route("/stats/summary", get(stats_summary))
+        .route("/pods", get(pods))
         .route("/portForward/{namespace}/{pod}", axum::routing::post(crate::portforward::port_forward))
         .layer(axum::middleware::from_fn_with_state((node.clone(), decisions), authorize))
         // Health is for anyone the CA vouches for, as the readiness of the node's API.
@@ -209,6 +210,26 @@ fn text(status: StatusCode, message: impl Into<String>) -> Response<Body> {
 }
 
 /// `/stats/summary`: the node's and its pods' resource usage.
+/// `/pods`: the pods bound to this node, as a PodList (what `nodes/<node>/proxy/pods` shows:
+/// the e2e framework's view of the kubelet's pods).
+async fn pods(State(node): State<Shared>) -> Response<Body> {
+    let api: Api<Pod> = Api::all(node.client.clone());
+    let params = kube::api::ListParams::default().fields(&format!("spec.nodeName={}", node.name));
+    let (status, body) = match api.list(&params).await {
+        Ok(list) => {
+            let items: Vec<Value> = list.items.iter().filter_map(|pod| serde_json::to_value(pod).ok()).collect();
+            let list = serde_json::json!({"kind": "PodList", "apiVersion": "v1", "metadata": {}, "items": items});
+            (StatusCode::OK, list.to_string())
+        }
+        Err(error) => (StatusCode::INTERNAL_SERVER_ERROR, format!("listing the node's pods: {error}")),
+    };
+    Response::builder()
+        .status(status)
+        .header(header::CONTENT_TYPE, "application/json")
+        .body(Body::from(body))
+        .expect("a valid response")
+}
+
 async fn stats_summary(State(node): State<Shared>) -> Response<Body> {
     let summary = crate::stats::summary(&node).await;
     Response::builder()

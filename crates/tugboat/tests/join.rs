@@ -261,6 +261,11 @@ fn an_agent_joins_with_the_token_and_runs_pods() {
     let pki = server.data_dir().join("pki");
     let (code, body) = kubelet(&pki.join("admin.crt"), &pki.join("admin.key"), "/containerLogs/default/hello/hello");
     assert_eq!((code.as_str(), body.as_str()), ("200", "hello from hello\n"), "the admin may");
+    // `/pods` (the e2e framework's view of the kubelet), through the API server's node proxy.
+    let pods = server.kubectl(&["get", "--raw", "/api/v1/nodes/joined/proxy/pods"], None);
+    let pods: Value = serde_json::from_str(&pods).unwrap();
+    assert_eq!(pods["kind"], "PodList");
+    assert!(pods["items"].as_array().unwrap().iter().any(|p| p["metadata"]["name"] == "hello"), "{pods}");
     assert_eq!(kubelet(&node_cert, &node_key, "/healthz").0, "200", "health needs only the CA");
     server.kubectl(&["delete", "pod", "hello", "--grace-period=1", "--wait=true"], None);
 }
