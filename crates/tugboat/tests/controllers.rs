@@ -433,6 +433,30 @@ fn jobs_complete_or_fail_and_cronjobs_start_them() {
     let described = server.kubectl(&["describe", "job", "pi"], None);
     assert!(described.contains("SuccessfulCreate") && described.contains("Job completed"), "{described}");
 
+    // A pod orphaned from its running Job is adopted again (and counts: no second pod); one
+    // relabelled out of the Job's selector is released, and replaced.
+    let waiting = "apiVersion: batch/v1\nkind: Job\nmetadata: {name: waiting}\nspec:\n  template:\n    spec: {restartPolicy: Never, nodeSelector: {nowhere: \"true\"}, containers: [{name: c, image: busybox}]}\n";
+    server.kubectl(&["apply", "-f", "-"], Some(waiting));
+    let pod = eventually(
+        &server,
+        &["get", "pods", "-l", "job-name=waiting", "-o", "jsonpath={.items[*].metadata.name}"],
+        "the waiting job's pod",
+        |o| !o.is_empty(),
+    );
+    let owner = ["get", "pod", pod.as_str(), "-o", "jsonpath={.metadata.ownerReferences[*].name}"];
+    server.kubectl(
+        &["patch", "pod", &pod, "--type=json", "-p", r#"[{"op":"remove","path":"/metadata/ownerReferences"}]"#],
+        None,
+    );
+    eventually(&server, &owner, "the orphan adopted again", |o| o == "waiting");
+    let pods = server.kubectl(&["get", "pods", "-l", "job-name=waiting", "-o", "name"], None);
+    assert_eq!(pods.lines().count(), 1, "the adopted pod counts: {pods}");
+    server.kubectl(&["label", "pod", &pod, "--overwrite", "batch.kubernetes.io/controller-uid=someone-else"], None);
+    eventually(&server, &owner, "the relabelled pod released", |o| o.is_empty());
+    eventually(&server, &["get", "pods", "-l", "job-name=waiting", "-o", "name"], "a replacement", |o| {
+        o.lines().count() == 2
+    });
+
     let parallel = "apiVersion: batch/v1\nkind: Job\nmetadata: {name: batch}\nspec:\n  completions: 4\n  parallelism: 2\n  template:\n    spec: {restartPolicy: Never, containers: [{name: c, image: busybox}]}\n";
     server.kubectl(&["apply", "-f", "-"], Some(parallel));
     let waited = server.kubectl(&["wait", "--for=condition=complete", "job/batch", "--timeout=30s"], None);

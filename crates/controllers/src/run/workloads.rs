@@ -624,6 +624,7 @@ pub(super) async fn run_jobs(client: kube::Client, hub: Arc<Hub>) -> anyhow::Res
             all_pods.iter().filter_map(|p| p.metadata.name.as_deref()).collect();
         in_flight.settle(&seen);
         let owned = pods_by_controller(&all_pods, "Job");
+        let by_namespace = pods_by_namespace(&all_pods);
         let now = jiff::Timestamp::now();
         let mut work = Vec::new();
         let mut wake: Option<jiff::Timestamp> = None;
@@ -632,26 +633,70 @@ pub(super) async fn run_jobs(client: kube::Client, hub: Arc<Hub>) -> anyhow::Res
                 continue;
             }
             let uid = j.metadata.uid.clone().unwrap_or_default();
-            let mine = owned.get(uid.as_str()).cloned().unwrap_or_default();
+            let mut mine = owned.get(uid.as_str()).cloned().unwrap_or_default();
+            // Orphans the selector matches are adopted, and count at once; pods it no longer
+            // matches are released (upstream's ClaimPods).
+            let namespace = j.metadata.namespace.as_deref().unwrap_or("default");
+            let finished = j
+                .status
+                .iter()
+                .flat_map(|s| s.conditions.iter().flatten())
+                .any(|c| matches!(c.type_.as_str(), "Complete" | "Failed") && c.status == "True");
+            let (adopt, release) = match j.spec.as_ref().and_then(|s| s.selector.as_ref()).filter(|_| !finished) {
+                Some(selector) => {
+                    let candidates = by_namespace.get(namespace).into_iter().flatten().map(|p| &**p);
+                    crate::pods::claims(&uid, selector, candidates, false)
+                }
+                None => (Vec::new(), Vec::new()),
+            };
+            mine.retain(|p| !release.iter().any(|r| std::ptr::eq(*r, *p)));
+            mine.extend(adopt.iter().copied());
             let plan = job::plan(&j, &mine, in_flight.count(&uid), now);
             if let Some(at) = plan.wake {
                 wake = Some(wake.map_or(at, |w| w.min(at)));
             }
-            work.push((j, plan));
+            let names =
+                |pods: &[&Pod]| -> Vec<String> { pods.iter().filter_map(|p| p.metadata.name.clone()).collect() };
+            work.push((j, plan, names(&adopt), names(&release)));
         }
         let client = &client;
-        let created: Vec<(String, Vec<String>)> =
-            futures::stream::iter(work)
-                .map(|(j, plan)| async move {
-                    (j.metadata.uid.clone().unwrap_or_default(), apply_job(client, &j, plan).await)
-                })
-                .buffer_unordered(PARALLEL)
-                .collect()
-                .await;
+        let created: Vec<(String, Vec<String>)> = futures::stream::iter(work)
+            .map(|(j, plan, adopt, release)| async move {
+                claim(client, &*j, &adopt, &release).await;
+                (j.metadata.uid.clone().unwrap_or_default(), apply_job(client, &j, plan).await)
+            })
+            .buffer_unordered(PARALLEL)
+            .collect()
+            .await;
         for (uid, names) in created {
             in_flight.add(uid, names);
         }
         wait_until(&changed, wake).await;
+    }
+}
+
+/// Adopts the orphans `adopt` (the owner's controller reference added) and releases the pods
+/// `release` (their owner references dropped), of `owner`'s namespace.
+async fn claim<K: kube::Resource<DynamicType = ()>>(
+    client: &kube::Client,
+    owner: &K,
+    adopt: &[String],
+    release: &[String],
+) {
+    let namespace = owner.meta().namespace.as_deref().unwrap_or("default");
+    let pods: Api<Pod> = Api::namespaced(client.clone(), namespace);
+    let reference = owner_reference(owner);
+    for name in adopt {
+        let patch = json!({"metadata": {"ownerReferences": [reference]}});
+        if let Err(error) = pods.patch(name, &PatchParams::default(), &Patch::Merge(&patch)).await {
+            tracing::debug!(%error, pod = name, "could not adopt");
+        }
+    }
+    for name in release {
+        let patch = json!({"metadata": {"ownerReferences": null}});
+        if let Err(error) = pods.patch(name, &PatchParams::default(), &Patch::Merge(&patch)).await {
+            tracing::debug!(%error, pod = name, "could not release");
+        }
     }
 }
 
