@@ -2277,8 +2277,11 @@ pub(crate) async fn delete_one(
                 )));
             }
         }
+        // A pod goes at once when no node runs it: unscheduled, or ended (upstream's
+        // CheckGracefulDelete), so no kubelet need confirm it.
         let graceful_pod = resource.plural == "pods"
             && object["spec"]["nodeName"].as_str().is_some_and(|n| !n.is_empty())
+            && !matches!(object["status"]["phase"].as_str(), Some("Succeeded" | "Failed"))
             && grace.unwrap_or_else(|| object["spec"]["terminationGracePeriodSeconds"].as_i64().unwrap_or(30)) > 0;
         let key = resource.key(namespace, name);
         // A namespace waits for the namespace controller to empty it (`spec.finalizers`).

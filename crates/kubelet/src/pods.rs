@@ -237,6 +237,8 @@ pub async fn run(node: Shared) -> anyhow::Result<()> {
     let config = watcher::Config::default().fields(&format!("spec.nodeName={}", node.name));
     let mut events = watcher(pods, config).default_backoff().boxed();
     let mut workers: HashMap<String, (Arc<Notify>, Slot)> = HashMap::new();
+    // Pods refused at admission: never run here.
+    let mut rejected: std::collections::HashSet<String> = Default::default();
     let mut initial: Option<Vec<String>> = None;
     // The node's podCIDR, from the node object (assigned by the controller manager).
     tokio::spawn(watch_pod_cidr(node.clone()));
@@ -289,6 +291,15 @@ pub async fn run(node: Shared) -> anyhow::Result<()> {
                 continue;
             }
             if deleted {
+                rejected.remove(&uid);
+                continue;
+            }
+            if rejected.contains(&uid) {
+                continue;
+            }
+            if let Some((reason, message)) = admission_failure(&pod, &workers) {
+                rejected.insert(uid);
+                tokio::spawn(reject(node.clone(), pod, reason, message));
                 continue;
             }
             let slot = Arc::new(Mutex::new(Some(pod)));
@@ -299,6 +310,63 @@ pub async fn run(node: Shared) -> anyhow::Result<()> {
         workers.retain(|_, (notify, _)| Arc::strong_count(notify) > 1);
     }
     Ok(())
+}
+
+/// The host ports a pod takes: (protocol, host IP, port).
+fn host_ports(pod: &Pod) -> Vec<(String, String, i32)> {
+    let spec = pod.spec.iter();
+    spec.flat_map(|s| s.containers.iter().chain(s.init_containers.iter().flatten()))
+        .flat_map(|c| c.ports.iter().flatten())
+        .filter_map(|p| {
+            let port = p.host_port.filter(|p| *p > 0)?;
+            let ip = p.host_ip.clone().filter(|ip| !ip.is_empty()).unwrap_or_else(|| "0.0.0.0".into());
+            Some((p.protocol.clone().unwrap_or_else(|| "TCP".into()), ip, port))
+        })
+        .collect()
+}
+
+/// Why the kubelet refuses a pod newly bound to it, as upstream's admission (the
+/// GeneralPredicates' NodePorts): a host port another admitted pod of the node holds. Only
+/// pods that never ran are judged (a restarted kubelet keeps what it ran).
+fn admission_failure(pod: &Pod, workers: &HashMap<String, (Arc<Notify>, Slot)>) -> Option<(String, String)> {
+    let status = pod.status.as_ref();
+    let never_ran = status.and_then(|s| s.phase.as_deref()).is_none_or(|p| p == "Pending")
+        && status.and_then(|s| s.container_statuses.as_ref()).is_none_or(|c| c.is_empty());
+    let wanted = host_ports(pod);
+    if !never_ran || wanted.is_empty() {
+        return None;
+    }
+    let conflict = workers.values().any(|(_, slot)| {
+        let Some(other) = slot.lock().unwrap().clone() else { return false };
+        let active = other.metadata.deletion_timestamp.is_none()
+            && !matches!(other.status.as_ref().and_then(|s| s.phase.as_deref()), Some("Succeeded" | "Failed"));
+        active
+            && host_ports(&other).iter().any(|(protocol, ip, port)| {
+                wanted
+                    .iter()
+                    .any(|(p, i, n)| p == protocol && n == port && (i == ip || i == "0.0.0.0" || ip == "0.0.0.0"))
+            })
+    });
+    conflict.then(|| {
+        (
+            "NodePorts".to_string(),
+            "Predicate NodePorts failed: node(s) didn't have free ports for the requested pod ports".to_string(),
+        )
+    })
+}
+
+/// Refuses a pod, as upstream's kubelet does: Failed, with the reason, and a Warning event.
+async fn reject(node: Shared, pod: Pod, reason: String, message: String) {
+    tracing::info!(pod = pod.metadata.name.as_deref().unwrap_or_default(), %reason, "pod rejected at admission");
+    event(&node, &pod, "Warning", &reason, &message).await;
+    let namespace = pod.metadata.namespace.as_deref().unwrap_or("default");
+    let api: Api<Pod> = Api::namespaced(node.client.clone(), namespace);
+    let status = serde_json::json!({"status": {"phase": "Failed", "reason": reason, "message": format!("Pod was rejected: {message}"),
+        "qosClass": pod.spec.as_ref().map(qos_class).unwrap_or("BestEffort")}});
+    let name = pod.metadata.name.as_deref().unwrap_or_default();
+    if let Err(error) = api.patch_status(name, &PatchParams::default(), &Patch::Merge(&status)).await {
+        tracing::warn!(%error, pod = name, "cannot report a rejected pod");
+    }
 }
 
 async fn watch_pod_cidr(node: Shared) {

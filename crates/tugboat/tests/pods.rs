@@ -483,6 +483,23 @@ spec:
     server.kubectl(&["apply", "-f", "-"], Some(counter));
     wait(&server, &["get", "pod", "counter", "-o", "jsonpath={.status.phase}"], "counter runs", |o| o == "Running");
     assert_eq!(server.kubectl(&["logs", "-f", "counter"], None), "1\n2\n3\n");
+    // A pod bound straight to the node (no scheduler) whose host port another pod holds is
+    // refused by the kubelet's admission, as upstream's: Failed, reason NodePorts.
+    let holder = "apiVersion: v1\nkind: Pod\nmetadata: {name: holder}\nspec:\n  containers: [{name: c, image: busybox:1.35, command: [sleep, '300'], ports: [{containerPort: 8080, hostPort: 18080}]}]\n";
+    server.kubectl(&["apply", "-f", "-"], Some(holder));
+    wait(&server, &["get", "pod", "holder", "-o", "jsonpath={.status.phase}"], "holder runs", |o| o == "Running");
+    let clash = holder.replace("name: holder", "name: clash").replace("spec:\n", "spec:\n  nodeName: box\n");
+    server.kubectl(&["apply", "-f", "-"], Some(&clash));
+    let status = wait(
+        &server,
+        &["get", "pod", "clash", "-o", "jsonpath={.status.phase} {.status.reason}: {.status.message}"],
+        "the clash is refused",
+        |o| o.starts_with("Failed"),
+    );
+    assert_eq!(
+        status,
+        "Failed NodePorts: Pod was rejected: Predicate NodePorts failed: node(s) didn't have free ports for the requested pod ports"
+    );
     server.kubectl(&["delete", "pod", "--all", "--grace-period=1", "--wait=true"], None);
 }
 

@@ -11,7 +11,8 @@
 //! machine has: agnhost (built from the same tree) on a busybox layer, as upstream's is on a
 //! small distribution; pause (upstream's pause.c, built statically); busybox; the web servers
 //! (nginx, httpd) as busybox's httpd on port 80 serving their document root with its index
-//! page where theirs is; the sample API server (built from the same tree) and etcd (this
+//! page where theirs is; the update-demo images (agnhost's test-webserver with their
+//! `data.json`); the sample API server (built from the same tree) and etcd (this
 //! machine's, with its shared libraries) for the Aggregator spec; every other image as agnhost,
 //! a stand-in for a test that needs a running process only.
 
@@ -105,6 +106,9 @@ enum Layer {
     Web { root: &'static str, page: &'static str },
     /// The sample API server at `/kube-sample-apiserver`, as upstream's image has it.
     SampleApiServer,
+    /// An update-demo image (`nautilus`, `kitten`): agnhost's test-webserver serving the
+    /// image's `html/` files (`data.json` and its picture) from `/`, as upstream's.
+    UpdateDemo(&'static str),
     /// etcd at `/usr/local/bin/etcd`, with its shared libraries.
     Etcd,
 }
@@ -136,6 +140,8 @@ fn recipe(args: &Args, name: &str) -> Option<Recipe> {
                 page: "<!DOCTYPE html>\n<html>\n<head>\n<title>Welcome to nginx!</title>\n</head>\n<body>\n<h1>Welcome to nginx!</h1>\n</body>\n</html>\n",
             },
         ),
+        "nautilus" if args.agnhost_src.is_some() => (&["/agnhost"], &["test-webserver"], Layer::UpdateDemo("nautilus")),
+        "kitten" if args.agnhost_src.is_some() => (&["/agnhost"], &["test-webserver"], Layer::UpdateDemo("kitten")),
         "sample-apiserver" if args.sample_apiserver.is_some() => {
             (&["/kube-sample-apiserver"], &[], Layer::SampleApiServer)
         }
@@ -198,6 +204,19 @@ fn make_images(args: &Args, names: &[String], dir: &Path) -> anyhow::Result<usiz
             Layer::Pause => image::busybox_layer(&[("pause", &pause, 0o755)])?,
             Layer::Web { root, page } => {
                 image::busybox_layer(&[(&format!("{root}/index.html"), page.as_bytes(), 0o644)])?
+            }
+            Layer::UpdateDemo(name) => {
+                let html = args.agnhost_src.as_deref().expect("the recipe needs it").join("..").join(name).join("html");
+                let data =
+                    std::fs::read(html.join("data.json")).with_context(|| format!("reading {name}/html/data.json"))?;
+                let picture = format!("{name}.jpg");
+                let jpeg =
+                    std::fs::read(html.join(&picture)).with_context(|| format!("reading {name}/html/{picture}"))?;
+                image::busybox_layer(&[
+                    ("agnhost", &agnhost, 0o755),
+                    ("data.json", &data, 0o644),
+                    (&picture, &jpeg, 0o644),
+                ])?
             }
             Layer::SampleApiServer => {
                 let path = args.sample_apiserver.as_deref().expect("the recipe needs it");
