@@ -145,6 +145,13 @@ const ALL_CAPABILITIES: &[&str] = &[
     "CAP_CHECKPOINT_RESTORE",
 ];
 
+/// This process's capability bounding set (`CapBnd` of /proc/self/status), if readable.
+fn current_bounding_set() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let hex = status.lines().find_map(|l| l.strip_prefix("CapBnd:"))?.trim();
+    u64::from_str_radix(hex, 16).ok()
+}
+
 /// Kubernetes names capabilities without the prefix (`NET_ADMIN`); OCI with it.
 fn cap_name(name: &str) -> String {
     let upper = name.to_ascii_uppercase();
@@ -155,7 +162,16 @@ impl ContainerConfig {
     /// The capability set the process gets.
     pub fn capabilities(&self) -> Vec<String> {
         if self.privileged {
-            return ALL_CAPABILITIES.iter().map(|c| c.to_string()).collect();
+            // Every capability this process may hand on (containerd's WithAllCurrentCapabilities):
+            // one missing from our own bounding set cannot be given, and asking for it fails
+            // the container's start.
+            let bounding = current_bounding_set();
+            return ALL_CAPABILITIES
+                .iter()
+                .enumerate()
+                .filter(|(bit, _)| bounding.is_none_or(|set| set & (1u64 << bit) != 0))
+                .map(|(_, c)| c.to_string())
+                .collect();
         }
         let drop: Vec<String> = self.capabilities_drop.iter().map(|c| cap_name(c)).collect();
         let all = drop.iter().any(|c| c == "CAP_ALL");
@@ -272,6 +288,13 @@ fn resources_allow_all(linux: &mut Value) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_capability_is_listed_at_its_number() {
+        let at = |name: &str| ALL_CAPABILITIES.iter().position(|c| *c == name);
+        assert_eq!((at("CAP_CHOWN"), at("CAP_SYS_ADMIN"), at("CAP_SYS_RESOURCE")), (Some(0), Some(21), Some(24)));
+        assert_eq!((at("CAP_AUDIT_READ"), at("CAP_CHECKPOINT_RESTORE")), (Some(37), Some(40)));
+    }
 
     #[test]
     fn capabilities_follow_add_drop_and_privileged() {

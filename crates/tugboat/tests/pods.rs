@@ -1506,3 +1506,24 @@ spec:
         assert_eq!(server.kubectl(&["logs", &name], None), format!("{index} idx-{index}\n"));
     }
 }
+
+/// A privileged container gets every capability the node may hand on (this machine's own
+/// bounding set lacks CAP_SYS_RESOURCE: asking for it failed every privileged container).
+#[test]
+fn privileged_containers_run() {
+    if !tugboat_testkit::isolated("privileged_containers_run") {
+        return;
+    }
+    let Node { server, .. } = node();
+    let pod = "apiVersion: v1\nkind: Pod\nmetadata: {name: root}\nspec:\n  restartPolicy: Never\n  containers:\n  - name: c\n    image: busybox:1.35\n    command: [/bin/sh, -c, 'echo ok; ls /dev | grep -c . >/dev/null']\n    securityContext: {privileged: true}\n";
+    server.kubectl(&["apply", "-f", "-"], Some(pod));
+    let phase = wait(
+        &server,
+        &["get", "pod", "root", "-o", "jsonpath={.status.phase}{.status.containerStatuses[0].state.waiting.reason}"],
+        "the privileged pod ends",
+        |o| o == "Succeeded" || o == "Failed" || o.contains("Error"),
+    );
+    let described = server.kubectl(&["describe", "pod", "root"], None);
+    assert_eq!(phase, "Succeeded", "{described}");
+    assert_eq!(server.kubectl(&["logs", "root"], None), "ok\n");
+}
