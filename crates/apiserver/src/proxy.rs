@@ -10,6 +10,7 @@ use axum::body::Body;
 #[cfg(test)]
 use axum::http::HeaderMap;
 use axum::http::{Response, header};
+use http_body_util::BodyExt;
 use hyper_util::rt::TokioIo;
 
 use crate::handlers::{ApiState, read_stored};
@@ -185,14 +186,96 @@ pub async fn forward(
     } else {
         send(&scheme, &address, forward).await.map_err(failed)?
     };
-    let (parts, body) = response.into_parts();
-    let mut answer = Response::builder().status(parts.status);
-    for (name, value) in &parts.headers {
-        if !HOP_BY_HOP.contains(&name.as_str()) {
+    let (response_parts, body) = response.into_parts();
+    let mut answer = Response::builder().status(response_parts.status);
+    // HTML links to the backend's own paths are rewritten to go through the proxy, as
+    // upstream's proxy transport does (uncompressed pages only).
+    let html = response_parts
+        .headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|t| t.starts_with("text/html"))
+        && response_parts.headers.get(header::CONTENT_ENCODING).is_none();
+    for (name, value) in &response_parts.headers {
+        if !HOP_BY_HOP.contains(&name.as_str()) && !(html && name == header::CONTENT_LENGTH) {
             answer = answer.header(name, value);
         }
     }
+    if html {
+        let prefix = parts.uri.path().strip_suffix(rest).unwrap_or(parts.uri.path()).trim_end_matches('/').to_string();
+        let page = http_body_util::Limited::new(body, MAX_REWRITTEN)
+            .collect()
+            .await
+            .map_err(|e| unavailable(format!("reading the proxied page: {e}")))?
+            .to_bytes();
+        let page = rewrite_links(&String::from_utf8_lossy(&page), &prefix);
+        return Ok(answer.body(Body::from(page)).unwrap_or_else(|_| Response::new(Body::empty())));
+    }
     Ok(answer.body(Body::new(body)).unwrap_or_else(|_| Response::new(Body::empty())))
+}
+
+/// The largest HTML page the proxy reads whole to rewrite its links.
+const MAX_REWRITTEN: usize = 16 * 1024 * 1024;
+
+/// The attributes that hold URLs (upstream's `atomsToAttrs`, by attribute name).
+const URL_ATTRIBUTES: &[&str] = &[
+    "href",
+    "src",
+    "action",
+    "formaction",
+    "cite",
+    "background",
+    "longdesc",
+    "usemap",
+    "codebase",
+    "data",
+    "poster",
+    "manifest",
+    "profile",
+    "icon",
+    "classid",
+];
+
+/// `page` with every URL attribute that names an absolute path of the backend (`/x`, not
+/// `//host/x` or `http://…`) prefixed with `prefix` (the proxy path), unless it already is.
+fn rewrite_links(page: &str, prefix: &str) -> String {
+    let mut out = String::with_capacity(page.len() + 64);
+    let bytes = page.as_bytes();
+    let mut i = 0;
+    let mut copied = 0;
+    while i < bytes.len() {
+        // An attribute name after whitespace, then `=` and a quote.
+        if bytes[i].is_ascii_whitespace() {
+            let start = i + 1;
+            let mut end = start;
+            while end < bytes.len() && bytes[end].is_ascii_alphabetic() {
+                end += 1;
+            }
+            let name = &page[start..end];
+            if end + 1 < bytes.len()
+                && bytes[end] == b'='
+                && matches!(bytes[end + 1], b'"' | b'\'')
+                && URL_ATTRIBUTES.iter().any(|a| a.eq_ignore_ascii_case(name))
+            {
+                let quote = bytes[end + 1];
+                let value_start = end + 2;
+                if let Some(length) = bytes[value_start..].iter().position(|b| *b == quote) {
+                    let value = &page[value_start..value_start + length];
+                    if value.starts_with('/') && !value.starts_with("//") && !value.starts_with(prefix) {
+                        out.push_str(&page[copied..value_start]);
+                        out.push_str(prefix);
+                        out.push_str(value);
+                        copied = value_start + length;
+                    }
+                    i = value_start + length;
+                    continue;
+                }
+            }
+        }
+        i += 1;
+    }
+    out.push_str(&page[copied..]);
+    out
 }
 
 /// An index below `n` (n > 0) that varies from request to request: which endpoint to try
@@ -274,6 +357,16 @@ fn passes(headers: &HeaderMap) -> Vec<String> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn html_links_to_the_backend_go_through_the_proxy() {
+        let prefix = "/api/v1/namespaces/ns/pods/web:1080/proxy";
+        let page = r#"<a href="/rewriteme">test</a> <img src='/i.png'> <a href="//other/x">o</a> <a href="http://h/x">h</a> <a href="rel">r</a> <a HREF="/api/v1/namespaces/ns/pods/web:1080/proxy/done">d</a>"#;
+        assert_eq!(
+            rewrite_links(page, prefix),
+            r#"<a href="/api/v1/namespaces/ns/pods/web:1080/proxy/rewriteme">test</a> <img src='/api/v1/namespaces/ns/pods/web:1080/proxy/i.png'> <a href="//other/x">o</a> <a href="http://h/x">h</a> <a href="rel">r</a> <a HREF="/api/v1/namespaces/ns/pods/web:1080/proxy/done">d</a>"#
+        );
+    }
+
     use super::*;
 
     #[test]

@@ -126,7 +126,7 @@ spec:
   terminationGracePeriodSeconds: 1
   containers:
   - {name: main, image: "busybox:1.35",
-     command: [sh, -c, "mkdir -p /www && echo far > /www/index.html && exec httpd -f -p 8080 -h /www"]}
+     command: [sh, -c, "mkdir -p /www && echo far > /www/index.html && echo '<a href=\"/index.html\">far</a>' > /www/links.html && exec httpd -f -p 8080 -h /www"]}
 ---
 apiVersion: v1
 kind: Pod
@@ -293,6 +293,11 @@ fn a_server_and_two_agents_run_pods_and_survive_a_cut_link() {
     // The API server's proxy reaches the pod on the other node, directly and through the
     // Service (port by number and by scheme:name:port), and says why when it cannot.
     assert_eq!(kubectl.ok(&["get", "--raw", "/api/v1/namespaces/default/pods/far:8080/proxy/index.html"]), "far\n");
+    // Links of an HTML page to the pod's own paths go through the proxy (upstream rewrites them).
+    assert_eq!(
+        kubectl.ok(&["get", "--raw", "/api/v1/namespaces/default/pods/far:8080/proxy/links.html"]),
+        "<a href=\"/api/v1/namespaces/default/pods/far:8080/proxy/index.html\">far</a>\n"
+    );
     assert_eq!(kubectl.ok(&["get", "--raw", "/api/v1/namespaces/default/services/far:80/proxy/"]), "far\n");
     assert_eq!(kubectl.ok(&["get", "--raw", "/api/v1/namespaces/default/services/http:far:80/proxy/"]), "far\n");
     // Without a path, GET is sent on to `…/proxy/` (kubectl follows the 301).
