@@ -241,8 +241,11 @@ pub fn plan(deployment: &Deployment, owned: &[&ReplicaSet], now: Time) -> Plan {
                     budget -= unhealthy;
                 }
             }
+            // What availability allows, and never more than the spec counts allow (`budget`,
+            // upstream's maxScaledDown): a ReplicaSet's status lags its spec, and scaling down
+            // again on a stale count would take the Deployment below maxUnavailable.
             let available_total: i32 = olds.iter().map(|rs| available(rs)).sum::<i32>() + new_available;
-            let mut removable = (available_total - min_available).max(0);
+            let mut removable = (available_total - min_available).max(0).min(budget.max(0));
             for rs in &olds {
                 let name = rs.metadata.name.clone().unwrap_or_default();
                 let current = *scaled.get(&name).unwrap_or(&spec_replicas(rs));
@@ -387,6 +390,22 @@ mod tests {
         assert_eq!(rs.spec.as_ref().unwrap().selector.match_labels.as_ref().unwrap()[HASH_LABEL], hash);
         assert_eq!(rs.metadata.annotations.as_ref().unwrap()[REVISION], "1");
         assert!(plan.actions.contains(&Action::AnnotateDeployment { revision: 1 }));
+    }
+
+    #[test]
+    fn a_stale_status_never_takes_a_rollout_below_max_unavailable() {
+        // 10 replicas, maxSurge 3, maxUnavailable 2; the new pods never become available. The
+        // old ReplicaSet was just scaled to 8 and its status still says 10 available: no more
+        // goes (upstream's maxScaledDown = 8 + 5 - 8 - 5 = 0).
+        let strategy = json!({"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 3, "maxUnavailable": 2}});
+        let old_d = deployment(10, "webserver:1", strategy.clone());
+        let mut old = observed(&old_d, 1, 10, 10);
+        old.spec.as_mut().unwrap().replicas = Some(8);
+        let d = deployment(10, "webserver:404", strategy);
+        let new = observed(&d, 2, 5, 0);
+        let planned = plan(&d, &[&old, &new], now());
+        let old_name = old.metadata.name.clone().unwrap();
+        assert!(scales(&planned).iter().all(|(name, _)| *name != old_name), "{:?}", scales(&planned));
     }
 
     #[test]
