@@ -162,7 +162,7 @@ fn pod_errors(ranges: &[Value], pod: &Value) -> Vec<String> {
         // The pod's total: the sum of its containers, or its largest init container if larger.
         let total = |field: &str| -> Value {
             let mut sums: Map<String, Value> = Map::new();
-            let mut add = |into: &mut Map<String, Value>, key: &str, milli: i128, max: bool| {
+            let add = |into: &mut Map<String, Value>, key: &str, milli: i128, max: bool| {
                 let current = into.get(key).and_then(Value::as_str).and_then(parse_milli).unwrap_or(0);
                 let next = if max { current.max(milli) } else { current + milli };
                 into.insert(key.to_string(), json!(format!("{next}m")));
