@@ -74,6 +74,15 @@ pub fn field_value(plural: &str, field: &str, object: &Value) -> String {
             component if component.is_empty() => text(at("reportingComponent")),
             component => component,
         },
+        // events.k8s.io's names of the same fields, on either form of an Event.
+        ("events", "reportingController") => match text(at("reportingController")) {
+            controller if controller.is_empty() => text(at("reportingComponent")),
+            controller => controller,
+        },
+        ("events", regarding) if regarding.starts_with("regarding.") => match text(at(regarding)) {
+            value if value.is_empty() => text(at(&regarding.replacen("regarding.", "involvedObject.", 1))),
+            value => value,
+        },
         ("namespaces" | "persistentvolumes" | "persistentvolumeclaims", "name") => text(at("metadata.name")),
         _ => text(at(field)),
     }
@@ -109,6 +118,14 @@ pub fn supported_fields(plural: &str) -> &'static [&'static str] {
             "reportingComponent",
             "source",
             "type",
+            "reportingController",
+            "regarding.kind",
+            "regarding.namespace",
+            "regarding.name",
+            "regarding.uid",
+            "regarding.apiVersion",
+            "regarding.resourceVersion",
+            "regarding.fieldPath",
         ],
         "secrets" => &["metadata.name", "metadata.namespace", "type"],
         "services" => &["metadata.name", "metadata.namespace", "spec.clusterIP", "spec.type"],
@@ -190,6 +207,16 @@ mod tests {
         let source = FieldSelector::parse("source=kubelet").unwrap();
         assert!(source.matches("events", &json!({"source": {"component": "kubelet"}})));
         assert!(source.matches("events", &json!({"source": {}, "reportingComponent": "kubelet"})));
+        let controller = FieldSelector::parse("reportingController=test-controller,regarding.name=p").unwrap();
+        assert!(
+            controller
+                .matches("events", &json!({"reportingComponent": "test-controller", "involvedObject": {"name": "p"}}))
+        );
+        assert!(
+            controller
+                .matches("events", &json!({"reportingController": "test-controller", "regarding": {"name": "p"}}))
+        );
+        assert!(supported_fields("events").contains(&"reportingController"));
         assert!(FieldSelector::parse("name=ns1").unwrap().matches("namespaces", &json!({"metadata": {"name": "ns1"}})));
     }
 }
