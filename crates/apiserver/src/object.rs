@@ -1100,14 +1100,14 @@ pub(crate) fn json_patch(document: &mut Value, patch: &json_patch::Patch) -> Res
 mod tests {
     #[test]
     fn config_keys_are_upstreams() {
-        let secrets = crate::registry::find("", "v1", "secrets").unwrap();
+        let secrets = find("", "v1", "secrets").unwrap();
         let error = validate(secrets, &json!({"metadata": {"name": "s"}, "data": {"": "dmFsdWU="}})).unwrap_err();
         assert!(
             error.message.contains("a valid config key must consist of alphanumeric characters"),
             "{}",
             error.message
         );
-        let configmaps = crate::registry::find("", "v1", "configmaps").unwrap();
+        let configmaps = find("", "v1", "configmaps").unwrap();
         assert!(validate(configmaps, &json!({"metadata": {"name": "c"}, "data": {"a.b_C-1": "x"}})).is_ok());
         let twice = json!({"metadata": {"name": "c"}, "data": {"k": "x"}, "binaryData": {"k": "eA=="}});
         assert!(validate(configmaps, &twice).unwrap_err().message.contains("duplicate of key"));
@@ -1116,12 +1116,12 @@ mod tests {
 
     #[test]
     fn micro_times_have_six_digits() {
-        let leases = crate::registry::find("coordination.k8s.io", "v1", "leases").unwrap();
+        let leases = find("coordination.k8s.io", "v1", "leases").unwrap();
         let mut lease = json!({"metadata": {"name": "l"}, "spec": {"acquireTime": "0001-01-01T00:00:02Z", "renewTime": "2026-12-06T01:02:03.5Z"}});
         apply_defaults(leases, &mut lease);
         assert_eq!(lease["spec"]["acquireTime"], "0001-01-01T00:00:02.000000Z");
         assert_eq!(lease["spec"]["renewTime"], "2026-12-06T01:02:03.500000Z");
-        let events = crate::registry::find("events.k8s.io", "v1", "events").unwrap();
+        let events = find("events.k8s.io", "v1", "events").unwrap();
         let mut event = json!({"metadata": {"name": "e"}, "eventTime": "2017-09-19T13:49:16Z", "series": {"count": 2, "lastObservedTime": "2017-09-19T13:49:16.000000Z"}});
         apply_defaults(events, &mut event);
         assert_eq!(event["eventTime"], "2017-09-19T13:49:16.000000Z");
