@@ -23,6 +23,7 @@ use tugboat_runtime::{Container, Runtime, State};
 use crate::probes::{self, Kind, ProbeState};
 use crate::sandbox::{self, Ipam};
 use tugboat_network::pod_network::PodNetwork;
+use tugboat_objects::scheduling::{host_ports, host_ports_conflict};
 
 pub const LABEL_POD_UID: &str = "io.kubernetes.pod.uid";
 pub const LABEL_POD_NAME: &str = "io.kubernetes.pod.name";
@@ -312,19 +313,6 @@ pub async fn run(node: Shared) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The host ports a pod takes: (protocol, host IP, port).
-fn host_ports(pod: &Pod) -> Vec<(String, String, i32)> {
-    let spec = pod.spec.iter();
-    spec.flat_map(|s| s.containers.iter().chain(s.init_containers.iter().flatten()))
-        .flat_map(|c| c.ports.iter().flatten())
-        .filter_map(|p| {
-            let port = p.host_port.filter(|p| *p > 0)?;
-            let ip = p.host_ip.clone().filter(|ip| !ip.is_empty()).unwrap_or_else(|| "0.0.0.0".into());
-            Some((p.protocol.clone().unwrap_or_else(|| "TCP".into()), ip, port))
-        })
-        .collect()
-}
-
 /// Why the kubelet refuses a pod newly bound to it, as upstream's admission (the
 /// GeneralPredicates' NodePorts): a host port another admitted pod of the node holds. Only
 /// pods that never ran are judged (a restarted kubelet keeps what it ran).
@@ -340,12 +328,7 @@ fn admission_failure(pod: &Pod, workers: &HashMap<String, (Arc<Notify>, Slot)>) 
         let Some(other) = slot.lock().unwrap().clone() else { return false };
         let active = other.metadata.deletion_timestamp.is_none()
             && !matches!(other.status.as_ref().and_then(|s| s.phase.as_deref()), Some("Succeeded" | "Failed"));
-        active
-            && host_ports(&other).iter().any(|(protocol, ip, port)| {
-                wanted
-                    .iter()
-                    .any(|(p, i, n)| p == protocol && n == port && (i == ip || i == "0.0.0.0" || ip == "0.0.0.0"))
-            })
+        active && host_ports_conflict(&wanted, &host_ports(&other))
     });
     conflict.then(|| {
         (

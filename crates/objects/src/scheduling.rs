@@ -100,3 +100,25 @@ pub fn affinity_allows(spec: &PodSpec, node: &Node) -> bool {
 pub fn fits_constraints(pod: &Pod, node: &Node) -> bool {
     pod.spec.as_ref().is_some_and(|spec| constraint_failure(spec, node).is_none())
 }
+
+/// The host ports a pod takes: (protocol, host IP, port), the IP `0.0.0.0` when not given.
+pub fn host_ports(pod: &Pod) -> Vec<(String, String, i32)> {
+    pod.spec
+        .iter()
+        .flat_map(|s| &s.containers)
+        .flat_map(|c| c.ports.iter().flatten())
+        .filter_map(|p| {
+            let port = p.host_port.filter(|p| *p > 0)?;
+            let ip = p.host_ip.clone().filter(|ip| !ip.is_empty()).unwrap_or_else(|| "0.0.0.0".into());
+            Some((p.protocol.clone().unwrap_or_else(|| "TCP".into()), ip, port))
+        })
+        .collect()
+}
+
+/// Whether one of `wanted` is taken by one of `held` (upstream's NodePorts: same protocol and
+/// port, and the same IP or either the wildcard).
+pub fn host_ports_conflict(wanted: &[(String, String, i32)], held: &[(String, String, i32)]) -> bool {
+    wanted.iter().any(|(protocol, ip, port)| {
+        held.iter().any(|(p, i, n)| p == protocol && n == port && (i == ip || i == "0.0.0.0" || ip == "0.0.0.0"))
+    })
+}

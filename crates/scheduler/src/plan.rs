@@ -9,7 +9,9 @@ use k8s_openapi::api::core::v1::{Node, Pod};
 
 use tugboat_objects::labels::selector_matches;
 use tugboat_objects::quantity::{millicores, units};
-use tugboat_objects::scheduling::{affinity_allows, constraint_failure, term_matches, tolerates};
+use tugboat_objects::scheduling::{
+    affinity_allows, constraint_failure, host_ports, host_ports_conflict, term_matches, tolerates,
+};
 
 /// What pods ask of a node, added up.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -198,19 +200,6 @@ fn offered(node: &Node) -> (Resources, i64) {
     (allocatable, offered("pods").map(|q| units(&q)).unwrap_or(110))
 }
 
-fn host_ports(pod: &Pod) -> Vec<(String, String, i32)> {
-    pod.spec
-        .iter()
-        .flat_map(|s| &s.containers)
-        .flat_map(|c| c.ports.iter().flatten())
-        .filter_map(|p| {
-            let port = p.host_port.filter(|p| *p > 0)?;
-            let ip = p.host_ip.clone().filter(|ip| !ip.is_empty()).unwrap_or_else(|| "0.0.0.0".into());
-            Some((p.protocol.clone().unwrap_or_else(|| "TCP".into()), ip, port))
-        })
-        .collect()
-}
-
 /// What the filters and scores need of the pod, worked out once per pod rather than per node.
 struct PodFacts<'a> {
     pod: &'a Pod,
@@ -310,12 +299,7 @@ fn filter(facts: &PodFacts<'_>, info: &NodeInfo) -> Vec<String> {
     }
     let mut reasons = Vec::new();
     // NodePorts
-    let conflict = facts.host_ports.iter().any(|(protocol, ip, port)| {
-        info.host_ports
-            .iter()
-            .any(|(p, i, n)| p == protocol && n == port && (i == ip || i == "0.0.0.0" || ip == "0.0.0.0"))
-    });
-    if conflict {
+    if host_ports_conflict(&facts.host_ports, &info.host_ports) {
         reasons.push("node(s) didn't have free ports for the requested pod ports".into());
     }
     // NodeResourcesFit
