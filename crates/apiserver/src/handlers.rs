@@ -698,7 +698,7 @@ async fn dispatch(
         (_, _) if view != View::Main => Err(ApiError::method_not_allowed(method.as_str())),
         (&Method::DELETE, Some(name)) => {
             let body = read_body(body).await?;
-            delete(state, target.resource, namespace, name, (content_type, &body), write).await
+            delete(state, target.resource, namespace, name, query, (content_type, &body), write).await
         }
         (&Method::DELETE, None) => {
             let body = read_body(body).await?;
@@ -2191,12 +2191,38 @@ const PROTECTED_NAMESPACES: &[&str] = &["default", "kube-system", "kube-public"]
 
 /// The DeleteOptions of a DELETE: none, JSON, or protobuf (client-go's typed clients send
 /// their options in the content type they were made for).
-fn delete_options(content_type: &str, body: &[u8]) -> Result<Value, ApiError> {
+/// A DELETE's options: from its query (`?gracePeriodSeconds=30&propagationPolicy=Foreground`,
+/// as a REST client may send them), then from its body, whose fields win, as upstream reads them.
+fn delete_options(query: &Query, content_type: &str, body: &[u8]) -> Result<Value, ApiError> {
+    let mut options = json!({});
+    for (name, value) in query {
+        match name.as_str() {
+            "gracePeriodSeconds" => {
+                let seconds = value.parse::<i64>().map_err(|_| {
+                    ApiError::bad_request(format!("gracePeriodSeconds: invalid value {value:?}: not an integer"))
+                })?;
+                options[name] = json!(seconds);
+            }
+            "orphanDependents" | "ignoreStoreReadErrorWithClusterBreakingPotential" => {
+                let flag = value.parse::<bool>().map_err(|_| {
+                    ApiError::bad_request(format!("{name}: invalid value {value:?}: not true or false"))
+                })?;
+                options[name] = json!(flag);
+            }
+            "propagationPolicy" => options[name] = json!(value),
+            _ => {}
+        }
+    }
     if body.iter().all(u8::is_ascii_whitespace) {
-        return Ok(json!({}));
+        return Ok(options);
     }
     let protobuf = body.starts_with(b"k8s\0") || content_type.starts_with("application/vnd.kubernetes.protobuf");
-    decode_body(if protobuf { "application/vnd.kubernetes.protobuf" } else { "application/json" }, body)
+    let from_body =
+        decode_body(if protobuf { "application/vnd.kubernetes.protobuf" } else { "application/json" }, body)?;
+    if let (Some(options), Some(fields)) = (options.as_object_mut(), from_body.as_object()) {
+        options.extend(fields.iter().map(|(k, v)| (k.clone(), v.clone())));
+    }
+    Ok(options)
 }
 
 async fn delete(
@@ -2204,10 +2230,11 @@ async fn delete(
     resource: &Resource,
     namespace: Option<&str>,
     name: &str,
+    query: &Query,
     (content_type, body): (&str, &[u8]),
     write: &Write,
 ) -> Result<Response<Body>, ApiError> {
-    let options = delete_options(content_type, body)?;
+    let options = delete_options(query, content_type, body)?;
     let (code, object) = delete_one(state, resource, namespace, name, &options, write).await?;
     Ok(json_response(code, &object))
 }
@@ -2267,7 +2294,13 @@ pub(crate) async fn delete_one(
                 finalizers.push(json!(f));
             }
         };
-        match options["propagationPolicy"].as_str() {
+        // The deprecated `orphanDependents` stands for a policy when none is given.
+        let policy = options["propagationPolicy"].as_str().or(match options["orphanDependents"].as_bool() {
+            Some(true) => Some("Orphan"),
+            Some(false) => Some("Background"),
+            None => None,
+        });
+        match policy {
             Some("Foreground") => add(FOREGROUND),
             Some("Orphan") => add(ORPHAN),
             Some("Background") | None => {}
@@ -2347,7 +2380,7 @@ async fn delete_collection(
     (content_type, body): (&str, &[u8]),
     write: &Write,
 ) -> Result<Response<Body>, ApiError> {
-    let options = delete_options(content_type, body)?;
+    let options = delete_options(query, content_type, body)?;
     let filters = Filters::from_query(resource, query)?;
     let page = state
         .store

@@ -232,6 +232,8 @@ const POINTER_FIELDS: &[&str] = &[
     "fsGroup",
     "hostUsers",
     "immutable",
+    "leaseDurationSeconds",
+    "leaseTransitions",
     "maxFailedIndexes",
     "mode",
     "optional",
@@ -241,17 +243,21 @@ const POINTER_FIELDS: &[&str] = &[
     "privileged",
     "progressDeadlineSeconds",
     "readOnlyRootFilesystem",
+    // An EndpointSlice endpoint's conditions.
+    "ready",
     "replicas",
     "revisionHistoryLimit",
     "runAsGroup",
     "runAsNonRoot",
     "runAsUser",
+    "serving",
     "setHostnameAsFQDN",
     "shareProcessNamespace",
     "startingDeadlineSeconds",
     "successfulJobsHistoryLimit",
     "suspend",
     "terminationGracePeriodSeconds",
+    "terminating",
     "tolerationSeconds",
     "ttlSecondsAfterFinished",
 ];
@@ -590,6 +596,43 @@ mod tests {
         assert_eq!(
             json["spec"]["template"]["spec"]["containers"][0],
             serde_json::json!({"name": "nginx", "ports": [{"containerPort": 80}]})
+        );
+    }
+
+    #[test]
+    fn a_leases_zero_transitions_and_an_endpoints_false_conditions_stay() {
+        use k8s_rs_pb::api::coordination::v1::{Lease, LeaseSpec};
+        use k8s_rs_pb::api::discovery::v1::{Endpoint, EndpointConditions, EndpointSlice};
+        use k8s_rs_pb::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+        let mut lease = Lease::new();
+        let mut metadata = ObjectMeta::new();
+        metadata.name = Some("lock".into());
+        lease.metadata = Some(metadata.clone()).into();
+        let mut spec = LeaseSpec::new();
+        spec.holderIdentity = Some("me".into());
+        spec.leaseTransitions = Some(0);
+        spec.leaseDurationSeconds = Some(0);
+        lease.spec = Some(spec).into();
+        let json = decode(&envelope("coordination.k8s.io/v1", "Lease", &lease)).unwrap();
+        assert_eq!(
+            json["spec"],
+            serde_json::json!({"holderIdentity": "me", "leaseTransitions": 0, "leaseDurationSeconds": 0})
+        );
+        let mut slice = EndpointSlice::new();
+        slice.metadata = Some(metadata).into();
+        slice.addressType = Some("IPv4".into());
+        let mut endpoint = Endpoint::new();
+        endpoint.addresses.push("10.0.0.1".into());
+        let mut conditions = EndpointConditions::new();
+        conditions.ready = Some(false);
+        conditions.serving = Some(true);
+        conditions.terminating = Some(false);
+        endpoint.conditions = Some(conditions).into();
+        slice.endpoints.push(endpoint);
+        let json = decode(&envelope("discovery.k8s.io/v1", "EndpointSlice", &slice)).unwrap();
+        assert_eq!(
+            json["endpoints"][0]["conditions"],
+            serde_json::json!({"ready": false, "serving": true, "terminating": false})
         );
     }
 

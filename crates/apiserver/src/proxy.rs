@@ -197,7 +197,7 @@ pub async fn forward(
         .is_some_and(|t| t.starts_with("text/html"))
         && response_parts.headers.get(header::CONTENT_ENCODING).is_none();
     for (name, value) in &response_parts.headers {
-        if !HOP_BY_HOP.contains(&name.as_str()) && !(html && name == header::CONTENT_LENGTH) {
+        if !(HOP_BY_HOP.contains(&name.as_str()) || html && name == header::CONTENT_LENGTH) {
             answer = answer.header(name, value);
         }
     }

@@ -360,6 +360,37 @@ pub fn defaults() -> Vec<(&'static str, Value)> {
             "/openid/v1/jwks/"], "verbs": ["get"]}]),
             ),
         ),
+        // What an extension API server (or metrics-server) binds to delegate the checking of
+        // its callers to this server.
+        (
+            "ClusterRole",
+            role(
+                "system:auth-delegator",
+                json!([
+                    {"apiGroups": ["authentication.k8s.io"], "resources": ["tokenreviews"], "verbs": ["create"]},
+                    {"apiGroups": ["authorization.k8s.io"], "resources": ["subjectaccessreviews"], "verbs": ["create"]},
+                ]),
+            ),
+        ),
+        (
+            "ClusterRole",
+            role(
+                "system:kubelet-api-admin",
+                json!([
+                    {"apiGroups": [""], "resources": ["nodes"], "verbs": ["get", "list", "watch", "proxy"]},
+                    {"apiGroups": [""], "resources": ["nodes/log", "nodes/metrics", "nodes/proxy", "nodes/stats"], "verbs": ["*"]},
+                ]),
+            ),
+        ),
+        (
+            "ClusterRole",
+            role(
+                "system:monitoring",
+                json!([{"nonResourceURLs": ["/healthz", "/healthz/*", "/livez", "/livez/*", "/metrics",
+                    "/metrics/slis", "/readyz", "/readyz/*"], "verbs": ["get"]}]),
+            ),
+        ),
+        ("ClusterRoleBinding", binding("system:monitoring", "system:monitoring", &["system:monitoring"])),
         (
             "ClusterRole",
             role(

@@ -18,9 +18,13 @@ pub const HASH_LABEL: &str = "pod-template-hash";
 #[derive(Debug, Clone, PartialEq)]
 pub enum Action {
     Create(Box<ReplicaSet>),
+    /// A ReplicaSet's size, with the Deployment's size it was judged for
+    /// (`deployment.kubernetes.io/desired-replicas`, and `max-replicas` with the surge).
     Scale {
         name: String,
         replicas: i32,
+        desired: i32,
+        max: i32,
     },
     /// Give a ReplicaSet (whose template is current again, after an undo) the newest revision.
     Revise {
@@ -56,6 +60,87 @@ fn revision(rs: &ReplicaSet) -> i64 {
 
 fn spec_replicas(rs: &ReplicaSet) -> i32 {
     rs.spec.as_ref().and_then(|s| s.replicas).unwrap_or(0)
+}
+
+fn annotation(rs: &ReplicaSet, name: &str) -> Option<i32> {
+    rs.metadata.annotations.as_ref().and_then(|a| a.get(name)).and_then(|v| v.parse().ok())
+}
+
+const DESIRED: &str = "deployment.kubernetes.io/desired-replicas";
+const MAX: &str = "deployment.kubernetes.io/max-replicas";
+
+/// Upstream's `scale` for a scaling event (the Deployment's replicas changed while several
+/// ReplicaSets have pods) or a paused Deployment: the only active ReplicaSet (or the newest)
+/// takes the new size; a saturated new one leaves the old ones nothing; otherwise, in a
+/// RollingUpdate, what is to be added (or removed) to reach `replicas + surge` is shared in
+/// proportion to each ReplicaSet's size against the size it was judged for (`max-replicas`),
+/// rounded, the rounding's leftover to the largest. Returns each ReplicaSet's new size.
+fn proportional(
+    replicas: i32,
+    surge: i32,
+    rolling: bool,
+    new: Option<&ReplicaSet>,
+    olds: &[&ReplicaSet],
+    status_replicas: i32,
+) -> Vec<(String, i32)> {
+    let name = |rs: &ReplicaSet| rs.metadata.name.clone().unwrap_or_default();
+    let all: Vec<&ReplicaSet> = new.into_iter().chain(olds.iter().copied()).collect();
+    let active: Vec<&ReplicaSet> = all.iter().copied().filter(|rs| spec_replicas(rs) > 0).collect();
+    if active.len() <= 1 {
+        // The active one, or else the new one, or else the newest old one.
+        let newest_old = olds.iter().copied().max_by_key(|rs| (rs.metadata.creation_timestamp.clone(), revision(rs)));
+        let Some(target) = active.first().copied().or(new).or(newest_old) else { return Vec::new() };
+        return vec![(name(target), replicas)];
+    }
+    if let Some(new) = new
+        && spec_replicas(new) == replicas
+        && annotation(new, DESIRED) == Some(replicas)
+        && available(new) == replicas
+    {
+        return olds.iter().map(|rs| (name(rs), 0)).collect();
+    }
+    if !rolling {
+        return Vec::new();
+    }
+    let allowed = if replicas > 0 { replicas + surge } else { 0 };
+    let to_add = allowed - active.iter().map(|rs| spec_replicas(rs)).sum::<i32>();
+    // Largest first; on a tie the newer when growing, the older when shrinking.
+    let mut ordered = active.clone();
+    ordered.sort_by(|a, b| {
+        let age = |rs: &ReplicaSet| (rs.metadata.creation_timestamp.clone(), revision(rs));
+        spec_replicas(b)
+            .cmp(&spec_replicas(a))
+            .then_with(|| if to_add > 0 { age(b).cmp(&age(a)) } else { age(a).cmp(&age(b)) })
+    });
+    let mut added = 0;
+    let mut sizes: Vec<(String, i32)> = Vec::new();
+    for rs in &ordered {
+        let size = spec_replicas(rs);
+        let mut proportion = 0;
+        if to_add != 0 && to_add != added {
+            let fraction = if replicas == 0 {
+                -size
+            } else {
+                let judged = annotation(rs, MAX).unwrap_or(status_replicas);
+                if judged > 0 {
+                    let scaled = f64::from(size) * f64::from(replicas + surge) / f64::from(judged);
+                    (scaled + 0.5).floor() as i32 - size
+                } else {
+                    0
+                }
+            };
+            let allowed = to_add - added;
+            proportion = if to_add > 0 { fraction.min(allowed) } else { fraction.max(allowed) };
+        }
+        added += proportion;
+        sizes.push((name(rs), size + proportion));
+    }
+    if let Some((_, first)) = sizes.first_mut() {
+        *first = (*first + to_add - added).max(0);
+    }
+    // The inactive ones keep their size (none), their annotations brought up to date.
+    sizes.extend(all.iter().filter(|rs| spec_replicas(rs) == 0).map(|rs| (name(rs), 0)));
+    sizes
 }
 
 fn available(rs: &ReplicaSet) -> i32 {
@@ -173,6 +258,18 @@ pub fn plan(deployment: &Deployment, owned: &[&ReplicaSet], now: Time) -> Plan {
     let old_total: i32 = olds.iter().map(|rs| spec_replicas(rs)).sum();
     let old_running: i32 = olds.iter().map(|rs| rs.status.as_ref().map(|s| s.replicas).unwrap_or(0)).sum();
     let paused = spec.paused == Some(true);
+    // A scaling event: an active ReplicaSet was judged for another size of the Deployment.
+    // Then (and while paused) the ReplicaSets are only resized, in proportion.
+    let scaling_event = owned
+        .iter()
+        .any(|rs| spec_replicas(rs) > 0 && annotation(rs, DESIRED).is_some_and(|desired| desired != replicas));
+    let sync_only = paused || scaling_event;
+    let scale = |name: String, replicas_now: i32| Action::Scale {
+        name,
+        replicas: replicas_now,
+        desired: replicas,
+        max: replicas + surge,
+    };
 
     // The current template's ReplicaSet, and how many replicas it should have now.
     let (new_name, new_spec, new_revision) = match existing_new {
@@ -184,7 +281,7 @@ pub fn plan(deployment: &Deployment, owned: &[&ReplicaSet], now: Time) -> Plan {
             }
             (rs.metadata.name.clone().unwrap_or_default(), spec_replicas(rs), rev)
         }
-        None if paused => (String::new(), 0, max_revision),
+        None if sync_only => (String::new(), 0, max_revision),
         None => {
             let rev = max_revision + 1;
             let initial = if recreate {
@@ -204,8 +301,20 @@ pub fn plan(deployment: &Deployment, owned: &[&ReplicaSet], now: Time) -> Plan {
         plan.actions.push(Action::AnnotateDeployment { revision: new_revision });
     }
 
+    if sync_only {
+        let status_replicas = deployment.status.as_ref().and_then(|s| s.replicas).unwrap_or(0);
+        for (name, size) in proportional(replicas, surge, !recreate, existing_new, &olds, status_replicas) {
+            let Some(rs) = owned.iter().find(|rs| rs.metadata.name.as_deref() == Some(name.as_str())) else {
+                continue;
+            };
+            let judged = annotation(rs, DESIRED) == Some(replicas) && annotation(rs, MAX) == Some(replicas + surge);
+            if size != spec_replicas(rs) || !judged {
+                plan.actions.push(scale(name, size));
+            }
+        }
+    }
     let new_available = existing_new.map(available).unwrap_or(0);
-    if !new_name.is_empty() && existing_new.is_some() && !paused {
+    if !new_name.is_empty() && existing_new.is_some() && !sync_only {
         let target = if recreate {
             if old_total == 0 && old_running == 0 { replicas } else { new_spec.min(replicas) }
         } else if old_total == 0 {
@@ -215,15 +324,15 @@ pub fn plan(deployment: &Deployment, owned: &[&ReplicaSet], now: Time) -> Plan {
             if room > 0 { (new_spec + room).min(replicas) } else { new_spec.min(replicas.max(new_spec)) }
         };
         if target != new_spec {
-            plan.actions.push(Action::Scale { name: new_name.clone(), replicas: target });
+            plan.actions.push(scale(new_name.clone(), target));
         }
     }
     // Old ReplicaSets: all at once for Recreate; for RollingUpdate as far as availability allows,
     // their unavailable pods first.
-    if !paused && existing_new.is_some() {
+    if !sync_only && existing_new.is_some() {
         if recreate {
             for rs in olds.iter().filter(|rs| spec_replicas(rs) > 0) {
-                plan.actions.push(Action::Scale { name: rs.metadata.name.clone().unwrap_or_default(), replicas: 0 });
+                plan.actions.push(scale(rs.metadata.name.clone().unwrap_or_default(), 0));
             }
         } else {
             let min_available = replicas - unavailable;
@@ -260,7 +369,7 @@ pub fn plan(deployment: &Deployment, owned: &[&ReplicaSet], now: Time) -> Plan {
                 if let Some(&target) = scaled.get(&name)
                     && target != spec_replicas(rs)
                 {
-                    plan.actions.push(Action::Scale { name, replicas: target });
+                    plan.actions.push(scale(name, target));
                 }
             }
         }
@@ -373,7 +482,7 @@ mod tests {
         plan.actions
             .iter()
             .filter_map(|a| match a {
-                Action::Scale { name, replicas } => Some((name.clone(), *replicas)),
+                Action::Scale { name, replicas, .. } => Some((name.clone(), *replicas)),
                 _ => None,
             })
             .collect()
@@ -477,6 +586,48 @@ mod tests {
         limited.spec.as_mut().unwrap().revision_history_limit = Some(0);
         let trimmed = plan(&limited, &[&rs1, &rs2], now());
         assert!(trimmed.actions.contains(&Action::Delete { name: rs1.metadata.name.clone().unwrap() }));
+    }
+
+    #[test]
+    fn scaling_in_the_middle_of_a_rollout_is_shared_in_proportion() {
+        // Upstream's proportional scaling spec: 10 replicas, maxSurge 3, maxUnavailable 2, a
+        // rollout stuck at 8 old (available) and 5 new (never available); then 30 replicas.
+        let strategy = json!({"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 3, "maxUnavailable": 2}});
+        let old_d = deployment(10, "webserver:1", strategy.clone());
+        let old = observed(&old_d, 1, 8, 8);
+        let stuck = deployment(10, "webserver:404", strategy.clone());
+        let new = observed(&stuck, 2, 5, 0);
+        let d = deployment(30, "webserver:404", strategy);
+        let planned = plan(&d, &[&old, &new], now());
+        let mut sizes = scales(&planned);
+        sizes.sort();
+        let mut expected = vec![(old.metadata.name.clone().unwrap(), 20), (new.metadata.name.clone().unwrap(), 13)];
+        expected.sort();
+        assert_eq!(sizes, expected, "8 + 20·8/13 and 5 + 20·5/13, rounded");
+        assert!(
+            planned
+                .actions
+                .iter()
+                .all(|a| !matches!(a, Action::Scale { desired, max, .. } if (*desired, *max) != (30, 33)))
+        );
+        // Judged for 30 now: no longer a scaling event, and nothing more is resized at once.
+        let old_d = deployment(
+            30,
+            "webserver:1",
+            json!({"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 3, "maxUnavailable": 2}}),
+        );
+        let old = observed(&old_d, 1, 20, 20);
+        let new = observed(&d, 2, 13, 0);
+        assert!(scales(&plan(&d, &[&old, &new], now())).is_empty());
+        // Scaling down to zero empties both.
+        let zero = deployment(
+            0,
+            "webserver:404",
+            json!({"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 3, "maxUnavailable": 2}}),
+        );
+        let mut sizes = scales(&plan(&zero, &[&old, &new], now()));
+        sizes.sort();
+        assert!(sizes.iter().all(|(_, n)| *n == 0) && sizes.len() == 2, "{sizes:?}");
     }
 
     #[test]

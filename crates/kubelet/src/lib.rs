@@ -251,6 +251,7 @@ pub async fn run(client: kube::Client, config: KubeletConfig) -> anyhow::Result<
         *own_network.network.lock().unwrap_or_else(|e| e.into_inner())
     }));
     tokio::spawn(tugboat_network::policy::run(client.clone(), name.clone()));
+    tokio::spawn(tugboat_network::host_ports::run(client.clone(), name.clone()));
     if let Some(proxy) = config.proxy.clone() {
         let config = tugboat_network::proxy::ProxyConfig { node_name: name.clone(), ..proxy };
         tokio::spawn(tugboat_network::proxy::run(client.clone(), config));

@@ -15,6 +15,21 @@ pub fn reflect<K>(
     api: kube::Api<K>,
     dyntype: K::DynamicType,
     kind: &'static str,
+    on_event: impl FnMut(Option<&K>) + Send + 'static,
+) -> Store<K>
+where
+    K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug + Send + Sync + 'static,
+    K::DynamicType: Eq + std::hash::Hash + Clone + Send + Sync,
+{
+    reflect_with(api, watcher::Config::default(), dyntype, kind, on_event)
+}
+
+/// [`reflect`] of the objects `config` selects (`fields("spec.nodeName=n1")`: one node's pods).
+pub fn reflect_with<K>(
+    api: kube::Api<K>,
+    config: watcher::Config,
+    dyntype: K::DynamicType,
+    kind: &'static str,
     mut on_event: impl FnMut(Option<&K>) + Send + 'static,
 ) -> Store<K>
 where
@@ -23,12 +38,10 @@ where
 {
     let writer = reflector::store::Writer::<K>::new(dyntype);
     let reader = writer.as_reader();
-    let events = reflector(
-        writer,
-        watcher(api, watcher::Config::default()).modify(|object: &mut K| object.meta_mut().managed_fields = None),
-    )
-    .default_backoff()
-    .touched_objects();
+    let events =
+        reflector(writer, watcher(api, config).modify(|object: &mut K| object.meta_mut().managed_fields = None))
+            .default_backoff()
+            .touched_objects();
     tokio::spawn(async move {
         let mut events = events.boxed();
         let mut failing = false;

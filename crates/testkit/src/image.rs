@@ -27,7 +27,8 @@ pub fn busybox_binary() -> anyhow::Result<PathBuf> {
 }
 
 /// The image's layer (an uncompressed tar) with the given extra files (path, bytes, mode); a
-/// mode of `0o120777` makes a symbolic link to the path the bytes name.
+/// mode of `0o120777` makes a symbolic link to the path the bytes name. An extra file at
+/// `bin/<applet>` takes the place of that applet's link.
 pub fn busybox_layer(extra: &[(&str, &[u8], u32)]) -> anyhow::Result<Vec<u8>> {
     let busybox = busybox_binary()?;
     let list = std::process::Command::new(&busybox).arg("--list").output().context("busybox --list")?;
@@ -73,7 +74,8 @@ pub fn busybox_layer(extra: &[(&str, &[u8], u32)]) -> anyhow::Result<Vec<u8>> {
     }
     file(&mut tar, "bin/busybox", &std::fs::read(&busybox)?, 0o755)?;
     for applet in &applets {
-        if applet == "busybox" {
+        // An extra file at an applet's path replaces the applet (a real `sh` or `nc`).
+        if applet == "busybox" || extra.iter().any(|(path, _, _)| *path == format!("bin/{applet}")) {
             continue;
         }
         link(&mut tar, &format!("bin/{applet}"), "busybox")?;

@@ -189,6 +189,23 @@ spec:
     );
     let listed = server.kubectl(&["get", "flunders", "-n", "default", "-o", "name", "--as=jane"], None);
     assert!(listed.contains("seen-by-jane"), "{listed}");
+    // An extension server delegates the checking of its callers through the bootstrap role
+    // upstream's charts bind (system:auth-delegator).
+    let can_review =
+        |what: &str| server.kubectl_ok(&["auth", "can-i", "create", what, "--as=system:serviceaccount:wardle:default"]);
+    assert_eq!(can_review("subjectaccessreviews.authorization.k8s.io"), None, "kubectl says no, and fails");
+    server.kubectl(
+        &[
+            "create",
+            "clusterrolebinding",
+            "wardle:auth-delegator",
+            "--clusterrole=system:auth-delegator",
+            "--serviceaccount=wardle:default",
+        ],
+        None,
+    );
+    assert_eq!(can_review("subjectaccessreviews.authorization.k8s.io").as_deref(), Some("yes\n"));
+    assert_eq!(can_review("tokenreviews.authentication.k8s.io").as_deref(), Some("yes\n"));
     let (code, _) = server.curl("GET", "/apis/wardle.example.com/v1alpha1/namespaces/default/nothing", true, &[]);
     assert_eq!(code, 404, "the remote's own answers come back");
     let (code, groups) = server.curl("GET", "/apis", true, &[]);

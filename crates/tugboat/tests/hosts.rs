@@ -783,6 +783,43 @@ spec:
     }
     kubectl.ok(&["delete", "service", "db-lb"]);
 
+    // Host ports: a pod's hostPort is its node's port, from outside the cluster and from
+    // the node itself (127.0.0.1); one bound to a hostIP answers on that address only.
+    let host_ported = r#"
+apiVersion: v1
+kind: Pod
+metadata: {name: ported}
+spec:
+  nodeName: host-1
+  terminationGracePeriodSeconds: 1
+  containers:
+  - name: main
+    image: "busybox:1.35"
+    command: [sh, -c, "mkdir -p /www && hostname > /www/index.html && exec httpd -f -p 8080 -h /www"]
+    ports: [{containerPort: 8080, hostPort: 31999}, {containerPort: 8080, hostPort: 31998, hostIP: 127.0.0.1}]
+"#;
+    kubectl.run(&["apply", "-f", "-"], Some(host_ported)).unwrap();
+    let url = format!("http://{}:31999/", hosts.get(1).address());
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let got = fetch_from(hosts.get(3), &url);
+        if got.as_deref() == Ok("ported") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "host port {url}: {got:?}");
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    assert_eq!(fetch_from(hosts.get(1), "http://127.0.0.1:31999/").as_deref(), Ok("ported"));
+    assert_eq!(fetch_from(hosts.get(1), "http://127.0.0.1:31998/").as_deref(), Ok("ported"));
+    let bound_elsewhere = format!("http://{}:31998/", hosts.get(1).address());
+    assert!(fetch_from(hosts.get(3), &bound_elsewhere).is_err(), "a port bound to 127.0.0.1 answers outside");
+    kubectl.ok(&["delete", "pod", "ported"]);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while fetch_from(hosts.get(3), &url).is_ok() {
+        assert!(Instant::now() < deadline, "host port {url} stays after its pod went");
+        std::thread::sleep(Duration::from_millis(300));
+    }
+
     // Three replicas: requests spread over all of them.
     kubectl.ok(&["scale", "deployment", "db", "--replicas=3"]);
     let deadline = Instant::now() + Duration::from_secs(60);

@@ -118,6 +118,26 @@ fn protobuf_bodies_on_deletes_and_subresources() {
     let namespace: Value = serde_json::from_str(&body).unwrap();
     assert_eq!(namespace["status"]["phase"], "Terminating", "{body}");
 
+    // DeleteOptions in the query, as a REST client may send them: the grace period asked for
+    // holds a bound pod for its kubelet even when its spec says 0, and `orphanDependents`
+    // stands for the Orphan policy.
+    let pod = r#"{"apiVersion":"v1","kind":"Pod","metadata":{"name":"p","namespace":"default"},
+        "spec":{"nodeName":"elsewhere","terminationGracePeriodSeconds":0,"containers":[{"name":"c","image":"pause"}]}}"#;
+    server.kubectl(&["create", "-f", "-"], Some(pod));
+    let (code, body) = server.curl("DELETE", "/api/v1/namespaces/default/pods/p?gracePeriodSeconds=30", true, &[]);
+    assert_eq!(code, 200, "{body}");
+    let pod: Value = serde_json::from_str(&body).unwrap();
+    assert!(pod["metadata"]["deletionTimestamp"].is_string(), "{body}");
+    assert_eq!(pod["metadata"]["deletionGracePeriodSeconds"], 30, "{body}");
+    kubectl(&["create", "configmap", "kept", "--from-literal=k=v"]);
+    let (code, body) =
+        server.curl("DELETE", "/api/v1/namespaces/default/configmaps/kept?orphanDependents=true", true, &[]);
+    assert_eq!(code, 200, "{body}");
+    assert!(body.contains(r#""finalizers":["orphan"]"#), "{body}");
+    let (code, body) = server.curl("DELETE", "/api/v1/namespaces/default/pods/p?gracePeriodSeconds=soon", true, &[]);
+    assert_eq!(code, 400, "{body}");
+    assert!(body.contains("gracePeriodSeconds"), "{body}");
+
     // A malformed protobuf DeleteOptions is a 400 with a Status, and the server carries on.
     let (code, body) = protobuf(&server, "DELETE", "/api/v1/namespaces/default/configmaps/x", b"k8s\0\x0a\xff");
     assert_eq!(code, 400, "{body}");

@@ -8,8 +8,8 @@
 //! `--report-dir`; the exit code is the suite's.
 //!
 //! Images: the names `e2e.test --list-images` prints, each an OCI archive made from what this
-//! machine has: agnhost (built from the same tree) on a busybox layer, as upstream's is on a
-//! small distribution; pause (upstream's pause.c, built statically); busybox; the web servers
+//! machine has: agnhost (built from the same tree) on a busybox layer with this machine's bash
+//! (its `sh`), curl, netcat, dig and getent, as upstream's is on a small distribution; pause (upstream's pause.c, built statically); busybox; the web servers
 //! (nginx, httpd) as busybox's httpd on port 80 serving their document root with its index
 //! page where theirs is; the update-demo images (agnhost's test-webserver with their
 //! `data.json`); the sample API server (built from the same tree) and etcd (this
@@ -73,26 +73,19 @@ struct Args {
     e2e_args: Vec<String>,
 }
 
-/// `curl [options] URL` as the suite's images run it, over busybox's wget: the options that
-/// take a value are skipped with it, the rest ignored; the body goes to stdout.
-const CURL: &str = r#"#!/bin/sh
-url=
-while [ $# -gt 0 ]; do
-  case "$1" in
-    -o|-w|-m|-H|-X|-d|-u|-A|-e|--max-time|--connect-timeout|--retry|--output|--write-out|--header|--request|--data|--user) shift 2 ;;
-    -*) shift ;;
-    *) url=$1; shift ;;
-  esac
-done
-exec wget -q -O - "$url"
-"#;
-
-/// `nc` as the suite runs it (OpenBSD netcat's `-v -t -z -n` flags) over busybox's nc, which
-/// knows only `-w`, `-l`, `-p`…: the extra flags are dropped. UDP (`-u`) busybox cannot do.
-const NC: &str = r#"#!/bin/sh
-set --  $(for a in "$@"; do case "$a" in -v|-t|-z|-n|-vz|-zv|-nv|-vn) ;; *) printf '%s\n' "$a" ;; esac; done)
-exec busybox nc "$@"
-"#;
+/// The host's programs agnhost's image carries, as upstream's (a small distribution with
+/// bash, curl, OpenBSD netcat, dig and getent): `(host path, path in the image)`. The suite's
+/// commands need them as they are — `sh -c 'echo hostName | nc -v -t -w 2 <svc> 80'`, UDP
+/// through `nc -u`, `dig +search`, `getent hosts` — and Debian's busybox cannot stand in:
+/// its `sh` runs its own applets before `PATH` (SH_STANDALONE), and its `nc` knows none of
+/// OpenBSD netcat's flags. `scripts/conformance` installs the packages that hold them.
+const AGNHOST_TOOLS: &[(&str, &str)] = &[
+    ("/usr/bin/bash", "bin/bash"),
+    ("/usr/bin/curl", "usr/bin/curl"),
+    ("/bin/nc.openbsd", "usr/bin/nc"),
+    ("/usr/bin/dig", "usr/bin/dig"),
+    ("/usr/bin/getent", "usr/bin/getent"),
+];
 
 /// What an image's layer holds besides busybox.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -150,18 +143,22 @@ fn recipe(args: &Args, name: &str) -> Option<Recipe> {
     })
 }
 
-/// A dynamically linked program with the shared libraries `ldd` names, as layer entries
-/// (`(path in the image, contents)`), the program at `at`.
-fn with_libraries(program: &Path, at: &str) -> anyhow::Result<Vec<(String, Vec<u8>)>> {
-    let mut files =
-        vec![(at.to_string(), std::fs::read(program).with_context(|| format!("reading {}", program.display()))?)];
-    let ldd = Command::new("ldd").arg(program).output().context("ldd")?;
-    for line in String::from_utf8_lossy(&ldd.stdout).lines() {
-        // `libc.so.6 => /lib/x86_64-linux-gnu/libc.so.6 (0x…)` or `/lib64/ld-linux-x86-64.so.2 (0x…)`.
-        let path = line.split("=>").last().unwrap_or_default().split_whitespace().next().unwrap_or_default();
-        if path.starts_with('/') {
-            let data = std::fs::read(path).with_context(|| format!("reading {path}"))?;
-            files.push((path.trim_start_matches('/').to_string(), data));
+/// Dynamically linked programs (`(host path, path in the image)`) with the shared libraries
+/// `ldd` names, each once, as layer entries (`(path in the image, contents)`).
+fn with_libraries(programs: &[(&Path, &str)]) -> anyhow::Result<Vec<(String, Vec<u8>)>> {
+    let mut files: Vec<(String, Vec<u8>)> = Vec::new();
+    for (program, at) in programs {
+        let data = std::fs::read(program).with_context(|| format!("reading {}", program.display()))?;
+        files.push((at.to_string(), data));
+        let ldd = Command::new("ldd").arg(program).output().context("ldd")?;
+        for line in String::from_utf8_lossy(&ldd.stdout).lines() {
+            // `libc.so.6 => /lib/x86_64-linux-gnu/libc.so.6 (0x…)` or `/lib64/ld-linux-x86-64.so.2 (0x…)`.
+            let path = line.split("=>").last().unwrap_or_default().split_whitespace().next().unwrap_or_default();
+            let at = path.trim_start_matches('/');
+            if path.starts_with('/') && !files.iter().any(|(known, _)| known == at) {
+                let data = std::fs::read(path).with_context(|| format!("reading {path}"))?;
+                files.push((at.to_string(), data));
+            }
         }
     }
     Ok(files)
@@ -179,6 +176,8 @@ fn make_images(args: &Args, names: &[String], dir: &Path) -> anyhow::Result<usiz
         }
     };
     let (certificate, key) = (porter("localhost.crt")?, porter("localhost.key")?);
+    let programs: Vec<(&Path, &str)> = AGNHOST_TOOLS.iter().map(|(host, at)| (Path::new(*host), *at)).collect();
+    let tools = with_libraries(&programs)?;
     let mut groups: Vec<(Recipe, Vec<&str>)> = Vec::new();
     for name in names {
         let Some(recipe) = recipe(args, name) else { continue };
@@ -193,14 +192,19 @@ fn make_images(args: &Args, names: &[String], dir: &Path) -> anyhow::Result<usiz
             // As upstream's image: agnhost-2 (a spec overrides the command with it), the
             // porter's certificate, and curl (here a stand-in over busybox's wget: hooks and
             // probes of the suite run `curl <url>`).
-            Layer::Agnhost => image::busybox_layer(&[
-                ("agnhost", &agnhost, 0o755),
-                ("agnhost-2", b"agnhost", 0o120777),
-                ("usr/bin/curl", CURL.as_bytes(), 0o755),
-                ("usr/bin/nc", NC.as_bytes(), 0o755),
-                ("localhost.crt", &certificate, 0o644),
-                ("localhost.key", &key, 0o600),
-            ])?,
+            Layer::Agnhost => {
+                let mut entries: Vec<(&str, &[u8], u32)> = vec![
+                    ("agnhost", &agnhost, 0o755),
+                    ("agnhost-2", b"agnhost", 0o120777),
+                    ("bin/sh", b"bash", 0o120777),
+                    ("bin/nc", b"/usr/bin/nc", 0o120777),
+                    ("etc/nsswitch.conf", b"hosts: files dns\n", 0o644),
+                    ("localhost.crt", &certificate, 0o644),
+                    ("localhost.key", &key, 0o600),
+                ];
+                entries.extend(tools.iter().map(|(path, data)| (path.as_str(), data.as_slice(), 0o755)));
+                image::busybox_layer(&entries)?
+            }
             Layer::Pause => image::busybox_layer(&[("pause", &pause, 0o755)])?,
             Layer::Web { root, page } => {
                 image::busybox_layer(&[(&format!("{root}/index.html"), page.as_bytes(), 0o644)])?
@@ -224,7 +228,8 @@ fn make_images(args: &Args, names: &[String], dir: &Path) -> anyhow::Result<usiz
                 image::busybox_layer(&[("kube-sample-apiserver", &binary, 0o755)])?
             }
             Layer::Etcd => {
-                let files = with_libraries(args.etcd.as_deref().expect("the recipe needs it"), "usr/local/bin/etcd")?;
+                let etcd = args.etcd.as_deref().expect("the recipe needs it");
+                let files = with_libraries(&[(etcd, "usr/local/bin/etcd")])?;
                 let entries: Vec<(&str, &[u8], u32)> =
                     files.iter().map(|(path, data)| (path.as_str(), data.as_slice(), 0o755)).collect();
                 image::busybox_layer(&entries)?

@@ -404,8 +404,10 @@ async fn apply_deployment(client: &kube::Client, d: &Deployment, plan: deploymen
     for action in plan.actions {
         let result = match &action {
             deployment::Action::Create(rs) => create_if_missing(&sets, rs).await,
-            deployment::Action::Scale { name, replicas } => {
-                let patch = json!({"spec": {"replicas": replicas}});
+            deployment::Action::Scale { name, replicas, desired, max } => {
+                let annotations = json!({"deployment.kubernetes.io/desired-replicas": desired.to_string(),
+                                         "deployment.kubernetes.io/max-replicas": max.to_string()});
+                let patch = json!({"metadata": {"annotations": annotations}, "spec": {"replicas": replicas}});
                 sets.patch(name, &params, &Patch::Merge(&patch)).await.map(|_| ())
             }
             deployment::Action::Revise { name, revision } => {
@@ -427,7 +429,7 @@ async fn apply_deployment(client: &kube::Client, d: &Deployment, plan: deploymen
                         0,
                         rs.spec.as_ref().and_then(|s| s.replicas).unwrap_or(0),
                     )),
-                    deployment::Action::Scale { name, replicas } => {
+                    deployment::Action::Scale { name, replicas, .. } => {
                         Some((name.clone(), sizes.get(name).copied().unwrap_or(0), *replicas))
                     }
                     _ => None,
