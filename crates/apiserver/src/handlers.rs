@@ -142,6 +142,17 @@ pub async fn handle(state: Arc<ApiState>, user: Option<UserInfo>, request: hyper
                 (Some(sub @ ("exec" | "attach" | "portforward")), Some(name)) => {
                     Some((sub.to_string(), name.clone(), t.namespace.clone().unwrap_or_else(|| "default".into())))
                 }
+                // Logs over a websocket (binary.k8s.io), as upstream's streamer serves them.
+                (Some("log"), Some(name))
+                    if parts.method == Method::GET
+                        && parts
+                            .headers
+                            .get(header::UPGRADE)
+                            .and_then(|v| v.to_str().ok())
+                            .is_some_and(|v| v.eq_ignore_ascii_case("websocket")) =>
+                {
+                    Some(("log".to_string(), name.clone(), t.namespace.clone().unwrap_or_else(|| "default".into())))
+                }
                 _ => None,
             }
         }
@@ -167,6 +178,9 @@ pub async fn handle(state: Arc<ApiState>, user: Option<UserInfo>, request: hyper
                 (plural.to_string(), namespace.map(str::to_string), id.to_string(), rest.to_string());
             let target = crate::proxy::Target { plural: &plural, namespace: namespace.as_deref(), id: &id };
             crate::proxy::forward(&state, target, &rest, hyper::Request::from_parts(parts, body)).await
+        }
+        (Some((subresource, name, namespace)), None) if subresource == "log" => {
+            crate::kubelet::pod_log_websocket(&state, &namespace, &name, parts, &query).await
         }
         (Some((subresource, name, namespace)), None) => {
             let raw_query = parts.uri.query().unwrap_or_default().to_string();

@@ -174,6 +174,61 @@ pub async fn pod_log(
     name: &str,
     query: &std::collections::HashMap<String, String>,
 ) -> Result<Response<Body>, ApiError> {
+    let logs = log_stream(state, namespace, name, query).await?;
+    Ok(Response::builder()
+        .status(StatusCode::OK)
+        .header(header::CONTENT_TYPE, "text/plain")
+        .body(logs)
+        .expect("a valid response"))
+}
+
+/// `GET pods/<name>/log` with a websocket upgrade, as upstream's streamer answers it: the log
+/// in binary messages (`binary.k8s.io`, or no protocol asked) or base64 text messages
+/// (`base64.binary.k8s.io`), then a close. A refusal (no such pod or container) is an HTTP
+/// answer before the upgrade.
+pub async fn pod_log_websocket(
+    state: &ApiState,
+    namespace: &str,
+    name: &str,
+    mut parts: hyper::http::request::Parts,
+    query: &std::collections::HashMap<String, String>,
+) -> Result<Response<Body>, ApiError> {
+    use axum::extract::FromRequestParts;
+    use axum::extract::ws::{Message, WebSocketUpgrade};
+    use axum::response::IntoResponse;
+    use base64::Engine as _;
+    let upgrade = WebSocketUpgrade::from_request_parts(&mut parts, &())
+        .await
+        .map_err(|rejection| ApiError::bad_request(rejection.body_text()))?;
+    let logs = log_stream(state, namespace, name, query).await?;
+    let upgrade = upgrade.protocols(["binary.k8s.io", "base64.binary.k8s.io"]);
+    let base64 = upgrade.selected_protocol().is_some_and(|p| p == "base64.binary.k8s.io");
+    Ok(upgrade
+        .on_upgrade(move |mut socket| async move {
+            let mut stream = logs.into_data_stream();
+            while let Some(chunk) = futures::StreamExt::next(&mut stream).await {
+                let Ok(chunk) = chunk else { break };
+                let message = if base64 {
+                    Message::Text(base64::engine::general_purpose::STANDARD.encode(&chunk).into())
+                } else {
+                    Message::Binary(chunk)
+                };
+                if socket.send(message).await.is_err() {
+                    return;
+                }
+            }
+            let _ = socket.send(Message::Close(None)).await;
+        })
+        .into_response())
+}
+
+/// The kubelet's `containerLogs` of a pod's container, as a body to pass on.
+async fn log_stream(
+    state: &ApiState,
+    namespace: &str,
+    name: &str,
+    query: &std::collections::HashMap<String, String>,
+) -> Result<Body, ApiError> {
     let (pod, address) = locate(state, namespace, name).await?;
     let container = pick_container(&pod, query.get("container").map(String::as_str))?;
     let forwarded = {
@@ -192,11 +247,7 @@ pub async fn pod_log(
     if response.status() != StatusCode::OK {
         return Err(refusal(response).await);
     }
-    Ok(Response::builder()
-        .status(StatusCode::OK)
-        .header(header::CONTENT_TYPE, "text/plain")
-        .body(Body::new(response.into_body()))
-        .expect("a valid response"))
+    Ok(Body::new(response.into_body()))
 }
 
 /// Headers of an upgrade that pass through between the client and the kubelet.

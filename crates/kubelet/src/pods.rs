@@ -1442,6 +1442,8 @@ async fn container_config(
         resources,
         readonly_rootfs: security.read_only_root_filesystem.unwrap_or(false),
         privileged: security.privileged.unwrap_or(false),
+        // Upstream's AddNoNewPrivileges: only when escalation is explicitly refused.
+        no_new_privileges: security.allow_privilege_escalation == Some(false),
         capabilities_add: caps.add.unwrap_or_default(),
         capabilities_drop: caps.drop.unwrap_or_default(),
         log_path,

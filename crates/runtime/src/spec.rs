@@ -80,6 +80,10 @@ pub struct ContainerConfig {
     /// Kernel parameters set in the container's (the pod's) namespaces (`linux.sysctl`).
     #[serde(default)]
     pub sysctls: BTreeMap<String, String>,
+    /// `no_new_privs`: setuid programs and file capabilities grant nothing (a container's
+    /// `allowPrivilegeEscalation: false`; never for a privileged one).
+    #[serde(default)]
+    pub no_new_privileges: bool,
 }
 
 /// Docker's and containerd's default capability set.
@@ -271,7 +275,7 @@ impl ContainerConfig {
                 "env": self.env,
                 "cwd": if self.cwd.is_empty() { "/" } else { &self.cwd },
                 "capabilities": {"bounding": caps, "effective": caps, "permitted": caps},
-                "noNewPrivileges": !self.privileged,
+                "noNewPrivileges": self.no_new_privileges && !self.privileged,
             },
             "root": {"path": rootfs, "readonly": self.readonly_rootfs},
             "hostname": self.hostname,

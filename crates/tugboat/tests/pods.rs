@@ -290,6 +290,24 @@ spec:
     );
     let said = v1(&["sh", "-c", "exit 3"]);
     assert!(said.contains("3 command terminated with non-zero exit code: exit code 3"), "{said}");
+    // Logs over a websocket (upstream's e2e suite): binary messages, or base64 text.
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/python/logs_ws.py");
+    let logs = server.kubectl(&["logs", "web", "-c", "writer"], None);
+    assert!(!logs.is_empty());
+    for protocol in ["binary.k8s.io", "base64.binary.k8s.io"] {
+        let out = Command::new(&python)
+            .arg(&script)
+            .args(["web", "writer", protocol])
+            .env("KUBECONFIG", server.kubeconfig())
+            .output()
+            .unwrap();
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout),
+            format!("{logs}closed\n"),
+            "{protocol}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
     // kubectl cp, both ways (tar through exec).
     let local = server.scratch("cp");
     std::fs::write(local.join("up.txt"), "uploaded\n").unwrap();

@@ -116,6 +116,18 @@ async fn containers_run_log_exit_and_are_removed() {
     let exited = wait_exit(&runtime, "hog", Duration::from_secs(20)).await;
     assert_eq!(exited.reason, "OOMKilled", "{exited:?}");
 
+    // no_new_privs only when asked for (a container's allowPrivilegeEscalation: false).
+    for (id, refused, expected) in [("nnp-default", false, "NoNewPrivs:\t0"), ("nnp-refused", true, "NoNewPrivs:\t1")] {
+        let mut c = config(dir.path(), &store, id, "grep NoNewPrivs /proc/self/status");
+        c.no_new_privileges = refused;
+        let log = c.log_path.clone();
+        runtime.create_and_start(c).await.unwrap();
+        let exited = wait_exit(&runtime, id, Duration::from_secs(10)).await;
+        assert_eq!(exited.exit_code, 0, "{exited:?}");
+        let text = std::fs::read_to_string(&log).unwrap();
+        assert!(text.trim_end().ends_with(expected), "{id}: {text}");
+    }
+
     // An unknown command fails to start, with the reason.
     let mut c = config(dir.path(), &store, "nosuch", "");
     c.args = vec!["/no/such/binary".into()];
@@ -125,7 +137,7 @@ async fn containers_run_log_exit_and_are_removed() {
         "{error}"
     );
 
-    for id in ["hello", "sleeper", "hog", "nosuch"] {
+    for id in ["hello", "sleeper", "hog", "nnp-default", "nnp-refused", "nosuch"] {
         runtime.remove(id).await.unwrap();
     }
     assert!(runtime.list().await.unwrap().is_empty());

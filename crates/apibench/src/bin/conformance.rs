@@ -9,10 +9,11 @@
 //!
 //! Images: the names `e2e.test --list-images` prints, each an OCI archive made from what this
 //! machine has: agnhost (built from the same tree) on a busybox layer with this machine's bash
-//! (its `sh`), curl, netcat, dig and getent, as upstream's is on a small distribution; pause (upstream's pause.c, built statically); busybox; the web servers
-//! (nginx, httpd) as busybox's httpd on port 80 serving their document root with its index
-//! page where theirs is; the update-demo images (agnhost's test-webserver with their
-//! `data.json`); the sample API server (built from the same tree) and etcd (this
+//! (its `sh`), curl, netcat, dig and getent, as upstream's is on a small distribution; pause
+//! (upstream's pause.c, built statically); busybox; the web servers (nginx, httpd) as busybox's
+//! httpd on port 80 serving their document root with its index page where theirs is; the
+//! update-demo images (agnhost's test-webserver with their `data.json`); nonewprivs (built from
+//! the same tree, setuid); the sample API server (built from the same tree) and etcd (this
 //! machine's, with its shared libraries) for the Aggregator spec; every other image as agnhost,
 //! a stand-in for a test that needs a running process only.
 
@@ -40,6 +41,11 @@ struct Args {
     /// The pause binary (static).
     #[arg(long)]
     pause: PathBuf,
+    /// The nonewprivs program (static), built from the same tree (`test/images/nonewprivs`):
+    /// its image has it setuid root, as upstream's. Without it, that image is an agnhost
+    /// stand-in.
+    #[arg(long)]
+    nnp: Option<PathBuf>,
     /// agnhost's source directory in the tree (`test/images/agnhost`), whose porter certificate
     /// the image carries as `/localhost.crt` and `/localhost.key`, as upstream's does.
     #[arg(long)]
@@ -104,6 +110,8 @@ enum Layer {
     UpdateDemo(&'static str),
     /// etcd at `/usr/local/bin/etcd`, with its shared libraries.
     Etcd,
+    /// nonewprivs at `/usr/local/bin/nnp`, setuid root: it prints its effective uid.
+    Nnp,
 }
 
 /// How an image of the suite is made here: its entrypoint, command and layer. `None` for the
@@ -139,6 +147,7 @@ fn recipe(args: &Args, name: &str) -> Option<Recipe> {
             (&["/kube-sample-apiserver"], &[], Layer::SampleApiServer)
         }
         "etcd" if args.etcd.is_some() => (&["/usr/local/bin/etcd"], &[], Layer::Etcd),
+        "nonewprivs" if args.nnp.is_some() => (&[], &["nnp"], Layer::Nnp),
         _ => (&["/agnhost"], &["pause"], Layer::Agnhost),
     })
 }
@@ -226,6 +235,11 @@ fn make_images(args: &Args, names: &[String], dir: &Path) -> anyhow::Result<usiz
                 let path = args.sample_apiserver.as_deref().expect("the recipe needs it");
                 let binary = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
                 image::busybox_layer(&[("kube-sample-apiserver", &binary, 0o755)])?
+            }
+            Layer::Nnp => {
+                let path = args.nnp.as_deref().expect("the recipe needs it");
+                let binary = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+                image::busybox_layer(&[("usr/local/bin/nnp", &binary, 0o4755)])?
             }
             Layer::Etcd => {
                 let etcd = args.etcd.as_deref().expect("the recipe needs it");
