@@ -189,14 +189,82 @@ pub async fn run(probe: &Probe, c: &ContainerSpec, target: Target) -> Result<(),
                 Err(format!("HTTP probe failed with statuscode: {code}"))
             };
         }
-        if probe.grpc.is_some() {
-            return Err("gRPC probes are not supported yet".into());
+        if let Some(grpc) = &probe.grpc {
+            let host = target.ip.map(|i| i.to_string()).ok_or("no pod IP")?;
+            let port = u16::try_from(grpc.port).map_err(|_| format!("invalid port {}", grpc.port))?;
+            return grpc_health(&host, port, grpc.service.as_deref().unwrap_or_default()).await;
         }
         Err("the probe has no handler".into())
     };
     match tokio::time::timeout(timeout, work).await {
         Ok(result) => result,
         Err(_) => Err(format!("probe timed out after {}s", timeout.as_secs())),
+    }
+}
+
+/// A gRPC probe, as upstream's: the standard health service's `Check`
+/// (`grpc.health.v1.Health/Check`, over HTTP/2 without TLS) for `service` ("" for the
+/// server as a whole); only `SERVING` passes.
+async fn grpc_health(host: &str, port: u16, service: &str) -> Result<(), String> {
+    use http_body_util::BodyExt;
+    let target = format!("{host}:{port}");
+    let stream = tokio::net::TcpStream::connect((host, port))
+        .await
+        .map_err(|e| format!("timeout: failed to connect service {target:?} within the probe's time: {e}"))?;
+    let (mut sender, connection) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(stream),
+    )
+    .await
+    .map_err(|e| format!("failed to connect service {target:?}: {e}"))?;
+    tokio::spawn(connection);
+    // HealthCheckRequest { string service = 1; }, in a gRPC frame (uncompressed, length).
+    let mut message = Vec::new();
+    if !service.is_empty() {
+        message.push(0x0a);
+        let mut len = service.len();
+        while len >= 0x80 {
+            message.push((len as u8) | 0x80);
+            len >>= 7;
+        }
+        message.push(len as u8);
+        message.extend_from_slice(service.as_bytes());
+    }
+    let mut frame = vec![0u8];
+    frame.extend_from_slice(&(message.len() as u32).to_be_bytes());
+    frame.extend_from_slice(&message);
+    let request = hyper::Request::post(format!("http://{target}/grpc.health.v1.Health/Check"))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .header("user-agent", "kube-probe/1.33")
+        .body(http_body_util::Full::new(bytes::Bytes::from(frame)))
+        .map_err(|e| e.to_string())?;
+    let response = sender.send_request(request).await.map_err(|e| format!("rpc error: {e}"))?;
+    if response.status() != hyper::StatusCode::OK {
+        return Err(format!("rpc error: HTTP status {}", response.status()));
+    }
+    let headers = response.headers().clone();
+    let collected = response.into_body().collect().await.map_err(|e| format!("rpc error: {e}"))?;
+    // grpc-status comes in the trailers, or in the headers of a trailers-only answer.
+    let trailers = collected.trailers().cloned().unwrap_or_default();
+    let status =
+        |name: &str| trailers.get(name).or_else(|| headers.get(name)).and_then(|v| v.to_str().ok()).map(str::to_string);
+    let code = status("grpc-status").unwrap_or_else(|| "0".into());
+    if code != "0" {
+        let message = status("grpc-message").unwrap_or_default();
+        return Err(format!("rpc error: code = {code} desc = {message}"));
+    }
+    // HealthCheckResponse { ServingStatus status = 1; } after the 5-byte frame header.
+    let body = collected.to_bytes();
+    let serving = match body.get(5..) {
+        Some([0x08, value, ..]) => *value,
+        _ => 0,
+    };
+    match serving {
+        1 => Ok(()),
+        2 => Err("service unhealthy (responded with \"NOT_SERVING\")".into()),
+        3 => Err("service unhealthy (responded with \"SERVICE_UNKNOWN\")".into()),
+        _ => Err("service unhealthy (responded with \"UNKNOWN\")".into()),
     }
 }
 
@@ -348,6 +416,72 @@ mod tests {
         // Plain HTTP to a TLS port fails (the answer is not HTTP), as upstream's would.
         let plain = probe(serde_json::json!({"httpGet": {"port": port, "path": "/readyz"}}));
         assert!(run(&plain, &c, target()).await.is_err());
+    }
+
+    /// A gRPC health server over HTTP/2 (hyper): "" and "db" are SERVING, "cache" is
+    /// NOT_SERVING, anything else is unknown (grpc-status 5, trailers only).
+    async fn grpc_health_server() -> u16 {
+        use http_body_util::{BodyExt, StreamBody};
+        use hyper::body::Frame;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        tokio::spawn(async move {
+            while let Ok((tcp, _)) = listener.accept().await {
+                let service = hyper::service::service_fn(|request: hyper::Request<hyper::body::Incoming>| async move {
+                    assert_eq!(request.uri().path(), "/grpc.health.v1.Health/Check");
+                    let body = request.into_body().collect().await.unwrap().to_bytes();
+                    let service = String::from_utf8_lossy(body.get(7..).unwrap_or_default()).to_string();
+                    let mut trailers = hyper::HeaderMap::new();
+                    let frames: Vec<Result<Frame<bytes::Bytes>, std::convert::Infallible>> = match service.as_str() {
+                        "" | "db" | "cache" => {
+                            let serving = if service == "cache" { 2 } else { 1 };
+                            trailers.insert("grpc-status", "0".parse().unwrap());
+                            vec![
+                                Ok(Frame::data(bytes::Bytes::from(vec![0, 0, 0, 0, 2, 0x08, serving]))),
+                                Ok(Frame::trailers(trailers)),
+                            ]
+                        }
+                        _ => {
+                            trailers.insert("grpc-status", "5".parse().unwrap());
+                            trailers.insert("grpc-message", "unknown service".parse().unwrap());
+                            vec![Ok(Frame::trailers(trailers))]
+                        }
+                    };
+                    let response = hyper::Response::builder()
+                        .header("content-type", "application/grpc")
+                        .body(StreamBody::new(futures::stream::iter(frames)))
+                        .unwrap();
+                    Ok::<_, std::convert::Infallible>(response)
+                });
+                tokio::spawn(
+                    hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+                        .serve_connection(hyper_util::rt::TokioIo::new(tcp), service),
+                );
+            }
+        });
+        port
+    }
+
+    #[tokio::test]
+    async fn grpc_probes_ask_the_health_service() {
+        let port = grpc_health_server().await;
+        let c: ContainerSpec = serde_json::from_value(serde_json::json!({"name": "c"})).unwrap();
+        let target = || Target { ip: Some("127.0.0.1".parse().unwrap()), exec: None };
+        let grpc = |service: Option<&str>| probe(serde_json::json!({"grpc": {"port": port, "service": service}}));
+        assert_eq!(run(&grpc(None), &c, target()).await, Ok(()));
+        assert_eq!(run(&grpc(Some("db")), &c, target()).await, Ok(()));
+        assert_eq!(
+            run(&grpc(Some("cache")), &c, target()).await,
+            Err("service unhealthy (responded with \"NOT_SERVING\")".into())
+        );
+        assert_eq!(
+            run(&grpc(Some("queue")), &c, target()).await,
+            Err("rpc error: code = 5 desc = unknown service".into())
+        );
+        // Nothing listening: a failure, not a hang.
+        let closed = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap().local_addr().unwrap().port();
+        let nothing = probe(serde_json::json!({"grpc": {"port": closed}}));
+        assert!(run(&nothing, &c, target()).await.is_err());
     }
 
     #[tokio::test]

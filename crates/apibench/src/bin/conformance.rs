@@ -10,7 +10,7 @@
 //! Images: the names `e2e.test --list-images` prints, each an OCI archive made from what this
 //! machine has: agnhost (built from the same tree) on a busybox layer with this machine's bash
 //! (its `sh`), curl, netcat, dig and getent, as upstream's is on a small distribution; pause
-//! (upstream's pause.c, built statically); busybox; the web servers (nginx, httpd) as busybox's
+//! (upstream's pause.c, built statically); busybox (with bash as its `sh`); the web servers (nginx, httpd) as busybox's
 //! httpd on port 80 serving their document root with its index page where theirs is; the
 //! update-demo images (agnhost's test-webserver with their `data.json`); nonewprivs (built from
 //! the same tree, setuid); the sample API server (built from the same tree) and etcd (this
@@ -100,6 +100,10 @@ enum Layer {
     Agnhost,
     /// pause at `/pause`.
     Pause,
+    /// busybox with this machine's bash as its `sh`: Debian's busybox 1.35 `sh` drops
+    /// variables whose names are not a shell's (`data-1`, from `envFrom`) from what it passes
+    /// on, where upstream's image (busybox 1.36) keeps them, as bash does.
+    Busybox,
     /// A web server's document root with its index page (served by busybox's httpd), as the
     /// tests that break a server by moving its index page (readiness) need a real one.
     Web { root: &'static str, page: &'static str },
@@ -127,7 +131,7 @@ fn recipe(args: &Args, name: &str) -> Option<Recipe> {
     Some(match base {
         "agnhost" => (&["/agnhost"], &["pause"], Layer::Agnhost),
         "pause" => (&["/pause"], &[], Layer::Pause),
-        "busybox" => (&[], &["sh"], Layer::Pause),
+        "busybox" => (&[], &["sh"], Layer::Busybox),
         "httpd" => (
             &["/bin/httpd", "-f", "-p", "80", "-h", "/usr/local/apache2/htdocs"],
             &[],
@@ -187,6 +191,7 @@ fn make_images(args: &Args, names: &[String], dir: &Path) -> anyhow::Result<usiz
     let (certificate, key) = (porter("localhost.crt")?, porter("localhost.key")?);
     let programs: Vec<(&Path, &str)> = AGNHOST_TOOLS.iter().map(|(host, at)| (Path::new(*host), *at)).collect();
     let tools = with_libraries(&programs)?;
+    let shell = with_libraries(&[(Path::new("/usr/bin/bash"), "bin/bash")])?;
     let mut groups: Vec<(Recipe, Vec<&str>)> = Vec::new();
     for name in names {
         let Some(recipe) = recipe(args, name) else { continue };
@@ -215,6 +220,11 @@ fn make_images(args: &Args, names: &[String], dir: &Path) -> anyhow::Result<usiz
                 image::busybox_layer(&entries)?
             }
             Layer::Pause => image::busybox_layer(&[("pause", &pause, 0o755)])?,
+            Layer::Busybox => {
+                let mut entries: Vec<(&str, &[u8], u32)> = vec![("bin/sh", b"bash", 0o120777)];
+                entries.extend(shell.iter().map(|(path, data)| (path.as_str(), data.as_slice(), 0o755)));
+                image::busybox_layer(&entries)?
+            }
             Layer::Web { root, page } => {
                 image::busybox_layer(&[(&format!("{root}/index.html"), page.as_bytes(), 0o644)])?
             }
