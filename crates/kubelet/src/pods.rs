@@ -1645,10 +1645,17 @@ async fn report(
         }
     }
     let init_done = init_statuses.iter().all(|s| s["state"]["terminated"]["exitCode"] == 0);
-    // Until then, the app containers wait for the init containers, and say so.
-    if !init_done {
-        for s in &mut statuses {
-            if s["state"]["waiting"]["reason"] == "ContainerCreating" && s.get("containerID").is_none() {
+    // In a pod with init containers, a container not made yet waits for them, and says so
+    // (upstream's default waiting state there): the app containers until the init containers
+    // are done, the later init containers until their turn.
+    if !init_statuses.is_empty() {
+        let not_made =
+            |s: &Value| s["state"]["waiting"]["reason"] == "ContainerCreating" && s.get("containerID").is_none();
+        for s in init_statuses.iter_mut().filter(|s| not_made(s)) {
+            s["state"]["waiting"]["reason"] = json!("PodInitializing");
+        }
+        if !init_done {
+            for s in statuses.iter_mut().filter(|s| not_made(s)) {
                 s["state"]["waiting"]["reason"] = json!("PodInitializing");
             }
         }

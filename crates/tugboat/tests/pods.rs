@@ -360,6 +360,15 @@ spec:
 ---
 apiVersion: v1
 kind: Pod
+metadata: {name: initfails}
+spec:
+  initContainers:
+  - {name: init1, image: busybox:1.35, command: [sh, -c, "exit 1"]}
+  - {name: init2, image: busybox:1.35, command: [sh, -c, "exit 0"]}
+  containers: [{name: c, image: busybox:1.35, command: [sleep, "3600"]}]
+---
+apiVersion: v1
+kind: Pod
 metadata: {name: noimage}
 spec:
   containers: [{name: c, image: nosuchimage:1.0, imagePullPolicy: Never}]
@@ -404,6 +413,17 @@ spec:
     let crasher = pod_json(&server, "crasher");
     assert_eq!(crasher["status"]["containerStatuses"][0]["lastState"]["terminated"]["exitCode"], 2);
     wait(&server, &["get", "pod", "crasher"], "CrashLoopBackOff shown", |o| o.contains("CrashLoopBackOff"));
+    // A failing init container is restarted; what comes after it waits, PodInitializing.
+    wait(
+        &server,
+        &["get", "pod", "initfails", "-o", "jsonpath={.status.initContainerStatuses[0].restartCount}"],
+        "init1 restarts",
+        |o| o.parse::<i32>().is_ok_and(|n| n >= 1),
+    );
+    let initfails = pod_json(&server, "initfails");
+    assert_eq!(initfails["status"]["phase"], "Pending");
+    assert_eq!(initfails["status"]["initContainerStatuses"][1]["state"]["waiting"]["reason"], "PodInitializing");
+    assert_eq!(initfails["status"]["containerStatuses"][0]["state"]["waiting"]["reason"], "PodInitializing");
     // Bad pods say why, and the node keeps serving the others.
     let (ok, _, err) = try_kubectl(&server, &["logs", "noimage"]);
     assert!(!ok && err.contains("is waiting to start"), "{err}");
