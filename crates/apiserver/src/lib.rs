@@ -16,6 +16,7 @@ mod aggregator;
 mod auth;
 mod autoscaling;
 pub mod bootstrap;
+mod cel_cost;
 mod conversion;
 mod crd;
 mod discovery;

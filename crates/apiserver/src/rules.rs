@@ -6,8 +6,8 @@
 //! none. A rule that does not hold is a 422 cause at the node's path (plus its `fieldPath`),
 //! worded by its `reason`, with its `messageExpression`, `message` or `failed rule: <rule>`.
 //! Rules run once the object fits its schema; they are compiled when the definition is
-//! written (`compile_errors`), with the `cel` crate (which has no cost estimation: rules run
-//! without upstream's cost limits).
+//! written (`compile_errors`), with the `cel` crate, and their cost estimated as upstream
+//! does (`cel_cost`: a rule too dear for its schema's bounds is refused then).
 
 use std::collections::HashMap;
 
@@ -134,6 +134,10 @@ pub fn compile_errors(schema: &Value, at: &str) -> Vec<Cause> {
     let mut causes = Vec::new();
     let mut seen = HashMap::new();
     compile_walk(schema, at, &mut causes, &mut seen, 0);
+    // Rules that compile are then costed, as upstream does.
+    if causes.is_empty() {
+        causes = crate::cel_cost::check(schema, at);
+    }
     causes
 }
 

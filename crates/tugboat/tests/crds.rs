@@ -279,4 +279,19 @@ fn cel_rules_in_a_schema_refuse_what_they_do_not_allow() {
         ) && error.contains("compilation failed"),
         "{error}"
     );
+    // A rule too dear for its schema's bounds keeps the definition out, with upstream's
+    // words; bounding the list and its strings lets it in.
+    let dear = RULED.replace("pools", "lakes").replace("Pool", "Lake").replace(
+        "              mode:\n",
+        "              names:\n                type: array\n                items: {type: string}\n                x-kubernetes-validations:\n                - rule: \"self.all(n, n.matches('^[a-z]+$'))\"\n              mode:\n",
+    );
+    let error = server.kubectl_fails(&["apply", "-f", "-"], Some(&dear));
+    assert!(
+        error.contains("spec.versions[0].schema.openAPIV3Schema.properties[spec].properties[names].x-kubernetes-validations[0].rule: Forbidden: estimated rule cost exceeds budget by factor of more than 100x (try simplifying the rule, or adding maxItems, maxProperties, and maxLength where arrays, maps, and strings are declared)"),
+        "{error}"
+    );
+    let bounded = dear
+        .replace("type: array\n", "type: array\n                maxItems: 20\n")
+        .replace("items: {type: string}", "items: {type: string, maxLength: 63}");
+    server.kubectl(&["apply", "-f", "-"], Some(&bounded));
 }
