@@ -378,7 +378,16 @@ async fn worker(node: Shared, uid: String, slot: Slot, notify: Arc<Notify>) {
         match sync(&node, &uid, pod.as_ref(), &mut state).await {
             Ok(true) => break,
             Ok(false) => {}
-            Err(error) => tracing::warn!(pod = %uid, error = %format!("{error:#}"), "pod sync"),
+            Err(error) => {
+                let message = format!("{error:#}");
+                tracing::warn!(pod = %uid, error = %message, "pod sync");
+                // Said on the pod once per cause, as upstream's FailedSync / sandbox events.
+                if let Some(pod) = pod.as_ref()
+                    && state.recorded.insert(("FailedSync".into(), message.clone(), 0))
+                {
+                    event(&node, pod, "Warning", "FailedSync", &format!("error syncing pod: {message}")).await;
+                }
+            }
         }
         let _ = tokio::time::timeout(RESYNC, notify.notified()).await;
     }
@@ -532,7 +541,7 @@ async fn sync(node: &Shared, uid: &str, pod: Option<&Pod>, state: &mut Worker) -
     let host_network = spec.host_network.unwrap_or(false);
     // The sandbox.
     let dir = pod_dir(node, uid);
-    let hostname = spec.hostname.clone().unwrap_or_else(|| name.clone());
+    let hostname = pod_hostname(pod);
     // Made once; later syncs find it (no bridge check, no address lookup).
     let sandbox = match sandbox::Sandbox::load(&dir) {
         Some(sandbox) => sandbox,
@@ -735,6 +744,20 @@ async fn run_probes(
             });
         }
     }
+}
+
+/// A pod's hostname: `spec.hostname`, or its name, cut to the 63 characters a hostname may
+/// have (and no `-` or `.` at the end), as upstream's kubelet does: pod names may be longer.
+pub fn pod_hostname(pod: &Pod) -> String {
+    let spec = pod.spec.as_ref();
+    let hostname = spec
+        .and_then(|s| s.hostname.clone())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| pod.metadata.name.clone().unwrap_or_default());
+    if hostname.len() <= 63 {
+        return hostname;
+    }
+    hostname[..63].trim_end_matches(['-', '.']).to_string()
 }
 
 /// A pod's `/etc/hosts` as upstream's kubelet writes it: loopback names, the pod's address with
@@ -1298,10 +1321,7 @@ async fn container_config(
         .iter()
         .filter_map(|e| e.split_once('=').map(|(k, v)| (k.to_string(), v.to_string())))
         .collect();
-    all_env.push((
-        "HOSTNAME".into(),
-        spec.hostname.clone().unwrap_or_else(|| pod.metadata.name.clone().unwrap_or_default()),
-    ));
+    all_env.push(("HOSTNAME".into(), pod_hostname(pod)));
     all_env.extend(env);
     let expand_all = |v: &[String]| v.iter().map(|s| expand(s, &all_env)).collect::<Vec<_>>();
     let args = match (&c.command, &c.args) {
@@ -1430,7 +1450,7 @@ async fn container_config(
         uid: uid_ as u32,
         gid: gid as u32,
         additional_gids: pod_security.supplemental_groups.unwrap_or_default().into_iter().map(|g| g as u32).collect(),
-        hostname: spec.hostname.clone().unwrap_or_else(|| pod.metadata.name.clone().unwrap_or_default()),
+        hostname: pod_hostname(pod),
         namespaces: SharedNamespaces {
             network: sandbox.net.clone(),
             ipc: Some(sandbox.ipc.clone()),
@@ -1764,6 +1784,21 @@ pub fn qos_class(spec: &k8s_openapi::api::core::v1::PodSpec) -> &'static str {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn hostnames_are_cut_to_63_characters() {
+        let pod = |name: &str, hostname: Option<&str>| -> Pod {
+            serde_json::from_value(
+                json!({"metadata": {"name": name}, "spec": {"containers": [], "hostname": hostname}}),
+            )
+            .unwrap()
+        };
+        assert_eq!(pod_hostname(&pod("web", None)), "web");
+        assert_eq!(pod_hostname(&pod("web", Some("db-0"))), "db-0");
+        // 62 characters, then a dash at the cut: it goes too.
+        let long = format!("{}-{}", "a".repeat(62), "b".repeat(10));
+        assert_eq!(pod_hostname(&pod(&long, None)), "a".repeat(62));
+    }
 
     #[test]
     fn hosts_files_name_the_pod_and_its_aliases() {

@@ -360,6 +360,13 @@ spec:
 ---
 apiVersion: v1
 kind: Pod
+metadata: {name: a-pod-whose-name-is-longer-than-a-hostname-may-be-0123456789-abcdefghij}
+spec:
+  restartPolicy: Never
+  containers: [{name: c, image: busybox:1.35, command: [hostname]}]
+---
+apiVersion: v1
+kind: Pod
 metadata: {name: initfails}
 spec:
   initContainers:
@@ -413,6 +420,12 @@ spec:
     let crasher = pod_json(&server, "crasher");
     assert_eq!(crasher["status"]["containerStatuses"][0]["lastState"]["terminated"]["exitCode"], 2);
     wait(&server, &["get", "pod", "crasher"], "CrashLoopBackOff shown", |o| o.contains("CrashLoopBackOff"));
+    // A pod name longer than a hostname may be: the hostname is cut to 63 characters.
+    let long = "a-pod-whose-name-is-longer-than-a-hostname-may-be-0123456789-abcdefghij";
+    wait(&server, &["get", "pod", long, "-o", "jsonpath={.status.phase}"], "the long-named pod runs", |o| {
+        o == "Succeeded"
+    });
+    assert_eq!(server.kubectl(&["logs", long], None).trim(), &long[..63]);
     // A failing init container is restarted; what comes after it waits, PodInitializing.
     wait(
         &server,
