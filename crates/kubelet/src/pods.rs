@@ -1694,7 +1694,17 @@ async fn report(
         .map(|c| serde_json::to_value(c).unwrap_or_default())
         .collect();
     let now = now();
-    let condition = |kind: &str, ok: bool, reason: Option<&str>| {
+    // Which containers hold a condition back, as upstream names them in its message.
+    let names = |list: &[Value], holding: &dyn Fn(&Value) -> bool| -> String {
+        let held: Vec<&str> = list.iter().filter(|s| holding(s)).filter_map(|s| s["name"].as_str()).collect();
+        format!("[{}]", held.join(" "))
+    };
+    let incomplete = format!(
+        "containers with incomplete status: {}",
+        names(&init_statuses, &|s| s["state"]["terminated"]["exitCode"] != 0)
+    );
+    let unready = format!("containers with unready status: {}", names(&statuses, &|s| s["ready"] != true));
+    let condition = |kind: &str, ok: bool, reason: Option<&str>, message: Option<&str>| {
         let status = if ok { "True" } else { "False" };
         let since = previous
             .iter()
@@ -1704,17 +1714,21 @@ async fn report(
         let mut c = json!({"type": kind, "status": status, "lastProbeTime": null, "lastTransitionTime": since});
         if let Some(reason) = reason.filter(|_| !ok) {
             c["reason"] = json!(reason);
+            if let Some(message) = message {
+                c["message"] = json!(message);
+            }
         }
         c
     };
-    let not_ready_reason =
-        if phase == "Succeeded" || phase == "Failed" { "PodCompleted" } else { "ContainersNotReady" };
+    let completed = phase == "Succeeded" || phase == "Failed";
+    let (not_ready_reason, not_ready_message) =
+        if completed { ("PodCompleted", None) } else { ("ContainersNotReady", Some(unready.as_str())) };
     let conditions = vec![
-        condition("PodReadyToStartContainers", sandbox_ready, None),
-        condition("Initialized", init_done, Some("ContainersNotInitialized")),
-        condition("Ready", ready, Some(not_ready_reason)),
-        condition("ContainersReady", ready, Some(not_ready_reason)),
-        condition("PodScheduled", true, None),
+        condition("PodReadyToStartContainers", sandbox_ready, None, None),
+        condition("Initialized", init_done, Some("ContainersNotInitialized"), Some(&incomplete)),
+        condition("Ready", ready, Some(not_ready_reason), not_ready_message),
+        condition("ContainersReady", ready, Some(not_ready_reason), not_ready_message),
+        condition("PodScheduled", true, None, None),
     ];
     let mut status = json!({
         "phase": phase,

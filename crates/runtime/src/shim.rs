@@ -197,8 +197,10 @@ fn copy_stream(from: impl Into<File>, stream: &'static str, log: Arc<Mutex<CriLo
             pending.drain(..MAX_LINE);
         }
     }
+    // What is left without a newline is a partial record, as containerd writes it: readers
+    // show it without one (`echo -n DONE` logs `DONE`).
     if !pending.is_empty() {
-        log.lock().unwrap().write(stream, &pending, false);
+        log.lock().unwrap().write(stream, &pending, true);
     }
 }
 

@@ -437,6 +437,19 @@ spec:
     assert_eq!(initfails["status"]["phase"], "Pending");
     assert_eq!(initfails["status"]["initContainerStatuses"][1]["state"]["waiting"]["reason"], "PodInitializing");
     assert_eq!(initfails["status"]["containerStatuses"][0]["state"]["waiting"]["reason"], "PodInitializing");
+    let condition = |kind: &str| -> Value {
+        initfails["status"]["conditions"].as_array().unwrap().iter().find(|c| c["type"] == kind).unwrap().clone()
+    };
+    let initialized = condition("Initialized");
+    assert_eq!(
+        (&initialized["status"], &initialized["reason"], &initialized["message"]),
+        (
+            &Value::from("False"),
+            &Value::from("ContainersNotInitialized"),
+            &Value::from("containers with incomplete status: [init1 init2]")
+        )
+    );
+    assert_eq!(condition("Ready")["message"], "containers with unready status: [c]");
     // Bad pods say why, and the node keeps serving the others.
     let (ok, _, err) = try_kubectl(&server, &["logs", "noimage"]);
     assert!(!ok && err.contains("is waiting to start"), "{err}");
@@ -1412,6 +1425,10 @@ spec:
     image: busybox:1.35
     command: [sh, -c, "echo not a message"]
     terminationMessagePolicy: FallbackToLogsOnError
+  - name: unfinished
+    image: busybox:1.35
+    command: [sh, -c, "printf DONE; exit 1"]
+    terminationMessagePolicy: FallbackToLogsOnError
 "#;
     server.kubectl(&["apply", "-f", "-"], Some(manifest));
     wait(&server, &["get", "pod", "ends", "-o", "jsonpath={.status.phase}"], "the pod ended", |p| p == "Failed");
@@ -1423,6 +1440,9 @@ spec:
     assert_eq!(message("elsewhere"), "as 1000");
     assert_eq!(message("fails"), "last words\n");
     assert_eq!(message("quiet"), "", "a success falls back to nothing");
+    // A last line without its newline is logged as it was written (a partial record).
+    assert_eq!(message("unfinished"), "DONE");
+    assert_eq!(server.kubectl(&["logs", "ends", "-c", "unfinished"], None), "DONE");
 }
 
 /// A pod's safe sysctls are set in its namespaces; an unsafe one keeps its containers from
