@@ -580,6 +580,21 @@ async fn sync(node: &Shared, uid: &str, pod: Option<&Pod>, state: &mut Worker) -
         state.started_at =
             Some(pod.status.as_ref().and_then(|s| s.start_time.as_ref()).map(|t| t.0.to_string()).unwrap_or_else(now));
     }
+    // activeDeadlineSeconds (which an update may set or shorten): a pod active on the node
+    // longer fails, its containers stopped, as upstream's activeDeadlineHandler has it.
+    let started = state.started_at.as_deref().and_then(|t| t.parse::<k8s_openapi::jiff::Timestamp>().ok());
+    if let (Some(deadline), Some(started)) = (spec.active_deadline_seconds, started) {
+        let active = k8s_openapi::jiff::Timestamp::now().duration_since(started).as_secs();
+        if active >= deadline {
+            let message = "Pod was active on the node longer than the specified deadline";
+            event(node, pod, "Normal", "DeadlineExceeded", message).await;
+            let grace = spec.termination_grace_period_seconds.unwrap_or(30).max(0) as u64;
+            stop_all(node, &containers, Duration::from_secs(grace)).await;
+            let status = json!({"status": {"phase": "Failed", "reason": "DeadlineExceeded", "message": message}});
+            pods.patch_status(&name, &PatchParams::default(), &Patch::Merge(&status)).await?;
+            return Ok(false);
+        }
+    }
     let pod_ip = sandbox.ip.map(IpAddr::V4).or(if host_network { node.ip } else { None });
     let host_resolv = std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
     let hosts = hosts_file(pod, &hostname, pod_ip, &node.dns.domain);

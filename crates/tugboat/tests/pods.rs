@@ -367,6 +367,13 @@ spec:
 ---
 apiVersion: v1
 kind: Pod
+metadata: {name: deadline}
+spec:
+  terminationGracePeriodSeconds: 1
+  containers: [{name: c, image: busybox:1.35, command: [sleep, "3600"]}]
+---
+apiVersion: v1
+kind: Pod
 metadata: {name: initfails}
 spec:
   initContainers:
@@ -420,6 +427,16 @@ spec:
     let crasher = pod_json(&server, "crasher");
     assert_eq!(crasher["status"]["containerStatuses"][0]["lastState"]["terminated"]["exitCode"], 2);
     wait(&server, &["get", "pod", "crasher"], "CrashLoopBackOff shown", |o| o.contains("CrashLoopBackOff"));
+    // activeDeadlineSeconds set on a running pod: it fails once active that long.
+    wait(&server, &["get", "pod", "deadline", "-o", "jsonpath={.status.phase}"], "deadline runs", |o| o == "Running");
+    server.kubectl(&["patch", "pod", "deadline", "-p", r#"{"spec":{"activeDeadlineSeconds":2}}"#], None);
+    let ended = wait(
+        &server,
+        &["get", "pod", "deadline", "-o", "jsonpath={.status.phase} {.status.reason}"],
+        "deadline fails",
+        |o| o.starts_with("Failed"),
+    );
+    assert_eq!(ended, "Failed DeadlineExceeded");
     // A pod name longer than a hostname may be: the hostname is cut to 63 characters.
     let long = "a-pod-whose-name-is-longer-than-a-hostname-may-be-0123456789-abcdefghij";
     wait(&server, &["get", "pod", long, "-o", "jsonpath={.status.phase}"], "the long-named pod runs", |o| {
