@@ -30,8 +30,12 @@ pub fn busybox_binary() -> anyhow::Result<PathBuf> {
 /// mode of `0o120777` makes a symbolic link to the path the bytes name. An extra file at
 /// `bin/<applet>` takes the place of that applet's link.
 pub fn busybox_layer(extra: &[(&str, &[u8], u32)]) -> anyhow::Result<Vec<u8>> {
-    let busybox = busybox_binary()?;
-    let list = std::process::Command::new(&busybox).arg("--list").output().context("busybox --list")?;
+    busybox_layer_of(&busybox_binary()?, extra)
+}
+
+/// [`busybox_layer`] with another (static) busybox binary than the host's.
+pub fn busybox_layer_of(busybox: &Path, extra: &[(&str, &[u8], u32)]) -> anyhow::Result<Vec<u8>> {
+    let list = std::process::Command::new(busybox).arg("--list").output().context("busybox --list")?;
     let applets: Vec<String> = String::from_utf8_lossy(&list.stdout).lines().map(str::to_string).collect();
     let mut tar = tar::Builder::new(Vec::new());
     let dir = |tar: &mut tar::Builder<Vec<u8>>, path: &str, mode: u32| -> anyhow::Result<()> {
@@ -72,7 +76,7 @@ pub fn busybox_layer(extra: &[(&str, &[u8], u32)]) -> anyhow::Result<Vec<u8>> {
     {
         dir(&mut tar, path, mode)?;
     }
-    file(&mut tar, "bin/busybox", &std::fs::read(&busybox)?, 0o755)?;
+    file(&mut tar, "bin/busybox", &std::fs::read(busybox)?, 0o755)?;
     for applet in &applets {
         // An extra file at an applet's path replaces the applet (a real `sh` or `nc`).
         if applet == "busybox" || extra.iter().any(|(path, _, _)| *path == format!("bin/{applet}")) {

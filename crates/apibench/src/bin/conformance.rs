@@ -10,12 +10,13 @@
 //! Images: the names `e2e.test --list-images` prints, each an OCI archive made from what this
 //! machine has: agnhost (built from the same tree) on a busybox layer with this machine's bash
 //! (its `sh`), curl, netcat, dig and getent, as upstream's is on a small distribution; pause
-//! (upstream's pause.c, built statically); busybox (with bash as its `sh`); the web servers (nginx, httpd) as busybox's
-//! httpd on port 80 serving their document root with its index page where theirs is; the
-//! update-demo images (agnhost's test-webserver with their `data.json`); nonewprivs (built from
-//! the same tree, setuid); the sample API server (built from the same tree) and etcd (this
-//! machine's, with its shared libraries) for the Aggregator spec; every other image as agnhost,
-//! a stand-in for a test that needs a running process only.
+//! (upstream's pause.c, built statically); busybox (built from upstream's source when given);
+//! the web servers (nginx, httpd) as busybox's httpd on port 80 serving their document root
+//! with its index page where theirs is; the update-demo images (agnhost's test-webserver with
+//! their `data.json`); nonewprivs (built from the same tree, setuid); the sample API server
+//! (built from the same tree) and etcd (this machine's, with its shared libraries) for the
+//! Aggregator spec; every other image as agnhost, a stand-in for a test that needs a running
+//! process only.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode, Stdio};
@@ -46,6 +47,10 @@ struct Args {
     /// stand-in.
     #[arg(long)]
     nnp: Option<PathBuf>,
+    /// A static busybox built from upstream's source (the version upstream's busybox image
+    /// has, 1.36.1): the busybox image's. Without it, Debian's, with bash as its `sh`.
+    #[arg(long)]
+    busybox: Option<PathBuf>,
     /// agnhost's source directory in the tree (`test/images/agnhost`), whose porter certificate
     /// the image carries as `/localhost.crt` and `/localhost.key`, as upstream's does.
     #[arg(long)]
@@ -100,9 +105,10 @@ enum Layer {
     Agnhost,
     /// pause at `/pause`.
     Pause,
-    /// busybox with this machine's bash as its `sh`: Debian's busybox 1.35 `sh` drops
-    /// variables whose names are not a shell's (`data-1`, from `envFrom`) from what it passes
-    /// on, where upstream's image (busybox 1.36) keeps them, as bash does.
+    /// The busybox image: busybox built from upstream's source (`--busybox`), as upstream's
+    /// image is; without it, Debian's with this machine's bash as its `sh`, since Debian's
+    /// `sh` drops variables whose names are not a shell's (`data-1`, from `envFrom`) from what
+    /// it passes on, where upstream's keeps them.
     Busybox,
     /// A web server's document root with its index page (served by busybox's httpd), as the
     /// tests that break a server by moving its index page (readiness) need a real one.
@@ -220,11 +226,14 @@ fn make_images(args: &Args, names: &[String], dir: &Path) -> anyhow::Result<usiz
                 image::busybox_layer(&entries)?
             }
             Layer::Pause => image::busybox_layer(&[("pause", &pause, 0o755)])?,
-            Layer::Busybox => {
-                let mut entries: Vec<(&str, &[u8], u32)> = vec![("bin/sh", b"bash", 0o120777)];
-                entries.extend(shell.iter().map(|(path, data)| (path.as_str(), data.as_slice(), 0o755)));
-                image::busybox_layer(&entries)?
-            }
+            Layer::Busybox => match &args.busybox {
+                Some(busybox) => image::busybox_layer_of(busybox, &[])?,
+                None => {
+                    let mut entries: Vec<(&str, &[u8], u32)> = vec![("bin/sh", b"bash", 0o120777)];
+                    entries.extend(shell.iter().map(|(path, data)| (path.as_str(), data.as_slice(), 0o755)));
+                    image::busybox_layer(&entries)?
+                }
+            },
             Layer::Web { root, page } => {
                 image::busybox_layer(&[(&format!("{root}/index.html"), page.as_bytes(), 0o644)])?
             }
