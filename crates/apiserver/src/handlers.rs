@@ -205,6 +205,17 @@ pub async fn handle(state: Arc<ApiState>, user: Option<UserInfo>, request: hyper
     response
 }
 
+/// The one name a field selector requires (`metadata.name=x` or `metadata.name==x` among its
+/// terms), as upstream's `RequiresExactMatch`.
+fn selected_name(query: &str) -> Option<String> {
+    let (_, selector) = url::form_urlencoded::parse(query.as_bytes()).find(|(k, _)| k == "fieldSelector")?;
+    selector.split(',').find_map(|term| {
+        let value = term.trim().strip_prefix("metadata.name")?;
+        let value = value.strip_prefix("==").or_else(|| value.strip_prefix('='))?;
+        (!value.is_empty() && !value.starts_with('=')).then(|| value.to_string())
+    })
+}
+
 /// What a request asks, as RBAC sees it.
 fn attributes(
     method: &Method,
@@ -366,7 +377,16 @@ async fn authorize(
     let watching = parts.uri.query().is_some_and(|q| {
         url::form_urlencoded::parse(q.as_bytes()).any(|(k, v)| k == "watch" && (v == "true" || v == "1"))
     });
-    let attributes = attributes(&parts.method, path, target, verb, watching);
+    let mut attributes = attributes(&parts.method, path, target, verb, watching);
+    // A list or watch of one name (`fieldSelector=metadata.name=x`) is judged as of that name,
+    // as upstream's RequestInfo does: a Role naming the object lets its informer run.
+    if let Some(resource) = attributes.resource.as_mut()
+        && resource.name.is_empty()
+        && matches!(attributes.verb.as_str(), "list" | "watch")
+        && let Some(name) = parts.uri.query().and_then(selected_name)
+    {
+        resource.name = name;
+    }
     if crate::rbac::allowed(state, &user, &attributes).await? {
         Ok(Some(user))
     } else {

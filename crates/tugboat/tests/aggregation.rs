@@ -206,6 +206,37 @@ spec:
     );
     assert_eq!(can_review("subjectaccessreviews.authorization.k8s.io").as_deref(), Some("yes\n"));
     assert_eq!(can_review("tokenreviews.authentication.k8s.io").as_deref(), Some("yes\n"));
+    // And reads the front-proxy ConfigMap through the Role naming it: a list or watch of that
+    // one name (its informer's field selector) is judged as of that name.
+    server.kubectl(
+        &[
+            "create",
+            "rolebinding",
+            "wardle:authentication-reader",
+            "-n",
+            "kube-system",
+            "--role=extension-apiserver-authentication-reader",
+            "--serviceaccount=wardle:default",
+        ],
+        None,
+    );
+    let as_wardle = "--as=system:serviceaccount:wardle:default";
+    let named = server.kubectl(
+        &[
+            "get",
+            "configmaps",
+            "-n",
+            "kube-system",
+            "--field-selector=metadata.name=extension-apiserver-authentication",
+            "-o",
+            "name",
+            as_wardle,
+        ],
+        None,
+    );
+    assert_eq!(named.trim(), "configmap/extension-apiserver-authentication");
+    let refused = server.kubectl_fails(&["get", "configmaps", "-n", "kube-system", as_wardle], None);
+    assert!(refused.contains("cannot list resource \"configmaps\""), "{refused}");
     let (code, _) = server.curl("GET", "/apis/wardle.example.com/v1alpha1/namespaces/default/nothing", true, &[]);
     assert_eq!(code, 404, "the remote's own answers come back");
     let (code, groups) = server.curl("GET", "/apis", true, &[]);
