@@ -16,7 +16,7 @@ use kube::runtime::reflector::Store;
 use serde_json::{Value, json};
 use tokio::sync::Notify;
 
-use super::{Hub, ready, wait};
+use super::{Hub, ready, wait, wait_until};
 use tugboat_objects::quota;
 
 /// The resources counted from the stores below (besides pods, services and claims).
@@ -74,8 +74,17 @@ pub(super) async fn run_quotas(client: kube::Client, hub: Arc<Hub>) -> anyhow::R
     ready(&jobs).await?;
     ready(&cronjobs).await?;
     tracing::info!("resource quota controller started");
+    // When each quota's current version was first seen: admission charges a quota at once
+    // (a new version), and the caches of what it counts catch up a moment later — counting
+    // before they have would undo the charge, so a changed quota is recounted once settled.
+    let mut seen: std::collections::HashMap<String, (String, std::time::Instant)> = Default::default();
+    const SETTLE: std::time::Duration = std::time::Duration::from_millis(500);
     loop {
+        let mut recount_at: Option<std::time::Instant> = None;
         let all_quotas = quotas.state();
+        let live: std::collections::HashSet<String> =
+            all_quotas.iter().filter_map(|q| q.metadata.uid.clone()).collect();
+        seen.retain(|uid, _| live.contains(uid));
         if all_quotas.is_empty() {
             wait(&changed).await;
             continue;
@@ -113,6 +122,21 @@ pub(super) async fn run_quotas(client: kube::Client, hub: Arc<Hub>) -> anyhow::R
             if status.hard.clone().unwrap_or_default() == hard && status.used.clone().unwrap_or_default() == used {
                 continue;
             }
+            let version = rq.metadata.resource_version.clone().unwrap_or_default();
+            let uid = rq.metadata.uid.clone().unwrap_or_default();
+            let since = match seen.get(&uid) {
+                Some((known, since)) if *known == version => *since,
+                _ => {
+                    let now = std::time::Instant::now();
+                    seen.insert(uid, (version, now));
+                    now
+                }
+            };
+            if since.elapsed() < SETTLE {
+                let at = since + SETTLE;
+                recount_at = Some(recount_at.map_or(at, |r| r.min(at)));
+                continue;
+            }
             // A merge patch keeps keys it does not name: those no longer in the spec go as nulls.
             let with_removals = |new: &BTreeMap<String, _>, old: Option<&BTreeMap<String, _>>| -> Value {
                 let mut map = serde_json::to_value(new).unwrap_or_else(|_| json!({}));
@@ -121,16 +145,26 @@ pub(super) async fn run_quotas(client: kube::Client, hub: Arc<Hub>) -> anyhow::R
                 }
                 map
             };
-            let patch = json!({"status": {
-                "hard": with_removals(&hard, status.hard.as_ref()),
-                "used": with_removals(&used, status.used.as_ref()),
-            }});
+            // Only over the status it computed from: admission charges a quota at once, and a
+            // count from a cache that has not seen that object yet must not undo the charge
+            // (a conflict; the next pass counts again).
+            let patch = json!({
+                "metadata": {"resourceVersion": rq.metadata.resource_version},
+                "status": {
+                    "hard": with_removals(&hard, status.hard.as_ref()),
+                    "used": with_removals(&used, status.used.as_ref()),
+                },
+            });
             let api: Api<ResourceQuota> = Api::namespaced(client.clone(), namespace);
             let name = rq.metadata.name.as_deref().unwrap_or_default();
             if let Err(error) = api.patch_status(name, &PatchParams::default(), &Patch::Merge(&patch)).await {
                 tracing::debug!(%error, quota = name, namespace, "could not update the quota's status");
             }
         }
-        wait(&changed).await;
+        let at = recount_at.map(|at| {
+            let left = at.saturating_duration_since(std::time::Instant::now());
+            jiff::Timestamp::now() + jiff::SignedDuration::try_from(left).unwrap_or_default()
+        });
+        wait_until(&changed, at).await;
     }
 }
