@@ -46,6 +46,8 @@ pub struct Remote {
     priority: (i64, i64),
     /// The remote's APIResourceList from its last successful check.
     resources: Option<Value>,
+    /// Whether the last check succeeded (aggregated discovery's `Current`, else `Stale`).
+    fresh: bool,
 }
 
 /// The remotes served now, by `group/version`.
@@ -57,6 +59,14 @@ pub struct Aggregated {
 impl Aggregated {
     fn all(&self) -> Arc<HashMap<String, Remote>> {
         self.remotes.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Serves `remote` as `key` (`group/version`) at once, beside the others.
+    fn publish(&self, key: &str, remote: Remote) {
+        let mut remotes = self.remotes.write().unwrap_or_else(|e| e.into_inner());
+        let mut next = HashMap::clone(&remotes);
+        next.insert(key.to_string(), remote);
+        *remotes = Arc::new(next);
     }
 
     /// The remote that serves `path`, if one does.
@@ -449,6 +459,7 @@ fn remote_of(service: &Value) -> Option<Remote> {
         insecure: spec["insecureSkipTLSVerify"] == true,
         priority: (spec["groupPriorityMinimum"].as_i64().unwrap_or(0), spec["versionPriority"].as_i64().unwrap_or(0)),
         resources: None,
+        fresh: false,
     })
 }
 
@@ -507,21 +518,32 @@ pub async fn run(state: Arc<ApiState>) {
 /// Checks every APIService once: the served remotes and their conditions.
 pub async fn refresh(state: &ApiState) {
     let Ok(services) = cached_list(state, api_services(), None).await else { return };
+    let previous = state.aggregated.all();
     let mut remotes = HashMap::new();
     for service in &services {
         let Some(mut remote) = remote_of(service) else {
             set_available(state, service, true, "Local", "Local APIServices are always available").await;
             continue;
         };
+        let key = format!("{}/{}", remote.group, remote.version);
         match check(state, &remote).await {
             Ok(document) => {
                 remote.resources = Some(document);
+                remote.fresh = true;
+                // Discovery lists the group version before its APIService says Available: a
+                // client that waited for the condition finds the resources (client-go's
+                // discovery drops a `Stale` group version as failed).
+                state.aggregated.publish(&key, remote.clone());
                 set_available(state, service, true, "Passed", "all checks passed").await;
             }
-            Err((reason, message)) => set_available(state, service, false, reason, &message).await,
+            Err((reason, message)) => {
+                // The last document the remote gave stays listed, marked `Stale` (as upstream).
+                remote.resources = previous.get(&key).and_then(|r| r.resources.clone());
+                set_available(state, service, false, reason, &message).await;
+            }
         }
         // Served whether or not it answers now: requests get the remote's own error (503).
-        remotes.insert(format!("{}/{}", remote.group, remote.version), remote);
+        remotes.insert(key, remote);
     }
     *state.aggregated.remotes.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(remotes);
 }
@@ -572,7 +594,7 @@ pub fn merge_aggregated(state: &ApiState, document: &mut Value) {
     let Some(items) = document["items"].as_array_mut() else { return };
     for remote in remotes.values() {
         let resources = remote.resources.as_ref().map(discovery_resources).unwrap_or_default();
-        let freshness = if remote.resources.is_some() { "Current" } else { "Stale" };
+        let freshness = if remote.fresh { "Current" } else { "Stale" };
         let version = json!({"version": remote.version, "resources": resources, "freshness": freshness});
         match items.iter_mut().find(|g| g["metadata"]["name"] == remote.group.as_str()) {
             Some(group) => {

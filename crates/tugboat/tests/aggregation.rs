@@ -166,6 +166,19 @@ spec:
         )
     };
     wait_for("the APIService to be available", || available() == "True");
+    // Once the APIService says Available, aggregated discovery lists its resources as current
+    // (client-go's discovery drops a `Stale` group version as failed).
+    let aggregated = || {
+        let accept = "Accept: application/json;g=apidiscovery.k8s.io;v=v2;as=APIGroupDiscoveryList";
+        let (code, body) = server.curl("GET", "/apis", true, &["-H", accept]);
+        assert_eq!(code, 200, "{body}");
+        let document: Value = serde_json::from_str(&body).unwrap();
+        let group = document["items"].as_array().unwrap().iter().find(|g| g["metadata"]["name"] == "wardle.example.com");
+        group.expect("the remote group is listed")["versions"][0].clone()
+    };
+    let version = aggregated();
+    assert_eq!(version["freshness"], "Current", "{version}");
+    assert_eq!(version["resources"][0]["resource"], "flunders", "{version}");
 
     // Discovery merges the remote's resources: kubectl finds and lists them, and the remote
     // learns who asks from the front proxy.
@@ -246,6 +259,9 @@ spec:
     // The remote goes away: the APIService says so, and requests get 503.
     drop(runtime);
     wait_for("the APIService to be unavailable", || available() == "False");
+    let version = aggregated();
+    assert_eq!(version["freshness"], "Stale", "the last document stays listed, stale: {version}");
+    assert_eq!(version["resources"][0]["resource"], "flunders", "{version}");
     let (code, _) = server.curl("GET", "/apis/wardle.example.com/v1alpha1/namespaces/default/flunders", true, &[]);
     assert_eq!(code, 503);
 }
