@@ -173,7 +173,8 @@ spec:
         let (code, body) = server.curl("GET", "/apis", true, &["-H", accept]);
         assert_eq!(code, 200, "{body}");
         let document: Value = serde_json::from_str(&body).unwrap();
-        let group = document["items"].as_array().unwrap().iter().find(|g| g["metadata"]["name"] == "wardle.example.com");
+        let group =
+            document["items"].as_array().unwrap().iter().find(|g| g["metadata"]["name"] == "wardle.example.com");
         group.expect("the remote group is listed")["versions"][0].clone()
     };
     let version = aggregated();
