@@ -13,9 +13,7 @@
 //! `run` keeps the served remotes: on every APIService change and every 10 s it asks each
 //! remote for its discovery document (`/apis/<group>/<version>`), keeps it for discovery
 //! (legacy and aggregated, merged with this server's own) and writes the `Available`
-//! condition (local ones are always available). As upstream, a remote is proxied to only while
-//! its last check passed (else 503, and `run` checks again at once); one whose check fails stays
-//! in discovery with its last document, `Stale`.
+//! condition (local ones are always available).
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::{Arc, RwLock};
@@ -56,8 +54,6 @@ pub struct Remote {
 #[derive(Debug, Default)]
 pub struct Aggregated {
     remotes: RwLock<Arc<HashMap<String, Remote>>>,
-    /// Asks `run` to check the APIServices now (a request found its remote unavailable).
-    recheck: tokio::sync::Notify,
 }
 
 impl Aggregated {
@@ -374,12 +370,6 @@ pub async fn forward(
     user: Option<&UserInfo>,
     request: hyper::Request<Body>,
 ) -> Result<Response<Body>, ApiError> {
-    if !remote.fresh {
-        // As upstream's proxy: only an available APIService is proxied to, so what discovery
-        // lists and what answers agree. The checker looks again at once.
-        state.aggregated.recheck.notify_one();
-        return Err(ApiError::unavailable("service unavailable".to_string()));
-    }
     let (parts, body) = request.into_parts();
     let uri = parts.uri.path_and_query().map(|p| p.as_str().to_string()).unwrap_or_else(|| "/".into());
     let host = format!(
@@ -516,13 +506,10 @@ pub async fn run(state: Arc<ApiState>) {
         let mut live = subscription.live;
         loop {
             refresh(&state).await;
-            tokio::select! {
-                changed = tokio::time::timeout(Duration::from_secs(10), live.recv()) => {
-                    if let Ok(Err(crate::watch_cache::RecvError::Closed)) = changed {
-                        break;
-                    }
-                }
-                () = state.aggregated.recheck.notified() => {}
+            match tokio::time::timeout(Duration::from_secs(10), live.recv()).await {
+                Ok(Ok(_)) | Err(_) => {}
+                Ok(Err(crate::watch_cache::RecvError::Lagged(_))) => {}
+                Ok(Err(crate::watch_cache::RecvError::Closed)) => break,
             }
         }
     }
@@ -555,7 +542,7 @@ pub async fn refresh(state: &ApiState) {
                 set_available(state, service, false, reason, &message).await;
             }
         }
-        // Kept whether or not it answers now: its requests get 503 until it does.
+        // Served whether or not it answers now: requests get the remote's own error (503).
         remotes.insert(key, remote);
     }
     *state.aggregated.remotes.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(remotes);
