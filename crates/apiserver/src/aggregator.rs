@@ -13,7 +13,8 @@
 //! `run` keeps the served remotes: on every APIService change and every 10 s it asks each
 //! remote for its discovery document (`/apis/<group>/<version>`), keeps it for discovery
 //! (legacy and aggregated, merged with this server's own) and writes the `Available`
-//! condition (local ones are always available).
+//! condition (local ones are always available). A remote's document is listed before its
+//! condition is written; one whose check fails keeps its last document, listed `Stale`.
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::{Arc, RwLock};
