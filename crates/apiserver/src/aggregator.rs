@@ -14,7 +14,9 @@
 //! remote for its discovery document (`/apis/<group>/<version>`), keeps it for discovery
 //! (legacy and aggregated, merged with this server's own) and writes the `Available`
 //! condition (local ones are always available). A remote's document is listed before its
-//! condition is written; one whose check fails keeps its last document, listed `Stale`.
+//! condition is written. As upstream, a remote is proxied to only while its last check passed
+//! (else 503, and `run` checks again at once); one whose check fails stays in discovery with its
+//! last document, `Stale`.
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::{Arc, RwLock};
@@ -55,6 +57,8 @@ pub struct Remote {
 #[derive(Debug, Default)]
 pub struct Aggregated {
     remotes: RwLock<Arc<HashMap<String, Remote>>>,
+    /// Asks `run` to check the APIServices now (a request found its remote unavailable).
+    recheck: tokio::sync::Notify,
 }
 
 impl Aggregated {
@@ -323,11 +327,15 @@ fn connector(remote: &Remote, front_proxy: &FrontProxy) -> Result<tokio_rustls::
 async fn send(
     state: &ApiState,
     remote: &Remote,
-    request: hyper::Request<Body>,
+    mut request: hyper::Request<Body>,
 ) -> Result<Response<hyper::body::Incoming>, ApiError> {
     let unavailable = |why: String| ApiError::unavailable(format!("error trying to reach service: {why}"));
     let namespace = remote.service["namespace"].as_str().unwrap_or_default();
     let name = remote.service["name"].as_str().unwrap_or_default();
+    // HTTP/1.1 requires a Host: Go's servers (as aggregated servers are) answer 400 without one.
+    let host = header::HeaderValue::from_str(&format!("{name}.{namespace}.svc"))
+        .map_err(|e| ApiError::bad_request(format!("spec.service: {e}")))?;
+    request.headers_mut().insert(header::HOST, host);
     let port = remote.service["port"].as_i64().unwrap_or(443);
     let id = format!("https:{name}:{port}");
     let target = crate::proxy::Target { plural: "services", namespace: Some(namespace), id: &id };
@@ -371,14 +379,15 @@ pub async fn forward(
     user: Option<&UserInfo>,
     request: hyper::Request<Body>,
 ) -> Result<Response<Body>, ApiError> {
+    if !remote.fresh {
+        // As upstream's proxy: only an available APIService is proxied to, so what discovery
+        // lists and what answers agree. The checker looks again at once.
+        state.aggregated.recheck.notify_one();
+        return Err(ApiError::unavailable("service unavailable".to_string()));
+    }
     let (parts, body) = request.into_parts();
     let uri = parts.uri.path_and_query().map(|p| p.as_str().to_string()).unwrap_or_else(|| "/".into());
-    let host = format!(
-        "{}.{}.svc",
-        remote.service["name"].as_str().unwrap_or_default(),
-        remote.service["namespace"].as_str().unwrap_or_default()
-    );
-    let mut forward = hyper::Request::builder().method(parts.method.clone()).uri(&uri).header(header::HOST, host);
+    let mut forward = hyper::Request::builder().method(parts.method.clone()).uri(&uri);
     for (name, value) in &parts.headers {
         if passed_on(name.as_str()) {
             forward = forward.header(name, value);
@@ -507,10 +516,13 @@ pub async fn run(state: Arc<ApiState>) {
         let mut live = subscription.live;
         loop {
             refresh(&state).await;
-            match tokio::time::timeout(Duration::from_secs(10), live.recv()).await {
-                Ok(Ok(_)) | Err(_) => {}
-                Ok(Err(crate::watch_cache::RecvError::Lagged(_))) => {}
-                Ok(Err(crate::watch_cache::RecvError::Closed)) => break,
+            tokio::select! {
+                changed = tokio::time::timeout(Duration::from_secs(10), live.recv()) => {
+                    if let Ok(Err(crate::watch_cache::RecvError::Closed)) = changed {
+                        break;
+                    }
+                }
+                () = state.aggregated.recheck.notified() => {}
             }
         }
     }
@@ -543,7 +555,7 @@ pub async fn refresh(state: &ApiState) {
                 set_available(state, service, false, reason, &message).await;
             }
         }
-        // Served whether or not it answers now: requests get the remote's own error (503).
+        // Kept whether or not it answers now: its requests get 503 until it does.
         remotes.insert(key, remote);
     }
     *state.aggregated.remotes.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(remotes);

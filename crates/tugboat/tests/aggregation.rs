@@ -92,7 +92,12 @@ fn remote(front_proxy_ca: &str) -> (tokio::runtime::Runtime, u16, String, tempfi
                         request.headers().get(name).and_then(|v| v.to_str().ok()).unwrap_or_default().to_string()
                     };
                     let groups = request.headers().get_all("x-remote-group").iter().count();
-                    let (code, body) = answer(request.uri().path(), &header("x-remote-user"), groups);
+                    let (code, body) = if header("host").is_empty() {
+                        // As Go's net/http, which every real aggregated server runs on.
+                        (400, json!("400 Bad Request: missing required Host header"))
+                    } else {
+                        answer(request.uri().path(), &header("x-remote-user"), groups)
+                    };
                     let mut response = hyper::Response::new(Full::new(Bytes::from(body.to_string())));
                     *response.status_mut() = hyper::StatusCode::from_u16(code).unwrap();
                     response.headers_mut().insert("content-type", "application/json".parse().unwrap());
