@@ -1118,7 +1118,7 @@ fn default_value(schema: &Value, value: &mut Value, root: bool) {
 
 /// Validates a custom object against its schema: the causes of a 422, with upstream's wording.
 /// Once it fits, its CEL rules (`x-kubernetes-validations`) run, `old` being the object before
-/// an update.
+/// an update. On an update, values left as they were are not judged again (ratcheting).
 pub fn validate(custom: &Custom, object: &Value, old: Option<&Value>) -> Vec<Cause> {
     let mut causes = Vec::new();
     if let Some(schema) = &custom.schema {
@@ -1129,7 +1129,7 @@ pub fn validate(custom: &Custom, object: &Value, old: Option<&Value>) -> Vec<Cau
             properties.remove("apiVersion");
             properties.remove("kind");
         }
-        validate_value(&top, object, "", &mut causes);
+        validate_value(&top, object, old, "", &mut causes);
         if causes.is_empty() {
             causes = crate::rules::check(schema, object, old);
         }
@@ -1173,7 +1173,14 @@ fn compiled(pattern: &str) -> Option<regex::Regex> {
     cache.entry(pattern.to_string()).or_insert_with(|| regex::Regex::new(pattern).ok()).clone()
 }
 
-fn validate_value(schema: &Value, value: &Value, path: &str, causes: &mut Vec<Cause>) {
+/// Validates `value` against `schema`. `old` is the value at the same place before an update,
+/// where one can be found (by property name, and by the keys of a `map` list's items): as
+/// upstream's validation ratcheting, a value an update leaves as it was is not judged again,
+/// so tightening a schema does not lock its existing objects.
+fn validate_value(schema: &Value, value: &Value, old: Option<&Value>, path: &str, causes: &mut Vec<Cause>) {
+    if old == Some(value) {
+        return;
+    }
     let field = if path.is_empty() { "<root>".to_string() } else { path.to_string() };
     let actual = type_name(value);
     if value.is_null() {
@@ -1282,8 +1289,10 @@ fn validate_value(schema: &Value, value: &Value, path: &str, causes: &mut Vec<Ca
                 ));
             }
             if let Some(item_schema) = schema.get("items").filter(|i| i.is_object()) {
+                let old_items = old.and_then(Value::as_array);
                 for (i, item) in items.iter().enumerate() {
-                    validate_value(item_schema, item, &format!("{path}[{i}]"), causes);
+                    let old_item = old_items.and_then(|olds| correlated(schema, item, olds));
+                    validate_value(item_schema, item, old_item, &format!("{path}[{i}]"), causes);
                 }
             }
         }
@@ -1299,12 +1308,26 @@ fn validate_value(schema: &Value, value: &Value, path: &str, causes: &mut Vec<Ca
             let additional = schema.get("additionalProperties").filter(|a| a.is_object());
             for (key, child) in map {
                 if let Some(child_schema) = properties.and_then(|p| p.get(key)).or(additional) {
-                    validate_value(child_schema, child, &join(key), causes);
+                    validate_value(child_schema, child, old.and_then(|o| o.get(key)), &join(key), causes);
                 }
             }
         }
         _ => {}
     }
+}
+
+/// The item of `olds` (the list before an update) that `item` stands for: in a list of
+/// `x-kubernetes-list-type: map`, the one with the same map keys; items of other lists have none.
+pub fn correlated<'a>(list_schema: &Value, item: &Value, olds: &'a [Value]) -> Option<&'a Value> {
+    if list_schema["x-kubernetes-list-type"] != "map" {
+        return None;
+    }
+    let keys: Vec<&str> =
+        list_schema["x-kubernetes-list-map-keys"].as_array().into_iter().flatten().filter_map(Value::as_str).collect();
+    if keys.is_empty() {
+        return None;
+    }
+    olds.iter().find(|o| keys.iter().all(|k| o.get(*k) == item.get(*k)))
 }
 
 /// A printer column's cell: the value at its JSONPath (`.spec.replicas`, `.status.conditions[0].type`).

@@ -3,7 +3,8 @@
 //! `oldSelf` (a rule that names `oldSelf` is a transition rule: it runs only when there is an
 //! old value to compare with, unless `optionalOldSelf`). Old values are found by property name
 //! and, in lists of `x-kubernetes-list-type: map`, by their map keys; other list items have
-//! none. A rule that does not hold is a 422 cause at the node's path (plus its `fieldPath`),
+//! none. On an update, a rule that does not name `oldSelf` is skipped on a value left as it
+//! was (upstream's ratcheting, as `crd::validate` does for the schema). A rule that does not hold is a 422 cause at the node's path (plus its `fieldPath`),
 //! worded by its `reason`, with its `messageExpression`, `message` or `failed rule: <rule>`.
 //! Rules run once the object fits its schema; they are compiled when the definition is
 //! written (`compile_errors`), with the `cel` crate, and their cost estimated as upstream
@@ -62,21 +63,9 @@ fn walk(schema: &Value, value: &Value, old: Option<&Value>, path: &str, causes: 
         }
         Value::Array(items) => {
             let Some(item_schema) = schema.get("items").filter(|i| i.is_object()) else { return };
-            let keys: Vec<&str> = if schema["x-kubernetes-list-type"] == "map" {
-                schema["x-kubernetes-list-map-keys"]
-                    .as_array()
-                    .into_iter()
-                    .flatten()
-                    .filter_map(Value::as_str)
-                    .collect()
-            } else {
-                Vec::new()
-            };
             let old_items = old.and_then(Value::as_array);
             for (i, item) in items.iter().enumerate() {
-                let old_item = old_items
-                    .filter(|_| !keys.is_empty())
-                    .and_then(|olds| olds.iter().find(|o| keys.iter().all(|k| o.get(*k) == item.get(*k))));
+                let old_item = old_items.and_then(|olds| crate::crd::correlated(schema, item, olds));
                 walk(item_schema, item, old_item, &format!("{path}[{i}]"), causes, depth + 1);
             }
         }
@@ -88,6 +77,11 @@ fn run(rule: &Value, schema: &Value, value: &Value, old: Option<&Value>, path: &
     let text = rule["rule"].as_str().unwrap_or_default();
     let transition = text.contains("oldSelf");
     if transition && old.is_none() && rule["optionalOldSelf"] != true {
+        return;
+    }
+    // Ratcheting, as upstream: a rule that does not look at `oldSelf` is not run again on a value
+    // the update left as it was.
+    if !transition && old == Some(value) {
         return;
     }
     let mut context = cel::Context::default();

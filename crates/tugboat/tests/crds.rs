@@ -1,7 +1,8 @@
 //! CustomResourceDefinitions with the real kubectl against a real `tugboat server`: a definition
 //! becomes a served resource (discovery, short names, categories, printer columns), its schema
 //! prunes, defaults and validates objects, the status subresource splits writes, `/scale` maps
-//! to the paths the definition names, a second
+//! to the paths the definition names, values an update leaves as they were are not judged again
+//! by a schema tightened since (ratcheting), a second
 //! version serves the same objects, and deleting the definition deletes its objects first.
 
 use std::path::Path;
@@ -294,4 +295,77 @@ fn cel_rules_in_a_schema_refuse_what_they_do_not_allow() {
         .replace("type: array\n", "type: array\n                maxItems: 20\n")
         .replace("items: {type: string}", "items: {type: string, maxLength: 63}");
     server.kubectl(&["apply", "-f", "-"], Some(&bounded));
+}
+
+/// Gadgets: a loose schema first, a tight one after.
+const GADGETS: &str = r#"
+apiVersion: apiextensions.k8s.io/v1
+kind: CustomResourceDefinition
+metadata:
+  name: gadgets.example.com
+spec:
+  group: example.com
+  scope: Namespaced
+  names: {plural: gadgets, kind: Gadget}
+  versions:
+  - name: v1
+    served: true
+    storage: true
+    schema:
+      openAPIV3Schema:
+        type: object
+        properties:
+          spec:
+            type: object
+            properties:
+              label: {type: string}
+              size: {type: integer}
+              color: {type: string}
+              ports:
+                type: array
+                x-kubernetes-list-type: map
+                x-kubernetes-list-map-keys: [name]
+                items:
+                  type: object
+                  required: [name]
+                  properties:
+                    name: {type: string}
+                    port: {type: integer}
+"#;
+
+#[test]
+fn tightening_a_schema_does_not_lock_the_objects_it_already_holds() {
+    let server = server();
+    server.kubectl(&["apply", "-f", "-"], Some(GADGETS));
+    server.kubectl(&["wait", "--for=condition=Established", "crd/gadgets.example.com", "--timeout=30s"], None);
+    let gadget = |label: &str, size: u32, color: &str, port: u32| {
+        format!(
+            "apiVersion: example.com/v1\nkind: Gadget\nmetadata: {{name: g}}\nspec: {{label: {label}, size: {size}, color: {color}, ports: [{{name: web, port: {port}}}]}}\n"
+        )
+    };
+    server.kubectl(&["apply", "-f", "-"], Some(&gadget("a-rather-long-label", 500, "red", 99999)));
+    // The schema tightens: a short label, a CEL rule on size, ports under 65536.
+    let tight = GADGETS
+        .replace("label: {type: string}", "label: {type: string, maxLength: 10}")
+        .replace(
+            "size: {type: integer}",
+            "size:\n                type: integer\n                x-kubernetes-validations:\n                - rule: \"self < 100\"\n                  message: size must be under 100",
+        )
+        .replace("port: {type: integer}", "port: {type: integer, maximum: 65535}");
+    server.kubectl(&["apply", "-f", "-"], Some(&tight));
+    eventually("the tight schema to be served", || {
+        let fresh = gadget("a-rather-long-label", 500, "red", 99999).replace("name: g}", "name: h}");
+        server.kubectl_fails(&["apply", "-f", "-"], Some(&fresh)).contains("spec.label: Too long")
+    });
+    // Values the update leaves as they were are not judged again (upstream's ratcheting)...
+    server.kubectl(&["apply", "-f", "-"], Some(&gadget("a-rather-long-label", 500, "blue", 99999)));
+    // ...and each one that changes is, schema and CEL rule alike, at its own path.
+    let error = server.kubectl_fails(&["apply", "-f", "-"], Some(&gadget("another-long-label", 500, "blue", 99999)));
+    assert!(error.contains("spec.label: Too long: may not be more than 10 bytes"), "{error}");
+    let error = server.kubectl_fails(&["apply", "-f", "-"], Some(&gadget("a-rather-long-label", 600, "blue", 99999)));
+    assert!(error.contains(r#"spec.size: Invalid value: "integer": size must be under 100"#), "{error}");
+    assert!(!error.contains("spec.label"), "{error}");
+    let error = server.kubectl_fails(&["apply", "-f", "-"], Some(&gadget("a-rather-long-label", 500, "blue", 70000)));
+    assert!(error.contains("spec.ports[0].port: Invalid value: 70000"), "{error}");
+    server.kubectl(&["apply", "-f", "-"], Some(&gadget("short", 50, "blue", 8080)));
 }
