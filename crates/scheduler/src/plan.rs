@@ -14,32 +14,62 @@ use tugboat_objects::scheduling::{
 };
 
 /// What pods ask of a node, added up.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Resources {
     pub milli_cpu: i64,
     pub memory: i64,
     pub ephemeral_storage: i64,
+    /// Extended resources (`example.com/gpu`, `hugepages-2Mi`, …) by name, in whole units;
+    /// empty (no allocation) for the pods and nodes that have none.
+    pub scalars: Vec<(String, i64)>,
 }
 
+/// The resources that are not counted as scalars.
+const NAMED: [&str; 5] = ["cpu", "memory", "ephemeral-storage", "pods", "storage"];
+
 impl Resources {
-    fn add(&mut self, other: Resources) {
+    fn scalar(&self, name: &str) -> i64 {
+        self.scalars.iter().find(|(n, _)| n == name).map(|(_, v)| *v).unwrap_or(0)
+    }
+
+    fn scalar_mut(&mut self, name: &str) -> &mut i64 {
+        let at = match self.scalars.iter().position(|(n, _)| n == name) {
+            Some(at) => at,
+            None => {
+                self.scalars.push((name.to_string(), 0));
+                self.scalars.len() - 1
+            }
+        };
+        &mut self.scalars[at].1
+    }
+
+    fn add(&mut self, other: &Resources) {
         self.milli_cpu += other.milli_cpu;
         self.memory += other.memory;
         self.ephemeral_storage += other.ephemeral_storage;
+        for (name, value) in &other.scalars {
+            *self.scalar_mut(name) += value;
+        }
     }
 
-    fn subtract(&mut self, other: Resources) {
+    fn subtract(&mut self, other: &Resources) {
         self.milli_cpu -= other.milli_cpu;
         self.memory -= other.memory;
         self.ephemeral_storage -= other.ephemeral_storage;
+        for (name, value) in &other.scalars {
+            *self.scalar_mut(name) -= value;
+        }
     }
 
-    fn max(self, other: Resources) -> Resources {
-        Resources {
-            milli_cpu: self.milli_cpu.max(other.milli_cpu),
-            memory: self.memory.max(other.memory),
-            ephemeral_storage: self.ephemeral_storage.max(other.ephemeral_storage),
+    fn max(mut self, other: &Resources) -> Resources {
+        self.milli_cpu = self.milli_cpu.max(other.milli_cpu);
+        self.memory = self.memory.max(other.memory);
+        self.ephemeral_storage = self.ephemeral_storage.max(other.ephemeral_storage);
+        for (name, value) in &other.scalars {
+            let mine = self.scalar_mut(name);
+            *mine = (*mine).max(*value);
         }
+        self
     }
 }
 
@@ -49,10 +79,20 @@ fn container_requests(resources: Option<&k8s_openapi::api::core::v1::ResourceReq
         // A limit without a request requests the limit (upstream defaults it so).
         resources.requests.as_ref().and_then(|r| r.get(name)).or_else(|| resources.limits.as_ref()?.get(name))
     };
+    let mut scalars = Vec::new();
+    if let Some(resources) = resources {
+        let names = resources.requests.iter().chain(resources.limits.iter()).flat_map(|list| list.keys());
+        for name in names {
+            if !NAMED.contains(&name.as_str()) && !scalars.iter().any(|(n, _)| n == name) {
+                scalars.push((name.clone(), get(name).map(|q| units(&q.0)).unwrap_or(0)));
+            }
+        }
+    }
     Resources {
         milli_cpu: get("cpu").map(|q| millicores(&q.0)).unwrap_or(0),
         memory: get("memory").map(|q| units(&q.0)).unwrap_or(0),
         ephemeral_storage: get("ephemeral-storage").map(|q| units(&q.0)).unwrap_or(0),
+        scalars,
     }
 }
 
@@ -62,13 +102,13 @@ pub fn pod_requests(pod: &Pod) -> Resources {
     let Some(spec) = &pod.spec else { return Resources::default() };
     let mut sum = Resources::default();
     for container in &spec.containers {
-        sum.add(container_requests(container.resources.as_ref()));
+        sum.add(&container_requests(container.resources.as_ref()));
     }
     let mut init = Resources::default();
     for container in spec.init_containers.iter().flatten() {
-        init = init.max(container_requests(container.resources.as_ref()));
+        init = init.max(&container_requests(container.resources.as_ref()));
     }
-    let mut total = sum.max(init);
+    let mut total = sum.max(&init);
     if let Some(overhead) = &spec.overhead {
         total.milli_cpu += overhead.get("cpu").map(|q| millicores(&q.0)).unwrap_or(0);
         total.memory += overhead.get("memory").map(|q| units(&q.0)).unwrap_or(0);
@@ -88,7 +128,7 @@ fn scoring_requests(pod: &Pod) -> Resources {
         if requests.memory == 0 {
             requests.memory = 200 * 1024 * 1024;
         }
-        total.add(requests);
+        total.add(&requests);
     }
     total
 }
@@ -157,8 +197,8 @@ impl NodeInfo {
 
     /// The same, with the pod's cost worked out before (the scheduler keeps them per pod).
     pub fn add_pod_with(&mut self, pod: &Arc<Pod>, cost: &PodCost) {
-        self.requested.add(cost.requests);
-        self.scoring_requested.add(cost.scoring);
+        self.requested.add(&cost.requests);
+        self.scoring_requested.add(&cost.scoring);
         self.pod_count += 1;
         self.host_ports.extend(cost.host_ports.iter().cloned());
         self.pods.push(pod.clone());
@@ -168,8 +208,8 @@ impl NodeInfo {
     pub fn remove_pod(&mut self, uid: &str, cost: &PodCost) -> bool {
         let Some(at) = self.pods.iter().position(|p| p.metadata.uid.as_deref() == Some(uid)) else { return false };
         self.pods.swap_remove(at);
-        self.requested.subtract(cost.requests);
-        self.scoring_requested.subtract(cost.scoring);
+        self.requested.subtract(&cost.requests);
+        self.scoring_requested.subtract(&cost.scoring);
         self.pod_count -= 1;
         for port in &cost.host_ports {
             if let Some(at) = self.host_ports.iter().position(|p| p == port) {
@@ -179,8 +219,8 @@ impl NodeInfo {
         true
     }
 
-    fn allocatable_resources(&self) -> (Resources, i64) {
-        (self.allocatable, self.max_pods)
+    fn allocatable_resources(&self) -> (&Resources, i64) {
+        (&self.allocatable, self.max_pods)
     }
 }
 
@@ -192,10 +232,20 @@ fn offered(node: &Node) -> (Resources, i64) {
         let resources = status.allocatable.as_ref().or(status.capacity.as_ref())?;
         resources.get(name).map(|q| q.0.clone())
     };
+    let scalars = node
+        .status
+        .as_ref()
+        .and_then(|status| status.allocatable.as_ref().or(status.capacity.as_ref()))
+        .into_iter()
+        .flatten()
+        .filter(|(name, _)| !NAMED.contains(&name.as_str()))
+        .map(|(name, quantity)| (name.clone(), units(&quantity.0)))
+        .collect();
     let allocatable = Resources {
         milli_cpu: offered("cpu").map(|q| millicores(&q)).unwrap_or(0),
         memory: offered("memory").map(|q| units(&q)).unwrap_or(0),
         ephemeral_storage: offered("ephemeral-storage").map(|q| units(&q)).unwrap_or(0),
+        scalars,
     };
     (allocatable, offered("pods").map(|q| units(&q)).unwrap_or(110))
 }
@@ -304,7 +354,7 @@ fn filter(facts: &PodFacts<'_>, info: &NodeInfo) -> Vec<String> {
     }
     // NodeResourcesFit
     let (allocatable, max_pods) = info.allocatable_resources();
-    let requests = facts.requests;
+    let requests = &facts.requests;
     if info.pod_count + 1 > max_pods {
         reasons.push("Too many pods".into());
     }
@@ -319,6 +369,11 @@ fn filter(facts: &PodFacts<'_>, info: &NodeInfo) -> Vec<String> {
     {
         reasons.push("Insufficient ephemeral-storage".into());
     }
+    for (name, wanted) in &requests.scalars {
+        if *wanted > 0 && info.requested.scalar(name) + wanted > allocatable.scalar(name) {
+            reasons.push(format!("Insufficient {name}"));
+        }
+    }
     reasons
 }
 
@@ -328,7 +383,7 @@ fn filter(facts: &PodFacts<'_>, info: &NodeInfo) -> Vec<String> {
 fn score(facts: &PodFacts<'_>, info: &NodeInfo, siblings: usize, siblings_max: usize) -> i64 {
     let pod = facts.pod;
     let (allocatable, _) = info.allocatable_resources();
-    let requests = facts.scoring_requests;
+    let requests = &facts.scoring_requests;
     let fraction = |used: i64, total: i64| if total <= 0 { 1.0 } else { (used as f64 / total as f64).min(1.0) };
     let cpu = fraction(info.scoring_requested.milli_cpu + requests.milli_cpu, allocatable.milli_cpu);
     let memory = fraction(info.scoring_requested.memory + requests.memory, allocatable.memory);
@@ -823,6 +878,38 @@ mod tests {
         assert_eq!(preempt(&with_priority("peer", "1", 1), &nodes, &[]), None);
         let polite = Arc::new(pod("polite", "1", json!({"spec": {"priority": 10, "preemptionPolicy": "Never"}})));
         assert_eq!(preempt(&polite, &nodes, &[]), None);
+    }
+
+    #[test]
+    fn extended_resources_are_counted_and_preempted_for() {
+        // As the conformance preemption specs: nodes offer 5 of an extended resource.
+        let offering =
+            |name: &str| node(name, "2", "8Gi", json!({"status": {"allocatable": {"example.com/foo": "5"}}}));
+        let wanting = |name: &str, foo: &str, priority: i32| {
+            let resources = json!({"requests": {"example.com/foo": foo}, "limits": {"example.com/foo": foo}});
+            Arc::new(pod(
+                name,
+                "10m",
+                json!({"metadata": {"uid": name},
+                       "spec": {"priority": priority, "containers": [{"name": "a", "image": "x", "resources": resources}]}}),
+            ))
+        };
+        let mut nodes = vec![offering("a"), node("b", "2", "8Gi", json!({}))];
+        assert_eq!(chosen(schedule(&wanting("first", "3", 1), &nodes), &nodes), "a", "b has none of it");
+        nodes[0].add_pod(&wanting("first", "3", 1));
+        let more = wanting("more", "3", 10);
+        assert_eq!(chosen(schedule(&more, &nodes), &nodes), "0/2 nodes are available: 2 Insufficient example.com/foo.",);
+        let (node, victims) = preempt(&more, &nodes, &[]).unwrap();
+        assert_eq!((node, victims[0].metadata.name.as_deref()), (0, Some("first")));
+        // A limit alone requests as much; what a pod frees is counted back.
+        let limited = Arc::new(pod(
+            "limited",
+            "10m",
+            json!({"spec": {"containers": [{"name": "a", "image": "x", "resources": {"limits": {"example.com/foo": "2"}}}]}}),
+        ));
+        assert_eq!(chosen(schedule(&limited, &nodes), &nodes), "a");
+        assert!(nodes[0].remove_pod("first", &PodCost::of(&wanting("first", "3", 1))));
+        assert_eq!(chosen(schedule(&more, &nodes), &nodes), "a");
     }
 
     #[test]

@@ -355,7 +355,7 @@ async fn bind(client: &kube::Client, pod: &Pod, node: &str) -> Result<(), kube::
 }
 
 /// Makes room for `pod` on `node`: nominates the node in the pod's status and deletes the
-/// victims (gracefully), each with a Preempted event.
+/// victims (gracefully), each marked `DisruptionTarget` first and given a Preempted event.
 async fn preempt(client: &kube::Client, pod: &Pod, node: &str, victims: &[Arc<Pod>]) {
     let namespace = pod.metadata.namespace.as_deref().unwrap_or("default");
     let name = pod.metadata.name.as_deref().unwrap_or_default();
@@ -369,6 +369,16 @@ async fn preempt(client: &kube::Client, pod: &Pod, node: &str, victims: &[Arc<Po
         let victim_namespace = victim.metadata.namespace.as_deref().unwrap_or("default");
         let victim_name = victim.metadata.name.as_deref().unwrap_or_default();
         let api: Api<Pod> = Api::namespaced(client.clone(), victim_namespace);
+        // As upstream, the victim learns why before it goes (the DisruptionTarget condition).
+        let scheduler = pod.spec.as_ref().and_then(|s| s.scheduler_name.as_deref()).unwrap_or("default-scheduler");
+        let condition = json!({"status": {"conditions": [{
+            "type": "DisruptionTarget", "status": "True", "reason": "PreemptionByScheduler",
+            "message": format!("{scheduler}: preempting to accommodate a higher priority pod"),
+            "lastTransitionTime": Time(jiff::Timestamp::now()),
+        }]}});
+        if let Err(error) = api.patch_status(victim_name, &PatchParams::default(), &Patch::Strategic(condition)).await {
+            tracing::debug!(%error, pod = victim_name, "could not mark a victim");
+        }
         let params = kube::api::DeleteParams {
             preconditions: Some(kube::api::Preconditions { uid: victim.metadata.uid.clone(), resource_version: None }),
             ..Default::default()

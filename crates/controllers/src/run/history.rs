@@ -48,6 +48,29 @@ pub(super) async fn run_history(client: kube::Client, hub: Arc<Hub>) -> anyhow::
     }
 }
 
+/// A revision's data: what `kubectl rollout undo` patches back, the template replacing the
+/// set's (`{"spec":{"template":{…,"$patch":"replace"}}}`). Upstream's controllers (and clients
+/// that find a set's current revision, as the conformance suite does) compare it byte for byte
+/// with Go's encoding of the set's template: keys sorted (serde_json's maps are), the template's
+/// `metadata.creationTimestamp` as `null` and every container's `resources`, fields Go's structs
+/// always write.
+pub(super) fn revision_data(template: &PodTemplateSpec) -> serde_json::Value {
+    let mut template = serde_json::to_value(template).unwrap_or_default();
+    let metadata = template.as_object_mut().map(|t| t.entry("metadata").or_insert_with(|| json!({})));
+    if let Some(metadata) = metadata.and_then(serde_json::Value::as_object_mut) {
+        metadata.entry("creationTimestamp").or_insert(serde_json::Value::Null);
+    }
+    for list in ["initContainers", "containers", "ephemeralContainers"] {
+        let containers = template.pointer_mut(&format!("/spec/{list}")).and_then(serde_json::Value::as_array_mut);
+        let containers = containers.into_iter().flatten();
+        for container in containers.filter_map(serde_json::Value::as_object_mut) {
+            container.entry("resources").or_insert_with(|| json!({}));
+        }
+    }
+    template["$patch"] = json!("replace");
+    json!({"spec": {"template": template}})
+}
+
 async fn sync(
     client: &kube::Client,
     set: &ObjectMeta,
@@ -75,9 +98,6 @@ async fn sync(
     let highest = mine.last().map(|r| r.revision).unwrap_or(0);
     match mine.iter().find(|r| r.metadata.name.as_deref() == Some(current_name.as_str())) {
         None => {
-            // What `kubectl rollout undo` patches back: the template, replacing the set's.
-            let mut template_json = serde_json::to_value(template).unwrap_or_default();
-            template_json["$patch"] = json!("replace");
             let mut labels = template.metadata.as_ref().and_then(|m| m.labels.clone()).unwrap_or_default();
             labels.insert(crate::daemonset::HASH_LABEL.into(), hash.clone());
             let revision = ControllerRevision {
@@ -88,7 +108,7 @@ async fn sync(
                     owner_references: Some(vec![owner]),
                     ..ObjectMeta::default()
                 },
-                data: Some(RawExtension(json!({"spec": {"template": template_json}}))),
+                data: Some(RawExtension(revision_data(template))),
                 revision: highest + 1,
             };
             if let Err(error) = create_if_missing(&api, &revision).await {
@@ -110,5 +130,26 @@ async fn sync(
     for revision in old.into_iter().take(excess) {
         let Some(name) = revision.metadata.name.as_deref() else { continue };
         let _ = delete_if_there(&api, name, &DeleteParams::default()).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn revision_data_is_what_go_writes_for_the_template() {
+        let template: PodTemplateSpec = serde_json::from_value(json!({
+            "metadata": {"labels": {"app": "x"}},
+            "spec": {"containers": [{"name": "app", "image": "img", "ports": [{"containerPort": 80, "protocol": "TCP"}]}]},
+        }))
+        .unwrap();
+        // What client-go's `daemon.Match` compares with: json.Marshal of the typed template,
+        // re-marshalled through a map (sorted keys).
+        let go = r#"{"spec":{"template":{"$patch":"replace","metadata":{"creationTimestamp":null,"labels":{"app":"x"}},"spec":{"containers":[{"image":"img","name":"app","ports":[{"containerPort":80,"protocol":"TCP"}],"resources":{}}]}}}}"#;
+        assert_eq!(revision_data(&template).to_string(), go);
+        let restored: PodTemplateSpec =
+            serde_json::from_value(revision_data(&template)["spec"]["template"].clone()).unwrap();
+        assert_eq!(restored.metadata, template.metadata.map(|m| ObjectMeta { creation_timestamp: None, ..m }));
     }
 }

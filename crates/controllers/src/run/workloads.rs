@@ -960,9 +960,9 @@ async fn apply_statefulset(client: &kube::Client, set: &StatefulSet, plan: state
             owner_references: Some(vec![owner.clone()]),
             ..Default::default()
         },
-        data: Some(k8s_openapi::apimachinery::pkg::runtime::RawExtension(
-            json!({"spec": {"template": spec.template, "$patch": "replace"}}),
-        )),
+        data: Some(k8s_openapi::apimachinery::pkg::runtime::RawExtension(super::history::revision_data(
+            &spec.template,
+        ))),
         revision: set.metadata.generation.unwrap_or(1),
     };
     if let Err(error) = create_if_missing(&revisions, &revision).await {
