@@ -874,6 +874,28 @@ pub fn prepare_update(resource: &Resource, old: &Value, object: &mut Value) -> R
         }
     }
     apply_defaults(resource, object);
+    // A PriorityClass's value and preemption policy are fixed once made (upstream's words).
+    if resource.group == "scheduling.k8s.io" && resource.plural == "priorityclasses" {
+        let mut causes = Vec::new();
+        if object["value"] != old["value"] {
+            causes.push(Cause {
+                reason: "FieldValueForbidden",
+                message: "Forbidden: may not be changed in an update.".into(),
+                field: "value".into(),
+            });
+        }
+        if object["preemptionPolicy"] != old["preemptionPolicy"] {
+            causes.push(Cause {
+                reason: "FieldValueInvalid",
+                message: format!("Invalid value: {}: field is immutable", object["preemptionPolicy"]),
+                field: "preemptionPolicy".into(),
+            });
+        }
+        if !causes.is_empty() {
+            let name = old["metadata"]["name"].as_str().unwrap_or_default();
+            return Err(ApiError::invalid(resource.group, resource.kind, name, causes));
+        }
+    }
     if resource.has_generation() {
         let generation = old["metadata"]["generation"].as_i64().unwrap_or(1);
         // A custom object's generation follows everything but its metadata and status.

@@ -213,6 +213,10 @@ fn priority_classes_give_priority_and_urgent_pods_preempt() {
     assert!(classes.contains("system-node-critical") && classes.contains("2000001000"), "{classes}");
     let high = "apiVersion: scheduling.k8s.io/v1\nkind: PriorityClass\nmetadata: {name: high}\nvalue: 1000\n";
     server.kubectl(&["apply", "-f", "-"], Some(high));
+    // A class's value is fixed once made (its description is not).
+    let refused = server.kubectl_fails(&["patch", "priorityclass", "high", "-p", r#"{"value": 5}"#], None);
+    assert!(refused.contains("value: Forbidden: may not be changed in an update."), "{refused}");
+    server.kubectl(&["patch", "priorityclass", "high", "-p", r#"{"description": "urgent work"}"#], None);
     // Two fillers take the node's two cores (the hollow node must be there first).
     let deadline = Instant::now() + Duration::from_secs(20);
     while server.kubectl(&["get", "nodes", "-o", "name"], None).trim() != "node/small-0" {
