@@ -48,6 +48,29 @@ pub struct Plan {
 
 /// A stable, short name for a pod template, from the letters upstream uses.
 pub fn template_hash(template: &PodTemplateSpec) -> String {
+    // An empty `resources` is no resources: Go's structs cannot tell them apart, and a rollback
+    // patches back Go's encoding of a template (a ControllerRevision's), which writes one for
+    // every container. Templates without one hash as they always did.
+    let empty = |c: &k8s_openapi::api::core::v1::Container| {
+        c.resources.as_ref().is_some_and(|r| *r == k8s_openapi::api::core::v1::ResourceRequirements::default())
+    };
+    let spec = template.spec.as_ref();
+    let containers = spec.into_iter().flat_map(|s| s.containers.iter().chain(s.init_containers.iter().flatten()));
+    let normalized;
+    let template = if containers.clone().any(empty) {
+        let mut copy = template.clone();
+        if let Some(spec) = copy.spec.as_mut() {
+            for container in spec.containers.iter_mut().chain(spec.init_containers.iter_mut().flatten()) {
+                if empty(container) {
+                    container.resources = None;
+                }
+            }
+        }
+        normalized = copy;
+        &normalized
+    } else {
+        template
+    };
     let text = serde_json::to_string(template).unwrap_or_default();
     let hash = text.bytes().fold(0x811c_9dc5_u32, |h, b| (h ^ u32::from(b)).wrapping_mul(0x0100_0193));
     const ALPHABET: &[u8] = b"bcdfghjklmnpqrstvwxz2456789";
@@ -486,6 +509,21 @@ mod tests {
                 _ => None,
             })
             .collect()
+    }
+
+    #[test]
+    fn an_empty_resources_hashes_as_none() {
+        let template = |resources: serde_json::Value| -> PodTemplateSpec {
+            let mut container = json!({"name": "c", "image": "nginx:1"});
+            if !resources.is_null() {
+                container["resources"] = resources;
+            }
+            serde_json::from_value(json!({"metadata": {"labels": {"app": "web"}}, "spec": {"containers": [container]}}))
+                .unwrap()
+        };
+        let plain = template_hash(&template(serde_json::Value::Null));
+        assert_eq!(template_hash(&template(json!({}))), plain, "as a rollback writes it back");
+        assert_ne!(template_hash(&template(json!({"requests": {"cpu": "1"}}))), plain);
     }
 
     #[test]
