@@ -14,58 +14,21 @@
 //! message; warnings go back to the client. The configurations themselves are never sent to
 //! webhooks, so a webhook cannot lock its own configuration.
 
-use std::sync::Arc;
 use std::time::Duration;
 
-use axum::body::Body;
 use base64::Engine;
-use http_body_util::BodyExt;
-use hyper_util::rt::TokioIo;
 use serde_json::{Value, json};
 
 use crate::auth::UserInfo;
-use crate::handlers::{ApiState, Write, cached_get, cached_list};
+use crate::matching::{
+    Attributes, GROUP, Matched, Operation, convert_between, reviewed_kind, rules_take_request, selectors_match,
+    versioned_request,
+};
+use crate::outbound::post;
 use crate::registry::{self, Resource};
+use crate::request::Write;
+use crate::state::{ApiState, cached_list};
 use crate::status::{ApiError, Cause};
-
-pub const GROUP: &str = "admissionregistration.k8s.io";
-
-/// What a request does to its object, as `AdmissionRequest.operation` names it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Operation {
-    Create,
-    Update,
-    Delete,
-    Connect,
-}
-
-impl Operation {
-    fn as_str(self) -> &'static str {
-        match self {
-            Operation::Create => "CREATE",
-            Operation::Update => "UPDATE",
-            Operation::Delete => "DELETE",
-            Operation::Connect => "CONNECT",
-        }
-    }
-}
-
-/// One request to admit.
-pub struct Attributes<'a> {
-    pub resource: &'a Resource,
-    /// `""`, `status`, `scale`, `attach`, …
-    pub subresource: &'a str,
-    pub operation: Operation,
-    pub namespace: Option<&'a str>,
-    pub name: &'a str,
-    /// The object before the request (updates and deletes).
-    pub old: Option<&'a Value>,
-    /// `CreateOptions`, `UpdateOptions`, `DeleteOptions`, or a connect request's options
-    /// object (`PodAttachOptions`), which is then the reviewed object too.
-    pub options: Value,
-    pub dry_run: bool,
-    pub user: Option<&'a UserInfo>,
-}
 
 /// Whether requests for `resource` are never sent to webhooks: the admission configurations
 /// themselves (so no webhook can keep them from being fixed or deleted).
@@ -133,165 +96,6 @@ async fn hooks(state: &ApiState, kind: Kind) -> Result<Vec<Hook>, ApiError> {
     Ok(hooks)
 }
 
-/// `kind`, `resource` of the reviewed object: a subresource's own kind where it has one.
-fn reviewed_kind(resource: &Resource, subresource: &str) -> (String, String, String) {
-    match (resource.plural, subresource) {
-        ("pods", "attach") => ("".into(), "v1".into(), "PodAttachOptions".into()),
-        ("pods", "exec") => ("".into(), "v1".into(), "PodExecOptions".into()),
-        ("pods", "portforward") => ("".into(), "v1".into(), "PodPortForwardOptions".into()),
-        ("pods", "proxy") | ("services", "proxy") | ("nodes", "proxy") => {
-            ("".into(), "v1".into(), format!("{}ProxyOptions", resource.kind))
-        }
-        ("pods", "binding") => ("".into(), "v1".into(), "Binding".into()),
-        ("pods", "eviction") => ("policy".into(), "v1".into(), "Eviction".into()),
-        ("serviceaccounts", "token") => ("authentication.k8s.io".into(), "v1".into(), "TokenRequest".into()),
-        (_, "scale") if resource.custom.is_none() => ("autoscaling".into(), "v1".into(), "Scale".into()),
-        _ => (resource.group.into(), resource.version.into(), resource.kind.into()),
-    }
-}
-
-/// Whether one of the rules of `webhook` takes the request.
-pub(crate) fn rules_match(webhook: &Value, attributes: &Attributes<'_>) -> bool {
-    rules_take(webhook, attributes.resource, attributes.subresource, attributes.operation)
-}
-
-/// Whether one of the rules of `webhook` takes `operation` on `resource` (and `subresource`).
-fn rules_take(webhook: &Value, resource: &Resource, subresource: &str, operation: Operation) -> bool {
-    let listed = |list: &Value, value: &str| {
-        list.as_array().is_some_and(|items| items.iter().any(|item| item == "*" || item == value))
-    };
-    webhook["rules"].as_array().into_iter().flatten().any(|rule| {
-        listed(&rule["operations"], operation.as_str())
-            && listed(&rule["apiGroups"], resource.group)
-            && listed(&rule["apiVersions"], resource.version)
-            && rule["resources"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .filter_map(Value::as_str)
-                .any(|pattern| resource_matches(pattern, resource.plural, subresource))
-            && match rule["scope"].as_str().unwrap_or("*") {
-                "Cluster" => !resource.namespaced,
-                "Namespaced" => resource.namespaced,
-                _ => true,
-            }
-    })
-}
-
-/// How the rules of `webhook` (a webhook, or a policy's `{"rules": …, "matchPolicy": …}`) take
-/// the request: as it is, or — under `matchPolicy: Equivalent`, upstream's default — as another
-/// version of the same objects (the resources stored alike: autoscaling/v1 and v2
-/// HorizontalPodAutoscalers, core and events.k8s.io Events, the versions of a custom resource).
-pub(crate) enum Matched {
-    Exactly,
-    As(&'static Resource),
-}
-
-pub(crate) fn rules_take_request(state: &ApiState, webhook: &Value, attributes: &Attributes<'_>) -> Option<Matched> {
-    if rules_match(webhook, attributes) {
-        return Some(Matched::Exactly);
-    }
-    if webhook["matchPolicy"] == "Exact" {
-        return None;
-    }
-    let requested = attributes.resource;
-    state
-        .resources()
-        .into_iter()
-        .filter(|r| r.storage == requested.storage && *r != requested && !r.is_review())
-        .find(|r| rules_take(webhook, r, attributes.subresource, attributes.operation))
-        .map(Matched::As)
-}
-
-/// `object`, an object of `from`, as an object of `to` (another version of the same stored
-/// objects): through the stored form for built-in kinds, by the definition's conversion for
-/// custom ones.
-pub(crate) async fn convert_between(
-    state: &ApiState,
-    from: &Resource,
-    to: &Resource,
-    object: Value,
-) -> Result<Value, ApiError> {
-    if from == to || !object.is_object() {
-        return Ok(object);
-    }
-    let stored = match from.conversion {
-        Some(conversion) => (conversion.to_storage)(object),
-        None => object,
-    };
-    crate::conversion::convert_one(state.store.as_ref(), to, to.from_storage(stored)).await
-}
-
-/// Whether a request for `subresource` carries the resource's own kind (so an equivalent
-/// version reviews it converted); a scale carries `autoscaling/v1` Scale in every version.
-fn carries_own_kind(subresource: &str) -> bool {
-    matches!(subresource, "" | "status")
-}
-
-/// Upstream's resource patterns: `pods` (the resource, no subresource), `pods/status`,
-/// `pods/*`, `*` (every resource, no subresource), `*/status`, `*/*` (everything).
-fn resource_matches(pattern: &str, plural: &str, subresource: &str) -> bool {
-    match pattern.split_once('/') {
-        None => (pattern == "*" || pattern == plural) && subresource.is_empty(),
-        Some((resource, sub)) => {
-            (resource == "*" || resource == plural) && (sub == "*" || sub == subresource) && !subresource.is_empty()
-                || pattern == "*/*"
-        }
-    }
-}
-
-/// Whether the webhook's namespace and object selectors take the request.
-pub(crate) async fn selectors_match(
-    state: &ApiState,
-    webhook: &Value,
-    attributes: &Attributes<'_>,
-    object: Option<&Value>,
-) -> Result<bool, ApiError> {
-    let objects = [object, attributes.old];
-    let labels_of = |o: &Value| o["metadata"].get("labels").cloned().unwrap_or_else(|| json!({}));
-    let selector = &webhook["objectSelector"];
-    // A connect request's options have no labels: only an empty selector takes them.
-    if !is_empty_selector(selector)
-        && (attributes.operation == Operation::Connect
-            || !objects.iter().flatten().any(|o| crate::selector::label_selector_matches(selector, &labels_of(o))))
-    {
-        return Ok(false);
-    }
-    let selector = &webhook["namespaceSelector"];
-    if is_empty_selector(selector) {
-        return Ok(true);
-    }
-    let resource = attributes.resource;
-    if resource.plural == "namespaces" && resource.group.is_empty() && attributes.subresource.is_empty() {
-        // A namespace is matched by its own labels.
-        let labels = objects.iter().flatten().find(|o| o.is_object()).map(|o| labels_of(o)).unwrap_or_default();
-        return Ok(crate::selector::label_selector_matches(selector, &labels));
-    }
-    let Some(namespace) = attributes.namespace.filter(|_| resource.namespaced) else {
-        // Cluster-scoped objects are not in a namespace: the selector does not apply.
-        return Ok(true);
-    };
-    let namespaces = registry::find("", "v1", "namespaces").expect("namespaces are served");
-    let labels = match cached_get(state, namespaces, None, namespace).await? {
-        Some(found) => labels_of(&found),
-        None => json!({}),
-    };
-    Ok(crate::selector::label_selector_matches(selector, &labels))
-}
-
-fn is_empty_selector(selector: &Value) -> bool {
-    match selector {
-        Value::Null => true,
-        Value::Object(map) => map.values().all(|v| match v {
-            Value::Null => true,
-            Value::Array(list) => list.is_empty(),
-            Value::Object(map) => map.is_empty(),
-            _ => false,
-        }),
-        _ => false,
-    }
-}
-
 /// The webhook's CEL match conditions: all must hold for it to be called. An expression that
 /// cannot be evaluated is a failure of the call (the failure policy decides).
 fn conditions_match(webhook: &Value, request: &Value) -> Result<bool, String> {
@@ -300,9 +104,9 @@ fn conditions_match(webhook: &Value, request: &Value) -> Result<bool, String> {
     };
     let mut context = cel::Context::default();
     for variable in ["object", "oldObject"] {
-        context.add_variable_from_value(variable, crate::policy::to_cel(&request[variable]));
+        context.add_variable_from_value(variable, crate::rules::to_cel(&request[variable]));
     }
-    context.add_variable_from_value("request", crate::policy::to_cel(request));
+    context.add_variable_from_value("request", crate::rules::to_cel(request));
     for condition in conditions {
         let name = condition["name"].as_str().unwrap_or_default();
         let expression = condition["expression"].as_str().unwrap_or_default();
@@ -318,44 +122,6 @@ fn conditions_match(webhook: &Value, request: &Value) -> Result<bool, String> {
         }
     }
     Ok(true)
-}
-
-/// The AdmissionReview request for `attributes` and `object`.
-pub(crate) fn review_request(attributes: &Attributes<'_>, object: Option<&Value>, uid: &str) -> Value {
-    let resource = attributes.resource;
-    let (group, version, kind) = reviewed_kind(resource, attributes.subresource);
-    let kind = json!({"group": group, "version": version, "kind": kind});
-    let gvr = json!({"group": resource.group, "version": resource.version, "resource": resource.plural});
-    let mut request = json!({
-        "uid": uid,
-        "kind": kind,
-        "resource": gvr,
-        "requestKind": kind,
-        "requestResource": gvr,
-        "operation": attributes.operation.as_str(),
-        "userInfo": match attributes.user {
-            Some(user) => user.to_json(),
-            None => json!({}),
-        },
-        "object": object.cloned().unwrap_or(Value::Null),
-        "oldObject": attributes.old.cloned().unwrap_or(Value::Null),
-        "dryRun": attributes.dry_run,
-        "options": attributes.options,
-    });
-    if !attributes.subresource.is_empty() {
-        request["subResource"] = json!(attributes.subresource);
-        request["requestSubResource"] = json!(attributes.subresource);
-    }
-    if !attributes.name.is_empty() {
-        request["name"] = json!(attributes.name);
-    }
-    if let Some(namespace) = attributes.namespace.filter(|_| resource.namespaced || resource.plural == "namespaces") {
-        request["namespace"] = json!(namespace);
-    }
-    if resource.plural == "namespaces" && resource.group.is_empty() && !attributes.name.is_empty() {
-        request["namespace"] = json!(attributes.name);
-    }
-    request
 }
 
 /// What a webhook answered.
@@ -414,98 +180,6 @@ async fn call(state: &ApiState, hook: &Hook, request: &Value) -> Result<Answer, 
             .filter_map(|w| w.as_str().map(String::from))
             .collect(),
     })
-}
-
-/// Posts `body` as JSON to a webhook (`clientConfig`: a URL, or a Service reached through its
-/// endpoints) over TLS verified with the `caBundle`, within `timeout`; its JSON answer. Errors
-/// read as upstream's client words them (`Post "https://…": context deadline exceeded`).
-pub(crate) async fn post(
-    store: &dyn tugboat_store::Store,
-    config: &Value,
-    timeout: Duration,
-    body: &Value,
-) -> Result<Value, String> {
-    let (url, address, server_name) = locate(store, config).await?;
-    let url = format!("{url}?timeout={}s", timeout.as_secs());
-    let exchange = async {
-        let connector = connector(config)?;
-        let tcp = crate::kubelet::dial(&address).await?;
-        let name = rustls::pki_types::ServerName::try_from(server_name.clone()).map_err(|e| e.to_string())?;
-        let tls = connector.connect(name, tcp).await.map_err(|e| format!("tls: {e}"))?;
-        let path = url.split_once("://").and_then(|(_, rest)| rest.find('/').map(|i| &rest[i..])).unwrap_or("/");
-        let body = serde_json::to_vec(body).map_err(|e| e.to_string())?;
-        let http = hyper::Request::post(path)
-            .header("host", url.split("://").nth(1).and_then(|r| r.split('/').next()).unwrap_or_default())
-            .header("content-type", "application/json")
-            .header("accept", "application/json, */*")
-            .body(Body::from(body))
-            .map_err(|e| e.to_string())?;
-        let (mut sender, connection) =
-            hyper::client::conn::http1::handshake(TokioIo::new(tls)).await.map_err(|e| e.to_string())?;
-        tokio::spawn(async move {
-            let _ = connection.await;
-        });
-        let response = sender.send_request(http).await.map_err(|e| e.to_string())?;
-        let status = response.status();
-        let body = response.into_body().collect().await.map_err(|e| e.to_string())?.to_bytes();
-        Ok::<_, String>((status, body))
-    };
-    let (status, body) = match tokio::time::timeout(timeout, exchange).await {
-        Ok(Ok(answer)) => answer,
-        Ok(Err(error)) => return Err(format!("Post {url:?}: {error}")),
-        Err(_) => return Err(format!("Post {url:?}: context deadline exceeded")),
-    };
-    if !status.is_success() {
-        let text = String::from_utf8_lossy(&body);
-        return Err(format!("the server responded with the status code {} ({})", status.as_u16(), text.trim()));
-    }
-    serde_json::from_slice(&body).map_err(|e| format!("the answer does not decode: {e}"))
-}
-
-/// Where a webhook is: the URL it is shown by, the address to dial and the TLS server name.
-async fn locate(store: &dyn tugboat_store::Store, config: &Value) -> Result<(String, String, String), String> {
-    if let Some(url) = config["url"].as_str() {
-        let parsed = url::Url::parse(url).map_err(|e| format!("invalid url {url:?}: {e}"))?;
-        let host = parsed.host_str().ok_or_else(|| format!("url {url:?} has no host"))?.to_string();
-        let port = parsed.port_or_known_default().unwrap_or(443);
-        let bare = host.trim_matches(['[', ']']).to_string();
-        let address = if bare.contains(':') { format!("[{bare}]:{port}") } else { format!("{bare}:{port}") };
-        let shown = url.split('?').next().unwrap_or(url).to_string();
-        return Ok((shown, address, bare));
-    }
-    let service = &config["service"];
-    let (Some(namespace), Some(name)) = (service["namespace"].as_str(), service["name"].as_str()) else {
-        return Err("the webhook names neither a url nor a service".into());
-    };
-    let port = service["port"].as_i64().unwrap_or(443);
-    let path = service["path"].as_str().unwrap_or("/");
-    let host = format!("{name}.{namespace}.svc");
-    let shown = format!("https://{host}:{port}{path}");
-    let id = format!("https:{name}:{port}");
-    let target = crate::proxy::Target { plural: "services", namespace: Some(namespace), id: &id };
-    let (_, address, _) = crate::proxy::locate(store, &target)
-        .await
-        .map_err(|e| format!("Post {shown:?}: service \"{namespace}/{name}\" cannot be reached: {}", e.message))?;
-    Ok((shown, address, host))
-}
-
-/// TLS verified with the configuration's `caBundle` (no bundle: nothing is trusted, as the
-/// server has no system roots of its own).
-fn connector(config: &Value) -> Result<tokio_rustls::TlsConnector, String> {
-    let pem = match config["caBundle"].as_str().filter(|b| !b.is_empty()) {
-        Some(bundle) => {
-            base64::engine::general_purpose::STANDARD.decode(bundle).map_err(|e| format!("caBundle: {e}"))?
-        }
-        None => Vec::new(),
-    };
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let config = rustls::ClientConfig::builder_with_provider(provider.clone())
-        .with_safe_default_protocol_versions()
-        .map_err(|e| e.to_string())?
-        .dangerous()
-        .with_custom_certificate_verifier(crate::tls::trusting(provider, &pem)?)
-        .with_no_client_auth();
-    Ok(tokio_rustls::TlsConnector::from(Arc::new(config)))
 }
 
 /// The error a refusal is: upstream's `admission webhook "<name>" denied the request: …`.
@@ -568,40 +242,6 @@ async fn matching(
         }
     }
     Ok(taken)
-}
-
-/// The review request of `attributes` for `hook`, and the object it reviews when that is the
-/// object converted to the equivalent version the hook's rules take.
-pub(crate) async fn versioned_request(
-    state: &ApiState,
-    equivalent: Option<&'static Resource>,
-    attributes: &Attributes<'_>,
-    object: Option<&Value>,
-    uid: &str,
-) -> Result<(Value, Option<Value>), ApiError> {
-    let Some(resource) = equivalent else { return Ok((review_request(attributes, object, uid), None)) };
-    let converts = carries_own_kind(attributes.subresource);
-    let convert = |object: Option<&Value>| {
-        let object = object.cloned();
-        async move {
-            match object {
-                Some(object) if converts => {
-                    convert_between(state, attributes.resource, resource, object).await.map(Some)
-                }
-                other => Ok(other),
-            }
-        }
-    };
-    let converted = convert(object).await?;
-    let old = convert(attributes.old).await?;
-    let as_equivalent = Attributes { resource, old: old.as_ref(), options: attributes.options.clone(), ..*attributes };
-    let mut request = review_request(&as_equivalent, converted.as_ref(), uid);
-    // What was asked for stays in `requestKind`, `requestResource` (and the subresource).
-    let asked = review_request(attributes, None, uid);
-    for field in ["requestKind", "requestResource"] {
-        request[field] = asked[field].clone();
-    }
-    Ok((request, converted.filter(|_| converts)))
 }
 
 /// Calls one hook; `Ok(None)` when it is skipped (its conditions do not hold, or it failed
@@ -1061,6 +701,8 @@ fn validate_conditions(conditions: &Value, at: &str, cause: &mut impl FnMut(&'st
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::matching::resource_matches;
+    use crate::matching::rules_match;
 
     fn configmaps() -> &'static Resource {
         registry::find("", "v1", "configmaps").unwrap()

@@ -19,104 +19,25 @@
 //! last document, `Stale`.
 
 use std::collections::{BTreeSet, HashMap, HashSet};
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::Body;
 use axum::http::{Response, header};
 use http_body_util::BodyExt;
 use hyper_util::rt::TokioIo;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use serde_json::{Value, json};
 
+use crate::aggregated::{FrontProxy, GROUP, Remote, name_of};
 use crate::auth::UserInfo;
-use crate::handlers::{ApiState, View, Write, cached_list, modify};
 use crate::registry::{self, Resource};
-use crate::status::{ApiError, Cause};
-
-pub const GROUP: &str = "apiregistration.k8s.io";
-
-/// An APIService that names a Service, as the server proxies to it.
-#[derive(Debug, Clone)]
-pub struct Remote {
-    pub name: String,
-    pub group: String,
-    pub version: String,
-    service: Value,
-    ca_bundle: Option<String>,
-    insecure: bool,
-    /// `spec.groupPriorityMinimum`, `spec.versionPriority`.
-    priority: (i64, i64),
-    /// The remote's APIResourceList from its last successful check.
-    resources: Option<Value>,
-    /// Whether the last check succeeded (aggregated discovery's `Current`, else `Stale`).
-    fresh: bool,
-}
-
-/// The remotes served now, by `group/version`.
-#[derive(Debug, Default)]
-pub struct Aggregated {
-    remotes: RwLock<Arc<HashMap<String, Remote>>>,
-    /// Asks `run` to check the APIServices now (a request found its remote unavailable).
-    recheck: tokio::sync::Notify,
-}
-
-impl Aggregated {
-    fn all(&self) -> Arc<HashMap<String, Remote>> {
-        self.remotes.read().unwrap_or_else(|e| e.into_inner()).clone()
-    }
-
-    /// Serves `remote` as `key` (`group/version`) at once, beside the others.
-    fn publish(&self, key: &str, remote: Remote) {
-        let mut remotes = self.remotes.write().unwrap_or_else(|e| e.into_inner());
-        let mut next = HashMap::clone(&remotes);
-        next.insert(key.to_string(), remote);
-        *remotes = Arc::new(next);
-    }
-
-    /// The remote that serves `path`, if one does.
-    pub fn target(&self, path: &str) -> Option<Remote> {
-        let rest = path.strip_prefix("/apis/")?;
-        let mut segments = rest.split('/');
-        let (group, version) = (segments.next()?, segments.next()?);
-        if group.is_empty() || version.is_empty() {
-            return None;
-        }
-        let remotes = self.remotes.read().unwrap_or_else(|e| e.into_inner());
-        if remotes.is_empty() {
-            return None;
-        }
-        remotes.get(&format!("{group}/{version}")).cloned()
-    }
-}
-
-/// The front-proxy client identity the server shows aggregated servers.
-#[derive(Debug, Clone)]
-pub struct FrontProxy {
-    pub ca_pem: String,
-    pub cert_pem: String,
-    pub key_pem: String,
-}
-
-impl FrontProxy {
-    fn identity(&self) -> Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>), String> {
-        let certs = rustls_pemfile::certs(&mut self.cert_pem.as_bytes())
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| e.to_string())?;
-        let key = rustls_pemfile::private_key(&mut self.key_pem.as_bytes())
-            .map_err(|e| e.to_string())?
-            .ok_or("no private key")?;
-        Ok((certs, key))
-    }
-}
+use crate::request::Write;
+use crate::state::{ApiState, cached_list};
+use crate::status::ApiError;
+use crate::write::{View, modify};
 
 fn api_services() -> &'static Resource {
     registry::find(GROUP, "v1", "apiservices").expect("APIServices are served")
-}
-
-/// `v1.apps`, `v1.` for the core group.
-fn name_of(group: &str, version: &str) -> String {
-    format!("{version}.{group}")
 }
 
 /// The local APIServices: one per built-in group version, and `metrics.k8s.io`'s.
@@ -197,7 +118,7 @@ pub async fn register_custom_once(state: &ApiState) -> Result<(), ApiError> {
             "spec": {"group": group, "version": version, "groupPriorityMinimum": 1000, "versionPriority": 100},
         });
         // Made if absent; one of another owner under the name is left as it is.
-        crate::handlers::put_system_object(state, api_services(), service, &[]).await?;
+        crate::write::put_system_object(state, api_services(), service, &[]).await?;
     }
     Ok(())
 }
@@ -225,11 +146,11 @@ pub fn authentication_config_map(cluster_ca: &str, front_proxy: &FrontProxy) -> 
 /// `extension-apiserver-authentication-reader`).
 pub async fn ensure_objects(state: &ApiState, cluster_ca: &str) -> Result<(), ApiError> {
     for service in local_api_services() {
-        crate::handlers::put_system_object(state, api_services(), service, &[]).await?;
+        crate::write::put_system_object(state, api_services(), service, &[]).await?;
     }
     let config_maps = registry::find("", "v1", "configmaps").expect("config maps are served");
     let config_map = authentication_config_map(cluster_ca, &state.front_proxy);
-    crate::handlers::put_system_object(state, config_maps, config_map, &["data"]).await?;
+    crate::write::put_system_object(state, config_maps, config_map, &["data"]).await?;
     let roles = registry::find("rbac.authorization.k8s.io", "v1", "roles").expect("roles are served");
     let role = json!({
         "apiVersion": "rbac.authorization.k8s.io/v1",
@@ -239,63 +160,7 @@ pub async fn ensure_objects(state: &ApiState, cluster_ca: &str) -> Result<(), Ap
         "rules": [{"apiGroups": [""], "resources": ["configmaps"], "resourceNames": ["extension-apiserver-authentication"],
                    "verbs": ["get", "list", "watch"]}],
     });
-    crate::handlers::put_system_object(state, roles, role, &["rules"]).await
-}
-
-/// Validates an APIService as upstream does.
-pub fn validate(object: &Value) -> Vec<Cause> {
-    let spec = &object["spec"];
-    let mut causes = Vec::new();
-    let mut cause = |reason: &'static str, field: &str, message: String| {
-        causes.push(Cause { reason, message, field: field.into() })
-    };
-    let group = spec["group"].as_str().unwrap_or_default();
-    let version = spec["version"].as_str().unwrap_or_default();
-    let name = object["metadata"]["name"].as_str().unwrap_or_default();
-    if version.is_empty() {
-        cause("FieldValueRequired", "spec.version", "Required value".into());
-    }
-    if !version.is_empty() && name != name_of(group, version) {
-        cause(
-            "FieldValueInvalid",
-            "metadata.name",
-            format!("Invalid value: {name:?}: must be `spec.version+\".\"+spec.group`: {:?}", name_of(group, version)),
-        );
-    }
-    for field in ["groupPriorityMinimum", "versionPriority"] {
-        match spec[field].as_i64() {
-            Some(value) if (1..=20000).contains(&value) || (field == "versionPriority" && value > 0) => {}
-            Some(value) => cause(
-                "FieldValueInvalid",
-                &format!("spec.{field}"),
-                format!("Invalid value: {value}: must be positive and less than 20000"),
-            ),
-            None => cause("FieldValueRequired", &format!("spec.{field}"), "Required value".into()),
-        }
-    }
-    let service = &spec["service"];
-    if service.is_object() {
-        for field in ["namespace", "name"] {
-            if service[field].as_str().is_none_or(str::is_empty) {
-                cause("FieldValueRequired", &format!("spec.service.{field}"), "Required value".into());
-            }
-        }
-        if spec["insecureSkipTLSVerify"] == true && spec["caBundle"].as_str().is_some_and(|b| !b.is_empty()) {
-            cause(
-                "FieldValueInvalid",
-                "spec.insecureSkipTLSVerify",
-                "Invalid value: true: may not be true if caBundle is present".into(),
-            );
-        }
-    }
-    causes
-}
-
-/// Defaults an APIService (`spec.service.port`: 443).
-pub fn default(object: &mut Value) {
-    if let Some(service) = object.get_mut("spec").and_then(|s| s.get_mut("service")).and_then(Value::as_object_mut) {
-        service.entry("port").or_insert(json!(443));
-    }
+    crate::write::put_system_object(state, roles, role, &["rules"]).await
 }
 
 /// TLS to an aggregated server: its `caBundle` (or any certificate when told to skip
@@ -338,11 +203,11 @@ async fn send(
     request.headers_mut().insert(header::HOST, host);
     let port = remote.service["port"].as_i64().unwrap_or(443);
     let id = format!("https:{name}:{port}");
-    let target = crate::proxy::Target { plural: "services", namespace: Some(namespace), id: &id };
+    let target = crate::outbound::Target { plural: "services", namespace: Some(namespace), id: &id };
     let (_, address, _) =
-        crate::proxy::locate(state.store.as_ref(), &target).await.map_err(|e| unavailable(e.message))?;
+        crate::outbound::locate(state.store.as_ref(), &target).await.map_err(|e| unavailable(e.message))?;
     let connector = connector(remote, &state.front_proxy).map_err(unavailable)?;
-    let tcp = crate::kubelet::dial(&address).await.map_err(unavailable)?;
+    let tcp = crate::outbound::dial(&address).await.map_err(unavailable)?;
     let server_name = rustls::pki_types::ServerName::try_from(format!("{name}.{namespace}.svc"))
         .map_err(|e| unavailable(e.to_string()))?;
     let tls = connector.connect(server_name, tcp).await.map_err(|e| unavailable(format!("tls: {e}")))?;
@@ -665,6 +530,7 @@ fn discovery_resources(list: &Value) -> Vec<Value> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::aggregated::validate;
 
     #[test]
     fn api_services_are_validated_as_upstream() {

@@ -10,8 +10,8 @@ use serde_json::{Value, json};
 pub use tugboat_pki::bootstrap::*;
 
 use crate::auth::UserInfo;
-use crate::handlers::ApiState;
 use crate::registry;
+use crate::state::ApiState;
 use crate::status::ApiError;
 
 /// The user a bootstrap token stands for, if its Secret exists, matches and is usable now.
@@ -19,7 +19,7 @@ pub async fn authenticate(state: &ApiState, token: &str) -> Option<UserInfo> {
     let (id, given) = parse(token)?;
     let secrets = registry::find("", "v1", "secrets").expect("secrets are served");
     let name = format!("{SECRET_PREFIX}{id}");
-    let secret = crate::handlers::cached_get(state, secrets, Some(NAMESPACE), &name).await.ok()??;
+    let secret = crate::state::cached_get(state, secrets, Some(NAMESPACE), &name).await.ok()??;
     let stored = field(&secret, "token-secret")?;
     if secret["type"] != SECRET_TYPE
         || !same(stored.as_bytes(), given.as_bytes())
@@ -53,7 +53,7 @@ async fn create(state: &ApiState, plural: &str, namespace: &str, mut object: Val
 pub async fn publish_cluster_info(state: &ApiState, server: &str, ca_pem: &str) -> Result<(), ApiError> {
     let maps = registry::find("", "v1", "configmaps").expect("configmaps are served");
     let kubeconfig = cluster_info_kubeconfig(server, ca_pem);
-    match crate::handlers::read_object(state, maps, Some(PUBLIC_NAMESPACE), CLUSTER_INFO).await {
+    match crate::state::read_object(state, maps, Some(PUBLIC_NAMESPACE), CLUSTER_INFO).await {
         Ok((map, _)) if map["data"]["kubeconfig"] == kubeconfig.as_str() => Ok(()),
         // Another server of the same cluster (same CA) published it: several servers must
         // not take turns rewriting it, which would void the signatures joins check.
@@ -96,7 +96,7 @@ pub async fn ensure_join_token(state: &ApiState, data_dir: &Path, ttl: u64) -> R
     if let Some(token) = std::fs::read_to_string(&path).ok().map(|t| t.trim().to_string())
         && let Some((id, _)) = parse(&token)
         && let Ok((secret, _)) =
-            crate::handlers::read_object(state, secrets, Some(NAMESPACE), &format!("{SECRET_PREFIX}{id}")).await
+            crate::state::read_object(state, secrets, Some(NAMESPACE), &format!("{SECRET_PREFIX}{id}")).await
         && !expired(&secret, unix_now())
     {
         return Ok(token);

@@ -80,7 +80,7 @@ async fn convert_to(
         "kind": "ConversionReview",
         "request": {"uid": uid, "desiredAPIVersion": desired, "objects": sent},
     });
-    let answer = crate::admission::post(store, &webhook["clientConfig"], TIMEOUT, &review).await.map_err(failed)?;
+    let answer = crate::outbound::post(store, &webhook["clientConfig"], TIMEOUT, &review).await.map_err(failed)?;
     let response = &answer["response"];
     if response["uid"] != uid.as_str() {
         return Err(failed(format!("expected response.uid={uid:?}, got {}", response["uid"])));
@@ -122,7 +122,7 @@ async fn convert_to(
         }
         object["metadata"] = metadata;
         if desired == resource.api_version() {
-            crate::crd::default(custom, &mut object);
+            crate::custom::default(custom, &mut object);
         }
         objects[i] = object;
     }

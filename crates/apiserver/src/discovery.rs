@@ -31,7 +31,7 @@ fn groups(resources: Served) -> Vec<(&'static str, Vec<&'static str>)> {
         groups.push((resource_metrics::GROUP, vec![resource_metrics::VERSION]));
     }
     for (_, versions) in &mut groups {
-        versions.sort_by(|a, b| crate::crd::version_priority(a, b));
+        versions.sort_by(|a, b| crate::custom::version_priority(a, b));
     }
     groups
 }

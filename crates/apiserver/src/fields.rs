@@ -7,7 +7,7 @@ use std::collections::BTreeSet;
 
 use serde_json::{Map, Value, json};
 
-use crate::smp::list_merge_key;
+use crate::smp::{ListStrategy, strategy};
 
 /// One step of a path into an object.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
@@ -337,6 +337,17 @@ pub fn record_update(manager: &str, api_version: &str, subresource: &str, old: O
         }
     }
     write_managed(new, &managed);
+}
+
+/// How the elements of list `field` are identified, for field ownership: by a merge key, as a
+/// set, or not at all (the list is one atomic value).
+pub fn list_merge_key(field: &str, items: &[Value]) -> Option<ListKind> {
+    let elements: Vec<&Value> = items.iter().collect();
+    match strategy(field, &elements) {
+        ListStrategy::MergeByKey(key) => Some(ListKind::Keyed(key)),
+        ListStrategy::Union => Some(ListKind::Set),
+        ListStrategy::Replace => None,
+    }
 }
 
 #[cfg(test)]

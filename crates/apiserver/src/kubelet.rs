@@ -4,97 +4,16 @@
 //! `apiserver-kubelet-client` certificate. The kubelet's serving certificate must be one the
 //! cluster CA signed for that address (as upstream with `--kubelet-certificate-authority`).
 
-use std::sync::Arc;
-use std::time::Duration;
-
 use axum::body::Body;
 use axum::http::{Response, StatusCode, header};
 use http_body_util::BodyExt;
 use hyper_util::rt::TokioIo;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use serde_json::Value;
 
-use crate::handlers::{ApiState, read_object};
+use crate::outbound::node_address;
 use crate::registry;
+use crate::state::{ApiState, read_object};
 use crate::status::ApiError;
-
-/// Connects to kubelets.
-#[derive(Clone)]
-pub struct KubeletClient {
-    tls: tokio_rustls::TlsConnector,
-}
-
-impl std::fmt::Debug for KubeletClient {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("KubeletClient").finish_non_exhaustive()
-    }
-}
-
-impl KubeletClient {
-    /// Presents `cert_pem`/`key_pem`; trusts kubelets whose serving certificate the cluster
-    /// CA (`ca_pem`) signed for the address dialled.
-    pub fn new(ca_pem: &str, cert_pem: &str, key_pem: &str) -> Result<KubeletClient, String> {
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let mut roots = rustls::RootCertStore::empty();
-        for cert in rustls_pemfile::certs(&mut ca_pem.as_bytes()) {
-            roots.add(cert.map_err(|e| e.to_string())?).map_err(|e| e.to_string())?;
-        }
-        let certs: Vec<CertificateDer<'static>> =
-            rustls_pemfile::certs(&mut cert_pem.as_bytes()).collect::<Result<_, _>>().map_err(|e| e.to_string())?;
-        let key: PrivateKeyDer<'static> =
-            rustls_pemfile::private_key(&mut key_pem.as_bytes()).map_err(|e| e.to_string())?.ok_or("no private key")?;
-        let mut config = rustls::ClientConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()
-            .map_err(|e| e.to_string())?
-            .with_root_certificates(roots)
-            .with_client_auth_cert(certs, key)
-            .map_err(|e| e.to_string())?;
-        config.alpn_protocols = vec![b"http/1.1".to_vec()];
-        Ok(KubeletClient { tls: tokio_rustls::TlsConnector::from(Arc::new(config)) })
-    }
-
-    /// Sends `request` to the kubelet at `address` (host:port) over a connection of its own.
-    pub async fn send(
-        &self,
-        address: &str,
-        request: hyper::Request<Body>,
-    ) -> Result<Response<hyper::body::Incoming>, String> {
-        let tcp = dial(address).await?;
-        let name = server_name(address)?;
-        let tls = self.tls.connect(name, tcp).await.map_err(|e| format!("TLS with the kubelet at {address}: {e}"))?;
-        let (mut sender, connection) =
-            hyper::client::conn::http1::handshake(TokioIo::new(tls)).await.map_err(|e| e.to_string())?;
-        tokio::spawn(async move {
-            let _ = connection.with_upgrades().await;
-        });
-        sender.send_request(request).await.map_err(|e| e.to_string())
-    }
-}
-
-/// A TCP connection to `address` (`host:port`), given up after 10 s, in Go's words.
-pub(crate) async fn dial(address: &str) -> Result<tokio::net::TcpStream, String> {
-    let tcp = tokio::time::timeout(Duration::from_secs(10), tokio::net::TcpStream::connect(address))
-        .await
-        .map_err(|_| format!("dial tcp {address}: i/o timeout"))?
-        .map_err(|e| format!("dial tcp {address}: {e}"))?;
-    let _ = tcp.set_nodelay(true);
-    Ok(tcp)
-}
-
-/// The TLS server name of `address`: its host, without an IPv6 address's brackets.
-pub(crate) fn server_name(address: &str) -> Result<ServerName<'static>, String> {
-    let host = address.rsplit_once(':').map(|(h, _)| h.trim_matches(['[', ']'])).unwrap_or(address);
-    ServerName::try_from(host.to_string()).map_err(|e| e.to_string())
-}
-
-/// The kubelet address (`host:port`) of a node object.
-pub fn node_address(node: &Value) -> Option<String> {
-    let addresses = node["status"]["addresses"].as_array()?;
-    let pick = |kind: &str| addresses.iter().find(|a| a["type"] == kind).and_then(|a| a["address"].as_str());
-    let host = pick("InternalIP").or_else(|| pick("ExternalIP")).or_else(|| pick("Hostname"))?;
-    let port = node["status"]["daemonEndpoints"]["kubeletEndpoint"]["Port"].as_u64().unwrap_or(10250);
-    Some(if host.contains(':') { format!("[{host}]:{port}") } else { format!("{host}:{port}") })
-}
 
 /// The container a `pods/log` (or exec) request means, as upstream's `LogLocation` picks it.
 pub fn pick_container(pod: &Value, asked: Option<&str>) -> Result<String, ApiError> {

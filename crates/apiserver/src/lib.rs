@@ -12,6 +12,7 @@
 #![allow(clippy::result_large_err)]
 
 mod admission;
+mod aggregated;
 mod aggregator;
 mod auth;
 mod autoscaling;
@@ -19,6 +20,9 @@ pub mod bootstrap;
 mod cel_cost;
 mod conversion;
 mod crd;
+mod crd_controller;
+mod custom;
+mod custom_kinds;
 mod discovery;
 mod events;
 mod fields;
@@ -26,12 +30,16 @@ mod fields;
 mod fuzz_tests;
 mod handlers;
 mod kubelet;
+#[cfg(test)]
+mod layer_tests;
 mod limit_range;
+mod matching;
 mod metrics;
 mod node;
 mod object;
 mod openapi;
 mod openapi_v2;
+mod outbound;
 mod pod_subresources;
 mod policy;
 mod priority;
@@ -40,6 +48,7 @@ mod proxy;
 mod quota;
 mod rbac;
 mod registry;
+mod request;
 mod resource_metrics;
 mod rules;
 mod runtime_class;
@@ -49,11 +58,13 @@ mod service_accounts;
 mod services;
 mod shared_keys;
 mod smp;
+mod state;
 mod status;
 mod storage;
 mod table;
 mod tls;
 mod watch_cache;
+mod write;
 
 use std::convert::Infallible;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
@@ -71,9 +82,9 @@ use tugboat_pki::{CertSpec, ClusterCa, Usage};
 use tugboat_store::Store;
 
 pub use auth::{TokenFile, UserInfo};
-pub use handlers::{MAX_BODY, version};
 pub use registry::{RESOURCES, Resource};
 pub use services::ServiceCidr;
+pub use state::{MAX_BODY, version};
 pub use status::ApiError;
 
 /// How to serve.
@@ -245,7 +256,7 @@ pub async fn start(config: ApiServerConfig, store: Arc<dyn Store>) -> Result<Api
     // server's, or a restored snapshot's), else this data dir's (made on first start).
     shared_keys::adopt(store.as_ref(), &pki_dir).await?;
     let mut ca = ClusterCa::load_or_create(&pki_dir)?;
-    let mut signer = service_accounts::TokenSigner::load_or_create(&sa_key).map_err(StartError::Tls)?;
+    let mut signer = auth::TokenSigner::load_or_create(&sa_key).map_err(StartError::Tls)?;
     // Upstream's front-proxy CA: how servers prove themselves to aggregated API servers (a CA
     // of its own, so no client certificate the cluster CA signs can pass for a server).
     let mut front_proxy_ca = ClusterCa::load_or_create(&pki_dir.join("front-proxy"))?;
@@ -253,7 +264,7 @@ pub async fn start(config: ApiServerConfig, store: Arc<dyn Store>) -> Result<Api
         // Another server started the cluster at the same moment: its keys win.
         shared_keys::adopt(store.as_ref(), &pki_dir).await?;
         ca = ClusterCa::load_or_create(&pki_dir)?;
-        signer = service_accounts::TokenSigner::load_or_create(&sa_key).map_err(StartError::Tls)?;
+        signer = auth::TokenSigner::load_or_create(&sa_key).map_err(StartError::Tls)?;
         front_proxy_ca = ClusterCa::load_or_create(&pki_dir.join("front-proxy"))?;
     }
     let advertise = config.advertise_address.or((!config.bind_address.is_unspecified()).then_some(config.bind_address));
@@ -311,7 +322,7 @@ pub async fn start(config: ApiServerConfig, store: Arc<dyn Store>) -> Result<Api
             validity: year,
         },
     )?;
-    let kubelets = kubelet::KubeletClient::new(ca.cert_pem(), &kubelet_client.cert_pem, &kubelet_client.key_pem)
+    let kubelets = outbound::KubeletClient::new(ca.cert_pem(), &kubelet_client.cert_pem, &kubelet_client.key_pem)
         .map_err(StartError::Tls)?;
     let front_proxy_client = front_proxy_ca.load_or_issue(
         "front-proxy-client",
@@ -324,7 +335,7 @@ pub async fn start(config: ApiServerConfig, store: Arc<dyn Store>) -> Result<Api
             validity: year,
         },
     )?;
-    let front_proxy = aggregator::FrontProxy {
+    let front_proxy = aggregated::FrontProxy {
         ca_pem: front_proxy_ca.cert_pem().to_string(),
         cert_pem: front_proxy_client.cert_pem,
         key_pem: front_proxy_client.key_pem,
@@ -356,7 +367,7 @@ pub async fn start(config: ApiServerConfig, store: Arc<dyn Store>) -> Result<Api
         config.default_not_ready_toleration_seconds,
         config.default_unreachable_toleration_seconds,
     );
-    let state = Arc::new(handlers::ApiState {
+    let state = Arc::new(state::ApiState {
         caches: watch_cache::WatchCaches::new(store.clone()),
         store,
         server_address,
@@ -373,7 +384,7 @@ pub async fn start(config: ApiServerConfig, store: Arc<dyn Store>) -> Result<Api
     aggregator::ensure_objects(&state, ca.cert_pem()).await.map_err(|e| StartError::Setup(e.message))?;
     // The custom resources defined so far are served from the first request on.
     crd::refresh(&state).await.map_err(|e| StartError::Setup(e.message))?;
-    background.push(tokio::spawn(crd::run(state.clone())));
+    background.push(tokio::spawn(crd_controller::run(state.clone())));
     background.push(tokio::spawn(aggregator::run(state.clone())));
     background.push(tokio::spawn(aggregator::register_custom(state.clone())));
     match advertise {
@@ -412,7 +423,7 @@ pub async fn start(config: ApiServerConfig, store: Arc<dyn Store>) -> Result<Api
     Ok(ApiServer { local_addr, kubeconfig, task, background, join: (join_server, token), advertise })
 }
 
-async fn accept_loop(listener: TcpListener, acceptor: tokio_rustls::TlsAcceptor, state: Arc<handlers::ApiState>) {
+async fn accept_loop(listener: TcpListener, acceptor: tokio_rustls::TlsAcceptor, state: Arc<state::ApiState>) {
     loop {
         let (tcp, peer) = match listener.accept().await {
             Ok(accepted) => accepted,
@@ -467,7 +478,7 @@ async fn accept_loop(listener: TcpListener, acceptor: tokio_rustls::TlsAcceptor,
     }
 }
 
-async fn bearer_user(state: &handlers::ApiState, request: &hyper::Request<hyper::body::Incoming>) -> Option<UserInfo> {
+async fn bearer_user(state: &state::ApiState, request: &hyper::Request<hyper::body::Incoming>) -> Option<UserInfo> {
     let value = request.headers().get(hyper::header::AUTHORIZATION)?.to_str().ok()?;
     let token = value.strip_prefix("Bearer ").or_else(|| value.strip_prefix("bearer "))?.trim();
     authenticate_token(state, token).await
@@ -475,7 +486,7 @@ async fn bearer_user(state: &handlers::ApiState, request: &hyper::Request<hyper:
 
 /// Who a bearer token is: a static token (`--token-auth-file`), a service account's JWT or a
 /// bootstrap token; what requests and TokenReviews both ask.
-pub(crate) async fn authenticate_token(state: &handlers::ApiState, token: &str) -> Option<UserInfo> {
+pub(crate) async fn authenticate_token(state: &state::ApiState, token: &str) -> Option<UserInfo> {
     if let Some(user) = state.tokens.user(token) {
         return Some(user.clone());
     }

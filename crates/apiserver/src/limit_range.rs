@@ -9,41 +9,17 @@
 use serde_json::{Map, Value, json};
 use tugboat_objects::quantity::parse_milli;
 
-use crate::handlers::{ApiState, cached_list};
 use crate::registry;
+use crate::state::{ApiState, cached_list};
 use crate::status::ApiError;
 
 const ANNOTATION: &str = "kubernetes.io/limit-ranger";
-
-/// Upstream's defaults of a LimitRange's `Container` items: the default limit is the max when
-/// not given, the default request the default limit, else the min.
-pub fn default(limit_range: &mut Value) {
-    for item in limit_range["spec"]["limits"].as_array_mut().into_iter().flatten() {
-        if item["type"] != "Container" {
-            continue;
-        }
-        let mut defaults = item["default"].as_object().cloned().unwrap_or_default();
-        let mut requests = item["defaultRequest"].as_object().cloned().unwrap_or_default();
-        for (key, value) in item["max"].as_object().into_iter().flatten() {
-            defaults.entry(key.clone()).or_insert_with(|| value.clone());
-        }
-        for (key, value) in defaults.iter().chain(item["min"].as_object().into_iter().flatten()) {
-            requests.entry(key.clone()).or_insert_with(|| value.clone());
-        }
-        if !defaults.is_empty() {
-            item["default"] = Value::Object(defaults);
-        }
-        if !requests.is_empty() {
-            item["defaultRequest"] = Value::Object(requests);
-        }
-    }
-}
 
 async fn limit_ranges(state: &ApiState, namespace: &str) -> Result<Vec<Value>, ApiError> {
     let resource = registry::find("", "v1", "limitranges").expect("limit ranges are served");
     let mut ranges = cached_list(state, resource, Some(namespace)).await?;
     for range in &mut ranges {
-        default(range);
+        crate::object::default_limit_range(range);
     }
     Ok(ranges)
 }
@@ -257,7 +233,7 @@ mod tests {
         let mut range = json!({"spec": {"limits": [{"type": "Container",
             "min": {"cpu": "50m", "memory": "100Mi"}, "max": {"cpu": "500m", "memory": "500Mi"},
             "default": {"cpu": "500m", "memory": "500Mi"}, "defaultRequest": {"cpu": "100m", "memory": "200Mi"}}]}});
-        default(&mut range);
+        crate::object::default_limit_range(&mut range);
         vec![range]
     }
 
@@ -310,7 +286,7 @@ mod tests {
     fn limit_range_items_are_defaulted_as_upstream() {
         let mut range =
             json!({"spec": {"limits": [{"type": "Container", "max": {"cpu": "1"}, "min": {"memory": "1Mi"}}]}});
-        default(&mut range);
+        crate::object::default_limit_range(&mut range);
         let item = &range["spec"]["limits"][0];
         assert_eq!(item["default"], json!({"cpu": "1"}));
         assert_eq!(item["defaultRequest"], json!({"cpu": "1", "memory": "1Mi"}));

@@ -13,10 +13,10 @@ use axum::body::Body;
 use axum::http::Method;
 use serde_json::Value;
 
+use crate::auth::Attributes;
 use crate::auth::UserInfo;
-use crate::handlers::ApiState;
-use crate::rbac::Attributes;
 use crate::registry;
+use crate::state::ApiState;
 use crate::status::ApiError;
 
 /// The node a user is, if its credentials are a kubelet's.
@@ -62,7 +62,7 @@ pub fn refusal(user: &UserInfo, attributes: &Attributes) -> Option<String> {
 
 async fn list(state: &ApiState, plural: &str, namespace: Option<&str>) -> Result<Vec<Value>, ApiError> {
     let resource = registry::find("", "v1", plural).expect("core resources are served");
-    crate::handlers::cached_list(state, resource, namespace).await
+    crate::state::cached_list(state, resource, namespace).await
 }
 
 /// Whether a pod bound to `node` uses the object.
@@ -217,7 +217,7 @@ pub async fn admit(
                     return Err(forbidden("pods", name, why));
                 }
             };
-            let bound = match crate::handlers::read_object(state, resource, namespace, name).await {
+            let bound = match crate::state::read_object(state, resource, namespace, name).await {
                 Ok((pod, _)) => pod["spec"]["nodeName"] == node,
                 // Nothing to protect: the handler answers NotFound.
                 Err(error) if error.code == 404 => true,
@@ -242,7 +242,7 @@ async fn read(method: &Method, content_type: &str, body: Body) -> Result<(Body, 
     if method != Method::POST {
         return Ok((body, None));
     }
-    let bytes = crate::handlers::read_body(body).await?;
+    let bytes = crate::state::read_body(body).await?;
     let object = crate::object::decode_body(content_type, &bytes)?;
     Ok((Body::from(bytes), Some(object)))
 }

@@ -547,7 +547,7 @@ pub(crate) fn apply_defaults(resource: &Resource, object: &mut Value) {
         default_requests_from_limits(&mut object["spec"]);
     }
     if resource.group.is_empty() && resource.plural == "limitranges" {
-        crate::limit_range::default(object);
+        default_limit_range(object);
     }
     micro_times(resource, object);
 }
@@ -1072,11 +1072,31 @@ fn check_kind(resource: &Resource, object: &mut Value) -> Result<(), ApiError> {
     Ok(())
 }
 
+/// A stored object as `resource` serves it: converted from the kind it is stored as, or, for a
+/// custom resource, in this version and with its schema's defaults.
+pub fn from_storage(resource: &Resource, object: Value) -> Value {
+    match (&resource.conversion, resource.custom) {
+        (Some(conversion), _) => (conversion.from_storage)(object),
+        // A webhook converts: the object stays as stored until `conversion::convert`.
+        (None, Some(custom)) if custom.webhook.is_some() => object,
+        (None, Some(custom)) => {
+            let mut object = object;
+            if object.get("apiVersion").is_some_and(|v| *v != *resource.api_version()) {
+                object["apiVersion"] = Value::String(resource.api_version());
+            }
+            // Defaults added to the schema since the object was written apply on read too.
+            crate::custom::default(custom, &mut object);
+            object
+        }
+        (None, None) => object,
+    }
+}
+
 /// An object as read from the store: its resourceVersion is the store's mod revision.
 pub fn from_store(resource: &Resource, value: &[u8], mod_revision: i64) -> Result<Value, ApiError> {
     let mut object: Value = serde_json::from_slice(value)
         .map_err(|e| ApiError::internal(format!("a stored object does not decode: {e}")))?;
-    object = resource.from_storage(object);
+    object = from_storage(resource, object);
     object["metadata"]["resourceVersion"] = json!(mod_revision.to_string());
     Ok(object)
 }
@@ -1116,6 +1136,45 @@ pub(crate) fn json_patch(document: &mut Value, patch: &json_patch::Patch) -> Res
         })?;
     }
     Ok(())
+}
+
+/// One object as stored (a custom one in its stored version when a webhook converts it).
+pub(crate) async fn read_stored(
+    store: &dyn tugboat_store::Store,
+    resource: &Resource,
+    namespace: Option<&str>,
+    name: &str,
+) -> Result<(Value, i64), ApiError> {
+    let key = resource.key(namespace, name);
+    match store.get(&key, None).await {
+        Ok(Some(kv)) => Ok((from_store(resource, &kv.value, kv.mod_revision)?, kv.mod_revision)),
+        Ok(None) => Err(ApiError::not_found(resource.group, resource.plural, name)),
+        Err(error) => Err(ApiError::from_store(error, resource.group, resource.plural, name)),
+    }
+}
+
+/// Upstream's defaults of a LimitRange's `Container` items: the default limit is the max when
+/// not given, the default request the default limit, else the min.
+pub fn default_limit_range(limit_range: &mut Value) {
+    for item in limit_range["spec"]["limits"].as_array_mut().into_iter().flatten() {
+        if item["type"] != "Container" {
+            continue;
+        }
+        let mut defaults = item["default"].as_object().cloned().unwrap_or_default();
+        let mut requests = item["defaultRequest"].as_object().cloned().unwrap_or_default();
+        for (key, value) in item["max"].as_object().into_iter().flatten() {
+            defaults.entry(key.clone()).or_insert_with(|| value.clone());
+        }
+        for (key, value) in defaults.iter().chain(item["min"].as_object().into_iter().flatten()) {
+            requests.entry(key.clone()).or_insert_with(|| value.clone());
+        }
+        if !defaults.is_empty() {
+            item["default"] = Value::Object(defaults);
+        }
+        if !requests.is_empty() {
+            item["defaultRequest"] = Value::Object(requests);
+        }
+    }
 }
 
 #[cfg(test)]

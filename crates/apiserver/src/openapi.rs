@@ -87,7 +87,7 @@ fn document(path: &str) -> Value {
         .collect();
     json!({
         "openapi": "3.0.0",
-        "info": {"title": "Kubernetes", "version": crate::handlers::version()["gitVersion"]},
+        "info": {"title": "Kubernetes", "version": crate::state::version()["gitVersion"]},
         "paths": paths,
         "components": {"schemas": components},
     })
@@ -251,7 +251,7 @@ fn swagger() -> &'static Value {
             .replace("\"#/components/schemas/", "\"#/definitions/");
         json!({
             "swagger": "2.0",
-            "info": {"title": "Kubernetes", "version": crate::handlers::version()["gitVersion"]},
+            "info": {"title": "Kubernetes", "version": crate::state::version()["gitVersion"]},
             "paths": {},
             "definitions": serde_json::from_str::<Value>(&definitions).unwrap_or_default(),
         })

@@ -328,7 +328,7 @@ fn document() -> Document {
         swagger: "2.0".into(),
         info: Some(Info {
             title: "Kubernetes".into(),
-            version: crate::handlers::version()["gitVersion"].as_str().unwrap_or_default().into(),
+            version: crate::state::version()["gitVersion"].as_str().unwrap_or_default().into(),
         }),
         paths: Some(Paths { path: paths }),
         definitions: Some(Definitions { additional_properties: definitions }),

@@ -6,9 +6,13 @@ use axum::http::{Response, StatusCode};
 use serde_json::{Value, json};
 use tugboat_store::ListOptions;
 
-use crate::handlers::{ApiState, View, Write, delete_one, json_response, modify, read_object};
+use crate::state::{ApiState, json_response, read_object};
+
+use crate::write::{View, delete_one, modify};
+
 use crate::object;
 use crate::registry::{self, Resource};
+use crate::request::Write;
 use crate::status::{ApiError, Cause};
 
 fn pods() -> &'static Resource {

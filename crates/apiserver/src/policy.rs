@@ -17,31 +17,14 @@ use std::sync::Arc;
 
 use serde_json::{Value, json};
 
-use crate::admission::{Attributes, GROUP, Matched};
-use crate::handlers::{ApiState, Write, cached_get, cached_list};
-use crate::registry;
-use crate::status::{ApiError, Cause};
+use crate::matching::GROUP;
+use crate::rules::to_cel;
 
-/// JSON as CEL sees it: integers as `int` (CEL does not compare `uint` with `int` literals),
-/// objects as maps with string keys.
-pub fn to_cel(value: &Value) -> cel::Value {
-    match value {
-        Value::Null => cel::Value::Null,
-        Value::Bool(b) => cel::Value::Bool(*b),
-        Value::Number(n) => match (n.as_i64(), n.as_u64()) {
-            (Some(i), _) => cel::Value::Int(i),
-            (None, Some(u)) => cel::Value::UInt(u),
-            _ => cel::Value::Float(n.as_f64().unwrap_or_default()),
-        },
-        Value::String(s) => cel::Value::String(Arc::new(s.clone())),
-        Value::Array(items) => cel::Value::List(Arc::new(items.iter().map(to_cel).collect())),
-        Value::Object(map) => {
-            let map: HashMap<cel::objects::Key, cel::Value> =
-                map.iter().map(|(k, v)| (cel::objects::Key::String(Arc::new(k.clone())), to_cel(v))).collect();
-            cel::Value::Map(cel::objects::Map { map: Arc::new(map) })
-        }
-    }
-}
+use crate::matching::{Attributes, Matched};
+use crate::registry;
+use crate::request::Write;
+use crate::state::{ApiState, cached_get, cached_list};
+use crate::status::{ApiError, Cause};
 
 /// Evaluates one expression.
 fn evaluate(expression: &str, context: &cel::Context<'_>) -> Result<cel::Value, String> {
@@ -145,7 +128,7 @@ async fn resources_match(
             if !names.is_none_or(|names| names.iter().any(|n| n == attributes.name)) {
                 continue;
             }
-            match crate::admission::rules_take_request(
+            match crate::matching::rules_take_request(
                 state,
                 &json!({"rules": [rule], "matchPolicy": policy}),
                 attributes,
@@ -170,7 +153,7 @@ async fn resources_match(
     if named(&match_resources["excludeResourceRules"]).is_some() {
         return Ok(None);
     }
-    Ok(crate::admission::selectors_match(state, match_resources, attributes, object).await?.then_some(matched))
+    Ok(crate::matching::selectors_match(state, match_resources, attributes, object).await?.then_some(matched))
 }
 
 /// The binding's parameter objects: `None` when the policy takes none; an empty list when none
@@ -255,7 +238,7 @@ pub async fn validate(
         };
         let uid = uuid::Uuid::new_v4().to_string();
         let (request, reviewed) =
-            crate::admission::versioned_request(state, equivalent, attributes, object, &uid).await?;
+            crate::matching::versioned_request(state, equivalent, attributes, object, &uid).await?;
         let (object, old) = match reviewed {
             Some(reviewed) => (Some(reviewed), request["oldObject"].clone()),
             None => (object.cloned(), attributes.old.cloned().unwrap_or(Value::Null)),

@@ -11,16 +11,10 @@
 use base64::Engine;
 use serde_json::{Map, Value};
 
-use crate::registry::{RESOURCES, Resource};
+use crate::registry::{RESOURCES, Resource, to_serde_json};
 use crate::status::ApiError;
 
 const MAGIC: &[u8] = b"k8s\0";
-
-/// Decodes `raw` as a `T` and serializes it (in k8s-rs-pb's serde form, fixed up by `decode`).
-pub fn to_serde_json<T: protobuf::Message + serde::Serialize>(raw: &[u8]) -> Result<Value, String> {
-    let message = T::parse_from_bytes(raw).map_err(|e| e.to_string())?;
-    serde_json::to_value(&message).map_err(|e| e.to_string())
-}
 
 fn unsupported(message: impl std::fmt::Display) -> ApiError {
     let mut error = ApiError::bad_request(format!("the protobuf body cannot be decoded: {message}"));
@@ -79,7 +73,7 @@ pub fn decode(body: &[u8]) -> Result<Value, ApiError> {
         for (i, version) in serialized["spec"]["versions"].as_array_mut().into_iter().flatten().enumerate() {
             let schema = version["schema"]["openAPIV3Schema"].take();
             if !schema.is_null() {
-                schemas.push((i, crate::crd::schema_from_protobuf(schema)));
+                schemas.push((i, crate::custom::schema_from_protobuf(schema)));
             }
         }
     }

@@ -13,8 +13,9 @@ use axum::http::{Response, header};
 use http_body_util::BodyExt;
 use hyper_util::rt::TokioIo;
 
-use crate::handlers::{ApiState, read_stored};
-use crate::registry;
+use crate::outbound::{Target, locate, unavailable};
+use crate::state::ApiState;
+
 use crate::status::ApiError;
 
 /// Headers that belong to one connection, not to the request (RFC 9110 §7.6.1), and the
@@ -32,117 +33,6 @@ const HOP_BY_HOP: &[&str] = &[
     "host",
     "authorization",
 ];
-
-/// What a proxied request is for: the resource (`pods`, `services`, `nodes`), its namespace
-/// and the name segment as given (`https:web:8443`).
-#[derive(Debug)]
-pub struct Target<'a> {
-    pub plural: &'a str,
-    pub namespace: Option<&'a str>,
-    pub id: &'a str,
-}
-
-/// Upstream's `SplitSchemeNamePort`: `name`, `name:port` or `scheme:name:port`.
-fn split_id(id: &str) -> Result<(&str, &str, &str), ApiError> {
-    let parts: Vec<&str> = id.split(':').collect();
-    let (scheme, name, port) = match parts.as_slice() {
-        [name] => ("", *name, ""),
-        [name, port] => ("", *name, *port),
-        [scheme, name, port] => (*scheme, *name, *port),
-        _ => return Err(ApiError::bad_request(format!("invalid request {id:?}"))),
-    };
-    if name.is_empty() || !matches!(scheme, "" | "http" | "https") {
-        return Err(ApiError::bad_request(format!("invalid request {id:?}")));
-    }
-    Ok((scheme, name, port))
-}
-
-fn unavailable(message: String) -> ApiError {
-    ApiError::new(503, "ServiceUnavailable", message)
-}
-
-/// Where the request goes: scheme, `host:port`, and whether through the kubelet client.
-pub(crate) async fn locate(
-    store: &dyn tugboat_store::Store,
-    target: &Target<'_>,
-) -> Result<(String, String, bool), ApiError> {
-    let (scheme, name, port) = split_id(target.id)?;
-    let join = |ip: &str, port: &str| {
-        let host = if ip.contains(':') { format!("[{ip}]") } else { ip.to_string() };
-        if port.is_empty() { host } else { format!("{host}:{port}") }
-    };
-    match target.plural {
-        "pods" => {
-            let pods = registry::find("", "v1", "pods").expect("pods are served");
-            let (pod, _) = read_stored(store, pods, target.namespace, name).await?;
-            let port = if port.is_empty() {
-                let first = pod["spec"]["containers"]
-                    .as_array()
-                    .into_iter()
-                    .flatten()
-                    .find_map(|c| c["ports"][0]["containerPort"].as_i64());
-                first.map(|p| p.to_string()).unwrap_or_default()
-            } else {
-                port.to_string()
-            };
-            let ip = pod["status"]["podIP"]
-                .as_str()
-                .filter(|ip| !ip.is_empty())
-                .ok_or_else(|| unavailable(format!("pod {name} has no IP address yet")))?;
-            let scheme = if scheme.is_empty() { "http" } else { scheme };
-            let port = if port.is_empty() { if scheme == "https" { "443" } else { "80" }.to_string() } else { port };
-            Ok((scheme.to_string(), join(ip, &port), false))
-        }
-        "services" => {
-            let services = registry::find("", "v1", "services").expect("services are served");
-            let (service, _) = read_stored(store, services, target.namespace, name).await?;
-            // A port number means the service port of that number, named as its endpoints name it.
-            let mut port_name = port.to_string();
-            if let Ok(number) = port.parse::<i64>() {
-                let declared = service["spec"]["ports"].as_array().into_iter().flatten().find(|p| p["port"] == number);
-                let Some(declared) = declared else {
-                    return Err(unavailable(format!("no service port {number} found for service {name:?}")));
-                };
-                port_name = declared["name"].as_str().unwrap_or_default().to_string();
-            }
-            let endpoints = registry::find("", "v1", "endpoints").expect("endpoints are served");
-            let (endpoints, _) = read_stored(store, endpoints, target.namespace, name)
-                .await
-                .map_err(|_| unavailable(format!("no endpoints available for service {name:?}")))?;
-            let subsets = endpoints["subsets"].as_array().cloned().unwrap_or_default();
-            let start = pick(subsets.len());
-            for i in 0..subsets.len() {
-                let subset = &subsets[(start + i) % subsets.len()];
-                let addresses = subset["addresses"].as_array().cloned().unwrap_or_default();
-                if addresses.is_empty() {
-                    continue;
-                }
-                let ports = subset["ports"].as_array().into_iter().flatten();
-                if let Some(found) = ports.into_iter().find(|p| p["name"].as_str().unwrap_or_default() == port_name) {
-                    let address = &addresses[pick(addresses.len())];
-                    let ip = address["ip"].as_str().unwrap_or_default();
-                    let port = found["port"].as_i64().unwrap_or(80).to_string();
-                    let scheme = if scheme.is_empty() { "http" } else { scheme };
-                    return Ok((scheme.to_string(), join(ip, &port), false));
-                }
-            }
-            Err(unavailable(format!("no endpoints available for service {:?}", target.id)))
-        }
-        _ => {
-            let nodes = registry::find("", "v1", "nodes").expect("nodes are served");
-            let (node, _) = read_stored(store, nodes, None, name).await?;
-            let kubelet = crate::kubelet::node_address(&node)
-                .ok_or_else(|| unavailable(format!("node {name} has no address to reach it at")))?;
-            let kubelet_port = kubelet.rsplit_once(':').map(|(_, p)| p).unwrap_or("10250");
-            if port.is_empty() || port == kubelet_port {
-                return Ok(("https".into(), kubelet, true));
-            }
-            let host = kubelet.rsplit_once(':').map(|(h, _)| h).unwrap_or(&kubelet).to_string();
-            let scheme = if scheme.is_empty() { "http" } else { scheme };
-            Ok((scheme.to_string(), format!("{host}:{port}"), false))
-        }
-    }
-}
 
 /// Forwards `request` (its path already cut to what follows `/proxy`) to the target.
 pub async fn forward(
@@ -278,13 +168,6 @@ fn rewrite_links(page: &str, prefix: &str) -> String {
     out
 }
 
-/// An index below `n` (n > 0) that varies from request to request: which endpoint to try
-/// first, spreading requests as upstream's random pick does.
-fn pick(n: usize) -> usize {
-    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().subsec_nanos();
-    nanos as usize % n.max(1)
-}
-
 /// TLS that takes whatever certificate the pod or service shows.
 fn insecure_connector() -> tokio_rustls::TlsConnector {
     let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
@@ -304,9 +187,9 @@ async fn send(
     address: &str,
     request: hyper::Request<Body>,
 ) -> Result<Response<hyper::body::Incoming>, String> {
-    let tcp = crate::kubelet::dial(address).await?;
+    let tcp = crate::outbound::dial(address).await?;
     if scheme == "https" {
-        let name = crate::kubelet::server_name(address)?;
+        let name = crate::outbound::server_name(address)?;
         let tls = insecure_connector().connect(name, tcp).await.map_err(|e| e.to_string())?;
         exchange(TokioIo::new(tls), request).await
     } else {
@@ -357,6 +240,8 @@ fn passes(headers: &HeaderMap) -> Vec<String> {
 
 #[cfg(test)]
 mod tests {
+    use crate::outbound::split_id;
+
     #[test]
     fn html_links_to_the_backend_go_through_the_proxy() {
         let prefix = "/api/v1/namespaces/ns/pods/web:1080/proxy";

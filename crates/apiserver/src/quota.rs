@@ -14,9 +14,9 @@ use tugboat_objects::quantity::parse_milli;
 use tugboat_objects::quota::{self, Namespace};
 use tugboat_store::{ListOptions, StoreError};
 
-use crate::handlers::ApiState;
 use crate::object;
 use crate::registry::{self, Resource};
+use crate::state::ApiState;
 use crate::status::ApiError;
 
 /// Writes of a quota's usage that lost a race retry this often before giving up.

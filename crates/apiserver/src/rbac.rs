@@ -7,28 +7,10 @@
 
 use serde_json::{Value, json};
 
-use crate::auth::UserInfo;
-use crate::handlers::ApiState;
+use crate::auth::{Attributes, ResourceAttributes, UserInfo};
 use crate::registry;
+use crate::state::ApiState;
 use crate::status::ApiError;
-
-/// What a request asks to do.
-#[derive(Debug, Clone, PartialEq, Default)]
-pub struct Attributes {
-    pub verb: String,
-    /// A resource request (`Some`), or a non-resource path.
-    pub resource: Option<ResourceAttributes>,
-    pub path: String,
-}
-
-#[derive(Debug, Clone, PartialEq, Default)]
-pub struct ResourceAttributes {
-    pub group: String,
-    pub resource: String,
-    pub subresource: String,
-    pub namespace: String,
-    pub name: String,
-}
 
 fn strings(value: &Value) -> impl Iterator<Item = &str> {
     value.as_array().into_iter().flatten().filter_map(Value::as_str)
@@ -82,7 +64,7 @@ fn subject_matches(subject: &Value, user: &UserInfo) -> bool {
 
 async fn cached(state: &ApiState, group: &str, plural: &str, namespace: Option<&str>) -> Result<Vec<Value>, ApiError> {
     let resource = registry::find(group, "v1", plural).expect("RBAC resources are served");
-    crate::handlers::cached_list(state, resource, namespace).await
+    crate::state::cached_list(state, resource, namespace).await
 }
 
 const RBAC: &str = "rbac.authorization.k8s.io";

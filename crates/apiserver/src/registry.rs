@@ -27,7 +27,7 @@ pub struct Resource {
     /// Decodes the kind's protobuf message (its k8s-rs-pb type) to that crate's serde form.
     pub protobuf: fn(&[u8]) -> Result<serde_json::Value, String>,
     /// For a resource a CustomResourceDefinition adds: what the definition says of it.
-    pub custom: Option<&'static crate::crd::Custom>,
+    pub custom: Option<&'static Custom>,
 }
 
 /// A subresource as discovery lists it.
@@ -87,7 +87,7 @@ macro_rules! resource {
             storage: $storage,
             conversion: $conversion,
             schema: schema_of::<k8s_openapi::api::$($type)::+>,
-            protobuf: crate::protobuf::to_serde_json::<k8s_rs_pb::api::$($type)::+>,
+            protobuf: to_serde_json::<k8s_rs_pb::api::$($type)::+>,
             custom: None,
         }
     };
@@ -549,7 +549,7 @@ pub static RESOURCES: &[Resource] = &[
         storage: "apiextensions.k8s.io/customresourcedefinitions",
         schema: schema_of::<k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition>,
         conversion: None,
-        protobuf: crate::protobuf::to_serde_json::<
+        protobuf: to_serde_json::<
             k8s_rs_pb::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition,
         >,
         custom: None,
@@ -566,9 +566,7 @@ pub static RESOURCES: &[Resource] = &[
         storage: "apiregistration.k8s.io/apiservices",
         schema: schema_of::<k8s_openapi::kube_aggregator::pkg::apis::apiregistration::v1::APIService>,
         conversion: None,
-        protobuf: crate::protobuf::to_serde_json::<
-            k8s_rs_pb::kube_aggregator::pkg::apis::apiregistration::v1::APIService,
-        >,
+        protobuf: to_serde_json::<k8s_rs_pb::kube_aggregator::pkg::apis::apiregistration::v1::APIService>,
         custom: None,
     },
 ];
@@ -592,26 +590,6 @@ impl Resource {
     /// The store key of one object.
     pub fn key(&self, namespace: Option<&str>, name: &str) -> String {
         format!("{}{name}", self.prefix(namespace))
-    }
-
-    /// A stored object as this resource serves it: converted from the kind it is stored as,
-    /// or, for a custom resource, in this version and with its schema's defaults.
-    pub fn from_storage(&self, object: serde_json::Value) -> serde_json::Value {
-        match (&self.conversion, self.custom) {
-            (Some(conversion), _) => (conversion.from_storage)(object),
-            // A webhook converts: the object stays as stored until `conversion::convert`.
-            (None, Some(custom)) if custom.webhook.is_some() => object,
-            (None, Some(custom)) => {
-                let mut object = object;
-                if object.get("apiVersion").is_some_and(|v| *v != *self.api_version()) {
-                    object["apiVersion"] = serde_json::Value::String(self.api_version());
-                }
-                // Defaults added to the schema since the object was written apply on read too.
-                crate::crd::default(custom, &mut object);
-                object
-            }
-            (None, None) => object,
-        }
     }
 
     /// Reviews are created and answered, never stored.
@@ -736,6 +714,57 @@ impl Resource {
 /// Finds a resource by group, version and plural.
 pub fn find(group: &str, version: &str, plural: &str) -> Option<&'static Resource> {
     RESOURCES.iter().find(|r| r.group == group && r.version == version && r.plural == plural)
+}
+
+/// What a definition says of one served version of its resource.
+#[derive(Debug, PartialEq)]
+pub struct Custom {
+    /// The definition's name (`<plural>.<group>`).
+    pub crd: String,
+    /// The version objects are stored in.
+    pub storage_version: String,
+    /// `openAPIV3Schema`, when the version has one.
+    pub schema: Option<serde_json::Value>,
+    /// `additionalPrinterColumns`.
+    pub columns: Vec<PrinterColumn>,
+    /// Whether the `/status` subresource is enabled.
+    pub status: bool,
+    /// The `/scale` subresource's paths, when enabled.
+    pub scale: Option<ScalePaths>,
+    pub list_kind: String,
+    /// The definition is being deleted: its objects may be read and deleted, not created.
+    pub terminating: bool,
+    /// `spec.conversion.webhook` (`clientConfig`, `conversionReviewVersions`) when a webhook
+    /// converts between versions.
+    pub webhook: Option<serde_json::Value>,
+    /// The version's `selectableFields`, as field selectors name them (`spec.color`).
+    pub selectable: Vec<String>,
+    /// A digest of what the definition says of the version (names, scope, schema…): it changes
+    /// when the published OpenAPI document of the resource does.
+    pub digest: u64,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct PrinterColumn {
+    pub name: String,
+    pub kind: String,
+    pub format: String,
+    pub description: String,
+    pub priority: i64,
+    pub json_path: String,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct ScalePaths {
+    pub spec_replicas: String,
+    pub status_replicas: String,
+    pub label_selector: Option<String>,
+}
+
+/// Decodes `raw` as a `T` and serializes it (in k8s-rs-pb's serde form, fixed up by `decode`).
+pub fn to_serde_json<T: protobuf::Message + serde::Serialize>(raw: &[u8]) -> Result<serde_json::Value, String> {
+    let message = T::parse_from_bytes(raw).map_err(|e| e.to_string())?;
+    serde_json::to_value(&message).map_err(|e| e.to_string())
 }
 
 #[cfg(test)]

@@ -10,8 +10,10 @@ use axum::http::{Method, Response, StatusCode, header};
 use http_body_util::BodyExt;
 use serde_json::{Value, json};
 
-use crate::handlers::{ApiState, Query, json_response};
+use crate::state::{ApiState, json_response};
+
 use crate::registry;
+use crate::request::Query;
 use crate::selector::LabelSelector;
 use crate::status::ApiError;
 
@@ -93,14 +95,14 @@ pub async fn serve(
 
 async fn cached(state: &ApiState, plural: &str) -> Result<Vec<Value>, ApiError> {
     let resource = registry::find("", "v1", plural).expect("core resources are served");
-    crate::handlers::cached_list(state, resource, None).await
+    crate::state::cached_list(state, resource, None).await
 }
 
 /// Each node's summary (None where its kubelet did not answer), asked of all at once.
 async fn summaries(state: &ApiState, nodes: &[&Value]) -> Vec<Option<Value>> {
     let asks = nodes.iter().map(|node| async move {
         let name = node["metadata"]["name"].as_str().unwrap_or_default();
-        let address = crate::kubelet::node_address(node)?;
+        let address = crate::outbound::node_address(node)?;
         let request = hyper::Request::get("/stats/summary")
             .header(header::HOST, &address)
             .body(Body::empty())

@@ -4,13 +4,14 @@
 //! old value to compare with, unless `optionalOldSelf`). Old values are found by property name
 //! and, in lists of `x-kubernetes-list-type: map`, by their map keys; other list items have
 //! none. On an update, a rule that does not name `oldSelf` is skipped on a value left as it
-//! was (upstream's ratcheting, as `crd::validate` does for the schema). A rule that does not hold is a 422 cause at the node's path (plus its `fieldPath`),
+//! was (upstream's ratcheting, as `custom::validate` does for the schema). A rule that does not hold is a 422 cause at the node's path (plus its `fieldPath`),
 //! worded by its `reason`, with its `messageExpression`, `message` or `failed rule: <rule>`.
 //! Rules run once the object fits its schema; they are compiled when the definition is
 //! written (`compile_errors`), with the `cel` crate, and their cost estimated as upstream
 //! does (`cel_cost`: a rule too dear for its schema's bounds is refused then).
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use serde_json::Value;
 
@@ -65,7 +66,7 @@ fn walk(schema: &Value, value: &Value, old: Option<&Value>, path: &str, causes: 
             let Some(item_schema) = schema.get("items").filter(|i| i.is_object()) else { return };
             let old_items = old.and_then(Value::as_array);
             for (i, item) in items.iter().enumerate() {
-                let old_item = old_items.and_then(|olds| crate::crd::correlated(schema, item, olds));
+                let old_item = old_items.and_then(|olds| correlated(schema, item, olds));
                 walk(item_schema, item, old_item, &format!("{path}[{i}]"), causes, depth + 1);
             }
         }
@@ -85,8 +86,8 @@ fn run(rule: &Value, schema: &Value, value: &Value, old: Option<&Value>, path: &
         return;
     }
     let mut context = cel::Context::default();
-    context.add_variable_from_value("self", crate::policy::to_cel(value));
-    context.add_variable_from_value("oldSelf", old.map(crate::policy::to_cel).unwrap_or(cel::Value::Null));
+    context.add_variable_from_value("self", to_cel(value));
+    context.add_variable_from_value("oldSelf", old.map(to_cel).unwrap_or(cel::Value::Null));
     let field = match rule["fieldPath"].as_str().filter(|f| !f.is_empty()) {
         Some(relative) => join(path, relative.trim_start_matches('.')),
         None => path.to_string(),
@@ -199,6 +200,27 @@ fn compile_walk(schema: &Value, at: &str, causes: &mut Vec<Cause>, seen: &mut Ha
     }
 }
 
+/// JSON as CEL sees it: integers as `int` (CEL does not compare `uint` with `int` literals),
+/// objects as maps with string keys.
+pub fn to_cel(value: &Value) -> cel::Value {
+    match value {
+        Value::Null => cel::Value::Null,
+        Value::Bool(b) => cel::Value::Bool(*b),
+        Value::Number(n) => match (n.as_i64(), n.as_u64()) {
+            (Some(i), _) => cel::Value::Int(i),
+            (None, Some(u)) => cel::Value::UInt(u),
+            _ => cel::Value::Float(n.as_f64().unwrap_or_default()),
+        },
+        Value::String(s) => cel::Value::String(Arc::new(s.clone())),
+        Value::Array(items) => cel::Value::List(Arc::new(items.iter().map(to_cel).collect())),
+        Value::Object(map) => {
+            let map: HashMap<cel::objects::Key, cel::Value> =
+                map.iter().map(|(k, v)| (cel::objects::Key::String(Arc::new(k.clone())), to_cel(v))).collect();
+            cel::Value::Map(cel::objects::Map { map: Arc::new(map) })
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -253,4 +275,18 @@ mod tests {
         );
         assert!(causes[0].message.contains("compilation failed"), "{}", causes[0].message);
     }
+}
+
+/// The item of `olds` (the list before an update) that `item` stands for: in a list of
+/// `x-kubernetes-list-type: map`, the one with the same map keys; items of other lists have none.
+pub fn correlated<'a>(list_schema: &Value, item: &Value, olds: &'a [Value]) -> Option<&'a Value> {
+    if list_schema["x-kubernetes-list-type"] != "map" {
+        return None;
+    }
+    let keys: Vec<&str> =
+        list_schema["x-kubernetes-list-map-keys"].as_array().into_iter().flatten().filter_map(Value::as_str).collect();
+    if keys.is_empty() {
+        return None;
+    }
+    olds.iter().find(|o| keys.iter().all(|k| o.get(*k) == item.get(*k)))
 }

@@ -5,8 +5,8 @@
 
 use serde_json::{Value, json};
 
-use crate::handlers::{ApiState, read_object};
 use crate::registry;
+use crate::state::{ApiState, read_object};
 use crate::status::ApiError;
 
 pub async fn admit(state: &ApiState, pod: &mut Value) -> Result<(), ApiError> {

@@ -12,16 +12,11 @@
 //!   account), the `kube-api-access-<random>` projected volume (token, `kube-root-ca.crt`,
 //!   namespace) mounted at `/var/run/secrets/kubernetes.io/serviceaccount` in every container.
 
-use std::path::Path;
-
-use base64::Engine;
-use base64::engine::general_purpose::URL_SAFE_NO_PAD;
-use ring::signature::{self, EcdsaKeyPair, KeyPair};
 use serde_json::{Value, json};
 
 use crate::auth::UserInfo;
-use crate::handlers::ApiState;
 use crate::registry;
+use crate::state::ApiState;
 use crate::status::{ApiError, Cause};
 
 /// The issuer (and default API audience), as kubeadm configures it.
@@ -34,88 +29,6 @@ const MAX_EXPIRATION: i64 = 48 * 3600;
 const KUBELET_EXPIRATION: i64 = 3607;
 const EXTENDED_EXPIRATION: i64 = 365 * 24 * 3600;
 pub const MOUNT_PATH: &str = "/var/run/secrets/kubernetes.io/serviceaccount";
-
-/// Signs and verifies service account tokens.
-pub struct TokenSigner {
-    key: EcdsaKeyPair,
-    rng: ring::rand::SystemRandom,
-    kid: String,
-}
-
-impl std::fmt::Debug for TokenSigner {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("TokenSigner").field("kid", &self.kid).finish_non_exhaustive()
-    }
-}
-
-impl TokenSigner {
-    /// The key at `path` (PKCS#8 PEM), made on first use.
-    pub fn load_or_create(path: &Path) -> Result<TokenSigner, String> {
-        let rng = ring::rand::SystemRandom::new();
-        let pkcs8 = match std::fs::read(path) {
-            Ok(pem) => match rustls_pemfile::private_key(&mut pem.as_slice()) {
-                Ok(Some(rustls::pki_types::PrivateKeyDer::Pkcs8(der))) => der.secret_pkcs8_der().to_vec(),
-                _ => return Err(format!("{}: not a PKCS#8 private key", path.display())),
-            },
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                let der = EcdsaKeyPair::generate_pkcs8(&signature::ECDSA_P256_SHA256_FIXED_SIGNING, &rng)
-                    .map_err(|e| format!("making a service account key: {e}"))?;
-                let body = base64::engine::general_purpose::STANDARD.encode(der.as_ref());
-                let lines: Vec<&str> =
-                    body.as_bytes().chunks(64).map(|c| std::str::from_utf8(c).expect("base64 is ASCII")).collect();
-                let pem = format!("-----BEGIN PRIVATE KEY-----\n{}\n-----END PRIVATE KEY-----\n", lines.join("\n"));
-                tugboat_pki::write_file(path, pem.as_bytes(), 0o600).map_err(|e| e.to_string())?;
-                der.as_ref().to_vec()
-            }
-            Err(e) => return Err(format!("{}: {e}", path.display())),
-        };
-        let key = EcdsaKeyPair::from_pkcs8(&signature::ECDSA_P256_SHA256_FIXED_SIGNING, &pkcs8, &rng)
-            .map_err(|e| format!("{}: {e}", path.display()))?;
-        let kid = URL_SAFE_NO_PAD.encode(ring::digest::digest(&ring::digest::SHA256, key.public_key().as_ref()));
-        Ok(TokenSigner { key, rng, kid })
-    }
-
-    /// A signed JWT of `claims`.
-    pub fn sign(&self, claims: &Value) -> Result<String, ApiError> {
-        let header = json!({"alg": "ES256", "kid": self.kid});
-        let input =
-            format!("{}.{}", URL_SAFE_NO_PAD.encode(header.to_string()), URL_SAFE_NO_PAD.encode(claims.to_string()));
-        let signature =
-            self.key.sign(&self.rng, input.as_bytes()).map_err(|_| ApiError::internal("signing a token failed"))?;
-        Ok(format!("{input}.{}", URL_SAFE_NO_PAD.encode(signature.as_ref())))
-    }
-
-    /// The public key as a JSON Web Key Set (`/openid/v1/jwks`).
-    pub fn jwks(&self) -> Value {
-        // An uncompressed P-256 point: 0x04, then x and y (32 bytes each).
-        let point = self.key.public_key().as_ref();
-        let (x, y) = point[1..].split_at(32);
-        json!({"keys": [{"use": "sig", "kty": "EC", "kid": self.kid, "crv": "P-256", "alg": "ES256",
-                         "x": URL_SAFE_NO_PAD.encode(x), "y": URL_SAFE_NO_PAD.encode(y)}]})
-    }
-
-    /// The claims of a token this signer signed, if its signature holds.
-    pub fn verify(&self, token: &str) -> Option<Value> {
-        let mut parts = token.split('.');
-        let (header, claims, signature) = (parts.next()?, parts.next()?, parts.next()?);
-        if parts.next().is_some() {
-            return None;
-        }
-        let header: Value = serde_json::from_slice(&URL_SAFE_NO_PAD.decode(header).ok()?).ok()?;
-        if header["alg"] != "ES256" {
-            return None;
-        }
-        let public =
-            signature::UnparsedPublicKey::new(&signature::ECDSA_P256_SHA256_FIXED, self.key.public_key().as_ref());
-        let input = &token[..header_and_claims_len(token)?];
-        public.verify(input.as_bytes(), &URL_SAFE_NO_PAD.decode(signature).ok()?).ok()?;
-        serde_json::from_slice(&URL_SAFE_NO_PAD.decode(claims).ok()?).ok()
-    }
-}
-
-fn header_and_claims_len(token: &str) -> Option<usize> {
-    token.rfind('.')
-}
 
 fn unix_now() -> i64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0)
@@ -136,13 +49,13 @@ fn invalid(name: &str, field: &str, message: String) -> ApiError {
 
 async fn cached(state: &ApiState, plural: &str, namespace: &str, name: &str) -> Result<Option<Value>, ApiError> {
     let resource = registry::find("", "v1", plural).expect("core resources are served");
-    crate::handlers::cached_get(state, resource, Some(namespace), name).await
+    crate::state::cached_get(state, resource, Some(namespace), name).await
 }
 
 /// `POST serviceaccounts/<name>/token`: a TokenRequest answered with a signed token.
 pub async fn token_request(state: &ApiState, namespace: &str, name: &str, request: Value) -> Result<Value, ApiError> {
     let accounts = registry::find("", "v1", "serviceaccounts").expect("service accounts are served");
-    let (account, _) = crate::handlers::read_object(state, accounts, Some(namespace), name).await?;
+    let (account, _) = crate::state::read_object(state, accounts, Some(namespace), name).await?;
     let spec = &request["spec"];
     let expiration = match &spec["expirationSeconds"] {
         Value::Null => DEFAULT_EXPIRATION,
@@ -200,7 +113,7 @@ pub async fn token_request(state: &ApiState, namespace: &str, name: &str, reques
         // A pod's token names its node too (upstream's ServiceAccountTokenPodNodeInfo).
         if let Some(node_name) = object["spec"]["nodeName"].as_str().filter(|n| !n.is_empty() && kind == "Pod") {
             let nodes = registry::find("", "v1", "nodes").expect("nodes are served");
-            if let Some(node) = crate::handlers::cached_get(state, nodes, None, node_name).await? {
+            if let Some(node) = crate::state::cached_get(state, nodes, None, node_name).await? {
                 bound["node"] = json!({"name": node_name, "uid": node["metadata"]["uid"]});
             }
         }
@@ -397,6 +310,10 @@ pub fn mount_api_access(spec: &mut Value) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::auth::TokenSigner;
+    use base64::Engine;
+    use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    use ring::signature;
 
     #[test]
     fn the_published_key_set_verifies_tokens() {

@@ -230,17 +230,6 @@ fn reorder(field: &str, list: &mut Vec<Value>, order: &[Value]) {
     *list = indexed.into_iter().map(|(_, v)| v).collect();
 }
 
-/// How the elements of list `field` are identified, for field ownership: by a merge key, as a
-/// set, or not at all (the list is one atomic value).
-pub fn list_merge_key(field: &str, items: &[Value]) -> Option<crate::fields::ListKind> {
-    let elements: Vec<&Value> = items.iter().collect();
-    match strategy(field, &elements) {
-        ListStrategy::MergeByKey(key) => Some(crate::fields::ListKind::Keyed(key)),
-        ListStrategy::Union => Some(crate::fields::ListKind::Set),
-        ListStrategy::Replace => None,
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

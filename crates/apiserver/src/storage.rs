@@ -4,8 +4,8 @@
 
 use serde_json::{Value, json};
 
-use crate::handlers::ApiState;
 use crate::registry;
+use crate::state::ApiState;
 use crate::status::ApiError;
 
 /// The provisioner of the built-in class (the controller manager provisions, kubelets mount).
@@ -28,7 +28,7 @@ pub async fn admit(state: &ApiState, claim: &mut Value) -> Result<(), ApiError> 
         return Ok(());
     }
     let classes = registry::find("storage.k8s.io", "v1", "storageclasses").expect("storage classes are served");
-    let listed = crate::handlers::cached_list(state, classes, None).await?;
+    let listed = crate::state::cached_list(state, classes, None).await?;
     // Upstream takes the newest of several defaults.
     let default = listed
         .iter()

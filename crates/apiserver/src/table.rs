@@ -3,7 +3,8 @@
 
 use serde_json::{Value, json};
 
-use crate::registry::Resource;
+use crate::custom::json_path;
+use crate::registry::{PrinterColumn, Resource};
 
 /// Whether the client asked for a Table (`Accept: application/json;as=Table;v=v1;g=meta.k8s.io`).
 pub fn wants_table(accept: &str) -> bool {
@@ -1050,7 +1051,7 @@ fn row(resource: &Resource, object: &Value, include_object: &str) -> Value {
 
 /// A custom resource's columns: the name, then its definition's printer columns (the age
 /// when it declares none), as upstream's table convertor makes them.
-fn custom_definitions(custom: &crate::crd::Custom) -> Vec<Value> {
+fn custom_definitions(custom: &crate::registry::Custom) -> Vec<Value> {
     let mut definitions = vec![json!({"name": "Name", "type": "string", "format": "name",
         "description": "Name must be unique within a namespace. Is required when creating resources, although some resources may allow a client to request the generation of an appropriate name automatically. Name is primarily intended for creation idempotence and configuration definition. Cannot be updated. More info: https://kubernetes.io/docs/concepts/overview/working-with-objects/names#names", "priority": 0})];
     if custom.columns.is_empty() {
@@ -1063,12 +1064,12 @@ fn custom_definitions(custom: &crate::crd::Custom) -> Vec<Value> {
     definitions
 }
 
-fn custom_cells(custom: &crate::crd::Custom, object: &Value) -> Vec<Value> {
+fn custom_cells(custom: &crate::registry::Custom, object: &Value) -> Vec<Value> {
     let mut cells = vec![json!(object["metadata"]["name"])];
     if custom.columns.is_empty() {
         cells.push(json!(age(object)));
     }
-    cells.extend(custom.columns.iter().map(|column| crate::crd::column_value(column, object)));
+    cells.extend(custom.columns.iter().map(|column| column_value(column, object)));
     cells
 }
 
@@ -1104,6 +1105,30 @@ pub fn table(
         "columnDefinitions": definitions,
         "rows": objects.iter().map(|o| row(resource, o, include_object)).collect::<Vec<_>>(),
     })
+}
+
+/// A printer column's cell: the value at its JSONPath (`.spec.replicas`, `.status.conditions[0].type`).
+pub fn column_value(column: &PrinterColumn, object: &Value) -> Value {
+    let value = json_path(object, &column.json_path);
+    match value {
+        None => Value::Null,
+        Some(value) if column.kind == "date" => match value.as_str() {
+            Some(timestamp) => json!(age_of(timestamp)),
+            None => Value::Null,
+        },
+        Some(Value::Array(items)) => json!(
+            items
+                .iter()
+                .map(|v| match v {
+                    Value::String(s) => s.clone(),
+                    other => other.to_string(),
+                })
+                .collect::<Vec<_>>()
+                .join(",")
+        ),
+        Some(Value::Object(map)) => json!(Value::Object(map.clone()).to_string()),
+        Some(value) => value.clone(),
+    }
 }
 
 #[cfg(test)]
