@@ -456,7 +456,7 @@ fn default_webhook(kind: Kind, webhook: &mut Value) {
 /// Defaults and validates a webhook configuration, a policy or a binding;
 /// the causes of what is wrong, with upstream's field paths and wording.
 pub fn prepare_configuration(resource: &Resource, object: &mut Value) -> Vec<Cause> {
-    match resource.plural {
+    match resource.builtin() {
         "validatingadmissionpolicies" => return crate::policy::prepare_policy(object),
         "validatingadmissionpolicybindings" => return crate::policy::prepare_binding(object),
         _ => {}

@@ -71,7 +71,7 @@ pub async fn handle(state: Arc<ApiState>, user: Option<UserInfo>, request: hyper
     };
     // exec, attach and port-forward: the connection is upgraded and spliced to the kubelet's.
     let streaming = match &target {
-        Ok(Some(t)) if t.resource.group.is_empty() && t.resource.plural == "pods" => {
+        Ok(Some(t)) if t.resource.group.is_empty() && t.resource.builtin() == "pods" => {
             match (t.subresource.as_deref(), &t.name) {
                 (Some(sub @ ("exec" | "attach" | "portforward")), Some(name)) => {
                     Some((sub.to_string(), name.clone(), t.namespace.clone().unwrap_or_else(|| "default".into())))
@@ -627,7 +627,7 @@ async fn dispatch(
                 list(state, target.resource, namespace, query, accept).await
             }
         }
-        (&Method::POST, None) if target.resource.plural == "certificatesigningrequests" => {
+        (&Method::POST, None) if target.resource.builtin() == "certificatesigningrequests" => {
             // Who asks is recorded by the server, not claimed by the client.
             let mut object = decode_body(content_type, &read_body(body).await?)?;
             if !object["spec"].is_object() {
@@ -1063,7 +1063,7 @@ async fn answer_review(
     }
     review["metadata"]["creationTimestamp"] = Value::Null;
     let user = user.cloned().unwrap_or_default();
-    match resource.plural {
+    match resource.builtin() {
         "selfsubjectaccessreviews" => {
             review["status"] = crate::rbac::review(state, &user, &review["spec"]).await?;
         }
@@ -1071,7 +1071,7 @@ async fn answer_review(
         // a LocalSubjectAccessReview asks it within its own namespace.
         "subjectaccessreviews" | "localsubjectaccessreviews" => {
             let spec = &review["spec"];
-            if resource.plural == "localsubjectaccessreviews" {
+            if resource.builtin() == "localsubjectaccessreviews" {
                 let namespace = review["metadata"]["namespace"].as_str().unwrap_or_default();
                 let mut causes = Vec::new();
                 if spec["resourceAttributes"].is_object()

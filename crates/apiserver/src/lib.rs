@@ -7,6 +7,13 @@
 //!
 //! Of Tugboat's crates it imports the store, `tugboat-pki` and `tugboat-objects`, never a node or
 //! controller crate: the API server is the only component that touches the store.
+//!
+//! Inside, the modules form layers (ARCHITECTURE.md lists them): values and wire (`registry`,
+//! `object`, `custom`, …), served sets and outgoing clients (`custom_kinds`, `aggregated`,
+//! `outbound`), the shared state and request (`state`, `request`), the features on them
+//! (admission, RBAC, quota, …), writes (`write`), the server's own writers (`crd_controller`,
+//! `aggregator`), and the router (`handlers`) on top. A module imports only from below it:
+//! `layer_tests.rs` fails on an import cycle, and on any module that uses the router.
 
 // ApiError is returned by value on the cold path; boxing it would buy nothing measurable.
 #![allow(clippy::result_large_err)]

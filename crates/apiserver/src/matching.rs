@@ -50,7 +50,7 @@ pub struct Attributes<'a> {
 
 /// `kind`, `resource` of the reviewed object: a subresource's own kind where it has one.
 pub(crate) fn reviewed_kind(resource: &Resource, subresource: &str) -> (String, String, String) {
-    match (resource.plural, subresource) {
+    match (resource.builtin(), subresource) {
         ("pods", "attach") => ("".into(), "v1".into(), "PodAttachOptions".into()),
         ("pods", "exec") => ("".into(), "v1".into(), "PodExecOptions".into()),
         ("pods", "portforward") => ("".into(), "v1".into(), "PodPortForwardOptions".into()),
@@ -177,7 +177,7 @@ pub(crate) async fn selectors_match(
         return Ok(true);
     }
     let resource = attributes.resource;
-    if resource.plural == "namespaces" && resource.group.is_empty() && attributes.subresource.is_empty() {
+    if resource.builtin() == "namespaces" && resource.group.is_empty() && attributes.subresource.is_empty() {
         // A namespace is matched by its own labels.
         let labels = objects.iter().flatten().find(|o| o.is_object()).map(|o| labels_of(o)).unwrap_or_default();
         return Ok(crate::selector::label_selector_matches(selector, &labels));
@@ -236,10 +236,11 @@ pub(crate) fn review_request(attributes: &Attributes<'_>, object: Option<&Value>
     if !attributes.name.is_empty() {
         request["name"] = json!(attributes.name);
     }
-    if let Some(namespace) = attributes.namespace.filter(|_| resource.namespaced || resource.plural == "namespaces") {
+    if let Some(namespace) = attributes.namespace.filter(|_| resource.namespaced || resource.builtin() == "namespaces")
+    {
         request["namespace"] = json!(namespace);
     }
-    if resource.plural == "namespaces" && resource.group.is_empty() && !attributes.name.is_empty() {
+    if resource.builtin() == "namespaces" && resource.group.is_empty() && !attributes.name.is_empty() {
         request["namespace"] = json!(attributes.name);
     }
     request

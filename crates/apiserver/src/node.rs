@@ -165,7 +165,7 @@ pub async fn admit(
 ) -> Result<Body, ApiError> {
     let (resource, namespace, name, subresource) = target;
     let name = name.unwrap_or_default();
-    match (resource.group, resource.plural) {
+    match (resource.group, resource.builtin()) {
         ("", "nodes") => {
             let (body, object) = read(method, content_type, body).await?;
             let target = object.as_ref().and_then(|o| o["metadata"]["name"].as_str()).unwrap_or(name);

@@ -143,7 +143,7 @@ fn is_path_segment(name: &str) -> bool {
 }
 
 fn name_rule(resource: &Resource) -> (fn(&str) -> bool, &'static str) {
-    match resource.plural {
+    match resource.builtin() {
         "roles" | "rolebindings" | "clusterroles" | "clusterrolebindings" | "certificatesigningrequests" => {
             (is_path_segment, "may not be '.' or '..' and may not contain '/' or '%'")
         }
@@ -231,16 +231,16 @@ pub fn validate(resource: &Resource, object: &Value) -> Result<(), ApiError> {
     }
     check_string_map(object, "labels", &mut causes);
     check_string_map(object, "annotations", &mut causes);
-    if resource.plural == "pods" {
+    if resource.builtin() == "pods" {
         validate_pod_spec(&object["spec"], "spec", &mut causes);
     }
-    if resource.plural == "networkpolicies" {
+    if resource.builtin() == "networkpolicies" {
         validate_network_policy(&object["spec"], &mut causes);
     }
-    if resource.group.is_empty() && matches!(resource.plural, "configmaps" | "secrets") {
+    if resource.group.is_empty() && matches!(resource.builtin(), "configmaps" | "secrets") {
         validate_config_keys(object, &mut causes);
     }
-    if resource.plural == "horizontalpodautoscalers" {
+    if resource.builtin() == "horizontalpodautoscalers" {
         let spec = &object["spec"];
         let mut cause = |reason: &'static str, field: &str, message: String| {
             causes.push(Cause { reason, message, field: field.into() });
@@ -495,15 +495,15 @@ pub fn prepare_create(resource: &Resource, namespace: Option<&str>, object: &mut
     {
         map.remove("status");
     }
-    if resource.plural == "namespaces" {
+    if resource.builtin() == "namespaces" {
         object["spec"] = json!({"finalizers": ["kubernetes"]});
         object["status"] = json!({"phase": "Active"});
     }
-    if matches!(resource.plural, "persistentvolumes" | "persistentvolumeclaims") {
+    if matches!(resource.builtin(), "persistentvolumes" | "persistentvolumeclaims") {
         object["status"] = json!({"phase": "Pending"});
     }
     apply_defaults(resource, object);
-    if resource.plural == "pods" && object["spec"].is_object() {
+    if resource.builtin() == "pods" && object["spec"].is_object() {
         add_default_tolerations(&mut object["spec"]);
         let qos = qos_class(&object["spec"]);
         object["status"] = json!({"phase": "Pending", "qosClass": qos});
@@ -528,25 +528,25 @@ pub(crate) fn apply_defaults(resource: &Resource, object: &mut Value) {
             }
         }
     }
-    if resource.plural == "persistentvolumes" && object["spec"].is_object() {
+    if resource.builtin() == "persistentvolumes" && object["spec"].is_object() {
         set_default(&mut object["spec"], "persistentVolumeReclaimPolicy", json!("Retain"));
         set_default(&mut object["spec"], "volumeMode", json!("Filesystem"));
     }
-    if resource.plural == "persistentvolumeclaims" && object["spec"].is_object() {
+    if resource.builtin() == "persistentvolumeclaims" && object["spec"].is_object() {
         set_default(&mut object["spec"], "volumeMode", json!("Filesystem"));
     }
-    if resource.plural == "storageclasses" {
+    if resource.builtin() == "storageclasses" {
         set_default(object, "reclaimPolicy", json!("Delete"));
         set_default(object, "volumeBindingMode", json!("Immediate"));
     }
     default_workload(resource, object);
-    if resource.plural == "pods" && object["spec"].is_object() {
+    if resource.builtin() == "pods" && object["spec"].is_object() {
         default_pod_spec(&mut object["spec"]);
     }
-    if resource.group.is_empty() && resource.plural == "pods" {
+    if resource.group.is_empty() && resource.builtin() == "pods" {
         default_requests_from_limits(&mut object["spec"]);
     }
-    if resource.group.is_empty() && resource.plural == "limitranges" {
+    if resource.group.is_empty() && resource.builtin() == "limitranges" {
         default_limit_range(object);
     }
     micro_times(resource, object);
@@ -574,7 +574,7 @@ fn default_requests_from_limits(spec: &mut Value) {
 /// Go writes a `MicroTime` with exactly six fractional digits (RFC3339Micro), and Go clients
 /// read only that: one decoded from protobuf, or sent with another precision, is written so.
 fn micro_times(resource: &Resource, object: &mut Value) {
-    let paths: &[&[&str]] = match (resource.group, resource.plural) {
+    let paths: &[&[&str]] = match (resource.group, resource.builtin()) {
         ("coordination.k8s.io", "leases") => &[&["spec", "acquireTime"], &["spec", "renewTime"]],
         ("" | "events.k8s.io", "events") => &[&["eventTime"], &["series", "lastObservedTime"]],
         _ => return,
@@ -592,13 +592,13 @@ fn micro_times(resource: &Resource, object: &mut Value) {
 /// Upstream's defaults for the workload kinds (`pkg/apis/{apps,batch}/v1/defaults.go`),
 /// including their pod templates.
 fn default_workload(resource: &Resource, object: &mut Value) {
-    if resource.plural == "podtemplates" {
+    if resource.builtin() == "podtemplates" {
         if object["template"]["spec"].is_object() {
             default_pod_spec(&mut object["template"]["spec"]);
         }
         return;
     }
-    if resource.plural == "replicationcontrollers" {
+    if resource.builtin() == "replicationcontrollers" {
         // `SetDefaults_ReplicationController`: the selector and the labels are the template's
         // labels when not given.
         let labels = object["spec"]["template"]["metadata"]["labels"].clone();
@@ -615,7 +615,7 @@ fn default_workload(resource: &Resource, object: &mut Value) {
     let Some(spec) = object.get_mut("spec").filter(|s| s.is_object()) else {
         return;
     };
-    match resource.plural {
+    match resource.builtin() {
         "deployments" => {
             set_default(spec, "replicas", json!(1));
             set_default(spec, "revisionHistoryLimit", json!(10));
@@ -690,10 +690,10 @@ fn default_workload(resource: &Resource, object: &mut Value) {
         }
         _ => return,
     }
-    if resource.plural == "jobs" {
+    if resource.builtin() == "jobs" {
         label_job_pods(object);
     }
-    let template = if resource.plural == "cronjobs" {
+    let template = if resource.builtin() == "cronjobs" {
         &mut object["spec"]["jobTemplate"]["spec"]["template"]["spec"]
     } else {
         &mut object["spec"]["template"]["spec"]
@@ -849,7 +849,7 @@ pub fn prepare_update(resource: &Resource, old: &Value, object: &mut Value) -> R
     object["metadata"].as_object_mut().expect("checked").remove("resourceVersion");
     // An immutable ConfigMap or Secret keeps its data and stays immutable.
     if resource.group.is_empty()
-        && matches!(resource.plural, "configmaps" | "secrets")
+        && matches!(resource.builtin(), "configmaps" | "secrets")
         && old["immutable"] == json!(true)
     {
         let name = old["metadata"]["name"].as_str().unwrap_or_default();
@@ -875,7 +875,7 @@ pub fn prepare_update(resource: &Resource, old: &Value, object: &mut Value) -> R
     }
     apply_defaults(resource, object);
     // A PriorityClass's value and preemption policy are fixed once made (upstream's words).
-    if resource.group == "scheduling.k8s.io" && resource.plural == "priorityclasses" {
+    if resource.group == "scheduling.k8s.io" && resource.builtin() == "priorityclasses" {
         let mut causes = Vec::new();
         if object["value"] != old["value"] {
             causes.push(Cause {
@@ -1025,7 +1025,7 @@ fn without_empties(value: &Value) -> Value {
 /// the same keys there, as upstream's conversion does on every write.
 fn merge_string_data(resource: &Resource, object: &mut Value) -> Result<(), ApiError> {
     use base64::Engine;
-    if !resource.group.is_empty() || resource.plural != "secrets" {
+    if !resource.group.is_empty() || resource.builtin() != "secrets" {
         return Ok(());
     }
     let Some(map) = object.as_object_mut() else { return Ok(()) };

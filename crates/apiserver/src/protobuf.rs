@@ -55,7 +55,7 @@ pub fn decode(body: &[u8]) -> Result<Value, ApiError> {
     // Go writes an IntOrString's three fields; k8s-rs-pb's serde form then picks the (zero)
     // number over the string. Kinds whose data is arbitrary bytes are left alone.
     let fixed;
-    let raw = if matches!(resource.plural, "secrets" | "configmaps" | "customresourcedefinitions") {
+    let raw = if matches!(resource.builtin(), "secrets" | "configmaps" | "customresourcedefinitions") {
         raw
     } else {
         fixed = string_int_or_strings(raw, 0).unwrap_or_else(|| raw.to_vec());
@@ -69,7 +69,7 @@ pub fn decode(body: &[u8]) -> Result<Value, ApiError> {
     // A definition's schemas are JSON Schema, not messages the kind's schema describes: they
     // are converted on their own and put back after the walk.
     let mut schemas = Vec::new();
-    if resource.plural == "customresourcedefinitions" {
+    if resource.builtin() == "customresourcedefinitions" {
         for (i, version) in serialized["spec"]["versions"].as_array_mut().into_iter().flatten().enumerate() {
             let schema = version["schema"]["openAPIV3Schema"].take();
             if !schema.is_null() {

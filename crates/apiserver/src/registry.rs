@@ -602,13 +602,21 @@ impl Resource {
         if self.is_review() { &["create"] } else { VERBS }
     }
 
+    /// The plural by which the server's per-kind rules (defaults, validation, admission, the
+    /// write path's special cases, Tables) know a built-in resource; empty for a custom one, so
+    /// that a custom resource named like a built-in one (`pods` in `example.com`) meets none of
+    /// them.
+    pub fn builtin(&self) -> &'static str {
+        if self.custom.is_some() { "" } else { self.plural }
+    }
+
     /// Whether the resource has a `/status` subresource (and its main resource ignores status).
     pub fn has_status(&self) -> bool {
         if let Some(custom) = self.custom {
             return custom.status;
         }
         matches!(
-            self.plural,
+            self.builtin(),
             "pods"
                 | "nodes"
                 | "namespaces"
@@ -641,13 +649,13 @@ impl Resource {
         if let Some(custom) = self.custom {
             return custom.scale.is_some();
         }
-        matches!(self.plural, "deployments" | "replicasets" | "replicationcontrollers" | "statefulsets")
+        matches!(self.builtin(), "deployments" | "replicasets" | "replicationcontrollers" | "statefulsets")
     }
 
     /// Whether a create starts with an empty status, whatever the client sent (upstream's
     /// PrepareForCreate); nodes keep what the kubelet reports.
     pub fn clears_status_on_create(&self) -> bool {
-        self.has_status() && !matches!(self.plural, "nodes" | "namespaces" | "pods")
+        self.has_status() && !matches!(self.builtin(), "nodes" | "namespaces" | "pods")
     }
 
     /// The subresources discovery lists for this resource, as upstream's: (name, the kind it
@@ -666,13 +674,13 @@ impl Resource {
             });
         }
         if !self.group.is_empty() || self.custom.is_some() {
-            if self.group == "certificates.k8s.io" && self.plural == "certificatesigningrequests" {
+            if self.group == "certificates.k8s.io" && self.builtin() == "certificatesigningrequests" {
                 list.push(Subresource { name: "approval", kind: own, verbs: &["get", "patch", "update"] });
             }
             return list;
         }
         const PROXY: &[&str] = &["create", "delete", "get", "patch", "update"];
-        match self.plural {
+        match self.builtin() {
             "serviceaccounts" => list.push(Subresource {
                 name: "token",
                 kind: ("authentication.k8s.io", "v1", "TokenRequest"),
@@ -707,7 +715,7 @@ impl Resource {
         self.custom.is_some()
             || !self.group.is_empty()
                 && !matches!(self.group, "coordination.k8s.io" | "rbac.authorization.k8s.io" | "events.k8s.io")
-            || matches!(self.plural, "pods" | "replicationcontrollers")
+            || matches!(self.builtin(), "pods" | "replicationcontrollers")
     }
 }
 

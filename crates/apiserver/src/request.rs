@@ -192,7 +192,7 @@ impl Filters {
             .map_err(ApiError::bad_request)?;
         let fields = FieldSelector::parse(query.get("fieldSelector").map(String::as_str).unwrap_or(""))
             .map_err(ApiError::bad_request)?;
-        let mut supported: Vec<&str> = supported_fields(resource.plural).to_vec();
+        let mut supported: Vec<&str> = supported_fields(resource.builtin()).to_vec();
         if let Some(custom) = resource.custom {
             supported = vec!["metadata.name", "metadata.namespace"];
             supported.extend(custom.selectable.iter().map(String::as_str));
@@ -204,7 +204,7 @@ impl Filters {
                 supported.join(", ")
             )));
         }
-        Ok(Filters { plural: resource.plural, labels, fields })
+        Ok(Filters { plural: resource.builtin(), labels, fields })
     }
 
     pub(crate) fn matches(&self, object: &Value) -> bool {

@@ -35,7 +35,7 @@ type Column = (&'static str, &'static str, &'static str, u8);
 fn columns(resource: &Resource) -> Vec<Column> {
     let name: Column = ("Name", "string", "name", 0);
     let age: Column = ("Age", "string", "", 0);
-    match resource.plural {
+    match resource.builtin() {
         "namespaces" => vec![name, ("Status", "string", "", 0), age],
         "configmaps" => vec![name, ("Data", "integer", "", 0), age],
         "priorityclasses" => vec![
@@ -528,7 +528,7 @@ fn cells(resource: &Resource, object: &Value) -> Vec<Value> {
     let none_if_empty = |v: String| {
         if v.is_empty() { "<none>".to_string() } else { v }
     };
-    match resource.plural {
+    match resource.builtin() {
         "namespaces" => vec![name, json!(s(&object["status"]["phase"])), json!(age(object))],
         "configmaps" => {
             let data = count(&object["data"]) + count(&object["binaryData"]);

@@ -99,7 +99,7 @@ pub(crate) async fn create_object(
     if resource.group == crate::aggregated::GROUP {
         check_api_service(resource, &mut object)?;
     }
-    if resource.plural == "services" {
+    if resource.builtin() == "services" {
         crate::services::default_and_validate(&mut object)?;
     }
     if let Some(custom) = resource.custom {
@@ -118,13 +118,13 @@ pub(crate) async fn create_object(
         if resource.namespaced { object["metadata"]["namespace"].as_str().map(str::to_string) } else { None };
     let name = object["metadata"]["name"].as_str().unwrap_or_default().to_string();
     check_namespace(state, resource, namespace.as_deref(), true).await?;
-    if resource.plural == "pods" {
+    if resource.builtin() == "pods" {
         crate::priority::admit(state.store.as_ref(), &state.caches, &mut object).await?;
         crate::service_accounts::admit(state, &mut object).await?;
         crate::runtime_class::admit(state, &mut object).await?;
         crate::limit_range::admit_pod(state, &mut object).await?;
     }
-    if resource.plural == "persistentvolumeclaims" {
+    if resource.builtin() == "persistentvolumeclaims" {
         crate::storage::admit(state, &mut object).await?;
         crate::limit_range::admit_claim(state, &object).await?;
     }
@@ -149,7 +149,7 @@ pub(crate) async fn create_object(
     if write.dry_run {
         return Ok(json_response(StatusCode::CREATED, &object));
     }
-    let claims = if resource.plural == "services" {
+    let claims = if resource.builtin() == "services" {
         crate::services::allocate(state.store.as_ref(), state.service_cidr, &mut object).await?
     } else {
         Vec::new()
@@ -187,7 +187,7 @@ fn after_mutation(resource: &Resource, object: &mut Value, old: Option<&Value>) 
     if resource.group == crate::matching::GROUP {
         check_configuration(resource, object)?;
     }
-    if resource.plural == "services" && resource.group.is_empty() {
+    if resource.builtin() == "services" && resource.group.is_empty() {
         crate::services::default_and_validate(object)?;
     }
     Ok(())
@@ -215,7 +215,7 @@ fn check_configuration(resource: &Resource, object: &mut Value) -> Result<(), Ap
 }
 
 fn is_crds(resource: &Resource) -> bool {
-    resource.plural == "customresourcedefinitions" && resource.group == "apiextensions.k8s.io"
+    resource.builtin() == "customresourcedefinitions" && resource.group == "apiextensions.k8s.io"
 }
 
 /// Defaults and validates a custom object by its definition's schema.
@@ -407,12 +407,12 @@ impl View {
             None => Ok(View::Main),
             Some("status") if resource.has_status() => Ok(View::Status),
             Some("scale") if resource.has_scale() => Ok(View::Scale),
-            Some("finalize") if resource.plural == "namespaces" => Ok(View::Finalize),
-            Some("ephemeralcontainers") if resource.plural == "pods" && resource.group.is_empty() => {
+            Some("finalize") if resource.builtin() == "namespaces" => Ok(View::Finalize),
+            Some("ephemeralcontainers") if resource.builtin() == "pods" && resource.group.is_empty() => {
                 Ok(View::Ephemeral)
             }
             // A CSR's conditions (approval) live in its status, as its certificate does.
-            Some("approval") if resource.plural == "certificatesigningrequests" => Ok(View::Status),
+            Some("approval") if resource.builtin() == "certificatesigningrequests" => Ok(View::Status),
             Some(other) => Err(ApiError::not_found_path(&format!("{}/{other}", resource.plural))),
         }
     }
@@ -466,11 +466,11 @@ impl View {
                         }
                     }
                 }
-                if resource.plural == "namespaces" {
+                if resource.builtin() == "namespaces" {
                     // Only `finalize` changes a namespace's finalizers (upstream's strategy).
                     object["spec"]["finalizers"] = old["spec"]["finalizers"].clone();
                 }
-                if resource.plural == "pods" && resource.group.is_empty() {
+                if resource.builtin() == "pods" && resource.group.is_empty() {
                     // Only `ephemeralcontainers` changes them.
                     match old["spec"].get("ephemeralContainers") {
                         Some(kept) => object["spec"]["ephemeralContainers"] = kept.clone(),
@@ -560,7 +560,7 @@ impl View {
                 // Upstream's status strategies reset the spec, not the labels and annotations
                 // (but a Deployment's keeps its labels, and API priority and fairness objects
                 // their whole metadata).
-                let kept: &[&str] = match resource.plural {
+                let kept: &[&str] = match resource.builtin() {
                     "deployments" => &["annotations"],
                     "flowschemas" | "prioritylevelconfigurations" => &[],
                     _ => &["labels", "annotations"],
@@ -666,10 +666,10 @@ pub(crate) async fn modify(
         if is_crds(resource) && matches!(view, View::Main | View::Whole) {
             crate::crd::prepare(&mut object, &state.custom.definitions(), Some(&old))?;
         }
-        if resource.plural == "pods" && view == View::Main {
+        if resource.builtin() == "pods" && view == View::Main {
             object::check_pod_update(&old, &object)?;
         }
-        if resource.plural == "services" && view == View::Main {
+        if resource.builtin() == "services" && view == View::Main {
             crate::services::drop_type_dependent_fields(&old, &mut object);
             crate::services::default_and_validate(&mut object)?;
             if !write.dry_run {
@@ -706,7 +706,7 @@ pub(crate) async fn modify(
                 admission::validate(state, &attributes, Some(&new), write).await?;
             }
         }
-        if view == View::Main && matches!(resource.plural, "pods" | "services" | "persistentvolumeclaims") {
+        if view == View::Main && matches!(resource.builtin(), "pods" | "services" | "persistentvolumeclaims") {
             crate::quota::admit(state, resource, &object, Some(&old), write.dry_run).await?;
         }
         if write.dry_run {
@@ -912,7 +912,7 @@ pub(crate) async fn delete_one(
     write: &Write,
 ) -> Result<(StatusCode, Value), ApiError> {
     let dry_run = write.dry_run;
-    if resource.plural == "namespaces" && PROTECTED_NAMESPACES.contains(&name) {
+    if resource.builtin() == "namespaces" && PROTECTED_NAMESPACES.contains(&name) {
         let mut error =
             ApiError::bad_request(format!("namespaces \"{name}\" is forbidden: this namespace may not be deleted"));
         error.code = 403;
@@ -972,14 +972,14 @@ pub(crate) async fn delete_one(
         }
         // A pod goes at once when no node runs it: unscheduled, or ended (upstream's
         // CheckGracefulDelete), so no kubelet need confirm it.
-        let graceful_pod = resource.plural == "pods"
+        let graceful_pod = resource.builtin() == "pods"
             && object["spec"]["nodeName"].as_str().is_some_and(|n| !n.is_empty())
             && !matches!(object["status"]["phase"].as_str(), Some("Succeeded" | "Failed"))
             && grace.unwrap_or_else(|| object["spec"]["terminationGracePeriodSeconds"].as_i64().unwrap_or(30)) > 0;
         let key = resource.key(namespace, name);
         // A namespace waits for the namespace controller to empty it (`spec.finalizers`).
-        let namespace_content =
-            resource.plural == "namespaces" && object["spec"]["finalizers"].as_array().is_some_and(|f| !f.is_empty());
+        let namespace_content = resource.builtin() == "namespaces"
+            && object["spec"]["finalizers"].as_array().is_some_and(|f| !f.is_empty());
         if !finalizers.is_empty() || graceful_pod || namespace_content {
             if object["metadata"]["deletionTimestamp"].is_string() && !graceful_pod {
                 return Ok((StatusCode::OK, object));
@@ -995,7 +995,7 @@ pub(crate) async fn delete_one(
             };
             object["metadata"]["deletionGracePeriodSeconds"] = json!(grace_seconds);
             object["metadata"]["finalizers"] = Value::Array(finalizers);
-            if resource.plural == "namespaces" {
+            if resource.builtin() == "namespaces" {
                 object["status"]["phase"] = json!("Terminating");
             }
             if dry_run {
@@ -1017,7 +1017,7 @@ pub(crate) async fn delete_one(
         }
         match state.store.delete(&key, Some(revision)).await {
             Ok(_) => {
-                if resource.plural == "services" {
+                if resource.builtin() == "services" {
                     crate::services::release(state.store.as_ref(), &object).await;
                 }
                 return Ok((StatusCode::OK, object));

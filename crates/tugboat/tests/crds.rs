@@ -2,7 +2,8 @@
 //! becomes a served resource (discovery, short names, categories, printer columns), its schema
 //! prunes, defaults and validates objects, the status subresource splits writes, `/scale` maps
 //! to the paths the definition names, values an update leaves as they were are not judged again
-//! by a schema tightened since (ratcheting), a second
+//! by a schema tightened since (ratcheting), a resource named like a built-in one (`pods` of
+//! `example.com`) meets none of the built-in kind's rules, a second
 //! version serves the same objects, and deleting the definition deletes its objects first.
 
 use std::path::Path;
@@ -368,4 +369,68 @@ fn tightening_a_schema_does_not_lock_the_objects_it_already_holds() {
     let error = server.kubectl_fails(&["apply", "-f", "-"], Some(&gadget("a-rather-long-label", 500, "blue", 70000)));
     assert!(error.contains("spec.ports[0].port: Invalid value: 70000"), "{error}");
     server.kubectl(&["apply", "-f", "-"], Some(&gadget("short", 50, "blue", 8080)));
+}
+
+/// A definition for `<plural>.example.com` (kind `kind`) whose objects keep whatever they hold.
+fn look_alike(plural: &str, kind: &str, scope: &str) -> String {
+    format!(
+        "apiVersion: apiextensions.k8s.io/v1
+kind: CustomResourceDefinition
+metadata: {{name: {plural}.example.com}}
+spec:
+  group: example.com
+  scope: {scope}
+  names: {{plural: {plural}, kind: {kind}}}
+  versions:
+  - name: v1
+    served: true
+    storage: true
+    schema:
+      openAPIV3Schema: {{type: object, x-kubernetes-preserve-unknown-fields: true}}
+"
+    )
+}
+
+#[test]
+fn a_custom_resource_named_like_a_built_in_one_meets_none_of_its_rules() {
+    let server = server();
+    for (plural, kind, scope) in
+        [("pods", "Pod", "Namespaced"), ("services", "Service", "Namespaced"), ("namespaces", "Namespace", "Cluster")]
+    {
+        server.kubectl(&["apply", "-f", "-"], Some(&look_alike(plural, kind, scope)));
+        server.kubectl(
+            &["wait", "--for=condition=Established", &format!("crd/{plural}.example.com"), "--timeout=30s"],
+            None,
+        );
+    }
+    // A Pod of example.com is no core Pod: no containers needed, no defaults, no admission
+    // (service account, priority, enableServiceLinks), no status, no graceful deletion.
+    let pod = "apiVersion: example.com/v1\nkind: Pod\nmetadata: {name: p}\nspec: {containers: none, size: 3}\n";
+    server.kubectl(&["apply", "-f", "-"], Some(pod));
+    let spec = server.kubectl(&["get", "pods.example.com", "p", "-o", "jsonpath={.spec}|{.status}"], None);
+    assert_eq!(spec.trim(), r#"{"containers":"none","size":3}|"#);
+    let table = server.kubectl(&["get", "pods.example.com"], None);
+    assert!(
+        table.starts_with("NAME") && table.lines().next().unwrap().split_whitespace().eq(["NAME", "AGE"]),
+        "{table}"
+    );
+    server.kubectl(&["delete", "pods.example.com", "p", "--timeout=10s"], None);
+    assert!(server.kubectl(&["get", "pods.example.com", "-o", "name"], None).trim().is_empty());
+
+    // A Service of example.com gets no ClusterIP, and its `type` is nobody's business.
+    let service = "apiVersion: example.com/v1\nkind: Service\nmetadata: {name: s}\nspec: {type: Anything, ports: 7}\n";
+    server.kubectl(&["apply", "-f", "-"], Some(service));
+    let spec = server.kubectl(&["get", "services.example.com", "s", "-o", "jsonpath={.spec}"], None);
+    assert_eq!(spec.trim(), r#"{"ports":7,"type":"Anything"}"#);
+
+    // A Namespace of example.com named `default` is not the protected namespace, gets no
+    // `kubernetes` finalizer, and goes at once.
+    let namespace = "apiVersion: example.com/v1\nkind: Namespace\nmetadata: {name: default}\nspec: {}\n";
+    server.kubectl(&["apply", "-f", "-"], Some(namespace));
+    let spec = server.kubectl(&["get", "namespaces.example.com", "default", "-o", "jsonpath={.spec}{.status}"], None);
+    assert_eq!(spec.trim(), "{}");
+    server.kubectl(&["delete", "namespaces.example.com", "default", "--timeout=10s"], None);
+    assert!(server.kubectl(&["get", "namespaces.example.com", "-o", "name"], None).trim().is_empty());
+    // The built-in ones are as they were.
+    assert!(server.kubectl(&["get", "namespace", "default", "-o", "name"], None).contains("namespace/default"));
 }
