@@ -144,14 +144,21 @@ fn factor(n: u64, factor: f64) -> u64 {
 
 struct Estimator<'a> {
     root: Node,
+    /// The size of what nothing is known of: unbounded for a static estimate; for the cost of
+    /// one run (values of known sizes), a map key or variable, taken as short.
+    unknown: u64,
     /// Comprehension variables in scope, innermost last.
     scopes: Vec<(&'a str, Node)>,
 }
 
 impl<'a> Estimator<'a> {
+    fn unknown(&self) -> Node {
+        Node { ty: Ty::Unknown, size: self.unknown }
+    }
+
     fn cost(&mut self, e: &'a IdedExpr, depth: usize) -> (u64, Node) {
         if depth > 200 {
-            return (u64::MAX, Node::unknown());
+            return (u64::MAX, self.unknown());
         }
         match &e.expr {
             Expr::Literal(CelVal::String(text)) => (
@@ -177,7 +184,7 @@ impl<'a> Estimator<'a> {
                     "self" | "oldSelf" => (1, self.root.clone()),
                     // The accumulator of a comprehension (a boolean or a count).
                     accumulator if accumulator.starts_with('@') => (1, Node::scalar()),
-                    _ => (1, Node::unknown()),
+                    _ => (1, self.unknown()),
                 }
             }
             Expr::Select(select) => {
@@ -192,7 +199,7 @@ impl<'a> Estimator<'a> {
                         .map(|(_, ty)| Node::declared(ty))
                         .unwrap_or_else(Node::unknown),
                     Ty::Sized { kind: Sized::Map, item: Some(value), .. } => Node::declared(value),
-                    _ => Node::unknown(),
+                    _ => self.unknown(),
                 };
                 (cost.saturating_add(1), child)
             }
@@ -225,7 +232,7 @@ impl<'a> Estimator<'a> {
                         cost = cost.saturating_add(self.cost(&field.value, depth + 1).0);
                     }
                 }
-                (cost, Node::unknown())
+                (cost, self.unknown())
             }
             Expr::Comprehension(comprehension) => {
                 let (range_cost, range) = self.cost(&comprehension.iter_range, depth + 1);
@@ -233,7 +240,7 @@ impl<'a> Estimator<'a> {
                 // A list's items, or a map's keys (strings of unknown length).
                 let item = match &range.ty {
                     Ty::Sized { kind: Sized::List, item: Some(item), .. } => Node::declared(item),
-                    _ => Node::unknown(),
+                    _ => self.unknown(),
                 };
                 self.scopes.push((comprehension.iter_var.as_str(), item));
                 let (condition, _) = self.cost(&comprehension.loop_cond, depth + 1);
@@ -251,7 +258,7 @@ impl<'a> Estimator<'a> {
                 (cost, node)
             }
             Expr::Call(call) => self.call(&call.func_name, call.target.as_deref(), &call.args, depth),
-            Expr::Unspecified => (0, Node::unknown()),
+            Expr::Unspecified => (0, self.unknown()),
         }
     }
 
@@ -318,7 +325,7 @@ impl<'a> Estimator<'a> {
             ("_[_]", 2) => {
                 let item = match &nodes[0].ty {
                     Ty::Sized { kind: Sized::List | Sized::Map, item: Some(item), .. } => Node::declared(item),
-                    _ => Node::unknown(),
+                    _ => self.unknown(),
                 };
                 (1, item)
             }
@@ -332,7 +339,7 @@ impl<'a> Estimator<'a> {
             }
             // Kubernetes' list library: a walk over the list.
             ("isSorted" | "sum" | "min" | "max" | "indexOf" | "lastIndexOf" | "join", _) if receiver.is_some() => {
-                (receiver_size.unwrap_or(u64::MAX), Node::unknown())
+                (receiver_size.unwrap_or(u64::MAX), self.unknown())
             }
             // A conversion to a string: as long as what it converts, a number's at most 32
             // bytes (so that `'…' + string(self.max)` in a message costs what it should).
@@ -346,7 +353,7 @@ impl<'a> Estimator<'a> {
             ("size" | "int" | "uint" | "double" | "bool" | "duration" | "timestamp" | "!_" | "-_" | "type", _)
             | ("_-_" | "_*_" | "_/_" | "_%_", _)
             | ("@not_strictly_false", _) => (1, Node::scalar()),
-            _ => (1, Node::unknown()),
+            _ => (1, self.unknown()),
         };
         (own.saturating_add(args_cost), node)
     }
@@ -354,8 +361,79 @@ impl<'a> Estimator<'a> {
 
 /// The estimated cost of `expression` with `self` (and `oldSelf`) of type `ty`.
 fn estimate(expression: &IdedExpr, ty: &Ty) -> u64 {
-    let mut estimator = Estimator { root: Node::declared(ty), scopes: Vec::new() };
+    let mut estimator = Estimator { root: Node::declared(ty), scopes: Vec::new(), unknown: u64::MAX };
     estimator.cost(expression, 0).0
+}
+
+/// Upstream's `PerCallLimit`: one run of a rule.
+pub const CALL_LIMIT: u64 = 1_000_000;
+/// Upstream's `RuntimeCELCostBudget`: every rule run while one object is validated.
+pub const OBJECT_BUDGET: u64 = 10_000_000;
+
+/// The cost of one run of `expression` with `self` (and `oldSelf`) the value `value` of
+/// `schema`. Upstream counts it as the program runs; the `cel` crate counts nothing, so it is
+/// the same cost model over the sizes the value has (an upper bound of what cel-go counts:
+/// both sides of a short-circuit, the dearer branch of a conditional).
+pub fn runtime(expression: &IdedExpr, schema: &Value, value: &Value) -> u64 {
+    let ty = actual(schema, value, 0);
+    let mut estimator = Estimator { root: Node::declared(&ty), scopes: Vec::new(), unknown: 64 };
+    estimator.cost(expression, 0).0
+}
+
+/// What a value of `schema` is, with its own sizes.
+fn actual(schema: &Value, value: &Value, depth: usize) -> Ty {
+    if depth > 64 {
+        return Ty::Scalar;
+    }
+    match value {
+        Value::String(text) => Ty::Sized { kind: Sized::Text, max: text.len() as u64, item: None },
+        Value::Array(items) => {
+            let item_schema = schema.get("items").unwrap_or(&Value::Null);
+            let item = items.iter().map(|i| actual(item_schema, i, depth + 1)).reduce(merge);
+            Ty::Sized { kind: Sized::List, max: items.len() as u64, item: item.map(Box::new) }
+        }
+        Value::Object(map) => match schema["properties"].as_object() {
+            Some(properties) if !properties.is_empty() => Ty::Object(
+                properties
+                    .iter()
+                    .map(|(name, property)| {
+                        (name.clone(), map.get(name).map_or(Ty::Scalar, |v| actual(property, v, depth + 1)))
+                    })
+                    .collect(),
+            ),
+            _ => {
+                let values = schema.get("additionalProperties").filter(|a| a.is_object()).unwrap_or(&Value::Null);
+                let item = map.values().map(|v| actual(values, v, depth + 1)).reduce(merge);
+                Ty::Sized { kind: Sized::Map, max: map.len() as u64, item: item.map(Box::new) }
+            }
+        },
+        _ => Ty::Scalar,
+    }
+}
+
+/// One type for the items of a list (or values of a map): the larger of each size.
+fn merge(a: Ty, b: Ty) -> Ty {
+    match (a, b) {
+        (Ty::Sized { kind, max, item }, Ty::Sized { kind: other, max: other_max, item: other_item })
+            if kind == other =>
+        {
+            let item = match (item, other_item) {
+                (Some(a), Some(b)) => Some(Box::new(merge(*a, *b))),
+                (a, b) => a.or(b),
+            };
+            Ty::Sized { kind, max: max.max(other_max), item }
+        }
+        (Ty::Object(mut fields), Ty::Object(others)) => {
+            for (name, ty) in others {
+                match fields.iter_mut().find(|(n, _)| *n == name) {
+                    Some((_, mine)) => *mine = merge(std::mem::replace(mine, Ty::Scalar), ty),
+                    None => fields.push((name, ty)),
+                }
+            }
+            Ty::Object(fields)
+        }
+        (Ty::Scalar, other) | (other, _) => other,
+    }
 }
 
 /// Upstream's wording of a cost over its limit.

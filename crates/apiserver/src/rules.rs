@@ -8,7 +8,10 @@
 //! worded by its `reason`, with its `messageExpression`, `message` or `failed rule: <rule>`.
 //! Rules run once the object fits its schema; they are compiled when the definition is
 //! written (`compile_errors`), with the `cel` crate, and their cost estimated as upstream
-//! does (`cel_cost`: a rule too dear for its schema's bounds is refused then).
+//! does (`cel_cost`: a rule too dear for its schema's bounds is refused then). Each run is
+//! costed too, by the same model over the value's own sizes: over upstream's 1,000,000 a run
+//! is refused (`call cost exceeds limit for rule`), and once an object's runs add up to over
+//! 10,000,000 no further rule runs (`running out of cost budget`).
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -20,7 +23,8 @@ use crate::status::Cause;
 /// The causes of the rules `object` breaks (`old`: the object before an update).
 pub fn check(schema: &Value, object: &Value, old: Option<&Value>) -> Vec<Cause> {
     let mut causes = Vec::new();
-    walk(schema, object, old, "", &mut causes, 0);
+    let mut budget = Some(crate::cel_cost::OBJECT_BUDGET);
+    walk(schema, object, old, "", &mut causes, &mut budget, 0);
     causes
 }
 
@@ -42,13 +46,23 @@ fn schema_type(schema: &Value, value: &Value) -> String {
     }
 }
 
-fn walk(schema: &Value, value: &Value, old: Option<&Value>, path: &str, causes: &mut Vec<Cause>, depth: usize) {
-    if depth > 64 || value.is_null() {
+/// `budget`: what is left of the object's runtime cost budget (`None` once it ran out: no
+/// further rule runs).
+fn walk(
+    schema: &Value,
+    value: &Value,
+    old: Option<&Value>,
+    path: &str,
+    causes: &mut Vec<Cause>,
+    budget: &mut Option<u64>,
+    depth: usize,
+) {
+    if depth > 64 || value.is_null() || budget.is_none() {
         return;
     }
     if let Some(rules) = schema["x-kubernetes-validations"].as_array() {
         for rule in rules {
-            run(rule, schema, value, old, path, causes);
+            run(rule, schema, value, old, path, causes, budget);
         }
     }
     match value {
@@ -58,7 +72,7 @@ fn walk(schema: &Value, value: &Value, old: Option<&Value>, path: &str, causes: 
             for (key, child) in map {
                 if let Some(child_schema) = properties.and_then(|p| p.get(key)).or(additional) {
                     let old_child = old.and_then(|o| o.get(key));
-                    walk(child_schema, child, old_child, &join(path, key), causes, depth + 1);
+                    walk(child_schema, child, old_child, &join(path, key), causes, budget, depth + 1);
                 }
             }
         }
@@ -67,14 +81,23 @@ fn walk(schema: &Value, value: &Value, old: Option<&Value>, path: &str, causes: 
             let old_items = old.and_then(Value::as_array);
             for (i, item) in items.iter().enumerate() {
                 let old_item = old_items.and_then(|olds| correlated(schema, item, olds));
-                walk(item_schema, item, old_item, &format!("{path}[{i}]"), causes, depth + 1);
+                walk(item_schema, item, old_item, &format!("{path}[{i}]"), causes, budget, depth + 1);
             }
         }
         _ => {}
     }
 }
 
-fn run(rule: &Value, schema: &Value, value: &Value, old: Option<&Value>, path: &str, causes: &mut Vec<Cause>) {
+fn run(
+    rule: &Value,
+    schema: &Value,
+    value: &Value,
+    old: Option<&Value>,
+    path: &str,
+    causes: &mut Vec<Cause>,
+    budget: &mut Option<u64>,
+) {
+    let Some(remaining) = *budget else { return };
     let text = rule["rule"].as_str().unwrap_or_default();
     let transition = text.contains("oldSelf");
     if transition && old.is_none() && rule["optionalOldSelf"] != true {
@@ -93,9 +116,33 @@ fn run(rule: &Value, schema: &Value, value: &Value, old: Option<&Value>, path: &
         None => path.to_string(),
     };
     let kind = schema_type(schema, value);
-    let outcome = cel::Program::compile(text)
-        .map_err(|e| e.to_string())
-        .and_then(|p| p.execute(&context).map_err(|e| e.to_string()));
+    let program = cel::Program::compile(text).map_err(|e| e.to_string());
+    // The run's cost, against upstream's limits of one run and of the whole object.
+    if let Ok(program) = &program {
+        let cost = crate::cel_cost::runtime(program.expression(), schema, value);
+        let invalid = |message: String| Cause {
+            reason: "FieldValueInvalid",
+            message: format!("Invalid value: {kind:?}: {message}"),
+            field: path.to_string(),
+        };
+        if cost > crate::cel_cost::CALL_LIMIT {
+            let shown = match rule["message"].as_str().map(str::trim).filter(|m| !m.is_empty()) {
+                Some(message) => message.to_string(),
+                None => format!("failed rule: {text}"),
+            };
+            causes.push(invalid(format!("call cost exceeds limit for rule: {shown}")));
+            return;
+        }
+        if cost > remaining {
+            causes.push(invalid(
+                "validation failed due to running out of cost budget, no further validation rules will be run".into(),
+            ));
+            *budget = None;
+            return;
+        }
+        *budget = Some(remaining - cost);
+    }
+    let outcome = program.and_then(|p| p.execute(&context).map_err(|e| e.to_string()));
     let message = match outcome {
         Ok(cel::Value::Bool(true)) => return,
         Ok(cel::Value::Bool(false)) => {
@@ -241,6 +288,64 @@ mod tests {
                 "items": {"type": "object", "properties": {"name": {"type": "string"}, "port": {"type": "integer",
                     "x-kubernetes-validations": [{"rule": "self >= oldSelf", "messageExpression": "'port may only grow from ' + string(oldSelf)", "reason": "FieldValueForbidden"}]}}}},
         }}}})
+    }
+
+    /// A list of `n` lists of `m` distinct names, each inner list under `rules`.
+    fn grid(rules: Value, n: usize, m: usize) -> (Value, Value) {
+        let schema = json!({"type": "object", "properties": {"spec": {"type": "object", "properties": {
+            "groups": {"type": "array", "maxItems": 10, "items": {
+                "type": "array", "maxItems": 300, "items": {"type": "string", "maxLength": 5},
+                "x-kubernetes-validations": rules}}}}}});
+        let groups: Vec<Vec<String>> = (0..n).map(|g| (0..m).map(|i| format!("{g}-{i}")).collect()).collect();
+        (schema, json!({"spec": {"groups": groups}}))
+    }
+
+    #[test]
+    fn each_run_is_costed_against_upstreams_limits() {
+        let unique = json!([{"rule": "self.all(x, self.exists_one(y, x == y))", "message": "names are unique"}]);
+        // Small lists are cheap: the rule runs and holds.
+        let (schema, object) = grid(unique.clone(), 3, 20);
+        assert!(check(&schema, &object, None).is_empty());
+        let cost = |rule: &str, value: &Value, schema: &Value| {
+            crate::cel_cost::runtime(cel::Program::compile(rule).unwrap().expression(), schema, value)
+        };
+        let inner = &schema["properties"]["spec"]["properties"]["groups"]["items"];
+        let small = cost("self.all(x, self.exists_one(y, x == y))", &object["spec"]["groups"][0], inner);
+        let (_, big) = grid(unique.clone(), 1, 300);
+        let large = cost("self.all(x, self.exists_one(y, x == y))", &big["spec"]["groups"][0], inner);
+        // Quadratic in the list's length, as cel-go counts it.
+        assert!(large > small * 150 && large < small * 300, "{small} {large}");
+
+        // One run over 1,000,000 is refused, with the rule's message.
+        let (schema, object) =
+            grid(json!([{"rule": "self.all(x, self.all(y, self.exists(z, x + y == z)))", "message": "odd"}]), 1, 100);
+        let causes = check(&schema, &object, None);
+        assert_eq!(causes.len(), 1, "{causes:?}");
+        assert_eq!(causes[0].field, "spec.groups[0]");
+        assert_eq!(causes[0].message, "Invalid value: \"array\": call cost exceeds limit for rule: odd");
+
+        // Runs that fit one by one but not together: the budget runs out, and no further rule
+        // runs (the last groups are not judged: their duplicates are not found).
+        let two = json!([
+            {"rule": "self.all(x, self.exists_one(y, x == y))", "message": "names are unique"},
+            {"rule": "self.all(x, self.all(y, x == y || x != y))"},
+        ]);
+        let (schema, mut object) = grid(two, 10, 300);
+        object["spec"]["groups"][9][1] = object["spec"]["groups"][9][0].clone();
+        let causes = check(&schema, &object, None);
+        assert_eq!(causes.len(), 1, "{causes:?}");
+        assert_eq!(
+            causes[0].message,
+            "Invalid value: \"array\": validation failed due to running out of cost budget, no further validation rules will be run"
+        );
+        assert!(causes[0].field.starts_with("spec.groups["), "{causes:?}");
+        // The same rules over less data run to the end and find the duplicate.
+        let (schema, mut object) =
+            grid(json!([{"rule": "self.all(x, self.exists_one(y, x == y))", "message": "names are unique"}]), 10, 30);
+        object["spec"]["groups"][9][1] = object["spec"]["groups"][9][0].clone();
+        let causes = check(&schema, &object, None);
+        assert_eq!(causes.len(), 1, "{causes:?}");
+        assert_eq!(causes[0].field, "spec.groups[9]");
     }
 
     #[test]

@@ -4,7 +4,8 @@
 //! to the paths the definition names, values an update leaves as they were are not judged again
 //! by a schema tightened since (ratcheting), a resource named like a built-in one (`pods` of
 //! `example.com`) meets none of the built-in kind's rules, a second
-//! version serves the same objects, and deleting the definition deletes its objects first.
+//! version serves the same objects, CEL rules run within upstream's runtime cost budget, and
+//! deleting the definition deletes its objects first.
 
 use std::path::Path;
 
@@ -433,4 +434,67 @@ fn a_custom_resource_named_like_a_built_in_one_meets_none_of_its_rules() {
     assert!(server.kubectl(&["get", "namespaces.example.com", "-o", "name"], None).trim().is_empty());
     // The built-in ones are as they were.
     assert!(server.kubectl(&["get", "namespace", "default", "-o", "name"], None).contains("namespace/default"));
+}
+
+#[test]
+fn cel_rules_run_within_upstreams_cost_budget() {
+    // Two rules, each within the static limit for lists of at most 300 names in at most 10
+    // groups, but together dearer than the 10,000,000 one object may spend at those sizes.
+    let definition = r#"
+apiVersion: apiextensions.k8s.io/v1
+kind: CustomResourceDefinition
+metadata: {name: rosters.example.com}
+spec:
+  group: example.com
+  scope: Namespaced
+  names: {plural: rosters, kind: Roster}
+  versions:
+  - name: v1
+    served: true
+    storage: true
+    schema:
+      openAPIV3Schema:
+        type: object
+        properties:
+          spec:
+            type: object
+            properties:
+              groups:
+                type: array
+                maxItems: 10
+                items:
+                  type: array
+                  maxItems: 300
+                  items: {type: string, maxLength: 5}
+                  x-kubernetes-validations:
+                  - rule: "self.all(x, self.exists_one(y, x == y))"
+                    message: names are unique
+                  - rule: "self.all(x, self.all(y, x == y || x != y))"
+"#;
+    let server = server();
+    server.kubectl(&["apply", "-f", "-"], Some(definition));
+    server.kubectl(&["wait", "--for=condition=Established", "crd/rosters.example.com", "--timeout=30s"], None);
+    let roster = |name: &str, groups: usize, names: usize, duplicate: bool| {
+        let groups: Vec<String> = (0..groups)
+            .map(|g| {
+                let mut names: Vec<String> = (0..names).map(|i| format!("n{}", g * 1000 + i)).collect();
+                if duplicate && g == groups - 1 {
+                    names[1] = names[0].clone();
+                }
+                format!("[{}]", names.join(","))
+            })
+            .collect();
+        format!(
+            "apiVersion: example.com/v1\nkind: Roster\nmetadata: {{name: {name}}}\nspec: {{groups: [{}]}}\n",
+            groups.join(",")
+        )
+    };
+    server.kubectl(&["apply", "-f", "-"], Some(&roster("small", 10, 30, false)));
+    let error = server.kubectl_fails(&["apply", "-f", "-"], Some(&roster("twin", 10, 30, true)));
+    assert!(error.contains("spec.groups[9]: Invalid value: \"array\": names are unique"), "{error}");
+    let error = server.kubectl_fails(&["apply", "-f", "-"], Some(&roster("large", 10, 300, false)));
+    assert!(
+        error.contains("Invalid value: \"array\": validation failed due to running out of cost budget, no further validation rules will be run"),
+        "{error}"
+    );
 }
