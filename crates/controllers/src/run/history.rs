@@ -1,7 +1,9 @@
 //! Controller history: every pod template a DaemonSet or StatefulSet has had is kept as a
 //! ControllerRevision (`<set>-<hash>`, numbered in the order the templates were current; a
 //! template that comes back is renumbered last), so `kubectl rollout history` lists them and
-//! `kubectl rollout undo` patches one back. `revisionHistoryLimit` (10) old ones are kept.
+//! `kubectl rollout undo` patches one back. `revisionHistoryLimit` (10) old ones are kept. The
+//! current revision is, as upstream's controllers find it, one whose data is the template's
+//! (a revision a client made counts), else the one named for the template's hash.
 
 use std::sync::Arc;
 
@@ -94,10 +96,19 @@ async fn sync(
         .collect();
     mine.sort_by_key(|r| r.revision);
     let hash = template_hash(template);
-    let current_name = format!("{name}-{hash}");
-    let highest = mine.last().map(|r| r.revision).unwrap_or(0);
-    match mine.iter().find(|r| r.metadata.name.as_deref() == Some(current_name.as_str())) {
+    let data = revision_data(template);
+    let (current, duplicates) = current_of(&mine, &data, &format!("{name}-{hash}"));
+    // Revisions of the current template beyond the newest one go, as upstream's dedup does.
+    for duplicate in &duplicates {
+        if let Some(name) = duplicate.metadata.name.as_deref() {
+            let _ = delete_if_there(&api, name, &DeleteParams::default()).await;
+        }
+    }
+    let highest = mine.iter().filter(|r| !duplicates.iter().any(|d| std::ptr::eq(*d, **r))).map(|r| r.revision).max();
+    let highest = highest.unwrap_or(0);
+    let current_name = match current {
         None => {
+            let current_name = format!("{name}-{hash}");
             let mut labels = template.metadata.as_ref().and_then(|m| m.labels.clone()).unwrap_or_default();
             labels.insert(crate::daemonset::HASH_LABEL.into(), hash.clone());
             let revision = ControllerRevision {
@@ -108,24 +119,31 @@ async fn sync(
                     owner_references: Some(vec![owner]),
                     ..ObjectMeta::default()
                 },
-                data: Some(RawExtension(revision_data(template))),
+                data: Some(RawExtension(data)),
                 revision: highest + 1,
             };
             if let Err(error) = create_if_missing(&api, &revision).await {
                 tracing::debug!(%error, set = %name, "could not record a revision");
             }
+            current_name
         }
-        Some(current) if current.revision < highest => {
-            let patch = json!({"revision": highest + 1});
-            if let Err(error) = api.patch(&current_name, &PatchParams::default(), &Patch::Merge(&patch)).await {
-                tracing::debug!(%error, set = %name, "could not renumber a revision");
+        Some(current) => {
+            let current_name = current.metadata.name.clone().unwrap_or_default();
+            if current.revision < highest {
+                let patch = json!({"revision": highest + 1});
+                if let Err(error) = api.patch(&current_name, &PatchParams::default(), &Patch::Merge(&patch)).await {
+                    tracing::debug!(%error, set = %name, "could not renumber a revision");
+                }
             }
+            current_name
         }
-        Some(_) => {}
-    }
+    };
     // The oldest beyond the limit go (never the current one).
-    let old: Vec<&&ControllerRevision> =
-        mine.iter().filter(|r| r.metadata.name.as_deref() != Some(current_name.as_str())).collect();
+    let old: Vec<&&ControllerRevision> = mine
+        .iter()
+        .filter(|r| r.metadata.name.as_deref() != Some(current_name.as_str()))
+        .filter(|r| !duplicates.iter().any(|d| std::ptr::eq(*d, **r)))
+        .collect();
     let excess = old.len().saturating_sub(usize::try_from(limit).unwrap_or(0));
     for revision in old.into_iter().take(excess) {
         let Some(name) = revision.metadata.name.as_deref() else { continue };
@@ -133,9 +151,57 @@ async fn sync(
     }
 }
 
+/// The set's current revision among `mine` (sorted by number): as upstream's controllers find
+/// it, one whose data is the template's (whatever its name: a revision a client made, or one
+/// kept from before, counts), the newest of them, else the one named for the template's hash;
+/// and the other revisions of the current template, which go.
+fn current_of<'a>(
+    mine: &[&'a ControllerRevision],
+    data: &serde_json::Value,
+    name: &str,
+) -> (Option<&'a ControllerRevision>, Vec<&'a ControllerRevision>) {
+    let equal: Vec<&ControllerRevision> =
+        mine.iter().copied().filter(|r| r.data.as_ref().is_some_and(|d| d.0 == *data)).collect();
+    match equal.split_last() {
+        Some((newest, others)) => (Some(*newest), others.to_vec()),
+        None => (mine.iter().copied().find(|r| r.metadata.name.as_deref() == Some(name)), Vec::new()),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn revision(name: &str, number: i64, data: serde_json::Value) -> ControllerRevision {
+        ControllerRevision {
+            metadata: ObjectMeta { name: Some(name.into()), ..ObjectMeta::default() },
+            data: Some(RawExtension(data)),
+            revision: number,
+        }
+    }
+
+    #[test]
+    fn the_current_revision_is_found_by_its_data_as_upstream_does() {
+        let (now, before) = (json!({"spec": {"template": {"a": 1}}}), json!({"spec": {"template": {"a": 0}}}));
+        // The revision named for the template's hash was deleted; one a client made with the
+        // same data (under another name) is current: nothing is made again.
+        let made = revision("ds-other", 2, now.clone());
+        let old = revision("ds-old", 1, before.clone());
+        let (current, duplicates) = current_of(&[&old, &made], &now, "ds-hash");
+        assert_eq!(current.and_then(|r| r.metadata.name.as_deref()), Some("ds-other"));
+        assert!(duplicates.is_empty());
+        // Several of the current template: the newest is current, the others go.
+        let named = revision("ds-hash", 3, now.clone());
+        let (current, duplicates) = current_of(&[&old, &made, &named], &now, "ds-hash");
+        assert_eq!(current.and_then(|r| r.metadata.name.as_deref()), Some("ds-hash"));
+        assert_eq!(duplicates.iter().map(|r| r.revision).collect::<Vec<_>>(), [2]);
+        // Data written otherwise (by an older build): the name still finds it.
+        let older = revision("ds-hash", 4, json!({"spec": {"template": {"a": 1, "x": null}}}));
+        let (current, _) = current_of(&[&old, &older], &now, "ds-hash");
+        assert_eq!(current.map(|r| r.revision), Some(4));
+        // None: a new one is made.
+        assert!(current_of(&[&old], &now, "ds-hash").0.is_none());
+    }
 
     #[test]
     fn revision_data_is_what_go_writes_for_the_template() {
