@@ -523,6 +523,28 @@ pub fn schedule_from(pod: &Pod, nodes: &[NodeInfo], start: usize) -> (Decision, 
     (Decision::Bind(top[(hash % top.len() as u64) as usize]), next)
 }
 
+/// The nodes as `pod` must see them while other pods wait for room they preempted
+/// (`nominated`: each with the node it was nominated to, from its `status.nominatedNodeName`):
+/// as upstream's scheduler does, a nominated pod of at least `pod`'s priority counts on its
+/// node, so the room its victims leave is not taken by a pod that would only be preempted
+/// again. `None` when no such pod changes anything.
+pub fn with_nominated(pod: &Pod, nodes: &[NodeInfo], nominated: &[(Arc<Pod>, usize)]) -> Option<Vec<NodeInfo>> {
+    let mine = priority(pod);
+    let uid = pod.metadata.uid.as_deref();
+    let counted: Vec<&(Arc<Pod>, usize)> = nominated
+        .iter()
+        .filter(|(other, at)| *at < nodes.len() && priority(other) >= mine && other.metadata.uid.as_deref() != uid)
+        .collect();
+    if counted.is_empty() {
+        return None;
+    }
+    let mut seen = nodes.to_vec();
+    for (other, at) in counted {
+        seen[*at].add_pod(other);
+    }
+    Some(seen)
+}
+
 fn priority(pod: &Pod) -> i32 {
     pod.spec.as_ref().and_then(|s| s.priority).unwrap_or(0)
 }
@@ -856,6 +878,26 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
+    }
+
+    #[test]
+    fn a_pod_nominated_to_a_node_keeps_its_room_from_lower_priority_pods() {
+        let with_priority = |name: &str, cpu: &str, priority: i32| {
+            Arc::new(pod(name, cpu, json!({"metadata": {"uid": name}, "spec": {"priority": priority}})))
+        };
+        let mut nodes = vec![node("a", "1", "8Gi", json!({}))];
+        nodes[0].add_pod(&with_priority("kept", "450m", 3));
+        // The preemptor waits for its victims to go; their replacements come back meanwhile.
+        let preemptor = with_priority("preemptor", "500m", 4);
+        let nominated = vec![(preemptor.clone(), 0)];
+        let replacement = with_priority("replacement", "200m", 1);
+        assert!(matches!(schedule(&replacement, &nodes), Decision::Bind(0)), "room without the nomination");
+        let seen = with_nominated(&replacement, &nodes, &nominated).expect("the nomination counts");
+        assert!(matches!(schedule(&replacement, &seen), Decision::Unschedulable(_)));
+        // The preemptor itself, and a pod of higher priority, see the node as it is.
+        assert!(with_nominated(&preemptor, &nodes, &nominated).is_none());
+        assert!(with_nominated(&with_priority("urgent", "200m", 9), &nodes, &nominated).is_none());
+        assert!(matches!(schedule(&preemptor, &nodes), Decision::Bind(0)));
     }
 
     #[test]

@@ -270,11 +270,21 @@ impl Scheduler {
         let mut preemptions = Vec::new();
         // The disruption budgets, gathered once per pass and only if some pod may preempt.
         let mut budgets: Option<Vec<plan::Budget>> = None;
-        for pod in self.cache.queue() {
+        let queue = self.cache.queue();
+        // Pods waiting for the room their victims leave, and the node each was nominated to.
+        let nominated: Vec<(Arc<Pod>, usize)> = queue
+            .iter()
+            .filter_map(|pod| {
+                let node = pod.status.as_ref()?.nominated_node_name.as_deref()?;
+                Some((pod.clone(), self.cache.nodes().iter().position(|n| n.name() == node)?))
+            })
+            .collect();
+        for pod in queue {
             // VolumeBinding: a pod goes where its bound volumes are.
             let placed = self.with_volume_affinity(&pod);
-            let (decision, next) =
-                plan::schedule_from(placed.as_ref().unwrap_or(&pod), self.cache.nodes(), self.next_start);
+            let seen = plan::with_nominated(&pod, self.cache.nodes(), &nominated);
+            let nodes = seen.as_deref().unwrap_or(self.cache.nodes());
+            let (decision, next) = plan::schedule_from(placed.as_ref().unwrap_or(&pod), nodes, self.next_start);
             self.next_start = next;
             match decision {
                 Decision::Bind(i) => {
