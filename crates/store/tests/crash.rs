@@ -74,15 +74,22 @@ async fn acknowledged_writes_survive_sigkill() {
             .spawn()
             .unwrap();
         let stdout = child.stdout.take().unwrap();
+        let (sender, received) = std::sync::mpsc::channel();
         let reader = std::thread::spawn(move || {
-            BufReader::new(stdout).lines().map_while(Result::ok).filter(|l| l.starts_with("ack ")).collect::<Vec<_>>()
+            for line in BufReader::new(stdout).lines().map_while(Result::ok).filter(|l| l.starts_with("ack ")) {
+                let _ = sender.send(line);
+            }
         });
-        let delay = rand::rng().random_range(100..400);
+        // Killed at a random point once it writes (however long a busy machine takes to start
+        // it), so that the kill lands in the middle of writes.
+        let first = received.recv_timeout(Duration::from_secs(120));
+        let delay = rand::rng().random_range(0..300);
         tokio::time::sleep(Duration::from_millis(delay)).await;
         child.kill().unwrap(); // SIGKILL
         child.wait().unwrap();
-        let acks = reader.join().unwrap();
-        assert!(!acks.is_empty(), "round {round}: the child acknowledged nothing in {delay} ms");
+        reader.join().unwrap();
+        let acks: Vec<String> = first.into_iter().chain(received.try_iter()).collect();
+        assert!(!acks.is_empty(), "round {round}: the child acknowledged nothing in 120 s");
 
         // Per key, the last acknowledged write (revision and value).
         let mut expected: BTreeMap<String, (i64, String)> = BTreeMap::new();
