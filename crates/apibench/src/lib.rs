@@ -1,4 +1,7 @@
-//! What the benchmark binaries share: a client for the API server of a kubeconfig.
+//! What the benchmark binaries share: a client for the API server of a kubeconfig. The
+//! benchmarks reach a server only through its API (so `--kubeconfig` measures any Kubernetes
+//! API server alike) and import no control-plane crate; netbench imports the node crates it
+//! measures (`tugboat-network`, `tugboat-dns`), and `testkit` its hosts.
 
 use std::sync::Arc;
 

@@ -1,5 +1,7 @@
 //! Helpers shared by Tugboat's tests and benchmarks. Everything here runs on loopback and in
-//! temporary directories, and cleans up on drop.
+//! temporary directories, and cleans up on drop. It drives Tugboat from outside (the `tugboat`
+//! binary, kubectl, the API) and imports none of Tugboat's crates, so what a test proves holds
+//! for the product as users run it.
 
 pub mod hosts;
 pub mod image;
