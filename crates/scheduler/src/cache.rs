@@ -67,6 +67,11 @@ impl Cache {
         &self.nodes
     }
 
+    /// The position of a node in [`Cache::nodes`].
+    pub fn node_index(&self, name: &str) -> Option<usize> {
+        self.index.get(name).copied()
+    }
+
     /// The pods waiting for a node, in the order they should be tried.
     pub fn queue(&self) -> Vec<Arc<Pod>> {
         self.queue.values().cloned().collect()

@@ -276,7 +276,7 @@ impl Scheduler {
             .iter()
             .filter_map(|pod| {
                 let node = pod.status.as_ref()?.nominated_node_name.as_deref()?;
-                Some((pod.clone(), self.cache.nodes().iter().position(|n| n.name() == node)?))
+                Some((pod.clone(), self.cache.node_index(node)?))
             })
             .collect();
         for pod in queue {
