@@ -104,8 +104,10 @@ async fn sync(
             let _ = delete_if_there(&api, name, &DeleteParams::default()).await;
         }
     }
-    let highest = mine.iter().filter(|r| !duplicates.iter().any(|d| std::ptr::eq(*d, **r))).map(|r| r.revision).max();
-    let highest = highest.unwrap_or(0);
+    // What is left once they go.
+    let kept: Vec<&ControllerRevision> =
+        mine.iter().copied().filter(|r| !duplicates.iter().any(|d| std::ptr::eq(*d, *r))).collect();
+    let highest = kept.iter().map(|r| r.revision).max().unwrap_or(0);
     let current_name = match current {
         None => {
             let current_name = format!("{name}-{hash}");
@@ -139,11 +141,8 @@ async fn sync(
         }
     };
     // The oldest beyond the limit go (never the current one).
-    let old: Vec<&&ControllerRevision> = mine
-        .iter()
-        .filter(|r| r.metadata.name.as_deref() != Some(current_name.as_str()))
-        .filter(|r| !duplicates.iter().any(|d| std::ptr::eq(*d, **r)))
-        .collect();
+    let old: Vec<&ControllerRevision> =
+        kept.into_iter().filter(|r| r.metadata.name.as_deref() != Some(current_name.as_str())).collect();
     let excess = old.len().saturating_sub(usize::try_from(limit).unwrap_or(0));
     for revision in old.into_iter().take(excess) {
         let Some(name) = revision.metadata.name.as_deref() else { continue };
