@@ -200,7 +200,7 @@ pub fn prune(custom: &Custom, object: &mut Value) -> Vec<String> {
     if let Some(metadata) = map.get_mut("metadata").filter(|m| m.is_object()) {
         unknown.extend(crate::schema::schemas().prune_metadata(metadata, "metadata"));
     }
-    let Some(schema) = &custom.schema else { return unknown };
+    let Some(schema) = custom.schema.as_ref().map(|s| s.decoded()) else { return unknown };
     let properties = schema["properties"].as_object();
     let preserve = schema["x-kubernetes-preserve-unknown-fields"] == json!(true);
     let keys: Vec<String> = map.keys().cloned().collect();
@@ -270,7 +270,7 @@ fn prune_value(schema: &Value, value: &mut Value, path: &str, unknown: &mut Vec<
 /// Fills in the schema's `default`s where a field is absent.
 pub fn default(custom: &Custom, object: &mut Value) {
     if let Some(schema) = &custom.schema {
-        default_value(schema, object, true);
+        default_value(&schema.decoded(), object, true);
     }
 }
 
@@ -315,7 +315,8 @@ fn default_value(schema: &Value, value: &mut Value, root: bool) {
 pub fn validate(custom: &Custom, object: &Value, old: Option<&Value>) -> Vec<Cause> {
     let mut causes = Vec::new();
     if let Some(schema) = &custom.schema {
-        let mut top = schema.clone();
+        let schema = schema.decoded();
+        let mut top = (*schema).clone();
         // The server validates metadata itself.
         if let Some(properties) = top["properties"].as_object_mut() {
             properties.remove("metadata");
@@ -324,7 +325,7 @@ pub fn validate(custom: &Custom, object: &Value, old: Option<&Value>) -> Vec<Cau
         }
         validate_value(&top, object, old, "", &mut causes);
         if causes.is_empty() {
-            causes = crate::rules::check(schema, object, old);
+            causes = crate::rules::check(&schema, object, old);
         }
     }
     causes

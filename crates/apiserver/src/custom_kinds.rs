@@ -194,7 +194,9 @@ fn no_protobuf(_: &[u8]) -> Result<Value, String> {
 
 /// The resources a definition serves (one per served version), once its names are accepted.
 pub(crate) fn resources_of(crd: &Value) -> Vec<&'static Resource> {
-    static INTERNED: Mutex<Option<HashMap<String, &'static Resource>>> = Mutex::new(None);
+    // By a digest of what the version's resource is made from (not that text itself: with its
+    // schema it is kilobytes, and kept for the life of the process).
+    static INTERNED: Mutex<Option<HashMap<[u8; 32], &'static Resource>>> = Mutex::new(None);
     if !condition_true(crd, "Established") && !is_terminating(crd) {
         return Vec::new();
     }
@@ -223,9 +225,11 @@ pub(crate) fn resources_of(crd: &Value) -> Vec<&'static Resource> {
             spec["conversion"]
         ])
         .to_string();
+        let identity: [u8; 32] =
+            ring::digest::digest(&ring::digest::SHA256, key.as_bytes()).as_ref().try_into().expect("32 bytes");
         let mut interned = INTERNED.lock().unwrap_or_else(|e| e.into_inner());
         let interned = interned.get_or_insert_with(Default::default);
-        if let Some(resource) = interned.get(&key) {
+        if let Some(resource) = interned.get(&identity) {
             served.push(*resource);
             continue;
         }
@@ -255,7 +259,7 @@ pub(crate) fn resources_of(crd: &Value) -> Vec<&'static Resource> {
         let custom: &'static Custom = Box::leak(Box::new(Custom {
             crd: crd["metadata"]["name"].as_str().unwrap_or_default().into(),
             storage_version: storage_version.clone(),
-            schema: version["schema"].get("openAPIV3Schema").cloned(),
+            schema: version["schema"].get("openAPIV3Schema").map(registry::CustomSchema::new),
             columns,
             status: subresources["status"].is_object(),
             scale,
@@ -292,7 +296,7 @@ pub(crate) fn resources_of(crd: &Value) -> Vec<&'static Resource> {
             protobuf: no_protobuf,
             custom: Some(custom),
         }));
-        interned.insert(key, resource);
+        interned.insert(identity, resource);
         served.push(resource);
     }
     served

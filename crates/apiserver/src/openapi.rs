@@ -128,7 +128,8 @@ pub fn custom_definition_name(resource: &Resource) -> String {
 fn custom_schema(resource: &Resource, reference_prefix: &str) -> Value {
     let mut schema = resource
         .custom
-        .and_then(|c| c.schema.clone())
+        .and_then(|c| c.schema.as_ref())
+        .map(|schema| (*schema.decoded()).clone())
         .unwrap_or_else(|| json!({"type": "object", "x-kubernetes-preserve-unknown-fields": true}));
     if !schema["properties"].is_object() {
         schema["properties"] = json!({});

@@ -732,7 +732,7 @@ pub struct Custom {
     /// The version objects are stored in.
     pub storage_version: String,
     /// `openAPIV3Schema`, when the version has one.
-    pub schema: Option<serde_json::Value>,
+    pub schema: Option<CustomSchema>,
     /// `additionalPrinterColumns`.
     pub columns: Vec<PrinterColumn>,
     /// Whether the `/status` subresource is enabled.
@@ -750,6 +750,55 @@ pub struct Custom {
     /// A digest of what the definition says of the version (names, scope, schema…): it changes
     /// when the published OpenAPI document of the resource does.
     pub digest: u64,
+}
+
+/// A custom version's `openAPIV3Schema`, kept as its JSON text and decoded when used: decoded
+/// (`serde_json::Value`), a schema takes ~12 times its text, and a cluster may have a thousand
+/// definitions. The [`DECODED_KEPT`] most recently used ones stay decoded.
+#[derive(Debug)]
+pub struct CustomSchema {
+    id: u64,
+    text: Box<str>,
+}
+
+/// How many schemas stay decoded (those of the custom kinds in use).
+const DECODED_KEPT: usize = 64;
+
+impl CustomSchema {
+    pub fn new(schema: &serde_json::Value) -> CustomSchema {
+        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        CustomSchema { id: NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed), text: schema.to_string().into() }
+    }
+
+    /// The schema, decoded.
+    pub fn decoded(&self) -> std::sync::Arc<serde_json::Value> {
+        use std::sync::{Arc, Mutex};
+        /// Most recently used first.
+        static DECODED: Mutex<Vec<(u64, Arc<serde_json::Value>)>> = Mutex::new(Vec::new());
+        {
+            let mut decoded = DECODED.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(at) = decoded.iter().position(|(id, _)| *id == self.id) {
+                let found = decoded.remove(at);
+                let schema = found.1.clone();
+                decoded.insert(0, found);
+                return schema;
+            }
+        }
+        // The text was written from a Value, so it reads back as one.
+        let schema: Arc<serde_json::Value> = Arc::new(serde_json::from_str(&self.text).unwrap_or_default());
+        let mut decoded = DECODED.lock().unwrap_or_else(|e| e.into_inner());
+        if !decoded.iter().any(|(id, _)| *id == self.id) {
+            decoded.insert(0, (self.id, schema.clone()));
+            decoded.truncate(DECODED_KEPT);
+        }
+        schema
+    }
+}
+
+impl PartialEq for CustomSchema {
+    fn eq(&self, other: &CustomSchema) -> bool {
+        self.text == other.text
+    }
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -788,6 +837,21 @@ mod tests {
         let nodes = find("", "v1", "nodes").unwrap();
         assert_eq!(nodes.key(None, "n1"), "/registry/minions/n1");
         assert_eq!(find("apps", "v1", "deployments").unwrap().api_version(), "apps/v1");
+    }
+
+    #[test]
+    fn a_schema_decodes_to_what_it_was_made_from_while_others_come_and_go() {
+        let first = serde_json::json!({"type": "object", "properties": {"spec": {"type": "integer", "default": 3}}});
+        let schema = CustomSchema::new(&first);
+        assert_eq!(*schema.decoded(), first);
+        let others: Vec<CustomSchema> =
+            (0..2 * DECODED_KEPT).map(|i| CustomSchema::new(&serde_json::json!({"type": "object", "x": i}))).collect();
+        for (i, other) in others.iter().enumerate() {
+            assert_eq!(other.decoded()["x"], i);
+        }
+        // Pushed out of the decoded ones by the others, and decoded again.
+        assert_eq!(*schema.decoded(), first);
+        assert!(std::sync::Arc::ptr_eq(&schema.decoded(), &schema.decoded()));
     }
 
     #[test]

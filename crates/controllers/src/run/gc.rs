@@ -7,7 +7,6 @@ use std::sync::Arc;
 use futures::StreamExt;
 use k8s_openapi::api::apps::v1::{Deployment, ReplicaSet};
 use k8s_openapi::api::core::v1::Pod;
-use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
 use kube::api::{Api, ApiResource, DeleteParams, DynamicObject, Patch, PatchParams};
 use kube::core::PartialObjectMeta;
@@ -63,20 +62,88 @@ impl Kind {
     }
 }
 
+/// What the collector reads of a CustomResourceDefinition: its group, names, scope, versions
+/// and conditions. Not its schemas: decoded as k8s-openapi's types, a definition of 4 KiB
+/// takes ~150 KiB, and a cluster may have a thousand (crdbench).
+#[derive(Clone, Debug, serde::Deserialize)]
+struct Definition {
+    #[serde(deserialize_with = "names_only")]
+    metadata: ObjectMeta,
+    spec: DefinitionSpec,
+    #[serde(default)]
+    status: DefinitionStatus,
+}
+
+#[derive(Clone, Debug, serde::Deserialize)]
+struct DefinitionSpec {
+    group: String,
+    names: DefinitionNames,
+    scope: String,
+    versions: Vec<DefinitionVersion>,
+}
+
+#[derive(Clone, Debug, serde::Deserialize)]
+struct DefinitionNames {
+    kind: String,
+    plural: String,
+}
+
+#[derive(Clone, Debug, serde::Deserialize)]
+struct DefinitionVersion {
+    name: String,
+    served: bool,
+    storage: bool,
+}
+
+#[derive(Clone, Debug, Default, serde::Deserialize)]
+struct DefinitionStatus {
+    #[serde(default)]
+    conditions: Vec<DefinitionCondition>,
+}
+
+#[derive(Clone, Debug, serde::Deserialize)]
+struct DefinitionCondition {
+    #[serde(rename = "type")]
+    type_: String,
+    status: String,
+}
+
+/// A definition's metadata without its labels and annotations (a `kubectl apply`'d definition
+/// carries its whole self in one).
+fn names_only<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<ObjectMeta, D::Error> {
+    let meta = <ObjectMeta as serde::Deserialize>::deserialize(deserializer)?;
+    Ok(ObjectMeta { annotations: None, labels: None, managed_fields: None, ..meta })
+}
+
+impl k8s_openapi::Resource for Definition {
+    const API_VERSION: &'static str = "apiextensions.k8s.io/v1";
+    const GROUP: &'static str = "apiextensions.k8s.io";
+    const KIND: &'static str = "CustomResourceDefinition";
+    const VERSION: &'static str = "v1";
+    const URL_PATH_SEGMENT: &'static str = "customresourcedefinitions";
+    type Scope = k8s_openapi::ClusterResourceScope;
+}
+
+impl k8s_openapi::Metadata for Definition {
+    type Ty = ObjectMeta;
+    fn metadata(&self) -> &ObjectMeta {
+        &self.metadata
+    }
+    fn metadata_mut(&mut self) -> &mut ObjectMeta {
+        &mut self.metadata
+    }
+}
+
 /// Adds a kind for each established custom resource the collector does not judge yet (by its
 /// storage version: owner references match on group and kind).
 fn add_custom_kinds(
     client: &kube::Client,
-    definitions: &Store<CustomResourceDefinition>,
+    definitions: &Store<Definition>,
     kinds: &mut Vec<Kind>,
     changed: &Arc<Notify>,
 ) {
     for definition in definitions.state() {
-        let established = definition
-            .status
-            .as_ref()
-            .and_then(|s| s.conditions.as_ref())
-            .is_some_and(|conditions| conditions.iter().any(|c| c.type_ == "Established" && c.status == "True"));
+        let established = definition.status.conditions.iter().any(|c| c.type_ == "Established" && c.status == "True");
         let spec = &definition.spec;
         let Some(version) = spec.versions.iter().find(|v| v.storage && v.served) else { continue };
         if !established || kinds.iter().any(|k| k.resource.group == spec.group && k.resource.kind == spec.names.kind) {
@@ -142,7 +209,7 @@ pub(super) async fn run_garbage_collector(client: kube::Client, hub: Arc<Hub>) -
     let mut kinds = collected_kinds(&hub, &changed).await?;
     // Custom kinds join as their definitions are established (and stay: a kind whose
     // definition went has no objects left to judge).
-    let definitions = hub.watch::<CustomResourceDefinition>(&changed);
+    let definitions = hub.watch::<Definition>(&changed);
     ready(&definitions).await?;
     tracing::info!("garbage collector started");
     loop {
@@ -249,5 +316,45 @@ async fn collect(
                 other => other.map(|_| ()),
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_definition_keeps_what_the_collector_reads_and_not_its_schema_or_annotations() {
+        let crd = json!({
+            "apiVersion": "apiextensions.k8s.io/v1",
+            "kind": "CustomResourceDefinition",
+            "metadata": {"name": "widgets.example.com", "resourceVersion": "7",
+                         "annotations": {"kubectl.kubernetes.io/last-applied-configuration": "{…}"}},
+            "spec": {
+                "group": "example.com",
+                "names": {"kind": "Widget", "plural": "widgets", "listKind": "WidgetList"},
+                "scope": "Namespaced",
+                "versions": [
+                    {"name": "v1beta1", "served": true, "storage": false},
+                    {"name": "v1", "served": true, "storage": true,
+                     "schema": {"openAPIV3Schema": {"type": "object", "properties": {"spec": {"type": "object"}}}}},
+                ],
+            },
+            "status": {"conditions": [{"type": "Established", "status": "True", "reason": "InitialNamesAccepted"}]},
+        });
+        let definition: Definition = serde_json::from_value(crd).unwrap();
+        assert_eq!(definition.metadata.name.as_deref(), Some("widgets.example.com"));
+        assert_eq!(definition.metadata.resource_version.as_deref(), Some("7"));
+        assert_eq!(definition.metadata.annotations, None);
+        assert_eq!((definition.spec.group.as_str(), definition.spec.names.kind.as_str()), ("example.com", "Widget"));
+        let storage = definition.spec.versions.iter().find(|v| v.storage && v.served).unwrap();
+        assert_eq!(storage.name, "v1");
+        assert!(definition.status.conditions.iter().any(|c| c.type_ == "Established" && c.status == "True"));
+        // A definition being created has no status yet.
+        let fresh = json!({"metadata": {"name": "a.b"},
+                           "spec": {"group": "b", "names": {"kind": "A", "plural": "a"}, "scope": "Cluster", "versions": []}});
+        let fresh: Definition = serde_json::from_value(fresh).unwrap();
+        assert!(fresh.status.conditions.is_empty());
+        assert_eq!(<Definition as kube::Resource>::plural(&()), "customresourcedefinitions");
     }
 }
