@@ -24,4 +24,4 @@ pub mod serviceaccounts;
 pub mod statefulset;
 pub mod volumes;
 
-pub use run::{ControllerConfig, run};
+pub use run::{Connect, ControllerConfig, run};

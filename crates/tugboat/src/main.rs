@@ -438,8 +438,19 @@ impl ControllerFlags {
             root_ca: None,
             signing_ca: None,
             signing_duration: self.cluster_signing_duration,
+            connect: None,
         }
     }
+}
+
+/// Opens clients from `kubeconfig` on connections of their own, over HTTP/2 (see
+/// [`tugboat_controllers::ControllerConfig::connect`]).
+fn connect_http2(kubeconfig: &std::path::Path) -> tugboat_controllers::Connect {
+    let kubeconfig = kubeconfig.to_path_buf();
+    tugboat_controllers::Connect(std::sync::Arc::new(move || {
+        let kubeconfig = kubeconfig.clone();
+        Box::pin(async move { client_with(&kubeconfig, None, true).await })
+    }))
 }
 
 #[derive(Debug, clap::Args)]
@@ -709,6 +720,7 @@ fn main() -> ExitCode {
                 let client = client(&args.component.kubeconfig).await?;
                 let mut config = args.controllers.config();
                 config.root_ca = root_ca(&args.component.kubeconfig);
+                config.connect = Some(connect_http2(&args.component.kubeconfig));
                 if let (Some(cert), Some(key)) = (&args.cluster_signing_cert_file, &args.cluster_signing_key_file) {
                     config.signing_ca = Some(std::sync::Arc::new(tugboat_pki::ClusterCa::from_files(cert, key)?));
                 }
@@ -755,6 +767,12 @@ async fn client(kubeconfig: &std::path::Path) -> anyhow::Result<kube::Client> {
 
 /// A client from a kubeconfig file, talking to `server` instead of the file's when given.
 async fn client_via(kubeconfig: &std::path::Path, server: Option<&str>) -> anyhow::Result<kube::Client> {
+    client_with(kubeconfig, server, false).await
+}
+
+/// [`client_via`], over HTTP/2 when `http2` (one connection, its requests as streams) and
+/// HTTP/1.1 otherwise (a connection per request in flight: a watch holds one).
+async fn client_with(kubeconfig: &std::path::Path, server: Option<&str>, http2: bool) -> anyhow::Result<kube::Client> {
     let file = kube::config::Kubeconfig::read_from(kubeconfig)
         .with_context(|| format!("reading the kubeconfig {}", kubeconfig.display()))?;
     let mut config = kube::Config::from_custom_kubeconfig(file, &kube::config::KubeConfigOptions::default())
@@ -776,27 +794,44 @@ async fn client_via(kubeconfig: &std::path::Path, server: Option<&str>) -> anyho
     http.set_keepalive(Some(Duration::from_secs(30)));
     // A client certificate is read from the kubeconfig again when the file changes (a node's
     // renewed certificate, written by its kubelet), for every new connection.
-    let https = match (tugboat_kubelet::certificates::KubeconfigIdentity::new(kubeconfig), &config.root_cert) {
+    let tls = match (tugboat_kubelet::certificates::KubeconfigIdentity::new(kubeconfig), &config.root_cert) {
         (Some(identity), Some(roots)) => {
             let mut store = rustls::RootCertStore::empty();
             for der in roots {
                 store.add(rustls::pki_types::CertificateDer::from(der.clone()))?;
             }
             let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
-            let tls = rustls::ClientConfig::builder_with_provider(provider)
-                .with_safe_default_protocol_versions()?
-                .with_root_certificates(store)
-                .with_client_cert_resolver(identity);
-            hyper_rustls::HttpsConnectorBuilder::new()
-                .with_tls_config(tls)
-                .https_or_http()
-                .enable_http1()
-                .wrap_connector(http)
+            Some(
+                rustls::ClientConfig::builder_with_provider(provider)
+                    .with_safe_default_protocol_versions()?
+                    .with_root_certificates(store)
+                    .with_client_cert_resolver(identity),
+            )
         }
-        _ => config.rustls_https_connector_with_connector(http)?,
+        _ => None,
+    };
+    let https = match (tls, http2) {
+        (Some(tls), false) => {
+            hyper_rustls::HttpsConnectorBuilder::new().with_tls_config(tls).https_or_http().enable_http1().wrap_connector(http)
+        }
+        (None, false) => config.rustls_https_connector_with_connector(http)?,
+        (tls, true) => {
+            let tls = match tls {
+                Some(tls) => tls,
+                None => config.rustls_client_config()?,
+            };
+            let builder = hyper_rustls::HttpsConnectorBuilder::new().with_tls_config(tls).https_or_http();
+            let builder = match &config.tls_server_name {
+                Some(name) => builder.with_server_name_resolver(hyper_rustls::FixedServerNameResolver::new(
+                    name.clone().try_into().with_context(|| format!("{name:?} is not a server name"))?,
+                )),
+                None => builder,
+            };
+            builder.enable_http2().wrap_connector(http)
+        }
     };
     let hyper_client: hyper_util::client::legacy::Client<_, kube::client::Body> =
-        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new()).build(https);
+        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new()).http2_only(http2).build(https);
     let service = tower::ServiceBuilder::new()
         .layer(config.base_uri_layer())
         .option_layer(config.auth_layer()?)
@@ -1020,6 +1055,7 @@ async fn server(args: ServerArgs, full: bool) -> anyhow::Result<()> {
         let kubeconfig = api.admin_kubeconfig().to_path_buf();
         let mut config = args.controllers.config();
         config.root_ca = root_ca(&kubeconfig);
+        config.connect = Some(connect_http2(&kubeconfig));
         // In-process, the controller manager signs with the cluster CA itself.
         config.signing_ca =
             Some(std::sync::Arc::new(tugboat_pki::ClusterCa::load_or_create(&args.data_dir.join("pki"))?));

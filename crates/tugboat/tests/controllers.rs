@@ -705,3 +705,58 @@ fn stateful_sets_keep_ordered_pods_with_stable_names_and_claims() {
     let claims = server.kubectl(&["get", "pvc", "-o", "name"], None);
     assert_eq!(claims.lines().count(), 3, "claims outlive the pods: {claims}");
 }
+
+/// The TCP connections to `server`'s port (each counted once: both ends are on this host).
+fn connections(server: &TugboatServer) -> usize {
+    let port = server.url().rsplit(':').next().unwrap().to_string();
+    let output = Command::new("ss").args(["-Htn", "state", "established"]).output().expect("ss (iproute2)");
+    let text = String::from_utf8_lossy(&output.stdout);
+    let ends = text
+        .lines()
+        .filter(|line| line.split_whitespace().any(|address| address.ends_with(&format!(":{port}"))))
+        .count();
+    ends / 2
+}
+
+#[test]
+fn the_garbage_collector_judges_many_custom_kinds_over_few_connections() {
+    let mut server = TugboatServer::start(Path::new(env!("CARGO_BIN_EXE_tugboat")), &[]).unwrap();
+    server.wait_for_line("garbage collector started", Duration::from_secs(30)).unwrap();
+    std::thread::sleep(Duration::from_secs(1));
+    let before = connections(&server);
+    const KINDS: usize = 150;
+    let definitions: String = (0..KINDS)
+        .map(|i| {
+            format!(
+                "apiVersion: apiextensions.k8s.io/v1\nkind: CustomResourceDefinition\nmetadata: {{name: thing{i}s.many.example.com}}\n\
+                 spec:\n  group: many.example.com\n  scope: Namespaced\n  names: {{kind: Thing{i}, plural: thing{i}s}}\n  \
+                 versions: [{{name: v1, served: true, storage: true, schema: {{openAPIV3Schema: {{type: object, \
+                 x-kubernetes-preserve-unknown-fields: true}}}}}}]\n---\n"
+            )
+        })
+        .collect();
+    server.kubectl(&["apply", "-f", "-"], Some(&definitions));
+    server.kubectl(&["wait", "--for=condition=established", "crd", "--all", "--timeout=60s"], None);
+    // The collector judges the first kind and the last (it adds them in turn).
+    for i in [0, KINDS - 1] {
+        let owner = format!("apiVersion: many.example.com/v1\nkind: Thing{i}\nmetadata: {{name: owner}}\n");
+        server.kubectl(&["apply", "-f", "-"], Some(&owner));
+        let uid = server.kubectl(&["get", &format!("thing{i}s"), "owner", "-o", "jsonpath={.metadata.uid}"], None);
+        let dependent = format!(
+            "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: of-thing{i}\n  ownerReferences: \
+             [{{apiVersion: many.example.com/v1, kind: Thing{i}, name: owner, uid: {uid}}}]\ndata: {{a: b}}\n"
+        );
+        server.kubectl(&["apply", "-f", "-"], Some(&dependent));
+        server.kubectl(&["delete", &format!("thing{i}s"), "owner"], None);
+        eventually_within(
+            Duration::from_secs(60),
+            &server,
+            &["get", "configmap", &format!("of-thing{i}"), "--ignore-not-found"],
+            "the dependent of a custom owner collected",
+            |o| o.trim().is_empty(),
+        );
+    }
+    // A watch of each kind, and not a connection each (HTTP/2 streams on a few).
+    let after = connections(&server);
+    assert!(after < before + 20, "{before} connections before the {KINDS} kinds, {after} after");
+}

@@ -134,10 +134,40 @@ impl k8s_openapi::Metadata for Definition {
     }
 }
 
+/// The clients the custom kinds' watches go through: connections of their own (HTTP/2), each
+/// shared by up to [`WATCHES_PER_CONNECTION`] watches (the API server takes 200 streams on a
+/// connection), or the main client when there is no way to open them.
+struct WatchClients {
+    connect: Option<super::Connect>,
+    main: kube::Client,
+    /// Each connection's client and how many watches it carries.
+    open: Vec<(kube::Client, usize)>,
+}
+
+const WATCHES_PER_CONNECTION: usize = 100;
+
+impl WatchClients {
+    async fn next(&mut self) -> kube::Client {
+        let Some(connect) = &self.connect else { return self.main.clone() };
+        if !self.open.last().is_some_and(|(_, watches)| *watches < WATCHES_PER_CONNECTION) {
+            match (connect.0)().await {
+                Ok(client) => self.open.push((client, 0)),
+                Err(error) => {
+                    tracing::warn!(%error, "opening a connection for the garbage collector's watches; using the main one");
+                    return self.main.clone();
+                }
+            }
+        }
+        let (client, watches) = self.open.last_mut().expect("opened");
+        *watches += 1;
+        client.clone()
+    }
+}
+
 /// Adds a kind for each established custom resource the collector does not judge yet (by its
 /// storage version: owner references match on group and kind).
-fn add_custom_kinds(
-    client: &kube::Client,
+async fn add_custom_kinds(
+    clients: &mut WatchClients,
     definitions: &Store<Definition>,
     kinds: &mut Vec<Kind>,
     changed: &Arc<Notify>,
@@ -157,7 +187,8 @@ fn add_custom_kinds(
             plural: spec.names.plural.clone(),
         };
         tracing::debug!(kind = %resource.kind, group = %resource.group, "the garbage collector judges a custom kind");
-        kinds.push(Kind::custom(client, resource, spec.scope == "Namespaced", changed));
+        let client = clients.next().await;
+        kinds.push(Kind::custom(&client, resource, spec.scope == "Namespaced", changed));
     }
 }
 
@@ -204,16 +235,21 @@ fn object(kind: usize, meta: &ObjectMeta) -> gc::Object {
 /// The garbage collector: deletes dependents whose owners are gone (after looking the owner
 /// up, so a dependent seen before its new owner is safe), and carries out foreground deletion
 /// and orphaning.
-pub(super) async fn run_garbage_collector(client: kube::Client, hub: Arc<Hub>) -> anyhow::Result<()> {
+pub(super) async fn run_garbage_collector(
+    client: kube::Client,
+    hub: Arc<Hub>,
+    connect: Option<super::Connect>,
+) -> anyhow::Result<()> {
     let changed = Arc::new(Notify::new());
     let mut kinds = collected_kinds(&hub, &changed).await?;
     // Custom kinds join as their definitions are established (and stay: a kind whose
     // definition went has no objects left to judge).
     let definitions = hub.watch::<Definition>(&changed);
     ready(&definitions).await?;
+    let mut watch_clients = WatchClients { connect, main: client.clone(), open: Vec::new() };
     tracing::info!("garbage collector started");
     loop {
-        add_custom_kinds(&client, &definitions, &mut kinds, &changed);
+        add_custom_kinds(&mut watch_clients, &definitions, &mut kinds, &changed).await;
         let resources: Vec<(ApiResource, bool)> = kinds.iter().map(|k| (k.resource.clone(), k.namespaced)).collect();
         let kind_of = |reference: &OwnerReference| {
             let group = reference.api_version.rsplit_once('/').map(|(g, _)| g).unwrap_or("");

@@ -124,8 +124,9 @@ async fn sync(
                 data: Some(RawExtension(data)),
                 revision: highest + 1,
             };
-            if let Err(error) = create_if_missing(&api, &revision).await {
-                tracing::debug!(%error, set = %name, "could not record a revision");
+            match create_if_missing(&api, &revision).await {
+                Ok(()) => tracing::info!(set = %name, revision = %current_name, number = highest + 1, "recorded a revision"),
+                Err(error) => tracing::warn!(%error, set = %name, "could not record a revision"),
             }
             current_name
         }
@@ -134,7 +135,7 @@ async fn sync(
             if current.revision < highest {
                 let patch = json!({"revision": highest + 1});
                 if let Err(error) = api.patch(&current_name, &PatchParams::default(), &Patch::Merge(&patch)).await {
-                    tracing::debug!(%error, set = %name, "could not renumber a revision");
+                    tracing::warn!(%error, set = %name, "could not renumber a revision");
                 }
             }
             current_name
