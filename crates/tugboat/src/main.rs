@@ -811,9 +811,11 @@ async fn client_with(kubeconfig: &std::path::Path, server: Option<&str>, http2: 
         _ => None,
     };
     let https = match (tls, http2) {
-        (Some(tls), false) => {
-            hyper_rustls::HttpsConnectorBuilder::new().with_tls_config(tls).https_or_http().enable_http1().wrap_connector(http)
-        }
+        (Some(tls), false) => hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config(tls)
+            .https_or_http()
+            .enable_http1()
+            .wrap_connector(http),
         (None, false) => config.rustls_https_connector_with_connector(http)?,
         (tls, true) => {
             let tls = match tls {
@@ -831,7 +833,9 @@ async fn client_with(kubeconfig: &std::path::Path, server: Option<&str>, http2: 
         }
     };
     let hyper_client: hyper_util::client::legacy::Client<_, kube::client::Body> =
-        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new()).http2_only(http2).build(https);
+        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+            .http2_only(http2)
+            .build(https);
     let service = tower::ServiceBuilder::new()
         .layer(config.base_uri_layer())
         .option_layer(config.auth_layer()?)

@@ -125,7 +125,9 @@ async fn sync(
                 revision: highest + 1,
             };
             match create_if_missing(&api, &revision).await {
-                Ok(()) => tracing::info!(set = %name, revision = %current_name, number = highest + 1, "recorded a revision"),
+                Ok(()) => {
+                    tracing::info!(set = %name, revision = %current_name, number = highest + 1, "recorded a revision")
+                }
                 Err(error) => tracing::warn!(%error, set = %name, "could not record a revision"),
             }
             current_name

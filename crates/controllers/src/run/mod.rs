@@ -55,7 +55,9 @@ pub struct ControllerConfig {
 
 /// See [`ControllerConfig::connect`].
 #[derive(Clone)]
-pub struct Connect(pub Arc<dyn Fn() -> futures::future::BoxFuture<'static, anyhow::Result<kube::Client>> + Send + Sync>);
+pub struct Connect(
+    pub Arc<dyn Fn() -> futures::future::BoxFuture<'static, anyhow::Result<kube::Client>> + Send + Sync>,
+);
 
 impl std::fmt::Debug for Connect {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
