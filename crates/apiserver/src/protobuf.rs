@@ -311,6 +311,10 @@ fn walk(schemas: &crate::schema::Schemas, schema: &Value, value: Value, depth: u
             } else if map.is_empty() {
                 // An empty map (a set message always has its keys, if only with nulls).
                 None
+            } else if let Some(bytes) = raw_bytes(&map) {
+                // A RawExtension (`ControllerRevision.data`) or FieldsV1 (`managedFields`): the
+                // message's one field holds JSON, which is what the object holds there.
+                serde_json::from_slice(&bytes).ok()
             } else {
                 let values = schema.get("additionalProperties").unwrap_or(&Value::Null);
                 let object: Map<String, Value> = map
@@ -335,10 +339,50 @@ fn walk(schemas: &crate::schema::Schemas, schema: &Value, value: Value, depth: u
     }
 }
 
+/// The bytes of a message whose only field is `raw` (k8s-rs-pb's serde form of RawExtension
+/// and JSON, `{"raw": [123, 34, …]}`; FieldsV1's is `Raw`).
+fn raw_bytes(map: &Map<String, Value>) -> Option<Vec<u8>> {
+    let [(key, Value::Array(items))] = map.iter().collect::<Vec<_>>()[..] else { return None };
+    if key != "raw" && key != "Raw" {
+        return None;
+    }
+    items.iter().map(|item| item.as_u64().and_then(|b| u8::try_from(b).ok())).collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use protobuf::Message;
+
+    #[test]
+    fn raw_extensions_and_managed_fields_decode_to_the_json_they_hold() {
+        use k8s_rs_pb::api::apps::v1::ControllerRevision;
+        use k8s_rs_pb::apimachinery::pkg::apis::meta::v1::{FieldsV1, ManagedFieldsEntry, ObjectMeta};
+        use k8s_rs_pb::apimachinery::pkg::runtime::RawExtension;
+        let data = r#"{"spec":{"template":{"$patch":"replace","spec":{"terminationGracePeriodSeconds":30}}}}"#;
+        let mut revision = ControllerRevision::new();
+        let mut meta = ObjectMeta::new();
+        meta.name = Some("web-1".into());
+        let mut entry = ManagedFieldsEntry::new();
+        entry.manager = Some("e2e".into());
+        entry.fieldsType = Some("FieldsV1".into());
+        let mut fields = FieldsV1::new();
+        fields.Raw = Some(br#"{"f:data":{},"f:revision":{}}"#.to_vec());
+        entry.fieldsV1 = protobuf::MessageField::some(fields);
+        meta.managedFields = vec![entry];
+        revision.metadata = protobuf::MessageField::some(meta);
+        let mut raw = RawExtension::new();
+        raw.raw = Some(data.as_bytes().to_vec());
+        revision.data = protobuf::MessageField::some(raw);
+        revision.revision = Some(2);
+        let object = decode(&envelope("apps/v1", "ControllerRevision", &revision)).unwrap();
+        assert_eq!(object["data"], serde_json::from_str::<Value>(data).unwrap());
+        assert_eq!(object["revision"], 2);
+        assert_eq!(
+            object["metadata"]["managedFields"][0]["fieldsV1"],
+            serde_json::json!({"f:data": {}, "f:revision": {}})
+        );
+    }
 
     /// An envelope like kubectl's for `message`.
     fn envelope(api_version: &str, kind: &str, message: &impl Message) -> Vec<u8> {
