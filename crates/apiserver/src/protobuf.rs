@@ -342,10 +342,10 @@ fn walk(schemas: &crate::schema::Schemas, schema: &Value, value: Value, depth: u
 /// The bytes of a message whose only field is `raw` (k8s-rs-pb's serde form of RawExtension
 /// and JSON, `{"raw": [123, 34, …]}`; FieldsV1's is `Raw`).
 fn raw_bytes(map: &Map<String, Value>) -> Option<Vec<u8>> {
-    let [(key, Value::Array(items))] = map.iter().collect::<Vec<_>>()[..] else { return None };
-    if key != "raw" && key != "Raw" {
+    if map.len() != 1 {
         return None;
     }
+    let items = map.get("raw").or_else(|| map.get("Raw"))?.as_array()?;
     items.iter().map(|item| item.as_u64().and_then(|b| u8::try_from(b).ok())).collect()
 }
 

@@ -140,8 +140,9 @@ impl k8s_openapi::Metadata for Definition {
 struct WatchClients {
     connect: Option<super::Connect>,
     main: kube::Client,
-    /// Each connection's client and how many watches it carries.
-    open: Vec<(kube::Client, usize)>,
+    /// The connection being filled and how many watches it carries (the full ones need no
+    /// keeping: their watches hold their clients).
+    filling: Option<(kube::Client, usize)>,
 }
 
 const WATCHES_PER_CONNECTION: usize = 100;
@@ -149,16 +150,16 @@ const WATCHES_PER_CONNECTION: usize = 100;
 impl WatchClients {
     async fn next(&mut self) -> kube::Client {
         let Some(connect) = &self.connect else { return self.main.clone() };
-        if !self.open.last().is_some_and(|(_, watches)| *watches < WATCHES_PER_CONNECTION) {
+        if !self.filling.as_ref().is_some_and(|(_, watches)| *watches < WATCHES_PER_CONNECTION) {
             match (connect.0)().await {
-                Ok(client) => self.open.push((client, 0)),
+                Ok(client) => self.filling = Some((client, 0)),
                 Err(error) => {
                     tracing::warn!(%error, "opening a connection for the garbage collector's watches; using the main one");
                     return self.main.clone();
                 }
             }
         }
-        let (client, watches) = self.open.last_mut().expect("opened");
+        let (client, watches) = self.filling.as_mut().expect("opened");
         *watches += 1;
         client.clone()
     }
@@ -246,7 +247,7 @@ pub(super) async fn run_garbage_collector(
     // definition went has no objects left to judge).
     let definitions = hub.watch::<Definition>(&changed);
     ready(&definitions).await?;
-    let mut watch_clients = WatchClients { connect, main: client.clone(), open: Vec::new() };
+    let mut watch_clients = WatchClients { connect, main: client.clone(), filling: None };
     tracing::info!("garbage collector started");
     loop {
         add_custom_kinds(&mut watch_clients, &definitions, &mut kinds, &changed).await;
