@@ -41,6 +41,8 @@ enum Ty {
     Sized { kind: Sized, max: u64, item: Option<Box<Ty>> },
     /// An object of known fields.
     Object(Vec<(String, Ty)>),
+    /// An object seen without a schema (a struct or a map: its size is its number of fields).
+    Held(Vec<(String, Ty)>),
     /// Nothing known.
     Unknown,
 }
@@ -123,6 +125,7 @@ impl Node {
     fn declared(ty: &Ty) -> Node {
         let size = match ty {
             Ty::Sized { max, .. } => *max,
+            Ty::Held(fields) => fields.len() as u64,
             Ty::Unknown => u64::MAX,
             _ => 0,
         };
@@ -149,6 +152,8 @@ struct Estimator<'a> {
     unknown: u64,
     /// Comprehension variables in scope, innermost last.
     scopes: Vec<(&'a str, Node)>,
+    /// Variables other than `self` and `oldSelf` (a policy's `object`, `request`…).
+    named: Vec<(String, Node)>,
 }
 
 impl<'a> Estimator<'a> {
@@ -180,6 +185,9 @@ impl<'a> Estimator<'a> {
                 if let Some((_, node)) = self.scopes.iter().rev().find(|(n, _)| n == name) {
                     return (1, node.clone());
                 }
+                if let Some((_, node)) = self.named.iter().find(|(n, _)| n == name) {
+                    return (1, node.clone());
+                }
                 match name.as_str() {
                     "self" | "oldSelf" => (1, self.root.clone()),
                     // The accumulator of a comprehension (a boolean or a count).
@@ -193,11 +201,11 @@ impl<'a> Estimator<'a> {
                     return (cost.saturating_add(1), Node::scalar());
                 }
                 let child = match &operand.ty {
-                    Ty::Object(fields) => fields
+                    Ty::Object(fields) | Ty::Held(fields) => fields
                         .iter()
                         .find(|(n, _)| *n == select.field)
                         .map(|(_, ty)| Node::declared(ty))
-                        .unwrap_or_else(Node::unknown),
+                        .unwrap_or_else(|| self.unknown()),
                     Ty::Sized { kind: Sized::Map, item: Some(value), .. } => Node::declared(value),
                     _ => self.unknown(),
                 };
@@ -361,7 +369,8 @@ impl<'a> Estimator<'a> {
 
 /// The estimated cost of `expression` with `self` (and `oldSelf`) of type `ty`.
 fn estimate(expression: &IdedExpr, ty: &Ty) -> u64 {
-    let mut estimator = Estimator { root: Node::declared(ty), scopes: Vec::new(), unknown: u64::MAX };
+    let mut estimator =
+        Estimator { root: Node::declared(ty), scopes: Vec::new(), named: Vec::new(), unknown: u64::MAX };
     estimator.cost(expression, 0).0
 }
 
@@ -376,8 +385,89 @@ pub const OBJECT_BUDGET: u64 = 10_000_000;
 /// both sides of a short-circuit, the dearer branch of a conditional).
 pub fn runtime(expression: &IdedExpr, schema: &Value, value: &Value) -> u64 {
     let ty = actual(schema, value, 0);
-    let mut estimator = Estimator { root: Node::declared(&ty), scopes: Vec::new(), unknown: 64 };
+    let mut estimator = Estimator { root: Node::declared(&ty), scopes: Vec::new(), named: Vec::new(), unknown: 64 };
     estimator.cost(expression, 0).0
+}
+
+/// A value an expression sees by name, without a schema.
+pub enum Named<'v> {
+    Json(&'v Value),
+    /// What an earlier expression evaluated to (a policy's variable).
+    Cel(&'v cel::Value),
+}
+
+/// The sizes of values an expression sees by name, without a schema (a policy's `object`,
+/// `request`, `params`, `variables`…): each value's type is what it holds, objects with the
+/// fields they have.
+#[derive(Default)]
+pub struct Sizes {
+    named: Vec<(String, Node)>,
+}
+
+impl Sizes {
+    /// Sets (or replaces) what `name` holds.
+    pub fn set(&mut self, name: &str, value: Named<'_>) {
+        let ty = match value {
+            Named::Json(value) => held(value, 0),
+            Named::Cel(value) => observed(value, 0),
+        };
+        let node = Node::declared(&ty);
+        match self.named.iter_mut().find(|(n, _)| n == name) {
+            Some((_, found)) => *found = node,
+            None => self.named.push((name.to_string(), node)),
+        }
+    }
+}
+
+/// The cost of one run of `expression` over values of the given sizes.
+pub fn runtime_named(expression: &IdedExpr, sizes: &Sizes) -> u64 {
+    let mut estimator =
+        Estimator { root: Node::unknown(), scopes: Vec::new(), named: sizes.named.clone(), unknown: 64 };
+    estimator.cost(expression, 0).0
+}
+
+/// What a JSON value is, with its own sizes; objects with the fields they have.
+fn held(value: &Value, depth: usize) -> Ty {
+    if depth > 64 {
+        return Ty::Scalar;
+    }
+    match value {
+        Value::String(text) => Ty::Sized { kind: Sized::Text, max: text.len() as u64, item: None },
+        Value::Array(items) => {
+            let item = items.iter().map(|i| held(i, depth + 1)).reduce(merge);
+            Ty::Sized { kind: Sized::List, max: items.len() as u64, item: item.map(Box::new) }
+        }
+        Value::Object(map) => Ty::Held(map.iter().map(|(name, v)| (name.clone(), held(v, depth + 1))).collect()),
+        _ => Ty::Scalar,
+    }
+}
+
+/// What a CEL value is, with its own sizes.
+fn observed(value: &cel::Value, depth: usize) -> Ty {
+    if depth > 64 {
+        return Ty::Scalar;
+    }
+    match value {
+        cel::Value::String(text) => Ty::Sized { kind: Sized::Text, max: text.len() as u64, item: None },
+        cel::Value::Bytes(bytes) => Ty::Sized { kind: Sized::Text, max: bytes.len() as u64, item: None },
+        cel::Value::List(items) => {
+            let item = items.iter().map(|i| observed(i, depth + 1)).reduce(merge);
+            Ty::Sized { kind: Sized::List, max: items.len() as u64, item: item.map(Box::new) }
+        }
+        cel::Value::Map(map) => Ty::Held(
+            map.map
+                .iter()
+                .map(|(key, v)| {
+                    let name = match key {
+                        cel::objects::Key::String(s) => s.to_string(),
+                        other => format!("{other:?}"),
+                    };
+                    (name, observed(v, depth + 1))
+                })
+                .collect(),
+        ),
+        _ => Ty::Scalar,
+    }
 }
 
 /// What a value of `schema` is, with its own sizes.
@@ -423,17 +513,22 @@ fn merge(a: Ty, b: Ty) -> Ty {
             };
             Ty::Sized { kind, max: max.max(other_max), item }
         }
-        (Ty::Object(mut fields), Ty::Object(others)) => {
-            for (name, ty) in others {
-                match fields.iter_mut().find(|(n, _)| *n == name) {
-                    Some((_, mine)) => *mine = merge(std::mem::replace(mine, Ty::Scalar), ty),
-                    None => fields.push((name, ty)),
-                }
-            }
-            Ty::Object(fields)
+        (Ty::Object(fields), Ty::Object(others)) => Ty::Object(merge_fields(fields, others)),
+        (Ty::Object(fields) | Ty::Held(fields), Ty::Object(others) | Ty::Held(others)) => {
+            Ty::Held(merge_fields(fields, others))
         }
         (Ty::Scalar, other) | (other, _) => other,
     }
+}
+
+fn merge_fields(mut fields: Vec<(String, Ty)>, others: Vec<(String, Ty)>) -> Vec<(String, Ty)> {
+    for (name, ty) in others {
+        match fields.iter_mut().find(|(n, _)| *n == name) {
+            Some((_, mine)) => *mine = merge(std::mem::replace(mine, Ty::Scalar), ty),
+            None => fields.push((name, ty)),
+        }
+    }
+    fields
 }
 
 /// Upstream's wording of a cost over its limit.

@@ -9,8 +9,11 @@
 //! that evaluates to false refuses with its `messageExpression`, its `message` or
 //! `failed expression: <expression>`, and its reason (Invalid, 422, unless it names another);
 //! one that cannot be evaluated fails the policy, which refuses under `failurePolicy: Fail`.
-//! Expressions are parsed with the `cel` crate, which has no type checker: policies get no
-//! `status.typeChecking`.
+//! Expressions are parsed and run with the `cel` crate, within upstream's cost limits (the
+//! crate counts nothing, so each expression's cost is estimated from the sizes of the values
+//! it sees before it runs). The crate has no type checker: `cel_check` is one, and a policy's
+//! `status.typeChecking` (what upstream's policy status controller writes) is set from it
+//! each time the policy is written.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -18,6 +21,8 @@ use std::sync::Arc;
 use serde_json::{Value, json};
 
 use crate::matching::GROUP;
+use crate::cel_cost::{Named, Sizes};
+use crate::cel_check::{self, Type};
 use crate::rules::to_cel;
 
 use crate::matching::{Attributes, Matched};
@@ -26,10 +31,36 @@ use crate::request::Write;
 use crate::state::{ApiState, cached_get, cached_list};
 use crate::status::{ApiError, Cause};
 
-/// Evaluates one expression.
-fn evaluate(expression: &str, context: &cel::Context<'_>) -> Result<cel::Value, String> {
-    let program = cel::Program::compile(expression).map_err(|e| format!("compilation failed: {e}"))?;
-    program.execute(context).map_err(|e| e.to_string())
+/// Upstream's wording when a policy's expressions together cost more than their budget.
+const OUT_OF_BUDGET: &str = "validation failed due to running out of cost budget, no further validation rules will be run";
+
+/// Evaluates expressions within upstream's cost limits (`PerCallLimit` for one expression,
+/// `RuntimeCELCostBudget` for all of one policy's on one request), each expression's cost
+/// estimated from the sizes of the values it sees (`cel_cost::runtime_named`).
+struct Evaluator {
+    sizes: Sizes,
+    variables: HashMap<cel::objects::Key, cel::Value>,
+    budget: u64,
+}
+
+/// Why an expression gave no value.
+enum Failure {
+    Error(String),
+    /// The policy's budget is spent: nothing more is evaluated.
+    OutOfBudget,
+}
+
+impl Evaluator {
+    fn evaluate(&mut self, expression: &str, context: &cel::Context<'_>) -> Result<cel::Value, Failure> {
+        let program =
+            cel::Program::compile(expression).map_err(|e| Failure::Error(format!("compilation failed: {e}")))?;
+        let cost = crate::cel_cost::runtime_named(program.expression(), &self.sizes);
+        if cost > crate::cel_cost::CALL_LIMIT {
+            return Err(Failure::Error("operation cancelled: actual cost limit exceeded".into()));
+        }
+        self.budget = self.budget.checked_sub(cost).ok_or(Failure::OutOfBudget)?;
+        program.execute(context).map_err(|e| Failure::Error(e.to_string()))
+    }
 }
 
 /// Why a policy refuses, or could not decide.
@@ -52,25 +83,31 @@ fn run(policy: &Value, inputs: &HashMap<&str, Value>) -> Outcome {
     for (name, value) in inputs {
         context.add_variable_from_value(*name, to_cel(value));
     }
-    let mut variables: HashMap<cel::objects::Key, cel::Value> = HashMap::new();
+    let mut sizes = Sizes::default();
+    for (name, value) in inputs {
+        sizes.set(name, Named::Json(value));
+    }
+    let mut evaluator = Evaluator { sizes, variables: HashMap::new(), budget: crate::cel_cost::OBJECT_BUDGET };
     context.add_variable_from_value("variables", cel::Value::Map(cel::objects::Map { map: Arc::new(HashMap::new()) }));
     for variable in spec["variables"].as_array().into_iter().flatten() {
         let name = variable["name"].as_str().unwrap_or_default();
         let expression = variable["expression"].as_str().unwrap_or_default();
-        match evaluate(expression, &context) {
+        match evaluator.evaluate(expression, &context) {
             Ok(value) => {
-                variables.insert(cel::objects::Key::String(Arc::new(name.to_string())), value);
-                context.add_variable_from_value(
-                    "variables",
-                    cel::Value::Map(cel::objects::Map { map: Arc::new(variables.clone()) }),
-                );
+                evaluator.variables.insert(cel::objects::Key::String(Arc::new(name.to_string())), value);
+                let variables = cel::Value::Map(cel::objects::Map { map: Arc::new(evaluator.variables.clone()) });
+                evaluator.sizes.set("variables", Named::Cel(&variables));
+                context.add_variable_from_value("variables", variables);
             }
-            Err(error) => return Outcome::Error(format!("variable {name:?} resulted in error: {error}")),
+            Err(Failure::OutOfBudget) => return Outcome::Error(OUT_OF_BUDGET.into()),
+            Err(Failure::Error(error)) => {
+                return Outcome::Error(format!("variable {name:?} resulted in error: {error}"));
+            }
         }
     }
     for condition in spec["matchConditions"].as_array().into_iter().flatten() {
         let expression = condition["expression"].as_str().unwrap_or_default();
-        match evaluate(expression, &context) {
+        match evaluator.evaluate(expression, &context) {
             Ok(cel::Value::Bool(true)) => {}
             Ok(cel::Value::Bool(false)) => return Outcome::Pass,
             Ok(other) => {
@@ -79,21 +116,25 @@ fn run(policy: &Value, inputs: &HashMap<&str, Value>) -> Outcome {
                     condition["name"]
                 ));
             }
-            Err(error) => return Outcome::Error(format!("match condition {:?} failed: {error}", condition["name"])),
+            Err(Failure::OutOfBudget) => return Outcome::Error(OUT_OF_BUDGET.into()),
+            Err(Failure::Error(error)) => {
+                return Outcome::Error(format!("match condition {:?} failed: {error}", condition["name"]));
+            }
         }
     }
     for validation in spec["validations"].as_array().into_iter().flatten() {
         let expression = validation["expression"].as_str().unwrap_or_default();
-        match evaluate(expression, &context) {
+        match evaluator.evaluate(expression, &context) {
             Ok(cel::Value::Bool(true)) => {}
             Ok(cel::Value::Bool(false)) => {
-                let from_expression =
-                    validation["messageExpression"].as_str().and_then(|e| match evaluate(e, &context) {
+                let from_expression = validation["messageExpression"].as_str().and_then(|e| {
+                    match evaluator.evaluate(e, &context) {
                         Ok(cel::Value::String(text)) if !text.trim().is_empty() && !text.contains('\n') => {
                             Some(text.to_string())
                         }
                         _ => None,
-                    });
+                    }
+                });
                 let message = from_expression
                     .or_else(|| validation["message"].as_str().filter(|m| !m.is_empty()).map(String::from))
                     .unwrap_or_else(|| format!("failed expression: {expression}"));
@@ -103,7 +144,10 @@ fn run(policy: &Value, inputs: &HashMap<&str, Value>) -> Outcome {
             Ok(other) => {
                 return Outcome::Error(format!("expression '{expression}' resulted in a {other:?}, not a bool"));
             }
-            Err(error) => return Outcome::Error(format!("expression '{expression}' resulted in error: {error}")),
+            Err(Failure::OutOfBudget) => return Outcome::Error(OUT_OF_BUDGET.into()),
+            Err(Failure::Error(error)) => {
+                return Outcome::Error(format!("expression '{expression}' resulted in error: {error}"));
+            }
         }
     }
     Outcome::Pass
@@ -307,6 +351,187 @@ pub async fn validate(
         }
     }
     Ok(())
+}
+
+// ---- type checking: `status.typeChecking` ----
+
+/// Upstream's `maxTypesToCheck`.
+const TYPES_TO_CHECK: usize = 10;
+
+/// The served resources a policy's resource rules name without wildcards (upstream checks
+/// no others), at most ten, sorted by group, version and kind.
+fn types_to_check(state: &ApiState, policy: &Value) -> Vec<&'static registry::Resource> {
+    let mut found: Vec<&'static registry::Resource> = Vec::new();
+    let strings = |rule: &Value, key: &str| -> Vec<String> {
+        rule[key].as_array().into_iter().flatten().filter_map(Value::as_str).map(String::from).collect()
+    };
+    'rules: for rule in policy["spec"]["matchConstraints"]["resourceRules"].as_array().into_iter().flatten() {
+        let (groups, versions) = (strings(rule, "apiGroups"), strings(rule, "apiVersions"));
+        if groups.iter().chain(&versions).any(|g| g.contains('*')) {
+            continue;
+        }
+        let resources: Vec<String> =
+            strings(rule, "resources").into_iter().filter(|r| !r.contains(['*', '/'])).collect();
+        for group in &groups {
+            for version in &versions {
+                for plural in &resources {
+                    let resource = registry::find(group, version, plural)
+                        .or_else(|| state.custom.find(group, version, plural));
+                    if let Some(resource) = resource
+                        && !found.iter().any(|r| std::ptr::eq(*r, resource))
+                    {
+                        found.push(resource);
+                        if found.len() == TYPES_TO_CHECK {
+                            break 'rules;
+                        }
+                    }
+                }
+            }
+        }
+    }
+    found.sort_by(|a, b| (a.group, a.version, a.kind).cmp(&(b.group, b.version, b.kind)));
+    found
+}
+
+/// A kind's schema: a built-in's definition, or a custom version's `openAPIV3Schema`.
+enum KindSchema {
+    Builtin(&'static Value),
+    Custom(Arc<Value>),
+}
+
+impl KindSchema {
+    fn of(resource: &registry::Resource) -> Option<KindSchema> {
+        match resource.custom {
+            Some(custom) => Some(KindSchema::Custom(custom.schema.as_ref()?.decoded())),
+            None => {
+                let schemas = crate::schema::schemas();
+                schemas.definitions.get(schemas.root(resource)).map(KindSchema::Builtin)
+            }
+        }
+    }
+
+    fn schema(&self) -> &Value {
+        match self {
+            KindSchema::Builtin(schema) => schema,
+            KindSchema::Custom(schema) => schema,
+        }
+    }
+}
+
+/// Upstream's `AdmissionRequest` type (`request` in expressions).
+fn request_type() -> Type<'static> {
+    let record = |fields: Vec<(&str, Type<'static>)>| {
+        Type::Record(Arc::new(fields.into_iter().map(|(n, t)| (n.to_string(), t)).collect()))
+    };
+    let gvk = record(vec![("group", Type::String), ("version", Type::String), ("kind", Type::String)]);
+    let gvr = record(vec![("group", Type::String), ("version", Type::String), ("resource", Type::String)]);
+    let strings = || Type::List(Box::new(Type::String));
+    let user = record(vec![
+        ("username", Type::String),
+        ("uid", Type::String),
+        ("groups", strings()),
+        ("extra", Type::Map(Box::new(Type::String), Box::new(strings()))),
+    ]);
+    record(vec![
+        ("kind", gvk.clone()),
+        ("resource", gvr.clone()),
+        ("subResource", Type::String),
+        ("requestKind", gvk),
+        ("requestResource", gvr),
+        ("requestSubResource", Type::String),
+        ("name", Type::String),
+        ("namespace", Type::String),
+        ("operation", Type::String),
+        ("userInfo", user),
+        ("dryRun", Type::Bool),
+        ("options", Type::Dyn),
+    ])
+}
+
+/// `apps/v1, Kind=Deployment` (`/v1, Kind=Pod`), as upstream prints a group-version-kind.
+fn gvk_name(resource: &registry::Resource) -> String {
+    format!("{}/{}, Kind={}", resource.group, resource.version, resource.kind)
+}
+
+/// What upstream's policy status controller writes: the generation checked and the warnings
+/// of each validation's expression and message expression that does not type-check against
+/// one of the kinds the policy matches.
+pub fn type_check(state: &ApiState, policy: &Value) -> Value {
+    let spec = &policy["spec"];
+    let kinds: Vec<(String, KindSchema)> = types_to_check(state, policy)
+        .into_iter()
+        .filter_map(|resource| Some((gvk_name(resource), KindSchema::of(resource)?)))
+        .collect();
+    let params_kind = spec["paramKind"]["kind"].as_str().and_then(|kind| {
+        let api_version = spec["paramKind"]["apiVersion"].as_str()?;
+        let (group, version) = api_version.rsplit_once('/').unwrap_or(("", api_version));
+        registry::RESOURCES
+            .iter()
+            .find(|r| r.group == group && r.version == version && r.kind == kind)
+            .or_else(|| {
+                state.custom.all().iter().copied().find(|r| r.group == group && r.version == version && r.kind == kind)
+            })
+            .and_then(KindSchema::of)
+    });
+    let namespaces = registry::find("", "v1", "namespaces").and_then(KindSchema::of);
+    let mut warnings: Vec<Value> = Vec::new();
+    let expressions = spec["validations"].as_array().into_iter().flatten().enumerate().flat_map(|(i, v)| {
+        [("expression", &v["expression"]), ("messageExpression", &v["messageExpression"])]
+            .into_iter()
+            .filter_map(move |(key, e)| Some((format!("spec.validations[{i}].{key}"), e.as_str()?)))
+            .filter(|(_, e)| !e.trim().is_empty())
+    });
+    for (field_ref, expression) in expressions {
+        let mut found = Vec::new();
+        for (gvk, schema) in &kinds {
+            let object = cel_check::of_schema(schema.schema(), true);
+            let mut env = cel_check::Env {
+                variables: vec![
+                    ("object".into(), object.clone()),
+                    ("oldObject".into(), object),
+                    ("request".into(), request_type()),
+                    (
+                        "namespaceObject".into(),
+                        namespaces.as_ref().map_or(Type::Dyn, |n| cel_check::of_schema(n.schema(), true)),
+                    ),
+                    ("authorizer".into(), Type::Dyn),
+                ],
+            };
+            if let Some(params) = &params_kind {
+                env.variables.push(("params".into(), cel_check::of_schema(params.schema(), true)));
+            }
+            // Each variable has the type of its expression, which sees those before it.
+            let mut variables: Vec<(String, Type<'_>)> = Vec::new();
+            for variable in spec["variables"].as_array().into_iter().flatten() {
+                env.variables.retain(|(n, _)| n != "variables");
+                env.variables.push(("variables".into(), Type::Record(Arc::new(variables.clone()))));
+                let name = variable["name"].as_str().unwrap_or_default();
+                let (ty, _) = cel_check::check(variable["expression"].as_str().unwrap_or_default(), &env);
+                variables.push((name.to_string(), ty));
+            }
+            env.variables.retain(|(n, _)| n != "variables");
+            env.variables.push(("variables".into(), Type::Record(Arc::new(variables))));
+            let (_, issues) = cel_check::check(expression, &env);
+            if !issues.is_empty() {
+                found.push(format!("{gvk}: {issues}\n"));
+            }
+        }
+        if !found.is_empty() {
+            warnings.push(json!({"fieldRef": field_ref, "warning": found.join("\n")}));
+        }
+    }
+    let mut type_checking = json!({});
+    if !warnings.is_empty() {
+        type_checking["expressionWarnings"] = Value::Array(warnings);
+    }
+    let mut status = json!({"typeChecking": type_checking});
+    if let Some(generation) = policy["metadata"]["generation"].as_i64() {
+        status["observedGeneration"] = json!(generation);
+    }
+    if let Some(conditions) = policy["status"].get("conditions") {
+        status["conditions"] = conditions.clone();
+    }
+    status
 }
 
 /// Upstream's defaults for a policy.
@@ -548,6 +773,45 @@ mod tests {
         }
         let broken = policy(json!([{"expression": "object.spec.missing.deeper > 1"}]), json!([]));
         assert!(matches!(run(&broken, &inputs(1)), Outcome::Error(_)));
+    }
+
+    #[test]
+    fn expressions_run_within_upstreams_cost_limits() {
+        let mut inputs = inputs(1);
+        let keys: serde_json::Map<String, Value> = (0..500).map(|i| (format!("k{i}"), json!("v"))).collect();
+        inputs.insert("object", json!({"metadata": {"name": "web"}, "data": keys}));
+        // One expression over the per-call limit: 500 × 500 comparisons.
+        let quadratic = "object.data.all(k, object.data.all(j, k == j || k != j))";
+        match run(&policy(json!([{"expression": quadratic}]), json!([])), &inputs) {
+            Outcome::Error(error) => assert_eq!(
+                error,
+                format!("expression '{quadratic}' resulted in error: operation cancelled: actual cost limit exceeded")
+            ),
+            _ => panic!("the quadratic expression is over the per-call limit"),
+        }
+        // A variable's size counts in the expressions that use it.
+        let through_variable = "variables.keys.all(k, variables.keys.all(j, k == j || k != j))";
+        let variables = json!([{"name": "keys", "expression": "object.data.map(k, k)"}]);
+        assert!(matches!(
+            run(&policy(json!([{"expression": through_variable}]), variables), &inputs),
+            Outcome::Error(error) if error.ends_with("actual cost limit exceeded")
+        ));
+        // Each under the per-call limit, together over the policy's budget (the estimate
+        // counts both sides of `||`, so these are dear to estimate and cheap to run).
+        let keys: serde_json::Map<String, Value> = (0..250).map(|i| (format!("k{i}"), json!("v"))).collect();
+        inputs.insert("object", json!({"metadata": {"name": "web"}, "data": keys}));
+        let dear = "true || object.data.all(k, object.data.all(j, k == j))";
+        let mut sizes = Sizes::default();
+        sizes.set("object", Named::Json(&inputs["object"]));
+        let one = crate::cel_cost::runtime_named(cel::Program::compile(dear).unwrap().expression(), &sizes);
+        assert!((100_000..crate::cel_cost::CALL_LIMIT).contains(&one), "{one}");
+        let within = (crate::cel_cost::OBJECT_BUDGET / one) as usize;
+        let validations = |n: usize| policy(json!(vec![json!({"expression": dear}); n]), json!([]));
+        assert!(matches!(run(&validations(within), &inputs), Outcome::Pass));
+        match run(&validations(within + 1), &inputs) {
+            Outcome::Error(error) => assert_eq!(error, OUT_OF_BUDGET),
+            _ => panic!("{} runs of a {one} expression are over the budget", within + 1),
+        }
     }
 
     #[test]

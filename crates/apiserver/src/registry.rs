@@ -30,6 +30,32 @@ pub struct Resource {
     pub custom: Option<&'static Custom>,
 }
 
+/// What a kind does on the write path beyond what every kind does (upstream's REST strategy
+/// and the admission plugins of one kind): `strategy.rs` has what each one does; a resource's
+/// is [`Resource::strategy`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Strategy {
+    /// Nothing beyond the common path.
+    Plain,
+    /// A custom resource: its definition's schema (defaults, validation, CEL rules).
+    Custom,
+    Namespaces,
+    Pods,
+    Services,
+    PersistentVolumeClaims,
+    /// CustomResourceDefinitions.
+    Definitions,
+    /// Webhook configurations and policy bindings.
+    AdmissionConfigurations,
+    /// ValidatingAdmissionPolicies.
+    Policies,
+    ApiServices,
+    CertificateSigningRequests,
+    Deployments,
+    /// API Priority and Fairness' FlowSchemas and PriorityLevelConfigurations.
+    FlowControl,
+}
+
 /// A subresource as discovery lists it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Subresource {
@@ -708,6 +734,27 @@ impl Resource {
             _ => {}
         }
         list
+    }
+
+    /// How objects of this resource are written beyond what every kind does.
+    pub fn strategy(&self) -> Strategy {
+        if self.custom.is_some() {
+            return Strategy::Custom;
+        }
+        match (self.group, self.plural) {
+            ("", "namespaces") => Strategy::Namespaces,
+            ("", "pods") => Strategy::Pods,
+            ("", "services") => Strategy::Services,
+            ("", "persistentvolumeclaims") => Strategy::PersistentVolumeClaims,
+            ("apiextensions.k8s.io", "customresourcedefinitions") => Strategy::Definitions,
+            ("admissionregistration.k8s.io", "validatingadmissionpolicies") => Strategy::Policies,
+            ("admissionregistration.k8s.io", _) => Strategy::AdmissionConfigurations,
+            ("apiregistration.k8s.io", _) => Strategy::ApiServices,
+            ("certificates.k8s.io", "certificatesigningrequests") => Strategy::CertificateSigningRequests,
+            ("apps", "deployments") => Strategy::Deployments,
+            ("flowcontrol.apiserver.k8s.io", _) => Strategy::FlowControl,
+            _ => Strategy::Plain,
+        }
     }
 
     /// Whether objects of this kind carry `metadata.generation` (bumped on spec changes).

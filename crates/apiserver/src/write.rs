@@ -2,9 +2,7 @@
 //! delete a collection, and the read-modify-write every writer inside the server uses
 //! ([`modify`], [`delete_one`], [`put_system_object`]). Each write runs its kind's defaults and
 //! validation, the built-in admission plugins, admission webhooks and policies, quota, and
-//! keeps managedFields.
-
-use std::time::Duration;
+//! keeps managedFields; what is particular to a kind is its strategy's (`strategy.rs`).
 
 use axum::body::Body;
 use axum::http::{Response, StatusCode};
@@ -18,6 +16,8 @@ use crate::registry::{self, Resource};
 use crate::request::{Filters, Query, Write};
 use crate::state::{ApiState, json_response, read_object};
 use crate::status::ApiError;
+use crate::strategy::DeleteWaits;
+pub(crate) use crate::strategy::View;
 
 const UPDATE_RETRIES: usize = 5;
 
@@ -93,41 +93,13 @@ pub(crate) async fn create_object(
         None => fields::record_update(&write.manager, &resource.api_version(), "", None, &mut object),
     }
     object::validate(resource, &object)?;
-    if resource.group == crate::matching::GROUP {
-        check_configuration(resource, &mut object)?;
-    }
-    if resource.group == crate::aggregated::GROUP {
-        check_api_service(resource, &mut object)?;
-    }
-    if resource.builtin() == "services" {
-        crate::services::default_and_validate(&mut object)?;
-    }
-    if let Some(custom) = resource.custom {
-        if custom.terminating {
-            let mut error = ApiError::method_not_allowed("create");
-            error.message =
-                format!("create not allowed while custom resource definition is terminating: {}", custom.crd);
-            return Err(error);
-        }
-        validate_custom(resource, custom, &mut object, None)?;
-    }
-    if is_crds(resource) {
-        crate::crd::prepare(&mut object, &state.custom.definitions(), None)?;
-    }
+    let strategy = resource.strategy();
+    strategy.validate_create(state, resource, &mut object)?;
     let namespace =
         if resource.namespaced { object["metadata"]["namespace"].as_str().map(str::to_string) } else { None };
     let name = object["metadata"]["name"].as_str().unwrap_or_default().to_string();
     check_namespace(state, resource, namespace.as_deref(), true).await?;
-    if resource.builtin() == "pods" {
-        crate::priority::admit(state.store.as_ref(), &state.caches, &mut object).await?;
-        crate::service_accounts::admit(state, &mut object).await?;
-        crate::runtime_class::admit(state, &mut object).await?;
-        crate::limit_range::admit_pod(state, &mut object).await?;
-    }
-    if resource.builtin() == "persistentvolumeclaims" {
-        crate::storage::admit(state, &mut object).await?;
-        crate::limit_range::admit_claim(state, &object).await?;
-    }
+    strategy.admit_create(state, &mut object).await?;
     if write.admit {
         let attributes = crate::matching::Attributes {
             resource,
@@ -141,7 +113,7 @@ pub(crate) async fn create_object(
             user: write.user.as_ref(),
         };
         if admission::mutate(state, &attributes, &mut object, write).await? {
-            after_mutation(resource, &mut object, None)?;
+            after_mutation(state, resource, &mut object, None)?;
         }
         admission::validate(state, &attributes, Some(&object), write).await?;
     }
@@ -149,28 +121,27 @@ pub(crate) async fn create_object(
     if write.dry_run {
         return Ok(json_response(StatusCode::CREATED, &object));
     }
-    let claims = if resource.builtin() == "services" {
-        crate::services::allocate(state.store.as_ref(), state.service_cidr, &mut object).await?
-    } else {
-        Vec::new()
-    };
+    let allocated = strategy.allocate(state, &mut object).await?;
     let key = resource.key(namespace.as_deref(), &name);
     let stored = crate::conversion::stored(state.store.as_ref(), resource, &object).await?;
     let created = state.store.create(&key, stored).await;
-    if created.is_err() && !claims.is_empty() {
-        crate::services::release(state.store.as_ref(), &object).await;
+    if created.is_err() && allocated {
+        strategy.after_delete(state, &object).await;
     }
     let revision = created.map_err(|e| ApiError::from_store(e, resource.group, resource.plural, &name))?;
     object["metadata"]["resourceVersion"] = json!(revision.to_string());
-    if is_crds(resource) {
-        served_after_write(state, revision).await;
-    }
+    strategy.after_write(state, revision).await;
     Ok(json_response(StatusCode::CREATED, &object))
 }
 
 /// After a mutating webhook changed an object: what its kind does not declare is dropped, its
 /// defaults are applied again (to what the webhook added) and it is validated again.
-fn after_mutation(resource: &Resource, object: &mut Value, old: Option<&Value>) -> Result<(), ApiError> {
+fn after_mutation(
+    state: &ApiState,
+    resource: &Resource,
+    object: &mut Value,
+    update: Option<(View, &Value)>,
+) -> Result<(), ApiError> {
     match resource.custom {
         Some(custom) => {
             crate::custom::prune(custom, object);
@@ -181,67 +152,9 @@ fn after_mutation(resource: &Resource, object: &mut Value, old: Option<&Value>) 
     }
     object::apply_defaults(resource, object);
     object::validate(resource, object)?;
-    if let Some(custom) = resource.custom {
-        validate_custom(resource, custom, object, old)?;
-    }
-    if resource.group == crate::matching::GROUP {
-        check_configuration(resource, object)?;
-    }
-    if resource.builtin() == "services" && resource.group.is_empty() {
-        crate::services::default_and_validate(object)?;
-    }
-    Ok(())
-}
-
-/// Defaults and validates an APIService.
-fn check_api_service(resource: &Resource, object: &mut Value) -> Result<(), ApiError> {
-    crate::aggregated::default(object);
-    let causes = crate::aggregated::validate(object);
-    if causes.is_empty() {
-        return Ok(());
-    }
-    let name = object["metadata"]["name"].as_str().unwrap_or_default();
-    Err(ApiError::invalid(resource.group, resource.kind, name, causes))
-}
-
-/// Defaults and validates an admission webhook configuration.
-fn check_configuration(resource: &Resource, object: &mut Value) -> Result<(), ApiError> {
-    let causes = admission::prepare_configuration(resource, object);
-    if causes.is_empty() {
-        return Ok(());
-    }
-    let name = object["metadata"]["name"].as_str().unwrap_or_default();
-    Err(ApiError::invalid(resource.group, resource.kind, name, causes))
-}
-
-fn is_crds(resource: &Resource) -> bool {
-    resource.builtin() == "customresourcedefinitions" && resource.group == "apiextensions.k8s.io"
-}
-
-/// Defaults and validates a custom object by its definition's schema.
-fn validate_custom(
-    resource: &Resource,
-    custom: &registry::Custom,
-    object: &mut Value,
-    old: Option<&Value>,
-) -> Result<(), ApiError> {
-    crate::custom::default(custom, object);
-    let causes = crate::custom::validate(custom, object, old);
-    if causes.is_empty() {
-        return Ok(());
-    }
-    let name = object["metadata"]["name"].as_str().unwrap_or_default();
-    Err(ApiError::invalid(resource.group, resource.kind, name, causes))
-}
-
-/// After a write of a definition: serve what it defines now, from a watch cache that has seen
-/// the write (so the writer's next request finds the resource).
-async fn served_after_write(state: &ApiState, revision: i64) {
-    if state.custom.reflect(revision, Duration::from_secs(1)).await {
-        return;
-    }
-    if let Err(error) = crate::crd::refresh(state).await {
-        tracing::warn!(error = %error.message, "cannot read the CustomResourceDefinitions");
+    match update {
+        None => resource.strategy().validate_create(state, resource, object),
+        Some((view, old)) => resource.strategy().validate_update(state, resource, view, old, object),
     }
 }
 
@@ -381,235 +294,6 @@ fn apply_conflict(resource: &Resource, name: &str, conflicts: &[(String, String,
     error
 }
 
-/// Which part of an object a write addresses.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum View {
-    /// The object; its status is kept as it was when the resource has a status subresource.
-    Main,
-    /// `/status`: only the status (and labels) change.
-    Status,
-    /// `/scale`: an autoscaling/v1 Scale whose `spec.replicas` is the object's.
-    Scale,
-    /// A namespace's `spec.finalizers` (`namespaces/{name}/finalize`): how the namespace
-    /// controller lets a Terminating namespace go.
-    Finalize,
-    /// Spec and status at once: the server's own writes (a binding sets the node and the
-    /// PodScheduled condition).
-    Whole,
-    /// A pod's `spec.ephemeralContainers` (`pods/{name}/ephemeralcontainers`, what `kubectl
-    /// debug` writes): containers may be added, never changed or removed.
-    Ephemeral,
-}
-
-impl View {
-    pub(crate) fn from_subresource(resource: &Resource, subresource: Option<&str>) -> Result<View, ApiError> {
-        match subresource {
-            None => Ok(View::Main),
-            Some("status") if resource.has_status() => Ok(View::Status),
-            Some("scale") if resource.has_scale() => Ok(View::Scale),
-            Some("finalize") if resource.builtin() == "namespaces" => Ok(View::Finalize),
-            Some("ephemeralcontainers") if resource.builtin() == "pods" && resource.group.is_empty() => {
-                Ok(View::Ephemeral)
-            }
-            // A CSR's conditions (approval) live in its status, as its certificate does.
-            Some("approval") if resource.builtin() == "certificatesigningrequests" => Ok(View::Status),
-            Some(other) => Err(ApiError::not_found_path(&format!("{}/{other}", resource.plural))),
-        }
-    }
-
-    /// What a client reads and writes through this view of `object`.
-    pub(crate) fn project(self, resource: &Resource, object: &Value) -> Value {
-        match self {
-            View::Main | View::Status | View::Whole | View::Finalize | View::Ephemeral => object.clone(),
-            View::Scale if let Some(paths) = resource.custom.and_then(|c| c.scale.as_ref()) => {
-                // A custom resource's scale reads the paths its definition names.
-                let at = |path: &str| crate::custom::json_path(object, path).cloned().unwrap_or(Value::Null);
-                let mut status = json!({"replicas": at(&paths.status_replicas).as_i64().unwrap_or(0)});
-                if let Some(selector) = &paths.label_selector
-                    && let Some(selector) = at(selector).as_str()
-                {
-                    status["selector"] = json!(selector);
-                }
-                scale(object, at(&paths.spec_replicas).as_i64().unwrap_or(0), status)
-            }
-            View::Scale => {
-                let selector = crate::selector::selector_labels(&object["spec"]["selector"])
-                    .as_object()
-                    .map(|m| {
-                        m.iter().map(|(k, v)| format!("{k}={}", v.as_str().unwrap_or(""))).collect::<Vec<_>>().join(",")
-                    })
-                    .unwrap_or_default();
-                let status =
-                    json!({"replicas": object["status"]["replicas"].as_i64().unwrap_or(0), "selector": selector});
-                scale(object, object["spec"]["replicas"].as_i64().unwrap_or(1), status)
-            }
-        }
-    }
-
-    /// The object after a client wrote `written` through this view of `old`.
-    fn merge_back(self, resource: &Resource, old: &Value, written: Value) -> Result<Value, ApiError> {
-        let invalid_replicas = |message: String| {
-            let name = old["metadata"]["name"].as_str().unwrap_or("");
-            let cause = crate::status::Cause { reason: "FieldValueInvalid", message, field: "spec.replicas".into() };
-            ApiError::invalid("autoscaling", "Scale", name, vec![cause])
-        };
-        match self {
-            View::Main => {
-                let mut object = written;
-                if resource.has_status() {
-                    match old.get("status") {
-                        Some(status) => object["status"] = status.clone(),
-                        None => {
-                            if let Some(map) = object.as_object_mut() {
-                                map.remove("status");
-                            }
-                        }
-                    }
-                }
-                if resource.builtin() == "namespaces" {
-                    // Only `finalize` changes a namespace's finalizers (upstream's strategy).
-                    object["spec"]["finalizers"] = old["spec"]["finalizers"].clone();
-                }
-                if resource.builtin() == "pods" && resource.group.is_empty() {
-                    // Only `ephemeralcontainers` changes them.
-                    match old["spec"].get("ephemeralContainers") {
-                        Some(kept) => object["spec"]["ephemeralContainers"] = kept.clone(),
-                        None => {
-                            if let Some(spec) = object["spec"].as_object_mut() {
-                                spec.remove("ephemeralContainers");
-                            }
-                        }
-                    }
-                }
-                Ok(object)
-            }
-            View::Ephemeral => {
-                let name = old["metadata"]["name"].as_str().unwrap_or("");
-                let before = old["spec"]["ephemeralContainers"].as_array().cloned().unwrap_or_default();
-                let after = written["spec"]["ephemeralContainers"].as_array().cloned().unwrap_or_default();
-                let forbidden = |message: &str| {
-                    let cause = crate::status::Cause {
-                        reason: "FieldValueForbidden",
-                        message: format!("Forbidden: {message}"),
-                        field: "spec.ephemeralContainers".into(),
-                    };
-                    ApiError::invalid("", "Pod", name, vec![cause])
-                };
-                // Each container there before is still there, unchanged.
-                for container in &before {
-                    let same = after.iter().find(|c| c["name"] == container["name"]);
-                    match same {
-                        None => return Err(forbidden("existing ephemeral containers may not be removed")),
-                        Some(c) if c != container => {
-                            return Err(forbidden("existing ephemeral containers may not be changed"));
-                        }
-                        Some(_) => {}
-                    }
-                }
-                let taken: Vec<&Value> = old["spec"]["containers"]
-                    .as_array()
-                    .into_iter()
-                    .chain(old["spec"]["initContainers"].as_array())
-                    .flatten()
-                    .map(|c| &c["name"])
-                    .collect();
-                for (i, container) in after.iter().enumerate() {
-                    let field = format!("spec.ephemeralContainers[{i}]");
-                    let invalid = |reason: &'static str, message: String, field: String| {
-                        ApiError::invalid("", "Pod", name, vec![crate::status::Cause { reason, message, field }])
-                    };
-                    if container["name"].as_str().is_none_or(str::is_empty) {
-                        return Err(invalid("FieldValueRequired", "Required value".into(), format!("{field}.name")));
-                    }
-                    if taken.contains(&&container["name"])
-                        || after.iter().filter(|c| c["name"] == container["name"]).count() > 1
-                    {
-                        let message = format!("Duplicate value: {}", container["name"]);
-                        return Err(invalid("FieldValueDuplicate", message, format!("{field}.name")));
-                    }
-                    if container["image"].as_str().is_none_or(str::is_empty) {
-                        return Err(invalid("FieldValueRequired", "Required value".into(), format!("{field}.image")));
-                    }
-                }
-                let mut object = old.clone();
-                // Defaults, as a container of the pod gets them.
-                let mut defaulted = json!({"containers": after});
-                object::default_pod_spec(&mut defaulted);
-                object["spec"]["ephemeralContainers"] = defaulted["containers"].take();
-                Ok(object)
-            }
-            View::Finalize => {
-                let mut object = old.clone();
-                let finalizers = &written["spec"]["finalizers"];
-                if !(finalizers.is_null() || finalizers.as_array().is_some_and(|f| f.iter().all(Value::is_string))) {
-                    let name = old["metadata"]["name"].as_str().unwrap_or("");
-                    let cause = crate::status::Cause {
-                        reason: "FieldValueInvalid",
-                        message: "Invalid value: a list of finalizer names".into(),
-                        field: "spec.finalizers".into(),
-                    };
-                    return Err(ApiError::invalid("", "Namespace", name, vec![cause]));
-                }
-                object["spec"]["finalizers"] = finalizers.clone();
-                Ok(object)
-            }
-            View::Whole => Ok(written),
-            View::Status => {
-                let mut object = old.clone();
-                object["status"] = written.get("status").cloned().unwrap_or(Value::Null);
-                // Upstream's status strategies reset the spec, not the labels and annotations
-                // (but a Deployment's keeps its labels, and API priority and fairness objects
-                // their whole metadata).
-                let kept: &[&str] = match resource.builtin() {
-                    "deployments" => &["annotations"],
-                    "flowschemas" | "prioritylevelconfigurations" => &[],
-                    _ => &["labels", "annotations"],
-                };
-                for field in kept {
-                    if let Some(value) = written["metadata"].get(*field) {
-                        object["metadata"][*field] = value.clone();
-                    }
-                }
-                Ok(object)
-            }
-            View::Scale => {
-                let replicas = written["spec"]["replicas"]
-                    .as_i64()
-                    .ok_or_else(|| invalid_replicas("Required value: an integer".into()))?;
-                if replicas < 0 {
-                    return Err(invalid_replicas(format!(
-                        "Invalid value: {replicas}: must be greater than or equal to 0"
-                    )));
-                }
-                let mut object = old.clone();
-                match resource.custom.and_then(|c| c.scale.as_ref()) {
-                    Some(paths) => crate::custom::set_path(&mut object, &paths.spec_replicas, json!(replicas)),
-                    None => object["spec"]["replicas"] = json!(replicas),
-                }
-                Ok(object)
-            }
-        }
-    }
-}
-
-/// The autoscaling/v1 Scale of `object`.
-fn scale(object: &Value, replicas: i64, status: Value) -> Value {
-    let metadata = &object["metadata"];
-    json!({
-        "kind": "Scale",
-        "apiVersion": "autoscaling/v1",
-        "metadata": {
-            "name": metadata["name"],
-            "namespace": metadata["namespace"],
-            "uid": metadata["uid"],
-            "resourceVersion": metadata["resourceVersion"],
-            "creationTimestamp": metadata["creationTimestamp"],
-        },
-        "spec": {"replicas": replicas},
-        "status": status,
-    })
-}
-
 /// The read-modify-write loop every update and patch goes through: read the object, let
 /// `change` produce the new view from the current one, merge it back, validate, and write if
 /// the object did not change meanwhile (else read again). A `change` that fails (a stale
@@ -658,29 +342,10 @@ pub(crate) async fn modify(
             fields::record_update(&write.manager, &resource.api_version(), subresource, Some(&old), &mut object);
         }
         object::validate(resource, &object)?;
-        if let Some(custom) = resource.custom
-            && view != View::Whole
-        {
-            validate_custom(resource, custom, &mut object, Some(&old))?;
-        }
-        if is_crds(resource) && matches!(view, View::Main | View::Whole) {
-            crate::crd::prepare(&mut object, &state.custom.definitions(), Some(&old))?;
-        }
-        if resource.builtin() == "pods" && view == View::Main {
-            object::check_pod_update(&old, &object)?;
-        }
-        if resource.builtin() == "services" && view == View::Main {
-            crate::services::drop_type_dependent_fields(&old, &mut object);
-            crate::services::default_and_validate(&mut object)?;
-            if !write.dry_run {
-                crate::services::carry_over(state.store.as_ref(), state.service_cidr, &old, &mut object).await?;
-            }
-        }
-        if resource.group == crate::matching::GROUP && view == View::Main {
-            check_configuration(resource, &mut object)?;
-        }
-        if resource.group == crate::aggregated::GROUP && view == View::Main {
-            check_api_service(resource, &mut object)?;
+        let strategy = resource.strategy();
+        strategy.validate_update(state, resource, view, &old, &mut object)?;
+        if view == View::Main && !write.dry_run {
+            strategy.allocate_update(state, &old, &mut object).await?;
         }
         if write.admit && view != View::Whole {
             let attributes = crate::matching::Attributes {
@@ -696,7 +361,7 @@ pub(crate) async fn modify(
             };
             if matches!(view, View::Main | View::Status) {
                 if admission::mutate(state, &attributes, &mut object, write).await? {
-                    after_mutation(resource, &mut object, Some(&old))?;
+                    after_mutation(state, resource, &mut object, Some((view, &old)))?;
                 }
                 admission::validate(state, &attributes, Some(&object), write).await?;
             } else {
@@ -706,7 +371,7 @@ pub(crate) async fn modify(
                 admission::validate(state, &attributes, Some(&new), write).await?;
             }
         }
-        if view == View::Main && matches!(resource.builtin(), "pods" | "services" | "persistentvolumeclaims") {
+        if view == View::Main && strategy.quota_on_update() {
             crate::quota::admit(state, resource, &object, Some(&old), write.dry_run).await?;
         }
         if write.dry_run {
@@ -723,9 +388,7 @@ pub(crate) async fn modify(
         if finalized {
             return match state.store.delete(&key, Some(revision)).await {
                 Ok((deleted, _)) => {
-                    if is_crds(resource) {
-                        served_after_write(state, deleted).await;
-                    }
+                    strategy.after_write(state, deleted).await;
                     Ok(json_response(StatusCode::OK, &view.project(resource, &object)))
                 }
                 Err(StoreError::Conflict { .. }) => continue,
@@ -736,9 +399,7 @@ pub(crate) async fn modify(
         match state.store.update(&key, stored, revision).await {
             Ok(new_revision) => {
                 object["metadata"]["resourceVersion"] = json!(new_revision.to_string());
-                if is_crds(resource) {
-                    served_after_write(state, new_revision).await;
-                }
+                strategy.after_write(state, new_revision).await;
                 return Ok(json_response(StatusCode::OK, &view.project(resource, &object)));
             }
             Err(StoreError::Conflict { .. }) => continue,
@@ -846,9 +507,6 @@ const FOREGROUND: &str = "foregroundDeletion";
 
 const ORPHAN: &str = "orphan";
 
-/// Namespaces that may never be deleted.
-const PROTECTED_NAMESPACES: &[&str] = &["default", "kube-system", "kube-public"];
-
 /// The DeleteOptions of a DELETE: none, JSON, or protobuf (client-go's typed clients send
 /// their options in the content type they were made for).
 /// A DELETE's options: from its query (`?gracePeriodSeconds=30&propagationPolicy=Foreground`,
@@ -912,13 +570,8 @@ pub(crate) async fn delete_one(
     write: &Write,
 ) -> Result<(StatusCode, Value), ApiError> {
     let dry_run = write.dry_run;
-    if resource.builtin() == "namespaces" && PROTECTED_NAMESPACES.contains(&name) {
-        let mut error =
-            ApiError::bad_request(format!("namespaces \"{name}\" is forbidden: this namespace may not be deleted"));
-        error.code = 403;
-        error.reason = "Forbidden";
-        return Err(error);
-    }
+    let strategy = resource.strategy();
+    strategy.check_delete(name)?;
     for _ in 0..UPDATE_RETRIES {
         let (mut object, revision) = read_object(state, resource, namespace, name).await?;
         let preconditions = &options["preconditions"];
@@ -970,17 +623,10 @@ pub(crate) async fn delete_one(
                 )));
             }
         }
-        // A pod goes at once when no node runs it: unscheduled, or ended (upstream's
-        // CheckGracefulDelete), so no kubelet need confirm it.
-        let graceful_pod = resource.builtin() == "pods"
-            && object["spec"]["nodeName"].as_str().is_some_and(|n| !n.is_empty())
-            && !matches!(object["status"]["phase"].as_str(), Some("Succeeded" | "Failed"))
-            && grace.unwrap_or_else(|| object["spec"]["terminationGracePeriodSeconds"].as_i64().unwrap_or(30)) > 0;
+        let waits = strategy.delete_waits(&object, grace);
+        let graceful_pod = matches!(waits, DeleteWaits::Grace(_));
         let key = resource.key(namespace, name);
-        // A namespace waits for the namespace controller to empty it (`spec.finalizers`).
-        let namespace_content = resource.builtin() == "namespaces"
-            && object["spec"]["finalizers"].as_array().is_some_and(|f| !f.is_empty());
-        if !finalizers.is_empty() || graceful_pod || namespace_content {
+        if !finalizers.is_empty() || waits != DeleteWaits::Nothing {
             if object["metadata"]["deletionTimestamp"].is_string() && !graceful_pod {
                 return Ok((StatusCode::OK, object));
             }
@@ -988,16 +634,13 @@ pub(crate) async fn delete_one(
             if object["metadata"]["deletionTimestamp"].is_null() {
                 object["metadata"]["deletionTimestamp"] = json!(now);
             }
-            let grace_seconds = if graceful_pod {
-                grace.unwrap_or_else(|| object["spec"]["terminationGracePeriodSeconds"].as_i64().unwrap_or(30))
-            } else {
-                0
+            let grace_seconds = match waits {
+                DeleteWaits::Grace(seconds) => seconds,
+                _ => 0,
             };
             object["metadata"]["deletionGracePeriodSeconds"] = json!(grace_seconds);
             object["metadata"]["finalizers"] = Value::Array(finalizers);
-            if resource.builtin() == "namespaces" {
-                object["status"]["phase"] = json!("Terminating");
-            }
+            strategy.deleting(&mut object);
             if dry_run {
                 return Ok((StatusCode::OK, object));
             }
@@ -1017,9 +660,7 @@ pub(crate) async fn delete_one(
         }
         match state.store.delete(&key, Some(revision)).await {
             Ok(_) => {
-                if resource.builtin() == "services" {
-                    crate::services::release(state.store.as_ref(), &object).await;
-                }
+                strategy.after_delete(state, &object).await;
                 return Ok((StatusCode::OK, object));
             }
             Err(StoreError::Conflict { .. }) => continue,

@@ -791,3 +791,146 @@ fn equivalent_versions_are_reviewed_in_the_version_the_rules_name() {
         "{error}"
     );
 }
+
+const TYPED_POLICIES: &str = r#"
+apiVersion: apiextensions.k8s.io/v1
+kind: CustomResourceDefinition
+metadata: {name: crontabs.stable.example.com}
+spec:
+  group: stable.example.com
+  scope: Namespaced
+  names: {plural: crontabs, singular: crontab, kind: CronTab}
+  versions:
+  - name: v1
+    served: true
+    storage: true
+    schema:
+      openAPIV3Schema:
+        type: object
+        properties:
+          spec:
+            type: object
+            properties:
+              cronSpec: {type: string}
+              replicas: {type: integer}
+---
+apiVersion: admissionregistration.k8s.io/v1
+kind: ValidatingAdmissionPolicy
+metadata: {name: correct}
+spec:
+  matchConstraints:
+    resourceRules:
+    - {operations: [CREATE], apiGroups: [apps], apiVersions: [v1], resources: [deployments]}
+  variables:
+  - {name: containers, expression: "object.spec.template.spec.containers"}
+  validations:
+  - expression: "object.spec.replicas > 1 && variables.containers.all(c, c.image.contains(':'))"
+    messageExpression: "'wants replicas > 1, got ' + string(object.spec.replicas)"
+---
+apiVersion: admissionregistration.k8s.io/v1
+kind: ValidatingAdmissionPolicy
+metadata: {name: confused}
+spec:
+  matchConstraints:
+    resourceRules:
+    - {operations: [CREATE], apiGroups: [apps], apiVersions: [v1], resources: [deployments]}
+  validations:
+  - expression: "object.spec.replicas > '1'"
+    messageExpression: "'wants replicas > 1, got ' + object.spec.replicas"
+---
+apiVersion: admissionregistration.k8s.io/v1
+kind: ValidatingAdmissionPolicy
+metadata: {name: crontabs}
+spec:
+  matchConstraints:
+    resourceRules:
+    - {operations: [CREATE], apiGroups: [stable.example.com], apiVersions: [v1], resources: [crontabs]}
+  validations:
+  - expression: "object.spec.replicas > '1'"
+  - expression: "object.spec.maxRetries < 10"
+  - expression: "object.spec.cronSpec.startsWith('*') && object.metadata.name != ''"
+"#;
+
+/// Upstream's "should type check validation expressions" and "should type check a CRD"
+/// (test/e2e/apimachinery/validatingadmissionpolicy.go), with kubectl; and the cost limit.
+#[test]
+fn policies_are_type_checked_and_their_expressions_cost_limited() {
+    let server = TugboatServer::start(Path::new(env!("CARGO_BIN_EXE_tugboat")), &[]).expect("the server starts");
+    let (definition, policies) = TYPED_POLICIES.split_once("---").unwrap();
+    server.kubectl(&["apply", "-f", "-"], Some(definition));
+    server.kubectl(&["wait", "--for=condition=Established", "crd/crontabs.stable.example.com"], None);
+    server.kubectl(&["apply", "-f", "-"], Some(policies));
+    let status = |name: &str| -> Value {
+        let policy = server.kubectl(&["get", "validatingadmissionpolicy", name, "-o", "json"], None);
+        serde_json::from_str::<Value>(&policy).unwrap()["status"].clone()
+    };
+    let correct = status("correct");
+    assert_eq!(correct["typeChecking"], json!({}), "{correct}");
+    assert_eq!(correct["observedGeneration"], 1);
+
+    let warnings = status("confused")["typeChecking"]["expressionWarnings"].clone();
+    assert_eq!(warnings.as_array().map(Vec::len), Some(2), "{warnings}");
+    assert_eq!(warnings[0]["fieldRef"], "spec.validations[0].expression");
+    assert_eq!(
+        warnings[0]["warning"],
+        "apps/v1, Kind=Deployment: ERROR: <input>:1:22: found no matching overload for '_>_' applied to '(int, string)'\n | object.spec.replicas > '1'\n | .....................^\n"
+    );
+    assert_eq!(warnings[1]["fieldRef"], "spec.validations[0].messageExpression");
+    let warning = warnings[1]["warning"].as_str().unwrap();
+    assert!(warning.contains("found no matching overload for '_+_' applied to '(string, int)'"), "{warning}");
+
+    let warnings = status("crontabs")["typeChecking"]["expressionWarnings"].clone();
+    assert_eq!(warnings.as_array().map(Vec::len), Some(2), "{warnings}");
+    assert_eq!(warnings[0]["fieldRef"], "spec.validations[0].expression");
+    assert_eq!(warnings[1]["fieldRef"], "spec.validations[1].expression");
+    let warning = warnings[1]["warning"].as_str().unwrap();
+    assert!(
+        warning.starts_with("stable.example.com/v1, Kind=CronTab: ") && warning.contains("undefined field 'maxRetries'"),
+        "{warning}"
+    );
+    // A change of the spec is checked again (a new generation).
+    let fixed = policies.split("---").nth(1).unwrap().replace("> '1'", "> 1").replace("+ object.spec.replicas", "+ 'x'");
+    server.kubectl(&["apply", "-f", "-"], Some(&fixed));
+    let status = status("confused");
+    assert_eq!((status["observedGeneration"].clone(), status["typeChecking"].clone()), (json!(2), json!({})));
+
+    // An expression whose cost is over the per-call limit refuses (failurePolicy Fail).
+    let quadratic = r#"
+apiVersion: admissionregistration.k8s.io/v1
+kind: ValidatingAdmissionPolicy
+metadata: {name: quadratic}
+spec:
+  matchConstraints:
+    resourceRules:
+    - {operations: [CREATE], apiGroups: [""], apiVersions: [v1], resources: [configmaps]}
+  validations:
+  - expression: "!has(object.data) || object.data.all(k, object.data.all(j, k == j || k != j))"
+---
+apiVersion: admissionregistration.k8s.io/v1
+kind: ValidatingAdmissionPolicyBinding
+metadata: {name: quadratic}
+spec:
+  policyName: quadratic
+  validationActions: [Deny]
+  matchResources:
+    namespaceSelector: {matchLabels: {costly: "yes"}}
+"#;
+    server.kubectl(&["create", "namespace", "costly"], None);
+    server.kubectl(&["label", "namespace", "costly", "costly=yes"], None);
+    server.kubectl(&["apply", "-f", "-"], Some(quadratic));
+    let few: Vec<String> = (0..10).map(|i| format!("--from-literal=k{i}=v")).collect();
+    let many: Vec<String> = (0..500).map(|i| format!("--from-literal=k{i}=v")).collect();
+    let create = |name: &str, literals: &[String]| {
+        let mut args = vec!["create", "configmap", name, "-n", "costly"];
+        args.extend(literals.iter().map(String::as_str));
+        server.kubectl_fails_or_not(&args)
+    };
+    wait_for("the binding to take effect", || create(&format!("many-{}", unique()), &many).is_some());
+    let error = create("many", &many).expect("refused");
+    assert!(
+        error.contains("ValidatingAdmissionPolicy 'quadratic' with binding 'quadratic' denied request")
+            && error.contains("operation cancelled: actual cost limit exceeded"),
+        "{error}"
+    );
+    assert_eq!(create("few", &few), None, "ten keys cost little");
+}
