@@ -459,7 +459,7 @@ async fn route(
     }
     if path == "/openapi/v2" || path == "/openapi/v2/" {
         if accept.contains("protobuf") {
-            let mut response = Response::new(Body::from(crate::openapi_v2::protobuf()));
+            let mut response = Response::new(Body::from(crate::openapi_v2::protobuf_with(&state.custom.all())));
             response
                 .headers_mut()
                 .insert(header::CONTENT_TYPE, header::HeaderValue::from_static(crate::openapi_v2::PROTOBUF_MEDIA_TYPE));

@@ -225,22 +225,25 @@ pub fn swagger_with(custom: &[&'static Resource]) -> std::borrow::Cow<'static, V
     }
     let mut document = swagger().clone();
     for resource in custom {
-        let mut schema = custom_schema(resource, "#/definitions/");
-        // apiVersion, kind and metadata are the server's own, kept whatever the conversion drops.
-        let own: Vec<(&str, Value)> = ["apiVersion", "kind", "metadata"]
-            .into_iter()
-            .map(|field| (field, schema["properties"][field].take()))
-            .collect();
-        to_v2(&mut schema);
-        for (field, property) in own {
-            if !schema["properties"].is_object() {
-                schema["properties"] = json!({});
-            }
-            schema["properties"][field] = property;
-        }
-        document["definitions"][custom_definition_name(resource)] = schema;
+        document["definitions"][custom_definition_name(resource)] = custom_v2_schema(resource);
     }
     std::borrow::Cow::Owned(document)
+}
+
+/// A custom kind's definition as `/openapi/v2` publishes it (references to `#/definitions/`).
+pub fn custom_v2_schema(resource: &Resource) -> Value {
+    let mut schema = custom_schema(resource, "#/definitions/");
+    // apiVersion, kind and metadata are the server's own, kept whatever the conversion drops.
+    let own: Vec<(&str, Value)> =
+        ["apiVersion", "kind", "metadata"].into_iter().map(|field| (field, schema["properties"][field].take())).collect();
+    to_v2(&mut schema);
+    for (field, property) in own {
+        if !schema["properties"].is_object() {
+            schema["properties"] = json!({});
+        }
+        schema["properties"][field] = property;
+    }
+    schema
 }
 
 /// `/openapi/v2` in JSON: the definitions (clients that ask for protobuf get `openapi_v2`'s).

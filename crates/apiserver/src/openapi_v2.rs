@@ -1,6 +1,7 @@
 //! `/openapi/v2` as kubectl 1.27/1.28 read it: a gnostic `openapi.v2.Document` in protobuf. They
 //! need it for `apply` (is `fieldValidation` a parameter of the kind's PATCH?) and `explain`
-//! (the definitions, found by their `x-kubernetes-group-version-kind`). The messages below are
+//! (the definitions, found by their `x-kubernetes-group-version-kind`; later kubectls' too,
+//! with `--output=plaintext-openapiv2`). The custom kinds served now are appended. The messages below are
 //! the subset of gnostic's OpenAPIv2.proto the document uses, with its field numbers.
 
 use std::sync::OnceLock;
@@ -8,7 +9,7 @@ use std::sync::OnceLock;
 use prost::Message;
 use serde_json::Value;
 
-use crate::registry::RESOURCES;
+use crate::registry::{RESOURCES, Resource};
 
 #[derive(Clone, PartialEq, Message)]
 struct Document {
@@ -288,9 +289,10 @@ fn operation(id: String, parameters: &[&str], gvk: &Value) -> Operation {
     }
 }
 
-fn document() -> Document {
+/// The paths of resources: each object's, with the operations kubectl looks at.
+fn paths(resources: &[&Resource]) -> Vec<NamedPathItem> {
     let mut paths = Vec::new();
-    for resource in RESOURCES.iter().filter(|r| !r.is_review()) {
+    for resource in resources.iter().filter(|r| !r.is_review()) {
         let base = if resource.group.is_empty() {
             format!("/api/{}", resource.version)
         } else {
@@ -319,6 +321,11 @@ fn document() -> Document {
             }),
         });
     }
+    paths
+}
+
+fn document() -> Document {
+    let builtin: Vec<&Resource> = RESOURCES.iter().collect();
     let definitions = crate::schema::schemas()
         .definitions
         .iter()
@@ -330,7 +337,7 @@ fn document() -> Document {
             title: "Kubernetes".into(),
             version: crate::state::version()["gitVersion"].as_str().unwrap_or_default().into(),
         }),
-        paths: Some(Paths { path: paths }),
+        paths: Some(Paths { path: paths(&builtin) }),
         definitions: Some(Definitions { additional_properties: definitions }),
     }
 }
@@ -339,6 +346,31 @@ fn document() -> Document {
 pub fn protobuf() -> &'static [u8] {
     static ENCODED: OnceLock<Vec<u8>> = OnceLock::new();
     ENCODED.get_or_init(|| document().encode_to_vec())
+}
+
+/// The document with the paths and definitions of the custom resources served now. Protobuf
+/// merges a message encoded twice (its repeated fields appended), so the built-in kinds'
+/// encoding is reused as it is, followed by a document of the custom kinds alone.
+pub fn protobuf_with(custom: &[&'static Resource]) -> std::borrow::Cow<'static, [u8]> {
+    if custom.is_empty() {
+        return std::borrow::Cow::Borrowed(protobuf());
+    }
+    let definitions = custom
+        .iter()
+        .map(|resource| NamedSchema {
+            name: crate::openapi::custom_definition_name(resource),
+            value: Some(schema(&crate::openapi::custom_v2_schema(resource))),
+        })
+        .collect();
+    let custom_kinds = Document {
+        swagger: String::new(),
+        info: None,
+        paths: Some(Paths { path: paths(custom) }),
+        definitions: Some(Definitions { additional_properties: definitions }),
+    };
+    let mut encoded = protobuf().to_vec();
+    custom_kinds.encode(&mut encoded).expect("a Vec grows as needed");
+    std::borrow::Cow::Owned(encoded)
 }
 
 /// The media type kubectl asks for and checks (with dots, as upstream names it).
@@ -366,5 +398,34 @@ mod tests {
         let spec = pod.properties.as_ref().unwrap().additional_properties.iter().find(|p| p.name == "spec").unwrap();
         assert_eq!(spec.value.as_ref().unwrap().reference, "#/definitions/io.k8s.api.core.v1.PodSpec");
         assert!(pod.vendor_extension.iter().any(|e| e.name == "x-kubernetes-group-version-kind"));
+    }
+
+    #[test]
+    fn custom_kinds_are_appended_to_the_built_in_document() {
+        let crd = serde_json::json!({
+            "spec": {"group": "example.com", "scope": "Namespaced",
+                "names": {"plural": "widgets", "singular": "widget", "kind": "Widget", "listKind": "WidgetList"},
+                "versions": [{"name": "v1", "served": true, "storage": true, "schema": {"openAPIV3Schema": {
+                    "type": "object", "properties": {"spec": {"type": "object", "properties": {"size": {"type": "integer"}}}}}}}]},
+            "status": {"conditions": [{"type": "Established", "status": "True"}]},
+        });
+        let custom = crate::custom_kinds::resources_of(&crd);
+        assert_eq!(custom.len(), 1);
+        let document = Document::decode(protobuf_with(&custom).as_ref()).unwrap();
+        // The built-in document's fields are kept, the custom kind's added to its lists.
+        assert_eq!(document.swagger, "2.0");
+        let paths = document.paths.unwrap().path;
+        assert!(paths.iter().any(|p| p.name == "/api/v1/namespaces/{namespace}/pods/{name}"));
+        assert!(paths.iter().any(|p| p.name == "/apis/example.com/v1/namespaces/{namespace}/widgets/{name}"));
+        let definitions = document.definitions.unwrap().additional_properties;
+        assert!(definitions.iter().any(|d| d.name == "io.k8s.api.core.v1.Pod"));
+        let widget = definitions.iter().find(|d| d.name == "com.example.v1.Widget").unwrap().value.as_ref().unwrap();
+        let properties = &widget.properties.as_ref().unwrap().additional_properties;
+        let spec = properties.iter().find(|p| p.name == "spec").unwrap().value.as_ref().unwrap();
+        let size = &spec.properties.as_ref().unwrap().additional_properties[0];
+        assert_eq!((size.name.as_str(), size.value.as_ref().unwrap().r#type.as_ref().unwrap().value[0].as_str()), ("size", "integer"));
+        let metadata = properties.iter().find(|p| p.name == "metadata").unwrap().value.as_ref().unwrap();
+        assert_eq!(metadata.reference, "#/definitions/io.k8s.apimachinery.pkg.apis.meta.v1.ObjectMeta");
+        assert!(protobuf_with(&[]).len() == protobuf().len());
     }
 }

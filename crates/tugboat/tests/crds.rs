@@ -151,6 +151,9 @@ fn a_definition_serves_a_resource_that_kubectl_uses_like_a_built_in_one() {
     // as upstream does.
     let explained = server.kubectl(&["explain", "wg.spec"], None);
     assert!(explained.contains("KIND:       Widget") && explained.contains("size\t<integer>"), "{explained}");
+    // kubectl's OpenAPI v2 explain reads the protobuf document, which has the custom kinds too.
+    let explained = server.kubectl(&["explain", "wg.spec", "--output=plaintext-openapiv2"], None);
+    assert!(explained.contains("Widget") && explained.contains("size") && explained.contains("<integer>"), "{explained}");
     let (code, swagger) = server.curl("GET", "/openapi/v2", true, &[]);
     assert_eq!(code, 200);
     let swagger: serde_json::Value = serde_json::from_str(&swagger).unwrap();
