@@ -5,7 +5,7 @@ use std::sync::atomic::{AtomicI64, Ordering};
 
 use serde_json::{Value, json};
 
-use crate::registry::Resource;
+use crate::registry::{Resource, Strategy};
 use crate::status::{ApiError, Cause};
 
 /// Decodes a request body: JSON, or YAML when the content type says so.
@@ -211,7 +211,7 @@ fn check_string_map(object: &Value, path: &str, causes: &mut Vec<Cause>) {
     }
 }
 
-/// Validation of what every object shares, plus the few per-kind rules of this increment.
+/// Validation of what every object shares, and its kind's (`Strategy::validate_fields`).
 pub fn validate(resource: &Resource, object: &Value) -> Result<(), ApiError> {
     let mut causes = Vec::new();
     let name = object["metadata"]["name"].as_str().unwrap_or("");
@@ -231,42 +231,116 @@ pub fn validate(resource: &Resource, object: &Value) -> Result<(), ApiError> {
     }
     check_string_map(object, "labels", &mut causes);
     check_string_map(object, "annotations", &mut causes);
-    if resource.builtin() == "pods" {
-        validate_pod_spec(&object["spec"], "spec", &mut causes);
-    }
-    if resource.builtin() == "networkpolicies" {
-        validate_network_policy(&object["spec"], &mut causes);
-    }
-    if resource.group.is_empty() && matches!(resource.builtin(), "configmaps" | "secrets") {
-        validate_config_keys(object, &mut causes);
-    }
-    if resource.builtin() == "horizontalpodautoscalers" {
-        let spec = &object["spec"];
-        let mut cause = |reason: &'static str, field: &str, message: String| {
-            causes.push(Cause { reason, message, field: field.into() });
-        };
-        for key in ["kind", "name"] {
-            if spec["scaleTargetRef"][key].as_str().is_none_or(str::is_empty) {
-                cause("FieldValueRequired", &format!("spec.scaleTargetRef.{key}"), "Required value".into());
-            }
-        }
-        let (min, max) = (spec["minReplicas"].as_i64().unwrap_or(1), spec["maxReplicas"].as_i64().unwrap_or(0));
-        if min < 1 {
-            cause(
-                "FieldValueInvalid",
-                "spec.minReplicas",
-                format!("Invalid value: {min}: must be greater than or equal to 1"),
-            );
-        }
-        if max < min.max(1) {
-            cause(
-                "FieldValueInvalid",
-                "spec.maxReplicas",
-                format!("Invalid value: {max}: must be greater than or equal to `minReplicas`"),
-            );
-        }
-    }
+    resource.strategy().validate_fields(object, &mut causes);
     if causes.is_empty() { Ok(()) } else { Err(ApiError::invalid(resource.group, resource.kind, name, causes)) }
+}
+
+/// An HPA's target and replica bounds, as upstream validates them.
+fn validate_autoscaler(object: &Value, causes: &mut Vec<Cause>) {
+    let spec = &object["spec"];
+    let mut cause = |reason: &'static str, field: &str, message: String| {
+        causes.push(Cause { reason, message, field: field.into() });
+    };
+    for key in ["kind", "name"] {
+        if spec["scaleTargetRef"][key].as_str().is_none_or(str::is_empty) {
+            cause("FieldValueRequired", &format!("spec.scaleTargetRef.{key}"), "Required value".into());
+        }
+    }
+    let (min, max) = (spec["minReplicas"].as_i64().unwrap_or(1), spec["maxReplicas"].as_i64().unwrap_or(0));
+    if min < 1 {
+        cause(
+            "FieldValueInvalid",
+            "spec.minReplicas",
+            format!("Invalid value: {min}: must be greater than or equal to 1"),
+        );
+    }
+    if max < min.max(1) {
+        cause(
+            "FieldValueInvalid",
+            "spec.maxReplicas",
+            format!("Invalid value: {max}: must be greater than or equal to `minReplicas`"),
+        );
+    }
+}
+
+/// The per-kind steps of `prepare_create`, `prepare_update` and `validate` (upstream's
+/// strategies' PrepareForCreate, PrepareForUpdate and Validate); the write path's other
+/// per-kind steps are in `strategy.rs`.
+impl Strategy {
+    /// Kind-specific fields of an object the server sets on create (after defaults).
+    fn prepare_create(self, object: &mut Value) {
+        match self {
+            Strategy::Namespaces => {
+                object["spec"] = json!({"finalizers": ["kubernetes"]});
+                object["status"] = json!({"phase": "Active"});
+            }
+            Strategy::PersistentVolumes | Strategy::PersistentVolumeClaims => {
+                object["status"] = json!({"phase": "Pending"});
+            }
+            Strategy::Pods if object["spec"].is_object() => {
+                add_default_tolerations(&mut object["spec"]);
+                let qos = qos_class(&object["spec"]);
+                object["status"] = json!({"phase": "Pending", "qosClass": qos});
+            }
+            _ => {}
+        }
+    }
+
+    /// Kind-specific rules of an update (after defaults): what may not change.
+    fn prepare_update(self, resource: &Resource, old: &Value, object: &Value) -> Result<(), ApiError> {
+        let name = old["metadata"]["name"].as_str().unwrap_or_default();
+        let mut causes = Vec::new();
+        match self {
+            // An immutable ConfigMap or Secret keeps its data and stays immutable.
+            Strategy::KeyedData if old["immutable"] == json!(true) => {
+                let forbidden = |field: &str| Cause {
+                    reason: "FieldValueForbidden",
+                    message: "Forbidden: field is immutable when `immutable` is set".into(),
+                    field: field.into(),
+                };
+                if object["immutable"] != json!(true) {
+                    causes.push(forbidden("immutable"));
+                }
+                for field in ["data", "binaryData"] {
+                    let empty = |v: &Value| v.is_null() || v.as_object().is_some_and(|m| m.is_empty());
+                    let (before, after) = (&old[field], &object[field]);
+                    if before != after && !(empty(before) && empty(after)) {
+                        causes.push(forbidden(field));
+                    }
+                }
+            }
+            // A PriorityClass's value and preemption policy are fixed once made (upstream's words).
+            Strategy::PriorityClasses => {
+                if object["value"] != old["value"] {
+                    causes.push(Cause {
+                        reason: "FieldValueForbidden",
+                        message: "Forbidden: may not be changed in an update.".into(),
+                        field: "value".into(),
+                    });
+                }
+                if object["preemptionPolicy"] != old["preemptionPolicy"] {
+                    causes.push(Cause {
+                        reason: "FieldValueInvalid",
+                        message: format!("Invalid value: {}: field is immutable", object["preemptionPolicy"]),
+                        field: "preemptionPolicy".into(),
+                    });
+                }
+            }
+            _ => {}
+        }
+        if causes.is_empty() { Ok(()) } else { Err(ApiError::invalid(resource.group, resource.kind, name, causes)) }
+    }
+
+    /// Kind-specific validation of an object's fields.
+    fn validate_fields(self, object: &Value, causes: &mut Vec<Cause>) {
+        match self {
+            Strategy::Pods => validate_pod_spec(&object["spec"], "spec", causes),
+            Strategy::NetworkPolicies => validate_network_policy(&object["spec"], causes),
+            Strategy::KeyedData => validate_config_keys(object, causes),
+            Strategy::HorizontalPodAutoscalers => validate_autoscaler(object, causes),
+            _ => {}
+        }
+    }
 }
 
 /// A ConfigMap's or Secret's keys (`data`, `binaryData`, `stringData`), as upstream's
@@ -495,19 +569,8 @@ pub fn prepare_create(resource: &Resource, namespace: Option<&str>, object: &mut
     {
         map.remove("status");
     }
-    if resource.builtin() == "namespaces" {
-        object["spec"] = json!({"finalizers": ["kubernetes"]});
-        object["status"] = json!({"phase": "Active"});
-    }
-    if matches!(resource.builtin(), "persistentvolumes" | "persistentvolumeclaims") {
-        object["status"] = json!({"phase": "Pending"});
-    }
     apply_defaults(resource, object);
-    if resource.builtin() == "pods" && object["spec"].is_object() {
-        add_default_tolerations(&mut object["spec"]);
-        let qos = qos_class(&object["spec"]);
-        object["status"] = json!({"phase": "Pending", "qosClass": qos});
-    }
+    resource.strategy().prepare_create(object);
     Ok(())
 }
 
@@ -847,55 +910,8 @@ pub fn prepare_update(resource: &Resource, old: &Value, object: &mut Value) -> R
         object["metadata"]["namespace"] = namespace.clone();
     }
     object["metadata"].as_object_mut().expect("checked").remove("resourceVersion");
-    // An immutable ConfigMap or Secret keeps its data and stays immutable.
-    if resource.group.is_empty()
-        && matches!(resource.builtin(), "configmaps" | "secrets")
-        && old["immutable"] == json!(true)
-    {
-        let name = old["metadata"]["name"].as_str().unwrap_or_default();
-        let forbidden = |field: &str| Cause {
-            reason: "FieldValueForbidden",
-            message: "Forbidden: field is immutable when `immutable` is set".into(),
-            field: field.into(),
-        };
-        let mut causes = Vec::new();
-        if object["immutable"] != json!(true) {
-            causes.push(forbidden("immutable"));
-        }
-        for field in ["data", "binaryData"] {
-            let empty = |v: &Value| v.is_null() || v.as_object().is_some_and(|m| m.is_empty());
-            let (before, after) = (&old[field], &object[field]);
-            if before != after && !(empty(before) && empty(after)) {
-                causes.push(forbidden(field));
-            }
-        }
-        if !causes.is_empty() {
-            return Err(ApiError::invalid("", resource.kind, name, causes));
-        }
-    }
     apply_defaults(resource, object);
-    // A PriorityClass's value and preemption policy are fixed once made (upstream's words).
-    if resource.group == "scheduling.k8s.io" && resource.builtin() == "priorityclasses" {
-        let mut causes = Vec::new();
-        if object["value"] != old["value"] {
-            causes.push(Cause {
-                reason: "FieldValueForbidden",
-                message: "Forbidden: may not be changed in an update.".into(),
-                field: "value".into(),
-            });
-        }
-        if object["preemptionPolicy"] != old["preemptionPolicy"] {
-            causes.push(Cause {
-                reason: "FieldValueInvalid",
-                message: format!("Invalid value: {}: field is immutable", object["preemptionPolicy"]),
-                field: "preemptionPolicy".into(),
-            });
-        }
-        if !causes.is_empty() {
-            let name = old["metadata"]["name"].as_str().unwrap_or_default();
-            return Err(ApiError::invalid(resource.group, resource.kind, name, causes));
-        }
-    }
+    resource.strategy().prepare_update(resource, old, object)?;
     if resource.has_generation() {
         let generation = old["metadata"]["generation"].as_i64().unwrap_or(1);
         // A custom object's generation follows everything but its metadata and status.

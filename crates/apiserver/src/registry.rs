@@ -42,7 +42,13 @@ pub enum Strategy {
     Namespaces,
     Pods,
     Services,
+    PersistentVolumes,
     PersistentVolumeClaims,
+    /// ConfigMaps and Secrets: keyed data, immutable when they say so.
+    KeyedData,
+    NetworkPolicies,
+    HorizontalPodAutoscalers,
+    PriorityClasses,
     /// CustomResourceDefinitions.
     Definitions,
     /// Webhook configurations and policy bindings.
@@ -745,7 +751,12 @@ impl Resource {
             ("", "namespaces") => Strategy::Namespaces,
             ("", "pods") => Strategy::Pods,
             ("", "services") => Strategy::Services,
+            ("", "persistentvolumes") => Strategy::PersistentVolumes,
             ("", "persistentvolumeclaims") => Strategy::PersistentVolumeClaims,
+            ("", "configmaps" | "secrets") => Strategy::KeyedData,
+            ("networking.k8s.io", "networkpolicies") => Strategy::NetworkPolicies,
+            ("autoscaling", "horizontalpodautoscalers") => Strategy::HorizontalPodAutoscalers,
+            ("scheduling.k8s.io", "priorityclasses") => Strategy::PriorityClasses,
             ("apiextensions.k8s.io", "customresourcedefinitions") => Strategy::Definitions,
             ("admissionregistration.k8s.io", "validatingadmissionpolicies") => Strategy::Policies,
             ("admissionregistration.k8s.io", _) => Strategy::AdmissionConfigurations,

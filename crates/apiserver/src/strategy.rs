@@ -507,7 +507,9 @@ mod tests {
     #[test]
     fn each_kind_has_its_strategy_and_subresource_views() {
         assert_eq!(strategy("", "pods"), Strategy::Pods);
-        assert_eq!(strategy("", "configmaps"), Strategy::Plain);
+        assert_eq!(strategy("", "configmaps"), Strategy::KeyedData);
+        assert_eq!(strategy("", "serviceaccounts"), Strategy::Plain);
+        assert_eq!(strategy("autoscaling", "horizontalpodautoscalers"), Strategy::HorizontalPodAutoscalers);
         assert_eq!(strategy("apps", "deployments"), Strategy::Deployments);
         assert_eq!(strategy("admissionregistration.k8s.io", "validatingadmissionpolicies"), Strategy::Policies);
         assert_eq!(strategy("admissionregistration.k8s.io", "mutatingwebhookconfigurations"), Strategy::AdmissionConfigurations);
