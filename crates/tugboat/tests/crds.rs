@@ -501,3 +501,83 @@ spec:
         "{error}"
     );
 }
+
+const SCALED: &str = r#"
+apiVersion: apiextensions.k8s.io/v1
+kind: CustomResourceDefinition
+metadata: {name: crontabs.stable.example.com}
+spec:
+  group: stable.example.com
+  scope: Namespaced
+  names: {plural: crontabs, singular: crontab, kind: CronTab}
+  versions:
+  - name: v1
+    served: true
+    storage: true
+    subresources:
+      status: {}
+      scale: {specReplicasPath: .spec.replicas, statusReplicasPath: .status.replicas, labelSelectorPath: .status.selector}
+    schema:
+      openAPIV3Schema:
+        type: object
+        properties:
+          spec: {type: object, properties: {replicas: {type: integer}}}
+          status: {type: object, properties: {replicas: {type: integer}, selector: {type: string}}}
+"#;
+
+/// An HPA on a custom resource (upstream's "Should scale with a CRD targetRef"): the autoscaler
+/// reads the target's `/scale` (found by discovery), finds its pods by the Scale's selector, and
+/// scales it through `/scale`; a target below the autoscaler's minimum is brought up to it
+/// whatever the metrics, as upstream does.
+#[test]
+fn an_autoscaler_scales_a_custom_resource_through_its_scale_subresource() {
+    let server = server();
+    server.kubectl(&["apply", "-f", "-"], Some(SCALED));
+    server.kubectl(&["wait", "--for=condition=Established", "crd/crontabs.stable.example.com", "--timeout=30s"], None);
+    let crontab = "apiVersion: stable.example.com/v1\nkind: CronTab\nmetadata: {name: nightly}\nspec: {replicas: 1}\n";
+    server.kubectl(&["apply", "-f", "-"], Some(crontab));
+    server.kubectl(
+        &["patch", "crontab", "nightly", "--subresource=status", "--type=merge", "-p", r#"{"status":{"replicas":1,"selector":"app=nightly"}}"#],
+        None,
+    );
+    let hpa = r#"
+apiVersion: autoscaling/v2
+kind: HorizontalPodAutoscaler
+metadata: {name: nightly}
+spec:
+  scaleTargetRef: {apiVersion: stable.example.com/v1, kind: CronTab, name: nightly}
+  minReplicas: 3
+  maxReplicas: 5
+  metrics:
+  - type: Resource
+    resource: {name: cpu, target: {type: Utilization, averageUtilization: 50}}
+"#;
+    server.kubectl(&["apply", "-f", "-"], Some(hpa));
+    eventually("the autoscaler to scale the custom resource to its minimum", || {
+        server.kubectl(&["get", "crontab", "nightly", "-o", "jsonpath={.spec.replicas}"], None) == "3"
+    });
+    let scale = server.kubectl(&["get", "--raw", "/apis/stable.example.com/v1/namespaces/default/crontabs/nightly/scale"], None);
+    let scale: serde_json::Value = serde_json::from_str(&scale).unwrap();
+    assert_eq!((scale["spec"]["replicas"].as_i64(), scale["status"]["selector"].as_str()), (Some(3), Some("app=nightly")));
+    // Upstream's words for the rescale, in an Event; the status says the scale can be read.
+    eventually("the rescale's event", || {
+        let events = server.kubectl(
+            &["get", "events", "--field-selector", "involvedObject.kind=HorizontalPodAutoscaler", "-o", "jsonpath={.items[*].message}"],
+            None,
+        );
+        events.contains("New size: 3; reason: Current number of replicas below Spec.MinReplicas")
+    });
+    eventually("the autoscaler's status to say it can read the scale", || {
+        let conditions = server.kubectl(&["get", "hpa", "nightly", "-o", "jsonpath={.status.conditions}"], None);
+        conditions.contains("SucceededGetScale") || conditions.contains("SucceededRescale")
+    });
+    // A target without a selector in its scale cannot be autoscaled: the status says why.
+    let bare = crontab.replace("nightly", "bare");
+    server.kubectl(&["apply", "-f", "-"], Some(&bare));
+    server.kubectl(&["apply", "-f", "-"], Some(&hpa.replace("nightly", "bare")));
+    eventually("the autoscaler to report the missing selector", || {
+        let conditions = server.kubectl(&["get", "hpa", "bare", "-o", "jsonpath={.status.conditions}"], None);
+        conditions.contains("FailedGetScale") && conditions.contains("has no selector")
+    });
+    assert_eq!(server.kubectl(&["get", "crontab", "bare", "-o", "jsonpath={.spec.replicas}"], None), "1");
+}

@@ -1,14 +1,16 @@
 //! The horizontal pod autoscaler: every 15 s (and when an autoscaler changes), each
-//! HorizontalPodAutoscaler's target (Deployment, ReplicaSet or StatefulSet) is scaled to what
-//! its pods' usage asks for (`metrics.k8s.io`, as upstream reads it from metrics-server), and
-//! its status says what was seen.
+//! HorizontalPodAutoscaler's target (a Deployment, ReplicaSet or StatefulSet, or any resource
+//! with a `/scale` subresource — a custom resource's — whose Scale names its pods by
+//! `status.selector`) is scaled to what its pods' usage asks for (`metrics.k8s.io`, as upstream
+//! reads it from metrics-server), and kept within the autoscaler's bounds; its status says
+//! what was seen.
 
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::apps::v1::{Deployment, ReplicaSet, StatefulSet};
-use k8s_openapi::api::autoscaling::v2::{HorizontalPodAutoscaler, MetricSpec};
+use k8s_openapi::api::autoscaling::v2::{CrossVersionObjectReference, HorizontalPodAutoscaler, MetricSpec};
 use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 use kube::api::{Api, DynamicObject, Patch, PatchParams};
@@ -19,6 +21,7 @@ use tokio::sync::Notify;
 use super::{Hub, ready};
 use crate::autoscaler;
 use crate::pods::{is_ready, selector_matches};
+use tugboat_objects::labels::Selector;
 
 /// `--horizontal-pod-autoscaler-sync-period`.
 const SYNC: Duration = Duration::from_secs(15);
@@ -114,15 +117,32 @@ fn read(metric: &MetricSpec, current: i32, pods: &[&Pod], metrics: &HashMap<Stri
     Some(Reading { status, replicas })
 }
 
+/// Which pods a target's replicas are: its spec's selector, or the text of its Scale's.
+enum PodSelector {
+    Spec(LabelSelector),
+    Scale(Selector),
+}
+
+impl PodSelector {
+    fn matches(&self, pod: &Pod) -> bool {
+        match self {
+            PodSelector::Spec(selector) => selector_matches(selector, pod.metadata.labels.as_ref()),
+            PodSelector::Scale(selector) => {
+                let labels = pod.metadata.labels.as_ref();
+                selector.matches_with(|key| labels.and_then(|l| l.get(key)).map(String::as_str))
+            }
+        }
+    }
+}
+
 /// The target's replicas and selector, and an API for its scale.
 async fn target(
     client: &kube::Client,
     namespace: &str,
-    kind: &str,
-    name: &str,
+    reference: &CrossVersionObjectReference,
 ) -> anyhow::Result<(
     i32,
-    LabelSelector,
+    PodSelector,
     Box<dyn Fn(i32) -> futures::future::BoxFuture<'static, kube::Result<()>> + Send>,
 )> {
     fn scaler<K>(
@@ -130,7 +150,7 @@ async fn target(
         name: String,
     ) -> Box<dyn Fn(i32) -> futures::future::BoxFuture<'static, kube::Result<()>> + Send>
     where
-        K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug + Send + Sync + 'static,
+        K: Clone + serde::de::DeserializeOwned + std::fmt::Debug + Send + Sync + 'static,
     {
         Box::new(move |replicas| {
             let (api, name) = (api.clone(), name.clone());
@@ -140,27 +160,43 @@ async fn target(
             })
         })
     }
-    let name = name.to_string();
-    match kind {
-        "Deployment" => {
+    let name = reference.name.clone();
+    let api_version = reference.api_version.as_deref().unwrap_or("v1");
+    let (group, version) = api_version.rsplit_once('/').unwrap_or(("", api_version));
+    match (group, reference.kind.as_str()) {
+        ("apps", "Deployment") => {
             let api: Api<Deployment> = Api::namespaced(client.clone(), namespace);
             let d = api.get(&name).await?;
             let spec = d.spec.unwrap_or_default();
-            Ok((spec.replicas.unwrap_or(1), spec.selector, scaler(api, name)))
+            Ok((spec.replicas.unwrap_or(1), PodSelector::Spec(spec.selector), scaler(api, name)))
         }
-        "ReplicaSet" => {
+        ("apps", "ReplicaSet") => {
             let api: Api<ReplicaSet> = Api::namespaced(client.clone(), namespace);
             let r = api.get(&name).await?;
             let spec = r.spec.unwrap_or_default();
-            Ok((spec.replicas.unwrap_or(1), spec.selector, scaler(api, name)))
+            Ok((spec.replicas.unwrap_or(1), PodSelector::Spec(spec.selector), scaler(api, name)))
         }
-        "StatefulSet" => {
+        ("apps", "StatefulSet") => {
             let api: Api<StatefulSet> = Api::namespaced(client.clone(), namespace);
             let s = api.get(&name).await?;
             let spec = s.spec.unwrap_or_default();
-            Ok((spec.replicas.unwrap_or(1), spec.selector, scaler(api, name)))
+            Ok((spec.replicas.unwrap_or(1), PodSelector::Spec(spec.selector), scaler(api, name)))
         }
-        other => anyhow::bail!("the autoscaler cannot scale a {other}"),
+        // Anything else through its `/scale` (upstream reads every target so): the resource
+        // found by discovery, the pods by the Scale's selector.
+        (group, kind) => {
+            let gvk = GroupVersionKind::gvk(group, version, kind);
+            let (resource, _) = kube::discovery::pinned_kind(client, &gvk).await?;
+            let api: Api<DynamicObject> = Api::namespaced_with(client.clone(), namespace, &resource);
+            let scale = api.get_scale(&name).await?;
+            let replicas = scale.spec.and_then(|s| s.replicas).unwrap_or(0);
+            let text = scale.status.and_then(|s| s.selector).unwrap_or_default();
+            if text.is_empty() {
+                anyhow::bail!("the {kind} {name:?} has no selector in its scale (its labelSelectorPath)");
+            }
+            let selector = Selector::parse(&text).map_err(anyhow::Error::msg)?;
+            Ok((replicas, PodSelector::Scale(selector), scaler(api, name)))
+        }
     }
 }
 
@@ -204,7 +240,7 @@ async fn reconcile(
         }
     };
     let reference = &spec.scale_target_ref;
-    let (current, selector, scale) = match target(client, &namespace, &reference.kind, &reference.name).await {
+    let (current, selector, scale) = match target(client, &namespace, reference).await {
         Ok(found) => found,
         Err(error) => {
             let message = format!("the HPA controller was unable to get the target's current scale: {error:#}");
@@ -217,7 +253,7 @@ async fn reconcile(
         .map(|p| &**p)
         .filter(|p| p.metadata.namespace.as_deref() == Some(namespace.as_str()))
         .filter(|p| p.metadata.deletion_timestamp.is_none())
-        .filter(|p| selector_matches(&selector, p.metadata.labels.as_ref()))
+        .filter(|p| selector.matches(p))
         .collect();
     let resource =
         ApiResource::from_gvk_with_plural(&GroupVersionKind::gvk("metrics.k8s.io", "v1beta1", "PodMetrics"), "pods");
@@ -245,6 +281,28 @@ async fn reconcile(
             "scaling is disabled since the replica count of the target is zero",
         );
         status_patch(json!({"currentReplicas": 0, "desiredReplicas": 0, "conditions": [off]})).await?;
+        return Ok(());
+    }
+    if readings.is_empty() && (current < min || current > max) {
+        // Out of the autoscaler's bounds: brought back whatever the metrics (upstream's
+        // "Current number of replicas below Spec.MinReplicas").
+        let (desired, reason, why) = if current < min {
+            (min, "TooFewReplicas", "Current number of replicas below Spec.MinReplicas")
+        } else {
+            (max, "TooManyReplicas", "Current number of replicas above Spec.MaxReplicas")
+        };
+        scale(desired).await?;
+        tracing::info!(hpa = %name, namespace = %namespace, from = current, to = desired, "autoscaled to its bounds");
+        let message = format!("New size: {desired}; reason: {why}");
+        super::event(client, hpa, "Normal", "SuccessfulRescale", &message, "horizontal-pod-autoscaler").await;
+        let conditions = [
+            condition("AbleToScale", true, "SucceededRescale", "the HPA controller was able to update the target scale"),
+            condition("ScalingLimited", true, reason, "the desired replica count is out of the autoscaler's bounds"),
+        ];
+        let status = json!({"observedGeneration": hpa.metadata.generation, "currentReplicas": current,
+                            "desiredReplicas": desired, "lastScaleTime": jiff::Timestamp::now().to_string(),
+                            "conditions": conditions});
+        status_patch(status).await?;
         return Ok(());
     }
     let Some(recommended) = readings.iter().map(|r| r.replicas).max() else {
