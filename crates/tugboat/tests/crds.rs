@@ -4,8 +4,9 @@
 //! to the paths the definition names, values an update leaves as they were are not judged again
 //! by a schema tightened since (ratcheting), a resource named like a built-in one (`pods` of
 //! `example.com`) meets none of the built-in kind's rules, a second
-//! version serves the same objects, CEL rules run within upstream's runtime cost budget, and
-//! deleting the definition deletes its objects first.
+//! version serves the same objects, CEL rules run within upstream's runtime cost budget,
+//! deleting the definition deletes its objects first, and an autoscaler scales a custom
+//! resource through its `/scale`.
 
 use std::path::Path;
 
