@@ -481,9 +481,10 @@ pub fn type_check(state: &ApiState, policy: &Value) -> Value {
             .filter_map(move |(key, e)| Some((format!("spec.validations[{i}].{key}"), e.as_str()?)))
             .filter(|(_, e)| !e.trim().is_empty())
     });
-    for (field_ref, expression) in expressions {
-        let mut found = Vec::new();
-        for (gvk, schema) in &kinds {
+    // One environment per kind, its variables typed once (each sees those before it).
+    let envs: Vec<(&str, cel_check::Env<'_>)> = kinds
+        .iter()
+        .map(|(gvk, schema)| {
             let object = cel_check::of_schema(schema.schema(), true);
             let mut env = cel_check::Env {
                 variables: vec![
@@ -500,7 +501,6 @@ pub fn type_check(state: &ApiState, policy: &Value) -> Value {
             if let Some(params) = &params_kind {
                 env.variables.push(("params".into(), cel_check::of_schema(params.schema(), true)));
             }
-            // Each variable has the type of its expression, which sees those before it.
             let mut variables: Vec<(String, Type<'_>)> = Vec::new();
             for variable in spec["variables"].as_array().into_iter().flatten() {
                 env.variables.retain(|(n, _)| n != "variables");
@@ -511,7 +511,13 @@ pub fn type_check(state: &ApiState, policy: &Value) -> Value {
             }
             env.variables.retain(|(n, _)| n != "variables");
             env.variables.push(("variables".into(), Type::Record(Arc::new(variables))));
-            let (_, issues) = cel_check::check(expression, &env);
+            (gvk.as_str(), env)
+        })
+        .collect();
+    for (field_ref, expression) in expressions {
+        let mut found = Vec::new();
+        for (gvk, env) in &envs {
+            let (_, issues) = cel_check::check(expression, env);
             if !issues.is_empty() {
                 found.push(format!("{gvk}: {issues}\n"));
             }
