@@ -47,6 +47,14 @@ struct Args {
     /// stand-in.
     #[arg(long)]
     nnp: Option<PathBuf>,
+    /// The resource consumer (static, `test/images/resource-consumer`) and its CPU burner
+    /// (`consume-cpu`), built from the same tree: the resource-consumer image the autoscaling
+    /// specs load, as upstream's (`/consumer`, `/consume-cpu/consume-cpu`). Without them,
+    /// that image is an agnhost stand-in.
+    #[arg(long)]
+    consumer: Option<PathBuf>,
+    #[arg(long)]
+    consume_cpu: Option<PathBuf>,
     /// A static busybox built from upstream's source (the version upstream's busybox image
     /// has, 1.36.1): the busybox image's. Without it, Debian's, with bash as its `sh`.
     #[arg(long)]
@@ -122,6 +130,8 @@ enum Layer {
     Etcd,
     /// nonewprivs at `/usr/local/bin/nnp`, setuid root: it prints its effective uid.
     Nnp,
+    /// The resource consumer at `/consumer`, which runs `./consume-cpu/consume-cpu` from `/`.
+    ResourceConsumer,
 }
 
 /// How an image of the suite is made here: its entrypoint, command and layer. `None` for the
@@ -158,6 +168,9 @@ fn recipe(args: &Args, name: &str) -> Option<Recipe> {
         }
         "etcd" if args.etcd.is_some() => (&["/usr/local/bin/etcd"], &[], Layer::Etcd),
         "nonewprivs" if args.nnp.is_some() => (&[], &["nnp"], Layer::Nnp),
+        "resource-consumer" if args.consumer.is_some() && args.consume_cpu.is_some() => {
+            (&["/consumer"], &[], Layer::ResourceConsumer)
+        }
         _ => (&["/agnhost"], &["pause"], Layer::Agnhost),
     })
 }
@@ -259,6 +272,14 @@ fn make_images(args: &Args, names: &[String], dir: &Path) -> anyhow::Result<usiz
                 let path = args.nnp.as_deref().expect("the recipe needs it");
                 let binary = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
                 image::busybox_layer(&[("usr/local/bin/nnp", &binary, 0o4755)])?
+            }
+            Layer::ResourceConsumer => {
+                let read = |path: &Option<PathBuf>| -> anyhow::Result<Vec<u8>> {
+                    let path = path.as_deref().expect("the recipe needs it");
+                    std::fs::read(path).with_context(|| format!("reading {}", path.display()))
+                };
+                let (consumer, burner) = (read(&args.consumer)?, read(&args.consume_cpu)?);
+                image::busybox_layer(&[("consumer", &consumer, 0o755), ("consume-cpu/consume-cpu", &burner, 0o755)])?
             }
             Layer::Etcd => {
                 let etcd = args.etcd.as_deref().expect("the recipe needs it");
