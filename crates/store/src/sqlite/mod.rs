@@ -36,6 +36,10 @@ impl SqliteConfig {
     }
 }
 
+/// A key's value at a revision (the latest at or before `?2`).
+const GET: &str = "SELECT created, revision, deleted, value FROM log
+                   WHERE key = ?1 AND revision <= ?2 ORDER BY revision DESC LIMIT 1";
+
 /// Events read from the log per query while a watcher catches up.
 const CATCH_UP_BATCH: i64 = 1000;
 
@@ -283,10 +287,7 @@ impl Store for SqliteStore {
                         None => 0,
                     };
                     let row = conn
-                        .prepare_cached(
-                            "SELECT created, revision, deleted, value FROM log
-                             WHERE key = ?1 AND revision <= ?2 ORDER BY revision DESC LIMIT 1",
-                        )?
+                        .prepare_cached(GET)?
                         .query_row(params![key.as_bytes(), at.unwrap_or(i64::MAX)], |row| {
                             Ok((
                                 row.get::<_, Revision>(0)?,
@@ -642,5 +643,25 @@ impl Watcher {
         })
         .await
         .map_err(|_| StoreError::Closed)??
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn cached_statements_are_not_prepared_again_for_each_lookup() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(SqliteConfig::in_data_dir(dir.path())).unwrap();
+        for i in 0..20 {
+            store.create(&format!("/k{i}"), b"v".to_vec()).await.unwrap();
+            assert!(store.get(&format!("/k{i}"), None).await.unwrap().is_some());
+        }
+        let reprepared = store
+            .shared
+            .read(|conn| Ok(conn.prepare_cached(GET)?.get_status(rusqlite::StatementStatus::RePrepare)))
+            .unwrap();
+        assert_eq!(reprepared, 0, "a lookup by key re-planned its statement");
     }
 }
