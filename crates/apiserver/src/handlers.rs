@@ -730,23 +730,45 @@ async fn list(
     let options =
         ListOptions { revision, limit, continue_token: query.get("continue").cloned().filter(|c| !c.is_empty()) };
     let prefix = resource.prefix(namespace);
-    // `resourceVersion=0` (what informers list with): any recent state will do, so the watch
-    // cache answers, whole (upstream's cache ignores limit then too).
-    if query.get("resourceVersion").is_some_and(|rv| rv == "0") && options.continue_token.is_none() {
+    // From the watch cache: `resourceVersion=0` (what informers list with: any recent state
+    // will do, and upstream's cache ignores limit then too), and a whole consistent list (no
+    // resourceVersion, no limit: the cache once it has every change up to the store's
+    // current revision, as upstream's ConsistentListFromCache).
+    let any_recent = query.get("resourceVersion").is_some_and(|rv| rv == "0");
+    let consistent = query.get("resourceVersion").is_none_or(|rv| rv.is_empty())
+        && options.revision.is_none()
+        && options.limit.is_none_or(|l| l <= 0);
+    if (any_recent || consistent) && options.continue_token.is_none() {
         let cache = state
             .caches
             .get(&resource.prefix(None))
             .await
             .map_err(|e| ApiError::from_store(e, resource.group, resource.plural, ""))?;
-        let (objects, revision) = cache.list(&prefix);
-        let items: Vec<Value> = if crate::conversion::by_webhook(resource) {
-            // Selected by the fields of this version: converted first.
-            let items = crate::conversion::convert(state.store.as_ref(), resource, objects).await?;
-            items.into_iter().filter(|o| filters.matches(o)).collect()
-        } else {
-            objects.into_iter().filter(|o| filters.matches(o)).map(|o| object::from_storage(resource, o)).collect()
+        let at = match consistent && !any_recent {
+            true => state.caches.current(&cache, &resource.prefix(None)).await,
+            false => Some(cache.revision()),
         };
-        return Ok(list_response(resource, items, revision, None, None, accept, query));
+        if let Some(at) = at {
+            // As stored, selecting nothing out, as JSON: the cache's bytes as they are.
+            if resource.conversion.is_none()
+                && resource.custom.is_none()
+                && filters.select_all()
+                && !table::wants_table(accept)
+                && !table::wants_metadata(accept)
+            {
+                let (items, revision) = cache.list_encoded(&prefix);
+                return Ok(encoded_list(resource, &items, revision.max(at)));
+            }
+            let (objects, revision) = cache.list(&prefix);
+            let items: Vec<Value> = if crate::conversion::by_webhook(resource) {
+                // Selected by the fields of this version: converted first.
+                let items = crate::conversion::convert(state.store.as_ref(), resource, objects).await?;
+                items.into_iter().filter(|o| filters.matches(o)).collect()
+            } else {
+                objects.into_iter().filter(|o| filters.matches(o)).map(|o| object::from_storage(resource, o)).collect()
+            };
+            return Ok(list_response(resource, items, revision.max(at), None, None, accept, query));
+        }
     }
     let page = state.store.list(&prefix, options).await.map_err(|e| match e {
         StoreError::Compacted { .. } if query.contains_key("continue") => {
@@ -814,10 +836,43 @@ fn list_response(
     json_response(StatusCode::OK, &list)
 }
 
+/// A JSON list of objects already encoded (each a JSON object), written around them.
+fn encoded_list(resource: &Resource, items: &[Bytes], revision: i64) -> Response<Body> {
+    let head = json!({
+        "kind": format!("{}List", resource.kind),
+        "apiVersion": resource.api_version(),
+        "metadata": {"resourceVersion": revision.to_string()},
+    })
+    .to_string();
+    let mut body = Vec::with_capacity(head.len() + 12 + items.iter().map(|i| i.len() + 1).sum::<usize>());
+    // `{"apiVersion":…,"kind":…,"metadata":{…}` then `,"items":[…]}`.
+    body.extend_from_slice(&head.as_bytes()[..head.len() - 1]);
+    body.extend_from_slice(b",\"items\":[");
+    for (i, item) in items.iter().enumerate() {
+        if i > 0 {
+            body.push(b',');
+        }
+        body.extend_from_slice(item);
+    }
+    body.extend_from_slice(b"]}");
+    let mut response = Response::new(Body::from(body));
+    response.headers_mut().insert(header::CONTENT_TYPE, header::HeaderValue::from_static("application/json"));
+    response
+}
+
 /// One watch event line.
 fn event_line(kind: &str, object: &Value) -> Bytes {
-    let mut line = json!({"type": kind, "object": object}).to_string();
-    line.push('\n');
+    event_line_encoded(kind, &serde_json::to_vec(object).expect("a JSON value serializes"))
+}
+
+/// One watch event line around an object already encoded.
+fn event_line_encoded(kind: &str, object: &[u8]) -> Bytes {
+    let mut line = Vec::with_capacity(object.len() + kind.len() + 24);
+    line.extend_from_slice(b"{\"type\":\"");
+    line.extend_from_slice(kind.as_bytes());
+    line.extend_from_slice(b"\",\"object\":");
+    line.extend_from_slice(object);
+    line.extend_from_slice(b"}\n");
     Bytes::from(line)
 }
 
@@ -912,6 +967,8 @@ async fn watch(
 
     // Objects as this resource shows them (events.k8s.io Events are stored as core Events).
     let view = move |object: &Value| -> Value { object::from_storage(resource, object.clone()) };
+    // A change the cache has encoded goes out as those bytes when shown as stored, as JSON.
+    let as_stored = resource.conversion.is_none() && resource.custom.is_none() && !as_table && !as_metadata;
     let render = {
         let include = include.clone();
         move |kind: &str, object: &Value, first: bool| -> Bytes {
@@ -988,7 +1045,7 @@ async fn watch(
                         .into_iter();
                     let object = Arc::new(converted.next().unwrap_or_default());
                     let previous = converted.next().map(Arc::new);
-                    Ok(Arc::new(Change { object, previous, ..(*change).clone() }))
+                    Ok(Arc::new(Change { object, previous, encoded: None, ..(*change).clone() }))
                 }
             })
             .boxed()
@@ -1011,11 +1068,15 @@ async fn watch(
                 Some(Ok(change)) => {
                     last_revision = last_revision.max(change.revision);
                     let previous = change.previous.as_deref().filter(|o| filters.matches(o));
+                    let mut put = |kind: &str| match change.encoded.as_deref().filter(|_| as_stored) {
+                        Some(encoded) => event_line_encoded(kind, encoded),
+                        None => render(kind, &change.object, std::mem::take(&mut first)),
+                    };
                     match change.kind {
                         EventKind::Put => match (previous.is_some(), filters.matches(&change.object)) {
-                            (false, true) => Some(render("ADDED", &change.object, std::mem::take(&mut first))),
-                            (true, true) => Some(render("MODIFIED", &change.object, std::mem::take(&mut first))),
-                            (true, false) => Some(render("DELETED", &change.object, std::mem::take(&mut first))),
+                            (false, true) => Some(put("ADDED")),
+                            (true, true) => Some(put("MODIFIED")),
+                            (true, false) => Some(put("DELETED")),
                             (false, false) => None,
                         },
                         EventKind::Delete => {

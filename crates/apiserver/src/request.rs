@@ -207,6 +207,11 @@ impl Filters {
         Ok(Filters { plural: resource.builtin(), labels, fields })
     }
 
+    /// Whether the request selects nothing out (no label or field selector).
+    pub(crate) fn select_all(&self) -> bool {
+        self.labels.is_empty() && self.fields.fields().next().is_none()
+    }
+
     pub(crate) fn matches(&self, object: &Value) -> bool {
         crate::selector::matches_object(&self.labels, object) && self.fields.matches(self.plural, object)
     }

@@ -4,9 +4,11 @@
 //! than one per client (upstream's cacher does the same over etcd).
 //!
 //! A cache is made the first time its resource is watched or listed from the cache, from a list
-//! of the store and a watch from that list's revision. Current objects are kept as the store's
-//! bytes (a decoded JSON tree is several times larger) and decoded when a list or a watch from
-//! the state reads them; changes are decoded once, when they arrive. Everything after `history_start` is in
+//! of the store and a watch from that list's revision. Current objects are kept encoded as the
+//! API serves them (the stored JSON with its `resourceVersion`: a decoded tree is several times
+//! larger), made once when a change arrives and shared by every list and watch event that sends
+//! them, which copy the bytes rather than encode the object again; changes are decoded once,
+//! when they arrive, for what needs the tree (selectors, tables, conversions). Everything after `history_start` is in
 //! `history` (the last `HISTORY` changes), so a watch from a revision at least that recent replays
 //! what it missed and goes on live; an older one is served by the store (which may answer 410).
 //! If the store watch fails, the cache is dropped (its watchers' streams end, as upstream closes
@@ -41,6 +43,8 @@ pub struct Change {
     pub object: Arc<Value>,
     /// The object before the change (`None` for a create).
     pub previous: Option<Arc<Value>>,
+    /// `object` encoded as JSON, when the cache has it (a put): what a watch event sends.
+    pub encoded: Option<bytes::Bytes>,
 }
 
 /// A stored object as the API serves it: decoded, with its resourceVersion.
@@ -62,8 +66,23 @@ impl Change {
                 Arc::new(gone)
             }
         };
-        Some(Change { kind: event.kind, key: event.kv.key.clone(), revision: event.revision(), object, previous })
+        Some(Change {
+            kind: event.kind,
+            key: event.kv.key.clone(),
+            revision: event.revision(),
+            object,
+            previous,
+            encoded: None,
+        })
     }
+}
+
+/// A stored object as the API serves it, encoded: the store's JSON with its resourceVersion.
+/// Decoded to insert it; `None` for bytes that are not a JSON object with metadata.
+fn served(value: &[u8], revision: Revision) -> Option<(Value, bytes::Bytes)> {
+    let object = decode(value, revision)?;
+    let encoded = serde_json::to_vec(&object).ok()?;
+    Some((object, bytes::Bytes::from(encoded)))
 }
 
 /// The live watchers of a cache, each with its queue.
@@ -159,23 +178,39 @@ struct Recorded {
     kind: EventKind,
     key: String,
     revision: Revision,
-    /// The object after a put (and its revision); `None` for a delete.
+    /// The object after a put (served bytes, and its revision); `None` for a delete.
     object: Option<(bytes::Bytes, Revision)>,
     previous: Option<(bytes::Bytes, Revision)>,
 }
 
+/// Served bytes decoded (their resourceVersion is in them).
+fn decode_served(bytes: &[u8]) -> Option<Value> {
+    serde_json::from_slice(bytes).ok().filter(Value::is_object)
+}
+
 impl Recorded {
-    fn change(&self) -> Option<Change> {
-        let previous = self.previous.as_ref().and_then(|(bytes, revision)| decode(bytes, *revision)).map(Arc::new);
-        let object = match &self.object {
-            Some((bytes, revision)) => Arc::new(decode(bytes, *revision)?),
+    /// The change, decoded (`object`: the put's tree when the caller has it already).
+    fn change_with(&self, object: Option<Value>) -> Option<Change> {
+        let previous = self.previous.as_ref().and_then(|(bytes, _)| decode_served(bytes)).map(Arc::new);
+        let (object, encoded) = match &self.object {
+            Some((bytes, _)) => {
+                let object = match object {
+                    Some(object) => object,
+                    None => decode_served(bytes)?,
+                };
+                (Arc::new(object), Some(bytes.clone()))
+            }
             None => {
                 let mut gone = previous.as_deref()?.clone();
                 gone["metadata"]["resourceVersion"] = json!(self.revision.to_string());
-                Arc::new(gone)
+                (Arc::new(gone), None)
             }
         };
-        Some(Change { kind: self.kind, key: self.key.clone(), revision: self.revision, object, previous })
+        Some(Change { kind: self.kind, key: self.key.clone(), revision: self.revision, object, previous, encoded })
+    }
+
+    fn change(&self) -> Option<Change> {
+        self.change_with(None)
     }
 }
 
@@ -183,9 +218,9 @@ impl Recorded {
 struct Inner {
     /// Every change up to this revision is reflected.
     revision: Revision,
-    /// The stored bytes of each object and its revision.
+    /// Each object as served (see [`served`]) and its revision.
     objects: BTreeMap<String, (bytes::Bytes, Revision)>,
-    /// The last changes, as stored bytes (shared with `objects`): decoded only when a watch
+    /// The last changes, as served bytes (shared with `objects`): decoded only when a watch
     /// replays them, so the history costs little more than the objects do.
     history: VecDeque<Recorded>,
     /// Every change after this revision is in `history`.
@@ -199,6 +234,8 @@ struct Inner {
 pub struct Cache {
     inner: RwLock<Inner>,
     alive: AtomicBool,
+    /// Told each time the cache's revision moves.
+    advanced: tokio::sync::Notify,
 }
 
 /// What a watch served by the cache starts with.
@@ -227,26 +264,39 @@ impl Cache {
     }
 
     fn apply(&self, event: &Event) {
-        let mut inner = self.inner.write().unwrap_or_else(|e| e.into_inner());
         let revision = event.revision();
         let key = &event.kv.key;
-        let recorded = match event.kind {
-            EventKind::Put => {
-                let stored = (bytes::Bytes::from(event.kv.value.clone()), event.kv.mod_revision);
+        // Decoded and encoded once (outside the lock), for every list and live watcher.
+        let decoded = match event.kind {
+            EventKind::Put => match served(&event.kv.value, event.kv.mod_revision) {
+                Some(decoded) => Some(decoded),
+                None => {
+                    tracing::warn!(key = %event.kv.key, revision, "the watch cache skipped an object that does not decode");
+                    let mut inner = self.inner.write().unwrap_or_else(|e| e.into_inner());
+                    inner.objects.remove(key);
+                    inner.revision = inner.revision.max(revision);
+                    drop(inner);
+                    self.advanced.notify_waiters();
+                    return;
+                }
+            },
+            EventKind::Delete => None,
+        };
+        let mut inner = self.inner.write().unwrap_or_else(|e| e.into_inner());
+        let (recorded, object) = match decoded {
+            Some((object, encoded)) => {
+                let stored = (encoded, event.kv.mod_revision);
                 let previous = inner.objects.insert(key.clone(), stored.clone());
-                Recorded { kind: EventKind::Put, key: key.clone(), revision, object: Some(stored), previous }
+                (Recorded { kind: EventKind::Put, key: key.clone(), revision, object: Some(stored), previous }, Some(object))
             }
-            EventKind::Delete => {
+            None => {
                 let previous = inner.objects.remove(key);
-                Recorded { kind: EventKind::Delete, key: key.clone(), revision, object: None, previous }
+                (Recorded { kind: EventKind::Delete, key: key.clone(), revision, object: None, previous }, None)
             }
         };
         inner.revision = inner.revision.max(revision);
-        // Decoded once, for every live watcher.
-        let Some(change) = recorded.change() else {
-            if event.kind == EventKind::Put {
-                tracing::warn!(key = %event.kv.key, revision, "the watch cache skipped an object that does not decode");
-            }
+        self.advanced.notify_waiters();
+        let Some(change) = recorded.change_with(object) else {
             return;
         };
         inner.history.push_back(recorded);
@@ -262,6 +312,7 @@ impl Cache {
 
     fn die(&self) {
         self.alive.store(false, Ordering::SeqCst);
+        self.advanced.notify_waiters();
         if let Some(fanout) = self.inner.write().unwrap_or_else(|e| e.into_inner()).fanout.take() {
             fanout.close();
         }
@@ -288,7 +339,26 @@ impl Cache {
     }
 
     fn decode_all(stored: Vec<(bytes::Bytes, Revision)>) -> Vec<Value> {
-        stored.iter().filter_map(|(bytes, revision)| decode(bytes, *revision)).collect()
+        stored.iter().filter_map(|(bytes, _)| decode_served(bytes)).collect()
+    }
+
+    /// The objects under `prefix` as served bytes (JSON, each with its resourceVersion), and
+    /// the revision they are current at: a list that sends them as they are.
+    pub fn list_encoded(&self, prefix: &str) -> (Vec<bytes::Bytes>, Revision) {
+        let inner = self.read();
+        let encoded = Self::under(&inner, prefix).into_iter().map(|(bytes, _)| bytes).collect();
+        (encoded, inner.revision)
+    }
+
+    /// The object at store key `key`, decoded.
+    pub fn object(&self, key: &str) -> Option<Value> {
+        let bytes = self.read().objects.get(key).map(|(bytes, _)| bytes.clone())?;
+        decode_served(&bytes)
+    }
+
+    /// The revision every change of the cache's resource up to which is reflected.
+    pub fn revision(&self) -> Revision {
+        self.read().revision
     }
 
     /// A watch of `prefix` from the current state, each object of it with its store key.
@@ -304,7 +374,7 @@ impl Cache {
         let revision = inner.revision;
         drop(inner);
         let initial =
-            stored.into_iter().filter_map(|(key, bytes, revision)| Some((key, decode(&bytes, revision)?))).collect();
+            stored.into_iter().filter_map(|(key, bytes, _)| Some((key, decode_served(&bytes)?))).collect();
         Some(KeyedSubscription { initial, revision, live })
     }
 
@@ -346,6 +416,38 @@ impl WatchCaches {
         WatchCaches { store, caches: Default::default() }
     }
 
+    /// The store's current revision once `cache` (of the resource under `prefix`) reflects
+    /// every change up to it, so that a list from the cache is as current as one from the
+    /// store; `None` when the store cannot tell or the cache does not catch up within a second
+    /// (read the store then).
+    pub async fn current(&self, cache: &Cache, prefix: &str) -> Option<Revision> {
+        let current = self.store.current_revision().await.ok()?;
+        let seen = cache.revision();
+        if seen >= current {
+            return Some(current);
+        }
+        // Later revisions may all be other resources' changes: the last of ours is what the
+        // cache must reach.
+        let Some(last) = self.store.last_change(prefix, seen, current).await.ok()? else {
+            return Some(current);
+        };
+        if last > current {
+            return None;
+        }
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(1);
+        loop {
+            let advanced = cache.advanced.notified();
+            tokio::pin!(advanced);
+            advanced.as_mut().enable();
+            if cache.revision() >= last {
+                return Some(current);
+            }
+            if !cache.alive.load(Ordering::SeqCst) || tokio::time::timeout_at(deadline, advanced).await.is_err() {
+                return None;
+            }
+        }
+    }
+
     /// The cache of the resource stored under `prefix`, made on first use.
     pub async fn get(&self, prefix: &str) -> Result<Arc<Cache>, StoreError> {
         let mut caches = self.caches.lock().await;
@@ -354,8 +456,14 @@ impl WatchCaches {
         }
         let page = self.store.list(prefix, ListOptions::default()).await?;
         let mut stream = self.store.watch(prefix, page.revision).await?;
-        let objects =
-            page.kvs.into_iter().map(|kv| (kv.key, (bytes::Bytes::from(kv.value), kv.mod_revision))).collect();
+        let objects = page
+            .kvs
+            .into_iter()
+            .filter_map(|kv| {
+                let (_, encoded) = served(&kv.value, kv.mod_revision)?;
+                Some((kv.key, (encoded, kv.mod_revision)))
+            })
+            .collect();
         let cache = Arc::new(Cache {
             inner: RwLock::new(Inner {
                 revision: page.revision,
@@ -365,6 +473,7 @@ impl WatchCaches {
                 fanout: Some(Fanout::default()),
             }),
             alive: AtomicBool::new(true),
+            advanced: tokio::sync::Notify::new(),
         });
         let keeper = cache.clone();
         let name = prefix.to_string();
@@ -402,6 +511,34 @@ mod tests {
 
     async fn next(live: &mut Live) -> Arc<Change> {
         tokio::time::timeout(std::time::Duration::from_secs(5), live.recv()).await.unwrap().unwrap()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_consistent_read_waits_for_the_cache_to_hold_every_change_up_to_the_store() {
+        let (_dir, store) = store();
+        let caches = WatchCaches::new(store.clone());
+        let prefix = "/registry/configmaps/";
+        let cache = caches.get(prefix).await.unwrap();
+        for i in 0..50 {
+            // Read-your-writes: what was just written is listed, at a revision at least its own.
+            let written = store.create(&format!("{prefix}a/m{i}"), object(&format!("m{i}"), i)).await.unwrap();
+            let at = caches.current(&cache, prefix).await.expect("the cache catches up");
+            assert!(at >= written);
+            let (encoded, _) = cache.list_encoded(prefix);
+            assert_eq!(encoded.len(), i as usize + 1, "the list at {at} misses the write at {written}");
+            // Served as stored, with the resourceVersion of the write.
+            let listed: Vec<Value> = encoded.iter().map(|e| serde_json::from_slice(e).unwrap()).collect();
+            let this = listed.iter().find(|o| o["metadata"]["name"] == json!(format!("m{i}"))).unwrap();
+            assert_eq!(this["metadata"]["resourceVersion"], json!(written.to_string()));
+        }
+        // Other resources' writes move the store on: the cache is current without a change.
+        let other = store.create("/registry/secrets/a/s", object("s", 1)).await.unwrap();
+        assert_eq!(caches.current(&cache, prefix).await, Some(other));
+        // A deletion is a change too.
+        let (deleted, _) = store.delete(&format!("{prefix}a/m0"), None).await.unwrap();
+        assert!(caches.current(&cache, prefix).await.unwrap() >= deleted);
+        assert!(cache.object(&format!("{prefix}a/m0")).is_none());
+        assert_eq!(cache.list_encoded(prefix).0.len(), 49);
     }
 
     #[tokio::test]
@@ -452,6 +589,7 @@ mod tests {
             revision,
             object: Arc::new(json!({})),
             previous: None,
+            encoded: None,
         })
     }
 

@@ -36,12 +36,18 @@ pub(crate) async fn check_namespace(
     };
     let namespaces = registry::find("", "v1", "namespaces").expect("namespaces are served");
     let key = namespaces.key(None, namespace);
-    let found = state.store.get(&key, None).await.map_err(|e| ApiError::from_store(e, "", "namespaces", namespace))?;
-    let Some(found) = found else {
-        return Err(ApiError::not_found("", "namespaces", namespace));
+    let store_error = |e| ApiError::from_store(e, "", "namespaces", namespace);
+    // From the watch cache (as upstream's NamespaceLifecycle reads its informer); a namespace
+    // it does not have yet may be a moment old: the store says.
+    let cached = state.caches.get(&namespaces.prefix(None)).await.map_err(store_error)?.object(&key);
+    let object = match cached {
+        Some(object) => object,
+        None => match state.store.get(&key, None).await.map_err(store_error)? {
+            Some(found) => object::from_store(namespaces, &found.value, found.mod_revision)?,
+            None => return Err(ApiError::not_found("", "namespaces", namespace)),
+        },
     };
     if creating {
-        let object = object::from_store(namespaces, &found.value, found.mod_revision)?;
         if object["status"]["phase"] == "Terminating" {
             let mut error = ApiError::bad_request(format!(
                 "{} \"{}\" is forbidden: unable to create new content in namespace {namespace} because it is being terminated",

@@ -139,6 +139,13 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
 
     /// The latest revision.
     async fn current_revision(&self) -> Result<Revision>;
+    /// The revision of the last change (put or delete) under `prefix` in `(after, until]`, or
+    /// `None` if there was none: what a cache that has every change up to `after` lacks to be
+    /// current at `until`. A store that cannot tell answers `Some(Revision::MAX)`.
+    async fn last_change(&self, prefix: &str, after: Revision, until: Revision) -> Result<Option<Revision>> {
+        let _ = (prefix, after, until);
+        Ok(Some(Revision::MAX))
+    }
 
     /// Drops history before `revision`: reads at older revisions and watches from before it then
     /// fail with [`StoreError::Compacted`]. Compacting to an already compacted revision is a no-op.

@@ -942,3 +942,84 @@ fn limit_ranges_default_and_bound_what_pods_ask() {
         "{error}"
     );
 }
+
+#[test]
+fn lists_and_watches_from_the_cache_are_current_and_byte_for_byte_the_objects() {
+    let server = server();
+    let curl_json = |method: &str, path: &str, body: Option<&Value>| -> Value {
+        let data = body.map(|b| b.to_string()).unwrap_or_default();
+        let mut extra = vec!["-H", "Content-Type: application/json"];
+        if body.is_some() {
+            extra.extend(["--data-binary", data.as_str()]);
+        }
+        let (code, text) = server.curl(method, path, true, &extra);
+        assert!((200..300).contains(&code), "{method} {path}: {code} {text}");
+        serde_json::from_str(&text).unwrap_or_else(|e| panic!("{method} {path}: {e}: {text}"))
+    };
+    let maps = "/api/v1/namespaces/default/configmaps";
+    let mut names = Vec::new();
+    for i in 0..12 {
+        let name = format!("m{i}");
+        let created = curl_json(
+            "POST",
+            maps,
+            Some(&serde_json::json!({"metadata": {"name": name, "labels": {"n": i.to_string()}}, "data": {"k": "v\"\n"}})),
+        );
+        names.push(name);
+        let written: i64 = created["metadata"]["resourceVersion"].as_str().unwrap().parse().unwrap();
+        // A list without resourceVersion reads its writes, whole and as GET shows each object.
+        let list = curl_json("GET", maps, None);
+        assert_eq!(list["kind"], "ConfigMapList");
+        assert_eq!(list["apiVersion"], "v1");
+        let at: i64 = list["metadata"]["resourceVersion"].as_str().unwrap().parse().unwrap();
+        assert!(at >= written, "listed at {at}, before the write at {written}");
+        let items = list["items"].as_array().unwrap();
+        let listed: Vec<&str> = items.iter().filter_map(|m| m["metadata"]["name"].as_str()).collect();
+        for name in &names {
+            assert!(listed.contains(&name.as_str()), "{name} missing from {listed:?}");
+        }
+        let shown = items.iter().find(|m| m["metadata"]["name"] == created["metadata"]["name"]).unwrap();
+        assert_eq!(*shown, created);
+    }
+    // A write elsewhere moves the store on; the list is current at it.
+    let secret = curl_json(
+        "POST",
+        "/api/v1/namespaces/default/secrets",
+        Some(&serde_json::json!({"metadata": {"name": "s"}, "stringData": {"a": "b"}})),
+    );
+    let list = curl_json("GET", maps, None);
+    assert!(
+        list["metadata"]["resourceVersion"].as_str().unwrap().parse::<i64>().unwrap()
+            >= secret["metadata"]["resourceVersion"].as_str().unwrap().parse::<i64>().unwrap()
+    );
+    // Selectors, tables and resourceVersion=0 still select and render.
+    let selected = curl_json("GET", &format!("{maps}?labelSelector=n%3D3"), None);
+    assert_eq!(selected["items"].as_array().unwrap().len(), 1);
+    assert_eq!(curl_json("GET", &format!("{maps}?resourceVersion=0"), None)["items"], list["items"]);
+    let table = server.kubectl(&["get", "configmaps", "--chunk-size=0", "-l", "n", "--no-headers"], None);
+    assert_eq!(table.lines().count(), 12, "{table}");
+    // A watch from the list sends each change as GET shows the object.
+    let from = list["metadata"]["resourceVersion"].as_str().unwrap().to_string();
+    let watch_path = format!("{maps}?watch=true&resourceVersion={from}&timeoutSeconds=3");
+    let url = format!("{}{watch_path}", server.url());
+    let pki = server.data_dir().join("pki");
+    let watcher = std::process::Command::new("curl")
+        .args(["-s", "-N", "--cacert"])
+        .arg(pki.join("ca.crt"))
+        .arg("--cert")
+        .arg(pki.join("admin.crt"))
+        .arg("--key")
+        .arg(pki.join("admin.key"))
+        .arg(url)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    let created = curl_json("POST", maps, Some(&serde_json::json!({"metadata": {"name": "w"}, "data": {"x": "ü"}})));
+    let output = watcher.wait_with_output().unwrap();
+    let events: Vec<Value> =
+        String::from_utf8(output.stdout).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(events.len(), 1, "{events:?}");
+    assert_eq!(events[0]["type"], "ADDED");
+    assert_eq!(events[0]["object"], created);
+}

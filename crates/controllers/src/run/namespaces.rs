@@ -229,23 +229,15 @@ pub(super) async fn run_root_ca_publisher(client: kube::Client, hub: Arc<Hub>, c
     tracing::info!("root CA publisher started");
     let mut checked: std::collections::HashMap<String, String> = std::collections::HashMap::new();
     loop {
-        let have: std::collections::HashMap<String, String> = maps
-            .state()
-            .iter()
-            .filter(|m| m.metadata.name.as_deref() == Some(ROOT_CA))
-            .map(|m| {
-                (
-                    m.metadata.namespace.clone().unwrap_or_default(),
-                    m.metadata.resource_version.clone().unwrap_or_default(),
-                )
-            })
-            .collect();
         for namespace in namespaces.state() {
             if namespace.metadata.deletion_timestamp.is_some() {
                 continue;
             }
             let name = namespace.metadata.name.clone().unwrap_or_default();
-            let version = have.get(&name);
+            // Looked up by name: each change of any ConfigMap wakes this loop, and a scan of
+            // them all each time grew with the square of their number.
+            let found = maps.get(&kube::runtime::reflector::ObjectRef::new(ROOT_CA).within(&name));
+            let version = found.as_ref().and_then(|m| m.metadata.resource_version.as_ref());
             if version.is_some() && checked.get(&name) == version {
                 continue;
             }

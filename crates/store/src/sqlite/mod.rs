@@ -399,6 +399,27 @@ impl Store for SqliteStore {
         Ok(self.shared.current.load(Ordering::SeqCst))
     }
 
+    async fn last_change(&self, prefix: &str, after: Revision, until: Revision) -> Result<Option<Revision>> {
+        // Compaction drops tombstones and superseded values before its revision: only a range
+        // after it holds every change.
+        if after < self.shared.compacted.load(Ordering::SeqCst) {
+            return Ok(Some(Revision::MAX));
+        }
+        let start = prefix.as_bytes().to_vec();
+        let end = prefix_end(prefix);
+        self.read(move |shared| {
+            shared.read(|conn| {
+                // By revision (the log's rowid): the few rows after `after`, not every key.
+                conn.prepare_cached(
+                    "SELECT max(revision) FROM log NOT INDEXED
+                     WHERE revision > ?1 AND revision <= ?2 AND key >= ?3 AND (?4 IS NULL OR key < ?4)",
+                )?
+                .query_row(params![after, until, start, end], |row| row.get::<_, Option<Revision>>(0))
+            })
+        })
+        .await
+    }
+
     async fn compact(&self, revision: Revision) -> Result<()> {
         let (reply, answer) = oneshot::channel();
         self.requests
