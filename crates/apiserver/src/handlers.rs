@@ -818,33 +818,30 @@ fn list_response(
             metadata["remainingItemCount"] = json!(remaining);
         }
     }
-    let list = if table::wants_metadata(accept) {
-        json!({
-            "kind": "PartialObjectMetadataList",
-            "apiVersion": "meta.k8s.io/v1",
-            "metadata": metadata,
-            "items": items.iter().map(table::partial).collect::<Vec<_>>(),
-        })
+    let write = |item: &Value, body: &mut Vec<u8>| serde_json::to_writer(body, item).expect("a JSON value serializes");
+    if table::wants_metadata(accept) {
+        let head = ("PartialObjectMetadataList", "meta.k8s.io/v1".to_string(), metadata);
+        list_body(head, &items, |item, body| write(&table::partial(item), body))
     } else {
-        json!({
-            "kind": format!("{}List", resource.kind),
-            "apiVersion": resource.api_version(),
-            "metadata": metadata,
-            "items": items,
-        })
-    };
-    json_response(StatusCode::OK, &list)
+        list_body((&format!("{}List", resource.kind), resource.api_version(), metadata), &items, write)
+    }
 }
 
 /// A JSON list of objects already encoded (each a JSON object), written around them.
 fn encoded_list(resource: &Resource, items: &[Bytes], revision: i64) -> Response<Body> {
-    let head = json!({
-        "kind": format!("{}List", resource.kind),
-        "apiVersion": resource.api_version(),
-        "metadata": {"resourceVersion": revision.to_string()},
-    })
-    .to_string();
-    let mut body = Vec::with_capacity(head.len() + 12 + items.iter().map(|i| i.len() + 1).sum::<usize>());
+    let head = (&*format!("{}List", resource.kind), resource.api_version(), json!({"resourceVersion": revision.to_string()}));
+    list_body(head, items, |item, body| body.extend_from_slice(item))
+}
+
+/// A JSON list (`kind`, `apiVersion`, `metadata` of `head`) whose items `write` writes in
+/// place, one after the other: neither copied into one tree first nor encoded twice.
+fn list_body<T>(
+    (kind, api_version, metadata): (&str, String, Value),
+    items: &[T],
+    mut write: impl FnMut(&T, &mut Vec<u8>),
+) -> Response<Body> {
+    let head = json!({"kind": kind, "apiVersion": api_version, "metadata": metadata}).to_string();
+    let mut body = Vec::with_capacity(head.len() + 16 + items.len() * 256);
     // `{"apiVersion":…,"kind":…,"metadata":{…}` then `,"items":[…]}`.
     body.extend_from_slice(&head.as_bytes()[..head.len() - 1]);
     body.extend_from_slice(b",\"items\":[");
@@ -852,7 +849,7 @@ fn encoded_list(resource: &Resource, items: &[Bytes], revision: i64) -> Response
         if i > 0 {
             body.push(b',');
         }
-        body.extend_from_slice(item);
+        write(item, &mut body);
     }
     body.extend_from_slice(b"]}");
     let mut response = Response::new(Body::from(body));
