@@ -39,6 +39,12 @@ struct Args {
     /// Create/event pairs in the watch phase.
     #[arg(long, default_value_t = 500)]
     watch_events: usize,
+    /// How cost grows: fill one namespace to each of these counts in turn (e.g.
+    /// `1000,10000,100000`) and print, at each, the create rate of the step, the p50 of
+    /// listing them all, the server's RSS and what they add to the store's files (the
+    /// database and its WAL) per object.
+    #[arg(long, value_delimiter = ',')]
+    growth: Vec<usize>,
 }
 
 fn config_map(name: &str) -> Value {
@@ -74,6 +80,90 @@ where
         task.await??;
     }
     Ok(done.load(Ordering::Relaxed) as f64 / started.elapsed().as_secs_f64())
+}
+
+/// `clients` tasks creating `count` ConfigMaps `{prefix}{client}-{i}` in `collection`; returns
+/// creates/s.
+async fn fill(
+    target: &Arc<tugboat_apibench::Target>,
+    collection: &str,
+    clients: usize,
+    prefix: &str,
+    count: usize,
+) -> anyhow::Result<f64> {
+    let started = Instant::now();
+    let per_client = count.div_ceil(clients);
+    let mut fillers = Vec::new();
+    for client in 0..clients {
+        let (target, collection, prefix) = (target.clone(), collection.to_string(), prefix.to_string());
+        let mine = per_client.min(count.saturating_sub(client * per_client));
+        fillers.push(tokio::spawn(async move {
+            for i in 0..mine {
+                let name = format!("{prefix}{client}-{i}");
+                target.expect(Method::POST, &collection, Some(&config_map(&name)), &[201]).await?;
+            }
+            anyhow::Ok(())
+        }));
+    }
+    for filler in fillers {
+        filler.await??;
+    }
+    Ok(count as f64 / started.elapsed().as_secs_f64())
+}
+
+/// The growth phase: see `Args::growth`.
+async fn growth(
+    target: &Arc<tugboat_apibench::Target>,
+    args: &Args,
+    run_id: &str,
+    pid: Option<u32>,
+    data_dir: Option<&std::path::Path>,
+) -> anyhow::Result<Vec<Value>> {
+    let namespace = format!("apibench-growth-{run_id}");
+    target.expect(Method::POST, "/api/v1/namespaces", Some(&json!({"metadata": {"name": namespace}})), &[201]).await?;
+    let collection = format!("/api/v1/namespaces/{namespace}/configmaps");
+    // The store's file and its WAL: what the objects of this phase add to it, per object.
+    let store_bytes = || {
+        data_dir.map(|dir| {
+            ["state.db", "state.db-wal"]
+                .iter()
+                .filter_map(|f| std::fs::metadata(dir.join("db").join(f)).ok())
+                .map(|m| m.len())
+                .sum::<u64>()
+        })
+    };
+    let before = store_bytes();
+    let (mut have, mut steps) = (0usize, Vec::new());
+    for &wanted in &args.growth {
+        let step = wanted.saturating_sub(have);
+        let creates = fill(target, &collection, args.clients, &format!("g{}-", steps.len()), step).await?;
+        have += step;
+        let mut list_ms = Vec::new();
+        for _ in 0..5 {
+            let begin = Instant::now();
+            let bytes = target.expect(Method::GET, &collection, None, &[200]).await?;
+            list_ms.push(begin.elapsed().as_secs_f64() * 1e3);
+            if list_ms.len() == 1 {
+                let list: Value = serde_json::from_slice(&bytes)?;
+                // Ours (a namespace also holds its `kube-root-ca.crt`).
+                let ours = |item: &&Value| item["metadata"]["name"].as_str().is_some_and(|n| n.starts_with('g'));
+                let items = list["items"].as_array().map(|items| items.iter().filter(ours).count()).unwrap_or(0);
+                if items != have {
+                    bail!("listed {items} objects, expected {have}");
+                }
+            }
+        }
+        list_ms.sort_by(f64::total_cmp);
+        let added = store_bytes().zip(before).map(|(now, before)| now.saturating_sub(before) / have.max(1) as u64);
+        steps.push(json!({
+            "objects": have,
+            "creates_per_second": creates.round(),
+            "list_ms_median": (list_ms[2] * 10.0).round() / 10.0,
+            "server_rss_kib": rss_kib(pid),
+            "store_bytes_per_object": added,
+        }));
+    }
+    Ok(steps)
 }
 
 async fn run(args: Args) -> anyhow::Result<Value> {
@@ -192,6 +282,8 @@ async fn run(args: Args) -> anyhow::Result<Value> {
     latencies.sort_by(f64::total_cmp);
     let quantile = |q: f64| latencies[((latencies.len() as f64 * q) as usize).min(latencies.len() - 1)];
     let rss_after = rss_kib(pid);
+    let data_dir = started.as_ref().map(|s| s.data_dir());
+    let growth = growth(&target, &args, &run_id, pid, data_dir.as_deref()).await?;
     drop(started);
     Ok(json!({
         "server": target.server,
@@ -205,6 +297,7 @@ async fn run(args: Args) -> anyhow::Result<Value> {
         "watch_latency_ms_p99": (quantile(0.99) * 100.0).round() / 100.0,
         "server_rss_kib_idle": rss_idle,
         "server_rss_kib_after_load": rss_after,
+        "growth": growth,
     }))
 }
 
