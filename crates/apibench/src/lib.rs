@@ -41,7 +41,24 @@ fn decode_field(entry: &Value, data: &str, file: &str) -> anyhow::Result<Option<
     Ok(None)
 }
 
+/// How a benchmark's client talks to the server.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Protocol {
+    /// HTTP/2 (offered by ALPN, as client-go's default transport does), with Go's HTTP/2
+    /// transport's flow-control windows (4 MiB a stream, 1 GiB the connection): concurrent
+    /// requests are streams of one connection.
+    #[default]
+    Http2,
+    /// HTTP/1.1 only: each concurrent request on a keep-alive connection of its own, one
+    /// request at a time on each (a Go client with HTTP/2 off, as load generators often are).
+    Http1,
+}
+
 pub fn load_target(path: &std::path::Path) -> anyhow::Result<Target> {
+    load_target_with(path, Protocol::Http2)
+}
+
+pub fn load_target_with(path: &std::path::Path, protocol: Protocol) -> anyhow::Result<Target> {
     let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
     let config: Value = serde_saphyr::from_str(&text).with_context(|| format!("{} is not YAML", path.display()))?;
     let named = |list: &str, name: &str| -> anyhow::Result<Value> {
@@ -82,13 +99,14 @@ pub fn load_target(path: &std::path::Path) -> anyhow::Result<Target> {
     let mut http = HttpConnector::new();
     http.enforce_http(false);
     http.set_nodelay(true);
-    let connector = hyper_rustls::HttpsConnectorBuilder::new()
-        .with_tls_config(tls)
-        .https_or_http()
-        .enable_http1()
-        .enable_http2()
-        .wrap_connector(http);
-    let client = Client::builder(TokioExecutor::new()).build(connector);
+    let connector = hyper_rustls::HttpsConnectorBuilder::new().with_tls_config(tls).https_or_http().enable_http1();
+    let client = match protocol {
+        Protocol::Http2 => Client::builder(TokioExecutor::new())
+            .http2_initial_stream_window_size(4 << 20)
+            .http2_initial_connection_window_size(1 << 30)
+            .build(connector.enable_http2().wrap_connector(http)),
+        Protocol::Http1 => Client::builder(TokioExecutor::new()).build(connector.wrap_connector(http)),
+    };
     Ok(Target { server, client, token: user["token"].as_str().map(str::to_string) })
 }
 

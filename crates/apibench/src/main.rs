@@ -16,7 +16,7 @@ use clap::Parser;
 use http_body_util::{BodyExt, Full};
 use hyper::{Method, Request};
 use serde_json::{Value, json};
-use tugboat_apibench::{load_target, rss_kib};
+use tugboat_apibench::{Protocol, load_target_with, rss_kib};
 
 #[derive(Debug, Parser)]
 #[command(about = "Benchmark a Kubernetes API server; prints JSON")]
@@ -45,6 +45,10 @@ struct Args {
     /// database and its WAL) per object.
     #[arg(long, value_delimiter = ',')]
     growth: Vec<usize>,
+    /// Talk HTTP/1.1 only, each client on a keep-alive connection of its own (the default is
+    /// HTTP/2, as client-go: the clients' requests are streams of one connection).
+    #[arg(long)]
+    http1: bool,
 }
 
 fn config_map(name: &str) -> Value {
@@ -170,7 +174,8 @@ async fn run(args: Args) -> anyhow::Result<Value> {
     let (kubeconfig, started) =
         tugboat_apibench::kubeconfig_or_start(args.kubeconfig.as_deref(), args.start.as_deref(), &[])?;
     let pid = started.as_ref().map(|s| s.pid());
-    let target = Arc::new(load_target(&kubeconfig)?);
+    let protocol = if args.http1 { Protocol::Http1 } else { Protocol::Http2 };
+    let target = Arc::new(load_target_with(&kubeconfig, protocol)?);
     tokio::time::sleep(Duration::from_millis(500)).await;
     let rss_idle = rss_kib(pid);
 
@@ -288,6 +293,7 @@ async fn run(args: Args) -> anyhow::Result<Value> {
     Ok(json!({
         "server": target.server,
         "clients": args.clients,
+        "protocol": if args.http1 { "HTTP/1.1" } else { "HTTP/2" },
         "creates_per_second": creates.round(),
         "gets_per_second": gets.round(),
         "list_objects": args.list_objects,
