@@ -115,6 +115,8 @@ async fn run(args: Args) -> anyhow::Result<Value> {
             .await?;
         anyhow::Ok(Instant::now())
     });
+    let pid = started.as_ref().map(|s| s.pid());
+    let rss_before = tugboat_apibench::rss_kib(pid);
     let pods_started = Instant::now();
     {
         let (target, collection) = (target.clone(), collection.clone());
@@ -149,6 +151,17 @@ async fn run(args: Args) -> anyhow::Result<Value> {
         .await
         .map_err(|_| anyhow::anyhow!("pods still unbound after 10 minutes"))???;
     let bound_seconds = all_bound.duration_since(clock_started).as_secs_f64();
+    // What the pods cost the server (its caches, informers, scheduler and controllers), once
+    // the writes that follow binding have settled; and listing them all.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let rss_after = tugboat_apibench::rss_kib(pid);
+    let mut list_ms = Vec::new();
+    for _ in 0..5 {
+        let begin = Instant::now();
+        target.expect(Method::GET, &collection, None, &[200]).await?;
+        list_ms.push(begin.elapsed().as_secs_f64() * 1e3);
+    }
+    list_ms.sort_by(f64::total_cmp);
     drop(scheduler);
     drop(started);
     Ok(json!({
@@ -160,6 +173,10 @@ async fn run(args: Args) -> anyhow::Result<Value> {
         "pods_created_seconds": (created_seconds * 100.0).round() / 100.0,
         "all_bound_seconds": (bound_seconds * 100.0).round() / 100.0,
         "pods_per_second": (args.pods as f64 / bound_seconds).round(),
+        "list_pods_ms_median": (list_ms[2] * 10.0).round() / 10.0,
+        "server_rss_kib_before_pods": rss_before,
+        "server_rss_kib_after_pods": rss_after,
+        "server_rss_kib_per_pod": rss_before.zip(rss_after).map(|(b, a)| (a.saturating_sub(b) as f64 / args.pods as f64 * 10.0).round() / 10.0),
     }))
 }
 
