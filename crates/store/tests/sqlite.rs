@@ -122,3 +122,22 @@ async fn a_snapshot_opens_as_a_store_with_the_same_data() {
     let during = copy.count("/during/").await.unwrap();
     assert_eq!(copied_revision, 500 + during);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn last_change_names_the_latest_put_or_delete_under_a_prefix_in_a_range() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    let r1 = store.create("/a/x", b"1".to_vec()).await.unwrap();
+    let r2 = store.create("/b/y", b"1".to_vec()).await.unwrap();
+    let (r3, _) = store.delete("/a/x", None).await.unwrap();
+    let r4 = store.create("/b/z", b"1".to_vec()).await.unwrap();
+    assert_eq!(store.last_change("/a/", 0, r4).await.unwrap(), Some(r3), "a deletion is a change");
+    assert_eq!(store.last_change("/a/", r1, r2).await.unwrap(), None);
+    assert_eq!(store.last_change("/a/", r3, r4).await.unwrap(), None);
+    assert_eq!(store.last_change("/b/", r2, r4).await.unwrap(), Some(r4));
+    assert_eq!(store.last_change("/b/", r2, r3).await.unwrap(), None, "nothing after `until` counts");
+    assert_eq!(store.last_change("/", 0, r4).await.unwrap(), Some(r4));
+    // Compacted history may have lost tombstones: unknown.
+    store.compact(r4).await.unwrap();
+    assert_eq!(store.last_change("/a/", r1, r4).await.unwrap(), Some(tugboat_store::Revision::MAX));
+}
