@@ -49,6 +49,10 @@ struct Args {
     /// HTTP/2, as client-go: the clients' requests are streams of one connection).
     #[arg(long)]
     http1: bool,
+    /// A flag for the server `--start` starts (repeatable), e.g.
+    /// `--server-flag=--disable-controller-manager` to see what the controllers cost.
+    #[arg(long = "server-flag", allow_hyphen_values = true)]
+    server_flags: Vec<String>,
 }
 
 fn config_map(name: &str) -> Value {
@@ -171,8 +175,9 @@ async fn growth(
 }
 
 async fn run(args: Args) -> anyhow::Result<Value> {
+    let server_flags: Vec<&str> = args.server_flags.iter().map(String::as_str).collect();
     let (kubeconfig, started) =
-        tugboat_apibench::kubeconfig_or_start(args.kubeconfig.as_deref(), args.start.as_deref(), &[])?;
+        tugboat_apibench::kubeconfig_or_start(args.kubeconfig.as_deref(), args.start.as_deref(), &server_flags)?;
     let pid = started.as_ref().map(|s| s.pid());
     let protocol = if args.http1 { Protocol::Http1 } else { Protocol::Http2 };
     let target = Arc::new(load_target_with(&kubeconfig, protocol)?);
