@@ -41,10 +41,14 @@ enum Change {
 
 /// Runs the scheduler until the client's server goes away for good.
 pub async fn run(client: kube::Client) -> anyhow::Result<()> {
+    // Without managedFields, which the scheduler never reads (and writes only by patches): a
+    // pod's are a good part of its size, and the cache holds every pod.
     let pods = watcher(Api::<Pod>::all(client.clone()), watcher::Config::default())
+        .modify(|pod| pod.metadata.managed_fields = None)
         .default_backoff()
         .map(|e| e.map(Change::Pod));
     let nodes = watcher(Api::<Node>::all(client.clone()), watcher::Config::default())
+        .modify(|node| node.metadata.managed_fields = None)
         .default_backoff()
         .map(|e| e.map(Change::Node));
     let budgets = watcher(Api::<PodDisruptionBudget>::all(client.clone()), watcher::Config::default())
