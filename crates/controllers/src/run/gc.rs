@@ -17,8 +17,21 @@ use tokio::sync::Notify;
 use super::{Hub, PARALLEL, Watched, ready, wait};
 use crate::gc;
 
-/// How long the collector lets changes gather before a pass.
+/// How long the collector lets changes gather before a pass (at least).
 const GC_COALESCE: std::time::Duration = std::time::Duration::from_millis(100);
+/// A pass looks at every object: between passes the collector waits this many times as long
+/// as its last pass took, so that it takes at most a tenth of a core however many objects
+/// there are (cascades wait longer in a huge cluster, as upstream's queue makes them).
+const GC_IDLE_PER_BUSY: u32 = 9;
+
+/// Runs a CPU-bound `f` without holding up the tasks queued on this worker (they move to
+/// another: the watch events the API server is sending, say).
+fn off_the_worker<T>(f: impl FnOnce() -> T) -> T {
+    match tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()) {
+        Ok(tokio::runtime::RuntimeFlavor::MultiThread) => tokio::task::block_in_place(f),
+        _ => f(),
+    }
+}
 
 /// One kind the collector judges: how to reach it through the API, and how to visit the
 /// metadata of every object of it in the shared informers.
@@ -256,29 +269,33 @@ pub(super) async fn run_garbage_collector(
             let group = reference.api_version.rsplit_once('/').map(|(g, _)| g).unwrap_or("");
             resources.iter().position(|(k, _)| k.kind == reference.kind && k.group == group)
         };
-        // Only objects with owners or being deleted can need anything, and of the rest only
-        // those they name as owners matter: two scans, copying just those.
-        let mut objects = Vec::new();
-        let mut named: HashSet<String> = HashSet::new();
-        for (index, kind) in kinds.iter().enumerate() {
-            (kind.visit)(&mut |meta| {
-                let owners = meta.owner_references.as_deref().unwrap_or_default();
-                if !owners.is_empty() || meta.deletion_timestamp.is_some() {
-                    named.extend(owners.iter().map(|o| o.uid.clone()));
-                    objects.push(object(index, meta));
-                }
-            });
-        }
-        let copied: HashSet<String> = objects.iter().map(|o| o.uid.clone()).collect();
-        for (index, kind) in kinds.iter().enumerate() {
-            (kind.visit)(&mut |meta| {
-                let uid = meta.uid.as_deref().unwrap_or_default();
-                if named.contains(uid) && !copied.contains(uid) {
-                    objects.push(object(index, meta));
-                }
-            });
-        }
-        let actions = gc::plan(&objects, |o| kind_of(o).is_some());
+        let started = std::time::Instant::now();
+        let actions = off_the_worker(|| {
+            // Only objects with owners or being deleted can need anything, and of the rest
+            // only those they name as owners matter: two scans, copying just those.
+            let mut objects = Vec::new();
+            let mut named: HashSet<String> = HashSet::new();
+            for (index, kind) in kinds.iter().enumerate() {
+                (kind.visit)(&mut |meta| {
+                    let owners = meta.owner_references.as_deref().unwrap_or_default();
+                    if !owners.is_empty() || meta.deletion_timestamp.is_some() {
+                        named.extend(owners.iter().map(|o| o.uid.clone()));
+                        objects.push(object(index, meta));
+                    }
+                });
+            }
+            let copied: HashSet<String> = objects.iter().map(|o| o.uid.clone()).collect();
+            for (index, kind) in kinds.iter().enumerate() {
+                (kind.visit)(&mut |meta| {
+                    let uid = meta.uid.as_deref().unwrap_or_default();
+                    if named.contains(uid) && !copied.contains(uid) {
+                        objects.push(object(index, meta));
+                    }
+                });
+            }
+            gc::plan(&objects, |o| kind_of(o).is_some())
+        });
+        let pass = started.elapsed();
         let (client, resources, kind_of) = (&client, &resources, &kind_of);
         futures::stream::iter(actions)
             .for_each_concurrent(PARALLEL, |action| async move {
@@ -288,9 +305,10 @@ pub(super) async fn run_garbage_collector(
             })
             .await;
         // A pass looks at every object of every kind: in a busy cluster, once per burst of
-        // 100 ms rather than per change (deletions cascade a little later, nothing is missed).
+        // 100 ms (or nine times the pass) rather than per change (deletions cascade a little
+        // later, nothing is missed).
         wait(&changed).await;
-        tokio::time::sleep(GC_COALESCE).await;
+        tokio::time::sleep(GC_COALESCE.max(pass * GC_IDLE_PER_BUSY)).await;
     }
 }
 
