@@ -750,8 +750,7 @@ async fn list(
         };
         if let Some(at) = at {
             // As stored, selecting nothing out, as JSON: the cache's bytes as they are.
-            if resource.conversion.is_none()
-                && resource.custom.is_none()
+            if object::shown_as_stored(resource)
                 && filters.select_all()
                 && !table::wants_table(accept)
                 && !table::wants_metadata(accept)
@@ -829,7 +828,8 @@ fn list_response(
 
 /// A JSON list of objects already encoded (each a JSON object), written around them.
 fn encoded_list(resource: &Resource, items: &[Bytes], revision: i64) -> Response<Body> {
-    let head = (&*format!("{}List", resource.kind), resource.api_version(), json!({"resourceVersion": revision.to_string()}));
+    let head =
+        (&*format!("{}List", resource.kind), resource.api_version(), json!({"resourceVersion": revision.to_string()}));
     list_body(head, items, |item, body| body.extend_from_slice(item))
 }
 
@@ -965,7 +965,7 @@ async fn watch(
     // Objects as this resource shows them (events.k8s.io Events are stored as core Events).
     let view = move |object: &Value| -> Value { object::from_storage(resource, object.clone()) };
     // A change the cache has encoded goes out as those bytes when shown as stored, as JSON.
-    let as_stored = resource.conversion.is_none() && resource.custom.is_none() && !as_table && !as_metadata;
+    let as_stored = object::shown_as_stored(resource) && !as_table && !as_metadata;
     let render = {
         let include = include.clone();
         move |kind: &str, object: &Value, first: bool| -> Bytes {

@@ -1108,6 +1108,12 @@ pub fn from_storage(resource: &Resource, object: Value) -> Value {
     }
 }
 
+/// Whether [`from_storage`] leaves this resource's objects as they are stored (no conversion,
+/// no custom defaults): then the watch cache's encoded objects can be sent as they are.
+pub fn shown_as_stored(resource: &Resource) -> bool {
+    resource.conversion.is_none() && resource.custom.is_none()
+}
+
 /// An object as read from the store: its resourceVersion is the store's mod revision.
 pub fn from_store(resource: &Resource, value: &[u8], mod_revision: i64) -> Result<Value, ApiError> {
     let mut object: Value = serde_json::from_slice(value)

@@ -264,6 +264,12 @@ impl Cache {
     }
 
     fn apply(&self, event: &Event) {
+        self.record(event);
+        // After the lock is released: those waiting read the revision at once.
+        self.advanced.notify_waiters();
+    }
+
+    fn record(&self, event: &Event) {
         let revision = event.revision();
         let key = &event.kv.key;
         // Decoded and encoded once (outside the lock), for every list and live watcher.
@@ -275,8 +281,6 @@ impl Cache {
                     let mut inner = self.inner.write().unwrap_or_else(|e| e.into_inner());
                     inner.objects.remove(key);
                     inner.revision = inner.revision.max(revision);
-                    drop(inner);
-                    self.advanced.notify_waiters();
                     return;
                 }
             },
@@ -287,7 +291,10 @@ impl Cache {
             Some((object, encoded)) => {
                 let stored = (encoded, event.kv.mod_revision);
                 let previous = inner.objects.insert(key.clone(), stored.clone());
-                (Recorded { kind: EventKind::Put, key: key.clone(), revision, object: Some(stored), previous }, Some(object))
+                (
+                    Recorded { kind: EventKind::Put, key: key.clone(), revision, object: Some(stored), previous },
+                    Some(object),
+                )
             }
             None => {
                 let previous = inner.objects.remove(key);
@@ -295,7 +302,6 @@ impl Cache {
             }
         };
         inner.revision = inner.revision.max(revision);
-        self.advanced.notify_waiters();
         let Some(change) = recorded.change_with(object) else {
             return;
         };
@@ -373,8 +379,7 @@ impl Cache {
             .collect();
         let revision = inner.revision;
         drop(inner);
-        let initial =
-            stored.into_iter().filter_map(|(key, bytes, _)| Some((key, decode_served(&bytes)?))).collect();
+        let initial = stored.into_iter().filter_map(|(key, bytes, _)| Some((key, decode_served(&bytes)?))).collect();
         Some(KeyedSubscription { initial, revision, live })
     }
 

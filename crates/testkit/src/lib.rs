@@ -319,6 +319,17 @@ impl TugboatServer {
         child.wait_with_output().expect("kubectl ends")
     }
 
+    /// curl with the admin's credentials, for `path` (a watch to stream, say): run it as the
+    /// caller needs (`-s -N`; add arguments before spawning).
+    pub fn admin_curl(&self, path: &str) -> Command {
+        let pki = self.data_dir().join("pki");
+        let mut command = Command::new("curl");
+        command.args(["-s", "-N", "--cacert"]).arg(pki.join("ca.crt"));
+        command.arg("--cert").arg(pki.join("admin.crt")).arg("--key").arg(pki.join("admin.key"));
+        command.arg(format!("{}{path}", self.url()));
+        command
+    }
+
     /// Sends one request with curl (as the admin when `credentials`, else anonymously), `extra`
     /// being curl's own arguments (headers, `--data-binary @file`…); returns (HTTP code, body).
     pub fn curl(&self, method: &str, path: &str, credentials: bool, extra: &[&str]) -> (u16, String) {

@@ -653,19 +653,9 @@ fn many_watchers_are_served_from_the_watch_cache() {
             } else {
                 "/api/v1/namespaces/default/configmaps?labelSelector=test%3Dwatch&watch=true&timeoutSeconds=4".to_string()
             };
-            let server_url = server.url();
-            let pki = server.data_dir().join("pki");
+            let mut watch = server.admin_curl(&path);
             std::thread::spawn(move || {
-                let output = Command::new("curl")
-                    .args(["-s", "-N", "--cacert"])
-                    .arg(pki.join("ca.crt"))
-                    .arg("--cert")
-                    .arg(pki.join("admin.crt"))
-                    .arg("--key")
-                    .arg(pki.join("admin.key"))
-                    .arg(format!("{server_url}{path}"))
-                    .output()
-                    .unwrap();
+                let output = watch.output().unwrap();
                 (i, String::from_utf8(output.stdout).unwrap())
             })
         })

@@ -963,7 +963,9 @@ fn lists_and_watches_from_the_cache_are_current_and_byte_for_byte_the_objects() 
         let created = curl_json(
             "POST",
             maps,
-            Some(&serde_json::json!({"metadata": {"name": name, "labels": {"n": i.to_string()}}, "data": {"k": "v\"\n"}})),
+            Some(
+                &serde_json::json!({"metadata": {"name": name, "labels": {"n": i.to_string()}}, "data": {"k": "v\"\n"}}),
+            ),
         );
         names.push(name);
         let written: i64 = created["metadata"]["resourceVersion"].as_str().unwrap().parse().unwrap();
@@ -1000,17 +1002,8 @@ fn lists_and_watches_from_the_cache_are_current_and_byte_for_byte_the_objects() 
     assert_eq!(table.lines().count(), 12, "{table}");
     // A watch from the list sends each change as GET shows the object.
     let from = list["metadata"]["resourceVersion"].as_str().unwrap().to_string();
-    let watch_path = format!("{maps}?watch=true&resourceVersion={from}&timeoutSeconds=3");
-    let url = format!("{}{watch_path}", server.url());
-    let pki = server.data_dir().join("pki");
-    let watcher = std::process::Command::new("curl")
-        .args(["-s", "-N", "--cacert"])
-        .arg(pki.join("ca.crt"))
-        .arg("--cert")
-        .arg(pki.join("admin.crt"))
-        .arg("--key")
-        .arg(pki.join("admin.key"))
-        .arg(url)
+    let watcher = server
+        .admin_curl(&format!("{maps}?watch=true&resourceVersion={from}&timeoutSeconds=3"))
         .stdout(std::process::Stdio::piped())
         .spawn()
         .unwrap();
