@@ -81,7 +81,11 @@ impl Change {
 /// Decoded to insert it; `None` for bytes that are not a JSON object with metadata.
 fn served(value: &[u8], revision: Revision) -> Option<(Value, bytes::Bytes)> {
     let object = decode(value, revision)?;
-    let encoded = serde_json::to_vec(&object).ok()?;
+    // Sized to the stored bytes and then exactly: a vector grown by doubling keeps up to half
+    // of itself unused, and the cache holds one per object.
+    let mut encoded = Vec::with_capacity(value.len() + 64);
+    serde_json::to_writer(&mut encoded, &object).ok()?;
+    encoded.shrink_to_fit();
     Some((object, bytes::Bytes::from(encoded)))
 }
 

@@ -2,9 +2,16 @@
 //! reflector, with its backoff), as every component that follows the API keeps them. No
 //! component reads `managedFields`, so they are dropped (that halves what a cache holds).
 
+use std::any::{Any, TypeId};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, RwLock};
+
 use futures::StreamExt;
-use kube::runtime::reflector::{self, Store, reflector};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use kube::runtime::reflector::{self, reflector};
 use kube::runtime::{WatchStreamExt, watcher};
+use tokio::sync::Notify;
+use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender};
 
 /// A cache of `api`'s objects (`dyntype`: `()` for typed kinds; a kind known at run time, a
 /// `DynamicObject` or `PartialObjectMeta<DynamicObject>`, passes its `ApiResource`), kept until
@@ -16,7 +23,7 @@ pub fn reflect<K>(
     dyntype: K::DynamicType,
     kind: &'static str,
     on_event: impl FnMut(Option<&K>) + Send + 'static,
-) -> Store<K>
+) -> reflector::Store<K>
 where
     K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug + Send + Sync + 'static,
     K::DynamicType: Eq + std::hash::Hash + Clone + Send + Sync,
@@ -31,7 +38,7 @@ pub fn reflect_with<K>(
     dyntype: K::DynamicType,
     kind: &'static str,
     mut on_event: impl FnMut(Option<&K>) + Send + 'static,
-) -> Store<K>
+) -> reflector::Store<K>
 where
     K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug + Send + Sync + 'static,
     K::DynamicType: Eq + std::hash::Hash + Clone + Send + Sync,
@@ -44,22 +51,383 @@ where
             .touched_objects();
     tokio::spawn(async move {
         let mut events = events.boxed();
-        let mut failing = false;
+        let mut failing = Failing::new(kind);
         while let Some(event) = events.next().await {
             match &event {
-                Err(error) if !failing => {
-                    tracing::warn!(%error, kind, "a watch fails; its cache is stale until it recovers");
-                    failing = true;
-                }
-                Err(error) => tracing::debug!(%error, kind, "watch"),
-                Ok(_) if failing => {
-                    tracing::info!(kind, "a watch recovered");
-                    failing = false;
-                }
-                Ok(_) => {}
+                Err(error) => failing.failed(error),
+                Ok(_) => failing.recovered(),
             }
             on_event(event.as_ref().ok());
         }
     });
     reader
+}
+
+/// A kind's objects as one process follows them: one watch, one decoded copy of each object
+/// (`Arc`, managedFields dropped) shared by every reader — the store ([`Shared::store`]), the
+/// controllers it wakes ([`Shared::wake_on_change`]) and the components that want every change
+/// ([`Shared::subscribe`], as the scheduler's cache). In `tugboat server` the scheduler and the
+/// controller manager share their pods and nodes this way ([`Informers`]), where each used to
+/// decode and keep a copy of its own.
+pub struct Shared<K> {
+    inner: Arc<Inner<K>>,
+}
+
+impl<K> std::fmt::Debug for Shared<K> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Shared")
+    }
+}
+
+impl<K> Clone for Shared<K> {
+    fn clone(&self) -> Self {
+        Shared { inner: self.inner.clone() }
+    }
+}
+
+struct Inner<K> {
+    state: RwLock<State<K>>,
+    /// Whether the first full list is in.
+    listed: tokio::sync::watch::Sender<bool>,
+}
+
+struct State<K> {
+    /// The objects by `namespace/name` (`name` for cluster-scoped kinds).
+    objects: HashMap<String, Arc<K>>,
+    /// The objects of a list in progress, which replace `objects` when it is complete.
+    relist: Option<HashMap<String, Arc<K>>>,
+    subscribers: Vec<UnboundedSender<watcher::Event<Arc<K>>>>,
+    wakes: Vec<Arc<Notify>>,
+}
+
+/// A change as a subscriber receives it: the objects are the store's own.
+pub type Change<K> = watcher::Event<Arc<K>>;
+
+fn key_of(meta: &ObjectMeta) -> String {
+    let name = meta.name.as_deref().unwrap_or_default();
+    match meta.namespace.as_deref() {
+        Some(namespace) => format!("{namespace}/{name}"),
+        None => name.to_string(),
+    }
+}
+
+impl<K> Shared<K>
+where
+    K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug + Send + Sync + 'static,
+{
+    /// Starts following `api`'s objects (those `config` selects), logged as `kind`.
+    pub fn start(api: kube::Api<K>, config: watcher::Config, kind: &'static str) -> Shared<K> {
+        let inner = Inner::new();
+        let events = watcher(api, config).modify(|object: &mut K| object.meta_mut().managed_fields = None).default_backoff();
+        let weak = Arc::downgrade(&inner);
+        tokio::spawn(async move {
+            let mut events = std::pin::pin!(events);
+            let mut failing = Failing::new(kind);
+            while let Some(event) = events.next().await {
+                let Some(inner) = weak.upgrade() else { return };
+                match event {
+                    Ok(event) => {
+                        failing.recovered();
+                        inner.apply(event);
+                    }
+                    Err(error) => failing.failed(&error),
+                }
+            }
+        });
+        Shared { inner }
+    }
+}
+
+impl<K: kube::Resource> Shared<K> {
+    /// The objects, to read.
+    pub fn store(&self) -> Store<K> {
+        Store { inner: self.inner.clone() }
+    }
+
+    /// Every change (and the first list) wakes `wake`.
+    pub fn wake_on_change(&self, wake: Arc<Notify>) {
+        self.inner.write().wakes.push(wake);
+    }
+
+    /// Every change from now on, after the objects held now (as a list would bring them:
+    /// `Init`, an `InitApply` each, then `InitDone` once the first list is complete). The
+    /// receiver must keep up or be dropped: what it has not read is held for it.
+    pub fn subscribe(&self) -> UnboundedReceiver<Change<K>> {
+        let (sender, receiver) = tokio::sync::mpsc::unbounded_channel();
+        let mut state = self.inner.write();
+        let listed = *self.inner.listed.borrow();
+        let _ = sender.send(watcher::Event::Init);
+        let held = if listed { &state.objects } else { state.relist.as_ref().unwrap_or(&state.objects) };
+        for object in held.values() {
+            let _ = sender.send(watcher::Event::InitApply(object.clone()));
+        }
+        if listed {
+            let _ = sender.send(watcher::Event::InitDone);
+        }
+        state.subscribers.push(sender);
+        receiver
+    }
+}
+
+impl<K: kube::Resource> Inner<K> {
+    fn new() -> Arc<Inner<K>> {
+        Arc::new(Inner {
+            state: RwLock::new(State {
+                objects: HashMap::new(),
+                relist: None,
+                subscribers: Vec::new(),
+                wakes: Vec::new(),
+            }),
+            listed: tokio::sync::watch::Sender::new(false),
+        })
+    }
+
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, State<K>> {
+        self.state.write().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, State<K>> {
+        self.state.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn apply(&self, event: watcher::Event<K>) {
+        let mut state = self.write();
+        let (change, wake) = match event {
+            watcher::Event::Apply(object) => {
+                let object = Arc::new(object);
+                state.objects.insert(key_of(object.meta()), object.clone());
+                (watcher::Event::Apply(object), true)
+            }
+            watcher::Event::Delete(object) => {
+                let object = state.objects.remove(&key_of(object.meta())).unwrap_or_else(|| Arc::new(object));
+                (watcher::Event::Delete(object), true)
+            }
+            watcher::Event::Init => {
+                state.relist = Some(HashMap::new());
+                (watcher::Event::Init, false)
+            }
+            watcher::Event::InitApply(object) => {
+                let object = Arc::new(object);
+                state.relist.get_or_insert_default().insert(key_of(object.meta()), object.clone());
+                (watcher::Event::InitApply(object), false)
+            }
+            watcher::Event::InitDone => {
+                state.objects = state.relist.take().unwrap_or_default();
+                (watcher::Event::InitDone, true)
+            }
+        };
+        let done = matches!(change, watcher::Event::InitDone);
+        state.subscribers.retain(|subscriber| subscriber.send(change.clone()).is_ok());
+        if wake {
+            for wake in &state.wakes {
+                wake.notify_one();
+            }
+        }
+        drop(state);
+        if done {
+            self.listed.send_replace(true);
+        }
+    }
+}
+
+/// A [`Shared`] kind's objects, to read.
+pub struct Store<K> {
+    inner: Arc<Inner<K>>,
+}
+
+impl<K> std::fmt::Debug for Store<K> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Store")
+    }
+}
+
+impl<K> Clone for Store<K> {
+    fn clone(&self) -> Self {
+        Store { inner: self.inner.clone() }
+    }
+}
+
+impl<K: kube::Resource> Store<K> {
+    /// Every object (as of the last complete list and the changes since).
+    pub fn state(&self) -> Vec<Arc<K>> {
+        self.inner.read().objects.values().cloned().collect()
+    }
+
+    /// The object `name` in `namespace` (None for cluster-scoped kinds).
+    pub fn get(&self, namespace: Option<&str>, name: &str) -> Option<Arc<K>> {
+        let key = match namespace {
+            Some(namespace) => format!("{namespace}/{name}"),
+            None => name.to_string(),
+        };
+        self.inner.read().objects.get(&key).cloned()
+    }
+
+    /// How many objects there are.
+    pub fn len(&self) -> usize {
+        self.inner.read().objects.len()
+    }
+
+    /// Whether there are none.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Waits until the first full list is in.
+    pub async fn wait_until_ready(&self) {
+        let mut listed = self.inner.listed.subscribe();
+        // The sender lives as long as `self`: this cannot fail.
+        let _ = listed.wait_for(|listed| *listed).await;
+    }
+}
+
+/// The process's [`Shared`] kinds (typed kinds, every namespace), each started by its first
+/// reader.
+pub struct Informers {
+    client: kube::Client,
+    kinds: Mutex<HashMap<TypeId, Box<dyn Any + Send + Sync>>>,
+}
+
+impl std::fmt::Debug for Informers {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Informers")
+    }
+}
+
+impl Informers {
+    /// Informers that watch through `client`.
+    pub fn new(client: kube::Client) -> Informers {
+        Informers { client, kinds: Mutex::new(HashMap::new()) }
+    }
+
+    /// Every `K` of the cluster, followed from the first call on.
+    pub fn of<K>(&self) -> Shared<K>
+    where
+        K: kube::Resource<DynamicType = ()>
+            + Clone
+            + serde::de::DeserializeOwned
+            + std::fmt::Debug
+            + Send
+            + Sync
+            + 'static,
+    {
+        let mut kinds = self.kinds.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(shared) = kinds.get(&TypeId::of::<K>()).and_then(|s| s.downcast_ref::<Shared<K>>()) {
+            return shared.clone();
+        }
+        let shared =
+            Shared::start(kube::Api::<K>::all(self.client.clone()), watcher::Config::default(), std::any::type_name::<K>());
+        kinds.insert(TypeId::of::<K>(), Box::new(shared.clone()));
+        shared
+    }
+}
+
+/// Says once when a watch starts failing and once when it recovers.
+struct Failing {
+    kind: &'static str,
+    failing: bool,
+}
+
+impl Failing {
+    fn new(kind: &'static str) -> Failing {
+        Failing { kind, failing: false }
+    }
+
+    fn failed(&mut self, error: &watcher::Error) {
+        let kind = self.kind;
+        if self.failing {
+            tracing::debug!(%error, kind, "watch");
+        } else {
+            tracing::warn!(%error, kind, "a watch fails; its cache is stale until it recovers");
+            self.failing = true;
+        }
+    }
+
+    fn recovered(&mut self) {
+        if std::mem::take(&mut self.failing) {
+            tracing::info!(kind = self.kind, "a watch recovered");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use k8s_openapi::api::core::v1::ConfigMap;
+    use watcher::Event;
+
+    fn map(name: &str, value: &str) -> ConfigMap {
+        let mut map = ConfigMap::default();
+        map.metadata.name = Some(name.to_string());
+        map.metadata.namespace = Some("ns".to_string());
+        map.data = Some([("v".to_string(), value.to_string())].into());
+        map
+    }
+
+    fn names(store: &Store<ConfigMap>) -> Vec<String> {
+        let mut names: Vec<String> = store.state().iter().map(|m| m.metadata.name.clone().unwrap()).collect();
+        names.sort();
+        names
+    }
+
+    fn drain(receiver: &mut UnboundedReceiver<Change<ConfigMap>>) -> Vec<String> {
+        let mut seen = Vec::new();
+        while let Ok(change) = receiver.try_recv() {
+            seen.push(match change {
+                Event::Init => "init".to_string(),
+                Event::InitApply(m) => format!("list {}", m.metadata.name.as_deref().unwrap()),
+                Event::InitDone => "listed".to_string(),
+                Event::Apply(m) => format!("apply {}", m.metadata.name.as_deref().unwrap()),
+                Event::Delete(m) => format!("delete {}", m.metadata.name.as_deref().unwrap()),
+            });
+        }
+        seen
+    }
+
+    #[tokio::test]
+    async fn readers_share_one_copy_and_late_subscribers_start_from_a_list() {
+        let shared = Shared { inner: Inner::<ConfigMap>::new() };
+        let store = shared.store();
+        let wake = Arc::new(Notify::new());
+        shared.wake_on_change(wake.clone());
+        let mut early = shared.subscribe();
+        shared.inner.apply(Event::Init);
+        shared.inner.apply(Event::InitApply(map("a", "1")));
+        // A subscriber that comes during the first list gets what it has so far.
+        let mut during = shared.subscribe();
+        shared.inner.apply(Event::InitApply(map("b", "1")));
+        assert!(names(&store).is_empty(), "a list in progress is not shown");
+        shared.inner.apply(Event::InitDone);
+        store.wait_until_ready().await;
+        wake.notified().await;
+        assert_eq!(names(&store), ["a", "b"]);
+        assert_eq!(drain(&mut early), ["init", "init", "list a", "list b", "listed"]);
+        assert_eq!(drain(&mut during), ["init", "list a", "list b", "listed"]);
+
+        let mut late = shared.subscribe();
+        let mut listed = drain(&mut late);
+        listed[1..3].sort();
+        assert_eq!(listed, ["init", "list a", "list b", "listed"]);
+
+        shared.inner.apply(Event::Apply(map("c", "1")));
+        shared.inner.apply(Event::Apply(map("a", "2")));
+        let Ok(Event::Apply(c)) = late.try_recv() else { panic!("c was not sent") };
+        assert!(Arc::ptr_eq(&c, &store.get(Some("ns"), "c").unwrap()), "subscribers get the store's copy");
+        assert_eq!(store.get(Some("ns"), "a").unwrap().data.as_ref().unwrap()["v"], "2");
+        shared.inner.apply(Event::Delete(map("b", "1")));
+        assert_eq!(names(&store), ["a", "c"]);
+        assert_eq!(drain(&mut late), ["apply a", "delete b"]);
+
+        // A relist replaces the objects when it is complete.
+        shared.inner.apply(Event::Init);
+        shared.inner.apply(Event::InitApply(map("c", "2")));
+        assert_eq!(names(&store), ["a", "c"]);
+        shared.inner.apply(Event::InitDone);
+        assert_eq!(names(&store), ["c"]);
+        assert_eq!(drain(&mut late), ["init", "list c", "listed"]);
+
+        // A dropped subscriber is forgotten.
+        drop(early);
+        shared.inner.apply(Event::Apply(map("d", "1")));
+        assert_eq!(shared.inner.read().subscribers.len(), 2);
+    }
 }

@@ -8,4 +8,4 @@ mod cache;
 pub mod plan;
 mod run;
 
-pub use run::{SCHEDULER_NAME, run};
+pub use run::{SCHEDULER_NAME, run, run_with};

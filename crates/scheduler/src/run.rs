@@ -14,8 +14,9 @@ use k8s_openapi::api::core::v1::{
 };
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
+use tugboat_objects::informer::{self, Informers};
 use kube::api::{Api, Patch, PatchParams, PostParams};
-use kube::runtime::{WatchStreamExt, watcher};
+use kube::runtime::watcher;
 use serde_json::json;
 use tokio::time::Instant;
 
@@ -32,34 +33,26 @@ const PREEMPTION_PAUSE: std::time::Duration = std::time::Duration::from_secs(15)
 
 /// One event of the watches.
 enum Change {
-    Pod(watcher::Event<Pod>),
-    Node(watcher::Event<Node>),
-    Budget(watcher::Event<PodDisruptionBudget>),
-    Claim(watcher::Event<PersistentVolumeClaim>),
-    Volume(watcher::Event<PersistentVolume>),
+    Pod(informer::Change<Pod>),
+    Node(informer::Change<Node>),
+    Budget(informer::Change<PodDisruptionBudget>),
+    Claim(informer::Change<PersistentVolumeClaim>),
+    Volume(informer::Change<PersistentVolume>),
 }
 
 /// Runs the scheduler until the client's server goes away for good.
 pub async fn run(client: kube::Client) -> anyhow::Result<()> {
-    // Without managedFields, which the scheduler never reads (and writes only by patches): a
-    // pod's are a good part of its size, and the cache holds every pod.
-    let pods = watcher(Api::<Pod>::all(client.clone()), watcher::Config::default())
-        .modify(|pod| pod.metadata.managed_fields = None)
-        .default_backoff()
-        .map(|e| e.map(Change::Pod));
-    let nodes = watcher(Api::<Node>::all(client.clone()), watcher::Config::default())
-        .modify(|node| node.metadata.managed_fields = None)
-        .default_backoff()
-        .map(|e| e.map(Change::Node));
-    let budgets = watcher(Api::<PodDisruptionBudget>::all(client.clone()), watcher::Config::default())
-        .default_backoff()
-        .map(|e| e.map(Change::Budget));
-    let claims = watcher(Api::<PersistentVolumeClaim>::all(client.clone()), watcher::Config::default())
-        .default_backoff()
-        .map(|e| e.map(Change::Claim));
-    let volumes = watcher(Api::<PersistentVolume>::all(client.clone()), watcher::Config::default())
-        .default_backoff()
-        .map(|e| e.map(Change::Volume));
+    run_with(client.clone(), Arc::new(Informers::new(client))).await
+}
+
+/// [`run`] with pods and nodes from `informers`, which may be shared with other components of
+/// the process (in `tugboat server`, the controller manager's: one decoded copy of each pod).
+pub async fn run_with(client: kube::Client, informers: Arc<Informers>) -> anyhow::Result<()> {
+    let pods = changes(informers.of::<Pod>()).map(Change::Pod);
+    let nodes = changes(informers.of::<Node>()).map(Change::Node);
+    let budgets = changes(informers.of::<PodDisruptionBudget>()).map(Change::Budget);
+    let claims = changes(informers.of::<PersistentVolumeClaim>()).map(Change::Claim);
+    let volumes = changes(informers.of::<PersistentVolume>()).map(Change::Volume);
     let mut changes =
         futures::stream::select_all([pods.boxed(), nodes.boxed(), budgets.boxed(), claims.boxed(), volumes.boxed()]);
     let (failed_sender, mut failed) = tokio::sync::mpsc::unbounded_channel();
@@ -88,8 +81,7 @@ pub async fn run(client: kube::Client) -> anyhow::Result<()> {
         tokio::select! {
             change = changes.next() => {
                 match change {
-                    Some(Ok(change)) => scheduler.apply(change),
-                    Some(Err(error)) => tracing::debug!(%error, "scheduler watch"),
+                    Some(change) => scheduler.apply(change),
                     None => anyhow::bail!("the scheduler's watches ended"),
                 }
                 due.get_or_insert_with(|| Instant::now() + COALESCE.max(took));
@@ -133,6 +125,12 @@ struct Scheduler {
     permits: Arc<tokio::sync::Semaphore>,
     /// Pods whose binding failed (uids), to forget as assumed.
     failed: tokio::sync::mpsc::UnboundedSender<String>,
+}
+
+/// Every change of a shared kind, as a stream.
+fn changes<K: kube::Resource>(shared: informer::Shared<K>) -> impl futures::Stream<Item = informer::Change<K>> {
+    let mut receiver = shared.subscribe();
+    futures::stream::poll_fn(move |cx| receiver.poll_recv(cx))
 }
 
 fn budget_key(budget: &PodDisruptionBudget) -> String {
@@ -205,20 +203,20 @@ impl Scheduler {
     fn apply(&mut self, change: Change) {
         use watcher::Event;
         match change {
-            Change::Pod(Event::Apply(pod)) => self.cache.apply_pod(Arc::new(pod)),
+            Change::Pod(Event::Apply(pod)) => self.cache.apply_pod(pod),
             Change::Pod(Event::Delete(pod)) => self.cache.delete_pod(uid_of(&pod)),
             Change::Pod(Event::Init) => self.relisted_pods = Some(Vec::new()),
-            Change::Pod(Event::InitApply(pod)) => self.relisted_pods.get_or_insert_default().push(Arc::new(pod)),
+            Change::Pod(Event::InitApply(pod)) => self.relisted_pods.get_or_insert_default().push(pod),
             Change::Pod(Event::InitDone) => {
                 self.cache.replace_pods(self.relisted_pods.take().unwrap_or_default());
                 self.listed.0 = true;
             }
-            Change::Node(Event::Apply(node)) => self.cache.apply_node(Arc::new(node)),
+            Change::Node(Event::Apply(node)) => self.cache.apply_node(node),
             Change::Node(Event::Delete(node)) => {
                 self.cache.delete_node(node.metadata.name.as_deref().unwrap_or_default())
             }
             Change::Node(Event::Init) => self.relisted_nodes = Some(Vec::new()),
-            Change::Node(Event::InitApply(node)) => self.relisted_nodes.get_or_insert_default().push(Arc::new(node)),
+            Change::Node(Event::InitApply(node)) => self.relisted_nodes.get_or_insert_default().push(node),
             Change::Node(Event::InitDone) => {
                 self.cache.replace_nodes(self.relisted_nodes.take().unwrap_or_default());
                 self.listed.1 = true;
@@ -232,7 +230,7 @@ impl Scheduler {
             Change::Budget(Event::Init) => self.relisted_budgets = Some(HashMap::new()),
             Change::Claim(Event::Apply(claim) | Event::InitApply(claim)) => {
                 let key = claim_key(claim.metadata.namespace.as_deref(), claim.metadata.name.as_deref());
-                match claim.spec.and_then(|s| s.volume_name) {
+                match claim.spec.as_ref().and_then(|s| s.volume_name.clone()) {
                     Some(volume) => self.claims.insert(key, volume),
                     None => self.claims.remove(&key),
                 };
@@ -244,9 +242,10 @@ impl Scheduler {
                 let name = volume.metadata.name.clone().unwrap_or_default();
                 let terms = volume
                     .spec
-                    .and_then(|s| s.node_affinity)
-                    .and_then(|a| a.required)
-                    .map(|r| r.node_selector_terms)
+                    .as_ref()
+                    .and_then(|s| s.node_affinity.as_ref())
+                    .and_then(|a| a.required.as_ref())
+                    .map(|r| r.node_selector_terms.clone())
                     .filter(|t| !t.is_empty());
                 match terms {
                     Some(terms) => self.volume_terms.insert(name, terms),

@@ -439,6 +439,7 @@ impl ControllerFlags {
             signing_ca: None,
             signing_duration: self.cluster_signing_duration,
             connect: None,
+            informers: None,
         }
     }
 }
@@ -1044,11 +1045,15 @@ async fn server(args: ServerArgs, full: bool) -> anyhow::Result<()> {
         true => Some(client(api.admin_kubeconfig()).await?),
         false => None,
     };
+    // The scheduler and the controller manager read pods, nodes, claims, volumes and budgets
+    // from the same informers: one watch and one decoded copy of each object.
+    let informers = std::sync::Arc::new(tugboat_objects::informer::Informers::new(client(api.admin_kubeconfig()).await?));
     if full && !args.disable_scheduler {
         let kubeconfig = api.admin_kubeconfig().to_path_buf();
+        let informers = informers.clone();
         let run = elected(election.clone(), Some(&args.data_dir), "kube-scheduler", move || {
-            let kubeconfig = kubeconfig.clone();
-            async move { tugboat_scheduler::run(client(&kubeconfig).await?).await }
+            let (kubeconfig, informers) = (kubeconfig.clone(), informers.clone());
+            async move { tugboat_scheduler::run_with(client(&kubeconfig).await?, informers).await }
         });
         components.push(tokio::spawn(async move {
             let _ = run.await;
@@ -1060,6 +1065,7 @@ async fn server(args: ServerArgs, full: bool) -> anyhow::Result<()> {
         let mut config = args.controllers.config();
         config.root_ca = root_ca(&kubeconfig);
         config.connect = Some(connect_http2(&kubeconfig));
+        config.informers = Some(informers.clone());
         // In-process, the controller manager signs with the cluster CA itself.
         config.signing_ca =
             Some(std::sync::Arc::new(tugboat_pki::ClusterCa::load_or_create(&args.data_dir.join("pki"))?));

@@ -18,7 +18,7 @@ use kube::core::{ApiResource, GroupVersionKind};
 use serde_json::{Value, json};
 use tokio::sync::Notify;
 
-use super::{Hub, ready};
+use super::{Hub};
 use crate::autoscaler;
 use crate::pods::{is_ready, selector_matches};
 use tugboat_objects::labels::Selector;
@@ -35,8 +35,8 @@ pub(super) async fn run_autoscalers(client: kube::Client, hub: Arc<Hub>) -> anyh
     let autoscalers = hub.watch::<HorizontalPodAutoscaler>(&changed);
     // Pods change all the time: read on the autoscalers' schedule, not woken by them.
     let pods = hub.watch::<Pod>(&Arc::new(Notify::new()));
-    ready(&autoscalers).await?;
-    ready(&pods).await?;
+    autoscalers.wait_until_ready().await;
+    pods.wait_until_ready().await;
     tracing::info!("horizontal pod autoscaler started");
     let mut history = Recommendations::new();
     loop {

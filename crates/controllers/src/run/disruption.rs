@@ -9,15 +9,15 @@ use kube::api::{Api, Patch, PatchParams};
 use serde_json::json;
 use tokio::sync::Notify;
 
-use super::{Hub, PARALLEL, pods_by_namespace, ready, wait};
+use super::{Hub, PARALLEL, pods_by_namespace, wait};
 use crate::disruption::{self, Health};
 
 pub(super) async fn run_disruption(client: kube::Client, hub: Arc<Hub>) -> anyhow::Result<()> {
     let changed = Arc::new(Notify::new());
     let budgets = hub.watch::<PodDisruptionBudget>(&changed);
     let pods = hub.watch::<Pod>(&changed);
-    ready(&budgets).await?;
-    ready(&pods).await?;
+    budgets.wait_until_ready().await;
+    pods.wait_until_ready().await;
     tracing::info!("disruption controller started");
     loop {
         let all_budgets = budgets.state();

@@ -10,11 +10,11 @@ use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
 use kube::api::{Api, ApiResource, DeleteParams, DynamicObject, Patch, PatchParams};
 use kube::core::PartialObjectMeta;
-use kube::runtime::reflector::Store;
+use tugboat_objects::informer::Store;
 use serde_json::json;
 use tokio::sync::Notify;
 
-use super::{Hub, PARALLEL, Watched, ready, wait};
+use super::{Hub, PARALLEL, Watched, wait};
 use crate::gc;
 
 /// How long the collector lets changes gather before a pass (at least).
@@ -65,7 +65,7 @@ impl Kind {
     /// A custom kind, known from its definition: its objects' metadata, reflected from now on.
     fn custom(client: &kube::Client, resource: ApiResource, namespaced: bool, changed: &Arc<Notify>) -> Kind {
         let api = Api::<PartialObjectMeta<DynamicObject>>::all_with(client.clone(), &resource);
-        let store = super::reflect_with(api, resource.clone(), Arc::new(std::sync::Mutex::new(vec![changed.clone()])));
+        let store = super::reflect(api, changed);
         let visit = Box::new(move |f: &mut dyn FnMut(&ObjectMeta)| {
             for object in store.state() {
                 f(&object.metadata);
@@ -222,7 +222,7 @@ async fn collected_kinds(hub: &Hub, changed: &Arc<Notify>) -> anyhow::Result<Vec
     macro_rules! kinds {
         ($($kind:ty),*) => {$(
             let (kind, store) = Kind::of::<$kind>(hub, changed);
-            ready(&store).await?;
+            store.wait_until_ready().await;
             kinds.push(kind);
         )*};
     }
@@ -259,7 +259,7 @@ pub(super) async fn run_garbage_collector(
     // Custom kinds join as their definitions are established (and stay: a kind whose
     // definition went has no objects left to judge).
     let definitions = hub.watch::<Definition>(&changed);
-    ready(&definitions).await?;
+    definitions.wait_until_ready().await;
     let mut watch_clients = WatchClients { connect, main: client.clone(), filling: None };
     tracing::info!("garbage collector started");
     loop {

@@ -16,7 +16,7 @@ use serde_json::json;
 use tokio::sync::Notify;
 
 use super::workloads::{controller_uid, owner_reference};
-use super::{Hub, create_if_missing, delete_if_there, ready, wait};
+use super::{Hub, create_if_missing, delete_if_there, wait};
 use crate::deployment::template_hash;
 
 pub(super) async fn run_history(client: kube::Client, hub: Arc<Hub>) -> anyhow::Result<()> {
@@ -24,9 +24,9 @@ pub(super) async fn run_history(client: kube::Client, hub: Arc<Hub>) -> anyhow::
     let daemonsets = hub.watch::<DaemonSet>(&changed);
     let statefulsets = hub.watch::<StatefulSet>(&changed);
     let revisions = hub.watch::<ControllerRevision>(&changed);
-    ready(&daemonsets).await?;
-    ready(&statefulsets).await?;
-    ready(&revisions).await?;
+    daemonsets.wait_until_ready().await;
+    statefulsets.wait_until_ready().await;
+    revisions.wait_until_ready().await;
     tracing::info!("controller history started");
     loop {
         let all = revisions.state();

@@ -4,15 +4,13 @@
 //! and missed events do not matter). Passes apply their plans through the API, a bounded number
 //! of writes at a time.
 
-use std::any::{Any, TypeId};
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::{Api, DeleteParams};
-use kube::runtime::reflector;
-use kube::runtime::reflector::Store;
+use tugboat_objects::informer::{Informers, Shared, Store};
 use tokio::sync::Notify;
 
 use crate::nodeipam::Cidr;
@@ -51,6 +49,9 @@ pub struct ControllerConfig {
     /// garbage collector watches every custom kind, and a thousand HTTP/1.1 watches would be a
     /// thousand TLS connections (~90 KiB each, both ends). Without it, the main client.
     pub connect: Option<Connect>,
+    /// The process's informers, shared with its other components (the scheduler); without
+    /// them, the controller manager's own.
+    pub informers: Option<Arc<Informers>>,
 }
 
 /// See [`ControllerConfig::connect`].
@@ -75,6 +76,7 @@ impl Default for ControllerConfig {
             signing_ca: None,
             signing_duration: Duration::from_secs(365 * 24 * 3600),
             connect: None,
+            informers: None,
         }
     }
 }
@@ -106,22 +108,17 @@ fn pods_by_namespace(pods: &[Arc<Pod>]) -> HashMap<&str, Vec<Arc<Pod>>> {
     by_namespace
 }
 
-/// One reflector of a kind and the controllers it wakes.
-struct Informer<K: kube::Resource<DynamicType = ()> + 'static> {
-    store: Store<K>,
-    wakes: Arc<Mutex<Vec<Arc<Notify>>>>,
-}
-
 /// The shared informers: the first controller to ask for a kind starts its reflector (every
-/// namespace), later ones share its cache and are woken by its changes too.
+/// namespace), later ones share its cache and are woken by its changes too. The informers
+/// may be the process's (`ControllerConfig::informers`: in `tugboat server` the scheduler reads
+/// the same pods and nodes).
 pub(crate) struct Hub {
-    client: kube::Client,
-    informers: Mutex<HashMap<TypeId, Box<dyn Any + Send + Sync>>>,
+    informers: Arc<Informers>,
 }
 
 impl Hub {
-    fn new(client: kube::Client) -> Hub {
-        Hub { client, informers: Mutex::new(HashMap::new()) }
+    fn new(informers: Arc<Informers>) -> Hub {
+        Hub { informers }
     }
 
     /// The cache of every `K`, whose changes wake `wake` (a controller that looks on its own
@@ -130,45 +127,21 @@ impl Hub {
     where
         K: Watched,
     {
-        let mut informers = self.informers.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(informer) = informers.get(&TypeId::of::<K>()).and_then(|i| i.downcast_ref::<Informer<K>>()) {
-            informer.wakes.lock().unwrap_or_else(|e| e.into_inner()).push(wake.clone());
-            return informer.store.clone();
-        }
-        let wakes = Arc::new(Mutex::new(vec![wake.clone()]));
-        let store = reflect_with(Api::<K>::all(self.client.clone()), (), wakes.clone());
-        informers.insert(TypeId::of::<K>(), Box::new(Informer { store: store.clone(), wakes }));
-        store
+        let shared = self.informers.of::<K>();
+        shared.wake_on_change(wake.clone());
+        shared.store()
     }
 }
 
-/// A reflector whose changes wake every Notify in `wakes` (for a kind known at run time, a
-/// `DynamicObject` — or only its metadata, `PartialObjectMeta<DynamicObject>` — with its
-/// `ApiResource` as `dyntype`).
-pub(super) fn reflect_with<K>(api: Api<K>, dyntype: K::DynamicType, wakes: Arc<Mutex<Vec<Arc<Notify>>>>) -> Store<K>
+/// A reflector whose changes wake `wake` (for a kind known at run time, a `DynamicObject` —
+/// or only its metadata, `PartialObjectMeta<DynamicObject>`).
+pub(super) fn reflect<K>(api: Api<K>, wake: &Arc<Notify>) -> Store<K>
 where
     K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug + Send + Sync + 'static,
-    K::DynamicType: Eq + std::hash::Hash + Clone + Send + Sync,
 {
-    tugboat_objects::informer::reflect(api, dyntype, std::any::type_name::<K>(), move |_| {
-        for wake in wakes.lock().unwrap_or_else(|e| e.into_inner()).iter() {
-            wake.notify_one();
-        }
-    })
-}
-
-/// Waits until `store` holds its first full list. (kube's `wait_until_ready` wakes only the
-/// last of several tasks waiting at once on a shared store, so each waits in short turns.)
-async fn ready<K>(store: &Store<K>) -> Result<(), reflector::store::WriterDropped>
-where
-    K: kube::Resource + Clone + 'static,
-    K::DynamicType: Eq + std::hash::Hash + Clone,
-{
-    loop {
-        if let Ok(result) = tokio::time::timeout(Duration::from_millis(50), store.wait_until_ready()).await {
-            return result;
-        }
-    }
+    let shared = Shared::start(api, kube::runtime::watcher::Config::default(), std::any::type_name::<K>());
+    shared.wake_on_change(wake.clone());
+    shared.store()
 }
 
 /// Waits for a change (or the resync), then for the changes that come with it.
@@ -225,7 +198,8 @@ where
 
 /// Runs every controller until one of them fails for good.
 pub async fn run(client: kube::Client, config: ControllerConfig) -> anyhow::Result<()> {
-    let hub = Arc::new(Hub::new(client.clone()));
+    let informers = config.informers.clone().unwrap_or_else(|| Arc::new(Informers::new(client.clone())));
+    let hub = Arc::new(Hub::new(informers));
     let mut tasks = tokio::task::JoinSet::new();
     tasks.spawn(nodes::run_node_lifecycle(client.clone(), hub.clone(), config.clone()));
     tasks.spawn(nodes::run_node_ipam(client.clone(), hub.clone(), config.clone()));

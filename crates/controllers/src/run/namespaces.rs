@@ -11,7 +11,7 @@ use kube::api::{Api, ApiResource, DeleteParams, DynamicObject, ListParams, PostP
 use kube::discovery::{Discovery, Scope, verbs};
 use tokio::sync::Notify;
 
-use super::{COALESCE, Hub, PARALLEL, create_if_missing, ready, wait};
+use super::{COALESCE, Hub, PARALLEL, create_if_missing, wait};
 use crate::namespaces::{self, Remaining};
 use crate::serviceaccounts;
 
@@ -21,7 +21,7 @@ const FINALIZER: &str = "kubernetes";
 pub(super) async fn run_namespaces(client: kube::Client, hub: Arc<Hub>) -> anyhow::Result<()> {
     let changed = Arc::new(Notify::new());
     let namespaces = hub.watch::<Namespace>(&changed);
-    ready(&namespaces).await?;
+    namespaces.wait_until_ready().await;
     tracing::info!("namespace controller started");
     loop {
         let terminating: Vec<Arc<Namespace>> = namespaces
@@ -187,8 +187,8 @@ pub(super) async fn run_service_accounts(client: kube::Client, hub: Arc<Hub>) ->
     let changed = Arc::new(Notify::new());
     let namespaces = hub.watch::<Namespace>(&changed);
     let accounts = hub.watch::<ServiceAccount>(&changed);
-    ready(&namespaces).await?;
-    ready(&accounts).await?;
+    namespaces.wait_until_ready().await;
+    accounts.wait_until_ready().await;
     tracing::info!("service account controller started");
     loop {
         let wanted = serviceaccounts::plan(&namespaces.state(), &accounts.state());
@@ -224,8 +224,8 @@ pub(super) async fn run_root_ca_publisher(client: kube::Client, hub: Arc<Hub>, c
     // Metadata only (shared with the garbage collector); a map's content is checked on GET
     // only when it is created or its resourceVersion changes.
     let maps = hub.watch::<PartialObjectMeta<ConfigMap>>(&changed);
-    ready(&namespaces).await?;
-    ready(&maps).await?;
+    namespaces.wait_until_ready().await;
+    maps.wait_until_ready().await;
     tracing::info!("root CA publisher started");
     let mut checked: std::collections::HashMap<String, String> = std::collections::HashMap::new();
     loop {
@@ -236,7 +236,7 @@ pub(super) async fn run_root_ca_publisher(client: kube::Client, hub: Arc<Hub>, c
             let name = namespace.metadata.name.clone().unwrap_or_default();
             // Looked up by name: each change of any ConfigMap wakes this loop, and a scan of
             // them all each time grew with the square of their number.
-            let found = maps.get(&kube::runtime::reflector::ObjectRef::new(ROOT_CA).within(&name));
+            let found = maps.get(Some(&name), ROOT_CA);
             let version = found.as_ref().and_then(|m| m.metadata.resource_version.as_ref());
             if version.is_some() && checked.get(&name) == version {
                 continue;

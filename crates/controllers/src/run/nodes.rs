@@ -12,7 +12,7 @@ use kube::api::{Api, DeleteParams, Patch, PatchParams, Preconditions};
 use serde_json::json;
 use tokio::sync::Notify;
 
-use super::{COALESCE, ControllerConfig, Hub, PARALLEL, delete_if_there, ready, wait};
+use super::{COALESCE, ControllerConfig, Hub, PARALLEL, delete_if_there, wait};
 use crate::{nodeipam, nodelifecycle, podgc};
 
 /// The node lifecycle controller: heartbeats, NotReady/unreachable taints, NoExecute eviction.
@@ -27,9 +27,9 @@ pub(super) async fn run_node_lifecycle(
     let nodes = hub.watch::<Node>(&unused);
     let leases = hub.watch::<Lease>(&unused);
     let pods = hub.watch::<Pod>(&unused);
-    ready(&nodes).await?;
-    ready(&leases).await?;
-    ready(&pods).await?;
+    nodes.wait_until_ready().await;
+    leases.wait_until_ready().await;
+    pods.wait_until_ready().await;
     tracing::info!("node lifecycle controller started");
     let grace = config.node_monitor_grace_period.as_secs() as i64;
     loop {
@@ -130,7 +130,7 @@ async fn apply_node_action(client: &kube::Client, action: &nodelifecycle::Action
 pub(super) async fn run_node_ipam(client: kube::Client, hub: Arc<Hub>, config: ControllerConfig) -> anyhow::Result<()> {
     let changed = Arc::new(Notify::new());
     let nodes = hub.watch::<Node>(&changed);
-    ready(&nodes).await?;
+    nodes.wait_until_ready().await;
     tracing::info!(cluster_cidr = %config.cluster_cidr, "node ipam controller started");
     let api: Api<Node> = Api::all(client.clone());
     let mut reported: HashSet<String> = HashSet::new();
@@ -166,8 +166,8 @@ pub(super) async fn run_pod_gc(client: kube::Client, hub: Arc<Hub>, config: Cont
     let changed = Arc::new(Notify::new());
     let nodes = hub.watch::<Node>(&changed);
     let pods = hub.watch::<Pod>(&Arc::new(Notify::new()));
-    ready(&nodes).await?;
-    ready(&pods).await?;
+    nodes.wait_until_ready().await;
+    pods.wait_until_ready().await;
     tracing::info!("pod garbage collector started");
     let node_api: Api<Node> = Api::all(client.clone());
     // Nodes seen missing, and since when (upstream's quarantine).

@@ -12,11 +12,11 @@ use k8s_openapi::api::core::v1::{
 };
 use kube::api::{Api, Patch, PatchParams};
 use kube::core::PartialObjectMeta;
-use kube::runtime::reflector::Store;
+use tugboat_objects::informer::Store;
 use serde_json::{Value, json};
 use tokio::sync::Notify;
 
-use super::{Hub, ready, wait, wait_until};
+use super::{Hub, wait, wait_until};
 use tugboat_objects::quota;
 
 /// The resources counted from the stores below (besides pods, services and claims).
@@ -60,19 +60,19 @@ pub(super) async fn run_quotas(client: kube::Client, hub: Arc<Hub>) -> anyhow::R
     let daemonsets = hub.watch::<DaemonSet>(&changed);
     let jobs = hub.watch::<Job>(&changed);
     let cronjobs = hub.watch::<CronJob>(&changed);
-    ready(&quotas).await?;
-    ready(&pods).await?;
-    ready(&services).await?;
-    ready(&claims).await?;
-    ready(&configmaps).await?;
-    ready(&secrets).await?;
-    ready(&controllers).await?;
-    ready(&replicasets).await?;
-    ready(&deployments).await?;
-    ready(&statefulsets).await?;
-    ready(&daemonsets).await?;
-    ready(&jobs).await?;
-    ready(&cronjobs).await?;
+    quotas.wait_until_ready().await;
+    pods.wait_until_ready().await;
+    services.wait_until_ready().await;
+    claims.wait_until_ready().await;
+    configmaps.wait_until_ready().await;
+    secrets.wait_until_ready().await;
+    controllers.wait_until_ready().await;
+    replicasets.wait_until_ready().await;
+    deployments.wait_until_ready().await;
+    statefulsets.wait_until_ready().await;
+    daemonsets.wait_until_ready().await;
+    jobs.wait_until_ready().await;
+    cronjobs.wait_until_ready().await;
     tracing::info!("resource quota controller started");
     // When each quota's current version was first seen: admission charges a quota at once
     // (a new version), and the caches of what it counts catch up a moment later — counting

@@ -12,7 +12,7 @@ use kube::api::{Api, Patch, PatchParams};
 use serde_json::json;
 use tokio::sync::Notify;
 
-use super::{Hub, ready, wait};
+use super::{Hub, wait};
 use crate::nodelifecycle::is_node_ready;
 
 /// The addresses a LoadBalancer Service is given: each Ready node's internal (else external)
@@ -52,8 +52,8 @@ pub(super) async fn run_service_lb(client: kube::Client, hub: Arc<Hub>) -> anyho
     let changed = Arc::new(Notify::new());
     let services = hub.watch::<Service>(&changed);
     let nodes = hub.watch::<Node>(&changed);
-    ready(&services).await?;
-    ready(&nodes).await?;
+    services.wait_until_ready().await;
+    nodes.wait_until_ready().await;
     tracing::info!("service load balancer started");
     loop {
         let addresses = node_addresses(&nodes.state());

@@ -11,7 +11,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::api::{Api, DeleteParams, PostParams};
 use tokio::sync::Notify;
 
-use super::{Hub, PARALLEL, delete_if_there, pods_by_namespace, ready, wait};
+use super::{Hub, PARALLEL, delete_if_there, pods_by_namespace, wait};
 use crate::endpoints::{self, CONTROLLER, Desired, MANAGED_BY, SERVICE_NAME};
 
 /// The label upstream's endpoints controller puts on the Endpoints it manages (so the mirroring
@@ -24,10 +24,10 @@ pub(super) async fn run_endpoints(client: kube::Client, hub: Arc<Hub>) -> anyhow
     let pods = hub.watch::<Pod>(&changed);
     let endpoints = hub.watch::<Endpoints>(&changed);
     let slices = hub.watch::<EndpointSlice>(&changed);
-    ready(&services).await?;
-    ready(&pods).await?;
-    ready(&endpoints).await?;
-    ready(&slices).await?;
+    services.wait_until_ready().await;
+    pods.wait_until_ready().await;
+    endpoints.wait_until_ready().await;
+    slices.wait_until_ready().await;
     tracing::info!("endpoints and endpointslice controllers started");
     loop {
         let selecting = |s: &Service| s.spec.as_ref().and_then(|s| s.selector.as_ref()).is_some_and(|s| !s.is_empty());
@@ -207,9 +207,9 @@ pub(super) async fn run_mirroring(client: kube::Client, hub: Arc<Hub>) -> anyhow
     let services = hub.watch::<Service>(&changed);
     let endpoints = hub.watch::<Endpoints>(&changed);
     let slices = hub.watch::<EndpointSlice>(&changed);
-    ready(&services).await?;
-    ready(&endpoints).await?;
-    ready(&slices).await?;
+    services.wait_until_ready().await;
+    endpoints.wait_until_ready().await;
+    slices.wait_until_ready().await;
     tracing::info!("endpointslice mirroring controller started");
     loop {
         let key =

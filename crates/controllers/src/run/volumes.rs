@@ -9,7 +9,7 @@ use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
 use serde_json::json;
 use tokio::sync::Notify;
 
-use super::{Hub, event, ready, wait};
+use super::{Hub, event, wait};
 use crate::volumes::{Action, plan};
 
 pub(super) async fn run_volumes(client: kube::Client, hub: Arc<Hub>) -> anyhow::Result<()> {
@@ -18,10 +18,10 @@ pub(super) async fn run_volumes(client: kube::Client, hub: Arc<Hub>) -> anyhow::
     let volumes = hub.watch::<PersistentVolume>(&changed);
     let classes = hub.watch::<StorageClass>(&changed);
     let pods = hub.watch::<Pod>(&changed);
-    ready(&claims).await?;
-    ready(&volumes).await?;
-    ready(&classes).await?;
-    ready(&pods).await?;
+    claims.wait_until_ready().await;
+    volumes.wait_until_ready().await;
+    classes.wait_until_ready().await;
+    pods.wait_until_ready().await;
     tracing::info!("persistent volume controller started");
     // Claims already told they wait (an event once, not every pass).
     let mut told: std::collections::HashSet<(String, String)> = Default::default();

@@ -13,7 +13,7 @@ use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams, Preconditions
 use serde_json::json;
 use tokio::sync::Notify;
 
-use super::{Hub, PARALLEL, create_if_missing, delete_if_there, event, pods_by_namespace, ready, wait, wait_until};
+use super::{Hub, PARALLEL, create_if_missing, delete_if_there, event, pods_by_namespace, wait, wait_until};
 use crate::{cronjob, daemonset, deployment, job, replicaset, statefulset};
 
 /// What the ReplicaSet controller keeps: ReplicaSets, and ReplicationControllers (their
@@ -76,8 +76,8 @@ pub(super) async fn run_replicasets<K: Replicated>(client: kube::Client, hub: Ar
     let changed = Arc::new(Notify::new());
     let sets = hub.watch::<K>(&changed);
     let pods = hub.watch::<Pod>(&changed);
-    ready(&sets).await?;
-    ready(&pods).await?;
+    sets.wait_until_ready().await;
+    pods.wait_until_ready().await;
     tracing::info!(kind = %K::kind(&()), "replicaset controller started");
     let mut in_flight = InFlight::default();
     loop {
@@ -347,8 +347,8 @@ pub(super) async fn run_deployments(client: kube::Client, hub: Arc<Hub>) -> anyh
     let changed = Arc::new(Notify::new());
     let deployments = hub.watch::<Deployment>(&changed);
     let sets = hub.watch::<ReplicaSet>(&changed);
-    ready(&deployments).await?;
-    ready(&sets).await?;
+    deployments.wait_until_ready().await;
+    sets.wait_until_ready().await;
     tracing::info!("deployment controller started");
     loop {
         let all_sets = sets.state();
@@ -529,9 +529,9 @@ pub(super) async fn run_daemonsets(client: kube::Client, hub: Arc<Hub>) -> anyho
     let sets = hub.watch::<DaemonSet>(&changed);
     let nodes = hub.watch::<Node>(&changed);
     let pods = hub.watch::<Pod>(&changed);
-    ready(&sets).await?;
-    ready(&nodes).await?;
-    ready(&pods).await?;
+    sets.wait_until_ready().await;
+    nodes.wait_until_ready().await;
+    pods.wait_until_ready().await;
     tracing::info!("daemonset controller started");
     // Pods created for (DaemonSet uid, node) that the watch has not shown yet.
     let mut in_flight: HashMap<(String, String), std::time::Instant> = HashMap::new();
@@ -612,8 +612,8 @@ pub(super) async fn run_jobs(client: kube::Client, hub: Arc<Hub>) -> anyhow::Res
     let changed = Arc::new(Notify::new());
     let jobs = hub.watch::<Job>(&changed);
     let pods = hub.watch::<Pod>(&changed);
-    ready(&jobs).await?;
-    ready(&pods).await?;
+    jobs.wait_until_ready().await;
+    pods.wait_until_ready().await;
     tracing::info!("job controller started");
     let mut in_flight = InFlight::default();
     loop {
@@ -771,8 +771,8 @@ pub(super) async fn run_cronjobs(client: kube::Client, hub: Arc<Hub>) -> anyhow:
     let changed = Arc::new(Notify::new());
     let cronjobs = hub.watch::<CronJob>(&changed);
     let jobs = hub.watch::<Job>(&changed);
-    ready(&cronjobs).await?;
-    ready(&jobs).await?;
+    cronjobs.wait_until_ready().await;
+    jobs.wait_until_ready().await;
     tracing::info!("cronjob controller started");
     let mut reported: HashMap<String, String> = HashMap::new();
     loop {
@@ -867,9 +867,9 @@ pub(super) async fn run_statefulsets(client: kube::Client, hub: Arc<Hub>) -> any
     let sets = hub.watch::<StatefulSet>(&changed);
     let pods = hub.watch::<Pod>(&changed);
     let claims = hub.watch::<PersistentVolumeClaim>(&changed);
-    ready(&sets).await?;
-    ready(&pods).await?;
-    ready(&claims).await?;
+    sets.wait_until_ready().await;
+    pods.wait_until_ready().await;
+    claims.wait_until_ready().await;
     tracing::info!("statefulset controller started");
     loop {
         if sets.is_empty() {
