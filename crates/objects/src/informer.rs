@@ -7,6 +7,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, RwLock};
 
 use futures::StreamExt;
+use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::runtime::reflector::{self, reflector};
 use kube::runtime::{WatchStreamExt, watcher};
@@ -100,6 +101,41 @@ struct State<K> {
     wakes: Vec<Arc<Notify>>,
 }
 
+/// What no reader of a shared informer uses, dropped from each object: managedFields (a good
+/// part of any object), and of a pod what only its kubelet reads (a decoded pod is ~15 KiB, and
+/// half of it is volumes: a `Volume` is 3,280 bytes before it holds anything). A pod keeps the
+/// volumes that name claims (`persistentVolumeClaim`, `ephemeral`: the scheduler places pods
+/// by them, the claim protection waits for them) and of its containers what the control plane
+/// reads (names, images, ports, resources, securityContext, ...), not env, command, args,
+/// volumeMounts, probes or lifecycle hooks. Nothing writes back an informer's objects (writes
+/// are patches of what a controller decided), so nothing dropped is ever lost.
+fn slim<K: kube::Resource + 'static>(object: &mut K) {
+    object.meta_mut().managed_fields = None;
+    let object: &mut dyn Any = object;
+    if let Some(pod) = object.downcast_mut::<Pod>() {
+        slim_pod(pod);
+    }
+}
+
+fn slim_pod(pod: &mut Pod) {
+    let Some(spec) = pod.spec.as_mut() else { return };
+    if let Some(volumes) = spec.volumes.as_mut() {
+        volumes.retain(|v| v.persistent_volume_claim.is_some() || v.ephemeral.is_some());
+        volumes.shrink_to_fit();
+    }
+    for container in spec.containers.iter_mut().chain(spec.init_containers.iter_mut().flatten()) {
+        container.env = None;
+        container.env_from = None;
+        container.command = None;
+        container.args = None;
+        container.volume_mounts = None;
+        container.liveness_probe = None;
+        container.readiness_probe = None;
+        container.startup_probe = None;
+        container.lifecycle = None;
+    }
+}
+
 /// A change as a subscriber receives it: the objects are the store's own.
 pub type Change<K> = watcher::Event<Arc<K>>;
 
@@ -118,7 +154,7 @@ where
     /// Starts following `api`'s objects (those `config` selects), logged as `kind`.
     pub fn start(api: kube::Api<K>, config: watcher::Config, kind: &'static str) -> Shared<K> {
         let inner = Inner::new();
-        let events = watcher(api, config).modify(|object: &mut K| object.meta_mut().managed_fields = None).default_backoff();
+        let events = watcher(api, config).modify(slim).default_backoff();
         let weak = Arc::downgrade(&inner);
         tokio::spawn(async move {
             let mut events = std::pin::pin!(events);
@@ -381,6 +417,45 @@ mod tests {
             });
         }
         seen
+    }
+
+    #[test]
+    fn pods_keep_what_the_control_plane_reads() {
+        let pod: Pod = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "p", "namespace": "ns", "managedFields": [{"manager": "kubectl"}]},
+            "spec": {
+                "containers": [{"name": "c", "image": "i", "env": [{"name": "A", "value": "1"}],
+                                "ports": [{"name": "http", "containerPort": 80}],
+                                "resources": {"requests": {"cpu": "100m"}},
+                                "readinessProbe": {"exec": {"command": ["true"]}},
+                                "volumeMounts": [{"name": "token", "mountPath": "/t"}]}],
+                "initContainers": [{"name": "i", "image": "i", "args": ["x"]}],
+                "volumes": [{"name": "token", "projected": {"sources": []}},
+                            {"name": "data", "persistentVolumeClaim": {"claimName": "data"}},
+                            {"name": "scratch", "ephemeral": {"volumeClaimTemplate": {"spec": {}}}}],
+                "tolerations": [{"key": "k", "operator": "Exists"}]
+            }
+        }))
+        .unwrap();
+        let mut slimmed = pod.clone();
+        slim(&mut slimmed);
+        assert_eq!(slimmed.metadata.managed_fields, None);
+        let spec = slimmed.spec.as_ref().unwrap();
+        let volumes: Vec<&str> = spec.volumes.iter().flatten().map(|v| v.name.as_str()).collect();
+        assert_eq!(volumes, ["data", "scratch"]);
+        let container = &spec.containers[0];
+        assert_eq!((container.env.as_ref(), container.volume_mounts.as_ref()), (None, None));
+        assert!(container.readiness_probe.is_none());
+        assert_eq!(container.ports, pod.spec.as_ref().unwrap().containers[0].ports);
+        assert_eq!(container.resources, pod.spec.as_ref().unwrap().containers[0].resources);
+        assert_eq!(spec.init_containers.as_ref().unwrap()[0].args, None);
+        assert_eq!(spec.tolerations, pod.spec.as_ref().unwrap().tolerations);
+        // Other kinds lose their managedFields only.
+        let mut map = map("m", "v");
+        map.metadata.managed_fields = Some(Vec::new());
+        let before = map.clone();
+        slim(&mut map);
+        assert_eq!((map.data, map.metadata.managed_fields), (before.data, None));
     }
 
     #[tokio::test]
