@@ -189,6 +189,40 @@ impl Watch {
     }
 }
 
+/// Runs `operation(i)` for every i below `count`, `clients` at a time (each client takes every
+/// `clients`-th i, one after the other, as a client with one connection would).
+pub async fn in_parallel<F, Fut>(count: usize, clients: usize, operation: F) -> anyhow::Result<()>
+where
+    F: Fn(usize) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = anyhow::Result<()>> + Send,
+{
+    let operation = Arc::new(operation);
+    let mut tasks = Vec::new();
+    for client in 0..clients {
+        let operation = operation.clone();
+        tasks.push(tokio::spawn(async move {
+            for i in (client..count).step_by(clients) {
+                operation(i).await?;
+            }
+            anyhow::Ok(())
+        }));
+    }
+    for task in tasks {
+        task.await??;
+    }
+    Ok(())
+}
+
+/// The CPU time a process has used so far (user and system), in seconds.
+pub fn cpu_seconds(pid: Option<u32>) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{}/stat", pid?)).ok()?;
+    // After the command's name (in parentheses, which may hold spaces): fields 14 and 15.
+    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+    let ticks: f64 = fields.get(11)?.parse::<f64>().ok()? + fields.get(12)?.parse::<f64>().ok()?;
+    // In USER_HZ, which Linux fixes at 100 for every architecture's user ABI.
+    Some(ticks / 100.0)
+}
+
 /// The resident set of a process, in KiB.
 pub fn rss_kib(pid: Option<u32>) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{}/status", pid?)).ok()?;

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use clap::Parser;
 use hyper::Method;
 use serde_json::{Value, json};
-use tugboat_apibench::load_target;
+use tugboat_apibench::{in_parallel, load_target};
 
 #[derive(Debug, Parser)]
 #[command(about = "Benchmark a scheduler through the API; prints JSON")]
@@ -31,28 +31,6 @@ struct Args {
     /// Start the scheduler only once every pod exists (needs --start).
     #[arg(long, requires = "start")]
     backlog: bool,
-}
-
-async fn in_parallel<F, Fut>(count: usize, clients: usize, operation: F) -> anyhow::Result<()>
-where
-    F: Fn(usize) -> Fut + Send + Sync + 'static,
-    Fut: Future<Output = anyhow::Result<()>> + Send,
-{
-    let operation = Arc::new(operation);
-    let mut tasks = Vec::new();
-    for client in 0..clients {
-        let operation = operation.clone();
-        tasks.push(tokio::spawn(async move {
-            for i in (client..count).step_by(clients) {
-                operation(i).await?;
-            }
-            anyhow::Ok(())
-        }));
-    }
-    for task in tasks {
-        task.await??;
-    }
-    Ok(())
 }
 
 async fn run(args: Args) -> anyhow::Result<Value> {
