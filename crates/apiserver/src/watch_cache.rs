@@ -240,6 +240,18 @@ pub struct Cache {
     alive: AtomicBool,
     /// Told each time the cache's revision moves.
     advanced: tokio::sync::Notify,
+    /// How far the store's log has been looked at for this resource's changes (see
+    /// [`WatchCaches::current`]).
+    checked: std::sync::Mutex<Checked>,
+}
+
+/// The store's log has been searched up to `until`: no change of the cache's resource up to
+/// there is later than `last`. The next search starts at `until`, so a list pays for the
+/// writes since the previous list, not for every write since the resource last changed.
+#[derive(Debug, Clone, Copy)]
+struct Checked {
+    until: Revision,
+    last: Revision,
 }
 
 /// What a watch served by the cache starts with.
@@ -436,12 +448,21 @@ impl WatchCaches {
             return Some(current);
         }
         // Later revisions may all be other resources' changes: the last of ours is what the
-        // cache must reach.
-        let Some(last) = self.store.last_change(prefix, seen, current).await.ok()? else {
-            return Some(current);
-        };
-        if last > current {
-            return None;
+        // cache must reach. The log up to `checked.until` was searched before (changes of ours
+        // up to there are at most `checked.last`; those up to `seen` the cache has).
+        let checked = *cache.checked.lock().unwrap_or_else(|e| e.into_inner());
+        let from = checked.until.max(seen);
+        let mut last = checked.last;
+        if from < current {
+            if let Some(found) = self.store.last_change(prefix, from, current).await.ok()? {
+                if found > current {
+                    return None;
+                }
+                last = last.max(found);
+            }
+            let mut checked = cache.checked.lock().unwrap_or_else(|e| e.into_inner());
+            checked.last = checked.last.max(last);
+            checked.until = checked.until.max(current);
         }
         let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(1);
         loop {
@@ -483,6 +504,7 @@ impl WatchCaches {
             }),
             alive: AtomicBool::new(true),
             advanced: tokio::sync::Notify::new(),
+            checked: std::sync::Mutex::new(Checked { until: page.revision, last: page.revision }),
         });
         let keeper = cache.clone();
         let name = prefix.to_string();
@@ -548,6 +570,18 @@ mod tests {
         assert!(caches.current(&cache, prefix).await.unwrap() >= deleted);
         assert!(cache.object(&format!("{prefix}a/m0")).is_none());
         assert_eq!(cache.list_encoded(prefix).0.len(), 49);
+        // The log is searched from where the last search stopped: a change of ours after many
+        // of others', and after searches that found nothing, is still waited for.
+        for round in 0..5 {
+            for i in 0..20 {
+                store.create(&format!("/registry/secrets/a/s{round}-{i}"), object("s", i)).await.unwrap();
+                caches.current(&cache, prefix).await.expect("current");
+            }
+            let written = store.create(&format!("{prefix}b/late{round}"), object("late", round)).await.unwrap();
+            let at = caches.current(&cache, prefix).await.expect("the cache catches up");
+            assert!(at >= written);
+            assert!(cache.object(&format!("{prefix}b/late{round}")).is_some(), "round {round}");
+        }
     }
 
     #[tokio::test]

@@ -93,10 +93,9 @@ struct Inner<K> {
 }
 
 struct State<K> {
-    /// The objects by `namespace/name` (`name` for cluster-scoped kinds).
-    objects: HashMap<String, Arc<K>>,
+    objects: Objects<K>,
     /// The objects of a list in progress, which replace `objects` when it is complete.
-    relist: Option<HashMap<String, Arc<K>>>,
+    relist: Option<Objects<K>>,
     subscribers: Vec<UnboundedSender<watcher::Event<Arc<K>>>>,
     wakes: Vec<Arc<Notify>>,
 }
@@ -139,11 +138,49 @@ fn slim_pod(pod: &mut Pod) {
 /// A change as a subscriber receives it: the objects are the store's own.
 pub type Change<K> = watcher::Event<Arc<K>>;
 
-fn key_of(meta: &ObjectMeta) -> String {
-    let name = meta.name.as_deref().unwrap_or_default();
-    match meta.namespace.as_deref() {
-        Some(namespace) => format!("{namespace}/{name}"),
-        None => name.to_string(),
+/// Objects by namespace (`""` for cluster-scoped kinds), then name: a namespace's objects are
+/// found without looking at the others' (the endpoints controller reads the pods of the
+/// namespaces that have Services, not all 150,000).
+struct Objects<K> {
+    by_namespace: HashMap<String, HashMap<String, Arc<K>>>,
+    len: usize,
+}
+
+impl<K> Default for Objects<K> {
+    fn default() -> Self {
+        Objects { by_namespace: HashMap::new(), len: 0 }
+    }
+}
+
+fn names(meta: &ObjectMeta) -> (&str, &str) {
+    (meta.namespace.as_deref().unwrap_or_default(), meta.name.as_deref().unwrap_or_default())
+}
+
+impl<K: kube::Resource> Objects<K> {
+    fn insert(&mut self, object: Arc<K>) {
+        let (namespace, name) = names(object.meta());
+        let namespace = match self.by_namespace.get_mut(namespace) {
+            Some(objects) => objects,
+            None => self.by_namespace.entry(namespace.to_string()).or_default(),
+        };
+        if namespace.insert(name.to_string(), object).is_none() {
+            self.len += 1;
+        }
+    }
+
+    fn remove(&mut self, meta: &ObjectMeta) -> Option<Arc<K>> {
+        let (namespace, name) = names(meta);
+        let objects = self.by_namespace.get_mut(namespace)?;
+        let removed = objects.remove(name)?;
+        if objects.is_empty() {
+            self.by_namespace.remove(namespace);
+        }
+        self.len -= 1;
+        Some(removed)
+    }
+
+    fn values(&self) -> impl Iterator<Item = &Arc<K>> {
+        self.by_namespace.values().flat_map(HashMap::values)
     }
 }
 
@@ -209,7 +246,7 @@ impl<K: kube::Resource> Inner<K> {
     fn new() -> Arc<Inner<K>> {
         Arc::new(Inner {
             state: RwLock::new(State {
-                objects: HashMap::new(),
+                objects: Objects::default(),
                 relist: None,
                 subscribers: Vec::new(),
                 wakes: Vec::new(),
@@ -231,20 +268,20 @@ impl<K: kube::Resource> Inner<K> {
         let (change, wake) = match event {
             watcher::Event::Apply(object) => {
                 let object = Arc::new(object);
-                state.objects.insert(key_of(object.meta()), object.clone());
+                state.objects.insert(object.clone());
                 (watcher::Event::Apply(object), true)
             }
             watcher::Event::Delete(object) => {
-                let object = state.objects.remove(&key_of(object.meta())).unwrap_or_else(|| Arc::new(object));
+                let object = state.objects.remove(object.meta()).unwrap_or_else(|| Arc::new(object));
                 (watcher::Event::Delete(object), true)
             }
             watcher::Event::Init => {
-                state.relist = Some(HashMap::new());
+                state.relist = Some(Objects::default());
                 (watcher::Event::Init, false)
             }
             watcher::Event::InitApply(object) => {
                 let object = Arc::new(object);
-                state.relist.get_or_insert_default().insert(key_of(object.meta()), object.clone());
+                state.relist.get_or_insert_default().insert(object.clone());
                 (watcher::Event::InitApply(object), false)
             }
             watcher::Event::InitDone => {
@@ -291,16 +328,18 @@ impl<K: kube::Resource> Store<K> {
 
     /// The object `name` in `namespace` (None for cluster-scoped kinds).
     pub fn get(&self, namespace: Option<&str>, name: &str) -> Option<Arc<K>> {
-        let key = match namespace {
-            Some(namespace) => format!("{namespace}/{name}"),
-            None => name.to_string(),
-        };
-        self.inner.read().objects.get(&key).cloned()
+        self.inner.read().objects.by_namespace.get(namespace.unwrap_or_default())?.get(name).cloned()
+    }
+
+    /// The objects of `namespace`.
+    pub fn in_namespace(&self, namespace: &str) -> Vec<Arc<K>> {
+        let state = self.inner.read();
+        state.objects.by_namespace.get(namespace).map(|objects| objects.values().cloned().collect()).unwrap_or_default()
     }
 
     /// How many objects there are.
     pub fn len(&self) -> usize {
-        self.inner.read().objects.len()
+        self.inner.read().objects.len
     }
 
     /// Whether there are none.
@@ -491,6 +530,13 @@ mod tests {
         shared.inner.apply(Event::Delete(map("b", "1")));
         assert_eq!(names(&store), ["a", "c"]);
         assert_eq!(drain(&mut late), ["apply a", "delete b"]);
+        let mut elsewhere = map("x", "1");
+        elsewhere.metadata.namespace = Some("other".to_string());
+        shared.inner.apply(Event::Apply(elsewhere.clone()));
+        assert_eq!((store.len(), store.in_namespace("ns").len(), store.in_namespace("other").len()), (3, 2, 1));
+        shared.inner.apply(Event::Delete(elsewhere));
+        assert!(store.in_namespace("other").is_empty());
+        drain(&mut late);
 
         // A relist replaces the objects when it is complete.
         shared.inner.apply(Event::Init);

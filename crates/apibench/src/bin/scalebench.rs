@@ -37,6 +37,9 @@ struct Args {
     /// Pods put on the node that stops (they tolerate its NotReady taints for 0 s).
     #[arg(long, default_value_t = 30)]
     evicted_pods: usize,
+    /// A flag for `tugboat server` (repeat it): `--server-flag=--node-monitor-grace-period=10s`.
+    #[arg(long = "server-flag", allow_hyphen_values = true)]
+    server_flags: Vec<String>,
 }
 
 fn percentile(sorted: &[f64], p: f64) -> f64 {
@@ -100,7 +103,8 @@ struct Seen {
 }
 
 async fn run(args: Args) -> anyhow::Result<Value> {
-    let server = tugboat_testkit::TugboatServer::start(&args.start, &[])?;
+    let server_flags: Vec<&str> = args.server_flags.iter().map(String::as_str).collect();
+    let server = tugboat_testkit::TugboatServer::start(&args.start, &server_flags)?;
     let (kubeconfig, pid) = (server.kubeconfig(), Some(server.pid()));
     let target = Arc::new(load_target(&kubeconfig)?);
     let rss_idle = tugboat_apibench::rss_kib(pid);

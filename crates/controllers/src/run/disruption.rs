@@ -25,15 +25,15 @@ pub(super) async fn run_disruption(client: kube::Client, hub: Arc<Hub>) -> anyho
             wait(&changed).await;
             continue;
         }
-        let all_pods = pods.state();
-        let by_namespace = pods_by_namespace(&all_pods);
+        let by_namespace =
+            pods_by_namespace(&pods, all_budgets.iter().map(|b| b.metadata.namespace.as_deref().unwrap_or_default()));
         let empty = Vec::new();
         let work: Vec<(Arc<PodDisruptionBudget>, Health)> = all_budgets
-            .into_iter()
+            .iter()
             .filter_map(|budget| {
                 let namespace = budget.metadata.namespace.as_deref().unwrap_or_default();
-                let health = disruption::health(&budget, by_namespace.get(namespace).unwrap_or(&empty))?;
-                (!reported(&budget, health)).then_some((budget, health))
+                let health = disruption::health(budget, by_namespace.get(namespace).unwrap_or(&empty))?;
+                (!reported(budget, health)).then_some((budget.clone(), health))
             })
             .collect();
         let client = &client;

@@ -99,11 +99,15 @@ impl<K> Watched for K where
 {
 }
 
-/// Every pod by namespace (what selector-driven controllers match against).
-fn pods_by_namespace(pods: &[Arc<Pod>]) -> HashMap<&str, Vec<Arc<Pod>>> {
-    let mut by_namespace: HashMap<&str, Vec<Arc<Pod>>> = HashMap::new();
-    for pod in pods {
-        by_namespace.entry(pod.metadata.namespace.as_deref().unwrap_or_default()).or_default().push(pod.clone());
+/// The pods of each of `namespaces` (what selector-driven controllers match against): only
+/// those namespaces' pods are looked at, not every pod of the cluster.
+fn pods_by_namespace<'a>(
+    pods: &Store<Pod>,
+    namespaces: impl IntoIterator<Item = &'a str>,
+) -> HashMap<&'a str, Vec<Arc<Pod>>> {
+    let mut by_namespace = HashMap::new();
+    for namespace in namespaces {
+        by_namespace.entry(namespace).or_insert_with(|| pods.in_namespace(namespace));
     }
     by_namespace
 }

@@ -40,8 +40,10 @@ pub(super) async fn run_endpoints(client: kube::Client, hub: Arc<Hub>) -> anyhow
             wait(&changed).await;
             continue;
         }
-        let all_pods = pods.state();
-        let by_namespace = pods_by_namespace(&all_pods);
+        let by_namespace = pods_by_namespace(
+            &pods,
+            all_services.iter().filter(|s| selecting(s)).map(|s| s.metadata.namespace.as_deref().unwrap_or_default()),
+        );
         let key =
             |meta: &ObjectMeta| (meta.namespace.clone().unwrap_or_default(), meta.name.clone().unwrap_or_default());
         let existing: HashMap<(String, String), Arc<Endpoints>> =

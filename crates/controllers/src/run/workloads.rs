@@ -85,11 +85,14 @@ pub(super) async fn run_replicasets<K: Replicated>(client: kube::Client, hub: Ar
             wait(&changed).await;
             continue;
         }
-        let all_pods = pods.state();
-        let by_namespace = pods_by_namespace(&all_pods);
-        let seen: std::collections::HashSet<&str> =
-            all_pods.iter().filter_map(|p| p.metadata.name.as_deref()).collect();
         let sets_now = sets.state();
+        // The pods of the sets' namespaces only (the sets' pods are there).
+        let by_namespace = pods_by_namespace(
+            &pods,
+            sets_now.iter().map(|s| s.meta().namespace.as_deref().unwrap_or_default()),
+        );
+        let seen: std::collections::HashSet<&str> =
+            by_namespace.values().flatten().filter_map(|p| p.metadata.name.as_deref()).collect();
         in_flight.settle(&seen);
         let now = jiff::Timestamp::now();
         let mut work = Vec::new();
@@ -626,11 +629,13 @@ pub(super) async fn run_jobs(client: kube::Client, hub: Arc<Hub>) -> anyhow::Res
             all_pods.iter().filter_map(|p| p.metadata.name.as_deref()).collect();
         in_flight.settle(&seen);
         let owned = pods_by_controller(&all_pods, "Job");
-        let by_namespace = pods_by_namespace(&all_pods);
+        let all_jobs = jobs.state();
+        let by_namespace =
+            pods_by_namespace(&pods, all_jobs.iter().map(|j| j.metadata.namespace.as_deref().unwrap_or("default")));
         let now = jiff::Timestamp::now();
         let mut work = Vec::new();
         let mut wake: Option<jiff::Timestamp> = None;
-        for j in jobs.state() {
+        for j in &all_jobs {
             if j.metadata.deletion_timestamp.is_some() {
                 continue;
             }
@@ -653,13 +658,13 @@ pub(super) async fn run_jobs(client: kube::Client, hub: Arc<Hub>) -> anyhow::Res
             };
             mine.retain(|p| !release.iter().any(|r| std::ptr::eq(*r, *p)));
             mine.extend(adopt.iter().copied());
-            let plan = job::plan(&j, &mine, in_flight.count(&uid), now);
+            let plan = job::plan(j, &mine, in_flight.count(&uid), now);
             if let Some(at) = plan.wake {
                 wake = Some(wake.map_or(at, |w| w.min(at)));
             }
             let names =
                 |pods: &[&Pod]| -> Vec<String> { pods.iter().filter_map(|p| p.metadata.name.clone()).collect() };
-            work.push((j, plan, names(&adopt), names(&release)));
+            work.push((j.clone(), plan, names(&adopt), names(&release)));
         }
         let client = &client;
         let created: Vec<(String, Vec<String>)> = futures::stream::iter(work)
