@@ -163,6 +163,20 @@ pub struct NodeInfo {
     pub host_ports: Vec<(String, String, i32)>,
     /// The pods on the node (for spreading by namespace and labels).
     pub pods: Vec<Arc<Pod>>,
+    /// The same pods counted by namespace and labels: a node's pods are mostly a few sets of
+    /// replicas, so finding a pod's siblings looks at a few sets rather than every pod.
+    label_sets: Vec<LabelSet>,
+}
+
+#[derive(Debug, Clone)]
+struct LabelSet {
+    namespace: String,
+    labels: BTreeMap<String, String>,
+    pods: usize,
+}
+
+fn namespace_and_labels(pod: &Pod) -> (&str, Option<&BTreeMap<String, String>>) {
+    (pod.metadata.namespace.as_deref().unwrap_or_default(), pod.metadata.labels.as_ref())
 }
 
 impl NodeInfo {
@@ -177,6 +191,7 @@ impl NodeInfo {
             pod_count: 0,
             host_ports: Vec::new(),
             pods: Vec::new(),
+            label_sets: Vec::new(),
         }
     }
 
@@ -202,12 +217,28 @@ impl NodeInfo {
         self.pod_count += 1;
         self.host_ports.extend(cost.host_ports.iter().cloned());
         self.pods.push(pod.clone());
+        let (namespace, labels) = namespace_and_labels(pod);
+        let empty = BTreeMap::new();
+        let labels = labels.unwrap_or(&empty);
+        match self.label_sets.iter_mut().find(|s| s.namespace == namespace && s.labels == *labels) {
+            Some(set) => set.pods += 1,
+            None => self.label_sets.push(LabelSet { namespace: namespace.to_string(), labels: labels.clone(), pods: 1 }),
+        }
     }
 
     /// Stops counting the pod with this uid, added before with `cost`; false if it was not here.
     pub fn remove_pod(&mut self, uid: &str, cost: &PodCost) -> bool {
         let Some(at) = self.pods.iter().position(|p| p.metadata.uid.as_deref() == Some(uid)) else { return false };
-        self.pods.swap_remove(at);
+        let pod = self.pods.swap_remove(at);
+        let (namespace, labels) = namespace_and_labels(&pod);
+        let empty = BTreeMap::new();
+        let labels = labels.unwrap_or(&empty);
+        if let Some(i) = self.label_sets.iter().position(|s| s.namespace == namespace && s.labels == *labels) {
+            self.label_sets[i].pods -= 1;
+            if self.label_sets[i].pods == 0 {
+                self.label_sets.swap_remove(i);
+            }
+        }
         self.requested.subtract(&cost.requests);
         self.scoring_requested.subtract(&cost.scoring);
         self.pod_count -= 1;
@@ -439,13 +470,11 @@ fn score(facts: &PodFacts<'_>, info: &NodeInfo, siblings: usize, siblings_max: u
 fn siblings_on(pod: &Pod, info: &NodeInfo) -> usize {
     let namespace = pod.metadata.namespace.as_deref().unwrap_or_default();
     let Some(labels) = pod.metadata.labels.as_ref().filter(|l| !l.is_empty()) else { return 0 };
-    info.pods
+    info.label_sets
         .iter()
-        .filter(|other| {
-            other.metadata.namespace.as_deref().unwrap_or_default() == namespace
-                && other.metadata.labels.as_ref().is_some_and(|l| labels.iter().all(|(k, v)| l.get(k) == Some(v)))
-        })
-        .count()
+        .filter(|set| set.namespace == namespace && labels.iter().all(|(k, v)| set.labels.get(k) == Some(v)))
+        .map(|set| set.pods)
+        .sum()
 }
 
 /// The outcome for one pod.
@@ -817,6 +846,37 @@ mod tests {
                 {"key": "kubernetes.io/hostname", "operator": "In", "values": ["soft"]}]}}]}}}}),
         );
         assert_eq!(chosen(schedule(&preferring, &nodes), &nodes), "soft");
+    }
+
+    #[test]
+    fn siblings_are_the_pods_of_the_namespace_with_all_of_the_pods_labels() {
+        let mut info = node("a", "64", "64Gi", json!({}));
+        let with = |name: &str, namespace: &str, labels: serde_json::Value| {
+            let mut pod = pod(name, "10m", json!({"metadata": {"namespace": namespace}}));
+            pod.metadata.labels = serde_json::from_value(labels).unwrap();
+            pod.metadata.uid = Some(name.to_string());
+            Arc::new(pod)
+        };
+        let pods = [
+            with("w1", "default", json!({"app": "web", "hash": "1"})),
+            with("w2", "default", json!({"app": "web", "hash": "1"})),
+            with("w3", "default", json!({"app": "web", "hash": "2"})),
+            with("o1", "other", json!({"app": "web", "hash": "1"})),
+            with("d1", "default", json!({"app": "db"})),
+            with("n1", "default", json!(null)),
+        ];
+        for pod in &pods {
+            info.add_pod(pod);
+        }
+        let web = with("new", "default", json!({"app": "web"}));
+        let web_1 = with("new", "default", json!({"app": "web", "hash": "1"}));
+        assert_eq!((siblings_on(&web, &info), siblings_on(&web_1, &info)), (3, 2));
+        assert!(info.remove_pod("w2", &PodCost::of(&pods[1])));
+        assert!(info.remove_pod("w3", &PodCost::of(&pods[2])));
+        assert_eq!((siblings_on(&web, &info), siblings_on(&web_1, &info)), (1, 1));
+        assert!(info.remove_pod("w1", &PodCost::of(&pods[0])));
+        assert_eq!(siblings_on(&web, &info), 0);
+        assert_eq!(info.label_sets.len(), 3, "sets without pods are dropped");
     }
 
     #[test]
