@@ -132,13 +132,25 @@ impl Target {
         body: Option<&Value>,
         accept: &str,
     ) -> anyhow::Result<(StatusCode, Bytes)> {
+        self.send_as(method, path, body, "application/json", accept).await
+    }
+
+    /// A request whose body is `content_type` (`application/merge-patch+json` for a patch).
+    pub async fn send_as(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<&Value>,
+        content_type: &str,
+        accept: &str,
+    ) -> anyhow::Result<(StatusCode, Bytes)> {
         let mut request = Request::builder().method(method).uri(format!("{}{path}", self.server));
         if let Some(token) = &self.token {
             request = request.header("Authorization", format!("Bearer {token}"));
         }
         let body = body.map(|b| Bytes::from(b.to_string())).unwrap_or_default();
         let request =
-            request.header("Content-Type", "application/json").header("Accept", accept).body(Full::new(body))?;
+            request.header("Content-Type", content_type).header("Accept", accept).body(Full::new(body))?;
         let response = self.client.request(request).await?;
         let status = response.status();
         Ok((status, response.into_body().collect().await?.to_bytes()))

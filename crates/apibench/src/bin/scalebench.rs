@@ -124,6 +124,40 @@ async fn run(args: Args) -> anyhow::Result<Value> {
     }
     let nodes_ready_seconds = nodes_started.elapsed().as_secs_f64();
     eprintln!("{} nodes Ready in {nodes_ready_seconds:.1} s", args.nodes);
+    // The node that will stop, started now (a hollow process lists every pod when it starts)
+    // and cordoned: only the pods put on it by name run there.
+    let doomed = hollow_nodes(
+        &args.start,
+        &kubeconfig,
+        &["--count", "1", "--name-prefix", "doomed-", "--lease-renew-interval", &args.lease_renew_interval],
+    )?;
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while nodes_with(&target, "doomed-", "True").await? < 1 {
+        anyhow::ensure!(Instant::now() < deadline, "the node to stop is not Ready after 2 minutes");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let doomed_name = {
+        let list: Value =
+            serde_json::from_slice(&target.expect(Method::GET, "/api/v1/nodes?resourceVersion=0", None, &[200]).await?)?;
+        list["items"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|n| n["metadata"]["name"].as_str())
+            .find(|n| n.starts_with("doomed-"))
+            .unwrap_or_default()
+            .to_string()
+    };
+    let (status, body) = target
+        .send_as(
+            Method::PATCH,
+            &format!("/api/v1/nodes/{doomed_name}"),
+            Some(&json!({"spec": {"unschedulable": true}})),
+            "application/merge-patch+json",
+            "application/json",
+        )
+        .await?;
+    anyhow::ensure!(status.is_success(), "cordoning {doomed_name}: {status}: {}", String::from_utf8_lossy(&body));
     tokio::time::sleep(Duration::from_secs(5)).await;
     let rss_nodes = tugboat_apibench::rss_kib(pid);
 
@@ -226,72 +260,14 @@ async fn run(args: Args) -> anyhow::Result<Value> {
     eprintln!("measured the steady state; now a node stops");
 
     // A node that stops: its pods tolerate NotReady for 0 s, so they go as soon as it is.
-    let _doomed = hollow_nodes(
-        &args.start,
-        &kubeconfig,
-        &["--count", "1", "--name-prefix", "doomed-", "--lease-renew-interval", &args.lease_renew_interval],
-    )?;
-    let mut doomed = _doomed;
-    let deadline = Instant::now() + Duration::from_secs(120);
-    while nodes_with(&target, "doomed-", "True").await? < 1 {
-        anyhow::ensure!(Instant::now() < deadline, "the node to stop is not Ready after 2 minutes");
-        tokio::time::sleep(Duration::from_millis(500)).await;
+    let eviction = stop_a_node(&target, doomed, &doomed_name, args.evicted_pods).await;
+    if let Err(error) = &eviction {
+        eprintln!("the stopped node's figures are missing: {error:#}");
     }
-    let doomed_name = {
-        let list: Value =
-            serde_json::from_slice(&target.expect(Method::GET, "/api/v1/nodes?resourceVersion=0", None, &[200]).await?)?;
-        list["items"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .filter_map(|n| n["metadata"]["name"].as_str())
-            .find(|n| n.starts_with("doomed-"))
-            .unwrap_or_default()
-            .to_string()
+    let (not_ready_seconds, evicted_seconds) = match eviction {
+        Ok((a, b)) => (Some(round(a, 1)), Some(round(b, 1))),
+        Err(_) => (None, None),
     };
-    for i in 0..args.evicted_pods {
-        let toleration = |key: &str| json!({"key": key, "operator": "Exists", "effect": "NoExecute", "tolerationSeconds": 0});
-        let pod = json!({"metadata": {"name": format!("e{i}")},
-                         "spec": {"nodeName": doomed_name,
-                                  "tolerations": [toleration("node.kubernetes.io/not-ready"), toleration("node.kubernetes.io/unreachable")],
-                                  "containers": [{"name": "c", "image": "pause"}]}});
-        target.expect(Method::POST, "/api/v1/namespaces/scale/pods", Some(&pod), &[201]).await?;
-    }
-    let on_node = format!("/api/v1/namespaces/scale/pods?fieldSelector=spec.nodeName%3D{doomed_name}");
-    let deadline = Instant::now() + Duration::from_secs(120);
-    loop {
-        let list: Value = serde_json::from_slice(&target.expect(Method::GET, &on_node, None, &[200]).await?)?;
-        let running = list["items"].as_array().into_iter().flatten().filter(|p| p["status"]["phase"] == "Running").count();
-        if running >= args.evicted_pods {
-            break;
-        }
-        anyhow::ensure!(Instant::now() < deadline, "the stopping node's pods are not Running after 2 minutes");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    let _ = doomed.0.kill();
-    let _ = doomed.0.wait();
-    let stopped = Instant::now();
-    let deadline = stopped + Duration::from_secs(300);
-    let mut not_ready = None;
-    let evicted = loop {
-        if not_ready.is_none() {
-            let node: Value = serde_json::from_slice(
-                &target.expect(Method::GET, &format!("/api/v1/nodes/{doomed_name}"), None, &[200]).await?,
-            )?;
-            if is_ready(&node) != Some("True") {
-                not_ready = Some(Instant::now());
-            }
-        } else {
-            let list: Value = serde_json::from_slice(&target.expect(Method::GET, &on_node, None, &[200]).await?)?;
-            let left = list["items"].as_array().into_iter().flatten().filter(|p| p["metadata"]["deletionTimestamp"].is_null()).count();
-            if left == 0 {
-                break Instant::now();
-            }
-        }
-        anyhow::ensure!(Instant::now() < deadline, "the stopped node's pods were not evicted in 5 minutes");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    };
-    let not_ready = not_ready.unwrap_or(evicted);
 
     drop(server);
     Ok(json!({
@@ -317,9 +293,67 @@ async fn run(args: Args) -> anyhow::Result<Value> {
         "list_all_pods_ms_p50": round(list_ms[1], 1),
         "list_all_pods_mib": list_bytes / (1 << 20),
         "kubectl_get_pods_all_namespaces_seconds": kubectl_seconds,
-        "node_stopped_to_not_ready_seconds": round(not_ready.duration_since(stopped).as_secs_f64(), 1),
-        "node_not_ready_to_pods_evicted_seconds": round(evicted.duration_since(not_ready).as_secs_f64(), 1),
+        "node_stopped_to_not_ready_seconds": not_ready_seconds,
+        "node_not_ready_to_pods_evicted_seconds": evicted_seconds,
     }))
+}
+
+/// Puts `count` pods on the node `name` (run by `doomed`), kills its process once they run,
+/// and returns the seconds until the node is NotReady and then until its pods are evicted.
+async fn stop_a_node(target: &Target, mut doomed: KillOnDrop, name: &str, count: usize) -> anyhow::Result<(f64, f64)> {
+    for i in 0..count {
+        let toleration = |key: &str| json!({"key": key, "operator": "Exists", "effect": "NoExecute", "tolerationSeconds": 0});
+        let pod = json!({"metadata": {"name": format!("e{i}")},
+                         "spec": {"nodeName": name,
+                                  "tolerations": [toleration("node.kubernetes.io/not-ready"), toleration("node.kubernetes.io/unreachable")],
+                                  "containers": [{"name": "c", "image": "pause"}]}});
+        target.expect(Method::POST, "/api/v1/namespaces/scale/pods", Some(&pod), &[201]).await?;
+    }
+    // Each pod read by name: a list filtered by node would decode every pod of the cluster.
+    let pods = || async {
+        let mut pods = Vec::new();
+        for i in 0..count {
+            let path = format!("/api/v1/namespaces/scale/pods/e{i}");
+            let (status, body) = target.request(Method::GET, &path, None).await?;
+            if status.is_success() {
+                pods.push(serde_json::from_slice::<Value>(&body)?);
+            }
+        }
+        anyhow::Ok(pods)
+    };
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let running = pods().await?.iter().filter(|p| p["status"]["phase"] == "Running").count();
+        if running >= count {
+            break;
+        }
+        anyhow::ensure!(Instant::now() < deadline, "the stopping node's pods are not Running after 2 minutes");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let _ = doomed.0.kill();
+    let _ = doomed.0.wait();
+    let stopped = Instant::now();
+    let deadline = stopped + Duration::from_secs(300);
+    let mut not_ready = None;
+    let evicted = loop {
+        if not_ready.is_none() {
+            let node: Value = serde_json::from_slice(
+                &target.expect(Method::GET, &format!("/api/v1/nodes/{name}"), None, &[200]).await?,
+            )?;
+            if is_ready(&node) != Some("True") {
+                not_ready = Some(Instant::now());
+            }
+        } else {
+            let left = pods().await?.iter().filter(|p| p["metadata"]["deletionTimestamp"].is_null()).count();
+            if left == 0 {
+                break Instant::now();
+            }
+        }
+        anyhow::ensure!(Instant::now() < deadline, "the stopped node's pods were not evicted in 5 minutes");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let not_ready = not_ready.unwrap_or(evicted);
+    Ok((not_ready.duration_since(stopped).as_secs_f64(), evicted.duration_since(not_ready).as_secs_f64()))
 }
 
 fn main() -> std::process::ExitCode {
