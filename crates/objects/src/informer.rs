@@ -1,6 +1,10 @@
 //! Reflectors: a kind's objects kept in a local cache from a list and a watch (kube's
 //! reflector, with its backoff), as every component that follows the API keeps them. No
 //! component reads `managedFields`, so they are dropped (that halves what a cache holds).
+//!
+//! [`Shared`] and [`Informers`]: one watch and one decoded copy of a kind for every component
+//! of a process that reads it (the scheduler and the controller manager in `tugboat server`),
+//! a store by namespace, wakes, and change streams of the store's own objects.
 
 use std::any::{Any, TypeId};
 use std::collections::HashMap;

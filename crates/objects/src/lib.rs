@@ -4,7 +4,8 @@
 //! object), label selectors as every component matches them (`labels`), a pod's node-level
 //! constraints (`scheduling`: taints, node affinity, as the scheduler and the DaemonSet
 //! controller judge nodes), Events about objects (`events`, posted through the client), and
-//! the reflector every component keeps its caches with (`informer`).
+//! the reflectors every component keeps its caches with and the informers the components of
+//! one process share (`informer`).
 //!
 //! It must never import a component crate (apiserver, scheduler, controllers, kubelet): they
 //! all import it.
