@@ -13,7 +13,7 @@ use anyhow::bail;
 use clap::Parser;
 use hyper::Method;
 use serde_json::{Value, json};
-use tugboat_apibench::load_target;
+use tugboat_apibench::{load_target, percentile};
 
 #[derive(Debug, Parser)]
 #[command(about = "Benchmark pod startup on a tugboat node; prints JSON")]
@@ -28,13 +28,6 @@ struct Args {
     clients: usize,
 }
 
-fn percentile(sorted: &[f64], p: f64) -> f64 {
-    if sorted.is_empty() {
-        return 0.0;
-    }
-    let index = ((sorted.len() as f64 * p).ceil() as usize).clamp(1, sorted.len()) - 1;
-    sorted[index]
-}
 
 async fn run(args: Args) -> anyhow::Result<Value> {
     let logs = tempfile_dir()?;

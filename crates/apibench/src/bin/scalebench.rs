@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use clap::Parser;
 use hyper::Method;
 use serde_json::{Value, json};
-use tugboat_apibench::{Target, in_parallel, load_target};
+use tugboat_apibench::{KillOnDrop, Target, in_parallel, load_target, percentile};
 
 #[derive(Debug, Parser)]
 #[command(about = "Benchmark the control plane at a cluster's size (hollow nodes); prints JSON")]
@@ -42,28 +42,12 @@ struct Args {
     server_flags: Vec<String>,
 }
 
-fn percentile(sorted: &[f64], p: f64) -> f64 {
-    if sorted.is_empty() {
-        return 0.0;
-    }
-    let index = ((sorted.len() as f64 * p).ceil() as usize).clamp(1, sorted.len()) - 1;
-    sorted[index]
-}
 
 fn round(value: f64, places: i32) -> f64 {
     let scale = 10f64.powi(places);
     (value * scale).round() / scale
 }
 
-/// A child process killed when the benchmark is done with it.
-struct KillOnDrop(std::process::Child);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 fn hollow_nodes(binary: &std::path::Path, kubeconfig: &std::path::Path, args: &[&str]) -> anyhow::Result<KillOnDrop> {
     let child = std::process::Command::new(binary)

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use clap::Parser;
 use hyper::Method;
 use serde_json::{Value, json};
-use tugboat_apibench::{in_parallel, load_target};
+use tugboat_apibench::{KillOnDrop, in_parallel, load_target};
 
 #[derive(Debug, Parser)]
 #[command(about = "Benchmark a scheduler through the API; prints JSON")]
@@ -158,15 +158,6 @@ async fn run(args: Args) -> anyhow::Result<Value> {
     }))
 }
 
-/// A child process killed when the benchmark is done with it.
-struct KillOnDrop(std::process::Child);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 fn main() -> std::process::ExitCode {
     tugboat_apibench::report(run(Args::parse()))
