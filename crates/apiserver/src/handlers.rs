@@ -769,6 +769,11 @@ async fn list(
             return Ok(list_response(resource, items, revision.max(at), None, None, accept, query));
         }
     }
+    if let Some(limit) = options.limit.filter(|l| *l > 0)
+        && let Some(response) = list_page_from_cache(state, resource, namespace, &filters, limit, query, accept).await?
+    {
+        return Ok(response);
+    }
     let page = state.store.list(&prefix, options).await.map_err(|e| match e {
         StoreError::Compacted { .. } if query.contains_key("continue") => {
             let mut error = ApiError::expired(
@@ -793,6 +798,119 @@ async fn list(
     let mut items = crate::conversion::convert(state.store.as_ref(), resource, items).await?;
     items.retain(|object| filters.matches(object));
     Ok(list_response(resource, items, page.revision, page.continue_token, page.remaining, accept, query))
+}
+
+/// A page of a paged list (`limit`, maybe `continue`) from the watch cache, as upstream's
+/// cache serves them since 1.33: a first page without a resourceVersion once the cache is as
+/// current as the store, and the later pages (or an `Exact` resourceVersion) at the revision
+/// of the token while the cache's history reaches back to it and the store has not compacted
+/// it away (then the store answers, with 410 Gone for a compacted token). Pages are filled up
+/// to `limit` matching objects, as from etcd. `None`: read the store.
+async fn list_page_from_cache(
+    state: &ApiState,
+    resource: &Resource,
+    namespace: Option<&str>,
+    filters: &Filters,
+    limit: i64,
+    query: &Query,
+    accept: &str,
+) -> Result<Option<Response<Body>>, ApiError> {
+    if crate::conversion::by_webhook(resource) {
+        return Ok(None);
+    }
+    let prefix = resource.prefix(namespace);
+    let cache_prefix = resource.prefix(None);
+    let store_error = |e| ApiError::from_store(e, resource.group, resource.plural, "");
+    let version = query.get("resourceVersion").filter(|rv| !rv.is_empty());
+    let exact = query.get("resourceVersionMatch").is_some_and(|m| m == "Exact");
+    let token = match query.get("continue").filter(|c| !c.is_empty()) {
+        Some(token) if version.is_none() => Some(tugboat_store::ContinueToken::decode(token).map_err(store_error)?),
+        Some(_) => return Ok(None),
+        None => None,
+    };
+    // The revision to read at; `None`: the latest (a consistent read).
+    let wanted = match (&token, version) {
+        (Some(token), _) => Some(token.revision).filter(|r| *r > 0),
+        (None, None) => None,
+        (None, Some(version)) if exact => match parse_revision(Some(version))? {
+            Some(revision) => Some(revision),
+            None => return Ok(None),
+        },
+        (None, Some(_)) => return Ok(None),
+    };
+    let cache = state.caches.get(&cache_prefix).await.map_err(store_error)?;
+    let floor = match wanted {
+        Some(revision) => {
+            if state.store.compacted_revision().is_none_or(|compacted| revision < compacted) {
+                return Ok(None);
+            }
+            if cache.revision() < revision
+                && state.caches.current(&cache, &cache_prefix).await.is_none_or(|current| current < revision)
+            {
+                return Ok(None);
+            }
+            revision
+        }
+        None => match state.caches.current(&cache, &cache_prefix).await {
+            Some(current) => current,
+            None => return Ok(None),
+        },
+    };
+    let start = token.as_ref().map_or_else(|| prefix.clone(), |token| token.start_key(&prefix));
+    let limit = usize::try_from(limit).unwrap_or(usize::MAX);
+    let select_all = filters.select_all();
+    // Served bytes of the objects listed, with their decoded trees when filters read them.
+    let mut items: Vec<(String, Bytes, Option<Value>)> = Vec::new();
+    let (mut at, mut cursor) = (wanted, start);
+    // Whether objects follow the last one listed.
+    let more = 'pages: loop {
+        let batch = if select_all { limit } else { limit.clamp(256, 4096) };
+        let Some(page) = cache.page(&prefix, &cursor, at, batch) else { return Ok(None) };
+        at = Some(page.revision);
+        for (key, bytes) in page.items {
+            if items.len() == limit {
+                break 'pages true;
+            }
+            cursor = format!("{key}\0");
+            if select_all {
+                items.push((key, bytes, None));
+            } else if let Some(object) = crate::watch_cache::decode_served(&bytes)
+                && filters.matches(&object)
+            {
+                items.push((key, bytes, Some(object)));
+            }
+        }
+        if !page.more || items.len() == limit {
+            break page.more;
+        }
+    };
+    let revision = at.unwrap_or(floor).max(floor);
+    let (mut continue_token, mut remaining) = (None, None);
+    if more && let Some((last, ..)) = items.last() {
+        continue_token = Some(tugboat_store::ContinueToken::after(&prefix, last, revision).encode());
+        if select_all {
+            remaining = cache.count(&prefix, &format!("{last}\0"), at.unwrap_or(floor));
+        }
+    }
+    if object::shown_as_stored(resource) && select_all && !table::wants_table(accept) && !table::wants_metadata(accept)
+    {
+        let mut metadata = json!({"resourceVersion": revision.to_string()});
+        if let Some(token) = &continue_token {
+            metadata["continue"] = json!(token);
+            if let Some(remaining) = remaining {
+                metadata["remainingItemCount"] = json!(remaining);
+            }
+        }
+        let encoded: Vec<Bytes> = items.into_iter().map(|(_, bytes, _)| bytes).collect();
+        let head = (&*format!("{}List", resource.kind), resource.api_version(), metadata);
+        return Ok(Some(list_body(head, &encoded, |item, body| body.extend_from_slice(item))));
+    }
+    let objects: Vec<Value> = items
+        .into_iter()
+        .filter_map(|(_, bytes, object)| object.or_else(|| crate::watch_cache::decode_served(&bytes)))
+        .map(|object| object::from_storage(resource, object))
+        .collect();
+    Ok(Some(list_response(resource, objects, revision, continue_token, remaining, accept, query)))
 }
 
 /// A list (or its Table) of `items` at `revision`.

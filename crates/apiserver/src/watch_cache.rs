@@ -183,12 +183,12 @@ struct Recorded {
     key: String,
     revision: Revision,
     /// The object after a put (served bytes, and its revision); `None` for a delete.
-    object: Option<(bytes::Bytes, Revision)>,
-    previous: Option<(bytes::Bytes, Revision)>,
+    object: Option<Stored>,
+    previous: Option<Stored>,
 }
 
 /// Served bytes decoded (their resourceVersion is in them).
-fn decode_served(bytes: &[u8]) -> Option<Value> {
+pub fn decode_served(bytes: &[u8]) -> Option<Value> {
     serde_json::from_slice(bytes).ok().filter(Value::is_object)
 }
 
@@ -223,7 +223,7 @@ struct Inner {
     /// Every change up to this revision is reflected.
     revision: Revision,
     /// Each object as served (see [`served`]) and its revision.
-    objects: BTreeMap<String, (bytes::Bytes, Revision)>,
+    objects: BTreeMap<String, Stored>,
     /// The last changes, as served bytes (shared with `objects`): decoded only when a watch
     /// replays them, so the history costs little more than the objects do.
     history: VecDeque<Recorded>,
@@ -351,7 +351,7 @@ impl Cache {
     }
 
     /// The stored objects under `prefix` (cheap clones; decoded after the lock is released).
-    fn under(inner: &Inner, prefix: &str) -> Vec<(bytes::Bytes, Revision)> {
+    fn under(inner: &Inner, prefix: &str) -> Vec<Stored> {
         inner
             .objects
             .range(prefix.to_string()..)
@@ -360,7 +360,7 @@ impl Cache {
             .collect()
     }
 
-    fn decode_all(stored: Vec<(bytes::Bytes, Revision)>) -> Vec<Value> {
+    fn decode_all(stored: Vec<Stored>) -> Vec<Value> {
         stored.iter().filter_map(|(bytes, _)| decode_served(bytes)).collect()
     }
 
@@ -370,6 +370,69 @@ impl Cache {
         let inner = self.read();
         let encoded = Self::under(&inner, prefix).into_iter().map(|(bytes, _)| bytes).collect();
         (encoded, inner.revision)
+    }
+
+    /// A page of a paged list: up to `max` objects under `prefix` from key `start` on
+    /// (inclusive), in key order, as they were at revision `at` (`None`: now), each with its
+    /// key; the revision read at; and whether objects follow the last one. `None` when the
+    /// history no longer reaches back to `at`. The caller makes sure the cache holds every
+    /// change up to `at` (see [`WatchCaches::current`]).
+    ///
+    /// The state at `at` is the current one with the changes after `at` undone, so a list's
+    /// later pages read the snapshot its first page read, as from the store.
+    pub fn page(&self, prefix: &str, start: &str, at: Option<Revision>, max: usize) -> Option<Page> {
+        let inner = self.read();
+        let at = at.unwrap_or(inner.revision);
+        if at < inner.history_start {
+            return None;
+        }
+        let before = Self::undone(&inner, prefix, start, at);
+        let mut objects = Self::at_revision(&inner, prefix, start, &before);
+        let items: Vec<(String, bytes::Bytes)> =
+            objects.by_ref().take(max).map(|(key, (bytes, _))| (key.to_string(), bytes.clone())).collect();
+        let more = objects.next().is_some();
+        Some(Page { items, revision: at, more })
+    }
+
+    /// How many objects under `prefix` from key `start` on there were at revision `at` (what
+    /// a page's `remainingItemCount` counts); `None` as for [`Cache::page`].
+    pub fn count(&self, prefix: &str, start: &str, at: Revision) -> Option<i64> {
+        let inner = self.read();
+        if at < inner.history_start {
+            return None;
+        }
+        let before = Self::undone(&inner, prefix, start, at);
+        Some(Self::at_revision(&inner, prefix, start, &before).count() as i64)
+    }
+
+    /// The keys under `prefix` from `start` on that changed after `at`, each with what it held
+    /// at `at` (the previous object of its first change after `at`).
+    fn undone<'a>(inner: &'a Inner, prefix: &str, start: &str, at: Revision) -> BTreeMap<&'a str, Option<&'a Stored>> {
+        let mut before = BTreeMap::new();
+        // Newest first: the earliest change after `at` is inserted last.
+        for change in inner.history.iter().rev().take_while(|c| c.revision > at) {
+            if change.key.as_str() >= start && change.key.starts_with(prefix) {
+                before.insert(change.key.as_str(), change.previous.as_ref());
+            }
+        }
+        before
+    }
+
+    /// The objects under `prefix` from `start` on, with those of `before` as they were.
+    fn at_revision<'a>(
+        inner: &'a Inner,
+        prefix: &'a str,
+        start: &str,
+        before: &'a BTreeMap<&'a str, Option<&'a Stored>>,
+    ) -> impl Iterator<Item = (&'a str, &'a Stored)> + 'a {
+        let now = inner
+            .objects
+            .range::<str, _>((std::ops::Bound::Included(start), std::ops::Bound::Unbounded))
+            .take_while(move |(key, _)| key.starts_with(prefix))
+            .map(|(key, stored)| (key.as_str(), Some(stored)))
+            .peekable();
+        let then = before.iter().map(|(key, stored)| (*key, *stored)).peekable();
+        Merged { now, then }.filter_map(|(key, stored)| Some((key, stored?)))
     }
 
     /// The object at store key `key`, decoded.
@@ -421,6 +484,49 @@ impl Cache {
                 Some(Subscription { initial: Vec::new(), replay, revision, live })
             }
             Some(_) => None,
+        }
+    }
+}
+
+/// An object as the cache keeps it: served bytes and the object's revision.
+type Stored = (bytes::Bytes, Revision);
+
+/// What [`Cache::page`] read.
+#[derive(Debug)]
+pub struct Page {
+    /// Store key and served bytes of each object, in key order.
+    pub items: Vec<(String, bytes::Bytes)>,
+    /// The revision the objects are as of.
+    pub revision: Revision,
+    /// Whether objects follow the last item.
+    pub more: bool,
+}
+
+/// Two key-ordered sequences of (key, object or none) merged; on equal keys `then`'s wins.
+struct Merged<'a, A: Iterator<Item = (&'a str, Option<&'a Stored>)>, B: Iterator<Item = (&'a str, Option<&'a Stored>)>> {
+    now: std::iter::Peekable<A>,
+    then: std::iter::Peekable<B>,
+}
+
+impl<'a, A, B> Iterator for Merged<'a, A, B>
+where
+    A: Iterator<Item = (&'a str, Option<&'a Stored>)>,
+    B: Iterator<Item = (&'a str, Option<&'a Stored>)>,
+{
+    type Item = (&'a str, Option<&'a Stored>);
+
+    fn next(&mut self) -> Option<Self::Item> {
+        match (self.now.peek(), self.then.peek()) {
+            (Some(now), Some(then)) => match now.0.cmp(then.0) {
+                std::cmp::Ordering::Less => self.now.next(),
+                std::cmp::Ordering::Greater => self.then.next(),
+                std::cmp::Ordering::Equal => {
+                    self.now.next();
+                    self.then.next()
+                }
+            },
+            (Some(_), None) => self.now.next(),
+            (None, _) => self.then.next(),
         }
     }
 }
@@ -582,6 +688,71 @@ mod tests {
             assert!(at >= written);
             assert!(cache.object(&format!("{prefix}b/late{round}")).is_some(), "round {round}");
         }
+    }
+
+    /// Pages read at past revisions are what the store holds at them (the store is the
+    /// oracle), across creates, updates and deletes, namespaces, and any page size.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn pages_at_a_past_revision_are_the_stores_state_at_it() {
+        let (_dir, store) = store();
+        let prefix = "/registry/configmaps/";
+        for i in 0..20u32 {
+            store.create(&format!("{prefix}ns{}/m{i:02}", i % 3), object(&format!("m{i:02}"), i)).await.unwrap();
+        }
+        let caches = WatchCaches::new(store.clone());
+        let cache = caches.get(prefix).await.unwrap();
+        let mut revisions = vec![store.current_revision().await.unwrap()];
+        // A deterministic mix of writes after the cache started.
+        let mut seed: u64 = 7;
+        for step in 0..120u32 {
+            seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            let i = (seed >> 33) % 30;
+            let key = format!("{prefix}ns{}/m{i:02}", i % 3);
+            match store.get(&key, None).await.unwrap() {
+                Some(_) if (seed >> 20) % 3 == 0 => drop(store.delete(&key, None).await.unwrap()),
+                Some(kv) => drop(store.update(&key, object(&format!("m{i:02}"), step), kv.mod_revision).await.unwrap()),
+                None => drop(store.create(&key, object(&format!("m{i:02}"), step)).await.unwrap()),
+            }
+            if step % 15 == 0 {
+                revisions.push(store.current_revision().await.unwrap());
+            }
+        }
+        let now = caches.current(&cache, prefix).await.expect("the cache catches up");
+        revisions.push(now);
+        for &at in &revisions {
+            for listed in [prefix.to_string(), format!("{prefix}ns1/")] {
+                let oracle = store
+                    .list(&listed, ListOptions { revision: Some(at), ..Default::default() })
+                    .await
+                    .unwrap()
+                    .kvs
+                    .into_iter()
+                    .map(|kv| (kv.key, decode(&kv.value, kv.mod_revision).unwrap()))
+                    .collect::<Vec<_>>();
+                for size in [1, 4, 7, 100] {
+                    let (mut start, mut read) = (listed.clone(), Vec::new());
+                    loop {
+                        let page = cache.page(&listed, &start, Some(at), size).expect("within the history");
+                        assert_eq!(page.revision, at);
+                        read.extend(page.items.iter().map(|(key, bytes)| (key.clone(), decode_served(bytes).unwrap())));
+                        let Some((last, _)) = page.items.last() else { break };
+                        start = format!("{last}\0");
+                        let remaining = cache.count(&listed, &start, at).unwrap();
+                        assert_eq!(remaining as usize, oracle.len() - read.len(), "count after {last} at {at}");
+                        assert_eq!(page.more, remaining > 0);
+                        if !page.more {
+                            break;
+                        }
+                    }
+                    assert_eq!(read, oracle, "{listed} at {at} in pages of {size}");
+                }
+            }
+        }
+        // The latest state is read at the cache's revision.
+        let latest = cache.page(prefix, prefix, None, usize::MAX).unwrap();
+        assert_eq!(latest.items.len(), cache.list_encoded(prefix).0.len());
+        // Before the history starts, the cache cannot tell.
+        assert!(cache.page(prefix, prefix, Some(revisions[0] - 1), 10).is_none());
     }
 
     #[tokio::test]

@@ -147,6 +147,12 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
         Ok(Some(Revision::MAX))
     }
 
+    /// The revision history was last compacted to (reads before it fail), when the store
+    /// knows it without asking: `None` when it cannot tell cheaply.
+    fn compacted_revision(&self) -> Option<Revision> {
+        None
+    }
+
     /// Drops history before `revision`: reads at older revisions and watches from before it then
     /// fail with [`StoreError::Compacted`]. Compacting to an already compacted revision is a no-op.
     async fn compact(&self, revision: Revision) -> Result<()>;

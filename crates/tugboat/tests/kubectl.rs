@@ -516,6 +516,82 @@ fn watches_from_a_compacted_revision_get_410_gone() {
     assert_ne!(rest["metadata"]["resourceVersion"], first_page["metadata"]["resourceVersion"]);
 }
 
+/// A paged list (`limit`, `continue`) is one snapshot: later pages read the revision of the
+/// first (from the watch cache) whatever was written since; pages are filled to the limit with
+/// objects that match the selectors; `remainingItemCount` counts what follows; kubectl's
+/// chunked reads (`--chunk-size`) list everything, as a table too.
+#[test]
+fn paged_lists_are_one_snapshot_filled_to_the_limit() {
+    let server = server();
+    let curl = Curl { server: &server };
+    let kubectl = Kubectl::new(&server, None);
+    let json = ["-H", "Content-Type: application/json"];
+    let create = |name: &str, tier: &str| {
+        let cm = format!(r#"{{"metadata":{{"name":"{name}","labels":{{"tier":"{tier}"}}}},"data":{{"v":"1"}}}}"#);
+        let (code, body) =
+            curl.status("POST", "/api/v1/namespaces/default/configmaps", &[&json[..], &["-d", &cm]].concat());
+        assert_eq!(code, 201, "{body}");
+    };
+    for i in 0..30 {
+        create(&format!("c{i:02}"), if i % 3 == 0 { "front" } else { "back" });
+    }
+    let path = |query: &str, token: Option<&str>| {
+        let token = token.map(|t| t.replace('+', "%2B").replace('/', "%2F").replace('=', "%3D"));
+        let token = token.map(|t| format!("&continue={t}")).unwrap_or_default();
+        format!("/api/v1/namespaces/default/configmaps?{query}{token}")
+    };
+    let names = |list: &serde_json::Value| -> Vec<String> {
+        list["items"].as_array().unwrap().iter().map(|o| o["metadata"]["name"].as_str().unwrap().to_string()).collect()
+    };
+    // The namespace's own objects (its root CA's ConfigMap) follow ours.
+    let (_, all) = curl.status("GET", &path("", None), &[]);
+    let ours = |names: Vec<String>| names.into_iter().filter(|n| n.starts_with('c')).collect::<Vec<_>>();
+    let total = names(&all).len();
+    let (code, first) = curl.status("GET", &path("limit=10", None), &[]);
+    assert_eq!(code, 200, "{first}");
+    assert_eq!(names(&first), (0..10).map(|i| format!("c{i:02}")).collect::<Vec<_>>());
+    assert_eq!(first["metadata"]["remainingItemCount"], total - 10);
+    // Writes after the first page: a later object deleted, one changed, one added.
+    assert_eq!(curl.request("DELETE", "/api/v1/namespaces/default/configmaps/c15", true, &[]).0, 200);
+    let patch = ["-H", "Content-Type: application/merge-patch+json", "-d", r#"{"data":{"v":"2"}}"#];
+    assert_eq!(curl.request("PATCH", "/api/v1/namespaces/default/configmaps/c20", true, &patch).0, 200);
+    create("c25a", "back");
+    let mut listed = names(&first);
+    let mut token = first["metadata"]["continue"].as_str().map(str::to_string);
+    while let Some(t) = token {
+        let (code, page) = curl.status("GET", &path("limit=10", Some(&t)), &[]);
+        assert_eq!(code, 200, "{page}");
+        assert_eq!(page["metadata"]["resourceVersion"], first["metadata"]["resourceVersion"], "one snapshot");
+        for item in page["items"].as_array().unwrap().iter().filter(|o| o["data"].get("v").is_some()) {
+            assert_eq!(item["data"]["v"], "1", "{item} as of the first page");
+        }
+        listed.extend(names(&page));
+        token = page["metadata"]["continue"].as_str().map(str::to_string);
+    }
+    assert_eq!(listed.len(), total);
+    assert_eq!(ours(listed), (0..30).map(|i| format!("c{i:02}")).collect::<Vec<_>>(), "the snapshot of the first page");
+    // A new list sees the writes.
+    let (_, now) = curl.status("GET", &path("limit=100", None), &[]);
+    assert!(names(&now).contains(&"c25a".to_string()) && !names(&now).contains(&"c15".to_string()));
+    assert!(now["metadata"].get("continue").is_none(), "{}", now["metadata"]);
+    // With a selector, each page holds `limit` matches (while there are that many).
+    let (_, fronts) = curl.status("GET", &path("limit=4&labelSelector=tier%3Dfront", None), &[]);
+    assert_eq!(names(&fronts), ["c00", "c03", "c06", "c09"]);
+    assert!(fronts["metadata"].get("remainingItemCount").is_none(), "not counted under a selector");
+    let t = fronts["metadata"]["continue"].as_str().unwrap();
+    let (_, rest) = curl.status("GET", &path("limit=4&labelSelector=tier%3Dfront", Some(t)), &[]);
+    assert_eq!(names(&rest), ["c12", "c18", "c21", "c24"], "c15 was deleted");
+    // kubectl reads in chunks (a Table per chunk) and shows every object once.
+    let table = kubectl.ok(&["get", "configmaps", "--chunk-size=7", "-o", "name"]);
+    let shown: Vec<&str> = table.lines().filter(|l| l.starts_with("configmap/c")).collect();
+    assert_eq!(shown.len(), 30, "{table}");
+    let wide = kubectl.ok(&["get", "configmaps", "--chunk-size=7", "-l", "tier=back"]);
+    assert_eq!(wide.lines().filter(|l| l.starts_with('c')).count(), 21, "{wide}");
+    // A token that does not decode is a 400 Status.
+    let (code, bad) = curl.status("GET", &path("limit=10&continue=bm90IGpzb24%3D", None), &[]);
+    assert_eq!((code, bad["reason"].as_str()), (400, Some("BadRequest")), "{bad}");
+}
+
 /// Bookmarks: a watch list (`sendInitialEvents`) ends its initial events with one marked
 /// `k8s.io/initial-events-end`; a watch with a timeout gets one before it ends, carrying the
 /// revision of the last change it passed on.

@@ -420,6 +420,10 @@ impl Store for SqliteStore {
         .await
     }
 
+    fn compacted_revision(&self) -> Option<Revision> {
+        Some(self.shared.compacted.load(Ordering::SeqCst))
+    }
+
     async fn compact(&self, revision: Revision) -> Result<()> {
         let (reply, answer) = oneshot::channel();
         self.requests
