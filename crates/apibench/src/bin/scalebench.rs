@@ -5,7 +5,8 @@
 //! pod (as upstream's density test does through informers): nodes Ready, each pod's startup
 //! (create request → Running), scheduling throughput, API create latency; then, with every pod
 //! Running, the server's steady CPU (the Leases), RSS, store size, LIST of all pods,
-//! `kubectl get pods -A`; last, a node that stops (a second hollow process killed): the time
+//! `kubectl get pods -A`; then latency pods created at a low rate (upstream's density test's
+//! second phase: the pod startup SLO without the flood); last, a node that stops (a second hollow process killed): the time
 //! until it is NotReady and until its pods are evicted. Prints JSON.
 //!
 //! Upstream's SLOs: API calls p99 ≤ 1 s, LIST p99 ≤ 30 s, pod startup p99 ≤ 5 s.
@@ -37,6 +38,13 @@ struct Args {
     /// Pods put on the node that stops (they tolerate its NotReady taints for 0 s).
     #[arg(long, default_value_t = 30)]
     evicted_pods: usize,
+    /// Latency pods (upstream's density test): once every pod runs, this many more pods are
+    /// created at `--latency-qps`, each one's startup measured (the pod startup SLO's figure,
+    /// apart from the creation flood of the first phase).
+    #[arg(long, default_value_t = 100)]
+    latency_pods: usize,
+    #[arg(long, default_value_t = 10.0)]
+    latency_qps: f64,
     /// A flag for `tugboat server` (repeat it): `--server-flag=--node-monitor-grace-period=10s`.
     #[arg(long = "server-flag", allow_hyphen_values = true)]
     server_flags: Vec<String>,
@@ -241,7 +249,10 @@ async fn run(args: Args) -> anyhow::Result<Value> {
             .status();
         status.ok().filter(|s| s.success()).map(|_| round(begin.elapsed().as_secs_f64(), 2))
     };
-    eprintln!("measured the steady state; now a node stops");
+    eprintln!("measured the steady state; now {} latency pods at {}/s", args.latency_pods, args.latency_qps);
+    let mut latency = latency_pods(&target, args.latency_pods, args.latency_qps).await?;
+    latency.sort_by(f64::total_cmp);
+    eprintln!("now a node stops");
 
     // A node that stops: its pods tolerate NotReady for 0 s, so they go as soon as it is.
     let eviction = stop_a_node(&target, doomed, &doomed_name, args.evicted_pods).await;
@@ -265,6 +276,10 @@ async fn run(args: Args) -> anyhow::Result<Value> {
         "scheduling_pods_per_second": (args.pods as f64 / bound_seconds).round(),
         "pod_startup_seconds_p50": round(percentile(&startup, 0.5), 3),
         "pod_startup_seconds_p99": round(percentile(&startup, 0.99), 3),
+        "latency_pods": args.latency_pods,
+        "latency_pods_per_second": args.latency_qps,
+        "latency_pod_startup_seconds_p50": round(percentile(&latency, 0.5), 3),
+        "latency_pod_startup_seconds_p99": round(percentile(&latency, 0.99), 3),
         "create_latency_ms_p50": round(percentile(&create_latency, 0.5) * 1e3, 1),
         "create_latency_ms_p99": round(percentile(&create_latency, 0.99) * 1e3, 1),
         "server_cpu_cores_while_creating": cpu_run.map(|c| round(c / running_seconds, 2)),
@@ -280,6 +295,47 @@ async fn run(args: Args) -> anyhow::Result<Value> {
         "node_stopped_to_not_ready_seconds": not_ready_seconds,
         "node_not_ready_to_pods_evicted_seconds": evicted_seconds,
     }))
+}
+
+/// Upstream density test's latency pods: `count` pods created one at a time, `qps` a second,
+/// into a cluster already full; returns each one's startup (create request → Running, seen
+/// through a watch) in seconds.
+async fn latency_pods(target: &Arc<Target>, count: usize, qps: f64) -> anyhow::Result<Vec<f64>> {
+    anyhow::ensure!(qps > 0.0, "--latency-qps must be positive");
+    target.expect(Method::POST, "/api/v1/namespaces", Some(&json!({"metadata": {"name": "latency"}})), &[201]).await?;
+    let running: Arc<Mutex<HashMap<String, Instant>>> = Arc::default();
+    let watch = tugboat_apibench::watch(target, "/api/v1/namespaces/latency/pods").await?;
+    let watching = {
+        let running = running.clone();
+        tokio::spawn(watch.until(move |event| {
+            let object = &event["object"];
+            let mut running = running.lock().unwrap_or_else(|e| e.into_inner());
+            if object["status"]["phase"] == "Running"
+                && let Some(name) = object["metadata"]["name"].as_str()
+            {
+                running.entry(name.to_string()).or_insert_with(Instant::now);
+            }
+            running.len() >= count
+        }))
+    };
+    let mut created = HashMap::new();
+    let mut ticks = tokio::time::interval(Duration::from_secs_f64(1.0 / qps));
+    for i in 0..count {
+        ticks.tick().await;
+        let name = format!("l{i}");
+        let pod = json!({"metadata": {"name": name, "labels": {"app": "latency"}},
+                         "spec": {"containers": [{"name": "c", "image": "pause",
+                                  "resources": {"requests": {"cpu": "10m", "memory": "16Mi"}}}]}});
+        created.insert(name, Instant::now());
+        target.expect(Method::POST, "/api/v1/namespaces/latency/pods", Some(&pod), &[201]).await?;
+    }
+    if count > 0 {
+        tokio::time::timeout(Duration::from_secs(300), watching)
+            .await
+            .map_err(|_| anyhow::anyhow!("latency pods still not Running after 5 minutes"))???;
+    }
+    let running = running.lock().unwrap_or_else(|e| e.into_inner());
+    Ok(created.iter().filter_map(|(name, begin)| Some(running.get(name)?.duration_since(*begin).as_secs_f64())).collect())
 }
 
 /// Puts `count` pods on the node `name` (run by `doomed`), kills its process once they run,
