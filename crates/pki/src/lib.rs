@@ -51,6 +51,17 @@ pub struct ClusterCa {
 pub enum Usage {
     Server,
     Client,
+    /// Both (a member's certificate in etcd's way: kubeadm's etcd `server.crt`).
+    ServerAndClient,
+}
+
+/// The extended key usages of `usage`.
+fn key_usages(usage: Usage) -> Vec<ExtendedKeyUsagePurpose> {
+    match usage {
+        Usage::Server => vec![ExtendedKeyUsagePurpose::ServerAuth],
+        Usage::Client => vec![ExtendedKeyUsagePurpose::ClientAuth],
+        Usage::ServerAndClient => vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth],
+    }
 }
 
 /// A certificate to issue.
@@ -99,10 +110,10 @@ fn not_before() -> time::OffsetDateTime {
     time::OffsetDateTime::now_utc() - time::Duration::minutes(5)
 }
 
-fn ca_params() -> Result<CertificateParams> {
+fn ca_params(common_name: &str) -> Result<CertificateParams> {
     let mut params = CertificateParams::new(Vec::<String>::new())?;
     let mut name = DistinguishedName::new();
-    name.push(DnType::CommonName, "tugboat-ca");
+    name.push(DnType::CommonName, common_name);
     params.distinguished_name = name;
     params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
     params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
@@ -114,6 +125,12 @@ fn ca_params() -> Result<CertificateParams> {
 impl ClusterCa {
     /// Loads the CA from `dir`, creating it on first use.
     pub fn load_or_create(dir: &Path) -> Result<ClusterCa> {
+        ClusterCa::load_or_create_named(dir, "tugboat-ca")
+    }
+
+    /// The CA in `dir`, made with subject CN `common_name` if there is none (`etcd-ca` for
+    /// the etcd API's, as kubeadm names it).
+    pub fn load_or_create_named(dir: &Path, common_name: &str) -> Result<ClusterCa> {
         let (cert_path, key_path) = (dir.join("ca.crt"), dir.join("ca.key"));
         if cert_path.exists() && key_path.exists() {
             let cert_pem = read(&cert_path)?;
@@ -124,7 +141,7 @@ impl ClusterCa {
             return Ok(ClusterCa { cert_pem, key, dir: dir.to_path_buf() });
         }
         let key = KeyPair::generate()?;
-        let cert = ca_params()?.self_signed(&key)?;
+        let cert = ca_params(common_name)?.self_signed(&key)?;
         write_file(&key_path, key.serialize_pem().as_bytes(), 0o600)?;
         write_file(&cert_path, cert.pem().as_bytes(), 0o644)?;
         Ok(ClusterCa { cert_pem: cert.pem(), key, dir: dir.to_path_buf() })
@@ -153,10 +170,7 @@ impl ClusterCa {
         name.push(DnType::CommonName, spec.common_name.as_str());
         params.distinguished_name = name;
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::KeyEncipherment];
-        params.extended_key_usages = vec![match spec.usage {
-            Usage::Server => ExtendedKeyUsagePurpose::ServerAuth,
-            Usage::Client => ExtendedKeyUsagePurpose::ClientAuth,
-        }];
+        params.extended_key_usages = key_usages(spec.usage);
         params.not_before = not_before();
         params.not_after = params.not_before + spec.validity;
         let key = KeyPair::generate()?;
@@ -197,10 +211,7 @@ impl ClusterCa {
         let params = &mut request.params;
         params.is_ca = IsCa::NoCa;
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::KeyEncipherment];
-        params.extended_key_usages = vec![match usage {
-            Usage::Server => ExtendedKeyUsagePurpose::ServerAuth,
-            Usage::Client => ExtendedKeyUsagePurpose::ClientAuth,
-        }];
+        params.extended_key_usages = key_usages(usage);
         // Backdated for clocks running behind, but by no more than a tenth of a short life;
         // the validity counts from now.
         let now = time::OffsetDateTime::now_utc();

@@ -186,6 +186,11 @@ impl TugboatServer {
             .arg(dir.path().join("data"))
             .args(["--bind-address", "127.0.0.1", "--https-port", &port.to_string()])
             .args(if agent { &[][..] } else { &["--disable-agent"][..] })
+            // The etcd API on a port of its own (tests run side by side), unless a test says.
+            .args(match extra.iter().any(|a| a.starts_with("--etcd-api-listen")) {
+                true => &[][..],
+                false => &["--etcd-api-listen", "127.0.0.1:0"][..],
+            })
             .args(extra)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -232,6 +237,14 @@ impl TugboatServer {
 
     pub fn data_dir(&self) -> PathBuf {
         self.dir.path().join("data")
+    }
+
+    /// Where the server serves the etcd API (from its log), if it does.
+    pub fn etcd_api_address(&mut self) -> Option<SocketAddr> {
+        self.all_log_lines().iter().filter(|l| l.contains("etcd API serving")).find_map(|line| {
+            let at = line.find("address=")? + "address=".len();
+            line[at..].split_whitespace().next()?.parse().ok()
+        })
     }
 
     /// The log lines the server wrote since the last look.

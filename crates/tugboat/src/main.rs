@@ -14,6 +14,7 @@ mod agent;
 mod balancer;
 mod install;
 mod leader;
+mod etcd_api;
 mod snapshot;
 
 /// mimalloc rather than glibc's malloc: the API server lives on JSON values, whose many small
@@ -516,6 +517,11 @@ struct ServerArgs {
     /// The HTTPS port of the Kubernetes API.
     #[arg(long, default_value_t = 6443)]
     https_port: u16,
+    /// Serve the etcd v3 API (mutual TLS, certificates in <data-dir>/pki/etcd) over the
+    /// embedded store at this address, for etcdctl; "" for none. Not with --datastore-endpoint
+    /// (etcd itself serves it).
+    #[arg(long, default_value = "127.0.0.1:2379")]
+    etcd_api_listen: String,
     /// Static bearer tokens, one `token,user,uid,"group1,group2"` per line.
     #[arg(long)]
     token_auth_file: Option<PathBuf>,
@@ -1017,6 +1023,18 @@ async fn server(args: ServerArgs, full: bool) -> anyhow::Result<()> {
         let address = api.advertise_address().or(args.node.node_ip);
         network_preflight(loopback, address, "--advertise-address (and --node-ip)");
     }
+    // etcd's API over the embedded store, for etcdctl (a real etcd serves its own).
+    let etcd_api = match (&config, args.etcd_api_listen.trim()) {
+        (DatastoreConfig::Sqlite(sqlite), listen) if !listen.is_empty() => {
+            let listen: std::net::SocketAddr =
+                listen.parse().with_context(|| format!("--etcd-api-listen {listen:?}: not an IP:port"))?;
+            let wal = sqlite.path.with_extension("db-wal");
+            let (address, task) = etcd_api::start(listen, &args.data_dir, store.clone(), vec![sqlite.path.clone(), wal]).await?;
+            tracing::info!(%address, certificates = %args.data_dir.join("pki/etcd").display(), "etcd API serving");
+            Some(task)
+        }
+        _ => None,
+    };
     let (join_server, join_token) = api.join();
     println!(
         "To join a node to this cluster, run on it:\n\n  tugboat agent --server {join_server} --token {join_token}\n"
@@ -1114,6 +1132,9 @@ async fn server(args: ServerArgs, full: bool) -> anyhow::Result<()> {
     api.stop();
     drop(api);
     compactor.abort();
+    if let Some(task) = etcd_api {
+        task.abort();
+    }
     drop(store);
     Ok(())
 }
