@@ -18,6 +18,7 @@
 mod kv;
 mod lease;
 mod serve;
+mod start;
 mod watch;
 
 use std::sync::Arc;
@@ -27,6 +28,7 @@ use tonic::Status;
 use tugboat_store::{KeyValue, Revision, Store, StoreError};
 
 pub use serve::serve;
+pub use start::{start, tls_config};
 
 /// Who the server says it is, in every response header and in the member list.
 #[derive(Debug, Clone)]

@@ -2,6 +2,7 @@
 //! to its service by path.
 
 use std::convert::Infallible;
+use std::path::Path;
 use std::pin::Pin;
 use std::sync::Arc;
 
@@ -29,6 +30,39 @@ const VERSION: &str = "3.5.0";
 struct Maintenance(Arc<EtcdApi>);
 
 type Snapshots = Pin<Box<dyn Stream<Item = Result<PbSnapshotResponse, Status>> + Send>>;
+
+/// Sends the snapshot file at `path` (`size` bytes) in chunks, then its SHA-256 as the last
+/// chunk, as etcd does (`etcdctl snapshot restore` checks it).
+async fn stream_snapshot(
+    path: &Path,
+    size: u64,
+    header: Option<etcd_client::proto::PbResponseHeader>,
+    tx: &tokio::sync::mpsc::Sender<Result<PbSnapshotResponse, Status>>,
+) -> std::io::Result<()> {
+    use tokio::io::AsyncReadExt as _;
+    const CHUNK: usize = 32 * 1024;
+    let mut file = tokio::fs::File::open(path).await?;
+    let mut digest = ring::digest::Context::new(&ring::digest::SHA256);
+    let mut left = size;
+    loop {
+        let mut blob = vec![0; CHUNK.min(left as usize)];
+        if blob.is_empty() {
+            break;
+        }
+        file.read_exact(&mut blob).await?;
+        digest.update(&blob);
+        left -= blob.len() as u64;
+        // `remaining_bytes`: what follows this message, the hash included.
+        let message = PbSnapshotResponse { header, remaining_bytes: left + 32, blob, version: VERSION.to_string() };
+        if tx.send(Ok(message)).await.is_err() {
+            return Ok(());
+        }
+    }
+    let hash = digest.finish().as_ref().to_vec();
+    let _ =
+        tx.send(Ok(PbSnapshotResponse { header, remaining_bytes: 0, blob: hash, version: VERSION.to_string() })).await;
+    Ok(())
+}
 
 #[tonic::async_trait]
 impl PbMaintenanceService for Maintenance {
@@ -69,7 +103,29 @@ impl PbMaintenanceService for Maintenance {
     type SnapshotStream = Snapshots;
 
     async fn snapshot(&self, _: Request<PbSnapshotRequest>) -> Result<Response<Snapshots>, Status> {
-        Err(Status::unimplemented("snapshot is not served by the embedded store yet: use `tugboat snapshot save`"))
+        // Written beside the store (the same file system's room), streamed, then removed.
+        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let dir = self.0.identity.db_files.first().and_then(|f| f.parent()).map(Path::to_path_buf);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let path =
+            dir.unwrap_or_else(std::env::temp_dir).join(format!(".etcd-snapshot-{}-{n}.tmp", std::process::id()));
+        let info = match self.0.store.etcd_snapshot(&path).await {
+            Ok(info) => info,
+            Err(error) => {
+                let _ = std::fs::remove_file(&path);
+                return Err(crate::status(error));
+            }
+        };
+        let header = self.0.header(info.revision);
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        tokio::spawn(async move {
+            let sent = stream_snapshot(&path, info.size, header, &tx).await;
+            let _ = std::fs::remove_file(&path);
+            if let Err(error) = sent {
+                let _ = tx.send(Err(Status::internal(format!("reading the snapshot: {error}")))).await;
+            }
+        });
+        Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))))
     }
 
     async fn move_leader(&self, _: Request<PbMoveLeaderRequest>) -> Result<Response<PbMoveLeaderResponse>, Status> {

@@ -513,6 +513,11 @@ impl Store for EtcdStore {
         }
     }
 
+    async fn etcd_snapshot(&self, dest: &Path) -> Result<SnapshotInfo> {
+        // etcd's own snapshot is one.
+        self.snapshot(dest).await
+    }
+
     async fn snapshot(&self, dest: &Path) -> Result<SnapshotInfo> {
         let revision = self.current_revision().await?;
         let io = |path: &Path| {

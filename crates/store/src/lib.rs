@@ -19,6 +19,7 @@
 //! It imports no other Tugboat crate (the test kit only for its tests).
 
 mod bbolt;
+pub mod bbolt_writer;
 mod compactor;
 mod continue_token;
 mod error;
@@ -159,6 +160,11 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
 
     /// Writes a consistent copy of the whole store to `dest` while the store keeps serving.
     async fn snapshot(&self, dest: &Path) -> Result<SnapshotInfo>;
+
+    /// Writes the whole store to `dest` as etcd's snapshot API streams one (a bbolt file in
+    /// etcd's layout, every kept revision), which `etcdctl snapshot status/restore` and etcd
+    /// take, while the store keeps serving.
+    async fn etcd_snapshot(&self, dest: &Path) -> Result<SnapshotInfo>;
 }
 
 /// Where the cluster's state lives: `--datastore-endpoint` picks etcd, else SQLite in the data

@@ -127,6 +127,90 @@ impl Drop for EtcdServer {
     }
 }
 
+/// A real etcd cluster on loopback made from an etcd snapshot, as an operator moves a cluster:
+/// `etcdctl snapshot restore` once per member, then every member started. Stopped on drop.
+#[derive(Debug)]
+pub struct EtcdCluster {
+    children: Vec<Child>,
+    client_urls: Vec<String>,
+    dir: tempfile::TempDir,
+}
+
+impl EtcdCluster {
+    /// Restores `snapshot` into `members` members and starts them; waits until each is healthy.
+    pub fn restore(snapshot: &Path, members: usize) -> anyhow::Result<EtcdCluster> {
+        let dir = tempfile::Builder::new().prefix("tugboat-etcd-cluster-").tempdir()?;
+        let ports: Vec<(u16, u16)> = (0..members).map(|_| (free_port(), free_port())).collect();
+        let peer = |i: usize| format!("http://127.0.0.1:{}", ports[i].1);
+        let initial: Vec<String> = (0..members).map(|i| format!("m{i}={}", peer(i))).collect();
+        let initial = initial.join(",");
+        let mut cluster = EtcdCluster { children: Vec::new(), client_urls: Vec::new(), dir };
+        for i in 0..members {
+            let data = cluster.dir.path().join(format!("m{i}"));
+            let restored = Command::new("etcdctl")
+                .env("ETCDCTL_API", "3")
+                .args(["snapshot", "restore"])
+                .arg(snapshot)
+                .arg(format!("--name=m{i}"))
+                .arg(format!("--data-dir={}", data.display()))
+                .arg(format!("--initial-cluster={initial}"))
+                .arg(format!("--initial-advertise-peer-urls={}", peer(i)))
+                .output()?;
+            if !restored.status.success() {
+                bail!("etcdctl snapshot restore: {}", String::from_utf8_lossy(&restored.stderr));
+            }
+        }
+        for i in 0..members {
+            let client_url = format!("http://127.0.0.1:{}", ports[i].0);
+            let log = std::fs::File::create(cluster.dir.path().join(format!("m{i}.log")))?;
+            let child = Command::new(etcd_binary())
+                .arg(format!("--name=m{i}"))
+                .arg(format!("--data-dir={}", cluster.dir.path().join(format!("m{i}")).display()))
+                .arg(format!("--listen-client-urls={client_url}"))
+                .arg(format!("--advertise-client-urls={client_url}"))
+                .arg(format!("--listen-peer-urls={}", peer(i)))
+                .arg("--logger=zap")
+                .arg("--log-level=warn")
+                .stdin(Stdio::null())
+                .stdout(log.try_clone()?)
+                .stderr(log)
+                .spawn()?;
+            cluster.children.push(child);
+            cluster.client_urls.push(client_url);
+        }
+        let deadline = Instant::now() + Duration::from_secs(30);
+        for url in &cluster.client_urls {
+            let addr: SocketAddr = url.trim_start_matches("http://").parse()?;
+            while !health(addr).unwrap_or(false) {
+                if Instant::now() > deadline {
+                    let logs: Vec<String> = (0..members)
+                        .map(|i| {
+                            std::fs::read_to_string(cluster.dir.path().join(format!("m{i}.log"))).unwrap_or_default()
+                        })
+                        .collect();
+                    bail!("the restored etcd cluster is not healthy: {logs:#?}");
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+        Ok(cluster)
+    }
+
+    /// The members' client URLs, comma-separated (what `--datastore-endpoint` takes).
+    pub fn endpoints(&self) -> String {
+        self.client_urls.join(",")
+    }
+}
+
+impl Drop for EtcdCluster {
+    fn drop(&mut self) {
+        for child in &mut self.children {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
 fn health(addr: SocketAddr) -> std::io::Result<bool> {
     let mut stream = TcpStream::connect_timeout(&addr, Duration::from_millis(200))?;
     stream.set_read_timeout(Some(Duration::from_secs(1)))?;

@@ -14,7 +14,6 @@ mod agent;
 mod balancer;
 mod install;
 mod leader;
-mod etcd_api;
 mod snapshot;
 
 /// mimalloc rather than glibc's malloc: the API server lives on JSON values, whose many small
@@ -1029,7 +1028,10 @@ async fn server(args: ServerArgs, full: bool) -> anyhow::Result<()> {
             let listen: std::net::SocketAddr =
                 listen.parse().with_context(|| format!("--etcd-api-listen {listen:?}: not an IP:port"))?;
             let wal = sqlite.path.with_extension("db-wal");
-            let (address, task) = etcd_api::start(listen, &args.data_dir, store.clone(), vec![sqlite.path.clone(), wal]).await?;
+            let pki = args.data_dir.join("pki").join("etcd");
+            let name = tugboat_kubelet::host::hostname();
+            let files = vec![sqlite.path.clone(), wal];
+            let (address, task) = tugboat_etcdapi::start(listen, &pki, &name, store.clone(), files).await?;
             tracing::info!(%address, certificates = %args.data_dir.join("pki/etcd").display(), "etcd API serving");
             Some(task)
         }

@@ -241,3 +241,98 @@ fn the_etcd_api_wants_tls_and_a_client_certificate() {
     let mut off = TugboatServer::start(Path::new(env!("CARGO_BIN_EXE_tugboat")), &["--etcd-api-listen", ""]).unwrap();
     assert!(off.etcd_api_address().is_none());
 }
+
+/// The way out of one machine: `etcdctl snapshot save` of the embedded store through the etcd
+/// API, `etcdctl snapshot status` and `restore` into a 3-member etcd cluster, `tugboat server
+/// --datastore-endpoint` on it with the same data dir: every object is there at its
+/// resourceVersion and the old kubeconfig works.
+#[test]
+fn a_snapshot_through_the_etcd_api_moves_the_cluster_to_a_real_etcd_cluster() {
+    let (mut server, etcdctl) = server();
+    let json = ["-H", "Content-Type: application/json"];
+    for i in 0..20 {
+        let body = format!(r#"{{"metadata":{{"name":"moved-{i}"}},"data":{{"i":"{i}"}}}}"#);
+        let (code, _) =
+            server.curl("POST", "/api/v1/namespaces/default/configmaps", true, &[&json[..], &["-d", &body]].concat());
+        assert_eq!(code, 201);
+    }
+    assert_eq!(server.curl("DELETE", "/api/v1/namespaces/default/configmaps/moved-3", true, &[]).0, 200);
+    let (_, before) = server.curl("GET", "/api/v1/namespaces/default/configmaps/moved-7", true, &[]);
+    let before: serde_json::Value = serde_json::from_str(&before).unwrap();
+    let snapshot = server.scratch("snapshots").join("cluster.db");
+    let saved = etcdctl.run(&["snapshot", "save", snapshot.to_str().unwrap()]);
+    assert!(saved.status.success(), "{}", String::from_utf8_lossy(&saved.stderr));
+    let status = Command::new("etcdctl")
+        .env("ETCDCTL_API", "3")
+        .args(["snapshot", "status", snapshot.to_str().unwrap(), "-w", "json"])
+        .output()
+        .unwrap();
+    let status: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
+    assert!(status["totalKey"].as_i64().unwrap() > 20, "{status}");
+    // The server stops; its data dir (the certificates, the kubeconfig) goes on.
+    assert!(Command::new("kill").args(["-TERM", &server.pid().to_string()]).status().unwrap().success());
+    server.wait().unwrap();
+    let cluster = tugboat_testkit::EtcdCluster::restore(&snapshot, 3).expect("the snapshot restores into etcd");
+    let data_dir = server.data_dir();
+    // On the port the kubeconfig names.
+    let port = server.url().rsplit(':').next().unwrap().to_string();
+    let mut moved = Command::new(env!("CARGO_BIN_EXE_tugboat"))
+        .args(["server", "--disable-agent", "--bind-address", "127.0.0.1", "--https-port", &port])
+        .arg("--data-dir")
+        .arg(&data_dir)
+        .args(["--datastore-endpoint", &cluster.endpoints()])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let kubectl = |args: &[&str]| {
+        Command::new("kubectl")
+            .env("KUBECONFIG", data_dir.join("admin.kubeconfig"))
+            .env("HOME", &data_dir)
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let listed = loop {
+        let output = kubectl(&["get", "configmaps", "-o", "json"]);
+        if output.status.success() {
+            break output;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the server on etcd does not answer: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    };
+    let _ = moved.kill();
+    let _ = moved.wait();
+    let listed: serde_json::Value = serde_json::from_slice(&listed.stdout).unwrap();
+    let names: Vec<&str> =
+        listed["items"].as_array().unwrap().iter().filter_map(|o| o["metadata"]["name"].as_str()).collect();
+    for i in (0..20).filter(|i| *i != 3) {
+        assert!(names.contains(&format!("moved-{i}").as_str()), "moved-{i} in {names:?}");
+    }
+    assert!(!names.contains(&"moved-3"), "deleted before the snapshot");
+    let after = listed["items"].as_array().unwrap().iter().find(|o| o["metadata"]["name"] == "moved-7").unwrap();
+    assert_eq!(after["metadata"]["resourceVersion"], before["metadata"]["resourceVersion"]);
+    assert_eq!(after["metadata"]["uid"], before["metadata"]["uid"]);
+
+    // `tugboat snapshot restore` takes the same file into a new embedded store.
+    let restored = TugboatServer::start_prepared(Path::new(env!("CARGO_BIN_EXE_tugboat")), &[], |data_dir| {
+        let output = Command::new(env!("CARGO_BIN_EXE_tugboat"))
+            .args(["snapshot", "restore"])
+            .arg(&snapshot)
+            .arg("--data-dir")
+            .arg(data_dir)
+            .output()?;
+        anyhow::ensure!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+        Ok(())
+    })
+    .unwrap();
+    let (code, body) = restored.curl("GET", "/api/v1/namespaces/default/configmaps/moved-7", true, &[]);
+    assert_eq!(code, 200, "{body}");
+    assert!(body.contains(before["metadata"]["uid"].as_str().unwrap()), "{body}");
+}

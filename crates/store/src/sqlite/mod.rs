@@ -438,6 +438,74 @@ impl Store for SqliteStore {
         let dest = dest.to_path_buf();
         self.read(move |shared| snapshot_file(&shared.path, &dest)).await
     }
+
+    async fn etcd_snapshot(&self, dest: &Path) -> Result<SnapshotInfo> {
+        let dest = dest.to_path_buf();
+        self.read(move |shared| {
+            let io = |source| StoreError::Io { path: dest.clone(), source };
+            let written = shared.read(|conn| {
+                // One read transaction: the compact revision and the log of the same snapshot.
+                let tx = conn.unchecked_transaction()?;
+                let compacted = schema::compact_revision(&tx)?;
+                let mut statement =
+                    tx.prepare("SELECT revision, key, created, deleted, value FROM log ORDER BY revision")?;
+                let mut rows = statement.query([])?;
+                let (mut failed, mut last) = (None, 0);
+                // Versions count the writes of a key's life that the log still has.
+                let mut versions: std::collections::HashMap<Vec<u8>, i64> = Default::default();
+                let revisions = std::iter::from_fn(|| {
+                    let row = match rows.next() {
+                        Ok(Some(row)) => row,
+                        Ok(None) => return None,
+                        Err(error) => {
+                            failed = Some(error);
+                            return None;
+                        }
+                    };
+                    let read = (|| -> rusqlite::Result<crate::bbolt_writer::Revision> {
+                        let (revision, key, created, deleted): (Revision, Vec<u8>, Revision, bool) =
+                            (row.get(0)?, row.get(1)?, row.get(2)?, row.get(3)?);
+                        let version = match deleted {
+                            true => {
+                                versions.remove(&key);
+                                0
+                            }
+                            false => {
+                                let version = versions.entry(key.clone()).or_insert(0);
+                                *version = if created == revision { 1 } else { *version + 1 };
+                                *version
+                            }
+                        };
+                        Ok(crate::bbolt_writer::Revision {
+                            revision,
+                            key,
+                            deleted,
+                            create_revision: created,
+                            version,
+                            value: row.get(4)?,
+                        })
+                    })();
+                    match read {
+                        Ok(revision) => {
+                            last = revision.revision;
+                            Some(revision)
+                        }
+                        Err(error) => {
+                            failed = Some(error);
+                            None
+                        }
+                    }
+                });
+                let size = crate::bbolt_writer::write_etcd_snapshot(&dest, revisions, compacted);
+                match failed {
+                    Some(error) => Err(error),
+                    None => Ok(size.map(|size| SnapshotInfo { revision: last, size })),
+                }
+            })?;
+            written.map_err(io)
+        })
+        .await
+    }
 }
 
 /// Writes a compact, consistent copy of the store file `source` to `dest` (fsync'd, renamed

@@ -1,7 +1,7 @@
-//! `tugboat server`'s etcd API on the embedded store (`--etcd-api-listen`): its certificates in
-//! kubeadm's layout (`<data-dir>/pki/etcd/{ca,server,healthcheck-client}.{crt,key}`; the
-//! server certificate allows client auth too, as kubeadm's does, so etcdctl may present it)
-//! and its mutual-TLS listener. The service itself is `tugboat_etcdapi`.
+//! Starting the etcd API as `tugboat server` does (`--etcd-api-listen`): its certificates in
+//! kubeadm's layout (`<pki>/{ca,server,healthcheck-client}.{crt,key}`, `<pki>` being
+//! `<data-dir>/pki/etcd`; the server certificate allows client auth too, as kubeadm's does,
+//! so etcdctl may present it) and its mutual-TLS listener.
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
@@ -15,16 +15,17 @@ use tugboat_store::Store;
 /// How long the etcd API's certificates live (renewed at start when near their end).
 const VALIDITY: Duration = Duration::from_secs(365 * 24 * 3600);
 
-/// Serves the etcd API of `store` on `listen`; returns the bound address.
+/// Serves the etcd API of `store` on `listen` as member `name`, with the certificates in
+/// `pki` (made there if missing); returns the bound address and the serving task.
 pub async fn start(
     listen: SocketAddr,
-    data_dir: &Path,
+    pki: &Path,
+    name: &str,
     store: Arc<dyn Store>,
     db_files: Vec<std::path::PathBuf>,
 ) -> anyhow::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
-    let dir = data_dir.join("pki").join("etcd");
-    let ca = ClusterCa::load_or_create_named(&dir, "etcd-ca").context("the etcd API's CA")?;
-    let name = tugboat_kubelet::host::hostname();
+    let ca = ClusterCa::load_or_create_named(pki, "etcd-ca").context("the etcd API's CA")?;
+    let name = name.to_string();
     let mut ips: Vec<IpAddr> = vec![IpAddr::from([127, 0, 0, 1]), IpAddr::from(std::net::Ipv6Addr::LOCALHOST)];
     if !listen.ip().is_unspecified() && !ips.contains(&listen.ip()) {
         ips.push(listen.ip());
@@ -56,19 +57,19 @@ pub async fn start(
         .await
         .with_context(|| format!("--etcd-api-listen {listen}: the etcd API's address"))?;
     let address = listener.local_addr()?;
-    let identity = tugboat_etcdapi::Identity {
+    let identity = crate::Identity {
         cluster_id: fnv(ca.cert_pem().as_bytes()),
         member_id: fnv(format!("{name}/{}", ca.cert_pem()).as_bytes()),
         name,
         client_urls: vec![format!("https://{address}")],
         db_files,
     };
-    let api = tugboat_etcdapi::EtcdApi::new(store, identity);
-    Ok((address, tokio::spawn(tugboat_etcdapi::serve(listener, tls, api))))
+    let api = crate::EtcdApi::new(store, identity);
+    Ok((address, tokio::spawn(crate::serve(listener, tls, api))))
 }
 
 /// TLS 1.2+ with a client certificate of the etcd CA required, ALPN h2 (gRPC).
-fn tls_config(ca_pem: &str, cert_pem: &str, key_pem: &str) -> anyhow::Result<Arc<rustls::ServerConfig>> {
+pub fn tls_config(ca_pem: &str, cert_pem: &str, key_pem: &str) -> anyhow::Result<Arc<rustls::ServerConfig>> {
     use rustls::pki_types::pem::PemObject as _;
     use rustls::pki_types::{CertificateDer, PrivateKeyDer};
     let provider = Arc::new(rustls::crypto::ring::default_provider());
