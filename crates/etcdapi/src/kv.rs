@@ -172,6 +172,9 @@ impl EtcdApi {
         value: Vec<u8>,
         expected: Option<Revision>,
     ) -> Result<Option<(Revision, Option<KeyValue>)>, Status> {
+        if expected.is_none() {
+            return self.store.put(key, value).await.map(Some).map_err(status);
+        }
         loop {
             let previous = self.store.get(key, None).await.map_err(status)?;
             let current = previous.as_ref().map_or(0, |kv| kv.mod_revision);

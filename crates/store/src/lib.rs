@@ -126,6 +126,24 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
     /// deletion's revision and the value that was deleted.
     async fn delete(&self, key: &str, expected: Option<Revision>) -> Result<(Revision, KeyValue)>;
 
+    /// Writes `value` at `key` whatever it holds (etcd's Put): the write's revision and what
+    /// the key held before. The default reads, then creates or updates at the revision read,
+    /// again until neither conflicts.
+    async fn put(&self, key: &str, value: Vec<u8>) -> Result<(Revision, Option<KeyValue>)> {
+        loop {
+            let previous = self.get(key, None).await?;
+            let written = match &previous {
+                Some(kv) => self.update(key, value.clone(), kv.mod_revision).await,
+                None => self.create(key, value.clone()).await,
+            };
+            match written {
+                Ok(revision) => return Ok((revision, previous)),
+                Err(StoreError::Conflict { .. } | StoreError::AlreadyExists { .. } | StoreError::NotFound { .. }) => {}
+                Err(error) => return Err(error),
+            }
+        }
+    }
+
     /// Reads `key` at the latest revision or at `revision`.
     async fn get(&self, key: &str, revision: Option<Revision>) -> Result<Option<KeyValue>>;
 

@@ -256,7 +256,7 @@ impl Store for SqliteStore {
         validate_key(key)?;
         match self.write(Op::Create { key: key.to_string(), value }).await? {
             Outcome::Put(revision) => Ok(revision),
-            Outcome::Deleted(..) => unreachable!("a create never deletes"),
+            Outcome::Deleted(..) | Outcome::Replaced(..) => unreachable!("a create only creates"),
         }
     }
 
@@ -264,7 +264,7 @@ impl Store for SqliteStore {
         validate_key(key)?;
         match self.write(Op::Update { key: key.to_string(), value, expected }).await? {
             Outcome::Put(revision) => Ok(revision),
-            Outcome::Deleted(..) => unreachable!("an update never deletes"),
+            Outcome::Deleted(..) | Outcome::Replaced(..) => unreachable!("an update only updates"),
         }
     }
 
@@ -272,7 +272,15 @@ impl Store for SqliteStore {
         validate_key(key)?;
         match self.write(Op::Delete { key: key.to_string(), expected }).await? {
             Outcome::Deleted(revision, prev) => Ok((revision, prev)),
-            Outcome::Put(_) => unreachable!("a delete never puts"),
+            Outcome::Put(_) | Outcome::Replaced(..) => unreachable!("a delete only deletes"),
+        }
+    }
+
+    async fn put(&self, key: &str, value: Vec<u8>) -> Result<(Revision, Option<KeyValue>)> {
+        validate_key(key)?;
+        match self.write(Op::Put { key: key.to_string(), value }).await? {
+            Outcome::Replaced(revision, previous) => Ok((revision, previous)),
+            Outcome::Put(_) | Outcome::Deleted(..) => unreachable!("a put only replaces"),
         }
     }
 

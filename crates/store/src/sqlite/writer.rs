@@ -27,12 +27,16 @@ pub(crate) enum Op {
     Create { key: String, value: Vec<u8> },
     Update { key: String, value: Vec<u8>, expected: Revision },
     Delete { key: String, expected: Option<Revision> },
+    /// Create or update, whatever the key holds (etcd's Put).
+    Put { key: String, value: Vec<u8> },
 }
 
 #[derive(Debug)]
 pub(crate) enum Outcome {
     Put(Revision),
     Deleted(Revision, KeyValue),
+    /// An `Op::Put`: its revision and what the key held before.
+    Replaced(Revision, Option<KeyValue>),
 }
 
 #[derive(Debug)]
@@ -280,7 +284,7 @@ impl Writer {
 #[allow(clippy::type_complexity)]
 fn apply(tx: &Connection, op: &Op, revision: Revision) -> rusqlite::Result<Result<(Outcome, Event), StoreError>> {
     let key = match op {
-        Op::Create { key, .. } | Op::Update { key, .. } | Op::Delete { key, .. } => key,
+        Op::Create { key, .. } | Op::Update { key, .. } | Op::Delete { key, .. } | Op::Put { key, .. } => key,
     };
     let latest = latest(tx, key)?.filter(|l| !l.deleted);
     let insert = |created: Revision, prev: Revision, deleted: bool, value: &[u8]| {
@@ -296,6 +300,18 @@ fn apply(tx: &Connection, op: &Op, revision: Revision) -> rusqlite::Result<Resul
         mod_revision,
     };
     Ok(match (op, latest) {
+        (Op::Put { value, .. }, None) => {
+            insert(revision, 0, false, value)?;
+            let event = Event { kind: EventKind::Put, kv: kv(value.clone(), revision, revision), prev: None };
+            Ok((Outcome::Replaced(revision, None), event))
+        }
+        (Op::Put { value, .. }, Some(current)) => {
+            insert(current.created, current.revision, false, value)?;
+            let prev = kv(current.value, current.created, current.revision);
+            let event =
+                Event { kind: EventKind::Put, kv: kv(value.clone(), current.created, revision), prev: Some(prev.clone()) };
+            Ok((Outcome::Replaced(revision, Some(prev)), event))
+        }
         (Op::Create { .. }, Some(_)) => Err(StoreError::AlreadyExists { key: key.clone() }),
         (Op::Create { value, .. }, None) => {
             insert(revision, 0, false, value)?;

@@ -33,6 +33,7 @@ macro_rules! conformance_suite {
             compaction_fails_old_reads_and_watches,
             slow_watchers_lose_nothing,
             count_counts_live_keys,
+            put_creates_or_replaces_whatever_is_there,
             snapshot_writes_a_file
         );
     };
@@ -376,6 +377,22 @@ pub async fn count_counts_live_keys(store: Arc<dyn Store>) {
     store.delete("/n/3", None).await.unwrap();
     assert_eq!(store.count("/n/").await.unwrap(), 6);
     assert_eq!(store.count("/none/").await.unwrap(), 0);
+}
+
+pub async fn put_creates_or_replaces_whatever_is_there(store: Arc<dyn Store>) {
+    let (created, previous) = store.put("/p/a", v("one")).await.unwrap();
+    assert!(previous.is_none());
+    let (replaced, previous) = store.put("/p/a", v("two")).await.unwrap();
+    assert!(replaced > created);
+    let previous = previous.expect("what the key held");
+    assert_eq!((previous.value, previous.mod_revision, previous.create_revision), (v("one"), created, created));
+    let now = store.get("/p/a", None).await.unwrap().unwrap();
+    assert_eq!((now.value, now.mod_revision, now.create_revision), (v("two"), replaced, created));
+    // After a delete, a put creates the key anew.
+    store.delete("/p/a", None).await.unwrap();
+    let (again, previous) = store.put("/p/a", v("three")).await.unwrap();
+    assert!(previous.is_none());
+    assert_eq!(store.get("/p/a", None).await.unwrap().unwrap().create_revision, again);
 }
 
 pub async fn snapshot_writes_a_file(store: Arc<dyn Store>) {
