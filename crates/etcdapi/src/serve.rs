@@ -89,7 +89,8 @@ impl PbMaintenanceService for Maintenance {
     }
 
     async fn defragment(&self, _: Request<PbDefragmentRequest>) -> Result<Response<PbDefragmentResponse>, Status> {
-        Err(Status::unimplemented("defragment is not served by the embedded store yet"))
+        self.0.store.defragment().await.map_err(crate::status)?;
+        Ok(Response::new(PbDefragmentResponse { header: self.0.header(self.0.current().await?) }))
     }
 
     async fn hash(&self, _: Request<PbHashRequest>) -> Result<Response<PbHashResponse>, Status> {

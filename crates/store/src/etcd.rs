@@ -513,6 +513,11 @@ impl Store for EtcdStore {
         }
     }
 
+    async fn defragment(&self) -> Result<()> {
+        let defragmented = self.on_member(|m| async move { m.client.maintenance_client().defragment().await });
+        self.call(defragmented).await.map(|_| ())
+    }
+
     async fn etcd_snapshot(&self, dest: &Path) -> Result<SnapshotInfo> {
         // etcd's own snapshot is one.
         self.snapshot(dest).await

@@ -176,6 +176,9 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
     /// fail with [`StoreError::Compacted`]. Compacting to an already compacted revision is a no-op.
     async fn compact(&self, revision: Revision) -> Result<()>;
 
+    /// Gives space freed by compaction back to the file system (etcd's defragment).
+    async fn defragment(&self) -> Result<()>;
+
     /// Writes a consistent copy of the whole store to `dest` while the store keeps serving.
     async fn snapshot(&self, dest: &Path) -> Result<SnapshotInfo>;
 

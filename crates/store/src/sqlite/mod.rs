@@ -432,6 +432,16 @@ impl Store for SqliteStore {
         Some(self.shared.compacted.load(Ordering::SeqCst))
     }
 
+    async fn defragment(&self) -> Result<()> {
+        let (reply, answer) = oneshot::channel();
+        self.requests
+            .as_ref()
+            .ok_or(StoreError::Closed)?
+            .send(Request::Defragment(reply))
+            .map_err(|_| StoreError::Closed)?;
+        answer.await.map_err(|_| StoreError::Closed)?
+    }
+
     async fn compact(&self, revision: Revision) -> Result<()> {
         let (reply, answer) = oneshot::channel();
         self.requests

@@ -43,6 +43,8 @@ pub(crate) enum Outcome {
 pub(crate) enum Request {
     Write(Op, oneshot::Sender<Result<Outcome, StoreError>>),
     Compact(Revision, oneshot::Sender<Result<(), StoreError>>),
+    /// Give free pages back to the file system and trim the WAL (etcd's defragment).
+    Defragment(oneshot::Sender<Result<(), StoreError>>),
 }
 
 /// The latest row of a key.
@@ -96,6 +98,10 @@ impl Writer {
                     match request {
                         Request::Write(op, reply) => group.push((op, reply)),
                         Request::Compact(target, reply) => self.start_compaction(target, reply, &mut compaction),
+                        Request::Defragment(reply) => {
+                            let reclaimed = self.reclaim().map_err(|e| sqlite_error(&self.path, e));
+                            let _ = reply.send(reclaimed);
+                        }
                     }
                     if group.len() < MAX_GROUP {
                         next = requests.try_recv().ok();
@@ -265,17 +271,19 @@ impl Writer {
 
     /// Hands the pages freed by compaction back to the file system and trims the WAL.
     fn reclaim_space(&mut self) {
-        // incremental_vacuum frees one page per step: run it to the end.
-        let reclaimed = (|| -> rusqlite::Result<()> {
-            let mut vacuum = self.conn.prepare("PRAGMA incremental_vacuum")?;
-            let mut rows = vacuum.query([])?;
-            while rows.next()?.is_some() {}
-            drop(rows);
-            self.conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))
-        })();
-        if let Err(error) = reclaimed {
+        if let Err(error) = self.reclaim() {
             tracing::warn!(%error, "reclaiming space after compaction failed");
         }
+    }
+
+    fn reclaim(&mut self) -> rusqlite::Result<()> {
+        // incremental_vacuum frees one page per step: run it to the end.
+        let mut vacuum = self.conn.prepare("PRAGMA incremental_vacuum")?;
+        let mut rows = vacuum.query([])?;
+        while rows.next()?.is_some() {}
+        drop(rows);
+        drop(vacuum);
+        self.conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))
     }
 }
 

@@ -34,6 +34,7 @@ macro_rules! conformance_suite {
             slow_watchers_lose_nothing,
             count_counts_live_keys,
             put_creates_or_replaces_whatever_is_there,
+            defragment_keeps_every_key,
             snapshot_writes_a_file
         );
     };
@@ -393,6 +394,21 @@ pub async fn put_creates_or_replaces_whatever_is_there(store: Arc<dyn Store>) {
     let (again, previous) = store.put("/p/a", v("three")).await.unwrap();
     assert!(previous.is_none());
     assert_eq!(store.get("/p/a", None).await.unwrap().unwrap().create_revision, again);
+}
+
+pub async fn defragment_keeps_every_key(store: Arc<dyn Store>) {
+    for i in 0..50 {
+        store.create(&format!("/d/{i}"), vec![b'x'; 2000]).await.unwrap();
+    }
+    for i in 0..40 {
+        store.delete(&format!("/d/{i}"), None).await.unwrap();
+    }
+    let current = store.current_revision().await.unwrap();
+    store.compact(current).await.unwrap();
+    store.defragment().await.unwrap();
+    assert_eq!(store.count("/d/").await.unwrap(), 10);
+    assert_eq!(store.get("/d/45", None).await.unwrap().unwrap().value, vec![b'x'; 2000]);
+    store.create("/d/after", v("x")).await.unwrap();
 }
 
 pub async fn snapshot_writes_a_file(store: Arc<dyn Store>) {
