@@ -8,9 +8,9 @@
 //! create/mod revision and existence; Compact), Watch (ranges, start revision, prev_kv,
 //! filters, cancel, progress requests, the compacted error), Lease (grant, revoke,
 //! keep-alive, time-to-live, list; expiry deletes the keys attached), Maintenance (Status,
-//! Alarm, Defragment, Snapshot in etcd's format) and Cluster (MemberList: the one member). Not yet: hashes,
-//! key versions (a compare on a version other than 0 is refused rather than guessed), and
-//! leases outlive no restart. Where etcd applies a request at one revision, the store may
+//! Alarm, Defragment, Snapshot in etcd's format) and Cluster (MemberList: the one member).
+//! Not yet: hashes, key versions (a compare on a version other than 0 is refused rather than
+//! guessed), and leases outlive no restart. Where etcd applies a request at one revision, the store may
 //! take several (a DeleteRange of many keys, a Txn of several writes); a Txn whose writes
 //! are guarded by a mod-revision compare of their own key (how kube-apiserver writes) is
 //! atomic: the write itself is conditional on that revision.
