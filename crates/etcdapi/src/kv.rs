@@ -134,8 +134,9 @@ impl EtcdApi {
                 && (request.max_create_revision <= 0 || kv.create_revision <= request.max_create_revision)
         });
         if sorted {
-            // SortTarget: KEY, VERSION (not tracked: by key), CREATE, MOD, VALUE.
+            // SortTarget: KEY, VERSION, CREATE, MOD, VALUE.
             match request.sort_target {
+                1 => kvs.sort_by_key(|kv| kv.version),
                 2 => kvs.sort_by_key(|kv| kv.create_revision),
                 3 => kvs.sort_by_key(|kv| kv.mod_revision),
                 4 => kvs.sort_by(|a, b| a.value.cmp(&b.value)),
@@ -274,15 +275,7 @@ impl EtcdApi {
         let absent = kvs.is_empty() && matches!(span, Span::One(_));
         let compared = |kv: Option<&KeyValue>| -> Result<bool, Status> {
             Ok(match &compare.target_union {
-                Some(PbTargetUnion::Version(version)) => {
-                    // Only existence is known: version 0 is "absent".
-                    if *version != 0 {
-                        return Err(Status::unimplemented(
-                            "key versions are not tracked by the embedded store: compare a mod or create revision",
-                        ));
-                    }
-                    test(i64::from(kv.is_some()).cmp(&0))
-                }
+                Some(PbTargetUnion::Version(version)) => test(kv.map_or(0, |kv| kv.version).cmp(version)),
                 Some(PbTargetUnion::CreateRevision(revision)) => {
                     test(kv.map_or(0, |kv| kv.create_revision).cmp(revision))
                 }

@@ -5,12 +5,11 @@
 //!
 //! What is served: KV (Range with prefix, limit, keys-only, count-only, revision, sorting and
 //! revision filters; Put with prev_kv and lease; DeleteRange; Txn with compares on value,
-//! create/mod revision and existence; Compact), Watch (ranges, start revision, prev_kv,
+//! version, create/mod revision and lease; Compact), Watch (ranges, start revision, prev_kv,
 //! filters, cancel, progress requests, the compacted error), Lease (grant, revoke,
 //! keep-alive, time-to-live, list; expiry deletes the keys attached), Maintenance (Status,
 //! Alarm, Defragment, Snapshot in etcd's format) and Cluster (MemberList: the one member).
-//! Not yet: hashes, key versions (a compare on a version other than 0 is refused rather than
-//! guessed), and leases outlive no restart. Where etcd applies a request at one revision, the store may
+//! Not yet: hashes, and leases outlive no restart. Where etcd applies a request at one revision, the store may
 //! take several (a DeleteRange of many keys, a Txn of several writes); a Txn whose writes
 //! are guarded by a mod-revision compare of their own key (how kube-apiserver writes) is
 //! atomic: the write itself is conditional on that revision.
@@ -99,8 +98,7 @@ fn pb_kv(kv: KeyValue, keys_only: bool, lease: i64) -> etcd_client::proto::PbKey
         key: kv.key.into_bytes(),
         create_revision: kv.create_revision,
         mod_revision: kv.mod_revision,
-        // Not tracked by the store (yet): see the crate docs.
-        version: 0,
+        version: kv.version,
         value: if keys_only { Vec::new() } else { kv.value },
         lease,
     }

@@ -218,6 +218,7 @@ impl EtcdStore {
             value: kv.value().to_vec(),
             create_revision: kv.create_revision(),
             mod_revision: kv.mod_revision(),
+            version: kv.version(),
         })
     }
 

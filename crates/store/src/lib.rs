@@ -50,6 +50,9 @@ pub struct KeyValue {
     pub create_revision: Revision,
     /// Revision of the write that produced this value.
     pub mod_revision: Revision,
+    /// Writes of this incarnation of the key so far, its creation included (etcd's
+    /// `version`); 0 in a deletion's key-value.
+    pub version: i64,
 }
 
 /// What a change did.

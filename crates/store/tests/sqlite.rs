@@ -141,3 +141,44 @@ async fn last_change_names_the_latest_put_or_delete_under_a_prefix_in_a_range() 
     store.compact(r4).await.unwrap();
     assert_eq!(store.last_change("/a/", r1, r4).await.unwrap(), Some(tugboat_store::Revision::MAX));
 }
+
+/// A store of schema 1 (before `log.version`) is migrated when opened: each live row gets the
+/// count of its key's writes so far, and later writes count on from there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_schema_1_store_gets_versions_at_open() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let path = SqliteConfig::in_data_dir(dir.path()).path;
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        let conn = rusqlite::Connection::open(path).unwrap();
+        conn.execute_batch(
+            "PRAGMA auto_vacuum = INCREMENTAL;
+             PRAGMA journal_mode = WAL;
+             CREATE TABLE log (revision INTEGER PRIMARY KEY, key BLOB NOT NULL, created INTEGER NOT NULL,
+                               prev INTEGER NOT NULL, deleted INTEGER NOT NULL, value BLOB NOT NULL);
+             CREATE INDEX log_key_revision ON log (key, revision);
+             CREATE TABLE meta (name TEXT PRIMARY KEY, value INTEGER NOT NULL) WITHOUT ROWID;
+             INSERT INTO meta (name, value) VALUES ('compact_revision', 0);
+             INSERT INTO log VALUES (1, CAST('/a' AS BLOB), 1, 0, 0, CAST('1' AS BLOB));
+             INSERT INTO log VALUES (2, CAST('/a' AS BLOB), 1, 1, 0, CAST('2' AS BLOB));
+             INSERT INTO log VALUES (3, CAST('/b' AS BLOB), 3, 0, 0, CAST('x' AS BLOB));
+             INSERT INTO log VALUES (4, CAST('/a' AS BLOB), 1, 2, 0, CAST('3' AS BLOB));
+             INSERT INTO log VALUES (5, CAST('/b' AS BLOB), 3, 3, 1, CAST('' AS BLOB));
+             INSERT INTO log VALUES (6, CAST('/b' AS BLOB), 6, 0, 0, CAST('y' AS BLOB));
+             PRAGMA application_id = 1413956180;
+             PRAGMA user_version = 1;",
+        )
+        .unwrap();
+    }
+    let store = open(dir.path());
+    let a = store.get("/a", None).await.unwrap().unwrap();
+    assert_eq!((a.value.as_slice(), a.version), (&b"3"[..], 3));
+    assert_eq!(store.get("/a", Some(2)).await.unwrap().unwrap().version, 2);
+    assert_eq!(store.get("/b", None).await.unwrap().unwrap().version, 1, "a new life after the deletion");
+    store.update("/a", b"4".to_vec(), 4).await.unwrap();
+    assert_eq!(store.get("/a", None).await.unwrap().unwrap().version, 4);
+    drop(store);
+    // Reopened: schema 2 now, nothing migrated twice.
+    let store = open(dir.path());
+    assert_eq!(store.get("/a", None).await.unwrap().unwrap().version, 4);
+}

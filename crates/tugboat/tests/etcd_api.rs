@@ -101,6 +101,12 @@ fn etcdctl_reads_and_writes_the_registry_of_the_embedded_store() {
     assert_eq!(etcdctl.ok(&["get", "/test/a"]), "/test/a\nhello\n");
     assert_eq!(etcdctl.ok(&["put", "/test/a", "again", "--prev-kv"]), "OK\n/test/a\nhello\n");
     assert_eq!(etcdctl.ok(&["get", "/test/a", "--print-value-only"]).trim(), "again");
+    // Versions count a key's writes, as etcd's do; a txn compares them.
+    let json: serde_json::Value = serde_json::from_str(&etcdctl.ok(&["get", "/test/a", "-w", "json"])).unwrap();
+    assert_eq!(json["kvs"][0]["version"], 2, "{json}");
+    let txn = "ver(\"/test/a\") = \"2\"\n\nput /test/a third\n\n\n";
+    assert_eq!(etcdctl.with_input(&["txn"], txn), "SUCCESS\n\nOK\n");
+    assert_eq!(etcdctl.with_input(&["txn"], txn), "FAILURE\n");
     assert_eq!(etcdctl.ok(&["del", "/test/a"]).trim(), "1");
     assert_eq!(etcdctl.ok(&["get", "/test/a"]), "");
     for name in ["x", "y", "z"] {

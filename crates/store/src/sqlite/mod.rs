@@ -37,7 +37,7 @@ impl SqliteConfig {
 }
 
 /// A key's value at a revision (the latest at or before `?2`).
-const GET: &str = "SELECT created, revision, deleted, value FROM log
+const GET: &str = "SELECT created, revision, deleted, value, version FROM log
                    WHERE key = ?1 AND revision <= ?2 ORDER BY revision DESC LIMIT 1";
 
 /// Events read from the log per query while a watcher catches up.
@@ -163,8 +163,8 @@ fn validate_key(key: &str) -> Result<()> {
     Ok(())
 }
 
-fn kv_from_row(key: String, created: Revision, revision: Revision, value: Vec<u8>) -> KeyValue {
-    KeyValue { key, value, create_revision: created, mod_revision: revision }
+fn kv_from_row(key: String, created: Revision, revision: Revision, value: Vec<u8>, version: i64) -> KeyValue {
+    KeyValue { key, value, create_revision: created, mod_revision: revision, version }
 }
 
 fn key_from_blob(blob: Vec<u8>) -> rusqlite::Result<String> {
@@ -177,12 +177,12 @@ fn key_from_blob(blob: Vec<u8>) -> rusqlite::Result<String> {
 /// than grouping first). The `_TO_END` variants serve the empty prefix; keeping the bound out
 /// of an `OR` lets SQLite use it to end the index range.
 const LIST_SQL: &str = "
-    SELECT l.key, l.created, l.revision, l.value FROM log AS l
+    SELECT l.key, l.created, l.revision, l.value, l.version FROM log AS l
     WHERE l.key >= ?1 AND l.key < ?2 AND l.deleted = 0
       AND l.revision = (SELECT max(revision) FROM log AS n WHERE n.key = l.key AND n.revision <= ?3)
     ORDER BY l.key LIMIT ?4";
 const LIST_TO_END_SQL: &str = "
-    SELECT l.key, l.created, l.revision, l.value FROM log AS l
+    SELECT l.key, l.created, l.revision, l.value, l.version FROM log AS l
     WHERE l.key >= ?1 AND ?2 IS NULL AND l.deleted = 0
       AND l.revision = (SELECT max(revision) FROM log AS n WHERE n.key = l.key AND n.revision <= ?3)
     ORDER BY l.key LIMIT ?4";
@@ -224,7 +224,8 @@ fn read_events(
             return Ok(Err(StoreError::Compacted { requested: after, compacted }));
         }
         let mut statement = conn.prepare_cached(
-            "SELECT l.revision, l.key, l.created, l.deleted, l.value, p.created, p.revision, p.value
+            "SELECT l.revision, l.key, l.created, l.deleted, l.value, p.created, p.revision, p.value,
+                    l.version, p.version
              FROM log AS l LEFT JOIN log AS p ON p.revision = l.prev AND l.prev > 0
              WHERE l.revision > ?1 AND l.key >= ?2 AND (?3 IS NULL OR l.key < ?3)
              ORDER BY l.revision LIMIT ?4",
@@ -237,13 +238,15 @@ fn read_events(
             let value: Vec<u8> = row.get(4)?;
             let prev_revision: Option<Revision> = row.get(6)?;
             let prev = match prev_revision {
-                Some(prev_revision) => Some(kv_from_row(key.clone(), row.get(5)?, prev_revision, row.get(7)?)),
+                Some(prev_revision) => {
+                    Some(kv_from_row(key.clone(), row.get(5)?, prev_revision, row.get(7)?, row.get(9)?))
+                }
                 None => None,
             };
             Ok(if deleted {
-                Event { kind: EventKind::Delete, kv: kv_from_row(key, 0, revision, Vec::new()), prev }
+                Event { kind: EventKind::Delete, kv: kv_from_row(key, 0, revision, Vec::new(), 0), prev }
             } else {
-                Event { kind: EventKind::Put, kv: kv_from_row(key, created, revision, value), prev }
+                Event { kind: EventKind::Put, kv: kv_from_row(key, created, revision, value, row.get(8)?), prev }
             })
         })?;
         Ok(Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?))
@@ -302,6 +305,7 @@ impl Store for SqliteStore {
                                 row.get::<_, Revision>(1)?,
                                 row.get::<_, bool>(2)?,
                                 row.get(3)?,
+                                row.get::<_, i64>(4)?,
                             ))
                         })
                         .optional()?;
@@ -318,8 +322,8 @@ impl Store for SqliteStore {
                 shared.check_revision(at, compacted)?;
             }
             Ok(row
-                .filter(|(_, _, deleted, _)| !deleted)
-                .map(|(created, revision, _, value)| kv_from_row(key, created, revision, value)))
+                .filter(|(_, _, deleted, _, _)| !deleted)
+                .map(|(created, revision, _, value, version)| kv_from_row(key, created, revision, value, version)))
         })
         .await
     }
@@ -338,7 +342,7 @@ impl Store for SqliteStore {
                     let mut statement = conn.prepare_cached(sql)?;
                     let rows = statement
                         .query_map(params![plan.start_key.as_bytes(), end.as_deref(), at, fetch], |row| {
-                            Ok(kv_from_row(key_from_blob(row.get(0)?)?, row.get(1)?, row.get(2)?, row.get(3)?))
+                            Ok(kv_from_row(key_from_blob(row.get(0)?)?, row.get(1)?, row.get(2)?, row.get(3)?, row.get(4)?))
                         })?;
                     let kvs = rows.collect::<rusqlite::Result<Vec<_>>>()?;
                     let remaining = match plan.limit {
@@ -466,11 +470,9 @@ impl Store for SqliteStore {
                 let tx = conn.unchecked_transaction()?;
                 let compacted = schema::compact_revision(&tx)?;
                 let mut statement =
-                    tx.prepare("SELECT revision, key, created, deleted, value FROM log ORDER BY revision")?;
+                    tx.prepare("SELECT revision, key, created, deleted, value, version FROM log ORDER BY revision")?;
                 let mut rows = statement.query([])?;
                 let (mut failed, mut last) = (None, 0);
-                // Versions count the writes of a key's life that the log still has.
-                let mut versions: std::collections::HashMap<Vec<u8>, i64> = Default::default();
                 let revisions = std::iter::from_fn(|| {
                     let row = match rows.next() {
                         Ok(Some(row)) => row,
@@ -483,17 +485,7 @@ impl Store for SqliteStore {
                     let read = (|| -> rusqlite::Result<crate::bbolt_writer::Revision> {
                         let (revision, key, created, deleted): (Revision, Vec<u8>, Revision, bool) =
                             (row.get(0)?, row.get(1)?, row.get(2)?, row.get(3)?);
-                        let version = match deleted {
-                            true => {
-                                versions.remove(&key);
-                                0
-                            }
-                            false => {
-                                let version = versions.entry(key.clone()).or_insert(0);
-                                *version = if created == revision { 1 } else { *version + 1 };
-                                *version
-                            }
-                        };
+                        let version: i64 = row.get(5)?;
                         Ok(crate::bbolt_writer::Revision {
                             revision,
                             key,

@@ -11,7 +11,8 @@ use crate::{Revision, StoreError};
 /// SQLite database.
 pub(crate) const APPLICATION_ID: i32 = 0x5447_4254;
 /// `PRAGMA user_version`: the schema version this build reads and writes.
-pub(crate) const SCHEMA_VERSION: i32 = 1;
+/// 2 added `log.version` (etcd's per-key write count); a version-1 file is migrated at open.
+pub(crate) const SCHEMA_VERSION: i32 = 2;
 
 const CREATE_SCHEMA: &str = "
 CREATE TABLE log (
@@ -20,7 +21,8 @@ CREATE TABLE log (
     created  INTEGER NOT NULL,      -- revision that created this incarnation of the key
     prev     INTEGER NOT NULL,      -- revision of the previous live value of the key, 0 if none
     deleted  INTEGER NOT NULL,      -- 1 for a tombstone
-    value    BLOB    NOT NULL
+    value    BLOB    NOT NULL,
+    version  INTEGER NOT NULL DEFAULT 0 -- writes of this incarnation so far (etcd's version); 0: tombstone
 );
 CREATE INDEX log_key_revision ON log (key, revision);
 CREATE TABLE meta (
@@ -159,14 +161,33 @@ pub(crate) fn open_writer(path: &Path) -> Result<Connection, StoreError> {
         });
     }
     let version: i32 = conn.query_row("PRAGMA user_version", [], |row| row.get(0)).map_err(err)?;
-    if version != SCHEMA_VERSION {
+    if !(1..=SCHEMA_VERSION).contains(&version) {
         return Err(StoreError::Foreign {
             path: path.to_path_buf(),
             reason: format!("schema version {version} is not supported by this build (it reads {SCHEMA_VERSION})"),
         });
     }
     configure(&conn).map_err(err)?;
+    if version == 1 {
+        migrate_to_versions(&conn).map_err(err)?;
+    }
     Ok(conn)
+}
+
+/// Schema 1 → 2: `log.version`, filled from the log as it is: each live row counts the live
+/// rows of its key's incarnation up to it (history compacted away before is not counted, so
+/// a key's version may start lower than etcd's would; it grows from there as etcd's does).
+fn migrate_to_versions(conn: &Connection) -> rusqlite::Result<()> {
+    conn.execute_batch(
+        "BEGIN IMMEDIATE;
+         ALTER TABLE log ADD COLUMN version INTEGER NOT NULL DEFAULT 0;
+         UPDATE log SET version = (
+             SELECT count(*) FROM log AS o
+             WHERE o.key = log.key AND o.created = log.created AND o.deleted = 0 AND o.revision <= log.revision
+         ) WHERE deleted = 0;
+         PRAGMA user_version = 2;
+         COMMIT;",
+    )
 }
 
 /// Checks, without changing it, that the file at `path` is a whole store of this schema (a
@@ -179,7 +200,8 @@ pub(crate) fn verify(path: &Path) -> Result<(Revision, Revision), StoreError> {
     let err = |e| sqlite_error(path, e);
     let application_id: i32 = conn.query_row("PRAGMA application_id", [], |row| row.get(0)).map_err(err)?;
     let version: i32 = conn.query_row("PRAGMA user_version", [], |row| row.get(0)).map_err(err)?;
-    if application_id != APPLICATION_ID || version != SCHEMA_VERSION {
+    // An older schema is migrated when the restored file is opened.
+    if application_id != APPLICATION_ID || !(1..=SCHEMA_VERSION).contains(&version) {
         return Err(StoreError::Foreign {
             path: path.to_path_buf(),
             reason: format!(

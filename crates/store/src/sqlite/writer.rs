@@ -53,6 +53,7 @@ struct Latest {
     created: Revision,
     deleted: bool,
     value: Vec<u8>,
+    version: i64,
 }
 
 #[derive(Debug)]
@@ -295,35 +296,38 @@ fn apply(tx: &Connection, op: &Op, revision: Revision) -> rusqlite::Result<Resul
         Op::Create { key, .. } | Op::Update { key, .. } | Op::Delete { key, .. } | Op::Put { key, .. } => key,
     };
     let latest = latest(tx, key)?.filter(|l| !l.deleted);
-    let insert = |created: Revision, prev: Revision, deleted: bool, value: &[u8]| {
+    let insert = |created: Revision, prev: Revision, deleted: bool, value: &[u8], version: i64| {
         tx.prepare_cached(
-            "INSERT INTO log (revision, key, created, prev, deleted, value) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            "INSERT INTO log (revision, key, created, prev, deleted, value, version)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
         )?
-        .execute(params![revision, key.as_bytes(), created, prev, deleted, value])
+        .execute(params![revision, key.as_bytes(), created, prev, deleted, value, version])
     };
-    let kv = |value: Vec<u8>, create_revision: Revision, mod_revision: Revision| KeyValue {
+    let kv = |value: Vec<u8>, create_revision: Revision, mod_revision: Revision, version: i64| KeyValue {
         key: key.clone(),
         value,
         create_revision,
         mod_revision,
+        version,
     };
     Ok(match (op, latest) {
         (Op::Put { value, .. }, None) => {
-            insert(revision, 0, false, value)?;
-            let event = Event { kind: EventKind::Put, kv: kv(value.clone(), revision, revision), prev: None };
+            insert(revision, 0, false, value, 1)?;
+            let event = Event { kind: EventKind::Put, kv: kv(value.clone(), revision, revision, 1), prev: None };
             Ok((Outcome::Replaced(revision, None), event))
         }
         (Op::Put { value, .. }, Some(current)) => {
-            insert(current.created, current.revision, false, value)?;
-            let prev = kv(current.value, current.created, current.revision);
-            let event =
-                Event { kind: EventKind::Put, kv: kv(value.clone(), current.created, revision), prev: Some(prev.clone()) };
+            let version = current.version + 1;
+            insert(current.created, current.revision, false, value, version)?;
+            let prev = kv(current.value, current.created, current.revision, current.version);
+            let kv = kv(value.clone(), current.created, revision, version);
+            let event = Event { kind: EventKind::Put, kv, prev: Some(prev.clone()) };
             Ok((Outcome::Replaced(revision, Some(prev)), event))
         }
         (Op::Create { .. }, Some(_)) => Err(StoreError::AlreadyExists { key: key.clone() }),
         (Op::Create { value, .. }, None) => {
-            insert(revision, 0, false, value)?;
-            let event = Event { kind: EventKind::Put, kv: kv(value.clone(), revision, revision), prev: None };
+            insert(revision, 0, false, value, 1)?;
+            let event = Event { kind: EventKind::Put, kv: kv(value.clone(), revision, revision, 1), prev: None };
             Ok((Outcome::Put(revision), event))
         }
         (Op::Update { .. } | Op::Delete { .. }, None) => Err(StoreError::NotFound { key: key.clone() }),
@@ -333,16 +337,18 @@ fn apply(tx: &Connection, op: &Op, revision: Revision) -> rusqlite::Result<Resul
             Err(StoreError::Conflict { key: key.clone(), expected: *expected, current: current.revision })
         }
         (Op::Update { value, .. }, Some(current)) => {
-            insert(current.created, current.revision, false, value)?;
-            let prev = kv(current.value, current.created, current.revision);
+            let version = current.version + 1;
+            insert(current.created, current.revision, false, value, version)?;
+            let prev = kv(current.value, current.created, current.revision, current.version);
             let event =
-                Event { kind: EventKind::Put, kv: kv(value.clone(), current.created, revision), prev: Some(prev) };
+                Event { kind: EventKind::Put, kv: kv(value.clone(), current.created, revision, version), prev: Some(prev) };
             Ok((Outcome::Put(revision), event))
         }
         (Op::Delete { .. }, Some(current)) => {
-            insert(current.created, current.revision, true, &[])?;
-            let prev = kv(current.value, current.created, current.revision);
-            let event = Event { kind: EventKind::Delete, kv: kv(Vec::new(), 0, revision), prev: Some(prev.clone()) };
+            insert(current.created, current.revision, true, &[], 0)?;
+            let prev = kv(current.value, current.created, current.revision, current.version);
+            let event =
+                Event { kind: EventKind::Delete, kv: kv(Vec::new(), 0, revision, 0), prev: Some(prev.clone()) };
             Ok((Outcome::Deleted(revision, prev), event))
         }
     })
@@ -350,10 +356,16 @@ fn apply(tx: &Connection, op: &Op, revision: Revision) -> rusqlite::Result<Resul
 
 fn latest(conn: &Connection, key: &str) -> rusqlite::Result<Option<Latest>> {
     conn.prepare_cached(
-        "SELECT revision, created, deleted, value FROM log WHERE key = ?1 ORDER BY revision DESC LIMIT 1",
+        "SELECT revision, created, deleted, value, version FROM log WHERE key = ?1 ORDER BY revision DESC LIMIT 1",
     )?
     .query_row([key.as_bytes()], |row| {
-        Ok(Latest { revision: row.get(0)?, created: row.get(1)?, deleted: row.get(2)?, value: row.get(3)? })
+        Ok(Latest {
+            revision: row.get(0)?,
+            created: row.get(1)?,
+            deleted: row.get(2)?,
+            value: row.get(3)?,
+            version: row.get(4)?,
+        })
     })
     .optional()
 }

@@ -35,6 +35,7 @@ macro_rules! conformance_suite {
             count_counts_live_keys,
             put_creates_or_replaces_whatever_is_there,
             defragment_keeps_every_key,
+            versions_count_the_writes_of_a_keys_life,
             snapshot_writes_a_file
         );
     };
@@ -409,6 +410,28 @@ pub async fn defragment_keeps_every_key(store: Arc<dyn Store>) {
     assert_eq!(store.count("/d/").await.unwrap(), 10);
     assert_eq!(store.get("/d/45", None).await.unwrap().unwrap().value, vec![b'x'; 2000]);
     store.create("/d/after", v("x")).await.unwrap();
+}
+
+pub async fn versions_count_the_writes_of_a_keys_life(store: Arc<dyn Store>) {
+    let version = |store: Arc<dyn Store>| async move { store.get("/ver/k", None).await.unwrap().map(|kv| kv.version) };
+    let created = store.create("/ver/k", v("1")).await.unwrap();
+    assert_eq!(version(store.clone()).await, Some(1));
+    let updated = store.update("/ver/k", v("2"), created).await.unwrap();
+    assert_eq!(version(store.clone()).await, Some(2));
+    store.put("/ver/k", v("3")).await.unwrap();
+    assert_eq!(version(store.clone()).await, Some(3));
+    // As read at a past revision, in lists and in watch events.
+    assert_eq!(store.get("/ver/k", Some(updated)).await.unwrap().unwrap().version, 2);
+    let listed = store.list("/ver/", ListOptions::default()).await.unwrap();
+    assert_eq!(listed.kvs[0].version, 3);
+    let mut watch = store.watch("/ver/", created - 1).await.unwrap();
+    let events = take_events(&mut watch, 3).await;
+    assert_eq!(events.iter().map(|e| e.kv.version).collect::<Vec<_>>(), [1, 2, 3]);
+    assert_eq!(events[2].prev.as_ref().map(|p| p.version), Some(2));
+    // A deletion ends the key's life; a new one starts at 1.
+    store.delete("/ver/k", None).await.unwrap();
+    store.create("/ver/k", v("again")).await.unwrap();
+    assert_eq!(version(store.clone()).await, Some(1));
 }
 
 pub async fn snapshot_writes_a_file(store: Arc<dyn Store>) {
