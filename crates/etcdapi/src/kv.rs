@@ -205,10 +205,11 @@ impl EtcdApi {
         if request.lease != 0 && !self.leases.exists(request.lease) {
             return Err(Status::not_found("etcdserver: requested lease not found"));
         }
+        // The lease first (durably): a crash before the put leaves a lease naming a missing key.
+        self.leases.attach(&key, request.lease)?;
         let Some((revision, previous)) = self.put_value(&key, request.value, None).await? else {
             return Err(Status::internal("an unconditional put was refused"));
         };
-        self.leases.attach(&key, request.lease);
         let prev_kv = previous.filter(|_| request.prev_kv).map(|kv| pb_kv(kv, false, 0));
         Ok(PbPutResponse { header: self.header(revision), prev_kv })
     }
@@ -231,7 +232,7 @@ impl EtcdApi {
             let guard = if matches!(span, Span::One(_)) { expected } else { Some(at) };
             match self.store.delete(&key, guard).await {
                 Ok((revision, kv)) => {
-                    self.leases.detach(&key);
+                    self.leases.detach(&key)?;
                     last = Some(revision);
                     deleted.push(kv);
                 }
@@ -337,7 +338,8 @@ impl EtcdApi {
                         else {
                             continue 'attempt;
                         };
-                        self.leases.attach(&key, put.lease);
+                        // After the conditional write (which may send the txn round again).
+                        self.leases.attach(&key, put.lease)?;
                         last = Some(revision);
                         let prev_kv = previous.filter(|_| put.prev_kv).map(|kv| pb_kv(kv, false, 0));
                         PbTxnOpResponse::ResponsePut(PbPutResponse { header: self.header(revision), prev_kv })

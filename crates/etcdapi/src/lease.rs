@@ -1,7 +1,13 @@
 //! The Lease service: leases kept in memory, each with the keys put with it; an expired or
-//! revoked lease deletes its keys through the store.
+//! revoked lease deletes its keys through the store. With a lease file (`tugboat server`:
+//! `<data-dir>/db/etcd-leases.json`) every grant, revocation and attachment is written there
+//! (fsync'd, renamed into place) before it is acknowledged, and a restart takes the leases back
+//! with their full TTL, as etcd does after a leader change — so a key put with a lease still
+//! goes when its lease does. An attachment is written before the key itself: a crash between
+//! leaves a lease naming a key that does not exist, which its expiry ignores.
 
 use std::collections::{BTreeSet, HashMap};
+use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
@@ -31,6 +37,22 @@ struct Lease {
 #[derive(Debug, Default)]
 pub(crate) struct Leases {
     inner: Mutex<Inner>,
+    /// Where they are kept across restarts.
+    file: Option<PathBuf>,
+}
+
+/// The lease file's content.
+#[derive(Debug, Default, serde::Serialize, serde::Deserialize)]
+struct Saved {
+    next: i64,
+    leases: Vec<SavedLease>,
+}
+
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+struct SavedLease {
+    id: i64,
+    ttl: i64,
+    keys: Vec<String>,
 }
 
 #[derive(Debug, Default)]
@@ -41,8 +63,48 @@ struct Inner {
 }
 
 impl Leases {
+    /// The leases of `file` (none if it does not exist), each with its full TTL from now.
+    pub(crate) fn load(file: Option<PathBuf>) -> std::io::Result<Leases> {
+        let mut inner = Inner::default();
+        if let Some(path) = &file {
+            match std::fs::read(path) {
+                Ok(bytes) => {
+                    let saved: Saved = serde_json::from_slice(&bytes).map_err(std::io::Error::other)?;
+                    inner.next = saved.next;
+                    let now = Instant::now();
+                    for lease in saved.leases {
+                        for key in &lease.keys {
+                            inner.by_key.insert(key.clone(), lease.id);
+                        }
+                        let deadline = now + Duration::from_secs(lease.ttl.max(0) as u64);
+                        let keys = lease.keys.into_iter().collect();
+                        inner.leases.insert(lease.id, Lease { ttl: lease.ttl, deadline, keys });
+                    }
+                }
+                Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
+                Err(error) => return Err(error),
+            }
+        }
+        Ok(Leases { inner: Mutex::new(inner), file })
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Writes the leases to the lease file (if any), durably; called with the lock held, so
+    /// writes follow the order of the changes.
+    fn save(&self, inner: &Inner) -> Result<(), Status> {
+        let Some(path) = &self.file else { return Ok(()) };
+        let mut leases: Vec<SavedLease> = inner
+            .leases
+            .iter()
+            .map(|(id, lease)| SavedLease { id: *id, ttl: lease.ttl, keys: lease.keys.iter().cloned().collect() })
+            .collect();
+        leases.sort_by_key(|l| l.id);
+        let bytes =
+            serde_json::to_vec(&Saved { next: inner.next, leases }).map_err(|e| Status::internal(e.to_string()))?;
+        tugboat_pki::write_file(path, &bytes, 0o600).map_err(|e| Status::unavailable(format!("saving the leases: {e}")))
     }
 
     pub(crate) fn exists(&self, id: i64) -> bool {
@@ -54,13 +116,18 @@ impl Leases {
         self.lock().by_key.get(key).copied().unwrap_or(0)
     }
 
-    /// Records that `key` was put with `lease` (0: without one, which detaches it).
-    pub(crate) fn attach(&self, key: &str, lease: i64) {
+    /// Records (durably) that `key` is put with `lease` (0: without one, which detaches it).
+    pub(crate) fn attach(&self, key: &str, lease: i64) -> Result<(), Status> {
         let mut inner = self.lock();
-        if let Some(old) = inner.by_key.remove(key)
-            && let Some(lease) = inner.leases.get_mut(&old)
-        {
-            lease.keys.remove(key);
+        let old = inner.by_key.get(key).copied().unwrap_or(0);
+        if old == lease {
+            return Ok(());
+        }
+        if old != 0 {
+            inner.by_key.remove(key);
+            if let Some(held) = inner.leases.get_mut(&old) {
+                held.keys.remove(key);
+            }
         }
         if lease != 0
             && let Some(held) = inner.leases.get_mut(&lease)
@@ -68,20 +135,22 @@ impl Leases {
             held.keys.insert(key.to_string());
             inner.by_key.insert(key.to_string(), lease);
         }
+        self.save(&inner)
     }
 
-    pub(crate) fn detach(&self, key: &str) {
-        self.attach(key, 0);
+    pub(crate) fn detach(&self, key: &str) -> Result<(), Status> {
+        self.attach(key, 0)
     }
 
     /// Removes lease `id`; returns its keys (`None`: no such lease).
-    fn remove(&self, id: i64) -> Option<BTreeSet<String>> {
+    fn remove(&self, id: i64) -> Result<Option<BTreeSet<String>>, Status> {
         let mut inner = self.lock();
-        let lease = inner.leases.remove(&id)?;
+        let Some(lease) = inner.leases.remove(&id) else { return Ok(None) };
         for key in &lease.keys {
             inner.by_key.remove(key);
         }
-        Some(lease.keys)
+        self.save(&inner)?;
+        Ok(Some(lease.keys))
     }
 }
 
@@ -106,12 +175,16 @@ impl EtcdApi {
         };
         let deadline = Instant::now() + Duration::from_secs(ttl as u64);
         inner.leases.insert(id, Lease { ttl, deadline, keys: BTreeSet::new() });
+        if let Err(error) = self.leases.save(&inner) {
+            inner.leases.remove(&id);
+            return Err(error);
+        }
         Ok(PbLeaseGrantResponse { header: None, id, ttl, error: String::new() })
     }
 
     /// Revokes lease `id`: its keys are deleted.
     pub(crate) async fn revoke(&self, id: i64) -> Result<(), Status> {
-        let keys = self.leases.remove(id).ok_or_else(|| Status::not_found("etcdserver: requested lease not found"))?;
+        let keys = self.leases.remove(id)?.ok_or_else(|| Status::not_found("etcdserver: requested lease not found"))?;
         for key in keys {
             match self.store.delete(&key, None).await {
                 Ok(_) | Err(tugboat_store::StoreError::NotFound { .. }) => {}

@@ -9,7 +9,7 @@
 //! filters, cancel, progress requests, the compacted error), Lease (grant, revoke,
 //! keep-alive, time-to-live, list; expiry deletes the keys attached), Maintenance (Status,
 //! Alarm, Defragment, Snapshot in etcd's format) and Cluster (MemberList: the one member).
-//! Not yet: hashes, and leases outlive no restart. Where etcd applies a request at one revision, the store may
+//! Leases outlive restarts when a lease file is given (see `lease.rs`). Not yet: hashes. Where etcd applies a request at one revision, the store may
 //! take several (a DeleteRange of many keys, a Txn of several writes); a Txn whose writes
 //! are guarded by a mod-revision compare of their own key (how kube-apiserver writes) is
 //! atomic: the write itself is conditional on that revision.
@@ -40,6 +40,8 @@ pub struct Identity {
     pub client_urls: Vec<String>,
     /// The store's files, whose size Status reports as the database's.
     pub db_files: Vec<std::path::PathBuf>,
+    /// Where leases are kept across restarts (`None`: in memory only).
+    pub lease_file: Option<std::path::PathBuf>,
 }
 
 /// The etcd API over one store: what every service shares.
@@ -51,10 +53,12 @@ pub struct EtcdApi {
 }
 
 impl EtcdApi {
-    pub fn new(store: Arc<dyn Store>, identity: Identity) -> Arc<EtcdApi> {
-        let api = Arc::new(EtcdApi { store, identity, leases: lease::Leases::default() });
+    /// The API over `store`; fails when the lease file cannot be read.
+    pub fn new(store: Arc<dyn Store>, identity: Identity) -> std::io::Result<Arc<EtcdApi>> {
+        let leases = lease::Leases::load(identity.lease_file.clone())?;
+        let api = Arc::new(EtcdApi { store, identity, leases });
         lease::spawn_expiry(&api);
-        api
+        Ok(api)
     }
 
     fn header(&self, revision: Revision) -> Option<PbResponseHeader> {

@@ -16,13 +16,15 @@ use tugboat_store::Store;
 const VALIDITY: Duration = Duration::from_secs(365 * 24 * 3600);
 
 /// Serves the etcd API of `store` on `listen` as member `name`, with the certificates in
-/// `pki` (made there if missing); returns the bound address and the serving task.
+/// `pki` (made there if missing) and leases kept in `lease_file`; returns the bound address
+/// and the serving task.
 pub async fn start(
     listen: SocketAddr,
     pki: &Path,
     name: &str,
     store: Arc<dyn Store>,
     db_files: Vec<std::path::PathBuf>,
+    lease_file: Option<std::path::PathBuf>,
 ) -> anyhow::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
     let ca = ClusterCa::load_or_create_named(pki, "etcd-ca").context("the etcd API's CA")?;
     let name = name.to_string();
@@ -63,8 +65,9 @@ pub async fn start(
         name,
         client_urls: vec![format!("https://{address}")],
         db_files,
+        lease_file,
     };
-    let api = crate::EtcdApi::new(store, identity);
+    let api = crate::EtcdApi::new(store, identity).context("the etcd API's lease file")?;
     Ok((address, tokio::spawn(crate::serve(listener, tls, api))))
 }
 

@@ -17,7 +17,7 @@ async fn open_through_the_etcd_api() -> Fixture {
     let sqlite: Arc<dyn Store> = Arc::new(SqliteStore::open(SqliteConfig { path: path.clone(), watch_buffer: 64 }).unwrap());
     let pki = dir.path().join("pki");
     let listen = "127.0.0.1:0".parse().unwrap();
-    let (address, server) = tugboat_etcdapi::start(listen, &pki, "test", sqlite, vec![path]).await.unwrap();
+    let (address, server) = tugboat_etcdapi::start(listen, &pki, "test", sqlite, vec![path], None).await.unwrap();
     let config = EtcdConfig {
         endpoints: vec![format!("https://{address}")],
         tls: Some(EtcdTls {

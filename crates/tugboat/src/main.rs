@@ -1031,7 +1031,8 @@ async fn server(args: ServerArgs, full: bool) -> anyhow::Result<()> {
             let pki = args.data_dir.join("pki").join("etcd");
             let name = tugboat_kubelet::host::hostname();
             let files = vec![sqlite.path.clone(), wal];
-            let (address, task) = tugboat_etcdapi::start(listen, &pki, &name, store.clone(), files).await?;
+            let leases = sqlite.path.with_file_name("etcd-leases.json");
+            let (address, task) = tugboat_etcdapi::start(listen, &pki, &name, store.clone(), files, Some(leases)).await?;
             tracing::info!(%address, certificates = %args.data_dir.join("pki/etcd").display(), "etcd API serving");
             Some(task)
         }

@@ -345,3 +345,48 @@ fn a_snapshot_through_the_etcd_api_moves_the_cluster_to_a_real_etcd_cluster() {
     assert_eq!(code, 200, "{body}");
     assert!(body.contains(before["metadata"]["uid"].as_str().unwrap()), "{body}");
 }
+
+/// Leases outlive the server: granted and attached durably (a `kill -9` right after loses
+/// nothing), taken back at start with their full TTL; an expired one then still deletes its key.
+#[test]
+fn leases_and_their_keys_survive_a_kill_and_restart() {
+    let (mut server, etcdctl) = server();
+    let grant = |ttl: &str| etcdctl.ok(&["lease", "grant", ttl]).split_whitespace().nth(1).unwrap().to_string();
+    let (short, long) = (grant("5"), grant("120"));
+    etcdctl.ok(&["put", "/l/short", "v", &format!("--lease={short}")]);
+    etcdctl.ok(&["put", "/l/long", "v", &format!("--lease={long}")]);
+    assert!(Command::new("kill").args(["-KILL", &server.pid().to_string()]).status().unwrap().success());
+    server.wait().unwrap();
+
+    let data_dir = server.data_dir();
+    let port = tugboat_testkit::free_port().to_string();
+    let etcd_port = tugboat_testkit::free_port();
+    let mut again = Command::new(env!("CARGO_BIN_EXE_tugboat"))
+        .args(["server", "--disable-agent", "--bind-address", "127.0.0.1", "--https-port", &port])
+        .args(["--etcd-api-listen", &format!("127.0.0.1:{etcd_port}")])
+        .arg("--data-dir")
+        .arg(&data_dir)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let etcdctl = Etcdctl { address: format!("127.0.0.1:{etcd_port}").parse().unwrap(), pki: etcdctl.pki.clone() };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !etcdctl.run(&["endpoint", "health"]).status.success() {
+        assert!(Instant::now() < deadline, "the restarted server's etcd API does not answer");
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    let alive = etcdctl.ok(&["lease", "timetolive", &long, "--keys"]);
+    assert!(alive.contains("/l/long") && alive.contains("granted with TTL(120s)"), "{alive}");
+    // The short lease runs out after the restart and takes its key with it.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !etcdctl.ok(&["get", "/l/short"]).is_empty() {
+        assert!(Instant::now() < deadline, "the restored lease never expired");
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    etcdctl.ok(&["lease", "revoke", &long]);
+    assert_eq!(etcdctl.ok(&["get", "/l/long"]), "");
+    let _ = again.kill();
+    let _ = again.wait();
+}
