@@ -136,6 +136,18 @@ impl Watcher {
         }
     }
 
+    /// The response that ends the watch on a store error: etcd's compacted cancel names the
+    /// compact revision.
+    fn ended(&self, revision: i64, error: StoreError) -> PbWatchResponse {
+        match error {
+            StoreError::Compacted { compacted, .. } => {
+                let reason = "etcdserver: mvcc: required revision has been compacted".to_string();
+                self.canceled(revision, reason, compacted)
+            }
+            other => self.canceled(revision, other.to_string(), 0),
+        }
+    }
+
     async fn run(self) {
         let current = self.api.current().await.unwrap_or(0);
         let span = match &self.span {
@@ -151,26 +163,16 @@ impl Watcher {
         let after = if self.start > 0 { self.start - 1 } else { current };
         let mut stream = match self.api.store.watch(&span.prefix(), after).await {
             Ok(stream) => stream,
-            Err(StoreError::Compacted { compacted, .. }) => {
-                let reason = "etcdserver: mvcc: required revision has been compacted".to_string();
-                let _ = self.tx.send(Ok(self.canceled(current, reason, compacted))).await;
-                return;
-            }
             Err(error) => {
-                let _ = self.tx.send(Ok(self.canceled(current, error.to_string(), 0))).await;
+                let _ = self.tx.send(Ok(self.ended(current, error))).await;
                 return;
             }
         };
         while let Some(event) = stream.next().await {
             let event = match event {
                 Ok(event) => event,
-                Err(StoreError::Compacted { compacted, .. }) => {
-                    let reason = "etcdserver: mvcc: required revision has been compacted".to_string();
-                    let _ = self.tx.send(Ok(self.canceled(current, reason, compacted))).await;
-                    return;
-                }
                 Err(error) => {
-                    let _ = self.tx.send(Ok(self.canceled(current, error.to_string(), 0))).await;
+                    let _ = self.tx.send(Ok(self.ended(current, error))).await;
                     return;
                 }
             };

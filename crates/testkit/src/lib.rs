@@ -160,8 +160,8 @@ impl EtcdCluster {
                 bail!("etcdctl snapshot restore: {}", String::from_utf8_lossy(&restored.stderr));
             }
         }
-        for i in 0..members {
-            let client_url = format!("http://127.0.0.1:{}", ports[i].0);
+        for (i, (client_port, _)) in ports.iter().enumerate() {
+            let client_url = format!("http://127.0.0.1:{client_port}");
             let log = std::fs::File::create(cluster.dir.path().join(format!("m{i}.log")))?;
             let child = Command::new(etcd_binary())
                 .arg(format!("--name=m{i}"))
