@@ -756,7 +756,7 @@ async fn list(
                 && !table::wants_metadata(accept)
             {
                 let (items, revision) = cache.list_encoded(&prefix);
-                return Ok(encoded_list(resource, &items, revision.max(at)));
+                return Ok(encoded_list(resource, &items, list_metadata(&revision.max(at).to_string(), None, None)));
             }
             let (objects, revision) = cache.list(&prefix);
             let items: Vec<Value> = if crate::conversion::by_webhook(resource) {
@@ -862,14 +862,14 @@ async fn list_page_from_cache(
     // Served bytes of the objects listed, with their decoded trees when filters read them.
     let mut items: Vec<(String, Bytes, Option<Value>)> = Vec::new();
     let (mut at, mut cursor) = (wanted, start);
-    // Whether objects follow the last one listed.
-    let more = 'pages: loop {
+    // Whether objects follow the last one listed, and the revision the pages were read at.
+    let (more, read_at) = 'pages: loop {
         let batch = if select_all { limit } else { limit.clamp(256, 4096) };
         let Some(page) = cache.page(&prefix, &cursor, at, batch) else { return Ok(None) };
         at = Some(page.revision);
         for (key, bytes) in page.items {
             if items.len() == limit {
-                break 'pages true;
+                break 'pages (true, page.revision);
             }
             cursor = format!("{key}\0");
             if select_all {
@@ -881,29 +881,22 @@ async fn list_page_from_cache(
             }
         }
         if !page.more || items.len() == limit {
-            break page.more;
+            break (page.more, page.revision);
         }
     };
-    let revision = at.unwrap_or(floor).max(floor);
+    let revision = read_at.max(floor);
     let (mut continue_token, mut remaining) = (None, None);
     if more && let Some((last, ..)) = items.last() {
         continue_token = Some(tugboat_store::ContinueToken::after(&prefix, last, revision).encode());
         if select_all {
-            remaining = cache.count(&prefix, &format!("{last}\0"), at.unwrap_or(floor));
+            remaining = cache.count(&prefix, &format!("{last}\0"), read_at);
         }
     }
     if object::shown_as_stored(resource) && select_all && !table::wants_table(accept) && !table::wants_metadata(accept)
     {
-        let mut metadata = json!({"resourceVersion": revision.to_string()});
-        if let Some(token) = &continue_token {
-            metadata["continue"] = json!(token);
-            if let Some(remaining) = remaining {
-                metadata["remainingItemCount"] = json!(remaining);
-            }
-        }
         let encoded: Vec<Bytes> = items.into_iter().map(|(_, bytes, _)| bytes).collect();
-        let head = (&*format!("{}List", resource.kind), resource.api_version(), metadata);
-        return Ok(Some(list_body(head, &encoded, |item, body| body.extend_from_slice(item))));
+        let metadata = list_metadata(&revision.to_string(), continue_token.as_deref(), remaining);
+        return Ok(Some(encoded_list(resource, &encoded, metadata)));
     }
     let objects: Vec<Value> = items
         .into_iter()
@@ -928,13 +921,7 @@ fn list_response(
         let table = table::table(resource, &items, &revision, continue_token.as_deref(), &include_object(query), true);
         return json_response(StatusCode::OK, &table);
     }
-    let mut metadata = json!({"resourceVersion": revision});
-    if let Some(token) = &continue_token {
-        metadata["continue"] = json!(token);
-        if let Some(remaining) = remaining {
-            metadata["remainingItemCount"] = json!(remaining);
-        }
-    }
+    let metadata = list_metadata(&revision, continue_token.as_deref(), remaining);
     let write = |item: &Value, body: &mut Vec<u8>| serde_json::to_writer(body, item).expect("a JSON value serializes");
     if table::wants_metadata(accept) {
         let head = ("PartialObjectMetadataList", "meta.k8s.io/v1".to_string(), metadata);
@@ -944,10 +931,22 @@ fn list_response(
     }
 }
 
+/// A list's metadata: its revision, and where a paged list goes on (with what is left when
+/// that is known).
+fn list_metadata(revision: &str, continue_token: Option<&str>, remaining: Option<i64>) -> Value {
+    let mut metadata = json!({"resourceVersion": revision});
+    if let Some(token) = continue_token {
+        metadata["continue"] = json!(token);
+        if let Some(remaining) = remaining {
+            metadata["remainingItemCount"] = json!(remaining);
+        }
+    }
+    metadata
+}
+
 /// A JSON list of objects already encoded (each a JSON object), written around them.
-fn encoded_list(resource: &Resource, items: &[Bytes], revision: i64) -> Response<Body> {
-    let head =
-        (&*format!("{}List", resource.kind), resource.api_version(), json!({"resourceVersion": revision.to_string()}));
+fn encoded_list(resource: &Resource, items: &[Bytes], metadata: Value) -> Response<Body> {
+    let head = (&*format!("{}List", resource.kind), resource.api_version(), metadata);
     list_body(head, items, |item, body| body.extend_from_slice(item))
 }
 

@@ -173,27 +173,24 @@ impl EtcdApi {
         value: Vec<u8>,
         expected: Option<Revision>,
     ) -> Result<Option<(Revision, Option<KeyValue>)>, Status> {
-        if expected.is_none() {
+        let Some(expected) = expected else {
             return self.store.put(key, value).await.map(Some).map_err(status);
+        };
+        let previous = self.store.get(key, None).await.map_err(status)?;
+        if previous.as_ref().map_or(0, |kv| kv.mod_revision) != expected {
+            return Ok(None);
         }
-        loop {
-            let previous = self.store.get(key, None).await.map_err(status)?;
-            let current = previous.as_ref().map_or(0, |kv| kv.mod_revision);
-            if expected.is_some_and(|expected| expected != current) {
-                return Ok(None);
+        // Conditional on the revision read: a change meanwhile means `expected` no longer holds.
+        let written = match &previous {
+            Some(kv) => self.store.update(key, value, kv.mod_revision).await,
+            None => self.store.create(key, value).await,
+        };
+        match written {
+            Ok(revision) => Ok(Some((revision, previous))),
+            Err(StoreError::Conflict { .. } | StoreError::AlreadyExists { .. } | StoreError::NotFound { .. }) => {
+                Ok(None)
             }
-            let written = match &previous {
-                Some(kv) => self.store.update(key, value.clone(), kv.mod_revision).await,
-                None => self.store.create(key, value.clone()).await,
-            };
-            match written {
-                Ok(revision) => return Ok(Some((revision, previous))),
-                // Changed meanwhile: read again (and fail if a revision was expected).
-                Err(StoreError::Conflict { .. } | StoreError::AlreadyExists { .. } | StoreError::NotFound { .. }) => {
-                    continue;
-                }
-                Err(error) => return Err(status(error)),
-            }
+            Err(error) => Err(status(error)),
         }
     }
 

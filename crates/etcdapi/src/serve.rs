@@ -231,10 +231,16 @@ pub async fn serve(listener: tokio::net::TcpListener, tls: Arc<rustls::ServerCon
         let _ = socket.set_nodelay(true);
         let (acceptor, route) = (acceptor.clone(), route.clone());
         tokio::spawn(async move {
-            let stream = match acceptor.accept(socket).await {
-                Ok(stream) => stream,
-                Err(error) => {
+            // A bounded handshake, as the kubelet API's: a client that never sends one does not
+            // hold a task for ever.
+            let stream = match tokio::time::timeout(std::time::Duration::from_secs(10), acceptor.accept(socket)).await {
+                Ok(Ok(stream)) => stream,
+                Ok(Err(error)) => {
                     tracing::debug!(%peer, %error, "etcd API: TLS handshake refused");
+                    return;
+                }
+                Err(_) => {
+                    tracing::debug!(%peer, "etcd API: no TLS handshake within 10 s");
                     return;
                 }
             };
